@@ -1,0 +1,138 @@
+"""The on-disk format, version 1: what each file holds, as dataclasses.
+
+An artifact is a folder:
+
+    manifest.msgpack            Manifest (below), including the sha256 of every other file
+    weights.safetensors         every weight, once, in the layout the programs use
+    programs/<bucket>.msgpack   one Program per bucket: a flat instruction list
+    kernels/<name>.cubin        (optional) compiled kernel binaries
+
+Nothing is pickled; every file is msgpack, safetensors or an opaque binary.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1
+# Readers accept exactly the versions listed here; a newer artifact needs a newer kernl.
+SUPPORTED_FORMAT_VERSIONS = (1,)
+
+MANIFEST_FILE = "manifest.msgpack"
+WEIGHTS_FILE = "weights.safetensors"
+PROGRAMS_DIR = "programs"
+KERNELS_DIR = "kernels"
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+@dataclass(frozen=True, order=True)
+class Bucket:
+    """One static input shape the artifact serves: `batch` rows of `seq` tokens."""
+
+    batch: int
+    seq: int
+
+    @property
+    def name(self) -> str:
+        return f"b{self.batch}_s{self.seq}"
+
+    def holds(self, batch: int, seq: int) -> bool:
+        return batch <= self.batch and seq <= self.seq
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+@dataclass
+class InputSpec:
+    """A model input. `pad_value` fills padded positions; `default` says what a caller may
+    omit: "required", "zeros" or "ones" (a tensor of that value with input_ids' shape)."""
+
+    name: str
+    dtype: str
+    pad_value: int
+    default: str = "required"
+
+
+@dataclass
+class OutputSpec:
+    """A model output; `seq_axis` is the axis that follows the sequence length (None if the
+    output is per sequence, like pooler_output)."""
+
+    name: str
+    dtype: str
+    batch_axis: int = 0
+    seq_axis: int | None = None
+
+
+@dataclass
+class BucketEntry:
+    bucket: Bucket
+    program: str  # path relative to the artifact root
+    max_abs_error: float | None = None
+    compile_seconds: float | None = None
+
+
+@dataclass
+class KernelBinary:
+    """A compiled kernel and what is needed to launch it without Triton's JIT."""
+
+    name: str
+    file: str  # relative path of the cubin
+    function: str  # symbol inside the cubin
+    num_warps: int
+    shared_mem: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    format_version: int
+    kernl_version: str
+    torch_version: str
+    triton_version: str
+    cuda_version: str | None
+    target: str  # "cpu" or "cuda"
+    gpu_name: str | None
+    compute_capability: str | None  # "9.0"
+    dtype: str  # float16 | bfloat16 | float32
+    task: str
+    model_type: str
+    model_source: str
+    model_config: dict[str, Any]
+    inputs: list[InputSpec]
+    outputs: list[OutputSpec]
+    buckets: list[BucketEntry]
+    files: dict[str, str]  # relative path -> sha256 hex
+    kernels: list[KernelBinary] = field(default_factory=list)
+    created_at: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Manifest:
+        d = dict(d)
+        d["inputs"] = [InputSpec(**x) for x in d["inputs"]]
+        d["outputs"] = [OutputSpec(**x) for x in d["outputs"]]
+        d["buckets"] = [
+            BucketEntry(**{**x, "bucket": Bucket(**x["bucket"])}) for x in d["buckets"]
+        ]
+        d["kernels"] = [KernelBinary(**x) for x in d.get("kernels", [])]
+        return Manifest(**d)
+
+    def bucket_list(self) -> list[Bucket]:
+        return [e.bucket for e in self.buckets]
+
+
+def is_safe_relative_path(path: str) -> bool:
+    """True for 'a/b.ext'-style paths made of plain names: no '..', no absolute paths."""
+    if not isinstance(path, str) or not path or path.startswith("/") or "\\" in path:
+        return False
+    parts = path.split("/")
+    return all(p not in ("", ".", "..") and _SAFE_NAME.match(p) for p in parts)

@@ -1,0 +1,169 @@
+"""`kernl.compiler.compile`: model in, artifact out."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import triton
+
+import kernl
+from kernl.artifacts import (
+    FORMAT_VERSION,
+    ArtifactWriter,
+    Bucket,
+    BucketEntry,
+    Manifest,
+    check_destination,
+)
+
+from .buckets import as_buckets
+from .lower import lower
+from .trace import DTYPES, FlatModel, export_bucket, load_model, model_signature
+from .validate import DEFAULT_TOLERANCE, validate
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class BucketReport:
+    bucket: Bucket
+    seconds: float
+    max_abs_error: float
+    instructions: int
+
+
+@dataclass
+class CompileReport:
+    path: Path
+    task: str
+    dtype: str
+    device: str
+    buckets: list[BucketReport] = field(default_factory=list)
+    artifact_bytes: int = 0
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        lines = [
+            f"{'bucket':>12}  {'time (s)':>8}  {'max |err| vs eager':>18}  {'ops':>5}",
+            f"{'-' * 12}  {'-' * 8}  {'-' * 18}  {'-' * 5}",
+        ]
+        for r in self.buckets:
+            name = f"{r.bucket.batch}x{r.bucket.seq}"
+            lines.append(
+                f"{name:>12}  {r.seconds:8.2f}  {r.max_abs_error:18.3g}  {r.instructions:5d}"
+            )
+        lines.append(
+            f"artifact {self.path} ({self.artifact_bytes / 2**20:.1f} MiB), task {self.task}, "
+            f"{self.dtype} on {self.device}, {len(self.buckets)} buckets in {self.seconds:.1f} s"
+        )
+        return "\n".join(lines)
+
+
+def _target_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return dict(
+            target="cuda",
+            gpu_name=torch.cuda.get_device_name(device),
+            compute_capability=f"{major}.{minor}",
+            cuda_version=torch.version.cuda,
+        )
+    return dict(target="cpu", gpu_name=None, compute_capability=None, cuda_version=None)
+
+
+def compile(
+    model_or_path,
+    buckets,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "fp16",
+    device: str | None = None,
+    task: str | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    progress: Progress | None = None,
+) -> CompileReport:
+    """Compile a Hugging Face model (a local folder, a model id in the local HF cache, or a
+    PreTrainedModel) for `buckets` (e.g. "batch=1,8 seq=16:512") into the artifact folder
+    `out`. Returns a report; raises with a message naming the bucket or op on failure."""
+    say = progress or (lambda _msg: None)
+    start = time.perf_counter()
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of fp16, bf16, fp32; got {dtype!r}")
+    torch_dtype = DTYPES[dtype]
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU")
+    bucket_list = as_buckets(buckets)
+    check_destination(out)  # before any heavy work
+
+    say(f"loading model {model_or_path if isinstance(model_or_path, (str, Path)) else ''}")
+    model, task, source = load_model(model_or_path, task, torch_dtype, dev)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    check_destination(out, needed_bytes=int(weight_bytes * 1.2) + (1 << 20))
+    signature = model_signature(model, dev)
+    input_names = [s.name for s in signature.inputs]
+    output_names = [s.name for s in signature.outputs]
+    flat = FlatModel(model, input_names, output_names)
+    default_atol, default_rtol = DEFAULT_TOLERANCE[torch_dtype]
+    atol = default_atol if atol is None else atol
+    rtol = default_rtol if rtol is None else rtol
+
+    report = CompileReport(Path(out), task, str(torch_dtype).removeprefix("torch."), str(dev))
+    entries: list[BucketEntry] = []
+    all_weights: dict[str, torch.Tensor] = {}
+    with ArtifactWriter(out) as writer:
+        for i, bucket in enumerate(bucket_list, 1):
+            t0 = time.perf_counter()
+            tag = f"[{i}/{len(bucket_list)}] bucket {bucket.batch}x{bucket.seq}"
+            say(f"{tag}: export")
+            ep = export_bucket(flat, bucket, model.config.vocab_size, dev)
+            say(f"{tag}: lower")
+            program, weights = lower(ep, bucket, input_names)
+            for name, t in weights.items():
+                all_weights.setdefault(name, t)
+            say(f"{tag}: validate")
+            result = validate(flat, program, all_weights, dev, atol, rtol)
+            rel = writer.write_program(program)
+            seconds = time.perf_counter() - t0
+            entries.append(BucketEntry(bucket, rel, result.max_abs_error, seconds))
+            report.buckets.append(
+                BucketReport(bucket, seconds, result.max_abs_error, len(program.instructions))
+            )
+            say(f"{tag}: done in {seconds:.1f}s, max |error| {result.max_abs_error:.3g}")
+        say("writing weights")
+        writer.write_weights(all_weights)
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            kernl_version=kernl.__version__,
+            torch_version=torch.__version__,
+            triton_version=triton.__version__,
+            dtype=report.dtype,
+            task=task,
+            model_type=getattr(model.config, "model_type", type(model).__name__),
+            model_source=source,
+            model_config=_plain_config(model.config),
+            inputs=signature.inputs,
+            outputs=signature.outputs,
+            buckets=entries,
+            files={},
+            created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            extra={"atol": atol, "rtol": rtol},
+            **_target_info(dev),
+        )
+        report.artifact_bytes = writer.size_bytes()
+        writer.commit(manifest)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _plain_config(config) -> dict:
+    import json
+
+    return json.loads(config.to_json_string(use_diff=False))

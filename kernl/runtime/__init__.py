@@ -1,0 +1,68 @@
+"""Serve a compiled artifact: `kernl.runtime.load(path)`.
+
+Thin by design: importing this package imports torch, the artifact reader and the
+kernels' launch code, never transformers, click or the compiler."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from kernl.artifacts import (
+    ArtifactCompatibilityError,
+    read_manifest,
+    read_program,
+    read_weights,
+    verify_files,
+)
+
+from .model import CompiledModel, ModelOutput
+
+__all__ = ["CompiledModel", "ModelOutput", "load"]
+
+
+def load(
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    capture: str = "load",
+    verify: bool = True,
+) -> CompiledModel:
+    """Load an artifact and make it ready to serve.
+
+    device: "cuda" (default when a GPU is present), "cuda:N" or "cpu".
+    capture: on CUDA, "load" captures every bucket's graph now (the first call is then as fast
+      as any), "lazy" captures each bucket on its first call, "never" runs ops eagerly.
+    verify: check every file's sha256 before use (on by default; an artifact that fails is
+      refused with an `ArtifactError`).
+    """
+    root = Path(path)
+    manifest = read_manifest(root)
+    if verify:
+        verify_files(root, manifest)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for but torch sees no CUDA GPU")
+    _check_compatibility(manifest, device)
+    programs = [read_program(root, entry.program) for entry in manifest.buckets]
+    weights = read_weights(root, device=str(device))
+    return CompiledModel(manifest, programs, weights, device, capture=capture)
+
+
+def _check_compatibility(manifest, device: torch.device) -> None:
+    if not manifest.kernels:
+        return  # aten-only programs run anywhere torch does
+    if device.type != "cuda":
+        raise ArtifactCompatibilityError(
+            f"this artifact holds kernel binaries for {manifest.gpu_name} "
+            f"(sm {manifest.compute_capability}); it cannot run on {device}"
+        )
+    major, minor = torch.cuda.get_device_capability(device)
+    here = f"{major}.{minor}"
+    if here != manifest.compute_capability:
+        raise ArtifactCompatibilityError(
+            f"this artifact was built for {manifest.gpu_name} (compute capability "
+            f"{manifest.compute_capability}); this GPU, {torch.cuda.get_device_name(device)}, "
+            f"is {here}. Recompile on this GPU type."
+        )

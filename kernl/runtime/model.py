@@ -1,0 +1,209 @@
+"""A loaded artifact: one program per bucket, weights on the device once, and on CUDA one
+graph per bucket, all graphs drawing on one memory pool.
+
+A call picks the smallest bucket that holds it, copies the inputs into that bucket's static
+buffers (padding the rest), replays, and returns sliced copies of the outputs."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from kernl.artifacts.program import Program
+from kernl.artifacts.schema import Bucket, Manifest
+
+from .executor import Executor
+
+
+class ModelOutput(dict):
+    """The model's outputs by field name, like Hugging Face's ModelOutput: `out.logits`,
+    `out["logits"]` and `out[0]` all work."""
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getitem__(self, key):
+        if isinstance(key, int):
+            return list(self.values())[key]
+        return super().__getitem__(key)
+
+    def to_tuple(self) -> tuple:
+        return tuple(self.values())
+
+
+class _BucketRunner:
+    def __init__(self, bucket: Bucket, executor: Executor, manifest: Manifest, device):
+        self.bucket = bucket
+        self.executor = executor
+        self.static_inputs = {
+            spec.name: torch.full(
+                (bucket.batch, bucket.seq), spec.pad_value, dtype=getattr(torch, spec.dtype),
+                device=device,
+            )
+            for spec in manifest.inputs
+        }  # fmt: skip
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_outputs: list[torch.Tensor] | None = None
+
+    def capture(self, pool) -> None:
+        # Warm up on a side stream (cuBLAS handles, lazy allocations), then capture.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.executor.run(self.static_inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            self.static_outputs = self.executor.run(self.static_inputs)
+        self.graph = graph
+
+    def run(self) -> list[torch.Tensor]:
+        if self.graph is not None:
+            self.graph.replay()
+            return self.static_outputs
+        return self.executor.run(self.static_inputs)
+
+
+class CompiledModel:
+    """Callable with the model's own keyword inputs; see `kernl.runtime.load`."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        programs: list[Program],
+        weights: dict[str, torch.Tensor],
+        device: torch.device,
+        capture: str = "load",
+    ):
+        if capture not in ("load", "lazy", "never"):
+            raise ValueError(f"capture must be 'load', 'lazy' or 'never', not {capture!r}")
+        self.manifest = manifest
+        self.device = device
+        self.weights = weights
+        self.capture_mode = capture if device.type == "cuda" else "never"
+        self._lock = threading.Lock()
+        self._pool = torch.cuda.graph_pool_handle() if self.capture_mode != "never" else None
+        self._inputs = {spec.name: spec for spec in manifest.inputs}
+        self._vocab_size = _vocab_size(manifest.model_config)
+        self._runners = {
+            p.bucket: _BucketRunner(p.bucket, Executor(p, weights, device), manifest, device)
+            for p in programs
+        }
+        # Smallest first: a call takes the first bucket that holds it.
+        self.buckets: list[Bucket] = sorted(self._runners, key=lambda b: (b.tokens, b.batch))
+        if self.capture_mode == "load":
+            # Largest first, so smaller graphs reuse the pool's blocks.
+            for bucket in sorted(self.buckets, key=lambda b: -b.tokens):
+                self._runners[bucket].capture(self._pool)
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self._inputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.manifest.outputs]
+
+    def select_bucket(self, batch: int, seq: int) -> Bucket:
+        for bucket in self.buckets:
+            if bucket.holds(batch, seq):
+                return bucket
+        names = ", ".join(f"{b.batch}x{b.seq}" for b in sorted(self.buckets))
+        raise ValueError(
+            f"input of batch {batch} and sequence length {seq} is larger than every bucket "
+            f"of this artifact (batch x seq: {names}); recompile with a larger bucket"
+        )
+
+    def __call__(self, **inputs: Any) -> ModelOutput:
+        tensors = self._check_inputs(inputs)
+        batch, seq = tensors["input_ids"].shape
+        bucket = self.select_bucket(batch, seq)
+        runner = self._runners[bucket]
+        with self._lock:
+            for name, buf in runner.static_inputs.items():
+                spec = self._inputs[name]
+                if name in tensors:
+                    buf.fill_(spec.pad_value)
+                    buf[:batch, :seq].copy_(tensors[name], non_blocking=True)
+                elif spec.default == "ones":
+                    buf.zero_()
+                    buf[:batch, :seq].fill_(1)
+                else:
+                    buf.fill_(spec.pad_value)
+                if name == "attention_mask" and batch < bucket.batch:
+                    # Rows that only pad the batch attend to everything: no fully masked
+                    # softmax (NaN) anywhere, and real rows never see them.
+                    buf[batch:].fill_(1)
+            if runner.graph is None and self.capture_mode == "lazy":
+                runner.capture(self._pool)
+            outs = runner.run()
+            result = ModelOutput()
+            for spec, t in zip(self.manifest.outputs, outs):
+                index = [slice(None)] * t.dim()
+                index[spec.batch_axis] = slice(0, batch)
+                if spec.seq_axis is not None:
+                    index[spec.seq_axis] = slice(0, seq)
+                result[spec.name] = t[tuple(index)].clone()
+        return result
+
+    def _check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        unknown = sorted(set(inputs) - set(self._inputs))
+        if unknown:
+            raise TypeError(
+                f"unexpected input(s) {unknown}; this model takes {self.input_names}"
+            )
+        tensors: dict[str, torch.Tensor] = {}
+        for name, spec in self._inputs.items():
+            value = inputs.get(name)
+            if value is None:
+                if spec.default == "required":
+                    raise TypeError(f"missing required input {name!r}")
+                continue
+            if not isinstance(value, torch.Tensor):
+                try:
+                    value = torch.as_tensor(value)
+                except Exception as e:
+                    raise TypeError(f"input {name!r} must be a tensor, not {type(value)}") from e
+            if value.dim() != 2:
+                raise ValueError(
+                    f"input {name!r} must have 2 dimensions (batch, sequence), "
+                    f"got shape {tuple(value.shape)}"
+                )
+            if value.dtype.is_floating_point or value.dtype.is_complex:
+                raise TypeError(f"input {name!r} must hold integers, got {value.dtype}")
+            tensors[name] = value
+        shape = tensors["input_ids"].shape
+        for name, t in tensors.items():
+            if t.shape != shape:
+                raise ValueError(
+                    f"input {name!r} has shape {tuple(t.shape)}, input_ids has {tuple(shape)}"
+                )
+        if shape[0] == 0 or shape[1] == 0:
+            raise ValueError(f"empty input: input_ids has shape {tuple(shape)}")
+        if self._vocab_size is not None:
+            ids = tensors["input_ids"]
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self._vocab_size:
+                raise ValueError(
+                    f"input_ids must lie in [0, {self._vocab_size}); got values in [{lo}, {hi}]"
+                )
+        return tensors
+
+    def __repr__(self) -> str:
+        b = ", ".join(f"{x.batch}x{x.seq}" for x in sorted(self.buckets))
+        return (
+            f"CompiledModel({self.manifest.model_type}, task={self.manifest.task}, "
+            f"dtype={self.manifest.dtype}, device={self.device}, buckets=[{b}])"
+        )
+
+
+def _vocab_size(config: dict) -> int | None:
+    v = config.get("vocab_size")
+    return int(v) if isinstance(v, int) else None
