@@ -92,6 +92,14 @@ def compile(
     """Compile a Hugging Face model (a local folder, a model id in the local HF cache, or a
     PreTrainedModel) for `buckets` (e.g. "batch=1,8 seq=16:512") into the artifact folder
     `out`. Returns a report; raises with a message naming the bucket or op on failure."""
+    if task == "causal-lm":
+        # Decoder-only generation has its own buckets (prompt, cache) and programs.
+        from .causal_lm import compile_causal_lm
+
+        return compile_causal_lm(
+            model_or_path, buckets, out, dtype=dtype, device=device, atol=atol, rtol=rtol,
+            progress=progress,
+        )  # fmt: skip
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
     if dtype not in DTYPES:

@@ -45,6 +45,10 @@ def load(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' was asked for but torch sees no CUDA GPU")
     _check_compatibility(manifest, device)
+    if manifest.task == "causal-lm":
+        from .generation import load_generative
+
+        return load_generative(root, manifest, device, capture=capture)
     programs = [read_program(root, entry.program) for entry in manifest.buckets]
     weights = read_weights(root, device=str(device))
     return CompiledModel(manifest, programs, weights, device, capture=capture)
