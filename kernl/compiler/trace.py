@@ -60,7 +60,9 @@ def load_model(model_or_path, task: str | None, dtype: torch.dtype, device: torc
         source = str(model_or_path)
         local = Path(source).expanduser()
         if local.exists() and not (local / "config.json").is_file():
-            raise UnsupportedModelError(f"{local} has no config.json: not a Hugging Face model folder")
+            raise UnsupportedModelError(
+                f"{local} has no config.json: not a Hugging Face model folder"
+            )
         try:
             config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
         except OSError as e:
@@ -112,7 +114,9 @@ def example_inputs(
         if name == "input_ids":
             out.append(torch.randint(1, max(2, vocab_size), (b, s), generator=g))
         elif name == "attention_mask":
-            lengths = torch.randint(1, s + 1, (b,), generator=g) if pad_rows else torch.full((b,), s)
+            lengths = (
+                torch.randint(1, s + 1, (b,), generator=g) if pad_rows else torch.full((b,), s)
+            )
             lengths[0] = s
             out.append((torch.arange(s)[None, :] < lengths[:, None]).long())
         else:

@@ -55,7 +55,9 @@ def validate(
         e64, o64 = e.double(), o.double()
         err = (o64 - e64).abs()
         if not torch.isfinite(o64).all() and torch.isfinite(e64).all():
-            raise ValidationError(f"bucket {bucket.name}: output {name} has NaN/inf, eager has none")
+            raise ValidationError(
+                f"bucket {bucket.name}: output {name} has NaN/inf, eager has none"
+            )
         max_err = float(err.nan_to_num(0).max()) if err.numel() else 0.0
         if max_err >= worst:
             worst, worst_name = max_err, name
