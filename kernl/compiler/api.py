@@ -21,10 +21,14 @@ from kernl.artifacts import (
     Manifest,
     check_destination,
 )
+from kernl.artifacts.schema import KernelBinary
+from kernl.runtime.binaries import allow_jit, key_digest
 
 from .buckets import as_buckets
 from .lower import lower
-from .trace import DTYPES, FlatModel, export_bucket, load_model, model_signature
+from .passes import rewrite
+from .trace import DTYPES, FlatModel, example_inputs, export_bucket, load_model, model_signature
+from .tune import TuneRecord, record_binaries, tune_program
 from .validate import DEFAULT_TOLERANCE, validate
 
 Progress = Callable[[str], None]
@@ -47,6 +51,7 @@ class CompileReport:
     buckets: list[BucketReport] = field(default_factory=list)
     artifact_bytes: int = 0
     seconds: float = 0.0
+    tuning: dict[Bucket, list[TuneRecord]] = field(default_factory=dict)
 
     def table(self) -> str:
         lines = [
@@ -58,11 +63,34 @@ class CompileReport:
             lines.append(
                 f"{name:>12}  {r.seconds:8.2f}  {r.max_abs_error:18.3g}  {r.instructions:5d}"
             )
+        lines.extend(self.tuning_table())
         lines.append(
             f"artifact {self.path} ({self.artifact_bytes / 2**20:.1f} MiB), task {self.task}, "
             f"{self.dtype} on {self.device}, {len(self.buckets)} buckets in {self.seconds:.1f} s"
         )
         return "\n".join(lines)
+
+    def tuning_table(self) -> list[str]:
+        """Per bucket, each kernel instance: chosen implementation and config, its time, and
+        the time of the aten implementation it replaced."""
+        lines: list[str] = []
+        for bucket, records in self.tuning.items():
+            timed = [r for r in records if r.time_us is not None]
+            if not timed:
+                if records:
+                    lines.append(f"  {bucket.batch}x{bucket.seq}: {len(records)} kernl ops, "
+                                 "default configs (no GPU to tune on)")  # fmt: skip
+                continue
+            total, aten = sum(r.time_us for r in timed), sum(r.aten_time_us for r in timed)
+            lines.append(f"  {bucket.batch}x{bucket.seq}: {len(timed)} kernel instances, "
+                         f"{total:.0f} us tuned vs {aten:.0f} us aten")  # fmt: skip
+            for r in timed:
+                cfg = "" if r.config is None else " ".join(f"{k}={v}" for k, v in r.config.items())
+                lines.append(
+                    f"    #{r.index:<4} {r.op:<17} {r.impl:<6} {r.time_us:8.1f} us "
+                    f"(aten {r.aten_time_us:8.1f} us){' cached' if r.cached else ''}  {cfg}"
+                )
+        return lines
 
 
 def _target_info(device: torch.device) -> dict:
@@ -88,10 +116,12 @@ def compile(
     atol: float | None = None,
     rtol: float | None = None,
     progress: Progress | None = None,
+    kernels: bool = True,
 ) -> CompileReport:
     """Compile a Hugging Face model (a local folder, a model id in the local HF cache, or a
     PreTrainedModel) for `buckets` (e.g. "batch=1,8 seq=16:512") into the artifact folder
-    `out`. Returns a report; raises with a message naming the bucket or op on failure."""
+    `out`. Returns a report; raises with a message naming the bucket or op on failure.
+    kernels=False keeps plain aten ops (no rewrite, no tuning, no binaries)."""
     if task == "causal-lm":
         # Decoder-only generation has its own buckets (prompt, cache) and programs.
         from .causal_lm import compile_causal_lm
@@ -126,6 +156,8 @@ def compile(
     report = CompileReport(Path(out), task, str(torch_dtype).removeprefix("torch."), str(dev))
     entries: list[BucketEntry] = []
     all_weights: dict[str, torch.Tensor] = {}
+    programs: list = []
+    binaries: dict = {}
     with ArtifactWriter(out) as writer:
         for i, bucket in enumerate(bucket_list, 1):
             t0 = time.perf_counter()
@@ -136,8 +168,21 @@ def compile(
             program, weights = lower(ep, bucket, input_names)
             for name, t in weights.items():
                 all_weights.setdefault(name, t)
+            if kernels:
+                say(f"{tag}: rewrite")
+                program = rewrite(program, all_weights)
+                say(f"{tag}: tune")
+                example = dict(zip(input_names, example_inputs(
+                    input_names, bucket, model.config.vocab_size, dev)))  # fmt: skip
+                records = tune_program(program, all_weights, example, dev, progress=None)
+                report.tuning[bucket] = records
+                if dev.type == "cuda":
+                    say(f"{tag}: build kernel binaries")
+                    binaries.update(record_binaries(program, all_weights, example, dev))
             say(f"{tag}: validate")
-            result = validate(flat, program, all_weights, dev, atol, rtol)
+            with allow_jit():
+                result = validate(flat, program, all_weights, dev, atol, rtol)
+            programs.append(program)
             rel = writer.write_program(program)
             seconds = time.perf_counter() - t0
             entries.append(BucketEntry(bucket, rel, result.max_abs_error, seconds))
@@ -146,7 +191,17 @@ def compile(
             )
             say(f"{tag}: done in {seconds:.1f}s, max |error| {result.max_abs_error:.3g}")
         say("writing weights")
-        writer.write_weights(all_weights)
+        used = {n for p in programs for n in p.weights.values()}
+        writer.write_weights({k: v for k, v in all_weights.items() if k in used})
+        kernel_entries = []
+        for key, (spec, cubin) in sorted(binaries.items()):
+            name = key_digest(key)
+            rel = writer.write_kernel(name, cubin)
+            kernel_entries.append(KernelBinary(
+                name=name, file=rel, function=spec.function, num_warps=spec.num_warps,
+                shared_mem=spec.shared,
+                meta={"key": key, "num_ctas": spec.num_ctas, "arg_types": spec.arg_types},
+            ))  # fmt: skip
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             kernl_version=kernl.__version__,
@@ -162,7 +217,8 @@ def compile(
             buckets=entries,
             files={},
             created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            extra={"atol": atol, "rtol": rtol},
+            kernels=kernel_entries,
+            extra={"atol": atol, "rtol": rtol, "kernl_ops": kernels},
             **_target_info(dev),
         )
         report.artifact_bytes = writer.size_bytes()

@@ -42,6 +42,11 @@ class _Lowering:
         self.program_weights: dict[int, str] = {}
         self.program_inputs: dict[str, int] = {}
         self.instructions: list[Instruction] = []
+        self.values: dict[int, list] = {}  # value id -> [shape, dtype], for passes and tuning
+
+    def describe(self, vid: int, val: Any) -> None:
+        if isinstance(val, torch.Tensor):
+            self.values[vid] = [list(val.shape), str(val.dtype).removeprefix("torch.")]
 
     def new_id(self) -> int:
         self.next_id += 1
@@ -79,6 +84,7 @@ class _Lowering:
             spec = kinds[node.name]
             vid = self.new_id()
             self.ids[node] = vid
+            self.describe(vid, node.meta.get("val"))
             if spec.kind == InputKind.USER_INPUT:
                 self.program_inputs[next(user)] = vid
             elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
@@ -115,12 +121,14 @@ class _Lowering:
         val = node.meta.get("val")
         if isinstance(val, (list, tuple)):
             outs = []
-            for _ in val:
+            for v in val:
                 outs.append(self.new_id())
+                self.describe(outs[-1], v)
             self.ids[node] = outs
         else:
             outs = [self.new_id()]
             self.ids[node] = outs[0]
+            self.describe(outs[0], val)
         self.instructions.append(
             Instruction(
                 name,
@@ -152,6 +160,7 @@ class _Lowering:
             weights=self.program_weights,
             outputs=outputs,
             instructions=self.instructions,
+            meta={"values": self.values},
         )
 
 

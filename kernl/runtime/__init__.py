@@ -44,7 +44,13 @@ def load(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' was asked for but torch sees no CUDA GPU")
+    if device.type == "cpu":
+        # kernl's kernels run through Triton's interpreter on the CPU; the variable must be
+        # set before they are first imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     _check_compatibility(manifest, device)
+    if manifest.kernels and device.type == "cuda":
+        _load_binaries(root, manifest, device)
     if manifest.task == "causal-lm":
         from .generation import load_generative
 
@@ -52,6 +58,21 @@ def load(
     programs = [read_program(root, entry.program) for entry in manifest.buckets]
     weights = read_weights(root, device=str(device))
     return CompiledModel(manifest, programs, weights, device, capture=capture)
+
+
+def _load_binaries(root: Path, manifest, device: torch.device) -> None:
+    from kernl.artifacts.reader import _resolve_inside
+
+    from .binaries import BinarySpec, install, registry
+
+    install()
+    for k in manifest.kernels:
+        spec = BinarySpec(
+            key=str(k.meta["key"]), function=k.function, num_warps=int(k.num_warps),
+            num_ctas=int(k.meta.get("num_ctas", 1)), shared=int(k.shared_mem),
+            arg_types=[[str(n), str(t)] for n, t in k.meta["arg_types"]],
+        )  # fmt: skip
+        registry().add(spec, _resolve_inside(root, k.file, "kernel binary").read_bytes(), device)
 
 
 def _check_compatibility(manifest, device: torch.device) -> None:

@@ -1,4 +1,107 @@
-"""kernl's own ops, callable from programs as "kernl.<name>". Each wraps a launcher from
-kernl.kernels; the compiler's rewrite passes emit them."""
+"""kernl's own ops, callable from programs as "kernl.<name>".
+
+Each op has two implementations chosen per instruction at compile time by the tuner:
+"aten" (plain PyTorch, also the reference) and "triton" (a kernel from kernl.kernels with the
+tuned `config`). On CUDA in production the Triton kernels run from precompiled binaries
+(see binaries.py); on the CPU they run through Triton's interpreter."""
 
 from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .vocabulary import register_kernl_op
+
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "tanh")
+
+
+def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "none":
+        return y
+    if activation == "relu":
+        return torch.relu(y)
+    if activation == "gelu":
+        return F.gelu(y)
+    if activation == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if activation == "silu":
+        return F.silu(y)
+    if activation == "tanh":
+        return torch.tanh(y)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in ("aten", "triton"):
+        raise ValueError(f"unknown implementation {impl!r}")
+
+
+@register_kernl_op("linear")
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    activation: str = "none",
+    impl: str = "aten",
+    config: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """activation(x @ weight.T + bias) + residual"""
+    _check_impl(impl)
+    if impl == "triton" and activation in _triton_linear_activations():
+        from kernl.kernels import fused_linear
+
+        return fused_linear.launch_from_dict(x, weight, bias, activation, residual, config)
+    y = apply_activation(F.linear(x, weight, bias), activation)
+    return y if residual is None else y + residual
+
+
+def _triton_linear_activations() -> tuple[str, ...]:
+    return ("none", "relu", "gelu", "gelu_tanh", "silu")
+
+
+@register_kernl_op("layer_norm")
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    impl: str = "aten",
+    config: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """layer_norm(x + residual) over the last axis."""
+    _check_impl(impl)
+    if impl == "triton":
+        from kernl.kernels import norm
+
+        return norm.launch_layer_norm_from_dict(x, weight, bias, eps, residual, config)
+    if residual is not None:
+        x = x + residual
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+@register_kernl_op("attention")
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    impl: str = "aten",
+    config: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v over [B, H, L, D] tensors; `mask` is a boolean tensor
+    broadcastable to [B, H, Lq, Lk] (True = attend) or None."""
+    _check_impl(impl)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if impl == "triton":
+        from kernl.kernels import attention as attention_kernel
+
+        return attention_kernel.launch_from_dict(q, k, v, mask, scale, causal, config)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)

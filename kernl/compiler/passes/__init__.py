@@ -1,0 +1,32 @@
+"""Rewrite passes over a bucket's program: aten patterns -> kernl ops. Each pass is small,
+works on the flat instruction list, and leaves a pattern it cannot prove safe as it was."""
+
+from __future__ import annotations
+
+import torch
+
+from kernl.artifacts.program import Program, iter_value_refs
+
+from .fuse_linear import fuse_linear
+from .fuse_qkv import fuse_qkv
+from .norm_attention import replace_attention, replace_layer_norm
+
+__all__ = ["fuse_linear", "fuse_qkv", "replace_attention", "replace_layer_norm", "rewrite"]
+
+
+def rewrite(program: Program, weights: dict[str, torch.Tensor]) -> Program:
+    """All passes in order; `weights` gains the fused weights the program now reads."""
+    program = fuse_qkv(program, weights)
+    program = fuse_linear(program)
+    program = replace_layer_norm(program)
+    program = replace_attention(program)
+    return drop_unused_weights(program)
+
+
+def drop_unused_weights(program: Program) -> Program:
+    """Weights folded into fused ones (q, k, v) are no longer read: drop them."""
+    used = set(program.outputs)
+    for ins in program.instructions:
+        used.update(iter_value_refs([ins.args, list(ins.kwargs.values())]))
+    program.weights = {v: n for v, n in program.weights.items() if v in used}
+    return program

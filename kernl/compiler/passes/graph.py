@@ -1,0 +1,63 @@
+"""A small editing view over a Program for rewrite passes: who produces a value, who reads
+it, and its shape and dtype (recorded at lowering)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from kernl.artifacts.program import Instruction, Program, iter_value_refs
+
+
+def ref(a: Any) -> int | None:
+    """The value id of an encoded tensor argument, or None."""
+    return a["v"] if isinstance(a, dict) and "v" in a else None
+
+
+def arg(ins: Instruction, index: int, name: str, default: Any = None) -> Any:
+    """An argument given positionally or by keyword."""
+    if index < len(ins.args):
+        return ins.args[index]
+    return ins.kwargs.get(name, default)
+
+
+class ProgramView:
+    def __init__(self, program: Program):
+        self.program = program
+        self.values: dict[int, list] = {
+            int(k): v for k, v in program.meta.get("values", {}).items()
+        }
+
+    def use_counts(self) -> Counter:
+        counts: Counter = Counter()
+        for ins in self.program.instructions:
+            counts.update(iter_value_refs([ins.args, list(ins.kwargs.values())]))
+        counts.update(self.program.outputs)
+        return counts
+
+    def producers(self) -> dict[int, int]:
+        return {
+            o: i
+            for i, ins in enumerate(self.program.instructions)
+            for o in ins.outputs
+            if o is not None
+        }
+
+    def shape(self, vid: int | None) -> list[int] | None:
+        return None if vid is None or vid not in self.values else self.values[vid][0]
+
+    def dtype(self, vid: int | None) -> str | None:
+        return None if vid is None or vid not in self.values else self.values[vid][1]
+
+    def is_weight(self, vid: int | None) -> bool:
+        return vid is not None and vid in self.program.weights
+
+    def new_value(self, shape: list[int], dtype: str) -> int:
+        vid = self.program.num_values
+        self.program.num_values += 1
+        self.values[vid] = [list(shape), dtype]
+        return vid
+
+    def commit(self) -> Program:
+        self.program.meta["values"] = self.values
+        return self.program

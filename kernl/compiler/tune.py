@@ -1,0 +1,213 @@
+"""Choose an implementation for every kernl instruction of a bucket's program.
+
+On a GPU each instruction is benchmarked, on its real input shapes, over the Triton kernel's
+tuning space plus the aten implementation; the fastest wins. Results are cached on disk,
+keyed by GPU, toolchain versions, kernel source, op, shapes and attributes, so a recompile
+does not re-tune. On the CPU (interpreter) every instruction takes the kernel's default
+config: there is nothing meaningful to time."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+
+from kernl.artifacts.program import Program
+from kernl.runtime import kernl_ops
+from kernl.runtime.binaries import allow_jit
+from kernl.runtime.executor import Executor
+
+# kernl op -> (kernel module under kernl.kernels, function listing its configs as dicts)
+TUNABLE = {
+    "kernl.linear": ("fused_linear", "linear_config_dicts"),
+    "kernl.layer_norm": ("norm", "layer_norm_config_dicts"),
+    "kernl.attention": ("attention", "attention_config_dicts"),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KERNL_CACHE_DIR", Path.home() / ".cache" / "kernl")) / "tuning"
+
+
+@dataclass
+class TuneRecord:
+    index: int
+    op: str
+    shapes: str
+    impl: str
+    config: dict[str, Any] | None
+    time_us: float | None
+    aten_time_us: float | None
+    cached: bool = False
+    errors: list[str] = field(default_factory=list)
+
+
+def _describe(values: list[Any]) -> str:
+    out = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            out.append(f"{str(v.dtype).removeprefix('torch.')}{list(v.shape)}s{list(v.stride())}")
+        else:
+            out.append(repr(v))
+    return ",".join(out)
+
+
+def _kernel_source_hash(module: str) -> str:
+    import importlib
+
+    mod = importlib.import_module(f"kernl.kernels.{module}")
+    ops_src = inspect.getsource(kernl_ops)
+    return hashlib.sha256((inspect.getsource(mod) + ops_src).encode()).hexdigest()[:16]
+
+
+def _configs(op: str) -> list[dict[str, Any]]:
+    import importlib
+
+    module, fn = TUNABLE[op]
+    return list(getattr(importlib.import_module(f"kernl.kernels.{module}"), fn)())
+
+
+def _kernel_available(op: str) -> bool:
+    import importlib
+
+    module, fn = TUNABLE[op]
+    try:
+        return hasattr(importlib.import_module(f"kernl.kernels.{module}"), fn)
+    except ImportError:
+        return False
+
+
+def _bench_us(fn) -> float:
+    ms = triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+    return ms * 1000.0
+
+
+def tune_program(program: Program, weights: dict, inputs: dict, device: torch.device,
+                 progress=None) -> list[TuneRecord]:  # fmt: skip
+    """Sets `impl` and `config` on every kernl instruction of `program` in place."""
+    records: list[TuneRecord] = []
+    executor = Executor(program, weights, device)
+    env_values = {}
+    on_gpu = device.type == "cuda"
+    gpu = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+    with allow_jit(), torch.no_grad():
+        for i, _op, _outs, _results in _walk(executor, inputs, env_values):
+            ins = program.instructions[i]
+            if ins.op not in TUNABLE:
+                continue
+            args, kwargs = env_values["args"], env_values["kwargs"]
+            fn = kernl_ops_fn(ins.op)
+            described = _describe(list(args) + [kwargs.get(k) for k in sorted(kwargs)])
+            if not _kernel_available(ins.op):
+                ins.kwargs.update(impl="aten", config=None)
+                records.append(TuneRecord(i, ins.op, described, "aten", None, None, None))
+                continue
+            if not on_gpu:
+                ins.kwargs.update(impl="triton", config=None)  # the kernel's default
+                records.append(TuneRecord(i, ins.op, described, "triton", None, None, None))
+                continue
+            key_src = json.dumps([gpu, torch.__version__, triton.__version__,
+                                  _kernel_source_hash(TUNABLE[ins.op][0]), ins.op, described])  # fmt: skip
+            key = hashlib.sha256(key_src.encode()).hexdigest()
+            path = cache_dir() / f"{key}.json"
+            if path.is_file():
+                hit = json.loads(path.read_text())
+                ins.kwargs.update(impl=hit["impl"], config=encode_config(hit["config"]))
+                records.append(TuneRecord(i, ins.op, described, hit["impl"], hit["config"],
+                                          hit["time_us"], hit["aten_time_us"], cached=True))  # fmt: skip
+                continue
+            t0 = time.perf_counter()
+            aten_us = _bench_us(lambda: fn(*args, **{**kwargs, "impl": "aten"}))
+            best = ("aten", None, aten_us)
+            errors = []
+            reference = fn(*args, **{**kwargs, "impl": "aten"})
+            for config in _configs(ins.op):
+                try:
+                    out = fn(*args, **{**kwargs, "impl": "triton", "config": config})
+                    if not torch.allclose(out.float(), reference.float(), atol=5e-2, rtol=5e-2):
+                        raise ValueError("result differs from aten")
+                    us = _bench_us(
+                        lambda c=config: fn(*args, **{**kwargs, "impl": "triton", "config": c})
+                    )
+                except Exception as e:  # a config that fails to compile or run is skipped
+                    errors.append(f"{config}: {type(e).__name__}: {str(e)[:120]}")
+                    continue
+                if us < best[2]:
+                    best = ("triton", config, us)
+            ins.kwargs.update(impl=best[0], config=encode_config(best[1]))
+            rec = TuneRecord(
+                i, ins.op, described, best[0], best[1], best[2], aten_us, errors=errors
+            )
+            records.append(rec)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"impl": best[0], "config": best[1], "time_us": best[2],
+                                       "aten_time_us": aten_us}))  # fmt: skip
+            os.replace(tmp, path)
+            if progress:
+                progress(f"tuned #{i} {ins.op} {best[0]} {best[1]} {best[2]:.1f}us "
+                         f"(aten {aten_us:.1f}us) in {time.perf_counter() - t0:.1f}s")  # fmt: skip
+    return records
+
+
+def encode_config(config: dict[str, Any] | None) -> list | None:
+    """Programs hold plain msgpack data: a config travels as [[name, value], ...]."""
+    return None if config is None else [[k, v] for k, v in sorted(config.items())]
+
+
+def kernl_ops_fn(op: str):
+    from kernl.runtime.vocabulary import resolve_op
+
+    return resolve_op(op)
+
+
+def _walk(executor: Executor, inputs: dict, out: dict):
+    """Run the program step by step, exposing each step's bound arguments in `out` before
+    the step runs, so the tuner can benchmark the instruction on its real inputs."""
+    from kernl.runtime.executor import _bind
+
+    env: list[Any] = [None] * executor.program.num_values
+    for vid, t in executor.weight_values.items():
+        env[vid] = t
+    for name, vid in executor.program.inputs.items():
+        env[vid] = inputs[name]
+    for i, (fn, args, kwargs, outs, _frees) in enumerate(executor.steps):
+        out["args"] = _bind(args, env)
+        out["kwargs"] = {k: _bind(v, env) for k, v in kwargs.items()}
+        yield i, executor.program.instructions[i].op, outs, None
+        # The instruction may have been re-tuned: resolve its arguments again.
+        ins = executor.program.instructions[i]
+        kw = {k: _bind(v, env) for k, v in out["kwargs"].items()}
+        kw.update({k: ins.kwargs[k] for k in ("impl", "config") if k in ins.kwargs})
+        result = fn(*out["args"], **kw)
+        if isinstance(result, (tuple, list)):
+            for o, r in zip(outs, result):
+                if o is not None:
+                    env[o] = r
+        else:
+            env[outs[0]] = result
+
+
+def record_binaries(program: Program, weights: dict, inputs: dict, device: torch.device) -> dict:
+    """Run the tuned program once with Triton's JIT and collect every kernl kernel launch's
+    compiled binary: {launch key: (BinarySpec, cubin bytes)}."""
+    from kernl.runtime.binaries import spec_from_compiled
+
+    found: dict[str, Any] = {}
+
+    def recorder(key: str, kernel) -> None:
+        if key not in found:
+            found[key] = spec_from_compiled(key, kernel)
+
+    with allow_jit(recorder), torch.no_grad():
+        Executor(program, weights, device).run(inputs)
+    torch.cuda.synchronize(device)
+    return found

@@ -1,0 +1,247 @@
+"""Launch kernl's Triton kernels from precompiled cubins, without Triton's JIT, launcher
+build or a C compiler.
+
+kernl's kernel launchers call `jit_fn[grid](...)` as usual. Once an artifact with binaries is
+loaded, `JITFunction.run` is routed through `dispatch`: for kernl's own kernels it computes a
+launch key (kernel, constexpr values, launch options, argument specialisation), finds the
+binary compiled for that key at build time and launches it through the CUDA driver. A kernl
+kernel with no binary is an error, never a silent compilation — unless the compiler is
+recording (`allow_jit`), which is how the binaries are made in the first place."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "launch_pdl",
+                   "launch_cooperative_grid", "enable_fp_fusion")  # fmt: skip
+_SCALAR_CTYPES = {
+    "i1": ctypes.c_int8, "i8": ctypes.c_int8, "i16": ctypes.c_int16, "i32": ctypes.c_int32,
+    "i64": ctypes.c_int64, "u1": ctypes.c_uint8, "u8": ctypes.c_uint8, "u16": ctypes.c_uint16,
+    "u32": ctypes.c_uint32, "u64": ctypes.c_uint64, "fp32": ctypes.c_float,
+    "f32": ctypes.c_float, "fp64": ctypes.c_double,
+}  # fmt: skip
+
+
+class MissingBinaryError(RuntimeError):
+    pass
+
+
+def is_kernl_kernel(jit_fn) -> bool:
+    return getattr(jit_fn.fn, "__module__", "").startswith("kernl.kernels")
+
+
+def _spec(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"*{str(value.dtype).removeprefix('torch.')}:{'A' if value.data_ptr() % 16 == 0 else 'u'}"
+    if isinstance(value, bool):
+        return f"b{int(value)}"
+    if isinstance(value, int):
+        size = "32" if -(2**31) <= value < 2**31 else "64"
+        return f"i{size}{':one' if value == 1 else ''}{':D' if value % 16 == 0 else ''}"
+    if isinstance(value, float):
+        return "f"
+    if value is None:
+        return "none"
+    return f"?{type(value).__name__}"
+
+
+def bind(jit_fn, args: tuple, kwargs: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Bound arguments (with defaults, in declaration order) and launch options."""
+    options = {k: kwargs[k] for k in list(kwargs) if k not in jit_fn.arg_names}
+    params = {k: v for k, v in kwargs.items() if k in jit_fn.arg_names}
+    bound = jit_fn.signature.bind(*args, **params)
+    bound.apply_defaults()
+    return dict(bound.arguments), options
+
+
+def launch_key(jit_fn, bound: dict[str, Any], options: dict[str, Any]) -> str:
+    parts = [f"{jit_fn.fn.__module__}.{jit_fn.fn.__name__}"]
+    for p in jit_fn.params:
+        value = bound[p.name]
+        parts.append(f"{p.name}={value!r}" if p.is_constexpr else f"{p.name}:{_spec(value)}")
+    for k in sorted(options):
+        if k in _LAUNCH_OPTIONS:
+            parts.append(f"{k}={options[k]!r}")
+    return "|".join(parts)
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+@dataclass
+class BinarySpec:
+    """What the compiler stores for one compiled kernel (manifest `kernels` entry + cubin)."""
+
+    key: str
+    function: str
+    num_warps: int
+    num_ctas: int
+    shared: int
+    arg_types: list[list[str]]  # [param name, triton type] for each runtime parameter
+
+
+class _Loaded:
+    def __init__(self, spec: BinarySpec, cubin: bytes, device: torch.device):
+        from cuda.bindings import driver
+
+        self.spec = spec
+        self.driver = driver
+        torch.cuda.current_stream(device)  # makes torch's primary context current here
+        self.module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
+        self.function = _check(
+            driver.cuModuleGetFunction(self.module, spec.function.encode()), "cuModuleGetFunction"
+        )
+        if spec.shared > 49152:
+            attr = driver.CUfunction_attribute
+            static = _check(
+                driver.cuFuncGetAttribute(attr.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, self.function),
+                "cuFuncGetAttribute",
+            )
+            optin = _check(
+                driver.cuDeviceGetAttribute(
+                    driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                    device.index or 0,
+                ),
+                "cuDeviceGetAttribute",
+            )
+            _check(
+                driver.cuFuncSetAttribute(
+                    self.function,
+                    attr.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    optin - static,
+                ),
+                "cuFuncSetAttribute",
+            )
+
+    def launch(self, grid: tuple[int, int, int], bound: dict[str, Any]) -> None:
+        holders = []
+        for name, ty in self.spec.arg_types:
+            value = bound[name]
+            if ty.startswith("*"):
+                holders.append(ctypes.c_uint64(0 if value is None else value.data_ptr()))
+            elif ty in _SCALAR_CTYPES:
+                holders.append(_SCALAR_CTYPES[ty](value))
+            else:
+                raise MissingBinaryError(
+                    f"argument type {ty} of {self.spec.function} is not supported"
+                )
+        holders += [ctypes.c_uint64(0), ctypes.c_uint64(0)]  # global and profile scratch
+        params = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
+        stream = self.driver.CUstream(torch.cuda.current_stream().cuda_stream)
+        gx, gy, gz = grid
+        if gx * gy * gz == 0:
+            return
+        _check(
+            self.driver.cuLaunchKernel(
+                self.function, gx * self.spec.num_ctas, gy, gz, 32 * self.spec.num_warps, 1, 1,
+                self.spec.shared, stream, ctypes.addressof(params), 0,
+            ),
+            "cuLaunchKernel",
+        )  # fmt: skip
+
+
+def _check(result, what: str):
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"{what} failed: CUDA error {int(err)} ({err})")
+    return rest[0] if len(rest) == 1 else rest
+
+
+class BinaryRegistry:
+    """Loaded binaries by launch key, for one device."""
+
+    def __init__(self):
+        self.loaded: dict[str, _Loaded] = {}
+
+    def add(self, spec: BinarySpec, cubin: bytes, device: torch.device) -> None:
+        self.loaded[spec.key] = _Loaded(spec, cubin, device)
+
+
+_registry = BinaryRegistry()
+_state = threading.local()
+_installed = False
+_original_run = None
+
+
+def registry() -> BinaryRegistry:
+    return _registry
+
+
+@contextmanager
+def allow_jit(recorder=None):
+    """Within this block kernl kernels compile through Triton as usual (build time); each
+    compiled launch is handed to `recorder(key, compiled_kernel)` if given."""
+    install()
+    prev = getattr(_state, "recorder", None), getattr(_state, "jit", False)
+    _state.recorder, _state.jit = recorder, True
+    try:
+        yield
+    finally:
+        _state.recorder, _state.jit = prev
+
+
+def _grid3(grid, bound) -> tuple[int, int, int]:
+    g = grid(bound) if callable(grid) else grid
+    g = tuple(int(x) for x in g) + (1, 1)
+    return g[0], g[1], g[2]
+
+
+def dispatch(self, *args, grid, warmup, **kwargs):
+    if not is_kernl_kernel(self) or warmup:
+        return _original_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+    bound, options = bind(self, args, kwargs)
+    key = launch_key(self, bound, options)
+    if getattr(_state, "jit", False):
+        kernel = _original_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        if _state.recorder is not None:
+            _state.recorder(key, kernel)
+        return kernel
+    loaded = _registry.loaded.get(key)
+    if loaded is None:
+        raise MissingBinaryError(
+            f"kernel launch {key} has no precompiled binary in the loaded artifact; kernl never "
+            "compiles kernels at run time. Was the artifact built for this bucket and GPU?"
+        )
+    loaded.launch(_grid3(grid, bound), bound)
+    return None
+
+
+def install() -> None:
+    """Route JITFunction.run through `dispatch` (idempotent)."""
+    global _installed, _original_run
+    if _installed:
+        return
+    from triton.runtime.jit import JITFunction
+
+    _original_run = JITFunction.run
+    JITFunction.run = dispatch
+    _installed = True
+
+
+def spec_from_compiled(key: str, kernel) -> tuple[BinarySpec, bytes]:
+    """Build time: what to store for a compiled Triton kernel."""
+    md = kernel.metadata
+    for name in ("global_scratch_size", "profile_scratch_size"):
+        if getattr(md, name, 0):
+            raise MissingBinaryError(f"{md.name}: kernels needing {name} cannot be stored yet")
+    signature = kernel.src.signature
+    constants = {k[0] for k in getattr(kernel.src, "constants", {})}
+    names = kernel.src.fn.arg_names
+    arg_types = [
+        [name, signature[name]]
+        for i, name in enumerate(names)
+        if signature[name] != "constexpr" and i not in constants
+    ]
+    spec = BinarySpec(
+        key=key, function=md.name, num_warps=md.num_warps, num_ctas=getattr(md, "num_ctas", 1),
+        shared=md.shared, arg_types=arg_types,
+    )  # fmt: skip
+    return spec, kernel.asm["cubin"]
