@@ -77,8 +77,11 @@ def compile_subcommand(**kwargs) -> None:
     _run_compile(**kwargs)
 
 
-@main.command("verify", help="Check an artifact without loading it onto a GPU: format "
-              "version, paths, file hashes, programs, op vocabulary and weights header.")
+@main.command(
+    "verify",
+    help="Check an artifact without loading it onto a GPU: format "
+    "version, paths, file hashes, programs, op vocabulary and weights header.",
+)
 @click.argument("path", type=click.Path())
 def verify_command(path: str) -> None:
     from kernl.artifacts import read_program, verify_artifact
@@ -87,8 +90,9 @@ def verify_command(path: str) -> None:
     try:
         manifest = verify_artifact(path)
         for entry in manifest.buckets:
-            unknown = sorted(op for op in read_program(path, entry.program).ops_used()
-                             if not is_known_op(op))
+            unknown = sorted(
+                op for op in read_program(path, entry.program).ops_used() if not is_known_op(op)
+            )
             if unknown:
                 raise ArtifactError(f"{entry.program}: ops outside the vocabulary: {unknown}")
     except ArtifactError as e:
