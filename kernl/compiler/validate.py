@@ -64,9 +64,37 @@ def validate(
         bad = err > atol + rtol * e64.abs()
         if bad.any():
             idx = tuple(int(i) for i in bad.nonzero()[0])
+            where = first_divergence(
+                program, weights, dict(zip(flat.input_names, args)), device, atol, rtol
+            )
             raise ValidationError(
                 f"bucket {bucket.name}: output {name} differs from eager beyond "
                 f"atol={atol}, rtol={rtol}: max |error| {max_err:.3g}; first bad element {idx}: "
-                f"kernl {float(o64[idx]):.6g} vs eager {float(e64[idx]):.6g}"
+                f"kernl {float(o64[idx]):.6g} vs eager {float(e64[idx]):.6g}. {where}"
             )
     return ValidationResult(bucket, worst, worst_name)
+
+
+def first_divergence(program: Program, weights, inputs, device, atol: float, rtol: float) -> str:
+    """Re-run the program step by step and compare every kernl op with its aten
+    implementation on the same inputs; name the first that disagrees."""
+    from kernl.compiler.tune import _walk
+    from kernl.runtime.vocabulary import resolve_op
+
+    executor = Executor(program, weights, device)
+    state: dict = {}
+    with torch.no_grad():
+        for i, op, _outs, _ in _walk(executor, inputs, state):
+            ins = program.instructions[i]
+            if not op.startswith("kernl.") or ins.kwargs.get("impl", "aten") == "aten":
+                continue
+            fn = resolve_op(op)
+            got = fn(*state["args"], **state["kwargs"])
+            ref = fn(*state["args"], **{**state["kwargs"], "impl": "aten"})
+            err = (got.double() - ref.double()).abs()
+            if (err > atol + rtol * ref.double().abs()).any():
+                return (
+                    f"First diverging op: instruction #{i} {op} "
+                    f"(config {ins.kwargs.get('config')}), max |error| vs aten {float(err.max()):.3g}"
+                )
+    return "No single kernl op diverges beyond tolerance: the error accumulates across ops."

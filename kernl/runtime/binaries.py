@@ -88,40 +88,56 @@ class BinarySpec:
     arg_types: list[list[str]]  # [param name, triton type] for each runtime parameter
 
 
+_CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES = 1
+_CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+_CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97
+_libcuda = None
+
+
+def _cuda():
+    """The CUDA driver library, through ctypes: no binding package, no compiler."""
+    global _libcuda
+    if _libcuda is None:
+        _libcuda = ctypes.CDLL("libcuda.so.1")
+    return _libcuda
+
+
+def _check(err: int, what: str) -> None:
+    if err != 0:
+        name = ctypes.c_char_p()
+        _cuda().cuGetErrorName(err, ctypes.byref(name))
+        raise RuntimeError(f"{what} failed: CUDA error {err} ({(name.value or b'?').decode()})")
+
+
 class _Loaded:
     def __init__(self, spec: BinarySpec, cubin: bytes, device: torch.device):
-        from cuda.bindings import driver
-
+        cu = _cuda()
         self.spec = spec
-        self.driver = driver
         torch.cuda.current_stream(device)  # makes torch's primary context current here
-        self.module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
-        self.function = _check(
-            driver.cuModuleGetFunction(self.module, spec.function.encode()), "cuModuleGetFunction"
+        self._image = ctypes.create_string_buffer(cubin, len(cubin))
+        self.module = ctypes.c_void_p()
+        _check(cu.cuModuleLoadData(ctypes.byref(self.module), self._image), "cuModuleLoadData")
+        self.function = ctypes.c_void_p()
+        _check(
+            cu.cuModuleGetFunction(
+                ctypes.byref(self.function), self.module, spec.function.encode()
+            ),
+            f"cuModuleGetFunction({spec.function})",
         )
         if spec.shared > 49152:
-            attr = driver.CUfunction_attribute
-            static = _check(
-                driver.cuFuncGetAttribute(attr.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, self.function),
-                "cuFuncGetAttribute",
-            )
-            optin = _check(
-                driver.cuDeviceGetAttribute(
-                    driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-                    device.index or 0,
-                ),
-                "cuDeviceGetAttribute",
-            )
-            _check(
-                driver.cuFuncSetAttribute(
-                    self.function,
-                    attr.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    optin - static,
-                ),
-                "cuFuncSetAttribute",
-            )
+            static, optin = ctypes.c_int(), ctypes.c_int()
+            _check(cu.cuFuncGetAttribute(ctypes.byref(static), _CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                                         self.function), "cuFuncGetAttribute")  # fmt: skip
+            _check(cu.cuDeviceGetAttribute(ctypes.byref(optin),
+                                           _CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                                           device.index or 0), "cuDeviceGetAttribute")  # fmt: skip
+            _check(cu.cuFuncSetAttribute(self.function, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                         optin.value - static.value), "cuFuncSetAttribute")  # fmt: skip
 
     def launch(self, grid: tuple[int, int, int], bound: dict[str, Any]) -> None:
+        gx, gy, gz = grid
+        if gx * gy * gz == 0:
+            return
         holders = []
         for name, ty in self.spec.arg_types:
             value = bound[name]
@@ -135,24 +151,14 @@ class _Loaded:
                 )
         holders += [ctypes.c_uint64(0), ctypes.c_uint64(0)]  # global and profile scratch
         params = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
-        stream = self.driver.CUstream(torch.cuda.current_stream().cuda_stream)
-        gx, gy, gz = grid
-        if gx * gy * gz == 0:
-            return
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
         _check(
-            self.driver.cuLaunchKernel(
+            _cuda().cuLaunchKernel(
                 self.function, gx * self.spec.num_ctas, gy, gz, 32 * self.spec.num_warps, 1, 1,
-                self.spec.shared, stream, ctypes.addressof(params), 0,
+                self.spec.shared, stream, params, None,
             ),
-            "cuLaunchKernel",
+            f"cuLaunchKernel({self.spec.function})",
         )  # fmt: skip
-
-
-def _check(result, what: str):
-    err, *rest = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise RuntimeError(f"{what} failed: CUDA error {int(err)} ({err})")
-    return rest[0] if len(rest) == 1 else rest
 
 
 class BinaryRegistry:
