@@ -12,7 +12,11 @@ from kernl.runtime import binaries
 def scaled_add(x_ptr, y_ptr, out_ptr, n, alpha, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=m) * alpha + tl.load(y_ptr + offs, mask=m), mask=m)
+    tl.store(
+        out_ptr + offs,
+        tl.load(x_ptr + offs, mask=m) * alpha + tl.load(y_ptr + offs, mask=m),
+        mask=m,
+    )
 
 
 scaled_add.fn.__module__ = "kernl.kernels.probe"  # dispatch only routes kernl's kernels
