@@ -78,8 +78,12 @@ class CompileReport:
             timed = [r for r in records if r.time_us is not None]
             if not timed:
                 if records:
-                    lines.append(f"  {bucket.batch}x{bucket.seq}: {len(records)} kernl ops, "
-                                 "default configs (no GPU to tune on)")  # fmt: skip
+                    n_triton = sum(r.impl == "triton" for r in records)
+                    lines.append(
+                        f"  {bucket.batch}x{bucket.seq}: {len(records)} kernl ops, {n_triton} on "
+                        f"Triton kernels with default configs (no GPU to tune on), "
+                        f"{len(records) - n_triton} on aten"
+                    )
                 continue
             total, aten = sum(r.time_us for r in timed), sum(r.aten_time_us for r in timed)
             lines.append(f"  {bucket.batch}x{bucket.seq}: {len(timed)} kernel instances, "

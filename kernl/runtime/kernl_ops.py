@@ -39,6 +39,13 @@ def _check_impl(impl: str) -> None:
         raise ValueError(f"unknown implementation {impl!r}")
 
 
+def _config(config) -> dict[str, Any] | None:
+    """Programs store a config as [[name, value], ...]; the tuner passes dicts."""
+    if not config:
+        return None
+    return dict(config) if not isinstance(config, dict) else config
+
+
 @register_kernl_op("linear")
 def linear(
     x: torch.Tensor,
@@ -54,7 +61,7 @@ def linear(
     if impl == "triton" and activation in _triton_linear_activations():
         from kernl.kernels import fused_linear
 
-        return fused_linear.launch_from_dict(x, weight, bias, activation, residual, config)
+        return fused_linear.launch_from_dict(x, weight, bias, activation, residual, _config(config))
     y = apply_activation(F.linear(x, weight, bias), activation)
     return y if residual is None else y + residual
 
@@ -78,7 +85,7 @@ def layer_norm(
     if impl == "triton":
         from kernl.kernels import norm
 
-        return norm.launch_layer_norm_from_dict(x, weight, bias, eps, residual, config)
+        return norm.launch_layer_norm_from_dict(x, weight, bias, eps, residual, _config(config))
     if residual is not None:
         x = x + residual
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
@@ -103,5 +110,5 @@ def attention(
     if impl == "triton":
         from kernl.kernels import attention as attention_kernel
 
-        return attention_kernel.launch_from_dict(q, k, v, mask, scale, causal, config)
+        return attention_kernel.launch_from_dict(q, k, v, mask, scale, causal, _config(config))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
