@@ -1,4 +1,5 @@
-"""The command line: `kernl-compile` and the `kernl` group (compile, verify, ...)."""
+"""The command line: `kernl-compile` and the `kernl` group (compile, verify, inspect, bench,
+serve). Thin: the work lives in api.py, inspect_report.py, bench.py and kernl.serving."""
 
 from __future__ import annotations
 
@@ -103,3 +104,177 @@ def verify_command(path: str) -> None:
         f"({manifest.task}, {manifest.dtype}), {len(manifest.buckets)} buckets, "
         f"{len(manifest.files)} files verified"
     )
+
+
+@main.command(
+    "inspect",
+    help="Show what an artifact holds: model, task, dtype, the GPU and versions it was built "
+    "for, buckets with their validation error, kernels and their chosen configs (or the op "
+    "counts of each program), file sizes. Reads no weights and needs no GPU.",
+)
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def inspect_command(path: str, as_json: bool) -> None:
+    import json
+
+    from .inspect_report import inspect_artifact, render_text
+
+    try:
+        report = inspect_artifact(path)
+    except ArtifactError as e:
+        click.echo(f"kernl inspect: error: {e}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else render_text(report))
+
+
+@main.command(
+    "bench",
+    help="Measure an artifact against the model it was compiled from, on the same inputs: "
+    "latency (median, p90) and sequences/s per shape for kernl and each peer, each peer's "
+    "warm-up/compile time and kernl's cold start in a fresh process. Peers: eager (the "
+    "Hugging Face model in the artifact's dtype), compile (torch.compile "
+    'mode="reduce-overhead"), max-autotune (torch.compile mode="max-autotune"; minutes per '
+    "shape). Timed with CUDA events on a GPU, perf_counter on the CPU.\n\n"
+    "Example: kernl bench bert.kernl --against eager,compile --plot bench.png",
+)
+@click.argument("path", type=click.Path())
+@click.option(
+    "--against",
+    default="eager",
+    show_default=True,
+    help="Comma list of peers: eager, compile, max-autotune (or none).",
+)
+@click.option(
+    "--model",
+    default=None,
+    help="The original model folder (default: the manifest's model_source).",
+)
+@click.option(
+    "--buckets",
+    "shapes",
+    default=None,
+    help='Shapes to time: "1x16,8x128" or "batch=1,8 seq=16,128". Default: the artifact\'s buckets. A shape between buckets is served by the next bucket up.',
+)
+@click.option(
+    "--iters",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Timed calls per shape and implementation.",
+)
+@click.option(
+    "--warmup",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help="Untimed calls after the first 3 (which are timed as the warm-up).",
+)
+@click.option(
+    "--device", default=None, help="cuda, cuda:N or cpu (default: what the artifact was built for)."
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Draw latency per shape for every implementation into this image (needs matplotlib).",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Save the raw figures (every timing) as JSON here.",
+)
+@click.option(
+    "--cold-start/--no-cold-start",
+    default=True,
+    show_default=True,
+    help="Time import + load + first call of the artifact in a fresh process.",
+)
+def bench_command(path, against, model, shapes, iters, warmup, device, plot, json_path, cold_start) -> None:  # fmt: skip
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from .bench import Bench, BenchConfig, BenchError, parse_against, parse_shapes
+    from .buckets import BucketSyntaxError
+
+    if plot and importlib.util.find_spec("matplotlib") is None:
+        # Checked before minutes of measuring, not after.
+        raise click.UsageError("--plot needs matplotlib, which is not installed: "
+                               "pip install matplotlib")  # fmt: skip
+    try:
+        config = BenchConfig(
+            Path(path), against=parse_against(against), model=model,
+            shapes=parse_shapes(shapes) if shapes else None, iters=iters, warmup=warmup,
+            device=device, cold_start=cold_start,
+        )  # fmt: skip
+        bench = Bench(config)
+        bench.check_model()
+    except BucketSyntaxError as e:
+        raise click.BadParameter(str(e), param_hint="--buckets") from None
+    except (BenchError, ArtifactError, RuntimeError) as e:
+        click.echo(f"kernl bench: error: {e}", err=True)
+        sys.exit(1)
+    try:
+        _run_steps(bench)
+    except (BenchError, ArtifactError, RuntimeError, OSError) as e:
+        click.echo(f"kernl bench: error: {e}", err=True)
+        sys.exit(1)
+    result = bench.result
+    click.echo(result.table())
+    if json_path:
+        Path(json_path).write_text(json.dumps(result.to_json(), indent=1))
+        click.echo(f"raw figures: {json_path}")
+    if plot:
+        from .bench import plot as draw
+
+        draw(result, plot)
+        click.echo(f"plot: {plot}")
+
+
+def _run_steps(bench) -> None:
+    """A progress bar on a terminal; one line per step otherwise (logs, CI)."""
+    steps = bench.steps()
+    if sys.stderr.isatty():
+        with click.progressbar(
+            steps, label="kernl bench", file=sys.stderr, show_pos=True,
+            item_show_func=lambda s: s.label if s else "",
+        ) as bar:  # fmt: skip
+            for step in bar:
+                bench.run(step)
+        return
+    start = time.perf_counter()
+    for i, step in enumerate(steps, 1):
+        click.echo(f"[{time.perf_counter() - start:6.1f}s] [{i}/{len(steps)}] {step.label}",
+                   err=True)  # fmt: skip
+        t = bench.run(step)
+        if t is not None:
+            click.echo(f"[{time.perf_counter() - start:6.1f}s] [{i}/{len(steps)}] {step.label}: "
+                       f"median {t.median_ms:.3f} ms, p90 {t.p90_ms:.3f} ms, "
+                       f"warm-up {t.warmup_s:.2f} s", err=True)  # fmt: skip
+
+
+@main.command(
+    "serve",
+    help="Serve an artifact over HTTP (kernl.serving; needs the `serve` extra). Every "
+    "argument is passed on: `kernl serve --help` shows them.",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.pass_context
+def serve_command(ctx: click.Context) -> None:
+    try:
+        from kernl.serving.cli import serve_main
+    except ImportError as e:
+        click.echo(
+            f"kernl serve: error: kernl.serving is not available ({e}); install the serve "
+            "extra: pip install 'kernl[serve]'",
+            err=True,
+        )
+        sys.exit(1)
+    sys.exit(serve_main(list(ctx.args)))
+
+
+if __name__ == "__main__":
+    main()
