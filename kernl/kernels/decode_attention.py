@@ -1,0 +1,189 @@
+"""Decode attention (one query token per sequence against a KV cache), flash-decoding style.
+
+With one query row the work is reading K and V once: a grid over (batch, head) alone leaves
+most of the GPU idle, so the keys are split into chunks processed in parallel (split-K), each
+chunk writing an unnormalised partial output with its running max and sum; a second small
+kernel merges the chunks. Every program handles all q heads that share one kv head (GQA/MQA),
+so K/V are read once per group rather than once per q head. `kv_lens` gives the valid cache
+length of each batch row; rows with no valid key output zeros."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+KERNEL_NAME = "decode_attention"
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, MidO, MidM, MidL, KVLens,
+                         Lk, group_size, chunk, sm_scale,
+                         stride_qb, stride_qh, stride_qd,
+                         stride_kb, stride_kh, stride_kn, stride_kd,
+                         stride_vb, stride_vh, stride_vn, stride_vd,
+                         stride_ob, stride_oh, stride_os,
+                         stride_mb, stride_mh,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+                         BLOCK_N: tl.constexpr, HAS_KV_LENS: tl.constexpr):  # fmt: skip
+    split = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    h_kv = tl.program_id(2).to(tl.int64)
+    kv_len = Lk
+    if HAS_KV_LENS:
+        kv_len = tl.minimum(tl.load(KVLens + b).to(tl.int32), Lk)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, kv_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = h_kv * group_size + offs_g
+    g_mask = offs_g < group_size
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
+    K_block = K + b * stride_kb + h_kv * stride_kh + offs_d[:, None] * stride_kd
+    V_block = V + b * stride_vb + h_kv * stride_vh + offs_d[None, :] * stride_vd
+    qk_scale = sm_scale * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        n_mask = cols < hi
+        k = tl.load(
+            K_block + cols[None, :] * stride_kn, mask=d_mask[:, None] & n_mask[None, :], other=0.0
+        )
+        qk = tl.dot(q, k) * qk_scale
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            V_block + cols[:, None] * stride_vn, mask=n_mask[:, None] & d_mask[None, :], other=0.0
+        )
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    # empty chunks (past kv_len) still write m = -inf, l = 0 so the merge can ignore them
+    o_ptrs = MidO + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, acc, mask=g_mask[:, None] & d_mask[None, :])
+    ml_off = b * stride_mb + heads * stride_mh + split
+    tl.store(MidM + ml_off, m_i, mask=g_mask)
+    tl.store(MidL + ml_off, l_i, mask=g_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(MidO, MidM, MidL, Out,
+                         num_heads, num_splits,
+                         stride_ob, stride_oh, stride_os,
+                         stride_mb, stride_mh,
+                         stride_outb, stride_outh, stride_outd,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+    bh = tl.program_id(0)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_splits
+    d_mask = offs_d < HEAD_DIM
+    m = tl.load(MidM + b * stride_mb + h * stride_mh + offs_s, mask=s_mask, other=float("-inf"))
+    l = tl.load(MidL + b * stride_mb + h * stride_mh + offs_s, mask=s_mask, other=0.0)
+    o = tl.load(MidO + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
+                mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
+    m_max = tl.max(m, 0)
+    w = tl.math.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
+    denom = tl.sum(w * l, 0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(Out + b * stride_outb + h * stride_outh + offs_d * stride_outd,
+             out.to(Out.dtype.element_ty), mask=d_mask)  # fmt: skip
+
+
+def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                               sm_scale: float | None = None,
+                               kv_lens: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Plain PyTorch: q [B, H, 1, D], k/v [B, H_kv, Lk, D]."""
+    B, H, _, D = q.shape
+    H_kv, Lk = k.shape[1], k.shape[2]
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    k = k.repeat_interleave(H // H_kv, dim=1)
+    v = v.repeat_interleave(H // H_kv, dim=1)
+    s = (q @ k.transpose(-1, -2)) * sm_scale
+    if kv_lens is not None:
+        cols = torch.arange(Lk, device=q.device)
+        s = s.masked_fill(~(cols[None, :] < kv_lens[:, None])[:, None, None, :], float("-inf"))
+    return (torch.softmax(s, dim=-1).nan_to_num(0.0) @ v).to(q.dtype)
+
+
+@dataclass(frozen=True)
+class DecodeAttentionConfig:
+    BLOCK_N: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    num_splits: int = 0  # 0: enough chunks for ~4 programs per SM of an H100
+
+
+def decode_attention_configs() -> list[DecodeAttentionConfig]:
+    return [DecodeAttentionConfig(bn, w, s, sp)
+            for bn, w, s in [(64, 4, 3), (128, 4, 3), (32, 4, 4), (128, 8, 3), (64, 4, 4)]
+            for sp in (0, 16, 64)]  # fmt: skip
+
+
+def _auto_splits(batch_kv_heads: int, Lk: int, block_n: int) -> int:
+    target_programs = 4 * 132
+    most = max(1, triton.cdiv(Lk, 4 * block_n))  # at least 4 blocks of keys per chunk
+    return max(1, min(most, triton.cdiv(target_programs, batch_kv_heads)))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                     sm_scale: float | None = None, kv_lens: torch.Tensor | None = None,
+                     out: torch.Tensor | None = None,
+                     config: DecodeAttentionConfig | None = None) -> torch.Tensor:  # fmt: skip
+    """q [B, H, 1, D], k/v [B, H_kv, Lk, D] (any strides), kv_lens [B] -> [B, H, 1, D]."""
+    B, H, Lq, D = q.shape
+    H_kv, Lk = k.shape[1], k.shape[2]
+    assert Lq == 1 and k.shape == (B, H_kv, Lk, D) and v.shape == k.shape and H % H_kv == 0
+    config = config or DecodeAttentionConfig()
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    group = H // H_kv
+    splits = config.num_splits or _auto_splits(B * H_kv, Lk, config.BLOCK_N)
+    chunk = triton.cdiv(triton.cdiv(Lk, splits), config.BLOCK_N) * config.BLOCK_N
+    splits = triton.cdiv(Lk, chunk)
+    mid_o = torch.empty((B, H, splits, D), dtype=torch.float32, device=q.device)
+    mid_m = torch.empty((B, H, splits), dtype=torch.float32, device=q.device)
+    mid_l = torch.empty_like(mid_m)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    has_lens = kv_lens is not None
+    lens = kv_lens.to(device=q.device, dtype=torch.int32) if has_lens else q
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    _decode_split_kernel[(splits, B, H_kv)](
+        q, k, v, mid_o, mid_m, mid_l, lens,
+        Lk, group, chunk, sm_scale,
+        q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_m.stride(0), mid_m.stride(1),
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=config.BLOCK_N, HAS_KV_LENS=has_lens,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    _decode_merge_kernel[(B * H,)](
+        mid_o, mid_m, mid_l, out, H, splits,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_m.stride(0), mid_m.stride(1),
+        out.stride(0), out.stride(1), out.stride(3),
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+JIT_FUNCTIONS = (_decode_split_kernel, _decode_merge_kernel)
+DEFAULT_CONFIG = DecodeAttentionConfig()
+CONFIG_TYPE = DecodeAttentionConfig
+configs = decode_attention_configs
+launch = decode_attention
+reference = decode_attention_reference
