@@ -342,9 +342,11 @@ class Bench:
         )  # fmt: skip
 
     def steps(self) -> list[Step]:
+        # Shape by shape, every implementation in turn: a run cut short still compares
+        # every implementation on the shapes it finished.
         steps = [Step("cold-start")] if self.config.cold_start else []
-        for impl in ["kernl", *self.config.against]:
-            steps += [Step(impl, s) for s in self.shapes]
+        for s in self.shapes:
+            steps += [Step(impl, s) for impl in ["kernl", *self.config.against]]
         return steps
 
     def check_model(self) -> None:

@@ -194,6 +194,7 @@ def inspect_command(path: str, as_json: bool) -> None:
 def bench_command(path, against, model, shapes, iters, warmup, device, plot, json_path, cold_start) -> None:  # fmt: skip
     import importlib.util
     import json
+    import os
     from pathlib import Path
 
     from .bench import Bench, BenchConfig, BenchError, parse_against, parse_shapes
@@ -216,15 +217,22 @@ def bench_command(path, against, model, shapes, iters, warmup, device, plot, jso
     except (BenchError, ArtifactError, RuntimeError) as e:
         click.echo(f"kernl bench: error: {e}", err=True)
         sys.exit(1)
+
+    def save_json() -> None:
+        # Rewritten after every step: a run cut short keeps what it measured.
+        if json_path:
+            tmp = Path(f"{json_path}.tmp")
+            tmp.write_text(json.dumps(bench.result.to_json(), indent=1))
+            os.replace(tmp, json_path)
+
     try:
-        _run_steps(bench)
+        _run_steps(bench, save_json)
     except (BenchError, ArtifactError, RuntimeError, OSError) as e:
         click.echo(f"kernl bench: error: {e}", err=True)
         sys.exit(1)
     result = bench.result
     click.echo(result.table())
     if json_path:
-        Path(json_path).write_text(json.dumps(result.to_json(), indent=1))
         click.echo(f"raw figures: {json_path}")
     if plot:
         from .bench import plot as draw
@@ -233,7 +241,7 @@ def bench_command(path, against, model, shapes, iters, warmup, device, plot, jso
         click.echo(f"plot: {plot}")
 
 
-def _run_steps(bench) -> None:
+def _run_steps(bench, after_step) -> None:
     """A progress bar on a terminal; one line per step otherwise (logs, CI)."""
     steps = bench.steps()
     if sys.stderr.isatty():
@@ -243,12 +251,14 @@ def _run_steps(bench) -> None:
         ) as bar:  # fmt: skip
             for step in bar:
                 bench.run(step)
+                after_step()
         return
     start = time.perf_counter()
     for i, step in enumerate(steps, 1):
         click.echo(f"[{time.perf_counter() - start:6.1f}s] [{i}/{len(steps)}] {step.label}",
                    err=True)  # fmt: skip
         t = bench.run(step)
+        after_step()
         if t is not None:
             click.echo(f"[{time.perf_counter() - start:6.1f}s] [{i}/{len(steps)}] {step.label}: "
                        f"median {t.median_ms:.3f} ms, p90 {t.p90_ms:.3f} ms, "
