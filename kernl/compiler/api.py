@@ -86,8 +86,12 @@ class CompileReport:
                     )
                 continue
             total, aten = sum(r.time_us for r in timed), sum(r.aten_time_us for r in timed)
+            failed = sum(len(r.errors) for r in timed)
             lines.append(f"  {bucket.batch}x{bucket.seq}: {len(timed)} kernel instances, "
-                         f"{total:.0f} us tuned vs {aten:.0f} us aten")  # fmt: skip
+                         f"{total:.0f} us tuned vs {aten:.0f} us aten (GPU time under graph "
+                         f"replay); {failed} configs skipped (failed to compile or run)")  # fmt: skip
+            errors = sorted({e for r in timed for e in r.errors})[:3]
+            lines.extend(f"    skipped: {e}" for e in errors)
             for r in timed:
                 cfg = "" if r.config is None else " ".join(f"{k}={v}" for k, v in r.config.items())
                 lines.append(
@@ -121,6 +125,7 @@ def compile(
     rtol: float | None = None,
     progress: Progress | None = None,
     kernels: bool = True,
+    tune: bool = True,
 ) -> CompileReport:
     """Compile a Hugging Face model (a local folder, a model id in the local HF cache, or a
     PreTrainedModel) for `buckets` (e.g. "batch=1,8 seq=16:512") into the artifact folder
@@ -178,7 +183,7 @@ def compile(
                 say(f"{tag}: tune")
                 example = dict(zip(input_names, example_inputs(
                     input_names, bucket, model.config.vocab_size, dev)))  # fmt: skip
-                records = tune_program(program, all_weights, example, dev, progress=None)
+                records = tune_program(program, all_weights, example, dev, benchmark=tune)
                 report.tuning[bucket] = records
                 if dev.type == "cuda":
                     say(f"{tag}: build kernel binaries")

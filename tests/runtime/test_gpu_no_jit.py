@@ -45,7 +45,10 @@ def test_load_and_serve_without_jit_cache_or_c_compiler(tmp_path):
     )
     model = BertModel(cfg).eval()
     artifact = tmp_path / "b.kernl"
-    kernl.compiler.compile(model, "batch=2 seq=64", artifact, dtype="fp16", device="cuda")
+    # tune=False: every kernl op on its Triton kernel (default config), so binaries exist
+    kernl.compiler.compile(
+        model, "batch=2 seq=64", artifact, dtype="fp16", device="cuda", tune=False
+    )
     ids = torch.randint(1000, 30000, (2, 50))
     torch.save(ids, tmp_path / "ids.pt")
     cache = tmp_path / "triton-cache"
