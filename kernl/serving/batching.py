@@ -1,0 +1,135 @@
+"""Group queued sequences into the artifact's buckets and serve each group with one call.
+
+Ray Serve's `@serve.batch` hands the replica every request that arrived within the batch
+window; this module decides how those sequences share graph replays. The rows are sorted by
+length and cut into contiguous groups, each held by one bucket, choosing the cut that costs
+the fewest padded tokens plus a fixed price per replay (so eight short sequences share a
+small bucket rather than riding along with one long one in a huge bucket). A group is padded
+to its own longest sequence; the runtime then pads it to the bucket it selects.
+
+No Ray here: the planner and the group runner are plain functions, tested on their own."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kernl.artifacts.schema import Bucket
+
+
+@dataclass(frozen=True)
+class Row:
+    """One sequence of a request: its token ids and the other inputs the caller gave
+    (`attention_mask`, `token_type_ids`), each as long as `input_ids`."""
+
+    inputs: dict[str, tuple[int, ...]]
+
+    @property
+    def length(self) -> int:
+        return len(self.inputs["input_ids"])
+
+
+@dataclass(frozen=True)
+class Group:
+    """Rows (indices into the planned list) that share one call, and the bucket it replays."""
+
+    rows: tuple[int, ...]
+    bucket: Bucket
+
+
+def smallest_bucket(buckets: Sequence[Bucket], batch: int, seq: int) -> Bucket | None:
+    """The bucket the runtime picks for (batch, seq): the first that holds it in the runtime's
+    order (fewest tokens, then smallest batch); None when none does."""
+    for bucket in sorted(buckets, key=lambda b: (b.tokens, b.batch)):
+        if bucket.holds(batch, seq):
+            return bucket
+    return None
+
+
+def plan_groups(
+    lengths: Sequence[int], buckets: Sequence[Bucket], replay_cost_tokens: int | None = None
+) -> list[Group]:
+    """Cut rows of the given lengths into groups that each fit one bucket, minimising
+    sum(bucket tokens) + replay_cost_tokens * replays over cuts of the length-sorted rows.
+
+    replay_cost_tokens prices a replay's fixed cost (launch, copies, Python) in padded tokens;
+    by default the smallest bucket's size, i.e. a replay never costs less than the smallest
+    bucket. Every row must fit some bucket on its own (callers check this on arrival)."""
+    if not buckets:
+        raise ValueError("no buckets to plan with")
+    if replay_cost_tokens is None:
+        replay_cost_tokens = min(b.tokens for b in buckets)
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    max_batch = max(b.batch for b in buckets)
+    # best[j]: cheapest plan for the first j sorted rows; cut[j]: where its last group starts.
+    best = [0] + [None] * n
+    cut = [0] * (n + 1)
+    choice: list[Bucket | None] = [None] * (n + 1)
+    for j in range(1, n + 1):
+        longest = lengths[order[j - 1]]  # sorted: the last row of a group is its longest
+        for i in range(j - 1, max(-1, j - 1 - max_batch), -1):
+            bucket = smallest_bucket(buckets, j - i, longest)
+            if bucket is None or best[i] is None:
+                continue
+            cost = best[i] + bucket.tokens + replay_cost_tokens
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j], choice[j] = cost, i, bucket
+        if best[j] is None:
+            raise ValueError(
+                f"a sequence of length {longest} fits no bucket "
+                f"({', '.join(f'{b.batch}x{b.seq}' for b in sorted(buckets))})"
+            )
+    groups: list[Group] = []
+    j = n
+    while j > 0:
+        i = cut[j]
+        groups.append(Group(tuple(order[i:j]), choice[j]))
+        j = i
+    return groups[::-1]
+
+
+def group_inputs(rows: Sequence[Row], input_specs) -> dict[str, torch.Tensor]:
+    """The (rows, longest) tensors of one group: each row's values, defaults for inputs it
+    left out, pad values (attention mask 0) after its end."""
+    longest = max(r.length for r in rows)
+    tensors: dict[str, torch.Tensor] = {}
+    for spec in input_specs:
+        t = torch.full((len(rows), longest), spec.pad_value, dtype=getattr(torch, spec.dtype))
+        for k, row in enumerate(rows):
+            values = row.inputs.get(spec.name)
+            if values is not None:
+                t[k, : row.length] = torch.tensor(values, dtype=t.dtype)
+            elif spec.default == "ones":
+                t[k, : row.length] = 1
+            elif spec.default == "zeros":
+                t[k, : row.length] = 0
+            else:
+                raise ValueError(f"row {k} lacks the required input {spec.name!r}")
+        tensors[spec.name] = t
+    return tensors
+
+
+def split_outputs(outputs, rows: Sequence[Row], output_specs) -> list[dict[str, torch.Tensor]]:
+    """Per row, each output with the batch axis removed and the sequence axis cut back to the
+    row's own length."""
+    per_row: list[dict[str, torch.Tensor]] = [{} for _ in rows]
+    for spec in output_specs:
+        t = outputs[spec.name]
+        for k, row in enumerate(rows):
+            value = t.select(spec.batch_axis, k)
+            if spec.seq_axis is not None:
+                axis = spec.seq_axis - (spec.seq_axis > spec.batch_axis)
+                value = value.narrow(axis, 0, row.length)
+            per_row[k][spec.name] = value
+    return per_row
+
+
+def run_group(model, rows: Sequence[Row]) -> list[dict[str, torch.Tensor]]:
+    """Serve one group with one model call (one replay); per row, its outputs on the CPU."""
+    inputs = group_inputs(rows, model.manifest.inputs)
+    outputs = model(**inputs)
+    outputs = {name: t.cpu() for name, t in outputs.items()}
+    return split_outputs(outputs, rows, model.manifest.outputs)

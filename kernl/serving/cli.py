@@ -1,0 +1,89 @@
+"""`kernl serve PATH` / `python -m kernl.serving PATH`: start Ray, deploy the artifact on
+Ray Serve, serve HTTP until interrupted.
+
+argparse rather than click: the runtime image carries no click. `kernl serve` (in the
+compiler's click CLI) forwards its arguments to `serve_main`."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from .config import ServeConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kernl serve",
+        description="Serve a compiled kernl artifact over HTTP on Ray Serve: POST token ids "
+        "(or text, when the artifact folder has tokenizer.json) as JSON to /, get the model's "
+        "outputs as JSON. GET /health and /metrics describe the server.",
+    )
+    p.add_argument("artifact", metavar="PATH", help="artifact folder made by kernl-compile")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="model copies; on CUDA one per GPU (default 1)")  # fmt: skip
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="most sequences one batch gathers (default: the largest bucket batch)")  # fmt: skip
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long a batch waits for more requests to join (default 5)")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0 in a container; default 127.0.0.1)")  # fmt: skip
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                   help="where replicas run the model (default: cuda when there is a GPU)")  # fmt: skip
+    p.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="GPU share of a replica (default 1 on CUDA, 0 on CPU)")  # fmt: skip
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join ('auto', 'ray://...'); default: Ray's own choice, "
+                   "which starts a local cluster when none runs; 'local' always starts one")  # fmt: skip
+    return p
+
+
+def serve_main(argv: list[str]) -> int:
+    """Run the server until SIGINT/SIGTERM; return the process exit code (2: bad arguments
+    or artifact)."""
+    args = build_parser().parse_args(argv)
+    try:
+        config = ServeConfig(
+            artifact=args.artifact, replicas=args.replicas, max_batch_size=args.max_batch_size,
+            batch_wait_ms=args.batch_wait_ms, host=args.host, port=args.port,
+            device=args.device, gpus_per_replica=args.gpus_per_replica,
+        )  # fmt: skip
+        buckets = _check_artifact(config.artifact)
+    except Exception as e:  # refuse before starting Ray: seconds, not a stack of Ray logs
+        print(f"kernl serve: {e}", file=sys.stderr)
+        return 2
+
+    import ray
+    from ray import serve
+
+    from .deployment import application
+
+    ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.run(application(config), name=config.app_name, route_prefix="/")
+        names = ", ".join(f"{b.batch}x{b.seq}" for b in buckets)
+        print(
+            f"kernl serve: {config.artifact} on http://{config.host}:{config.port}/ "
+            f"({config.replicas} replica(s), buckets {names}); Ctrl-C stops",
+            flush=True,
+        )
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def _check_artifact(path: str):
+    from kernl.artifacts import read_manifest, verify_files
+
+    manifest = read_manifest(path)
+    verify_files(path, manifest)
+    return sorted(manifest.bucket_list())

@@ -1,0 +1,39 @@
+"""What `kernl serve` is asked to do, as one dataclass shared by the CLI and the deployment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServeConfig:
+    """artifact: the artifact folder (the same path on every Ray node).
+    replicas: model copies; on CUDA each takes `gpus_per_replica` of a GPU (one by default).
+    max_batch_size: most sequences one batch gathers (default: the largest bucket batch);
+      a batch larger than every bucket is served by several replays.
+    batch_wait_ms: how long the first request of a batch waits for others to join.
+    device: "cuda" or "cpu" (default: cuda when the replica sees a GPU).
+    replay_cost_tokens: the planner's price of one replay in padded tokens (see batching.py).
+    """
+
+    artifact: str
+    replicas: int = 1
+    max_batch_size: int | None = None
+    batch_wait_ms: float = 5.0
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str | None = None
+    gpus_per_replica: float | None = None
+    cpus_per_replica: float = 0.0
+    replay_cost_tokens: int | None = None
+    app_name: str = "kernl"
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be at least 1, got {self.replicas}")
+        if self.max_batch_size is not None and self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
+        if self.batch_wait_ms < 0:
+            raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
+        if self.device not in (None, "cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")

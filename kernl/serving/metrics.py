@@ -1,0 +1,59 @@
+"""Counters of the server: replays, how many requests and rows each one carried, padding.
+
+Every replica reports each replay to one shared `ReplayStats` (a Ray actor, see
+deployment.py), so GET /metrics shows the whole application whichever replica answers."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ReplayStats:
+    replays: int = 0
+    batched_replays: int = 0  # replays that served rows of more than one request
+    requests: int = 0
+    rows: int = 0
+    tokens: int = 0  # real tokens served
+    bucket_tokens: int = 0  # tokens of the buckets replayed (real + padding)
+    max_requests_per_replay: int = 0
+    bad_requests: int = 0
+    by_bucket: Counter = field(default_factory=Counter)
+    by_replica: Counter = field(default_factory=Counter)
+    request_sizes: Counter = field(default_factory=Counter)  # requests per replay -> replays
+
+    def record_replay(
+        self, requests: int, rows: int, tokens: int, bucket: str, bucket_tokens: int,
+        replica: str,
+    ) -> None:  # fmt: skip
+        self.replays += 1
+        self.batched_replays += requests > 1
+        self.rows += rows
+        self.tokens += tokens
+        self.bucket_tokens += bucket_tokens
+        self.max_requests_per_replay = max(self.max_requests_per_replay, requests)
+        self.by_bucket[bucket] += 1
+        self.by_replica[replica] += 1
+        self.request_sizes[requests] += 1
+
+    def record_requests(self, served: int = 0, bad: int = 0) -> None:
+        self.requests += served
+        self.bad_requests += bad
+
+    def snapshot(self) -> dict:
+        return {
+            "replays": self.replays,
+            "batched_replays": self.batched_replays,
+            "requests": self.requests,
+            "bad_requests": self.bad_requests,
+            "rows": self.rows,
+            "rows_per_replay": self.rows / self.replays if self.replays else 0.0,
+            "max_requests_per_replay": self.max_requests_per_replay,
+            "padding_fraction": 1 - self.tokens / self.bucket_tokens if self.bucket_tokens else 0.0,
+            "replays_by_bucket": dict(sorted(self.by_bucket.items())),
+            "replays_by_replica": dict(sorted(self.by_replica.items())),
+            "replays_by_requests_served": {
+                str(k): v for k, v in sorted(self.request_sizes.items())
+            },
+        }

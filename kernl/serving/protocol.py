@@ -1,0 +1,221 @@
+"""The HTTP JSON protocol of `kernl serve`: parse and check a request body, shape a response.
+
+Request (POST /, or /predict):
+    {"input_ids": [101, 7592, 102]}                      one sequence
+    {"input_ids": [[101, 7592, 102], [101, 102]],        several, of any lengths
+     "attention_mask": [[1, 1, 1], [1, 1]],              optional, same lengths
+     "token_type_ids": ...,                              optional, same lengths
+     "outputs": ["pooler_output"]}                       optional: which outputs to return
+    {"text": "hello world"} or {"text": [...]}           when the artifact has tokenizer.json
+Response:
+    {"outputs": {"last_hidden_state": [...], ...}, "bucket": "4x16", "replica": "...",
+     "replay": {"requests": 3, "rows": 5}}
+  An output holds one value per sequence (sliced to the sequence's length), or the value
+  alone when the request sent one sequence as a flat list.
+
+Every check happens on arrival, before a request joins a batch, so a bad request fails
+alone with a 4xx and a message, and never takes a batch down with it."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from kernl.artifacts.schema import Bucket, InputSpec
+
+from .batching import Row, smallest_bucket
+
+
+class RequestError(Exception):
+    """A request the server refuses: `status` is the HTTP status (4xx), str() the message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a request is checked against: the artifact's inputs, outputs and buckets."""
+
+    inputs: list[InputSpec]
+    output_names: list[str]
+    buckets: list[Bucket]
+    vocab_size: int | None
+    max_rows: int  # sequences per request: the batcher's --max-batch-size
+
+    @property
+    def max_seq(self) -> int:
+        return max(b.seq for b in self.buckets)
+
+    def bucket_names(self) -> str:
+        return ", ".join(f"{b.batch}x{b.seq}" for b in sorted(self.buckets))
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    rows: list[Row]
+    single: bool  # one flat sequence was sent: answer with values, not lists of them
+    outputs: list[str]  # the outputs to return
+
+
+Tokenize = Callable[[list[str]], list[dict[str, list[int]]]]
+MAX_BODY_BYTES = 8 << 20
+
+
+def parse_request(
+    body: bytes, limits: ModelLimits, tokenize: Tokenize | None = None
+) -> ParsedRequest:
+    """Parse a request body; raise RequestError (400 malformed, 413 too large for every
+    bucket, 422 wrong fields or values) with a message that says what to change."""
+    if len(body) > MAX_BODY_BYTES:
+        raise RequestError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise RequestError(422, 'request body must be a JSON object, e.g. {"input_ids": [...]}')
+    input_names = [s.name for s in limits.inputs]
+    allowed = set(input_names) | {"text", "outputs"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise RequestError(
+            422, f"unknown field(s) {unknown}; this model takes {input_names}, "
+            f"'text' (with a tokenizer) and 'outputs'"
+        )  # fmt: skip
+    outputs = _parse_outputs(data.get("outputs"), limits.output_names)
+    if "text" in data:
+        rows, single = _rows_from_text(data, input_names, tokenize)
+    elif "input_ids" in data:
+        rows, single = _rows_from_ids(data, input_names)
+    else:
+        raise RequestError(422, "missing field 'input_ids' (or 'text')")
+    _check_rows(rows, limits)
+    return ParsedRequest(rows, single, outputs)
+
+
+def _parse_outputs(value, names: list[str]) -> list[str]:
+    if value is None:
+        return list(names)
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise RequestError(422, f"'outputs' must be a non-empty list of names among {names}")
+    unknown = [v for v in value if v not in names]
+    if unknown:
+        raise RequestError(422, f"unknown output(s) {unknown}; this model returns {names}")
+    return list(dict.fromkeys(value))
+
+
+def _rows_from_ids(data: dict, input_names: list[str]) -> tuple[list[Row], bool]:
+    ids = data["input_ids"]
+    single = isinstance(ids, list) and bool(ids) and not isinstance(ids[0], list)
+    columns: dict[str, list[list[int]]] = {}
+    for name in input_names:
+        if name not in data:
+            continue
+        value = data[name]
+        if single:
+            value = [value]
+        columns[name] = _int_matrix(name, value)
+    n = len(columns["input_ids"])
+    rows = []
+    for k in range(n):
+        inputs = {}
+        for name, column in columns.items():
+            if len(column) != n:
+                raise RequestError(
+                    422, f"'{name}' has {len(column)} sequences, 'input_ids' has {n}"
+                )
+            if len(column[k]) != len(columns["input_ids"][k]):
+                raise RequestError(
+                    422, f"sequence {k}: '{name}' has {len(column[k])} values, "
+                    f"'input_ids' has {len(columns['input_ids'][k])}"
+                )  # fmt: skip
+            inputs[name] = tuple(column[k])
+        rows.append(Row(inputs))
+    return rows, single
+
+
+def _int_matrix(name: str, value) -> list[list[int]]:
+    shape_error = RequestError(
+        422, f"'{name}' must be a list of integers or a list of such lists (one per sequence)"
+    )
+    if not isinstance(value, list) or not value:
+        raise shape_error
+    for row in value:
+        if not isinstance(row, list):
+            raise shape_error
+        if not row:
+            raise RequestError(422, f"'{name}' holds an empty sequence")
+        # bool is an int in Python; JSON true/false in token ids is a caller's mistake.
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in row):
+            raise RequestError(422, f"'{name}' must hold integers only")
+    return value
+
+
+def _rows_from_text(data: dict, input_names: list[str], tokenize) -> tuple[list[Row], bool]:
+    if tokenize is None:
+        raise RequestError(
+            422, "this artifact carries no tokenizer (tokenizer.json next to manifest.msgpack, "
+            "and the `tokenizers` package): send 'input_ids' instead of 'text'"
+        )  # fmt: skip
+    if "input_ids" in data:
+        raise RequestError(422, "send either 'text' or 'input_ids', not both")
+    text = data["text"]
+    single = isinstance(text, str)
+    texts = [text] if single else text
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise RequestError(422, "'text' must be a string or a non-empty list of strings")
+    rows = []
+    for encoded in tokenize(texts):
+        rows.append(Row({k: tuple(v) for k, v in encoded.items() if k in input_names}))
+    return rows, single
+
+
+def _check_rows(rows: Sequence[Row], limits: ModelLimits) -> None:
+    if len(rows) > limits.max_rows:
+        raise RequestError(
+            413, f"{len(rows)} sequences in one request; at most {limits.max_rows} "
+            f"(the server's --max-batch-size)"
+        )  # fmt: skip
+    for k, row in enumerate(rows):
+        if smallest_bucket(limits.buckets, 1, row.length) is None:
+            raise RequestError(
+                413, f"sequence {k} has {row.length} tokens, longer than every bucket of this "
+                f"artifact (batch x seq: {limits.bucket_names()})"
+            )  # fmt: skip
+        ids = row.inputs["input_ids"]
+        if limits.vocab_size is not None and (min(ids) < 0 or max(ids) >= limits.vocab_size):
+            raise RequestError(
+                422, f"sequence {k}: input_ids must lie in [0, {limits.vocab_size}), "
+                f"got values in [{min(ids)}, {max(ids)}]"
+            )  # fmt: skip
+        for name, values in row.inputs.items():
+            if name != "input_ids" and min(values) < 0:
+                raise RequestError(422, f"sequence {k}: '{name}' holds a negative value")
+
+
+def response_body(per_row: Sequence[dict], request: ParsedRequest, extra: dict) -> dict:
+    """The JSON object answering one request, from its rows' outputs (CPU tensors)."""
+    outputs = {}
+    for name in request.outputs:
+        values = [_as_json(r[name]) for r in per_row]
+        outputs[name] = values[0] if request.single else values
+    return {"outputs": outputs, **extra}
+
+
+def _as_json(t):
+    if not t.is_floating_point() or bool(t.isfinite().all()):
+        return t.tolist()
+    # JSON has no NaN or infinity: spell them as strings rather than emit invalid JSON.
+    return _plain(t.tolist())
+
+
+def _plain(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
