@@ -24,3 +24,8 @@ class ArtifactUnsafeError(ArtifactError):
 
 class ArtifactCompatibilityError(ArtifactError):
     """The artifact was built for another GPU architecture or toolchain than this one."""
+
+
+class ArtifactDestinationError(ArtifactError):
+    """An artifact cannot be written where it was asked for (not writable, no space, or the
+    path holds something that is not an artifact)."""

@@ -22,6 +22,8 @@ SUPPORTED_FORMAT_VERSIONS = (1,)
 
 MANIFEST_FILE = "manifest.msgpack"
 WEIGHTS_FILE = "weights.safetensors"
+# Key in `Manifest.extra` holding the sha256 of the rest of the manifest (see writer.py).
+MANIFEST_CHECKSUM_KEY = "manifest_sha256"
 PROGRAMS_DIR = "programs"
 KERNELS_DIR = "kernels"
 
@@ -120,9 +122,7 @@ class Manifest:
         d = dict(d)
         d["inputs"] = [InputSpec(**x) for x in d["inputs"]]
         d["outputs"] = [OutputSpec(**x) for x in d["outputs"]]
-        d["buckets"] = [
-            BucketEntry(**{**x, "bucket": Bucket(**x["bucket"])}) for x in d["buckets"]
-        ]
+        d["buckets"] = [BucketEntry(**{**x, "bucket": Bucket(**x["bucket"])}) for x in d["buckets"]]
         d["kernels"] = [KernelBinary(**x) for x in d.get("kernels", [])]
         return Manifest(**d)
 

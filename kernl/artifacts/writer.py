@@ -1,20 +1,37 @@
 """Write an artifact atomically: everything goes into a temporary folder beside the
-destination, which is renamed into place only once complete. A crash leaves either no
-artifact or the previous complete one."""
+destination, which replaces it only once complete, in one atomic exchange where the
+filesystem has one (renameat2 RENAME_EXCHANGE on Linux). A compile killed at any point leaves
+either no artifact or the previous complete one; the temporary folders of killed compiles
+are removed by the next compile to the same destination."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import msgpack
 
-from .errors import ArtifactError
+from .errors import ArtifactDestinationError
 from .program import Program
-from .schema import KERNELS_DIR, MANIFEST_FILE, PROGRAMS_DIR, WEIGHTS_FILE, Manifest
+from .schema import (
+    KERNELS_DIR,
+    MANIFEST_CHECKSUM_KEY,
+    MANIFEST_FILE,
+    PROGRAMS_DIR,
+    WEIGHTS_FILE,
+    Manifest,
+)
+
+# Free space asked for before anything is known about the model (a destination with less
+# cannot hold even a tiny artifact).
+MIN_FREE_BYTES = 16 << 20
 
 
 def sha256_file(path: Path) -> str:
@@ -25,6 +42,22 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's msgpack encoding without the checksum itself. msgpack
+    round-trips what the writer packs (maps keep their order), so a reader recomputes it."""
+    extra = {k: v for k, v in (manifest.get("extra") or {}).items() if k != MANIFEST_CHECKSUM_KEY}
+    rest = {**manifest, "extra": extra}
+    return hashlib.sha256(msgpack.packb(rest, use_bin_type=True)).hexdigest()
+
+
+def pack_manifest(manifest: dict[str, Any]) -> bytes:
+    """The manifest's bytes, with its own checksum in extra (readers check it)."""
+    extra = {k: v for k, v in (manifest.get("extra") or {}).items() if k != MANIFEST_CHECKSUM_KEY}
+    d = {**manifest, "extra": extra}
+    extra[MANIFEST_CHECKSUM_KEY] = manifest_digest(d)
+    return msgpack.packb(d, use_bin_type=True)
+
+
 def _fsync_write(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -32,31 +65,102 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    # Read without os.umask(), which would change it for every thread for a moment.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 def check_destination(destination: str | os.PathLike, needed_bytes: int = 0) -> Path:
     """Fail early (before any tracing or tuning) if `destination` cannot receive an artifact:
-    an existing non-artifact path, an unwritable parent, or too little free space."""
+    an existing non-artifact path, a parent that cannot be created or written (tested by
+    writing a file there), or too little free space (`needed_bytes`, at least MIN_FREE_BYTES).
+    Raises ArtifactDestinationError."""
     dest = Path(destination).expanduser().absolute()
-    if dest.exists():
-        if not dest.is_dir():
-            raise ArtifactError(f"{dest} exists and is not a folder; refusing to replace it")
-        if any(dest.iterdir()) and not (dest / MANIFEST_FILE).is_file():
-            raise ArtifactError(
-                f"{dest} exists, is not empty and is not a kernl artifact; refusing to replace it"
-            )
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        raise ArtifactDestinationError(f"{dest} exists and is not a folder; refusing to replace it")
+    if dest.exists() and any(dest.iterdir()) and not (dest / MANIFEST_FILE).is_file():
+        raise ArtifactDestinationError(
+            f"{dest} exists, is not empty and is not a kernl artifact; refusing to replace it"
+        )
     parent = dest.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ArtifactError(f"cannot create the folder {parent}: {e.strerror}") from e
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ArtifactError(f"cannot write into {parent}: permission denied")
+        raise ArtifactDestinationError(f"cannot create the folder {parent}: {e.strerror}") from e
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{dest.name}.write-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ArtifactDestinationError(f"cannot write into {parent}: {e.strerror}") from e
     free = shutil.disk_usage(parent).free
-    if needed_bytes and free < needed_bytes:
-        raise ArtifactError(
+    needed = max(needed_bytes, MIN_FREE_BYTES)
+    if free < needed:
+        raise ArtifactDestinationError(
             f"not enough free space in {parent}: the artifact needs about "
-            f"{needed_bytes / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free"
+            f"{needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free"
         )
     return dest
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _owner_is_gone(host: str, pid: str) -> bool:
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's (a shared disk): not ours to judge
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def clean_stale(destination: Path) -> None:
+    """Remove temporary folders left by killed compiles to `destination`, and put back a
+    previous artifact a compile killed between its two renames had moved aside."""
+    prefix = f".{destination.name}."
+    for p in list(destination.parent.iterdir()):
+        if not p.name.startswith(prefix):
+            continue
+        kind, _, tag = p.name[len(prefix) :].partition("-")
+        host, _, rest = tag.rpartition("@")
+        pid = rest.split("-")[0]
+        if kind not in ("partial", "previous") or not _owner_is_gone(host, pid):
+            continue
+        if kind == "previous" and not destination.exists() and (p / MANIFEST_FILE).is_file():
+            os.rename(p, destination)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 class ArtifactWriter:
@@ -65,8 +169,13 @@ class ArtifactWriter:
 
     def __init__(self, destination: str | os.PathLike):
         self.destination = check_destination(destination)
+        clean_stale(self.destination)
+        self._tag = f"{socket.gethostname()}@{os.getpid()}"
         self.tmp = Path(
-            tempfile.mkdtemp(prefix=f".{self.destination.name}.partial-", dir=self.destination.parent)
+            tempfile.mkdtemp(
+                prefix=f".{self.destination.name}.partial-{self._tag}-",
+                dir=self.destination.parent,
+            )
         )
         (self.tmp / PROGRAMS_DIR).mkdir()
 
@@ -91,6 +200,7 @@ class ArtifactWriter:
             seen.add(ptr)
             clean[name] = t.cpu()
         save_file(clean, str(self.tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        _fsync_path(self.tmp / WEIGHTS_FILE)
         return WEIGHTS_FILE
 
     def write_program(self, program: Program) -> str:
@@ -110,18 +220,29 @@ class ArtifactWriter:
             for p in sorted(self.tmp.rglob("*"))
             if p.is_file()
         }
-        _fsync_write(
-            self.tmp / MANIFEST_FILE, msgpack.packb(manifest.to_dict(), use_bin_type=True)
-        )
+        _fsync_write(self.tmp / MANIFEST_FILE, pack_manifest(manifest.to_dict()))
+        self._set_permissions()
+        _fsync_path(self.tmp)
         dest = self.destination
-        backup = None
-        if dest.exists():
-            backup = dest.with_name(f".{dest.name}.previous-{os.getpid()}")
+        if dest.exists() and _exchange(self.tmp, dest):
+            # self.tmp now holds the previous artifact.
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        elif dest.exists():
+            backup = dest.with_name(f".{dest.name}.previous-{self._tag}")
             os.rename(dest, backup)
-        os.rename(self.tmp, dest)
-        if backup is not None:
+            os.rename(self.tmp, dest)  # a kill between the renames: clean_stale restores
             shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.rename(self.tmp, dest)
+        _fsync_path(dest.parent)
         return dest
+
+    def _set_permissions(self) -> None:
+        # mkdtemp makes a 0700 folder: an artifact copied into an image and served by
+        # another user must be readable, as any file the user's umask allows.
+        umask = _umask()
+        for p in [self.tmp, *self.tmp.rglob("*")]:
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from kernl.artifacts.compat import check_compatibility
+from kernl.artifacts.errors import ArtifactCorruptError
 from kernl.artifacts.program import Program
 from kernl.artifacts.schema import Bucket, Manifest
 
@@ -84,6 +86,7 @@ class CompiledModel:
     ):
         if capture not in ("load", "lazy", "never"):
             raise ValueError(f"capture must be 'load', 'lazy' or 'never', not {capture!r}")
+        _check_artifact(manifest, programs, device)
         self.manifest = manifest
         self.device = device
         self.weights = weights
@@ -91,7 +94,13 @@ class CompiledModel:
         self._lock = threading.Lock()
         self._pool = torch.cuda.graph_pool_handle() if self.capture_mode != "never" else None
         self._inputs = {spec.name: spec for spec in manifest.inputs}
-        self._vocab_size = _vocab_size(manifest.model_config)
+        # Index ranges of the embedding tables: an id outside them is an error on the CPU and
+        # a device-side assert on CUDA, which poisons the whole CUDA context.
+        self._ranges = {
+            "input_ids": _config_int(manifest.model_config, "vocab_size"),
+            "token_type_ids": _config_int(manifest.model_config, "type_vocab_size"),
+            "attention_mask": 2,
+        }
         self._runners = {
             p.bucket: _BucketRunner(p.bucket, Executor(p, weights, device), manifest, device)
             for p in programs
@@ -171,6 +180,11 @@ class CompiledModel:
                     value = torch.as_tensor(value)
                 except Exception as e:
                     raise TypeError(f"input {name!r} must be a tensor, not {type(value)}") from e
+            if value.device.type not in ("cpu", self.device.type):
+                raise ValueError(
+                    f"input {name!r} is on {value.device}; this model runs on {self.device} and "
+                    f"takes tensors on the CPU or on {self.device.type}"
+                )
             if value.dim() != 2:
                 raise ValueError(
                     f"input {name!r} must have 2 dimensions (batch, sequence), "
@@ -187,13 +201,13 @@ class CompiledModel:
                 )
         if shape[0] == 0 or shape[1] == 0:
             raise ValueError(f"empty input: input_ids has shape {tuple(shape)}")
-        if self._vocab_size is not None:
-            ids = tensors["input_ids"]
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= self._vocab_size:
-                raise ValueError(
-                    f"input_ids must lie in [0, {self._vocab_size}); got values in [{lo}, {hi}]"
-                )
+        for name, t in tensors.items():
+            size = self._ranges.get(name)
+            if size is None:
+                continue
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= size:
+                raise ValueError(f"{name} must lie in [0, {size}); got values in [{lo}, {hi}]")
         return tensors
 
     def __repr__(self) -> str:
@@ -204,6 +218,38 @@ class CompiledModel:
         )
 
 
-def _vocab_size(config: dict) -> int | None:
-    v = config.get("vocab_size")
-    return int(v) if isinstance(v, int) else None
+def _config_int(config: dict, key: str) -> int | None:
+    v = config.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
+def _check_artifact(manifest: Manifest, programs: list[Program], device: torch.device) -> None:
+    """What a CompiledModel relies on beyond what the reader checks: the toolchain and GPU
+    (kernl.artifacts.check_compatibility), one program per listed bucket, and input_ids."""
+    import importlib.metadata
+
+    capability = None
+    if device.type == "cuda":
+        capability = "{}.{}".format(*torch.cuda.get_device_capability(device))
+    try:
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = "0.0"
+    check_compatibility(manifest, device.type, capability, torch.__version__, triton_version)
+    if "input_ids" not in {spec.name for spec in manifest.inputs}:
+        raise ArtifactCorruptError("the manifest declares no input_ids input")
+    listed = sorted(manifest.bucket_list())
+    got = sorted(p.bucket for p in programs)
+    if listed != got:
+        raise ArtifactCorruptError(
+            f"the manifest lists buckets {[b.name for b in listed]}, the programs serve "
+            f"{[b.name for b in got]}"
+        )
+    names = {spec.name for spec in manifest.inputs}
+    for p in programs:
+        if not set(p.inputs) <= names or len(p.outputs) != len(manifest.outputs):
+            raise ArtifactCorruptError(
+                f"program {p.bucket.name} takes inputs {sorted(p.inputs)} and returns "
+                f"{len(p.outputs)} values; the manifest declares inputs {sorted(names)} and "
+                f"{len(manifest.outputs)} outputs"
+            )

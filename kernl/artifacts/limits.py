@@ -1,0 +1,31 @@
+"""Upper bounds a reader enforces before it allocates anything an artifact asks for.
+
+An artifact is untrusted input: sizes in it (file lengths, bucket shapes, the sizes a program
+passes to `aten.empty` or `aten.full`) are checked against these limits at read time, so a
+hostile or corrupt artifact is refused with an `ArtifactUnsafeError` instead of exhausting
+memory. The defaults are far above what a real transformer bucket needs and far below a
+terabyte."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    max_manifest_bytes: int = 16 << 20
+    max_program_bytes: int = 64 << 20
+    max_safetensors_header_bytes: int = 64 << 20
+    max_batch: int = 1 << 16
+    max_seq: int = 1 << 20
+    # Static input buffers hold batch * seq tokens per input; 16M tokens is 128 MiB of int64.
+    max_bucket_tokens: int = 1 << 24
+    # One tensor a program creates from static sizes (empty/full/zeros/expand/arange...):
+    # 16G elements (32 GiB in fp16) holds the largest legitimate logits tensor (batch 64 x
+    # seq 512 x a 250k vocabulary is 8G elements) and refuses terabyte requests.
+    max_tensor_elements: int = 1 << 34
+    max_instructions: int = 1 << 20
+    max_values: int = 1 << 24
+
+
+DEFAULT_LIMITS = ReadLimits()
