@@ -2,15 +2,18 @@
 
 Ray Serve's `@serve.batch` hands the replica every request that arrived within the batch
 window; this module decides how those sequences share graph replays. The rows are sorted by
-length and cut into contiguous groups, each held by one bucket, choosing the cut that costs
-the fewest padded tokens plus a fixed price per replay (so eight short sequences share a
-small bucket rather than riding along with one long one in a huge bucket). A group is padded
-to its own longest sequence; the runtime then pads it to the bucket it selects.
+length and cut into contiguous groups, each held by one bucket, choosing the cut whose
+replays cost least: on a GPU each bucket's call time is measured when the replica starts; on
+the CPU the price is the bucket's tokens plus a fixed price per replay. So eight short
+sequences share one small replay rather than riding along with a long one in a huge bucket,
+unless replays are so cheap to launch that the big one wins. A group is padded to its own
+longest sequence; the runtime then pads it to the bucket it selects.
 
 No Ray here: the planner and the group runner are plain functions, tested on their own."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,24 +51,48 @@ def smallest_bucket(buckets: Sequence[Bucket], batch: int, seq: int) -> Bucket |
     return None
 
 
-def plan_groups(
-    lengths: Sequence[int], buckets: Sequence[Bucket], replay_cost_tokens: int | None = None
-) -> list[Group]:
-    """Cut rows of the given lengths into groups that each fit one bucket, minimising
-    sum(bucket tokens) + replay_cost_tokens * replays over cuts of the length-sorted rows.
-
-    replay_cost_tokens prices a replay's fixed cost (launch, copies, Python) in padded tokens;
-    by default the smallest bucket's size, i.e. a replay never costs less than the smallest
-    bucket. Every row must fit some bucket on its own (callers check this on arrival)."""
-    if not buckets:
-        raise ValueError("no buckets to plan with")
+def token_costs(buckets: Sequence[Bucket], replay_cost_tokens: int | None = None) -> dict:
+    """A replay's price when nothing was measured: its bucket's tokens plus a fixed price per
+    replay (launch, copies, Python), by default the smallest bucket's tokens."""
     if replay_cost_tokens is None:
         replay_cost_tokens = min(b.tokens for b in buckets)
+    return {b: float(b.tokens + replay_cost_tokens) for b in buckets}
+
+
+def measure_costs(model, repeats: int = 3) -> dict:
+    """Each bucket's measured time for one full call (copy in, replay, copy out), in seconds:
+    the planner's prices on a GPU, where a small replay costs nearly as much as a larger one."""
+    costs = {}
+    for bucket in model.buckets:
+        ids = torch.zeros(bucket.batch, bucket.seq, dtype=torch.long)
+        model(input_ids=ids)  # warm-up (lazy capture, allocator)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(input_ids=ids)
+            if model.device.type == "cuda":
+                torch.cuda.synchronize(model.device)
+            times.append(time.perf_counter() - start)
+        costs[bucket] = sorted(times)[len(times) // 2]
+    return costs
+
+
+def plan_groups(
+    lengths: Sequence[int], buckets: Sequence[Bucket], costs: dict | None = None
+) -> list[Group]:
+    """Cut rows of the given lengths into groups that each fit one bucket, minimising the
+    summed cost of the buckets replayed (`costs`: bucket -> price, default token_costs) over
+    cuts of the length-sorted rows (dynamic programming over the cut points).
+
+    Every row must fit some bucket on its own (callers check this on arrival)."""
+    if not buckets:
+        raise ValueError("no buckets to plan with")
+    costs = costs or token_costs(buckets)
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     n = len(order)
     max_batch = max(b.batch for b in buckets)
     # best[j]: cheapest plan for the first j sorted rows; cut[j]: where its last group starts.
-    best = [0] + [None] * n
+    best: list[float | None] = [0.0] + [None] * n
     cut = [0] * (n + 1)
     choice: list[Bucket | None] = [None] * (n + 1)
     for j in range(1, n + 1):
@@ -74,7 +101,7 @@ def plan_groups(
             bucket = smallest_bucket(buckets, j - i, longest)
             if bucket is None or best[i] is None:
                 continue
-            cost = best[i] + bucket.tokens + replay_cost_tokens
+            cost = best[i] + costs[bucket]
             if best[j] is None or cost < best[j]:
                 best[j], cut[j], choice[j] = cost, i, bucket
         if best[j] is None:

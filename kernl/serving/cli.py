@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where replicas run the model (default: cuda when there is a GPU)")  # fmt: skip
     p.add_argument("--gpus-per-replica", type=float, default=None,
                    help="GPU share of a replica (default 1 on CUDA, 0 on CPU)")  # fmt: skip
+    p.add_argument("--plan-by", choices=["time", "tokens"], default=None,
+                   help="how batches are cut into buckets: 'time' measures each bucket's call at "
+                   "start (default on CUDA), 'tokens' prices padded tokens (default on CPU)")  # fmt: skip
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to join ('auto', 'ray://...'); default: Ray's own choice, "
                    "which starts a local cluster when none runs; 'local' always starts one")  # fmt: skip
@@ -49,7 +52,7 @@ def serve_main(argv: list[str]) -> int:
         config = ServeConfig(
             artifact=args.artifact, replicas=args.replicas, max_batch_size=args.max_batch_size,
             batch_wait_ms=args.batch_wait_ms, host=args.host, port=args.port,
-            device=args.device, gpus_per_replica=args.gpus_per_replica,
+            device=args.device, gpus_per_replica=args.gpus_per_replica, plan_by=args.plan_by,
         )  # fmt: skip
         buckets = _check_artifact(config.artifact)
     except Exception as e:  # refuse before starting Ray: seconds, not a stack of Ray logs

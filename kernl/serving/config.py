@@ -13,7 +13,11 @@ class ServeConfig:
       a batch larger than every bucket is served by several replays.
     batch_wait_ms: how long the first request of a batch waits for others to join.
     device: "cuda" or "cpu" (default: cuda when the replica sees a GPU).
-    replay_cost_tokens: the planner's price of one replay in padded tokens (see batching.py).
+    plan_by: how the batch planner prices a replay: "time" (each bucket's call measured at
+      start; the default on CUDA) or "tokens" (bucket tokens + replay_cost_tokens; the
+      default on the CPU, where timing every bucket through Triton's interpreter is slow).
+    replay_cost_tokens: with plan_by="tokens", the fixed price of one replay in tokens
+      (default: the smallest bucket's tokens).
     """
 
     artifact: str
@@ -25,6 +29,7 @@ class ServeConfig:
     device: str | None = None
     gpus_per_replica: float | None = None
     cpus_per_replica: float = 0.0
+    plan_by: str | None = None
     replay_cost_tokens: int | None = None
     app_name: str = "kernl"
 
@@ -35,5 +40,7 @@ class ServeConfig:
             raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
         if self.batch_wait_ms < 0:
             raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
+        if self.plan_by not in (None, "time", "tokens"):
+            raise ValueError(f"plan_by must be 'time' or 'tokens', got {self.plan_by!r}")
         if self.device not in (None, "cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")

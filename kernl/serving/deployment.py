@@ -25,7 +25,7 @@ from starlette.responses import Response
 
 from kernl.artifacts import read_manifest
 
-from .batching import plan_groups, run_group
+from .batching import measure_costs, plan_groups, run_group, token_costs
 from .config import ServeConfig
 from .metrics import ReplayStats
 from .protocol import ModelLimits, ParsedRequest, RequestError, parse_request, response_body
@@ -69,6 +69,11 @@ class KernlServer:
             max_rows=self.max_batch_size,
         )  # fmt: skip
         self.tokenize = load_tokenizer(config.artifact)
+        measure = config.plan_by == "time" or (config.plan_by is None and device != "cpu")
+        self.costs = (
+            measure_costs(self.model) if measure
+            else token_costs(self.model.buckets, config.replay_cost_tokens)
+        )  # fmt: skip
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.stats = _stats_actor(config.app_name)
         # One thread runs the model, so the event loop keeps queueing the next batch while a
@@ -115,9 +120,7 @@ class KernlServer:
     def serve_requests(self, requests: list[ParsedRequest]) -> list[dict]:
         """Every row of every request, grouped into buckets; one model call per group."""
         rows = [(i, row) for i, r in enumerate(requests) for row in r.rows]
-        groups = plan_groups(
-            [row.length for _, row in rows], self.model.buckets, self.config.replay_cost_tokens
-        )
+        groups = plan_groups([row.length for _, row in rows], self.model.buckets, self.costs)
         per_row: list[dict | None] = [None] * len(rows)
         replays: list[list[dict]] = [[] for _ in requests]
         for group in groups:
@@ -160,6 +163,7 @@ class KernlServer:
             "max_batch_size": self.max_batch_size,
             "batch_wait_ms": self.config.batch_wait_ms,
             "replica": self.replica,
+            "replay_costs": {f"{b.batch}x{b.seq}": c for b, c in sorted(self.costs.items())},
         }
 
 
@@ -184,7 +188,8 @@ def build(args: dict[str, str]):
     """Application builder for `serve run kernl.serving.deployment:build artifact=PATH
     [replicas=N max_batch_size=N batch_wait_ms=F device=cpu|cuda]`."""
     kinds = {"replicas": int, "max_batch_size": int, "batch_wait_ms": float,
-             "gpus_per_replica": float, "cpus_per_replica": float, "replay_cost_tokens": int}  # fmt: skip
+             "gpus_per_replica": float, "cpus_per_replica": float, "replay_cost_tokens": int,
+             "plan_by": str}  # fmt: skip
     fields = set(asdict(ServeConfig(artifact="")).keys())
     unknown = sorted(set(args) - fields)
     if unknown:

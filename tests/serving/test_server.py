@@ -1,0 +1,200 @@
+"""`python -m kernl.serving` end to end on the CPU: 2 replicas on Ray Serve, 200 concurrent
+requests of mixed lengths (and some bad ones), every answer equal to a direct call of the
+same artifact, batching visible in /metrics, /health describing the artifact."""
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import kernl.runtime
+from conftest import WORDS
+
+N_REQUESTS = 200
+TOL = dict(atol=2e-5, rtol=1e-4)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(port, method, path, body=None, timeout=120):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifact, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    cmd = [sys.executable, "-m", "kernl.serving", str(tiny_artifact), "--replicas", "2",
+           "--port", str(port), "--device", "cpu", "--batch-wait-ms", "20", "--plan-by", "time",
+           "--ray-address", "local"]  # fmt: skip
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                status, health = call(port, "GET", "/health", timeout=5)
+                if status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not up in 150 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield port
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def make_requests(n, seed=0):
+    """Mixed lengths 1..32; one in five sends 2-3 ragged sequences; some carry their own
+    attention mask or token types; some ask for one output; a few send text."""
+    g = torch.Generator().manual_seed(seed)
+    rint = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
+    requests = []
+    for i in range(n):
+        if i % 25 == 7:
+            words = [WORDS[4 + rint(0, 59)] for _ in range(rint(1, 20))]
+            requests.append({"text": " ".join(words)})
+            continue
+        rows = [rint(1, 32) for _ in range(rint(2, 3) if i % 5 == 0 else 1)]
+        ids = [[rint(4, 119) for _ in range(n_tok)] for n_tok in rows]
+        body = {"input_ids": ids if len(rows) > 1 else ids[0]}
+        if i % 3 == 0:
+            masks = [[1] * (n - n // 3) + [0] * (n // 3) for n in rows]
+            body["attention_mask"] = masks if len(rows) > 1 else masks[0]
+        if i % 4 == 1:
+            types = [[0] * (n // 2) + [1] * (n - n // 2) for n in rows]
+            body["token_type_ids"] = types if len(rows) > 1 else types[0]
+        if i % 7 == 3:
+            body["outputs"] = ["pooler_output"]
+        requests.append(body)
+    return requests
+
+
+BAD = [
+    (b'{"input_ids": [1, 2', 400),
+    ({"input_ids": list(range(4, 44))}, 413),
+    ({"input_ids": [1, 2], "labels": [0]}, 422),
+    ({"input_ids": [1, 500]}, 422),
+    ({"input_ids": [[1]] * 9}, 413),
+]
+
+
+def expected_rows(model, body):
+    """Per sequence, the direct call's outputs (batch axis dropped)."""
+    if "text" in body:
+        words = body["text"].split()
+        ids = [2] + [WORDS.index(w) for w in words] + [3]
+        rows = [{"input_ids": ids}]
+    else:
+        single = not isinstance(body["input_ids"][0], list)
+        names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in body]
+        columns = {k: [body[k]] if single else body[k] for k in names}
+        rows = [{k: columns[k][j] for k in names} for j in range(len(columns["input_ids"]))]
+    out = []
+    for row in rows:
+        direct = model(**{k: torch.tensor([v]) for k, v in row.items()})
+        out.append({k: v[0] for k, v in direct.items()})
+    return out
+
+
+def test_concurrent_requests_match_direct_calls_and_share_replays(server, tiny_artifact):
+    port = server
+    status, health = call(port, "GET", "/health")
+    assert status == 200 and health["status"] == "ok" and health["text"] is True
+    assert health["buckets"] == [[b, s] for b in (1, 4, 8) for s in (8, 16, 32)]
+    assert health["outputs"] == ["last_hidden_state", "pooler_output"]
+    assert sorted(health["replay_costs"]) == sorted(f"{b}x{s}" for b, s in health["buckets"])
+
+    good = make_requests(N_REQUESTS)
+    bodies = good + [b for b, _ in BAD]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
+        answers = list(pool.map(lambda b: call(port, "POST", "/", b), bodies))
+    seconds = time.perf_counter() - start
+    print(f"{len(bodies)} concurrent requests answered in {seconds:.1f} s")
+
+    for (status, answer), (_, expected_status) in zip(answers[N_REQUESTS:], BAD):
+        assert status == expected_status, answer
+        assert answer["error"]
+
+    model = kernl.runtime.load(tiny_artifact, device="cpu")
+    replicas = set()
+    for body, (status, answer) in zip(good, answers):
+        assert status == 200, (body, answer)
+        replicas.add(answer["replica"])
+        single = (
+            "text" in body
+            and isinstance(body["text"], str)
+            or ("input_ids" in body and not isinstance(body["input_ids"][0], list))
+        )
+        wanted = body.get("outputs", ["last_hidden_state", "pooler_output"])
+        assert sorted(answer["outputs"]) == sorted(wanted)
+        for j, exp in enumerate(expected_rows(model, body)):
+            for name in wanted:
+                got = answer["outputs"][name] if single else answer["outputs"][name][j]
+                torch.testing.assert_close(torch.tensor(got), exp[name], **TOL)
+    assert len(replicas) == 2, replicas
+
+    # The server keeps serving after the bad requests.
+    status, answer = call(port, "POST", "/predict", {"input_ids": [5, 6, 7]})
+    assert status == 200 and len(answer["outputs"]["last_hidden_state"]) == 3
+
+    rows = sum(len(b["input_ids"]) if isinstance(b.get("input_ids", [0])[0], list) else 1
+               for b in good) + 1  # fmt: skip
+    deadline = time.monotonic() + 20
+    while True:  # replicas report replays without waiting; give the reports a moment
+        _, metrics = call(port, "GET", "/metrics")
+        if metrics["requests"] >= N_REQUESTS + 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    print(json.dumps(metrics, indent=1))
+    assert metrics["requests"] == N_REQUESTS + 1
+    assert metrics["bad_requests"] == len(BAD)
+    assert metrics["rows"] == rows
+    assert metrics["batched_replays"] > 0 and metrics["max_requests_per_replay"] > 1
+    assert metrics["replays"] < rows  # concurrent requests shared replays
+    assert sorted(metrics["replays_by_replica"]) == sorted(replicas)
+
+
+def test_unknown_route_and_method_get_4xx(server):
+    assert call(server, "GET", "/nope")[0] == 404
+    assert call(server, "GET", "/")[0] == 404
+    status, answer = call(server, "DELETE", "/health")
+    assert status == 405 and "GET /health" in answer["error"]
+
+
+def test_bad_artifact_is_refused_before_ray_starts(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "kernl.serving", str(tmp_path / "missing.kernl")],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "RAY_ADDRESS": ""},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "not a folder" in result.stderr
