@@ -1,0 +1,219 @@
+"""`kernl.compiler.compile(..., task="causal-lm")`: a decoder-only model in, a generation
+artifact out.
+
+The artifact holds the model's description (`manifest.extra["decoder"]`, a DecoderSpec), its
+buckets (`manifest.extra["generation_buckets"]`) and its weights under kernl's naming scheme;
+the computation is the runtime's own decoder (kernl/runtime/generation_decoder.py), so nothing
+read from the artifact is ever executed. Each bucket still gets an entry and a program file
+(`programs/prefill_b{B}_p{P}.msgpack`, `programs/decode_b{B}_kv{K}.msgpack`): an instruction-
+free Program whose `meta` records the stage and shapes, so `kernl verify` and the manifest's
+bucket list cover generation artifacts like any other. Validation runs the loaded runtime
+(CUDA graphs included, on a GPU) against the eager model for every bucket."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+import torch
+import triton
+
+import kernl
+from kernl.artifacts import (
+    FORMAT_VERSION,
+    ArtifactWriter,
+    Bucket,
+    BucketEntry,
+    InputSpec,
+    Manifest,
+    OutputSpec,
+    Program,
+    check_destination,
+)
+from kernl.artifacts.schema import PROGRAMS_DIR
+from kernl.runtime.generation import GenerativeModel
+from kernl.runtime.generation_spec import GenerationBuckets
+
+from .causal_lm_buckets import as_generation_buckets
+from .causal_lm_describe import describe
+from .causal_lm_validate import StageError, validate_generation
+from .trace import DTYPES, UnsupportedModelError
+from .validate import DEFAULT_TOLERANCE
+
+TASK = "causal-lm"
+RUNTIME = "kernl.runtime.generation_decoder"
+
+
+@dataclass
+class CausalLMReport:
+    path: Path
+    task: str
+    dtype: str
+    device: str
+    stages: list[StageError] = field(default_factory=list)
+    artifact_bytes: int = 0
+    seconds: float = 0.0
+    atol: float = 0.0
+    rtol: float = 0.0
+
+    def table(self) -> str:
+        lines = [
+            f"{'stage':>8}  {'batch':>5}  {'length':>6}  {'steps':>5}  {'max |err| vs eager':>18}  "
+            f"{'max |logit|':>11}",
+            f"{'-' * 8}  {'-' * 5}  {'-' * 6}  {'-' * 5}  {'-' * 18}  {'-' * 11}",
+        ]
+        for e in self.stages:
+            lines.append(
+                f"{e.stage:>8}  {e.batch:>5}  {e.size:>6}  {e.steps:>5}  "
+                f"{e.max_abs_error:18.3g}  {e.reference_scale:11.3g}"
+            )
+        lines.append(
+            f"artifact {self.path} ({self.artifact_bytes / 2**20:.1f} MiB), task {self.task}, "
+            f"{self.dtype} on {self.device}, {len(self.stages)} buckets in {self.seconds:.1f} s "
+            f"(tolerance: atol {self.atol} + rtol {self.rtol} x max|logit|)"
+        )
+        return "\n".join(lines)
+
+
+def compile_causal_lm(
+    model_or_path,
+    buckets,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "fp16",
+    device: str | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> CausalLMReport:
+    """Compile a Llama, Mistral, Qwen2 or GPT-2 model (a local folder, a model id in the local
+    HF cache, or a PreTrainedModel) for generation buckets such as
+    "batch=1,4,8 prompt=16:1024 cache=2048" into the artifact folder `out`."""
+    say = progress or (lambda _msg: None)
+    start = time.perf_counter()
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of fp16, bf16, fp32; got {dtype!r}")
+    torch_dtype = DTYPES[dtype]
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU")
+    gb = as_generation_buckets(buckets)
+    check_destination(out)
+    default_atol, default_rtol = DEFAULT_TOLERANCE[torch_dtype]
+    atol = default_atol if atol is None else atol
+    rtol = default_rtol if rtol is None else rtol
+
+    say(f"loading model {model_or_path if isinstance(model_or_path, (str, Path)) else ''}")
+    model, source = _load_causal_lm(model_or_path, torch_dtype, dev)
+    say("describing the decoder")
+    spec, weights = describe(model, gb.cache_len, torch_dtype)
+    check_destination(out, needed_bytes=sum(t.numel() * t.element_size() for t in weights.values()))
+    report = CausalLMReport(Path(out), TASK, str(torch_dtype).removeprefix("torch."), str(dev))
+    report.atol, report.rtol = atol, rtol
+    manifest = _manifest(model, source, spec, gb, report.dtype, dev, atol, rtol)
+    with ArtifactWriter(out) as writer:
+        say("writing weights")
+        writer.write_weights(weights)
+        say(
+            f"loading the runtime on {dev} (capturing graphs)"
+            if dev.type == "cuda"
+            else "loading the runtime"
+        )
+        gen = GenerativeModel(manifest, weights, dev, capture="load")
+        stages = validate_generation(gen, model, atol, rtol, progress=say)
+        del gen
+        manifest.buckets = _write_programs(writer, gb, stages)
+        report.stages = stages
+        report.artifact_bytes = writer.size_bytes()
+        writer.commit(manifest)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _load_causal_lm(model_or_path, dtype: torch.dtype, device: torch.device):
+    import transformers
+
+    if isinstance(model_or_path, torch.nn.Module):
+        model, source = model_or_path, type(model_or_path).__name__
+    else:
+        source = str(model_or_path)
+        local = Path(source).expanduser()
+        if local.exists() and not (local / "config.json").is_file():
+            raise UnsupportedModelError(
+                f"{local} has no config.json: not a Hugging Face model folder"
+            )
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                source, local_files_only=True, dtype=dtype, attn_implementation="sdpa"
+            )
+        except OSError as e:
+            raise UnsupportedModelError(
+                f"cannot find model {source!r}: not a local folder with config.json, and not in "
+                f"the local Hugging Face cache (kernl never downloads). {e}"
+            ) from None
+        except ValueError as e:  # no causal-LM class for this config
+            raise UnsupportedModelError(f"causal-lm: {e}") from None
+    return model.to(device=device, dtype=dtype).eval(), source
+
+
+def _manifest(model, source, spec, gb: GenerationBuckets, dtype: str, dev, atol, rtol) -> Manifest:
+    target = dict(target="cpu", gpu_name=None, compute_capability=None, cuda_version=None)
+    if dev.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(dev)
+        target = dict(
+            target="cuda", gpu_name=torch.cuda.get_device_name(dev),
+            compute_capability=f"{major}.{minor}", cuda_version=torch.version.cuda,
+        )  # fmt: skip
+    pad = spec.pad_token_id if spec.pad_token_id is not None else 0
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        kernl_version=kernl.__version__,
+        torch_version=torch.__version__,
+        triton_version=triton.__version__,
+        dtype=dtype,
+        task=TASK,
+        model_type=spec.model_type,
+        model_source=source,
+        model_config=json.loads(model.config.to_json_string(use_diff=False)),
+        inputs=[
+            InputSpec("input_ids", "int64", pad, "required"),
+            InputSpec("attention_mask", "int64", 0, "ones"),
+        ],
+        outputs=[OutputSpec("sequences", "int64", 0, 1)],
+        buckets=[],
+        files={},
+        created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        extra={
+            "decoder": spec.to_dict(),
+            "generation_buckets": gb.to_dict(),
+            "runtime": RUNTIME,
+            "atol": atol,
+            "rtol": rtol,
+            "kernl_ops": False,
+        },
+        **target,
+    )
+
+
+def _write_programs(
+    writer: ArtifactWriter, gb: GenerationBuckets, stages: list[StageError]
+) -> list[BucketEntry]:
+    entries = []
+    for e in stages:
+        name = f"{e.stage}_b{e.batch}_{'p' if e.stage == 'prefill' else 'kv'}{e.size}"
+        rel = f"{PROGRAMS_DIR}/{name}.msgpack"
+        meta = {
+            "stage": e.stage, "batch": e.batch,
+            ("prompt" if e.stage == "prefill" else "kv_length"): e.size,
+            "cache_len": gb.cache_len, "runtime": RUNTIME,
+        }  # fmt: skip
+        program = Program(Bucket(e.batch, e.size), 1, {}, {}, [], [], meta)
+        (writer.tmp / rel).write_bytes(msgpack.packb(program.to_dict(), use_bin_type=True))
+        entries.append(BucketEntry(Bucket(e.batch, e.size), rel, e.max_abs_error, None))
+    return entries

@@ -1,0 +1,359 @@
+"""Serve a causal-LM artifact: `model.generate(...)` and `model.stream(...)`.
+
+At load: the weights go to the device once, each batch bucket gets its static buffers
+(KV cache included, see generation_state.py), and on CUDA every greedy step graph is captured
+— one prefill graph per (batch, prompt) bucket, one decode graph per (batch, kv length)
+bucket — all drawing on one memory pool. Sampling graphs are captured on the first sampling
+call. A call left-pads each prompt into the smallest prefill bucket, replays its prefill, then
+replays one decode graph per new token; the host reads nothing back until the end except,
+every few steps, whether every row has finished (and each step's ids when streaming)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kernl.artifacts import read_weights
+from kernl.artifacts.schema import Manifest
+
+from .generation_decoder import Decoder
+from .generation_spec import DecoderSpec, GenerationBuckets
+from .generation_state import MAX_EOS_IDS, BatchState
+
+# How often generate() asks the GPU whether every row has finished: a host sync costs a few
+# microseconds of idle GPU, the extra steps after the last EOS only emit pad ids.
+FINISHED_CHECK_EVERY = 8
+
+
+class _Step:
+    """One step function: run eagerly, or captured once as a CUDA graph and replayed."""
+
+    def __init__(self, fn: Callable[[], torch.Tensor], reset: Callable[[], None]):
+        self.fn = fn
+        self.reset = reset
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def capture(self, pool) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: cuBLAS handles, lazy allocations
+            self.reset()
+            self.fn()
+        torch.cuda.current_stream().wait_stream(side)
+        self.reset()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            self.logits = self.fn()
+        self.graph = graph
+
+    def run(self) -> torch.Tensor:
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        return self.fn()
+
+
+@dataclass
+class _Plan:
+    rows: list[list[int]]
+    batch_bucket: int
+    prompt_bucket: int
+    max_new_tokens: int
+    do_sample: bool
+    eos: list[int]
+    pad: int
+
+    @property
+    def batch(self) -> int:
+        return len(self.rows)
+
+
+class GenerativeModel:
+    """A loaded causal-LM artifact; see `generate` and `stream`."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        weights: dict[str, torch.Tensor],
+        device: torch.device,
+        capture: str = "load",
+    ):
+        if capture not in ("load", "lazy", "never"):
+            raise ValueError(f"capture must be 'load', 'lazy' or 'never', not {capture!r}")
+        self.manifest = manifest
+        self.device = device
+        self.spec = DecoderSpec.from_dict(manifest.extra["decoder"])
+        self.buckets = GenerationBuckets.from_dict(manifest.extra["generation_buckets"])
+        self.dtype = getattr(torch, manifest.dtype)
+        self.capture_mode = capture if device.type == "cuda" else "never"
+        self._lock = threading.Lock()
+        self._pool = torch.cuda.graph_pool_handle() if self.capture_mode != "never" else None
+        spec = self.spec
+        self.default_pad = (
+            spec.pad_token_id
+            if spec.pad_token_id is not None
+            else (spec.eos_token_ids[0] if spec.eos_token_ids else 0)
+        )
+        self.decoder = Decoder(spec, weights, self.buckets.cache_len, self.dtype, device)
+        self._states = {
+            b: BatchState(
+                self.decoder, b, self.buckets.prompts, self.buckets.cache_len,
+                self.default_pad, device,
+            )
+            for b in self.buckets.batches
+        }  # fmt: skip
+        self._steps: dict[tuple, _Step] = {}
+        if self.capture_mode == "load":
+            # Largest first, so smaller graphs reuse the pool's blocks.
+            keys = [("prefill", b, p, False) for b, p in self.buckets.prefill_shapes()]
+            keys.sort(key=lambda k: -k[1] * k[2])
+            keys += [("decode", b, k, False) for b, k in self.buckets.decode_shapes()]
+            for key in keys:
+                self._step(key)
+
+    # -- public API -------------------------------------------------------------------------
+
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 50,
+        top_p: float = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int = 0,
+    ) -> torch.Tensor:
+        """Like Hugging Face `generate`: returns [batch, prompt + new] ids, the prompt as given
+        followed by the new tokens; a row that emitted an EOS id is padded with `pad_token_id`
+        (default: the model's pad id, else its first EOS id) until every row has finished or
+        `max_new_tokens` were produced. Prompts may differ in length (`attention_mask` zeros
+        mark padding, on either side). `eos_token_id` defaults to the model's. Sampling
+        (`do_sample=True`) applies temperature, top-k, top-p; the same `seed` gives the same
+        ids."""
+        prompt, mask = _as_batch(input_ids, attention_mask)
+        plan = self._plan(prompt, mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+                          eos_token_id, pad_token_id)  # fmt: skip
+        with self._lock:
+            state = self._start(plan, temperature, top_k, top_p, seed)
+            n = 0
+            for n, _ in enumerate(self._run(plan, state), 1):
+                if n % FINISHED_CHECK_EVERY == 0 and bool(state.finished[: plan.batch].all()):
+                    break
+            new = state.out[: plan.batch, :n].to("cpu", copy=True)
+        new = new[:, : _generated_length(new, plan.eos)]
+        return torch.cat([prompt, new], dim=1).to(_device_of(input_ids))
+
+    def stream(
+        self,
+        input_ids,
+        attention_mask=None,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 50,
+        top_p: float = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int = 0,
+        output_logits: bool = False,
+    ) -> Iterator:
+        """The same generation, yielding each step's new ids ([batch] on the CPU) as they come
+        (with `output_logits`, pairs of ids and that step's float32 logits [batch, vocab]).
+        Stops after the step where every row has finished. Arguments are checked before this
+        returns; the model serves nothing else until the iterator is exhausted or closed."""
+        prompt, mask = _as_batch(input_ids, attention_mask)
+        plan = self._plan(prompt, mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+                          eos_token_id, pad_token_id)  # fmt: skip
+        return self._stream(plan, temperature, top_k, top_p, seed, output_logits)
+
+    def _stream(self, plan, temperature, top_k, top_p, seed, output_logits) -> Iterator:
+        with self._lock:
+            state = self._start(plan, temperature, top_k, top_p, seed)
+            for logits in self._run(plan, state):
+                ids = state.tokens[: plan.batch].to("cpu", copy=True)
+                if output_logits:
+                    yield ids, logits[: plan.batch].float().clone()
+                else:
+                    yield ids
+                if bool(state.finished[: plan.batch].all()):
+                    return
+
+    def __repr__(self) -> str:
+        b = self.buckets
+        return (
+            f"GenerativeModel({self.manifest.model_type}, {self.manifest.dtype}, "
+            f"device={self.device}, batch={b.batches}, prompt={b.prompts}, "
+            f"kv={b.kv_lengths})"
+        )
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _plan(self, prompt, mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+              eos_token_id, pad_token_id) -> _Plan:  # fmt: skip
+        """Check a request and pick its buckets; raises ValueError before touching any state."""
+        b = self.buckets
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if do_sample and not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if do_sample and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+        vocab = self.spec.vocab_size
+        lo, hi = int(prompt.min()), int(prompt.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"input_ids must lie in [0, {vocab}); got values in [{lo}, {hi}]")
+        rows = [prompt[i][mask[i]].tolist() for i in range(prompt.shape[0])]
+        empty = [i for i, r in enumerate(rows) if not r]
+        if empty:
+            raise ValueError(f"row(s) {empty} of the batch have no tokens (attention_mask all 0)")
+        batch, longest = len(rows), max(len(r) for r in rows)
+        batch_bucket = next((x for x in b.batches if x >= batch), None)
+        if batch_bucket is None:
+            raise ValueError(
+                f"batch of {batch} prompts is larger than every batch bucket of this artifact "
+                f"({b.batches}); split the batch or recompile with a larger batch bucket"
+            )
+        prompt_bucket = next((x for x in b.prompts if x >= longest), None)
+        if prompt_bucket is None:
+            raise ValueError(
+                f"a prompt of {longest} tokens is longer than every prompt bucket of this "
+                f"artifact ({b.prompts}); shorten it or recompile with a longer prompt bucket"
+            )
+        if prompt_bucket + max_new_tokens - 1 > b.cache_len:
+            raise ValueError(
+                f"prompt bucket {prompt_bucket} + max_new_tokens {max_new_tokens} - 1 exceeds "
+                f"the KV cache of {b.cache_len} slots; at most "
+                f"{b.cache_len - prompt_bucket + 1} new tokens fit after this prompt "
+                f"(recompile with a larger cache= to go further)"
+            )
+        eos = self.spec.eos_token_ids if eos_token_id is None else eos_token_id
+        eos = [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+        if len(eos) > MAX_EOS_IDS:
+            raise ValueError(f"at most {MAX_EOS_IDS} EOS ids are supported, got {len(eos)}")
+        pad = self.default_pad if pad_token_id is None else int(pad_token_id)
+        if pad_token_id is None and self.spec.pad_token_id is None and eos:
+            pad = eos[0]
+        return _Plan(rows, batch_bucket, prompt_bucket, max_new_tokens, do_sample, eos, pad)
+
+    def _start(self, plan: _Plan, temperature, top_k, top_p, seed) -> BatchState:
+        """Write the request into its batch bucket's buffers (one copy per buffer)."""
+        state = self._states[plan.batch_bucket]
+        p, bb = plan.prompt_bucket, plan.batch_bucket
+        ids = torch.full((bb, p), plan.pad, dtype=torch.int64)
+        valid = torch.zeros(bb, p, dtype=torch.bool)
+        for i, row in enumerate(plan.rows):
+            ids[i, p - len(row) :] = torch.tensor(row, dtype=torch.int64)
+            valid[i, p - len(row) :] = True
+        valid[plan.batch :, -1] = True  # rows that only fill the bucket: one token each
+        active = torch.arange(bb) < plan.batch
+        eos = torch.full((MAX_EOS_IDS,), -1, dtype=torch.int64)
+        eos[: len(plan.eos)] = torch.tensor(plan.eos, dtype=torch.int64)
+        state.prompt_ids[p].copy_(ids)
+        state.prompt_valid[p].copy_(valid)
+        state.active.copy_(active)
+        state.eos.copy_(eos)
+        state.pad.fill_(plan.pad)
+        state.sampler.set(temperature, top_k, top_p, seed, self.spec.vocab_size)
+        return state
+
+    def _run(self, plan: _Plan, state: BatchState) -> Iterator[torch.Tensor]:
+        """Replay the prefill, then one decode step per further token; yields each step's
+        logits (device memory that the next step overwrites)."""
+        prefill = self._step(("prefill", plan.batch_bucket, plan.prompt_bucket, plan.do_sample))
+        decodes = {
+            kv: self._step(("decode", plan.batch_bucket, kv, plan.do_sample))
+            for kv in self._kv_lengths_for(plan)
+        }
+        yield prefill.run()
+        for n in range(1, plan.max_new_tokens):
+            slot = plan.prompt_bucket + n - 1  # where this step writes its token's key/value
+            kv = next(k for k in self.buckets.kv_lengths if k > slot)
+            yield decodes[kv].run()
+
+    def _kv_lengths_for(self, plan: _Plan) -> list[int]:
+        slots = range(plan.prompt_bucket, plan.prompt_bucket + plan.max_new_tokens - 1)
+        return sorted({next(k for k in self.buckets.kv_lengths if k > s) for s in slots})
+
+    def _step(self, key: tuple) -> _Step:
+        step = self._steps.get(key)
+        if step is None:
+            kind, batch, size, do_sample = key
+            state = self._states[batch]
+            if kind == "prefill":
+                fn = lambda: state.prefill(size, do_sample)  # noqa: E731
+            else:
+                fn = lambda: state.decode(size, do_sample)  # noqa: E731
+            step = _Step(fn, state.reset_counters)
+            if self.capture_mode != "never":
+                step.capture(self._pool)
+            self._steps[key] = step
+        return step
+
+
+def _as_batch(input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, S] int64 on the CPU, mask [B, S] bool); ragged lists are left-padded."""
+    if (
+        isinstance(input_ids, (list, tuple))
+        and input_ids
+        and isinstance(input_ids[0], (list, tuple))
+    ):
+        if attention_mask is not None:
+            raise ValueError("attention_mask is not used with a list of token lists")
+        longest = max(len(r) for r in input_ids)
+        ids = torch.zeros(len(input_ids), longest, dtype=torch.int64)
+        mask = torch.zeros(len(input_ids), longest, dtype=torch.bool)
+        for i, r in enumerate(input_ids):
+            if r:
+                ids[i, longest - len(r) :] = torch.as_tensor(r, dtype=torch.int64)
+                mask[i, longest - len(r) :] = True
+        return ids, mask
+    ids = torch.as_tensor(input_ids)
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integers, got {ids.dtype}")
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise ValueError(
+            f"input_ids must be [batch, sequence] and not empty, got {tuple(ids.shape)}"
+        )
+    ids = ids.to("cpu", torch.int64)
+    if attention_mask is None:
+        return ids, torch.ones_like(ids, dtype=torch.bool)
+    mask = torch.as_tensor(attention_mask)
+    if mask.dim() == 1:
+        mask = mask[None]
+    if mask.shape != ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(mask.shape)}, input_ids has {tuple(ids.shape)}"
+        )
+    return ids, mask.to("cpu").bool()
+
+
+def _device_of(x) -> torch.device:
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+
+
+def _generated_length(new: torch.Tensor, eos: list[int]) -> int:
+    """Hugging Face stops after the step at which the last row emitted its EOS."""
+    if not eos:
+        return new.shape[1]
+    is_eos = torch.isin(new, torch.tensor(eos, dtype=new.dtype))
+    if not bool(is_eos.any(dim=1).all()):
+        return new.shape[1]
+    return int(is_eos.int().argmax(dim=1).max()) + 1
+
+
+def load_generative(
+    root: Path, manifest: Manifest, device: torch.device, capture: str = "load"
+) -> GenerativeModel:
+    """Called by `kernl.runtime.load` for artifacts of task "causal-lm"."""
+    weights = read_weights(root, device=str(device))
+    return GenerativeModel(manifest, weights, device, capture=capture)

@@ -1,0 +1,87 @@
+"""Choosing the next token inside the captured step: greedy argmax, or sampling with
+temperature, top-k and top-p.
+
+Sampling is Gumbel-max (argmax of filtered logits / T plus Gumbel noise, an exact draw from
+the softmax) with the noise taken from a counter-based hash of (seed, step, row, token): no
+generator state to register with a CUDA graph, the same draws on CPU and GPU, and a seeded
+call repeats exactly. The parameters are 1-element tensors, so one captured graph serves any
+temperature, top-k, top-p and seed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+# Multipliers below 2**31 so that every product of two 32-bit values fits an int64.
+_MIX1, _MIX2 = 0x7FEB352D, 0x2C1B3C6D
+_SEED_MUL, _STEP_MUL = 0x5BD1E995, 0x1B873593
+
+
+@dataclass
+class SamplerParams:
+    """Static 1-element tensors the host fills before a call."""
+
+    temperature: torch.Tensor  # float32
+    top_k: torch.Tensor  # int64; vocab size when off
+    top_p: torch.Tensor  # float32; 1.0 when off
+    seed: torch.Tensor  # int64
+
+    @staticmethod
+    def allocate(device) -> SamplerParams:
+        return SamplerParams(
+            temperature=torch.ones(1, dtype=torch.float32, device=device),
+            top_k=torch.zeros(1, dtype=torch.int64, device=device),
+            top_p=torch.ones(1, dtype=torch.float32, device=device),
+            seed=torch.zeros(1, dtype=torch.int64, device=device),
+        )
+
+    def set(self, temperature: float, top_k: int, top_p: float, seed: int, vocab: int) -> None:
+        self.temperature.fill_(float(temperature))
+        self.top_k.fill_(int(top_k) if top_k and top_k > 0 else vocab)
+        self.top_p.fill_(float(top_p))
+        self.seed.fill_(int(seed) & _MASK32)
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = (h * _MIX1) & _MASK32
+    h = h ^ (h >> 15)
+    h = (h * _MIX2) & _MASK32
+    return h ^ (h >> 16)
+
+
+def uniform_noise(counter: torch.Tensor, seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Uniform floats in (0, 1), one per element of `counter` (an int64 tensor of distinct
+    values, e.g. row * vocab + token), a function of (seed, step) only."""
+    key = _fmix32((seed * _SEED_MUL + step * _STEP_MUL) & _MASK32)
+    h = _fmix32((counter ^ key) & _MASK32)
+    h = _fmix32((h + key * 3 + 1) & _MASK32)
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    return torch.argmax(logits, dim=-1)
+
+
+def sample(
+    logits: torch.Tensor, params: SamplerParams, step: torch.Tensor, counter: torch.Tensor
+) -> torch.Tensor:
+    """logits [B, V]; counter [B, V] int64 (distinct per element). Temperature, then top-k,
+    then top-p (the smallest set of most likely tokens whose probability reaches top_p; the
+    most likely token is always kept), as Hugging Face's warpers apply them."""
+    scores = logits.float() / params.temperature
+    vocab = scores.shape[-1]
+    ordered, order = torch.sort(scores, dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=scores.device)
+    keep = ranks[None, :] < params.top_k
+    ordered = ordered.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(ordered, dim=-1)
+    before = probs.cumsum(-1) - probs  # probability mass strictly ahead of each token
+    keep = keep & ((before < params.top_p) | (params.top_p >= 1.0))
+    keep[:, 0] = True
+    keep = torch.zeros_like(keep).scatter(-1, order, keep)
+    scores = scores.masked_fill(~keep, float("-inf"))
+    gumbel = -torch.log(-torch.log(uniform_noise(counter, params.seed, step)))
+    return torch.argmax(scores + gumbel, dim=-1)
