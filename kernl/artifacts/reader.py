@@ -88,12 +88,16 @@ def read_manifest(root: str | os.PathLike, limits: ReadLimits = DEFAULT_LIMITS) 
 
 
 def _check_manifest_checksum(path: Path, raw: dict) -> None:
-    """Writers since the checksum was added store the sha256 of the rest of the manifest in
-    extra; an artifact without it (older v1) is accepted, one with a wrong one is not."""
+    """The writer stores the sha256 of the rest of the manifest in extra; a manifest without
+    it, or with one that does not match, is refused (a flipped bit anywhere, the checksum's
+    own key included, is caught)."""
     extra = raw.get("extra")
-    if not isinstance(extra, dict) or MANIFEST_CHECKSUM_KEY not in extra:
-        return
-    recorded = extra[MANIFEST_CHECKSUM_KEY]
+    recorded = extra.get(MANIFEST_CHECKSUM_KEY) if isinstance(extra, dict) else None
+    if recorded is None:
+        raise ArtifactCorruptError(
+            f"{path}: the manifest has no checksum (extra.{MANIFEST_CHECKSUM_KEY}); it was "
+            "damaged, edited by hand, or written by a kernl from before checksums: recompile"
+        )
     if recorded != manifest_digest(raw):
         raise ArtifactCorruptError(
             f"{path}: the manifest does not match its own checksum (corrupted or edited)"
@@ -233,7 +237,7 @@ def verify_artifact(
         check_program_matches(program, manifest, entry.bucket, where)
         absent = sorted(set(program.weights.values()) - set(header))
         if absent:
-            raise ArtifactCorruptError(
+            raise ArtifactUnsafeError(
                 f"{where}: uses weights absent from {WEIGHTS_FILE}: {absent[:5]}"
             )
         if known is not None:

@@ -165,9 +165,7 @@ class CompiledModel:
     def _check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         unknown = sorted(set(inputs) - set(self._inputs))
         if unknown:
-            raise TypeError(
-                f"unexpected input(s) {unknown}; this model takes {self.input_names}"
-            )
+            raise TypeError(f"unexpected input(s) {unknown}; this model takes {self.input_names}")
         tensors: dict[str, torch.Tensor] = {}
         for name, spec in self._inputs.items():
             value = inputs.get(name)
@@ -238,13 +236,17 @@ def _check_artifact(manifest: Manifest, programs: list[Program], device: torch.d
     check_compatibility(manifest, device.type, capability, torch.__version__, triton_version)
     if "input_ids" not in {spec.name for spec in manifest.inputs}:
         raise ArtifactCorruptError("the manifest declares no input_ids input")
-    listed = sorted(manifest.bucket_list())
-    got = sorted(p.bucket for p in programs)
-    if listed != got:
+    # load() reads programs in the manifest's bucket order.
+    if len(programs) != len(manifest.buckets):
         raise ArtifactCorruptError(
-            f"the manifest lists buckets {[b.name for b in listed]}, the programs serve "
-            f"{[b.name for b in got]}"
+            f"the manifest lists {len(manifest.buckets)} buckets, {len(programs)} programs were read"
         )
+    for entry, p in zip(manifest.buckets, programs):
+        if p.bucket != entry.bucket:
+            raise ArtifactCorruptError(
+                f"{entry.program}: the program is for bucket {p.bucket.name}, the manifest "
+                f"lists it for {entry.bucket.name}"
+            )
     names = {spec.name for spec in manifest.inputs}
     for p in programs:
         if not set(p.inputs) <= names or len(p.outputs) != len(manifest.outputs):

@@ -1,0 +1,96 @@
+"""Helpers that build a small real artifact and edit its files the way an attacker or a
+broken disk would. `resign` recomputes every file hash and the manifest checksum, so an
+edit is seen by the checks that come after the hashes (a malicious but consistent artifact)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from kernl.artifacts import pack_manifest
+from kernl.artifacts.writer import sha256_file
+
+SMALL_BERT = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+    vocab_size=120, max_position_embeddings=80,
+)  # fmt: skip
+
+
+def compile_small(out: Path, buckets: str = "batch=1,2 seq=8", kernels: bool = True):
+    """A random 2-layer BERT compiled in CPU mode; returns (model, report)."""
+    import torch
+    import transformers as T
+
+    import kernl.compiler
+
+    torch.manual_seed(0)
+    model = T.BertModel(T.BertConfig(**SMALL_BERT)).eval()
+    report = kernl.compiler.compile(
+        model, buckets, out, dtype="fp32", device="cpu", kernels=kernels
+    )
+    return model, report
+
+
+def copy_artifact(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def read_msgpack(path: Path) -> Any:
+    return msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False)
+
+
+def write_msgpack(path: Path, data: Any) -> None:
+    path.write_bytes(msgpack.packb(data, use_bin_type=True))
+
+
+def edit_manifest(root: Path, edit: Callable[[dict], None], resign_files: bool = True) -> None:
+    """Apply `edit` to the manifest map, then write it back with a valid checksum."""
+    m = read_msgpack(root / "manifest.msgpack")
+    if resign_files:
+        _rehash(root, m)
+    edit(m)
+    (root / "manifest.msgpack").write_bytes(pack_manifest(m))
+
+
+def edit_program(root: Path, rel: str, edit: Callable[[dict], None]) -> None:
+    p = read_msgpack(root / rel)
+    edit(p)
+    write_msgpack(root / rel, p)
+    resign(root)
+
+
+def resign(root: Path) -> None:
+    """Recompute every listed file's sha256 (where the file is readable) and the checksum."""
+    edit_manifest(root, lambda m: None)
+
+
+def _rehash(root: Path, m: dict) -> None:
+    for rel in m["files"]:
+        path = root / rel
+        if path.is_file() and not path.is_symlink():
+            m["files"][rel] = sha256_file(path)
+        elif path.is_symlink() and path.resolve().is_file():
+            m["files"][rel] = sha256_file(path.resolve())
+
+
+def first_program(root: Path) -> str:
+    return read_msgpack(root / "manifest.msgpack")["buckets"][0]["program"]
+
+
+def read_safetensors(path: Path) -> tuple[dict, bytes]:
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def write_safetensors(path: Path, header: dict, payload: bytes) -> None:
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + payload)
