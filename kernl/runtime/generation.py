@@ -145,7 +145,11 @@ class GenerativeModel:
             state = self._start(plan, temperature, top_k, top_p, seed)
             n = 0
             for n, _ in enumerate(self._run(plan, state), 1):
-                if n % FINISHED_CHECK_EVERY == 0 and bool(state.finished[: plan.batch].all()):
+                if (
+                    plan.eos
+                    and n % FINISHED_CHECK_EVERY == 0
+                    and bool(state.finished[: plan.batch].all())
+                ):
                     break
             new = state.out[: plan.batch, :n].to("cpu", copy=True)
         new = new[:, : _generated_length(new, plan.eos)]
