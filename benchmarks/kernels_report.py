@@ -5,7 +5,9 @@ comparison of the kernel-library issue, printed as markdown tables; JSON + log u
 
 "kernl default" is the launcher's default config; "kernl tuned" is the best of the file's
 tuning space for that exact shape (what kernl-compile's tuner would store). Times are medians
-of CUDA-event timings (triton.testing.do_bench)."""
+of CUDA-event timings of CUDA-graph replays (see bench_utils.py). --ws runs only the
+warp-specialised configs (kept in a separate process: a compiler crash there must not take the
+main report down)."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ RESULTS: dict = {"info": {}, "ceilings": {}, "correctness": [], "bench": []}
 
 
 def save() -> None:
-    with open(os.path.join(OUT, "kernels_report.json"), "w") as f:
+    with open(os.path.join(OUT, os.environ.get("REPORT_JSON", "kernels_report.json")), "w") as f:
         json.dump(RESULTS, f, indent=1)
 
 
@@ -195,17 +197,19 @@ def cases() -> list[bu.Case]:
     return out
 
 
-def bench(case: bu.Case, tune: bool, deadline: float) -> dict:
+def bench(case: bu.Case, tune: bool, deadline: float, ws: bool = False) -> dict:
     row = {"op": case.op, "shape": case.label, "flops": case.flops, "bytes": case.bytes}
     for impl in case.impls:
         row[impl if impl != "kernl" else "kernl_default"] = bu.median_ms(case.make(impl))
     best, best_cfg = row["kernl_default"], "default"
     if tune and case.configs is not None and time.time() < deadline:
         for cfg in case.configs():
+            if getattr(cfg, "warp_specialize", False) != ws:
+                continue
             if time.time() > deadline:
                 break
             try:
-                ms = bu.median_ms(case.make("kernl", cfg), warmup=10, rep=40)
+                ms = bu.median_ms(case.make("kernl", cfg), rep=30)
             except Exception as e:  # out of shared memory / registers: skip the config
                 print(f"  {case.op} {case.label} {cfg}: {type(e).__name__}", flush=True)
                 continue
@@ -215,6 +219,14 @@ def bench(case: bu.Case, tune: bool, deadline: float) -> dict:
             best = bu.median_ms(case.make("kernl", best_cfg))  # re-time the winner properly
     row["kernl_tuned"], row["tuned_config"] = best, str(best_cfg)
     return row
+
+
+def _size(label: str) -> int:
+    """The sequence length or row count in a label ("hd64 L512 ..." -> 512, "M4096 ..." -> 4096)."""
+    for tok in label.split():
+        if tok[0] in "LM" and tok[1:].isdigit():
+            return int(tok[1:])
+    return 1 << 30
 
 
 def fmt_row(r: dict, copy_gbps: float) -> str:
@@ -234,17 +246,24 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=330)
     ap.add_argument("--no-tune", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated op names to benchmark")
+    ap.add_argument("--ws", action="store_true", help="tune over warp-specialised configs only")
+    ap.add_argument("--no-correctness", action="store_true")
+    ap.add_argument(
+        "--min-size", type=int, default=0, help="skip shapes whose label has a smaller L/M"
+    )
     args = ap.parse_args()
     start = time.time()
     RESULTS["info"] = bu.device_info() | {"date": time.strftime("%Y-%m-%d")}
     print(json.dumps(RESULTS["info"]), flush=True)
     ceilings()
     try:
-        correctness()
+        if not args.no_correctness:
+            correctness()
     except Exception:
         traceback.print_exc()
     print(f"correctness done at {time.time() - start:.0f}s", flush=True)
     todo = [c for c in cases() if not args.only or c.op in args.only.split(",")]
+    todo = [c for c in todo if _size(c.label) >= args.min_size]
     # defaults and stock first for every case, tuning sweeps with what time is left
     rows = []
     for c in todo:
@@ -262,7 +281,7 @@ def main() -> None:
             if rows[i] is None or time.time() > deadline:
                 continue
             try:
-                rows[i] = bench(c, tune=True, deadline=deadline)
+                rows[i] = bench(c, tune=True, deadline=deadline, ws=args.ws)
             except Exception:
                 traceback.print_exc()
             print(

@@ -29,9 +29,10 @@ def _attention_inner(acc, l_i, m_i, q, K_block, V_block, Bias_block, start_n_lo,
                      offs_m, offs_n, offs_d, kv_len, causal_offset, qk_scale,
                      stride_kn, stride_vn, stride_biasn, row_mask,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+                     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     WARP_SPECIALIZE: tl.constexpr):  # fmt: skip
     d_mask = offs_d < HEAD_DIM
-    for start_n in range(start_n_lo, end_n, BLOCK_N):
+    for start_n in tl.range(start_n_lo, end_n, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = start_n + offs_n
         # only the tail / diagonal blocks pay for bounds and causal masks
         if MASKED:
@@ -41,22 +42,29 @@ def _attention_inner(acc, l_i, m_i, q, K_block, V_block, Bias_block, start_n_lo,
             k = tl.load(K_block + cols[None, :] * stride_kn, mask=d_mask[:, None], other=0.0)
         else:
             k = tl.load(K_block + cols[None, :] * stride_kn)
-        qk = tl.dot(q, k) * qk_scale
+        qk = tl.dot(q, k)
         if HAS_BIAS:
             b_mask = row_mask[:, None]
             if MASKED:
                 b_mask = b_mask & (cols[None, :] < kv_len)
             bias = tl.load(Bias_block + cols[None, :] * stride_biasn, mask=b_mask, other=0.0)
-            qk += bias.to(tl.float32) * 1.4426950408889634
+            qk = qk * qk_scale + bias.to(tl.float32) * 1.4426950408889634
         if MASKED:
             visible = cols[None, :] < kv_len
             if IS_CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
             qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # without bias the scale stays folded into one FMA per score (qk_scale > 0)
+        if HAS_BIAS:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         # a row that has seen only -inf keeps m = -inf; subtract 0 instead to avoid NaN
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_safe[:, None])
+        if HAS_BIAS:
+            p = tl.math.exp2(qk - m_safe[:, None])
+        else:
+            p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -82,7 +90,7 @@ def _attention_fwd_kernel(Q, K, V, Out, Bias, KVLens,
                           stride_biasb, stride_biash, stride_biasm, stride_biasn,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          HAS_KV_LENS: tl.constexpr):  # fmt: skip
+                          HAS_KV_LENS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):  # fmt: skip
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
@@ -124,11 +132,11 @@ def _attention_fwd_kernel(Q, K, V, Out, Bias, KVLens,
     acc, l_i, m_i = _attention_inner(acc, l_i, m_i, q, K_block, V_block, Bias_block, 0, full_hi,
                                      offs_m, offs_n, offs_d, kv_len, causal_offset, qk_scale,
                                      stride_kn, stride_vn, stride_biasn, row_mask,
-                                     HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_BIAS)  # fmt: skip
+                                     HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_BIAS, WARP_SPECIALIZE)  # fmt: skip
     acc, l_i, m_i = _attention_inner(acc, l_i, m_i, q, K_block, V_block, Bias_block, full_hi, hi,
                                      offs_m, offs_n, offs_d, kv_len, causal_offset, qk_scale,
                                      stride_kn, stride_vn, stride_biasn, row_mask,
-                                     HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_BIAS)  # fmt: skip
+                                     HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_BIAS, False)  # fmt: skip
     # fully masked rows have l = 0 and acc = 0: output zeros, not 0/0
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptrs = (
@@ -178,6 +186,7 @@ class AttentionConfig:
     BLOCK_N: int = 64
     num_warps: int = 8
     num_stages: int = 3
+    warp_specialize: bool = False  # Triton's warp-specialised pipelining of the unmasked loop
 
 
 def attention_configs() -> list[AttentionConfig]:
@@ -187,11 +196,16 @@ def attention_configs() -> list[AttentionConfig]:
                          (64, 64, 4, 3), (64, 32, 4, 4), (64, 128, 4, 2), (128, 128, 8, 2),
                          (32, 32, 4, 2), (16, 32, 4, 2)]:  # fmt: skip
         out.append(AttentionConfig(bm, bn, w, s))
+    out += [AttentionConfig(128, 128, 4, 3, True), AttentionConfig(128, 64, 4, 3, True),
+            AttentionConfig(128, 128, 8, 3, True)]  # fmt: skip
     return out
 
 
-def default_attention_config(head_dim: int = 64) -> AttentionConfig:
-    return AttentionConfig(128, 64 if head_dim > 64 else 128, 8, 3)
+def default_attention_config(head_dim: int = 64, kv_len: int = 4096) -> AttentionConfig:
+    # the best of attention_configs() on an H100 (benchmarks/kernels_report.py, 2026-11-24)
+    if head_dim <= 64:
+        return AttentionConfig(128, 64, 8, 3) if kv_len >= 4096 else AttentionConfig(64, 64, 4, 3)
+    return AttentionConfig(128, 128, 8, 3) if kv_len >= 2048 else AttentionConfig(64, 64, 4, 3)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -205,8 +219,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     H_kv, Lk = k.shape[1], k.shape[2]
     assert k.shape == (B, H_kv, Lk, D) and v.shape == k.shape and H % H_kv == 0
     assert D <= 256, "head dim above 256 does not fit one block"
-    config = config or default_attention_config(D)
+    config = config or default_attention_config(D, Lk)
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    assert sm_scale > 0, "the folded exp2 scaling assumes a positive softmax scale"
     if key_padding_mask is not None:
         # arbitrary padding patterns ride the bias path: 0 / -inf, broadcast over heads, rows
         pad = torch.zeros(key_padding_mask.shape, dtype=torch.float32, device=q.device)
@@ -229,6 +244,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides,
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=config.BLOCK_M,
         BLOCK_N=config.BLOCK_N, IS_CAUSAL=causal, HAS_BIAS=has_bias, HAS_KV_LENS=has_lens,
+        WARP_SPECIALIZE=config.warp_specialize,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
@@ -257,7 +273,7 @@ def launch_from_dict(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 JIT_FUNCTIONS = (_attention_fwd_kernel,)
-DEFAULT_CONFIG = AttentionConfig()
+DEFAULT_CONFIG = default_attention_config()
 CONFIG_TYPE = AttentionConfig
 configs = attention_configs
 launch = attention

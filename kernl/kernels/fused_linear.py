@@ -43,7 +43,7 @@ def _fused_linear_kernel(X, W, Bias, Residual, Out,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr, ACTIVATION: tl.constexpr,
                          HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                         EVEN_K: tl.constexpr):  # fmt: skip
+                         EVEN_K: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -63,7 +63,7 @@ def _fused_linear_kernel(X, W, Bias, Residual, Out,
     w_ptrs = W + offs_wn[None, :] * stride_wn + offs_k[:, None] * stride_wk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WARP_SPECIALIZE):
         if EVEN_K:
             x = tl.load(x_ptrs)
             w = tl.load(w_ptrs)
@@ -116,6 +116,7 @@ class LinearConfig:
     GROUP_M: int = 8
     num_warps: int = 8
     num_stages: int = 3
+    warp_specialize: bool = False  # Triton's warp-specialised pipelining of the K loop
 
 
 def linear_configs() -> list[LinearConfig]:
@@ -124,13 +125,17 @@ def linear_configs() -> list[LinearConfig]:
               (128, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
               (128, 256, 64, 8, 4), (64, 256, 64, 4, 4), (128, 128, 32, 4, 4),
               (64, 64, 64, 4, 4), (64, 32, 64, 4, 5), (32, 64, 64, 4, 5)]  # fmt: skip
-    return [LinearConfig(bm, bn, bk, 8, w, s) for bm, bn, bk, w, s in shapes]
+    out = [LinearConfig(bm, bn, bk, 8, w, s) for bm, bn, bk, w, s in shapes]
+    out += [LinearConfig(256, 128, 64, 8, 8, 4), LinearConfig(128, 128, 128, 8, 8, 3),
+            LinearConfig(128, 256, 64, 8, 4, 3, True), LinearConfig(128, 128, 64, 8, 4, 4, True),
+            LinearConfig(128, 256, 64, 8, 8, 3, True)]  # fmt: skip
+    return out
 
 
 def default_linear_config(M: int, N: int) -> LinearConfig:
     # big tiles when they still give every SM of an H100 work, smaller ones otherwise
-    if triton.cdiv(M, 128) * triton.cdiv(N, 256) >= 132:
-        return LinearConfig(128, 256, 64, 8, 8, 3)
+    if triton.cdiv(M, 256) * triton.cdiv(N, 128) >= 132:
+        return LinearConfig(256, 128, 64, 8, 8, 3)
     if triton.cdiv(M, 128) * triton.cdiv(N, 128) >= 132:
         return LinearConfig(128, 128, 64, 8, 8, 3)
     return LinearConfig(64, 64, 64, 8, 4, 4)
@@ -161,6 +166,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K,
         GROUP_M=config.GROUP_M, ACTIVATION=activation, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None, EVEN_K=K % config.BLOCK_K == 0,
+        WARP_SPECIALIZE=config.warp_specialize,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
