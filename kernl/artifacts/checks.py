@@ -20,7 +20,11 @@ from .schema import MANIFEST_FILE, Bucket, Manifest, is_safe_relative_path
 TENSOR_DTYPES = frozenset(
     "float16 bfloat16 float32 float64 int8 uint8 int16 int32 int64 bool".split()
 )
-INPUT_DTYPES = frozenset("int8 uint8 int16 int32 int64 bool".split())
+# Integer dtypes an input may have, with the range its pad value must fit in.
+INPUT_DTYPES = {
+    "int8": (-(1 << 7), 1 << 7), "uint8": (0, 1 << 8), "int16": (-(1 << 15), 1 << 15),
+    "int32": (-(1 << 31), 1 << 31), "int64": (-(1 << 63), 1 << 63), "bool": (0, 2),
+}  # fmt: skip
 INPUT_DEFAULTS = ("required", "zeros", "ones")
 TARGETS = ("cpu", "cuda")
 OP_NAME = re.compile(
@@ -46,6 +50,10 @@ def _is_int(x: Any) -> bool:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _one_of(x: Any, allowed) -> bool:
+    return isinstance(x, str) and x in allowed
 
 
 def _require(ok: bool, where: str, what: str) -> None:
@@ -75,8 +83,8 @@ def check_manifest(m: Manifest, where: str, limits: ReadLimits = DEFAULT_LIMITS)
     for name in ("cuda_version", "gpu_name", "compute_capability"):
         value = getattr(m, name)
         _require(value is None or isinstance(value, str), where, f"{name} is not a string")
-    _require(m.target in TARGETS, where, f"target {m.target!r} is not one of {TARGETS}")
-    _require(m.dtype in TENSOR_DTYPES, where, f"dtype {m.dtype!r} is not a known dtype")
+    _require(_one_of(m.target, TARGETS), where, f"target {m.target!r} is not one of {TARGETS}")
+    _require(_one_of(m.dtype, TENSOR_DTYPES), where, f"dtype {m.dtype!r} is not a known dtype")
     _require(isinstance(m.model_config, dict), where, "model_config is not a map")
     _require(isinstance(m.extra, dict), where, "extra is not a map")
 
@@ -87,11 +95,12 @@ def check_manifest(m: Manifest, where: str, limits: ReadLimits = DEFAULT_LIMITS)
                  f"input name {spec.name!r} is not an identifier")  # fmt: skip
         _require(spec.name not in seen, where, f"input {spec.name!r} is listed twice")
         seen.add(spec.name)
-        _require(spec.dtype in INPUT_DTYPES, where,
+        _require(_one_of(spec.dtype, INPUT_DTYPES), where,
                  f"input {spec.name!r} has dtype {spec.dtype!r}, not an integer dtype")  # fmt: skip
-        _require(_is_int(spec.pad_value) and -(1 << 63) <= spec.pad_value < 1 << 63, where,
-                 f"input {spec.name!r} has pad value {spec.pad_value!r}")  # fmt: skip
-        _require(spec.default in INPUT_DEFAULTS, where,
+        lo, hi = INPUT_DTYPES[spec.dtype]
+        _require(_is_int(spec.pad_value) and lo <= spec.pad_value < hi, where,
+                 f"input {spec.name!r} has pad value {spec.pad_value!r}, not a {spec.dtype}")  # fmt: skip
+        _require(_one_of(spec.default, INPUT_DEFAULTS), where,
                  f"input {spec.name!r} has default {spec.default!r}")  # fmt: skip
 
     _require(isinstance(m.outputs, list) and m.outputs, where, "no outputs")
@@ -102,7 +111,7 @@ def check_manifest(m: Manifest, where: str, limits: ReadLimits = DEFAULT_LIMITS)
         _require(spec.name not in seen, where, f"output {spec.name!r} is listed twice")
         seen.add(spec.name)
         _require(
-            spec.dtype in TENSOR_DTYPES, where, f"output {spec.name!r} has dtype {spec.dtype!r}"
+            _one_of(spec.dtype, TENSOR_DTYPES), where, f"output {spec.name!r} has dtype {spec.dtype!r}"
         )
         _require(_is_int(spec.batch_axis) and 0 <= spec.batch_axis < MAX_AXIS, where,
                  f"output {spec.name!r} has batch axis {spec.batch_axis!r}")  # fmt: skip

@@ -81,9 +81,11 @@ def read_manifest(root: str | os.PathLike, limits: ReadLimits = DEFAULT_LIMITS) 
     _check_manifest_checksum(path, raw)
     try:
         manifest = Manifest.from_dict(raw)
+        check_manifest(manifest, str(path), limits)
+    except ArtifactError:
+        raise
     except Exception as e:
         raise ArtifactCorruptError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from e
-    check_manifest(manifest, str(path), limits)
     return manifest
 
 

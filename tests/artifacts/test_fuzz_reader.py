@@ -1,0 +1,185 @@
+"""Property-based fuzzing of the reader, bounded for CI (derandomized, a few hundred cases).
+
+Raw: flip, overwrite, insert or cut bytes of one file of a valid artifact. The reader must
+refuse with an ArtifactError, never another exception, and never accept altered content
+(every file is hashed; the manifest carries its own checksum).
+
+Structured: edit one node of a decoded manifest, program or weights header (any msgpack
+value, or a deletion) and re-sign the artifact, as a malicious author would. `verify_artifact`
+and `kernl.runtime.load` may accept the result or refuse it with an ArtifactError; any other
+exception type is a reader bug."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from artifact_edit import (
+    copy_artifact,
+    first_program,
+    read_msgpack,
+    read_safetensors,
+    resign,
+    write_msgpack,
+    write_safetensors,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kernl.runtime
+from kernl.artifacts import ArtifactError, pack_manifest, read_manifest, verify_artifact
+from kernl.artifacts.schema import MANIFEST_CHECKSUM_KEY
+
+FUZZ = settings(
+    max_examples=200, deadline=None, derandomize=True, database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def work(small_artifact, tmp_path_factory) -> Path:
+    """One copy per module; each example restores what it changed."""
+    return copy_artifact(small_artifact, tmp_path_factory.mktemp("fuzz") / "artifact")
+
+
+def _files(root: Path) -> list[str]:
+    return ["manifest.msgpack", first_program(root), "weights.safetensors"]
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {rel: (root / rel).read_bytes() for rel in _files(root)}
+
+
+def _restore(root: Path, saved: dict[str, bytes]) -> None:
+    for rel, data in saved.items():
+        (root / rel).write_bytes(data)
+
+
+def _outcome(root: Path) -> tuple[bool, bool]:
+    """(verify accepted, load accepted); any exception but ArtifactError propagates."""
+    results = []
+    for check in (verify_artifact, lambda r: kernl.runtime.load(r, device="cpu")):
+        try:
+            check(root)
+            results.append(True)
+        except ArtifactError:
+            results.append(False)
+    return results[0], results[1]
+
+
+mutation = st.tuples(
+    st.sampled_from(["flip", "overwrite", "insert", "cut"]),
+    st.floats(min_value=0, max_value=1, exclude_max=True),
+    st.integers(min_value=0, max_value=255),
+    st.binary(min_size=1, max_size=16),
+)
+
+
+@FUZZ
+@given(which=st.integers(min_value=0, max_value=2), mutation=mutation)
+def test_raw_mutation_is_refused_or_harmless(work, which, mutation):
+    kind, where, byte, blob = mutation
+    rel = _files(work)[which]
+    saved = _snapshot(work)
+    original_manifest = read_manifest(work)
+    data = bytearray(saved[rel])
+    i = int(where * len(data))
+    if kind == "flip":
+        data[i] ^= 1 << (byte % 8)
+    elif kind == "overwrite":
+        data[i] = byte
+    elif kind == "insert":
+        data[i:i] = blob
+    else:
+        del data[i:]
+    try:
+        (work / rel).write_bytes(bytes(data))
+        verified, loaded = _outcome(work)
+        if verified or loaded:
+            # Accepted: only if nothing that matters changed.
+            if rel == "manifest.msgpack":
+                assert read_manifest(work) == original_manifest
+            else:
+                assert bytes(data) == saved[rel], f"{rel} altered by {kind} at {i} was accepted"
+    finally:
+        _restore(work, saved)
+
+
+leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1),
+    st.floats(allow_nan=True), st.text(max_size=12), st.binary(max_size=8),
+    st.sampled_from(["float32", "int64", "aten.add.Tensor", "kernl.linear", "../x", "/etc/passwd"]),
+    st.sampled_from([0, 1, -1, 2, 7, 1 << 20, 1 << 40]),
+)  # fmt: skip
+value = st.recursive(
+    leaf,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def _locations(node: Any, skip: str = "") -> list[tuple[Any, Any]]:
+    """Every (container, key) in a decoded msgpack tree."""
+    out = []
+    items = (
+        node.items()
+        if isinstance(node, dict)
+        else enumerate(node)
+        if isinstance(node, list)
+        else ()
+    )
+    for k, v in items:
+        if k == skip:
+            continue
+        out.append((node, k))
+        out.extend(_locations(v, skip))
+    return out
+
+
+json_value = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(min_value=-(1 << 64), max_value=1 << 64),
+              st.floats(allow_nan=False), st.text(max_size=12),
+              st.sampled_from(["F32", "I64", "BOOL", "F128"])),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)  # fmt: skip
+
+
+def _edit(tree: Any, data, skip: str = "", values=value) -> None:
+    where = _locations(tree, skip)
+    # A uniform pick: hypothesis's integers favour small values, which would mostly hit the
+    # first fields of a file.
+    container, key = where[data.draw(st.randoms(use_true_random=False)).randrange(len(where))]
+    if data.draw(st.booleans()):
+        del container[key]
+    else:
+        container[key] = data.draw(values)
+
+
+@FUZZ
+@given(which=st.integers(min_value=0, max_value=2), data=st.data())
+def test_resigned_structured_edit_raises_only_artifact_errors(work, which, data):
+    rel = _files(work)[which]
+    saved = _snapshot(work)
+    try:
+        if rel == "manifest.msgpack":
+            m = read_msgpack(work / rel)
+            _edit(m, data, skip=MANIFEST_CHECKSUM_KEY)
+            (work / rel).write_bytes(pack_manifest(m) if isinstance(m, dict) else msgpack.packb(m))
+        elif rel.endswith(".msgpack"):
+            p = read_msgpack(work / rel)
+            _edit(p, data)
+            write_msgpack(work / rel, p)
+            resign(work)
+        else:
+            header, payload = read_safetensors(work / rel)
+            _edit(header, data, values=json_value)
+            write_safetensors(work / rel, header, payload)
+            resign(work)
+        _outcome(work)  # accepted or ArtifactError; anything else fails the test
+    finally:
+        _restore(work, saved)
