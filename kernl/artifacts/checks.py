@@ -111,7 +111,9 @@ def check_manifest(m: Manifest, where: str, limits: ReadLimits = DEFAULT_LIMITS)
         _require(spec.name not in seen, where, f"output {spec.name!r} is listed twice")
         seen.add(spec.name)
         _require(
-            _one_of(spec.dtype, TENSOR_DTYPES), where, f"output {spec.name!r} has dtype {spec.dtype!r}"
+            _one_of(spec.dtype, TENSOR_DTYPES),
+            where,
+            f"output {spec.name!r} has dtype {spec.dtype!r}",
         )
         _require(_is_int(spec.batch_axis) and 0 <= spec.batch_axis < MAX_AXIS, where,
                  f"output {spec.name!r} has batch axis {spec.batch_axis!r}")  # fmt: skip

@@ -90,6 +90,13 @@ def check_destination(destination: str | os.PathLike, needed_bytes: int = 0) -> 
     writing a file there), or too little free space (`needed_bytes`, at least MIN_FREE_BYTES).
     Raises ArtifactDestinationError."""
     dest = Path(destination).expanduser().absolute()
+    try:
+        return _check_destination(dest, needed_bytes)
+    except OSError as e:  # e.g. a folder on the way that this user cannot enter
+        raise ArtifactDestinationError(f"cannot write {dest}: {e.strerror} ({e.filename})") from e
+
+
+def _check_destination(dest: Path, needed_bytes: int) -> Path:
     if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
         raise ArtifactDestinationError(f"{dest} exists and is not a folder; refusing to replace it")
     if dest.exists() and any(dest.iterdir()) and not (dest / MANIFEST_FILE).is_file():
