@@ -17,6 +17,7 @@ import torch
 
 import kernl.runtime
 from conftest import WORDS
+from kernl.serving.loadgen import run_load
 
 N_REQUESTS = 200
 TOL = dict(atol=2e-5, rtol=1e-4)
@@ -182,6 +183,13 @@ def test_concurrent_requests_match_direct_calls_and_share_replays(server, tiny_a
     assert metrics["batched_replays"] > 0 and metrics["max_requests_per_replay"] > 1
     assert metrics["replays"] < rows  # concurrent requests shared replays
     assert sorted(metrics["replays_by_replica"]) == sorted(replicas)
+
+
+def test_load_generator_against_the_server(server):
+    result = run_load(f"http://127.0.0.1:{server}/", clients=4, requests_per_client=5, seq=12,
+                      vocab=120, outputs=["pooler_output"], warmup=1)  # fmt: skip
+    assert result.errors == 0 and result.requests == 20
+    assert 0 < result.p50_ms <= result.p99_ms and result.sequences_per_s > 0
 
 
 def test_unknown_route_and_method_get_4xx(server):

@@ -1,0 +1,168 @@
+"""Device script (GPU): BERT-base fp16 (random weights, BertConfig()) compiled for
+batch=1,8,16,64 seq=128, then
+  direct    kernl.runtime.load(...) called with CPU tensors of (batch, 128), outputs to CPU;
+  layer     kernl.serving's request path in one process, no Ray or HTTP: N JSON bodies
+            parsed, planned into buckets, run, answers encoded to JSON (N = batch);
+  serve     `python -m kernl.serving` on Ray Serve (only when Ray is importable), N
+            concurrent clients of one 128-token sequence each (kernl.serving.loadgen).
+Writes $OUT/serve_bench.json and prints a table. Usage: python3 device_bench.py OUT_DIR"""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers as T
+
+import kernl.compiler
+import kernl.runtime
+from kernl.serving.batching import plan_groups, run_group
+from kernl.serving.loadgen import percentile
+from kernl.serving.protocol import ModelLimits, parse_request, response_body
+
+OUT = Path(sys.argv[1])
+SIZES = (1, 8, 16, 64)
+SEQ = 128
+OUTPUTS = ["pooler_output"]
+
+
+def timed(fn, n):
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def summary(times, batch):
+    p50 = percentile(times, 0.5)
+    return {
+        "batch": batch,
+        "p50_ms": 1000 * p50,
+        "p99_ms": 1000 * percentile(times, 0.99),
+        "sequences_per_s": batch / p50,
+        "calls": len(times),
+    }
+
+
+def main():
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    try:
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+
+        results["ray"] = ray.__version__
+    except Exception as e:
+        results["ray"] = None
+        results["ray_error"] = f"{type(e).__name__}: {e}"
+    print("ray:", results["ray"], results.get("ray_error", ""), flush=True)
+
+    torch.manual_seed(0)
+    art = Path("/tmp/bert-base-serve.kernl")
+    t0 = time.perf_counter()
+    kernl.compiler.compile(
+        T.BertModel(T.BertConfig()).eval(),
+        f"batch={','.join(map(str, SIZES))} seq={SEQ}",
+        art,
+        dtype="fp16",
+    )
+    results["compile_s"] = time.perf_counter() - t0
+    print(f"compiled in {results['compile_s']:.0f} s", flush=True)
+    model = kernl.runtime.load(art)
+    g = torch.Generator().manual_seed(1)
+
+    results["direct"] = []
+    for b in SIZES:
+        ids = torch.randint(5, 30000, (b, SEQ), generator=g)
+        call = lambda: model(input_ids=ids)["pooler_output"].cpu()
+        timed(call, 5)
+        results["direct"].append(summary(timed(call, 100), b))
+        print("direct", results["direct"][-1], flush=True)
+
+    limits = ModelLimits(
+        model.manifest.inputs, model.output_names, list(model.buckets), 30522, max_rows=64
+    )
+    results["layer"] = []
+    for b in SIZES:
+        bodies = [
+            json.dumps(
+                {
+                    "input_ids": torch.randint(5, 30000, (SEQ,), generator=g).tolist(),
+                    "outputs": OUTPUTS,
+                }
+            ).encode()
+            for _ in range(b)
+        ]
+
+        def serve_layer():
+            reqs = [parse_request(x, limits) for x in bodies]
+            rows = [r.rows[0] for r in reqs]
+            per_row = [None] * len(rows)
+            for group in plan_groups([r.length for r in rows], model.buckets):
+                for k, out in zip(group.rows, run_group(model, [rows[k] for k in group.rows])):
+                    per_row[k] = out
+            return [json.dumps(response_body([per_row[i]], reqs[i], {})) for i in range(b)]
+
+        timed(serve_layer, 3)
+        results["layer"].append(summary(timed(serve_layer, 50), b))
+        print("layer", results["layer"][-1], flush=True)
+
+    if results["ray"]:
+        from kernl.serving.loadgen import run_load
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log = open(OUT / "serve.log", "w")
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kernl.serving",
+                str(art),
+                "--port",
+                str(port),
+                "--max-batch-size",
+                "64",
+                "--batch-wait-ms",
+                "2",
+                "--ray-address",
+                "local",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            import urllib.request
+
+            for _ in range(240):
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                    break
+                except OSError:
+                    time.sleep(0.5)
+            results["serve"] = []
+            for clients in (1, 16, 64):
+                n = {1: 200, 16: 40, 64: 20}[clients]
+                r = run_load(f"http://127.0.0.1:{port}/", clients, n, SEQ, 30000, OUTPUTS)
+                results["serve"].append(r.__dict__)
+                print("serve", r, flush=True)
+            r = run_load(f"http://127.0.0.1:{port}/", 16, 20, SEQ, 30000, None)
+            results["serve_all_outputs_16"] = r.__dict__
+            print("serve all outputs", r, flush=True)
+            results["metrics"] = json.loads(
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read()
+            )
+        finally:
+            proc.send_signal(2)
+            proc.wait(timeout=60)
+    (OUT / "serve_bench.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
