@@ -112,3 +112,11 @@ def attention(
 
         return attention_kernel.launch_from_dict(q, k, v, mask, scale, causal, _config(config))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+@register_kernl_op("mask_to_bias")
+def mask_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True = attend) as an additive 0 / -inf bias, computed once
+    per forward instead of once per attention layer."""
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return bias.masked_fill(~mask, float("-inf"))

@@ -78,6 +78,9 @@ def test_full_rewrite_of_bert(bert):
     o = ops(after)
     assert o["kernl.linear"] == 2 * 4 + 1  # qkv, out, up, down per layer + pooler
     assert o["kernl.attention"] == 2 and o["kernl.layer_norm"] == 5
+    assert o["kernl.mask_to_bias"] == 1  # both layers read one bias
+    biases = {i.args[3]["v"] for i in after.instructions if i.op == "kernl.attention"}
+    assert len(biases) == 1
     assert "aten.linear.default" not in o and "aten.gelu.default" not in o
     assert "aten.scaled_dot_product_attention.default" not in o
     epilogues = Counter(

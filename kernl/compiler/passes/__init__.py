@@ -9,9 +9,16 @@ from kernl.artifacts.program import Program, iter_value_refs
 
 from .fuse_linear import fuse_linear
 from .fuse_qkv import fuse_qkv
-from .norm_attention import replace_attention, replace_layer_norm
+from .norm_attention import hoist_attention_mask, replace_attention, replace_layer_norm
 
-__all__ = ["fuse_linear", "fuse_qkv", "replace_attention", "replace_layer_norm", "rewrite"]
+__all__ = [
+    "fuse_linear",
+    "fuse_qkv",
+    "hoist_attention_mask",
+    "replace_attention",
+    "replace_layer_norm",
+    "rewrite",
+]
 
 
 def rewrite(program: Program, weights: dict[str, torch.Tensor]) -> Program:
@@ -20,6 +27,7 @@ def rewrite(program: Program, weights: dict[str, torch.Tensor]) -> Program:
     program = fuse_linear(program)
     program = replace_layer_norm(program)
     program = replace_attention(program)
+    program = hoist_attention_mask(program)
     return drop_unused_weights(program)
 
 

@@ -65,3 +65,33 @@ def replace_attention(program: Program) -> Program:
             "kernl.attention", [q, k, v, mask, scale, bool(causal)], {}, ins.outputs
         )
     return view.commit()
+
+
+def hoist_attention_mask(program: Program) -> Program:
+    """kernl.attention instructions sharing a boolean mask read one additive bias made once
+    (kernl.mask_to_bias) instead of each converting the mask again."""
+    view = ProgramView(program)
+    by_mask: dict[int, list[int]] = {}
+    for n, ins in enumerate(program.instructions):
+        if ins.op == "kernl.attention" and ref(ins.args[3]) is not None:
+            mask = ref(ins.args[3])
+            if view.dtype(mask) == "bool":
+                by_mask.setdefault(mask, []).append(n)
+    inserts: dict[int, Instruction] = {}
+    for mask, users in by_mask.items():
+        dtype = view.dtype(ref(program.instructions[users[0]].args[0]))
+        if dtype is None:
+            continue
+        bias = view.new_value(view.shape(mask), dtype)
+        inserts[users[0]] = Instruction(
+            "kernl.mask_to_bias", [{"v": mask}, {"dtype": dtype}], {}, [bias]
+        )
+        for n in users:
+            program.instructions[n].args[3] = {"v": bias}
+    out: list[Instruction] = []
+    for n, ins in enumerate(program.instructions):
+        if n in inserts:
+            out.append(inserts[n])
+        out.append(ins)
+    program.instructions = out
+    return view.commit()
