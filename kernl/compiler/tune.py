@@ -30,6 +30,7 @@ TUNABLE = {
     "kernl.linear": ("fused_linear", "linear_config_dicts"),
     "kernl.layer_norm": ("norm", "layer_norm_config_dicts"),
     "kernl.attention": ("attention", "attention_config_dicts"),
+    "kernl.bert_embeddings": ("bert_embeddings", "configs"),
 }
 
 
@@ -69,10 +70,12 @@ def _kernel_source_hash(module: str) -> str:
 
 
 def _configs(op: str) -> list[dict[str, Any]]:
+    import dataclasses
     import importlib
 
     module, fn = TUNABLE[op]
-    return list(getattr(importlib.import_module(f"kernl.kernels.{module}"), fn)())
+    found = getattr(importlib.import_module(f"kernl.kernels.{module}"), fn)()
+    return [c if isinstance(c, dict) else dataclasses.asdict(c) for c in found]
 
 
 def _kernel_available(op: str) -> bool:

@@ -120,3 +120,34 @@ def mask_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     per forward instead of once per attention layer."""
     bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
     return bias.masked_fill(~mask, float("-inf"))
+
+
+@register_kernl_op("bert_embeddings")
+def bert_embeddings(
+    word_ids: torch.Tensor,
+    word: torch.Tensor,
+    pos_ids: torch.Tensor,
+    pos: torch.Tensor,
+    type_ids: torch.Tensor,
+    types: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    impl: str = "aten",
+    config: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """layer_norm(word[word_ids] + pos[pos_ids] + types[type_ids]) in one pass."""
+    _check_impl(impl)
+    B, L = word_ids.shape
+    # any of the three index tensors may be a [1, L] row (positions): broadcast all of them
+    word_ids, pos_ids, type_ids = (t.expand(B, L) for t in (word_ids, pos_ids, type_ids))
+    if impl == "triton" and bias is not None:
+        from kernl.kernels import bert_embeddings as kernel
+
+        cfg = _config(config)
+        return kernel.bert_embeddings(
+            word_ids, word, pos, types, weight, bias, eps, token_type_ids=type_ids,
+            position_ids=pos_ids, config=kernel.CONFIG_TYPE(**cfg) if cfg else None,
+        )  # fmt: skip
+    x = F.embedding(word_ids, word) + F.embedding(pos_ids, pos) + F.embedding(type_ids, types)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)

@@ -77,7 +77,8 @@ def test_full_rewrite_of_bert(bert):
     after = rewrite(copy.deepcopy(program), weights)
     o = ops(after)
     assert o["kernl.linear"] == 2 * 4 + 1  # qkv, out, up, down per layer + pooler
-    assert o["kernl.attention"] == 2 and o["kernl.layer_norm"] == 5
+    assert o["kernl.attention"] == 2 and o["kernl.layer_norm"] == 4
+    assert o["kernl.bert_embeddings"] == 1 and "aten.embedding.default" not in o
     assert o["kernl.mask_to_bias"] == 1  # both layers read one bias
     biases = {i.args[3]["v"] for i in after.instructions if i.op == "kernl.attention"}
     assert len(biases) == 1

@@ -7,11 +7,13 @@ import torch
 
 from kernl.artifacts.program import Program, iter_value_refs
 
+from .embeddings import fuse_bert_embeddings
 from .fuse_linear import fuse_linear
 from .fuse_qkv import fuse_qkv
 from .norm_attention import hoist_attention_mask, replace_attention, replace_layer_norm
 
 __all__ = [
+    "fuse_bert_embeddings",
     "fuse_linear",
     "fuse_qkv",
     "hoist_attention_mask",
@@ -26,6 +28,7 @@ def rewrite(program: Program, weights: dict[str, torch.Tensor]) -> Program:
     program = fuse_qkv(program, weights)
     program = fuse_linear(program)
     program = replace_layer_norm(program)
+    program = fuse_bert_embeddings(program)
     program = replace_attention(program)
     program = hoist_attention_mask(program)
     return drop_unused_weights(program)
