@@ -243,7 +243,11 @@ def _kernel_lines(r: InspectReport) -> list[str]:
             lines.append(f"  {k['name']:<18} {k['function']:<32} warps={k['num_warps']} "
                          f"shared={k['shared_mem']} {extra} {_mib(k['bytes'])}")  # fmt: skip
     else:
-        why = "no binaries are built for the CPU" if r.target == "cpu" else "no Triton kernel was chosen"
+        why = (
+            "no binaries are built for the CPU"
+            if r.target == "cpu"
+            else "no Triton kernel was chosen"
+        )
         lines.append(f"kernel binaries: none ({why})")
     if any(b.kernel_choices for b in r.buckets):
         # Buckets whose programs made the same choices share one block.
