@@ -133,6 +133,9 @@ def main() -> None:
             t = cuda_time_ms(lambda: model(**x), iters=args.iters)
             rows[(b, s)][name] = statistics.median(t)
             rows[(b, s)][name + " err"] = err
+            graph = model._runners[model.select_bucket(b, s)].graph
+            replay = statistics.median(cuda_time_ms(graph.replay, iters=args.iters))
+            rows[(b, s)][name + " replay"] = replay
             note(
                 f"{name} {b}x{s}: median {statistics.median(t):.3f} ms, max |err| vs eager {err:.3g}"
             )
