@@ -111,7 +111,18 @@ def attention(
         from kernl.kernels import attention as attention_kernel
 
         return attention_kernel.launch_from_dict(q, k, v, mask, scale, causal, _config(config))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    if causal:
+        # bottom-right aligned, like the kernel: query i sees key j <= i + (Lk - Lq)
+        lq, lk = q.shape[-2], k.shape[-2]
+        rows = torch.arange(lq, device=q.device)[:, None]
+        visible = torch.arange(lk, device=q.device)[None, :] <= rows + (lk - lq)
+        if mask is None:
+            mask = visible
+        elif mask.dtype == torch.bool:
+            mask = mask & visible
+        else:
+            mask = mask.masked_fill(~visible, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 @register_kernl_op("mask_to_bias")

@@ -164,3 +164,16 @@ def test_layer_norm_absorbs_the_residual_add_and_attention_keeps_unsafe_forms():
     assert att.args[5] is True  # causal
     for a, b in zip(run(after, weights, inputs), run(program, weights, inputs)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lq, lk", [(5, 5), (5, 9), (1, 7)])
+def test_kernl_attention_aten_and_triton_agree_on_causal_with_mask(lq, lk):
+    from kernl.runtime.kernl_ops import attention
+
+    q, k, v = torch.randn(2, 4, lq, 32), torch.randn(2, 4, lk, 32), torch.randn(2, 4, lk, 32)
+    mask = torch.rand(2, 1, lq, lk) > 0.3
+    mask[..., 0] = True
+    for m in (None, mask):
+        a = attention(q, k, v, m, None, True, impl="aten")
+        b = attention(q, k, v, m, None, True, impl="triton")
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
