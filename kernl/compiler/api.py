@@ -148,7 +148,7 @@ def compile(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU")
     bucket_list = as_buckets(buckets)
-    check_destination(out)  # before any heavy work
+    check_destination(out, needed_bytes=_model_bytes(model_or_path))  # before any heavy work
 
     say(f"loading model {model_or_path if isinstance(model_or_path, (str, Path)) else ''}")
     model, task, source = load_model(model_or_path, task, torch_dtype, dev)
@@ -234,6 +234,18 @@ def compile(
         writer.commit(manifest)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _model_bytes(model_or_path) -> int:
+    """About what the artifact will need on disk, known before loading the model: the
+    model folder's weight files (+20%)."""
+    if isinstance(model_or_path, torch.nn.Module):
+        return int(sum(p.numel() * p.element_size() for p in model_or_path.parameters()) * 1.2)
+    folder = Path(str(model_or_path)).expanduser()
+    if not folder.is_dir():
+        return 0
+    files = list(folder.glob("*.safetensors")) + list(folder.glob("*.bin"))
+    return int(sum(f.stat().st_size for f in files) * 1.2)
 
 
 def _plain_config(config) -> dict:

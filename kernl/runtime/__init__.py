@@ -76,6 +76,20 @@ def _load_binaries(root: Path, manifest, device: torch.device) -> None:
 
 
 def _check_compatibility(manifest, device: torch.device) -> None:
+    """Before anything is loaded: toolchain versions (kernl.artifacts.check_compatibility) for
+    every artifact, the generative ones too, and the GPU architecture of kernel binaries."""
+    import importlib.metadata
+
+    from kernl.artifacts import check_compatibility
+
+    capability = None
+    if device.type == "cuda":
+        capability = "{}.{}".format(*torch.cuda.get_device_capability(device))
+    try:
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = "0.0"
+    check_compatibility(manifest, device.type, capability, torch.__version__, triton_version)
     if not manifest.kernels:
         return  # aten-only programs run anywhere torch does
     if device.type != "cuda":
