@@ -105,7 +105,10 @@ class KernlServer:
         except RequestError as e:
             self.stats.record_requests.remote(bad=1)
             return _json({"error": str(e)}, status=e.status)
-        result = await self.handle_batch(parsed)
+        try:
+            result = await self.handle_batch(parsed)
+        except Exception as e:  # a failed replay fails its batch; the replica keeps serving
+            return _json({"error": f"model call failed: {type(e).__name__}: {e}"}, status=500)
         self.stats.record_requests.remote(served=1)
         return _json(result)
 
