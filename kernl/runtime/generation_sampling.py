@@ -62,7 +62,26 @@ def uniform_noise(counter: torch.Tensor, seed: torch.Tensor, step: torch.Tensor)
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
-    return torch.argmax(logits, dim=-1)
+    """argmax over the vocabulary (first index among equal maxima, like torch.argmax), in two
+    stages: one row of 128k logits is a single-block reduction on the GPU (~37 us on an H100),
+    while chunks of a few hundred spread over the whole chip."""
+    bsz, vocab = logits.shape
+    chunk = _chunk_size(vocab)
+    if chunk is None:
+        return torch.argmax(logits, dim=-1)
+    best, where = logits.view(bsz, vocab // chunk, chunk).max(dim=-1)
+    which = torch.argmax(best, dim=-1, keepdim=True)  # first chunk holding the maximum
+    return (which * chunk + where.gather(-1, which)).squeeze(-1)
+
+
+def _chunk_size(vocab: int) -> int | None:
+    """A divisor of `vocab` near its square root (None for small or prime-ish sizes)."""
+    if vocab < 4096:
+        return None
+    for c in range(int(vocab**0.5), 63, -1):
+        if vocab % c == 0:
+            return c
+    return None
 
 
 def sample(

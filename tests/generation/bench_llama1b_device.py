@@ -1,6 +1,6 @@
 """Device benchmark of causal-LM generation on a Llama-3.2-1B-shaped random model (bf16).
 
-    PYTHONUNBUFFERED=1 python tests/generation/bench_llama1b_device.py OUT_DIR [--skip-hf-static]
+    PYTHONUNBUFFERED=1 python tests/generation/bench_llama1b_device.py OUT_DIR [--skip-hf-static] [--skip-hf-eager]
 
 Measures, in one process (and fresh child processes for start-up): compile + validation of
 12 buckets; per-step logits of kernl and HF eager (bf16) against an fp32 eager reference over
@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-BUCKETS = "batch=1,4,8 prompt=128,512,1024 cache=2048"
+# 12 buckets: 6 prefill (batch x prompt) and 6 decode (batch x kv length); a step with fewer
+# than 512 tokens in the cache attends to 512 slots only.
+BUCKETS = "batch=1,4,8 prompt=128,1024 cache=512,2048"
 PROMPT, NEW = 128, 256
 T0 = time.perf_counter()
 RESULTS: dict = {}
@@ -83,10 +85,22 @@ def first_token_child(path: str, verify: bool) -> None:
         "reserved_GiB": torch.cuda.memory_reserved() / 2**30,
         "device_used_GiB": (total - free) / 2**30, "verify": verify,
         "buckets": len(model.manifest.buckets), "graphs": len(model._steps),
+        "kv_cache_GiB": sum(st.cache.k.nbytes + st.cache.v.nbytes for st in model._states.values()) / 2**30,
+        "weights_GiB": sum(t.nbytes for t in {id(t): t for t in _weights(model)}.values()) / 2**30,
     }))  # fmt: skip
 
 
-def main(out: Path, skip_hf_static: bool) -> None:
+def _weights(model):
+    d = model.decoder
+    yield d.embed
+    yield d.final_norm_w
+    if not d.spec.tied_embeddings:
+        yield d.lm_head
+    for lw in d.layers:
+        yield from (t for t in vars(lw).values() if t is not None)
+
+
+def main(out: Path, skip_hf_static: bool, skip_hf_eager: bool) -> None:
     import transformers
 
     import kernl.compiler
@@ -174,7 +188,7 @@ def main(out: Path, skip_hf_static: bool) -> None:
     save(out)
 
     hf_kw = dict(do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW)
-    for b in (1, 4, 8):
+    for b in () if skip_hf_eager else (1, 4, 8):
         ids = torch.randint(0, vocab, (b, PROMPT), generator=g).cuda()
         with torch.no_grad():
             hf.generate(ids, do_sample=False, max_new_tokens=8)
@@ -267,4 +281,4 @@ if __name__ == "__main__":
     else:
         out_dir = Path(sys.argv[1])
         out_dir.mkdir(parents=True, exist_ok=True)
-        main(out_dir, "--skip-hf-static" in sys.argv)
+        main(out_dir, "--skip-hf-static" in sys.argv, "--skip-hf-eager" in sys.argv)
