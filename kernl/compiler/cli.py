@@ -27,13 +27,17 @@ def _compile_options(f):
         click.option("--task", type=click.Choice(["base", "sequence-classification", "token-classification", "masked-lm"]), default=None, help="Model head. Default: from the config's architectures."),
         click.option("--atol", type=float, default=None, help="Absolute tolerance of validation against eager (default per dtype: fp32 1e-4, fp16 2e-2, bf16 8e-2)."),
         click.option("--rtol", type=float, default=None, help="Relative tolerance of validation against eager (default per dtype: fp32 1e-4, fp16 2e-2, bf16 5e-2)."),
+        click.option("--kernels/--no-kernels", default=True, show_default=True, help="Rewrite onto kernl's fused Triton kernels; --no-kernels keeps plain aten ops (still one CUDA graph per bucket)."),
+        click.option("--tune/--no-tune", default=True, show_default=True, help="On a GPU, time every kernel instance over its tuning space and against aten (results cached in ~/.cache/kernl, or $KERNL_CACHE_DIR); --no-tune takes each kernel's default config."),
     ]  # fmt: skip
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def _run_compile(model, out, buckets, dtype, device, task, atol, rtol) -> None:
+def _run_compile(
+    model, out, buckets, dtype, device, task, atol, rtol, kernels=True, tune=True
+) -> None:
     from kernl.compiler.api import compile as compile_model
     from kernl.compiler.buckets import BucketSyntaxError
 
@@ -45,6 +49,7 @@ def _run_compile(model, out, buckets, dtype, device, task, atol, rtol) -> None:
     try:
         report = compile_model(
             model, buckets, out, dtype=dtype, device=device, task=task, atol=atol, rtol=rtol,
+            kernels=kernels, tune=tune,
             progress=progress,
         )  # fmt: skip
     except BucketSyntaxError as e:

@@ -217,3 +217,26 @@ def test_cli_compiles_a_model_folder_and_prints_a_summary(tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert missing.returncode == 1 and "cannot find model" in missing.stderr
+
+
+def test_no_kernels_keeps_plain_aten_programs(tmp_path):
+    from click.testing import CliRunner
+
+    from kernl.artifacts import read_manifest, read_program
+    from kernl.compiler.cli import compile_command
+
+    T.BertModel(T.BertConfig(**SMALL)).save_pretrained(tmp_path / "model")
+    ops = {}
+    for flag in ("--kernels", "--no-kernels"):
+        out = tmp_path / f"{flag}.kernl"
+        result = CliRunner().invoke(
+            compile_command,
+            [str(tmp_path / "model"), "-o", str(out), "--buckets", "batch=1 seq=8",
+             "--dtype", "fp32", "--device", "cpu", flag],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        entry = read_manifest(out).buckets[0]
+        ops[flag] = read_program(out, entry.program).ops_used()
+    assert any(op.startswith("kernl.") for op in ops["--kernels"])
+    assert not any(op.startswith("kernl.") for op in ops["--no-kernels"])
+    assert "aten.linear.default" in ops["--no-kernels"]
