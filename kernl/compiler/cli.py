@@ -13,7 +13,10 @@ from kernl.artifacts import ArtifactError
 BUCKETS_HELP = (
     'Shapes to compile for, e.g. "batch=1,8,32 seq=16:512". Each axis takes a comma list '
     "of sizes or power-of-two ranges (16:512 = 16,32,...,512); the buckets are every "
-    "(batch, seq) pair. A call is served by the smallest bucket that holds it."
+    "(batch, seq) pair. A call is served by the smallest bucket that holds it. For --task "
+    'causal-lm: "batch=1,4,8 prompt=16:1024 cache=2048" (prefill buckets per batch x prompt '
+    "length; cache is the KV-cache length, or several lengths for decode buckets, e.g. "
+    "cache=512,2048; default twice the largest prompt)."
 )
 
 
@@ -24,7 +27,7 @@ def _compile_options(f):
         click.option("--buckets", required=True, help=BUCKETS_HELP),
         click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True, help="Precision of weights and compute."),
         click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="Where to trace, tune and validate; the artifact serves there. Default: cuda if present, else cpu."),
-        click.option("--task", type=click.Choice(["base", "sequence-classification", "token-classification", "masked-lm"]), default=None, help="Model head. Default: from the config's architectures."),
+        click.option("--task", type=click.Choice(["base", "sequence-classification", "token-classification", "masked-lm", "causal-lm"]), default=None, help="Model head. Default: from the config's architectures. causal-lm: decoder-only text generation (Llama, Mistral, Qwen2, GPT-2); its buckets use the axes batch, prompt, cache."),
         click.option("--atol", type=float, default=None, help="Absolute tolerance of validation against eager (default per dtype: fp32 1e-4, fp16 2e-2, bf16 8e-2)."),
         click.option("--rtol", type=float, default=None, help="Relative tolerance of validation against eager (default per dtype: fp32 1e-4, fp16 2e-2, bf16 5e-2)."),
         click.option("--kernels/--no-kernels", default=True, show_default=True, help="Rewrite onto kernl's fused Triton kernels; --no-kernels keeps plain aten ops (still one CUDA graph per bucket)."),
