@@ -13,11 +13,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from kernl.artifacts import read_weights
 from kernl.artifacts.schema import Manifest
 
 from .generation_decoder import Decoder
@@ -353,11 +351,3 @@ def _generated_length(new: torch.Tensor, eos: list[int]) -> int:
     if not bool(is_eos.any(dim=1).all()):
         return new.shape[1]
     return int(is_eos.int().argmax(dim=1).max()) + 1
-
-
-def load_generative(
-    root: Path, manifest: Manifest, device: torch.device, capture: str = "load"
-) -> GenerativeModel:
-    """Called by `kernl.runtime.load` for artifacts of task "causal-lm"."""
-    weights = read_weights(root, device=str(device))
-    return GenerativeModel(manifest, weights, device, capture=capture)
