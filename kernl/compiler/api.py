@@ -147,6 +147,10 @@ def compile(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU")
+    if dev.type == "cpu":
+        # kernl's kernels run through Triton's interpreter on the CPU; the variable must be
+        # set before they are first imported (tune.py falls back to aten if it was too late).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     bucket_list = as_buckets(buckets)
     check_destination(out, needed_bytes=_model_bytes(model_or_path))  # before any heavy work
 

@@ -78,14 +78,16 @@ def _configs(op: str) -> list[dict[str, Any]]:
     return [c if isinstance(c, dict) else dataclasses.asdict(c) for c in found]
 
 
-def _kernel_available(op: str) -> bool:
+def _kernel_available(op: str, device: torch.device) -> bool:
+    """The op's kernel exists and can run on `device` (see kernl_ops.triton_usable)."""
     import importlib
 
     module, fn = TUNABLE[op]
     try:
-        return hasattr(importlib.import_module(f"kernl.kernels.{module}"), fn)
+        mod = importlib.import_module(f"kernl.kernels.{module}")
     except ImportError:
         return False
+    return hasattr(mod, fn) and kernl_ops.triton_usable(device, module)
 
 
 def _bench_us(fn) -> float:
@@ -114,7 +116,7 @@ def tune_program(program: Program, weights: dict, inputs: dict, device: torch.de
             args, kwargs = env_values["args"], env_values["kwargs"]
             fn = kernl_ops_fn(ins.op)
             described = _describe(list(args) + [kwargs.get(k) for k in sorted(kwargs)])
-            if not _kernel_available(ins.op):
+            if not _kernel_available(ins.op, device):
                 ins.kwargs.update(impl="aten", config=None)
                 records.append(TuneRecord(i, ins.op, described, "aten", None, None, None))
                 continue

@@ -34,6 +34,27 @@ def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation!r}")
 
 
+_usable: dict[str, bool] = {}
+
+
+def triton_usable(device: torch.device, module: str) -> bool:
+    """Whether kernl.kernels.<module> can run on `device`: always on CUDA; on the CPU only
+    if Triton was imported in interpreter mode (TRITON_INTERPRET set before its first
+    import). Otherwise a kernl op takes its aten path, which computes the same function."""
+    if device.type != "cpu":
+        return True
+    if module not in _usable:
+        import importlib
+
+        import triton.language.standard as tl_standard
+        from triton.runtime.interpreter import InterpretedFunction
+
+        mod = importlib.import_module(f"kernl.kernels.{module}")
+        fns = [tl_standard.sum, *getattr(mod, "JIT_FUNCTIONS", ())]
+        _usable[module] = all(isinstance(f, InterpretedFunction) for f in fns)
+    return _usable[module]
+
+
 def _check_impl(impl: str) -> None:
     if impl not in ("aten", "triton"):
         raise ValueError(f"unknown implementation {impl!r}")
@@ -58,7 +79,11 @@ def linear(
 ) -> torch.Tensor:
     """activation(x @ weight.T + bias) + residual"""
     _check_impl(impl)
-    if impl == "triton" and activation in _triton_linear_activations():
+    if (
+        impl == "triton"
+        and activation in _triton_linear_activations()
+        and triton_usable(x.device, "fused_linear")
+    ):
         from kernl.kernels import fused_linear
 
         return fused_linear.launch_from_dict(x, weight, bias, activation, residual, _config(config))
@@ -82,7 +107,7 @@ def layer_norm(
 ) -> torch.Tensor:
     """layer_norm(x + residual) over the last axis."""
     _check_impl(impl)
-    if impl == "triton":
+    if impl == "triton" and triton_usable(x.device, "norm"):
         from kernl.kernels import norm
 
         return norm.launch_layer_norm_from_dict(x, weight, bias, eps, residual, _config(config))
@@ -107,7 +132,7 @@ def attention(
     _check_impl(impl)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if impl == "triton":
+    if impl == "triton" and triton_usable(q.device, "attention"):
         from kernl.kernels import attention as attention_kernel
 
         return attention_kernel.launch_from_dict(q, k, v, mask, scale, causal, _config(config))
@@ -152,7 +177,7 @@ def bert_embeddings(
     B, L = word_ids.shape
     # any of the three index tensors may be a [1, L] row (positions): broadcast all of them
     word_ids, pos_ids, type_ids = (t.expand(B, L) for t in (word_ids, pos_ids, type_ids))
-    if impl == "triton" and bias is not None:
+    if impl == "triton" and bias is not None and triton_usable(word.device, "bert_embeddings"):
         from kernl.kernels import bert_embeddings as kernel
 
         cfg = _config(config)

@@ -1,6 +1,7 @@
 """Compile small random encoders in CPU mode, load them in a fresh process, compare with eager
 at bucket sizes and between them, with padded attention masks."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -240,3 +241,33 @@ def test_no_kernels_keeps_plain_aten_programs(tmp_path):
     assert any(op.startswith("kernl.") for op in ops["--kernels"])
     assert not any(op.startswith("kernl.") for op in ops["--no-kernels"])
     assert "aten.linear.default" in ops["--no-kernels"]
+
+
+def test_cpu_mode_works_whether_or_not_triton_was_imported_before_kernl(tmp_path):
+    """Without a GPU kernl runs its kernels in Triton's interpreter, which must be chosen
+    before Triton is first imported; `import kernl` does that. A process that imported
+    Triton first (here through transformers) still compiles and serves, on the aten paths."""
+    code = (
+        "import sys, torch\n"
+        "{first}\n"
+        "from transformers import BertConfig, BertModel\n"
+        "import kernl.compiler, kernl.runtime\n"
+        "m = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,"
+        " intermediate_size=64, vocab_size=50)).eval()\n"
+        "r = kernl.compiler.compile(m, 'batch=1 seq=8', sys.argv[1], dtype='fp32', device='cpu')\n"
+        "out = kernl.runtime.load(sys.argv[1], device='cpu')(input_ids=torch.ones(1, 5, dtype=torch.long))\n"
+        "ref = m(input_ids=torch.ones(1, 5, dtype=torch.long)).last_hidden_state\n"
+        "assert (out.last_hidden_state - ref).abs().max() < 1e-4\n"
+        "print(r.table().splitlines()[-2])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for first, expected in (
+        ("import kernl", "9 on Triton kernels"),
+        ("import triton", "0 on Triton kernels"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-c", code.format(first=first), str(tmp_path / f"{first[7:]}.kernl")],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert expected in proc.stdout, proc.stdout
