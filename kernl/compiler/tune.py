@@ -87,7 +87,7 @@ def _kernel_available(op: str, device: torch.device) -> bool:
         mod = importlib.import_module(f"kernl.kernels.{module}")
     except ImportError:
         return False
-    return hasattr(mod, fn) and kernl_ops.triton_usable(device, module)
+    return hasattr(mod, fn) and kernl_ops.triton_usable(device, mod)
 
 
 def _bench_us(fn) -> float:

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from kernl.artifacts import (
-    ArtifactCompatibilityError,
     ArtifactError,
+    check_compatibility,
     read_manifest,
     read_program,
     read_weights,
@@ -110,11 +110,9 @@ def _load_binaries(root: Path, manifest, device: torch.device) -> None:
 
 
 def _check_compatibility(manifest, device: torch.device) -> None:
-    """Before anything is loaded: toolchain versions (kernl.artifacts.check_compatibility) for
-    every artifact, the generative ones too, and the GPU architecture of kernel binaries."""
+    """Before anything is loaded, for every artifact (the generative ones too): torch and
+    Triton versions and the GPU architecture its kernel binaries were built for."""
     import importlib.metadata
-
-    from kernl.artifacts import check_compatibility
 
     capability = None
     if device.type == "cuda":
@@ -124,18 +122,3 @@ def _check_compatibility(manifest, device: torch.device) -> None:
     except importlib.metadata.PackageNotFoundError:
         triton_version = "0.0"
     check_compatibility(manifest, device.type, capability, torch.__version__, triton_version)
-    if not manifest.kernels:
-        return  # aten-only programs run anywhere torch does
-    if device.type != "cuda":
-        raise ArtifactCompatibilityError(
-            f"this artifact holds kernel binaries for {manifest.gpu_name} "
-            f"(sm {manifest.compute_capability}); it cannot run on {device}"
-        )
-    major, minor = torch.cuda.get_device_capability(device)
-    here = f"{major}.{minor}"
-    if here != manifest.compute_capability:
-        raise ArtifactCompatibilityError(
-            f"this artifact was built for {manifest.gpu_name} (compute capability "
-            f"{manifest.compute_capability}); this GPU, {torch.cuda.get_device_name(device)}, "
-            f"is {here}. Recompile on this GPU type."
-        )

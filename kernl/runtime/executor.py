@@ -100,19 +100,3 @@ class Executor:
             for v in frees:
                 env[v] = None
         return [env[o] for o in self.program.outputs]
-
-    def run_traced(self, inputs: dict[str, torch.Tensor]):
-        """Like run, but yields (instruction index, op name, outputs) as it goes; used by the
-        compiler's validation to find the first op that diverges."""
-        env: list[Any] = [None] * self.program.num_values
-        for vid, t in self.weight_values.items():
-            env[vid] = t
-        for name, vid in self.program.inputs.items():
-            env[vid] = inputs[name]
-        for i, (fn, args, kwargs, outs, _frees) in enumerate(self.steps):
-            result = fn(*_bind(args, env), **{k: _bind(v, env) for k, v in kwargs.items()})
-            results = list(result) if isinstance(result, (tuple, list)) else [result]
-            for o, r in zip(outs, results):
-                if o is not None:
-                    env[o] = r
-            yield i, self.program.instructions[i].op, outs, results

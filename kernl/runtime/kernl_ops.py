@@ -8,6 +8,7 @@ tuned `config`). On CUDA in production the Triton kernels run from precompiled b
 from __future__ import annotations
 
 import math
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -15,44 +16,23 @@ import torch.nn.functional as F
 
 from .vocabulary import register_kernl_op
 
-ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "tanh")
-
-
-def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "none":
-        return y
-    if activation == "relu":
-        return torch.relu(y)
-    if activation == "gelu":
-        return F.gelu(y)
-    if activation == "gelu_tanh":
-        return F.gelu(y, approximate="tanh")
-    if activation == "silu":
-        return F.silu(y)
-    if activation == "tanh":
-        return torch.tanh(y)
-    raise ValueError(f"unknown activation {activation!r}")
-
-
 _usable: dict[str, bool] = {}
 
 
-def triton_usable(device: torch.device, module: str) -> bool:
-    """Whether kernl.kernels.<module> can run on `device`: always on CUDA; on the CPU only
-    if Triton was imported in interpreter mode (TRITON_INTERPRET set before its first
+def triton_usable(device: torch.device, kernel_module: ModuleType) -> bool:
+    """Whether a kernel module of kernl.kernels can run on `device`: always on CUDA; on the
+    CPU only if Triton was imported in interpreter mode (TRITON_INTERPRET set before its first
     import). Otherwise a kernl op takes its aten path, which computes the same function."""
     if device.type != "cpu":
         return True
-    if module not in _usable:
-        import importlib
-
+    name = kernel_module.__name__
+    if name not in _usable:
         import triton.language.standard as tl_standard
         from triton.runtime.interpreter import InterpretedFunction
 
-        mod = importlib.import_module(f"kernl.kernels.{module}")
-        fns = [tl_standard.sum, *getattr(mod, "JIT_FUNCTIONS", ())]
-        _usable[module] = all(isinstance(f, InterpretedFunction) for f in fns)
-    return _usable[module]
+        fns = [tl_standard.sum, *getattr(kernel_module, "JIT_FUNCTIONS", ())]
+        _usable[name] = all(isinstance(f, InterpretedFunction) for f in fns)
+    return _usable[name]
 
 
 def _check_impl(impl: str) -> None:
@@ -78,21 +58,12 @@ def linear(
     config: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """activation(x @ weight.T + bias) + residual"""
+    from kernl.kernels import fused_linear
+
     _check_impl(impl)
-    if (
-        impl == "triton"
-        and activation in _triton_linear_activations()
-        and triton_usable(x.device, "fused_linear")
-    ):
-        from kernl.kernels import fused_linear
-
+    if impl == "triton" and triton_usable(x.device, fused_linear):
         return fused_linear.launch_from_dict(x, weight, bias, activation, residual, _config(config))
-    y = apply_activation(F.linear(x, weight, bias), activation)
-    return y if residual is None else y + residual
-
-
-def _triton_linear_activations() -> tuple[str, ...]:
-    return ("none", "relu", "gelu", "gelu_tanh", "silu")
+    return fused_linear.fused_linear_reference(x, weight, bias, activation, residual)
 
 
 @register_kernl_op("layer_norm")
@@ -106,10 +77,10 @@ def layer_norm(
     config: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """layer_norm(x + residual) over the last axis."""
-    _check_impl(impl)
-    if impl == "triton" and triton_usable(x.device, "norm"):
-        from kernl.kernels import norm
+    from kernl.kernels import norm
 
+    _check_impl(impl)
+    if impl == "triton" and triton_usable(x.device, norm):
         return norm.launch_layer_norm_from_dict(x, weight, bias, eps, residual, _config(config))
     if residual is not None:
         x = x + residual
@@ -132,9 +103,9 @@ def attention(
     _check_impl(impl)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if impl == "triton" and triton_usable(q.device, "attention"):
-        from kernl.kernels import attention as attention_kernel
+    from kernl.kernels import attention as attention_kernel
 
+    if impl == "triton" and triton_usable(q.device, attention_kernel):
         return attention_kernel.launch_from_dict(q, k, v, mask, scale, causal, _config(config))
     if causal:
         # bottom-right aligned, like the kernel: query i sees key j <= i + (Lk - Lq)
@@ -177,9 +148,9 @@ def bert_embeddings(
     B, L = word_ids.shape
     # any of the three index tensors may be a [1, L] row (positions): broadcast all of them
     word_ids, pos_ids, type_ids = (t.expand(B, L) for t in (word_ids, pos_ids, type_ids))
-    if impl == "triton" and bias is not None and triton_usable(word.device, "bert_embeddings"):
-        from kernl.kernels import bert_embeddings as kernel
+    from kernl.kernels import bert_embeddings as kernel
 
+    if impl == "triton" and bias is not None and triton_usable(word.device, kernel):
         cfg = _config(config)
         return kernel.bert_embeddings(
             word_ids, word, pos, types, weight, bias, eps, token_type_ids=type_ids,

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from kernl.artifacts.compat import check_compatibility
 from kernl.artifacts.errors import ArtifactCorruptError
 from kernl.artifacts.program import Program
 from kernl.artifacts.schema import Bucket, Manifest
@@ -255,18 +254,8 @@ def _config_int(config: dict, key: str) -> int | None:
 
 
 def _check_artifact(manifest: Manifest, programs: list[Program], device: torch.device) -> None:
-    """What a CompiledModel relies on beyond what the reader checks: the toolchain and GPU
-    (kernl.artifacts.check_compatibility), one program per listed bucket, and input_ids."""
-    import importlib.metadata
-
-    capability = None
-    if device.type == "cuda":
-        capability = "{}.{}".format(*torch.cuda.get_device_capability(device))
-    try:
-        triton_version = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        triton_version = "0.0"
-    check_compatibility(manifest, device.type, capability, torch.__version__, triton_version)
+    """What a CompiledModel relies on beyond what the reader and load()'s compatibility check
+    (kernl.artifacts.check_compatibility) cover: one program per listed bucket, input_ids."""
     if "input_ids" not in {spec.name for spec in manifest.inputs}:
         raise ArtifactCorruptError("the manifest declares no input_ids input")
     # load() reads programs in the manifest's bucket order.
