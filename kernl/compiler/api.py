@@ -27,9 +27,16 @@ from kernl.runtime.binaries import allow_jit, key_digest
 from .buckets import as_buckets
 from .lower import lower
 from .passes import rewrite
-from .trace import DTYPES, FlatModel, example_inputs, export_bucket, load_model, model_signature
+from .trace import (
+    FlatModel,
+    example_inputs,
+    export_bucket,
+    load_model,
+    model_signature,
+    resolve_dtype_device,
+)
 from .tune import TuneRecord, record_binaries, tune_program
-from .validate import DEFAULT_TOLERANCE, validate
+from .validate import resolve_tolerance, validate
 
 Progress = Callable[[str], None]
 
@@ -141,12 +148,7 @@ def compile(
         )  # fmt: skip
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of fp16, bf16, fp32; got {dtype!r}")
-    torch_dtype = DTYPES[dtype]
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU")
+    torch_dtype, dev = resolve_dtype_device(dtype, device)
     if dev.type == "cpu":
         # kernl's kernels run through Triton's interpreter on the CPU; the variable must be
         # set before they are first imported (tune.py falls back to aten if it was too late).
@@ -162,9 +164,7 @@ def compile(
     input_names = [s.name for s in signature.inputs]
     output_names = [s.name for s in signature.outputs]
     flat = FlatModel(model, input_names, output_names)
-    default_atol, default_rtol = DEFAULT_TOLERANCE[torch_dtype]
-    atol = default_atol if atol is None else atol
-    rtol = default_rtol if rtol is None else rtol
+    atol, rtol = resolve_tolerance(torch_dtype, atol, rtol)
 
     report = CompileReport(Path(out), task, str(torch_dtype).removeprefix("torch."), str(dev))
     entries: list[BucketEntry] = []

@@ -43,8 +43,8 @@ from kernl.runtime.generation_spec import GenerationBuckets
 from .causal_lm_buckets import as_generation_buckets
 from .causal_lm_describe import describe
 from .causal_lm_validate import StageError, validate_generation
-from .trace import DTYPES, UnsupportedModelError
-from .validate import DEFAULT_TOLERANCE
+from .trace import load_model, resolve_dtype_device
+from .validate import resolve_tolerance
 
 TASK = "causal-lm"
 RUNTIME = "kernl.runtime.generation_decoder"
@@ -97,20 +97,13 @@ def compile_causal_lm(
     "batch=1,4,8 prompt=16:1024 cache=2048" into the artifact folder `out`."""
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of fp16, bf16, fp32; got {dtype!r}")
-    torch_dtype = DTYPES[dtype]
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU")
+    torch_dtype, dev = resolve_dtype_device(dtype, device)
     gb = as_generation_buckets(buckets)
     check_destination(out)
-    default_atol, default_rtol = DEFAULT_TOLERANCE[torch_dtype]
-    atol = default_atol if atol is None else atol
-    rtol = default_rtol if rtol is None else rtol
+    atol, rtol = resolve_tolerance(torch_dtype, atol, rtol)
 
     say(f"loading model {model_or_path if isinstance(model_or_path, (str, Path)) else ''}")
-    model, source = _load_causal_lm(model_or_path, torch_dtype, dev)
+    model, _, source = load_model(model_or_path, TASK, torch_dtype, dev)
     say("describing the decoder")
     spec, weights = describe(model, gb.cache_len, torch_dtype)
     check_destination(out, needed_bytes=sum(t.numel() * t.element_size() for t in weights.values()))
@@ -134,32 +127,6 @@ def compile_causal_lm(
         writer.commit(manifest)
     report.seconds = time.perf_counter() - start
     return report
-
-
-def _load_causal_lm(model_or_path, dtype: torch.dtype, device: torch.device):
-    import transformers
-
-    if isinstance(model_or_path, torch.nn.Module):
-        model, source = model_or_path, type(model_or_path).__name__
-    else:
-        source = str(model_or_path)
-        local = Path(source).expanduser()
-        if local.exists() and not (local / "config.json").is_file():
-            raise UnsupportedModelError(
-                f"{local} has no config.json: not a Hugging Face model folder"
-            )
-        try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                source, local_files_only=True, dtype=dtype, attn_implementation="sdpa"
-            )
-        except OSError as e:
-            raise UnsupportedModelError(
-                f"cannot find model {source!r}: not a local folder with config.json, and not in "
-                f"the local Hugging Face cache (kernl never downloads). {e}"
-            ) from None
-        except ValueError as e:  # no causal-LM class for this config
-            raise UnsupportedModelError(f"causal-lm: {e}") from None
-    return model.to(device=device, dtype=dtype).eval(), source
 
 
 def _manifest(model, source, spec, gb: GenerationBuckets, dtype: str, dev, atol, rtol) -> Manifest:

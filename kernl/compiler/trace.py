@@ -19,6 +19,7 @@ TASKS = {
     "sequence-classification": "AutoModelForSequenceClassification",
     "token-classification": "AutoModelForTokenClassification",
     "masked-lm": "AutoModelForMaskedLM",
+    "causal-lm": "AutoModelForCausalLM",
 }
 _ARCH_SUFFIX = {
     "ForSequenceClassification": "sequence-classification",
@@ -48,6 +49,17 @@ def task_of(config, model: torch.nn.Module | None = None) -> str:
     return "base"
 
 
+def resolve_dtype_device(dtype: str, device: str | None) -> tuple[torch.dtype, torch.device]:
+    """The compile options --dtype and --device, checked; the device defaults to cuda if
+    there is a GPU."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of fp16, bf16, fp32; got {dtype!r}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU")
+    return DTYPES[dtype], dev
+
+
 def load_model(model_or_path, task: str | None, dtype: torch.dtype, device: torch.device):
     """Returns (model in eval mode on device and dtype, task, source description)."""
     import transformers
@@ -74,9 +86,12 @@ def load_model(model_or_path, task: str | None, dtype: torch.dtype, device: torc
         if task not in TASKS:
             raise UnsupportedModelError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
         auto = getattr(transformers, TASKS[task])
-        model = auto.from_pretrained(
-            source, local_files_only=True, dtype=dtype, attn_implementation="sdpa"
-        )
+        try:
+            model = auto.from_pretrained(
+                source, local_files_only=True, dtype=dtype, attn_implementation="sdpa"
+            )
+        except ValueError as e:  # no class of this head for this config
+            raise UnsupportedModelError(f"{task}: {e}") from None
     if task not in TASKS:
         raise UnsupportedModelError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     model = model.to(device=device, dtype=dtype).eval()

@@ -19,6 +19,12 @@ DEFAULT_TOLERANCE = {  # (atol, rtol) per dtype
 }
 
 
+def resolve_tolerance(dtype: torch.dtype, atol: float | None, rtol: float | None):
+    """--atol/--rtol, or the dtype's defaults."""
+    default_atol, default_rtol = DEFAULT_TOLERANCE[dtype]
+    return (default_atol if atol is None else atol), (default_rtol if rtol is None else rtol)
+
+
 class ValidationError(AssertionError):
     pass
 
