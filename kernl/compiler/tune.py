@@ -185,26 +185,15 @@ def _walk(executor: Executor, inputs: dict, out: dict):
     the step runs, so the tuner can benchmark the instruction on its real inputs."""
     from kernl.runtime.executor import _bind
 
-    env: list[Any] = [None] * executor.program.num_values
-    for vid, t in executor.weight_values.items():
-        env[vid] = t
-    for name, vid in executor.program.inputs.items():
-        env[vid] = inputs[name]
+    env = executor.initial_env(inputs)
     for i, (fn, args, kwargs, outs, _frees) in enumerate(executor.steps):
         out["args"] = _bind(args, env)
         out["kwargs"] = {k: _bind(v, env) for k, v in kwargs.items()}
         yield i, executor.program.instructions[i].op, outs, None
-        # The instruction may have been re-tuned: resolve its arguments again.
+        # The caller may have re-tuned the instruction meanwhile: run its current choice.
         ins = executor.program.instructions[i]
-        kw = {k: _bind(v, env) for k, v in out["kwargs"].items()}
-        kw.update({k: ins.kwargs[k] for k in ("impl", "config") if k in ins.kwargs})
-        result = fn(*out["args"], **kw)
-        if isinstance(result, (tuple, list)):
-            for o, r in zip(outs, result):
-                if o is not None:
-                    env[o] = r
-        else:
-            env[outs[0]] = result
+        kw = {**out["kwargs"], **{k: ins.kwargs[k] for k in ("impl", "config") if k in ins.kwargs}}
+        executor.store(env, outs, fn(*out["args"], **kw))
 
 
 def record_binaries(program: Program, weights: dict, inputs: dict, device: torch.device) -> dict:

@@ -83,20 +83,30 @@ class Executor:
                 )
             self.weight_values[vid] = weights[name]
 
-    def run(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def initial_env(self, inputs: dict[str, torch.Tensor]) -> list[Any]:
+        """Value slots with the weights and inputs in place."""
         env: list[Any] = [None] * self.program.num_values
         for vid, t in self.weight_values.items():
             env[vid] = t
         for name, vid in self.program.inputs.items():
             env[vid] = inputs[name]
+        return env
+
+    @staticmethod
+    def store(env: list[Any], outs: list[int | None], result: Any) -> None:
+        if isinstance(result, (tuple, list)):
+            for o, r in zip(outs, result):
+                if o is not None:
+                    env[o] = r
+        else:
+            env[outs[0]] = result
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        env = self.initial_env(inputs)
         for fn, args, kwargs, outs, frees in self.steps:
-            result = fn(*_bind(args, env), **{k: _bind(v, env) for k, v in kwargs.items()})
-            if isinstance(result, (tuple, list)):
-                for o, r in zip(outs, result):
-                    if o is not None:
-                        env[o] = r
-            else:
-                env[outs[0]] = result
+            self.store(
+                env, outs, fn(*_bind(args, env), **{k: _bind(v, env) for k, v in kwargs.items()})
+            )
             for v in frees:
                 env[v] = None
         return [env[o] for o in self.program.outputs]
