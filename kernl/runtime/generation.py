@@ -21,6 +21,7 @@ from kernl.artifacts.schema import Manifest
 from .generation_decoder import Decoder
 from .generation_spec import DecoderSpec, GenerationBuckets
 from .generation_state import MAX_EOS_IDS, BatchState
+from .graphs import capture_graph
 
 # How often generate() asks the GPU whether every row has finished: a host sync costs a few
 # microseconds of idle GPU, the extra steps after the last EOS only emit pad ids.
@@ -36,18 +37,8 @@ class _Step:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
-    def capture(self, pool) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: cuBLAS handles, lazy allocations
-            self.reset()
-            self.fn()
-        torch.cuda.current_stream().wait_stream(side)
-        self.reset()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            self.logits = self.fn()
-        self.graph = graph
+    def capture(self, pool, device: torch.device) -> None:
+        self.graph, self.logits = capture_graph(self.fn, pool, reset=self.reset, device=device)
 
     def run(self) -> torch.Tensor:
         if self.graph is not None:
@@ -295,7 +286,7 @@ class GenerativeModel:
                 fn = lambda: state.decode(size, do_sample)  # noqa: E731
             step = _Step(fn, state.reset_counters)
             if self.capture_mode != "never":
-                step.capture(self._pool)
+                step.capture(self._pool, self.device)
             self._steps[key] = step
         return step
 

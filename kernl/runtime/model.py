@@ -17,6 +17,7 @@ from kernl.artifacts.program import Program
 from kernl.artifacts.schema import Bucket, Manifest
 
 from .executor import Executor
+from .graphs import capture_graph
 
 
 class ModelOutput(dict):
@@ -54,17 +55,10 @@ class _BucketRunner:
         self.filled: dict[str, tuple | None] = {}  # what a default-filled buffer holds now
 
     def capture(self, pool) -> None:
-        # Warm up on a side stream (cuBLAS handles, lazy allocations), then capture.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.executor.run(self.static_inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            self.static_outputs = self.executor.run(self.static_inputs)
-        self.graph = graph
+        self.graph, self.static_outputs = capture_graph(
+            lambda: self.executor.run(self.static_inputs), pool, warmups=2,
+            device=self.executor.device,
+        )  # fmt: skip
 
     def run(self) -> list[torch.Tensor]:
         if self.graph is not None:
