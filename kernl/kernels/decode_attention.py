@@ -5,7 +5,8 @@ most of the GPU idle, so the keys are split into chunks processed in parallel (s
 chunk writing an unnormalised partial output with its running max and sum; a second small
 kernel merges the chunks. Every program handles all q heads that share one kv head (GQA/MQA),
 so K/V are read once per group rather than once per q head. `kv_lens` gives the valid cache
-length of each batch row; rows with no valid key output zeros."""
+length of each batch row; `kv_mask` [B, Lk] (bool) marks the slots each row may attend to,
+e.g. a left-padded prompt's real tokens; rows with no valid key output zeros."""
 
 from __future__ import annotations
 
@@ -20,15 +21,16 @@ KERNEL_NAME = "decode_attention"
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, MidO, MidM, MidL, KVLens,
-                         Lk, group_size, chunk, sm_scale,
+def _decode_split_kernel(Q, K, V, MidO, MidM, MidL, KVLens, KVMask,
+                         Lk, group_size, chunk, sm_scale, stride_maskb,
                          stride_qb, stride_qh, stride_qd,
                          stride_kb, stride_kh, stride_kn, stride_kd,
                          stride_vb, stride_vh, stride_vn, stride_vd,
                          stride_ob, stride_oh, stride_os,
                          stride_mb, stride_mh,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
-                         BLOCK_N: tl.constexpr, HAS_KV_LENS: tl.constexpr):  # fmt: skip
+                         BLOCK_N: tl.constexpr, HAS_KV_LENS: tl.constexpr,
+                         HAS_KV_MASK: tl.constexpr):  # fmt: skip
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     h_kv = tl.program_id(2).to(tl.int64)
@@ -60,7 +62,10 @@ def _decode_split_kernel(Q, K, V, MidO, MidM, MidL, KVLens,
             K_block + cols[None, :] * stride_kn, mask=d_mask[:, None] & n_mask[None, :], other=0.0
         )
         qk = tl.dot(q, k) * qk_scale
-        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        attend = n_mask
+        if HAS_KV_MASK:
+            attend = attend & (tl.load(KVMask + b * stride_maskb + cols, mask=n_mask, other=0) != 0)
+        qk = tl.where(attend[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk - m_safe[:, None])
@@ -107,8 +112,9 @@ def _decode_merge_kernel(MidO, MidM, MidL, Out,
 
 def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                                sm_scale: float | None = None,
-                               kv_lens: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """Plain PyTorch: q [B, H, 1, D], k/v [B, H_kv, Lk, D]."""
+                               kv_lens: torch.Tensor | None = None,
+                               kv_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Plain PyTorch: q [B, H, 1, D], k/v [B, H_kv, Lk, D], kv_lens [B], kv_mask [B, Lk]."""
     B, H, _, D = q.shape
     H_kv, Lk = k.shape[1], k.shape[2]
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
@@ -118,6 +124,8 @@ def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if kv_lens is not None:
         cols = torch.arange(Lk, device=q.device)
         s = s.masked_fill(~(cols[None, :] < kv_lens[:, None])[:, None, None, :], float("-inf"))
+    if kv_mask is not None:
+        s = s.masked_fill(~kv_mask.bool()[:, None, None, :], float("-inf"))
     return (torch.softmax(s, dim=-1).nan_to_num(0.0) @ v).to(q.dtype)
 
 
@@ -143,12 +151,16 @@ def _auto_splits(batch_kv_heads: int, Lk: int, block_n: int) -> int:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                      sm_scale: float | None = None, kv_lens: torch.Tensor | None = None,
-                     out: torch.Tensor | None = None,
+                     kv_mask: torch.Tensor | None = None, out: torch.Tensor | None = None,
                      config: DecodeAttentionConfig | None = None) -> torch.Tensor:  # fmt: skip
-    """q [B, H, 1, D], k/v [B, H_kv, Lk, D] (any strides), kv_lens [B] -> [B, H, 1, D]."""
+    """q [B, H, 1, D], k/v [B, H_kv, Lk, D] (any strides), kv_lens [B], kv_mask [B, Lk] (bool,
+    unit stride along Lk) -> [B, H, 1, D]."""
     B, H, Lq, D = q.shape
     H_kv, Lk = k.shape[1], k.shape[2]
     assert Lq == 1 and k.shape == (B, H_kv, Lk, D) and v.shape == k.shape and H % H_kv == 0
+    has_mask = kv_mask is not None
+    if has_mask:
+        assert kv_mask.dtype == torch.bool and kv_mask.shape == (B, Lk) and kv_mask.stride(1) == 1
     config = config or DecodeAttentionConfig()
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     group = H // H_kv
@@ -164,12 +176,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     lens = kv_lens.to(device=q.device, dtype=torch.int32) if has_lens else q
     BLOCK_D = max(16, triton.next_power_of_2(D))
     _decode_split_kernel[(splits, B, H_kv)](
-        q, k, v, mid_o, mid_m, mid_l, lens,
-        Lk, group, chunk, sm_scale,
+        q, k, v, mid_o, mid_m, mid_l, lens, kv_mask if has_mask else q,
+        Lk, group, chunk, sm_scale, kv_mask.stride(0) if has_mask else 0,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_m.stride(0), mid_m.stride(1),
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=config.BLOCK_N, HAS_KV_LENS=has_lens,
+        BLOCK_N=config.BLOCK_N, HAS_KV_LENS=has_lens, HAS_KV_MASK=has_mask,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     _decode_merge_kernel[(B * H,)](

@@ -37,6 +37,35 @@ def test_decode_attention_strided_cache_no_lens():
     assert_close(out, ref, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_attention_kv_mask(dtype):
+    # a generation cache: left-padded prompts, slots past the current one not yet written
+    B, H, H_kv, Lk, D = 4, 8, 2, 70, 64
+    cache = torch.randn(2, 1, B, H_kv, 96, D, dtype=dtype, device=DEVICE)  # 96 slots, 70 used
+    k, v = cache[0, 0, :, :, :Lk], cache[1, 0, :, :, :Lk]
+    q = torch.randn(B, H, 1, D, dtype=dtype, device=DEVICE)
+    valid = torch.zeros(B, 96, dtype=torch.bool, device=DEVICE)
+    valid[0, :Lk] = True
+    valid[1, 13:61] = True  # left padding and a short row
+    valid[2, 69] = True  # one real slot, the last
+    # row 3: nothing to attend to: zeros
+    kv_mask = valid[:, :Lk]
+    out = poisoned(q.shape, dtype)
+    config = DecodeAttentionConfig(16, 4, 2, 3)
+    decode_attention(q, k, v, kv_mask=kv_mask, out=out, config=config)
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), kv_mask=kv_mask)
+    stock = decode_attention_reference(q, k, v, kv_mask=kv_mask)
+    assert_close(out, ref, dtype, stock, name="decode attention, kv mask")
+    assert (out[3] == 0).all()
+    # with lengths too: both apply
+    lens = torch.tensor([40, 70, 70, 70], device=DEVICE)
+    decode_attention(q, k, v, kv_mask=kv_mask, kv_lens=lens, out=out, config=config)
+    ref = decode_attention_reference(
+        q.double(), k.double(), v.double(), kv_mask=kv_mask, kv_lens=lens
+    )
+    assert_close(out, ref, dtype, stock=None, name="decode attention, kv mask and lengths")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("Lk", [1000, 16384])
