@@ -18,7 +18,7 @@ import torch
 
 from kernl.artifacts.schema import Manifest
 
-from .generation_decoder import Decoder
+from .generation_decoder import DecodeKernels, Decoder
 from .generation_spec import DecoderSpec, GenerationBuckets
 from .generation_state import MAX_EOS_IDS, BatchState
 from .graphs import capture_graph
@@ -88,7 +88,8 @@ class GenerativeModel:
             if spec.pad_token_id is not None
             else (spec.eos_token_ids[0] if spec.eos_token_ids else 0)
         )
-        self.decoder = Decoder(spec, weights, self.buckets.cache_len, self.dtype, device)
+        kernels = DecodeKernels.from_dict(manifest.extra.get("decode_kernels"))
+        self.decoder = Decoder(spec, weights, self.buckets.cache_len, self.dtype, device, kernels)
         self._states = {
             b: BatchState(
                 self.decoder, b, self.buckets.prompts, self.buckets.cache_len,

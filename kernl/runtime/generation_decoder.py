@@ -12,6 +12,11 @@ one CUDA graph:
 Rotary embedding is applied as one batched matmul against a per-position D x D matrix
 (cos on the diagonal, ±sin on the half-swapped entries), gathered once per step for every
 layer: one kernel per layer instead of the five elementwise ones of `q*cos + rotate(q)*sin`.
+
+A decode step can run three of its pieces on kernl's Triton kernels instead (`DecodeKernels`):
+attention over the cache (one split-K kernel reading the slot mask, instead of a bias
+broadcast, two batched matmuls and a softmax), the norms, and the gated MLP's
+silu(x Wg) * (x Wu). The default is plain torch everywhere.
 """
 
 from __future__ import annotations
@@ -29,6 +34,34 @@ ACTIVATIONS = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
 }
+
+# kernl.kernels.gated_mlp's tile for a decode step's few rows: the smallest M tile tl.dot
+# takes, and narrow N tiles so that the weight read is spread over more programs than SMs.
+DECODE_GATED_MLP_TILE = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4,
+                             num_stages=4)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DecodeKernels:
+    """The implementation of each replaceable piece of a decode step.
+    attention: "torch" (baddbmm + softmax + bmm), "sdpa" (F.scaled_dot_product_attention
+    with GQA and a boolean mask) or "triton" (kernl.kernels.decode_attention);
+    norm: "torch" or "triton" (kernl.kernels.norm); gated_mlp: "torch" or "triton"
+    (kernl.kernels.gated_mlp; used where the MLP is gated SiLU without bias)."""
+
+    attention: str = "torch"
+    norm: str = "torch"
+    gated_mlp: str = "torch"
+
+    def __post_init__(self):
+        for name, allowed in (("attention", ("torch", "sdpa", "triton")),
+                              ("norm", ("torch", "triton")), ("gated_mlp", ("torch", "triton"))):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"DecodeKernels.{name} must be one of {allowed}")
+
+    @staticmethod
+    def from_dict(d: dict | None) -> DecodeKernels:
+        return DecodeKernels(**(d or {}))
 
 
 @dataclass
@@ -92,9 +125,11 @@ class Decoder:
         positions: int,
         dtype: torch.dtype,
         device: torch.device,
+        kernels: DecodeKernels | None = None,
     ):
         self.spec = spec
         self.dtype = dtype
+        self.kernels = kernels or DecodeKernels()
         w = weights
 
         def get(name: str) -> torch.Tensor | None:
@@ -123,6 +158,9 @@ class Decoder:
             for i in range(spec.num_layers)
         ]
         self.act = ACTIVATIONS[spec.activation]
+        self._gated_silu_without_bias = (
+            gated and spec.activation == "silu" and all(lw.up_b is None for lw in self.layers)
+        )
         self.rope = None
         if spec.positions == "rope":
             self.rope = rope_matrices(
@@ -131,14 +169,30 @@ class Decoder:
 
     # -- pieces ---------------------------------------------------------------------------
 
-    def _norm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    def _norm(
+        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, triton: bool = False
+    ) -> torch.Tensor:
+        if triton:
+            from kernl.kernels import norm
+
+            if self.spec.norm == "rms":
+                return norm.rms_norm(x, w, b, self.spec.norm_eps)
+            return norm.layer_norm(x, w, b, self.spec.norm_eps)
         if self.spec.norm == "rms":
             return F.rms_norm(x, (x.shape[-1],), w, self.spec.norm_eps)
         return F.layer_norm(x, (x.shape[-1],), w, b, self.spec.norm_eps)
 
-    def _mlp(self, x: torch.Tensor, h: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
+    def _mlp(
+        self, x: torch.Tensor, h: torch.Tensor, lw: LayerWeights, triton: bool = False
+    ) -> torch.Tensor:
         """x + MLP(h), the residual folded into the last matmul where there is no bias."""
-        if self.spec.mlp == "gated":
+        if triton and self._gated_silu_without_bias:
+            from kernl.kernels.gated_mlp import GatedMLPConfig, gated_mlp
+
+            n = lw.up_w.shape[0] // 2
+            tile = GatedMLPConfig(**DECODE_GATED_MLP_TILE)
+            h = gated_mlp(h, lw.up_w[:n], lw.up_w[n:], config=tile)
+        elif self.spec.mlp == "gated":
             gate, up = F.linear(h, lw.up_w, lw.up_b).chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
@@ -151,8 +205,9 @@ class Decoder:
             x = x + F.embedding(positions, self.pos_embed)
         return x
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._norm(x, self.final_norm_w, self.final_norm_b), self.lm_head)
+    def _logits(self, x: torch.Tensor, triton_norm: bool = False) -> torch.Tensor:
+        h = self._norm(x, self.final_norm_w, self.final_norm_b, triton_norm)
+        return F.linear(h, self.lm_head)
 
     # -- entry points ---------------------------------------------------------------------
 
@@ -197,37 +252,55 @@ class Decoder:
         tokens: torch.Tensor,
         positions: torch.Tensor,
         slot: torch.Tensor,
-        kv_bias: torch.Tensor,
+        kv_valid: torch.Tensor,
     ) -> torch.Tensor:
-        """tokens, positions: [B]; slot: [1]; kv_bias: [B * kv_heads, 1, kv_len], 0 where a
-        slot may be attended and the dtype's minimum elsewhere. Returns [B, vocab] logits."""
-        s = self.spec
+        """tokens, positions: [B]; slot: [1]; kv_valid: [B, kv_len] bool, the cache slots each
+        row may attend to (this step's slot included). Returns [B, vocab] logits."""
+        s, kernels = self.spec, self.kernels
         bsz = tokens.shape[0]
         nh, kvh, d = s.num_heads, s.num_kv_heads, s.head_dim
         g = nh // kvh
-        kv_len = kv_bias.shape[-1]
+        kv_len = kv_valid.shape[-1]
+        triton_norm, triton_mlp = kernels.norm == "triton", kernels.gated_mlp == "triton"
+        if kernels.attention == "torch":
+            bias = torch.where(kv_valid, 0.0, torch.finfo(self.dtype).min).to(self.dtype)
+            bias = bias[:, None, None, :].expand(bsz, kvh, 1, kv_len).reshape(bsz * kvh, 1, kv_len)
         x = self._embed(tokens, positions)
         rope = self.rope.index_select(0, positions) if self.rope is not None else None
         for i, lw in enumerate(self.layers):
-            h = self._norm(x, lw.attn_norm_w, lw.attn_norm_b)
+            h = self._norm(x, lw.attn_norm_w, lw.attn_norm_b, triton_norm)
             qkv = F.linear(h, lw.qkv_w, lw.qkv_b)
             qk = qkv[:, : (nh + kvh) * d].view(bsz, nh + kvh, d)
             if rope is not None:
                 qk = torch.bmm(qk, rope)
             else:
                 qk = qk.contiguous()
-            q = qk[:, :nh].reshape(bsz * kvh, g, d)
             k_new = qk[:, nh:].unsqueeze(2)
             v_new = qkv[:, (nh + kvh) * d :].view(bsz, kvh, 1, d)
             cache.k[i].index_copy_(2, slot, k_new)
             cache.v[i].index_copy_(2, slot, v_new)
-            keys = cache.k[i][:, :, :kv_len].view(bsz * kvh, kv_len, d)
-            values = cache.v[i][:, :, :kv_len].view(bsz * kvh, kv_len, d)
-            scores = torch.baddbmm(kv_bias, q, keys.transpose(1, 2), alpha=s.attention_scale)
-            att = torch.bmm(torch.softmax(scores, dim=-1), values).view(bsz, nh * d)
-            x = _residual_linear(x, att, lw.o_w, lw.o_b)
-            x = self._mlp(x, self._norm(x, lw.mlp_norm_w, lw.mlp_norm_b), lw)
-        return self._logits(x)
+            keys, values = cache.k[i][:, :, :kv_len], cache.v[i][:, :, :kv_len]
+            if kernels.attention == "torch":
+                q = qk[:, :nh].reshape(bsz * kvh, g, d)
+                keys_t = keys.reshape(bsz * kvh, kv_len, d).transpose(1, 2)
+                scores = torch.baddbmm(bias, q, keys_t, alpha=s.attention_scale)
+                att = torch.bmm(torch.softmax(scores, dim=-1), values.reshape(bsz * kvh, kv_len, d))
+            elif kernels.attention == "sdpa":
+                att = F.scaled_dot_product_attention(
+                    qk[:, :nh].unsqueeze(2), keys, values, attn_mask=kv_valid[:, None, None, :],
+                    scale=s.attention_scale, enable_gqa=True,
+                )  # fmt: skip
+            else:
+                from kernl.kernels.decode_attention import decode_attention
+
+                att = decode_attention(
+                    qk[:, :nh].unsqueeze(2), keys, values, sm_scale=s.attention_scale,
+                    kv_mask=kv_valid,
+                )  # fmt: skip
+            x = _residual_linear(x, att.reshape(bsz, nh * d), lw.o_w, lw.o_b)
+            h = self._norm(x, lw.mlp_norm_w, lw.mlp_norm_b, triton_norm)
+            x = self._mlp(x, h, lw, triton_mlp)
+        return self._logits(x, triton_norm)
 
 
 def _residual_linear(

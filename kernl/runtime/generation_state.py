@@ -48,7 +48,6 @@ class BatchState:
         self.prompt_valid = {
             p: torch.zeros(batch, p, dtype=torch.bool, device=device) for p in prompts
         }
-        self._min = torch.finfo(decoder.dtype).min
 
     def reset_counters(self) -> None:
         """Before warm-up runs at capture: keep every index inside the cache."""
@@ -72,12 +71,9 @@ class BatchState:
         return logits
 
     def decode(self, kv_len: int, do_sample: bool) -> torch.Tensor:
-        kvh = self.decoder.spec.num_kv_heads
         self.kv_valid.index_fill_(1, self.slot, True)
-        bias = torch.where(self.kv_valid[:, :kv_len], 0.0, self._min).to(self.decoder.dtype)
-        bias = bias[:, None, None, :].expand(self.batch, kvh, 1, kv_len)
-        bias = bias.reshape(self.batch * kvh, 1, kv_len)
-        logits = self.decoder.decode(self.cache, self.tokens, self.positions, self.slot, bias)
+        valid = self.kv_valid[:, :kv_len]
+        logits = self.decoder.decode(self.cache, self.tokens, self.positions, self.slot, valid)
         self.positions.add_(1)
         self.slot.add_(1)
         self._emit(logits, do_sample)
