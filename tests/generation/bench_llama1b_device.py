@@ -1,12 +1,13 @@
 """Device benchmark of causal-LM generation on a Llama-3.2-1B-shaped random model (bf16).
 
-    PYTHONUNBUFFERED=1 python tests/generation/bench_llama1b_device.py OUT_DIR [--skip-hf-static] [--skip-hf-eager]
+    PYTHONUNBUFFERED=1 python tests/generation/bench_llama1b_device.py OUT_DIR [--skip-hf-static] [--skip-hf-eager] [--variants-only]
 
 Measures, in one process (and fresh child processes for start-up): compile + validation of
 12 buckets; per-step logits of kernl and HF eager (bf16) against an fp32 eager reference over
 prefill + 64 decode steps; greedy tok/s at batch 1, 4, 8 (prompt 128, 256 new tokens) for
 kernl, HF eager generate and HF static-cache generate; prefill 1x1024 latency; load() to first
-token in a fresh process; GPU memory after load. Results go to OUT_DIR/results.json."""
+token in a fresh process; GPU memory after load; tok/s of each decode-step variant
+(`DecodeKernels`; `--variants-only` stops after them). Results go to OUT_DIR/results.json."""
 
 from __future__ import annotations
 
@@ -100,7 +101,47 @@ def _weights(model):
         yield from (t for t in vars(lw).values() if t is not None)
 
 
-def main(out: Path, skip_hf_static: bool, skip_hf_eager: bool) -> None:
+VARIANTS = {
+    "torch": {},
+    "attention=sdpa": {"attention": "sdpa"},
+    "attention=triton": {"attention": "triton"},
+    "norm=triton": {"norm": "triton"},
+    "gated_mlp=triton": {"gated_mlp": "triton"},
+    "all triton": {"attention": "triton", "norm": "triton", "gated_mlp": "triton"},
+}
+
+
+def decode_variants(model, vocab: int, g: torch.Generator) -> None:
+    """tok/s of each DecodeKernels variant (graphs captured afresh for each, Triton kernels
+    JIT-compiled during the warm-up), and how many greedy ids agree with the torch step's
+    (bf16: a different summation order may flip a near tie, after which the ids differ)."""
+    from kernl.runtime.generation_decoder import DecodeKernels
+
+    res = RESULTS.setdefault("decode_variants", {})
+    prompts = {b: torch.randint(0, vocab, (b, PROMPT), generator=g).cuda() for b in (1, 4)}
+    reference = {}
+    for name, choice in VARIANTS.items():
+        model.decoder.kernels = DecodeKernels(**choice)
+        model._steps.clear()  # captured again, lazily, with this variant
+        row = res.setdefault(name, {})
+        try:
+            for b, ids in prompts.items():
+                got = model.generate(ids, max_new_tokens=NEW, eos_token_id=[])
+                reference.setdefault(b, got)
+                agree = (got[:, PROMPT:] == reference[b][:, PROMPT:]).int().cumprod(1).sum(1)
+                full = timed(lambda: model.generate(ids, max_new_tokens=NEW, eos_token_id=[]))
+                pre = timed(lambda: model.generate(ids, max_new_tokens=1, eos_token_id=[]))
+                step = (full - pre) / (NEW - 1)
+                row[f"b{b}"] = {"tok_per_s": b * NEW / full, "per_token_ms": step * 1e3,
+                                "ids_agreeing_with_torch": agree.tolist()}  # fmt: skip
+        except Exception as e:  # record and go on: one variant must not cost the others
+            row["error"] = f"{type(e).__name__}: {e}"[:2000]
+        log(f"decode variant {name}: {row}")
+    model.decoder.kernels = DecodeKernels()
+    model._steps.clear()
+
+
+def main(out: Path, skip_hf_static: bool, skip_hf_eager: bool, variants_only: bool) -> None:
     import transformers
 
     import kernl.compiler
@@ -179,6 +220,10 @@ def main(out: Path, skip_hf_static: bool, skip_hf_eager: bool) -> None:
                                "prefill_s": pre, "per_token_ms": decode_tok * 1e3,
                                "decode_tok_per_s": b / decode_tok}  # fmt: skip
         log(f"kernl batch {b}: {tput[f'kernl_b{b}']}")
+    decode_variants(model, vocab, g)
+    save(out)
+    if variants_only:
+        return
     same = torch.randint(0, vocab, (1, PROMPT), generator=g).cuda()
     with torch.no_grad():
         ref = hf.generate(same, max_new_tokens=64, do_sample=False, min_new_tokens=64)
@@ -281,4 +326,5 @@ if __name__ == "__main__":
     else:
         out_dir = Path(sys.argv[1])
         out_dir.mkdir(parents=True, exist_ok=True)
-        main(out_dir, "--skip-hf-static" in sys.argv, "--skip-hf-eager" in sys.argv)
+        main(out_dir, "--skip-hf-static" in sys.argv, "--skip-hf-eager" in sys.argv,
+             "--variants-only" in sys.argv)  # fmt: skip
