@@ -21,8 +21,7 @@ from kernl.artifacts import (
     Manifest,
     check_destination,
 )
-from kernl.artifacts.schema import KernelBinary
-from kernl.runtime.binaries import allow_jit, key_digest
+from kernl.runtime.binaries import allow_jit
 
 from .buckets import as_buckets
 from .lower import lower
@@ -35,7 +34,7 @@ from .trace import (
     model_signature,
     resolve_dtype_device,
 )
-from .tune import TuneRecord, record_binaries, tune_program
+from .tune import TuneRecord, record_binaries, tune_program, write_binaries
 from .validate import resolve_tolerance, validate
 
 Progress = Callable[[str], None]
@@ -144,7 +143,7 @@ def compile(
 
         return compile_causal_lm(
             model_or_path, buckets, out, dtype=dtype, device=device, atol=atol, rtol=rtol,
-            progress=progress,
+            progress=progress, kernels=kernels, tune=tune,
         )  # fmt: skip
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
@@ -206,15 +205,7 @@ def compile(
         say("writing weights")
         used = {n for p in programs for n in p.weights.values()}
         writer.write_weights({k: v for k, v in all_weights.items() if k in used})
-        kernel_entries = []
-        for key, (spec, cubin) in sorted(binaries.items()):
-            name = key_digest(key)
-            rel = writer.write_kernel(name, cubin)
-            kernel_entries.append(KernelBinary(
-                name=name, file=rel, function=spec.function, num_warps=spec.num_warps,
-                shared_mem=spec.shared,
-                meta={"key": key, "num_ctas": spec.num_ctas, "arg_types": spec.arg_types},
-            ))  # fmt: skip
+        kernel_entries = write_binaries(writer, binaries)
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             kernl_version=kernl.__version__,

@@ -12,6 +12,7 @@ bucket list cover generation artifacts like any other. Validation runs the loade
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -37,13 +38,17 @@ from kernl.artifacts import (
     check_destination,
 )
 from kernl.artifacts.schema import PROGRAMS_DIR
+from kernl.runtime.binaries import allow_jit
 from kernl.runtime.generation import GenerativeModel
+from kernl.runtime.generation_decoder import DecodeKernels
 from kernl.runtime.generation_spec import GenerationBuckets
 
 from .causal_lm_buckets import as_generation_buckets
 from .causal_lm_describe import describe
+from .causal_lm_kernels import DecodeTiming, choose_decode_kernels, record_decode_binaries
 from .causal_lm_validate import StageError, validate_generation
 from .trace import load_model, resolve_dtype_device
+from .tune import write_binaries
 from .validate import resolve_tolerance
 
 TASK = "causal-lm"
@@ -61,6 +66,9 @@ class CausalLMReport:
     seconds: float = 0.0
     atol: float = 0.0
     rtol: float = 0.0
+    decode_kernels: DecodeKernels = field(default_factory=DecodeKernels)
+    decode_timings: list[DecodeTiming] = field(default_factory=list)
+    num_binaries: int = 0
 
     def table(self) -> str:
         lines = [
@@ -73,6 +81,14 @@ class CausalLMReport:
                 f"{e.stage:>8}  {e.batch:>5}  {e.size:>6}  {e.steps:>5}  "
                 f"{e.max_abs_error:18.3g}  {e.reference_scale:11.3g}"
             )
+        if self.decode_timings:
+            lines.append("decode step timings (all decode buckets, one step each):")
+            lines += [f"  {t.describe()}" for t in self.decode_timings]
+        k = self.decode_kernels
+        lines.append(
+            f"decode step kernels: attention={k.attention} norm={k.norm} "
+            f"gated_mlp={k.gated_mlp}; {self.num_binaries} kernel binaries"
+        )
         lines.append(
             f"artifact {self.path} ({self.artifact_bytes / 2**20:.1f} MiB), task {self.task}, "
             f"{self.dtype} on {self.device}, {len(self.stages)} buckets in {self.seconds:.1f} s "
@@ -91,10 +107,18 @@ def compile_causal_lm(
     atol: float | None = None,
     rtol: float | None = None,
     progress: Callable[[str], None] | None = None,
+    kernels: bool = True,
+    tune: bool = True,
+    decode_kernels: DecodeKernels | dict | None = None,
 ) -> CausalLMReport:
     """Compile a Llama, Mistral, Qwen2 or GPT-2 model (a local folder, a model id in the local
     HF cache, or a PreTrainedModel) for generation buckets such as
-    "batch=1,4,8 prompt=16:1024 cache=2048" into the artifact folder `out`."""
+    "batch=1,4,8 prompt=16:1024 cache=2048" into the artifact folder `out`.
+
+    The decode step's kernels (`DecodeKernels`) are `decode_kernels` when given; otherwise, on
+    a GPU in fp16/bf16 with `kernels` and `tune`, the fastest combination found by timing
+    (kernl.compiler.causal_lm_kernels); otherwise plain torch. Triton kernels the choice uses
+    are stored as binaries, so the runtime compiles nothing."""
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
     torch_dtype, dev = resolve_dtype_device(dtype, device)
@@ -118,8 +142,27 @@ def compile_causal_lm(
             if dev.type == "cuda"
             else "loading the runtime"
         )
-        gen = GenerativeModel(manifest, weights, dev, capture="load")
-        stages = validate_generation(gen, model, atol, rtol, progress=say)
+        gen = GenerativeModel(manifest, weights, dev, capture="lazy")
+        if decode_kernels is not None:
+            chosen = (
+                decode_kernels
+                if isinstance(decode_kernels, DecodeKernels)
+                else DecodeKernels.from_dict(decode_kernels)
+            )
+        elif kernels and tune and dev.type == "cuda" and torch_dtype != torch.float32:
+            # (in fp32, Triton's dot products would round through TF32: plain torch stays)
+            say("choosing the decode step's kernels by timing")
+            chosen, report.decode_timings = choose_decode_kernels(gen, say)
+        else:
+            chosen = DecodeKernels()
+        gen.decoder.kernels = report.decode_kernels = chosen
+        manifest.extra["decode_kernels"] = dataclasses.asdict(chosen)
+        with allow_jit():  # the binaries are recorded below; the runtime never compiles
+            stages = validate_generation(gen, model, atol, rtol, progress=say)
+        if dev.type == "cuda" and chosen != DecodeKernels():
+            say("building kernel binaries")
+            manifest.kernels = write_binaries(writer, record_decode_binaries(gen))
+            report.num_binaries = len(manifest.kernels)
         del gen
         manifest.buckets = _write_programs(writer, gb, stages)
         report.stages = stages

@@ -21,8 +21,9 @@ import torch
 import triton
 
 from kernl.artifacts.program import Program
+from kernl.artifacts.schema import KernelBinary
 from kernl.runtime import kernl_ops
-from kernl.runtime.binaries import allow_jit
+from kernl.runtime.binaries import allow_jit, key_digest
 from kernl.runtime.executor import Executor
 
 # kernl op -> (kernel module under kernl.kernels, function listing its configs as dicts)
@@ -211,3 +212,18 @@ def record_binaries(program: Program, weights: dict, inputs: dict, device: torch
         Executor(program, weights, device).run(inputs)
     torch.cuda.synchronize(device)
     return found
+
+
+def write_binaries(writer, binaries: dict) -> list[KernelBinary]:
+    """Write recorded binaries ({launch key: (BinarySpec, cubin)}) into the artifact being
+    written; returns their manifest entries."""
+    entries = []
+    for key, (spec, cubin) in sorted(binaries.items()):
+        name = key_digest(key)
+        rel = writer.write_kernel(name, cubin)
+        entries.append(KernelBinary(
+            name=name, file=rel, function=spec.function, num_warps=spec.num_warps,
+            shared_mem=spec.shared,
+            meta={"key": key, "num_ctas": spec.num_ctas, "arg_types": spec.arg_types},
+        ))  # fmt: skip
+    return entries

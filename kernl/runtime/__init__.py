@@ -63,12 +63,12 @@ def load(
         raise
     if verifier is not None:
         verifier.result()
+    if manifest.kernels and device.type == "cuda":
+        _load_binaries(root, manifest, device)
     if manifest.task == "causal-lm":
         from .generation import GenerativeModel
 
         return GenerativeModel(manifest, weights, device, capture=capture)
-    if manifest.kernels and device.type == "cuda":
-        _load_binaries(root, manifest, device)
     return CompiledModel(manifest, programs, weights, device, capture=capture)
 
 

@@ -88,7 +88,7 @@ class GenerativeModel:
             if spec.pad_token_id is not None
             else (spec.eos_token_ids[0] if spec.eos_token_ids else 0)
         )
-        kernels = DecodeKernels.from_dict(manifest.extra.get("decode_kernels"))
+        kernels = _runnable(DecodeKernels.from_dict(manifest.extra.get("decode_kernels")), device)
         self.decoder = Decoder(spec, weights, self.buckets.cache_len, self.dtype, device, kernels)
         self._states = {
             b: BatchState(
@@ -290,6 +290,25 @@ class GenerativeModel:
                 step.capture(self._pool, self.device)
             self._steps[key] = step
         return step
+
+
+def _runnable(kernels: DecodeKernels, device: torch.device) -> DecodeKernels:
+    """On the CPU, kernl's kernels run only in Triton's interpreter (see
+    kernl_ops.triton_usable); where it is not on, the plain torch pieces compute the same."""
+    if device.type != "cpu" or kernels == DecodeKernels():
+        return kernels
+    from kernl.kernels import decode_attention, gated_mlp, norm
+
+    from .kernl_ops import triton_usable
+
+    def keep(choice: str, module) -> str:
+        return choice if choice != "triton" or triton_usable(device, module) else "torch"
+
+    return DecodeKernels(
+        attention=keep(kernels.attention, decode_attention),
+        norm=keep(kernels.norm, norm),
+        gated_mlp=keep(kernels.gated_mlp, gated_mlp),
+    )
 
 
 def _as_batch(input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:

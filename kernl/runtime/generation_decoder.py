@@ -158,7 +158,7 @@ class Decoder:
             for i in range(spec.num_layers)
         ]
         self.act = ACTIVATIONS[spec.activation]
-        self._gated_silu_without_bias = (
+        self.gated_silu_without_bias = (
             gated and spec.activation == "silu" and all(lw.up_b is None for lw in self.layers)
         )
         self.rope = None
@@ -186,7 +186,7 @@ class Decoder:
         self, x: torch.Tensor, h: torch.Tensor, lw: LayerWeights, triton: bool = False
     ) -> torch.Tensor:
         """x + MLP(h), the residual folded into the last matmul where there is no bias."""
-        if triton and self._gated_silu_without_bias:
+        if triton and self.gated_silu_without_bias:
             from kernl.kernels.gated_mlp import GatedMLPConfig, gated_mlp
 
             n = lw.up_w.shape[0] // 2

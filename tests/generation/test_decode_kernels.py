@@ -58,3 +58,64 @@ def test_decode_kernels_are_checked():
         DecodeKernels(attention="flash")
     assert DecodeKernels.from_dict({"norm": "triton"}) == DecodeKernels(norm="triton")
     assert DecodeKernels.from_dict(None) == DecodeKernels()
+
+
+def test_forced_decode_kernels_are_stored_and_served(tmp_path):
+    forced = {"attention": "triton", "norm": "triton", "gated_mlp": "triton"}
+    from kernl.compiler.causal_lm import compile_causal_lm
+
+    report = compile_causal_lm(
+        tiny_model("llama3"), "batch=4 prompt=16 cache=32", tmp_path / "lm.kernl",
+        dtype="fp32", device="cpu", decode_kernels=forced,
+    )  # fmt: skip
+    assert report.decode_kernels == DecodeKernels(**forced)
+    assert "attention=triton norm=triton gated_mlp=triton" in report.table()
+    model = kernl.runtime.load(tmp_path / "lm.kernl")
+    assert model.manifest.extra["decode_kernels"] == forced
+    assert model.decoder.kernels == DecodeKernels(**forced)
+    assert not model.manifest.kernels  # binaries exist only for a GPU
+    ids, mask = mixed_prompts(3, [11, 4, 16])
+    out_ids, out_logits = _steps(model, ids, mask)
+    model.decoder.kernels = DecodeKernels()
+    ref_ids, ref_logits = _steps(model, ids, mask)
+    assert torch.equal(out_ids, ref_ids)
+    assert (out_logits - ref_logits).abs().max() < 1e-4 * max(1.0, ref_logits.abs().max())
+
+
+def test_choice_keeps_an_alternative_only_when_measurably_faster(artifact):
+    from kernl.compiler.causal_lm_kernels import choose_decode_kernels
+
+    model = kernl.runtime.load(artifact)
+    gated = model.decoder.gated_silu_without_bias
+    cost = {"torch": 10.0, "sdpa": 9.95, "triton": 8.0}  # sdpa: within MIN_GAIN, not kept
+    said = []
+
+    def fake_ms(gen):
+        k = gen.decoder.kernels
+        if k.norm == "triton":
+            raise RuntimeError("no kernel for this shape")
+        return cost[k.attention] - (1.0 if k.gated_mlp == "triton" else 0.0)
+
+    chosen, timings = choose_decode_kernels(model, said.append, step_ms=fake_ms)
+    assert chosen == DecodeKernels(attention="triton", gated_mlp="triton" if gated else "torch")
+    assert model.decoder.kernels == chosen and not model._steps
+    tried = [(t.kernels.attention, t.kernels.norm, t.kernels.gated_mlp) for t in timings]
+    expected = [("torch",) * 3, ("sdpa", "torch", "torch"), ("triton", "torch", "torch"),
+                ("triton", "triton", "torch")]  # fmt: skip
+    if gated:  # GPT-2's MLP is not gated: nothing to try
+        expected.append(("triton", "torch", "triton"))
+    assert tried == expected
+    assert "failed (RuntimeError: no kernel for this shape)" in timings[3].describe()
+    assert len(said) == len(timings)
+
+
+def test_step_timing_and_binary_recording_run_on_the_cpu(artifact):
+    """The GPU paths' Python on the CPU: eager steps timed, no binaries (interpreter)."""
+    from kernl.compiler.causal_lm_kernels import _step_ms, record_decode_binaries
+
+    model = kernl.runtime.load(artifact)
+    model.decoder.kernels = DecodeKernels(attention="triton")
+    assert _step_ms(model, replays=2) > 0
+    assert record_decode_binaries(model) == {}
+    ids, mask = mixed_prompts(3, [11, 4, 16])
+    assert model.generate(ids, mask, max_new_tokens=4).shape == (3, 20)

@@ -1,0 +1,127 @@
+"""Which kernels a generation artifact's decode step runs on, chosen by timing on the GPU, and
+the Triton binaries the choice needs.
+
+A decode step has three replaceable pieces (`DecodeKernels`: attention, norms, gated MLP).
+Starting from plain torch, each alternative is tried in turn and kept only if the decode
+steps of every decode bucket, replayed as CUDA graphs, get faster in total by more than
+`MIN_GAIN`: a kernel earns its place by measurement, never by default. An alternative that
+fails (a kernel that does not compile for these shapes) is reported and skipped."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from statistics import median
+from typing import Any
+
+import torch
+
+from kernl.runtime.binaries import allow_jit, spec_from_compiled
+from kernl.runtime.generation import GenerativeModel
+from kernl.runtime.generation_decoder import DecodeKernels
+
+ALTERNATIVES: list[tuple[str, tuple[str, ...]]] = [
+    ("attention", ("sdpa", "triton")),
+    ("norm", ("triton",)),
+    ("gated_mlp", ("triton",)),
+]
+MIN_GAIN = 0.02
+REPLAYS = 30
+
+
+@dataclass
+class DecodeTiming:
+    kernels: DecodeKernels
+    step_ms: float | None  # summed over the decode buckets: median of one step each
+    error: str | None = None
+
+    def describe(self) -> str:
+        k = self.kernels
+        what = f"attention={k.attention} norm={k.norm} gated_mlp={k.gated_mlp}"
+        if self.error is not None:
+            return f"{what}: failed ({self.error})"
+        return f"{what}: {self.step_ms:.3f} ms"
+
+
+def _step_ms(gen: GenerativeModel, replays: int) -> float:
+    """Sum over decode buckets of the median time of one decode step (a graph replay on CUDA;
+    the eager step elsewhere). The cache position is reset before every step, so each step
+    writes slot 0 and attends over the bucket's whole kv length."""
+    gen._steps.clear()  # graphs are captured again, with the decoder's current kernels
+    total = 0.0
+    for batch, kv_len in gen.buckets.decode_shapes():
+        step = gen._step(("decode", batch, kv_len, False))
+        state = gen._states[batch]
+        times = []
+        for _ in range(replays):
+            state.reset_counters()
+            if gen.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
+                start.record()
+                step.run()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t = time.perf_counter()
+                step.run()
+                times.append((time.perf_counter() - t) * 1e3)
+        total += median(times)
+    return total
+
+
+def choose_decode_kernels(
+    gen: GenerativeModel,
+    say: Callable[[str], None],
+    step_ms: Callable[[GenerativeModel], float] | None = None,
+) -> tuple[DecodeKernels, list[DecodeTiming]]:
+    """Greedy search from plain torch over ALTERNATIVES; leaves `gen` on the choice."""
+    measure = step_ms or (lambda g: _step_ms(g, REPLAYS))
+    decoder = gen.decoder
+
+    def timed(kernels: DecodeKernels) -> DecodeTiming:
+        decoder.kernels = kernels
+        try:
+            with allow_jit(), torch.no_grad():
+                t = DecodeTiming(kernels, measure(gen))
+        except Exception as e:  # a kernel that cannot run here: report it, keep the others
+            t = DecodeTiming(kernels, None, f"{type(e).__name__}: {e}"[:300])
+        say(f"decode step, {t.describe()}")
+        return t
+
+    best = timed(DecodeKernels())
+    if best.error is not None:
+        raise RuntimeError(f"the plain torch decode step failed: {best.error}")
+    timings = [best]
+    for knob, options in ALTERNATIVES:
+        if knob == "gated_mlp" and not decoder.gated_silu_without_bias:
+            continue
+        for option in options:
+            t = timed(dataclasses.replace(best.kernels, **{knob: option}))
+            timings.append(t)
+            if t.step_ms is not None and t.step_ms < best.step_ms * (1 - MIN_GAIN):
+                best = t
+    decoder.kernels = best.kernels
+    gen._steps.clear()
+    return best.kernels, timings
+
+
+def record_decode_binaries(gen: GenerativeModel) -> dict[str, Any]:
+    """Run one decode step of every decode bucket with Triton's JIT and collect the compiled
+    binary of every kernl kernel launched: {launch key: (BinarySpec, cubin bytes)}."""
+    found: dict[str, Any] = {}
+
+    def recorder(key: str, kernel) -> None:
+        if key not in found:
+            found[key] = spec_from_compiled(key, kernel)
+
+    with allow_jit(recorder), torch.no_grad():
+        for batch, kv_len in gen.buckets.decode_shapes():
+            state = gen._states[batch]
+            state.reset_counters()
+            state.decode(kv_len, False)
+    if gen.device.type == "cuda":
+        torch.cuda.synchronize(gen.device)
+    return found
