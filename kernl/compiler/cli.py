@@ -30,8 +30,8 @@ def _compile_options(f):
         click.option("--task", type=click.Choice(["base", "sequence-classification", "token-classification", "masked-lm", "causal-lm"]), default=None, help="Model head. Default: from the config's architectures. causal-lm: decoder-only text generation (Llama, Mistral, Qwen2, GPT-2); its buckets use the axes batch, prompt, cache."),
         click.option("--atol", type=float, default=None, help="Absolute tolerance of validation against eager (default per dtype: fp32 1e-4, fp16 2e-2, bf16 8e-2)."),
         click.option("--rtol", type=float, default=None, help="Relative tolerance of validation against eager (default per dtype: fp32 1e-4, fp16 2e-2, bf16 5e-2)."),
-        click.option("--kernels/--no-kernels", default=True, show_default=True, help="Rewrite onto kernl's fused Triton kernels; --no-kernels keeps plain aten ops (still one CUDA graph per bucket)."),
-        click.option("--tune/--no-tune", default=True, show_default=True, help="On a GPU, time every kernel instance over its tuning space and against aten (results cached in ~/.cache/kernl, or $KERNL_CACHE_DIR); --no-tune takes each kernel's default config."),
+        click.option("--kernels/--no-kernels", default=True, show_default=True, help="Rewrite onto kernl's fused Triton kernels; --no-kernels keeps plain aten ops (still one CUDA graph per bucket). With --task causal-lm: let the decode step use kernl's kernels where timing shows they are faster (fp16/bf16 on a GPU); --no-kernels keeps plain torch."),
+        click.option("--tune/--no-tune", default=True, show_default=True, help="On a GPU, time every kernel instance over its tuning space and against aten (results cached in ~/.cache/kernl, or $KERNL_CACHE_DIR); --no-tune takes each kernel's default config (causal-lm: plain torch decode step)."),
     ]  # fmt: skip
     for option in reversed(options):
         f = option(f)
