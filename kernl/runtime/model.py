@@ -134,13 +134,16 @@ class CompiledModel:
             if runner.graph is None and self.capture_mode == "lazy":
                 runner.capture(self._pool)
             outs = runner.run()
+            exact = batch == bucket.batch and seq == bucket.seq
             result = ModelOutput()
             for spec, t in zip(self.manifest.outputs, outs):
-                index = [slice(None)] * t.dim()
-                index[spec.batch_axis] = slice(0, batch)
-                if spec.seq_axis is not None:
-                    index[spec.seq_axis] = slice(0, seq)
-                result[spec.name] = t[tuple(index)].clone()
+                if not exact:
+                    index = [slice(None)] * t.dim()
+                    index[spec.batch_axis] = slice(0, batch)
+                    if spec.seq_axis is not None:
+                        index[spec.seq_axis] = slice(0, seq)
+                    t = t[tuple(index)]
+                result[spec.name] = t.clone()
         return result
 
     def _copy_in(self, runner, tensors: dict[str, torch.Tensor], batch: int, seq: int) -> None:
@@ -183,7 +186,7 @@ class CompiledModel:
                 buf[batch:].fill_(1)
 
     def _check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        unknown = sorted(set(inputs) - set(self._inputs))
+        unknown = sorted(k for k in inputs if k not in self._inputs)
         if unknown:
             raise TypeError(f"unexpected input(s) {unknown}; this model takes {self.input_names}")
         tensors: dict[str, torch.Tensor] = {}
@@ -223,13 +226,7 @@ class CompiledModel:
             (name, t, self._ranges[name]) for name, t in tensors.items() if name in self._ranges
         ]
         if checked:
-            # one host read for all ranges: on the GPU each separate read is a sync
-            pairs = [torch.stack(torch.aminmax(t.reshape(-1))).long() for _, t, _ in checked]
-            if len({p.device for p in pairs}) == 1:
-                values = torch.stack(pairs).tolist()
-            else:
-                values = [p.tolist() for p in pairs]
-            for (name, _, size), (lo, hi) in zip(checked, values):
+            for (name, _, size), (lo, hi) in zip(checked, _ranges_of([t for _, t, _ in checked])):
                 if lo < 0 or hi >= size:
                     raise ValueError(f"{name} must lie in [0, {size}); got values in [{lo}, {hi}]")
         return tensors
@@ -240,6 +237,26 @@ class CompiledModel:
             f"CompiledModel({self.manifest.model_type}, task={self.manifest.task}, "
             f"dtype={self.manifest.dtype}, device={self.device}, buckets=[{b}])"
         )
+
+
+def _ranges_of(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """(min, max) of each tensor with as few operations as possible: they are on the latency
+    path of every call. One aminmax per tensor; the device ones then read back together,
+    since on a GPU every separate read is a sync."""
+    found: list[tuple[int, int] | None] = []
+    on_device: list[torch.Tensor] = []
+    for t in tensors:
+        lo, hi = torch.aminmax(t)
+        if t.device.type == "cpu":
+            found.append((int(lo), int(hi)))
+        else:
+            found.append(None)
+            on_device += [lo, hi]
+    if on_device:
+        same = all(v.device == on_device[0].device for v in on_device)
+        values = iter(torch.stack(on_device).tolist() if same else [v.item() for v in on_device])
+        found = [f if f is not None else (next(values), next(values)) for f in found]
+    return found
 
 
 def _config_int(config: dict, key: str) -> int | None:
