@@ -15,6 +15,7 @@ from typing import Any
 from kernl.artifacts import read_manifest, read_program
 from kernl.artifacts.program import Program
 from kernl.artifacts.schema import Manifest, is_safe_relative_path
+from kernl.runtime.generation_decoder import DecodeKernels
 
 # Program meta that is bookkeeping of the compiler (value shapes), not worth a report line.
 _QUIET_META = ("values",)
@@ -68,6 +69,7 @@ class InspectReport:
     buckets: list[BucketInfo]
     kernels: list[dict[str, Any]]
     file_bytes: dict[str, int | None]
+    decode_kernels: dict[str, str] | None = None  # causal-lm: the decode step's choice
 
     @property
     def total_bytes(self) -> int:
@@ -180,7 +182,18 @@ def inspect_artifact(path: str | os.PathLike) -> InspectReport:
         buckets=_bucket_info(root, m),
         kernels=kernels,
         file_bytes=files,
+        decode_kernels=_decode_kernels(m),
     )
+
+
+def _decode_kernels(m) -> dict[str, str] | None:
+    if m.task != "causal-lm":
+        return None
+    choice = m.extra.get("decode_kernels")
+    try:
+        return asdict(DecodeKernels.from_dict(choice))
+    except (TypeError, ValueError):
+        return {"invalid": repr(choice)}
 
 
 def _mib(n: int | None) -> str:
@@ -220,6 +233,10 @@ def render_text(r: InspectReport) -> str:
         f"inputs      {ins}",
         f"outputs     {outs}",
         f"validation  {tol}",
+    ]
+    if r.decode_kernels is not None:
+        lines.append("decode step " + " ".join(f"{k}={v}" for k, v in r.decode_kernels.items()))
+    lines += [
         "",
         f"{'bucket':>9}  {'max |err| vs eager':>18}  {'compile s':>9}  {'instructions':>12}  "
         f"{'kernl ops':>9}  {'program':>10}",

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernl.artifacts.errors import ArtifactCorruptError
 from kernl.artifacts.schema import Manifest
 
 from .generation_decoder import DecodeKernels, Decoder
@@ -76,8 +77,14 @@ class GenerativeModel:
             raise ValueError(f"capture must be 'load', 'lazy' or 'never', not {capture!r}")
         self.manifest = manifest
         self.device = device
-        self.spec = DecoderSpec.from_dict(manifest.extra["decoder"])
-        self.buckets = GenerationBuckets.from_dict(manifest.extra["generation_buckets"])
+        try:
+            self.spec = DecoderSpec.from_dict(manifest.extra["decoder"])
+            self.buckets = GenerationBuckets.from_dict(manifest.extra["generation_buckets"])
+            kernels = DecodeKernels.from_dict(manifest.extra.get("decode_kernels"))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ArtifactCorruptError(
+                f"the manifest's causal-LM description is invalid: {type(e).__name__}: {e}"
+            ) from None
         self.dtype = getattr(torch, manifest.dtype)
         self.capture_mode = capture if device.type == "cuda" else "never"
         self._lock = threading.Lock()
@@ -88,7 +95,7 @@ class GenerativeModel:
             if spec.pad_token_id is not None
             else (spec.eos_token_ids[0] if spec.eos_token_ids else 0)
         )
-        kernels = _runnable(DecodeKernels.from_dict(manifest.extra.get("decode_kernels")), device)
+        kernels = _runnable(kernels, device)
         self.decoder = Decoder(spec, weights, self.buckets.cache_len, self.dtype, device, kernels)
         self._states = {
             b: BatchState(

@@ -4,6 +4,8 @@ family, with a batch of mixed prompt lengths (left padding: the slot mask matter
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -119,3 +121,37 @@ def test_step_timing_and_binary_recording_run_on_the_cpu(artifact):
     assert record_decode_binaries(model) == {}
     ids, mask = mixed_prompts(3, [11, 4, 16])
     assert model.generate(ids, mask, max_new_tokens=4).shape == (3, 20)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda e: e.update(decode_kernels={"attention": "os.system"}),
+        lambda e: e.update(decode_kernels={"attention": "torch", "shell": "rm"}),
+        lambda e: e.update(decode_kernels=["triton"]),
+        lambda e: e.pop("decoder"),
+        lambda e: e.update(generation_buckets={"batches": "x"}),
+    ],
+    ids=["unknown-choice", "unknown-field", "not-a-map", "no-decoder", "bad-buckets"],
+)
+def test_a_hostile_causal_lm_description_is_refused_as_an_artifact_error(artifact, tmp_path, edit):
+    """A consistent (re-signed) manifest whose causal-LM description is not one kernl wrote."""
+    import shutil
+
+    import msgpack
+
+    from kernl.artifacts import ArtifactError, pack_manifest
+
+    root = Path(shutil.copytree(artifact, tmp_path / "copy"))
+    m = msgpack.unpackb((root / "manifest.msgpack").read_bytes(), raw=False)
+    edit(m["extra"])
+    (root / "manifest.msgpack").write_bytes(pack_manifest(m))
+    with pytest.raises(ArtifactError, match="causal-LM description is invalid"):
+        kernl.runtime.load(root)
+
+
+def test_inspect_shows_the_decode_step_kernels(artifact):
+    from kernl.compiler.inspect_report import inspect_artifact, render_text
+
+    text = render_text(inspect_artifact(artifact))
+    assert "decode step attention=torch norm=torch gated_mlp=torch" in text
