@@ -161,7 +161,14 @@ def compile_causal_lm(
             stages = validate_generation(gen, model, atol, rtol, progress=say)
         if dev.type == "cuda" and chosen != DecodeKernels():
             say("building kernel binaries")
-            manifest.kernels = write_binaries(writer, record_decode_binaries(gen))
+            try:
+                binaries = record_decode_binaries(gen)
+            except Exception as e:
+                raise RuntimeError(
+                    f"recording the binaries of the decode step's kernels ({chosen}) failed: "
+                    f"{type(e).__name__}: {e}. --no-tune (tune=False) keeps the plain torch step"
+                ) from e
+            manifest.kernels = write_binaries(writer, binaries)
             report.num_binaries = len(manifest.kernels)
         del gen
         manifest.buckets = _write_programs(writer, gb, stages)

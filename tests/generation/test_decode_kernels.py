@@ -155,3 +155,15 @@ def test_inspect_shows_the_decode_step_kernels(artifact):
 
     text = render_text(inspect_artifact(artifact))
     assert "decode step attention=torch norm=torch gated_mlp=torch" in text
+
+
+def test_choice_keeps_plain_torch_when_the_baseline_cannot_be_timed(artifact):
+    from kernl.compiler.causal_lm_kernels import choose_decode_kernels
+
+    model = kernl.runtime.load(artifact)
+
+    def broken(gen):
+        raise RuntimeError("timer unavailable")
+
+    chosen, timings = choose_decode_kernels(model, lambda _: None, step_ms=broken)
+    assert chosen == DecodeKernels() and len(timings) == 1 and timings[0].error
