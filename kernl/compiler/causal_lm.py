@@ -87,7 +87,7 @@ class CausalLMReport:
         k = self.decode_kernels
         lines.append(
             f"decode step kernels: attention={k.attention} norm={k.norm} "
-            f"gated_mlp={k.gated_mlp}; {self.num_binaries} kernel binaries"
+            f"gated_mlp={k.gated_mlp} linear={k.linear}; {self.num_binaries} kernel binaries"
         )
         lines.append(
             f"artifact {self.path} ({self.artifact_bytes / 2**20:.1f} MiB), task {self.task}, "

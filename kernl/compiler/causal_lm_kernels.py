@@ -1,7 +1,8 @@
 """Which kernels a generation artifact's decode step runs on, chosen by timing on the GPU, and
 the Triton binaries the choice needs.
 
-A decode step has three replaceable pieces (`DecodeKernels`: attention, norms, gated MLP).
+A decode step has four replaceable pieces (`DecodeKernels`: attention, norms, gated MLP,
+linear layers).
 Starting from plain torch, each alternative is tried in turn and kept only if the decode
 steps of every decode bucket, replayed as CUDA graphs, get faster in total by more than
 `MIN_GAIN`: a kernel earns its place by measurement, never by default. An alternative that
@@ -26,6 +27,7 @@ ALTERNATIVES: list[tuple[str, tuple[str, ...]]] = [
     ("attention", ("sdpa", "triton")),
     ("norm", ("triton",)),
     ("gated_mlp", ("triton",)),
+    ("linear", ("triton",)),
 ]
 MIN_GAIN = 0.02
 REPLAYS = 30
@@ -39,7 +41,7 @@ class DecodeTiming:
 
     def describe(self) -> str:
         k = self.kernels
-        what = f"attention={k.attention} norm={k.norm} gated_mlp={k.gated_mlp}"
+        what = f"attention={k.attention} norm={k.norm} gated_mlp={k.gated_mlp} linear={k.linear}"
         if self.error is not None:
             return f"{what}: failed ({self.error})"
         return f"{what}: {self.step_ms:.3f} ms"

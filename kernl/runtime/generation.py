@@ -304,7 +304,7 @@ def _runnable(kernels: DecodeKernels, device: torch.device) -> DecodeKernels:
     kernl_ops.triton_usable); where it is not on, the plain torch pieces compute the same."""
     if device.type != "cpu" or kernels == DecodeKernels():
         return kernels
-    from kernl.kernels import decode_attention, gated_mlp, norm
+    from kernl.kernels import decode_attention, gated_mlp, norm, skinny_linear
 
     from .kernl_ops import triton_usable
 
@@ -315,6 +315,7 @@ def _runnable(kernels: DecodeKernels, device: torch.device) -> DecodeKernels:
         attention=keep(kernels.attention, decode_attention),
         norm=keep(kernels.norm, norm),
         gated_mlp=keep(kernels.gated_mlp, gated_mlp),
+        linear=keep(kernels.linear, skinny_linear),
     )
 
 

@@ -13,10 +13,11 @@ Rotary embedding is applied as one batched matmul against a per-position D x D m
 (cos on the diagonal, ±sin on the half-swapped entries), gathered once per step for every
 layer: one kernel per layer instead of the five elementwise ones of `q*cos + rotate(q)*sin`.
 
-A decode step can run three of its pieces on kernl's Triton kernels instead (`DecodeKernels`):
+A decode step can run four of its pieces on kernl's Triton kernels instead (`DecodeKernels`):
 attention over the cache (one split-K kernel reading the slot mask, instead of a bias
-broadcast, two batched matmuls and a softmax), the norms, and the gated MLP's
-silu(x Wg) * (x Wu). The default is plain torch everywhere.
+broadcast, two batched matmuls and a softmax), the norms, the gated MLP's
+silu(x Wg) * (x Wu), and the linear layers (a split-K kernel for a few rows). The default
+is plain torch everywhere.
 """
 
 from __future__ import annotations
@@ -47,15 +48,18 @@ class DecodeKernels:
     attention: "torch" (baddbmm + softmax + bmm), "sdpa" (F.scaled_dot_product_attention
     with GQA and a boolean mask) or "triton" (kernl.kernels.decode_attention);
     norm: "torch" or "triton" (kernl.kernels.norm); gated_mlp: "torch" or "triton"
-    (kernl.kernels.gated_mlp; used where the MLP is gated SiLU without bias)."""
+    (kernl.kernels.gated_mlp; used where the MLP is gated SiLU without bias); linear:
+    "torch" or "triton" (kernl.kernels.skinny_linear, split-K, for batches of <= 16 rows)."""
 
     attention: str = "torch"
     norm: str = "torch"
     gated_mlp: str = "torch"
+    linear: str = "torch"
 
     def __post_init__(self):
         for name, allowed in (("attention", ("torch", "sdpa", "triton")),
-                              ("norm", ("torch", "triton")), ("gated_mlp", ("torch", "triton"))):  # fmt: skip
+                              ("norm", ("torch", "triton")), ("gated_mlp", ("torch", "triton")),
+                              ("linear", ("torch", "triton"))):  # fmt: skip
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DecodeKernels.{name} must be one of {allowed}")
 
@@ -183,7 +187,12 @@ class Decoder:
         return F.layer_norm(x, (x.shape[-1],), w, b, self.spec.norm_eps)
 
     def _mlp(
-        self, x: torch.Tensor, h: torch.Tensor, lw: LayerWeights, triton: bool = False
+        self,
+        x: torch.Tensor,
+        h: torch.Tensor,
+        lw: LayerWeights,
+        triton: bool = False,
+        skinny: bool = False,
     ) -> torch.Tensor:
         """x + MLP(h), the residual folded into the last matmul where there is no bias."""
         if triton and self.gated_silu_without_bias:
@@ -193,11 +202,11 @@ class Decoder:
             tile = GatedMLPConfig(**DECODE_GATED_MLP_TILE)
             h = gated_mlp(h, lw.up_w[:n], lw.up_w[n:], config=tile)
         elif self.spec.mlp == "gated":
-            gate, up = F.linear(h, lw.up_w, lw.up_b).chunk(2, dim=-1)
+            gate, up = _linear(h, lw.up_w, lw.up_b, skinny=skinny).chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
-            h = self.act(F.linear(h, lw.up_w, lw.up_b))
-        return _residual_linear(x, h, lw.down_w, lw.down_b)
+            h = self.act(_linear(h, lw.up_w, lw.up_b, skinny=skinny))
+        return _linear(h, lw.down_w, lw.down_b, residual=x, skinny=skinny)
 
     def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = F.embedding(ids, self.embed)
@@ -205,9 +214,11 @@ class Decoder:
             x = x + F.embedding(positions, self.pos_embed)
         return x
 
-    def _logits(self, x: torch.Tensor, triton_norm: bool = False) -> torch.Tensor:
+    def _logits(
+        self, x: torch.Tensor, triton_norm: bool = False, skinny: bool = False
+    ) -> torch.Tensor:
         h = self._norm(x, self.final_norm_w, self.final_norm_b, triton_norm)
-        return F.linear(h, self.lm_head)
+        return _linear(h, self.lm_head, skinny=skinny)
 
     # -- entry points ---------------------------------------------------------------------
 
@@ -262,6 +273,7 @@ class Decoder:
         g = nh // kvh
         kv_len = kv_valid.shape[-1]
         triton_norm, triton_mlp = kernels.norm == "triton", kernels.gated_mlp == "triton"
+        skinny = kernels.linear == "triton"
         if kernels.attention == "torch":
             bias = torch.where(kv_valid, 0.0, torch.finfo(self.dtype).min).to(self.dtype)
             bias = bias[:, None, None, :].expand(bsz, kvh, 1, kv_len).reshape(bsz * kvh, 1, kv_len)
@@ -269,7 +281,7 @@ class Decoder:
         rope = self.rope.index_select(0, positions) if self.rope is not None else None
         for i, lw in enumerate(self.layers):
             h = self._norm(x, lw.attn_norm_w, lw.attn_norm_b, triton_norm)
-            qkv = F.linear(h, lw.qkv_w, lw.qkv_b)
+            qkv = _linear(h, lw.qkv_w, lw.qkv_b, skinny=skinny)
             qk = qkv[:, : (nh + kvh) * d].view(bsz, nh + kvh, d)
             if rope is not None:
                 qk = torch.bmm(qk, rope)
@@ -297,10 +309,28 @@ class Decoder:
                     qk[:, :nh].unsqueeze(2), keys, values, sm_scale=s.attention_scale,
                     kv_mask=kv_valid,
                 )  # fmt: skip
-            x = _residual_linear(x, att.reshape(bsz, nh * d), lw.o_w, lw.o_b)
+            x = _linear(att.reshape(bsz, nh * d), lw.o_w, lw.o_b, residual=x, skinny=skinny)
             h = self._norm(x, lw.mlp_norm_w, lw.mlp_norm_b, triton_norm)
-            x = self._mlp(x, h, lw, triton_mlp)
-        return self._logits(x, triton_norm)
+            x = self._mlp(x, h, lw, triton_mlp, skinny)
+        return self._logits(x, triton_norm, skinny)
+
+
+def _linear(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    skinny: bool = False,
+) -> torch.Tensor:
+    """residual + h @ w.T + b, on kernl's few-rows kernel when `skinny` and h fits it."""
+    if skinny:
+        from kernl.kernels.skinny_linear import MAX_ROWS, skinny_linear
+
+        if h.dim() == 2 and h.shape[0] <= MAX_ROWS and h.stride(1) == 1 and w.is_contiguous():
+            return skinny_linear(h, w, b, residual)
+    if residual is None:
+        return F.linear(h, w, b)
+    return _residual_linear(residual, h, w, b)
 
 
 def _residual_linear(

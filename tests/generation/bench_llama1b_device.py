@@ -107,7 +107,13 @@ VARIANTS = {
     "attention=triton": {"attention": "triton"},
     "norm=triton": {"norm": "triton"},
     "gated_mlp=triton": {"gated_mlp": "triton"},
-    "all triton": {"attention": "triton", "norm": "triton", "gated_mlp": "triton"},
+    "linear=triton": {"linear": "triton"},
+    "all triton": {
+        "attention": "triton",
+        "norm": "triton",
+        "gated_mlp": "triton",
+        "linear": "triton",
+    },  # fmt: skip
 }
 
 

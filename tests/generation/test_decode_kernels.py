@@ -19,6 +19,7 @@ VARIANTS = [
     DecodeKernels(attention="triton"),
     DecodeKernels(attention="sdpa"),
     DecodeKernels(norm="triton", gated_mlp="triton"),
+    DecodeKernels(linear="triton"),
 ]
 NEW = 12
 
@@ -63,7 +64,7 @@ def test_decode_kernels_are_checked():
 
 
 def test_forced_decode_kernels_are_stored_and_served(tmp_path):
-    forced = {"attention": "triton", "norm": "triton", "gated_mlp": "triton"}
+    forced = {"attention": "triton", "norm": "triton", "gated_mlp": "triton", "linear": "triton"}
     from kernl.compiler.causal_lm import compile_causal_lm
 
     report = compile_causal_lm(
@@ -71,7 +72,7 @@ def test_forced_decode_kernels_are_stored_and_served(tmp_path):
         dtype="fp32", device="cpu", decode_kernels=forced,
     )  # fmt: skip
     assert report.decode_kernels == DecodeKernels(**forced)
-    assert "attention=triton norm=triton gated_mlp=triton" in report.table()
+    assert "attention=triton norm=triton gated_mlp=triton linear=triton" in report.table()
     model = kernl.runtime.load(tmp_path / "lm.kernl")
     assert model.manifest.extra["decode_kernels"] == forced
     assert model.decoder.kernels == DecodeKernels(**forced)
@@ -96,17 +97,25 @@ def test_choice_keeps_an_alternative_only_when_measurably_faster(artifact):
         k = gen.decoder.kernels
         if k.norm == "triton":
             raise RuntimeError("no kernel for this shape")
-        return cost[k.attention] - (1.0 if k.gated_mlp == "triton" else 0.0)
+        slower = 0.5 if k.linear == "triton" else 0.0  # tried, not kept
+        return cost[k.attention] - (1.0 if k.gated_mlp == "triton" else 0.0) + slower
 
     chosen, timings = choose_decode_kernels(model, said.append, step_ms=fake_ms)
     assert chosen == DecodeKernels(attention="triton", gated_mlp="triton" if gated else "torch")
     assert model.decoder.kernels == chosen and not model._steps
-    tried = [(t.kernels.attention, t.kernels.norm, t.kernels.gated_mlp) for t in timings]
-    expected = [("torch",) * 3, ("sdpa", "torch", "torch"), ("triton", "torch", "torch"),
-                ("triton", "triton", "torch")]  # fmt: skip
+    k = [(t.kernels.attention, t.kernels.norm, t.kernels.gated_mlp, t.kernels.linear)
+         for t in timings]  # fmt: skip
+    t3 = ("torch",) * 3
+    expected = [
+        (*t3, "torch"),
+        ("sdpa", *t3),
+        ("triton", *t3),
+        ("triton", "triton", "torch", "torch"),
+    ]
     if gated:  # GPT-2's MLP is not gated: nothing to try
-        expected.append(("triton", "torch", "triton"))
-    assert tried == expected
+        expected.append(("triton", "torch", "triton", "torch"))
+    expected.append(("triton", "torch", "triton" if gated else "torch", "triton"))
+    assert k == expected
     assert "failed (RuntimeError: no kernel for this shape)" in timings[3].describe()
     assert len(said) == len(timings)
 
@@ -154,7 +163,7 @@ def test_inspect_shows_the_decode_step_kernels(artifact):
     from kernl.compiler.inspect_report import inspect_artifact, render_text
 
     text = render_text(inspect_artifact(artifact))
-    assert "decode step attention=torch norm=torch gated_mlp=torch" in text
+    assert "decode step attention=torch norm=torch gated_mlp=torch linear=torch" in text
 
 
 def test_choice_keeps_plain_torch_when_the_baseline_cannot_be_timed(artifact):

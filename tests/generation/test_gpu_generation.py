@@ -65,13 +65,13 @@ def test_triton_decode_kernels_run_from_binaries_and_match_torch(tmp_path):
 
     hf = tiny_model("llama3").cuda().to(torch.bfloat16)
     buckets = "batch=1,4 prompt=16 cache=32,64"
-    forced = {"attention": "triton", "norm": "triton", "gated_mlp": "triton"}
+    forced = {"attention": "triton", "norm": "triton", "gated_mlp": "triton", "linear": "triton"}
     report = compile_causal_lm(hf, buckets, tmp_path / "triton.kernl", dtype="bf16",
                                device="cuda", decode_kernels=forced)  # fmt: skip
     assert report.num_binaries > 0
     # the automatic choice times every alternative and keeps a loadable artifact
     auto = compile_causal_lm(hf, buckets, tmp_path / "auto.kernl", dtype="bf16", device="cuda")
-    assert len(auto.decode_timings) == 5 and all(t.error is None for t in auto.decode_timings)
+    assert len(auto.decode_timings) == 6 and all(t.error is None for t in auto.decode_timings)
     ids, mask = mixed_prompts(3, [11, 4, 16])
     torch.save((ids, mask), tmp_path / "in.pt")
     run = subprocess.run(
