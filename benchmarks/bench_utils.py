@@ -26,6 +26,7 @@ from kernl.kernels import fused_linear as lin_mod  # noqa: E402
 from kernl.kernels import gated_mlp as mlp_mod  # noqa: E402
 from kernl.kernels import norm as norm_mod  # noqa: E402
 from kernl.kernels import rotary as rot_mod  # noqa: E402
+from kernl.kernels import skinny_linear as skinny_mod  # noqa: E402
 
 
 def median_ms(fn: Callable[[], object], rep: int = 100) -> float:
@@ -117,6 +118,20 @@ def gated_mlp_case(M: int, K: int, N: int, dtype=torch.float16) -> Case:
 
     return Case("gated_mlp", f"M{M} K{K} N{N}", 4 * M * N * K, (M * K + 2 * N * K + M * N) * 2,
                 make, ("kernl", "cublas"), mlp_mod.gated_mlp_configs)  # fmt: skip
+
+
+def skinny_linear_case(M: int, K: int, N: int, dtype=torch.float16) -> Case:
+    """A decode step's linear layer (M = batch rows): a read of the weight, timed as bytes."""
+    x, r = _randn(M, K, dtype=dtype), _randn(M, N, dtype=dtype)
+    w = _randn(N, K, dtype=dtype) / math.sqrt(K)
+
+    def make(impl, config=None):
+        if impl == "kernl":
+            return lambda: skinny_mod.skinny_linear(x, w, None, r, config=config)
+        return lambda: torch.addmm(r, x, w.t())
+
+    return Case("skinny_linear", f"M{M} K{K} N{N}", 0, (N * K + 2 * M * N + M * K) * 2,
+                make, ("kernl", "cublas"), skinny_mod.skinny_linear_configs)  # fmt: skip
 
 
 def norm_case(kind: str, M: int, N: int, dtype=torch.float16) -> Case:

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # What the 2026-11-25 session wrote but could not run on a GPU (no device time was left), in
-# three device calls of under 10 minutes each. Run from the repository root on the device:
+# four device calls of under 10 minutes each. Run from the repository root on the device:
 #
 #   OUT=$OUT bash scripts/device_pending.sh tests   # every GPU test, the memory bound included
 #   OUT=$OUT bash scripts/device_pending.sh llama   # compile-time decode kernel choice + tok/s per variant
 #   OUT=$OUT bash scripts/device_pending.sh bert    # BERT-base latency after the host-path change
+#   OUT=$OUT bash scripts/device_pending.sh kernels # skinny_linear vs cuBLAS at decode shapes
 #
 # Logs and JSON land in $OUT. Each stage stops itself before the device's 10-minute limit.
 set -uo pipefail
@@ -29,8 +30,13 @@ case "${1:-}" in
     timeout 560 python scripts/bench_bert_e2e.py --out "$OUT/bert" --peers reduce-overhead \
       --iters 200 --no-cold 2>&1 | tee "$OUT/bert.log"
     ;;
+  kernels)
+    timeout 560 python -m pytest -m gpu -o addopts="" -q -p no:cacheprovider \
+      benchmarks/test_benchmark_skinny_linear.py --benchmark-json "$OUT/skinny.json" \
+      2>&1 | tee "$OUT/kernels.log"
+    ;;
   *)
-    echo "usage: OUT=DIR bash scripts/device_pending.sh tests|llama|bert" >&2
+    echo "usage: OUT=DIR bash scripts/device_pending.sh tests|llama|bert|kernels" >&2
     exit 2
     ;;
 esac
