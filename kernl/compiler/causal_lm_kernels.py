@@ -21,7 +21,7 @@ import torch
 
 from kernl.runtime.binaries import allow_jit, spec_from_compiled
 from kernl.runtime.generation import GenerativeModel
-from kernl.runtime.generation_decoder import DecodeKernels
+from kernl.runtime.generation_spec import DecodeKernels
 
 ALTERNATIVES: list[tuple[str, tuple[str, ...]]] = [
     ("attention", ("sdpa", "triton")),

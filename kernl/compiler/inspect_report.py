@@ -15,7 +15,7 @@ from typing import Any
 from kernl.artifacts import read_manifest, read_program
 from kernl.artifacts.program import Program
 from kernl.artifacts.schema import Manifest, is_safe_relative_path
-from kernl.runtime.generation_decoder import DecodeKernels
+from kernl.runtime.generation_spec import DecodeKernels
 
 # Program meta that is bookkeeping of the compiler (value shapes), not worth a report line.
 _QUIET_META = ("values",)

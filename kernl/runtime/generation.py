@@ -19,8 +19,8 @@ import torch
 from kernl.artifacts.errors import ArtifactCorruptError
 from kernl.artifacts.schema import Manifest
 
-from .generation_decoder import DecodeKernels, Decoder
-from .generation_spec import DecoderSpec, GenerationBuckets
+from .generation_decoder import Decoder
+from .generation_spec import DecodeKernels, DecoderSpec, GenerationBuckets
 from .generation_state import MAX_EOS_IDS, BatchState
 from .graphs import capture_graph
 

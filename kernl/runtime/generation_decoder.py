@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .generation_spec import DecoderSpec
+from .generation_spec import DecodeKernels, DecoderSpec
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -40,32 +40,6 @@ ACTIVATIONS = {
 # takes, and narrow N tiles so that the weight read is spread over more programs than SMs.
 DECODE_GATED_MLP_TILE = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4,
                              num_stages=4)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class DecodeKernels:
-    """The implementation of each replaceable piece of a decode step.
-    attention: "torch" (baddbmm + softmax + bmm), "sdpa" (F.scaled_dot_product_attention
-    with GQA and a boolean mask) or "triton" (kernl.kernels.decode_attention);
-    norm: "torch" or "triton" (kernl.kernels.norm); gated_mlp: "torch" or "triton"
-    (kernl.kernels.gated_mlp; used where the MLP is gated SiLU without bias); linear:
-    "torch" or "triton" (kernl.kernels.skinny_linear, split-K, for batches of <= 16 rows)."""
-
-    attention: str = "torch"
-    norm: str = "torch"
-    gated_mlp: str = "torch"
-    linear: str = "torch"
-
-    def __post_init__(self):
-        for name, allowed in (("attention", ("torch", "sdpa", "triton")),
-                              ("norm", ("torch", "triton")), ("gated_mlp", ("torch", "triton")),
-                              ("linear", ("torch", "triton"))):  # fmt: skip
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"DecodeKernels.{name} must be one of {allowed}")
-
-    @staticmethod
-    def from_dict(d: dict | None) -> DecodeKernels:
-        return DecodeKernels(**(d or {}))
 
 
 @dataclass

@@ -1,6 +1,7 @@
-"""What a causal-LM artifact declares about its model and its buckets, as plain dataclasses.
+"""What a causal-LM artifact declares about its model, its buckets and the kernels of its
+decode step, as plain dataclasses.
 
-Both live in `manifest.extra` as msgpack maps: the runtime's decoder (generation_decoder.py)
+All live in `manifest.extra` as msgpack maps: the runtime's decoder (generation_decoder.py)
 reads them to know the shapes and the variant of each block; nothing in them names code."""
 
 from __future__ import annotations
@@ -90,3 +91,29 @@ class GenerationBuckets:
 
     def decode_shapes(self) -> list[tuple[int, int]]:
         return [(b, k) for b in self.batches for k in self.kv_lengths]
+
+
+@dataclass(frozen=True)
+class DecodeKernels:
+    """The implementation of each replaceable piece of a decode step.
+    attention: "torch" (baddbmm + softmax + bmm), "sdpa" (F.scaled_dot_product_attention
+    with GQA and a boolean mask) or "triton" (kernl.kernels.decode_attention);
+    norm: "torch" or "triton" (kernl.kernels.norm); gated_mlp: "torch" or "triton"
+    (kernl.kernels.gated_mlp; used where the MLP is gated SiLU without bias); linear:
+    "torch" or "triton" (kernl.kernels.skinny_linear, split-K, for batches of <= 16 rows)."""
+
+    attention: str = "torch"
+    norm: str = "torch"
+    gated_mlp: str = "torch"
+    linear: str = "torch"
+
+    def __post_init__(self):
+        for name, allowed in (("attention", ("torch", "sdpa", "triton")),
+                              ("norm", ("torch", "triton")), ("gated_mlp", ("torch", "triton")),
+                              ("linear", ("torch", "triton"))):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"DecodeKernels.{name} must be one of {allowed}")
+
+    @staticmethod
+    def from_dict(d: dict | None) -> DecodeKernels:
+        return DecodeKernels(**(d or {}))

@@ -122,7 +122,7 @@ def decode_variants(model, vocab: int, g: torch.Generator) -> None:
     JIT-compiled during the warm-up), and how many greedy ids agree with the torch step's
     (bf16: a different summation order may flip a near tie, after which the ids differ)."""
     from kernl.runtime.binaries import allow_jit
-    from kernl.runtime.generation_decoder import DecodeKernels
+    from kernl.runtime.generation_spec import DecodeKernels
 
     with allow_jit():  # variants the artifact holds no binaries for compile as usual here
         _decode_variants(model, vocab, g, DecodeKernels)
