@@ -83,10 +83,9 @@ class CausalLMReport:
         if self.decode_timings:
             lines.append("decode step timings (all decode buckets, one step each):")
             lines += [f"  {t.describe()}" for t in self.decode_timings]
-        k = self.decode_kernels
         lines.append(
-            f"decode step kernels: attention={k.attention} norm={k.norm} "
-            f"gated_mlp={k.gated_mlp} linear={k.linear}; {self.num_binaries} kernel binaries"
+            f"decode step kernels: {self.decode_kernels.describe()}; "
+            f"{self.num_binaries} kernel binaries"
         )
         lines.append(
             f"artifact {self.path} ({self.artifact_bytes / 2**20:.1f} MiB), task {self.task}, "

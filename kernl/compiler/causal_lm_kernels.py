@@ -19,16 +19,14 @@ from typing import Any
 
 import torch
 
-from kernl.runtime.binaries import allow_jit, spec_from_compiled
+from kernl.runtime.binaries import allow_jit
 from kernl.runtime.generation import GenerativeModel
-from kernl.runtime.generation_spec import DecodeKernels
+from kernl.runtime.generation_spec import DECODE_KERNEL_CHOICES, DecodeKernels
 
-ALTERNATIVES: list[tuple[str, tuple[str, ...]]] = [
-    ("attention", ("sdpa", "triton")),
-    ("norm", ("triton",)),
-    ("gated_mlp", ("triton",)),
-    ("linear", ("triton",)),
-]
+from .tune import recording_binaries
+
+# every piece's implementations but plain torch, in the order they are tried
+ALTERNATIVES = [(piece, choices[1:]) for piece, choices in DECODE_KERNEL_CHOICES.items()]
 MIN_GAIN = 0.02
 REPLAYS = 30
 
@@ -40,8 +38,7 @@ class DecodeTiming:
     error: str | None = None
 
     def describe(self) -> str:
-        k = self.kernels
-        what = f"attention={k.attention} norm={k.norm} gated_mlp={k.gated_mlp} linear={k.linear}"
+        what = self.kernels.describe()
         if self.error is not None:
             return f"{what}: failed ({self.error})"
         return f"{what}: {self.step_ms:.3f} ms"
@@ -115,19 +112,10 @@ def choose_decode_kernels(
 
 
 def record_decode_binaries(gen: GenerativeModel) -> dict[str, Any]:
-    """Run one decode step of every decode bucket with Triton's JIT and collect the compiled
-    binary of every kernl kernel launched: {launch key: (BinarySpec, cubin bytes)}."""
-    found: dict[str, Any] = {}
-
-    def recorder(key: str, kernel) -> None:
-        if key not in found:
-            found[key] = spec_from_compiled(key, kernel)
-
-    with allow_jit(recorder), torch.no_grad():
+    """Run one decode step of every decode bucket and collect its kernl kernels' binaries."""
+    with recording_binaries(gen.device) as found:
         for batch, kv_len in gen.buckets.decode_shapes():
             state = gen._states[batch]
             state.reset_counters()
             state.decode(kv_len, False)
-    if gen.device.type == "cuda":
-        torch.cuda.synchronize(gen.device)
     return found

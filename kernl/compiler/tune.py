@@ -13,6 +13,8 @@ import inspect
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,9 +199,10 @@ def _walk(executor: Executor, inputs: dict, out: dict):
         executor.store(env, outs, fn(*out["args"], **kw))
 
 
-def record_binaries(program: Program, weights: dict, inputs: dict, device: torch.device) -> dict:
-    """Run the tuned program once with Triton's JIT and collect every kernl kernel launch's
-    compiled binary: {launch key: (BinarySpec, cubin bytes)}."""
+@contextmanager
+def recording_binaries(device: torch.device) -> Iterator[dict[str, Any]]:
+    """Within the block kernl kernels compile through Triton's JIT; the yielded dict fills
+    with the compiled binary of every launch: {launch key: (BinarySpec, cubin bytes)}."""
     from kernl.runtime.binaries import spec_from_compiled
 
     found: dict[str, Any] = {}
@@ -209,8 +212,15 @@ def record_binaries(program: Program, weights: dict, inputs: dict, device: torch
             found[key] = spec_from_compiled(key, kernel)
 
     with allow_jit(recorder), torch.no_grad():
+        yield found
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def record_binaries(program: Program, weights: dict, inputs: dict, device: torch.device) -> dict:
+    """Run the tuned program once and collect its kernl kernels' binaries."""
+    with recording_binaries(device) as found:
         Executor(program, weights, device).run(inputs)
-    torch.cuda.synchronize(device)
     return found
 
 

@@ -93,6 +93,15 @@ class GenerationBuckets:
         return [(b, k) for b in self.batches for k in self.kv_lengths]
 
 
+# Each piece's implementations, plain torch first (the default).
+DECODE_KERNEL_CHOICES: dict[str, tuple[str, ...]] = {
+    "attention": ("torch", "sdpa", "triton"),
+    "norm": ("torch", "triton"),
+    "gated_mlp": ("torch", "triton"),
+    "linear": ("torch", "triton"),
+}
+
+
 @dataclass(frozen=True)
 class DecodeKernels:
     """The implementation of each replaceable piece of a decode step.
@@ -108,11 +117,12 @@ class DecodeKernels:
     linear: str = "torch"
 
     def __post_init__(self):
-        for name, allowed in (("attention", ("torch", "sdpa", "triton")),
-                              ("norm", ("torch", "triton")), ("gated_mlp", ("torch", "triton")),
-                              ("linear", ("torch", "triton"))):  # fmt: skip
+        for name, allowed in DECODE_KERNEL_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DecodeKernels.{name} must be one of {allowed}")
+
+    def describe(self) -> str:
+        return " ".join(f"{name}={getattr(self, name)}" for name in DECODE_KERNEL_CHOICES)
 
     @staticmethod
     def from_dict(d: dict | None) -> DecodeKernels:
