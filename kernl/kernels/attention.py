@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch_kernel
+
 KERNEL_NAME = "attention"
 _LOG2E = 1.4426950408889634
 
@@ -238,7 +240,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     has_lens = kv_lens is not None
     lens = kv_lens.to(device=q.device, dtype=torch.int32) if has_lens else q
     grid = (triton.cdiv(Lq, config.BLOCK_M), B * H)
-    _attention_fwd_kernel[grid](
+    launch_kernel(_attention_fwd_kernel, grid,
         q, k, v, out, bias, lens,
         Lq, Lk, H, H // H_kv, sm_scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides,

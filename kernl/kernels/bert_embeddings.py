@@ -12,6 +12,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .launch import launch_kernel
+
 KERNEL_NAME = "bert_embeddings"
 
 
@@ -105,7 +107,7 @@ def bert_embeddings(input_ids: torch.Tensor, word: torch.Tensor, pos: torch.Tens
     pos_ids = position_ids.expand(B, L) if has_pos else input_ids
     has_types = token_type_ids is not None
     type_ids = token_type_ids if has_types else input_ids
-    _bert_embeddings_kernel[(triton.cdiv(B * L, BLOCK_M),)](
+    launch_kernel(_bert_embeddings_kernel, (triton.cdiv(B * L, BLOCK_M),),
         input_ids, type_ids, pos_ids, word, pos, types, weight, bias, out2,
         B * L, L, H, eps,
         *input_ids.stride(), *type_ids.stride(), *pos_ids.stride(),

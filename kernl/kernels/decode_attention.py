@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch_kernel
+
 KERNEL_NAME = "decode_attention"
 
 
@@ -175,7 +177,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     has_lens = kv_lens is not None
     lens = kv_lens.to(device=q.device, dtype=torch.int32) if has_lens else q
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    _decode_split_kernel[(splits, B, H_kv)](
+    launch_kernel(_decode_split_kernel, (splits, B, H_kv),
         q, k, v, mid_o, mid_m, mid_l, lens, kv_mask if has_mask else q,
         Lk, group, chunk, sm_scale, kv_mask.stride(0) if has_mask else 0,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
@@ -184,7 +186,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         BLOCK_N=config.BLOCK_N, HAS_KV_LENS=has_lens, HAS_KV_MASK=has_mask,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    _decode_merge_kernel[(B * H,)](
+    launch_kernel(_decode_merge_kernel, (B * H,),
         mid_o, mid_m, mid_l, out, H, splits,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_m.stride(0), mid_m.stride(1),
         out.stride(0), out.stride(1), out.stride(3),

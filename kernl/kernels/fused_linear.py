@@ -16,6 +16,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .launch import launch_kernel
+
 KERNEL_NAME = "fused_linear"
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 
@@ -159,7 +161,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     out2 = out.view(-1, N)
     res2 = residual.reshape(-1, N) if residual is not None else out2
     grid = (triton.cdiv(M, config.BLOCK_M) * triton.cdiv(N, config.BLOCK_N),)
-    _fused_linear_kernel[grid](
+    launch_kernel(_fused_linear_kernel, grid,
         x2, weight, bias if bias is not None else weight, res2, out2,
         M, N, K,
         *x2.stride(), *weight.stride(), *res2.stride(), *out2.stride(),

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .launch import launch_kernel
+
 KERNEL_NAME = "gated_mlp"
 
 
@@ -100,7 +102,7 @@ def gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, *,
         out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
     out2 = out.view(-1, N)
     grid = (triton.cdiv(M, config.BLOCK_M) * triton.cdiv(N, config.BLOCK_N),)
-    _gated_mlp_kernel[grid](
+    launch_kernel(_gated_mlp_kernel, grid,
         x2, w_gate, w_up, out2, M, N, K,
         *x2.stride(), *w_gate.stride(), *w_up.stride(), *out2.stride(),
         BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K,

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .launch import launch_kernel
+
 KERNEL_NAME = "norm"
 MAX_HIDDEN = 8192
 
@@ -106,7 +108,7 @@ def _norm(x, weight, bias, eps, residual, return_sum, out, sum_out, config, is_r
         sum_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     s2 = sum_out.view(-1, N) if store_sum else out2
     BLOCK_M, BLOCK_N, warps = _resolve(config or NormConfig(), N)
-    _norm_kernel[(triton.cdiv(M, BLOCK_M),)](
+    launch_kernel(_norm_kernel, (triton.cdiv(M, BLOCK_M),),
         x2, r2, weight, bias if bias is not None else weight, out2, s2,
         M, N, eps,
         x2.stride(0), r2.stride(0), out2.stride(0), s2.stride(0),

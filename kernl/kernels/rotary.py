@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch_kernel
+
 KERNEL_NAME = "rotary"
 
 
@@ -118,7 +120,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     out_q = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out_q is None else out_q
     out_k = torch.empty(k.shape, dtype=k.dtype, device=k.device) if out_k is None else out_k
     pos = position_ids.expand(B, L)
-    _rotary_kernel[(B * L,)](
+    launch_kernel(_rotary_kernel, (B * L,),
         q, k, out_q, out_k, cos, sin, pos,
         L, H, H_kv,
         *q.stride(), *k.stride(), *out_q.stride(), *out_k.stride(),

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .launch import launch_kernel
+
 KERNEL_NAME = "skinny_linear"
 MAX_ROWS = 16
 _SMS = 132  # H100 SXM; only sizes the automatic split
@@ -127,7 +129,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         assert residual.shape == (M, N) and residual.stride(1) == 1
     res = residual if residual is not None else out
     b = bias if bias is not None else weight
-    _skinny_partial_kernel[(n_blocks, split)](
+    launch_kernel(_skinny_partial_kernel, (n_blocks, split),
         x, weight, b, res, out, partial, M, N, K, k_chunk,
         x.stride(0), weight.stride(0), res.stride(0), out.stride(0),
         BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, SPLIT_K=split,
@@ -136,7 +138,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     )  # fmt: skip
     if split > 1:
         block = 256
-        _skinny_reduce_kernel[(triton.cdiv(M * N, block),)](
+        launch_kernel(_skinny_reduce_kernel, (triton.cdiv(M * N, block),),
             partial, b, res, out, M, N, res.stride(0), out.stride(0),
             BLOCK=block, SPLIT_K=split, HAS_BIAS=bias is not None,
             HAS_RESIDUAL=residual is not None, num_warps=4,

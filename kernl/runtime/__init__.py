@@ -63,13 +63,14 @@ def load(
         raise
     if verifier is not None:
         verifier.result()
+    binaries = None
     if manifest.kernels and device.type == "cuda":
-        _load_binaries(root, manifest, device)
+        binaries = _load_binaries(root, manifest, device)
     if manifest.task == "causal-lm":
         from .generation import GenerativeModel
 
-        return GenerativeModel(manifest, weights, device, capture=capture)
-    return CompiledModel(manifest, programs, weights, device, capture=capture)
+        return GenerativeModel(manifest, weights, device, capture=capture, binaries=binaries)
+    return CompiledModel(manifest, programs, weights, device, capture=capture, binaries=binaries)
 
 
 class _BackgroundVerify:
@@ -94,19 +95,21 @@ class _BackgroundVerify:
             raise self._error
 
 
-def _load_binaries(root: Path, manifest, device: torch.device) -> None:
+def _load_binaries(root: Path, manifest, device: torch.device):
+    """The artifact's kernel binaries, loaded on `device` for this model alone."""
     from kernl.artifacts.reader import _resolve_inside
 
-    from .binaries import BinarySpec, install, registry
+    from .binaries import BinarySpec, KernelBinaries
 
-    install()
+    binaries = KernelBinaries(device)
     for k in manifest.kernels:
         spec = BinarySpec(
             key=str(k.meta["key"]), function=k.function, num_warps=int(k.num_warps),
             num_ctas=int(k.meta.get("num_ctas", 1)), shared=int(k.shared_mem),
             arg_types=[[str(n), str(t)] for n, t in k.meta["arg_types"]],
         )  # fmt: skip
-        registry().add(spec, _resolve_inside(root, k.file, "kernel binary").read_bytes(), device)
+        binaries.add(spec, _resolve_inside(root, k.file, "kernel binary").read_bytes())
+    return binaries
 
 
 def _check_compatibility(manifest, device: torch.device) -> None:

@@ -1,23 +1,26 @@
 """Launch kernl's Triton kernels from precompiled cubins, without Triton's JIT, launcher
 build or a C compiler.
 
-kernl's kernel launchers call `jit_fn[grid](...)` as usual. Once an artifact with binaries is
-loaded, `JITFunction.run` is routed through `dispatch`: for kernl's own kernels it computes a
-launch key (kernel, constexpr values, launch options, argument specialisation), finds the
-binary compiled for that key at build time and launches it through the CUDA driver. A kernl
+kernl's kernel launchers go through `kernl.kernels.launch.launch_kernel`. A loaded model runs its
+program inside `launching_with(its KernelBinaries)`: each launch computes a launch key
+(kernel, constexpr values, launch options, argument specialisation), finds the binary that
+artifact compiled for that key at build time and launches it through the CUDA driver. A kernl
 kernel with no binary is an error, never a silent compilation — unless the compiler is
-recording (`allow_jit`), which is how the binaries are made in the first place."""
+recording (`allow_jit`), which is how the binaries are made in the first place. Outside a
+model's run (tests, the compiler, a user's own Triton code) Triton's JIT works as usual."""
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
-import threading
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from kernl.kernels.launch import is_interpreted, jit_launch, launching_with
 
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "launch_pdl",
                    "launch_cooperative_grid", "enable_fp_fusion")  # fmt: skip
@@ -31,10 +34,6 @@ _SCALAR_CTYPES = {
 
 class MissingBinaryError(RuntimeError):
     pass
-
-
-def is_kernl_kernel(jit_fn) -> bool:
-    return getattr(jit_fn.fn, "__module__", "").startswith("kernl.kernels")
 
 
 def _spec(value: Any) -> str:
@@ -161,37 +160,34 @@ class _Loaded:
         )  # fmt: skip
 
 
-class BinaryRegistry:
-    """Loaded binaries by launch key, for one device."""
+class KernelBinaries:
+    """One loaded artifact's kernel binaries on one device, by launch key; a launcher for
+    `kernl.kernels.launch.launching_with`. Owned by the model that loaded them: two artifacts
+    whose kernels share a key keep their own binaries, and Triton's JIT stays untouched."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
+        self.device = device
         self.loaded: dict[str, _Loaded] = {}
 
-    def add(self, spec: BinarySpec, cubin: bytes, device: torch.device) -> None:
-        self.loaded[spec.key] = _Loaded(spec, cubin, device)
+    def add(self, spec: BinarySpec, cubin: bytes) -> None:
+        with torch.cuda.device(self.device):
+            self.loaded[spec.key] = _Loaded(spec, cubin, self.device)
 
+    def __len__(self) -> int:
+        return len(self.loaded)
 
-_registry = BinaryRegistry()
-_state = threading.local()
-_installed = False
-_original_run = None
-
-
-def registry() -> BinaryRegistry:
-    return _registry
-
-
-@contextmanager
-def allow_jit(recorder=None):
-    """Within this block kernl kernels compile through Triton as usual (build time); each
-    compiled launch is handed to `recorder(key, compiled_kernel)` if given."""
-    install()
-    prev = getattr(_state, "recorder", None), getattr(_state, "jit", False)
-    _state.recorder, _state.jit = recorder, True
-    try:
-        yield
-    finally:
-        _state.recorder, _state.jit = prev
+    def __call__(self, jit_fn, grid, args: tuple, kwargs: dict) -> None:
+        bound, options = bind(jit_fn, args, kwargs)
+        key = launch_key(jit_fn, bound, options)
+        loaded = self.loaded.get(key)
+        if loaded is None:
+            raise MissingBinaryError(
+                f"kernel launch {key} has no precompiled binary in the loaded artifact; kernl "
+                "never compiles kernels at run time. Was the artifact built for this bucket "
+                "and GPU?"
+            )
+        with torch.cuda.device(self.device):
+            loaded.launch(_grid3(grid, bound), bound)
 
 
 def _grid3(grid, bound) -> tuple[int, int, int]:
@@ -200,36 +196,34 @@ def _grid3(grid, bound) -> tuple[int, int, int]:
     return g[0], g[1], g[2]
 
 
-def dispatch(self, *args, grid, warmup, **kwargs):
-    if not is_kernl_kernel(self) or warmup:
-        return _original_run(self, *args, grid=grid, warmup=warmup, **kwargs)
-    bound, options = bind(self, args, kwargs)
-    key = launch_key(self, bound, options)
-    if getattr(_state, "jit", False):
-        kernel = _original_run(self, *args, grid=grid, warmup=warmup, **kwargs)
-        if _state.recorder is not None:
-            _state.recorder(key, kernel)
+@contextmanager
+def running_with(binaries: KernelBinaries | None, device: torch.device) -> Iterator[None]:
+    """Where a loaded model runs its kernels: on its device, and through its own binaries
+    when it has some (CPU mode and plain-torch artifacts leave the caller's launcher alone,
+    so the compiler's recording reaches them)."""
+    with ExitStack() as stack:
+        if device.type == "cuda":
+            stack.enter_context(torch.cuda.device(device))
+        if binaries is not None:
+            stack.enter_context(launching_with(binaries))
+        yield
+
+
+@contextmanager
+def allow_jit(recorder: Callable[[str, Any], None] | None = None) -> Iterator[None]:
+    """Build time: within this block kernl kernels compile through Triton's JIT, also inside a
+    loaded model's run; each compiled launch is handed to `recorder(key, compiled_kernel)`
+    if given (how the compiler collects the binaries it stores)."""
+
+    def jit(jit_fn, grid, args: tuple, kwargs: dict):
+        kernel = jit_launch(jit_fn, grid, args, kwargs)
+        if recorder is not None and not is_interpreted(jit_fn):  # no binary on the CPU
+            bound, options = bind(jit_fn, args, kwargs)
+            recorder(launch_key(jit_fn, bound, options), kernel)
         return kernel
-    loaded = _registry.loaded.get(key)
-    if loaded is None:
-        raise MissingBinaryError(
-            f"kernel launch {key} has no precompiled binary in the loaded artifact; kernl never "
-            "compiles kernels at run time. Was the artifact built for this bucket and GPU?"
-        )
-    loaded.launch(_grid3(grid, bound), bound)
-    return None
 
-
-def install() -> None:
-    """Route JITFunction.run through `dispatch` (idempotent)."""
-    global _installed, _original_run
-    if _installed:
-        return
-    from triton.runtime.jit import JITFunction
-
-    _original_run = JITFunction.run
-    JITFunction.run = dispatch
-    _installed = True
+    with launching_with(jit):
+        yield
 
 
 def spec_from_compiled(key: str, kernel) -> tuple[BinarySpec, bytes]:

@@ -10,17 +10,21 @@ every few steps, whether every row has finished (and each step's ids when stream
 
 from __future__ import annotations
 
+import math
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 
 from kernl.artifacts.errors import ArtifactCorruptError
+from kernl.artifacts.generation import DecodeKernels, DecoderSpec, GenerationBuckets
 from kernl.artifacts.schema import Manifest
 
+from .binaries import KernelBinaries, running_with
 from .generation_decoder import Decoder
-from .generation_spec import DecodeKernels, DecoderSpec, GenerationBuckets
 from .generation_state import MAX_EOS_IDS, BatchState
 from .graphs import capture_graph
 
@@ -30,22 +34,38 @@ FINISHED_CHECK_EVERY = 8
 
 
 class _Step:
-    """One step function: run eagerly, or captured once as a CUDA graph and replayed."""
+    """One step function: run eagerly, or captured once as a CUDA graph and replayed.
+    `running` is the model's launch context (its kernel binaries, its device), entered only
+    around the step itself: never across a `stream()` yield, where the caller's own code runs."""
 
-    def __init__(self, fn: Callable[[], torch.Tensor], reset: Callable[[], None]):
+    def __init__(
+        self,
+        fn: Callable[[], torch.Tensor],
+        reset: Callable[[], None],
+        running: Callable[[], AbstractContextManager] | None = None,
+    ):
         self.fn = fn
         self.reset = reset
+        self.running = running
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
     def capture(self, pool, device: torch.device) -> None:
-        self.graph, self.logits = capture_graph(self.fn, pool, reset=self.reset, device=device)
+        with _enter(self.running):
+            self.graph, self.logits = capture_graph(self.fn, pool, reset=self.reset, device=device)
 
     def run(self) -> torch.Tensor:
         if self.graph is not None:
             self.graph.replay()
             return self.logits
-        return self.fn()
+        with _enter(self.running):
+            return self.fn()
+
+
+def _enter(running: Callable[[], AbstractContextManager] | None) -> AbstractContextManager:
+    from contextlib import nullcontext
+
+    return running() if running is not None else nullcontext()
 
 
 @dataclass
@@ -72,11 +92,13 @@ class GenerativeModel:
         weights: dict[str, torch.Tensor],
         device: torch.device,
         capture: str = "load",
+        binaries: KernelBinaries | None = None,
     ):
         if capture not in ("load", "lazy", "never"):
             raise ValueError(f"capture must be 'load', 'lazy' or 'never', not {capture!r}")
         self.manifest = manifest
         self.device = device
+        self._binaries = binaries
         try:
             self.spec = DecoderSpec.from_dict(manifest.extra["decoder"])
             self.buckets = GenerationBuckets.from_dict(manifest.extra["generation_buckets"])
@@ -88,6 +110,7 @@ class GenerativeModel:
         self.dtype = getattr(torch, manifest.dtype)
         self.capture_mode = capture if device.type == "cuda" else "never"
         self._lock = threading.Lock()
+        self._streaming_thread: int | None = None  # the thread iterating an open stream()
         self._pool = torch.cuda.graph_pool_handle() if self.capture_mode != "never" else None
         spec = self.spec
         self.default_pad = (
@@ -119,7 +142,7 @@ class GenerativeModel:
         self,
         input_ids,
         attention_mask=None,
-        max_new_tokens: int = 20,
+        max_new_tokens: int | None = None,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int = 50,
@@ -127,6 +150,7 @@ class GenerativeModel:
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         seed: int = 0,
+        max_length: int | None = None,
     ) -> torch.Tensor:
         """Like Hugging Face `generate`: returns [batch, prompt + new] ids, the prompt as given
         followed by the new tokens; a row that emitted an EOS id is padded with `pad_token_id`
@@ -134,10 +158,13 @@ class GenerativeModel:
         `max_new_tokens` were produced. Prompts may differ in length (`attention_mask` zeros
         mark padding, on either side). `eos_token_id` defaults to the model's. Sampling
         (`do_sample=True`) applies temperature, top-k, top-p; the same `seed` gives the same
-        ids."""
+        ids. `max_new_tokens` defaults to 20; `max_length`, as in Hugging Face, counts the
+        prompt (its padded length) too, and `max_new_tokens` wins when both are given."""
+        self._refuse_reentry()
         prompt, mask = _as_batch(input_ids, attention_mask)
+        max_new_tokens = _new_tokens(max_new_tokens, max_length, prompt.shape[1])
         plan = self._plan(prompt, mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-                          eos_token_id, pad_token_id)  # fmt: skip
+                          eos_token_id, pad_token_id, seed)  # fmt: skip
         with self._lock:
             state = self._start(plan, temperature, top_k, top_p, seed)
             n = 0
@@ -156,7 +183,7 @@ class GenerativeModel:
         self,
         input_ids,
         attention_mask=None,
-        max_new_tokens: int = 20,
+        max_new_tokens: int | None = None,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int = 50,
@@ -165,27 +192,49 @@ class GenerativeModel:
         pad_token_id: int | None = None,
         seed: int = 0,
         output_logits: bool = False,
+        max_length: int | None = None,
     ) -> Iterator:
         """The same generation, yielding each step's new ids ([batch] on the CPU) as they come
         (with `output_logits`, pairs of ids and that step's float32 logits [batch, vocab]).
         Stops after the step where every row has finished. Arguments are checked before this
-        returns; the model serves nothing else until the iterator is exhausted or closed."""
+        returns; the model serves nothing else until the iterator is exhausted or closed
+        (the thread iterating it gets a RuntimeError if it calls `generate` or `stream`
+        before then, instead of waiting for itself)."""
+        self._refuse_reentry()
         prompt, mask = _as_batch(input_ids, attention_mask)
+        max_new_tokens = _new_tokens(max_new_tokens, max_length, prompt.shape[1])
         plan = self._plan(prompt, mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-                          eos_token_id, pad_token_id)  # fmt: skip
+                          eos_token_id, pad_token_id, seed)  # fmt: skip
         return self._stream(plan, temperature, top_k, top_p, seed, output_logits)
 
     def _stream(self, plan, temperature, top_k, top_p, seed, output_logits) -> Iterator:
+        self._refuse_reentry()
         with self._lock:
-            state = self._start(plan, temperature, top_k, top_p, seed)
-            for logits in self._run(plan, state):
-                ids = state.tokens[: plan.batch].to("cpu", copy=True)
-                if output_logits:
-                    yield ids, logits[: plan.batch].float().clone()
-                else:
-                    yield ids
-                if bool(state.finished[: plan.batch].all()):
-                    return
+            self._streaming_thread = threading.get_ident()
+            try:
+                state = self._start(plan, temperature, top_k, top_p, seed)
+                for logits in self._run(plan, state):
+                    ids = state.tokens[: plan.batch].to("cpu", copy=True)
+                    if output_logits:
+                        yield ids, logits[: plan.batch].float().clone()
+                    else:
+                        yield ids
+                    if bool(state.finished[: plan.batch].all()):
+                        return
+            finally:
+                self._streaming_thread = None
+
+    def _running(self) -> AbstractContextManager:
+        return running_with(self._binaries, self.device)
+
+    def _refuse_reentry(self) -> None:
+        """The lock is held by an open stream() between its yields: the thread iterating it
+        would wait for itself forever."""
+        if self._streaming_thread == threading.get_ident():
+            raise RuntimeError(
+                "this thread is iterating an open stream() of this model: exhaust it or call "
+                "its close() (or break out of the for loop) before generate() or stream() again"
+            )
 
     def __repr__(self) -> str:
         b = self.buckets
@@ -198,16 +247,35 @@ class GenerativeModel:
     # -- internals --------------------------------------------------------------------------
 
     def _plan(self, prompt, mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-              eos_token_id, pad_token_id) -> _Plan:  # fmt: skip
-        """Check a request and pick its buckets; raises ValueError before touching any state."""
+              eos_token_id, pad_token_id, seed=0) -> _Plan:  # fmt: skip
+        """Check a request and pick its buckets; raises ValueError before touching any state
+        (an out-of-range id reaching the GPU is a device-side error that poisons the whole
+        CUDA context, not just this call)."""
         b = self.buckets
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        vocab = self.spec.vocab_size
+        if not _is_int(max_new_tokens) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if not isinstance(do_sample, bool):
+            raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
+        if not _is_number(temperature) or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be a finite number, got {temperature!r}")
         if do_sample and not temperature > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        if do_sample and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-        vocab = self.spec.vocab_size
+        if not _is_number(top_p) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
+        if top_k is not None and (not _is_int(top_k) or not 0 <= top_k < 2**31):
+            raise ValueError(f"top_k must be an integer in [0, 2**31) (0: off), got {top_k!r}")
+        if not _is_int(seed) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        if pad_token_id is not None and not (_is_int(pad_token_id) and 0 <= pad_token_id < vocab):
+            raise ValueError(
+                f"pad_token_id must be a token id in [0, {vocab}), got {pad_token_id!r}"
+            )
+        if eos_token_id is not None:
+            ids = [eos_token_id] if not isinstance(eos_token_id, (list, tuple)) else eos_token_id
+            bad = [e for e in ids if not (_is_int(e) and 0 <= e < vocab)]
+            if bad:
+                raise ValueError(f"eos_token_id must be token ids in [0, {vocab}), got {bad!r}")
         lo, hi = int(prompt.min()), int(prompt.max())
         if lo < 0 or hi >= vocab:
             raise ValueError(f"input_ids must lie in [0, {vocab}); got values in [{lo}, {hi}]")
@@ -292,7 +360,7 @@ class GenerativeModel:
                 fn = lambda: state.prefill(size, do_sample)  # noqa: E731
             else:
                 fn = lambda: state.decode(size, do_sample)  # noqa: E731
-            step = _Step(fn, state.reset_counters)
+            step = _Step(fn, state.reset_counters, self._running)
             if self.capture_mode != "never":
                 step.capture(self._pool, self.device)
             self._steps[key] = step
@@ -356,6 +424,34 @@ def _as_batch(input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
             f"attention_mask has shape {tuple(mask.shape)}, input_ids has {tuple(ids.shape)}"
         )
     return ids, mask.to("cpu").bool()
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _new_tokens(max_new_tokens: int | None, max_length: int | None, prompt_length: int) -> int:
+    """Hugging Face's rule: `max_length` counts the (padded) prompt; `max_new_tokens` wins."""
+    if max_length is None:
+        return 20 if max_new_tokens is None else max_new_tokens
+    if not _is_int(max_length):
+        raise ValueError(f"max_length must be an integer, got {max_length!r}")
+    if max_new_tokens is not None:
+        warnings.warn(
+            "both max_new_tokens and max_length were given; max_new_tokens takes precedence",
+            stacklevel=3,
+        )
+        return max_new_tokens
+    if max_length <= prompt_length:
+        raise ValueError(
+            f"max_length={max_length} leaves no room after a prompt of {prompt_length} tokens "
+            f"(it counts the prompt); use max_new_tokens to set the number of new tokens"
+        )
+    return max_length - prompt_length
 
 
 def _device_of(x) -> torch.device:

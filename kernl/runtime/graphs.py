@@ -4,7 +4,16 @@ Every graph of the process is warmed up and captured on one stream per device. c
 workspace per (handle, stream) for the life of the process, allocated through the caching
 allocator: 32 MiB on Hopper (plus 1 MiB for cuBLASLt). Warming each bucket up on a fresh side
 stream, as torch's own example does, left one such workspace per bucket behind: 20 buckets
-held about 660 MiB that no graph used, more than the largest bucket's activations."""
+held about 660 MiB that no graph used, more than the largest bucket's activations.
+
+That workspace is also why a captured graph must not use the one cuBLAS keeps outside the
+graph: torch.compile's CUDA-graph trees (Hugging Face's static-cache `generate`, any
+`mode="reduce-overhead"` model) clear every cuBLAS workspace of the process before and after
+each recording, which frees the block a kernl graph captured as its scratch; the next replay
+wrote into memory someone else owned (an illegal memory access with a Llama-1B artifact). Like
+those trees, kernl clears the workspaces around its own capture: the workspace a graph uses is
+then allocated during capture, inside the model's private pool, and lives as long as the
+graphs do, whatever anyone clears later."""
 
 from __future__ import annotations
 
@@ -51,6 +60,16 @@ def capture_graph(
     if reset is not None:
         reset()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, stream=stream):
-        out = fn()
+    _clear_cublas_workspaces()
+    try:
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            out = fn()
+    finally:
+        # The workspace allocated during capture belongs to the pool: out of cuBLAS's cache
+        # with it, so no eager matmul on this stream ever writes into a graph's scratch.
+        _clear_cublas_workspaces()
     return graph, out
+
+
+def _clear_cublas_workspaces() -> None:
+    torch._C._cuda_clearCublasWorkspaces()

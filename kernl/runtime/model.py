@@ -16,8 +16,13 @@ from kernl.artifacts.errors import ArtifactCorruptError
 from kernl.artifacts.program import Program
 from kernl.artifacts.schema import Bucket, Manifest
 
+from .binaries import KernelBinaries, running_with
 from .executor import Executor
 from .graphs import capture_graph
+
+# Hugging Face's positional order for the inputs kernl's encoders take (BERT, RoBERTa,
+# XLM-RoBERTa, ELECTRA, DistilBERT: input_ids, attention_mask, token_type_ids).
+POSITIONAL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class ModelOutput(dict):
@@ -77,12 +82,14 @@ class CompiledModel:
         weights: dict[str, torch.Tensor],
         device: torch.device,
         capture: str = "load",
+        binaries: KernelBinaries | None = None,
     ):
         if capture not in ("load", "lazy", "never"):
             raise ValueError(f"capture must be 'load', 'lazy' or 'never', not {capture!r}")
         _check_artifact(manifest, programs, device)
         self.manifest = manifest
         self.device = device
+        self._binaries = binaries
         self.weights = weights
         self.capture_mode = capture if device.type == "cuda" else "never"
         self._lock = threading.Lock()
@@ -103,8 +110,9 @@ class CompiledModel:
         self.buckets: list[Bucket] = sorted(self._runners, key=lambda b: (b.tokens, b.batch))
         if self.capture_mode == "load":
             # Largest first, so smaller graphs reuse the pool's blocks.
-            for bucket in sorted(self.buckets, key=lambda b: -b.tokens):
-                self._runners[bucket].capture(self._pool)
+            with running_with(self._binaries, device):
+                for bucket in sorted(self.buckets, key=lambda b: -b.tokens):
+                    self._runners[bucket].capture(self._pool)
 
     @property
     def input_names(self) -> list[str]:
@@ -124,12 +132,15 @@ class CompiledModel:
             f"of this artifact (batch x seq: {names}); recompile with a larger bucket"
         )
 
-    def __call__(self, **inputs: Any) -> ModelOutput:
+    def __call__(self, *args: Any, **inputs: Any) -> ModelOutput:
+        """`model(input_ids=..., attention_mask=...)`, or positionally in Hugging Face's order
+        (`model(ids)`, `model(ids, mask)`, `model(ids, mask, token_type_ids)`)."""
+        inputs = _positional(args, inputs, [n for n in POSITIONAL_INPUTS if n in self._inputs])
         tensors = self._check_inputs(inputs)
         batch, seq = tensors["input_ids"].shape
         bucket = self.select_bucket(batch, seq)
         runner = self._runners[bucket]
-        with self._lock:
+        with self._lock, running_with(self._binaries, self.device):
             self._copy_in(runner, tensors, batch, seq)
             if runner.graph is None and self.capture_mode == "lazy":
                 runner.capture(self._pool)
@@ -237,6 +248,20 @@ class CompiledModel:
             f"CompiledModel({self.manifest.model_type}, task={self.manifest.task}, "
             f"dtype={self.manifest.dtype}, device={self.device}, buckets=[{b}])"
         )
+
+
+def _positional(args: tuple, inputs: dict[str, Any], order: list[str]) -> dict[str, Any]:
+    if len(args) > len(order):
+        raise TypeError(
+            f"this model takes at most {len(order)} positional input(s) ({', '.join(order)}); "
+            f"got {len(args)}"
+        )
+    named = dict(inputs)
+    for name, value in zip(order, args):
+        if name in named:
+            raise TypeError(f"input {name!r} given both positionally and by name")
+        named[name] = value
+    return named
 
 
 def _ranges_of(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:

@@ -57,6 +57,7 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "stream", stream_ctx)
     monkeypatch.setattr(torch.cuda, "graph", graph_ctx)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(graphs, "_clear_cublas_workspaces", lambda: events.append(("clear",)))
     return events, current
 
 
@@ -77,7 +78,8 @@ def test_every_capture_of_a_device_warms_up_and_captures_on_one_stream(fake_cuda
 
     assert len(_FakeStream.made) == 1, "one stream for every capture of the device"
     stream = _FakeStream.made[0]
-    assert [e[1:] for e in events] == [(graph_a, pool, stream), (graph_b, pool, stream)]
+    captures = [e for e in events if e[0] == "capture"]
+    assert [e[1:] for e in captures] == [(graph_a, pool, stream), (graph_b, pool, stream)]
     assert isinstance(graph_a, _FakeGraph) and graph_a is not graph_b
     # capture A: reset+run twice on the stream (warm-up), reset, run under capture
     assert calls[:6] == [
@@ -122,6 +124,31 @@ def test_bucket_graphs_and_generation_steps_capture_on_the_one_stream(fake_cuda)
         step.capture("pool", torch.device("cuda", 0))
 
     assert len(_FakeStream.made) == 1
-    assert [e[3] for e in events] == [_FakeStream.made[0]] * 4
+    assert [e[3] for e in events if e[0] == "capture"] == [_FakeStream.made[0]] * 4
     assert all(r.graph is not None and r.static_outputs is not None for r in runners)
     assert all(s.graph is not None and s.logits is not None for s in steps)
+
+
+def test_cublas_workspaces_are_cleared_around_every_capture(fake_cuda):
+    """torch.compile's CUDA-graph trees clear cuBLAS's workspaces of the whole process; a
+    kernl graph that captured the cached one then replays into freed memory. Clearing right
+    before capture makes the graph's workspace come from its own pool; right after, keeps it
+    out of cuBLAS's cache."""
+    events, _ = fake_cuda
+    for _ in range(2):
+        graphs.capture_graph(lambda: None, "pool", warmups=1)
+    assert [e[0] for e in events] == ["clear", "capture", "clear"] * 2
+
+
+def test_cublas_workspaces_are_cleared_even_when_capture_fails(fake_cuda):
+    events, _ = fake_cuda
+    calls = []
+
+    def fn():
+        calls.append(1)
+        if len(calls) == 2:  # warm-up passes, the capture run raises
+            raise RuntimeError("capture failed")
+
+    with pytest.raises(RuntimeError, match="capture failed"):
+        graphs.capture_graph(fn, "pool", warmups=1)
+    assert [e[0] for e in events] == ["clear", "capture", "clear"]
