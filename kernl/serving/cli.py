@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kernl serve",
         description="Serve a compiled kernl artifact over HTTP on Ray Serve: POST token ids "
         "(or text, when the artifact folder has tokenizer.json) as JSON to /, get the model's "
-        "outputs as JSON. GET /health and /metrics describe the server.",
+        "outputs as JSON. GET /ready answers 200 once the model is loaded (503 while it loads); "
+        "GET /health and /metrics describe the server.",
     )
     p.add_argument("artifact", metavar="PATH", help="artifact folder made by kernl-compile")
     p.add_argument("--replicas", type=int, default=1,
@@ -74,7 +75,8 @@ def serve_main(argv: list[str]) -> int:
         names = ", ".join(f"{b.batch}x{b.seq}" for b in buckets)
         print(
             f"kernl serve: {config.artifact} on http://{config.host}:{config.port}/ "
-            f"({config.replicas} replica(s), buckets {names}); Ctrl-C stops",
+            f"({config.replicas} replica(s), buckets {names}); the replicas load the model "
+            "now: GET /ready answers 200 once loaded; Ctrl-C stops",
             flush=True,
         )
         stop.wait()
@@ -87,6 +89,9 @@ def serve_main(argv: list[str]) -> int:
 def _check_artifact(path: str):
     from kernl.artifacts import read_manifest, verify_files
 
+    from .tokenizer import read_tokenizer_file
+
     manifest = read_manifest(path)
     verify_files(path, manifest)
+    read_tokenizer_file(path)  # a linked or oversized tokenizer.json is refused here, not in Ray
     return sorted(manifest.bucket_list())

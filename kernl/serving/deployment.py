@@ -3,8 +3,18 @@ batched by `@serve.batch` and cut into the artifact's buckets by batching.plan_g
 
 Routes (all on the application's route prefix):
     POST /  or  /predict   token ids or text in, outputs out (protocol.py)
-    GET  /health           the artifact, its buckets and the batching settings
+    GET  /ready            readiness: 200 once the answering replica has its model loaded,
+                           503 {"ready": false, "status": "loading"} before (or "failed")
+    GET  /health           the artifact, its buckets and the batching settings (503 until
+                           the model is loaded, like /ready)
     GET  /metrics          replays, requests per replay, padding, per bucket and replica
+
+A replica loads its model in the background: Ray Serve routes to it as soon as it is
+constructed, so /ready and /health answer 503 during the load instead of leaving the caller
+waiting, and a request that arrives meanwhile is checked at once and then waits for the model.
+Before Ray Serve has deployed the application at all, its proxy answers every path with a
+plain-text 404 (and its own GET /-/healthz with 503): a readiness probe treats anything but a
+200 from /ready as "not ready".
 
 Use it through `kernl serve PATH` / `python -m kernl.serving PATH`, or as a Ray Serve
 application builder: `serve run kernl.serving.deployment:build artifact=/path/to/x.kernl`."""
@@ -15,7 +25,7 @@ import asyncio
 import json
 import os
 import socket
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, replace
 
 import ray
@@ -52,42 +62,72 @@ def _json(body: dict, status: int = 200) -> Response:
 @serve.deployment
 class KernlServer:
     def __init__(self, config: ServeConfig):
+        # Only what the manifest says is read here (milliseconds): requests are checked from
+        # the replica's first moment, and the model loads in the background (_load).
+        self.config = config
+        manifest = read_manifest(config.artifact)
+        self.manifest = manifest
+        self.max_batch_size = config.max_batch_size or max(b.batch for b in manifest.bucket_list())
+        self.limits = ModelLimits.from_manifest(manifest, max_rows=self.max_batch_size)
+        self.tokenize = load_tokenizer(config.artifact)
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"
+        self.stats = _stats_actor(config.app_name)
+        self.model = None
+        self.costs: dict = {}
+        # One thread loads and then runs the model, so the event loop keeps answering (503
+        # while loading) and keeps queueing the next batch while a replay is in flight.
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernl-replay")
+        self.loading: Future = self.worker.submit(self._load)
+        self.handle_batch.set_max_batch_size(self.max_batch_size)
+        self.handle_batch.set_batch_wait_timeout_s(config.batch_wait_ms / 1000)
+
+    def _load(self) -> None:
         import kernl.runtime  # in the replica's process, after Ray has set its GPU
 
-        self.config = config
-        device = config.device
+        device = self.config.device
         if device is None:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = kernl.runtime.load(config.artifact, device=device)
-        manifest = self.model.manifest
-        self.max_batch_size = config.max_batch_size or max(b.batch for b in self.model.buckets)
-        self.limits = ModelLimits(
-            inputs=manifest.inputs, output_names=self.model.output_names,
-            buckets=list(self.model.buckets), vocab_size=_vocab_size(manifest.model_config),
-            max_rows=self.max_batch_size,
-        )  # fmt: skip
-        self.tokenize = load_tokenizer(config.artifact)
-        measure = config.plan_by == "time" or (config.plan_by is None and device != "cpu")
+        model = kernl.runtime.load(self.config.artifact, device=device)
+        measure = self.config.plan_by == "time" or (self.config.plan_by is None and device != "cpu")
         self.costs = (
-            measure_costs(self.model) if measure
-            else token_costs(self.model.buckets, config.replay_cost_tokens)
+            measure_costs(model) if measure
+            else token_costs(model.buckets, self.config.replay_cost_tokens)
         )  # fmt: skip
-        self.replica = f"{socket.gethostname()}:{os.getpid()}"
-        self.stats = _stats_actor(config.app_name)
-        # One thread runs the model, so the event loop keeps queueing the next batch while a
-        # replay is in flight.
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernl-replay")
-        self.handle_batch.set_max_batch_size(self.max_batch_size)
-        self.handle_batch.set_batch_wait_timeout_s(config.batch_wait_ms / 1000)
+        self.model = model  # last: a set model means a ready replica
+
+    def _load_state(self) -> tuple[str, str | None]:
+        """("loading" | "failed" | "ready", the load's error if it failed)."""
+        if not self.loading.done():
+            return "loading", None
+        error = self.loading.exception()
+        if error is not None:
+            return "failed", f"{type(error).__name__}: {error}"
+        return "ready", None
+
+    def check_health(self) -> None:
+        """Ray Serve's periodic replica check: a replica whose model failed to load is
+        replaced, rather than kept answering 503."""
+        state, error = self._load_state()
+        if state == "failed":
+            raise RuntimeError(f"kernl: loading {self.config.artifact} failed: {error}")
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path.rstrip("/") or "/"
         prefix = (request.scope.get("root_path") or "").rstrip("/")
         if prefix and path.startswith(prefix):
             path = path[len(prefix) :] or "/"
-        if path == "/health" and request.method == "GET":
+        if path in ("/health", "/ready") and request.method == "GET":
+            state, error = self._load_state()
+            if state != "ready":
+                body = {"ready": False, "status": state, "replica": self.replica,
+                        "artifact": os.path.abspath(self.config.artifact)}  # fmt: skip
+                if error:
+                    body["error"] = error
+                return _json(body, status=503)
+            if path == "/ready":
+                return _json({"ready": True, "status": "ok", "replica": self.replica})
             return _json(self.health())
         if path == "/metrics" and request.method == "GET":
             return _json(await self.stats.snapshot.remote())
@@ -95,7 +135,7 @@ class KernlServer:
             return await self.predict(await request.body())
         return _json(
             {"error": f"no route {request.method} {path}; use POST / (or /predict), "
-             "GET /health, GET /metrics"},
+             "GET /ready, GET /health, GET /metrics"},
             status=404 if request.method in ("GET", "POST") else 405,
         )  # fmt: skip
 
@@ -105,6 +145,10 @@ class KernlServer:
         except RequestError as e:
             self.stats.record_requests.remote(bad=1)
             return _json({"error": str(e)}, status=e.status)
+        try:
+            await asyncio.wrap_future(self.loading)  # a request during the load waits for it
+        except Exception as e:
+            return _json({"error": f"model failed to load: {type(e).__name__}: {e}"}, status=503)
         try:
             result = await self.handle_batch(parsed)
         except Exception as e:  # a failed replay fails its batch; the replica keeps serving
@@ -152,6 +196,7 @@ class KernlServer:
         m = self.model.manifest
         return {
             "status": "ok",
+            "ready": True,
             "artifact": os.path.abspath(self.config.artifact),
             "model_type": m.model_type,
             "task": m.task,
@@ -205,8 +250,3 @@ def _cluster_has_gpus() -> bool:
         return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
     except Exception:
         return False
-
-
-def _vocab_size(config: dict) -> int | None:
-    v = config.get("vocab_size")
-    return v if isinstance(v, int) else None

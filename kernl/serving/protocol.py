@@ -23,7 +23,9 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from kernl.artifacts.schema import Bucket, InputSpec
+import numpy as np
+
+from kernl.artifacts.schema import Bucket, InputSpec, Manifest
 
 from .batching import Row, smallest_bucket
 
@@ -36,15 +38,33 @@ class RequestError(Exception):
         self.status = status
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# JSON nested deeper than this is refused before parsing: a request is at most an object of
+# lists of lists, and Python's json module recurses once per level (RecursionError at ~1000).
+MAX_JSON_DEPTH = 32
+
+
 @dataclass(frozen=True)
 class ModelLimits:
-    """What a request is checked against: the artifact's inputs, outputs and buckets."""
+    """What a request is checked against: the artifact's inputs, outputs and buckets, and the
+    ranges its embeddings can index (None: not recorded, then any int64 that is not negative)."""
 
     inputs: list[InputSpec]
     output_names: list[str]
     buckets: list[Bucket]
     vocab_size: int | None
     max_rows: int  # sequences per request: the batcher's --max-batch-size
+    type_vocab_size: int | None = None  # rows of the token-type embedding (BERT: 2)
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, max_rows: int) -> ModelLimits:
+        """The limits of an artifact, from its manifest alone (no weights, no device)."""
+        config = manifest.model_config
+        return cls(
+            inputs=list(manifest.inputs), output_names=[o.name for o in manifest.outputs],
+            buckets=manifest.bucket_list(), vocab_size=_config_int(config, "vocab_size"),
+            max_rows=max_rows, type_vocab_size=_config_int(config, "type_vocab_size"),
+        )  # fmt: skip
 
     @property
     def max_seq(self) -> int:
@@ -72,10 +92,13 @@ def parse_request(
     bucket, 422 wrong fields or values) with a message that says what to change."""
     if len(body) > MAX_BODY_BYTES:
         raise RequestError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    _check_depth(body)
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:  # a nesting _check_depth could not see (e.g. escaped brackets)
+        raise RequestError(400, "request body nests JSON too deeply") from None
     if not isinstance(data, dict):
         raise RequestError(422, 'request body must be a JSON object, e.g. {"input_ids": [...]}')
     input_names = [s.name for s in limits.inputs]
@@ -95,6 +118,27 @@ def parse_request(
         raise RequestError(422, "missing field 'input_ids' (or 'text')")
     _check_rows(rows, limits)
     return ParsedRequest(rows, single, outputs)
+
+
+def _check_depth(body: bytes) -> None:
+    """Refuse bodies whose brackets nest deeper than MAX_JSON_DEPTH, without parsing them.
+
+    An upper bound on the JSON depth: brackets inside strings count too, so only a request
+    whose strings hold more than MAX_JSON_DEPTH unclosed brackets is refused wrongly. Vector
+    code throughout: an 8 MiB body of brackets takes milliseconds, not a Python loop."""
+    brackets = body.translate(None, _NOT_BRACKETS)
+    if len(brackets) <= MAX_JSON_DEPTH:
+        return
+    opens = np.frombuffer(brackets, dtype=np.uint8)
+    opens = (opens == ord("[")) | (opens == ord("{"))
+    if int(np.cumsum(opens.astype(np.int32) * 2 - 1).max()) > MAX_JSON_DEPTH:
+        raise RequestError(
+            400, f"request body nests JSON deeper than {MAX_JSON_DEPTH} levels "
+            "(a request is an object of lists of lists)"
+        )  # fmt: skip
+
+
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 
 def _parse_outputs(value, names: list[str]) -> list[str]:
@@ -186,15 +230,42 @@ def _check_rows(rows: Sequence[Row], limits: ModelLimits) -> None:
                 413, f"sequence {k} has {row.length} tokens, longer than every bucket of this "
                 f"artifact (batch x seq: {limits.bucket_names()})"
             )  # fmt: skip
-        ids = row.inputs["input_ids"]
-        if limits.vocab_size is not None and (min(ids) < 0 or max(ids) >= limits.vocab_size):
-            raise RequestError(
-                422, f"sequence {k}: input_ids must lie in [0, {limits.vocab_size}), "
-                f"got values in [{min(ids)}, {max(ids)}]"
-            )  # fmt: skip
         for name, values in row.inputs.items():
-            if name != "input_ids" and min(values) < 0:
-                raise RequestError(422, f"sequence {k}: '{name}' holds a negative value")
+            lo, hi = min(values), max(values)
+            allowed = _allowed_range(name, limits)
+            if lo < allowed.low or hi > allowed.high:
+                raise RequestError(
+                    422, f"sequence {k}: '{name}' must lie in {allowed.text}, "
+                    f"got values in [{lo}, {hi}]"
+                )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Range:
+    low: int
+    high: int  # inclusive
+    text: str  # how the message spells it, with the reason
+
+
+def _allowed_range(name: str, limits: ModelLimits) -> _Range:
+    """The values an input may take: an index into an embedding must have a row to read (an
+    out-of-range id is an out-of-bounds read on the GPU, and fails the whole batch), a mask is
+    0 or 1, and anything else must fit the int64 tensors the runtime copies it into."""
+    if name == "attention_mask":
+        return _Range(0, 1, "{0, 1} (1: a real token, 0: padding)")
+    size = {"input_ids": limits.vocab_size, "token_type_ids": limits.type_vocab_size}.get(name)
+    what = {"input_ids": "vocab_size", "token_type_ids": "type_vocab_size"}.get(name)
+    if size is not None:
+        return _Range(0, size - 1, f"[0, {size}) (the model's {what})")
+    if what is not None:  # an index, size not recorded: not negative, and an int64
+        return _Range(0, INT64_MAX, f"[0, 2**63) (int64; the model's {what} is not recorded)")
+    return _Range(INT64_MIN, INT64_MAX, "[-2**63, 2**63) (int64)")
+
+
+def _config_int(config: dict, key: str) -> int | None:
+    v = config.get(key)
+    # bool is an int in Python; a config saying `true` records no size.
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
 
 def response_body(per_row: Sequence[dict], request: ParsedRequest, extra: dict) -> dict:

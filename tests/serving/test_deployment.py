@@ -1,6 +1,11 @@
 """The Ray Serve application builder (`serve run kernl.serving.deployment:build ...`): typed
 arguments, unknown ones refused, batch size defaulting to the largest bucket batch."""
 
+import asyncio
+import json
+import threading
+import types
+
 import pytest
 
 from kernl.serving.config import ServeConfig
@@ -36,3 +41,97 @@ def test_builder_refuses_unknown_arguments(tiny_artifact):
 def test_config_refuses_bad_values(kwargs):
     with pytest.raises(ValueError):
         ServeConfig(artifact="x", **kwargs)
+
+
+class _Stats:
+    """Stands in for the Ray actor of shared counters."""
+
+    def __getattr__(self, name):
+        return types.SimpleNamespace(remote=lambda *a, **k: None)
+
+
+def _get(path):
+    from starlette.requests import Request
+
+    scope = {"type": "http", "method": "GET", "path": path, "root_path": "", "headers": [],
+             "query_string": b"", "scheme": "http", "server": ("127.0.0.1", 8000)}  # fmt: skip
+    return Request(scope)
+
+
+def test_replica_answers_503_while_its_model_loads(tiny_artifact, monkeypatch):
+    """The replica is constructed at once and loads in the background: /ready and /health
+    say 503 "loading" until the model is there (Ray Serve routes to a constructed replica,
+    so a blocking load left callers hanging, and before the deploy its proxy said 404)."""
+    import kernl.runtime
+    import kernl.serving.deployment as dep
+
+    release = threading.Event()
+    real_load = kernl.runtime.load
+
+    def slow_load(*args, **kwargs):
+        assert release.wait(60)  # the test opens the gate; never reached on a passing run
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(kernl.runtime, "load", slow_load)
+    monkeypatch.setattr(dep, "_stats_actor", lambda app_name: _Stats())
+    config = ServeConfig(artifact=str(tiny_artifact), device="cpu", plan_by="tokens")
+    server = dep.KernlServer.func_or_class(config)
+
+    async def one_request_batch(parsed):  # @serve.batch needs a Ray Serve replica context
+        loop = asyncio.get_running_loop()
+        return (await loop.run_in_executor(server.worker, server.serve_requests, [parsed]))[0]
+
+    server.handle_batch = one_request_batch
+
+    async def scenario():
+        for path in ("/ready", "/health"):
+            answer = await server(_get(path))
+            body = json.loads(answer.body)
+            assert answer.status_code == 503 and body["status"] == "loading", body
+            assert body["ready"] is False
+        # A bad request is refused at once, model or not.
+        bad = await server.predict(b'{"input_ids": [1, 2], "token_type_ids": [0, 9]}')
+        assert bad.status_code == 422
+        # A good one waits for the model, then is served.
+        pending = asyncio.ensure_future(server.predict(b'{"input_ids": [5, 6, 7]}'))
+        await asyncio.sleep(0)
+        assert not pending.done()
+        release.set()
+        answer = await asyncio.wait_for(pending, 60)
+        assert answer.status_code == 200, answer.body
+        ready = await server(_get("/ready"))
+        assert ready.status_code == 200 and json.loads(ready.body)["ready"] is True
+        health = await server(_get("/health"))
+        assert health.status_code == 200 and json.loads(health.body)["status"] == "ok"
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        release.set()
+        server.worker.shutdown(wait=True)
+    server.check_health()  # loaded: healthy
+
+
+def test_a_failed_load_is_reported_and_fails_the_health_check(tiny_artifact, monkeypatch):
+    import kernl.runtime
+    import kernl.serving.deployment as dep
+
+    def broken_load(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(kernl.runtime, "load", broken_load)
+    monkeypatch.setattr(dep, "_stats_actor", lambda app_name: _Stats())
+    server = dep.KernlServer.func_or_class(ServeConfig(artifact=str(tiny_artifact), device="cpu"))
+    server.worker.shutdown(wait=True)  # the load has run (and failed)
+
+    async def scenario():
+        ready = await server(_get("/ready"))
+        assert ready.status_code == 503
+        assert json.loads(ready.body)["status"] == "failed"
+        assert "CUDA out of memory" in json.loads(ready.body)["error"]
+        answer = await server.predict(b'{"input_ids": [5, 6, 7]}')
+        assert answer.status_code == 503 and b"failed to load" in answer.body
+
+    asyncio.run(scenario())
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        server.check_health()  # Ray Serve replaces the replica

@@ -39,29 +39,60 @@ def call(port, method, path, body=None, timeout=120):
         conn.close()
 
 
+REPLICAS = 2
+START_S = 240  # a deadline, not a wait: generous for a 2-core machine under load
+
+
+def wait_ready(port, proc, log, replicas=REPLICAS, deadline_s=START_S):
+    """Poll GET /ready until `replicas` distinct replicas have answered 200. Until then any
+    answer means "not yet": a refused connection (the proxy is not listening), a plain-text
+    404 (Ray Serve has not deployed the application), a timeout (no replica constructed yet),
+    a 503 (a replica loading its model)."""
+    deadline = time.monotonic() + deadline_s
+    ready, seen = set(), []
+    while len(ready) < replicas:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"server not ready in {deadline_s} s (answers: {seen[-5:]}):\n"
+                        f"{log.read_text()[-3000:]}")  # fmt: skip
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                conn.request("GET", "/ready")
+                resp = conn.getresponse()
+                status, body = resp.status, resp.read()
+            finally:
+                conn.close()
+        except (OSError, http.client.HTTPException) as e:
+            seen.append(type(e).__name__)
+        else:
+            seen.append(status)
+            if status == 200:
+                ready.add(json.loads(body)["replica"])
+                continue
+            assert status in (404, 503), (status, body[:300])
+        time.sleep(0.2)  # a polling interval, not a wait for something to happen
+    runs = []  # run-length: ["ConnectionRefusedError x40", "503 x2", "200 x3"]
+    for answer in map(str, seen):
+        if runs and runs[-1][0] == answer:
+            runs[-1][1] += 1
+        else:
+            runs.append([answer, 1])
+    return ", ".join(f"{a} x{n}" for a, n in runs)
+
+
 @pytest.fixture(scope="module")
 def server(tiny_artifact, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "serve.log"
-    cmd = [sys.executable, "-m", "kernl.serving", str(tiny_artifact), "--replicas", "2",
+    cmd = [sys.executable, "-m", "kernl.serving", str(tiny_artifact), "--replicas", str(REPLICAS),
            "--port", str(port), "--device", "cpu", "--batch-wait-ms", "20", "--plan-by", "time",
            "--ray-address", "local"]  # fmt: skip
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 150
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                status, health = call(port, "GET", "/health", timeout=5)
-                if status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not up in 150 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+        print("readiness answers while starting:", wait_ready(port, proc, log))
         yield port
     finally:
         proc.send_signal(signal.SIGINT)
