@@ -135,6 +135,11 @@ BAD = [
     ({"input_ids": [1, 2], "labels": [0]}, 422),
     ({"input_ids": [1, 500]}, 422),
     ({"input_ids": [[1]] * 9}, 413),
+    # Each of these once reached the model and failed its whole batch with a 500.
+    ({"input_ids": [5, 6], "token_type_ids": [0, 5]}, 422),
+    ({"input_ids": [5, 6], "token_type_ids": [0, 2**70]}, 422),
+    ({"input_ids": [[5, 6]], "attention_mask": [[1, 7]]}, 422),
+    (b"[" * 100_000, 400),
 ]
 
 
