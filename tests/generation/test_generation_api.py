@@ -100,6 +100,22 @@ def test_errors_are_clear_and_leave_the_model_usable(model):
         model.generate(torch.tensor([[3, VOCAB]]), max_new_tokens=2)
     with pytest.raises(ValueError, match="no tokens"):
         model.generate(ids, torch.zeros_like(mask), max_new_tokens=2)
+    # Ids the GPU would index with are checked before anything runs: on CUDA an index error
+    # is a device-side assert that poisons the whole process's context.
+    bad_arguments = {
+        "pad_token_id": [VOCAB, 5000, -1, 2**70, 1.5, True],
+        "eos_token_id": [VOCAB, -1, 2**63, [3, 2**64]],
+        "seed": [-1, 2**63, 2**70, "7"],
+        "top_k": [-1, 2**40, 1.5],
+        "top_p": [0.0, 1.5, float("nan")],
+        "temperature": [float("inf"), float("nan"), "1"],
+        "max_new_tokens": [0, True, 2.0],
+        "do_sample": ["yes"],
+    }
+    for name, values in bad_arguments.items():
+        for value in values:
+            with pytest.raises(ValueError, match=name):
+                model.generate(ids, mask, **{name: value})
     # The longest request that fits still runs (prompt bucket 8: 57 new tokens).
     assert model.generate(ids, mask, max_new_tokens=57, eos_token_id=[]).shape == (2, 5 + 57)
     after = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
@@ -155,3 +171,60 @@ def test_generation_bucket_syntax():
     ]:
         with pytest.raises(BucketSyntaxError, match=msg):
             parse_generation_buckets(bad)
+
+
+def test_max_length_counts_the_prompt_like_hugging_face(model):
+    ids, mask = mixed_prompts(2, [5, 3])  # padded prompt length 5
+    by_length = model.generate(ids, mask, max_length=17, eos_token_id=[])
+    assert by_length.shape == (2, 17)
+    assert torch.equal(by_length, model.generate(ids, mask, max_new_tokens=12, eos_token_id=[]))
+    with pytest.warns(UserWarning, match="max_new_tokens takes precedence"):
+        both = model.generate(ids, mask, max_new_tokens=4, max_length=17, eos_token_id=[])
+    assert both.shape == (2, 9)
+    with pytest.raises(ValueError, match="max_length=5 leaves no room"):
+        model.generate(ids, mask, max_length=5)
+    steps = list(model.stream(ids, mask, max_length=8, eos_token_id=[]))
+    assert len(steps) == 3
+
+
+def test_generate_inside_an_open_stream_raises_instead_of_waiting_forever(model):
+    """The thread iterating a stream holds the model; calling it again from that thread
+    used to wait for itself. Run in a daemon thread so the old behaviour fails, not hangs."""
+    import threading
+
+    ids, mask = mixed_prompts(2, [5, 3])
+    outcome = {}
+
+    def body():
+        stream = model.stream(ids, mask, max_new_tokens=6, eos_token_id=[])
+        next(stream)
+        for call in (model.generate, model.stream):
+            try:
+                call(ids, mask, max_new_tokens=2)
+                outcome[call.__name__] = "returned"
+            except RuntimeError as e:
+                outcome[call.__name__] = str(e)
+        stream.close()  # closing releases the model: the same thread may generate again
+        outcome["after"] = model.generate(ids, mask, max_new_tokens=3, eos_token_id=[]).shape
+
+    worker = threading.Thread(target=body, daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "generate() inside an open stream() waited forever"
+    for name in ("generate", "stream"):
+        assert "open stream()" in outcome[name] and "close()" in outcome[name]
+    assert outcome["after"] == (2, 8)
+    # Another thread is not refused: it waits for the stream, then runs.
+    stream = model.stream(ids, mask, max_new_tokens=3, eos_token_id=[])
+    next(stream)
+    other = {}
+    waiter = threading.Thread(
+        target=lambda: other.setdefault("ids", model.generate(ids, mask, max_new_tokens=2)),
+        daemon=True,
+    )
+    waiter.start()
+    waiter.join(timeout=0.5)
+    assert waiter.is_alive(), "the other thread must wait for the open stream"
+    list(stream)
+    waiter.join(timeout=120)
+    assert other["ids"].shape == (2, 7)

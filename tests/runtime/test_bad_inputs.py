@@ -128,3 +128,27 @@ def test_an_error_inside_a_run_leaves_the_model_usable(served, monkeypatch):
     monkeypatch.undo()
     _assert_matches_eager(model, compiled, input_ids=_ids(1, 3))
     _good_call_after(served)
+
+
+def test_inputs_can_be_given_positionally_in_hugging_faces_order(served):
+    """`model(ids)` and `model(ids, mask)` as Hugging Face users call it."""
+    model, compiled = served
+    ids = _ids(2, 11, seed=5)
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0
+    types = torch.zeros_like(ids)
+    types[:, 5:] = 1
+    for args in [(ids,), (ids, mask), (ids, mask, types)]:
+        got = compiled(*args).last_hidden_state
+        with torch.no_grad():
+            want = model(*args).last_hidden_state
+        assert (got - want).abs().max().item() < TOL
+    assert torch.equal(
+        compiled(ids, attention_mask=mask).last_hidden_state,
+        compiled(input_ids=ids, attention_mask=mask).last_hidden_state,
+    )
+    with pytest.raises(TypeError, match="at most 3 positional input"):
+        compiled(ids, mask, types, types)
+    with pytest.raises(TypeError, match="'input_ids' given both positionally and by name"):
+        compiled(ids, input_ids=ids)
+    _good_call_after(served)
