@@ -23,8 +23,9 @@ from kernl.artifacts import (
 )
 from kernl.runtime.binaries import allow_jit
 
-from .buckets import as_buckets
+from .buckets import as_buckets, check_buckets_fit
 from .lower import lower
+from .op_counts import OpCounts, count_ops
 from .passes import rewrite
 from .trace import (
     FlatModel,
@@ -33,6 +34,7 @@ from .trace import (
     load_model,
     model_signature,
     resolve_dtype_device,
+    task_from_source,
 )
 from .tune import TuneRecord, record_binaries, tune_program, write_binaries
 from .validate import resolve_tolerance, validate
@@ -45,7 +47,11 @@ class BucketReport:
     bucket: Bucket
     seconds: float
     max_abs_error: float
-    instructions: int
+    counts: OpCounts  # the same count `kernl inspect` shows
+
+    @property
+    def instructions(self) -> int:
+        return self.counts.instructions
 
 
 @dataclass
@@ -61,13 +67,16 @@ class CompileReport:
 
     def table(self) -> str:
         lines = [
-            f"{'bucket':>12}  {'time (s)':>8}  {'max |err| vs eager':>18}  {'ops':>5}",
-            f"{'-' * 12}  {'-' * 8}  {'-' * 18}  {'-' * 5}",
+            f"{'bucket':>12}  {'time (s)':>8}  {'max |err| vs eager':>18}  {'instructions':>12}  "
+            f"{'kernl ops':>9}  {'on Triton':>9}",
+            f"{'-' * 12}  {'-' * 8}  {'-' * 18}  {'-' * 12}  {'-' * 9}  {'-' * 9}",
         ]
         for r in self.buckets:
             name = f"{r.bucket.batch}x{r.bucket.seq}"
+            c = r.counts
             lines.append(
-                f"{name:>12}  {r.seconds:8.2f}  {r.max_abs_error:18.3g}  {r.instructions:5d}"
+                f"{name:>12}  {r.seconds:8.2f}  {r.max_abs_error:18.3g}  {c.instructions:12d}  "
+                f"{c.kernl_ops:9d}  {c.on_triton:9d}"
             )
         lines.extend(self.tuning_table())
         lines.append(
@@ -84,11 +93,9 @@ class CompileReport:
             timed = [r for r in records if r.time_us is not None]
             if not timed:
                 if records:
-                    n_triton = sum(r.impl == "triton" for r in records)
                     lines.append(
-                        f"  {bucket.batch}x{bucket.seq}: {len(records)} kernl ops, {n_triton} on "
-                        f"Triton kernels with default configs (no GPU to tune on), "
-                        f"{len(records) - n_triton} on aten"
+                        f"  {bucket.batch}x{bucket.seq}: {len(records)} tunable kernel "
+                        "instances, on default configs (no GPU to tune on)"
                     )
                 continue
             total, aten = sum(r.time_us for r in timed), sum(r.aten_time_us for r in timed)
@@ -136,7 +143,13 @@ def compile(
     """Compile a Hugging Face model (a local folder, a model id in the local HF cache, or a
     PreTrainedModel) for `buckets` (e.g. "batch=1,8 seq=16:512") into the artifact folder
     `out`. Returns a report; raises with a message naming the bucket or op on failure.
-    kernels=False keeps plain aten ops (no rewrite, no tuning, no binaries)."""
+    kernels=False keeps plain aten ops (no rewrite, no tuning, no binaries).
+
+    Without `task`, the task follows the config's `architectures` (…ForCausalLM and
+    …LMHeadModel: causal-lm). Refused before any work: bf16 through kernl's kernels on the
+    CPU, and buckets longer than the model's position table."""
+    if task is None:
+        task = task_from_source(model_or_path)
     if task == "causal-lm":
         # Decoder-only generation has its own buckets (prompt, cache) and programs.
         from .causal_lm import compile_causal_lm
@@ -148,6 +161,12 @@ def compile(
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
     torch_dtype, dev = resolve_dtype_device(dtype, device)
+    if kernels and dev.type == "cpu" and torch_dtype == torch.bfloat16:
+        raise ValueError(
+            "--dtype bf16 on the CPU: kernl's kernels run through Triton's interpreter there, "
+            "which computes bf16 wrongly (numpy has no bfloat16). Use --dtype fp32 or fp16 on "
+            "the CPU, --no-kernels (plain aten ops, bf16 works), or compile on a GPU."
+        )
     if dev.type == "cpu":
         # kernl's kernels run through Triton's interpreter on the CPU; the variable must be
         # set before they are first imported (tune.py falls back to aten if it was too late).
@@ -157,6 +176,7 @@ def compile(
 
     say(f"loading model {model_or_path if isinstance(model_or_path, (str, Path)) else ''}")
     model, task, source = load_model(model_or_path, task, torch_dtype, dev)
+    check_buckets_fit(bucket_list, model.config)  # before tracing any bucket
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     check_destination(out, needed_bytes=int(weight_bytes * 1.2) + (1 << 20))
     signature = model_signature(model, dev)
@@ -199,7 +219,7 @@ def compile(
             seconds = time.perf_counter() - t0
             entries.append(BucketEntry(bucket, rel, result.max_abs_error, seconds))
             report.buckets.append(
-                BucketReport(bucket, seconds, result.max_abs_error, len(program.instructions))
+                BucketReport(bucket, seconds, result.max_abs_error, count_ops(program))
             )
             say(f"{tag}: done in {seconds:.1f}s, max |error| {result.max_abs_error:.3g}")
         say("writing weights")

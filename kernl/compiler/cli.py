@@ -13,7 +13,9 @@ from kernl.artifacts import ArtifactError
 BUCKETS_HELP = (
     'Shapes to compile for, e.g. "batch=1,8,32 seq=16:512". Each axis takes a comma list '
     "of sizes or power-of-two ranges (16:512 = 16,32,...,512); the buckets are every "
-    "(batch, seq) pair. A call is served by the smallest bucket that holds it. For --task "
+    '(batch, seq) pair. Or list the buckets as BATCHxSEQ: "1x16,8x128" (the form kernl '
+    "bench and kernl inspect print). A call is served by the smallest bucket that holds it. "
+    "A bucket longer than the model's max_position_embeddings is refused. For --task "
     'causal-lm: "batch=1,4,8 prompt=16:1024 cache=2048" (prefill buckets per batch x prompt '
     "length; cache is the KV-cache length, or several lengths for decode buckets, e.g. "
     "cache=512,2048; default twice the largest prompt)."
@@ -25,9 +27,9 @@ def _compile_options(f):
         click.argument("model"),
         click.option("-o", "--out", required=True, type=click.Path(), help="Artifact folder to write (replaced atomically if it is a kernl artifact)."),
         click.option("--buckets", required=True, help=BUCKETS_HELP),
-        click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True, help="Precision of weights and compute."),
+        click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True, help="Precision of weights and compute. bf16 on the CPU needs --no-kernels: Triton's interpreter computes bf16 wrongly."),
         click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="Where to trace, tune and validate; the artifact serves there. Default: cuda if present, else cpu."),
-        click.option("--task", type=click.Choice(["base", "sequence-classification", "token-classification", "masked-lm", "causal-lm"]), default=None, help="Model head. Default: from the config's architectures. causal-lm: decoder-only text generation (Llama, Mistral, Qwen2, GPT-2); its buckets use the axes batch, prompt, cache."),
+        click.option("--task", type=click.Choice(["base", "sequence-classification", "token-classification", "masked-lm", "causal-lm"]), default=None, help="Model head. Default: from the config's architectures (…ForSequenceClassification, …ForTokenClassification, …ForMaskedLM; …ForCausalLM and …LMHeadModel are causal-lm; else base). causal-lm: decoder-only text generation (Llama, Mistral, Qwen2, GPT-2); its buckets use the axes batch, prompt, cache."),
         click.option("--atol", type=float, default=None, help="Absolute tolerance of validation against eager (default per dtype: fp32 1e-4, fp16 2e-2, bf16 8e-2)."),
         click.option("--rtol", type=float, default=None, help="Relative tolerance of validation against eager (default per dtype: fp32 1e-4, fp16 2e-2, bf16 5e-2)."),
         click.option("--kernels/--no-kernels", default=True, show_default=True, help="Rewrite onto kernl's fused Triton kernels; --no-kernels keeps plain aten ops (still one CUDA graph per bucket). With --task causal-lm: let the decode step use kernl's kernels where timing shows they are faster (fp16/bf16 on a GPU); --no-kernels keeps plain torch."),
@@ -43,6 +45,7 @@ def _run_compile(
 ) -> None:
     from kernl.compiler.api import compile as compile_model
     from kernl.compiler.buckets import BucketSyntaxError
+    from kernl.compiler.validate import ValidationError
 
     start = time.perf_counter()
 
@@ -57,6 +60,14 @@ def _run_compile(
         )  # fmt: skip
     except BucketSyntaxError as e:
         raise click.BadParameter(str(e), param_hint="--buckets") from None
+    except ValidationError as e:  # an AssertionError: not caught by the line below
+        click.echo(
+            f"kernl-compile: error: validation against eager failed: {e}\n"
+            "No artifact was written. Loosen --atol/--rtol if the error is acceptable, or keep "
+            "plain aten ops with --no-kernels.",
+            err=True,
+        )
+        sys.exit(1)
     except (ArtifactError, ValueError, RuntimeError, OSError) as e:
         click.echo(f"kernl-compile: error: {e}", err=True)
         sys.exit(1)

@@ -17,6 +17,8 @@ from kernl.artifacts.program import Program
 from kernl.artifacts.schema import Manifest, is_safe_relative_path
 from kernl.runtime.generation_spec import DecodeKernels
 
+from .op_counts import count_ops
+
 # Program meta that is bookkeeping of the compiler (value shapes), not worth a report line.
 _QUIET_META = ("values",)
 
@@ -43,6 +45,9 @@ class BucketInfo:
     op_counts: dict[str, int]
     kernel_choices: list[KernelChoice] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    kernl_ops: int = 0  # op_counts.count_ops: the figures of the compile summary
+    on_triton: int = 0
+    stage: str | None = None  # causal-lm: "prefill" (seq = prompt) or "decode" (seq = KV length)
 
     @property
     def name(self) -> str:
@@ -126,6 +131,8 @@ def _bucket_info(root: Path, manifest: Manifest) -> list[BucketInfo]:
     for entry in manifest.buckets:
         program = read_program(root, entry.program)
         ops = Counter(ins.op for ins in program.instructions)
+        counts = count_ops(program)
+        stage = program.meta.get("stage") if manifest.task == "causal-lm" else None
         infos.append(
             BucketInfo(
                 batch=entry.bucket.batch,
@@ -138,6 +145,9 @@ def _bucket_info(root: Path, manifest: Manifest) -> list[BucketInfo]:
                 op_counts=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
                 kernel_choices=kernel_choices(program),
                 meta={k: v for k, v in program.meta.items() if k not in _QUIET_META},
+                kernl_ops=counts.kernl_ops,
+                on_triton=counts.on_triton,
+                stage=stage if isinstance(stage, str) else None,
             )
         )
     return infos
@@ -234,21 +244,65 @@ def render_text(r: InspectReport) -> str:
         f"outputs     {outs}",
         f"validation  {tol}",
     ]
-    if r.decode_kernels is not None:
-        lines.append("decode step " + " ".join(f"{k}={v}" for k, v in r.decode_kernels.items()))
+    if r.task == "causal-lm":
+        lines += ["", *_generation_lines(r), "", *_file_lines(r)]
+        return "\n".join(lines)
     lines += [
         "",
         f"{'bucket':>9}  {'max |err| vs eager':>18}  {'compile s':>9}  {'instructions':>12}  "
-        f"{'kernl ops':>9}  {'program':>10}",
+        f"{'kernl ops':>9}  {'on Triton':>9}  {'program':>10}",
     ]
     for b in r.buckets:
-        kernl_ops = sum(c.count for c in b.kernel_choices)
         lines.append(
             f"{b.name:>9}  {_fmt(b.max_abs_error, '18.3g')}  {_fmt(b.compile_seconds, '9.1f')}  "
-            f"{b.instructions:12d}  {kernl_ops:9d}  {_mib(b.program_bytes):>10}"
+            f"{b.instructions:12d}  {b.kernl_ops:9d}  {b.on_triton:9d}  {_mib(b.program_bytes):>10}"
         )
     lines += ["", *_kernel_lines(r), "", *_op_count_lines(r), "", *_file_lines(r)]
     return "\n".join(lines)
+
+
+def _generation_lines(r: InspectReport) -> list[str]:
+    """A causal-LM artifact: its programs hold no instructions (the runtime's own decoder runs
+    every bucket, from the manifest's description), so show what it does hold: prefill and
+    decode buckets, the KV-cache length and the decode step's kernels."""
+    caches = sorted(
+        {b.meta["cache_len"] for b in r.buckets if isinstance(b.meta.get("cache_len"), int)}
+    )
+    runtime = sorted({str(b.meta["runtime"]) for b in r.buckets if "runtime" in b.meta})
+    lines = [
+        f"generation  the runtime's decoder ({', '.join(runtime) or 'kernl.runtime'}) runs every "
+        "bucket from the manifest's description; its programs are instruction-free records",
+        f"KV cache    {', '.join(map(str, caches)) or '?'} slots per sequence, allocated once "
+        "per batch bucket at load",
+    ]
+    if r.decode_kernels is not None:
+        step = " ".join(f"{k}={v}" for k, v in r.decode_kernels.items())
+        lines.append(f"decode step {step}")
+    binaries = (f"{len(r.kernels)} kernel binaries" if r.kernels
+                else "no kernel binaries (plain torch decode step"
+                + (", CPU build)" if r.target == "cpu" else ")"))  # fmt: skip
+    lines.append(f"kernels     {binaries}")
+    prefill = [b for b in r.buckets if b.stage == "prefill"]
+    decode = [b for b in r.buckets if b.stage == "decode"]
+    other = [b for b in r.buckets if b.stage not in ("prefill", "decode")]
+    lines += [
+        "",
+        f"{'stage':>8}  {'batch':>5}  {'length':>14}  {'max |err| vs eager':>18}  {'program':>10}",
+    ]
+    for stage, what, group in (("prefill", "prompt", prefill), ("decode", "KV length", decode),
+                               ("?", "seq", other)):  # fmt: skip
+        for b in group:
+            lines.append(
+                f"{stage:>8}  {b.batch:5d}  {what + ' ' + str(b.seq):>14}  "
+                f"{_fmt(b.max_abs_error, '18.3g')}  {_mib(b.program_bytes):>10}"
+            )
+    lines.append(f"{len(prefill)} prefill bucket(s) (batch x prompt length), {len(decode)} "
+                 "decode bucket(s) (batch x KV length a step attends to)")  # fmt: skip
+    for k in r.kernels:
+        extra = " ".join(f"{key}={v}" for key, v in k["meta"].items() if key != "key")
+        lines.append(f"  {k['name']:<18} {k['function']:<32} warps={k['num_warps']} "
+                     f"shared={k['shared_mem']} {extra} {_mib(k['bytes'])}")  # fmt: skip
+    return lines
 
 
 def _kernel_lines(r: InspectReport) -> list[str]:

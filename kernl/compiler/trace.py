@@ -25,6 +25,9 @@ _ARCH_SUFFIX = {
     "ForSequenceClassification": "sequence-classification",
     "ForTokenClassification": "token-classification",
     "ForMaskedLM": "masked-lm",
+    # Decoder-only generation heads (Llama/Mistral/Qwen2 ...ForCausalLM, GPT2LMHeadModel).
+    "ForCausalLM": "causal-lm",
+    "LMHeadModel": "causal-lm",
 }
 # Inputs kernl serves, in the order programs take them, with their padding and defaults.
 _INPUTS = {
@@ -47,6 +50,21 @@ def task_of(config, model: torch.nn.Module | None = None) -> str:
             if name.endswith(suffix):
                 return task
     return "base"
+
+
+def task_from_source(model_or_path) -> str | None:
+    """The task of a model or model folder from its config's `architectures`, without loading
+    weights; None when the config cannot be read (load_model then says why)."""
+    if isinstance(model_or_path, torch.nn.Module):
+        config = getattr(model_or_path, "config", None)
+        return task_of(config, model_or_path) if config is not None else None
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(model_or_path), local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    return task_of(config)
 
 
 def resolve_dtype_device(dtype: str, device: str | None) -> tuple[torch.dtype, torch.device]:

@@ -103,3 +103,48 @@ def test_not_an_artifact_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(main, ["inspect", str(tmp_path)])
     assert result.exit_code == 1
     assert "kernl inspect: error:" in result.output and "manifest" in result.output
+
+
+def test_compile_summary_and_inspect_count_the_same_ops(tmp_path):
+    """They disagreed: the summary counted tuned kernel instances (16), inspect every kernl op
+    (17, with kernl.mask_to_bias). Both now print op_counts.count_ops."""
+    torch.manual_seed(0)
+    model = T.BertModel(T.BertConfig(**SMALL)).eval()
+    out = tmp_path / "b.kernl"
+    report = kernl.compiler.compile(model, "batch=1 seq=8", out, dtype="fp32", device="cpu")
+    inspected = inspect_artifact(out)
+    for compiled, shown in zip(report.buckets, inspected.buckets, strict=True):
+        c = compiled.counts
+        assert (c.instructions, c.kernl_ops, c.on_triton) == (
+            shown.instructions, shown.kernl_ops, shown.on_triton,
+        )  # fmt: skip
+        assert shown.kernl_ops == sum(k.count for k in shown.kernel_choices)
+        assert shown.on_triton == sum(k.count for k in shown.kernel_choices if k.impl == "triton")
+        assert 0 < c.on_triton < c.kernl_ops < c.instructions  # mask_to_bias stays on aten
+        summary_row = next(ln for ln in report.table().splitlines() if ln.split()[:1] == ["1x8"])
+        inspect_row = next(ln for ln in render_text(inspected).splitlines()
+                           if ln.split()[:1] == ["1x8"])  # fmt: skip
+        numbers = [str(c.instructions), str(c.kernl_ops), str(c.on_triton)]
+        assert summary_row.split()[-3:] == numbers, summary_row
+        assert inspect_row.split()[-5:-2] == numbers, inspect_row
+
+
+def test_causal_lm_artifact_shows_its_generation_buckets(tmp_path):
+    torch.manual_seed(0)
+    config = T.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=97,
+                          pad_token_id=0, eos_token_id=None, bos_token_id=None)  # fmt: skip
+    out = tmp_path / "lm.kernl"
+    kernl.compiler.compile(T.GPT2LMHeadModel(config).eval(), "batch=1,2 prompt=8 cache=16,32",
+                           out, dtype="fp32", device="cpu")  # fmt: skip
+    report = inspect_artifact(out)
+    stages = sorted((b.stage, b.batch, b.seq) for b in report.buckets)
+    assert stages == [("decode", 1, 16), ("decode", 1, 32), ("decode", 2, 16),
+                      ("decode", 2, 32), ("prefill", 1, 8), ("prefill", 2, 8)]  # fmt: skip
+    text = render_text(report)
+    assert "plain aten programs" not in text and "0 instructions" not in text
+    for needle in ("KV cache    32 slots", "decode step attention=torch", "prompt 8",
+                   "KV length 16", "KV length 32", "2 prefill bucket(s)", "4 decode bucket(s)",
+                   "no kernel binaries (plain torch decode step, CPU build)"):  # fmt: skip
+        assert needle in text, (needle, text)
+    as_json = json.loads(CliRunner().invoke(main, ["inspect", str(out), "--json"]).output)
+    assert {b["stage"] for b in as_json["buckets"]} == {"prefill", "decode"}
