@@ -1,8 +1,29 @@
 """kernl: ahead-of-time compilation of transformer models onto fused Triton kernels."""
 
+from __future__ import annotations
+
 import os as _os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only: the compiler (and transformers) load on the first call
+    import torch
+
+    from kernl.compiler.optimize import OptimizedModel
 
 __version__ = "0.1.0"
+
+
+def optimize(model: torch.nn.Module, buckets: Any = None, **options: Any) -> OptimizedModel:
+    """`model = kernl.optimize(hf_model, buckets="batch=1,8 seq=16:512")`: compile a Hugging
+    Face model object with kernl (or load it from kernl's cache, $KERNL_CACHE_DIR) and return
+    it, called like the original. Options: dtype, device, task, save_to, cache_dir, progress,
+    atol, rtol, kernels, tune; see `kernl.compiler.optimize.optimize`.
+
+    Imported on first call: `import kernl` and `import kernl.runtime` never import
+    transformers or the compiler."""
+    from kernl.compiler.optimize import optimize as _optimize
+
+    return _optimize(model, buckets, **options)
 
 
 def _select_triton_mode() -> None:
