@@ -27,11 +27,13 @@ INPUT_DTYPES = {
 }  # fmt: skip
 INPUT_DEFAULTS = ("required", "zeros", "ones")
 TARGETS = ("cpu", "cuda")
+# Matched with fullmatch only: `re.match("...$")` accepts a trailing newline.
 OP_NAME = re.compile(
-    r"^(aten\.[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*|kernl\.[A-Za-z_][A-Za-z0-9_]*)$"
+    r"aten\.[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*|kernl\.[A-Za-z_][A-Za-z0-9_]*"
 )
-IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+KERNEL_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 MAX_AXIS = 8
 
 # aten ops that allocate a tensor whose size is a static list argument: op base name ->
@@ -91,7 +93,7 @@ def check_manifest(m: Manifest, where: str, limits: ReadLimits = DEFAULT_LIMITS)
     _require(isinstance(m.inputs, list) and m.inputs, where, "no inputs")
     seen: set[str] = set()
     for spec in m.inputs:
-        _require(isinstance(spec.name, str) and bool(IDENTIFIER.match(spec.name)), where,
+        _require(isinstance(spec.name, str) and bool(IDENTIFIER.fullmatch(spec.name)), where,
                  f"input name {spec.name!r} is not an identifier")  # fmt: skip
         _require(spec.name not in seen, where, f"input {spec.name!r} is listed twice")
         seen.add(spec.name)
@@ -106,7 +108,7 @@ def check_manifest(m: Manifest, where: str, limits: ReadLimits = DEFAULT_LIMITS)
     _require(isinstance(m.outputs, list) and m.outputs, where, "no outputs")
     seen = set()
     for spec in m.outputs:
-        _require(isinstance(spec.name, str) and bool(IDENTIFIER.match(spec.name)), where,
+        _require(isinstance(spec.name, str) and bool(IDENTIFIER.fullmatch(spec.name)), where,
                  f"output name {spec.name!r} is not an identifier")  # fmt: skip
         _require(spec.name not in seen, where, f"output {spec.name!r} is listed twice")
         seen.add(spec.name)
@@ -122,6 +124,11 @@ def check_manifest(m: Manifest, where: str, limits: ReadLimits = DEFAULT_LIMITS)
                  f"output {spec.name!r} has sequence axis {spec.seq_axis!r}")  # fmt: skip
 
     _require(isinstance(m.buckets, list) and m.buckets, where, "no buckets")
+    if len(m.buckets) > limits.max_buckets:
+        raise ArtifactUnsafeError(
+            f"{where}: {len(m.buckets)} buckets, more than the {limits.max_buckets} a reader "
+            "accepts (each is a program, a graph and static buffers)"
+        )
     buckets, programs = set(), set()
     for e in m.buckets:
         check_bucket(e.bucket, where, limits)
@@ -145,16 +152,16 @@ def check_manifest(m: Manifest, where: str, limits: ReadLimits = DEFAULT_LIMITS)
     for rel, digest in m.files.items():
         if not is_safe_relative_path(rel) or rel == MANIFEST_FILE:
             raise ArtifactUnsafeError(f"{where}: the file list holds an unsafe path {rel!r}")
-        _require(isinstance(digest, str) and bool(SHA256_HEX.match(digest)), where,
+        _require(isinstance(digest, str) and bool(SHA256_HEX.fullmatch(digest)), where,
                  f"the sha256 of {rel!r} is not 64 hex digits")  # fmt: skip
 
     _require(isinstance(m.kernels, list), where, "kernels is not a list")
     for k in m.kernels:
-        _require(isinstance(k.name, str) and bool(re.match(r"^[A-Za-z0-9_.\-]+$", k.name)), where,
+        _require(isinstance(k.name, str) and bool(KERNEL_NAME.fullmatch(k.name)), where,
                  f"kernel name {k.name!r}")  # fmt: skip
         if not is_safe_relative_path(k.file):
             raise ArtifactUnsafeError(f"{where}: kernel {k.name!r} has an unsafe path {k.file!r}")
-        _require(isinstance(k.function, str) and bool(IDENTIFIER.match(k.function)), where,
+        _require(isinstance(k.function, str) and bool(IDENTIFIER.fullmatch(k.function)), where,
                  f"kernel {k.name!r}: function {k.function!r} is not an identifier")  # fmt: skip
         _require(_is_int(k.num_warps) and 1 <= k.num_warps <= 64, where,
                  f"kernel {k.name!r}: num_warps {k.num_warps!r}")  # fmt: skip
@@ -237,7 +244,7 @@ def check_program(p: Program, where: str, limits: ReadLimits = DEFAULT_LIMITS) -
         raise ValueError(f"num_values {n} out of range")
     if len(p.instructions) > limits.max_instructions:
         raise ValueError(f"{len(p.instructions)} instructions, more than {limits.max_instructions}")
-    if not all(isinstance(k, str) and IDENTIFIER.match(k) for k in p.inputs):
+    if not all(isinstance(k, str) and IDENTIFIER.fullmatch(k) for k in p.inputs):
         raise ValueError("input names must be identifiers")
     ids = [*p.inputs.values(), *p.weights.keys(), *p.outputs]
     if not all(_is_int(i) and 0 <= i < n for i in ids):
@@ -246,12 +253,12 @@ def check_program(p: Program, where: str, limits: ReadLimits = DEFAULT_LIMITS) -
         raise ValueError("weight names must be non-empty strings")
     defined = set(p.inputs.values()) | set(p.weights)
     for index, ins in enumerate(p.instructions):
-        if not isinstance(ins.op, str) or not OP_NAME.match(ins.op):
+        if not isinstance(ins.op, str) or not OP_NAME.fullmatch(ins.op):
             raise ArtifactUnsafeError(
                 f"{where}: instruction {index}: op name {ins.op!r} is not a kernl or aten op name"
             )
         _check_arg(ins.args, n)
-        if not all(isinstance(k, str) and IDENTIFIER.match(k) for k in ins.kwargs):
+        if not all(isinstance(k, str) and IDENTIFIER.fullmatch(k) for k in ins.kwargs):
             raise ValueError(f"instruction {index} ({ins.op}): keyword names must be identifiers")
         _check_arg(list(ins.kwargs.values()), n)
         if not ins.outputs or not all(

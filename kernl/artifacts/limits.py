@@ -24,8 +24,21 @@ class ReadLimits:
     # 16G elements (32 GiB in fp16) holds the largest legitimate logits tensor (batch 64 x
     # seq 512 x a 250k vocabulary is 8G elements) and refuses terabyte requests.
     max_tensor_elements: int = 1 << 34
-    max_instructions: int = 1 << 20
+    # Per program, and over all of an artifact's programs: every instruction is checked (and
+    # shape-inferred) at verify and load, so the count bounds that work too.
+    max_instructions: int = 1 << 17
+    max_total_instructions: int = 1 << 21
     max_values: int = 1 << 24
+    # Buckets (encoder buckets, or causal-LM prefill + decode shapes): each is a program, a
+    # graph and static buffers. Real artifacts have tens.
+    max_buckets: int = 1024
+    # The memory plan of an artifact (weights + static buffers + the activation pool + KV
+    # caches): above any single GPU sold today (192 GB), so a legal artifact passes on any
+    # host and 400 tensors of 4 GiB do not; at load the device's free memory is the bound.
+    max_memory_bytes: int = 256 << 30
+    # Integer weights (position_ids, token_type_ids buffers) are read by the checker to bound
+    # the indices they feed; larger integer tensors are treated as unbounded.
+    max_index_weight_bytes: int = 64 << 20
 
 
 DEFAULT_LIMITS = ReadLimits()

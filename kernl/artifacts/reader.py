@@ -10,12 +10,14 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
+from .analysis import SAFETENSORS_DTYPES, ProgramUsage, WeightInfo, analyse_program
 from .checks import check_manifest, check_program, check_program_matches
 from .errors import (
     ArtifactCorruptError,
@@ -24,7 +26,9 @@ from .errors import (
     ArtifactUnsafeError,
     ArtifactVersionError,
 )
+from .generation import GenerationDescription, check_generation, generation_memory
 from .limits import DEFAULT_LIMITS, ReadLimits
+from .memory import MemoryPlan
 from .paths import read_inside, refuse_pickle, resolve_inside
 from .program import Program
 from .schema import (
@@ -34,6 +38,8 @@ from .schema import (
     WEIGHTS_FILE,
     Manifest,
 )
+from .signing import PublicKey, check_signature, load_trusted_keys
+from .vocabulary import is_allowed_op
 from .writer import manifest_digest, sha256_file
 
 SAFETENSORS_ITEMSIZE = {
@@ -61,13 +67,21 @@ def _unpack(path: Path, data: bytes, what: str) -> Any:
         raise ArtifactCorruptError(f"{path}: not valid msgpack ({type(e).__name__}: {e})") from e
 
 
-def read_manifest(root: str | os.PathLike, limits: ReadLimits = DEFAULT_LIMITS) -> Manifest:
-    """Parse and check the manifest alone (no file hashes); cheap."""
+def read_manifest(
+    root: str | os.PathLike,
+    limits: ReadLimits = DEFAULT_LIMITS,
+    trusted_keys: Sequence[str | os.PathLike | PublicKey] | None = None,
+) -> Manifest:
+    """Parse and check the manifest alone (no file hashes); cheap. With `trusted_keys` (public
+    key files or loaded keys), the manifest's bytes must first carry a valid signature by one
+    of them (signing.py): the same bytes are then parsed."""
     root = Path(root)
     if not root.is_dir():
         raise ArtifactMissingError(f"{root}: not a folder (an artifact is a folder)")
     data = read_inside(root, MANIFEST_FILE, "manifest", limits.max_manifest_bytes)
     path = root / MANIFEST_FILE
+    if trusted_keys:
+        check_signature(root, data, load_trusted_keys(list(trusted_keys)))
     raw = _unpack(path, data, "the manifest")
     if not isinstance(raw, dict):
         raise ArtifactCorruptError(f"{path}: the manifest is not a map")
@@ -163,17 +177,23 @@ def check_safetensors_header(
     except OSError as e:
         raise ArtifactCorruptError(f"{path}: cannot be read: {e.strerror}") from None
     try:
-        header = json.loads(text)
+        header = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except ArtifactError:
+        raise
     except Exception as e:
         raise ArtifactCorruptError(f"{path}: safetensors header is not JSON") from e
     if not isinstance(header, dict):
         raise ArtifactCorruptError(f"{path}: safetensors header is not a map")
     data_size = size - 8 - hlen
     total = 0
+    spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
         if name == "__metadata__":
-            if not isinstance(info, dict):
-                raise ArtifactCorruptError(f"{path}: safetensors __metadata__ is not a map")
+            # safetensors reads it as a map of strings to strings and refuses anything else
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise ArtifactCorruptError(
+                    f"{path}: safetensors __metadata__ is not a map of strings to strings"
+                )
             continue
         try:
             dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
@@ -194,9 +214,39 @@ def check_safetensors_header(
                 f"offsets do not fit the {data_size} bytes of data)"
             )
         total += end - start
+        spans.append((start, end, name))
+    # What safetensors itself requires: tensors tile the data exactly, in offset order, with
+    # no overlap (two names on the same bytes), no gap and no trailing bytes.
+    spans.sort()
+    for (_, prev_end, prev), (start, end, name) in zip(spans, spans[1:]):
+        if start < prev_end:
+            raise ArtifactCorruptError(
+                f"{path}: tensor {name!r} at bytes [{start}, {end}) overlaps tensor {prev!r}"
+            )
+    at = 0
+    for start, end, name in spans:
+        if start != at:
+            raise ArtifactCorruptError(
+                f"{path}: tensor {name!r} at bytes [{start}, {end}) leaves a gap at byte {at}; "
+                "tensors must tile the data exactly"
+            )
+        at = end
+    if at != data_size:
+        raise ArtifactCorruptError(
+            f"{path}: {data_size - at} trailing bytes after the last tensor (data is "
+            f"{data_size} bytes, tensors end at {at})"
+        )
     if max_total_bytes is not None and total > max_total_bytes:
         raise ArtifactUnsafeError(f"{path}: weights claim {total} bytes, over the limit")
     return header
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        raise ArtifactCorruptError(f"safetensors header names {dup[:3]} twice")
+    return dict(pairs)
 
 
 def read_weights(root: str | os.PathLike, device: str = "cpu") -> dict:
@@ -210,40 +260,152 @@ def read_weights(root: str | os.PathLike, device: str = "cpu") -> dict:
         raise ArtifactCorruptError(f"{path}: cannot read weights ({e})") from e
 
 
-def _runtime_vocabulary() -> Callable[[str], bool] | None:
-    # The op vocabulary is the runtime's (it maps names to callables). Imported lazily and
-    # only here, so the artifact package itself depends on nothing but msgpack/safetensors.
-    try:
-        from kernl.runtime.vocabulary import is_known_op
-    except ImportError:  # pragma: no cover - a reader installed without the runtime
-        return None
-    return is_known_op
+def weight_infos(
+    path: Path, header: dict[str, Any], limits: ReadLimits = DEFAULT_LIMITS
+) -> dict[str, WeightInfo]:
+    """Every tensor of the weights file as its (checked) header describes it, with the value
+    range of the integer ones (position_ids, token_type_ids buffers), read from the file:
+    the checker bounds the indices they feed."""
+    import numpy as np
+
+    (hlen,) = struct.unpack("<Q", _head(path))
+    infos: dict[str, WeightInfo] = {}
+    budget = limits.max_index_weight_bytes
+    with open(path, "rb") as f:
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            start, end = info["data_offsets"]
+            values = None
+            np_dtype = _NUMPY_INTS.get(info["dtype"])
+            if np_dtype is not None and 0 < end - start <= budget:
+                budget -= end - start
+                f.seek(8 + hlen + start)
+                array = np.frombuffer(
+                    f.read(end - start), dtype=np.dtype(np_dtype).newbyteorder("<")
+                )
+                values = (int(array.min()), int(array.max()))
+            infos[name] = WeightInfo(tuple(info["shape"]), dtype, end - start, values)
+    return infos
+
+
+_NUMPY_INTS = {"I64": "i8", "I32": "i4", "I16": "i2", "I8": "i1", "U8": "u1", "U16": "u2",
+               "U32": "u4", "U64": "u8", "BOOL": "u1"}  # fmt: skip
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(8)
+
+
+@dataclass
+class CheckedArtifact:
+    """An artifact that passed every check `load()` relies on; what the checks found."""
+
+    manifest: Manifest
+    programs: list[Program]  # in the manifest's bucket order
+    weights: dict[str, WeightInfo]
+    memory: MemoryPlan
+    generation: GenerationDescription | None = None
+    usage: list[ProgramUsage] | None = None
+
+
+def check_artifact(
+    root: str | os.PathLike,
+    *,
+    limits: ReadLimits = DEFAULT_LIMITS,
+    trusted_keys: Sequence[str | os.PathLike | PublicKey] | None = None,
+    free_bytes: int | None = None,
+    hash_files: bool = True,
+    is_known_op: Callable[[str], bool] | None = None,
+) -> CheckedArtifact:
+    """The whole-artifact check that `verify_artifact` (and `kernl verify`) and
+    `kernl.runtime.load` share. In order: the signature (when `trusted_keys` are given), the
+    manifest, every file's sha256 (`hash_files`; load hashes on a thread of its own), the
+    weights header, the causal-LM description against the weights, then per program its
+    structure, op vocabulary, weights, shapes, index bounds and writes (analysis.py), and
+    last the memory plan against `limits` and `free_bytes` (the device's free memory, from
+    the runtime). Raises an ArtifactError subclass."""
+    root = Path(root)
+    manifest = read_manifest(root, limits, trusted_keys)
+    if hash_files:
+        verify_files(root, manifest)
+    weights_path = resolve_inside(root, WEIGHTS_FILE, "weights")
+    header = check_safetensors_header(weights_path, limits=limits)
+    weights = weight_infos(weights_path, header, limits)
+    weight_bytes = sum(w.nbytes for w in weights.values())
+    where = str(root / MANIFEST_FILE)
+    programs: list[Program] = []
+    total_instructions = 0
+    usage: list[ProgramUsage] = []
+    generation = None
+    if manifest.task == "causal-lm":
+        described = {n: (list(w.shape), w.dtype) for n, w in weights.items()}
+        generation = check_generation(manifest.extra, manifest.dtype, described, where, limits)
+    for entry in manifest.buckets:
+        program = read_program(root, entry.program, limits)
+        where_p = str(root / entry.program)
+        check_program_matches(program, manifest, entry.bucket, where_p)
+        total_instructions += len(program.instructions)
+        if total_instructions > limits.max_total_instructions:
+            raise ArtifactUnsafeError(
+                f"{where_p}: the programs hold more than {limits.max_total_instructions} "
+                "instructions in all"
+            )
+        unknown = sorted(op for op in program.ops_used() if not is_allowed_op(op))
+        if is_known_op is not None:
+            unknown += sorted(op for op in program.ops_used() if not is_known_op(op))
+        if unknown:
+            raise ArtifactUnsafeError(f"{where_p}: ops outside the vocabulary: {unknown}")
+        absent = sorted(set(program.weights.values()) - set(weights))
+        if absent:
+            raise ArtifactUnsafeError(
+                f"{where_p}: uses weights absent from {WEIGHTS_FILE}: {absent[:5]}"
+            )
+        if manifest.task == "causal-lm":
+            # The runtime's own decoder serves these; their programs only record the bucket.
+            if program.instructions or program.weights or program.inputs:
+                raise ArtifactCorruptError(
+                    f"{where_p}: a causal-LM bucket's program holds instructions; kernl "
+                    "writes none (the runtime's decoder serves them)"
+                )
+        else:
+            usage.append(analyse_program(program, manifest, weights, where_p, limits))
+        programs.append(program)
+    if generation is not None:
+        static, pool = generation_memory(generation, _itemsize(manifest.dtype))
+        memory = MemoryPlan(weight_bytes, static, pool)
+    else:
+        memory = MemoryPlan(
+            weight_bytes,
+            sum(u.inputs + u.outputs for u in usage),
+            max((u.peak for u in usage), default=0),
+        )
+    memory.check(where, limits, free_bytes)
+    return CheckedArtifact(manifest, programs, weights, memory, generation, usage)
+
+
+_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
+             "int16": 2, "int8": 1, "uint8": 1, "bool": 1}  # fmt: skip
+
+
+def _itemsize(dtype: str) -> int:
+    return _ITEMSIZE[dtype]
 
 
 def verify_artifact(
     root: str | os.PathLike,
     is_known_op: Callable[[str], bool] | None = None,
     limits: ReadLimits = DEFAULT_LIMITS,
+    trusted_keys: Sequence[str | os.PathLike | PublicKey] | None = None,
+    free_bytes: int | None = None,
 ) -> Manifest:
-    """Everything short of loading onto a device: manifest, hashes, programs (structure, data
-    flow, allocation sizes, op vocabulary, agreement with the manifest), the weights header
-    and every weight a program uses. Raises an ArtifactError subclass; returns the manifest."""
-    root = Path(root)
-    manifest = read_manifest(root, limits)
-    verify_files(root, manifest)
-    header = check_safetensors_header(resolve_inside(root, WEIGHTS_FILE, "weights"), limits=limits)
-    known = is_known_op or _runtime_vocabulary()
-    for entry in manifest.buckets:
-        program = read_program(root, entry.program, limits)
-        where = str(root / entry.program)
-        check_program_matches(program, manifest, entry.bucket, where)
-        absent = sorted(set(program.weights.values()) - set(header))
-        if absent:
-            raise ArtifactUnsafeError(
-                f"{where}: uses weights absent from {WEIGHTS_FILE}: {absent[:5]}"
-            )
-        if known is not None:
-            unknown = sorted(op for op in program.ops_used() if not known(op))
-            if unknown:
-                raise ArtifactUnsafeError(f"{where}: ops outside the vocabulary: {unknown}")
-    return manifest
+    """Everything short of loading onto a device, i.e. every check `load()` makes
+    (`check_artifact`). `is_known_op` adds a vocabulary of the caller's on top of the
+    format's own (it can narrow it, never widen it). Raises an ArtifactError subclass;
+    returns the manifest."""
+    return check_artifact(
+        root, limits=limits, trusted_keys=trusted_keys, free_bytes=free_bytes,
+        is_known_op=is_known_op,
+    ).manifest  # fmt: skip

@@ -27,7 +27,7 @@ MANIFEST_CHECKSUM_KEY = "manifest_sha256"
 PROGRAMS_DIR = "programs"
 KERNELS_DIR = "kernels"
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.\-]+")  # fullmatch: "$" would accept "x\n"
 
 
 @dataclass(frozen=True, order=True)
@@ -135,4 +135,4 @@ def is_safe_relative_path(path: str) -> bool:
     if not isinstance(path, str) or not path or path.startswith("/") or "\\" in path:
         return False
     parts = path.split("/")
-    return all(p not in ("", ".", "..") and _SAFE_NAME.match(p) for p in parts)
+    return all(p not in ("", ".", "..") and _SAFE_NAME.fullmatch(p) for p in parts)

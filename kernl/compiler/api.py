@@ -139,6 +139,7 @@ def compile(
     progress: Progress | None = None,
     kernels: bool = True,
     tune: bool = True,
+    sign_key: str | os.PathLike | None = None,
 ) -> CompileReport:
     """Compile a Hugging Face model (a local folder, a model id in the local HF cache, or a
     PreTrainedModel) for `buckets` (e.g. "batch=1,8 seq=16:512") into the artifact folder
@@ -148,6 +149,18 @@ def compile(
     Without `task`, the task follows the config's `architectures` (…ForCausalLM and
     …LMHeadModel: causal-lm). Refused before any work: bf16 through kernl's kernels on the
     CPU, and buckets longer than the model's position table."""
+    if sign_key is not None:
+        # sign_key: an Ed25519 private key file (PEM); the finished artifact's manifest is
+        # signed with it (kernl/artifacts/signing.py) for deployments that pin the public key.
+        from kernl.artifacts.signing import load_private_key, sign_artifact
+
+        key = load_private_key(sign_key)  # a bad key file fails before any compiling
+        report = compile(
+            model_or_path, buckets, out, dtype=dtype, device=device, task=task, atol=atol,
+            rtol=rtol, progress=progress, kernels=kernels, tune=tune,
+        )  # fmt: skip
+        sign_artifact(out, key)
+        return report
     if task is None:
         task = task_from_source(model_or_path)
     if task == "causal-lm":

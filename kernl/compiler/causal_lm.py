@@ -37,10 +37,10 @@ from kernl.artifacts import (
     Program,
     check_destination,
 )
+from kernl.artifacts.generation import DecodeKernels, GenerationBuckets
 from kernl.artifacts.schema import PROGRAMS_DIR
 from kernl.runtime.binaries import allow_jit
 from kernl.runtime.generation import GenerativeModel
-from kernl.runtime.generation_spec import DecodeKernels, GenerationBuckets
 
 from .causal_lm_buckets import as_generation_buckets
 from .causal_lm_describe import describe

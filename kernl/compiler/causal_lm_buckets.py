@@ -10,7 +10,7 @@ Each axis takes the same items as the encoder buckets: numbers and power-of-two 
 
 from __future__ import annotations
 
-from kernl.runtime.generation_spec import GenerationBuckets
+from kernl.artifacts.generation import GenerationBuckets
 
 from .buckets import BucketSyntaxError, _parse_axis
 

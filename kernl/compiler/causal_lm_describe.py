@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from kernl.runtime.generation_spec import DecoderSpec
+from kernl.artifacts.generation import DecoderSpec
 
 from .trace import UnsupportedModelError
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
+from kernl.artifacts.generation import DECODE_KERNEL_CHOICES, DecodeKernels
 from kernl.runtime.binaries import allow_jit
 from kernl.runtime.generation import GenerativeModel
-from kernl.runtime.generation_spec import DECODE_KERNEL_CHOICES, DecodeKernels
 
 from .tune import recording_binaries
 

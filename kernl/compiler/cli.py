@@ -34,6 +34,7 @@ def _compile_options(f):
         click.option("--rtol", type=float, default=None, help="Relative tolerance of validation against eager (default per dtype: fp32 1e-4, fp16 2e-2, bf16 5e-2)."),
         click.option("--kernels/--no-kernels", default=True, show_default=True, help="Rewrite onto kernl's fused Triton kernels; --no-kernels keeps plain aten ops (still one CUDA graph per bucket). With --task causal-lm: let the decode step use kernl's kernels where timing shows they are faster (fp16/bf16 on a GPU); --no-kernels keeps plain torch."),
         click.option("--tune/--no-tune", default=True, show_default=True, help="On a GPU, time every kernel instance over its tuning space and against aten (results cached in ~/.cache/kernl, or $KERNL_CACHE_DIR); --no-tune takes each kernel's default config (causal-lm: plain torch decode step)."),
+        click.option("--sign", "sign_key", type=click.Path(dir_okay=False), default=None, help="Sign the artifact's manifest with this Ed25519 private key (PEM, e.g. from `kernl keygen`); deployments that pin the public key (load(trusted_keys=...), KERNL_TRUSTED_KEYS, kernl verify --trusted-key) then refuse anything else. Needs kernl[sign]."),
     ]  # fmt: skip
     for option in reversed(options):
         f = option(f)
@@ -41,7 +42,7 @@ def _compile_options(f):
 
 
 def _run_compile(
-    model, out, buckets, dtype, device, task, atol, rtol, kernels=True, tune=True
+    model, out, buckets, dtype, device, task, atol, rtol, kernels=True, tune=True, sign_key=None
 ) -> None:
     from kernl.compiler.api import compile as compile_model
     from kernl.compiler.buckets import BucketSyntaxError
@@ -55,7 +56,7 @@ def _run_compile(
     try:
         report = compile_model(
             model, buckets, out, dtype=dtype, device=device, task=task, atol=atol, rtol=rtol,
-            kernels=kernels, tune=tune,
+            kernels=kernels, tune=tune, sign_key=sign_key,
             progress=progress,
         )  # fmt: skip
     except BucketSyntaxError as e:
@@ -103,19 +104,54 @@ def compile_subcommand(**kwargs) -> None:
     "version, paths, file hashes, programs, op vocabulary and weights header.",
 )
 @click.argument("path", type=click.Path())
-def verify_command(path: str) -> None:
+@click.option(
+    "--trusted-key",
+    "trusted_keys",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="An Ed25519 public key (PEM) the artifact must be signed by (repeatable; default: the "
+    "files in $KERNL_TRUSTED_KEYS, as load() does). Needs kernl[sign].",
+)
+def verify_command(path: str, trusted_keys: tuple[str, ...]) -> None:
     from kernl.artifacts import verify_artifact
+    from kernl.artifacts.signing import (
+        KeyFileError,
+        SigningUnavailableError,
+        trusted_keys_from_env,
+    )
 
     try:
-        manifest = verify_artifact(path)  # includes the op vocabulary of every program
+        # the checks load() makes, signature included
+        manifest = verify_artifact(path, trusted_keys=list(trusted_keys) or trusted_keys_from_env())
     except ArtifactError as e:
         click.echo(f"INVALID {path}: {e}", err=True)
+        sys.exit(1)
+    except (KeyFileError, SigningUnavailableError) as e:
+        click.echo(f"kernl verify: error: {e}", err=True)
         sys.exit(1)
     click.echo(
         f"OK {path}: format v{manifest.format_version}, {manifest.model_type} "
         f"({manifest.task}, {manifest.dtype}), {len(manifest.buckets)} buckets, "
         f"{len(manifest.files)} files verified"
     )
+
+
+@main.command(
+    "keygen",
+    help="Write a new Ed25519 key pair for signing artifacts: PRIVATE (PEM, mode 0600; give "
+    "it to kernl-compile --sign) and PRIVATE.pub (pin it where artifacts are loaded). Needs "
+    "kernl[sign].",
+)
+@click.argument("private", type=click.Path(dir_okay=False))
+def keygen_command(private: str) -> None:
+    from kernl.artifacts.signing import SigningUnavailableError, generate_keypair
+
+    try:
+        kid = generate_keypair(private, f"{private}.pub")
+    except (SigningUnavailableError, OSError) as e:
+        click.echo(f"kernl keygen: error: {e}", err=True)
+        sys.exit(1)
+    click.echo(f"key {kid}: private {private}, public {private}.pub")
 
 
 @main.command(

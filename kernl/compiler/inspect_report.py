@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from kernl.artifacts import read_manifest, read_program
+from kernl.artifacts.generation import DecodeKernels
 from kernl.artifacts.program import Program
 from kernl.artifacts.schema import Manifest, is_safe_relative_path
-from kernl.runtime.generation_spec import DecodeKernels
 
 from .op_counts import count_ops
 

@@ -6,6 +6,7 @@ kernels' launch code, never transformers, click or the compiler."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -14,10 +15,11 @@ from kernl.artifacts import (
     ArtifactError,
     check_compatibility,
     read_manifest,
-    read_program,
     read_weights,
     verify_files,
 )
+from kernl.artifacts.reader import check_artifact
+from kernl.artifacts.signing import load_trusted_keys, trusted_keys_from_env
 
 from .model import CompiledModel, ModelOutput
 
@@ -29,6 +31,7 @@ def load(
     device: str | torch.device | None = None,
     capture: str = "load",
     verify: bool = True,
+    trusted_keys: Sequence[str | os.PathLike] | None = None,
 ) -> CompiledModel:
     """Load an artifact and make it ready to serve.
 
@@ -37,9 +40,17 @@ def load(
       as any), "lazy" captures each bucket on its first call, "never" runs ops eagerly.
     verify: check every file's sha256 before use (on by default; an artifact that fails is
       refused with an `ArtifactError`).
+    trusted_keys: Ed25519 public key files (PEM); when given, or when `KERNL_TRUSTED_KEYS`
+      names some (os.pathsep-separated), the artifact must be signed by one of them
+      (`kernl-compile --sign`), whatever `verify` says. Needs `kernl[sign]`.
+
+    Everything `kernl verify` checks is checked here too, by the same code
+    (`kernl.artifacts.reader.check_artifact`), including the memory plan against this
+    device's free memory, before any weight is read.
     """
     root = Path(path)
-    manifest = read_manifest(root)
+    keys = load_trusted_keys(list(trusted_keys or trusted_keys_from_env()))
+    manifest = read_manifest(root, trusted_keys=keys)
     # Hash the files on a second thread while the weights are read: sha256 runs at about
     # 1 GB/s, as long as reading a large model. Nothing from the artifact is launched or
     # captured before the hashes have matched.
@@ -53,9 +64,10 @@ def load(
         os.environ.setdefault("TRITON_INTERPRET", "1")
     _check_compatibility(manifest, device)
     try:
-        programs = []
-        if manifest.task != "causal-lm":
-            programs = [read_program(root, entry.program) for entry in manifest.buckets]
+        checked = check_artifact(
+            root, trusted_keys=keys, free_bytes=_free_memory(device), hash_files=False
+        )
+        programs = checked.programs if manifest.task != "causal-lm" else []
         weights = read_weights(root, device=str(device))
     except ArtifactError:
         if verifier is not None:
@@ -71,6 +83,19 @@ def load(
 
         return GenerativeModel(manifest, weights, device, capture=capture, binaries=binaries)
     return CompiledModel(manifest, programs, weights, device, capture=capture, binaries=binaries)
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Free memory of the device the artifact loads on: the memory plan must fit in it."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:  # the host: what Linux says can be allocated without swapping
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 class _BackgroundVerify:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .generation_spec import DecodeKernels, DecoderSpec
+from kernl.artifacts.generation import DecodeKernels, DecoderSpec
 
 ACTIVATIONS = {
     "silu": F.silu,

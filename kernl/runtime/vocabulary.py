@@ -11,26 +11,11 @@ from collections.abc import Callable
 
 import torch
 
-# Pure tensor computations that exported transformer graphs use. Extending this set is a
-# deliberate act (a reviewed change), never something an artifact can ask for.
-ATEN_OPS = frozenset(
-    """
-    abs add addmm alias all any arange argmax argmin as_strided baddbmm bitwise_and
-    bitwise_not bitwise_or bitwise_xor bmm cat chunk clamp clamp_max clamp_min clone
-    contiguous copy cos cumsum detach div embedding empty empty_like eq erf exp expand
-    expand_as fill fill_ flatten floor full full_like gather ge gelu gt index index_select
-    isinf isnan layer_norm le leaky_relu lift_fresh_copy linear log log_softmax logical_and
-    logical_not logical_or lt masked_fill matmul max maximum mean min minimum mm mul
-    native_layer_norm ne neg new_ones new_zeros new_full new_empty ones ones_like permute pow
-    reciprocal relu remainder repeat reshape rsqrt scalar_tensor scaled_dot_product_attention
-    select sigmoid silu sin slice softmax split split_with_sizes sqrt squeeze stack sub sum
-    t tanh to transpose tril triu type_as unbind unflatten unsqueeze unsafe_split view where
-    zeros zeros_like __and__ __or__ __xor__ __invert__ _to_copy _softmax _log_softmax
-    _unsafe_view rsub bitwise_left_shift bitwise_right_shift sort topk hardtanh mish
-    """.split()
-)
+from kernl.artifacts.vocabulary import ATEN_OPS, KERNL_OPS
 
-_NAME = re.compile(r"^(aten)\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)$")
+# The names are the format's (kernl/artifacts/vocabulary.py): the reader checks them without
+# importing the runtime; here they only resolve to callables.
+_NAME = re.compile(r"(aten)\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)")
 _KERNL_OPS: dict[str, Callable] = {}
 
 DTYPES = {
@@ -76,12 +61,14 @@ def resolve_op(name: str) -> Callable:
     if not isinstance(name, str):
         raise UnknownOpError(f"op name {name!r} is not a string")
     if name.startswith("kernl."):
+        if name.removeprefix("kernl.") not in KERNL_OPS:
+            raise UnknownOpError(f"op {name!r} is not a kernl op this runtime knows")
         if name not in _KERNL_OPS:
             _load_kernl_ops()
         if name in _KERNL_OPS:
             return _KERNL_OPS[name]
         raise UnknownOpError(f"op {name!r} is not a kernl op this runtime knows")
-    m = _NAME.match(name)
+    m = _NAME.fullmatch(name)
     if not m or m.group(2) not in ATEN_OPS:
         raise UnknownOpError(f"op {name!r} is outside kernl's vocabulary")
     packet = getattr(torch.ops.aten, m.group(2))

@@ -94,3 +94,67 @@ def write_safetensors(path: Path, header: dict, payload: bytes) -> None:
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
     path.write_bytes(struct.pack("<Q", len(text)) + text + payload)
+
+
+def compile_small_causal_lm(out: Path, buckets: str = "batch=1,2 prompt=8 cache=16"):
+    """A random 2-layer GPT-2 (learned positions, biases, tied embeddings) compiled for
+    generation in CPU mode."""
+    import sys
+
+    import kernl.compiler
+
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    from generation.tiny_models import tiny_model
+
+    return kernl.compiler.compile(
+        tiny_model("gpt2"), buckets, out, dtype="fp32", device="cpu", task="causal-lm"
+    )
+
+
+def edit_weights(root: Path, edit: Callable[[dict], None]) -> None:
+    """Load weights.safetensors as tensors, apply `edit` to the dict, write it back (a valid
+    safetensors file) and re-sign the artifact."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(root / "weights.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(root / "weights.safetensors"), metadata={"format": "pt"})
+    resign(root)
+
+
+def edit_extra(root: Path, edit: Callable[[dict], None]) -> None:
+    """Edit the manifest's `extra` (a causal-LM description lives there) and re-sign."""
+    edit_manifest(root, lambda m: edit(m["extra"]))
+
+
+def insert_instructions(root: Path, rel: str, instructions: list[list]) -> list[int]:
+    """Put `instructions` ([op, args, kwargs]) first in a program, each with a fresh output
+    value; "$0", "$1", ... in their arguments name the outputs of the earlier ones. Returns
+    the new value ids."""
+    ids: list[int] = []
+
+    def resolve(a):
+        if isinstance(a, str) and a.startswith("$"):
+            return {"v": ids[int(a[1:])]}
+        if isinstance(a, list):
+            return [resolve(x) for x in a]
+        if isinstance(a, dict):
+            return {k: resolve(v) for k, v in a.items()}
+        return a
+
+    def edit(p):
+        new = []
+        for op, args, kwargs in instructions:
+            ids.append(p["num_values"])
+            p["num_values"] += 1
+            new.append([op, resolve(args), resolve(kwargs), [ids[-1]]])
+        p["instructions"][:0] = new
+
+    edit_program(root, rel, edit)
+    return ids
+
+
+def program_ids(root: Path, rel: str) -> tuple[dict[str, int], dict[str, int]]:
+    """(input name -> value id, weight name -> value id) of a program."""
+    p = read_msgpack(root / rel)
+    return dict(p["inputs"]), {name: int(v) for v, name in p["weights"].items()}

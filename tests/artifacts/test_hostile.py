@@ -17,9 +17,13 @@ import pytest
 import torch
 from artifact_edit import (
     copy_artifact,
+    edit_extra,
     edit_manifest,
     edit_program,
+    edit_weights,
     first_program,
+    insert_instructions,
+    program_ids,
     read_safetensors,
     resign,
     write_safetensors,
@@ -143,6 +147,110 @@ def _read_before_defined(root: Path) -> None:
     edit_program(root, first_program(root), edit)
 
 
+def _fill_weight(root: Path, name: str, value: int) -> None:
+    edit_weights(root, lambda t: t[name].fill_(value))
+
+
+def _cut_rows(root: Path, name: str, rows: int) -> None:
+    edit_weights(root, lambda t: t.__setitem__(name, t[name][:rows].clone()))
+
+
+def _drop_weight(root: Path, name: str) -> None:
+    edit_weights(root, lambda t: t.pop(name))
+
+
+def _set_config(root: Path, key: str, value) -> None:
+    edit_manifest(root, lambda m: m["model_config"].__setitem__(key, value))
+
+
+def _weight_id(root: Path, name: str) -> int:
+    return program_ids(root, first_program(root))[1][name]
+
+
+def _input_id(root: Path, name: str) -> int:
+    return program_ids(root, first_program(root))[0][name]
+
+
+WORD = "model.embeddings.word_embeddings.weight"
+POSITIONS = "model.embeddings.position_ids"
+LN_W = "model.embeddings.LayerNorm.weight"
+
+
+def _instructions(root: Path, *instructions) -> None:
+    """Insert instructions first in the first program; "@name" stands for the value of a
+    weight or input of that name."""
+
+    def named(a):
+        if isinstance(a, str) and a.startswith("@"):
+            inputs, weights = program_ids(root, first_program(root))
+            return {"v": {**inputs, **weights}[a[1:]]}
+        if isinstance(a, list):
+            return [named(x) for x in a]
+        if isinstance(a, dict):
+            return {k: named(v) for k, v in a.items()}
+        return a
+
+    insert_instructions(root, first_program(root), [named(list(i)) for i in instructions])
+
+
+def _return_new_value(root: Path, *instructions) -> None:
+    """Insert instructions and make the last one's value the program's first output."""
+    _instructions(root, *instructions)
+
+    def edit(p):
+        p["outputs"][0] = p["instructions"][len(instructions) - 1][3][0]
+
+    edit_program(root, first_program(root), edit)
+
+
+def _many_buckets(root: Path, n: int) -> None:
+    def edit(m):
+        first = m["buckets"][0]
+        m["buckets"] = [
+            {**first, "bucket": {"batch": 1, "seq": 8 + i}, "program": f"programs/p{i}.msgpack"}
+            for i in range(n)
+        ]
+
+    edit_manifest(root, edit)
+
+
+def _too_many_instructions(root: Path) -> None:
+    def edit(p):
+        n = p["num_values"]
+        p["instructions"][:0] = [["aten.zeros.default", [[1]], {}, [n + i]] for i in range(140_000)]
+        p["num_values"] = n + 140_000
+
+    edit_program(root, first_program(root), edit)
+
+
+def _overlapping_weights(root: Path) -> None:
+    header, payload = read_safetensors(root / W)
+    a, b = "model.embeddings.LayerNorm.weight", "model.embeddings.LayerNorm.bias"
+    header[b]["data_offsets"] = list(header[a]["data_offsets"])  # two names, the same bytes
+    write_safetensors(root / W, header, payload)
+    resign(root)
+
+
+def _safetensors_metadata(root: Path, metadata) -> None:
+    header, payload = read_safetensors(root / W)
+    header["__metadata__"] = metadata
+    write_safetensors(root / W, header, payload)
+    resign(root)
+
+
+def _trailing_bytes(root: Path) -> None:
+    (root / W).write_bytes((root / W).read_bytes() + b"\0" * 64)
+    resign(root)
+
+
+def _op_with_newline(root: Path) -> None:
+    def edit(p):
+        ins = next(i for i in p["instructions"] if i[0].startswith("aten."))
+        ins[0] += "\n"
+
+    edit_program(root, first_program(root), edit)
+
+
 GIB = 1 << 30
 CASES = {
     # payloads that are not what the format says
@@ -199,6 +307,81 @@ CASES = {
     "missing weights": Case(lambda r, o: os.unlink(r / W), ArtifactMissingError, "missing", W),
     "missing program": Case(lambda r, o: os.unlink(r / first_program(r)), ArtifactMissingError, "missing", "b1_s8"),
     "program without a hash": Case(lambda r, o: edit_manifest(r, lambda m: m["files"].pop(m["buckets"][0]["program"])), ArtifactUnsafeError, "no hash", "b1_s8"),
+    # weights that do not match the programs (issue 12)
+    "position_ids filled with 1e9": Case(lambda r, o: _fill_weight(r, POSITIONS, 10**9), ArtifactUnsafeError, "reach [1000000000, 1000000000]", "b1_s8"),
+    "position_ids negative": Case(lambda r, o: _fill_weight(r, POSITIONS, -1), ArtifactUnsafeError, "out of range", "b1_s8"),
+    "word embeddings cut to 10 rows": Case(lambda r, o: _cut_rows(r, WORD, 10), ArtifactCorruptError, "compiled for float32 [120, 64]", "b1_s8"),
+    "weight of another dtype": Case(lambda r, o: edit_weights(r, lambda t: t.__setitem__(LN_W, t[LN_W].half())), ArtifactCorruptError, "float16 [64] in the weights file", "b1_s8"),
+    "vocab_size larger than the embedding": Case(lambda r, o: _set_config(r, "vocab_size", 1000), ArtifactUnsafeError, "vocab_size=1000", "b1_s8"),
+    "type_vocab_size larger than its table": Case(lambda r, o: _set_config(r, "type_vocab_size", 7), ArtifactUnsafeError, "type_vocab_size=7", "b1_s8"),
+    "vocab_size missing": Case(lambda r, o: edit_manifest(r, lambda m: m["model_config"].pop("vocab_size")), ArtifactUnsafeError, "vocab_size is missing", "b1_s8"),
+    "input_ids pad value outside the vocabulary": Case(lambda r, o: edit_manifest(r, lambda m: m["inputs"][0].__setitem__("pad_value", 5000)), ArtifactUnsafeError, "padded with 5000", "b1_s8"),
+    "gather with a computed index": Case(lambda r, o: _instructions(r, ["aten.mul.Tensor", ["@input_ids", "@input_ids"], {}], ["aten.embedding.default", ["@" + WORD, "$0"], {}]), ArtifactUnsafeError, "reach [0, 14161]", "b1_s8"),
+    "as_strided past its storage": Case(lambda r, o: _instructions(r, ["aten.as_strided.default", ["@" + LN_W, [64], [2]], {}]), ArtifactUnsafeError, "out of bounds", "b1_s8"),
+    # unbounded totals
+    "aten.full with a computed size": Case(lambda r, o: _instructions(r, ["aten.full.default", [["@input_ids", 2], 0.0], {}]), ArtifactUnsafeError, "size from a computed value", "b1_s8"),
+    "aten.arange with a computed end": Case(lambda r, o: _instructions(r, ["aten.arange.default", ["@input_ids"], {}]), ArtifactUnsafeError, "range from a computed value", "b1_s8"),
+    "broadcast to 4 TiB": Case(lambda r, o: _instructions(r, ["aten.full.default", [[1 << 20, 1], 0.0], {}], ["aten.full.default", [[1, 1 << 20], 0.0], {}], ["aten.add.Tensor", ["$0", "$1"], {}]), ArtifactUnsafeError, "makes a tensor of shape [1048576, 1048576]", "b1_s8"),
+    "400 legal 4 GiB tensors": Case(lambda r, o: _instructions(r, *[["aten.full.default", [[GIB], 0.0], {}]] * 400), ArtifactUnsafeError, "1.6 TiB", M),
+    "3,000 buckets": Case(lambda r, o: _many_buckets(r, 3000), ArtifactUnsafeError, "3000 buckets", M),
+    "140,000 instructions": Case(lambda r, o: _too_many_instructions(r), ArtifactCorruptError, "140067 instructions", "b1_s8"),
+    # programs that write weights or inputs, or return uninitialised memory
+    "aten.fill_ on a weight": Case(lambda r, o: _instructions(r, ["aten.fill_.Scalar", ["@" + LN_W, 0.0], {}]), ArtifactUnsafeError, "writes weight 'model.embeddings.LayerNorm.weight' in place", "b1_s8"),
+    "aten.fill_ through a view of a weight": Case(lambda r, o: _instructions(r, ["aten.slice.Tensor", ["@" + WORD, 0, 0, 2], {}], ["aten.fill_.Scalar", ["$0", 0.0], {}]), ArtifactUnsafeError, "writes weight", "b1_s8"),
+    "aten.fill_ on an input": Case(lambda r, o: _instructions(r, ["aten.fill_.Scalar", ["@input_ids", 0], {}]), ArtifactUnsafeError, "writes input 'input_ids'", "b1_s8"),
+    "aten.copy_ (outside the vocabulary)": Case(lambda r, o: _instructions(r, ["aten.copy_.default", ["@input_ids", "@input_ids"], {}]), ArtifactUnsafeError, "outside the vocabulary", "b1_s8"),
+    "out= into a weight": Case(lambda r, o: _instructions(r, ["aten.add.out", ["@" + LN_W, "@" + LN_W], {"out": "@" + LN_W}]), ArtifactUnsafeError, "writes weight", "b1_s8"),
+    "aten.empty returned": Case(lambda r, o: _return_new_value(r, ["aten.empty.memory_format", [[1, 8, 64]], {"dtype": {"dtype": "float32"}}]), ArtifactUnsafeError, "uninitialised memory", "b1_s8"),
+    "aten.empty computed on and returned": Case(lambda r, o: _return_new_value(r, ["aten.empty.memory_format", [[1, 8, 64]], {"dtype": {"dtype": "float32"}}], ["aten.mul.Tensor", ["$0", 2.0], {}]), ArtifactUnsafeError, "uninitialised memory", "b1_s8"),
+    "output of the wrong shape": Case(lambda r, o: _return_new_value(r, ["aten.zeros.default", [[3]], {}]), ArtifactCorruptError, "slices axis 0 as the batch", "b1_s8"),
+    # safetensors that safetensors itself refuses
+    "weights with overlapping offsets": Case(lambda r, o: _overlapping_weights(r), ArtifactCorruptError, "overlaps", W),
+    "weights metadata not strings": Case(lambda r, o: _safetensors_metadata(r, {"format": 1}), ArtifactCorruptError, "map of strings to strings", W),
+    "weights with trailing bytes": Case(lambda r, o: _trailing_bytes(r), ArtifactCorruptError, "trailing bytes", W),
+    # names matched with re.match("...$") accepted a trailing newline
+    "op name with a trailing newline": Case(lambda r, o: _op_with_newline(r), ArtifactUnsafeError, "not a kernl or aten op name", "b1_s8"),
+    "input name with a trailing newline": Case(lambda r, o: edit_manifest(r, lambda m: m["inputs"][1].__setitem__("name", "attention_mask\n")), ArtifactCorruptError, "is not an identifier", M),
+}  # fmt: skip
+
+
+def _decoder(**fields):
+    return lambda r, o: edit_extra(r, lambda e: e["decoder"].update(fields))
+
+
+def _gen_buckets(**fields):
+    return lambda r, o: edit_extra(r, lambda e: e["generation_buckets"].update(fields))
+
+
+def _gen_program_with_instructions(root: Path) -> None:
+    edit_program(
+        root,
+        first_program(root),
+        lambda p: p["instructions"].append(["aten.zeros.default", [[1]], {}, [0]]),
+    )
+
+
+# A causal-LM artifact is described by manifest.extra (decoder, buckets, decode kernels) and
+# its weights under kernl's names; the runtime's decoder reads both.
+GEN_CASES = {
+    "batches=[-1]": Case(_gen_buckets(batches=[-1]), ArtifactCorruptError, "generation_buckets.batches is [-1]", M),
+    "a string where a number goes": Case(_decoder(hidden_size="64"), ArtifactCorruptError, "decoder.hidden_size is '64'", M),
+    "a float where an integer goes": Case(_decoder(num_layers=2.0), ArtifactCorruptError, "decoder.num_layers is 2.0", M),
+    "an unknown activation": Case(_decoder(activation="swish2"), ArtifactCorruptError, "decoder.activation is 'swish2'", M),
+    "an unknown family": Case(_decoder(family="os.system"), ArtifactCorruptError, "decoder.family", M),
+    "a missing layer weight": Case(lambda r, o: _drop_weight(r, "layers.1.o.weight"), ArtifactCorruptError, "'layers.1.o.weight', absent", M),
+    "an unexpected weight": Case(lambda r, o: edit_weights(r, lambda t: t.__setitem__("layers.0.extra.weight", t["layers.0.o.bias"].clone())), ArtifactCorruptError, "not part of the causal-LM description", M),
+    "embedding cut to 10 rows": Case(lambda r, o: _cut_rows(r, "embed.weight", 10), ArtifactCorruptError, "'embed.weight' is float32 [10, 64]", M),
+    "vocab_size larger than the embedding": Case(_decoder(vocab_size=1000), ArtifactCorruptError, "needs float32 [1000, 64]", M),
+    "pad id outside the vocabulary": Case(_decoder(pad_token_id=5000), ArtifactCorruptError, "pad_token_id is 5000", M),
+    "more EOS ids than the runtime holds": Case(_decoder(eos_token_ids=list(range(9))), ArtifactCorruptError, "eos_token_ids", M),
+    "heads not a multiple of KV heads": Case(_decoder(num_kv_heads=3), ArtifactCorruptError, "not a multiple of 3 KV heads", M),
+    "missing decoder field": Case(lambda r, o: edit_extra(r, lambda e: e["decoder"].pop("head_dim")), ArtifactCorruptError, "['head_dim'] are missing", M),
+    "learned positions shorter than the cache": Case(_gen_buckets(kv_lengths=[256]), ArtifactCorruptError, "128 learned positions cannot index a cache of 256", M),
+    "prompt longer than the cache": Case(_gen_buckets(prompts=[32]), ArtifactCorruptError, "does not fit the cache", M),
+    "unknown decode kernel": Case(lambda r, o: edit_extra(r, lambda e: e.__setitem__("decode_kernels", {"attention": "os.system"})), ArtifactCorruptError, "decode_kernels", M),
+    "KV cache of batch 4096 x 65536 slots": Case(_gen_buckets(batches=[4096], kv_lengths=[65536]), ArtifactUnsafeError, "268435456 tokens of static buffers", M),
+    "3,000 generation buckets": Case(_gen_buckets(prompts=list(range(1, 3001)), kv_lengths=[3000]), ArtifactUnsafeError, "generation buckets", M),
+    "a program with instructions": Case(lambda r, o: _gen_program_with_instructions(r), ArtifactCorruptError, "holds instructions", "prefill_b1_p8"),
 }  # fmt: skip
 
 # Every file opened while a hostile artifact is read: nothing outside the folder may be.
@@ -239,6 +422,21 @@ def test_hostile_artifact_is_refused(name, small_artifact, tmp_path):
     opened += _refused(lambda: kernl.runtime.load(root, device="cpu"), case)
     leaked = [p for p in opened if p.startswith(str(outside.resolve()))]
     assert not leaked, f"files outside the artifact were opened: {leaked}"
+
+
+@pytest.mark.parametrize("name", list(GEN_CASES))
+def test_hostile_causal_lm_artifact_is_refused(name, small_causal_lm, tmp_path):
+    case = GEN_CASES[name]
+    root = copy_artifact(small_causal_lm, tmp_path / "artifact")
+    case.mutate(root, tmp_path)
+    _refused(lambda: verify_artifact(root), case)
+    _refused(lambda: kernl.runtime.load(root, device="cpu"), case)
+
+
+def test_the_valid_causal_lm_artifact_passes_and_loads(small_causal_lm):
+    assert verify_artifact(small_causal_lm).task == "causal-lm"
+    model = kernl.runtime.load(small_causal_lm, device="cpu")
+    assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2).shape == (1, 5)
 
 
 def test_the_valid_artifact_passes_and_loads(small_artifact):

@@ -121,8 +121,8 @@ def decode_variants(model, vocab: int, g: torch.Generator) -> None:
     """tok/s of each DecodeKernels variant (graphs captured afresh for each, Triton kernels
     JIT-compiled during the warm-up), and how many greedy ids agree with the torch step's
     (bf16: a different summation order may flip a near tie, after which the ids differ)."""
+    from kernl.artifacts.generation import DecodeKernels
     from kernl.runtime.binaries import allow_jit
-    from kernl.runtime.generation_spec import DecodeKernels
 
     res = RESULTS.setdefault("decode_variants", {})
     prompts = {b: torch.randint(0, vocab, (b, PROMPT), generator=g).cuda() for b in (1, 4)}

@@ -11,7 +11,7 @@ import torch
 
 import kernl.compiler
 import kernl.runtime
-from kernl.runtime.generation_spec import DecodeKernels
+from kernl.artifacts.generation import DecodeKernels
 
 from .tiny_models import mixed_prompts, tiny_model
 

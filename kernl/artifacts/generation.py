@@ -1,0 +1,370 @@
+"""What a causal-LM artifact declares about its model, its buckets and the kernels of its
+decode step, as plain dataclasses, and the check of that description as a whole.
+
+All live in `manifest.extra` as msgpack maps: the runtime's decoder
+(kernl/runtime/generation_decoder.py) reads them to know the shapes and the variant of each
+block; nothing in them names code. `check_generation` is what `verify` and `load` both run:
+every field typed and in range, the buckets bounded, and every weight the decoder reads
+present with the shape and dtype the description implies (and no other weight), so that a
+description and weights that disagree are refused before anything is allocated."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import ArtifactCorruptError, ArtifactUnsafeError
+from .limits import DEFAULT_LIMITS, ReadLimits
+
+FAMILIES = ("llama", "gpt2")
+NORMS = ("rms", "layer")
+MLPS = ("gated", "plain")
+# The runtime maps these names to functions (generation_decoder.ACTIVATIONS).
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+POSITIONS = ("rope", "learned")
+MAX_EOS_IDS = 8  # the runtime's static EOS buffer (generation_state.MAX_EOS_IDS)
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """The decoder-only architecture, normalised over the supported families.
+
+    Weights follow one naming scheme whatever the family (see WEIGHT NAMES in
+    kernl/compiler/causal_lm_describe.py): `embed`, `pos_embed` (learned positions),
+    `layers.{i}.{attn_norm,qkv,o,mlp_norm,gate_up,down,fc,proj}.{weight,bias}`,
+    `final_norm.{weight,bias}`, `lm_head.weight` (absent when tied to `embed`), and
+    `rope.inv_freq` (float32) for rotary models."""
+
+    family: str  # "llama" (Llama, Mistral, Qwen2) or "gpt2"
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    norm: str  # "rms" or "layer"
+    norm_eps: float
+    mlp: str  # "gated" (act(gate) * up, then down) or "plain" (fc, act, proj)
+    activation: str  # a name from generation_decoder.ACTIVATIONS
+    positions: str  # "rope" or "learned"
+    max_positions: int | None  # learned-position table size, None when unbounded
+    attention_scale: float
+    rope_attention_scaling: float = 1.0  # multiplies cos and sin (HF's attention_scaling)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tied_embeddings: bool = False
+    pad_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> DecoderSpec:
+        known = {f.name for f in fields(DecoderSpec)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"decoder description has unknown fields {unknown}")
+        return DecoderSpec(**{**d, "eos_token_ids": [int(x) for x in d.get("eos_token_ids", [])]})
+
+
+@dataclass(frozen=True)
+class GenerationBuckets:
+    """Shapes a causal-LM artifact serves.
+
+    batches: batch buckets; each owns one static KV cache of `cache_len` slots per row.
+    prompts: prefill buckets (prompt lengths); a prompt is left-padded to the smallest that
+      holds it, so the prefill fills slots [0, prompt) of the cache.
+    kv_lengths: decode buckets (attended cache lengths); a decode step with `n` filled slots
+      runs the graph of the smallest length > n, so short contexts do not read the full
+      cache. The largest equals `cache_len`."""
+
+    batches: list[int]
+    prompts: list[int]
+    kv_lengths: list[int]
+
+    @property
+    def cache_len(self) -> int:
+        return max(self.kv_lengths)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> GenerationBuckets:
+        return GenerationBuckets(
+            batches=sorted(int(x) for x in d["batches"]),
+            prompts=sorted(int(x) for x in d["prompts"]),
+            kv_lengths=sorted(int(x) for x in d["kv_lengths"]),
+        )
+
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        return [(b, p) for b in self.batches for p in self.prompts]
+
+    def decode_shapes(self) -> list[tuple[int, int]]:
+        return [(b, k) for b in self.batches for k in self.kv_lengths]
+
+
+# Each piece's implementations, plain torch first (the default).
+DECODE_KERNEL_CHOICES: dict[str, tuple[str, ...]] = {
+    "attention": ("torch", "sdpa", "triton"),
+    "norm": ("torch", "triton"),
+    "gated_mlp": ("torch", "triton"),
+    "linear": ("torch", "triton"),
+}
+
+
+@dataclass(frozen=True)
+class DecodeKernels:
+    """The implementation of each replaceable piece of a decode step.
+    attention: "torch" (baddbmm + softmax + bmm), "sdpa" (F.scaled_dot_product_attention
+    with GQA and a boolean mask) or "triton" (kernl.kernels.decode_attention);
+    norm: "torch" or "triton" (kernl.kernels.norm); gated_mlp: "torch" or "triton"
+    (kernl.kernels.gated_mlp; used where the MLP is gated SiLU without bias); linear:
+    "torch" or "triton" (kernl.kernels.skinny_linear, split-K, for batches of <= 16 rows)."""
+
+    attention: str = "torch"
+    norm: str = "torch"
+    gated_mlp: str = "torch"
+    linear: str = "torch"
+
+    def __post_init__(self):
+        for name, allowed in DECODE_KERNEL_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"DecodeKernels.{name} must be one of {allowed}")
+
+    def describe(self) -> str:
+        return " ".join(f"{name}={getattr(self, name)}" for name in DECODE_KERNEL_CHOICES)
+
+    @staticmethod
+    def from_dict(d: dict | None) -> DecodeKernels:
+        return DecodeKernels(**(d or {}))
+
+
+# -- the check that verify and load share ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationDescription:
+    """A causal-LM manifest's `extra`, parsed and checked."""
+
+    decoder: DecoderSpec
+    buckets: GenerationBuckets
+    kernels: DecodeKernels
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+_INT_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
+               "intermediate_size", "vocab_size")  # fmt: skip
+_CHOICES = {"family": FAMILIES, "norm": NORMS, "mlp": MLPS, "activation": ACTIVATIONS,
+            "positions": POSITIONS}  # fmt: skip
+_BOOLS = ("qkv_bias", "o_bias", "mlp_bias", "tied_embeddings")
+# Far above any real decoder (Llama-3 405B: 126 layers, hidden 16384, 128k vocabulary) and
+# far below sizes whose products overflow what a reader should compute with.
+MAX_DIM = 1 << 20
+MAX_LAYERS = 4096
+
+
+def _check_decoder(d: Any, where: str) -> DecoderSpec:
+    def bad(what: str) -> ArtifactCorruptError:
+        return ArtifactCorruptError(f"{where}: the causal-LM description is invalid: {what}")
+
+    if not isinstance(d, dict):
+        raise bad("extra.decoder is not a map")
+    required = {
+        f.name for f in fields(DecoderSpec) if f.default is MISSING and f.default_factory is MISSING
+    }
+    missing = sorted(required - set(d))
+    if missing:
+        raise bad(f"decoder fields {missing} are missing")
+    unknown = sorted(k for k in d if k not in {f.name for f in fields(DecoderSpec)})
+    if unknown:
+        raise bad(f"decoder has unknown fields {unknown}")
+    if not isinstance(d["model_type"], str):
+        raise bad(f"decoder.model_type {d['model_type']!r} is not a string")
+    for name in _INT_FIELDS:
+        v = d[name]
+        top = MAX_LAYERS if name == "num_layers" else MAX_DIM
+        if not (_is_int(v) and 0 < v <= top):
+            raise bad(f"decoder.{name} is {v!r}, not an integer in 1..{top}")
+    for name, allowed in _CHOICES.items():
+        if d[name] not in allowed or not isinstance(d[name], str):
+            raise bad(f"decoder.{name} is {d[name]!r}, not one of {allowed}")
+    for name in ("norm_eps", "attention_scale", "rope_attention_scaling"):
+        if name in d and not _is_real(d[name]):
+            raise bad(f"decoder.{name} is {d[name]!r}, not a finite number")
+    for name in _BOOLS:
+        if name in d and not isinstance(d[name], bool):
+            raise bad(f"decoder.{name} is {d[name]!r}, not a boolean")
+    vocab = d["vocab_size"]
+    mp = d["max_positions"]
+    if not (mp is None or (_is_int(mp) and 0 < mp <= MAX_DIM)):
+        raise bad(f"decoder.max_positions is {mp!r}, not null or an integer in 1..{MAX_DIM}")
+    if d["positions"] == "learned" and mp is None:
+        raise bad("decoder.positions is 'learned' without max_positions")
+    if d["num_heads"] % d["num_kv_heads"]:
+        raise bad(f"{d['num_heads']} heads are not a multiple of {d['num_kv_heads']} KV heads")
+    if d["positions"] == "rope" and d["head_dim"] % 2:
+        raise bad(f"rotary positions need an even head_dim, not {d['head_dim']}")
+    pad = d.get("pad_token_id")
+    if not (pad is None or (_is_int(pad) and 0 <= pad < vocab)):
+        raise bad(f"decoder.pad_token_id is {pad!r}, not null or a token id in [0, {vocab})")
+    eos = d.get("eos_token_ids", [])
+    if not (isinstance(eos, list) and len(eos) <= MAX_EOS_IDS
+            and all(_is_int(e) and 0 <= e < vocab for e in eos)):  # fmt: skip
+        raise bad(
+            f"decoder.eos_token_ids is {eos!r}, not at most {MAX_EOS_IDS} ids in [0, {vocab})"
+        )
+    return DecoderSpec.from_dict(d)
+
+
+def _check_buckets(d: Any, where: str, limits: ReadLimits) -> GenerationBuckets:
+    def bad(what: str) -> ArtifactCorruptError:
+        return ArtifactCorruptError(f"{where}: the causal-LM description is invalid: {what}")
+
+    if not isinstance(d, dict) or set(d) != {"batches", "prompts", "kv_lengths"}:
+        raise bad("extra.generation_buckets is not a map of batches, prompts and kv_lengths")
+    for name, top in (("batches", limits.max_batch), ("prompts", limits.max_seq),
+                      ("kv_lengths", limits.max_seq)):  # fmt: skip
+        v = d[name]
+        if not (isinstance(v, list) and v and all(_is_int(x) for x in v)):
+            raise bad(f"generation_buckets.{name} is {v!r}, not a non-empty list of integers")
+        if len(set(v)) != len(v) or not all(0 < x <= top for x in v):
+            raise bad(f"generation_buckets.{name} is {v!r}: sizes must be distinct, in 1..{top}")
+    buckets = GenerationBuckets.from_dict(d)
+    if max(buckets.prompts) > buckets.cache_len:
+        raise bad(f"the longest prompt ({max(buckets.prompts)}) does not fit the cache "
+                  f"({buckets.cache_len})")  # fmt: skip
+    count = len(buckets.prefill_shapes()) + len(buckets.decode_shapes())
+    if count > limits.max_buckets:
+        raise ArtifactUnsafeError(
+            f"{where}: {count} generation buckets, more than the {limits.max_buckets} a reader "
+            "accepts (each is a graph and static buffers)"
+        )
+    for b in buckets.batches:
+        if b * buckets.cache_len > limits.max_bucket_tokens:
+            raise ArtifactUnsafeError(
+                f"{where}: batch {b} x a cache of {buckets.cache_len} slots is "
+                f"{b * buckets.cache_len} tokens of static buffers, more than the "
+                f"{limits.max_bucket_tokens} a reader allocates"
+            )
+    return buckets
+
+
+def expected_weights(spec: DecoderSpec, dtype: str) -> dict[str, tuple[list[int], str]]:
+    """Every weight the runtime's decoder reads for `spec`: name -> (shape, dtype name)."""
+    h, d, i, v = spec.hidden_size, spec.head_dim, spec.intermediate_size, spec.vocab_size
+    nh, kvh = spec.num_heads, spec.num_kv_heads
+    layer_norm = spec.norm == "layer"
+    out: dict[str, tuple[list[int], str]] = {"embed.weight": ([v, h], dtype)}
+    if spec.positions == "learned":
+        out["pos_embed.weight"] = ([spec.max_positions, h], dtype)
+    else:
+        out["rope.inv_freq"] = ([d // 2], "float32")
+    for n in range(spec.num_layers):
+        p = f"layers.{n}."
+        out[p + "attn_norm.weight"] = out[p + "mlp_norm.weight"] = ([h], dtype)
+        if layer_norm:
+            out[p + "attn_norm.bias"] = out[p + "mlp_norm.bias"] = ([h], dtype)
+        out[p + "qkv.weight"] = ([(nh + 2 * kvh) * d, h], dtype)
+        if spec.qkv_bias:
+            out[p + "qkv.bias"] = ([(nh + 2 * kvh) * d], dtype)
+        out[p + "o.weight"] = ([h, nh * d], dtype)
+        if spec.o_bias:
+            out[p + "o.bias"] = ([h], dtype)
+        up, down = ("gate_up", "down") if spec.mlp == "gated" else ("fc", "proj")
+        rows = 2 * i if spec.mlp == "gated" else i
+        out[p + up + ".weight"] = ([rows, h], dtype)
+        out[p + down + ".weight"] = ([h, i], dtype)
+        if spec.mlp_bias:
+            out[p + up + ".bias"] = ([rows], dtype)
+            out[p + down + ".bias"] = ([h], dtype)
+    out["final_norm.weight"] = ([h], dtype)
+    if layer_norm:
+        out["final_norm.bias"] = ([h], dtype)
+    if not spec.tied_embeddings:
+        out["lm_head.weight"] = ([v, h], dtype)
+    return out
+
+
+def check_generation(
+    extra: dict[str, Any],
+    dtype: str,
+    weights: dict[str, tuple[list[int], str]],
+    where: str,
+    limits: ReadLimits = DEFAULT_LIMITS,
+) -> GenerationDescription:
+    """The causal-LM description of a manifest (`extra`) against itself, the limits and the
+    weights file (`weights`: name -> (shape, dtype name), from its header). Raises
+    ArtifactCorruptError (malformed, inconsistent) or ArtifactUnsafeError (over the limits)."""
+    decoder = _check_decoder(extra.get("decoder"), where)
+    buckets = _check_buckets(extra.get("generation_buckets"), where, limits)
+    try:
+        kernels = DecodeKernels.from_dict(extra.get("decode_kernels"))
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ArtifactCorruptError(
+            f"{where}: the causal-LM description is invalid: decode_kernels: {e}"
+        ) from None
+    if decoder.positions == "learned" and decoder.max_positions < buckets.cache_len:
+        raise ArtifactCorruptError(
+            f"{where}: the causal-LM description is invalid: {decoder.max_positions} learned "
+            f"positions cannot index a cache of {buckets.cache_len} slots"
+        )
+    expected = expected_weights(decoder, dtype)
+    for name, (shape, dt) in expected.items():
+        if name not in weights:
+            raise ArtifactCorruptError(
+                f"{where}: the decoder reads weight {name!r}, absent from the weights"
+            )
+        if list(weights[name][0]) != shape or weights[name][1] != dt:
+            raise ArtifactCorruptError(
+                f"{where}: weight {name!r} is {weights[name][1]} {list(weights[name][0])}; the "
+                f"causal-LM description needs {dt} {shape}"
+            )
+    extra_names = sorted(set(weights) - set(expected))
+    if extra_names:
+        raise ArtifactCorruptError(
+            f"{where}: weights {extra_names[:5]} are not part of the causal-LM description"
+        )
+    return GenerationDescription(decoder, buckets, kernels)
+
+
+def generation_memory(desc: GenerationDescription, itemsize: int) -> tuple[int, int]:
+    """(static buffers, activation pool) in bytes of a causal-LM artifact at load, following
+    kernl/runtime/generation_state.py (per batch bucket) and generation_decoder.py (the
+    largest prefill's intermediates; an upper-side estimate)."""
+    s, b = desc.decoder, desc.buckets
+    cache = b.cache_len
+    static = 0
+    if s.positions == "rope":
+        static += cache * s.head_dim * s.head_dim * itemsize  # one rotary matrix per position
+    for batch in b.batches:
+        static += 2 * s.num_layers * batch * s.num_kv_heads * cache * s.head_dim * itemsize
+        static += batch * cache * (8 + 1)  # generated ids (int64) and the valid-slot mask
+        static += batch * s.vocab_size * 8  # the sampler's counter
+        static += sum(batch * p * 9 for p in b.prompts)  # prompt ids and valid flags
+    qkv = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
+    pool = 0
+    for batch, prompt in b.prefill_shapes():
+        per_token = s.head_dim * s.head_dim + 2 * qkv + 3 * s.intermediate_size + 4 * s.hidden_size
+        act = batch * prompt * per_token * itemsize
+        act += batch * s.num_heads * prompt * prompt * itemsize + batch * prompt * prompt
+        act += batch * s.vocab_size * 4
+        pool = max(pool, act)
+    for batch, kv in b.decode_shapes():
+        pool = max(
+            pool,
+            batch * (s.num_heads * kv * 4 + s.vocab_size * 4 + 3 * s.intermediate_size * itemsize),
+        )
+    return static, pool
