@@ -4,13 +4,16 @@ a few sentences, and compare with eager PyTorch.
 
     make demo                       # CPU mode on any machine
     python examples/demo_minilm.py --device cuda --dtype fp16   # on a GPU
+    python examples/demo_minilm.py --out minilm.kernl           # keep the artifact
+
+Without --out the artifact (~90 MiB) goes to a temporary folder that is removed at exit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -62,22 +65,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="fp32 on cpu, fp16 on cuda by default")
-    ap.add_argument("--out", default=None, help="artifact folder (default: a temporary one)")
+    ap.add_argument(
+        "--out", default=None, help="artifact folder to keep (default: a temporary one, removed)"
+    )
     ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         return serve(args.serve, args.device)
     dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
+    if args.out:
+        return run(args.out, args.device, dtype)
+    tmp = tempfile.mkdtemp(prefix="kernl-demo-")
+    try:  # an ~90 MiB artifact per run is not left behind in /tmp
+        run(str(Path(tmp) / "minilm.kernl"), args.device, dtype)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"removed the temporary artifact {tmp} (pass --out DIR to keep it)")
 
+
+def run(out: str, device: str, dtype: str) -> None:
+    """Compile into `out`, serve from a fresh process, compare with eager."""
     from transformers import AutoModel, AutoTokenizer
 
     import kernl.compiler
 
     path = minilm_path()
-    out = args.out or os.path.join(tempfile.mkdtemp(), "minilm.kernl")
-    print(f"1. compiling all-MiniLM-L6-v2 ({path}) for {args.device}, {dtype}")
+    print(f"1. compiling all-MiniLM-L6-v2 ({path}) for {device}, {dtype}")
     report = kernl.compiler.compile(
-        path, "batch=1,4 seq=16,32", out, dtype=dtype, device=args.device,
+        path, "batch=1,4 seq=16,32", out, dtype=dtype, device=device,
         progress=lambda m: print("   ", m),
     )  # fmt: skip
     print(report.table())
@@ -87,7 +102,7 @@ def main() -> None:
     print(f"2. loading {out} in a fresh process (kernl.runtime only) and embedding "
           f"{len(SENTENCES)} sentences of up to {enc['input_ids'].shape[1]} tokens")  # fmt: skip
     proc = subprocess.run(
-        [sys.executable, __file__, "--serve", out, "--device", args.device],
+        [sys.executable, __file__, "--serve", out, "--device", device],
         input=json.dumps({k: enc[k].tolist() for k in ("input_ids", "attention_mask")}),
         capture_output=True, text=True, check=True,
     )  # fmt: skip
@@ -98,7 +113,7 @@ def main() -> None:
     with torch.no_grad():
         ref = embed(eager(**enc), enc["attention_mask"])
     cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
-    if args.device == "cpu":
+    if device == "cpu":
         print("   (CPU mode: kernels run in Triton's interpreter, for correctness, not speed)")
     print(f"   load {served['load_s']:.2f} s, first call {served['call_s'] * 1000:.1f} ms, "
           f"transformers imported by the runtime process: {served['modules']}")  # fmt: skip
