@@ -18,7 +18,6 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -112,21 +111,11 @@ def _percentile(xs: list[float], q: float) -> float:
 
 
 def parse_shapes(text: str) -> list[Bucket]:
-    """ "1x16,8x128" (explicit shapes) or "batch=1,8 seq=16:128" (the cartesian product)."""
-    from .buckets import BucketSyntaxError, parse_buckets
+    """ "1x16,8x128" (explicit shapes) or "batch=1,8 seq=16:128" (the cartesian product): the
+    bucket grammar of kernl-compile --buckets."""
+    from .buckets import parse_buckets
 
-    text = text.strip()
-    if "=" in text:
-        return parse_buckets(text)
-    shapes = []
-    for item in re.split(r"[,\s]+", text):
-        m = re.fullmatch(r"(\d+)x(\d+)", item)
-        if not m or int(m.group(1)) <= 0 or int(m.group(2)) <= 0:
-            raise BucketSyntaxError(
-                f"{item!r}: expected BATCHxSEQ (e.g. 8x128) or 'batch=1,8 seq=16:128'"
-            )
-        shapes.append(Bucket(int(m.group(1)), int(m.group(2))))
-    return list(dict.fromkeys(shapes))
+    return parse_buckets(text)
 
 
 def parse_against(text: str) -> list[str]:
