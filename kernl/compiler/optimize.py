@@ -38,6 +38,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -62,6 +63,10 @@ DEFAULT_CACHE_LEN = 1024  # causal LMs: KV-cache length; prompts go up to half o
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _HASH_CHUNK = 64 << 20  # bytes of a GPU tensor copied to the host at a time
+# torch.export is not thread-safe (two exports in one process at once fail with "Trying to pop
+# empty mode stack" or fake tensors in the program): one compile per process at a time; other
+# threads' optimize calls wait here (cache hits do not).
+_COMPILE_LOCK = threading.Lock()
 
 
 def cache_root() -> Path:
@@ -402,7 +407,7 @@ def _compile_entry(
     needs_copy = any(t.dtype != target_dtype or t.device != device for t in floats)
     build = Path(tempfile.mkdtemp(prefix=f".build-{_owner_tag()}-", dir=entry.parent))
     try:
-        with _untouched(model, device):
+        with _COMPILE_LOCK, _untouched(model, device):
             subject = model
             if needs_copy:
                 # compile() would cast/move the caller's model in place: compile a copy.
