@@ -20,10 +20,12 @@ by everything the artifact depends on, so the second run of a notebook loads in 
 - A cache entry that fails verification at load (any ArtifactError) is moved aside and
   recompiled.
 - The original model is not modified: compile() casts/moves the model it is given in place
-  (`model.to(...)`) and switches it to eval mode, so optimize compiles the model itself only
-  when it already has the target dtype and device (the cast is then a no-op) and restores
-  every module's `training` flag and the RNG state afterwards; otherwise it compiles a deep
-  copy. The returned model holds its own weights, read from the artifact: nothing is shared.
+  (`model.to(...)`: new tensors for parameters and buffers) and switches it to eval mode.
+  optimize keeps the model's own tensors and puts them back afterwards, with every module's
+  `training` flag and the RNG state (with gradients on tensors to cast, it compiles a deep
+  copy instead). A model already in the target dtype and device is not cast at all; one in
+  another is cast during the compile (do not use it from another thread meanwhile). The
+  returned model holds its own weights, read from the artifact: nothing is shared.
 """
 
 from __future__ import annotations
@@ -152,7 +154,8 @@ def optimize(
     buckets: as `kernl-compile --buckets` ("batch=1,8 seq=16:512"; causal LMs "batch=1,4
       prompt=16:1024 cache=2048"). Omitted: see `default_buckets` (the choice is printed).
     dtype: "fp32", "fp16" or "bf16"; default the model's own. device: default the device of
-      the model's parameters. Another dtype or device than the model's compiles a copy.
+      the model's parameters. Another dtype or device than the model's: the model is cast for
+      the compile, then its own tensors are put back (see _tensors_put_back).
     task: as `kernl-compile --task`; default from the model's class.
     save_to: also copy the artifact to this folder, for `kernl.runtime.load` in production.
     cache_dir: default $KERNL_CACHE_DIR or ~/.cache/kernl.
@@ -402,26 +405,70 @@ def _compile_entry(
     one rename: a reader never sees a half-written entry, and of two processes compiling the
     same key (without the lock: another machine on a shared disk) one rename wins and the
     other's result is dropped."""
-    target_dtype = DTYPES[dtype]
-    floats = [t for t in _tensors(model).values() if t.dtype.is_floating_point]
-    needs_copy = any(t.dtype != target_dtype or t.device != device for t in floats)
+    converted = _converted_by_compile(model, DTYPES[dtype], device)
     build = Path(tempfile.mkdtemp(prefix=f".build-{_owner_tag()}-", dir=entry.parent))
     try:
         with _COMPILE_LOCK, _untouched(model, device):
             subject = model
-            if needs_copy:
-                # compile() would cast/move the caller's model in place: compile a copy.
+            if converted and not _can_put_back(model, converted):
+                # Gradients or torch's swap/overwrite-on-conversion modes: compile() would
+                # change what put-back cannot restore, so it gets a copy.
                 say(f"compiling a copy of the model in {dtype} on {device} (the original "
                     "stays as it is)")  # fmt: skip
                 subject = copy.deepcopy(model)
-            api.compile(
-                subject, buckets, build / "artifact", dtype=dtype, device=str(device),
-                task=task, progress=say, **compile_options,
-            )  # fmt: skip
+            with _tensors_put_back(subject):
+                api.compile(
+                    subject, buckets, build / "artifact", dtype=dtype, device=str(device),
+                    task=task, progress=say, **compile_options,
+                )  # fmt: skip
             del subject
         _install(build / "artifact", entry)
     finally:
         shutil.rmtree(build, ignore_errors=True)
+
+
+def _converted_by_compile(
+    model: torch.nn.Module, dtype: torch.dtype, device: torch.device
+) -> list[str]:
+    """Names of the tensors compile()'s `model.to(device, dtype)` replaces: floating-point
+    ones of another dtype (e.g. Llama's fp32 rotary table in an fp16 model) and any tensor on
+    another device."""
+    return [
+        name
+        for name, t in _tensors(model).items()
+        if (t.dtype.is_floating_point and t.dtype != dtype) or t.device != device
+    ]
+
+
+def _can_put_back(model: torch.nn.Module, converted: list[str]) -> bool:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if any(params[n].grad is not None for n in converted if n in params):
+        return False  # .to() casts gradients through grad.data: not restorable by reference
+    future = torch.__future__
+    return not (
+        future.get_swap_module_params_on_conversion()
+        or future.get_overwrite_module_params_on_conversion()
+    )
+
+
+@contextlib.contextmanager
+def _tensors_put_back(model: torch.nn.Module) -> Iterator[None]:
+    """compile() calls `model.to(device, dtype)`, which gives the caller's parameters new
+    tensors (`param.data = cast`) and replaces buffers. Keep the original tensors and put
+    them back afterwards: nothing is copied but what the cast itself makes, so a model cast
+    for compiling needs its own size once more, not twice (as a deep copy would)."""
+    params, buffers = [], []
+    for m in model.modules():
+        params += [(m, n, p, p.data) for n, p in m._parameters.items() if p is not None]
+        buffers += [(m, n, b) for n, b in m._buffers.items() if b is not None]
+    try:
+        yield
+    finally:
+        for m, name, p, data in params:
+            m._parameters[name] = p
+            p.data = data
+        for m, name, b in buffers:
+            m._buffers[name] = b
 
 
 def _install(built: Path, entry: Path) -> bool:

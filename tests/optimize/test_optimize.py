@@ -133,6 +133,7 @@ def _snapshot(model: torch.nn.Module) -> dict:
         "devices": {str(p.device) for p in model.parameters()},
         "training": [m.training for m in model.modules()],
         "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
         "config": model.config.to_dict(),
         "rng": torch.get_rng_state(),
     }
@@ -146,19 +147,31 @@ def _assert_same(before: dict, after: dict) -> None:
     assert torch.equal(after["rng"], before["rng"])
     for k, v in before["tensors"].items():
         assert torch.equal(after["tensors"][k], v), f"{k} changed"
+    for a, b in zip(before["grads"], after["grads"]):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
 
 
-@pytest.mark.parametrize("dtype", [None, "fp16"])  # fp16: compiled from a copy (a cast)
-def test_the_original_model_is_untouched(cache, dtype):
+# None: the model's own dtype (no cast). fp16: compiled from the model cast in place, its
+# tensors put back after. grads: a parameter to cast has a gradient (compiled from a copy).
+@pytest.mark.parametrize("case", [None, "fp16", "grads"])
+def test_the_original_model_is_untouched(cache, case):
     bert = tiny_bert().train()  # compile switches its model to eval mode: must be undone
     bert.pooler.dense.weight.requires_grad_(False)
+    if case == "grads":
+        bert.pooler.dense.bias.grad = torch.randn(64)
     inputs = _inputs(1, 8)
     with torch.no_grad():
         want = bert.eval()(**inputs)
     bert.train()
     before = _snapshot(bert)
+    param = bert.encoder.layer[0].output.dense.weight
+    param_data_ptr = param.data_ptr()
+    dtype = None if case is None else "fp16"
     model = kernl.optimize(bert, "batch=1 seq=8", dtype=dtype, progress=False)
     _assert_same(before, _snapshot(bert))
+    # The very same Parameter objects and storage: optimizers holding them still work.
+    assert bert.encoder.layer[0].output.dense.weight is param
+    assert param.data_ptr() == param_data_ptr
     with torch.no_grad():
         _assert_matches(bert.eval()(**inputs), want)  # same outputs as before
     # The returned model holds its own weights: changing the original changes nothing.
@@ -170,6 +183,17 @@ def test_the_original_model_is_untouched(cache, dtype):
     if dtype == "fp16":
         assert got.last_hidden_state.dtype == torch.float16
         assert (got.last_hidden_state.float() - want.last_hidden_state).abs().max() < 2e-2
+
+
+def test_an_fp32_buffer_of_an_fp16_model_stays_fp32(cache):
+    """Like Llama's rotary table in an fp16 model: compile's cast would make it fp16."""
+    bert = tiny_bert().half()
+    bert.register_buffer("table", torch.linspace(0, 1, 7, dtype=torch.float32))
+    table = bert.table
+    model = kernl.optimize(bert, "batch=1 seq=8", progress=False)
+    assert model.runtime.manifest.dtype == "float16"  # the model's own dtype by default
+    assert bert.table is table and table.dtype == torch.float32
+    assert all(p.dtype == torch.float16 for p in bert.parameters())
 
 
 def test_save_to_writes_a_loadable_artifact(cache, tmp_path, compiles):
