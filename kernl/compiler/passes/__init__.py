@@ -1,5 +1,6 @@
-"""Rewrite passes over a bucket's program: aten patterns -> kernl ops. Each pass is small,
-works on the flat instruction list, and leaves a pattern it cannot prove safe as it was."""
+"""Rewrite passes over a bucket's program: aten patterns -> kernl ops. Each pass is a small
+table of pattern -> replacement rules applied in one walk (matcher.py), and leaves a pattern it
+cannot prove safe as it was."""
 
 from __future__ import annotations
 
@@ -20,22 +21,26 @@ __all__ = [
     "replace_attention",
     "replace_layer_norm",
     "rewrite",
+    "drop_unused_weights",
 ]
 
 
 def rewrite(program: Program, weights: dict[str, torch.Tensor]) -> Program:
     """All passes in order; `weights` gains the fused weights the program now reads."""
     program = fuse_qkv(program, weights)
-    program = fuse_linear(program)
+    # Norms first: a residual add that feeds a norm goes into the norm kernel, so the linear
+    # before it stays a plain GEMM (one launch on cuBLAS too, where linear+add would be two).
     program = replace_layer_norm(program)
     program = fuse_bert_embeddings(program)
+    program = fuse_linear(program)
     program = replace_attention(program)
     program = hoist_attention_mask(program)
     return drop_unused_weights(program)
 
 
 def drop_unused_weights(program: Program) -> Program:
-    """Weights folded into fused ones (q, k, v) are no longer read: drop them."""
+    """Weights folded into fused ones (q, k, v) are no longer read: drop them. (Not a rule: it
+    looks at the whole program, not at an instruction and its producers.)"""
     used = set(program.outputs)
     for ins in program.instructions:
         used.update(iter_value_refs([ins.args, list(ins.kwargs.values())]))
