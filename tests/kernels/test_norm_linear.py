@@ -78,3 +78,18 @@ def test_refuses_rms_bias_and_too_many_rows():
 @pytest.mark.parametrize("N_w,gated", [(3072, False), (16384, True)], ids=["qkv", "gate_up"])
 def test_gpu_llama1b_shapes(dtype, M, N_w, gated):
     _check(M, N_w, 2048, dtype, "rms", gated, False, None, new_counters("cuda"), "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_split_k_is_deterministic_and_leaves_counters_zeroed():
+    # real concurrency: the last-arriving program must see every partial and sum of squares
+    x = torch.randn(8, 2048, dtype=torch.bfloat16, device="cuda")
+    g = torch.rand(2048, device="cuda").to(torch.bfloat16) + 0.5
+    w = torch.randn(16384, 2048, dtype=torch.bfloat16, device="cuda") / 2048**0.5
+    counters = new_counters("cuda")
+    config = NormLinearConfig(32, 128, 4, 4, 4)
+    first = norm_linear(x, g, None, w, eps=1e-5, gated=True, counters=counters, config=config)
+    for _ in range(20):
+        again = norm_linear(x, g, None, w, eps=1e-5, gated=True, counters=counters, config=config)
+        assert torch.equal(again, first)
+    assert int(counters.abs().sum()) == 0
