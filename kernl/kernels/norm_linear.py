@@ -7,7 +7,9 @@ memory, and there is no separate reduce kernel.
 
 RMSNorm is a per-row scale, so it commutes with the matmul: each program multiplies its chunk
 of x by the norm weight g, accumulates (x * g) @ W^T and, from the x it already loaded, the
-chunk's sum of squares; rsqrt(mean(x^2) + eps) scales the finished row in the epilogue. No
+chunk's sum of squares; rsqrt(mean(x^2) + eps) scales the finished row in the epilogue.
+(x * g is rounded to the weight dtype for the tensor cores, one rounding where the unfused
+norm rounds twice; in fp16 it must stay below 65504, as the residual stream x already does.) No
 program reads x beyond the K chunk its matmul needs, and no statistics pass delays the weight
 stream. LayerNorm's centring does not commute without cancellation (mean * sum(g W) against
 sum(x g W)), so for it every program first takes exact two-pass statistics of its <= 16 rows
