@@ -239,6 +239,8 @@ class _Walk:
                 self.step(i, ins)
             except _Fail as e:
                 raise _Fail(f"instruction {i} ({ins.op}): {e}", e.unsafe) from None
+            except Exception as e:  # arguments of the wrong kind for the checks themselves
+                raise _Fail(f"instruction {i} ({ins.op}): malformed ({_short(e)})", False) from None
             for v in frees.get(i, ()):
                 self._release(v)
 
@@ -458,7 +460,9 @@ class _Walk:
         elif base == "index":
             enc, dec = arg(1, "indices")
             table = arg(0, "self")[1]
-            for k, (e, d) in enumerate(zip(enc or [], dec or [])):
+            if not (isinstance(enc, list) and isinstance(dec, list)):
+                return  # not a list of indices: torch refuses it on meta
+            for k, (e, d) in enumerate(zip(enc, dec)):
                 if d is not None:
                     checks.append((e, table, k, True))
         elif ins.op == "kernl.bert_embeddings":

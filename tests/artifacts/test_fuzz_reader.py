@@ -183,3 +183,78 @@ def test_resigned_structured_edit_raises_only_artifact_errors(work, which, data)
         _outcome(work)  # accepted or ArtifactError; anything else fails the test
     finally:
         _restore(work, saved)
+
+
+@pytest.fixture(scope="module")
+def gen_work(small_causal_lm, tmp_path_factory) -> Path:
+    return copy_artifact(small_causal_lm, tmp_path_factory.mktemp("fuzz-gen") / "artifact")
+
+
+GEN_FUZZ = settings(FUZZ, max_examples=100)
+
+
+@GEN_FUZZ
+@given(data=st.data())
+def test_resigned_causal_lm_description_edit_raises_only_artifact_errors(gen_work, data):
+    """One node of a causal-LM description (decoder, buckets, decode kernels) edited and the
+    manifest re-signed: accepted or an ArtifactError, never a KeyError/TypeError."""
+    saved = (gen_work / "manifest.msgpack").read_bytes()
+    try:
+        m = read_msgpack(gen_work / "manifest.msgpack")
+        section = data.draw(st.sampled_from(["decoder", "generation_buckets", "decode_kernels"]))
+        _edit(m["extra"][section], data)
+        (gen_work / "manifest.msgpack").write_bytes(pack_manifest(m))
+        _outcome(gen_work)
+    finally:
+        (gen_work / "manifest.msgpack").write_bytes(saved)
+
+
+# Ops an inserted instruction may call, with plausible arguments: what a crafted program can
+# ask of the runtime within the vocabulary.
+FUZZ_OPS = [
+    "aten.add.Tensor", "aten.mul.Tensor", "aten.embedding.default", "aten.index_select.default",
+    "aten.gather.default", "aten.full.default", "aten.expand.default", "aten.view.default",
+    "aten.as_strided.default", "aten.fill_.Scalar", "aten.empty.memory_format",
+    "aten.slice.Tensor", "aten.cumsum.default", "aten.arange.default", "aten.cat.default",
+    "aten.index.Tensor", "aten.select.int", "aten.repeat.default", "aten.matmul.default",
+    "aten.new_empty.default", "aten.to.dtype", "aten.remainder.Scalar", "aten.clamp.default",
+]  # fmt: skip
+
+
+@FUZZ
+@given(data=st.data())
+def test_an_inserted_instruction_is_refused_or_runs(work, data):
+    """A crafted instruction first in a program (its result maybe returned), re-signed. The
+    checker must refuse it with an ArtifactError, or accept it and then the first call must
+    run: whatever verify and load accept, a call does not crash on."""
+    import torch
+
+    rel = first_program(work)
+    saved = _snapshot(work)
+    p = read_msgpack(work / rel)
+    known = [*p["inputs"].values(), *(int(k) for k in p["weights"])]
+    ref = st.sampled_from(known).map(lambda v: {"v": v})
+    small = st.integers(min_value=-3, max_value=130)
+    arg = st.one_of(ref, small, st.floats(-4, 4), st.lists(st.one_of(small, ref), max_size=3),
+                    st.sampled_from([{"dtype": "int64"}, {"dtype": "float32"}, 1 << 40]))  # fmt: skip
+    op = data.draw(st.sampled_from(FUZZ_OPS))
+    args = data.draw(st.lists(arg, min_size=1, max_size=4))
+    returned = data.draw(st.booleans())
+    try:
+        new = p["num_values"]
+        p["num_values"] += 1
+        p["instructions"].insert(0, [op, args, {}, [new]])
+        if returned:
+            p["outputs"][0] = new
+        write_msgpack(work / rel, p)
+        resign(work)
+        try:
+            model = kernl.runtime.load(work, device="cpu")
+        except ArtifactError:
+            with pytest.raises(ArtifactError):
+                verify_artifact(work)
+            return
+        verify_artifact(work)
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+    finally:
+        _restore(work, saved)
