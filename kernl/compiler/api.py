@@ -67,15 +67,16 @@ class CompileReport:
 
     def table(self) -> str:
         lines = [
-            f"{'bucket':>12}  {'time (s)':>8}  {'max |err| vs eager':>18}  {'instructions':>12}  "
-            f"{'kernl ops':>9}  {'on Triton':>9}",
-            f"{'-' * 12}  {'-' * 8}  {'-' * 18}  {'-' * 12}  {'-' * 9}  {'-' * 9}",
+            f"{'bucket':>12}  {'time (s)':>8}  {'max |err| vs eager':>18}  {'kernels/call':>12}  "
+            f"{'instructions':>12}  {'kernl ops':>9}  {'on Triton':>9}",
+            f"{'-' * 12}  {'-' * 8}  {'-' * 18}  {'-' * 12}  {'-' * 12}  {'-' * 9}  {'-' * 9}",
         ]
         for r in self.buckets:
             name = f"{r.bucket.batch}x{r.bucket.seq}"
             c = r.counts
             lines.append(
-                f"{name:>12}  {r.seconds:8.2f}  {r.max_abs_error:18.3g}  {c.instructions:12d}  "
+                f"{name:>12}  {r.seconds:8.2f}  {r.max_abs_error:18.3g}  "
+                f"{'?' if c.launches is None else c.launches:>12}  {c.instructions:12d}  "
                 f"{c.kernl_ops:9d}  {c.on_triton:9d}"
             )
         lines.extend(self.tuning_table())

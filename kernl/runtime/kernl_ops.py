@@ -63,7 +63,19 @@ def linear(
     _check_impl(impl)
     if impl == "triton" and triton_usable(x.device, fused_linear):
         return fused_linear.launch_from_dict(x, weight, bias, activation, residual, _config(config))
+    if activation in _LT_EPILOGUE and bias is not None and x.device.type != "cpu":
+        # cuBLASLt applies bias + relu / tanh-GELU in the GEMM's epilogue: one launch instead
+        # of two. Not on the CPU, where _addmm_activation's "gelu" is the erf one.
+        y = torch._addmm_activation(
+            bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=_LT_EPILOGUE[activation]
+        )
+        y = y.view(*x.shape[:-1], weight.shape[0])
+        return y if residual is None else y + residual
     return fused_linear.fused_linear_reference(x, weight, bias, activation, residual)
+
+
+# activation -> use_gelu of torch._addmm_activation (cuBLASLt's GELU epilogue is tanh-GELU)
+_LT_EPILOGUE = {"relu": False, "gelu_tanh": True}
 
 
 @register_kernl_op("layer_norm")
@@ -106,7 +118,22 @@ def attention(
     from kernl.kernels import attention as attention_kernel
 
     if impl == "triton" and triton_usable(q.device, attention_kernel):
-        return attention_kernel.launch_from_dict(q, k, v, mask, scale, causal, _config(config))
+        bias = mask
+        if mask is not None and mask.dtype == torch.bool:
+            bias = torch.zeros(mask.shape, dtype=torch.float32, device=q.device)
+            bias = bias.masked_fill(~mask, float("-inf"))
+        while bias is not None and bias.dim() < 4:
+            bias = bias.unsqueeze(0)
+        # Written as [B, Lq, H, D] and seen as [B, H, Lq, D]: the heads merge that follows
+        # every attention (transpose(1, 2).reshape(B, Lq, H * D)) is then a view, not a copy
+        # kernel per layer. The kernel takes any output strides.
+        B, H, Lq, D = q.shape
+        out = torch.empty((B, Lq, H, v.shape[-1]), dtype=q.dtype, device=q.device).transpose(1, 2)
+        cfg = _config(config)
+        return attention_kernel.attention(
+            q, k, v, sm_scale=scale, causal=causal, bias=bias, out=out,
+            config=attention_kernel.AttentionConfig(**cfg) if cfg else None,
+        )  # fmt: skip
     if causal:
         # bottom-right aligned, like the kernel: query i sees key j <= i + (Lk - Lq)
         lq, lk = q.shape[-2], k.shape[-2]
