@@ -1,0 +1,212 @@
+"""BERT-base fp16 on one GPU: kernl vs torch.compile(mode="reduce-overhead") vs eager, and the
+kernels each launches per call (issue 14: a GEMM that stays on cuBLAS must still lose its
+neighbours: the residual adds, the GELU, the copies).
+
+    python benchmarks/bench_bert_fusions.py                  # JSON to $OUT/bench_bert_fusions.json
+    python benchmarks/bench_bert_fusions.py --shapes 32x128 --no-peers   # quicker
+
+One process: BertModel(BertConfig()) with random weights (seed 0) is saved, compiled with
+kernl for the buckets "batch=1,8,32 seq=16,128,512" (the compile time is reported), then each
+shape is timed through kernl.runtime.load(...), eager (SDPA attention) and torch.compile
+reduce-overhead (dynamic=False, recompiled per shape). Inputs live on the GPU; a time is the
+median of >= 100 single calls, each between two CUDA events with the host synchronised in
+between, so it is the latency a caller sees (kernl's input checks and copy-in included).
+
+Kernels per call: "static" is what the compile summary prints (compiler/launch_counts.py, from
+the program), "profiled" counts the kernels CUPTI sees inside ten calls (torch profiler; kernels
+of CUDA graphs included), for kernl and reduce-overhead. Accuracy: max |diff| of
+last_hidden_state against eager fp16 (the bar is about 0.01) and, for scale, eager fp16's own
+max |diff| against eager fp32. The tuner's choices per bucket (which linears stayed on cuBLAS,
+which GELUs became cuBLASLt's tanh epilogue) are printed with the compile summary.
+Runs in about 4 minutes on an H200 (compile ~70 s, torch.compile ~20 s per shape); a plain
+script, not collected by pytest."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = [(1, 16), (1, 128), (8, 128), (32, 128), (8, 512)]
+BUCKETS = "batch=1,8,32 seq=16,128,512"
+
+
+def time_ms(fn: Callable[[], object], iters: int, warm: int = 10) -> float:
+    """Median latency of one call: CUDA events around it, host synchronised between calls."""
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def kernels_per_call(fn: Callable[[], object], calls: int = 10) -> tuple[int, float]:
+    """(kernels, kernel milliseconds) per call as the profiler sees them (CUPTI traces kernels
+    replayed from CUDA graphs too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    count = sum(e.count for e in events) // calls
+    kernel_ms = sum(e.self_device_time_total for e in events) / calls / 1000
+    return count, kernel_ms
+
+
+def inputs(batch: int, seq: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 30000, (batch, seq), generator=g).cuda()
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def tuning_summary(records) -> str:
+    """How the tuner served each kernl op of a bucket, e.g. "kernl.linear: 37 aten, 12 aten
+    (gelu as gelu_tanh)"."""
+    by_op: dict[str, Counter] = {}
+    for r in records:
+        how = r.impl + (" (gelu as gelu_tanh)" if r.approximation else "")
+        by_op.setdefault(r.op, Counter())[how] += 1
+    return "; ".join(
+        f"{op}: " + ", ".join(f"{n} {how}" for how, n in c.most_common())
+        for op, c in sorted(by_op.items())
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join(f"{b}x{s}" for b, s in SHAPES))
+    parser.add_argument("--buckets", default=BUCKETS)
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--no-peers", action="store_true", help="skip torch.compile")
+    args = parser.parse_args()
+    shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
+    assert args.iters >= 100, "medians over at least 100 calls"
+
+    import transformers
+    import triton
+
+    import kernl.compiler
+    import kernl.runtime
+
+    t_start = time.perf_counter()
+    result: dict = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "buckets": args.buckets,
+        "shapes": [],
+    }
+    work = tempfile.mkdtemp(prefix="bench_bert_fusions_")
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig()).eval()
+    model.save_pretrained(f"{work}/bert")
+    del model
+
+    t0 = time.perf_counter()
+    report = kernl.compiler.compile(f"{work}/bert", args.buckets, f"{work}/bert.kernl",
+                                    dtype="fp16", device="cuda")  # fmt: skip
+    result["compile_s"] = time.perf_counter() - t0
+    print(report.table())
+    static = {}
+    for b in report.buckets:
+        static[(b.bucket.batch, b.bucket.seq)] = b.counts.launches
+        choices = tuning_summary(report.tuning.get(b.bucket, []))
+        print(f"  {b.bucket.batch}x{b.bucket.seq}: {b.counts.launches} kernels/call; {choices}")
+        result.setdefault("compile_buckets", []).append({
+            "bucket": f"{b.bucket.batch}x{b.bucket.seq}", "kernels_per_call": b.counts.launches,
+            "max_abs_error_vs_eager": b.max_abs_error, "seconds": b.seconds, "choices": choices,
+        })  # fmt: skip
+
+    km = kernl.runtime.load(f"{work}/bert.kernl")
+    eager = transformers.BertModel.from_pretrained(
+        f"{work}/bert", dtype=torch.float16, attn_implementation="sdpa"
+    ).cuda().eval()  # fmt: skip
+    eager32 = transformers.BertModel.from_pretrained(f"{work}/bert").cuda().eval()
+
+    rows = {}
+    with torch.inference_mode():
+        for shape in shapes:
+            x = inputs(*shape)
+            ref16 = eager(**x).last_hidden_state.float()
+            ref32 = eager32(**x).last_hidden_state.float()
+            got = km(**x)["last_hidden_state"].float()
+            kernl_kernels, kernl_kernel_ms = kernels_per_call(lambda: km(**x))
+            rows[shape] = {
+                "shape": f"{shape[0]}x{shape[1]}",
+                "kernl_ms": time_ms(lambda: km(**x), args.iters),
+                "eager_ms": time_ms(lambda: eager(**x), args.iters),
+                "kernl_max_abs_vs_eager16": (got - ref16).abs().max().item(),
+                "kernl_max_abs_vs_eager32": (got - ref32).abs().max().item(),
+                "eager16_max_abs_vs_eager32": (ref16 - ref32).abs().max().item(),
+                "kernl_kernels_static": static.get(shape),
+                "kernl_kernels_profiled": kernl_kernels,
+                "kernl_kernel_ms": kernl_kernel_ms,
+            }
+    del eager32
+    if not args.no_peers:
+        for shape in shapes:
+            x = inputs(*shape)
+            torch._dynamo.reset()
+            compiled = torch.compile(eager, mode="reduce-overhead", dynamic=False)
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                compiled(**x)
+                torch.cuda.synchronize()
+                row = rows[shape]
+                row["reduce_overhead_compile_s"] = time.perf_counter() - t0
+                row["reduce_overhead_ms"] = time_ms(lambda: compiled(**x), args.iters)
+                n, ms = kernels_per_call(lambda: compiled(**x))
+                row["reduce_overhead_kernels_profiled"], row["reduce_overhead_kernel_ms"] = n, ms
+                row["speedup_vs_reduce_overhead"] = row["reduce_overhead_ms"] / row["kernl_ms"]
+        torch._dynamo.reset()
+
+    head = (f"{'shape':>7} {'kernl ms':>9} {'r-o ms':>8} {'eager ms':>9} {'vs r-o':>7} "
+            f"{'kernels static/prof':>19} {'r-o kernels':>11} {'kernel ms k/r-o':>15} "
+            f"{'|d| vs eager16':>14} {'eager16 vs 32':>13}")  # fmt: skip
+    print(head)
+    for row in rows.values():
+        ro = row.get("reduce_overhead_ms")
+        print(
+            f"{row['shape']:>7} {row['kernl_ms']:9.3f} {ro if ro is not None else float('nan'):8.3f} "
+            f"{row['eager_ms']:9.3f} {row.get('speedup_vs_reduce_overhead', float('nan')):6.2f}x "
+            f"{str(row['kernl_kernels_static']):>9}/{row['kernl_kernels_profiled']:<9} "
+            f"{str(row.get('reduce_overhead_kernels_profiled', '-')):>11} "
+            f"{row['kernl_kernel_ms']:7.3f}/{row.get('reduce_overhead_kernel_ms', float('nan')):<7.3f} "
+            f"{row['kernl_max_abs_vs_eager16']:14.4f} {row['eager16_max_abs_vs_eager32']:13.4f}"
+        )  # fmt: skip
+    result["shapes"] = list(rows.values())
+    result["total_s"] = time.perf_counter() - t_start
+    print(f"compile {result['compile_s']:.1f} s; whole run {result['total_s']:.0f} s")
+    out = os.environ.get("OUT")
+    if out:
+        path = os.path.join(out, "bench_bert_fusions.json")
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
