@@ -132,3 +132,37 @@ def test_compile_summary_counts_launches(bert_program):
     counts = count_ops(new)
     assert counts.launches == count_launches(new).total
     assert f"{counts.launches} kernel launches per call" in counts.describe()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_static_count_matches_what_the_profiler_sees(tmp_path, monkeypatch):
+    """The compile summary's kernels/call against CUPTI's count of a loaded artifact's call.
+    A call also copies its inputs in and its outputs out (a few kernels outside the graph),
+    and cuBLAS may split a GEMM in two: the profiled count may exceed the static one a little,
+    never fall below it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import kernl.compiler
+    import kernl.runtime
+
+    monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(num_hidden_layers=2)).eval()
+    out = tmp_path / "bert.kernl"
+    report = kernl.compiler.compile(model, "batch=8 seq=128", out, dtype="fp16", device="cuda")
+    static = report.buckets[0].counts.launches
+    km = kernl.runtime.load(out)
+    ids = torch.randint(0, 30000, (8, 128), device="cuda")
+    x = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    for _ in range(3):
+        km(**x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            km(**x)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA" and "memcpy" not in
+               e.name.lower() and "memset" not in e.name.lower()]  # fmt: skip
+    profiled = len(kernels) / 5
+    assert static <= profiled <= static + 8, (static, profiled, sorted({e.name for e in kernels}))
