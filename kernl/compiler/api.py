@@ -111,6 +111,7 @@ class CompileReport:
                 lines.append(
                     f"    #{r.index:<4} {r.op:<17} {r.impl:<6} {r.time_us:8.1f} us "
                     f"(aten {r.aten_time_us:8.1f} us){' cached' if r.cached else ''}  {cfg}"
+                    + (f"  [{r.approximation}]" if r.approximation else "")
                 )
         return lines
 
