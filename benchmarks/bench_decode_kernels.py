@@ -356,7 +356,7 @@ def main() -> None:
 
 
 def _rope_matrices(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The decoder's per-position D x D rope matrices (generation_decoder.rope_matrices)."""
+    """The decoder's per-position D x D rope matrices (runtime/generation/decoder.py rope_matrices)."""
     P, D = cos.shape
     half = D // 2
     m = torch.zeros(P, D, D, dtype=cos.dtype, device=cos.device)

@@ -2,7 +2,7 @@
 decode step, as plain dataclasses, and the check of that description as a whole.
 
 All live in `manifest.extra` as msgpack maps: the runtime's decoder
-(kernl/runtime/generation_decoder.py) reads them to know the shapes and the variant of each
+(kernl/runtime/generation/decoder.py) reads them to know the shapes and the variant of each
 block; nothing in them names code. `check_generation` is what `verify` and `load` both run:
 every field typed and in range, the buckets bounded, and every weight the decoder reads
 present with the shape and dtype the description implies (and no other weight), so that a
@@ -20,10 +20,10 @@ from .limits import DEFAULT_LIMITS, ReadLimits
 FAMILIES = ("llama", "gpt2")
 NORMS = ("rms", "layer")
 MLPS = ("gated", "plain")
-# The runtime maps these names to functions (generation_decoder.ACTIVATIONS).
+# The runtime maps these names to functions (generation/decoder.py ACTIVATIONS).
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 POSITIONS = ("rope", "learned")
-MAX_EOS_IDS = 8  # the runtime's static EOS buffer (generation_state.MAX_EOS_IDS)
+MAX_EOS_IDS = 8  # the runtime's static EOS buffer (generation/state.py MAX_EOS_IDS)
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class DecoderSpec:
     norm: str  # "rms" or "layer"
     norm_eps: float
     mlp: str  # "gated" (act(gate) * up, then down) or "plain" (fc, act, proj)
-    activation: str  # a name from generation_decoder.ACTIVATIONS
+    activation: str  # a name from the runtime decoder's ACTIVATIONS
     positions: str  # "rope" or "learned"
     max_positions: int | None  # learned-position table size, None when unbounded
     attention_scale: float
@@ -342,7 +342,7 @@ def check_generation(
 
 def generation_memory(desc: GenerationDescription, itemsize: int) -> tuple[int, int]:
     """(static buffers, activation pool) in bytes of a causal-LM artifact at load, following
-    kernl/runtime/generation_state.py (per batch bucket) and generation_decoder.py (the
+    kernl/runtime/generation/state.py (per batch bucket) and generation/decoder.py (the
     largest prefill's intermediates; an upper-side estimate)."""
     s, b = desc.decoder, desc.buckets
     cache = b.cache_len

@@ -13,6 +13,7 @@ Nothing is pickled; every file is msgpack, safetensors or an opaque binary.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -47,6 +48,22 @@ class Bucket:
     @property
     def tokens(self) -> int:
         return self.batch * self.seq
+
+
+def pick_bucket(buckets: Sequence[Bucket], batch: int, seq: int) -> Bucket | None:
+    """The one rule of the format for which bucket serves (batch, seq): the first that holds
+    it by fewest tokens, then smallest batch; None when none does. The runtime, the serving
+    batcher and the compiler's reports all ask here."""
+    for bucket in sorted(buckets, key=lambda b: (b.tokens, b.batch)):
+        if bucket.holds(batch, seq):
+            return bucket
+    return None
+
+
+def pick_size(sizes: Sequence[int], n: int) -> int | None:
+    """The same rule along one axis (generation's batch, prompt and KV-length buckets): the
+    smallest size that holds n."""
+    return min((s for s in sizes if s >= n), default=None)
 
 
 @dataclass

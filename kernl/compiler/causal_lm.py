@@ -3,7 +3,7 @@ artifact out.
 
 The artifact holds the model's description (`manifest.extra["decoder"]`, a DecoderSpec), its
 buckets (`manifest.extra["generation_buckets"]`) and its weights under kernl's naming scheme;
-the computation is the runtime's own decoder (kernl/runtime/generation_decoder.py), so nothing
+the computation is the runtime's own decoder (kernl/runtime/generation/decoder.py), so nothing
 read from the artifact is ever executed. Each bucket still gets an entry and a program file
 (`programs/prefill_b{B}_p{P}.msgpack`, `programs/decode_b{B}_kv{K}.msgpack`): an instruction-
 free Program whose `meta` records the stage and shapes, so `kernl verify` and the manifest's
@@ -51,7 +51,7 @@ from .tune import write_binaries
 from .validate import resolve_tolerance
 
 TASK = "causal-lm"
-RUNTIME = "kernl.runtime.generation_decoder"
+RUNTIME = "kernl.runtime.generation.decoder"
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Turn a Hugging Face decoder-only model into kernl's description of it: a `DecoderSpec` and
 its weights under one naming scheme, whatever the family.
 
-WEIGHT NAMES (what kernl/runtime/generation_decoder.py reads):
+WEIGHT NAMES (what kernl/runtime/generation/decoder.py reads):
     embed.weight [vocab, hidden]          pos_embed.weight [positions, hidden] (GPT-2)
     layers.{i}.attn_norm.{weight,bias}    layers.{i}.qkv.{weight,bias}  [(H + 2 KV) D, hidden]
     layers.{i}.o.{weight,bias}            layers.{i}.mlp_norm.{weight,bias}

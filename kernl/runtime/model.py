@@ -14,7 +14,7 @@ import torch
 
 from kernl.artifacts.errors import ArtifactCorruptError
 from kernl.artifacts.program import Program
-from kernl.artifacts.schema import Bucket, Manifest
+from kernl.artifacts.schema import Bucket, Manifest, pick_bucket
 
 from .binaries import KernelBinaries, running_with
 from .executor import Executor
@@ -123,9 +123,9 @@ class CompiledModel:
         return [o.name for o in self.manifest.outputs]
 
     def select_bucket(self, batch: int, seq: int) -> Bucket:
-        for bucket in self.buckets:
-            if bucket.holds(batch, seq):
-                return bucket
+        bucket = pick_bucket(self.buckets, batch, seq)
+        if bucket is not None:
+            return bucket
         names = ", ".join(f"{b.batch}x{b.seq}" for b in sorted(self.buckets))
         raise ValueError(
             f"input of batch {batch} and sequence length {seq} is larger than every bucket "

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernl.artifacts.schema import Bucket
+from kernl.artifacts.schema import Bucket, pick_bucket
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,8 @@ class Group:
 
 
 def smallest_bucket(buckets: Sequence[Bucket], batch: int, seq: int) -> Bucket | None:
-    """The bucket the runtime picks for (batch, seq): the first that holds it in the runtime's
-    order (fewest tokens, then smallest batch); None when none does."""
-    for bucket in sorted(buckets, key=lambda b: (b.tokens, b.batch)):
-        if bucket.holds(batch, seq):
-            return bucket
-    return None
+    """The bucket the runtime picks for (batch, seq): the format's one rule, `pick_bucket`."""
+    return pick_bucket(buckets, batch, seq)
 
 
 def token_costs(buckets: Sequence[Bucket], replay_cost_tokens: int | None = None) -> dict:

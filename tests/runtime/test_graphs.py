@@ -102,7 +102,7 @@ def test_each_device_has_its_own_stream(fake_cuda):
 
 
 def test_bucket_graphs_and_generation_steps_capture_on_the_one_stream(fake_cuda):
-    from kernl.runtime.generation import _Step
+    from kernl.runtime.generation.model import _Step
     from kernl.runtime.model import _BucketRunner
 
     events, _ = fake_cuda

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from .generation_decoder import Decoder, KVCache
-from .generation_sampling import SamplerParams, greedy, sample
+from kernl.artifacts.generation import MAX_EOS_IDS
 
-MAX_EOS_IDS = 8
+from .decoder import Decoder, KVCache
+from .sampling import SamplerParams, greedy, sample
 
 
 class BatchState:

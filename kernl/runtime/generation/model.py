@@ -1,7 +1,7 @@
 """Serve a causal-LM artifact: `model.generate(...)` and `model.stream(...)`.
 
 At load: the weights go to the device once, each batch bucket gets its static buffers
-(KV cache included, see generation_state.py), and on CUDA every greedy step graph is captured
+(KV cache included, see generation/state.py), and on CUDA every greedy step graph is captured
 — one prefill graph per (batch, prompt) bucket, one decode graph per (batch, kv length)
 bucket — all drawing on one memory pool. Sampling graphs are captured on the first sampling
 call. A call left-pads each prompt into the smallest prefill bucket, replays its prefill, then
@@ -21,12 +21,12 @@ import torch
 
 from kernl.artifacts.errors import ArtifactCorruptError
 from kernl.artifacts.generation import DecodeKernels, DecoderSpec, GenerationBuckets
-from kernl.artifacts.schema import Manifest
+from kernl.artifacts.schema import Manifest, pick_size
 
-from .binaries import KernelBinaries, running_with
-from .generation_decoder import Decoder
-from .generation_state import MAX_EOS_IDS, BatchState
-from .graphs import capture_graph
+from ..binaries import KernelBinaries, running_with
+from ..graphs import capture_graph
+from .decoder import Decoder
+from .state import MAX_EOS_IDS, BatchState
 
 # How often generate() asks the GPU whether every row has finished: a host sync costs a few
 # microseconds of idle GPU, the extra steps after the last EOS only emit pad ids.
@@ -284,13 +284,13 @@ class GenerativeModel:
         if empty:
             raise ValueError(f"row(s) {empty} of the batch have no tokens (attention_mask all 0)")
         batch, longest = len(rows), max(len(r) for r in rows)
-        batch_bucket = next((x for x in b.batches if x >= batch), None)
+        batch_bucket = pick_size(b.batches, batch)
         if batch_bucket is None:
             raise ValueError(
                 f"batch of {batch} prompts is larger than every batch bucket of this artifact "
                 f"({b.batches}); split the batch or recompile with a larger batch bucket"
             )
-        prompt_bucket = next((x for x in b.prompts if x >= longest), None)
+        prompt_bucket = pick_size(b.prompts, longest)
         if prompt_bucket is None:
             raise ValueError(
                 f"a prompt of {longest} tokens is longer than every prompt bucket of this "
@@ -344,12 +344,12 @@ class GenerativeModel:
         yield prefill.run()
         for n in range(1, plan.max_new_tokens):
             slot = plan.prompt_bucket + n - 1  # where this step writes its token's key/value
-            kv = next(k for k in self.buckets.kv_lengths if k > slot)
+            kv = pick_size(self.buckets.kv_lengths, slot + 1)  # slots [0, slot] attended
             yield decodes[kv].run()
 
     def _kv_lengths_for(self, plan: _Plan) -> list[int]:
         slots = range(plan.prompt_bucket, plan.prompt_bucket + plan.max_new_tokens - 1)
-        return sorted({next(k for k in self.buckets.kv_lengths if k > s) for s in slots})
+        return sorted({pick_size(self.buckets.kv_lengths, s + 1) for s in slots})
 
     def _step(self, key: tuple) -> _Step:
         step = self._steps.get(key)
@@ -374,7 +374,7 @@ def _runnable(kernels: DecodeKernels, device: torch.device) -> DecodeKernels:
         return kernels
     from kernl.kernels import decode_attention, gated_mlp, norm, skinny_linear
 
-    from .kernl_ops import triton_usable
+    from ..kernl_ops import triton_usable
 
     def keep(choice: str, module) -> str:
         return choice if choice != "triton" or triton_usable(device, module) else "torch"
