@@ -21,7 +21,7 @@ def _weighted_linear(ctx: Rewriter, ins: Instruction, x: int) -> bool:
 
 
 def _fuse_siblings(ctx: Rewriter, lin: Node, x: Node) -> list[Instruction] | None:
-    if ctx.memo.get(("done", x.vid)):
+    if ctx.memo.get(("done", x.vid)) or not _weighted_linear(ctx, lin.ins, x.vid):
         return None  # the group of this input was settled at its first linear
     ctx.memo["done", x.vid] = True
     members = [i for i in ctx.readers(x.vid) if _weighted_linear(ctx, i, x.vid)]

@@ -46,6 +46,18 @@ def test_q_k_v_become_one_linear_and_a_split():
     assert_same_function(before, after, b, tensors=weights)
 
 
+def test_a_bias_free_linear_read_first_stays_out_of_the_group():
+    b = Builder()
+    x = b.input("x", [3, 8])
+    kw = b.op("aten.linear.default", x, b.weight("kw.w", [8, 8]), bias=None, shape=[3, 8],
+              name="kw")  # fmt: skip
+    q, k = lin(b, x, "q"), lin(b, x, "k")
+    after = fuse_qkv(b.program(kw, q, k), dict(b.tensors))
+    lines = b.show(after)
+    assert lines[0] == "aten.linear.default(x, kw.w; bias=None) -> kw"
+    assert lines[2].endswith("-> q, k") and len(lines) == 3
+
+
 def test_five_siblings_are_left_alone():
     b = Builder()
     x = b.input("x", [3, 8])
