@@ -112,9 +112,11 @@ class GenerationBuckets:
 # Each piece's implementations, plain torch first (the default).
 DECODE_KERNEL_CHOICES: dict[str, tuple[str, ...]] = {
     "attention": ("torch", "sdpa", "triton"),
-    "norm": ("torch", "triton"),
+    "norm": ("torch", "triton", "fused"),
     "gated_mlp": ("torch", "triton"),
-    "linear": ("torch", "triton"),
+    "linear": ("torch", "triton", "fused"),
+    "rope": ("torch", "triton"),
+    "lm_head": ("torch", "triton"),
 }
 
 
@@ -123,14 +125,22 @@ class DecodeKernels:
     """The implementation of each replaceable piece of a decode step.
     attention: "torch" (baddbmm + softmax + bmm), "sdpa" (F.scaled_dot_product_attention
     with GQA and a boolean mask) or "triton" (kernl.kernels.decode_attention);
-    norm: "torch" or "triton" (kernl.kernels.norm); gated_mlp: "torch" or "triton"
-    (kernl.kernels.gated_mlp; used where the MLP is gated SiLU without bias); linear:
-    "torch" or "triton" (kernl.kernels.skinny_linear, split-K, for batches of <= 16 rows)."""
+    norm: "torch", "triton" (kernl.kernels.norm) or "fused" (folded into the next linear:
+    kernl.kernels.norm_linear, with the gated MLP's SiLU*up in its epilogue); gated_mlp:
+    "torch" or "triton" (kernl.kernels.gated_mlp; used where the MLP is gated SiLU without
+    bias); linear: "torch", "triton" (kernl.kernels.skinny_linear, split-K and a reduce
+    kernel) or "fused" (kernl.kernels.skinny_linear_fused, reduced in the same launch, bias and
+    residual in its epilogue), for batches of <= 16 rows; rope: "torch" or "triton"
+    (kernl.kernels.rope_cache_write: rotary and the KV-cache write in one kernel); lm_head:
+    "torch" or "triton" (kernl.kernels.lm_head_argmax: the greedy step's logits and argmax
+    in one pass). Manifests written before rope and lm_head existed read as "torch"."""
 
     attention: str = "torch"
     norm: str = "torch"
     gated_mlp: str = "torch"
     linear: str = "torch"
+    rope: str = "torch"
+    lm_head: str = "torch"
 
     def __post_init__(self):
         for name, allowed in DECODE_KERNEL_CHOICES.items():

@@ -20,6 +20,14 @@ VARIANTS = [
     DecodeKernels(attention="sdpa"),
     DecodeKernels(norm="triton", gated_mlp="triton"),
     DecodeKernels(linear="triton"),
+    DecodeKernels(linear="fused"),
+    DecodeKernels(norm="fused"),
+    DecodeKernels(rope="triton"),
+    DecodeKernels(lm_head="triton"),
+    # the fused step: 7 kernels a layer on a Llama
+    DecodeKernels(
+        attention="triton", norm="fused", linear="fused", rope="triton", lm_head="triton"
+    ),  # fmt: skip
 ]
 NEW = 12
 
@@ -42,7 +50,7 @@ def _steps(model, ids, mask):
     return torch.stack([i for i, _ in steps], 1), torch.stack([lg for _, lg in steps], 1)
 
 
-@pytest.mark.parametrize("kernels", VARIANTS, ids=lambda k: f"{k.attention}-{k.norm}-{k.gated_mlp}")
+@pytest.mark.parametrize("kernels", VARIANTS, ids=lambda k: k.describe().replace(" ", ","))
 def test_decode_variant_matches_torch_step(artifact, kernels):
     model = kernl.runtime.load(artifact)
     assert model.decoder.kernels == DecodeKernels()  # the artifact asks for nothing else
@@ -64,7 +72,8 @@ def test_decode_kernels_are_checked():
 
 
 def test_forced_decode_kernels_are_stored_and_served(tmp_path):
-    forced = {"attention": "triton", "norm": "triton", "gated_mlp": "triton", "linear": "triton"}
+    forced = {"attention": "triton", "norm": "fused", "gated_mlp": "triton", "linear": "fused",
+              "rope": "triton", "lm_head": "triton"}  # fmt: skip
     from kernl.compiler.causal_lm import compile_causal_lm
 
     report = compile_causal_lm(
@@ -72,7 +81,7 @@ def test_forced_decode_kernels_are_stored_and_served(tmp_path):
         dtype="fp32", device="cpu", decode_kernels=forced,
     )  # fmt: skip
     assert report.decode_kernels == DecodeKernels(**forced)
-    assert "attention=triton norm=triton gated_mlp=triton linear=triton" in report.table()
+    assert DecodeKernels(**forced).describe() in report.table()
     model = kernl.runtime.load(tmp_path / "lm.kernl")
     assert model.manifest.extra["decode_kernels"] == forced
     assert model.decoder.kernels == DecodeKernels(**forced)
@@ -97,24 +106,37 @@ def test_choice_keeps_an_alternative_only_when_measurably_faster(artifact):
         k = gen.decoder.kernels
         if k.norm == "triton":
             raise RuntimeError("no kernel for this shape")
-        slower = 0.5 if k.linear == "triton" else 0.0  # tried, not kept
-        return cost[k.attention] - (1.0 if k.gated_mlp == "triton" else 0.0) + slower
+        ms = cost[k.attention] - (1.0 if k.gated_mlp == "triton" else 0.0)
+        ms += {"torch": 0.0, "triton": 0.5, "fused": -0.5}[k.linear]  # triton slower: not kept
+        ms += 0.2 if k.norm == "fused" else 0.0  # slower: not kept
+        ms -= 0.3 if k.rope == "triton" else 0.0  # kept
+        ms -= 0.01 if k.lm_head == "triton" else 0.0  # within MIN_GAIN: not kept
+        return ms
 
     chosen, timings = choose_decode_kernels(model, said.append, step_ms=fake_ms)
-    assert chosen == DecodeKernels(attention="triton", gated_mlp="triton" if gated else "torch")
+    mlp = "triton" if gated else "torch"
+    assert chosen == DecodeKernels(attention="triton", gated_mlp=mlp, linear="fused", rope="triton")
     assert model.decoder.kernels == chosen and not model._steps
-    k = [(t.kernels.attention, t.kernels.norm, t.kernels.gated_mlp, t.kernels.linear)
-         for t in timings]  # fmt: skip
-    t3 = ("torch",) * 3
+    k = [(t.kernels.attention, t.kernels.norm, t.kernels.gated_mlp, t.kernels.linear,
+          t.kernels.rope, t.kernels.lm_head) for t in timings]  # fmt: skip
+    t = "torch"
     expected = [
-        (*t3, "torch"),
-        ("sdpa", *t3),
-        ("triton", *t3),
-        ("triton", "triton", "torch", "torch"),
+        (t, t, t, t, t, t),
+        ("sdpa", t, t, t, t, t),
+        ("triton", t, t, t, t, t),
+        ("triton", "triton", t, t, t, t),  # fails: reported, not kept
+        ("triton", "fused", t, t, t, t),
     ]
     if gated:  # GPT-2's MLP is not gated: nothing to try
-        expected.append(("triton", "torch", "triton", "torch"))
-    expected.append(("triton", "torch", "triton" if gated else "torch", "triton"))
+        expected.append(("triton", t, "triton", t, t, t))
+    expected += [
+        ("triton", t, mlp, "triton", t, t),
+        ("triton", t, mlp, "fused", t, t),
+        ("triton", t, mlp, "fused", "triton", t),
+        ("triton", t, mlp, "fused", "triton", "triton"),
+        # then every piece on kernl's most fused kernel at once, in case they only pay together
+        ("triton", "fused", "triton" if gated else t, "fused", "triton", "triton"),
+    ]
     assert k == expected
     assert "failed (RuntimeError: no kernel for this shape)" in timings[3].describe()
     assert len(said) == len(timings)

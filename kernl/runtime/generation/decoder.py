@@ -9,15 +9,18 @@ one CUDA graph:
   decode   one token per row at cache slot `slot` (a 1-element tensor), attending to the first
            `kv_len` slots; returns the logits.
 
-Rotary embedding is applied as one batched matmul against a per-position D x D matrix
-(cos on the diagonal, ±sin on the half-swapped entries), gathered once per step for every
-layer: one kernel per layer instead of the five elementwise ones of `q*cos + rotate(q)*sin`.
+Rotary embedding: at prefill Hugging Face's `q*cos + rotate_half(q)*sin` over [B, S, D]
+tables; at a plain-torch decode step one batched matmul against a per-position D x D matrix
+(cos on the diagonal, ±sin on the half-swapped entries), one kernel per layer instead of five.
 
-A decode step can run four of its pieces on kernl's Triton kernels instead (`DecodeKernels`):
-attention over the cache (one split-K kernel reading the slot mask, instead of a bias
-broadcast, two batched matmuls and a softmax), the norms, the gated MLP's
-silu(x Wg) * (x Wu), and the linear layers (a split-K kernel for a few rows). The default
-is plain torch everywhere.
+A decode step can run its pieces on kernl's Triton kernels instead (`DecodeKernels`):
+attention over the cache (one split-K kernel reading the slot mask), the norms (alone, or
+"fused": folded into the prologue of the linear that follows, QKV and gate/up, with the
+gated MLP's silu(x Wg) * (x Wu) in its epilogue), the gated MLP, the linear layers
+("triton": split-K plus a reduce kernel; "fused": reduced in the same launch, bias and
+residual in its epilogue), rotary + KV-cache write in one kernel, and lm_head + argmax in
+one pass for greedy steps. The default is plain torch everywhere; the compiler keeps a
+kernel only where it times faster.
 """
 
 from __future__ import annotations
@@ -139,11 +142,20 @@ class Decoder:
         self.gated_silu_without_bias = (
             gated and spec.activation == "silu" and all(lw.up_b is None for lw in self.layers)
         )
-        self.rope = None
+        self.rope = self.cos = self.sin = None
         if spec.positions == "rope":
-            self.rope = rope_matrices(
-                w["rope.inv_freq"], positions, spec.rope_attention_scaling, dtype, device
-            )
+            from kernl.kernels.rope_cache_write import rope_tables
+
+            inv_freq, scaling = w["rope.inv_freq"], spec.rope_attention_scaling
+            self.rope = rope_matrices(inv_freq, positions, scaling, dtype, device)
+            self.cos, self.sin = rope_tables(inv_freq, positions, scaling, dtype, device)
+        # Folding a norm into the next linear defers RMSNorm's scale to the epilogue, which a
+        # norm bias would not survive.
+        self.norm_folds = spec.norm == "layer" or all(
+            lw.attn_norm_b is None and lw.mlp_norm_b is None for lw in self.layers
+        )
+        self._counters: torch.Tensor | None = None  # split-K arrivals, self-resetting
+        self._workspace: torch.Tensor | None = None  # lm_head_argmax's, self-resetting
 
     # -- pieces ---------------------------------------------------------------------------
 
@@ -166,7 +178,7 @@ class Decoder:
         h: torch.Tensor,
         lw: LayerWeights,
         triton: bool = False,
-        skinny: bool = False,
+        linear: str = "torch",
     ) -> torch.Tensor:
         """x + MLP(h), the residual folded into the last matmul where there is no bias."""
         if triton and self.gated_silu_without_bias:
@@ -176,11 +188,11 @@ class Decoder:
             tile = GatedMLPConfig(**DECODE_GATED_MLP_TILE)
             h = gated_mlp(h, lw.up_w[:n], lw.up_w[n:], config=tile)
         elif self.spec.mlp == "gated":
-            gate, up = _linear(h, lw.up_w, lw.up_b, skinny=skinny).chunk(2, dim=-1)
+            gate, up = self._proj(h, lw.up_w, lw.up_b, linear=linear).chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
-            h = self.act(_linear(h, lw.up_w, lw.up_b, skinny=skinny))
-        return _linear(h, lw.down_w, lw.down_b, residual=x, skinny=skinny)
+            h = self.act(self._proj(h, lw.up_w, lw.up_b, linear=linear))
+        return self._proj(h, lw.down_w, lw.down_b, residual=x, linear=linear)
 
     def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = F.embedding(ids, self.embed)
@@ -189,10 +201,10 @@ class Decoder:
         return x
 
     def _logits(
-        self, x: torch.Tensor, triton_norm: bool = False, skinny: bool = False
+        self, x: torch.Tensor, triton_norm: bool = False, linear: str = "torch"
     ) -> torch.Tensor:
         h = self._norm(x, self.final_norm_w, self.final_norm_b, triton_norm)
-        return _linear(h, self.lm_head, skinny=skinny)
+        return self._proj(h, self.lm_head, None, linear=linear)
 
     # -- entry points ---------------------------------------------------------------------
 
@@ -210,13 +222,14 @@ class Decoder:
         # row ever attends to a padded key.
         mask = (causal[None] & valid[:, None, :]) | eye[None]
         mask = mask[:, None]
-        rope = self.rope[positions] if self.rope is not None else None  # [B, S, D, D]
+        if self.cos is not None:  # [B, S, 1, D]: a gather of D x D matrices was 100s of MB
+            cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
         for i, lw in enumerate(self.layers):
             h = self._norm(x, lw.attn_norm_w, lw.attn_norm_b)
             qkv = F.linear(h, lw.qkv_w, lw.qkv_b)
             qk = qkv[..., : (nh + kvh) * d].view(bsz, seq, nh + kvh, d)
-            if rope is not None:
-                qk = torch.matmul(qk, rope)
+            if self.cos is not None:
+                qk = qk * cos + _rotate_half(qk) * sin
             q = qk[:, :, :nh].transpose(1, 2)
             k = qk[:, :, nh:].transpose(1, 2)
             v = qkv[..., (nh + kvh) * d :].view(bsz, seq, kvh, d).transpose(1, 2)
@@ -238,55 +251,138 @@ class Decoder:
         positions: torch.Tensor,
         slot: torch.Tensor,
         kv_valid: torch.Tensor,
-    ) -> torch.Tensor:
+        ids_out: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, bool]:
         """tokens, positions: [B]; slot: [1]; kv_valid: [B, kv_len] bool, the cache slots each
-        row may attend to (this step's slot included). Returns [B, vocab] logits."""
+        row may attend to (this step's slot included). Returns [B, vocab] logits, and whether
+        the greedy ids were written into `ids_out` too (lm_head + argmax in one kernel)."""
         s, kernels = self.spec, self.kernels
         bsz = tokens.shape[0]
         nh, kvh, d = s.num_heads, s.num_kv_heads, s.head_dim
         g = nh // kvh
         kv_len = kv_valid.shape[-1]
-        triton_norm, triton_mlp = kernels.norm == "triton", kernels.gated_mlp == "triton"
-        skinny = kernels.linear == "triton"
+        few = bsz <= FEW_ROWS  # kernl's few-rows kernels hold at most 16 rows
+        fold = kernels.norm == "fused" and few and self.norm_folds
+        triton_norm = kernels.norm != "torch"
+        triton_mlp = kernels.gated_mlp == "triton"
         if kernels.attention == "torch":
             bias = torch.where(kv_valid, 0.0, torch.finfo(self.dtype).min).to(self.dtype)
             bias = bias[:, None, None, :].expand(bsz, kvh, 1, kv_len).reshape(bsz * kvh, 1, kv_len)
         x = self._embed(tokens, positions)
-        rope = self.rope.index_select(0, positions) if self.rope is not None else None
+        rope = None
+        if self.rope is not None and kernels.rope == "torch":
+            rope = self.rope.index_select(0, positions)
         for i, lw in enumerate(self.layers):
-            h = self._norm(x, lw.attn_norm_w, lw.attn_norm_b, triton_norm)
-            qkv = _linear(h, lw.qkv_w, lw.qkv_b, skinny=skinny)
-            qk = qkv[:, : (nh + kvh) * d].view(bsz, nh + kvh, d)
-            if rope is not None:
-                qk = torch.bmm(qk, rope)
+            if fold:
+                qkv = self._norm_linear(x, lw.attn_norm_w, lw.attn_norm_b, lw.qkv_w, lw.qkv_b)
             else:
-                qk = qk.contiguous()
-            k_new = qk[:, nh:].unsqueeze(2)
-            v_new = qkv[:, (nh + kvh) * d :].view(bsz, kvh, 1, d)
-            cache.k[i].index_copy_(2, slot, k_new)
-            cache.v[i].index_copy_(2, slot, v_new)
+                h = self._norm(x, lw.attn_norm_w, lw.attn_norm_b, triton_norm)
+                qkv = self._proj(h, lw.qkv_w, lw.qkv_b, linear=kernels.linear)
+            if kernels.rope == "triton":
+                from kernl.kernels.rope_cache_write import rope_cache_write
+
+                q = rope_cache_write(
+                    qkv, positions, self.cos, self.sin, cache.k[i], cache.v[i], slot,
+                    num_heads=nh, num_kv_heads=kvh,
+                )[:, :, 0]  # fmt: skip
+            else:
+                qk = qkv[:, : (nh + kvh) * d].view(bsz, nh + kvh, d)
+                qk = torch.bmm(qk, rope) if rope is not None else qk.contiguous()
+                v_new = qkv[:, (nh + kvh) * d :].view(bsz, kvh, 1, d)
+                cache.k[i].index_copy_(2, slot, qk[:, nh:].unsqueeze(2))
+                cache.v[i].index_copy_(2, slot, v_new)
+                q = qk[:, :nh]
             keys, values = cache.k[i][:, :, :kv_len], cache.v[i][:, :, :kv_len]
             if kernels.attention == "torch":
-                q = qk[:, :nh].reshape(bsz * kvh, g, d)
                 keys_t = keys.reshape(bsz * kvh, kv_len, d).transpose(1, 2)
-                scores = torch.baddbmm(bias, q, keys_t, alpha=s.attention_scale)
+                scores = torch.baddbmm(bias, q.reshape(bsz * kvh, g, d), keys_t,
+                                       alpha=s.attention_scale)  # fmt: skip
                 att = torch.bmm(torch.softmax(scores, dim=-1), values.reshape(bsz * kvh, kv_len, d))
             elif kernels.attention == "sdpa":
                 att = F.scaled_dot_product_attention(
-                    qk[:, :nh].unsqueeze(2), keys, values, attn_mask=kv_valid[:, None, None, :],
+                    q.unsqueeze(2), keys, values, attn_mask=kv_valid[:, None, None, :],
                     scale=s.attention_scale, enable_gqa=True,
                 )  # fmt: skip
             else:
                 from kernl.kernels.decode_attention import decode_attention
 
                 att = decode_attention(
-                    qk[:, :nh].unsqueeze(2), keys, values, sm_scale=s.attention_scale,
-                    kv_mask=kv_valid,
-                )  # fmt: skip
-            x = _linear(att.reshape(bsz, nh * d), lw.o_w, lw.o_b, residual=x, skinny=skinny)
-            h = self._norm(x, lw.mlp_norm_w, lw.mlp_norm_b, triton_norm)
-            x = self._mlp(x, h, lw, triton_mlp, skinny)
-        return self._logits(x, triton_norm, skinny)
+                    q.unsqueeze(2), keys, values, sm_scale=s.attention_scale, kv_mask=kv_valid
+                )
+            x = self._proj(att.reshape(bsz, nh * d), lw.o_w, lw.o_b, x, kernels.linear)
+            if fold and self.gated_silu_without_bias:
+                h = self._norm_linear(x, lw.mlp_norm_w, lw.mlp_norm_b, lw.up_w, gated=True)
+                x = self._proj(h, lw.down_w, lw.down_b, x, kernels.linear)
+            elif fold:
+                up = self._norm_linear(x, lw.mlp_norm_w, lw.mlp_norm_b, lw.up_w, lw.up_b)
+                if s.mlp == "gated":
+                    gate, up = up.chunk(2, dim=-1)
+                    h = self.act(gate) * up
+                else:
+                    h = self.act(up)
+                x = self._proj(h, lw.down_w, lw.down_b, x, kernels.linear)
+            else:
+                h = self._norm(x, lw.mlp_norm_w, lw.mlp_norm_b, triton_norm)
+                x = self._mlp(x, h, lw, triton_mlp, kernels.linear)
+        if kernels.lm_head == "triton" and few and ids_out is not None:
+            from kernl.kernels.lm_head_argmax import lm_head_argmax, new_workspace
+
+            if self._workspace is None:
+                self._workspace = new_workspace(x.device)
+            norm_w = None
+            if s.norm == "rms" and self.final_norm_b is None:
+                norm_w, h = self.final_norm_w, x  # the final RMSNorm folds into the kernel
+            else:
+                h = self._norm(x, self.final_norm_w, self.final_norm_b, triton_norm)
+            _, logits = lm_head_argmax(
+                h, self.lm_head, norm_weight=norm_w, eps=s.norm_eps, return_logits=True,
+                ids_out=ids_out, workspace=self._workspace,
+            )  # fmt: skip
+            return logits, True
+        return self._logits(x, triton_norm, kernels.linear), False
+
+    def _counters_for(self, x: torch.Tensor) -> torch.Tensor:
+        if self._counters is None:
+            from kernl.kernels.norm_linear import new_counters
+
+            self._counters = new_counters(x.device)
+        return self._counters
+
+    def _norm_linear(self, x, norm_w, norm_b, w, b=None, gated: bool = False) -> torch.Tensor:
+        from kernl.kernels.norm_linear import norm_linear
+
+        return norm_linear(
+            x, norm_w, norm_b, w, b, eps=self.spec.norm_eps, norm=self.spec.norm, gated=gated,
+            counters=self._counters_for(x),
+        )  # fmt: skip
+
+    def _proj(
+        self,
+        h: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor | None,
+        residual: torch.Tensor | None = None,
+        linear: str = "torch",
+    ) -> torch.Tensor:
+        """residual + h @ w.T + b on the linear kernel `linear` names (a decode step's choice;
+        prefill stays on torch: its kernels have no binaries)."""
+        if linear == "fused" and _few_rows_operands(h, w):
+            from kernl.kernels.skinny_linear_fused import skinny_linear_fused
+
+            return skinny_linear_fused(h, w, b, residual, counters=self._counters_for(h))
+        return _linear(h, w, b, residual=residual, skinny=linear != "torch")
+
+
+FEW_ROWS = 16
+
+
+def _few_rows_operands(h: torch.Tensor, w: torch.Tensor) -> bool:
+    return h.dim() == 2 and h.shape[0] <= FEW_ROWS and h.stride(1) == 1 and w.is_contiguous()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
 
 
 def _linear(

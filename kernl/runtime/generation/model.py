@@ -10,6 +10,7 @@ every few steps, whether every row has finished (and each step's ids when stream
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import warnings
@@ -367,24 +368,32 @@ class GenerativeModel:
         return step
 
 
+# The kernel module behind each (piece, choice) that is not plain torch or SDPA.
+_KERNEL_MODULES = {
+    ("attention", "triton"): "decode_attention", ("norm", "triton"): "norm",
+    ("norm", "fused"): "norm_linear", ("gated_mlp", "triton"): "gated_mlp",
+    ("linear", "triton"): "skinny_linear", ("linear", "fused"): "skinny_linear_fused",
+    ("rope", "triton"): "rope_cache_write", ("lm_head", "triton"): "lm_head_argmax",
+}  # fmt: skip
+
+
 def _runnable(kernels: DecodeKernels, device: torch.device) -> DecodeKernels:
     """On the CPU, kernl's kernels run only in Triton's interpreter (see
     kernl_ops.triton_usable); where it is not on, the plain torch pieces compute the same."""
     if device.type != "cpu" or kernels == DecodeKernels():
         return kernels
-    from kernl.kernels import decode_attention, gated_mlp, norm, skinny_linear
+    import importlib
 
     from ..kernl_ops import triton_usable
 
-    def keep(choice: str, module) -> str:
-        return choice if choice != "triton" or triton_usable(device, module) else "torch"
-
-    return DecodeKernels(
-        attention=keep(kernels.attention, decode_attention),
-        norm=keep(kernels.norm, norm),
-        gated_mlp=keep(kernels.gated_mlp, gated_mlp),
-        linear=keep(kernels.linear, skinny_linear),
-    )
+    kept = {}
+    for piece, choice in dataclasses.asdict(kernels).items():
+        module = _KERNEL_MODULES.get((piece, choice))
+        usable = module is None or triton_usable(
+            device, importlib.import_module(f"kernl.kernels.{module}")
+        )
+        kept[piece] = choice if usable else "torch"
+    return DecodeKernels(**kept)
 
 
 def _as_batch(input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,6 +34,7 @@ class BatchState:
         self.cache = KVCache.allocate(spec, batch, cache_len, decoder.dtype, device)
         self.kv_valid = torch.zeros(batch, cache_len, dtype=torch.bool, device=device)
         self.tokens = torch.zeros(batch, **long)
+        self.greedy_ids = torch.zeros(batch, **long)  # lm_head + argmax writes here
         self.positions = torch.zeros(batch, **long)
         self.slot = torch.zeros(1, **long)
         self.step = torch.zeros(1, **long)
@@ -73,16 +74,21 @@ class BatchState:
     def decode(self, kv_len: int, do_sample: bool) -> torch.Tensor:
         self.kv_valid.index_fill_(1, self.slot, True)
         valid = self.kv_valid[:, :kv_len]
-        logits = self.decoder.decode(self.cache, self.tokens, self.positions, self.slot, valid)
+        logits, chose = self.decoder.decode(
+            self.cache, self.tokens, self.positions, self.slot, valid,
+            ids_out=None if do_sample else self.greedy_ids,
+        )  # fmt: skip
         self.positions.add_(1)
         self.slot.add_(1)
-        self._emit(logits, do_sample)
+        self._emit(logits, do_sample, self.greedy_ids if chose else None)
         return logits
 
-    def _emit(self, logits: torch.Tensor, do_sample: bool) -> None:
-        """Choose the next ids; finished rows emit the pad id (as Hugging Face does); a row
-        finishes on emitting an EOS id."""
-        if do_sample:
+    def _emit(self, logits: torch.Tensor, do_sample: bool, chosen: torch.Tensor | None = None):
+        """Choose the next ids (unless the decoder's lm_head kernel already did); finished
+        rows emit the pad id (as Hugging Face does); a row finishes on emitting an EOS id."""
+        if chosen is not None:
+            pass
+        elif do_sample:
             chosen = sample(logits, self.sampler, self.step, self.counter)
         else:
             chosen = greedy(logits)
