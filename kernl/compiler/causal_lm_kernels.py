@@ -123,10 +123,14 @@ def choose_decode_kernels(
 
 
 def record_decode_binaries(gen: GenerativeModel) -> dict[str, Any]:
-    """Run one decode step of every decode bucket and collect its kernl kernels' binaries."""
+    """Run one greedy and one sampling decode step of every decode bucket and collect their
+    kernl kernels' binaries (a greedy step may take its ids from the lm_head kernel, a
+    sampling step runs the final norm and lm_head on their own kernels)."""
     with recording_binaries(gen.device) as found:
         for batch, kv_len in gen.buckets.decode_shapes():
             state = gen._states[batch]
-            state.reset_counters()
-            state.decode(kv_len, False)
+            state.sampler.set(1.0, 0, 1.0, 0, gen.spec.vocab_size)
+            for do_sample in (False, True):
+                state.reset_counters()
+                state.decode(kv_len, do_sample)
     return found

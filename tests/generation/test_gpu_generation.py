@@ -51,6 +51,7 @@ steps = list(model.stream(ids.cuda(), mask.cuda(), max_new_tokens=16, eos_token_
                           output_logits=True))
 torch.save((torch.stack([i for i, _ in steps], 1), torch.stack([lg for _, lg in steps], 1)),
            sys.argv[3])
+model.generate(ids.cuda(), mask.cuda(), max_new_tokens=8, do_sample=True, seed=1)  # its kernels too
 assert not compilations and "kernl.compiler" not in sys.modules
 print("served", len(model.manifest.kernels), "binaries, 0 compilations")
 """
