@@ -352,7 +352,12 @@ def test_weights_digest():
 def test_tiny_llama_generates_like_eager_then_hits_the_cache(cache, compiles):
     hf = tiny_model("llama3")
     buckets = "batch=1,2 prompt=8,16 cache=48"
+    before = _snapshot(hf)
+    generation_config = hf.generation_config.to_dict()
     model = kernl.optimize(hf, buckets, progress=False)
+    # compile validates against the eager model's generate: that leaves it as it was too
+    _assert_same(before, _snapshot(hf))
+    assert hf.generation_config.to_dict() == generation_config
     assert len(compiles) == 1 and compiles[0][1]["task"] == "causal-lm"
     ids, mask = mixed_prompts(2, [11, 4])
     with torch.no_grad():
