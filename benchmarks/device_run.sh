@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# A session's GPU work as one detached job on the device machine, so that one pytest process
+# and several benchmarks can outlast the device tool's 10-minute limit per command.
+#
+# From the repository root on the GPU machine (the reference benchmarks copied into .bench,
+# see README "Benchmarks"):
+#   bash benchmarks/device_run.sh start tests gen bert decode   # starts the stages, waits
+#   bash benchmarks/device_run.sh wait                          # waits again (next command)
+# Each `start`/`wait` returns after at most WAIT seconds (default 540) with every log and
+# JSON so far copied to $OUT and the last lines of each log printed; call `wait` again
+# within the machine's idle time until it prints "all stages done".
+#
+# Stages:
+#   tests   the whole GPU suite in one pytest process (`make test-gpu` without the venv)
+#   gen     Llama-1B-shaped bf16 generation vs HF eager and HF static-cache generate
+#           (.bench/kernl_gen_vs_peers.py, batches 1 4 8; kernl generates after HF's
+#           torch.compile too, the process-sharing crash of issue 12)
+#   bert    BERT-base fp16 kernl vs torch.compile reduce-overhead vs eager
+#           (benchmarks/bench_bert_fusions.py)
+#   decode  the fused decode kernels vs the sequences they replace
+#           (benchmarks/bench_decode_kernels.py)
+set -uo pipefail
+RUN=${KERNL_RUN_DIR:-/tmp/kernl-run}
+WAIT=${WAIT:-540}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+
+stage() {
+  case "$1" in
+    tests) timeout 1500 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=40 ;;
+    gen) timeout 900 python3 .bench/kernl_gen_vs_peers.py 1 4 8 ;;
+    bert) OUT=$RUN timeout 600 python3 benchmarks/bench_bert_fusions.py ;;
+    decode) OUT=$RUN timeout 300 python3 benchmarks/bench_decode_kernels.py ;;
+    *) echo "unknown stage $1" ;;
+  esac
+}
+
+collect() {
+  mkdir -p "${OUT:-/tmp/kernl-out}"
+  cp "$RUN"/*.log "$RUN"/*.json "${OUT:-/tmp/kernl-out}/" 2>/dev/null
+  for f in "$RUN"/*.log; do
+    [ -e "$f" ] || continue
+    echo "=== $(basename "$f") (last lines)"
+    tail -n 25 "$f"
+  done
+}
+
+wait_for_job() {
+  local waited=0
+  while [ ! -e "$RUN/all.done" ] && [ "$waited" -lt "$WAIT" ]; do
+    sleep 5
+    waited=$((waited + 5))
+  done
+  collect
+  if [ -e "$RUN/all.done" ]; then echo "all stages done"; else echo "still running"; fi
+}
+
+case "${1:-}" in
+  start)
+    shift
+    rm -rf "$RUN" && mkdir -p "$RUN"
+    {
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+      python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+      date -u
+    } >"$RUN/device.log" 2>&1
+    setsid nohup bash "$0" stages "$@" >>"$RUN/stages.log" 2>&1 </dev/null &
+    wait_for_job
+    ;;
+  stages)
+    shift
+    for s in "$@"; do
+      echo "$(date -u +%T) stage $s"
+      stage "$s" >"$RUN/$s.log" 2>&1
+      echo "$(date -u +%T) stage $s rc=$?"
+    done
+    touch "$RUN/all.done"
+    ;;
+  wait) wait_for_job ;;
+  *)
+    echo "usage: bash benchmarks/device_run.sh start STAGE... | wait" >&2
+    exit 2
+    ;;
+esac
