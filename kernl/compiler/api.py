@@ -93,10 +93,12 @@ class CompileReport:
         for bucket, records in self.tuning.items():
             timed = [r for r in records if r.time_us is not None]
             if not timed:
-                if records:
+                counts = next((r.counts for r in self.buckets if r.bucket == bucket), None)
+                if records and counts is not None:  # the count `kernl inspect` shows
                     lines.append(
-                        f"  {bucket.batch}x{bucket.seq}: {len(records)} tunable kernel "
-                        "instances, on default configs (no GPU to tune on)"
+                        f"  {bucket.batch}x{bucket.seq}: {counts.kernl_ops} kernl ops, "
+                        f"{counts.on_triton} on Triton kernels with default configs (no GPU to "
+                        f"tune on), {counts.kernl_ops - counts.on_triton} on aten"
                     )
                 continue
             total, aten = sum(r.time_us for r in timed), sum(r.aten_time_us for r in timed)

@@ -124,6 +124,7 @@ def test_compile_summary_and_inspect_count_the_same_ops(tmp_path):
         summary_row = next(ln for ln in report.table().splitlines() if ln.split()[:1] == ["1x8"])
         inspect_row = next(ln for ln in render_text(inspected).splitlines()
                            if ln.split()[:1] == ["1x8"])  # fmt: skip
+        assert f"1x8: {c.kernl_ops} kernl ops, {c.on_triton} on Triton kernels" in report.table()
         numbers = [str(c.instructions), str(c.kernl_ops), str(c.on_triton)]
         assert summary_row.split()[-3:] == numbers, summary_row
         assert inspect_row.split()[-5:-2] == numbers, inspect_row
