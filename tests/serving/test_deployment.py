@@ -8,8 +8,10 @@ import types
 
 import pytest
 
-from kernl.serving.config import ServeConfig
-from kernl.serving.deployment import build
+pytest.importorskip("ray", reason="kernl serve's deployment needs Ray Serve (kernl[serve])")
+
+from kernl.serving.config import ServeConfig  # noqa: E402
+from kernl.serving.deployment import build  # noqa: E402
 
 
 def test_builder_types_arguments_and_defaults_batch_size(tiny_artifact):
