@@ -31,7 +31,7 @@ class DecoderSpec:
     """The decoder-only architecture, normalised over the supported families.
 
     Weights follow one naming scheme whatever the family (see WEIGHT NAMES in
-    kernl/compiler/causal_lm_describe.py): `embed`, `pos_embed` (learned positions),
+    kernl/compiler/tasks/causal_lm/describe.py): `embed`, `pos_embed` (learned positions),
     `layers.{i}.{attn_norm,qkv,o,mlp_norm,gate_up,down,fc,proj}.{weight,bias}`,
     `final_norm.{weight,bias}`, `lm_head.weight` (absent when tied to `embed`), and
     `rope.inv_freq` (float32) for rotary models."""

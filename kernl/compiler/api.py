@@ -1,133 +1,14 @@
-"""`kernl.compiler.compile`: model in, artifact out."""
+"""`kernl.compiler.compile`: model in, artifact out. The task picks the room that compiles
+it (kernl/compiler/tasks/: encoder, causal_lm); signing wraps any of them."""
 
 from __future__ import annotations
 
-import datetime
 import os
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
-import triton
+from .report import BucketReport, CompileReport, Progress
+from .trace import task_from_source
 
-import kernl
-from kernl.artifacts import (
-    FORMAT_VERSION,
-    ArtifactWriter,
-    Bucket,
-    BucketEntry,
-    Manifest,
-    check_destination,
-)
-from kernl.runtime.binaries import allow_jit
-
-from .buckets import as_buckets, check_buckets_fit
-from .lower import lower
-from .op_counts import OpCounts, count_ops
-from .passes import rewrite
-from .trace import (
-    FlatModel,
-    example_inputs,
-    export_bucket,
-    load_model,
-    model_signature,
-    resolve_dtype_device,
-    task_from_source,
-)
-from .tune import TuneRecord, record_binaries, tune_program, write_binaries
-from .validate import resolve_tolerance, validate
-
-Progress = Callable[[str], None]
-
-
-@dataclass
-class BucketReport:
-    bucket: Bucket
-    seconds: float
-    max_abs_error: float
-    counts: OpCounts  # the same count `kernl inspect` shows
-
-    @property
-    def instructions(self) -> int:
-        return self.counts.instructions
-
-
-@dataclass
-class CompileReport:
-    path: Path
-    task: str
-    dtype: str
-    device: str
-    buckets: list[BucketReport] = field(default_factory=list)
-    artifact_bytes: int = 0
-    seconds: float = 0.0
-    tuning: dict[Bucket, list[TuneRecord]] = field(default_factory=dict)
-
-    def table(self) -> str:
-        lines = [
-            f"{'bucket':>12}  {'time (s)':>8}  {'max |err| vs eager':>18}  {'kernels/call':>12}  "
-            f"{'instructions':>12}  {'kernl ops':>9}  {'on Triton':>9}",
-            f"{'-' * 12}  {'-' * 8}  {'-' * 18}  {'-' * 12}  {'-' * 12}  {'-' * 9}  {'-' * 9}",
-        ]
-        for r in self.buckets:
-            name = f"{r.bucket.batch}x{r.bucket.seq}"
-            c = r.counts
-            lines.append(
-                f"{name:>12}  {r.seconds:8.2f}  {r.max_abs_error:18.3g}  "
-                f"{'?' if c.launches is None else c.launches:>12}  {c.instructions:12d}  "
-                f"{c.kernl_ops:9d}  {c.on_triton:9d}"
-            )
-        lines.extend(self.tuning_table())
-        lines.append(
-            f"artifact {self.path} ({self.artifact_bytes / 2**20:.1f} MiB), task {self.task}, "
-            f"{self.dtype} on {self.device}, {len(self.buckets)} buckets in {self.seconds:.1f} s"
-        )
-        return "\n".join(lines)
-
-    def tuning_table(self) -> list[str]:
-        """Per bucket, each kernel instance: chosen implementation and config, its time, and
-        the time of the aten implementation it replaced."""
-        lines: list[str] = []
-        for bucket, records in self.tuning.items():
-            timed = [r for r in records if r.time_us is not None]
-            if not timed:
-                counts = next((r.counts for r in self.buckets if r.bucket == bucket), None)
-                if records and counts is not None:  # the count `kernl inspect` shows
-                    lines.append(
-                        f"  {bucket.batch}x{bucket.seq}: {counts.kernl_ops} kernl ops, "
-                        f"{counts.on_triton} on Triton kernels with default configs (no GPU to "
-                        f"tune on), {counts.kernl_ops - counts.on_triton} on aten"
-                    )
-                continue
-            total, aten = sum(r.time_us for r in timed), sum(r.aten_time_us for r in timed)
-            failed = sum(len(r.errors) for r in timed)
-            lines.append(f"  {bucket.batch}x{bucket.seq}: {len(timed)} kernel instances, "
-                         f"{total:.0f} us tuned vs {aten:.0f} us aten (GPU time under graph "
-                         f"replay); {failed} configs skipped (failed to compile or run)")  # fmt: skip
-            errors = sorted({e for r in timed for e in r.errors})[:3]
-            lines.extend(f"    skipped: {e}" for e in errors)
-            for r in timed:
-                cfg = "" if r.config is None else " ".join(f"{k}={v}" for k, v in r.config.items())
-                lines.append(
-                    f"    #{r.index:<4} {r.op:<17} {r.impl:<6} {r.time_us:8.1f} us "
-                    f"(aten {r.aten_time_us:8.1f} us){' cached' if r.cached else ''}  {cfg}"
-                    + (f"  [{r.approximation}]" if r.approximation else "")
-                )
-        return lines
-
-
-def _target_info(device: torch.device) -> dict:
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return dict(
-            target="cuda",
-            gpu_name=torch.cuda.get_device_name(device),
-            compute_capability=f"{major}.{minor}",
-            cuda_version=torch.version.cuda,
-        )
-    return dict(target="cpu", gpu_name=None, compute_capability=None, cuda_version=None)
+__all__ = ["BucketReport", "CompileReport", "Progress", "compile"]
 
 
 def compile(
@@ -169,118 +50,15 @@ def compile(
         task = task_from_source(model_or_path)
     if task == "causal-lm":
         # Decoder-only generation has its own buckets (prompt, cache) and programs.
-        from .causal_lm import compile_causal_lm
+        from .tasks.causal_lm import compile_causal_lm
 
         return compile_causal_lm(
             model_or_path, buckets, out, dtype=dtype, device=device, atol=atol, rtol=rtol,
             progress=progress, kernels=kernels, tune=tune,
         )  # fmt: skip
-    say = progress or (lambda _msg: None)
-    start = time.perf_counter()
-    torch_dtype, dev = resolve_dtype_device(dtype, device)
-    if kernels and dev.type == "cpu" and torch_dtype == torch.bfloat16:
-        raise ValueError(
-            "--dtype bf16 on the CPU: kernl's kernels run through Triton's interpreter there, "
-            "which computes bf16 wrongly (numpy has no bfloat16). Use --dtype fp32 or fp16 on "
-            "the CPU, --no-kernels (plain aten ops, bf16 works), or compile on a GPU."
-        )
-    if dev.type == "cpu":
-        # kernl's kernels run through Triton's interpreter on the CPU; the variable must be
-        # set before they are first imported (tune.py falls back to aten if it was too late).
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    bucket_list = as_buckets(buckets)
-    check_destination(out, needed_bytes=_model_bytes(model_or_path))  # before any heavy work
+    from .tasks.encoder import compile_encoder
 
-    say(f"loading model {model_or_path if isinstance(model_or_path, (str, Path)) else ''}")
-    model, task, source = load_model(model_or_path, task, torch_dtype, dev)
-    check_buckets_fit(bucket_list, model.config)  # before tracing any bucket
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    check_destination(out, needed_bytes=int(weight_bytes * 1.2) + (1 << 20))
-    signature = model_signature(model, dev)
-    input_names = [s.name for s in signature.inputs]
-    output_names = [s.name for s in signature.outputs]
-    flat = FlatModel(model, input_names, output_names)
-    atol, rtol = resolve_tolerance(torch_dtype, atol, rtol)
-
-    report = CompileReport(Path(out), task, str(torch_dtype).removeprefix("torch."), str(dev))
-    entries: list[BucketEntry] = []
-    all_weights: dict[str, torch.Tensor] = {}
-    programs: list = []
-    binaries: dict = {}
-    with ArtifactWriter(out) as writer:
-        for i, bucket in enumerate(bucket_list, 1):
-            t0 = time.perf_counter()
-            tag = f"[{i}/{len(bucket_list)}] bucket {bucket.batch}x{bucket.seq}"
-            say(f"{tag}: export")
-            ep = export_bucket(flat, bucket, model.config.vocab_size, dev)
-            say(f"{tag}: lower")
-            program, weights = lower(ep, bucket, input_names)
-            for name, t in weights.items():
-                all_weights.setdefault(name, t)
-            if kernels:
-                say(f"{tag}: rewrite")
-                program = rewrite(program, all_weights)
-                say(f"{tag}: tune")
-                example = dict(zip(input_names, example_inputs(
-                    input_names, bucket, model.config.vocab_size, dev)))  # fmt: skip
-                records = tune_program(program, all_weights, example, dev, benchmark=tune)
-                report.tuning[bucket] = records
-                if dev.type == "cuda":
-                    say(f"{tag}: build kernel binaries")
-                    binaries.update(record_binaries(program, all_weights, example, dev))
-            say(f"{tag}: validate")
-            with allow_jit():
-                result = validate(flat, program, all_weights, dev, atol, rtol)
-            programs.append(program)
-            rel = writer.write_program(program)
-            seconds = time.perf_counter() - t0
-            entries.append(BucketEntry(bucket, rel, result.max_abs_error, seconds))
-            report.buckets.append(
-                BucketReport(bucket, seconds, result.max_abs_error, count_ops(program))
-            )
-            say(f"{tag}: done in {seconds:.1f}s, max |error| {result.max_abs_error:.3g}")
-        say("writing weights")
-        used = {n for p in programs for n in p.weights.values()}
-        writer.write_weights({k: v for k, v in all_weights.items() if k in used})
-        kernel_entries = write_binaries(writer, binaries)
-        manifest = Manifest(
-            format_version=FORMAT_VERSION,
-            kernl_version=kernl.__version__,
-            torch_version=torch.__version__,
-            triton_version=triton.__version__,
-            dtype=report.dtype,
-            task=task,
-            model_type=getattr(model.config, "model_type", type(model).__name__),
-            model_source=source,
-            model_config=_plain_config(model.config),
-            inputs=signature.inputs,
-            outputs=signature.outputs,
-            buckets=entries,
-            files={},
-            created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            kernels=kernel_entries,
-            extra={"atol": atol, "rtol": rtol, "kernl_ops": kernels},
-            **_target_info(dev),
-        )
-        report.artifact_bytes = writer.size_bytes()
-        writer.commit(manifest)
-    report.seconds = time.perf_counter() - start
-    return report
-
-
-def _model_bytes(model_or_path) -> int:
-    """About what the artifact will need on disk, known before loading the model: the
-    model folder's weight files (+20%)."""
-    if isinstance(model_or_path, torch.nn.Module):
-        return int(sum(p.numel() * p.element_size() for p in model_or_path.parameters()) * 1.2)
-    folder = Path(str(model_or_path)).expanduser()
-    if not folder.is_dir():
-        return 0
-    files = list(folder.glob("*.safetensors")) + list(folder.glob("*.bin"))
-    return int(sum(f.stat().st_size for f in files) * 1.2)
-
-
-def _plain_config(config) -> dict:
-    import json
-
-    return json.loads(config.to_json_string(use_diff=False))
+    return compile_encoder(
+        model_or_path, buckets, out, dtype=dtype, device=device, task=task, atol=atol,
+        rtol=rtol, progress=progress, kernels=kernels, tune=tune,
+    )  # fmt: skip

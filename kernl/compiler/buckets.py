@@ -43,25 +43,37 @@ def _parse_axis(axis: str, text: str) -> list[int]:
     return sorted(values)
 
 
+def parse_axes(
+    spec: str, axes: tuple[str, ...], required: tuple[str, ...], example: str, task: str
+) -> dict[str, list[int]]:
+    """The one grammar of every task: space-separated AXIS=VALUES over the task's `axes`
+    (encoder: batch, seq; causal LM: batch, prompt, cache), each axis at most once."""
+    found: dict[str, list[int]] = {}
+    for part in spec.replace(";", " ").split():
+        if "=" not in part:
+            raise BucketSyntaxError(f"{part!r}: expected AXIS=VALUES, e.g. {example}")
+        name, values = part.split("=", 1)
+        name = name.strip().lower()
+        if name not in axes:
+            raise BucketSyntaxError(
+                f"unknown axis {name!r} for {task}; the axes are {', '.join(axes)} "
+                f'(e.g. "{example}")'
+            )
+        if name in found:
+            raise BucketSyntaxError(f"axis {name!r} is given twice")
+        found[name] = _parse_axis(name, values)
+    missing = [a for a in required if a not in found]
+    if missing:
+        raise BucketSyntaxError(f"missing axis {', '.join(missing)} in {spec!r}")
+    return found
+
+
 def parse_buckets(spec: str) -> list[Bucket]:
     """`"batch=1,8 seq=16:64"` -> [Bucket(1,16), Bucket(1,32), Bucket(1,64), Bucket(8,16), ...];
     `"1x16,8x128"` -> [Bucket(1,16), Bucket(8,128)]."""
     if "=" not in spec and spec.strip():
         return _parse_shape_list(spec)
-    axes: dict[str, list[int]] = {}
-    for part in spec.replace(";", " ").split():
-        if "=" not in part:
-            raise BucketSyntaxError(f"{part!r}: expected AXIS=VALUES, e.g. seq=16:512")
-        name, values = part.split("=", 1)
-        name = name.strip().lower()
-        if name not in AXES:
-            raise BucketSyntaxError(f"unknown axis {name!r}; the axes are {', '.join(AXES)}")
-        if name in axes:
-            raise BucketSyntaxError(f"axis {name!r} is given twice")
-        axes[name] = _parse_axis(name, values)
-    missing = [a for a in AXES if a not in axes]
-    if missing:
-        raise BucketSyntaxError(f"missing axis {', '.join(missing)} in {spec!r}")
+    axes = parse_axes(spec, AXES, AXES, "batch=1,8 seq=16:512", "an encoder")
     return [Bucket(b, s) for b, s in itertools.product(axes["batch"], axes["seq"])]
 
 

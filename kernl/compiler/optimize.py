@@ -56,7 +56,7 @@ from kernl.artifacts import FORMAT_VERSION, ArtifactError, check_destination
 
 from . import api
 from .buckets import as_buckets, check_buckets_fit, position_limit
-from .causal_lm_buckets import as_generation_buckets
+from .tasks.causal_lm.buckets import as_generation_buckets
 from .trace import DTYPES, task_of
 
 # Default buckets when none are given (see default_buckets).

@@ -7,7 +7,7 @@ import torch
 import transformers as T
 from click.testing import CliRunner
 
-import kernl.compiler.api
+import kernl.compiler.tasks.encoder
 from kernl.artifacts import read_manifest
 from kernl.compiler.cli import compile_command
 from kernl.compiler.trace import task_of
@@ -71,7 +71,7 @@ def test_a_validation_failure_is_a_message_not_a_traceback(bert_dir, tmp_path, m
     def failing_validate(*args, **kwargs):
         raise ValidationError("bucket b1_s8: output last_hidden_state differs from eager")
 
-    monkeypatch.setattr(kernl.compiler.api, "validate", failing_validate)
+    monkeypatch.setattr(kernl.compiler.tasks.encoder, "validate", failing_validate)
     result = run(bert_dir, "-o", tmp_path / "a", "--buckets", "batch=1 seq=8",
                  "--dtype", "fp32", "--device", "cpu", "--no-kernels")  # fmt: skip
     assert_clean_failure(result, 1, "validation against eager failed",

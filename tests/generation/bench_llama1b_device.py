@@ -183,7 +183,7 @@ def main(out: Path, skip_hf_static: bool, skip_hf_eager: bool, variants_only: bo
 
     # -- per-step logits vs eager, with an fp32 reference to size bf16 noise ---------------
     log("logits: kernl bf16 and HF eager bf16 vs HF fp32, prefill + 64 decode steps")
-    from kernl.compiler.causal_lm_validate import reference_logits
+    from kernl.compiler.tasks.causal_lm.validate import reference_logits
 
     lengths = [128, 77, 100, 31]
     rows = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]

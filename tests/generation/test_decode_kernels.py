@@ -74,7 +74,7 @@ def test_decode_kernels_are_checked():
 def test_forced_decode_kernels_are_stored_and_served(tmp_path):
     forced = {"attention": "triton", "norm": "fused", "gated_mlp": "triton", "linear": "fused",
               "rope": "triton", "lm_head": "triton"}  # fmt: skip
-    from kernl.compiler.causal_lm import compile_causal_lm
+    from kernl.compiler.tasks.causal_lm import compile_causal_lm
 
     report = compile_causal_lm(
         tiny_model("llama3"), "batch=4 prompt=16 cache=32", tmp_path / "lm.kernl",
@@ -95,7 +95,7 @@ def test_forced_decode_kernels_are_stored_and_served(tmp_path):
 
 
 def test_choice_keeps_an_alternative_only_when_measurably_faster(artifact):
-    from kernl.compiler.causal_lm_kernels import choose_decode_kernels
+    from kernl.compiler.tasks.causal_lm.decode_kernels import choose_decode_kernels
 
     model = kernl.runtime.load(artifact)
     gated = model.decoder.gated_silu_without_bias
@@ -144,7 +144,7 @@ def test_choice_keeps_an_alternative_only_when_measurably_faster(artifact):
 
 def test_step_timing_and_binary_recording_run_on_the_cpu(artifact):
     """The GPU paths' Python on the CPU: eager steps timed, no binaries (interpreter)."""
-    from kernl.compiler.causal_lm_kernels import _step_ms, record_decode_binaries
+    from kernl.compiler.tasks.causal_lm.decode_kernels import _step_ms, record_decode_binaries
 
     model = kernl.runtime.load(artifact)
     model.decoder.kernels = DecodeKernels(attention="triton")
@@ -189,7 +189,7 @@ def test_inspect_shows_the_decode_step_kernels(artifact):
 
 
 def test_choice_keeps_plain_torch_when_the_baseline_cannot_be_timed(artifact):
-    from kernl.compiler.causal_lm_kernels import choose_decode_kernels
+    from kernl.compiler.tasks.causal_lm.decode_kernels import choose_decode_kernels
 
     model = kernl.runtime.load(artifact)
 

@@ -14,7 +14,7 @@ import torch
 import kernl.compiler
 import kernl.runtime
 from kernl.compiler.buckets import BucketSyntaxError
-from kernl.compiler.causal_lm_buckets import parse_generation_buckets
+from kernl.compiler.tasks.causal_lm.buckets import parse_generation_buckets
 from kernl.compiler.trace import UnsupportedModelError
 
 from .tiny_models import VOCAB, mixed_prompts, tiny_model

@@ -70,7 +70,7 @@ def test_triton_decode_kernels_run_from_binaries_and_match_torch(tmp_path, varia
     import subprocess
     import sys
 
-    from kernl.compiler.causal_lm import compile_causal_lm
+    from kernl.compiler.tasks.causal_lm import compile_causal_lm
 
     hf = tiny_model("llama3").cuda().to(torch.bfloat16)
     buckets = "batch=1,4 prompt=16 cache=32,64"

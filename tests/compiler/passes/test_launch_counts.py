@@ -121,8 +121,10 @@ def test_bert_loses_the_neighbours_of_its_cublas_gemms(bert_program):
     assert before.by_source["aten.add"] - after.by_source.get("aten.add", 0) == 2 * layers
     assert "aten.clone" not in after.by_source  # heads merge after attention: a view
     tanh = count_launches(_choose(new, "aten", tanh=True))
-    assert after.total - tanh.total == layers  # the GELU kernels go into the GEMM epilogue
-    assert count_launches(_choose(new, "triton")).total == tanh.total
+    # This program is fp32, where cuBLASLt's GELU epilogue is refused (13x stock PyTorch's
+    # error on the H200): the GELUs stay apart; Triton's GEMM takes them in its epilogue.
+    assert tanh.total == after.total
+    assert count_launches(_choose(new, "triton")).total == after.total - layers
     assert count_launches(program).total > before.total  # and all of it beats the aten graph
 
 

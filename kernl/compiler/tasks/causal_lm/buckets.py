@@ -12,29 +12,16 @@ from __future__ import annotations
 
 from kernl.artifacts.generation import GenerationBuckets
 
-from .buckets import BucketSyntaxError, _parse_axis
+from ...buckets import BucketSyntaxError, parse_axes
 
 AXES = ("batch", "prompt", "cache")
+EXAMPLE = "batch=1,4,8 prompt=16:1024 cache=2048"
 
 
 def parse_generation_buckets(spec: str) -> GenerationBuckets:
-    axes: dict[str, list[int]] = {}
-    for part in spec.replace(";", " ").split():
-        if "=" not in part:
-            raise BucketSyntaxError(f"{part!r}: expected AXIS=VALUES, e.g. prompt=16:1024")
-        name, values = part.split("=", 1)
-        name = name.strip().lower()
-        if name not in AXES:
-            raise BucketSyntaxError(
-                f"unknown axis {name!r} for causal-lm; the axes are {', '.join(AXES)} "
-                f'(e.g. "batch=1,4,8 prompt=16:1024 cache=2048")'
-            )
-        if name in axes:
-            raise BucketSyntaxError(f"axis {name!r} is given twice")
-        axes[name] = _parse_axis(name, values)
-    missing = [a for a in ("batch", "prompt") if a not in axes]
-    if missing:
-        raise BucketSyntaxError(f"missing axis {', '.join(missing)} in {spec!r}")
+    if "=" not in spec and "x" in spec.lower():
+        raise BucketSyntaxError(f'{spec!r}: causal-lm buckets name their axes, e.g. "{EXAMPLE}"')
+    axes = parse_axes(spec, AXES, ("batch", "prompt"), EXAMPLE, "causal-lm")
     return checked(
         GenerationBuckets(
             axes["batch"], axes["prompt"], axes.get("cache", [2 * max(axes["prompt"])])

@@ -42,13 +42,13 @@ from kernl.artifacts.schema import PROGRAMS_DIR
 from kernl.runtime.binaries import allow_jit
 from kernl.runtime.generation import GenerativeModel
 
-from .causal_lm_buckets import as_generation_buckets
-from .causal_lm_describe import describe
-from .causal_lm_kernels import DecodeTiming, choose_decode_kernels, record_decode_binaries
-from .causal_lm_validate import StageError, validate_generation
-from .trace import load_model, resolve_dtype_device
-from .tune import write_binaries
-from .validate import resolve_tolerance
+from ...trace import load_model, resolve_dtype_device
+from ...tune import write_binaries
+from ...validate import resolve_tolerance
+from .buckets import as_generation_buckets
+from .decode_kernels import DecodeTiming, choose_decode_kernels, record_decode_binaries
+from .describe import describe
+from .validate import StageError, validate_generation
 
 TASK = "causal-lm"
 RUNTIME = "kernl.runtime.generation.decoder"
@@ -115,7 +115,7 @@ def compile_causal_lm(
 
     The decode step's kernels (`DecodeKernels`) are `decode_kernels` when given; otherwise, on
     a GPU in fp16/bf16 with `kernels` and `tune`, the fastest combination found by timing
-    (kernl.compiler.causal_lm_kernels); otherwise plain torch. Triton kernels the choice uses
+    (tasks/causal_lm/decode_kernels.py); otherwise plain torch. Triton kernels the choice uses
     are stored as binaries, so the runtime compiles nothing."""
     say = progress or (lambda _msg: None)
     start = time.perf_counter()

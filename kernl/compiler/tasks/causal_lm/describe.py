@@ -19,7 +19,7 @@ import torch
 
 from kernl.artifacts.generation import DecoderSpec
 
-from .trace import UnsupportedModelError
+from ...trace import UnsupportedModelError
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 SUPPORTED = (*LLAMA_LIKE, "gpt2")

@@ -15,7 +15,7 @@ import torch
 
 from kernl.runtime.generation import GenerativeModel
 
-from .validate import ValidationError
+from ...validate import ValidationError
 
 # Long runs compare at most this many steps (all kv-bucket boundaries included), so a
 # 2048-slot cache does not need 2048 x vocab logits kept on both sides.

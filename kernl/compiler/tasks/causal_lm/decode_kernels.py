@@ -23,7 +23,7 @@ from kernl.artifacts.generation import DECODE_KERNEL_CHOICES, DecodeKernels
 from kernl.runtime.binaries import allow_jit
 from kernl.runtime.generation import GenerativeModel
 
-from .tune import recording_binaries
+from ...tune import recording_binaries
 
 # every piece's implementations but plain torch, in the order they are tried
 ALTERNATIVES = [(piece, choices[1:]) for piece, choices in DECODE_KERNEL_CHOICES.items()]
