@@ -2,7 +2,7 @@
 embeddings (mean pooling, L2 norm) against eager fp32 embeddings computed beforehand on the
 CPU from the original fp32 weights (.carry/minilm_ref.safetensors).
 
-    python scripts/check_minilm.py .carry/minilm .carry/minilm_ref.safetensors
+    python benchmarks/check_minilm.py .carry/minilm .carry/minilm_ref.safetensors
 """
 
 import sys

@@ -2,8 +2,8 @@
 cold start over 20 buckets, GPU memory, and latency against eager and torch.compile.
 Prints markdown tables for docs/performance.md and writes them (and JSON) under --out.
 
-    python scripts/bench_bert_e2e.py --out $OUT --peers eager,reduce-overhead
-    python scripts/bench_bert_e2e.py --out $OUT --peers max-autotune --skip-kernl
+    python benchmarks/bench_bert_e2e.py --out $OUT --peers eager,reduce-overhead
+    python benchmarks/bench_bert_e2e.py --out $OUT --peers max-autotune --skip-kernl
 """
 
 from __future__ import annotations

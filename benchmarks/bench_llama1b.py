@@ -1,6 +1,6 @@
 """Device benchmark of causal-LM generation on a Llama-3.2-1B-shaped random model (bf16).
 
-    PYTHONUNBUFFERED=1 python tests/generation/bench_llama1b_device.py OUT_DIR [--skip-hf-static] [--skip-hf-eager] [--variants-only]
+    PYTHONUNBUFFERED=1 python benchmarks/bench_llama1b.py OUT_DIR [--skip-hf-static] [--skip-hf-eager] [--variants-only]
 
 Measures, in one process (and fresh child processes for start-up): compile + validation of
 12 buckets; per-step logits of kernl and HF eager (bf16) against an fp32 eager reference over
