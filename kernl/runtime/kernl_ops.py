@@ -14,8 +14,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .vocabulary import register_kernl_op
-
 _usable: dict[str, bool] = {}
 
 
@@ -47,7 +45,6 @@ def _config(config) -> dict[str, Any] | None:
     return dict(config) if not isinstance(config, dict) else config
 
 
-@register_kernl_op("linear")
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -85,7 +82,6 @@ def linear(
 _LT_EPILOGUE = {"relu": False, "gelu_tanh": True}
 
 
-@register_kernl_op("layer_norm")
 def layer_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -106,7 +102,6 @@ def layer_norm(
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-@register_kernl_op("attention")
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -155,7 +150,6 @@ def attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-@register_kernl_op("mask_to_bias")
 def mask_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean attention mask (True = attend) as an additive 0 / -inf bias, computed once
     per forward instead of once per attention layer."""
@@ -163,7 +157,6 @@ def mask_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bias.masked_fill(~mask, float("-inf"))
 
 
-@register_kernl_op("bert_embeddings")
 def bert_embeddings(
     word_ids: torch.Tensor,
     word: torch.Tensor,
@@ -192,3 +185,14 @@ def bert_embeddings(
         )  # fmt: skip
     x = F.embedding(word_ids, word) + F.embedding(pos_ids, pos) + F.embedding(type_ids, types)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+# "kernl.<name>" -> its function: the one table vocabulary.resolve_op reads (no registration
+# by import side effect).
+OPS = {
+    "kernl.linear": linear,
+    "kernl.layer_norm": layer_norm,
+    "kernl.attention": attention,
+    "kernl.mask_to_bias": mask_to_bias,
+    "kernl.bert_embeddings": bert_embeddings,
+}

@@ -16,7 +16,6 @@ from kernl.artifacts.vocabulary import ATEN_OPS, KERNL_OPS
 # The names are the format's (kernl/artifacts/vocabulary.py): the reader checks them without
 # importing the runtime; here they only resolve to callables.
 _NAME = re.compile(r"(aten)\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)")
-_KERNL_OPS: dict[str, Callable] = {}
 
 DTYPES = {
     name: getattr(torch, name)
@@ -39,16 +38,6 @@ class UnknownOpError(KeyError):
         return str(self.args[0])
 
 
-def register_kernl_op(name: str) -> Callable[[Callable], Callable]:
-    """Decorator: make `fn` available to programs as "kernl.<name>"."""
-
-    def wrap(fn: Callable) -> Callable:
-        _KERNL_OPS[f"kernl.{name}"] = fn
-        return fn
-
-    return wrap
-
-
 def is_known_op(name: str) -> bool:
     try:
         resolve_op(name)
@@ -63,10 +52,10 @@ def resolve_op(name: str) -> Callable:
     if name.startswith("kernl."):
         if name.removeprefix("kernl.") not in KERNL_OPS:
             raise UnknownOpError(f"op {name!r} is not a kernl op this runtime knows")
-        if name not in _KERNL_OPS:
-            _load_kernl_ops()
-        if name in _KERNL_OPS:
-            return _KERNL_OPS[name]
+        from .kernl_ops import OPS  # imported on first use: torch.ops only otherwise
+
+        if name in OPS:
+            return OPS[name]
         raise UnknownOpError(f"op {name!r} is not a kernl op this runtime knows")
     m = _NAME.fullmatch(name)
     if not m or m.group(2) not in ATEN_OPS:
@@ -76,8 +65,3 @@ def resolve_op(name: str) -> Callable:
     if overload not in packet.overloads():
         raise UnknownOpError(f"op {name!r}: aten.{m.group(2)} has no overload {overload!r}")
     return getattr(packet, overload)
-
-
-def _load_kernl_ops() -> None:
-    # kernl's own ops live with the runtime; importing them registers them.
-    from . import kernl_ops  # noqa: F401

@@ -69,9 +69,9 @@ def test_a_caller_vocabulary_narrows_never_widens(small_artifact):
 
 def test_runtime_and_format_vocabularies_agree():
     from kernl.artifacts.vocabulary import KERNL_OPS, is_allowed_op
-    from kernl.runtime.vocabulary import _KERNL_OPS, _load_kernl_ops, is_known_op
+    from kernl.runtime.kernl_ops import OPS
+    from kernl.runtime.vocabulary import is_known_op
 
-    _load_kernl_ops()
-    assert {name.removeprefix("kernl.") for name in _KERNL_OPS} == set(KERNL_OPS)
+    assert {name.removeprefix("kernl.") for name in OPS} == set(KERNL_OPS)
     for name in ("aten.add.Tensor", "aten.add.Tensor\n", "aten.add.nope", "kernl.eval"):
         assert is_allowed_op(name) == is_known_op(name), name
