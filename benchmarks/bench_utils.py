@@ -25,7 +25,6 @@ from kernl.kernels import decode_attention as dec_mod  # noqa: E402
 from kernl.kernels import fused_linear as lin_mod  # noqa: E402
 from kernl.kernels import gated_mlp as mlp_mod  # noqa: E402
 from kernl.kernels import norm as norm_mod  # noqa: E402
-from kernl.kernels import rotary as rot_mod  # noqa: E402
 from kernl.kernels import skinny_linear as skinny_mod  # noqa: E402
 
 
@@ -150,23 +149,6 @@ def norm_case(kind: str, M: int, N: int, dtype=torch.float16) -> Case:
     # read x and r, write the sum and the normalised value
     return Case(f"add_{kind}", f"M{M} N{N}", 0, 4 * M * N * x.element_size(), make,
                 ("kernl", "torch"), norm_mod.norm_configs)  # fmt: skip
-
-
-def rotary_case(B: int, L: int, H: int, H_kv: int, D: int, dtype=torch.float16) -> Case:
-    q, k = _randn(B, H, L, D, dtype=dtype), _randn(B, H_kv, L, D, dtype=dtype)
-    pos = torch.arange(L, device="cuda")[None, :].expand(B, L)
-    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, device="cuda").float() / D))
-    emb = torch.outer(torch.arange(8192, device="cuda").float(), inv).repeat(1, 2)
-    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-
-    def make(impl, config=None):
-        if impl == "kernl":
-            return lambda: rot_mod.rotary(q, k, cos, sin, pos, config=config)
-        return lambda: rot_mod.rotary_reference(q, k, cos, sin, pos)
-
-    nbytes = 2 * (q.numel() + k.numel()) * q.element_size()
-    return Case("rotary", f"B{B} L{L} H{H}/{H_kv} hd{D}", 0, nbytes, make, ("kernl", "torch"),
-                rot_mod.rotary_configs)  # fmt: skip
 
 
 ATTENTION_SHAPES = [(D, L, c) for D in (64, 128) for L in (128, 512, 1024, 2048, 4096, 8192)

@@ -30,10 +30,10 @@ from kernl.runtime.executor import Executor
 
 # kernl op -> (kernel module under kernl.kernels, function listing its configs as dicts)
 TUNABLE = {
-    "kernl.linear": ("fused_linear", "linear_config_dicts"),
-    "kernl.layer_norm": ("norm", "layer_norm_config_dicts"),
-    "kernl.attention": ("attention", "attention_config_dicts"),
-    "kernl.bert_embeddings": ("bert_embeddings", "configs"),
+    "kernl.linear": ("fused_linear", "linear_configs"),
+    "kernl.layer_norm": ("norm", "norm_configs"),
+    "kernl.attention": ("attention", "attention_configs"),
+    "kernl.bert_embeddings": ("bert_embeddings", "bert_embeddings_configs"),
 }
 
 

@@ -13,8 +13,7 @@ zeros. Blocks entirely past `kv_len` or the causal diagonal are never loaded."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -22,7 +21,6 @@ import triton.language as tl
 
 from .launch import launch_kernel
 
-KERNEL_NAME = "attention"
 _LOG2E = 1.4426950408889634
 
 
@@ -252,31 +250,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     return out
 
 
-def attention_config_dicts() -> list[dict[str, Any]]:
-    return [asdict(c) for c in attention_configs()]
-
-
-def launch_from_dict(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     mask: torch.Tensor | None, scale: float, causal: bool,
-                     config: dict[str, Any] | None) -> torch.Tensor:  # fmt: skip
-    """Entry point for kernl.runtime: `mask` is boolean, broadcastable to [B, H, Lq, Lk]
-    (True = attend) and becomes a 0/-inf bias; `config` is a dict of AttentionConfig."""
-    bias = None
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            bias = torch.zeros(mask.shape, dtype=torch.float32, device=q.device)
-            bias = bias.masked_fill(~mask, float("-inf"))
-        else:
-            bias = mask
-        while bias.dim() < 4:
-            bias = bias.unsqueeze(0)
-    cfg = AttentionConfig(**config) if config else None
-    return attention(q, k, v, sm_scale=scale, causal=causal, bias=bias, config=cfg)
-
-
 JIT_FUNCTIONS = (_attention_fwd_kernel,)
-DEFAULT_CONFIG = default_attention_config()
 CONFIG_TYPE = AttentionConfig
-configs = attention_configs
-launch = attention
-reference = attention_reference

@@ -14,8 +14,6 @@ import triton.language as tl
 
 from .launch import launch_kernel
 
-KERNEL_NAME = "bert_embeddings"
-
 
 @triton.jit
 def _bert_embeddings_kernel(Ids, TypeIds, PosIds, Word, Pos, Type, Weight, Bias, Out,
@@ -119,8 +117,4 @@ def bert_embeddings(input_ids: torch.Tensor, word: torch.Tensor, pos: torch.Tens
 
 
 JIT_FUNCTIONS = (_bert_embeddings_kernel,)
-DEFAULT_CONFIG = BertEmbeddingsConfig()
 CONFIG_TYPE = BertEmbeddingsConfig
-configs = bert_embeddings_configs
-launch = bert_embeddings
-reference = bert_embeddings_reference

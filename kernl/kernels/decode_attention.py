@@ -19,8 +19,6 @@ import triton.language as tl
 
 from .launch import launch_kernel
 
-KERNEL_NAME = "decode_attention"
-
 
 @triton.jit
 def _decode_split_kernel(Q, K, V, MidO, MidM, MidL, KVLens, KVMask,
@@ -196,8 +194,4 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
 
 JIT_FUNCTIONS = (_decode_split_kernel, _decode_merge_kernel)
-DEFAULT_CONFIG = DecodeAttentionConfig()
 CONFIG_TYPE = DecodeAttentionConfig
-configs = decode_attention_configs
-launch = decode_attention
-reference = decode_attention_reference

@@ -8,8 +8,7 @@ Any M and N; K must be a multiple of 8 (16-byte rows for fp16)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +17,6 @@ import triton.language as tl
 
 from .launch import launch_kernel
 
-KERNEL_NAME = "fused_linear"
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 
 
@@ -174,21 +172,5 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return out
 
 
-def linear_config_dicts() -> list[dict[str, Any]]:
-    return [asdict(c) for c in linear_configs()]
-
-
-def launch_from_dict(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     activation: str, residual: torch.Tensor | None,
-                     config: dict[str, Any] | None) -> torch.Tensor:  # fmt: skip
-    """Entry point for kernl.runtime: `config` is a dict of LinearConfig fields or None."""
-    return fused_linear(x, weight, bias, activation, residual,
-                        config=LinearConfig(**config) if config else None)  # fmt: skip
-
-
 JIT_FUNCTIONS = (_fused_linear_kernel,)
-DEFAULT_CONFIG = LinearConfig()
 CONFIG_TYPE = LinearConfig
-configs = linear_configs
-launch = fused_linear
-reference = fused_linear_reference

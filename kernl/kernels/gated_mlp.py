@@ -15,8 +15,6 @@ import triton.language as tl
 
 from .launch import launch_kernel
 
-KERNEL_NAME = "gated_mlp"
-
 
 @triton.jit
 def _gated_mlp_kernel(X, Wg, Wu, Out,
@@ -113,8 +111,4 @@ def gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, *,
 
 
 JIT_FUNCTIONS = (_gated_mlp_kernel,)
-DEFAULT_CONFIG = GatedMLPConfig()
 CONFIG_TYPE = GatedMLPConfig
-configs = gated_mlp_configs
-launch = gated_mlp
-reference = gated_mlp_reference

@@ -28,7 +28,6 @@ import triton.language as tl
 
 from .launch import launch_kernel
 
-KERNEL_NAME = "lm_head_argmax"
 MAX_ROWS = 16
 INT64_MIN = -(2**63)
 _KEY_MIN: tl.constexpr = tl.constexpr(INT64_MIN)  # the empty key, below every packed logit
@@ -159,8 +158,4 @@ def lm_head_argmax(x: torch.Tensor, weight: torch.Tensor, *,
 
 
 JIT_FUNCTIONS = (_lm_head_argmax_kernel,)
-DEFAULT_CONFIG = LmHeadArgmaxConfig()
 CONFIG_TYPE = LmHeadArgmaxConfig
-configs = lm_head_argmax_configs
-launch = lm_head_argmax
-reference = lm_head_argmax_reference

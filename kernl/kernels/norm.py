@@ -7,8 +7,7 @@ hidden sizes pack several rows per program so every program still moves enough b
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +16,6 @@ import triton.language as tl
 
 from .launch import launch_kernel
 
-KERNEL_NAME = "norm"
 MAX_HIDDEN = 8192
 
 
@@ -139,21 +137,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     return _norm(x, weight, bias, eps, residual, return_sum, out, sum_out, config, True)
 
 
-def layer_norm_config_dicts() -> list[dict[str, Any]]:
-    return [asdict(c) for c in norm_configs()]
-
-
-def launch_layer_norm_from_dict(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                eps: float, residual: torch.Tensor | None,
-                                config: dict[str, Any] | None) -> torch.Tensor:  # fmt: skip
-    """Entry point for kernl.runtime (normalised output only)."""
-    return layer_norm(x, weight, bias, eps, residual,
-                      config=NormConfig(**config) if config else None)  # fmt: skip
-
-
 JIT_FUNCTIONS = (_norm_kernel,)
-DEFAULT_CONFIG = NormConfig()
 CONFIG_TYPE = NormConfig
-configs = norm_configs
-launch = layer_norm
-reference = layer_norm_reference

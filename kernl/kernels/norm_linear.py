@@ -32,7 +32,6 @@ import triton.language as tl
 
 from .launch import launch_kernel
 
-KERNEL_NAME = "norm_linear"
 MAX_ROWS = 16
 MAX_COUNTERS = 4096  # N blocks one `counters` buffer serves (N / BLOCK_N)
 _SMS = 132  # H100/H200 SXM; only sizes the automatic split
@@ -246,8 +245,4 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Ten
 
 
 JIT_FUNCTIONS = (_norm_linear_kernel,)
-DEFAULT_CONFIG = NormLinearConfig()
 CONFIG_TYPE = NormLinearConfig
-configs = norm_linear_configs
-launch = norm_linear
-reference = norm_linear_reference

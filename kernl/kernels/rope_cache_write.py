@@ -25,8 +25,6 @@ import triton.language as tl
 
 from .launch import launch_kernel
 
-KERNEL_NAME = "rope_cache_write"
-
 
 @triton.jit
 def _rope_cache_write_kernel(QKV, Pos, Cos, Sin, Slot, QOut, KCache, VCache,
@@ -178,8 +176,4 @@ def rope_cache_write(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tens
 
 
 JIT_FUNCTIONS = (_rope_cache_write_kernel,)
-DEFAULT_CONFIG = RopeCacheWriteConfig()
 CONFIG_TYPE = RopeCacheWriteConfig
-configs = rope_cache_write_configs
-launch = rope_cache_write
-reference = rope_cache_write_reference

@@ -18,7 +18,6 @@ import triton.language as tl
 
 from .launch import launch_kernel
 
-KERNEL_NAME = "skinny_linear"
 MAX_ROWS = 16
 _SMS = 132  # H100 SXM; only sizes the automatic split
 
@@ -147,8 +146,4 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 JIT_FUNCTIONS = (_skinny_partial_kernel, _skinny_reduce_kernel)
-DEFAULT_CONFIG = SkinnyLinearConfig()
 CONFIG_TYPE = SkinnyLinearConfig
-configs = skinny_linear_configs
-launch = skinny_linear
-reference = skinny_linear_reference

@@ -23,7 +23,6 @@ import triton.language as tl
 
 from .launch import launch_kernel
 
-KERNEL_NAME = "skinny_linear_fused"
 MAX_ROWS = 16
 MAX_COUNTERS = 4096  # N blocks one `counters` buffer serves (N / BLOCK_N)
 _SMS = 132  # H100/H200 SXM; only sizes the automatic split
@@ -166,8 +165,4 @@ def skinny_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 JIT_FUNCTIONS = (_skinny_fused_kernel,)
-DEFAULT_CONFIG = SkinnyLinearFusedConfig()
 CONFIG_TYPE = SkinnyLinearFusedConfig
-configs = skinny_linear_fused_configs
-launch = skinny_linear_fused
-reference = skinny_linear_fused_reference

@@ -45,6 +45,12 @@ def _config(config) -> dict[str, Any] | None:
     return dict(config) if not isinstance(config, dict) else config
 
 
+def _typed(kernel_module: ModuleType, config):
+    """A program's config as the kernel module's config dataclass (None: its default)."""
+    config = _config(config)
+    return kernel_module.CONFIG_TYPE(**config) if config else None
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -59,7 +65,8 @@ def linear(
 
     _check_impl(impl)
     if impl == "triton" and triton_usable(x.device, fused_linear):
-        return fused_linear.launch_from_dict(x, weight, bias, activation, residual, _config(config))
+        cfg = _typed(fused_linear, config)
+        return fused_linear.fused_linear(x, weight, bias, activation, residual, config=cfg)
     if (
         activation in _LT_EPILOGUE
         and bias is not None
@@ -96,7 +103,7 @@ def layer_norm(
 
     _check_impl(impl)
     if impl == "triton" and triton_usable(x.device, norm):
-        return norm.launch_layer_norm_from_dict(x, weight, bias, eps, residual, _config(config))
+        return norm.layer_norm(x, weight, bias, eps, residual, config=_typed(norm, config))
     if residual is not None:
         x = x + residual
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
@@ -131,10 +138,9 @@ def attention(
         # kernel per layer. The kernel takes any output strides.
         B, H, Lq, D = q.shape
         out = torch.empty((B, Lq, H, v.shape[-1]), dtype=q.dtype, device=q.device).transpose(1, 2)
-        cfg = _config(config)
         return attention_kernel.attention(
             q, k, v, sm_scale=scale, causal=causal, bias=bias, out=out,
-            config=attention_kernel.AttentionConfig(**cfg) if cfg else None,
+            config=_typed(attention_kernel, config),
         )  # fmt: skip
     if causal:
         # bottom-right aligned, like the kernel: query i sees key j <= i + (Lk - Lq)
@@ -181,7 +187,7 @@ def bert_embeddings(
         cfg = _config(config)
         return kernel.bert_embeddings(
             word_ids, word, pos, types, weight, bias, eps, token_type_ids=type_ids,
-            position_ids=pos_ids, config=kernel.CONFIG_TYPE(**cfg) if cfg else None,
+            position_ids=pos_ids, config=_typed(kernel, cfg),
         )  # fmt: skip
     x = F.embedding(word_ids, word) + F.embedding(pos_ids, pos) + F.embedding(type_ids, types)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -8,10 +9,10 @@ from kernel_check import DEVICE, assert_close, poisoned
 from kernl.kernels.attention import (
     AttentionConfig,
     attention,
-    attention_config_dicts,
+    attention_configs,
     attention_reference,
-    launch_from_dict,
 )
+from kernl.runtime import kernl_ops
 
 DTYPES = [torch.float32, torch.float16]
 
@@ -98,8 +99,8 @@ def test_runtime_entry_bool_mask():
     B, H, L, D = 2, 2, 19, 32
     q, k, v = (torch.randn(B, H, L, D, device=DEVICE) for _ in range(3))
     mask = torch.rand(B, 1, 1, L, device=DEVICE) > 0.2
-    cfg = attention_config_dicts()[-1]
-    out = launch_from_dict(q, k, v, mask, 1 / math.sqrt(D), False, cfg)
+    cfg = dataclasses.asdict(attention_configs()[-1])
+    out = kernl_ops.attention(q, k, v, mask, 1 / math.sqrt(D), False, impl="triton", config=cfg)
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
     assert_close(out, ref, torch.float32)
 

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from kernel_check import DEVICE, assert_close, poisoned
@@ -7,9 +9,9 @@ from kernl.kernels.fused_linear import (
     LinearConfig,
     fused_linear,
     fused_linear_reference,
-    launch_from_dict,
-    linear_config_dicts,
+    linear_configs,
 )
+from kernl.runtime import kernl_ops
 
 SMALL = LinearConfig(16, 32, 32, 4, 4, 2)  # several tiles and K steps at test sizes
 
@@ -60,7 +62,8 @@ def test_gelu_tanh_saturates():
 def test_runtime_entry():
     x = torch.randn(2, 5, 32, device=DEVICE)
     w = torch.randn(24, 32, device=DEVICE)
-    out = launch_from_dict(x, w, None, "silu", None, linear_config_dicts()[-1])
+    cfg = dataclasses.asdict(linear_configs()[-1])
+    out = kernl_ops.linear(x, w, None, None, "silu", impl="triton", config=cfg)
     assert_close(out, fused_linear_reference(x.double(), w.double(), None, "silu"), torch.float32)
 
 

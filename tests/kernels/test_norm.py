@@ -4,12 +4,12 @@ from kernel_check import DEVICE, assert_close, poisoned
 
 from kernl.kernels.norm import (
     NormConfig,
-    launch_layer_norm_from_dict,
     layer_norm,
     layer_norm_reference,
     rms_norm,
     rms_norm_reference,
 )
+from kernl.runtime import kernl_ops
 
 KERNELS = {
     "layer_norm": (layer_norm, layer_norm_reference),
@@ -60,7 +60,7 @@ def test_configs_and_3d_input(config):
 
 def test_runtime_entry():
     x, w, b, r = _inputs(9, 40, torch.float32, True, True)
-    y = launch_layer_norm_from_dict(x, w, b, 1e-5, r, {"BLOCK_M": 2, "num_warps": 4})
+    y = kernl_ops.layer_norm(x, w, b, 1e-5, r, impl="triton", config={"BLOCK_M": 2, "num_warps": 4})
     assert_close(
         y, layer_norm_reference(x.double(), w.double(), b.double(), 1e-5, r.double()), torch.float32
     )
