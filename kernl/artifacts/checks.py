@@ -15,7 +15,15 @@ from typing import Any
 from .errors import ArtifactCorruptError, ArtifactUnsafeError
 from .limits import DEFAULT_LIMITS, ReadLimits
 from .program import ARG_TAGS, Program, iter_value_refs
-from .schema import MANIFEST_FILE, Bucket, Manifest, is_safe_relative_path
+from .schema import (
+    FILE_CHUNKS_KEY,
+    MANIFEST_FILE,
+    MAX_CHUNK_BYTES,
+    MIN_CHUNK_BYTES,
+    Bucket,
+    Manifest,
+    is_safe_relative_path,
+)
 
 TENSOR_DTYPES = frozenset(
     "float16 bfloat16 float32 float64 int8 uint8 int16 int32 int64 bool".split()
@@ -154,6 +162,7 @@ def check_manifest(m: Manifest, where: str, limits: ReadLimits = DEFAULT_LIMITS)
             raise ArtifactUnsafeError(f"{where}: the file list holds an unsafe path {rel!r}")
         _require(isinstance(digest, str) and bool(SHA256_HEX.fullmatch(digest)), where,
                  f"the sha256 of {rel!r} is not 64 hex digits")  # fmt: skip
+    check_file_chunks(m, where, limits)
 
     _require(isinstance(m.kernels, list), where, "kernels is not a list")
     for k in m.kernels:
@@ -169,6 +178,46 @@ def check_manifest(m: Manifest, where: str, limits: ReadLimits = DEFAULT_LIMITS)
                  f"kernel {k.name!r}: shared_mem {k.shared_mem!r}")  # fmt: skip
         _require(isinstance(k.meta, dict), where, f"kernel {k.name!r}: meta is not a map")
         _check_kernel_meta(k.name, k.meta, where)
+
+
+CHUNK_ENTRY_KEYS = ("chunk_bytes", "bytes", "sha256")
+
+
+def check_file_chunks(m: Manifest, where: str, limits: ReadLimits = DEFAULT_LIMITS) -> None:
+    """extra.file_chunks, when present: a map from a path of `files` to {"chunk_bytes": a
+    power of two, "bytes": the file's size, "sha256": one 64-hex digest per chunk}, the
+    chunks covering exactly `bytes` (the reader then checks the file's size on disk)."""
+    chunks = m.extra.get(FILE_CHUNKS_KEY)
+    if chunks is None:
+        return
+    what = f"extra.{FILE_CHUNKS_KEY}"
+    _require(isinstance(chunks, dict), where, f"{what} is not a map of path to chunk hashes")
+    total = 0
+    for rel, entry in chunks.items():
+        _require(isinstance(rel, str) and rel in m.files, where,
+                 f"{what} holds {rel!r}, which is not in the file list")  # fmt: skip
+        _require(isinstance(entry, dict) and set(entry) == set(CHUNK_ENTRY_KEYS), where,
+                 f"{what}[{rel!r}] is not a map of {list(CHUNK_ENTRY_KEYS)}")  # fmt: skip
+        size, digests = entry["chunk_bytes"], entry["sha256"]
+        _require(_is_int(size) and MIN_CHUNK_BYTES <= size <= MAX_CHUNK_BYTES
+                 and size & (size - 1) == 0, where,
+                 f"{what}[{rel!r}]: chunk size {size!r} is not a power of two in "
+                 f"{MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}")  # fmt: skip
+        _require(_is_int(entry["bytes"]) and entry["bytes"] >= 0, where,
+                 f"{what}[{rel!r}]: file size {entry['bytes']!r} is not a size")  # fmt: skip
+        _require(isinstance(digests, list), where, f"{what}[{rel!r}]: sha256 is not a list")
+        total += len(digests)
+        if total > limits.max_file_chunks:
+            raise ArtifactUnsafeError(
+                f"{where}: {what} lists more than {limits.max_file_chunks} chunk hashes"
+            )
+        expected = -(-entry["bytes"] // size)
+        _require(len(digests) == expected, where,
+                 f"{what}[{rel!r}]: {len(digests)} chunk hashes do not cover its "
+                 f"{entry['bytes']} bytes exactly ({expected} chunks of {size})")  # fmt: skip
+        for i, digest in enumerate(digests):
+            _require(isinstance(digest, str) and bool(SHA256_HEX.fullmatch(digest)), where,
+                     f"{what}[{rel!r}]: the sha256 of chunk {i} is not 64 hex digits")  # fmt: skip
 
 
 def _check_kernel_meta(name: str, meta: dict, where: str) -> None:

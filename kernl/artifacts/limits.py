@@ -39,6 +39,9 @@ class ReadLimits:
     # Integer weights (position_ids, token_type_ids buffers) are read by the checker to bound
     # the indices they feed; larger integer tensors are treated as unbounded.
     max_index_weight_bytes: int = 64 << 20
+    # Chunk hashes over all files (manifest extra.file_chunks): 64Ki chunks of 16 MiB is
+    # 1 TiB of files; each is a job on the hashing pool.
+    max_file_chunks: int = 1 << 16
 
 
 DEFAULT_LIMITS = ReadLimits()

@@ -12,6 +12,7 @@ import os
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from .memory import MemoryPlan
 from .paths import read_inside, refuse_pickle, resolve_inside
 from .program import Program
 from .schema import (
+    FILE_CHUNKS_KEY,
     MANIFEST_CHECKSUM_KEY,
     MANIFEST_FILE,
     SUPPORTED_FORMAT_VERSIONS,
@@ -40,7 +42,7 @@ from .schema import (
 )
 from .signing import PublicKey, check_signature, load_trusted_keys
 from .vocabulary import is_allowed_op
-from .writer import manifest_digest, sha256_file
+from .writer import manifest_digest, run_hash_jobs, sha256_range
 
 SAFETENSORS_ITEMSIZE = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
@@ -120,23 +122,51 @@ def _check_manifest_checksum(path: Path, raw: dict) -> None:
         )
 
 
-def verify_files(root: str | os.PathLike, manifest: Manifest) -> None:
+def verify_files(root: str | os.PathLike, manifest: Manifest, workers: int | None = None) -> None:
     """Every file listed exists inside the folder and matches its sha256; the programs,
-    weights and kernel binaries the manifest names are among them."""
+    weights and kernel binaries the manifest names are among them. A file with chunk hashes
+    (extra.file_chunks, checked by check_manifest) must have exactly the size they cover, and
+    each chunk its sha256; files and chunks are hashed on `workers` threads (default: the
+    cores, capped; writer.hash_workers). The first mismatch stops the rest."""
     root = Path(root)
     needed = [WEIGHTS_FILE] + [e.program for e in manifest.buckets]
     needed += [k.file for k in manifest.kernels]
     for rel in needed:
         if rel not in manifest.files:
             raise ArtifactUnsafeError(f"{root}: {rel!r} is used but has no hash in the manifest")
+    chunked = manifest.extra.get(FILE_CHUNKS_KEY) or {}
+    jobs = []
     for rel, digest in manifest.files.items():
         path = resolve_inside(root, rel, "file")
+        entry = chunked.get(rel)
+        if entry is None:
+            jobs.append(partial(_check_hash, root, rel, path, digest, 0, None, None))
+            continue
         try:
-            actual = sha256_file(path)
+            size = path.stat().st_size
         except OSError as e:
             raise ArtifactCorruptError(f"{path}: cannot be read: {e.strerror}") from None
-        if actual != digest:
-            raise ArtifactCorruptError(f"{root}: {rel} does not match its sha256 in the manifest")
+        if size != entry["bytes"]:
+            raise ArtifactCorruptError(
+                f"{root}: {rel} is {size} bytes; its chunk hashes in the manifest cover "
+                f"{entry['bytes']}"
+            )
+        step = entry["chunk_bytes"]
+        for i, chunk_digest in enumerate(entry["sha256"]):
+            jobs.append(partial(_check_hash, root, rel, path, chunk_digest, i * step, step, i))
+    run_hash_jobs(jobs, workers)
+
+
+def _check_hash(
+    root: Path, rel: str, path: Path, digest: str, offset: int, length: int | None, chunk
+) -> None:
+    try:
+        actual = sha256_range(path, offset, length)
+    except OSError as e:
+        raise ArtifactCorruptError(f"{path}: cannot be read: {e.strerror}") from None
+    if actual != digest:
+        part = "" if chunk is None else f" chunk {chunk} (bytes {offset}..{offset + length})"
+        raise ArtifactCorruptError(f"{root}: {rel}{part} does not match its sha256 in the manifest")
 
 
 def read_program(root: str | os.PathLike, rel: str, limits: ReadLimits = DEFAULT_LIMITS) -> Program:

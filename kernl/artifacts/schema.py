@@ -3,6 +3,7 @@
 An artifact is a folder:
 
     manifest.msgpack            Manifest (below), including the sha256 of every other file
+                                (and of each 16 MiB chunk of the large ones, extra.file_chunks)
     weights.safetensors         every weight, once, in the layout the programs use
     programs/<bucket>.msgpack   one Program per bucket: a flat instruction list
     kernels/<name>.cubin        (optional) compiled kernel binaries
@@ -25,6 +26,15 @@ MANIFEST_FILE = "manifest.msgpack"
 WEIGHTS_FILE = "weights.safetensors"
 # Key in `Manifest.extra` holding the sha256 of the rest of the manifest (see writer.py).
 MANIFEST_CHECKSUM_KEY = "manifest_sha256"
+# Key in `Manifest.extra`: for files larger than the writer's threshold, the sha256 of each
+# fixed-size chunk, {path: {"chunk_bytes": int, "bytes": int, "sha256": [hex, ...]}}, in
+# addition to the file's whole sha256 in `files`. Readers that know it check the chunks (in
+# parallel) instead of the whole-file hash; older readers ignore it and check `files`.
+FILE_CHUNKS_KEY = "file_chunks"
+# The chunk sizes a reader accepts (powers of two): small enough for a test artifact, large
+# enough that a 2 GB file is not a million hashes.
+MIN_CHUNK_BYTES = 4 << 10
+MAX_CHUNK_BYTES = 1 << 30
 PROGRAMS_DIR = "programs"
 KERNELS_DIR = "kernels"
 
