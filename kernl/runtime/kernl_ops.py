@@ -71,10 +71,10 @@ def linear(
         activation in _LT_EPILOGUE
         and bias is not None
         and x.device.type != "cpu"
-        and x.dtype in (torch.float16, torch.bfloat16)
+        and (activation == "relu" or x.dtype in (torch.float16, torch.bfloat16))
     ):
         # cuBLASLt applies bias + relu / tanh-GELU in the GEMM's epilogue: one launch instead
-        # of two. Not on the CPU, where _addmm_activation's "gelu" is the erf one; not in
+        # of two. Not on the CPU, where _addmm_activation's "gelu" is the erf one; no GELU in
         # fp32, where its GELU was 13x stock PyTorch's error (H200, 2026-11-30: 5.3e-6 vs
         # 4.1e-7 at 1x768x3072).
         y = torch._addmm_activation(
