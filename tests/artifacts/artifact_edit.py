@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 
 from kernl.artifacts import pack_manifest
-from kernl.artifacts.writer import sha256_file
+from kernl.artifacts.writer import chunk_count, sha256_file, sha256_range
 
 SMALL_BERT = dict(
     hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -74,10 +74,21 @@ def resign(root: Path) -> None:
 def _rehash(root: Path, m: dict) -> None:
     for rel in m["files"]:
         path = root / rel
-        if path.is_file() and not path.is_symlink():
-            m["files"][rel] = sha256_file(path)
-        elif path.is_symlink() and path.resolve().is_file():
-            m["files"][rel] = sha256_file(path.resolve())
+        if path.is_symlink() and path.resolve().is_file():
+            path = path.resolve()
+        elif not path.is_file() or path.is_symlink():
+            continue
+        m["files"][rel] = sha256_file(path)
+        entry = m.get("extra", {}).get("file_chunks", {}).get(rel)
+        if isinstance(entry, dict) and isinstance(entry.get("chunk_bytes"), int):
+            rechunk(path, entry)
+
+
+def rechunk(path: Path, entry: dict) -> None:
+    """Recompute a chunk entry (extra.file_chunks[rel]) for the file as it is now."""
+    step = entry["chunk_bytes"]
+    entry["bytes"] = size = path.stat().st_size
+    entry["sha256"] = [sha256_range(path, i * step, step) for i in range(chunk_count(size, step))]
 
 
 def first_program(root: Path) -> str:
