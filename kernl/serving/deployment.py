@@ -44,6 +44,8 @@ from .tokenizer import load_tokenizer
 # Ray Serve's own default batch size, replaced per replica by the configured one.
 _PLACEHOLDER_BATCH = 8
 _METRICS_NAMESPACE = "kernl"
+# Requests one generation replica accepts at once (one running, the rest queued).
+GENERATION_QUEUE = 8
 
 
 def _stats_actor(app_name: str):
@@ -216,12 +218,25 @@ class KernlServer:
 
 
 def application(config: ServeConfig):
-    """The bound Ray Serve application for `config`: replicas, resources, request limits."""
-    if config.max_batch_size is None:
-        buckets = read_manifest(config.artifact).bucket_list()
-        config = replace(config, max_batch_size=max(b.batch for b in buckets))
+    """The bound Ray Serve application for `config`: replicas, resources, request limits.
+    A causal-LM artifact is served by generation.KernlGenerator, anything else by
+    KernlServer."""
+    manifest = read_manifest(config.artifact)
     on_gpu = config.device == "cuda" or (config.device is None and _cluster_has_gpus())
     gpus = config.gpus_per_replica if config.gpus_per_replica is not None else float(on_gpu)
+    if manifest.task == "causal-lm":
+        from .generation import KernlGenerator
+
+        # One request runs at a time per replica; the rest wait in arrival order. Capping
+        # the queue keeps Ray Serve's router sending work to the other replicas.
+        return KernlGenerator.options(
+            name="KernlGenerator", num_replicas=config.replicas,
+            ray_actor_options={"num_gpus": gpus, "num_cpus": config.cpus_per_replica},
+            max_ongoing_requests=GENERATION_QUEUE,
+        ).bind(config)  # fmt: skip
+    if config.max_batch_size is None:
+        buckets = manifest.bucket_list()
+        config = replace(config, max_batch_size=max(b.batch for b in buckets))
     # A replica holds one running batch and one filling: more ongoing requests than two
     # batches only queue inside the replica, where another replica could have taken them.
     max_rows = config.max_batch_size

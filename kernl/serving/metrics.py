@@ -57,3 +57,45 @@ class ReplayStats:
                 str(k): v for k, v in sorted(self.request_sizes.items())
             },
         }
+
+
+@dataclass
+class GenerationStats:
+    """The counters of a causal-LM server (one Ray actor for the application, like
+    ReplayStats): requests by outcome, tokens generated, and per replica."""
+
+    requests: int = 0  # answered in full (streamed to the end, or returned)
+    streams: int = 0  # of which streamed
+    cancelled: int = 0  # streams whose client left before the end: generation stopped early
+    failed: int = 0  # the model raised mid-request
+    bad_requests: int = 0
+    tokens: int = 0  # new tokens generated, every outcome
+    by_replica: Counter = field(default_factory=Counter)
+    cancelled_at_step: list = field(default_factory=list)  # steps run by each cancelled stream
+
+    def record(self, outcome: str, tokens: int, replica: str, streamed: bool) -> None:
+        self.tokens += tokens
+        self.by_replica[replica] += 1
+        if outcome == "done":
+            self.requests += 1
+            self.streams += streamed
+        elif outcome == "cancelled":
+            self.cancelled += 1
+            self.cancelled_at_step = (self.cancelled_at_step + [tokens])[-100:]
+        else:
+            self.failed += 1
+
+    def record_bad(self) -> None:
+        self.bad_requests += 1
+
+    def snapshot(self) -> dict:
+        return {
+            "requests": self.requests,
+            "streams": self.streams,
+            "cancelled": self.cancelled,
+            "cancelled_at_step": list(self.cancelled_at_step),
+            "failed": self.failed,
+            "bad_requests": self.bad_requests,
+            "tokens": self.tokens,
+            "requests_by_replica": dict(sorted(self.by_replica.items())),
+        }

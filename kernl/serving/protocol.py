@@ -90,17 +90,7 @@ def parse_request(
 ) -> ParsedRequest:
     """Parse a request body; raise RequestError (400 malformed, 413 too large for every
     bucket, 422 wrong fields or values) with a message that says what to change."""
-    if len(body) > MAX_BODY_BYTES:
-        raise RequestError(413, f"request body over {MAX_BODY_BYTES} bytes")
-    _check_depth(body)
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RequestError(400, f"request body is not valid JSON: {e}") from None
-    except RecursionError:  # a nesting _check_depth could not see (e.g. escaped brackets)
-        raise RequestError(400, "request body nests JSON too deeply") from None
-    if not isinstance(data, dict):
-        raise RequestError(422, 'request body must be a JSON object, e.g. {"input_ids": [...]}')
+    data = load_json_object(body)
     input_names = [s.name for s in limits.inputs]
     allowed = set(input_names) | {"text", "outputs"}
     unknown = sorted(set(data) - allowed)
@@ -118,6 +108,23 @@ def parse_request(
         raise RequestError(422, "missing field 'input_ids' (or 'text')")
     _check_rows(rows, limits)
     return ParsedRequest(rows, single, outputs)
+
+
+def load_json_object(body: bytes) -> dict:
+    """The request body as a JSON object; RequestError 413 (over MAX_BODY_BYTES), 400 (not
+    JSON, nested too deeply) or 422 (JSON but not an object)."""
+    if len(body) > MAX_BODY_BYTES:
+        raise RequestError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    _check_depth(body)
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:  # a nesting _check_depth could not see (e.g. escaped brackets)
+        raise RequestError(400, "request body nests JSON too deeply") from None
+    if not isinstance(data, dict):
+        raise RequestError(422, 'request body must be a JSON object, e.g. {"input_ids": [...]}')
+    return data
 
 
 def _check_depth(body: bytes) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from .protocol import Tokenize
@@ -82,3 +83,24 @@ def load_tokenizer(artifact: str | Path) -> Tokenize | None:
         ]
 
     return tokenize
+
+
+def load_detokenizer(artifact: str | Path) -> Callable[[list[int]], str] | None:
+    """A function from token ids to text (special tokens skipped), or None like
+    load_tokenizer: what a generation answer's "text" is made with."""
+    text = read_tokenizer_file(artifact)
+    if text is None:
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    try:
+        tokenizer = Tokenizer.from_str(text)
+    except Exception as e:
+        raise TokenizerFileError(f"{Path(artifact) / TOKENIZER_FILE}: {e}") from None
+
+    def detokenize(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    return detokenize
