@@ -242,3 +242,12 @@ def test_replicas_serve_after_bad_requests(gen_server, direct):
     assert status == 200 and answer["generated_ids"] == expected(direct, [4, 4], max_new_tokens=3)
     _, metrics = get(gen_server, "/metrics")
     assert metrics["bad_requests"] >= len(BAD) and metrics["failed"] == 0, metrics
+
+
+def test_load_generator_measures_generation(gen_server):
+    from kernl.serving.loadgen import run_load
+
+    result = run_load(f"http://127.0.0.1:{gen_server}/", clients=4, requests_per_client=2,
+                      seq=5, vocab=VOCAB, warmup=1, max_new_tokens=6)  # fmt: skip
+    assert result.errors == 0 and result.requests == 8, result
+    assert result.tokens_per_s == pytest.approx(8 * 6 / result.seconds), result
