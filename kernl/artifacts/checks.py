@@ -140,8 +140,11 @@ def check_manifest(m: Manifest, where: str, limits: ReadLimits = DEFAULT_LIMITS)
     buckets, programs = set(), set()
     for e in m.buckets:
         check_bucket(e.bucket, where, limits)
-        _require(e.bucket not in buckets, where, f"bucket {e.bucket.name} is listed twice")
-        buckets.add(e.bucket)
+        # A causal-LM lists a prefill (batch, prompt) and a decode (batch, kv length) entry
+        # per shape: prompt=512 and cache=512 are two programs of one (batch, 512).
+        key = e.bucket if m.task != "causal-lm" else (e.bucket, e.program)
+        _require(key not in buckets, where, f"bucket {e.bucket.name} is listed twice")
+        buckets.add(key)
         if not is_safe_relative_path(e.program):
             raise ArtifactUnsafeError(
                 f"{where}: bucket {e.bucket.name} has an unsafe program path {e.program!r}"

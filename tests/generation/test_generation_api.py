@@ -228,3 +228,16 @@ def test_generate_inside_an_open_stream_raises_instead_of_waiting_forever(model)
     list(stream)
     waiter.join(timeout=120)
     assert other["ids"].shape == (2, 7)
+
+
+def test_a_prompt_bucket_equal_to_a_kv_length_loads(tmp_path):
+    """prompt=32 and cache=32,64: a prefill and a decode entry of one (batch, 32) shape. The
+    artifact was written, then refused at load as 'bucket b1_s32 is listed twice'."""
+    path = tmp_path / "lm.kernl"
+    kernl.compiler.compile(
+        tiny_model("llama3"), "batch=1 prompt=16,32 cache=32,64", path, dtype="fp32",
+        device="cpu", task="causal-lm",
+    )  # fmt: skip
+    model = kernl.runtime.load(path)
+    ids, mask = mixed_prompts(1, [20])
+    assert model.generate(ids, mask, max_new_tokens=30, eos_token_id=[]).shape == (1, 50)
