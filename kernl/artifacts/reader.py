@@ -373,6 +373,11 @@ def check_artifact(
     if manifest.task == "causal-lm":
         described = {n: (list(w.shape), w.dtype) for n, w in weights.items()}
         generation = check_generation(manifest.extra, manifest.dtype, described, where, limits)
+    elif manifest.task == "seq2seq-lm":
+        from .seq2seq import check_seq2seq
+
+        described = {n: (list(w.shape), w.dtype) for n, w in weights.items()}
+        check_seq2seq(manifest.extra, manifest.dtype, described, where, limits)
     for entry in manifest.buckets:
         program = read_program(root, entry.program, limits)
         where_p = str(root / entry.program)

@@ -32,8 +32,8 @@ def compile(
     kernels=False keeps plain aten ops (no rewrite, no tuning, no binaries).
 
     Without `task`, the task follows the config's `architectures` (…ForCausalLM and
-    …LMHeadModel: causal-lm). Refused before any work: bf16 through kernl's kernels on the
-    CPU, and buckets longer than the model's position table."""
+    …LMHeadModel: causal-lm; …ForConditionalGeneration: seq2seq-lm). Refused before any
+    work: bf16 through kernl's kernels on the CPU, and buckets longer than the model's position table."""
     if sign_key is not None:
         # sign_key: an Ed25519 private key file (PEM); the finished artifact's manifest is
         # signed with it (kernl/artifacts/signing.py) for deployments that pin the public key.
@@ -56,6 +56,13 @@ def compile(
             model_or_path, buckets, out, dtype=dtype, device=device, atol=atol, rtol=rtol,
             progress=progress, kernels=kernels, tune=tune,
         )  # fmt: skip
+    if task == "seq2seq-lm":
+        # Encoder-decoder generation: buckets (batch, source, cache), the runtime's own model.
+        from .tasks.seq2seq import compile_seq2seq
+
+        return compile_seq2seq(
+            model_or_path, buckets, out, dtype=dtype, device=device, progress=progress
+        )
     from .tasks.encoder import compile_encoder
 
     return compile_encoder(

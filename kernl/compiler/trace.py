@@ -20,6 +20,7 @@ TASKS = {
     "token-classification": "AutoModelForTokenClassification",
     "masked-lm": "AutoModelForMaskedLM",
     "causal-lm": "AutoModelForCausalLM",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
 }
 _ARCH_SUFFIX = {
     "ForSequenceClassification": "sequence-classification",
@@ -28,6 +29,8 @@ _ARCH_SUFFIX = {
     # Decoder-only generation heads (Llama/Mistral/Qwen2 ...ForCausalLM, GPT2LMHeadModel).
     "ForCausalLM": "causal-lm",
     "LMHeadModel": "causal-lm",
+    # Encoder-decoder generation heads (T5ForConditionalGeneration, BartForConditionalGeneration).
+    "ForConditionalGeneration": "seq2seq-lm",
 }
 # Inputs kernl serves, in the order programs take them, with their padding and defaults.
 _INPUTS = {

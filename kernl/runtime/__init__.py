@@ -79,6 +79,10 @@ def load(
     binaries = None
     if manifest.kernels and device.type == "cuda":
         binaries = _load_binaries(root, manifest, device)
+    if manifest.task == "seq2seq-lm":
+        from .generation.seq2seq import Seq2SeqModel
+
+        return Seq2SeqModel(manifest, weights, device, capture=capture)
     if manifest.task == "causal-lm":
         from .generation import GenerativeModel
 

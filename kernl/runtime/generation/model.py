@@ -254,29 +254,8 @@ class GenerativeModel:
         CUDA context, not just this call)."""
         b = self.buckets
         vocab = self.spec.vocab_size
-        if not _is_int(max_new_tokens) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if not isinstance(do_sample, bool):
-            raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
-        if not _is_number(temperature) or not math.isfinite(temperature):
-            raise ValueError(f"temperature must be a finite number, got {temperature!r}")
-        if do_sample and not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        if not _is_number(top_p) or not 0 < top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
-        if top_k is not None and (not _is_int(top_k) or not 0 <= top_k < 2**31):
-            raise ValueError(f"top_k must be an integer in [0, 2**31) (0: off), got {top_k!r}")
-        if not _is_int(seed) or not 0 <= seed < 2**63:
-            raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-        if pad_token_id is not None and not (_is_int(pad_token_id) and 0 <= pad_token_id < vocab):
-            raise ValueError(
-                f"pad_token_id must be a token id in [0, {vocab}), got {pad_token_id!r}"
-            )
-        if eos_token_id is not None:
-            ids = [eos_token_id] if not isinstance(eos_token_id, (list, tuple)) else eos_token_id
-            bad = [e for e in ids if not (_is_int(e) and 0 <= e < vocab)]
-            if bad:
-                raise ValueError(f"eos_token_id must be token ids in [0, {vocab}), got {bad!r}")
+        check_options(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
+                      pad_token_id, seed, vocab)  # fmt: skip
         lo, hi = int(prompt.min()), int(prompt.max())
         if lo < 0 or hi >= vocab:
             raise ValueError(f"input_ids must lie in [0, {vocab}); got values in [{lo}, {hi}]")
@@ -475,3 +454,30 @@ def _generated_length(new: torch.Tensor, eos: list[int]) -> int:
     if not bool(is_eos.any(dim=1).all()):
         return new.shape[1]
     return int(is_eos.int().argmax(dim=1).max()) + 1
+
+
+def check_options(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
+                  pad_token_id, seed, vocab: int) -> None:  # fmt: skip
+    """The generation options of a request (shared by the causal-LM and seq2seq models);
+    raises ValueError."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
+    if not _is_number(temperature) or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number, got {temperature!r}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not _is_number(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
+    if top_k is not None and (not _is_int(top_k) or not 0 <= top_k < 2**31):
+        raise ValueError(f"top_k must be an integer in [0, 2**31) (0: off), got {top_k!r}")
+    if not _is_int(seed) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    if pad_token_id is not None and not (_is_int(pad_token_id) and 0 <= pad_token_id < vocab):
+        raise ValueError(f"pad_token_id must be a token id in [0, {vocab}), got {pad_token_id!r}")
+    if eos_token_id is not None:
+        ids = [eos_token_id] if not isinstance(eos_token_id, (list, tuple)) else eos_token_id
+        bad = [e for e in ids if not (_is_int(e) and 0 <= e < vocab)]
+        if bad:
+            raise ValueError(f"eos_token_id must be token ids in [0, {vocab}), got {bad!r}")

@@ -1,0 +1,290 @@
+"""What an encoder-decoder (seq2seq-lm) artifact declares about its model and its buckets, as
+plain dataclasses, and the check of that description as a whole.
+
+Both live in `manifest.extra` as msgpack maps (`seq2seq`, `seq2seq_buckets`): the runtime's
+encoder-decoder (kernl/runtime/generation/encoder_decoder.py) reads them to know the shapes
+and the variant of each block; nothing in them names code. `check_seq2seq` is what `verify`
+and `load` both run: every field typed and in range, the buckets bounded, and every weight the
+runtime reads present with the shape and dtype the description implies (and no other weight).
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import ArtifactCorruptError, ArtifactUnsafeError
+from .generation import MAX_DIM, MAX_EOS_IDS, MAX_LAYERS, _is_int, _is_real
+from .limits import DEFAULT_LIMITS, ReadLimits
+
+FAMILIES = ("t5", "bart")
+NORMS = ("rms", "layer")  # T5LayerNorm (no mean, no bias) / nn.LayerNorm
+MLPS = ("plain", "gated")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")  # runtime ACTIVATIONS
+POSITIONS = ("relative", "learned")
+
+
+@dataclass(frozen=True)
+class Seq2SeqSpec:
+    """The encoder-decoder architecture, normalised over T5 (v1.0, v1.1/flan) and BART.
+
+    Weights follow one naming scheme (WEIGHT NAMES in kernl/compiler/tasks/seq2seq/describe.py):
+    `embed.weight` (shared by encoder and decoder), `{enc,dec}.rel_bias.weight` (relative),
+    `{enc,dec}.pos_embed.weight` (learned, `position_offset` rows first),
+    `{enc,dec}.embed_norm.*`, `enc.layers.{i}.{attn_norm,qkv,o,mlp_norm,fc|gate_up,proj|down}`,
+    `dec.layers.{i}.` the same plus `{cross_norm,cross_q,cross_kv,cross_o}`,
+    `{enc,dec}.final_norm.*`, `lm_head.weight` (absent when tied), `final_logits_bias`."""
+
+    family: str  # "t5" or "bart"
+    model_type: str
+    num_encoder_layers: int
+    num_decoder_layers: int
+    d_model: int
+    num_heads: int
+    head_dim: int
+    ffn_dim: int
+    vocab_size: int
+    norm: str  # "rms" (T5) or "layer" (BART)
+    norm_eps: float
+    pre_norm: bool  # T5: norm before each block; BART: after the residual add
+    mlp: str  # "plain" (fc, act, proj) or "gated" (act(gate) * up, then down)
+    activation: str
+    positions: str  # "relative" (T5 buckets) or "learned" (BART, with an offset)
+    attention_scale: float  # T5: 1.0 (no scaling); BART: head_dim ** -0.5
+    decoder_start_token_id: int
+    relative_buckets: int = 0
+    relative_max_distance: int = 0
+    max_positions: int = 0  # learned-position rows, the offset included
+    position_offset: int = 0
+    embed_scale: float = 1.0  # multiplies token embeddings (BART scale_embedding)
+    embed_norm: bool = False  # BART's layernorm_embedding
+    final_norm: bool = True  # T5's final_layer_norm of encoder and decoder
+    biases: bool = False  # every linear and norm has a bias (BART)
+    logits_scale: float = 1.0  # T5 with tied embeddings: d_model ** -0.5
+    tied_embeddings: bool = True
+    final_logits_bias: bool = False
+    pad_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Seq2SeqSpec:
+        return Seq2SeqSpec(**{**d, "eos_token_ids": [int(x) for x in d.get("eos_token_ids", [])]})
+
+
+@dataclass(frozen=True)
+class Seq2SeqBuckets:
+    """Shapes an encoder-decoder artifact serves.
+
+    batches: batch buckets; each owns static buffers: a decoder self-attention KV cache of
+      `cache_len` slots per row and cross-attention keys/values for the longest source.
+    sources: encoder buckets (source lengths); a source is padded on the right to the
+      smallest that holds it.
+    caches: decoder self-attention lengths; a decode step at slot `n` attends to the
+      smallest length > n. The largest is `cache_len`, the most new tokens a call makes."""
+
+    batches: list[int]
+    sources: list[int]
+    caches: list[int]
+
+    @property
+    def cache_len(self) -> int:
+        return max(self.caches)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Seq2SeqBuckets:
+        return Seq2SeqBuckets(
+            *(sorted(int(x) for x in d[k]) for k in ("batches", "sources", "caches"))
+        )
+
+    def encoder_shapes(self) -> list[tuple[int, int]]:
+        return [(b, s) for b in self.batches for s in self.sources]
+
+
+@dataclass(frozen=True)
+class Seq2SeqDescription:
+    """A seq2seq-lm manifest's `extra`, parsed and checked."""
+
+    spec: Seq2SeqSpec
+    buckets: Seq2SeqBuckets
+
+
+_INT_FIELDS = ("num_encoder_layers", "num_decoder_layers", "d_model", "num_heads", "head_dim",
+               "ffn_dim", "vocab_size")  # fmt: skip
+_SMALL_INT_FIELDS = ("relative_buckets", "relative_max_distance", "max_positions",
+                     "position_offset")  # fmt: skip
+_CHOICES = {"family": FAMILIES, "norm": NORMS, "mlp": MLPS, "activation": ACTIVATIONS,
+            "positions": POSITIONS}  # fmt: skip
+_BOOLS = ("pre_norm", "embed_norm", "final_norm", "biases", "tied_embeddings",
+          "final_logits_bias")  # fmt: skip
+_REALS = ("norm_eps", "attention_scale", "embed_scale", "logits_scale")
+
+
+def _bad(where: str, what: str) -> ArtifactCorruptError:
+    return ArtifactCorruptError(f"{where}: the seq2seq description is invalid: {what}")
+
+
+def _check_spec(d: Any, where: str) -> Seq2SeqSpec:
+    if not isinstance(d, dict):
+        raise _bad(where, "extra.seq2seq is not a map")
+    names = {f.name for f in fields(Seq2SeqSpec)}
+    required = {
+        f.name for f in fields(Seq2SeqSpec) if f.default is MISSING and f.default_factory is MISSING
+    }
+    missing = sorted(required - set(d))
+    if missing:
+        raise _bad(where, f"fields {missing} are missing")
+    unknown = sorted(str(k) for k in d if k not in names)
+    if unknown:
+        raise _bad(where, f"unknown fields {unknown}")
+    if not isinstance(d["model_type"], str):
+        raise _bad(where, f"seq2seq.model_type {d['model_type']!r} is not a string")
+    for name in _INT_FIELDS:
+        v = d[name]
+        top = MAX_LAYERS if name.endswith("layers") else MAX_DIM
+        if not (_is_int(v) and 0 < v <= top):
+            raise _bad(where, f"seq2seq.{name} is {v!r}, not an integer in 1..{top}")
+    for name in _SMALL_INT_FIELDS:
+        v = d.get(name, 0)
+        if not (_is_int(v) and 0 <= v <= MAX_DIM):
+            raise _bad(where, f"seq2seq.{name} is {v!r}, not an integer in 0..{MAX_DIM}")
+    for name, allowed in _CHOICES.items():
+        if not isinstance(d[name], str) or d[name] not in allowed:
+            raise _bad(where, f"seq2seq.{name} is {d[name]!r}, not one of {allowed}")
+    for name in _REALS:
+        if name in d and not _is_real(d[name]):
+            raise _bad(where, f"seq2seq.{name} is {d[name]!r}, not a finite number")
+    for name in _BOOLS:
+        if name in d and not isinstance(d[name], bool):
+            raise _bad(where, f"seq2seq.{name} is {d[name]!r}, not a boolean")
+    if d["num_heads"] * d["head_dim"] > MAX_DIM:
+        raise _bad(where, f"{d['num_heads']} heads x {d['head_dim']} is more than {MAX_DIM}")
+    if d["positions"] == "relative":
+        if d.get("relative_buckets", 0) < 2 or d.get("relative_max_distance", 0) < 2:
+            raise _bad(where, "relative positions need relative_buckets and max_distance >= 2")
+    elif d.get("max_positions", 0) <= d.get("position_offset", 0):
+        raise _bad(where, "learned positions need max_positions > position_offset")
+    vocab = d["vocab_size"]
+    for name in ("decoder_start_token_id", "pad_token_id"):
+        v = d.get(name)
+        if not ((v is None and name == "pad_token_id") or (_is_int(v) and 0 <= v < vocab)):
+            raise _bad(where, f"seq2seq.{name} is {v!r}, not a token id in [0, {vocab})")
+    eos = d.get("eos_token_ids", [])
+    if not (isinstance(eos, list) and len(eos) <= MAX_EOS_IDS
+            and all(_is_int(e) and 0 <= e < vocab for e in eos)):  # fmt: skip
+        raise _bad(where, f"seq2seq.eos_token_ids is {eos!r}, not at most {MAX_EOS_IDS} ids")
+    return Seq2SeqSpec.from_dict(d)
+
+
+def _check_buckets(d: Any, where: str, limits: ReadLimits) -> Seq2SeqBuckets:
+    if not isinstance(d, dict) or set(d) != {"batches", "sources", "caches"}:
+        raise _bad(where, "extra.seq2seq_buckets is not a map of batches, sources and caches")
+    for name, top in (("batches", limits.max_batch), ("sources", limits.max_seq),
+                      ("caches", limits.max_seq)):  # fmt: skip
+        v = d[name]
+        if not (isinstance(v, list) and v and all(_is_int(x) for x in v)):
+            raise _bad(where, f"seq2seq_buckets.{name} is {v!r}, not a non-empty integer list")
+        if len(set(v)) != len(v) or not all(0 < x <= top for x in v):
+            raise _bad(where, f"seq2seq_buckets.{name} is {v!r}: distinct sizes in 1..{top}")
+    buckets = Seq2SeqBuckets.from_dict(d)
+    count = len(buckets.encoder_shapes()) + len(buckets.batches) * len(buckets.caches)
+    if count > limits.max_buckets:
+        raise ArtifactUnsafeError(
+            f"{where}: {count} seq2seq buckets, more than the {limits.max_buckets} a reader accepts"
+        )
+    for b in buckets.batches:
+        tokens = b * (buckets.cache_len + max(buckets.sources))
+        if tokens > limits.max_bucket_tokens:
+            raise ArtifactUnsafeError(
+                f"{where}: batch {b} x (cache {buckets.cache_len} + source "
+                f"{max(buckets.sources)}) is {tokens} tokens of static buffers, more than the "
+                f"{limits.max_bucket_tokens} a reader allocates"
+            )
+    return buckets
+
+
+def expected_weights(spec: Seq2SeqSpec, dtype: str) -> dict[str, tuple[list[int], str]]:
+    """Every weight the runtime's encoder-decoder reads for `spec`: name -> (shape, dtype)."""
+    h, f, v = spec.d_model, spec.ffn_dim, spec.vocab_size
+    inner = spec.num_heads * spec.head_dim
+    out: dict[str, tuple[list[int], str]] = {"embed.weight": ([v, h], dtype)}
+
+    def linear(name: str, rows: int, cols: int) -> None:
+        out[name + ".weight"] = ([rows, cols], dtype)
+        if spec.biases:
+            out[name + ".bias"] = ([rows], dtype)
+
+    def norm(name: str) -> None:
+        out[name + ".weight"] = ([h], dtype)
+        if spec.norm == "layer":
+            out[name + ".bias"] = ([h], dtype)
+
+    for side, layers in (("enc", spec.num_encoder_layers), ("dec", spec.num_decoder_layers)):
+        if spec.positions == "relative":
+            out[f"{side}.rel_bias.weight"] = ([spec.relative_buckets, spec.num_heads], dtype)
+        else:
+            out[f"{side}.pos_embed.weight"] = ([spec.max_positions, h], dtype)
+        if spec.embed_norm:
+            norm(f"{side}.embed_norm")
+        if spec.final_norm:
+            norm(f"{side}.final_norm")
+        for n in range(layers):
+            p = f"{side}.layers.{n}."
+            norm(p + "attn_norm")
+            linear(p + "qkv", 3 * inner, h)
+            linear(p + "o", h, inner)
+            if side == "dec":
+                norm(p + "cross_norm")
+                linear(p + "cross_q", inner, h)
+                linear(p + "cross_kv", 2 * inner, h)
+                linear(p + "cross_o", h, inner)
+            norm(p + "mlp_norm")
+            if spec.mlp == "gated":
+                linear(p + "gate_up", 2 * f, h)
+                linear(p + "down", h, f)
+            else:
+                linear(p + "fc", f, h)
+                linear(p + "proj", h, f)
+    if not spec.tied_embeddings:
+        out["lm_head.weight"] = ([v, h], dtype)
+    if spec.final_logits_bias:
+        out["final_logits_bias"] = ([v], dtype)
+    return out
+
+
+def check_seq2seq(
+    extra: dict[str, Any],
+    dtype: str,
+    weights: dict[str, tuple[list[int], str]],
+    where: str,
+    limits: ReadLimits = DEFAULT_LIMITS,
+) -> Seq2SeqDescription:
+    """The seq2seq description of a manifest (`extra`) against itself, the limits and the
+    weights file (`weights`: name -> (shape, dtype name), from its header). Raises
+    ArtifactCorruptError (malformed, inconsistent) or ArtifactUnsafeError (over the limits)."""
+    if not isinstance(extra, dict):
+        raise _bad(where, "extra is not a map")
+    spec = _check_spec(extra.get("seq2seq"), where)
+    buckets = _check_buckets(extra.get("seq2seq_buckets"), where, limits)
+    if spec.positions == "learned":
+        room = spec.max_positions - spec.position_offset
+        longest = max(max(buckets.sources), buckets.cache_len)
+        if room < longest:
+            raise _bad(where, f"{room} learned positions cannot index {longest} tokens")
+    expected = expected_weights(spec, dtype)
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise _bad(where, f"weights {missing[:5]} are missing")
+    extra_names = sorted(set(weights) - set(expected))
+    if extra_names:
+        raise _bad(where, f"weights {extra_names[:5]} are not part of the model")
+    for name, (shape, dt) in expected.items():
+        got = weights[name]
+        if list(got[0]) != shape or got[1] != dt:
+            raise _bad(where, f"weight {name} is {got[1]} {list(got[0])}, expected {dt} {shape}")
+    return Seq2SeqDescription(spec, buckets)

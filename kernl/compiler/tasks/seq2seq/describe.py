@@ -1,0 +1,191 @@
+"""Turn a Hugging Face encoder-decoder (T5 v1.0, T5 v1.1/flan-T5, BART) into kernl's
+description of it: a `Seq2SeqSpec` and its weights under one naming scheme.
+
+WEIGHT NAMES (what kernl/runtime/generation/encoder_decoder.py reads):
+    embed.weight [vocab, d_model]         (shared by encoder and decoder)
+    {enc,dec}.rel_bias.weight [buckets, heads]     (T5: layer 0's relative attention bias)
+    {enc,dec}.pos_embed.weight [positions + offset, d_model]   (BART, offset 2)
+    {enc,dec}.embed_norm.{weight,bias}    (BART's layernorm_embedding)
+    {enc,dec}.layers.{i}.attn_norm, .qkv [3 inner, d_model], .o, .mlp_norm,
+        .fc / .proj (plain FFN) or .gate_up [2 ffn, d_model] / .down (gated FFN)
+    dec.layers.{i}.cross_norm, .cross_q, .cross_kv [2 inner, d_model], .cross_o
+    {enc,dec}.final_norm.weight           (T5)
+    lm_head.weight (absent when tied to embed)      final_logits_bias [vocab] (BART)
+Linear weights are [out, in]; `.bias` entries exist for BART only."""
+
+from __future__ import annotations
+
+import torch
+
+from kernl.artifacts.seq2seq import Seq2SeqSpec
+
+from ...trace import UnsupportedModelError
+
+SUPPORTED = ("t5", "bart")
+HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+                  "gelu_pytorch_tanh": "gelu_tanh", "silu": "silu", "swish": "silu"}  # fmt: skip
+
+
+def describe(
+    model: torch.nn.Module, dtype: torch.dtype
+) -> tuple[Seq2SeqSpec, dict[str, torch.Tensor]]:
+    """(spec, weights in `dtype`). Raises UnsupportedModelError naming what kernl cannot
+    serve."""
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    if model_type == "t5":
+        spec, weights = _t5(model)
+    elif model_type == "bart":
+        spec, weights = _bart(model)
+    else:
+        raise UnsupportedModelError(
+            f"seq2seq-lm supports model types {', '.join(SUPPORTED)}, not {model_type!r}"
+            + (
+                " (Whisper's speech-seq2seq is not supported yet)"
+                if model_type == "whisper"
+                else ""
+            )
+        )
+    return spec, {k: v.detach().to(dtype).contiguous().clone() for k, v in weights.items()}
+
+
+def _activation(name: str) -> str:
+    if name not in HF_ACTIVATIONS:
+        raise UnsupportedModelError(f"activation {name!r} is not supported")
+    return HF_ACTIVATIONS[name]
+
+
+def _token_ids(model) -> dict:
+    cfg, gen = model.config, getattr(model, "generation_config", None)
+
+    def first(*values):
+        return next((v for v in values if v is not None), None)
+
+    vocab = cfg.vocab_size
+    eos = first(getattr(gen, "eos_token_id", None), getattr(cfg, "eos_token_id", None))
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    pad = first(getattr(gen, "pad_token_id", None), getattr(cfg, "pad_token_id", None))
+    start = first(getattr(gen, "decoder_start_token_id", None),
+                  getattr(cfg, "decoder_start_token_id", None), pad)  # fmt: skip
+    if start is None:
+        raise UnsupportedModelError("the model declares no decoder_start_token_id")
+    for name in ("forced_bos_token_id", "forced_eos_token_id"):
+        if getattr(gen, name, None) is not None:
+            raise UnsupportedModelError(
+                f"generation_config.{name} is set; kernl's seq2seq generate does not force "
+                "tokens yet (set it to None to compile)"
+            )
+    return dict(
+        decoder_start_token_id=int(start),
+        pad_token_id=int(pad) if pad is not None and 0 <= pad < vocab else None,
+        eos_token_ids=[int(e) for e in eos if 0 <= int(e) < vocab],
+    )
+
+
+def _untied_head(model) -> bool:
+    head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    return head.data_ptr() != embed.data_ptr() and not torch.equal(head, embed)
+
+
+def _t5(model):
+    cfg = model.config
+    gated = bool(cfg.is_gated_act)
+    scale = getattr(cfg, "scale_decoder_outputs", getattr(cfg, "tie_word_embeddings", True))
+    untied = _untied_head(model)
+    spec = Seq2SeqSpec(
+        family="t5", model_type="t5", num_encoder_layers=cfg.num_layers,
+        num_decoder_layers=cfg.num_decoder_layers, d_model=cfg.d_model, num_heads=cfg.num_heads,
+        head_dim=cfg.d_kv, ffn_dim=cfg.d_ff, vocab_size=cfg.vocab_size, norm="rms",
+        norm_eps=float(cfg.layer_norm_epsilon), pre_norm=True, mlp="gated" if gated else "plain",
+        activation=_activation(cfg.dense_act_fn), positions="relative", attention_scale=1.0,
+        relative_buckets=cfg.relative_attention_num_buckets,
+        relative_max_distance=cfg.relative_attention_max_distance, final_norm=True,
+        logits_scale=cfg.d_model**-0.5 if scale else 1.0, tied_embeddings=not untied,
+        **_token_ids(model),
+    )  # fmt: skip
+    w = {"embed.weight": model.shared.weight}
+    for side, stack in (("enc", model.encoder), ("dec", model.decoder)):
+        w[f"{side}.rel_bias.weight"] = (
+            stack.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+        )
+        w[f"{side}.final_norm.weight"] = stack.final_layer_norm.weight
+        for i, block in enumerate(stack.block):
+            p = f"{side}.layers.{i}."
+            sa = block.layer[0].SelfAttention
+            w[p + "attn_norm.weight"] = block.layer[0].layer_norm.weight
+            w[p + "qkv.weight"] = torch.cat([sa.q.weight, sa.k.weight, sa.v.weight])
+            w[p + "o.weight"] = sa.o.weight
+            if side == "dec":
+                ca = block.layer[1].EncDecAttention
+                w[p + "cross_norm.weight"] = block.layer[1].layer_norm.weight
+                w[p + "cross_q.weight"] = ca.q.weight
+                w[p + "cross_kv.weight"] = torch.cat([ca.k.weight, ca.v.weight])
+                w[p + "cross_o.weight"] = ca.o.weight
+            ff = block.layer[-1]
+            w[p + "mlp_norm.weight"] = ff.layer_norm.weight
+            if gated:
+                d = ff.DenseReluDense
+                w[p + "gate_up.weight"] = torch.cat([d.wi_0.weight, d.wi_1.weight])
+                w[p + "down.weight"] = d.wo.weight
+            else:
+                w[p + "fc.weight"] = ff.DenseReluDense.wi.weight
+                w[p + "proj.weight"] = ff.DenseReluDense.wo.weight
+    if untied:
+        w["lm_head.weight"] = model.lm_head.weight
+    return spec, w
+
+
+def _bart(model):
+    cfg = model.config
+    for name in ("normalize_before", "add_final_layer_norm"):
+        if getattr(cfg, name, False):
+            raise UnsupportedModelError(f"BART with {name}=True (mBART-style) is not supported yet")
+    if (
+        cfg.encoder_attention_heads != cfg.decoder_attention_heads
+        or cfg.encoder_ffn_dim != cfg.decoder_ffn_dim
+    ):
+        raise UnsupportedModelError(
+            "BART with different encoder and decoder widths is not supported"
+        )
+    m = model.model
+    untied = _untied_head(model)
+    heads = cfg.encoder_attention_heads
+    pos = m.encoder.embed_positions
+    spec = Seq2SeqSpec(
+        family="bart", model_type="bart", num_encoder_layers=cfg.encoder_layers,
+        num_decoder_layers=cfg.decoder_layers, d_model=cfg.d_model, num_heads=heads,
+        head_dim=cfg.d_model // heads, ffn_dim=cfg.encoder_ffn_dim, vocab_size=cfg.vocab_size,
+        norm="layer", norm_eps=float(m.encoder.layernorm_embedding.eps), pre_norm=False,
+        mlp="plain", activation=_activation(cfg.activation_function), positions="learned",
+        attention_scale=(cfg.d_model // heads) ** -0.5, max_positions=pos.weight.shape[0],
+        position_offset=int(pos.offset), embed_scale=float(m.encoder.embed_tokens.embed_scale),
+        embed_norm=True, final_norm=False, biases=True, tied_embeddings=not untied,
+        final_logits_bias=True, **_token_ids(model),
+    )  # fmt: skip
+    w = {"embed.weight": m.shared.weight, "final_logits_bias": model.final_logits_bias[0]}
+
+    def lin(p: str, mod) -> None:
+        w[p + ".weight"], w[p + ".bias"] = mod.weight, mod.bias
+
+    for side, stack in (("enc", m.encoder), ("dec", m.decoder)):
+        w[f"{side}.pos_embed.weight"] = stack.embed_positions.weight
+        lin(f"{side}.embed_norm", stack.layernorm_embedding)
+        for i, layer in enumerate(stack.layers):
+            p = f"{side}.layers.{i}."
+            sa = layer.self_attn
+            w[p + "qkv.weight"] = torch.cat([sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight])
+            w[p + "qkv.bias"] = torch.cat([sa.q_proj.bias, sa.k_proj.bias, sa.v_proj.bias])
+            lin(p + "o", sa.out_proj)
+            lin(p + "attn_norm", layer.self_attn_layer_norm)
+            if side == "dec":
+                ca = layer.encoder_attn
+                lin(p + "cross_q", ca.q_proj)
+                w[p + "cross_kv.weight"] = torch.cat([ca.k_proj.weight, ca.v_proj.weight])
+                w[p + "cross_kv.bias"] = torch.cat([ca.k_proj.bias, ca.v_proj.bias])
+                lin(p + "cross_o", ca.out_proj)
+                lin(p + "cross_norm", layer.encoder_attn_layer_norm)
+            lin(p + "fc", layer.fc1)
+            lin(p + "proj", layer.fc2)
+            lin(p + "mlp_norm", layer.final_layer_norm)
+    if untied:
+        w["lm_head.weight"] = model.lm_head.weight
+    return spec, w

@@ -1,0 +1,220 @@
+"""The encoder-decoder forward over plain torch ops, for a `Seq2SeqSpec` (T5, BART).
+
+`encode` runs the encoder over a [batch, source] bucket and writes every decoder layer's
+cross-attention keys and values into static buffers (once per request); `decode` runs one
+decoder step for every row at the same slot: self-attention over a static KV cache,
+cross-attention over those buffers, then the logits. Nothing here allocates state: the
+buffers belong to the caller (generation/seq2seq.py), so a step can be captured as a graph."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernl.artifacts.seq2seq import Seq2SeqSpec
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+@dataclass
+class Seq2SeqCache:
+    """Static buffers of one batch bucket: self-attention K/V [layers, B, H, cache, D] and
+    cross-attention K/V [layers, B, H, longest source, D]."""
+
+    self_k: torch.Tensor
+    self_v: torch.Tensor
+    cross_k: torch.Tensor
+    cross_v: torch.Tensor
+
+    @staticmethod
+    def allocate(spec: Seq2SeqSpec, batch: int, cache_len: int, source_len: int, dtype, device):
+        layers, h, d = spec.num_decoder_layers, spec.num_heads, spec.head_dim
+
+        def zeros(n: int) -> torch.Tensor:
+            return torch.zeros(layers, batch, h, n, d, dtype=dtype, device=device)
+
+        return Seq2SeqCache(
+            zeros(cache_len), zeros(cache_len), zeros(source_len), zeros(source_len)
+        )
+
+
+def relative_position_bucket(
+    relative: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int
+) -> torch.Tensor:
+    """T5's bucketing of key - query distances (as in its paper and HF's T5Attention)."""
+    buckets = torch.zeros_like(relative)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative > 0).to(torch.long) * num_buckets
+        relative = relative.abs()
+    else:
+        relative = -torch.clamp(relative, max=0)
+    max_exact = num_buckets // 2
+    is_small = relative < max_exact
+    large = max_exact + (
+        torch.log(relative.float() / max_exact)
+        / math.log(max_distance / max_exact)
+        * (num_buckets - max_exact)
+    ).to(torch.long)
+    large = torch.clamp(large, max=num_buckets - 1)
+    return buckets + torch.where(is_small, relative, large)
+
+
+class EncoderDecoder:
+    def __init__(self, spec: Seq2SeqSpec, weights: dict[str, torch.Tensor], dtype, device):
+        self.spec = spec
+        self.w = weights
+        self.dtype = dtype
+        self.device = device
+        self.act = ACTIVATIONS[spec.activation]
+        self.inner = spec.num_heads * spec.head_dim
+        self.lm_head = weights.get("lm_head.weight", weights["embed.weight"])
+        self.logits_bias = weights.get("final_logits_bias")
+
+    # -- pieces -----------------------------------------------------------------------------
+
+    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
+
+    def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        s = self.spec
+        if s.norm == "layer":
+            return F.layer_norm(
+                x, (s.d_model,), self.w[name + ".weight"], self.w[name + ".bias"], s.norm_eps
+            )
+        # T5LayerNorm: no mean, no bias, the variance in float32.
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        y = x.float() * torch.rsqrt(var + s.norm_eps)
+        return self.w[name + ".weight"] * y.to(self.dtype)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H*D] -> [B, H, T, D]
+        b, t, _ = x.shape
+        return x.view(b, t, self.spec.num_heads, self.spec.head_dim).transpose(1, 2)
+
+    def _attend(self, q, k, v, bias: torch.Tensor) -> torch.Tensor:
+        """q [B,H,T,D], k/v [B,H,S,D], bias broadcastable to [B,H,T,S] (-inf where masked)."""
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.spec.attention_scale
+        probs = torch.softmax(scores + bias, dim=-1).to(v.dtype)
+        out = torch.matmul(probs, v)
+        b, _, t, _ = out.shape
+        return out.transpose(1, 2).reshape(b, t, self.inner)
+
+    def _mlp(self, x: torch.Tensor, p: str) -> torch.Tensor:
+        if self.spec.mlp == "gated":
+            gate, up = self._linear(x, p + "gate_up").chunk(2, dim=-1)
+            return self._linear(self.act(gate) * up, p + "down")
+        return self._linear(self.act(self._linear(x, p + "fc")), p + "proj")
+
+    def _block(self, x: torch.Tensor, p: str, norm: str, fn) -> torch.Tensor:
+        """A residual block: pre-norm (T5) or post-norm (BART)."""
+        if self.spec.pre_norm:
+            return x + fn(self._norm(x, p + norm))
+        return self._norm(x + fn(x), p + norm)
+
+    def _embed(self, ids: torch.Tensor, side: str, positions: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        x = F.embedding(ids, self.w["embed.weight"])
+        if s.embed_scale != 1.0:
+            x = x * s.embed_scale
+        if s.positions == "learned":
+            x = x + F.embedding(positions + s.position_offset, self.w[f"{side}.pos_embed.weight"])
+        if s.embed_norm:
+            x = self._norm(x, f"{side}.embed_norm")
+        return x
+
+    def _relative_bias(self, side: str, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """[1, H, T, S] float32 from query positions [T] and key positions [S]."""
+        s = self.spec
+        buckets = relative_position_bucket(
+            key[None, :] - query[:, None], side == "enc", s.relative_buckets,
+            s.relative_max_distance,
+        )  # fmt: skip
+        return (
+            F.embedding(buckets, self.w[f"{side}.rel_bias.weight"]).permute(2, 0, 1)[None].float()
+        )
+
+    # -- the two steps ----------------------------------------------------------------------
+
+    def encode(self, cache: Seq2SeqCache, ids: torch.Tensor, valid: torch.Tensor) -> None:
+        """ids, valid [B, S] (S a source bucket, padded on the right): the encoder, then each
+        decoder layer's cross-attention keys and values into cache.cross_k/v[:, :, :, :S]."""
+        s = self.spec
+        length = ids.shape[1]
+        pos = torch.arange(length, device=ids.device)
+        x = self._embed(ids, "enc", pos[None, :])
+        mask = torch.zeros(valid.shape, dtype=torch.float32, device=ids.device)
+        mask = mask.masked_fill(~valid, float("-inf"))[:, None, None, :]
+        bias = mask
+        if s.positions == "relative":
+            bias = mask + self._relative_bias("enc", pos, pos)
+        for n in range(s.num_encoder_layers):
+            p = f"enc.layers.{n}."
+
+            def attn(h, p=p):
+                q, k, v = self._linear(h, p + "qkv").split(self.inner, dim=-1)
+                return self._linear(self._attend(*map(self._heads, (q, k, v)), bias), p + "o")
+
+            x = self._block(x, p, "attn_norm", attn)
+            x = self._block(x, p, "mlp_norm", lambda h, p=p: self._mlp(h, p))
+        if s.final_norm:
+            x = self._norm(x, "enc.final_norm")
+        for n in range(s.num_decoder_layers):
+            k, v = self._linear(x, f"dec.layers.{n}.cross_kv").split(self.inner, dim=-1)
+            cache.cross_k[n, :, :, :length].copy_(self._heads(k))
+            cache.cross_v[n, :, :, :length].copy_(self._heads(v))
+
+    def decode(
+        self,
+        cache: Seq2SeqCache,
+        tokens: torch.Tensor,
+        slot: torch.Tensor,
+        kv_len: int,
+        source_valid: torch.Tensor,
+    ) -> torch.Tensor:
+        """One step: tokens [B] at decoder position `slot` ([1] int64, the same for every row);
+        attends to self-attention slots [0, slot] of the first `kv_len` and to the source
+        positions `source_valid` ([B, S]) marks. Returns float logits [B, vocab]."""
+        s = self.spec
+        x = self._embed(tokens[:, None], "dec", slot[None, :])
+        keys = torch.arange(kv_len, device=tokens.device)
+        self_bias = torch.zeros(1, 1, 1, kv_len, dtype=torch.float32, device=tokens.device)
+        self_bias = self_bias.masked_fill(keys > slot, float("-inf"))
+        if s.positions == "relative":
+            self_bias = self_bias + self._relative_bias("dec", slot, keys)
+        cross_bias = torch.zeros(source_valid.shape, dtype=torch.float32, device=tokens.device)
+        cross_bias = cross_bias.masked_fill(~source_valid, float("-inf"))[:, None, None, :]
+        length = source_valid.shape[1]
+        for n in range(s.num_decoder_layers):
+            p = f"dec.layers.{n}."
+
+            def self_attn(h, n=n, p=p):
+                q, k, v = self._linear(h, p + "qkv").split(self.inner, dim=-1)
+                cache.self_k[n].index_copy_(2, slot, self._heads(k))
+                cache.self_v[n].index_copy_(2, slot, self._heads(v))
+                k, v = cache.self_k[n, :, :, :kv_len], cache.self_v[n, :, :, :kv_len]
+                return self._linear(self._attend(self._heads(q), k, v, self_bias), p + "o")
+
+            def cross_attn(h, n=n, p=p):
+                q = self._heads(self._linear(h, p + "cross_q"))
+                k, v = cache.cross_k[n, :, :, :length], cache.cross_v[n, :, :, :length]
+                return self._linear(self._attend(q, k, v, cross_bias), p + "cross_o")
+
+            x = self._block(x, p, "attn_norm", self_attn)
+            x = self._block(x, p, "cross_norm", cross_attn)
+            x = self._block(x, p, "mlp_norm", lambda h, p=p: self._mlp(h, p))
+        if s.final_norm:
+            x = self._norm(x, "dec.final_norm")
+        if s.logits_scale != 1.0:
+            x = x * s.logits_scale
+        logits = F.linear(x[:, 0], self.lm_head).float()
+        if self.logits_bias is not None:
+            logits = logits + self.logits_bias.float()
+        return logits
