@@ -347,13 +347,25 @@ class GenerativeModel:
         return step
 
 
-# The kernel module behind each (piece, choice) that is not plain torch or SDPA.
-_KERNEL_MODULES = {
-    ("attention", "triton"): "decode_attention", ("norm", "triton"): "norm",
-    ("norm", "fused"): "norm_linear", ("gated_mlp", "triton"): "gated_mlp",
-    ("linear", "triton"): "skinny_linear", ("linear", "fused"): "skinny_linear_fused",
-    ("rope", "triton"): "rope_cache_write", ("lm_head", "triton"): "lm_head_argmax",
-}  # fmt: skip
+def _kernel_modules() -> dict:
+    """The kernel module behind each (piece, choice) that is not plain torch or SDPA."""
+    from kernl.kernels import (
+        decode_attention,
+        gated_mlp,
+        lm_head_argmax,
+        norm,
+        norm_linear,
+        rope_cache_write,
+        skinny_linear,
+        skinny_linear_fused,
+    )
+
+    return {
+        ("attention", "triton"): decode_attention, ("norm", "triton"): norm,
+        ("norm", "fused"): norm_linear, ("gated_mlp", "triton"): gated_mlp,
+        ("linear", "triton"): skinny_linear, ("linear", "fused"): skinny_linear_fused,
+        ("rope", "triton"): rope_cache_write, ("lm_head", "triton"): lm_head_argmax,
+    }  # fmt: skip
 
 
 def _runnable(kernels: DecodeKernels, device: torch.device) -> DecodeKernels:
@@ -361,17 +373,13 @@ def _runnable(kernels: DecodeKernels, device: torch.device) -> DecodeKernels:
     kernl_ops.triton_usable); where it is not on, the plain torch pieces compute the same."""
     if device.type != "cpu" or kernels == DecodeKernels():
         return kernels
-    import importlib
-
     from ..kernl_ops import triton_usable
 
+    modules = _kernel_modules()
     kept = {}
     for piece, choice in dataclasses.asdict(kernels).items():
-        module = _KERNEL_MODULES.get((piece, choice))
-        usable = module is None or triton_usable(
-            device, importlib.import_module(f"kernl.kernels.{module}")
-        )
-        kept[piece] = choice if usable else "torch"
+        module = modules.get((piece, choice))
+        kept[piece] = choice if module is None or triton_usable(device, module) else "torch"
     return DecodeKernels(**kept)
 
 

@@ -1,40 +1,21 @@
 """Hashing speed of one large file: one sha256 over the whole file (what verify_files did
-before chunk hashes) against the chunk hashes on N threads (what it does now). Standalone
-(hashlib only; the same read loop and pool as kernl/artifacts/writer.py), so it runs on a
-machine without kernl's dependencies:
+before chunk hashes) against the chunk hashes on N threads (what it does now). The read loop
+is the writer's own (kernl.artifacts.writer.sha256_range):
 
-    python tests/artifacts/bench_hash.py [size_GiB] [folder]
+    PYTHONPATH=. python benchmarks/bench_hash.py [size_GiB] [folder]
 
 "cold" evicts the file from the page cache first (posix_fadvise DONTNEED), so it measures
-the disk too. Not a test (pytest collects test_*.py only)."""
+the disk too."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-BLOCK = 4 << 20
-
-
-def sha256_range(path, offset=0, length=None):
-    h = hashlib.sha256()
-    buf = bytearray(BLOCK)
-    view = memoryview(buf)
-    left = -1 if length is None else length
-    with open(path, "rb", buffering=0) as f:
-        f.seek(offset)
-        while left:
-            n = f.readinto(view if left < 0 or left >= len(buf) else view[:left])
-            if not n:
-                break
-            h.update(view[:n])
-            if left > 0:
-                left -= n
-    return h.hexdigest()
+from kernl.artifacts.writer import sha256_range
 
 
 def chunked(path, chunk, threads):
