@@ -98,27 +98,40 @@ def main() -> None:
         for name, kernels in (("kernl", True), ("kernl-aten", False)):
             t0 = time.perf_counter()
             report = kernl.compiler.compile(
-                str(work / "bert-base"), BUCKETS5, work / f"{name}.kernl", dtype="fp16",
-                device="cuda", kernels=kernels,
-            )  # fmt: skip
+                str(work / "bert-base"),
+                BUCKETS5,
+                work / f"{name}.kernl",
+                dtype="fp16",
+                device="cuda",
+                kernels=kernels,
+            )
             note(f"{name}: compile of 5 buckets {time.perf_counter() - t0:.1f} s")
             arts[name] = work / f"{name}.kernl"
             if kernels:
                 print(report.table())
                 (out / "compile_report.txt").write_text(report.table())
                 t0 = time.perf_counter()
-                kernl.compiler.compile(str(work / "bert-base"), BUCKETS5, work / "again.kernl",
-                                       dtype="fp16", device="cuda")  # fmt: skip
+                kernl.compiler.compile(
+                    str(work / "bert-base"),
+                    BUCKETS5,
+                    work / "again.kernl",
+                    dtype="fp16",
+                    device="cuda",
+                )
                 note(
                     f"{name}: recompile of 5 buckets with a warm tuning cache {time.perf_counter() - t0:.1f} s"
                 )
         if not args.no_cold:
             t0 = time.perf_counter()
-            kernl.compiler.compile(str(work / "bert-base"), BUCKETS20, work / "k20.kernl",
-                                   dtype="fp16", device="cuda")  # fmt: skip
+            kernl.compiler.compile(
+                str(work / "bert-base"), BUCKETS20, work / "k20.kernl", dtype="fp16", device="cuda"
+            )
             note(f"kernl: compile of 20 buckets (5 already tuned) {time.perf_counter() - t0:.1f} s")
-            cold = subprocess.run([sys.executable, "-c", COLD, str(work / "k20.kernl")],
-                                  capture_output=True, text=True)  # fmt: skip
+            cold = subprocess.run(
+                [sys.executable, "-c", COLD, str(work / "k20.kernl")],
+                capture_output=True,
+                text=True,
+            )
             note(cold.stdout.strip() or cold.stderr[-3000:])
 
     eager = BertModel.from_pretrained(work / "bert-base", dtype=torch.float16).cuda().eval()

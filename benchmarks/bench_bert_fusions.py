@@ -126,8 +126,9 @@ def main() -> None:
     del model
 
     t0 = time.perf_counter()
-    report = kernl.compiler.compile(f"{work}/bert", args.buckets, f"{work}/bert.kernl",
-                                    dtype="fp16", device="cuda")  # fmt: skip
+    report = kernl.compiler.compile(
+        f"{work}/bert", args.buckets, f"{work}/bert.kernl", dtype="fp16", device="cuda"
+    )
     result["compile_s"] = time.perf_counter() - t0
     print(report.table())
     static = {}
@@ -135,15 +136,24 @@ def main() -> None:
         static[(b.bucket.batch, b.bucket.seq)] = b.counts.launches
         choices = tuning_summary(report.tuning.get(b.bucket, []))
         print(f"  {b.bucket.batch}x{b.bucket.seq}: {b.counts.launches} kernels/call; {choices}")
-        result.setdefault("compile_buckets", []).append({
-            "bucket": f"{b.bucket.batch}x{b.bucket.seq}", "kernels_per_call": b.counts.launches,
-            "max_abs_error_vs_eager": b.max_abs_error, "seconds": b.seconds, "choices": choices,
-        })  # fmt: skip
+        result.setdefault("compile_buckets", []).append(
+            {
+                "bucket": f"{b.bucket.batch}x{b.bucket.seq}",
+                "kernels_per_call": b.counts.launches,
+                "max_abs_error_vs_eager": b.max_abs_error,
+                "seconds": b.seconds,
+                "choices": choices,
+            }
+        )
 
     km = kernl.runtime.load(f"{work}/bert.kernl")
-    eager = transformers.BertModel.from_pretrained(
-        f"{work}/bert", dtype=torch.float16, attn_implementation="sdpa"
-    ).cuda().eval()  # fmt: skip
+    eager = (
+        transformers.BertModel.from_pretrained(
+            f"{work}/bert", dtype=torch.float16, attn_implementation="sdpa"
+        )
+        .cuda()
+        .eval()
+    )
     eager32 = transformers.BertModel.from_pretrained(f"{work}/bert").cuda().eval()
 
     rows = {}
@@ -183,9 +193,11 @@ def main() -> None:
                 row["speedup_vs_reduce_overhead"] = row["reduce_overhead_ms"] / row["kernl_ms"]
         torch._dynamo.reset()
 
-    head = (f"{'shape':>7} {'kernl ms':>9} {'r-o ms':>8} {'eager ms':>9} {'vs r-o':>7} "
-            f"{'kernels static/prof':>19} {'r-o kernels':>11} {'kernel ms k/r-o':>15} "
-            f"{'|d| vs eager16':>14} {'eager16 vs 32':>13}")  # fmt: skip
+    head = (
+        f"{'shape':>7} {'kernl ms':>9} {'r-o ms':>8} {'eager ms':>9} {'vs r-o':>7} "
+        f"{'kernels static/prof':>19} {'r-o kernels':>11} {'kernel ms k/r-o':>15} "
+        f"{'|d| vs eager16':>14} {'eager16 vs 32':>13}"
+    )
     print(head)
     for row in rows.values():
         ro = row.get("reduce_overhead_ms")
@@ -196,7 +208,7 @@ def main() -> None:
             f"{str(row.get('reduce_overhead_kernels_profiled', '-')):>11} "
             f"{row['kernl_kernel_ms']:7.3f}/{row.get('reduce_overhead_kernel_ms', float('nan')):<7.3f} "
             f"{row['kernl_max_abs_vs_eager16']:14.4f} {row['eager16_max_abs_vs_eager32']:13.4f}"
-        )  # fmt: skip
+        )
     result["shapes"] = list(rows.values())
     result["total_s"] = time.perf_counter() - t_start
     print(f"compile {result['compile_s']:.1f} s; whole run {result['total_s']:.0f} s")

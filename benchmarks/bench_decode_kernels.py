@@ -45,15 +45,32 @@ DEV = "cuda"
 
 # configs tried per fused kernel (a few of each tuning space's shapes; split 0 = automatic)
 NL = nl_mod.NormLinearConfig
-NORM_LINEAR_CONFIGS = [NL(32, 128, 0, 4, 4), NL(16, 256, 0, 4, 3), NL(64, 128, 0, 4, 4),
-                       NL(32, 256, 0, 4, 3), NL(32, 128, 1, 4, 4), NL(16, 128, 4, 4, 4)]  # fmt: skip
+NORM_LINEAR_CONFIGS = [
+    NL(32, 128, 0, 4, 4),
+    NL(16, 256, 0, 4, 3),
+    NL(64, 128, 0, 4, 4),
+    NL(32, 256, 0, 4, 3),
+    NL(32, 128, 1, 4, 4),
+    NL(16, 128, 4, 4, 4),
+]
 SF = slf_mod.SkinnyLinearFusedConfig
-FUSED_LINEAR_CONFIGS = [SF(32, 128, 0, 4, 4), SF(16, 256, 0, 4, 3), SF(64, 128, 0, 4, 4),
-                        SF(32, 256, 4, 4, 3), SF(32, 128, 8, 4, 4), SF(64, 64, 4, 4, 5)]  # fmt: skip
+FUSED_LINEAR_CONFIGS = [
+    SF(32, 128, 0, 4, 4),
+    SF(16, 256, 0, 4, 3),
+    SF(64, 128, 0, 4, 4),
+    SF(32, 256, 4, 4, 3),
+    SF(32, 128, 8, 4, 4),
+    SF(64, 64, 4, 4, 5),
+]
 ROPE_CONFIGS = rope_mod.rope_cache_write_configs()
 LM = lm_mod.LmHeadArgmaxConfig
-LM_HEAD_CONFIGS = [LM(64, 128, 4, 4), LM(32, 128, 4, 4), LM(128, 128, 8, 4), LM(64, 256, 4, 3),
-                   LM(32, 256, 4, 3)]  # fmt: skip
+LM_HEAD_CONFIGS = [
+    LM(64, 128, 4, 4),
+    LM(32, 128, 4, 4),
+    LM(128, 128, 8, 4),
+    LM(64, 256, 4, 3),
+    LM(32, 256, 4, 3),
+]
 
 
 def randn(*shape, scale: float = 1.0) -> torch.Tensor:
@@ -98,8 +115,10 @@ def check(name: str, out: torch.Tensor, ref64: torch.Tensor, stock: torch.Tensor
     err = (out.double() - ref64).abs().max().item()
     stock_err = (stock.double() - ref64).abs().max().item()
     ok = bool(err <= 2 * stock_err + 8e-3) and not out.isnan().any().item()
-    print(f"  check {name:<28} max err {err:.3g} (stock bf16 {stock_err:.3g}) "
-          f"{'ok' if ok else 'FAILED'}")  # fmt: skip
+    print(
+        f"  check {name:<28} max err {err:.3g} (stock bf16 {stock_err:.3g}) "
+        f"{'ok' if ok else 'FAILED'}"
+    )
     return {"op": name, "max_err": err, "stock_err": stock_err, "ok": ok}
 
 
@@ -111,7 +130,10 @@ def correctness(M: int = 4) -> list[dict]:
     g = (torch.rand(HIDDEN, device=DEV) + 0.5).to(DTYPE)
     counters = nl_mod.new_counters(DEV)
     d = lambda t: t.double()  # noqa: E731
-    for name, n_w, gated in [("norm_linear qkv", 3072, False), ("norm_linear gate_up", 2 * INTER, True)]:  # fmt: skip
+    for name, n_w, gated in [
+        ("norm_linear qkv", 3072, False),
+        ("norm_linear gate_up", 2 * INTER, True),
+    ]:
         w = randn(n_w, HIDDEN, scale=HIDDEN**-0.5)
         out = nl_mod.norm_linear(x, g, None, w, eps=EPS, gated=gated, counters=counters)
         ref = nl_mod.norm_linear_reference(d(x), d(g), None, d(w), eps=EPS, gated=gated)
@@ -143,8 +165,10 @@ def correctness(M: int = 4) -> list[dict]:
     _, stock = lm_mod.lm_head_argmax_reference(x, w, g, EPS)
     res.append(check("lm_head_argmax logits", logits, ref, stock))
     same = bool(torch.equal(ids, logits.argmax(-1)))
-    print(f"  check lm_head_argmax ids == argmax(logits): {same}; == float64 argmax: "
-          f"{int((ids == ref_ids).sum())}/{M}")  # fmt: skip
+    print(
+        f"  check lm_head_argmax ids == argmax(logits): {same}; == float64 argmax: "
+        f"{int((ids == ref_ids).sum())}/{M}"
+    )
     res.append({"op": "lm_head_argmax ids", "ok": same})
     return res
 
@@ -153,23 +177,47 @@ class Bench:
     def __init__(self) -> None:
         self.rows: list[dict] = []
 
-    def run(self, op: str, M: int, impl: str, kernels: int, nbytes: float,
-            fn: Callable[[int], object], copies: int, config=None) -> dict | None:  # fmt: skip
+    def run(
+        self,
+        op: str,
+        M: int,
+        impl: str,
+        kernels: int,
+        nbytes: float,
+        fn: Callable[[int], object],
+        copies: int,
+        config=None,
+    ) -> dict | None:
         try:
             ms = time_ms(fn, copies)
         except Exception as e:  # a config that does not compile or fit: skip it, say so
             print(f"  {op:<9} M={M:<2} {impl:<26} failed: {type(e).__name__}: {str(e)[:120]}")
             return None
         gbps = nbytes / ms / 1e6
-        row = {"op": op, "batch": M, "impl": impl, "kernels": kernels, "ms": ms, "GB/s": gbps,
-               "pct_ceiling": 100 * gbps / CEILING_GBPS,
-               "config": None if config is None else repr(config)}  # fmt: skip
+        row = {
+            "op": op,
+            "batch": M,
+            "impl": impl,
+            "kernels": kernels,
+            "ms": ms,
+            "GB/s": gbps,
+            "pct_ceiling": 100 * gbps / CEILING_GBPS,
+            "config": None if config is None else repr(config),
+        }
         self.rows.append(row)
         return row
 
-    def best(self, op: str, M: int, impl: str, kernels: int, nbytes: float,
-             make: Callable[[object], Callable[[int], object]], copies: int,
-             configs) -> dict | None:  # fmt: skip
+    def best(
+        self,
+        op: str,
+        M: int,
+        impl: str,
+        kernels: int,
+        nbytes: float,
+        make: Callable[[object], Callable[[int], object]],
+        copies: int,
+        configs,
+    ) -> dict | None:
         rows = [self.run(op, M, impl, kernels, nbytes, make(c), copies, c) for c in configs]
         rows = [r for r in rows if r is not None]
         if not rows:
@@ -181,9 +229,11 @@ class Bench:
 
 def report(rows: list[dict]) -> None:
     for r in rows:
-        print(f"  {r['op']:<9} M={r['batch']:<2} {r['impl']:<26} {r['kernels']} kernel(s) "
-              f"{r['ms'] * 1000:8.2f} us {r['GB/s']:7.0f} GB/s {r['pct_ceiling']:5.1f}%"
-              + (f"  {r['config']}" if r.get("config") else ""))  # fmt: skip
+        print(
+            f"  {r['op']:<9} M={r['batch']:<2} {r['impl']:<26} {r['kernels']} kernel(s) "
+            f"{r['ms'] * 1000:8.2f} us {r['GB/s']:7.0f} GB/s {r['pct_ceiling']:5.1f}%"
+            + (f"  {r['config']}" if r.get("config") else "")
+        )
 
 
 def bench_batch(bench: Bench, M: int, W: dict) -> dict[str, dict[str, float]]:
@@ -201,37 +251,71 @@ def bench_batch(bench: Bench, M: int, W: dict) -> dict[str, dict[str, float]]:
     # -- attention norm + QKV ----------------------------------------------------------------
     ws, n_qkv = W["qkv"], (HEADS + 2 * KV_HEADS) * HEAD_DIM
     nbytes = (n_qkv * HIDDEN + M * HIDDEN + M * n_qkv) * b2
-    make = lambda c: lambda i: nl_mod.norm_linear(x, g, None, ws[i], eps=EPS, counters=counters,
-                                                  config=c)  # fmt: skip
+    make = lambda c: (
+        lambda i: nl_mod.norm_linear(x, g, None, ws[i], eps=EPS, counters=counters, config=c)
+    )
     rows = [
         bench.best("qkv", M, "fused norm_linear", 1, nbytes, make, len(ws), NORM_LINEAR_CONFIGS)
     ]
-    rows.append(bench.run("qkv", M, "kernl norm+skinny(+reduce)", 3, nbytes,
-                          lambda i: skinny_mod.skinny_linear(norm_mod.rms_norm(x, g, None, EPS),
-                                                             ws[i]), len(ws)))  # fmt: skip
-    rows.append(bench.run("qkv", M, "torch rms_norm+linear", 2, nbytes,
-                          lambda i: F.linear(F.rms_norm(x, (HIDDEN,), g, EPS), ws[i]), len(ws)))  # fmt: skip
+    rows.append(
+        bench.run(
+            "qkv",
+            M,
+            "kernl norm+skinny(+reduce)",
+            3,
+            nbytes,
+            lambda i: skinny_mod.skinny_linear(norm_mod.rms_norm(x, g, None, EPS), ws[i]),
+            len(ws),
+        )
+    )
+    rows.append(
+        bench.run(
+            "qkv",
+            M,
+            "torch rms_norm+linear",
+            2,
+            nbytes,
+            lambda i: F.linear(F.rms_norm(x, (HIDDEN,), g, EPS), ws[i]),
+            len(ws),
+        )
+    )
     keep("qkv", [r for r in rows if r])
 
     # -- MLP norm + gate/up + SiLU * up --------------------------------------------------------
     ws = W["gate_up"]
     nbytes = (2 * INTER * HIDDEN + M * HIDDEN + M * INTER) * b2
-    make = lambda c: lambda i: nl_mod.norm_linear(x, g, None, ws[i], eps=EPS, gated=True,
-                                                  counters=counters, config=c)  # fmt: skip
-    rows = [bench.best("gate_up", M, "fused norm_linear gated", 1, nbytes, make, len(ws),
-                       NORM_LINEAR_CONFIGS)]  # fmt: skip
+    make = lambda c: (
+        lambda i: nl_mod.norm_linear(
+            x, g, None, ws[i], eps=EPS, gated=True, counters=counters, config=c
+        )
+    )
+    rows = [
+        bench.best(
+            "gate_up", M, "fused norm_linear gated", 1, nbytes, make, len(ws), NORM_LINEAR_CONFIGS
+        )
+    ]
     tile = mlp_mod.GatedMLPConfig(16, 32, 128, 1, 4, 4)  # the decoder's DECODE_GATED_MLP_TILE
-    rows.append(bench.run("gate_up", M, "kernl norm+gated_mlp", 2, nbytes,
-                          lambda i: mlp_mod.gated_mlp(norm_mod.rms_norm(x, g, None, EPS),
-                                                      ws[i][:INTER], ws[i][INTER:], config=tile),
-                          len(ws)))  # fmt: skip
+    rows.append(
+        bench.run(
+            "gate_up",
+            M,
+            "kernl norm+gated_mlp",
+            2,
+            nbytes,
+            lambda i: mlp_mod.gated_mlp(
+                norm_mod.rms_norm(x, g, None, EPS), ws[i][:INTER], ws[i][INTER:], config=tile
+            ),
+            len(ws),
+        )
+    )
 
     def torch_gated(i: int) -> torch.Tensor:
         gate, up = F.linear(F.rms_norm(x, (HIDDEN,), g, EPS), ws[i]).chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    rows.append(bench.run("gate_up", M, "torch norm+linear+silu*up", 4, nbytes, torch_gated,
-                          len(ws)))  # fmt: skip
+    rows.append(
+        bench.run("gate_up", M, "torch norm+linear+silu*up", 4, nbytes, torch_gated, len(ws))
+    )
     keep("gate_up", [r for r in rows if r])
 
     # -- O and down projections + residual -----------------------------------------------------
@@ -239,37 +323,73 @@ def bench_batch(bench: Bench, M: int, W: dict) -> dict[str, dict[str, float]]:
         ws = W[op]
         h, r = randn(M, K), randn(M, HIDDEN)
         nbytes = (HIDDEN * K + M * K + 2 * M * HIDDEN) * b2
-        make = lambda c, ws=ws, h=h, r=r: lambda i: slf_mod.skinny_linear_fused(
-            h, ws[i], None, r, counters=counters, config=c)  # fmt: skip
-        rows = [bench.best(op, M, "fused skinny_linear_fused", 1, nbytes, make, len(ws),
-                           FUSED_LINEAR_CONFIGS)]  # fmt: skip
-        rows.append(bench.run(op, M, "kernl skinny(+reduce)", 2, nbytes,
-                              lambda i, ws=ws, h=h, r=r: skinny_mod.skinny_linear(h, ws[i], None, r),
-                              len(ws)))  # fmt: skip
-        rows.append(bench.run(op, M, "torch addmm", 1, nbytes,
-                              lambda i, ws=ws, h=h, r=r: torch.addmm(r, h, ws[i].t()), len(ws)))  # fmt: skip
+        make = lambda c, ws=ws, h=h, r=r: (
+            lambda i: slf_mod.skinny_linear_fused(h, ws[i], None, r, counters=counters, config=c)
+        )
+        rows = [
+            bench.best(
+                op, M, "fused skinny_linear_fused", 1, nbytes, make, len(ws), FUSED_LINEAR_CONFIGS
+            )
+        ]
+        rows.append(
+            bench.run(
+                op,
+                M,
+                "kernl skinny(+reduce)",
+                2,
+                nbytes,
+                lambda i, ws=ws, h=h, r=r: skinny_mod.skinny_linear(h, ws[i], None, r),
+                len(ws),
+            )
+        )
+        rows.append(
+            bench.run(
+                op,
+                M,
+                "torch addmm",
+                1,
+                nbytes,
+                lambda i, ws=ws, h=h, r=r: torch.addmm(r, h, ws[i].t()),
+                len(ws),
+            )
+        )
         keep(op, [r for r in rows if r])
 
     # -- rope + KV-cache write -----------------------------------------------------------------
     qkv = randn(M, n_qkv)
     pos = torch.arange(M, device=DEV) + SLOTS // 3
     slot = torch.tensor([SLOTS // 3], device=DEV)
-    caches = [(randn(M, KV_HEADS, SLOTS, HEAD_DIM), randn(M, KV_HEADS, SLOTS, HEAD_DIM))
-              for _ in range(4)]  # fmt: skip
+    caches = [
+        (randn(M, KV_HEADS, SLOTS, HEAD_DIM), randn(M, KV_HEADS, SLOTS, HEAD_DIM)) for _ in range(4)
+    ]
     nbytes = (M * n_qkv * 2 + 2 * HEAD_DIM) * b2  # qkv in; q, k, v out; one cos/sin row
-    make = lambda c: lambda i: rope_mod.rope_cache_write(
-        qkv, pos, W["cos"], W["sin"], caches[i][0], caches[i][1], slot, num_heads=HEADS,
-        num_kv_heads=KV_HEADS, config=c)  # fmt: skip
-    rows = [bench.best("rope", M, "fused rope_cache_write", 1, nbytes, make, len(caches),
-                       ROPE_CONFIGS)]  # fmt: skip
+    make = lambda c: (
+        lambda i: rope_mod.rope_cache_write(
+            qkv,
+            pos,
+            W["cos"],
+            W["sin"],
+            caches[i][0],
+            caches[i][1],
+            slot,
+            num_heads=HEADS,
+            num_kv_heads=KV_HEADS,
+            config=c,
+        )
+    )
+    rows = [
+        bench.best("rope", M, "fused rope_cache_write", 1, nbytes, make, len(caches), ROPE_CONFIGS)
+    ]
     rope_m = W["rope_m"].index_select(0, pos)  # gathered once per step by the decoder
 
     def torch_rope(i: int) -> torch.Tensor:
-        qk = torch.bmm(qkv[:, : (HEADS + KV_HEADS) * HEAD_DIM].view(M, HEADS + KV_HEADS, HEAD_DIM),
-                       rope_m)  # fmt: skip
+        qk = torch.bmm(
+            qkv[:, : (HEADS + KV_HEADS) * HEAD_DIM].view(M, HEADS + KV_HEADS, HEAD_DIM), rope_m
+        )
         caches[i][0].index_copy_(2, slot, qk[:, HEADS:].unsqueeze(2))
-        caches[i][1].index_copy_(2, slot, qkv[:, (HEADS + KV_HEADS) * HEAD_DIM :]
-                                 .view(M, KV_HEADS, 1, HEAD_DIM))  # fmt: skip
+        caches[i][1].index_copy_(
+            2, slot, qkv[:, (HEADS + KV_HEADS) * HEAD_DIM :].view(M, KV_HEADS, 1, HEAD_DIM)
+        )
         return qk
 
     rows.append(bench.run("rope", M, "torch bmm+index_copy x2", 3, nbytes, torch_rope, len(caches)))
@@ -281,19 +401,57 @@ def bench_batch(bench: Bench, M: int, W: dict) -> dict[str, dict[str, float]]:
     logits_buf = torch.empty(M, VOCAB, device=DEV, dtype=DTYPE)
     nbytes = (VOCAB * HIDDEN + M * HIDDEN) * b2
     rows = []
-    for impl, with_logits in [("fused lm_head_argmax", False),
-                              ("fused lm_head_argmax+logits", True)]:  # fmt: skip
-        make = lambda c, wl=with_logits: lambda i: lm_mod.lm_head_argmax(
-            x, ws[i], norm_weight=g, eps=EPS, logits_out=logits_buf if wl else None,
-            workspace=ws_, config=c)  # fmt: skip
-        rows.append(bench.best("lm_head", M, impl, 1, nbytes + with_logits * M * VOCAB * b2,
-                               make, len(ws), LM_HEAD_CONFIGS))  # fmt: skip
-    rows.append(bench.run("lm_head", M, "kernl norm+skinny+argmax", 4, nbytes + M * VOCAB * b2,
-                          lambda i: skinny_mod.skinny_linear(norm_mod.rms_norm(x, g, None, EPS),
-                                                             ws[i]).argmax(-1), len(ws)))  # fmt: skip
-    rows.append(bench.run("lm_head", M, "torch norm+linear+argmax", 3, nbytes + M * VOCAB * b2,
-                          lambda i: F.linear(F.rms_norm(x, (HIDDEN,), g, EPS), ws[i]).argmax(-1),
-                          len(ws)))  # fmt: skip
+    for impl, with_logits in [
+        ("fused lm_head_argmax", False),
+        ("fused lm_head_argmax+logits", True),
+    ]:
+        make = lambda c, wl=with_logits: (
+            lambda i: lm_mod.lm_head_argmax(
+                x,
+                ws[i],
+                norm_weight=g,
+                eps=EPS,
+                logits_out=logits_buf if wl else None,
+                workspace=ws_,
+                config=c,
+            )
+        )
+        rows.append(
+            bench.best(
+                "lm_head",
+                M,
+                impl,
+                1,
+                nbytes + with_logits * M * VOCAB * b2,
+                make,
+                len(ws),
+                LM_HEAD_CONFIGS,
+            )
+        )
+    rows.append(
+        bench.run(
+            "lm_head",
+            M,
+            "kernl norm+skinny+argmax",
+            4,
+            nbytes + M * VOCAB * b2,
+            lambda i: skinny_mod.skinny_linear(norm_mod.rms_norm(x, g, None, EPS), ws[i]).argmax(
+                -1
+            ),
+            len(ws),
+        )
+    )
+    rows.append(
+        bench.run(
+            "lm_head",
+            M,
+            "torch norm+linear+argmax",
+            3,
+            nbytes + M * VOCAB * b2,
+            lambda i: F.linear(F.rms_norm(x, (HIDDEN,), g, EPS), ws[i]).argmax(-1),
+            len(ws),
+        )
+    )
     keep("lm_head", [r for r in rows if r])
     return out
 
@@ -304,8 +462,9 @@ def step_estimate(times: dict[str, dict[str, float]]) -> dict[str, float]:
     layer_ops = ("qkv", "rope", "o", "gate_up", "down")
 
     def pick(op: str, prefix: str) -> float:
-        return min((ms for impl, ms in times[op].items() if impl.startswith(prefix)),
-                   default=float("nan"))  # fmt: skip
+        return min(
+            (ms for impl, ms in times[op].items() if impl.startswith(prefix)), default=float("nan")
+        )
 
     fused = LAYERS * sum(pick(op, "fused") for op in layer_ops)
     fused += times["lm_head"].get("fused lm_head_argmax", float("nan"))
@@ -321,9 +480,14 @@ def main() -> None:
     torch.manual_seed(0)
     import triton
 
-    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": triton.__version__, "cuda": str(torch.version.cuda),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "ceiling_GBps": CEILING_GBPS}  # fmt: skip
+    info = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": str(torch.version.cuda),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "ceiling_GBps": CEILING_GBPS,
+    }
     print(info)
     checks = correctness()
     W = {
@@ -343,16 +507,25 @@ def main() -> None:
         print(f"batch {M} ({time.time() - t0:.0f} s)")
         estimates[M] = step_estimate(bench_batch(bench, M, W))
         e = estimates[M]
-        print(f"  step estimate (16 layers of qkv+rope+o+gate_up+down, + lm_head; no attention):"
-              f" fused {e['fused_ms'] * 1000:.0f} us vs unfused kernl {e['unfused_kernl_ms'] * 1000:.0f} us")  # fmt: skip
-    result = {**info, "checks": checks, "rows": bench.rows, "step_estimates": estimates,
-              "seconds": time.time() - t0}  # fmt: skip
+        print(
+            f"  step estimate (16 layers of qkv+rope+o+gate_up+down, + lm_head; no attention):"
+            f" fused {e['fused_ms'] * 1000:.0f} us vs unfused kernl {e['unfused_kernl_ms'] * 1000:.0f} us"
+        )
+    result = {
+        **info,
+        "checks": checks,
+        "rows": bench.rows,
+        "step_estimates": estimates,
+        "seconds": time.time() - t0,
+    }
     if os.environ.get("OUT"):
         path = os.path.join(os.environ["OUT"], "bench_decode_kernels.json")
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {path}")
-    print(f"done in {time.time() - t0:.0f} s; checks {'ok' if all(c['ok'] for c in checks) else 'FAILED'}")  # fmt: skip
+    print(
+        f"done in {time.time() - t0:.0f} s; checks {'ok' if all(c['ok'] for c in checks) else 'FAILED'}"
+    )
 
 
 def _rope_matrices(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

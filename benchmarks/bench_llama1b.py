@@ -40,16 +40,28 @@ def llama_1b():
     import transformers as tf
 
     cfg = tf.LlamaConfig(
-        hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-        intermediate_size=8192, vocab_size=128256, max_position_embeddings=131072,
-        tie_word_embeddings=True, rms_norm_eps=1e-5, head_dim=64,
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        head_dim=64,
         rope_parameters={
-            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
             "original_max_position_embeddings": 8192,
         },
-        pad_token_id=None, eos_token_id=None, bos_token_id=None,
-    )  # fmt: skip
+        pad_token_id=None,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = tf.LlamaForCausalLM(cfg).to(torch.bfloat16)
@@ -80,15 +92,28 @@ def first_token_child(path: str, verify: bool) -> None:
     t1 = time.perf_counter()
     torch.cuda.synchronize()
     free, total = torch.cuda.mem_get_info()
-    print(json.dumps({
-        "import_s": t0 - t_import, "load_s": t_load - t0, "load_to_first_token_s": t1 - t0,
-        "first_token": int(out[0, -1]), "allocated_GiB": torch.cuda.memory_allocated() / 2**30,
-        "reserved_GiB": torch.cuda.memory_reserved() / 2**30,
-        "device_used_GiB": (total - free) / 2**30, "verify": verify,
-        "buckets": len(model.manifest.buckets), "graphs": len(model._steps),
-        "kv_cache_GiB": sum(st.cache.k.nbytes + st.cache.v.nbytes for st in model._states.values()) / 2**30,
-        "weights_GiB": sum(t.nbytes for t in {id(t): t for t in _weights(model)}.values()) / 2**30,
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "import_s": t0 - t_import,
+                "load_s": t_load - t0,
+                "load_to_first_token_s": t1 - t0,
+                "first_token": int(out[0, -1]),
+                "allocated_GiB": torch.cuda.memory_allocated() / 2**30,
+                "reserved_GiB": torch.cuda.memory_reserved() / 2**30,
+                "device_used_GiB": (total - free) / 2**30,
+                "verify": verify,
+                "buckets": len(model.manifest.buckets),
+                "graphs": len(model._steps),
+                "kv_cache_GiB": sum(
+                    st.cache.k.nbytes + st.cache.v.nbytes for st in model._states.values()
+                )
+                / 2**30,
+                "weights_GiB": sum(t.nbytes for t in {id(t): t for t in _weights(model)}.values())
+                / 2**30,
+            }
+        )
+    )
 
 
 def _weights(model):
@@ -113,7 +138,7 @@ VARIANTS = {
         "norm": "triton",
         "gated_mlp": "triton",
         "linear": "triton",
-    },  # fmt: skip
+    },
 }
 
 
@@ -141,8 +166,11 @@ def decode_variants(model, vocab: int, g: torch.Generator) -> None:
                     full = timed(lambda: model.generate(ids, max_new_tokens=NEW, eos_token_id=[]))
                     pre = timed(lambda: model.generate(ids, max_new_tokens=1, eos_token_id=[]))
                     step = (full - pre) / (NEW - 1)
-                    row[f"b{b}"] = {"tok_per_s": b * NEW / full, "per_token_ms": step * 1e3,
-                                    "ids_agreeing_with_torch": agree.tolist()}  # fmt: skip
+                    row[f"b{b}"] = {
+                        "tok_per_s": b * NEW / full,
+                        "per_token_ms": step * 1e3,
+                        "ids_agreeing_with_torch": agree.tolist(),
+                    }
         except Exception as e:  # record and go on: one variant must not cost the others
             row["error"] = f"{type(e).__name__}: {e}"[:2000]
         log(f"decode variant {name}: {row}")
@@ -157,21 +185,26 @@ def main(out: Path, skip_hf_static: bool, skip_hf_eager: bool, variants_only: bo
     import kernl.runtime
 
     RESULTS["device"] = torch.cuda.get_device_name()
-    RESULTS["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
-                           "cuda": torch.version.cuda}  # fmt: skip
+    RESULTS["versions"] = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda,
+    }
     log(f"{RESULTS}")
     hf = llama_1b()
     art = Path("/tmp/llama1b.kernl")
     log("compile")
     t = time.perf_counter()
     try:
-        report = kernl.compiler.compile(hf, BUCKETS, art, dtype="bf16", task="causal-lm",
-                                        progress=log)  # fmt: skip
+        report = kernl.compiler.compile(
+            hf, BUCKETS, art, dtype="bf16", task="causal-lm", progress=log
+        )
     except AssertionError as e:  # validation failed: record it, compile anyway to go on
         RESULTS["validation_failure"] = str(e)
         log(f"VALIDATION FAILED: {e}")
-        report = kernl.compiler.compile(hf, BUCKETS, art, dtype="bf16", task="causal-lm",
-                                        atol=1e9, progress=log)  # fmt: skip
+        report = kernl.compiler.compile(
+            hf, BUCKETS, art, dtype="bf16", task="causal-lm", atol=1e9, progress=log
+        )
     RESULTS["compile_s"] = time.perf_counter() - t
     RESULTS["compile_table"] = report.table()
     log("\n" + report.table())
@@ -204,16 +237,32 @@ def main(out: Path, skip_hf_static: bool, skip_hf_eager: bool, variants_only: bo
 
     def err(a, b):
         d = (a - b).abs()
-        return {"max_abs": float(d.max()), "mean_abs": float(d.mean()),
-                "per_step_max": [round(float(x), 4) for x in d.amax(dim=(0, 2))]}  # fmt: skip
+        return {
+            "max_abs": float(d.max()),
+            "mean_abs": float(d.mean()),
+            "per_step_max": [round(float(x), 4) for x in d.amax(dim=(0, 2))],
+        }
 
     RESULTS["logits"] = {
-        "kernl_vs_hf_bf16": err(ours, ref_bf16), "kernl_vs_fp32": err(ours, ref_32),
-        "hf_bf16_vs_fp32": err(ref_bf16, ref_32), "max_abs_logit": float(ref_32.abs().max()),
+        "kernl_vs_hf_bf16": err(ours, ref_bf16),
+        "kernl_vs_fp32": err(ours, ref_32),
+        "hf_bf16_vs_fp32": err(ref_bf16, ref_32),
+        "max_abs_logit": float(ref_32.abs().max()),
         "argmax_agree_kernl_fp32": float((ours.argmax(-1) == ref_32.argmax(-1)).float().mean()),
         "argmax_agree_hf_fp32": float((ref_bf16.argmax(-1) == ref_32.argmax(-1)).float().mean()),
-    }  # fmt: skip
-    log(json.dumps({k: (v if not isinstance(v, dict) else {a: b for a, b in v.items() if a != "per_step_max"}) for k, v in RESULTS["logits"].items()}))  # fmt: skip
+    }
+    log(
+        json.dumps(
+            {
+                k: (
+                    v
+                    if not isinstance(v, dict)
+                    else {a: b for a, b in v.items() if a != "per_step_max"}
+                )
+                for k, v in RESULTS["logits"].items()
+            }
+        )
+    )
     del ours, ref_bf16, ref_32
     save(out)
 
@@ -225,9 +274,13 @@ def main(out: Path, skip_hf_static: bool, skip_hf_eager: bool, variants_only: bo
         full = timed(lambda: model.generate(ids, max_new_tokens=NEW, eos_token_id=[]))
         pre = timed(lambda: model.generate(ids, max_new_tokens=1, eos_token_id=[]))
         decode_tok = (full - pre) / (NEW - 1)
-        tput[f"kernl_b{b}"] = {"total_s": full, "tok_per_s": b * NEW / full,
-                               "prefill_s": pre, "per_token_ms": decode_tok * 1e3,
-                               "decode_tok_per_s": b / decode_tok}  # fmt: skip
+        tput[f"kernl_b{b}"] = {
+            "total_s": full,
+            "tok_per_s": b * NEW / full,
+            "prefill_s": pre,
+            "per_token_ms": decode_tok * 1e3,
+            "decode_tok_per_s": b / decode_tok,
+        }
         log(f"kernl batch {b}: {tput[f'kernl_b{b}']}")
     decode_variants(model, vocab, g)
     save(out)
@@ -275,7 +328,9 @@ def main(out: Path, skip_hf_static: bool, skip_hf_eager: bool, variants_only: bo
     ids = torch.randint(0, vocab, (1, 1024), generator=g).cuda()
     model.generate(ids, max_new_tokens=1, eos_token_id=[])
     pre = RESULTS.setdefault("prefill_1x1024_ms", {})
-    pre["kernl_generate_1_token"] = timed(lambda: model.generate(ids, max_new_tokens=1, eos_token_id=[]), 10) * 1e3  # fmt: skip
+    pre["kernl_generate_1_token"] = (
+        timed(lambda: model.generate(ids, max_new_tokens=1, eos_token_id=[]), 10) * 1e3
+    )
     with torch.no_grad():
         hf(ids, logits_to_keep=1)
         pre["hf_eager_forward"] = timed(lambda: hf(ids, logits_to_keep=1), 10) * 1e3
@@ -288,8 +343,9 @@ def main(out: Path, skip_hf_static: bool, skip_hf_eager: bool, variants_only: bo
     for verify in (True, False):
         run = subprocess.run(
             [sys.executable, __file__, "--first-token", str(art), str(verify)],
-            capture_output=True, text=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+        )
         line = [x for x in run.stdout.splitlines() if x.startswith("{")]
         RESULTS[f"fresh_process_verify_{verify}"] = (
             json.loads(line[-1]) if line else run.stderr[-2000:]
@@ -335,5 +391,9 @@ if __name__ == "__main__":
     else:
         out_dir = Path(sys.argv[1])
         out_dir.mkdir(parents=True, exist_ok=True)
-        main(out_dir, "--skip-hf-static" in sys.argv, "--skip-hf-eager" in sys.argv,
-             "--variants-only" in sys.argv)  # fmt: skip
+        main(
+            out_dir,
+            "--skip-hf-static" in sys.argv,
+            "--skip-hf-eager" in sys.argv,
+            "--variants-only" in sys.argv,
+        )

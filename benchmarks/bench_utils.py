@@ -40,8 +40,12 @@ def device_info() -> dict[str, str]:
     import triton
 
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"device": name, "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": str(torch.version.cuda)}  # fmt: skip
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": str(torch.version.cuda),
+    }
 
 
 @dataclass
@@ -71,9 +75,15 @@ def attention_case(D: int, L: int, causal: bool, dtype=torch.float16) -> Case:
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
     flops = 4 * B * H * L * L * D / (2 if causal else 1)
-    return Case("attention", f"hd{D} L{L} B{B} H{H} {'causal' if causal else 'full'}", flops,
-                4 * q.numel() * q.element_size(), make, ("kernl", "sdpa"),
-                attn_mod.attention_configs)  # fmt: skip
+    return Case(
+        "attention",
+        f"hd{D} L{L} B{B} H{H} {'causal' if causal else 'full'}",
+        flops,
+        4 * q.numel() * q.element_size(),
+        make,
+        ("kernl", "sdpa"),
+        attn_mod.attention_configs,
+    )
 
 
 def decode_case(Lk: int, dtype=torch.float16) -> Case:
@@ -88,8 +98,15 @@ def decode_case(Lk: int, dtype=torch.float16) -> Case:
         return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
     nbytes = (k.numel() + v.numel() + 2 * q.numel()) * k.element_size()
-    return Case("decode_attention", f"Lk{Lk} B{B} H{H}/{H_kv} hd{D}", 0, nbytes, make,
-                ("kernl", "sdpa"), dec_mod.decode_attention_configs)  # fmt: skip
+    return Case(
+        "decode_attention",
+        f"Lk{Lk} B{B} H{H}/{H_kv} hd{D}",
+        0,
+        nbytes,
+        make,
+        ("kernl", "sdpa"),
+        dec_mod.decode_attention_configs,
+    )
 
 
 def linear_case(M: int, K: int, N: int, activation: str, dtype=torch.float16) -> Case:
@@ -102,8 +119,15 @@ def linear_case(M: int, K: int, N: int, activation: str, dtype=torch.float16) ->
             return lambda: lin_mod.fused_linear(x, w, b, activation, config=config)
         return lambda: lin_mod.apply_activation(F.linear(x, w, b), activation)
 
-    return Case("linear", f"M{M} K{K} N{N} {activation}", 2 * M * N * K,
-                (M * K + N * K + M * N) * 2, make, ("kernl", "cublas"), lin_mod.linear_configs)  # fmt: skip
+    return Case(
+        "linear",
+        f"M{M} K{K} N{N} {activation}",
+        2 * M * N * K,
+        (M * K + N * K + M * N) * 2,
+        make,
+        ("kernl", "cublas"),
+        lin_mod.linear_configs,
+    )
 
 
 def gated_mlp_case(M: int, K: int, N: int, dtype=torch.float16) -> Case:
@@ -115,8 +139,15 @@ def gated_mlp_case(M: int, K: int, N: int, dtype=torch.float16) -> Case:
             return lambda: mlp_mod.gated_mlp(x, wg, wu, config=config)
         return lambda: F.silu(F.linear(x, wg)) * F.linear(x, wu)
 
-    return Case("gated_mlp", f"M{M} K{K} N{N}", 4 * M * N * K, (M * K + 2 * N * K + M * N) * 2,
-                make, ("kernl", "cublas"), mlp_mod.gated_mlp_configs)  # fmt: skip
+    return Case(
+        "gated_mlp",
+        f"M{M} K{K} N{N}",
+        4 * M * N * K,
+        (M * K + 2 * N * K + M * N) * 2,
+        make,
+        ("kernl", "cublas"),
+        mlp_mod.gated_mlp_configs,
+    )
 
 
 def skinny_linear_case(M: int, K: int, N: int, dtype=torch.float16) -> Case:
@@ -129,8 +160,15 @@ def skinny_linear_case(M: int, K: int, N: int, dtype=torch.float16) -> Case:
             return lambda: skinny_mod.skinny_linear(x, w, None, r, config=config)
         return lambda: torch.addmm(r, x, w.t())
 
-    return Case("skinny_linear", f"M{M} K{K} N{N}", 0, (N * K + 2 * M * N + M * K) * 2,
-                make, ("kernl", "cublas"), skinny_mod.skinny_linear_configs)  # fmt: skip
+    return Case(
+        "skinny_linear",
+        f"M{M} K{K} N{N}",
+        0,
+        (N * K + 2 * M * N + M * K) * 2,
+        make,
+        ("kernl", "cublas"),
+        skinny_mod.skinny_linear_configs,
+    )
 
 
 def norm_case(kind: str, M: int, N: int, dtype=torch.float16) -> Case:
@@ -147,14 +185,26 @@ def norm_case(kind: str, M: int, N: int, dtype=torch.float16) -> Case:
         return lambda: F.rms_norm(x + r, (N,), w, 1e-5)
 
     # read x and r, write the sum and the normalised value
-    return Case(f"add_{kind}", f"M{M} N{N}", 0, 4 * M * N * x.element_size(), make,
-                ("kernl", "torch"), norm_mod.norm_configs)  # fmt: skip
+    return Case(
+        f"add_{kind}",
+        f"M{M} N{N}",
+        0,
+        4 * M * N * x.element_size(),
+        make,
+        ("kernl", "torch"),
+        norm_mod.norm_configs,
+    )
 
 
-ATTENTION_SHAPES = [(D, L, c) for D in (64, 128) for L in (128, 512, 1024, 2048, 4096, 8192)
-                    for c in (False, True)]  # fmt: skip
-LINEAR_SHAPES = [(M, K, N, a) for M in (128, 512, 2048, 4096, 16384) for K, N in ((768, 3072), (3072, 768))
-                 for a in ("none", "gelu")]  # fmt: skip
+ATTENTION_SHAPES = [
+    (D, L, c) for D in (64, 128) for L in (128, 512, 1024, 2048, 4096, 8192) for c in (False, True)
+]
+LINEAR_SHAPES = [
+    (M, K, N, a)
+    for M in (128, 512, 2048, 4096, 16384)
+    for K, N in ((768, 3072), (3072, 768))
+    for a in ("none", "gelu")
+]
 NORM_SHAPES = [
     (kind, 16384, N) for kind in ("layer_norm", "rms_norm") for N in (768, 1024, 2048, 4096, 8192)
 ]

@@ -94,8 +94,14 @@ def correctness() -> None:
         ref = attention.attention_reference(
             q.double(), k.double(), v.double(), causal=True, kv_lens=lens, bias=bias.double()
         )
-        checks.append(("attention gqa+kv_lens+bias Lq<Lk", out, ref,
-                       attention.attention_reference(q, k, v, causal=True, kv_lens=lens, bias=bias)))  # fmt: skip
+        checks.append(
+            (
+                "attention gqa+kv_lens+bias Lq<Lk",
+                out,
+                ref,
+                attention.attention_reference(q, k, v, causal=True, kv_lens=lens, bias=bias),
+            )
+        )
         q, k, v = (
             rnd(4, 32, 1, 128, dtype=dtype),
             rnd(4, 8, 9000, 128, dtype=dtype),
@@ -140,8 +146,10 @@ def correctness() -> None:
                 rnd(N, dtype=dtype),
                 rnd(N, dtype=dtype),
             )
-            for kind, fn, rf in (("layer_norm", norm.layer_norm, norm.layer_norm_reference),
-                                 ("rms_norm", norm.rms_norm, norm.rms_norm_reference)):  # fmt: skip
+            for kind, fn, rf in (
+                ("layer_norm", norm.layer_norm, norm.layer_norm_reference),
+                ("rms_norm", norm.rms_norm, norm.rms_norm_reference),
+            ):
                 y, s = fn(x, w, b, 1e-5, r, return_sum=True, out=nanbuf(x.shape, dtype))
                 ref = rf(x.double(), w.double(), b.double(), 1e-5, r.double())
                 checks.append((f"add+{kind} N{N}", y, ref, rf(x, w, b, 1e-5, r)))
@@ -172,8 +180,15 @@ def correctness() -> None:
         for name, out, ref, stock in checks:
             ours, theirs = _err(out, ref), _err(stock, ref)
             ok = not out.isnan().any().item() and ours <= 2 * theirs + eps
-            RESULTS["correctness"].append({"dtype": str(dtype)[6:], "check": name, "kernl_err": ours,
-                                           "stock_err": theirs, "pass": ok})  # fmt: skip
+            RESULTS["correctness"].append(
+                {
+                    "dtype": str(dtype)[6:],
+                    "check": name,
+                    "kernl_err": ours,
+                    "stock_err": theirs,
+                    "pass": ok,
+                }
+            )
         torch.cuda.synchronize()
     save()
 
@@ -227,8 +242,10 @@ def fmt_row(r: dict, copy_gbps: float) -> str:
     else:
         gbps = r["bytes"] / t_k / 1e6
         metric = f"{gbps:.0f} GB/s = {100 * gbps / copy_gbps:.0f}% copy (vs {r['bytes'] / t_o / 1e6:.0f})"
-    return (f"| {r['op']} | {r['shape']} | {t_d * 1e3:.1f} | {t_k * 1e3:.1f} | {other} {t_o * 1e3:.1f} "
-            f"| {t_o / t_k:.2f}x | {metric} | {r['tuned_config']} |")  # fmt: skip
+    return (
+        f"| {r['op']} | {r['shape']} | {t_d * 1e3:.1f} | {t_k * 1e3:.1f} | {other} {t_o * 1e3:.1f} "
+        f"| {t_o / t_k:.2f}x | {metric} | {r['tuned_config']} |"
+    )
 
 
 def main() -> None:

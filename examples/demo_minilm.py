@@ -57,8 +57,16 @@ def serve(artifact: str, device: str) -> None:
     t0 = time.perf_counter()
     out = model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
     t_call = time.perf_counter() - t0
-    print(json.dumps({"embeddings": embed(out, mask).cpu().tolist(), "load_s": t_load,
-                      "call_s": t_call, "modules": "transformers" in sys.modules}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "embeddings": embed(out, mask).cpu().tolist(),
+                "load_s": t_load,
+                "call_s": t_call,
+                "modules": "transformers" in sys.modules,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -92,20 +100,28 @@ def run(out: str, device: str, dtype: str) -> None:
     path = minilm_path()
     print(f"1. compiling all-MiniLM-L6-v2 ({path}) for {device}, {dtype}")
     report = kernl.compiler.compile(
-        path, "batch=1,4 seq=16,32", out, dtype=dtype, device=device,
+        path,
+        "batch=1,4 seq=16,32",
+        out,
+        dtype=dtype,
+        device=device,
         progress=lambda m: print("   ", m),
-    )  # fmt: skip
+    )
     print(report.table())
 
     tok = AutoTokenizer.from_pretrained(path)
     enc = tok(SENTENCES, padding=True, return_tensors="pt")
-    print(f"2. loading {out} in a fresh process (kernl.runtime only) and embedding "
-          f"{len(SENTENCES)} sentences of up to {enc['input_ids'].shape[1]} tokens")  # fmt: skip
+    print(
+        f"2. loading {out} in a fresh process (kernl.runtime only) and embedding "
+        f"{len(SENTENCES)} sentences of up to {enc['input_ids'].shape[1]} tokens"
+    )
     proc = subprocess.run(
         [sys.executable, __file__, "--serve", out, "--device", device],
         input=json.dumps({k: enc[k].tolist() for k in ("input_ids", "attention_mask")}),
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     served = json.loads(proc.stdout.strip().splitlines()[-1])
     got = torch.tensor(served["embeddings"])
 
@@ -115,14 +131,18 @@ def run(out: str, device: str, dtype: str) -> None:
     cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
     if device == "cpu":
         print("   (CPU mode: kernels run in Triton's interpreter, for correctness, not speed)")
-    print(f"   load {served['load_s']:.2f} s, first call {served['call_s'] * 1000:.1f} ms, "
-          f"transformers imported by the runtime process: {served['modules']}")  # fmt: skip
+    print(
+        f"   load {served['load_s']:.2f} s, first call {served['call_s'] * 1000:.1f} ms, "
+        f"transformers imported by the runtime process: {served['modules']}"
+    )
     print("3. cosine similarity with eager fp32 sentence embeddings:")
     for s, c in zip(SENTENCES, cos.tolist()):
         print(f"   {c:.6f}  {s}")
     sim = got @ got.T
-    print(f"   similarity('{SENTENCES[1]}', '{SENTENCES[3]}') = {sim[1, 3]:.3f}; "
-          f"vs '{SENTENCES[0]}' = {sim[1, 0]:.3f}")  # fmt: skip
+    print(
+        f"   similarity('{SENTENCES[1]}', '{SENTENCES[3]}') = {sim[1, 3]:.3f}; "
+        f"vs '{SENTENCES[0]}' = {sim[1, 0]:.3f}"
+    )
     if cos.min() < 0.999:
         sys.exit(f"embeddings differ from eager: min cosine {cos.min():.6f}")
     print(f"OK: artifact at {out}")

@@ -29,8 +29,13 @@ def _runtime_only(argv: list[str]) -> int:
     commands = parser.add_subparsers(dest="command")
     verify = commands.add_parser("verify", help="check an artifact as load() does")
     verify.add_argument("path")
-    verify.add_argument("--trusted-key", dest="trusted_keys", action="append", default=[],
-                        help="an Ed25519 public key (PEM) the artifact must be signed by")  # fmt: skip
+    verify.add_argument(
+        "--trusted-key",
+        dest="trusted_keys",
+        action="append",
+        default=[],
+        help="an Ed25519 public key (PEM) the artifact must be signed by",
+    )
     known = {"verify", "inspect", "bench", "serve", "keygen", "compile"}
     if argv and argv[0] in known - {"verify"}:
         print(f"kernl {argv[0]} needs the compile extra: {EXTRA_HINT}", file=sys.stderr)

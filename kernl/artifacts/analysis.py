@@ -40,33 +40,104 @@ Interval = tuple[int, int]
 
 # safetensors dtype -> torch dtype name
 SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
-    "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16",
-    "U8": "uint8", "BOOL": "bool",
-}  # fmt: skip
-_DTYPE_ARGS = ("float16", "bfloat16", "float32", "float64", "int8", "uint8", "int16", "int32",
-               "int64", "bool")  # fmt: skip
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+_DTYPE_ARGS = (
+    "float16",
+    "bfloat16",
+    "float32",
+    "float64",
+    "int8",
+    "uint8",
+    "int16",
+    "int32",
+    "int64",
+    "bool",
+)
 _MEMORY_FORMATS = ("contiguous_format", "preserve_format")
 
 # ops whose `size` argument is a list of static ints: op -> positional index
 _SIZE_ARG = {
-    "empty": 0, "zeros": 0, "ones": 0, "full": 0, "empty_strided": 0,
-    "new_empty": 1, "new_zeros": 1, "new_ones": 1, "new_full": 1, "new_empty_strided": 1,
-    "expand": 1, "repeat": 1, "view": 1, "reshape": 1, "_unsafe_view": 1, "as_strided": 1,
-}  # fmt: skip
+    "empty": 0,
+    "zeros": 0,
+    "ones": 0,
+    "full": 0,
+    "empty_strided": 0,
+    "new_empty": 1,
+    "new_zeros": 1,
+    "new_ones": 1,
+    "new_full": 1,
+    "new_empty_strided": 1,
+    "expand": 1,
+    "repeat": 1,
+    "view": 1,
+    "reshape": 1,
+    "_unsafe_view": 1,
+    "as_strided": 1,
+}
 _UNINITIALISED = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
 # ops that read their tensor argument only for its shape, dtype and device
-_SHAPE_ONLY = {"empty_like", "zeros_like", "ones_like", "full_like", "new_empty", "new_zeros",
-               "new_ones", "new_full", "new_empty_strided"}  # fmt: skip
+_SHAPE_ONLY = {
+    "empty_like",
+    "zeros_like",
+    "ones_like",
+    "full_like",
+    "new_empty",
+    "new_zeros",
+    "new_ones",
+    "new_full",
+    "new_empty_strided",
+}
 # integer ops whose values are those of their first tensor argument (views, copies, casts)
 _SAME_VALUES = {
-    "slice", "select", "view", "reshape", "_unsafe_view", "expand", "expand_as", "unsqueeze",
-    "squeeze", "permute", "transpose", "t", "alias", "detach", "clone", "contiguous",
-    "lift_fresh_copy", "flatten", "unflatten", "repeat", "to", "_to_copy", "type_as", "split",
-    "chunk", "unbind", "split_with_sizes", "unsafe_split", "max", "min", "as_strided", "tril",
+    "slice",
+    "select",
+    "view",
+    "reshape",
+    "_unsafe_view",
+    "expand",
+    "expand_as",
+    "unsqueeze",
+    "squeeze",
+    "permute",
+    "transpose",
+    "t",
+    "alias",
+    "detach",
+    "clone",
+    "contiguous",
+    "lift_fresh_copy",
+    "flatten",
+    "unflatten",
+    "repeat",
+    "to",
+    "_to_copy",
+    "type_as",
+    "split",
+    "chunk",
+    "unbind",
+    "split_with_sizes",
+    "unsafe_split",
+    "max",
+    "min",
+    "as_strided",
+    "tril",
     "triu",
-}  # fmt: skip
+}
 _GATHERS = {"embedding", "index_select", "gather", "index"}
 
 
@@ -333,8 +404,10 @@ class _Walk:
                     f"output {spec.name!r} returns uninitialised memory (from aten.empty*, "
                     "never fully written): it would leak whatever the allocator held"
                 )
-            for axis, size, what in ((spec.batch_axis, b.batch, "batch"),
-                                     (spec.seq_axis, b.seq, "sequence")):  # fmt: skip
+            for axis, size, what in (
+                (spec.batch_axis, b.batch, "batch"),
+                (spec.seq_axis, b.seq, "sequence"),
+            ):
                 if axis is not None and (axis >= t.dim() or t.shape[axis] != size):
                     raise _Fail(
                         f"output {spec.name!r} has shape {list(t.shape)}; the manifest slices "
@@ -434,8 +507,12 @@ class _Walk:
         if not isinstance(self_, self.torch.Tensor):
             return
         offset = self_.storage_offset() if offset is None else offset
-        ok = (isinstance(size, list) and isinstance(stride, list) and len(size) == len(stride)
-              and all(isinstance(x, int) and x >= 0 for x in [*size, *stride, offset]))  # fmt: skip
+        ok = (
+            isinstance(size, list)
+            and isinstance(stride, list)
+            and len(size) == len(stride)
+            and all(isinstance(x, int) and x >= 0 for x in [*size, *stride, offset])
+        )
         if not ok:
             raise _Fail(f"as_strided with size {size}, stride {stride}, offset {offset}")
         elements = self_.untyped_storage().nbytes() // self_.element_size()
@@ -618,8 +695,10 @@ class _Walk:
         if base == "neg":
             return (-a[1], -a[0]), src
         if base == "abs":
-            return (0 if a[0] <= 0 <= a[1] else min(abs(a[0]), abs(a[1])),
-                    max(abs(a[0]), abs(a[1]))), src  # fmt: skip
+            return (
+                0 if a[0] <= 0 <= a[1] else min(abs(a[0]), abs(a[1])),
+                max(abs(a[0]), abs(a[1])),
+            ), src
         if base in ("cumsum", "sum"):
             if base == "cumsum":
                 dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
@@ -659,10 +738,13 @@ def _impl(impl: Any, config: Any) -> None:
         return
     pairs = config.items() if isinstance(config, dict) else config
     ok = isinstance(pairs, (list, type({}.items()))) and all(
-        isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str)
-        and isinstance(p[1], (int, bool, str)) and not (isinstance(p[1], int) and not 0 <= p[1] <= 1 << 16)
+        isinstance(p, (list, tuple))
+        and len(p) == 2
+        and isinstance(p[0], str)
+        and isinstance(p[1], (int, bool, str))
+        and not (isinstance(p[1], int) and not 0 <= p[1] <= 1 << 16)
         for p in pairs
-    )  # fmt: skip
+    )
     if not ok:
         raise _Fail(f"kernel config {config!r} is not a list of [name, small value] pairs", False)
 
@@ -672,8 +754,7 @@ def _same(a, b, what: str) -> None:
         raise _Fail(f"{what} has shape {list(b.shape)}, expected {list(a.shape)}", unsafe=False)
 
 
-def _kernl_linear(x, weight, bias=None, residual=None, activation="none", impl="aten",
-                  config=None):  # fmt: skip
+def _kernl_linear(x, weight, bias=None, residual=None, activation="none", impl="aten", config=None):
     import torch.nn.functional as F
 
     _impl(impl, config)
@@ -716,8 +797,9 @@ def _kernl_mask_to_bias(mask, dtype):
     return torch.empty(mask.shape, dtype=dtype, device=mask.device)
 
 
-def _kernl_bert_embeddings(word_ids, word, pos_ids, pos, type_ids, types, weight, bias, eps,
-                           impl="aten", config=None):  # fmt: skip
+def _kernl_bert_embeddings(
+    word_ids, word, pos_ids, pos, type_ids, types, weight, bias, eps, impl="aten", config=None
+):
     import torch
 
     _impl(impl, config)

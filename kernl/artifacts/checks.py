@@ -30,9 +30,13 @@ TENSOR_DTYPES = frozenset(
 )
 # Integer dtypes an input may have, with the range its pad value must fit in.
 INPUT_DTYPES = {
-    "int8": (-(1 << 7), 1 << 7), "uint8": (0, 1 << 8), "int16": (-(1 << 15), 1 << 15),
-    "int32": (-(1 << 31), 1 << 31), "int64": (-(1 << 63), 1 << 63), "bool": (0, 2),
-}  # fmt: skip
+    "int8": (-(1 << 7), 1 << 7),
+    "uint8": (0, 1 << 8),
+    "int16": (-(1 << 15), 1 << 15),
+    "int32": (-(1 << 31), 1 << 31),
+    "int64": (-(1 << 63), 1 << 63),
+    "bool": (0, 2),
+}
 INPUT_DEFAULTS = ("required", "zeros", "ones")
 TARGETS = ("cpu", "cuda")
 # Matched with fullmatch only: `re.match("...$")` accepts a trailing newline.
@@ -48,10 +52,25 @@ MAX_AXIS = 8
 # index of that argument (also accepted as the keyword "size"). Views are included because
 # a later contiguous/clone materialises them.
 SIZE_ARGUMENT = {
-    "empty": 0, "zeros": 0, "ones": 0, "full": 0, "empty_strided": 0, "rand": 0, "randn": 0,
-    "new_empty": 1, "new_zeros": 1, "new_ones": 1, "new_full": 1, "new_empty_strided": 1,
-    "expand": 1, "repeat": 1, "view": 1, "reshape": 1, "_unsafe_view": 1, "as_strided": 1,
-}  # fmt: skip
+    "empty": 0,
+    "zeros": 0,
+    "ones": 0,
+    "full": 0,
+    "empty_strided": 0,
+    "rand": 0,
+    "randn": 0,
+    "new_empty": 1,
+    "new_zeros": 1,
+    "new_ones": 1,
+    "new_full": 1,
+    "new_empty_strided": 1,
+    "expand": 1,
+    "repeat": 1,
+    "view": 1,
+    "reshape": 1,
+    "_unsafe_view": 1,
+    "as_strided": 1,
+}
 
 
 def _is_int(x: Any) -> bool:
@@ -87,8 +106,15 @@ def check_bucket(b: Bucket, where: str, limits: ReadLimits = DEFAULT_LIMITS) -> 
 
 def check_manifest(m: Manifest, where: str, limits: ReadLimits = DEFAULT_LIMITS) -> None:
     """Types and ranges of every manifest field the runtime uses."""
-    for name in ("kernl_version", "torch_version", "triton_version", "task", "model_type",
-                 "model_source", "created_at"):  # fmt: skip
+    for name in (
+        "kernl_version",
+        "torch_version",
+        "triton_version",
+        "task",
+        "model_type",
+        "model_source",
+        "created_at",
+    ):
         _require(isinstance(getattr(m, name), str), where, f"{name} is not a string")
     for name in ("cuda_version", "gpu_name", "compute_capability"):
         value = getattr(m, name)
@@ -101,23 +127,38 @@ def check_manifest(m: Manifest, where: str, limits: ReadLimits = DEFAULT_LIMITS)
     _require(isinstance(m.inputs, list) and m.inputs, where, "no inputs")
     seen: set[str] = set()
     for spec in m.inputs:
-        _require(isinstance(spec.name, str) and bool(IDENTIFIER.fullmatch(spec.name)), where,
-                 f"input name {spec.name!r} is not an identifier")  # fmt: skip
+        _require(
+            isinstance(spec.name, str) and bool(IDENTIFIER.fullmatch(spec.name)),
+            where,
+            f"input name {spec.name!r} is not an identifier",
+        )
         _require(spec.name not in seen, where, f"input {spec.name!r} is listed twice")
         seen.add(spec.name)
-        _require(_one_of(spec.dtype, INPUT_DTYPES), where,
-                 f"input {spec.name!r} has dtype {spec.dtype!r}, not an integer dtype")  # fmt: skip
+        _require(
+            _one_of(spec.dtype, INPUT_DTYPES),
+            where,
+            f"input {spec.name!r} has dtype {spec.dtype!r}, not an integer dtype",
+        )
         lo, hi = INPUT_DTYPES[spec.dtype]
-        _require(_is_int(spec.pad_value) and lo <= spec.pad_value < hi, where,
-                 f"input {spec.name!r} has pad value {spec.pad_value!r}, not a {spec.dtype}")  # fmt: skip
-        _require(_one_of(spec.default, INPUT_DEFAULTS), where,
-                 f"input {spec.name!r} has default {spec.default!r}")  # fmt: skip
+        _require(
+            _is_int(spec.pad_value) and lo <= spec.pad_value < hi,
+            where,
+            f"input {spec.name!r} has pad value {spec.pad_value!r}, not a {spec.dtype}",
+        )
+        _require(
+            _one_of(spec.default, INPUT_DEFAULTS),
+            where,
+            f"input {spec.name!r} has default {spec.default!r}",
+        )
 
     _require(isinstance(m.outputs, list) and m.outputs, where, "no outputs")
     seen = set()
     for spec in m.outputs:
-        _require(isinstance(spec.name, str) and bool(IDENTIFIER.fullmatch(spec.name)), where,
-                 f"output name {spec.name!r} is not an identifier")  # fmt: skip
+        _require(
+            isinstance(spec.name, str) and bool(IDENTIFIER.fullmatch(spec.name)),
+            where,
+            f"output name {spec.name!r} is not an identifier",
+        )
         _require(spec.name not in seen, where, f"output {spec.name!r} is listed twice")
         seen.add(spec.name)
         _require(
@@ -125,11 +166,21 @@ def check_manifest(m: Manifest, where: str, limits: ReadLimits = DEFAULT_LIMITS)
             where,
             f"output {spec.name!r} has dtype {spec.dtype!r}",
         )
-        _require(_is_int(spec.batch_axis) and 0 <= spec.batch_axis < MAX_AXIS, where,
-                 f"output {spec.name!r} has batch axis {spec.batch_axis!r}")  # fmt: skip
-        _require(spec.seq_axis is None or (_is_int(spec.seq_axis) and 0 <= spec.seq_axis < MAX_AXIS
-                 and spec.seq_axis != spec.batch_axis), where,
-                 f"output {spec.name!r} has sequence axis {spec.seq_axis!r}")  # fmt: skip
+        _require(
+            _is_int(spec.batch_axis) and 0 <= spec.batch_axis < MAX_AXIS,
+            where,
+            f"output {spec.name!r} has batch axis {spec.batch_axis!r}",
+        )
+        _require(
+            spec.seq_axis is None
+            or (
+                _is_int(spec.seq_axis)
+                and 0 <= spec.seq_axis < MAX_AXIS
+                and spec.seq_axis != spec.batch_axis
+            ),
+            where,
+            f"output {spec.name!r} has sequence axis {spec.seq_axis!r}",
+        )
 
     _require(isinstance(m.buckets, list) and m.buckets, where, "no buckets")
     if len(m.buckets) > limits.max_buckets:
@@ -163,22 +214,37 @@ def check_manifest(m: Manifest, where: str, limits: ReadLimits = DEFAULT_LIMITS)
     for rel, digest in m.files.items():
         if not is_safe_relative_path(rel) or rel == MANIFEST_FILE:
             raise ArtifactUnsafeError(f"{where}: the file list holds an unsafe path {rel!r}")
-        _require(isinstance(digest, str) and bool(SHA256_HEX.fullmatch(digest)), where,
-                 f"the sha256 of {rel!r} is not 64 hex digits")  # fmt: skip
+        _require(
+            isinstance(digest, str) and bool(SHA256_HEX.fullmatch(digest)),
+            where,
+            f"the sha256 of {rel!r} is not 64 hex digits",
+        )
     check_file_chunks(m, where, limits)
 
     _require(isinstance(m.kernels, list), where, "kernels is not a list")
     for k in m.kernels:
-        _require(isinstance(k.name, str) and bool(KERNEL_NAME.fullmatch(k.name)), where,
-                 f"kernel name {k.name!r}")  # fmt: skip
+        _require(
+            isinstance(k.name, str) and bool(KERNEL_NAME.fullmatch(k.name)),
+            where,
+            f"kernel name {k.name!r}",
+        )
         if not is_safe_relative_path(k.file):
             raise ArtifactUnsafeError(f"{where}: kernel {k.name!r} has an unsafe path {k.file!r}")
-        _require(isinstance(k.function, str) and bool(IDENTIFIER.fullmatch(k.function)), where,
-                 f"kernel {k.name!r}: function {k.function!r} is not an identifier")  # fmt: skip
-        _require(_is_int(k.num_warps) and 1 <= k.num_warps <= 64, where,
-                 f"kernel {k.name!r}: num_warps {k.num_warps!r}")  # fmt: skip
-        _require(_is_int(k.shared_mem) and 0 <= k.shared_mem <= 1 << 20, where,
-                 f"kernel {k.name!r}: shared_mem {k.shared_mem!r}")  # fmt: skip
+        _require(
+            isinstance(k.function, str) and bool(IDENTIFIER.fullmatch(k.function)),
+            where,
+            f"kernel {k.name!r}: function {k.function!r} is not an identifier",
+        )
+        _require(
+            _is_int(k.num_warps) and 1 <= k.num_warps <= 64,
+            where,
+            f"kernel {k.name!r}: num_warps {k.num_warps!r}",
+        )
+        _require(
+            _is_int(k.shared_mem) and 0 <= k.shared_mem <= 1 << 20,
+            where,
+            f"kernel {k.name!r}: shared_mem {k.shared_mem!r}",
+        )
         _require(isinstance(k.meta, dict), where, f"kernel {k.name!r}: meta is not a map")
         _check_kernel_meta(k.name, k.meta, where)
 
@@ -197,17 +263,28 @@ def check_file_chunks(m: Manifest, where: str, limits: ReadLimits = DEFAULT_LIMI
     _require(isinstance(chunks, dict), where, f"{what} is not a map of path to chunk hashes")
     total = 0
     for rel, entry in chunks.items():
-        _require(isinstance(rel, str) and rel in m.files, where,
-                 f"{what} holds {rel!r}, which is not in the file list")  # fmt: skip
-        _require(isinstance(entry, dict) and set(entry) == set(CHUNK_ENTRY_KEYS), where,
-                 f"{what}[{rel!r}] is not a map of {list(CHUNK_ENTRY_KEYS)}")  # fmt: skip
+        _require(
+            isinstance(rel, str) and rel in m.files,
+            where,
+            f"{what} holds {rel!r}, which is not in the file list",
+        )
+        _require(
+            isinstance(entry, dict) and set(entry) == set(CHUNK_ENTRY_KEYS),
+            where,
+            f"{what}[{rel!r}] is not a map of {list(CHUNK_ENTRY_KEYS)}",
+        )
         size, digests = entry["chunk_bytes"], entry["sha256"]
-        _require(_is_int(size) and MIN_CHUNK_BYTES <= size <= MAX_CHUNK_BYTES
-                 and size & (size - 1) == 0, where,
-                 f"{what}[{rel!r}]: chunk size {size!r} is not a power of two in "
-                 f"{MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}")  # fmt: skip
-        _require(_is_int(entry["bytes"]) and entry["bytes"] >= 0, where,
-                 f"{what}[{rel!r}]: file size {entry['bytes']!r} is not a size")  # fmt: skip
+        _require(
+            _is_int(size) and MIN_CHUNK_BYTES <= size <= MAX_CHUNK_BYTES and size & (size - 1) == 0,
+            where,
+            f"{what}[{rel!r}]: chunk size {size!r} is not a power of two in "
+            f"{MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}",
+        )
+        _require(
+            _is_int(entry["bytes"]) and entry["bytes"] >= 0,
+            where,
+            f"{what}[{rel!r}]: file size {entry['bytes']!r} is not a size",
+        )
         _require(isinstance(digests, list), where, f"{what}[{rel!r}]: sha256 is not a list")
         total += len(digests)
         if total > limits.max_file_chunks:
@@ -215,12 +292,18 @@ def check_file_chunks(m: Manifest, where: str, limits: ReadLimits = DEFAULT_LIMI
                 f"{where}: {what} lists more than {limits.max_file_chunks} chunk hashes"
             )
         expected = -(-entry["bytes"] // size)
-        _require(len(digests) == expected, where,
-                 f"{what}[{rel!r}]: {len(digests)} chunk hashes do not cover its "
-                 f"{entry['bytes']} bytes exactly ({expected} chunks of {size})")  # fmt: skip
+        _require(
+            len(digests) == expected,
+            where,
+            f"{what}[{rel!r}]: {len(digests)} chunk hashes do not cover its "
+            f"{entry['bytes']} bytes exactly ({expected} chunks of {size})",
+        )
         for i, digest in enumerate(digests):
-            _require(isinstance(digest, str) and bool(SHA256_HEX.fullmatch(digest)), where,
-                     f"{what}[{rel!r}]: the sha256 of chunk {i} is not 64 hex digits")  # fmt: skip
+            _require(
+                isinstance(digest, str) and bool(SHA256_HEX.fullmatch(digest)),
+                where,
+                f"{what}[{rel!r}]: the sha256 of chunk {i} is not 64 hex digits",
+            )
 
 
 def _check_kernel_meta(name: str, meta: dict, where: str) -> None:

@@ -175,10 +175,22 @@ def _is_real(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-_INT_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
-               "intermediate_size", "vocab_size")  # fmt: skip
-_CHOICES = {"family": FAMILIES, "norm": NORMS, "mlp": MLPS, "activation": ACTIVATIONS,
-            "positions": POSITIONS}  # fmt: skip
+_INT_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+)
+_CHOICES = {
+    "family": FAMILIES,
+    "norm": NORMS,
+    "mlp": MLPS,
+    "activation": ACTIVATIONS,
+    "positions": POSITIONS,
+}
 _BOOLS = ("qkv_bias", "o_bias", "mlp_bias", "tied_embeddings")
 # Far above any real decoder (Llama-3 405B: 126 layers, hidden 16384, 128k vocabulary) and
 # far below sizes whose products overflow what a reader should compute with.
@@ -231,8 +243,11 @@ def _check_decoder(d: Any, where: str) -> DecoderSpec:
     if not (pad is None or (_is_int(pad) and 0 <= pad < vocab)):
         raise bad(f"decoder.pad_token_id is {pad!r}, not null or a token id in [0, {vocab})")
     eos = d.get("eos_token_ids", [])
-    if not (isinstance(eos, list) and len(eos) <= MAX_EOS_IDS
-            and all(_is_int(e) and 0 <= e < vocab for e in eos)):  # fmt: skip
+    if not (
+        isinstance(eos, list)
+        and len(eos) <= MAX_EOS_IDS
+        and all(_is_int(e) and 0 <= e < vocab for e in eos)
+    ):
         raise bad(
             f"decoder.eos_token_ids is {eos!r}, not at most {MAX_EOS_IDS} ids in [0, {vocab})"
         )
@@ -245,8 +260,11 @@ def _check_buckets(d: Any, where: str, limits: ReadLimits) -> GenerationBuckets:
 
     if not isinstance(d, dict) or set(d) != {"batches", "prompts", "kv_lengths"}:
         raise bad("extra.generation_buckets is not a map of batches, prompts and kv_lengths")
-    for name, top in (("batches", limits.max_batch), ("prompts", limits.max_seq),
-                      ("kv_lengths", limits.max_seq)):  # fmt: skip
+    for name, top in (
+        ("batches", limits.max_batch),
+        ("prompts", limits.max_seq),
+        ("kv_lengths", limits.max_seq),
+    ):
         v = d[name]
         if not (isinstance(v, list) and v and all(_is_int(x) for x in v)):
             raise bad(f"generation_buckets.{name} is {v!r}, not a non-empty list of integers")
@@ -254,8 +272,10 @@ def _check_buckets(d: Any, where: str, limits: ReadLimits) -> GenerationBuckets:
             raise bad(f"generation_buckets.{name} is {v!r}: sizes must be distinct, in 1..{top}")
     buckets = GenerationBuckets.from_dict(d)
     if max(buckets.prompts) > buckets.cache_len:
-        raise bad(f"the longest prompt ({max(buckets.prompts)}) does not fit the cache "
-                  f"({buckets.cache_len})")  # fmt: skip
+        raise bad(
+            f"the longest prompt ({max(buckets.prompts)}) does not fit the cache "
+            f"({buckets.cache_len})"
+        )
     count = len(buckets.prefill_shapes()) + len(buckets.decode_shapes())
     if count > limits.max_buckets:
         raise ArtifactUnsafeError(

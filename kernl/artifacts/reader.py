@@ -45,9 +45,22 @@ from .vocabulary import is_allowed_op
 from .writer import manifest_digest, run_hash_jobs, sha256_range
 
 SAFETENSORS_ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-    "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}  # fmt: skip
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 
 def _resolve_inside(root: Path, rel: str, what: str) -> Path:
@@ -320,8 +333,17 @@ def weight_infos(
     return infos
 
 
-_NUMPY_INTS = {"I64": "i8", "I32": "i4", "I16": "i2", "I8": "i1", "U8": "u1", "U16": "u2",
-               "U32": "u4", "U64": "u8", "BOOL": "u1"}  # fmt: skip
+_NUMPY_INTS = {
+    "I64": "i8",
+    "I32": "i4",
+    "I16": "i2",
+    "I8": "i1",
+    "U8": "u1",
+    "U16": "u2",
+    "U32": "u4",
+    "U64": "u8",
+    "BOOL": "u1",
+}
 
 
 def _head(path: Path) -> bytes:
@@ -421,8 +443,18 @@ def check_artifact(
     return CheckedArtifact(manifest, programs, weights, memory, generation, usage)
 
 
-_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
-             "int16": 2, "int8": 1, "uint8": 1, "bool": 1}  # fmt: skip
+_ITEMSIZE = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+}
 
 
 def _itemsize(dtype: str) -> int:
@@ -441,6 +473,9 @@ def verify_artifact(
     format's own (it can narrow it, never widen it). Raises an ArtifactError subclass;
     returns the manifest."""
     return check_artifact(
-        root, limits=limits, trusted_keys=trusted_keys, free_bytes=free_bytes,
+        root,
+        limits=limits,
+        trusted_keys=trusted_keys,
+        free_bytes=free_bytes,
         is_known_op=is_known_op,
-    ).manifest  # fmt: skip
+    ).manifest

@@ -114,14 +114,29 @@ class Seq2SeqDescription:
     buckets: Seq2SeqBuckets
 
 
-_INT_FIELDS = ("num_encoder_layers", "num_decoder_layers", "d_model", "num_heads", "head_dim",
-               "ffn_dim", "vocab_size")  # fmt: skip
-_SMALL_INT_FIELDS = ("relative_buckets", "relative_max_distance", "max_positions",
-                     "position_offset")  # fmt: skip
-_CHOICES = {"family": FAMILIES, "norm": NORMS, "mlp": MLPS, "activation": ACTIVATIONS,
-            "positions": POSITIONS}  # fmt: skip
-_BOOLS = ("pre_norm", "embed_norm", "final_norm", "biases", "tied_embeddings",
-          "final_logits_bias")  # fmt: skip
+_INT_FIELDS = (
+    "num_encoder_layers",
+    "num_decoder_layers",
+    "d_model",
+    "num_heads",
+    "head_dim",
+    "ffn_dim",
+    "vocab_size",
+)
+_SMALL_INT_FIELDS = (
+    "relative_buckets",
+    "relative_max_distance",
+    "max_positions",
+    "position_offset",
+)
+_CHOICES = {
+    "family": FAMILIES,
+    "norm": NORMS,
+    "mlp": MLPS,
+    "activation": ACTIVATIONS,
+    "positions": POSITIONS,
+}
+_BOOLS = ("pre_norm", "embed_norm", "final_norm", "biases", "tied_embeddings", "final_logits_bias")
 _REALS = ("norm_eps", "attention_scale", "embed_scale", "logits_scale")
 
 
@@ -175,8 +190,11 @@ def _check_spec(d: Any, where: str) -> Seq2SeqSpec:
         if not ((v is None and name == "pad_token_id") or (_is_int(v) and 0 <= v < vocab)):
             raise _bad(where, f"seq2seq.{name} is {v!r}, not a token id in [0, {vocab})")
     eos = d.get("eos_token_ids", [])
-    if not (isinstance(eos, list) and len(eos) <= MAX_EOS_IDS
-            and all(_is_int(e) and 0 <= e < vocab for e in eos)):  # fmt: skip
+    if not (
+        isinstance(eos, list)
+        and len(eos) <= MAX_EOS_IDS
+        and all(_is_int(e) and 0 <= e < vocab for e in eos)
+    ):
         raise _bad(where, f"seq2seq.eos_token_ids is {eos!r}, not at most {MAX_EOS_IDS} ids")
     return Seq2SeqSpec.from_dict(d)
 
@@ -184,8 +202,11 @@ def _check_spec(d: Any, where: str) -> Seq2SeqSpec:
 def _check_buckets(d: Any, where: str, limits: ReadLimits) -> Seq2SeqBuckets:
     if not isinstance(d, dict) or set(d) != {"batches", "sources", "caches"}:
         raise _bad(where, "extra.seq2seq_buckets is not a map of batches, sources and caches")
-    for name, top in (("batches", limits.max_batch), ("sources", limits.max_seq),
-                      ("caches", limits.max_seq)):  # fmt: skip
+    for name, top in (
+        ("batches", limits.max_batch),
+        ("sources", limits.max_seq),
+        ("caches", limits.max_seq),
+    ):
         v = d[name]
         if not (isinstance(v, list) and v and all(_is_int(x) for x in v)):
             raise _bad(where, f"seq2seq_buckets.{name} is {v!r}, not a non-empty integer list")

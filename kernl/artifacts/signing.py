@@ -120,9 +120,10 @@ def generate_keypair(private_path: str | os.PathLike, public_path: str | os.Path
     serialization, ed25519 = _crypto()
     key = ed25519.Ed25519PrivateKey.generate()
     private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
-    )  # fmt: skip
+    )
     public = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -180,9 +181,13 @@ def check_signature(root: Path, manifest_bytes: bytes, keys: list[PublicKey]) ->
     data = read_inside(root, SIGNATURE_FILE, "signature", _MAX_SIGNATURE_BYTES)
     try:
         sig = msgpack.unpackb(data, raw=False)
-        ok = (isinstance(sig, dict) and sig.get("algorithm") == ALGORITHM
-              and isinstance(sig.get("key_id"), str) and isinstance(sig.get("signature"), bytes)
-              and len(sig["signature"]) == 64)  # fmt: skip
+        ok = (
+            isinstance(sig, dict)
+            and sig.get("algorithm") == ALGORITHM
+            and isinstance(sig.get("key_id"), str)
+            and isinstance(sig.get("signature"), bytes)
+            and len(sig["signature"]) == 64
+        )
     except Exception:
         ok = False
     if not ok:

@@ -41,9 +41,18 @@ def compile(
 
         key = load_private_key(sign_key)  # a bad key file fails before any compiling
         report = compile(
-            model_or_path, buckets, out, dtype=dtype, device=device, task=task, atol=atol,
-            rtol=rtol, progress=progress, kernels=kernels, tune=tune,
-        )  # fmt: skip
+            model_or_path,
+            buckets,
+            out,
+            dtype=dtype,
+            device=device,
+            task=task,
+            atol=atol,
+            rtol=rtol,
+            progress=progress,
+            kernels=kernels,
+            tune=tune,
+        )
         sign_artifact(out, key)
         return report
     if task is None:
@@ -53,9 +62,17 @@ def compile(
         from .tasks.causal_lm import compile_causal_lm
 
         return compile_causal_lm(
-            model_or_path, buckets, out, dtype=dtype, device=device, atol=atol, rtol=rtol,
-            progress=progress, kernels=kernels, tune=tune,
-        )  # fmt: skip
+            model_or_path,
+            buckets,
+            out,
+            dtype=dtype,
+            device=device,
+            atol=atol,
+            rtol=rtol,
+            progress=progress,
+            kernels=kernels,
+            tune=tune,
+        )
     if task == "seq2seq-lm":
         # Encoder-decoder generation: buckets (batch, source, cache), the runtime's own model.
         from .tasks.seq2seq import compile_seq2seq
@@ -66,6 +83,15 @@ def compile(
     from .tasks.encoder import compile_encoder
 
     return compile_encoder(
-        model_or_path, buckets, out, dtype=dtype, device=device, task=task, atol=atol,
-        rtol=rtol, progress=progress, kernels=kernels, tune=tune,
-    )  # fmt: skip
+        model_or_path,
+        buckets,
+        out,
+        dtype=dtype,
+        device=device,
+        task=task,
+        atol=atol,
+        rtol=rtol,
+        progress=progress,
+        kernels=kernels,
+        tune=tune,
+    )

@@ -92,8 +92,13 @@ class Timing:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(median_ms=self.median_ms, p90_ms=self.p90_ms, mean_ms=statistics.fmean(
-            self.times_ms), min_ms=min(self.times_ms), sequences_per_s=self.sequences_per_s)  # fmt: skip
+        d.update(
+            median_ms=self.median_ms,
+            p90_ms=self.p90_ms,
+            mean_ms=statistics.fmean(self.times_ms),
+            min_ms=min(self.times_ms),
+            sequences_per_s=self.sequences_per_s,
+        )
         return d
 
 
@@ -176,8 +181,10 @@ class BenchResult:
             f"{self.device_name}; {self.iters} timed calls after {FIRST_CALLS}+{self.warmup} "
             f"warm-up calls per shape"
         )
-        cols = (f"{'shape':>8}  {'impl':<16} {'median ms':>10} {'p90 ms':>10} {'seq/s':>10} "
-                f"{'warm-up s':>9} {'kernl speedup':>13} {'max|diff| eager':>15}")  # fmt: skip
+        cols = (
+            f"{'shape':>8}  {'impl':<16} {'median ms':>10} {'p90 ms':>10} {'seq/s':>10} "
+            f"{'warm-up s':>9} {'kernl speedup':>13} {'max|diff| eager':>15}"
+        )
         lines = [head, "", cols, "-" * len(cols)]
         for b, s in self.shapes():
             for impl in self.impls():
@@ -232,10 +239,20 @@ print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "first_call_s": t3 - t
 def measure_cold_start(path: Path, device: str, shape: Bucket, vocab: int) -> dict[str, float]:
     """Import, load and first call of the artifact in a fresh Python process."""
     proc = subprocess.run(
-        [sys.executable, "-c", COLD_START_SCRIPT, str(path), device, str(shape.batch),
-         str(shape.seq), str(vocab)],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            COLD_START_SCRIPT,
+            str(path),
+            device,
+            str(shape.batch),
+            str(shape.seq),
+            str(vocab),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"cold-start process failed: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -267,8 +284,11 @@ def make_inputs(names: list[str], shape: Bucket, vocab: int, device, seed: int) 
     every implementation."""
     g = torch.Generator().manual_seed(seed + shape.batch * 7919 + shape.seq)
     ids = torch.randint(min(3, vocab - 1), vocab, (shape.batch, shape.seq), generator=g)
-    tensors = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-               "token_type_ids": torch.zeros_like(ids)}  # fmt: skip
+    tensors = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "token_type_ids": torch.zeros_like(ids),
+    }
     return {n: tensors[n].to(device) for n in names if n in tensors}
 
 
@@ -277,10 +297,13 @@ def _versions() -> dict[str, str | None]:
     import triton
 
     return {
-        "kernl": kernl.__version__, "torch": torch.__version__, "triton": triton.__version__,
-        "transformers": transformers.__version__, "cuda": torch.version.cuda,
+        "kernl": kernl.__version__,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda,
         "python": platform.python_version(),
-    }  # fmt: skip
+    }
 
 
 def _sync(device: torch.device) -> None:
@@ -298,8 +321,10 @@ class Bench:
         device = config.device or ("cuda" if m.target == "cuda" else "cpu")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise BenchError(f"the artifact targets {device} but torch sees no CUDA GPU; "
-                             "pass --device cpu for an aten-only artifact")  # fmt: skip
+            raise BenchError(
+                f"the artifact targets {device} but torch sees no CUDA GPU; "
+                "pass --device cpu for an aten-only artifact"
+            )
         self.cuda = self.device.type == "cuda"
         self.dtype = getattr(torch, m.dtype)
         buckets = m.bucket_list()
@@ -308,8 +333,9 @@ class Bench:
         if too_big:
             have = ", ".join(f"{b.batch}x{b.seq}" for b in sorted(buckets))
             bad = ", ".join(f"{s.batch}x{s.seq}" for s in too_big)
-            raise BenchError(f"shape(s) {bad} are larger than every bucket of the artifact "
-                             f"({have})")  # fmt: skip
+            raise BenchError(
+                f"shape(s) {bad} are larger than every bucket of the artifact ({have})"
+            )
         if config.iters < 1 or config.warmup < 0:
             raise BenchError("--iters must be at least 1 and --warmup at least 0")
         self.input_names = [s.name for s in m.inputs]
@@ -323,12 +349,18 @@ class Bench:
         self._reference: dict[Bucket, torch.Tensor] = {}
         name = torch.cuda.get_device_name(self.device) if self.cuda else _cpu_name()
         self.result = BenchResult(
-            artifact=str(config.path), model_source=config.model or m.model_source,
-            model_type=m.model_type, task=m.task, dtype=m.dtype, device=str(self.device),
+            artifact=str(config.path),
+            model_source=config.model or m.model_source,
+            model_type=m.model_type,
+            task=m.task,
+            dtype=m.dtype,
+            device=str(self.device),
             device_name=name,
             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            versions=_versions(), iters=config.iters, warmup=config.warmup,
-        )  # fmt: skip
+            versions=_versions(),
+            iters=config.iters,
+            warmup=config.warmup,
+        )
 
     def steps(self) -> list[Step]:
         # Shape by shape, every implementation in turn: a run cut short still compares
@@ -476,15 +508,25 @@ def plot(result: BenchResult, out: str | os.PathLike) -> None:
         for x, (_, t) in zip(xs, timed):
             sp = result.speedup(impl, t.batch, t.seq)
             if sp is not None:  # above the p90 whisker, so the two never overlap
-                ax.annotate(speed_text(sp), (x, t.p90_ms), xytext=(0, 2),
-                            textcoords="offset points", ha="center", va="bottom", fontsize=7)  # fmt: skip
+                ax.annotate(
+                    speed_text(sp),
+                    (x, t.p90_ms),
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
     ax.set_xticks(range(len(shapes)))
     ax.set_xticklabels([f"{b}x{s}" for b, s in shapes])
     ax.set_xlabel("batch x sequence length")
     ax.set_ylabel("latency, median ms (log scale; bar tip to whisker: p90)")
     ax.set_yscale("log")
-    ax.set_title(f"kernl bench: {result.model_type} {result.dtype} on {result.device_name}, "
-                 f"{result.date[:10]}\n(labels: kernl's speedup over that peer)", fontsize=9)  # fmt: skip
+    ax.set_title(
+        f"kernl bench: {result.model_type} {result.dtype} on {result.device_name}, "
+        f"{result.date[:10]}\n(labels: kernl's speedup over that peer)",
+        fontsize=9,
+    )
     ax.legend()
     ax.grid(axis="y", which="both", alpha=0.3)
     fig.tight_layout()

@@ -112,8 +112,16 @@ def position_limit(config) -> int | None:
     return rows
 
 
-_PADDING_OFFSET_MODELS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert",
-                          "data2vec-text", "longformer", "mpnet", "roberta-prelayernorm"}  # fmt: skip
+_PADDING_OFFSET_MODELS = {
+    "roberta",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "camembert",
+    "data2vec-text",
+    "longformer",
+    "mpnet",
+    "roberta-prelayernorm",
+}
 
 
 def check_buckets_fit(buckets: list[Bucket], config) -> None:

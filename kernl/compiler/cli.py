@@ -25,17 +25,74 @@ BUCKETS_HELP = (
 def _compile_options(f):
     options = [
         click.argument("model"),
-        click.option("-o", "--out", required=True, type=click.Path(), help="Artifact folder to write (replaced atomically if it is a kernl artifact)."),
+        click.option(
+            "-o",
+            "--out",
+            required=True,
+            type=click.Path(),
+            help="Artifact folder to write (replaced atomically if it is a kernl artifact).",
+        ),
         click.option("--buckets", required=True, help=BUCKETS_HELP),
-        click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True, help="Precision of weights and compute. bf16 on the CPU needs --no-kernels: Triton's interpreter computes bf16 wrongly."),
-        click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="Where to trace, tune and validate; the artifact serves there. Default: cuda if present, else cpu."),
-        click.option("--task", type=click.Choice(["base", "sequence-classification", "token-classification", "masked-lm", "causal-lm", "seq2seq-lm"]), default=None, help="Model head. Default: from the config's architectures (…ForSequenceClassification, …ForTokenClassification, …ForMaskedLM; …ForCausalLM and …LMHeadModel are causal-lm; else base). causal-lm: decoder-only text generation (Llama, Mistral, Qwen2, GPT-2); its buckets use the axes batch, prompt, cache. seq2seq-lm (…ForConditionalGeneration): T5 v1.0/v1.1 and BART, greedy or sampled generation (no beam search); its axes are batch, source, cache."),
-        click.option("--atol", type=float, default=None, help="Absolute tolerance of validation against eager (default per dtype: fp32 1e-4, fp16 2e-2, bf16 8e-2)."),
-        click.option("--rtol", type=float, default=None, help="Relative tolerance of validation against eager (default per dtype: fp32 1e-4, fp16 2e-2, bf16 5e-2)."),
-        click.option("--kernels/--no-kernels", default=True, show_default=True, help="Rewrite onto kernl's fused Triton kernels; --no-kernels keeps plain aten ops (still one CUDA graph per bucket). With --task causal-lm: let the decode step use kernl's kernels where timing shows they are faster (fp16/bf16 on a GPU); --no-kernels keeps plain torch."),
-        click.option("--tune/--no-tune", default=True, show_default=True, help="On a GPU, time every kernel instance over its tuning space and against aten (results cached in ~/.cache/kernl, or $KERNL_CACHE_DIR); --no-tune takes each kernel's default config (causal-lm: plain torch decode step)."),
-        click.option("--sign", "sign_key", type=click.Path(dir_okay=False), default=None, help="Sign the artifact's manifest with this Ed25519 private key (PEM, e.g. from `kernl keygen`); deployments that pin the public key (load(trusted_keys=...), KERNL_TRUSTED_KEYS, kernl verify --trusted-key) then refuse anything else. Needs kernl[sign]."),
-    ]  # fmt: skip
+        click.option(
+            "--dtype",
+            type=click.Choice(["fp16", "bf16", "fp32"]),
+            default="fp16",
+            show_default=True,
+            help="Precision of weights and compute. bf16 on the CPU needs --no-kernels: Triton's interpreter computes bf16 wrongly.",
+        ),
+        click.option(
+            "--device",
+            type=click.Choice(["cuda", "cpu"]),
+            default=None,
+            help="Where to trace, tune and validate; the artifact serves there. Default: cuda if present, else cpu.",
+        ),
+        click.option(
+            "--task",
+            type=click.Choice(
+                [
+                    "base",
+                    "sequence-classification",
+                    "token-classification",
+                    "masked-lm",
+                    "causal-lm",
+                    "seq2seq-lm",
+                ]
+            ),
+            default=None,
+            help="Model head. Default: from the config's architectures (…ForSequenceClassification, …ForTokenClassification, …ForMaskedLM; …ForCausalLM and …LMHeadModel are causal-lm; else base). causal-lm: decoder-only text generation (Llama, Mistral, Qwen2, GPT-2); its buckets use the axes batch, prompt, cache. seq2seq-lm (…ForConditionalGeneration): T5 v1.0/v1.1 and BART, greedy or sampled generation (no beam search); its axes are batch, source, cache.",
+        ),
+        click.option(
+            "--atol",
+            type=float,
+            default=None,
+            help="Absolute tolerance of validation against eager (default per dtype: fp32 1e-4, fp16 2e-2, bf16 8e-2).",
+        ),
+        click.option(
+            "--rtol",
+            type=float,
+            default=None,
+            help="Relative tolerance of validation against eager (default per dtype: fp32 1e-4, fp16 2e-2, bf16 5e-2).",
+        ),
+        click.option(
+            "--kernels/--no-kernels",
+            default=True,
+            show_default=True,
+            help="Rewrite onto kernl's fused Triton kernels; --no-kernels keeps plain aten ops (still one CUDA graph per bucket). With --task causal-lm: let the decode step use kernl's kernels where timing shows they are faster (fp16/bf16 on a GPU); --no-kernels keeps plain torch.",
+        ),
+        click.option(
+            "--tune/--no-tune",
+            default=True,
+            show_default=True,
+            help="On a GPU, time every kernel instance over its tuning space and against aten (results cached in ~/.cache/kernl, or $KERNL_CACHE_DIR); --no-tune takes each kernel's default config (causal-lm: plain torch decode step).",
+        ),
+        click.option(
+            "--sign",
+            "sign_key",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="Sign the artifact's manifest with this Ed25519 private key (PEM, e.g. from `kernl keygen`); deployments that pin the public key (load(trusted_keys=...), KERNL_TRUSTED_KEYS, kernl verify --trusted-key) then refuse anything else. Needs kernl[sign].",
+        ),
+    ]
     for option in reversed(options):
         f = option(f)
     return f
@@ -55,10 +112,19 @@ def _run_compile(
 
     try:
         report = compile_model(
-            model, buckets, out, dtype=dtype, device=device, task=task, atol=atol, rtol=rtol,
-            kernels=kernels, tune=tune, sign_key=sign_key,
+            model,
+            buckets,
+            out,
+            dtype=dtype,
+            device=device,
+            task=task,
+            atol=atol,
+            rtol=rtol,
+            kernels=kernels,
+            tune=tune,
+            sign_key=sign_key,
             progress=progress,
-        )  # fmt: skip
+        )
     except BucketSyntaxError as e:
         raise click.BadParameter(str(e), param_hint="--buckets") from None
     except ValidationError as e:  # an AssertionError: not caught by the line below
@@ -239,7 +305,9 @@ def inspect_command(path: str, as_json: bool) -> None:
     show_default=True,
     help="Time import + load + first call of the artifact in a fresh process.",
 )
-def bench_command(path, against, model, shapes, iters, warmup, device, plot, json_path, cold_start) -> None:  # fmt: skip
+def bench_command(
+    path, against, model, shapes, iters, warmup, device, plot, json_path, cold_start
+) -> None:
     import importlib.util
     import json
     import os
@@ -250,14 +318,20 @@ def bench_command(path, against, model, shapes, iters, warmup, device, plot, jso
 
     if plot and importlib.util.find_spec("matplotlib") is None:
         # Checked before minutes of measuring, not after.
-        raise click.UsageError("--plot needs matplotlib, which is not installed: "
-                               "pip install matplotlib")  # fmt: skip
+        raise click.UsageError(
+            "--plot needs matplotlib, which is not installed: pip install matplotlib"
+        )
     try:
         config = BenchConfig(
-            Path(path), against=parse_against(against), model=model,
-            shapes=parse_shapes(shapes) if shapes else None, iters=iters, warmup=warmup,
-            device=device, cold_start=cold_start,
-        )  # fmt: skip
+            Path(path),
+            against=parse_against(against),
+            model=model,
+            shapes=parse_shapes(shapes) if shapes else None,
+            iters=iters,
+            warmup=warmup,
+            device=device,
+            cold_start=cold_start,
+        )
         bench = Bench(config)
         bench.check_model()
     except BucketSyntaxError as e:
@@ -294,23 +368,30 @@ def _run_steps(bench, after_step) -> None:
     steps = bench.steps()
     if sys.stderr.isatty():
         with click.progressbar(
-            steps, label="kernl bench", file=sys.stderr, show_pos=True,
+            steps,
+            label="kernl bench",
+            file=sys.stderr,
+            show_pos=True,
             item_show_func=lambda s: s.label if s else "",
-        ) as bar:  # fmt: skip
+        ) as bar:
             for step in bar:
                 bench.run(step)
                 after_step()
         return
     start = time.perf_counter()
     for i, step in enumerate(steps, 1):
-        click.echo(f"[{time.perf_counter() - start:6.1f}s] [{i}/{len(steps)}] {step.label}",
-                   err=True)  # fmt: skip
+        click.echo(
+            f"[{time.perf_counter() - start:6.1f}s] [{i}/{len(steps)}] {step.label}", err=True
+        )
         t = bench.run(step)
         after_step()
         if t is not None:
-            click.echo(f"[{time.perf_counter() - start:6.1f}s] [{i}/{len(steps)}] {step.label}: "
-                       f"median {t.median_ms:.3f} ms, p90 {t.p90_ms:.3f} ms, "
-                       f"warm-up {t.warmup_s:.2f} s", err=True)  # fmt: skip
+            click.echo(
+                f"[{time.perf_counter() - start:6.1f}s] [{i}/{len(steps)}] {step.label}: "
+                f"median {t.median_ms:.3f} ms, p90 {t.p90_ms:.3f} ms, "
+                f"warm-up {t.warmup_s:.2f} s",
+                err=True,
+            )
 
 
 @main.command(

@@ -162,12 +162,16 @@ def inspect_artifact(path: str | os.PathLike) -> InspectReport:
     files.update({rel: _size(root, rel) for rel in sorted(m.files)})
     kernels = [
         {
-            "name": k.name, "function": k.function, "num_warps": k.num_warps,
-            "shared_mem": k.shared_mem, "file": k.file, "bytes": _size(root, k.file),
+            "name": k.name,
+            "function": k.function,
+            "num_warps": k.num_warps,
+            "shared_mem": k.shared_mem,
+            "file": k.file,
+            "bytes": _size(root, k.file),
             "meta": {key: v for key, v in k.meta.items() if key != "arg_types"},
         }
         for k in m.kernels
-    ]  # fmt: skip
+    ]
     return InspectReport(
         path=str(root),
         format_version=m.format_version,
@@ -185,7 +189,7 @@ def inspect_artifact(path: str | os.PathLike) -> InspectReport:
             "torch": m.torch_version,
             "triton": m.triton_version,
             "cuda": m.cuda_version,
-        },  # fmt: skip
+        },
         inputs=[asdict(s) for s in m.inputs],
         outputs=[asdict(s) for s in m.outputs],
         tolerance={k: m.extra[k] for k in ("atol", "rtol") if k in m.extra},
@@ -229,8 +233,9 @@ def render_text(r: InspectReport) -> str:
         target = f"cuda: {r.gpu_name} (compute capability {r.compute_capability})"
     arch = f" ({', '.join(r.architectures)})" if r.architectures else ""
     versions = ", ".join(f"{k} {v}" for k, v in r.versions.items() if v)
-    ins = ", ".join(f"{s['name']} ({s['dtype']}, pad {s['pad_value']}, {s['default']})"
-                    for s in r.inputs)  # fmt: skip
+    ins = ", ".join(
+        f"{s['name']} ({s['dtype']}, pad {s['pad_value']}, {s['default']})" for s in r.inputs
+    )
     outs = ", ".join(f"{s['name']} ({s['dtype']})" for s in r.outputs)
     tol = ", ".join(f"{k} {v:g}" for k, v in r.tolerance.items()) or "not recorded"
     lines = [
@@ -278,9 +283,12 @@ def _generation_lines(r: InspectReport) -> list[str]:
     if r.decode_kernels is not None:
         step = " ".join(f"{k}={v}" for k, v in r.decode_kernels.items())
         lines.append(f"decode step {step}")
-    binaries = (f"{len(r.kernels)} kernel binaries" if r.kernels
-                else "no kernel binaries (plain torch decode step"
-                + (", CPU build)" if r.target == "cpu" else ")"))  # fmt: skip
+    binaries = (
+        f"{len(r.kernels)} kernel binaries"
+        if r.kernels
+        else "no kernel binaries (plain torch decode step"
+        + (", CPU build)" if r.target == "cpu" else ")")
+    )
     lines.append(f"kernels     {binaries}")
     prefill = [b for b in r.buckets if b.stage == "prefill"]
     decode = [b for b in r.buckets if b.stage == "decode"]
@@ -289,19 +297,26 @@ def _generation_lines(r: InspectReport) -> list[str]:
         "",
         f"{'stage':>8}  {'batch':>5}  {'length':>14}  {'max |err| vs eager':>18}  {'program':>10}",
     ]
-    for stage, what, group in (("prefill", "prompt", prefill), ("decode", "KV length", decode),
-                               ("?", "seq", other)):  # fmt: skip
+    for stage, what, group in (
+        ("prefill", "prompt", prefill),
+        ("decode", "KV length", decode),
+        ("?", "seq", other),
+    ):
         for b in group:
             lines.append(
                 f"{stage:>8}  {b.batch:5d}  {what + ' ' + str(b.seq):>14}  "
                 f"{_fmt(b.max_abs_error, '18.3g')}  {_mib(b.program_bytes):>10}"
             )
-    lines.append(f"{len(prefill)} prefill bucket(s) (batch x prompt length), {len(decode)} "
-                 "decode bucket(s) (batch x KV length a step attends to)")  # fmt: skip
+    lines.append(
+        f"{len(prefill)} prefill bucket(s) (batch x prompt length), {len(decode)} "
+        "decode bucket(s) (batch x KV length a step attends to)"
+    )
     for k in r.kernels:
         extra = " ".join(f"{key}={v}" for key, v in k["meta"].items() if key != "key")
-        lines.append(f"  {k['name']:<18} {k['function']:<32} warps={k['num_warps']} "
-                     f"shared={k['shared_mem']} {extra} {_mib(k['bytes'])}")  # fmt: skip
+        lines.append(
+            f"  {k['name']:<18} {k['function']:<32} warps={k['num_warps']} "
+            f"shared={k['shared_mem']} {extra} {_mib(k['bytes'])}"
+        )
     return lines
 
 
@@ -311,8 +326,10 @@ def _kernel_lines(r: InspectReport) -> list[str]:
         lines.append(f"kernel binaries ({len(r.kernels)}):")
         for k in r.kernels:
             extra = " ".join(f"{key}={v}" for key, v in k["meta"].items() if key != "key")
-            lines.append(f"  {k['name']:<18} {k['function']:<32} warps={k['num_warps']} "
-                         f"shared={k['shared_mem']} {extra} {_mib(k['bytes'])}")  # fmt: skip
+            lines.append(
+                f"  {k['name']:<18} {k['function']:<32} warps={k['num_warps']} "
+                f"shared={k['shared_mem']} {extra} {_mib(k['bytes'])}"
+            )
     else:
         why = (
             "no binaries are built for the CPU"
@@ -361,11 +378,15 @@ def _file_lines(r: InspectReport) -> list[str]:
     for rel in ("manifest.msgpack", "weights.safetensors"):
         if rel in r.file_bytes:
             lines.append(f"  {rel:<22} {_mib(r.file_bytes[rel]):>10}")
-    lines.append(f"  {'programs/ (' + str(len(programs)) + ')':<22} "
-                 f"{_mib(sum(p or 0 for p in programs)):>10}")  # fmt: skip
+    lines.append(
+        f"  {'programs/ (' + str(len(programs)) + ')':<22} "
+        f"{_mib(sum(p or 0 for p in programs)):>10}"
+    )
     if kernels:
-        lines.append(f"  {'kernels/ (' + str(len(kernels)) + ')':<22} "
-                     f"{_mib(sum(k or 0 for k in kernels)):>10}")  # fmt: skip
+        lines.append(
+            f"  {'kernels/ (' + str(len(kernels)) + ')':<22} "
+            f"{_mib(sum(k or 0 for k in kernels)):>10}"
+        )
     missing = [k for k, v in r.file_bytes.items() if v is None]
     if missing:
         lines.append(f"  missing: {', '.join(missing)}")

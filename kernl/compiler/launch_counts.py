@@ -23,12 +23,29 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from kernl.artifacts.program import Program
 from kernl.kernels.launch import launching_with
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "float64": torch.float64, "int64": torch.int64, "int32": torch.int32,
-           "bool": torch.bool, "uint8": torch.uint8, "int8": torch.int8}  # fmt: skip
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+}
 # aten ops that allocate or relabel memory without a kernel
-_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
-              "_unsafe_view", "lift_fresh", "_reshape_alias", "resize_"}  # fmt: skip
+_NO_KERNEL = {
+    "empty",
+    "empty_strided",
+    "empty_like",
+    "new_empty",
+    "new_empty_strided",
+    "_unsafe_view",
+    "lift_fresh",
+    "_reshape_alias",
+    "resize_",
+}
 _SDPA = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
 
 
@@ -79,8 +96,9 @@ class _FusedAttention(TorchFunctionMode):
             q, v = args[0], args[2]
             self.counts["aten.scaled_dot_product_attention"] += 1
             *lead, lq, _ = q.shape
-            out = torch.empty((*lead[:-1], lq, lead[-1], v.shape[-1]), dtype=q.dtype,
-                              device=q.device)  # fmt: skip
+            out = torch.empty(
+                (*lead[:-1], lq, lead[-1], v.shape[-1]), dtype=q.dtype, device=q.device
+            )
             return out.transpose(-3, -2)
         return func(*args, **(kwargs or {}))
 

@@ -168,13 +168,24 @@ def optimize(
     A call outside the buckets raises the runtime's ValueError, which names the buckets."""
     with _progress_printer(progress) as say:
         return _optimize(
-            model, buckets, dtype=dtype, device=device, task=task, save_to=save_to,
-            cache_dir=cache_dir, say=say, atol=atol, rtol=rtol, kernels=kernels, tune=tune,
-        )  # fmt: skip
+            model,
+            buckets,
+            dtype=dtype,
+            device=device,
+            task=task,
+            save_to=save_to,
+            cache_dir=cache_dir,
+            say=say,
+            atol=atol,
+            rtol=rtol,
+            kernels=kernels,
+            tune=tune,
+        )
 
 
-def _optimize(model, buckets, *, dtype, device, task, save_to, cache_dir, say, atol, rtol,
-              kernels, tune) -> OptimizedModel:  # fmt: skip
+def _optimize(
+    model, buckets, *, dtype, device, task, save_to, cache_dir, say, atol, rtol, kernels, tune
+) -> OptimizedModel:
     import kernl.runtime
 
     config = getattr(model, "config", None)
@@ -199,10 +210,15 @@ def _optimize(model, buckets, *, dtype, device, task, save_to, cache_dir, say, a
     digest = weights_digest(model)
     say(f"weights hashed in {time.perf_counter() - t0:.1f}s")
     key = cache_key(
-        weights=digest, config=config, model_class=type(model).__name__, task=task,
-        buckets=canonical, dtype=dtype, device=target,
+        weights=digest,
+        config=config,
+        model_class=type(model).__name__,
+        task=task,
+        buckets=canonical,
+        dtype=dtype,
+        device=target,
         options={"atol": atol, "rtol": rtol, "kernels": kernels, "tune": tune},
-    )  # fmt: skip
+    )
     models = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     models = models / "models"
     models.mkdir(parents=True, exist_ok=True)
@@ -215,20 +231,32 @@ def _optimize(model, buckets, *, dtype, device, task, save_to, cache_dir, say, a
         runtime = _load_entry(entry, target, say) if entry.exists() else None
         if runtime is None:
             cache_hit = False
-            say(f"compiling {type(model).__name__} ({task}, {dtype} on {target}) into the "
-                f"cache: {entry}")  # fmt: skip
+            say(
+                f"compiling {type(model).__name__} ({task}, {dtype} on {target}) into the "
+                f"cache: {entry}"
+            )
             _compile_entry(
-                model, buckets, entry, dtype=dtype, device=target, task=task, say=say,
+                model,
+                buckets,
+                entry,
+                dtype=dtype,
+                device=target,
+                task=task,
+                say=say,
                 compile_options=dict(atol=atol, rtol=rtol, kernels=kernels, tune=tune),
-            )  # fmt: skip
+            )
             runtime = kernl.runtime.load(entry, device=target)
     if save_to is not None:
         copy_artifact(entry, save_to)
         say(f"saved the artifact to {save_to} (kernl.runtime.load({str(save_to)!r}))")
     return OptimizedModel(
-        runtime, artifact=entry, cache_hit=cache_hit, buckets=buckets,
-        config=copy.deepcopy(config), output_class=output_class,
-    )  # fmt: skip
+        runtime,
+        artifact=entry,
+        cache_hit=cache_hit,
+        buckets=buckets,
+        config=copy.deepcopy(config),
+        output_class=output_class,
+    )
 
 
 # -- defaults ----------------------------------------------------------------------------------
@@ -415,14 +443,22 @@ def _compile_entry(
             if converted and not _can_put_back(model, converted):
                 # Gradients or torch's swap/overwrite-on-conversion modes: compile() would
                 # change what put-back cannot restore, so it gets a copy.
-                say(f"compiling a copy of the model in {dtype} on {device} (the original "
-                    "stays as it is)")  # fmt: skip
+                say(
+                    f"compiling a copy of the model in {dtype} on {device} (the original "
+                    "stays as it is)"
+                )
                 subject = copy.deepcopy(model)
             with _tensors_put_back(subject):
                 api.compile(
-                    subject, buckets, build / "artifact", dtype=dtype, device=str(device),
-                    task=task, progress=say, **compile_options,
-                )  # fmt: skip
+                    subject,
+                    buckets,
+                    build / "artifact",
+                    dtype=dtype,
+                    device=str(device),
+                    task=task,
+                    progress=say,
+                    **compile_options,
+                )
             del subject
         _install(build / "artifact", entry)
     finally:

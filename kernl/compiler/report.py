@@ -76,9 +76,11 @@ class CompileReport:
                 continue
             total, aten = sum(r.time_us for r in timed), sum(r.aten_time_us for r in timed)
             failed = sum(len(r.errors) for r in timed)
-            lines.append(f"  {bucket.batch}x{bucket.seq}: {len(timed)} kernel instances, "
-                         f"{total:.0f} us tuned vs {aten:.0f} us aten (GPU time under graph "
-                         f"replay); {failed} configs skipped (failed to compile or run)")  # fmt: skip
+            lines.append(
+                f"  {bucket.batch}x{bucket.seq}: {len(timed)} kernel instances, "
+                f"{total:.0f} us tuned vs {aten:.0f} us aten (GPU time under graph "
+                f"replay); {failed} configs skipped (failed to compile or run)"
+            )
             errors = sorted({e for r in timed for e in r.errors})[:3]
             lines.extend(f"    skipped: {e}" for e in errors)
             for r in timed:

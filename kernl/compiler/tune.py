@@ -103,8 +103,14 @@ def _bench_us(fn) -> float:
     return ms * 1000.0
 
 
-def tune_program(program: Program, weights: dict, inputs: dict, device: torch.device,
-                 progress=None, benchmark: bool = True) -> list[TuneRecord]:  # fmt: skip
+def tune_program(
+    program: Program,
+    weights: dict,
+    inputs: dict,
+    device: torch.device,
+    progress=None,
+    benchmark: bool = True,
+) -> list[TuneRecord]:
     """Sets `impl` and `config` on every kernl instruction of `program` in place.
     benchmark=False (and always on the CPU) takes each kernel's default config untimed."""
     records: list[TuneRecord] = []
@@ -128,8 +134,16 @@ def tune_program(program: Program, weights: dict, inputs: dict, device: torch.de
                 ins.kwargs.update(impl="triton", config=None)  # the kernel's default
                 records.append(TuneRecord(i, ins.op, described, "triton", None, None, None))
                 continue
-            key_src = json.dumps([gpu, torch.__version__, triton.__version__,
-                                  _kernel_source_hash(TUNABLE[ins.op][0]), ins.op, described])  # fmt: skip
+            key_src = json.dumps(
+                [
+                    gpu,
+                    torch.__version__,
+                    triton.__version__,
+                    _kernel_source_hash(TUNABLE[ins.op][0]),
+                    ins.op,
+                    described,
+                ]
+            )
             key = hashlib.sha256(key_src.encode()).hexdigest()
             path = cache_dir() / f"{key}.json"
             if path.is_file():
@@ -137,9 +151,19 @@ def tune_program(program: Program, weights: dict, inputs: dict, device: torch.de
                 ins.kwargs.update(impl=hit["impl"], config=encode_config(hit["config"]))
                 if hit.get("activation"):
                     ins.kwargs["activation"] = hit["activation"]
-                records.append(TuneRecord(i, ins.op, described, hit["impl"], hit["config"],
-                                          hit["time_us"], hit["aten_time_us"], cached=True,
-                                          approximation=hit.get("approximation")))  # fmt: skip
+                records.append(
+                    TuneRecord(
+                        i,
+                        ins.op,
+                        described,
+                        hit["impl"],
+                        hit["config"],
+                        hit["time_us"],
+                        hit["aten_time_us"],
+                        cached=True,
+                        approximation=hit.get("approximation"),
+                    )
+                )
                 continue
             t0 = time.perf_counter()
             aten_us = _bench_us(lambda: fn(*args, **{**kwargs, "impl": "aten"}))
@@ -155,13 +179,16 @@ def tune_program(program: Program, weights: dict, inputs: dict, device: torch.de
                     us = _bench_us(lambda: fn(*args, **tanh))
                     if us < best[2]:
                         best, activation = ("aten", None, us), "gelu_tanh"
-                        approximation = (f"gelu as gelu_tanh: max err {err:.2g} vs float64 "
-                                         f"(stock {stock_err:.2g})")  # fmt: skip
+                        approximation = (
+                            f"gelu as gelu_tanh: max err {err:.2g} vs float64 "
+                            f"(stock {stock_err:.2g})"
+                        )
             for config in _configs(ins.op):
                 try:
                     out = fn(*args, **{**kwargs, "impl": "triton", "config": config})
-                    if not torch.allclose(out.float(), reference.float(), atol=5e-2, rtol=5e-2,
-                                          equal_nan=True):  # fmt: skip
+                    if not torch.allclose(
+                        out.float(), reference.float(), atol=5e-2, rtol=5e-2, equal_nan=True
+                    ):
                         raise ValueError("result differs from aten")
                     us = _bench_us(
                         lambda c=config: fn(*args, **{**kwargs, "impl": "triton", "config": c})
@@ -175,19 +202,37 @@ def tune_program(program: Program, weights: dict, inputs: dict, device: torch.de
             if activation:
                 ins.kwargs["activation"] = activation
             rec = TuneRecord(
-                i, ins.op, described, best[0], best[1], best[2], aten_us, errors=errors,
+                i,
+                ins.op,
+                described,
+                best[0],
+                best[1],
+                best[2],
+                aten_us,
+                errors=errors,
                 approximation=approximation,
-            )  # fmt: skip
+            )
             records.append(rec)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"impl": best[0], "config": best[1], "time_us": best[2],
-                                       "aten_time_us": aten_us, "activation": activation,
-                                       "approximation": approximation}))  # fmt: skip
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "impl": best[0],
+                        "config": best[1],
+                        "time_us": best[2],
+                        "aten_time_us": aten_us,
+                        "activation": activation,
+                        "approximation": approximation,
+                    }
+                )
+            )
             os.replace(tmp, path)
             if progress:
-                progress(f"tuned #{i} {ins.op} {best[0]} {best[1]} {best[2]:.1f}us "
-                         f"(aten {aten_us:.1f}us) in {time.perf_counter() - t0:.1f}s")  # fmt: skip
+                progress(
+                    f"tuned #{i} {ins.op} {best[0]} {best[1]} {best[2]:.1f}us "
+                    f"(aten {aten_us:.1f}us) in {time.perf_counter() - t0:.1f}s"
+                )
     return records
 
 
@@ -268,9 +313,14 @@ def write_binaries(writer, binaries: dict) -> list[KernelBinary]:
     for key, (spec, cubin) in sorted(binaries.items()):
         name = key_digest(key)
         rel = writer.write_kernel(name, cubin)
-        entries.append(KernelBinary(
-            name=name, file=rel, function=spec.function, num_warps=spec.num_warps,
-            shared_mem=spec.shared,
-            meta={"key": key, "num_ctas": spec.num_ctas, "arg_types": spec.arg_types},
-        ))  # fmt: skip
+        entries.append(
+            KernelBinary(
+                name=name,
+                file=rel,
+                function=spec.function,
+                num_warps=spec.num_warps,
+                shared_mem=spec.shared,
+                meta={"key": key, "num_ctas": spec.num_ctas, "arg_types": spec.arg_types},
+            )
+        )
     return entries

@@ -25,12 +25,34 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attention_inner(acc, l_i, m_i, q, K_block, V_block, Bias_block, start_n_lo, end_n,
-                     offs_m, offs_n, offs_d, kv_len, causal_offset, qk_scale,
-                     stride_kn, stride_vn, stride_biasn, row_mask,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     WARP_SPECIALIZE: tl.constexpr):  # fmt: skip
+def _attention_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    K_block,
+    V_block,
+    Bias_block,
+    start_n_lo,
+    end_n,
+    offs_m,
+    offs_n,
+    offs_d,
+    kv_len,
+    causal_offset,
+    qk_scale,
+    stride_kn,
+    stride_vn,
+    stride_biasn,
+    row_mask,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+):
     d_mask = offs_d < HEAD_DIM
     for start_n in tl.range(start_n_lo, end_n, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = start_n + offs_n
@@ -69,8 +91,11 @@ def _attention_inner(acc, l_i, m_i, q, K_block, V_block, Bias_block, start_n_lo,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if MASKED:
-            v = tl.load(V_block + cols[:, None] * stride_vn,
-                        mask=(cols[:, None] < kv_len) & d_mask[None, :], other=0.0)  # fmt: skip
+            v = tl.load(
+                V_block + cols[:, None] * stride_vn,
+                mask=(cols[:, None] < kv_len) & d_mask[None, :],
+                other=0.0,
+            )
         elif BLOCK_D != HEAD_DIM:
             v = tl.load(V_block + cols[:, None] * stride_vn, mask=d_mask[None, :], other=0.0)
         else:
@@ -81,16 +106,47 @@ def _attention_inner(acc, l_i, m_i, q, K_block, V_block, Bias_block, start_n_lo,
 
 
 @triton.jit
-def _attention_fwd_kernel(Q, K, V, Out, Bias, KVLens,
-                          Lq, Lk, num_heads, group_size, sm_scale,
-                          stride_qb, stride_qh, stride_qm, stride_qd,
-                          stride_kb, stride_kh, stride_kn, stride_kd,
-                          stride_vb, stride_vh, stride_vn, stride_vd,
-                          stride_ob, stride_oh, stride_om, stride_od,
-                          stride_biasb, stride_biash, stride_biasm, stride_biasn,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          HAS_KV_LENS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):  # fmt: skip
+def _attention_fwd_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    Bias,
+    KVLens,
+    Lq,
+    Lk,
+    num_heads,
+    group_size,
+    sm_scale,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_biasb,
+    stride_biash,
+    stride_biasm,
+    stride_biasn,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
@@ -129,14 +185,62 @@ def _attention_fwd_kernel(Q, K, V, Out, Bias, KVLens,
         hi = tl.minimum(kv_len, start_m * BLOCK_M + BLOCK_M + causal_offset)
         full_hi = tl.minimum(full_hi, start_m * BLOCK_M + causal_offset + 1)
     full_hi = tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
-    acc, l_i, m_i = _attention_inner(acc, l_i, m_i, q, K_block, V_block, Bias_block, 0, full_hi,
-                                     offs_m, offs_n, offs_d, kv_len, causal_offset, qk_scale,
-                                     stride_kn, stride_vn, stride_biasn, row_mask,
-                                     HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_BIAS, WARP_SPECIALIZE)  # fmt: skip
-    acc, l_i, m_i = _attention_inner(acc, l_i, m_i, q, K_block, V_block, Bias_block, full_hi, hi,
-                                     offs_m, offs_n, offs_d, kv_len, causal_offset, qk_scale,
-                                     stride_kn, stride_vn, stride_biasn, row_mask,
-                                     HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_BIAS, False)  # fmt: skip
+    acc, l_i, m_i = _attention_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K_block,
+        V_block,
+        Bias_block,
+        0,
+        full_hi,
+        offs_m,
+        offs_n,
+        offs_d,
+        kv_len,
+        causal_offset,
+        qk_scale,
+        stride_kn,
+        stride_vn,
+        stride_biasn,
+        row_mask,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        False,
+        IS_CAUSAL,
+        HAS_BIAS,
+        WARP_SPECIALIZE,
+    )
+    acc, l_i, m_i = _attention_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K_block,
+        V_block,
+        Bias_block,
+        full_hi,
+        hi,
+        offs_m,
+        offs_n,
+        offs_d,
+        kv_len,
+        causal_offset,
+        qk_scale,
+        stride_kn,
+        stride_vn,
+        stride_biasn,
+        row_mask,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        True,
+        IS_CAUSAL,
+        HAS_BIAS,
+        False,
+    )
     # fully masked rows have l = 0 and acc = 0: output zeros, not 0/0
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptrs = (
@@ -151,10 +255,17 @@ def _attention_fwd_kernel(Q, K, V, Out, Bias, KVLens,
     )
 
 
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                        sm_scale: float | None = None, causal: bool = False,
-                        bias: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None,
-                        key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    sm_scale: float | None = None,
+    causal: bool = False,
+    bias: torch.Tensor | None = None,
+    kv_lens: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Plain PyTorch, same semantics; compute in float64 for a reference."""
     B, H, Lq, D = q.shape
     Lk, H_kv = k.shape[2], k.shape[1]
@@ -192,12 +303,24 @@ class AttentionConfig:
 def attention_configs() -> list[AttentionConfig]:
     """Tuning space; the compiler benchmarks these per shape and stores the winner."""
     out = []
-    for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4),
-                         (64, 64, 4, 3), (64, 32, 4, 4), (64, 128, 4, 2), (128, 128, 8, 2),
-                         (32, 32, 4, 2), (16, 32, 4, 2)]:  # fmt: skip
+    for bm, bn, w, s in [
+        (128, 64, 8, 3),
+        (128, 128, 8, 3),
+        (128, 64, 4, 3),
+        (128, 32, 4, 4),
+        (64, 64, 4, 3),
+        (64, 32, 4, 4),
+        (64, 128, 4, 2),
+        (128, 128, 8, 2),
+        (32, 32, 4, 2),
+        (16, 32, 4, 2),
+    ]:
         out.append(AttentionConfig(bm, bn, w, s))
-    out += [AttentionConfig(128, 128, 4, 3, True), AttentionConfig(128, 64, 4, 3, True),
-            AttentionConfig(128, 128, 8, 3, True)]  # fmt: skip
+    out += [
+        AttentionConfig(128, 128, 4, 3, True),
+        AttentionConfig(128, 64, 4, 3, True),
+        AttentionConfig(128, 128, 8, 3, True),
+    ]
     return out
 
 
@@ -208,11 +331,19 @@ def default_attention_config(head_dim: int = 64, kv_len: int = 4096) -> Attentio
     return AttentionConfig(128, 128, 8, 3) if kv_len >= 2048 else AttentionConfig(64, 64, 4, 3)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-              sm_scale: float | None = None, causal: bool = False,
-              bias: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None,
-              key_padding_mask: torch.Tensor | None = None, out: torch.Tensor | None = None,
-              config: AttentionConfig | None = None) -> torch.Tensor:  # fmt: skip
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    sm_scale: float | None = None,
+    causal: bool = False,
+    bias: torch.Tensor | None = None,
+    kv_lens: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: AttentionConfig | None = None,
+) -> torch.Tensor:
     """q [B, H, Lq, D], k/v [B, H_kv, Lk, D] (any strides); bias broadcastable to
     [B, H, Lq, Lk]; kv_lens [B] valid keys per row; key_padding_mask [B, Lk] (True = keep)."""
     B, H, Lq, D = q.shape
@@ -238,15 +369,36 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     has_lens = kv_lens is not None
     lens = kv_lens.to(device=q.device, dtype=torch.int32) if has_lens else q
     grid = (triton.cdiv(Lq, config.BLOCK_M), B * H)
-    launch_kernel(_attention_fwd_kernel, grid,
-        q, k, v, out, bias, lens,
-        Lq, Lk, H, H // H_kv, sm_scale,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides,
-        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=config.BLOCK_M,
-        BLOCK_N=config.BLOCK_N, IS_CAUSAL=causal, HAS_BIAS=has_bias, HAS_KV_LENS=has_lens,
+    launch_kernel(
+        _attention_fwd_kernel,
+        grid,
+        q,
+        k,
+        v,
+        out,
+        bias,
+        lens,
+        Lq,
+        Lk,
+        H,
+        H // H_kv,
+        sm_scale,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        *bias_strides,
+        HEAD_DIM=D,
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_M=config.BLOCK_M,
+        BLOCK_N=config.BLOCK_N,
+        IS_CAUSAL=causal,
+        HAS_BIAS=has_bias,
+        HAS_KV_LENS=has_lens,
         WARP_SPECIALIZE=config.warp_specialize,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
     return out
 
 

@@ -16,12 +16,35 @@ from .launch import launch_kernel
 
 
 @triton.jit
-def _bert_embeddings_kernel(Ids, TypeIds, PosIds, Word, Pos, Type, Weight, Bias, Out,
-                            num_tokens, seq_len, hidden, eps,
-                            stride_ib, stride_il, stride_tb, stride_tl, stride_pb, stride_pl,
-                            stride_word, stride_pos, stride_type, stride_om,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            HAS_TYPES: tl.constexpr, HAS_POS_IDS: tl.constexpr):  # fmt: skip
+def _bert_embeddings_kernel(
+    Ids,
+    TypeIds,
+    PosIds,
+    Word,
+    Pos,
+    Type,
+    Weight,
+    Bias,
+    Out,
+    num_tokens,
+    seq_len,
+    hidden,
+    eps,
+    stride_ib,
+    stride_il,
+    stride_tb,
+    stride_tl,
+    stride_pb,
+    stride_pl,
+    stride_word,
+    stride_pos,
+    stride_type,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_TYPES: tl.constexpr,
+    HAS_POS_IDS: tl.constexpr,
+):
     tok = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     tok_mask = tok < num_tokens
     b = tok // seq_len
@@ -61,10 +84,17 @@ def _bert_embeddings_kernel(Ids, TypeIds, PosIds, Word, Pos, Type, Weight, Bias,
     tl.store(Out + rows[:, None] * stride_om + cols[None, :], y.to(Out.dtype.element_ty), mask=mask)
 
 
-def bert_embeddings_reference(input_ids: torch.Tensor, word: torch.Tensor, pos: torch.Tensor,
-                              types: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                              eps: float = 1e-12, token_type_ids: torch.Tensor | None = None,
-                              position_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def bert_embeddings_reference(
+    input_ids: torch.Tensor,
+    word: torch.Tensor,
+    pos: torch.Tensor,
+    types: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-12,
+    token_type_ids: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     B, L = input_ids.shape
     if position_ids is None:
         position_ids = torch.arange(L, device=input_ids.device)[None, :].expand(B, L)
@@ -84,12 +114,20 @@ def bert_embeddings_configs() -> list[BertEmbeddingsConfig]:
     return [BertEmbeddingsConfig(m, w) for m in (0, 1, 2, 4, 8) for w in (2, 4, 8)]
 
 
-def bert_embeddings(input_ids: torch.Tensor, word: torch.Tensor, pos: torch.Tensor,
-                    types: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                    eps: float = 1e-12, token_type_ids: torch.Tensor | None = None,
-                    position_ids: torch.Tensor | None = None, *,
-                    out: torch.Tensor | None = None,
-                    config: BertEmbeddingsConfig | None = None) -> torch.Tensor:  # fmt: skip
+def bert_embeddings(
+    input_ids: torch.Tensor,
+    word: torch.Tensor,
+    pos: torch.Tensor,
+    types: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-12,
+    token_type_ids: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    config: BertEmbeddingsConfig | None = None,
+) -> torch.Tensor:
     """input_ids [B, L]; position_ids [B, L] or [1, L] (default arange); token_type_ids
     [B, L] (default 0) -> [B, L, H] in the tables' dtype."""
     B, L = input_ids.shape
@@ -105,14 +143,35 @@ def bert_embeddings(input_ids: torch.Tensor, word: torch.Tensor, pos: torch.Tens
     pos_ids = position_ids.expand(B, L) if has_pos else input_ids
     has_types = token_type_ids is not None
     type_ids = token_type_ids if has_types else input_ids
-    launch_kernel(_bert_embeddings_kernel, (triton.cdiv(B * L, BLOCK_M),),
-        input_ids, type_ids, pos_ids, word, pos, types, weight, bias, out2,
-        B * L, L, H, eps,
-        *input_ids.stride(), *type_ids.stride(), *pos_ids.stride(),
-        word.stride(0), pos.stride(0), types.stride(0), out2.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_TYPES=has_types, HAS_POS_IDS=has_pos,
+    launch_kernel(
+        _bert_embeddings_kernel,
+        (triton.cdiv(B * L, BLOCK_M),),
+        input_ids,
+        type_ids,
+        pos_ids,
+        word,
+        pos,
+        types,
+        weight,
+        bias,
+        out2,
+        B * L,
+        L,
+        H,
+        eps,
+        *input_ids.stride(),
+        *type_ids.stride(),
+        *pos_ids.stride(),
+        word.stride(0),
+        pos.stride(0),
+        types.stride(0),
+        out2.stride(0),
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        HAS_TYPES=has_types,
+        HAS_POS_IDS=has_pos,
         num_warps=config.num_warps,
-    )  # fmt: skip
+    )
     return out
 
 

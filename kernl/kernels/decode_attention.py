@@ -21,16 +21,43 @@ from .launch import launch_kernel
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, MidO, MidM, MidL, KVLens, KVMask,
-                         Lk, group_size, chunk, sm_scale, stride_maskb,
-                         stride_qb, stride_qh, stride_qd,
-                         stride_kb, stride_kh, stride_kn, stride_kd,
-                         stride_vb, stride_vh, stride_vn, stride_vd,
-                         stride_ob, stride_oh, stride_os,
-                         stride_mb, stride_mh,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
-                         BLOCK_N: tl.constexpr, HAS_KV_LENS: tl.constexpr,
-                         HAS_KV_MASK: tl.constexpr):  # fmt: skip
+def _decode_split_kernel(
+    Q,
+    K,
+    V,
+    MidO,
+    MidM,
+    MidL,
+    KVLens,
+    KVMask,
+    Lk,
+    group_size,
+    chunk,
+    sm_scale,
+    stride_maskb,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_mb,
+    stride_mh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_KV_LENS: tl.constexpr,
+    HAS_KV_MASK: tl.constexpr,
+):
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     h_kv = tl.program_id(2).to(tl.int64)
@@ -46,8 +73,11 @@ def _decode_split_kernel(Q, K, V, MidO, MidM, MidL, KVLens, KVMask,
     heads = h_kv * group_size + offs_g
     g_mask = offs_g < group_size
     d_mask = offs_d < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
+    q = tl.load(
+        Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
     K_block = K + b * stride_kb + h_kv * stride_kh + offs_d[:, None] * stride_kd
     V_block = V + b * stride_vb + h_kv * stride_vh + offs_d[None, :] * stride_vd
     qk_scale = sm_scale * 1.4426950408889634
@@ -85,12 +115,25 @@ def _decode_split_kernel(Q, K, V, MidO, MidM, MidL, KVLens, KVMask,
 
 
 @triton.jit
-def _decode_merge_kernel(MidO, MidM, MidL, Out,
-                         num_heads, num_splits,
-                         stride_ob, stride_oh, stride_os,
-                         stride_mb, stride_mh,
-                         stride_outb, stride_outh, stride_outd,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+def _decode_merge_kernel(
+    MidO,
+    MidM,
+    MidL,
+    Out,
+    num_heads,
+    num_splits,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_mb,
+    stride_mh,
+    stride_outb,
+    stride_outh,
+    stride_outd,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     bh = tl.program_id(0)
     b = (bh // num_heads).to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
@@ -100,20 +143,31 @@ def _decode_merge_kernel(MidO, MidM, MidL, Out,
     d_mask = offs_d < HEAD_DIM
     m = tl.load(MidM + b * stride_mb + h * stride_mh + offs_s, mask=s_mask, other=float("-inf"))
     l = tl.load(MidL + b * stride_mb + h * stride_mh + offs_s, mask=s_mask, other=0.0)
-    o = tl.load(MidO + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
-                mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
+    o = tl.load(
+        MidO + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
+        mask=s_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
     m_max = tl.max(m, 0)
     w = tl.math.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
     denom = tl.sum(w * l, 0)
     out = tl.sum(o * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
-    tl.store(Out + b * stride_outb + h * stride_outh + offs_d * stride_outd,
-             out.to(Out.dtype.element_ty), mask=d_mask)  # fmt: skip
+    tl.store(
+        Out + b * stride_outb + h * stride_outh + offs_d * stride_outd,
+        out.to(Out.dtype.element_ty),
+        mask=d_mask,
+    )
 
 
-def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                               sm_scale: float | None = None,
-                               kv_lens: torch.Tensor | None = None,
-                               kv_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def decode_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    sm_scale: float | None = None,
+    kv_lens: torch.Tensor | None = None,
+    kv_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Plain PyTorch: q [B, H, 1, D], k/v [B, H_kv, Lk, D], kv_lens [B], kv_mask [B, Lk]."""
     B, H, _, D = q.shape
     H_kv, Lk = k.shape[1], k.shape[2]
@@ -138,9 +192,11 @@ class DecodeAttentionConfig:
 
 
 def decode_attention_configs() -> list[DecodeAttentionConfig]:
-    return [DecodeAttentionConfig(bn, w, s, sp)
-            for bn, w, s in [(64, 4, 3), (128, 4, 3), (32, 4, 4), (128, 8, 3), (64, 4, 4)]
-            for sp in (0, 16, 64)]  # fmt: skip
+    return [
+        DecodeAttentionConfig(bn, w, s, sp)
+        for bn, w, s in [(64, 4, 3), (128, 4, 3), (32, 4, 4), (128, 8, 3), (64, 4, 4)]
+        for sp in (0, 16, 64)
+    ]
 
 
 def _auto_splits(batch_kv_heads: int, Lk: int, block_n: int) -> int:
@@ -149,10 +205,17 @@ def _auto_splits(batch_kv_heads: int, Lk: int, block_n: int) -> int:
     return max(1, min(most, triton.cdiv(target_programs, batch_kv_heads)))
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                     sm_scale: float | None = None, kv_lens: torch.Tensor | None = None,
-                     kv_mask: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                     config: DecodeAttentionConfig | None = None) -> torch.Tensor:  # fmt: skip
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    sm_scale: float | None = None,
+    kv_lens: torch.Tensor | None = None,
+    kv_mask: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: DecodeAttentionConfig | None = None,
+) -> torch.Tensor:
     """q [B, H, 1, D], k/v [B, H_kv, Lk, D] (any strides), kv_lens [B], kv_mask [B, Lk] (bool,
     unit stride along Lk) -> [B, H, 1, D]."""
     B, H, Lq, D = q.shape
@@ -175,21 +238,63 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     has_lens = kv_lens is not None
     lens = kv_lens.to(device=q.device, dtype=torch.int32) if has_lens else q
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    launch_kernel(_decode_split_kernel, (splits, B, H_kv),
-        q, k, v, mid_o, mid_m, mid_l, lens, kv_mask if has_mask else q,
-        Lk, group, chunk, sm_scale, kv_mask.stride(0) if has_mask else 0,
-        q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(),
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_m.stride(0), mid_m.stride(1),
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=config.BLOCK_N, HAS_KV_LENS=has_lens, HAS_KV_MASK=has_mask,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
-    launch_kernel(_decode_merge_kernel, (B * H,),
-        mid_o, mid_m, mid_l, out, H, splits,
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_m.stride(0), mid_m.stride(1),
-        out.stride(0), out.stride(1), out.stride(3),
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4,
-    )  # fmt: skip
+    launch_kernel(
+        _decode_split_kernel,
+        (splits, B, H_kv),
+        q,
+        k,
+        v,
+        mid_o,
+        mid_m,
+        mid_l,
+        lens,
+        kv_mask if has_mask else q,
+        Lk,
+        group,
+        chunk,
+        sm_scale,
+        kv_mask.stride(0) if has_mask else 0,
+        q.stride(0),
+        q.stride(1),
+        q.stride(3),
+        *k.stride(),
+        *v.stride(),
+        mid_o.stride(0),
+        mid_o.stride(1),
+        mid_o.stride(2),
+        mid_m.stride(0),
+        mid_m.stride(1),
+        HEAD_DIM=D,
+        BLOCK_D=BLOCK_D,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=config.BLOCK_N,
+        HAS_KV_LENS=has_lens,
+        HAS_KV_MASK=has_mask,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    launch_kernel(
+        _decode_merge_kernel,
+        (B * H,),
+        mid_o,
+        mid_m,
+        mid_l,
+        out,
+        H,
+        splits,
+        mid_o.stride(0),
+        mid_o.stride(1),
+        mid_o.stride(2),
+        mid_m.stride(0),
+        mid_m.stride(1),
+        out.stride(0),
+        out.stride(1),
+        out.stride(3),
+        HEAD_DIM=D,
+        BLOCK_D=BLOCK_D,
+        BLOCK_S=max(2, triton.next_power_of_2(splits)),
+        num_warps=4,
+    )
     return out
 
 

@@ -36,14 +36,33 @@ def _activation(y, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _fused_linear_kernel(X, W, Bias, Residual, Out,
-                         M, N, K,
-                         stride_xm, stride_xk, stride_wn, stride_wk,
-                         stride_rm, stride_rn, stride_om, stride_on,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GROUP_M: tl.constexpr, ACTIVATION: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                         EVEN_K: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):  # fmt: skip
+def _fused_linear_kernel(
+    X,
+    W,
+    Bias,
+    Residual,
+    Out,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_rm,
+    stride_rn,
+    stride_om,
+    stride_on,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -101,9 +120,13 @@ def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation!r}")
 
 
-def fused_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                           activation: str = "none",
-                           residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def fused_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str = "none",
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
     y = apply_activation(F.linear(x, weight, bias), activation)
     return y if residual is None else y + residual
 
@@ -121,14 +144,28 @@ class LinearConfig:
 
 def linear_configs() -> list[LinearConfig]:
     """Tuning space (Hopper-leaning; the small tiles cover small M)."""
-    shapes = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 3),
-              (128, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-              (128, 256, 64, 8, 4), (64, 256, 64, 4, 4), (128, 128, 32, 4, 4),
-              (64, 64, 64, 4, 4), (64, 32, 64, 4, 5), (32, 64, 64, 4, 5)]  # fmt: skip
+    shapes = [
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 256, 64, 8, 4),
+        (64, 256, 64, 4, 4),
+        (128, 128, 32, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 32, 64, 4, 5),
+        (32, 64, 64, 4, 5),
+    ]
     out = [LinearConfig(bm, bn, bk, 8, w, s) for bm, bn, bk, w, s in shapes]
-    out += [LinearConfig(256, 128, 64, 8, 8, 4), LinearConfig(128, 128, 128, 8, 8, 3),
-            LinearConfig(128, 256, 64, 8, 4, 3, True), LinearConfig(128, 128, 64, 8, 4, 4, True),
-            LinearConfig(128, 256, 64, 8, 8, 3, True)]  # fmt: skip
+    out += [
+        LinearConfig(256, 128, 64, 8, 8, 4),
+        LinearConfig(128, 128, 128, 8, 8, 3),
+        LinearConfig(128, 256, 64, 8, 4, 3, True),
+        LinearConfig(128, 128, 64, 8, 4, 4, True),
+        LinearConfig(128, 256, 64, 8, 8, 3, True),
+    ]
     return out
 
 
@@ -141,10 +178,16 @@ def default_linear_config(M: int, N: int) -> LinearConfig:
     return LinearConfig(64, 64, 64, 8, 4, 4)
 
 
-def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 activation: str = "none", residual: torch.Tensor | None = None, *,
-                 out: torch.Tensor | None = None,
-                 config: LinearConfig | None = None) -> torch.Tensor:  # fmt: skip
+def fused_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str = "none",
+    residual: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    config: LinearConfig | None = None,
+) -> torch.Tensor:
     """x [..., K], weight [N, K], bias [N], residual [..., N] -> [..., N]."""
     assert activation in ACTIVATIONS, activation
     K = x.shape[-1]
@@ -159,16 +202,33 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     out2 = out.view(-1, N)
     res2 = residual.reshape(-1, N) if residual is not None else out2
     grid = (triton.cdiv(M, config.BLOCK_M) * triton.cdiv(N, config.BLOCK_N),)
-    launch_kernel(_fused_linear_kernel, grid,
-        x2, weight, bias if bias is not None else weight, res2, out2,
-        M, N, K,
-        *x2.stride(), *weight.stride(), *res2.stride(), *out2.stride(),
-        BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K,
-        GROUP_M=config.GROUP_M, ACTIVATION=activation, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, EVEN_K=K % config.BLOCK_K == 0,
+    launch_kernel(
+        _fused_linear_kernel,
+        grid,
+        x2,
+        weight,
+        bias if bias is not None else weight,
+        res2,
+        out2,
+        M,
+        N,
+        K,
+        *x2.stride(),
+        *weight.stride(),
+        *res2.stride(),
+        *out2.stride(),
+        BLOCK_M=config.BLOCK_M,
+        BLOCK_N=config.BLOCK_N,
+        BLOCK_K=config.BLOCK_K,
+        GROUP_M=config.GROUP_M,
+        ACTIVATION=activation,
+        HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None,
+        EVEN_K=K % config.BLOCK_K == 0,
         WARP_SPECIALIZE=config.warp_specialize,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
     return out
 
 

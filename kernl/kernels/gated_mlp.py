@@ -17,12 +17,28 @@ from .launch import launch_kernel
 
 
 @triton.jit
-def _gated_mlp_kernel(X, Wg, Wu, Out,
-                      M, N, K,
-                      stride_xm, stride_xk, stride_gn, stride_gk, stride_un, stride_uk,
-                      stride_om, stride_on,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
+def _gated_mlp_kernel(
+    X,
+    Wg,
+    Wu,
+    Out,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_gn,
+    stride_gk,
+    stride_un,
+    stride_uk,
+    stride_om,
+    stride_on,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -80,15 +96,26 @@ class GatedMLPConfig:
 
 
 def gated_mlp_configs() -> list[GatedMLPConfig]:
-    shapes = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4),
-              (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 8, 4),
-              (32, 64, 64, 4, 4)]  # fmt: skip
+    shapes = [
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (128, 128, 32, 8, 4),
+        (32, 64, 64, 4, 4),
+    ]
     return [GatedMLPConfig(bm, bn, bk, 8, w, s) for bm, bn, bk, w, s in shapes]
 
 
-def gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, *,
-              out: torch.Tensor | None = None,
-              config: GatedMLPConfig | None = None) -> torch.Tensor:  # fmt: skip
+def gated_mlp(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    config: GatedMLPConfig | None = None,
+) -> torch.Tensor:
     """x [..., K], w_gate / w_up [N, K] -> silu(x Wg^T) * (x Wu^T), [..., N]."""
     K = x.shape[-1]
     N = w_gate.shape[0]
@@ -100,13 +127,28 @@ def gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, *,
         out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
     out2 = out.view(-1, N)
     grid = (triton.cdiv(M, config.BLOCK_M) * triton.cdiv(N, config.BLOCK_N),)
-    launch_kernel(_gated_mlp_kernel, grid,
-        x2, w_gate, w_up, out2, M, N, K,
-        *x2.stride(), *w_gate.stride(), *w_up.stride(), *out2.stride(),
-        BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K,
-        GROUP_M=config.GROUP_M, EVEN_K=K % config.BLOCK_K == 0,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
+    launch_kernel(
+        _gated_mlp_kernel,
+        grid,
+        x2,
+        w_gate,
+        w_up,
+        out2,
+        M,
+        N,
+        K,
+        *x2.stride(),
+        *w_gate.stride(),
+        *w_up.stride(),
+        *out2.stride(),
+        BLOCK_M=config.BLOCK_M,
+        BLOCK_N=config.BLOCK_N,
+        BLOCK_K=config.BLOCK_K,
+        GROUP_M=config.GROUP_M,
+        EVEN_K=K % config.BLOCK_K == 0,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
     return out
 
 

@@ -34,12 +34,27 @@ _KEY_MIN: tl.constexpr = tl.constexpr(INT64_MIN)  # the empty key, below every p
 
 
 @triton.jit
-def _lm_head_argmax_kernel(X, W, NormW, Logits, Ids, Best, Counter,
-                           M, V, K, eps,
-                           stride_xm, stride_wn, stride_lm,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           HAS_NORM: tl.constexpr, WRITE_LOGITS: tl.constexpr,
-                           PRECISION: tl.constexpr):  # fmt: skip
+def _lm_head_argmax_kernel(
+    X,
+    W,
+    NormW,
+    Logits,
+    Ids,
+    Best,
+    Counter,
+    M,
+    V,
+    K,
+    eps,
+    stride_xm,
+    stride_wn,
+    stride_lm,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    WRITE_LOGITS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, 16)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -52,8 +67,11 @@ def _lm_head_argmax_kernel(X, W, NormW, Logits, Ids, Best, Counter,
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
         k_mask = ks < K
-        x = tl.load(X + offs_m[:, None] * stride_xm + ks[None, :],
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+        x = tl.load(
+            X + offs_m[:, None] * stride_xm + ks[None, :],
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
         if HAS_NORM:
             xf = x.to(tl.float32)
             ss += tl.sum(xf * xf, 1)
@@ -65,8 +83,11 @@ def _lm_head_argmax_kernel(X, W, NormW, Logits, Ids, Best, Counter,
         acc = acc * (1.0 / tl.sqrt(ss / K + eps))[:, None]
     out_mask = m_mask[:, None] & n_mask[None, :]
     if WRITE_LOGITS:
-        tl.store(Logits + offs_m[:, None].to(tl.int64) * stride_lm + offs_n[None, :],
-                 acc.to(Logits.dtype.element_ty), mask=out_mask)  # fmt: skip
+        tl.store(
+            Logits + offs_m[:, None].to(tl.int64) * stride_lm + offs_n[None, :],
+            acc.to(Logits.dtype.element_ty),
+            mask=out_mask,
+        )
 
     # the value torch.argmax would see, as order-preserving int32 bits (-0.0 made +0.0)
     v = acc.to(W.dtype.element_ty).to(tl.float32) + 0.0
@@ -85,9 +106,12 @@ def _lm_head_argmax_kernel(X, W, NormW, Logits, Ids, Best, Counter,
         tl.store(Counter, 0)  # ready for the next launch
 
 
-def lm_head_argmax_reference(x: torch.Tensor, weight: torch.Tensor,
-                             norm_weight: torch.Tensor | None = None,
-                             eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def lm_head_argmax_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The unfused sequence: (RMSNorm,) lm_head, argmax. Returns (ids [M], logits [M, V])."""
     if norm_weight is not None:
         x = F.rms_norm(x, (x.shape[-1],), norm_weight, eps)
@@ -104,9 +128,17 @@ class LmHeadArgmaxConfig:
 
 
 def lm_head_argmax_configs() -> list[LmHeadArgmaxConfig]:
-    return [LmHeadArgmaxConfig(bn, bk, w, s)
-            for bn, bk, w, s in [(64, 128, 4, 4), (32, 128, 4, 4), (128, 128, 8, 4),
-                                 (64, 256, 4, 3), (32, 256, 4, 3), (128, 64, 4, 5)]]  # fmt: skip
+    return [
+        LmHeadArgmaxConfig(bn, bk, w, s)
+        for bn, bk, w, s in [
+            (64, 128, 4, 4),
+            (32, 128, 4, 4),
+            (128, 128, 8, 4),
+            (64, 256, 4, 3),
+            (32, 256, 4, 3),
+            (128, 64, 4, 5),
+        ]
+    ]
 
 
 def new_workspace(device: torch.device | str) -> torch.Tensor:
@@ -117,12 +149,18 @@ def new_workspace(device: torch.device | str) -> torch.Tensor:
     return ws
 
 
-def lm_head_argmax(x: torch.Tensor, weight: torch.Tensor, *,
-                   norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
-                   return_logits: bool = False, logits_out: torch.Tensor | None = None,
-                   ids_out: torch.Tensor | None = None, workspace: torch.Tensor | None = None,
-                   config: LmHeadArgmaxConfig | None = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+def lm_head_argmax(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    return_logits: bool = False,
+    logits_out: torch.Tensor | None = None,
+    ids_out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
+    config: LmHeadArgmaxConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x [M <= 16, K] (unit stride along K), weight [V, K] (unit stride along K), optional
     RMSNorm weight [K] applied to x first. Returns (ids [M] int64, logits [M, V] in x's dtype
     or None): logits are written when `return_logits` or `logits_out` is given. workspace:
@@ -145,15 +183,31 @@ def lm_head_argmax(x: torch.Tensor, weight: torch.Tensor, *,
         workspace = new_workspace(x.device)
     assert workspace.dtype == torch.int64 and workspace.numel() == MAX_ROWS + 1
     logits = logits_out if write_logits else x
-    launch_kernel(_lm_head_argmax_kernel, (triton.cdiv(V, config.BLOCK_N),),
-        x, weight, norm_weight if norm_weight is not None else weight, logits, ids_out,
-        workspace, workspace[MAX_ROWS:],
-        M, V, K, eps,
-        x.stride(0), weight.stride(0), logits.stride(0),
-        BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, HAS_NORM=norm_weight is not None,
-        WRITE_LOGITS=write_logits, PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
+    launch_kernel(
+        _lm_head_argmax_kernel,
+        (triton.cdiv(V, config.BLOCK_N),),
+        x,
+        weight,
+        norm_weight if norm_weight is not None else weight,
+        logits,
+        ids_out,
+        workspace,
+        workspace[MAX_ROWS:],
+        M,
+        V,
+        K,
+        eps,
+        x.stride(0),
+        weight.stride(0),
+        logits.stride(0),
+        BLOCK_N=config.BLOCK_N,
+        BLOCK_K=config.BLOCK_K,
+        HAS_NORM=norm_weight is not None,
+        WRITE_LOGITS=write_logits,
+        PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
     return ids_out, (logits_out if write_logits else None)
 
 

@@ -20,11 +20,27 @@ MAX_HIDDEN = 8192
 
 
 @triton.jit
-def _norm_kernel(X, Residual, Weight, Bias, Out, SumOut,
-                 M, N, eps,
-                 stride_xm, stride_rm, stride_om, stride_sm,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_RMS: tl.constexpr,
-                 HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_SUM: tl.constexpr):  # fmt: skip
+def _norm_kernel(
+    X,
+    Residual,
+    Weight,
+    Bias,
+    Out,
+    SumOut,
+    M,
+    N,
+    eps,
+    stride_xm,
+    stride_rm,
+    stride_om,
+    stride_sm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_RMS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    STORE_SUM: tl.constexpr,
+):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
@@ -34,8 +50,11 @@ def _norm_kernel(X, Residual, Weight, Bias, Out, SumOut,
         r = tl.load(Residual + rows[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0)
         x += r.to(tl.float32)
         if STORE_SUM:
-            tl.store(SumOut + rows[:, None] * stride_sm + cols[None, :],
-                     x.to(SumOut.dtype.element_ty), mask=mask)  # fmt: skip
+            tl.store(
+                SumOut + rows[:, None] * stride_sm + cols[None, :],
+                x.to(SumOut.dtype.element_ty),
+                mask=mask,
+            )
     if IS_RMS:
         var = tl.sum(x * x, 1) / N
         xc = x
@@ -52,17 +71,25 @@ def _norm_kernel(X, Residual, Weight, Bias, Out, SumOut,
     tl.store(Out + rows[:, None] * stride_om + cols[None, :], y.to(Out.dtype.element_ty), mask=mask)
 
 
-def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         eps: float = 1e-5,
-                         residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def layer_norm_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
     if residual is not None:
         x = x + residual
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                       eps: float = 1e-6,
-                       residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def rms_norm_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
     if residual is not None:
         x = x + residual
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -106,33 +133,64 @@ def _norm(x, weight, bias, eps, residual, return_sum, out, sum_out, config, is_r
         sum_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     s2 = sum_out.view(-1, N) if store_sum else out2
     BLOCK_M, BLOCK_N, warps = _resolve(config or NormConfig(), N)
-    launch_kernel(_norm_kernel, (triton.cdiv(M, BLOCK_M),),
-        x2, r2, weight, bias if bias is not None else weight, out2, s2,
-        M, N, eps,
-        x2.stride(0), r2.stride(0), out2.stride(0), s2.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IS_RMS=is_rms, HAS_RESIDUAL=residual is not None,
-        HAS_BIAS=bias is not None, STORE_SUM=store_sum, num_warps=warps,
-    )  # fmt: skip
+    launch_kernel(
+        _norm_kernel,
+        (triton.cdiv(M, BLOCK_M),),
+        x2,
+        r2,
+        weight,
+        bias if bias is not None else weight,
+        out2,
+        s2,
+        M,
+        N,
+        eps,
+        x2.stride(0),
+        r2.stride(0),
+        out2.stride(0),
+        s2.stride(0),
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        IS_RMS=is_rms,
+        HAS_RESIDUAL=residual is not None,
+        HAS_BIAS=bias is not None,
+        STORE_SUM=store_sum,
+        num_warps=warps,
+    )
     if return_sum:
         return out, (sum_out if store_sum else x)
     return out
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               eps: float = 1e-5, residual: torch.Tensor | None = None, *,
-               return_sum: bool = False, out: torch.Tensor | None = None,
-               sum_out: torch.Tensor | None = None,
-               config: NormConfig | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    residual: torch.Tensor | None = None,
+    *,
+    return_sum: bool = False,
+    out: torch.Tensor | None = None,
+    sum_out: torch.Tensor | None = None,
+    config: NormConfig | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """layer_norm(x + residual); with return_sum also returns x + residual (for the next
     block's residual stream) as (normalised, sum)."""
     return _norm(x, weight, bias, eps, residual, return_sum, out, sum_out, config, False)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-             eps: float = 1e-6, residual: torch.Tensor | None = None, *,
-             return_sum: bool = False, out: torch.Tensor | None = None,
-             sum_out: torch.Tensor | None = None,
-             config: NormConfig | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    *,
+    return_sum: bool = False,
+    out: torch.Tensor | None = None,
+    sum_out: torch.Tensor | None = None,
+    config: NormConfig | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(x + residual) * rsqrt(mean((x + residual)^2) + eps) * weight (+ bias)."""
     return _norm(x, weight, bias, eps, residual, return_sum, out, sum_out, config, True)
 

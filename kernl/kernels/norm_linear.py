@@ -38,9 +38,24 @@ _SMS = 132  # H100/H200 SXM; only sizes the automatic split
 
 
 @triton.jit
-def _norm_linear_finish(acc, acc_u, ss, Bias, Out, offs_m, offs_n, m_mask, n_mask,
-                        N, K, eps, stride_om,
-                        IS_RMS: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr):  # fmt: skip
+def _norm_linear_finish(
+    acc,
+    acc_u,
+    ss,
+    Bias,
+    Out,
+    offs_m,
+    offs_n,
+    m_mask,
+    n_mask,
+    N,
+    K,
+    eps,
+    stride_om,
+    IS_RMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GATED: tl.constexpr,
+):
     if IS_RMS:
         rstd = 1.0 / tl.sqrt(ss / K + eps)
         acc = acc * rstd[:, None]
@@ -52,18 +67,41 @@ def _norm_linear_finish(acc, acc_u, ss, Bias, Out, offs_m, offs_n, m_mask, n_mas
             acc_u += tl.load(Bias + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if GATED:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_u
-    tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :],
-             acc.to(Out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])  # fmt: skip
+    tl.store(
+        Out + offs_m[:, None] * stride_om + offs_n[None, :],
+        acc.to(Out.dtype.element_ty),
+        mask=m_mask[:, None] & n_mask[None, :],
+    )
 
 
 @triton.jit
-def _norm_linear_kernel(X, NormW, NormB, W, Bias, Out, Partial, SumSq, Counters,
-                        M, N, K, k_chunk, eps,
-                        stride_xm, stride_wn, stride_om,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                        IS_RMS: tl.constexpr, HAS_NORM_BIAS: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-                        PRECISION: tl.constexpr):  # fmt: skip
+def _norm_linear_kernel(
+    X,
+    NormW,
+    NormB,
+    W,
+    Bias,
+    Out,
+    Partial,
+    SumSq,
+    Counters,
+    M,
+    N,
+    K,
+    k_chunk,
+    eps,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    IS_RMS: tl.constexpr,
+    HAS_NORM_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GATED: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     offs_m = tl.arange(0, 16)
@@ -121,8 +159,24 @@ def _norm_linear_kernel(X, NormW, NormB, W, Bias, Out, Partial, SumSq, Counters,
             acc_u = tl.dot(h, tl.trans(wu), acc_u, input_precision=PRECISION)
 
     if SPLIT_K == 1:
-        _norm_linear_finish(acc, acc_u, ss, Bias, Out, offs_m, offs_n, m_mask, n_mask,
-                            N, K, eps, stride_om, IS_RMS, HAS_BIAS, GATED)  # fmt: skip
+        _norm_linear_finish(
+            acc,
+            acc_u,
+            ss,
+            Bias,
+            Out,
+            offs_m,
+            offs_n,
+            m_mask,
+            n_mask,
+            N,
+            K,
+            eps,
+            stride_om,
+            IS_RMS,
+            HAS_BIAS,
+            GATED,
+        )
     else:
         # Partial [SPLIT_K, 16, N_W] (N_W = 2N when gated: gate then up), SumSq [blocks, SPLIT_K, 16]
         n_w = 2 * N if GATED else N
@@ -143,19 +197,43 @@ def _norm_linear_kernel(X, NormW, NormB, W, Bias, Out, Partial, SumSq, Counters,
                 tile = Partial + (s * 16 + offs_m[:, None]).to(tl.int64) * n_w + offs_n[None, :]
                 acc += tl.load(tile, mask=n_mask[None, :], other=0.0, cache_modifier=".cg")
                 if GATED:
-                    acc_u += tl.load(tile + N, mask=n_mask[None, :], other=0.0,
-                                     cache_modifier=".cg")  # fmt: skip
+                    acc_u += tl.load(
+                        tile + N, mask=n_mask[None, :], other=0.0, cache_modifier=".cg"
+                    )
                 if IS_RMS:
                     ss += tl.load(SumSq + (pid_n * SPLIT_K + s) * 16 + offs_m, cache_modifier=".cg")
-            _norm_linear_finish(acc, acc_u, ss, Bias, Out, offs_m, offs_n, m_mask, n_mask,
-                                N, K, eps, stride_om, IS_RMS, HAS_BIAS, GATED)  # fmt: skip
+            _norm_linear_finish(
+                acc,
+                acc_u,
+                ss,
+                Bias,
+                Out,
+                offs_m,
+                offs_n,
+                m_mask,
+                n_mask,
+                N,
+                K,
+                eps,
+                stride_om,
+                IS_RMS,
+                HAS_BIAS,
+                GATED,
+            )
             tl.store(Counters + pid_n, 0)  # ready for the next launch
 
 
-def norm_linear_reference(x: torch.Tensor, norm_weight: torch.Tensor,
-                          norm_bias: torch.Tensor | None, weight: torch.Tensor,
-                          bias: torch.Tensor | None = None, *, eps: float = 1e-6,
-                          norm: str = "rms", gated: bool = False) -> torch.Tensor:  # fmt: skip
+def norm_linear_reference(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    eps: float = 1e-6,
+    norm: str = "rms",
+    gated: bool = False,
+) -> torch.Tensor:
     """The unfused sequence: norm (as kernl's decoder runs it), linear, and for `gated`
     silu(gate) * up over the two halves of the output."""
     K = x.shape[-1]
@@ -180,10 +258,17 @@ class NormLinearConfig:
 
 
 def norm_linear_configs() -> list[NormLinearConfig]:
-    return [NormLinearConfig(bn, bk, sk, w, s)
-            for bn, bk, w, s in [(32, 128, 4, 4), (16, 256, 4, 3), (64, 128, 4, 4),
-                                 (32, 256, 4, 3), (64, 64, 4, 5)]
-            for sk in (0, 1, 2, 4)]  # fmt: skip
+    return [
+        NormLinearConfig(bn, bk, sk, w, s)
+        for bn, bk, w, s in [
+            (32, 128, 4, 4),
+            (16, 256, 4, 3),
+            (64, 128, 4, 4),
+            (32, 256, 4, 3),
+            (64, 64, 4, 5),
+        ]
+        for sk in (0, 1, 2, 4)
+    ]
 
 
 def new_counters(device: torch.device | str) -> torch.Tensor:
@@ -197,11 +282,20 @@ def _auto_split(n_blocks: int, K: int, block_k: int) -> int:
     return max(1, min(most, triton.cdiv(2 * _SMS, n_blocks)))
 
 
-def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None,
-                weight: torch.Tensor, bias: torch.Tensor | None = None, *, eps: float,
-                norm: str = "rms", gated: bool = False, out: torch.Tensor | None = None,
-                counters: torch.Tensor | None = None,
-                config: NormLinearConfig | None = None) -> torch.Tensor:  # fmt: skip
+def norm_linear(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    eps: float,
+    norm: str = "rms",
+    gated: bool = False,
+    out: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
+    config: NormLinearConfig | None = None,
+) -> torch.Tensor:
     """norm(x) @ weight^T + bias for x [M <= 16, K] (unit stride along K), weight [N_w, K]
     (unit stride along K), norm "rms" or "layer" with weight (and bias) [K].
     gated: weight is [gate; up] (N_w = 2I) and the result is silu(gate) * up, [M, I].
@@ -231,16 +325,37 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Ten
         assert counters.dtype == torch.int32 and counters.numel() >= n_blocks
     else:
         partial = sumsq = counters = out  # unused
-    launch_kernel(_norm_linear_kernel, (n_blocks, split),
-        x, norm_weight, norm_bias if norm_bias is not None else norm_weight, weight,
-        bias if bias is not None else weight, out, partial, sumsq, counters,
-        M, N, K, k_chunk, eps,
-        x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, SPLIT_K=split,
-        IS_RMS=norm == "rms", HAS_NORM_BIAS=norm_bias is not None, HAS_BIAS=bias is not None,
-        GATED=gated, PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
+    launch_kernel(
+        _norm_linear_kernel,
+        (n_blocks, split),
+        x,
+        norm_weight,
+        norm_bias if norm_bias is not None else norm_weight,
+        weight,
+        bias if bias is not None else weight,
+        out,
+        partial,
+        sumsq,
+        counters,
+        M,
+        N,
+        K,
+        k_chunk,
+        eps,
+        x.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        BLOCK_N=config.BLOCK_N,
+        BLOCK_K=config.BLOCK_K,
+        SPLIT_K=split,
+        IS_RMS=norm == "rms",
+        HAS_NORM_BIAS=norm_bias is not None,
+        HAS_BIAS=bias is not None,
+        GATED=gated,
+        PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
     return out
 
 

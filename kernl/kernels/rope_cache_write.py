@@ -27,14 +27,43 @@ from .launch import launch_kernel
 
 
 @triton.jit
-def _rope_cache_write_kernel(QKV, Pos, Cos, Sin, Slot, QOut, KCache, VCache,
-                             seq_len, num_heads, num_kv_heads, slots,
-                             stride_xb, stride_xs, stride_pb, stride_ps, stride_cos, stride_sin,
-                             stride_qb, stride_qh, stride_qs, stride_qd,
-                             stride_kb, stride_kh, stride_kn, stride_kd,
-                             stride_vb, stride_vh, stride_vn, stride_vd,
-                             HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                             BLOCK_HALF: tl.constexpr, HAS_ROPE: tl.constexpr):  # fmt: skip
+def _rope_cache_write_kernel(
+    QKV,
+    Pos,
+    Cos,
+    Sin,
+    Slot,
+    QOut,
+    KCache,
+    VCache,
+    seq_len,
+    num_heads,
+    num_kv_heads,
+    slots,
+    stride_xb,
+    stride_xs,
+    stride_pb,
+    stride_ps,
+    stride_cos,
+    stride_sin,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    HAS_ROPE: tl.constexpr,
+):
     tok = tl.program_id(0)
     b = (tok // seq_len).to(tl.int64)
     s = (tok % seq_len).to(tl.int64)
@@ -79,9 +108,13 @@ def _rope_cache_write_kernel(QKV, Pos, Cos, Sin, Slot, QOut, KCache, VCache,
     tl.store(v_ptr + (HALF + d[None, :]) * stride_vd, o2.to(VCache.dtype.element_ty), mask=is_v)
 
 
-def rope_tables(inv_freq: torch.Tensor, positions: int, scaling: float = 1.0,
-                dtype: torch.dtype = torch.float32,
-                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def rope_tables(
+    inv_freq: torch.Tensor,
+    positions: int,
+    scaling: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [positions, 2 * len(inv_freq)] as Hugging Face computes them: float32 angles,
     cat(freqs, freqs), times the attention scaling, then cast to the model dtype."""
     inv_freq = inv_freq.to(device=device or inv_freq.device, dtype=torch.float32)
@@ -95,10 +128,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rope_cache_write_reference(qkv: torch.Tensor, positions: torch.Tensor,
-                               cos: torch.Tensor | None, sin: torch.Tensor | None,
-                               k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor,
-                               *, num_heads: int, num_kv_heads: int) -> torch.Tensor:  # fmt: skip
+def rope_cache_write_reference(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot: torch.Tensor,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+) -> torch.Tensor:
     """The unfused sequence (HF's apply_rotary_pos_emb, then index_copy_ into the caches, which
     it mutates; host-synchronising, for tests). qkv [B, S, (H + 2 KV) D] or [B, (H + 2 KV) D]; returns q [B, H, S, D]."""
     if qkv.dim() == 2:
@@ -130,11 +171,20 @@ def rope_cache_write_configs() -> list[RopeCacheWriteConfig]:
     return [RopeCacheWriteConfig(h, w) for h, w in [(4, 1), (8, 1), (16, 2), (16, 4), (64, 4)]]
 
 
-def rope_cache_write(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor | None,
-                     sin: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     slot: torch.Tensor, *, num_heads: int, num_kv_heads: int,
-                     q_out: torch.Tensor | None = None,
-                     config: RopeCacheWriteConfig | None = None) -> torch.Tensor:  # fmt: skip
+def rope_cache_write(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot: torch.Tensor,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    q_out: torch.Tensor | None = None,
+    config: RopeCacheWriteConfig | None = None,
+) -> torch.Tensor:
     """qkv [B, S, (H + 2 KV) D] or [B, (H + 2 KV) D] (decode, S = 1), unit stride along the
     last axis; positions [B, S] or [B] (the rotary position of each token); cos, sin
     [positions, D] (`rope_tables`) or None for no rotary; k_cache, v_cache [B, KV, slots, D]
@@ -161,17 +211,37 @@ def rope_cache_write(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tens
     config = config or RopeCacheWriteConfig()
     half = D // 2
     grid = (B * S, triton.cdiv(H + 2 * KV, config.BLOCK_H))
-    launch_kernel(_rope_cache_write_kernel, grid,
-        qkv, positions, cos if has_rope else qkv, sin if has_rope else qkv, slot,
-        q_out, k_cache, v_cache,
-        S, H, KV, k_cache.shape[2],
-        qkv.stride(0), qkv.stride(1), positions.stride(0), positions.stride(1),
-        cos.stride(0) if has_rope else 0, sin.stride(0) if has_rope else 0,
-        *q_out.stride(), *k_cache.stride(), *v_cache.stride(),
-        HEAD_DIM=D, HALF=half, BLOCK_H=config.BLOCK_H,
-        BLOCK_HALF=triton.next_power_of_2(half), HAS_ROPE=has_rope,
+    launch_kernel(
+        _rope_cache_write_kernel,
+        grid,
+        qkv,
+        positions,
+        cos if has_rope else qkv,
+        sin if has_rope else qkv,
+        slot,
+        q_out,
+        k_cache,
+        v_cache,
+        S,
+        H,
+        KV,
+        k_cache.shape[2],
+        qkv.stride(0),
+        qkv.stride(1),
+        positions.stride(0),
+        positions.stride(1),
+        cos.stride(0) if has_rope else 0,
+        sin.stride(0) if has_rope else 0,
+        *q_out.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        HEAD_DIM=D,
+        HALF=half,
+        BLOCK_H=config.BLOCK_H,
+        BLOCK_HALF=triton.next_power_of_2(half),
+        HAS_ROPE=has_rope,
         num_warps=config.num_warps,
-    )  # fmt: skip
+    )
     return q_out
 
 

@@ -29,26 +29,58 @@ _SMS = 132  # H100/H200 SXM; only sizes the automatic split
 
 
 @triton.jit
-def _skinny_fused_finish(acc, Bias, Residual, Out, offs_m, offs_n, m_mask, n_mask,
-                         stride_rm, stride_om,
-                         HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):  # fmt: skip
+def _skinny_fused_finish(
+    acc,
+    Bias,
+    Residual,
+    Out,
+    offs_m,
+    offs_n,
+    m_mask,
+    n_mask,
+    stride_rm,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+):
     out_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_RESIDUAL:
-        acc += tl.load(Residual + offs_m[:, None] * stride_rm + offs_n[None, :],
-                       mask=out_mask, other=0.0).to(tl.float32)  # fmt: skip
-    tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :],
-             acc.to(Out.dtype.element_ty), mask=out_mask)  # fmt: skip
+        acc += tl.load(
+            Residual + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_mask, other=0.0
+        ).to(tl.float32)
+    tl.store(
+        Out + offs_m[:, None] * stride_om + offs_n[None, :],
+        acc.to(Out.dtype.element_ty),
+        mask=out_mask,
+    )
 
 
 @triton.jit
-def _skinny_fused_kernel(X, W, Bias, Residual, Out, Partial, Counters,
-                         M, N, K, k_chunk,
-                         stride_xm, stride_wn, stride_rm, stride_om,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                         PRECISION: tl.constexpr):  # fmt: skip
+def _skinny_fused_kernel(
+    X,
+    W,
+    Bias,
+    Residual,
+    Out,
+    Partial,
+    Counters,
+    M,
+    N,
+    K,
+    k_chunk,
+    stride_xm,
+    stride_wn,
+    stride_rm,
+    stride_om,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     offs_m = tl.arange(0, 16)
@@ -63,14 +95,29 @@ def _skinny_fused_kernel(X, W, Bias, Residual, Out, Partial, Counters,
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + offs_k
         k_mask = ks < k_hi
-        x = tl.load(X + offs_m[:, None] * stride_xm + ks[None, :],
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+        x = tl.load(
+            X + offs_m[:, None] * stride_xm + ks[None, :],
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
         w = tl.load(w_rows + ks[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
 
     if SPLIT_K == 1:
-        _skinny_fused_finish(acc, Bias, Residual, Out, offs_m, offs_n, m_mask, n_mask,
-                             stride_rm, stride_om, HAS_BIAS, HAS_RESIDUAL)  # fmt: skip
+        _skinny_fused_finish(
+            acc,
+            Bias,
+            Residual,
+            Out,
+            offs_m,
+            offs_n,
+            m_mask,
+            n_mask,
+            stride_rm,
+            stride_om,
+            HAS_BIAS,
+            HAS_RESIDUAL,
+        )
     else:
         # Partial [SPLIT_K, 16, N] fp32: rows past M hold zeros and are never stored to Out
         p_tile = Partial + (split * 16 + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
@@ -83,14 +130,29 @@ def _skinny_fused_kernel(X, W, Bias, Residual, Out, Partial, Counters,
             for s in tl.static_range(SPLIT_K):
                 tile = Partial + (s * 16 + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
                 acc += tl.load(tile, mask=n_mask[None, :], other=0.0, cache_modifier=".cg")
-            _skinny_fused_finish(acc, Bias, Residual, Out, offs_m, offs_n, m_mask, n_mask,
-                                 stride_rm, stride_om, HAS_BIAS, HAS_RESIDUAL)  # fmt: skip
+            _skinny_fused_finish(
+                acc,
+                Bias,
+                Residual,
+                Out,
+                offs_m,
+                offs_n,
+                m_mask,
+                n_mask,
+                stride_rm,
+                stride_om,
+                HAS_BIAS,
+                HAS_RESIDUAL,
+            )
             tl.store(Counters + pid_n, 0)  # ready for the next launch
 
 
-def skinny_linear_fused_reference(x: torch.Tensor, weight: torch.Tensor,
-                                  bias: torch.Tensor | None = None,
-                                  residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def skinny_linear_fused_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
     y = F.linear(x, weight, bias)
     return y if residual is None else y + residual
 
@@ -105,10 +167,17 @@ class SkinnyLinearFusedConfig:
 
 
 def skinny_linear_fused_configs() -> list[SkinnyLinearFusedConfig]:
-    return [SkinnyLinearFusedConfig(bn, bk, sk, w, s)
-            for bn, bk, w, s in [(32, 128, 4, 4), (16, 256, 4, 3), (64, 128, 4, 4),
-                                 (32, 256, 4, 3), (64, 64, 4, 5)]
-            for sk in (0, 1, 2, 4, 8)]  # fmt: skip
+    return [
+        SkinnyLinearFusedConfig(bn, bk, sk, w, s)
+        for bn, bk, w, s in [
+            (32, 128, 4, 4),
+            (16, 256, 4, 3),
+            (64, 128, 4, 4),
+            (32, 256, 4, 3),
+            (64, 64, 4, 5),
+        ]
+        for sk in (0, 1, 2, 4, 8)
+    ]
 
 
 def new_counters(device: torch.device | str) -> torch.Tensor:
@@ -122,10 +191,16 @@ def _auto_split(n_blocks: int, K: int, block_k: int) -> int:
     return max(1, min(most, triton.cdiv(2 * _SMS, n_blocks)))
 
 
-def skinny_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                        residual: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
-                        counters: torch.Tensor | None = None,
-                        config: SkinnyLinearFusedConfig | None = None) -> torch.Tensor:  # fmt: skip
+def skinny_linear_fused(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
+    config: SkinnyLinearFusedConfig | None = None,
+) -> torch.Tensor:
     """x [M <= 16, K] (unit stride along K), weight [N, K] (unit stride along K), bias [N],
     residual [M, N] -> [M, N] in x's dtype, one launch. counters: int32 zeros
     (`new_counters`), left zeroed; None allocates zeros (one more kernel). `out` may be
@@ -152,15 +227,33 @@ def skinny_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     else:
         partial = counters = out  # unused
     res = residual if residual is not None else out
-    launch_kernel(_skinny_fused_kernel, (n_blocks, split),
-        x, weight, bias if bias is not None else weight, res, out, partial, counters,
-        M, N, K, k_chunk,
-        x.stride(0), weight.stride(0), res.stride(0), out.stride(0),
-        BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, SPLIT_K=split,
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+    launch_kernel(
+        _skinny_fused_kernel,
+        (n_blocks, split),
+        x,
+        weight,
+        bias if bias is not None else weight,
+        res,
+        out,
+        partial,
+        counters,
+        M,
+        N,
+        K,
+        k_chunk,
+        x.stride(0),
+        weight.stride(0),
+        res.stride(0),
+        out.stride(0),
+        BLOCK_N=config.BLOCK_N,
+        BLOCK_K=config.BLOCK_K,
+        SPLIT_K=split,
+        HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None,
         PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
     return out
 
 

@@ -135,10 +135,13 @@ def _load_binaries(root: Path, manifest, device: torch.device):
     binaries = KernelBinaries(device)
     for k in manifest.kernels:
         spec = BinarySpec(
-            key=str(k.meta["key"]), function=k.function, num_warps=int(k.num_warps),
-            num_ctas=int(k.meta.get("num_ctas", 1)), shared=int(k.shared_mem),
+            key=str(k.meta["key"]),
+            function=k.function,
+            num_warps=int(k.num_warps),
+            num_ctas=int(k.meta.get("num_ctas", 1)),
+            shared=int(k.shared_mem),
             arg_types=[[str(n), str(t)] for n, t in k.meta["arg_types"]],
-        )  # fmt: skip
+        )
         binaries.add(spec, _resolve_inside(root, k.file, "kernel binary").read_bytes())
     return binaries
 

@@ -22,14 +22,30 @@ import torch
 
 from kernl.kernels.launch import is_interpreted, jit_launch, launching_with
 
-_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "launch_pdl",
-                   "launch_cooperative_grid", "enable_fp_fusion")  # fmt: skip
+_LAUNCH_OPTIONS = (
+    "num_warps",
+    "num_stages",
+    "num_ctas",
+    "maxnreg",
+    "launch_pdl",
+    "launch_cooperative_grid",
+    "enable_fp_fusion",
+)
 _SCALAR_CTYPES = {
-    "i1": ctypes.c_int8, "i8": ctypes.c_int8, "i16": ctypes.c_int16, "i32": ctypes.c_int32,
-    "i64": ctypes.c_int64, "u1": ctypes.c_uint8, "u8": ctypes.c_uint8, "u16": ctypes.c_uint16,
-    "u32": ctypes.c_uint32, "u64": ctypes.c_uint64, "fp32": ctypes.c_float,
-    "f32": ctypes.c_float, "fp64": ctypes.c_double,
-}  # fmt: skip
+    "i1": ctypes.c_int8,
+    "i8": ctypes.c_int8,
+    "i16": ctypes.c_int16,
+    "i32": ctypes.c_int32,
+    "i64": ctypes.c_int64,
+    "u1": ctypes.c_uint8,
+    "u8": ctypes.c_uint8,
+    "u16": ctypes.c_uint16,
+    "u32": ctypes.c_uint32,
+    "u64": ctypes.c_uint64,
+    "fp32": ctypes.c_float,
+    "f32": ctypes.c_float,
+    "fp64": ctypes.c_double,
+}
 
 
 class MissingBinaryError(RuntimeError):
@@ -125,13 +141,28 @@ class _Loaded:
         )
         if spec.shared > 49152:
             static, optin = ctypes.c_int(), ctypes.c_int()
-            _check(cu.cuFuncGetAttribute(ctypes.byref(static), _CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
-                                         self.function), "cuFuncGetAttribute")  # fmt: skip
-            _check(cu.cuDeviceGetAttribute(ctypes.byref(optin),
-                                           _CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-                                           device.index or 0), "cuDeviceGetAttribute")  # fmt: skip
-            _check(cu.cuFuncSetAttribute(self.function, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                         optin.value - static.value), "cuFuncSetAttribute")  # fmt: skip
+            _check(
+                cu.cuFuncGetAttribute(
+                    ctypes.byref(static), _CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, self.function
+                ),
+                "cuFuncGetAttribute",
+            )
+            _check(
+                cu.cuDeviceGetAttribute(
+                    ctypes.byref(optin),
+                    _CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                    device.index or 0,
+                ),
+                "cuDeviceGetAttribute",
+            )
+            _check(
+                cu.cuFuncSetAttribute(
+                    self.function,
+                    _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    optin.value - static.value,
+                ),
+                "cuFuncSetAttribute",
+            )
 
     def launch(self, grid: tuple[int, int, int], bound: dict[str, Any]) -> None:
         gx, gy, gz = grid
@@ -153,11 +184,20 @@ class _Loaded:
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
         _check(
             _cuda().cuLaunchKernel(
-                self.function, gx * self.spec.num_ctas, gy, gz, 32 * self.spec.num_warps, 1, 1,
-                self.spec.shared, stream, params, None,
+                self.function,
+                gx * self.spec.num_ctas,
+                gy,
+                gz,
+                32 * self.spec.num_warps,
+                1,
+                1,
+                self.spec.shared,
+                stream,
+                params,
+                None,
             ),
             f"cuLaunchKernel({self.spec.function})",
-        )  # fmt: skip
+        )
 
 
 class KernelBinaries:
@@ -241,7 +281,11 @@ def spec_from_compiled(key: str, kernel) -> tuple[BinarySpec, bytes]:
         if signature[name] != "constexpr" and i not in constants
     ]
     spec = BinarySpec(
-        key=key, function=md.name, num_warps=md.num_warps, num_ctas=getattr(md, "num_ctas", 1),
-        shared=md.shared, arg_types=arg_types,
-    )  # fmt: skip
+        key=key,
+        function=md.name,
+        num_warps=md.num_warps,
+        num_ctas=getattr(md, "num_ctas", 1),
+        shared=md.shared,
+        arg_types=arg_types,
+    )
     return spec, kernel.asm["cubin"]

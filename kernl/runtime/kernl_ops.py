@@ -139,9 +139,15 @@ def attention(
         B, H, Lq, D = q.shape
         out = torch.empty((B, Lq, H, v.shape[-1]), dtype=q.dtype, device=q.device).transpose(1, 2)
         return attention_kernel.attention(
-            q, k, v, sm_scale=scale, causal=causal, bias=bias, out=out,
+            q,
+            k,
+            v,
+            sm_scale=scale,
+            causal=causal,
+            bias=bias,
+            out=out,
             config=_typed(attention_kernel, config),
-        )  # fmt: skip
+        )
     if causal:
         # bottom-right aligned, like the kernel: query i sees key j <= i + (Lk - Lq)
         lq, lk = q.shape[-2], k.shape[-2]
@@ -186,9 +192,17 @@ def bert_embeddings(
     if impl == "triton" and bias is not None and triton_usable(word.device, kernel):
         cfg = _config(config)
         return kernel.bert_embeddings(
-            word_ids, word, pos, types, weight, bias, eps, token_type_ids=type_ids,
-            position_ids=pos_ids, config=_typed(kernel, cfg),
-        )  # fmt: skip
+            word_ids,
+            word,
+            pos,
+            types,
+            weight,
+            bias,
+            eps,
+            token_type_ids=type_ids,
+            position_ids=pos_ids,
+            config=_typed(kernel, cfg),
+        )
     x = F.embedding(word_ids, word) + F.embedding(pos_ids, pos) + F.embedding(type_ids, types)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 

@@ -50,20 +50,24 @@ class _BucketRunner:
         self.executor = executor
         self.static_inputs = {
             spec.name: torch.full(
-                (bucket.batch, bucket.seq), spec.pad_value, dtype=getattr(torch, spec.dtype),
+                (bucket.batch, bucket.seq),
+                spec.pad_value,
+                dtype=getattr(torch, spec.dtype),
                 device=device,
             )
             for spec in manifest.inputs
-        }  # fmt: skip
+        }
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_outputs: list[torch.Tensor] | None = None
         self.filled: dict[str, tuple | None] = {}  # what a default-filled buffer holds now
 
     def capture(self, pool) -> None:
         self.graph, self.static_outputs = capture_graph(
-            lambda: self.executor.run(self.static_inputs), pool, warmups=2,
+            lambda: self.executor.run(self.static_inputs),
+            pool,
+            warmups=2,
             device=self.executor.device,
-        )  # fmt: skip
+        )
 
     def run(self) -> list[torch.Tensor]:
         if self.graph is not None:

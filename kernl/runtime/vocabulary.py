@@ -20,10 +20,18 @@ _NAME = re.compile(r"(aten)\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)"
 DTYPES = {
     name: getattr(torch, name)
     for name in (
-        "float16", "bfloat16", "float32", "float64", "int8", "uint8", "int16", "int32",
-        "int64", "bool",
+        "float16",
+        "bfloat16",
+        "float32",
+        "float64",
+        "int8",
+        "uint8",
+        "int16",
+        "int32",
+        "int64",
+        "bool",
     )
-}  # fmt: skip
+}
 LAYOUTS = {"strided": torch.strided}
 MEMORY_FORMATS = {
     "contiguous_format": torch.contiguous_format,

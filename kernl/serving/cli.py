@@ -23,25 +23,52 @@ def build_parser() -> argparse.ArgumentParser:
         "GET /health and /metrics describe the server.",
     )
     p.add_argument("artifact", metavar="PATH", help="artifact folder made by kernl-compile")
-    p.add_argument("--replicas", type=int, default=1,
-                   help="model copies; on CUDA one per GPU (default 1)")  # fmt: skip
-    p.add_argument("--max-batch-size", type=int, default=None,
-                   help="most sequences one batch gathers (default: the largest bucket batch)")  # fmt: skip
-    p.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long a batch waits for more requests to join (default 5)")  # fmt: skip
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (0.0.0.0 in a container; default 127.0.0.1)")  # fmt: skip
+    p.add_argument(
+        "--replicas", type=int, default=1, help="model copies; on CUDA one per GPU (default 1)"
+    )
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help="most sequences one batch gathers (default: the largest bucket batch)",
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a batch waits for more requests to join (default 5)",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (0.0.0.0 in a container; default 127.0.0.1)",
+    )
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    p.add_argument("--device", choices=["cuda", "cpu"], default=None,
-                   help="where replicas run the model (default: cuda when there is a GPU)")  # fmt: skip
-    p.add_argument("--gpus-per-replica", type=float, default=None,
-                   help="GPU share of a replica (default 1 on CUDA, 0 on CPU)")  # fmt: skip
-    p.add_argument("--plan-by", choices=["time", "tokens"], default=None,
-                   help="how batches are cut into buckets: 'time' measures each bucket's call at "
-                   "start (default on CUDA), 'tokens' prices padded tokens (default on CPU)")  # fmt: skip
-    p.add_argument("--ray-address", default=None,
-                   help="Ray cluster to join ('auto', 'ray://...'); default: Ray's own choice, "
-                   "which starts a local cluster when none runs; 'local' always starts one")  # fmt: skip
+    p.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default=None,
+        help="where replicas run the model (default: cuda when there is a GPU)",
+    )
+    p.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        default=None,
+        help="GPU share of a replica (default 1 on CUDA, 0 on CPU)",
+    )
+    p.add_argument(
+        "--plan-by",
+        choices=["time", "tokens"],
+        default=None,
+        help="how batches are cut into buckets: 'time' measures each bucket's call at "
+        "start (default on CUDA), 'tokens' prices padded tokens (default on CPU)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join ('auto', 'ray://...'); default: Ray's own choice, "
+        "which starts a local cluster when none runs; 'local' always starts one",
+    )
     return p
 
 
@@ -51,10 +78,16 @@ def serve_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = ServeConfig(
-            artifact=args.artifact, replicas=args.replicas, max_batch_size=args.max_batch_size,
-            batch_wait_ms=args.batch_wait_ms, host=args.host, port=args.port,
-            device=args.device, gpus_per_replica=args.gpus_per_replica, plan_by=args.plan_by,
-        )  # fmt: skip
+            artifact=args.artifact,
+            replicas=args.replicas,
+            max_batch_size=args.max_batch_size,
+            batch_wait_ms=args.batch_wait_ms,
+            host=args.host,
+            port=args.port,
+            device=args.device,
+            gpus_per_replica=args.gpus_per_replica,
+            plan_by=args.plan_by,
+        )
         buckets = _check_artifact(config.artifact)
     except Exception as e:  # refuse before starting Ray: seconds, not a stack of Ray logs
         print(f"kernl serve: {e}", file=sys.stderr)

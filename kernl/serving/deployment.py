@@ -52,9 +52,11 @@ def _stats_actor(app_name: str):
     """The application's shared counters, created by whichever replica comes first."""
     actor = ray.remote(num_cpus=0)(ReplayStats)
     return actor.options(
-        name=f"kernl-metrics-{app_name}", namespace=_METRICS_NAMESPACE, get_if_exists=True,
+        name=f"kernl-metrics-{app_name}",
+        namespace=_METRICS_NAMESPACE,
+        get_if_exists=True,
         lifetime="detached",
-    ).remote()  # fmt: skip
+    ).remote()
 
 
 def _json(body: dict, status: int = 200) -> Response:
@@ -94,9 +96,10 @@ class KernlServer:
         model = kernl.runtime.load(self.config.artifact, device=device)
         measure = self.config.plan_by == "time" or (self.config.plan_by is None and device != "cpu")
         self.costs = (
-            measure_costs(model) if measure
+            measure_costs(model)
+            if measure
             else token_costs(model.buckets, self.config.replay_cost_tokens)
-        )  # fmt: skip
+        )
         self.model = model  # last: a set model means a ready replica
 
     def _load_state(self) -> tuple[str, str | None]:
@@ -123,8 +126,12 @@ class KernlServer:
         if path in ("/health", "/ready") and request.method == "GET":
             state, error = self._load_state()
             if state != "ready":
-                body = {"ready": False, "status": state, "replica": self.replica,
-                        "artifact": os.path.abspath(self.config.artifact)}  # fmt: skip
+                body = {
+                    "ready": False,
+                    "status": state,
+                    "replica": self.replica,
+                    "artifact": os.path.abspath(self.config.artifact),
+                }
                 if error:
                     body["error"] = error
                 return _json(body, status=503)
@@ -136,10 +143,12 @@ class KernlServer:
         if path in ("/", "/predict") and request.method == "POST":
             return await self.predict(await request.body())
         return _json(
-            {"error": f"no route {request.method} {path}; use POST / (or /predict), "
-             "GET /ready, GET /health, GET /metrics"},
+            {
+                "error": f"no route {request.method} {path}; use POST / (or /predict), "
+                "GET /ready, GET /health, GET /metrics"
+            },
             status=404 if request.method in ("GET", "POST") else 405,
-        )  # fmt: skip
+        )
 
     async def predict(self, body: bytes) -> Response:
         try:
@@ -178,14 +187,21 @@ class KernlServer:
             for k, out in zip(group.rows, outputs):
                 per_row[k] = out
             served = sorted({i for i, _ in members})
-            note = {"bucket": f"{group.bucket.batch}x{group.bucket.seq}",
-                    "requests": len(served), "rows": len(members)}  # fmt: skip
+            note = {
+                "bucket": f"{group.bucket.batch}x{group.bucket.seq}",
+                "requests": len(served),
+                "rows": len(members),
+            }
             for i in served:
                 replays[i].append(note)
             self.stats.record_replay.remote(
-                len(served), len(members), sum(row.length for _, row in members),
-                note["bucket"], group.bucket.tokens, self.replica,
-            )  # fmt: skip
+                len(served),
+                len(members),
+                sum(row.length for _, row in members),
+                note["bucket"],
+                group.bucket.tokens,
+                self.replica,
+            )
         results, k = [], 0
         for i, request in enumerate(requests):
             mine = per_row[k : k + len(request.rows)]
@@ -230,10 +246,11 @@ def application(config: ServeConfig):
         # One request runs at a time per replica; the rest wait in arrival order. Capping
         # the queue keeps Ray Serve's router sending work to the other replicas.
         return KernlGenerator.options(
-            name="KernlGenerator", num_replicas=config.replicas,
+            name="KernlGenerator",
+            num_replicas=config.replicas,
             ray_actor_options={"num_gpus": gpus, "num_cpus": config.cpus_per_replica},
             max_ongoing_requests=GENERATION_QUEUE,
-        ).bind(config)  # fmt: skip
+        ).bind(config)
     if config.max_batch_size is None:
         buckets = manifest.bucket_list()
         config = replace(config, max_batch_size=max(b.batch for b in buckets))
@@ -241,18 +258,25 @@ def application(config: ServeConfig):
     # batches only queue inside the replica, where another replica could have taken them.
     max_rows = config.max_batch_size
     return KernlServer.options(
-        name="KernlServer", num_replicas=config.replicas,
+        name="KernlServer",
+        num_replicas=config.replicas,
         ray_actor_options={"num_gpus": gpus, "num_cpus": config.cpus_per_replica},
         max_ongoing_requests=max(2 * max_rows, 16),
-    ).bind(config)  # fmt: skip
+    ).bind(config)
 
 
 def build(args: dict[str, str]):
     """Application builder for `serve run kernl.serving.deployment:build artifact=PATH
     [replicas=N max_batch_size=N batch_wait_ms=F device=cpu|cuda]`."""
-    kinds = {"replicas": int, "max_batch_size": int, "batch_wait_ms": float,
-             "gpus_per_replica": float, "cpus_per_replica": float, "replay_cost_tokens": int,
-             "plan_by": str}  # fmt: skip
+    kinds = {
+        "replicas": int,
+        "max_batch_size": int,
+        "batch_wait_ms": float,
+        "gpus_per_replica": float,
+        "cpus_per_replica": float,
+        "replay_cost_tokens": int,
+        "plan_by": str,
+    }
     fields = set(asdict(ServeConfig(artifact="")).keys())
     unknown = sorted(set(args) - fields)
     if unknown:

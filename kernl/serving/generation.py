@@ -82,9 +82,11 @@ class GenerationLimits:
         decoder = manifest.extra["decoder"]
         buckets = GenerationBuckets.from_dict(manifest.extra["generation_buckets"])
         return cls(
-            vocab_size=int(decoder["vocab_size"]), prompts=sorted(buckets.prompts),
-            cache_len=buckets.cache_len, eos_token_ids=list(decoder.get("eos_token_ids") or []),
-        )  # fmt: skip
+            vocab_size=int(decoder["vocab_size"]),
+            prompts=sorted(buckets.prompts),
+            cache_len=buckets.cache_len,
+            eos_token_ids=list(decoder.get("eos_token_ids") or []),
+        )
 
 
 @dataclass(frozen=True)
@@ -103,8 +105,9 @@ def parse_generation_request(
     data = load_json_object(body)
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
-        raise RequestError(422, f"unknown field(s) {unknown}; a generation request takes "
-                                f"{list(FIELDS)}")  # fmt: skip
+        raise RequestError(
+            422, f"unknown field(s) {unknown}; a generation request takes {list(FIELDS)}"
+        )
     prompt = _prompt(data, limits, tokenize)
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
@@ -129,12 +132,28 @@ def _check_ranges(options: dict, limits: GenerationLimits) -> None:
         from kernl.runtime.generation.model import check_options
     except ImportError:
         return
-    defaults = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "do_sample": False, "temperature": 1.0,
-                "top_k": 50, "top_p": 1.0, "eos_token_id": None, "seed": 0}  # fmt: skip
+    defaults = {
+        "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
+        "do_sample": False,
+        "temperature": 1.0,
+        "top_k": 50,
+        "top_p": 1.0,
+        "eos_token_id": None,
+        "seed": 0,
+    }
     o = {**defaults, **options}
     try:
-        check_options(o["max_new_tokens"], o["do_sample"], o["temperature"], o["top_k"],
-                      o["top_p"], o["eos_token_id"], None, o["seed"], limits.vocab_size)  # fmt: skip
+        check_options(
+            o["max_new_tokens"],
+            o["do_sample"],
+            o["temperature"],
+            o["top_k"],
+            o["top_p"],
+            o["eos_token_id"],
+            None,
+            o["seed"],
+            limits.vocab_size,
+        )
     except ValueError as e:
         raise RequestError(422, str(e)) from None
 
@@ -144,16 +163,18 @@ def _check_fits(prompt: list[int], options: dict, limits: GenerationLimits) -> N
     bucket = pick_size(limits.prompts, len(prompt))
     if bucket is None:
         raise RequestError(
-            413, f"the prompt has {len(prompt)} tokens, longer than every prompt bucket of this "
-            f"artifact ({limits.prompts}); at most {limits.prompts[-1]}"
-        )  # fmt: skip
+            413,
+            f"the prompt has {len(prompt)} tokens, longer than every prompt bucket of this "
+            f"artifact ({limits.prompts}); at most {limits.prompts[-1]}",
+        )
     fit = limits.cache_len - bucket + 1
     if o["max_new_tokens"] > fit:
         raise RequestError(
-            413, f"max_new_tokens {o['max_new_tokens']} does not fit the KV cache of "
+            413,
+            f"max_new_tokens {o['max_new_tokens']} does not fit the KV cache of "
             f"{limits.cache_len} slots after a prompt of {len(prompt)} tokens (prompt bucket "
-            f"{bucket}): at most {fit} new tokens"
-        )  # fmt: skip
+            f"{bucket}): at most {fit} new tokens",
+        )
 
 
 def _prompt(data: dict, limits: GenerationLimits, tokenize: Tokenize | None) -> list[int]:
@@ -162,9 +183,10 @@ def _prompt(data: dict, limits: GenerationLimits, tokenize: Tokenize | None) -> 
             raise RequestError(422, "send either 'text' or 'input_ids', not both")
         if tokenize is None:
             raise RequestError(
-                422, "this artifact carries no tokenizer (tokenizer.json next to "
-                "manifest.msgpack, and the `tokenizers` package): send 'input_ids' instead"
-            )  # fmt: skip
+                422,
+                "this artifact carries no tokenizer (tokenizer.json next to "
+                "manifest.msgpack, and the `tokenizers` package): send 'input_ids' instead",
+            )
         if not isinstance(data["text"], str) or not data["text"]:
             raise RequestError(422, "'text' must be a non-empty string (one prompt)")
         ids = tokenize([data["text"]])[0]["input_ids"]
@@ -181,9 +203,10 @@ def _prompt(data: dict, limits: GenerationLimits, tokenize: Tokenize | None) -> 
     lo, hi = min(ids), max(ids)
     if lo < 0 or hi >= limits.vocab_size:
         raise RequestError(
-            422, f"'input_ids' must lie in [0, {limits.vocab_size}) (the model's vocab_size), "
-            f"got values in [{lo}, {hi}]"
-        )  # fmt: skip
+            422,
+            f"'input_ids' must lie in [0, {limits.vocab_size}) (the model's vocab_size), "
+            f"got values in [{lo}, {hi}]",
+        )
     return ids
 
 
@@ -201,9 +224,11 @@ _METRICS_NAMESPACE = "kernl"
 def _stats_actor(app_name: str):
     actor = ray.remote(num_cpus=0)(GenerationStats)
     return actor.options(
-        name=f"kernl-generation-metrics-{app_name}", namespace=_METRICS_NAMESPACE,
-        get_if_exists=True, lifetime="detached",
-    ).remote()  # fmt: skip
+        name=f"kernl-generation-metrics-{app_name}",
+        namespace=_METRICS_NAMESPACE,
+        get_if_exists=True,
+        lifetime="detached",
+    ).remote()
 
 
 @serve.deployment
@@ -256,8 +281,12 @@ class KernlGenerator:
         if path in ("/health", "/ready") and request.method == "GET":
             state, error = self._load_state()
             if state != "ready":
-                body = {"ready": False, "status": state, "replica": self.replica,
-                        "artifact": os.path.abspath(self.config.artifact)}  # fmt: skip
+                body = {
+                    "ready": False,
+                    "status": state,
+                    "replica": self.replica,
+                    "artifact": os.path.abspath(self.config.artifact),
+                }
                 if error:
                     body["error"] = error
                 return _json(body, status=503)
@@ -269,10 +298,12 @@ class KernlGenerator:
         if path in ("/", "/predict", "/generate") and request.method == "POST":
             return await self.generate(await request.body())
         return _json(
-            {"error": f"no route {request.method} {path}; use POST / (or /predict, /generate), "
-             "GET /ready, GET /health, GET /metrics"},
+            {
+                "error": f"no route {request.method} {path}; use POST / (or /predict, /generate), "
+                "GET /ready, GET /health, GET /metrics"
+            },
             status=404 if request.method in ("GET", "POST") else 405,
-        )  # fmt: skip
+        )
 
     async def generate(self, body: bytes) -> Response:
         try:

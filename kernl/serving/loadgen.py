@@ -102,10 +102,15 @@ def run_load(
     seconds = time.perf_counter() - t0
     n = len(latencies)
     return LoadResult(
-        clients=clients, requests=n, errors=errors[0], seconds=seconds,
-        sequences_per_s=n / seconds, p50_ms=1000 * percentile(latencies, 0.5),
-        p99_ms=1000 * percentile(latencies, 0.99), tokens_per_s=tokens[0] / seconds,
-    )  # fmt: skip
+        clients=clients,
+        requests=n,
+        errors=errors[0],
+        seconds=seconds,
+        sequences_per_s=n / seconds,
+        p50_ms=1000 * percentile(latencies, 0.5),
+        p99_ms=1000 * percentile(latencies, 0.99),
+        tokens_per_s=tokens[0] / seconds,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,11 +121,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--vocab", type=int, default=1000, help="token ids are drawn below this")
     p.add_argument("--outputs", nargs="*", default=None, help="outputs to ask for")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="a generation server: new tokens per request (tokens/s is reported)")  # fmt: skip
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="a generation server: new tokens per request (tokens/s is reported)",
+    )
     args = p.parse_args(argv)
-    result = run_load(args.url, args.clients, args.requests, args.seq, args.vocab, args.outputs,
-                      max_new_tokens=args.max_new_tokens)  # fmt: skip
+    result = run_load(
+        args.url,
+        args.clients,
+        args.requests,
+        args.seq,
+        args.vocab,
+        args.outputs,
+        max_new_tokens=args.max_new_tokens,
+    )
     print(json.dumps(asdict(result)))
     return 0 if result.errors == 0 else 1
 

@@ -24,9 +24,14 @@ class ReplayStats:
     request_sizes: Counter = field(default_factory=Counter)  # requests per replay -> replays
 
     def record_replay(
-        self, requests: int, rows: int, tokens: int, bucket: str, bucket_tokens: int,
+        self,
+        requests: int,
+        rows: int,
+        tokens: int,
+        bucket: str,
+        bucket_tokens: int,
         replica: str,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.replays += 1
         self.batched_replays += requests > 1
         self.rows += rows

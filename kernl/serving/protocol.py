@@ -61,10 +61,13 @@ class ModelLimits:
         """The limits of an artifact, from its manifest alone (no weights, no device)."""
         config = manifest.model_config
         return cls(
-            inputs=list(manifest.inputs), output_names=[o.name for o in manifest.outputs],
-            buckets=manifest.bucket_list(), vocab_size=_config_int(config, "vocab_size"),
-            max_rows=max_rows, type_vocab_size=_config_int(config, "type_vocab_size"),
-        )  # fmt: skip
+            inputs=list(manifest.inputs),
+            output_names=[o.name for o in manifest.outputs],
+            buckets=manifest.bucket_list(),
+            vocab_size=_config_int(config, "vocab_size"),
+            max_rows=max_rows,
+            type_vocab_size=_config_int(config, "type_vocab_size"),
+        )
 
     @property
     def max_seq(self) -> int:
@@ -96,9 +99,10 @@ def parse_request(
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise RequestError(
-            422, f"unknown field(s) {unknown}; this model takes {input_names}, "
-            f"'text' (with a tokenizer) and 'outputs'"
-        )  # fmt: skip
+            422,
+            f"unknown field(s) {unknown}; this model takes {input_names}, "
+            f"'text' (with a tokenizer) and 'outputs'",
+        )
     outputs = _parse_outputs(data.get("outputs"), limits.output_names)
     if "text" in data:
         rows, single = _rows_from_text(data, input_names, tokenize)
@@ -140,9 +144,10 @@ def _check_depth(body: bytes) -> None:
     opens = (opens == ord("[")) | (opens == ord("{"))
     if int(np.cumsum(opens.astype(np.int32) * 2 - 1).max()) > MAX_JSON_DEPTH:
         raise RequestError(
-            400, f"request body nests JSON deeper than {MAX_JSON_DEPTH} levels "
-            "(a request is an object of lists of lists)"
-        )  # fmt: skip
+            400,
+            f"request body nests JSON deeper than {MAX_JSON_DEPTH} levels "
+            "(a request is an object of lists of lists)",
+        )
 
 
 _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
@@ -181,9 +186,10 @@ def _rows_from_ids(data: dict, input_names: list[str]) -> tuple[list[Row], bool]
                 )
             if len(column[k]) != len(columns["input_ids"][k]):
                 raise RequestError(
-                    422, f"sequence {k}: '{name}' has {len(column[k])} values, "
-                    f"'input_ids' has {len(columns['input_ids'][k])}"
-                )  # fmt: skip
+                    422,
+                    f"sequence {k}: '{name}' has {len(column[k])} values, "
+                    f"'input_ids' has {len(columns['input_ids'][k])}",
+                )
             inputs[name] = tuple(column[k])
         rows.append(Row(inputs))
     return rows, single
@@ -209,9 +215,10 @@ def _int_matrix(name: str, value) -> list[list[int]]:
 def _rows_from_text(data: dict, input_names: list[str], tokenize) -> tuple[list[Row], bool]:
     if tokenize is None:
         raise RequestError(
-            422, "this artifact carries no tokenizer (tokenizer.json next to manifest.msgpack, "
-            "and the `tokenizers` package): send 'input_ids' instead of 'text'"
-        )  # fmt: skip
+            422,
+            "this artifact carries no tokenizer (tokenizer.json next to manifest.msgpack, "
+            "and the `tokenizers` package): send 'input_ids' instead of 'text'",
+        )
     if "input_ids" in data:
         raise RequestError(422, "send either 'text' or 'input_ids', not both")
     text = data["text"]
@@ -228,23 +235,26 @@ def _rows_from_text(data: dict, input_names: list[str], tokenize) -> tuple[list[
 def _check_rows(rows: Sequence[Row], limits: ModelLimits) -> None:
     if len(rows) > limits.max_rows:
         raise RequestError(
-            413, f"{len(rows)} sequences in one request; at most {limits.max_rows} "
-            f"(the server's --max-batch-size)"
-        )  # fmt: skip
+            413,
+            f"{len(rows)} sequences in one request; at most {limits.max_rows} "
+            f"(the server's --max-batch-size)",
+        )
     for k, row in enumerate(rows):
         if smallest_bucket(limits.buckets, 1, row.length) is None:
             raise RequestError(
-                413, f"sequence {k} has {row.length} tokens, longer than every bucket of this "
-                f"artifact (batch x seq: {limits.bucket_names()})"
-            )  # fmt: skip
+                413,
+                f"sequence {k} has {row.length} tokens, longer than every bucket of this "
+                f"artifact (batch x seq: {limits.bucket_names()})",
+            )
         for name, values in row.inputs.items():
             lo, hi = min(values), max(values)
             allowed = _allowed_range(name, limits)
             if lo < allowed.low or hi > allowed.high:
                 raise RequestError(
-                    422, f"sequence {k}: '{name}' must lie in {allowed.text}, "
-                    f"got values in [{lo}, {hi}]"
-                )  # fmt: skip
+                    422,
+                    f"sequence {k}: '{name}' must lie in {allowed.text}, "
+                    f"got values in [{lo}, {hi}]",
+                )
 
 
 @dataclass(frozen=True)

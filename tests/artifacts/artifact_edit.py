@@ -17,9 +17,13 @@ from kernl.artifacts import pack_manifest
 from kernl.artifacts.writer import chunk_count, sha256_file, sha256_range
 
 SMALL_BERT = dict(
-    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-    vocab_size=120, max_position_embeddings=80,
-)  # fmt: skip
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    vocab_size=120,
+    max_position_embeddings=80,
+)
 
 
 def compile_small(out: Path, buckets: str = "batch=1,2 seq=8", kernels: bool = True):

@@ -113,85 +113,119 @@ HEX = "ab" * 32
 CASES = {
     "a chunk hash does not match": (
         lambda r: _edit_chunks(r, lambda e: e["sha256"].__setitem__(3, HEX)),
-        ArtifactCorruptError, rf"{W} chunk 3 \(bytes 12288\.\.16384\) does not match its sha256",
+        ArtifactCorruptError,
+        rf"{W} chunk 3 \(bytes 12288\.\.16384\) does not match its sha256",
     ),
     "a byte of the file flipped": (
         lambda r: _flip_byte(r / W, 5 * CHUNK + 17),
-        ArtifactCorruptError, rf"{W} chunk 5 \(bytes",
+        ArtifactCorruptError,
+        rf"{W} chunk 5 \(bytes",
     ),
     "a missing chunk": (
         lambda r: _edit_chunks(r, lambda e: e["sha256"].pop()),
-        ArtifactCorruptError, "chunk hashes do not cover its",
+        ArtifactCorruptError,
+        "chunk hashes do not cover its",
     ),
     "a missing chunk, size edited to match": (
-        lambda r: _edit_chunks(r, lambda e: (e["sha256"].pop(), e.__setitem__("bytes", len(e["sha256"]) * CHUNK))),
-        ArtifactCorruptError, "its chunk hashes in the manifest cover",
+        lambda r: _edit_chunks(
+            r, lambda e: (e["sha256"].pop(), e.__setitem__("bytes", len(e["sha256"]) * CHUNK))
+        ),
+        ArtifactCorruptError,
+        "its chunk hashes in the manifest cover",
     ),
     "a chunk list too long": (
         lambda r: _edit_chunks(r, lambda e: e["sha256"].append(HEX)),
-        ArtifactCorruptError, "chunk hashes do not cover its",
+        ArtifactCorruptError,
+        "chunk hashes do not cover its",
     ),
     "a chunk list over the limit": (
         lambda r: _edit_chunks(r, lambda e: e["sha256"].extend([HEX] * (1 << 16))),
-        ArtifactUnsafeError, "more than 65536 chunk hashes",
+        ArtifactUnsafeError,
+        "more than 65536 chunk hashes",
     ),
     "a non-hex chunk digest": (
         lambda r: _edit_chunks(r, lambda e: e["sha256"].__setitem__(0, "zz" * 32)),
-        ArtifactCorruptError, "sha256 of chunk 0 is not 64 hex digits",
+        ArtifactCorruptError,
+        "sha256 of chunk 0 is not 64 hex digits",
     ),
     "an upper-case chunk digest": (
         lambda r: _edit_chunks(r, lambda e: e["sha256"].__setitem__(1, e["sha256"][1].upper())),
-        ArtifactCorruptError, "sha256 of chunk 1 is not 64 hex digits",
+        ArtifactCorruptError,
+        "sha256 of chunk 1 is not 64 hex digits",
     ),
     "a chunk digest with a newline": (
         lambda r: _edit_chunks(r, lambda e: e["sha256"].__setitem__(2, e["sha256"][2] + "\n")),
-        ArtifactCorruptError, "sha256 of chunk 2 is not 64 hex digits",
+        ArtifactCorruptError,
+        "sha256 of chunk 2 is not 64 hex digits",
     ),
     "a chunk digest that is bytes": (
-        lambda r: _edit_chunks(r, lambda e: e["sha256"].__setitem__(0, bytes.fromhex(e["sha256"][0]))),
-        ArtifactCorruptError, "sha256 of chunk 0 is not 64 hex digits",
+        lambda r: _edit_chunks(
+            r, lambda e: e["sha256"].__setitem__(0, bytes.fromhex(e["sha256"][0]))
+        ),
+        ArtifactCorruptError,
+        "sha256 of chunk 0 is not 64 hex digits",
     ),
     "the file truncated by a chunk": (
         lambda r: _truncate(r, CHUNK),
-        ArtifactCorruptError, "its chunk hashes in the manifest cover",
+        ArtifactCorruptError,
+        "its chunk hashes in the manifest cover",
     ),
     "the file truncated, chunks rehashed, size kept": (
-        lambda r: (_truncate(r, 10), resign(r), _edit_chunks(r, lambda e: e.__setitem__("bytes", e["bytes"] + 10))),
-        ArtifactCorruptError, "its chunk hashes in the manifest cover",
+        lambda r: (
+            _truncate(r, 10),
+            resign(r),
+            _edit_chunks(r, lambda e: e.__setitem__("bytes", e["bytes"] + 10)),
+        ),
+        ArtifactCorruptError,
+        "its chunk hashes in the manifest cover",
     ),
     "a chunk size that is not a power of two": (
         lambda r: _edit_chunks(r, lambda e: e.__setitem__("chunk_bytes", 5000)),
-        ArtifactCorruptError, "chunk size 5000 is not a power of two",
+        ArtifactCorruptError,
+        "chunk size 5000 is not a power of two",
     ),
     "a chunk size of one byte": (
         lambda r: _edit_chunks(r, lambda e: e.__setitem__("chunk_bytes", 1)),
-        ArtifactCorruptError, "chunk size 1 is not",
+        ArtifactCorruptError,
+        "chunk size 1 is not",
     ),
     "a chunk size that is a bool": (
         lambda r: _edit_chunks(r, lambda e: e.__setitem__("chunk_bytes", True)),
-        ArtifactCorruptError, "chunk size True is not",
+        ArtifactCorruptError,
+        "chunk size True is not",
     ),
     "a negative file size": (
         lambda r: _edit_chunks(r, lambda e: e.__setitem__("bytes", -1)),
-        ArtifactCorruptError, "file size -1 is not a size",
+        ArtifactCorruptError,
+        "file size -1 is not a size",
     ),
     "an entry without its size": (
         lambda r: _edit_chunks(r, lambda e: e.pop("bytes")),
-        ArtifactCorruptError, "is not a map of",
+        ArtifactCorruptError,
+        "is not a map of",
     ),
     "an entry with an unknown key": (
         lambda r: _edit_chunks(r, lambda e: e.__setitem__("offset", 0)),
-        ArtifactCorruptError, "is not a map of",
+        ArtifactCorruptError,
+        "is not a map of",
     ),
     "chunks of a file not in the file list": (
-        lambda r: edit_manifest(r, lambda m: m["extra"]["file_chunks"].__setitem__("../x", m["extra"]["file_chunks"][W]), resign_files=False),
-        ArtifactCorruptError, "not in the file list",
+        lambda r: edit_manifest(
+            r,
+            lambda m: m["extra"]["file_chunks"].__setitem__("../x", m["extra"]["file_chunks"][W]),
+            resign_files=False,
+        ),
+        ArtifactCorruptError,
+        "not in the file list",
     ),
     "file_chunks not a map": (
-        lambda r: edit_manifest(r, lambda m: m["extra"].__setitem__("file_chunks", [W]), resign_files=False),
-        ArtifactCorruptError, "file_chunks is not a map",
+        lambda r: edit_manifest(
+            r, lambda m: m["extra"].__setitem__("file_chunks", [W]), resign_files=False
+        ),
+        ArtifactCorruptError,
+        "file_chunks is not a map",
     ),
-}  # fmt: skip
+}
 
 
 def _refused_everywhere(root: Path, error: type, what: str) -> None:

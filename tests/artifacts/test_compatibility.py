@@ -22,9 +22,14 @@ KERNEL = KernelBinary(name="k0", file="kernels/k0.cubin", function="k0", num_war
 def cuda_manifest(small_artifact):
     m = read_manifest(small_artifact)
     return dataclasses.replace(
-        m, target="cuda", gpu_name="NVIDIA H100", compute_capability="9.0",
-        torch_version="2.11.0+cu130", triton_version="3.6.0", kernels=[KERNEL],
-    )  # fmt: skip
+        m,
+        target="cuda",
+        gpu_name="NVIDIA H100",
+        compute_capability="9.0",
+        torch_version="2.11.0+cu130",
+        triton_version="3.6.0",
+        kernels=[KERNEL],
+    )
 
 
 def test_same_machine_is_accepted(cuda_manifest):
@@ -41,8 +46,9 @@ def test_same_machine_is_accepted(cuda_manifest):
         ("cuda", "9.0", "3.0.0", "3.6.0", ["torch 2.11.0+cu130", "torch 3.0.0"]),
     ],
 )
-def test_mismatch_is_refused_naming_both(cuda_manifest, device, capability, torch_version,
-                                         triton_version, fragments):  # fmt: skip
+def test_mismatch_is_refused_naming_both(
+    cuda_manifest, device, capability, torch_version, triton_version, fragments
+):
     with pytest.raises(ArtifactCompatibilityError) as info:
         check_compatibility(cuda_manifest, device, capability, torch_version, triton_version)
     for fragment in fragments:
@@ -53,8 +59,9 @@ def test_artifact_without_binaries_runs_anywhere_with_same_torch_major(cuda_mani
     aten_only = dataclasses.replace(cuda_manifest, kernels=[])
     check_compatibility(aten_only, "cpu", None, "2.13.0", "3.1.0")
     with pytest.raises(ArtifactCompatibilityError, match="torch 1.13.0"):
-        check_compatibility(dataclasses.replace(aten_only, torch_version="1.13.0"), "cpu", None,
-                            "2.13.0", "3.6.0")  # fmt: skip
+        check_compatibility(
+            dataclasses.replace(aten_only, torch_version="1.13.0"), "cpu", None, "2.13.0", "3.6.0"
+        )
 
 
 def test_load_refuses_binaries_for_a_gpu_on_the_cpu(small_artifact, tmp_path):

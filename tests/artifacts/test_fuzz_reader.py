@@ -33,9 +33,12 @@ from kernl.artifacts import ArtifactError, pack_manifest, read_manifest, verify_
 from kernl.artifacts.schema import MANIFEST_CHECKSUM_KEY
 
 FUZZ = settings(
-    max_examples=200, deadline=None, derandomize=True, database=None,
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)  # fmt: skip
+)
 
 
 @pytest.fixture(scope="module")
@@ -108,11 +111,15 @@ def test_raw_mutation_is_refused_or_harmless(work, which, mutation):
 
 
 leaf = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1),
-    st.floats(allow_nan=True), st.text(max_size=12), st.binary(max_size=8),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+    st.binary(max_size=8),
     st.sampled_from(["float32", "int64", "aten.add.Tensor", "kernl.linear", "../x", "/etc/passwd"]),
     st.sampled_from([0, 1, -1, 2, 7, 1 << 20, 1 << 40]),
-)  # fmt: skip
+)
 value = st.recursive(
     leaf,
     lambda inner: (
@@ -141,12 +148,19 @@ def _locations(node: Any, skip: str = "") -> list[tuple[Any, Any]]:
 
 
 json_value = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(min_value=-(1 << 64), max_value=1 << 64),
-              st.floats(allow_nan=False), st.text(max_size=12),
-              st.sampled_from(["F32", "I64", "BOOL", "F128"])),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(1 << 64), max_value=1 << 64),
+        st.floats(allow_nan=False),
+        st.text(max_size=12),
+        st.sampled_from(["F32", "I64", "BOOL", "F128"]),
+    ),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
     max_leaves=6,
-)  # fmt: skip
+)
 
 
 def _edit(tree: Any, data, skip: str = "", values=value) -> None:
@@ -212,13 +226,30 @@ def test_resigned_causal_lm_description_edit_raises_only_artifact_errors(gen_wor
 # Ops an inserted instruction may call, with plausible arguments: what a crafted program can
 # ask of the runtime within the vocabulary.
 FUZZ_OPS = [
-    "aten.add.Tensor", "aten.mul.Tensor", "aten.embedding.default", "aten.index_select.default",
-    "aten.gather.default", "aten.full.default", "aten.expand.default", "aten.view.default",
-    "aten.as_strided.default", "aten.fill_.Scalar", "aten.empty.memory_format",
-    "aten.slice.Tensor", "aten.cumsum.default", "aten.arange.default", "aten.cat.default",
-    "aten.index.Tensor", "aten.select.int", "aten.repeat.default", "aten.matmul.default",
-    "aten.new_empty.default", "aten.to.dtype", "aten.remainder.Scalar", "aten.clamp.default",
-]  # fmt: skip
+    "aten.add.Tensor",
+    "aten.mul.Tensor",
+    "aten.embedding.default",
+    "aten.index_select.default",
+    "aten.gather.default",
+    "aten.full.default",
+    "aten.expand.default",
+    "aten.view.default",
+    "aten.as_strided.default",
+    "aten.fill_.Scalar",
+    "aten.empty.memory_format",
+    "aten.slice.Tensor",
+    "aten.cumsum.default",
+    "aten.arange.default",
+    "aten.cat.default",
+    "aten.index.Tensor",
+    "aten.select.int",
+    "aten.repeat.default",
+    "aten.matmul.default",
+    "aten.new_empty.default",
+    "aten.to.dtype",
+    "aten.remainder.Scalar",
+    "aten.clamp.default",
+]
 
 
 @FUZZ
@@ -235,8 +266,13 @@ def test_an_inserted_instruction_is_refused_or_runs(work, data):
     known = [*p["inputs"].values(), *(int(k) for k in p["weights"])]
     ref = st.sampled_from(known).map(lambda v: {"v": v})
     small = st.integers(min_value=-3, max_value=130)
-    arg = st.one_of(ref, small, st.floats(-4, 4), st.lists(st.one_of(small, ref), max_size=3),
-                    st.sampled_from([{"dtype": "int64"}, {"dtype": "float32"}, 1 << 40]))  # fmt: skip
+    arg = st.one_of(
+        ref,
+        small,
+        st.floats(-4, 4),
+        st.lists(st.one_of(small, ref), max_size=3),
+        st.sampled_from([{"dtype": "int64"}, {"dtype": "float32"}, 1 << 40]),
+    )
     op = data.draw(st.sampled_from(FUZZ_OPS))
     args = data.draw(st.lists(arg, min_size=1, max_size=4))
     returned = data.draw(st.booleans())

@@ -254,94 +254,457 @@ def _op_with_newline(root: Path) -> None:
 GIB = 1 << 30
 CASES = {
     # payloads that are not what the format says
-    "pickle manifest": Case(lambda r, o: _replace(r, M, pickle.dumps({"format_version": 1}), rehash=False), ArtifactUnsafeError, "pickle", M),
-    "pickle program": Case(lambda r, o: _replace(r, first_program(r), pickle.dumps([1, 2])), ArtifactUnsafeError, "pickle", "b1_s8"),
-    "torch.save weights": Case(lambda r, o: torch.save({"w": torch.zeros(2)}, r / W) or resign(r), ArtifactUnsafeError, "pickle", W),
-    "msgpack extension type": Case(lambda r, o: _msgpack_ext(r), ArtifactCorruptError, "extension type", "b1_s8"),
-    "manifest not a map": Case(lambda r, o: _replace(r, M, msgpack.packb([1, 2, 3]), rehash=False), ArtifactCorruptError, "not a map", M),
+    "pickle manifest": Case(
+        lambda r, o: _replace(r, M, pickle.dumps({"format_version": 1}), rehash=False),
+        ArtifactUnsafeError,
+        "pickle",
+        M,
+    ),
+    "pickle program": Case(
+        lambda r, o: _replace(r, first_program(r), pickle.dumps([1, 2])),
+        ArtifactUnsafeError,
+        "pickle",
+        "b1_s8",
+    ),
+    "torch.save weights": Case(
+        lambda r, o: torch.save({"w": torch.zeros(2)}, r / W) or resign(r),
+        ArtifactUnsafeError,
+        "pickle",
+        W,
+    ),
+    "msgpack extension type": Case(
+        lambda r, o: _msgpack_ext(r), ArtifactCorruptError, "extension type", "b1_s8"
+    ),
+    "manifest not a map": Case(
+        lambda r, o: _replace(r, M, msgpack.packb([1, 2, 3]), rehash=False),
+        ArtifactCorruptError,
+        "not a map",
+        M,
+    ),
     # safetensors headers that lie
-    "weights header length huge": Case(lambda r, o: _replace(r, W, (1 << 60).to_bytes(8, "little") + b"{}"), ArtifactCorruptError, "header length", W),
-    "weights tensor of a terabyte": Case(lambda r, o: _huge_tensor_header(r, shape=[1 << 20, 1 << 20]), ArtifactCorruptError, "impossible header entry", W),
-    "weights offsets past the file": Case(lambda r, o: _huge_tensor_header(r, offsets=[0, 4 << 40]), ArtifactCorruptError, "impossible header entry", W),
-    "weights unknown dtype": Case(lambda r, o: _huge_tensor_header(r, dtype="F128"), ArtifactCorruptError, "impossible header entry", W),
+    "weights header length huge": Case(
+        lambda r, o: _replace(r, W, (1 << 60).to_bytes(8, "little") + b"{}"),
+        ArtifactCorruptError,
+        "header length",
+        W,
+    ),
+    "weights tensor of a terabyte": Case(
+        lambda r, o: _huge_tensor_header(r, shape=[1 << 20, 1 << 20]),
+        ArtifactCorruptError,
+        "impossible header entry",
+        W,
+    ),
+    "weights offsets past the file": Case(
+        lambda r, o: _huge_tensor_header(r, offsets=[0, 4 << 40]),
+        ArtifactCorruptError,
+        "impossible header entry",
+        W,
+    ),
+    "weights unknown dtype": Case(
+        lambda r, o: _huge_tensor_header(r, dtype="F128"),
+        ArtifactCorruptError,
+        "impossible header entry",
+        W,
+    ),
     # truncation and bit rot
-    "weights truncated": Case(lambda r, o: _truncate(r, W, 0.5, rehash=False), ArtifactCorruptError, "sha256", W),
-    "weights truncated, rehashed": Case(lambda r, o: _truncate(r, W, 0.5, rehash=True), ArtifactCorruptError, "impossible header entry", W),
-    "weights truncated to 3 bytes": Case(lambda r, o: _truncate(r, W, 0.00001, rehash=True), ArtifactCorruptError, "truncated", W),
-    "manifest truncated": Case(lambda r, o: _truncate(r, M, 0.6, rehash=False), ArtifactCorruptError, "msgpack", M),
-    "program truncated, rehashed": Case(lambda r, o: _truncate(r, first_program(r), 0.7, rehash=True), ArtifactCorruptError, "msgpack", "b1_s8"),
+    "weights truncated": Case(
+        lambda r, o: _truncate(r, W, 0.5, rehash=False), ArtifactCorruptError, "sha256", W
+    ),
+    "weights truncated, rehashed": Case(
+        lambda r, o: _truncate(r, W, 0.5, rehash=True),
+        ArtifactCorruptError,
+        "impossible header entry",
+        W,
+    ),
+    "weights truncated to 3 bytes": Case(
+        lambda r, o: _truncate(r, W, 0.00001, rehash=True), ArtifactCorruptError, "truncated", W
+    ),
+    "manifest truncated": Case(
+        lambda r, o: _truncate(r, M, 0.6, rehash=False), ArtifactCorruptError, "msgpack", M
+    ),
+    "program truncated, rehashed": Case(
+        lambda r, o: _truncate(r, first_program(r), 0.7, rehash=True),
+        ArtifactCorruptError,
+        "msgpack",
+        "b1_s8",
+    ),
     "weights bit flip": Case(lambda r, o: _flip_bit(r, W, 5000), ArtifactCorruptError, "sha256", W),
-    "program bit flip": Case(lambda r, o: _flip_bit(r, first_program(r), 300), ArtifactCorruptError, "sha256", "b1_s8"),
-    "manifest bit flip": Case(lambda r, o: _flip_bit(r, M, (r / M).read_bytes().index(b"bert") + 1), ArtifactCorruptError, "checksum", M),
-    "manifest without checksum": Case(lambda r, o: _replace(r, M, msgpack.packb({**msgpack.unpackb((r / M).read_bytes(), strict_map_key=False), "extra": {}}), rehash=False), ArtifactCorruptError, "no checksum", M),
-    "manifest hash does not match": Case(lambda r, o: edit_manifest(r, lambda m: m["files"].__setitem__(W, "ab" * 32)), ArtifactCorruptError, "does not match its sha256", W),
+    "program bit flip": Case(
+        lambda r, o: _flip_bit(r, first_program(r), 300), ArtifactCorruptError, "sha256", "b1_s8"
+    ),
+    "manifest bit flip": Case(
+        lambda r, o: _flip_bit(r, M, (r / M).read_bytes().index(b"bert") + 1),
+        ArtifactCorruptError,
+        "checksum",
+        M,
+    ),
+    "manifest without checksum": Case(
+        lambda r, o: _replace(
+            r,
+            M,
+            msgpack.packb(
+                {**msgpack.unpackb((r / M).read_bytes(), strict_map_key=False), "extra": {}}
+            ),
+            rehash=False,
+        ),
+        ArtifactCorruptError,
+        "no checksum",
+        M,
+    ),
+    "manifest hash does not match": Case(
+        lambda r, o: edit_manifest(r, lambda m: m["files"].__setitem__(W, "ab" * 32)),
+        ArtifactCorruptError,
+        "does not match its sha256",
+        W,
+    ),
     # code and names an artifact must not be able to reach
-    "op outside the vocabulary": Case(lambda r, o: _append_instruction(r, ["aten.system.default", ["id"], {}, []]), ArtifactUnsafeError, "vocabulary", "b1_s8"),
-    "python name as op": Case(lambda r, o: _append_instruction(r, ["os.system", ["id"], {}, []]), ArtifactUnsafeError, "not a kernl or aten op name", "b1_s8"),
-    "unknown kernl op": Case(lambda r, o: _append_instruction(r, ["kernl.eval", ["1"], {}, []]), ArtifactUnsafeError, "kernl.eval", "b1_s8"),
-    "dtype naming a torch function": Case(lambda r, o: edit_manifest(r, lambda m: m["inputs"][0].__setitem__("dtype", "load")), ArtifactCorruptError, "dtype 'load'", M),
-    "unknown argument tag": Case(lambda r, o: _append_instruction(r, ["aten.zeros.default", [[2]], {"dtype": {"import": "os"}}, []]), ArtifactCorruptError, "unknown argument tag", "b1_s8"),
+    "op outside the vocabulary": Case(
+        lambda r, o: _append_instruction(r, ["aten.system.default", ["id"], {}, []]),
+        ArtifactUnsafeError,
+        "vocabulary",
+        "b1_s8",
+    ),
+    "python name as op": Case(
+        lambda r, o: _append_instruction(r, ["os.system", ["id"], {}, []]),
+        ArtifactUnsafeError,
+        "not a kernl or aten op name",
+        "b1_s8",
+    ),
+    "unknown kernl op": Case(
+        lambda r, o: _append_instruction(r, ["kernl.eval", ["1"], {}, []]),
+        ArtifactUnsafeError,
+        "kernl.eval",
+        "b1_s8",
+    ),
+    "dtype naming a torch function": Case(
+        lambda r, o: edit_manifest(r, lambda m: m["inputs"][0].__setitem__("dtype", "load")),
+        ArtifactCorruptError,
+        "dtype 'load'",
+        M,
+    ),
+    "unknown argument tag": Case(
+        lambda r, o: _append_instruction(
+            r, ["aten.zeros.default", [[2]], {"dtype": {"import": "os"}}, []]
+        ),
+        ArtifactCorruptError,
+        "unknown argument tag",
+        "b1_s8",
+    ),
     # paths leaving the folder
-    "program path with ..": Case(lambda r, o: _set_program_path(r, "../outside.msgpack"), ArtifactUnsafeError, "unsafe program path", M),
-    "absolute file path": Case(lambda r, o: _add_file_entry(r, "/etc/passwd"), ArtifactUnsafeError, "unsafe path '/etc/passwd'", M),
-    "kernel binary path with ..": Case(lambda r, o: edit_manifest(r, lambda m: m["kernels"].append(dict(name="k", file="kernels/../../k.cubin", function="f", num_warps=4, shared_mem=0, meta={}))), ArtifactUnsafeError, "unsafe path", M),
-    "program symlinked outside": Case(lambda r, o: _symlink_out(r, o, first_program(r)), ArtifactUnsafeError, "symbolic link", "b1_s8"),
-    "weights symlinked outside": Case(lambda r, o: _symlink_out(r, o, W), ArtifactUnsafeError, "symbolic link", W),
-    "manifest symlinked outside": Case(lambda r, o: _symlink_out(r, o, M), ArtifactUnsafeError, "symbolic link", M),
-    "programs folder symlinked outside": Case(lambda r, o: _symlink_programs_dir(r, o), ArtifactUnsafeError, "symbolic link", "programs"),
-    "program is a FIFO": Case(lambda r, o: (os.unlink(r / first_program(r)), os.mkfifo(r / first_program(r))), ArtifactUnsafeError, "not a regular file", "b1_s8"),
+    "program path with ..": Case(
+        lambda r, o: _set_program_path(r, "../outside.msgpack"),
+        ArtifactUnsafeError,
+        "unsafe program path",
+        M,
+    ),
+    "absolute file path": Case(
+        lambda r, o: _add_file_entry(r, "/etc/passwd"),
+        ArtifactUnsafeError,
+        "unsafe path '/etc/passwd'",
+        M,
+    ),
+    "kernel binary path with ..": Case(
+        lambda r, o: edit_manifest(
+            r,
+            lambda m: m["kernels"].append(
+                dict(
+                    name="k",
+                    file="kernels/../../k.cubin",
+                    function="f",
+                    num_warps=4,
+                    shared_mem=0,
+                    meta={},
+                )
+            ),
+        ),
+        ArtifactUnsafeError,
+        "unsafe path",
+        M,
+    ),
+    "program symlinked outside": Case(
+        lambda r, o: _symlink_out(r, o, first_program(r)),
+        ArtifactUnsafeError,
+        "symbolic link",
+        "b1_s8",
+    ),
+    "weights symlinked outside": Case(
+        lambda r, o: _symlink_out(r, o, W), ArtifactUnsafeError, "symbolic link", W
+    ),
+    "manifest symlinked outside": Case(
+        lambda r, o: _symlink_out(r, o, M), ArtifactUnsafeError, "symbolic link", M
+    ),
+    "programs folder symlinked outside": Case(
+        lambda r, o: _symlink_programs_dir(r, o), ArtifactUnsafeError, "symbolic link", "programs"
+    ),
+    "program is a FIFO": Case(
+        lambda r, o: (os.unlink(r / first_program(r)), os.mkfifo(r / first_program(r))),
+        ArtifactUnsafeError,
+        "not a regular file",
+        "b1_s8",
+    ),
     # sizes that would allocate terabytes
-    "aten.full of a terabyte": Case(lambda r, o: _append_instruction(r, ["aten.full.default", [[1 << 20, 1 << 20], 0.0], {}, []]), ArtifactUnsafeError, "asks for a tensor", "b1_s8"),
-    "aten.empty of a terabyte": Case(lambda r, o: _append_instruction(r, ["aten.empty.memory_format", [[GIB, GIB]], {"dtype": {"dtype": "float32"}}, []]), ArtifactUnsafeError, "asks for a tensor", "b1_s8"),
-    "aten.arange of a terabyte": Case(lambda r, o: _append_instruction(r, ["aten.arange.default", [1 << 42], {}, []]), ArtifactUnsafeError, "asks for a tensor", "b1_s8"),
-    "value shape of a terabyte": Case(lambda r, o: edit_program(r, first_program(r), lambda p: p["meta"]["values"].__setitem__(0, [[1 << 21, 1 << 21], "float32"])), ArtifactUnsafeError, "elements", "b1_s8"),
-    "bucket of a billion tokens": Case(lambda r, o: edit_manifest(r, lambda m: m["buckets"][0].__setitem__("bucket", {"batch": 1 << 12, "seq": 1 << 18})), ArtifactUnsafeError, "tokens", M),
+    "aten.full of a terabyte": Case(
+        lambda r, o: _append_instruction(
+            r, ["aten.full.default", [[1 << 20, 1 << 20], 0.0], {}, []]
+        ),
+        ArtifactUnsafeError,
+        "asks for a tensor",
+        "b1_s8",
+    ),
+    "aten.empty of a terabyte": Case(
+        lambda r, o: _append_instruction(
+            r, ["aten.empty.memory_format", [[GIB, GIB]], {"dtype": {"dtype": "float32"}}, []]
+        ),
+        ArtifactUnsafeError,
+        "asks for a tensor",
+        "b1_s8",
+    ),
+    "aten.arange of a terabyte": Case(
+        lambda r, o: _append_instruction(r, ["aten.arange.default", [1 << 42], {}, []]),
+        ArtifactUnsafeError,
+        "asks for a tensor",
+        "b1_s8",
+    ),
+    "value shape of a terabyte": Case(
+        lambda r, o: edit_program(
+            r,
+            first_program(r),
+            lambda p: p["meta"]["values"].__setitem__(0, [[1 << 21, 1 << 21], "float32"]),
+        ),
+        ArtifactUnsafeError,
+        "elements",
+        "b1_s8",
+    ),
+    "bucket of a billion tokens": Case(
+        lambda r, o: edit_manifest(
+            r, lambda m: m["buckets"][0].__setitem__("bucket", {"batch": 1 << 12, "seq": 1 << 18})
+        ),
+        ArtifactUnsafeError,
+        "tokens",
+        M,
+    ),
     # versions and structure
-    "future format version": Case(lambda r, o: edit_manifest(r, lambda m: m.__setitem__("format_version", 2)), ArtifactVersionError, "format version 2", M),
-    "unknown manifest field": Case(lambda r, o: edit_manifest(r, lambda m: m.__setitem__("run_on_load", "id")), ArtifactCorruptError, "malformed manifest", M),
-    "programs swapped between buckets": Case(lambda r, o: _swap_programs(r), ArtifactCorruptError, "is for bucket", "b1_s8"),
-    "weight absent from the weights": Case(lambda r, o: _rename_weight(r), ArtifactUnsafeError, "no.such.weight", "b1_s8"),
-    "value read before it is defined": Case(lambda r, o: _read_before_defined(r), ArtifactCorruptError, "before it is defined", "b1_s8"),
+    "future format version": Case(
+        lambda r, o: edit_manifest(r, lambda m: m.__setitem__("format_version", 2)),
+        ArtifactVersionError,
+        "format version 2",
+        M,
+    ),
+    "unknown manifest field": Case(
+        lambda r, o: edit_manifest(r, lambda m: m.__setitem__("run_on_load", "id")),
+        ArtifactCorruptError,
+        "malformed manifest",
+        M,
+    ),
+    "programs swapped between buckets": Case(
+        lambda r, o: _swap_programs(r), ArtifactCorruptError, "is for bucket", "b1_s8"
+    ),
+    "weight absent from the weights": Case(
+        lambda r, o: _rename_weight(r), ArtifactUnsafeError, "no.such.weight", "b1_s8"
+    ),
+    "value read before it is defined": Case(
+        lambda r, o: _read_before_defined(r), ArtifactCorruptError, "before it is defined", "b1_s8"
+    ),
     # missing pieces
     "missing manifest": Case(lambda r, o: os.unlink(r / M), ArtifactMissingError, "missing", M),
     "missing weights": Case(lambda r, o: os.unlink(r / W), ArtifactMissingError, "missing", W),
-    "missing program": Case(lambda r, o: os.unlink(r / first_program(r)), ArtifactMissingError, "missing", "b1_s8"),
-    "program without a hash": Case(lambda r, o: edit_manifest(r, lambda m: m["files"].pop(m["buckets"][0]["program"])), ArtifactUnsafeError, "no hash", "b1_s8"),
+    "missing program": Case(
+        lambda r, o: os.unlink(r / first_program(r)), ArtifactMissingError, "missing", "b1_s8"
+    ),
+    "program without a hash": Case(
+        lambda r, o: edit_manifest(r, lambda m: m["files"].pop(m["buckets"][0]["program"])),
+        ArtifactUnsafeError,
+        "no hash",
+        "b1_s8",
+    ),
     # weights that do not match the programs (issue 12)
-    "position_ids filled with 1e9": Case(lambda r, o: _fill_weight(r, POSITIONS, 10**9), ArtifactUnsafeError, "reach [1000000000, 1000000000]", "b1_s8"),
-    "position_ids negative": Case(lambda r, o: _fill_weight(r, POSITIONS, -1), ArtifactUnsafeError, "out of range", "b1_s8"),
-    "word embeddings cut to 10 rows": Case(lambda r, o: _cut_rows(r, WORD, 10), ArtifactCorruptError, "compiled for float32 [120, 64]", "b1_s8"),
-    "weight of another dtype": Case(lambda r, o: edit_weights(r, lambda t: t.__setitem__(LN_W, t[LN_W].half())), ArtifactCorruptError, "float16 [64] in the weights file", "b1_s8"),
-    "vocab_size larger than the embedding": Case(lambda r, o: _set_config(r, "vocab_size", 1000), ArtifactUnsafeError, "vocab_size=1000", "b1_s8"),
-    "type_vocab_size larger than its table": Case(lambda r, o: _set_config(r, "type_vocab_size", 7), ArtifactUnsafeError, "type_vocab_size=7", "b1_s8"),
-    "vocab_size missing": Case(lambda r, o: edit_manifest(r, lambda m: m["model_config"].pop("vocab_size")), ArtifactUnsafeError, "vocab_size is missing", "b1_s8"),
-    "input_ids pad value outside the vocabulary": Case(lambda r, o: edit_manifest(r, lambda m: m["inputs"][0].__setitem__("pad_value", 5000)), ArtifactUnsafeError, "padded with 5000", "b1_s8"),
-    "gather with a computed index": Case(lambda r, o: _instructions(r, ["aten.mul.Tensor", ["@input_ids", "@input_ids"], {}], ["aten.embedding.default", ["@" + WORD, "$0"], {}]), ArtifactUnsafeError, "reach [0, 14161]", "b1_s8"),
-    "as_strided past its storage": Case(lambda r, o: _instructions(r, ["aten.as_strided.default", ["@" + LN_W, [64], [2]], {}]), ArtifactUnsafeError, "out of bounds", "b1_s8"),
+    "position_ids filled with 1e9": Case(
+        lambda r, o: _fill_weight(r, POSITIONS, 10**9),
+        ArtifactUnsafeError,
+        "reach [1000000000, 1000000000]",
+        "b1_s8",
+    ),
+    "position_ids negative": Case(
+        lambda r, o: _fill_weight(r, POSITIONS, -1), ArtifactUnsafeError, "out of range", "b1_s8"
+    ),
+    "word embeddings cut to 10 rows": Case(
+        lambda r, o: _cut_rows(r, WORD, 10),
+        ArtifactCorruptError,
+        "compiled for float32 [120, 64]",
+        "b1_s8",
+    ),
+    "weight of another dtype": Case(
+        lambda r, o: edit_weights(r, lambda t: t.__setitem__(LN_W, t[LN_W].half())),
+        ArtifactCorruptError,
+        "float16 [64] in the weights file",
+        "b1_s8",
+    ),
+    "vocab_size larger than the embedding": Case(
+        lambda r, o: _set_config(r, "vocab_size", 1000),
+        ArtifactUnsafeError,
+        "vocab_size=1000",
+        "b1_s8",
+    ),
+    "type_vocab_size larger than its table": Case(
+        lambda r, o: _set_config(r, "type_vocab_size", 7),
+        ArtifactUnsafeError,
+        "type_vocab_size=7",
+        "b1_s8",
+    ),
+    "vocab_size missing": Case(
+        lambda r, o: edit_manifest(r, lambda m: m["model_config"].pop("vocab_size")),
+        ArtifactUnsafeError,
+        "vocab_size is missing",
+        "b1_s8",
+    ),
+    "input_ids pad value outside the vocabulary": Case(
+        lambda r, o: edit_manifest(r, lambda m: m["inputs"][0].__setitem__("pad_value", 5000)),
+        ArtifactUnsafeError,
+        "padded with 5000",
+        "b1_s8",
+    ),
+    "gather with a computed index": Case(
+        lambda r, o: _instructions(
+            r,
+            ["aten.mul.Tensor", ["@input_ids", "@input_ids"], {}],
+            ["aten.embedding.default", ["@" + WORD, "$0"], {}],
+        ),
+        ArtifactUnsafeError,
+        "reach [0, 14161]",
+        "b1_s8",
+    ),
+    "as_strided past its storage": Case(
+        lambda r, o: _instructions(r, ["aten.as_strided.default", ["@" + LN_W, [64], [2]], {}]),
+        ArtifactUnsafeError,
+        "out of bounds",
+        "b1_s8",
+    ),
     # unbounded totals
-    "aten.full with a computed size": Case(lambda r, o: _instructions(r, ["aten.full.default", [["@input_ids", 2], 0.0], {}]), ArtifactUnsafeError, "size from a computed value", "b1_s8"),
-    "aten.arange with a computed end": Case(lambda r, o: _instructions(r, ["aten.arange.default", ["@input_ids"], {}]), ArtifactUnsafeError, "range from a computed value", "b1_s8"),
-    "broadcast to 4 TiB": Case(lambda r, o: _instructions(r, ["aten.full.default", [[1 << 20, 1], 0.0], {}], ["aten.full.default", [[1, 1 << 20], 0.0], {}], ["aten.add.Tensor", ["$0", "$1"], {}]), ArtifactUnsafeError, "makes a tensor of shape [1048576, 1048576]", "b1_s8"),
-    "400 legal 4 GiB tensors": Case(lambda r, o: _instructions(r, *[["aten.full.default", [[GIB], 0.0], {}]] * 400), ArtifactUnsafeError, "1.6 TiB", M),
-    "3,000 buckets": Case(lambda r, o: _many_buckets(r, 3000), ArtifactUnsafeError, "3000 buckets", M),
-    "140,000 instructions": Case(lambda r, o: _too_many_instructions(r), ArtifactCorruptError, "140067 instructions", "b1_s8"),
+    "aten.full with a computed size": Case(
+        lambda r, o: _instructions(r, ["aten.full.default", [["@input_ids", 2], 0.0], {}]),
+        ArtifactUnsafeError,
+        "size from a computed value",
+        "b1_s8",
+    ),
+    "aten.arange with a computed end": Case(
+        lambda r, o: _instructions(r, ["aten.arange.default", ["@input_ids"], {}]),
+        ArtifactUnsafeError,
+        "range from a computed value",
+        "b1_s8",
+    ),
+    "broadcast to 4 TiB": Case(
+        lambda r, o: _instructions(
+            r,
+            ["aten.full.default", [[1 << 20, 1], 0.0], {}],
+            ["aten.full.default", [[1, 1 << 20], 0.0], {}],
+            ["aten.add.Tensor", ["$0", "$1"], {}],
+        ),
+        ArtifactUnsafeError,
+        "makes a tensor of shape [1048576, 1048576]",
+        "b1_s8",
+    ),
+    "400 legal 4 GiB tensors": Case(
+        lambda r, o: _instructions(r, *[["aten.full.default", [[GIB], 0.0], {}]] * 400),
+        ArtifactUnsafeError,
+        "1.6 TiB",
+        M,
+    ),
+    "3,000 buckets": Case(
+        lambda r, o: _many_buckets(r, 3000), ArtifactUnsafeError, "3000 buckets", M
+    ),
+    "140,000 instructions": Case(
+        lambda r, o: _too_many_instructions(r), ArtifactCorruptError, "140067 instructions", "b1_s8"
+    ),
     # programs that write weights or inputs, or return uninitialised memory
-    "aten.fill_ on a weight": Case(lambda r, o: _instructions(r, ["aten.fill_.Scalar", ["@" + LN_W, 0.0], {}]), ArtifactUnsafeError, "writes weight 'model.embeddings.LayerNorm.weight' in place", "b1_s8"),
-    "aten.fill_ through a view of a weight": Case(lambda r, o: _instructions(r, ["aten.slice.Tensor", ["@" + WORD, 0, 0, 2], {}], ["aten.fill_.Scalar", ["$0", 0.0], {}]), ArtifactUnsafeError, "writes weight", "b1_s8"),
-    "aten.fill_ on an input": Case(lambda r, o: _instructions(r, ["aten.fill_.Scalar", ["@input_ids", 0], {}]), ArtifactUnsafeError, "writes input 'input_ids'", "b1_s8"),
-    "aten.copy_ (outside the vocabulary)": Case(lambda r, o: _instructions(r, ["aten.copy_.default", ["@input_ids", "@input_ids"], {}]), ArtifactUnsafeError, "outside the vocabulary", "b1_s8"),
-    "out= into a weight": Case(lambda r, o: _instructions(r, ["aten.add.out", ["@" + LN_W, "@" + LN_W], {"out": "@" + LN_W}]), ArtifactUnsafeError, "writes weight", "b1_s8"),
-    "aten.empty returned": Case(lambda r, o: _return_new_value(r, ["aten.empty.memory_format", [[1, 8, 64]], {"dtype": {"dtype": "float32"}}]), ArtifactUnsafeError, "uninitialised memory", "b1_s8"),
-    "aten.empty computed on and returned": Case(lambda r, o: _return_new_value(r, ["aten.empty.memory_format", [[1, 8, 64]], {"dtype": {"dtype": "float32"}}], ["aten.mul.Tensor", ["$0", 2.0], {}]), ArtifactUnsafeError, "uninitialised memory", "b1_s8"),
-    "output of the wrong shape": Case(lambda r, o: _return_new_value(r, ["aten.zeros.default", [[3]], {}]), ArtifactCorruptError, "slices axis 0 as the batch", "b1_s8"),
+    "aten.fill_ on a weight": Case(
+        lambda r, o: _instructions(r, ["aten.fill_.Scalar", ["@" + LN_W, 0.0], {}]),
+        ArtifactUnsafeError,
+        "writes weight 'model.embeddings.LayerNorm.weight' in place",
+        "b1_s8",
+    ),
+    "aten.fill_ through a view of a weight": Case(
+        lambda r, o: _instructions(
+            r,
+            ["aten.slice.Tensor", ["@" + WORD, 0, 0, 2], {}],
+            ["aten.fill_.Scalar", ["$0", 0.0], {}],
+        ),
+        ArtifactUnsafeError,
+        "writes weight",
+        "b1_s8",
+    ),
+    "aten.fill_ on an input": Case(
+        lambda r, o: _instructions(r, ["aten.fill_.Scalar", ["@input_ids", 0], {}]),
+        ArtifactUnsafeError,
+        "writes input 'input_ids'",
+        "b1_s8",
+    ),
+    "aten.copy_ (outside the vocabulary)": Case(
+        lambda r, o: _instructions(r, ["aten.copy_.default", ["@input_ids", "@input_ids"], {}]),
+        ArtifactUnsafeError,
+        "outside the vocabulary",
+        "b1_s8",
+    ),
+    "out= into a weight": Case(
+        lambda r, o: _instructions(
+            r, ["aten.add.out", ["@" + LN_W, "@" + LN_W], {"out": "@" + LN_W}]
+        ),
+        ArtifactUnsafeError,
+        "writes weight",
+        "b1_s8",
+    ),
+    "aten.empty returned": Case(
+        lambda r, o: _return_new_value(
+            r, ["aten.empty.memory_format", [[1, 8, 64]], {"dtype": {"dtype": "float32"}}]
+        ),
+        ArtifactUnsafeError,
+        "uninitialised memory",
+        "b1_s8",
+    ),
+    "aten.empty computed on and returned": Case(
+        lambda r, o: _return_new_value(
+            r,
+            ["aten.empty.memory_format", [[1, 8, 64]], {"dtype": {"dtype": "float32"}}],
+            ["aten.mul.Tensor", ["$0", 2.0], {}],
+        ),
+        ArtifactUnsafeError,
+        "uninitialised memory",
+        "b1_s8",
+    ),
+    "output of the wrong shape": Case(
+        lambda r, o: _return_new_value(r, ["aten.zeros.default", [[3]], {}]),
+        ArtifactCorruptError,
+        "slices axis 0 as the batch",
+        "b1_s8",
+    ),
     # safetensors that safetensors itself refuses
-    "weights with overlapping offsets": Case(lambda r, o: _overlapping_weights(r), ArtifactCorruptError, "overlaps", W),
-    "weights metadata not strings": Case(lambda r, o: _safetensors_metadata(r, {"format": 1}), ArtifactCorruptError, "map of strings to strings", W),
-    "weights with trailing bytes": Case(lambda r, o: _trailing_bytes(r), ArtifactCorruptError, "trailing bytes", W),
+    "weights with overlapping offsets": Case(
+        lambda r, o: _overlapping_weights(r), ArtifactCorruptError, "overlaps", W
+    ),
+    "weights metadata not strings": Case(
+        lambda r, o: _safetensors_metadata(r, {"format": 1}),
+        ArtifactCorruptError,
+        "map of strings to strings",
+        W,
+    ),
+    "weights with trailing bytes": Case(
+        lambda r, o: _trailing_bytes(r), ArtifactCorruptError, "trailing bytes", W
+    ),
     # names matched with re.match("...$") accepted a trailing newline
-    "op name with a trailing newline": Case(lambda r, o: _op_with_newline(r), ArtifactUnsafeError, "not a kernl or aten op name", "b1_s8"),
-    "input name with a trailing newline": Case(lambda r, o: edit_manifest(r, lambda m: m["inputs"][1].__setitem__("name", "attention_mask\n")), ArtifactCorruptError, "is not an identifier", M),
-}  # fmt: skip
+    "op name with a trailing newline": Case(
+        lambda r, o: _op_with_newline(r),
+        ArtifactUnsafeError,
+        "not a kernl or aten op name",
+        "b1_s8",
+    ),
+    "input name with a trailing newline": Case(
+        lambda r, o: edit_manifest(
+            r, lambda m: m["inputs"][1].__setitem__("name", "attention_mask\n")
+        ),
+        ArtifactCorruptError,
+        "is not an identifier",
+        M,
+    ),
+}
 
 
 def _decoder(**fields):
@@ -363,26 +726,95 @@ def _gen_program_with_instructions(root: Path) -> None:
 # A causal-LM artifact is described by manifest.extra (decoder, buckets, decode kernels) and
 # its weights under kernl's names; the runtime's decoder reads both.
 GEN_CASES = {
-    "batches=[-1]": Case(_gen_buckets(batches=[-1]), ArtifactCorruptError, "generation_buckets.batches is [-1]", M),
-    "a string where a number goes": Case(_decoder(hidden_size="64"), ArtifactCorruptError, "decoder.hidden_size is '64'", M),
-    "a float where an integer goes": Case(_decoder(num_layers=2.0), ArtifactCorruptError, "decoder.num_layers is 2.0", M),
-    "an unknown activation": Case(_decoder(activation="swish2"), ArtifactCorruptError, "decoder.activation is 'swish2'", M),
-    "an unknown family": Case(_decoder(family="os.system"), ArtifactCorruptError, "decoder.family", M),
-    "a missing layer weight": Case(lambda r, o: _drop_weight(r, "layers.1.o.weight"), ArtifactCorruptError, "'layers.1.o.weight', absent", M),
-    "an unexpected weight": Case(lambda r, o: edit_weights(r, lambda t: t.__setitem__("layers.0.extra.weight", t["layers.0.o.bias"].clone())), ArtifactCorruptError, "not part of the causal-LM description", M),
-    "embedding cut to 10 rows": Case(lambda r, o: _cut_rows(r, "embed.weight", 10), ArtifactCorruptError, "'embed.weight' is float32 [10, 64]", M),
-    "vocab_size larger than the embedding": Case(_decoder(vocab_size=1000), ArtifactCorruptError, "needs float32 [1000, 64]", M),
-    "pad id outside the vocabulary": Case(_decoder(pad_token_id=5000), ArtifactCorruptError, "pad_token_id is 5000", M),
-    "more EOS ids than the runtime holds": Case(_decoder(eos_token_ids=list(range(9))), ArtifactCorruptError, "eos_token_ids", M),
-    "heads not a multiple of KV heads": Case(_decoder(num_kv_heads=3), ArtifactCorruptError, "not a multiple of 3 KV heads", M),
-    "missing decoder field": Case(lambda r, o: edit_extra(r, lambda e: e["decoder"].pop("head_dim")), ArtifactCorruptError, "['head_dim'] are missing", M),
-    "learned positions shorter than the cache": Case(_gen_buckets(kv_lengths=[256]), ArtifactCorruptError, "128 learned positions cannot index a cache of 256", M),
-    "prompt longer than the cache": Case(_gen_buckets(prompts=[32]), ArtifactCorruptError, "does not fit the cache", M),
-    "unknown decode kernel": Case(lambda r, o: edit_extra(r, lambda e: e.__setitem__("decode_kernels", {"attention": "os.system"})), ArtifactCorruptError, "decode_kernels", M),
-    "KV cache of batch 4096 x 65536 slots": Case(_gen_buckets(batches=[4096], kv_lengths=[65536]), ArtifactUnsafeError, "268435456 tokens of static buffers", M),
-    "3,000 generation buckets": Case(_gen_buckets(prompts=list(range(1, 3001)), kv_lengths=[3000]), ArtifactUnsafeError, "generation buckets", M),
-    "a program with instructions": Case(lambda r, o: _gen_program_with_instructions(r), ArtifactCorruptError, "holds instructions", "prefill_b1_p8"),
-}  # fmt: skip
+    "batches=[-1]": Case(
+        _gen_buckets(batches=[-1]), ArtifactCorruptError, "generation_buckets.batches is [-1]", M
+    ),
+    "a string where a number goes": Case(
+        _decoder(hidden_size="64"), ArtifactCorruptError, "decoder.hidden_size is '64'", M
+    ),
+    "a float where an integer goes": Case(
+        _decoder(num_layers=2.0), ArtifactCorruptError, "decoder.num_layers is 2.0", M
+    ),
+    "an unknown activation": Case(
+        _decoder(activation="swish2"), ArtifactCorruptError, "decoder.activation is 'swish2'", M
+    ),
+    "an unknown family": Case(
+        _decoder(family="os.system"), ArtifactCorruptError, "decoder.family", M
+    ),
+    "a missing layer weight": Case(
+        lambda r, o: _drop_weight(r, "layers.1.o.weight"),
+        ArtifactCorruptError,
+        "'layers.1.o.weight', absent",
+        M,
+    ),
+    "an unexpected weight": Case(
+        lambda r, o: edit_weights(
+            r, lambda t: t.__setitem__("layers.0.extra.weight", t["layers.0.o.bias"].clone())
+        ),
+        ArtifactCorruptError,
+        "not part of the causal-LM description",
+        M,
+    ),
+    "embedding cut to 10 rows": Case(
+        lambda r, o: _cut_rows(r, "embed.weight", 10),
+        ArtifactCorruptError,
+        "'embed.weight' is float32 [10, 64]",
+        M,
+    ),
+    "vocab_size larger than the embedding": Case(
+        _decoder(vocab_size=1000), ArtifactCorruptError, "needs float32 [1000, 64]", M
+    ),
+    "pad id outside the vocabulary": Case(
+        _decoder(pad_token_id=5000), ArtifactCorruptError, "pad_token_id is 5000", M
+    ),
+    "more EOS ids than the runtime holds": Case(
+        _decoder(eos_token_ids=list(range(9))), ArtifactCorruptError, "eos_token_ids", M
+    ),
+    "heads not a multiple of KV heads": Case(
+        _decoder(num_kv_heads=3), ArtifactCorruptError, "not a multiple of 3 KV heads", M
+    ),
+    "missing decoder field": Case(
+        lambda r, o: edit_extra(r, lambda e: e["decoder"].pop("head_dim")),
+        ArtifactCorruptError,
+        "['head_dim'] are missing",
+        M,
+    ),
+    "learned positions shorter than the cache": Case(
+        _gen_buckets(kv_lengths=[256]),
+        ArtifactCorruptError,
+        "128 learned positions cannot index a cache of 256",
+        M,
+    ),
+    "prompt longer than the cache": Case(
+        _gen_buckets(prompts=[32]), ArtifactCorruptError, "does not fit the cache", M
+    ),
+    "unknown decode kernel": Case(
+        lambda r, o: edit_extra(
+            r, lambda e: e.__setitem__("decode_kernels", {"attention": "os.system"})
+        ),
+        ArtifactCorruptError,
+        "decode_kernels",
+        M,
+    ),
+    "KV cache of batch 4096 x 65536 slots": Case(
+        _gen_buckets(batches=[4096], kv_lengths=[65536]),
+        ArtifactUnsafeError,
+        "268435456 tokens of static buffers",
+        M,
+    ),
+    "3,000 generation buckets": Case(
+        _gen_buckets(prompts=list(range(1, 3001)), kv_lengths=[3000]),
+        ArtifactUnsafeError,
+        "generation buckets",
+        M,
+    ),
+    "a program with instructions": Case(
+        lambda r, o: _gen_program_with_instructions(r),
+        ArtifactCorruptError,
+        "holds instructions",
+        "prefill_b1_p8",
+    ),
+}
 
 # Every file opened while a hostile artifact is read: nothing outside the folder may be.
 _OPENED: list[str] | None = None

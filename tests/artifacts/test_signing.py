@@ -116,8 +116,15 @@ def test_compile_signs_with_sign_key_and_the_cli_keygen(tmp_path):
     assert (tmp_path / "k").stat().st_mode & 0o077 == 0  # the private key is its owner's
     model = T.BertModel(T.BertConfig(**{**SMALL_BERT, "num_hidden_layers": 1})).eval()
     out = tmp_path / "signed.kernl"
-    kernl.compiler.compile(model, "batch=1 seq=8", out, dtype="fp32", device="cpu",
-                           kernels=False, sign_key=tmp_path / "k")  # fmt: skip
+    kernl.compiler.compile(
+        model,
+        "batch=1 seq=8",
+        out,
+        dtype="fp32",
+        device="cpu",
+        kernels=False,
+        sign_key=tmp_path / "k",
+    )
     assert (out / SIGNATURE_FILE).is_file()
     kernl.runtime.load(out, device="cpu", trusted_keys=[tmp_path / "k.pub"])
     with pytest.raises(KeyFileError):  # a bad key fails before any compiling
@@ -141,7 +148,9 @@ def test_the_runtime_imports_and_loads_without_cryptography(small_artifact, sign
     )
     proc = subprocess.run(
         [sys.executable, "-c", code, str(small_artifact), str(signed), str(keys[1])],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "pip install 'kernl[sign]'" in proc.stdout

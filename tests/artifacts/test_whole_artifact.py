@@ -42,11 +42,15 @@ def test_the_plan_counts_tensors_alive_together(small_artifact, tmp_path):
     dead after its use, are not. Nothing is allocated to find out."""
     root = copy_artifact(small_artifact, tmp_path / "a")
     n = 1 << 29  # fp32 elements: 2 GiB
-    insert_instructions(root, first_program(root), [
-        ["aten.full.default", [[n], 1.0], {}],
-        ["aten.full.default", [[n], 1.0], {}],
-        ["aten.add.Tensor", ["$0", "$1"], {}],
-    ])  # fmt: skip
+    insert_instructions(
+        root,
+        first_program(root),
+        [
+            ["aten.full.default", [[n], 1.0], {}],
+            ["aten.full.default", [[n], 1.0], {}],
+            ["aten.add.Tensor", ["$0", "$1"], {}],
+        ],
+    )
     plan = check_artifact(root).memory
     assert 6 << 30 <= plan.pool < (6 << 30) + (1 << 20)  # two inputs and the sum
 

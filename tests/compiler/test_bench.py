@@ -20,9 +20,13 @@ from kernl.compiler.bench import _percentile, parse_against, parse_shapes, time_
 from kernl.compiler.cli import main
 
 SMALL = dict(
-    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-    vocab_size=120, max_position_embeddings=80,
-)  # fmt: skip
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    vocab_size=120,
+    max_position_embeddings=80,
+)
 ITERS = 4
 
 
@@ -45,8 +49,20 @@ def artifact(model_dir):
 def bench_run(artifact, tmp_path_factory):
     """One real run, shared by the tests that read its table, JSON and plot."""
     out = tmp_path_factory.mktemp("bench_out")
-    args = ["bench", str(artifact), "--against", "eager", "--iters", str(ITERS), "--warmup", "1",
-            "--buckets", "1x8,2x12", "--json", str(out / "b.json")]  # fmt: skip
+    args = [
+        "bench",
+        str(artifact),
+        "--against",
+        "eager",
+        "--iters",
+        str(ITERS),
+        "--warmup",
+        "1",
+        "--buckets",
+        "1x8,2x12",
+        "--json",
+        str(out / "b.json"),
+    ]
     has_mpl = _has_matplotlib()
     if has_mpl:
         args += ["--plot", str(out / "b.png")]
@@ -104,9 +120,10 @@ def test_table_shows_every_row_and_its_speedup(bench_run):
     assert "kernl bench:" in table and "kernl cold start in a fresh process" in table
     for t in d["timings"]:
         row = next(
-            ln for ln in table.splitlines()
+            ln
+            for ln in table.splitlines()
             if ln.split()[:2] == [f"{t['batch']}x{t['seq']}", t["impl"]]
-        )  # fmt: skip
+        )
         assert f"{t['median_ms']:.3f}" in row and f"{t['p90_ms']:.3f}" in row
         if t["impl"] == "eager":
             sp = d["speedups"][f"{t['batch']}x{t['seq']}"]["eager"]

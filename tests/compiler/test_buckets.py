@@ -73,11 +73,13 @@ def test_bad_bucket_lists_say_what_is_wrong(spec, message):
         (dict(model_type="bert", max_position_embeddings=512), 512),
         # RoBERTa's positions start after the pad id (1): 514 rows hold 512 tokens.
         (dict(model_type="roberta", max_position_embeddings=514, pad_token_id=1), 512),
-        (dict(model_type="deberta-v2", max_position_embeddings=512, position_biased_input=False),
-         None),
+        (
+            dict(model_type="deberta-v2", max_position_embeddings=512, position_biased_input=False),
+            None,
+        ),
         (dict(model_type="custom"), None),
     ],
-)  # fmt: skip
+)
 def test_position_limit_from_the_config(config, limit):
     cfg = types.SimpleNamespace(**config)
     assert position_limit(cfg) == limit

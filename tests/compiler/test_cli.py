@@ -13,9 +13,13 @@ import kernl.runtime
 from kernl.compiler.cli import compile_command, main
 
 SMALL = dict(
-    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-    vocab_size=120, max_position_embeddings=80,
-)  # fmt: skip
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    vocab_size=120,
+    max_position_embeddings=80,
+)
 
 
 def test_group_lists_every_command():
@@ -33,9 +37,21 @@ def test_compile_then_verify_then_inspect(tmp_path):
     T.BertModel(T.BertConfig(**SMALL)).save_pretrained(tmp_path / "m")
     out = tmp_path / "m.kernl"
     runner = CliRunner()
-    compiled = runner.invoke(main, ["compile", str(tmp_path / "m"), "-o", str(out),
-                                    "--buckets", "batch=1 seq=8", "--dtype", "fp32",
-                                    "--device", "cpu"])  # fmt: skip
+    compiled = runner.invoke(
+        main,
+        [
+            "compile",
+            str(tmp_path / "m"),
+            "-o",
+            str(out),
+            "--buckets",
+            "batch=1 seq=8",
+            "--dtype",
+            "fp32",
+            "--device",
+            "cpu",
+        ],
+    )
     assert compiled.exit_code == 0, compiled.output
     assert "1x8" in compiled.stdout
     verified = runner.invoke(main, ["verify", str(out)])
@@ -44,8 +60,10 @@ def test_compile_then_verify_then_inspect(tmp_path):
     assert inspected.exit_code == 0 and "bert (BertModel)" in inspected.output
     ids = torch.randint(1, 120, (1, 5))
     assert kernl.runtime.load(out, device="cpu")(input_ids=ids).last_hidden_state.shape == (
-        1, 5, 64,
-    )  # fmt: skip
+        1,
+        5,
+        64,
+    )
 
 
 def test_kernl_compile_entry_point_still_works():
@@ -72,6 +90,10 @@ def test_serve_without_the_serving_package_says_so(monkeypatch):
 
 
 def test_module_entry_point():
-    proc = subprocess.run([sys.executable, "-m", "kernl.compiler.cli", "--help"],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "kernl.compiler.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and "bench" in proc.stdout

@@ -14,9 +14,13 @@ from kernl.compiler.trace import task_of
 from kernl.compiler.validate import ValidationError
 
 SMALL = dict(
-    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-    vocab_size=120, max_position_embeddings=80,
-)  # fmt: skip
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    vocab_size=120,
+    max_position_embeddings=80,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +35,16 @@ def bert_dir(tmp_path_factory):
 def gpt2_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("gpt2") / "m"
     torch.manual_seed(0)
-    config = T.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=97,
-                          pad_token_id=0, eos_token_id=None, bos_token_id=None)  # fmt: skip
+    config = T.GPT2Config(
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        n_positions=64,
+        vocab_size=97,
+        pad_token_id=0,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
     T.GPT2LMHeadModel(config).eval().save_pretrained(path)
     return path
 
@@ -52,17 +64,37 @@ def assert_clean_failure(result, code, *needles):
 
 
 def test_bf16_on_the_cpu_is_refused_up_front(bert_dir, tmp_path):
-    result = run(bert_dir, "-o", tmp_path / "a", "--buckets", "batch=1 seq=8",
-                 "--dtype", "bf16", "--device", "cpu")  # fmt: skip
-    assert_clean_failure(result, 1, "kernl-compile: error:", "bf16", "Triton's interpreter",
-                         "--no-kernels")  # fmt: skip
+    result = run(
+        bert_dir,
+        "-o",
+        tmp_path / "a",
+        "--buckets",
+        "batch=1 seq=8",
+        "--dtype",
+        "bf16",
+        "--device",
+        "cpu",
+    )
+    assert_clean_failure(
+        result, 1, "kernl-compile: error:", "bf16", "Triton's interpreter", "--no-kernels"
+    )
     assert "loading model" not in result.output  # refused before loading anything
     assert not (tmp_path / "a").exists()
 
 
 def test_bf16_on_the_cpu_without_kernels_compiles(bert_dir, tmp_path):
-    result = run(bert_dir, "-o", tmp_path / "a", "--buckets", "batch=1 seq=8",
-                 "--dtype", "bf16", "--device", "cpu", "--no-kernels")  # fmt: skip
+    result = run(
+        bert_dir,
+        "-o",
+        tmp_path / "a",
+        "--buckets",
+        "batch=1 seq=8",
+        "--dtype",
+        "bf16",
+        "--device",
+        "cpu",
+        "--no-kernels",
+    )
     assert result.exit_code == 0, result.output
     assert read_manifest(tmp_path / "a").dtype == "bfloat16"
 
@@ -72,42 +104,96 @@ def test_a_validation_failure_is_a_message_not_a_traceback(bert_dir, tmp_path, m
         raise ValidationError("bucket b1_s8: output last_hidden_state differs from eager")
 
     monkeypatch.setattr(kernl.compiler.tasks.encoder, "validate", failing_validate)
-    result = run(bert_dir, "-o", tmp_path / "a", "--buckets", "batch=1 seq=8",
-                 "--dtype", "fp32", "--device", "cpu", "--no-kernels")  # fmt: skip
-    assert_clean_failure(result, 1, "validation against eager failed",
-                         "bucket b1_s8: output last_hidden_state differs", "--atol")  # fmt: skip
+    result = run(
+        bert_dir,
+        "-o",
+        tmp_path / "a",
+        "--buckets",
+        "batch=1 seq=8",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--no-kernels",
+    )
+    assert_clean_failure(
+        result,
+        1,
+        "validation against eager failed",
+        "bucket b1_s8: output last_hidden_state differs",
+        "--atol",
+    )
     assert not (tmp_path / "a").exists()
 
 
 def test_a_bucket_longer_than_the_position_table_is_refused_before_tracing(bert_dir, tmp_path):
-    result = run(bert_dir, "-o", tmp_path / "a", "--buckets", "batch=1 seq=8,128",
-                 "--dtype", "fp32", "--device", "cpu", "--no-kernels")  # fmt: skip
+    result = run(
+        bert_dir,
+        "-o",
+        tmp_path / "a",
+        "--buckets",
+        "batch=1 seq=8,128",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--no-kernels",
+    )
     assert_clean_failure(result, 2, "1x128", "80 positions", "max_position_embeddings=80")
     assert "export" not in result.output  # not even the 1x8 bucket was traced
     assert not (tmp_path / "a").exists()
 
 
 def test_buckets_in_the_bench_form_BxS(bert_dir, tmp_path):
-    result = run(bert_dir, "-o", tmp_path / "a", "--buckets", "1x8,2x16",
-                 "--dtype", "fp32", "--device", "cpu", "--no-kernels")  # fmt: skip
+    result = run(
+        bert_dir,
+        "-o",
+        tmp_path / "a",
+        "--buckets",
+        "1x8,2x16",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--no-kernels",
+    )
     assert result.exit_code == 0, result.output
     assert [(b.batch, b.seq) for b in read_manifest(tmp_path / "a").bucket_list()] == [
-        (1, 8), (2, 16),
-    ]  # fmt: skip
+        (1, 8),
+        (2, 16),
+    ]
     help_text = run("--help").output
     assert "1x16,8x128" in help_text and "max_position_embeddings" in help_text
 
 
 def test_a_causal_lm_compiles_without_task(gpt2_dir, tmp_path):
-    result = run(gpt2_dir, "-o", tmp_path / "lm", "--buckets", "batch=1 prompt=8 cache=16",
-                 "--dtype", "fp32", "--device", "cpu")  # fmt: skip
+    result = run(
+        gpt2_dir,
+        "-o",
+        tmp_path / "lm",
+        "--buckets",
+        "batch=1 prompt=8 cache=16",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     assert read_manifest(tmp_path / "lm").task == "causal-lm"
 
 
 def test_a_causal_lm_cache_over_its_positions_is_refused(gpt2_dir, tmp_path):
-    result = run(gpt2_dir, "-o", tmp_path / "lm", "--buckets", "batch=1 prompt=8 cache=128",
-                 "--dtype", "fp32", "--device", "cpu")  # fmt: skip
+    result = run(
+        gpt2_dir,
+        "-o",
+        tmp_path / "lm",
+        "--buckets",
+        "batch=1 prompt=8 cache=128",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+    )
     assert_clean_failure(result, 1, "64 learned positions", "cache<=64")
     assert not (tmp_path / "lm").exists()
 

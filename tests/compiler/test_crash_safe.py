@@ -23,9 +23,13 @@ from kernl.artifacts import ArtifactDestinationError, read_manifest, verify_arti
 from kernl.compiler.cli import compile_command
 
 SMALL = dict(
-    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-    vocab_size=120, max_position_embeddings=80,
-)  # fmt: skip
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    vocab_size=120,
+    max_position_embeddings=80,
+)
 OLD_BUCKETS, NEW_BUCKETS = "batch=1 seq=8", "batch=1,2 seq=8"
 ENV = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -45,8 +49,20 @@ def _buckets(dest: Path) -> list[tuple[int, int]]:
 def _compile_killed_after(model_dir: Path, dest: Path, lines: int) -> bool:
     """Run kernl-compile and SIGKILL it after `lines` progress lines; True if it finished
     before that."""
-    cmd = [sys.executable, "-m", "kernl.compiler", str(model_dir), "-o", str(dest),
-           "--buckets", NEW_BUCKETS, "--device", "cpu", "--dtype", "fp32"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "kernl.compiler",
+        str(model_dir),
+        "-o",
+        str(dest),
+        "--buckets",
+        NEW_BUCKETS,
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+    ]
     proc = subprocess.Popen(
         cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV
     )
@@ -83,10 +99,25 @@ def test_killed_compiles_leave_nothing_or_the_previous_artifact(model_dir, tmp_p
 
     # A re-run succeeds and removes what the killed runs left behind.
     result = subprocess.run(
-        [sys.executable, "-m", "kernl.compiler", str(model_dir), "-o", str(dest),
-         "--buckets", NEW_BUCKETS, "--device", "cpu", "--dtype", "fp32"],
-        capture_output=True, text=True, env=ENV, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "kernl.compiler",
+            str(model_dir),
+            "-o",
+            str(dest),
+            "--buckets",
+            NEW_BUCKETS,
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert _buckets(dest) == [(1, 8), (2, 8)]
     assert _leftovers(dest) == []
@@ -162,17 +193,33 @@ def full_disk(monkeypatch):
 def test_full_disk_is_refused_before_tracing(model_dir, tmp_path, full_disk):
     progress: list[str] = []
     with pytest.raises(ArtifactDestinationError, match="not enough free space"):
-        kernl.compiler.compile(model_dir, OLD_BUCKETS, tmp_path / "out", dtype="fp32", device="cpu",
-                               progress=progress.append)  # fmt: skip
+        kernl.compiler.compile(
+            model_dir,
+            OLD_BUCKETS,
+            tmp_path / "out",
+            dtype="fp32",
+            device="cpu",
+            progress=progress.append,
+        )
     assert not any("export" in line for line in progress), progress
     assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_says_why_it_cannot_write(model_dir, tmp_path, full_disk):
     result = CliRunner().invoke(
-        compile_command, [str(model_dir), "-o", str(tmp_path / "out"), "--buckets", OLD_BUCKETS,
-                          "--device", "cpu", "--dtype", "fp32"],
-    )  # fmt: skip
+        compile_command,
+        [
+            str(model_dir),
+            "-o",
+            str(tmp_path / "out"),
+            "--buckets",
+            OLD_BUCKETS,
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+        ],
+    )
     assert result.exit_code == 1
     assert "kernl-compile: error: not enough free space" in result.output
     assert "export" not in result.output

@@ -17,9 +17,13 @@ from kernl.compiler.cli import main
 from kernl.compiler.inspect_report import inspect_artifact, render_text
 
 SMALL = dict(
-    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-    vocab_size=120, max_position_embeddings=80,
-)  # fmt: skip
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    vocab_size=120,
+    max_position_embeddings=80,
+)
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +78,16 @@ def test_text_report_is_readable(artifact):
     assert result.exit_code == 0, result.output
     text = result.output
     manifest = read_manifest(artifact)
-    for needle in ("bert (BertForSequenceClassification)", "sequence-classification",
-                   "float32", "built for   cpu", "weights.safetensors", "ops per program:",
-                   "kernl ops and chosen implementations:", "kernl.bert_embeddings"):  # fmt: skip
+    for needle in (
+        "bert (BertForSequenceClassification)",
+        "sequence-classification",
+        "float32",
+        "built for   cpu",
+        "weights.safetensors",
+        "ops per program:",
+        "kernl ops and chosen implementations:",
+        "kernl.bert_embeddings",
+    ):
         assert needle in text, needle
     for entry in manifest.buckets:
         row = [ln for ln in text.splitlines() if ln.split()[:1] == [f"{entry.bucket.batch}x8"]]
@@ -87,9 +98,15 @@ def test_text_report_is_readable(artifact):
 
 def test_kernel_binaries_and_program_meta_are_shown_when_present(artifact):
     report = inspect_artifact(artifact)
-    kernel = {"name": "k0123", "function": "fused_linear_kernel", "num_warps": 4,
-              "shared_mem": 49152, "file": "kernels/k0123.cubin", "bytes": 20480,
-              "meta": {"num_ctas": 1}}  # fmt: skip
+    kernel = {
+        "name": "k0123",
+        "function": "fused_linear_kernel",
+        "num_warps": 4,
+        "shared_mem": 49152,
+        "file": "kernels/k0123.cubin",
+        "bytes": 20480,
+        "meta": {"num_ctas": 1},
+    }
     bucket = dataclasses.replace(report.buckets[0], meta={"tuned_on": "NVIDIA H100"})
     text = render_text(dataclasses.replace(report, kernels=[kernel], buckets=[bucket]))
     assert "kernel binaries (1):" in text
@@ -116,14 +133,17 @@ def test_compile_summary_and_inspect_count_the_same_ops(tmp_path):
     for compiled, shown in zip(report.buckets, inspected.buckets, strict=True):
         c = compiled.counts
         assert (c.instructions, c.kernl_ops, c.on_triton) == (
-            shown.instructions, shown.kernl_ops, shown.on_triton,
-        )  # fmt: skip
+            shown.instructions,
+            shown.kernl_ops,
+            shown.on_triton,
+        )
         assert shown.kernl_ops == sum(k.count for k in shown.kernel_choices)
         assert shown.on_triton == sum(k.count for k in shown.kernel_choices if k.impl == "triton")
         assert 0 < c.on_triton < c.kernl_ops < c.instructions  # mask_to_bias stays on aten
         summary_row = next(ln for ln in report.table().splitlines() if ln.split()[:1] == ["1x8"])
-        inspect_row = next(ln for ln in render_text(inspected).splitlines()
-                           if ln.split()[:1] == ["1x8"])  # fmt: skip
+        inspect_row = next(
+            ln for ln in render_text(inspected).splitlines() if ln.split()[:1] == ["1x8"]
+        )
         assert f"1x8: {c.kernl_ops} kernl ops, {c.on_triton} on Triton kernels" in report.table()
         numbers = [str(c.instructions), str(c.kernl_ops), str(c.on_triton)]
         assert summary_row.split()[-3:] == numbers, summary_row
@@ -132,20 +152,46 @@ def test_compile_summary_and_inspect_count_the_same_ops(tmp_path):
 
 def test_causal_lm_artifact_shows_its_generation_buckets(tmp_path):
     torch.manual_seed(0)
-    config = T.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=97,
-                          pad_token_id=0, eos_token_id=None, bos_token_id=None)  # fmt: skip
+    config = T.GPT2Config(
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        n_positions=64,
+        vocab_size=97,
+        pad_token_id=0,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
     out = tmp_path / "lm.kernl"
-    kernl.compiler.compile(T.GPT2LMHeadModel(config).eval(), "batch=1,2 prompt=8 cache=16,32",
-                           out, dtype="fp32", device="cpu")  # fmt: skip
+    kernl.compiler.compile(
+        T.GPT2LMHeadModel(config).eval(),
+        "batch=1,2 prompt=8 cache=16,32",
+        out,
+        dtype="fp32",
+        device="cpu",
+    )
     report = inspect_artifact(out)
     stages = sorted((b.stage, b.batch, b.seq) for b in report.buckets)
-    assert stages == [("decode", 1, 16), ("decode", 1, 32), ("decode", 2, 16),
-                      ("decode", 2, 32), ("prefill", 1, 8), ("prefill", 2, 8)]  # fmt: skip
+    assert stages == [
+        ("decode", 1, 16),
+        ("decode", 1, 32),
+        ("decode", 2, 16),
+        ("decode", 2, 32),
+        ("prefill", 1, 8),
+        ("prefill", 2, 8),
+    ]
     text = render_text(report)
     assert "plain aten programs" not in text and "0 instructions" not in text
-    for needle in ("KV cache    32 slots", "decode step attention=torch", "prompt 8",
-                   "KV length 16", "KV length 32", "2 prefill bucket(s)", "4 decode bucket(s)",
-                   "no kernel binaries (plain torch decode step, CPU build)"):  # fmt: skip
+    for needle in (
+        "KV cache    32 slots",
+        "decode step attention=torch",
+        "prompt 8",
+        "KV length 16",
+        "KV length 32",
+        "2 prefill bucket(s)",
+        "4 decode bucket(s)",
+        "no kernel binaries (plain torch decode step, CPU build)",
+    ):
         assert needle in text, (needle, text)
     as_json = json.loads(CliRunner().invoke(main, ["inspect", str(out), "--json"]).output)
     assert {b["stage"] for b in as_json["buckets"]} == {"prefill", "decode"}

@@ -42,8 +42,13 @@ def run(program, weights, inputs):
 @pytest.fixture(scope="module")
 def bert():
     torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=128, vocab_size=100)  # fmt: skip
+    cfg = BertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=100,
+    )
     model = BertModel(cfg).eval()
     sig = model_signature(model, CPU)
     flat = FlatModel(model, [s.name for s in sig.inputs], [s.name for s in sig.outputs])
@@ -94,8 +99,11 @@ def test_full_rewrite_of_bert(bert):
     assert epilogues == {("none", False): 7, ("gelu", False): 2}
     norms = [i for i in after.instructions if i.op == "kernl.layer_norm"]
     assert sum("residual" in i.kwargs for i in norms) == 4
-    float_adds = [i for i in after.instructions
-                  if i.op == "aten.add.Tensor" and after.meta["values"][i.outputs[0]][1] != "int64"]  # fmt: skip
+    float_adds = [
+        i
+        for i in after.instructions
+        if i.op == "aten.add.Tensor" and after.meta["values"][i.outputs[0]][1] != "int64"
+    ]
     assert float_adds == []  # the adds that remain build position ids
     assert len(after.instructions) < len(program.instructions)
     for a, b in zip(run(program, weights, inputs), run(after, weights, inputs)):

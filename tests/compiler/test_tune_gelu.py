@@ -64,8 +64,11 @@ def test_gpu_tuned_bert_keeps_its_gelu_fused_and_validates(tmp_path, monkeypatch
     program = rewrite(program, weights)
     example = dict(zip(flat.input_names, example_inputs(flat.input_names, bucket, 30522, dev)))
     records = tune_program(program, weights, example, dev)
-    ffn = [i for i in program.instructions if i.op == "kernl.linear"
-           and i.kwargs["activation"] in ("gelu", "gelu_tanh")]  # fmt: skip
+    ffn = [
+        i
+        for i in program.instructions
+        if i.op == "kernl.linear" and i.kwargs["activation"] in ("gelu", "gelu_tanh")
+    ]
     assert len(ffn) == 2
     for ins in ffn:
         assert ins.kwargs["impl"] == "triton" or ins.kwargs["activation"] == "gelu_tanh"

@@ -16,9 +16,13 @@ import kernl.runtime
 
 HERE = Path(__file__).parent
 SMALL = dict(
-    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-    vocab_size=120, max_position_embeddings=80,
-)  # fmt: skip
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    vocab_size=120,
+    max_position_embeddings=80,
+)
 MODELS = {
     "bert": lambda: T.BertModel(T.BertConfig(**SMALL)),
     "roberta-mlm": lambda: T.RobertaForMaskedLM(T.RobertaConfig(**SMALL, pad_token_id=1)),
@@ -31,7 +35,7 @@ MODELS = {
             vocab_size=120,
             max_position_embeddings=80,
             num_labels=3,
-        )  # fmt: skip
+        )
     ),
     "xlm-roberta-tokens": lambda: T.XLMRobertaForTokenClassification(
         T.XLMRobertaConfig(**SMALL, pad_token_id=1, num_labels=5)
@@ -64,10 +68,17 @@ def serve_fresh(artifact, calls, tmp_path, device="cpu"):
     save_file(flat, str(tmp_path / "calls.safetensors"))
     out = tmp_path / "outputs.safetensors"
     subprocess.run(
-        [sys.executable, str(HERE / "serve_in_fresh_process.py"), str(artifact),
-         str(tmp_path / "calls.safetensors"), str(out), device],
-        check=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(HERE / "serve_in_fresh_process.py"),
+            str(artifact),
+            str(tmp_path / "calls.safetensors"),
+            str(out),
+            device,
+        ],
+        check=True,
+        timeout=300,
+    )
     res = load_file(str(out))
     return [
         {k.split("/")[1]: v for k, v in res.items() if k.startswith(f"{i}/")}
@@ -196,10 +207,24 @@ def test_cli_compiles_a_model_folder_and_prints_a_summary(tmp_path):
     T.BertForSequenceClassification(T.BertConfig(**SMALL)).save_pretrained(tmp_path / "model")
     out = tmp_path / "cli.kernl"
     proc = subprocess.run(
-        [sys.executable, "-m", "kernl.compiler", str(tmp_path / "model"), "-o", str(out),
-         "--buckets", "batch=1,2 seq=4:16", "--dtype", "fp32", "--device", "cpu"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "kernl.compiler",
+            str(tmp_path / "model"),
+            "-o",
+            str(out),
+            "--buckets",
+            "batch=1,2 seq=4:16",
+            "--dtype",
+            "fp32",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "sequence-classification" in proc.stdout and "2x16" in proc.stdout
     assert "[3/6] bucket 1x16: validate" in proc.stderr
@@ -207,16 +232,38 @@ def test_cli_compiles_a_model_folder_and_prints_a_summary(tmp_path):
         input_ids=torch.ones(2, 3, dtype=torch.long)
     ).logits.shape == (2, 2)
     bad = subprocess.run(
-        [sys.executable, "-m", "kernl.compiler", str(tmp_path / "model"), "-o", str(out),
-         "--buckets", "batch=1 seq=16:8"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "kernl.compiler",
+            str(tmp_path / "model"),
+            "-o",
+            str(out),
+            "--buckets",
+            "batch=1 seq=16:8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode != 0 and "goes downwards" in bad.stderr
     missing = subprocess.run(
-        [sys.executable, "-m", "kernl.compiler", str(tmp_path / "nope"), "-o", str(out),
-         "--buckets", "batch=1 seq=8", "--device", "cpu"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "kernl.compiler",
+            str(tmp_path / "nope"),
+            "-o",
+            str(out),
+            "--buckets",
+            "batch=1 seq=8",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 1 and "cannot find model" in missing.stderr
 
 
@@ -232,9 +279,19 @@ def test_no_kernels_keeps_plain_aten_programs(tmp_path):
         out = tmp_path / f"{flag}.kernl"
         result = CliRunner().invoke(
             compile_command,
-            [str(tmp_path / "model"), "-o", str(out), "--buckets", "batch=1 seq=8",
-             "--dtype", "fp32", "--device", "cpu", flag],
-        )  # fmt: skip
+            [
+                str(tmp_path / "model"),
+                "-o",
+                str(out),
+                "--buckets",
+                "batch=1 seq=8",
+                "--dtype",
+                "fp32",
+                "--device",
+                "cpu",
+                flag,
+            ],
+        )
         assert result.exit_code == 0, result.output
         entry = read_manifest(out).buckets[0]
         ops[flag] = read_program(out, entry.program).ops_used()
@@ -267,7 +324,10 @@ def test_cpu_mode_works_whether_or_not_triton_was_imported_before_kernl(tmp_path
     ):
         proc = subprocess.run(
             [sys.executable, "-c", code.format(first=first), str(tmp_path / f"{first[7:]}.kernl")],
-            env=env, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert expected in proc.stdout, proc.stdout

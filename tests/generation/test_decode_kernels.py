@@ -27,7 +27,7 @@ VARIANTS = [
     # the fused step: 7 kernels a layer on a Llama
     DecodeKernels(
         attention="triton", norm="fused", linear="fused", rope="triton", lm_head="triton"
-    ),  # fmt: skip
+    ),
 ]
 NEW = 12
 
@@ -36,17 +36,22 @@ NEW = 12
 def artifact(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param) / "lm.kernl"
     kernl.compiler.compile(
-        tiny_model(request.param), "batch=4 prompt=16 cache=32", out, dtype="fp32",
-        device="cpu", task="causal-lm",
-    )  # fmt: skip
+        tiny_model(request.param),
+        "batch=4 prompt=16 cache=32",
+        out,
+        dtype="fp32",
+        device="cpu",
+        task="causal-lm",
+    )
     return out
 
 
 def _steps(model, ids, mask):
     steps = list(
-        model.stream(ids, mask, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0,
-                     output_logits=True)
-    )  # fmt: skip
+        model.stream(
+            ids, mask, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0, output_logits=True
+        )
+    )
     return torch.stack([i for i, _ in steps], 1), torch.stack([lg for _, lg in steps], 1)
 
 
@@ -72,14 +77,24 @@ def test_decode_kernels_are_checked():
 
 
 def test_forced_decode_kernels_are_stored_and_served(tmp_path):
-    forced = {"attention": "triton", "norm": "fused", "gated_mlp": "triton", "linear": "fused",
-              "rope": "triton", "lm_head": "triton"}  # fmt: skip
+    forced = {
+        "attention": "triton",
+        "norm": "fused",
+        "gated_mlp": "triton",
+        "linear": "fused",
+        "rope": "triton",
+        "lm_head": "triton",
+    }
     from kernl.compiler.tasks.causal_lm import compile_causal_lm
 
     report = compile_causal_lm(
-        tiny_model("llama3"), "batch=4 prompt=16 cache=32", tmp_path / "lm.kernl",
-        dtype="fp32", device="cpu", decode_kernels=forced,
-    )  # fmt: skip
+        tiny_model("llama3"),
+        "batch=4 prompt=16 cache=32",
+        tmp_path / "lm.kernl",
+        dtype="fp32",
+        device="cpu",
+        decode_kernels=forced,
+    )
     assert report.decode_kernels == DecodeKernels(**forced)
     assert DecodeKernels(**forced).describe() in report.table()
     model = kernl.runtime.load(tmp_path / "lm.kernl")
@@ -117,8 +132,17 @@ def test_choice_keeps_an_alternative_only_when_measurably_faster(artifact):
     mlp = "triton" if gated else "torch"
     assert chosen == DecodeKernels(attention="triton", gated_mlp=mlp, linear="fused", rope="triton")
     assert model.decoder.kernels == chosen and not model._steps
-    k = [(t.kernels.attention, t.kernels.norm, t.kernels.gated_mlp, t.kernels.linear,
-          t.kernels.rope, t.kernels.lm_head) for t in timings]  # fmt: skip
+    k = [
+        (
+            t.kernels.attention,
+            t.kernels.norm,
+            t.kernels.gated_mlp,
+            t.kernels.linear,
+            t.kernels.rope,
+            t.kernels.lm_head,
+        )
+        for t in timings
+    ]
     t = "torch"
     expected = [
         (t, t, t, t, t, t),

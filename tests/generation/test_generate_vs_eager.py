@@ -29,9 +29,13 @@ def test_greedy_ids_match_eager_generate(family, tmp_path):
     def hf_generate(**kw):
         with torch.no_grad():
             return hf.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
-                pad_token_id=0, **kw,
-            )  # fmt: skip
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=NEW,
+                do_sample=False,
+                pad_token_id=0,
+                **kw,
+            )
 
     ref = hf_generate()
     out = model.generate(ids, mask, max_new_tokens=NEW, pad_token_id=0, eos_token_id=[])

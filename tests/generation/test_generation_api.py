@@ -24,9 +24,13 @@ from .tiny_models import VOCAB, mixed_prompts, tiny_model
 def artifact(tmp_path_factory):
     path = tmp_path_factory.mktemp("gen") / "llama.kernl"
     kernl.compiler.compile(
-        tiny_model("llama3"), "batch=1,4 prompt=8,16 cache=64", path, dtype="fp32",
-        device="cpu", task="causal-lm",
-    )  # fmt: skip
+        tiny_model("llama3"),
+        "batch=1,4 prompt=8,16 cache=64",
+        path,
+        dtype="fp32",
+        device="cpu",
+        task="causal-lm",
+    )
     return path
 
 
@@ -55,10 +59,14 @@ def test_sampling_follows_the_distribution(model):
     ids = torch.tensor([[5, 17, 33]])
     ((_, logits),) = list(model.stream(ids, max_new_tokens=1, eos_token_id=[], output_logits=True))
     probs = torch.softmax(logits[0] / 0.7, -1)
-    draws = torch.stack([
-        model.generate(ids, max_new_tokens=1, do_sample=True, temperature=0.7, top_k=0,
-                       seed=s)[0, -1] for s in range(300)
-    ])  # fmt: skip
+    draws = torch.stack(
+        [
+            model.generate(ids, max_new_tokens=1, do_sample=True, temperature=0.7, top_k=0, seed=s)[
+                0, -1
+            ]
+            for s in range(300)
+        ]
+    )
     freq = torch.bincount(draws, minlength=VOCAB).float() / len(draws)
     top = probs.argsort(descending=True)[:3]
     assert (freq[top] - probs[top]).abs().max() < 0.1, (freq[top], probs[top])
@@ -142,20 +150,41 @@ def test_artifact_verifies_and_serves_without_transformers(artifact):
 def test_unsupported_models_fail_at_compile_naming_why(tmp_path):
     import transformers as tf
 
-    opt = tf.OPTForCausalLM(tf.OPTConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64, vocab_size=50,
-        word_embed_proj_dim=32, max_position_embeddings=64,
-    ))  # fmt: skip
+    opt = tf.OPTForCausalLM(
+        tf.OPTConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            ffn_dim=64,
+            vocab_size=50,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+        )
+    )
     with pytest.raises(UnsupportedModelError, match="model type 'opt'.*llama, mistral, qwen2"):
-        kernl.compiler.compile(opt, "batch=1 prompt=8", tmp_path / "a", dtype="fp32",
-                               device="cpu", task="causal-lm")  # fmt: skip
-    mistral = tf.MistralForCausalLM(tf.MistralConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        intermediate_size=64, vocab_size=50, sliding_window=16,
-    ))  # fmt: skip
+        kernl.compiler.compile(
+            opt, "batch=1 prompt=8", tmp_path / "a", dtype="fp32", device="cpu", task="causal-lm"
+        )
+    mistral = tf.MistralForCausalLM(
+        tf.MistralConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=64,
+            vocab_size=50,
+            sliding_window=16,
+        )
+    )
     with pytest.raises(UnsupportedModelError, match=r"sliding-window attention \(window 16\)"):
-        kernl.compiler.compile(mistral, "batch=1 prompt=8 cache=32", tmp_path / "b",
-                               dtype="fp32", device="cpu", task="causal-lm")  # fmt: skip
+        kernl.compiler.compile(
+            mistral,
+            "batch=1 prompt=8 cache=32",
+            tmp_path / "b",
+            dtype="fp32",
+            device="cpu",
+            task="causal-lm",
+        )
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -235,9 +264,13 @@ def test_a_prompt_bucket_equal_to_a_kv_length_loads(tmp_path):
     artifact was written, then refused at load as 'bucket b1_s32 is listed twice'."""
     path = tmp_path / "lm.kernl"
     kernl.compiler.compile(
-        tiny_model("llama3"), "batch=1 prompt=16,32 cache=32,64", path, dtype="fp32",
-        device="cpu", task="causal-lm",
-    )  # fmt: skip
+        tiny_model("llama3"),
+        "batch=1 prompt=16,32 cache=32,64",
+        path,
+        dtype="fp32",
+        device="cpu",
+        task="causal-lm",
+    )
     model = kernl.runtime.load(path)
     ids, mask = mixed_prompts(1, [20])
     assert model.generate(ids, mask, max_new_tokens=30, eos_token_id=[]).shape == (1, 50)

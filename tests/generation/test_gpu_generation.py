@@ -16,17 +16,24 @@ from .tiny_models import mixed_prompts, tiny_model
 def test_cuda_graph_generation_matches_eager(tmp_path):
     hf = tiny_model("llama3").cuda()
     kernl.compiler.compile(
-        hf, "batch=1,4 prompt=8,16 cache=48,96", tmp_path / "lm.kernl", dtype="fp32",
-        device="cuda", task="causal-lm",
-    )  # fmt: skip
+        hf,
+        "batch=1,4 prompt=8,16 cache=48,96",
+        tmp_path / "lm.kernl",
+        dtype="fp32",
+        device="cuda",
+        task="causal-lm",
+    )
     model = kernl.runtime.load(tmp_path / "lm.kernl")
     assert all(step.graph is not None for step in model._steps.values())
     ids, mask = mixed_prompts(3, [11, 4, 16])
     with torch.no_grad():
         ref = hf.generate(
-            input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=64,
-            do_sample=False, pad_token_id=0,
-        )  # fmt: skip
+            input_ids=ids.cuda(),
+            attention_mask=mask.cuda(),
+            max_new_tokens=64,
+            do_sample=False,
+            pad_token_id=0,
+        )
     out = model.generate(ids.cuda(), mask.cuda(), max_new_tokens=64, eos_token_id=[])
     assert out.device.type == "cuda"
     assert torch.equal(out, ref)
@@ -59,9 +66,14 @@ print("served", len(model.manifest.kernels), "binaries, 0 compilations")
 
 FORCED = {
     "split": {"attention": "triton", "norm": "triton", "gated_mlp": "triton", "linear": "triton"},
-    "fused": {"attention": "triton", "norm": "fused", "linear": "fused", "rope": "triton",
-              "lm_head": "triton"},
-}  # fmt: skip
+    "fused": {
+        "attention": "triton",
+        "norm": "fused",
+        "linear": "fused",
+        "rope": "triton",
+        "lm_head": "triton",
+    },
+}
 
 
 @pytest.mark.gpu
@@ -75,8 +87,9 @@ def test_triton_decode_kernels_run_from_binaries_and_match_torch(tmp_path, varia
     hf = tiny_model("llama3").cuda().to(torch.bfloat16)
     buckets = "batch=1,4 prompt=16 cache=32,64"
     forced = FORCED[variant]
-    report = compile_causal_lm(hf, buckets, tmp_path / "triton.kernl", dtype="bf16",
-                               device="cuda", decode_kernels=forced)  # fmt: skip
+    report = compile_causal_lm(
+        hf, buckets, tmp_path / "triton.kernl", dtype="bf16", device="cuda", decode_kernels=forced
+    )
     assert report.num_binaries > 0
     # the automatic choice times every alternative and keeps a loadable artifact
     auto = compile_causal_lm(hf, buckets, tmp_path / "auto.kernl", dtype="bf16", device="cuda")
@@ -84,10 +97,17 @@ def test_triton_decode_kernels_run_from_binaries_and_match_torch(tmp_path, varia
     ids, mask = mixed_prompts(3, [11, 4, 16])
     torch.save((ids, mask), tmp_path / "in.pt")
     run = subprocess.run(
-        [sys.executable, "-c", SERVE_WITHOUT_JIT, str(tmp_path / "triton.kernl"),
-         str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            SERVE_WITHOUT_JIT,
+            str(tmp_path / "triton.kernl"),
+            str(tmp_path / "in.pt"),
+            str(tmp_path / "out.pt"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     our_ids, ours = torch.load(tmp_path / "out.pt")
     model = kernl.runtime.load(tmp_path / "auto.kernl")

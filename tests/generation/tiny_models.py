@@ -14,30 +14,51 @@ def tiny_model(family: str) -> torch.nn.Module:
     torch.manual_seed(0)
     # A wide init keeps the random models from repeating one token forever.
     common = dict(
-        vocab_size=VOCAB, pad_token_id=0, eos_token_id=None, bos_token_id=None,
+        vocab_size=VOCAB,
+        pad_token_id=0,
+        eos_token_id=None,
+        bos_token_id=None,
         initializer_range=0.2,
-    )  # fmt: skip
+    )
     if family == "llama3":  # GQA and Llama-3 rope scaling
         cfg = tf.LlamaConfig(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=96, rope_parameters={
-                "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=96,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 32,
-            }, **common,
-        )  # fmt: skip
+            },
+            **common,
+        )
         model = tf.LlamaForCausalLM(cfg)
     elif family == "mistral":
         cfg = tf.MistralConfig(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-            intermediate_size=96, sliding_window=4096, **common,
-        )  # fmt: skip
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            intermediate_size=96,
+            sliding_window=4096,
+            **common,
+        )
         model = tf.MistralForCausalLM(cfg)
     elif family == "qwen2":  # q, k, v biases; tied embeddings
         cfg = tf.Qwen2Config(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=96, tie_word_embeddings=True, **common,
-        )  # fmt: skip
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=96,
+            tie_word_embeddings=True,
+            **common,
+        )
         model = tf.Qwen2ForCausalLM(cfg)
     elif family == "gpt2":  # learned positions, Conv1D weights, tied embeddings
         cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **common)

@@ -28,8 +28,13 @@ def _worst(out: torch.Tensor, ref: torch.Tensor) -> str:
     return f"worst at {idx}: got {out[idx].item()!r}, want {ref[idx].item()!r}"
 
 
-def assert_close(out: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype,
-                 stock: torch.Tensor | None = None, name: str = "") -> None:  # fmt: skip
+def assert_close(
+    out: torch.Tensor,
+    ref64: torch.Tensor,
+    dtype: torch.dtype,
+    stock: torch.Tensor | None = None,
+    name: str = "",
+) -> None:
     """out (kernel, `dtype`) vs ref64 (float64). With `stock` (the same op in stock PyTorch
     in `dtype`), reduced precision must also stay within 2x stock's error."""
     assert out.shape == ref64.shape, (name, out.shape, ref64.shape)

@@ -24,9 +24,12 @@ def _check(M, N, K, dtype, activation="none", bias=True, residual=False, config=
     out = poisoned((*lead, M, N), dtype)
     fused_linear(x, w, b, activation, r, out=out, config=config)
     ref = fused_linear_reference(
-        x.double(), w.double(), None if b is None else b.double(), activation,
+        x.double(),
+        w.double(),
+        None if b is None else b.double(),
+        activation,
         None if r is None else r.double(),
-    )  # fmt: skip
+    )
     stock = fused_linear_reference(x, w, b, activation, r)
     assert_close(
         out, ref, dtype, stock, name=f"linear {M, N, K} {activation} bias={bias} res={residual}"

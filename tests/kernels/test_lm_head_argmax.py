@@ -18,11 +18,13 @@ def _check(M, V, K, dtype, norm, config, workspace=None, device=DEVICE):
     w = torch.randn(V, K, dtype=dtype, device=device) / K**0.5
     g = (torch.rand(K, device=device) + 0.5).to(dtype) if norm else None
     logits = poisoned((M, V), dtype, device)
-    ids, out = lm_head_argmax(x, w, norm_weight=g, eps=1e-5, logits_out=logits,
-                              workspace=workspace, config=config)  # fmt: skip
+    ids, out = lm_head_argmax(
+        x, w, norm_weight=g, eps=1e-5, logits_out=logits, workspace=workspace, config=config
+    )
     assert out is logits
-    ref_ids, ref = lm_head_argmax_reference(x.double(), w.double(),
-                                            g.double() if norm else None, 1e-5)  # fmt: skip
+    ref_ids, ref = lm_head_argmax_reference(
+        x.double(), w.double(), g.double() if norm else None, 1e-5
+    )
     _, stock = lm_head_argmax_reference(x, w, g, 1e-5)
     assert_close(logits, ref, dtype, stock, name="logits")
     # exactly torch.argmax of the logits written, and the true argmax where it is clear

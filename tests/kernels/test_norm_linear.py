@@ -9,8 +9,11 @@ from kernl.kernels.norm_linear import (
     norm_linear_reference,
 )
 
-CONFIGS = [NormLinearConfig(32, 64, 0, 4, 2), NormLinearConfig(16, 64, 1, 4, 2),
-           NormLinearConfig(16, 32, 3, 4, 2)]  # fmt: skip
+CONFIGS = [
+    NormLinearConfig(32, 64, 0, 4, 2),
+    NormLinearConfig(16, 64, 1, 4, 2),
+    NormLinearConfig(16, 32, 3, 4, 2),
+]
 CONFIG_IDS = ["auto-split", "one-split", "three-splits"]
 
 
@@ -30,8 +33,9 @@ def _check(M, N_w, K, dtype, norm, gated, bias, config, counters=None, device=DE
     N = N_w // 2 if gated else N_w
     out = poisoned((M, N), dtype, device)
     eps = 1e-5
-    norm_linear(x, g, nb, w, b, eps=eps, norm=norm, gated=gated, out=out, counters=counters,
-                config=config)  # fmt: skip
+    norm_linear(
+        x, g, nb, w, b, eps=eps, norm=norm, gated=gated, out=out, counters=counters, config=config
+    )
     d = [t.double() if t is not None else None for t in (x, g, nb, w, b)]
     ref = norm_linear_reference(*d, eps=eps, norm=norm, gated=gated)
     stock = norm_linear_reference(x, g, nb, w, b, eps=eps, norm=norm, gated=gated)
@@ -59,8 +63,17 @@ def test_counters_are_left_zeroed_and_reused():
     # the decoder allocates one counters buffer and passes it to every launch of a step
     counters = new_counters(DEVICE)
     for M, N_w, K, gated in [(3, 96, 104, False), (2, 64, 104, True), (3, 96, 104, False)]:
-        _check(M, N_w, K, torch.float32, "rms", gated, False, NormLinearConfig(16, 32, 3, 4, 2),
-               counters=counters)  # fmt: skip
+        _check(
+            M,
+            N_w,
+            K,
+            torch.float32,
+            "rms",
+            gated,
+            False,
+            NormLinearConfig(16, 32, 3, 4, 2),
+            counters=counters,
+        )
         assert int(counters.abs().sum()) == 0
 
 

@@ -24,18 +24,37 @@ def _check(B, S, H, KV, D, dtype, rope, slot, slots, config, decode_2d=False, de
     k_ref, v_ref = k_cache.double(), v_cache.double()
     c64 = cos.double() if rope else None
     s64 = sin.double() if rope else None
-    q_ref = rope_cache_write_reference(qkv.double(), positions, c64, s64, k_ref, v_ref, slot_t,
-                                       num_heads=H, num_kv_heads=KV)  # fmt: skip
-    q_stock = rope_cache_write_reference(qkv, positions, cos, sin, k_cache.clone(),
-                                         v_cache.clone(), slot_t, num_heads=H,
-                                         num_kv_heads=KV)  # fmt: skip
+    q_ref = rope_cache_write_reference(
+        qkv.double(), positions, c64, s64, k_ref, v_ref, slot_t, num_heads=H, num_kv_heads=KV
+    )
+    q_stock = rope_cache_write_reference(
+        qkv,
+        positions,
+        cos,
+        sin,
+        k_cache.clone(),
+        v_cache.clone(),
+        slot_t,
+        num_heads=H,
+        num_kv_heads=KV,
+    )
     q_out = poisoned((B, S, H, D), dtype, device).transpose(1, 2)
     if decode_2d:
         args = (qkv[:, 0], positions[:, 0])
     else:
         args = (qkv, positions)
-    q = rope_cache_write(*args, cos, sin, k_cache, v_cache, slot_t, num_heads=H,
-                         num_kv_heads=KV, q_out=q_out, config=config)  # fmt: skip
+    q = rope_cache_write(
+        *args,
+        cos,
+        sin,
+        k_cache,
+        v_cache,
+        slot_t,
+        num_heads=H,
+        num_kv_heads=KV,
+        q_out=q_out,
+        config=config,
+    )
     assert q.data_ptr() == q_out.data_ptr()
     assert_close(q, q_ref, dtype, q_stock, name="q")
     assert_close(k_cache, k_ref, dtype, name="k cache")
@@ -47,9 +66,10 @@ def _check(B, S, H, KV, D, dtype, rope, slot, slots, config, decode_2d=False, de
     "B,S,H,KV,D,slot,slots",
     [(1, 1, 4, 2, 16, 5, 9), (3, 1, 6, 2, 12, 0, 4), (2, 5, 4, 4, 8, 0, 7), (2, 3, 8, 1, 16, 4, 7)],
     ids=["decode", "decode-half-6", "prefill", "block-at-slot-4-mqa"],
-)  # fmt: skip
-@pytest.mark.parametrize("config", [RopeCacheWriteConfig(4, 1), RopeCacheWriteConfig(64, 2)],
-                         ids=["4-heads", "64-heads"])  # fmt: skip
+)
+@pytest.mark.parametrize(
+    "config", [RopeCacheWriteConfig(4, 1), RopeCacheWriteConfig(64, 2)], ids=["4-heads", "64-heads"]
+)
 @pytest.mark.parametrize("rope", [True, False], ids=["rope", "no-rope"])
 def test_rope_cache_write(dtype, B, S, H, KV, D, slot, slots, config, rope):
     _check(B, S, H, KV, D, dtype, rope, slot, slots, config)
@@ -59,8 +79,17 @@ def test_decode_2d_input_and_default_q_layout():
     _check(2, 1, 4, 2, 16, torch.float32, True, 3, 6, None, decode_2d=True)
     qkv = torch.randn(2, 8 * 16, device=DEVICE)
     k = torch.zeros(2, 2, 4, 16, device=DEVICE)
-    q = rope_cache_write(qkv, torch.tensor([1, 2], device=DEVICE), None, None, k, k.clone(),
-                         torch.tensor([0], device=DEVICE), num_heads=4, num_kv_heads=2)  # fmt: skip
+    q = rope_cache_write(
+        qkv,
+        torch.tensor([1, 2], device=DEVICE),
+        None,
+        None,
+        k,
+        k.clone(),
+        torch.tensor([0], device=DEVICE),
+        num_heads=4,
+        num_kv_heads=2,
+    )
     assert q.shape == (2, 4, 1, 16) and q.is_contiguous()
 
 

@@ -12,10 +12,14 @@ from kernl.kernels.skinny_linear import (
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("M,N,K", [(1, 45, 72), (3, 96, 200), (16, 70, 1032)])
 @pytest.mark.parametrize(
-    "config", [SkinnyLinearConfig(32, 32, 0, 4, 2), SkinnyLinearConfig(16, 64, 1, 4, 2),
-               SkinnyLinearConfig(16, 32, 3, 4, 2)],
+    "config",
+    [
+        SkinnyLinearConfig(32, 32, 0, 4, 2),
+        SkinnyLinearConfig(16, 64, 1, 4, 2),
+        SkinnyLinearConfig(16, 32, 3, 4, 2),
+    ],
     ids=["auto-split", "one-split", "three-splits"],
-)  # fmt: skip
+)
 @pytest.mark.parametrize("bias,residual", [(False, False), (True, True), (False, True)])
 def test_skinny_linear(dtype, M, N, K, config, bias, residual):
     x = torch.randn(M, K, dtype=dtype, device=DEVICE)

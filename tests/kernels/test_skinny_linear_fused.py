@@ -26,10 +26,14 @@ def _check(M, N, K, dtype, bias, residual, config, counters=None, in_place=False
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("M,N,K", [(1, 45, 72), (3, 96, 200), (16, 70, 1032)])
 @pytest.mark.parametrize(
-    "config", [SkinnyLinearFusedConfig(32, 32, 0, 4, 2), SkinnyLinearFusedConfig(16, 64, 1, 4, 2),
-               SkinnyLinearFusedConfig(16, 32, 3, 4, 2)],
+    "config",
+    [
+        SkinnyLinearFusedConfig(32, 32, 0, 4, 2),
+        SkinnyLinearFusedConfig(16, 64, 1, 4, 2),
+        SkinnyLinearFusedConfig(16, 32, 3, 4, 2),
+    ],
     ids=["auto-split", "one-split", "three-splits"],
-)  # fmt: skip
+)
 @pytest.mark.parametrize("bias,residual", [(False, False), (True, True), (False, True)])
 def test_skinny_linear_fused(dtype, M, N, K, config, bias, residual):
     _check(M, N, K, dtype, bias, residual, config)

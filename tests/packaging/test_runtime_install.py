@@ -46,8 +46,10 @@ def clean_env():
 
 def test_declared_runtime_dependencies_hold_no_compile_extras():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    names = {d.split(">")[0].split("<")[0].split("=")[0].split("[")[0].strip().lower()
-             for d in project["dependencies"]}  # fmt: skip
+    names = {
+        d.split(">")[0].split("<")[0].split("=")[0].split("[")[0].strip().lower()
+        for d in project["dependencies"]
+    }
     assert names == {"torch", "triton", "safetensors", "msgpack", "numpy"}
     assert "transformers" not in names and "click" not in names
     assert any(d.startswith("ray[serve]") for d in project["optional-dependencies"]["serve"])
@@ -56,12 +58,19 @@ def test_declared_runtime_dependencies_hold_no_compile_extras():
 @pytest.mark.slow
 def test_runtime_only_venv_loads_and_serves(tmp_path):
     torch.manual_seed(0)
-    config = T.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                          intermediate_size=64, vocab_size=50, max_position_embeddings=40)  # fmt: skip
+    config = T.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=50,
+        max_position_embeddings=40,
+    )
     artifact = tmp_path / "tiny.kernl"
     # Kernl's fused kernels included: Triton (a runtime dependency) runs them in the venv.
-    kernl.compiler.compile(T.BertModel(config).eval(), "batch=1,2 seq=8", artifact,
-                           dtype="fp32", device="cpu")  # fmt: skip
+    kernl.compiler.compile(
+        T.BertModel(config).eval(), "batch=1,2 seq=8", artifact, dtype="fp32", device="cpu"
+    )
 
     start = time.perf_counter()
     src = tmp_path / "src"  # a copy, so building kernl writes nothing into the repository
@@ -83,8 +92,11 @@ def test_runtime_only_venv_loads_and_serves(tmp_path):
     assert not installed & {"transformers", "click", "ray", "tokenizers", "huggingface-hub"}
 
     out = tmp_path / "outputs.safetensors"
-    result = run([str(venv / "bin" / "python"), str(HERE / "runtime_only_call.py"),
-                  str(artifact), str(out)], env=env, cwd=tmp_path)  # fmt: skip
+    result = run(
+        [str(venv / "bin" / "python"), str(HERE / "runtime_only_call.py"), str(artifact), str(out)],
+        env=env,
+        cwd=tmp_path,
+    )
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["absent"] == {"transformers": True, "click": True, "ray": True}
     assert report["heavy_modules_loaded"] == []
@@ -97,5 +109,6 @@ def test_runtime_only_venv_loads_and_serves(tmp_path):
         torch.testing.assert_close(got[f"direct/{name}"], t, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got[f"served0/{name}"], t[0], atol=2e-5, rtol=1e-4)
     short = model(input_ids=torch.tensor([[8, 8]]))
-    torch.testing.assert_close(got["served1/last_hidden_state"], short.last_hidden_state[0],
-                               atol=2e-5, rtol=1e-4)  # fmt: skip
+    torch.testing.assert_close(
+        got["served1/last_hidden_state"], short.last_hidden_state[0], atol=2e-5, rtol=1e-4
+    )

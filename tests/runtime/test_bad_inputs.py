@@ -11,9 +11,13 @@ import kernl.compiler
 import kernl.runtime
 
 SMALL = dict(
-    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-    vocab_size=120, max_position_embeddings=80,
-)  # fmt: skip
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    vocab_size=120,
+    max_position_embeddings=80,
+)
 TOL = 2e-5
 
 
@@ -48,23 +52,75 @@ def _good_call_after(served):
 
 
 REFUSED = {
-    "missing input_ids": (lambda: dict(attention_mask=torch.ones(1, 4, dtype=torch.long)), TypeError, "missing required input 'input_ids'"),
-    "unexpected keyword": (lambda: dict(input_ids=_ids(1, 4), labels=_ids(1, 4)), TypeError, "unexpected input(s) ['labels']"),
-    "float ids": (lambda: dict(input_ids=_ids(1, 4).float()), TypeError, "must hold integers, got torch.float32"),
+    "missing input_ids": (
+        lambda: dict(attention_mask=torch.ones(1, 4, dtype=torch.long)),
+        TypeError,
+        "missing required input 'input_ids'",
+    ),
+    "unexpected keyword": (
+        lambda: dict(input_ids=_ids(1, 4), labels=_ids(1, 4)),
+        TypeError,
+        "unexpected input(s) ['labels']",
+    ),
+    "float ids": (
+        lambda: dict(input_ids=_ids(1, 4).float()),
+        TypeError,
+        "must hold integers, got torch.float32",
+    ),
     "rank 1": (lambda: dict(input_ids=_ids(1, 4)[0]), ValueError, "must have 2 dimensions"),
     "rank 3": (lambda: dict(input_ids=_ids(1, 4)[None]), ValueError, "must have 2 dimensions"),
-    "tensor on another device": (lambda: dict(input_ids=torch.zeros(1, 4, dtype=torch.long, device="meta")), ValueError, "is on meta"),
-    "batch 0": (lambda: dict(input_ids=torch.zeros(0, 4, dtype=torch.long)), ValueError, "empty input"),
-    "sequence 0": (lambda: dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), ValueError, "empty input"),
-    "longer than every bucket": (lambda: dict(input_ids=_ids(1, 17)), ValueError, "larger than every bucket"),
-    "batch larger than every bucket": (lambda: dict(input_ids=_ids(3, 8)), ValueError, "1x8, 1x16, 2x8, 2x16"),
-    "token id past the vocabulary": (lambda: dict(input_ids=torch.tensor([[5, 120]])), ValueError, "input_ids must lie in [0, 120)"),
-    "negative token id": (lambda: dict(input_ids=torch.tensor([[-1, 5]])), ValueError, "input_ids must lie in [0, 120)"),
-    "token type past its table": (lambda: dict(input_ids=_ids(1, 4), token_type_ids=torch.full((1, 4), 2)), ValueError, "token_type_ids must lie in [0, 2)"),
-    "mask of twos": (lambda: dict(input_ids=_ids(1, 4), attention_mask=torch.full((1, 4), 2)), ValueError, "attention_mask must lie in [0, 2)"),
-    "mask of another shape": (lambda: dict(input_ids=_ids(1, 4), attention_mask=torch.ones(1, 5, dtype=torch.long)), ValueError, "has shape (1, 5), input_ids has (1, 4)"),
+    "tensor on another device": (
+        lambda: dict(input_ids=torch.zeros(1, 4, dtype=torch.long, device="meta")),
+        ValueError,
+        "is on meta",
+    ),
+    "batch 0": (
+        lambda: dict(input_ids=torch.zeros(0, 4, dtype=torch.long)),
+        ValueError,
+        "empty input",
+    ),
+    "sequence 0": (
+        lambda: dict(input_ids=torch.zeros(1, 0, dtype=torch.long)),
+        ValueError,
+        "empty input",
+    ),
+    "longer than every bucket": (
+        lambda: dict(input_ids=_ids(1, 17)),
+        ValueError,
+        "larger than every bucket",
+    ),
+    "batch larger than every bucket": (
+        lambda: dict(input_ids=_ids(3, 8)),
+        ValueError,
+        "1x8, 1x16, 2x8, 2x16",
+    ),
+    "token id past the vocabulary": (
+        lambda: dict(input_ids=torch.tensor([[5, 120]])),
+        ValueError,
+        "input_ids must lie in [0, 120)",
+    ),
+    "negative token id": (
+        lambda: dict(input_ids=torch.tensor([[-1, 5]])),
+        ValueError,
+        "input_ids must lie in [0, 120)",
+    ),
+    "token type past its table": (
+        lambda: dict(input_ids=_ids(1, 4), token_type_ids=torch.full((1, 4), 2)),
+        ValueError,
+        "token_type_ids must lie in [0, 2)",
+    ),
+    "mask of twos": (
+        lambda: dict(input_ids=_ids(1, 4), attention_mask=torch.full((1, 4), 2)),
+        ValueError,
+        "attention_mask must lie in [0, 2)",
+    ),
+    "mask of another shape": (
+        lambda: dict(input_ids=_ids(1, 4), attention_mask=torch.ones(1, 5, dtype=torch.long)),
+        ValueError,
+        "has shape (1, 5), input_ids has (1, 4)",
+    ),
     "a string": (lambda: dict(input_ids="hello"), TypeError, "must be a tensor"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", list(REFUSED))
@@ -92,12 +148,16 @@ def _all_zero_mask():
 SERVED = {
     "non-contiguous tensor": _non_contiguous,
     "int32 ids": lambda: dict(input_ids=_ids(2, 5).int()),
-    "bool mask": lambda: dict(input_ids=_ids(1, 5), attention_mask=torch.tensor([[True] * 3 + [False] * 2])),
+    "bool mask": lambda: dict(
+        input_ids=_ids(1, 5), attention_mask=torch.tensor([[True] * 3 + [False] * 2])
+    ),
     "python lists": lambda: dict(input_ids=[[5, 6, 7]], attention_mask=[[1, 1, 0]]),
     "a row whose mask is all zeros": _all_zero_mask,
-    "a mask of all zeros": lambda: dict(input_ids=_ids(1, 4), attention_mask=torch.zeros(1, 4, dtype=torch.long)),
+    "a mask of all zeros": lambda: dict(
+        input_ids=_ids(1, 4), attention_mask=torch.zeros(1, 4, dtype=torch.long)
+    ),
     "exactly the largest bucket": lambda: dict(input_ids=_ids(2, 16)),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", list(SERVED))

@@ -13,9 +13,13 @@ import kernl.compiler
 import kernl.runtime
 
 SMALL = dict(
-    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-    vocab_size=120, max_position_embeddings=80,
-)  # fmt: skip
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    vocab_size=120,
+    max_position_embeddings=80,
+)
 THREADS = 4
 CALLS_PER_THREAD = 3
 # (batch, seq) per thread: each thread stays on its own bucket of "batch=1,2 seq=8,16".

@@ -61,9 +61,19 @@ def test_load_and_serve_without_jit_cache_or_c_compiler(tmp_path):
     env.update(PATH=str(bindir), TRITON_CACHE_DIR=str(cache), HOME=str(tmp_path))
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
     proc = subprocess.run(
-        [str(bindir / "python"), "-c", SERVE, str(artifact), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            str(bindir / "python"),
+            "-c",
+            SERVE,
+            str(artifact),
+            str(tmp_path / "ids.pt"),
+            str(tmp_path / "out.pt"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "0 compilations" in proc.stdout
     with torch.no_grad():

@@ -43,8 +43,9 @@ def test_two_artifacts_the_compiler_and_plain_triton_share_a_process(tmp_path):
         model = _bert(i)
         # tune=False: every kernl op on its Triton kernel, so both artifacts hold binaries,
         # many under the same launch keys (same shapes, same default configs).
-        kernl.compiler.compile(model, "batch=2 seq=64", tmp_path / f"m{i}", dtype="fp16",
-                               device="cuda", tune=False)  # fmt: skip
+        kernl.compiler.compile(
+            model, "batch=2 seq=64", tmp_path / f"m{i}", dtype="fp16", device="cuda", tune=False
+        )
         loaded.append(kernl.runtime.load(tmp_path / f"m{i}", device=device, capture="never"))
         eager.append(model.half().to(device))
     assert all(m.manifest.kernels for m in loaded)
@@ -60,8 +61,14 @@ def test_two_artifacts_the_compiler_and_plain_triton_share_a_process(tmp_path):
         want = layer_norm_reference(x.double(), w.double(), b.double(), 1e-5)
         assert (got - want).abs().max().item() < 1e-2
         # The compiler next to loaded models: compiles (JIT) and records binaries.
-        kernl.compiler.compile(_bert(5), "batch=1 seq=16", tmp_path / f"again{attempt}",
-                               dtype="fp16", device="cuda", tune=False)  # fmt: skip
+        kernl.compiler.compile(
+            _bert(5),
+            "batch=1 seq=16",
+            tmp_path / f"again{attempt}",
+            dtype="fp16",
+            device="cuda",
+            tune=False,
+        )
     graphed = kernl.runtime.load(tmp_path / "m0", device="cuda:0")
     _check(eager[0], graphed, ids, "cuda:0")
 
@@ -105,8 +112,10 @@ def test_kernl_generates_after_hugging_face_static_cache_generate(tmp_path):
     access", Llama-1B shape, two runs out of two). A fresh process: a fault poisons it."""
     run = subprocess.run(
         [sys.executable, "-c", HF_STATIC_THEN_KERNL, str(tmp_path / "lm.kernl")],
-        capture_output=True, text=True, timeout=540,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout.strip().splitlines()[-1]) == {"same_ids": True}
 
@@ -119,11 +128,24 @@ def test_graph_scratch_is_not_memory_anyone_else_owns(tmp_path):
     import transformers as T
 
     torch.manual_seed(0)
-    cfg = T.LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
-                        num_attention_heads=8, num_key_value_heads=4, vocab_size=4096)  # fmt: skip
+    cfg = T.LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=4096,
+    )
     hf = T.LlamaForCausalLM(cfg).eval().to("cuda", torch.bfloat16)
-    kernl.compiler.compile(hf, "batch=1,4 prompt=32 cache=128", tmp_path / "lm", dtype="bf16",
-                           device="cuda", task="causal-lm", kernels=False)  # fmt: skip
+    kernl.compiler.compile(
+        hf,
+        "batch=1,4 prompt=32 cache=128",
+        tmp_path / "lm",
+        dtype="bf16",
+        device="cuda",
+        task="causal-lm",
+        kernels=False,
+    )
     model = kernl.runtime.load(tmp_path / "lm")
     ids = torch.randint(0, 4096, (4, 32), device="cuda")
     before = model.generate(ids, max_new_tokens=32, eos_token_id=[]).clone()

@@ -83,9 +83,13 @@ def test_every_capture_of_a_device_warms_up_and_captures_on_one_stream(fake_cuda
     assert isinstance(graph_a, _FakeGraph) and graph_a is not graph_b
     # capture A: reset+run twice on the stream (warm-up), reset, run under capture
     assert calls[:6] == [
-        ("reset", stream), ("run", stream), ("reset", stream), ("run", stream),
-        ("reset", "default"), ("run", stream),
-    ]  # fmt: skip
+        ("reset", stream),
+        ("run", stream),
+        ("reset", stream),
+        ("run", stream),
+        ("reset", "default"),
+        ("run", stream),
+    ]
     assert out_a == 6  # the outputs are what fn returned during the capture
     assert calls[6:] == [("run", stream), ("run", stream)] and out_b == 8
 

@@ -39,12 +39,17 @@ def test_triton_attention_output_is_bhld_viewed_and_equal_to_aten(dtype, atol, w
     assert merged.reshape(B, L, H * D).data_ptr() == got.data_ptr()
 
 
-@pytest.mark.parametrize("activation, dtype, op", [
-    ("gelu_tanh", torch.float16, "_addmm_activation"), ("relu", torch.float16, "_addmm_activation"),
-    ("gelu", torch.float16, "addmm"), ("relu", torch.float32, "_addmm_activation"),
-    # fp32: cuBLASLt's GELU was 13x stock PyTorch's error on the H200
-    ("gelu_tanh", torch.float32, "addmm"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "activation, dtype, op",
+    [
+        ("gelu_tanh", torch.float16, "_addmm_activation"),
+        ("relu", torch.float16, "_addmm_activation"),
+        ("gelu", torch.float16, "addmm"),
+        ("relu", torch.float32, "_addmm_activation"),
+        # fp32: cuBLASLt's GELU was 13x stock PyTorch's error on the H200
+        ("gelu_tanh", torch.float32, "addmm"),
+    ],
+)
 def test_aten_linear_routes_epilogue_activations_to_cublaslt(activation, dtype, op):
     # meta stands in for CUDA: same dispatch, no GPU needed
     x, w, b = (torch.empty(s, device="meta", dtype=dtype) for s in ([2, 5, 8], [16, 8], [16]))

@@ -98,8 +98,10 @@ def test_each_model_launches_its_own_binaries_and_nothing_else_is_routed(fake_gp
         other_thread.join()
     launch_kernel(SCALED_ADD, (1,), *_args(5), BLOCK=128)  # after the run: plain Triton
     assert _FakeLoaded.launches == [
-        ("model A", (1, 1, 1), 100), ("model B", (1, 1, 1), 100), ("model A", (2, 1, 1), 100),
-    ]  # fmt: skip
+        ("model A", (1, 1, 1), 100),
+        ("model B", (1, 1, 1), 100),
+        ("model A", (2, 1, 1), 100),
+    ]
     assert jitted == [7, 3, 5]
 
 
@@ -107,9 +109,15 @@ def test_loading_an_artifact_patches_nothing_in_triton(tmp_path):
     run_before = JITFunction.run
     torch.manual_seed(0)
     model = T.BertModel(
-        T.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, vocab_size=50, max_position_embeddings=16)
-    ).eval()  # fmt: skip
+        T.BertConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=50,
+            max_position_embeddings=16,
+        )
+    ).eval()
     kernl.compiler.compile(model, "batch=1 seq=8", tmp_path / "a", dtype="fp32", device="cpu")
     compiled = kernl.runtime.load(tmp_path / "a", device="cpu")
     compiled(torch.tensor([[5, 6, 7]]))
@@ -147,13 +155,18 @@ def test_interpreted_kernels_from_many_threads_are_all_right():
 
 def test_two_loaded_models_called_from_two_threads(tmp_path):
     torch.manual_seed(0)
-    cfg = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-               intermediate_size=64, vocab_size=50, max_position_embeddings=16)  # fmt: skip
+    cfg = dict(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=50,
+        max_position_embeddings=16,
+    )
     eager = [T.BertModel(T.BertConfig(**cfg)).eval() for _ in range(2)]
     loaded = []
     for i, m in enumerate(eager):
-        kernl.compiler.compile(m, "batch=1,2 seq=8", tmp_path / f"m{i}", dtype="fp32",
-                               device="cpu")  # fmt: skip
+        kernl.compiler.compile(m, "batch=1,2 seq=8", tmp_path / f"m{i}", dtype="fp32", device="cpu")
         loaded.append(kernl.runtime.load(tmp_path / f"m{i}", device="cpu"))
     errors: list[str] = []
 

@@ -27,21 +27,42 @@ def tiny_seq2seq(family: str) -> torch.nn.Module:
     if family in ("t5", "t5_gated"):
         gated = family == "t5_gated"
         cfg = tf.T5Config(
-            vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-            feed_forward_proj="gated-gelu" if gated else "relu", tie_word_embeddings=not gated,
-            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-            relative_attention_num_buckets=8, relative_attention_max_distance=16,
+            vocab_size=VOCAB,
+            d_model=32,
+            d_kv=8,
+            d_ff=48,
+            num_layers=2,
+            num_heads=4,
+            feed_forward_proj="gated-gelu" if gated else "relu",
+            tie_word_embeddings=not gated,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
             initializer_factor=8.0,
-        )  # fmt: skip
+        )
         model = tf.T5ForConditionalGeneration(cfg)
     else:
         cfg = tf.BartConfig(
-            vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
-            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
-            decoder_ffn_dim=48, max_position_embeddings=64, scale_embedding=True,
-            pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
-            forced_bos_token_id=None, forced_eos_token_id=None, init_std=0.5,
-        )  # fmt: skip
+            vocab_size=VOCAB,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=48,
+            decoder_ffn_dim=48,
+            max_position_embeddings=64,
+            scale_embedding=True,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            forced_bos_token_id=None,
+            forced_eos_token_id=None,
+            init_std=0.5,
+        )
         model = tf.BartForConditionalGeneration(cfg)
         with torch.no_grad():
             model.final_logits_bias.normal_(0, 0.05)
@@ -79,11 +100,16 @@ def sources(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tens
 def hf_generate(hf, ids, mask, new, eos=None, pad=0):
     with torch.no_grad():
         return hf.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-            num_beams=1, eos_token_id=eos, pad_token_id=pad,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=eos,
+            pad_token_id=pad,
             decoder_start_token_id=hf.config.decoder_start_token_id,
             min_new_tokens=new if eos is None else 0,
-        )  # fmt: skip
+        )
 
 
 @pytest.mark.parametrize("family", FAMILIES)

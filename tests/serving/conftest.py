@@ -27,9 +27,13 @@ def write_tokenizer(folder) -> None:
 def tiny_artifact(tmp_path_factory):
     torch.manual_seed(0)
     config = T.BertConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        vocab_size=120, max_position_embeddings=80,
-    )  # fmt: skip
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=120,
+        max_position_embeddings=80,
+    )
     path = tmp_path_factory.mktemp("serving") / "tiny.kernl"
     kernl.compiler.compile(
         T.BertModel(config).eval(), BUCKETS, path, dtype="fp32", device="cpu", kernels=False

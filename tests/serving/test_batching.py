@@ -74,7 +74,7 @@ def test_row_longer_than_every_bucket_is_refused():
     lengths=st.lists(st.integers(1, 32), min_size=1, max_size=40),
     buckets=st.sets(
         st.tuples(st.sampled_from([1, 2, 3, 8]), st.sampled_from([8, 13, 32])), min_size=1
-    ).map(lambda s: [Bucket(b, q) for b, q in s]),  # fmt: skip
+    ).map(lambda s: [Bucket(b, q) for b, q in s]),
 )
 def test_plan_covers_every_row_once_in_fitting_buckets(lengths, buckets):
     if smallest_bucket(buckets, 1, max(lengths)) is None:

@@ -15,8 +15,9 @@ from kernl.serving.deployment import build  # noqa: E402
 
 
 def test_builder_types_arguments_and_defaults_batch_size(tiny_artifact):
-    app = build({"artifact": str(tiny_artifact), "replicas": "2", "batch_wait_ms": "3.5",
-                 "device": "cpu"})  # fmt: skip
+    app = build(
+        {"artifact": str(tiny_artifact), "replicas": "2", "batch_wait_ms": "3.5", "device": "cpu"}
+    )
     deployment = app._bound_deployment
     config = app._bound_deployment.init_args[0]
     assert deployment.num_replicas == 2
@@ -38,7 +39,7 @@ def test_builder_refuses_unknown_arguments(tiny_artifact):
         {"batch_wait_ms": -1},
         {"device": "tpu"},
         {"plan_by": "guess"},
-    ],  # fmt: skip
+    ],
 )
 def test_config_refuses_bad_values(kwargs):
     with pytest.raises(ValueError):
@@ -55,8 +56,16 @@ class _Stats:
 def _get(path):
     from starlette.requests import Request
 
-    scope = {"type": "http", "method": "GET", "path": path, "root_path": "", "headers": [],
-             "query_string": b"", "scheme": "http", "server": ("127.0.0.1", 8000)}  # fmt: skip
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "root_path": "",
+        "headers": [],
+        "query_string": b"",
+        "scheme": "http",
+        "server": ("127.0.0.1", 8000),
+    }
     return Request(scope)
 
 

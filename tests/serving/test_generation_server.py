@@ -56,8 +56,20 @@ def direct(llama_artifact):
 def gen_server(llama_artifact, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("gen-server") / "serve.log"
-    cmd = [sys.executable, "-m", "kernl.serving", str(llama_artifact), "--replicas", "2",
-           "--port", str(port), "--device", "cpu", "--ray-address", "local"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "kernl.serving",
+        str(llama_artifact),
+        "--replicas",
+        "2",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--ray-address",
+        "local",
+    ]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -98,8 +110,12 @@ def stream(port, body, stop_after=None):
     `stop_after`, the client hangs up after that many events."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_S)
     try:
-        conn.request("POST", "/", body=json.dumps({**body, "stream": True}).encode(),
-                     headers={"Content-Type": "application/json"})  # fmt: skip
+        conn.request(
+            "POST",
+            "/",
+            body=json.dumps({**body, "stream": True}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         resp = conn.getresponse()
         assert resp.status == 200, resp.read()
         assert resp.getheader("Content-Type").startswith("text/event-stream")
@@ -152,8 +168,9 @@ def test_returned_and_streamed_generation_equal_direct_generate(gen_server, dire
     assert answer["generated_ids"] == expected(direct, [5, 17, 33], max_new_tokens=4)
 
     eos = want[3]  # stops at the step that emits it, as generate does
-    status, answer = post(gen_server, {"input_ids": prompt, "max_new_tokens": 12,
-                                       "eos_token_id": eos})  # fmt: skip
+    status, answer = post(
+        gen_server, {"input_ids": prompt, "max_new_tokens": 12, "eos_token_id": eos}
+    )
     assert status == 200, answer
     assert answer["generated_ids"] == expected(direct, prompt, max_new_tokens=12, eos_token_id=eos)
     assert answer["generated_ids"][-1] == eos and answer["finish_reason"] == "eos"
@@ -161,8 +178,10 @@ def test_returned_and_streamed_generation_equal_direct_generate(gen_server, dire
 
 def test_concurrent_clients_get_their_own_answers(gen_server, direct):
     prompts = [[3 + k, 40 + k, 7 * k + 1, 90 - k][: 2 + k % 3] for k in range(8)]
-    bodies = [{"input_ids": p, "max_new_tokens": 6 + k, "stream": k % 2 == 1}
-              for k, p in enumerate(prompts)]  # fmt: skip
+    bodies = [
+        {"input_ids": p, "max_new_tokens": 6 + k, "stream": k % 2 == 1}
+        for k, p in enumerate(prompts)
+    ]
 
     def one(body):
         if body["stream"]:
@@ -247,7 +266,14 @@ def test_replicas_serve_after_bad_requests(gen_server, direct):
 def test_load_generator_measures_generation(gen_server):
     from kernl.serving.loadgen import run_load
 
-    result = run_load(f"http://127.0.0.1:{gen_server}/", clients=4, requests_per_client=2,
-                      seq=5, vocab=VOCAB, warmup=1, max_new_tokens=6)  # fmt: skip
+    result = run_load(
+        f"http://127.0.0.1:{gen_server}/",
+        clients=4,
+        requests_per_client=2,
+        seq=5,
+        vocab=VOCAB,
+        warmup=1,
+        max_new_tokens=6,
+    )
     assert result.errors == 0 and result.requests == 8, result
     assert result.tokens_per_s == pytest.approx(8 * 6 / result.seconds), result

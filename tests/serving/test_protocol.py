@@ -35,8 +35,13 @@ def test_one_flat_sequence():
 
 
 def test_ragged_sequences_with_masks_and_chosen_outputs():
-    req = parse({"input_ids": [[1, 2, 3], [4]], "attention_mask": [[1, 1, 0], [1]],
-                 "outputs": ["pooler_output"]})  # fmt: skip
+    req = parse(
+        {
+            "input_ids": [[1, 2, 3], [4]],
+            "attention_mask": [[1, 1, 0], [1]],
+            "outputs": ["pooler_output"],
+        }
+    )
     assert not req.single and [r.length for r in req.rows] == [3, 1]
     assert req.rows[0].inputs["attention_mask"] == (1, 1, 0)
     assert req.outputs == ["pooler_output"]

@@ -54,8 +54,10 @@ def wait_ready(port, proc, log, replicas=REPLICAS, deadline_s=START_S):
         if proc.poll() is not None:
             pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         if time.monotonic() > deadline:
-            pytest.fail(f"server not ready in {deadline_s} s (answers: {seen[-5:]}):\n"
-                        f"{log.read_text()[-3000:]}")  # fmt: skip
+            pytest.fail(
+                f"server not ready in {deadline_s} s (answers: {seen[-5:]}):\n"
+                f"{log.read_text()[-3000:]}"
+            )
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             try:
@@ -86,9 +88,24 @@ def wait_ready(port, proc, log, replicas=REPLICAS, deadline_s=START_S):
 def server(tiny_artifact, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "serve.log"
-    cmd = [sys.executable, "-m", "kernl.serving", str(tiny_artifact), "--replicas", str(REPLICAS),
-           "--port", str(port), "--device", "cpu", "--batch-wait-ms", "20", "--plan-by", "time",
-           "--ray-address", "local"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "kernl.serving",
+        str(tiny_artifact),
+        "--replicas",
+        str(REPLICAS),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--batch-wait-ms",
+        "20",
+        "--plan-by",
+        "time",
+        "--ray-address",
+        "local",
+    ]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -204,8 +221,12 @@ def test_concurrent_requests_match_direct_calls_and_share_replays(server, tiny_a
     status, answer = call(port, "POST", "/predict", {"input_ids": [5, 6, 7]})
     assert status == 200 and len(answer["outputs"]["last_hidden_state"]) == 3
 
-    rows = sum(len(b["input_ids"]) if isinstance(b.get("input_ids", [0])[0], list) else 1
-               for b in good) + 1  # fmt: skip
+    rows = (
+        sum(
+            len(b["input_ids"]) if isinstance(b.get("input_ids", [0])[0], list) else 1 for b in good
+        )
+        + 1
+    )
     deadline = time.monotonic() + 20
     while True:  # replicas report replays without waiting; give the reports a moment
         _, metrics = call(port, "GET", "/metrics")
@@ -222,8 +243,15 @@ def test_concurrent_requests_match_direct_calls_and_share_replays(server, tiny_a
 
 
 def test_load_generator_against_the_server(server):
-    result = run_load(f"http://127.0.0.1:{server}/", clients=4, requests_per_client=5, seq=12,
-                      vocab=120, outputs=["pooler_output"], warmup=1)  # fmt: skip
+    result = run_load(
+        f"http://127.0.0.1:{server}/",
+        clients=4,
+        requests_per_client=5,
+        seq=12,
+        vocab=120,
+        outputs=["pooler_output"],
+        warmup=1,
+    )
     assert result.errors == 0 and result.requests == 20
     assert 0 < result.p50_ms <= result.p99_ms and result.sequences_per_s > 0
 
@@ -238,7 +266,10 @@ def test_unknown_route_and_method_get_4xx(server):
 def test_bad_artifact_is_refused_before_ray_starts(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "kernl.serving", str(tmp_path / "missing.kernl")],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "RAY_ADDRESS": ""},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
     assert result.returncode == 2
     assert "not a folder" in result.stderr

@@ -74,7 +74,10 @@ def test_serve_refuses_a_linked_tokenizer_before_ray_starts(artifact_copy, tmp_p
     os.symlink(tmp_path / "elsewhere.json", artifact_copy / "tokenizer.json")
     result = subprocess.run(
         [sys.executable, "-m", "kernl.serving", str(artifact_copy)],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "symbolic link" in result.stderr and "Traceback" not in result.stderr

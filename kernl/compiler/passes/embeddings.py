@@ -41,11 +41,14 @@ def _bert_embeddings(ctx: Rewriter, ln: Node) -> list[Instruction] | None:
         return None
     # the kernel sums three gathers; which table plays which role does not matter
     (w_tab, w_ids), (p_tab, p_ids), (t_tab, t_ids) = terms
-    return [Instruction(
-        "kernl.bert_embeddings",
-        [w_ids, w_tab, p_ids, p_tab, t_ids, t_tab, ins.args[1], ins.args[2], ins.args[3]],
-        {}, ins.outputs,
-    )]  # fmt: skip
+    return [
+        Instruction(
+            "kernl.bert_embeddings",
+            [w_ids, w_tab, p_ids, p_tab, t_ids, t_tab, ins.args[1], ins.args[2], ins.args[3]],
+            {},
+            ins.outputs,
+        )
+    ]
 
 
 RULES: list[Rule] = [(Pat("kernl.layer_norm", name="ln"), _bert_embeddings)]

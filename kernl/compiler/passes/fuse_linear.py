@@ -31,16 +31,25 @@ def _to_kernl(ctx: Rewriter, lin: Node) -> list[Instruction] | None:
     if ins.kwargs or not 2 <= len(ins.args) <= 3:
         return None
     b = ins.args[2] if len(ins.args) > 2 else None
-    return [Instruction("kernl.linear", [ins.args[0], ins.args[1], b], {"activation": "none"},
-                        ins.outputs)]  # fmt: skip
+    return [
+        Instruction(
+            "kernl.linear", [ins.args[0], ins.args[1], b], {"activation": "none"}, ins.outputs
+        )
+    ]
 
 
 def _absorb_activation(ctx: Rewriter, act: Node, lin: Node) -> list[Instruction] | None:
     name = _ACTIVATION[act.ins.op](act.ins)
     if name is None or len(act.ins.args) > 2:
         return None
-    return [Instruction("kernl.linear", list(lin.ins.args),
-                        {**lin.ins.kwargs, "activation": name}, act.ins.outputs)]  # fmt: skip
+    return [
+        Instruction(
+            "kernl.linear",
+            list(lin.ins.args),
+            {**lin.ins.kwargs, "activation": name},
+            act.ins.outputs,
+        )
+    ]
 
 
 def _absorb_residual(ctx: Rewriter, add: Node, lin: Node, r: Node) -> list[Instruction] | None:
@@ -51,21 +60,37 @@ def _absorb_residual(ctx: Rewriter, add: Node, lin: Node, r: Node) -> list[Instr
         return None  # a broadcasting add would need a broadcasting load
     if ctx.dtype(r.vid) != ctx.dtype(y):
         return None
-    return [Instruction("kernl.linear", list(lin.ins.args),
-                        {**lin.ins.kwargs, "residual": {"v": r.vid}}, add.ins.outputs)]  # fmt: skip
+    return [
+        Instruction(
+            "kernl.linear",
+            list(lin.ins.args),
+            {**lin.ins.kwargs, "residual": {"v": r.vid}},
+            add.ins.outputs,
+        )
+    ]
 
 
 _LIN = dict(op="kernl.linear", name="lin", one_use=True)
 RULES: list[Rule] = [
     (Pat("aten.linear.default", name="lin"), _to_kernl),
     (Pat(tuple(_ACTIVATION), name="act", src=(Pat(**_LIN, where=_plain),)), _absorb_activation),
-    (Pat("aten.add.Tensor", name="add",
-         src=(Pat(**_LIN, where=lambda c, n: "residual" not in n.ins.kwargs), Pat(name="r"))),
-     _absorb_residual),
-    (Pat("aten.add.Tensor", name="add",
-         src=(Pat(name="r"), Pat(**_LIN, where=lambda c, n: "residual" not in n.ins.kwargs))),
-     _absorb_residual),
-]  # fmt: skip
+    (
+        Pat(
+            "aten.add.Tensor",
+            name="add",
+            src=(Pat(**_LIN, where=lambda c, n: "residual" not in n.ins.kwargs), Pat(name="r")),
+        ),
+        _absorb_residual,
+    ),
+    (
+        Pat(
+            "aten.add.Tensor",
+            name="add",
+            src=(Pat(name="r"), Pat(**_LIN, where=lambda c, n: "residual" not in n.ins.kwargs)),
+        ),
+        _absorb_residual,
+    ),
+]
 
 
 def fuse_linear(program: Program) -> Program:

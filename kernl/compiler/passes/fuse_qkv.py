@@ -55,14 +55,16 @@ def _fuse_siblings(ctx: Rewriter, lin: Node, x: Node) -> list[Instruction] | Non
             [{"v": y}, sizes, -1],
             {},
             [i.outputs[0] for i in members],
-        ),  # fmt: skip
+        ),
     ]
 
 
 RULES: list[Rule] = [
-    (Pat(_LINEAR, name="lin", src=(Pat(name="x"), Pat(weight=True), Pat(weight=True))),
-     _fuse_siblings),
-]  # fmt: skip
+    (
+        Pat(_LINEAR, name="lin", src=(Pat(name="x"), Pat(weight=True), Pat(weight=True))),
+        _fuse_siblings,
+    ),
+]
 
 
 def fuse_qkv(program: Program, weights: dict[str, torch.Tensor]) -> Program:

@@ -209,8 +209,9 @@ class Rewriter:
             return self._replace(ins, slot, new, matched)
         return None
 
-    def _replace(self, ins: Instruction, slot: int, new: list[Instruction],
-                 matched: list[Instruction]) -> list[Instruction]:  # fmt: skip
+    def _replace(
+        self, ins: Instruction, slot: int, new: list[Instruction], matched: list[Instruction]
+    ) -> list[Instruction]:
         at = next(k for k, i in enumerate(self.slots[slot]) if i is ins)
         self._drop(ins)
         self.slots[slot][at:at] = new
@@ -246,7 +247,8 @@ class Rewriter:
         return self.view.commit()
 
 
-def rewrite_with(program: Program, rules: Sequence[Rule],
-                 weights: dict[str, Any] | None = None) -> Program:  # fmt: skip
+def rewrite_with(
+    program: Program, rules: Sequence[Rule], weights: dict[str, Any] | None = None
+) -> Program:
     """Apply a rule table to `program` in one walk (see the module docstring)."""
     return Rewriter(program, rules, weights).run()

@@ -43,11 +43,16 @@ def _residual_add(ctx: Rewriter, n: Node) -> bool:
 
 
 LAYER_NORM_RULES: list[Rule] = [
-    (Pat("aten.layer_norm.default", name="ln",
-         src=(Pat("aten.add.Tensor", name="add", one_use=True, where=_residual_add),)),
-     _layer_norm),
+    (
+        Pat(
+            "aten.layer_norm.default",
+            name="ln",
+            src=(Pat("aten.add.Tensor", name="add", one_use=True, where=_residual_add),),
+        ),
+        _layer_norm,
+    ),
     (Pat("aten.layer_norm.default", name="ln"), _layer_norm),
-]  # fmt: skip
+]
 
 
 def replace_layer_norm(program: Program) -> Program:
@@ -95,10 +100,15 @@ def _hoist_mask(ctx: Rewriter, att: Node, mask: Node) -> list[Instruction] | Non
 
 
 HOIST_MASK_RULES: list[Rule] = [
-    (Pat("kernl.attention", name="att",
-         src=(None, None, None, Pat(name="mask", where=lambda c, n: c.dtype(n.vid) == "bool"))),
-     _hoist_mask),
-]  # fmt: skip
+    (
+        Pat(
+            "kernl.attention",
+            name="att",
+            src=(None, None, None, Pat(name="mask", where=lambda c, n: c.dtype(n.vid) == "bool")),
+        ),
+        _hoist_mask,
+    ),
+]
 
 
 def hoist_attention_mask(program: Program) -> Program:

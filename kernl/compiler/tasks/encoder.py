@@ -93,8 +93,12 @@ def compile_encoder(
                 say(f"{tag}: rewrite")
                 program = rewrite(program, all_weights)
                 say(f"{tag}: tune")
-                example = dict(zip(input_names, example_inputs(
-                    input_names, bucket, model.config.vocab_size, dev)))  # fmt: skip
+                example = dict(
+                    zip(
+                        input_names,
+                        example_inputs(input_names, bucket, model.config.vocab_size, dev),
+                    )
+                )
                 records = tune_program(program, all_weights, example, dev, benchmark=tune)
                 report.tuning[bucket] = records
                 if dev.type == "cuda":

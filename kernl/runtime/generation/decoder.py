@@ -41,8 +41,9 @@ ACTIVATIONS = {
 
 # kernl.kernels.gated_mlp's tile for a decode step's few rows: the smallest M tile tl.dot
 # takes, and narrow N tiles so that the weight read is spread over more programs than SMs.
-DECODE_GATED_MLP_TILE = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4,
-                             num_stages=4)  # fmt: skip
+DECODE_GATED_MLP_TILE = dict(
+    BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4
+)
 
 
 @dataclass
@@ -282,9 +283,16 @@ class Decoder:
                 from kernl.kernels.rope_cache_write import rope_cache_write
 
                 q = rope_cache_write(
-                    qkv, positions, self.cos, self.sin, cache.k[i], cache.v[i], slot,
-                    num_heads=nh, num_kv_heads=kvh,
-                )[:, :, 0]  # fmt: skip
+                    qkv,
+                    positions,
+                    self.cos,
+                    self.sin,
+                    cache.k[i],
+                    cache.v[i],
+                    slot,
+                    num_heads=nh,
+                    num_kv_heads=kvh,
+                )[:, :, 0]
             else:
                 qk = qkv[:, : (nh + kvh) * d].view(bsz, nh + kvh, d)
                 qk = torch.bmm(qk, rope) if rope is not None else qk.contiguous()
@@ -295,14 +303,19 @@ class Decoder:
             keys, values = cache.k[i][:, :, :kv_len], cache.v[i][:, :, :kv_len]
             if kernels.attention == "torch":
                 keys_t = keys.reshape(bsz * kvh, kv_len, d).transpose(1, 2)
-                scores = torch.baddbmm(bias, q.reshape(bsz * kvh, g, d), keys_t,
-                                       alpha=s.attention_scale)  # fmt: skip
+                scores = torch.baddbmm(
+                    bias, q.reshape(bsz * kvh, g, d), keys_t, alpha=s.attention_scale
+                )
                 att = torch.bmm(torch.softmax(scores, dim=-1), values.reshape(bsz * kvh, kv_len, d))
             elif kernels.attention == "sdpa":
                 att = F.scaled_dot_product_attention(
-                    q.unsqueeze(2), keys, values, attn_mask=kv_valid[:, None, None, :],
-                    scale=s.attention_scale, enable_gqa=True,
-                )  # fmt: skip
+                    q.unsqueeze(2),
+                    keys,
+                    values,
+                    attn_mask=kv_valid[:, None, None, :],
+                    scale=s.attention_scale,
+                    enable_gqa=True,
+                )
             else:
                 from kernl.kernels.decode_attention import decode_attention
 
@@ -335,9 +348,14 @@ class Decoder:
             else:
                 h = self._norm(x, self.final_norm_w, self.final_norm_b, triton_norm)
             _, logits = lm_head_argmax(
-                h, self.lm_head, norm_weight=norm_w, eps=s.norm_eps, return_logits=True,
-                ids_out=ids_out, workspace=self._workspace,
-            )  # fmt: skip
+                h,
+                self.lm_head,
+                norm_weight=norm_w,
+                eps=s.norm_eps,
+                return_logits=True,
+                ids_out=ids_out,
+                workspace=self._workspace,
+            )
             return logits, True
         return self._logits(x, triton_norm, kernels.linear), False
 
@@ -352,9 +370,16 @@ class Decoder:
         from kernl.kernels.norm_linear import norm_linear
 
         return norm_linear(
-            x, norm_w, norm_b, w, b, eps=self.spec.norm_eps, norm=self.spec.norm, gated=gated,
+            x,
+            norm_w,
+            norm_b,
+            w,
+            b,
+            eps=self.spec.norm_eps,
+            norm=self.spec.norm,
+            gated=gated,
             counters=self._counters_for(x),
-        )  # fmt: skip
+        )
 
     def _proj(
         self,

@@ -134,9 +134,11 @@ class EncoderDecoder:
         """[1, H, T, S] float32 from query positions [T] and key positions [S]."""
         s = self.spec
         buckets = relative_position_bucket(
-            key[None, :] - query[:, None], side == "enc", s.relative_buckets,
+            key[None, :] - query[:, None],
+            side == "enc",
+            s.relative_buckets,
             s.relative_max_distance,
-        )  # fmt: skip
+        )
         return (
             F.embedding(buckets, self.w[f"{side}.rel_bias.weight"]).permute(2, 0, 1)[None].float()
         )

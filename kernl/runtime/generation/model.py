@@ -123,11 +123,15 @@ class GenerativeModel:
         self.decoder = Decoder(spec, weights, self.buckets.cache_len, self.dtype, device, kernels)
         self._states = {
             b: BatchState(
-                self.decoder, b, self.buckets.prompts, self.buckets.cache_len,
-                self.default_pad, device,
+                self.decoder,
+                b,
+                self.buckets.prompts,
+                self.buckets.cache_len,
+                self.default_pad,
+                device,
             )
             for b in self.buckets.batches
-        }  # fmt: skip
+        }
         self._steps: dict[tuple, _Step] = {}
         if self.capture_mode == "load":
             # Largest first, so smaller graphs reuse the pool's blocks.
@@ -164,8 +168,18 @@ class GenerativeModel:
         self._refuse_reentry()
         prompt, mask = _as_batch(input_ids, attention_mask)
         max_new_tokens = _new_tokens(max_new_tokens, max_length, prompt.shape[1])
-        plan = self._plan(prompt, mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-                          eos_token_id, pad_token_id, seed)  # fmt: skip
+        plan = self._plan(
+            prompt,
+            mask,
+            max_new_tokens,
+            do_sample,
+            temperature,
+            top_k,
+            top_p,
+            eos_token_id,
+            pad_token_id,
+            seed,
+        )
         with self._lock:
             state = self._start(plan, temperature, top_k, top_p, seed)
             n = 0
@@ -204,8 +218,18 @@ class GenerativeModel:
         self._refuse_reentry()
         prompt, mask = _as_batch(input_ids, attention_mask)
         max_new_tokens = _new_tokens(max_new_tokens, max_length, prompt.shape[1])
-        plan = self._plan(prompt, mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-                          eos_token_id, pad_token_id, seed)  # fmt: skip
+        plan = self._plan(
+            prompt,
+            mask,
+            max_new_tokens,
+            do_sample,
+            temperature,
+            top_k,
+            top_p,
+            eos_token_id,
+            pad_token_id,
+            seed,
+        )
         return self._stream(plan, temperature, top_k, top_p, seed, output_logits)
 
     def _stream(self, plan, temperature, top_k, top_p, seed, output_logits) -> Iterator:
@@ -247,15 +271,35 @@ class GenerativeModel:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _plan(self, prompt, mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-              eos_token_id, pad_token_id, seed=0) -> _Plan:  # fmt: skip
+    def _plan(
+        self,
+        prompt,
+        mask,
+        max_new_tokens,
+        do_sample,
+        temperature,
+        top_k,
+        top_p,
+        eos_token_id,
+        pad_token_id,
+        seed=0,
+    ) -> _Plan:
         """Check a request and pick its buckets; raises ValueError before touching any state
         (an out-of-range id reaching the GPU is a device-side error that poisons the whole
         CUDA context, not just this call)."""
         b = self.buckets
         vocab = self.spec.vocab_size
-        check_options(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-                      pad_token_id, seed, vocab)  # fmt: skip
+        check_options(
+            max_new_tokens,
+            do_sample,
+            temperature,
+            top_k,
+            top_p,
+            eos_token_id,
+            pad_token_id,
+            seed,
+            vocab,
+        )
         lo, hi = int(prompt.min()), int(prompt.max())
         if lo < 0 or hi >= vocab:
             raise ValueError(f"input_ids must lie in [0, {vocab}); got values in [{lo}, {hi}]")
@@ -361,11 +405,15 @@ def _kernel_modules() -> dict:
     )
 
     return {
-        ("attention", "triton"): decode_attention, ("norm", "triton"): norm,
-        ("norm", "fused"): norm_linear, ("gated_mlp", "triton"): gated_mlp,
-        ("linear", "triton"): skinny_linear, ("linear", "fused"): skinny_linear_fused,
-        ("rope", "triton"): rope_cache_write, ("lm_head", "triton"): lm_head_argmax,
-    }  # fmt: skip
+        ("attention", "triton"): decode_attention,
+        ("norm", "triton"): norm,
+        ("norm", "fused"): norm_linear,
+        ("gated_mlp", "triton"): gated_mlp,
+        ("linear", "triton"): skinny_linear,
+        ("linear", "fused"): skinny_linear_fused,
+        ("rope", "triton"): rope_cache_write,
+        ("lm_head", "triton"): lm_head_argmax,
+    }
 
 
 def _runnable(kernels: DecodeKernels, device: torch.device) -> DecodeKernels:
@@ -464,8 +512,17 @@ def _generated_length(new: torch.Tensor, eos: list[int]) -> int:
     return int(is_eos.int().argmax(dim=1).max()) + 1
 
 
-def check_options(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-                  pad_token_id, seed, vocab: int) -> None:  # fmt: skip
+def check_options(
+    max_new_tokens,
+    do_sample,
+    temperature,
+    top_k,
+    top_p,
+    eos_token_id,
+    pad_token_id,
+    seed,
+    vocab: int,
+) -> None:
     """The generation options of a request (shared by the causal-LM and seq2seq models);
     raises ValueError."""
     if not _is_int(max_new_tokens) or max_new_tokens < 1:

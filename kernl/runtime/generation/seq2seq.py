@@ -152,8 +152,18 @@ class Seq2SeqModel:
         longer than every source bucket or more new tokens than the decoder cache holds."""
         ids, mask = _as_source(input_ids, attention_mask)
         max_new_tokens = 20 if max_new_tokens is None else max_new_tokens
-        plan = self._plan(ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-                          eos_token_id, pad_token_id, seed)  # fmt: skip
+        plan = self._plan(
+            ids,
+            mask,
+            max_new_tokens,
+            do_sample,
+            temperature,
+            top_k,
+            top_p,
+            eos_token_id,
+            pad_token_id,
+            seed,
+        )
         with self._lock:
             state = self._states[plan.batch_bucket]
             state.src_ids[plan.source_bucket].copy_(plan.ids)
@@ -187,12 +197,32 @@ class Seq2SeqModel:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _plan(self, ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-              eos_token_id, pad_token_id, seed) -> _Plan:  # fmt: skip
+    def _plan(
+        self,
+        ids,
+        mask,
+        max_new_tokens,
+        do_sample,
+        temperature,
+        top_k,
+        top_p,
+        eos_token_id,
+        pad_token_id,
+        seed,
+    ) -> _Plan:
         """Check a request and pick its buckets before touching any state."""
         b, vocab = self.buckets, self.spec.vocab_size
-        check_options(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-                      pad_token_id, seed, vocab)  # fmt: skip
+        check_options(
+            max_new_tokens,
+            do_sample,
+            temperature,
+            top_k,
+            top_p,
+            eos_token_id,
+            pad_token_id,
+            seed,
+            vocab,
+        )
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= vocab:
             raise ValueError(f"input_ids must lie in [0, {vocab}); got values in [{lo}, {hi}]")
@@ -229,8 +259,9 @@ class Seq2SeqModel:
         padded[:batch, :length] = ids[:, :length]
         valid[:batch, :length] = mask[:, :length]
         valid[batch:, 0] = True  # rows that only fill the bucket: one token each
-        return _Plan(padded, valid, batch, batch_bucket, source_bucket, max_new_tokens,
-                     do_sample, eos, pad)  # fmt: skip
+        return _Plan(
+            padded, valid, batch, batch_bucket, source_bucket, max_new_tokens, do_sample, eos, pad
+        )
 
     def _step(self, key: tuple) -> _Step:
         step = self._steps.get(key)

@@ -75,9 +75,13 @@ class BatchState:
         self.kv_valid.index_fill_(1, self.slot, True)
         valid = self.kv_valid[:, :kv_len]
         logits, chose = self.decoder.decode(
-            self.cache, self.tokens, self.positions, self.slot, valid,
+            self.cache,
+            self.tokens,
+            self.positions,
+            self.slot,
+            valid,
             ids_out=None if do_sample else self.greedy_ids,
-        )  # fmt: skip
+        )
         self.positions.add_(1)
         self.slot.add_(1)
         self._emit(logits, do_sample, self.greedy_ids if chose else None)

@@ -13,8 +13,12 @@ from kernl.artifacts.program import Instruction, Program
 from kernl.artifacts.schema import Bucket
 from kernl.runtime.executor import Executor
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bool": torch.bool,
-          "int64": torch.int64}  # fmt: skip
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bool": torch.bool,
+    "int64": torch.int64,
+}
 
 
 class Builder:
@@ -47,8 +51,15 @@ class Builder:
         self.tensors[name] = t.to(DTYPES[dtype or self.dtype])
         return v
 
-    def op(self, op: str, *args: Any, shape: list[int] | list[list[int]], dtype: str | None = None,
-           name: str | list[str] | None = None, **kwargs: Any) -> Any:  # fmt: skip
+    def op(
+        self,
+        op: str,
+        *args: Any,
+        shape: list[int] | list[list[int]],
+        dtype: str | None = None,
+        name: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Append `op(*args, **kwargs)`; a list of shapes makes several outputs."""
         multi = bool(shape) and isinstance(shape[0], list)
         shapes = shape if multi else [shape]
@@ -59,11 +70,14 @@ class Builder:
 
     def program(self, *outputs: dict) -> Program:
         return Program(
-            bucket=Bucket(1, 1), num_values=len(self.values), inputs=dict(self.inputs),
-            weights=dict(self.weights), outputs=[o["v"] for o in outputs],
+            bucket=Bucket(1, 1),
+            num_values=len(self.values),
+            inputs=dict(self.inputs),
+            weights=dict(self.weights),
+            outputs=[o["v"] for o in outputs],
             instructions=copy.deepcopy(self.instructions),
             meta={"values": copy.deepcopy(self.values)},
-        )  # fmt: skip
+        )
 
     def example(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -111,8 +125,13 @@ def run(program: Program, tensors: dict[str, torch.Tensor], inputs: dict[str, to
     return Executor(program, tensors, torch.device("cpu")).run(inputs)
 
 
-def assert_same_function(before: Program, after: Program, b: Builder, atol: float = 1e-5,
-                         tensors: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
+def assert_same_function(
+    before: Program,
+    after: Program,
+    b: Builder,
+    atol: float = 1e-5,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> None:
     inputs = b.example()
     tensors = tensors if tensors is not None else b.tensors
     for x, y in zip(run(before, tensors, inputs), run(after, tensors, inputs)):

@@ -10,15 +10,27 @@ H = 16
 
 def embeddings(b, tables=("word", "pos", "type"), read_again=None, norm_bias=True):
     ids = {t: b.input(f"{t}_ids", [2, 5], dtype="int64") for t in tables}
-    looked = {t: b.op("aten.embedding.default", b.weight(t, [4, H]), ids[t], shape=[2, 5, H],
-                      name=f"e_{t}") for t in tables}  # fmt: skip
+    looked = {
+        t: b.op(
+            "aten.embedding.default", b.weight(t, [4, H]), ids[t], shape=[2, 5, H], name=f"e_{t}"
+        )
+        for t in tables
+    }
     terms = list(looked.values())
     s = terms[0]
     for i, t in enumerate(terms[1:], 1):
         s = b.op("aten.add.Tensor", s, t, shape=[2, 5, H], name=f"s{i}")
     bias = b.weight("ln.b", [H]) if norm_bias else None
-    out = b.op("aten.layer_norm.default", s, [H], b.weight("ln.w", [H]), bias, 1e-12,
-               shape=[2, 5, H], name="out")  # fmt: skip
+    out = b.op(
+        "aten.layer_norm.default",
+        s,
+        [H],
+        b.weight("ln.w", [H]),
+        bias,
+        1e-12,
+        shape=[2, 5, H],
+        name="out",
+    )
     extra = [looked[read_again]] if read_again else []
     return b.program(out, *extra)
 

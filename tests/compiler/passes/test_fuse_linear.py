@@ -25,13 +25,16 @@ def test_linear_activation_and_residual_become_one_kernl_linear():
     assert_same_function(before, after, b)
 
 
-@pytest.mark.parametrize("op, extra, act", [
-    ("aten.relu.default", {}, "relu"),
-    ("aten.silu.default", {}, "silu"),
-    ("aten.gelu.default", {"approximate": "tanh"}, "gelu_tanh"),
-    ("aten.gelu.default", {"approximate": "none"}, "gelu"),
-    ("aten.gelu.default", {}, "gelu"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "op, extra, act",
+    [
+        ("aten.relu.default", {}, "relu"),
+        ("aten.silu.default", {}, "silu"),
+        ("aten.gelu.default", {"approximate": "tanh"}, "gelu_tanh"),
+        ("aten.gelu.default", {"approximate": "none"}, "gelu"),
+        ("aten.gelu.default", {}, "gelu"),
+    ],
+)
 def test_each_activation(op, extra, act):
     b = Builder()
     x = b.input("x", [3, 8])
@@ -73,8 +76,9 @@ def test_unsafe_adds_stay_but_the_activation_still_fuses():
     r = b.input("r", [3, 16])
     outs = []
     for name, other, kw in [("bcast", row, {}), ("dt", half, {}), ("alpha", r, {"alpha": 2})]:
-        y = b.op("aten.relu.default", linear(b, x, name=f"y_{name}"), shape=[3, 16],
-                 name=f"a_{name}")  # fmt: skip
+        y = b.op(
+            "aten.relu.default", linear(b, x, name=f"y_{name}"), shape=[3, 16], name=f"a_{name}"
+        )
         outs.append(b.op("aten.add.Tensor", y, other, shape=[3, 16], name=name, **kw))
     after = fuse_linear(b.program(*outs))
     assert b.show(after) == [

@@ -49,8 +49,9 @@ def test_q_k_v_become_one_linear_and_a_split():
 def test_a_bias_free_linear_read_first_stays_out_of_the_group():
     b = Builder()
     x = b.input("x", [3, 8])
-    kw = b.op("aten.linear.default", x, b.weight("kw.w", [8, 8]), bias=None, shape=[3, 8],
-              name="kw")  # fmt: skip
+    kw = b.op(
+        "aten.linear.default", x, b.weight("kw.w", [8, 8]), bias=None, shape=[3, 8], name="kw"
+    )
     q, k = lin(b, x, "q"), lin(b, x, "k")
     after = fuse_qkv(b.program(kw, q, k), dict(b.tensors))
     lines = b.show(after)

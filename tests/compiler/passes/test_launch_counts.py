@@ -25,13 +25,16 @@ def one_op(op, *args, shape, **kwargs):
     return count_launches(b.program(b.op(op, *ins, shape=shape, **kwargs)))
 
 
-@pytest.mark.parametrize("activation, impl, residual, expected", [
-    ("gelu", "aten", False, {"aten.addmm": 1, "aten.gelu": 1}),
-    ("gelu_tanh", "aten", False, {"aten._addmm_activation": 1}),  # cuBLASLt epilogue
-    ("relu", "aten", True, {"aten._addmm_activation": 1, "aten.add": 1}),
-    ("none", "aten", True, {"aten.addmm": 1, "aten.add": 1}),
-    ("gelu", "triton", True, {"triton": 1}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "activation, impl, residual, expected",
+    [
+        ("gelu", "aten", False, {"aten.addmm": 1, "aten.gelu": 1}),
+        ("gelu_tanh", "aten", False, {"aten._addmm_activation": 1}),  # cuBLASLt epilogue
+        ("relu", "aten", True, {"aten._addmm_activation": 1, "aten.add": 1}),
+        ("none", "aten", True, {"aten.addmm": 1, "aten.add": 1}),
+        ("gelu", "triton", True, {"triton": 1}),
+    ],
+)
 def test_linear_launches_per_implementation(activation, impl, residual, expected):
     b = Builder("float16")
     x, w, bias = b.input("x", [2, 5, 8]), b.weight("w", [16, 8]), b.weight("b", [16])
@@ -47,8 +50,16 @@ def test_linear_launches_per_implementation(activation, impl, residual, expected
 def test_norm_with_residual_is_one_kernel_on_triton(impl, expected):
     b = Builder("float16")
     x, r = b.input("x", [2, 5, 16]), b.input("r", [2, 5, 16])
-    y = b.op("kernl.layer_norm", x, b.weight("w", [16]), b.weight("b", [16]), 1e-5,
-             shape=[2, 5, 16], residual=r, impl=impl)  # fmt: skip
+    y = b.op(
+        "kernl.layer_norm",
+        x,
+        b.weight("w", [16]),
+        b.weight("b", [16]),
+        1e-5,
+        shape=[2, 5, 16],
+        residual=r,
+        impl=impl,
+    )
     assert count_launches(b.program(y)).total == expected
 
 
@@ -83,8 +94,13 @@ def test_views_launch_nothing():
 @pytest.fixture(scope="module")
 def bert_program():
     torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=128, vocab_size=100)  # fmt: skip
+    cfg = BertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=100,
+    )
     model = BertModel(cfg).eval()
     sig = model_signature(model, CPU)
     flat = FlatModel(model, [s.name for s in sig.inputs], [s.name for s in sig.outputs])
@@ -111,8 +127,9 @@ def test_bert_loses_the_neighbours_of_its_cublas_gemms(bert_program):
     layers = 2
     # the order of passes before: linear epilogues took the residual adds
     old = P.fuse_qkv(copy.deepcopy(program), dict(weights))
-    old = P.hoist_attention_mask(P.replace_attention(P.fuse_bert_embeddings(
-        P.replace_layer_norm(P.fuse_linear(old)))))  # fmt: skip
+    old = P.hoist_attention_mask(
+        P.replace_attention(P.fuse_bert_embeddings(P.replace_layer_norm(P.fuse_linear(old))))
+    )
     new = P.rewrite(copy.deepcopy(program), dict(weights))
     before = count_launches(_choose(old, "aten"))
     after = count_launches(_choose(new, "aten"))
@@ -164,7 +181,12 @@ def test_gpu_static_count_matches_what_the_profiler_sees(tmp_path, monkeypatch):
         for _ in range(5):
             km(**x)
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type.name == "CUDA" and "memcpy" not in
-               e.name.lower() and "memset" not in e.name.lower()]  # fmt: skip
+    kernels = [
+        e
+        for e in prof.events()
+        if e.device_type.name == "CUDA"
+        and "memcpy" not in e.name.lower()
+        and "memset" not in e.name.lower()
+    ]
     profiled = len(kernels) / 5
     assert static <= profiled <= static + 8, (static, profiled, sorted({e.name for e in kernels}))

@@ -12,8 +12,16 @@ def _neg_of_neg(ctx, outer, inner):
     return [Instruction("aten.clone.default", list(inner.ins.args), {}, outer.ins.outputs)]
 
 
-NEG_NEG = [(Pat("aten.neg.default", name="outer",
-                src=(Pat("aten.neg.default", name="inner", one_use=True),)), _neg_of_neg)]  # fmt: skip
+NEG_NEG = [
+    (
+        Pat(
+            "aten.neg.default",
+            name="outer",
+            src=(Pat("aten.neg.default", name="inner", one_use=True),),
+        ),
+        _neg_of_neg,
+    )
+]
 
 
 def chain(n_neg: int, read_twice: bool = False):
@@ -52,9 +60,15 @@ def test_replacements_are_matched_again_without_rescanning():
 
     rules = [
         NEG_NEG[0][:1] + (fold,),
-        (Pat("aten.neg.default", name="c", src=(Pat("aten.clone.default", name="n", one_use=True),)),
-         clone_neg),
-    ]  # fmt: skip
+        (
+            Pat(
+                "aten.neg.default",
+                name="c",
+                src=(Pat("aten.clone.default", name="n", one_use=True),),
+            ),
+            clone_neg,
+        ),
+    ]
     b, p = chain(4)
     after = rewrite_with(p, rules)
     assert b.show(after) == ["aten.clone.default(x) -> n3"]
@@ -74,8 +88,12 @@ def test_in_place_write_between_producer_and_consumer_blocks_the_move():
 
 def test_a_rule_that_keeps_matching_its_own_output_is_an_error():
     b, p = chain(1)
-    loop = [(Pat("aten.neg.default", name="n"),
-             lambda ctx, n: [Instruction(n.ins.op, n.ins.args, {}, n.ins.outputs)])]  # fmt: skip
+    loop = [
+        (
+            Pat("aten.neg.default", name="n"),
+            lambda ctx, n: [Instruction(n.ins.op, n.ins.args, {}, n.ins.outputs)],
+        )
+    ]
     with pytest.raises(RuntimeError, match="loop"):
         rewrite_with(p, loop)
 
@@ -95,7 +113,11 @@ def test_where_and_weight_conditions():
     z = b.op("aten.mul.Tensor", w, x, shape=[4], name="z")
     p = b.program(y, z)
     hits = []
-    pat = Pat("aten.mul.Tensor", name="m", src=(None, Pat(weight=True)),
-              where=lambda ctx, n: ctx.shape(n.vid) == [4])  # fmt: skip
+    pat = Pat(
+        "aten.mul.Tensor",
+        name="m",
+        src=(None, Pat(weight=True)),
+        where=lambda ctx, n: ctx.shape(n.vid) == [4],
+    )
     Rewriter(p, [(pat, lambda ctx, m: hits.append(m.vid))]).run()
     assert hits == [y["v"]]

@@ -14,8 +14,9 @@ def test_residual_add_goes_into_the_norm():
     b = Builder()
     x, r = b.input("x", [2, 3, 16]), b.input("r", [2, 3, 16])
     s = b.op("aten.add.Tensor", x, r, shape=[2, 3, 16], name="s")
-    out = b.op("aten.layer_norm.default", s, [16], *norm_args(b), 1e-5, shape=[2, 3, 16],
-               name="out")  # fmt: skip
+    out = b.op(
+        "aten.layer_norm.default", s, [16], *norm_args(b), 1e-5, shape=[2, 3, 16], name="out"
+    )
     before = b.program(out)
     after = replace_layer_norm(b.program(out))
     assert b.show(after) == ["kernl.layer_norm(x, ln.w, ln.b, 1e-05; residual=r) -> out"]
@@ -25,11 +26,18 @@ def test_residual_add_goes_into_the_norm():
 def test_linear_then_add_then_norm_leaves_the_gemm_plain():
     b = Builder()
     x, h = b.input("x", [2, 3, 8]), b.input("h", [2, 3, 16])
-    y = b.op("aten.linear.default", x, b.weight("w", [16, 8]), b.weight("bias", [16]),
-             shape=[2, 3, 16], name="y")  # fmt: skip
+    y = b.op(
+        "aten.linear.default",
+        x,
+        b.weight("w", [16, 8]),
+        b.weight("bias", [16]),
+        shape=[2, 3, 16],
+        name="y",
+    )
     s = b.op("aten.add.Tensor", y, h, shape=[2, 3, 16], name="s")
-    out = b.op("aten.layer_norm.default", s, [16], *norm_args(b), 1e-12, shape=[2, 3, 16],
-               name="out")  # fmt: skip
+    out = b.op(
+        "aten.layer_norm.default", s, [16], *norm_args(b), 1e-12, shape=[2, 3, 16], name="out"
+    )
     before = b.program(out)
     after = fuse_linear(replace_layer_norm(b.program(out)))
     assert b.show(after) == [
@@ -46,8 +54,7 @@ def test_sum_read_again_stays_and_then_feeds_the_linear_epilogue():
     x, h = b.input("x", [2, 3, 8]), b.input("h", [2, 3, 16])
     y = b.op("aten.linear.default", x, b.weight("w", [16, 8]), shape=[2, 3, 16], name="y")
     s = b.op("aten.add.Tensor", y, h, shape=[2, 3, 16], name="s")
-    n = b.op("aten.layer_norm.default", s, [16], *norm_args(b), 1e-5, shape=[2, 3, 16],
-             name="n")  # fmt: skip
+    n = b.op("aten.layer_norm.default", s, [16], *norm_args(b), 1e-5, shape=[2, 3, 16], name="n")
     out = b.op("aten.add.Tensor", n, s, shape=[2, 3, 16], name="out")
     before = b.program(out)
     after = fuse_linear(replace_layer_norm(b.program(out)))

@@ -182,9 +182,11 @@ def _manifest(model, source, spec, gb: GenerationBuckets, dtype: str, dev, atol,
     if dev.type == "cuda":
         major, minor = torch.cuda.get_device_capability(dev)
         target = dict(
-            target="cuda", gpu_name=torch.cuda.get_device_name(dev),
-            compute_capability=f"{major}.{minor}", cuda_version=torch.version.cuda,
-        )  # fmt: skip
+            target="cuda",
+            gpu_name=torch.cuda.get_device_name(dev),
+            compute_capability=f"{major}.{minor}",
+            cuda_version=torch.version.cuda,
+        )
     pad = spec.pad_token_id if spec.pad_token_id is not None else 0
     return Manifest(
         format_version=FORMAT_VERSION,
@@ -224,10 +226,12 @@ def _write_programs(
         name = f"{e.stage}_b{e.batch}_{'p' if e.stage == 'prefill' else 'kv'}{e.size}"
         rel = f"{PROGRAMS_DIR}/{name}.msgpack"
         meta = {
-            "stage": e.stage, "batch": e.batch,
+            "stage": e.stage,
+            "batch": e.batch,
             ("prompt" if e.stage == "prefill" else "kv_length"): e.size,
-            "cache_len": gb.cache_len, "runtime": RUNTIME,
-        }  # fmt: skip
+            "cache_len": gb.cache_len,
+            "runtime": RUNTIME,
+        }
         program = Program(Bucket(e.batch, e.size), 1, {}, {}, [], [], meta)
         (writer.tmp / rel).write_bytes(msgpack.packb(program.to_dict(), use_bin_type=True))
         entries.append(BucketEntry(Bucket(e.batch, e.size), rel, e.max_abs_error, None))

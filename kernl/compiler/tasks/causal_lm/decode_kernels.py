@@ -109,9 +109,13 @@ def choose_decode_kernels(
     # Pieces that only pay together (a norm folded into the linear after it, whose reduce is
     # in the same launch): every piece on its most fused kernel at once.
     together = dataclasses.replace(
-        best.kernels, **{knob: options[-1] for knob, options in ALTERNATIVES
-                         if knob != "gated_mlp" or decoder.gated_silu_without_bias},
-    )  # fmt: skip
+        best.kernels,
+        **{
+            knob: options[-1]
+            for knob, options in ALTERNATIVES
+            if knob != "gated_mlp" or decoder.gated_silu_without_bias
+        },
+    )
     if together not in [t.kernels for t in timings]:
         t = timed(together)
         timings.append(t)

@@ -26,9 +26,13 @@ SUPPORTED = (*LLAMA_LIKE, "gpt2")
 # Rotary variants whose frequencies do not depend on the sequence length.
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 HF_ACTIVATIONS = {
-    "silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
-}  # fmt: skip
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+}
 
 
 def describe(
@@ -126,17 +130,30 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     pad, eos = _token_ids(model)
     spec = DecoderSpec(
-        family="llama", model_type=mt, num_layers=len(base.layers), hidden_size=cfg.hidden_size,
-        num_heads=nh, num_kv_heads=kvh, head_dim=head_dim,
-        intermediate_size=mlp0.gate_proj.weight.shape[0], vocab_size=cfg.vocab_size,
-        norm="rms", norm_eps=float(eps), mlp="gated",
-        activation=_activation(cfg.hidden_act, mt), positions="rope", max_positions=None,
+        family="llama",
+        model_type=mt,
+        num_layers=len(base.layers),
+        hidden_size=cfg.hidden_size,
+        num_heads=nh,
+        num_kv_heads=kvh,
+        head_dim=head_dim,
+        intermediate_size=mlp0.gate_proj.weight.shape[0],
+        vocab_size=cfg.vocab_size,
+        norm="rms",
+        norm_eps=float(eps),
+        mlp="gated",
+        activation=_activation(cfg.hidden_act, mt),
+        positions="rope",
+        max_positions=None,
         attention_scale=float(getattr(attn0, "scaling", head_dim**-0.5)),
         rope_attention_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
-        qkv_bias=attn0.q_proj.bias is not None, o_bias=attn0.o_proj.bias is not None,
-        mlp_bias=mlp0.gate_proj.bias is not None, tied_embeddings=tied,
-        pad_token_id=pad, eos_token_ids=eos,
-    )  # fmt: skip
+        qkv_bias=attn0.q_proj.bias is not None,
+        o_bias=attn0.o_proj.bias is not None,
+        mlp_bias=mlp0.gate_proj.bias is not None,
+        tied_embeddings=tied,
+        pad_token_id=pad,
+        eos_token_ids=eos,
+    )
     return spec, weights
 
 
@@ -202,14 +219,27 @@ def _describe_gpt2(model, cache_len: int) -> tuple[DecoderSpec, dict]:
     head_dim = hidden // nh
     pad, eos = _token_ids(model)
     spec = DecoderSpec(
-        family="gpt2", model_type="gpt2", num_layers=cfg.n_layer, hidden_size=hidden,
-        num_heads=nh, num_kv_heads=nh, head_dim=head_dim,
-        intermediate_size=t.h[0].mlp.c_fc.weight.shape[1], vocab_size=cfg.vocab_size,
-        norm="layer", norm_eps=float(cfg.layer_norm_epsilon), mlp="plain",
-        activation=_activation(cfg.activation_function, "gpt2"), positions="learned",
+        family="gpt2",
+        model_type="gpt2",
+        num_layers=cfg.n_layer,
+        hidden_size=hidden,
+        num_heads=nh,
+        num_kv_heads=nh,
+        head_dim=head_dim,
+        intermediate_size=t.h[0].mlp.c_fc.weight.shape[1],
+        vocab_size=cfg.vocab_size,
+        norm="layer",
+        norm_eps=float(cfg.layer_norm_epsilon),
+        mlp="plain",
+        activation=_activation(cfg.activation_function, "gpt2"),
+        positions="learned",
         max_positions=int(cfg.n_positions),
         attention_scale=head_dim**-0.5 if cfg.scale_attn_weights else 1.0,
-        qkv_bias=True, o_bias=True, mlp_bias=True, tied_embeddings=tied,
-        pad_token_id=pad, eos_token_ids=eos,
-    )  # fmt: skip
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        tied_embeddings=tied,
+        pad_token_id=pad,
+        eos_token_ids=eos,
+    )
     return spec, weights

@@ -40,9 +40,11 @@ def reference_logits(
     position_ids = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 1)
     with torch.no_grad():
         out = model(
-            input_ids=seqs, attention_mask=valid.long(), position_ids=position_ids,
+            input_ids=seqs,
+            attention_mask=valid.long(),
+            position_ids=position_ids,
             use_cache=False,
-        )  # fmt: skip
+        )
     return out.logits[:, keep].float()
 
 

@@ -118,10 +118,16 @@ def _validate(runtime: Seq2SeqModel, model, spec, batch: int, source: int, token
     dev = next(model.parameters()).device
     with torch.no_grad():
         ref = model.generate(
-            input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=tokens,
-            min_new_tokens=tokens, do_sample=False, num_beams=1, eos_token_id=None,
-            decoder_start_token_id=spec.decoder_start_token_id, pad_token_id=0,
-        ).cpu()  # fmt: skip
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=None,
+            decoder_start_token_id=spec.decoder_start_token_id,
+            pad_token_id=0,
+        ).cpu()
     got = runtime.generate(ids, mask, max_new_tokens=tokens, eos_token_id=[])
     if not torch.equal(ref, got):
         raise RuntimeError(
@@ -135,9 +141,11 @@ def _manifest(model, source, spec, sb: Seq2SeqBuckets, dtype: str, dev) -> Manif
     if dev.type == "cuda":
         major, minor = torch.cuda.get_device_capability(dev)
         target = dict(
-            target="cuda", gpu_name=torch.cuda.get_device_name(dev),
-            compute_capability=f"{major}.{minor}", cuda_version=torch.version.cuda,
-        )  # fmt: skip
+            target="cuda",
+            gpu_name=torch.cuda.get_device_name(dev),
+            compute_capability=f"{major}.{minor}",
+            cuda_version=torch.version.cuda,
+        )
     pad = spec.pad_token_id if spec.pad_token_id is not None else 0
     return Manifest(
         format_version=FORMAT_VERSION,
@@ -171,8 +179,13 @@ def _write_programs(writer: ArtifactWriter, sb: Seq2SeqBuckets) -> list[BucketEn
     entries = []
     for b, s in sb.encoder_shapes():
         rel = f"{PROGRAMS_DIR}/encoder_b{b}_s{s}.msgpack"
-        meta = {"stage": "encoder", "batch": b, "source": s, "cache_len": sb.cache_len,
-                "runtime": RUNTIME}  # fmt: skip
+        meta = {
+            "stage": "encoder",
+            "batch": b,
+            "source": s,
+            "cache_len": sb.cache_len,
+            "runtime": RUNTIME,
+        }
         program = Program(Bucket(b, s), 1, {"input_ids": 0}, {}, [0], [], meta)
         (writer.tmp / rel).write_bytes(msgpack.packb(program.to_dict(), use_bin_type=True))
         entries.append(BucketEntry(Bucket(b, s), rel, 0.0, None))

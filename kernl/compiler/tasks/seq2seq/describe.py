@@ -22,8 +22,14 @@ from kernl.artifacts.seq2seq import Seq2SeqSpec
 from ...trace import UnsupportedModelError
 
 SUPPORTED = ("t5", "bart")
-HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh",
-                  "gelu_pytorch_tanh": "gelu_tanh", "silu": "silu", "swish": "silu"}  # fmt: skip
+HF_ACTIVATIONS = {
+    "relu": "relu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "silu": "silu",
+    "swish": "silu",
+}
 
 
 def describe(
@@ -64,8 +70,11 @@ def _token_ids(model) -> dict:
     eos = first(getattr(gen, "eos_token_id", None), getattr(cfg, "eos_token_id", None))
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     pad = first(getattr(gen, "pad_token_id", None), getattr(cfg, "pad_token_id", None))
-    start = first(getattr(gen, "decoder_start_token_id", None),
-                  getattr(cfg, "decoder_start_token_id", None), pad)  # fmt: skip
+    start = first(
+        getattr(gen, "decoder_start_token_id", None),
+        getattr(cfg, "decoder_start_token_id", None),
+        pad,
+    )
     if start is None:
         raise UnsupportedModelError("the model declares no decoder_start_token_id")
     for name in ("forced_bos_token_id", "forced_eos_token_id"):
@@ -92,16 +101,29 @@ def _t5(model):
     scale = getattr(cfg, "scale_decoder_outputs", getattr(cfg, "tie_word_embeddings", True))
     untied = _untied_head(model)
     spec = Seq2SeqSpec(
-        family="t5", model_type="t5", num_encoder_layers=cfg.num_layers,
-        num_decoder_layers=cfg.num_decoder_layers, d_model=cfg.d_model, num_heads=cfg.num_heads,
-        head_dim=cfg.d_kv, ffn_dim=cfg.d_ff, vocab_size=cfg.vocab_size, norm="rms",
-        norm_eps=float(cfg.layer_norm_epsilon), pre_norm=True, mlp="gated" if gated else "plain",
-        activation=_activation(cfg.dense_act_fn), positions="relative", attention_scale=1.0,
+        family="t5",
+        model_type="t5",
+        num_encoder_layers=cfg.num_layers,
+        num_decoder_layers=cfg.num_decoder_layers,
+        d_model=cfg.d_model,
+        num_heads=cfg.num_heads,
+        head_dim=cfg.d_kv,
+        ffn_dim=cfg.d_ff,
+        vocab_size=cfg.vocab_size,
+        norm="rms",
+        norm_eps=float(cfg.layer_norm_epsilon),
+        pre_norm=True,
+        mlp="gated" if gated else "plain",
+        activation=_activation(cfg.dense_act_fn),
+        positions="relative",
+        attention_scale=1.0,
         relative_buckets=cfg.relative_attention_num_buckets,
-        relative_max_distance=cfg.relative_attention_max_distance, final_norm=True,
-        logits_scale=cfg.d_model**-0.5 if scale else 1.0, tied_embeddings=not untied,
+        relative_max_distance=cfg.relative_attention_max_distance,
+        final_norm=True,
+        logits_scale=cfg.d_model**-0.5 if scale else 1.0,
+        tied_embeddings=not untied,
         **_token_ids(model),
-    )  # fmt: skip
+    )
     w = {"embed.weight": model.shared.weight}
     for side, stack in (("enc", model.encoder), ("dec", model.decoder)):
         w[f"{side}.rel_bias.weight"] = (
@@ -151,16 +173,32 @@ def _bart(model):
     heads = cfg.encoder_attention_heads
     pos = m.encoder.embed_positions
     spec = Seq2SeqSpec(
-        family="bart", model_type="bart", num_encoder_layers=cfg.encoder_layers,
-        num_decoder_layers=cfg.decoder_layers, d_model=cfg.d_model, num_heads=heads,
-        head_dim=cfg.d_model // heads, ffn_dim=cfg.encoder_ffn_dim, vocab_size=cfg.vocab_size,
-        norm="layer", norm_eps=float(m.encoder.layernorm_embedding.eps), pre_norm=False,
-        mlp="plain", activation=_activation(cfg.activation_function), positions="learned",
-        attention_scale=(cfg.d_model // heads) ** -0.5, max_positions=pos.weight.shape[0],
-        position_offset=int(pos.offset), embed_scale=float(m.encoder.embed_tokens.embed_scale),
-        embed_norm=True, final_norm=False, biases=True, tied_embeddings=not untied,
-        final_logits_bias=True, **_token_ids(model),
-    )  # fmt: skip
+        family="bart",
+        model_type="bart",
+        num_encoder_layers=cfg.encoder_layers,
+        num_decoder_layers=cfg.decoder_layers,
+        d_model=cfg.d_model,
+        num_heads=heads,
+        head_dim=cfg.d_model // heads,
+        ffn_dim=cfg.encoder_ffn_dim,
+        vocab_size=cfg.vocab_size,
+        norm="layer",
+        norm_eps=float(m.encoder.layernorm_embedding.eps),
+        pre_norm=False,
+        mlp="plain",
+        activation=_activation(cfg.activation_function),
+        positions="learned",
+        attention_scale=(cfg.d_model // heads) ** -0.5,
+        max_positions=pos.weight.shape[0],
+        position_offset=int(pos.offset),
+        embed_scale=float(m.encoder.embed_tokens.embed_scale),
+        embed_norm=True,
+        final_norm=False,
+        biases=True,
+        tied_embeddings=not untied,
+        final_logits_bias=True,
+        **_token_ids(model),
+    )
     w = {"embed.weight": m.shared.weight, "final_logits_bias": model.final_logits_bias[0]}
 
     def lin(p: str, mod) -> None:
