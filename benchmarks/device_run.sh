@@ -19,6 +19,12 @@
 #           (benchmarks/bench_bert_fusions.py)
 #   decode  the fused decode kernels vs the sequences they replace
 #           (benchmarks/bench_decode_kernels.py)
+#   sweep   the fused decode kernels' configs, widely (benchmarks/sweep_decode_configs.py)
+#   seq2seq T5-base and Whisper-large-v3 shapes vs HF eager / static-cache generate
+#           (benchmarks/bench_seq2seq.py)
+#   serving kernl's in-process request path vs direct calls, BERT-base and Llama-1B
+#           (benchmarks/bench_serving_direct.py)
+#   gpuquick the GPU tests of kernels, runtime and generation only (a smoke run)
 set -uo pipefail
 RUN=${KERNL_RUN_DIR:-/tmp/kernl-run}
 WAIT=${WAIT:-540}
@@ -30,6 +36,11 @@ stage() {
     gen) timeout 900 python3 .bench/kernl_gen_vs_peers.py 1 4 8 ;;
     bert) OUT=$RUN timeout 600 python3 benchmarks/bench_bert_fusions.py ;;
     decode) OUT=$RUN timeout 300 python3 benchmarks/bench_decode_kernels.py ;;
+    sweep) OUT=$RUN timeout 360 python3 benchmarks/sweep_decode_configs.py ;;
+    seq2seq) OUT=$RUN timeout 600 python3 benchmarks/bench_seq2seq.py ;;
+    serving) OUT=$RUN timeout 540 python3 benchmarks/bench_serving_direct.py ;;
+    gpuquick) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=20 \
+      tests/kernels tests/runtime tests/generation/test_decode_kernels.py ;;
     *) echo "unknown stage $1" ;;
   esac
 }
