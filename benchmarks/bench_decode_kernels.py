@@ -73,13 +73,14 @@ LM_HEAD_CONFIGS = [
 ]
 
 
-def randn(*shape, scale: float = 1.0) -> torch.Tensor:
-    return (torch.randn(*shape, device=DEV, dtype=torch.float32) * scale).to(DTYPE)
+def randn(*shape, scale: float = 1.0, device: str | None = None, dtype=None) -> torch.Tensor:
+    t = torch.randn(*shape, device=device or DEV, dtype=torch.float32) * scale
+    return t.to(dtype or DTYPE)
 
 
-def weight_copies(make: Callable[[], torch.Tensor]) -> list[torch.Tensor]:
+def weight_copies(make: Callable[[], torch.Tensor], l2_bytes: int = L2_BYTES) -> list[torch.Tensor]:
     first = make()
-    n = max(1, min(32, math.ceil(L2_BYTES / (first.numel() * first.element_size()))))
+    n = max(1, min(32, math.ceil(l2_bytes / (first.numel() * first.element_size()))))
     return [first] + [make() for _ in range(n - 1)]
 
 
@@ -111,10 +112,18 @@ def time_ms(fn: Callable[[int], object], copies: int, reps: int = 15) -> float:
     return statistics.median(times)
 
 
-def check(name: str, out: torch.Tensor, ref64: torch.Tensor, stock: torch.Tensor) -> dict:
+def compare(
+    out: torch.Tensor, ref64: torch.Tensor, stock: torch.Tensor
+) -> tuple[bool, float, float]:
+    """(ok, kernl's max error vs float64, stock torch's): ok when at most 2x stock's + 8e-3."""
     err = (out.double() - ref64).abs().max().item()
     stock_err = (stock.double() - ref64).abs().max().item()
     ok = bool(err <= 2 * stock_err + 8e-3) and not out.isnan().any().item()
+    return ok, err, stock_err
+
+
+def check(name: str, out: torch.Tensor, ref64: torch.Tensor, stock: torch.Tensor) -> dict:
+    ok, err, stock_err = compare(out, ref64, stock)
     print(
         f"  check {name:<28} max err {err:.3g} (stock bf16 {stock_err:.3g}) "
         f"{'ok' if ok else 'FAILED'}"
@@ -236,6 +245,69 @@ def report(rows: list[dict]) -> None:
         )
 
 
+def unfused_impls(
+    op: str,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    ws: list[torch.Tensor],
+    h: torch.Tensor | None = None,
+    r: torch.Tensor | None = None,
+) -> list[tuple[str, int, Callable[[int], object]]]:
+    """The sequences a fused kernel replaces, as (impl, kernels per call, fn(i) over the weight
+    copies ws[i]): kernl's unfused path as the decoder runs it, and plain torch. op: "qkv",
+    "gate_up" (ws are [gate; up]), "o"/"down" (h the input, r the residual) or "lm_head".
+    Shape-agnostic: widths come from the tensors."""
+    K = x.shape[1]
+    if op == "qkv":
+        return [
+            (
+                "kernl norm+skinny(+reduce)",
+                3,
+                lambda i: skinny_mod.skinny_linear(norm_mod.rms_norm(x, g, None, EPS), ws[i]),
+            ),
+            ("torch rms_norm+linear", 2, lambda i: F.linear(F.rms_norm(x, (K,), g, EPS), ws[i])),
+        ]
+    if op == "gate_up":
+        inter = ws[0].shape[0] // 2
+        tile = mlp_mod.GatedMLPConfig(16, 32, 128, 1, 4, 4)  # the decoder's DECODE_GATED_MLP_TILE
+
+        def torch_gated(i: int) -> torch.Tensor:
+            gate, up = F.linear(F.rms_norm(x, (K,), g, EPS), ws[i]).chunk(2, dim=-1)
+            return F.silu(gate) * up
+
+        return [
+            (
+                "kernl norm+gated_mlp",
+                2,
+                lambda i: mlp_mod.gated_mlp(
+                    norm_mod.rms_norm(x, g, None, EPS), ws[i][:inter], ws[i][inter:], config=tile
+                ),
+            ),
+            ("torch norm+linear+silu*up", 4, torch_gated),
+        ]
+    if op in ("o", "down"):
+        assert h is not None and r is not None
+        return [
+            ("kernl skinny(+reduce)", 2, lambda i: skinny_mod.skinny_linear(h, ws[i], None, r)),
+            ("torch addmm", 1, lambda i: torch.addmm(r, h, ws[i].t())),
+        ]
+    assert op == "lm_head", op
+    return [
+        (
+            "kernl norm+skinny+argmax",
+            4,
+            lambda i: skinny_mod.skinny_linear(norm_mod.rms_norm(x, g, None, EPS), ws[i]).argmax(
+                -1
+            ),
+        ),
+        (
+            "torch norm+linear+argmax",
+            3,
+            lambda i: F.linear(F.rms_norm(x, (K,), g, EPS), ws[i]).argmax(-1),
+        ),
+    ]
+
+
 def bench_batch(bench: Bench, M: int, W: dict) -> dict[str, dict[str, float]]:
     """All ops at batch M; returns {op: {impl: best ms}} for the step estimate."""
     out: dict[str, dict[str, float]] = {}
@@ -257,28 +329,8 @@ def bench_batch(bench: Bench, M: int, W: dict) -> dict[str, dict[str, float]]:
     rows = [
         bench.best("qkv", M, "fused norm_linear", 1, nbytes, make, len(ws), NORM_LINEAR_CONFIGS)
     ]
-    rows.append(
-        bench.run(
-            "qkv",
-            M,
-            "kernl norm+skinny(+reduce)",
-            3,
-            nbytes,
-            lambda i: skinny_mod.skinny_linear(norm_mod.rms_norm(x, g, None, EPS), ws[i]),
-            len(ws),
-        )
-    )
-    rows.append(
-        bench.run(
-            "qkv",
-            M,
-            "torch rms_norm+linear",
-            2,
-            nbytes,
-            lambda i: F.linear(F.rms_norm(x, (HIDDEN,), g, EPS), ws[i]),
-            len(ws),
-        )
-    )
+    for impl, kernels, fn in unfused_impls("qkv", x, g, ws):
+        rows.append(bench.run("qkv", M, impl, kernels, nbytes, fn, len(ws)))
     keep("qkv", [r for r in rows if r])
 
     # -- MLP norm + gate/up + SiLU * up --------------------------------------------------------
@@ -294,28 +346,8 @@ def bench_batch(bench: Bench, M: int, W: dict) -> dict[str, dict[str, float]]:
             "gate_up", M, "fused norm_linear gated", 1, nbytes, make, len(ws), NORM_LINEAR_CONFIGS
         )
     ]
-    tile = mlp_mod.GatedMLPConfig(16, 32, 128, 1, 4, 4)  # the decoder's DECODE_GATED_MLP_TILE
-    rows.append(
-        bench.run(
-            "gate_up",
-            M,
-            "kernl norm+gated_mlp",
-            2,
-            nbytes,
-            lambda i: mlp_mod.gated_mlp(
-                norm_mod.rms_norm(x, g, None, EPS), ws[i][:INTER], ws[i][INTER:], config=tile
-            ),
-            len(ws),
-        )
-    )
-
-    def torch_gated(i: int) -> torch.Tensor:
-        gate, up = F.linear(F.rms_norm(x, (HIDDEN,), g, EPS), ws[i]).chunk(2, dim=-1)
-        return F.silu(gate) * up
-
-    rows.append(
-        bench.run("gate_up", M, "torch norm+linear+silu*up", 4, nbytes, torch_gated, len(ws))
-    )
+    for impl, kernels, fn in unfused_impls("gate_up", x, g, ws):
+        rows.append(bench.run("gate_up", M, impl, kernels, nbytes, fn, len(ws)))
     keep("gate_up", [r for r in rows if r])
 
     # -- O and down projections + residual -----------------------------------------------------
@@ -331,28 +363,8 @@ def bench_batch(bench: Bench, M: int, W: dict) -> dict[str, dict[str, float]]:
                 op, M, "fused skinny_linear_fused", 1, nbytes, make, len(ws), FUSED_LINEAR_CONFIGS
             )
         ]
-        rows.append(
-            bench.run(
-                op,
-                M,
-                "kernl skinny(+reduce)",
-                2,
-                nbytes,
-                lambda i, ws=ws, h=h, r=r: skinny_mod.skinny_linear(h, ws[i], None, r),
-                len(ws),
-            )
-        )
-        rows.append(
-            bench.run(
-                op,
-                M,
-                "torch addmm",
-                1,
-                nbytes,
-                lambda i, ws=ws, h=h, r=r: torch.addmm(r, h, ws[i].t()),
-                len(ws),
-            )
-        )
+        for impl, kernels, fn in unfused_impls(op, x, g, ws, h, r):
+            rows.append(bench.run(op, M, impl, kernels, nbytes, fn, len(ws)))
         keep(op, [r for r in rows if r])
 
     # -- rope + KV-cache write -----------------------------------------------------------------
@@ -428,30 +440,8 @@ def bench_batch(bench: Bench, M: int, W: dict) -> dict[str, dict[str, float]]:
                 LM_HEAD_CONFIGS,
             )
         )
-    rows.append(
-        bench.run(
-            "lm_head",
-            M,
-            "kernl norm+skinny+argmax",
-            4,
-            nbytes + M * VOCAB * b2,
-            lambda i: skinny_mod.skinny_linear(norm_mod.rms_norm(x, g, None, EPS), ws[i]).argmax(
-                -1
-            ),
-            len(ws),
-        )
-    )
-    rows.append(
-        bench.run(
-            "lm_head",
-            M,
-            "torch norm+linear+argmax",
-            3,
-            nbytes + M * VOCAB * b2,
-            lambda i: F.linear(F.rms_norm(x, (HIDDEN,), g, EPS), ws[i]).argmax(-1),
-            len(ws),
-        )
-    )
+    for impl, kernels, fn in unfused_impls("lm_head", x, g, ws):
+        rows.append(bench.run("lm_head", M, impl, kernels, nbytes + M * VOCAB * b2, fn, len(ws)))
     keep("lm_head", [r for r in rows if r])
     return out
 
