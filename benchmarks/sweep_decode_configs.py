@@ -311,6 +311,104 @@ def precompile(tasks: list[tuple[str, object, int]], jobs: int, deadline: float)
     return failed
 
 
+# -- programmatic dependent launch ----------------------------------------------------------
+
+
+def best_configs(tops: list[dict], M: int) -> dict[str, object]:
+    """The sweep's fastest checked config per op at batch M (the kernels' defaults if none)."""
+    types = {"qkv": nl_mod.NormLinearConfig, "gate_up": nl_mod.NormLinearConfig}
+    types |= {"o": slf_mod.SkinnyLinearFusedConfig, "down": slf_mod.SkinnyLinearFusedConfig}
+    types["lm_head"] = lm_mod.LmHeadArgmaxConfig
+    best = {op: t() for op, t in types.items()}
+    for t in tops:
+        if t["batch"] == M and t["top"]:
+            best[t["op"]] = types[t["op"]](**t["top"][0]["config"])
+    return best
+
+
+def pdl_probe(S: Shapes, M: int, configs: dict, dev: str, dtype, timer, layers: int) -> dict:
+    """A decode step's fused kernels (per layer norm+QKV, O+residual, norm+gate/up+SiLU*up,
+    down+residual; then norm+lm_head+argmax) over `layers` layers of distinct weights, in one
+    CUDA graph, launched plainly and with PDL (each kernel `gdc_wait`s, then lets the next
+    one launch). Attention and rope are left out: the O projection reads the first columns
+    of the QKV output instead. Both must give bitwise the same ids and residual stream (the
+    split-K reductions are deterministic); the JSON says whether they did."""
+    rnd = lambda *s: bdk.randn(*s, scale=0.02, device=dev, dtype=dtype)  # noqa: E731
+    Lw = [
+        (
+            rnd(S.n_qkv, S.hidden),
+            rnd(S.hidden, S.hidden),
+            rnd(2 * S.inter, S.hidden),
+            rnd(S.hidden, S.inter),
+        )
+        for _ in range(layers)
+    ]
+    lm = rnd(S.vocab, S.hidden)
+    g = (torch.rand(S.hidden, device=dev) + 0.5).to(dtype)
+    x0 = bdk.randn(M, S.hidden, device=dev, dtype=dtype)
+    x, qkv = x0.clone(), torch.empty(M, S.n_qkv, device=dev, dtype=dtype)
+    h = torch.empty(M, S.inter, device=dev, dtype=dtype)
+    ids = torch.empty(M, dtype=torch.int64, device=dev)
+    counters, workspace = nl_mod.new_counters(dev), lm_mod.new_workspace(dev)
+    c = configs
+    eps = bdk.EPS
+
+    def step(pdl: bool) -> None:
+        x.copy_(x0)
+        for wqkv, wo, wgu, wd in Lw:
+            nl_mod.norm_linear(
+                x, g, None, wqkv, eps=eps, out=qkv, counters=counters, config=c["qkv"], pdl=pdl
+            )
+            slf_mod.skinny_linear_fused(
+                qkv[:, : S.hidden], wo, None, x, out=x, counters=counters, config=c["o"], pdl=pdl
+            )
+            nl_mod.norm_linear(
+                x,
+                g,
+                None,
+                wgu,
+                eps=eps,
+                gated=True,
+                out=h,
+                counters=counters,
+                config=c["gate_up"],
+                pdl=pdl,
+            )
+            slf_mod.skinny_linear_fused(
+                h, wd, None, x, out=x, counters=counters, config=c["down"], pdl=pdl
+            )
+        lm_mod.lm_head_argmax(
+            x,
+            lm,
+            norm_weight=g,
+            eps=eps,
+            ids_out=ids,
+            workspace=workspace,
+            config=c["lm_head"],
+            pdl=pdl,
+        )
+
+    results = {}
+    for pdl in (False, True):
+        step(pdl)
+        results[pdl] = (ids.clone(), x.clone())
+    same = bool(torch.equal(results[False][0], results[True][0])) and bool(
+        torch.equal(results[False][1], results[True][1])
+    )
+    kernels = 4 * layers + 1
+    out = {"batch": M, "layers": layers, "kernels": kernels, "same_results": same}
+    out["configs"] = {k: dataclasses.asdict(v) for k, v in configs.items()}
+    for pdl in (False, True):
+        out["pdl_us" if pdl else "plain_us"] = timer(lambda i, pdl=pdl: step(pdl), 1) * 1000
+    saved = out["plain_us"] - out["pdl_us"]
+    print(
+        f"PDL probe batch {M}: {kernels} kernels, plain {out['plain_us']:.1f} us, "
+        f"PDL {out['pdl_us']:.1f} us ({saved / kernels:+.2f} us per kernel saved); "
+        f"same ids and residual: {same}"
+    )
+    return out
+
+
 # -- the sweep ----------------------------------------------------------------------------------
 
 
@@ -391,9 +489,11 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=min(12, max(1, (os.cpu_count() or 2) - 2)))
     ap.add_argument("--extra", type=int, default=28, help="wide-space configs per kernel")
     ap.add_argument("--batches", default="1,4,8")
+    ap.add_argument("--no-pdl", action="store_true", help="skip the PDL probe")
+    ap.add_argument("--pdl-reserve-s", type=float, default=40.0, help="budget kept for it")
     args = ap.parse_args()
     t0 = time.time()
-    deadline = t0 + args.budget_s
+    deadline = t0 + args.budget_s - (0 if args.no_pdl else args.pdl_reserve_s)
     torch.manual_seed(0)
     import triton
 
@@ -454,6 +554,18 @@ def main() -> None:
             tops.append(report(op, op_rows))
             if dev == "cuda":
                 torch.cuda.synchronize()
+    pdl = []
+    if not args.no_pdl:
+        for M in batches:
+            try:
+                pdl.append(
+                    pdl_probe(
+                        S, M, best_configs(tops, M), dev, dtype, timer, 2 if args.tiny else 16
+                    )
+                )
+            except Exception as e:  # e.g. PDL inside graph capture unsupported: say so
+                print(f"PDL probe batch {M} failed: {type(e).__name__}: {str(e)[:300]}")
+                pdl.append({"batch": M, "error": f"{type(e).__name__}: {str(e)[:300]}"})
     failed_checks = [r for r in rows if r.get("config") and r.get("ok") is False]
     result = {
         **info,

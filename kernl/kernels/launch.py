@@ -7,7 +7,13 @@ of that block* to the artifact's precompiled binaries. Nothing process-wide is p
 loaded models, the compiler and plain Triton code live in one process.
 
 Triton's interpreter (CPU mode) rewrites `triton.language` globally while a kernel runs, so
-two threads interpreting at once corrupt each other: interpreted launches are serialised."""
+two threads interpreting at once corrupt each other: interpreted launches are serialised.
+
+Programmatic dependent launch (PDL, Hopper and later): a kernel launched with `launch_pdl=True`
+may start while the kernel before it on the stream drains; it must call `pdl_start(USE_PDL)`
+before touching memory the previous kernel writes or reads. `pdl_kwargs(pdl)` are the launch
+arguments that go with it (a `USE_PDL` constexpr and, when on, Triton's `launch_pdl` option).
+The interpreter runs no inline PTX, so PDL is off there (`pdl_kwargs` says so)."""
 
 from __future__ import annotations
 
@@ -16,6 +22,28 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
+
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+@triton.jit
+def pdl_start(USE_PDL: tl.constexpr):
+    """With PDL: wait until the previous kernel on the stream has finished and its writes are
+    visible (nothing before this may read or write shared buffers), then let the next kernel
+    launch: its programs start and wait in turn while this one streams its weights."""
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+def pdl_kwargs(pdl: bool, interpreted: bool = False) -> dict[str, Any]:
+    """The launch arguments of a kernel that calls `pdl_start(USE_PDL)`."""
+    if pdl and not interpreted:
+        return {"USE_PDL": True, "launch_pdl": True}
+    return {"USE_PDL": False}
+
 
 # (kernel, grid, args, kwargs) -> whatever the launch returns
 Launcher = Callable[[Any, Any, tuple, dict], Any]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .launch import launch_kernel
+from .launch import is_interpreted, launch_kernel, pdl_kwargs, pdl_start
 
 MAX_ROWS = 16
 INT64_MIN = -(2**63)
@@ -54,7 +54,9 @@ def _lm_head_argmax_kernel(
     HAS_NORM: tl.constexpr,
     WRITE_LOGITS: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_start(USE_PDL)  # every read below may depend on the previous kernel
     pid = tl.program_id(0)
     offs_m = tl.arange(0, 16)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -160,6 +162,7 @@ def lm_head_argmax(
     ids_out: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
     config: LmHeadArgmaxConfig | None = None,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x [M <= 16, K] (unit stride along K), weight [V, K] (unit stride along K), optional
     RMSNorm weight [K] applied to x first. Returns (ids [M] int64, logits [M, V] in x's dtype
@@ -207,6 +210,7 @@ def lm_head_argmax(
         PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **pdl_kwargs(pdl, is_interpreted(_lm_head_argmax_kernel)),
     )
     return ids_out, (logits_out if write_logits else None)
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .launch import launch_kernel
+from .launch import is_interpreted, launch_kernel, pdl_kwargs, pdl_start
 
 MAX_ROWS = 16
 MAX_COUNTERS = 4096  # N blocks one `counters` buffer serves (N / BLOCK_N)
@@ -101,7 +101,9 @@ def _norm_linear_kernel(
     HAS_BIAS: tl.constexpr,
     GATED: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_start(USE_PDL)  # every read below may depend on the previous kernel
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     offs_m = tl.arange(0, 16)
@@ -295,6 +297,7 @@ def norm_linear(
     out: torch.Tensor | None = None,
     counters: torch.Tensor | None = None,
     config: NormLinearConfig | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """norm(x) @ weight^T + bias for x [M <= 16, K] (unit stride along K), weight [N_w, K]
     (unit stride along K), norm "rms" or "layer" with weight (and bias) [K].
@@ -355,6 +358,7 @@ def norm_linear(
         PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **pdl_kwargs(pdl, is_interpreted(_norm_linear_kernel)),
     )
     return out
 

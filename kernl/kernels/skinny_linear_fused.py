@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .launch import launch_kernel
+from .launch import is_interpreted, launch_kernel, pdl_kwargs, pdl_start
 
 MAX_ROWS = 16
 MAX_COUNTERS = 4096  # N blocks one `counters` buffer serves (N / BLOCK_N)
@@ -80,7 +80,9 @@ def _skinny_fused_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_start(USE_PDL)  # every read below may depend on the previous kernel
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     offs_m = tl.arange(0, 16)
@@ -200,6 +202,7 @@ def skinny_linear_fused(
     out: torch.Tensor | None = None,
     counters: torch.Tensor | None = None,
     config: SkinnyLinearFusedConfig | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """x [M <= 16, K] (unit stride along K), weight [N, K] (unit stride along K), bias [N],
     residual [M, N] -> [M, N] in x's dtype, one launch. counters: int32 zeros
@@ -253,6 +256,7 @@ def skinny_linear_fused(
         PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **pdl_kwargs(pdl, is_interpreted(_skinny_fused_kernel)),
     )
     return out
 
