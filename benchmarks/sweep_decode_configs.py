@@ -94,7 +94,10 @@ def _wide(
         for bk in (64, 128, 256, 512):
             for w in (2, 4, 8):
                 for st in (2, 3, 4, 5, 6):
-                    if _smem(bn, bk, st, n_weights) > SMEM_BYTES or bn * bk * n_weights > 65536:
+                    tile = bn * bk * n_weights
+                    # shared memory of the pipeline, and <= 256 weight elements per thread
+                    # in registers (more spills: slow to compile, slower to run)
+                    if _smem(bn, bk, st, n_weights) > SMEM_BYTES or tile > 256 * 32 * w:
                         continue
                     for sk in split_choices:
                         wide.append(make(bn, bk, sk, w, st))
@@ -530,7 +533,11 @@ def main() -> None:
         ms = sorted({1 if b == 1 else 2 for b in batches})  # Triton specialises M == 1 only
         tasks = [(op, c, m) for op, sp in op_space.items() for c in spaces[sp] for m in ms]
         t = time.time()
-        failed = precompile(tasks, args.jobs, t0 + 0.45 * args.budget_s)
+        try:
+            failed = precompile(tasks, args.jobs, t0 + 0.45 * args.budget_s)
+        except Exception as e:  # a worker died: the timing process compiles what is left
+            print(f"precompile failed: {type(e).__name__}: {str(e)[:200]}")
+            failed = -1
         info["precompile"] = {"tasks": len(tasks), "failed": failed, "s": time.time() - t}
         print(
             f"precompiled {len(tasks)} (op, config, M) on {args.jobs} processes in "

@@ -180,12 +180,14 @@ def _norm_linear_kernel(
             GATED,
         )
     else:
+        # only the M live rows of a partial tile move (a batch-1 step: 1/16 of the bytes)
+        p_mask = m_mask[:, None] & n_mask[None, :]
         # Partial [SPLIT_K, 16, N_W] (N_W = 2N when gated: gate then up), SumSq [blocks, SPLIT_K, 16]
         n_w = 2 * N if GATED else N
         p_tile = Partial + (split * 16 + offs_m[:, None]).to(tl.int64) * n_w + offs_n[None, :]
-        tl.store(p_tile, acc, mask=n_mask[None, :])
+        tl.store(p_tile, acc, mask=p_mask)
         if GATED:
-            tl.store(p_tile + N, acc_u, mask=n_mask[None, :])
+            tl.store(p_tile + N, acc_u, mask=p_mask)
         if IS_RMS:
             tl.store(SumSq + (pid_n * SPLIT_K + split) * 16 + offs_m, ss)
         # every thread's stores precede the (release) bump of this block's counter
@@ -197,11 +199,9 @@ def _norm_linear_kernel(
             ss = tl.zeros([16], dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):
                 tile = Partial + (s * 16 + offs_m[:, None]).to(tl.int64) * n_w + offs_n[None, :]
-                acc += tl.load(tile, mask=n_mask[None, :], other=0.0, cache_modifier=".cg")
+                acc += tl.load(tile, mask=p_mask, other=0.0, cache_modifier=".cg")
                 if GATED:
-                    acc_u += tl.load(
-                        tile + N, mask=n_mask[None, :], other=0.0, cache_modifier=".cg"
-                    )
+                    acc_u += tl.load(tile + N, mask=p_mask, other=0.0, cache_modifier=".cg")
                 if IS_RMS:
                     ss += tl.load(SumSq + (pid_n * SPLIT_K + s) * 16 + offs_m, cache_modifier=".cg")
             _norm_linear_finish(

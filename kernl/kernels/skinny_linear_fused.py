@@ -121,9 +121,11 @@ def _skinny_fused_kernel(
             HAS_RESIDUAL,
         )
     else:
-        # Partial [SPLIT_K, 16, N] fp32: rows past M hold zeros and are never stored to Out
+        # only the M live rows of a partial tile move (a batch-1 step: 1/16 of the bytes)
+        p_mask = m_mask[:, None] & n_mask[None, :]
+        # Partial [SPLIT_K, 16, N] fp32: rows past M are neither written nor read
         p_tile = Partial + (split * 16 + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
-        tl.store(p_tile, acc, mask=n_mask[None, :])
+        tl.store(p_tile, acc, mask=p_mask)
         # every thread's stores precede the (release) bump of this block's counter
         tl.debug_barrier()
         arrived = tl.atomic_add(Counters + pid_n, 1, sem="acq_rel", scope="gpu")
@@ -131,7 +133,7 @@ def _skinny_fused_kernel(
             acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):
                 tile = Partial + (s * 16 + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
-                acc += tl.load(tile, mask=n_mask[None, :], other=0.0, cache_modifier=".cg")
+                acc += tl.load(tile, mask=p_mask, other=0.0, cache_modifier=".cg")
             _skinny_fused_finish(
                 acc,
                 Bias,
