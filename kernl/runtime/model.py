@@ -45,21 +45,43 @@ class ModelOutput(dict):
 
 
 class _BucketRunner:
+    """One bucket: its static input buffers, its graph and, on CUDA, a pinned host twin of
+    the input buffers. The buffers are one block when the inputs share a dtype (they always
+    do for kernl's encoders), so inputs from the CPU go in with one copy."""
+
     def __init__(self, bucket: Bucket, executor: Executor, manifest: Manifest, device):
         self.bucket = bucket
         self.executor = executor
-        self.static_inputs = {
-            spec.name: torch.full(
-                (bucket.batch, bucket.seq),
-                spec.pad_value,
-                dtype=getattr(torch, spec.dtype),
-                device=device,
-            )
-            for spec in manifest.inputs
-        }
+        shape = (bucket.batch, bucket.seq)
+        dtypes = [getattr(torch, spec.dtype) for spec in manifest.inputs]
+        names = [spec.name for spec in manifest.inputs]
+        self.block: torch.Tensor | None = None
+        self.host_block: torch.Tensor | None = None
+        if len(set(dtypes)) == 1:
+            self.block = torch.empty((len(names), *shape), dtype=dtypes[0], device=device)
+            buffers = list(self.block.unbind(0))
+        else:
+            buffers = [torch.empty(shape, dtype=d, device=device) for d in dtypes]
+        for spec, buf in zip(manifest.inputs, buffers):
+            buf.fill_(spec.pad_value)
+        self.static_inputs = dict(zip(names, buffers))
+        # Where CPU inputs are padded: the static buffers themselves on the CPU; on CUDA a
+        # pinned twin, copied in without blocking the host. `staged` marks that copy: the twin
+        # is rewritten only once it has been read.
+        self.host_inputs = self.static_inputs
+        self.staged: torch.cuda.Event | None = None
+        if device.type == "cuda":
+            if self.block is not None:
+                self.host_block = torch.empty_like(self.block, device="cpu").pin_memory()
+                host = list(self.host_block.unbind(0))
+            else:
+                host = [torch.empty(shape, dtype=d).pin_memory() for d in dtypes]
+            self.host_inputs = dict(zip(names, host))
+            self.staged = torch.cuda.Event()
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_outputs: list[torch.Tensor] | None = None
-        self.filled: dict[str, tuple | None] = {}  # what a default-filled buffer holds now
+        # What a default-filled static buffer holds now (inputs copied in on the device).
+        self.filled: dict[str, tuple] = {}
 
     def capture(self, pool) -> None:
         self.graph, self.static_outputs = capture_graph(
@@ -106,6 +128,19 @@ class CompiledModel:
             "token_type_ids": _config_int(manifest.model_config, "type_vocab_size"),
             "attention_mask": 2,
         }
+        self._ranges = {k: v for k, v in self._ranges.items() if k in self._inputs and v}
+        self._required = [s.name for s in manifest.inputs if s.default == "required"]
+        if "input_ids" not in self._required:
+            self._required.insert(0, "input_ids")  # it gives the call's shape
+        self._positional = [n for n in POSITIONAL_INPUTS if n in self._inputs]
+        self._output_names = self.output_names
+        self._bucket_of: dict[tuple[int, int], Bucket] = {}
+        # Where the device-side range check of GPU inputs lands: (min, max) per input.
+        self._stats_host = torch.empty(2 * len(self._ranges), dtype=torch.int64)
+        self._checked: torch.cuda.Event | None = None  # marks that copy
+        if device.type == "cuda":
+            self._stats_host = self._stats_host.pin_memory()
+            self._checked = torch.cuda.Event()
         self._runners = {
             p.bucket: _BucketRunner(p.bucket, Executor(p, weights, device), manifest, device)
             for p in programs
@@ -127,8 +162,13 @@ class CompiledModel:
         return [o.name for o in self.manifest.outputs]
 
     def select_bucket(self, batch: int, seq: int) -> Bucket:
+        bucket = self._bucket_of.get((batch, seq))
+        if bucket is not None:
+            return bucket
         bucket = pick_bucket(self.buckets, batch, seq)
         if bucket is not None:
+            # At most max batch x max seq entries: only shapes that fit are remembered.
+            self._bucket_of[(batch, seq)] = bucket
             return bucket
         names = ", ".join(f"{b.batch}x{b.seq}" for b in sorted(self.buckets))
         raise ValueError(
@@ -139,33 +179,95 @@ class CompiledModel:
     def __call__(self, *args: Any, **inputs: Any) -> ModelOutput:
         """`model(input_ids=..., attention_mask=...)`, or positionally in Hugging Face's order
         (`model(ids)`, `model(ids, mask)`, `model(ids, mask, token_type_ids)`)."""
-        inputs = _positional(args, inputs, [n for n in POSITIONAL_INPUTS if n in self._inputs])
+        if args:
+            inputs = _positional(args, inputs, self._positional)
         tensors = self._check_inputs(inputs)
         batch, seq = tensors["input_ids"].shape
-        bucket = self.select_bucket(batch, seq)
-        runner = self._runners[bucket]
+        runner = self._runners[self.select_bucket(batch, seq)]
+        on_device = self._on_device(tensors)
         with self._lock, running_with(self._binaries, self.device):
-            self._copy_in(runner, tensors, batch, seq)
+            if on_device:
+                check = self._copy_in_device(runner, tensors, batch, seq)
+            else:
+                self._copy_in_host(runner, tensors, batch, seq)
             if runner.graph is None and self.capture_mode == "lazy":
                 runner.capture(self._pool)
             outs = runner.run()
-            exact = batch == bucket.batch and seq == bucket.seq
             result = ModelOutput()
-            for spec, t in zip(self.manifest.outputs, outs):
-                if not exact:
-                    index = [slice(None)] * t.dim()
-                    index[spec.batch_axis] = slice(0, batch)
-                    if spec.seq_axis is not None:
-                        index[spec.seq_axis] = slice(0, seq)
-                    t = t[tuple(index)]
-                result[spec.name] = t.clone()
+            if batch == runner.bucket.batch and seq == runner.bucket.seq:
+                for name, t in zip(self._output_names, outs):
+                    result[name] = t.clone()
+            else:
+                for (name, index), t in zip(self._slices(batch, seq), outs):
+                    result[name] = t[index].clone()
+            if on_device:
+                # Waits for the range check only, queued before the replay: the GPU is busy
+                # with the graph meanwhile. Out-of-range ids were clamped on their way in, so
+                # the graph read no memory it does not own; its outputs are dropped here.
+                _raise_if_out_of_range(*check)
         return result
 
-    def _copy_in(self, runner, tensors: dict[str, torch.Tensor], batch: int, seq: int) -> None:
-        """Write the call into the bucket's static buffers with as few device operations as
-        possible: every one of them costs launch time on the latency path."""
+    def _on_device(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether the call's inputs are copied in on the device (any given input already
+        there) rather than padded on the host (all of them on the CPU: a tokenizer's output)."""
+        return self.device.type != "cpu" and any(t.device.type != "cpu" for t in tensors.values())
+
+    def _slices(self, batch: int, seq: int) -> list[tuple[str, tuple]]:
+        """Per output, the index that cuts a bucket's output back to the call's shape."""
+        found = []
+        for spec in self.manifest.outputs:
+            index: list[slice] = [slice(None)] * (max(spec.batch_axis, spec.seq_axis or 0) + 1)
+            index[spec.batch_axis] = slice(0, batch)
+            if spec.seq_axis is not None:
+                index[spec.seq_axis] = slice(0, seq)
+            found.append((spec.name, tuple(index)))
+        return found
+
+    def _copy_in_host(self, runner, tensors: dict[str, torch.Tensor], batch: int, seq: int) -> None:
+        """Inputs on the CPU: range-check them, pad them on the host (into the pinned twin of
+        the static buffers on CUDA), then one copy that does not block the host."""
+        for name, t in tensors.items():
+            size = self._ranges.get(name)
+            if size is not None:
+                _raise_if_out_of_range([(name, size)], torch.stack(torch.aminmax(t)), None)
+        if runner.staged is not None:
+            runner.staged.synchronize()  # the previous call's copy has read the twin
+        exact = batch == runner.bucket.batch and seq == runner.bucket.seq
+        for name, buf in runner.host_inputs.items():
+            spec = self._inputs[name]
+            src = tensors.get(name)
+            region = buf if exact else buf[:batch, :seq]
+            if not exact:
+                buf.fill_(spec.pad_value)
+            if src is not None:
+                region.copy_(src)
+            else:
+                region.fill_(1 if spec.default == "ones" else 0)
+            if name == "attention_mask" and batch < runner.bucket.batch:
+                # Rows that only pad the batch attend to everything: no fully masked softmax
+                # (NaN) anywhere, and real rows never see them.
+                buf[batch:].fill_(1)
+        runner.filled.clear()  # every static buffer is rewritten (on the CPU, right here)
+        if runner.staged is None:
+            return  # on the CPU the host buffers are the static buffers
+        if runner.block is not None:
+            runner.block.copy_(runner.host_block, non_blocking=True)
+        else:
+            for name, buf in runner.static_inputs.items():
+                buf.copy_(runner.host_inputs[name], non_blocking=True)
+        runner.staged.record()
+
+    def _copy_in_device(
+        self, runner, tensors: dict[str, torch.Tensor], batch: int, seq: int
+    ) -> tuple[list[tuple[str, int]], torch.Tensor | None, torch.cuda.Event | None]:
+        """Inputs on the device: copied in and range-checked there, without blocking the host.
+        An id outside its table is clamped into it on the way in (an embedding lookup out of
+        bounds is a device-side fault that ends the CUDA context) and reported after the
+        replay by _raise_if_out_of_range, which takes what this returns."""
         bucket = runner.bucket
         exact = batch == bucket.batch and seq == bucket.seq
+        checked: list[tuple[str, int]] = []
+        stats: list[torch.Tensor] = []
         for name, buf in runner.static_inputs.items():
             spec = self._inputs[name]
             src = tensors.get(name)
@@ -173,43 +275,50 @@ class CompiledModel:
                 key = ("default", batch, seq)
                 if runner.filled.get(name) == key:
                     continue  # still holds this default from the last call of this shape
-                if spec.default == "ones":
-                    buf.zero_()
-                    buf[:batch, :seq].fill_(1)
-                else:
-                    buf.fill_(spec.pad_value)
-                runner.filled[name] = key
-            elif exact:
-                buf.copy_(src, non_blocking=True)
-                runner.filled[name] = None
-            else:
-                if src.device.type == "cpu":
-                    # pad on the host, then one copy to the device
-                    padded = torch.full(tuple(buf.shape), spec.pad_value, dtype=buf.dtype)
-                    padded[:batch, :seq] = src
-                    if name == "attention_mask":
-                        padded[batch:] = 1
-                    buf.copy_(padded, non_blocking=buf.device.type != "cpu")
-                    runner.filled[name] = None
-                    continue
                 buf.fill_(spec.pad_value)
-                buf[:batch, :seq].copy_(src, non_blocking=True)
-                runner.filled[name] = None
+                buf[:batch, :seq].fill_(1 if spec.default == "ones" else 0)
+                runner.filled[name] = key
+            else:
+                runner.filled.pop(name, None)
+                if src.device != buf.device:
+                    src = src.to(buf.device)
+                if not exact:
+                    buf.fill_(spec.pad_value)
+                region = buf if exact else buf[:batch, :seq]
+                size = self._ranges.get(name)
+                if size is None:
+                    region.copy_(src, non_blocking=True)
+                else:
+                    checked.append((name, size))
+                    stats += torch.aminmax(src)
+                    if src.dtype == region.dtype:
+                        torch.clamp(src, 0, size - 1, out=region)
+                    else:
+                        region.copy_(src)
+                        region.clamp_(0, size - 1)
             if name == "attention_mask" and batch < bucket.batch:
-                # Rows that only pad the batch attend to everything: no fully masked
-                # softmax (NaN) anywhere, and real rows never see them.
-                buf[batch:].fill_(1)
+                buf[batch:].fill_(1)  # as in _copy_in_host
+        if not checked:
+            return checked, None, None
+        found = torch.stack(stats)
+        if found.device.type == "cpu":
+            return checked, found, None
+        host = self._stats_host[: found.numel()]
+        host.copy_(found, non_blocking=True)
+        self._checked.record()  # read before the lock is released: one event serves all calls
+        return checked, host, self._checked
 
     def _check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        unknown = sorted(k for k in inputs if k not in self._inputs)
-        if unknown:
-            raise TypeError(f"unexpected input(s) {unknown}; this model takes {self.input_names}")
+        """Types, devices and shapes of the call's inputs (their ranges are checked where they
+        are copied in)."""
         tensors: dict[str, torch.Tensor] = {}
-        for name, spec in self._inputs.items():
-            value = inputs.get(name)
+        for name, value in inputs.items():
+            if name not in self._inputs:
+                unknown = sorted(k for k in inputs if k not in self._inputs)
+                raise TypeError(
+                    f"unexpected input(s) {unknown}; this model takes {self.input_names}"
+                )
             if value is None:
-                if spec.default == "required":
-                    raise TypeError(f"missing required input {name!r}")
                 continue
             if not isinstance(value, torch.Tensor):
                 try:
@@ -229,6 +338,9 @@ class CompiledModel:
             if value.dtype.is_floating_point or value.dtype.is_complex:
                 raise TypeError(f"input {name!r} must hold integers, got {value.dtype}")
             tensors[name] = value
+        for name in self._required:
+            if name not in tensors:
+                raise TypeError(f"missing required input {name!r}")
         shape = tensors["input_ids"].shape
         for name, t in tensors.items():
             if t.shape != shape:
@@ -237,13 +349,6 @@ class CompiledModel:
                 )
         if shape[0] == 0 or shape[1] == 0:
             raise ValueError(f"empty input: input_ids has shape {tuple(shape)}")
-        checked = [
-            (name, t, self._ranges[name]) for name, t in tensors.items() if name in self._ranges
-        ]
-        if checked:
-            for (name, _, size), (lo, hi) in zip(checked, _ranges_of([t for _, t, _ in checked])):
-                if lo < 0 or hi >= size:
-                    raise ValueError(f"{name} must lie in [0, {size}); got values in [{lo}, {hi}]")
         return tensors
 
     def __repr__(self) -> str:
@@ -268,24 +373,20 @@ def _positional(args: tuple, inputs: dict[str, Any], order: list[str]) -> dict[s
     return named
 
 
-def _ranges_of(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
-    """(min, max) of each tensor with as few operations as possible: they are on the latency
-    path of every call. One aminmax per tensor; the device ones then read back together,
-    since on a GPU every separate read is a sync."""
-    found: list[tuple[int, int] | None] = []
-    on_device: list[torch.Tensor] = []
-    for t in tensors:
-        lo, hi = torch.aminmax(t)
-        if t.device.type == "cpu":
-            found.append((int(lo), int(hi)))
-        else:
-            found.append(None)
-            on_device += [lo, hi]
-    if on_device:
-        same = all(v.device == on_device[0].device for v in on_device)
-        values = iter(torch.stack(on_device).tolist() if same else [v.item() for v in on_device])
-        found = [f if f is not None else (next(values), next(values)) for f in found]
-    return found
+def _raise_if_out_of_range(
+    checked: list[tuple[str, int]], found: torch.Tensor | None, done: torch.cuda.Event | None
+) -> None:
+    """`found` holds (min, max) of each checked input, in order; `done` marks its copy to the
+    host (None: it is already there)."""
+    if found is None:
+        return
+    if done is not None:
+        done.synchronize()
+    values = found.tolist()
+    for i, (name, size) in enumerate(checked):
+        lo, hi = values[2 * i], values[2 * i + 1]
+        if lo < 0 or hi >= size:
+            raise ValueError(f"{name} must lie in [0, {size}); got values in [{lo}, {hi}]")
 
 
 def _config_int(config: dict, key: str) -> int | None:
