@@ -44,8 +44,6 @@ from .tokenizer import load_tokenizer
 # Ray Serve's own default batch size, replaced per replica by the configured one.
 _PLACEHOLDER_BATCH = 8
 _METRICS_NAMESPACE = "kernl"
-# Requests one generation replica accepts at once (one running, the rest queued).
-GENERATION_QUEUE = 8
 
 
 def _stats_actor(app_name: str):
@@ -243,13 +241,16 @@ def application(config: ServeConfig):
     if manifest.task == "causal-lm":
         from .generation import KernlGenerator
 
-        # One request runs at a time per replica; the rest wait in arrival order. Capping
-        # the queue keeps Ray Serve's router sending work to the other replicas.
+        # A replica holds one running batch and the next one gathering (each up to the
+        # largest batch bucket): more would only queue inside the replica, where another
+        # replica could have taken them.
+        largest = max(b.batch for b in manifest.bucket_list())
+        rows = min(config.max_batch_size or largest, largest)
         return KernlGenerator.options(
             name="KernlGenerator",
             num_replicas=config.replicas,
             ray_actor_options={"num_gpus": gpus, "num_cpus": config.cpus_per_replica},
-            max_ongoing_requests=GENERATION_QUEUE,
+            max_ongoing_requests=max(2 * rows, 8),
         ).bind(config)
     if config.max_batch_size is None:
         buckets = manifest.bucket_list()

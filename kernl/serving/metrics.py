@@ -77,6 +77,12 @@ class GenerationStats:
     tokens: int = 0  # new tokens generated, every outcome
     by_replica: Counter = field(default_factory=Counter)
     cancelled_at_step: list = field(default_factory=list)  # steps run by each cancelled stream
+    batches: int = 0  # generate calls
+    shared_batches: int = 0  # calls that served more than one request
+    max_requests_per_batch: int = 0
+    batch_sizes: Counter = field(default_factory=Counter)  # requests per call -> calls
+    abandoned_rows: int = 0  # rows whose client left during their call
+    max_queue_ms: float = 0.0  # the longest a request waited for its call to start
 
     def record(self, outcome: str, tokens: int, replica: str, streamed: bool) -> None:
         self.tokens += tokens
@@ -89,6 +95,16 @@ class GenerationStats:
             self.cancelled_at_step = (self.cancelled_at_step + [tokens])[-100:]
         else:
             self.failed += 1
+
+    def record_batch(
+        self, requests: int, steps: int, abandoned: int, wait_s: float, replica: str
+    ) -> None:
+        self.batches += 1
+        self.shared_batches += requests > 1
+        self.max_requests_per_batch = max(self.max_requests_per_batch, requests)
+        self.batch_sizes[requests] += 1
+        self.abandoned_rows += abandoned
+        self.max_queue_ms = max(self.max_queue_ms, 1000 * wait_s)
 
     def record_bad(self) -> None:
         self.bad_requests += 1
@@ -103,4 +119,10 @@ class GenerationStats:
             "bad_requests": self.bad_requests,
             "tokens": self.tokens,
             "requests_by_replica": dict(sorted(self.by_replica.items())),
+            "batches": self.batches,
+            "shared_batches": self.shared_batches,
+            "max_requests_per_batch": self.max_requests_per_batch,
+            "batches_by_requests": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "abandoned_rows": self.abandoned_rows,
+            "max_queue_ms": self.max_queue_ms,
         }

@@ -1,0 +1,295 @@
+"""Concurrent generation requests sharing decode steps: one `generate` call per batch of
+compatible requests, each request receiving its own row's tokens. No Ray, no HTTP: the
+deployment (generation.py) and the in-process benchmark both drive it.
+
+Policy (the runtime decides what is possible: one call takes a batch of prompts, left-padded
+into one prefill bucket, with one `max_new_tokens`, one set of EOS ids and one set of sampler
+parameters, and rows cannot join a call once it has started):
+- A batch starts when the model is free and a request waits. The oldest waiting request opens
+  it; every later waiting request with the same SamplingKey joins it in arrival order, as
+  long as the batch stays within `max_requests` (at most the largest batch bucket) and the
+  longest `max_new_tokens` still fits the KV cache after the batch's prompt bucket
+  (`fits_together`). A request that cannot join waits for the next batch, which it opens if
+  it is then the oldest: no request waits for more than one batch it could not join.
+- A request arriving at an idle batcher waits up to `window_s` for others to join (the
+  window is measured from the oldest request's arrival, so requests that queued behind a
+  running batch start at once when it ends).
+- A request that arrives while a batch runs waits for that batch to end (no joining at the
+  next step: that needs per-row prefill into a running batch, which the runtime does not
+  offer). That wait is the policy's cost; benchmarks/bench_serving_direct.py measures it.
+- The call runs `max(max_new_tokens)` steps of the batch; each request is answered as soon
+  as its own row emits an EOS id or reaches its own `max_new_tokens` (per-step delivery via
+  `model.stream`), and the call stops once every row is answered or abandoned. When no
+  request streams and all ask for the same `max_new_tokens`, one `model.generate` call runs
+  instead: it reads the ids back once at the end instead of at every step.
+- A client that leaves (`Ticket.cancel`) before its batch starts is dropped from the queue;
+  during the batch its row is still computed (the batch's shape is fixed: it costs no extra
+  step time) and its tokens are discarded; if every row of a streamed batch is abandoned or
+  finished, the call stops at the next step. A `generate`-mode batch runs to its end.
+
+Greedy answers equal `model.generate([prompt], ...)` of the request alone. A sampled request
+draws noise keyed by (seed, step, row, token): alone (row 0) it equals the direct call with
+its seed; sharing a batch with requests of the same seed and sampler, row k draws its own
+noise, so the rows are distinct samples, not k copies of one."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .generation_protocol import GenerationLimits, GenerationRequest, fits_together
+
+DEFAULT_WINDOW_MS = 5.0
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """max_requests: most requests one call holds (at most the largest batch bucket).
+    window_s: how long a request arriving at an idle batcher waits for others."""
+
+    max_requests: int
+    window_s: float = DEFAULT_WINDOW_MS / 1000
+
+    def __post_init__(self) -> None:
+        if self.max_requests < 1:
+            raise ValueError(f"max_requests must be at least 1, got {self.max_requests}")
+        if self.window_s < 0:
+            raise ValueError(f"window_s must be >= 0, got {self.window_s}")
+
+
+@dataclass
+class BatchRecord:
+    """One call into the model: what it served and what it cost."""
+
+    index: int
+    requests: int
+    mode: str  # "stream" (ids read back each step) or "generate" (at the end)
+    steps: int = 0  # generation steps run (prefill included)
+    seconds: float = 0.0  # the call, on the worker thread
+    waits_s: list[float] = field(default_factory=list)  # each request's queueing time
+    abandoned: int = 0  # requests whose client left during the call
+    error: str | None = None
+
+
+class Ticket:
+    """One request's place in the batcher: its tokens arrive here as its row produces them.
+    Created and read on the event loop's thread; the worker thread hands it tokens through
+    the loop (call_soon_threadsafe), and reads `cancelled`, a plain flag."""
+
+    def __init__(self, request: GenerationRequest):
+        self.request = request
+        self.arrived = time.monotonic()
+        self.started: float | None = None  # when its batch started
+        self.batch_index: int | None = None
+        self.batch_requests = 0  # requests sharing its batch
+        self.finish_reason: str | None = None  # "eos" | "length", once answered
+        self.cancelled = False
+        self._queue: asyncio.Queue = asyncio.Queue()
+        # Written by the worker thread only:
+        self._sent = 0
+        self._finished = False
+
+    def cancel(self) -> None:
+        """The client left: drop the request if it waits, discard its row if it runs."""
+        self.cancelled = True
+
+    @property
+    def produced(self) -> int:
+        """Tokens its row produced for it so far."""
+        return self._sent
+
+    @property
+    def wait_s(self) -> float | None:
+        return None if self.started is None else self.started - self.arrived
+
+    async def tokens(self) -> AsyncIterator[int]:
+        """The request's new token ids as they come; `finish_reason` is set at the end. A
+        model failure raises its exception here."""
+        while True:
+            kind, value = await self._queue.get()
+            if kind == "token":
+                yield value
+            elif kind == "end":
+                self.finish_reason = value
+                return
+            else:
+                raise value
+
+    async def result(self) -> list[int]:
+        return [t async for t in self.tokens()]
+
+
+class GenerationBatcher:
+    """Batches submitted requests into `model.generate`/`model.stream` calls (see the module
+    docstring). `submit` must be called from the event loop that runs the batches; the model
+    is called on `executor` (one thread: the runtime's stream iterator is created, advanced
+    and closed on the thread that runs the batch)."""
+
+    def __init__(
+        self,
+        model,
+        limits: GenerationLimits,
+        policy: BatchPolicy,
+        executor: Executor | None = None,
+        on_batch: Callable[[BatchRecord], None] | None = None,
+    ):
+        self.model = model
+        self.limits = limits
+        self.policy = policy
+        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="kernl-batch")
+        self.on_batch = on_batch
+        self.batches = 0  # calls made so far
+        self._pending: list[Ticket] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def submit(self, request: GenerationRequest) -> Ticket:
+        ticket = Ticket(request)
+        self._pending.append(ticket)
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return ticket
+
+    @property
+    def waiting(self) -> int:
+        return sum(not t.cancelled for t in self._pending)
+
+    async def _run(self) -> None:
+        while True:
+            self._pending = [t for t in self._pending if not t.cancelled]
+            if not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            deadline = self._pending[0].arrived + self.policy.window_s
+            while len(self._next_group()) < self.policy.max_requests:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), left)
+                except TimeoutError:
+                    break
+            group = self._next_group()
+            if group:
+                taken = set(map(id, group))
+                self._pending = [t for t in self._pending if id(t) not in taken]
+                await self._run_batch(group)
+
+    def _next_group(self) -> list[Ticket]:
+        """The oldest live request and the later ones that may share its call."""
+        live = [t for t in self._pending if not t.cancelled]
+        if not live:
+            return []
+        group = [live[0]]
+        for t in live[1:]:
+            if len(group) == self.policy.max_requests:
+                break
+            if t.request.key == group[0].request.key and fits_together(
+                [x.request for x in group] + [t.request], self.limits
+            ):
+                group.append(t)
+        return group
+
+    async def _run_batch(self, group: list[Ticket]) -> None:
+        loop = asyncio.get_running_loop()
+        index = self.batches
+        self.batches += 1
+        now = time.monotonic()
+        for t in group:
+            t.started, t.batch_index, t.batch_requests = now, index, len(group)
+        mode = "stream" if _per_step(group) else "generate"
+        record = BatchRecord(index, len(group), mode, waits_s=[now - t.arrived for t in group])
+        try:
+            await loop.run_in_executor(self.executor, self._call, group, record, loop)
+        except Exception as e:  # a bug of this module, not the model's (that is caught there)
+            record.error = f"{type(e).__name__}: {e}"
+            for t in group:
+                t._queue.put_nowait(("error", e))
+        if self.on_batch is not None:
+            self.on_batch(record)
+
+    # -- on the worker thread ---------------------------------------------------------------
+
+    def _call(self, group: list[Ticket], record: BatchRecord, loop) -> None:
+        start = time.perf_counter()
+        key = group[0].request.key
+        prompts = [t.request.prompt for t in group]
+        options = {
+            **key.generate_options(),
+            "max_new_tokens": max(t.request.max_new_tokens for t in group),
+        }
+        eos = frozenset(key.eos)
+        try:
+            if record.mode == "stream":
+                steps = self.model.stream(prompts, **options)
+                try:
+                    for ids in steps:
+                        record.steps += 1
+                        out: list = []
+                        for t, token in zip(group, ids.tolist()):
+                            self._emit(t, token, eos, out)
+                        loop.call_soon_threadsafe(_deliver, out)
+                        if all(t._finished for t in group):
+                            break
+                finally:
+                    steps.close()  # stops the call when every row is answered or abandoned
+                out = []
+                for t in group:  # the runtime stopped early only if every row emitted an EOS
+                    if not t._finished:
+                        t._finished = True
+                        out.append((t, ("end", "length")))
+                loop.call_soon_threadsafe(_deliver, out)
+            else:
+                ids = self.model.generate(prompts, **options)
+                new = ids[:, max(len(p) for p in prompts) :].tolist()
+                record.steps = len(new[0])
+                out = []
+                for t, row in zip(group, new):
+                    for token in row:
+                        self._emit(t, token, eos, out)
+                loop.call_soon_threadsafe(_deliver, out)
+        except Exception as e:
+            record.error = f"{type(e).__name__}: {e}"
+            loop.call_soon_threadsafe(
+                _deliver, [(t, ("error", e)) for t in group if not t._finished]
+            )
+        finally:
+            record.seconds = time.perf_counter() - start
+            record.abandoned = sum(t.cancelled for t in group)
+
+    @staticmethod
+    def _emit(t: Ticket, token: int, eos: frozenset, out: list) -> None:
+        """Hand one token of `t`'s row to its request, unless the request is answered or
+        abandoned; finish it at its EOS or its own max_new_tokens."""
+        if t._finished:
+            return
+        if t.cancelled:
+            t._finished = True
+            return
+        t._sent += 1
+        out.append((t, ("token", token)))
+        if token in eos:
+            t._finished = True
+            out.append((t, ("end", "eos")))
+        elif t._sent >= t.request.max_new_tokens:
+            t._finished = True
+            out.append((t, ("end", "length")))
+
+
+def _per_step(group: list[Ticket]) -> bool:
+    """Read ids back every step when a request streams, or when requests end at different
+    steps (each is answered at its own end, not the batch's)."""
+    return (
+        any(t.request.stream for t in group) or len({t.request.max_new_tokens for t in group}) > 1
+    )
+
+
+def _deliver(items: list) -> None:
+    for ticket, item in items:
+        ticket._queue.put_nowait(item)
