@@ -1,14 +1,18 @@
 """`kernl serve` on a causal-LM artifact, end to end on the CPU: 2 replicas on Ray Serve,
 answers (returned and streamed as server-sent events) equal to direct `model.generate` calls,
-concurrent clients, a disconnecting streaming client, malformed requests. One server for the
-whole module: Ray takes minutes to start on a loaded 2-core machine."""
+concurrent clients sharing generate calls, a disconnecting streaming client, malformed
+requests while others run. One server for the whole module: Ray takes minutes to start on a
+loaded 2-core machine. The batching policy itself is tested without Ray, with the model
+calls counted, in test_generation_batcher.py."""
 
 import http.client
 import json
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from tiny_models import VOCAB, tiny_model  # noqa: E402
 CACHE = 256  # room for a stream long enough to be cut off mid-way
 BUCKETS = f"batch=1,4 prompt=8,16 cache={CACHE}"
 DEADLINE_S = 120
+BATCH_WAIT_MS = 50  # an idle replica waits this long for concurrent requests to join
 
 
 def write_word_tokenizer(folder: Path) -> None:
@@ -67,6 +72,8 @@ def gen_server(llama_artifact, tmp_path_factory):
         str(port),
         "--device",
         "cpu",
+        "--batch-wait-ms",
+        str(BATCH_WAIT_MS),
         "--ray-address",
         "local",
     ]
@@ -200,6 +207,30 @@ def test_concurrent_clients_get_their_own_answers(gen_server, direct):
     assert len(metrics["requests_by_replica"]) == 2, metrics  # both replicas served
 
 
+def test_concurrent_requests_share_a_generate_call(gen_server, direct):
+    """8 clients at once on 2 replicas: at least 4 reach one replica, and those that wait
+    while its batch runs (40 steps) or arrive within the window share its next call. Arrival
+    times depend on the machine's load, so up to 3 rounds are sent; batching that never
+    happens fails the test."""
+    prompts = [[3 + k, 40 + k, 7 * k + 1, 90 - k, k + 11][: 1 + k % 5] for k in range(8)]
+    bodies = [{"input_ids": p, "max_new_tokens": 40} for p in prompts]
+    for _ in range(3):
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            answers = list(pool.map(lambda b: post(gen_server, b), bodies))
+        for body, (status, answer) in zip(bodies, answers):
+            assert status == 200, answer
+            assert answer["generated_ids"] == expected(direct, body["input_ids"], max_new_tokens=40)
+        calls = Counter((a["replica"], a["batch"]["index"]) for _, a in answers)
+        shared = [(a, calls[(a["replica"], a["batch"]["index"])]) for _, a in answers]
+        if any(n > 1 for _, n in shared):
+            break
+    assert any(n > 1 for _, n in shared), [a["batch"] for _, a in answers]
+    # A request's "batch.requests" counts every request of its call (ours, or others').
+    assert all(a["batch"]["requests"] >= n for a, n in shared), shared
+    _, metrics = get(gen_server, "/metrics")
+    assert metrics["shared_batches"] >= 1 and metrics["max_requests_per_batch"] >= 2, metrics
+
+
 def test_disconnecting_stream_stops_its_generation_and_frees_the_replica(gen_server, direct):
     _, before = get(gen_server, "/metrics")
     n_new = CACHE - 16 + 1  # the longest a prompt of the 16 bucket may ask for
@@ -252,6 +283,43 @@ BAD = [
 def test_malformed_requests_get_4xx_naming_the_problem(gen_server, direct, body, status, reason):
     got, answer = post(gen_server, body)
     assert got == status and reason in answer["error"], (got, answer)
+
+
+def test_bad_requests_get_4xx_while_a_batch_runs(gen_server, direct):
+    """A long stream is running on a replica; malformed and too-long requests sent meanwhile
+    get their 4xx at once, and the stream completes with the right ids."""
+    prompt = [7, 8, 9, 10]
+    n_new = 120
+    first_event = threading.Event()
+    done: dict = {}
+
+    def long_stream():
+        conn = http.client.HTTPConnection("127.0.0.1", gen_server, timeout=DEADLINE_S)
+        body = {"input_ids": prompt, "max_new_tokens": n_new, "stream": True}
+        conn.request("POST", "/", body=json.dumps(body).encode())
+        resp = conn.getresponse()
+        events = []
+        for line in resp:
+            line = line.decode().strip()
+            if line.startswith("data: "):
+                payload = line[len("data: ") :]
+                events.append(payload if payload == "[DONE]" else json.loads(payload))
+                first_event.set()
+        conn.close()
+        done["events"] = events
+
+    runner = threading.Thread(target=long_stream)
+    runner.start()
+    try:
+        assert first_event.wait(DEADLINE_S), "the long stream never started"
+        for body, status, reason in BAD[::4] + BAD[-3:]:
+            got, answer = post(gen_server, body)
+            assert got == status and reason in answer["error"], (got, answer)
+    finally:
+        runner.join(DEADLINE_S)
+    events = done["events"]
+    assert events[-1] == "[DONE]"
+    assert [e["token_id"] for e in events[:-1]] == expected(direct, prompt, max_new_tokens=n_new)
 
 
 def test_replicas_serve_after_bad_requests(gen_server, direct):
