@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import ArtifactCorruptError, ArtifactUnsafeError
 from .limits import DEFAULT_LIMITS, ReadLimits
@@ -120,6 +120,48 @@ DECODE_KERNEL_CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# The few-rows kernels whose launch config the compiler tunes per decode batch, and the call
+# sites of a decode step they run at (generation/decoder.py).
+DECODE_TILE_KERNELS: dict[str, tuple[str, ...]] = {
+    "norm_linear": ("qkv", "up"),
+    "skinny_linear_fused": ("o", "down"),
+    "lm_head_argmax": ("lm_head",),
+}
+
+
+class DecodeTile(NamedTuple):
+    """The launch config the compiler measured best for one kernel at one call site of the
+    decode steps of one batch bucket (every kv length: these kernels do not read the cache).
+    Field for field the kernel's own config dataclass (split_k 0: the kernel's automatic
+    split; lm_head_argmax has none and takes 0). A NamedTuple so that DecodeKernels stays
+    hashable and `asdict` leaves it whole; stored as a list in the manifest."""
+
+    batch: int
+    kernel: str
+    site: str
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+    def check(self) -> None:
+        """ValueError unless every field is in the range the kernels accept."""
+        ints = (self.batch, self.block_n, self.block_k, self.split_k, self.num_warps)
+        if not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in ints + (self.num_stages,)
+        ):
+            raise ValueError(f"DecodeTile fields must be ints: {self}")
+        if self.site not in DECODE_TILE_KERNELS.get(self.kernel, ()):
+            raise ValueError(f"DecodeTile: no call site {self.site!r} for kernel {self.kernel!r}")
+        pow2 = lambda v, hi: 1 <= v <= hi and v & (v - 1) == 0  # noqa: E731
+        ok = 1 <= self.batch <= 16 and pow2(self.block_n, 1024) and pow2(self.block_k, 1024)
+        ok = ok and 16 <= self.block_n and 16 <= self.block_k and pow2(self.num_warps, 16)
+        ok = ok and 0 <= self.split_k <= 64 and 1 <= self.num_stages <= 8
+        if not ok or (self.kernel == "lm_head_argmax" and self.split_k != 0):
+            raise ValueError(f"DecodeTile out of range: {self}")
+
+
 @dataclass(frozen=True)
 class DecodeKernels:
     """The implementation of each replaceable piece of a decode step.
@@ -133,7 +175,12 @@ class DecodeKernels:
     residual in its epilogue), for batches of <= 16 rows; rope: "torch" or "triton"
     (kernl.kernels.rope_cache_write: rotary and the KV-cache write in one kernel); lm_head:
     "torch" or "triton" (kernl.kernels.lm_head_argmax: the greedy step's logits and argmax
-    in one pass). Manifests written before rope and lm_head existed read as "torch"."""
+    in one pass). Manifests written before rope and lm_head existed read as "torch".
+    tiles: the launch configs the compiler measured best per decode batch (`DecodeTile`);
+    a kernel with no tile for its batch and site runs its default config.
+    pdl: launch the fused kernels with programmatic dependent launch (Hopper and later; each
+    waits for the previous kernel's writes before reading, so the next one's launch overlaps
+    this one's tail); kept by the compiler only where it timed faster and computed the same."""
 
     attention: str = "torch"
     norm: str = "torch"
@@ -141,18 +188,55 @@ class DecodeKernels:
     linear: str = "torch"
     rope: str = "torch"
     lm_head: str = "torch"
+    tiles: tuple[DecodeTile, ...] = ()
+    pdl: bool = False
 
     def __post_init__(self):
         for name, allowed in DECODE_KERNEL_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DecodeKernels.{name} must be one of {allowed}")
+        if not isinstance(self.pdl, bool):
+            raise ValueError("DecodeKernels.pdl must be a bool")
+        if not isinstance(self.tiles, tuple) or len(self.tiles) > 1024:
+            raise ValueError("DecodeKernels.tiles must be a tuple of at most 1024 DecodeTile")
+        seen = set()
+        for t in self.tiles:
+            if not isinstance(t, DecodeTile):
+                raise ValueError(f"DecodeKernels.tiles holds a {type(t).__name__}")
+            t.check()
+            if t[:3] in seen:
+                raise ValueError(f"DecodeKernels.tiles: two tiles for {t[:3]}")
+            seen.add(t[:3])
 
     def describe(self) -> str:
-        return " ".join(f"{name}={getattr(self, name)}" for name in DECODE_KERNEL_CHOICES)
+        pieces = " ".join(f"{name}={getattr(self, name)}" for name in DECODE_KERNEL_CHOICES)
+        return (
+            pieces + (" pdl" if self.pdl else "") + (f" tiles={len(self.tiles)}" * bool(self.tiles))
+        )
+
+    def tile(self, batch: int, kernel: str, site: str) -> DecodeTile | None:
+        """The tuned launch config of `kernel` at `site` for a `batch`-row step, if any."""
+        for t in self.tiles:
+            if t.batch == batch and t.kernel == kernel and t.site == site:
+                return t
+        return None
 
     @staticmethod
     def from_dict(d: dict | None) -> DecodeKernels:
-        return DecodeKernels(**(d or {}))
+        d = dict(d or {})
+        tiles = d.pop("tiles", ())
+        if not isinstance(tiles, (list, tuple)):
+            raise ValueError("DecodeKernels.tiles must be a list")
+        # a manifest stores each tile as a list (msgpack); a tile made in-process stays whole
+        parsed = tuple(
+            t
+            if isinstance(t, DecodeTile)
+            else DecodeTile(*t)
+            if isinstance(t, (list, tuple))
+            else DecodeTile(**t)
+            for t in tiles
+        )
+        return DecodeKernels(**d, tiles=parsed)
 
 
 # -- the check that verify and load share ----------------------------------------------------

@@ -143,6 +143,19 @@ def lm_head_argmax_configs() -> list[LmHeadArgmaxConfig]:
     ]
 
 
+def lm_head_argmax_decode_configs() -> list[LmHeadArgmaxConfig]:
+    """The few the compiler times per decode batch on the model's own lm_head
+    (compiler/tasks/causal_lm/decode_tiles.py)."""
+    return [
+        LmHeadArgmaxConfig(64, 128, 4, 4),
+        LmHeadArgmaxConfig(32, 128, 4, 4),
+        LmHeadArgmaxConfig(128, 128, 8, 4),
+        LmHeadArgmaxConfig(64, 256, 4, 3),
+        LmHeadArgmaxConfig(128, 64, 4, 5),
+        LmHeadArgmaxConfig(32, 256, 2, 3),
+    ]
+
+
 def new_workspace(device: torch.device | str) -> torch.Tensor:
     """Per-row best keys and the arrival counter (int64 [MAX_ROWS + 1]), ready for a launch;
     allocate once per stream, pass to every call: each launch leaves it ready again."""

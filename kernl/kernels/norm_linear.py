@@ -273,6 +273,20 @@ def norm_linear_configs() -> list[NormLinearConfig]:
     ]
 
 
+def norm_linear_decode_configs() -> list[NormLinearConfig]:
+    """The few the compiler times per decode batch and call site (QKV, MLP up) on the model's
+    own weights (compiler/tasks/causal_lm/decode_tiles.py): today's default first, then wider
+    or narrower weight tiles, fewer warps, no split."""
+    return [
+        NormLinearConfig(32, 128, 0, 4, 4),
+        NormLinearConfig(16, 256, 0, 4, 3),
+        NormLinearConfig(64, 128, 0, 4, 4),
+        NormLinearConfig(32, 256, 0, 2, 3),
+        NormLinearConfig(16, 128, 0, 2, 4),
+        NormLinearConfig(64, 128, 1, 4, 4),
+    ]
+
+
 def new_counters(device: torch.device | str) -> torch.Tensor:
     """The split-K arrival counters: allocate once per stream (zeros), pass to every call; each
     launch leaves them zeroed. Shared with skinny_linear_fused (same contract)."""

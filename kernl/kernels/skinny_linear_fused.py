@@ -184,6 +184,19 @@ def skinny_linear_fused_configs() -> list[SkinnyLinearFusedConfig]:
     ]
 
 
+def skinny_linear_fused_decode_configs() -> list[SkinnyLinearFusedConfig]:
+    """The few the compiler times per decode batch and call site (O, MLP down) on the model's
+    own weights (compiler/tasks/causal_lm/decode_tiles.py)."""
+    return [
+        SkinnyLinearFusedConfig(32, 128, 0, 4, 4),
+        SkinnyLinearFusedConfig(16, 256, 0, 4, 3),
+        SkinnyLinearFusedConfig(64, 128, 0, 4, 4),
+        SkinnyLinearFusedConfig(32, 256, 4, 4, 3),
+        SkinnyLinearFusedConfig(32, 128, 8, 4, 4),
+        SkinnyLinearFusedConfig(64, 64, 4, 4, 5),
+    ]
+
+
 def new_counters(device: torch.device | str) -> torch.Tensor:
     """The split-K arrival counters: allocate once per stream (zeros), pass to every call; each
     launch leaves them zeroed. Shared with norm_linear (same contract)."""

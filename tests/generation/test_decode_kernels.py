@@ -95,10 +95,12 @@ def test_forced_decode_kernels_are_stored_and_served(tmp_path):
         device="cpu",
         decode_kernels=forced,
     )
-    assert report.decode_kernels == DecodeKernels(**forced)
-    assert DecodeKernels(**forced).describe() in report.table()
+    forced_k = DecodeKernels(**forced)
+    assert report.decode_kernels == forced_k
+    assert forced_k.describe() in report.table()
     model = kernl.runtime.load(tmp_path / "lm.kernl")
-    assert model.manifest.extra["decode_kernels"] == forced
+    stored = model.manifest.extra["decode_kernels"]
+    assert {k: stored[k] for k in forced} == forced and DecodeKernels.from_dict(stored) == forced_k
     assert model.decoder.kernels == DecodeKernels(**forced)
     assert not model.manifest.kernels  # binaries exist only for a GPU
     ids, mask = mixed_prompts(3, [11, 4, 16])

@@ -275,7 +275,9 @@ class Decoder:
             rope = self.rope.index_select(0, positions)
         for i, lw in enumerate(self.layers):
             if fold:
-                qkv = self._norm_linear(x, lw.attn_norm_w, lw.attn_norm_b, lw.qkv_w, lw.qkv_b)
+                qkv = self._norm_linear(
+                    x, lw.attn_norm_w, lw.attn_norm_b, lw.qkv_w, lw.qkv_b, site="qkv"
+                )
             else:
                 h = self._norm(x, lw.attn_norm_w, lw.attn_norm_b, triton_norm)
                 qkv = self._proj(h, lw.qkv_w, lw.qkv_b, linear=kernels.linear)
@@ -322,18 +324,20 @@ class Decoder:
                 att = decode_attention(
                     q.unsqueeze(2), keys, values, sm_scale=s.attention_scale, kv_mask=kv_valid
                 )
-            x = self._proj(att.reshape(bsz, nh * d), lw.o_w, lw.o_b, x, kernels.linear)
+            x = self._proj(att.reshape(bsz, nh * d), lw.o_w, lw.o_b, x, kernels.linear, "o")
             if fold and self.gated_silu_without_bias:
-                h = self._norm_linear(x, lw.mlp_norm_w, lw.mlp_norm_b, lw.up_w, gated=True)
-                x = self._proj(h, lw.down_w, lw.down_b, x, kernels.linear)
+                h = self._norm_linear(
+                    x, lw.mlp_norm_w, lw.mlp_norm_b, lw.up_w, gated=True, site="up"
+                )
+                x = self._proj(h, lw.down_w, lw.down_b, x, kernels.linear, "down")
             elif fold:
-                up = self._norm_linear(x, lw.mlp_norm_w, lw.mlp_norm_b, lw.up_w, lw.up_b)
+                up = self._norm_linear(x, lw.mlp_norm_w, lw.mlp_norm_b, lw.up_w, lw.up_b, site="up")
                 if s.mlp == "gated":
                     gate, up = up.chunk(2, dim=-1)
                     h = self.act(gate) * up
                 else:
                     h = self.act(up)
-                x = self._proj(h, lw.down_w, lw.down_b, x, kernels.linear)
+                x = self._proj(h, lw.down_w, lw.down_b, x, kernels.linear, "down")
             else:
                 h = self._norm(x, lw.mlp_norm_w, lw.mlp_norm_b, triton_norm)
                 x = self._mlp(x, h, lw, triton_mlp, kernels.linear)
@@ -355,6 +359,8 @@ class Decoder:
                 return_logits=True,
                 ids_out=ids_out,
                 workspace=self._workspace,
+                config=self._tile_config(bsz, "lm_head_argmax", "lm_head"),
+                pdl=kernels.pdl,
             )
             return logits, True
         return self._logits(x, triton_norm, kernels.linear), False
@@ -366,7 +372,25 @@ class Decoder:
             self._counters = new_counters(x.device)
         return self._counters
 
-    def _norm_linear(self, x, norm_w, norm_b, w, b=None, gated: bool = False) -> torch.Tensor:
+    def _tile_config(self, batch: int, kernel: str, site: str):
+        """The kernel's config dataclass for the tile the compiler tuned at this batch and
+        site, or None (its default) where there is none."""
+        t = self.kernels.tile(batch, kernel, site)
+        if t is None:
+            return None
+        if kernel == "norm_linear":
+            from kernl.kernels.norm_linear import NormLinearConfig as Config
+        elif kernel == "skinny_linear_fused":
+            from kernl.kernels.skinny_linear_fused import SkinnyLinearFusedConfig as Config
+        else:
+            from kernl.kernels.lm_head_argmax import LmHeadArgmaxConfig
+
+            return LmHeadArgmaxConfig(t.block_n, t.block_k, t.num_warps, t.num_stages)
+        return Config(t.block_n, t.block_k, t.split_k, t.num_warps, t.num_stages)
+
+    def _norm_linear(
+        self, x, norm_w, norm_b, w, b=None, gated: bool = False, site: str = "qkv"
+    ) -> torch.Tensor:
         from kernl.kernels.norm_linear import norm_linear
 
         return norm_linear(
@@ -379,6 +403,8 @@ class Decoder:
             norm=self.spec.norm,
             gated=gated,
             counters=self._counters_for(x),
+            config=self._tile_config(x.shape[0], "norm_linear", site),
+            pdl=self.kernels.pdl,
         )
 
     def _proj(
@@ -388,13 +414,26 @@ class Decoder:
         b: torch.Tensor | None,
         residual: torch.Tensor | None = None,
         linear: str = "torch",
+        site: str | None = None,
     ) -> torch.Tensor:
         """residual + h @ w.T + b on the linear kernel `linear` names (a decode step's choice;
-        prefill stays on torch: its kernels have no binaries)."""
+        prefill stays on torch: its kernels have no binaries). `site` ("o", "down") picks
+        the tuned tile of the fused kernel."""
         if linear == "fused" and _few_rows_operands(h, w):
             from kernl.kernels.skinny_linear_fused import skinny_linear_fused
 
-            return skinny_linear_fused(h, w, b, residual, counters=self._counters_for(h))
+            config = None
+            if site is not None:
+                config = self._tile_config(h.shape[0], "skinny_linear_fused", site)
+            return skinny_linear_fused(
+                h,
+                w,
+                b,
+                residual,
+                counters=self._counters_for(h),
+                config=config,
+                pdl=self.kernels.pdl,
+            )
         return _linear(h, w, b, residual=residual, skinny=linear != "torch")
 
 

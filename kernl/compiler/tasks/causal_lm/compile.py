@@ -47,6 +47,7 @@ from ...tune import write_binaries
 from ...validate import resolve_tolerance
 from .buckets import as_generation_buckets
 from .decode_kernels import DecodeTiming, choose_decode_kernels, record_decode_binaries
+from .decode_tiles import TileTiming, tune_decode_tiles
 from .describe import describe
 from .validate import StageError, validate_generation
 
@@ -67,6 +68,7 @@ class CausalLMReport:
     rtol: float = 0.0
     decode_kernels: DecodeKernels = field(default_factory=DecodeKernels)
     decode_timings: list[DecodeTiming] = field(default_factory=list)
+    tile_timings: list[TileTiming] = field(default_factory=list)
     num_binaries: int = 0
 
     def table(self) -> str:
@@ -79,6 +81,12 @@ class CausalLMReport:
             lines.append(
                 f"{e.stage:>8}  {e.batch:>5}  {e.size:>6}  {e.steps:>5}  "
                 f"{e.max_abs_error:18.3g}  {e.reference_scale:11.3g}"
+            )
+        if self.tile_timings:
+            ok = sum(t.error is None for t in self.tile_timings)
+            lines.append(
+                f"fused decode kernel tiles: {len(self.tile_timings)} configs tried "
+                f"({ok} timed, {len(self.tile_timings) - ok} failed)"
             )
         if self.decode_timings:
             lines.append("decode step timings (all decode buckets, one step each):")
@@ -149,8 +157,10 @@ def compile_causal_lm(
             )
         elif kernels and tune and dev.type == "cuda" and torch_dtype != torch.float32:
             # (in fp32, Triton's dot products would round through TF32: plain torch stays)
+            say("tuning the fused decode kernels' tiles per decode batch")
+            tiles, report.tile_timings = tune_decode_tiles(gen.decoder, gb.batches, say)
             say("choosing the decode step's kernels by timing")
-            chosen, report.decode_timings = choose_decode_kernels(gen, say)
+            chosen, report.decode_timings = choose_decode_kernels(gen, say, tiles=tiles)
         else:
             chosen = DecodeKernels()
         gen.decoder.kernels = report.decode_kernels = chosen

@@ -6,7 +6,13 @@ linear layers).
 Starting from plain torch, each alternative is tried in turn and kept only if the decode
 steps of every decode bucket, replayed as CUDA graphs, get faster in total by more than
 `MIN_GAIN`: a kernel earns its place by measurement, never by default. An alternative that
-fails (a kernel that does not compile for these shapes) is reported and skipped."""
+fails (a kernel that does not compile for these shapes) is reported and skipped.
+
+The fused kernels run the tiles (launch configs) tuned per batch and call site beforehand
+(decode_tiles.py); only the tiles of the kernels finally chosen are kept. Last, where the
+choice runs a fused kernel on a GPU that has it (Hopper and later), programmatic dependent
+launch is tried: kept only if the step gets faster by MIN_GAIN and its logits stay bitwise
+the same in every decode bucket."""
 
 from __future__ import annotations
 
@@ -19,11 +25,12 @@ from typing import Any
 
 import torch
 
-from kernl.artifacts.generation import DECODE_KERNEL_CHOICES, DecodeKernels
+from kernl.artifacts.generation import DECODE_KERNEL_CHOICES, DecodeKernels, DecodeTile
 from kernl.runtime.binaries import allow_jit
 from kernl.runtime.generation import GenerativeModel
 
 from ...tune import recording_binaries
+from .decode_tiles import used_tiles
 
 # every piece's implementations but plain torch, in the order they are tried
 ALTERNATIVES = [(piece, choices[1:]) for piece, choices in DECODE_KERNEL_CHOICES.items()]
@@ -75,8 +82,12 @@ def choose_decode_kernels(
     gen: GenerativeModel,
     say: Callable[[str], None],
     step_ms: Callable[[GenerativeModel], float] | None = None,
+    tiles: tuple[DecodeTile, ...] = (),
+    try_pdl: bool | None = None,
 ) -> tuple[DecodeKernels, list[DecodeTiming]]:
-    """Greedy search from plain torch over ALTERNATIVES; leaves `gen` on the choice."""
+    """Greedy search from plain torch over ALTERNATIVES, the fused kernels on `tiles`; then
+    PDL (`try_pdl`; None: on a CUDA device of compute capability >= 9). Leaves `gen` on the
+    choice."""
     measure = step_ms or (lambda g: _step_ms(g, REPLAYS))
     decoder = gen.decoder
 
@@ -90,7 +101,7 @@ def choose_decode_kernels(
         say(f"decode step, {t.describe()}")
         return t
 
-    best = timed(DecodeKernels())
+    best = timed(DecodeKernels(tiles=tiles))
     timings = [best]
     if best.error is not None:
         # Without a baseline nothing can earn its place: plain torch, which validation checks.
@@ -121,9 +132,44 @@ def choose_decode_kernels(
         timings.append(t)
         if t.step_ms is not None and t.step_ms < best.step_ms * (1 - MIN_GAIN):
             best = t
-    decoder.kernels = best.kernels
+    k = best.kernels
+    chosen = dataclasses.replace(k, tiles=used_tiles(k.tiles, k.norm, k.linear, k.lm_head))
+    if try_pdl is None:
+        try_pdl = gen.device.type == "cuda" and torch.cuda.get_device_capability(gen.device)[0] >= 9
+    if try_pdl and _runs_fused(chosen):
+        plain = _decode_logits(gen, chosen)
+        t = timed(dataclasses.replace(chosen, pdl=True))
+        timings.append(t)
+        if t.step_ms is not None and t.step_ms < best.step_ms * (1 - MIN_GAIN):
+            same = all(map(torch.equal, plain, _decode_logits(gen, t.kernels)))
+            say(f"decode step with PDL computes {'the same' if same else 'DIFFERENT'} logits")
+            if same:
+                chosen = t.kernels
+    decoder.kernels = chosen
     gen._steps.clear()
-    return best.kernels, timings
+    return chosen, timings
+
+
+def _runs_fused(k: DecodeKernels) -> bool:
+    """Whether the step runs a kernel that takes PDL (kernl/kernels/launch.py pdl_start)."""
+    return k.norm == "fused" or k.linear == "fused" or k.lm_head == "triton"
+
+
+def _decode_logits(gen: GenerativeModel, kernels: DecodeKernels) -> list[torch.Tensor]:
+    """One greedy decode step's logits per decode bucket, on `kernels`, from the same tokens,
+    positions and cache slot each time (so that two kernel choices can be compared)."""
+    gen.decoder.kernels = kernels
+    gen._steps.clear()
+    out = []
+    with allow_jit(), torch.no_grad():
+        for batch, kv_len in gen.buckets.decode_shapes():
+            step = gen._step(("decode", batch, kv_len, False))
+            state = gen._states[batch]
+            state.reset_counters()
+            state.tokens.copy_(torch.arange(batch, device=state.tokens.device))
+            out.append(step.run().clone())
+    gen._steps.clear()
+    return out
 
 
 def record_decode_binaries(gen: GenerativeModel) -> dict[str, Any]:

@@ -1,0 +1,264 @@
+"""The launch config (tile) of each fused few-rows kernel of a decode step, per decode batch and
+call site, chosen by timing on the model's own weights.
+
+The fused kernels (`norm_linear` at QKV and the MLP up projection, `skinny_linear_fused` at O
+and down, `lm_head_argmax`) stream weights at the bandwidth their tile, split-K, warps and
+stages allow, and the best differs by shape and batch (issue 15: a first-guess tile left
+`norm_linear` at a quarter of the copy bandwidth). So for every decode batch of <= 16 rows
+and every site, each config of the kernel's small decode space (`*_decode_configs()` in its
+file) is run once and checked against a float64 reference (at most 2x the error of the same
+computation in the model's dtype, plus a little), then timed: on a GPU a CUDA graph of one
+call per layer, each on that layer's weights (as a decode step streams them, so nothing is
+served from L2), replayed; elsewhere the eager calls under a wall clock, which only shows the
+search works. The fastest checked config becomes a `DecodeTile`; the runtime only reads it.
+
+Batches differ only in M == 1 or not for Triton's specialisation, so a config compiles at most
+twice per site; the report counts the timings."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from statistics import median
+
+import torch
+
+from kernl.artifacts.generation import DecodeTile
+from kernl.runtime.binaries import allow_jit
+from kernl.runtime.generation.decoder import FEW_ROWS, Decoder
+
+REPLAYS = 10
+MIN_CALLS = 8  # a CUDA graph holds at least this many calls (the layers, cycled)
+
+
+@dataclass
+class TileTiming:
+    batch: int
+    kernel: str
+    site: str
+    config: object
+    ms: float | None  # per call
+    error: str | None = None
+
+    def describe(self) -> str:
+        what = f"batch {self.batch} {self.kernel} at {self.site} {self.config}"
+        return f"{what}: {self.error}" if self.error else f"{what}: {self.ms * 1e3:.2f} us"
+
+
+@dataclass
+class Site:
+    """One call site: `call(i, config)` runs the kernel on layer i's weights (outputs into
+    buffers allocated once); `check(config)` returns the error vs float64 and the allowed
+    error, on layer 0."""
+
+    kernel: str
+    site: str
+    layers: int
+    call: Callable[[int, object], object]
+    check: Callable[[object], tuple[float, float]]
+    configs: list
+
+
+def _allowed(ref64: torch.Tensor, stock: torch.Tensor) -> float:
+    """Twice the error of the plain computation in the model's dtype, plus a rounding step of
+    the output's scale (the fused kernels round once where the plain ones round twice)."""
+    stock_err = (stock.double() - ref64).abs().max().item()
+    eps = torch.finfo(stock.dtype).eps
+    return 2 * stock_err + 4 * eps * max(1.0, ref64.abs().max().item())
+
+
+def _err(out: torch.Tensor, ref64: torch.Tensor) -> float:
+    err = (out.double() - ref64).abs().max().item()
+    return float("inf") if err != err else err  # NaN fails
+
+
+def decode_sites(dec: Decoder, batch: int, seed: int = 0) -> list[Site]:
+    """The call sites of `dec`'s decode step that a fused kernel can take, at `batch` rows."""
+    from kernl.kernels import lm_head_argmax as lm
+    from kernl.kernels import norm_linear as nl
+    from kernl.kernels import skinny_linear_fused as slf
+
+    s, L = dec.spec, dec.layers
+    dev, dt = dec.embed.device, dec.dtype
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen).to(device=dev, dtype=dt)  # noqa: E731
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    x = rnd(batch, s.hidden_size)
+    counters = nl.new_counters(dev)
+    sites = []
+    if dec.norm_folds:
+        gated = dec.gated_silu_without_bias
+        for site, norm_w, norm_b, w, b, g in [
+            ("qkv", "attn_norm_w", "attn_norm_b", "qkv_w", "qkv_b", False),
+            ("up", "mlp_norm_w", "mlp_norm_b", "up_w", "up_b", gated),
+        ]:
+            args = [
+                (getattr(lw, norm_w), getattr(lw, norm_b), getattr(lw, w), getattr(lw, b))
+                for lw in L
+            ]
+            n_out = args[0][2].shape[0] // (2 if g else 1)
+            out = torch.empty(batch, n_out, device=dev, dtype=dt)
+            kw = dict(eps=s.norm_eps, norm=s.norm, gated=g)
+
+            def call(i, c, args=args, out=out, kw=kw):
+                return nl.norm_linear(x, *args[i], out=out, counters=counters, config=c, **kw)
+
+            def check(c, call=call, args=args, kw=kw):
+                ref = nl.norm_linear_reference(d(x), *map(d, args[0]), **kw)
+                stock = nl.norm_linear_reference(x, *args[0], **kw)
+                return _err(call(0, c), ref), _allowed(ref, stock)
+
+            sites.append(
+                Site("norm_linear", site, len(L), call, check, nl.norm_linear_decode_configs())
+            )
+    for site, w, b in [("o", "o_w", "o_b"), ("down", "down_w", "down_b")]:
+        args = [(getattr(lw, w), getattr(lw, b)) for lw in L]
+        h = rnd(batch, args[0][0].shape[1])
+        out = torch.empty(batch, s.hidden_size, device=dev, dtype=dt)
+
+        def call(i, c, args=args, h=h, out=out):
+            w, b = args[i]
+            return slf.skinny_linear_fused(h, w, b, x, out=out, counters=counters, config=c)
+
+        def check(c, call=call, args=args, h=h):
+            w, b = args[0]
+            ref = slf.skinny_linear_fused_reference(d(h), d(w), d(b), d(x))
+            stock = slf.skinny_linear_fused_reference(h, w, b, x)
+            return _err(call(0, c), ref), _allowed(ref, stock)
+
+        sites.append(
+            Site(
+                "skinny_linear_fused",
+                site,
+                len(L),
+                call,
+                check,
+                slf.skinny_linear_fused_decode_configs(),
+            )
+        )
+    # the greedy step's lm_head as the decoder runs it: logits written, final RMSNorm folded in
+    norm_w = dec.final_norm_w if s.norm == "rms" and dec.final_norm_b is None else None
+    logits = torch.empty(batch, dec.lm_head.shape[0], device=dev, dtype=dt)
+    ids = torch.empty(batch, dtype=torch.int64, device=dev)
+    workspace = lm.new_workspace(dev)
+
+    def call_lm(i, c):
+        return lm.lm_head_argmax(
+            x,
+            dec.lm_head,
+            norm_weight=norm_w,
+            eps=s.norm_eps,
+            logits_out=logits,
+            ids_out=ids,
+            workspace=workspace,
+            config=c,
+        )
+
+    def check_lm(c):
+        ref_ids, ref = lm.lm_head_argmax_reference(d(x), d(dec.lm_head), d(norm_w), s.norm_eps)
+        _, stock = lm.lm_head_argmax_reference(x, dec.lm_head, norm_w, s.norm_eps)
+        got_ids, got = call_lm(0, c)
+        err = _err(got, ref)
+        if not torch.equal(got_ids, got.argmax(-1)):  # ids are the argmax of its own logits
+            err = float("inf")
+        return err, _allowed(ref, stock)
+
+    # one weight: a few calls on it (hundreds of MB at real vocabularies: past L2 anyway)
+    sites.append(
+        Site("lm_head_argmax", "lm_head", 1, call_lm, check_lm, lm.lm_head_argmax_decode_configs())
+    )
+    return sites
+
+
+def graph_ms(calls: list[Callable[[], object]], device: torch.device) -> float:
+    """Per-call time of `calls` in order: on CUDA, the median over REPLAYS replays of one CUDA
+    graph holding them (cycled to at least MIN_CALLS); elsewhere one eager pass."""
+    if device.type != "cuda":
+        t = time.perf_counter()
+        for fn in calls:
+            fn()
+        return (time.perf_counter() - t) * 1e3 / len(calls)
+    seq = [calls[i % len(calls)] for i in range(max(MIN_CALLS, len(calls)))]
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for fn in calls:  # compile and warm outside the capture
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in seq:
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(REPLAYS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(seq))
+    return median(times)
+
+
+def tune_decode_tiles(
+    dec: Decoder,
+    batches: list[int],
+    say: Callable[[str], None],
+    measure: Callable[[list[Callable[[], object]]], float] | None = None,
+) -> tuple[tuple[DecodeTile, ...], list[TileTiming]]:
+    """The fastest checked config of every site at every batch of <= FEW_ROWS rows, and every
+    timing taken. `measure(calls)` (per-call ms) defaults to `graph_ms` on the decoder's
+    device. A config that fails to compile, to run or its check is reported and skipped; a
+    site where none passes gets no tile (its kernel's default config)."""
+    device = dec.embed.device
+    measure = measure or (lambda calls: graph_ms(calls, device))
+    tiles, timings = [], []
+    with allow_jit(), torch.no_grad():
+        for batch in sorted(b for b in set(batches) if b <= FEW_ROWS):
+            for site in decode_sites(dec, batch):
+                best: TileTiming | None = None
+                for c in site.configs:
+                    t = TileTiming(batch, site.kernel, site.site, c, None)
+                    try:
+                        err, allowed = site.check(c)
+                        if not err <= allowed:
+                            t.error = f"check failed: max error {err:.3g} > {allowed:.3g}"
+                        else:
+                            calls = [lambda i=i, c=c: site.call(i, c) for i in range(site.layers)]
+                            t.ms = measure(calls)
+                    except Exception as e:  # a config that does not compile or fit here
+                        t.error = f"{type(e).__name__}: {e}"[:200]
+                    timings.append(t)
+                    if t.error is None and (best is None or t.ms < best.ms):
+                        best = t
+                if best is None:
+                    say(f"batch {batch} {site.kernel} at {site.site}: no config passed; default")
+                    continue
+                c = best.config
+                tiles.append(
+                    DecodeTile(
+                        batch,
+                        site.kernel,
+                        site.site,
+                        c.BLOCK_N,
+                        c.BLOCK_K,
+                        getattr(c, "split_k", 0),
+                        c.num_warps,
+                        c.num_stages,
+                    )
+                )
+                say(f"decode tile {best.describe()} (best of {len(site.configs)})")
+    return tuple(tiles), timings
+
+
+def used_tiles(tiles: tuple[DecodeTile, ...], norm: str, linear: str, lm_head: str):
+    """The tiles of the kernels a decode-kernel choice runs (the others are not stored)."""
+    used = {
+        "norm_linear": norm == "fused",
+        "skinny_linear_fused": linear == "fused",
+        "lm_head_argmax": lm_head == "triton",
+    }
+    return tuple(t for t in tiles if used[t.kernel])
