@@ -8,7 +8,8 @@ Ops: `norm_linear` on QKV (N 3072) and gated gate/up (N 2 x 8192) from K 2048,
 `skinny_linear_fused` on O (2048 x 2048) and down (2048 x 8192) with the residual,
 `lm_head_argmax` (128256 x 2048, final norm folded in), each against the unfused sequences
 it replaces (bench_decode_kernels.unfused_impls: kernl's unfused path and plain torch).
-The space per kernel is today's tuning space plus a seeded sample of a wider one (BLOCK_K up
+The space per kernel is its decode space (what the compiler searches per decode batch,
+`*_decode_configs()`) and its general tuning space, plus a seeded sample of a wider one (BLOCK_K up
 to 512, 2 to 8 warps, 2 to 6 stages, split-K 1 to 16), filtered by shared memory.
 
 Timing as in bench_decode_kernels (imported): weights rotated over copies that together
@@ -101,6 +102,7 @@ def _wide(
                         continue
                     for sk in split_choices:
                         wide.append(make(bn, bk, sk, w, st))
+    today = list(dict.fromkeys(today))  # in order, once each
     seen = set(today)
     rest = [c for c in wide if c not in seen]
     random.Random(seed).shuffle(rest)
@@ -110,7 +112,7 @@ def _wide(
 def norm_linear_space(gated: bool, extra: int) -> list[nl_mod.NormLinearConfig]:
     return _wide(
         nl_mod.NormLinearConfig,
-        nl_mod.norm_linear_configs(),
+        nl_mod.norm_linear_decode_configs() + nl_mod.norm_linear_configs(),
         (0, 1, 2, 4, 8, 16),
         2 if gated else 1,
         extra,
@@ -121,7 +123,7 @@ def norm_linear_space(gated: bool, extra: int) -> list[nl_mod.NormLinearConfig]:
 def skinny_fused_space(extra: int) -> list[slf_mod.SkinnyLinearFusedConfig]:
     return _wide(
         slf_mod.SkinnyLinearFusedConfig,
-        slf_mod.skinny_linear_fused_configs(),
+        slf_mod.skinny_linear_fused_decode_configs() + slf_mod.skinny_linear_fused_configs(),
         (0, 1, 2, 4, 8, 16),
         1,
         extra,
@@ -131,7 +133,8 @@ def skinny_fused_space(extra: int) -> list[slf_mod.SkinnyLinearFusedConfig]:
 
 def lm_head_space(extra: int) -> list[lm_mod.LmHeadArgmaxConfig]:
     make = lambda bn, bk, sk, w, st: lm_mod.LmHeadArgmaxConfig(bn, bk, w, st)  # noqa: E731
-    return _wide(make, lm_mod.lm_head_argmax_configs(), (0,), 1, extra, seed=4)
+    today = lm_mod.lm_head_argmax_decode_configs() + lm_mod.lm_head_argmax_configs()
+    return _wide(make, today, (0,), 1, extra, seed=4)
 
 
 # -- the ops ------------------------------------------------------------------------------------
