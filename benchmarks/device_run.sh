@@ -6,6 +6,9 @@
 # see README "Benchmarks"):
 #   bash benchmarks/device_run.sh start tests gen bert decode   # starts the stages, waits
 #   bash benchmarks/device_run.sh wait                          # waits again (next command)
+# On a machine with several GPUs, `--` splits the stages into chains that run side by side,
+# chain i on GPU i (each stage still alone on its GPU, so timings stay comparable):
+#   bash benchmarks/device_run.sh start tests gen -- bert seq2seq serving
 # Each `start`/`wait` returns after at most WAIT seconds (default 540) with every log and
 # JSON so far copied to $OUT and the last lines of each log printed; call `wait` again
 # within the machine's idle time until it prints "all stages done".
@@ -79,11 +82,27 @@ case "${1:-}" in
     ;;
   stages)
     shift
-    for s in "$@"; do
-      echo "$(date -u +%T) stage $s"
-      stage "$s" >"$RUN/$s.log" 2>&1
-      echo "$(date -u +%T) stage $s rc=$?"
+    gpu=0 chain=() pids=()
+    run_chain() {
+      for s in "$@"; do
+        echo "$(date -u +%T) gpu $gpu stage $s"
+        CUDA_VISIBLE_DEVICES=$gpu stage "$s" >"$RUN/$s.log" 2>&1
+        echo "$(date -u +%T) gpu $gpu stage $s rc=$?"
+      done
+    }
+    for s in "$@" --; do
+      if [ "$s" = "--" ]; then
+        if [ ${#chain[@]} -gt 0 ]; then
+          run_chain "${chain[@]}" &
+          pids+=($!)
+          gpu=$((gpu + 1))
+        fi
+        chain=()
+      else
+        chain+=("$s")
+      fi
     done
+    wait "${pids[@]}"
     touch "$RUN/all.done"
     ;;
   wait) wait_for_job ;;
