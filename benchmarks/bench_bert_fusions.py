@@ -8,9 +8,16 @@ neighbours: the residual adds, the GELU, the copies).
 One process: BertModel(BertConfig()) with random weights (seed 0) is saved, compiled with
 kernl for the buckets "batch=1,8,32 seq=16,128,512" (the compile time is reported), then each
 shape is timed through kernl.runtime.load(...), eager (SDPA attention) and torch.compile
-reduce-overhead (dynamic=False, recompiled per shape). Inputs live on the GPU; a time is the
+reduce-overhead (dynamic=False, recompiled per shape). Each is timed twice: with inputs on the
+GPU (input_ids and attention_mask) and with a tokenizer's output on the CPU (input_ids,
+token_type_ids, attention_mask as int64 CPU tensors), copied in by each implementation as users
+call it: kernl takes the CPU tensors itself (range check on the host, one copy from pinned
+memory), eager and reduce-overhead get `{k: v.cuda() for k, v in x.items()}`. A time is the
 median of >= 100 single calls, each between two CUDA events with the host synchronised in
 between, so it is the latency a caller sees (kernl's input checks and copy-in included).
+"host us" is the host's time in one call (perf_counter, GPU idle at the start): for kernl,
+checks, copy-in, replay launch, output copies and, for GPU inputs, the wait for the range
+check that was queued before the replay.
 
 Kernels per call: "static" is what the compile summary prints (compiler/launch_counts.py, from
 the program), "profiled" counts the kernels CUPTI sees inside ten calls (torch profiler; kernels
@@ -18,8 +25,8 @@ of CUDA graphs included), for kernl and reduce-overhead. Accuracy: max |diff| of
 last_hidden_state against eager fp16 (the bar is about 0.01) and, for scale, eager fp16's own
 max |diff| against eager fp32. The tuner's choices per bucket (which linears stayed on cuBLAS,
 which GELUs became cuBLASLt's tanh epilogue) are printed with the compile summary.
-Runs in about 4 minutes on an H200 (compile ~70 s, torch.compile ~20 s per shape); a plain
-script, not collected by pytest."""
+Runs in about 5 minutes on an H200 (compile 70-130 s, torch.compile ~20 s per shape, timing
+~1 min); a plain script, not collected by pytest."""
 
 from __future__ import annotations
 
@@ -57,6 +64,20 @@ def time_ms(fn: Callable[[], object], iters: int, warm: int = 10) -> float:
     return statistics.median(times)
 
 
+def host_us(fn: Callable[[], object], iters: int, warm: int = 10) -> float:
+    """Median host time of one call, from an idle GPU to the call's return."""
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return statistics.median(times) * 1e6
+
+
 def kernels_per_call(fn: Callable[[], object], calls: int = 10) -> tuple[int, float]:
     """(kernels, kernel milliseconds) per call as the profiler sees them (CUPTI traces kernels
     replayed from CUDA graphs too)."""
@@ -79,6 +100,22 @@ def inputs(batch: int, seq: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 30000, (batch, seq), generator=g).cuda()
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def tokenizer_output(batch: int, seq: int) -> dict[str, torch.Tensor]:
+    """What `tokenizer(texts, return_tensors="pt", padding=True)` returns for BERT: int64 CPU
+    tensors, the last row padded to three quarters of the length."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 30000, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[-1, seq * 3 // 4 :] = 0
+    ids[mask == 0] = 0
+    return dict(input_ids=ids, token_type_ids=torch.zeros_like(ids), attention_mask=mask)
+
+
+def to_gpu(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """How a user hands a tokenizer's output to a model on the GPU."""
+    return {k: v.cuda() for k, v in x.items()}
 
 
 def tuning_summary(records) -> str:
@@ -164,10 +201,19 @@ def main() -> None:
             ref32 = eager32(**x).last_hidden_state.float()
             got = km(**x)["last_hidden_state"].float()
             kernl_kernels, kernl_kernel_ms = kernels_per_call(lambda: km(**x))
+            cpu = tokenizer_output(*shape)
+            from_cpu = km(**cpu)["last_hidden_state"]
+            from_gpu = km(**to_gpu(cpu))["last_hidden_state"]
             rows[shape] = {
                 "shape": f"{shape[0]}x{shape[1]}",
                 "kernl_ms": time_ms(lambda: km(**x), args.iters),
                 "eager_ms": time_ms(lambda: eager(**x), args.iters),
+                "kernl_ms_cpu_inputs": time_ms(lambda: km(**cpu), args.iters),
+                "eager_ms_cpu_inputs": time_ms(lambda: eager(**to_gpu(cpu)), args.iters),
+                "kernl_host_us": host_us(lambda: km(**x), args.iters),
+                "kernl_host_us_cpu_inputs": host_us(lambda: km(**cpu), args.iters),
+                # the same call with the inputs on the CPU or the GPU: expected 0
+                "kernl_cpu_vs_gpu_inputs_max_abs": (from_cpu - from_gpu).abs().max().item(),
                 "kernl_max_abs_vs_eager16": (got - ref16).abs().max().item(),
                 "kernl_max_abs_vs_eager32": (got - ref32).abs().max().item(),
                 "eager16_max_abs_vs_eager32": (ref16 - ref32).abs().max().item(),
@@ -188,9 +234,18 @@ def main() -> None:
                 row = rows[shape]
                 row["reduce_overhead_compile_s"] = time.perf_counter() - t0
                 row["reduce_overhead_ms"] = time_ms(lambda: compiled(**x), args.iters)
+                cpu = tokenizer_output(*shape)
+                compiled(**to_gpu(cpu))  # same shapes and dtypes: no recompile
+                row["reduce_overhead_ms_cpu_inputs"] = time_ms(
+                    lambda: compiled(**to_gpu(cpu)), args.iters
+                )
+                row["reduce_overhead_host_us"] = host_us(lambda: compiled(**x), args.iters)
                 n, ms = kernels_per_call(lambda: compiled(**x))
                 row["reduce_overhead_kernels_profiled"], row["reduce_overhead_kernel_ms"] = n, ms
                 row["speedup_vs_reduce_overhead"] = row["reduce_overhead_ms"] / row["kernl_ms"]
+                row["speedup_vs_reduce_overhead_cpu_inputs"] = (
+                    row["reduce_overhead_ms_cpu_inputs"] / row["kernl_ms_cpu_inputs"]
+                )
         torch._dynamo.reset()
 
     head = (
@@ -198,6 +253,7 @@ def main() -> None:
         f"{'kernels static/prof':>19} {'r-o kernels':>11} {'kernel ms k/r-o':>15} "
         f"{'|d| vs eager16':>14} {'eager16 vs 32':>13}"
     )
+    print("inputs on the GPU")
     print(head)
     for row in rows.values():
         ro = row.get("reduce_overhead_ms")
@@ -208,6 +264,21 @@ def main() -> None:
             f"{str(row.get('reduce_overhead_kernels_profiled', '-')):>11} "
             f"{row['kernl_kernel_ms']:7.3f}/{row.get('reduce_overhead_kernel_ms', float('nan')):<7.3f} "
             f"{row['kernl_max_abs_vs_eager16']:14.4f} {row['eager16_max_abs_vs_eager32']:13.4f}"
+        )
+    print("inputs from the CPU (a tokenizer's output, copied in by each); host us per call")
+    print(
+        f"{'shape':>7} {'kernl ms':>9} {'r-o ms':>8} {'eager ms':>9} {'vs r-o':>7} "
+        f"{'kernl host us gpu/cpu in':>24} {'r-o host us':>11}"
+    )
+    nan = float("nan")
+    for row in rows.values():
+        print(
+            f"{row['shape']:>7} {row['kernl_ms_cpu_inputs']:9.3f} "
+            f"{row.get('reduce_overhead_ms_cpu_inputs', nan):8.3f} "
+            f"{row['eager_ms_cpu_inputs']:9.3f} "
+            f"{row.get('speedup_vs_reduce_overhead_cpu_inputs', nan):6.2f}x "
+            f"{row['kernl_host_us']:11.1f}/{row['kernl_host_us_cpu_inputs']:<12.1f} "
+            f"{row.get('reduce_overhead_host_us', nan):11.1f}"
         )
     result["shapes"] = list(rows.values())
     result["total_s"] = time.perf_counter() - t_start
