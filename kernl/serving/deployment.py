@@ -35,10 +35,11 @@ from starlette.responses import Response
 
 from kernl.artifacts import read_manifest
 
-from .batching import measure_costs, plan_groups, run_group, token_costs
+from .batching import measure_costs, token_costs
 from .config import ServeConfig
+from .encoder import Replay, serve_batch
 from .metrics import ReplayStats
-from .protocol import ModelLimits, ParsedRequest, RequestError, parse_request, response_body
+from .protocol import ModelLimits, ParsedRequest, RequestError, parse_request
 from .tokenizer import load_tokenizer
 
 # Ray Serve's own default batch size, replaced per replica by the configured one.
@@ -175,38 +176,13 @@ class KernlServer:
 
     def serve_requests(self, requests: list[ParsedRequest]) -> list[dict]:
         """Every row of every request, grouped into buckets; one model call per group."""
-        rows = [(i, row) for i, r in enumerate(requests) for row in r.rows]
-        groups = plan_groups([row.length for _, row in rows], self.model.buckets, self.costs)
-        per_row: list[dict | None] = [None] * len(rows)
-        replays: list[list[dict]] = [[] for _ in requests]
-        for group in groups:
-            members = [rows[k] for k in group.rows]
-            outputs = run_group(self.model, [row for _, row in members])
-            for k, out in zip(group.rows, outputs):
-                per_row[k] = out
-            served = sorted({i for i, _ in members})
-            note = {
-                "bucket": f"{group.bucket.batch}x{group.bucket.seq}",
-                "requests": len(served),
-                "rows": len(members),
-            }
-            for i in served:
-                replays[i].append(note)
+
+        def record(r: Replay) -> None:
             self.stats.record_replay.remote(
-                len(served),
-                len(members),
-                sum(row.length for _, row in members),
-                note["bucket"],
-                group.bucket.tokens,
-                self.replica,
+                r.requests, r.rows, r.tokens, r.bucket, r.bucket_tokens, self.replica
             )
-        results, k = [], 0
-        for i, request in enumerate(requests):
-            mine = per_row[k : k + len(request.rows)]
-            k += len(request.rows)
-            extra = {"replica": self.replica, "replays": replays[i]}
-            results.append(response_body(mine, request, extra))
-        return results
+
+        return serve_batch(self.model, requests, self.costs, {"replica": self.replica}, record)
 
     def health(self) -> dict:
         m = self.model.manifest
