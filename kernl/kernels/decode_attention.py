@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch_kernel
+from .launch import is_interpreted, launch_kernel, pdl_kwargs, pdl_start
 
 
 @triton.jit
@@ -57,7 +57,9 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     HAS_KV_LENS: tl.constexpr,
     HAS_KV_MASK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_start(USE_PDL)  # every read below may depend on the previous kernel
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     h_kv = tl.program_id(2).to(tl.int64)
@@ -133,7 +135,9 @@ def _decode_merge_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_start(USE_PDL)  # every read below may depend on the previous kernel
     bh = tl.program_id(0)
     b = (bh // num_heads).to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
@@ -215,9 +219,11 @@ def decode_attention(
     kv_mask: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: DecodeAttentionConfig | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """q [B, H, 1, D], k/v [B, H_kv, Lk, D] (any strides), kv_lens [B], kv_mask [B, Lk] (bool,
-    unit stride along Lk) -> [B, H, 1, D]."""
+    unit stride along Lk) -> [B, H, 1, D]. pdl: launch with
+    programmatic dependent launch (kernels/launch.py; off under the interpreter)."""
     B, H, Lq, D = q.shape
     H_kv, Lk = k.shape[1], k.shape[2]
     assert Lq == 1 and k.shape == (B, H_kv, Lk, D) and v.shape == k.shape and H % H_kv == 0
@@ -272,6 +278,7 @@ def decode_attention(
         HAS_KV_MASK=has_mask,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **pdl_kwargs(pdl, is_interpreted(_decode_split_kernel)),
     )
     launch_kernel(
         _decode_merge_kernel,
@@ -294,6 +301,7 @@ def decode_attention(
         BLOCK_D=BLOCK_D,
         BLOCK_S=max(2, triton.next_power_of_2(splits)),
         num_warps=4,
+        **pdl_kwargs(pdl, is_interpreted(_decode_merge_kernel)),
     )
     return out
 

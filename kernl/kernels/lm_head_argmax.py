@@ -180,7 +180,8 @@ def lm_head_argmax(
     """x [M <= 16, K] (unit stride along K), weight [V, K] (unit stride along K), optional
     RMSNorm weight [K] applied to x first. Returns (ids [M] int64, logits [M, V] in x's dtype
     or None): logits are written when `return_logits` or `logits_out` is given. workspace:
-    `new_workspace(device)`, left ready; None allocates one (one more kernel)."""
+    `new_workspace(device)`, left ready; None allocates one (one more kernel). pdl: launch with
+    programmatic dependent launch (kernels/launch.py; off under the interpreter)."""
     M, K = x.shape
     V = weight.shape[0]
     assert M <= MAX_ROWS and weight.shape == (V, K) and weight.stride(1) == 1

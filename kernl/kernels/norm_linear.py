@@ -317,7 +317,8 @@ def norm_linear(
     (unit stride along K), norm "rms" or "layer" with weight (and bias) [K].
     gated: weight is [gate; up] (N_w = 2I) and the result is silu(gate) * up, [M, I].
     counters: int32 zeros (`new_counters`), left zeroed; None allocates zeros (one more
-    kernel). Returns [M, N_w] or [M, I] in x's dtype."""
+    kernel). Returns [M, N_w] or [M, I] in x's dtype. pdl: launch with
+    programmatic dependent launch (kernels/launch.py; off under the interpreter)."""
     M, K = x.shape
     n_w = weight.shape[0]
     assert M <= MAX_ROWS and weight.shape == (n_w, K) and weight.stride(1) == 1

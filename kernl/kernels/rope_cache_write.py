@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch_kernel
+from .launch import is_interpreted, launch_kernel, pdl_kwargs, pdl_start
 
 
 @triton.jit
@@ -63,7 +63,9 @@ def _rope_cache_write_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     HAS_ROPE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_start(USE_PDL)  # every read below may depend on the previous kernel
     tok = tl.program_id(0)
     b = (tok // seq_len).to(tl.int64)
     s = (tok % seq_len).to(tl.int64)
@@ -184,6 +186,7 @@ def rope_cache_write(
     num_kv_heads: int,
     q_out: torch.Tensor | None = None,
     config: RopeCacheWriteConfig | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """qkv [B, S, (H + 2 KV) D] or [B, (H + 2 KV) D] (decode, S = 1), unit stride along the
     last axis; positions [B, S] or [B] (the rotary position of each token); cos, sin
@@ -191,7 +194,8 @@ def rope_cache_write(
     (one layer of the static cache, any strides); slot: a 1-element int tensor, the cache slot
     of the first token (token s goes to slot + s). Writes the caches and returns q
     [B, H, S, D] (into `q_out` if given, any strides; by default a view of a [B, S, H, D]
-    buffer, so a decode step's q is contiguous)."""
+    buffer, so a decode step's q is contiguous). pdl: launch with
+    programmatic dependent launch (kernels/launch.py; off under the interpreter)."""
     squeeze = qkv.dim() == 2
     if squeeze:
         qkv, positions = qkv[:, None], positions.reshape(-1, 1)
@@ -241,6 +245,7 @@ def rope_cache_write(
         BLOCK_HALF=triton.next_power_of_2(half),
         HAS_ROPE=has_rope,
         num_warps=config.num_warps,
+        **pdl_kwargs(pdl, is_interpreted(_rope_cache_write_kernel)),
     )
     return q_out
 

@@ -222,7 +222,8 @@ def skinny_linear_fused(
     """x [M <= 16, K] (unit stride along K), weight [N, K] (unit stride along K), bias [N],
     residual [M, N] -> [M, N] in x's dtype, one launch. counters: int32 zeros
     (`new_counters`), left zeroed; None allocates zeros (one more kernel). `out` may be
-    `residual`."""
+    `residual`. pdl: launch with
+    programmatic dependent launch (kernels/launch.py; off under the interpreter)."""
     M, K = x.shape
     N = weight.shape[0]
     assert M <= MAX_ROWS and weight.shape == (N, K) and weight.stride(1) == 1

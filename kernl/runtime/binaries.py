@@ -7,7 +7,12 @@ program inside `launching_with(its KernelBinaries)`: each launch computes a laun
 artifact compiled for that key at build time and launches it through the CUDA driver. A kernl
 kernel with no binary is an error, never a silent compilation — unless the compiler is
 recording (`allow_jit`), which is how the binaries are made in the first place. Outside a
-model's run (tests, the compiler, a user's own Triton code) Triton's JIT works as usual."""
+model's run (tests, the compiler, a user's own Triton code) Triton's JIT works as usual.
+
+A launch whose key carries `launch_pdl=True` (programmatic dependent launch, see
+kernl/kernels/launch.py) goes through `cuLaunchKernelEx` with the programmatic stream
+serialization attribute, as Triton's own launcher does; every other launch through
+`cuLaunchKernel`."""
 
 from __future__ import annotations
 
@@ -50,6 +55,41 @@ _SCALAR_CTYPES = {
 
 class MissingBinaryError(RuntimeError):
     pass
+
+
+# cuda.h's CUlaunchAttribute (id, padding to 8, a 64-byte union) and CUlaunchConfig
+_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+class _LaunchAttribute(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint64 * 8)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [
+        ("gridDimX", ctypes.c_uint),
+        ("gridDimY", ctypes.c_uint),
+        ("gridDimZ", ctypes.c_uint),
+        ("blockDimX", ctypes.c_uint),
+        ("blockDimY", ctypes.c_uint),
+        ("blockDimZ", ctypes.c_uint),
+        ("sharedMemBytes", ctypes.c_uint),
+        ("hStream", ctypes.c_void_p),
+        ("attrs", ctypes.POINTER(_LaunchAttribute)),
+        ("numAttrs", ctypes.c_uint),
+    ]
+
+
+def _pdl_config(
+    grid: tuple[int, int, int], block_x: int, shared: int, stream: ctypes.c_void_p
+) -> tuple[_LaunchConfig, _LaunchAttribute]:
+    """A launch config with programmatic stream serialization on (the attribute is returned
+    too: it must outlive the call)."""
+    attr = _LaunchAttribute()
+    attr.id = _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value[0] = 1  # the union's int programmaticStreamSerializationAllowed, little-endian
+    config = _LaunchConfig(*grid, block_x, 1, 1, shared, stream, ctypes.pointer(attr), 1)
+    return config, attr
 
 
 def _spec(value: Any) -> str:
@@ -164,7 +204,7 @@ class _Loaded:
                 "cuFuncSetAttribute",
             )
 
-    def launch(self, grid: tuple[int, int, int], bound: dict[str, Any]) -> None:
+    def launch(self, grid: tuple[int, int, int], bound: dict[str, Any], pdl: bool = False) -> None:
         gx, gy, gz = grid
         if gx * gy * gz == 0:
             return
@@ -182,6 +222,18 @@ class _Loaded:
         holders += [ctypes.c_uint64(0), ctypes.c_uint64(0)]  # global and profile scratch
         params = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        if pdl:
+            config, _attr = _pdl_config(
+                (gx * self.spec.num_ctas, gy, gz),
+                32 * self.spec.num_warps,
+                self.spec.shared,
+                stream,
+            )
+            _check(
+                _cuda().cuLaunchKernelEx(ctypes.byref(config), self.function, params, None),
+                f"cuLaunchKernelEx({self.spec.function})",
+            )
+            return
         _check(
             _cuda().cuLaunchKernel(
                 self.function,
@@ -227,7 +279,7 @@ class KernelBinaries:
                 "and GPU?"
             )
         with torch.cuda.device(self.device):
-            loaded.launch(_grid3(grid, bound), bound)
+            loaded.launch(_grid3(grid, bound), bound, pdl=bool(options.get("launch_pdl", False)))
 
 
 def _grid3(grid, bound) -> tuple[int, int, int]:

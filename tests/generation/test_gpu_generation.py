@@ -74,6 +74,8 @@ FORCED = {
         "lm_head": "triton",
     },
 }
+# every kernl kernel of the step launched with programmatic dependent launch (Hopper+)
+FORCED["fused_pdl"] = {**FORCED["fused"], "pdl": True}
 
 
 @pytest.mark.gpu
@@ -87,13 +89,21 @@ def test_triton_decode_kernels_run_from_binaries_and_match_torch(tmp_path, varia
     hf = tiny_model("llama3").cuda().to(torch.bfloat16)
     buckets = "batch=1,4 prompt=16 cache=32,64"
     forced = FORCED[variant]
+    if forced.get("pdl") and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs Hopper or later")
     report = compile_causal_lm(
         hf, buckets, tmp_path / "triton.kernl", dtype="bf16", device="cuda", decode_kernels=forced
     )
     assert report.num_binaries > 0
+    keys = [k.meta["key"] for k in kernl.runtime.load(tmp_path / "triton.kernl").manifest.kernels]
+    pdl_keys = [k for k in keys if "launch_pdl=True" in k]
+    assert bool(pdl_keys) == bool(forced.get("pdl")), keys  # (a sampling step's norm: plain)
     # the automatic choice times every alternative and keeps a loadable artifact
     auto = compile_causal_lm(hf, buckets, tmp_path / "auto.kernl", dtype="bf16", device="cuda")
     assert len(auto.decode_timings) >= 10 and all(t.error is None for t in auto.decode_timings)
+    # the fused kernels' tiles were tuned per decode batch, every config checked and timed
+    assert auto.tile_timings and all(t.error is None for t in auto.tile_timings)
+    assert {t.batch for t in auto.tile_timings} == {1, 4}
     ids, mask = mixed_prompts(3, [11, 4, 16])
     torch.save((ids, mask), tmp_path / "in.pt")
     run = subprocess.run(

@@ -20,7 +20,9 @@ gated MLP's silu(x Wg) * (x Wu) in its epilogue), the gated MLP, the linear laye
 ("triton": split-K plus a reduce kernel; "fused": reduced in the same launch, bias and
 residual in its epilogue), rotary + KV-cache write in one kernel, and lm_head + argmax in
 one pass for greedy steps. The default is plain torch everywhere; the compiler keeps a
-kernel only where it times faster.
+kernel only where it times faster. The fused kernels run the launch configs the compiler
+tuned per batch and call site (`DecodeKernels.tiles`), and with `DecodeKernels.pdl` every
+kernl kernel of the step is launched with programmatic dependent launch.
 """
 
 from __future__ import annotations
@@ -294,6 +296,7 @@ class Decoder:
                     slot,
                     num_heads=nh,
                     num_kv_heads=kvh,
+                    pdl=kernels.pdl,
                 )[:, :, 0]
             else:
                 qk = qkv[:, : (nh + kvh) * d].view(bsz, nh + kvh, d)
@@ -322,7 +325,12 @@ class Decoder:
                 from kernl.kernels.decode_attention import decode_attention
 
                 att = decode_attention(
-                    q.unsqueeze(2), keys, values, sm_scale=s.attention_scale, kv_mask=kv_valid
+                    q.unsqueeze(2),
+                    keys,
+                    values,
+                    sm_scale=s.attention_scale,
+                    kv_mask=kv_valid,
+                    pdl=kernels.pdl,
                 )
             x = self._proj(att.reshape(bsz, nh * d), lw.o_w, lw.o_b, x, kernels.linear, "o")
             if fold and self.gated_silu_without_bias:

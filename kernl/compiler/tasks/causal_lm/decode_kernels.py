@@ -152,7 +152,8 @@ def choose_decode_kernels(
 
 def _runs_fused(k: DecodeKernels) -> bool:
     """Whether the step runs a kernel that takes PDL (kernl/kernels/launch.py pdl_start)."""
-    return k.norm == "fused" or k.linear == "fused" or k.lm_head == "triton"
+    fused = k.norm == "fused" or k.linear == "fused" or k.lm_head == "triton"
+    return fused or k.attention == "triton" or k.rope == "triton"
 
 
 def _decode_logits(gen: GenerativeModel, kernels: DecodeKernels) -> list[torch.Tensor]:

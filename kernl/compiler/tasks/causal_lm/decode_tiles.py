@@ -49,8 +49,8 @@ class TileTiming:
 @dataclass
 class Site:
     """One call site: `call(i, config)` runs the kernel on layer i's weights (outputs into
-    buffers allocated once); `check(config)` returns the error vs float64 and the allowed
-    error, on layer 0."""
+    buffers allocated once); `check(out)` takes what `call(0, config)` returned and gives its
+    error vs float64 and the error allowed (references computed once, on first use)."""
 
     kernel: str
     site: str
@@ -71,6 +71,12 @@ def _allowed(ref64: torch.Tensor, stock: torch.Tensor) -> float:
 def _err(out: torch.Tensor, ref64: torch.Tensor) -> float:
     err = (out.double() - ref64).abs().max().item()
     return float("inf") if err != err else err  # NaN fails
+
+
+def _once(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn's result, computed on the first call only."""
+    memo: list = []
+    return lambda: memo[0] if memo else memo.append(fn()) or memo[0]
 
 
 def decode_sites(dec: Decoder, batch: int, seed: int = 0) -> list[Site]:
@@ -104,10 +110,14 @@ def decode_sites(dec: Decoder, batch: int, seed: int = 0) -> list[Site]:
             def call(i, c, args=args, out=out, kw=kw):
                 return nl.norm_linear(x, *args[i], out=out, counters=counters, config=c, **kw)
 
-            def check(c, call=call, args=args, kw=kw):
+            @_once
+            def refs(args=args, kw=kw):
                 ref = nl.norm_linear_reference(d(x), *map(d, args[0]), **kw)
-                stock = nl.norm_linear_reference(x, *args[0], **kw)
-                return _err(call(0, c), ref), _allowed(ref, stock)
+                return ref, _allowed(ref, nl.norm_linear_reference(x, *args[0], **kw))
+
+            def check(out, refs=refs):
+                ref, allowed = refs()
+                return _err(out, ref), allowed
 
             sites.append(
                 Site("norm_linear", site, len(L), call, check, nl.norm_linear_decode_configs())
@@ -121,11 +131,15 @@ def decode_sites(dec: Decoder, batch: int, seed: int = 0) -> list[Site]:
             w, b = args[i]
             return slf.skinny_linear_fused(h, w, b, x, out=out, counters=counters, config=c)
 
-        def check(c, call=call, args=args, h=h):
+        @_once
+        def refs(args=args, h=h):
             w, b = args[0]
             ref = slf.skinny_linear_fused_reference(d(h), d(w), d(b), d(x))
-            stock = slf.skinny_linear_fused_reference(h, w, b, x)
-            return _err(call(0, c), ref), _allowed(ref, stock)
+            return ref, _allowed(ref, slf.skinny_linear_fused_reference(h, w, b, x))
+
+        def check(out, refs=refs):
+            ref, allowed = refs()
+            return _err(out, ref), allowed
 
         sites.append(
             Site(
@@ -155,14 +169,18 @@ def decode_sites(dec: Decoder, batch: int, seed: int = 0) -> list[Site]:
             config=c,
         )
 
-    def check_lm(c):
-        ref_ids, ref = lm.lm_head_argmax_reference(d(x), d(dec.lm_head), d(norm_w), s.norm_eps)
+    @_once
+    def refs_lm():
+        _, ref = lm.lm_head_argmax_reference(d(x), d(dec.lm_head), d(norm_w), s.norm_eps)
         _, stock = lm.lm_head_argmax_reference(x, dec.lm_head, norm_w, s.norm_eps)
-        got_ids, got = call_lm(0, c)
+        return ref, _allowed(ref, stock)
+
+    def check_lm(out):
+        (got_ids, got), (ref, allowed) = out, refs_lm()
         err = _err(got, ref)
         if not torch.equal(got_ids, got.argmax(-1)):  # ids are the argmax of its own logits
             err = float("inf")
-        return err, _allowed(ref, stock)
+        return err, allowed
 
     # one weight: a few calls on it (hundreds of MB at real vocabularies: past L2 anyway)
     sites.append(
@@ -207,14 +225,14 @@ def tune_decode_tiles(
     dec: Decoder,
     batches: list[int],
     say: Callable[[str], None],
-    measure: Callable[[list[Callable[[], object]]], float] | None = None,
+    measure: Callable[[list[Callable[[], object]], object], float] | None = None,
 ) -> tuple[tuple[DecodeTile, ...], list[TileTiming]]:
     """The fastest checked config of every site at every batch of <= FEW_ROWS rows, and every
-    timing taken. `measure(calls)` (per-call ms) defaults to `graph_ms` on the decoder's
+    timing taken. `measure(calls, config)` (per-call ms) defaults to `graph_ms` on the decoder's
     device. A config that fails to compile, to run or its check is reported and skipped; a
     site where none passes gets no tile (its kernel's default config)."""
     device = dec.embed.device
-    measure = measure or (lambda calls: graph_ms(calls, device))
+    measure = measure or (lambda calls, config: graph_ms(calls, device))
     tiles, timings = [], []
     with allow_jit(), torch.no_grad():
         for batch in sorted(b for b in set(batches) if b <= FEW_ROWS):
@@ -223,12 +241,12 @@ def tune_decode_tiles(
                 for c in site.configs:
                     t = TileTiming(batch, site.kernel, site.site, c, None)
                     try:
-                        err, allowed = site.check(c)
+                        err, allowed = site.check(site.call(0, c))
                         if not err <= allowed:
                             t.error = f"check failed: max error {err:.3g} > {allowed:.3g}"
                         else:
                             calls = [lambda i=i, c=c: site.call(i, c) for i in range(site.layers)]
-                            t.ms = measure(calls)
+                            t.ms = measure(calls, c)
                     except Exception as e:  # a config that does not compile or fit here
                         t.error = f"{type(e).__name__}: {e}"[:200]
                     timings.append(t)
