@@ -36,7 +36,6 @@ import os
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 T0 = time.perf_counter()
@@ -67,7 +66,7 @@ import triton  # noqa: E402
 import kernl  # noqa: E402
 import kernl.compiler  # noqa: E402
 import kernl.runtime  # noqa: E402
-from kernl.serving.encoder import serve_batch  # noqa: E402
+from kernl.serving.batching import measure_costs  # noqa: E402
 from kernl.serving.generation_batcher import BatchPolicy, GenerationBatcher  # noqa: E402
 from kernl.serving.generation_protocol import (  # noqa: E402
     GenerationLimits,
@@ -77,7 +76,10 @@ from kernl.serving.generation_protocol import (  # noqa: E402
     token_event,
 )
 from kernl.serving.loadgen import percentile  # noqa: E402
-from kernl.serving.protocol import ModelLimits, parse_request  # noqa: E402
+from kernl.serving.protocol import ModelLimits  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_serving_common import encoder_path  # noqa: E402
 
 DEVICE = "cpu" if ARGS.tiny else "cuda"
 CLIENTS = (1, 16, 64)
@@ -138,57 +140,6 @@ def time_calls(fn, seconds: float, min_calls: int = 5) -> list[float]:
 # -- encoder ----------------------------------------------------------------------------------
 
 
-class Gather:
-    """Stands for Ray Serve's `@serve.batch` in the deployment: requests queue; when the
-    worker is free, up to `max_rows` rows are taken, after waiting at most `wait_s` from the
-    first for more; one batch runs at a time on the worker thread."""
-
-    def __init__(self, serve, max_rows: int, wait_s: float):
-        self.serve = serve
-        self.max_rows = max_rows
-        self.wait_s = wait_s
-        self.items: list = []
-        self.wake = asyncio.Event()
-        self.task: asyncio.Task | None = None
-        self.worker = ThreadPoolExecutor(1)
-        self.batches: list[int] = []
-
-    async def submit(self, parsed) -> dict:
-        future = asyncio.get_running_loop().create_future()
-        self.items.append((parsed, future, time.monotonic()))
-        self.wake.set()
-        if self.task is None:
-            self.task = asyncio.get_running_loop().create_task(self.run())
-        return await future
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self.items:
-                self.wake.clear()
-                await self.wake.wait()
-                continue
-            deadline = self.items[0][2] + self.wait_s
-            while sum(len(p.rows) for p, _, _ in self.items) < self.max_rows:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.wake.clear()
-                try:
-                    await asyncio.wait_for(self.wake.wait(), left)
-                except TimeoutError:
-                    break
-            batch, rows = [], 0
-            while self.items and rows + len(self.items[0][0].rows) <= self.max_rows:
-                item = self.items.pop(0)
-                batch.append(item)
-                rows += len(item[0].rows)
-            self.batches.append(len(batch))
-            answers = await loop.run_in_executor(self.worker, self.serve, [p for p, _, _ in batch])
-            for (_, future, _), answer in zip(batch, answers):
-                future.set_result(answer)
-
-
 def bert_artifact(work: Path) -> Path:
     torch.manual_seed(0)
     model = transformers.BertModel(transformers.BertConfig(**BERT_CONFIG)).eval()
@@ -226,53 +177,31 @@ def bench_bert(work: Path, results: dict) -> None:
         log(f"BERT direct, {c} sequences: {row}")
 
     limits = ModelLimits.from_manifest(model.manifest, max_rows=largest)  # as the deployment
-    costs = None  # the planner's token prices: every request here is one 128-token row
+    # The planner's prices as the deployment sets them: each bucket's call measured on CUDA
+    # (kernl serve --plan-by time, its default there), tokens on the CPU.
+    costs = measure_costs(model) if DEVICE == "cuda" else None
 
-    def serve(requests):
-        return serve_batch(model, requests, costs, {"replica": "bench"})
+    rng = torch.Generator().manual_seed(2)
+    bodies = [
+        json.dumps(
+            {
+                "input_ids": torch.randint(5, vocab, (SEQ,), generator=rng).tolist(),
+                "outputs": ["pooler_output"],
+            }
+        ).encode()
+        for _ in range(64)
+    ]
 
-    async def run(clients: int) -> dict:
-        gather = Gather(serve, largest, ENCODER_WAIT_S)
-        rng = torch.Generator().manual_seed(2)
-        bodies = [
-            json.dumps(
-                {
-                    "input_ids": torch.randint(5, vocab, (SEQ,), generator=rng).tolist(),
-                    "outputs": ["pooler_output"],
-                }
-            ).encode()
-            for _ in range(64)
-        ]
-        latencies: list[float] = []
-        end = [float("inf")]
-
-        async def one(body: bytes) -> bytes:
-            parsed = parse_request(body, limits)
-            return json.dumps(await gather.submit(parsed)).encode()
-
-        async def client(k: int, timed: bool) -> None:
-            n = 0
-            while True:
-                t = time.perf_counter()
-                if t >= end[0] or (not timed and n == 2):
-                    return
-                await one(bodies[(k + n) % len(bodies)])
-                if timed:
-                    latencies.append(time.perf_counter() - t)
-                n += 1
-
-        await asyncio.gather(*(client(k, False) for k in range(clients)))  # warm-up
-        gather.batches.clear()
-        start = time.perf_counter()
-        end[0] = start + SECONDS
-        await asyncio.gather(*(client(k, True) for k in range(clients)))
-        seconds = time.perf_counter() - start
+    def run(clients: int) -> dict:
+        latencies, seconds, per_batch = encoder_path(
+            model, limits, bodies, clients, SECONDS, largest, ENCODER_WAIT_S, costs
+        )
         row = {"clients": clients, **stats(latencies, seconds, len(latencies), "sequences")}
-        row["requests_per_batch"] = sum(gather.batches) / max(len(gather.batches), 1)
+        row["requests_per_batch"] = per_batch
         return row
 
     for c in CLIENTS:
-        row = asyncio.run(run(c))
+        row = run(c)
         direct = next(d for d in out["direct"] if d["batch"] == c)
         row["p50_over_direct_batch"] = row["p50_ms"] / direct["p50_ms"]
         row["throughput_vs_direct"] = row["sequences_per_s"] / direct["sequences_per_s"]

@@ -207,10 +207,12 @@ class KernlServer:
         }
 
 
-def application(config: ServeConfig):
+def application(config: ServeConfig, encoder_deployment=None):
     """The bound Ray Serve application for `config`: replicas, resources, request limits.
     A causal-LM artifact is served by generation.KernlGenerator, anything else by
-    KernlServer."""
+    KernlServer (`encoder_deployment`: a Ray Serve deployment of a KernlServer subclass
+    instead, with the same options; benchmarks/bench_serving_ray_overhead.py puts a stub
+    model behind the real routes, parsing and batching this way)."""
     manifest = read_manifest(config.artifact)
     on_gpu = config.device == "cuda" or (config.device is None and _cluster_has_gpus())
     gpus = config.gpus_per_replica if config.gpus_per_replica is not None else float(on_gpu)
@@ -234,7 +236,7 @@ def application(config: ServeConfig):
     # A replica holds one running batch and one filling: more ongoing requests than two
     # batches only queue inside the replica, where another replica could have taken them.
     max_rows = config.max_batch_size
-    return KernlServer.options(
+    return (encoder_deployment or KernlServer).options(
         name="KernlServer",
         num_replicas=config.replicas,
         ray_actor_options={"num_gpus": gpus, "num_cpus": config.cpus_per_replica},

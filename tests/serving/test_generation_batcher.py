@@ -378,3 +378,19 @@ def test_greedy_requests_share_a_key_whatever_their_sampler_fields(limits):
     b = request(limits, [2], seed=9)
     c = request(limits, [3], do_sample=True, seed=9)
     assert a.key == b.key != c.key
+
+
+def test_the_in_process_request_path_needs_no_ray():
+    """The GPU machine has no Ray: the modules its benchmark runs import neither Ray,
+    Starlette nor the compiler (a fresh interpreter, so this module's imports do not count)."""
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "import kernl.serving.encoder, kernl.serving.generation_batcher\n"
+        "import kernl.serving.generation_protocol\n"
+        "bad = ('ray', 'starlette', 'kernl.compiler', 'transformers')\n"
+        "print([m for m in bad if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

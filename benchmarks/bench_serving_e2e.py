@@ -1,11 +1,15 @@
-"""Device script (GPU): BERT-base fp16 (random weights, BertConfig()) compiled for
-batch=1,8,16,64 seq=128, then
+"""GPU script for a machine WITH Ray Serve (`kernl[serve]`): BERT-base fp16 (random weights,
+BertConfig()) compiled for batch=1,8,16,64 seq=128, then
   direct    kernl.runtime.load(...) called with CPU tensors of (batch, 128), outputs to CPU;
   layer     kernl.serving's request path in one process, no Ray or HTTP: N JSON bodies
-            parsed, planned into buckets, run, answers encoded to JSON (N = batch);
+            parsed, served by encoder.serve_batch, answers encoded to JSON (N = batch);
   serve     `python -m kernl.serving` on Ray Serve (only when Ray is importable), N
             concurrent clients of one 128-token sequence each (kernl.serving.loadgen).
-Writes $OUT/serve_bench.json and prints a table. Usage: python3 device_bench.py OUT_DIR"""
+Writes OUT_DIR/serve_bench.json and prints each row. Usage (from the repository root):
+    PYTHONPATH=$PWD python3 benchmarks/bench_serving_e2e.py OUT_DIR
+The device machine of this project has no Ray: there, bench_serving_direct.py measures the
+in-process path with concurrent clients and generation, and bench_serving_ray_overhead.py
+measures Ray Serve's share on the CPU. (Moved here from tests/serving/device_bench.py.)"""
 
 import json
 import socket
@@ -19,9 +23,9 @@ import transformers as T
 
 import kernl.compiler
 import kernl.runtime
-from kernl.serving.batching import plan_groups, run_group
+from kernl.serving.encoder import serve_batch
 from kernl.serving.loadgen import percentile
-from kernl.serving.protocol import ModelLimits, parse_request, response_body
+from kernl.serving.protocol import ModelLimits, parse_request
 
 OUT = Path(sys.argv[1])
 SIZES = (1, 8, 16, 64)
@@ -101,12 +105,7 @@ def main():
 
         def serve_layer():
             reqs = [parse_request(x, limits) for x in bodies]
-            rows = [r.rows[0] for r in reqs]
-            per_row = [None] * len(rows)
-            for group in plan_groups([r.length for r in rows], model.buckets):
-                for k, out in zip(group.rows, run_group(model, [rows[k] for k in group.rows])):
-                    per_row[k] = out
-            return [json.dumps(response_body([per_row[i]], reqs[i], {})) for i in range(b)]
+            return [json.dumps(a) for a in serve_batch(model, reqs)]
 
         timed(serve_layer, 3)
         results["layer"].append(summary(timed(serve_layer, 50), b))

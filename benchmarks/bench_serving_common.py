@@ -1,0 +1,118 @@
+"""Shared by the serving benchmarks (bench_serving_direct.py on the GPU,
+bench_serving_ray_overhead.py on the CPU): the request gatherer that stands for Ray Serve's
+`@serve.batch` when kernl's request path runs in one process without Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from kernl.serving.encoder import serve_batch
+from kernl.serving.protocol import ModelLimits, parse_request
+
+
+class Gather:
+    """Stands for Ray Serve's `@serve.batch` in the deployment: requests queue; when the
+    worker is free, up to `max_rows` rows are taken, after waiting at most `wait_s` from the
+    first for more; one batch runs at a time on the worker thread."""
+
+    def __init__(self, serve, max_rows: int, wait_s: float):
+        self.serve = serve
+        self.max_rows = max_rows
+        self.wait_s = wait_s
+        self.items: list = []
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task | None = None
+        self.worker = ThreadPoolExecutor(1)
+        self.batches: list[int] = []
+
+    async def submit(self, parsed) -> dict:
+        future = asyncio.get_running_loop().create_future()
+        self.items.append((parsed, future, time.monotonic()))
+        self.wake.set()
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self.run())
+        return await future
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.items:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            deadline = self.items[0][2] + self.wait_s
+            while sum(len(p.rows) for p, _, _ in self.items) < self.max_rows:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.wake.clear()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), left)
+                except TimeoutError:
+                    break
+            batch, rows = [], 0
+            while self.items and rows + len(self.items[0][0].rows) <= self.max_rows:
+                item = self.items.pop(0)
+                batch.append(item)
+                rows += len(item[0].rows)
+            self.batches.append(len(batch))
+            answers = await loop.run_in_executor(self.worker, self.serve, [p for p, _, _ in batch])
+            for (_, future, _), answer in zip(batch, answers):
+                future.set_result(answer)
+
+
+def encoder_path(
+    model,
+    limits: ModelLimits,
+    bodies: list[bytes],
+    clients: int,
+    seconds: float,
+    max_rows: int,
+    wait_s: float,
+    costs: dict | None = None,
+    warmup: int = 2,
+) -> tuple[list[float], float, float]:
+    """kernl's encoder request path in one process: `clients` asyncio tasks each send
+    requests (JSON bytes, cycling through `bodies`) one after another for `seconds`, after
+    `warmup` untimed ones each (`costs`: the bucket planner's prices, default tokens); a request is parsed and checked, gathered, served by
+    encoder.serve_batch on the worker thread, and its answer encoded to JSON bytes, as in the
+    deployment. Returns (latencies in s, measured seconds, requests per model batch)."""
+
+    async def main():
+        gather = Gather(
+            lambda requests: serve_batch(model, requests, costs, {"replica": "bench"}),
+            max_rows,
+            wait_s,
+        )
+        latencies: list[float] = []
+        end = [float("inf")]
+
+        async def one(body: bytes) -> bytes:
+            parsed = parse_request(body, limits)
+            return json.dumps(await gather.submit(parsed)).encode()
+
+        async def client(k: int, timed: bool) -> None:
+            n = 0
+            while (timed and time.perf_counter() < end[0]) or (not timed and n < warmup):
+                t = time.perf_counter()
+                await one(bodies[(k + n) % len(bodies)])
+                if timed:
+                    latencies.append(time.perf_counter() - t)
+                n += 1
+
+        await asyncio.gather(*(client(k, False) for k in range(clients)))
+        gather.batches.clear()
+        start = time.perf_counter()
+        end[0] = start + seconds
+        await asyncio.gather(*(client(k, True) for k in range(clients)))
+        elapsed = time.perf_counter() - start
+        per_batch = sum(gather.batches) / max(len(gather.batches), 1)
+        gather.worker.shutdown()
+        if gather.task is not None:
+            gather.task.cancel()
+        return latencies, elapsed, per_batch
+
+    return asyncio.run(main())

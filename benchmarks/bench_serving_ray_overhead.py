@@ -1,0 +1,259 @@
+"""Ray Serve's own overhead in `kernl serve`, measured on the CPU with a stub model of fixed
+latency standing for the GPU call (the GPU machine has no Ray; bench_serving_direct.py
+measures kernl's in-process request path there, and the two add up).
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_serving_ray_overhead.py [OUT_DIR]
+
+A tiny BERT artifact (CPU mode, plain aten, buckets `batch=1,4,16,64 seq=128`) gives the
+deployment its manifest: limits, buckets, inputs, outputs. The stub replaces only the loaded
+model (KernlServer._load, through deployment.application's `encoder_deployment`): each call
+sleeps LATENCY and returns zeros of BERT-base's output shapes (hidden 768), so parsing,
+batching (@serve.batch, up to 64 rows, --batch-wait-ms 2), bucket planning, JSON answers,
+the HTTP proxy and Ray's routing are kernl serve's own. For each latency (1 ms, 5 ms) and
+1/16/64 concurrent clients of one 128-token request each (kernl.serving.loadgen, asking for
+`pooler_output`), three measurements:
+  direct   the stub called with C rows in one call (what the GPU would do): p50 = LATENCY
+  path     kernl's in-process request path around the stub, no Ray or HTTP (as on the GPU)
+  serve    HTTP through Ray Serve, 1 replica
+Ray's share = serve - path (p50, ms); serve vs direct = the whole serving overhead. The
+clients run in this process's threads, on the same cores as Ray: on a 2-core machine they
+compete with the proxy and the replica, so these are upper bounds of Ray's cost.
+Writes OUT_DIR/serving_ray_overhead.json (default: the current folder) and prints a table.
+About 2-3 minutes on 2 cores."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_serving_common import encoder_path  # noqa: E402
+
+LATENCIES_MS = (1.0, 5.0)
+CLIENTS = (1, 16, 64)
+SEQ = 128
+VOCAB = 1000
+HIDDEN = 768  # BERT-base: the answers' size, as the GPU benchmark's
+BUCKETS = "batch=1,4,16,64 seq=128"
+WAIT_MS = 2.0
+REQUESTS = {1: 300, 16: 40, 64: 12}  # timed requests per client
+PATH_SECONDS = 3.0
+
+
+class StubModel:
+    """Stands for a loaded encoder: `__call__` sleeps `latency_s` (the GPU call) and returns
+    zeros shaped like the artifact's outputs with `hidden` features."""
+
+    def __init__(self, manifest, latency_s: float, hidden: int = HIDDEN):
+        self.manifest = manifest
+        self.buckets = manifest.bucket_list()
+        self.device = torch.device("cpu")
+        self.input_names = [s.name for s in manifest.inputs]
+        self.output_names = [o.name for o in manifest.outputs]
+        self.latency_s = latency_s
+        self.hidden = hidden
+        self.calls = 0
+
+    def __call__(self, **inputs):
+        batch, seq = inputs["input_ids"].shape
+        time.sleep(self.latency_s)
+        self.calls += 1
+        out = {}
+        for spec in self.manifest.outputs:
+            shape = [batch, self.hidden]
+            if spec.seq_axis is not None:
+                shape.insert(spec.seq_axis, seq)
+            out[spec.name] = torch.zeros(shape)
+        return out
+
+
+def stub_deployment(latency_s: float):
+    """kernl serve's KernlServer with the stub loaded instead of the artifact's model."""
+    from ray import serve
+
+    from kernl.serving.batching import token_costs
+    from kernl.serving.deployment import KernlServer
+
+    class StubServer(KernlServer.func_or_class):
+        def _load(self) -> None:
+            self.costs = token_costs(self.manifest.bucket_list())
+            self.model = StubModel(self.manifest, latency_s)
+
+    return serve.deployment(StubServer)
+
+
+def artifact(work: Path) -> Path:
+    import transformers
+
+    import kernl.compiler
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        max_position_embeddings=SEQ,
+    )
+    path = work / "stub.kernl"
+    kernl.compiler.compile(
+        transformers.BertModel(config).eval(),
+        BUCKETS,
+        path,
+        dtype="fp32",
+        device="cpu",
+        kernels=False,
+    )
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(port: int, deadline_s: float = 180) -> None:
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > end:
+            raise TimeoutError("the stub server never became ready")
+        time.sleep(0.2)  # polling interval
+
+
+def main() -> int:
+    import ray
+    from ray import serve
+
+    from kernl.serving.config import ServeConfig
+    from kernl.serving.deployment import application
+    from kernl.serving.loadgen import percentile, run_load
+    from kernl.serving.protocol import ModelLimits
+
+    out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    results: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"CPU, {__import__('os').cpu_count()} cores",
+        "ray": ray.__version__,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "buckets": BUCKETS,
+        "batch_wait_ms": WAIT_MS,
+        "rows": [],
+    }
+    work = Path(tempfile.mkdtemp(prefix="bench_ray_"))
+    path = artifact(work)
+    from kernl.artifacts import read_manifest
+
+    manifest = read_manifest(path)
+    limits = ModelLimits.from_manifest(manifest, max_rows=64)
+    g = torch.Generator().manual_seed(0)
+    bodies = [
+        json.dumps(
+            {
+                "input_ids": torch.randint(5, VOCAB, (SEQ,), generator=g).tolist(),
+                "outputs": ["pooler_output"],
+            }
+        ).encode()
+        for _ in range(64)
+    ]
+    port = free_port()
+    ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        for latency_ms in LATENCIES_MS:
+            stub = StubModel(manifest, latency_ms / 1000)
+            config = ServeConfig(
+                artifact=str(path), max_batch_size=64, batch_wait_ms=WAIT_MS, port=port
+            )
+            serve.run(
+                application(config, stub_deployment(latency_ms / 1000)),
+                name="kernl",
+                route_prefix="/",
+            )
+            wait_ready(port)
+            for clients in CLIENTS:
+                ids = torch.randint(5, VOCAB, (clients, SEQ))
+                times = []
+                for _ in range(max(20, 200 // clients)):
+                    t = time.perf_counter()
+                    stub(input_ids=ids)
+                    times.append(time.perf_counter() - t)
+                direct_p50 = percentile(times, 0.5)
+                lat, secs, per_batch = encoder_path(
+                    stub, limits, bodies, clients, PATH_SECONDS, 64, WAIT_MS / 1000
+                )
+                served = run_load(
+                    f"http://127.0.0.1:{port}/",
+                    clients,
+                    REQUESTS[clients],
+                    SEQ,
+                    VOCAB,
+                    ["pooler_output"],
+                    warmup=3,
+                )
+                row = {
+                    "stub_ms": latency_ms,
+                    "clients": clients,
+                    "direct_p50_ms": 1000 * direct_p50,
+                    "direct_seq_per_s": clients / direct_p50,
+                    "path_p50_ms": 1000 * percentile(lat, 0.5),
+                    "path_p99_ms": 1000 * percentile(lat, 0.99),
+                    "path_seq_per_s": len(lat) / secs,
+                    "path_requests_per_batch": per_batch,
+                    "serve_p50_ms": served.p50_ms,
+                    "serve_p99_ms": served.p99_ms,
+                    "serve_seq_per_s": served.sequences_per_s,
+                    "serve_requests": served.requests,
+                    "serve_errors": served.errors,
+                }
+                row["ray_p50_ms"] = row["serve_p50_ms"] - row["path_p50_ms"]
+                results["rows"].append(row)
+                print(json.dumps(row), flush=True)
+            serve.delete("kernl")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    results["total_s"] = time.perf_counter() - t0
+    (out_dir / "serving_ray_overhead.json").write_text(json.dumps(results, indent=1))
+    print(table(results))
+    return 0
+
+
+def table(results: dict) -> str:
+    lines = [
+        f"Ray Serve {results['ray']} on {results['machine']}, stub model, "
+        f"{results['buckets']}, --batch-wait-ms {results['batch_wait_ms']}",
+        f"{'stub':>5} {'clients':>7} | {'direct p50':>10} {'seq/s':>7} | {'path p50':>8} "
+        f"{'p99':>7} {'seq/s':>7} | {'serve p50':>9} {'p99':>7} {'seq/s':>7} | "
+        f"{'Ray p50 ms':>10} {'serve/direct':>12}",
+    ]
+    for r in results["rows"]:
+        lines.append(
+            f"{r['stub_ms']:>4.0f}m {r['clients']:>7} | {r['direct_p50_ms']:>10.2f} "
+            f"{r['direct_seq_per_s']:>7.0f} | {r['path_p50_ms']:>8.2f} {r['path_p99_ms']:>7.2f} "
+            f"{r['path_seq_per_s']:>7.0f} | {r['serve_p50_ms']:>9.2f} {r['serve_p99_ms']:>7.2f} "
+            f"{r['serve_seq_per_s']:>7.0f} | {r['ray_p50_ms']:>10.2f} "
+            f"{r['serve_p50_ms'] / r['direct_p50_ms']:>11.2f}x"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
