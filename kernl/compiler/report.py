@@ -53,6 +53,15 @@ class CompileReport:
                 f"{c.kernl_ops:9d}  {c.on_triton:9d}"
             )
         lines.extend(self.tuning_table())
+        records = [r for rs in self.tuning.values() for r in rs]
+        if any(r.time_us is not None for r in records):
+            skipped = sum(len(r.errors) for r in records)
+            lines.append(
+                f"tuning: {sum(r.timed for r in records)} candidates timed, "
+                f"{sum(r.cached for r in records)} kernel instances from the cache or an equal "
+                f"shape, {skipped} configs skipped (failed to compile or run; KERNL_VERBOSE=1 "
+                f"shows the compiler's output)"
+            )
         lines.append(
             f"artifact {self.path} ({self.artifact_bytes / 2**20:.1f} MiB), task {self.task}, "
             f"{self.dtype} on {self.device}, {len(self.buckets)} buckets in {self.seconds:.1f} s"

@@ -12,6 +12,8 @@ import hashlib
 import inspect
 import json
 import os
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,16 +55,85 @@ class TuneRecord:
     cached: bool = False
     errors: list[str] = field(default_factory=list)
     approximation: str | None = None  # e.g. erf GELU run as cuBLASLt's tanh-GELU epilogue
+    timed: int = 0  # candidates benchmarked for this record (0: cached or untimed)
 
 
-def _describe(values: list[Any]) -> str:
+@dataclass
+class TuneSession:
+    """What the tuning of one compile shares across its buckets. Kernel instances of equal
+    shapes share one tuning already (the disk cache, keyed by shapes); a config that failed to
+    compile for an op and signature is not compiled again for another shape, since what made
+    it fail (the config, the dtypes, the epilogue) is the same."""
+
+    failed: dict[str, str] = field(default_factory=dict)  # failure key -> its error
+    verbose: bool = field(default_factory=lambda: os.environ.get("KERNL_VERBOSE", "") == "1")
+
+
+# Ops whose kernels (and aten paths) see a contiguous [..., K] tensor as [rows, K]: the
+# instance of batch 8 x seq 16 is the one of 1 x 128, and is tuned once.
+ROWS_OPS = ("kernl.linear", "kernl.layer_norm")
+
+
+def _describe(values: list[Any], rows: bool = False) -> str:
     out = []
     for v in values:
         if isinstance(v, torch.Tensor):
-            out.append(f"{str(v.dtype).removeprefix('torch.')}{list(v.shape)}s{list(v.stride())}")
+            shape, stride = list(v.shape), list(v.stride())
+            if rows and v.dim() > 2 and v.is_contiguous():
+                shape = [v.numel() // shape[-1], shape[-1]]
+                stride = [shape[-1], 1]
+            out.append(f"{str(v.dtype).removeprefix('torch.')}{shape}s{stride}")
         else:
             out.append(repr(v))
     return ",".join(out)
+
+
+def _failure_key(op: str, config: dict[str, Any], values: list[Any]) -> str:
+    """What a compile failure of `config` depends on: the op, the config, the dtypes and the
+    non-tensor arguments (activation, eps, ...), not the sizes."""
+    described = [
+        str(v.dtype) if isinstance(v, torch.Tensor) else repr(v) for v in values if v is not None
+    ]
+    return json.dumps([op, sorted(config.items()), described], default=str)
+
+
+@contextmanager
+def quiet_native_stderr(verbose: bool = False) -> Iterator[list[str]]:
+    """Within the block, whatever is written to file descriptor 2 (Triton's MLIR passes write
+    their crash dumps there from C++, past Python's sys.stderr) goes to a temporary file; the
+    yielded list then holds its text. verbose=True leaves stderr alone. The redirection is of
+    the process (fd 2): only for the short compile-and-time of one tuning candidate."""
+    captured: list[str] = []
+    if verbose:
+        yield captured
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            captured.append(tmp.read(1 << 20).decode(errors="replace"))
+
+
+def _first_line(dump: str) -> str:
+    """The line of a compiler dump that says what failed."""
+    lines = [line.strip() for line in dump.splitlines() if line.strip()]
+    for line in lines:
+        if "Assertion" in line or "error" in line.lower():
+            return line[:160]
+    return lines[0][:160] if lines else ""
+
+
+def _timing_target(device: torch.device) -> str | None:
+    """The name of the GPU that candidates are timed on; None where nothing is timed (the
+    CPU, whose interpreter says nothing about speed)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
 
 
 def _kernel_source_hash(module: str) -> str:
@@ -110,14 +181,17 @@ def tune_program(
     device: torch.device,
     progress=None,
     benchmark: bool = True,
+    session: TuneSession | None = None,
 ) -> list[TuneRecord]:
     """Sets `impl` and `config` on every kernl instruction of `program` in place.
-    benchmark=False (and always on the CPU) takes each kernel's default config untimed."""
+    benchmark=False (and always on the CPU) takes each kernel's default config untimed.
+    `session` carries what the buckets of one compile share (see TuneSession)."""
+    session = session or TuneSession()
     records: list[TuneRecord] = []
     executor = Executor(program, weights, device)
     env_values = {}
-    on_gpu = device.type == "cuda"
-    gpu = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+    gpu = _timing_target(device)
+    on_gpu = gpu is not None
     with allow_jit(), torch.no_grad():
         for i, _op, _outs, _results in _walk(executor, inputs, env_values):
             ins = program.instructions[i]
@@ -125,7 +199,8 @@ def tune_program(
                 continue
             args, kwargs = env_values["args"], env_values["kwargs"]
             fn = kernl_ops_fn(ins.op)
-            described = _describe(list(args) + [kwargs.get(k) for k in sorted(kwargs)])
+            values = list(args) + [kwargs.get(k) for k in sorted(kwargs)]
+            described = _describe(values, rows=ins.op in ROWS_OPS)
             if not _kernel_available(ins.op, device):
                 ins.kwargs.update(impl="aten", config=None)
                 records.append(TuneRecord(i, ins.op, described, "aten", None, None, None))
@@ -167,6 +242,7 @@ def tune_program(
                 continue
             t0 = time.perf_counter()
             aten_us = _bench_us(lambda: fn(*args, **{**kwargs, "impl": "aten"}))
+            timed = 1
             best = ("aten", None, aten_us)
             errors = []
             reference = fn(*args, **{**kwargs, "impl": "aten"})
@@ -177,6 +253,7 @@ def tune_program(
                 err, stock_err = gelu_tanh_error(fn, args, kwargs)
                 if err <= 2 * stock_err:  # STYLE rule 6: within 2x stock PyTorch's error
                     us = _bench_us(lambda: fn(*args, **tanh))
+                    timed += 1
                     if us < best[2]:
                         best, activation = ("aten", None, us), "gelu_tanh"
                         approximation = (
@@ -184,17 +261,31 @@ def tune_program(
                             f"(stock {stock_err:.2g})"
                         )
             for config in _configs(ins.op):
-                try:
-                    out = fn(*args, **{**kwargs, "impl": "triton", "config": config})
-                    if not torch.allclose(
-                        out.float(), reference.float(), atol=5e-2, rtol=5e-2, equal_nan=True
-                    ):
-                        raise ValueError("result differs from aten")
-                    us = _bench_us(
-                        lambda c=config: fn(*args, **{**kwargs, "impl": "triton", "config": c})
-                    )
-                except Exception as e:  # a config that fails to compile or run is skipped
-                    errors.append(f"{config}: {type(e).__name__}: {str(e)[:120]}")
+                failure = _failure_key(ins.op, config, values)
+                if failure in session.failed:
+                    errors.append(f"{config}: {session.failed[failure]} (failed before)")
+                    continue
+                with quiet_native_stderr(session.verbose) as dump:
+                    try:
+                        out = fn(*args, **{**kwargs, "impl": "triton", "config": config})
+                        if not torch.allclose(
+                            out.float(), reference.float(), atol=5e-2, rtol=5e-2, equal_nan=True
+                        ):
+                            raise _Mismatch("result differs from aten")
+                        us = _bench_us(
+                            lambda c=config: fn(*args, **{**kwargs, "impl": "triton", "config": c})
+                        )
+                        timed += 1
+                        error = None
+                    except Exception as e:  # a config that fails to compile or run is skipped
+                        error, mismatch = f"{type(e).__name__}: {str(e)[:120]}", e
+                if error is not None:
+                    said = _first_line(dump[0]) if dump else ""
+                    if said:
+                        error += f" [compiler: {said}]"
+                    if not isinstance(mismatch, _Mismatch):  # a wrong result may be shape-bound
+                        session.failed[failure] = error
+                    errors.append(f"{config}: {error}")
                     continue
                 if us < best[2]:
                     best, activation, approximation = ("triton", config, us), None, None
@@ -211,6 +302,7 @@ def tune_program(
                 aten_us,
                 errors=errors,
                 approximation=approximation,
+                timed=timed,
             )
             records.append(rec)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,6 +326,10 @@ def tune_program(
                     f"(aten {aten_us:.1f}us) in {time.perf_counter() - t0:.1f}s"
                 )
     return records
+
+
+class _Mismatch(ValueError):
+    """A candidate that ran but computed something else than aten."""
 
 
 def gelu_tanh_error(fn, args: list, kwargs: dict) -> tuple[float, float]:

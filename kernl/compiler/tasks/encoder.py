@@ -28,7 +28,7 @@ from ..trace import (
     model_signature,
     resolve_dtype_device,
 )
-from ..tune import record_binaries, tune_program, write_binaries
+from ..tune import TuneSession, record_binaries, tune_program, write_binaries
 from ..validate import resolve_tolerance, validate
 
 
@@ -79,6 +79,7 @@ def compile_encoder(
     all_weights: dict[str, torch.Tensor] = {}
     programs: list = []
     binaries: dict = {}
+    session = TuneSession()  # buckets share tunings of equal shapes and known-bad configs
     with ArtifactWriter(out) as writer:
         for i, bucket in enumerate(bucket_list, 1):
             t0 = time.perf_counter()
@@ -99,7 +100,9 @@ def compile_encoder(
                         example_inputs(input_names, bucket, model.config.vocab_size, dev),
                     )
                 )
-                records = tune_program(program, all_weights, example, dev, benchmark=tune)
+                records = tune_program(
+                    program, all_weights, example, dev, benchmark=tune, session=session
+                )
                 report.tuning[bucket] = records
                 if dev.type == "cuda":
                     say(f"{tag}: build kernel binaries")
