@@ -15,7 +15,12 @@ the HTTP proxy and Ray's routing are kernl serve's own. For each latency (1 ms, 
   direct   the stub called with C rows in one call (what the GPU would do): p50 = LATENCY
   path     kernl's in-process request path around the stub, no Ray or HTTP (as on the GPU)
   serve    HTTP through Ray Serve, 1 replica
-Ray's share = serve - path (p50, ms); serve vs direct = the whole serving overhead. The
+Ray's share = serve - path (p50, ms); serve vs direct = the whole serving overhead.
+Generation the same way: a tiny causal-LM artifact (`batch=1,4,16 prompt=128 cache=256`)
+behind KernlGenerator with a stub whose every step sleeps STEP_MS (one decode step of the
+batch), 16 clients asking for GEN_NEW tokens each, returned at the end or streamed as
+server-sent events (one event per token through Ray's proxy): direct = one stub call of 16
+prompts; path = GenerationBatcher in one process; serve = HTTP through Ray Serve. The
 clients run in this process's threads, on the same cores as Ray: on a 2-core machine they
 compete with the proxy and the replica, so these are upper bounds of Ray's cost.
 Writes OUT_DIR/serving_ray_overhead.json (default: the current folder) and prints a table.
@@ -45,6 +50,11 @@ BUCKETS = "batch=1,4,16,64 seq=128"
 WAIT_MS = 2.0
 REQUESTS = {1: 300, 16: 40, 64: 12}  # timed requests per client
 PATH_SECONDS = 3.0
+STEP_MS = 2.0  # one decode step of a 16-row batch of a 1B model on a GPU, roughly
+GEN_NEW = 64
+GEN_CLIENTS = 16
+GEN_REQUESTS = 4  # timed requests per client
+GEN_BUCKETS = f"batch=1,4,16 prompt={SEQ} cache=256"
 
 
 class StubModel:
@@ -72,6 +82,43 @@ class StubModel:
                 shape.insert(spec.seq_axis, seq)
             out[spec.name] = torch.zeros(shape)
         return out
+
+
+class StubGenerator:
+    """Stands for a loaded causal LM: every step sleeps `step_s` and emits token 7 in every
+    row (no EOS), through `generate` (all steps, then the ids) or `stream` (ids per step)."""
+
+    def __init__(self, manifest, step_s: float):
+        self.manifest = manifest
+        self.device = torch.device("cpu")
+        self.step_s = step_s
+
+    def generate(self, prompts, max_new_tokens: int = 20, **_):
+        time.sleep(self.step_s * max_new_tokens)
+        width = max(len(p) for p in prompts)
+        return torch.cat(
+            [torch.zeros(len(prompts), width, dtype=torch.long)]
+            + [torch.full((len(prompts), max_new_tokens), 7)],
+            dim=1,
+        )
+
+    def stream(self, prompts, max_new_tokens: int = 20, **_):
+        for _ in range(max_new_tokens):
+            time.sleep(self.step_s)
+            yield torch.full((len(prompts),), 7)
+
+
+def stub_generator_deployment(step_s: float):
+    """kernl serve's KernlGenerator with the stub loaded instead of the artifact's model."""
+    from ray import serve
+
+    from kernl.serving.generation import KernlGenerator
+
+    class StubGeneratorServer(KernlGenerator.func_or_class):
+        def _load(self) -> None:
+            self.model = StubGenerator(self.manifest, step_s)
+
+    return serve.deployment(StubGeneratorServer)
 
 
 def stub_deployment(latency_s: float):
@@ -113,6 +160,150 @@ def artifact(work: Path) -> Path:
         kernels=False,
     )
     return path
+
+
+def llama_artifact(work: Path) -> Path:
+    import transformers
+
+    import kernl.compiler
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
+    path = work / "stub-llama.kernl"
+    kernl.compiler.compile(
+        transformers.LlamaForCausalLM(config).eval(),
+        GEN_BUCKETS,
+        path,
+        dtype="fp32",
+        device="cpu",
+        task="causal-lm",
+    )
+    return path
+
+
+def stream_request(port: int, body: dict) -> int:
+    """One streamed request; the number of token events before [DONE]."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", "/", body=json.dumps({**body, "stream": True}).encode())
+    resp = conn.getresponse()
+    n = 0
+    for line in resp:
+        if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
+            n += 1
+    conn.close()
+    return n
+
+
+def post_request(port: int, body: dict) -> int:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", "/", body=json.dumps(body).encode())
+    answer = json.loads(conn.getresponse().read())
+    conn.close()
+    return len(answer["generated_ids"])
+
+
+def generation_rows(work: Path, port: int) -> list[dict]:
+    """16 generation clients: direct stub call, in-process batcher, Ray Serve (returned and
+    streamed)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from kernl.artifacts import read_manifest
+    from kernl.serving.config import ServeConfig
+    from kernl.serving.deployment import application
+    from kernl.serving.generation_batcher import BatchPolicy, GenerationBatcher
+    from kernl.serving.generation_protocol import GenerationLimits, parse_generation_request
+    from kernl.serving.loadgen import percentile
+
+    path = llama_artifact(work)
+    manifest = read_manifest(path)
+    limits = GenerationLimits.from_manifest(manifest)
+    stub = StubGenerator(manifest, STEP_MS / 1000)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, VOCAB, (SEQ,), generator=g).tolist() for _ in range(16)]
+    t = time.perf_counter()
+    stub.generate(prompts, max_new_tokens=GEN_NEW)
+    direct_s = time.perf_counter() - t
+    rows = []
+
+    async def in_process(stream: bool) -> tuple[list[float], float]:
+        batcher = GenerationBatcher(stub, limits, BatchPolicy(16, WAIT_MS / 1000))
+        latencies = []
+
+        async def client(k: int) -> None:
+            for i in range(GEN_REQUESTS + 1):
+                t = time.perf_counter()
+                body = {"input_ids": prompts[k], "max_new_tokens": GEN_NEW, "stream": stream}
+                ticket = batcher.submit(parse_generation_request(json.dumps(body).encode(), limits))
+                await ticket.result()
+                if i:
+                    latencies.append(time.perf_counter() - t)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client(k) for k in range(GEN_CLIENTS)))
+        return latencies, time.perf_counter() - start
+
+    config = ServeConfig(artifact=str(path), batch_wait_ms=WAIT_MS, port=port)
+    serve.run(
+        application(config, stub_generator_deployment(STEP_MS / 1000)),
+        name="kernl-gen",
+        route_prefix="/",
+    )
+    wait_ready(port)
+    for stream in (False, True):
+        lat, secs = asyncio.run(in_process(stream))
+        send = stream_request if stream else post_request
+        served: list[float] = []
+        tokens = [0]
+
+        def client(k: int) -> None:
+            body = {"input_ids": prompts[k], "max_new_tokens": GEN_NEW}
+            for i in range(GEN_REQUESTS + 1):
+                t = time.perf_counter()
+                n = send(port, body)
+                if i:
+                    served.append(time.perf_counter() - t)
+                    tokens[0] += n
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(GEN_CLIENTS) as pool:
+            list(pool.map(client, range(GEN_CLIENTS)))
+        serve_s = time.perf_counter() - start
+        row = {
+            "step_ms": STEP_MS,
+            "clients": GEN_CLIENTS,
+            "new_tokens": GEN_NEW,
+            "stream": stream,
+            "direct_ms": 1000 * direct_s,
+            "direct_tokens_per_s": 16 * GEN_NEW / direct_s,
+            "path_p50_ms": 1000 * percentile(lat, 0.5),
+            "path_tokens_per_s": len(lat) * GEN_NEW / secs,
+            "serve_p50_ms": 1000 * percentile(served, 0.5),
+            "serve_p99_ms": 1000 * percentile(served, 0.99),
+            "serve_tokens_per_s": tokens[0] / serve_s,
+            "serve_requests": len(served),
+        }
+        row["ray_p50_ms"] = row["serve_p50_ms"] - row["path_p50_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    serve.delete("kernl-gen")
+    return rows
 
 
 def free_port() -> int:
@@ -227,6 +418,7 @@ def main() -> int:
                 results["rows"].append(row)
                 print(json.dumps(row), flush=True)
             serve.delete("kernl")
+        results["generation"] = generation_rows(work, port)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -251,6 +443,20 @@ def table(results: dict) -> str:
             f"{r['path_seq_per_s']:>7.0f} | {r['serve_p50_ms']:>9.2f} {r['serve_p99_ms']:>7.2f} "
             f"{r['serve_seq_per_s']:>7.0f} | {r['ray_p50_ms']:>10.2f} "
             f"{r['serve_p50_ms'] / r['direct_p50_ms']:>11.2f}x"
+        )
+    lines += [
+        "",
+        f"generation: stub {STEP_MS} ms per step, {GEN_CLIENTS} clients, {GEN_NEW} new tokens",
+        f"{'stream':>6} | {'direct ms':>9} {'tok/s':>7} | {'path p50':>8} {'tok/s':>7} | "
+        f"{'serve p50':>9} {'p99':>7} {'tok/s':>7} | {'Ray p50 ms':>10} {'serve/direct tok/s':>18}",
+    ]
+    for r in results.get("generation", []):
+        lines.append(
+            f"{str(r['stream']):>6} | {r['direct_ms']:>9.1f} {r['direct_tokens_per_s']:>7.0f} | "
+            f"{r['path_p50_ms']:>8.1f} {r['path_tokens_per_s']:>7.0f} | "
+            f"{r['serve_p50_ms']:>9.1f} {r['serve_p99_ms']:>7.1f} {r['serve_tokens_per_s']:>7.0f} | "
+            f"{r['ray_p50_ms']:>10.1f} "
+            f"{r['serve_tokens_per_s'] / r['direct_tokens_per_s']:>17.2f}x"
         )
     return "\n".join(lines)
 

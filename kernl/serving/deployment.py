@@ -207,12 +207,12 @@ class KernlServer:
         }
 
 
-def application(config: ServeConfig, encoder_deployment=None):
+def application(config: ServeConfig, deployment=None):
     """The bound Ray Serve application for `config`: replicas, resources, request limits.
     A causal-LM artifact is served by generation.KernlGenerator, anything else by
-    KernlServer (`encoder_deployment`: a Ray Serve deployment of a KernlServer subclass
-    instead, with the same options; benchmarks/bench_serving_ray_overhead.py puts a stub
-    model behind the real routes, parsing and batching this way)."""
+    KernlServer (`deployment`: a Ray Serve deployment of a subclass of that class instead,
+    with the same options; benchmarks/bench_serving_ray_overhead.py puts a stub model behind
+    the real routes, parsing and batching this way)."""
     manifest = read_manifest(config.artifact)
     on_gpu = config.device == "cuda" or (config.device is None and _cluster_has_gpus())
     gpus = config.gpus_per_replica if config.gpus_per_replica is not None else float(on_gpu)
@@ -224,7 +224,8 @@ def application(config: ServeConfig, encoder_deployment=None):
         # replica could have taken them.
         largest = max(b.batch for b in manifest.bucket_list())
         rows = min(config.max_batch_size or largest, largest)
-        return KernlGenerator.options(
+        generator = deployment or KernlGenerator
+        return generator.options(
             name="KernlGenerator",
             num_replicas=config.replicas,
             ray_actor_options={"num_gpus": gpus, "num_cpus": config.cpus_per_replica},
@@ -236,7 +237,8 @@ def application(config: ServeConfig, encoder_deployment=None):
     # A replica holds one running batch and one filling: more ongoing requests than two
     # batches only queue inside the replica, where another replica could have taken them.
     max_rows = config.max_batch_size
-    return (encoder_deployment or KernlServer).options(
+    server = deployment or KernlServer
+    return server.options(
         name="KernlServer",
         num_replicas=config.replicas,
         ray_actor_options={"num_gpus": gpus, "num_cpus": config.cpus_per_replica},
