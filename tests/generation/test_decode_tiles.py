@@ -77,6 +77,29 @@ def test_tiles_are_the_fastest_checked_config_of_every_site_and_batch(artifact):
     assert decode_tiles.tune_decode_tiles(model.decoder, [17], print, fake_ms) == ((), [])
 
 
+def test_tile_choices_are_cached_on_disk(artifact, tmp_path):
+    model = kernl.runtime.load(artifact)
+    timed = []
+
+    def fake_ms(calls, config):
+        timed.append(config)
+        return 1.0 if config == SPACES[type(config).__module__.split(".")[-1]][1] else 2.0
+
+    first, t1 = decode_tiles.tune_decode_tiles(model.decoder, [3], print, fake_ms, tmp_path)
+    n = len(timed)
+    assert n == len(t1) and not any(t.cached for t in t1)
+    again, t2 = decode_tiles.tune_decode_tiles(model.decoder, [3], print, fake_ms, tmp_path)
+    assert again == first and len(timed) == n  # nothing timed the second time
+    assert len(t2) == len(first) and all(t.cached for t in t2)
+    # a corrupt record is timed again; another batch is another key
+    victim = sorted(tmp_path.glob("decode_tile-*.json"))[0]
+    victim.write_text("{not json")
+    third, _ = decode_tiles.tune_decode_tiles(model.decoder, [3], print, fake_ms, tmp_path)
+    assert third == first and n < len(timed) < 2 * n
+    decode_tiles.tune_decode_tiles(model.decoder, [1], print, fake_ms, tmp_path)
+    assert len(list(tmp_path.glob("decode_tile-*.json"))) == 2 * len(first)
+
+
 def test_a_config_that_computes_wrongly_is_never_chosen(artifact, monkeypatch):
     model = kernl.runtime.load(artifact)
     real_sites = decode_tiles.decode_sites

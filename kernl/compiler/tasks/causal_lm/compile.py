@@ -83,10 +83,12 @@ class CausalLMReport:
                 f"{e.max_abs_error:18.3g}  {e.reference_scale:11.3g}"
             )
         if self.tile_timings:
-            ok = sum(t.error is None for t in self.tile_timings)
+            cached = sum(t.cached for t in self.tile_timings)
+            failed = sum(t.error is not None for t in self.tile_timings)
+            timed = len(self.tile_timings) - cached - failed
             lines.append(
-                f"fused decode kernel tiles: {len(self.tile_timings)} configs tried "
-                f"({ok} timed, {len(self.tile_timings) - ok} failed)"
+                f"fused decode kernel tiles: {timed} configs timed, {failed} failed, "
+                f"{cached} sites from the tuning cache"
             )
         if self.decode_timings:
             lines.append("decode step timings (all decode buckets, one step each):")

@@ -13,13 +13,20 @@ served from L2), replayed; elsewhere the eager calls under a wall clock, which o
 search works. The fastest checked config becomes a `DecodeTile`; the runtime only reads it.
 
 Batches differ only in M == 1 or not for Triton's specialisation, so a config compiles at most
-twice per site; the report counts the timings."""
+twice per site; the report counts the timings. Each site's choice is cached on disk (beside
+compiler/tune.py's), keyed by GPU, toolchain versions, the kernel's source, the operands'
+shapes and dtypes, the batch and the space: compiling the same model again times nothing."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import inspect
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from statistics import median
 
 import torch
@@ -40,10 +47,13 @@ class TileTiming:
     config: object
     ms: float | None  # per call
     error: str | None = None
+    cached: bool = False  # the disk cache's record of an earlier compile, nothing timed now
 
     def describe(self) -> str:
         what = f"batch {self.batch} {self.kernel} at {self.site} {self.config}"
-        return f"{what}: {self.error}" if self.error else f"{what}: {self.ms * 1e3:.2f} us"
+        if self.error:
+            return f"{what}: {self.error}"
+        return f"{what}: {self.ms * 1e3:.2f} us" + (" (cached)" if self.cached else "")
 
 
 @dataclass
@@ -58,6 +68,7 @@ class Site:
     call: Callable[[int, object], object]
     check: Callable[[object], tuple[float, float]]
     configs: list
+    operands: str  # shapes, dtypes and variant of what the kernel reads (the cache key)
 
 
 def _allowed(ref64: torch.Tensor, stock: torch.Tensor) -> float:
@@ -71,6 +82,13 @@ def _allowed(ref64: torch.Tensor, stock: torch.Tensor) -> float:
 def _err(out: torch.Tensor, ref64: torch.Tensor) -> float:
     err = (out.double() - ref64).abs().max().item()
     return float("inf") if err != err else err  # NaN fails
+
+
+def _shapes(tensors) -> str:
+    return " ".join(
+        "none" if t is None else f"{list(t.shape)}:{str(t.dtype).removeprefix('torch.')}"
+        for t in tensors
+    )
 
 
 def _once(fn: Callable[[], object]) -> Callable[[], object]:
@@ -119,9 +137,9 @@ def decode_sites(dec: Decoder, batch: int, seed: int = 0) -> list[Site]:
                 ref, allowed = refs()
                 return _err(out, ref), allowed
 
-            sites.append(
-                Site("norm_linear", site, len(L), call, check, nl.norm_linear_decode_configs())
-            )
+            ops = f"{_shapes(args[0])} norm={s.norm} eps={s.norm_eps} gated={g} layers={len(L)}"
+            configs = nl.norm_linear_decode_configs()
+            sites.append(Site("norm_linear", site, len(L), call, check, configs, ops))
     for site, w, b in [("o", "o_w", "o_b"), ("down", "down_w", "down_b")]:
         args = [(getattr(lw, w), getattr(lw, b)) for lw in L]
         h = rnd(batch, args[0][0].shape[1])
@@ -141,16 +159,9 @@ def decode_sites(dec: Decoder, batch: int, seed: int = 0) -> list[Site]:
             ref, allowed = refs()
             return _err(out, ref), allowed
 
-        sites.append(
-            Site(
-                "skinny_linear_fused",
-                site,
-                len(L),
-                call,
-                check,
-                slf.skinny_linear_fused_decode_configs(),
-            )
-        )
+        ops = f"{_shapes(args[0] + (h, x))} layers={len(L)}"
+        configs = slf.skinny_linear_fused_decode_configs()
+        sites.append(Site("skinny_linear_fused", site, len(L), call, check, configs, ops))
     # the greedy step's lm_head as the decoder runs it: logits written, final RMSNorm folded in
     norm_w = dec.final_norm_w if s.norm == "rms" and dec.final_norm_b is None else None
     logits = torch.empty(batch, dec.lm_head.shape[0], device=dev, dtype=dt)
@@ -183,9 +194,9 @@ def decode_sites(dec: Decoder, batch: int, seed: int = 0) -> list[Site]:
         return err, allowed
 
     # one weight: a few calls on it (hundreds of MB at real vocabularies: past L2 anyway)
-    sites.append(
-        Site("lm_head_argmax", "lm_head", 1, call_lm, check_lm, lm.lm_head_argmax_decode_configs())
-    )
+    ops = f"{_shapes((x, dec.lm_head, norm_w))} eps={s.norm_eps}"
+    configs = lm.lm_head_argmax_decode_configs()
+    sites.append(Site("lm_head_argmax", "lm_head", 1, call_lm, check_lm, configs, ops))
     return sites
 
 
@@ -226,17 +237,33 @@ def tune_decode_tiles(
     batches: list[int],
     say: Callable[[str], None],
     measure: Callable[[list[Callable[[], object]], object], float] | None = None,
+    cache: Path | None = None,
 ) -> tuple[tuple[DecodeTile, ...], list[TileTiming]]:
     """The fastest checked config of every site at every batch of <= FEW_ROWS rows, and every
     timing taken. `measure(calls, config)` (per-call ms) defaults to `graph_ms` on the decoder's
     device. A config that fails to compile, to run or its check is reported and skipped; a
-    site where none passes gets no tile (its kernel's default config)."""
+    site where none passes gets no tile (its kernel's default config). `cache`: the folder of
+    the disk cache; None: compiler/tune.py's cache folder on a GPU with the real timer, no
+    cache otherwise (the interpreter's timings mean nothing)."""
     device = dec.embed.device
+    if cache is None and measure is None and device.type == "cuda":
+        from ...tune import cache_dir
+
+        cache = cache_dir()
     measure = measure or (lambda calls, config: graph_ms(calls, device))
     tiles, timings = [], []
     with allow_jit(), torch.no_grad():
         for batch in sorted(b for b in set(batches) if b <= FEW_ROWS):
             for site in decode_sites(dec, batch):
+                path = (
+                    cache / f"decode_tile-{_cache_key(site, batch, device)}.json" if cache else None
+                )
+                hit = _read_cached(path, site, batch)
+                if hit is not None:
+                    tiles.append(_tile(batch, site, hit.config))
+                    timings.append(hit)
+                    say(f"decode tile {hit.describe()}")
+                    continue
                 best: TileTiming | None = None
                 for c in site.configs:
                     t = TileTiming(batch, site.kernel, site.site, c, None)
@@ -255,21 +282,62 @@ def tune_decode_tiles(
                 if best is None:
                     say(f"batch {batch} {site.kernel} at {site.site}: no config passed; default")
                     continue
-                c = best.config
-                tiles.append(
-                    DecodeTile(
-                        batch,
-                        site.kernel,
-                        site.site,
-                        c.BLOCK_N,
-                        c.BLOCK_K,
-                        getattr(c, "split_k", 0),
-                        c.num_warps,
-                        c.num_stages,
-                    )
-                )
+                tiles.append(_tile(batch, site, best.config))
                 say(f"decode tile {best.describe()} (best of {len(site.configs)})")
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(".tmp")
+                    tmp.write_text(
+                        json.dumps({"index": site.configs.index(best.config), "ms": best.ms})
+                    )
+                    tmp.replace(path)
     return tuple(tiles), timings
+
+
+def _tile(batch: int, site: Site, c) -> DecodeTile:
+    split = getattr(c, "split_k", 0)
+    return DecodeTile(
+        batch, site.kernel, site.site, c.BLOCK_N, c.BLOCK_K, split, c.num_warps, c.num_stages
+    )
+
+
+def _cache_key(site: Site, batch: int, device: torch.device) -> str:
+    import triton
+
+    from kernl.kernels import launch
+
+    module = {
+        "norm_linear": "norm_linear",
+        "skinny_linear_fused": "skinny_linear_fused",
+        "lm_head_argmax": "lm_head_argmax",
+    }[site.kernel]
+    mod = __import__(f"kernl.kernels.{module}", fromlist=["_"])
+    source = inspect.getsource(mod) + inspect.getsource(launch)
+    target = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    parts = [
+        target,
+        torch.__version__,
+        triton.__version__,
+        hashlib.sha256(source.encode()).hexdigest(),
+        site.kernel,
+        site.site,
+        batch,
+        site.operands,
+        [dataclasses.asdict(c) for c in site.configs],
+    ]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
+
+
+def _read_cached(path: Path | None, site: Site, batch: int) -> TileTiming | None:
+    """The cached choice of this site, if there is a readable one for this very space."""
+    if path is None or not path.exists():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+        config = site.configs[int(rec["index"])]
+        return TileTiming(batch, site.kernel, site.site, config, float(rec["ms"]), cached=True)
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None  # unreadable: time again (and overwrite it)
 
 
 def used_tiles(tiles: tuple[DecodeTile, ...], norm: str, linear: str, lm_head: str):
