@@ -40,7 +40,8 @@ def serve_batch(
     replays: list[list[dict]] = [[] for _ in requests]
     for group in groups:
         members = [rows[k] for k in group.rows]
-        outputs = run_group(model, [row for _, row in members])
+        wanted = {name for i in {i for i, _ in members} for name in requests[i].outputs}
+        outputs = run_group(model, [row for _, row in members], wanted)
         for k, out in zip(group.rows, outputs):
             per_row[k] = out
         served = sorted({i for i, _ in members})

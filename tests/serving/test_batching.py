@@ -107,3 +107,13 @@ def test_group_outputs_equal_direct_calls(tiny_artifact):
         for name, expected in direct.items():
             torch.testing.assert_close(got[name], expected[0], atol=2e-5, rtol=1e-4)
         assert got["last_hidden_state"].shape[0] == row.length
+
+
+def test_group_copies_back_only_the_outputs_asked_for(tiny_artifact):
+    model = kernl.runtime.load(tiny_artifact, device="cpu")
+    rows = [Row({"input_ids": (5, 6, 7)}), Row({"input_ids": (8, 9)})]
+    served = run_group(model, rows, wanted={"pooler_output"})
+    assert [set(r) for r in served] == [{"pooler_output"}] * 2
+    everything = run_group(model, rows)
+    for got, full in zip(served, everything):
+        torch.testing.assert_close(got["pooler_output"], full["pooler_output"])
