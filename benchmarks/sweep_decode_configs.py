@@ -488,6 +488,52 @@ def report(op: Op, rows: list[dict], top: int = 5) -> dict:
     return {"op": op.name, "batch": op.batch, "top": fused[:top]}
 
 
+def summarize(path: str, top: int = 3) -> None:
+    """From a sweep's JSON: per op and batch the best fused config against the best unfused
+    sequence, then per kernel every config in some (op, batch)'s top `top`, marked where the
+    compiler's decode space (`*_decode_configs()`) holds it: what that space should cover."""
+    with open(path) as f:
+        res = json.load(f)
+    rows = [r for r in res["rows"] if "us" in r]
+    spaces = {
+        "norm_linear": nl_mod.norm_linear_decode_configs(),
+        "skinny_linear_fused": slf_mod.skinny_linear_fused_decode_configs(),
+        "lm_head_argmax": lm_mod.lm_head_argmax_decode_configs(),
+    }
+    types = {k: type(v[0]) for k, v in spaces.items()}
+    wanted: dict[str, dict] = {k: {} for k in spaces}
+    print(f"{res['device']}, {res['date']}; {res['failed_checks']} configs failed their check")
+    for op in dict.fromkeys(r["op"] for r in rows):
+        for M in sorted({r["batch"] for r in rows if r["op"] == op}):
+            here = [r for r in rows if r["op"] == op and r["batch"] == M]
+            fused = sorted(
+                (r for r in here if r.get("config") and r.get("ok")), key=lambda r: r["us"]
+            )
+            plain = sorted((r for r in here if not r.get("config")), key=lambda r: r["us"])
+            if not fused:
+                continue
+            kernel = fused[0]["kernel"]
+            line = (
+                f"{op:<8} M={M:<2} fused {fused[0]['us']:7.2f} us {fused[0]['pct_ceiling']:5.1f}%"
+            )
+            if plain:
+                line += f" | best unfused {plain[0]['us']:7.2f} us ({plain[0]['impl']})"
+            in_space = [r for r in fused if types[kernel](**r["config"]) in spaces[kernel]]
+            if in_space:
+                line += f" | decode space's best {in_space[0]['us']:7.2f} us"
+            print(line)
+            for r in fused[:top]:
+                key = json.dumps(r["config"], sort_keys=True)
+                wanted[kernel].setdefault(key, []).append(f"{op}@{M}:{r['us']:.1f}")
+    for kernel, configs in wanted.items():
+        print(f"{kernel}: configs in some top {top}")
+        for key, where in sorted(configs.items(), key=lambda kv: -len(kv[1])):
+            held = types[kernel](**json.loads(key)) in spaces[kernel]
+            print(f"  {'in space ' if held else 'NOT in   '} {key}  {' '.join(where)}")
+    for p in res.get("pdl_probe", []):
+        print(f"PDL probe: {p}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU, small shapes, few configs")
@@ -497,7 +543,10 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,8")
     ap.add_argument("--no-pdl", action="store_true", help="skip the PDL probe")
     ap.add_argument("--pdl-reserve-s", type=float, default=40.0, help="budget kept for it")
+    ap.add_argument("--summary", metavar="JSON", help="summarize a sweep's JSON, run nothing")
     args = ap.parse_args()
+    if args.summary:
+        return summarize(args.summary)
     t0 = time.time()
     deadline = t0 + args.budget_s - (0 if args.no_pdl else args.pdl_reserve_s)
     torch.manual_seed(0)
