@@ -539,7 +539,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="CPU, small shapes, few configs")
     ap.add_argument("--budget-s", type=float, default=210.0, help="whole-run deadline")
     ap.add_argument("--jobs", type=int, default=min(12, max(1, (os.cpu_count() or 2) - 2)))
-    ap.add_argument("--extra", type=int, default=28, help="wide-space configs per kernel")
+    ap.add_argument("--extra", type=int, default=40, help="wide-space configs per kernel")
     ap.add_argument("--batches", default="1,4,8")
     ap.add_argument("--no-pdl", action="store_true", help="skip the PDL probe")
     ap.add_argument("--pdl-reserve-s", type=float, default=40.0, help="budget kept for it")
