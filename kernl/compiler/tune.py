@@ -3,7 +3,10 @@
 On a GPU each instruction is benchmarked, on its real input shapes, over the Triton kernel's
 tuning space plus the aten implementation; the fastest wins. Results are cached on disk,
 keyed by GPU, toolchain versions, kernel source, op, shapes and attributes, so a recompile
-does not re-tune. On the CPU (interpreter) every instruction takes the kernel's default
+does not re-tune, and an instance whose shapes another bucket already had is not timed again
+(linear and layer_norm are described by their [rows, K] shapes, see ROWS_OPS). A candidate
+that fails to compile is skipped and counted; its compiler output goes to the error list,
+not to the terminal (KERNL_VERBOSE=1 shows it). On the CPU (interpreter) every instruction takes the kernel's default
 config: there is nothing meaningful to time."""
 
 from __future__ import annotations
@@ -66,7 +69,14 @@ class TuneSession:
     it fail (the config, the dtypes, the epilogue) is the same."""
 
     failed: dict[str, str] = field(default_factory=dict)  # failure key -> its error
+    source_hashes: dict[str, str] = field(default_factory=dict)  # kernel module -> hash
     verbose: bool = field(default_factory=lambda: os.environ.get("KERNL_VERBOSE", "") == "1")
+
+    def source_hash(self, module: str) -> str:
+        """The kernel's source hash of the cache key, read once per compile."""
+        if module not in self.source_hashes:
+            self.source_hashes[module] = _kernel_source_hash(module)
+        return self.source_hashes[module]
 
 
 # Ops whose kernels (and aten paths) see a contiguous [..., K] tensor as [rows, K]: the
@@ -214,7 +224,7 @@ def tune_program(
                     gpu,
                     torch.__version__,
                     triton.__version__,
-                    _kernel_source_hash(TUNABLE[ins.op][0]),
+                    session.source_hash(TUNABLE[ins.op][0]),
                     ins.op,
                     described,
                 ]
