@@ -43,34 +43,12 @@ CEILING_GBPS = 4260.0  # H200 device-to-device copy, measured (issue 15)
 L2_BYTES = 256 * 2**20  # rotate weights over at least this many bytes
 DEV = "cuda"
 
-# configs tried per fused kernel (a few of each tuning space's shapes; split 0 = automatic)
-NL = nl_mod.NormLinearConfig
-NORM_LINEAR_CONFIGS = [
-    NL(32, 128, 0, 4, 4),
-    NL(16, 256, 0, 4, 3),
-    NL(64, 128, 0, 4, 4),
-    NL(32, 256, 0, 4, 3),
-    NL(32, 128, 1, 4, 4),
-    NL(16, 128, 4, 4, 4),
-]
-SF = slf_mod.SkinnyLinearFusedConfig
-FUSED_LINEAR_CONFIGS = [
-    SF(32, 128, 0, 4, 4),
-    SF(16, 256, 0, 4, 3),
-    SF(64, 128, 0, 4, 4),
-    SF(32, 256, 4, 4, 3),
-    SF(32, 128, 8, 4, 4),
-    SF(64, 64, 4, 4, 5),
-]
+# configs tried per fused kernel: the space the compiler searches per decode batch and call
+# site (compiler/tasks/causal_lm/decode_tiles.py); benchmarks/sweep_decode_configs.py goes wider
+NORM_LINEAR_CONFIGS = nl_mod.norm_linear_decode_configs()
+FUSED_LINEAR_CONFIGS = slf_mod.skinny_linear_fused_decode_configs()
 ROPE_CONFIGS = rope_mod.rope_cache_write_configs()
-LM = lm_mod.LmHeadArgmaxConfig
-LM_HEAD_CONFIGS = [
-    LM(64, 128, 4, 4),
-    LM(32, 128, 4, 4),
-    LM(128, 128, 8, 4),
-    LM(64, 256, 4, 3),
-    LM(32, 256, 4, 3),
-]
+LM_HEAD_CONFIGS = lm_mod.lm_head_argmax_decode_configs()
 
 
 def randn(*shape, scale: float = 1.0, device: str | None = None, dtype=None) -> torch.Tensor:
