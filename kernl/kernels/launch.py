@@ -13,7 +13,8 @@ Programmatic dependent launch (PDL, Hopper and later): a kernel launched with `l
 may start while the kernel before it on the stream drains; it must call `pdl_start(USE_PDL)`
 before touching memory the previous kernel writes or reads. `pdl_kwargs(pdl)` are the launch
 arguments that go with it (a `USE_PDL` constexpr and, when on, Triton's `launch_pdl` option).
-The interpreter runs no inline PTX, so PDL is off there (`pdl_kwargs` says so)."""
+Triton 3.6's interpreter cannot run gdc_wait (an InterpreterError: it is inline PTX), so PDL
+is off there (`pdl_kwargs` says so) and CPU tests cover everything but the instructions."""
 
 from __future__ import annotations
 
