@@ -46,38 +46,31 @@ class ModelOutput(dict):
 
 class _BucketRunner:
     """One bucket: its static input buffers, its graph and, on CUDA, a pinned host twin of
-    the input buffers. The buffers are one block when the inputs share a dtype (they always
-    do for kernl's encoders), so inputs from the CPU go in with one copy."""
+    the input buffers. The buffers of one dtype are rows of one block (kernl's encoders take
+    int64 alone), so inputs from the CPU go in with one copy."""
 
     def __init__(self, bucket: Bucket, executor: Executor, manifest: Manifest, device):
         self.bucket = bucket
         self.executor = executor
         shape = (bucket.batch, bucket.seq)
-        dtypes = [getattr(torch, spec.dtype) for spec in manifest.inputs]
-        names = [spec.name for spec in manifest.inputs]
-        self.block: torch.Tensor | None = None
-        self.host_block: torch.Tensor | None = None
-        if len(set(dtypes)) == 1:
-            self.block = torch.empty((len(names), *shape), dtype=dtypes[0], device=device)
-            buffers = list(self.block.unbind(0))
-        else:
-            buffers = [torch.empty(shape, dtype=d, device=device) for d in dtypes]
-        for spec, buf in zip(manifest.inputs, buffers):
-            buf.fill_(spec.pad_value)
-        self.static_inputs = dict(zip(names, buffers))
-        # Where CPU inputs are padded: the static buffers themselves on the CPU; on CUDA a
-        # pinned twin, copied in without blocking the host. `staged` marks that copy: the twin
-        # is rewritten only once it has been read.
-        self.host_inputs = self.static_inputs
-        self.staged: torch.cuda.Event | None = None
-        if device.type == "cuda":
-            if self.block is not None:
-                self.host_block = torch.empty_like(self.block, device="cpu").pin_memory()
-                host = list(self.host_block.unbind(0))
-            else:
-                host = [torch.empty(shape, dtype=d).pin_memory() for d in dtypes]
-            self.host_inputs = dict(zip(names, host))
-            self.staged = torch.cuda.Event()
+        by_dtype: dict[str, list] = {}
+        for spec in manifest.inputs:
+            by_dtype.setdefault(spec.dtype, []).append(spec)
+        # (block on the device, where CPU inputs are padded: the block itself on the CPU, a
+        # pinned twin on CUDA, copied in without blocking the host)
+        self.blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
+        static, host = {}, {}
+        for dtype, specs in by_dtype.items():
+            block = torch.empty((len(specs), *shape), dtype=getattr(torch, dtype), device=device)
+            twin = block if device.type == "cpu" else block.cpu().pin_memory()
+            self.blocks.append((block, twin))
+            for spec, buf, staged in zip(specs, block.unbind(0), twin.unbind(0)):
+                buf.fill_(spec.pad_value)
+                static[spec.name], host[spec.name] = buf, staged
+        self.static_inputs = {spec.name: static[spec.name] for spec in manifest.inputs}
+        self.host_inputs = {spec.name: host[spec.name] for spec in manifest.inputs}
+        # Marks the copy out of the twins: they are rewritten only once it has read them.
+        self.staged = torch.cuda.Event() if device.type == "cuda" else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_outputs: list[torch.Tensor] | None = None
         # What a default-filled static buffer holds now (inputs copied in on the device).
@@ -123,12 +116,12 @@ class CompiledModel:
         self._inputs = {spec.name: spec for spec in manifest.inputs}
         # Index ranges of the embedding tables: an id outside them is an error on the CPU and
         # a device-side assert on CUDA, which poisons the whole CUDA context.
-        self._ranges = {
+        ranges = {
             "input_ids": _config_int(manifest.model_config, "vocab_size"),
             "token_type_ids": _config_int(manifest.model_config, "type_vocab_size"),
             "attention_mask": 2,
         }
-        self._ranges = {k: v for k, v in self._ranges.items() if k in self._inputs and v}
+        self._ranges = {k: v for k, v in ranges.items() if k in self._inputs and v}
         self._required = [s.name for s in manifest.inputs if s.default == "required"]
         if "input_ids" not in self._required:
             self._required.insert(0, "input_ids")  # it gives the call's shape
@@ -248,14 +241,10 @@ class CompiledModel:
                 # (NaN) anywhere, and real rows never see them.
                 buf[batch:].fill_(1)
         runner.filled.clear()  # every static buffer is rewritten (on the CPU, right here)
-        if runner.staged is None:
-            return  # on the CPU the host buffers are the static buffers
-        if runner.block is not None:
-            runner.block.copy_(runner.host_block, non_blocking=True)
-        else:
-            for name, buf in runner.static_inputs.items():
-                buf.copy_(runner.host_inputs[name], non_blocking=True)
-        runner.staged.record()
+        if runner.staged is not None:  # on the CPU the twins are the static buffers
+            for block, twin in runner.blocks:
+                block.copy_(twin, non_blocking=True)
+            runner.staged.record()
 
     def _copy_in_device(
         self, runner, tensors: dict[str, torch.Tensor], batch: int, seq: int

@@ -128,13 +128,13 @@ def test_out_of_range_on_the_host_is_refused_before_anything_runs(case, served, 
     inputs, name, size = OUT_OF_RANGE[case]
     monkeypatch.setattr(compiled, "_on_device", lambda tensors: False)
     runner = compiled._runners[compiled.select_bucket(1, 2)]
-    before = runner.block.clone()
+    before = runner.blocks[0][0].clone()
     runs = []
     monkeypatch.setattr(runner, "run", lambda: runs.append(1))
     with pytest.raises(ValueError, match=rf"{name} must lie in \[0, {size}\)"):
         compiled(**inputs)
     assert not runs, "the program ran on a call refused on the host"
-    assert torch.equal(runner.block, before), "a refused call wrote into the static buffers"
+    assert torch.equal(runner.blocks[0][0], before), "a refused call wrote into the static buffers"
     monkeypatch.undo()
     _check(model, compiled, input_ids=_ids(2, 11, 9))
 
