@@ -175,12 +175,19 @@ def _kernel_available(op: str, device: torch.device) -> bool:
     return hasattr(mod, fn) and kernl_ops.triton_usable(device, mod)
 
 
+# GPU milliseconds per timing sample (Triton replays a graph of that many calls 10 times and
+# takes the median): the main cost of a compile, about 10 x BENCH_REP_MS per candidate. 5 ms
+# still averages each sample over hundreds of calls of a kernel of a few microseconds, and
+# over 30+ calls of BERT-base's largest GEMM.
+BENCH_REP_MS = 5
+
+
 def _bench_us(fn) -> float:
     """GPU time per call under CUDA-graph replay, which is how programs run in production:
     Python launch overhead (large for Triton launchers, small for aten) must not count."""
     fn()  # compile and warm up outside the capture
     torch.cuda.synchronize()
-    ms = triton.testing.do_bench_cudagraph(fn, rep=10, return_mode="median")
+    ms = triton.testing.do_bench_cudagraph(fn, rep=BENCH_REP_MS, return_mode="median")
     return ms * 1000.0
 
 
