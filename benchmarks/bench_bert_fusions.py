@@ -157,6 +157,8 @@ def main() -> None:
         "shapes": [],
     }
     work = tempfile.mkdtemp(prefix="bench_bert_fusions_")
+    # A cold compile, whatever an earlier run left in the tuning cache.
+    os.environ["KERNL_CACHE_DIR"] = f"{work}/cache"
     torch.manual_seed(0)
     model = transformers.BertModel(transformers.BertConfig()).eval()
     model.save_pretrained(f"{work}/bert")
@@ -168,6 +170,9 @@ def main() -> None:
     )
     result["compile_s"] = time.perf_counter() - t0
     print(report.table())
+    records = [r for rs in report.tuning.values() for r in rs]
+    result["tuning_candidates_timed"] = sum(getattr(r, "timed", 0) for r in records)
+    result["tuning_configs_skipped"] = sum(len(r.errors) for r in records)
     static = {}
     for b in report.buckets:
         static[(b.bucket.batch, b.bucket.seq)] = b.counts.launches
