@@ -36,7 +36,7 @@ from starlette.responses import Response, StreamingResponse
 from kernl.artifacts import read_manifest
 
 from .config import ServeConfig
-from .generation_batcher import BatchPolicy, BatchRecord, GenerationBatcher, Ticket
+from .generation_batcher import BatchPolicy, BatchRecord, GenerationBatcher
 from .generation_protocol import (  # noqa: F401  (re-exported: the names tests and users know)
     DEFAULT_MAX_NEW_TOKENS,
     FIELDS,
@@ -170,9 +170,9 @@ class KernlGenerator:
             await asyncio.wrap_future(self.loading)
         except Exception as e:
             return _json({"error": f"model failed to load: {type(e).__name__}: {e}"}, status=503)
-        ticket = self._batcher().submit(parsed)
         if parsed.stream:
-            return StreamingResponse(self._events(ticket), media_type="text/event-stream")
+            return StreamingResponse(self._events(parsed), media_type="text/event-stream")
+        ticket = self._batcher().submit(parsed)
         try:
             ids = await ticket.result()
         except asyncio.CancelledError:  # the client left: its row is ignored from now on
@@ -190,10 +190,13 @@ class KernlGenerator:
         }
         return _json(answer_body(parsed, ids, ticket.finish_reason, self.detokenize, extra))
 
-    async def _events(self, ticket: Ticket) -> AsyncIterator[str]:
-        """Server-sent events, one per token of the request's row. If the client leaves, Ray
-        Serve cancels this generator at its next await or yield: `finally` then marks the
-        ticket abandoned (its row is ignored; a batch of abandoned rows stops)."""
+    async def _events(self, parsed: GenerationRequest) -> AsyncIterator[str]:
+        """Server-sent events, one per token of the request's row. The request joins the
+        batcher when the response starts (a client gone before that never reaches it). If the
+        client leaves, Ray Serve cancels this generator at its next await or yield: `finally`
+        then marks the ticket abandoned (its row is ignored; a batch of abandoned rows
+        stops)."""
+        ticket = self._batcher().submit(parsed)
         n, outcome = 0, "cancelled"
         try:
             async for token in ticket.tokens():
