@@ -114,11 +114,14 @@ def quiet_native_stderr(verbose: bool = False) -> Iterator[list[str]]:
     yielded list then holds its text. verbose=True leaves stderr alone. The redirection is of
     the process (fd 2): only for the short compile-and-time of one tuning candidate."""
     captured: list[str] = []
-    if verbose:
+    try:
+        saved = None if verbose else os.dup(2)
+    except OSError:  # no fd 2 to redirect (a daemon): nothing can reach the user either
+        saved = None
+    if saved is None:
         yield captured
         return
     sys.stderr.flush()
-    saved = os.dup(2)
     with tempfile.TemporaryFile(mode="w+b") as tmp:
         os.dup2(tmp.fileno(), 2)
         try:
