@@ -30,13 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batch-size",
         type=int,
         default=None,
-        help="most sequences one batch gathers (default: the largest bucket batch)",
+        help="most sequences one batch gathers, or for a causal LM most requests one "
+        "generate call holds (default and, for a causal LM, maximum: the largest bucket batch)",
     )
     p.add_argument(
         "--batch-wait-ms",
         type=float,
         default=5.0,
-        help="how long a batch waits for more requests to join (default 5)",
+        help="how long a request reaching an idle replica waits for others to join its "
+        "batch (default 5)",
     )
     p.add_argument(
         "--host",

@@ -10,8 +10,10 @@ class ServeConfig:
     """artifact: the artifact folder (the same path on every Ray node).
     replicas: model copies; on CUDA each takes `gpus_per_replica` of a GPU (one by default).
     max_batch_size: most sequences one batch gathers (default: the largest bucket batch);
-      a batch larger than every bucket is served by several replays.
-    batch_wait_ms: how long the first request of a batch waits for others to join.
+      a batch larger than every bucket is served by several replays. For a causal LM: most
+      requests one generate call holds (at most the largest batch bucket).
+    batch_wait_ms: how long the first request of a batch waits for others to join (for a
+      causal LM: a request reaching an idle replica; see generation_batcher.py).
     device: "cuda" or "cpu" (default: cuda when the replica sees a GPU).
     plan_by: how the batch planner prices a replay: "time" (each bucket's call measured at
       start; the default on CUDA) or "tokens" (bucket tokens + replay_cost_tokens; the
