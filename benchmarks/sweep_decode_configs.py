@@ -335,9 +335,10 @@ def best_configs(tops: list[dict], M: int) -> dict[str, object]:
 def pdl_probe(S: Shapes, M: int, configs: dict, dev: str, dtype, timer, layers: int) -> dict:
     """A decode step's fused kernels (per layer norm+QKV, O+residual, norm+gate/up+SiLU*up,
     down+residual; then norm+lm_head+argmax) over `layers` layers of distinct weights, in one
-    CUDA graph, launched plainly and with PDL (each kernel `gdc_wait`s, then lets the next
-    one launch). Attention and rope are left out: the O projection reads the first columns
-    of the QKV output instead. Both must give bitwise the same ids and residual stream (the
+    CUDA graph, launched plainly, with PDL (each kernel `gdc_wait`s, then lets the next one
+    launch) and with PDL plus the weight prefetch (L2 prefetches of each program's first
+    weight lines before the wait). Attention and rope are left out: the O projection reads the first columns
+    of the QKV output instead. All must give bitwise the same ids and residual stream (the
     split-K reductions are deterministic); the JSON says whether they did."""
     rnd = lambda *s: bdk.randn(*s, scale=0.02, device=dev, dtype=dtype)  # noqa: E731
     Lw = [
@@ -359,14 +360,31 @@ def pdl_probe(S: Shapes, M: int, configs: dict, dev: str, dtype, timer, layers: 
     c = configs
     eps = bdk.EPS
 
-    def step(pdl: bool) -> None:
+    def step(pdl: bool, pf: bool = False) -> None:
         x.copy_(x0)
         for wqkv, wo, wgu, wd in Lw:
             nl_mod.norm_linear(
-                x, g, None, wqkv, eps=eps, out=qkv, counters=counters, config=c["qkv"], pdl=pdl
+                x,
+                g,
+                None,
+                wqkv,
+                eps=eps,
+                out=qkv,
+                counters=counters,
+                config=c["qkv"],
+                pdl=pdl,
+                prefetch=pf,
             )
             slf_mod.skinny_linear_fused(
-                qkv[:, : S.hidden], wo, None, x, out=x, counters=counters, config=c["o"], pdl=pdl
+                qkv[:, : S.hidden],
+                wo,
+                None,
+                x,
+                out=x,
+                counters=counters,
+                config=c["o"],
+                pdl=pdl,
+                prefetch=pf,
             )
             nl_mod.norm_linear(
                 x,
@@ -379,9 +397,10 @@ def pdl_probe(S: Shapes, M: int, configs: dict, dev: str, dtype, timer, layers: 
                 counters=counters,
                 config=c["gate_up"],
                 pdl=pdl,
+                prefetch=pf,
             )
             slf_mod.skinny_linear_fused(
-                h, wd, None, x, out=x, counters=counters, config=c["down"], pdl=pdl
+                h, wd, None, x, out=x, counters=counters, config=c["down"], pdl=pdl, prefetch=pf
             )
         lm_mod.lm_head_argmax(
             x,
@@ -392,24 +411,28 @@ def pdl_probe(S: Shapes, M: int, configs: dict, dev: str, dtype, timer, layers: 
             workspace=workspace,
             config=c["lm_head"],
             pdl=pdl,
+            prefetch=pf,
         )
 
     results = {}
-    for pdl in (False, True):
-        step(pdl)
-        results[pdl] = (ids.clone(), x.clone())
-    same = bool(torch.equal(results[False][0], results[True][0])) and bool(
-        torch.equal(results[False][1], results[True][1])
+    variants = {"plain": (False, False), "pdl": (True, False), "pdl+prefetch": (True, True)}
+    for name, (pdl, pf) in variants.items():
+        step(pdl, pf)
+        results[name] = (ids.clone(), x.clone())
+    same = all(
+        torch.equal(results["plain"][0], i) and torch.equal(results["plain"][1], r)
+        for i, r in results.values()
     )
     kernels = 4 * layers + 1
     out = {"batch": M, "layers": layers, "kernels": kernels, "same_results": same}
     out["configs"] = {k: dataclasses.asdict(v) for k, v in configs.items()}
-    for pdl in (False, True):
-        out["pdl_us" if pdl else "plain_us"] = timer(lambda i, pdl=pdl: step(pdl), 1) * 1000
-    saved = out["plain_us"] - out["pdl_us"]
+    for name, (pdl, pf) in variants.items():
+        out[f"{name}_us"] = timer(lambda i, pdl=pdl, pf=pf: step(pdl, pf), 1) * 1000
+    plain = out["plain_us"]
     print(
-        f"PDL probe batch {M}: {kernels} kernels, plain {out['plain_us']:.1f} us, "
-        f"PDL {out['pdl_us']:.1f} us ({saved / kernels:+.2f} us per kernel saved); "
+        f"PDL probe batch {M}: {kernels} kernels, plain {plain:.1f} us, PDL {out['pdl_us']:.1f} us "
+        f"({(plain - out['pdl_us']) / kernels:+.2f} us per kernel saved), PDL+prefetch "
+        f"{out['pdl+prefetch_us']:.1f} us ({(plain - out['pdl+prefetch_us']) / kernels:+.2f}); "
         f"same ids and residual: {same}"
     )
     return out
@@ -542,7 +565,7 @@ def main() -> None:
     ap.add_argument("--extra", type=int, default=40, help="wide-space configs per kernel")
     ap.add_argument("--batches", default="1,4,8")
     ap.add_argument("--no-pdl", action="store_true", help="skip the PDL probe")
-    ap.add_argument("--pdl-reserve-s", type=float, default=40.0, help="budget kept for it")
+    ap.add_argument("--pdl-reserve-s", type=float, default=60.0, help="budget kept for it")
     ap.add_argument("--summary", metavar="JSON", help="summarize a sweep's JSON, run nothing")
     args = ap.parse_args()
     if args.summary:

@@ -180,7 +180,9 @@ class DecodeKernels:
     a kernel with no tile for its batch and site runs its default config.
     pdl: launch the fused kernels with programmatic dependent launch (Hopper and later; each
     waits for the previous kernel's writes before reading, so the next one's launch overlaps
-    this one's tail); kept by the compiler only where it timed faster and computed the same."""
+    this one's tail); kept by the compiler only where it timed faster and computed the same.
+    prefetch (with pdl only): the weight-streaming kernels first ask L2 for their first weight
+    lines, before they wait for the previous kernel; kept on the same terms."""
 
     attention: str = "torch"
     norm: str = "torch"
@@ -190,13 +192,16 @@ class DecodeKernels:
     lm_head: str = "torch"
     tiles: tuple[DecodeTile, ...] = ()
     pdl: bool = False
+    prefetch: bool = False
 
     def __post_init__(self):
         for name, allowed in DECODE_KERNEL_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DecodeKernels.{name} must be one of {allowed}")
-        if not isinstance(self.pdl, bool):
-            raise ValueError("DecodeKernels.pdl must be a bool")
+        if not isinstance(self.pdl, bool) or not isinstance(self.prefetch, bool):
+            raise ValueError("DecodeKernels.pdl and .prefetch must be bools")
+        if self.prefetch and not self.pdl:
+            raise ValueError("DecodeKernels.prefetch needs pdl (it runs before the PDL wait)")
         if not isinstance(self.tiles, tuple) or len(self.tiles) > 1024:
             raise ValueError("DecodeKernels.tiles must be a tuple of at most 1024 DecodeTile")
         seen = set()
@@ -210,9 +215,10 @@ class DecodeKernels:
 
     def describe(self) -> str:
         pieces = " ".join(f"{name}={getattr(self, name)}" for name in DECODE_KERNEL_CHOICES)
-        return (
-            pieces + (" pdl" if self.pdl else "") + (f" tiles={len(self.tiles)}" * bool(self.tiles))
-        )
+        flags = [f for f in ("pdl", "prefetch") if getattr(self, f)]
+        if self.tiles:
+            flags.append(f"tiles={len(self.tiles)}")
+        return " ".join([pieces, *flags])
 
     def tile(self, batch: int, kernel: str, site: str) -> DecodeTile | None:
         """The tuned launch config of `kernel` at `site` for a `batch`-row step, if any."""

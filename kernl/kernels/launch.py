@@ -39,6 +39,36 @@ def pdl_start(USE_PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
+@triton.jit
+def prefetch_rows_l2(rows, row_mask, k_lo, k_hi, LINES: tl.constexpr, DTYPE: tl.constexpr):
+    """Ask L2 for the first LINES 128-byte lines of each row's [k_lo, k_hi) (rows: pointers to
+    the rows' starts, [R, 1]): `prefetch.global.L2` loads nothing into registers, so a kernel
+    launched early by PDL can start the weight stream before it waits for its inputs."""
+    step: tl.constexpr = 1024 // DTYPE.primitive_bitwidth  # elements per 128-byte line
+    ks = k_lo + tl.arange(0, LINES) * step
+    mask = row_mask[:, None] & (ks < k_hi)[None, :]
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+        "=r,l,r",
+        [rows + ks[None, :], mask.to(tl.int32)],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+MAX_PREFETCH_LINES = 16  # per row: 2 KB, a first few pipeline stages' worth
+
+
+def prefetch_lines(on: bool, k_span: int, weight, kernel) -> int:
+    """PREFETCH for a launch: the lines per row that cover `k_span` elements (a power of two,
+    at most MAX_PREFETCH_LINES), or 0 when off or interpreted (no inline PTX there)."""
+    if not on or is_interpreted(kernel):
+        return 0
+    lines = -(-k_span * weight.element_size() // 128)
+    return min(MAX_PREFETCH_LINES, triton.next_power_of_2(max(1, lines)))
+
+
 def pdl_kwargs(pdl: bool, interpreted: bool = False) -> dict[str, Any]:
     """The launch arguments of a kernel that calls `pdl_start(USE_PDL)`."""
     if pdl and not interpreted:

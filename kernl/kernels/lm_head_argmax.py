@@ -26,7 +26,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .launch import is_interpreted, launch_kernel, pdl_kwargs, pdl_start
+from .launch import (
+    is_interpreted,
+    launch_kernel,
+    pdl_kwargs,
+    pdl_start,
+    prefetch_lines,
+    prefetch_rows_l2,
+)
 
 MAX_ROWS = 16
 INT64_MIN = -(2**63)
@@ -55,8 +62,8 @@ def _lm_head_argmax_kernel(
     WRITE_LOGITS: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
-    pdl_start(USE_PDL)  # every read below may depend on the previous kernel
     pid = tl.program_id(0)
     offs_m = tl.arange(0, 16)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -64,6 +71,9 @@ def _lm_head_argmax_kernel(
     m_mask = offs_m < M
     n_mask = offs_n < V
     w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
+    if PREFETCH > 0:  # weights never depend on the previous kernel: stream them while it drains
+        prefetch_rows_l2(w_rows, n_mask, 0, K, PREFETCH, W.dtype.element_ty)
+    pdl_start(USE_PDL)  # every read below may depend on the previous kernel
     acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     ss = tl.zeros([16], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -176,12 +186,14 @@ def lm_head_argmax(
     workspace: torch.Tensor | None = None,
     config: LmHeadArgmaxConfig | None = None,
     pdl: bool = False,
+    prefetch: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x [M <= 16, K] (unit stride along K), weight [V, K] (unit stride along K), optional
     RMSNorm weight [K] applied to x first. Returns (ids [M] int64, logits [M, V] in x's dtype
     or None): logits are written when `return_logits` or `logits_out` is given. workspace:
     `new_workspace(device)`, left ready; None allocates one (one more kernel). pdl: launch with
-    programmatic dependent launch (kernels/launch.py; off under the interpreter)."""
+    programmatic dependent launch (kernels/launch.py; off under the interpreter); prefetch
+    (with pdl): first pull this program's first weight lines toward L2, before waiting."""
     M, K = x.shape
     V = weight.shape[0]
     assert M <= MAX_ROWS and weight.shape == (V, K) and weight.stride(1) == 1
@@ -225,6 +237,7 @@ def lm_head_argmax(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **pdl_kwargs(pdl, is_interpreted(_lm_head_argmax_kernel)),
+        PREFETCH=prefetch_lines(pdl and prefetch, K, weight, _lm_head_argmax_kernel),
     )
     return ids_out, (logits_out if write_logits else None)
 

@@ -30,7 +30,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .launch import is_interpreted, launch_kernel, pdl_kwargs, pdl_start
+from .launch import (
+    is_interpreted,
+    launch_kernel,
+    pdl_kwargs,
+    pdl_start,
+    prefetch_lines,
+    prefetch_rows_l2,
+)
 
 MAX_ROWS = 16
 MAX_COUNTERS = 4096  # N blocks one `counters` buffer serves (N / BLOCK_N)
@@ -102,8 +109,8 @@ def _norm_linear_kernel(
     GATED: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
-    pdl_start(USE_PDL)  # every read below may depend on the previous kernel
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     offs_m = tl.arange(0, 16)
@@ -114,6 +121,13 @@ def _norm_linear_kernel(
     x_rows = X + offs_m[:, None] * stride_xm
     k_lo = split * k_chunk
     k_hi = tl.minimum(k_lo + k_chunk, K)
+    w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
+    u_rows = W + (offs_n + N).to(tl.int64)[:, None] * stride_wn  # up half (GATED only)
+    if PREFETCH > 0:  # weights never depend on the previous kernel: stream them while it drains
+        prefetch_rows_l2(w_rows, n_mask, k_lo, k_hi, PREFETCH, W.dtype.element_ty)
+        if GATED:
+            prefetch_rows_l2(u_rows, n_mask, k_lo, k_hi, PREFETCH, W.dtype.element_ty)
+    pdl_start(USE_PDL)  # every read below may depend on the previous kernel
 
     mean = tl.zeros([16], dtype=tl.float32)
     rstd = tl.zeros([16], dtype=tl.float32)
@@ -134,8 +148,6 @@ def _norm_linear_kernel(
             v += tl.sum(xc * xc, 1)
         rstd = 1.0 / tl.sqrt(v / K + eps)
 
-    w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
-    u_rows = W + (offs_n + N).to(tl.int64)[:, None] * stride_wn  # up half (GATED only)
     acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     ss = tl.zeros([16], dtype=tl.float32)
@@ -312,13 +324,15 @@ def norm_linear(
     counters: torch.Tensor | None = None,
     config: NormLinearConfig | None = None,
     pdl: bool = False,
+    prefetch: bool = False,
 ) -> torch.Tensor:
     """norm(x) @ weight^T + bias for x [M <= 16, K] (unit stride along K), weight [N_w, K]
     (unit stride along K), norm "rms" or "layer" with weight (and bias) [K].
     gated: weight is [gate; up] (N_w = 2I) and the result is silu(gate) * up, [M, I].
     counters: int32 zeros (`new_counters`), left zeroed; None allocates zeros (one more
     kernel). Returns [M, N_w] or [M, I] in x's dtype. pdl: launch with
-    programmatic dependent launch (kernels/launch.py; off under the interpreter)."""
+    programmatic dependent launch (kernels/launch.py; off under the interpreter); prefetch
+    (with pdl): first pull this program's first weight lines toward L2, before waiting."""
     M, K = x.shape
     n_w = weight.shape[0]
     assert M <= MAX_ROWS and weight.shape == (n_w, K) and weight.stride(1) == 1
@@ -374,6 +388,7 @@ def norm_linear(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **pdl_kwargs(pdl, is_interpreted(_norm_linear_kernel)),
+        PREFETCH=prefetch_lines(pdl and prefetch, k_chunk, weight, _norm_linear_kernel),
     )
     return out
 

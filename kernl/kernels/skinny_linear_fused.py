@@ -21,7 +21,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .launch import is_interpreted, launch_kernel, pdl_kwargs, pdl_start
+from .launch import (
+    is_interpreted,
+    launch_kernel,
+    pdl_kwargs,
+    pdl_start,
+    prefetch_lines,
+    prefetch_rows_l2,
+)
 
 MAX_ROWS = 16
 MAX_COUNTERS = 4096  # N blocks one `counters` buffer serves (N / BLOCK_N)
@@ -81,8 +88,8 @@ def _skinny_fused_kernel(
     HAS_RESIDUAL: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
-    pdl_start(USE_PDL)  # every read below may depend on the previous kernel
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     offs_m = tl.arange(0, 16)
@@ -93,6 +100,9 @@ def _skinny_fused_kernel(
     k_lo = split * k_chunk
     k_hi = tl.minimum(k_lo + k_chunk, K)
     w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
+    if PREFETCH > 0:  # weights never depend on the previous kernel: stream them while it drains
+        prefetch_rows_l2(w_rows, n_mask, k_lo, k_hi, PREFETCH, W.dtype.element_ty)
+    pdl_start(USE_PDL)  # every read below may depend on the previous kernel
     acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + offs_k
@@ -218,12 +228,14 @@ def skinny_linear_fused(
     counters: torch.Tensor | None = None,
     config: SkinnyLinearFusedConfig | None = None,
     pdl: bool = False,
+    prefetch: bool = False,
 ) -> torch.Tensor:
     """x [M <= 16, K] (unit stride along K), weight [N, K] (unit stride along K), bias [N],
     residual [M, N] -> [M, N] in x's dtype, one launch. counters: int32 zeros
     (`new_counters`), left zeroed; None allocates zeros (one more kernel). `out` may be
     `residual`. pdl: launch with
-    programmatic dependent launch (kernels/launch.py; off under the interpreter)."""
+    programmatic dependent launch (kernels/launch.py; off under the interpreter); prefetch
+    (with pdl): first pull this program's first weight lines toward L2, before waiting."""
     M, K = x.shape
     N = weight.shape[0]
     assert M <= MAX_ROWS and weight.shape == (N, K) and weight.stride(1) == 1
@@ -273,6 +285,7 @@ def skinny_linear_fused(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **pdl_kwargs(pdl, is_interpreted(_skinny_fused_kernel)),
+        PREFETCH=prefetch_lines(pdl and prefetch, k_chunk, weight, _skinny_fused_kernel),
     )
     return out
 

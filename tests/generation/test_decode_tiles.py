@@ -157,7 +157,8 @@ def test_tiles_and_pdl_are_stored_checked_and_served(tmp_path):
     from kernl.compiler.tasks.causal_lm import compile_causal_lm
 
     c = SPACES["norm_linear"][3]
-    forced = {**FUSED, "pdl": True, "tiles": [list(_tile(4, "norm_linear", "qkv", c))]}
+    forced = {**FUSED, "pdl": True, "prefetch": True}
+    forced["tiles"] = [list(_tile(4, "norm_linear", "qkv", c))]
     compile_causal_lm(
         tiny_model("llama3"),
         "batch=4 prompt=16 cache=32",
@@ -171,9 +172,16 @@ def test_tiles_and_pdl_are_stored_checked_and_served(tmp_path):
     assert k.pdl and k.tiles == (_tile(4, "norm_linear", "qkv", c),)
     assert k.tile(4, "norm_linear", "qkv").block_k == c.BLOCK_K
     assert k.tile(1, "norm_linear", "qkv") is None
-    assert "pdl tiles=1" in k.describe()
+    assert k.prefetch and "pdl prefetch tiles=1" in k.describe()
     ids, mask = mixed_prompts(3, [11, 4, 16])
     assert model.generate(ids, mask, max_new_tokens=4).shape == (3, 20)
+
+
+def test_prefetch_needs_pdl():
+    with pytest.raises(ValueError, match="prefetch needs pdl"):
+        DecodeKernels(prefetch=True)
+    with pytest.raises(ValueError, match="must be bools"):
+        DecodeKernels(pdl="yes")
 
 
 @pytest.mark.parametrize(
@@ -205,8 +213,12 @@ def test_a_hostile_tile_is_refused_as_an_artifact_error(artifact, tmp_path, tile
         kernl.runtime.load(root)
 
 
-@pytest.mark.parametrize("pdl_faster", [True, False])
-def test_the_choice_keeps_the_used_tiles_and_pdl_only_when_faster(artifact, pdl_faster):
+@pytest.mark.parametrize(
+    "pdl_faster,prefetch_faster", [(True, False), (False, False), (True, True), (False, True)]
+)
+def test_the_choice_keeps_the_used_tiles_and_pdl_only_when_faster(
+    artifact, pdl_faster, prefetch_faster
+):
     from kernl.compiler.tasks.causal_lm.decode_kernels import choose_decode_kernels
 
     model = kernl.runtime.load(artifact)
@@ -218,7 +230,8 @@ def test_the_choice_keeps_the_used_tiles_and_pdl_only_when_faster(artifact, pdl_
         # every candidate runs on the tuned tiles (PDL, tried last: those the choice uses)
         assert k.tiles == tiles or k.pdl and set(k.tiles) < set(tiles)
         ms = 10.0 - (k.linear == "fused") - (k.lm_head == "triton")  # norm=fused not kept
-        return ms - 2.0 if k.pdl and pdl_faster else ms
+        ms -= 2.0 if k.pdl and pdl_faster else 0.0
+        return ms - 1.0 if k.prefetch and prefetch_faster else ms
 
     chosen, timings = choose_decode_kernels(
         model, lambda _: None, step_ms=fake_ms, tiles=tiles, try_pdl=True
@@ -226,10 +239,14 @@ def test_the_choice_keeps_the_used_tiles_and_pdl_only_when_faster(artifact, pdl_
     assert chosen.linear == "fused" and chosen.lm_head == "triton" and chosen.norm != "fused"
     # norm_linear's tiles dropped: the choice does not run it
     assert chosen.tiles == tuple(t for t in tiles if t.kernel != "norm_linear")
-    assert timings[-1].kernels.pdl  # PDL tried last (a no-op in the interpreter: same logits)
-    assert chosen.pdl is pdl_faster
+    # PDL, then PDL with the prefetch, tried last (no-ops in the interpreter: same logits)
+    assert [(t.kernels.pdl, t.kernels.prefetch) for t in timings[-2:]] == [
+        (True, False),
+        (True, True),
+    ]
+    assert chosen.pdl is (pdl_faster or prefetch_faster) and chosen.prefetch is prefetch_faster
     assert model.decoder.kernels == chosen and not model._steps
     no_pdl, _ = choose_decode_kernels(
         model, lambda _: None, step_ms=fake_ms, tiles=tiles, try_pdl=False
     )
-    assert no_pdl == dataclasses.replace(chosen, pdl=False)
+    assert no_pdl == dataclasses.replace(chosen, pdl=False, prefetch=False)

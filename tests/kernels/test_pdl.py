@@ -24,16 +24,27 @@ from kernl.kernels import rope_cache_write as rc
 from kernl.kernels import skinny_linear_fused as slf
 
 
-def test_pdl_kwargs():
+def test_pdl_kwargs_and_prefetch_lines():
+    w = torch.empty(4, 8, dtype=torch.float16)
+    assert launch.prefetch_lines(False, 2048, w, object()) == 0
+    assert launch.prefetch_lines(True, 2048, w, object()) == launch.MAX_PREFETCH_LINES
+    assert launch.prefetch_lines(True, 192, w, object()) == 4  # 3 lines of 128 B, rounded up
+    assert launch.prefetch_lines(True, 192, w, nl._norm_linear_kernel) == (
+        0 if launch.is_interpreted(nl._norm_linear_kernel) else 4
+    )
     assert launch.pdl_kwargs(False) == {"USE_PDL": False}
     assert launch.pdl_kwargs(True) == {"USE_PDL": True, "launch_pdl": True}
     assert launch.pdl_kwargs(True, interpreted=True) == {"USE_PDL": False}
 
 
-def _chain(pdl: bool, M: int, K: int, inter: int, vocab: int, layers: int, dtype, device, seed=0):
+def _chain(
+    pdl: bool | str, M: int, K: int, inter: int, vocab: int, layers: int, dtype, device, seed=0
+):
     """norm+QKV -> rope+cache write -> decode attention -> O+residual -> norm+gate/up ->
     down+residual per layer, then norm+lm_head+argmax: every PDL-able decode kernel, each
-    reading what the one before it wrote."""
+    reading what the one before it wrote. pdl "prefetch": PDL with the weight prefetch."""
+    pf = pdl == "prefetch"
+    pdl = bool(pdl)
     g = torch.Generator(device="cpu").manual_seed(seed)
     rnd = lambda *s: (torch.randn(*s, generator=g) * 0.1).to(device=device, dtype=dtype)  # noqa: E731
     H, KV, D, slots = 4, 2, 16, 32
@@ -63,19 +74,23 @@ def _chain(pdl: bool, M: int, K: int, inter: int, vocab: int, layers: int, dtype
 
     def run():
         for wqkv, wo, wgu, wd, kc, vc in weights:
-            qkv = nl.norm_linear(x, norm_w, None, wqkv, eps=1e-5, counters=counters, pdl=pdl)
+            qkv = nl.norm_linear(
+                x, norm_w, None, wqkv, eps=1e-5, counters=counters, pdl=pdl, prefetch=pf
+            )
             q = rc.rope_cache_write(
                 qkv, pos, cos, sin, kc, vc, slot, num_heads=H, num_kv_heads=KV, pdl=pdl
             )
             att = da.decode_attention(q, kc, vc, kv_mask=kv_mask, pdl=pdl)
             slf.skinny_linear_fused(
-                att.reshape(M, H * D), wo, None, x, out=x, counters=counters, pdl=pdl
+                att.reshape(M, H * D), wo, None, x, out=x, counters=counters, pdl=pdl, prefetch=pf
             )
             h = nl.norm_linear(
-                x, norm_w, None, wgu, eps=1e-5, gated=True, counters=counters, pdl=pdl
+                x, norm_w, None, wgu, eps=1e-5, gated=True, counters=counters, pdl=pdl, prefetch=pf
             )
-            slf.skinny_linear_fused(h, wd, None, x, out=x, counters=counters, pdl=pdl)
-        lm.lm_head_argmax(x, lm_w, norm_weight=norm_w, eps=1e-5, ids_out=ids, workspace=ws, pdl=pdl)
+            slf.skinny_linear_fused(h, wd, None, x, out=x, counters=counters, pdl=pdl, prefetch=pf)
+        lm.lm_head_argmax(
+            x, lm_w, norm_weight=norm_w, eps=1e-5, ids_out=ids, workspace=ws, pdl=pdl, prefetch=pf
+        )
         return ids, x
 
     return run
@@ -86,8 +101,9 @@ def test_pdl_launches_compute_what_plain_launches_compute():
     dtype = torch.float32 if DEVICE == "cpu" else torch.float16
     shape = dict(M=3, K=64, inter=96, vocab=200, layers=2, dtype=dtype, device=DEVICE)
     plain_ids, plain_x = _chain(False, **shape)()
-    pdl_ids, pdl_x = _chain(True, **shape)()
-    assert torch.equal(plain_ids, pdl_ids) and torch.equal(plain_x, pdl_x)
+    for pdl in (True, "prefetch"):
+        pdl_ids, pdl_x = _chain(pdl, **shape)()
+        assert torch.equal(plain_ids, pdl_ids) and torch.equal(plain_x, pdl_x)
 
 
 def test_binaries_launch_config_matches_cuda_h():
@@ -156,14 +172,14 @@ def _graph_run(run):
 def test_gpu_pdl_chain_in_a_cuda_graph_is_bitwise_the_plain_chain():
     shape = dict(M=4, K=2048, inter=8192, vocab=32000, layers=4, dtype=torch.bfloat16)
     results = []
-    for pdl in (False, True):
+    for pdl in (False, True, "prefetch"):
         graph, (ids, x) = _graph_run(_chain(pdl, device="cuda", **shape))
         for _ in range(3):  # replays restart from the state the last one left: compare the 3rd
             graph.replay()
         torch.cuda.synchronize()
         results.append((ids.clone(), x.clone()))
-    assert torch.equal(results[0][0], results[1][0])
-    assert torch.equal(results[0][1], results[1][1])
+    for ids, x in results[1:]:
+        assert torch.equal(results[0][0], ids) and torch.equal(results[0][1], x)
 
 
 @pytest.mark.gpu

@@ -22,7 +22,8 @@ residual in its epilogue), rotary + KV-cache write in one kernel, and lm_head + 
 one pass for greedy steps. The default is plain torch everywhere; the compiler keeps a
 kernel only where it times faster. The fused kernels run the launch configs the compiler
 tuned per batch and call site (`DecodeKernels.tiles`), and with `DecodeKernels.pdl` every
-kernl kernel of the step is launched with programmatic dependent launch.
+kernl kernel of the step is launched with programmatic dependent launch (with `prefetch`,
+the weight-streaming ones ask L2 for their first weights before waiting).
 """
 
 from __future__ import annotations
@@ -369,6 +370,7 @@ class Decoder:
                 workspace=self._workspace,
                 config=self._tile_config(bsz, "lm_head_argmax", "lm_head"),
                 pdl=kernels.pdl,
+                prefetch=kernels.prefetch,
             )
             return logits, True
         return self._logits(x, triton_norm, kernels.linear), False
@@ -413,6 +415,7 @@ class Decoder:
             counters=self._counters_for(x),
             config=self._tile_config(x.shape[0], "norm_linear", site),
             pdl=self.kernels.pdl,
+            prefetch=self.kernels.prefetch,
         )
 
     def _proj(
@@ -441,6 +444,7 @@ class Decoder:
                 counters=self._counters_for(h),
                 config=config,
                 pdl=self.kernels.pdl,
+                prefetch=self.kernels.prefetch,
             )
         return _linear(h, w, b, residual=residual, skinny=linear != "torch")
 
