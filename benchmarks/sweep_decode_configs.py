@@ -620,7 +620,23 @@ def main() -> None:
         )
 
     W = make_weights(S, dev, dtype, l2)
-    rows, tops, skipped, checked = [], [], {}, {}
+    rows, tops, skipped, checked, pdl = [], [], {}, {}, []
+
+    def dump(final: bool) -> None:
+        """The JSON so far (rewritten after every op: a run cut short still leaves data)."""
+        if not os.environ.get("OUT"):
+            return
+        failed = sum(1 for r in rows if r.get("config") and r.get("ok") is False)
+        result = {**info, "complete": final, "rows": rows, "top": tops, "skipped": skipped}
+        result |= {"failed_checks": failed, "pdl_probe": pdl, "seconds": time.time() - t0}
+        os.makedirs(os.environ["OUT"], exist_ok=True)
+        path = os.path.join(os.environ["OUT"], "sweep_decode_configs.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(path + ".tmp", path)
+        if final:
+            print(f"wrote {path}")
+
     n_ops = 5 * len(batches)
     done = 0
     for M in batches:
@@ -636,7 +652,7 @@ def main() -> None:
             tops.append(report(op, op_rows))
             if dev == "cuda":
                 torch.cuda.synchronize()
-    pdl = []
+            dump(final=False)
     if not args.no_pdl:
         for M in batches:
             try:
@@ -648,21 +664,8 @@ def main() -> None:
             except Exception as e:  # e.g. PDL inside graph capture unsupported: say so
                 print(f"PDL probe batch {M} failed: {type(e).__name__}: {str(e)[:300]}")
                 pdl.append({"batch": M, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+    dump(final=True)
     failed_checks = [r for r in rows if r.get("config") and r.get("ok") is False]
-    result = {
-        **info,
-        "rows": rows,
-        "top": tops,
-        "skipped": skipped,
-        "failed_checks": len(failed_checks),
-        "seconds": time.time() - t0,
-    }
-    if os.environ.get("OUT"):
-        os.makedirs(os.environ["OUT"], exist_ok=True)
-        path = os.path.join(os.environ["OUT"], "sweep_decode_configs.json")
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {path}")
     print(f"done in {time.time() - t0:.0f} s; {len(failed_checks)} configs failed their check")
 
 
