@@ -300,13 +300,11 @@ class CompiledModel:
     def _check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Types, devices and shapes of the call's inputs (their ranges are checked where they
         are copied in)."""
+        if not inputs.keys() <= self._inputs.keys():
+            unknown = sorted(k for k in inputs if k not in self._inputs)
+            raise TypeError(f"unexpected input(s) {unknown}; this model takes {self.input_names}")
         tensors: dict[str, torch.Tensor] = {}
         for name, value in inputs.items():
-            if name not in self._inputs:
-                unknown = sorted(k for k in inputs if k not in self._inputs)
-                raise TypeError(
-                    f"unexpected input(s) {unknown}; this model takes {self.input_names}"
-                )
             if value is None:
                 continue
             if not isinstance(value, torch.Tensor):
