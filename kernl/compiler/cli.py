@@ -3,6 +3,7 @@ serve). Thin: the work lives in api.py, inspect_report.py, bench.py and kernl.se
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -92,6 +93,11 @@ def _compile_options(f):
             default=None,
             help="Sign the artifact's manifest with this Ed25519 private key (PEM, e.g. from `kernl keygen`); deployments that pin the public key (load(trusted_keys=...), KERNL_TRUSTED_KEYS, kernl verify --trusted-key) then refuse anything else. Needs kernl[sign].",
         ),
+        click.option(
+            "--verbose",
+            is_flag=True,
+            help="Show the compiler output of tuning candidates that fail to compile (Triton's MLIR dumps); without it they are skipped, counted in the summary and their first line listed (same as KERNL_VERBOSE=1).",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -99,11 +105,25 @@ def _compile_options(f):
 
 
 def _run_compile(
-    model, out, buckets, dtype, device, task, atol, rtol, kernels=True, tune=True, sign_key=None
+    model,
+    out,
+    buckets,
+    dtype,
+    device,
+    task,
+    atol,
+    rtol,
+    kernels=True,
+    tune=True,
+    sign_key=None,
+    verbose=False,
 ) -> None:
     from kernl.compiler.api import compile as compile_model
     from kernl.compiler.buckets import BucketSyntaxError
     from kernl.compiler.validate import ValidationError
+
+    if verbose:
+        os.environ["KERNL_VERBOSE"] = "1"  # read by the tuner (compiler/tune.py, TuneSession)
 
     start = time.perf_counter()
 

@@ -179,3 +179,16 @@ def test_without_rows_descriptions_the_second_bucket_is_timed_again(
         second = list(_tune_all(programs, tune.TuneSession()).tuning.values())[1]
         timed[rows_ops] = sum(r.timed for r in second)
     assert timed[()] > timed[rows] > 0, timed
+
+
+def test_kernl_compile_verbose_turns_the_dumps_on(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from kernl.compiler.cli import compile_command
+
+    monkeypatch.delenv("KERNL_VERBOSE", raising=False)
+    args = [str(tmp_path / "no-model"), "-o", str(tmp_path / "a.kernl"), "--buckets", "batch=1"]
+    CliRunner().invoke(compile_command, args)
+    assert not tune.TuneSession().verbose
+    CliRunner().invoke(compile_command, [*args, "--verbose"])
+    assert tune.TuneSession().verbose
