@@ -16,7 +16,10 @@ from kernl.serving.protocol import ModelLimits, parse_request
 class Gather:
     """Stands for Ray Serve's `@serve.batch` in the deployment: requests queue; when the
     worker is free, up to `max_rows` rows are taken, after waiting at most `wait_s` from the
-    first for more; one batch runs at a time on the worker thread."""
+    first for more; one batch runs at a time on the worker thread. (Ray forms the next batch
+    while one runs, closing it `wait_s` after its first request, and starts it when the
+    running one ends; here it is formed when the worker frees, so requests that queued during
+    a run never wait for the window.)"""
 
     def __init__(self, serve, max_rows: int, wait_s: float):
         self.serve = serve

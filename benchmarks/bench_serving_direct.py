@@ -13,19 +13,22 @@ Encoder: BERT-base (random weights, BertConfig(), seed 0) compiled with --no-tun
   path    C concurrent clients (asyncio tasks, C = 1, 16, 64), each sending one 128-token
           request after another as JSON bytes: parsed and checked (protocol.parse_request),
           gathered (an asyncio queue standing for Ray Serve's @serve.batch: up to 64 rows,
-          waiting at most 2 ms after the first), served on a worker thread by
-          encoder.serve_batch (bucket plan, one call per group, JSON objects), answers
-          encoded to JSON bytes. This is the deployment's code minus Ray and Starlette.
+          waiting at most 2 ms after the first; at 16 clients also with no wait), served on a
+          worker thread by encoder.serve_batch (bucket plan priced by each bucket's measured
+          call, one call per group, JSON objects), answers encoded to JSON bytes. This is the
+          deployment's code minus Ray and Starlette.
 Generation: Llama-3.2-1B shape (random, seed 0) compiled with --no-tune for
 `batch=1,4,8,16 prompt=128 cache=512`; prompts of 128 random ids, NEW new tokens, greedy.
-  direct  model.generate(C prompts) (C = 1, 16; for 64 clients four calls of 16).
+  direct  model.generate(C prompts), C = 1 and 16 (the largest bucket: the reference for
+          16 and 64 clients); also model.stream of 16 prompts.
   path    C clients (1, 16, 64) sending requests back to back through
           generation_protocol.parse_generation_request -> GenerationBatcher -> JSON answer;
           also 16 streaming clients (per-step delivery: ids read back every step).
-  late    16 requests' batch runs; a 17th arrives halfway: its queueing and latency, the
-          cost of not joining a running batch.
+  late    a batch of 15 requests runs; a 16th arrives halfway through: its queueing and
+          latency against a request alone, the cost of not joining a running batch.
 Prints a table and writes $OUT/serving_direct.json (OUT defaults to the current folder).
-Run time on an H200: compile ~1-2 min each, measurements ~3 min (see --seconds)."""
+Run time on an H200: two compiles without tuning (about a minute each, not measured yet)
+and about 2 minutes of measurements (5 s per configuration, --seconds); under 7 minutes."""
 
 from __future__ import annotations
 
@@ -201,9 +204,9 @@ def bench_bert(work: Path, results: dict) -> None:
         for _ in range(64)
     ]
 
-    def run(clients: int) -> dict:
+    def run(clients: int, wait_s: float = ENCODER_WAIT_S) -> dict:
         latencies, seconds, per_batch = encoder_path(
-            model, limits, bodies, clients, SECONDS, largest, ENCODER_WAIT_S, costs
+            model, limits, bodies, clients, SECONDS, largest, wait_s, costs
         )
         row = {"clients": clients, **stats(latencies, seconds, len(latencies), "sequences")}
         row["requests_per_batch"] = per_batch
@@ -216,6 +219,14 @@ def bench_bert(work: Path, results: dict) -> None:
         row["throughput_vs_direct"] = row["sequences_per_s"] / direct["sequences_per_s"]
         out["path"].append(row)
         log(f"BERT path {c} clients: {row}")
+    # The gather window is paid by every batch that is not full: 16 clients never fill 64
+    # rows. Without it, batches form from what queued during the previous call.
+    row = run(16, 0.0)
+    direct = next(d for d in out["direct"] if d["batch"] == 16)
+    row["p50_over_direct_batch"] = row["p50_ms"] / direct["p50_ms"]
+    row["throughput_vs_direct"] = row["sequences_per_s"] / direct["sequences_per_s"]
+    out["path_no_wait_16"] = row
+    log(f"BERT path 16 clients, no gather window: {row}")
     results["bert"] = out
 
 
@@ -420,6 +431,12 @@ def table(results: dict) -> str:
                 f"{p['p99_ms']:>8.2f} {p['requests_per_batch']:>9.1f} | "
                 f"{p['p50_over_direct_batch']:>11.2f}x"
             )
+        p = bert["path_no_wait_16"]
+        lines.append(
+            f"16 clients, no gather window: {p['sequences_per_s']:.0f} seq/s, p50 "
+            f"{p['p50_ms']:.2f} ms, p99 {p['p99_ms']:.2f} ms, {p['requests_per_batch']:.1f} "
+            f"req/batch, p50 {p['p50_over_direct_batch']:.2f}x direct"
+        )
     llama = results.get("llama")
     if llama:
         lines += [
