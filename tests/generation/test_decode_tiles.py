@@ -250,3 +250,23 @@ def test_the_choice_keeps_the_used_tiles_and_pdl_only_when_faster(
         model, lambda _: None, step_ms=fake_ms, tiles=tiles, try_pdl=False
     )
     assert no_pdl == dataclasses.replace(chosen, pdl=False, prefetch=False)
+
+
+def test_a_pdl_trial_that_fails_leaves_the_choice_without_pdl(artifact, monkeypatch):
+    from kernl.compiler.tasks.causal_lm import decode_kernels as dk
+
+    model = kernl.runtime.load(artifact)
+
+    def fake_ms(gen):
+        k = gen.decoder.kernels
+        return 10.0 - (k.linear == "fused") - 5.0 * k.pdl
+
+    def broken(gen, kernels):
+        raise RuntimeError("graph capture refused the programmatic edge")
+
+    monkeypatch.setattr(dk, "_decode_logits", broken)
+    said = []
+    chosen, _ = dk.choose_decode_kernels(model, said.append, step_ms=fake_ms, try_pdl=True)
+    assert chosen.linear == "fused" and not chosen.pdl
+    assert any("PDL not tried further: RuntimeError" in m for m in said)
+    assert model.decoder.kernels == chosen and not model._steps

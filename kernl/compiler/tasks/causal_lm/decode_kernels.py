@@ -138,18 +138,30 @@ def choose_decode_kernels(
     if try_pdl is None:
         try_pdl = gen.device.type == "cuda" and torch.cuda.get_device_capability(gen.device)[0] >= 9
     if try_pdl and _runs_fused(chosen):
-        plain, best_ms = _decode_logits(gen, chosen), best.step_ms
-        for flags in ({"pdl": True}, {"pdl": True, "prefetch": True}):
-            t = timed(dataclasses.replace(chosen, **flags))
-            timings.append(t)
-            if t.step_ms is not None and t.step_ms < best_ms * (1 - MIN_GAIN):
-                same = all(map(torch.equal, plain, _decode_logits(gen, t.kernels)))
-                say(f"decode step with {flags} computes {'the same' if same else 'OTHER'} logits")
-                if same:
-                    chosen, best_ms = t.kernels, t.step_ms
+        try:
+            chosen = _try_pdl(gen, chosen, best.step_ms, timed, timings, say)
+        except Exception as e:  # the step without PDL stays, as timed
+            say(f"PDL not tried further: {type(e).__name__}: {e}"[:300])
     decoder.kernels = chosen
     gen._steps.clear()
     return chosen, timings
+
+
+def _try_pdl(
+    gen, chosen: DecodeKernels, best_ms: float, timed, timings: list, say
+) -> DecodeKernels:
+    """PDL, then PDL with the weight prefetch, on top of `chosen`: each kept if faster than the
+    best so far by MIN_GAIN and bitwise the same logits as `chosen` in every decode bucket."""
+    plain = _decode_logits(gen, chosen)
+    for flags in ({"pdl": True}, {"pdl": True, "prefetch": True}):
+        t = timed(dataclasses.replace(chosen, **flags))
+        timings.append(t)
+        if t.step_ms is not None and t.step_ms < best_ms * (1 - MIN_GAIN):
+            same = all(map(torch.equal, plain, _decode_logits(gen, t.kernels)))
+            say(f"decode step with {flags} computes {'the same' if same else 'OTHER'} logits")
+            if same:
+                chosen, best_ms = t.kernels, t.step_ms
+    return chosen
 
 
 def _runs_fused(k: DecodeKernels) -> bool:
