@@ -395,7 +395,7 @@ def check_artifact(
     if manifest.task == "causal-lm":
         described = {n: (list(w.shape), w.dtype) for n, w in weights.items()}
         generation = check_generation(manifest.extra, manifest.dtype, described, where, limits)
-    elif manifest.task == "seq2seq-lm":
+    elif manifest.task in ("seq2seq-lm", "speech-seq2seq"):
         from .seq2seq import check_seq2seq
 
         described = {n: (list(w.shape), w.dtype) for n, w in weights.items()}

@@ -1,7 +1,9 @@
-"""What an encoder-decoder (seq2seq-lm) artifact declares about its model and its buckets, as
-plain dataclasses, and the check of that description as a whole.
+"""What an encoder-decoder artifact (seq2seq-lm: T5, BART; speech-seq2seq: Whisper) declares
+about its model and its buckets, as plain dataclasses, and the check of that description as a
+whole.
 
-Both live in `manifest.extra` as msgpack maps (`seq2seq`, `seq2seq_buckets`): the runtime's
+They live in `manifest.extra` as msgpack maps (`seq2seq`, `seq2seq_buckets`, and for Whisper
+`speech`, its generation config: prompt tokens, suppressed tokens): the runtime's
 encoder-decoder (kernl/runtime/generation/encoder_decoder.py) reads them to know the shapes
 and the variant of each block; nothing in them names code. `check_seq2seq` is what `verify`
 and `load` both run: every field typed and in range, the buckets bounded, and every weight the
@@ -17,7 +19,7 @@ from .errors import ArtifactCorruptError, ArtifactUnsafeError
 from .generation import MAX_DIM, MAX_EOS_IDS, MAX_LAYERS, _is_int, _is_real
 from .limits import DEFAULT_LIMITS, ReadLimits
 
-FAMILIES = ("t5", "bart")
+FAMILIES = ("t5", "bart", "whisper")
 NORMS = ("rms", "layer")  # T5LayerNorm (no mean, no bias) / nn.LayerNorm
 MLPS = ("plain", "gated")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")  # runtime ACTIVATIONS
@@ -65,6 +67,11 @@ class Seq2SeqSpec:
     final_logits_bias: bool = False
     pad_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    # Whisper: the encoder reads log-mel features [B, num_mel_bins, 2 * source_positions]
+    # through two convolutions (the second of stride 2); its position table has
+    # `source_positions` rows (1500 for one 30 s window), the decoder's `max_positions`.
+    num_mel_bins: int = 0
+    source_positions: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,6 +79,42 @@ class Seq2SeqSpec:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Seq2SeqSpec:
         return Seq2SeqSpec(**{**d, "eos_token_ids": [int(x) for x in d.get("eos_token_ids", [])]})
+
+    @property
+    def frames(self) -> int:
+        """Whisper: mel frames of one input window (3000 for 30 s)."""
+        return 2 * self.source_positions
+
+
+MAX_PROMPT = 8  # decoder prompt tokens (Whisper: start, language, task, no-timestamps)
+MAX_LANGUAGES = 512
+MAX_SUPPRESS = 1 << 16
+DETECT = -1  # a prompt slot that language detection fills (Whisper's forced ids [1, None])
+
+
+@dataclass(frozen=True)
+class SpeechSpec:
+    """Whisper's generation config, as Hugging Face's WhisperGenerationMixin reads it for one
+    30 s window without timestamps: the decoder prompt is the start token, then the entries of
+    `forced_decoder_ids` (positions 1, 2, ...; a token of DETECT asks for language detection)
+    unless the caller names a language or task, then a language id (`lang_to_id`, e.g.
+    "<|en|>"), a task id (`task_to_id`: transcribe, translate) and `no_timestamps_token_id`.
+    `suppress_tokens` never come out; `begin_suppress_tokens` not as the first new token."""
+
+    lang_to_id: dict[str, int] = field(default_factory=dict)
+    task_to_id: dict[str, int] = field(default_factory=dict)
+    no_timestamps_token_id: int | None = None
+    is_multilingual: bool | None = None
+    forced_decoder_ids: list[list[int]] = field(default_factory=list)  # [position, id|DETECT]
+    suppress_tokens: list[int] = field(default_factory=list)
+    begin_suppress_tokens: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> SpeechSpec:
+        return SpeechSpec(**d)
 
 
 @dataclass(frozen=True)
@@ -112,6 +155,7 @@ class Seq2SeqDescription:
 
     spec: Seq2SeqSpec
     buckets: Seq2SeqBuckets
+    speech: SpeechSpec | None = None
 
 
 _INT_FIELDS = (
@@ -128,6 +172,8 @@ _SMALL_INT_FIELDS = (
     "relative_max_distance",
     "max_positions",
     "position_offset",
+    "num_mel_bins",
+    "source_positions",
 )
 _CHOICES = {
     "family": FAMILIES,
@@ -189,6 +235,9 @@ def _check_spec(d: Any, where: str) -> Seq2SeqSpec:
         v = d.get(name)
         if not ((v is None and name == "pad_token_id") or (_is_int(v) and 0 <= v < vocab)):
             raise _bad(where, f"seq2seq.{name} is {v!r}, not a token id in [0, {vocab})")
+    front_end = d.get("num_mel_bins", 0) > 0 and d.get("source_positions", 0) > 0
+    if (d["family"] == "whisper") != front_end:
+        raise _bad(where, "num_mel_bins and source_positions are set for family whisper only")
     eos = d.get("eos_token_ids", [])
     if not (
         isinstance(eos, list)
@@ -197,6 +246,51 @@ def _check_spec(d: Any, where: str) -> Seq2SeqSpec:
     ):
         raise _bad(where, f"seq2seq.eos_token_ids is {eos!r}, not at most {MAX_EOS_IDS} ids")
     return Seq2SeqSpec.from_dict(d)
+
+
+def _token_list(v: Any, vocab: int, top: int) -> bool:
+    return isinstance(v, list) and len(v) <= top and all(_is_int(t) and 0 <= t < vocab for t in v)
+
+
+def _check_speech(d: Any, vocab: int, where: str) -> SpeechSpec:
+    if not isinstance(d, dict):
+        raise _bad(where, "extra.speech (Whisper's generation config) is not a map")
+    unknown = sorted(str(k) for k in d if k not in {f.name for f in fields(SpeechSpec)})
+    if unknown:
+        raise _bad(where, f"unknown speech fields {unknown}")
+    for name, allowed in (("lang_to_id", None), ("task_to_id", ("transcribe", "translate"))):
+        v = d.get(name, {})
+        if not (
+            isinstance(v, dict)
+            and len(v) <= MAX_LANGUAGES
+            and all(isinstance(k, str) and len(k) <= 64 for k in v)
+            and (allowed is None or set(v) <= set(allowed))
+            and _token_list(list(v.values()), vocab, MAX_LANGUAGES)
+        ):
+            raise _bad(where, f"speech.{name} is not a map of names to token ids in [0, {vocab})")
+    no_ts = d.get("no_timestamps_token_id")
+    if no_ts is not None and not (_is_int(no_ts) and 0 <= no_ts < vocab):
+        raise _bad(where, f"speech.no_timestamps_token_id is {no_ts!r}, not a token id")
+    if d.get("is_multilingual") not in (None, True, False):
+        raise _bad(where, "speech.is_multilingual is not a boolean or None")
+    forced = d.get("forced_decoder_ids", [])
+    if not (
+        isinstance(forced, list)
+        and len(forced) < MAX_PROMPT - 2  # room left for a language, a task, no-timestamps
+        and all(
+            isinstance(f, list)
+            and len(f) == 2
+            and f[0] == i + 1
+            and _is_int(f[1])
+            and (f[1] == DETECT or 0 <= f[1] < vocab)
+            for i, f in enumerate(forced)
+        )
+    ):
+        raise _bad(where, "speech.forced_decoder_ids is not a list of [1, id], [2, id], ...")
+    for name in ("suppress_tokens", "begin_suppress_tokens"):
+        if not _token_list(d.get(name, []), vocab, MAX_SUPPRESS):
+            raise _bad(where, f"speech.{name} is not a list of token ids in [0, {vocab})")
+    return SpeechSpec.from_dict(d)
 
 
 def _check_buckets(d: Any, where: str, limits: ReadLimits) -> Seq2SeqBuckets:
@@ -245,9 +339,15 @@ def expected_weights(spec: Seq2SeqSpec, dtype: str) -> dict[str, tuple[list[int]
         if spec.norm == "layer":
             out[name + ".bias"] = ([h], dtype)
 
+    if spec.family == "whisper":  # the convolutional front end and its own position table
+        out["enc.conv1.weight"] = ([h, spec.num_mel_bins, 3], dtype)
+        out["enc.conv2.weight"] = ([h, h, 3], dtype)
+        out["enc.conv1.bias"] = out["enc.conv2.bias"] = ([h], dtype)
     for side, layers in (("enc", spec.num_encoder_layers), ("dec", spec.num_decoder_layers)):
         if spec.positions == "relative":
             out[f"{side}.rel_bias.weight"] = ([spec.relative_buckets, spec.num_heads], dtype)
+        elif side == "enc" and spec.family == "whisper":
+            out["enc.pos_embed.weight"] = ([spec.source_positions, h], dtype)
         else:
             out[f"{side}.pos_embed.weight"] = ([spec.max_positions, h], dtype)
         if spec.embed_norm:
@@ -292,9 +392,16 @@ def check_seq2seq(
         raise _bad(where, "extra is not a map")
     spec = _check_spec(extra.get("seq2seq"), where)
     buckets = _check_buckets(extra.get("seq2seq_buckets"), where, limits)
+    speech = None
+    if spec.family == "whisper":
+        speech = _check_speech(extra.get("speech"), spec.vocab_size, where)
+        if buckets.sources != [spec.source_positions]:
+            raise _bad(where, f"a Whisper source is {spec.source_positions} encoder positions")
+    elif "speech" in extra:
+        raise _bad(where, f"extra.speech is for Whisper, not {spec.family}")
     if spec.positions == "learned":
         room = spec.max_positions - spec.position_offset
-        longest = max(max(buckets.sources), buckets.cache_len)
+        longest = buckets.cache_len if speech else max(max(buckets.sources), buckets.cache_len)
         if room < longest:
             raise _bad(where, f"{room} learned positions cannot index {longest} tokens")
     expected = expected_weights(spec, dtype)
@@ -308,4 +415,4 @@ def check_seq2seq(
         got = weights[name]
         if list(got[0]) != shape or got[1] != dt:
             raise _bad(where, f"weight {name} is {got[1]} {list(got[0])}, expected {dt} {shape}")
-    return Seq2SeqDescription(spec, buckets)
+    return Seq2SeqDescription(spec, buckets, speech)

@@ -32,7 +32,8 @@ def compile(
     kernels=False keeps plain aten ops (no rewrite, no tuning, no binaries).
 
     Without `task`, the task follows the config's `architectures` (…ForCausalLM and
-    …LMHeadModel: causal-lm; …ForConditionalGeneration: seq2seq-lm). Refused before any
+    …LMHeadModel: causal-lm; WhisperForConditionalGeneration: speech-seq2seq; other
+    …ForConditionalGeneration: seq2seq-lm). Refused before any
     work: bf16 through kernl's kernels on the CPU, and buckets longer than the model's position table."""
     if sign_key is not None:
         # sign_key: an Ed25519 private key file (PEM); the finished artifact's manifest is
@@ -57,6 +58,10 @@ def compile(
         return report
     if task is None:
         task = task_from_source(model_or_path)
+        if task == "seq2seq-lm":  # WhisperForConditionalGeneration: speech in, text out
+            from .tasks.seq2seq import is_speech_model
+
+            task = "speech-seq2seq" if is_speech_model(model_or_path) else task
     if task == "causal-lm":
         # Decoder-only generation has its own buckets (prompt, cache) and programs.
         from .tasks.causal_lm import compile_causal_lm
@@ -73,12 +78,12 @@ def compile(
             kernels=kernels,
             tune=tune,
         )
-    if task == "seq2seq-lm":
+    if task in ("seq2seq-lm", "speech-seq2seq"):
         # Encoder-decoder generation: buckets (batch, source, cache), the runtime's own model.
         from .tasks.seq2seq import compile_seq2seq
 
         return compile_seq2seq(
-            model_or_path, buckets, out, dtype=dtype, device=device, progress=progress
+            model_or_path, buckets, out, dtype=dtype, device=device, progress=progress, task=task
         )
     from .tasks.encoder import compile_encoder
 

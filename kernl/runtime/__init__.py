@@ -79,10 +79,10 @@ def load(
     binaries = None
     if manifest.kernels and device.type == "cuda":
         binaries = _load_binaries(root, manifest, device)
-    if manifest.task == "seq2seq-lm":
-        from .generation.seq2seq import Seq2SeqModel
+    if manifest.task in ("seq2seq-lm", "speech-seq2seq"):
+        from .generation.seq2seq import open_seq2seq
 
-        return Seq2SeqModel(manifest, weights, device, capture=capture)
+        return open_seq2seq(manifest, weights, device, capture=capture)
     if manifest.task == "causal-lm":
         from .generation import GenerativeModel
 

@@ -1,4 +1,4 @@
-"""The encoder-decoder forward over plain torch ops, for a `Seq2SeqSpec` (T5, BART).
+"""The encoder-decoder forward over plain torch ops, for a `Seq2SeqSpec` (T5, BART, Whisper).
 
 `encode` runs the encoder over a [batch, source] bucket and writes every decoder layer's
 cross-attention keys and values into static buffers (once per request); `decode` runs one
@@ -148,15 +148,26 @@ class EncoderDecoder:
     def encode(self, cache: Seq2SeqCache, ids: torch.Tensor, valid: torch.Tensor) -> None:
         """ids, valid [B, S] (S a source bucket, padded on the right): the encoder, then each
         decoder layer's cross-attention keys and values into cache.cross_k/v[:, :, :, :S]."""
-        s = self.spec
         length = ids.shape[1]
         pos = torch.arange(length, device=ids.device)
-        x = self._embed(ids, "enc", pos[None, :])
         mask = torch.zeros(valid.shape, dtype=torch.float32, device=ids.device)
-        mask = mask.masked_fill(~valid, float("-inf"))[:, None, None, :]
-        bias = mask
-        if s.positions == "relative":
-            bias = mask + self._relative_bias("enc", pos, pos)
+        bias = mask.masked_fill(~valid, float("-inf"))[:, None, None, :]
+        if self.spec.positions == "relative":
+            bias = bias + self._relative_bias("enc", pos, pos)
+        self._encoder(cache, self._embed(ids, "enc", pos[None, :]), bias)
+
+    def encode_features(self, cache: Seq2SeqCache, features: torch.Tensor) -> None:
+        """Whisper: log-mel features [B, mels, frames] through the convolutional front end
+        (GELU after each, the second of stride 2: frames / 2 positions), plus the encoder's
+        position table; no padding mask (a window is always whole). Then as `encode`."""
+        w = self.w
+        x = F.gelu(F.conv1d(features, w["enc.conv1.weight"], w["enc.conv1.bias"], padding=1))
+        x = F.gelu(F.conv1d(x, w["enc.conv2.weight"], w["enc.conv2.bias"], stride=2, padding=1))
+        x = x.transpose(1, 2) + w["enc.pos_embed.weight"]
+        self._encoder(cache, x, torch.zeros(1, 1, 1, 1, device=x.device))
+
+    def _encoder(self, cache: Seq2SeqCache, x: torch.Tensor, bias: torch.Tensor) -> None:
+        s = self.spec
         for n in range(s.num_encoder_layers):
             p = f"enc.layers.{n}."
 
@@ -168,6 +179,7 @@ class EncoderDecoder:
             x = self._block(x, p, "mlp_norm", lambda h, p=p: self._mlp(h, p))
         if s.final_norm:
             x = self._norm(x, "enc.final_norm")
+        length = x.shape[1]
         for n in range(s.num_decoder_layers):
             k, v = self._linear(x, f"dec.layers.{n}.cross_kv").split(self.inner, dim=-1)
             cache.cross_k[n, :, :, :length].copy_(self._heads(k))

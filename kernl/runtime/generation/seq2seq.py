@@ -1,25 +1,27 @@
-"""Serve an encoder-decoder (seq2seq-lm) artifact: `model.generate(input_ids=..., ...)`.
+"""Serve an encoder-decoder artifact: `model.generate(input_ids=..., ...)` and `model.stream(...)`
+for seq2seq-lm (T5, BART); Whisper's speech-seq2seq builds on it in generation/speech.py.
 
 At load: the weights go to the device once and each batch bucket gets its static buffers
 (`_State`: the decoder self-attention KV cache, the cross-attention keys and values for the
-longest source bucket, the source ids of each source bucket, the generated ids, the sampler).
-A call pads the source on the right into the smallest source bucket (positions stay those of
-the caller's columns, as in Hugging Face), runs the encoder once — which also writes every
-decoder layer's cross-attention K/V — then one decoder step per new token, starting from the
-decoder start token. Steps are pure functions of the buffers; on CUDA they are captured as
-graphs on first use (generation/model.py `_Step`)."""
+longest source bucket, the source of each source bucket, the decoder prompt, the generated
+ids, the sampler). A call pads the source on the right into the smallest source bucket
+(positions stay those of the caller's columns, as in Hugging Face), runs the encoder once —
+which also writes every decoder layer's cross-attention K/V — then one decoder step per token
+after the decoder start token: the first steps feed the rest of the prompt (Whisper's language
+and task tokens), the others choose a new token. Steps are pure functions of the buffers; on
+CUDA they are captured as graphs on first use (generation/model.py `_Step`)."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from kernl.artifacts.errors import ArtifactCorruptError
 from kernl.artifacts.schema import Manifest, pick_size
-from kernl.artifacts.seq2seq import Seq2SeqBuckets, Seq2SeqSpec
+from kernl.artifacts.seq2seq import MAX_PROMPT, Seq2SeqBuckets, Seq2SeqSpec, SpeechSpec
 
 from .encoder_decoder import EncoderDecoder, Seq2SeqCache
 from .model import FINISHED_CHECK_EVERY, _device_of, _generated_length, _Step, check_options
@@ -30,34 +32,65 @@ from .state import MAX_EOS_IDS
 class _State:
     """One batch bucket's static buffers and its two step functions."""
 
-    def __init__(self, model: EncoderDecoder, batch: int, b: Seq2SeqBuckets, pad: int, device):
+    def __init__(
+        self,
+        model: EncoderDecoder,
+        batch: int,
+        b: Seq2SeqBuckets,
+        pad: int,
+        device,
+        speech: SpeechSpec | None,
+    ):
         spec = model.spec
         long = dict(dtype=torch.int64, device=device)
         self.model = model
+        self.speech = speech
         self.cache = Seq2SeqCache.allocate(
             spec, batch, b.cache_len, max(b.sources), model.dtype, device
         )
-        self.src_ids = {s: torch.full((batch, s), pad, **long) for s in b.sources}
         self.src_valid = {
             s: torch.zeros(batch, s, dtype=torch.bool, device=device) for s in b.sources
         }
-        self.start = torch.full((1,), spec.decoder_start_token_id, **long)
+        if speech is None:
+            self.src_ids = {s: torch.full((batch, s), pad, **long) for s in b.sources}
+        else:  # one 30 s window of log-mel features; every encoder position is attended
+            shape = (batch, spec.num_mel_bins, spec.frames)
+            self.features = torch.zeros(shape, dtype=model.dtype, device=device)
+            self.src_valid[spec.source_positions].fill_(True)
+            self._masks(speech, spec.vocab_size, batch, device)
+        # The decoder prompt: tokens forced at positions < prompt_len (position 0: the start).
+        self.prompt = torch.full((batch, MAX_PROMPT), spec.decoder_start_token_id, **long)
+        self.prompt_len = torch.ones(1, **long)
         self.tokens = torch.zeros(batch, **long)
         self.step = torch.zeros(1, **long)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
         self.active = torch.ones(batch, dtype=torch.bool, device=device)
-        self.out = torch.zeros(batch, b.cache_len, **long)
+        self.out = torch.zeros(batch, b.cache_len, **long)  # out[:, n]: the token at n + 1
         self.eos = torch.full((MAX_EOS_IDS,), -1, **long)
         self.pad = torch.full((1,), pad, **long)
         self.sampler = SamplerParams.allocate(device)
         self.counter = torch.arange(batch * spec.vocab_size, **long).view(batch, -1)
 
+    def _masks(self, speech: SpeechSpec, vocab: int, batch: int, device) -> None:
+        def mask(ids) -> torch.Tensor:
+            m = torch.zeros(vocab, dtype=torch.bool)
+            m[list(ids)] = True
+            return m.to(device)
+
+        self.suppress = mask(speech.suppress_tokens)
+        self.begin_suppress = mask(speech.begin_suppress_tokens)
+        self.languages = mask(speech.lang_to_id.values()) if speech.lang_to_id else None
+        self.detect = torch.zeros(batch, dtype=torch.bool, device=device)
+
     def reset_counters(self) -> None:
         self.step.zero_()
 
     def encode(self, source: int) -> torch.Tensor:
-        self.model.encode(self.cache, self.src_ids[source], self.src_valid[source])
-        self.tokens.copy_(self.start.expand_as(self.tokens))
+        if self.speech is None:
+            self.model.encode(self.cache, self.src_ids[source], self.src_valid[source])
+        else:
+            self.model.encode_features(self.cache, self.features)
+        self.tokens.copy_(self.prompt[:, 0])
         self.step.zero_()
         self.finished.copy_(~self.active)
         return self.tokens
@@ -66,33 +99,57 @@ class _State:
         logits = self.model.decode(
             self.cache, self.tokens, self.step, kv_len, self.src_valid[source]
         )
-        if do_sample:
-            chosen = sample(logits, self.sampler, self.step, self.counter)
-        else:
-            chosen = greedy(logits)
+        nxt = self.step + 1  # the position of the token this step chooses
+        if self.speech is not None:
+            logits = self._whisper_rules(logits, nxt)
+        chosen = sample(logits, self.sampler, self.step, self.counter) if do_sample else None
+        chosen = greedy(logits) if chosen is None else chosen
+        prompting = nxt < self.prompt_len
+        if self.speech is not None:  # (T5 and BART have a one-token prompt)
+            forced = self.prompt.index_select(1, nxt.clamp(max=MAX_PROMPT - 1))[:, 0]
+            chosen = torch.where(prompting, forced, chosen)
         chosen = torch.where(self.finished, self.pad, chosen)
         self.out.index_copy_(1, self.step, chosen[:, None])
-        self.finished |= (chosen[:, None] == self.eos[None, :]).any(-1)
+        self.finished |= (chosen[:, None] == self.eos[None, :]).any(-1) & ~prompting
         self.tokens.copy_(chosen)
         self.step.add_(1)
         return logits
 
+    def _whisper_rules(self, logits: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+        """Language detection (Hugging Face's detect_language: the most likely language token
+        after the start token, before any suppression) fills prompt slot 1 of the rows that
+        asked for it; then suppress_tokens always, begin_suppress_tokens at the first new
+        token (SuppressTokens[AtBegin]LogitsProcessor)."""
+        if self.languages is not None:
+            lang = logits.masked_fill(~self.languages, float("-inf")).argmax(-1)
+            fill = self.detect & (self.step == 0)
+            self.prompt[:, 1].copy_(torch.where(fill, lang, self.prompt[:, 1]))
+        logits = logits.masked_fill(self.suppress, float("-inf"))
+        begin = self.begin_suppress & (nxt == self.prompt_len)
+        return logits.masked_fill(begin, float("-inf"))
+
 
 @dataclass
 class _Plan:
-    ids: torch.Tensor  # [batch bucket, source bucket], padded on the right
-    valid: torch.Tensor
     batch: int
     batch_bucket: int
     source_bucket: int
+    source: dict[str, torch.Tensor]  # buffer name -> [batch bucket, ...] on the CPU
+    prompt: torch.Tensor  # [batch bucket, MAX_PROMPT] int64
+    prompt_len: int
     max_new_tokens: int
     do_sample: bool
+    sampler: tuple  # temperature, top_k, top_p, seed
     eos: list[int]
     pad: int
 
+    @property
+    def steps(self) -> int:
+        return self.prompt_len - 1 + self.max_new_tokens
+
 
 class Seq2SeqModel:
-    """A loaded seq2seq-lm artifact (T5, BART); see `generate`."""
+    """A loaded seq2seq-lm artifact (T5, BART); see `generate` and `stream`."""
 
     def __init__(
         self,
@@ -108,15 +165,23 @@ class Seq2SeqModel:
         try:
             self.spec = Seq2SeqSpec.from_dict(manifest.extra["seq2seq"])
             self.buckets = Seq2SeqBuckets.from_dict(manifest.extra["seq2seq_buckets"])
+            speech = manifest.extra.get("speech")
+            self.speech = SpeechSpec.from_dict(speech) if speech is not None else None
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ArtifactCorruptError(
                 f"the manifest's seq2seq description is invalid: {type(e).__name__}: {e}"
             ) from None
+        if (self.speech is not None) != (manifest.task == "speech-seq2seq"):
+            raise ArtifactCorruptError(
+                f"the manifest's seq2seq description is invalid: task {manifest.task} with "
+                f"model family {self.spec.family}"
+            )
         self.dtype = getattr(torch, manifest.dtype)
         # Graphs are captured on first use ("load" captures nothing more up front).
         self.capture_mode = capture if device.type == "cuda" else "never"
         self._pool = torch.cuda.graph_pool_handle() if self.capture_mode != "never" else None
         self._lock = threading.Lock()
+        self._streaming_thread: int | None = None
         spec = self.spec
         self.default_pad = (
             spec.pad_token_id
@@ -125,7 +190,7 @@ class Seq2SeqModel:
         )
         self.model = EncoderDecoder(spec, weights, self.dtype, device)
         self._states = {
-            b: _State(self.model, b, self.buckets, self.default_pad, device)
+            b: _State(self.model, b, self.buckets, self.default_pad, device, self.speech)
             for b in self.buckets.batches
         }
         self._steps: dict[tuple, _Step] = {}
@@ -150,118 +215,121 @@ class Seq2SeqModel:
         on the right. Sampling (`do_sample=True`) applies temperature, top-k, top-p; the same
         `seed` gives the same ids. Raises ValueError, leaving the model usable, for a source
         longer than every source bucket or more new tokens than the decoder cache holds."""
-        ids, mask = _as_source(input_ids, attention_mask)
-        max_new_tokens = 20 if max_new_tokens is None else max_new_tokens
-        plan = self._plan(
-            ids,
-            mask,
+        plan = self._text_plan(
+            input_ids,
+            attention_mask,
             max_new_tokens,
             do_sample,
-            temperature,
-            top_k,
-            top_p,
+            (temperature, top_k, top_p, seed),
             eos_token_id,
             pad_token_id,
-            seed,
         )
-        with self._lock:
-            state = self._states[plan.batch_bucket]
-            state.src_ids[plan.source_bucket].copy_(plan.ids)
-            state.src_valid[plan.source_bucket].copy_(plan.valid)
-            state.active.copy_(torch.arange(plan.batch_bucket) < plan.batch)
-            eos = torch.full((MAX_EOS_IDS,), -1, dtype=torch.int64)
-            eos[: len(plan.eos)] = torch.tensor(plan.eos, dtype=torch.int64)
-            state.eos.copy_(eos)
-            state.pad.fill_(plan.pad)
-            state.sampler.set(temperature, top_k, top_p, seed, self.spec.vocab_size)
-            self._step(("encode", plan.batch_bucket, plan.source_bucket)).run()
-            n = 0
-            for n in range(1, plan.max_new_tokens + 1):
-                kv = pick_size(self.buckets.caches, n)  # this step writes slot n - 1
-                key = ("decode", plan.batch_bucket, kv, plan.source_bucket, plan.do_sample)
-                self._step(key).run()
-                if plan.eos and n % FINISHED_CHECK_EVERY == 0:
-                    if bool(state.finished[: plan.batch].all()):
-                        break
-            new = state.out[: plan.batch, :n].to("cpu", copy=True)
+        new = self._generate(plan)
         new = new[:, : _generated_length(new, plan.eos)]
         start = torch.full((plan.batch, 1), self.spec.decoder_start_token_id, dtype=torch.int64)
         return torch.cat([start, new], dim=1).to(_device_of(input_ids))
 
+    def stream(
+        self,
+        input_ids,
+        attention_mask=None,
+        max_new_tokens: int | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 50,
+        top_p: float = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int = 0,
+        output_logits: bool = False,
+    ) -> Iterator:
+        """The same generation, yielding each step's new ids ([batch] on the CPU) as they come
+        (with `output_logits`, pairs of ids and that step's float32 logits [batch, vocab]);
+        stops after the step where every row has finished. Arguments are checked before this
+        returns; the model serves nothing else until the iterator is exhausted or closed."""
+        plan = self._text_plan(
+            input_ids,
+            attention_mask,
+            max_new_tokens,
+            do_sample,
+            (temperature, top_k, top_p, seed),
+            eos_token_id,
+            pad_token_id,
+        )
+        return self._stream(plan, output_logits)
+
     def __repr__(self) -> str:
         b = self.buckets
         return (
-            f"Seq2SeqModel({self.manifest.model_type}, {self.manifest.dtype}, "
+            f"{type(self).__name__}({self.manifest.model_type}, {self.manifest.dtype}, "
             f"device={self.device}, batch={b.batches}, source={b.sources}, cache={b.caches})"
         )
 
-    # -- internals --------------------------------------------------------------------------
+    # -- the step loop ----------------------------------------------------------------------
 
-    def _plan(
-        self,
-        ids,
-        mask,
-        max_new_tokens,
-        do_sample,
-        temperature,
-        top_k,
-        top_p,
-        eos_token_id,
-        pad_token_id,
-        seed,
-    ) -> _Plan:
-        """Check a request and pick its buckets before touching any state."""
-        b, vocab = self.buckets, self.spec.vocab_size
-        check_options(
-            max_new_tokens,
-            do_sample,
-            temperature,
-            top_k,
-            top_p,
-            eos_token_id,
-            pad_token_id,
-            seed,
-            vocab,
-        )
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= vocab:
-            raise ValueError(f"input_ids must lie in [0, {vocab}); got values in [{lo}, {hi}]")
-        empty = [i for i in range(ids.shape[0]) if not bool(mask[i].any())]
-        if empty:
-            raise ValueError(f"row(s) {empty} of the batch have no tokens (attention_mask all 0)")
-        batch = ids.shape[0]
-        # Columns after the last real token of every row are padding: drop them.
-        length = int(mask.any(0).nonzero().max()) + 1
-        batch_bucket = pick_size(b.batches, batch)
-        if batch_bucket is None:
-            raise ValueError(
-                f"a batch of {batch} sources is larger than every batch bucket of this "
-                f"artifact ({b.batches}); split the batch or recompile with a larger one"
+    def _generate(self, plan: _Plan) -> torch.Tensor:
+        """[batch, steps run] the tokens at positions 1, 2, ... (the prompt's included)."""
+        self._refuse_reentry()
+        with self._lock:
+            state = self._start(plan)
+            n = 0
+            for n, _ in enumerate(self._run(plan, state), 1):
+                if plan.eos and n % FINISHED_CHECK_EVERY == 0 and n >= plan.prompt_len:
+                    if bool(state.finished[: plan.batch].all()):
+                        break
+            return state.out[: plan.batch, :n].to("cpu", copy=True)
+
+    def _stream(self, plan: _Plan, output_logits: bool) -> Iterator:
+        self._refuse_reentry()
+        with self._lock:
+            self._streaming_thread = threading.get_ident()
+            try:
+                state = self._start(plan)
+                for n, logits in enumerate(self._run(plan, state), 1):
+                    if n < plan.prompt_len:
+                        continue  # a prompt token, not a new one
+                    ids = state.tokens[: plan.batch].to("cpu", copy=True)
+                    yield (ids, logits[: plan.batch].float().clone()) if output_logits else ids
+                    if bool(state.finished[: plan.batch].all()):
+                        return
+            finally:
+                self._streaming_thread = None
+
+    def _refuse_reentry(self) -> None:
+        """The lock is held by an open stream() between its yields: the thread iterating it
+        would wait for itself forever."""
+        if self._streaming_thread == threading.get_ident():
+            raise RuntimeError(
+                "this thread is iterating an open stream() of this model: exhaust it or call "
+                "its close() before generate() or stream() again"
             )
-        source_bucket = pick_size(b.sources, length)
-        if source_bucket is None:
-            raise ValueError(
-                f"a source of {length} tokens is longer than every source bucket of this "
-                f"artifact ({b.sources}); shorten it or recompile with a longer source bucket"
-            )
-        if max_new_tokens > b.cache_len:
-            raise ValueError(
-                f"max_new_tokens {max_new_tokens} exceeds the decoder cache of {b.cache_len} "
-                f"slots (recompile with a larger cache= to go further)"
-            )
-        eos = self.spec.eos_token_ids if eos_token_id is None else eos_token_id
-        eos = [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
-        if len(eos) > MAX_EOS_IDS:
-            raise ValueError(f"at most {MAX_EOS_IDS} EOS ids are supported, got {len(eos)}")
-        pad = self.default_pad if pad_token_id is None else int(pad_token_id)
-        padded = torch.full((batch_bucket, source_bucket), self.default_pad, dtype=torch.int64)
-        valid = torch.zeros(batch_bucket, source_bucket, dtype=torch.bool)
-        padded[:batch, :length] = ids[:, :length]
-        valid[:batch, :length] = mask[:, :length]
-        valid[batch:, 0] = True  # rows that only fill the bucket: one token each
-        return _Plan(
-            padded, valid, batch, batch_bucket, source_bucket, max_new_tokens, do_sample, eos, pad
-        )
+
+    def _start(self, plan: _Plan) -> _State:
+        """Write the request into its batch bucket's buffers (one copy per buffer)."""
+        state = self._states[plan.batch_bucket]
+        for name, value in plan.source.items():
+            buffer = getattr(state, name)
+            (buffer[plan.source_bucket] if isinstance(buffer, dict) else buffer).copy_(value)
+        state.prompt.copy_(plan.prompt.clamp(min=0))
+        state.prompt_len.fill_(plan.prompt_len)
+        if state.speech is not None:
+            state.detect.copy_(plan.prompt[:, 1] < 0)
+        state.active.copy_(torch.arange(plan.batch_bucket) < plan.batch)
+        eos = torch.full((MAX_EOS_IDS,), -1, dtype=torch.int64)
+        eos[: len(plan.eos)] = torch.tensor(plan.eos, dtype=torch.int64)
+        state.eos.copy_(eos)
+        state.pad.fill_(plan.pad)
+        state.sampler.set(*plan.sampler, self.spec.vocab_size)
+        return state
+
+    def _run(self, plan: _Plan, state: _State) -> Iterator[torch.Tensor]:
+        """Replay the encoder, then one decoder step per token after the start token; yields
+        each step's logits (device memory that the next step overwrites)."""
+        self._step(("encode", plan.batch_bucket, plan.source_bucket)).run()
+        for n in range(1, plan.steps + 1):
+            kv = pick_size(self.buckets.caches, n)  # this step writes slot n - 1
+            key = ("decode", plan.batch_bucket, kv, plan.source_bucket, plan.do_sample)
+            yield self._step(key).run()
 
     def _step(self, key: tuple) -> _Step:
         step = self._steps.get(key)
@@ -276,6 +344,102 @@ class Seq2SeqModel:
                 step.capture(self._pool, self.device)
             self._steps[key] = step
         return step
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _check(self, batch, max_new_tokens, do_sample, sampler, eos_token_id, pad_token_id):
+        """The options shared by text and speech; returns (batch bucket, eos ids, pad id)."""
+        temperature, top_k, top_p, seed = sampler
+        check_options(
+            max_new_tokens,
+            do_sample,
+            temperature,
+            top_k,
+            top_p,
+            eos_token_id,
+            pad_token_id,
+            seed,
+            self.spec.vocab_size,
+        )
+        batch_bucket = pick_size(self.buckets.batches, batch)
+        if batch_bucket is None:
+            raise ValueError(
+                f"a batch of {batch} sources is larger than every batch bucket of this "
+                f"artifact ({self.buckets.batches}); split the batch or recompile with a "
+                "larger one"
+            )
+        eos = self.spec.eos_token_ids if eos_token_id is None else eos_token_id
+        eos = [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+        if len(eos) > MAX_EOS_IDS:
+            raise ValueError(f"at most {MAX_EOS_IDS} EOS ids are supported, got {len(eos)}")
+        pad = self.default_pad if pad_token_id is None else int(pad_token_id)
+        return batch_bucket, eos, pad
+
+    def _check_cache(self, prompt_len: int, max_new_tokens: int) -> None:
+        if prompt_len - 1 + max_new_tokens > self.buckets.cache_len:
+            raise ValueError(
+                f"max_new_tokens {max_new_tokens} exceeds the decoder cache of "
+                f"{self.buckets.cache_len} slots (the {prompt_len}-token decoder prompt leaves "
+                f"room for {self.buckets.cache_len - prompt_len + 1}; recompile with a larger "
+                "cache= to go further)"
+            )
+
+    def _text_plan(
+        self, input_ids, attention_mask, max_new_tokens, do_sample, sampler, eos_id, pad_id
+    ) -> _Plan:
+        """Check a request and pick its buckets before touching any state."""
+        ids, mask = _as_source(input_ids, attention_mask)
+        max_new_tokens = 20 if max_new_tokens is None else max_new_tokens
+        batch = ids.shape[0]
+        bb, eos, pad = self._check(batch, max_new_tokens, do_sample, sampler, eos_id, pad_id)
+        vocab = self.spec.vocab_size
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"input_ids must lie in [0, {vocab}); got values in [{lo}, {hi}]")
+        empty = [i for i in range(batch) if not bool(mask[i].any())]
+        if empty:
+            raise ValueError(f"row(s) {empty} of the batch have no tokens (attention_mask all 0)")
+        # Columns after the last real token of every row are padding: drop them.
+        length = int(mask.any(0).nonzero().max()) + 1
+        source_bucket = pick_size(self.buckets.sources, length)
+        if source_bucket is None:
+            raise ValueError(
+                f"a source of {length} tokens is longer than every source bucket of this "
+                f"artifact ({self.buckets.sources}); shorten it or recompile with a longer "
+                "source bucket"
+            )
+        self._check_cache(1, max_new_tokens)
+        padded = torch.full((bb, source_bucket), self.default_pad, dtype=torch.int64)
+        valid = torch.zeros(bb, source_bucket, dtype=torch.bool)
+        padded[:batch, :length] = ids[:, :length]
+        valid[:batch, :length] = mask[:, :length]
+        valid[batch:, 0] = True  # rows that only fill the bucket: one token each
+        prompt = torch.full((bb, MAX_PROMPT), self.spec.decoder_start_token_id)
+        source = {"src_ids": padded, "src_valid": valid}
+        return _Plan(
+            batch,
+            bb,
+            source_bucket,
+            source,
+            prompt,
+            1,
+            max_new_tokens,
+            do_sample,
+            sampler,
+            eos,
+            pad,
+        )
+
+
+def open_seq2seq(
+    manifest: Manifest, weights: dict[str, torch.Tensor], device: torch.device, capture: str
+) -> Seq2SeqModel:
+    """The model class of an encoder-decoder artifact's task."""
+    if manifest.task == "speech-seq2seq":
+        from .speech import SpeechSeq2SeqModel
+
+        return SpeechSeq2SeqModel(manifest, weights, device, capture=capture)
+    return Seq2SeqModel(manifest, weights, device, capture=capture)
 
 
 def _as_source(input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:

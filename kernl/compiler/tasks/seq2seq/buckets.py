@@ -6,7 +6,11 @@ cache   decoder self-attention lengths; the largest is the most new tokens one c
         With several (e.g. `cache=32:256`) a decode step attends only to the smallest
         length that holds the tokens so far. Default: 128.
 
-Each axis takes the same items as the encoder buckets: numbers and power-of-two ranges lo:hi."""
+Each axis takes the same items as the encoder buckets: numbers and power-of-two ranges lo:hi.
+
+speech-seq2seq (Whisper): `"batch=1,8 cache=448"`. The source is fixed: one 30 s window of
+3000 mel frames, 1500 encoder positions; cache counts the decoder prompt (start, language,
+task, no-timestamps) with the new tokens and is at most the model's max_target_positions."""
 
 from __future__ import annotations
 
@@ -24,9 +28,21 @@ def parse_seq2seq_buckets(spec: str) -> Seq2SeqBuckets:
     return Seq2SeqBuckets(axes["batch"], axes["source"], axes.get("cache", [DEFAULT_CACHE]))
 
 
-def as_seq2seq_buckets(spec) -> Seq2SeqBuckets:
-    """Accept the string syntax, a Seq2SeqBuckets, or a dict of its fields."""
+SPEECH_AXES = ("batch", "cache")
+SPEECH_EXAMPLE = "batch=1,8 cache=448"
+
+
+def parse_speech_buckets(spec: str, source_positions: int) -> Seq2SeqBuckets:
+    axes = parse_axes(spec, SPEECH_AXES, ("batch",), SPEECH_EXAMPLE, "speech-seq2seq")
+    return Seq2SeqBuckets(axes["batch"], [source_positions], axes.get("cache", [DEFAULT_CACHE]))
+
+
+def as_seq2seq_buckets(spec, source_positions: int | None = None) -> Seq2SeqBuckets:
+    """Accept the string syntax, a Seq2SeqBuckets, or a dict of its fields; with
+    `source_positions` (Whisper), the speech-seq2seq syntax."""
     if isinstance(spec, str):
+        if source_positions is not None:
+            return parse_speech_buckets(spec, source_positions)
         return parse_seq2seq_buckets(spec)
     if isinstance(spec, Seq2SeqBuckets):
         return Seq2SeqBuckets.from_dict(spec.to_dict())

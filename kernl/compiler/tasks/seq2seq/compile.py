@@ -1,5 +1,5 @@
 """`kernl.compiler.compile(..., task="seq2seq-lm")`: an encoder-decoder model (T5, BART) in, a
-generation artifact out.
+generation artifact out; `task="speech-seq2seq"`: the same for Whisper (log-mel features in).
 
 The artifact holds the model's description (`manifest.extra["seq2seq"]`, a Seq2SeqSpec), its
 buckets (`manifest.extra["seq2seq_buckets"]`) and its weights under kernl's naming scheme; the
@@ -7,7 +7,10 @@ computation is the runtime's own encoder-decoder (kernl/runtime/generation/encod
 so nothing read from the artifact is executed. Each (batch, source) bucket gets a manifest entry
 and a program file that only records it (it passes `input_ids` through, so `kernl verify`'s
 program checks cover it like any other). Validation runs the loaded runtime's greedy generate
-against the eager model's for every (batch, source) bucket."""
+against the eager model's for every (batch, source) bucket; for Whisper, the greedy ids it
+generates (language detection and suppressed tokens included) against the eager model's argmax
+over the same prefix, in one teacher-forced forward per batch bucket (Whisper's own generate
+can loop forever on a random model that emits timestamp tokens)."""
 
 from __future__ import annotations
 
@@ -36,16 +39,20 @@ from kernl.artifacts import (
     check_destination,
 )
 from kernl.artifacts.schema import PROGRAMS_DIR
-from kernl.artifacts.seq2seq import Seq2SeqBuckets, check_seq2seq
-from kernl.runtime.generation.seq2seq import Seq2SeqModel
+from kernl.artifacts.seq2seq import DETECT, Seq2SeqBuckets, check_seq2seq
+from kernl.runtime.generation.seq2seq import Seq2SeqModel, open_seq2seq
 
-from ...trace import load_model, resolve_dtype_device
+from ...trace import UnsupportedModelError, load_model, resolve_dtype_device
 from .buckets import as_seq2seq_buckets
-from .describe import describe
+from .describe import describe, speech_spec
 
 TASK = "seq2seq-lm"
+SPEECH_TASK = "speech-seq2seq"
 RUNTIME = "kernl.runtime.generation.encoder_decoder"
 VALIDATE_TOKENS = 8
+# Whisper in reduced precision: how far below eager's best logit (a fraction of the step's
+# largest |logit|) kernl's greedy pick may be; ~4 bf16 / 8 fp16 roundings of the largest logit.
+NEAR_ARGMAX = {torch.bfloat16: 0.02, torch.float16: 0.005}
 
 
 @dataclass
@@ -76,34 +83,51 @@ def compile_seq2seq(
     dtype: str = "fp16",
     device: str | None = None,
     progress: Callable[[str], None] | None = None,
+    task: str = TASK,
 ) -> Seq2SeqReport:
     """Compile a T5 (v1.0, v1.1/flan) or BART model (a local folder, a model id in the local
     HF cache, or a PreTrainedModel) for buckets such as "batch=1,8 source=32:512 cache=128"
-    into the artifact folder `out`."""
+    into the artifact folder `out`; with task="speech-seq2seq" a Whisper model for buckets
+    such as "batch=1,8 cache=448" (the source is one 30 s window)."""
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
+    speech = task == SPEECH_TASK
     torch_dtype, dev = resolve_dtype_device(dtype, device)
-    sb = as_seq2seq_buckets(buckets)
+    sb = as_seq2seq_buckets(buckets, 0 if speech else None)  # Whisper's source: set below
     check_destination(out)
     say("loading model")
-    model, _, source = load_model(model_or_path, TASK, torch_dtype, dev)
+    model, _, source = load_model(
+        _speech_model(model_or_path) if speech else model_or_path, TASK, torch_dtype, dev
+    )
+    if not isinstance(model_or_path, torch.nn.Module):
+        source = str(model_or_path)
     say("describing the encoder-decoder")
     spec, weights = describe(model, torch_dtype)
+    if speech != (spec.family == "whisper"):
+        raise UnsupportedModelError(
+            f"{spec.model_type} is compiled with --task "
+            f"{SPEECH_TASK if spec.family == 'whisper' else TASK}, not {task}"
+        )
+    if speech:
+        sb = Seq2SeqBuckets(sb.batches, [spec.source_positions], sb.caches)
     dtype_name = str(torch_dtype).removeprefix("torch.")
-    manifest = _manifest(model, source, spec, sb, dtype_name, dev)
+    manifest = _manifest(model, source, spec, sb, dtype_name, dev, speech)
     described = {n: (list(t.shape), dtype_name) for n, t in weights.items()}
     check_seq2seq(manifest.extra, dtype_name, described, "the description")  # refuse early
     check_destination(out, needed_bytes=sum(t.numel() * t.element_size() for t in weights.values()))
-    report = Seq2SeqReport(Path(out), TASK, dtype_name, str(dev))
+    report = Seq2SeqReport(Path(out), task, dtype_name, str(dev))
     with ArtifactWriter(out) as writer:
         writer.write_weights(weights)
         say("validating every (batch, source) bucket against eager generate")
-        runtime = Seq2SeqModel(manifest, weights, dev, capture="never")
+        runtime = open_seq2seq(manifest, weights, dev, capture="never")
         for b, s in sb.encoder_shapes():
-            _validate(runtime, model, spec, b, s, min(VALIDATE_TOKENS, sb.cache_len))
+            if speech:
+                _validate_speech(runtime, model, b, min(VALIDATE_TOKENS, sb.cache_len - 4))
+            else:
+                _validate(runtime, model, spec, b, s, min(VALIDATE_TOKENS, sb.cache_len))
             report.buckets.append((b, s))
         del runtime
-        manifest.buckets = _write_programs(writer, sb)
+        manifest.buckets = _write_programs(writer, sb, manifest.inputs[0].name)
         report.artifact_bytes = writer.size_bytes()
         writer.commit(manifest)
     report.seconds = time.perf_counter() - start
@@ -136,7 +160,73 @@ def _validate(runtime: Seq2SeqModel, model, spec, batch: int, source: int, token
         )
 
 
-def _manifest(model, source, spec, sb: Seq2SeqBuckets, dtype: str, dev) -> Manifest:
+def _speech_model(model_or_path):
+    """A Whisper folder or model id loads through AutoModelForSpeechSeq2Seq (load_model knows
+    the text tasks' auto classes only)."""
+    if isinstance(model_or_path, torch.nn.Module):
+        return model_or_path
+    import transformers
+
+    try:
+        return transformers.AutoModelForSpeechSeq2Seq.from_pretrained(
+            str(model_or_path), local_files_only=True, attn_implementation="sdpa"
+        )
+    except (OSError, ValueError) as e:
+        raise UnsupportedModelError(
+            f"{SPEECH_TASK}: cannot load {str(model_or_path)!r} as a speech-to-text model "
+            f"(kernl never downloads): {e}"
+        ) from None
+
+
+def _validate_speech(runtime, model, batch: int, tokens: int) -> None:
+    """kernl's greedy ids (language detected where the config leaves it open) against the
+    eager model's logits after the same prefix, with the same suppressed tokens: in fp32 each
+    id is eager's argmax; in fp16/bf16, where two near-equal logits may swap places, each id's
+    eager logit is within NEAR_ARGMAX of the step's largest |logit| from eager's best."""
+    spec, speech = runtime.spec, runtime.speech
+    g = torch.Generator().manual_seed(batch)
+    feats = torch.randn(batch, spec.num_mel_bins, spec.frames, generator=g) * 0.5
+    plan = runtime._speech_plan(
+        feats, max(1, tokens), False, (1.0, 50, 1.0, 0), [], None, None, None, None
+    )
+    got = runtime._generate(plan)
+    param = next(model.parameters())
+    start = torch.full((batch, 1), spec.decoder_start_token_id, dtype=torch.int64)
+    with torch.no_grad():
+        logits = (
+            model(
+                input_features=feats.to(param.device, param.dtype),
+                decoder_input_ids=torch.cat([start, got[:, :-1]], dim=1).to(param.device),
+            )
+            .logits.float()
+            .cpu()
+        )
+    near = NEAR_ARGMAX.get(param.dtype, 0.0)
+
+    def check(scores: torch.Tensor, ids: torch.Tensor, what: str) -> None:
+        best = scores.max(-1).values
+        gap = (best - scores.gather(-1, ids[..., None])[..., 0]) / scores.abs().amax(-1)
+        ok = torch.equal(scores.argmax(-1), ids) if near == 0.0 else bool((gap <= near).all())
+        if not ok:
+            raise RuntimeError(
+                f"bucket batch={batch}: kernl's {what} differ from eager's:\n kernl "
+                f"{ids.tolist()}\n eager {scores.argmax(-1).tolist()}"
+            )
+
+    p = plan.prompt_len
+    if speech.lang_to_id and bool((plan.prompt[:batch, 1] == DETECT).any()):
+        lang = torch.full((spec.vocab_size,), float("-inf"))
+        lang[list(speech.lang_to_id.values())] = 0.0
+        check(logits[:, 0] + lang, got[:, 0], "detected languages")
+    new = logits[:, p - 1 :]
+    new[..., speech.suppress_tokens] = float("-inf")
+    new[:, 0, speech.begin_suppress_tokens] = float("-inf")
+    check(new, got[:, p - 1 :], "greedy ids")
+
+
+def _manifest(
+    model, source, spec, sb: Seq2SeqBuckets, dtype: str, dev, speech: bool = False
+) -> Manifest:
     target = dict(target="cpu", gpu_name=None, compute_capability=None, cuda_version=None)
     if dev.type == "cuda":
         major, minor = torch.cuda.get_device_capability(dev)
@@ -147,35 +237,37 @@ def _manifest(model, source, spec, sb: Seq2SeqBuckets, dtype: str, dev) -> Manif
             cuda_version=torch.version.cuda,
         )
     pad = spec.pad_token_id if spec.pad_token_id is not None else 0
+    inputs = [
+        InputSpec("input_ids", "int64", pad, "required"),
+        InputSpec("attention_mask", "int64", 0, "ones"),
+    ]
+    extra = {"seq2seq": spec.to_dict(), "seq2seq_buckets": sb.to_dict()}
+    if speech:
+        # The log-mel features (float [batch, num_mel_bins, frames]) are described by
+        # extra.seq2seq; the manifest's input list holds integer inputs: the decoder prompt.
+        inputs = [InputSpec("decoder_input_ids", "int64", pad, "required")]
+        extra["speech"] = speech_spec(model).to_dict()
     return Manifest(
         format_version=FORMAT_VERSION,
         kernl_version=kernl.__version__,
         torch_version=torch.__version__,
         triton_version=triton.__version__,
         dtype=dtype,
-        task=TASK,
+        task=SPEECH_TASK if speech else TASK,
         model_type=spec.model_type,
         model_source=source,
         model_config=json.loads(model.config.to_json_string(use_diff=False)),
-        inputs=[
-            InputSpec("input_ids", "int64", pad, "required"),
-            InputSpec("attention_mask", "int64", 0, "ones"),
-        ],
+        inputs=inputs,
         outputs=[OutputSpec("sequences", "int64", 0, 1)],
         buckets=[],
         files={},
         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        extra={
-            "seq2seq": spec.to_dict(),
-            "seq2seq_buckets": sb.to_dict(),
-            "runtime": RUNTIME,
-            "kernl_ops": False,
-        },
+        extra={**extra, "runtime": RUNTIME, "kernl_ops": False},
         **target,
     )
 
 
-def _write_programs(writer: ArtifactWriter, sb: Seq2SeqBuckets) -> list[BucketEntry]:
+def _write_programs(writer: ArtifactWriter, sb: Seq2SeqBuckets, name: str) -> list[BucketEntry]:
     entries = []
     for b, s in sb.encoder_shapes():
         rel = f"{PROGRAMS_DIR}/encoder_b{b}_s{s}.msgpack"
@@ -186,7 +278,7 @@ def _write_programs(writer: ArtifactWriter, sb: Seq2SeqBuckets) -> list[BucketEn
             "cache_len": sb.cache_len,
             "runtime": RUNTIME,
         }
-        program = Program(Bucket(b, s), 1, {"input_ids": 0}, {}, [0], [], meta)
+        program = Program(Bucket(b, s), 1, {name: 0}, {}, [0], [], meta)
         (writer.tmp / rel).write_bytes(msgpack.packb(program.to_dict(), use_bin_type=True))
         entries.append(BucketEntry(Bucket(b, s), rel, 0.0, None))
     return entries

@@ -1,5 +1,6 @@
-"""Turn a Hugging Face encoder-decoder (T5 v1.0, T5 v1.1/flan-T5, BART) into kernl's
-description of it: a `Seq2SeqSpec` and its weights under one naming scheme.
+"""Turn a Hugging Face encoder-decoder (T5 v1.0, T5 v1.1/flan-T5, BART, Whisper) into kernl's
+description of it: a `Seq2SeqSpec` (for Whisper also a `SpeechSpec`, its generation config) and
+its weights under one naming scheme.
 
 WEIGHT NAMES (what kernl/runtime/generation/encoder_decoder.py reads):
     embed.weight [vocab, d_model]         (shared by encoder and decoder)
@@ -11,17 +12,19 @@ WEIGHT NAMES (what kernl/runtime/generation/encoder_decoder.py reads):
     dec.layers.{i}.cross_norm, .cross_q, .cross_kv [2 inner, d_model], .cross_o
     {enc,dec}.final_norm.weight           (T5)
     lm_head.weight (absent when tied to embed)      final_logits_bias [vocab] (BART)
-Linear weights are [out, in]; `.bias` entries exist for BART only."""
+    enc.conv{1,2}.{weight,bias}           (Whisper's front end; enc.pos_embed has 1500 rows)
+Linear weights are [out, in]; `.bias` entries exist for BART and Whisper (whose key projections
+have none: a zero bias stands in, which adds exactly nothing)."""
 
 from __future__ import annotations
 
 import torch
 
-from kernl.artifacts.seq2seq import Seq2SeqSpec
+from kernl.artifacts.seq2seq import DETECT, MAX_PROMPT, Seq2SeqSpec, SpeechSpec
 
 from ...trace import UnsupportedModelError
 
-SUPPORTED = ("t5", "bart")
+SUPPORTED = ("t5", "bart", "whisper")
 HF_ACTIVATIONS = {
     "relu": "relu",
     "gelu": "gelu",
@@ -42,14 +45,12 @@ def describe(
         spec, weights = _t5(model)
     elif model_type == "bart":
         spec, weights = _bart(model)
+    elif model_type == "whisper":
+        spec, weights = _whisper(model)
     else:
         raise UnsupportedModelError(
-            f"seq2seq-lm supports model types {', '.join(SUPPORTED)}, not {model_type!r}"
-            + (
-                " (Whisper's speech-seq2seq is not supported yet)"
-                if model_type == "whisper"
-                else ""
-            )
+            f"kernl's encoder-decoder generation supports model types {', '.join(SUPPORTED)}, "
+            f"not {model_type!r}"
         )
     return spec, {k: v.detach().to(dtype).contiguous().clone() for k, v in weights.items()}
 
@@ -227,3 +228,115 @@ def _bart(model):
     if untied:
         w["lm_head.weight"] = model.lm_head.weight
     return spec, w
+
+
+def _whisper(model):
+    cfg = model.config
+    if (
+        cfg.encoder_attention_heads != cfg.decoder_attention_heads
+        or cfg.encoder_ffn_dim != cfg.decoder_ffn_dim
+    ):
+        raise UnsupportedModelError(
+            "Whisper with different encoder and decoder widths is not supported"
+        )
+    m = model.model
+    enc, dec = m.encoder, m.decoder
+    if enc.embed_positions.weight.shape[0] != cfg.max_source_positions:
+        raise UnsupportedModelError(
+            "Whisper's encoder position table must match max_source_positions"
+        )
+    heads = cfg.encoder_attention_heads
+    untied = _untied_head(model)
+    spec = Seq2SeqSpec(
+        family="whisper",
+        model_type="whisper",
+        num_encoder_layers=cfg.encoder_layers,
+        num_decoder_layers=cfg.decoder_layers,
+        d_model=cfg.d_model,
+        num_heads=heads,
+        head_dim=cfg.d_model // heads,
+        ffn_dim=cfg.encoder_ffn_dim,
+        vocab_size=cfg.vocab_size,
+        norm="layer",
+        norm_eps=float(enc.layer_norm.eps),
+        pre_norm=True,
+        mlp="plain",
+        activation=_activation(cfg.activation_function),
+        positions="learned",
+        attention_scale=(cfg.d_model // heads) ** -0.5,
+        max_positions=cfg.max_target_positions,
+        final_norm=True,  # the encoder's and the decoder's layer_norm
+        biases=True,
+        tied_embeddings=not untied,
+        num_mel_bins=cfg.num_mel_bins,
+        source_positions=cfg.max_source_positions,
+        **_token_ids(model),
+    )
+    w = {"embed.weight": dec.embed_tokens.weight}
+
+    def lin(p: str, mod) -> None:
+        w[p + ".weight"] = mod.weight
+        w[p + ".bias"] = mod.bias if mod.bias is not None else torch.zeros_like(mod.weight[:, 0])
+
+    lin("enc.conv1", enc.conv1)
+    lin("enc.conv2", enc.conv2)
+    for side, stack in (("enc", enc), ("dec", dec)):
+        w[f"{side}.pos_embed.weight"] = stack.embed_positions.weight
+        lin(f"{side}.final_norm", stack.layer_norm)
+        for i, layer in enumerate(stack.layers):
+            p = f"{side}.layers.{i}."
+            attns = [("", "qkv", layer.self_attn)]
+            if side == "dec":
+                attns.append(("cross_", "cross_kv", layer.encoder_attn))
+                lin(p + "cross_norm", layer.encoder_attn_layer_norm)
+            for prefix, fused, a in attns:
+                k_bias = torch.zeros_like(a.k_proj.weight[:, 0])  # Whisper's k_proj has no bias
+                parts = [a.k_proj, a.v_proj] if prefix else [a.q_proj, a.k_proj, a.v_proj]
+                w[p + fused + ".weight"] = torch.cat([x.weight for x in parts])
+                w[p + fused + ".bias"] = torch.cat(
+                    [k_bias if x is a.k_proj else x.bias for x in parts]
+                )
+                if prefix:
+                    lin(p + "cross_q", a.q_proj)
+                lin(p + prefix + "o", a.out_proj)
+            lin(p + "attn_norm", layer.self_attn_layer_norm)
+            lin(p + "fc", layer.fc1)
+            lin(p + "proj", layer.fc2)
+            lin(p + "mlp_norm", layer.final_layer_norm)
+    if untied:
+        w["lm_head.weight"] = model.proj_out.weight
+    return spec, w
+
+
+def speech_spec(model) -> SpeechSpec:
+    """Whisper's generation config (falling back to the model config's forced_decoder_ids, as
+    Hugging Face does). Refuses options kernl's generate does not apply."""
+    gen, cfg = model.generation_config, model.config
+    forced = getattr(gen, "forced_decoder_ids", None) or getattr(cfg, "forced_decoder_ids", None)
+    forced = [[int(i), DETECT if t is None else int(t)] for i, t in (forced or [])]
+    if [i for i, _ in forced] != list(range(1, len(forced) + 1)) or len(forced) > MAX_PROMPT - 3:
+        raise UnsupportedModelError(
+            f"forced_decoder_ids {forced} do not follow Whisper's prompt pattern (positions 1, 2, "
+            f"..., at most {MAX_PROMPT - 3})"
+        )
+    for name, default in (
+        ("repetition_penalty", 1.0),
+        ("no_repeat_ngram_size", 0),
+        ("num_beams", 1),
+        ("length_penalty", 1.0),
+    ):
+        value = getattr(gen, name, None)
+        if value is not None and value != default:
+            raise UnsupportedModelError(
+                f"generation_config.{name}={value!r} is not supported by kernl's generate"
+            )
+    no_ts = getattr(gen, "no_timestamps_token_id", None)
+    return SpeechSpec(
+        lang_to_id={str(k): int(v) for k, v in (getattr(gen, "lang_to_id", None) or {}).items()},
+        task_to_id={str(k): int(v) for k, v in (getattr(gen, "task_to_id", None) or {}).items()},
+        no_timestamps_token_id=None if no_ts is None else int(no_ts),
+        is_multilingual=getattr(gen, "is_multilingual", None),
+        forced_decoder_ids=forced,
+        suppress_tokens=[int(t) for t in (gen.suppress_tokens or [])],
+        begin_suppress_tokens=[int(t) for t in (gen.begin_suppress_tokens or [])],
+    )
