@@ -19,7 +19,9 @@ BUCKETS_HELP = (
     "A bucket longer than the model's max_position_embeddings is refused. For --task "
     'causal-lm: "batch=1,4,8 prompt=16:1024 cache=2048" (prefill buckets per batch x prompt '
     "length; cache is the KV-cache length, or several lengths for decode buckets, e.g. "
-    "cache=512,2048; default twice the largest prompt)."
+    "cache=512,2048; default twice the largest prompt). For --task seq2seq-lm: "
+    '"batch=1,8 source=32:512 cache=128"; for --task speech-seq2seq (Whisper): '
+    '"batch=1,8 cache=448" (the source is one 30 s window).'
 )
 
 
@@ -57,10 +59,11 @@ def _compile_options(f):
                     "masked-lm",
                     "causal-lm",
                     "seq2seq-lm",
+                    "speech-seq2seq",
                 ]
             ),
             default=None,
-            help="Model head. Default: from the config's architectures (…ForSequenceClassification, …ForTokenClassification, …ForMaskedLM; …ForCausalLM and …LMHeadModel are causal-lm; else base). causal-lm: decoder-only text generation (Llama, Mistral, Qwen2, GPT-2); its buckets use the axes batch, prompt, cache. seq2seq-lm (…ForConditionalGeneration): T5 v1.0/v1.1 and BART, greedy or sampled generation (no beam search); its axes are batch, source, cache.",
+            help='Model head. Default: from the config\'s architectures (…ForSequenceClassification, …ForTokenClassification, …ForMaskedLM; …ForCausalLM and …LMHeadModel are causal-lm; else base). causal-lm: decoder-only text generation (Llama, Mistral, Qwen2, GPT-2); its buckets use the axes batch, prompt, cache. seq2seq-lm (…ForConditionalGeneration): T5 v1.0/v1.1 and BART, greedy or sampled generation (no beam search); its axes are batch, source, cache, e.g. "batch=1,8 source=32:512 cache=128". speech-seq2seq (WhisperForConditionalGeneration): Whisper transcription of one 30 s window (3000 mel frames, 1500 encoder positions, so no source axis), greedy or sampled, no beam search, no timestamps; its axes are batch and cache (decoder prompt + new tokens, at most max_target_positions), e.g. "batch=1,8 cache=448".',
         ),
         click.option(
             "--atol",
