@@ -262,18 +262,20 @@ def test_task_inference_buckets_and_unsupported_options(tmp_path):
 @pytest.mark.gpu
 def test_bf16_step_logits_match_hugging_face_eager_on_the_gpu(tmp_path):
     """bf16, d_model 384 / 6 heads / 4+4 layers / 80 mels / a 1k vocabulary (whisper-tiny's
-    widths with more depth). Every step of kernl's greedy decode is compared, teacher-forced,
-    with HF eager (sdpa) on the same prefix. bf16 keeps 8 mantissa bits: one rounding is a
-    relative 2**-9 ~ 0.2%, and both implementations round differently through 8 layers (fused
-    QKV, attention over 1500 positions in float32 scores); the bar is |kernl - HF| <= 0.05 *
-    max|HF logits| per step (HF bf16 against HF float32 on the same model differs by about
-    as much), and the top-1 token agrees wherever HF's top two differ by more than that."""
-    hf = tiny_whisper(
-        d_model=384, heads=6, ffn=1536, layers=4, vocab=1024, mels=80, init_std=0.02
+    widths, deeper). Every step of kernl's greedy decode is compared, teacher-forced on the
+    same prefix, with HF eager in float32 (the reference) and in bf16 (the stock op). The bar is
+    STYLE rule 6: kernl's worst logit error against float32 (relative to the step's largest
+    |logit|) is at most twice HF bf16's. Measured with the same model in bf16 on the CPU: kernl
+    1.6%, HF bf16 1.5%. And the top-1 token agrees with HF bf16's wherever its top two differ by
+    more than 5% of that scale."""
+    import copy
+
+    hf32 = tiny_whisper(
+        d_model=384, heads=6, ffn=1536, layers=4, vocab=1024, mels=80, init_std=0.1
     ).cuda()
-    hf.generation_config.suppress_tokens = []
-    hf.generation_config.begin_suppress_tokens = []
-    hf = hf.to(torch.bfloat16)
+    hf32.generation_config.suppress_tokens = []
+    hf32.generation_config.begin_suppress_tokens = []
+    hf = copy.deepcopy(hf32).to(torch.bfloat16)
     kernl.compiler.compile(hf, "batch=1,2 cache=64", tmp_path / "w", dtype="bf16")
     model = kernl.runtime.load(tmp_path / "w")
     x = torch.randn(2, 80, 3000, device="cuda") * 0.5
@@ -282,13 +284,14 @@ def test_bf16_step_logits_match_hugging_face_eager_on_the_gpu(tmp_path):
     )
     ids = torch.stack([s[0] for s in steps], dim=1).cuda()
     prompt = torch.tensor([[START, LANGS["<|en|>"], TASKS["transcribe"], NO_TS]] * 2).cuda()
+    dec = torch.cat([prompt, ids[:, :-1]], 1)
     with torch.no_grad():
-        ref = hf(input_features=x.bfloat16(), decoder_input_ids=torch.cat([prompt, ids[:, :-1]], 1))
-    ref = ref.logits[:, 3:].float()
+        ref = hf(input_features=x.bfloat16(), decoder_input_ids=dec).logits[:, 3:].float()
+        r32 = hf32(input_features=x, decoder_input_ids=dec).logits[:, 3:].float()
     got = torch.stack([s[1] for s in steps], dim=1).cuda()
-    scale = ref.abs().amax(-1, keepdim=True)
-    err = ((got - ref).abs() / scale).amax()
-    assert err <= 0.05, f"worst step logit error {err:.4f} of the step's max |logit|"
+    scale = r32.abs().amax(-1, keepdim=True)
+    err, stock = ((got - r32).abs() / scale).amax(), ((ref - r32).abs() / scale).amax()
+    assert err <= 2 * stock, f"kernl bf16 {err:.4f} vs fp32, HF bf16 {stock:.4f}"
     top2 = ref.topk(2, dim=-1).values
     clear = (top2[..., 0] - top2[..., 1]) > 0.05 * scale[..., 0]
     assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
