@@ -99,8 +99,13 @@ class EncoderDecoder:
         b, t, _ = x.shape
         return x.view(b, t, self.spec.num_heads, self.spec.head_dim).transpose(1, 2)
 
-    def _attend(self, q, k, v, bias: torch.Tensor) -> torch.Tensor:
-        """q [B,H,T,D], k/v [B,H,S,D], bias broadcastable to [B,H,T,S] (-inf where masked)."""
+    def _attend(self, q, k, v, bias: torch.Tensor | None) -> torch.Tensor:
+        """q [B,H,T,D], k/v [B,H,S,D], bias broadcastable to [B,H,T,S] (-inf where masked);
+        None: no mask and no bias (Whisper's encoder), where SDPA's fused kernels never
+        materialise the [B, H, 1500, 1500] scores."""
+        if bias is None:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.spec.attention_scale)
+            return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], self.inner)
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.spec.attention_scale
         probs = torch.softmax(scores + bias, dim=-1).to(v.dtype)
         out = torch.matmul(probs, v)
@@ -164,9 +169,9 @@ class EncoderDecoder:
         x = F.gelu(F.conv1d(features, w["enc.conv1.weight"], w["enc.conv1.bias"], padding=1))
         x = F.gelu(F.conv1d(x, w["enc.conv2.weight"], w["enc.conv2.bias"], stride=2, padding=1))
         x = x.transpose(1, 2) + w["enc.pos_embed.weight"]
-        self._encoder(cache, x, torch.zeros(1, 1, 1, 1, device=x.device))
+        self._encoder(cache, x, None)
 
-    def _encoder(self, cache: Seq2SeqCache, x: torch.Tensor, bias: torch.Tensor) -> None:
+    def _encoder(self, cache: Seq2SeqCache, x: torch.Tensor, bias: torch.Tensor | None) -> None:
         s = self.spec
         for n in range(s.num_encoder_layers):
             p = f"enc.layers.{n}."
