@@ -51,8 +51,10 @@ SPEECH_TASK = "speech-seq2seq"
 RUNTIME = "kernl.runtime.generation.encoder_decoder"
 VALIDATE_TOKENS = 8
 # Validation in reduced precision: how far below eager's best logit (a fraction of the step's
-# largest |logit|) kernl's greedy pick may be; ~4 bf16 / 8 fp16 roundings of the largest logit.
-NEAR_ARGMAX = {torch.bfloat16: 0.02, torch.float16: 0.005}
+# largest |logit|) kernl's greedy pick may be. A tiny bf16 Whisper differs from HF bf16 by
+# 1.3% of that scale (HF bf16 from HF fp32 by 1.5%), and errors grow with depth (32 layers);
+# a wrong implementation is off by the whole scale, so the bar stays far from what it catches.
+NEAR_ARGMAX = {torch.bfloat16: 0.05, torch.float16: 0.02}
 
 
 @dataclass
