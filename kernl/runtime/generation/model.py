@@ -69,6 +69,54 @@ def _enter(running: Callable[[], AbstractContextManager] | None) -> AbstractCont
     return running() if running is not None else nullcontext()
 
 
+class StepLoop:
+    """The host side of generation shared by the causal-LM and encoder-decoder models: run a
+    request's steps (`_run(plan, state)` yields each step's logits) collecting the ids, or
+    yield them as they come. A plan has `batch` and `eos`; a state `tokens`, `finished`, `out`.
+    `_lock` serialises requests; an open stream() holds it between its yields."""
+
+    _lock: threading.Lock
+    _streaming_thread: int | None = None  # the thread iterating an open stream()
+
+    def _collect(self, plan, state, first: int = 1) -> torch.Tensor:
+        """Every step's ids [batch, steps run] on the CPU; stops early once every row has
+        finished (checked every few steps from step `first` on)."""
+        n = 0
+        for n, _ in enumerate(self._run(plan, state), 1):
+            if plan.eos and n >= first and n % FINISHED_CHECK_EVERY == 0:
+                if bool(state.finished[: plan.batch].all()):
+                    break
+        return state.out[: plan.batch, :n].to("cpu", copy=True)
+
+    def _stream_steps(self, plan, start: Callable, output_logits: bool, skip: int = 0) -> Iterator:
+        """Yield the ids of each step after the first `skip` (the state comes from `start()`,
+        under the lock), with its float32 logits when `output_logits`; stops after the step
+        where every row has finished."""
+        self._refuse_reentry()
+        with self._lock:
+            self._streaming_thread = threading.get_ident()
+            try:
+                state = start()
+                for n, logits in enumerate(self._run(plan, state), 1):
+                    if n <= skip:
+                        continue
+                    ids = state.tokens[: plan.batch].to("cpu", copy=True)
+                    yield (ids, logits[: plan.batch].float().clone()) if output_logits else ids
+                    if bool(state.finished[: plan.batch].all()):
+                        return
+            finally:
+                self._streaming_thread = None
+
+    def _refuse_reentry(self) -> None:
+        """The lock is held by an open stream() between its yields: the thread iterating it
+        would wait for itself forever."""
+        if self._streaming_thread == threading.get_ident():
+            raise RuntimeError(
+                "this thread is iterating an open stream() of this model: exhaust it or call "
+                "its close() (or break out of the for loop) before generate() or stream() again"
+            )
+
+
 @dataclass
 class _Plan:
     rows: list[list[int]]
@@ -84,7 +132,7 @@ class _Plan:
         return len(self.rows)
 
 
-class GenerativeModel:
+class GenerativeModel(StepLoop):
     """A loaded causal-LM artifact; see `generate` and `stream`."""
 
     def __init__(
@@ -111,7 +159,6 @@ class GenerativeModel:
         self.dtype = getattr(torch, manifest.dtype)
         self.capture_mode = capture if device.type == "cuda" else "never"
         self._lock = threading.Lock()
-        self._streaming_thread: int | None = None  # the thread iterating an open stream()
         self._pool = torch.cuda.graph_pool_handle() if self.capture_mode != "never" else None
         spec = self.spec
         self.default_pad = (
@@ -181,16 +228,7 @@ class GenerativeModel:
             seed,
         )
         with self._lock:
-            state = self._start(plan, temperature, top_k, top_p, seed)
-            n = 0
-            for n, _ in enumerate(self._run(plan, state), 1):
-                if (
-                    plan.eos
-                    and n % FINISHED_CHECK_EVERY == 0
-                    and bool(state.finished[: plan.batch].all())
-                ):
-                    break
-            new = state.out[: plan.batch, :n].to("cpu", copy=True)
+            new = self._collect(plan, self._start(plan, temperature, top_k, top_p, seed))
         new = new[:, : _generated_length(new, plan.eos)]
         return torch.cat([prompt, new], dim=1).to(_device_of(input_ids))
 
@@ -230,36 +268,11 @@ class GenerativeModel:
             pad_token_id,
             seed,
         )
-        return self._stream(plan, temperature, top_k, top_p, seed, output_logits)
-
-    def _stream(self, plan, temperature, top_k, top_p, seed, output_logits) -> Iterator:
-        self._refuse_reentry()
-        with self._lock:
-            self._streaming_thread = threading.get_ident()
-            try:
-                state = self._start(plan, temperature, top_k, top_p, seed)
-                for logits in self._run(plan, state):
-                    ids = state.tokens[: plan.batch].to("cpu", copy=True)
-                    if output_logits:
-                        yield ids, logits[: plan.batch].float().clone()
-                    else:
-                        yield ids
-                    if bool(state.finished[: plan.batch].all()):
-                        return
-            finally:
-                self._streaming_thread = None
+        start = lambda: self._start(plan, temperature, top_k, top_p, seed)  # noqa: E731
+        return self._stream_steps(plan, start, output_logits)
 
     def _running(self) -> AbstractContextManager:
         return running_with(self._binaries, self.device)
-
-    def _refuse_reentry(self) -> None:
-        """The lock is held by an open stream() between its yields: the thread iterating it
-        would wait for itself forever."""
-        if self._streaming_thread == threading.get_ident():
-            raise RuntimeError(
-                "this thread is iterating an open stream() of this model: exhaust it or call "
-                "its close() (or break out of the for loop) before generate() or stream() again"
-            )
 
     def __repr__(self) -> str:
         b = self.buckets

@@ -24,7 +24,7 @@ from kernl.artifacts.schema import Manifest, pick_size
 from kernl.artifacts.seq2seq import MAX_PROMPT, Seq2SeqBuckets, Seq2SeqSpec, SpeechSpec
 
 from .encoder_decoder import EncoderDecoder, Seq2SeqCache
-from .model import FINISHED_CHECK_EVERY, _device_of, _generated_length, _Step, check_options
+from .model import StepLoop, _device_of, _generated_length, _Step, check_options
 from .sampling import SamplerParams, greedy, sample
 from .state import MAX_EOS_IDS
 
@@ -148,7 +148,7 @@ class _Plan:
         return self.prompt_len - 1 + self.max_new_tokens
 
 
-class Seq2SeqModel:
+class Seq2SeqModel(StepLoop):
     """A loaded seq2seq-lm artifact (T5, BART); see `generate` and `stream`."""
 
     def __init__(
@@ -181,7 +181,6 @@ class Seq2SeqModel:
         self.capture_mode = capture if device.type == "cuda" else "never"
         self._pool = torch.cuda.graph_pool_handle() if self.capture_mode != "never" else None
         self._lock = threading.Lock()
-        self._streaming_thread: int | None = None
         spec = self.spec
         self.default_pad = (
             spec.pad_token_id
@@ -271,38 +270,11 @@ class Seq2SeqModel:
         """[batch, steps run] the tokens at positions 1, 2, ... (the prompt's included)."""
         self._refuse_reentry()
         with self._lock:
-            state = self._start(plan)
-            n = 0
-            for n, _ in enumerate(self._run(plan, state), 1):
-                if plan.eos and n % FINISHED_CHECK_EVERY == 0 and n >= plan.prompt_len:
-                    if bool(state.finished[: plan.batch].all()):
-                        break
-            return state.out[: plan.batch, :n].to("cpu", copy=True)
+            return self._collect(plan, self._start(plan), first=plan.prompt_len)
 
     def _stream(self, plan: _Plan, output_logits: bool) -> Iterator:
-        self._refuse_reentry()
-        with self._lock:
-            self._streaming_thread = threading.get_ident()
-            try:
-                state = self._start(plan)
-                for n, logits in enumerate(self._run(plan, state), 1):
-                    if n < plan.prompt_len:
-                        continue  # a prompt token, not a new one
-                    ids = state.tokens[: plan.batch].to("cpu", copy=True)
-                    yield (ids, logits[: plan.batch].float().clone()) if output_logits else ids
-                    if bool(state.finished[: plan.batch].all()):
-                        return
-            finally:
-                self._streaming_thread = None
-
-    def _refuse_reentry(self) -> None:
-        """The lock is held by an open stream() between its yields: the thread iterating it
-        would wait for itself forever."""
-        if self._streaming_thread == threading.get_ident():
-            raise RuntimeError(
-                "this thread is iterating an open stream() of this model: exhaust it or call "
-                "its close() before generate() or stream() again"
-            )
+        start = lambda: self._start(plan)  # noqa: E731
+        return self._stream_steps(plan, start, output_logits, skip=plan.prompt_len - 1)
 
     def _start(self, plan: _Plan) -> _State:
         """Write the request into its batch bucket's buffers (one copy per buffer)."""
