@@ -444,8 +444,9 @@ def _runnable(kernels: DecodeKernels, device: torch.device) -> DecodeKernels:
     return DecodeKernels(**kept)
 
 
-def _as_batch(input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [B, S] int64 on the CPU, mask [B, S] bool); ragged lists are left-padded."""
+def _as_batch(input_ids, attention_mask, left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, S] int64 on the CPU, mask [B, S] bool); ragged lists are padded on the left
+    (prompts: a causal LM continues from the right end) or the right (encoder sources)."""
     if (
         isinstance(input_ids, (list, tuple))
         and input_ids
@@ -454,12 +455,15 @@ def _as_batch(input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
         if attention_mask is not None:
             raise ValueError("attention_mask is not used with a list of token lists")
         longest = max(len(r) for r in input_ids)
+        if longest == 0:
+            raise ValueError("input_ids holds no tokens")
         ids = torch.zeros(len(input_ids), longest, dtype=torch.int64)
         mask = torch.zeros(len(input_ids), longest, dtype=torch.bool)
         for i, r in enumerate(input_ids):
             if r:
-                ids[i, longest - len(r) :] = torch.as_tensor(r, dtype=torch.int64)
-                mask[i, longest - len(r) :] = True
+                cols = slice(longest - len(r), None) if left else slice(0, len(r))
+                ids[i, cols] = torch.as_tensor(r, dtype=torch.int64)
+                mask[i, cols] = True
         return ids, mask
     ids = torch.as_tensor(input_ids)
     if ids.dtype.is_floating_point or ids.dtype == torch.bool:

@@ -24,7 +24,7 @@ from kernl.artifacts.schema import Manifest, pick_size
 from kernl.artifacts.seq2seq import MAX_PROMPT, Seq2SeqBuckets, Seq2SeqSpec, SpeechSpec
 
 from .encoder_decoder import EncoderDecoder, Seq2SeqCache
-from .model import StepLoop, _device_of, _generated_length, _Step, check_options
+from .model import StepLoop, _as_batch, _device_of, _generated_length, _Step, check_options
 from .sampling import SamplerParams, greedy, sample
 from .state import MAX_EOS_IDS
 
@@ -360,7 +360,7 @@ class Seq2SeqModel(StepLoop):
         self, input_ids, attention_mask, max_new_tokens, do_sample, sampler, eos_id, pad_id
     ) -> _Plan:
         """Check a request and pick its buckets before touching any state."""
-        ids, mask = _as_source(input_ids, attention_mask)
+        ids, mask = _as_batch(input_ids, attention_mask, left=False)
         max_new_tokens = 20 if max_new_tokens is None else max_new_tokens
         batch = ids.shape[0]
         bb, eos, pad = self._check(batch, max_new_tokens, do_sample, sampler, eos_id, pad_id)
@@ -412,41 +412,3 @@ def open_seq2seq(
 
         return SpeechSeq2SeqModel(manifest, weights, device, capture=capture)
     return Seq2SeqModel(manifest, weights, device, capture=capture)
-
-
-def _as_source(input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [B, S] int64 on the CPU, mask [B, S] bool); ragged lists are padded on the right."""
-    if (
-        isinstance(input_ids, (list, tuple))
-        and input_ids
-        and isinstance(input_ids[0], (list, tuple))
-    ):
-        if attention_mask is not None:
-            raise ValueError("attention_mask is not used with a list of token lists")
-        longest = max(len(r) for r in input_ids)
-        if longest == 0:
-            raise ValueError("input_ids holds no tokens")
-        ids = torch.zeros(len(input_ids), longest, dtype=torch.int64)
-        mask = torch.zeros(len(input_ids), longest, dtype=torch.bool)
-        for i, r in enumerate(input_ids):
-            ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.int64)
-            mask[i, : len(r)] = True
-        return ids, mask
-    ids = torch.as_tensor(input_ids)
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must hold integers, got {ids.dtype}")
-    if ids.dim() == 1:
-        ids = ids[None]
-    if ids.dim() != 2 or ids.numel() == 0:
-        raise ValueError(f"input_ids must be [batch, source] and not empty, got {tuple(ids.shape)}")
-    ids = ids.to("cpu", torch.int64)
-    if attention_mask is None:
-        return ids, torch.ones_like(ids, dtype=torch.bool)
-    mask = torch.as_tensor(attention_mask)
-    if mask.dim() == 1:
-        mask = mask[None]
-    if mask.shape != ids.shape:
-        raise ValueError(
-            f"attention_mask has shape {tuple(mask.shape)}, input_ids has {tuple(ids.shape)}"
-        )
-    return ids, mask.to("cpu").bool()
