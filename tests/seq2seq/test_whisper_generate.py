@@ -295,3 +295,16 @@ def test_bf16_step_logits_match_hugging_face_eager_on_the_gpu(tmp_path):
     top2 = ref.topk(2, dim=-1).values
     clear = (top2[..., 0] - top2[..., 1]) > 0.05 * scale[..., 0]
     assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
+
+
+def test_a_whisper_description_under_the_text_task_is_refused_at_load(compiled, tmp_path):
+    import msgpack
+
+    from kernl.artifacts import ArtifactError, pack_manifest
+
+    root = Path(shutil.copytree(compiled["multilingual"][1], tmp_path / "copy"))
+    m = msgpack.unpackb((root / "manifest.msgpack").read_bytes(), raw=False)
+    m["task"] = "seq2seq-lm"
+    (root / "manifest.msgpack").write_bytes(pack_manifest(m))
+    with pytest.raises(ArtifactError, match="task seq2seq-lm with model family whisper"):
+        kernl.runtime.load(root, device="cpu")
