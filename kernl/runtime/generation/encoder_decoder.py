@@ -101,10 +101,11 @@ class EncoderDecoder:
 
     def _attend(self, q, k, v, bias: torch.Tensor | None) -> torch.Tensor:
         """q [B,H,T,D], k/v [B,H,S,D], bias broadcastable to [B,H,T,S] (-inf where masked);
-        None: no mask and no bias (Whisper's encoder), where SDPA's fused kernels never
-        materialise the [B, H, 1500, 1500] scores."""
-        if bias is None:
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.spec.attention_scale)
+        None (no mask, no bias) or a boolean mask (True: attended): SDPA, whose fused kernels
+        never materialise the scores (Whisper's encoder: [B, H, 1500, 1500])."""
+        if bias is None or bias.dtype == torch.bool:
+            scale = self.spec.attention_scale
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
             return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], self.inner)
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.spec.attention_scale
         probs = torch.softmax(scores + bias, dim=-1).to(v.dtype)
@@ -211,6 +212,10 @@ class EncoderDecoder:
         cross_bias = torch.zeros(source_valid.shape, dtype=torch.float32, device=tokens.device)
         cross_bias = cross_bias.masked_fill(~source_valid, float("-inf"))[:, None, None, :]
         length = source_valid.shape[1]
+        if s.family == "whisper":
+            # Every encoder position is attended and there is no position bias: SDPA with a
+            # boolean causal mask (self) or none (cross) instead of six kernels per attention.
+            self_bias, cross_bias = (keys <= slot)[None, None, None, :], None
         for n in range(s.num_decoder_layers):
             p = f"dec.layers.{n}."
 
