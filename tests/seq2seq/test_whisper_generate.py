@@ -31,8 +31,9 @@ BUCKETS = "batch=1,4 cache=48"
 
 
 def tiny_whisper(variant: str = "multilingual", dtype=torch.float32, **sizes) -> torch.nn.Module:
-    """multilingual: no forced ids (HF detects the language); english: an English-only config
-    (forced <|notimestamps|>, no languages)."""
+    """multilingual: no forced ids (HF detects the language); forced: the older checkpoints'
+    forced_decoder_ids [[1, None], [2, <|transcribe|>]] (detect, then transcribe); english: an
+    English-only config (forced <|notimestamps|>, no languages)."""
     import transformers as tf
 
     torch.manual_seed(0)
@@ -67,8 +68,10 @@ def tiny_whisper(variant: str = "multilingual", dtype=torch.float32, **sizes) ->
     g.no_timestamps_token_id = NO_TS
     g.suppress_tokens = SUPPRESS
     g.begin_suppress_tokens = [5, EOS]
-    if variant == "multilingual":
+    if variant in ("multilingual", "forced"):
         g.lang_to_id, g.task_to_id, g.is_multilingual = dict(LANGS), dict(TASKS), True
+        if variant == "forced":
+            g.forced_decoder_ids = [[1, None], [2, TASKS["transcribe"]]]
     else:
         g.is_multilingual = False
         g.forced_decoder_ids = [[1, NO_TS]]
@@ -88,7 +91,7 @@ def hf_generate(hf, x, new, **kw):
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     out = {}
-    for variant in ("multilingual", "english"):
+    for variant in ("multilingual", "forced", "english"):
         hf = tiny_whisper(variant)
         path = tmp_path_factory.mktemp("whisper") / variant
         kernl.compiler.compile(hf, BUCKETS, path, dtype="fp32", device="cpu")  # task inferred
@@ -96,7 +99,7 @@ def compiled(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("variant", ["multilingual", "english"])
+@pytest.mark.parametrize("variant", ["multilingual", "forced", "english"])
 def test_greedy_ids_equal_hugging_face(compiled, variant):
     hf, path, model = compiled[variant]
     assert kernl.runtime.load(path, device="cpu").manifest.task == "speech-seq2seq"
