@@ -76,9 +76,15 @@ def _lm_head_argmax_kernel(
     pdl_start(USE_PDL)  # every read below may depend on the previous kernel
     acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     ss = tl.zeros([16], dtype=tl.float32)
+    # the norm weight's [BLOCK_K] load is too narrow per thread for an async copy, so the
+    # pipeliner leaves it synchronous: load it one iteration ahead, its latency hidden
+    g_next = tl.load(NormW + offs_k, mask=HAS_NORM & (offs_k < K), other=0.0)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
         k_mask = ks < K
+        g = g_next.to(tl.float32)
+        if HAS_NORM:
+            g_next = tl.load(NormW + BLOCK_K + ks, mask=BLOCK_K + ks < K, other=0.0)
         x = tl.load(
             X + offs_m[:, None] * stride_xm + ks[None, :],
             mask=m_mask[:, None] & k_mask[None, :],
@@ -87,7 +93,6 @@ def _lm_head_argmax_kernel(
         if HAS_NORM:
             xf = x.to(tl.float32)
             ss += tl.sum(xf * xf, 1)
-            g = tl.load(NormW + ks, mask=k_mask, other=0.0).to(tl.float32)
             x = (xf * g[None, :]).to(W.dtype.element_ty)
         w = tl.load(w_rows + ks[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)

@@ -151,12 +151,17 @@ def _norm_linear_kernel(
     acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     ss = tl.zeros([16], dtype=tl.float32)
+    # The norm weight is a [BLOCK_K] vector too narrow per thread for an async copy, so the
+    # pipeliner leaves its load synchronous: it is loaded one iteration ahead instead, its
+    # latency hidden behind the iteration that does not need it yet.
+    g_next = tl.load(NormW + k_lo + offs_k, mask=k_lo + offs_k < k_hi, other=0.0)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + offs_k
         k_mask = ks < k_hi
+        g = g_next.to(tl.float32)
+        g_next = tl.load(NormW + BLOCK_K + ks, mask=BLOCK_K + ks < k_hi, other=0.0)
         x = tl.load(x_rows + ks[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         x = x.to(tl.float32)
-        g = tl.load(NormW + ks, mask=k_mask, other=0.0).to(tl.float32)
         if IS_RMS:
             ss += tl.sum(x * x, 1)
             h = x * g[None, :]
