@@ -1,4 +1,4 @@
-"""What an encoder-decoder artifact (seq2seq-lm: T5, BART; speech-seq2seq: Whisper) declares
+"""What an encoder-decoder artifact (seq2seq-lm: T5, BART, mBART, Marian; speech-seq2seq: Whisper) declares
 about its model and its buckets, as plain dataclasses, and the check of that description as a
 whole.
 
@@ -19,7 +19,7 @@ from .errors import ArtifactCorruptError, ArtifactUnsafeError
 from .generation import MAX_DIM, MAX_EOS_IDS, MAX_LAYERS, _is_int, _is_real
 from .limits import DEFAULT_LIMITS, ReadLimits
 
-FAMILIES = ("t5", "bart", "whisper")
+FAMILIES = ("t5", "bart", "mbart", "marian", "whisper")
 NORMS = ("rms", "layer")  # T5LayerNorm (no mean, no bias) / nn.LayerNorm
 MLPS = ("plain", "gated")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")  # runtime ACTIVATIONS
@@ -28,16 +28,19 @@ POSITIONS = ("relative", "learned")
 
 @dataclass(frozen=True)
 class Seq2SeqSpec:
-    """The encoder-decoder architecture, normalised over T5 (v1.0, v1.1/flan) and BART.
+    """The encoder-decoder architecture, normalised over T5 (v1.0, v1.1/flan), BART, mBART
+    (BART pre-norm with a final norm on each side), Marian (BART post-norm without the embedding
+    norm; its sinusoidal position table is stored as a `pos_embed` of offset 0) and Whisper.
 
     Weights follow one naming scheme (WEIGHT NAMES in kernl/compiler/tasks/seq2seq/describe.py):
     `embed.weight` (shared by encoder and decoder), `{enc,dec}.rel_bias.weight` (relative),
     `{enc,dec}.pos_embed.weight` (learned, `position_offset` rows first),
     `{enc,dec}.embed_norm.*`, `enc.layers.{i}.{attn_norm,qkv,o,mlp_norm,fc|gate_up,proj|down}`,
     `dec.layers.{i}.` the same plus `{cross_norm,cross_q,cross_kv,cross_o}`,
-    `{enc,dec}.final_norm.*`, `lm_head.weight` (absent when tied), `final_logits_bias`."""
+    `{enc,dec}.final_norm.*`, `lm_head.weight` (absent when tied), `final_logits_bias`,
+    `dec.embed.weight` (`decoder_embed`: the decoder's own token table)."""
 
-    family: str  # "t5" or "bart"
+    family: str  # one of FAMILIES
     model_type: str
     num_encoder_layers: int
     num_decoder_layers: int
@@ -72,13 +75,26 @@ class Seq2SeqSpec:
     # `source_positions` rows (1500 for one 30 s window), the decoder's `max_positions`.
     num_mel_bins: int = 0
     source_positions: int = 0
+    # Fields added after format v1's first seq2seq artifacts; their defaults keep those valid.
+    # mBART-50: the first new token is forced to this id (the target language), as Hugging
+    # Face's ForcedBOSTokenLogitsProcessor does; a call may name another.
+    forced_bos_token_id: int | None = None
+    # mBART, Marian, BART: the last token `max_new_tokens` allows is forced to this id
+    # (ForcedEOSTokenLogitsProcessor).
+    forced_eos_token_id: int | None = None
+    # Marian with share_encoder_decoder_embeddings=False: the decoder reads its own token
+    # table `dec.embed.weight` (the head falls back to it, not to `embed.weight`, when tied).
+    decoder_embed: bool = False
+    # Ids never generated (Marian's bad_words_ids [[pad]], single tokens only).
+    suppress_tokens: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Seq2SeqSpec:
-        return Seq2SeqSpec(**{**d, "eos_token_ids": [int(x) for x in d.get("eos_token_ids", [])]})
+        lists = {k: [int(x) for x in d.get(k, [])] for k in ("eos_token_ids", "suppress_tokens")}
+        return Seq2SeqSpec(**{**d, **lists})
 
     @property
     def frames(self) -> int:
@@ -182,7 +198,15 @@ _CHOICES = {
     "activation": ACTIVATIONS,
     "positions": POSITIONS,
 }
-_BOOLS = ("pre_norm", "embed_norm", "final_norm", "biases", "tied_embeddings", "final_logits_bias")
+_BOOLS = (
+    "pre_norm",
+    "embed_norm",
+    "final_norm",
+    "biases",
+    "tied_embeddings",
+    "final_logits_bias",
+    "decoder_embed",
+)
 _REALS = ("norm_eps", "attention_scale", "embed_scale", "logits_scale")
 
 
@@ -231,9 +255,16 @@ def _check_spec(d: Any, where: str) -> Seq2SeqSpec:
     elif d.get("max_positions", 0) <= d.get("position_offset", 0):
         raise _bad(where, "learned positions need max_positions > position_offset")
     vocab = d["vocab_size"]
-    for name in ("decoder_start_token_id", "pad_token_id"):
+    for name in (
+        "decoder_start_token_id",
+        "pad_token_id",
+        "forced_bos_token_id",
+        "forced_eos_token_id",
+    ):
         v = d.get(name)
-        if not ((v is None and name == "pad_token_id") or (_is_int(v) and 0 <= v < vocab)):
+        if not (
+            (v is None and name != "decoder_start_token_id") or (_is_int(v) and 0 <= v < vocab)
+        ):
             raise _bad(where, f"seq2seq.{name} is {v!r}, not a token id in [0, {vocab})")
     front_end = d.get("num_mel_bins", 0) > 0 and d.get("source_positions", 0) > 0
     if (d["family"] == "whisper") != front_end:
@@ -245,6 +276,12 @@ def _check_spec(d: Any, where: str) -> Seq2SeqSpec:
         and all(_is_int(e) and 0 <= e < vocab for e in eos)
     ):
         raise _bad(where, f"seq2seq.eos_token_ids is {eos!r}, not at most {MAX_EOS_IDS} ids")
+    if not _token_list(d.get("suppress_tokens", []), vocab, MAX_SUPPRESS):
+        raise _bad(where, f"seq2seq.suppress_tokens is not a list of token ids in [0, {vocab})")
+    # Whisper's prompt and suppressed tokens live in extra.speech, which its runtime reads.
+    text_only = ("forced_bos_token_id", "forced_eos_token_id", "suppress_tokens")
+    if d["family"] == "whisper" and any(d.get(k) for k in text_only):
+        raise _bad(where, f"seq2seq.{'/'.join(text_only)} are not for family whisper")
     return Seq2SeqSpec.from_dict(d)
 
 
@@ -328,6 +365,8 @@ def expected_weights(spec: Seq2SeqSpec, dtype: str) -> dict[str, tuple[list[int]
     h, f, v = spec.d_model, spec.ffn_dim, spec.vocab_size
     inner = spec.num_heads * spec.head_dim
     out: dict[str, tuple[list[int], str]] = {"embed.weight": ([v, h], dtype)}
+    if spec.decoder_embed:
+        out["dec.embed.weight"] = ([v, h], dtype)
 
     def linear(name: str, rows: int, cols: int) -> None:
         out[name + ".weight"] = ([rows, cols], dtype)

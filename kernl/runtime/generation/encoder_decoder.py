@@ -1,4 +1,5 @@
-"""The encoder-decoder forward over plain torch ops, for a `Seq2SeqSpec` (T5, BART, Whisper).
+"""The encoder-decoder forward over plain torch ops, for a `Seq2SeqSpec` (T5, BART, mBART,
+Marian, Whisper).
 
 `encode` runs the encoder over a [batch, source] bucket and writes every decoder layer's
 cross-attention keys and values into static buffers (once per request); `decode` runs one
@@ -76,7 +77,11 @@ class EncoderDecoder:
         self.device = device
         self.act = ACTIVATIONS[spec.activation]
         self.inner = spec.num_heads * spec.head_dim
-        self.lm_head = weights.get("lm_head.weight", weights["embed.weight"])
+        # Token tables: one shared by both sides, or the decoder's own (Marian, not shared),
+        # which a tied head then reuses.
+        self.embeds = {"enc": weights["embed.weight"]}
+        self.embeds["dec"] = weights["dec.embed.weight" if spec.decoder_embed else "embed.weight"]
+        self.lm_head = weights.get("lm_head.weight", self.embeds["dec"])
         self.logits_bias = weights.get("final_logits_bias")
 
     # -- pieces -----------------------------------------------------------------------------
@@ -127,7 +132,7 @@ class EncoderDecoder:
 
     def _embed(self, ids: torch.Tensor, side: str, positions: torch.Tensor) -> torch.Tensor:
         s = self.spec
-        x = F.embedding(ids, self.w["embed.weight"])
+        x = F.embedding(ids, self.embeds[side])
         if s.embed_scale != 1.0:
             x = x * s.embed_scale
         if s.positions == "learned":

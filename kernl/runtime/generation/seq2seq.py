@@ -1,5 +1,5 @@
 """Serve an encoder-decoder artifact: `model.generate(input_ids=..., ...)` and `model.stream(...)`
-for seq2seq-lm (T5, BART); Whisper's speech-seq2seq builds on it in generation/speech.py.
+for seq2seq-lm (T5, BART, mBART, Marian); Whisper's speech-seq2seq builds on it in generation/speech.py.
 
 At load: the weights go to the device once and each batch bucket gets its static buffers
 (`_State`: the decoder self-attention KV cache, the cross-attention keys and values for the
@@ -8,7 +8,7 @@ ids, the sampler). A call pads the source on the right into the smallest source 
 (positions stay those of the caller's columns, as in Hugging Face), runs the encoder once —
 which also writes every decoder layer's cross-attention K/V — then one decoder step per token
 after the decoder start token: the first steps feed the rest of the prompt (Whisper's language
-and task tokens), the others choose a new token. Steps are pure functions of the buffers; on
+and task tokens; mBART-50's forced target-language token), the others choose a new token. Steps are pure functions of the buffers; on
 CUDA they are captured as graphs on first use (generation/model.py `_Step`)."""
 
 from __future__ import annotations
@@ -53,6 +53,12 @@ class _State:
         }
         if speech is None:
             self.src_ids = {s: torch.full((batch, s), pad, **long) for s in b.sources}
+            # Marian's bad_words_ids (its pad): never generated.
+            self.suppress = (
+                _vocab_mask(spec.suppress_tokens, spec.vocab_size, device)
+                if spec.suppress_tokens
+                else None
+            )
         else:  # one 30 s window of log-mel features; every encoder position is attended
             shape = (batch, spec.num_mel_bins, spec.frames)
             self.features = torch.zeros(shape, dtype=model.dtype, device=device)
@@ -67,19 +73,18 @@ class _State:
         self.active = torch.ones(batch, dtype=torch.bool, device=device)
         self.out = torch.zeros(batch, b.cache_len, **long)  # out[:, n]: the token at n + 1
         self.eos = torch.full((MAX_EOS_IDS,), -1, **long)
+        # The step position forced to `forced_eos` (the request's last token; -1: none).
+        self.forced_eos_at = torch.full((1,), -1, **long)
+        self.forced_eos = torch.full((1,), max(spec.forced_eos_token_id or 0, 0), **long)
         self.pad = torch.full((1,), pad, **long)
         self.sampler = SamplerParams.allocate(device)
         self.counter = torch.arange(batch * spec.vocab_size, **long).view(batch, -1)
 
     def _masks(self, speech: SpeechSpec, vocab: int, batch: int, device) -> None:
-        def mask(ids) -> torch.Tensor:
-            m = torch.zeros(vocab, dtype=torch.bool)
-            m[list(ids)] = True
-            return m.to(device)
-
-        self.suppress = mask(speech.suppress_tokens)
-        self.begin_suppress = mask(speech.begin_suppress_tokens)
-        self.languages = mask(speech.lang_to_id.values()) if speech.lang_to_id else None
+        self.suppress = _vocab_mask(speech.suppress_tokens, vocab, device)
+        self.begin_suppress = _vocab_mask(speech.begin_suppress_tokens, vocab, device)
+        langs = speech.lang_to_id.values()
+        self.languages = _vocab_mask(langs, vocab, device) if speech.lang_to_id else None
         self.detect = torch.zeros(batch, dtype=torch.bool, device=device)
 
     def reset_counters(self) -> None:
@@ -102,12 +107,15 @@ class _State:
         nxt = self.step + 1  # the position of the token this step chooses
         if self.speech is not None:
             logits = self._whisper_rules(logits, nxt)
+        elif self.suppress is not None:
+            logits = logits.masked_fill(self.suppress, float("-inf"))
         chosen = sample(logits, self.sampler, self.step, self.counter) if do_sample else None
         chosen = greedy(logits) if chosen is None else chosen
         prompting = nxt < self.prompt_len
-        if self.speech is not None:  # (T5 and BART have a one-token prompt)
-            forced = self.prompt.index_select(1, nxt.clamp(max=MAX_PROMPT - 1))[:, 0]
-            chosen = torch.where(prompting, forced, chosen)
+        # Prompt tokens after the start (Whisper's; mBART's forced BOS) replace the choice.
+        forced = self.prompt.index_select(1, nxt.clamp(max=MAX_PROMPT - 1))[:, 0]
+        chosen = torch.where(prompting, forced, chosen)
+        chosen = torch.where(nxt == self.forced_eos_at, self.forced_eos, chosen)
         chosen = torch.where(self.finished, self.pad, chosen)
         self.out.index_copy_(1, self.step, chosen[:, None])
         self.finished |= (chosen[:, None] == self.eos[None, :]).any(-1) & ~prompting
@@ -148,8 +156,15 @@ class _Plan:
         return self.prompt_len - 1 + self.max_new_tokens
 
 
+def _vocab_mask(ids, vocab: int, device) -> torch.Tensor:
+    """[vocab] bool, True at `ids`."""
+    m = torch.zeros(vocab, dtype=torch.bool)
+    m[list(ids)] = True
+    return m.to(device)
+
+
 class Seq2SeqModel(StepLoop):
-    """A loaded seq2seq-lm artifact (T5, BART); see `generate` and `stream`."""
+    """A loaded seq2seq-lm artifact (T5, BART, mBART, Marian); see `generate` and `stream`."""
 
     def __init__(
         self,
@@ -206,13 +221,15 @@ class Seq2SeqModel(StepLoop):
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         seed: int = 0,
+        forced_bos_token_id: int | None = None,
     ) -> torch.Tensor:
         """Like Hugging Face's encoder-decoder `generate`: returns [batch, 1 + new] ids, the
         decoder start token followed by the new tokens; a row that emitted an EOS id is padded
         with `pad_token_id` until every row has finished or `max_new_tokens` (default 20) were
         produced. `attention_mask` zeros mark source padding; a list of token lists is padded
-        on the right. Sampling (`do_sample=True`) applies temperature, top-k, top-p; the same
-        `seed` gives the same ids. Raises ValueError, leaving the model usable, for a source
+        on the right. `forced_bos_token_id` (default: the model's, e.g. mBART-50's target
+        language) is the first new token, as in Hugging Face. Sampling (`do_sample=True`)
+        applies temperature, top-k, top-p; the same `seed` gives the same ids. Raises ValueError, leaving the model usable, for a source
         longer than every source bucket or more new tokens than the decoder cache holds."""
         plan = self._text_plan(
             input_ids,
@@ -222,6 +239,7 @@ class Seq2SeqModel(StepLoop):
             (temperature, top_k, top_p, seed),
             eos_token_id,
             pad_token_id,
+            forced_bos_token_id,
         )
         new = self._generate(plan)
         new = new[:, : _generated_length(new, plan.eos)]
@@ -241,6 +259,7 @@ class Seq2SeqModel(StepLoop):
         pad_token_id: int | None = None,
         seed: int = 0,
         output_logits: bool = False,
+        forced_bos_token_id: int | None = None,
     ) -> Iterator:
         """The same generation, yielding each step's new ids ([batch] on the CPU) as they come
         (with `output_logits`, pairs of ids and that step's float32 logits [batch, vocab]);
@@ -254,6 +273,7 @@ class Seq2SeqModel(StepLoop):
             (temperature, top_k, top_p, seed),
             eos_token_id,
             pad_token_id,
+            forced_bos_token_id,
         )
         return self._stream(plan, output_logits)
 
@@ -274,7 +294,9 @@ class Seq2SeqModel(StepLoop):
 
     def _stream(self, plan: _Plan, output_logits: bool) -> Iterator:
         start = lambda: self._start(plan)  # noqa: E731
-        return self._stream_steps(plan, start, output_logits, skip=plan.prompt_len - 1)
+        # Whisper's prompt is not part of its output; a forced BOS is a new token (as in HF).
+        skip = plan.prompt_len - 1 if self.speech is not None else 0
+        return self._stream_steps(plan, start, output_logits, skip=skip)
 
     def _start(self, plan: _Plan) -> _State:
         """Write the request into its batch bucket's buffers (one copy per buffer)."""
@@ -290,6 +312,8 @@ class Seq2SeqModel(StepLoop):
         eos = torch.full((MAX_EOS_IDS,), -1, dtype=torch.int64)
         eos[: len(plan.eos)] = torch.tensor(plan.eos, dtype=torch.int64)
         state.eos.copy_(eos)
+        forced_eos = self.spec.forced_eos_token_id is not None and state.speech is None
+        state.forced_eos_at.fill_(plan.steps if forced_eos else -1)
         state.pad.fill_(plan.pad)
         state.sampler.set(*plan.sampler, self.spec.vocab_size)
         return state
@@ -357,7 +381,7 @@ class Seq2SeqModel(StepLoop):
             )
 
     def _text_plan(
-        self, input_ids, attention_mask, max_new_tokens, do_sample, sampler, eos_id, pad_id
+        self, input_ids, attention_mask, max_new_tokens, do_sample, sampler, eos_id, pad_id, bos
     ) -> _Plan:
         """Check a request and pick its buckets before touching any state."""
         ids, mask = _as_batch(input_ids, attention_mask, left=False)
@@ -365,6 +389,9 @@ class Seq2SeqModel(StepLoop):
         batch = ids.shape[0]
         bb, eos, pad = self._check(batch, max_new_tokens, do_sample, sampler, eos_id, pad_id)
         vocab = self.spec.vocab_size
+        bos = self.spec.forced_bos_token_id if bos is None else bos
+        if bos is not None and not (isinstance(bos, int) and 0 <= bos < vocab):
+            raise ValueError(f"forced_bos_token_id must be a token id in [0, {vocab}), got {bos!r}")
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= vocab:
             raise ValueError(f"input_ids must lie in [0, {vocab}); got values in [{lo}, {hi}]")
@@ -387,6 +414,9 @@ class Seq2SeqModel(StepLoop):
         valid[:batch, :length] = mask[:, :length]
         valid[batch:, 0] = True  # rows that only fill the bucket: one token each
         prompt = torch.full((bb, MAX_PROMPT), self.spec.decoder_start_token_id)
+        prompt_len = 1
+        if bos is not None:  # the first new token is forced: a two-token prompt
+            prompt[:, 1], prompt_len = bos, 2
         source = {"src_ids": padded, "src_valid": valid}
         return _Plan(
             batch,
@@ -394,8 +424,8 @@ class Seq2SeqModel(StepLoop):
             source_bucket,
             source,
             prompt,
-            1,
-            max_new_tokens,
+            prompt_len,
+            max_new_tokens - prompt_len + 1,
             do_sample,
             sampler,
             eos,

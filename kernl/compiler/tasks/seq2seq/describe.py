@@ -1,22 +1,27 @@
-"""Turn a Hugging Face encoder-decoder (T5 v1.0, T5 v1.1/flan-T5, BART, Whisper) into kernl's
+"""Turn a Hugging Face encoder-decoder (T5 v1.0, T5 v1.1/flan-T5, BART, mBART, Marian, Whisper)
+into kernl's
 description of it: a `Seq2SeqSpec` (for Whisper also a `SpeechSpec`, its generation config) and
 its weights under one naming scheme.
 
 WEIGHT NAMES (what kernl/runtime/generation/encoder_decoder.py reads):
     embed.weight [vocab, d_model]         (shared by encoder and decoder)
+    dec.embed.weight [vocab, d_model]     (Marian with share_encoder_decoder_embeddings=False)
     {enc,dec}.rel_bias.weight [buckets, heads]     (T5: layer 0's relative attention bias)
-    {enc,dec}.pos_embed.weight [positions + offset, d_model]   (BART, offset 2)
-    {enc,dec}.embed_norm.{weight,bias}    (BART's layernorm_embedding)
+    {enc,dec}.pos_embed.weight [positions + offset, d_model]   (BART/mBART: offset 2;
+                                          Marian: its sinusoidal table, offset 0)
+    {enc,dec}.embed_norm.{weight,bias}    (BART's and mBART's layernorm_embedding)
     {enc,dec}.layers.{i}.attn_norm, .qkv [3 inner, d_model], .o, .mlp_norm,
         .fc / .proj (plain FFN) or .gate_up [2 ffn, d_model] / .down (gated FFN)
     dec.layers.{i}.cross_norm, .cross_q, .cross_kv [2 inner, d_model], .cross_o
-    {enc,dec}.final_norm.weight           (T5)
-    lm_head.weight (absent when tied to embed)      final_logits_bias [vocab] (BART)
+    {enc,dec}.final_norm.weight           (T5; mBART and Whisper: also .bias)
+    lm_head.weight (absent when tied to embed)      final_logits_bias [vocab] (BART family)
     enc.conv{1,2}.{weight,bias}           (Whisper's front end; enc.pos_embed has 1500 rows)
 Linear weights are [out, in]; `.bias` entries exist for BART and Whisper (whose key projections
 have none: a zero bias stands in, which adds exactly nothing)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -24,7 +29,7 @@ from kernl.artifacts.seq2seq import DETECT, MAX_PROMPT, Seq2SeqSpec, SpeechSpec
 
 from ...trace import UnsupportedModelError
 
-SUPPORTED = ("t5", "bart", "whisper")
+SUPPORTED = ("t5", "bart", "mbart", "marian", "whisper")
 HF_ACTIVATIONS = {
     "relu": "relu",
     "gelu": "gelu",
@@ -43,8 +48,8 @@ def describe(
     model_type = getattr(model.config, "model_type", type(model).__name__)
     if model_type == "t5":
         spec, weights = _t5(model)
-    elif model_type == "bart":
-        spec, weights = _bart(model)
+    elif model_type in ("bart", "mbart", "marian"):
+        spec, weights = _bart(model, model_type)
     elif model_type == "whisper":
         spec, weights = _whisper(model)
     else:
@@ -61,7 +66,9 @@ def _activation(name: str) -> str:
     return HF_ACTIVATIONS[name]
 
 
-def _token_ids(model) -> dict:
+def _token_ids(model, forcing: bool = True) -> dict:
+    """Start, pad and EOS ids; with `forcing` (text models) also forced BOS/EOS ids and
+    single-token bad_words_ids, which kernl's seq2seq generate applies as HF does."""
     cfg, gen = model.config, getattr(model, "generation_config", None)
 
     def first(*values):
@@ -71,24 +78,41 @@ def _token_ids(model) -> dict:
     eos = first(getattr(gen, "eos_token_id", None), getattr(cfg, "eos_token_id", None))
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     pad = first(getattr(gen, "pad_token_id", None), getattr(cfg, "pad_token_id", None))
+    # Hugging Face's rule: decoder_start_token_id, else bos_token_id (mBART-cc25 has no start id).
     start = first(
         getattr(gen, "decoder_start_token_id", None),
         getattr(cfg, "decoder_start_token_id", None),
-        pad,
+        getattr(gen, "bos_token_id", None),
+        getattr(cfg, "bos_token_id", None),
     )
     if start is None:
         raise UnsupportedModelError("the model declares no decoder_start_token_id")
-    for name in ("forced_bos_token_id", "forced_eos_token_id"):
-        if getattr(gen, name, None) is not None:
-            raise UnsupportedModelError(
-                f"generation_config.{name} is set; kernl's seq2seq generate does not force "
-                "tokens yet (set it to None to compile)"
-            )
-    return dict(
+    out = dict(
         decoder_start_token_id=int(start),
         pad_token_id=int(pad) if pad is not None and 0 <= pad < vocab else None,
         eos_token_ids=[int(e) for e in eos if 0 <= int(e) < vocab],
     )
+    forced = {n: getattr(gen, n, None) for n in ("forced_bos_token_id", "forced_eos_token_id")}
+    bad = getattr(gen, "bad_words_ids", None) or []
+    if not forcing:
+        for name, value in [*forced.items(), ("bad_words_ids", bad)]:
+            if value:
+                raise UnsupportedModelError(f"generation_config.{name} is not supported here")
+        return out
+    for name, value in forced.items():
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if value is not None and not (isinstance(value, int) and 0 <= value < vocab):
+            raise UnsupportedModelError(
+                f"generation_config.{name}={value!r}: kernl forces one token id in [0, {vocab})"
+            )
+        out[name] = value
+    if any(not isinstance(w, list) or len(w) != 1 for w in bad):
+        raise UnsupportedModelError(
+            f"generation_config.bad_words_ids {bad!r}: kernl suppresses single tokens only"
+        )
+    out["suppress_tokens"] = sorted({int(w[0]) for w in bad if 0 <= w[0] < vocab})
+    return out
 
 
 def _untied_head(model) -> bool:
@@ -157,25 +181,45 @@ def _t5(model):
     return spec, w
 
 
-def _bart(model):
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() or (a.shape == b.shape and torch.equal(a, b))
+
+
+def _bart(model, family: str):
+    """BART (post-norm, layernorm_embedding), mBART (pre-norm, layernorm_embedding and a final
+    layer_norm per side) and Marian (post-norm, neither; sinusoidal positions): one layout."""
     cfg = model.config
-    for name in ("normalize_before", "add_final_layer_norm"):
-        if getattr(cfg, name, False):
-            raise UnsupportedModelError(f"BART with {name}=True (mBART-style) is not supported yet")
+    if family == "bart":
+        for name in ("normalize_before", "add_final_layer_norm"):
+            if getattr(cfg, name, False):
+                raise UnsupportedModelError(
+                    f"BART with {name}=True is not supported (mBART's layout is model_type mbart)"
+                )
     if (
         cfg.encoder_attention_heads != cfg.decoder_attention_heads
         or cfg.encoder_ffn_dim != cfg.decoder_ffn_dim
     ):
         raise UnsupportedModelError(
-            "BART with different encoder and decoder widths is not supported"
+            f"{family} with different encoder and decoder widths is not supported"
+        )
+    dec_vocab = getattr(cfg, "decoder_vocab_size", None)
+    if family == "marian" and dec_vocab is not None and dec_vocab != cfg.vocab_size:
+        raise UnsupportedModelError(
+            f"Marian with decoder_vocab_size {dec_vocab} != vocab_size {cfg.vocab_size} "
+            "(separate target vocabulary) is not supported"
         )
     m = model.model
-    untied = _untied_head(model)
+    enc_embed, dec_embed = m.encoder.embed_tokens.weight, m.decoder.embed_tokens.weight
+    decoder_embed = not _same(enc_embed, dec_embed)
+    untied = not _same(model.lm_head.weight, dec_embed)
     heads = cfg.encoder_attention_heads
     pos = m.encoder.embed_positions
+    mbart = family == "mbart"
+    # Marian's table is sinusoidal (no offset); BART's and mBART's learned (offset 2).
+    offset = int(getattr(pos, "offset", 0))
     spec = Seq2SeqSpec(
-        family="bart",
-        model_type="bart",
+        family=family,
+        model_type=family,
         num_encoder_layers=cfg.encoder_layers,
         num_decoder_layers=cfg.decoder_layers,
         d_model=cfg.d_model,
@@ -184,30 +228,36 @@ def _bart(model):
         ffn_dim=cfg.encoder_ffn_dim,
         vocab_size=cfg.vocab_size,
         norm="layer",
-        norm_eps=float(m.encoder.layernorm_embedding.eps),
-        pre_norm=False,
+        norm_eps=float(m.encoder.layers[0].self_attn_layer_norm.eps),
+        pre_norm=mbart,
         mlp="plain",
         activation=_activation(cfg.activation_function),
         positions="learned",
         attention_scale=(cfg.d_model // heads) ** -0.5,
         max_positions=pos.weight.shape[0],
-        position_offset=int(pos.offset),
-        embed_scale=float(m.encoder.embed_tokens.embed_scale),
-        embed_norm=True,
-        final_norm=False,
+        position_offset=offset,
+        embed_scale=math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0,
+        embed_norm=family != "marian",
+        final_norm=mbart,
         biases=True,
         tied_embeddings=not untied,
         final_logits_bias=True,
+        decoder_embed=decoder_embed,
         **_token_ids(model),
     )
-    w = {"embed.weight": m.shared.weight, "final_logits_bias": model.final_logits_bias[0]}
+    w = {"embed.weight": enc_embed, "final_logits_bias": model.final_logits_bias[0]}
+    if decoder_embed:
+        w["dec.embed.weight"] = dec_embed
 
     def lin(p: str, mod) -> None:
         w[p + ".weight"], w[p + ".bias"] = mod.weight, mod.bias
 
     for side, stack in (("enc", m.encoder), ("dec", m.decoder)):
         w[f"{side}.pos_embed.weight"] = stack.embed_positions.weight
-        lin(f"{side}.embed_norm", stack.layernorm_embedding)
+        if spec.embed_norm:
+            lin(f"{side}.embed_norm", stack.layernorm_embedding)
+        if spec.final_norm:
+            lin(f"{side}.final_norm", stack.layer_norm)
         for i, layer in enumerate(stack.layers):
             p = f"{side}.layers.{i}."
             sa = layer.self_attn
@@ -270,7 +320,7 @@ def _whisper(model):
         tied_embeddings=not untied,
         num_mel_bins=cfg.num_mel_bins,
         source_positions=cfg.max_source_positions,
-        **_token_ids(model),
+        **_token_ids(model, forcing=False),
     )
     w = {"embed.weight": dec.embed_tokens.weight}
 
