@@ -31,6 +31,7 @@ _ARCH_SUFFIX = {
     "LMHeadModel": "causal-lm",
     # Encoder-decoder generation heads (T5ForConditionalGeneration, BartForConditionalGeneration).
     "ForConditionalGeneration": "seq2seq-lm",
+    "MTModel": "seq2seq-lm",  # MarianMTModel
 }
 # Inputs kernl serves, in the order programs take them, with their padding and defaults.
 _INPUTS = {
