@@ -183,7 +183,9 @@ def test_resigned_structured_edit_raises_only_artifact_errors(work, which, data)
         if rel == "manifest.msgpack":
             m = read_msgpack(work / rel)
             _edit(m, data, skip=MANIFEST_CHECKSUM_KEY)
-            (work / rel).write_bytes(pack_manifest(m) if isinstance(m, dict) else msgpack.packb(m))
+            # pack_manifest signs a dict whose extra is a map; any other edit goes in unsigned
+            signable = isinstance(m, dict) and isinstance(m.get("extra") or {}, dict)
+            (work / rel).write_bytes(pack_manifest(m) if signable else msgpack.packb(m))
         elif rel.endswith(".msgpack"):
             p = read_msgpack(work / rel)
             _edit(p, data)
