@@ -140,6 +140,14 @@ def test_a_call_names_its_own_target_language_and_stream_yields_it_first(compile
     assert torch.equal(got, ref), f"\nkernl {got.tolist()}\nhf    {ref.tolist()}"
     streamed = torch.stack(list(model.stream(ids, mask, **kw)), dim=1)
     assert torch.equal(streamed, ref[:, 1:])
+    # A forced BOS that is an EOS id ends the row at once, as in HF.
+    with torch.no_grad():
+        ref_eos = hf.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=8, forced_bos_token_id=2
+        )
+    got_eos = model.generate(ids, mask, max_new_tokens=8, forced_bos_token_id=2)
+    assert ref_eos.tolist() == got_eos.tolist() == [[2, 2], [2, 2]]
+    assert len(list(model.stream(ids, mask, max_new_tokens=8, forced_bos_token_id=2))) == 1
     with pytest.raises(ValueError, match="forced_bos_token_id must be a token id"):
         model.generate(ids, mask, max_new_tokens=4, forced_bos_token_id=VOCAB)
     assert torch.equal(model.generate(ids, mask, **kw), ref)

@@ -118,7 +118,10 @@ class _State:
         chosen = torch.where(nxt == self.forced_eos_at, self.forced_eos, chosen)
         chosen = torch.where(self.finished, self.pad, chosen)
         self.out.index_copy_(1, self.step, chosen[:, None])
-        self.finished |= (chosen[:, None] == self.eos[None, :]).any(-1) & ~prompting
+        ended = (chosen[:, None] == self.eos[None, :]).any(-1)
+        if self.speech is not None:  # Whisper's prompt is input; a forced BOS is output (HF)
+            ended &= ~prompting
+        self.finished |= ended
         self.tokens.copy_(chosen)
         self.step.add_(1)
         return logits
@@ -228,7 +231,8 @@ class Seq2SeqModel(StepLoop):
         with `pad_token_id` until every row has finished or `max_new_tokens` (default 20) were
         produced. `attention_mask` zeros mark source padding; a list of token lists is padded
         on the right. `forced_bos_token_id` (default: the model's, e.g. mBART-50's target
-        language) is the first new token, as in Hugging Face. Sampling (`do_sample=True`)
+        language) is the first new token and the model's forced EOS id (mBART, Marian) the
+        last one `max_new_tokens` allows, as in Hugging Face. Sampling (`do_sample=True`)
         applies temperature, top-k, top-p; the same `seed` gives the same ids. Raises ValueError, leaving the model usable, for a source
         longer than every source bucket or more new tokens than the decoder cache holds."""
         plan = self._text_plan(

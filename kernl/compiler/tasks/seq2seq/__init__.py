@@ -1,6 +1,7 @@
 """The seq2seq-lm and speech-seq2seq room: encoder-decoder models (T5 v1.0 and v1.1/flan,
-BART; Whisper) compiled for generation. compile.py (the pipeline), buckets.py (batch / source /
-cache axes), describe.py (HF model -> the runtime encoder-decoder's description and weights)."""
+BART, mBART, Marian; Whisper) compiled for generation. compile.py (the pipeline), buckets.py
+(batch / source / cache axes), describe.py (HF model -> the runtime encoder-decoder's
+description and weights)."""
 
 from __future__ import annotations
 

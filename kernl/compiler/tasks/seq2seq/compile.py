@@ -1,5 +1,6 @@
-"""`kernl.compiler.compile(..., task="seq2seq-lm")`: an encoder-decoder model (T5, BART) in, a
-generation artifact out; `task="speech-seq2seq"`: the same for Whisper (log-mel features in).
+"""`kernl.compiler.compile(..., task="seq2seq-lm")`: an encoder-decoder model (T5, BART, mBART,
+Marian) in, a generation artifact out; `task="speech-seq2seq"`: the same for Whisper (log-mel
+features in).
 
 The artifact holds the model's description (`manifest.extra["seq2seq"]`, a Seq2SeqSpec), its
 buckets (`manifest.extra["seq2seq_buckets"]`) and its weights under kernl's naming scheme; the
@@ -87,7 +88,7 @@ def compile_seq2seq(
     progress: Callable[[str], None] | None = None,
     task: str = TASK,
 ) -> Seq2SeqReport:
-    """Compile a T5 (v1.0, v1.1/flan) or BART model (a local folder, a model id in the local
+    """Compile a T5 (v1.0, v1.1/flan), BART, mBART or Marian model (a local folder, a model id in the local
     HF cache, or a PreTrainedModel) for buckets such as "batch=1,8 source=32:512 cache=128"
     into the artifact folder `out`; with task="speech-seq2seq" a Whisper model for buckets
     such as "batch=1,8 cache=448" (the source is one 30 s window)."""
