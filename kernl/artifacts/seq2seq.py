@@ -1,6 +1,6 @@
-"""What an encoder-decoder artifact (seq2seq-lm: T5, BART, mBART, Marian; speech-seq2seq: Whisper) declares
-about its model and its buckets, as plain dataclasses, and the check of that description as a
-whole.
+"""What an encoder-decoder artifact (seq2seq-lm: T5, BART, mBART, Marian; speech-seq2seq:
+Whisper) declares about its model and its buckets, as plain dataclasses, and the check of that
+description as a whole.
 
 They live in `manifest.extra` as msgpack maps (`seq2seq`, `seq2seq_buckets`, and for Whisper
 `speech`, its generation config: prompt tokens, suppressed tokens): the runtime's

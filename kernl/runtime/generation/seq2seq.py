@@ -1,5 +1,6 @@
 """Serve an encoder-decoder artifact: `model.generate(input_ids=..., ...)` and `model.stream(...)`
-for seq2seq-lm (T5, BART, mBART, Marian); Whisper's speech-seq2seq builds on it in generation/speech.py.
+for seq2seq-lm (T5, BART, mBART, Marian); Whisper's speech-seq2seq builds on it in
+generation/speech.py.
 
 At load: the weights go to the device once and each batch bucket gets its static buffers
 (`_State`: the decoder self-attention KV cache, the cross-attention keys and values for the
@@ -8,8 +9,9 @@ ids, the sampler). A call pads the source on the right into the smallest source 
 (positions stay those of the caller's columns, as in Hugging Face), runs the encoder once —
 which also writes every decoder layer's cross-attention K/V — then one decoder step per token
 after the decoder start token: the first steps feed the rest of the prompt (Whisper's language
-and task tokens; mBART-50's forced target-language token), the others choose a new token. Steps are pure functions of the buffers; on
-CUDA they are captured as graphs on first use (generation/model.py `_Step`)."""
+and task tokens; mBART-50's forced target-language token), the others choose a new token.
+Steps are pure functions of the buffers; on CUDA they are captured as graphs on first use
+(generation/model.py `_Step`)."""
 
 from __future__ import annotations
 
@@ -75,7 +77,7 @@ class _State:
         self.eos = torch.full((MAX_EOS_IDS,), -1, **long)
         # The step position forced to `forced_eos` (the request's last token; -1: none).
         self.forced_eos_at = torch.full((1,), -1, **long)
-        self.forced_eos = torch.full((1,), max(spec.forced_eos_token_id or 0, 0), **long)
+        self.forced_eos = torch.full((1,), spec.forced_eos_token_id or 0, **long)
         self.pad = torch.full((1,), pad, **long)
         self.sampler = SamplerParams.allocate(device)
         self.counter = torch.arange(batch * spec.vocab_size, **long).view(batch, -1)
@@ -115,7 +117,8 @@ class _State:
         # Prompt tokens after the start (Whisper's; mBART's forced BOS) replace the choice.
         forced = self.prompt.index_select(1, nxt.clamp(max=MAX_PROMPT - 1))[:, 0]
         chosen = torch.where(prompting, forced, chosen)
-        chosen = torch.where(nxt == self.forced_eos_at, self.forced_eos, chosen)
+        if self.model.spec.forced_eos_token_id is not None:  # (no kernel spent otherwise)
+            chosen = torch.where(nxt == self.forced_eos_at, self.forced_eos, chosen)
         chosen = torch.where(self.finished, self.pad, chosen)
         self.out.index_copy_(1, self.step, chosen[:, None])
         ended = (chosen[:, None] == self.eos[None, :]).any(-1)
@@ -233,8 +236,9 @@ class Seq2SeqModel(StepLoop):
         on the right. `forced_bos_token_id` (default: the model's, e.g. mBART-50's target
         language) is the first new token and the model's forced EOS id (mBART, Marian) the
         last one `max_new_tokens` allows, as in Hugging Face. Sampling (`do_sample=True`)
-        applies temperature, top-k, top-p; the same `seed` gives the same ids. Raises ValueError, leaving the model usable, for a source
-        longer than every source bucket or more new tokens than the decoder cache holds."""
+        applies temperature, top-k, top-p; the same `seed` gives the same ids. Raises
+        ValueError, leaving the model usable, for a source longer than every source bucket or
+        more new tokens than the decoder cache holds."""
         plan = self._text_plan(
             input_ids,
             attention_mask,

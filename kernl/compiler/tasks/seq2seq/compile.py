@@ -88,10 +88,10 @@ def compile_seq2seq(
     progress: Callable[[str], None] | None = None,
     task: str = TASK,
 ) -> Seq2SeqReport:
-    """Compile a T5 (v1.0, v1.1/flan), BART, mBART or Marian model (a local folder, a model id in the local
-    HF cache, or a PreTrainedModel) for buckets such as "batch=1,8 source=32:512 cache=128"
-    into the artifact folder `out`; with task="speech-seq2seq" a Whisper model for buckets
-    such as "batch=1,8 cache=448" (the source is one 30 s window)."""
+    """Compile a T5 (v1.0, v1.1/flan), BART, mBART or Marian model (a local folder, a model id
+    in the local HF cache, or a PreTrainedModel) for buckets such as "batch=1,8 source=32:512
+    cache=128" into the artifact folder `out`; with task="speech-seq2seq" a Whisper model for
+    buckets such as "batch=1,8 cache=448" (the source is one 30 s window)."""
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
     speech = task == SPEECH_TASK
