@@ -112,6 +112,29 @@ def test_greedy_ids_equal_hugging_face(compiled, variant):
     assert torch.equal(got, ref), f"\nkernl {got.tolist()}\nhf    {ref.tolist()}"
 
 
+def test_captured_steps_give_the_eager_ids(compiled, monkeypatch, tmp_path):
+    """On CUDA every step is captured on first use, and capture_graph runs the step once for
+    real (its warm-up) before recording it. That warm-up must not leak into the request: it
+    did (the first decode step's warm-up overwrote the tokens the encoder step had set), and
+    every logit on the GPU was off by ~30% of its scale. Here the capture's warm-ups run on
+    the CPU exactly as capture_graph runs them, and replays run the step eagerly."""
+    from kernl.runtime.generation import model as generation_model
+
+    def capture(step, pool, device):
+        for _ in range(2):  # warm-up, then the reset before recording
+            step.reset()
+            step.fn()
+        step.reset()
+
+    hf, path, _ = compiled["multilingual"]
+    model = kernl.runtime.load(path, device="cpu")
+    monkeypatch.setattr(generation_model._Step, "capture", capture)
+    model.capture_mode = "lazy"
+    x = features(3, seed=5)
+    assert torch.equal(model.generate(input_features=x, max_new_tokens=24), hf_generate(hf, x, 24))
+    assert torch.equal(model.generate(input_features=x, max_new_tokens=24), hf_generate(hf, x, 24))
+
+
 @pytest.mark.parametrize(
     "kw", [dict(language="fr", task="translate"), dict(language="de"), dict(task="transcribe")]
 )

@@ -329,11 +329,18 @@ class Seq2SeqModel(StepLoop):
     def _run(self, plan: _Plan, state: _State) -> Iterator[torch.Tensor]:
         """Replay the encoder, then one decoder step per token after the start token; yields
         each step's logits (device memory that the next step overwrites)."""
-        self._step(("encode", plan.batch_bucket, plan.source_bucket)).run()
+        bb, src = plan.batch_bucket, plan.source_bucket
+        encode = self._step(("encode", bb, src))
+        # Every step graph this request replays is captured before the encoder's replay: a
+        # capture's warm-up runs the step for real (tokens, finished rows, cache slots), and
+        # the encoder's replay is what puts the request's own state back.
+        decodes = {
+            kv: self._step(("decode", bb, kv, src, plan.do_sample))
+            for kv in sorted({pick_size(self.buckets.caches, n) for n in range(1, plan.steps + 1)})
+        }
+        encode.run()
         for n in range(1, plan.steps + 1):
-            kv = pick_size(self.buckets.caches, n)  # this step writes slot n - 1
-            key = ("decode", plan.batch_bucket, kv, plan.source_bucket, plan.do_sample)
-            yield self._step(key).run()
+            yield decodes[pick_size(self.buckets.caches, n)].run()  # writes slot n - 1
 
     def _step(self, key: tuple) -> _Step:
         step = self._steps.get(key)
