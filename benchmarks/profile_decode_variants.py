@@ -1,0 +1,100 @@
+"""Where one Llama-1B-shaped bf16 decode step goes, by kernel, for the compiler's choice of
+decode kernels and for the fused alternatives it did not keep (issue 15: the fused kernels
+save ~15% of the step's linear time in bench_decode_kernels.py, yet the whole-step timing at
+compile saw ~1%).
+
+    PYTHONPATH=$PWD python3 benchmarks/profile_decode_variants.py     # H200, ~2 min
+
+Compiles (with tuning) `batch=1 prompt=128 cache=512`, loads the artifact, then for each
+variant recaptures the (batch 1, kv 512) decode step, times 200 replays with CUDA events
+(each step writes slot 0 and attends over the whole kv length, as the compiler's timing does)
+and profiles 20 replays: kernel time per step, kernels per step, top kernels. A variant the
+artifact holds no binary for runs with Triton's JIT (allow_jit), as in the compiler."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, VOCAB = 2048, 8192, 16, 32, 8, 128256
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        vocab_size=VOCAB,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+    )
+    torch.manual_seed(0)
+    work = tempfile.mkdtemp()
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(f"{work}/l")
+    cmd = [sys.executable, "-m", "kernl.compiler", f"{work}/l", "-o", f"{work}/a"]
+    cmd += ["--task", "causal-lm", "--dtype", "bf16", "--buckets", "batch=1 prompt=128 cache=512"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    print("\n".join(line for line in r.stdout.splitlines() if "decode step" in line))
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    import kernl.runtime
+    from kernl.runtime.binaries import allow_jit
+
+    gen = kernl.runtime.load(f"{work}/a")
+    chosen = gen.decoder.kernels
+    fused = dataclasses.replace(chosen, norm="fused", linear="fused", lm_head="triton")
+    variants = {
+        "chosen": chosen,
+        "chosen + lm_head": dataclasses.replace(chosen, lm_head="triton"),
+        "fused": fused,
+        "fused + pdl": dataclasses.replace(fused, pdl=True),
+    }
+    gen._running = None  # the compiler's context: every kernel may JIT, not only the artifact's
+    state = gen._states[1]
+    for name, kernels in variants.items():
+        gen.decoder.kernels = kernels
+        gen._steps.clear()
+        with allow_jit(), torch.no_grad():
+            step = gen._step(("decode", 1, 512, False))
+            for _ in range(10):
+                state.reset_counters()
+                step.run()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(200):
+                state.reset_counters()
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                step.run()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(20):
+                    state.reset_counters()
+                    step.run()
+                torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+        total = sum(e.self_device_time_total for e in events) / 20
+        count = sum(e.count for e in events) / 20
+        print(
+            f"== {name}: {kernels.describe()}\n   step {statistics.median(times) * 1e3:.1f} us"
+            f" (median of 200 replays); kernels {total:.1f} us in {count:.0f} kernels"
+        )
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
+            per = e.self_device_time_total / 20
+            print(f"   {per:8.1f} us  x{e.count / 20:5.1f}  {e.key[:90]}")
+
+
+if __name__ == "__main__":
+    main()
