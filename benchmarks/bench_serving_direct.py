@@ -6,6 +6,7 @@ causal LM. Ray Serve's own overhead is measured apart on the CPU
     PYTHONPATH=$PWD OUT=/tmp/out python3 benchmarks/bench_serving_direct.py          # GPU
     PYTHONPATH=$PWD TRITON_INTERPRET=1 .venv/bin/python benchmarks/bench_serving_direct.py \\
         --tiny                                                                        # CPU check
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_serving_direct.py --host     # host cost
 
 Encoder: BERT-base (random weights, BertConfig(), seed 0) compiled with --no-tune for
 `batch=1,2,4,8,16,32,64 seq=128`.
@@ -14,9 +15,9 @@ Encoder: BERT-base (random weights, BertConfig(), seed 0) compiled with --no-tun
           request after another as JSON bytes: parsed and checked (protocol.parse_request),
           gathered (an asyncio queue standing for Ray Serve's @serve.batch: up to 64 rows,
           waiting at most 2 ms after the first; at 16 clients also with no wait), served on a
-          worker thread by encoder.serve_batch (bucket plan priced by each bucket's measured
-          call, one call per group, JSON objects), answers encoded to JSON bytes. This is the
-          deployment's code minus Ray and Starlette.
+          worker thread by encoder.serve_batch_bytes (bucket plan priced by each bucket's
+          measured call, one call per group, each answer encoded there to the JSON bytes the
+          server sends). This is the deployment's code minus Ray and Starlette.
 Generation: Llama-3.2-1B shape (random, seed 0) compiled with --no-tune for
 `batch=1,4,8,16 prompt=128 cache=512`; prompts of 128 random ids, NEW new tokens, greedy.
   direct  model.generate(C prompts), C = 1 and 16 (the largest bucket: the reference for
@@ -26,6 +27,11 @@ Generation: Llama-3.2-1B shape (random, seed 0) compiled with --no-tune for
           also 16 streaming clients (per-step delivery: ids read back every step).
   late    a batch of 15 requests runs; a 16th arrives halfway through: its queueing and
           latency against a request alone, the cost of not joining a running batch.
+Host: `--host` runs neither and prices the encoder request path's host work alone, on any
+machine: 16 one-sequence requests of 128 tokens parsed and served by serve_batch_bytes with a
+stub model returning random fp16 tensors of BERT-base's shapes (bench_serving_common.host_cost),
+for the pooler output, every output and last_hidden_state, as JSON and as base64: microseconds
+per request, printed as JSON lines.
 Prints a table and writes $OUT/serving_direct.json (OUT defaults to the current folder).
 Run time on an H200: two compiles without tuning (about a minute each, not measured yet)
 and about 2 minutes of measurements (5 s per configuration, --seconds); under 7 minutes."""
@@ -55,6 +61,7 @@ def parse_args():
     p.add_argument("--skip-bert", action="store_true")
     p.add_argument("--skip-llama", action="store_true")
     p.add_argument("--new", type=int, default=None, help="new tokens per generation request")
+    p.add_argument("--host", action="store_true", help="host cost per request, stub model")
     return p.parse_args()
 
 
@@ -469,7 +476,18 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def host_costs() -> int:
+    from bench_serving_common import host_cost
+
+    for encoding in ("json", "base64"):
+        for outputs in (["pooler_output"], None, ["last_hidden_state"]):
+            print(json.dumps(host_cost(encoding=encoding, outputs=outputs)), flush=True)
+    return 0
+
+
 def main() -> int:
+    if ARGS.host:
+        return host_costs()
     out_dir = Path(os.environ.get("OUT", "."))
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {

@@ -13,6 +13,7 @@ No Ray here: the planner and the group runner are plain functions, tested on the
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,11 +92,15 @@ def plan_groups(
     best: list[float | None] = [0.0] + [None] * n
     cut = [0] * (n + 1)
     choice: list[Bucket | None] = [None] * (n + 1)
+    # smallest_bucket sorts the buckets on every call: ask once per (rows, longest) pair.
+    fitting = functools.cache(lambda rows, seq: smallest_bucket(buckets, rows, seq))
     for j in range(1, n + 1):
         longest = lengths[order[j - 1]]  # sorted: the last row of a group is its longest
         for i in range(j - 1, max(-1, j - 1 - max_batch), -1):
-            bucket = smallest_bucket(buckets, j - i, longest)
-            if bucket is None or best[i] is None:
+            bucket = fitting(j - i, longest)
+            if bucket is None:
+                break  # no bucket holds j - i rows of this length: nor any more rows
+            if best[i] is None:
                 continue
             cost = best[i] + costs[bucket]
             if best[j] is None or cost < best[j]:
@@ -114,24 +119,38 @@ def plan_groups(
     return groups[::-1]
 
 
-def group_inputs(rows: Sequence[Row], input_specs) -> dict[str, torch.Tensor]:
+def group_inputs(
+    rows: Sequence[Row], input_specs, leave_defaults: bool = False
+) -> dict[str, torch.Tensor]:
     """The (rows, longest) tensors of one group: each row's values, defaults for inputs it
-    left out, pad values (attention mask 0) after its end."""
+    left out, pad values (attention mask 0) after its end. One tensor built per input, not
+    one per row: an input every row gives or none gives costs one call. `leave_defaults`:
+    an input no row gives is left out when the rows are all as long (no padding inside the
+    group), for the runtime fills it with the same default, and checks and copies less."""
     longest = max(r.length for r in rows)
+    real = torch.arange(longest) < torch.tensor([r.length for r in rows])[:, None]
+    even = all(r.length == longest for r in rows)
     tensors: dict[str, torch.Tensor] = {}
     for spec in input_specs:
-        t = torch.full((len(rows), longest), spec.pad_value, dtype=getattr(torch, spec.dtype))
-        for k, row in enumerate(rows):
-            values = row.inputs.get(spec.name)
-            if values is not None:
-                t[k, : row.length] = torch.tensor(values, dtype=t.dtype)
-            elif spec.default == "ones":
-                t[k, : row.length] = 1
-            elif spec.default == "zeros":
-                t[k, : row.length] = 0
-            else:
-                raise ValueError(f"row {k} lacks the required input {spec.name!r}")
-        tensors[spec.name] = t
+        dtype = getattr(torch, spec.dtype)
+        given = [row.inputs.get(spec.name) for row in rows]
+        if all(v is None for v in given):
+            if spec.default not in ("ones", "zeros"):
+                raise ValueError(f"row 0 lacks the required input {spec.name!r}")
+            if leave_defaults and even:
+                continue
+            fill = 1 if spec.default == "ones" else 0
+            t = torch.full((len(rows), longest), spec.pad_value, dtype=dtype)
+            tensors[spec.name] = t.masked_fill_(real, fill)
+            continue
+        padded = []
+        for k, (row, values) in enumerate(zip(rows, given)):
+            if values is None:
+                if spec.default not in ("ones", "zeros"):
+                    raise ValueError(f"row {k} lacks the required input {spec.name!r}")
+                values = (1 if spec.default == "ones" else 0,) * row.length
+            padded.append(tuple(values) + (spec.pad_value,) * (longest - row.length))
+        tensors[spec.name] = torch.tensor(padded, dtype=dtype)
     return tensors
 
 
@@ -157,7 +176,7 @@ def run_group(
     `wanted`: the outputs to copy back (default all): a 64x128 BERT-base batch's
     last_hidden_state is 12.6 MB of fp16 to copy from the GPU that nobody asked for when
     every request wants the pooler output."""
-    inputs = group_inputs(rows, model.manifest.inputs)
+    inputs = group_inputs(rows, model.manifest.inputs, leave_defaults=True)
     outputs = model(**inputs)
     specs = [s for s in model.manifest.outputs if wanted is None or s.name in wanted]
     outputs = {s.name: outputs[s.name].cpu() for s in specs}

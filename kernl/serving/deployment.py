@@ -37,7 +37,7 @@ from kernl.artifacts import read_manifest
 
 from .batching import measure_costs, token_costs
 from .config import ServeConfig
-from .encoder import Replay, serve_batch
+from .encoder import Replay, serve_batch_bytes
 from .metrics import ReplayStats
 from .protocol import ModelLimits, ParsedRequest, RequestError, parse_request
 from .tokenizer import load_tokenizer
@@ -164,25 +164,28 @@ class KernlServer:
         except Exception as e:  # a failed replay fails its batch; the replica keeps serving
             return _json({"error": f"model call failed: {type(e).__name__}: {e}"}, status=500)
         self.stats.record_requests.remote(served=1)
-        return _json(result)
+        return Response(result, media_type="application/json")  # encoded on the worker thread
 
     @serve.batch(
         max_batch_size=_PLACEHOLDER_BATCH,
         batch_size_fn=lambda requests: sum(len(r.rows) for r in requests),
     )
-    async def handle_batch(self, requests: list[ParsedRequest]) -> list[dict]:
+    async def handle_batch(self, requests: list[ParsedRequest]) -> list[bytes]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.worker, self.serve_requests, requests)
 
-    def serve_requests(self, requests: list[ParsedRequest]) -> list[dict]:
-        """Every row of every request, grouped into buckets; one model call per group."""
+    def serve_requests(self, requests: list[ParsedRequest]) -> list[bytes]:
+        """Every row of every request, grouped into buckets; one model call per group; the
+        answers encoded to JSON bytes here, off the event loop."""
 
         def record(r: Replay) -> None:
             self.stats.record_replay.remote(
                 r.requests, r.rows, r.tokens, r.bucket, r.bucket_tokens, self.replica
             )
 
-        return serve_batch(self.model, requests, self.costs, {"replica": self.replica}, record)
+        return serve_batch_bytes(
+            self.model, requests, self.costs, {"replica": self.replica}, record
+        )
 
     def health(self) -> dict:
         m = self.model.manifest

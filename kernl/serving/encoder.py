@@ -1,8 +1,9 @@
 """One gathered batch of encoder requests served without Ray: every row of every request cut
 into the artifact's buckets (batching.plan_groups), one model call per group, one JSON answer
-per request. The deployment (deployment.py) calls it from `@serve.batch`; the in-process
-benchmark (benchmarks/bench_serving_direct.py, on a GPU machine without Ray) calls it the
-same way."""
+per request. The deployment (deployment.py) calls `serve_batch_bytes` from `@serve.batch`
+and sends its bytes as they are; the in-process benchmark (benchmarks/bench_serving_direct.py,
+on a GPU machine without Ray) calls it the same way. `serve_batch` gives the same answers as
+JSON objects, for callers in the same process."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .batching import plan_groups, run_group
-from .protocol import ParsedRequest, response_body
+from .protocol import ParsedRequest, response_body, response_bytes
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,37 @@ def serve_batch(
     """The answers (JSON objects) of `requests`, served together: `costs` prices each bucket
     for the planner (default: tokens), `extra` goes into every answer, `on_replay` hears of
     each model call."""
+    served = _serve(model, requests, costs, on_replay)
+    return [
+        response_body(rows, request, {**(extra or {}), "replays": replays})
+        for request, (rows, replays) in zip(requests, served)
+    ]
+
+
+def serve_batch_bytes(
+    model,
+    requests: Sequence[ParsedRequest],
+    costs: dict | None = None,
+    extra: dict | None = None,
+    on_replay: Callable[[Replay], None] | None = None,
+) -> list[bytes]:
+    """serve_batch's answers encoded as the server sends them: `json.dumps(answer).encode()`
+    byte for byte (protocol.response_bytes), at a fraction of its cost for fp16/bf16."""
+    served = _serve(model, requests, costs, on_replay)
+    return [
+        response_bytes(rows, request, {**(extra or {}), "replays": replays})
+        for request, (rows, replays) in zip(requests, served)
+    ]
+
+
+def _serve(
+    model,
+    requests: Sequence[ParsedRequest],
+    costs: dict | None,
+    on_replay: Callable[[Replay], None] | None,
+) -> list[tuple[list[dict], list[dict]]]:
+    """Per request, its rows' outputs (CPU tensors) and the notes of the replays that served
+    it."""
     rows = [(i, row) for i, r in enumerate(requests) for row in r.rows]
     groups = plan_groups([row.length for _, row in rows], model.buckets, costs)
     per_row: list[dict | None] = [None] * len(rows)
@@ -64,7 +96,6 @@ def serve_batch(
             )
     results, k = [], 0
     for i, request in enumerate(requests):
-        mine = per_row[k : k + len(request.rows)]
+        results.append((per_row[k : k + len(request.rows)], replays[i]))
         k += len(request.rows)
-        results.append(response_body(mine, request, {**(extra or {}), "replays": replays[i]}))
     return results

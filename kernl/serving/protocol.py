@@ -5,29 +5,35 @@ Request (POST /, or /predict):
     {"input_ids": [[101, 7592, 102], [101, 102]],        several, of any lengths
      "attention_mask": [[1, 1, 1], [1, 1]],              optional, same lengths
      "token_type_ids": ...,                              optional, same lengths
-     "outputs": ["pooler_output"]}                       optional: which outputs to return
+     "outputs": ["pooler_output"],                       optional: which outputs to return
+     "encoding": "base64"}                               optional: "json" (default) or "base64"
     {"text": "hello world"} or {"text": [...]}           when the artifact has tokenizer.json
 Response:
     {"outputs": {"last_hidden_state": [...], ...}, "bucket": "4x16", "replica": "...",
      "replay": {"requests": 3, "rows": 5}}
   An output holds one value per sequence (sliced to the sequence's length), or the value
-  alone when the request sent one sequence as a flat list.
+  alone when the request sent one sequence as a flat list. A value is nested JSON numbers, or
+  with "encoding": "base64" {"dtype": "float16", "shape": [768], "data": "<base64>"}: the
+  tensor's raw little-endian bytes in C order, the same values bit for bit.
 
 Every check happens on arrival, before a request joins a batch, so a bad request fails
 alone with a 4xx and a message, and never takes a batch down with it."""
 
 from __future__ import annotations
 
+import base64
+import functools
 import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from kernl.artifacts.schema import Bucket, InputSpec, Manifest
 
-from .batching import Row, smallest_bucket
+from .batching import Row
 
 
 class RequestError(Exception):
@@ -82,8 +88,10 @@ class ParsedRequest:
     rows: list[Row]
     single: bool  # one flat sequence was sent: answer with values, not lists of them
     outputs: list[str]  # the outputs to return
+    encoding: str = "json"  # how output values are spelled: ENCODINGS
 
 
+ENCODINGS = ("json", "base64")
 Tokenize = Callable[[list[str]], list[dict[str, list[int]]]]
 MAX_BODY_BYTES = 8 << 20
 
@@ -95,15 +103,18 @@ def parse_request(
     bucket, 422 wrong fields or values) with a message that says what to change."""
     data = load_json_object(body)
     input_names = [s.name for s in limits.inputs]
-    allowed = set(input_names) | {"text", "outputs"}
+    allowed = set(input_names) | {"text", "outputs", "encoding"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise RequestError(
             422,
             f"unknown field(s) {unknown}; this model takes {input_names}, "
-            f"'text' (with a tokenizer) and 'outputs'",
+            f"'text' (with a tokenizer), 'outputs' and 'encoding'",
         )
     outputs = _parse_outputs(data.get("outputs"), limits.output_names)
+    encoding = data.get("encoding", "json")
+    if encoding not in ENCODINGS:
+        raise RequestError(422, f"'encoding' must be one of {list(ENCODINGS)}")
     if "text" in data:
         rows, single = _rows_from_text(data, input_names, tokenize)
     elif "input_ids" in data:
@@ -111,7 +122,7 @@ def parse_request(
     else:
         raise RequestError(422, "missing field 'input_ids' (or 'text')")
     _check_rows(rows, limits)
-    return ParsedRequest(rows, single, outputs)
+    return ParsedRequest(rows, single, outputs, encoding)
 
 
 def load_json_object(body: bytes) -> dict:
@@ -206,8 +217,9 @@ def _int_matrix(name: str, value) -> list[list[int]]:
             raise shape_error
         if not row:
             raise RequestError(422, f"'{name}' holds an empty sequence")
-        # bool is an int in Python; JSON true/false in token ids is a caller's mistake.
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in row):
+        # bool is an int in Python; JSON true/false in token ids is a caller's mistake. JSON
+        # numbers parse to exactly int or float, so the type test is exact (and runs in C).
+        if set(map(type, row)) != {int}:
             raise RequestError(422, f"'{name}' must hold integers only")
     return value
 
@@ -239,8 +251,9 @@ def _check_rows(rows: Sequence[Row], limits: ModelLimits) -> None:
             f"{len(rows)} sequences in one request; at most {limits.max_rows} "
             f"(the server's --max-batch-size)",
         )
+    max_seq = limits.max_seq  # a row fits a bucket of one row alone iff it fits the longest
     for k, row in enumerate(rows):
-        if smallest_bucket(limits.buckets, 1, row.length) is None:
+        if row.length > max_seq:
             raise RequestError(
                 413,
                 f"sequence {k} has {row.length} tokens, longer than every bucket of this "
@@ -287,11 +300,71 @@ def _config_int(config: dict, key: str) -> int | None:
 
 def response_body(per_row: Sequence[dict], request: ParsedRequest, extra: dict) -> dict:
     """The JSON object answering one request, from its rows' outputs (CPU tensors)."""
+    as_value = _as_base64 if request.encoding == "base64" else _as_json
     outputs = {}
     for name in request.outputs:
-        values = [_as_json(r[name]) for r in per_row]
+        values = [as_value(r[name]) for r in per_row]
         outputs[name] = values[0] if request.single else values
     return {"outputs": outputs, **extra}
+
+
+def response_bytes(per_row: Sequence[dict], request: ParsedRequest, extra: dict) -> bytes:
+    """`json.dumps(response_body(...)).encode()`, byte for byte, without building the lists:
+    what the server sends. A float16 or bfloat16 output is spelled through a table of the
+    JSON text of all 65,536 values (float.__repr__ of each, as json.dumps writes it), so a
+    768-value pooler output costs a table lookup and a join, not 768 float reprs."""
+    fields = []
+    for name in request.outputs:
+        values = [_value_text(r[name], request.encoding) for r in per_row]
+        value = values[0] if request.single else "[" + ", ".join(values) + "]"
+        fields.append(f"{json.dumps(name)}: {value}")
+    text = '{"outputs": {' + ", ".join(fields) + "}"
+    rest = json.dumps(extra)
+    text += "}" if rest == "{}" else ", " + rest[1:]
+    return text.encode()
+
+
+def _value_text(t: torch.Tensor, encoding: str) -> str:
+    if encoding == "base64":
+        return json.dumps(_as_base64(t))
+    table = _half_table(t.dtype)
+    if table is None:
+        return json.dumps(_as_json(t))
+    bits = t.view(torch.int16).numpy().view(np.uint16)
+    return _join(table[bits].tolist()) if bits.ndim else table[bits]
+
+
+def _join(value) -> str:
+    """Nested lists of JSON texts as json.dumps lays out lists: `[a, b]`."""
+    if isinstance(value, str):
+        return value
+    if value and isinstance(value[0], str):
+        return "[" + ", ".join(value) + "]"
+    return "[" + ", ".join(map(_join, value)) + "]"
+
+
+@functools.cache
+def _half_table(dtype: torch.dtype) -> np.ndarray | None:
+    """For a 16-bit float dtype, the JSON text of each bit pattern (indexed by the pattern as
+    uint16), as _as_json spells it; None for other dtypes. Built once, in about 30 ms."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    patterns = torch.from_numpy(np.arange(1 << 16, dtype=np.uint16).view(np.int16))
+    values = patterns.view(dtype).tolist()
+    texts = [repr(v) if math.isfinite(v) else json.dumps(str(v)) for v in values]
+    return np.array(texts, dtype=object)
+
+
+def _as_base64(t: torch.Tensor) -> dict:
+    """The tensor's raw bytes (C order, the host's byte order: little-endian on x86-64 and
+    aarch64), its dtype as torch names it and its shape."""
+    t = t.contiguous()
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    return {
+        "dtype": str(t.dtype).removeprefix("torch."),
+        "shape": list(t.shape),
+        "data": base64.b64encode(data).decode("ascii"),
+    }
 
 
 def _as_json(t):

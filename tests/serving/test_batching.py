@@ -7,9 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernl.runtime
-from kernl.artifacts.schema import Bucket
+from kernl.artifacts.schema import Bucket, InputSpec
 from kernl.serving.batching import (
     Row,
+    group_inputs,
     measure_costs,
     plan_groups,
     run_group,
@@ -117,3 +118,70 @@ def test_group_copies_back_only_the_outputs_asked_for(tiny_artifact):
     everything = run_group(model, rows)
     for got, full in zip(served, everything):
         torch.testing.assert_close(got["pooler_output"], full["pooler_output"])
+
+
+def group_inputs_before(rows, input_specs):
+    """group_inputs as it was, one row at a time: the reference."""
+    longest = max(r.length for r in rows)
+    tensors = {}
+    for spec in input_specs:
+        t = torch.full((len(rows), longest), spec.pad_value, dtype=getattr(torch, spec.dtype))
+        for k, row in enumerate(rows):
+            values = row.inputs.get(spec.name)
+            if values is not None:
+                t[k, : row.length] = torch.tensor(values, dtype=t.dtype)
+            else:
+                t[k, : row.length] = 1 if spec.default == "ones" else 0
+        tensors[spec.name] = t
+    return tensors
+
+
+@pytest.mark.parametrize("lengths", [[4], [3, 3, 3], [1, 5, 2, 5]])
+@pytest.mark.parametrize("given", ["all", "none", "some"])
+def test_group_inputs_equal_row_by_row_filling(lengths, given):
+    specs = [
+        InputSpec("input_ids", "int64", 0, "required"),
+        InputSpec("attention_mask", "int64", 0, "ones"),
+        InputSpec("token_type_ids", "int64", 0, "zeros"),
+        InputSpec("position_ids", "int32", 7, "zeros"),
+    ]
+    rows = []
+    for k, n in enumerate(lengths):
+        inputs = {"input_ids": tuple(range(10 + k, 10 + k + n))}
+        if given == "all" or (given == "some" and k % 2):
+            inputs["attention_mask"] = (1,) * (n - 1) + (0,)
+            inputs["token_type_ids"] = (1,) * n
+            inputs["position_ids"] = tuple(range(n))
+        rows.append(Row(inputs))
+    got, expected = group_inputs(rows, specs), group_inputs_before(rows, specs)
+    assert list(got) == list(expected)
+    for name in expected:
+        assert got[name].dtype == expected[name].dtype and torch.equal(got[name], expected[name])
+
+
+def test_group_inputs_refuse_a_missing_required_input():
+    specs = [InputSpec("input_ids", "int64", 0, "required"), InputSpec("x", "int64", 0)]
+    with pytest.raises(ValueError, match="lacks the required input 'x'"):
+        group_inputs([Row({"input_ids": (1, 2)})], specs)
+
+
+def test_inputs_nobody_gave_are_left_to_the_runtime_only_without_padding(tiny_artifact):
+    specs = [
+        InputSpec("input_ids", "int64", 0, "required"),
+        InputSpec("attention_mask", "int64", 0, "ones"),
+    ]
+    even = [Row({"input_ids": (5, 6, 7)}), Row({"input_ids": (8, 9, 10)})]
+    ragged = [Row({"input_ids": (5, 6, 7)}), Row({"input_ids": (8,)})]
+    assert list(group_inputs(even, specs, leave_defaults=True)) == ["input_ids"]
+    assert list(group_inputs(ragged, specs, leave_defaults=True)) == specs_names(specs)
+    assert list(group_inputs(even, specs)) == specs_names(specs)
+    model = kernl.runtime.load(tiny_artifact, device="cpu")
+    served = run_group(model, even)  # the runtime's defaults: the same answers
+    for row, got in zip(even, served):
+        direct = model(input_ids=torch.tensor([row.inputs["input_ids"]]))
+        for name, expected in direct.items():
+            torch.testing.assert_close(got[name], expected[0], atol=2e-5, rtol=1e-4)
+
+
+def specs_names(specs):
+    return [s.name for s in specs]

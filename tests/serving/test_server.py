@@ -2,6 +2,7 @@
 requests of mixed lengths (and some bad ones), every answer equal to a direct call of the
 same artifact, batching visible in /metrics, /health describing the artifact."""
 
+import base64
 import http.client
 import json
 import os
@@ -151,6 +152,7 @@ BAD = [
     ({"input_ids": list(range(4, 44))}, 413),
     ({"input_ids": [1, 2], "labels": [0]}, 422),
     ({"input_ids": [1, 500]}, 422),
+    ({"input_ids": [1, 2], "encoding": "hex"}, 422),
     ({"input_ids": [[1]] * 9}, 413),
     # Each of these once reached the model and failed its whole batch with a 500.
     ({"input_ids": [5, 6], "token_type_ids": [0, 5]}, 422),
@@ -220,21 +222,29 @@ def test_concurrent_requests_match_direct_calls_and_share_replays(server, tiny_a
     # The server keeps serving after the bad requests.
     status, answer = call(port, "POST", "/predict", {"input_ids": [5, 6, 7]})
     assert status == 200 and len(answer["outputs"]["last_hidden_state"]) == 3
+    # The same sequence with raw bytes: the same values (within TOL: another replay may differ).
+    status, raw = call(port, "POST", "/", {"input_ids": [5, 6, 7], "encoding": "base64"})
+    assert status == 200
+    for name, value in raw["outputs"].items():
+        assert value["dtype"] == "float32"
+        got = torch.frombuffer(bytearray(base64.b64decode(value["data"])), dtype=torch.float32)
+        expected = torch.tensor(answer["outputs"][name])
+        torch.testing.assert_close(got.reshape(value["shape"]), expected, **TOL)
 
     rows = (
         sum(
             len(b["input_ids"]) if isinstance(b.get("input_ids", [0])[0], list) else 1 for b in good
         )
-        + 1
+        + 2
     )
     deadline = time.monotonic() + 20
     while True:  # replicas report replays without waiting; give the reports a moment
         _, metrics = call(port, "GET", "/metrics")
-        if metrics["requests"] >= N_REQUESTS + 1 or time.monotonic() > deadline:
+        if metrics["requests"] >= N_REQUESTS + 2 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     print(json.dumps(metrics, indent=1))
-    assert metrics["requests"] == N_REQUESTS + 1
+    assert metrics["requests"] == N_REQUESTS + 2
     assert metrics["bad_requests"] == len(BAD)
     assert metrics["rows"] == rows
     assert metrics["batched_replays"] > 0 and metrics["max_requests_per_replay"] > 1
