@@ -39,7 +39,7 @@ from .batching import measure_costs, token_costs
 from .config import ServeConfig
 from .encoder import Replay, serve_batch_bytes
 from .metrics import ReplayStats
-from .protocol import ModelLimits, ParsedRequest, RequestError, parse_request
+from .protocol import ModelLimits, ParsedRequest, RequestError, parse_request, prepare_answers
 from .tokenizer import load_tokenizer
 
 # Ray Serve's own default batch size, replaced per replica by the configured one.
@@ -99,6 +99,7 @@ class KernlServer:
             if measure
             else token_costs(model.buckets, self.config.replay_cost_tokens)
         )
+        prepare_answers([o.dtype for o in model.manifest.outputs])
         self.model = model  # last: a set model means a ready replica
 
     def _load_state(self) -> tuple[str, str | None]:

@@ -343,6 +343,15 @@ def _join(value) -> str:
     return "[" + ", ".join(map(_join, value)) + "]"
 
 
+def prepare_answers(output_dtypes: Sequence[str]) -> None:
+    """Build the text tables of the outputs' dtypes (manifest names: "float16", ...) now, at a
+    replica's load, rather than in the first request (about 30 ms each)."""
+    for name in output_dtypes:
+        dtype = getattr(torch, name, None)
+        if isinstance(dtype, torch.dtype):
+            _half_table(dtype)
+
+
 @functools.cache
 def _half_table(dtype: torch.dtype) -> np.ndarray | None:
     """For a 16-bit float dtype, the JSON text of each bit pattern (indexed by the pattern as

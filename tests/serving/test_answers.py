@@ -18,7 +18,9 @@ from kernl.serving.protocol import (
     ModelLimits,
     ParsedRequest,
     RequestError,
+    _half_table,
     parse_request,
+    prepare_answers,
     response_body,
     response_bytes,
 )
@@ -208,3 +210,10 @@ def test_plan_equals_the_plan_before_caching(seed):
     lengths = lengths.tolist()
     got = [(grp.rows, grp.bucket) for grp in plan_groups(lengths, buckets)]
     assert got == plan_before(lengths, buckets)
+
+
+def test_prepare_answers_builds_the_tables_before_the_first_request():
+    _half_table.cache_clear()
+    prepare_answers(["float16", "float32", "no_such_dtype"])
+    assert _half_table(torch.float16) is not None and _half_table(torch.float32) is None
+    assert _half_table.cache_info().hits == 2  # both built by prepare_answers
