@@ -218,34 +218,3 @@ def test_task_is_inferred_and_buckets_name_their_axes(tmp_path):
         parse_seq2seq_buckets("batch=1 seq=16")
     with pytest.raises(BucketSyntaxError, match="missing axis source"):
         parse_seq2seq_buckets("batch=1 cache=16")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("family", FAMILIES)
-def test_bf16_step_logits_match_hugging_face_eager_on_the_gpu(family, tmp_path):
-    """Each family compiled in bf16 on the GPU (steps captured as CUDA graphs); every step of
-    kernl's greedy decode, teacher-forced on the same prefix, against HF eager in float32 (the
-    reference) and in bf16 (the stock op): kernl's worst logit error relative to the step's
-    largest |logit| is at most twice HF bf16's (STYLE rule 6). A graph that reads state its
-    capture's warm-up left behind is off by a third of that scale (found on Whisper)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    import copy
-
-    hf32 = tiny_seq2seq(family).cuda()
-    hf = copy.deepcopy(hf32).to(torch.bfloat16)
-    kernl.compiler.compile(hf, BUCKETS, tmp_path / "a", dtype="bf16")
-    model = kernl.runtime.load(tmp_path / "a")
-    ids, mask = sources([13, 5, 9], seed=3)
-    steps = list(model.stream(ids, mask, max_new_tokens=24, eos_token_id=[], output_logits=True))
-    new = torch.stack([s[0] for s in steps], dim=1).cuda()
-    got = torch.stack([s[1] for s in steps], dim=1).cuda()
-    start = torch.full((3, 1), hf32.config.decoder_start_token_id, device="cuda")
-    dec = torch.cat([start, new[:, :-1]], 1)
-    ids, mask = ids.cuda(), mask.cuda()
-    with torch.no_grad():
-        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.float()
-        r32 = hf32(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.float()
-    scale = r32.abs().amax(-1, keepdim=True)
-    err, stock = ((got - r32).abs() / scale).amax(), ((ref - r32).abs() / scale).amax()
-    assert err <= 2 * stock, f"{family}: kernl bf16 {err:.4f} vs fp32, HF bf16 {stock:.4f}"
