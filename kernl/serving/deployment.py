@@ -22,7 +22,6 @@ application builder: `serve run kernl.serving.deployment:build artifact=/path/to
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,7 +29,6 @@ from dataclasses import asdict, replace
 
 import ray
 from ray import serve
-from starlette.requests import Request
 from starlette.responses import Response
 
 from kernl.artifacts import read_manifest
@@ -40,6 +38,8 @@ from .config import ServeConfig
 from .encoder import Replay, serve_batch_bytes
 from .metrics import ReplayStats
 from .protocol import ModelLimits, ParsedRequest, RequestError, parse_request, prepare_answers
+from .replica import Replica, replica_device
+from .replica import json_response as _json
 from .tokenizer import load_tokenizer
 
 # Ray Serve's own default batch size, replaced per replica by the configured one.
@@ -58,12 +58,10 @@ def _stats_actor(app_name: str):
     ).remote()
 
 
-def _json(body: dict, status: int = 200) -> Response:
-    return Response(json.dumps(body), status_code=status, media_type="application/json")
-
-
 @serve.deployment
-class KernlServer:
+class KernlServer(Replica):
+    POST_PATHS = ("/", "/predict")
+
     def __init__(self, config: ServeConfig):
         # Only what the manifest says is read here (milliseconds): requests are checked from
         # the replica's first moment, and the model loads in the background (_load).
@@ -87,11 +85,7 @@ class KernlServer:
     def _load(self) -> None:
         import kernl.runtime  # in the replica's process, after Ray has set its GPU
 
-        device = self.config.device
-        if device is None:
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = replica_device(self.config.device)
         model = kernl.runtime.load(self.config.artifact, device=device)
         measure = self.config.plan_by == "time" or (self.config.plan_by is None and device != "cpu")
         self.costs = (
@@ -102,53 +96,8 @@ class KernlServer:
         prepare_answers([o.dtype for o in model.manifest.outputs])
         self.model = model  # last: a set model means a ready replica
 
-    def _load_state(self) -> tuple[str, str | None]:
-        """("loading" | "failed" | "ready", the load's error if it failed)."""
-        if not self.loading.done():
-            return "loading", None
-        error = self.loading.exception()
-        if error is not None:
-            return "failed", f"{type(error).__name__}: {error}"
-        return "ready", None
-
-    def check_health(self) -> None:
-        """Ray Serve's periodic replica check: a replica whose model failed to load is
-        replaced, rather than kept answering 503."""
-        state, error = self._load_state()
-        if state == "failed":
-            raise RuntimeError(f"kernl: loading {self.config.artifact} failed: {error}")
-
-    async def __call__(self, request: Request) -> Response:
-        path = request.url.path.rstrip("/") or "/"
-        prefix = (request.scope.get("root_path") or "").rstrip("/")
-        if prefix and path.startswith(prefix):
-            path = path[len(prefix) :] or "/"
-        if path in ("/health", "/ready") and request.method == "GET":
-            state, error = self._load_state()
-            if state != "ready":
-                body = {
-                    "ready": False,
-                    "status": state,
-                    "replica": self.replica,
-                    "artifact": os.path.abspath(self.config.artifact),
-                }
-                if error:
-                    body["error"] = error
-                return _json(body, status=503)
-            if path == "/ready":
-                return _json({"ready": True, "status": "ok", "replica": self.replica})
-            return _json(self.health())
-        if path == "/metrics" and request.method == "GET":
-            return _json(await self.stats.snapshot.remote())
-        if path in ("/", "/predict") and request.method == "POST":
-            return await self.predict(await request.body())
-        return _json(
-            {
-                "error": f"no route {request.method} {path}; use POST / (or /predict), "
-                "GET /ready, GET /health, GET /metrics"
-            },
-            status=404 if request.method in ("GET", "POST") else 405,
-        )
+    async def post(self, body: bytes) -> Response:
+        return await self.predict(body)
 
     async def predict(self, body: bytes) -> Response:
         try:

@@ -22,7 +22,6 @@ gets a 4xx naming the field and the limit, and the replica keeps serving."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -30,7 +29,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import ray
 from ray import serve
-from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from kernl.artifacts import read_manifest
@@ -49,12 +47,9 @@ from .generation_protocol import (  # noqa: F401  (re-exported: the names tests 
 )
 from .metrics import GenerationStats
 from .protocol import RequestError
+from .replica import Replica, replica_device
+from .replica import json_response as _json
 from .tokenizer import load_detokenizer, load_tokenizer
-
-
-def _json(body: dict, status: int = 200) -> Response:
-    return Response(json.dumps(body), status_code=status, media_type="application/json")
-
 
 _METRICS_NAMESPACE = "kernl"
 
@@ -70,8 +65,10 @@ def _stats_actor(app_name: str):
 
 
 @serve.deployment
-class KernlGenerator:
+class KernlGenerator(Replica):
     """One replica: one GenerativeModel, requests batched by a GenerationBatcher."""
+
+    POST_PATHS = ("/", "/predict", "/generate")
 
     def __init__(self, config: ServeConfig):
         self.config = config
@@ -96,57 +93,8 @@ class KernlGenerator:
     def _load(self) -> None:
         import kernl.runtime
 
-        device = self.config.device
-        if device is None:
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = replica_device(self.config.device)
         self.model = kernl.runtime.load(self.config.artifact, device=device)
-
-    def _load_state(self) -> tuple[str, str | None]:
-        if not self.loading.done():
-            return "loading", None
-        error = self.loading.exception()
-        if error is not None:
-            return "failed", f"{type(error).__name__}: {error}"
-        return "ready", None
-
-    def check_health(self) -> None:
-        state, error = self._load_state()
-        if state == "failed":
-            raise RuntimeError(f"kernl: loading {self.config.artifact} failed: {error}")
-
-    async def __call__(self, request: Request) -> Response:
-        path = request.url.path.rstrip("/") or "/"
-        prefix = (request.scope.get("root_path") or "").rstrip("/")
-        if prefix and path.startswith(prefix):
-            path = path[len(prefix) :] or "/"
-        if path in ("/health", "/ready") and request.method == "GET":
-            state, error = self._load_state()
-            if state != "ready":
-                body = {
-                    "ready": False,
-                    "status": state,
-                    "replica": self.replica,
-                    "artifact": os.path.abspath(self.config.artifact),
-                }
-                if error:
-                    body["error"] = error
-                return _json(body, status=503)
-            if path == "/ready":
-                return _json({"ready": True, "status": "ok", "replica": self.replica})
-            return _json(self.health())
-        if path == "/metrics" and request.method == "GET":
-            return _json(await self.stats.snapshot.remote())
-        if path in ("/", "/predict", "/generate") and request.method == "POST":
-            return await self.generate(await request.body())
-        return _json(
-            {
-                "error": f"no route {request.method} {path}; use POST / (or /predict, /generate), "
-                "GET /ready, GET /health, GET /metrics"
-            },
-            status=404 if request.method in ("GET", "POST") else 405,
-        )
 
     def _batcher(self) -> GenerationBatcher:
         if self.batcher is None:  # on the event loop's thread: no race
@@ -159,6 +107,9 @@ class KernlGenerator:
         self.stats.record_batch.remote(
             record.requests, record.steps, record.abandoned, max(record.waits_s), self.replica
         )
+
+    async def post(self, body: bytes) -> Response:
+        return await self.generate(body)
 
     async def generate(self, body: bytes) -> Response:
         try:
