@@ -212,20 +212,9 @@ class GenerativeModel(StepLoop):
         (`do_sample=True`) applies temperature, top-k, top-p; the same `seed` gives the same
         ids. `max_new_tokens` defaults to 20; `max_length`, as in Hugging Face, counts the
         prompt (its padded length) too, and `max_new_tokens` wins when both are given."""
-        self._refuse_reentry()
-        prompt, mask = _as_batch(input_ids, attention_mask)
-        max_new_tokens = _new_tokens(max_new_tokens, max_length, prompt.shape[1])
-        plan = self._plan(
-            prompt,
-            mask,
-            max_new_tokens,
-            do_sample,
-            temperature,
-            top_k,
-            top_p,
-            eos_token_id,
-            pad_token_id,
-            seed,
+        sampling = (do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
+        prompt, plan = self._request(
+            input_ids, attention_mask, max_new_tokens, max_length, sampling
         )
         with self._lock:
             new = self._collect(plan, self._start(plan, temperature, top_k, top_p, seed))
@@ -253,23 +242,19 @@ class GenerativeModel(StepLoop):
         returns; the model serves nothing else until the iterator is exhausted or closed
         (the thread iterating it gets a RuntimeError if it calls `generate` or `stream`
         before then, instead of waiting for itself)."""
+        sampling = (do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
+        _, plan = self._request(input_ids, attention_mask, max_new_tokens, max_length, sampling)
+        start = lambda: self._start(plan, temperature, top_k, top_p, seed)  # noqa: E731
+        return self._stream_steps(plan, start, output_logits)
+
+    def _request(
+        self, input_ids, attention_mask, max_new_tokens, max_length, sampling: tuple
+    ) -> tuple[torch.Tensor, _Plan]:
+        """generate's and stream's common start: (the prompts as one batch, the checked plan)."""
         self._refuse_reentry()
         prompt, mask = _as_batch(input_ids, attention_mask)
         max_new_tokens = _new_tokens(max_new_tokens, max_length, prompt.shape[1])
-        plan = self._plan(
-            prompt,
-            mask,
-            max_new_tokens,
-            do_sample,
-            temperature,
-            top_k,
-            top_p,
-            eos_token_id,
-            pad_token_id,
-            seed,
-        )
-        start = lambda: self._start(plan, temperature, top_k, top_p, seed)  # noqa: E731
-        return self._stream_steps(plan, start, output_logits)
+        return prompt, self._plan(prompt, mask, max_new_tokens, *sampling)
 
     def _running(self) -> AbstractContextManager:
         return running_with(self._binaries, self.device)
