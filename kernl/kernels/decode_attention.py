@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import is_interpreted, launch_kernel, pdl_kwargs, pdl_start
+from .launch import is_interpreted, launch_kernel
+from .pdl import pdl_kwargs, pdl_start
 
 
 @triton.jit

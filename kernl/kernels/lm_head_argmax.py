@@ -26,14 +26,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .launch import (
-    is_interpreted,
-    launch_kernel,
-    pdl_kwargs,
-    pdl_start,
-    prefetch_lines,
-    prefetch_rows_l2,
-)
+from .launch import is_interpreted, launch_kernel
+from .pdl import pdl_kwargs, pdl_start, prefetch_lines, prefetch_rows_l2
 
 MAX_ROWS = 16
 INT64_MIN = -(2**63)

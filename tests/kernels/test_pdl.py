@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (kernels/launch.py): the decode kernels take a USE_PDL
+"""Programmatic dependent launch (kernels/pdl.py): the decode kernels take a USE_PDL
 constexpr (gdc_wait, then gdc_launch_dependents, before any read) and Triton's launch_pdl
 option; a loaded artifact launches such binaries through cuLaunchKernelEx with the
 programmatic-stream-serialization attribute (runtime/binaries.py).
@@ -20,21 +20,22 @@ from kernl.kernels import decode_attention as da
 from kernl.kernels import launch
 from kernl.kernels import lm_head_argmax as lm
 from kernl.kernels import norm_linear as nl
+from kernl.kernels import pdl as kpdl
 from kernl.kernels import rope_cache_write as rc
 from kernl.kernels import skinny_linear_fused as slf
 
 
 def test_pdl_kwargs_and_prefetch_lines():
     w = torch.empty(4, 8, dtype=torch.float16)
-    assert launch.prefetch_lines(False, 2048, w, object()) == 0
-    assert launch.prefetch_lines(True, 2048, w, object()) == launch.MAX_PREFETCH_LINES
-    assert launch.prefetch_lines(True, 192, w, object()) == 4  # 3 lines of 128 B, rounded up
-    assert launch.prefetch_lines(True, 192, w, nl._norm_linear_kernel) == (
+    assert kpdl.prefetch_lines(False, 2048, w, object()) == 0
+    assert kpdl.prefetch_lines(True, 2048, w, object()) == kpdl.MAX_PREFETCH_LINES
+    assert kpdl.prefetch_lines(True, 192, w, object()) == 4  # 3 lines of 128 B, rounded up
+    assert kpdl.prefetch_lines(True, 192, w, nl._norm_linear_kernel) == (
         0 if launch.is_interpreted(nl._norm_linear_kernel) else 4
     )
-    assert launch.pdl_kwargs(False) == {"USE_PDL": False}
-    assert launch.pdl_kwargs(True) == {"USE_PDL": True, "launch_pdl": True}
-    assert launch.pdl_kwargs(True, interpreted=True) == {"USE_PDL": False}
+    assert kpdl.pdl_kwargs(False) == {"USE_PDL": False}
+    assert kpdl.pdl_kwargs(True) == {"USE_PDL": True, "launch_pdl": True}
+    assert kpdl.pdl_kwargs(True, interpreted=True) == {"USE_PDL": False}
 
 
 def _chain(
@@ -144,7 +145,7 @@ def test_binaries_route_launch_pdl_to_the_pdl_launch(monkeypatch):
     monkeypatch.setattr(b.torch.cuda, "device", lambda _d: contextlib.nullcontext())
     kb = b.KernelBinaries(torch.device("cpu"))
     for pdl in (False, True):
-        kwargs = {"BLOCK": 16, **launch.pdl_kwargs(pdl)}
+        kwargs = {"BLOCK": 16, **kpdl.pdl_kwargs(pdl)}
         bound, options = b.bind(jit_fn, (x, 4), kwargs)
         kb.loaded[b.launch_key(jit_fn, bound, options)] = Fake()
         kb(jit_fn, (3,), (x, 4), kwargs)

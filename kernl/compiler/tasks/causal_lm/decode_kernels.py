@@ -165,7 +165,7 @@ def _try_pdl(
 
 
 def _runs_fused(k: DecodeKernels) -> bool:
-    """Whether the step runs a kernel that takes PDL (kernl/kernels/launch.py pdl_start)."""
+    """Whether the step runs a kernel that takes PDL (kernl/kernels/pdl.py pdl_start)."""
     fused = k.norm == "fused" or k.linear == "fused" or k.lm_head == "triton"
     return fused or k.attention == "triton" or k.rope == "triton"
 

@@ -1,0 +1,64 @@
+"""Programmatic dependent launch (PDL, Hopper and later), the kernels' side: a kernel launched
+with `launch_pdl=True` may start while the kernel before it on the stream drains; it must call
+`pdl_start(USE_PDL)` before touching memory the previous kernel writes or reads. `pdl_kwargs(pdl)`
+are the launch arguments that go with it (a `USE_PDL` constexpr and, when on, Triton's
+`launch_pdl` option). Triton 3.6's interpreter cannot run gdc_wait (an InterpreterError: it is
+inline PTX), so PDL is off there (`pdl_kwargs` says so) and CPU tests cover everything but the
+instructions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from .launch import is_interpreted
+
+
+@triton.jit
+def pdl_start(USE_PDL: tl.constexpr):
+    """With PDL: wait until the previous kernel on the stream has finished and its writes are
+    visible (nothing before this may read or write shared buffers), then let the next kernel
+    launch: its programs start and wait in turn while this one streams its weights."""
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_rows_l2(rows, row_mask, k_lo, k_hi, LINES: tl.constexpr, DTYPE: tl.constexpr):
+    """Ask L2 for the first LINES 128-byte lines of each row's [k_lo, k_hi) (rows: pointers to
+    the rows' starts, [R, 1]): `prefetch.global.L2` loads nothing into registers, so a kernel
+    launched early by PDL can start the weight stream before it waits for its inputs."""
+    step: tl.constexpr = 1024 // DTYPE.primitive_bitwidth  # elements per 128-byte line
+    ks = k_lo + tl.arange(0, LINES) * step
+    mask = row_mask[:, None] & (ks < k_hi)[None, :]
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+        "=r,l,r",
+        [rows + ks[None, :], mask.to(tl.int32)],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+MAX_PREFETCH_LINES = 16  # per row: 2 KB, a first few pipeline stages' worth
+
+
+def prefetch_lines(on: bool, k_span: int, weight, kernel) -> int:
+    """PREFETCH for a launch: the lines per row that cover `k_span` elements (a power of two,
+    at most MAX_PREFETCH_LINES), or 0 when off or interpreted (no inline PTX there)."""
+    if not on or is_interpreted(kernel):
+        return 0
+    lines = -(-k_span * weight.element_size() // 128)
+    return min(MAX_PREFETCH_LINES, triton.next_power_of_2(max(1, lines)))
+
+
+def pdl_kwargs(pdl: bool, interpreted: bool = False) -> dict[str, Any]:
+    """The launch arguments of a kernel that calls `pdl_start(USE_PDL)`."""
+    if pdl and not interpreted:
+        return {"USE_PDL": True, "launch_pdl": True}
+    return {"USE_PDL": False}
