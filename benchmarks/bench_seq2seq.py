@@ -202,6 +202,41 @@ def kernl_runner(model, kw: dict) -> Callable[[int], object]:
     return lambda n: model.generate(**kw, max_new_tokens=n, eos_token_id=[])
 
 
+def profile_decode_step(model, name: str, batch: int, dev: torch.device) -> None:
+    """Where one decode step goes: the step graph the last generate of this batch bucket
+    replayed (the longest cache bucket), profiled over 20 replays (its step counter reset
+    before each, so every replay writes slot 0 and attends over the whole bucket): kernels
+    per step, their summed time, and the largest by time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    key = [k for k in model._steps if k[0] == "decode" and k[1] == batch][-1]
+    step, state = model._steps[key], model._states[batch]
+    times = []
+    for _ in range(50):
+        state.reset_counters()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step.run()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            state.reset_counters()
+            step.run()
+        sync(dev)
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:10]
+    log(
+        what=f"{name} kernl decode step",
+        batch=batch,
+        step_us=sorted(times)[len(times) // 2],
+        kernels=sum(e.count for e in events) / 20,
+        kernel_us=sum(e.self_device_time_total for e in events) / 20,
+        top=[(e.key[:80], e.self_device_time_total / 20, e.count / 20) for e in top],
+    )
+
+
 def run_model(kind: str, args, out: Path, dev: torch.device, dtype: torch.dtype) -> None:
     import transformers as tf
 
@@ -230,6 +265,8 @@ def run_model(kind: str, args, out: Path, dev: torch.device, dtype: torch.dtype)
     for batch in (1, 8):
         kw = inputs(kind, cfg, batch, dtype, dev, tiny)
         log(**bench_generate(f"{name} kernl", kernl_runner(model, kw), batch, dev, repeat))
+        if dev.type == "cuda":
+            profile_decode_step(model, name, batch, dev)
         for static in (False, True) if not args.skip_hf_static else (False,):
             label = f"{name} HF {'static-cache' if static else 'eager'}"
             if static and time.perf_counter() - START > STATIC_BUDGET_S:

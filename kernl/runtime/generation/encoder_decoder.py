@@ -83,6 +83,17 @@ class EncoderDecoder:
         self.embeds["dec"] = weights["dec.embed.weight" if spec.decoder_embed else "embed.weight"]
         self.lm_head = weights.get("lm_head.weight", self.embeds["dec"])
         self.logits_bias = weights.get("final_logits_bias")
+        self._zero = torch.zeros((), dtype=dtype, device=device)
+        self._lowest = torch.finfo(dtype).min
+        self._decoder_bias = None
+        if spec.positions == "relative":
+            # The decoder's bias depends only on the query-key distance, and no bucket
+            # changes past max_distance: one [H, max_distance + 1] table, gathered per step.
+            distance = torch.arange(spec.relative_max_distance + 1, device=device)
+            buckets = relative_position_bucket(
+                -distance, False, spec.relative_buckets, spec.relative_max_distance
+            )
+            self._decoder_bias = F.embedding(buckets, weights["dec.rel_bias.weight"]).t()
 
     # -- pieces -----------------------------------------------------------------------------
 
@@ -95,40 +106,53 @@ class EncoderDecoder:
             return F.layer_norm(
                 x, (s.d_model,), self.w[name + ".weight"], self.w[name + ".bias"], s.norm_eps
             )
-        # T5LayerNorm: no mean, no bias, the variance in float32.
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        y = x.float() * torch.rsqrt(var + s.norm_eps)
-        return self.w[name + ".weight"] * y.to(self.dtype)
+        # T5LayerNorm: no mean, no bias; torch's fused RMSNorm keeps the statistics in
+        # float32 too, and rounds once where T5 rounds before its weight.
+        return F.rms_norm(x, (s.d_model,), self.w[name + ".weight"], s.norm_eps)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H*D] -> [B, H, T, D]
         b, t, _ = x.shape
         return x.view(b, t, self.spec.num_heads, self.spec.head_dim).transpose(1, 2)
 
-    def _attend(self, q, k, v, bias: torch.Tensor | None) -> torch.Tensor:
-        """q [B,H,T,D], k/v [B,H,S,D], bias broadcastable to [B,H,T,S] (-inf where masked);
-        None (no mask, no bias) or a boolean mask (True: attended): SDPA, whose fused kernels
-        never materialise the scores (Whisper's encoder: [B, H, 1500, 1500])."""
-        if bias is None or bias.dtype == torch.bool:
-            scale = self.spec.attention_scale
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-            return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], self.inner)
-        scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.spec.attention_scale
-        probs = torch.softmax(scores + bias, dim=-1).to(v.dtype)
-        out = torch.matmul(probs, v)
-        b, _, t, _ = out.shape
-        return out.transpose(1, 2).reshape(b, t, self.inner)
+    def _attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+        """q [B,H,T,D], k/v [B,H,S,D]; mask None (every key attended) or additive in the
+        model's dtype, broadcastable to [B,H,T,S] (`_additive`), which carries T5's relative
+        position bias too. One fused SDPA kernel: the scores are never materialised
+        (Whisper's encoder: [B, H, 1500, 1500]), and a decode step's attention is one launch
+        instead of the seven of matmul, scale, bias, softmax, cast, matmul and copy."""
+        scale = self.spec.attention_scale
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], self.inner)
 
-    def _mlp(self, x: torch.Tensor, p: str) -> torch.Tensor:
+    def _additive(self, attended: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """A boolean mask (True: attended) as an additive one in the model's dtype, the bias
+        where attended (Hugging Face's masks use the dtype's minimum: a row with no key
+        attended stays finite). One kernel."""
+        return torch.where(attended, self._zero if bias is None else bias, self._lowest)
+
+    def _mlp(self, x: torch.Tensor, p: str) -> tuple[torch.Tensor, str]:
+        """The MLP up to its last projection: (that projection's input, its name)."""
         if self.spec.mlp == "gated":
             gate, up = self._linear(x, p + "gate_up").chunk(2, dim=-1)
-            return self._linear(self.act(gate) * up, p + "down")
-        return self._linear(self.act(self._linear(x, p + "fc")), p + "proj")
+            return self.act(gate) * up, p + "down"
+        return self.act(self._linear(x, p + "fc")), p + "proj"
 
     def _block(self, x: torch.Tensor, p: str, norm: str, fn) -> torch.Tensor:
-        """A residual block: pre-norm (T5) or post-norm (BART)."""
+        """A residual block, pre-norm (T5) or post-norm (BART); `fn` returns the input of the
+        block's output projection and its name, so that the residual add rides in that
+        GEMM (`_residual_linear`)."""
         if self.spec.pre_norm:
-            return x + fn(self._norm(x, p + norm))
-        return self._norm(x + fn(x), p + norm)
+            return self._residual_linear(x, *fn(self._norm(x, p + norm)))
+        return self._norm(self._residual_linear(x, *fn(x)), p + norm)
+
+    def _residual_linear(self, x: torch.Tensor, h: torch.Tensor, name: str) -> torch.Tensor:
+        """x + h @ W.T (+ b): without a bias one GEMM whose C operand is the residual."""
+        w, b = self.w[name + ".weight"], self.w.get(name + ".bias")
+        if b is not None:
+            return x + F.linear(h, w, b)
+        shape = x.shape
+        out = torch.addmm(x.reshape(-1, shape[-1]), h.reshape(-1, h.shape[-1]), w.t())
+        return out.view(shape)
 
     def _embed(self, ids: torch.Tensor, side: str, positions: torch.Tensor) -> torch.Tensor:
         s = self.spec
@@ -142,7 +166,8 @@ class EncoderDecoder:
         return x
 
     def _relative_bias(self, side: str, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        """[1, H, T, S] float32 from query positions [T] and key positions [S]."""
+        """[1, H, T, S] in the model's dtype (as Hugging Face's table) from query positions [T]
+        and key positions [S]."""
         s = self.spec
         buckets = relative_position_bucket(
             key[None, :] - query[:, None],
@@ -150,22 +175,19 @@ class EncoderDecoder:
             s.relative_buckets,
             s.relative_max_distance,
         )
-        return (
-            F.embedding(buckets, self.w[f"{side}.rel_bias.weight"]).permute(2, 0, 1)[None].float()
-        )
+        return F.embedding(buckets, self.w[f"{side}.rel_bias.weight"]).permute(2, 0, 1)[None]
 
     # -- the two steps ----------------------------------------------------------------------
 
     def encode(self, cache: Seq2SeqCache, ids: torch.Tensor, valid: torch.Tensor) -> None:
         """ids, valid [B, S] (S a source bucket, padded on the right): the encoder, then each
         decoder layer's cross-attention keys and values into cache.cross_k/v[:, :, :, :S]."""
-        length = ids.shape[1]
-        pos = torch.arange(length, device=ids.device)
-        mask = torch.zeros(valid.shape, dtype=torch.float32, device=ids.device)
-        bias = mask.masked_fill(~valid, float("-inf"))[:, None, None, :]
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        bias = None
         if self.spec.positions == "relative":
-            bias = bias + self._relative_bias("enc", pos, pos)
-        self._encoder(cache, self._embed(ids, "enc", pos[None, :]), bias)
+            bias = self._relative_bias("enc", pos, pos)
+        mask = self._additive(valid[:, None, None, :], bias)
+        self._encoder(cache, self._embed(ids, "enc", pos[None, :]), mask)
 
     def encode_features(self, cache: Seq2SeqCache, features: torch.Tensor) -> None:
         """Whisper: log-mel features [B, mels, frames] through the convolutional front end
@@ -177,14 +199,14 @@ class EncoderDecoder:
         x = x.transpose(1, 2) + w["enc.pos_embed.weight"]
         self._encoder(cache, x, None)
 
-    def _encoder(self, cache: Seq2SeqCache, x: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def _encoder(self, cache: Seq2SeqCache, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         s = self.spec
         for n in range(s.num_encoder_layers):
             p = f"enc.layers.{n}."
 
             def attn(h, p=p):
                 q, k, v = self._linear(h, p + "qkv").split(self.inner, dim=-1)
-                return self._linear(self._attend(*map(self._heads, (q, k, v)), bias), p + "o")
+                return self._attend(*map(self._heads, (q, k, v)), mask), p + "o"
 
             x = self._block(x, p, "attn_norm", attn)
             x = self._block(x, p, "mlp_norm", lambda h, p=p: self._mlp(h, p))
@@ -210,17 +232,16 @@ class EncoderDecoder:
         s = self.spec
         x = self._embed(tokens[:, None], "dec", slot[None, :])
         keys = torch.arange(kv_len, device=tokens.device)
-        self_bias = torch.zeros(1, 1, 1, kv_len, dtype=torch.float32, device=tokens.device)
-        self_bias = self_bias.masked_fill(keys > slot, float("-inf"))
-        if s.positions == "relative":
-            self_bias = self_bias + self._relative_bias("dec", slot, keys)
-        cross_bias = torch.zeros(source_valid.shape, dtype=torch.float32, device=tokens.device)
-        cross_bias = cross_bias.masked_fill(~source_valid, float("-inf"))[:, None, None, :]
+        relative = None
+        if self._decoder_bias is not None:  # [1, H, 1, kv]
+            distance = (slot - keys).clamp(0, s.relative_max_distance)
+            relative = self._decoder_bias.index_select(1, distance)[None, :, None, :]
+        # Built once per step, shared by every layer.
+        self_mask = self._additive((keys <= slot)[None, None, None, :], relative)
+        cross_mask = None  # Whisper: one whole window, every encoder position attended
+        if s.family != "whisper":
+            cross_mask = self._additive(source_valid[:, None, None, :])
         length = source_valid.shape[1]
-        if s.family == "whisper":
-            # Every encoder position is attended and there is no position bias: SDPA with a
-            # boolean causal mask (self) or none (cross) instead of six kernels per attention.
-            self_bias, cross_bias = (keys <= slot)[None, None, None, :], None
         for n in range(s.num_decoder_layers):
             p = f"dec.layers.{n}."
 
@@ -229,12 +250,12 @@ class EncoderDecoder:
                 cache.self_k[n].index_copy_(2, slot, self._heads(k))
                 cache.self_v[n].index_copy_(2, slot, self._heads(v))
                 k, v = cache.self_k[n, :, :, :kv_len], cache.self_v[n, :, :, :kv_len]
-                return self._linear(self._attend(self._heads(q), k, v, self_bias), p + "o")
+                return self._attend(self._heads(q), k, v, self_mask), p + "o"
 
             def cross_attn(h, n=n, p=p):
                 q = self._heads(self._linear(h, p + "cross_q"))
                 k, v = cache.cross_k[n, :, :, :length], cache.cross_v[n, :, :, :length]
-                return self._linear(self._attend(q, k, v, cross_bias), p + "cross_o")
+                return self._attend(q, k, v, cross_mask), p + "cross_o"
 
             x = self._block(x, p, "attn_norm", self_attn)
             x = self._block(x, p, "cross_norm", cross_attn)
