@@ -28,6 +28,8 @@
 #   serving kernl's in-process request path vs direct calls, BERT-base and Llama-1B
 #           (benchmarks/bench_serving_direct.py)
 #   profllama where one Llama-1B decode step goes, by kernel (.bench/profile_llama.py)
+#   profdecode one Llama-1B decode step by kernel, for torch / chosen / fused / fused + PDL
+#           (benchmarks/profile_decode_variants.py)
 #   gpuquick the GPU tests of kernels, runtime and generation only (a smoke run)
 set -uo pipefail
 RUN=${KERNL_RUN_DIR:-/tmp/kernl-run}
@@ -44,6 +46,7 @@ stage() {
     seq2seq) OUT=$RUN timeout 600 python3 benchmarks/bench_seq2seq.py ;;
     serving) OUT=$RUN timeout 540 python3 benchmarks/bench_serving_direct.py ;;
     profllama) timeout 300 python3 .bench/profile_llama.py ;;
+    profdecode) timeout 300 python3 benchmarks/profile_decode_variants.py ;;
     gpuquick) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=20 \
       tests/kernels tests/runtime tests/generation/test_decode_kernels.py ;;
     *) echo "unknown stage $1" ;;

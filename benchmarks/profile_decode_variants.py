@@ -48,15 +48,18 @@ def main() -> None:
     assert r.returncode == 0, r.stderr[-2000:]
 
     import kernl.runtime
+    from kernl.artifacts.generation import DecodeKernels
     from kernl.runtime.binaries import allow_jit
 
     gen = kernl.runtime.load(f"{work}/a")
     chosen = gen.decoder.kernels
-    fused = dataclasses.replace(chosen, norm="fused", linear="fused", lm_head="triton")
+    fused = dataclasses.replace(
+        chosen, norm="fused", linear="fused", lm_head="triton", pdl=False, prefetch=False
+    )
     variants = {
+        "torch": DecodeKernels(),
         "chosen": chosen,
-        "chosen + lm_head": dataclasses.replace(chosen, lm_head="triton"),
-        "fused": fused,
+        "fused, no pdl": fused,
         "fused + pdl": dataclasses.replace(fused, pdl=True),
     }
     gen._running = None  # the compiler's context: every kernel may JIT, not only the artifact's
@@ -89,9 +92,10 @@ def main() -> None:
         count = sum(e.count for e in events) / 20
         print(
             f"== {name}: {kernels.describe()}\n   step {statistics.median(times) * 1e3:.1f} us"
-            f" (median of 200 replays); kernels {total:.1f} us in {count:.0f} kernels"
+            f" (median of 200 replays); kernels {total:.1f} us in {count:.0f} kernels; "
+            f"{statistics.median(times) * 1e3 - total:.1f} us of the step outside kernels"
         )
-        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:16]:
             per = e.self_device_time_total / 20
             print(f"   {per:8.1f} us  x{e.count / 20:5.1f}  {e.key[:90]}")
 
