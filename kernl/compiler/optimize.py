@@ -55,8 +55,10 @@ import kernl
 from kernl.artifacts import FORMAT_VERSION, ArtifactError, check_destination
 
 from . import api
-from .buckets import as_buckets, check_buckets_fit, position_limit
+from .buckets import BucketLimitError, as_buckets, check_buckets_fit, position_limit
 from .tasks.causal_lm.buckets import as_generation_buckets
+from .tasks.seq2seq import is_speech_model
+from .tasks.seq2seq.buckets import as_seq2seq_buckets
 from .trace import DTYPES, task_of
 
 # Default buckets when none are given (see default_buckets).
@@ -64,6 +66,16 @@ DEFAULT_BATCHES = (1, 8, 32)
 DEFAULT_MAX_SEQ = 512  # longer defaults cost compile time and memory most notebooks never use
 DEFAULT_MIN_SEQ = 16
 DEFAULT_CACHE_LEN = 1024  # causal LMs: KV-cache length; prompts go up to half of it
+# Encoder-decoders: every batch bucket holds static cross-attention keys/values for the longest
+# source and a self-attention cache, so batch 32 would reserve memory few notebooks use.
+DEFAULT_SEQ2SEQ_BATCHES = (1, 8)
+# Text seq2seq: the most new tokens one call makes (Hugging Face's own default is 20; summaries
+# and translations seldom pass 256). Whisper's cache is its max_target_positions instead.
+DEFAULT_SEQ2SEQ_CACHE = 256
+
+SEQ2SEQ_TASKS = ("seq2seq-lm", "speech-seq2seq")
+# Tasks served by .generate()/.stream(): no forward call, so no output class to probe.
+GENERATION_TASKS = ("causal-lm", *SEQ2SEQ_TASKS)
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _HASH_CHUNK = 64 << 20  # bytes of a GPU tensor copied to the host at a time
@@ -88,7 +100,8 @@ class OptimizedModel:
     Encoders: `model(**tokenizer_output)`, `model(ids)`, `model(ids, mask)` return the original
     model's output class (e.g. BaseModelOutputWithPoolingAndCrossAttentions) with the same
     field names; `return_dict=False` returns a tuple, as in Hugging Face. Causal LMs:
-    `.generate(...)` and `.stream(...)` (kernl.runtime.generation.GenerativeModel).
+    `.generate(...)` and `.stream(...)` (kernl.runtime.generation.GenerativeModel); encoder-
+    decoders likewise (Seq2SeqModel for T5/BART/mBART/Marian, SpeechSeq2SeqModel for Whisper).
     Everything else (buckets, manifest, device) is the runtime model's (`.runtime`)."""
 
     def __init__(
@@ -111,8 +124,9 @@ class OptimizedModel:
     def __call__(self, *args: Any, return_dict: bool | None = None, **inputs: Any) -> Any:
         if not callable(self.runtime):
             raise TypeError(
-                "this kernl model generates text: call model.generate(input_ids, ...) "
-                "(a forward call returning logits is not compiled for causal LMs)"
+                "this kernl model generates text: call model.generate(...) or "
+                "model.stream(...) (a forward call returning logits is not compiled for "
+                "generation models)"
             )
         out = self.runtime(*args, **inputs)
         if self._output_class is not None:
@@ -154,7 +168,8 @@ def optimize(
     to serve, called like the original.
 
     buckets: as `kernl-compile --buckets` ("batch=1,8 seq=16:512"; causal LMs "batch=1,4
-      prompt=16:1024 cache=2048"). Omitted: see `default_buckets` (the choice is printed).
+      prompt=16:1024 cache=2048"; encoder-decoders "batch=1,8 source=32:512 cache=128",
+      Whisper "batch=1,8 cache=448"). Omitted: see `default_buckets` (the choice is printed).
     dtype: "fp32", "fp16" or "bf16"; default the model's own. device: default the device of
       the model's parameters. Another dtype or device than the model's: the model is cast for
       the compile, then its own tensors are put back (see _tensors_put_back).
@@ -194,7 +209,10 @@ def _optimize(
             f"kernl.optimize takes a Hugging Face model object (a PreTrainedModel with a "
             f".config), not {type(model).__name__}; for a model folder use kernl-compile"
         )
-    task = task or task_of(config, model)
+    if task is None:
+        task = task_of(config, model)
+        if task == "seq2seq-lm" and is_speech_model(model):
+            task = "speech-seq2seq"  # WhisperForConditionalGeneration, as compile() infers it
     model_dtype, model_device = _dtype_device_of(model)
     dtype = dtype or _DTYPE_NAMES[model_dtype]
     target = torch.device(device) if device is not None else model_device
@@ -223,7 +241,7 @@ def _optimize(
     models = models / "models"
     models.mkdir(parents=True, exist_ok=True)
     entry = models / f"{getattr(config, 'model_type', 'model')}-{task}-{dtype}-{key[:32]}"
-    output_class = _output_class(model, target) if task != "causal-lm" else None
+    output_class = _output_class(model, target) if task not in GENERATION_TASKS else None
 
     cache_hit = True
     with _entry_lock(entry, say):
@@ -268,19 +286,44 @@ def default_buckets(config: Any, task: str) -> str:
     Encoders: batch 1, 8, 32 and sequence lengths 16, 32, 64, ... up to the model's position
     table, at most 512 (`position_limit`; models without a position table: 512).
     Causal LMs: batch 1, prompts 16, 32, ... up to half the KV cache, and a KV cache of 1024
-    tokens or the model's max_position_embeddings (n_positions for GPT-2) if smaller."""
+    tokens or the model's max_position_embeddings (n_positions for GPT-2) if smaller.
+    Text encoder-decoders (T5, BART, mBART, Marian): batch 1, 8, sources 16, 32, ... up to 512
+    and a cache of 256 new tokens, both at most the model's learned positions
+    (max_position_embeddings; T5's relative positions have no limit).
+    Whisper: batch 1, 8 and a cache of max_target_positions (448): the prompt and every token
+    its generate makes by default (the source is fixed, one 30 s window)."""
+    batches = ",".join(map(str, DEFAULT_SEQ2SEQ_BATCHES))
+    if task == "speech-seq2seq":
+        return f"batch={batches} cache={_seq2seq_position_limit(config, task)}"
+    if task == "seq2seq-lm":
+        limit = _seq2seq_position_limit(config, task)
+        longest = min(limit, DEFAULT_MAX_SEQ) if limit is not None else DEFAULT_MAX_SEQ
+        cache = min(limit, DEFAULT_SEQ2SEQ_CACHE) if limit is not None else DEFAULT_SEQ2SEQ_CACHE
+        return f"batch={batches} source={_range_to(longest)} cache={cache}"
     if task == "causal-lm":
         limit = getattr(config, "max_position_embeddings", None) or getattr(
             config, "n_positions", None
         )
         cache = min(DEFAULT_CACHE_LEN, limit) if isinstance(limit, int) else DEFAULT_CACHE_LEN
         prompt = max(1, cache // 2)
-        prompts = f"{DEFAULT_MIN_SEQ}:{prompt}" if prompt > DEFAULT_MIN_SEQ else str(prompt)
-        return f"batch=1 prompt={prompts} cache={cache}"
+        return f"batch=1 prompt={_range_to(prompt)} cache={cache}"
     limit = position_limit(config)
     longest = min(limit, DEFAULT_MAX_SEQ) if limit is not None else DEFAULT_MAX_SEQ
-    seq = f"{DEFAULT_MIN_SEQ}:{longest}" if longest > DEFAULT_MIN_SEQ else str(longest)
-    return f"batch={','.join(map(str, DEFAULT_BATCHES))} seq={seq}"
+    return f"batch={','.join(map(str, DEFAULT_BATCHES))} seq={_range_to(longest)}"
+
+
+def _range_to(longest: int) -> str:
+    """Lengths 16, 32, ... up to `longest` in the bucket syntax (just `longest` below 16)."""
+    return f"{DEFAULT_MIN_SEQ}:{longest}" if longest > DEFAULT_MIN_SEQ else str(longest)
+
+
+def _seq2seq_position_limit(config: Any, task: str) -> int | None:
+    """The most tokens an encoder-decoder's position tables index: Whisper's decoder table
+    (max_target_positions; its encoder's is the fixed source), the learned tables of BART,
+    mBART and Marian (max_position_embeddings); None for T5's relative positions."""
+    if task == "speech-seq2seq":
+        return int(config.max_target_positions)
+    return position_limit(config)
 
 
 def _canonical_buckets(buckets: Any, task: str, config: Any) -> Any:
@@ -288,9 +331,33 @@ def _canonical_buckets(buckets: Any, task: str, config: Any) -> Any:
     Parses (and refuses) them before any hashing or compiling."""
     if task == "causal-lm":
         return as_generation_buckets(buckets).to_dict()
+    if task in SEQ2SEQ_TASKS:
+        return _canonical_seq2seq_buckets(buckets, task, config)
     bucket_list = as_buckets(buckets)
     check_buckets_fit(bucket_list, config)
     return [[b.batch, b.seq] for b in bucket_list]
+
+
+def _canonical_seq2seq_buckets(buckets: Any, task: str, config: Any) -> dict[str, list[int]]:
+    """Parsed with the task's own parser (its errors name the task's axes), then checked against
+    the position tables here, before hashing: compile would refuse them only after loading."""
+    speech = task == "speech-seq2seq"
+    source_positions = int(config.max_source_positions) if speech else None
+    parsed = as_seq2seq_buckets(buckets, source_positions).to_dict()
+    if speech:  # compile fixes Whisper's source to one window whatever a dict says
+        parsed["sources"] = [source_positions]
+    limit = _seq2seq_position_limit(config, task)
+    if limit is not None:
+        cache = max(parsed["caches"])
+        longest = cache if speech else max(max(parsed["sources"]), cache)
+        if longest > limit:
+            table = "max_target_positions" if speech else "max_position_embeddings"
+            axes = "cache" if speech else "source and cache"
+            raise BucketLimitError(
+                f"buckets {buckets!r} need {longest} positions, more than the model's {limit} "
+                f"(config {table}={limit}); use {axes} <= {limit}"
+            )
+    return parsed
 
 
 def _dtype_device_of(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]:

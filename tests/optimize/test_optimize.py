@@ -41,26 +41,6 @@ def tiny_bert(seed: int = 0) -> torch.nn.Module:
     return T.BertModel(T.BertConfig(**SMALL)).eval()
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache" / "models"
-
-
-@pytest.fixture
-def compiles(monkeypatch):
-    """The compile calls optimize makes (the real compile still runs)."""
-    calls: list[tuple] = []
-    real = api.compile
-
-    def counting(*args, **kwargs):
-        calls.append((args, kwargs))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(api, "compile", counting)
-    return calls
-
-
 def _inputs(batch: int = 2, seq: int = 11, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 120, (batch, seq), generator=g)
