@@ -228,7 +228,7 @@ def profile_decode_step(model, name: str, batch: int, dev: torch.device) -> None
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     top = sorted(events, key=lambda e: -e.self_device_time_total)[:10]
     log(
-        what=f"{name} kernl decode step",
+        what=f"{name} decode step",
         batch=batch,
         step_us=sorted(times)[len(times) // 2],
         kernels=sum(e.count for e in events) / 20,
@@ -255,18 +255,27 @@ def run_model(kind: str, args, out: Path, dev: torch.device, dtype: torch.dtype)
     )
     path = out / f"{name}.kernl"
     t = time.perf_counter()
-    kernl.compiler.compile(hf, buckets, path, dtype=args.dtype, device=dev.type)
+    report = kernl.compiler.compile(hf, buckets, path, dtype=args.dtype, device=dev.type)
     log(what=name, metric="compile_s", value=time.perf_counter() - t, buckets=buckets)
+    log(what=name, compile_choice=report.decode)
     first = fresh_process_first_token(path, kind, cfg, dev, dtype, 32 if tiny else 128)
     log(what=name, metric="fresh_process", **first)
 
     model = kernl.runtime.load(path, device=dev.type)
+    # The same model with the decode step kept on plain torch (--no-kernels), for the
+    # same-run comparison with the compiler's choice.
+    torch_path = out / f"{name}-torch-decode.kernl"
+    kernl.compiler.compile(
+        hf, buckets, torch_path, dtype=args.dtype, device=dev.type, kernels=False
+    )
+    torch_decode = kernl.runtime.load(torch_path, device=dev.type)
     repeat = 1 if tiny else 3
     for batch in (1, 8):
         kw = inputs(kind, cfg, batch, dtype, dev, tiny)
-        log(**bench_generate(f"{name} kernl", kernl_runner(model, kw), batch, dev, repeat))
-        if dev.type == "cuda":
-            profile_decode_step(model, name, batch, dev)
+        for label, m in ((f"{name} kernl", model), (f"{name} kernl torch-decode", torch_decode)):
+            log(**bench_generate(label, kernl_runner(m, kw), batch, dev, repeat))
+            if dev.type == "cuda":
+                profile_decode_step(m, label, batch, dev)
         for static in (False, True) if not args.skip_hf_static else (False,):
             label = f"{name} HF {'static-cache' if static else 'eager'}"
             if static and time.perf_counter() - START > STATIC_BUDGET_S:
@@ -291,7 +300,7 @@ def run_model(kind: str, args, out: Path, dev: torch.device, dtype: torch.dtype)
             enc(kw["input_features"])
             ms = timed(lambda: enc(kw["input_features"]), dev, 10 if not tiny else 2) * 1e3
         log(what=name, metric="encoder_ms_per_30s_window", implementation="HF eager", value=ms)
-    del model, hf
+    del model, torch_decode, hf
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -305,6 +314,8 @@ def table() -> str:
                 f"{r['what']:44} {r['batch']:>5} {r['tok_s']:>9.0f} {dec:>12} "
                 f"{r['first_generate_s']:>12.2f}"
             )
+        elif "compile_choice" in r:
+            rows.append(f"{r['what']:44} {r['compile_choice']}")
         elif "error" in r:
             rows.append(f"{r['what']:44} {r.get('batch', ''):>5} error: {r['error'][:60]}")
         elif r.get("metric") == "fresh_process":

@@ -87,6 +87,10 @@ class Seq2SeqSpec:
     decoder_embed: bool = False
     # Ids never generated (Marian's bad_words_ids [[pad]], single tokens only).
     suppress_tokens: list[int] = field(default_factory=list)
+    # "kernl": a decode step of <= 16 rows runs each linear on kernl's few-rows kernels (the
+    # norm before it in the prologue, bias and residual in the epilogue), from the artifact's
+    # kernel binaries; "torch": plain torch ops (the compiler keeps the faster).
+    decode_kernels: str = "torch"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,6 +195,7 @@ _SMALL_INT_FIELDS = (
     "num_mel_bins",
     "source_positions",
 )
+DECODE_KERNELS = ("torch", "kernl")
 _CHOICES = {
     "family": FAMILIES,
     "norm": NORMS,
@@ -247,6 +252,10 @@ def _check_spec(d: Any, where: str) -> Seq2SeqSpec:
     for name in _BOOLS:
         if name in d and not isinstance(d[name], bool):
             raise _bad(where, f"seq2seq.{name} is {d[name]!r}, not a boolean")
+    if d.get("decode_kernels", "torch") not in DECODE_KERNELS:
+        raise _bad(
+            where, f"seq2seq.decode_kernels is {d['decode_kernels']!r}, not one of {DECODE_KERNELS}"
+        )
     if d["num_heads"] * d["head_dim"] > MAX_DIM:
         raise _bad(where, f"{d['num_heads']} heads x {d['head_dim']} is more than {MAX_DIM}")
     if d["positions"] == "relative":

@@ -83,7 +83,14 @@ def compile(
         from .tasks.seq2seq import compile_seq2seq
 
         return compile_seq2seq(
-            model_or_path, buckets, out, dtype=dtype, device=device, progress=progress, task=task
+            model_or_path,
+            buckets,
+            out,
+            dtype=dtype,
+            device=device,
+            progress=progress,
+            task=task,
+            kernels=kernels,
         )
     from .tasks.encoder import compile_encoder
 

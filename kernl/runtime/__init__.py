@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from kernl.artifacts import (
+    ArtifactCorruptError,
     ArtifactError,
     check_compatibility,
     read_manifest,
@@ -82,7 +83,14 @@ def load(
     if manifest.task in ("seq2seq-lm", "speech-seq2seq"):
         from .generation.seq2seq import open_seq2seq
 
-        return open_seq2seq(manifest, weights, device, capture=capture)
+        on_kernels = manifest.extra.get("seq2seq", {}).get("decode_kernels") == "kernl"
+        if on_kernels and device.type == "cuda" and binaries is None:
+            raise ArtifactCorruptError(
+                "the artifact's decode step runs kernl's kernels but it holds no kernel "
+                "binaries for them (the runtime compiles nothing): recompile it"
+            )
+
+        return open_seq2seq(manifest, weights, device, capture=capture, binaries=binaries)
     if manifest.task == "causal-lm":
         from .generation import GenerativeModel
 

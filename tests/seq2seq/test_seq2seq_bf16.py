@@ -69,13 +69,18 @@ def medium_seq2seq(family: str) -> torch.nn.Module:
     return model.eval()
 
 
-def step_logit_errors(family: str, device: str, path) -> tuple[float, float]:
+def step_logit_errors(
+    family: str, device: str, path, kernels: bool | None = None
+) -> tuple[float, float]:
     """(kernl's worst relative logit error, HF bf16's) over 24 greedy steps of three sources
-    of mixed lengths (padding in the source), both against HF float32."""
+    of mixed lengths (padding in the source), both against HF float32. `kernels`: whether
+    the loaded decode step must run on kernl's kernels (None: whatever compile chose)."""
     hf32 = medium_seq2seq(family).to(device)
     hf = copy.deepcopy(hf32).to(torch.bfloat16)
     kernl.compiler.compile(hf, "batch=1,4 source=16,32 cache=32", path, dtype="bf16", device=device)
     model = kernl.runtime.load(path, device=device)
+    if kernels is not None:
+        assert model.model.kernels == kernels and bool(model.manifest.kernels) == kernels
     ids, mask = sources([29, 7, 16], seed=3)
     steps = list(model.stream(ids, mask, max_new_tokens=24, eos_token_id=[], output_logits=True))
     new = torch.stack([s[0] for s in steps], dim=1).to(device)
@@ -99,9 +104,21 @@ def test_bf16_step_logits_match_hugging_face_eager_on_the_cpu(family, tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("decode", ["chosen", "kernl", "torch"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_bf16_step_logits_match_hugging_face_eager_on_the_gpu(family, tmp_path):
+def test_bf16_step_logits_match_hugging_face_eager_on_the_gpu(
+    family, decode, tmp_path, monkeypatch
+):
+    """On the GPU every step is a replayed CUDA graph; the decode step as the compiler chose
+    it, and forced onto kernl's kernels (their binaries recorded, none compiled at load) or
+    onto torch."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    err, stock = step_logit_errors(family, "cuda", tmp_path / "a")
+    from kernl.compiler.tasks.seq2seq import decode_kernels
+
+    kernels = None
+    if decode != "chosen":
+        monkeypatch.setattr(decode_kernels, "MIN_GAIN", -1e9 if decode == "kernl" else 1.0)
+        kernels = decode == "kernl"
+    err, stock = step_logit_errors(family, "cuda", tmp_path / "a", kernels)
     assert err <= 2 * stock, f"{family}: kernl bf16 {err:.4f} vs fp32, HF bf16 {stock:.4f}"

@@ -334,3 +334,13 @@ def test_a_whisper_description_under_the_text_task_is_refused_at_load(compiled, 
     (root / "manifest.msgpack").write_bytes(pack_manifest(m))
     with pytest.raises(ArtifactError, match="task seq2seq-lm with model family whisper"):
         kernl.runtime.load(root, device="cpu")
+
+
+def test_decode_on_kernl_kernels_gives_hugging_face_ids(compiled):
+    """As the text families' test: Whisper's decode step on kernl's few-rows kernels (its
+    LayerNorms folded into the next linear), through Triton's interpreter."""
+    hf, path, _ = compiled["multilingual"]
+    model = kernl.runtime.load(path, device="cpu")
+    model.model.kernels = True
+    x = features(2)
+    assert torch.equal(model.generate(input_features=x, max_new_tokens=12), hf_generate(hf, x, 12))

@@ -27,23 +27,33 @@ ACTIVATIONS = {
 
 @dataclass
 class Seq2SeqCache:
-    """Static buffers of one batch bucket: self-attention K/V [layers, B, H, cache, D] and
-    cross-attention K/V [layers, B, H, longest source, D]."""
+    """Static buffers of one batch bucket: self-attention keys and values [layers, 2, B, H,
+    cache, D] (one copy writes both), `self_k` / `self_v` its two halves, and cross-attention
+    K/V [layers, B, H, longest source, D]."""
 
-    self_k: torch.Tensor
-    self_v: torch.Tensor
+    self_kv: torch.Tensor
     cross_k: torch.Tensor
     cross_v: torch.Tensor
+
+    @property
+    def self_k(self) -> torch.Tensor:
+        return self.self_kv[:, 0]
+
+    @property
+    def self_v(self) -> torch.Tensor:
+        return self.self_kv[:, 1]
 
     @staticmethod
     def allocate(spec: Seq2SeqSpec, batch: int, cache_len: int, source_len: int, dtype, device):
         layers, h, d = spec.num_decoder_layers, spec.num_heads, spec.head_dim
 
-        def zeros(n: int) -> torch.Tensor:
-            return torch.zeros(layers, batch, h, n, d, dtype=dtype, device=device)
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(layers, *shape, dtype=dtype, device=device)
 
         return Seq2SeqCache(
-            zeros(cache_len), zeros(cache_len), zeros(source_len), zeros(source_len)
+            zeros(2, batch, h, cache_len, d),
+            zeros(batch, h, source_len, d),
+            zeros(batch, h, source_len, d),
         )
 
 
@@ -69,9 +79,25 @@ def relative_position_bucket(
     return buckets + torch.where(is_small, relative, large)
 
 
+FEW_ROWS = 16  # kernl's few-rows kernels (norm_linear, skinny_linear_fused) hold 16 rows
+
+
+@dataclass
+class _Normed:
+    """A norm not applied yet: the linear that reads it folds it into its prologue
+    (kernl's norm_linear), so the normalised rows never reach memory."""
+
+    x: torch.Tensor
+    name: str
+
+
 class EncoderDecoder:
     def __init__(self, spec: Seq2SeqSpec, weights: dict[str, torch.Tensor], dtype, device):
         self.spec = spec
+        # A decode step of <= 16 rows on kernl's kernels: each pre-norm folded into the
+        # linear after it, bias and residual add in each projection's epilogue.
+        self.kernels = spec.decode_kernels == "kernl"
+        self._counters: torch.Tensor | None = None  # split-K arrivals, self-resetting
         self.w = weights
         self.dtype = dtype
         self.device = device
@@ -97,8 +123,28 @@ class EncoderDecoder:
 
     # -- pieces -----------------------------------------------------------------------------
 
-    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
+    def _linear(self, x: torch.Tensor | _Normed, name: str, fuse: bool = False) -> torch.Tensor:
+        """x @ W.T + b; with `fuse` on kernl's few-rows kernels: norm_linear where x is a norm
+        still to apply, else skinny_linear_fused."""
+        w, b = self.w[name + ".weight"], self.w.get(name + ".bias")
+        if isinstance(x, _Normed):
+            from kernl.kernels.norm_linear import norm_linear
+
+            norm_w, norm_b = self.w[x.name + ".weight"], self.w.get(x.name + ".bias")
+            eps, norm = self.spec.norm_eps, self.spec.norm
+            return norm_linear(x.x, norm_w, norm_b, w, b, eps=eps, norm=norm, counters=self._few())
+        if fuse:
+            from kernl.kernels.skinny_linear_fused import skinny_linear_fused
+
+            return skinny_linear_fused(x, w, b, counters=self._few())
+        return F.linear(x, w, b)
+
+    def _few(self) -> torch.Tensor:
+        if self._counters is None:
+            from kernl.kernels.norm_linear import new_counters
+
+            self._counters = new_counters(self.device)
+        return self._counters
 
     def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         s = self.spec
@@ -110,7 +156,8 @@ class EncoderDecoder:
         # float32 too, and rounds once where T5 rounds before its weight.
         return F.rms_norm(x, (s.d_model,), self.w[name + ".weight"], s.norm_eps)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H*D] -> [B, H, T, D]
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, (T,) H*D] -> [B, H, T, D]
+        x = x[:, None] if x.dim() == 2 else x
         b, t, _ = x.shape
         return x.view(b, t, self.spec.num_heads, self.spec.head_dim).transpose(1, 2)
 
@@ -130,24 +177,32 @@ class EncoderDecoder:
         attended stays finite). One kernel."""
         return torch.where(attended, self._zero if bias is None else bias, self._lowest)
 
-    def _mlp(self, x: torch.Tensor, p: str) -> tuple[torch.Tensor, str]:
+    def _mlp(self, x: torch.Tensor, p: str, fuse: bool = False) -> tuple[torch.Tensor, str]:
         """The MLP up to its last projection: (that projection's input, its name)."""
         if self.spec.mlp == "gated":
-            gate, up = self._linear(x, p + "gate_up").chunk(2, dim=-1)
+            gate, up = self._linear(x, p + "gate_up", fuse).chunk(2, dim=-1)
             return self.act(gate) * up, p + "down"
-        return self.act(self._linear(x, p + "fc")), p + "proj"
+        return self.act(self._linear(x, p + "fc", fuse)), p + "proj"
 
-    def _block(self, x: torch.Tensor, p: str, norm: str, fn) -> torch.Tensor:
+    def _block(self, x: torch.Tensor, p: str, norm: str, fn, fuse: bool = False) -> torch.Tensor:
         """A residual block, pre-norm (T5) or post-norm (BART); `fn` returns the input of the
         block's output projection and its name, so that the residual add rides in that
-        GEMM (`_residual_linear`)."""
+        GEMM (`_residual_linear`). With `fuse`, a pre-norm goes to `fn` unapplied."""
         if self.spec.pre_norm:
-            return self._residual_linear(x, *fn(self._norm(x, p + norm)))
-        return self._norm(self._residual_linear(x, *fn(x)), p + norm)
+            h = _Normed(x, p + norm) if fuse else self._norm(x, p + norm)
+            return self._residual_linear(x, *fn(h), fuse)
+        return self._norm(self._residual_linear(x, *fn(x), fuse), p + norm)
 
-    def _residual_linear(self, x: torch.Tensor, h: torch.Tensor, name: str) -> torch.Tensor:
-        """x + h @ W.T (+ b): without a bias one GEMM whose C operand is the residual."""
+    def _residual_linear(
+        self, x: torch.Tensor, h: torch.Tensor, name: str, fuse: bool = False
+    ) -> torch.Tensor:
+        """x + h @ W.T (+ b): with `fuse` one skinny_linear_fused launch (bias and residual in
+        its epilogue); without a bias one GEMM whose C operand is the residual."""
         w, b = self.w[name + ".weight"], self.w.get(name + ".bias")
+        if fuse:
+            from kernl.kernels.skinny_linear_fused import skinny_linear_fused
+
+            return skinny_linear_fused(h, w, b, x, counters=self._few())
         if b is not None:
             return x + F.linear(h, w, b)
         shape = x.shape
@@ -230,7 +285,9 @@ class EncoderDecoder:
         attends to self-attention slots [0, slot] of the first `kv_len` and to the source
         positions `source_valid` ([B, S]) marks. Returns float logits [B, vocab]."""
         s = self.spec
-        x = self._embed(tokens[:, None], "dec", slot[None, :])
+        rows, heads, head_dim = tokens.shape[0], s.num_heads, s.head_dim
+        fuse = self.kernels and rows <= FEW_ROWS
+        x = self._embed(tokens[:, None], "dec", slot[None, :])[:, 0]  # [B, d]: rows from here
         keys = torch.arange(kv_len, device=tokens.device)
         relative = None
         if self._decoder_bias is not None:  # [1, H, 1, kv]
@@ -246,25 +303,27 @@ class EncoderDecoder:
             p = f"dec.layers.{n}."
 
             def self_attn(h, n=n, p=p):
-                q, k, v = self._linear(h, p + "qkv").split(self.inner, dim=-1)
-                cache.self_k[n].index_copy_(2, slot, self._heads(k))
-                cache.self_v[n].index_copy_(2, slot, self._heads(v))
+                qkv = self._linear(h, p + "qkv", fuse)
+                # This slot's keys and values in one copy: [2, B, H, 1, D].
+                kv = qkv[:, self.inner :].view(rows, 2, heads, head_dim).transpose(0, 1)
+                cache.self_kv[n].index_copy_(3, slot, kv.unsqueeze(3))
                 k, v = cache.self_k[n, :, :, :kv_len], cache.self_v[n, :, :, :kv_len]
-                return self._attend(self._heads(q), k, v, self_mask), p + "o"
+                q = self._heads(qkv[:, : self.inner])
+                return self._attend(q, k, v, self_mask)[:, 0], p + "o"
 
             def cross_attn(h, n=n, p=p):
-                q = self._heads(self._linear(h, p + "cross_q"))
+                q = self._heads(self._linear(h, p + "cross_q", fuse))
                 k, v = cache.cross_k[n, :, :, :length], cache.cross_v[n, :, :, :length]
-                return self._attend(q, k, v, cross_mask), p + "cross_o"
+                return self._attend(q, k, v, cross_mask)[:, 0], p + "cross_o"
 
-            x = self._block(x, p, "attn_norm", self_attn)
-            x = self._block(x, p, "cross_norm", cross_attn)
-            x = self._block(x, p, "mlp_norm", lambda h, p=p: self._mlp(h, p))
+            x = self._block(x, p, "attn_norm", self_attn, fuse)
+            x = self._block(x, p, "cross_norm", cross_attn, fuse)
+            x = self._block(x, p, "mlp_norm", lambda h, p=p: self._mlp(h, p, fuse), fuse)
         if s.final_norm:
             x = self._norm(x, "dec.final_norm")
         if s.logits_scale != 1.0:
             x = x * s.logits_scale
-        logits = F.linear(x[:, 0], self.lm_head).float()
+        logits = F.linear(x, self.lm_head).float()
         if self.logits_bias is not None:
             logits = logits + self.logits_bias.float()
         return logits

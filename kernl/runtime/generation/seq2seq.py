@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ from kernl.artifacts.errors import ArtifactCorruptError
 from kernl.artifacts.schema import Manifest, pick_size
 from kernl.artifacts.seq2seq import MAX_PROMPT, Seq2SeqBuckets, Seq2SeqSpec, SpeechSpec
 
+from ..binaries import KernelBinaries, running_with
 from .encoder_decoder import EncoderDecoder, Seq2SeqCache
 from .model import StepLoop, _as_batch, _device_of, _generated_length, _Step, check_options
 from .sampling import SamplerParams, greedy, sample
@@ -178,11 +180,13 @@ class Seq2SeqModel(StepLoop):
         weights: dict[str, torch.Tensor],
         device: torch.device,
         capture: str = "lazy",
+        binaries: KernelBinaries | None = None,
     ):
         if capture not in ("load", "lazy", "never"):
             raise ValueError(f"capture must be 'load', 'lazy' or 'never', not {capture!r}")
         self.manifest = manifest
         self.device = device
+        self._binaries = binaries  # the decode step's kernl kernels, when it runs them
         try:
             self.spec = Seq2SeqSpec.from_dict(manifest.extra["seq2seq"])
             self.buckets = Seq2SeqBuckets.from_dict(manifest.extra["seq2seq_buckets"])
@@ -285,6 +289,9 @@ class Seq2SeqModel(StepLoop):
         )
         return self._stream(plan, output_logits)
 
+    def _running(self) -> AbstractContextManager:
+        return running_with(self._binaries, self.device)
+
     def __repr__(self) -> str:
         b = self.buckets
         return (
@@ -350,7 +357,7 @@ class Seq2SeqModel(StepLoop):
                 fn = lambda: state.encode(key[2])  # noqa: E731
             else:
                 fn = lambda: state.decode(key[2], key[3], key[4])  # noqa: E731
-            step = _Step(fn, state.reset_counters)
+            step = _Step(fn, state.reset_counters, self._running)
             if self.capture_mode != "never":
                 step.capture(self._pool, self.device)
             self._steps[key] = step
@@ -449,11 +456,15 @@ class Seq2SeqModel(StepLoop):
 
 
 def open_seq2seq(
-    manifest: Manifest, weights: dict[str, torch.Tensor], device: torch.device, capture: str
+    manifest: Manifest,
+    weights: dict[str, torch.Tensor],
+    device: torch.device,
+    capture: str,
+    binaries: KernelBinaries | None = None,
 ) -> Seq2SeqModel:
     """The model class of an encoder-decoder artifact's task."""
     if manifest.task == "speech-seq2seq":
         from .speech import SpeechSeq2SeqModel
 
-        return SpeechSeq2SeqModel(manifest, weights, device, capture=capture)
-    return Seq2SeqModel(manifest, weights, device, capture=capture)
+        return SpeechSeq2SeqModel(manifest, weights, device, capture=capture, binaries=binaries)
+    return Seq2SeqModel(manifest, weights, device, capture=capture, binaries=binaries)

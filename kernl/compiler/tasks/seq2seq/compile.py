@@ -44,7 +44,14 @@ from kernl.artifacts.seq2seq import DETECT, Seq2SeqBuckets, check_seq2seq
 from kernl.runtime.generation.seq2seq import Seq2SeqModel, open_seq2seq
 
 from ...trace import UnsupportedModelError, load_model, resolve_dtype_device
+from ...tune import write_binaries
 from .buckets import as_seq2seq_buckets
+from .decode_kernels import (
+    FEW_ROWS,
+    choose_decode_kernels,
+    recording_decode_binaries,
+    with_decode_kernels,
+)
 from .describe import describe, speech_spec
 
 TASK = "seq2seq-lm"
@@ -67,12 +74,15 @@ class Seq2SeqReport:
     buckets: list[tuple[int, int]] = field(default_factory=list)
     artifact_bytes: int = 0
     seconds: float = 0.0
+    decode: str = "decode step on torch"
+    num_binaries: int = 0
 
     def table(self) -> str:
         shapes = " ".join(f"{b}x{s}" for b, s in self.buckets)
         return (
             f"greedy ids identical to eager generate ({VALIDATE_TOKENS} tokens) for batch x "
-            f"source buckets {shapes}\nartifact {self.path} "
+            f"source buckets {shapes}\n{self.decode}; {self.num_binaries} kernel binaries"
+            f"\nartifact {self.path} "
             f"({self.artifact_bytes / 2**20:.1f} MiB), task {self.task}, {self.dtype} on "
             f"{self.device}, in {self.seconds:.1f} s"
         )
@@ -87,11 +97,14 @@ def compile_seq2seq(
     device: str | None = None,
     progress: Callable[[str], None] | None = None,
     task: str = TASK,
+    kernels: bool = True,
 ) -> Seq2SeqReport:
     """Compile a T5 (v1.0, v1.1/flan), BART, mBART or Marian model (a local folder, a model id
     in the local HF cache, or a PreTrainedModel) for buckets such as "batch=1,8 source=32:512
     cache=128" into the artifact folder `out`; with task="speech-seq2seq" a Whisper model for
-    buckets such as "batch=1,8 cache=448" (the source is one 30 s window)."""
+    buckets such as "batch=1,8 cache=448" (the source is one 30 s window). On a GPU in
+    fp16/bf16 the decode step runs on kernl's few-rows kernels where timing shows them faster
+    (decode_kernels.py); kernels=False keeps plain torch."""
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
     speech = task == SPEECH_TASK
@@ -119,17 +132,31 @@ def compile_seq2seq(
     check_seq2seq(manifest.extra, dtype_name, described, "the description")  # refuse early
     check_destination(out, needed_bytes=sum(t.numel() * t.element_size() for t in weights.values()))
     report = Seq2SeqReport(Path(out), task, dtype_name, str(dev))
+    reduced = torch_dtype in (torch.float16, torch.bfloat16)
+    if kernels and dev.type == "cuda" and reduced and min(sb.batches) <= FEW_ROWS:
+        say("timing the decode step on torch and on kernl's kernels")
+        choice = choose_decode_kernels(manifest, weights, dev)
+        manifest = with_decode_kernels(manifest, choice.kernels)
+        report.decode = choice.describe()
     with ArtifactWriter(out) as writer:
         writer.write_weights(weights)
         say("validating every (batch, source) bucket against eager generate")
         runtime = open_seq2seq(manifest, weights, dev, capture="never")
-        for b, s in sb.encoder_shapes():
-            if speech:
-                _validate_speech(runtime, model, b, min(VALIDATE_TOKENS, sb.cache_len - 4))
-            else:
-                _validate(runtime, model, spec, b, s, min(VALIDATE_TOKENS, sb.cache_len))
-            report.buckets.append((b, s))
-        del runtime
+
+        def validate() -> None:
+            for b, s in sb.encoder_shapes():
+                if speech:
+                    _validate_speech(runtime, model, b, min(VALIDATE_TOKENS, sb.cache_len - 4))
+                else:
+                    _validate(runtime, model, spec, b, s, min(VALIDATE_TOKENS, sb.cache_len))
+                report.buckets.append((b, s))
+
+        if runtime.model.kernels:
+            binaries = recording_decode_binaries(runtime, validate)
+            manifest.kernels = write_binaries(writer, binaries)
+            report.num_binaries = len(manifest.kernels)
+        else:
+            validate()
         manifest.buckets = _write_programs(writer, sb, manifest.inputs[0].name)
         report.artifact_bytes = writer.size_bytes()
         writer.commit(manifest)

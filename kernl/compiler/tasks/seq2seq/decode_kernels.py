@@ -1,0 +1,105 @@
+"""Which kernels an encoder-decoder's decode step runs, chosen by timing at compile.
+
+The runtime's decoder (kernl/runtime/generation/encoder_decoder.py) runs a step either on
+plain torch ops or, for batches of at most 16 rows, on kernl's few-rows kernels: every
+pre-norm folded into the prologue of the linear after it (norm_linear), every output
+projection with its bias and residual add in the epilogue (skinny_linear_fused). At a decode
+step a 768- or 1280-wide linear is a few MB of weights: cuBLAS's GEMV kernels take ~5 µs each
+whatever their size, and the norms and adds around them are one launch each. The compiler
+captures one step of each batch bucket (the longest cache and source buckets) both ways,
+replays each graph, and keeps kernl's kernels only if the summed step time is at least
+`MIN_GAIN` lower; then every launch of the chosen step is recorded as a binary, so that the
+runtime compiles nothing."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kernl.artifacts import Manifest
+from kernl.runtime.binaries import allow_jit
+from kernl.runtime.generation.encoder_decoder import FEW_ROWS
+from kernl.runtime.generation.model import _Step
+from kernl.runtime.generation.seq2seq import Seq2SeqModel, open_seq2seq
+
+from ...tune import recording_binaries
+
+MIN_GAIN = 0.02  # as the causal LM's decode-kernel choice: below this, timing noise decides
+REPLAYS = 50
+
+
+@dataclass
+class DecodeChoice:
+    kernels: str  # "torch" or "kernl"
+    step_us: dict[str, float]  # variant -> summed median step time over the timed buckets
+
+    def describe(self) -> str:
+        times = ", ".join(f"{k} {v:.0f} us" for k, v in self.step_us.items())
+        return f"decode step on {self.kernels} ({times}; summed over the batch buckets)"
+
+
+def with_decode_kernels(manifest: Manifest, kernels: str) -> Manifest:
+    """A copy of `manifest` whose decode step runs on `kernels`."""
+    out = copy.copy(manifest)
+    out.extra = {**manifest.extra, "seq2seq": {**manifest.extra["seq2seq"]}}
+    out.extra["seq2seq"]["decode_kernels"] = kernels
+    return out
+
+
+def choose_decode_kernels(
+    manifest: Manifest, weights: dict[str, torch.Tensor], device: torch.device
+) -> DecodeChoice:
+    """Time one decode step per batch bucket of at most 16 rows, on torch and on kernl's
+    kernels (CUDA graphs, median of REPLAYS replays each), and keep the faster."""
+    totals = {}
+    for variant in ("torch", "kernl"):
+        runtime = open_seq2seq(with_decode_kernels(manifest, variant), weights, device, "never")
+        b = runtime.buckets
+        with allow_jit(), torch.no_grad():
+            totals[variant] = sum(
+                _step_us(runtime, batch, b.cache_len, max(b.sources))
+                for batch in b.batches
+                if batch <= FEW_ROWS
+            )
+        del runtime
+    chosen = "kernl" if totals["kernl"] < (1 - MIN_GAIN) * totals["torch"] else "torch"
+    return DecodeChoice(chosen, totals)
+
+
+def _step_us(runtime: Seq2SeqModel, batch: int, kv_len: int, source: int) -> float:
+    state = runtime._states[batch]
+    step = _Step(lambda: state.decode(kv_len, source, False), state.reset_counters)
+    step.capture(torch.cuda.graph_pool_handle(), runtime.device)
+    times = []
+    for _ in range(REPLAYS):
+        state.reset_counters()  # every replay writes slot 0 and attends over kv_len slots
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step.run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def recording_decode_binaries(
+    runtime: Seq2SeqModel, validate: Callable[[], None]
+) -> dict[str, Any]:
+    """Run `validate` (the compiler's checks against eager) and one decode step of every
+    (batch, cache, source) bucket with kernl's kernels compiled through Triton's JIT, and
+    return every launch's binary ({launch key: (BinarySpec, cubin)})."""
+    b = runtime.buckets
+    with recording_binaries(runtime.device) as found:
+        validate()
+        for batch in b.batches:
+            state = runtime._states[batch]
+            for kv_len in b.caches:
+                for source in b.sources:
+                    state.reset_counters()
+                    state.decode(kv_len, source, False)
+    return found
