@@ -30,6 +30,7 @@
 #   profllama where one Llama-1B decode step goes, by kernel (.bench/profile_llama.py)
 #   profdecode one Llama-1B decode step by kernel, for torch / chosen / fused / fused + PDL
 #           (benchmarks/profile_decode_variants.py)
+#   s2stests the GPU tests of seq2seq, optimize and the runtime
 #   gpuquick the GPU tests of kernels, runtime and generation only (a smoke run)
 set -uo pipefail
 RUN=${KERNL_RUN_DIR:-/tmp/kernl-run}
@@ -47,6 +48,8 @@ stage() {
     serving) OUT=$RUN timeout 540 python3 benchmarks/bench_serving_direct.py ;;
     profllama) timeout 300 python3 .bench/profile_llama.py ;;
     profdecode) timeout 300 python3 benchmarks/profile_decode_variants.py ;;
+    s2stests) timeout 600 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 \
+      tests/seq2seq tests/optimize tests/runtime ;;
     gpuquick) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=20 \
       tests/kernels tests/runtime tests/generation/test_decode_kernels.py ;;
     *) echo "unknown stage $1" ;;
