@@ -31,6 +31,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -285,7 +286,7 @@ def run_model(kind: str, args, out: Path, dev: torch.device, dtype: torch.dtype)
                 gen = hf_runner(hf, kw, static)
                 log(**bench_generate(label, gen, batch, dev, repeat, per_step=not static))
             except Exception as e:  # a peer failing is a result, not the end of the run
-                log(what=label, batch=batch, error=repr(e)[:400])
+                log(what=label, batch=batch, error=repr(e)[-1500:])
     if kind == "whisper":
         kw = inputs(kind, cfg, 1, dtype, dev, tiny)
         model.generate(**kw, max_new_tokens=1)
@@ -357,8 +358,8 @@ def main() -> None:
         for kind in args.models.split(","):
             try:
                 run_model(kind, args, Path(tmp), dev, dtype)
-            except Exception as e:
-                log(what=kind, error=repr(e)[:600])
+            except Exception:
+                log(what=kind, error=traceback.format_exc()[-3000:])
     log(what="total", metric="bench_s", value=time.perf_counter() - START)
     (out / "seq2seq.json").write_text(json.dumps(RECORDS, indent=1))
     print(table())

@@ -127,12 +127,12 @@ def _norm_linear_kernel(
     rstd = tl.zeros([16], dtype=tl.float32)
     if not IS_RMS:
         # exact two-pass statistics over the whole row: x is tiny and L2-resident
-        s = tl.zeros([16], dtype=tl.float32)
+        row_sum = tl.zeros([16], dtype=tl.float32)  # (not `s`: the split loop below uses it)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + offs_k
             x = tl.load(x_rows + ks[None, :], mask=m_mask[:, None] & (ks < K)[None, :], other=0.0)
-            s += tl.sum(x.to(tl.float32), 1)
-        mean = s / K
+            row_sum += tl.sum(x.to(tl.float32), 1)
+        mean = row_sum / K
         v = tl.zeros([16], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + offs_k

@@ -37,8 +37,11 @@ REPLAYS = 50
 class DecodeChoice:
     kernels: str  # "torch" or "kernl"
     step_us: dict[str, float]  # variant -> summed median step time over the timed buckets
+    skipped: str = ""  # why kernl's kernels were not timed (they failed to build or run)
 
     def describe(self) -> str:
+        if self.skipped:
+            return f"decode step on torch (kernl's kernels skipped: {self.skipped})"
         times = ", ".join(f"{k} {v:.0f} us" for k, v in self.step_us.items())
         return f"decode step on {self.kernels} ({times}; summed over the batch buckets)"
 
@@ -55,20 +58,35 @@ def choose_decode_kernels(
     manifest: Manifest, weights: dict[str, torch.Tensor], device: torch.device
 ) -> DecodeChoice:
     """Time one decode step per batch bucket of at most 16 rows, on torch and on kernl's
-    kernels (CUDA graphs, median of REPLAYS replays each), and keep the faster."""
+    kernels (CUDA graphs, median of REPLAYS replays each), and keep the faster. A kernel that
+    fails to compile or run (a Triton error on some shape) leaves the step on torch, with
+    the reason in the report: never a failed compile."""
     totals = {}
     for variant in ("torch", "kernl"):
-        runtime = open_seq2seq(with_decode_kernels(manifest, variant), weights, device, "never")
-        b = runtime.buckets
-        with allow_jit(), torch.no_grad():
-            totals[variant] = sum(
-                _step_us(runtime, batch, b.cache_len, max(b.sources))
-                for batch in b.batches
-                if batch <= FEW_ROWS
-            )
-        del runtime
+        try:
+            totals[variant] = _summed_step_us(manifest, weights, device, variant)
+        except Exception as e:  # noqa: BLE001 - only kernl's variant may fail here
+            if variant == "torch":
+                raise
+            first = str(e).strip().splitlines()
+            reason = f"{type(e).__name__}: {first[-1] if first else ''}"[:300]
+            torch.cuda.synchronize(device)
+            return DecodeChoice("torch", totals, skipped=reason)
     chosen = "kernl" if totals["kernl"] < (1 - MIN_GAIN) * totals["torch"] else "torch"
     return DecodeChoice(chosen, totals)
+
+
+def _summed_step_us(
+    manifest: Manifest, weights: dict[str, torch.Tensor], device: torch.device, variant: str
+) -> float:
+    runtime = open_seq2seq(with_decode_kernels(manifest, variant), weights, device, "never")
+    b = runtime.buckets
+    with allow_jit(), torch.no_grad():
+        return sum(
+            _step_us(runtime, batch, b.cache_len, max(b.sources))
+            for batch in b.batches
+            if batch <= FEW_ROWS
+        )
 
 
 def _step_us(runtime: Seq2SeqModel, batch: int, kv_len: int, source: int) -> float:
