@@ -49,7 +49,8 @@ stage() {
     profllama) timeout 300 python3 .bench/profile_llama.py ;;
     profdecode) timeout 300 python3 benchmarks/profile_decode_variants.py ;;
     s2stests) timeout 600 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 \
-      tests/seq2seq tests/optimize tests/runtime ;;
+      tests/seq2seq tests/optimize tests/runtime tests/kernels/test_norm_linear.py \
+      tests/kernels/test_skinny_linear_fused.py ;;
     gpuquick) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=20 \
       tests/kernels tests/runtime tests/generation/test_decode_kernels.py ;;
     *) echo "unknown stage $1" ;;

@@ -89,7 +89,8 @@ class Seq2SeqSpec:
     suppress_tokens: list[int] = field(default_factory=list)
     # "kernl": a decode step of <= 16 rows runs each linear on kernl's few-rows kernels (the
     # norm before it in the prologue, bias and residual in the epilogue), from the artifact's
-    # kernel binaries; "torch": plain torch ops (the compiler keeps the faster).
+    # kernel binaries; "kernl-linear": the same with torch's norms; "torch": plain torch ops
+    # (the compiler keeps the fastest).
     decode_kernels: str = "torch"
 
     def to_dict(self) -> dict[str, Any]:
@@ -195,7 +196,7 @@ _SMALL_INT_FIELDS = (
     "num_mel_bins",
     "source_positions",
 )
-DECODE_KERNELS = ("torch", "kernl")
+DECODE_KERNELS = ("torch", "kernl", "kernl-linear")
 _CHOICES = {
     "family": FAMILIES,
     "norm": NORMS,

@@ -104,21 +104,21 @@ def test_bf16_step_logits_match_hugging_face_eager_on_the_cpu(family, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("decode", ["chosen", "kernl", "torch"])
+@pytest.mark.parametrize("decode", ["chosen", "kernl", "kernl-linear", "torch"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_step_logits_match_hugging_face_eager_on_the_gpu(
     family, decode, tmp_path, monkeypatch
 ):
     """On the GPU every step is a replayed CUDA graph; the decode step as the compiler chose
-    it, and forced onto kernl's kernels (their binaries recorded, none compiled at load) or
-    onto torch."""
+    it, and forced onto each variant: kernl's kernels with or without the norms folded in
+    (their binaries recorded, none compiled at load), or torch."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from kernl.compiler.tasks.seq2seq import decode_kernels
 
     kernels = None
     if decode != "chosen":
-        monkeypatch.setattr(decode_kernels, "MIN_GAIN", -1e9 if decode == "kernl" else 1.0)
-        kernels = decode == "kernl"
+        monkeypatch.setattr(decode_kernels, "FORCE", decode)
+        kernels = decode != "torch"
     err, stock = step_logit_errors(family, "cuda", tmp_path / "a", kernels)
     assert err <= 2 * stock, f"{family}: kernl bf16 {err:.4f} vs fp32, HF bf16 {stock:.4f}"

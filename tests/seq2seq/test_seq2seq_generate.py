@@ -220,14 +220,15 @@ def test_task_is_inferred_and_buckets_name_their_axes(tmp_path):
         parse_seq2seq_buckets("batch=1 cache=16")
 
 
+@pytest.mark.parametrize("fold_norms", [True, False], ids=["kernl", "kernl-linear"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_decode_on_kernl_kernels_gives_hugging_face_ids(compiled, family):
+def test_decode_on_kernl_kernels_gives_hugging_face_ids(compiled, family, fold_norms):
     """The decode step on kernl's few-rows kernels (what a GPU compile keeps when faster:
     norms folded into the next linear, bias and residual in the projections' epilogues),
     here through Triton's interpreter: the same greedy ids as Hugging Face."""
     hf, path, _ = compiled[family]
     model = kernl.runtime.load(path, device="cpu")
-    model.model.kernels = True
+    model.model.kernels, model.model.fold_norms = True, fold_norms
     ids, mask = sources([13, 5, 9])
     got = model.generate(ids, mask, max_new_tokens=16, eos_token_id=[])
     assert torch.equal(got, hf_generate(hf, ids, mask, 16))

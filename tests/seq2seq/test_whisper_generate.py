@@ -286,7 +286,7 @@ def test_task_inference_buckets_and_unsupported_options(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("decode", ["chosen", "kernl"])
+@pytest.mark.parametrize("decode", ["chosen", "kernl", "kernl-linear"])
 def test_bf16_step_logits_match_hugging_face_eager_on_the_gpu(tmp_path, decode, monkeypatch):
     """bf16, d_model 384 / 6 heads / 4+4 layers / 80 mels / a 1k vocabulary (whisper-tiny's
     widths, deeper). Every step of kernl's greedy decode is compared, teacher-forced on the
@@ -299,8 +299,8 @@ def test_bf16_step_logits_match_hugging_face_eager_on_the_gpu(tmp_path, decode, 
 
     from kernl.compiler.tasks.seq2seq import decode_kernels
 
-    if decode == "kernl":  # the LayerNorms folded into norm_linear
-        monkeypatch.setattr(decode_kernels, "MIN_GAIN", -1e9)
+    if decode != "chosen":  # kernl: the LayerNorms folded into norm_linear
+        monkeypatch.setattr(decode_kernels, "FORCE", decode)
     hf32 = tiny_whisper(
         d_model=384, heads=6, ffn=1536, layers=4, vocab=1024, mels=80, init_std=0.1
     ).cuda()
@@ -342,11 +342,12 @@ def test_a_whisper_description_under_the_text_task_is_refused_at_load(compiled, 
         kernl.runtime.load(root, device="cpu")
 
 
-def test_decode_on_kernl_kernels_gives_hugging_face_ids(compiled):
+@pytest.mark.parametrize("fold_norms", [True, False], ids=["kernl", "kernl-linear"])
+def test_decode_on_kernl_kernels_gives_hugging_face_ids(compiled, fold_norms):
     """As the text families' test: Whisper's decode step on kernl's few-rows kernels (its
     LayerNorms folded into the next linear), through Triton's interpreter."""
     hf, path, _ = compiled["multilingual"]
     model = kernl.runtime.load(path, device="cpu")
-    model.model.kernels = True
+    model.model.kernels, model.model.fold_norms = True, fold_norms
     x = features(2)
     assert torch.equal(model.generate(input_features=x, max_new_tokens=12), hf_generate(hf, x, 12))

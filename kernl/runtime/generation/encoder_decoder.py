@@ -94,9 +94,11 @@ class _Normed:
 class EncoderDecoder:
     def __init__(self, spec: Seq2SeqSpec, weights: dict[str, torch.Tensor], dtype, device):
         self.spec = spec
-        # A decode step of <= 16 rows on kernl's kernels: each pre-norm folded into the
-        # linear after it, bias and residual add in each projection's epilogue.
-        self.kernels = spec.decode_kernels == "kernl"
+        # A decode step of <= 16 rows on kernl's kernels: every linear on the few-rows
+        # kernels, bias and residual add in each projection's epilogue, and with "kernl" each
+        # pre-norm folded into the linear after it ("kernl-linear": torch's norm before it).
+        self.kernels = spec.decode_kernels != "torch"
+        self.fold_norms = spec.decode_kernels == "kernl"
         self._counters: torch.Tensor | None = None  # split-K arrivals, self-resetting
         self.w = weights
         self.dtype = dtype
@@ -189,7 +191,7 @@ class EncoderDecoder:
         block's output projection and its name, so that the residual add rides in that
         GEMM (`_residual_linear`). With `fuse`, a pre-norm goes to `fn` unapplied."""
         if self.spec.pre_norm:
-            h = _Normed(x, p + norm) if fuse else self._norm(x, p + norm)
+            h = _Normed(x, p + norm) if fuse and self.fold_norms else self._norm(x, p + norm)
             return self._residual_linear(x, *fn(h), fuse)
         return self._norm(self._residual_linear(x, *fn(x), fuse), p + norm)
 

@@ -6,7 +6,8 @@ pre-norm folded into the prologue of the linear after it (norm_linear), every ou
 projection with its bias and residual add in the epilogue (skinny_linear_fused). At a decode
 step a 768- or 1280-wide linear is a few MB of weights: cuBLAS's GEMV kernels take ~5 µs each
 whatever their size, and the norms and adds around them are one launch each. The compiler
-captures one step of each batch bucket (the longest cache and source buckets) both ways,
+captures one step of each batch bucket (the longest cache and source buckets) each way
+(VARIANTS),
 replays each graph, and keeps kernl's kernels only if the summed step time is at least
 `MIN_GAIN` lower; then every launch of the chosen step is recorded as a binary, so that the
 runtime compiles nothing."""
@@ -30,6 +31,10 @@ from kernl.runtime.generation.seq2seq import Seq2SeqModel, open_seq2seq
 from ...tune import recording_binaries
 
 MIN_GAIN = 0.02  # as the causal LM's decode-kernel choice: below this, timing noise decides
+# torch; kernl's linears with the norms folded in; kernl's linears after torch's norms (a
+# LayerNorm folded in recomputes the row's statistics in every program of the linear).
+VARIANTS = ("torch", "kernl", "kernl-linear")
+FORCE: str | None = None  # tests: keep this variant whatever the timing says
 REPLAYS = 50
 
 
@@ -62,17 +67,19 @@ def choose_decode_kernels(
     fails to compile or run (a Triton error on some shape) leaves the step on torch, with
     the reason in the report: never a failed compile."""
     totals = {}
-    for variant in ("torch", "kernl"):
+    for variant in VARIANTS:
         try:
             totals[variant] = _summed_step_us(manifest, weights, device, variant)
-        except Exception as e:  # noqa: BLE001 - only kernl's variant may fail here
+        except Exception as e:  # noqa: BLE001 - only kernl's variants may fail here
             if variant == "torch":
                 raise
             first = str(e).strip().splitlines()
             reason = f"{type(e).__name__}: {first[-1] if first else ''}"[:300]
             torch.cuda.synchronize(device)
             return DecodeChoice("torch", totals, skipped=reason)
-    chosen = "kernl" if totals["kernl"] < (1 - MIN_GAIN) * totals["torch"] else "torch"
+    best = min(totals, key=totals.get)
+    chosen = best if totals[best] < (1 - MIN_GAIN) * totals["torch"] else "torch"
+    chosen = FORCE or chosen
     return DecodeChoice(chosen, totals)
 
 
