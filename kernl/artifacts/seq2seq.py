@@ -92,13 +92,17 @@ class Seq2SeqSpec:
     # kernel binaries; "kernl-linear": the same with torch's norms; "torch": plain torch ops
     # (the compiler keeps the fastest).
     decode_kernels: str = "torch"
+    # The launch tile of those kernels (block_n, block_k, split_k, warps, stages); []: their
+    # defaults.
+    decode_tile: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Seq2SeqSpec:
-        lists = {k: [int(x) for x in d.get(k, [])] for k in ("eos_token_ids", "suppress_tokens")}
+        names = ("eos_token_ids", "suppress_tokens", "decode_tile")
+        lists = {k: [int(x) for x in d.get(k, [])] for k in names}
         return Seq2SeqSpec(**{**d, **lists})
 
     @property
@@ -197,6 +201,19 @@ _SMALL_INT_FIELDS = (
     "source_positions",
 )
 DECODE_KERNELS = ("torch", "kernl", "kernl-linear")
+
+
+def _is_tile(t: list) -> bool:
+    """(block_n, block_k, split_k, warps, stages) as Triton can launch them."""
+    if len(t) != 5 or not all(_is_int(v) for v in t):
+        return False
+    block_n, block_k, split, warps, stages = t
+    powers = (16, 32, 64, 128, 256)
+    return (
+        block_n in powers and block_k in powers and 0 <= split <= 64 and warps in (1, 2, 4, 8)
+    ) and 1 <= stages <= 8
+
+
 _CHOICES = {
     "family": FAMILIES,
     "norm": NORMS,
@@ -253,6 +270,9 @@ def _check_spec(d: Any, where: str) -> Seq2SeqSpec:
     for name in _BOOLS:
         if name in d and not isinstance(d[name], bool):
             raise _bad(where, f"seq2seq.{name} is {d[name]!r}, not a boolean")
+    tile = d.get("decode_tile", [])
+    if not (isinstance(tile, list) and (tile == [] or _is_tile(tile))):
+        raise _bad(where, f"seq2seq.decode_tile is {tile!r}, not [] or a launch tile")
     if d.get("decode_kernels", "torch") not in DECODE_KERNELS:
         raise _bad(
             where, f"seq2seq.decode_kernels is {d['decode_kernels']!r}, not one of {DECODE_KERNELS}"

@@ -172,6 +172,9 @@ def test_errors_are_clear_and_leave_the_model_usable(compiled):
         lambda e: e["seq2seq_buckets"].update(caches=[0]),
         lambda e: e["seq2seq"].update(surprise=1),
         lambda e: e.pop("seq2seq"),
+        lambda e: e["seq2seq"].update(decode_kernels="cuda-magic"),
+        lambda e: e["seq2seq"].update(decode_tile=[3, 64, 0, 4, 5]),
+        lambda e: e["seq2seq"].update(decode_tile=[64, 64, 0, 4]),
     ],
 )
 def test_a_hostile_seq2seq_description_is_refused(compiled, tmp_path, edit):
@@ -232,3 +235,19 @@ def test_decode_on_kernl_kernels_gives_hugging_face_ids(compiled, family, fold_n
     ids, mask = sources([13, 5, 9])
     got = model.generate(ids, mask, max_new_tokens=16, eos_token_id=[])
     assert torch.equal(got, hf_generate(hf, ids, mask, 16))
+
+
+@pytest.mark.parametrize("family,fold_norms", [("t5", True), ("bart", False)])
+def test_decode_on_kernl_kernels_with_a_tuned_tile(compiled, family, fold_norms):
+    """The launch tile the compiler may keep (TILES of its decode-kernel choice) reaches both
+    few-rows kernels and changes no id."""
+    from kernl.compiler.tasks.seq2seq.decode_kernels import TILES
+    from kernl.runtime.generation.encoder_decoder import _Tile
+
+    hf, path, _ = compiled[family]
+    model = kernl.runtime.load(path, device="cpu")
+    model.model.kernels, model.model.fold_norms = True, fold_norms
+    model.model._tile = _Tile(*TILES[1])
+    ids, mask = sources([13, 5, 9])
+    got = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
+    assert torch.equal(got, hf_generate(hf, ids, mask, 12))

@@ -91,6 +91,18 @@ class _Normed:
     name: str
 
 
+@dataclass(frozen=True)
+class _Tile:
+    """A launch tile both few-rows kernels take (NormLinearConfig's and
+    SkinnyLinearFusedConfig's fields)."""
+
+    BLOCK_N: int
+    BLOCK_K: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
 class EncoderDecoder:
     def __init__(self, spec: Seq2SeqSpec, weights: dict[str, torch.Tensor], dtype, device):
         self.spec = spec
@@ -99,6 +111,9 @@ class EncoderDecoder:
         # pre-norm folded into the linear after it ("kernl-linear": torch's norm before it).
         self.kernels = spec.decode_kernels != "torch"
         self.fold_norms = spec.decode_kernels == "kernl"
+        # The few-rows kernels' launch tile (block_n, block_k, split_k, warps, stages), the
+        # compiler's choice; None: each kernel's default.
+        self._tile = _Tile(*spec.decode_tile) if spec.decode_tile else None
         self._counters: torch.Tensor | None = None  # split-K arrivals, self-resetting
         self.w = weights
         self.dtype = dtype
@@ -134,11 +149,21 @@ class EncoderDecoder:
 
             norm_w, norm_b = self.w[x.name + ".weight"], self.w.get(x.name + ".bias")
             eps, norm = self.spec.norm_eps, self.spec.norm
-            return norm_linear(x.x, norm_w, norm_b, w, b, eps=eps, norm=norm, counters=self._few())
+            return norm_linear(
+                x.x,
+                norm_w,
+                norm_b,
+                w,
+                b,
+                eps=eps,
+                norm=norm,
+                counters=self._few(),
+                config=self._tile,
+            )
         if fuse:
             from kernl.kernels.skinny_linear_fused import skinny_linear_fused
 
-            return skinny_linear_fused(x, w, b, counters=self._few())
+            return skinny_linear_fused(x, w, b, counters=self._few(), config=self._tile)
         return F.linear(x, w, b)
 
     def _few(self) -> torch.Tensor:
@@ -148,15 +173,22 @@ class EncoderDecoder:
             self._counters = new_counters(self.device)
         return self._counters
 
-    def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _norm(self, x: torch.Tensor, name: str, fuse: bool = False) -> torch.Tensor:
+        """The model's norm; with `fuse` kernl's Triton kernel (torch's LayerNorm takes ~4 µs
+        on a decode step's few rows)."""
         s = self.spec
+        w, b = self.w[name + ".weight"], self.w.get(name + ".bias")
+        if fuse:
+            from kernl.kernels import norm
+
+            if s.norm == "layer":
+                return norm.layer_norm(x, w, b, s.norm_eps)
+            return norm.rms_norm(x, w, None, s.norm_eps)
         if s.norm == "layer":
-            return F.layer_norm(
-                x, (s.d_model,), self.w[name + ".weight"], self.w[name + ".bias"], s.norm_eps
-            )
+            return F.layer_norm(x, (s.d_model,), w, b, s.norm_eps)
         # T5LayerNorm: no mean, no bias; torch's fused RMSNorm keeps the statistics in
         # float32 too, and rounds once where T5 rounds before its weight.
-        return F.rms_norm(x, (s.d_model,), self.w[name + ".weight"], s.norm_eps)
+        return F.rms_norm(x, (s.d_model,), w, s.norm_eps)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, (T,) H*D] -> [B, H, T, D]
         x = x[:, None] if x.dim() == 2 else x
@@ -191,9 +223,9 @@ class EncoderDecoder:
         block's output projection and its name, so that the residual add rides in that
         GEMM (`_residual_linear`). With `fuse`, a pre-norm goes to `fn` unapplied."""
         if self.spec.pre_norm:
-            h = _Normed(x, p + norm) if fuse and self.fold_norms else self._norm(x, p + norm)
+            h = _Normed(x, p + norm) if fuse and self.fold_norms else self._norm(x, p + norm, fuse)
             return self._residual_linear(x, *fn(h), fuse)
-        return self._norm(self._residual_linear(x, *fn(x), fuse), p + norm)
+        return self._norm(self._residual_linear(x, *fn(x), fuse), p + norm, fuse)
 
     def _residual_linear(
         self, x: torch.Tensor, h: torch.Tensor, name: str, fuse: bool = False
@@ -204,7 +236,7 @@ class EncoderDecoder:
         if fuse:
             from kernl.kernels.skinny_linear_fused import skinny_linear_fused
 
-            return skinny_linear_fused(h, w, b, x, counters=self._few())
+            return skinny_linear_fused(h, w, b, x, counters=self._few(), config=self._tile)
         if b is not None:
             return x + F.linear(h, w, b)
         shape = x.shape
@@ -322,7 +354,7 @@ class EncoderDecoder:
             x = self._block(x, p, "cross_norm", cross_attn, fuse)
             x = self._block(x, p, "mlp_norm", lambda h, p=p: self._mlp(h, p, fuse), fuse)
         if s.final_norm:
-            x = self._norm(x, "dec.final_norm")
+            x = self._norm(x, "dec.final_norm", fuse)
         if s.logits_scale != 1.0:
             x = x * s.logits_scale
         logits = F.linear(x, self.lm_head).float()

@@ -136,7 +136,7 @@ def compile_seq2seq(
     if kernels and dev.type == "cuda" and reduced and min(sb.batches) <= FEW_ROWS:
         say("timing the decode step on torch and on kernl's kernels")
         choice = choose_decode_kernels(manifest, weights, dev)
-        manifest = with_decode_kernels(manifest, choice.kernels)
+        manifest = with_decode_kernels(manifest, choice.kernels, choice.tile)
         report.decode = choice.describe()
     with ArtifactWriter(out) as writer:
         writer.write_weights(weights)

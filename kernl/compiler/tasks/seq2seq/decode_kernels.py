@@ -34,59 +34,78 @@ MIN_GAIN = 0.02  # as the causal LM's decode-kernel choice: below this, timing n
 # torch; kernl's linears with the norms folded in; kernl's linears after torch's norms (a
 # LayerNorm folded in recomputes the row's statistics in every program of the linear).
 VARIANTS = ("torch", "kernl", "kernl-linear")
+# Launch tiles of the few-rows kernels tried with each kernl variant: their default (narrow
+# N tiles, deep K, split-K to ~2 programs per SM) and the wide, shallow tile the causal LM's
+# sweep kept for most 2048-wide projections (docs/performance.md).
+TILES: tuple[tuple[int, ...], ...] = ((), (64, 64, 0, 4, 5))
 FORCE: str | None = None  # tests: keep this variant whatever the timing says
 REPLAYS = 50
 
 
 @dataclass
 class DecodeChoice:
-    kernels: str  # "torch" or "kernl"
-    step_us: dict[str, float]  # variant -> summed median step time over the timed buckets
-    skipped: str = ""  # why kernl's kernels were not timed (they failed to build or run)
+    kernels: str  # one of VARIANTS
+    tile: tuple[int, ...]  # one of TILES
+    step_us: dict[str, float]  # "variant tile" -> summed median step time of the buckets
+    skipped: str = ""  # the candidates that failed to build or run, and why
 
     def describe(self) -> str:
-        if self.skipped:
-            return f"decode step on torch (kernl's kernels skipped: {self.skipped})"
         times = ", ".join(f"{k} {v:.0f} us" for k, v in self.step_us.items())
-        return f"decode step on {self.kernels} ({times}; summed over the batch buckets)"
+        tile = f" tile {list(self.tile)}" if self.tile else ""
+        skipped = f"; skipped: {self.skipped}" if self.skipped else ""
+        return (
+            f"decode step on {self.kernels}{tile} ({times}; summed over the batch buckets{skipped})"
+        )
 
 
-def with_decode_kernels(manifest: Manifest, kernels: str) -> Manifest:
-    """A copy of `manifest` whose decode step runs on `kernels`."""
+def with_decode_kernels(manifest: Manifest, kernels: str, tile: tuple[int, ...] = ()) -> Manifest:
+    """A copy of `manifest` whose decode step runs on `kernels` with launch tile `tile`."""
     out = copy.copy(manifest)
     out.extra = {**manifest.extra, "seq2seq": {**manifest.extra["seq2seq"]}}
     out.extra["seq2seq"]["decode_kernels"] = kernels
+    out.extra["seq2seq"]["decode_tile"] = list(tile)
     return out
 
 
 def choose_decode_kernels(
     manifest: Manifest, weights: dict[str, torch.Tensor], device: torch.device
 ) -> DecodeChoice:
-    """Time one decode step per batch bucket of at most 16 rows, on torch and on kernl's
-    kernels (CUDA graphs, median of REPLAYS replays each), and keep the faster. A kernel that
-    fails to compile or run (a Triton error on some shape) leaves the step on torch, with
-    the reason in the report: never a failed compile."""
-    totals = {}
-    for variant in VARIANTS:
+    """Time one decode step per batch bucket of at most 16 rows, on torch and on each kernl
+    variant and tile (CUDA graphs, median of REPLAYS replays each), and keep the fastest if
+    it beats torch by MIN_GAIN. A candidate that fails to compile or run (a Triton error on
+    some shape) is skipped, with the reason in the report: never a failed compile."""
+    totals: dict[str, float] = {}
+    candidates = {"torch": ("torch", ())}
+    for variant in VARIANTS[1:]:
+        for tile in TILES:
+            candidates[f"{variant} {list(tile) if tile else 'default'}"] = (variant, tile)
+    skipped = []
+    for name, (variant, tile) in candidates.items():
         try:
-            totals[variant] = _summed_step_us(manifest, weights, device, variant)
+            totals[name] = _summed_step_us(manifest, weights, device, variant, tile)
         except Exception as e:  # noqa: BLE001 - only kernl's variants may fail here
             if variant == "torch":
                 raise
             first = str(e).strip().splitlines()
-            reason = f"{type(e).__name__}: {first[-1] if first else ''}"[:300]
+            skipped.append(f"{name}: {type(e).__name__}: {first[-1] if first else ''}"[:300])
             torch.cuda.synchronize(device)
-            return DecodeChoice("torch", totals, skipped=reason)
     best = min(totals, key=totals.get)
-    chosen = best if totals[best] < (1 - MIN_GAIN) * totals["torch"] else "torch"
-    chosen = FORCE or chosen
-    return DecodeChoice(chosen, totals)
+    if totals[best] >= (1 - MIN_GAIN) * totals["torch"]:
+        best = "torch"
+    if FORCE is not None:
+        best = min((n for n in totals if candidates[n][0] == FORCE), key=totals.get)
+    return DecodeChoice(*candidates[best], totals, skipped="; ".join(skipped))
 
 
 def _summed_step_us(
-    manifest: Manifest, weights: dict[str, torch.Tensor], device: torch.device, variant: str
+    manifest: Manifest,
+    weights: dict[str, torch.Tensor],
+    device: torch.device,
+    variant: str,
+    tile: tuple[int, ...],
 ) -> float:
-    runtime = open_seq2seq(with_decode_kernels(manifest, variant), weights, device, "never")
+    described = with_decode_kernels(manifest, variant, tile)
+    runtime = open_seq2seq(described, weights, device, "never")
     b = runtime.buckets
     with allow_jit(), torch.no_grad():
         return sum(
