@@ -16,8 +16,10 @@ __version__ = "0.1.0"
 def optimize(model: torch.nn.Module, buckets: Any = None, **options: Any) -> OptimizedModel:
     """`model = kernl.optimize(hf_model, buckets="batch=1,8 seq=16:512")`: compile a Hugging
     Face model object with kernl (or load it from kernl's cache, $KERNL_CACHE_DIR) and return
-    it, called like the original. Options: dtype, device, task, save_to, cache_dir, progress,
-    atol, rtol, kernels, tune; see `kernl.compiler.optimize.optimize`.
+    it: an encoder is called like the original; a generation model (causal LM, T5/BART/Marian,
+    Whisper) is kernl's, with `generate(...)` and `stream(...)`; without `buckets` they come
+    from the config. Options: dtype, device, task, save_to, cache_dir, progress, atol, rtol,
+    kernels, tune; see `kernl.compiler.optimize.optimize`.
 
     Imported on first call: `import kernl` and `import kernl.runtime` never import
     transformers or the compiler."""

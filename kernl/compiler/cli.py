@@ -81,7 +81,7 @@ def _compile_options(f):
             "--kernels/--no-kernels",
             default=True,
             show_default=True,
-            help="Rewrite onto kernl's fused Triton kernels; --no-kernels keeps plain aten ops (still one CUDA graph per bucket). With --task causal-lm: let the decode step use kernl's kernels where timing shows they are faster (fp16/bf16 on a GPU); --no-kernels keeps plain torch.",
+            help="Rewrite onto kernl's fused Triton kernels; --no-kernels keeps plain aten ops (still one CUDA graph per bucket). With --task causal-lm, seq2seq-lm or speech-seq2seq: let the decode step use kernl's kernels where timing shows they are faster (fp16/bf16 on a GPU; the compile summary gives each candidate's step time); --no-kernels keeps plain torch.",
         ),
         click.option(
             "--tune/--no-tune",
