@@ -391,7 +391,7 @@ def check_artifact(
     programs: list[Program] = []
     total_instructions = 0
     usage: list[ProgramUsage] = []
-    generation = None
+    generation = seq2seq = None
     if manifest.task == "causal-lm":
         described = {n: (list(w.shape), w.dtype) for n, w in weights.items()}
         generation = check_generation(manifest.extra, manifest.dtype, described, where, limits)
@@ -399,7 +399,7 @@ def check_artifact(
         from .seq2seq import check_seq2seq
 
         described = {n: (list(w.shape), w.dtype) for n, w in weights.items()}
-        check_seq2seq(manifest.extra, manifest.dtype, described, where, limits)
+        seq2seq = check_seq2seq(manifest.extra, manifest.dtype, described, where, limits)
     for entry in manifest.buckets:
         program = read_program(root, entry.program, limits)
         where_p = str(root / entry.program)
@@ -432,6 +432,11 @@ def check_artifact(
         programs.append(program)
     if generation is not None:
         static, pool = generation_memory(generation, _itemsize(manifest.dtype))
+        memory = MemoryPlan(weight_bytes, static, pool)
+    elif seq2seq is not None:
+        from .seq2seq import seq2seq_memory
+
+        static, pool = seq2seq_memory(seq2seq, _itemsize(manifest.dtype))
         memory = MemoryPlan(weight_bytes, static, pool)
     else:
         memory = MemoryPlan(

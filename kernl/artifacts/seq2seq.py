@@ -485,3 +485,34 @@ def check_seq2seq(
         if list(got[0]) != shape or got[1] != dt:
             raise _bad(where, f"weight {name} is {got[1]} {list(got[0])}, expected {dt} {shape}")
     return Seq2SeqDescription(spec, buckets, speech)
+
+
+def seq2seq_memory(desc: Seq2SeqDescription, itemsize: int) -> tuple[int, int]:
+    """(static buffers, activation pool) in bytes of an encoder-decoder artifact at load,
+    following kernl/runtime/generation/seq2seq.py (`_State`, per batch bucket) and
+    encoder_decoder.py (the largest encoder call's intermediates; an upper-side estimate).
+    Whisper's cross-attention keys and values dominate: 2 x layers x batch x 1500 x d_model."""
+    s, b = desc.spec, desc.buckets
+    inner = s.num_heads * s.head_dim
+    longest = max(b.sources)
+    static = 0
+    for batch in b.batches:
+        static += 2 * s.num_decoder_layers * batch * inner * (b.cache_len + longest) * itemsize
+        static += sum(batch * source * 9 for source in b.sources)  # source ids, valid flags
+        if desc.speech is not None:
+            static += batch * s.num_mel_bins * s.frames * itemsize
+        static += batch * b.cache_len * 8 + batch * MAX_PROMPT * 8  # generated ids, prompt
+        static += batch * s.vocab_size * 8  # the sampler's counter
+        # token masks over the vocabulary (suppressed, languages), per-row flags, scalars
+        static += 4 * s.vocab_size + 64 * batch + 4096
+    pool = 0
+    for batch, source in b.encoder_shapes():
+        per_position = 3 * inner + s.ffn_dim * (2 if s.mlp == "gated" else 1) + 4 * s.d_model
+        act = batch * source * per_position * itemsize
+        if desc.speech is None:  # the additive mask (and T5's relative bias) of every pair
+            act += batch * s.num_heads * source * source * itemsize
+        else:  # the front end's two convolutions over the mel frames
+            act += 2 * batch * s.d_model * s.frames * itemsize
+        pool = max(pool, act)
+    decode = max(b.batches) * (s.vocab_size * 4 * 3 + 4 * s.ffn_dim * itemsize)
+    return static, max(pool, decode)

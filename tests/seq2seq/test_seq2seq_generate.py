@@ -251,3 +251,31 @@ def test_decode_on_kernl_kernels_with_a_tuned_tile(compiled, family, fold_norms)
     ids, mask = sources([13, 5, 9])
     got = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
     assert torch.equal(got, hf_generate(hf, ids, mask, 12))
+
+
+def _held_bytes(state) -> int:
+    """Bytes of every tensor a batch bucket's state holds (its KV caches included)."""
+    seen, total = set(), 0
+    values = list(vars(state).values()) + list(vars(state.cache).values())
+    values += list(vars(state.sampler).values()) if hasattr(state.sampler, "__dict__") else []
+    for v in values:
+        for t in v.values() if isinstance(v, dict) else [v]:
+            if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_memory_plan_covers_the_buffers_and_refuses_a_small_device(compiled, family):
+    """load() refuses an artifact whose buffers (Whisper-large-v3 at batch 64: ~16 GB of
+    cross-attention keys and values) would not fit, before allocating them."""
+    from kernl.artifacts import ArtifactUnsafeError
+    from kernl.artifacts.reader import check_artifact
+
+    _, path, model = compiled[family]
+    plan = check_artifact(path, hash_files=False).memory
+    held = sum(_held_bytes(s) for s in model._states.values())
+    assert held <= plan.static_buffers <= 2 * held
+    with pytest.raises(ArtifactUnsafeError, match="needs .* the device has"):
+        check_artifact(path, hash_files=False, free_bytes=plan.total - 1)

@@ -351,3 +351,16 @@ def test_decode_on_kernl_kernels_gives_hugging_face_ids(compiled, fold_norms):
     model.model.kernels, model.model.fold_norms = True, fold_norms
     x = features(2)
     assert torch.equal(model.generate(input_features=x, max_new_tokens=12), hf_generate(hf, x, 12))
+
+
+def test_the_memory_plan_covers_whisper_buffers(compiled):
+    """Whisper's static buffers (cross-attention K/V of 1500 positions, the mel features)
+    are in the plan load() checks against the device's free memory."""
+    from kernl.artifacts.reader import check_artifact
+
+    from .test_seq2seq_generate import _held_bytes
+
+    _, path, model = compiled["multilingual"]
+    plan = check_artifact(path, hash_files=False).memory
+    held = sum(_held_bytes(s) for s in model._states.values())
+    assert held <= plan.static_buffers <= 2 * held
