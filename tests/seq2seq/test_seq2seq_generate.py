@@ -279,3 +279,70 @@ def test_the_memory_plan_covers_the_buffers_and_refuses_a_small_device(compiled,
     assert held <= plan.static_buffers <= 2 * held
     with pytest.raises(ArtifactUnsafeError, match="needs .* the device has"):
         check_artifact(path, hash_files=False, free_bytes=plan.total - 1)
+
+
+def _t5_near_fp16_overflow(scale: float) -> torch.nn.Module:
+    """A tiny T5 v1.1 whose feed-forward output is scaled so that its fp16 residual stream
+    reaches tens of thousands (T5's known fp16 trouble)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.T5Config(
+        vocab_size=VOCAB,
+        d_model=64,
+        d_kv=16,
+        d_ff=256,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+    )
+    model = tf.T5ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("wo.weight"):
+                p.mul_(scale)
+    return model
+
+
+def test_t5_in_fp16_near_its_range_gives_hugging_face_ids(tmp_path):
+    """Activations of ~43k: squared in fp16 they overflow, so the norm keeps its variance in
+    float32 as Hugging Face does (torch's RMSNorm squares in fp16 on the CPU: NaN)."""
+    hf = _t5_near_fp16_overflow(2e4).half()
+    ids, mask = sources([13, 5, 9])
+    kernl.compiler.compile(hf, "batch=1,4 source=16 cache=32", tmp_path / "a", dtype="fp16")
+    model = kernl.runtime.load(tmp_path / "a", device="cpu")
+    got = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
+    assert torch.equal(got, hf_generate(hf, ids, mask, 12))
+
+
+def test_t5_in_fp16_past_its_range_is_clamped_like_hugging_face(tmp_path):
+    """Past 65504 the residual stream overflows: each block's output is clamped as Hugging
+    Face's T5Block does, and the logits stay finite (they were NaN: every id 0). Built from an
+    fp32 artifact cast to fp16, since in this regime fp16 itself (HF's too) leaves fp32's ids
+    after a token or two and the compiler's validation would refuse it."""
+    from kernl.artifacts import read_manifest
+    from kernl.artifacts.reader import read_weights
+    from kernl.runtime.generation.seq2seq import Seq2SeqModel
+
+    hf = _t5_near_fp16_overflow(6e4)
+    kernl.compiler.compile(hf, "batch=1,4 source=16 cache=32", tmp_path / "a", dtype="fp32")
+    manifest = read_manifest(tmp_path / "a")
+    manifest.dtype = "float16"
+    weights = {k: v.half() for k, v in read_weights(tmp_path / "a", device="cpu").items()}
+    model = Seq2SeqModel(manifest, weights, torch.device("cpu"), capture="never")
+    ids, mask = sources([13, 5, 9])
+    hf16 = hf.half()
+    with torch.no_grad():
+        hidden = hf16.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    clamped = torch.tensor(65504 - 1000, dtype=torch.float16).item()
+    assert max(h.abs().max().item() for h in hidden.hidden_states) == clamped  # HF clamps too
+    steps = list(model.stream(ids, mask, max_new_tokens=8, eos_token_id=[], output_logits=True))
+    assert torch.isfinite(torch.stack([s[1] for s in steps])).all()
+    # (which ids: in this regime fp16 leaves fp32 after a token or two, HF's fp16 as well)
+    assert len(set(torch.stack([s[0] for s in steps]).flatten().tolist())) > 3

@@ -103,6 +103,13 @@ class _Tile:
     num_stages: int
 
 
+def _clamp_overflow(x: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's fp16 clamp of T5's hidden states, without a host sync."""
+    top = torch.finfo(x.dtype).max
+    limit = torch.where(torch.isinf(x).any(), top - 1000, top).to(x.dtype)
+    return torch.clamp(x, -limit, limit)
+
+
 class EncoderDecoder:
     def __init__(self, spec: Seq2SeqSpec, weights: dict[str, torch.Tensor], dtype, device):
         self.spec = spec
@@ -111,6 +118,9 @@ class EncoderDecoder:
         # pre-norm folded into the linear after it ("kernl-linear": torch's norm before it).
         self.kernels = spec.decode_kernels != "torch"
         self.fold_norms = spec.decode_kernels == "kernl"
+        # T5 in fp16 overflows (activations past 65504); as Hugging Face's T5Block, each
+        # block's output is clamped, to max - 1000 once any value is infinite.
+        self._clamp = spec.family == "t5" and dtype == torch.float16
         # The few-rows kernels' launch tile (block_n, block_k, split_k, warps, stages), the
         # compiler's choice; None: each kernel's default.
         self._tile = _Tile(*spec.decode_tile) if spec.decode_tile else None
@@ -186,6 +196,11 @@ class EncoderDecoder:
             return norm.rms_norm(x, w, None, s.norm_eps)
         if s.norm == "layer":
             return F.layer_norm(x, (s.d_model,), w, b, s.norm_eps)
+        if x.dtype == torch.float16:
+            # T5LayerNorm as Hugging Face writes it: the variance in float32 (fp16 squares
+            # of T5's activations overflow, and torch's RMSNorm squares in fp16 on the CPU).
+            var = x.float().pow(2).mean(-1, keepdim=True)
+            return w * (x.float() * torch.rsqrt(var + s.norm_eps)).to(x.dtype)
         # T5LayerNorm: no mean, no bias; torch's fused RMSNorm keeps the statistics in
         # float32 too, and rounds once where T5 rounds before its weight.
         return F.rms_norm(x, (s.d_model,), w, s.norm_eps)
@@ -224,7 +239,8 @@ class EncoderDecoder:
         GEMM (`_residual_linear`). With `fuse`, a pre-norm goes to `fn` unapplied."""
         if self.spec.pre_norm:
             h = _Normed(x, p + norm) if fuse and self.fold_norms else self._norm(x, p + norm, fuse)
-            return self._residual_linear(x, *fn(h), fuse)
+            x = self._residual_linear(x, *fn(h), fuse)
+            return _clamp_overflow(x) if self._clamp else x
         return self._norm(self._residual_linear(x, *fn(x), fuse), p + norm, fuse)
 
     def _residual_linear(
