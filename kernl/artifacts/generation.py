@@ -472,7 +472,7 @@ def generation_memory(desc: GenerationDescription, itemsize: int) -> tuple[int, 
     for batch in b.batches:
         static += 2 * s.num_layers * batch * s.num_kv_heads * cache * s.head_dim * itemsize
         static += batch * cache * (8 + 1)  # generated ids (int64) and the valid-slot mask
-        static += batch * s.vocab_size * 8  # the sampler's counter
+        static += batch * 5 * 8  # the sampler's per-row parameters
         static += sum(batch * p * 9 for p in b.prompts)  # prompt ids and valid flags
     qkv = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
     pool = 0

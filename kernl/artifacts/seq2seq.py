@@ -502,7 +502,7 @@ def seq2seq_memory(desc: Seq2SeqDescription, itemsize: int) -> tuple[int, int]:
         if desc.speech is not None:
             static += batch * s.num_mel_bins * s.frames * itemsize
         static += batch * b.cache_len * 8 + batch * MAX_PROMPT * 8  # generated ids, prompt
-        static += batch * s.vocab_size * 8  # the sampler's counter
+        static += batch * 5 * 8  # the sampler's per-row parameters
         # token masks over the vocabulary (suppressed, languages), per-row flags, scalars
         static += 4 * s.vocab_size + 64 * batch + 4096
     pool = 0

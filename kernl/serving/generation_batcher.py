@@ -3,11 +3,12 @@ compatible requests, each request receiving its own row's tokens. No Ray, no HTT
 deployment (generation.py) and the in-process benchmark both drive it.
 
 Policy (the runtime decides what is possible: one call takes a batch of prompts, left-padded
-into one prefill bucket, with one `max_new_tokens`, one set of EOS ids and one set of sampler
-parameters, and rows cannot join a call once it has started):
+into one prefill bucket, with one `max_new_tokens`, one set of EOS ids, greedy or sampled for
+all rows, sampler parameters per row, and rows cannot join a call once it has started):
 - A batch starts when the model is free and a request waits. The oldest waiting request opens
-  it; every later waiting request with the same SamplingKey joins it in arrival order, as
-  long as the batch stays within `max_requests` (at most the largest batch bucket) and the
+  it; every later waiting request with the same SamplingKey (greedy or sampled, EOS ids) joins
+  it in arrival order, as long as the batch stays within `max_requests` (at most the largest
+  batch bucket) and the
   longest `max_new_tokens` still fits the KV cache after the batch's prompt bucket
   (`fits_together`). A request that cannot join waits for the next batch, which it opens if
   it is then the oldest: no request waits for more than one batch it could not join.
@@ -27,10 +28,10 @@ parameters, and rows cannot join a call once it has started):
   step time) and its tokens are discarded; if every row of a streamed batch is abandoned or
   finished, the call stops at the next step. A `generate`-mode batch runs to its end.
 
-Greedy answers equal `model.generate([prompt], ...)` of the request alone. A sampled request
-draws noise keyed by (seed, step, row, token): alone (row 0) it equals the direct call with
-its seed; sharing a batch with requests of the same seed and sampler, row k draws its own
-noise, so the rows are distinct samples, not k copies of one."""
+Every answer equals `model.generate([prompt], ...)` of the request alone: greedy rows
+trivially, and a sampled row draws with its own temperature, top-k, top-p and seed, its
+noise keyed as if it were alone (the runtime's per-row seeds), so requests that differ in
+their sampling arguments share a call, and one seed gives one answer however it is batched."""
 
 from __future__ import annotations
 
@@ -40,7 +41,12 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .generation_protocol import GenerationLimits, GenerationRequest, fits_together
+from .generation_protocol import (
+    GenerationLimits,
+    GenerationRequest,
+    fits_together,
+    generate_options,
+)
 
 DEFAULT_WINDOW_MS = 5.0
 
@@ -221,7 +227,7 @@ class GenerationBatcher:
         key = group[0].request.key
         prompts = [t.request.prompt for t in group]
         options = {
-            **key.generate_options(),
+            **generate_options(key, [t.request.sampler for t in group]),
             "max_new_tokens": max(t.request.max_new_tokens for t in group),
         }
         eos = frozenset(key.eos)

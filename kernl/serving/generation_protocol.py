@@ -75,27 +75,36 @@ class GenerationLimits:
 @dataclass(frozen=True)
 class SamplingKey:
     """What one `generate` call fixes for all its rows, so what requests sharing a batch must
-    have in common: the runtime's sampler parameters and EOS ids are one value per call (not
-    per row). Greedy requests ignore the sampler's parameters, so they all share one key per
-    EOS set."""
+    have in common: greedy or sampled (one step graph each) and the EOS ids. Temperature,
+    top-k, top-p and seed are per row (`Sampler`): requests that differ in them share a call."""
 
     do_sample: bool
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int
     eos: tuple[int, ...]  # resolved: the request's ids, or the model's when it sent none
 
-    def generate_options(self) -> dict:
-        """The keyword arguments of generate()/stream() this key stands for."""
-        return {
-            "do_sample": self.do_sample,
-            "temperature": self.temperature,
-            "top_k": self.top_k,
-            "top_p": self.top_p,
-            "seed": self.seed,
-            "eos_token_id": list(self.eos),
+
+@dataclass(frozen=True)
+class Sampler:
+    """One request's sampling arguments (its row's, in a shared call)."""
+
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def generate_options(key: SamplingKey, samplers: list[Sampler]) -> dict:
+    """The keyword arguments of generate()/stream() for requests of one key, one row each in
+    this order: per-row sampler arguments, so that each row draws what its request would
+    alone (a seed per row)."""
+    options: dict = {"do_sample": key.do_sample, "eos_token_id": list(key.eos)}
+    if key.do_sample:
+        options |= {
+            "temperature": [s.temperature for s in samplers],
+            "top_k": [s.top_k for s in samplers],
+            "top_p": [s.top_p for s in samplers],
+            "seed": [s.seed for s in samplers],
         }
+    return options
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,7 @@ class GenerationRequest:
     options: dict  # keyword arguments of generate()/stream(), as the client sent them
     stream: bool
     key: SamplingKey  # which batches it may join (see SamplingKey)
+    sampler: Sampler = Sampler()  # its own row's sampling arguments
 
     @property
     def max_new_tokens(self) -> int:
@@ -135,7 +145,21 @@ def parse_generation_request(
     _check_ranges(options, limits)
     _check_fits(prompt, options, limits)
     options.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
-    return GenerationRequest(prompt, options, stream, sampling_key(options, limits))
+    return GenerationRequest(
+        prompt, options, stream, sampling_key(options, limits), sampler_of(options)
+    )
+
+
+def sampler_of(options: dict) -> Sampler:
+    """A request's own sampling arguments (greedy requests keep the defaults)."""
+    if not options.get("do_sample", False):
+        return Sampler()
+    return Sampler(
+        float(options.get("temperature", 1.0)),
+        int(options.get("top_k", 50)),
+        float(options.get("top_p", 1.0)),
+        int(options.get("seed", 0)),
+    )
 
 
 def sampling_key(options: dict, limits: GenerationLimits) -> SamplingKey:
@@ -146,16 +170,7 @@ def sampling_key(options: dict, limits: GenerationLimits) -> SamplingKey:
         raise RequestError(
             422, f"'eos_token_id' holds {len(eos)} distinct ids; at most {MAX_EOS_IDS}"
         )
-    if not options.get("do_sample", False):
-        return SamplingKey(False, 1.0, 50, 1.0, 0, eos)
-    return SamplingKey(
-        True,
-        float(options.get("temperature", 1.0)),
-        int(options.get("top_k", 50)),
-        float(options.get("top_p", 1.0)),
-        int(options.get("seed", 0)),
-        eos,
-    )
+    return SamplingKey(bool(options.get("do_sample", False)), eos)
 
 
 def fits_together(requests, limits: GenerationLimits) -> bool:
@@ -186,6 +201,9 @@ def _check_ranges(options: dict, limits: GenerationLimits) -> None:
         "seed": 0,
     }
     o = {**defaults, **options}
+    for name in ("temperature", "top_k", "top_p", "seed"):
+        if isinstance(o[name], (list, tuple)):  # the runtime's per-row form, not a request's
+            raise RequestError(422, f"'{name}' must be one number, got {o[name]!r}")
     try:
         check_options(
             o["max_new_tokens"],
@@ -197,6 +215,7 @@ def _check_ranges(options: dict, limits: GenerationLimits) -> None:
             None,
             o["seed"],
             limits.vocab_size,
+            1,
         )
     except ValueError as e:
         raise RequestError(422, str(e)) from None

@@ -54,6 +54,28 @@ def test_seeded_sampling_repeats_and_filters(model):
     assert torch.equal(model.generate(ids, mask, seed=3, top_k=0, top_p=1e-6, **kw), greedy)
 
 
+def test_per_row_sampling_arguments_give_each_row_its_call_alone(model):
+    """Rows with their own temperature, top-k, top-p and seed share one call (how the serving
+    batcher batches requests with different sampling arguments): with a seed per row, each
+    row's ids are those of the row generated alone with its arguments."""
+    lengths, rows = [5, 9, 7], []
+    ids, mask = mixed_prompts(3, lengths, seed=4)
+    per_row = dict(temperature=[1.5, 0.7, 1.0], top_k=[0, 20, 5], top_p=[1.0, 0.9, 0.8])
+    seeds = [11, 12, 11]
+    kw = dict(max_new_tokens=16, do_sample=True, eos_token_id=[])
+    together = model.generate(ids, mask, seed=seeds, **per_row, **kw)
+    for i, n in enumerate(lengths):
+        alone = {k: v[i] for k, v in per_row.items()}
+        row = ids[i : i + 1, ids.shape[1] - n :]
+        rows.append(model.generate(row, seed=seeds[i], **alone, **kw)[0, n:])
+    assert torch.equal(together[:, ids.shape[1] :], torch.stack(rows))
+    assert len({tuple(r.tolist()) for r in rows}) == 3
+    with pytest.raises(ValueError, match="seed holds 2 values for a batch of 3 rows"):
+        model.generate(ids, mask, seed=[1, 2], **kw)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        model.generate(ids, mask, temperature=[1.0, 0.0, 1.0], **kw)
+
+
 def test_sampling_follows_the_distribution(model):
     """First sampled token over many seeds vs the softmax of the prefill logits."""
     ids = torch.tensor([[5, 17, 33]])

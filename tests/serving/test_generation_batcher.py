@@ -175,8 +175,9 @@ def test_each_row_stops_at_its_own_eos(model, limits):
 
 
 def test_incompatible_requests_wait_for_the_next_call(model, limits):
-    """Different sampling arguments or EOS ids cannot share a call; the batch opened by the
-    oldest request takes the compatible ones, the next call the rest, in arrival order."""
+    """Greedy and sampled requests, or different EOS ids, cannot share a call; the batch
+    opened by the oldest request takes the compatible ones, the next call the rest, in
+    arrival order."""
     counting = Counting(model)
     sampled = {"do_sample": True, "temperature": 0.9, "top_k": 20, "seed": 3}
     requests = [
@@ -200,6 +201,34 @@ def test_incompatible_requests_wait_for_the_next_call(model, limits):
     # Alone in its call, a sampled request is row 0: the direct call with its seed.
     assert results[1] == alone(model, PROMPTS[1], max_new_tokens=6, **sampled)
     assert results[3] == alone(model, PROMPTS[3], max_new_tokens=6, eos_token_id=[5])
+
+
+def test_sampled_requests_with_different_arguments_share_a_call(model, limits):
+    """Temperature, top-k, top-p and seed are per row in the runtime: sampled requests that
+    differ in them share one call, and each gets what it would alone (two with one seed and
+    one prompt get the same answer, however they are batched)."""
+    counting = Counting(model)
+    samplers = [
+        {"temperature": 0.9, "top_k": 20, "seed": 3},
+        {"temperature": 1.3, "top_k": 0, "top_p": 0.9, "seed": 4},
+        {"temperature": 0.9, "top_k": 20, "seed": 3},
+        {"temperature": 0.6, "top_k": 5, "seed": 8},
+    ]
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2]]
+    requests = [
+        request(limits, p, max_new_tokens=8, do_sample=True, **kw)
+        for p, kw in zip(prompts, samplers)
+    ]
+
+    async def main():
+        batcher = GenerationBatcher(counting, limits, BatchPolicy(8, 0.0))
+        return await asyncio.gather(*(batcher.submit(r).result() for r in requests))
+
+    results = asyncio.run(main())
+    assert counting.calls == [("generate", 4)]
+    for p, kw, ids in zip(prompts, samplers, results):
+        assert ids == alone(model, p, max_new_tokens=8, do_sample=True, **kw)
+    assert results[0] == results[2] and results[0] != results[3]
 
 
 def test_requests_that_do_not_fit_the_cache_together_are_split(model, limits):
@@ -373,11 +402,13 @@ def test_requests_that_no_call_could_hold_are_refused_on_arrival(limits, fields,
     assert e.value.status == status and reason in str(e.value)
 
 
-def test_greedy_requests_share_a_key_whatever_their_sampler_fields(limits):
+def test_requests_share_a_key_whatever_their_sampler_fields(limits):
     a = request(limits, [1], temperature=0.5, top_k=3)
     b = request(limits, [2], seed=9)
     c = request(limits, [3], do_sample=True, seed=9)
-    assert a.key == b.key != c.key
+    d = request(limits, [3], do_sample=True, seed=2, temperature=0.3)
+    assert a.key == b.key != c.key == d.key
+    assert c.sampler.seed == 9 and d.sampler.temperature == 0.3 and a.sampler.seed == 0
 
 
 def test_the_in_process_request_path_needs_no_ray():

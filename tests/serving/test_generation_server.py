@@ -269,6 +269,7 @@ BAD = [
     ({"input_ids": [1], "do_sample": 1}, 422, "do_sample"),
     ({"input_ids": [1], "top_p": 1.5}, 422, "top_p"),
     ({"input_ids": [1], "do_sample": True, "temperature": 0}, 422, "temperature"),
+    ({"input_ids": [1], "do_sample": True, "seed": [1, 2]}, 422, "seed"),
     ({"input_ids": [1], "top_k": -1}, 422, "top_k"),
     ({"input_ids": [1], "eos_token_id": [VOCAB + 3]}, 422, "eos_token_id"),
     ({"input_ids": [1], "stream": "yes"}, 422, "stream"),

@@ -196,12 +196,12 @@ class GenerativeModel(StepLoop):
         attention_mask=None,
         max_new_tokens: int | None = None,
         do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 50,
-        top_p: float = 1.0,
+        temperature: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 50,
+        top_p: float | Sequence[float] = 1.0,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         max_length: int | None = None,
     ) -> torch.Tensor:
         """Like Hugging Face `generate`: returns [batch, prompt + new] ids, the prompt as given
@@ -210,7 +210,8 @@ class GenerativeModel(StepLoop):
         `max_new_tokens` were produced. Prompts may differ in length (`attention_mask` zeros
         mark padding, on either side). `eos_token_id` defaults to the model's. Sampling
         (`do_sample=True`) applies temperature, top-k, top-p; the same `seed` gives the same
-        ids. `max_new_tokens` defaults to 20; `max_length`, as in Hugging Face, counts the
+        ids. Each of the four is one value or a list of one per row; with a seed per row,
+        each row draws what it would alone with its seed. `max_new_tokens` defaults to 20; `max_length`, as in Hugging Face, counts the
         prompt (its padded length) too, and `max_new_tokens` wins when both are given."""
         sampling = (do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
         prompt, plan = self._request(
@@ -227,12 +228,12 @@ class GenerativeModel(StepLoop):
         attention_mask=None,
         max_new_tokens: int | None = None,
         do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 50,
-        top_p: float = 1.0,
+        temperature: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 50,
+        top_p: float | Sequence[float] = 1.0,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         output_logits: bool = False,
         max_length: int | None = None,
     ) -> Iterator:
@@ -297,6 +298,7 @@ class GenerativeModel(StepLoop):
             pad_token_id,
             seed,
             vocab,
+            len(prompt),
         )
         lo, hi = int(prompt.min()), int(prompt.max())
         if lo < 0 or hi >= vocab:
@@ -514,6 +516,15 @@ def _generated_length(new: torch.Tensor, eos: list[int]) -> int:
     return int(is_eos.int().argmax(dim=1).max()) + 1
 
 
+def _rows_of(name: str, value, rows: int) -> list:
+    """A sampler argument as its per-row values: a sequence must hold one per row."""
+    if not isinstance(value, (list, tuple)):
+        return [value]
+    if len(value) != rows:
+        raise ValueError(f"{name} holds {len(value)} values for a batch of {rows} rows")
+    return list(value)
+
+
 def check_options(
     max_new_tokens,
     do_sample,
@@ -524,23 +535,29 @@ def check_options(
     pad_token_id,
     seed,
     vocab: int,
+    rows: int,
 ) -> None:
-    """The generation options of a request (shared by the causal-LM and seq2seq models);
-    raises ValueError."""
+    """The generation options of a request of `rows` rows (shared by the causal-LM and
+    seq2seq models); temperature, top_k, top_p and seed may each be one value or a sequence
+    of one per row. Raises ValueError."""
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not isinstance(do_sample, bool):
         raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
-    if not _is_number(temperature) or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be a finite number, got {temperature!r}")
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if not _is_number(top_p) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
-    if top_k is not None and (not _is_int(top_k) or not 0 <= top_k < 2**31):
-        raise ValueError(f"top_k must be an integer in [0, 2**31) (0: off), got {top_k!r}")
-    if not _is_int(seed) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    for t in _rows_of("temperature", temperature, rows):
+        if not _is_number(t) or not math.isfinite(t):
+            raise ValueError(f"temperature must be a finite number, got {t!r}")
+        if do_sample and not t > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {t}")
+    for p in _rows_of("top_p", top_p, rows):
+        if not _is_number(p) or not 0 < p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {p!r}")
+    for k in _rows_of("top_k", top_k, rows):
+        if k is not None and (not _is_int(k) or not 0 <= k < 2**31):
+            raise ValueError(f"top_k must be an integer in [0, 2**31) (0: off), got {k!r}")
+    for v in _rows_of("seed", seed, rows):
+        if not _is_int(v) or not 0 <= v < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {v!r}")
     if pad_token_id is not None and not (_is_int(pad_token_id) and 0 <= pad_token_id < vocab):
         raise ValueError(f"pad_token_id must be a token id in [0, {vocab}), got {pad_token_id!r}")
     if eos_token_id is not None:

@@ -4,8 +4,8 @@ temperature, top-k and top-p.
 Sampling is Gumbel-max (argmax of filtered logits / T plus Gumbel noise, an exact draw from
 the softmax) with the noise taken from a counter-based hash of (seed, step, row, token): no
 generator state to register with a CUDA graph, the same draws on CPU and GPU, and a seeded
-call repeats exactly. The parameters are 1-element tensors, so one captured graph serves any
-temperature, top-k, top-p and seed."""
+call repeats exactly. The parameters are per-row tensors, so one captured graph serves any
+temperature, top-k, top-p and seed, and rows that differ in them."""
 
 from __future__ import annotations
 
@@ -21,27 +21,48 @@ _SEED_MUL, _STEP_MUL = 0x5BD1E995, 0x1B873593
 
 @dataclass
 class SamplerParams:
-    """Static 1-element tensors the host fills before a call."""
+    """Static per-row tensors ([batch bucket] each) the host fills before a call: each row
+    samples with its own temperature, top-k, top-p and seed, so requests with different
+    sampling arguments can share one call (the serving batcher does)."""
 
     temperature: torch.Tensor  # float32
     top_k: torch.Tensor  # int64; vocab size when off
     top_p: torch.Tensor  # float32; 1.0 when off
     seed: torch.Tensor  # int64
+    # The row's index among the rows its noise is keyed with: with one seed for the call,
+    # each row's own index (the rows are distinct draws); with a seed per row, 0 (each row
+    # draws what it would alone with its seed).
+    row: torch.Tensor  # int64
 
     @staticmethod
-    def allocate(device) -> SamplerParams:
+    def allocate(device, rows: int = 1) -> SamplerParams:
         return SamplerParams(
-            temperature=torch.ones(1, dtype=torch.float32, device=device),
-            top_k=torch.zeros(1, dtype=torch.int64, device=device),
-            top_p=torch.ones(1, dtype=torch.float32, device=device),
-            seed=torch.zeros(1, dtype=torch.int64, device=device),
+            temperature=torch.ones(rows, dtype=torch.float32, device=device),
+            top_k=torch.zeros(rows, dtype=torch.int64, device=device),
+            top_p=torch.ones(rows, dtype=torch.float32, device=device),
+            seed=torch.zeros(rows, dtype=torch.int64, device=device),
+            row=torch.arange(rows, dtype=torch.int64, device=device),
         )
 
-    def set(self, temperature: float, top_k: int, top_p: float, seed: int, vocab: int) -> None:
-        self.temperature.fill_(float(temperature))
-        self.top_k.fill_(int(top_k) if top_k and top_k > 0 else vocab)
-        self.top_p.fill_(float(top_p))
-        self.seed.fill_(int(seed) & _MASK32)
+    def set(self, temperature, top_k, top_p, seed, vocab: int) -> None:
+        """Each argument one value for every row or a sequence, one per row from the first
+        (rows past it, which only fill the bucket, take the defaults); one copy per tensor."""
+        rows = self.seed.shape[0]
+
+        def per_row(value, default, dtype, convert) -> torch.Tensor:
+            values = list(value) if isinstance(value, (list, tuple)) else [value] * rows
+            values += [default] * (rows - len(values))
+            return torch.tensor([convert(v) for v in values], dtype=dtype)
+
+        def k(v) -> int:
+            return int(v) if v and v > 0 else vocab
+
+        self.temperature.copy_(per_row(temperature, 1.0, torch.float32, float))
+        self.top_k.copy_(per_row(top_k, vocab, torch.int64, k))
+        self.top_p.copy_(per_row(top_p, 1.0, torch.float32, float))
+        self.seed.copy_(per_row(seed, 0, torch.int64, lambda v: int(v) & _MASK32))
+        shared = not isinstance(seed, (list, tuple))
+        self.row.copy_(torch.arange(rows) if shared else torch.zeros(rows, dtype=torch.int64))
 
 
 def _fmix32(h: torch.Tensor) -> torch.Tensor:
@@ -53,9 +74,10 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_noise(counter: torch.Tensor, seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """Uniform floats in (0, 1), one per element of `counter` (an int64 tensor of distinct
-    values, e.g. row * vocab + token), a function of (seed, step) only."""
-    key = _fmix32((seed * _SEED_MUL + step * _STEP_MUL) & _MASK32)
+    """Uniform floats in (0, 1), one per element of `counter` ([B, V] int64, distinct within
+    a row, e.g. row * vocab + token), a function of (seed, step) only; `seed` holds one value
+    or one per row."""
+    key = _fmix32((seed.view(-1, 1) * _SEED_MUL + step * _STEP_MUL) & _MASK32)
     h = _fmix32((counter ^ key) & _MASK32)
     h = _fmix32((h + key * 3 + 1) & _MASK32)
     return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
@@ -84,23 +106,24 @@ def _chunk_size(vocab: int) -> int | None:
     return None
 
 
-def sample(
-    logits: torch.Tensor, params: SamplerParams, step: torch.Tensor, counter: torch.Tensor
-) -> torch.Tensor:
-    """logits [B, V]; counter [B, V] int64 (distinct per element). Temperature, then top-k,
-    then top-p (the smallest set of most likely tokens whose probability reaches top_p; the
-    most likely token is always kept), as Hugging Face's warpers apply them."""
-    scores = logits.float() / params.temperature
+def sample(logits: torch.Tensor, params: SamplerParams, step: torch.Tensor) -> torch.Tensor:
+    """logits [B, V]. Per row: temperature, then top-k, then top-p (the smallest set of most
+    likely tokens whose probability reaches top_p; the most likely token is always kept), as
+    Hugging Face's warpers apply them; then a Gumbel-max draw keyed by (seed, step, row,
+    token)."""
+    scores = logits.float() / params.temperature[:, None]
     vocab = scores.shape[-1]
     ordered, order = torch.sort(scores, dim=-1, descending=True)
     ranks = torch.arange(vocab, device=scores.device)
-    keep = ranks[None, :] < params.top_k
+    keep = ranks[None, :] < params.top_k[:, None]
     ordered = ordered.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(ordered, dim=-1)
     before = probs.cumsum(-1) - probs  # probability mass strictly ahead of each token
-    keep = keep & ((before < params.top_p) | (params.top_p >= 1.0))
+    top_p = params.top_p[:, None]
+    keep = keep & ((before < top_p) | (top_p >= 1.0))
     keep[:, 0] = True
     keep = torch.zeros_like(keep).scatter(-1, order, keep)
     scores = scores.masked_fill(~keep, float("-inf"))
+    counter = params.row[:, None] * vocab + ranks[None, :]
     gumbel = -torch.log(-torch.log(uniform_noise(counter, params.seed, step)))
     return torch.argmax(scores + gumbel, dim=-1)

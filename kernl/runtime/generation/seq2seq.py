@@ -81,8 +81,7 @@ class _State:
         self.forced_eos_at = torch.full((1,), -1, **long)
         self.forced_eos = torch.full((1,), spec.forced_eos_token_id or 0, **long)
         self.pad = torch.full((1,), pad, **long)
-        self.sampler = SamplerParams.allocate(device)
-        self.counter = torch.arange(batch * spec.vocab_size, **long).view(batch, -1)
+        self.sampler = SamplerParams.allocate(device, batch)
 
     def _masks(self, speech: SpeechSpec, vocab: int, batch: int, device) -> None:
         self.suppress = _vocab_mask(speech.suppress_tokens, vocab, device)
@@ -113,7 +112,7 @@ class _State:
             logits = self._whisper_rules(logits, nxt)
         elif self.suppress is not None:
             logits = logits.masked_fill(self.suppress, float("-inf"))
-        chosen = sample(logits, self.sampler, self.step, self.counter) if do_sample else None
+        chosen = sample(logits, self.sampler, self.step) if do_sample else None
         chosen = greedy(logits) if chosen is None else chosen
         prompting = nxt < self.prompt_len
         # Prompt tokens after the start (Whisper's; mBART's forced BOS) replace the choice.
@@ -225,12 +224,12 @@ class Seq2SeqModel(StepLoop):
         attention_mask=None,
         max_new_tokens: int | None = None,
         do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 50,
-        top_p: float = 1.0,
+        temperature: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 50,
+        top_p: float | Sequence[float] = 1.0,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         forced_bos_token_id: int | None = None,
     ) -> torch.Tensor:
         """Like Hugging Face's encoder-decoder `generate`: returns [batch, 1 + new] ids, the
@@ -240,7 +239,8 @@ class Seq2SeqModel(StepLoop):
         on the right. `forced_bos_token_id` (default: the model's, e.g. mBART-50's target
         language) is the first new token and the model's forced EOS id (mBART, Marian) the
         last one `max_new_tokens` allows, as in Hugging Face. Sampling (`do_sample=True`)
-        applies temperature, top-k, top-p; the same `seed` gives the same ids. Raises
+        applies temperature, top-k, top-p; the same `seed` gives the same ids (each of the
+        four one value or a list of one per row, as for the causal LM). Raises
         ValueError, leaving the model usable, for a source longer than every source bucket or
         more new tokens than the decoder cache holds."""
         plan = self._text_plan(
@@ -264,12 +264,12 @@ class Seq2SeqModel(StepLoop):
         attention_mask=None,
         max_new_tokens: int | None = None,
         do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 50,
-        top_p: float = 1.0,
+        temperature: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 50,
+        top_p: float | Sequence[float] = 1.0,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         output_logits: bool = False,
         forced_bos_token_id: int | None = None,
     ) -> Iterator:
@@ -378,6 +378,7 @@ class Seq2SeqModel(StepLoop):
             pad_token_id,
             seed,
             self.spec.vocab_size,
+            batch,
         )
         batch_bucket = pick_size(self.buckets.batches, batch)
         if batch_bucket is None:

@@ -43,8 +43,7 @@ class BatchState:
         self.out = torch.zeros(batch, cache_len, **long)
         self.eos = torch.full((MAX_EOS_IDS,), -1, **long)
         self.pad = torch.full((1,), pad_token_id, **long)
-        self.sampler = SamplerParams.allocate(device)
-        self.counter = torch.arange(batch * spec.vocab_size, **long).view(batch, -1)
+        self.sampler = SamplerParams.allocate(device, batch)
         self.prompt_ids = {p: torch.full((batch, p), pad_token_id, **long) for p in prompts}
         self.prompt_valid = {
             p: torch.zeros(batch, p, dtype=torch.bool, device=device) for p in prompts
@@ -93,7 +92,7 @@ class BatchState:
         if chosen is not None:
             pass
         elif do_sample:
-            chosen = sample(logits, self.sampler, self.step, self.counter)
+            chosen = sample(logits, self.sampler, self.step)
         else:
             chosen = greedy(logits)
         chosen = torch.where(self.finished, self.pad, chosen)
