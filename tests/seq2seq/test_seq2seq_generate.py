@@ -346,3 +346,14 @@ def test_t5_in_fp16_past_its_range_is_clamped_like_hugging_face(tmp_path):
     assert torch.isfinite(torch.stack([s[1] for s in steps])).all()
     # (which ids: in this regime fp16 leaves fp32 after a token or two, HF's fp16 as well)
     assert len(set(torch.stack([s[0] for s in steps]).flatten().tolist())) > 3
+
+
+def test_per_row_seeds_give_each_row_its_call_alone(compiled):
+    _, _, model = compiled["bart"]
+    ids, mask = sources([9, 4, 12], seed=5)
+    kw = dict(max_new_tokens=10, do_sample=True, eos_token_id=[])
+    together = model.generate(ids, mask, seed=[3, 4, 3], temperature=[1.0, 0.7, 1.0], **kw)
+    for i, (seed, t) in enumerate(zip([3, 4, 3], [1.0, 0.7, 1.0])):
+        n = int(mask[i].sum())
+        alone = model.generate(ids[i : i + 1, :n], seed=seed, temperature=t, **kw)
+        assert torch.equal(together[i], alone[0])
