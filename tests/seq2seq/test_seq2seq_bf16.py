@@ -18,55 +18,15 @@ import torch
 import kernl.compiler
 import kernl.runtime
 
-from .test_seq2seq_generate import FAMILIES, sources
+from .test_seq2seq_generate import FAMILIES, sources, tiny_seq2seq
 
 VOCAB = 1024
 
 
 def medium_seq2seq(family: str) -> torch.nn.Module:
-    import transformers as tf
-
-    torch.manual_seed(0)
-    if family in ("t5", "t5_gated"):
-        gated = family == "t5_gated"
-        cfg = tf.T5Config(
-            vocab_size=VOCAB,
-            d_model=256,
-            d_kv=32,
-            d_ff=1024,
-            num_layers=4,
-            num_heads=8,
-            feed_forward_proj="gated-gelu" if gated else "relu",
-            tie_word_embeddings=not gated,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-        model = tf.T5ForConditionalGeneration(cfg)
-    else:
-        cfg = tf.BartConfig(
-            vocab_size=VOCAB,
-            d_model=256,
-            encoder_layers=4,
-            decoder_layers=4,
-            encoder_attention_heads=8,
-            decoder_attention_heads=8,
-            encoder_ffn_dim=1024,
-            decoder_ffn_dim=1024,
-            max_position_embeddings=128,
-            scale_embedding=True,
-            pad_token_id=1,
-            bos_token_id=0,
-            eos_token_id=2,
-            decoder_start_token_id=2,
-            forced_bos_token_id=None,
-            forced_eos_token_id=None,
-            init_std=0.05,
-        )
-        model = tf.BartForConditionalGeneration(cfg)
-    model.generation_config.forced_bos_token_id = None
-    model.generation_config.forced_eos_token_id = None
-    return model.eval()
+    return tiny_seq2seq(
+        family, d_model=256, heads=8, ffn=1024, layers=4, vocab=VOCAB, inflated=False
+    )
 
 
 def step_logit_errors(

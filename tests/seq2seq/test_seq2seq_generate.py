@@ -20,40 +20,51 @@ BUCKETS = "batch=1,4 source=8,16 cache=48"
 FAMILIES = ("t5", "t5_gated", "bart")
 
 
-def tiny_seq2seq(family: str) -> torch.nn.Module:
+def tiny_seq2seq(
+    family: str,
+    d_model: int = 32,
+    heads: int = 4,
+    ffn: int = 48,
+    layers: int = 2,
+    vocab: int = VOCAB,
+    inflated: bool = True,
+) -> torch.nn.Module:
+    """A random T5 (v1.0, or v1.1 gated) or BART. `inflated`: weights and biases far above a
+    trained model's scale, so that every layout mistake shows in fp32 ids (the default);
+    otherwise a trained model's initialisation scale (what bf16 tests need: inflated weights
+    flip bf16 greedy ids at near-ties within a few tokens)."""
     import transformers as tf
 
     torch.manual_seed(0)
     if family in ("t5", "t5_gated"):
         gated = family == "t5_gated"
+        buckets = dict(relative_attention_num_buckets=8, relative_attention_max_distance=16)
         cfg = tf.T5Config(
-            vocab_size=VOCAB,
-            d_model=32,
-            d_kv=8,
-            d_ff=48,
-            num_layers=2,
-            num_heads=4,
+            vocab_size=vocab,
+            d_model=d_model,
+            d_kv=d_model // heads,
+            d_ff=ffn,
+            num_layers=layers,
+            num_heads=heads,
             feed_forward_proj="gated-gelu" if gated else "relu",
             tie_word_embeddings=not gated,
             decoder_start_token_id=0,
             pad_token_id=0,
             eos_token_id=1,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=16,
-            initializer_factor=8.0,
+            **(dict(buckets, initializer_factor=8.0) if inflated else {}),
         )
         model = tf.T5ForConditionalGeneration(cfg)
     else:
         cfg = tf.BartConfig(
-            vocab_size=VOCAB,
-            d_model=32,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=48,
-            decoder_ffn_dim=48,
-            max_position_embeddings=64,
+            vocab_size=vocab,
+            d_model=d_model,
+            encoder_layers=layers,
+            decoder_layers=layers,
+            encoder_attention_heads=heads,
+            decoder_attention_heads=heads,
+            encoder_ffn_dim=ffn,
+            decoder_ffn_dim=ffn,
+            max_position_embeddings=64 if inflated else 128,
             scale_embedding=True,
             pad_token_id=1,
             bos_token_id=0,
@@ -61,17 +72,19 @@ def tiny_seq2seq(family: str) -> torch.nn.Module:
             decoder_start_token_id=2,
             forced_bos_token_id=None,
             forced_eos_token_id=None,
-            init_std=0.5,
+            init_std=0.5 if inflated else 0.05,
         )
         model = tf.BartForConditionalGeneration(cfg)
-        with torch.no_grad():
-            model.final_logits_bias.normal_(0, 0.05)
+        if inflated:
+            with torch.no_grad():
+                model.final_logits_bias.normal_(0, 0.05)
     model.generation_config.forced_bos_token_id = None
     model.generation_config.forced_eos_token_id = None
-    with torch.no_grad():  # random init has tiny biases; make them matter
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "layer_norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
+    if inflated:
+        with torch.no_grad():  # random init has tiny biases; make them matter
+            for name, p in model.named_parameters():
+                if name.endswith("bias") or "layer_norm" in name:
+                    p.add_(torch.randn_like(p) * 0.1)
     return model.eval()
 
 
