@@ -17,12 +17,7 @@ import torch.nn.functional as F
 
 from kernl.artifacts.seq2seq import Seq2SeqSpec
 
-ACTIVATIONS = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "silu": F.silu,
-}
+from .decoder import ACTIVATIONS, FEW_ROWS
 
 
 @dataclass
@@ -77,9 +72,6 @@ def relative_position_bucket(
     ).to(torch.long)
     large = torch.clamp(large, max=num_buckets - 1)
     return buckets + torch.where(is_small, relative, large)
-
-
-FEW_ROWS = 16  # kernl's few-rows kernels (norm_linear, skinny_linear_fused) hold 16 rows
 
 
 @dataclass
