@@ -74,7 +74,7 @@ class InspectReport:
     buckets: list[BucketInfo]
     kernels: list[dict[str, Any]]
     file_bytes: dict[str, int | None]
-    decode_kernels: dict[str, str] | None = None  # causal-lm: the decode step's choice
+    decode_kernels: dict[str, str] | None = None  # generation: the decode step's choice
 
     @property
     def total_bytes(self) -> int:
@@ -201,6 +201,10 @@ def inspect_artifact(path: str | os.PathLike) -> InspectReport:
 
 
 def _decode_kernels(m) -> dict[str, str] | None:
+    if m.task in ("seq2seq-lm", "speech-seq2seq"):  # the encoder-decoder's choice and tile
+        spec = m.extra.get("seq2seq") if isinstance(m.extra.get("seq2seq"), dict) else {}
+        tile = spec.get("decode_tile") or "default"
+        return {"kernels": str(spec.get("decode_kernels", "torch")), "tile": str(tile)}
     if m.task != "causal-lm":
         return None
     choice = m.extra.get("decode_kernels")
@@ -252,6 +256,8 @@ def render_text(r: InspectReport) -> str:
     if r.task == "causal-lm":
         lines += ["", *_generation_lines(r), "", *_file_lines(r)]
         return "\n".join(lines)
+    if r.decode_kernels is not None:  # an encoder-decoder: its decode step's choice
+        lines += ["", "decode step " + " ".join(f"{k}={v}" for k, v in r.decode_kernels.items())]
     lines += [
         "",
         f"{'bucket':>9}  {'max |err| vs eager':>18}  {'compile s':>9}  {'instructions':>12}  "

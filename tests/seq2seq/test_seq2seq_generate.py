@@ -370,3 +370,10 @@ def test_per_row_seeds_give_each_row_its_call_alone(compiled):
         n = int(mask[i].sum())
         alone = model.generate(ids[i : i + 1, :n], seed=seed, temperature=t, **kw)
         assert torch.equal(together[i], alone[0])
+
+
+def test_inspect_shows_the_decode_step_choice(compiled):
+    from kernl.compiler.inspect_report import inspect_artifact, render_text
+
+    text = render_text(inspect_artifact(compiled["t5"][1]))
+    assert "decode step kernels=torch tile=default" in text  # a CPU build: plain torch
