@@ -49,20 +49,24 @@ class SamplerParams:
         (rows past it, which only fill the bucket, take the defaults); one copy per tensor."""
         rows = self.seed.shape[0]
 
-        def per_row(value, default, dtype, convert) -> torch.Tensor:
-            values = list(value) if isinstance(value, (list, tuple)) else [value] * rows
-            values += [default] * (rows - len(values))
-            return torch.tensor([convert(v) for v in values], dtype=dtype)
+        def put(buffer: torch.Tensor, value, default, convert) -> None:
+            if not isinstance(value, (list, tuple)):  # one value: a fill, no host copy
+                buffer.fill_(convert(value))
+                return
+            values = [convert(v) for v in value] + [convert(default)] * (rows - len(value))
+            buffer.copy_(torch.tensor(values, dtype=buffer.dtype))
 
         def k(v) -> int:
             return int(v) if v and v > 0 else vocab
 
-        self.temperature.copy_(per_row(temperature, 1.0, torch.float32, float))
-        self.top_k.copy_(per_row(top_k, vocab, torch.int64, k))
-        self.top_p.copy_(per_row(top_p, 1.0, torch.float32, float))
-        self.seed.copy_(per_row(seed, 0, torch.int64, lambda v: int(v) & _MASK32))
-        shared = not isinstance(seed, (list, tuple))
-        self.row.copy_(torch.arange(rows) if shared else torch.zeros(rows, dtype=torch.int64))
+        put(self.temperature, temperature, 1.0, float)
+        put(self.top_k, top_k, vocab, k)
+        put(self.top_p, top_p, 1.0, float)
+        put(self.seed, seed, 0, lambda v: int(v) & _MASK32)
+        if isinstance(seed, (list, tuple)):
+            self.row.zero_()
+        else:
+            self.row.copy_(torch.arange(rows, device=self.row.device))
 
 
 def _fmix32(h: torch.Tensor) -> torch.Tensor:
