@@ -255,12 +255,11 @@ def test_decode_on_kernl_kernels_with_a_tuned_tile(compiled, family, fold_norms)
     """The launch tile the compiler may keep (TILES of its decode-kernel choice) reaches both
     few-rows kernels and changes no id."""
     from kernl.compiler.tasks.seq2seq.decode_kernels import TILES
-    from kernl.runtime.generation.encoder_decoder import _Tile
 
     hf, path, _ = compiled[family]
     model = kernl.runtime.load(path, device="cpu")
     model.model.kernels, model.model.fold_norms = True, fold_norms
-    model.model._tile = _Tile(*TILES[1])
+    model.model.set_tile(TILES[1])
     ids, mask = sources([13, 5, 9])
     got = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
     assert torch.equal(got, hf_generate(hf, ids, mask, 12))
@@ -269,8 +268,7 @@ def test_decode_on_kernl_kernels_with_a_tuned_tile(compiled, family, fold_norms)
 def _held_bytes(state) -> int:
     """Bytes of every tensor a batch bucket's state holds (its KV caches included)."""
     seen, total = set(), 0
-    values = list(vars(state).values()) + list(vars(state.cache).values())
-    values += list(vars(state.sampler).values()) if hasattr(state.sampler, "__dict__") else []
+    values = [*vars(state).values(), *vars(state.cache).values(), *vars(state.sampler).values()]
     for v in values:
         for t in v.values() if isinstance(v, dict) else [v]:
             if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:

@@ -83,18 +83,6 @@ class _Normed:
     name: str
 
 
-@dataclass(frozen=True)
-class _Tile:
-    """A launch tile both few-rows kernels take (NormLinearConfig's and
-    SkinnyLinearFusedConfig's fields)."""
-
-    BLOCK_N: int
-    BLOCK_K: int
-    split_k: int
-    num_warps: int
-    num_stages: int
-
-
 def _clamp_overflow(x: torch.Tensor) -> torch.Tensor:
     """Hugging Face's fp16 clamp of T5's hidden states, without a host sync."""
     top = torch.finfo(x.dtype).max
@@ -114,8 +102,10 @@ class EncoderDecoder:
         # block's output is clamped, to max - 1000 once any value is infinite.
         self._clamp = spec.family == "t5" and dtype == torch.float16
         # The few-rows kernels' launch tile (block_n, block_k, split_k, warps, stages), the
-        # compiler's choice; None: each kernel's default.
-        self._tile = _Tile(*spec.decode_tile) if spec.decode_tile else None
+        # compiler's choice, as each kernel's config; None: their defaults.
+        self._norm_linear_tile = self._skinny_tile = None
+        if spec.decode_tile:
+            self.set_tile(spec.decode_tile)
         self._counters: torch.Tensor | None = None  # split-K arrivals, self-resetting
         self.w = weights
         self.dtype = dtype
@@ -140,6 +130,14 @@ class EncoderDecoder:
             )
             self._decoder_bias = F.embedding(buckets, weights["dec.rel_bias.weight"]).t()
 
+    def set_tile(self, tile) -> None:
+        """The launch tile (block_n, block_k, split_k, warps, stages) of both few-rows kernels."""
+        from kernl.kernels.norm_linear import NormLinearConfig
+        from kernl.kernels.skinny_linear_fused import SkinnyLinearFusedConfig
+
+        self._norm_linear_tile = NormLinearConfig(*tile)
+        self._skinny_tile = SkinnyLinearFusedConfig(*tile)
+
     # -- pieces -----------------------------------------------------------------------------
 
     def _linear(self, x: torch.Tensor | _Normed, name: str, fuse: bool = False) -> torch.Tensor:
@@ -160,12 +158,12 @@ class EncoderDecoder:
                 eps=eps,
                 norm=norm,
                 counters=self._few(),
-                config=self._tile,
+                config=self._norm_linear_tile,
             )
         if fuse:
             from kernl.kernels.skinny_linear_fused import skinny_linear_fused
 
-            return skinny_linear_fused(x, w, b, counters=self._few(), config=self._tile)
+            return skinny_linear_fused(x, w, b, counters=self._few(), config=self._skinny_tile)
         return F.linear(x, w, b)
 
     def _few(self) -> torch.Tensor:
@@ -244,7 +242,7 @@ class EncoderDecoder:
         if fuse:
             from kernl.kernels.skinny_linear_fused import skinny_linear_fused
 
-            return skinny_linear_fused(h, w, b, x, counters=self._few(), config=self._tile)
+            return skinny_linear_fused(h, w, b, x, counters=self._few(), config=self._skinny_tile)
         if b is not None:
             return x + F.linear(h, w, b)
         shape = x.shape

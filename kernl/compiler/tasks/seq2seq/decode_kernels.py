@@ -28,6 +28,7 @@ from kernl.runtime.generation.encoder_decoder import FEW_ROWS
 from kernl.runtime.generation.model import _Step
 from kernl.runtime.generation.seq2seq import Seq2SeqModel, open_seq2seq
 
+from ...bench import time_calls
 from ...tune import recording_binaries
 
 MIN_GAIN = 0.02  # as the causal LM's decode-kernel choice: below this, timing noise decides
@@ -119,16 +120,12 @@ def _step_us(runtime: Seq2SeqModel, batch: int, kv_len: int, source: int) -> flo
     state = runtime._states[batch]
     step = _Step(lambda: state.decode(kv_len, source, False), state.reset_counters)
     step.capture(torch.cuda.graph_pool_handle(), runtime.device)
-    times = []
-    for _ in range(REPLAYS):
+
+    def replay() -> None:
         state.reset_counters()  # every replay writes slot 0 and attends over kv_len slots
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
         step.run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+
+    return statistics.median(time_calls(replay, REPLAYS, cuda=True)) * 1e3
 
 
 def recording_decode_binaries(
