@@ -95,6 +95,11 @@ class Seq2SeqSpec:
     # The launch tile of those kernels (block_n, block_k, split_k, warps, stages); []: their
     # defaults.
     decode_tile: list[int] = field(default_factory=list)
+    # Per call site and batch bucket, the launch config the compiler timed best there:
+    # [batch, kernel, site, *config] (the kernel's config fields in order, SITE_TILES). A
+    # linear without one takes `decode_tile`; the cross-attention runs on kernl's
+    # decode_attention only at a batch that has a ("decode_attention", "cross") entry.
+    decode_site_tiles: list[list] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,7 +108,11 @@ class Seq2SeqSpec:
     def from_dict(d: dict[str, Any]) -> Seq2SeqSpec:
         names = ("eos_token_ids", "suppress_tokens", "decode_tile")
         lists = {k: [int(x) for x in d.get(k, [])] for k in names}
-        return Seq2SeqSpec(**{**d, **lists})
+        sites = [
+            [int(t[0]), str(t[1]), str(t[2]), *map(int, t[3:])]
+            for t in d.get("decode_site_tiles", [])
+        ]
+        return Seq2SeqSpec(**{**d, **lists, "decode_site_tiles": sites})
 
     @property
     def frames(self) -> int:
@@ -201,6 +210,15 @@ _SMALL_INT_FIELDS = (
     "source_positions",
 )
 DECODE_KERNELS = ("torch", "kernl", "kernl-linear")
+_LINEAR_SITES = ("qkv", "o", "cross_q", "cross_o", "fc", "proj", "gate_up", "down")
+# The call sites of a decode step a site tile may name, per kernel; after them the number of
+# config fields: (block_n, block_k, split_k, warps, stages) for the linears, (BLOCK_N, warps,
+# stages, splits) for decode attention.
+SITE_TILES: dict[str, tuple[tuple[str, ...], int]] = {
+    "norm_linear": (("qkv", "cross_q", "fc", "gate_up"), 5),
+    "skinny_linear_fused": (_LINEAR_SITES, 5),
+    "decode_attention": (("cross",), 4),
+}
 
 
 def _is_tile(t: list) -> bool:
@@ -212,6 +230,26 @@ def _is_tile(t: list) -> bool:
     return (
         block_n in powers and block_k in powers and 0 <= split <= 64 and warps in (1, 2, 4, 8)
     ) and 1 <= stages <= 8
+
+
+def _is_site_tile(t: Any) -> bool:
+    """[batch <= 16, kernel, site, *config] as SITE_TILES describes it."""
+    if not (isinstance(t, list) and len(t) >= 3 and _is_int(t[0]) and 1 <= t[0] <= 16):
+        return False
+    sites, width = SITE_TILES.get(t[1], ((), 0)) if isinstance(t[1], str) else ((), 0)
+    config = t[3:]
+    if t[2] not in sites or len(config) != width:
+        return False
+    if width == 5:
+        return _is_tile(config)
+    block_n, warps, stages, splits = config
+    return (
+        all(_is_int(v) for v in config)
+        and block_n in (16, 32, 64, 128, 256)
+        and warps in (1, 2, 4, 8)
+        and 1 <= stages <= 8
+        and 0 <= splits <= 1024
+    )
 
 
 _CHOICES = {
@@ -273,6 +311,12 @@ def _check_spec(d: Any, where: str) -> Seq2SeqSpec:
     tile = d.get("decode_tile", [])
     if not (isinstance(tile, list) and (tile == [] or _is_tile(tile))):
         raise _bad(where, f"seq2seq.decode_tile is {tile!r}, not [] or a launch tile")
+    sites = d.get("decode_site_tiles", [])
+    if not (isinstance(sites, list) and len(sites) <= 1024 and all(map(_is_site_tile, sites))):
+        bad = sites if not isinstance(sites, list) else next(
+            (t for t in sites if not _is_site_tile(t)), sites
+        )
+        raise _bad(where, f"seq2seq.decode_site_tiles holds {bad!r}, not a site tile"[:300])
     if d.get("decode_kernels", "torch") not in DECODE_KERNELS:
         raise _bad(
             where, f"seq2seq.decode_kernels is {d['decode_kernels']!r}, not one of {DECODE_KERNELS}"

@@ -204,7 +204,14 @@ def _decode_kernels(m) -> dict[str, str] | None:
     if m.task in ("seq2seq-lm", "speech-seq2seq"):  # the encoder-decoder's choice and tile
         spec = m.extra.get("seq2seq") if isinstance(m.extra.get("seq2seq"), dict) else {}
         tile = spec.get("decode_tile") or "default"
-        return {"kernels": str(spec.get("decode_kernels", "torch")), "tile": str(tile)}
+        out = {"kernels": str(spec.get("decode_kernels", "torch")), "tile": str(tile)}
+        sites = spec.get("decode_site_tiles")
+        if sites and isinstance(sites, list):  # "batch kernel site [config]", one per site
+            out["site tiles"] = "; ".join(
+                f"{t[0]} {t[1]} {t[2]} {t[3:]}" if isinstance(t, list) and len(t) > 3 else repr(t)
+                for t in sites
+            )
+        return out
     if m.task != "causal-lm":
         return None
     choice = m.extra.get("decode_kernels")

@@ -106,6 +106,10 @@ class EncoderDecoder:
         self._norm_linear_tile = self._skinny_tile = None
         if spec.decode_tile:
             self.set_tile(spec.decode_tile)
+        # The compiler's choice per (batch, kernel, call site), as each kernel's config; a
+        # linear without one takes the tile above.
+        self._site_configs: dict[tuple[int, str, str], object] = {}
+        self.set_site_tiles(spec.decode_site_tiles)
         self._counters: torch.Tensor | None = None  # split-K arrivals, self-resetting
         self.w = weights
         self.dtype = dtype
@@ -138,6 +142,28 @@ class EncoderDecoder:
         self._norm_linear_tile = NormLinearConfig(*tile)
         self._skinny_tile = SkinnyLinearFusedConfig(*tile)
 
+    def set_site_tiles(self, tiles) -> None:
+        """Per call site launch configs: [batch, kernel, site, *config] (Seq2SeqSpec)."""
+        if not tiles:
+            self._site_configs = {}
+            return
+        from kernl.kernels.decode_attention import DecodeAttentionConfig
+        from kernl.kernels.norm_linear import NormLinearConfig
+        from kernl.kernels.skinny_linear_fused import SkinnyLinearFusedConfig
+
+        types = {
+            "norm_linear": NormLinearConfig,
+            "skinny_linear_fused": SkinnyLinearFusedConfig,
+            "decode_attention": DecodeAttentionConfig,
+        }
+        self._site_configs = {(b, k, s): types[k](*c) for b, k, s, *c in tiles}
+
+    def _config(self, rows: int, kernel: str, name: str):
+        """The launch config of `kernel` at the call site `name` ("dec.layers.3.o": site "o")."""
+        site = name.rsplit(".", 1)[-1]
+        default = self._norm_linear_tile if kernel == "norm_linear" else self._skinny_tile
+        return self._site_configs.get((rows, kernel, site), default)
+
     # -- pieces -----------------------------------------------------------------------------
 
     def _linear(self, x: torch.Tensor | _Normed, name: str, fuse: bool = False) -> torch.Tensor:
@@ -158,12 +184,13 @@ class EncoderDecoder:
                 eps=eps,
                 norm=norm,
                 counters=self._few(),
-                config=self._norm_linear_tile,
+                config=self._config(x.x.shape[0], "norm_linear", name),
             )
         if fuse:
             from kernl.kernels.skinny_linear_fused import skinny_linear_fused
 
-            return skinny_linear_fused(x, w, b, counters=self._few(), config=self._skinny_tile)
+            config = self._config(x.shape[0], "skinny_linear_fused", name)
+            return skinny_linear_fused(x, w, b, counters=self._few(), config=config)
         return F.linear(x, w, b)
 
     def _few(self) -> torch.Tensor:
@@ -210,6 +237,15 @@ class EncoderDecoder:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], self.inner)
 
+    def _decode_attend(self, q, k, v, mask: torch.Tensor | None, config) -> torch.Tensor:
+        """One query row per sequence, q [B,H,1,D], on kernl's decode attention; mask [B, S]
+        boolean (True: attended) or None."""
+        from kernl.kernels.decode_attention import decode_attention
+
+        scale = self.spec.attention_scale
+        out = decode_attention(q, k, v, sm_scale=scale, kv_mask=mask, config=config)
+        return out.reshape(q.shape[0], self.inner)
+
     def _additive(self, attended: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """A boolean mask (True: attended) as an additive one in the model's dtype, the bias
         where attended (Hugging Face's masks use the dtype's minimum: a row with no key
@@ -242,7 +278,8 @@ class EncoderDecoder:
         if fuse:
             from kernl.kernels.skinny_linear_fused import skinny_linear_fused
 
-            return skinny_linear_fused(h, w, b, x, counters=self._few(), config=self._skinny_tile)
+            config = self._config(h.shape[0], "skinny_linear_fused", name)
+            return skinny_linear_fused(h, w, b, x, counters=self._few(), config=config)
         if b is not None:
             return x + F.linear(h, w, b)
         shape = x.shape
@@ -335,9 +372,14 @@ class EncoderDecoder:
             relative = self._decoder_bias.index_select(1, distance)[None, :, None, :]
         # Built once per step, shared by every layer.
         self_mask = self._additive((keys <= slot)[None, None, None, :], relative)
-        cross_mask = None  # Whisper: one whole window, every encoder position attended
+        cross_mask = source_mask = None  # Whisper: a whole window, every position attended
+        # kernl's split-K decode attention where the compiler timed it faster than SDPA
+        # (Whisper at 8 rows reads 61 MB of cross K/V per layer and step).
+        cross_config = self._site_configs.get((rows, "decode_attention", "cross")) if fuse else None
         if s.family != "whisper":
-            cross_mask = self._additive(source_valid[:, None, None, :])
+            source_mask = source_valid
+            if cross_config is None:
+                cross_mask = self._additive(source_valid[:, None, None, :])
         length = source_valid.shape[1]
         for n in range(s.num_decoder_layers):
             p = f"dec.layers.{n}."
@@ -354,6 +396,8 @@ class EncoderDecoder:
             def cross_attn(h, n=n, p=p):
                 q = self._heads(self._linear(h, p + "cross_q", fuse))
                 k, v = cache.cross_k[n, :, :, :length], cache.cross_v[n, :, :, :length]
+                if cross_config is not None:
+                    return self._decode_attend(q, k, v, source_mask, cross_config), p + "cross_o"
                 return self._attend(q, k, v, cross_mask)[:, 0], p + "cross_o"
 
             x = self._block(x, p, "attn_norm", self_attn, fuse)

@@ -135,8 +135,8 @@ def compile_seq2seq(
     reduced = torch_dtype in (torch.float16, torch.bfloat16)
     if kernels and dev.type == "cuda" and reduced and min(sb.batches) <= FEW_ROWS:
         say("timing the decode step on torch and on kernl's kernels")
-        choice = choose_decode_kernels(manifest, weights, dev)
-        manifest = with_decode_kernels(manifest, choice.kernels, choice.tile)
+        choice = choose_decode_kernels(manifest, weights, dev, say)
+        manifest = with_decode_kernels(manifest, choice.kernels, choice.tile, choice.site_tiles)
         report.decode = choice.describe()
     with ArtifactWriter(out) as writer:
         writer.write_weights(weights)

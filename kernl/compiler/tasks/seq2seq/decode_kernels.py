@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ VARIANTS = ("torch", "kernl", "kernl-linear")
 # sweep kept for most 2048-wide projections (docs/performance.md).
 TILES: tuple[tuple[int, ...], ...] = ((), (64, 64, 0, 4, 5))
 FORCE: str | None = None  # tests: keep this variant whatever the timing says
+SITE_TILES = True  # then tune each call site's tile too (decode_tiles.py), kept if faster
 REPLAYS = 50
 
 
@@ -49,32 +50,47 @@ class DecodeChoice:
     tile: tuple[int, ...]  # one of TILES
     step_us: dict[str, float]  # "variant tile" -> summed median step time of the buckets
     skipped: str = ""  # the candidates that failed to build or run, and why
+    site_tiles: list[list] = field(default_factory=list)  # Seq2SeqSpec.decode_site_tiles
 
     def describe(self) -> str:
         times = ", ".join(f"{k} {v:.0f} us" for k, v in self.step_us.items())
         tile = f" tile {list(self.tile)}" if self.tile else ""
+        if self.site_tiles:
+            tile += f" with {len(self.site_tiles)} per-site tiles"
         skipped = f"; skipped: {self.skipped}" if self.skipped else ""
         return (
             f"decode step on {self.kernels}{tile} ({times}; summed over the batch buckets{skipped})"
         )
 
 
-def with_decode_kernels(manifest: Manifest, kernels: str, tile: tuple[int, ...] = ()) -> Manifest:
-    """A copy of `manifest` whose decode step runs on `kernels` with launch tile `tile`."""
+def with_decode_kernels(
+    manifest: Manifest,
+    kernels: str,
+    tile: tuple[int, ...] = (),
+    site_tiles: list[list] | None = None,
+) -> Manifest:
+    """A copy of `manifest` whose decode step runs on `kernels` with launch tile `tile` and
+    the per-site tiles `site_tiles`."""
     out = copy.copy(manifest)
     out.extra = {**manifest.extra, "seq2seq": {**manifest.extra["seq2seq"]}}
     out.extra["seq2seq"]["decode_kernels"] = kernels
     out.extra["seq2seq"]["decode_tile"] = list(tile)
+    out.extra["seq2seq"]["decode_site_tiles"] = [list(t) for t in site_tiles or []]
     return out
 
 
 def choose_decode_kernels(
-    manifest: Manifest, weights: dict[str, torch.Tensor], device: torch.device
+    manifest: Manifest,
+    weights: dict[str, torch.Tensor],
+    device: torch.device,
+    say: Callable[[str], None] = lambda _msg: None,
 ) -> DecodeChoice:
     """Time one decode step per batch bucket of at most 16 rows, on torch and on each kernl
     variant and tile (CUDA graphs, median of REPLAYS replays each), and keep the fastest if
-    it beats torch by MIN_GAIN. A candidate that fails to compile or run (a Triton error on
-    some shape) is skipped, with the reason in the report: never a failed compile."""
+    it beats torch by MIN_GAIN; then, for a kernl variant, tune every call site's tile
+    (decode_tiles.py) and keep them if the step is faster with them. A candidate that fails
+    to compile or run (a Triton error on some shape) is skipped, with the reason in the
+    report: never a failed compile."""
     totals: dict[str, float] = {}
     candidates = {"torch": ("torch", ())}
     for variant in VARIANTS[1:]:
@@ -95,7 +111,28 @@ def choose_decode_kernels(
         best = "torch"
     if FORCE is not None:
         best = min((n for n in totals if candidates[n][0] == FORCE), key=totals.get)
-    return DecodeChoice(*candidates[best], totals, skipped="; ".join(skipped))
+    variant, tile = candidates[best]
+    site_tiles: list[list] = []
+    if variant != "torch" and SITE_TILES:
+        name = f"{variant} per-site"
+        try:
+            site_tiles = _tuned_sites(manifest, weights, device, variant, tile, say)
+            totals[name] = _summed_step_us(manifest, weights, device, variant, tile, site_tiles)
+        except Exception as e:  # noqa: BLE001 - the variant's single tile still serves
+            skipped.append(f"{name}: {type(e).__name__}: {str(e).strip()[-200:]}")
+            torch.cuda.synchronize(device)
+        if name not in totals or totals[name] >= totals[best]:
+            site_tiles = []
+    return DecodeChoice(variant, tile, totals, "; ".join(skipped), site_tiles)
+
+
+def _tuned_sites(manifest, weights, device, variant, tile, say) -> list[list]:
+    from .decode_tiles import tune_site_tiles
+
+    runtime = open_seq2seq(with_decode_kernels(manifest, variant, tile), weights, device, "never")
+    with allow_jit():
+        tiles, _ = tune_site_tiles(runtime, say)
+    return tiles
 
 
 def _summed_step_us(
@@ -104,8 +141,9 @@ def _summed_step_us(
     device: torch.device,
     variant: str,
     tile: tuple[int, ...],
+    site_tiles: list[list] | None = None,
 ) -> float:
-    described = with_decode_kernels(manifest, variant, tile)
+    described = with_decode_kernels(manifest, variant, tile, site_tiles)
     runtime = open_seq2seq(described, weights, device, "never")
     b = runtime.buckets
     with allow_jit(), torch.no_grad():
