@@ -25,6 +25,7 @@
 #   sweep   the fused decode kernels' configs, widely (benchmarks/sweep_decode_configs.py)
 #   seq2seq T5-base and Whisper-large-v3 shapes vs HF eager / static-cache generate
 #           (benchmarks/bench_seq2seq.py)
+#   whisper / t5  bench_seq2seq for one model alone (its HF static-cache peers never skipped)
 #   serving kernl's in-process request path vs direct calls, BERT-base and Llama-1B
 #           (benchmarks/bench_serving_direct.py)
 #   profllama where one Llama-1B decode step goes, by kernel (.bench/profile_llama.py)
@@ -45,6 +46,10 @@ stage() {
     decode) OUT=$RUN timeout 300 python3 benchmarks/bench_decode_kernels.py ;;
     sweep) OUT=$RUN timeout 360 python3 benchmarks/sweep_decode_configs.py ;;
     seq2seq) OUT=$RUN timeout 600 python3 benchmarks/bench_seq2seq.py ;;
+    whisper | t5)
+      KERNL_STATIC_BUDGET_S=900 timeout 900 python3 benchmarks/bench_seq2seq.py "$RUN/$1" \
+        --models "$1"
+      cp "$RUN/$1/seq2seq.json" "$RUN/seq2seq-$1.json" ;;
     serving) OUT=$RUN timeout 540 python3 benchmarks/bench_serving_direct.py ;;
     profllama) timeout 300 python3 .bench/profile_llama.py ;;
     profdecode) timeout 300 python3 benchmarks/profile_decode_variants.py ;;
