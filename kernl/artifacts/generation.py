@@ -120,21 +120,28 @@ DECODE_KERNEL_CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-# The few-rows kernels whose launch config the compiler tunes per decode batch, and the call
-# sites of a decode step they run at (generation/decoder.py).
+# The kernels whose launch config the compiler tunes per decode batch (<= 16 rows), and the
+# call sites of a decode step they run at (generation/decoder.py).
 DECODE_TILE_KERNELS: dict[str, tuple[str, ...]] = {
     "norm_linear": ("qkv", "up"),
     "skinny_linear_fused": ("o", "down"),
     "lm_head_argmax": ("lm_head",),
+    "decode_attention": ("attn",),
 }
+# The kernels that read the KV cache: their tiles are per cache length too.
+CACHE_TILE_KERNELS = ("decode_attention",)
+MAX_TILE_CACHE = 1 << 20
 
 
 class DecodeTile(NamedTuple):
     """The launch config the compiler measured best for one kernel at one call site of the
-    decode steps of one batch bucket (every kv length: these kernels do not read the cache).
-    Field for field the kernel's own config dataclass (split_k 0: the kernel's automatic
-    split; lm_head_argmax has none and takes 0). A NamedTuple so that DecodeKernels stays
-    hashable and `asdict` leaves it whole; stored as a list in the manifest."""
+    decode steps of one batch bucket and, for a kernel that reads the KV cache, one cache
+    length (`cache`, a decode bucket's kv length; 0: every length, as for the kernels that do
+    not read the cache, and every tile written before the field existed). Field for field the
+    kernel's own config dataclass: split_k 0 is the kernel's automatic split; lm_head_argmax
+    has no split and takes 0; decode_attention's split_k is its number of chunks and it has
+    no K tile (block_k 0). A NamedTuple so that DecodeKernels stays hashable and `asdict`
+    leaves it whole; stored as a list in the manifest."""
 
     batch: int
     kernel: str
@@ -144,20 +151,23 @@ class DecodeTile(NamedTuple):
     split_k: int
     num_warps: int
     num_stages: int
+    cache: int = 0
 
     def check(self) -> None:
         """ValueError unless every field is in the range the kernels accept."""
         ints = (self.batch, self.block_n, self.block_k, self.split_k, self.num_warps)
-        if not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in ints + (self.num_stages,)
-        ):
+        ints += (self.num_stages, self.cache)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
             raise ValueError(f"DecodeTile fields must be ints: {self}")
         if self.site not in DECODE_TILE_KERNELS.get(self.kernel, ()):
             raise ValueError(f"DecodeTile: no call site {self.site!r} for kernel {self.kernel!r}")
-        pow2 = lambda v, hi: 1 <= v <= hi and v & (v - 1) == 0  # noqa: E731
-        ok = 1 <= self.batch <= 16 and pow2(self.block_n, 1024) and pow2(self.block_k, 1024)
-        ok = ok and 16 <= self.block_n and 16 <= self.block_k and pow2(self.num_warps, 16)
-        ok = ok and 0 <= self.split_k <= 64 and 1 <= self.num_stages <= 8
+        pow2 = lambda v, hi: 16 <= v <= hi and v & (v - 1) == 0  # noqa: E731
+        attention = self.kernel == "decode_attention"
+        ok = 1 <= self.batch <= 16 and pow2(self.block_n, 1024)
+        ok = ok and (self.block_k == 0 if attention else pow2(self.block_k, 1024))
+        ok = ok and self.num_warps in (1, 2, 4, 8, 16) and 1 <= self.num_stages <= 8
+        ok = ok and 0 <= self.split_k <= 64 and 0 <= self.cache <= MAX_TILE_CACHE
+        ok = ok and (self.kernel in CACHE_TILE_KERNELS or self.cache == 0)
         if not ok or (self.kernel == "lm_head_argmax" and self.split_k != 0):
             raise ValueError(f"DecodeTile out of range: {self}")
 
@@ -176,8 +186,9 @@ class DecodeKernels:
     (kernl.kernels.rope_cache_write: rotary and the KV-cache write in one kernel); lm_head:
     "torch" or "triton" (kernl.kernels.lm_head_argmax: the greedy step's logits and argmax
     in one pass). Manifests written before rope and lm_head existed read as "torch".
-    tiles: the launch configs the compiler measured best per decode batch (`DecodeTile`);
-    a kernel with no tile for its batch and site runs its default config.
+    tiles: the launch configs the compiler measured best per decode batch (`DecodeTile`;
+    decode attention's per cache length too); a kernel with no tile for its batch and site
+    (and cache length) runs its default config.
     pdl: launch the fused kernels with programmatic dependent launch (Hopper and later; each
     waits for the previous kernel's writes before reading, so the next one's launch overlaps
     this one's tail); kept by the compiler only where it timed faster and computed the same.
@@ -209,9 +220,10 @@ class DecodeKernels:
             if not isinstance(t, DecodeTile):
                 raise ValueError(f"DecodeKernels.tiles holds a {type(t).__name__}")
             t.check()
-            if t[:3] in seen:
-                raise ValueError(f"DecodeKernels.tiles: two tiles for {t[:3]}")
-            seen.add(t[:3])
+            key = (*t[:3], t.cache)
+            if key in seen:
+                raise ValueError(f"DecodeKernels.tiles: two tiles for {key}")
+            seen.add(key)
 
     def describe(self) -> str:
         pieces = " ".join(f"{name}={getattr(self, name)}" for name in DECODE_KERNEL_CHOICES)
@@ -220,12 +232,17 @@ class DecodeKernels:
             flags.append(f"tiles={len(self.tiles)}")
         return " ".join([pieces, *flags])
 
-    def tile(self, batch: int, kernel: str, site: str) -> DecodeTile | None:
-        """The tuned launch config of `kernel` at `site` for a `batch`-row step, if any."""
+    def tile(self, batch: int, kernel: str, site: str, cache: int = 0) -> DecodeTile | None:
+        """The tuned launch config of `kernel` at `site` for a `batch`-row step over a
+        `cache`-slot KV cache (0: the kernels that do not read it), if any: the tile of that
+        cache length, else the one of every length."""
+        found = None
         for t in self.tiles:
-            if t.batch == batch and t.kernel == kernel and t.site == site:
-                return t
-        return None
+            if t[:3] == (batch, kernel, site) and t.cache in (cache, 0):
+                if t.cache == cache:
+                    return t
+                found = t
+        return found
 
     @staticmethod
     def from_dict(d: dict | None) -> DecodeKernels:
@@ -436,6 +453,12 @@ def check_generation(
         raise ArtifactCorruptError(
             f"{where}: the causal-LM description is invalid: decode_kernels: {e}"
         ) from None
+    for t in kernels.tiles:
+        if t.cache and t.cache not in buckets.kv_lengths:
+            raise ArtifactCorruptError(
+                f"{where}: the causal-LM description is invalid: decode_kernels: a tile for a "
+                f"{t.cache}-slot cache, not one of the kv lengths {buckets.kv_lengths}"
+            )
     if decoder.positions == "learned" and decoder.max_positions < buckets.cache_len:
         raise ArtifactCorruptError(
             f"{where}: the causal-LM description is invalid: {decoder.max_positions} learned "

@@ -5,8 +5,10 @@ most of the GPU idle, so the keys are split into chunks processed in parallel (s
 chunk writing an unnormalised partial output with its running max and sum; a second small
 kernel merges the chunks. Every program handles all q heads that share one kv head (GQA/MQA),
 so K/V are read once per group rather than once per q head. `kv_lens` gives the valid cache
-length of each batch row; `kv_mask` [B, Lk] (bool) marks the slots each row may attend to,
-e.g. a left-padded prompt's real tokens; rows with no valid key output zeros."""
+length of each batch row (a chunk past it reads no K/V: a generation cache's bucket is longer
+than its valid length); `kv_mask` [B, Lk] (bool) marks the slots each row may attend to, e.g.
+a left-padded prompt's real tokens; rows with no valid key output zeros. The compiler tunes
+the launch config per decode batch and cache length (compiler/tasks/causal_lm/decode_tiles.py)."""
 
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ def _decode_split_kernel(
     group_size,
     chunk,
     sm_scale,
+    stride_lensb,
     stride_maskb,
     stride_qb,
     stride_qh,
@@ -66,9 +69,9 @@ def _decode_split_kernel(
     h_kv = tl.program_id(2).to(tl.int64)
     kv_len = Lk
     if HAS_KV_LENS:
-        kv_len = tl.minimum(tl.load(KVLens + b).to(tl.int32), Lk)
+        kv_len = tl.minimum(tl.load(KVLens + b * stride_lensb).to(tl.int32), Lk)
     lo = split * chunk
-    hi = tl.minimum(lo + chunk, kv_len)
+    hi = tl.minimum(lo + chunk, kv_len)  # <= lo for a chunk past kv_len: the loop never runs
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -109,7 +112,7 @@ def _decode_split_kernel(
         )
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
-    # empty chunks (past kv_len) still write m = -inf, l = 0 so the merge can ignore them
+    # empty chunks (past kv_len, or all masked) write m = -inf, l = 0: the merge ignores them
     o_ptrs = MidO + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
     tl.store(o_ptrs, acc, mask=g_mask[:, None] & d_mask[None, :])
     ml_off = b * stride_mb + heads * stride_mh + split
@@ -197,11 +200,14 @@ class DecodeAttentionConfig:
 
 
 def decode_attention_configs() -> list[DecodeAttentionConfig]:
-    return [
-        DecodeAttentionConfig(bn, w, s, sp)
-        for bn, w, s in [(64, 4, 3), (128, 4, 3), (32, 4, 4), (128, 8, 3), (64, 4, 4)]
-        for sp in (0, 16, 64)
-    ]
+    """The default, then 16 to 64 chunks of one or two small key blocks: 128 to 512 programs
+    for batch 1 with 8 kv heads over 512..2048 slots (a chunk is at least one key block)."""
+    table = [  # BLOCK_N, num_warps, num_stages, num_splits
+        (64, 4, 3, 0), (128, 8, 3, 0), (16, 2, 2, 32), (16, 2, 2, 64),
+        (32, 2, 2, 16), (32, 4, 2, 32), (32, 4, 3, 64), (64, 4, 3, 16),
+        (64, 4, 3, 32), (64, 4, 3, 64), (128, 8, 3, 16), (128, 8, 3, 64),
+    ]  # fmt: skip
+    return [DecodeAttentionConfig(*row) for row in table]
 
 
 def _auto_splits(batch_kv_heads: int, Lk: int, block_n: int) -> int:
@@ -222,9 +228,10 @@ def decode_attention(
     config: DecodeAttentionConfig | None = None,
     pdl: bool = False,
 ) -> torch.Tensor:
-    """q [B, H, 1, D], k/v [B, H_kv, Lk, D] (any strides), kv_lens [B], kv_mask [B, Lk] (bool,
-    unit stride along Lk) -> [B, H, 1, D]. pdl: launch with
-    programmatic dependent launch (kernels/launch.py; off under the interpreter)."""
+    """q [B, H, 1, D], k/v [B, H_kv, Lk, D] (any strides), kv_lens [B] (int32 or int64 are read
+    as they are, any stride: an expanded scalar serves every row), kv_mask [B, Lk] (bool, unit
+    stride along Lk) -> [B, H, 1, D]. pdl: launch with programmatic dependent launch
+    (kernels/launch.py; off under the interpreter)."""
     B, H, Lq, D = q.shape
     H_kv, Lk = k.shape[1], k.shape[2]
     assert Lq == 1 and k.shape == (B, H_kv, Lk, D) and v.shape == k.shape and H % H_kv == 0
@@ -243,7 +250,9 @@ def decode_attention(
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     has_lens = kv_lens is not None
-    lens = kv_lens.to(device=q.device, dtype=torch.int32) if has_lens else q
+    if has_lens and kv_lens.dtype not in (torch.int32, torch.int64):
+        kv_lens = kv_lens.to(torch.int32)
+    lens = kv_lens.to(q.device) if has_lens else q
     BLOCK_D = max(16, triton.next_power_of_2(D))
     launch_kernel(
         _decode_split_kernel,
@@ -260,6 +269,7 @@ def decode_attention(
         group,
         chunk,
         sm_scale,
+        lens.stride(0) if has_lens else 0,
         kv_mask.stride(0) if has_mask else 0,
         q.stride(0),
         q.stride(1),

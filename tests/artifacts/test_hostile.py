@@ -715,6 +715,13 @@ def _gen_buckets(**fields):
     return lambda r, o: edit_extra(r, lambda e: e["generation_buckets"].update(fields))
 
 
+def _attention_tile(cache: int):
+    """Decode attention on a tile (batch 1, 16-key blocks, 64 chunks) for a `cache`-slot cache."""
+    tile = [1, "decode_attention", "attn", 16, 0, 64, 2, 2, cache]
+    kernels = {"attention": "triton", "tiles": [tile]}
+    return lambda r, o: edit_extra(r, lambda e: e.__setitem__("decode_kernels", kernels))
+
+
 def _gen_program_with_instructions(root: Path) -> None:
     edit_program(
         root,
@@ -795,6 +802,12 @@ GEN_CASES = {
         ArtifactCorruptError,
         "decode_kernels",
         M,
+    ),
+    "an attention tile for a kv length with no bucket": Case(
+        _attention_tile(48), ArtifactCorruptError, "a tile for a 48-slot cache", M
+    ),
+    "an attention tile with a negative kv length": Case(
+        _attention_tile(-16), ArtifactCorruptError, "DecodeTile out of range", M
     ),
     "KV cache of batch 4096 x 65536 slots": Case(
         _gen_buckets(batches=[4096], kv_lengths=[65536]),

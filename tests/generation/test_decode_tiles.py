@@ -1,6 +1,6 @@
 """The fused decode kernels' tiles: tuned per decode batch and call site by the compiler (each
-config checked, then timed), stored in the manifest as typed `DecodeTile`s, read by the
-runtime decoder; and the PDL knob of the decode-kernel choice. On the CPU the kernels run in
+config checked, then timed; decode attention's per kv length too), stored in the manifest as
+typed `DecodeTile`s, read by the runtime decoder; and the PDL knob of the decode-kernel choice. On the CPU the kernels run in
 Triton's interpreter and the timings are injected."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import kernl.runtime
 from kernl.artifacts.generation import DECODE_TILE_KERNELS, DecodeKernels, DecodeTile
 from kernl.compiler.tasks.causal_lm import decode_tiles
 from kernl.kernels import launch
+from kernl.kernels.decode_attention import decode_attention_configs
 from kernl.kernels.lm_head_argmax import lm_head_argmax_decode_configs
 from kernl.kernels.norm_linear import norm_linear_decode_configs
 from kernl.kernels.skinny_linear_fused import skinny_linear_fused_decode_configs
@@ -26,7 +27,9 @@ SPACES = {
     "norm_linear": norm_linear_decode_configs(),
     "skinny_linear_fused": skinny_linear_fused_decode_configs(),
     "lm_head_argmax": lm_head_argmax_decode_configs(),
+    "decode_attention": decode_attention_configs(),
 }
+KV = 32  # the artifact's one decode kv length
 FUSED = dict(attention="triton", norm="fused", linear="fused", rope="triton", lm_head="triton")
 
 
@@ -44,9 +47,21 @@ def artifact(tmp_path_factory):
     return out
 
 
-def _tile(batch: int, kernel: str, site: str, c) -> DecodeTile:
+def _tile(batch: int, kernel: str, site: str, c, cache: int = 0) -> DecodeTile:
+    if kernel == "decode_attention":
+        n, w, st, sp = c.BLOCK_N, c.num_warps, c.num_stages, c.num_splits
+        return DecodeTile(batch, kernel, site, n, 0, sp, w, st, cache)
     split = getattr(c, "split_k", 0)
     return DecodeTile(batch, kernel, site, c.BLOCK_N, c.BLOCK_K, split, c.num_warps, c.num_stages)
+
+
+def _sites(kv_lengths=(KV,)) -> list[tuple[str, str, int]]:
+    """(kernel, site, cache length) of every tuned site: attention's once per kv length."""
+    out = []
+    for kernel, sites in DECODE_TILE_KERNELS.items():
+        caches = kv_lengths if kernel == "decode_attention" else (0,)
+        out += [(kernel, site, cache) for site in sites for cache in caches]
+    return out
 
 
 def test_tiles_are_the_fastest_checked_config_of_every_site_and_batch(artifact):
@@ -61,18 +76,29 @@ def test_tiles_are_the_fastest_checked_config_of_every_site_and_batch(artifact):
         return 1.0 if space.index(config) == want else 2.0 + space.index(config)
 
     tiles, timings = [], []
+    kv_lengths = (24, KV)  # attention: a cache as long as the longest, its buckets' slices
     for batch in (1, 3):  # one batch at a time, to know which one the fake is timing
         fake_ms.batch = batch
-        t, tm = decode_tiles.tune_decode_tiles(model.decoder, [batch], lambda _: None, fake_ms)
+        t, tm = decode_tiles.tune_decode_tiles(
+            model.decoder, [batch], lambda _: None, fake_ms, kv_lengths=kv_lengths
+        )
         tiles += t
         timings += tm
     assert all(t.error is None for t in timings), [t.describe() for t in timings if t.error]
-    sites = [(k, s) for k, ss in DECODE_TILE_KERNELS.items() for s in ss]
-    assert len(timings) == 2 * sum(len(SPACES[k]) for k, _ in sites)
-    expected = [_tile(b, k, s, SPACES[k][2 if b == 1 else -1]) for b in (1, 3) for k, s in sites]
+    sites = _sites(kv_lengths)
+    assert len(timings) == 2 * sum(len(SPACES[k]) for k, _, _ in sites)
+    expected = [
+        _tile(b, k, s, SPACES[k][2 if b == 1 else -1], cache)
+        for b in (1, 3)
+        for k, s, cache in sites
+    ]
     assert sorted(tiles) == sorted(expected)
-    # every layer's weights are in the timed calls (one call for the single lm_head)
+    assert "attn, cache 24" in next(t for t in timings if t.cache == 24).describe()
+    # every layer's weights (cache) are in the timed calls (one call for the single lm_head)
     assert set(calls_seen) == {model.decoder.spec.num_layers, 1}
+    # without kv lengths, no attention site
+    alone, _ = decode_tiles.tune_decode_tiles(model.decoder, [1], lambda _: None, fake_ms)
+    assert {t.kernel for t in alone} == set(SPACES) - {"decode_attention"}
     # batches over 16 rows have no few-rows kernels: nothing to tune
     assert decode_tiles.tune_decode_tiles(model.decoder, [17], print, fake_ms) == ((), [])
 
@@ -85,45 +111,54 @@ def test_tile_choices_are_cached_on_disk(artifact, tmp_path):
         timed.append(config)
         return 1.0 if config == SPACES[type(config).__module__.split(".")[-1]][1] else 2.0
 
-    first, t1 = decode_tiles.tune_decode_tiles(model.decoder, [3], print, fake_ms, tmp_path)
+    def tune(batch, kv_lengths=(KV,)):
+        return decode_tiles.tune_decode_tiles(
+            model.decoder, [batch], print, fake_ms, tmp_path, kv_lengths=kv_lengths
+        )
+
+    first, t1 = tune(3)
     n = len(timed)
     assert n == len(t1) and not any(t.cached for t in t1)
-    again, t2 = decode_tiles.tune_decode_tiles(model.decoder, [3], print, fake_ms, tmp_path)
+    assert _tile(3, "decode_attention", "attn", SPACES["decode_attention"][1], KV) in first
+    again, t2 = tune(3)
     assert again == first and len(timed) == n  # nothing timed the second time
     assert len(t2) == len(first) and all(t.cached for t in t2)
     # a corrupt record is timed again; another batch is another key
     victim = sorted(tmp_path.glob("decode_tile-*.json"))[0]
     victim.write_text("{not json")
-    third, _ = decode_tiles.tune_decode_tiles(model.decoder, [3], print, fake_ms, tmp_path)
+    third, _ = tune(3)
     assert third == first and n < len(timed) < 2 * n
-    decode_tiles.tune_decode_tiles(model.decoder, [1], print, fake_ms, tmp_path)
+    tune(1)
     assert len(list(tmp_path.glob("decode_tile-*.json"))) == 2 * len(first)
+    # another kv length is another key, for attention only
+    tune(1, (16,))
+    assert len(list(tmp_path.glob("decode_tile-*.json"))) == 2 * len(first) + 1
 
 
 def test_a_config_that_computes_wrongly_is_never_chosen(artifact, monkeypatch):
     model = kernl.runtime.load(artifact)
     real_sites = decode_tiles.decode_sites
-    bad = SPACES["skinny_linear_fused"][1]
+    bad = {k: SPACES[k][1] for k in ("skinny_linear_fused", "decode_attention")}
 
-    def sabotaged(dec, batch, seed=0):
-        sites = real_sites(dec, batch, seed)
+    def sabotaged(dec, batch, seed=0, kv_lengths=()):
+        sites = real_sites(dec, batch, seed, kv_lengths)
         for s in sites:
-            if s.kernel == "skinny_linear_fused":
-                call = s.call
-                s.call = lambda i, c, call=call: call(i, c) + (1.0 if c == bad else 0.0)
+            if s.kernel in bad:
+                call, b = s.call, bad[s.kernel]
+                s.call = lambda i, c, call=call, b=b: call(i, c) + (1.0 if c == b else 0.0)
         return sites
 
     monkeypatch.setattr(decode_tiles, "decode_sites", sabotaged)
-    fastest_is_bad = lambda calls, c: 0.5 if c == bad else 1.0  # noqa: E731
+    fastest_is_bad = lambda calls, c: 0.5 if c in bad.values() else 1.0  # noqa: E731
     tiles, timings = decode_tiles.tune_decode_tiles(
-        model.decoder, [3], lambda _: None, fastest_is_bad
+        model.decoder, [3], lambda _: None, fastest_is_bad, kv_lengths=(KV,)
     )
     failed = [t for t in timings if t.error]
-    assert len(failed) == 2 and all(t.config == bad for t in failed)  # O and down
+    assert len(failed) == 3 and all(t.config == bad[t.kernel] for t in failed)  # O, down, attn
     assert "check failed" in failed[0].describe()
     for t in tiles:
-        if t.kernel == "skinny_linear_fused":
-            assert t == _tile(3, t.kernel, t.site, SPACES["skinny_linear_fused"][0])
+        if t.kernel in bad:
+            assert t == _tile(3, t.kernel, t.site, SPACES[t.kernel][0], t.cache)
 
 
 def test_the_decoder_launches_the_tiles_it_is_given(artifact):
@@ -131,14 +166,22 @@ def test_the_decoder_launches_the_tiles_it_is_given(artifact):
     ids, mask = mixed_prompts(3, [11, 4, 16])
     ref = list(model.stream(ids, mask, max_new_tokens=4, eos_token_id=[], output_logits=True))
     picks = {k: SPACES[k][-1] for k in SPACES}  # none of them the kernels' default
-    sites = [(k, s) for k, ss in DECODE_TILE_KERNELS.items() for s in ss]
-    tiles = tuple(_tile(3, k, s, picks[k]) for k, s in sites)
+    # attention: 16-slot chunks, so the 32-slot cache is 2 of them (the second past the valid
+    # length at the first steps); decoys for every cache length and for another one
+    picks["decode_attention"] = space = SPACES["decode_attention"][3]
+    assert (space.BLOCK_N, space.num_splits) == (16, 64)
+    tiles = tuple(_tile(3, k, s, picks[k], cache) for k, s, cache in _sites())
+    decoys = [(SPACES["decode_attention"][4], 0), (SPACES["decode_attention"][7], 16)]
+    tiles += tuple(_tile(3, "decode_attention", "attn", c, cache) for c, cache in decoys)
     model.decoder.kernels = DecodeKernels(**FUSED, tiles=tiles)
     model._steps.clear()
     launched = []
 
     def spy(kernel, grid, args, kwargs):
-        launched.append((kernel.fn.__name__, kwargs.get("BLOCK_N"), kwargs.get("BLOCK_K")))
+        name = kernel.fn.__name__
+        launched.append((name, kwargs.get("BLOCK_N"), kwargs.get("BLOCK_K")))
+        if name == "_decode_split_kernel":
+            launched.append(("attention grid", grid[0], kwargs["num_warps"]))
         return launch.jit_launch(kernel, grid, args, kwargs)
 
     with launch.launching_with(spy):
@@ -148,17 +191,23 @@ def test_the_decoder_launches_the_tiles_it_is_given(artifact):
         assert (lg - rlg).abs().max() < 1e-4 * max(1.0, rlg.abs().max())
     names = {"norm_linear": "_norm_linear_kernel", "skinny_linear_fused": "_skinny_fused_kernel"}
     names["lm_head_argmax"] = "_lm_head_argmax_kernel"
+    names["decode_attention"] = "_decode_split_kernel"
     for kernel, c in picks.items():
         used = {(bn, bk) for name, bn, bk in launched if name == names[kernel]}
-        assert used == {(c.BLOCK_N, c.BLOCK_K)}, (kernel, used)
+        assert used == {(c.BLOCK_N, getattr(c, "BLOCK_K", None))}, (kernel, used)
+    grids = {(n, w) for name, n, w in launched if name == "attention grid"}
+    assert grids == {(2, space.num_warps)}
 
 
 def test_tiles_and_pdl_are_stored_checked_and_served(tmp_path):
     from kernl.compiler.tasks.causal_lm import compile_causal_lm
 
     c = SPACES["norm_linear"][3]
+    a = SPACES["decode_attention"][2]
     forced = {**FUSED, "pdl": True, "prefetch": True}
-    forced["tiles"] = [list(_tile(4, "norm_linear", "qkv", c))]
+    # a tile as written before the cache length existed (8 fields), and one per cache length
+    forced["tiles"] = [list(_tile(4, "norm_linear", "qkv", c))[:8]]
+    forced["tiles"].append(list(_tile(4, "decode_attention", "attn", a, 32)))
     compile_causal_lm(
         tiny_model("llama3"),
         "batch=4 prompt=16 cache=32",
@@ -169,10 +218,14 @@ def test_tiles_and_pdl_are_stored_checked_and_served(tmp_path):
     )
     model = kernl.runtime.load(tmp_path / "lm.kernl")
     k = model.decoder.kernels
-    assert k.pdl and k.tiles == (_tile(4, "norm_linear", "qkv", c),)
+    attn = _tile(4, "decode_attention", "attn", a, 32)
+    assert k.pdl and k.tiles == (_tile(4, "norm_linear", "qkv", c), attn)
     assert k.tile(4, "norm_linear", "qkv").block_k == c.BLOCK_K
     assert k.tile(1, "norm_linear", "qkv") is None
-    assert k.prefetch and "pdl prefetch tiles=1" in k.describe()
+    assert k.tile(4, "decode_attention", "attn", 32) == attn
+    assert k.tile(4, "decode_attention", "attn", 16) is None
+    assert model.decoder._tile_config(4, "decode_attention", "attn", 32) == a
+    assert k.prefetch and "pdl prefetch tiles=2" in k.describe()
     ids, mask = mixed_prompts(3, [11, 4, 16])
     assert model.generate(ids, mask, max_new_tokens=4).shape == (3, 20)
 
@@ -195,22 +248,49 @@ def test_prefetch_needs_pdl():
         [[1, "norm_linear", "qkv", 32, 128, 0, 4]],  # a field short
         [[1, "norm_linear", "qkv", 32, 128, 0, 4, 4]] * 2,  # twice
         [[1, "norm_linear", "qkv", 32.0, 128, 0, 4, 4]],
+        [[1, "norm_linear", "qkv", 32, 128, 0, 4, 4, 32]],  # a cache length: it reads none
+        [[1, "decode_attention", "attn", 16, 0, 64, 2, 2, -32]],
+        [[1, "decode_attention", "attn", 16, 0, 64, 2, 2, "32"]],
+        [[1, "decode_attention", "attn", 16, 0, 64, 2, 2, 48]],  # no such kv bucket
+        [[1, "decode_attention", "attn", 16, 64, 64, 2, 2, 32]],  # attention has no K tile
+        [[1, "decode_attention", "attn", 16, 0, 128, 2, 2, 32]],  # more chunks than merged
+        [[1, "decode_attention", "attn", 16, 0, 64, 2, 2, 32, 0]],  # a field too many
+        [[1, "decode_attention", "attn", 16, 0, 64, 2, 2, 32]] * 2,  # twice
         "tiles",
     ],
 )
 def test_a_hostile_tile_is_refused_as_an_artifact_error(artifact, tmp_path, tiles):
+    from kernl.artifacts import ArtifactError
+
+    root = _with_tiles(artifact, tmp_path, tiles)
+    with pytest.raises(ArtifactError, match="causal-LM description is invalid"):
+        kernl.runtime.load(root)
+
+
+def test_tiles_written_before_the_cache_length_still_load(artifact, tmp_path):
+    old = [[3, "norm_linear", "qkv", 32, 128, 0, 4, 4], [3, "lm_head_argmax", "lm_head"]]
+    old[1] += [64, 128, 0, 4, 3]
+    model = kernl.runtime.load(_with_tiles(artifact, tmp_path, old))
+    tiles = model.decoder.kernels.tiles
+    assert [list(t) for t in tiles] == [t + [0] for t in old]
+    assert model.decoder.kernels.tile(3, "norm_linear", "qkv", cache=32) == tiles[0]
+    ids, mask = mixed_prompts(3, [11, 4, 16])
+    assert model.generate(ids, mask, max_new_tokens=2).shape == (3, 18)
+
+
+def _with_tiles(artifact: Path, tmp_path: Path, tiles) -> Path:
+    """A copy of `artifact` whose manifest declares the fused kernels on `tiles`."""
     import shutil
 
     import msgpack
 
-    from kernl.artifacts import ArtifactError, pack_manifest
+    from kernl.artifacts import pack_manifest
 
     root = Path(shutil.copytree(artifact, tmp_path / "copy"))
     m = msgpack.unpackb((root / "manifest.msgpack").read_bytes(), raw=False)
     m["extra"]["decode_kernels"] = {**FUSED, "tiles": tiles}
     (root / "manifest.msgpack").write_bytes(pack_manifest(m))
-    with pytest.raises(ArtifactError, match="causal-LM description is invalid"):
-        kernl.runtime.load(root)
+    return root
 
 
 @pytest.mark.parametrize(
@@ -222,14 +302,14 @@ def test_the_choice_keeps_the_used_tiles_and_pdl_only_when_faster(
     from kernl.compiler.tasks.causal_lm.decode_kernels import choose_decode_kernels
 
     model = kernl.runtime.load(artifact)
-    sites = [(k, s) for k, ss in DECODE_TILE_KERNELS.items() for s in ss]
-    tiles = tuple(_tile(b, k, s, SPACES[k][0]) for b in (1, 3) for k, s in sites)
+    tiles = tuple(_tile(b, k, s, SPACES[k][0], cache) for b in (1, 3) for k, s, cache in _sites())
 
     def fake_ms(gen):
         k = gen.decoder.kernels
         # every candidate runs on the tuned tiles (PDL, tried last: those the choice uses)
         assert k.tiles == tiles or k.pdl and set(k.tiles) < set(tiles)
         ms = 10.0 - (k.linear == "fused") - (k.lm_head == "triton")  # norm=fused not kept
+        ms -= k.attention == "triton"
         ms -= 2.0 if k.pdl and pdl_faster else 0.0
         return ms - 1.0 if k.prefetch and prefetch_faster else ms
 
@@ -237,6 +317,7 @@ def test_the_choice_keeps_the_used_tiles_and_pdl_only_when_faster(
         model, lambda _: None, step_ms=fake_ms, tiles=tiles, try_pdl=True
     )
     assert chosen.linear == "fused" and chosen.lm_head == "triton" and chosen.norm != "fused"
+    assert chosen.attention == "triton"
     # norm_linear's tiles dropped: the choice does not run it
     assert chosen.tiles == tuple(t for t in tiles if t.kernel != "norm_linear")
     # PDL, then PDL with the prefetch, tried last (no-ops in the interpreter: same logits)

@@ -1,4 +1,4 @@
-"""The few-rows decode kernels compile for Hopper (sm_90) in every variant a decoder launches,
+"""The few-rows decode kernels and decode attention compile for Hopper (sm_90) in every variant a decoder launches,
 checked on the CPU: Triton's front end and ptxas run without a GPU, while the interpreter the
 other kernel tests use never compiles and so accepts Python that Triton rejects (it missed a
 LayerNorm variable that the split-K epilogue's loop redefined: every LayerNorm model with
@@ -12,13 +12,14 @@ import subprocess
 import sys
 
 
-def _compile(kernel, signature: dict[str, str], constants: dict) -> None:
+def _compile(kernel, signature: dict[str, str], constants: dict, options=None) -> None:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     sig = {**signature, **{name: "constexpr" for name in constants}}
-    triton.compile(ASTSource(kernel, sig, constants), target=GPUTarget("cuda", 90, 32))
+    src = ASTSource(kernel, sig, constants)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 NORM_LINEAR = [
@@ -27,6 +28,9 @@ NORM_LINEAR = [
     if not (r and b)
 ]
 SKINNY = list(itertools.product((1, 3), (False, True), (False, True)))
+# decode attention as the decoder launches it (lengths and mask) over Llama-1B's head dim: the
+# default, the smallest key block with the most chunks, and the widest block
+DECODE_ATTENTION = [(64, 4, 3, 0), (16, 2, 2, 64), (128, 8, 3, 64)]
 
 
 def norm_linear_compiles(split, rms, norm_bias, gated):
@@ -54,12 +58,38 @@ def skinny_linear_fused_compiles(split, bias, residual):
     _compile(_skinny_fused_kernel, signature, constants)
 
 
+def decode_attention_compiles(block_n, num_warps, num_stages, num_splits):
+    from kernl.kernels.decode_attention import _decode_merge_kernel, _decode_split_kernel
+
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    signature = dict.fromkeys(("Q", "K", "V"), "*bf16")
+    signature |= dict.fromkeys(("MidO", "MidM", "MidL"), "*fp32")
+    signature |= {"KVLens": "*i64", "KVMask": "*i1", "sm_scale": "fp32"}
+    signature |= dict.fromkeys(("Lk", "group_size", "chunk", "stride_lensb", "stride_maskb"), "i32")
+    for t in ("q", "k", "v"):
+        dims = ("b", "h", "d") if t == "q" else ("b", "h", "n", "d")
+        signature |= dict.fromkeys((f"stride_{t}{x}" for x in dims), "i32")
+    signature |= dict.fromkeys(("stride_ob", "stride_oh", "stride_os", "stride_mb"), "i32")
+    signature |= {"stride_mh": "i32"}
+    constants = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_G=16, BLOCK_N=block_n)
+    constants |= dict(HAS_KV_LENS=True, HAS_KV_MASK=True, USE_PDL=False)
+    _compile(_decode_split_kernel, signature, constants, options)
+    signature = dict.fromkeys(("MidO", "MidM", "MidL"), "*fp32") | {"Out": "*bf16"}
+    signature |= dict.fromkeys(("num_heads", "num_splits"), "i32")
+    names = ("stride_ob", "stride_oh", "stride_os", "stride_mb", "stride_mh")
+    signature |= dict.fromkeys(names + ("stride_outb", "stride_outh", "stride_outd"), "i32")
+    block_s = max(2, num_splits)  # the merge's tile of chunks: up to 64
+    constants = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_S=block_s, USE_PDL=False)
+    _compile(_decode_merge_kernel, signature, constants, dict(num_warps=4))
+
+
 def main() -> int:
     """Compile every variant (in a process where Triton compiles: no TRITON_INTERPRET)."""
     failed = 0
     for check, variants in (
         (norm_linear_compiles, NORM_LINEAR),
         (skinny_linear_fused_compiles, SKINNY),
+        (decode_attention_compiles, DECODE_ATTENTION),
     ):
         for v in variants:
             try:

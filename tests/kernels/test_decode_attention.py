@@ -5,6 +5,7 @@ from kernel_check import DEVICE, assert_close, poisoned
 from kernl.kernels.decode_attention import (
     DecodeAttentionConfig,
     decode_attention,
+    decode_attention_configs,
     decode_attention_reference,
 )
 
@@ -66,17 +67,61 @@ def test_decode_attention_kv_mask(dtype):
     assert_close(out, ref, dtype, stock=None, name="decode attention, kv mask and lengths")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("config", decode_attention_configs(), ids=str)
+def test_decode_attention_every_config_on_a_generation_cache(dtype, config):
+    # as the decoder calls it: a 160-slot cache of which the 100-slot bucket is read, the valid
+    # length (slot + 1 = 37) one expanded int64 scalar, and the valid-slot mask; the many
+    # chunks past the valid length, and the slots past it, hold NaN: none of them may be read
+    B, H, H_kv, D, slots, Lk, valid_len = 2, 8, 2, 64, 160, 100, 37
+    cache = torch.randn(2, B, H_kv, slots, D, dtype=dtype, device=DEVICE)
+    cache[:, :, :, valid_len:] = float("nan")
+    k, v = cache[0, :, :, :Lk], cache[1, :, :, :Lk]
+    q = torch.randn(B, H + H_kv, D, dtype=dtype, device=DEVICE)[:, :H].unsqueeze(2)
+    kv_valid = torch.zeros(B, slots, dtype=torch.bool, device=DEVICE)
+    kv_valid[0, :valid_len] = True
+    kv_valid[1, 5:valid_len] = True  # a left-padded prompt
+    slot = torch.tensor([valid_len - 1], device=DEVICE)
+    lens, mask = (slot + 1).expand(B), kv_valid[:, :Lk]
+    out = poisoned(q.shape, dtype)
+    decode_attention(q, k, v, kv_lens=lens, kv_mask=mask, out=out, config=config)
+    finite = lambda t: t.double().nan_to_num(0.0)  # noqa: E731 - the reference masks after q @ k
+    ref = decode_attention_reference(q.double(), finite(k), finite(v), kv_lens=lens, kv_mask=mask)
+    stock = decode_attention_reference(q, k.nan_to_num(0.0), v.nan_to_num(0.0), kv_mask=mask)
+    assert_close(out, ref, dtype, stock, name=f"decode attention {config}")
+
+
+def test_decode_attention_without_lengths_reads_the_whole_bucket():
+    # the mask alone does not keep the kernel from reading slots past the valid length: the
+    # decoder passes the lengths too (this is what they save)
+    B, H, D, Lk = 1, 4, 32, 64
+    k = torch.randn(B, 1, Lk, D, device=DEVICE)
+    v = torch.randn(B, 1, Lk, D, device=DEVICE)
+    v[:, :, 40:] = float("nan")
+    q = torch.randn(B, H, 1, D, device=DEVICE)
+    mask = torch.arange(Lk, device=DEVICE)[None] < 40
+    config = DecodeAttentionConfig(16, 2, 2, 4)
+    assert decode_attention(q, k, v, kv_mask=mask, config=config).isnan().any()
+    lens = torch.tensor([40], device=DEVICE, dtype=torch.int32)
+    out = decode_attention(q, k, v, kv_mask=mask, kv_lens=lens, config=config)
+    ref = decode_attention_reference(
+        q.double(), k.double(), v.nan_to_num(0.0).double(), kv_lens=lens
+    )
+    assert_close(out, ref, torch.float32)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("Lk", [1000, 16384])
-def test_gpu_decode_real_sizes(dtype, Lk):
+@pytest.mark.parametrize("config", [None, *decode_attention_configs()[-10::3]], ids=str)
+def test_gpu_decode_real_sizes(dtype, Lk, config):
     B, H, H_kv, D = 4, 32, 8, 128
     q = torch.randn(B, H, 1, D, dtype=dtype, device="cuda")
     k = torch.randn(B, H_kv, Lk, D, dtype=dtype, device="cuda")
     v = torch.randn(B, H_kv, Lk, D, dtype=dtype, device="cuda")
     kv_lens = torch.tensor([Lk, Lk // 2, 1, Lk - 7], device="cuda")
     out = poisoned(q.shape, dtype, "cuda")
-    decode_attention(q, k, v, kv_lens=kv_lens, out=out)
+    decode_attention(q, k, v, kv_lens=kv_lens, out=out, config=config)
     ref = decode_attention_reference(q.double(), k.double(), v.double(), kv_lens=kv_lens)
     stock = decode_attention_reference(q, k, v, kv_lens=kv_lens)
-    assert_close(out, ref, dtype, stock, name="gpu decode")
+    assert_close(out, ref, dtype, stock, name=f"gpu decode {config}")

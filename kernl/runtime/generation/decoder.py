@@ -20,10 +20,11 @@ gated MLP's silu(x Wg) * (x Wu) in its epilogue), the gated MLP, the linear laye
 ("triton": split-K plus a reduce kernel; "fused": reduced in the same launch, bias and
 residual in its epilogue), rotary + KV-cache write in one kernel, and lm_head + argmax in
 one pass for greedy steps. The default is plain torch everywhere; the compiler keeps a
-kernel only where it times faster. The fused kernels run the launch configs the compiler
-tuned per batch and call site (`DecodeKernels.tiles`), and with `DecodeKernels.pdl` every
-kernl kernel of the step is launched with programmatic dependent launch (with `prefetch`,
-the weight-streaming ones ask L2 for their first weights before waiting).
+kernel only where it times faster. The fused kernels and attention run the launch configs
+the compiler tuned per batch and call site (`DecodeKernels.tiles`; attention's per cache
+length too), and with `DecodeKernels.pdl` every kernl kernel of the step is launched with
+programmatic dependent launch (with `prefetch`, the weight-streaming ones ask L2 for their
+first weights before waiting).
 """
 
 from __future__ import annotations
@@ -258,8 +259,9 @@ class Decoder:
         ids_out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, bool]:
         """tokens, positions: [B]; slot: [1]; kv_valid: [B, kv_len] bool, the cache slots each
-        row may attend to (this step's slot included). Returns [B, vocab] logits, and whether
-        the greedy ids were written into `ids_out` too (lm_head + argmax in one kernel)."""
+        row may attend to (this step's slot included, none after it: Triton attention reads
+        slots [0, slot] only). Returns [B, vocab] logits, and whether the greedy ids were
+        written into `ids_out` too (lm_head + argmax in one kernel)."""
         s, kernels = self.spec, self.kernels
         bsz = tokens.shape[0]
         nh, kvh, d = s.num_heads, s.num_kv_heads, s.head_dim
@@ -272,6 +274,10 @@ class Decoder:
         if kernels.attention == "torch":
             bias = torch.where(kv_valid, 0.0, torch.finfo(self.dtype).min).to(self.dtype)
             bias = bias[:, None, None, :].expand(bsz, kvh, 1, kv_len).reshape(bsz * kvh, 1, kv_len)
+        elif kernels.attention == "triton":
+            # every row's valid length: the chunks of the cache past it read nothing
+            kv_lens = (slot + 1).expand(bsz)
+            attention_config = self._tile_config(bsz, "decode_attention", "attn", kv_len)
         x = self._embed(tokens, positions)
         rope = None
         if self.rope is not None and kernels.rope == "torch":
@@ -330,7 +336,9 @@ class Decoder:
                     keys,
                     values,
                     sm_scale=s.attention_scale,
+                    kv_lens=kv_lens,
                     kv_mask=kv_valid,
+                    config=attention_config,
                     pdl=kernels.pdl,
                 )
             x = self._proj(att.reshape(bsz, nh * d), lw.o_w, lw.o_b, x, kernels.linear, "o")
@@ -382,12 +390,16 @@ class Decoder:
             self._counters = new_counters(x.device)
         return self._counters
 
-    def _tile_config(self, batch: int, kernel: str, site: str):
+    def _tile_config(self, batch: int, kernel: str, site: str, cache: int = 0):
         """The kernel's config dataclass for the tile the compiler tuned at this batch and
-        site, or None (its default) where there is none."""
-        t = self.kernels.tile(batch, kernel, site)
+        site (and KV-cache length, for attention), or None (its default) where there is none."""
+        t = self.kernels.tile(batch, kernel, site, cache)
         if t is None:
             return None
+        if kernel == "decode_attention":
+            from kernl.kernels.decode_attention import DecodeAttentionConfig
+
+            return DecodeAttentionConfig(t.block_n, t.num_warps, t.num_stages, t.split_k)
         if kernel == "norm_linear":
             from kernl.kernels.norm_linear import NormLinearConfig as Config
         elif kernel == "skinny_linear_fused":

@@ -159,8 +159,10 @@ def compile_causal_lm(
             )
         elif kernels and tune and dev.type == "cuda" and torch_dtype != torch.float32:
             # (in fp32, Triton's dot products would round through TF32: plain torch stays)
-            say("tuning the fused decode kernels' tiles per decode batch")
-            tiles, report.tile_timings = tune_decode_tiles(gen.decoder, gb.batches, say)
+            say("tuning the decode kernels' tiles per decode batch (attention: and kv length)")
+            tiles, report.tile_timings = tune_decode_tiles(
+                gen.decoder, gb.batches, say, kv_lengths=tuple(gb.kv_lengths)
+            )
             say("choosing the decode step's kernels by timing")
             chosen, report.decode_timings = choose_decode_kernels(gen, say, tiles=tiles)
         else:

@@ -8,12 +8,12 @@ steps of every decode bucket, replayed as CUDA graphs, get faster in total by mo
 `MIN_GAIN`: a kernel earns its place by measurement, never by default. An alternative that
 fails (a kernel that does not compile for these shapes) is reported and skipped.
 
-The fused kernels run the tiles (launch configs) tuned per batch and call site beforehand
-(decode_tiles.py); only the tiles of the kernels finally chosen are kept. Last, where the
-choice runs a fused kernel on a GPU that has it (Hopper and later), programmatic dependent
-launch is tried, then PDL with the weight prefetch: each kept only if the step gets faster
-by MIN_GAIN than the best so far and its logits stay bitwise the same in every decode
-bucket."""
+The fused kernels and attention run the tiles (launch configs) tuned per batch and call site
+(attention: and kv length) beforehand (decode_tiles.py); only the tiles of the kernels
+finally chosen are kept. Last, where the choice runs a fused kernel on a GPU that has it
+(Hopper and later), programmatic dependent launch is tried, then PDL with the weight
+prefetch: each kept only if the step gets faster by MIN_GAIN than the best so far and its
+logits stay bitwise the same in every decode bucket."""
 
 from __future__ import annotations
 
@@ -54,8 +54,9 @@ class DecodeTiming:
 
 def _step_ms(gen: GenerativeModel, replays: int) -> float:
     """Sum over decode buckets of the median time of one decode step (a graph replay on CUDA;
-    the eager step elsewhere). The cache position is reset before every step, so each step
-    writes slot 0 and attends over the bucket's whole kv length."""
+    the eager step elsewhere). Each step writes the bucket's last slot, so that every
+    attention reads the bucket's whole kv length (kernl's skips the slots past the current
+    one): the slowest step the bucket serves."""
     gen._steps.clear()  # graphs are captured again, with the decoder's current kernels
     total = 0.0
     for batch, kv_len in gen.buckets.decode_shapes():
@@ -63,7 +64,7 @@ def _step_ms(gen: GenerativeModel, replays: int) -> float:
         state = gen._states[batch]
         times = []
         for _ in range(replays):
-            state.reset_counters()
+            at_last_slot(state, kv_len)
             if gen.device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
                 start.record()
@@ -77,6 +78,12 @@ def _step_ms(gen: GenerativeModel, replays: int) -> float:
                 times.append((time.perf_counter() - t) * 1e3)
         total += median(times)
     return total
+
+
+def at_last_slot(state, kv_len: int) -> None:
+    """Set a batch state up for a decode step that writes slot kv_len - 1 (the others empty)."""
+    state.reset_counters()
+    state.slot.fill_(kv_len - 1)
 
 
 def choose_decode_kernels(
@@ -134,7 +141,8 @@ def choose_decode_kernels(
         if t.step_ms is not None and t.step_ms < best.step_ms * (1 - MIN_GAIN):
             best = t
     k = best.kernels
-    chosen = dataclasses.replace(k, tiles=used_tiles(k.tiles, k.norm, k.linear, k.lm_head))
+    used = used_tiles(k.tiles, k.norm, k.linear, k.lm_head, k.attention)
+    chosen = dataclasses.replace(k, tiles=used)
     if try_pdl is None:
         try_pdl = gen.device.type == "cuda" and torch.cuda.get_device_capability(gen.device)[0] >= 9
     if try_pdl and _runs_fused(chosen):

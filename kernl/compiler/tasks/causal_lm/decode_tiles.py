@@ -1,15 +1,18 @@
 """The launch config (tile) of each fused few-rows kernel of a decode step, per decode batch and
-call site, chosen by timing on the model's own weights.
+call site, and of decode attention per decode batch and cache length, chosen by timing on the
+model's own weights and cache layout.
 
 The fused kernels (`norm_linear` at QKV and the MLP up projection, `skinny_linear_fused` at O
 and down, `lm_head_argmax`) stream weights at the bandwidth their tile, split-K, warps and
 stages allow, and the best differs by shape and batch (issue 15: a first-guess tile left
-`norm_linear` at a quarter of the copy bandwidth). So for every decode batch of <= 16 rows
-and every site, each config of the kernel's small decode space (`*_decode_configs()` in its
-file) is run once and checked against a float64 reference (at most 2x the error of the same
-computation in the model's dtype, plus a little), then timed: on a GPU a CUDA graph of one
-call per layer, each on that layer's weights (as a decode step streams them, so nothing is
-served from L2), replayed; elsewhere the eager calls under a wall clock, which only shows the
+`norm_linear` at a quarter of the copy bandwidth; decode attention's default split gave a
+batch-1 Llama-1B step 16 programs per layer, each looping over 4 key blocks: latency-bound).
+So for every decode batch of <= 16 rows and every site (attention: every kv length), each
+config of the kernel's small decode space (`*_decode_configs()` in its file) is run once and
+checked against a float64 reference (at most 2x the error of the same computation in the
+model's dtype, plus a little), then timed: on a GPU a CUDA graph of one call per layer, each
+on that layer's weights or cache (as a decode step streams them, so nothing is served from
+L2), replayed; elsewhere the eager calls under a wall clock, which only shows the
 search works. The fastest checked config becomes a `DecodeTile`; the runtime only reads it.
 
 Batches differ only in M == 1 or not for Triton's specialisation, so a config compiles at most
@@ -48,9 +51,11 @@ class TileTiming:
     ms: float | None  # per call
     error: str | None = None
     cached: bool = False  # the disk cache's record of an earlier compile, nothing timed now
+    cache: int = 0  # the kv length (decode attention), 0 for the kernels that do not read it
 
     def describe(self) -> str:
-        what = f"batch {self.batch} {self.kernel} at {self.site} {self.config}"
+        where = f"{self.site}, cache {self.cache}" if self.cache else self.site
+        what = f"batch {self.batch} {self.kernel} at {where} {self.config}"
         if self.error:
             return f"{what}: {self.error}"
         return f"{what}: {self.ms * 1e3:.2f} us" + (" (cached)" if self.cached else "")
@@ -69,6 +74,7 @@ class Site:
     check: Callable[[object], tuple[float, float]]
     configs: list
     operands: str  # shapes, dtypes and variant of what the kernel reads (the cache key)
+    cache: int = 0  # decode attention: the kv length it reads (its tile is per length too)
 
 
 def _allowed(ref64: torch.Tensor, stock: torch.Tensor) -> float:
@@ -97,8 +103,11 @@ def _once(fn: Callable[[], object]) -> Callable[[], object]:
     return lambda: memo[0] if memo else memo.append(fn()) or memo[0]
 
 
-def decode_sites(dec: Decoder, batch: int, seed: int = 0) -> list[Site]:
-    """The call sites of `dec`'s decode step that a fused kernel can take, at `batch` rows."""
+def decode_sites(
+    dec: Decoder, batch: int, seed: int = 0, kv_lengths: tuple[int, ...] = ()
+) -> list[Site]:
+    """The call sites of `dec`'s decode step that a fused kernel can take, at `batch` rows,
+    and decode attention's, one per kv length of `kv_lengths` (the decode buckets')."""
     from kernl.kernels import lm_head_argmax as lm
     from kernl.kernels import norm_linear as nl
     from kernl.kernels import skinny_linear_fused as slf
@@ -197,6 +206,55 @@ def decode_sites(dec: Decoder, batch: int, seed: int = 0) -> list[Site]:
     ops = f"{_shapes((x, dec.lm_head, norm_w))} eps={s.norm_eps}"
     configs = lm.lm_head_argmax_decode_configs()
     sites.append(Site("lm_head_argmax", "lm_head", 1, call_lm, check_lm, configs, ops))
+    if kv_lengths:
+        sites += _attention_sites(dec, batch, sorted(set(kv_lengths)), rnd)
+    return sites
+
+
+def _attention_sites(dec: Decoder, batch: int, kv_lengths: list[int], rnd) -> list[Site]:
+    """Decode attention as the decoder calls it: q a view of the rotated q/k rows, K/V the
+    leading slots of a [layers, batch, kv heads, slots, head dim] cache as long as the longest
+    bucket, the valid length one expanded scalar, and the valid-slot mask a slice of the
+    state's [batch, slots] one (here with some left padding). Timed with the whole bucket
+    valid: the slowest step the bucket serves."""
+    from kernl.kernels import decode_attention as da
+    from kernl.runtime.generation.decoder import KVCache
+
+    s, L = dec.spec, len(dec.layers)
+    nh, kvh, d = s.num_heads, s.num_kv_heads, s.head_dim
+    slots = max(kv_lengths)
+    cache = KVCache.allocate(s, batch, slots, dec.dtype, dec.embed.device)
+    cache.k.copy_(rnd(*cache.k.shape))
+    cache.v.copy_(rnd(*cache.v.shape))
+    q = rnd(batch, nh + kvh, d)[:, :nh].unsqueeze(2)
+    valid = torch.ones(batch, slots, dtype=torch.bool, device=q.device)
+    for row in range(1, batch):
+        valid[row, : row % 8] = False  # a left-padded prompt
+    out = torch.empty(batch, nh, 1, d, device=q.device, dtype=dec.dtype)
+    sites = []
+    for kv_len in kv_lengths:
+
+        def kv(i, kv_len=kv_len):
+            return cache.k[i, :, :, :kv_len], cache.v[i, :, :, :kv_len]
+
+        lens = torch.full((1,), kv_len, dtype=torch.int64, device=q.device).expand(batch)
+        kw = dict(sm_scale=s.attention_scale, kv_lens=lens, kv_mask=valid[:, :kv_len])
+
+        def call(i, c, kv=kv, kw=kw):
+            return da.decode_attention(q, *kv(i), out=out, config=c, **kw)
+
+        @_once
+        def refs(kv=kv, kw=kw):
+            ref = da.decode_attention_reference(q.double(), *(t.double() for t in kv(0)), **kw)
+            return ref, _allowed(ref, da.decode_attention_reference(q, *kv(0), **kw))
+
+        def check(out, refs=refs):
+            ref, allowed = refs()
+            return _err(out, ref), allowed
+
+        ops = f"{_shapes((q, *kv(0)))} slots={slots} scale={s.attention_scale} layers={L}"
+        configs = da.decode_attention_configs()
+        sites.append(Site("decode_attention", "attn", L, call, check, configs, ops, kv_len))
     return sites
 
 
@@ -238,11 +296,13 @@ def tune_decode_tiles(
     say: Callable[[str], None],
     measure: Callable[[list[Callable[[], object]], object], float] | None = None,
     cache: Path | None = None,
+    kv_lengths: tuple[int, ...] = (),
 ) -> tuple[tuple[DecodeTile, ...], list[TileTiming]]:
-    """The fastest checked config of every site at every batch of <= FEW_ROWS rows, and every
-    timing taken. `measure(calls, config)` (per-call ms) defaults to `graph_ms` on the decoder's
-    device. A config that fails to compile, to run or its check is reported and skipped; a
-    site where none passes gets no tile (its kernel's default config). `cache`: the folder of
+    """The fastest checked config of every site at every batch of <= FEW_ROWS rows (decode
+    attention's at every kv length of `kv_lengths`; none without), and every timing taken.
+    `measure(calls, config)` (per-call ms) defaults to `graph_ms` on the decoder's device. A
+    config that fails to compile, to run or its check is reported and skipped; a site where
+    none passes gets no tile (its kernel's default config). `cache`: the folder of
     the disk cache; None: compiler/tune.py's cache folder on a GPU with the real timer, no
     cache otherwise (the interpreter's timings mean nothing)."""
     device = dec.embed.device
@@ -255,7 +315,7 @@ def tune_decode_tiles(
     with allow_jit(), torch.no_grad():
         for batch in sorted(b for b in set(batches) if b <= FEW_ROWS):
             try:
-                sites = decode_sites(dec, batch)
+                sites = decode_sites(dec, batch, kv_lengths=tuple(kv_lengths))
             except Exception as e:  # no tiles at this batch: the kernels' defaults serve it
                 say(f"decode tiles at batch {batch} not tuned: {type(e).__name__}: {e}"[:300])
                 continue
@@ -271,7 +331,7 @@ def tune_decode_tiles(
                     continue
                 best: TileTiming | None = None
                 for c in site.configs:
-                    t = TileTiming(batch, site.kernel, site.site, c, None)
+                    t = TileTiming(batch, site.kernel, site.site, c, None, cache=site.cache)
                     try:
                         err, allowed = site.check(site.call(0, c))
                         if not err <= allowed:
@@ -295,9 +355,20 @@ def tune_decode_tiles(
 
 
 def _tile(batch: int, site: Site, c) -> DecodeTile:
-    split = getattr(c, "split_k", 0)
+    if site.kernel == "decode_attention":  # no K tile; its split is the number of chunks
+        block_k, split = 0, c.num_splits
+    else:
+        block_k, split = c.BLOCK_K, getattr(c, "split_k", 0)
     return DecodeTile(
-        batch, site.kernel, site.site, c.BLOCK_N, c.BLOCK_K, split, c.num_warps, c.num_stages
+        batch,
+        site.kernel,
+        site.site,
+        c.BLOCK_N,
+        block_k,
+        split,
+        c.num_warps,
+        c.num_stages,
+        site.cache,
     )
 
 
@@ -310,6 +381,7 @@ def _cache_key(site: Site, batch: int, device: torch.device) -> str:
         "norm_linear": "norm_linear",
         "skinny_linear_fused": "skinny_linear_fused",
         "lm_head_argmax": "lm_head_argmax",
+        "decode_attention": "decode_attention",
     }[site.kernel]
     mod = __import__(f"kernl.kernels.{module}", fromlist=["_"])
     source = inspect.getsource(mod) + inspect.getsource(launch)
@@ -345,16 +417,20 @@ def _read_cached(path: Path | None, site: Site, batch: int) -> TileTiming | None
     try:
         rec = json.loads(path.read_text())
         config = site.configs[int(rec["index"])]
-        return TileTiming(batch, site.kernel, site.site, config, float(rec["ms"]), cached=True)
+        ms = float(rec["ms"])
+        return TileTiming(batch, site.kernel, site.site, config, ms, cached=True, cache=site.cache)
     except (ValueError, KeyError, IndexError, TypeError):
         return None  # unreadable: time again (and overwrite it)
 
 
-def used_tiles(tiles: tuple[DecodeTile, ...], norm: str, linear: str, lm_head: str):
+def used_tiles(
+    tiles: tuple[DecodeTile, ...], norm: str, linear: str, lm_head: str, attention: str = "torch"
+):
     """The tiles of the kernels a decode-kernel choice runs (the others are not stored)."""
     used = {
         "norm_linear": norm == "fused",
         "skinny_linear_fused": linear == "fused",
         "lm_head_argmax": lm_head == "triton",
+        "decode_attention": attention == "triton",
     }
     return tuple(t for t in tiles if used[t.kernel])
