@@ -31,6 +31,8 @@
 #   profllama where one Llama-1B decode step goes, by kernel (.bench/profile_llama.py)
 #   profdecode one Llama-1B decode step by kernel, for torch / chosen / fused / fused + PDL
 #           (benchmarks/profile_decode_variants.py)
+#   profwenc Whisper-large-v3's encoder step by kernel, batch 1 and 8
+#           (benchmarks/profile_whisper_encoder.py)
 #   s2stests the GPU tests of seq2seq, optimize and the runtime
 #   gpuquick the GPU tests of kernels, runtime and generation only (a smoke run)
 set -uo pipefail
@@ -53,6 +55,7 @@ stage() {
     serving) OUT=$RUN timeout 540 python3 benchmarks/bench_serving_direct.py ;;
     profllama) timeout 300 python3 .bench/profile_llama.py ;;
     profdecode) timeout 300 python3 benchmarks/profile_decode_variants.py ;;
+    profwenc) timeout 300 python3 benchmarks/profile_whisper_encoder.py 1 8 ;;
     s2stests) timeout 600 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 \
       tests/seq2seq tests/optimize tests/runtime tests/kernels/test_norm_linear.py \
       tests/kernels/test_skinny_linear_fused.py ;;
