@@ -313,8 +313,10 @@ def _check_spec(d: Any, where: str) -> Seq2SeqSpec:
         raise _bad(where, f"seq2seq.decode_tile is {tile!r}, not [] or a launch tile")
     sites = d.get("decode_site_tiles", [])
     if not (isinstance(sites, list) and len(sites) <= 1024 and all(map(_is_site_tile, sites))):
-        bad = sites if not isinstance(sites, list) else next(
-            (t for t in sites if not _is_site_tile(t)), sites
+        bad = (
+            sites
+            if not isinstance(sites, list)
+            else next((t for t in sites if not _is_site_tile(t)), sites)
         )
         raise _bad(where, f"seq2seq.decode_site_tiles holds {bad!r}, not a site tile"[:300])
     if d.get("decode_kernels", "torch") not in DECODE_KERNELS:
