@@ -329,21 +329,17 @@ def tune_decode_tiles(
                     timings.append(hit)
                     say(f"decode tile {hit.describe()}")
                     continue
-                best: TileTiming | None = None
-                for c in site.configs:
-                    t = TileTiming(batch, site.kernel, site.site, c, None, cache=site.cache)
-                    try:
-                        err, allowed = site.check(site.call(0, c))
-                        if not err <= allowed:
-                            t.error = f"check failed: max error {err:.3g} > {allowed:.3g}"
-                        else:
-                            calls = [lambda i=i, c=c: site.call(i, c) for i in range(site.layers)]
-                            t.ms = measure(calls, c)
-                    except Exception as e:  # a config that does not compile or fit here
-                        t.error = f"{type(e).__name__}: {e}"[:200]
-                    timings.append(t)
-                    if t.error is None and (best is None or t.ms < best.ms):
-                        best = t
+                best = fastest_checked(
+                    lambda c, site=site: TileTiming(
+                        batch, site.kernel, site.site, c, None, cache=site.cache
+                    ),
+                    site.call,
+                    site.check,
+                    site.configs,
+                    site.layers,
+                    measure,
+                    timings,
+                )
                 if best is None:
                     say(f"batch {batch} {site.kernel} at {site.site}: no config passed; default")
                     continue
@@ -352,6 +348,36 @@ def tune_decode_tiles(
                 if path is not None:
                     _write_cached(path, site.configs.index(best.config), best.ms)
     return tuple(tiles), timings
+
+
+def fastest_checked(
+    timing: Callable[[object], TileTiming],
+    call: Callable[[int, object], object],
+    check: Callable[[object], tuple[float, float]],
+    configs: list,
+    layers: int,
+    measure: Callable[[list[Callable[[], object]], object], float],
+    timings: list[TileTiming],
+) -> TileTiming | None:
+    """Of `configs`, the fastest whose `check(call(0, config))` passes, timed by `measure` over
+    one call per layer; every config's record (`timing(config)`, its time or why it failed)
+    is appended to `timings`. None when no config passes. Shared with the encoder-decoder's
+    sites (compiler/tasks/seq2seq/decode_tiles.py)."""
+    best: TileTiming | None = None
+    for c in configs:
+        t = timing(c)
+        try:
+            err, allowed = check(call(0, c))
+            if not err <= allowed:
+                t.error = f"check failed: max error {err:.3g} > {allowed:.3g}"
+            else:
+                t.ms = measure([lambda i=i, c=c: call(i, c) for i in range(layers)], c)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile or fit here
+            t.error = f"{type(e).__name__}: {e}"[:200]
+        timings.append(t)
+        if t.error is None and (best is None or t.ms < best.ms):
+            best = t
+    return best
 
 
 def _tile(batch: int, site: Site, c) -> DecodeTile:

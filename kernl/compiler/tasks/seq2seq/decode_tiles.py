@@ -29,7 +29,7 @@ import torch
 from kernl.runtime.generation.encoder_decoder import FEW_ROWS, EncoderDecoder, _Normed
 from kernl.runtime.generation.seq2seq import Seq2SeqModel
 
-from ..causal_lm.decode_tiles import TileTiming, _allowed, _err, graph_ms
+from ..causal_lm.decode_tiles import TileTiming, _allowed, _err, fastest_checked, graph_ms
 
 # (kernel, site, the norm folded into it or None, whether a residual rides in its epilogue)
 _Site = tuple[str, str, str | None, bool]
@@ -163,20 +163,15 @@ def _tune_cross(model, batch, cache, rnd, measure, say, timings) -> list[list]:
 
 def _best(batch, kernel, site, call, check, configs, layers, measure, say, timings):
     """The timing of the fastest config that passes its check, or None."""
-    best: TileTiming | None = None
-    for c in configs:
-        t = TileTiming(batch, kernel, site, c, None)
-        try:
-            err, allowed = check(call(0, c))
-            if not err <= allowed:
-                t.error = f"check failed: max error {err:.3g} > {allowed:.3g}"
-            else:
-                t.ms = measure([lambda i=i, c=c: call(i, c) for i in range(layers)])
-        except Exception as e:  # noqa: BLE001 - a config that does not compile or fit here
-            t.error = f"{type(e).__name__}: {e}"[:200]
-        timings.append(t)
-        if t.error is None and (best is None or t.ms < best.ms):
-            best = t
+    best = fastest_checked(
+        lambda c: TileTiming(batch, kernel, site, c, None),
+        call,
+        check,
+        configs,
+        layers,
+        lambda calls, _config: measure(calls),
+        timings,
+    )
     if best is None:
         say(f"batch {batch} {kernel} at {site}: no config passed; the step's tile serves it")
     else:
