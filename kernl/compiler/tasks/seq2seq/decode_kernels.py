@@ -40,7 +40,7 @@ VARIANTS = ("torch", "kernl", "kernl-linear")
 # sweep kept for most 2048-wide projections (docs/performance.md).
 TILES: tuple[tuple[int, ...], ...] = ((), (64, 64, 0, 4, 5))
 FORCE: str | None = None  # tests: keep this variant whatever the timing says
-SITE_TILES = True  # then tune each call site's tile too (decode_tiles.py), kept if faster
+TUNE_SITES = True  # then tune each call site's tile too (decode_tiles.py), kept if faster
 REPLAYS = 50
 
 
@@ -113,7 +113,7 @@ def choose_decode_kernels(
         best = min((n for n in totals if candidates[n][0] == FORCE), key=totals.get)
     variant, tile = candidates[best]
     site_tiles: list[list] = []
-    if variant != "torch" and SITE_TILES:
+    if variant != "torch" and TUNE_SITES:
         name = f"{variant} per-site"
         try:
             site_tiles = _tuned_sites(manifest, weights, device, variant, tile, say)
