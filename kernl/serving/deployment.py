@@ -38,24 +38,12 @@ from .config import ServeConfig
 from .encoder import Replay, serve_batch_bytes
 from .metrics import ReplayStats
 from .protocol import ModelLimits, ParsedRequest, RequestError, parse_request, prepare_answers
-from .replica import Replica, replica_device
+from .replica import Replica, SharedStats, replica_device
 from .replica import json_response as _json
 from .tokenizer import load_tokenizer
 
 # Ray Serve's own default batch size, replaced per replica by the configured one.
 _PLACEHOLDER_BATCH = 8
-_METRICS_NAMESPACE = "kernl"
-
-
-def _stats_actor(app_name: str):
-    """The application's shared counters, created by whichever replica comes first."""
-    actor = ray.remote(num_cpus=0)(ReplayStats)
-    return actor.options(
-        name=f"kernl-metrics-{app_name}",
-        namespace=_METRICS_NAMESPACE,
-        get_if_exists=True,
-        lifetime="detached",
-    ).remote()
 
 
 @serve.deployment
@@ -72,7 +60,7 @@ class KernlServer(Replica):
         self.limits = ModelLimits.from_manifest(manifest, max_rows=self.max_batch_size)
         self.tokenize = load_tokenizer(config.artifact)
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
-        self.stats = _stats_actor(config.app_name)
+        self.stats = SharedStats(ReplayStats, f"kernl-metrics-{config.app_name}")
         self.model = None
         self.costs: dict = {}
         # One thread loads and then runs the model, so the event loop keeps answering (503
@@ -103,7 +91,7 @@ class KernlServer(Replica):
         try:
             parsed = parse_request(body, self.limits, self.tokenize)
         except RequestError as e:
-            self.stats.record_requests.remote(bad=1)
+            self.stats.send("record_requests", bad=1)
             return _json({"error": str(e)}, status=e.status)
         try:
             await asyncio.wrap_future(self.loading)  # a request during the load waits for it
@@ -113,7 +101,7 @@ class KernlServer(Replica):
             result = await self.handle_batch(parsed)
         except Exception as e:  # a failed replay fails its batch; the replica keeps serving
             return _json({"error": f"model call failed: {type(e).__name__}: {e}"}, status=500)
-        self.stats.record_requests.remote(served=1)
+        self.stats.send("record_requests", served=1)
         return Response(result, media_type="application/json")  # encoded on the worker thread
 
     @serve.batch(
@@ -129,8 +117,14 @@ class KernlServer(Replica):
         answers encoded to JSON bytes here, off the event loop."""
 
         def record(r: Replay) -> None:
-            self.stats.record_replay.remote(
-                r.requests, r.rows, r.tokens, r.bucket, r.bucket_tokens, self.replica
+            self.stats.send(
+                "record_replay",
+                r.requests,
+                r.rows,
+                r.tokens,
+                r.bucket,
+                r.bucket_tokens,
+                self.replica,
             )
 
         return serve_batch_bytes(

@@ -27,7 +27,6 @@ import socket
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import ray
 from ray import serve
 from starlette.responses import Response, StreamingResponse
 
@@ -47,21 +46,9 @@ from .generation_protocol import (  # noqa: F401  (re-exported: the names tests 
 )
 from .metrics import GenerationStats
 from .protocol import RequestError
-from .replica import Replica, replica_device
+from .replica import Replica, SharedStats, replica_device
 from .replica import json_response as _json
 from .tokenizer import load_detokenizer, load_tokenizer
-
-_METRICS_NAMESPACE = "kernl"
-
-
-def _stats_actor(app_name: str):
-    actor = ray.remote(num_cpus=0)(GenerationStats)
-    return actor.options(
-        name=f"kernl-generation-metrics-{app_name}",
-        namespace=_METRICS_NAMESPACE,
-        get_if_exists=True,
-        lifetime="detached",
-    ).remote()
 
 
 @serve.deployment
@@ -82,7 +69,7 @@ class KernlGenerator(Replica):
         self.tokenize = load_tokenizer(config.artifact)
         self.detokenize = load_detokenizer(config.artifact)
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
-        self.stats = _stats_actor(config.app_name)
+        self.stats = SharedStats(GenerationStats, f"kernl-generation-metrics-{config.app_name}")
         self.model = None
         self.batcher: GenerationBatcher | None = None  # once the model is loaded
         # One thread loads the model and then runs every call into it: the runtime's stream
@@ -104,8 +91,13 @@ class KernlGenerator(Replica):
         return self.batcher
 
     def _record_batch(self, record: BatchRecord) -> None:
-        self.stats.record_batch.remote(
-            record.requests, record.steps, record.abandoned, max(record.waits_s), self.replica
+        self.stats.send(
+            "record_batch",
+            record.requests,
+            record.steps,
+            record.abandoned,
+            max(record.waits_s),
+            self.replica,
         )
 
     async def post(self, body: bytes) -> Response:
@@ -115,7 +107,7 @@ class KernlGenerator(Replica):
         try:
             parsed = parse_generation_request(body, self.limits, self.tokenize)
         except RequestError as e:
-            self.stats.record_bad.remote()
+            self.stats.send("record_bad")
             return _json({"error": str(e)}, status=e.status)
         try:
             await asyncio.wrap_future(self.loading)
@@ -128,12 +120,12 @@ class KernlGenerator(Replica):
             ids = await ticket.result()
         except asyncio.CancelledError:  # the client left: its row is ignored from now on
             ticket.cancel()
-            self.stats.record.remote("cancelled", ticket.produced, self.replica, False)
+            self.stats.send("record", "cancelled", ticket.produced, self.replica, False)
             raise
         except Exception as e:
-            self.stats.record.remote("failed", 0, self.replica, False)
+            self.stats.send("record", "failed", 0, self.replica, False)
             return _json({"error": f"model call failed: {type(e).__name__}: {e}"}, 500)
-        self.stats.record.remote("done", len(ids), self.replica, False)
+        self.stats.send("record", "done", len(ids), self.replica, False)
         extra = {
             "replica": self.replica,
             "batch": {"index": ticket.batch_index, "requests": ticket.batch_requests},
@@ -161,7 +153,7 @@ class KernlGenerator(Replica):
         finally:
             if outcome == "cancelled":
                 ticket.cancel()
-            self.stats.record.remote(outcome, n, self.replica, True)
+            self.stats.send("record", outcome, n, self.replica, True)
 
     def health(self) -> dict:
         m = self.manifest

@@ -1,13 +1,15 @@
 """What both `kernl serve` replicas share (the encoder's KernlServer, the causal LM's
 KernlGenerator): the model loads on the replica's worker thread while the replica already
 answers, readiness and health say so (503 until loaded, "failed" if the load raised, and
-Ray Serve's health check replaces a failed replica), and one router for the GET endpoints."""
+Ray Serve's health check replaces a failed replica), one router for the GET endpoints, and
+the replica's calls to the application's shared counters."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -27,12 +29,46 @@ def replica_device(configured: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+METRICS_NAMESPACE = "kernl"
+
+
+class SharedStats:
+    """A replica's calls to the application's counters (one detached Ray actor per
+    application, created by whichever replica comes first, so GET /metrics shows the whole
+    application whichever replica answers).
+
+    Every call leaves from a thread of its own. An actor call made while a request is served
+    is that request's child in Ray, and Ray Serve cancels a request whose client left with
+    `ray.cancel`, which is recursive: a counter cancelled before it reached the actor left a
+    gap in the actor's ordered queue, and every later call to it (GET /metrics included)
+    waited 30 s and failed. Sent from one thread, a replica's calls also reach the actor in
+    the order they were made."""
+
+    def __init__(self, counters: type, name: str):
+        import ray
+
+        actor = ray.remote(num_cpus=0)(counters)
+        self.actor = actor.options(
+            name=name, namespace=METRICS_NAMESPACE, get_if_exists=True, lifetime="detached"
+        ).remote()
+        self.sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernl-metrics")
+
+    def send(self, method: str, *args, **kwargs) -> None:
+        """Counts something; returns at once (the count is not waited for)."""
+        self.sender.submit(lambda: getattr(self.actor, method).remote(*args, **kwargs))
+
+    async def snapshot(self) -> dict:
+        ref = await asyncio.wrap_future(self.sender.submit(self.actor.snapshot.remote))
+        return await ref
+
+
 class Replica:
     """A subclass sets `config`, `replica`, `stats` and `loading` (the load's Future), and
     gives POST_PATHS, `post(body)` and `health()`."""
 
     POST_PATHS: tuple[str, ...] = ("/",)
     loading: Future
+    stats: SharedStats
 
     def _load_state(self) -> tuple[str, str | None]:
         """("loading" | "failed" | "ready", the load's error if it failed)."""
@@ -71,7 +107,11 @@ class Replica:
                 return json_response({"ready": True, "status": "ok", "replica": self.replica})
             return json_response(self.health())
         if path == "/metrics" and request.method == "GET":
-            return json_response(await self.stats.snapshot.remote())
+            try:
+                return json_response(await self.stats.snapshot())
+            except Exception as e:  # the counters' actor is Ray's: it may be unreachable
+                error = f"metrics unavailable: {type(e).__name__}: {e}"
+                return json_response({"error": error, "replica": self.replica}, status=503)
         if path in self.POST_PATHS and request.method == "POST":
             return await self.post(await request.body())
         posts = " (or " + ", ".join(self.POST_PATHS[1:]) + ")" if len(self.POST_PATHS) > 1 else ""

@@ -4,7 +4,6 @@ arguments, unknown ones refused, batch size defaulting to the largest bucket bat
 import asyncio
 import json
 import threading
-import types
 
 import pytest
 
@@ -47,10 +46,16 @@ def test_config_refuses_bad_values(kwargs):
 
 
 class _Stats:
-    """Stands in for the Ray actor of shared counters."""
+    """Stands in for the replica's SharedStats (a Ray actor of shared counters)."""
 
-    def __getattr__(self, name):
-        return types.SimpleNamespace(remote=lambda *a, **k: None)
+    def __init__(self, counters, name):
+        self.sent = []
+
+    def send(self, method, *args, **kwargs):
+        self.sent.append(method)
+
+    async def snapshot(self):
+        return {}
 
 
 def _get(path):
@@ -84,7 +89,7 @@ def test_replica_answers_503_while_its_model_loads(tiny_artifact, monkeypatch):
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(kernl.runtime, "load", slow_load)
-    monkeypatch.setattr(dep, "_stats_actor", lambda app_name: _Stats())
+    monkeypatch.setattr(dep, "SharedStats", _Stats)
     config = ServeConfig(artifact=str(tiny_artifact), device="cpu", plan_by="tokens")
     server = dep.KernlServer.func_or_class(config)
 
@@ -131,7 +136,7 @@ def test_a_failed_load_is_reported_and_fails_the_health_check(tiny_artifact, mon
         raise RuntimeError("CUDA out of memory")
 
     monkeypatch.setattr(kernl.runtime, "load", broken_load)
-    monkeypatch.setattr(dep, "_stats_actor", lambda app_name: _Stats())
+    monkeypatch.setattr(dep, "SharedStats", _Stats)
     server = dep.KernlServer.func_or_class(ServeConfig(artifact=str(tiny_artifact), device="cpu"))
     server.worker.shutdown(wait=True)  # the load has run (and failed)
 
