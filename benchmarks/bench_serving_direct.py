@@ -23,10 +23,12 @@ Generation: Llama-3.2-1B shape (random, seed 0) compiled with --no-tune for
   direct  model.generate(C prompts), C = 1 and 16 (the largest bucket: the reference for
           16 and 64 clients); also model.stream of 16 prompts.
   path    C clients (1, 16, 64) sending requests back to back through
-          generation_protocol.parse_generation_request -> GenerationBatcher -> JSON answer;
-          also 16 streaming clients (per-step delivery: ids read back every step).
+          generation_protocol.parse_generation_request -> GenerationBatcher -> JSON answer,
+          with later requests joining the running batch (the default) and, at 16 and 64
+          clients, without (they wait for it to end); also 16 streaming clients (per-step
+          delivery: ids read back every step).
   late    a batch of 15 requests runs; a 16th arrives halfway through: its queueing and
-          latency against a request alone, the cost of not joining a running batch.
+          latency against a request alone, joining the running batch and not joining it.
 Host: `--host` runs neither and prices the encoder request path's host work alone, on any
 machine: 16 one-sequence requests of 128 tokens parsed and served by serve_batch_bytes with a
 stub model returning random fp16 tensors of BERT-base's shapes (bench_serving_common.host_cost),
@@ -321,10 +323,10 @@ def bench_llama(work: Path, results: dict) -> None:
         request = {"input_ids": prompts[k % 64], "max_new_tokens": NEW, "stream": stream}
         return json.dumps(request).encode()
 
-    async def run(clients: int, stream: bool) -> dict:
+    async def run(clients: int, stream: bool, join: bool) -> dict:
         records = []
         batcher = GenerationBatcher(
-            model, limits, BatchPolicy(largest, GEN_WINDOW_S), on_batch=records.append
+            model, limits, BatchPolicy(largest, GEN_WINDOW_S, join=join), on_batch=records.append
         )
         latencies: list[float] = []
         first_token: list[float] = []
@@ -373,22 +375,32 @@ def bench_llama(work: Path, results: dict) -> None:
         return row
 
     out["path"] = []
-    for clients, stream in [(1, False), (16, False), (64, False), (16, True)]:
-        row = asyncio.run(run(clients, stream))
+    # join: later requests join a running batch (the default); without, they wait for it
+    for clients, stream, join in [
+        (1, False, True),
+        (16, False, True),
+        (16, False, False),
+        (64, False, True),
+        (64, False, False),
+        (16, True, True),
+    ]:
+        row = asyncio.run(run(clients, stream, join))
+        row["join"] = join
         ref = next(d for d in out["direct"] if d["batch"] == min(clients, largest))
         row["tokens_per_s_vs_direct"] = row["tokens_per_s"] / ref["tokens_per_s"]
         out["path"].append(row)
-        log(f"Llama path {clients} clients{' streaming' if stream else ''}: {row}")
+        log(f"Llama path {clients} clients{' streaming' if stream else ''} join={join}: {row}")
 
-    async def late() -> dict:
+    async def late(join: bool) -> dict:
         """`largest - 1` requests start a batch; one more arrives about halfway through it
-        (half a batch's latency after it started) and waits for it to end."""
+        (half a batch's latency after it started): it joins the running batch in its free
+        row (`join`), or waits for it to end."""
         records = []
         batcher = GenerationBatcher(
-            model, limits, BatchPolicy(largest, 0.0), on_batch=records.append
+            model, limits, BatchPolicy(largest, 0.0, join=join), on_batch=records.append
         )
         # a batch's duration as the batcher runs it: the 16-client path's p50 latency
-        half = next(p for p in out["path"] if p["clients"] == 16)["p50_ms"] / 2000
+        half = next(p for p in out["path"] if p["clients"] == 16 and not p["join"])["p50_ms"] / 2000
         first = [
             batcher.submit(parse_generation_request(body(k, False), limits))
             for k in range(largest - 1)
@@ -414,10 +426,14 @@ def bench_llama(work: Path, results: dict) -> None:
             "latency_ms": 1000 * latency,
             "alone_direct_ms": alone,
             "latency_over_alone": 1000 * latency / alone,
+            "joined_running_batch": ticket.batch_index == first[0].batch_index,
+            "batch_modes": sorted({r.mode for r in records}),
         }
 
-    out["late_arrival"] = asyncio.run(late())
-    log(f"Llama late arrival: {out['late_arrival']}")
+    for join in (True, False):
+        name = "late_arrival" if join else "late_arrival_no_join"
+        out[name] = asyncio.run(late(join))
+        log(f"Llama {name.replace('_', ' ')}: {out[name]}")
     results["llama"] = out
 
 
@@ -456,23 +472,26 @@ def table(results: dict) -> str:
             )
             + f"; stream batch {llama['direct_stream']['batch']} "
             f"{llama['direct_stream']['tokens_per_s']:.0f} tok/s",
-            f"{'clients':>7} {'stream':>6} | {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+            f"{'clients':>7} {'stream':>6} {'join':>5} | {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
             f"{'req/batch':>9} | {'tok/s vs direct':>15}",
         ]
         for p in llama["path"]:
             lines.append(
-                f"{p['clients']:>7} {str(p['stream']):>6} | {p['tokens_per_s']:>8.0f} "
+                f"{p['clients']:>7} {str(p['stream']):>6} {str(p['join']):>5} | "
+                f"{p['tokens_per_s']:>8.0f} "
                 f"{p['p50_ms']:>8.1f} {p['p99_ms']:>8.1f} {p['requests_per_batch']:>9.1f} | "
                 f"{p['tokens_per_s_vs_direct']:>14.2f}x"
             )
-        la = llama["late_arrival"]
-        lines.append(
-            f"late arrival ({la['arrived_after_batch_start_ms']:.0f} ms into a "
-            f"{la['running_batch_ms']:.0f} ms batch): queued "
-            f"{la['queue_ms']:.0f} ms, answered in {la['latency_ms']:.0f} ms vs "
-            f"{la['alone_direct_ms']:.0f} ms alone ({la['latency_over_alone']:.2f}x)"
-            + ("" if la["arrived_mid_batch"] else "; NOT mid-batch: the batch had ended")
-        )
+        for name in ("late_arrival", "late_arrival_no_join"):
+            la = llama[name]
+            lines.append(
+                f"{name.replace('_', ' ')} ({la['arrived_after_batch_start_ms']:.0f} ms into a "
+                f"{la['running_batch_ms']:.0f} ms batch): queued "
+                f"{la['queue_ms']:.0f} ms, answered in {la['latency_ms']:.0f} ms vs "
+                f"{la['alone_direct_ms']:.0f} ms alone ({la['latency_over_alone']:.2f}x), "
+                f"joined the running batch: {la['joined_running_batch']}"
+                + ("" if la["arrived_mid_batch"] else "; NOT mid-batch: the batch had ended")
+            )
     return "\n".join(lines)
 
 

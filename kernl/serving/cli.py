@@ -34,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
         "generate call holds (default and, for a causal LM, maximum: the largest bucket batch)",
     )
     p.add_argument(
+        "--no-join",
+        action="store_true",
+        help="causal LM: a request arriving while a batch runs waits for that batch to end, "
+        "instead of joining it at its next step in a free row (the default: the batch then "
+        "runs in the bucket of --max-batch-size rows, see docs/deployment.md)",
+    )
+    p.add_argument(
         "--batch-wait-ms",
         type=float,
         default=5.0,
@@ -84,6 +91,7 @@ def serve_main(argv: list[str]) -> int:
             replicas=args.replicas,
             max_batch_size=args.max_batch_size,
             batch_wait_ms=args.batch_wait_ms,
+            join=not args.no_join,
             host=args.host,
             port=args.port,
             device=args.device,

@@ -14,6 +14,8 @@ class ServeConfig:
       requests one generate call holds (at most the largest batch bucket).
     batch_wait_ms: how long the first request of a batch waits for others to join (for a
       causal LM: a request reaching an idle replica; see generation_batcher.py).
+    join: causal LM: requests arriving while a batch runs join it at its next step in a
+      free row (else they wait for it to end).
     device: "cuda" or "cpu" (default: cuda when the replica sees a GPU).
     plan_by: how the batch planner prices a replay: "time" (each bucket's call measured at
       start; the default on CUDA) or "tokens" (bucket tokens + replay_cost_tokens; the
@@ -26,6 +28,7 @@ class ServeConfig:
     replicas: int = 1
     max_batch_size: int | None = None
     batch_wait_ms: float = 5.0
+    join: bool = True
     host: str = "127.0.0.1"
     port: int = 8000
     device: str | None = None

@@ -4,8 +4,9 @@ policy is generation_batcher.py.
 
 Answer without "stream": {"generated_ids": [...], "text": "...", "finish_reason": "eos" |
 "length", "prompt_tokens": n, "replica": "...", "batch": {"index": i, "requests": k},
-"queue_ms": w} ("text" only with a tokenizer; "batch": which call of this replica served it
-and how many requests shared it). With "stream": true, `text/event-stream`: one
+"queue_ms": w} ("text" only with a tokenizer; "batch": which batch of this replica served it
+and how many requests it had served by then, itself included: those it opened with and
+those that joined it before this answer). With "stream": true, `text/event-stream`: one
 `data: {"index": k, "token_id": t[, "text": "..."]}` event per generated token, then
 `data: [DONE]` (OpenAI's convention); a model failure after the first event ends the stream
 with `data: {"error": "..."}` and no [DONE].
@@ -65,6 +66,7 @@ class KernlGenerator(Replica):
         self.policy = BatchPolicy(
             max_requests=min(config.max_batch_size or largest, largest),
             window_s=config.batch_wait_ms / 1000,
+            join=config.join,
         )
         self.tokenize = load_tokenizer(config.artifact)
         self.detokenize = load_detokenizer(config.artifact)
@@ -98,6 +100,7 @@ class KernlGenerator(Replica):
             record.abandoned,
             max(record.waits_s),
             self.replica,
+            joined=record.joined,
         )
 
     async def post(self, body: bytes) -> Response:
@@ -171,8 +174,14 @@ class KernlGenerator(Replica):
             "prompt_buckets": self.limits.prompts,
             "cache_len": self.limits.cache_len,
             "text": self.tokenize is not None,
-            "concurrency": "requests waiting when a batch starts share one generate call "
-            "(same sampling arguments, up to max_batch_size); later ones wait for it to end",
+            "concurrency": "requests waiting when a batch starts share it (same greedy or "
+            "sampled mode and EOS ids, up to max_batch_size); "
+            + (
+                "later ones join it at its next step in a free row, in arrival order"
+                if self.policy.join
+                else "later ones wait for it to end"
+            ),
+            "join_running_batch": self.policy.join,
             "max_batch_size": self.policy.max_requests,
             "batch_wait_ms": 1000 * self.policy.window_s,
             "replica": self.replica,

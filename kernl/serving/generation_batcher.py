@@ -1,41 +1,48 @@
-"""Concurrent generation requests sharing decode steps: one `generate` call per batch of
-compatible requests, each request receiving its own row's tokens. No Ray, no HTTP: the
-deployment (generation.py) and the in-process benchmark both drive it.
+"""Concurrent generation requests sharing decode steps: requests waiting when the model is
+free start one batch together, and requests arriving while it runs join it at its next step
+in a free row. Each request receives its own row's tokens. No Ray, no HTTP: the deployment
+(generation.py) and the in-process benchmark both drive it.
 
-Policy (the runtime decides what is possible: one call takes a batch of prompts, left-padded
-into one prefill bucket, with one `max_new_tokens`, one set of EOS ids, greedy or sampled for
-all rows, sampler parameters per row, and rows cannot join a call once it has started):
+Policy (the runtime decides what is possible: a batch's prompts are left-padded into one
+prefill bucket; one set of EOS ids, greedy or sampled for all rows, sampler parameters per
+row; a running batch seats a new prompt in a free row between two steps, see
+runtime/generation/joining.py):
 - A batch starts when the model is free and a request waits. The oldest waiting request opens
   it; every later waiting request with the same SamplingKey (greedy or sampled, EOS ids) joins
   it in arrival order, as long as the batch stays within `max_requests` (at most the largest
-  batch bucket) and the
-  longest `max_new_tokens` still fits the KV cache after the batch's prompt bucket
-  (`fits_together`). A request that cannot join waits for the next batch, which it opens if
-  it is then the oldest: no request waits for more than one batch it could not join.
+  batch bucket) and the longest `max_new_tokens` still fits the KV cache after the batch's
+  prompt bucket (`fits_together`).
+- With `join` (the default, where the model offers `open_batch`): the batch runs in the batch
+  bucket that holds `max_requests` rows, and between two steps the waiting requests are
+  seated in its free rows (never used, or freed by a request that ended or left), in arrival
+  order, each prefilled alone first. A request joins if it has the batch's SamplingKey, its
+  prompt bucket fits before the batch's current cache slot, and its `max_new_tokens` fits
+  the cache after that slot. The first waiting request that cannot join stops the joining:
+  the batch then drains and that request opens the next one, so no request waits behind
+  more than one batch it could not join, however many later ones could.
+- Without `join`, a request that arrives while a batch runs waits for that batch to end.
 - A request arriving at an idle batcher waits up to `window_s` for others to join (the
   window is measured from the oldest request's arrival, so requests that queued behind a
   running batch start at once when it ends).
-- A request that arrives while a batch runs waits for that batch to end (no joining at the
-  next step: that needs per-row prefill into a running batch, which the runtime does not
-  offer). That wait is the policy's cost; benchmarks/bench_serving_direct.py measures it.
-- The call runs `max(max_new_tokens)` steps of the batch; each request is answered as soon
-  as its own row emits an EOS id or reaches its own `max_new_tokens` (per-step delivery via
-  `model.stream`), and the call stops once every row is answered or abandoned. When no
-  request streams and all ask for the same `max_new_tokens`, one `model.generate` call runs
-  instead: it reads the ids back once at the end instead of at every step.
+- Each request is answered as soon as its own row emits an EOS id or reaches its own
+  `max_new_tokens` (ids read back every step). Without `join`, when no request streams and
+  all ask for the same `max_new_tokens`, one `model.generate` call runs instead: it reads the
+  ids back once at the end instead of at every step.
 - A client that leaves (`Ticket.cancel`) before its batch starts is dropped from the queue;
-  during the batch its row is still computed (the batch's shape is fixed: it costs no extra
-  step time) and its tokens are discarded; if every row of a streamed batch is abandoned or
-  finished, the call stops at the next step. A `generate`-mode batch runs to its end.
+  during the batch its row is released at the next step (with `join`, a joiner may take it);
+  a batch whose rows are all answered or abandoned stops at the next step. A `generate`-mode
+  batch runs to its end.
 
 Every answer equals `model.generate([prompt], ...)` of the request alone: greedy rows
 trivially, and a sampled row draws with its own temperature, top-k, top-p and seed, its
-noise keyed as if it were alone (the runtime's per-row seeds), so requests that differ in
-their sampling arguments share a call, and one seed gives one answer however it is batched."""
+noise keyed as if it were alone (the runtime's per-row seeds and step counts), so requests
+that differ in their sampling arguments share a batch, and one seed gives one answer however
+it is batched."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -53,11 +60,14 @@ DEFAULT_WINDOW_MS = 5.0
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    """max_requests: most requests one call holds (at most the largest batch bucket).
-    window_s: how long a request arriving at an idle batcher waits for others."""
+    """max_requests: most requests one batch holds at once (at most the largest batch
+    bucket). window_s: how long a request arriving at an idle batcher waits for others.
+    join: requests arriving while a batch runs join it in free rows (where the model offers
+    `open_batch`)."""
 
     max_requests: int
     window_s: float = DEFAULT_WINDOW_MS / 1000
+    join: bool = True
 
     def __post_init__(self) -> None:
         if self.max_requests < 1:
@@ -71,12 +81,13 @@ class BatchRecord:
     """One call into the model: what it served and what it cost."""
 
     index: int
-    requests: int
-    mode: str  # "stream" (ids read back each step) or "generate" (at the end)
+    requests: int  # opening and joined
+    mode: str  # "join" or "stream" (ids read back each step), "generate" (at the end)
     steps: int = 0  # generation steps run (prefill included)
     seconds: float = 0.0  # the call, on the worker thread
     waits_s: list[float] = field(default_factory=list)  # each request's queueing time
     abandoned: int = 0  # requests whose client left during the call
+    joined: int = 0  # requests seated after the batch started
     error: str | None = None
 
 
@@ -90,7 +101,7 @@ class Ticket:
         self.arrived = time.monotonic()
         self.started: float | None = None  # when its batch started
         self.batch_index: int | None = None
-        self.batch_requests = 0  # requests sharing its batch
+        self.batch_requests = 0  # requests its batch had served when it was answered
         self.finish_reason: str | None = None  # "eos" | "length", once answered
         self.cancelled = False
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -149,12 +160,15 @@ class GenerationBatcher:
         self.on_batch = on_batch
         self.batches = 0  # calls made so far
         self._pending: list[Ticket] = []
+        # The worker thread takes joiners from _pending while a batch runs.
+        self._pending_lock = threading.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
     def submit(self, request: GenerationRequest) -> Ticket:
         ticket = Ticket(request)
-        self._pending.append(ticket)
+        with self._pending_lock:
+            self._pending.append(ticket)
         self._wake.set()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
@@ -166,7 +180,8 @@ class GenerationBatcher:
 
     async def _run(self) -> None:
         while True:
-            self._pending = [t for t in self._pending if not t.cancelled]
+            with self._pending_lock:
+                self._pending = [t for t in self._pending if not t.cancelled]
             if not self._pending:
                 self._wake.clear()
                 await self._wake.wait()
@@ -181,15 +196,16 @@ class GenerationBatcher:
                     await asyncio.wait_for(self._wake.wait(), left)
                 except TimeoutError:
                     break
-            group = self._next_group()
-            if group:
+            with self._pending_lock:
+                group = self._next_group()
                 taken = set(map(id, group))
                 self._pending = [t for t in self._pending if id(t) not in taken]
+            if group:
                 await self._run_batch(group)
 
     def _next_group(self) -> list[Ticket]:
         """The oldest live request and the later ones that may share its call."""
-        live = [t for t in self._pending if not t.cancelled]
+        live = [t for t in list(self._pending) if not t.cancelled]
         if not live:
             return []
         group = [live[0]]
@@ -209,7 +225,10 @@ class GenerationBatcher:
         now = time.monotonic()
         for t in group:
             t.started, t.batch_index, t.batch_requests = now, index, len(group)
-        mode = "stream" if _per_step(group) else "generate"
+        if self.policy.join and hasattr(self.model, "open_batch"):
+            mode = "join"
+        else:
+            mode = "stream" if _per_step(group) else "generate"
         record = BatchRecord(index, len(group), mode, waits_s=[now - t.arrived for t in group])
         try:
             await loop.run_in_executor(self.executor, self._call, group, record, loop)
@@ -232,7 +251,9 @@ class GenerationBatcher:
         }
         eos = frozenset(key.eos)
         try:
-            if record.mode == "stream":
+            if record.mode == "join":
+                self._call_joining(group, record, loop, options)
+            elif record.mode == "stream":
                 steps = self.model.stream(prompts, **options)
                 try:
                     for ids in steps:
@@ -268,6 +289,84 @@ class GenerationBatcher:
         finally:
             record.seconds = time.perf_counter() - start
             record.abandoned = sum(t.cancelled for t in group)
+
+    def _call_joining(self, group: list[Ticket], record: BatchRecord, loop, options) -> None:
+        """One open batch: the group's rows, then joiners seated between steps until every
+        row has ended (see the module docstring)."""
+        key = group[0].request.key
+        eos = frozenset(key.eos)
+        options = {k: v for k, v in options.items() if k != "max_new_tokens"}
+        batch = self.model.open_batch(
+            [t.request.prompt for t in group],
+            max_new_tokens=[t.request.max_new_tokens for t in group],
+            rows=self.policy.max_requests,
+            **options,
+        )
+        try:
+            rows: dict[int, Ticket] = {}
+            out: list = []
+            for row, token in batch.first:
+                rows[row] = group[row]
+                self._emit(rows[row], token, eos, out)
+            record.steps = 1
+            while True:
+                for row, t in list(rows.items()):
+                    if t._finished or t.cancelled:  # ended, or its client left
+                        t._finished = True
+                        batch.release(row)
+                        del rows[row]
+                for t in self._take_joiners(batch, key, len(rows)):
+                    sampling = {}
+                    if key.do_sample:
+                        s = t.request.sampler
+                        sampling = dict(
+                            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed
+                        )
+                    row, token = batch.join(t.request.prompt, t.request.max_new_tokens, **sampling)
+                    t.started, t.batch_index = time.monotonic(), record.index
+                    record.requests += 1
+                    record.joined += 1
+                    record.waits_s.append(t.started - t.arrived)
+                    rows[row] = t
+                    group.append(t)  # answered like the others if the model fails
+                    self._emit(t, token, eos, out)
+                for t in rows.values():
+                    t.batch_requests = record.requests
+                loop.call_soon_threadsafe(_deliver, out)
+                out = []
+                if not batch.rows:
+                    break
+                for row, token in batch.step():
+                    self._emit(rows[row], token, eos, out)
+                record.steps += 1
+            for t in rows.values():  # the runtime ends a row only at its EOS or budget
+                if not t._finished:
+                    t._finished = True
+                    out.append((t, ("end", "length")))
+            loop.call_soon_threadsafe(_deliver, out)
+        finally:
+            batch.close()
+
+    def _take_joiners(self, batch, key, live: int) -> list[Ticket]:
+        """The waiting requests that `batch` (running `live` requests) seats now, oldest
+        first, up to `max_requests` at once; stops at the first live one that cannot join (it
+        opens the next batch)."""
+        taken: list[Ticket] = []
+        free = min(batch.free_rows(), self.policy.max_requests - live)
+        with self._pending_lock:
+            for t in self._pending:
+                if t.cancelled:
+                    continue
+                r = t.request
+                if len(taken) == free or r.key != key:
+                    break
+                if not batch.can_join(len(r.prompt), r.max_new_tokens):
+                    break
+                taken.append(t)
+            if taken:
+                ids = set(map(id, taken))
+                self._pending = [t for t in self._pending if id(t) not in ids]
+        return taken
 
     @staticmethod
     def _emit(t: Ticket, token: int, eos: frozenset, out: list) -> None:

@@ -82,6 +82,7 @@ class GenerationStats:
     max_requests_per_batch: int = 0
     batch_sizes: Counter = field(default_factory=Counter)  # requests per call -> calls
     abandoned_rows: int = 0  # rows whose client left during their call
+    joined: int = 0  # requests seated in a batch that was already running
     max_queue_ms: float = 0.0  # the longest a request waited for its call to start
 
     def record(self, outcome: str, tokens: int, replica: str, streamed: bool) -> None:
@@ -97,13 +98,20 @@ class GenerationStats:
             self.failed += 1
 
     def record_batch(
-        self, requests: int, steps: int, abandoned: int, wait_s: float, replica: str
+        self,
+        requests: int,
+        steps: int,
+        abandoned: int,
+        wait_s: float,
+        replica: str,
+        joined: int = 0,
     ) -> None:
         self.batches += 1
         self.shared_batches += requests > 1
         self.max_requests_per_batch = max(self.max_requests_per_batch, requests)
         self.batch_sizes[requests] += 1
         self.abandoned_rows += abandoned
+        self.joined += joined
         self.max_queue_ms = max(self.max_queue_ms, 1000 * wait_s)
 
     def record_bad(self) -> None:
@@ -124,5 +132,6 @@ class GenerationStats:
             "max_requests_per_batch": self.max_requests_per_batch,
             "batches_by_requests": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "abandoned_rows": self.abandoned_rows,
+            "joined_requests": self.joined,
             "max_queue_ms": self.max_queue_ms,
         }

@@ -425,3 +425,171 @@ def test_the_in_process_request_path_needs_no_ray():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# -- joining a running batch (the model's open_batch) ---------------------------------------
+
+
+class Joining(Counting):
+    """Counting, with the runtime's open_batch: a batch held after its first decode step
+    until the test releases it (`first_step`, `gate`), and again after step `hold_at` until
+    `later` is set; its joins counted with the cache slot they joined at."""
+
+    def __init__(self, model, gated: bool = False, hold_at: int | None = None):
+        super().__init__(model, gated)
+        self.hold_at = hold_at
+        self.later = threading.Event()
+
+    def open_batch(self, prompts, **options):
+        self.calls.append(("open_batch", len(prompts)))
+        return _HeldBatch(self, self.model.open_batch(prompts, **options))
+
+
+class _HeldBatch:
+    def __init__(self, owner: Joining, batch):
+        self.owner, self.batch = owner, batch
+        self.first = batch.first
+        self.free_rows, self.can_join = batch.free_rows, batch.can_join
+        self.release, self.close = batch.release, batch.close
+
+    @property
+    def rows(self):
+        return self.batch.rows
+
+    def join(self, prompt, max_new_tokens, **sampling):
+        self.owner.calls.append(("join", self.batch.slot))
+        return self.batch.join(prompt, max_new_tokens, **sampling)
+
+    def step(self):
+        pairs = self.batch.step()
+        owner = self.owner
+        owner.steps += 1
+        if owner.steps == 1 and owner.gated:
+            owner.first_step.set()
+            assert owner.gate.wait(GATE_TIMEOUT_S), "gate never released"
+        if owner.steps == owner.hold_at:
+            assert owner.later.wait(GATE_TIMEOUT_S), "the test never let the batch go on"
+        return pairs
+
+
+def test_a_request_arriving_mid_batch_joins_it_at_the_next_step(model, limits):
+    # Held after step 10 until the late request is answered: it must not need the batch
+    # to end (30 steps) for that.
+    joining = Joining(model, gated=True, hold_at=10)
+
+    async def main():
+        records = Records()
+        batcher = GenerationBatcher(joining, limits, BatchPolicy(4, 0.0), on_batch=records)
+        first = batcher.submit(request(limits, PROMPTS[0], max_new_tokens=30, stream=True))
+        await wait_for(joining.first_step)  # the batch is running (held after a step)
+        late = batcher.submit(request(limits, PROMPTS[1], max_new_tokens=5))
+        assert batcher.waiting == 1
+        joining.gate.set()
+        late_ids = await asyncio.wait_for(late.result(), GATE_TIMEOUT_S)
+        joining.later.set()
+        ids = await first.result()
+        return ids, late_ids, first, late, await records.first()
+
+    ids, late_ids, first, late, record = asyncio.run(main())
+    assert joining.calls == [("open_batch", 1), ("join", PROMPTS_BUCKET + 1)], joining.calls
+    assert ids == alone(model, PROMPTS[0], max_new_tokens=30)
+    assert late_ids == alone(model, PROMPTS[1], max_new_tokens=5)
+    assert first.batch_index == late.batch_index == 0 and late.wait_s > 0
+    assert late.batch_requests == 2 and first.batch_requests == 2
+    assert record.mode == "join" and record.requests == 2 and record.joined == 1
+    assert record.steps == 30
+
+
+PROMPTS_BUCKET = 8  # the prompt bucket of PROMPTS[0] (3 tokens) in BUCKETS
+
+
+def test_joined_sampled_requests_draw_what_they_would_alone(model, limits):
+    joining = Joining(model, gated=True)
+    fields = [
+        dict(do_sample=True, temperature=1.4, top_k=0, seed=5),
+        dict(do_sample=True, temperature=0.9, top_p=0.8, seed=6),
+        dict(do_sample=True, temperature=1.1, top_k=7, seed=7),
+    ]
+
+    async def main():
+        batcher = GenerationBatcher(joining, limits, BatchPolicy(4, 0.0))
+        first = batcher.submit(request(limits, PROMPTS[0], max_new_tokens=20, **fields[0]))
+        await wait_for(joining.first_step)
+        late = [
+            batcher.submit(request(limits, p, max_new_tokens=12, **f))
+            for p, f in zip((PROMPTS[1], PROMPTS[3]), fields[1:])
+        ]
+        joining.gate.set()
+        return await asyncio.gather(first.result(), *(t.result() for t in late))
+
+    results = asyncio.run(main())
+    assert [c[0] for c in joining.calls] == ["open_batch", "join", "join"], joining.calls
+    prompts = (PROMPTS[0], PROMPTS[1], PROMPTS[3])
+    for prompt, n, f, ids in zip(prompts, (20, 12, 12), fields, results):
+        assert ids == alone(model, prompt, max_new_tokens=n, **f), f
+        assert ids != alone(model, prompt, max_new_tokens=n), f  # it did sample
+
+
+def test_the_oldest_request_that_cannot_join_stops_the_joining(model, limits):
+    """A sampled request (another SamplingKey) waits for the greedy batch to drain, and the
+    greedy request behind it does not overtake it by joining."""
+    joining = Joining(model, gated=True)
+
+    async def main():
+        records = Records()
+        batcher = GenerationBatcher(joining, limits, BatchPolicy(4, 0.0), on_batch=records)
+        first = batcher.submit(request(limits, PROMPTS[0], max_new_tokens=8))
+        await wait_for(joining.first_step)
+        sampled = batcher.submit(request(limits, PROMPTS[1], max_new_tokens=4, do_sample=True))
+        greedy = batcher.submit(request(limits, PROMPTS[3], max_new_tokens=4))
+        joining.gate.set()
+        await asyncio.gather(first.result(), sampled.result(), greedy.result())
+        return first, sampled, greedy, records
+
+    first, sampled, greedy, records = asyncio.run(main())
+    assert [c[0] for c in joining.calls] == ["open_batch"] * 3, joining.calls
+    assert (first.batch_index, sampled.batch_index, greedy.batch_index) == (0, 1, 2)
+    assert records[0].joined == 0
+
+
+@pytest.mark.parametrize("leave", [False, True])
+def test_a_row_whose_client_left_seats_a_joiner_within_max_requests(model, limits, leave):
+    """Two requests run and max_requests is 2: a late one joins once a client left (the
+    bucket's free rows do not matter), else once both ended (25 tokens: 24 decode steps)."""
+    joining = Joining(model, gated=True)
+
+    async def main():
+        batcher = GenerationBatcher(joining, limits, BatchPolicy(2, 0.0))
+        a, b = (
+            batcher.submit(request(limits, p, max_new_tokens=25, stream=True)) for p in PROMPTS[:2]
+        )
+        await wait_for(joining.first_step)
+        late = batcher.submit(request(limits, PROMPTS[3], max_new_tokens=6))
+        if leave:
+            b.cancel()
+        joining.gate.set()
+        return await a.result(), await late.result(), late
+
+    a_ids, late_ids, late = asyncio.run(main())
+    slot = PROMPTS_BUCKET + (1 if leave else 24)
+    assert joining.calls == [("open_batch", 2), ("join", slot)], joining.calls
+    assert late.batch_index == 0
+    assert a_ids == alone(model, PROMPTS[0], max_new_tokens=25)
+    assert late_ids == alone(model, PROMPTS[3], max_new_tokens=6)
+
+
+def test_without_join_a_request_arriving_mid_batch_waits(model, limits):
+    joining = Joining(model, gated=True)
+
+    async def main():
+        batcher = GenerationBatcher(joining, limits, BatchPolicy(4, 0.0, join=False))
+        first = batcher.submit(request(limits, PROMPTS[0], max_new_tokens=6, stream=True))
+        await wait_for(joining.first_step)
+        late = batcher.submit(request(limits, PROMPTS[1], max_new_tokens=6))
+        joining.gate.set()
+        await asyncio.gather(first.result(), late.result())
+        return first, late
+
+    first, late = asyncio.run(main())
+    assert joining.calls == [("stream", 1), ("generate", 1)]
+    assert (first.batch_index, late.batch_index) == (0, 1)

@@ -27,6 +27,7 @@ from kernl.artifacts.schema import Manifest, pick_size
 from ..binaries import KernelBinaries, running_with
 from ..graphs import capture_graph
 from .decoder import Decoder
+from .joining import OpenBatch
 from .state import MAX_EOS_IDS, BatchState
 
 # How often generate() asks the GPU whether every row has finished: a host sync costs a few
@@ -247,6 +248,45 @@ class GenerativeModel(StepLoop):
         _, plan = self._request(input_ids, attention_mask, max_new_tokens, max_length, sampling)
         start = lambda: self._start(plan, temperature, top_k, top_p, seed)  # noqa: E731
         return self._stream_steps(plan, start, output_logits)
+
+    def open_batch(
+        self,
+        input_ids,
+        max_new_tokens: int | Sequence[int] = 20,
+        do_sample: bool = False,
+        temperature: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 50,
+        top_p: float | Sequence[float] = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | Sequence[int] = 0,
+        rows: int | None = None,
+    ) -> OpenBatch:
+        """Start a batch that other prompts can join between its steps (`OpenBatch.join`,
+        see generation/joining.py): the prompts' prefill runs now and `.first` holds their
+        first tokens; `.step()` runs one decode step. `max_new_tokens` is one budget or one per
+        prompt; `rows` asks for a batch bucket with at least that many rows (room for
+        joiners; default: the prompts'). Each row's tokens are those `generate` gives its
+        prompt alone (greedy; sampled rows with a seed per row). The model serves nothing
+        else until `close()` (or the end of a `with` block)."""
+        budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else None
+        most = max(budgets) if budgets else max_new_tokens
+        sampling = (do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
+        _, plan = self._request(input_ids, None, most, None, sampling)
+        if budgets is not None and len(budgets) != plan.batch:
+            raise ValueError(f"{len(budgets)} max_new_tokens for {plan.batch} prompts")
+        bad = [n for n in budgets or [] if not _is_int(n) or n < 1]
+        if bad:
+            raise ValueError(f"max_new_tokens must be positive integers, got {bad!r}")
+        if rows is not None:
+            bucket = pick_size(self.buckets.batches, max(rows, plan.batch))
+            if bucket is None:
+                raise ValueError(
+                    f"rows={rows}: no batch bucket holds that many ({self.buckets.batches})"
+                )
+            plan.batch_bucket = bucket
+        limits = budgets or [most] * plan.batch
+        return OpenBatch(self, plan, (temperature, top_k, top_p, seed), limits)
 
     def _request(
         self, input_ids, attention_mask, max_new_tokens, max_length, sampling: tuple

@@ -33,6 +33,9 @@ class SamplerParams:
     # each row's own index (the rows are distinct draws); with a seed per row, 0 (each row
     # draws what it would alone with its seed).
     row: torch.Tensor  # int64
+    # Subtracted from the call's step for the row's noise: a row that joined a running batch
+    # (generation/joining.py) draws at each of its steps what it would alone. 0 otherwise.
+    step_offset: torch.Tensor  # int64
 
     @staticmethod
     def allocate(device, rows: int = 1) -> SamplerParams:
@@ -42,6 +45,7 @@ class SamplerParams:
             top_p=torch.ones(rows, dtype=torch.float32, device=device),
             seed=torch.zeros(rows, dtype=torch.int64, device=device),
             row=torch.arange(rows, dtype=torch.int64, device=device),
+            step_offset=torch.zeros(rows, dtype=torch.int64, device=device),
         )
 
     def set(self, temperature, top_k, top_p, seed, vocab: int) -> None:
@@ -67,6 +71,15 @@ class SamplerParams:
             self.row.zero_()
         else:
             self.row.copy_(torch.arange(rows, device=self.row.device))
+        self.step_offset.zero_()
+
+    def copy_row(self, row: int, source: SamplerParams, source_row: int, step_offset: int) -> None:
+        """Row `row` takes `source`'s row `source_row` (its own seed: noise keyed as if it
+        were alone), its steps counted from `step_offset`."""
+        for name in ("temperature", "top_k", "top_p", "seed"):
+            getattr(self, name)[row].copy_(getattr(source, name)[source_row])
+        self.row[row] = 0
+        self.step_offset[row] = step_offset
 
 
 def _fmix32(h: torch.Tensor) -> torch.Tensor:
@@ -80,7 +93,7 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
 def uniform_noise(counter: torch.Tensor, seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """Uniform floats in (0, 1), one per element of `counter` ([B, V] int64, distinct within
     a row, e.g. row * vocab + token), a function of (seed, step) only; `seed` holds one value
-    or one per row."""
+    or one per row, `step` one value or one per row ([B, 1])."""
     key = _fmix32((seed.view(-1, 1) * _SEED_MUL + step * _STEP_MUL) & _MASK32)
     h = _fmix32((counter ^ key) & _MASK32)
     h = _fmix32((h + key * 3 + 1) & _MASK32)
@@ -129,5 +142,6 @@ def sample(logits: torch.Tensor, params: SamplerParams, step: torch.Tensor) -> t
     keep = torch.zeros_like(keep).scatter(-1, order, keep)
     scores = scores.masked_fill(~keep, float("-inf"))
     counter = params.row[:, None] * vocab + ranks[None, :]
-    gumbel = -torch.log(-torch.log(uniform_noise(counter, params.seed, step)))
+    steps = (step - params.step_offset).view(-1, 1)  # each row's own step count
+    gumbel = -torch.log(-torch.log(uniform_noise(counter, params.seed, steps)))
     return torch.argmax(scores + gumbel, dim=-1)
