@@ -2,7 +2,8 @@
 latency standing for the GPU call (the GPU machine has no Ray; bench_serving_direct.py
 measures kernl's in-process request path there, and the two add up).
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_serving_ray_overhead.py [OUT_DIR]
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_serving_ray_overhead.py [OUT_DIR] \
+        [--generation-only]
 
 A tiny BERT artifact (CPU mode, plain aten, buckets `batch=1,4,16,64 seq=128`) gives the
 deployment its manifest: limits, buckets, inputs, outputs. The stub replaces only the loaded
@@ -19,8 +20,10 @@ Ray's share = serve - path (p50, ms); serve vs direct = the whole serving overhe
 Generation the same way: a tiny causal-LM artifact (`batch=1,4,16 prompt=128 cache=256`)
 behind KernlGenerator with a stub whose every step sleeps STEP_MS (one decode step of the
 batch), 16 clients asking for GEN_NEW tokens each, returned at the end or streamed as
-server-sent events (one event per token through Ray's proxy): direct = one stub call of 16
-prompts; path = GenerationBatcher in one process; serve = HTTP through Ray Serve. The
+server-sent events (one event per token through Ray's proxy), with requests joining the
+running batch (the default; the stub keeps the runtime's joining rules, a joiner's prefill
+costs one step) and without (`--no-join`): direct = one stub call of 16 prompts; path =
+GenerationBatcher in one process; serve = HTTP through Ray Serve. The
 clients run in this process's threads, on the same cores as Ray: on a 2-core machine they
 compete with the proxy and the replica, so these are upper bounds of Ray's cost.
 Writes OUT_DIR/serving_ray_overhead.json (default: the current folder) and prints a table.
@@ -115,6 +118,70 @@ class StubGenerator:
         for _ in range(max_new_tokens):
             time.sleep(self.step_s)
             yield torch.full((len(prompts),), 7)
+
+    def open_batch(self, prompts, max_new_tokens, rows=None, **_):
+        return StubOpenBatch(self, prompts, max_new_tokens, rows or len(prompts))
+
+
+class StubOpenBatch:
+    """The runtime's OpenBatch (runtime/generation/joining.py) with its rules (free rows, a
+    joiner's prompt bucket before the current slot, its budget inside the cache) and the
+    stub's costs: the opening prefill, each joiner's own prefill and each step sleep one
+    step_s (a 128-token prefill of a 1B model takes about one 16-row decode step)."""
+
+    def __init__(self, stub: StubGenerator, prompts, budgets, rows: int):
+        from kernl.artifacts.schema import pick_size
+        from kernl.serving.generation_protocol import GenerationLimits
+
+        self.stub, self.limits = stub, GenerationLimits.from_manifest(stub.manifest)
+        self.pick = pick_size
+        self.bucket = pick_size(self.limits.batches, max(rows, len(prompts)))
+        self.slot = pick_size(self.limits.prompts, max(len(p) for p in prompts))
+        self._left = dict(enumerate(budgets))
+        time.sleep(stub.step_s)
+        self.first = self._emitted([(r, 7) for r in range(len(prompts))])
+
+    @property
+    def rows(self) -> list[int]:
+        return sorted(self._left)
+
+    def free_rows(self) -> int:
+        return self.bucket - len(self._left)
+
+    def can_join(self, prompt_length: int, max_new_tokens: int) -> bool:
+        bucket = self.pick(self.limits.prompts, prompt_length)
+        return (
+            self.free_rows() > 0
+            and bucket is not None
+            and bucket <= self.slot
+            and self.slot + max_new_tokens - 1 <= self.limits.cache_len
+        )
+
+    def join(self, prompt, max_new_tokens, **_):
+        if not self.can_join(len(prompt), max_new_tokens):
+            return None
+        time.sleep(self.stub.step_s)
+        row = min(set(range(self.bucket)) - set(self._left))
+        self._left[row] = max_new_tokens
+        return self._emitted([(row, 7)])[0]
+
+    def step(self):
+        time.sleep(self.stub.step_s)
+        self.slot += 1
+        return self._emitted([(r, 7) for r in self.rows])
+
+    def release(self, row: int) -> None:
+        self._left.pop(row, None)
+
+    def close(self) -> None:
+        pass
+
+    def _emitted(self, pairs):
+        for row, _ in pairs:
+            self._left[row] -= 1
+            if self._left[row] == 0:
+                self.release(row)
+        return pairs
 
 
 def stub_generator_deployment(step_s: float):
@@ -251,10 +318,10 @@ def generation_rows(work: Path, port: int) -> list[dict]:
     direct_s = time.perf_counter() - t
     rows = []
 
-    async def in_process(stream: bool) -> tuple[list[float], float, float]:
+    async def in_process(stream: bool, join: bool) -> tuple[list[float], float, float]:
         records = []
         batcher = GenerationBatcher(
-            stub, limits, BatchPolicy(16, WAIT_MS / 1000), on_batch=records.append
+            stub, limits, BatchPolicy(16, WAIT_MS / 1000, join=join), on_batch=records.append
         )
         latencies = []
 
@@ -272,20 +339,19 @@ def generation_rows(work: Path, port: int) -> list[dict]:
         per_batch = sum(r.requests for r in records) / len(records)
         return latencies, time.perf_counter() - start, per_batch
 
-    config = ServeConfig(artifact=str(path), batch_wait_ms=WAIT_MS, port=port)
-    serve.run(
-        application(config, stub_generator_deployment(STEP_MS / 1000)),
-        name="kernl-gen",
-        route_prefix="/",
-    )
-    wait_ready(port)
-
     def metrics() -> dict:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
             return json.loads(r.read())
 
-    for stream in (False, True):
-        lat, secs, path_per_batch = asyncio.run(in_process(stream))
+    for stream, join in ((False, True), (True, True), (False, False), (True, False)):
+        config = ServeConfig(artifact=str(path), batch_wait_ms=WAIT_MS, port=port, join=join)
+        serve.run(
+            application(config, stub_generator_deployment(STEP_MS / 1000)),
+            name="kernl-gen",
+            route_prefix="/",
+        )
+        wait_ready(port)
+        lat, secs, path_per_batch = asyncio.run(in_process(stream, join))
         before = metrics()
         send = stream_request if stream else post_request
         served: list[float] = []
@@ -311,6 +377,9 @@ def generation_rows(work: Path, port: int) -> list[dict]:
             "clients": GEN_CLIENTS,
             "new_tokens": GEN_NEW,
             "stream": stream,
+            "join": join,
+            "serve_joined_requests": after.get("joined_requests", 0)
+            - before.get("joined_requests", 0),
             "direct_ms": 1000 * direct_s,
             "direct_tokens_per_s": 16 * GEN_NEW / direct_s,
             "path_p50_ms": 1000 * percentile(lat, 0.5),
@@ -326,7 +395,7 @@ def generation_rows(work: Path, port: int) -> list[dict]:
         row["ray_p50_ms"] = row["serve_p50_ms"] - row["path_p50_ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    serve.delete("kernl-gen")
+        serve.delete("kernl-gen")
     return rows
 
 
@@ -359,7 +428,9 @@ def main() -> int:
     from kernl.serving.loadgen import percentile, run_load
     from kernl.serving.protocol import ModelLimits
 
-    out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+    args = [a for a in sys.argv[1:] if a != "--generation-only"]
+    generation_only = len(args) < len(sys.argv) - 1
+    out_dir = Path(args[0] if args else ".")
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     results: dict = {
@@ -392,7 +463,7 @@ def main() -> int:
     ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        for latency_ms in LATENCIES_MS:
+        for latency_ms in () if generation_only else LATENCIES_MS:
             stub = StubModel(manifest, latency_ms / 1000)
             config = ServeConfig(
                 artifact=str(path), max_batch_size=64, batch_wait_ms=WAIT_MS, port=port
@@ -471,13 +542,14 @@ def table(results: dict) -> str:
     lines += [
         "",
         f"generation: stub {STEP_MS} ms per step, {GEN_CLIENTS} clients, {GEN_NEW} new tokens",
-        f"{'stream':>6} | {'direct ms':>9} {'tok/s':>7} | {'path p50':>8} {'tok/s':>7} "
+        f"{'stream':>6} {'join':>5} | {'direct ms':>9} {'tok/s':>7} | {'path p50':>8} {'tok/s':>7} "
         f"{'req/call':>8} | {'serve p50':>9} {'p99':>7} {'tok/s':>7} {'req/call':>8} | "
         f"{'Ray p50 ms':>10} {'serve/direct tok/s':>18}",
     ]
     for r in results.get("generation", []):
         lines.append(
-            f"{str(r['stream']):>6} | {r['direct_ms']:>9.1f} {r['direct_tokens_per_s']:>7.0f} | "
+            f"{str(r['stream']):>6} {str(r['join']):>5} | {r['direct_ms']:>9.1f} "
+            f"{r['direct_tokens_per_s']:>7.0f} | "
             f"{r['path_p50_ms']:>8.1f} {r['path_tokens_per_s']:>7.0f} "
             f"{r['path_requests_per_batch']:>8.1f} | {r['serve_p50_ms']:>9.1f} "
             f"{r['serve_p99_ms']:>7.1f} {r['serve_tokens_per_s']:>7.0f} "

@@ -315,20 +315,28 @@ class GenerationBatcher:
                         t._finished = True
                         batch.release(row)
                         del rows[row]
-                for t in self._take_joiners(batch, key, len(rows)):
+                joiners = self._take_joiners(batch, key, len(rows))
+                group += joiners  # answered like the others if the model fails
+                for t in joiners:
                     sampling = {}
                     if key.do_sample:
                         s = t.request.sampler
                         sampling = dict(
                             temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed
                         )
-                    row, token = batch.join(t.request.prompt, t.request.max_new_tokens, **sampling)
+                    try:
+                        row, token = batch.join(
+                            t.request.prompt, t.request.max_new_tokens, **sampling
+                        )
+                    except ValueError as e:  # the runtime refused this request alone
+                        t._finished = True
+                        out.append((t, ("error", e)))
+                        continue
                     t.started, t.batch_index = time.monotonic(), record.index
                     record.requests += 1
                     record.joined += 1
                     record.waits_s.append(t.started - t.arrived)
                     rows[row] = t
-                    group.append(t)  # answered like the others if the model fails
                     self._emit(t, token, eos, out)
                 for t in rows.values():
                     t.batch_requests = record.requests

@@ -593,3 +593,31 @@ def test_without_join_a_request_arriving_mid_batch_waits(model, limits):
     first, late = asyncio.run(main())
     assert joining.calls == [("stream", 1), ("generate", 1)]
     assert (first.batch_index, late.batch_index) == (0, 1)
+
+
+def test_a_joiner_the_runtime_refuses_fails_alone(model, limits, monkeypatch):
+    joining = Joining(model, gated=True)
+    refused = [42, 43, 44]
+    join_ok = _HeldBatch.join
+
+    def join(self, prompt, max_new_tokens, **sampling):
+        if prompt == refused:
+            raise ValueError("refused by the runtime")
+        return join_ok(self, prompt, max_new_tokens, **sampling)
+
+    monkeypatch.setattr(_HeldBatch, "join", join)
+
+    async def main():
+        batcher = GenerationBatcher(joining, limits, BatchPolicy(4, 0.0))
+        first = batcher.submit(request(limits, PROMPTS[0], max_new_tokens=12))
+        await wait_for(joining.first_step)
+        bad = batcher.submit(request(limits, refused, max_new_tokens=4))
+        good = batcher.submit(request(limits, PROMPTS[1], max_new_tokens=4))
+        joining.gate.set()
+        with pytest.raises(ValueError, match="refused by the runtime"):
+            await asyncio.wait_for(bad.result(), GATE_TIMEOUT_S)
+        return await first.result(), await good.result(), good
+
+    first_ids, good_ids, good = asyncio.run(main())
+    assert first_ids == alone(model, PROMPTS[0], max_new_tokens=12)
+    assert good_ids == alone(model, PROMPTS[1], max_new_tokens=4) and good.batch_index == 0
