@@ -165,10 +165,11 @@ class StubOpenBatch:
         self._left[row] = max_new_tokens
         return self._emitted([(row, 7)])[0]
 
-    def step(self):
-        time.sleep(self.stub.step_s)
-        self.slot += 1
-        return self._emitted([(r, 7) for r in self.rows])
+    def steps(self, n: int):
+        n = max(1, min(n, *self._left.values()))
+        time.sleep(self.stub.step_s * n)
+        self.slot += n
+        return [self._emitted([(r, 7) for r in self.rows]) for _ in range(n)]
 
     def release(self, row: int) -> None:
         self._left.pop(row, None)

@@ -25,9 +25,12 @@ runtime/generation/joining.py):
   window is measured from the oldest request's arrival, so requests that queued behind a
   running batch start at once when it ends).
 - Each request is answered as soon as its own row emits an EOS id or reaches its own
-  `max_new_tokens` (ids read back every step). Without `join`, when no request streams and
-  all ask for the same `max_new_tokens`, one `model.generate` call runs instead: it reads the
-  ids back once at the end instead of at every step.
+  `max_new_tokens`. A joinable batch reads the ids back after every step while a request
+  streams or one waits, otherwise every QUIET_STEPS steps (never past a row's budget): a
+  request that arrives then waits at most that many steps to join. Without `join`, ids are
+  read back every step, or, when no request streams and all ask for the same
+  `max_new_tokens`, one `model.generate` call runs instead: it reads them back once at the
+  end.
 - A client that leaves (`Ticket.cancel`) before its batch starts is dropped from the queue;
   during the batch its row is released at the next step (with `join`, a joiner may take it);
   a batch whose rows are all answered or abandoned stops at the next step. A `generate`-mode
@@ -56,6 +59,9 @@ from .generation_protocol import (
 )
 
 DEFAULT_WINDOW_MS = 5.0
+# Decode steps a joinable batch runs between two readbacks of its ids when no request streams
+# and none waits: a request arriving meanwhile waits at most this many steps to join.
+QUIET_STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -176,7 +182,8 @@ class GenerationBatcher:
 
     @property
     def waiting(self) -> int:
-        return sum(not t.cancelled for t in self._pending)
+        with self._pending_lock:
+            return sum(not t.cancelled for t in self._pending)
 
     async def _run(self) -> None:
         while True:
@@ -344,9 +351,13 @@ class GenerationBatcher:
                 out = []
                 if not batch.rows:
                     break
-                for row, token in batch.step():
-                    self._emit(rows[row], token, eos, out)
-                record.steps += 1
+                # Read the ids back every step while someone streams or waits to join;
+                # otherwise every few steps (a host sync per step idles the GPU).
+                per_step = self.waiting or any(t.request.stream for t in rows.values())
+                for pairs in batch.steps(1 if per_step else QUIET_STEPS):
+                    for row, token in pairs:
+                        self._emit(rows[row], token, eos, out)
+                    record.steps += 1
             for t in rows.values():  # the runtime ends a row only at its EOS or budget
                 if not t._finished:
                     t._finished = True

@@ -181,3 +181,26 @@ def test_joining_replays_the_captured_graphs_and_equals_alone_on_the_gpu(tmp_pat
         got = run(batch, {5: (b, 18, sb)})
     assert got[("open", 0)] == alone(model, a, 25, do_sample=True, temperature=1.3, seed=21)
     assert got[("join", 5)] == alone(model, b, 18, do_sample=True, **sb)
+
+
+def test_steps_read_back_once_and_stop_where_a_row_spends_its_budget(model):
+    a, b, c = prompt(5, 70), prompt(7, 71), prompt(6, 72)
+    eos = alone(model, b, 12)[6]  # b's 7th token: it ends mid-chunk
+    budgets = [11, 12, 30]
+    with model.open_batch([a, b, c], max_new_tokens=budgets, eos_token_id=[eos]) as batch:
+        got = {row: [t] for row, t in batch.first}
+        chunks = []
+        while batch.rows:
+            chunk = batch.steps(8)
+            chunks.append(len(chunk))
+            for pairs in chunk:
+                for row, token in pairs:
+                    got[row].append(token)
+    # a's budget (11 tokens: 10 steps) cuts the second chunk at 2 steps; the rest run 8 each
+    assert chunks[:2] == [8, 2] and sum(chunks) == 29, chunks
+    for row, (ids, n) in enumerate(zip((a, b, c), budgets)):
+        want = model.generate([ids], max_new_tokens=n, eos_token_id=[eos])[0, len(ids) :]
+        want = want.tolist()
+        if eos in want:
+            want = want[: want.index(eos) + 1]
+        assert got[row] == want, row

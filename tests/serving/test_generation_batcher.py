@@ -16,7 +16,7 @@ import pytest
 
 import kernl.compiler
 import kernl.runtime
-from kernl.serving.generation_batcher import BatchPolicy, GenerationBatcher
+from kernl.serving.generation_batcher import QUIET_STEPS, BatchPolicy, GenerationBatcher
 from kernl.serving.generation_protocol import (
     GenerationLimits,
     parse_generation_request,
@@ -439,6 +439,7 @@ class Joining(Counting):
         super().__init__(model, gated)
         self.hold_at = hold_at
         self.later = threading.Event()
+        self.chunks: list[int] = []  # decode steps per readback
 
     def open_batch(self, prompts, **options):
         self.calls.append(("open_batch", len(prompts)))
@@ -460,16 +461,18 @@ class _HeldBatch:
         self.owner.calls.append(("join", self.batch.slot))
         return self.batch.join(prompt, max_new_tokens, **sampling)
 
-    def step(self):
-        pairs = self.batch.step()
+    def steps(self, n):
+        chunk = self.batch.steps(n)
         owner = self.owner
-        owner.steps += 1
-        if owner.steps == 1 and owner.gated:
-            owner.first_step.set()
-            assert owner.gate.wait(GATE_TIMEOUT_S), "gate never released"
-        if owner.steps == owner.hold_at:
-            assert owner.later.wait(GATE_TIMEOUT_S), "the test never let the batch go on"
-        return pairs
+        owner.chunks.append(len(chunk))
+        for _ in chunk:  # the holds come after the whole chunk has run
+            owner.steps += 1
+            if owner.steps == 1 and owner.gated:
+                owner.first_step.set()
+                assert owner.gate.wait(GATE_TIMEOUT_S), "gate never released"
+            if owner.steps == owner.hold_at:
+                assert owner.later.wait(GATE_TIMEOUT_S), "the test never let the batch go on"
+        return chunk
 
 
 def test_a_request_arriving_mid_batch_joins_it_at_the_next_step(model, limits):
@@ -538,7 +541,7 @@ def test_the_oldest_request_that_cannot_join_stops_the_joining(model, limits):
     async def main():
         records = Records()
         batcher = GenerationBatcher(joining, limits, BatchPolicy(4, 0.0), on_batch=records)
-        first = batcher.submit(request(limits, PROMPTS[0], max_new_tokens=8))
+        first = batcher.submit(request(limits, PROMPTS[0], max_new_tokens=8, stream=True))
         await wait_for(joining.first_step)
         sampled = batcher.submit(request(limits, PROMPTS[1], max_new_tokens=4, do_sample=True))
         greedy = batcher.submit(request(limits, PROMPTS[3], max_new_tokens=4))
@@ -621,3 +624,19 @@ def test_a_joiner_the_runtime_refuses_fails_alone(model, limits, monkeypatch):
     first_ids, good_ids, good = asyncio.run(main())
     assert first_ids == alone(model, PROMPTS[0], max_new_tokens=12)
     assert good_ids == alone(model, PROMPTS[1], max_new_tokens=4) and good.batch_index == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_quiet_batch_reads_its_ids_back_every_few_steps(model, limits, stream):
+    """No request streams and none waits: the ids come back every QUIET_STEPS steps (never
+    past a row's budget); a streamed request gets them every step."""
+    joining = Joining(model)
+
+    async def main():
+        batcher = GenerationBatcher(joining, limits, BatchPolicy(4, 0.0))
+        ticket = batcher.submit(request(limits, PROMPTS[2], max_new_tokens=20, stream=stream))
+        return await ticket.result()
+
+    ids = asyncio.run(main())
+    assert ids == alone(model, PROMPTS[2], max_new_tokens=20)
+    assert joining.chunks == ([1] * 19 if stream else [QUIET_STEPS, QUIET_STEPS, 3])

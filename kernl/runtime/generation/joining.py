@@ -31,7 +31,7 @@ from kernl.artifacts.schema import pick_size
 
 class OpenBatch:
     """See the module docstring. `first` holds (row, token) of the opening rows' first tokens;
-    `step()` and `join()` give (row, token) pairs. A row is freed once it emitted an EOS id or
+    `step()` and `join()` give (row, token) pairs, `steps(n)` a list of them per step. A row is freed once it emitted an EOS id or
     its own `max_new_tokens`, or when `release(row)` is called."""
 
     def __init__(self, model, plan, sampling: tuple, limits: list[int]):
@@ -121,14 +121,24 @@ class OpenBatch:
 
     def step(self) -> list[tuple[int, int]]:
         """One decode step of the whole bucket: (row, token) for every live row."""
+        return self.steps(1)[0]
+
+    def steps(self, n: int) -> list[list[tuple[int, int]]]:
+        """Up to `n` decode steps replayed back to back, the ids read back once at the end
+        (a host sync per step idles the GPU between steps): each step's (row, token) pairs
+        of the rows live at that step. Stops at the first step where a live row spends its
+        budget, so that no row passes it (a row's EOS frees it mid-way)."""
         if not self._left:
             raise RuntimeError("no row of this batch is generating: join one, or close it")
-        kv = pick_size(self.model.buckets.kv_lengths, self._slot + 1)
-        self.model._step(("decode", self.bucket, kv, self.do_sample)).run()
-        self._slot += 1
-        self._steps += 1
-        ids = self.state.tokens.tolist()
-        return self._emitted([(row, ids[row]) for row in self.rows])
+        n = max(1, min(n, *self._left.values()))
+        first = self._steps  # the column of `state.out` the first of these steps writes
+        for _ in range(n):
+            kv = pick_size(self.model.buckets.kv_lengths, self._slot + 1)
+            self.model._step(("decode", self.bucket, kv, self.do_sample)).run()
+            self._slot += 1
+            self._steps += 1
+        ids = self.state.out[:, first : first + n].tolist()
+        return [self._emitted([(row, ids[row][j]) for row in self.rows]) for j in range(n)]
 
     def release(self, row: int) -> None:
         """Stop generating for `row` (its client left): it emits the pad id from now on and
