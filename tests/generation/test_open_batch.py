@@ -80,8 +80,8 @@ def test_joined_rows_sample_what_they_would_alone(model):
     a, b = prompt(6, 4), prompt(4, 5)
     sa = dict(temperature=1.3, top_k=0, top_p=1.0, seed=21)
     sb = dict(temperature=0.8, top_k=10, top_p=0.9, seed=22)
-    kw = {k: [v] for k, v in sa.items()}
-    with model.open_batch([a], max_new_tokens=25, do_sample=True, eos_token_id=[], rows=4, **kw) as batch:  # fmt: skip
+    kw = {k: [v] for k, v in sa.items()} | dict(do_sample=True, eos_token_id=[], rows=4)
+    with model.open_batch([a], max_new_tokens=25, **kw) as batch:
         got = run(batch, {5: (b, 18, sb)})
     assert got[("open", 0)] == alone(model, a, 25, do_sample=True, **sa)
     assert got[("join", 5)] == alone(model, b, 18, do_sample=True, **sb)
