@@ -7,8 +7,9 @@ BertConfig()) compiled for batch=1,8,16,64 seq=128, then
             concurrent clients of one 128-token sequence each (kernl.serving.loadgen).
 Writes OUT_DIR/serve_bench.json and prints each row. Usage (from the repository root):
     PYTHONPATH=$PWD python3 benchmarks/bench_serving_e2e.py OUT_DIR
-The device machine of this project has no Ray: there, bench_serving_direct.py measures the
-in-process path with concurrent clients and generation, and bench_serving_ray_overhead.py
+The device machine of this project has no Ray: benchmarks/ray_on_device.sh brings its wheels
+there in two consecutive calls (see its header). Without it, bench_serving_direct.py measures
+the in-process path with concurrent clients and generation, and bench_serving_ray_overhead.py
 measures Ray Serve's share on the CPU. (Moved here from tests/serving/device_bench.py.)"""
 
 import json
