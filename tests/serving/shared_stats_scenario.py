@@ -44,7 +44,7 @@ class Server:
 
 
 if __name__ == "__main__":
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     server = Server.remote()
     for _ in range(ROUNDS):
         refs = [server.request.remote() for _ in range(REQUESTS)]
