@@ -31,8 +31,8 @@ from kernl.artifacts.schema import pick_size
 
 class OpenBatch:
     """See the module docstring. `first` holds (row, token) of the opening rows' first tokens;
-    `step()` and `join()` give (row, token) pairs, `steps(n)` a list of them per step. A row is freed once it emitted an EOS id or
-    its own `max_new_tokens`, or when `release(row)` is called."""
+    `step()` and `join()` give (row, token) pairs, `steps(n)` a list of them per step. A row
+    is freed once it emitted an EOS id or its own `max_new_tokens`, or by `release(row)`."""
 
     def __init__(self, model, plan, sampling: tuple, limits: list[int]):
         self.model = model
