@@ -132,9 +132,11 @@ def serve_main(argv: list[str]) -> int:
 def _check_artifact(path: str):
     from kernl.artifacts import read_manifest, verify_files
 
+    from .generation_protocol import check_servable
     from .tokenizer import read_tokenizer_file
 
     manifest = read_manifest(path)
+    check_servable(manifest)
     verify_files(path, manifest)
     read_tokenizer_file(path)  # a linked or oversized tokenizer.json is refused here, not in Ray
     return sorted(manifest.bucket_list())

@@ -36,6 +36,7 @@ from kernl.artifacts import read_manifest
 from .batching import measure_costs, token_costs
 from .config import ServeConfig
 from .encoder import Replay, serve_batch_bytes
+from .generation_protocol import GENERATION_TASKS, GenerationLimits, check_servable
 from .metrics import ReplayStats
 from .protocol import ModelLimits, ParsedRequest, RequestError, parse_request, prepare_answers
 from .replica import Replica, SharedStats, replica_device
@@ -156,20 +157,22 @@ class KernlServer(Replica):
 
 def application(config: ServeConfig, deployment=None):
     """The bound Ray Serve application for `config`: replicas, resources, request limits.
-    A causal-LM artifact is served by generation.KernlGenerator, anything else by
+    A causal-LM or text encoder-decoder artifact is served by generation.KernlGenerator
+    (Whisper's is refused: check_servable), anything else by
     KernlServer (`deployment`: a Ray Serve deployment of a subclass of that class instead,
     with the same options; benchmarks/bench_serving_ray_overhead.py puts a stub model behind
     the real routes, parsing and batching this way)."""
     manifest = read_manifest(config.artifact)
+    check_servable(manifest)
     on_gpu = config.device == "cuda" or (config.device is None and _cluster_has_gpus())
     gpus = config.gpus_per_replica if config.gpus_per_replica is not None else float(on_gpu)
-    if manifest.task == "causal-lm":
+    if manifest.task in GENERATION_TASKS:
         from .generation import KernlGenerator
 
         # A replica holds one running batch and the next one gathering (each up to the
         # largest batch bucket): more would only queue inside the replica, where another
         # replica could have taken them.
-        largest = max(b.batch for b in manifest.bucket_list())
+        largest = max(GenerationLimits.from_manifest(manifest).batches)
         rows = min(config.max_batch_size or largest, largest)
         generator = deployment or KernlGenerator
         return generator.options(

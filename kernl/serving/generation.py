@@ -1,5 +1,7 @@
-"""`kernl serve` for causal-LM artifacts (manifest.task == "causal-lm"): generation over HTTP
-on Ray Serve. The request format and its checks are generation_protocol.py; the batching
+"""`kernl serve` for causal-LM and text encoder-decoder artifacts (manifest.task "causal-lm"
+or "seq2seq-lm": T5, BART, mBART, Marian): generation over HTTP on Ray Serve; for an
+encoder-decoder the prompt is the source and the answer the new tokens after the decoder's
+start token. The request format and its checks are generation_protocol.py; the batching
 policy is generation_batcher.py.
 
 Answer without "stream": {"generated_ids": [...], "text": "...", "finish_reason": "eos" |
@@ -54,7 +56,8 @@ from .tokenizer import load_detokenizer, load_tokenizer
 
 @serve.deployment
 class KernlGenerator(Replica):
-    """One replica: one GenerativeModel, requests batched by a GenerationBatcher."""
+    """One replica: one loaded generative model (a causal LM's GenerativeModel or a text
+    encoder-decoder's Seq2SeqModel), requests batched by a GenerationBatcher."""
 
     POST_PATHS = ("/", "/predict", "/generate")
 
@@ -158,6 +161,10 @@ class KernlGenerator(Replica):
                 ticket.cancel()
             self.stats.send("record", outcome, n, self.replica, True)
 
+    def _joins(self) -> bool:
+        """Whether requests join a running batch (an encoder-decoder's runtime cannot)."""
+        return self.policy.join and hasattr(self.model, "open_batch")
+
     def health(self) -> dict:
         m = self.manifest
         return {
@@ -171,17 +178,18 @@ class KernlGenerator(Replica):
             "target": m.target,
             "gpu_name": m.gpu_name,
             "vocab_size": self.limits.vocab_size,
-            "prompt_buckets": self.limits.prompts,
+            "prompt_buckets": self.limits.prompts,  # an encoder-decoder's source buckets
+            "encoder_decoder": self.limits.encoder_decoder,
             "cache_len": self.limits.cache_len,
             "text": self.tokenize is not None,
             "concurrency": "requests waiting when a batch starts share it (same greedy or "
             "sampled mode and EOS ids, up to max_batch_size); "
             + (
                 "later ones join it at its next step in a free row, in arrival order"
-                if self.policy.join
+                if self._joins()
                 else "later ones wait for it to end"
             ),
-            "join_running_batch": self.policy.join,
+            "join_running_batch": self._joins(),
             "max_batch_size": self.policy.max_requests,
             "batch_wait_ms": 1000 * self.policy.window_s,
             "replica": self.replica,

@@ -281,12 +281,17 @@ class GenerationBatcher:
                 loop.call_soon_threadsafe(_deliver, out)
             else:
                 ids = self.model.generate(prompts, **options)
-                new = ids[:, max(len(p) for p in prompts) :].tolist()
+                # after the prompt (a causal LM's, left-padded) or the decoder's start token
+                start = 1 if self.limits.encoder_decoder else max(len(p) for p in prompts)
+                new = ids[:, start:].tolist()
                 record.steps = len(new[0])
                 out = []
                 for t, row in zip(group, new):
                     for token in row:
                         self._emit(t, token, eos, out)
+                    if not t._finished:  # every request gets its end, whatever came back
+                        t._finished = True
+                        out.append((t, ("end", "length")))
                 loop.call_soon_threadsafe(_deliver, out)
         except Exception as e:
             record.error = f"{type(e).__name__}: {e}"

@@ -24,6 +24,7 @@ from kernl.artifacts.schema import Manifest, pick_size
 
 from .protocol import RequestError, Tokenize, load_json_object
 
+GENERATION_TASKS = ("causal-lm", "seq2seq-lm")  # served by generation.KernlGenerator
 DEFAULT_MAX_NEW_TOKENS = 20  # the runtime's (and Hugging Face's) default
 # name -> (what the value must be, the check); ranges are the runtime's check_options.
 _OPTIONS: dict[str, tuple[str, Callable]] = {
@@ -49,18 +50,49 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def check_servable(manifest: Manifest) -> None:
+    """Refuse, naming the alternative, an artifact kernl serve has no deployment for."""
+    if manifest.task == "speech-seq2seq":
+        raise ValueError(
+            "kernl serve does not serve speech-seq2seq (Whisper) artifacts yet: requests "
+            "would carry audio features, which its JSON protocol does not take; load the "
+            "artifact in-process with kernl.runtime.load(path).generate(input_features=...)"
+        )
+
+
 @dataclass(frozen=True)
 class GenerationLimits:
-    """What a generation request is checked against, from the manifest alone."""
+    """What a generation request is checked against, from the manifest alone. For an
+    encoder-decoder (T5, BART, mBART, Marian), `prompts` are the source (encoder) buckets and
+    the decoder's cache, which starts at its start token, holds `cache_len` new tokens
+    whatever the source's length."""
 
     vocab_size: int
-    prompts: list[int]  # prompt (prefill) buckets
+    prompts: list[int]  # prompt (prefill) buckets; an encoder-decoder's source buckets
     cache_len: int  # KV cache slots per row
     eos_token_ids: list[int]
     batches: tuple[int, ...] = (1,)  # batch buckets: the most requests one call can hold
+    encoder_decoder: bool = False
+
+    def most_new_tokens(self, prompt_bucket: int) -> int:
+        """The most new tokens a call can make after a prompt of this bucket."""
+        return self.cache_len if self.encoder_decoder else self.cache_len - prompt_bucket + 1
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> GenerationLimits:
+        if manifest.task == "seq2seq-lm":
+            from kernl.artifacts.seq2seq import Seq2SeqBuckets
+
+            spec = manifest.extra["seq2seq"]
+            s2s = Seq2SeqBuckets.from_dict(manifest.extra["seq2seq_buckets"])
+            return cls(
+                vocab_size=int(spec["vocab_size"]),
+                prompts=list(s2s.sources),
+                cache_len=s2s.cache_len,
+                eos_token_ids=list(spec.get("eos_token_ids") or []),
+                batches=tuple(s2s.batches),
+                encoder_decoder=True,
+            )
         decoder = manifest.extra["decoder"]
         buckets = GenerationBuckets.from_dict(manifest.extra["generation_buckets"])
         return cls(
@@ -180,7 +212,7 @@ def fits_together(requests, limits: GenerationLimits) -> bool:
     room)."""
     bucket = pick_size(limits.prompts, max(len(r.prompt) for r in requests))
     most = max(r.max_new_tokens for r in requests)
-    return bucket is not None and bucket + most - 1 <= limits.cache_len
+    return bucket is not None and most <= limits.most_new_tokens(bucket)
 
 
 def _check_ranges(options: dict, limits: GenerationLimits) -> None:
@@ -224,13 +256,20 @@ def _check_ranges(options: dict, limits: GenerationLimits) -> None:
 def _check_fits(prompt: list[int], options: dict, limits: GenerationLimits) -> None:
     o = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, **options}
     bucket = pick_size(limits.prompts, len(prompt))
+    what = "source" if limits.encoder_decoder else "prompt"
     if bucket is None:
         raise RequestError(
             413,
-            f"the prompt has {len(prompt)} tokens, longer than every prompt bucket of this "
+            f"the {what} has {len(prompt)} tokens, longer than every {what} bucket of this "
             f"artifact ({limits.prompts}); at most {limits.prompts[-1]}",
         )
-    fit = limits.cache_len - bucket + 1
+    fit = limits.most_new_tokens(bucket)
+    if o["max_new_tokens"] > fit and limits.encoder_decoder:
+        raise RequestError(
+            413,
+            f"max_new_tokens {o['max_new_tokens']} does not fit the decoder cache of "
+            f"{limits.cache_len} slots: at most {fit} new tokens",
+        )
     if o["max_new_tokens"] > fit:
         raise RequestError(
             413,
