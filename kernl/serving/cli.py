@@ -19,8 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kernl serve",
         description="Serve a compiled kernl artifact over HTTP on Ray Serve: POST token ids "
         "(or text, when the artifact folder has tokenizer.json) as JSON to /, get the model's "
-        "outputs as JSON. GET /ready answers 200 once the model is loaded (503 while it loads); "
-        "GET /health and /metrics describe the server.",
+        "outputs as JSON; for a causal LM or a text encoder-decoder (T5, BART, mBART, "
+        "Marian), generate's arguments too, and the new tokens back, returned or streamed as "
+        "server-sent events (Whisper artifacts are not served). GET /ready answers 200 once "
+        "the model is loaded (503 while it loads); GET /health and /metrics describe the "
+        "server. See docs/deployment.md.",
     )
     p.add_argument("artifact", metavar="PATH", help="artifact folder made by kernl-compile")
     p.add_argument(
