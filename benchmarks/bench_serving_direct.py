@@ -414,6 +414,8 @@ def bench_llama(work: Path, results: dict) -> None:
         await ticket.result()
         latency = time.perf_counter() - t
         await running
+        while not records:  # a batch is reported after its call, maybe after its answers
+            await asyncio.sleep(0.001)
         alone = next(d for d in out["direct"] if d["batch"] == 1)["p50_ms"]
         offset = ticket.arrived - first[0].started
         return {

@@ -19,15 +19,18 @@ runtime/generation/joining.py):
   prompt bucket fits before the batch's current cache slot, and its `max_new_tokens` fits
   the cache after that slot. The first waiting request that cannot join stops the joining:
   the batch then drains and that request opens the next one, so no request waits behind
-  more than one batch it could not join, however many later ones could.
+  more than one batch it could not join, however many later ones could. A batch whose rows
+  have all ended stops rather than seating waiting requests one by one (each joiner is
+  prefilled alone): they open the next batch together, with one prefill.
 - Without `join`, a request that arrives while a batch runs waits for that batch to end.
 - A request arriving at an idle batcher waits up to `window_s` for others to join (the
   window is measured from the oldest request's arrival, so requests that queued behind a
   running batch start at once when it ends).
 - Each request is answered as soon as its own row emits an EOS id or reaches its own
   `max_new_tokens`. A joinable batch reads the ids back after every step while a request
-  streams or one waits, otherwise every QUIET_STEPS steps (never past a row's budget): a
-  request that arrives then waits at most that many steps to join. Without `join`, ids are
+  streams or a waiting one could take a free row, otherwise every QUIET_STEPS steps (never
+  past a row's budget): a request that arrives then waits at most that many steps to join,
+  and an answer whose row emitted its EOS inside such a stretch comes that much later. Without `join`, ids are
   read back every step, or, when no request streams and all ask for the same
   `max_new_tokens`, one `model.generate` call runs instead: it reads them back once at the
   end.
@@ -60,7 +63,8 @@ from .generation_protocol import (
 
 DEFAULT_WINDOW_MS = 5.0
 # Decode steps a joinable batch runs between two readbacks of its ids when no request streams
-# and none waits: a request arriving meanwhile waits at most this many steps to join.
+# and no waiting one could take a free row: a request arriving meanwhile waits at most this
+# many steps to join.
 QUIET_STEPS = 8
 
 
@@ -282,8 +286,8 @@ class GenerationBatcher:
             else:
                 ids = self.model.generate(prompts, **options)
                 # after the prompt (a causal LM's, left-padded) or the decoder's start token
-                start = 1 if self.limits.encoder_decoder else max(len(p) for p in prompts)
-                new = ids[:, start:].tolist()
+                skip = 1 if self.limits.encoder_decoder else max(len(p) for p in prompts)
+                new = ids[:, skip:].tolist()
                 record.steps = len(new[0])
                 out = []
                 for t, row in zip(group, new):
@@ -327,7 +331,9 @@ class GenerationBatcher:
                         t._finished = True
                         batch.release(row)
                         del rows[row]
-                joiners = self._take_joiners(batch, key, len(rows))
+                # A batch whose rows all ended stops rather than seating joiners one by one:
+                # the waiting requests then open the next batch with one prefill for all.
+                joiners = self._take_joiners(batch, key, len(rows)) if rows else []
                 group += joiners  # answered like the others if the model fails
                 for t in joiners:
                     sampling = {}
@@ -358,7 +364,8 @@ class GenerationBatcher:
                     break
                 # Read the ids back every step while someone streams or waits to join;
                 # otherwise every few steps (a host sync per step idles the GPU).
-                per_step = self.waiting or any(t.request.stream for t in rows.values())
+                seat = self.waiting and batch.free_rows() and len(rows) < self.policy.max_requests
+                per_step = seat or any(t.request.stream for t in rows.values())
                 for pairs in batch.steps(1 if per_step else QUIET_STEPS):
                     for row, token in pairs:
                         self._emit(rows[row], token, eos, out)

@@ -558,7 +558,8 @@ def test_the_oldest_request_that_cannot_join_stops_the_joining(model, limits):
 @pytest.mark.parametrize("leave", [False, True])
 def test_a_row_whose_client_left_seats_a_joiner_within_max_requests(model, limits, leave):
     """Two requests run and max_requests is 2: a late one joins once a client left (the
-    bucket's free rows do not matter), else once both ended (25 tokens: 24 decode steps)."""
+    bucket's free rows do not matter), else it waits for both to end and opens the next
+    batch (a batch whose rows all ended stops)."""
     joining = Joining(model, gated=True)
 
     async def main():
@@ -574,9 +575,12 @@ def test_a_row_whose_client_left_seats_a_joiner_within_max_requests(model, limit
         return await a.result(), await late.result(), late
 
     a_ids, late_ids, late = asyncio.run(main())
-    slot = PROMPTS_BUCKET + (1 if leave else 24)
-    assert joining.calls == [("open_batch", 2), ("join", slot)], joining.calls
-    assert late.batch_index == 0
+    if leave:
+        assert joining.calls == [("open_batch", 2), ("join", PROMPTS_BUCKET + 1)]
+        assert late.batch_index == 0
+    else:
+        assert joining.calls == [("open_batch", 2), ("open_batch", 1)], joining.calls
+        assert late.batch_index == 1
     assert a_ids == alone(model, PROMPTS[0], max_new_tokens=25)
     assert late_ids == alone(model, PROMPTS[3], max_new_tokens=6)
 
