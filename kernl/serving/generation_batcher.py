@@ -35,9 +35,9 @@ runtime/generation/joining.py):
   `max_new_tokens`, one `model.generate` call runs instead: it reads them back once at the
   end.
 - A client that leaves (`Ticket.cancel`) before its batch starts is dropped from the queue;
-  during the batch its row is released at the next step (with `join`, a joiner may take it);
-  a batch whose rows are all answered or abandoned stops at the next step. A `generate`-mode
-  batch runs to its end.
+  during the batch its row is released when the ids are next read back (with `join`, a
+  joiner may take it); a batch whose rows are all answered or abandoned stops there. A
+  `generate`-mode batch runs to its end.
 
 Every answer equals `model.generate([prompt], ...)` of the request alone: greedy rows
 trivially, and a sampled row draws with its own temperature, top-k, top-p and seed, its
