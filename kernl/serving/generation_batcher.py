@@ -30,10 +30,10 @@ runtime/generation/joining.py):
   `max_new_tokens`. A joinable batch reads the ids back after every step while a request
   streams or a waiting one could take a free row, otherwise every QUIET_STEPS steps (never
   past a row's budget): a request that arrives then waits at most that many steps to join,
-  and an answer whose row emitted its EOS inside such a stretch comes that much later. Without `join`, ids are
-  read back every step, or, when no request streams and all ask for the same
-  `max_new_tokens`, one `model.generate` call runs instead: it reads them back once at the
-  end.
+  and an answer whose row emitted its EOS inside such a stretch comes that much later.
+  Without `join`, ids are read back every step, or, when no request streams and all ask for
+  the same `max_new_tokens`, one `model.generate` call runs instead: it reads them back once
+  at the end.
 - A client that leaves (`Ticket.cancel`) before its batch starts is dropped from the queue;
   during the batch its row is released when the ids are next read back (with `join`, a
   joiner may take it); a batch whose rows are all answered or abandoned stops there. A
@@ -52,7 +52,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from .generation_protocol import (
     GenerationLimits,
@@ -216,7 +216,7 @@ class GenerationBatcher:
 
     def _next_group(self) -> list[Ticket]:
         """The oldest live request and the later ones that may share its call."""
-        live = [t for t in list(self._pending) if not t.cancelled]
+        live = [t for t in self._pending if not t.cancelled]  # the caller holds the lock
         if not live:
             return []
         group = [live[0]]
@@ -336,12 +336,7 @@ class GenerationBatcher:
                 joiners = self._take_joiners(batch, key, len(rows)) if rows else []
                 group += joiners  # answered like the others if the model fails
                 for t in joiners:
-                    sampling = {}
-                    if key.do_sample:
-                        s = t.request.sampler
-                        sampling = dict(
-                            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed
-                        )
+                    sampling = asdict(t.request.sampler) if key.do_sample else {}
                     try:
                         row, token = batch.join(
                             t.request.prompt, t.request.max_new_tokens, **sampling

@@ -264,18 +264,16 @@ def _check_fits(prompt: list[int], options: dict, limits: GenerationLimits) -> N
             f"artifact ({limits.prompts}); at most {limits.prompts[-1]}",
         )
     fit = limits.most_new_tokens(bucket)
-    if o["max_new_tokens"] > fit and limits.encoder_decoder:
-        raise RequestError(
-            413,
-            f"max_new_tokens {o['max_new_tokens']} does not fit the decoder cache of "
-            f"{limits.cache_len} slots: at most {fit} new tokens",
-        )
     if o["max_new_tokens"] > fit:
+        where = (
+            f"the decoder cache of {limits.cache_len} slots"
+            if limits.encoder_decoder
+            else f"the KV cache of {limits.cache_len} slots after a prompt of {len(prompt)} "
+            f"tokens (prompt bucket {bucket})"
+        )
         raise RequestError(
             413,
-            f"max_new_tokens {o['max_new_tokens']} does not fit the KV cache of "
-            f"{limits.cache_len} slots after a prompt of {len(prompt)} tokens (prompt bucket "
-            f"{bucket}): at most {fit} new tokens",
+            f"max_new_tokens {o['max_new_tokens']} does not fit {where}: at most {fit} new tokens",
         )
 
 
