@@ -10,7 +10,9 @@ variant recaptures the (batch 1, kv 512) decode step, times 200 replays with CUD
 (each step writes the last slot, 511, so that attention reads the whole kv length, as the
 compiler's timing does: kernl's decode attention skips the slots past the current one; its
 launch config is the compiler's tile for batch 1 and kv 512 when the variant runs it) and
-profiles 20 replays: kernel time per step, kernels per step, top kernels. A variant the
+profiles 20 replays: kernel time per step, kernels per step, top kernels. Under PDL, the
+weight-streaming kernels' trigger (kernels/pdl.py) is compared at their start and after their
+main loop. A variant the
 artifact holds no binary for runs with Triton's JIT (allow_jit), as in the compiler."""
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def main() -> None:
     import kernl.runtime
     from kernl.artifacts.generation import DecodeKernels
     from kernl.compiler.tasks.causal_lm.decode_kernels import at_last_slot
+    from kernl.kernels import pdl as kpdl
     from kernl.runtime.binaries import allow_jit
 
     gen = kernl.runtime.load(f"{work}/a")
@@ -59,15 +62,28 @@ def main() -> None:
     fused = dataclasses.replace(
         chosen, norm="fused", linear="fused", lm_head="triton", pdl=False, prefetch=False
     )
+    pdl = dataclasses.replace(fused, pdl=True)
+    after_loop, at_start = kpdl.TRIGGER_AFTER_LOOP, kpdl.TRIGGER_AT_START
+    # (kernels, when the weight-streaming kernels let the next one launch under PDL)
     variants = {
-        "torch": DecodeKernels(),
-        "chosen": chosen,
-        "fused, no pdl": fused,
-        "fused + pdl": dataclasses.replace(fused, pdl=True),
+        "torch": (DecodeKernels(), after_loop),
+        "chosen": (chosen, after_loop),
+        "fused, no pdl": (fused, after_loop),
+        "fused + pdl, linears trigger at start": (pdl, at_start),
+        "fused + pdl, linears trigger after their loop": (pdl, after_loop),
+        "fused + pdl + prefetch, trigger at start": (
+            dataclasses.replace(pdl, prefetch=True),
+            at_start,
+        ),
+        "fused + pdl + prefetch, trigger after the loop": (
+            dataclasses.replace(pdl, prefetch=True),
+            after_loop,
+        ),
     }
     gen._running = None  # the compiler's context: every kernel may JIT, not only the artifact's
     state = gen._states[1]
-    for name, kernels in variants.items():
+    for name, (kernels, trigger) in variants.items():
+        kpdl.streaming_trigger = trigger  # read at each launch: the capture below compiles
         gen.decoder.kernels = kernels
         gen._steps.clear()
         with allow_jit(), torch.no_grad():

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .launch import is_interpreted, launch_kernel
-from .pdl import pdl_kwargs, pdl_start, prefetch_lines, prefetch_rows_l2
+from .pdl import pdl_kwargs, pdl_release, pdl_start, prefetch_lines, prefetch_rows_l2
 
 MAX_ROWS = 16
 INT64_MIN = -(2**63)
@@ -90,6 +90,7 @@ def _lm_head_argmax_kernel(
             x = (xf * g[None, :]).to(W.dtype.element_ty)
         w = tl.load(w_rows + ks[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    pdl_release(USE_PDL)
     if HAS_NORM:
         acc = acc * (1.0 / tl.sqrt(ss / K + eps))[:, None]
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -235,7 +236,7 @@ def lm_head_argmax(
         PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-        **pdl_kwargs(pdl, is_interpreted(_lm_head_argmax_kernel)),
+        **pdl_kwargs(pdl, is_interpreted(_lm_head_argmax_kernel), streaming=True),
         PREFETCH=prefetch_lines(pdl and prefetch, K, weight, _lm_head_argmax_kernel),
     )
     return ids_out, (logits_out if write_logits else None)

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .launch import is_interpreted, launch_kernel
-from .pdl import pdl_kwargs, pdl_start, prefetch_lines, prefetch_rows_l2
+from .pdl import pdl_kwargs, pdl_release, pdl_start, prefetch_lines, prefetch_rows_l2
 
 MAX_ROWS = 16
 MAX_COUNTERS = 4096  # N blocks one `counters` buffer serves (N / BLOCK_N)
@@ -170,6 +170,7 @@ def _norm_linear_kernel(
         if GATED:
             wu = tl.load(u_rows + ks[None, :], mask=w_mask, other=0.0)
             acc_u = tl.dot(h, tl.trans(wu), acc_u, input_precision=PRECISION)
+    pdl_release(USE_PDL)
 
     if SPLIT_K == 1:
         _norm_linear_finish(
@@ -386,7 +387,7 @@ def norm_linear(
         PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-        **pdl_kwargs(pdl, is_interpreted(_norm_linear_kernel)),
+        **pdl_kwargs(pdl, is_interpreted(_norm_linear_kernel), streaming=True),
         PREFETCH=prefetch_lines(pdl and prefetch, k_chunk, weight, _norm_linear_kernel),
     )
     return out

@@ -4,7 +4,15 @@ with `launch_pdl=True` may start while the kernel before it on the stream drains
 are the launch arguments that go with it (a `USE_PDL` constexpr and, when on, Triton's
 `launch_pdl` option). Triton 3.6's interpreter cannot run gdc_wait (an InterpreterError: it is
 inline PTX), so PDL is off there (`pdl_kwargs` says so) and CPU tests cover everything but the
-instructions."""
+instructions.
+
+When the next kernel may launch is the trigger (`USE_PDL`): at the start (right after the wait)
+suits a kernel of one wave or less, whose programs all run at once, so the next kernel's
+programs fill the SMs it leaves idle and start their weight prefetch early. A weight-streaming
+kernel of several waves instead triggers after its main loop (`pdl_release`): triggered at the
+start, the next kernel's waiting programs would hold SM slots its own later waves need. Either
+way the next kernel's `gdc_wait` waits for this whole grid to finish and flush, so the trigger
+moves only timing, never what is read."""
 
 from __future__ import annotations
 
@@ -16,14 +24,29 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .launch import is_interpreted
 
+TRIGGER_AT_START = 1  # USE_PDL values; 0 is off
+TRIGGER_AFTER_LOOP = 2
+# The trigger of the weight-streaming kernels (the linears, lm_head): after their main loop,
+# measured against at the start in benchmarks/profile_decode_variants.py (docs/performance.md).
+streaming_trigger = TRIGGER_AFTER_LOOP
+
 
 @triton.jit
 def pdl_start(USE_PDL: tl.constexpr):
     """With PDL: wait until the previous kernel on the stream has finished and its writes are
-    visible (nothing before this may read or write shared buffers), then let the next kernel
-    launch: its programs start and wait in turn while this one streams its weights."""
-    if USE_PDL:
+    visible (nothing before this may read or write shared buffers); with the trigger at the
+    start, then let the next kernel launch: its programs start and wait in turn."""
+    if USE_PDL != 0:
         gdc_wait()
+    if USE_PDL == 1:  # TRIGGER_AT_START
+        gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_release(USE_PDL: tl.constexpr):
+    """With the trigger after the main loop: this program has issued all its weight loads, so
+    the next kernel may launch (it does once every program of this grid got here or exited)."""
+    if USE_PDL == 2:  # TRIGGER_AFTER_LOOP
         gdc_launch_dependents()
 
 
@@ -57,8 +80,11 @@ def prefetch_lines(on: bool, k_span: int, weight, kernel) -> int:
     return min(MAX_PREFETCH_LINES, triton.next_power_of_2(max(1, lines)))
 
 
-def pdl_kwargs(pdl: bool, interpreted: bool = False) -> dict[str, Any]:
-    """The launch arguments of a kernel that calls `pdl_start(USE_PDL)`."""
+def pdl_kwargs(pdl: bool, interpreted: bool = False, streaming: bool = False) -> dict[str, Any]:
+    """The launch arguments of a kernel that calls `pdl_start(USE_PDL)`; `streaming`: a
+    weight-streaming kernel that calls `pdl_release(USE_PDL)` after its main loop (its
+    trigger is `streaming_trigger`)."""
     if pdl and not interpreted:
-        return {"USE_PDL": True, "launch_pdl": True}
-    return {"USE_PDL": False}
+        trigger = streaming_trigger if streaming else TRIGGER_AT_START
+        return {"USE_PDL": trigger, "launch_pdl": True}
+    return {"USE_PDL": 0}

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .launch import is_interpreted, launch_kernel
-from .pdl import pdl_kwargs, pdl_start, prefetch_lines, prefetch_rows_l2
+from .pdl import pdl_kwargs, pdl_release, pdl_start, prefetch_lines, prefetch_rows_l2
 
 MAX_ROWS = 16
 MAX_COUNTERS = 4096  # N blocks one `counters` buffer serves (N / BLOCK_N)
@@ -108,6 +108,7 @@ def _skinny_fused_kernel(
         )
         w = tl.load(w_rows + ks[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    pdl_release(USE_PDL)
 
     if SPLIT_K == 1:
         _skinny_fused_finish(
@@ -278,7 +279,7 @@ def skinny_linear_fused(
         PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-        **pdl_kwargs(pdl, is_interpreted(_skinny_fused_kernel)),
+        **pdl_kwargs(pdl, is_interpreted(_skinny_fused_kernel), streaming=True),
         PREFETCH=prefetch_lines(pdl and prefetch, k_chunk, weight, _skinny_fused_kernel),
     )
     return out

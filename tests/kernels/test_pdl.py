@@ -1,6 +1,6 @@
 """Programmatic dependent launch (kernels/pdl.py): the decode kernels take a USE_PDL
-constexpr (gdc_wait, then gdc_launch_dependents, before any read) and Triton's launch_pdl
-option; a loaded artifact launches such binaries through cuLaunchKernelEx with the
+constexpr (gdc_wait before any read; gdc_launch_dependents right after it, or for the
+weight-streaming kernels after their main loop) and Triton's launch_pdl option; a loaded artifact launches such binaries through cuLaunchKernelEx with the
 programmatic-stream-serialization attribute (runtime/binaries.py).
 
 The interpreter runs no inline PTX: there PDL is off (the launchers still take `pdl`, so the
@@ -33,9 +33,14 @@ def test_pdl_kwargs_and_prefetch_lines():
     assert kpdl.prefetch_lines(True, 192, w, nl._norm_linear_kernel) == (
         0 if launch.is_interpreted(nl._norm_linear_kernel) else 4
     )
-    assert kpdl.pdl_kwargs(False) == {"USE_PDL": False}
-    assert kpdl.pdl_kwargs(True) == {"USE_PDL": True, "launch_pdl": True}
-    assert kpdl.pdl_kwargs(True, interpreted=True) == {"USE_PDL": False}
+    assert kpdl.pdl_kwargs(False) == {"USE_PDL": 0}
+    assert kpdl.pdl_kwargs(False, streaming=True) == {"USE_PDL": 0}
+    assert kpdl.pdl_kwargs(True) == {"USE_PDL": kpdl.TRIGGER_AT_START, "launch_pdl": True}
+    assert kpdl.pdl_kwargs(True, streaming=True) == {
+        "USE_PDL": kpdl.streaming_trigger,
+        "launch_pdl": True,
+    }
+    assert kpdl.pdl_kwargs(True, interpreted=True) == {"USE_PDL": 0}
 
 
 def _chain(
@@ -43,8 +48,11 @@ def _chain(
 ):
     """norm+QKV -> rope+cache write -> decode attention -> O+residual -> norm+gate/up ->
     down+residual per layer, then norm+lm_head+argmax: every PDL-able decode kernel, each
-    reading what the one before it wrote. pdl "prefetch": PDL with the weight prefetch."""
+    reading what the one before it wrote. pdl "prefetch": PDL with the weight prefetch;
+    "at start": PDL with every kernel's trigger at its start (the default's linears trigger
+    after their main loop)."""
     pf = pdl == "prefetch"
+    trigger = kpdl.TRIGGER_AT_START if pdl == "at start" else kpdl.TRIGGER_AFTER_LOOP
     pdl = bool(pdl)
     g = torch.Generator(device="cpu").manual_seed(seed)
     rnd = lambda *s: (torch.randn(*s, generator=g) * 0.1).to(device=device, dtype=dtype)  # noqa: E731
@@ -74,6 +82,13 @@ def _chain(
     ids = torch.empty(M, dtype=torch.int64, device=device)
 
     def run():
+        kpdl.streaming_trigger, default = trigger, kpdl.streaming_trigger
+        try:
+            return layers_then_lm_head()
+        finally:
+            kpdl.streaming_trigger = default
+
+    def layers_then_lm_head():
         for wqkv, wo, wgu, wd, kc, vc in weights:
             qkv = nl.norm_linear(
                 x, norm_w, None, wqkv, eps=1e-5, counters=counters, pdl=pdl, prefetch=pf
@@ -102,7 +117,7 @@ def test_pdl_launches_compute_what_plain_launches_compute():
     dtype = torch.float32 if DEVICE == "cpu" else torch.float16
     shape = dict(M=3, K=64, inter=96, vocab=200, layers=2, dtype=dtype, device=DEVICE)
     plain_ids, plain_x = _chain(False, **shape)()
-    for pdl in (True, "prefetch"):
+    for pdl in (True, "prefetch", "at start"):
         pdl_ids, pdl_x = _chain(pdl, **shape)()
         assert torch.equal(plain_ids, pdl_ids) and torch.equal(plain_x, pdl_x)
 
@@ -173,7 +188,7 @@ def _graph_run(run):
 def test_gpu_pdl_chain_in_a_cuda_graph_is_bitwise_the_plain_chain():
     shape = dict(M=4, K=2048, inter=8192, vocab=32000, layers=4, dtype=torch.bfloat16)
     results = []
-    for pdl in (False, True, "prefetch"):
+    for pdl in (False, True, "prefetch", "at start"):
         graph, (ids, x) = _graph_run(_chain(pdl, device="cuda", **shape))
         for _ in range(3):  # replays restart from the state the last one left: compare the 3rd
             graph.replay()
