@@ -9,8 +9,9 @@
 #
 # On the device, two calls in a row (the machine goes back after 30 s idle, so the second
 # must follow the first at once; .rayA stays there because the second call does not name it):
-#   run(carry=[".rayA"], command="true")
+#   run(carry=[".rayA"], command="rm -rf /tmp/rayA && cp -r .rayA /tmp/rayA")
 #   run(carry=[".rayB", ...], command="source benchmarks/ray_on_device.sh install && <bench>")
+# (an ignored path that a call does not carry is gone in the next call: keep part A in /tmp)
 # `install` joins the parts, installs everything into /tmp/site (no index, no network) and
 # exports PYTHONPATH, so Ray's workers started from that shell find it too. Then, e.g.:
 #   PYTHONPATH=$PWD:$PYTHONPATH python3 benchmarks/bench_serving_e2e.py $OUT
@@ -42,6 +43,10 @@ prepare() {
             basename "$wheel" >.rayB/RAY_WHEEL
             split -b "$PART_BYTES" -a 2 "$wheel" .rayA/ray.part-
             mv .rayA/ray.part-a[b-z] .rayB/ 2>/dev/null
+        elif [ "$name" = grpcio_reflection ]; then
+            # the GPU image has grpcio 1.84, which newer grpcio-reflection refuses
+            python3 -m pip download -q --no-deps --only-binary=:all: -d .rayB \
+                grpcio-reflection==1.84.0 || return 1
         elif ! grep -qw "$name" <<<"$ON_DEVICE"; then
             cp "$wheel" .rayB/
         fi
@@ -52,6 +57,7 @@ prepare() {
 
 install() {
     [ -f .rayB/RAY_WHEEL ] || { echo "no .rayB/RAY_WHEEL: carry .rayB (see the header)"; return 1; }
+    [ -d .rayA ] || { mkdir -p .rayA && cp /tmp/rayA/* .rayA/ 2>/dev/null; }
     ls .rayA/ray.part-aa >/dev/null || { echo "no .rayA here: the first call did not run on this machine"; return 1; }
     local wheel="/tmp/$(cat .rayB/RAY_WHEEL)"
     cat .rayA/ray.part-* .rayB/ray.part-* >"$wheel" || return 1
