@@ -24,7 +24,10 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .launch import is_interpreted
 
-TRIGGER_AT_START = 1  # USE_PDL values; 0 is off
+# USE_PDL values. Off and at-start stay False and True: a binary's launch key holds the
+# constexpr's repr, so artifacts compiled before the after-loop trigger keep loading.
+PDL_OFF = False
+TRIGGER_AT_START = True  # == 1 inside the kernels
 TRIGGER_AFTER_LOOP = 2
 # The trigger of the weight-streaming kernels (the linears, lm_head): after their main loop,
 # measured against at the start in benchmarks/profile_decode_variants.py (docs/performance.md).
@@ -87,4 +90,4 @@ def pdl_kwargs(pdl: bool, interpreted: bool = False, streaming: bool = False) ->
     if pdl and not interpreted:
         trigger = streaming_trigger if streaming else TRIGGER_AT_START
         return {"USE_PDL": trigger, "launch_pdl": True}
-    return {"USE_PDL": 0}
+    return {"USE_PDL": PDL_OFF}

@@ -23,13 +23,13 @@ def _compile(kernel, signature: dict[str, str], constants: dict, options=None) -
 
 
 NORM_LINEAR = [
-    (s, r, b, g, 0)
+    (s, r, b, g, False)
     for s, r, b, g in itertools.product((1, 3), (True, False), (False, True), (False, True))
     if not (r and b)
 ]
-NORM_LINEAR += [(3, True, False, True, 2), (1, False, True, False, 1)]  # PDL, both triggers
-SKINNY = [(*v, 0) for v in itertools.product((1, 3), (False, True), (False, True))]
-SKINNY += [(3, False, True, 2), (1, True, True, 1)]
+NORM_LINEAR += [(3, True, False, True, 2), (1, False, True, False, True)]  # PDL, both triggers
+SKINNY = [(*v, False) for v in itertools.product((1, 3), (False, True), (False, True))]
+SKINNY += [(3, False, True, 2), (1, True, True, True)]
 # decode attention as the decoder launches it (lengths and mask) over Llama-1B's head dim: the
 # default, the smallest key block with the most chunks, and the widest block
 DECODE_ATTENTION = [(64, 4, 3, 0), (16, 2, 2, 64), (128, 8, 3, 64)]
@@ -75,14 +75,14 @@ def decode_attention_compiles(block_n, num_warps, num_stages, num_splits):
     signature |= dict.fromkeys(("stride_ob", "stride_oh", "stride_os", "stride_mb"), "i32")
     signature |= {"stride_mh": "i32"}
     constants = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_G=16, BLOCK_N=block_n)
-    constants |= dict(HAS_KV_LENS=True, HAS_KV_MASK=True, USE_PDL=0)
+    constants |= dict(HAS_KV_LENS=True, HAS_KV_MASK=True, USE_PDL=False)
     _compile(_decode_split_kernel, signature, constants, options)
     signature = dict.fromkeys(("MidO", "MidM", "MidL"), "*fp32") | {"Out": "*bf16"}
     signature |= dict.fromkeys(("num_heads", "num_splits"), "i32")
     names = ("stride_ob", "stride_oh", "stride_os", "stride_mb", "stride_mh")
     signature |= dict.fromkeys(names + ("stride_outb", "stride_outh", "stride_outd"), "i32")
     block_s = max(2, num_splits)  # the merge's tile of chunks: up to 64
-    constants = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_S=block_s, USE_PDL=0)
+    constants = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_S=block_s, USE_PDL=False)
     _compile(_decode_merge_kernel, signature, constants, dict(num_warps=4))
 
 
