@@ -18,7 +18,7 @@ CACHE = 64
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def artifact(tmp_path_factory):
     path = tmp_path_factory.mktemp("join") / "llama.kernl"
     kernl.compiler.compile(
         tiny_model("llama3"),
@@ -28,7 +28,12 @@ def model(tmp_path_factory):
         device="cpu",
         task="causal-lm",
     )
-    return kernl.runtime.load(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(artifact):
+    return kernl.runtime.load(artifact)
 
 
 def prompt(n: int, seed: int) -> list[int]:
@@ -87,6 +92,19 @@ def test_joined_rows_sample_what_they_would_alone(model):
     assert got[("join", 5)] == alone(model, b, 18, do_sample=True, **sb)
     # Not the greedy ids: the joined row did sample.
     assert got[("join", 5)] != alone(model, b, 18)
+
+
+def test_every_step_a_batch_replays_exists_before_its_prefill(artifact):
+    """On a GPU a step is captured on first use, and capturing resets the bucket's slot,
+    positions and valid slots: a batch must never meet a step it has not captured yet."""
+    fresh = kernl.runtime.load(artifact)
+    a, b = prompt(6, 4), prompt(4, 5)
+    kw = dict(do_sample=True, eos_token_id=[], rows=4, seed=[3])
+    with fresh.open_batch([a], max_new_tokens=40, **kw) as batch:
+        before = set(fresh._steps)
+        run(batch, {5: (b, 18, dict(seed=9))})
+    assert set(fresh._steps) == before
+    assert ("decode", 4, CACHE, True) in before and ("prefill", 1, 8, True) in before
 
 
 def test_a_freed_row_seats_a_joiner_and_the_batch_ends_with_its_rows(model):

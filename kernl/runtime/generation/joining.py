@@ -50,6 +50,7 @@ class OpenBatch:
         model._lock.acquire()
         model._streaming_thread = threading.get_ident()
         try:
+            self._capture_steps()
             model._start(plan, *sampling)
             model._step(("prefill", self.bucket, plan.prompt_bucket, plan.do_sample)).run()
             ids = self.state.tokens[: plan.batch].tolist()
@@ -58,6 +59,19 @@ class OpenBatch:
             raise
         self._left = dict(enumerate(limits))
         self.first = self._emitted(list(enumerate(ids)))
+
+    def _capture_steps(self) -> None:
+        """Every step this batch and its joiners can replay, captured before any buffer holds
+        a request: capturing runs a step for real after resetting its bucket's slot, positions
+        and valid slots, which mid-batch would wipe the running rows (sampling graphs are
+        otherwise captured on first use)."""
+        model, buckets = self.model, self.model.buckets
+        slots = range(self.plan.prompt_bucket, buckets.cache_len)
+        for kv in sorted({pick_size(buckets.kv_lengths, s + 1) for s in slots}):
+            model._step(("decode", self.bucket, kv, self.do_sample))
+        if self.join_bucket is not None:
+            for p in buckets.prompts:
+                model._step(("prefill", self.join_bucket, p, self.do_sample))
 
     @property
     def rows(self) -> list[int]:
