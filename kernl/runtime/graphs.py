@@ -13,12 +13,22 @@ each recording, which frees the block a kernl graph captured as its scratch; the
 wrote into memory someone else owned (an illegal memory access with a Llama-1B artifact). Like
 those trees, kernl clears the workspaces around its own capture: the workspace a graph uses is
 then allocated during capture, inside the model's private pool, and lives as long as the
-graphs do, whatever anyone clears later."""
+graphs do, whatever anyone clears later.
+
+While a graph is captured, nothing else may destroy a graph: torch (2.11) no longer collects
+garbage before a capture, so Python's collector could run inside one and free a dropped
+model's graphs there — `cudaGraphExecDestroy` during a capture invalidates it
+(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED at whatever launch came next; seen in the compiler,
+which builds and drops step graphs while it times the decode kernels). `capturing()` pauses
+the collector on this thread's capture and captures in thread-local mode, so another thread
+dropping its graphs cannot invalidate ours either."""
 
 from __future__ import annotations
 
+import gc
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -62,13 +72,27 @@ def capture_graph(
     graph = torch.cuda.CUDAGraph()
     _clear_cublas_workspaces()
     try:
-        with torch.cuda.graph(graph, pool=pool, stream=stream):
+        with capturing(graph, pool=pool, stream=stream):
             out = fn()
     finally:
         # The workspace allocated during capture belongs to the pool: out of cuBLAS's cache
         # with it, so no eager matmul on this stream ever writes into a graph's scratch.
         _clear_cublas_workspaces()
     return graph, out
+
+
+@contextmanager
+def capturing(graph: torch.cuda.CUDAGraph, pool=None, stream=None) -> Iterator[None]:
+    """`torch.cuda.graph(...)` that no garbage collection or other thread invalidates (see
+    the module docstring)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _clear_cublas_workspaces() -> None:

@@ -3,6 +3,7 @@ that record what capture_graph asks for. What matters for memory is that every c
 device warms up and captures on one stream (cuBLAS keeps a 32 MiB workspace per stream)."""
 
 import contextlib
+import gc
 
 import pytest
 import torch
@@ -39,8 +40,9 @@ def fake_cuda(monkeypatch):
             current[0] = previous
 
     @contextlib.contextmanager
-    def graph_ctx(graph, pool=None, stream=None):
+    def graph_ctx(graph, pool=None, stream=None, capture_error_mode="global"):
         events.append(("capture", graph, pool, stream))
+        events.append(("mode", capture_error_mode, gc.isenabled()))
         previous, current[0] = current[0], stream
         try:
             yield
@@ -141,7 +143,7 @@ def test_cublas_workspaces_are_cleared_around_every_capture(fake_cuda):
     events, _ = fake_cuda
     for _ in range(2):
         graphs.capture_graph(lambda: None, "pool", warmups=1)
-    assert [e[0] for e in events] == ["clear", "capture", "clear"] * 2
+    assert [e[0] for e in events] == ["clear", "capture", "mode", "clear"] * 2
 
 
 def test_cublas_workspaces_are_cleared_even_when_capture_fails(fake_cuda):
@@ -155,4 +157,59 @@ def test_cublas_workspaces_are_cleared_even_when_capture_fails(fake_cuda):
 
     with pytest.raises(RuntimeError, match="capture failed"):
         graphs.capture_graph(fn, "pool", warmups=1)
-    assert [e[0] for e in events] == ["clear", "capture", "clear"]
+    assert [e[0] for e in events] == ["clear", "capture", "mode", "clear"]
+
+
+def test_no_garbage_collection_nor_other_thread_can_invalidate_a_capture(fake_cuda):
+    """A collection inside a capture that frees a dropped model's graphs invalidates it (the
+    GPU test below shows it): the collector pauses for the capture and comes back after,
+    even when the capture fails; other threads' CUDA calls are not checked (thread-local)."""
+    events, _ = fake_cuda
+    seen = []
+    graphs.capture_graph(lambda: seen.append(gc.isenabled()), "pool", warmups=1)
+    assert seen == [True, False] and gc.isenabled()
+    assert [e[1:] for e in events if e[0] == "mode"] == [("thread_local", False)]
+    gc.disable()
+    try:  # a caller that turned the collector off keeps it off
+        graphs.capture_graph(lambda: None, "pool")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    runs = []
+
+    def fails_under_capture():
+        runs.append(1)
+        if len(runs) == 2:
+            raise RuntimeError("capture failed")
+
+    with pytest.raises(RuntimeError, match="capture failed"):
+        graphs.capture_graph(fails_under_capture, "pool")
+    assert gc.isenabled()
+
+
+@pytest.mark.gpu
+def test_a_graph_collected_during_a_capture_does_not_invalidate_it():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    x = torch.zeros(16, device="cuda")
+
+    class Model:  # a dropped model: a reference cycle holding a captured graph
+        pass
+
+    dropped = Model()
+    dropped.self = dropped
+    dropped.graph, _ = graphs.capture_graph(lambda: x.add_(1), torch.cuda.graph_pool_handle())
+    del dropped
+    threshold = gc.get_threshold()
+    gc.set_threshold(1)  # the next allocation of a container triggers a collection
+    try:
+        graph, out = graphs.capture_graph(
+            lambda: [[i] for i in range(100)] and x * 2, torch.cuda.graph_pool_handle()
+        )
+    finally:
+        gc.set_threshold(*threshold)
+        gc.collect()
+    x.fill_(3)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, torch.full_like(x, 6))

@@ -37,6 +37,7 @@ import torch
 from kernl.artifacts.generation import DecodeTile
 from kernl.runtime.binaries import allow_jit
 from kernl.runtime.generation.decoder import FEW_ROWS, Decoder
+from kernl.runtime.graphs import capturing
 
 REPLAYS = 10
 MIN_CALLS = 8  # a CUDA graph holds at least this many calls (the layers, cycled)
@@ -275,7 +276,7 @@ def graph_ms(calls: list[Callable[[], object]], device: torch.device) -> float:
     torch.cuda.current_stream(device).wait_stream(stream)
     torch.cuda.synchronize(device)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with capturing(graph):
         for fn in seq:
             fn()
     graph.replay()
