@@ -1,7 +1,7 @@
 """Shared by the serving benchmarks (bench_serving_direct.py on the GPU,
-bench_serving_ray_overhead.py on the CPU): the request gatherer that stands for Ray Serve's
-`@serve.batch` when kernl's request path runs in one process without Ray, and a stub
-BERT-base-shaped encoder that prices the request path's host work alone (host_cost)."""
+bench_serving_ray_overhead.py on the CPU): kernl's encoder request path in one process
+without Ray (the deployment's own BatchGatherer), and a stub BERT-base-shaped encoder that
+prices the request path's host work alone (host_cost)."""
 
 from __future__ import annotations
 
@@ -15,61 +15,8 @@ import torch
 
 from kernl.artifacts.schema import Bucket, InputSpec, OutputSpec
 from kernl.serving.encoder import serve_batch_bytes
+from kernl.serving.gather import BatchGatherer
 from kernl.serving.protocol import ModelLimits, parse_request
-
-
-class Gather:
-    """Stands for Ray Serve's `@serve.batch` in the deployment: requests queue; when the
-    worker is free, up to `max_rows` rows are taken, after waiting at most `wait_s` from the
-    first for more; one batch runs at a time on the worker thread. (Ray forms the next batch
-    while one runs, closing it `wait_s` after its first request, and starts it when the
-    running one ends; here it is formed when the worker frees, so requests that queued during
-    a run never wait for the window.)"""
-
-    def __init__(self, serve, max_rows: int, wait_s: float):
-        self.serve = serve
-        self.max_rows = max_rows
-        self.wait_s = wait_s
-        self.items: list = []
-        self.wake = asyncio.Event()
-        self.task: asyncio.Task | None = None
-        self.worker = ThreadPoolExecutor(1)
-        self.batches: list[int] = []
-
-    async def submit(self, parsed) -> dict:
-        future = asyncio.get_running_loop().create_future()
-        self.items.append((parsed, future, time.monotonic()))
-        self.wake.set()
-        if self.task is None:
-            self.task = asyncio.get_running_loop().create_task(self.run())
-        return await future
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self.items:
-                self.wake.clear()
-                await self.wake.wait()
-                continue
-            deadline = self.items[0][2] + self.wait_s
-            while sum(len(p.rows) for p, _, _ in self.items) < self.max_rows:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.wake.clear()
-                try:
-                    await asyncio.wait_for(self.wake.wait(), left)
-                except TimeoutError:
-                    break
-            batch, rows = [], 0
-            while self.items and rows + len(self.items[0][0].rows) <= self.max_rows:
-                item = self.items.pop(0)
-                batch.append(item)
-                rows += len(item[0].rows)
-            self.batches.append(len(batch))
-            answers = await loop.run_in_executor(self.worker, self.serve, [p for p, _, _ in batch])
-            for (_, future, _), answer in zip(batch, answers):
-                future.set_result(answer)
 
 
 def encoder_path(
@@ -90,10 +37,13 @@ def encoder_path(
     bytes, as in the deployment. Returns (latencies in s, measured seconds, requests per model batch)."""
 
     async def main():
-        gather = Gather(
+        worker = ThreadPoolExecutor(1)
+        gather = BatchGatherer(
             lambda requests: serve_batch_bytes(model, requests, costs, {"replica": "bench"}),
+            worker,
             max_rows,
-            wait_s,
+            rows_of=lambda request: len(request.rows),
+            wait_s=wait_s,
         )
         latencies: list[float] = []
         end = [float("inf")]
@@ -118,9 +68,8 @@ def encoder_path(
         await asyncio.gather(*(client(k, True) for k in range(clients)))
         elapsed = time.perf_counter() - start
         per_batch = sum(gather.batches) / max(len(gather.batches), 1)
-        gather.worker.shutdown()
-        if gather.task is not None:
-            gather.task.cancel()
+        await gather.close()
+        worker.shutdown()
         return latencies, elapsed, per_batch
 
     return asyncio.run(main())

@@ -1,7 +1,8 @@
 """`kernl serve`: an HTTP endpoint for a compiled artifact on Ray Serve (extra `serve`).
 
 cli.py                   argparse entry point (`kernl serve`, `python -m kernl.serving`)
-deployment.py            the Ray Serve deployment of encoders: routes, `@serve.batch`, replicas
+deployment.py            the Ray Serve deployment of encoders: routes, replicas
+gather.py                encoder requests gathered into batches when the model frees (no Ray)
 encoder.py               one gathered batch of encoder requests served (no Ray)
 batching.py              cutting a batch of sequences into the artifact's buckets (no Ray)
 protocol.py              the JSON request/response format and its checks (no Ray)

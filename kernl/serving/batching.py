@@ -1,7 +1,7 @@
 """Group queued sequences into the artifact's buckets and serve each group with one call.
 
-Ray Serve's `@serve.batch` hands the replica every request that arrived within the batch
-window; this module decides how those sequences share graph replays. The rows are sorted by
+The replica's gatherer (gather.py) hands over every request that queued while the model was
+busy; this module decides how those sequences share graph replays. The rows are sorted by
 length and cut into contiguous groups, each held by one bucket, choosing the cut whose
 replays cost least: on a GPU each bucket's call time is measured when the replica starts; on
 the CPU the price is the bucket's tokens plus a fixed price per replay. So eight short

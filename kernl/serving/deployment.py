@@ -1,5 +1,7 @@
 """The Ray Serve deployment of `kernl serve`: one replica per model copy (per GPU), requests
-batched by `@serve.batch` and cut into the artifact's buckets by batching.plan_groups.
+gathered into batches when the model is free (gather.BatchGatherer, not `@serve.batch`, which
+closes a batch on a timer while the previous one runs) and cut into the artifact's buckets by
+batching.plan_groups.
 
 Routes (all on the application's route prefix):
     POST /  or  /predict   token ids or text in, outputs out (protocol.py)
@@ -36,15 +38,13 @@ from kernl.artifacts import read_manifest
 from .batching import measure_costs, token_costs
 from .config import ServeConfig
 from .encoder import Replay, serve_batch_bytes
+from .gather import BatchGatherer
 from .generation_protocol import GENERATION_TASKS, GenerationLimits, check_servable
 from .metrics import ReplayStats
 from .protocol import ModelLimits, ParsedRequest, RequestError, parse_request, prepare_answers
 from .replica import Replica, SharedStats, replica_device
 from .replica import json_response as _json
 from .tokenizer import load_tokenizer
-
-# Ray Serve's own default batch size, replaced per replica by the configured one.
-_PLACEHOLDER_BATCH = 8
 
 
 @serve.deployment
@@ -68,8 +68,13 @@ class KernlServer(Replica):
         # while loading) and keeps queueing the next batch while a replay is in flight.
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernl-replay")
         self.loading: Future = self.worker.submit(self._load)
-        self.handle_batch.set_max_batch_size(self.max_batch_size)
-        self.handle_batch.set_batch_wait_timeout_s(config.batch_wait_ms / 1000)
+        self.gather = BatchGatherer(
+            self.serve_requests,
+            self.worker,
+            self.max_batch_size,
+            rows_of=lambda request: len(request.rows),
+            wait_s=config.wait_s(generation=False),
+        )
 
     def _load(self) -> None:
         import kernl.runtime  # in the replica's process, after Ray has set its GPU
@@ -99,19 +104,11 @@ class KernlServer(Replica):
         except Exception as e:
             return _json({"error": f"model failed to load: {type(e).__name__}: {e}"}, status=503)
         try:
-            result = await self.handle_batch(parsed)
+            result = await self.gather.submit(parsed)
         except Exception as e:  # a failed replay fails its batch; the replica keeps serving
             return _json({"error": f"model call failed: {type(e).__name__}: {e}"}, status=500)
         self.stats.send("record_requests", served=1)
         return Response(result, media_type="application/json")  # encoded on the worker thread
-
-    @serve.batch(
-        max_batch_size=_PLACEHOLDER_BATCH,
-        batch_size_fn=lambda requests: sum(len(r.rows) for r in requests),
-    )
-    async def handle_batch(self, requests: list[ParsedRequest]) -> list[bytes]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.worker, self.serve_requests, requests)
 
     def serve_requests(self, requests: list[ParsedRequest]) -> list[bytes]:
         """Every row of every request, grouped into buckets; one model call per group; the
@@ -149,7 +146,7 @@ class KernlServer(Replica):
             "outputs": self.model.output_names,
             "text": self.tokenize is not None,
             "max_batch_size": self.max_batch_size,
-            "batch_wait_ms": self.config.batch_wait_ms,
+            "batch_wait_ms": 1000 * self.gather.wait_s,
             "replica": self.replica,
             "replay_costs": {f"{b.batch}x{b.seq}": c for b, c in sorted(self.costs.items())},
         }

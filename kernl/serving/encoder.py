@@ -1,7 +1,7 @@
 """One gathered batch of encoder requests served without Ray: every row of every request cut
 into the artifact's buckets (batching.plan_groups), one model call per group, one JSON answer
-per request. The deployment (deployment.py) calls `serve_batch_bytes` from `@serve.batch`
-and sends its bytes as they are; the in-process benchmark (benchmarks/bench_serving_direct.py,
+per request. The deployment (deployment.py) calls `serve_batch_bytes` for each batch its
+gatherer (gather.py) forms and sends its bytes as they are; the in-process benchmark (benchmarks/bench_serving_direct.py,
 on a GPU machine without Ray) calls it the same way. `serve_batch` gives the same answers as
 JSON objects, for callers in the same process."""
 

@@ -68,7 +68,7 @@ class KernlGenerator(Replica):
         largest = max(self.limits.batches)
         self.policy = BatchPolicy(
             max_requests=min(config.max_batch_size or largest, largest),
-            window_s=config.batch_wait_ms / 1000,
+            window_s=config.wait_s(generation=True),
             join=config.join,
         )
         self.tokenize = load_tokenizer(config.artifact)

@@ -93,12 +93,6 @@ def test_replica_answers_503_while_its_model_loads(tiny_artifact, monkeypatch):
     config = ServeConfig(artifact=str(tiny_artifact), device="cpu", plan_by="tokens")
     server = dep.KernlServer.func_or_class(config)
 
-    async def one_request_batch(parsed):  # @serve.batch needs a Ray Serve replica context
-        loop = asyncio.get_running_loop()
-        return (await loop.run_in_executor(server.worker, server.serve_requests, [parsed]))[0]
-
-    server.handle_batch = one_request_batch
-
     async def scenario():
         for path in ("/ready", "/health"):
             answer = await server(_get(path))
