@@ -99,6 +99,10 @@ class BatchGatherer(Generic[T, R]):
                 )
                 if len(answers) != len(batch):
                     raise RuntimeError(f"{len(answers)} answers for {len(batch)} requests")
+            except asyncio.CancelledError:  # close(): nobody will answer this batch
+                for _, future in batch:
+                    future.cancel()
+                raise
             except Exception as e:
                 for _, future in batch:
                     if not future.done():

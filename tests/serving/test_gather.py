@@ -146,3 +146,21 @@ def test_a_serve_giving_the_wrong_number_of_answers_fails_its_batch():
             await gather.close()
 
     run(main())
+
+
+def test_close_cancels_the_running_batch_and_the_queue():
+    async def main():
+        worker = Worker(hold=1)
+        with ThreadPoolExecutor(1) as pool:
+            gather = BatchGatherer(worker.serve, pool, max_rows=1)
+            running = asyncio.ensure_future(gather.submit("a"))
+            await until(worker.started.is_set)
+            queued = asyncio.ensure_future(gather.submit("b"))
+            await asyncio.sleep(0.01)
+            await gather.close()
+            worker.gate.set()
+            for request in (running, queued):
+                with pytest.raises(asyncio.CancelledError):
+                    await request
+
+    run(main())
