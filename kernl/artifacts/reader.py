@@ -10,7 +10,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -135,12 +135,18 @@ def _check_manifest_checksum(path: Path, raw: dict) -> None:
         )
 
 
-def verify_files(root: str | os.PathLike, manifest: Manifest, workers: int | None = None) -> None:
+def verify_files(
+    root: str | os.PathLike,
+    manifest: Manifest,
+    workers: int | None = None,
+    files: Collection[str] | None = None,
+) -> None:
     """Every file listed exists inside the folder and matches its sha256; the programs,
     weights and kernel binaries the manifest names are among them. A file with chunk hashes
     (extra.file_chunks, checked by check_manifest) must have exactly the size they cover, and
     each chunk its sha256; files and chunks are hashed on `workers` threads (default: the
-    cores, capped; writer.hash_workers). The first mismatch stops the rest."""
+    cores, capped; writer.hash_workers). The first mismatch stops the rest. `files`: hash
+    only these of the listed files (load() checks the code before the weights)."""
     root = Path(root)
     needed = [WEIGHTS_FILE] + [e.program for e in manifest.buckets]
     needed += [k.file for k in manifest.kernels]
@@ -150,6 +156,8 @@ def verify_files(root: str | os.PathLike, manifest: Manifest, workers: int | Non
     chunked = manifest.extra.get(FILE_CHUNKS_KEY) or {}
     jobs = []
     for rel, digest in manifest.files.items():
+        if files is not None and rel not in files:
+            continue
         path = resolve_inside(root, rel, "file")
         entry = chunked.get(rel)
         if entry is None:

@@ -13,13 +13,13 @@ import torch
 
 from kernl.artifacts import (
     ArtifactCorruptError,
-    ArtifactError,
     check_compatibility,
     read_manifest,
     read_weights,
     verify_files,
 )
 from kernl.artifacts.reader import check_artifact
+from kernl.artifacts.schema import WEIGHTS_FILE
 from kernl.artifacts.signing import load_trusted_keys, trusted_keys_from_env
 
 from .model import CompiledModel, ModelOutput
@@ -52,11 +52,18 @@ def load(
     root = Path(path)
     keys = load_trusted_keys(list(trusted_keys or trusted_keys_from_env()))
     manifest = read_manifest(root, trusted_keys=keys)
-    # Hash the files in the background while the weights are read: a thread that hashes
-    # every file, and the chunks of the large ones (extra.file_chunks), on a pool sized from
-    # the cores (sha256 alone runs at about 1 GB/s per core). Nothing from the artifact is
-    # launched or captured before the hashes have matched.
-    verifier = _BackgroundVerify(root, manifest) if verify else None
+    # Hash the files in the background while the weights are read: threads that hash every
+    # file, and the chunks of the large ones (extra.file_chunks), on pools sized from the
+    # cores (sha256 alone runs at about 1 GB/s per core). The code (kernel binaries,
+    # programs, every file but the weights) is checked before anything of it is loaded or
+    # run; the weights, most of the bytes, go on hashing while the graphs are captured (data
+    # cannot run, and a tampered file still fails the load): load() returns once every hash
+    # has matched.
+    code_check = weights_check = None
+    if verify:
+        code = [rel for rel in manifest.files if rel != WEIGHTS_FILE]
+        code_check = _BackgroundVerify(root, manifest, code)
+        weights_check = _BackgroundVerify(root, manifest, [WEIGHTS_FILE])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' was asked for but torch sees no CUDA GPU")
@@ -71,12 +78,22 @@ def load(
         )
         programs = checked.programs if manifest.task != "causal-lm" else []
         weights = read_weights(root, device=str(device))
-    except ArtifactError:
-        if verifier is not None:
-            verifier.result()  # a hash mismatch says more precisely what is wrong
+        if code_check is not None:
+            code_check.result()
+        model = _open(root, manifest, programs, weights, device, capture)
+    except Exception:
+        for check in (code_check, weights_check):
+            if check is not None:
+                check.result()  # a hash mismatch says more precisely what is wrong
         raise
-    if verifier is not None:
-        verifier.result()
+    if weights_check is not None:
+        weights_check.result()
+    return model
+
+
+def _open(root: Path, manifest, programs, weights, device: torch.device, capture: str):
+    """The loaded model of the artifact's task, its kernel binaries loaded and its graphs
+    captured (the code's hashes have matched)."""
     binaries = None
     if manifest.kernels and device.type == "cuda":
         binaries = _load_binaries(root, manifest, device)
@@ -112,19 +129,20 @@ def _free_memory(device: torch.device) -> int | None:
 
 
 class _BackgroundVerify:
-    """verify_files (the same as `kernl verify`: files and chunks hashed on a thread pool)
-    started from a daemon thread; `result()` waits and re-raises its first error."""
+    """verify_files of `files` (the same as `kernl verify`: files and chunks hashed on a
+    thread pool) started from a daemon thread; `result()` waits and re-raises its first
+    error."""
 
-    def __init__(self, root: Path, manifest):
+    def __init__(self, root: Path, manifest, files: list[str]):
         import threading
 
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(root, manifest), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(root, manifest, files), daemon=True)
         self._thread.start()
 
-    def _run(self, root: Path, manifest) -> None:
+    def _run(self, root: Path, manifest, files: list[str]) -> None:
         try:
-            verify_files(root, manifest)
+            verify_files(root, manifest, files=files)
         except BaseException as e:  # handed to the caller in result()
             self._error = e
 

@@ -263,3 +263,27 @@ def test_the_signature_covers_the_chunk_hashes(chunked, tmp_path):
         verify_artifact(root, trusted_keys=[keys / "k.pub"])
     with pytest.raises(ArtifactUnsafeError, match="modified after signing"):
         kernl.runtime.load(root, device="cpu", trusted_keys=[keys / "k.pub"])
+
+
+def test_load_runs_no_code_before_its_hash_and_fails_on_weights_hashed_meanwhile(
+    chunked, tmp_path, monkeypatch
+):
+    """load() checks the code (programs, kernel binaries, every file but the weights) before
+    building the model; the weights' hashes are checked while the model is built (its graphs
+    captured), and a mismatch there still fails the load."""
+    import kernl.runtime as runtime
+
+    built = []
+    real_open = runtime._open
+    monkeypatch.setattr(runtime, "_open", lambda *a: built.append(1) or real_open(*a))
+    program = next(rel for rel in read_manifest(chunked).files if rel.endswith(".msgpack"))
+    code = copy_artifact(chunked, tmp_path / "code")
+    _flip_byte(code / program, 10)
+    with pytest.raises(ArtifactCorruptError, match="does not match its sha256"):
+        kernl.runtime.load(code, device="cpu")
+    assert built == []  # refused before the model was built
+    data = copy_artifact(chunked, tmp_path / "data")
+    _flip_byte(data / W, 5000)
+    with pytest.raises(ArtifactCorruptError, match=rf"{W} chunk 1 \(bytes"):
+        kernl.runtime.load(data, device="cpu")
+    assert built == [1]  # built while its weights were hashed, then refused
