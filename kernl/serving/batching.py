@@ -92,19 +92,25 @@ def plan_groups(
     best: list[float | None] = [0.0] + [None] * n
     cut = [0] * (n + 1)
     choice: list[Bucket | None] = [None] * (n + 1)
-    # smallest_bucket sorts the buckets on every call: ask once per (rows, longest) pair.
-    fitting = functools.cache(lambda rows, seq: smallest_bucket(buckets, rows, seq))
+
+    # smallest_bucket sorts the buckets on every call, and a Bucket hashes its fields on
+    # every dict lookup: ask once per (rows, longest) pair for the bucket and its price.
+    @functools.cache
+    def price(rows: int, seq: int) -> tuple[float, Bucket] | None:
+        bucket = smallest_bucket(buckets, rows, seq)
+        return None if bucket is None else (costs[bucket], bucket)
+
     for j in range(1, n + 1):
         longest = lengths[order[j - 1]]  # sorted: the last row of a group is its longest
         for i in range(j - 1, max(-1, j - 1 - max_batch), -1):
-            bucket = fitting(j - i, longest)
-            if bucket is None:
+            priced = price(j - i, longest)
+            if priced is None:
                 break  # no bucket holds j - i rows of this length: nor any more rows
             if best[i] is None:
                 continue
-            cost = best[i] + costs[bucket]
+            cost = best[i] + priced[0]
             if best[j] is None or cost < best[j]:
-                best[j], cut[j], choice[j] = cost, i, bucket
+                best[j], cut[j], choice[j] = cost, i, priced[1]
         if best[j] is None:
             raise ValueError(
                 f"a sequence of length {longest} fits no bucket "
