@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from starlette.requests import Request
@@ -42,24 +43,59 @@ class SharedStats:
     `ray.cancel`, which is recursive: a counter cancelled before it reached the actor left a
     gap in the actor's ordered queue, and every later call to it (GET /metrics included)
     waited 30 s and failed. Sent from one thread, a replica's calls also reach the actor in
-    the order they were made."""
+    the order they were made.
+
+    Counts made while that thread is sending go together in its next actor call: an actor
+    call costs the replica more host time than a request's own JSON (without the counters, a
+    replica on 2 cores served 12-26% more requests/s), and an idle replica still sends each
+    count at once, so /metrics lags no more than before."""
 
     def __init__(self, counters: type, name: str):
         import ray
 
-        actor = ray.remote(num_cpus=0)(counters)
+        actor = ray.remote(num_cpus=0)(_counting_in_batches(counters))
         self.actor = actor.options(
             name=name, namespace=METRICS_NAMESPACE, get_if_exists=True, lifetime="detached"
         ).remote()
         self.sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernl-metrics")
+        self._pending: list[tuple[str, tuple, dict]] = []
+        self._lock = threading.Lock()
+        self._sending = False
 
     def send(self, method: str, *args, **kwargs) -> None:
         """Counts something; returns at once (the count is not waited for)."""
-        self.sender.submit(lambda: getattr(self.actor, method).remote(*args, **kwargs))
+        with self._lock:
+            self._pending.append((method, args, kwargs))
+            if self._sending:
+                return  # the sender picks it up before it stops
+            self._sending = True
+        self.sender.submit(self._send_pending)
+
+    def _send_pending(self) -> None:
+        while True:
+            with self._lock:
+                calls, self._pending = self._pending, []
+                if not calls:
+                    self._sending = False
+                    return
+            self.actor.apply_calls.remote(calls)
 
     async def snapshot(self) -> dict:
         ref = await asyncio.wrap_future(self.sender.submit(self.actor.snapshot.remote))
         return await ref
+
+
+def _counting_in_batches(counters: type) -> type:
+    """`counters` with `apply_calls([(method, args, kwargs), ...])`: one actor call for
+    several counts."""
+
+    class Counting(counters):
+        def apply_calls(self, calls: list) -> None:
+            for method, args, kwargs in calls:
+                getattr(self, method)(*args, **kwargs)
+
+    Counting.__name__ = Counting.__qualname__ = counters.__name__
+    return Counting
 
 
 class Replica:

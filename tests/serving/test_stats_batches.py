@@ -1,0 +1,85 @@
+"""SharedStats without Ray: counts made while the sender thread is busy go together in its
+next actor call, in the order they were made; an idle sender sends a count at once; a
+snapshot sees every count made before it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+from kernl.serving.metrics import ReplayStats
+from kernl.serving.replica import SharedStats, _counting_in_batches
+
+
+class FakeActor:
+    """Stands for the Ray actor: `.apply_calls.remote(calls)` applies them to a real
+    counters object; the first call blocks until `gate` opens."""
+
+    def __init__(self, counters):
+        self.counters = counters
+        self.batches: list[list] = []
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+        def apply(calls):
+            self.batches.append([c[0] for c in calls])
+            self.entered.set()
+            if len(self.batches) == 1:
+                self.gate.wait(10)
+            counters.apply_calls(calls)
+
+        self.apply_calls = SimpleNamespace(remote=apply)
+        # taken on the sender thread, awaited on the event loop, like an ObjectRef
+        self.snapshot = SimpleNamespace(remote=lambda: Ready(counters.snapshot()))
+
+
+class Ready:
+    def __init__(self, value):
+        self.value = value
+
+    def __await__(self):
+        if False:
+            yield
+        return self.value
+
+
+def stats_with(actor) -> SharedStats:
+    stats = SharedStats.__new__(SharedStats)
+    stats.actor = actor
+    stats.sender = ThreadPoolExecutor(1)
+    stats._pending, stats._lock, stats._sending = [], threading.Lock(), False
+    return stats
+
+
+def test_counts_made_while_sending_go_together_in_order():
+    counters = _counting_in_batches(ReplayStats)()
+    actor = FakeActor(counters)
+    stats = stats_with(actor)
+    stats.send("record_requests", served=1)  # idle: sent at once, alone
+    assert actor.entered.wait(10)
+    stats.send("record_replay", 2, 3, 30, "4x16", 64, "r1")
+    stats.send("record_requests", served=2)
+    stats.send("record_requests", bad=1)
+    actor.gate.set()
+
+    async def snap():
+        return await stats.snapshot()
+
+    snapshot = asyncio.run(snap())
+    assert actor.batches == [
+        ["record_requests"],
+        ["record_replay", "record_requests", "record_requests"],
+    ]
+    assert snapshot["requests"] == 3 and snapshot["bad_requests"] == 1
+    assert snapshot["replays"] == 1 and snapshot["rows"] == 3
+    stats.sender.shutdown()
+
+
+def test_the_counting_class_keeps_its_name_and_methods():
+    counting = _counting_in_batches(ReplayStats)
+    assert counting.__name__ == "ReplayStats" and issubclass(counting, ReplayStats)
+    c = counting()
+    c.apply_calls([("record_requests", (), {"served": 4})])
+    assert c.snapshot()["requests"] == 4
