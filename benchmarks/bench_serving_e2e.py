@@ -2,7 +2,8 @@
 BertConfig()) compiled for batch=1,8,16,64 seq=128, then
   direct    kernl.runtime.load(...) called with CPU tensors of (batch, 128), outputs to CPU;
   layer     kernl.serving's request path in one process, no Ray or HTTP: N JSON bodies
-            parsed, served by encoder.serve_batch, answers encoded to JSON (N = batch);
+            parsed, served by encoder.serve_batch_bytes (the deployment's call, answers
+            encoded to the bytes the server sends; N = batch);
   serve     `python -m kernl.serving` on Ray Serve (only when Ray is importable), N
             concurrent clients of one 128-token sequence each (kernl.serving.loadgen).
 Writes OUT_DIR/serve_bench.json and prints each row. Usage (from the repository root):
@@ -26,7 +27,7 @@ import transformers as T
 
 import kernl.compiler
 import kernl.runtime
-from kernl.serving.encoder import serve_batch
+from kernl.serving.encoder import serve_batch_bytes
 from kernl.serving.loadgen import percentile
 from kernl.serving.protocol import ModelLimits, parse_request
 
@@ -116,7 +117,7 @@ def main():
 
         def serve_layer():
             reqs = [parse_request(x, limits) for x in bodies]
-            return [json.dumps(a) for a in serve_batch(model, reqs)]
+            return serve_batch_bytes(model, reqs)
 
         timed(serve_layer, 3)
         results["layer"].append(summary(timed(serve_layer, 50), b))
