@@ -20,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from shapes import llama_1b_config  # noqa: E402
+
 # 12 buckets: 6 prefill (batch x prompt) and 6 decode (batch x kv length); a step with fewer
 # than 512 tokens in the cache attends to 512 slots only.
 BUCKETS = "batch=1,4,8 prompt=128,1024 cache=512,2048"
@@ -39,29 +42,7 @@ def save(out: Path) -> None:
 def llama_1b():
     import transformers as tf
 
-    cfg = tf.LlamaConfig(
-        hidden_size=2048,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        intermediate_size=8192,
-        vocab_size=128256,
-        max_position_embeddings=131072,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-5,
-        head_dim=64,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-        pad_token_id=None,
-        eos_token_id=None,
-        bos_token_id=None,
-    )
+    cfg = llama_1b_config()
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = tf.LlamaForCausalLM(cfg).to(torch.bfloat16)

@@ -45,27 +45,10 @@ def compile_llama(path: Path) -> None:
 
     import kernl.compiler
 
-    cfg = tf.LlamaConfig(
-        hidden_size=2048,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        intermediate_size=8192,
-        vocab_size=128256,
-        max_position_embeddings=131072,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-5,
-        head_dim=64,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-    )
-    cfg.pad_token_id = cfg.eos_token_id = cfg.bos_token_id = None
+    sys.path.insert(0, str(Path(__file__).parent))
+    from shapes import llama_1b_config
+
+    cfg = llama_1b_config()
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = tf.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()

@@ -92,6 +92,7 @@ from kernl.serving.protocol import ModelLimits  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_serving_common import encoder_path  # noqa: E402
+from shapes import llama_1b_config  # noqa: E402
 
 DEVICE = "cpu" if ARGS.tiny else "cuda"
 if ARGS.tiny:
@@ -254,26 +255,7 @@ def llama_model():
             initializer_range=0.2,
         )
     else:
-        cfg = tf.LlamaConfig(
-            hidden_size=2048,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            intermediate_size=8192,
-            vocab_size=128256,
-            max_position_embeddings=131072,
-            tie_word_embeddings=True,
-            rms_norm_eps=1e-5,
-            head_dim=64,
-            rope_parameters={
-                "rope_type": "llama3",
-                "rope_theta": 500000.0,
-                "factor": 32.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192,
-            },
-        )
+        cfg = llama_1b_config()
     cfg.pad_token_id = cfg.eos_token_id = cfg.bos_token_id = None  # no EOS: NEW tokens each
     torch.manual_seed(0)
     with torch.device(DEVICE):
