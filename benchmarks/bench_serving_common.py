@@ -62,12 +62,12 @@ def encoder_path(
                 n += 1
 
         await asyncio.gather(*(client(k, False) for k in range(clients)))
-        gather.batches.clear()
+        gather.batches = gather.requests = 0
         start = time.perf_counter()
         end[0] = start + seconds
         await asyncio.gather(*(client(k, True) for k in range(clients)))
         elapsed = time.perf_counter() - start
-        per_batch = sum(gather.batches) / max(len(gather.batches), 1)
+        per_batch = gather.requests / max(gather.batches, 1)
         await gather.close()
         worker.shutdown()
         return latencies, elapsed, per_batch

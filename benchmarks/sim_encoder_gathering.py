@@ -62,7 +62,7 @@ class TimerGatherer:
         self.max_rows, self.wait_s = max_rows, wait_s
         self.queue: asyncio.Queue = asyncio.Queue()
         self.model = asyncio.Semaphore(1)
-        self.batches: list[int] = []
+        self.batches = self.requests = 0  # as BatchGatherer counts them
         self.task = None
 
     async def submit(self, item):
@@ -89,7 +89,8 @@ class TimerGatherer:
 
     async def _run(self, batch) -> None:
         async with self.model:
-            self.batches.append(len(batch))
+            self.batches += 1
+            self.requests += len(batch)
             loop = asyncio.get_running_loop()
             answers = await loop.run_in_executor(self.executor, self.serve, [i for i, _ in batch])
             for (_, future), answer in zip(batch, answers):
@@ -153,9 +154,9 @@ def measure(policy: str, wait_s: float, clients: int = 0, rate: float = 0.0) -> 
         elapsed = time.perf_counter() - start
         await gather.close()
         executor.shutdown(wait=False, cancel_futures=True)
-        return latencies, elapsed, gather.batches
+        return latencies, elapsed, gather.requests / max(gather.batches, 1)
 
-    latencies, elapsed, batches = asyncio.run(main())
+    latencies, elapsed, per_batch = asyncio.run(main())
     return {
         "policy": policy,
         "wait_ms": wait_s * 1e3,
@@ -163,7 +164,7 @@ def measure(policy: str, wait_s: float, clients: int = 0, rate: float = 0.0) -> 
         "served_per_s": len(latencies) / elapsed,
         "p50_ms": 1e3 * percentile(latencies, 0.5),
         "p99_ms": 1e3 * percentile(latencies, 0.99),
-        "requests_per_batch": sum(batches) / max(len(batches), 1),
+        "requests_per_batch": per_batch,
     }
 
 

@@ -154,6 +154,7 @@ def verify_files(
         if rel not in manifest.files:
             raise ArtifactUnsafeError(f"{root}: {rel!r} is used but has no hash in the manifest")
     chunked = manifest.extra.get(FILE_CHUNKS_KEY) or {}
+    files = None if files is None else set(files)
     jobs = []
     for rel, digest in manifest.files.items():
         if files is not None and rel not in files:

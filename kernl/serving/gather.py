@@ -33,7 +33,8 @@ class BatchGatherer(Generic[T, R]):
     on `executor`, one batch at a time, and returns one answer per item (in order). An
     exception from `serve` fails every request of its batch and the next batch runs. A
     request whose caller stopped waiting (its task cancelled: the client left) is dropped
-    before its batch forms. `batches` holds the size of each batch served."""
+    before its batch forms. `batches` and `requests` count what was served (counters, not
+    lists: a replica runs for days)."""
 
     def __init__(
         self,
@@ -50,7 +51,8 @@ class BatchGatherer(Generic[T, R]):
         self.max_rows = max_rows
         self.rows_of = rows_of
         self.wait_s = wait_s
-        self.batches: list[int] = []
+        self.batches = 0
+        self.requests = 0
         self._queue: deque[tuple[T, asyncio.Future, float]] = deque()
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -82,7 +84,6 @@ class BatchGatherer(Generic[T, R]):
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            self._drop_abandoned()
             if not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
@@ -92,7 +93,8 @@ class BatchGatherer(Generic[T, R]):
             batch = self._take()
             if not batch:
                 continue
-            self.batches.append(len(batch))
+            self.batches += 1
+            self.requests += len(batch)
             try:
                 answers = await loop.run_in_executor(
                     self.executor, self.serve, [item for item, _ in batch]
@@ -140,7 +142,3 @@ class BatchGatherer(Generic[T, R]):
 
     def _queued_rows(self) -> int:
         return sum(self.rows_of(item) for item, future, _ in self._queue if not future.done())
-
-    def _drop_abandoned(self) -> None:
-        while self._queue and self._queue[0][1].done():
-            self._queue.popleft()
