@@ -302,12 +302,14 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def read_weights(root: str | os.PathLike, device: str = "cpu") -> dict:
-    from safetensors.torch import load_file
+    """Every weight of the artifact on `device`, each a view of one buffer read in a
+    pipelined pass (`weights.read_tensors`), after its header is checked."""
+    from .weights import read_tensors
 
     path = resolve_inside(Path(root), WEIGHTS_FILE, "weights")
-    check_safetensors_header(path)
+    header = check_safetensors_header(path)
     try:
-        return load_file(str(path), device=device)
+        return read_tensors(path, header, device)
     except Exception as e:
         raise ArtifactCorruptError(f"{path}: cannot read weights ({e})") from e
 

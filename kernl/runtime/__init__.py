@@ -81,6 +81,8 @@ def load(
         if code_check is not None:
             code_check.result()
         model = _open(root, manifest, programs, weights, device, capture)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the warm-ups' blocks, kept between captures (graphs.py)
     except Exception:
         for check in (code_check, weights_check):
             if check is not None:
