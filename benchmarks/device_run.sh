@@ -35,6 +35,10 @@
 #           (benchmarks/profile_whisper_encoder.py)
 #   s2stests the GPU tests of seq2seq, optimize and the runtime
 #   gpuquick the GPU tests of kernels, runtime and generation only (a smoke run)
+#   lft     fresh-process load -> first token of a 12-entry Llama-1B artifact
+#           (benchmarks/bench_load_first_token.py; also for the tree in .old when present)
+#   profserve where the host's CPU goes in kernl's in-process encoder request path, by
+#           function (benchmarks/profile_serving_path.py under yappi, from .whl)
 set -uo pipefail
 RUN=${KERNL_RUN_DIR:-/tmp/kernl-run}
 WAIT=${WAIT:-540}
@@ -61,6 +65,13 @@ stage() {
       tests/kernels/test_skinny_linear_fused.py ;;
     gpuquick) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=20 \
       tests/kernels tests/runtime tests/generation/test_decode_kernels.py ;;
+    lft) # fresh-process load -> first token; .old (a `git archive` of an earlier kernl/), if
+      # carried in the snapshot, is timed in the same run
+      timeout 480 python3 benchmarks/bench_load_first_token.py "$RUN/lft" --runs 3 \
+        $([ -d .old ] && echo --checkout .old) ;;
+    profserve) # yappi travels as a wheel in .whl (benchmarks/README.md)
+      python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/yappi-*.whl &&
+        PYTHONPATH=$PWD:/tmp/site timeout 300 python3 benchmarks/profile_serving_path.py ;;
     *) echo "unknown stage $1" ;;
   esac
 }
