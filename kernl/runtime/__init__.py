@@ -82,7 +82,9 @@ def load(
             code_check.result()
         model = _open(root, manifest, programs, weights, device, capture)
         if device.type == "cuda":
-            torch.cuda.empty_cache()  # the warm-ups' blocks, kept between captures (graphs.py)
+            # the last warm-up's blocks: cached, they would hold memory a second replica on
+            # this GPU could use
+            torch.cuda.empty_cache()
     except Exception:
         for check in (code_check, weights_check):
             if check is not None:

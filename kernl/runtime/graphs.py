@@ -83,25 +83,13 @@ def capture_graph(
 
 @contextmanager
 def capturing(graph: torch.cuda.CUDAGraph, pool=None, stream=None) -> Iterator[None]:
-    """Capture into `graph` on `stream` (default: the device's capture stream) in a way no
-    garbage collection or other thread invalidates (see the module docstring).
-
-    Unlike `torch.cuda.graph(...)`, it neither synchronizes the device nor empties the
-    caching allocators before each capture: emptying handed the warm-up's blocks back to the
-    driver only for the next bucket's warm-up to allocate them again (`load()` empties the
-    cache once, after the last capture)."""
+    """`torch.cuda.graph(...)` that no garbage collection or other thread invalidates (see
+    the module docstring)."""
     collecting = gc.isenabled()
     gc.disable()
     try:
-        with torch.cuda.stream(stream if stream is not None else capture_stream()):
-            if pool is None:
-                graph.capture_begin(capture_error_mode="thread_local")
-            else:
-                graph.capture_begin(pool, capture_error_mode="thread_local")
-            try:
-                yield
-            finally:
-                graph.capture_end()
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            yield
     finally:
         if collecting:
             gc.enable()

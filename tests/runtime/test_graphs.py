@@ -23,15 +23,7 @@ class _FakeStream:
 
 
 class _FakeGraph:
-    events: list[tuple] = []
-    current: list = []
-
-    def capture_begin(self, pool=None, capture_error_mode="global"):
-        _FakeGraph.events.append(("capture", self, pool, _FakeGraph.current[0]))
-        _FakeGraph.events.append(("mode", capture_error_mode, gc.isenabled()))
-
-    def capture_end(self):
-        _FakeGraph.events.append(("end", self))
+    pass
 
 
 @pytest.fixture
@@ -47,8 +39,17 @@ def fake_cuda(monkeypatch):
         finally:
             current[0] = previous
 
+    @contextlib.contextmanager
+    def graph_ctx(graph, pool=None, stream=None, capture_error_mode="global"):
+        events.append(("capture", graph, pool, stream))
+        events.append(("mode", capture_error_mode, gc.isenabled()))
+        previous, current[0] = current[0], stream
+        try:
+            yield
+        finally:
+            current[0] = previous
+
     _FakeStream.made = []
-    _FakeGraph.events, _FakeGraph.current = events, current
     monkeypatch.setattr(graphs, "_streams", {})
     monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
     monkeypatch.setattr(
@@ -56,6 +57,7 @@ def fake_cuda(monkeypatch):
     )
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "stream", stream_ctx)
+    monkeypatch.setattr(torch.cuda, "graph", graph_ctx)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
     monkeypatch.setattr(graphs, "_clear_cublas_workspaces", lambda: events.append(("clear",)))
     return events, current
@@ -141,7 +143,7 @@ def test_cublas_workspaces_are_cleared_around_every_capture(fake_cuda):
     events, _ = fake_cuda
     for _ in range(2):
         graphs.capture_graph(lambda: None, "pool", warmups=1)
-    assert [e[0] for e in events] == ["clear", "capture", "mode", "end", "clear"] * 2
+    assert [e[0] for e in events] == ["clear", "capture", "mode", "clear"] * 2
 
 
 def test_cublas_workspaces_are_cleared_even_when_capture_fails(fake_cuda):
@@ -155,7 +157,7 @@ def test_cublas_workspaces_are_cleared_even_when_capture_fails(fake_cuda):
 
     with pytest.raises(RuntimeError, match="capture failed"):
         graphs.capture_graph(fn, "pool", warmups=1)
-    assert [e[0] for e in events] == ["clear", "capture", "mode", "end", "clear"]
+    assert [e[0] for e in events] == ["clear", "capture", "mode", "clear"]
 
 
 def test_no_garbage_collection_nor_other_thread_can_invalidate_a_capture(fake_cuda):

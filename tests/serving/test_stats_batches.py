@@ -9,8 +9,13 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
+import pytest
+
 from kernl.serving.metrics import ReplayStats
-from kernl.serving.replica import SharedStats, _counting_in_batches
+
+# replica.py speaks HTTP through starlette, which comes with the serve extra (Ray Serve)
+pytest.importorskip("starlette", reason="kernl serve needs Ray Serve (kernl[serve])")
+from kernl.serving.replica import SharedStats, _counting_in_batches  # noqa: E402
 
 
 class FakeActor:
