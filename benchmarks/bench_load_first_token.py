@@ -69,9 +69,12 @@ def main() -> None:
     if not path.exists():
         args.work.mkdir(parents=True, exist_ok=True)
         compile_llama(path)
-    for checkout in [os.getcwd(), *args.checkout]:
-        env = {**os.environ, "PYTHONPATH": str(Path(checkout).resolve())}
-        for run in range(args.runs):
+    times: dict[str, list[float]] = {}
+    # Runs alternate between checkouts: a drift of the machine (page cache, other load)
+    # then lands on every checkout alike.
+    for run in range(args.runs):
+        for checkout in [os.getcwd(), *args.checkout]:
+            env = {**os.environ, "PYTHONPATH": str(Path(checkout).resolve())}
             out = subprocess.run(
                 [sys.executable, "-c", CHILD, str(path)],
                 env=env,
@@ -88,6 +91,10 @@ def main() -> None:
                 **json.loads(out.stdout.strip().splitlines()[-1]),
             }
             print(json.dumps(row), flush=True)
+            times.setdefault(checkout, []).append(row["load_to_first_token_s"])
+    for checkout, xs in times.items():
+        xs.sort()
+        print(json.dumps({"checkout": checkout, "runs": len(xs), "median_s": xs[len(xs) // 2]}))
 
 
 if __name__ == "__main__":

@@ -67,11 +67,12 @@ stage() {
       tests/kernels tests/runtime tests/generation/test_decode_kernels.py ;;
     lft) # fresh-process load -> first token; .old (a `git archive` of an earlier kernl/), if
       # carried in the snapshot, is timed in the same run
-      timeout 480 python3 benchmarks/bench_load_first_token.py "$RUN/lft" --runs 3 \
+      timeout 480 python3 benchmarks/bench_load_first_token.py "$RUN/lft" --runs 5 \
         $([ -d .old ] && echo --checkout .old) ;;
     profserve) # yappi travels as a wheel in .whl (benchmarks/README.md)
       python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/yappi-*.whl &&
-        PYTHONPATH=$PWD:/tmp/site timeout 300 python3 benchmarks/profile_serving_path.py ;;
+        PYTHONPATH=$PWD:/tmp/site timeout 300 python3 benchmarks/profile_serving_path.py \
+          --switch-intervals 1,0.2 ;;
     *) echo "unknown stage $1" ;;
   esac
 }

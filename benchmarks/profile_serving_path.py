@@ -4,7 +4,8 @@ concurrent clients, first unprofiled (sequences/s, requests per model batch), th
 yappi's CPU clock on every thread, printing the functions that take the most CPU time, by
 own time and by inclusive time, and each thread's CPU total.
 
-    PYTHONPATH=$PWD python3 benchmarks/profile_serving_path.py [--clients 16] [--seconds 3]
+    PYTHONPATH=$PWD python3 benchmarks/profile_serving_path.py [--clients 16] [--seconds 3] \\
+        [--switch-intervals 1,0.2]
     PYTHONPATH=$PWD TRITON_INTERPRET=1 .venv/bin/python benchmarks/profile_serving_path.py --tiny
 
 BERT-base fp16 (random, seed 0) compiled with --no-tune for `batch=1,8,16,64 seq=128`
@@ -26,6 +27,12 @@ p.add_argument("--clients", type=int, default=16)
 p.add_argument("--seconds", type=float, default=3.0)
 p.add_argument("--top", type=int, default=35)
 p.add_argument("--tiny", action="store_true")
+p.add_argument(
+    "--switch-intervals",
+    default="",
+    help="also run unprofiled at these sys.setswitchinterval values (ms, comma-separated): "
+    "how long a thread waiting for the GIL waits for the one holding it",
+)
 ARGS = p.parse_args()
 if ARGS.tiny:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -85,6 +92,11 @@ def main() -> None:
         }
 
     print(json.dumps({"unprofiled": run()}), flush=True)
+    default = sys.getswitchinterval()
+    for ms in filter(None, ARGS.switch_intervals.split(",")):
+        sys.setswitchinterval(float(ms) / 1e3)
+        print(json.dumps({"switch_interval_ms": float(ms), "unprofiled": run()}), flush=True)
+    sys.setswitchinterval(default)
     yappi.set_clock_type("cpu")
     yappi.start(profile_threads=True)
     t = time.perf_counter()
