@@ -13,11 +13,13 @@ No Ray here: the planner and the group runner are plain functions, tested on the
 
 from __future__ import annotations
 
+import bisect
 import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kernl.artifacts.schema import Bucket, pick_bucket
@@ -81,27 +83,62 @@ def plan_groups(
     summed cost of the buckets replayed (`costs`: bucket -> price, default token_costs) over
     cuts of the length-sorted rows (dynamic programming over the cut points).
 
+    A row's length matters only through the shortest bucket length that holds it (its
+    class): which buckets hold a group, hence its price, depends on nothing else. The plan of
+    a multiset of classes is computed once per replica (`_plan_cuts` caches it): a server
+    of 128-token requests plans every batch of 16 with one lookup, not a 1,000-step loop.
+
     Every row must fit some bucket on its own (callers check this on arrival)."""
     if not buckets:
         raise ValueError("no buckets to plan with")
     costs = costs or token_costs(buckets)
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    n = len(order)
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    seqs = sorted({b.seq for b in buckets})
+    classes = []
+    for i in order:
+        k = bisect.bisect_left(seqs, lengths[i])
+        if k == len(seqs):
+            raise ValueError(
+                f"a sequence of length {lengths[i]} fits no bucket "
+                f"({', '.join(f'{b.batch}x{b.seq}' for b in sorted(buckets))})"
+            )
+        classes.append(seqs[k])
+    buckets = tuple(buckets)
+    prices = tuple(costs.get(b) for b in buckets)
+    return [
+        Group(tuple(order[i:j]), buckets[b])
+        for i, j, b in _plan_cuts(buckets, prices, tuple(classes))
+    ]
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_cuts(
+    buckets: tuple[Bucket, ...], prices: tuple[float | None, ...], lengths: tuple[int, ...]
+) -> tuple[tuple[int, int, int], ...]:
+    """The cheapest cut of rows of these sorted `lengths` (bucket lengths): (start, end,
+    index of the bucket in `buckets`) per group."""
+    n = len(lengths)
     max_batch = max(b.batch for b in buckets)
+    index = {b: k for k, b in enumerate(buckets)}
     # best[j]: cheapest plan for the first j sorted rows; cut[j]: where its last group starts.
     best: list[float | None] = [0.0] + [None] * n
     cut = [0] * (n + 1)
-    choice: list[Bucket | None] = [None] * (n + 1)
+    choice = [0] * (n + 1)
 
     # smallest_bucket sorts the buckets on every call, and a Bucket hashes its fields on
     # every dict lookup: ask once per (rows, longest) pair for the bucket and its price.
     @functools.cache
-    def price(rows: int, seq: int) -> tuple[float, Bucket] | None:
+    def price(rows: int, seq: int) -> tuple[float, int] | None:
         bucket = smallest_bucket(buckets, rows, seq)
-        return None if bucket is None else (costs[bucket], bucket)
+        if bucket is None:
+            return None
+        k = index[bucket]
+        if prices[k] is None:
+            raise KeyError(bucket)  # a price list without this bucket
+        return prices[k], k
 
     for j in range(1, n + 1):
-        longest = lengths[order[j - 1]]  # sorted: the last row of a group is its longest
+        longest = lengths[j - 1]  # sorted: the last row of a group is its longest
         for i in range(j - 1, max(-1, j - 1 - max_batch), -1):
             priced = price(j - i, longest)
             if priced is None:
@@ -111,18 +148,12 @@ def plan_groups(
             cost = best[i] + priced[0]
             if best[j] is None or cost < best[j]:
                 best[j], cut[j], choice[j] = cost, i, priced[1]
-        if best[j] is None:
-            raise ValueError(
-                f"a sequence of length {longest} fits no bucket "
-                f"({', '.join(f'{b.batch}x{b.seq}' for b in sorted(buckets))})"
-            )
-    groups: list[Group] = []
+    groups = []
     j = n
     while j > 0:
-        i = cut[j]
-        groups.append(Group(tuple(order[i:j]), choice[j]))
-        j = i
-    return groups[::-1]
+        groups.append((cut[j], j, choice[j]))
+        j = cut[j]
+    return tuple(groups[::-1])
 
 
 def group_inputs(
@@ -155,9 +186,19 @@ def group_inputs(
                 if spec.default not in ("ones", "zeros"):
                     raise ValueError(f"row {k} lacks the required input {spec.name!r}")
                 values = (1 if spec.default == "ones" else 0,) * row.length
-            padded.append(tuple(values) + (spec.pad_value,) * (longest - row.length))
-        tensors[spec.name] = torch.tensor(padded, dtype=dtype)
+            if row.length < longest:
+                values = tuple(values) + (spec.pad_value,) * (longest - row.length)
+            padded.append(values)
+        tensors[spec.name] = _int_tensor(padded, dtype)
     return tensors
+
+
+def _int_tensor(rows: list, dtype: torch.dtype) -> torch.Tensor:
+    """torch.tensor(rows, dtype=dtype), through numpy for integer dtypes: a [16, 128] batch
+    of token ids in 29 us instead of 81 (one core of the project's CPU)."""
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        return torch.tensor(rows, dtype=dtype)
+    return torch.from_numpy(np.array(rows, dtype=str(dtype).removeprefix("torch.")))
 
 
 def split_outputs(outputs, rows: Sequence[Row], output_specs) -> list[dict[str, torch.Tensor]]:

@@ -217,3 +217,18 @@ def test_prepare_answers_builds_the_tables_before_the_first_request():
     prepare_answers(["float16", "float32", "no_such_dtype"])
     assert _half_table(torch.float16) is not None and _half_table(torch.float32) is None
     assert _half_table.cache_info().hits == 2  # both built by prepare_answers
+
+
+def test_rows_of_the_same_bucket_lengths_share_one_plan():
+    """A length counts only through the shortest bucket length that holds it: batches of other
+    lengths in the same classes reuse the plan, and get the groups the full search gives."""
+    from kernl.serving.batching import _plan_cuts
+
+    buckets = [Bucket(b, s) for b in (1, 4, 16) for s in (16, 128)]
+    first = [100, 128, 7, 128, 99, 16, 120, 3]
+    plan_groups(first, buckets)
+    hits = _plan_cuts.cache_info().hits
+    second = [128, 101, 16, 127, 98, 2, 17, 9]  # the same classes: 16 x3, 128 x5
+    got = [(grp.rows, grp.bucket) for grp in plan_groups(second, buckets)]
+    assert _plan_cuts.cache_info().hits == hits + 1
+    assert got == plan_before(second, buckets)
