@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -50,11 +51,12 @@ class Ready:
         return self.value
 
 
-def stats_with(actor) -> SharedStats:
+def stats_with(actor, window_s: float = 0.0) -> SharedStats:
     stats = SharedStats.__new__(SharedStats)
     stats.actor = actor
     stats.sender = ThreadPoolExecutor(1)
     stats._pending, stats._lock, stats._sending = [], threading.Lock(), False
+    stats.window_s = window_s
     return stats
 
 
@@ -88,3 +90,49 @@ def test_the_counting_class_keeps_its_name_and_methods():
     c = counting()
     c.apply_calls([("record_requests", (), {"served": 4})])
     assert c.snapshot()["requests"] == 4
+
+
+def test_the_counts_of_a_window_go_in_one_call():
+    counters = _counting_in_batches(ReplayStats)()
+    actor = FakeActor(counters)
+    actor.gate.set()
+    stats = stats_with(actor, window_s=0.2)
+    for served in range(1, 6):
+        stats.send("record_requests", served=served)
+
+    async def snap():
+        return await stats.snapshot()
+
+    assert asyncio.run(snap())["requests"] == 15  # asked for after the counts: sees them all
+    assert actor.batches == [["record_requests"] * 5]
+    stats.sender.shutdown()
+
+
+def test_a_snapshot_is_not_kept_waiting_by_a_replica_that_never_stops_counting():
+    counters = _counting_in_batches(ReplayStats)()
+    actor = FakeActor(counters)
+    actor.gate.set()
+    stats = stats_with(actor, window_s=0.01)
+    stop = threading.Event()
+
+    def count():
+        while not stop.is_set():
+            stats.send("record_requests", served=1)
+            time.sleep(0.0005)
+
+    counting = threading.Thread(target=count)
+    counting.start()
+    try:
+        time.sleep(0.05)
+
+        async def snap():
+            return await asyncio.wait_for(stats.snapshot(), 5)
+
+        start = time.monotonic()
+        assert asyncio.run(snap())["requests"] > 0
+        assert time.monotonic() - start < 1.0  # a window or two, not the life of the load
+    finally:
+        stop.set()
+        counting.join()
+        stats.sender.shutdown()
+    assert len(actor.batches) < 100  # about one call per window, not one per count
