@@ -23,7 +23,6 @@ application builder: `serve run kernl.serving.deployment:build artifact=/path/to
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -100,7 +99,7 @@ class KernlServer(Replica):
             self.stats.send("record_requests", bad=1)
             return _json({"error": str(e)}, status=e.status)
         try:
-            await asyncio.wrap_future(self.loading)  # a request during the load waits for it
+            await self.loaded()  # a request during the load waits for it
         except Exception as e:
             return _json({"error": f"model failed to load: {type(e).__name__}: {e}"}, status=503)
         try:

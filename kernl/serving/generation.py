@@ -116,7 +116,7 @@ class KernlGenerator(Replica):
             self.stats.send("record_bad")
             return _json({"error": str(e)}, status=e.status)
         try:
-            await asyncio.wrap_future(self.loading)
+            await self.loaded()  # a request during the load waits for it
         except Exception as e:
             return _json({"error": f"model failed to load: {type(e).__name__}: {e}"}, status=503)
         if parsed.stream:

@@ -124,6 +124,14 @@ class Replica:
             return "failed", f"{type(error).__name__}: {error}"
         return "ready", None
 
+    async def loaded(self) -> None:
+        """Returns once the model is loaded (a request during the load waits for it); raises
+        the load's error. A finished load costs no trip through the event loop: wrapping the
+        done future cost every request 12 us and a wake-up of the loop from another thread."""
+        if not self.loading.done():
+            await asyncio.wrap_future(self.loading)
+        self.loading.result()
+
     def check_health(self) -> None:
         """Ray Serve's periodic replica check: a replica whose model failed to load is
         replaced, rather than kept answering 503."""
