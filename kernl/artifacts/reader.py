@@ -302,8 +302,8 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def read_weights(root: str | os.PathLike, device: str = "cpu") -> dict:
-    """Every weight of the artifact on `device`, each a view of one buffer read in a
-    pipelined pass (`weights.read_tensors`), after its header is checked."""
+    """Every weight of the artifact on `device`, each a tensor of its own, read in one
+    pipelined pass (`weights.read_tensors`) once the header is checked."""
     from .weights import read_tensors
 
     path = resolve_inside(Path(root), WEIGHTS_FILE, "weights")

@@ -133,5 +133,6 @@ def _stream(
         stream.synchronize()
         del staging, views
         # torch keeps freed pinned blocks cached for the life of the process: give the
-        # staging memory back to the system (torch.cuda.graph did so before each capture)
+        # staging memory back (torch.cuda.graph does before a capture, but a model loaded
+        # with capture="lazy" or "never" may not capture for a long time)
         getattr(torch._C, "_host_emptyCache", lambda: None)()
