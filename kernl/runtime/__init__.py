@@ -81,10 +81,6 @@ def load(
         if code_check is not None:
             code_check.result()
         model = _open(root, manifest, programs, weights, device, capture)
-        if device.type == "cuda":
-            # the last warm-up's blocks: cached, they would hold memory a second replica on
-            # this GPU could use
-            torch.cuda.empty_cache()
     except Exception:
         for check in (code_check, weights_check):
             if check is not None:
