@@ -10,7 +10,7 @@ if TYPE_CHECKING:  # annotations only: the compiler (and transformers) load on t
 
     from kernl.compiler.optimize import OptimizedModel
 
-__version__ = "0.1.0"
+from kernl._version import __version__ as __version__
 
 
 def optimize(model: torch.nn.Module, buckets: Any = None, **options: Any) -> OptimizedModel:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-import kernl
+from kernl._version import __version__ as kernl_version
 from kernl.artifacts import read_manifest
 from kernl.artifacts.schema import Bucket, Manifest
 
@@ -297,7 +297,7 @@ def _versions() -> dict[str, str | None]:
     import triton
 
     return {
-        "kernl": kernl.__version__,
+        "kernl": kernl_version,
         "torch": torch.__version__,
         "triton": triton.__version__,
         "transformers": transformers.__version__,

@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-import kernl
+from kernl._version import __version__ as kernl_version
 from kernl.artifacts import FORMAT_VERSION, ArtifactError, check_destination
 
 from . import api
@@ -460,7 +460,7 @@ def cache_key(
         "options": options,
         "versions": {
             "format": FORMAT_VERSION,
-            "kernl": kernl.__version__,
+            "kernl": kernl_version,
             "torch": torch.__version__,
             "triton": triton.__version__,
             "transformers": transformers.__version__,

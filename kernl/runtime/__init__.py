@@ -98,7 +98,7 @@ def _open(root: Path, manifest, programs, weights, device: torch.device, capture
     if manifest.kernels and device.type == "cuda":
         binaries = _load_binaries(root, manifest, device)
     if manifest.task in ("seq2seq-lm", "speech-seq2seq"):
-        from .generation.seq2seq import open_seq2seq
+        from .generation import open_seq2seq
 
         on_kernels = manifest.extra.get("seq2seq", {}).get("decode_kernels") == "kernl"
         if on_kernels and device.type == "cuda" and binaries is None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import triton
 
-import kernl
+from kernl._version import __version__ as kernl_version
 from kernl.artifacts import FORMAT_VERSION, ArtifactWriter, BucketEntry, Manifest, check_destination
 from kernl.runtime.binaries import allow_jit
 
@@ -124,7 +124,7 @@ def compile_encoder(
         kernel_entries = write_binaries(writer, binaries)
         manifest = Manifest(
             format_version=FORMAT_VERSION,
-            kernl_version=kernl.__version__,
+            kernl_version=kernl_version,
             torch_version=torch.__version__,
             triton_version=triton.__version__,
             dtype=report.dtype,

@@ -454,18 +454,3 @@ class Seq2SeqModel(StepLoop):
             eos,
             pad,
         )
-
-
-def open_seq2seq(
-    manifest: Manifest,
-    weights: dict[str, torch.Tensor],
-    device: torch.device,
-    capture: str,
-    binaries: KernelBinaries | None = None,
-) -> Seq2SeqModel:
-    """The model class of an encoder-decoder artifact's task."""
-    if manifest.task == "speech-seq2seq":
-        from .speech import SpeechSeq2SeqModel
-
-        return SpeechSeq2SeqModel(manifest, weights, device, capture=capture, binaries=binaries)
-    return Seq2SeqModel(manifest, weights, device, capture=capture, binaries=binaries)

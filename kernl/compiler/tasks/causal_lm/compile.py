@@ -25,7 +25,7 @@ import msgpack
 import torch
 import triton
 
-import kernl
+from kernl._version import __version__ as kernl_version
 from kernl.artifacts import (
     FORMAT_VERSION,
     ArtifactWriter,
@@ -204,7 +204,7 @@ def _manifest(model, source, spec, gb: GenerationBuckets, dtype: str, dev, atol,
     pad = spec.pad_token_id if spec.pad_token_id is not None else 0
     return Manifest(
         format_version=FORMAT_VERSION,
-        kernl_version=kernl.__version__,
+        kernl_version=kernl_version,
         torch_version=torch.__version__,
         triton_version=triton.__version__,
         dtype=dtype,

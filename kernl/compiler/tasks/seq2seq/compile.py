@@ -27,7 +27,7 @@ import msgpack
 import torch
 import triton
 
-import kernl
+from kernl._version import __version__ as kernl_version
 from kernl.artifacts import (
     FORMAT_VERSION,
     ArtifactWriter,
@@ -41,7 +41,8 @@ from kernl.artifacts import (
 )
 from kernl.artifacts.schema import PROGRAMS_DIR
 from kernl.artifacts.seq2seq import DETECT, Seq2SeqBuckets, check_seq2seq
-from kernl.runtime.generation.seq2seq import Seq2SeqModel, open_seq2seq
+from kernl.runtime.generation import open_seq2seq
+from kernl.runtime.generation.seq2seq import Seq2SeqModel
 
 from ...trace import UnsupportedModelError, load_model, resolve_dtype_device
 from ...tune import write_binaries
@@ -300,7 +301,7 @@ def _manifest(
         extra["speech"] = speech_spec(model).to_dict()
     return Manifest(
         format_version=FORMAT_VERSION,
-        kernl_version=kernl.__version__,
+        kernl_version=kernl_version,
         torch_version=torch.__version__,
         triton_version=triton.__version__,
         dtype=dtype,

@@ -24,9 +24,10 @@ import torch
 
 from kernl.artifacts import Manifest
 from kernl.runtime.binaries import allow_jit
+from kernl.runtime.generation import open_seq2seq
 from kernl.runtime.generation.encoder_decoder import FEW_ROWS
 from kernl.runtime.generation.model import _Step
-from kernl.runtime.generation.seq2seq import Seq2SeqModel, open_seq2seq
+from kernl.runtime.generation.seq2seq import Seq2SeqModel
 
 from ...bench import time_calls
 from ...tune import recording_binaries
