@@ -123,11 +123,14 @@ DECODE_KERNEL_CHOICES: dict[str, tuple[str, ...]] = {
 # The kernels whose launch config the compiler tunes per decode batch (<= 16 rows), and the
 # call sites of a decode step they run at (generation/decoder.py).
 DECODE_TILE_KERNELS: dict[str, tuple[str, ...]] = {
-    "norm_linear": ("qkv", "up"),
-    "skinny_linear_fused": ("o", "down"),
+    "norm_linear": ("qkv", "up"),  # the norm folded in (norm "fused")
+    "skinny_linear_fused": ("qkv", "up", "o", "down"),  # qkv, up: after a norm of their own
+    "gated_mlp": ("up",),  # gate/up + SiLU·mul after a norm of its own (gated_mlp "triton")
     "lm_head_argmax": ("lm_head",),
     "decode_attention": ("attn",),
 }
+# The kernels without a split-K: their tiles take split_k 0.
+UNSPLIT_TILE_KERNELS = ("lm_head_argmax", "gated_mlp")
 # The kernels that read the KV cache: their tiles are per cache length too.
 CACHE_TILE_KERNELS = ("decode_attention",)
 MAX_TILE_CACHE = 1 << 20
@@ -139,8 +142,8 @@ class DecodeTile(NamedTuple):
     length (`cache`, a decode bucket's kv length; 0: every length, as for the kernels that do
     not read the cache, and every tile written before the field existed). Field for field the
     kernel's own config dataclass: split_k 0 is the kernel's automatic split; lm_head_argmax
-    has no split and takes 0; decode_attention's split_k is its number of chunks and it has
-    no K tile (block_k 0). A NamedTuple so that DecodeKernels stays hashable and `asdict`
+    and gated_mlp have no split and take 0 (gated_mlp's decode tiles are BLOCK_M 16, GROUP_M
+    1); decode_attention's split_k is its number of chunks and it has no K tile (block_k 0). A NamedTuple so that DecodeKernels stays hashable and `asdict`
     leaves it whole; stored as a list in the manifest."""
 
     batch: int
@@ -168,7 +171,7 @@ class DecodeTile(NamedTuple):
         ok = ok and self.num_warps in (1, 2, 4, 8, 16) and 1 <= self.num_stages <= 8
         ok = ok and 0 <= self.split_k <= 64 and 0 <= self.cache <= MAX_TILE_CACHE
         ok = ok and (self.kernel in CACHE_TILE_KERNELS or self.cache == 0)
-        if not ok or (self.kernel == "lm_head_argmax" and self.split_k != 0):
+        if not ok or (self.kernel in UNSPLIT_TILE_KERNELS and self.split_k != 0):
             raise ValueError(f"DecodeTile out of range: {self}")
 
 

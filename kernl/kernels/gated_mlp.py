@@ -108,6 +108,23 @@ def gated_mlp_configs() -> list[GatedMLPConfig]:
     return [GatedMLPConfig(bm, bn, bk, 8, w, s) for bm, bn, bk, w, s in shapes]
 
 
+def gated_mlp_decode_configs() -> list[GatedMLPConfig]:
+    """The few the compiler times per decode batch at the MLP's up projection, when the norm
+    before it runs alone (compiler/tasks/causal_lm/decode_tiles.py): one tile of <= 16 rows
+    (the smallest M tl.dot takes), narrow N tiles so that more programs than SMs stream the
+    two weights. The runtime's default for an untuned step comes first."""
+    table = [  # BLOCK_N, BLOCK_K, num_warps, num_stages
+        (32, 128, 4, 4),
+        (16, 128, 4, 4),
+        (16, 256, 4, 3),
+        (32, 256, 4, 3),
+        (32, 64, 4, 5),
+        (64, 64, 4, 5),
+        (16, 128, 2, 4),
+    ]
+    return [GatedMLPConfig(16, n, k, 1, w, s) for n, k, w, s in table]
+
+
 def gated_mlp(
     x: torch.Tensor,
     w_gate: torch.Tensor,

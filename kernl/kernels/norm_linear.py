@@ -288,7 +288,8 @@ def norm_linear_configs() -> list[NormLinearConfig]:
 def norm_linear_decode_configs() -> list[NormLinearConfig]:
     """The few the compiler times per decode batch and call site (QKV, MLP up) on the model's
     own weights (compiler/tasks/causal_lm/decode_tiles.py): today's default first, then wider
-    or narrower weight tiles, fewer warps, no split."""
+    or narrower weight tiles, fewer warps, no split; last, the best of the wide sweep at the
+    Llama-1B shapes on an H200 (benchmarks/sweep_decode_configs.py: QKV, then gate/up)."""
     return [
         NormLinearConfig(32, 128, 0, 4, 4),
         NormLinearConfig(16, 256, 0, 4, 3),
@@ -296,6 +297,8 @@ def norm_linear_decode_configs() -> list[NormLinearConfig]:
         NormLinearConfig(32, 256, 0, 2, 3),
         NormLinearConfig(16, 128, 0, 2, 4),
         NormLinearConfig(64, 128, 1, 4, 4),
+        NormLinearConfig(64, 64, 0, 4, 5),
+        NormLinearConfig(64, 64, 2, 4, 5),
     ]
 
 

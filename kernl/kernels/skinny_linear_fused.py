@@ -190,8 +190,10 @@ def skinny_linear_fused_configs() -> list[SkinnyLinearFusedConfig]:
 
 
 def skinny_linear_fused_decode_configs() -> list[SkinnyLinearFusedConfig]:
-    """The few the compiler times per decode batch and call site (O, MLP down) on the model's
-    own weights (compiler/tasks/causal_lm/decode_tiles.py)."""
+    """The few the compiler times per decode batch and call site (QKV, O, MLP down) on the
+    model's own weights (compiler/tasks/causal_lm/decode_tiles.py); the last two, the best of
+    the wide sweep at the Llama-1B shapes on an H200 (benchmarks/sweep_decode_configs.py: O,
+    then down)."""
     return [
         SkinnyLinearFusedConfig(32, 128, 0, 4, 4),
         SkinnyLinearFusedConfig(16, 256, 0, 4, 3),
@@ -199,6 +201,8 @@ def skinny_linear_fused_decode_configs() -> list[SkinnyLinearFusedConfig]:
         SkinnyLinearFusedConfig(32, 256, 4, 4, 3),
         SkinnyLinearFusedConfig(32, 128, 8, 4, 4),
         SkinnyLinearFusedConfig(64, 64, 4, 4, 5),
+        SkinnyLinearFusedConfig(64, 64, 8, 2, 4),
+        SkinnyLinearFusedConfig(64, 64, 0, 4, 5),
     ]
 
 

@@ -17,6 +17,7 @@ from kernl.artifacts.generation import DECODE_TILE_KERNELS, DecodeKernels, Decod
 from kernl.compiler.tasks.causal_lm import decode_tiles
 from kernl.kernels import launch
 from kernl.kernels.decode_attention import decode_attention_configs
+from kernl.kernels.gated_mlp import gated_mlp_decode_configs
 from kernl.kernels.lm_head_argmax import lm_head_argmax_decode_configs
 from kernl.kernels.norm_linear import norm_linear_decode_configs
 from kernl.kernels.skinny_linear_fused import skinny_linear_fused_decode_configs
@@ -26,11 +27,14 @@ from .tiny_models import mixed_prompts, tiny_model
 SPACES = {
     "norm_linear": norm_linear_decode_configs(),
     "skinny_linear_fused": skinny_linear_fused_decode_configs(),
+    "gated_mlp": gated_mlp_decode_configs(),
     "lm_head_argmax": lm_head_argmax_decode_configs(),
     "decode_attention": decode_attention_configs(),
 }
 KV = 32  # the artifact's one decode kv length
 FUSED = dict(attention="triton", norm="fused", linear="fused", rope="triton", lm_head="triton")
+# the norms on their own kernel: QKV on skinny_linear_fused, gate/up + SiLU·mul on gated_mlp
+UNFOLDED = {**FUSED, "norm": "triton", "gated_mlp": "triton"}
 
 
 @pytest.fixture(scope="module")
@@ -154,14 +158,16 @@ def test_a_config_that_computes_wrongly_is_never_chosen(artifact, monkeypatch):
         model.decoder, [3], lambda _: None, fastest_is_bad, kv_lengths=(KV,)
     )
     failed = [t for t in timings if t.error]
-    assert len(failed) == 3 and all(t.config == bad[t.kernel] for t in failed)  # O, down, attn
+    # QKV, up, O, down, attention
+    assert len(failed) == 5 and all(t.config == bad[t.kernel] for t in failed)
     assert "check failed" in failed[0].describe()
     for t in tiles:
         if t.kernel in bad:
             assert t == _tile(3, t.kernel, t.site, SPACES[t.kernel][0], t.cache)
 
 
-def test_the_decoder_launches_the_tiles_it_is_given(artifact):
+@pytest.mark.parametrize("kernels", [FUSED, UNFOLDED], ids=["norm-fused", "norm-alone"])
+def test_the_decoder_launches_the_tiles_it_is_given(artifact, kernels):
     model = kernl.runtime.load(artifact)
     ids, mask = mixed_prompts(3, [11, 4, 16])
     ref = list(model.stream(ids, mask, max_new_tokens=4, eos_token_id=[], output_logits=True))
@@ -173,7 +179,7 @@ def test_the_decoder_launches_the_tiles_it_is_given(artifact):
     tiles = tuple(_tile(3, k, s, picks[k], cache) for k, s, cache in _sites())
     decoys = [(SPACES["decode_attention"][4], 0), (SPACES["decode_attention"][7], 16)]
     tiles += tuple(_tile(3, "decode_attention", "attn", c, cache) for c, cache in decoys)
-    model.decoder.kernels = DecodeKernels(**FUSED, tiles=tiles)
+    model.decoder.kernels = DecodeKernels(**kernels, tiles=tiles)
     model._steps.clear()
     launched = []
 
@@ -192,9 +198,15 @@ def test_the_decoder_launches_the_tiles_it_is_given(artifact):
     names = {"norm_linear": "_norm_linear_kernel", "skinny_linear_fused": "_skinny_fused_kernel"}
     names["lm_head_argmax"] = "_lm_head_argmax_kernel"
     names["decode_attention"] = "_decode_split_kernel"
+    names["gated_mlp"] = "_gated_mlp_kernel"
+    # with the norms folded, QKV and up run norm_linear; alone, skinny_linear_fused (QKV) and
+    # gated_mlp (up): each on its site's tile
+    runs = {"norm_linear"} if kernels is FUSED else {"gated_mlp"}
+    runs |= {"skinny_linear_fused", "lm_head_argmax", "decode_attention"}
     for kernel, c in picks.items():
         used = {(bn, bk) for name, bn, bk in launched if name == names[kernel]}
-        assert used == {(c.BLOCK_N, getattr(c, "BLOCK_K", None))}, (kernel, used)
+        want = {(c.BLOCK_N, getattr(c, "BLOCK_K", None))} if kernel in runs else set()
+        assert used == want, (kernel, used)
     grids = {(n, w) for name, n, w in launched if name == "attention grid"}
     assert grids == {(2, space.num_warps)}
 
@@ -318,8 +330,8 @@ def test_the_choice_keeps_the_used_tiles_and_pdl_only_when_faster(
     )
     assert chosen.linear == "fused" and chosen.lm_head == "triton" and chosen.norm != "fused"
     assert chosen.attention == "triton"
-    # norm_linear's tiles dropped: the choice does not run it
-    assert chosen.tiles == tuple(t for t in tiles if t.kernel != "norm_linear")
+    # norm_linear's and gated_mlp's tiles dropped: the choice runs neither
+    assert chosen.tiles == tuple(t for t in tiles if t.kernel not in ("norm_linear", "gated_mlp"))
     # PDL, then PDL with the prefetch, tried last (no-ops in the interpreter: same logits)
     assert [(t.kernels.pdl, t.kernels.prefetch) for t in timings[-2:]] == [
         (True, False),

@@ -76,6 +76,8 @@ FORCED = {
 }
 # every kernl kernel of the step launched with programmatic dependent launch (Hopper+)
 FORCED["fused_pdl"] = {**FORCED["fused"], "pdl": True}
+# the norms on their own kernel, then QKV / down on the few-rows linear, gate/up on gated_mlp
+FORCED["unfolded"] = {**FORCED["fused"], "norm": "triton", "gated_mlp": "triton"}
 
 
 @pytest.mark.gpu

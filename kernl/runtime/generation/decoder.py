@@ -43,8 +43,9 @@ ACTIVATIONS = {
     "relu": F.relu,
 }
 
-# kernl.kernels.gated_mlp's tile for a decode step's few rows: the smallest M tile tl.dot
-# takes, and narrow N tiles so that the weight read is spread over more programs than SMs.
+# kernl.kernels.gated_mlp's tile for a decode step's few rows where the compiler tuned none:
+# the smallest M tile tl.dot takes, and narrow N tiles so that the weight read is spread over
+# more programs than SMs (the first of gated_mlp_decode_configs).
 DECODE_GATED_MLP_TILE = dict(
     BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4
 )
@@ -190,14 +191,18 @@ class Decoder:
             from kernl.kernels.gated_mlp import GatedMLPConfig, gated_mlp
 
             n = lw.up_w.shape[0] // 2
-            tile = GatedMLPConfig(**DECODE_GATED_MLP_TILE)
+            tile = None
+            if h.dim() == 2 and h.shape[0] <= FEW_ROWS:
+                tile = self._tile_config(h.shape[0], "gated_mlp", "up")
+            tile = tile or GatedMLPConfig(**DECODE_GATED_MLP_TILE)
             h = gated_mlp(h, lw.up_w[:n], lw.up_w[n:], config=tile)
         elif self.spec.mlp == "gated":
-            gate, up = self._proj(h, lw.up_w, lw.up_b, linear=linear).chunk(2, dim=-1)
+            up = self._proj(h, lw.up_w, lw.up_b, linear=linear, site="up")
+            gate, up = up.chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
-            h = self.act(self._proj(h, lw.up_w, lw.up_b, linear=linear))
-        return self._proj(h, lw.down_w, lw.down_b, residual=x, linear=linear)
+            h = self.act(self._proj(h, lw.up_w, lw.up_b, linear=linear, site="up"))
+        return self._proj(h, lw.down_w, lw.down_b, residual=x, linear=linear, site="down")
 
     def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = F.embedding(ids, self.embed)
@@ -289,7 +294,7 @@ class Decoder:
                 )
             else:
                 h = self._norm(x, lw.attn_norm_w, lw.attn_norm_b, triton_norm)
-                qkv = self._proj(h, lw.qkv_w, lw.qkv_b, linear=kernels.linear)
+                qkv = self._proj(h, lw.qkv_w, lw.qkv_b, linear=kernels.linear, site="qkv")
             if kernels.rope == "triton":
                 from kernl.kernels.rope_cache_write import rope_cache_write
 
@@ -400,6 +405,10 @@ class Decoder:
             from kernl.kernels.decode_attention import DecodeAttentionConfig
 
             return DecodeAttentionConfig(t.block_n, t.num_warps, t.num_stages, t.split_k)
+        if kernel == "gated_mlp":
+            from kernl.kernels.gated_mlp import GatedMLPConfig
+
+            return GatedMLPConfig(16, t.block_n, t.block_k, 1, t.num_warps, t.num_stages)
         if kernel == "norm_linear":
             from kernl.kernels.norm_linear import NormLinearConfig as Config
         elif kernel == "skinny_linear_fused":
@@ -440,8 +449,8 @@ class Decoder:
         site: str | None = None,
     ) -> torch.Tensor:
         """residual + h @ w.T + b on the linear kernel `linear` names (a decode step's choice;
-        prefill stays on torch: its kernels have no binaries). `site` ("o", "down") picks
-        the tuned tile of the fused kernel."""
+        prefill stays on torch: its kernels have no binaries). `site` ("qkv", "up", "o",
+        "down") picks the tuned tile of the fused kernel."""
         if linear == "fused" and _few_rows_operands(h, w):
             from kernl.kernels.skinny_linear_fused import skinny_linear_fused
 

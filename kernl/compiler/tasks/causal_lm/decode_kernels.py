@@ -141,7 +141,7 @@ def choose_decode_kernels(
         if t.step_ms is not None and t.step_ms < best.step_ms * (1 - MIN_GAIN):
             best = t
     k = best.kernels
-    used = used_tiles(k.tiles, k.norm, k.linear, k.lm_head, k.attention)
+    used = used_tiles(k.tiles, k.norm, k.linear, k.lm_head, k.attention, k.gated_mlp)
     chosen = dataclasses.replace(k, tiles=used)
     if try_pdl is None:
         try_pdl = gen.device.type == "cuda" and torch.cuda.get_device_capability(gen.device)[0] >= 9

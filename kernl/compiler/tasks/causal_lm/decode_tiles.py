@@ -2,8 +2,8 @@
 call site, and of decode attention per decode batch and cache length, chosen by timing on the
 model's own weights and cache layout.
 
-The fused kernels (`norm_linear` at QKV and the MLP up projection, `skinny_linear_fused` at O
-and down, `lm_head_argmax`) stream weights at the bandwidth their tile, split-K, warps and
+The fused kernels (`norm_linear` at QKV and the MLP up projection, `skinny_linear_fused` at
+QKV, up, O and down, `gated_mlp` at the up projection, `lm_head_argmax`) stream weights at the bandwidth their tile, split-K, warps and
 stages allow, and the best differs by shape and batch (issue 15: a first-guess tile left
 `norm_linear` at a quarter of the copy bandwidth; decode attention's default split gave a
 batch-1 Llama-1B step 16 programs per layer, each looping over 4 key blocks: latency-bound).
@@ -34,7 +34,7 @@ from statistics import median
 
 import torch
 
-from kernl.artifacts.generation import DecodeTile
+from kernl.artifacts.generation import DECODE_TILE_KERNELS, DecodeTile
 from kernl.runtime.binaries import allow_jit
 from kernl.runtime.generation.decoder import FEW_ROWS, Decoder
 from kernl.runtime.graphs import capturing
@@ -109,6 +109,7 @@ def decode_sites(
 ) -> list[Site]:
     """The call sites of `dec`'s decode step that a fused kernel can take, at `batch` rows,
     and decode attention's, one per kv length of `kv_lengths` (the decode buckets')."""
+    from kernl.kernels import gated_mlp as mlp
     from kernl.kernels import lm_head_argmax as lm
     from kernl.kernels import norm_linear as nl
     from kernl.kernels import skinny_linear_fused as slf
@@ -150,28 +151,55 @@ def decode_sites(
             ops = f"{_shapes(args[0])} norm={s.norm} eps={s.norm_eps} gated={g} layers={len(L)}"
             configs = nl.norm_linear_decode_configs()
             sites.append(Site("norm_linear", site, len(L), call, check, configs, ops))
-    for site, w, b in [("o", "o_w", "o_b"), ("down", "down_w", "down_b")]:
+    # QKV and up after a norm of their own (no residual); O and down add the residual stream
+    for site, w, b, res in [
+        ("qkv", "qkv_w", "qkv_b", None),
+        ("up", "up_w", "up_b", None),
+        ("o", "o_w", "o_b", x),
+        ("down", "down_w", "down_b", x),
+    ]:
         args = [(getattr(lw, w), getattr(lw, b)) for lw in L]
         h = rnd(batch, args[0][0].shape[1])
-        out = torch.empty(batch, s.hidden_size, device=dev, dtype=dt)
+        out = torch.empty(batch, args[0][0].shape[0], device=dev, dtype=dt)
 
-        def call(i, c, args=args, h=h, out=out):
+        def call(i, c, args=args, h=h, out=out, res=res):
             w, b = args[i]
-            return slf.skinny_linear_fused(h, w, b, x, out=out, counters=counters, config=c)
+            return slf.skinny_linear_fused(h, w, b, res, out=out, counters=counters, config=c)
 
         @_once
-        def refs(args=args, h=h):
+        def refs(args=args, h=h, res=res):
             w, b = args[0]
-            ref = slf.skinny_linear_fused_reference(d(h), d(w), d(b), d(x))
-            return ref, _allowed(ref, slf.skinny_linear_fused_reference(h, w, b, x))
+            ref = slf.skinny_linear_fused_reference(d(h), d(w), d(b), d(res))
+            return ref, _allowed(ref, slf.skinny_linear_fused_reference(h, w, b, res))
 
         def check(out, refs=refs):
             ref, allowed = refs()
             return _err(out, ref), allowed
 
-        ops = f"{_shapes(args[0] + (h, x))} layers={len(L)}"
+        ops = f"{_shapes(args[0] + (h, res))} layers={len(L)}"
         configs = slf.skinny_linear_fused_decode_configs()
         sites.append(Site("skinny_linear_fused", site, len(L), call, check, configs, ops))
+    if dec.gated_silu_without_bias:  # gate/up + SiLU·mul after a norm of its own
+        n = L[0].up_w.shape[0] // 2
+        halves = [(lw.up_w[:n], lw.up_w[n:]) for lw in L]
+        h = rnd(batch, s.hidden_size)
+        out = torch.empty(batch, n, device=dev, dtype=dt)
+
+        def call_mlp(i, c):
+            return mlp.gated_mlp(h, *halves[i], out=out, config=c)
+
+        @_once
+        def refs_mlp():
+            ref = mlp.gated_mlp_reference(d(h), *map(d, halves[0]))
+            return ref, _allowed(ref, mlp.gated_mlp_reference(h, *halves[0]))
+
+        def check_mlp(out):
+            ref, allowed = refs_mlp()
+            return _err(out, ref), allowed
+
+        ops = f"{_shapes((h, *halves[0]))} layers={len(L)}"
+        configs = mlp.gated_mlp_decode_configs()
+        sites.append(Site("gated_mlp", "up", len(L), call_mlp, check_mlp, configs, ops))
     # the greedy step's lm_head as the decoder runs it: logits written, final RMSNorm folded in
     norm_w = dec.final_norm_w if s.norm == "rms" and dec.final_norm_b is None else None
     logits = torch.empty(batch, dec.lm_head.shape[0], device=dev, dtype=dt)
@@ -404,13 +432,8 @@ def _cache_key(site: Site, batch: int, device: torch.device) -> str:
 
     from kernl.kernels import launch
 
-    module = {
-        "norm_linear": "norm_linear",
-        "skinny_linear_fused": "skinny_linear_fused",
-        "lm_head_argmax": "lm_head_argmax",
-        "decode_attention": "decode_attention",
-    }[site.kernel]
-    mod = __import__(f"kernl.kernels.{module}", fromlist=["_"])
+    assert site.kernel in DECODE_TILE_KERNELS  # each is the name of its module in kernl.kernels
+    mod = __import__(f"kernl.kernels.{site.kernel}", fromlist=["_"])
     source = inspect.getsource(mod) + inspect.getsource(launch)
     target = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     parts = [
@@ -451,12 +474,18 @@ def _read_cached(path: Path | None, site: Site, batch: int) -> TileTiming | None
 
 
 def used_tiles(
-    tiles: tuple[DecodeTile, ...], norm: str, linear: str, lm_head: str, attention: str = "torch"
+    tiles: tuple[DecodeTile, ...],
+    norm: str,
+    linear: str,
+    lm_head: str,
+    attention: str = "torch",
+    gated_mlp: str = "torch",
 ):
     """The tiles of the kernels a decode-kernel choice runs (the others are not stored)."""
     used = {
         "norm_linear": norm == "fused",
         "skinny_linear_fused": linear == "fused",
+        "gated_mlp": gated_mlp == "triton",
         "lm_head_argmax": lm_head == "triton",
         "decode_attention": attention == "triton",
     }
