@@ -4,6 +4,7 @@ save ~15% of the step's linear time in bench_decode_kernels.py, yet the whole-st
 compile saw ~1%).
 
     PYTHONPATH=$PWD python3 benchmarks/profile_decode_variants.py     # H200, ~2 min
+    PYTHONPATH=$PWD python3 benchmarks/profile_decode_variants.py chosen  # only these variants
 
 Compiles (with tuning) `batch=1 prompt=128 cache=512`, loads the artifact, then for each
 variant recaptures the (batch 1, kv 512) decode step, times 200 replays with CUDA events
@@ -80,6 +81,9 @@ def main() -> None:
             after_loop,
         ),
     }
+    wanted = sys.argv[1:]  # variant names (or their first word): all of them without any
+    if wanted:
+        variants = {k: v for k, v in variants.items() if k in wanted or k.split()[0] in wanted}
     gen._running = None  # the compiler's context: every kernel may JIT, not only the artifact's
     state = gen._states[1]
     for name, (kernels, trigger) in variants.items():
