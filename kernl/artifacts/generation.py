@@ -115,7 +115,7 @@ DECODE_KERNEL_CHOICES: dict[str, tuple[str, ...]] = {
     "norm": ("torch", "triton", "fused"),
     "gated_mlp": ("torch", "triton"),
     "linear": ("torch", "triton", "fused"),
-    "rope": ("torch", "triton"),
+    "rope": ("torch", "triton", "fused"),
     "lm_head": ("torch", "triton"),
 }
 
@@ -185,8 +185,10 @@ class DecodeKernels:
     "torch" or "triton" (kernl.kernels.gated_mlp; used where the MLP is gated SiLU without
     bias); linear: "torch", "triton" (kernl.kernels.skinny_linear, split-K and a reduce
     kernel) or "fused" (kernl.kernels.skinny_linear_fused, reduced in the same launch, bias and
-    residual in its epilogue), for batches of <= 16 rows; rope: "torch" or "triton"
-    (kernl.kernels.rope_cache_write: rotary and the KV-cache write in one kernel); lm_head:
+    residual in its epilogue), for batches of <= 16 rows; rope: "torch", "triton"
+    (kernl.kernels.rope_cache_write: rotary and the KV-cache write in one kernel) or "fused"
+    (with norm "fused": in the QKV projection's epilogue, kernl.kernels.norm_linear_rope;
+    otherwise as "triton"); lm_head:
     "torch" or "triton" (kernl.kernels.lm_head_argmax: the greedy step's logits and argmax
     in one pass). Manifests written before rope and lm_head existed read as "torch".
     tiles: the launch configs the compiler measured best per decode batch (`DecodeTile`;

@@ -39,6 +39,24 @@ _SMS = 132  # H100/H200 SXM; only sizes the automatic split
 
 
 @triton.jit
+def _norm_linear_scale(
+    acc, acc_u, ss, Bias, cols1, cols2, n_mask, K, eps, IS_RMS, HAS_BIAS, PAIRED
+):
+    """The finished rows: RMSNorm's deferred 1 / rms, then the bias (at both column sets of a
+    paired tile)."""
+    if IS_RMS:
+        rstd = 1.0 / tl.sqrt(ss / K + eps)
+        acc = acc * rstd[:, None]
+        if PAIRED:
+            acc_u = acc_u * rstd[:, None]
+    if HAS_BIAS:
+        acc += tl.load(Bias + cols1, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if PAIRED:
+            acc_u += tl.load(Bias + cols2, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    return acc, acc_u
+
+
+@triton.jit
 def _norm_linear_finish(
     acc,
     acc_u,
@@ -57,15 +75,9 @@ def _norm_linear_finish(
     HAS_BIAS: tl.constexpr,
     GATED: tl.constexpr,
 ):
-    if IS_RMS:
-        rstd = 1.0 / tl.sqrt(ss / K + eps)
-        acc = acc * rstd[:, None]
-        if GATED:
-            acc_u = acc_u * rstd[:, None]
-    if HAS_BIAS:
-        acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            acc_u += tl.load(Bias + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    acc, acc_u = _norm_linear_scale(
+        acc, acc_u, ss, Bias, offs_n, offs_n + N, n_mask, K, eps, IS_RMS, HAS_BIAS, GATED
+    )
     if GATED:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_u
     tl.store(
@@ -76,53 +88,31 @@ def _norm_linear_finish(
 
 
 @triton.jit
-def _norm_linear_kernel(
+def _norm_linear_loop(
     X,
     NormW,
     NormB,
-    W,
-    Bias,
-    Out,
-    Partial,
-    SumSq,
-    Counters,
-    M,
-    N,
+    w_rows,
+    u_rows,
+    offs_m,
+    m_mask,
+    n_mask,
+    k_lo,
+    k_hi,
     K,
-    k_chunk,
     eps,
     stride_xm,
-    stride_wn,
-    stride_om,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
     IS_RMS: tl.constexpr,
     HAS_NORM_BIAS: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    GATED: tl.constexpr,
+    PAIRED: tl.constexpr,
     PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    offs_m = tl.arange(0, 16)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """acc = norm(x)[:, k_lo:k_hi] @ W[w_rows]^T (and acc_u over u_rows for a paired tile);
+    ss, x's sum of squares over the same K chunk (RMSNorm's scale comes later)."""
     offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
     x_rows = X + offs_m[:, None] * stride_xm
-    k_lo = split * k_chunk
-    k_hi = tl.minimum(k_lo + k_chunk, K)
-    w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
-    u_rows = W + (offs_n + N).to(tl.int64)[:, None] * stride_wn  # up half (GATED only)
-    if PREFETCH > 0:  # weights never depend on the previous kernel: stream them while it drains
-        prefetch_rows_l2(w_rows, n_mask, k_lo, k_hi, PREFETCH, W.dtype.element_ty)
-        if GATED:
-            prefetch_rows_l2(u_rows, n_mask, k_lo, k_hi, PREFETCH, W.dtype.element_ty)
-    pdl_start(USE_PDL)  # every read below may depend on the previous kernel
-
     mean = tl.zeros([16], dtype=tl.float32)
     rstd = tl.zeros([16], dtype=tl.float32)
     if not IS_RMS:
@@ -163,16 +153,163 @@ def _norm_linear_kernel(
             h = (x - mean[:, None]) * rstd[:, None] * g[None, :]
             if HAS_NORM_BIAS:
                 h += tl.load(NormB + ks, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-        h = h.to(W.dtype.element_ty)
+        h = h.to(w_rows.dtype.element_ty)
         w_mask = n_mask[:, None] & k_mask[None, :]
         w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
-        if GATED:
+        if PAIRED:
             wu = tl.load(u_rows + ks[None, :], mask=w_mask, other=0.0)
             acc_u = tl.dot(h, tl.trans(wu), acc_u, input_precision=PRECISION)
-    pdl_release(USE_PDL)
+    return acc, acc_u, ss
 
+
+@triton.jit
+def _split_k_gather(
+    acc,
+    acc_u,
+    ss,
+    Partial,
+    SumSq,
+    Counters,
+    pid_n,
+    split,
+    offs_m,
+    cols1,
+    cols2,
+    m_mask,
+    n_mask,
+    n_w,
+    BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    IS_RMS: tl.constexpr,
+    PAIRED: tl.constexpr,
+):
+    """Store this split's partial tiles (only the M live rows: a batch-1 step moves 1/16 of
+    the bytes) and count its arrival; the program that arrives last gets the tiles summed over
+    every split, in a fixed order, and resets the counter. Returns (last, acc, acc_u, ss).
+    Partial [SPLIT_K, 16, n_w] holds a tile at cols1 (and cols2), SumSq [blocks, SPLIT_K, 16]."""
+    p_mask = m_mask[:, None] & n_mask[None, :]
+    p_rows = (split * 16 + offs_m[:, None]).to(tl.int64) * n_w
+    tl.store(Partial + p_rows + cols1[None, :], acc, mask=p_mask)
+    if PAIRED:
+        tl.store(Partial + p_rows + cols2[None, :], acc_u, mask=p_mask)
+    if IS_RMS:
+        tl.store(SumSq + (pid_n * SPLIT_K + split) * 16 + offs_m, ss)
+    # every thread's stores precede the (release) bump of this block's counter
+    tl.debug_barrier()
+    arrived = tl.atomic_add(Counters + pid_n, 1, sem="acq_rel", scope="gpu")
+    last = arrived == SPLIT_K - 1
+    if last:
+        acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+        ss = tl.zeros([16], dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            rows = (s * 16 + offs_m[:, None]).to(tl.int64) * n_w
+            acc += tl.load(
+                Partial + rows + cols1[None, :], mask=p_mask, other=0.0, cache_modifier=".cg"
+            )
+            if PAIRED:
+                acc_u += tl.load(
+                    Partial + rows + cols2[None, :], mask=p_mask, other=0.0, cache_modifier=".cg"
+                )
+            if IS_RMS:
+                ss += tl.load(SumSq + (pid_n * SPLIT_K + s) * 16 + offs_m, cache_modifier=".cg")
+        tl.store(Counters + pid_n, 0)  # ready for the next launch
+    return last, acc, acc_u, ss
+
+
+@triton.jit
+def _norm_linear_kernel(
+    X,
+    NormW,
+    NormB,
+    W,
+    Bias,
+    Out,
+    Partial,
+    SumSq,
+    Counters,
+    M,
+    N,
+    K,
+    k_chunk,
+    eps,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    IS_RMS: tl.constexpr,
+    HAS_NORM_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GATED: tl.constexpr,
+    PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_m = tl.arange(0, 16)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    k_lo = split * k_chunk
+    k_hi = tl.minimum(k_lo + k_chunk, K)
+    w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
+    u_rows = W + (offs_n + N).to(tl.int64)[:, None] * stride_wn  # up half (GATED only)
+    if PREFETCH > 0:  # weights never depend on the previous kernel: stream them while it drains
+        prefetch_rows_l2(w_rows, n_mask, k_lo, k_hi, PREFETCH, W.dtype.element_ty)
+        if GATED:
+            prefetch_rows_l2(u_rows, n_mask, k_lo, k_hi, PREFETCH, W.dtype.element_ty)
+    pdl_start(USE_PDL)  # every read below may depend on the previous kernel
+    acc, acc_u, ss = _norm_linear_loop(
+        X,
+        NormW,
+        NormB,
+        w_rows,
+        u_rows,
+        offs_m,
+        m_mask,
+        n_mask,
+        k_lo,
+        k_hi,
+        K,
+        eps,
+        stride_xm,
+        BLOCK_N,
+        BLOCK_K,
+        IS_RMS,
+        HAS_NORM_BIAS,
+        GATED,
+        PRECISION,
+    )
+    pdl_release(USE_PDL)
     if SPLIT_K == 1:
+        last = True
+    else:
+        n_w = 2 * N if GATED else N  # gate then up
+        last, acc, acc_u, ss = _split_k_gather(
+            acc,
+            acc_u,
+            ss,
+            Partial,
+            SumSq,
+            Counters,
+            pid_n,
+            split,
+            offs_m,
+            offs_n,
+            offs_n + N,
+            m_mask,
+            n_mask,
+            n_w,
+            BLOCK_N,
+            SPLIT_K,
+            IS_RMS,
+            GATED,
+        )
+    if last:
         _norm_linear_finish(
             acc,
             acc_u,
@@ -191,50 +328,6 @@ def _norm_linear_kernel(
             HAS_BIAS,
             GATED,
         )
-    else:
-        # only the M live rows of a partial tile move (a batch-1 step: 1/16 of the bytes)
-        p_mask = m_mask[:, None] & n_mask[None, :]
-        # Partial [SPLIT_K, 16, N_W] (N_W = 2N when gated: gate then up), SumSq [blocks, SPLIT_K, 16]
-        n_w = 2 * N if GATED else N
-        p_tile = Partial + (split * 16 + offs_m[:, None]).to(tl.int64) * n_w + offs_n[None, :]
-        tl.store(p_tile, acc, mask=p_mask)
-        if GATED:
-            tl.store(p_tile + N, acc_u, mask=p_mask)
-        if IS_RMS:
-            tl.store(SumSq + (pid_n * SPLIT_K + split) * 16 + offs_m, ss)
-        # every thread's stores precede the (release) bump of this block's counter
-        tl.debug_barrier()
-        arrived = tl.atomic_add(Counters + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-            acc_u = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-            ss = tl.zeros([16], dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):
-                tile = Partial + (s * 16 + offs_m[:, None]).to(tl.int64) * n_w + offs_n[None, :]
-                acc += tl.load(tile, mask=p_mask, other=0.0, cache_modifier=".cg")
-                if GATED:
-                    acc_u += tl.load(tile + N, mask=p_mask, other=0.0, cache_modifier=".cg")
-                if IS_RMS:
-                    ss += tl.load(SumSq + (pid_n * SPLIT_K + s) * 16 + offs_m, cache_modifier=".cg")
-            _norm_linear_finish(
-                acc,
-                acc_u,
-                ss,
-                Bias,
-                Out,
-                offs_m,
-                offs_n,
-                m_mask,
-                n_mask,
-                N,
-                K,
-                eps,
-                stride_om,
-                IS_RMS,
-                HAS_BIAS,
-                GATED,
-            )
-            tl.store(Counters + pid_n, 0)  # ready for the next launch
 
 
 def norm_linear_reference(

@@ -111,6 +111,146 @@ def _rope_cache_write_kernel(
     tl.store(v_ptr + (HALF + d[None, :]) * stride_vd, o2.to(VCache.dtype.element_ty), mask=is_v)
 
 
+@triton.jit
+def rope_cache_store(
+    a1,
+    a2,
+    offs_m,
+    offs_c,
+    m_mask,
+    c_mask,
+    Pos,
+    Cos,
+    Sin,
+    Slot,
+    QOut,
+    KCache,
+    VCache,
+    num_heads,
+    num_kv_heads,
+    slots,
+    stride_pb,
+    stride_cos,
+    stride_sin,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    HALF: tl.constexpr,
+    HAS_ROPE: tl.constexpr,
+):
+    """A decode step's QKV rows, still in fp32, rotated and stored where they go: the epilogue
+    of a QKV projection whose program holds both halves of its heads (norm_linear with
+    `rope`). Row m is batch row m (one token each, its rotary position Pos[m]); column c is
+    half-column c of the qkv row: head c // HALF, element c % HALF, with a1 that element and
+    a2 its partner HALF further. q heads go to QOut [B, H, 1, D], k and v heads to cache slot
+    Slot (dropped past the last one)."""
+    head = offs_c // HALF
+    d = offs_c % HALF
+    mask = m_mask[:, None] & c_mask[None, :]
+    n_qk = num_heads + num_kv_heads
+    if HAS_ROPE:
+        pos = tl.load(Pos + offs_m * stride_pb, mask=m_mask, other=0).to(tl.int64)
+        cos_row = Cos + pos[:, None] * stride_cos + d[None, :]
+        sin_row = Sin + pos[:, None] * stride_sin + d[None, :]
+        cos1 = tl.load(cos_row, mask=mask, other=0.0).to(tl.float32)
+        cos2 = tl.load(cos_row + HALF, mask=mask, other=0.0).to(tl.float32)
+        sin1 = tl.load(sin_row, mask=mask, other=0.0).to(tl.float32)
+        sin2 = tl.load(sin_row + HALF, mask=mask, other=0.0).to(tl.float32)
+        rotate = (head < n_qk)[None, :]  # q and k heads; v passes through
+        o1 = tl.where(rotate, a1 * cos1 - a2 * sin1, a1)
+        o2 = tl.where(rotate, a2 * cos2 + a1 * sin2, a2)
+    else:
+        o1 = a1
+        o2 = a2
+    rows = offs_m.to(tl.int64)[:, None]
+    is_q = mask & (head < num_heads)[None, :]
+    q_ptr = QOut + rows * stride_qb + head.to(tl.int64)[None, :] * stride_qh
+    tl.store(q_ptr + d[None, :] * stride_qd, o1.to(QOut.dtype.element_ty), mask=is_q)
+    tl.store(q_ptr + (HALF + d[None, :]) * stride_qd, o2.to(QOut.dtype.element_ty), mask=is_q)
+    slot = tl.load(Slot).to(tl.int64)
+    in_cache = mask & (slot < slots)
+    kh = (head - num_heads).to(tl.int64)[None, :]
+    is_k = in_cache & ((head >= num_heads) & (head < n_qk))[None, :]
+    k_ptr = KCache + rows * stride_kb + kh * stride_kh + slot * stride_kn
+    tl.store(k_ptr + d[None, :] * stride_kd, o1.to(KCache.dtype.element_ty), mask=is_k)
+    tl.store(k_ptr + (HALF + d[None, :]) * stride_kd, o2.to(KCache.dtype.element_ty), mask=is_k)
+    vh = (head - n_qk).to(tl.int64)[None, :]
+    is_v = in_cache & (head >= n_qk)[None, :]
+    v_ptr = VCache + rows * stride_vb + vh * stride_vh + slot * stride_vn
+    tl.store(v_ptr + d[None, :] * stride_vd, o1.to(VCache.dtype.element_ty), mask=is_v)
+    tl.store(v_ptr + (HALF + d[None, :]) * stride_vd, o2.to(VCache.dtype.element_ty), mask=is_v)
+
+
+@dataclass
+class RopeCacheTarget:
+    """Where a decode step's QKV projection sends its rows when rotary and the cache write ride
+    in its epilogue (norm_linear's `rope`), as rope_cache_write takes them: positions [B] (one
+    token per row), cos / sin [positions, D] (`rope_tables`; None: no rotary), the layer's
+    k_cache / v_cache [B, KV, slots, D], slot (1-element int tensor), the head counts, and
+    q_out [B, H, 1, D] (None: a view of a new [B, 1, H, D] buffer, so q is contiguous)."""
+
+    positions: torch.Tensor
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slot: torch.Tensor
+    num_heads: int
+    num_kv_heads: int
+    q_out: torch.Tensor | None = None
+
+    def checked(self, rows: int, qkv_rows: int, dtype: torch.dtype) -> tuple[int, torch.Tensor]:
+        """(head_dim, q_out) for a QKV weight of `qkv_rows` rows and `rows` batch rows;
+        AssertionError when the shapes do not fit."""
+        H, KV = self.num_heads, self.num_kv_heads
+        D = qkv_rows // (H + 2 * KV)
+        assert qkv_rows == (H + 2 * KV) * D and D % 2 == 0
+        assert self.k_cache.shape[:2] == (rows, KV) and self.k_cache.shape[3] == D
+        assert self.v_cache.shape == self.k_cache.shape and self.slot.numel() == 1
+        assert self.positions.shape == (rows,)
+        if self.cos is not None:
+            assert self.cos.shape[-1] == D and self.sin.shape == self.cos.shape
+            assert self.cos.stride(-1) == 1 and self.sin.stride(-1) == 1
+        q_out = self.q_out
+        if q_out is None:
+            q_out = torch.empty((rows, 1, H, D), dtype=dtype, device=self.k_cache.device)
+            q_out = q_out.transpose(1, 2)
+        assert q_out.shape == (rows, H, 1, D)
+        return D, q_out
+
+    def launch_args(self, q_out: torch.Tensor) -> tuple:
+        """The arguments rope_cache_store takes from Pos to stride_vd, in order."""
+        has_rope = self.cos is not None
+        return (
+            self.positions,
+            self.cos if has_rope else self.positions,
+            self.sin if has_rope else self.positions,
+            self.slot,
+            q_out,
+            self.k_cache,
+            self.v_cache,
+            self.num_heads,
+            self.num_kv_heads,
+            self.k_cache.shape[2],
+            self.positions.stride(0),
+            self.cos.stride(0) if has_rope else 0,
+            self.sin.stride(0) if has_rope else 0,
+            q_out.stride(0),
+            q_out.stride(1),
+            q_out.stride(3),
+            *self.k_cache.stride(),
+            *self.v_cache.stride(),
+        )
+
+
 def rope_tables(
     inv_freq: torch.Tensor,
     positions: int,

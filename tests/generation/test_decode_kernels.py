@@ -28,6 +28,10 @@ VARIANTS = [
     DecodeKernels(
         attention="triton", norm="fused", linear="fused", rope="triton", lm_head="triton"
     ),
+    # rotary and the cache write in the QKV projection's epilogue: 6 a layer
+    DecodeKernels(norm="fused", rope="fused"),
+    DecodeKernels(rope="fused"),  # without the folded norm: rope_cache_write
+    DecodeKernels(attention="triton", norm="fused", linear="fused", rope="fused", lm_head="triton"),
 ]
 NEW = 12
 
@@ -126,7 +130,7 @@ def test_choice_keeps_an_alternative_only_when_measurably_faster(artifact):
         ms = cost[k.attention] - (1.0 if k.gated_mlp == "triton" else 0.0)
         ms += {"torch": 0.0, "triton": 0.5, "fused": -0.5}[k.linear]  # triton slower: not kept
         ms += 0.2 if k.norm == "fused" else 0.0  # slower: not kept
-        ms -= 0.3 if k.rope == "triton" else 0.0  # kept
+        ms -= 0.3 if k.rope != "torch" else 0.0  # kept (triton; fused is no faster)
         ms -= 0.01 if k.lm_head == "triton" else 0.0  # within MIN_GAIN: not kept
         return ms
 
@@ -159,9 +163,10 @@ def test_choice_keeps_an_alternative_only_when_measurably_faster(artifact):
         ("triton", t, mlp, "triton", t, t),
         ("triton", t, mlp, "fused", t, t),
         ("triton", t, mlp, "fused", "triton", t),
+        ("triton", t, mlp, "fused", "fused", t),  # as fast as triton: not kept
         ("triton", t, mlp, "fused", "triton", "triton"),
         # then every piece on kernl's most fused kernel at once, in case they only pay together
-        ("triton", "fused", "triton" if gated else t, "fused", "triton", "triton"),
+        ("triton", "fused", "triton" if gated else t, "fused", "fused", "triton"),
     ]
     assert k == expected
     assert "failed (RuntimeError: no kernel for this shape)" in timings[3].describe()

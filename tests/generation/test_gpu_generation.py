@@ -78,6 +78,8 @@ FORCED = {
 FORCED["fused_pdl"] = {**FORCED["fused"], "pdl": True}
 # the norms on their own kernel, then QKV / down on the few-rows linear, gate/up on gated_mlp
 FORCED["unfolded"] = {**FORCED["fused"], "norm": "triton", "gated_mlp": "triton"}
+# rotary and the cache write in the QKV projection's epilogue (norm_linear_rope)
+FORCED["fused_rope"] = {**FORCED["fused"], "rope": "fused"}
 
 
 @pytest.mark.gpu

@@ -1,8 +1,9 @@
-"""The few-rows decode kernels and decode attention compile for Hopper (sm_90) in every variant a decoder launches,
-checked on the CPU: Triton's front end and ptxas run without a GPU, while the interpreter the
-other kernel tests use never compiles and so accepts Python that Triton rejects (it missed a
-LayerNorm variable that the split-K epilogue's loop redefined: every LayerNorm model with
-split-K failed to compile on the GPU, Whisper-large-v3's decode step first)."""
+"""The few-rows decode kernels (norm_linear_rope too) and decode attention compile for Hopper
+(sm_90) in every variant a decoder launches, checked on the CPU: Triton's front end and ptxas
+run without a GPU, while the interpreter the other kernel tests use never compiles and so
+accepts Python that Triton rejects (it missed a LayerNorm variable that the split-K
+epilogue's loop redefined: every LayerNorm model with split-K failed to compile on the GPU,
+Whisper-large-v3's decode step first)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,31 @@ def norm_linear_compiles(split, rms, norm_bias, gated, use_pdl):
     _compile(_norm_linear_kernel, signature, constants)
 
 
+# norm -> QKV -> rotary -> cache write: split or not, RMSNorm or LayerNorm, bias, rotary or
+# none (learned positions), with PDL
+NORM_LINEAR_ROPE = [(1, True, False, True, False), (3, True, True, True, 2)]
+NORM_LINEAR_ROPE += [(3, False, True, False, False), (1, False, False, True, True)]
+
+
+def norm_linear_rope_compiles(split, rms, bias, rope, use_pdl):
+    from kernl.kernels.norm_linear_rope import _norm_linear_rope_kernel
+
+    signature = dict.fromkeys(("X", "NormW", "NormB", "W", "Bias"), "*bf16")
+    signature |= {"Partial": "*fp32", "SumSq": "*fp32", "Counters": "*i32", "Pos": "*i64"}
+    signature |= dict.fromkeys(("Cos", "Sin", "QOut", "KCache", "VCache"), "*bf16")
+    signature |= {"Slot": "*i64"}
+    names = ["num_heads", "num_kv_heads", "slots", "stride_pb", "stride_cos", "stride_sin"]
+    names += ["stride_qb", "stride_qh", "stride_qd"]
+    names += [f"stride_{t}{x}" for t in "kv" for x in "bhnd"]
+    names += ["M", "N", "K", "k_chunk"]
+    signature |= dict.fromkeys(names, "i32") | {"eps": "fp32"}
+    signature |= dict.fromkeys(("stride_xm", "stride_wn"), "i32")
+    constants = dict(HALF=32, BLOCK_N=64, BLOCK_K=64, SPLIT_K=split, IS_RMS=rms)
+    constants |= dict(HAS_NORM_BIAS=not rms, HAS_BIAS=bias, HAS_ROPE=rope)
+    constants |= dict(PRECISION="tf32", USE_PDL=use_pdl, PREFETCH=8 if use_pdl else 0)
+    _compile(_norm_linear_rope_kernel, signature, constants)
+
+
 def skinny_linear_fused_compiles(split, bias, residual, use_pdl):
     from kernl.kernels.skinny_linear_fused import _skinny_fused_kernel
 
@@ -91,6 +117,7 @@ def main() -> int:
     failed = 0
     for check, variants in (
         (norm_linear_compiles, NORM_LINEAR),
+        (norm_linear_rope_compiles, NORM_LINEAR_ROPE),
         (skinny_linear_fused_compiles, SKINNY),
         (decode_attention_compiles, DECODE_ATTENTION),
     ):

@@ -288,14 +288,18 @@ class Decoder:
         if self.rope is not None and kernels.rope == "torch":
             rope = self.rope.index_select(0, positions)
         for i, lw in enumerate(self.layers):
-            if fold:
+            if fold and kernels.rope == "fused":  # norm, QKV, rotary and cache write: 1 kernel
+                q = self._norm_linear_rope(x, lw, cache, i, positions, slot)[:, :, 0]
+            elif fold:
                 qkv = self._norm_linear(
                     x, lw.attn_norm_w, lw.attn_norm_b, lw.qkv_w, lw.qkv_b, site="qkv"
                 )
             else:
                 h = self._norm(x, lw.attn_norm_w, lw.attn_norm_b, triton_norm)
                 qkv = self._proj(h, lw.qkv_w, lw.qkv_b, linear=kernels.linear, site="qkv")
-            if kernels.rope == "triton":
+            if fold and kernels.rope == "fused":
+                pass  # q and the caches are written
+            elif kernels.rope != "torch":  # "fused" without the folded norm: its own kernel
                 from kernl.kernels.rope_cache_write import rope_cache_write
 
                 q = rope_cache_write(
@@ -435,6 +439,30 @@ class Decoder:
             gated=gated,
             counters=self._counters_for(x),
             config=self._tile_config(x.shape[0], "norm_linear", site),
+            pdl=self.kernels.pdl,
+            prefetch=self.kernels.prefetch,
+        )
+
+    def _norm_linear_rope(self, x, lw: LayerWeights, cache, i: int, positions, slot):
+        """q [B, H, 1, D] of layer i, its k and v written to the cache at `slot`."""
+        from kernl.kernels.norm_linear_rope import norm_linear_rope
+        from kernl.kernels.rope_cache_write import RopeCacheTarget
+
+        s = self.spec
+        target = RopeCacheTarget(
+            positions, self.cos, self.sin, cache.k[i], cache.v[i], slot, s.num_heads, s.num_kv_heads
+        )
+        return norm_linear_rope(
+            x,
+            lw.attn_norm_w,
+            lw.attn_norm_b,
+            lw.qkv_w,
+            lw.qkv_b,
+            target,
+            eps=s.norm_eps,
+            norm=s.norm,
+            counters=self._counters_for(x),
+            config=self._tile_config(x.shape[0], "norm_linear", "qkv"),
             pdl=self.kernels.pdl,
             prefetch=self.kernels.prefetch,
         )

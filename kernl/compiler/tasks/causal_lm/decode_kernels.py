@@ -175,7 +175,7 @@ def _try_pdl(
 def _runs_fused(k: DecodeKernels) -> bool:
     """Whether the step runs a kernel that takes PDL (kernl/kernels/pdl.py pdl_start)."""
     fused = k.norm == "fused" or k.linear == "fused" or k.lm_head == "triton"
-    return fused or k.attention == "triton" or k.rope == "triton"
+    return fused or k.attention == "triton" or k.rope != "torch"
 
 
 def _decode_logits(gen: GenerativeModel, kernels: DecodeKernels) -> list[torch.Tensor]:
