@@ -32,6 +32,7 @@ from kernl.kernels import gated_mlp as mlp_mod  # noqa: E402
 from kernl.kernels import lm_head_argmax as lm_mod  # noqa: E402
 from kernl.kernels import norm as norm_mod  # noqa: E402
 from kernl.kernels import norm_linear as nl_mod  # noqa: E402
+from kernl.kernels import norm_linear_rope as nlr_mod  # noqa: E402
 from kernl.kernels import rope_cache_write as rope_mod  # noqa: E402
 from kernl.kernels import skinny_linear as skinny_mod  # noqa: E402
 from kernl.kernels import skinny_linear_fused as slf_mod  # noqa: E402
@@ -384,6 +385,56 @@ def bench_batch(bench: Bench, M: int, W: dict) -> dict[str, dict[str, float]]:
 
     rows.append(bench.run("rope", M, "torch bmm+index_copy x2", 3, nbytes, torch_rope, len(caches)))
     keep("rope", [r for r in rows if r])
+
+    # -- attention norm + QKV + rope + KV-cache write: one kernel against the pair -------------
+    ws = W["qkv"]
+    targets = [
+        nlr_mod.RopeCacheTarget(pos, W["cos"], W["sin"], k, v, slot, HEADS, KV_HEADS)
+        for k, v in caches
+    ]
+    nbytes = (n_qkv * HIDDEN + M * HIDDEN + M * n_qkv) * b2
+    make = lambda c: (
+        lambda i: nlr_mod.norm_linear_rope(
+            x, g, None, ws[i], None, targets[i % len(targets)], eps=EPS, counters=counters, config=c
+        )
+    )
+    rows = [
+        bench.best(
+            "qkv_rope", M, "fused norm_linear_rope", 1, nbytes, make, len(ws), NORM_LINEAR_CONFIGS
+        )
+    ]
+    qkv_best = min(
+        (
+            r
+            for r in bench.rows
+            if r["op"] == "qkv" and r["batch"] == M and "norm_linear" in r["impl"]
+        ),
+        key=lambda r: r["ms"],
+        default=None,
+    )
+    qkv_config = next(
+        (c for c in NORM_LINEAR_CONFIGS if qkv_best and repr(c) == qkv_best["config"]), None
+    )
+
+    def pair(i: int) -> torch.Tensor:
+        out = nl_mod.norm_linear(x, g, None, ws[i], eps=EPS, counters=counters, config=qkv_config)
+        t = targets[i % len(targets)]
+        return rope_mod.rope_cache_write(
+            out,
+            pos,
+            t.cos,
+            t.sin,
+            t.k_cache,
+            t.v_cache,
+            slot,
+            num_heads=HEADS,
+            num_kv_heads=KV_HEADS,
+        )
+
+    rows.append(
+        bench.run("qkv_rope", M, "norm_linear + rope_cache_write", 2, nbytes, pair, len(ws))
+    )
+    keep("qkv_rope", [r for r in rows if r])
 
     # -- final norm + lm_head + argmax ---------------------------------------------------------
     ws = W["lm_head"]
