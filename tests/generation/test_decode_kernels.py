@@ -229,3 +229,36 @@ def test_choice_keeps_plain_torch_when_the_baseline_cannot_be_timed(artifact):
 
     chosen, timings = choose_decode_kernels(model, lambda _: None, step_ms=broken)
     assert chosen == DecodeKernels() and len(timings) == 1 and timings[0].error
+
+
+def test_kernels_the_compiler_chose_that_fail_validation_fall_back_to_torch(monkeypatch):
+    from types import SimpleNamespace
+
+    from kernl.compiler.tasks.causal_lm import compile as causal_compile
+    from kernl.compiler.validate import ValidationError
+
+    def fake_validate(gen, model, atol, rtol, progress=None):
+        if gen.decoder.kernels != DecodeKernels():
+            raise ValidationError("logits differ from eager by 3.1 > atol 0.1")
+        return ["plain torch passed"]
+
+    monkeypatch.setattr(causal_compile, "validate_generation", fake_validate)
+    fused = DecodeKernels(attention="triton", norm="fused", linear="fused", rope="fused")
+
+    def gen():
+        return SimpleNamespace(decoder=SimpleNamespace(kernels=None), _steps={"graph": 1})
+
+    said, g = [], gen()
+    chosen, stages = causal_compile.validated_choice(g, None, fused, True, 0.1, 0.0, said.append)
+    assert chosen == DecodeKernels() and stages == ["plain torch passed"]
+    assert g.decoder.kernels == DecodeKernels() and not g._steps  # recaptured on torch
+    assert "failed validation" in said[-1] and "rope=fused" in said[-1]
+    # kernels the user forced: the failure is the compile's
+    with pytest.raises(ValidationError):
+        causal_compile.validated_choice(gen(), None, fused, False, 0.1, 0.0, said.append)
+    # a choice that validates is kept
+    monkeypatch.setattr(causal_compile, "validate_generation", lambda *a, **k: ["ok"])
+    assert causal_compile.validated_choice(gen(), None, fused, True, 0.1, 0.0, print) == (
+        fused,
+        ["ok"],
+    )

@@ -44,7 +44,7 @@ from kernl.runtime.generation import GenerativeModel
 
 from ...trace import load_model, resolve_dtype_device
 from ...tune import write_binaries
-from ...validate import resolve_tolerance
+from ...validate import ValidationError, resolve_tolerance
 from .buckets import as_generation_buckets
 from .decode_kernels import DecodeTiming, choose_decode_kernels, record_decode_binaries
 from .decode_tiles import TileTiming, tune_decode_tiles
@@ -167,10 +167,10 @@ def compile_causal_lm(
             chosen, report.decode_timings = choose_decode_kernels(gen, say, tiles=tiles)
         else:
             chosen = DecodeKernels()
-        gen.decoder.kernels = report.decode_kernels = chosen
+        automatic = decode_kernels is None and chosen != DecodeKernels()
+        chosen, stages = validated_choice(gen, model, chosen, automatic, atol, rtol, say)
+        report.decode_kernels = chosen
         manifest.extra["decode_kernels"] = dataclasses.asdict(chosen)
-        with allow_jit():  # the binaries are recorded below; the runtime never compiles
-            stages = validate_generation(gen, model, atol, rtol, progress=say)
         if dev.type == "cuda" and chosen != DecodeKernels():
             say("building kernel binaries")
             try:
@@ -189,6 +189,37 @@ def compile_causal_lm(
         writer.commit(manifest)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def validated_choice(
+    gen: GenerativeModel,
+    model,
+    chosen: DecodeKernels,
+    automatic: bool,
+    atol: float,
+    rtol: float,
+    say: Callable[[str], None],
+) -> tuple[DecodeKernels, list[StageError]]:
+    """The decode kernels the artifact keeps and every bucket's errors against eager. Where
+    the compiler chose kernl kernels itself (`automatic`) and they fail validation, the
+    plain torch step is validated instead and kept, and the report says why: a kernel that
+    computes wrongly on this GPU costs speed, never the build. Kernels the user forced fail
+    the compile."""
+    gen.decoder.kernels = chosen
+    try:
+        with allow_jit():  # the binaries are recorded later; the runtime never compiles
+            return chosen, validate_generation(gen, model, atol, rtol, progress=say)
+    except ValidationError as e:
+        if not automatic:
+            raise
+        say(
+            f"the chosen decode kernels ({chosen.describe()}) failed validation: {e}; "
+            "keeping the plain torch decode step"
+        )
+    gen.decoder.kernels = DecodeKernels()
+    gen._steps.clear()  # captured graphs hold the rejected kernels
+    with allow_jit():
+        return gen.decoder.kernels, validate_generation(gen, model, atol, rtol, progress=say)
 
 
 def _manifest(model, source, spec, gb: GenerationBuckets, dtype: str, dev, atol, rtol) -> Manifest:
