@@ -406,6 +406,31 @@ def _auto_split(n_blocks: int, K: int, block_k: int) -> int:
     return max(1, min(most, triton.cdiv(2 * _SMS, n_blocks)))
 
 
+def split_k_plan(
+    x: torch.Tensor,
+    n_w: int,
+    n_blocks: int,
+    config: NormLinearConfig,
+    counters: torch.Tensor | None,
+    unused: torch.Tensor,
+) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(split, k_chunk, Partial, SumSq, Counters) of a launch over n_blocks tiles of x's K: the
+    split the config asks for (0: automatic), each chunk whole K blocks; with one split the
+    buffers are `unused` (never read)."""
+    K = x.shape[1]
+    split = config.split_k or _auto_split(n_blocks, K, config.BLOCK_K)
+    k_chunk = triton.cdiv(triton.cdiv(K, split), config.BLOCK_K) * config.BLOCK_K
+    split = triton.cdiv(K, k_chunk)
+    if split == 1:
+        return split, k_chunk, unused, unused, unused
+    partial = torch.empty((split, MAX_ROWS, n_w), dtype=torch.float32, device=x.device)
+    sumsq = torch.empty((n_blocks, split, MAX_ROWS), dtype=torch.float32, device=x.device)
+    if counters is None:
+        counters = torch.zeros(n_blocks, dtype=torch.int32, device=x.device)
+    assert counters.dtype == torch.int32 and counters.numel() >= n_blocks
+    return split, k_chunk, partial, sumsq, counters
+
+
 def norm_linear(
     x: torch.Tensor,
     norm_weight: torch.Tensor,
@@ -442,17 +467,7 @@ def norm_linear(
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     assert out.shape == (M, N) and out.stride(1) == 1
     n_blocks = triton.cdiv(N, config.BLOCK_N)
-    split = config.split_k or _auto_split(n_blocks, K, config.BLOCK_K)
-    k_chunk = triton.cdiv(triton.cdiv(K, split), config.BLOCK_K) * config.BLOCK_K
-    split = triton.cdiv(K, k_chunk)
-    if split > 1:
-        partial = torch.empty((split, MAX_ROWS, n_w), dtype=torch.float32, device=x.device)
-        sumsq = torch.empty((n_blocks, split, MAX_ROWS), dtype=torch.float32, device=x.device)
-        if counters is None:
-            counters = torch.zeros(n_blocks, dtype=torch.int32, device=x.device)
-        assert counters.dtype == torch.int32 and counters.numel() >= n_blocks
-    else:
-        partial = sumsq = counters = out  # unused
+    split, k_chunk, partial, sumsq, counters = split_k_plan(x, n_w, n_blocks, config, counters, out)
     launch_kernel(
         _norm_linear_kernel,
         (n_blocks, split),

@@ -20,11 +20,11 @@ from .launch import is_interpreted, launch_kernel
 from .norm_linear import (
     MAX_ROWS,
     NormLinearConfig,
-    _auto_split,
     _norm_linear_loop,
     _norm_linear_scale,
     _split_k_gather,
     norm_linear_reference,
+    split_k_plan,
 )
 from .pdl import pdl_kwargs, pdl_release, pdl_start, prefetch_lines, prefetch_rows_l2
 from .rope_cache_write import RopeCacheTarget, rope_cache_store, rope_cache_write_reference
@@ -244,17 +244,7 @@ def norm_linear_rope(
     N = F // 2  # half-columns: a head's element j with its partner j + D / 2
     config = config or NormLinearConfig()
     n_blocks = triton.cdiv(N, config.BLOCK_N)
-    split = config.split_k or _auto_split(n_blocks, K, config.BLOCK_K)
-    k_chunk = triton.cdiv(triton.cdiv(K, split), config.BLOCK_K) * config.BLOCK_K
-    split = triton.cdiv(K, k_chunk)
-    if split > 1:
-        partial = torch.empty((split, MAX_ROWS, F), dtype=torch.float32, device=x.device)
-        sumsq = torch.empty((n_blocks, split, MAX_ROWS), dtype=torch.float32, device=x.device)
-        if counters is None:
-            counters = torch.zeros(n_blocks, dtype=torch.int32, device=x.device)
-        assert counters.dtype == torch.int32 and counters.numel() >= n_blocks
-    else:
-        partial = sumsq = counters = x  # unused
+    split, k_chunk, partial, sumsq, counters = split_k_plan(x, F, n_blocks, config, counters, x)
     launch_kernel(
         _norm_linear_rope_kernel,
         (n_blocks, split),
