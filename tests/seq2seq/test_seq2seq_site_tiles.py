@@ -183,3 +183,48 @@ def test_site_tiles_travel_in_the_artifact(compiled, tmp_path):  # noqa: F811
         32, 4, 4, 2
     )
     assert "4 norm_linear qkv [16, 256, 0, 4, 3]" in render_text(inspect_artifact(root))
+
+
+def test_a_chosen_decode_step_that_fails_validation_falls_back_to_torch(monkeypatch):
+    from types import SimpleNamespace
+
+    from kernl.compiler.tasks.seq2seq import compile as s2s_compile
+    from kernl.compiler.validate import ValidationError
+
+    manifest = SimpleNamespace(extra={"seq2seq": {"decode_kernels": "kernl"}})
+    opened = []
+
+    def fake_open(m, weights, dev, capture):
+        kernels = m.extra["seq2seq"]["decode_kernels"]
+        opened.append(kernels)
+        return SimpleNamespace(model=SimpleNamespace(kernels=kernels != "torch"), kernels=kernels)
+
+    def validate(runtime):
+        if runtime.kernels != "torch":
+            raise ValidationError("kernl's greedy ids differ from eager generate")
+
+    def recording(runtime, run):
+        run()
+        return {"key": "binary"}
+
+    monkeypatch.setattr(s2s_compile, "open_seq2seq", fake_open)
+    monkeypatch.setattr(s2s_compile, "recording_decode_binaries", recording)
+
+    def with_kernels(m, kernels, *rest):
+        return SimpleNamespace(extra={"seq2seq": {"decode_kernels": kernels}})
+
+    monkeypatch.setattr(s2s_compile, "with_decode_kernels", with_kernels)
+    said = []
+    m, binaries, why = s2s_compile.validated_runtime(
+        manifest, {}, "cpu", validate, True, said.append
+    )
+    assert m.extra["seq2seq"]["decode_kernels"] == "torch" and binaries is None
+    assert opened == ["kernl", "torch"] and "failed validation" in why and said == [why]
+    # forced kernels: the failure is the compile's
+    with pytest.raises(ValidationError):
+        s2s_compile.validated_runtime(manifest, {}, "cpu", validate, False, said.append)
+    # kernels that validate keep their binaries
+    m, binaries, why = s2s_compile.validated_runtime(
+        manifest, {}, "cpu", lambda runtime: None, True, said.append
+    )
+    assert m is manifest and binaries == {"key": "binary"} and why == ""

@@ -46,6 +46,7 @@ from kernl.runtime.generation.seq2seq import Seq2SeqModel
 
 from ...trace import UnsupportedModelError, load_model, resolve_dtype_device
 from ...tune import write_binaries
+from ...validate import ValidationError
 from .buckets import as_seq2seq_buckets
 from .decode_kernels import (
     FEW_ROWS,
@@ -134,17 +135,19 @@ def compile_seq2seq(
     check_destination(out, needed_bytes=sum(t.numel() * t.element_size() for t in weights.values()))
     report = Seq2SeqReport(Path(out), task, dtype_name, str(dev))
     reduced = torch_dtype in (torch.float16, torch.bfloat16)
+    automatic = False  # kernl kernels the compiler chose by timing (not forced)
     if kernels and dev.type == "cuda" and reduced and min(sb.batches) <= FEW_ROWS:
         say("timing the decode step on torch and on kernl's kernels")
         choice = choose_decode_kernels(manifest, weights, dev, say)
         manifest = with_decode_kernels(manifest, choice.kernels, choice.tile, choice.site_tiles)
         report.decode = choice.describe()
+        automatic = choice.kernels != "torch"
     with ArtifactWriter(out) as writer:
         writer.write_weights(weights)
         say("validating every (batch, source) bucket against eager generate")
-        runtime = open_seq2seq(manifest, weights, dev, capture="never")
 
-        def validate() -> None:
+        def validate(runtime: Seq2SeqModel) -> None:
+            report.buckets.clear()
             for b, s in sb.encoder_shapes():
                 if speech:
                     _validate_speech(runtime, model, b, min(VALIDATE_TOKENS, sb.cache_len - 4))
@@ -152,17 +155,48 @@ def compile_seq2seq(
                     _validate(runtime, model, spec, b, s, min(VALIDATE_TOKENS, sb.cache_len))
                 report.buckets.append((b, s))
 
-        if runtime.model.kernels:
-            binaries = recording_decode_binaries(runtime, validate)
+        manifest, binaries, fallback = validated_runtime(
+            manifest, weights, dev, validate, automatic, say
+        )
+        if fallback:
+            report.decode = fallback
+        if binaries is not None:
             manifest.kernels = write_binaries(writer, binaries)
             report.num_binaries = len(manifest.kernels)
-        else:
-            validate()
         manifest.buckets = _write_programs(writer, sb, manifest.inputs[0].name)
         report.artifact_bytes = writer.size_bytes()
         writer.commit(manifest)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def validated_runtime(
+    manifest: Manifest,
+    weights: dict[str, torch.Tensor],
+    dev: torch.device,
+    validate: Callable[[Seq2SeqModel], None],
+    automatic: bool,
+    say: Callable[[str], None],
+) -> tuple[Manifest, dict | None, str]:
+    """Validate the artifact's decode step against eager, recording its kernl kernels'
+    binaries on the way: (manifest, binaries or None, "" or why it fell back). Where the
+    compiler chose kernl's kernels itself (`automatic`) and they fail validation, the plain
+    torch step is validated instead and kept: a kernel that computes wrongly on this GPU
+    costs speed, never the build. Kernels the user forced fail the compile."""
+    runtime = open_seq2seq(manifest, weights, dev, capture="never")
+    try:
+        if runtime.model.kernels:
+            return manifest, recording_decode_binaries(runtime, lambda: validate(runtime)), ""
+        validate(runtime)
+        return manifest, None, ""
+    except ValidationError as e:
+        if not automatic:
+            raise
+        why = f"the chosen decode step failed validation ({e}); decode step on torch"
+        say(why)
+    manifest = with_decode_kernels(manifest, "torch")
+    validate(open_seq2seq(manifest, weights, dev, capture="never"))
+    return manifest, None, why
 
 
 def _validate(runtime: Seq2SeqModel, model, spec, batch: int, source: int, tokens: int) -> None:
@@ -200,7 +234,7 @@ def _validate(runtime: Seq2SeqModel, model, spec, batch: int, source: int, token
             )
         if _near_argmax(logits, got[:, 1:], param.dtype):
             return
-    raise RuntimeError(
+    raise ValidationError(
         f"bucket batch={batch} source={source}: kernl's greedy ids differ from eager "
         f"generate:\n kernl {got.tolist()}\n eager {ref.tolist()}"
     )
@@ -250,7 +284,7 @@ def _validate_speech(runtime, model, batch: int, tokens: int) -> None:
 
     def check(scores: torch.Tensor, ids: torch.Tensor, what: str) -> None:
         if not _near_argmax(scores, ids, param.dtype):
-            raise RuntimeError(
+            raise ValidationError(
                 f"bucket batch={batch}: kernl's {what} differ from eager's:\n kernl "
                 f"{ids.tolist()}\n eager {scores.argmax(-1).tolist()}"
             )
