@@ -248,7 +248,7 @@ def unfused_impls(
         ]
     if op == "gate_up":
         inter = ws[0].shape[0] // 2
-        tile = mlp_mod.GatedMLPConfig(16, 32, 128, 1, 4, 4)  # the decoder's DECODE_GATED_MLP_TILE
+        tile = mlp_mod.gated_mlp_decode_configs()[0]  # the decoder's untuned tile
 
         def torch_gated(i: int) -> torch.Tensor:
             gate, up = F.linear(F.rms_norm(x, (K,), g, EPS), ws[i]).chunk(2, dim=-1)

@@ -143,8 +143,9 @@ class DecodeTile(NamedTuple):
     not read the cache, and every tile written before the field existed). Field for field the
     kernel's own config dataclass: split_k 0 is the kernel's automatic split; lm_head_argmax
     and gated_mlp have no split and take 0 (gated_mlp's decode tiles are BLOCK_M 16, GROUP_M
-    1); decode_attention's split_k is its number of chunks and it has no K tile (block_k 0). A NamedTuple so that DecodeKernels stays hashable and `asdict`
-    leaves it whole; stored as a list in the manifest."""
+    1); decode_attention's split_k is its number of chunks and it has no K tile (block_k 0).
+    A NamedTuple so that DecodeKernels stays hashable and `asdict` leaves it whole; stored as
+    a list in the manifest."""
 
     batch: int
     kernel: str

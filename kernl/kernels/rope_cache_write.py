@@ -147,8 +147,8 @@ def rope_cache_store(
     HAS_ROPE: tl.constexpr,
 ):
     """A decode step's QKV rows, still in fp32, rotated and stored where they go: the epilogue
-    of a QKV projection whose program holds both halves of its heads (norm_linear with
-    `rope`). Row m is batch row m (one token each, its rotary position Pos[m]); column c is
+    of a QKV projection whose program holds both halves of its heads (norm_linear_rope; this
+    kernel's own tile is per token and head instead, so it keeps its inline copy). Row m is batch row m (one token each, its rotary position Pos[m]); column c is
     half-column c of the qkv row: head c // HALF, element c % HALF, with a1 that element and
     a2 its partner HALF further. q heads go to QOut [B, H, 1, D], k and v heads to cache slot
     Slot (dropped past the last one)."""
@@ -192,7 +192,7 @@ def rope_cache_store(
 @dataclass
 class RopeCacheTarget:
     """Where a decode step's QKV projection sends its rows when rotary and the cache write ride
-    in its epilogue (norm_linear's `rope`), as rope_cache_write takes them: positions [B] (one
+    in its epilogue (norm_linear_rope), as rope_cache_write takes them: positions [B] (one
     token per row), cos / sin [positions, D] (`rope_tables`; None: no rotary), the layer's
     k_cache / v_cache [B, KV, slots, D], slot (1-element int tensor), the head counts, and
     q_out [B, H, 1, D] (None: a view of a new [B, 1, H, D] buffer, so q is contiguous)."""

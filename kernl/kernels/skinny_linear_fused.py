@@ -190,7 +190,7 @@ def skinny_linear_fused_configs() -> list[SkinnyLinearFusedConfig]:
 
 
 def skinny_linear_fused_decode_configs() -> list[SkinnyLinearFusedConfig]:
-    """The few the compiler times per decode batch and call site (QKV, O, MLP down) on the
+    """The few the compiler times per decode batch and call site (QKV, up, O, down) on the
     model's own weights (compiler/tasks/causal_lm/decode_tiles.py); the last two, the best of
     the wide sweep at the Llama-1B shapes on an H200 (benchmarks/sweep_decode_configs.py: O,
     then down)."""

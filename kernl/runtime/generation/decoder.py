@@ -43,13 +43,6 @@ ACTIVATIONS = {
     "relu": F.relu,
 }
 
-# kernl.kernels.gated_mlp's tile for a decode step's few rows where the compiler tuned none:
-# the smallest M tile tl.dot takes, and narrow N tiles so that the weight read is spread over
-# more programs than SMs (the first of gated_mlp_decode_configs).
-DECODE_GATED_MLP_TILE = dict(
-    BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4
-)
-
 
 @dataclass
 class LayerWeights:
@@ -188,13 +181,15 @@ class Decoder:
     ) -> torch.Tensor:
         """x + MLP(h), the residual folded into the last matmul where there is no bias."""
         if triton and self.gated_silu_without_bias:
-            from kernl.kernels.gated_mlp import GatedMLPConfig, gated_mlp
+            from kernl.kernels.gated_mlp import gated_mlp, gated_mlp_decode_configs
 
             n = lw.up_w.shape[0] // 2
             tile = None
             if h.dim() == 2 and h.shape[0] <= FEW_ROWS:
                 tile = self._tile_config(h.shape[0], "gated_mlp", "up")
-            tile = tile or GatedMLPConfig(**DECODE_GATED_MLP_TILE)
+            # untuned: the decode space's first tile (16 rows, narrow N tiles: more programs
+            # than SMs stream the weights)
+            tile = tile or gated_mlp_decode_configs()[0]
             h = gated_mlp(h, lw.up_w[:n], lw.up_w[n:], config=tile)
         elif self.spec.mlp == "gated":
             up = self._proj(h, lw.up_w, lw.up_b, linear=linear, site="up")
@@ -287,8 +282,9 @@ class Decoder:
         rope = None
         if self.rope is not None and kernels.rope == "torch":
             rope = self.rope.index_select(0, positions)
+        fused_rope = fold and kernels.rope == "fused"  # norm, QKV, rotary, cache write: 1 kernel
         for i, lw in enumerate(self.layers):
-            if fold and kernels.rope == "fused":  # norm, QKV, rotary and cache write: 1 kernel
+            if fused_rope:
                 q = self._norm_linear_rope(x, lw, cache, i, positions, slot)[:, :, 0]
             elif fold:
                 qkv = self._norm_linear(
@@ -297,7 +293,7 @@ class Decoder:
             else:
                 h = self._norm(x, lw.attn_norm_w, lw.attn_norm_b, triton_norm)
                 qkv = self._proj(h, lw.qkv_w, lw.qkv_b, linear=kernels.linear, site="qkv")
-            if fold and kernels.rope == "fused":
+            if fused_rope:
                 pass  # q and the caches are written
             elif kernels.rope != "torch":  # "fused" without the folded norm: its own kernel
                 from kernl.kernels.rope_cache_write import rope_cache_write

@@ -3,8 +3,9 @@ call site, and of decode attention per decode batch and cache length, chosen by 
 model's own weights and cache layout.
 
 The fused kernels (`norm_linear` at QKV and the MLP up projection, `skinny_linear_fused` at
-QKV, up, O and down, `gated_mlp` at the up projection, `lm_head_argmax`) stream weights at the bandwidth their tile, split-K, warps and
-stages allow, and the best differs by shape and batch (issue 15: a first-guess tile left
+QKV, up, O and down, `gated_mlp` at the up projection, `lm_head_argmax`) stream weights at
+the bandwidth their tile, split-K, warps and stages allow, and the best differs by shape and
+batch (issue 15: a first-guess tile left
 `norm_linear` at a quarter of the copy bandwidth; decode attention's default split gave a
 batch-1 Llama-1B step 16 programs per layer, each looping over 4 key blocks: latency-bound).
 So for every decode batch of <= 16 rows and every site (attention: every kv length), each
