@@ -24,6 +24,81 @@ from .pdl import pdl_kwargs, pdl_start
 
 
 @triton.jit
+def decode_attention_chunk(
+    Q,
+    K,
+    V,
+    KVMask,
+    b,
+    h_kv,
+    lo,
+    hi,
+    group_size,
+    sm_scale,
+    stride_maskb,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_KV_MASK: tl.constexpr,
+):
+    """The q heads of kv head h_kv (batch row b) against cache slots [lo, hi): the
+    unnormalised output [BLOCK_G, BLOCK_D], running max and sum (m = -inf, l = 0 when no slot
+    is attended), and the heads' indices and masks."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = h_kv * group_size + offs_g
+    g_mask = offs_g < group_size
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(
+        Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    K_block = K + b * stride_kb + h_kv * stride_kh + offs_d[:, None] * stride_kd
+    V_block = V + b * stride_vb + h_kv * stride_vh + offs_d[None, :] * stride_vd
+    qk_scale = sm_scale * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        n_mask = cols < hi
+        k = tl.load(
+            K_block + cols[None, :] * stride_kn, mask=d_mask[:, None] & n_mask[None, :], other=0.0
+        )
+        qk = tl.dot(q, k) * qk_scale
+        attend = n_mask
+        if HAS_KV_MASK:
+            attend = attend & (tl.load(KVMask + b * stride_maskb + cols, mask=n_mask, other=0) != 0)
+        qk = tl.where(attend[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            V_block + cols[:, None] * stride_vn, mask=n_mask[:, None] & d_mask[None, :], other=0.0
+        )
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, m_i, l_i, heads, g_mask, offs_d, d_mask
+
+
+@triton.jit
 def _decode_split_kernel(
     Q,
     K,
@@ -72,52 +147,86 @@ def _decode_split_kernel(
         kv_len = tl.minimum(tl.load(KVLens + b * stride_lensb).to(tl.int32), Lk)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, kv_len)  # <= lo for a chunk past kv_len: the loop never runs
-
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    heads = h_kv * group_size + offs_g
-    g_mask = offs_g < group_size
-    d_mask = offs_d < HEAD_DIM
-    q = tl.load(
-        Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-        mask=g_mask[:, None] & d_mask[None, :],
-        other=0.0,
+    acc, m_i, l_i, heads, g_mask, offs_d, d_mask = decode_attention_chunk(
+        Q,
+        K,
+        V,
+        KVMask,
+        b,
+        h_kv,
+        lo,
+        hi,
+        group_size,
+        sm_scale,
+        stride_maskb,
+        stride_qb,
+        stride_qh,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_vd,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_G,
+        BLOCK_N,
+        HAS_KV_MASK,
     )
-    K_block = K + b * stride_kb + h_kv * stride_kh + offs_d[:, None] * stride_kd
-    V_block = V + b * stride_vb + h_kv * stride_vh + offs_d[None, :] * stride_vd
-    qk_scale = sm_scale * 1.4426950408889634
-
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        n_mask = cols < hi
-        k = tl.load(
-            K_block + cols[None, :] * stride_kn, mask=d_mask[:, None] & n_mask[None, :], other=0.0
-        )
-        qk = tl.dot(q, k) * qk_scale
-        attend = n_mask
-        if HAS_KV_MASK:
-            attend = attend & (tl.load(KVMask + b * stride_maskb + cols, mask=n_mask, other=0) != 0)
-        qk = tl.where(attend[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            V_block + cols[:, None] * stride_vn, mask=n_mask[:, None] & d_mask[None, :], other=0.0
-        )
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
     # empty chunks (past kv_len, or all masked) write m = -inf, l = 0: the merge ignores them
     o_ptrs = MidO + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
     tl.store(o_ptrs, acc, mask=g_mask[:, None] & d_mask[None, :])
     ml_off = b * stride_mb + heads * stride_mh + split
     tl.store(MidM + ml_off, m_i, mask=g_mask)
     tl.store(MidL + ml_off, l_i, mask=g_mask)
+
+
+@triton.jit
+def decode_attention_merge(
+    MidO,
+    MidM,
+    MidL,
+    Out,
+    b,
+    h,
+    num_splits,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_mb,
+    stride_mh,
+    stride_outb,
+    stride_outh,
+    stride_outd,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Head h of batch row b: its chunks' partial outputs, weighted by their maxima and sums,
+    as one normalised row of Out (zeros where no slot was attended)."""
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_splits
+    d_mask = offs_d < HEAD_DIM
+    m = tl.load(MidM + b * stride_mb + h * stride_mh + offs_s, mask=s_mask, other=float("-inf"))
+    l = tl.load(MidL + b * stride_mb + h * stride_mh + offs_s, mask=s_mask, other=0.0)
+    o = tl.load(
+        MidO + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
+        mask=s_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    m_max = tl.max(m, 0)
+    w = tl.math.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
+    denom = tl.sum(w * l, 0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(
+        Out + b * stride_outb + h * stride_outh + offs_d * stride_outd,
+        out.to(Out.dtype.element_ty),
+        mask=d_mask,
+    )
 
 
 @triton.jit
@@ -145,25 +254,25 @@ def _decode_merge_kernel(
     bh = tl.program_id(0)
     b = (bh // num_heads).to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < num_splits
-    d_mask = offs_d < HEAD_DIM
-    m = tl.load(MidM + b * stride_mb + h * stride_mh + offs_s, mask=s_mask, other=float("-inf"))
-    l = tl.load(MidL + b * stride_mb + h * stride_mh + offs_s, mask=s_mask, other=0.0)
-    o = tl.load(
-        MidO + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
-        mask=s_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
-    m_max = tl.max(m, 0)
-    w = tl.math.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
-    denom = tl.sum(w * l, 0)
-    out = tl.sum(o * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
-    tl.store(
-        Out + b * stride_outb + h * stride_outh + offs_d * stride_outd,
-        out.to(Out.dtype.element_ty),
-        mask=d_mask,
+    decode_attention_merge(
+        MidO,
+        MidM,
+        MidL,
+        Out,
+        b,
+        h,
+        num_splits,
+        stride_ob,
+        stride_oh,
+        stride_os,
+        stride_mb,
+        stride_mh,
+        stride_outb,
+        stride_outh,
+        stride_outd,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_S,
     )
 
 

@@ -91,6 +91,50 @@ def _lm_head_argmax_kernel(
         w = tl.load(w_rows + ks[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     pdl_release(USE_PDL)
+    lm_head_argmax_finish(
+        acc,
+        ss,
+        W,
+        Logits,
+        Ids,
+        Best,
+        Counter,
+        offs_m,
+        offs_n,
+        m_mask,
+        n_mask,
+        K,
+        eps,
+        stride_lm,
+        tl.num_programs(0),
+        HAS_NORM,
+        WRITE_LOGITS,
+    )
+
+
+@triton.jit
+def lm_head_argmax_finish(
+    acc,
+    ss,
+    W,
+    Logits,
+    Ids,
+    Best,
+    Counter,
+    offs_m,
+    offs_n,
+    m_mask,
+    n_mask,
+    K,
+    eps,
+    stride_lm,
+    arrivals,
+    HAS_NORM: tl.constexpr,
+    WRITE_LOGITS: tl.constexpr,
+):
+    """A finished logits tile (acc, and x's sum of squares ss for the folded RMSNorm): write
+    it, fold its argmax into the rows' best keys, and count its arrival; the `arrivals`-th
+    tile to arrive writes the ids and leaves Best and Counter ready for the next step."""
     if HAS_NORM:
         acc = acc * (1.0 / tl.sqrt(ss / K + eps))[:, None]
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -111,7 +155,7 @@ def _lm_head_argmax_kernel(
     # every thread's atomics precede the (release) bump of the counter
     tl.debug_barrier()
     arrived = tl.atomic_add(Counter, 1, sem="acq_rel", scope="gpu")
-    if arrived == tl.num_programs(0) - 1:
+    if arrived == arrivals - 1:
         empty = tl.full([16], _KEY_MIN, dtype=tl.int64)
         best = tl.atomic_xchg(Best + offs_m, empty, mask=m_mask, sem="acq_rel", scope="gpu")
         tl.store(Ids + offs_m, (0x7FFFFFFF - (best & 0x7FFFFFFF)).to(tl.int64), mask=m_mask)

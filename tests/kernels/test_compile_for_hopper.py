@@ -13,14 +13,18 @@ import subprocess
 import sys
 
 
-def _compile(kernel, signature: dict[str, str], constants: dict, options=None) -> None:
+def _compile(kernel, signature: dict[str, str], constants: dict, options=None, aligned=()):
+    """`aligned`: the arguments Triton's JIT would see 16-aligned (pointers from torch, sizes
+    that are multiples of 16): its loads vectorise and its loops pipeline only then."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     sig = {**signature, **{name: "constexpr" for name in constants}}
-    src = ASTSource(kernel, sig, constants)
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    names = kernel.arg_names
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = ASTSource(kernel, sig, constants, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 NORM_LINEAR = [
@@ -112,6 +116,34 @@ def decode_attention_compiles(block_n, num_warps, num_stages, num_splits):
     _compile(_decode_merge_kernel, signature, constants, dict(num_warps=4))
 
 
+# the persistent decode step at Llama-1B's shapes: the default config and the deepest K block
+DECODE_STEP = [(256, 4, 3, 16), (512, 8, 3, 16), (512, 4, 2, 32)]
+
+
+def decode_step_compiles(block_k, num_warps, num_stages, up_n):
+    from kernl.kernels.decode_step import _decode_step_kernel
+
+    ptr = lambda *names, t="*bf16": dict.fromkeys(names, t)  # noqa: E731
+    signature = ptr("Tokens", "Pos", "Slot", t="*i64") | ptr("KVMask", t="*i1")
+    signature |= ptr("Embed", "Cos", "Sin", "AttnNormW", "Wqkv", "Bqkv", "Wo", "MlpNormW")
+    signature |= ptr("Wgu", "Wd", "FinalNormW", "LmHead", "KCache", "VCache", "X", "Q", "Att")
+    signature |= ptr("Hmid", "Logits") | ptr("MidO", "MidM", "MidL", t="*fp32")
+    signature |= ptr("AttCounters", "Sync", t="*i32") | ptr("Ids", "Best", "LmCounter", t="*i64")
+    signature |= dict.fromkeys(("M", "num_layers", "slots", "kv_len", "vocab"), "i32")
+    signature |= {"eps": "fp32", "sm_scale": "fp32", "stride_maskb": "i32", "stride_cos": "i32"}
+    signature |= dict.fromkeys(("stride_kl", "stride_kb", "stride_kh", "stride_kn"), "i32")
+    constants = dict(H=2048, NH=32, KVH=8, D=64, I=8192, BLOCK_K=block_k, QKV_N=16, O_N=16)
+    constants |= dict(UP_N=up_n, DOWN_N=16, LM_N=64, ATT_SPLITS=16, ATT_BLOCK=32)
+    constants |= dict(HAS_QKV_BIAS=False, PRECISION="tf32", PF_QKV=16, PF_O=16, PF_UP=8)
+    constants |= dict(PF_DOWN=16, PF_LM=4)
+    options = dict(num_warps=num_warps, num_stages=num_stages, launch_cooperative_grid=True)
+    aligned = [n for n, t in signature.items() if t.startswith("*")] + ["slots", "kv_len"]
+    compiled = _compile(_decode_step_kernel, signature, constants, options, aligned)
+    # the weight streams are asynchronous copies, pipelined: without them the kernel would
+    # wait on every load and stream a fraction of the bandwidth
+    assert compiled.asm["ptx"].count("cp.async.cg.shared.global") >= 10
+
+
 def main() -> int:
     """Compile every variant (in a process where Triton compiles: no TRITON_INTERPRET)."""
     failed = 0
@@ -120,6 +152,7 @@ def main() -> int:
         (norm_linear_rope_compiles, NORM_LINEAR_ROPE),
         (skinny_linear_fused_compiles, SKINNY),
         (decode_attention_compiles, DECODE_ATTENTION),
+        (decode_step_compiles, DECODE_STEP),
     ):
         for v in variants:
             try:

@@ -1,0 +1,116 @@
+"""A whole decode step in one persistent kernel against a float64 plain-PyTorch step: logits,
+greedy ids, and the cache slot written (the others untouched), over consecutive steps (the
+counters it leaves must be ready for the next launch). On the CPU the interpreter runs a grid
+of one program; the GPU tests run one program per SM, the real barriers."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from kernel_check import DEVICE, assert_close
+
+from kernl.kernels.decode_step import (
+    DecodeStepBuffers,
+    DecodeStepConfig,
+    DecodeStepWeights,
+    decode_step,
+    decode_step_reference,
+)
+from kernl.kernels.rope_cache_write import rope_tables
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _weights(L, H, NH, KVH, D, I, V, dtype, bias=False, device=DEVICE, seed=0):  # noqa: E741
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device, dtype)  # noqa: E731
+    norm = lambda *s: (torch.rand(*s, generator=g) + 0.5).to(device, dtype)  # noqa: E731
+    F = (NH + 2 * KVH) * D
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
+    cos, sin = rope_tables(inv_freq, 64, scaling=1.0, dtype=dtype, device=device)
+    return DecodeStepWeights(
+        embed=rnd(V, H),
+        attn_norm=norm(L, H),
+        qkv=rnd(L, F, H, scale=H**-0.5),
+        qkv_bias=rnd(L, F, scale=0.1) if bias else None,
+        o=rnd(L, H, NH * D, scale=(NH * D) ** -0.5),
+        mlp_norm=norm(L, H),
+        gate_up=rnd(L, 2 * I, H, scale=H**-0.5),
+        down=rnd(L, H, I, scale=I**-0.5),
+        final_norm=norm(H),
+        lm_head=rnd(V, H, scale=H**-0.5),
+        cos=cos,
+        sin=sin,
+        num_heads=NH,
+        num_kv_heads=KVH,
+        eps=1e-5,
+        sm_scale=D**-0.5,
+    )
+
+
+def _double(w: DecodeStepWeights) -> DecodeStepWeights:
+    conv = {
+        k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        for k, v in vars(w).items()
+    }
+    return DecodeStepWeights(**conv)
+
+
+def _run_steps(w, B, slots, kv_len, first_slot, steps, dtype, config, device=DEVICE, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    L, KVH, D, V = w.num_layers, w.num_kv_heads, w.head_dim, w.embed.shape[0]
+    k_cache = torch.randn(L, B, KVH, slots, D, generator=g).to(device, dtype)
+    v_cache = torch.randn(L, B, KVH, slots, D, generator=g).to(device, dtype)
+    ref_k, ref_v = k_cache.double(), v_cache.double()
+    kv_valid = torch.ones(B, kv_len, dtype=torch.bool)
+    kv_valid[-1, :2] = False  # the last row's prompt was left-padded
+    kv_valid = kv_valid.to(device)
+    buffers = DecodeStepBuffers.allocate(w, B, config.ATT_SPLITS)
+    w64 = _double(w)
+    for step in range(steps):
+        tokens = torch.randint(0, V, (B,), generator=g).to(device)
+        positions = torch.randint(0, 60, (B,), generator=g).to(device)
+        slot = torch.tensor([first_slot + step], device=device)
+        logits, ids = decode_step(
+            w, buffers, tokens, positions, slot, kv_valid, k_cache, v_cache, config=config
+        )
+        ref_logits, ref_ids = decode_step_reference(
+            w64, tokens, positions, slot, kv_valid, ref_k, ref_v
+        )
+        assert_close(logits, ref_logits, dtype, name=f"logits, step {step}")
+        top2 = ref_logits.topk(2, -1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-2  # no near-tie the rounding may flip
+        assert torch.equal(ids[clear], ref_ids[clear].to(ids.device)), step
+        assert_close(k_cache, ref_k, dtype, name=f"k cache, step {step}")
+        assert_close(v_cache, ref_v, dtype, name=f"v cache, step {step}")
+    # left ready for the next launch
+    assert not buffers.sync.any() and not buffers.att_counters.any()
+    assert int(buffers.best[-1]) == 0
+
+
+SMALL = dict(L=2, H=64, NH=4, KVH=2, D=32, I=96, V=160)
+CONFIG = DecodeStepConfig(BLOCK_K=32, LM_N=32, ATT_SPLITS=4, ATT_BLOCK=16)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_step_matches_float64_over_steps(B, bias):
+    w = _weights(**SMALL, dtype=torch.float32, bias=bias)
+    _run_steps(w, B, slots=24, kv_len=20, first_slot=9, steps=3, dtype=torch.float32, config=CONFIG)
+
+
+def test_decode_step_fp16_tiles_wider_than_the_model():
+    # tiles wider than a head's half or the hidden size: masked rows and columns everywhere
+    w = _weights(L=1, H=48, NH=2, KVH=1, D=32, I=80, V=100, dtype=torch.float16)
+    config = replace(CONFIG, O_N=64, UP_N=64, DOWN_N=64, LM_N=64, BLOCK_K=64, ATT_SPLITS=2)
+    _run_steps(w, 2, slots=16, kv_len=16, first_slot=15, steps=1, dtype=torch.float16, config=config)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_decode_step_llama1b_shapes(B, dtype):
+    w = _weights(L=4, H=2048, NH=32, KVH=8, D=64, I=8192, V=32000, dtype=dtype)
+    for config in (DecodeStepConfig(), DecodeStepConfig(BLOCK_K=512, num_stages=2)):
+        _run_steps(w, B, slots=512, kv_len=512, first_slot=300, steps=3, dtype=dtype, config=config)
