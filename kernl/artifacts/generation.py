@@ -117,6 +117,7 @@ DECODE_KERNEL_CHOICES: dict[str, tuple[str, ...]] = {
     "linear": ("torch", "triton", "fused"),
     "rope": ("torch", "triton", "fused"),
     "lm_head": ("torch", "triton"),
+    "step": ("pieces", "persistent"),
 }
 
 
@@ -192,6 +193,10 @@ class DecodeKernels:
     otherwise as "triton"); lm_head:
     "torch" or "triton" (kernl.kernels.lm_head_argmax: the greedy step's logits and argmax
     in one pass). Manifests written before rope and lm_head existed read as "torch".
+    step: "pieces" (the pieces above, one kernel or more each) or "persistent" (the whole step
+    of a Llama-family decoder in one persistent kernel, kernl.kernels.decode_step, for
+    batches of <= 16 rows; the pieces still serve what it does not). Manifests written before
+    it existed read as "pieces".
     tiles: the launch configs the compiler measured best per decode batch (`DecodeTile`;
     decode attention's per cache length too); a kernel with no tile for its batch and site
     (and cache length) runs its default config.
@@ -207,6 +212,7 @@ class DecodeKernels:
     linear: str = "torch"
     rope: str = "torch"
     lm_head: str = "torch"
+    step: str = "pieces"
     tiles: tuple[DecodeTile, ...] = ()
     pdl: bool = False
     prefetch: bool = False

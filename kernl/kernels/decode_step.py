@@ -45,17 +45,23 @@ from .pdl import prefetch_rows_l2
 from .rope_cache_write import rope_cache_store
 
 MAX_ROWS = 16
-OPS_PER_LAYER = 5
+MAX_POLLS: tl.constexpr = tl.constexpr(1 << 24)  # a barrier's wait, bounded
 
 
 @triton.jit
 def _grid_sync(Sync, arrivals):
-    """Arrive at the grid barrier, then wait until `arrivals` arrivals in all were counted."""
+    """Arrive at the grid barrier, then wait until `arrivals` arrivals in all were counted.
+    The wait is bounded (~seconds): a program that never arrives (which the cooperative launch
+    rules out) flags Sync[2] and lets the step finish wrong, rather than hang the process."""
     tl.debug_barrier()  # every thread's writes precede the release below
     tl.atomic_add(Sync, 1, sem="release", scope="gpu")
     seen = tl.load(Sync, volatile=True)
-    while seen < arrivals:
+    polls = 0
+    while (seen < arrivals) & (polls < MAX_POLLS):
         seen = tl.load(Sync, volatile=True)
+        polls += 1
+    if polls == MAX_POLLS:
+        tl.atomic_max(Sync + 2, 1, sem="relaxed", scope="gpu")
     tl.atomic_add(Sync, 0, sem="acquire", scope="gpu")  # the others' writes are visible
     tl.debug_barrier()
 
@@ -169,7 +175,7 @@ def _decode_step_kernel(
     GROUP: tl.constexpr = NH // KVH
     NQ: tl.constexpr = NH * D  # the attention output's width, the O projection's K
     NQKV: tl.constexpr = (NH + 2 * KVH) * D
-    QKV_TASKS: tl.constexpr = NQKV // 2 // QKV_N  # QKV_N divides D / 2 (the launcher checks)
+    QKV_TASKS: tl.constexpr = (NQKV // 2 + QKV_N - 1) // QKV_N  # a tile may span heads
     BLOCK_D: tl.constexpr = max(16, D)
     BLOCK_G: tl.constexpr = max(16, GROUP)
     BLOCK_S: tl.constexpr = max(2, ATT_SPLITS)
@@ -530,10 +536,22 @@ def decode_step_configs() -> list[DecodeStepConfig]:
     ]
 
 
+def new_step_counters(w: DecodeStepWeights) -> tuple[torch.Tensor, ...]:
+    """The counters a step leaves zeroed (attention arrivals, the argmax's best keys and
+    arrivals, the grid barrier), shareable by every batch's buffers: zero them once, outside
+    any graph capture, so that whichever captured step replays first finds them ready."""
+    from .lm_head_argmax import new_workspace
+
+    dev = w.qkv.device
+    att = torch.zeros(MAX_ROWS * w.num_kv_heads, dtype=torch.int32, device=dev)
+    # the barrier's arrivals, the programs out, and the flag of a wait that timed out
+    return att, new_workspace(dev), torch.zeros(3, dtype=torch.int32, device=dev)
+
+
 @dataclass
 class DecodeStepBuffers:
-    """What one step of `rows` rows writes besides the caches, allocated once per batch bucket;
-    the counters are left zeroed by every step (no memset between replays)."""
+    """What one step of `rows` rows writes besides the caches, allocated once per batch bucket,
+    and the counters (`new_step_counters`)."""
 
     x: torch.Tensor
     q: torch.Tensor
@@ -542,33 +560,31 @@ class DecodeStepBuffers:
     mid_o: torch.Tensor
     mid_m: torch.Tensor
     mid_l: torch.Tensor
-    att_counters: torch.Tensor
     logits: torch.Tensor
     ids: torch.Tensor
+    att_counters: torch.Tensor
     best: torch.Tensor
     sync: torch.Tensor
 
     @staticmethod
-    def allocate(w: DecodeStepWeights, rows: int, att_splits: int) -> DecodeStepBuffers:
-        from .lm_head_argmax import new_workspace
-
+    def allocate(
+        w: DecodeStepWeights, rows: int, att_splits: int, counters: tuple | None = None
+    ) -> DecodeStepBuffers:
         dev, dt = w.qkv.device, w.qkv.dtype
         H, NH, D = w.embed.shape[1], w.num_heads, w.head_dim
         I = w.gate_up.shape[1] // 2  # noqa: E741
-        best = new_workspace(dev)
+        new = lambda *shape, dtype=dt: torch.empty(shape, dtype=dtype, device=dev)  # noqa: E731
         return DecodeStepBuffers(
-            x=torch.empty((rows, H), dtype=dt, device=dev),
-            q=torch.empty((rows, NH, D), dtype=dt, device=dev),
-            att=torch.empty((rows, NH * D), dtype=dt, device=dev),
-            h=torch.empty((rows, I), dtype=dt, device=dev),
-            mid_o=torch.empty((rows, NH, att_splits, D), dtype=torch.float32, device=dev),
-            mid_m=torch.empty((rows, NH, att_splits), dtype=torch.float32, device=dev),
-            mid_l=torch.empty((rows, NH, att_splits), dtype=torch.float32, device=dev),
-            att_counters=torch.zeros(rows * w.num_kv_heads, dtype=torch.int32, device=dev),
-            logits=torch.empty((rows, w.lm_head.shape[0]), dtype=dt, device=dev),
-            ids=torch.empty((rows,), dtype=torch.int64, device=dev),
-            best=best,
-            sync=torch.zeros(2, dtype=torch.int32, device=dev),
+            new(rows, H),
+            new(rows, NH, D),
+            new(rows, NH * D),
+            new(rows, I),
+            new(rows, NH, att_splits, D, dtype=torch.float32),
+            new(rows, NH, att_splits, dtype=torch.float32),
+            new(rows, NH, att_splits, dtype=torch.float32),
+            new(rows, w.lm_head.shape[0]),
+            new(rows, dtype=torch.int64),
+            *(counters or new_step_counters(w)),
         )
 
 
@@ -598,11 +614,12 @@ def decode_step(
     *,
     config: DecodeStepConfig | None = None,
     prefetch: bool = True,
+    ids_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One greedy decode step in one launch: tokens, positions [B <= 16] (int64), slot [1]
     (the cache slot this step writes), kv_valid [B, kv_len] (bool: the slots each row may
     attend to; slots past `slot` are never read), k_cache / v_cache [L, B, KVH, slots, D]
-    (written at `slot`). Returns (logits [B, V], ids [B]), views of `buffers`."""
+    (written at `slot`). Returns (logits [B, V], ids [B]): `buffers`' own, or ids_out."""
     config = config or DecodeStepConfig()
     B = tokens.shape[0]
     L, NQKV, H = w.qkv.shape
@@ -610,7 +627,7 @@ def decode_step(
     I = w.gate_up.shape[1] // 2  # noqa: E741
     V = w.lm_head.shape[0]
     assert 1 <= B <= MAX_ROWS and buffers.x.shape[0] == B and positions.shape == (B,)
-    assert NH % KVH == 0 and D % 2 == 0 and (D // 2) % config.QKV_N == 0
+    assert NH % KVH == 0 and D % 2 == 0
     assert buffers.mid_m.shape[2] == config.ATT_SPLITS
     for t in (w.embed, w.qkv, w.o, w.gate_up, w.down, w.lm_head, w.attn_norm, w.mlp_norm):
         assert t.is_contiguous()
@@ -625,6 +642,8 @@ def decode_step(
     pf = prefetch and not interpreted
     elem = w.qkv.element_size()
     bf = buffers
+    ids = bf.ids if ids_out is None else ids_out
+    assert ids.shape == (B,) and ids.dtype == torch.int64
     launch_kernel(
         _decode_step_kernel,
         (programs,),
@@ -655,7 +674,7 @@ def decode_step(
         bf.mid_l,
         bf.att_counters,
         bf.logits,
-        bf.ids,
+        ids,
         bf.best,
         bf.best[MAX_ROWS:],
         bf.sync,
@@ -696,7 +715,7 @@ def decode_step(
         num_stages=config.num_stages,
         **({} if interpreted else {"launch_cooperative_grid": True}),
     )
-    return bf.logits, bf.ids
+    return bf.logits, ids
 
 
 def decode_step_reference(

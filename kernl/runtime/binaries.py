@@ -10,9 +10,10 @@ recording (`allow_jit`), which is how the binaries are made in the first place. 
 model's run (tests, the compiler, a user's own Triton code) Triton's JIT works as usual.
 
 A launch whose key carries `launch_pdl=True` (programmatic dependent launch, see
-kernl/kernels/launch.py) goes through `cuLaunchKernelEx` with the programmatic stream
-serialization attribute, as Triton's own launcher does; every other launch through
-`cuLaunchKernel`."""
+kernl/kernels/launch.py) or `launch_cooperative_grid=True` (a persistent kernel whose programs
+wait for each other: kernels/decode_step.py) goes through `cuLaunchKernelEx` with the
+programmatic stream serialization or cooperative attribute, as Triton's own launcher does;
+every other launch through `cuLaunchKernel`."""
 
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ class MissingBinaryError(RuntimeError):
 
 
 # cuda.h's CUlaunchAttribute (id, padding to 8, a 64-byte union) and CUlaunchConfig
+_CU_LAUNCH_ATTRIBUTE_COOPERATIVE = 2
 _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
 
 
@@ -80,16 +82,24 @@ class _LaunchConfig(ctypes.Structure):
     ]
 
 
-def _pdl_config(
-    grid: tuple[int, int, int], block_x: int, shared: int, stream: ctypes.c_void_p
-) -> tuple[_LaunchConfig, _LaunchAttribute]:
-    """A launch config with programmatic stream serialization on (the attribute is returned
-    too: it must outlive the call)."""
-    attr = _LaunchAttribute()
-    attr.id = _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-    attr.value[0] = 1  # the union's int programmaticStreamSerializationAllowed, little-endian
-    config = _LaunchConfig(*grid, block_x, 1, 1, shared, stream, ctypes.pointer(attr), 1)
-    return config, attr
+def _ex_config(
+    grid: tuple[int, int, int],
+    block_x: int,
+    shared: int,
+    stream: ctypes.c_void_p,
+    pdl: bool,
+    cooperative: bool,
+) -> tuple[_LaunchConfig, ctypes.Array]:
+    """A launch config with programmatic stream serialization and/or a cooperative grid on
+    (the attributes are returned too: they must outlive the call)."""
+    ids = [_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION] if pdl else []
+    ids += [_CU_LAUNCH_ATTRIBUTE_COOPERATIVE] if cooperative else []
+    attrs = (_LaunchAttribute * len(ids))()
+    for attr, attr_id in zip(attrs, ids):
+        attr.id = attr_id
+        attr.value[0] = 1  # the union's int (allowed / cooperative), little-endian
+    config = _LaunchConfig(*grid, block_x, 1, 1, shared, stream, attrs, len(ids))
+    return config, attrs
 
 
 def _spec(value: Any) -> str:
@@ -204,7 +214,13 @@ class _Loaded:
                 "cuFuncSetAttribute",
             )
 
-    def launch(self, grid: tuple[int, int, int], bound: dict[str, Any], pdl: bool = False) -> None:
+    def launch(
+        self,
+        grid: tuple[int, int, int],
+        bound: dict[str, Any],
+        pdl: bool = False,
+        cooperative: bool = False,
+    ) -> None:
         gx, gy, gz = grid
         if gx * gy * gz == 0:
             return
@@ -222,12 +238,14 @@ class _Loaded:
         holders += [ctypes.c_uint64(0), ctypes.c_uint64(0)]  # global and profile scratch
         params = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        if pdl:
-            config, _attr = _pdl_config(
+        if pdl or cooperative:
+            config, _attrs = _ex_config(
                 (gx * self.spec.num_ctas, gy, gz),
                 32 * self.spec.num_warps,
                 self.spec.shared,
                 stream,
+                pdl,
+                cooperative,
             )
             _check(
                 _cuda().cuLaunchKernelEx(ctypes.byref(config), self.function, params, None),
@@ -279,7 +297,12 @@ class KernelBinaries:
                 "and GPU?"
             )
         with torch.cuda.device(self.device):
-            loaded.launch(_grid3(grid, bound), bound, pdl=bool(options.get("launch_pdl", False)))
+            loaded.launch(
+                _grid3(grid, bound),
+                bound,
+                pdl=bool(options.get("launch_pdl", False)),
+                cooperative=bool(options.get("launch_cooperative_grid", False)),
+            )
 
 
 def _grid3(grid, bound) -> tuple[int, int, int]:

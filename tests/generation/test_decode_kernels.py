@@ -32,6 +32,8 @@ VARIANTS = [
     DecodeKernels(norm="fused", rope="fused"),
     DecodeKernels(rope="fused"),  # without the folded norm: rope_cache_write
     DecodeKernels(attention="triton", norm="fused", linear="fused", rope="fused", lm_head="triton"),
+    # the whole step in one persistent kernel (the Llama family; GPT-2 keeps the pieces)
+    DecodeKernels(step="persistent"),
 ]
 NEW = 12
 
@@ -132,6 +134,7 @@ def test_choice_keeps_an_alternative_only_when_measurably_faster(artifact):
         ms += 0.2 if k.norm == "fused" else 0.0  # slower: not kept
         ms -= 0.3 if k.rope != "torch" else 0.0  # kept (triton; fused is no faster)
         ms -= 0.01 if k.lm_head == "triton" else 0.0  # within MIN_GAIN: not kept
+        ms += 1.0 if k.step == "persistent" else 0.0  # slower: not kept
         return ms
 
     chosen, timings = choose_decode_kernels(model, said.append, step_ms=fake_ms)
@@ -165,6 +168,10 @@ def test_choice_keeps_an_alternative_only_when_measurably_faster(artifact):
         ("triton", t, mlp, "fused", "triton", t),
         ("triton", t, mlp, "fused", "fused", t),  # as fast as triton: not kept
         ("triton", t, mlp, "fused", "triton", "triton"),
+    ]
+    if gated:  # the persistent step serves the Llama family only
+        expected.append(("triton", t, mlp, "fused", "triton", t))
+    expected += [
         # then every piece on kernl's most fused kernel at once, in case they only pay together
         ("triton", "fused", "triton" if gated else t, "fused", "fused", "triton"),
     ]

@@ -80,6 +80,8 @@ FORCED["fused_pdl"] = {**FORCED["fused"], "pdl": True}
 FORCED["unfolded"] = {**FORCED["fused"], "norm": "triton", "gated_mlp": "triton"}
 # rotary and the cache write in the QKV projection's epilogue (norm_linear_rope)
 FORCED["fused_rope"] = {**FORCED["fused"], "rope": "fused"}
+# the whole step in one persistent kernel, launched cooperatively from its binary in a graph
+FORCED["persistent"] = {"step": "persistent"}
 
 
 @pytest.mark.gpu

@@ -84,7 +84,7 @@ def _run_steps(w, B, slots, kv_len, first_slot, steps, dtype, config, device=DEV
         assert_close(k_cache, ref_k, dtype, name=f"k cache, step {step}")
         assert_close(v_cache, ref_v, dtype, name=f"v cache, step {step}")
     # left ready for the next launch
-    assert not buffers.sync.any() and not buffers.att_counters.any()
+    assert not buffers.sync.any() and not buffers.att_counters.any()  # no barrier timed out
     assert int(buffers.best[-1]) == 0
 
 
@@ -100,10 +100,13 @@ def test_decode_step_matches_float64_over_steps(B, bias):
 
 
 def test_decode_step_fp16_tiles_wider_than_the_model():
-    # tiles wider than a head's half or the hidden size: masked rows and columns everywhere
-    w = _weights(L=1, H=48, NH=2, KVH=1, D=32, I=80, V=100, dtype=torch.float16)
+    # tiles wider than the hidden size (masked rows and columns everywhere) and than a head
+    # (a QKV tile over two heads' pairs)
+    w = _weights(L=1, H=48, NH=3, KVH=1, D=16, I=80, V=100, dtype=torch.float16)
     config = replace(CONFIG, O_N=64, UP_N=64, DOWN_N=64, LM_N=64, BLOCK_K=64, ATT_SPLITS=2)
-    _run_steps(w, 2, slots=16, kv_len=16, first_slot=15, steps=1, dtype=torch.float16, config=config)
+    _run_steps(
+        w, 2, slots=16, kv_len=16, first_slot=15, steps=1, dtype=torch.float16, config=config
+    )
 
 
 @gpu
@@ -114,3 +117,38 @@ def test_gpu_decode_step_llama1b_shapes(B, dtype):
     w = _weights(L=4, H=2048, NH=32, KVH=8, D=64, I=8192, V=32000, dtype=dtype)
     for config in (DecodeStepConfig(), DecodeStepConfig(BLOCK_K=512, num_stages=2)):
         _run_steps(w, B, slots=512, kv_len=512, first_slot=300, steps=3, dtype=dtype, config=config)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_decode_step_replays_from_a_cuda_graph():
+    """Captured once, replayed at consecutive slots (the graph's inputs updated in place), the
+    step computes what it computes launched directly: its counters reset themselves."""
+    dtype, B = torch.bfloat16, 2
+    w = _weights(L=2, H=1024, NH=16, KVH=4, D=64, I=2048, V=5000, dtype=dtype)
+    L, KVH, D = w.num_layers, w.num_kv_heads, w.head_dim
+    g = torch.Generator().manual_seed(3)
+    caches = [torch.randn(L, B, KVH, 256, D, generator=g).to(DEVICE, dtype) for _ in range(2)]
+    kv_valid = torch.ones(B, 256, dtype=torch.bool, device=DEVICE)
+    tokens = torch.tensor([5, 7], device=DEVICE)
+    positions = torch.tensor([100, 90], device=DEVICE)
+    slot = torch.tensor([100], device=DEVICE)
+    buffers = DecodeStepBuffers.allocate(w, B, DecodeStepConfig().ATT_SPLITS)
+    decode_step(w, buffers, tokens, positions, slot, kv_valid, *caches)  # compile, warm up
+    direct = [c.clone() for c in caches]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits, ids = decode_step(w, buffers, tokens, positions, slot, kv_valid, *caches)
+    direct_buffers = DecodeStepBuffers.allocate(w, B, DecodeStepConfig().ATT_SPLITS)
+    for step in range(3):
+        slot.fill_(101 + step)
+        positions.add_(1)
+        graph.replay()
+        want_logits, want_ids = decode_step(
+            w, direct_buffers, tokens, positions, slot, kv_valid, *direct
+        )
+        torch.cuda.synchronize()
+        assert torch.equal(logits, want_logits) and torch.equal(ids, want_ids), step
+        assert torch.equal(caches[0], direct[0]) and torch.equal(caches[1], direct[1]), step
+        tokens.copy_(ids)
+    assert not buffers.sync.any() and not buffers.att_counters.any()

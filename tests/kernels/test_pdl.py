@@ -133,11 +133,16 @@ def test_binaries_launch_config_matches_cuda_h():
     assert ctypes.sizeof(b._LaunchConfig) == 56
     assert (b._LaunchConfig.hStream.offset, b._LaunchConfig.attrs.offset) == (32, 40)
     assert b._LaunchConfig.numAttrs.offset == 48
-    config, attr = b._pdl_config((5, 2, 1), 128, 4096, ctypes.c_void_p(0x1234))
+    config, attrs = b._ex_config((5, 2, 1), 128, 4096, ctypes.c_void_p(0x1234), True, False)
     assert (config.gridDimX, config.gridDimY, config.gridDimZ, config.blockDimX) == (5, 2, 1, 128)
     assert (config.sharedMemBytes, config.hStream, config.numAttrs) == (4096, 0x1234, 1)
     assert config.attrs[0].id == 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
     assert bytes(config.attrs[0])[8:12] == (1).to_bytes(4, "little")
+    config, attrs = b._ex_config((132, 1, 1), 128, 0, ctypes.c_void_p(0), True, True)
+    assert config.numAttrs == 2 and [config.attrs[i].id for i in range(2)] == [6, 2]
+    assert bytes(config.attrs[1])[8:12] == (1).to_bytes(4, "little")  # cooperative: int 1
+    config, attrs = b._ex_config((132, 1, 1), 128, 0, ctypes.c_void_p(0), False, True)
+    assert config.numAttrs == 1 and config.attrs[0].id == 2  # CU_LAUNCH_ATTRIBUTE_COOPERATIVE
 
 
 def test_binaries_route_launch_pdl_to_the_pdl_launch(monkeypatch):
@@ -154,8 +159,8 @@ def test_binaries_route_launch_pdl_to_the_pdl_launch(monkeypatch):
     seen = []
 
     class Fake:
-        def launch(self, grid, bound, pdl=False):
-            seen.append((grid, bound["N"], pdl))
+        def launch(self, grid, bound, pdl=False, cooperative=False):
+            seen.append((grid, bound["N"], pdl, cooperative))
 
     import contextlib
 
@@ -166,8 +171,17 @@ def test_binaries_route_launch_pdl_to_the_pdl_launch(monkeypatch):
         bound, options = b.bind(jit_fn, (x, 4), kwargs)
         kb.loaded[b.launch_key(jit_fn, bound, options)] = Fake()
         kb(jit_fn, (3,), (x, 4), kwargs)
-    assert seen == [((3, 1, 1), 4, False), ((3, 1, 1), 4, True)]
-    assert len(kb.loaded) == 2  # the option is part of the key: two binaries
+    # a persistent kernel's cooperative grid (kernels/decode_step.py)
+    kwargs = {"BLOCK": 16, "USE_PDL": False, "launch_cooperative_grid": True}
+    bound, options = b.bind(jit_fn, (x, 4), kwargs)
+    kb.loaded[b.launch_key(jit_fn, bound, options)] = Fake()
+    kb(jit_fn, (3,), (x, 4), kwargs)
+    assert seen == [
+        ((3, 1, 1), 4, False, False),
+        ((3, 1, 1), 4, True, False),
+        ((3, 1, 1), 4, False, True),
+    ]
+    assert len(kb.loaded) == 3  # the options are part of the key: three binaries
 
 
 def _graph_run(run):

@@ -109,7 +109,6 @@ class Decoder:
     ):
         self.spec = spec
         self.dtype = dtype
-        self.kernels = kernels or DecodeKernels()
         w = weights
 
         def get(name: str) -> torch.Tensor | None:
@@ -155,6 +154,93 @@ class Decoder:
         )
         self._counters: torch.Tensor | None = None  # split-K arrivals, self-resetting
         self._workspace: torch.Tensor | None = None  # lm_head_argmax's, self-resetting
+        # The whole step in one kernel (step "persistent") serves the Llama family: RMSNorm
+        # and no bias but QKV's, rotary, a gated SiLU MLP.
+        self.persistent_fits = (
+            spec.norm == "rms"
+            and spec.positions == "rope"
+            and self.gated_silu_without_bias
+            and self.final_norm_b is None
+            and all(
+                lw.attn_norm_b is None and lw.mlp_norm_b is None and lw.o_b is None
+                for lw in self.layers
+            )
+            and all(lw.down_b is None for lw in self.layers)
+        )
+        self._step_weights = None  # the persistent step's stacked view of the weights
+        self._step_shared: tuple | None = None  # its counters, zeroed once, self-resetting
+        self._step_buffers: dict[int, object] = {}  # its per-batch buffers
+        self.kernels = kernels or DecodeKernels()
+
+    @property
+    def kernels(self) -> DecodeKernels:
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, kernels: DecodeKernels) -> None:
+        """Choosing the persistent step prepares it here, outside any graph capture: its
+        counters must be zero before its first launch, whichever graph replays first."""
+        self._kernels = kernels
+        if kernels.step == "persistent" and self.persistent_fits:
+            self._prepare_persistent_step()
+
+    def _prepare_persistent_step(self) -> None:
+        """Stack each kind of layer weight over the layers, as the persistent step reads them,
+        and point the layers at views of the stacks: no weight is held twice."""
+        if self._step_weights is not None:
+            return
+        from kernl.kernels.decode_step import DecodeStepWeights, new_step_counters
+
+        def stack(field: str) -> torch.Tensor:
+            stacked = torch.stack([getattr(lw, field) for lw in self.layers])
+            for i, lw in enumerate(self.layers):
+                setattr(lw, field, stacked[i])
+            return stacked
+
+        s = self.spec
+        self._step_weights = DecodeStepWeights(
+            embed=self.embed,
+            attn_norm=stack("attn_norm_w"),
+            qkv=stack("qkv_w"),
+            qkv_bias=stack("qkv_b") if self.layers[0].qkv_b is not None else None,
+            o=stack("o_w"),
+            mlp_norm=stack("mlp_norm_w"),
+            gate_up=stack("up_w"),
+            down=stack("down_w"),
+            final_norm=self.final_norm_w,
+            lm_head=self.lm_head,
+            cos=self.cos,
+            sin=self.sin,
+            num_heads=s.num_heads,
+            num_kv_heads=s.num_kv_heads,
+            eps=s.norm_eps,
+            sm_scale=s.attention_scale,
+        )
+        self._step_shared = new_step_counters(self._step_weights)
+
+    def _persistent_decode(self, cache, tokens, positions, slot, kv_valid, ids_out):
+        from kernl.kernels.decode_step import DecodeStepBuffers, DecodeStepConfig, decode_step
+
+        config = DecodeStepConfig()
+        bsz = tokens.shape[0]
+        buffers = self._step_buffers.get(bsz)
+        if buffers is None:  # no buffer here needs initialising: allocated in a capture is fine
+            buffers = DecodeStepBuffers.allocate(
+                self._step_weights, bsz, config.ATT_SPLITS, self._step_shared
+            )
+            self._step_buffers[bsz] = buffers
+        return decode_step(
+            self._step_weights,
+            buffers,
+            tokens,
+            positions,
+            slot,
+            kv_valid,
+            cache.k,
+            cache.v,
+            config=config,
+            ids_out=ids_out,
+        )
 
     # -- pieces ---------------------------------------------------------------------------
 
@@ -264,6 +350,9 @@ class Decoder:
         written into `ids_out` too (lm_head + argmax in one kernel)."""
         s, kernels = self.spec, self.kernels
         bsz = tokens.shape[0]
+        if kernels.step == "persistent" and self._step_weights is not None and bsz <= FEW_ROWS:
+            logits, _ = self._persistent_decode(cache, tokens, positions, slot, kv_valid, ids_out)
+            return logits, ids_out is not None
         nh, kvh, d = s.num_heads, s.num_kv_heads, s.head_dim
         g = nh // kvh
         kv_len = kv_valid.shape[-1]

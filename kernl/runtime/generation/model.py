@@ -21,7 +21,12 @@ from dataclasses import dataclass
 import torch
 
 from kernl.artifacts.errors import ArtifactCorruptError
-from kernl.artifacts.generation import DecodeKernels, DecoderSpec, GenerationBuckets
+from kernl.artifacts.generation import (
+    DECODE_KERNEL_CHOICES,
+    DecodeKernels,
+    DecoderSpec,
+    GenerationBuckets,
+)
 from kernl.artifacts.schema import Manifest, pick_size
 
 from ..binaries import KernelBinaries, running_with
@@ -435,6 +440,7 @@ def _kernel_modules() -> dict:
     """The kernel module behind each (piece, choice) that is not plain torch or SDPA."""
     from kernl.kernels import (
         decode_attention,
+        decode_step,
         gated_mlp,
         lm_head_argmax,
         norm,
@@ -453,6 +459,7 @@ def _kernel_modules() -> dict:
         ("linear", "fused"): skinny_linear_fused,
         ("rope", "triton"): rope_cache_write,
         ("lm_head", "triton"): lm_head_argmax,
+        ("step", "persistent"): decode_step,
     }
 
 
@@ -467,7 +474,8 @@ def _runnable(kernels: DecodeKernels, device: torch.device) -> DecodeKernels:
     kept = {}
     for piece, choice in dataclasses.asdict(kernels).items():
         module = modules.get((piece, choice))
-        kept[piece] = choice if module is None or triton_usable(device, module) else "torch"
+        usable = module is None or triton_usable(device, module)
+        kept[piece] = choice if usable else DECODE_KERNEL_CHOICES[piece][0]
     return DecodeKernels(**kept)
 
 

@@ -1,8 +1,9 @@
 """Which kernels a generation artifact's decode step runs on, chosen by timing on the GPU, and
 the Triton binaries the choice needs.
 
-A decode step has four replaceable pieces (`DecodeKernels`: attention, norms, gated MLP,
-linear layers).
+A decode step has replaceable pieces (`DecodeKernels`: attention, norms, gated MLP, linear
+layers, rotary, lm_head), and for the Llama family the whole step has one more form: one
+persistent kernel (`step="persistent"`, kernels/decode_step.py), tried last.
 Starting from plain torch, each alternative is tried in turn and kept only if the decode
 steps of every decode bucket, replayed as CUDA graphs, get faster in total by more than
 `MIN_GAIN`: a kernel earns its place by measurement, never by default. An alternative that
@@ -120,6 +121,8 @@ def choose_decode_kernels(
     for knob, options in ALTERNATIVES:
         if knob == "gated_mlp" and not decoder.gated_silu_without_bias:
             continue
+        if knob == "step" and not decoder.persistent_fits:
+            continue
         for option in options:
             t = timed(dataclasses.replace(best.kernels, **{knob: option}))
             timings.append(t)
@@ -132,7 +135,7 @@ def choose_decode_kernels(
         **{
             knob: options[-1]
             for knob, options in ALTERNATIVES
-            if knob != "gated_mlp" or decoder.gated_silu_without_bias
+            if knob != "step" and (knob != "gated_mlp" or decoder.gated_silu_without_bias)
         },
     )
     if together not in [t.kernels for t in timings]:
@@ -173,7 +176,10 @@ def _try_pdl(
 
 
 def _runs_fused(k: DecodeKernels) -> bool:
-    """Whether the step runs a kernel that takes PDL (kernl/kernels/pdl.py pdl_start)."""
+    """Whether the step runs a kernel that takes PDL (kernl/kernels/pdl.py pdl_start): the
+    persistent step is one kernel, with nothing to overlap."""
+    if k.step == "persistent":
+        return False
     fused = k.norm == "fused" or k.linear == "fused" or k.lm_head == "triton"
     return fused or k.attention == "triton" or k.rope != "torch"
 
