@@ -35,6 +35,9 @@
 #           (benchmarks/profile_whisper_encoder.py)
 #   s2stests the GPU tests of seq2seq, optimize and the runtime
 #   gpuquick the GPU tests of kernels, runtime and generation only (a smoke run)
+#   persist the persistent decode step's GPU tests, the kernels it shares and its serving path
+#           (forced, from binaries, in a graph), each run bounded
+#   step    the persistent decode step's configs at Llama-1B shapes (benchmarks/bench_decode_step.py)
 #   lft     fresh-process load -> first token of a 12-entry Llama-1B artifact
 #           (benchmarks/bench_load_first_token.py; also for the tree in .old when present)
 #   profserve where the host's CPU goes in kernl's in-process encoder request path, by
@@ -65,6 +68,11 @@ stage() {
       tests/kernels/test_skinny_linear_fused.py ;;
     gpuquick) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=20 \
       tests/kernels tests/runtime tests/generation/test_decode_kernels.py ;;
+    persist) timeout 480 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 -x \
+      tests/kernels/test_decode_step.py tests/kernels/test_pdl.py \
+      "tests/generation/test_gpu_generation.py::test_triton_decode_kernels_run_from_binaries_and_match_torch[persistent]" \
+      tests/kernels/test_decode_attention.py tests/kernels/test_lm_head_argmax.py ;;
+    step) OUT=$RUN timeout 420 python3 benchmarks/bench_decode_step.py ;;
     lft) # fresh-process load -> first token; .old (a `git archive` of an earlier kernl/), if
       # carried in the snapshot, is timed in the same run
       timeout 480 python3 benchmarks/bench_load_first_token.py "$RUN/lft" --runs 5 \

@@ -45,23 +45,26 @@ from .pdl import prefetch_rows_l2
 from .rope_cache_write import rope_cache_store
 
 MAX_ROWS = 16
-MAX_POLLS: tl.constexpr = tl.constexpr(1 << 24)  # a barrier's wait, bounded
+MAX_POLLS: tl.constexpr = tl.constexpr(1 << 20)  # a barrier's wait, bounded
 
 
 @triton.jit
 def _grid_sync(Sync, arrivals):
     """Arrive at the grid barrier, then wait until `arrivals` arrivals in all were counted.
-    The wait is bounded (~seconds): a program that never arrives (which the cooperative launch
-    rules out) flags Sync[2] and lets the step finish wrong, rather than hang the process."""
+    The wait is bounded (~a second): a program that never arrives (which the cooperative
+    launch rules out) sets the flag Sync[2], every later wait of the step falls through, and
+    the step finishes wrong (the flag says so) rather than hang the process."""
     tl.debug_barrier()  # every thread's writes precede the release below
     tl.atomic_add(Sync, 1, sem="release", scope="gpu")
     seen = tl.load(Sync, volatile=True)
+    flagged = tl.load(Sync + 2, volatile=True)
     polls = 0
-    while (seen < arrivals) & (polls < MAX_POLLS):
+    while (seen < arrivals) & (flagged == 0):
         seen = tl.load(Sync, volatile=True)
+        flagged = tl.load(Sync + 2, volatile=True)
         polls += 1
-    if polls == MAX_POLLS:
-        tl.atomic_max(Sync + 2, 1, sem="relaxed", scope="gpu")
+        if polls == MAX_POLLS:
+            tl.atomic_max(Sync + 2, 1, sem="relaxed", scope="gpu")
     tl.atomic_add(Sync, 0, sem="acquire", scope="gpu")  # the others' writes are visible
     tl.debug_barrier()
 

@@ -1,0 +1,175 @@
+"""The persistent decode step (kernels/decode_step.py) at Llama-3.2-1B's shapes (bf16, 16
+layers, hidden 2048, intermediate 8192, 32 heads / 8 kv heads of 64, vocab 128256, random
+weights), for each config of `decode_step_configs()`, batch 1, 4 and 8, a cache of 512 and
+2048 slots (the step at the last slot: attention reads the whole cache).
+
+    python benchmarks/bench_decode_step.py        # JSON to $OUT/bench_decode_step.json
+
+Each case: one step captured in a CUDA graph, replayed 30 times to warm up, then the median
+of 200 replays timed one by one with CUDA events. GB/s counts the weight bytes a step must
+stream (2.47 GB) and is compared with the 4.26 TB/s copy ceiling measured on an H200; tok/s
+per row is 1 / step. Before timing, each batch's step is checked once against the plain
+PyTorch step in float32 (logits, ids). A plain script, not collected by pytest."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernl.kernels.decode_step import (  # noqa: E402
+    DecodeStepBuffers,
+    DecodeStepWeights,
+    decode_step,
+    decode_step_configs,
+    decode_step_reference,
+)
+from kernl.kernels.rope_cache_write import rope_tables  # noqa: E402
+
+L, H, NH, KVH, D, I, V = 16, 2048, 32, 8, 64, 8192, 128256  # noqa: E741
+CEILING_GBPS = 4260.0
+DEV, DTYPE = "cuda", torch.bfloat16
+
+
+def weights() -> DecodeStepWeights:
+    g = torch.Generator(device=DEV).manual_seed(0)
+
+    def rnd(*s, scale=1.0):
+        return (torch.randn(*s, generator=g, device=DEV) * scale).to(DTYPE)
+
+    def norm(*s):
+        return (torch.rand(*s, generator=g, device=DEV) + 0.5).to(DTYPE)
+
+    inv_freq = 1.0 / 500000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
+    cos, sin = rope_tables(inv_freq, 4096, dtype=DTYPE, device=DEV)
+    embed = rnd(V, H)
+    return DecodeStepWeights(
+        embed=embed,
+        attn_norm=norm(L, H),
+        qkv=rnd(L, (NH + 2 * KVH) * D, H, scale=H**-0.5),
+        qkv_bias=None,
+        o=rnd(L, H, NH * D, scale=(NH * D) ** -0.5),
+        mlp_norm=norm(L, H),
+        gate_up=rnd(L, 2 * I, H, scale=H**-0.5),
+        down=rnd(L, H, I, scale=I**-0.5),
+        final_norm=norm(H),
+        lm_head=embed,  # tied, as Llama-3.2-1B
+        cos=cos,
+        sin=sin,
+        num_heads=NH,
+        num_kv_heads=KVH,
+        eps=1e-5,
+        sm_scale=D**-0.5,
+    )
+
+
+def weight_bytes(w: DecodeStepWeights) -> int:
+    kinds = (w.qkv, w.o, w.gate_up, w.down, w.lm_head, w.attn_norm, w.mlp_norm)
+    return sum(t.numel() * t.element_size() for t in kinds)
+
+
+def inputs(B: int, slots: int):
+    g = torch.Generator(device=DEV).manual_seed(1)
+    k = (torch.randn(L, B, KVH, slots, D, generator=g, device=DEV) * 0.5).to(DTYPE)
+    v = (torch.randn(L, B, KVH, slots, D, generator=g, device=DEV) * 0.5).to(DTYPE)
+    tokens = torch.randint(0, V, (B,), generator=g, device=DEV)
+    positions = torch.full((B,), slots - 1, dtype=torch.int64, device=DEV)
+    slot = torch.tensor([slots - 1], device=DEV)
+    kv_valid = torch.ones(B, slots, dtype=torch.bool, device=DEV)
+    return tokens, positions, slot, kv_valid, k, v
+
+
+def check(w: DecodeStepWeights, B: int) -> dict:
+    tokens, positions, slot, kv_valid, k, v = inputs(B, 512)
+    buffers = DecodeStepBuffers.allocate(w, B, decode_step_configs()[0].ATT_SPLITS)
+    logits, ids = decode_step(w, buffers, tokens, positions, slot, kv_valid, k.clone(), v.clone())
+    w32 = DecodeStepWeights(
+        **{
+            n: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for n, t in vars(w).items()
+        }
+    )
+    ref_logits, ref_ids = decode_step_reference(
+        w32, tokens, positions, slot, kv_valid, k.float(), v.float()
+    )
+    err = (logits.float() - ref_logits).abs().max().item()
+    return {
+        "batch": B,
+        "max_abs_logit_err": err,
+        "max_abs_logit": ref_logits.abs().max().item(),
+        "ids_equal": int((ids == ref_ids).sum()),
+        "timed_out_barrier": int(buffers.sync[2]),
+    }
+
+
+def time_step(w, B: int, slots: int, config) -> float:
+    tokens, positions, slot, kv_valid, k, v = inputs(B, slots)
+    buffers = DecodeStepBuffers.allocate(w, B, config.ATT_SPLITS)
+    run = lambda: decode_step(  # noqa: E731
+        w, buffers, tokens, positions, slot, kv_valid, k, v, config=config
+    )
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for _ in range(30):
+        graph.replay()
+    times = []
+    for _ in range(200):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    assert int(buffers.sync[2]) == 0, "a barrier wait timed out"
+    return statistics.median(times)
+
+
+def main() -> None:
+    out = os.environ.get("OUT", ".")
+    w = weights()
+    nbytes = weight_bytes(w)
+    info = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "sms": torch.cuda.get_device_properties(0).multi_processor_count,
+        "weight_bytes": nbytes,
+    }
+    print(info, flush=True)
+    checks = [check(w, B) for B in (1, 4, 8)]
+    for c in checks:
+        print("check", c, flush=True)
+    rows = []
+    for B in (1, 4, 8):
+        for slots in (512, 2048):
+            for config in decode_step_configs():
+                try:
+                    ms = time_step(w, B, slots, config)
+                except Exception as e:  # noqa: BLE001 - reported, the others still run
+                    print(f"B={B} slots={slots} {config}: failed {type(e).__name__}: {e}"[:400])
+                    continue
+                row = dict(batch=B, slots=slots, config=repr(config), ms=ms)
+                row["gbps"] = nbytes / ms / 1e6
+                row["tok_s_per_row"] = 1e3 / ms
+                rows.append(row)
+                print(
+                    f"B={B} slots={slots} {ms * 1e3:7.1f} us  {row['gbps']:6.0f} GB/s "
+                    f"({row['gbps'] / CEILING_GBPS:.0%})  {row['tok_s_per_row']:6.0f} tok/s/row  "
+                    f"{config}",
+                    flush=True,
+                )
+    with open(os.path.join(out, "bench_decode_step.json"), "w") as f:
+        json.dump({"info": info, "checks": checks, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
