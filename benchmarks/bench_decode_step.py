@@ -108,11 +108,11 @@ def check(w: DecodeStepWeights, B: int) -> dict:
     }
 
 
-def time_step(w, B: int, slots: int, config) -> float:
+def time_step(w, B: int, slots: int, config, prefetch: bool = True) -> float:
     tokens, positions, slot, kv_valid, k, v = inputs(B, slots)
     buffers = DecodeStepBuffers.allocate(w, B, config.ATT_SPLITS)
     run = lambda: decode_step(  # noqa: E731
-        w, buffers, tokens, positions, slot, kv_valid, k, v, config=config
+        w, buffers, tokens, positions, slot, kv_valid, k, v, config=config, prefetch=prefetch
     )
     run()
     torch.cuda.synchronize()
@@ -151,20 +151,22 @@ def main() -> None:
     rows = []
     for B in (1, 4, 8):
         for slots in (512, 2048):
-            for config in decode_step_configs():
+            variants = [(c, True) for c in decode_step_configs()]
+            variants.append((decode_step_configs()[0], False))  # what the L2 prefetch buys
+            for config, prefetch in variants:
                 try:
-                    ms = time_step(w, B, slots, config)
+                    ms = time_step(w, B, slots, config, prefetch)
                 except Exception as e:  # noqa: BLE001 - reported, the others still run
                     print(f"B={B} slots={slots} {config}: failed {type(e).__name__}: {e}"[:400])
                     continue
-                row = dict(batch=B, slots=slots, config=repr(config), ms=ms)
+                row = dict(batch=B, slots=slots, config=repr(config), prefetch=prefetch, ms=ms)
                 row["gbps"] = nbytes / ms / 1e6
                 row["tok_s_per_row"] = 1e3 / ms
                 rows.append(row)
                 print(
                     f"B={B} slots={slots} {ms * 1e3:7.1f} us  {row['gbps']:6.0f} GB/s "
                     f"({row['gbps'] / CEILING_GBPS:.0%})  {row['tok_s_per_row']:6.0f} tok/s/row  "
-                    f"{config}",
+                    f"{'' if prefetch else 'NO PREFETCH '}{config}",
                     flush=True,
                 )
     with open(os.path.join(out, "bench_decode_step.json"), "w") as f:

@@ -69,9 +69,9 @@ stage() {
     gpuquick) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=20 \
       tests/kernels tests/runtime tests/generation/test_decode_kernels.py ;;
     persist) timeout 480 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 -x \
-      tests/kernels/test_decode_step.py tests/kernels/test_pdl.py \
+      tests/kernels/test_decode_step.py \
       "tests/generation/test_gpu_generation.py::test_triton_decode_kernels_run_from_binaries_and_match_torch[persistent]" \
-      tests/kernels/test_decode_attention.py tests/kernels/test_lm_head_argmax.py ;;
+      tests/kernels/test_pdl.py tests/kernels/test_decode_attention.py tests/kernels/test_lm_head_argmax.py ;;
     step) OUT=$RUN timeout 420 python3 benchmarks/bench_decode_step.py ;;
     lft) # fresh-process load -> first token; .old (a `git archive` of an earlier kernl/), if
       # carried in the snapshot, is timed in the same run

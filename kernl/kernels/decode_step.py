@@ -98,11 +98,31 @@ def _residual_store(acc, X, offs_m, offs_n, m_mask, n_mask, H):
 
 @triton.jit
 def _prefetch(W, first_row, n_rows, K, ROWS: tl.constexpr, LINES: tl.constexpr):
-    """Ask L2 for the first LINES 128-byte lines of weight rows [first_row, first_row + ROWS)."""
+    """Ask L2 for weight rows [first_row, first_row + ROWS) (those < n_rows), LINES 128-byte
+    lines of each (LINES covers a whole row: a task's whole tile is then on its way at once,
+    far more bytes in flight than the one program per SM keeps in its pipeline)."""
     if LINES > 0:
         rows = first_row + tl.arange(0, ROWS)
         w_rows = W + rows.to(tl.int64)[:, None] * K
         prefetch_rows_l2(w_rows, rows < n_rows, 0, K, LINES, W.dtype.element_ty)
+
+
+@triton.jit
+def _qkv_tile(t, QKV_N: tl.constexpr, HALF: tl.constexpr, D: tl.constexpr, NQKV: tl.constexpr):
+    """QKV task t: its half-columns (head c // HALF, element c % HALF) and the weight rows of
+    both halves of each pair."""
+    offs_c = t * QKV_N + tl.arange(0, QKV_N)
+    cols1 = (offs_c // HALF) * D + offs_c % HALF
+    return offs_c, offs_c < NQKV // 2, cols1, cols1 + HALF
+
+
+@triton.jit
+def _prefetch_qkv(W1, t, H, QKV_N: tl.constexpr, HALF, D, NQKV, LINES: tl.constexpr):
+    if LINES > 0:
+        _, c_mask, cols1, cols2 = _qkv_tile(t, QKV_N, HALF, D, NQKV)
+        dt = W1.dtype.element_ty
+        prefetch_rows_l2(W1 + cols1.to(tl.int64)[:, None] * H, c_mask, 0, H, LINES, dt)
+        prefetch_rows_l2(W1 + cols2.to(tl.int64)[:, None] * H, c_mask, 0, H, LINES, dt)
 
 
 @triton.jit
@@ -166,11 +186,9 @@ def _decode_step_kernel(
     ATT_BLOCK: tl.constexpr,
     HAS_QKV_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
-    PF_QKV: tl.constexpr,
-    PF_O: tl.constexpr,
-    PF_UP: tl.constexpr,
-    PF_DOWN: tl.constexpr,
-    PF_LM: tl.constexpr,
+    PF_H: tl.constexpr,
+    PF_Q: tl.constexpr,
+    PF_I: tl.constexpr,
 ):
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -186,9 +204,7 @@ def _decode_step_kernel(
     m_mask = offs_m < M
 
     # the first QKV task's weights while the embedding rows are copied
-    r0 = (pid * QKV_N // HALF) * D + pid * QKV_N % HALF
-    _prefetch(Wqkv, r0, NQKV, H, QKV_N, PF_QKV)
-    _prefetch(Wqkv, r0 + HALF, NQKV, H, QKV_N, PF_QKV)
+    _prefetch_qkv(Wqkv, pid, H, QKV_N, HALF, D, NQKV, PF_H)
     tok = tl.load(Tokens + offs_m, mask=m_mask, other=0).to(tl.int64)
     for c in range(pid, tl.cdiv(H, BLOCK_K), G):
         ks = c * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -211,10 +227,8 @@ def _decode_step_kernel(
 
         # 1. norm -> QKV -> rotary -> q and the cache slot
         for t in range(pid, QKV_TASKS, G):
-            offs_c = t * QKV_N + tl.arange(0, QKV_N)
-            c_mask = offs_c < NQKV // 2
-            cols1 = (offs_c // HALF) * D + offs_c % HALF
-            cols2 = cols1 + HALF
+            _prefetch_qkv(W1, t + G, H, QKV_N, HALF, D, NQKV, PF_H)  # this program's next
+            offs_c, c_mask, cols1, cols2 = _qkv_tile(t, QKV_N, HALF, D, NQKV)
             acc, acc_u, ss = _norm_linear_loop(
                 X,
                 AttnNormW + lyr * H,
@@ -287,7 +301,7 @@ def _decode_step_kernel(
         _grid_sync(Sync, arrived + G)
 
         # 2. attention: a chunk of slots per task; a (row, kv head)'s last chunk merges
-        _prefetch(Wo_l, pid * O_N, H, NQ, O_N, PF_O)  # streams while attention runs
+        _prefetch(Wo_l, pid * O_N, H, NQ, O_N, PF_Q)  # streams while attention runs
         for t in range(pid, M * KVH * ATT_SPLITS, G):
             split = t % ATT_SPLITS
             bh = t // ATT_SPLITS
@@ -358,17 +372,20 @@ def _decode_step_kernel(
 
         # 3. O projection + residual
         for t in range(pid, tl.cdiv(H, O_N), G):
+            _prefetch(Wo_l, (t + G) * O_N, H, NQ, O_N, PF_Q)
             offs_n = t * O_N + tl.arange(0, O_N)
             n_mask = offs_n < H
             w_rows = Wo_l + offs_n.to(tl.int64)[:, None] * NQ
             acc = _linear_rows(Att, NQ, w_rows, offs_m, m_mask, n_mask, NQ, O_N, BLOCK_K, PRECISION)
             _residual_store(acc, X, offs_m, offs_n, m_mask, n_mask, H)
-        _prefetch(Wgu_l, pid * UP_N, I, H, UP_N, PF_UP)
-        _prefetch(Wgu_l, I + pid * UP_N, 2 * I, H, UP_N, PF_UP)
+        _prefetch(Wgu_l, pid * UP_N, I, H, UP_N, PF_H)
+        _prefetch(Wgu_l, I + pid * UP_N, 2 * I, H, UP_N, PF_H)
         _grid_sync(Sync, arrived + 3 * G)
 
         # 4. norm -> gate/up -> silu(gate) * up
         for t in range(pid, tl.cdiv(I, UP_N), G):
+            _prefetch(Wgu_l, (t + G) * UP_N, I, H, UP_N, PF_H)
+            _prefetch(Wgu_l, I + (t + G) * UP_N, 2 * I, H, UP_N, PF_H)
             offs_n = t * UP_N + tl.arange(0, UP_N)
             n_mask = offs_n < I
             acc, acc_u, ss = _norm_linear_loop(
@@ -401,11 +418,12 @@ def _decode_step_kernel(
                 acc.to(Hmid.dtype.element_ty),
                 mask=m_mask[:, None] & n_mask[None, :],
             )
-        _prefetch(Wd_l, pid * DOWN_N, H, I, DOWN_N, PF_DOWN)
+        _prefetch(Wd_l, pid * DOWN_N, H, I, DOWN_N, PF_I)
         _grid_sync(Sync, arrived + 4 * G)
 
         # 5. down projection + residual
         for t in range(pid, tl.cdiv(H, DOWN_N), G):
+            _prefetch(Wd_l, (t + G) * DOWN_N, H, I, DOWN_N, PF_I)
             offs_n = t * DOWN_N + tl.arange(0, DOWN_N)
             n_mask = offs_n < H
             w_rows = Wd_l + offs_n.to(tl.int64)[:, None] * I
@@ -414,15 +432,15 @@ def _decode_step_kernel(
             )
             _residual_store(acc, X, offs_m, offs_n, m_mask, n_mask, H)
         if layer + 1 < num_layers:
-            _prefetch(W1 + NQKV * H, r0, NQKV, H, QKV_N, PF_QKV)
-            _prefetch(W1 + NQKV * H, r0 + HALF, NQKV, H, QKV_N, PF_QKV)
+            _prefetch_qkv(W1 + NQKV * H, pid, H, QKV_N, HALF, D, NQKV, PF_H)
         else:
-            _prefetch(LmHead, pid * LM_N, vocab, H, LM_N, PF_LM)
+            _prefetch(LmHead, pid * LM_N, vocab, H, LM_N, PF_H)
         _grid_sync(Sync, arrived + 5 * G)
 
     # final norm -> lm_head -> logits and the argmax
     lm_tasks = tl.cdiv(vocab, LM_N)
     for t in range(pid, lm_tasks, G):
+        _prefetch(LmHead, (t + G) * LM_N, vocab, H, LM_N, PF_H)
         offs_n = t * LM_N + tl.arange(0, LM_N)
         n_mask = offs_n < vocab
         w_rows = LmHead + offs_n.to(tl.int64)[:, None] * H
@@ -512,14 +530,16 @@ class DecodeStepWeights:
 @dataclass(frozen=True)
 class DecodeStepConfig:
     """Tiles (weight rows per task: QKV_N half-column pairs, the others rows), the attention
-    chunking, and the launch. programs 0: one per SM (1 under the interpreter)."""
+    chunking, and the launch. programs 0: one per SM (1 under the interpreter). Each task's
+    whole tile is prefetched to L2 a task ahead: a tile of at most ~128 KB keeps two tiles
+    per SM well inside L2."""
 
     BLOCK_K: int = 256
     QKV_N: int = 16
     O_N: int = 16
     UP_N: int = 16
     DOWN_N: int = 16
-    LM_N: int = 64
+    LM_N: int = 32
     ATT_SPLITS: int = 16
     ATT_BLOCK: int = 32
     num_warps: int = 4
@@ -528,14 +548,14 @@ class DecodeStepConfig:
 
 
 def decode_step_configs() -> list[DecodeStepConfig]:
-    """The variants a benchmark or the compiler times: the default, deeper K blocks and
-    pipelines, wider MLP tiles, more warps."""
+    """The variants a benchmark or the compiler times: the default, deeper pipelines over
+    narrower K blocks, more warps, more attention chunks."""
     return [
         DecodeStepConfig(),
-        DecodeStepConfig(BLOCK_K=512, num_stages=2),
-        DecodeStepConfig(BLOCK_K=128, num_stages=5),
-        DecodeStepConfig(UP_N=32, DOWN_N=16, LM_N=128),
-        DecodeStepConfig(num_warps=8, BLOCK_K=512, num_stages=3),
+        DecodeStepConfig(BLOCK_K=128, num_stages=4),
+        DecodeStepConfig(BLOCK_K=128, num_stages=6),
+        DecodeStepConfig(num_warps=8),
+        DecodeStepConfig(BLOCK_K=128, num_stages=4, ATT_SPLITS=32, ATT_BLOCK=16),
     ]
 
 
@@ -591,14 +611,10 @@ class DecodeStepBuffers:
         )
 
 
-def _lines(on: bool, rows: int, k: int, elem: int, budget: int = 32 * 1024) -> int:
-    """L2 prefetch lines per row for `rows` rows of k elements: the whole row if the tile fits
-    `budget` bytes, else as much of each row as does (a power of two); 0 when off."""
-    if not on:
-        return 0
-    row_lines = -(-k * elem // 128)
-    fit = max(1, budget // (rows * 128))
-    return triton.next_power_of_2(min(row_lines, fit) + 1) // 2
+def _lines(on: bool, k: int, elem: int) -> int:
+    """L2 prefetch lines per weight row of k elements: the whole row (a power of two, at most
+    32 KB), or 0 when off."""
+    return min(256, triton.next_power_of_2(-(-k * elem // 128))) if on else 0
 
 
 def sm_count(device: torch.device) -> int:
@@ -709,11 +725,9 @@ def decode_step(
         ATT_BLOCK=config.ATT_BLOCK,
         HAS_QKV_BIAS=w.qkv_bias is not None,
         PRECISION="ieee" if w.qkv.dtype == torch.float32 else "tf32",
-        PF_QKV=_lines(pf, config.QKV_N, H, elem, 16 * 1024),
-        PF_O=_lines(pf, config.O_N, NH * D, elem),
-        PF_UP=_lines(pf, config.UP_N, H, elem, 16 * 1024),
-        PF_DOWN=_lines(pf, config.DOWN_N, I, elem),
-        PF_LM=_lines(pf, config.LM_N, H, elem),
+        PF_H=_lines(pf, H, elem),
+        PF_Q=_lines(pf, NH * D, elem),
+        PF_I=_lines(pf, I, elem),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **({} if interpreted else {"launch_cooperative_grid": True}),

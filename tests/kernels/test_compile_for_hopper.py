@@ -134,8 +134,7 @@ def decode_step_compiles(block_k, num_warps, num_stages, up_n):
     signature |= dict.fromkeys(("stride_kl", "stride_kb", "stride_kh", "stride_kn"), "i32")
     constants = dict(H=2048, NH=32, KVH=8, D=64, I=8192, BLOCK_K=block_k, QKV_N=16, O_N=16)
     constants |= dict(UP_N=up_n, DOWN_N=16, LM_N=64, ATT_SPLITS=16, ATT_BLOCK=32)
-    constants |= dict(HAS_QKV_BIAS=False, PRECISION="tf32", PF_QKV=16, PF_O=16, PF_UP=8)
-    constants |= dict(PF_DOWN=16, PF_LM=4)
+    constants |= dict(HAS_QKV_BIAS=False, PRECISION="tf32", PF_H=32, PF_Q=32, PF_I=128)
     options = dict(num_warps=num_warps, num_stages=num_stages, launch_cooperative_grid=True)
     aligned = [n for n, t in signature.items() if t.startswith("*")] + ["slots", "kv_len"]
     compiled = _compile(_decode_step_kernel, signature, constants, options, aligned)
