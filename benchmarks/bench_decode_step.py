@@ -169,6 +169,22 @@ def main() -> None:
                     f"{'' if prefetch else 'NO PREFETCH '}{config}",
                     flush=True,
                 )
+    # where a layer's time goes: the step over the first n layers (the stacks sliced), batch 1
+    for n in (2, 8):
+        part = DecodeStepWeights(
+            **{
+                k: t[:n] if k in ("attn_norm", "qkv", "o", "mlp_norm", "gate_up", "down") else t
+                for k, t in vars(w).items()
+            }
+        )
+        global L
+        full, L = L, n
+        try:
+            ms = time_step(part, 1, 512, decode_step_configs()[0])
+        finally:
+            L = full
+        rows.append(dict(batch=1, slots=512, layers=n, ms=ms))
+        print(f"B=1 slots=512 first {n} layers: {ms * 1e3:7.1f} us", flush=True)
     with open(os.path.join(out, "bench_decode_step.json"), "w") as f:
         json.dump({"info": info, "checks": checks, "rows": rows}, f, indent=1)
 
