@@ -87,7 +87,7 @@ def inputs(B: int, slots: int):
 
 def check(w: DecodeStepWeights, B: int) -> dict:
     tokens, positions, slot, kv_valid, k, v = inputs(B, 512)
-    buffers = DecodeStepBuffers.allocate(w, B, decode_step_configs()[0].ATT_SPLITS)
+    buffers = DecodeStepBuffers.allocate(w, B, decode_step_configs()[0])
     logits, ids = decode_step(w, buffers, tokens, positions, slot, kv_valid, k.clone(), v.clone())
     w32 = DecodeStepWeights(
         **{
@@ -108,9 +108,9 @@ def check(w: DecodeStepWeights, B: int) -> dict:
     }
 
 
-def time_step(w, B: int, slots: int, config, prefetch: bool = True) -> float:
+def time_step(w, B: int, slots: int, config, prefetch: bool = False) -> float:
     tokens, positions, slot, kv_valid, k, v = inputs(B, slots)
-    buffers = DecodeStepBuffers.allocate(w, B, config.ATT_SPLITS)
+    buffers = DecodeStepBuffers.allocate(w, B, config)
     run = lambda: decode_step(  # noqa: E731
         w, buffers, tokens, positions, slot, kv_valid, k, v, config=config, prefetch=prefetch
     )
@@ -151,8 +151,8 @@ def main() -> None:
     rows = []
     for B in (1, 4, 8):
         for slots in (512, 2048):
-            variants = [(c, True) for c in decode_step_configs()]
-            variants.append((decode_step_configs()[0], False))  # what the L2 prefetch buys
+            variants = [(c, False) for c in decode_step_configs()]
+            variants.append((decode_step_configs()[3], True))  # what the L2 prefetch buys
             for config, prefetch in variants:
                 try:
                     ms = time_step(w, B, slots, config, prefetch)
@@ -166,7 +166,7 @@ def main() -> None:
                 print(
                     f"B={B} slots={slots} {ms * 1e3:7.1f} us  {row['gbps']:6.0f} GB/s "
                     f"({row['gbps'] / CEILING_GBPS:.0%})  {row['tok_s_per_row']:6.0f} tok/s/row  "
-                    f"{'' if prefetch else 'NO PREFETCH '}{config}",
+                    f"{'PREFETCH ' if prefetch else ''}{config}",
                     flush=True,
                 )
     # where a layer's time goes: the step over the first n layers (the stacks sliced), batch 1

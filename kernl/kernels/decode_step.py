@@ -4,13 +4,13 @@ greedy argmax, for a few rows (<= 16, one token each).
 
 Why one kernel (issue 15): a batch-1 step streams ~2.5 GB of weights, but as ~130 kernels
 each boundary costs a few µs of launch, ramp-up and tail in which the weight stream stops.
-Here one program per SM runs the step's ops in order, each op split into tasks (a tile of
-weight rows, or a chunk of the KV cache) that the programs take round-robin. Between two ops
-a grid barrier makes the first op's writes visible to every program; before arriving there
-a program asks L2 for the first weights of its task of the next op, so the stream keeps
-going while the slowest program of the op finishes.
+Here a fixed grid of programs (one or a few per SM, all resident) runs the step's ops in
+order, each op split into tasks (a tile of weight rows and a chunk of its K, or a chunk of
+the KV cache) that the programs take round-robin. Between two ops a grid barrier makes the
+first op's writes visible to every program.
 
-Per layer, five ops (the tasks reuse the fused decode kernels' jit helpers):
+Per layer, five ops (the tasks reuse the fused decode kernels' jit helpers, and the task
+helpers of decode_step_tasks.py):
   1. RMSNorm folded into the QKV projection, rotary and the KV-cache write in its epilogue
      (norm_linear_rope's tile: half-column pairs of each head);
   2. attention over the cache, a chunk of slots per task; the last chunk of a (row, kv head)
@@ -18,111 +18,35 @@ Per layer, five ops (the tasks reuse the fused decode kernels' jit helpers):
   3. the O projection plus the residual, written back into the residual stream X;
   4. RMSNorm folded into gate/up, silu(gate) * up in the epilogue;
   5. the down projection plus the residual, into X.
+A linear op's tile may be split over K: each split writes an fp32 partial, the last to
+arrive sums them in a fixed order and runs the epilogue (norm_linear's split-K gather).
 Then the final RMSNorm folded into lm_head, the logits written, and the ids of the argmax
 (lm_head_argmax's tail: packed keys, atomic max, the last tile to arrive writes the ids).
 
-The grid barrier is a counter every program bumps (release, after a CTA barrier) and polls
-until all have arrived at this barrier (acquire): the pattern of a cooperative grid sync. It
-needs every program resident at once, so the grid is at most one program per SM and the
-launch is cooperative (CUDA refuses a cooperative grid that cannot be co-resident, rather
-than hang). The last program to leave resets the counter, so the next replay starts clean.
-Under Triton's interpreter programs run one after another, so tests run a grid of one
-(every barrier is already met when reached); the GPU tests run the real grid."""
+The grid barrier is the pattern of a cooperative grid sync: every program bumps a counter
+(release, after a CTA barrier) and polls it until all have arrived (acquire). Every program
+must be resident at once: the launch is cooperative (CUDA refuses a grid that cannot be
+co-resident rather than hang), and a wait is bounded (decode_step_tasks.grid_sync). The last
+program to leave resets the counter, so the next replay starts clean. Under Triton's
+interpreter programs run one after another, so CPU tests run a grid of one (every barrier
+is already met when reached); the GPU tests run the real grid."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
 from .decode_attention import decode_attention_chunk, decode_attention_merge
+from .decode_step_tasks import grid_sync, norm_pair, prefetch_task, qkv_tile, residual_linear
 from .launch import is_interpreted, launch_kernel
 from .lm_head_argmax import lm_head_argmax_finish
 from .norm_linear import _norm_linear_loop, _norm_linear_scale
-from .pdl import prefetch_rows_l2
 from .rope_cache_write import rope_cache_store
 
 MAX_ROWS = 16
-MAX_POLLS: tl.constexpr = tl.constexpr(1 << 20)  # a barrier's wait, bounded
-
-
-@triton.jit
-def _grid_sync(Sync, arrivals):
-    """Arrive at the grid barrier, then wait until `arrivals` arrivals in all were counted.
-    The wait is bounded (~a second): a program that never arrives (which the cooperative
-    launch rules out) sets the flag Sync[2], every later wait of the step falls through, and
-    the step finishes wrong (the flag says so) rather than hang the process."""
-    tl.debug_barrier()  # every thread's writes precede the release below
-    tl.atomic_add(Sync, 1, sem="release", scope="gpu")
-    seen = tl.load(Sync, volatile=True)
-    flagged = tl.load(Sync + 2, volatile=True)
-    polls = 0
-    while (seen < arrivals) & (flagged == 0):
-        seen = tl.load(Sync, volatile=True)
-        flagged = tl.load(Sync + 2, volatile=True)
-        polls += 1
-        if polls == MAX_POLLS:
-            tl.atomic_max(Sync + 2, 1, sem="relaxed", scope="gpu")
-    tl.atomic_add(Sync, 0, sem="acquire", scope="gpu")  # the others' writes are visible
-    tl.debug_barrier()
-
-
-@triton.jit
-def _linear_rows(X, stride_xm, w_rows, offs_m, m_mask, n_mask, K, BLOCK_N, BLOCK_K, PRECISION):
-    """x[:16, :K] @ W[w_rows, :K]^T in fp32."""
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + offs_k
-        k_mask = ks < K
-        x = tl.load(
-            X + offs_m[:, None] * stride_xm + ks[None, :],
-            mask=m_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        w = tl.load(w_rows + ks[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    return acc
-
-
-@triton.jit
-def _residual_store(acc, X, offs_m, offs_n, m_mask, n_mask, H):
-    """X[:, offs_n] += acc: each column of X is read and written by the one task owning it."""
-    mask = m_mask[:, None] & n_mask[None, :]
-    ptrs = X + offs_m[:, None] * H + offs_n[None, :]
-    acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptrs, acc.to(X.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _prefetch(W, first_row, n_rows, K, ROWS: tl.constexpr, LINES: tl.constexpr):
-    """Ask L2 for weight rows [first_row, first_row + ROWS) (those < n_rows), LINES 128-byte
-    lines of each (LINES covers a whole row: a task's whole tile is then on its way at once,
-    far more bytes in flight than the one program per SM keeps in its pipeline)."""
-    if LINES > 0:
-        rows = first_row + tl.arange(0, ROWS)
-        w_rows = W + rows.to(tl.int64)[:, None] * K
-        prefetch_rows_l2(w_rows, rows < n_rows, 0, K, LINES, W.dtype.element_ty)
-
-
-@triton.jit
-def _qkv_tile(t, QKV_N: tl.constexpr, HALF: tl.constexpr, D: tl.constexpr, NQKV: tl.constexpr):
-    """QKV task t: its half-columns (head c // HALF, element c % HALF) and the weight rows of
-    both halves of each pair."""
-    offs_c = t * QKV_N + tl.arange(0, QKV_N)
-    cols1 = (offs_c // HALF) * D + offs_c % HALF
-    return offs_c, offs_c < NQKV // 2, cols1, cols1 + HALF
-
-
-@triton.jit
-def _prefetch_qkv(W1, t, H, QKV_N: tl.constexpr, HALF, D, NQKV, LINES: tl.constexpr):
-    if LINES > 0:
-        _, c_mask, cols1, cols2 = _qkv_tile(t, QKV_N, HALF, D, NQKV)
-        dt = W1.dtype.element_ty
-        prefetch_rows_l2(W1 + cols1.to(tl.int64)[:, None] * H, c_mask, 0, H, LINES, dt)
-        prefetch_rows_l2(W1 + cols2.to(tl.int64)[:, None] * H, c_mask, 0, H, LINES, dt)
 
 
 @triton.jit
@@ -153,6 +77,9 @@ def _decode_step_kernel(
     MidM,
     MidL,
     AttCounters,
+    Partial,
+    SumSq,
+    Counters,
     Logits,
     Ids,
     Best,
@@ -182,13 +109,19 @@ def _decode_step_kernel(
     UP_N: tl.constexpr,
     DOWN_N: tl.constexpr,
     LM_N: tl.constexpr,
+    SPLIT_QKV: tl.constexpr,
+    SPLIT_O: tl.constexpr,
+    SPLIT_UP: tl.constexpr,
+    SPLIT_DOWN: tl.constexpr,
     ATT_SPLITS: tl.constexpr,
     ATT_BLOCK: tl.constexpr,
     HAS_QKV_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
-    PF_H: tl.constexpr,
-    PF_Q: tl.constexpr,
-    PF_I: tl.constexpr,
+    PF_QKV: tl.constexpr,
+    PF_O: tl.constexpr,
+    PF_UP: tl.constexpr,
+    PF_DOWN: tl.constexpr,
+    PF_LM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -196,22 +129,24 @@ def _decode_step_kernel(
     GROUP: tl.constexpr = NH // KVH
     NQ: tl.constexpr = NH * D  # the attention output's width, the O projection's K
     NQKV: tl.constexpr = (NH + 2 * KVH) * D
-    QKV_TASKS: tl.constexpr = (NQKV // 2 + QKV_N - 1) // QKV_N  # a tile may span heads
-    BLOCK_D: tl.constexpr = max(16, D)
-    BLOCK_G: tl.constexpr = max(16, GROUP)
-    BLOCK_S: tl.constexpr = max(2, ATT_SPLITS)
+    QKV_TASKS: tl.constexpr = (NQKV // 2 + QKV_N - 1) // QKV_N * SPLIT_QKV
+    O_TASKS: tl.constexpr = (H + O_N - 1) // O_N * SPLIT_O
+    UP_TASKS: tl.constexpr = (I + UP_N - 1) // UP_N * SPLIT_UP
+    DOWN_TASKS: tl.constexpr = (H + DOWN_N - 1) // DOWN_N * SPLIT_DOWN
     offs_m = tl.arange(0, 16)
     m_mask = offs_m < M
 
-    # the first QKV task's weights while the embedding rows are copied
-    _prefetch_qkv(Wqkv, pid, H, QKV_N, HALF, D, NQKV, PF_H)
+    # the first QKV task's weights are asked for while the embedding rows are copied
+    pf_c, c_mask, cols1, cols2 = qkv_tile(pid // SPLIT_QKV, QKV_N, HALF, D, NQKV)
+    prefetch_task(Wqkv, cols1, c_mask, H, pid, SPLIT_QKV, BLOCK_K, PF_QKV)
+    prefetch_task(Wqkv, cols2, c_mask, H, pid, SPLIT_QKV, BLOCK_K, PF_QKV)
     tok = tl.load(Tokens + offs_m, mask=m_mask, other=0).to(tl.int64)
     for c in range(pid, tl.cdiv(H, BLOCK_K), G):
         ks = c * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = m_mask[:, None] & (ks < H)[None, :]
         e = tl.load(Embed + tok[:, None] * H + ks[None, :], mask=mask, other=0.0)
         tl.store(X + offs_m[:, None] * H + ks[None, :], e, mask=mask)
-    _grid_sync(Sync, G)
+    grid_sync(Sync, G)
 
     n_valid = tl.minimum(tl.load(Slot).to(tl.int32) + 1, kv_len)  # slots [0, slot] are read
     chunk = tl.cdiv(tl.cdiv(n_valid, ATT_SPLITS), ATT_BLOCK) * ATT_BLOCK
@@ -227,81 +162,82 @@ def _decode_step_kernel(
 
         # 1. norm -> QKV -> rotary -> q and the cache slot
         for t in range(pid, QKV_TASKS, G):
-            _prefetch_qkv(W1, t + G, H, QKV_N, HALF, D, NQKV, PF_H)  # this program's next
-            offs_c, c_mask, cols1, cols2 = _qkv_tile(t, QKV_N, HALF, D, NQKV)
-            acc, acc_u, ss = _norm_linear_loop(
+            offs_c, c_mask, cols1, cols2 = qkv_tile(t // SPLIT_QKV, QKV_N, HALF, D, NQKV)
+            last, acc, acc_u, ss = norm_pair(
+                t,
                 X,
                 AttnNormW + lyr * H,
-                AttnNormW,
-                W1 + cols1.to(tl.int64)[:, None] * H,
-                W1 + cols2.to(tl.int64)[:, None] * H,
-                offs_m,
-                m_mask,
-                c_mask,
-                0,
-                H,
-                H,
-                eps,
-                H,
-                QKV_N,
-                BLOCK_K,
-                True,
-                False,
-                True,
-                PRECISION,
-            )
-            acc, acc_u = _norm_linear_scale(
-                acc,
-                acc_u,
-                ss,
-                Bqkv + lyr * NQKV,
+                W1,
                 cols1,
                 cols2,
                 c_mask,
-                H,
-                eps,
-                True,
-                HAS_QKV_BIAS,
-                True,
-            )
-            rope_cache_store(
-                acc,
-                acc_u,
+                Partial,
+                SumSq,
+                Counters,
                 offs_m,
-                offs_c,
                 m_mask,
-                c_mask,
-                Pos,
-                Cos,
-                Sin,
-                Slot,
-                Q,
-                K_l,
-                V_l,
-                NH,
-                KVH,
-                slots,
-                1,
-                stride_cos,
-                stride_cos,
-                NQ,
-                D,
-                1,
-                stride_kb,
-                stride_kh,
-                stride_kn,
-                1,
-                stride_kb,
-                stride_kh,
-                stride_kn,
-                1,
-                HALF,
-                True,
+                eps,
+                H,
+                NQKV,
+                QKV_N,
+                SPLIT_QKV,
+                BLOCK_K,
+                PRECISION,
             )
-        _grid_sync(Sync, arrived + G)
+            if last:
+                acc, acc_u = _norm_linear_scale(
+                    acc,
+                    acc_u,
+                    ss,
+                    Bqkv + lyr * NQKV,
+                    cols1,
+                    cols2,
+                    c_mask,
+                    H,
+                    eps,
+                    True,
+                    HAS_QKV_BIAS,
+                    True,
+                )
+                rope_cache_store(
+                    acc,
+                    acc_u,
+                    offs_m,
+                    offs_c,
+                    m_mask,
+                    c_mask,
+                    Pos,
+                    Cos,
+                    Sin,
+                    Slot,
+                    Q,
+                    K_l,
+                    V_l,
+                    NH,
+                    KVH,
+                    slots,
+                    1,
+                    stride_cos,
+                    stride_cos,
+                    NQ,
+                    D,
+                    1,
+                    stride_kb,
+                    stride_kh,
+                    stride_kn,
+                    1,
+                    stride_kb,
+                    stride_kh,
+                    stride_kn,
+                    1,
+                    HALF,
+                    True,
+                )
+        grid_sync(Sync, arrived + G)
 
         # 2. attention: a chunk of slots per task; a (row, kv head)'s last chunk merges
-        _prefetch(Wo_l, pid * O_N, H, NQ, O_N, PF_Q)  # streams while attention runs
+        pf_o = pid // SPLIT_O * O_N + tl.arange(0, O_N)  # O's first tile streams meanwhile
+        prefetch_task(Wo_l, pf_o, pf_o < H, NQ, pid, SPLIT_O, BLOCK_K, PF_O)
         for t in range(pid, M * KVH * ATT_SPLITS, G):
             split = t % ATT_SPLITS
             bh = t // ATT_SPLITS
@@ -332,8 +268,8 @@ def _decode_step_kernel(
                 stride_kn,
                 1,
                 D,
-                BLOCK_D,
-                BLOCK_G,
+                max(16, D),
+                max(16, GROUP),
                 ATT_BLOCK,
                 True,
             )
@@ -364,87 +300,110 @@ def _decode_step_kernel(
                         D,
                         1,
                         D,
-                        BLOCK_D,
-                        BLOCK_S,
+                        max(16, D),
+                        max(2, ATT_SPLITS),
                     )
                 tl.store(AttCounters + bh, 0)  # ready for the next layer
-        _grid_sync(Sync, arrived + 2 * G)
+        grid_sync(Sync, arrived + 2 * G)
 
         # 3. O projection + residual
-        for t in range(pid, tl.cdiv(H, O_N), G):
-            _prefetch(Wo_l, (t + G) * O_N, H, NQ, O_N, PF_Q)
-            offs_n = t * O_N + tl.arange(0, O_N)
-            n_mask = offs_n < H
-            w_rows = Wo_l + offs_n.to(tl.int64)[:, None] * NQ
-            acc = _linear_rows(Att, NQ, w_rows, offs_m, m_mask, n_mask, NQ, O_N, BLOCK_K, PRECISION)
-            _residual_store(acc, X, offs_m, offs_n, m_mask, n_mask, H)
-        _prefetch(Wgu_l, pid * UP_N, I, H, UP_N, PF_H)
-        _prefetch(Wgu_l, I + pid * UP_N, 2 * I, H, UP_N, PF_H)
-        _grid_sync(Sync, arrived + 3 * G)
-
-        # 4. norm -> gate/up -> silu(gate) * up
-        for t in range(pid, tl.cdiv(I, UP_N), G):
-            _prefetch(Wgu_l, (t + G) * UP_N, I, H, UP_N, PF_H)
-            _prefetch(Wgu_l, I + (t + G) * UP_N, 2 * I, H, UP_N, PF_H)
-            offs_n = t * UP_N + tl.arange(0, UP_N)
-            n_mask = offs_n < I
-            acc, acc_u, ss = _norm_linear_loop(
+        for t in range(pid, O_TASKS, G):
+            residual_linear(
+                t,
                 X,
-                MlpNormW + lyr * H,
-                MlpNormW,
-                Wgu_l + offs_n.to(tl.int64)[:, None] * H,
-                Wgu_l + (I + offs_n).to(tl.int64)[:, None] * H,
+                Att,
+                Wo_l,
+                Partial,
+                SumSq,
+                Counters,
                 offs_m,
                 m_mask,
-                n_mask,
-                0,
                 H,
-                H,
-                eps,
-                H,
-                UP_N,
+                NQ,
+                O_N,
+                SPLIT_O,
                 BLOCK_K,
-                True,
-                False,
-                True,
                 PRECISION,
             )
-            acc, acc_u = _norm_linear_scale(
-                acc, acc_u, ss, Wgu, offs_n, offs_n + I, n_mask, H, eps, True, False, True
+        pf_up = pid // SPLIT_UP * UP_N + tl.arange(0, UP_N)
+        prefetch_task(Wgu_l, pf_up, pf_up < I, H, pid, SPLIT_UP, BLOCK_K, PF_UP)
+        prefetch_task(Wgu_l, I + pf_up, pf_up < I, H, pid, SPLIT_UP, BLOCK_K, PF_UP)
+        grid_sync(Sync, arrived + 3 * G)
+
+        # 4. norm -> gate/up -> silu(gate) * up
+        for t in range(pid, UP_TASKS, G):
+            offs_n = t // SPLIT_UP * UP_N + tl.arange(0, UP_N)
+            n_mask = offs_n < I
+            last, acc, acc_u, ss = norm_pair(
+                t,
+                X,
+                MlpNormW + lyr * H,
+                Wgu_l,
+                offs_n,
+                I + offs_n,
+                n_mask,
+                Partial,
+                SumSq,
+                Counters,
+                offs_m,
+                m_mask,
+                eps,
+                H,
+                2 * I,
+                UP_N,
+                SPLIT_UP,
+                BLOCK_K,
+                PRECISION,
             )
-            acc = acc / (1.0 + tl.exp(-acc)) * acc_u
-            tl.store(
-                Hmid + offs_m[:, None] * I + offs_n[None, :],
-                acc.to(Hmid.dtype.element_ty),
-                mask=m_mask[:, None] & n_mask[None, :],
-            )
-        _prefetch(Wd_l, pid * DOWN_N, H, I, DOWN_N, PF_I)
-        _grid_sync(Sync, arrived + 4 * G)
+            if last:
+                acc, acc_u = _norm_linear_scale(
+                    acc, acc_u, ss, Wgu, offs_n, offs_n + I, n_mask, H, eps, True, False, True
+                )
+                acc = acc / (1.0 + tl.exp(-acc)) * acc_u
+                tl.store(
+                    Hmid + offs_m[:, None] * I + offs_n[None, :],
+                    acc.to(Hmid.dtype.element_ty),
+                    mask=m_mask[:, None] & n_mask[None, :],
+                )
+        pf_down = pid // SPLIT_DOWN * DOWN_N + tl.arange(0, DOWN_N)
+        prefetch_task(Wd_l, pf_down, pf_down < H, I, pid, SPLIT_DOWN, BLOCK_K, PF_DOWN)
+        grid_sync(Sync, arrived + 4 * G)
 
         # 5. down projection + residual
-        for t in range(pid, tl.cdiv(H, DOWN_N), G):
-            _prefetch(Wd_l, (t + G) * DOWN_N, H, I, DOWN_N, PF_I)
-            offs_n = t * DOWN_N + tl.arange(0, DOWN_N)
-            n_mask = offs_n < H
-            w_rows = Wd_l + offs_n.to(tl.int64)[:, None] * I
-            acc = _linear_rows(
-                Hmid, I, w_rows, offs_m, m_mask, n_mask, I, DOWN_N, BLOCK_K, PRECISION
+        for t in range(pid, DOWN_TASKS, G):
+            residual_linear(
+                t,
+                X,
+                Hmid,
+                Wd_l,
+                Partial,
+                SumSq,
+                Counters,
+                offs_m,
+                m_mask,
+                H,
+                I,
+                DOWN_N,
+                SPLIT_DOWN,
+                BLOCK_K,
+                PRECISION,
             )
-            _residual_store(acc, X, offs_m, offs_n, m_mask, n_mask, H)
         if layer + 1 < num_layers:
-            _prefetch_qkv(W1 + NQKV * H, pid, H, QKV_N, HALF, D, NQKV, PF_H)
+            pf_c, c_mask, cols1, cols2 = qkv_tile(pid // SPLIT_QKV, QKV_N, HALF, D, NQKV)
+            prefetch_task(W1 + NQKV * H, cols1, c_mask, H, pid, SPLIT_QKV, BLOCK_K, PF_QKV)
+            prefetch_task(W1 + NQKV * H, cols2, c_mask, H, pid, SPLIT_QKV, BLOCK_K, PF_QKV)
         else:
-            _prefetch(LmHead, pid * LM_N, vocab, H, LM_N, PF_H)
-        _grid_sync(Sync, arrived + 5 * G)
+            pf_lm = pid * LM_N + tl.arange(0, LM_N)
+            prefetch_task(LmHead, pf_lm, pf_lm < vocab, H, pid, 1, BLOCK_K, PF_LM)
+        grid_sync(Sync, arrived + 5 * G)
 
     # final norm -> lm_head -> logits and the argmax
     lm_tasks = tl.cdiv(vocab, LM_N)
     for t in range(pid, lm_tasks, G):
-        _prefetch(LmHead, (t + G) * LM_N, vocab, H, LM_N, PF_H)
         offs_n = t * LM_N + tl.arange(0, LM_N)
         n_mask = offs_n < vocab
         w_rows = LmHead + offs_n.to(tl.int64)[:, None] * H
-        acc, _, ss = _norm_linear_loop(
+        acc, unpaired, ss = _norm_linear_loop(
             X,
             FinalNormW,
             FinalNormW,
@@ -529,52 +488,75 @@ class DecodeStepWeights:
 
 @dataclass(frozen=True)
 class DecodeStepConfig:
-    """Tiles (weight rows per task: QKV_N half-column pairs, the others rows), the attention
-    chunking, and the launch. programs 0: one per SM (1 under the interpreter). Each task's
-    whole tile is prefetched to L2 a task ahead: a tile of at most ~128 KB keeps two tiles
-    per SM well inside L2."""
+    """Tiles (weight rows per task: QKV_N half-column pairs, the others rows), each linear op's
+    K split (a tile's chunks streamed by SPLIT programs at once, reduced by the last to
+    arrive), the attention chunking, and the launch: programs_per_sm programs on each SM
+    (one under the interpreter), each with its own load pipeline."""
 
     BLOCK_K: int = 256
     QKV_N: int = 16
     O_N: int = 16
     UP_N: int = 16
     DOWN_N: int = 16
-    LM_N: int = 32
+    LM_N: int = 128
+    SPLIT_QKV: int = 1
+    SPLIT_O: int = 1
+    SPLIT_UP: int = 1
+    SPLIT_DOWN: int = 1
     ATT_SPLITS: int = 16
     ATT_BLOCK: int = 32
     num_warps: int = 4
     num_stages: int = 3
-    programs: int = 0
+    programs_per_sm: int = 1
+
+    @property
+    def max_split(self) -> int:
+        return max(self.SPLIT_QKV, self.SPLIT_O, self.SPLIT_UP, self.SPLIT_DOWN)
 
 
 def decode_step_configs() -> list[DecodeStepConfig]:
-    """The variants a benchmark or the compiler times: the default, deeper pipelines over
-    narrower K blocks, more warps, more attention chunks."""
+    """The variants a benchmark or the compiler times. On an H200 (2026-12-01, one program per
+    SM, whole tiles prefetched or not) the step streamed at 26-37% of the copy bandwidth, the
+    best with the widest tiles (gate/up 32 rows, lm_head 128): too few bytes in flight per SM.
+    Hence wide tiles, K split over several programs to keep the tasks many, and two or three
+    programs per SM."""
+    wide = DecodeStepConfig(QKV_N=32, O_N=64, UP_N=32, DOWN_N=64, SPLIT_O=4, SPLIT_DOWN=8)
+    # several programs per SM must fit its 227 KB of shared memory together: BLOCK_K 128
+    # (~72 KB a program at 3 stages, ~108 KB at 4, for lm_head's 128-row tile)
+    two = replace(wide, programs_per_sm=2, BLOCK_K=128)
     return [
         DecodeStepConfig(),
-        DecodeStepConfig(BLOCK_K=128, num_stages=4),
-        DecodeStepConfig(BLOCK_K=128, num_stages=6),
-        DecodeStepConfig(num_warps=8),
-        DecodeStepConfig(BLOCK_K=128, num_stages=4, ATT_SPLITS=32, ATT_BLOCK=16),
+        DecodeStepConfig(UP_N=32),
+        wide,
+        two,
+        replace(two, num_stages=4),
+        replace(two, SPLIT_QKV=2, SPLIT_UP=2),
+        replace(two, programs_per_sm=3),
     ]
 
 
+MAX_TILES = 4096  # split-K counters: the tiles of one op
+
+
 def new_step_counters(w: DecodeStepWeights) -> tuple[torch.Tensor, ...]:
-    """The counters a step leaves zeroed (attention arrivals, the argmax's best keys and
-    arrivals, the grid barrier), shareable by every batch's buffers: zero them once, outside
-    any graph capture, so that whichever captured step replays first finds them ready."""
+    """The counters a step leaves zeroed (split-K arrivals per tile, attention arrivals, the
+    argmax's best keys and arrivals, the grid barrier), shareable by every batch's buffers:
+    zero them once, outside any graph capture, so that whichever captured step replays
+    first finds them ready."""
     from .lm_head_argmax import new_workspace
 
     dev = w.qkv.device
+    tiles = torch.zeros(MAX_TILES, dtype=torch.int32, device=dev)
     att = torch.zeros(MAX_ROWS * w.num_kv_heads, dtype=torch.int32, device=dev)
     # the barrier's arrivals, the programs out, and the flag of a wait that timed out
-    return att, new_workspace(dev), torch.zeros(3, dtype=torch.int32, device=dev)
+    sync = torch.zeros(3, dtype=torch.int32, device=dev)
+    return tiles, att, new_workspace(dev), sync
 
 
 @dataclass
 class DecodeStepBuffers:
-    """What one step of `rows` rows writes besides the caches, allocated once per batch bucket,
-    and the counters (`new_step_counters`)."""
+    """What one step of `rows` rows writes besides the caches, allocated once per batch bucket
+    and config, and the counters (`new_step_counters`)."""
 
     x: torch.Tensor
     q: torch.Tensor
@@ -583,38 +565,57 @@ class DecodeStepBuffers:
     mid_o: torch.Tensor
     mid_m: torch.Tensor
     mid_l: torch.Tensor
+    partial: torch.Tensor  # split-K partial tiles [splits, 16, widest op], fp32
+    sumsq: torch.Tensor  # and their rows' sums of squares [tiles, splits, 16]
     logits: torch.Tensor
     ids: torch.Tensor
+    tile_counters: torch.Tensor
     att_counters: torch.Tensor
     best: torch.Tensor
     sync: torch.Tensor
 
     @staticmethod
     def allocate(
-        w: DecodeStepWeights, rows: int, att_splits: int, counters: tuple | None = None
+        w: DecodeStepWeights, rows: int, config: DecodeStepConfig, counters: tuple | None = None
     ) -> DecodeStepBuffers:
         dev, dt = w.qkv.device, w.qkv.dtype
         H, NH, D = w.embed.shape[1], w.num_heads, w.head_dim
         I = w.gate_up.shape[1] // 2  # noqa: E741
+        splits = config.ATT_SPLITS
+        widest = max(w.qkv.shape[1], 2 * I, H)
+        tiles = _most_tiles(w, config)
+        f32 = torch.float32
         new = lambda *shape, dtype=dt: torch.empty(shape, dtype=dtype, device=dev)  # noqa: E731
         return DecodeStepBuffers(
             new(rows, H),
             new(rows, NH, D),
             new(rows, NH * D),
             new(rows, I),
-            new(rows, NH, att_splits, D, dtype=torch.float32),
-            new(rows, NH, att_splits, dtype=torch.float32),
-            new(rows, NH, att_splits, dtype=torch.float32),
+            new(rows, NH, splits, D, dtype=f32),
+            new(rows, NH, splits, dtype=f32),
+            new(rows, NH, splits, dtype=f32),
+            new(config.max_split, 16, widest, dtype=f32),
+            new(tiles * config.max_split * 16, dtype=f32),
             new(rows, w.lm_head.shape[0]),
             new(rows, dtype=torch.int64),
             *(counters or new_step_counters(w)),
         )
 
 
-def _lines(on: bool, k: int, elem: int) -> int:
-    """L2 prefetch lines per weight row of k elements: the whole row (a power of two, at most
-    32 KB), or 0 when off."""
-    return min(256, triton.next_power_of_2(-(-k * elem // 128))) if on else 0
+def _most_tiles(w: DecodeStepWeights, c: DecodeStepConfig) -> int:
+    """The most tiles any linear op of the step has (each has a split-K counter)."""
+    H, I = w.embed.shape[1], w.gate_up.shape[1] // 2  # noqa: E741
+    ops = ((w.qkv.shape[1] // 2, c.QKV_N), (H, c.O_N), (I, c.UP_N), (H, c.DOWN_N))
+    return max(-(-n // tile) for n, tile in ops)
+
+
+def _lines(on: bool, k: int, split: int, block_k: int, elem: int) -> int:
+    """L2 prefetch lines per weight row for a K chunk of a k-long row split `split` ways: the
+    whole chunk (a power of two, at most 32 KB), or 0 when off."""
+    if not on:
+        return 0
+    chunk = -(-k // (split * block_k)) * block_k
+    return min(256, triton.next_power_of_2(-(-chunk * elem // 128)))
 
 
 def sm_count(device: torch.device) -> int:
@@ -632,13 +633,15 @@ def decode_step(
     v_cache: torch.Tensor,
     *,
     config: DecodeStepConfig | None = None,
-    prefetch: bool = True,
+    prefetch: bool = False,
     ids_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One greedy decode step in one launch: tokens, positions [B <= 16] (int64), slot [1]
     (the cache slot this step writes), kv_valid [B, kv_len] (bool: the slots each row may
     attend to; slots past `slot` are never read), k_cache / v_cache [L, B, KVH, slots, D]
-    (written at `slot`). Returns (logits [B, V], ids [B]): `buffers`' own, or ids_out."""
+    (written at `slot`). Returns (logits [B, V], ids [B]): `buffers`' own, or ids_out.
+    prefetch: each program asks L2 for its next task's weights before a barrier (measured
+    slower on an H200 with one program per SM, so off by default)."""
     config = config or DecodeStepConfig()
     B = tokens.shape[0]
     L, NQKV, H = w.qkv.shape
@@ -648,6 +651,8 @@ def decode_step(
     assert 1 <= B <= MAX_ROWS and buffers.x.shape[0] == B and positions.shape == (B,)
     assert NH % KVH == 0 and D % 2 == 0
     assert buffers.mid_m.shape[2] == config.ATT_SPLITS
+    assert buffers.partial.shape[0] >= config.max_split and _most_tiles(w, config) <= MAX_TILES
+    assert buffers.sumsq.numel() >= _most_tiles(w, config) * config.max_split * 16
     for t in (w.embed, w.qkv, w.o, w.gate_up, w.down, w.lm_head, w.attn_norm, w.mlp_norm):
         assert t.is_contiguous()
     assert w.o.shape == (L, H, NH * D) and w.down.shape == (L, H, I) and w.embed.shape == (V, H)
@@ -657,7 +662,7 @@ def decode_step(
     assert w.cos.stride(1) == 1 and w.sin.stride() == w.cos.stride()
     assert positions.is_contiguous() and tokens.is_contiguous()
     interpreted = is_interpreted(_decode_step_kernel)
-    programs = config.programs or (1 if interpreted else sm_count(tokens.device))
+    programs = 1 if interpreted else config.programs_per_sm * sm_count(tokens.device)
     pf = prefetch and not interpreted
     elem = w.qkv.element_size()
     bf = buffers
@@ -692,6 +697,9 @@ def decode_step(
         bf.mid_m,
         bf.mid_l,
         bf.att_counters,
+        bf.partial,
+        bf.sumsq,
+        bf.tile_counters,
         bf.logits,
         ids,
         bf.best,
@@ -721,13 +729,19 @@ def decode_step(
         UP_N=config.UP_N,
         DOWN_N=config.DOWN_N,
         LM_N=config.LM_N,
+        SPLIT_QKV=config.SPLIT_QKV,
+        SPLIT_O=config.SPLIT_O,
+        SPLIT_UP=config.SPLIT_UP,
+        SPLIT_DOWN=config.SPLIT_DOWN,
         ATT_SPLITS=config.ATT_SPLITS,
         ATT_BLOCK=config.ATT_BLOCK,
         HAS_QKV_BIAS=w.qkv_bias is not None,
         PRECISION="ieee" if w.qkv.dtype == torch.float32 else "tf32",
-        PF_H=_lines(pf, H, elem),
-        PF_Q=_lines(pf, NH * D, elem),
-        PF_I=_lines(pf, I, elem),
+        PF_QKV=_lines(pf, H, config.SPLIT_QKV, config.BLOCK_K, elem),
+        PF_O=_lines(pf, NH * D, config.SPLIT_O, config.BLOCK_K, elem),
+        PF_UP=_lines(pf, H, config.SPLIT_UP, config.BLOCK_K, elem),
+        PF_DOWN=_lines(pf, I, config.SPLIT_DOWN, config.BLOCK_K, elem),
+        PF_LM=_lines(pf, H, 1, config.BLOCK_K, elem),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **({} if interpreted else {"launch_cooperative_grid": True}),

@@ -116,26 +116,34 @@ def decode_attention_compiles(block_n, num_warps, num_stages, num_splits):
     _compile(_decode_merge_kernel, signature, constants, dict(num_warps=4))
 
 
-# the persistent decode step at Llama-1B's shapes: the default config and the deepest K block
-DECODE_STEP = [(256, 4, 3, 16), (512, 8, 3, 16), (512, 4, 2, 32)]
+# the persistent decode step at Llama-1B's shapes, every config the compiler and the bench try
+def _decode_step_configs():
+    from kernl.kernels.decode_step import decode_step_configs
+
+    return [(c,) for c in decode_step_configs()]
 
 
-def decode_step_compiles(block_k, num_warps, num_stages, up_n):
+def decode_step_compiles(config):
     from kernl.kernels.decode_step import _decode_step_kernel
 
     ptr = lambda *names, t="*bf16": dict.fromkeys(names, t)  # noqa: E731
     signature = ptr("Tokens", "Pos", "Slot", t="*i64") | ptr("KVMask", t="*i1")
     signature |= ptr("Embed", "Cos", "Sin", "AttnNormW", "Wqkv", "Bqkv", "Wo", "MlpNormW")
     signature |= ptr("Wgu", "Wd", "FinalNormW", "LmHead", "KCache", "VCache", "X", "Q", "Att")
-    signature |= ptr("Hmid", "Logits") | ptr("MidO", "MidM", "MidL", t="*fp32")
-    signature |= ptr("AttCounters", "Sync", t="*i32") | ptr("Ids", "Best", "LmCounter", t="*i64")
+    signature |= ptr("Hmid", "Logits") | ptr("MidO", "MidM", "MidL", "Partial", "SumSq", t="*fp32")
+    signature |= ptr("AttCounters", "Counters", "Sync", t="*i32")
+    signature |= ptr("Ids", "Best", "LmCounter", t="*i64")
     signature |= dict.fromkeys(("M", "num_layers", "slots", "kv_len", "vocab"), "i32")
     signature |= {"eps": "fp32", "sm_scale": "fp32", "stride_maskb": "i32", "stride_cos": "i32"}
     signature |= dict.fromkeys(("stride_kl", "stride_kb", "stride_kh", "stride_kn"), "i32")
-    constants = dict(H=2048, NH=32, KVH=8, D=64, I=8192, BLOCK_K=block_k, QKV_N=16, O_N=16)
-    constants |= dict(UP_N=up_n, DOWN_N=16, LM_N=64, ATT_SPLITS=16, ATT_BLOCK=32)
-    constants |= dict(HAS_QKV_BIAS=False, PRECISION="tf32", PF_H=32, PF_Q=32, PF_I=128)
-    options = dict(num_warps=num_warps, num_stages=num_stages, launch_cooperative_grid=True)
+    c = config
+    constants = dict(H=2048, NH=32, KVH=8, D=64, I=8192, BLOCK_K=c.BLOCK_K, QKV_N=c.QKV_N)
+    constants |= dict(O_N=c.O_N, UP_N=c.UP_N, DOWN_N=c.DOWN_N, LM_N=c.LM_N)
+    constants |= dict(SPLIT_QKV=c.SPLIT_QKV, SPLIT_O=c.SPLIT_O, SPLIT_UP=c.SPLIT_UP)
+    constants |= dict(SPLIT_DOWN=c.SPLIT_DOWN, ATT_SPLITS=c.ATT_SPLITS, ATT_BLOCK=c.ATT_BLOCK)
+    constants |= dict(HAS_QKV_BIAS=False, PRECISION="tf32", PF_QKV=32, PF_O=8, PF_UP=32)
+    constants |= dict(PF_DOWN=16, PF_LM=32)
+    options = dict(num_warps=c.num_warps, num_stages=c.num_stages, launch_cooperative_grid=True)
     aligned = [n for n, t in signature.items() if t.startswith("*")] + ["slots", "kv_len"]
     compiled = _compile(_decode_step_kernel, signature, constants, options, aligned)
     # the weight streams are asynchronous copies, pipelined: without them the kernel would
@@ -151,7 +159,7 @@ def main() -> int:
         (norm_linear_rope_compiles, NORM_LINEAR_ROPE),
         (skinny_linear_fused_compiles, SKINNY),
         (decode_attention_compiles, DECODE_ATTENTION),
-        (decode_step_compiles, DECODE_STEP),
+        (decode_step_compiles, _decode_step_configs()),
     ):
         for v in variants:
             try:

@@ -14,6 +14,7 @@ from kernl.kernels.decode_step import (
     DecodeStepConfig,
     DecodeStepWeights,
     decode_step,
+    decode_step_configs,
     decode_step_reference,
 )
 from kernl.kernels.rope_cache_write import rope_tables
@@ -69,7 +70,7 @@ def _run_steps(
     kv_valid = torch.ones(B, kv_len, dtype=torch.bool)
     kv_valid[-1, :2] = False  # the last row's prompt was left-padded
     kv_valid = kv_valid.to(device)
-    buffers = DecodeStepBuffers.allocate(w, B, config.ATT_SPLITS)
+    buffers = DecodeStepBuffers.allocate(w, B, config)
     w64 = _double(w)
     for step in range(steps):
         tokens = torch.randint(0, V, (B,), generator=g).to(device)
@@ -105,7 +106,9 @@ def _run_steps(
         clear = (top2[:, 0] - top2[:, 1]) > gap  # no near-tie the rounding may flip
         assert torch.equal(ids[clear], ref_ids[clear].to(ids.device)), step
     # left ready for the next launch
-    assert not buffers.sync.any() and not buffers.att_counters.any()  # no barrier timed out
+    # no barrier timed out, every counter is zero again
+    assert not buffers.sync.any() and not buffers.att_counters.any()
+    assert not buffers.tile_counters.any()
     assert int(buffers.best[-1]) == 0
 
 
@@ -113,11 +116,17 @@ SMALL = dict(L=2, H=64, NH=4, KVH=2, D=32, I=96, V=160)
 CONFIG = DecodeStepConfig(BLOCK_K=32, LM_N=32, ATT_SPLITS=4, ATT_BLOCK=16)
 
 
+# every linear op's K split over programs, reduced by the last split to arrive (3 does not
+# divide the K blocks: the last chunk is short or empty)
+SPLIT = replace(CONFIG, SPLIT_QKV=2, SPLIT_O=2, SPLIT_UP=3, SPLIT_DOWN=3)
+
+
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("bias", [False, True])
-def test_decode_step_matches_float64_over_steps(B, bias):
+@pytest.mark.parametrize("config", [CONFIG, SPLIT], ids=["whole-k", "split-k"])
+def test_decode_step_matches_float64_over_steps(B, bias, config):
     w = _weights(**SMALL, dtype=torch.float32, bias=bias)
-    _run_steps(w, B, slots=24, kv_len=20, first_slot=9, steps=3, dtype=torch.float32, config=CONFIG)
+    _run_steps(w, B, slots=24, kv_len=20, first_slot=9, steps=3, dtype=torch.float32, config=config)
 
 
 def test_decode_step_fp16_tiles_wider_than_the_model():
@@ -136,7 +145,7 @@ def test_decode_step_fp16_tiles_wider_than_the_model():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_decode_step_llama1b_shapes(B, dtype):
     w = _weights(L=4, H=2048, NH=32, KVH=8, D=64, I=8192, V=32000, dtype=dtype)
-    for config in (DecodeStepConfig(), DecodeStepConfig(num_warps=8)):
+    for config in decode_step_configs():
         _run_steps(w, B, 512, 512, 300, 3, dtype, config, whole_model_bound=True)
 
 
@@ -154,13 +163,13 @@ def test_gpu_decode_step_replays_from_a_cuda_graph():
     tokens = torch.tensor([5, 7], device=DEVICE)
     positions = torch.tensor([100, 90], device=DEVICE)
     slot = torch.tensor([100], device=DEVICE)
-    buffers = DecodeStepBuffers.allocate(w, B, DecodeStepConfig().ATT_SPLITS)
+    buffers = DecodeStepBuffers.allocate(w, B, DecodeStepConfig())
     decode_step(w, buffers, tokens, positions, slot, kv_valid, *caches)  # compile, warm up
     direct = [c.clone() for c in caches]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         logits, ids = decode_step(w, buffers, tokens, positions, slot, kv_valid, *caches)
-    direct_buffers = DecodeStepBuffers.allocate(w, B, DecodeStepConfig().ATT_SPLITS)
+    direct_buffers = DecodeStepBuffers.allocate(w, B, DecodeStepConfig())
     for step in range(3):
         slot.fill_(101 + step)
         positions.add_(1)

@@ -225,9 +225,7 @@ class Decoder:
         bsz = tokens.shape[0]
         buffers = self._step_buffers.get(bsz)
         if buffers is None:  # no buffer here needs initialising: allocated in a capture is fine
-            buffers = DecodeStepBuffers.allocate(
-                self._step_weights, bsz, config.ATT_SPLITS, self._step_shared
-            )
+            buffers = DecodeStepBuffers.allocate(self._step_weights, bsz, config, self._step_shared)
             self._step_buffers[bsz] = buffers
         return decode_step(
             self._step_weights,

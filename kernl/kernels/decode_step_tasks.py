@@ -1,0 +1,208 @@
+"""The tasks of the persistent decode step (decode_step.py): its grid barrier, a split-K
+task's K chunk, the residual linear ops (O, down) and the norm-folded pairs (QKV's rotary
+halves, gate and up), each reduced over its splits by the last to arrive, and the L2
+prefetch of a task's weights. Split from the kernel so that each reads in one sitting."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .norm_linear import _norm_linear_loop, _split_k_gather
+from .pdl import prefetch_rows_l2
+
+MAX_POLLS: tl.constexpr = tl.constexpr(1 << 20)  # a barrier's wait, bounded
+
+
+@triton.jit
+def grid_sync(Sync, arrivals):
+    """Arrive at the grid barrier, then wait until `arrivals` arrivals in all were counted.
+    The wait is bounded (~a second): a program that never arrives (which the cooperative
+    launch rules out) sets the flag Sync[2], every later wait of the step falls through, and
+    the step finishes wrong (the flag says so) rather than hang the process."""
+    tl.debug_barrier()  # every thread's writes precede the release below
+    tl.atomic_add(Sync, 1, sem="release", scope="gpu")
+    seen = tl.load(Sync, volatile=True)
+    flagged = tl.load(Sync + 2, volatile=True)
+    polls = 0
+    while (seen < arrivals) & (flagged == 0):
+        seen = tl.load(Sync, volatile=True)
+        flagged = tl.load(Sync + 2, volatile=True)
+        polls += 1
+        if polls == MAX_POLLS:
+            tl.atomic_max(Sync + 2, 1, sem="relaxed", scope="gpu")
+    tl.atomic_add(Sync, 0, sem="acquire", scope="gpu")  # the others' writes are visible
+    tl.debug_barrier()
+
+
+@triton.jit
+def split_task(t, SPLIT: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Task t of a split-K op: (tile, split, k_lo, k_hi); a tile's SPLIT tasks are consecutive,
+    so different programs stream its K chunks at once."""
+    KC: tl.constexpr = (K + SPLIT * BLOCK_K - 1) // (SPLIT * BLOCK_K) * BLOCK_K
+    split = t % SPLIT
+    k_lo = split * KC
+    return t // SPLIT, split, k_lo, tl.minimum(k_lo + KC, K)
+
+
+@triton.jit
+def linear_rows(X, stride_xm, w_rows, offs_m, m_mask, n_mask, k_lo, k_hi, BLOCK_N, BLOCK_K, PREC):
+    """x[:16, k_lo:k_hi] @ W[w_rows, k_lo:k_hi]^T in fp32."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        ks = k0 + offs_k
+        k_mask = ks < k_hi
+        x = tl.load(
+            X + offs_m[:, None] * stride_xm + ks[None, :],
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        w = tl.load(w_rows + ks[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def residual_linear(
+    t,
+    X,
+    In,
+    W,
+    Partial,
+    SumSq,
+    Counters,
+    offs_m,
+    m_mask,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    N_TILE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Task t of X[:, :H] += In[:, :K] @ W^T (O and down projections): its tile's K chunk,
+    reduced by the tile's last split to arrive. Each column of X is read and written by the
+    one task that finishes its tile."""
+    tile, split, k_lo, k_hi = split_task(t, SPLIT, K, BLOCK_K)
+    offs_n = tile * N_TILE + tl.arange(0, N_TILE)
+    n_mask = offs_n < H
+    w_rows = W + offs_n.to(tl.int64)[:, None] * K
+    acc = linear_rows(In, K, w_rows, offs_m, m_mask, n_mask, k_lo, k_hi, N_TILE, BLOCK_K, PREC)
+    last = True
+    if SPLIT > 1:
+        no_ss = tl.zeros([16], dtype=tl.float32)
+        last, acc, _, _ = _split_k_gather(
+            acc,
+            acc,
+            no_ss,
+            Partial,
+            SumSq,
+            Counters,
+            tile,
+            split,
+            offs_m,
+            offs_n,
+            offs_n,
+            m_mask,
+            n_mask,
+            H,
+            N_TILE,
+            SPLIT,
+            False,
+            False,
+        )
+    if last:
+        mask = m_mask[:, None] & n_mask[None, :]
+        ptrs = X + offs_m[:, None] * H + offs_n[None, :]
+        acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, acc.to(X.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def norm_pair(
+    t,
+    X,
+    NormW,
+    W,
+    rows1,
+    rows2,
+    n_mask,
+    Partial,
+    SumSq,
+    Counters,
+    offs_m,
+    m_mask,
+    eps,
+    H: tl.constexpr,
+    N_W: tl.constexpr,
+    N_TILE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Task t of RMSNorm(x) @ W[rows1]^T and @ W[rows2]^T (QKV's pair halves, gate and up):
+    (last, acc1, acc2), the sums of squares and the tile's splits gathered when last."""
+    tile, split, k_lo, k_hi = split_task(t, SPLIT, H, BLOCK_K)
+    acc, acc_u, ss = _norm_linear_loop(
+        X,
+        NormW,
+        NormW,
+        W + rows1.to(tl.int64)[:, None] * H,
+        W + rows2.to(tl.int64)[:, None] * H,
+        offs_m,
+        m_mask,
+        n_mask,
+        k_lo,
+        k_hi,
+        H,
+        eps,
+        H,
+        N_TILE,
+        BLOCK_K,
+        True,
+        False,
+        True,
+        PREC,
+    )
+    last = True
+    if SPLIT > 1:
+        last, acc, acc_u, ss = _split_k_gather(
+            acc,
+            acc_u,
+            ss,
+            Partial,
+            SumSq,
+            Counters,
+            tile,
+            split,
+            offs_m,
+            rows1,
+            rows2,
+            m_mask,
+            n_mask,
+            N_W,
+            N_TILE,
+            SPLIT,
+            True,
+            True,
+        )
+    return last, acc, acc_u, ss
+
+
+@triton.jit
+def prefetch_task(W, rows, row_mask, K: tl.constexpr, t, SPLIT: tl.constexpr, BLOCK_K, LINES):
+    """Ask L2 for task t's weights (rows [R], their K chunk): LINES 128-byte lines a row."""
+    if LINES > 0:
+        _, _, k_lo, k_hi = split_task(t, SPLIT, K, BLOCK_K)
+        w_rows = W + rows.to(tl.int64)[:, None] * K
+        prefetch_rows_l2(w_rows, row_mask, k_lo, k_hi, LINES, W.dtype.element_ty)
+
+
+@triton.jit
+def qkv_tile(tile, QKV_N: tl.constexpr, HALF: tl.constexpr, D: tl.constexpr, NQKV: tl.constexpr):
+    """QKV tile: its half-columns (head c // HALF, element c % HALF; a tile may span heads)
+    and the weight rows of both halves of each pair."""
+    offs_c = tile * QKV_N + tl.arange(0, QKV_N)
+    cols1 = (offs_c // HALF) * D + offs_c % HALF
+    return offs_c, offs_c < NQKV // 2, cols1, cols1 + HALF
