@@ -151,15 +151,16 @@ def main() -> None:
     rows = []
     for B in (1, 4, 8):
         for slots in (512, 2048):
-            variants = [(c, False) for c in decode_step_configs()]
-            variants.append((decode_step_configs()[3], True))  # what the L2 prefetch buys
-            for config, prefetch in variants:
+            variants = [(i, c, False) for i, c in enumerate(decode_step_configs())]
+            variants.append((3, decode_step_configs()[3], True))  # what the L2 prefetch buys
+            for index, config, prefetch in variants:
                 try:
                     ms = time_step(w, B, slots, config, prefetch)
                 except Exception as e:  # noqa: BLE001 - reported, the others still run
                     print(f"B={B} slots={slots} {config}: failed {type(e).__name__}: {e}"[:400])
                     continue
-                row = dict(batch=B, slots=slots, config=repr(config), prefetch=prefetch, ms=ms)
+                row = dict(batch=B, slots=slots, index=index, config=repr(config), ms=ms)
+                row["prefetch"] = prefetch
                 row["gbps"] = nbytes / ms / 1e6
                 row["tok_s_per_row"] = 1e3 / ms
                 rows.append(row)
@@ -169,7 +170,11 @@ def main() -> None:
                     f"{'PREFETCH ' if prefetch else ''}{config}",
                     flush=True,
                 )
-    # where a layer's time goes: the step over the first n layers (the stacks sliced), batch 1
+    # where a layer's time goes: the step over the first n layers (the stacks sliced), batch 1,
+    # on the config fastest at batch 1 over 512 slots
+    timed = [r for r in rows if (r["batch"], r["slots"], r["prefetch"]) == (1, 512, False)]
+    best = decode_step_configs()[min(timed, key=lambda r: r["ms"])["index"] if timed else 0]
+    print("layers diagnostic on", best, flush=True)
     for n in (2, 8):
         part = DecodeStepWeights(
             **{
@@ -180,7 +185,7 @@ def main() -> None:
         global L
         full, L = L, n
         try:
-            ms = time_step(part, 1, 512, decode_step_configs()[0])
+            ms = time_step(part, 1, 512, best)
         finally:
             L = full
         rows.append(dict(batch=1, slots=512, layers=n, ms=ms))
