@@ -269,3 +269,23 @@ def test_kernels_the_compiler_chose_that_fail_validation_fall_back_to_torch(monk
         fused,
         ["ok"],
     )
+
+
+def test_a_persistent_step_that_timed_out_fails_the_request_loudly(artifact):
+    """A barrier wait of the persistent step that timed out (another kernel held the SMs it
+    needed) flags its counters: the request raises instead of returning wrong tokens, and the
+    flag is cleared for the next one."""
+    model = kernl.runtime.load(artifact)
+    model.decoder.kernels = DecodeKernels(step="persistent")
+    ids, mask = mixed_prompts(3, [11, 4, 16])
+    if not model.decoder.persistent_fits:  # GPT-2 keeps the pieces: nothing can time out
+        model.generate(ids, mask, max_new_tokens=2)
+        return
+    model.generate(ids, mask, max_new_tokens=2)
+    model.decoder._step_shared[-1][2] = 1  # what a timed-out wait leaves
+    with pytest.raises(RuntimeError, match="timed out waiting at a grid barrier"):
+        model.generate(ids, mask, max_new_tokens=2)
+    model.generate(ids, mask, max_new_tokens=2)  # cleared: the next request runs
+    model.decoder._step_shared[-1][2] = 1
+    with pytest.raises(RuntimeError, match="timed out"):
+        list(model.stream(ids, mask, max_new_tokens=2))

@@ -218,6 +218,17 @@ class Decoder:
         )
         self._step_shared = new_step_counters(self._step_weights)
 
+    def persistent_timed_out(self) -> bool:
+        """Whether a persistent step's barrier wait timed out since the last call (its result
+        is then wrong; kernels/decode_step.py); the flag is cleared. Synchronises the host."""
+        if self._step_shared is None:
+            return False
+        flag = self._step_shared[-1][2:3]
+        if not bool(flag.item()):
+            return False
+        flag.zero_()
+        return True
+
     def _persistent_decode(self, cache, tokens, positions, slot, kv_valid, ids_out):
         from kernl.kernels.decode_step import DecodeStepBuffers, DecodeStepConfig, decode_step
 

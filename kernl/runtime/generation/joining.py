@@ -152,6 +152,7 @@ class OpenBatch:
             self._slot += 1
             self._steps += 1
         ids = self.state.out[:, first : first + n].tolist()
+        self.model._check_steps()
         return [self._emitted([(row, ids[row][j]) for row in self.rows]) for j in range(n)]
 
     def release(self, row: int) -> None:

@@ -92,7 +92,13 @@ class StepLoop:
             if plan.eos and n >= first and n % FINISHED_CHECK_EVERY == 0:
                 if bool(state.finished[: plan.batch].all()):
                     break
-        return state.out[: plan.batch, :n].to("cpu", copy=True)
+        out = state.out[: plan.batch, :n].to("cpu", copy=True)
+        self._check_steps()
+        return out
+
+    def _check_steps(self) -> None:
+        """Raise if a step of this request is known to have computed wrongly (a model whose
+        steps can tell: the persistent decode step's timed-out barrier)."""
 
     def _stream_steps(self, plan, start: Callable, output_logits: bool, skip: int = 0) -> Iterator:
         """Yield the ids of each step after the first `skip` (the state comes from `start()`,
@@ -107,6 +113,7 @@ class StepLoop:
                     if n <= skip:
                         continue
                     ids = state.tokens[: plan.batch].to("cpu", copy=True)
+                    self._check_steps()
                     yield (ids, logits[: plan.batch].float().clone()) if output_logits else ids
                     if bool(state.finished[: plan.batch].all()):
                         return
@@ -193,6 +200,16 @@ class GenerativeModel(StepLoop):
             keys += [("decode", b, k, False) for b, k in self.buckets.decode_shapes()]
             for key in keys:
                 self._step(key)
+
+    def _check_steps(self) -> None:
+        if self.decoder.persistent_timed_out():
+            raise RuntimeError(
+                "a persistent decode step timed out waiting at a grid barrier, so this "
+                "request's tokens are wrong: another kernel held SMs the step needed (two "
+                "persistent steps running at once on this GPU, from two streams or under "
+                "MPS?). Run one model's generation at a time per GPU, or compile with "
+                "decode_kernels={'step': 'pieces'}."
+            )
 
     # -- public API -------------------------------------------------------------------------
 
