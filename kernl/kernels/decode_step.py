@@ -122,6 +122,7 @@ def _decode_step_kernel(
     PF_UP: tl.constexpr,
     PF_DOWN: tl.constexpr,
     PF_LM: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -161,7 +162,7 @@ def _decode_step_kernel(
         V_l = VCache + lyr * stride_kl
 
         # 1. norm -> QKV -> rotary -> q and the cache slot
-        for t in range(pid, QKV_TASKS, G):
+        for t in tl.range(pid, QKV_TASKS, G, flatten=FLATTEN):
             offs_c, c_mask, cols1, cols2 = qkv_tile(t // SPLIT_QKV, QKV_N, HALF, D, NQKV)
             last, acc, acc_u, ss = norm_pair(
                 t,
@@ -307,7 +308,7 @@ def _decode_step_kernel(
         grid_sync(Sync, arrived + 2 * G)
 
         # 3. O projection + residual
-        for t in range(pid, O_TASKS, G):
+        for t in tl.range(pid, O_TASKS, G, flatten=FLATTEN):
             residual_linear(
                 t,
                 X,
@@ -331,7 +332,7 @@ def _decode_step_kernel(
         grid_sync(Sync, arrived + 3 * G)
 
         # 4. norm -> gate/up -> silu(gate) * up
-        for t in range(pid, UP_TASKS, G):
+        for t in tl.range(pid, UP_TASKS, G, flatten=FLATTEN):
             offs_n = t // SPLIT_UP * UP_N + tl.arange(0, UP_N)
             n_mask = offs_n < I
             last, acc, acc_u, ss = norm_pair(
@@ -370,7 +371,7 @@ def _decode_step_kernel(
         grid_sync(Sync, arrived + 4 * G)
 
         # 5. down projection + residual
-        for t in range(pid, DOWN_TASKS, G):
+        for t in tl.range(pid, DOWN_TASKS, G, flatten=FLATTEN):
             residual_linear(
                 t,
                 X,
@@ -399,7 +400,7 @@ def _decode_step_kernel(
 
     # final norm -> lm_head -> logits and the argmax
     lm_tasks = tl.cdiv(vocab, LM_N)
-    for t in range(pid, lm_tasks, G):
+    for t in tl.range(pid, lm_tasks, G, flatten=FLATTEN):
         offs_n = t * LM_N + tl.arange(0, LM_N)
         n_mask = offs_n < vocab
         w_rows = LmHead + offs_n.to(tl.int64)[:, None] * H
@@ -508,6 +509,7 @@ class DecodeStepConfig:
     num_warps: int = 4
     num_stages: int = 3
     programs_per_sm: int = 1
+    flatten: bool = False  # a linear op's task and K loops as one pipelined loop
 
     @property
     def max_split(self) -> int:
@@ -518,8 +520,8 @@ def decode_step_configs() -> list[DecodeStepConfig]:
     """The variants a benchmark or the compiler times. On an H200 (2026-12-01, one program per
     SM, whole tiles prefetched or not) the step streamed at 26-37% of the copy bandwidth, the
     best with the widest tiles (gate/up 32 rows, lm_head 128): too few bytes in flight per SM.
-    Hence wide tiles, K split over several programs to keep the tasks many, and two or three
-    programs per SM."""
+    Hence wide tiles, K split over several programs to keep the tasks many, two or three
+    programs per SM, and task loops flattened into their K loops."""
     wide = DecodeStepConfig(QKV_N=32, O_N=64, UP_N=32, DOWN_N=64, SPLIT_O=4, SPLIT_DOWN=8)
     # several programs per SM must fit its 227 KB of shared memory together: BLOCK_K 128
     # (~72 KB a program at 3 stages, ~108 KB at 4, for lm_head's 128-row tile)
@@ -532,6 +534,10 @@ def decode_step_configs() -> list[DecodeStepConfig]:
         replace(two, num_stages=4),
         replace(two, SPLIT_QKV=2, SPLIT_UP=2),
         replace(two, programs_per_sm=3),
+        # each linear op's task and K loops fused into one pipelined loop, as Triton's
+        # persistent matmul does: the weight stream does not drain between two tasks
+        replace(wide, flatten=True),
+        replace(two, flatten=True),
     ]
 
 
@@ -742,6 +748,7 @@ def decode_step(
         PF_UP=_lines(pf, H, config.SPLIT_UP, config.BLOCK_K, elem),
         PF_DOWN=_lines(pf, I, config.SPLIT_DOWN, config.BLOCK_K, elem),
         PF_LM=_lines(pf, H, 1, config.BLOCK_K, elem),
+        FLATTEN=config.flatten,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **({} if interpreted else {"launch_cooperative_grid": True}),

@@ -123,7 +123,11 @@ SPLIT = replace(CONFIG, SPLIT_QKV=2, SPLIT_O=2, SPLIT_UP=3, SPLIT_DOWN=3)
 
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("config", [CONFIG, SPLIT], ids=["whole-k", "split-k"])
+@pytest.mark.parametrize(
+    "config",
+    [CONFIG, SPLIT, replace(SPLIT, flatten=True)],
+    ids=["whole-k", "split-k", "split-k-flat"],
+)
 def test_decode_step_matches_float64_over_steps(B, bias, config):
     w = _weights(**SMALL, dtype=torch.float32, bias=bias)
     _run_steps(w, B, slots=24, kv_len=20, first_slot=9, steps=3, dtype=torch.float32, config=config)
@@ -139,14 +143,19 @@ def test_decode_step_fp16_tiles_wider_than_the_model():
     )
 
 
+# every config the compiler and the bench may run, at batch 4 in bf16; the default in fp16
+# and at batch 1 too
+GPU_CASES = [(4, torch.bfloat16, i) for i in range(len(decode_step_configs()))]
+GPU_CASES += [(1, torch.bfloat16, 0), (1, torch.float16, 0), (4, torch.float16, 0)]
+
+
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("B", [1, 4])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_decode_step_llama1b_shapes(B, dtype):
+@pytest.mark.parametrize("B, dtype, config_index", GPU_CASES)
+def test_gpu_decode_step_llama1b_shapes(B, dtype, config_index):
     w = _weights(L=4, H=2048, NH=32, KVH=8, D=64, I=8192, V=32000, dtype=dtype)
-    for config in decode_step_configs():
-        _run_steps(w, B, 512, 512, 300, 3, dtype, config, whole_model_bound=True)
+    config = decode_step_configs()[config_index]
+    _run_steps(w, B, 512, 512, 300, 3, dtype, config, whole_model_bound=True)
 
 
 @gpu
