@@ -37,7 +37,7 @@ class _FakeLoaded:
     def __init__(self, spec, cubin, device):
         self.spec, self.owner = spec, cubin.decode()
 
-    def launch(self, grid, bound, pdl: bool = False):
+    def launch(self, grid, bound, pdl: bool = False, cooperative: bool = False):
         _FakeLoaded.launches.append((self.owner, grid, bound["n"]))
 
 
