@@ -121,6 +121,45 @@ DECODE_KERNEL_CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# The persistent step's config (kernl.kernels.decode_step.DecodeStepConfig) as a manifest
+# stores it, field by field, and the values each field may take: the reader checks them here,
+# without importing the kernel.
+_POW2 = lambda lo, hi: lambda v: lo <= v <= hi and v & (v - 1) == 0  # noqa: E731
+_RANGE = lambda lo, hi: lambda v: lo <= v <= hi  # noqa: E731
+STEP_CONFIG_FIELDS: dict[str, Any] = {
+    "BLOCK_K": _POW2(16, 1024),
+    "QKV_N": _POW2(16, 256),
+    "O_N": _POW2(16, 256),
+    "UP_N": _POW2(16, 256),
+    "DOWN_N": _POW2(16, 256),
+    "LM_N": _POW2(16, 512),
+    "SPLIT_QKV": _RANGE(1, 32),
+    "SPLIT_O": _RANGE(1, 32),
+    "SPLIT_UP": _RANGE(1, 32),
+    "SPLIT_DOWN": _RANGE(1, 32),
+    "ATT_SPLITS": _POW2(1, 128),
+    "ATT_BLOCK": _POW2(16, 256),
+    "num_warps": _POW2(1, 16),
+    "num_stages": _RANGE(1, 8),
+    "programs_per_sm": _RANGE(1, 8),
+    "flatten": _RANGE(0, 1),
+}
+
+
+def check_step_config(pairs: tuple) -> None:
+    """ValueError unless `pairs` ((name, int), ...) names each field of STEP_CONFIG_FIELDS at
+    most once, with a value it allows (a bool for flatten)."""
+    seen = set()
+    for pair in pairs:
+        if not isinstance(pair, tuple) or len(pair) != 2:
+            raise ValueError(f"DecodeKernels.step_config holds {pair!r}, not a (name, value)")
+        name, value = pair
+        ok = name in STEP_CONFIG_FIELDS and name not in seen and isinstance(value, int)
+        if not ok or not STEP_CONFIG_FIELDS[name](int(value)):
+            raise ValueError(f"DecodeKernels.step_config: {name!r}={value!r} is not allowed")
+        seen.add(name)
+
+
 # The kernels whose launch config the compiler tunes per decode batch (<= 16 rows), and the
 # call sites of a decode step they run at (generation/decoder.py).
 DECODE_TILE_KERNELS: dict[str, tuple[str, ...]] = {
@@ -196,7 +235,8 @@ class DecodeKernels:
     step: "pieces" (the pieces above, one kernel or more each) or "persistent" (the whole step
     of a Llama-family decoder in one persistent kernel, kernl.kernels.decode_step, for
     batches of <= 16 rows; the pieces still serve what it does not). Manifests written before
-    it existed read as "pieces".
+    it existed read as "pieces". step_config: the persistent step's launch config the
+    compiler measured best, as (field, value) pairs of DecodeStepConfig (empty: its default).
     tiles: the launch configs the compiler measured best per decode batch (`DecodeTile`;
     decode attention's per cache length too); a kernel with no tile for its batch and site
     (and cache length) runs its default config.
@@ -213,6 +253,7 @@ class DecodeKernels:
     rope: str = "torch"
     lm_head: str = "torch"
     step: str = "pieces"
+    step_config: tuple[tuple[str, int], ...] = ()
     tiles: tuple[DecodeTile, ...] = ()
     pdl: bool = False
     prefetch: bool = False
@@ -225,6 +266,12 @@ class DecodeKernels:
             raise ValueError("DecodeKernels.pdl and .prefetch must be bools")
         if self.prefetch and not self.pdl:
             raise ValueError("DecodeKernels.prefetch needs pdl (it runs before the PDL wait)")
+        if isinstance(self.step_config, list):  # as a manifest or a user's dict holds it
+            pairs = tuple(tuple(p) if isinstance(p, list) else p for p in self.step_config)
+            object.__setattr__(self, "step_config", pairs)
+        if not isinstance(self.step_config, tuple) or len(self.step_config) > 32:
+            raise ValueError("DecodeKernels.step_config must be a tuple of (name, value) pairs")
+        check_step_config(self.step_config)
         if not isinstance(self.tiles, tuple) or len(self.tiles) > 1024:
             raise ValueError("DecodeKernels.tiles must be a tuple of at most 1024 DecodeTile")
         seen = set()
@@ -240,6 +287,8 @@ class DecodeKernels:
     def describe(self) -> str:
         pieces = " ".join(f"{name}={getattr(self, name)}" for name in DECODE_KERNEL_CHOICES)
         flags = [f for f in ("pdl", "prefetch") if getattr(self, f)]
+        if self.step_config:
+            flags.append("step_config=" + ",".join(f"{k}={v}" for k, v in self.step_config))
         if self.tiles:
             flags.append(f"tiles={len(self.tiles)}")
         return " ".join([pieces, *flags])

@@ -33,7 +33,7 @@ is already met when reached); the GPU tests run the real grid."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import triton
@@ -539,6 +539,19 @@ def decode_step_configs() -> list[DecodeStepConfig]:
         replace(wide, flatten=True),
         replace(two, flatten=True),
     ]
+
+
+def config_pairs(config: DecodeStepConfig) -> tuple[tuple[str, int], ...]:
+    """A config as an artifact stores it (DecodeKernels.step_config): (field, int) pairs."""
+    return tuple((f.name, int(getattr(config, f.name))) for f in fields(config))
+
+
+def config_from_pairs(pairs: tuple) -> DecodeStepConfig:
+    """The config of stored pairs (the reader checked them); empty: the default."""
+    values = dict(pairs)
+    if "flatten" in values:
+        values["flatten"] = bool(values["flatten"])
+    return DecodeStepConfig(**values)
 
 
 MAX_TILES = 4096  # split-K counters: the tiles of one op

@@ -12,6 +12,7 @@ import torch
 import kernl.compiler
 import kernl.runtime
 from kernl.artifacts.generation import DecodeKernels
+from kernl.kernels.decode_step import config_pairs, decode_step_configs
 
 from .tiny_models import mixed_prompts, tiny_model
 
@@ -32,8 +33,10 @@ VARIANTS = [
     DecodeKernels(norm="fused", rope="fused"),
     DecodeKernels(rope="fused"),  # without the folded norm: rope_cache_write
     DecodeKernels(attention="triton", norm="fused", linear="fused", rope="fused", lm_head="triton"),
-    # the whole step in one persistent kernel (the Llama family; GPT-2 keeps the pieces)
+    # the whole step in one persistent kernel (the Llama family; GPT-2 keeps the pieces), on
+    # its default config and on split K tiles flattened into their tasks' loops
     DecodeKernels(step="persistent"),
+    DecodeKernels(step="persistent", step_config=config_pairs(decode_step_configs()[-1])),
 ]
 NEW = 12
 
@@ -117,6 +120,53 @@ def test_forced_decode_kernels_are_stored_and_served(tmp_path):
     assert (out_logits - ref_logits).abs().max() < 1e-4 * max(1.0, ref_logits.abs().max())
 
 
+def test_a_forced_persistent_step_config_is_stored_and_served(tmp_path):
+    """decode_kernels may name the persistent step's config, as the manifest stores it: the
+    loaded decoder runs that config (split K, flattened loops) and computes the torch step."""
+    from kernl.compiler.tasks.causal_lm import compile_causal_lm
+
+    pairs = [["SPLIT_O", 2], ["SPLIT_DOWN", 3], ["BLOCK_K", 32], ["flatten", 1]]
+    forced = {"step": "persistent", "step_config": pairs}
+    compile_causal_lm(
+        tiny_model("llama3"),
+        "batch=4 prompt=16 cache=32",
+        tmp_path / "lm.kernl",
+        dtype="fp32",
+        device="cpu",
+        decode_kernels=forced,
+    )
+    model = kernl.runtime.load(tmp_path / "lm.kernl")
+    stored = model.manifest.extra["decode_kernels"]
+    assert stored["step"] == "persistent" and [list(p) for p in stored["step_config"]] == pairs
+    assert model.decoder.kernels.step_config == tuple(map(tuple, pairs))
+    ids, mask = mixed_prompts(3, [11, 4, 16])
+    out_ids, out_logits = _steps(model, ids, mask)
+    assert {key[1].SPLIT_DOWN for key in model.decoder._step_buffers} == {3}  # that config ran
+    model.decoder.kernels = DecodeKernels()
+    ref_ids, ref_logits = _steps(model, ids, mask)
+    assert torch.equal(out_ids, ref_ids)
+    assert (out_logits - ref_logits).abs().max() < 1e-4 * max(1.0, ref_logits.abs().max())
+
+
+def test_a_step_config_the_kernel_does_not_take_is_refused():
+    with pytest.raises(ValueError, match="step_config"):
+        DecodeKernels(step="persistent", step_config=(("BLOCK_K", 48),))
+    with pytest.raises(ValueError, match="step_config"):
+        DecodeKernels.from_dict({"step_config": [["__class__", 1]]})
+
+
+def test_the_stored_step_config_names_every_field_of_the_kernel_config():
+    from dataclasses import fields
+
+    from kernl.artifacts.generation import STEP_CONFIG_FIELDS
+    from kernl.kernels.decode_step import DecodeStepConfig, config_from_pairs
+
+    assert [f.name for f in fields(DecodeStepConfig)] == list(STEP_CONFIG_FIELDS)
+    for config in decode_step_configs():  # every config the compiler tries can be stored
+        k = DecodeKernels(step="persistent", step_config=config_pairs(config))
+        assert config_from_pairs(k.step_config) == config
+
+
 def test_choice_keeps_an_alternative_only_when_measurably_faster(artifact):
     from kernl.compiler.tasks.causal_lm.decode_kernels import choose_decode_kernels
 
@@ -135,6 +185,9 @@ def test_choice_keeps_an_alternative_only_when_measurably_faster(artifact):
         ms -= 0.3 if k.rope != "torch" else 0.0  # kept (triton; fused is no faster)
         ms -= 0.01 if k.lm_head == "triton" else 0.0  # within MIN_GAIN: not kept
         ms += 1.0 if k.step == "persistent" else 0.0  # slower: not kept
+        if k.step_config:  # one of its configs fails to launch here: reported, not kept
+            if dict(k.step_config)["programs_per_sm"] == 3:
+                raise RuntimeError("cooperative launch too large")
         return ms
 
     chosen, timings = choose_decode_kernels(model, said.append, step_ms=fake_ms)
@@ -169,8 +222,8 @@ def test_choice_keeps_an_alternative_only_when_measurably_faster(artifact):
         ("triton", t, mlp, "fused", "fused", t),  # as fast as triton: not kept
         ("triton", t, mlp, "fused", "triton", "triton"),
     ]
-    if gated:  # the persistent step serves the Llama family only
-        expected.append(("triton", t, mlp, "fused", "triton", t))
+    if gated:  # the persistent step serves the Llama family only: each of its configs
+        expected += [("triton", t, mlp, "fused", "triton", t)] * len(decode_step_configs())
     expected += [
         # then every piece on kernl's most fused kernel at once, in case they only pay together
         ("triton", "fused", "triton" if gated else t, "fused", "fused", "triton"),
@@ -178,6 +231,8 @@ def test_choice_keeps_an_alternative_only_when_measurably_faster(artifact):
     assert k == expected
     assert "failed (RuntimeError: no kernel for this shape)" in timings[3].describe()
     assert len(said) == len(timings)
+    failed = [t for t in timings if "cooperative launch too large" in t.describe()]
+    assert len(failed) == (1 if gated else 0)
 
 
 def test_step_timing_and_binary_recording_run_on_the_cpu(artifact):

@@ -169,7 +169,7 @@ class Decoder:
         )
         self._step_weights = None  # the persistent step's stacked view of the weights
         self._step_shared: tuple | None = None  # its counters, zeroed once, self-resetting
-        self._step_buffers: dict[int, object] = {}  # its per-batch buffers
+        self._step_buffers: dict[tuple, object] = {}  # its buffers per batch and config
         self.kernels = kernels or DecodeKernels()
 
     @property
@@ -230,14 +230,15 @@ class Decoder:
         return True
 
     def _persistent_decode(self, cache, tokens, positions, slot, kv_valid, ids_out):
-        from kernl.kernels.decode_step import DecodeStepBuffers, DecodeStepConfig, decode_step
+        from kernl.kernels.decode_step import DecodeStepBuffers, config_from_pairs, decode_step
 
-        config = DecodeStepConfig()
+        config = config_from_pairs(self.kernels.step_config)
         bsz = tokens.shape[0]
-        buffers = self._step_buffers.get(bsz)
+        buffers = self._step_buffers.get((bsz, config))
         if buffers is None:  # no buffer here needs initialising: allocated in a capture is fine
-            buffers = DecodeStepBuffers.allocate(self._step_weights, bsz, config, self._step_shared)
-            self._step_buffers[bsz] = buffers
+            w, shared = self._step_weights, self._step_shared
+            buffers = DecodeStepBuffers.allocate(w, bsz, config, shared)
+            self._step_buffers[(bsz, config)] = buffers
         return decode_step(
             self._step_weights,
             buffers,
