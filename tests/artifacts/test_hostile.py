@@ -803,6 +803,28 @@ GEN_CASES = {
         "decode_kernels",
         M,
     ),
+    "a persistent step config with a field the kernel does not have": Case(
+        lambda r, o: edit_extra(
+            r,
+            lambda e: e.__setitem__(
+                "decode_kernels", {"step": "persistent", "step_config": [["__init__", 1]]}
+            ),
+        ),
+        ArtifactCorruptError,
+        "step_config",
+        M,
+    ),
+    "a persistent step config out of range": Case(
+        lambda r, o: edit_extra(
+            r,
+            lambda e: e.__setitem__(
+                "decode_kernels", {"step": "persistent", "step_config": [["programs_per_sm", 99]]}
+            ),
+        ),
+        ArtifactCorruptError,
+        "step_config",
+        M,
+    ),
     "an attention tile for a kv length with no bucket": Case(
         _attention_tile(48), ArtifactCorruptError, "a tile for a 48-slot cache", M
     ),
