@@ -40,7 +40,14 @@ import triton
 import triton.language as tl
 
 from .decode_attention import decode_attention_chunk, decode_attention_merge
-from .decode_step_tasks import grid_sync, norm_pair, prefetch_task, qkv_tile, residual_linear
+from .decode_step_tasks import (
+    grid_sync,
+    norm_pair,
+    now_ns,
+    prefetch_task,
+    qkv_tile,
+    residual_linear,
+)
 from .launch import is_interpreted, launch_kernel
 from .lm_head_argmax import lm_head_argmax_finish
 from .norm_linear import _norm_linear_loop, _norm_linear_scale
@@ -85,6 +92,7 @@ def _decode_step_kernel(
     Best,
     LmCounter,
     Sync,
+    Trace,
     M,
     num_layers,
     slots,
@@ -123,9 +131,14 @@ def _decode_step_kernel(
     PF_DOWN: tl.constexpr,
     PF_LM: tl.constexpr,
     FLATTEN: tl.constexpr,
+    TRACE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     G = tl.num_programs(0)
+    # with TRACE: this program's [barriers + 1, 2] times (the last row: its start and end)
+    Tr = Trace + pid.to(tl.int64) * (2 + num_layers * 10 + 2)
+    if TRACE:
+        tl.store(Tr + (1 + num_layers * 5) * 2, now_ns(pid))
     HALF: tl.constexpr = D // 2
     GROUP: tl.constexpr = NH // KVH
     NQ: tl.constexpr = NH * D  # the attention output's width, the O projection's K
@@ -147,7 +160,7 @@ def _decode_step_kernel(
         mask = m_mask[:, None] & (ks < H)[None, :]
         e = tl.load(Embed + tok[:, None] * H + ks[None, :], mask=mask, other=0.0)
         tl.store(X + offs_m[:, None] * H + ks[None, :], e, mask=mask)
-    grid_sync(Sync, G)
+    grid_sync(Sync, G, Tr, 0, TRACE)
 
     n_valid = tl.minimum(tl.load(Slot).to(tl.int32) + 1, kv_len)  # slots [0, slot] are read
     chunk = tl.cdiv(tl.cdiv(n_valid, ATT_SPLITS), ATT_BLOCK) * ATT_BLOCK
@@ -234,7 +247,7 @@ def _decode_step_kernel(
                     HALF,
                     True,
                 )
-        grid_sync(Sync, arrived + G)
+        grid_sync(Sync, arrived + G, Tr, 1 + layer * 5 + 0, TRACE)
 
         # 2. attention: a chunk of slots per task; a (row, kv head)'s last chunk merges
         pf_o = pid // SPLIT_O * O_N + tl.arange(0, O_N)  # O's first tile streams meanwhile
@@ -305,7 +318,7 @@ def _decode_step_kernel(
                         max(2, ATT_SPLITS),
                     )
                 tl.store(AttCounters + bh, 0)  # ready for the next layer
-        grid_sync(Sync, arrived + 2 * G)
+        grid_sync(Sync, arrived + 2 * G, Tr, 1 + layer * 5 + 1, TRACE)
 
         # 3. O projection + residual
         for t in tl.range(pid, O_TASKS, G, flatten=FLATTEN):
@@ -329,7 +342,7 @@ def _decode_step_kernel(
         pf_up = pid // SPLIT_UP * UP_N + tl.arange(0, UP_N)
         prefetch_task(Wgu_l, pf_up, pf_up < I, H, pid, SPLIT_UP, BLOCK_K, PF_UP)
         prefetch_task(Wgu_l, I + pf_up, pf_up < I, H, pid, SPLIT_UP, BLOCK_K, PF_UP)
-        grid_sync(Sync, arrived + 3 * G)
+        grid_sync(Sync, arrived + 3 * G, Tr, 1 + layer * 5 + 2, TRACE)
 
         # 4. norm -> gate/up -> silu(gate) * up
         for t in tl.range(pid, UP_TASKS, G, flatten=FLATTEN):
@@ -368,7 +381,7 @@ def _decode_step_kernel(
                 )
         pf_down = pid // SPLIT_DOWN * DOWN_N + tl.arange(0, DOWN_N)
         prefetch_task(Wd_l, pf_down, pf_down < H, I, pid, SPLIT_DOWN, BLOCK_K, PF_DOWN)
-        grid_sync(Sync, arrived + 4 * G)
+        grid_sync(Sync, arrived + 4 * G, Tr, 1 + layer * 5 + 3, TRACE)
 
         # 5. down projection + residual
         for t in tl.range(pid, DOWN_TASKS, G, flatten=FLATTEN):
@@ -396,7 +409,7 @@ def _decode_step_kernel(
         else:
             pf_lm = pid * LM_N + tl.arange(0, LM_N)
             prefetch_task(LmHead, pf_lm, pf_lm < vocab, H, pid, 1, BLOCK_K, PF_LM)
-        grid_sync(Sync, arrived + 5 * G)
+        grid_sync(Sync, arrived + 5 * G, Tr, 1 + layer * 5 + 4, TRACE)
 
     # final norm -> lm_head -> logits and the argmax
     lm_tasks = tl.cdiv(vocab, LM_N)
@@ -445,6 +458,8 @@ def _decode_step_kernel(
             True,
         )
 
+    if TRACE:
+        tl.store(Tr + (1 + num_layers * 5) * 2 + 1, now_ns(pid))
     # the last program out resets the barrier for the next step (all others are past it)
     tl.debug_barrier()
     left = tl.atomic_add(Sync + 1, 1, sem="acq_rel", scope="gpu")
@@ -637,6 +652,12 @@ def _lines(on: bool, k: int, split: int, block_k: int, elem: int) -> int:
     return min(256, triton.next_power_of_2(-(-chunk * elem // 128)))
 
 
+def trace_shape(layers: int, programs: int) -> tuple[int, int, int]:
+    """decode_step's `trace`: per program, the arrival and departure times of each of the
+    1 + 5 * layers barriers, then its start and end times."""
+    return (programs, 2 + 5 * layers, 2)
+
+
 def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -654,13 +675,17 @@ def decode_step(
     config: DecodeStepConfig | None = None,
     prefetch: bool = False,
     ids_out: torch.Tensor | None = None,
+    trace: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One greedy decode step in one launch: tokens, positions [B <= 16] (int64), slot [1]
     (the cache slot this step writes), kv_valid [B, kv_len] (bool: the slots each row may
     attend to; slots past `slot` are never read), k_cache / v_cache [L, B, KVH, slots, D]
     (written at `slot`). Returns (logits [B, V], ids [B]): `buffers`' own, or ids_out.
     prefetch: each program asks L2 for its next task's weights before a barrier (measured
-    slower on an H200 with one program per SM, so off by default)."""
+    slower on an H200 with one program per SM, so off by default). trace: an int64 tensor of
+    `trace_shape(...)` that takes each program's times (ns) of arrival at and departure from
+    every barrier, and of its start and end (a diagnostic: benchmarks/bench_decode_step.py;
+    not under the interpreter)."""
     config = config or DecodeStepConfig()
     B = tokens.shape[0]
     L, NQKV, H = w.qkv.shape
@@ -687,6 +712,9 @@ def decode_step(
     bf = buffers
     ids = bf.ids if ids_out is None else ids_out
     assert ids.shape == (B,) and ids.dtype == torch.int64
+    if trace is not None:
+        assert not interpreted and trace.dtype == torch.int64
+        assert trace.shape == trace_shape(L, programs) and trace.is_contiguous()
     launch_kernel(
         _decode_step_kernel,
         (programs,),
@@ -724,6 +752,7 @@ def decode_step(
         bf.best,
         bf.best[MAX_ROWS:],
         bf.sync,
+        trace if trace is not None else bf.sync,
         B,
         L,
         k_cache.shape[3],
@@ -762,6 +791,7 @@ def decode_step(
         PF_DOWN=_lines(pf, I, config.SPLIT_DOWN, config.BLOCK_K, elem),
         PF_LM=_lines(pf, H, 1, config.BLOCK_K, elem),
         FLATTEN=config.flatten,
+        TRACE=trace is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **({} if interpreted else {"launch_cooperative_grid": True}),

@@ -15,11 +15,22 @@ MAX_POLLS: tl.constexpr = tl.constexpr(1 << 20)  # a barrier's wait, bounded
 
 
 @triton.jit
-def grid_sync(Sync, arrivals):
+def now_ns(x):
+    """The GPU's global timer, in ns (x: any scalar, to give the result its shape)."""
+    return tl.inline_asm_elementwise(
+        "mov.u64 $0, %globaltimer;", "=l,r", [x], dtype=tl.int64, is_pure=False, pack=1
+    )
+
+
+@triton.jit
+def grid_sync(Sync, arrivals, Trace, barrier, TRACE: tl.constexpr):
     """Arrive at the grid barrier, then wait until `arrivals` arrivals in all were counted.
     The wait is bounded (~a second): a program that never arrives (which the cooperative
     launch rules out) sets the flag Sync[2], every later wait of the step falls through, and
-    the step finishes wrong (the flag says so) rather than hang the process."""
+    the step finishes wrong (the flag says so) rather than hang the process. With TRACE, the
+    program's times of arrival and of leaving go to Trace[program, barrier, 0:2]."""
+    if TRACE:
+        tl.store(Trace + barrier * 2, now_ns(barrier))
     tl.debug_barrier()  # every thread's writes precede the release below
     tl.atomic_add(Sync, 1, sem="release", scope="gpu")
     seen = tl.load(Sync, volatile=True)
@@ -33,6 +44,8 @@ def grid_sync(Sync, arrivals):
             tl.atomic_max(Sync + 2, 1, sem="relaxed", scope="gpu")
     tl.atomic_add(Sync, 0, sem="acquire", scope="gpu")  # the others' writes are visible
     tl.debug_barrier()
+    if TRACE:
+        tl.store(Trace + barrier * 2 + 1, now_ns(barrier))
 
 
 @triton.jit

@@ -120,10 +120,10 @@ def decode_attention_compiles(block_n, num_warps, num_stages, num_splits):
 def _decode_step_configs():
     from kernl.kernels.decode_step import decode_step_configs
 
-    return [(c,) for c in decode_step_configs()]
+    return [(c, False) for c in decode_step_configs()] + [(decode_step_configs()[0], True)]
 
 
-def decode_step_compiles(config):
+def decode_step_compiles(config, trace):
     from kernl.kernels.decode_step import _decode_step_kernel
 
     ptr = lambda *names, t="*bf16": dict.fromkeys(names, t)  # noqa: E731
@@ -132,7 +132,7 @@ def decode_step_compiles(config):
     signature |= ptr("Wgu", "Wd", "FinalNormW", "LmHead", "KCache", "VCache", "X", "Q", "Att")
     signature |= ptr("Hmid", "Logits") | ptr("MidO", "MidM", "MidL", "Partial", "SumSq", t="*fp32")
     signature |= ptr("AttCounters", "Counters", "Sync", t="*i32")
-    signature |= ptr("Ids", "Best", "LmCounter", t="*i64")
+    signature |= ptr("Ids", "Best", "LmCounter", "Trace", t="*i64")
     signature |= dict.fromkeys(("M", "num_layers", "slots", "kv_len", "vocab"), "i32")
     signature |= {"eps": "fp32", "sm_scale": "fp32", "stride_maskb": "i32", "stride_cos": "i32"}
     signature |= dict.fromkeys(("stride_kl", "stride_kb", "stride_kh", "stride_kn"), "i32")
@@ -142,7 +142,7 @@ def decode_step_compiles(config):
     constants |= dict(SPLIT_QKV=c.SPLIT_QKV, SPLIT_O=c.SPLIT_O, SPLIT_UP=c.SPLIT_UP)
     constants |= dict(SPLIT_DOWN=c.SPLIT_DOWN, ATT_SPLITS=c.ATT_SPLITS, ATT_BLOCK=c.ATT_BLOCK)
     constants |= dict(HAS_QKV_BIAS=False, PRECISION="tf32", PF_QKV=32, PF_O=8, PF_UP=32)
-    constants |= dict(PF_DOWN=16, PF_LM=32, FLATTEN=c.flatten)
+    constants |= dict(PF_DOWN=16, PF_LM=32, FLATTEN=c.flatten, TRACE=trace)
     options = dict(num_warps=c.num_warps, num_stages=c.num_stages, launch_cooperative_grid=True)
     aligned = [n for n, t in signature.items() if t.startswith("*")] + ["slots", "kv_len"]
     compiled = _compile(_decode_step_kernel, signature, constants, options, aligned)
