@@ -29,6 +29,8 @@ from kernl.kernels.decode_step import (  # noqa: E402
     decode_step,
     decode_step_configs,
     decode_step_reference,
+    sm_count,
+    trace_shape,
 )
 from kernl.kernels.rope_cache_write import rope_tables  # noqa: E402
 
@@ -133,6 +135,45 @@ def time_step(w, B: int, slots: int, config, prefetch: bool = False) -> float:
     return statistics.median(times)
 
 
+OPS = ("qkv", "attention", "o", "gate_up", "down")
+
+
+def trace_report(w, B: int, slots: int, config) -> dict:
+    """Where one step's time goes, from the kernel's own barrier timestamps: per op kind, the
+    mean over layers of its span (one barrier's opening to the next's), of its slowest
+    program's work, of the barrier's latency (last arrival to first departure) and of a
+    program's work; then lm_head (the last opening to the last program's end)."""
+    tokens, positions, slot, kv_valid, k, v = inputs(B, slots)
+    buffers = DecodeStepBuffers.allocate(w, B, config)
+    programs = config.programs_per_sm * sm_count(torch.device(DEV))
+    trace = torch.zeros(trace_shape(L, programs), dtype=torch.int64, device=DEV)
+    for _ in range(3):  # the last run's times stay
+        decode_step(w, buffers, tokens, positions, slot, kv_valid, k, v, config=config, trace=trace)
+    torch.cuda.synchronize()
+    return summarize(trace.cpu())
+
+
+def summarize(trace: torch.Tensor) -> dict:
+    """trace_report's figures from a trace [programs, barriers + 1, 2] in ns."""
+    t = trace.double() / 1e3  # µs
+    arrive, leave = t[:, :-1, 0], t[:, :-1, 1]
+    start, end = t[:, -1, 0], t[:, -1, 1]
+    opened = leave.min(0).values  # each barrier's first departure
+    before = torch.cat([start.min().reshape(1), opened[:-1]])
+    prev_leave = torch.cat([start[:, None], leave[:, :-1]], 1)
+    rows = {
+        "span": opened - before,
+        "slowest_work": arrive.max(0).values - before,
+        "barrier": opened - arrive.max(0).values,
+        "mean_work": (arrive - prev_leave).mean(0),
+    }
+    report = {"step_us": float(end.max() - start.min()), "embed": float(rows["span"][0])}
+    for i, op in enumerate(OPS):
+        report[op] = {name: float(r[1 + i :: 5].mean()) for name, r in rows.items()}
+    report["lm_head"] = float(end.max() - opened[-1])
+    return report
+
+
 def main() -> None:
     out = os.environ.get("OUT", ".")
     w = weights()
@@ -190,8 +231,23 @@ def main() -> None:
             L = full
         rows.append(dict(batch=1, slots=512, layers=n, ms=ms))
         print(f"B=1 slots=512 first {n} layers: {ms * 1e3:7.1f} us", flush=True)
+    traces = {}
+    for name, config in (("default", decode_step_configs()[0]), ("fastest", best)):
+        try:
+            traces[name] = trace_report(w, 1, 512, config)
+        except Exception as e:  # noqa: BLE001 - reported
+            print(f"trace {name} failed: {type(e).__name__}: {e}"[:300])
+            continue
+        r = traces[name]
+        print(
+            f"trace B=1 slots=512 {name}: step {r['step_us']:.0f} us, embed {r['embed']:.1f},"
+            f" lm_head {r['lm_head']:.1f}",
+            flush=True,
+        )
+        for op in OPS:
+            print(f"  {op:9s} " + "  ".join(f"{k} {v:6.1f}" for k, v in r[op].items()), flush=True)
     with open(os.path.join(out, "bench_decode_step.json"), "w") as f:
-        json.dump({"info": info, "checks": checks, "rows": rows}, f, indent=1)
+        json.dump({"info": info, "checks": checks, "rows": rows, "traces": traces}, f, indent=1)
 
 
 if __name__ == "__main__":
