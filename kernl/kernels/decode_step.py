@@ -556,6 +556,14 @@ def decode_step_configs() -> list[DecodeStepConfig]:
     ]
 
 
+def decode_step_choice_configs() -> list[DecodeStepConfig]:
+    """The few configs the compiler times (each one more build of the whole step per batch
+    specialisation): the default, the wide split tiles, and those flattened two per SM.
+    benchmarks/bench_decode_step.py times them all; keep here the ones that win there."""
+    configs = decode_step_configs()
+    return [configs[0], configs[2], configs[-1]]
+
+
 def config_pairs(config: DecodeStepConfig) -> tuple[tuple[str, int], ...]:
     """A config as an artifact stores it (DecodeKernels.step_config): (field, int) pairs."""
     return tuple((f.name, int(getattr(config, f.name))) for f in fields(config))

@@ -162,13 +162,13 @@ def choose_decode_kernels(
 
 
 def _fastest_step_config(base: DecodeKernels, timed, timings: list) -> DecodeTiming:
-    """The persistent step on each config of `decode_step_configs()`, every one timed and
-    reported (a config that cannot run here, e.g. too many programs per SM, fails alone):
-    the fastest, or the first failure if none ran."""
-    from kernl.kernels.decode_step import config_pairs, decode_step_configs
+    """The persistent step on each config of `decode_step_choice_configs()`, every one timed
+    and reported (a config that cannot run here, e.g. too many programs per SM, fails
+    alone): the fastest, or the first failure if none ran."""
+    from kernl.kernels.decode_step import config_pairs, decode_step_choice_configs
 
     fastest = None
-    for config in decode_step_configs():
+    for config in decode_step_choice_configs():
         k = dataclasses.replace(base, step="persistent", step_config=config_pairs(config))
         t = timed(k)
         timings.append(t)
