@@ -348,3 +348,7 @@ def test_a_persistent_step_that_timed_out_fails_the_request_loudly(artifact):
     model.decoder._step_shared[-1][2] = 1
     with pytest.raises(RuntimeError, match="timed out"):
         list(model.stream(ids, mask, max_new_tokens=2))
+    model.decoder._step_shared[-1][2] = 1  # a batch that others join (what kernl serve runs)
+    with model.open_batch([[5, 6, 7]], max_new_tokens=4) as batch:
+        with pytest.raises(RuntimeError, match="timed out"):
+            batch.steps(2)
