@@ -9,6 +9,7 @@
 # On a machine with several GPUs, `--` splits the stages into chains that run side by side,
 # chain i on GPU i (each stage still alone on its GPU, so timings stay comparable):
 #   bash benchmarks/device_run.sh start tests gen -- bert seq2seq serving
+# The stages run from a copy of the tree in $RUN/tree, which later calls do not touch.
 # Each `start`/`wait` returns after at most WAIT seconds (default 540) with every log and
 # JSON so far copied to $OUT and the last lines of each log printed; call `wait` again
 # within the machine's idle time until it prints "all stages done".
@@ -114,7 +115,12 @@ case "${1:-}" in
       python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
       date -u
     } >"$RUN/device.log" 2>&1
-    setsid nohup bash "$0" stages "$@" >>"$RUN/stages.log" 2>&1 </dev/null &
+    # The stages run from a copy of this tree: the device tool re-sends the working tree (and
+    # the carried paths) at each call, so a later `wait` call could swap files under a stage
+    # that is running (a stage once found its script missing).
+    rm -rf "$RUN/tree" && mkdir -p "$RUN/tree" && cp -r . "$RUN/tree/"
+    (cd "$RUN/tree" && setsid nohup bash benchmarks/device_run.sh stages "$@" \
+      >>"$RUN/stages.log" 2>&1 </dev/null &)
     wait_for_job
     ;;
   stages)
