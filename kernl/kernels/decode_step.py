@@ -552,7 +552,10 @@ def decode_step_configs() -> list[DecodeStepConfig]:
         # each linear op's task and K loops fused into one pipelined loop, as Triton's
         # persistent matmul does: the weight stream does not drain between two tasks
         replace(wide, flatten=True),
+        replace(wide, flatten=True, BLOCK_K=128, num_stages=5),
         replace(two, flatten=True),
+        # four programs per SM, each a shallow pipeline over narrow K blocks
+        replace(two, programs_per_sm=4, BLOCK_K=64, flatten=True),
     ]
 
 
@@ -561,7 +564,7 @@ def decode_step_choice_configs() -> list[DecodeStepConfig]:
     specialisation): the default, the wide split tiles, and those flattened two per SM.
     benchmarks/bench_decode_step.py times them all; keep here the ones that win there."""
     configs = decode_step_configs()
-    return [configs[0], configs[2], configs[-1]]
+    return [configs[0], configs[2], configs[9]]
 
 
 def config_pairs(config: DecodeStepConfig) -> tuple[tuple[str, int], ...]:
