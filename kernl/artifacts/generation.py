@@ -143,6 +143,7 @@ STEP_CONFIG_FIELDS: dict[str, Any] = {
     "num_stages": _RANGE(1, 8),
     "programs_per_sm": _RANGE(1, 8),
     "flatten": _RANGE(0, 1),
+    "o_waits_group": _RANGE(0, 1),
 }
 
 

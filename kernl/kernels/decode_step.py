@@ -92,6 +92,7 @@ def _decode_step_kernel(
     Best,
     LmCounter,
     Sync,
+    GroupReady,
     Trace,
     M,
     num_layers,
@@ -131,6 +132,7 @@ def _decode_step_kernel(
     PF_DOWN: tl.constexpr,
     PF_LM: tl.constexpr,
     FLATTEN: tl.constexpr,
+    O_WAITS_GROUP: tl.constexpr,
     TRACE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -318,7 +320,11 @@ def _decode_step_kernel(
                         max(2, ATT_SPLITS),
                     )
                 tl.store(AttCounters + bh, 0)  # ready for the next layer
-        grid_sync(Sync, arrived + 2 * G, Tr, 1 + layer * 5 + 1, TRACE)
+                if O_WAITS_GROUP:  # this row's heads of group h_kv are merged
+                    tl.debug_barrier()
+                    tl.atomic_add(GroupReady + h_kv, 1, sem="release", scope="gpu")
+        # with O_WAITS_GROUP the O tasks wait for their kv group's merges instead
+        grid_sync(Sync, arrived + 2 * G, Tr, 1 + layer * 5 + 1, TRACE, not O_WAITS_GROUP)
 
         # 3. O projection + residual
         for t in tl.range(pid, O_TASKS, G, flatten=FLATTEN):
@@ -338,6 +344,10 @@ def _decode_step_kernel(
                 SPLIT_O,
                 BLOCK_K,
                 PRECISION,
+                GroupReady,
+                (layer + 1) * M,
+                Sync,
+                O_WAITS_GROUP,
             )
         pf_up = pid // SPLIT_UP * UP_N + tl.arange(0, UP_N)
         prefetch_task(Wgu_l, pf_up, pf_up < I, H, pid, SPLIT_UP, BLOCK_K, PF_UP)
@@ -401,6 +411,10 @@ def _decode_step_kernel(
                 SPLIT_DOWN,
                 BLOCK_K,
                 PRECISION,
+                GroupReady,
+                0,
+                Sync,
+                False,
             )
         if layer + 1 < num_layers:
             pf_c, c_mask, cols1, cols2 = qkv_tile(pid // SPLIT_QKV, QKV_N, HALF, D, NQKV)
@@ -466,6 +480,8 @@ def _decode_step_kernel(
     if left == G - 1:
         tl.store(Sync, 0)
         tl.store(Sync + 1, 0)
+        for g in tl.static_range(KVH):
+            tl.store(GroupReady + g, 0)
 
 
 # -- host side -----------------------------------------------------------------------------
@@ -525,6 +541,9 @@ class DecodeStepConfig:
     num_stages: int = 3
     programs_per_sm: int = 1
     flatten: bool = False  # a linear op's task and K loops as one pipelined loop
+    # no barrier between attention and O: an O task waits for its K chunk's kv group only
+    # (needs SPLIT_O == the kv heads, each chunk one group's heads, whole K blocks)
+    o_waits_group: bool = False
 
     @property
     def max_split(self) -> int:
@@ -556,6 +575,8 @@ def decode_step_configs() -> list[DecodeStepConfig]:
         replace(two, flatten=True),
         # four programs per SM, each a shallow pipeline over narrow K blocks
         replace(two, programs_per_sm=4, BLOCK_K=64, flatten=True),
+        # no barrier between attention and O (Llama-1B's 8 kv groups: one O split each)
+        replace(two, SPLIT_O=8, o_waits_group=True),
     ]
 
 
@@ -575,8 +596,9 @@ def config_pairs(config: DecodeStepConfig) -> tuple[tuple[str, int], ...]:
 def config_from_pairs(pairs: tuple) -> DecodeStepConfig:
     """The config of stored pairs (the reader checked them); empty: the default."""
     values = dict(pairs)
-    if "flatten" in values:
-        values["flatten"] = bool(values["flatten"])
+    for flag in ("flatten", "o_waits_group"):
+        if flag in values:
+            values[flag] = bool(values[flag])
     return DecodeStepConfig(**values)
 
 
@@ -593,8 +615,9 @@ def new_step_counters(w: DecodeStepWeights) -> tuple[torch.Tensor, ...]:
     dev = w.qkv.device
     tiles = torch.zeros(MAX_TILES, dtype=torch.int32, device=dev)
     att = torch.zeros(MAX_ROWS * w.num_kv_heads, dtype=torch.int32, device=dev)
-    # the barrier's arrivals, the programs out, and the flag of a wait that timed out
-    sync = torch.zeros(3, dtype=torch.int32, device=dev)
+    # the barrier's arrivals, the programs out, the flag of a wait that timed out, and each kv
+    # group's merged rows (o_waits_group)
+    sync = torch.zeros(3 + w.num_kv_heads, dtype=torch.int32, device=dev)
     return tiles, att, new_workspace(dev), sync
 
 
@@ -723,6 +746,10 @@ def decode_step(
     bf = buffers
     ids = bf.ids if ids_out is None else ids_out
     assert ids.shape == (B,) and ids.dtype == torch.int64
+    if config.o_waits_group:
+        chunk = -(-NH * D // (config.SPLIT_O * config.BLOCK_K)) * config.BLOCK_K
+        assert config.SPLIT_O == KVH and chunk == NH // KVH * D, "o_waits_group: see its doc"
+    assert buffers.sync.numel() == 3 + KVH
     if trace is not None:
         assert not interpreted and trace.dtype == torch.int64
         assert trace.shape == trace_shape(L, programs) and trace.is_contiguous()
@@ -763,6 +790,7 @@ def decode_step(
         bf.best,
         bf.best[MAX_ROWS:],
         bf.sync,
+        bf.sync[3:],
         trace if trace is not None else bf.sync,
         B,
         L,
@@ -802,6 +830,7 @@ def decode_step(
         PF_DOWN=_lines(pf, I, config.SPLIT_DOWN, config.BLOCK_K, elem),
         PF_LM=_lines(pf, H, 1, config.BLOCK_K, elem),
         FLATTEN=config.flatten,
+        O_WAITS_GROUP=config.o_waits_group,
         TRACE=trace is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,

@@ -23,27 +23,35 @@ def now_ns(x):
 
 
 @triton.jit
-def grid_sync(Sync, arrivals, Trace, barrier, TRACE: tl.constexpr):
-    """Arrive at the grid barrier, then wait until `arrivals` arrivals in all were counted.
-    The wait is bounded (~a second): a program that never arrives (which the cooperative
-    launch rules out) sets the flag Sync[2], every later wait of the step falls through, and
-    the step finishes wrong (the flag says so) rather than hang the process. With TRACE, the
-    program's times of arrival and of leaving go to Trace[program, barrier, 0:2]."""
-    if TRACE:
-        tl.store(Trace + barrier * 2, now_ns(barrier))
-    tl.debug_barrier()  # every thread's writes precede the release below
-    tl.atomic_add(Sync, 1, sem="release", scope="gpu")
-    seen = tl.load(Sync, volatile=True)
+def wait_until(Count, target, Sync):
+    """Wait until *Count >= target (acquire: what was written before the counts is visible
+    after). Bounded (~a second): a count that never comes (which the cooperative launch
+    rules out) sets the flag Sync[2], every later wait of the step falls through, and the
+    step finishes wrong (the flag says so) rather than hang the process."""
+    seen = tl.load(Count, volatile=True)
     flagged = tl.load(Sync + 2, volatile=True)
     polls = 0
-    while (seen < arrivals) & (flagged == 0):
-        seen = tl.load(Sync, volatile=True)
+    while (seen < target) & (flagged == 0):
+        seen = tl.load(Count, volatile=True)
         flagged = tl.load(Sync + 2, volatile=True)
         polls += 1
         if polls == MAX_POLLS:
             tl.atomic_max(Sync + 2, 1, sem="relaxed", scope="gpu")
-    tl.atomic_add(Sync, 0, sem="acquire", scope="gpu")  # the others' writes are visible
+    tl.atomic_add(Count, 0, sem="acquire", scope="gpu")  # the others' writes are visible
     tl.debug_barrier()
+
+
+@triton.jit
+def grid_sync(Sync, arrivals, Trace, barrier, TRACE: tl.constexpr, WAIT: tl.constexpr = True):
+    """Arrive at the grid barrier, then (WAIT) wait until `arrivals` arrivals in all were
+    counted (`wait_until`). With TRACE, the program's times of arrival and of leaving go to
+    Trace[program, barrier, 0:2]."""
+    if TRACE:
+        tl.store(Trace + barrier * 2, now_ns(barrier))
+    tl.debug_barrier()  # every thread's writes precede the release below
+    tl.atomic_add(Sync, 1, sem="release", scope="gpu")
+    if WAIT:
+        wait_until(Sync, arrivals, Sync)
     if TRACE:
         tl.store(Trace + barrier * 2 + 1, now_ns(barrier))
 
@@ -93,11 +101,19 @@ def residual_linear(
     SPLIT: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PREC: tl.constexpr,
+    Ready,
+    ready_target,
+    Sync,
+    WAIT_READY: tl.constexpr,
 ):
     """Task t of X[:, :H] += In[:, :K] @ W^T (O and down projections): its tile's K chunk,
     reduced by the tile's last split to arrive. Each column of X is read and written by the
-    one task that finishes its tile."""
+    one task that finishes its tile. WAIT_READY: first wait until Ready[split] counts
+    ready_target (the O projection's chunk split is one kv group's heads, which that group's
+    attention merges announce there)."""
     tile, split, k_lo, k_hi = split_task(t, SPLIT, K, BLOCK_K)
+    if WAIT_READY:
+        wait_until(Ready + split, ready_target, Sync)
     offs_n = tile * N_TILE + tl.arange(0, N_TILE)
     n_mask = offs_n < H
     w_rows = W + offs_n.to(tl.int64)[:, None] * K

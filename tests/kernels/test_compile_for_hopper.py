@@ -131,7 +131,7 @@ def decode_step_compiles(config, trace):
     signature |= ptr("Embed", "Cos", "Sin", "AttnNormW", "Wqkv", "Bqkv", "Wo", "MlpNormW")
     signature |= ptr("Wgu", "Wd", "FinalNormW", "LmHead", "KCache", "VCache", "X", "Q", "Att")
     signature |= ptr("Hmid", "Logits") | ptr("MidO", "MidM", "MidL", "Partial", "SumSq", t="*fp32")
-    signature |= ptr("AttCounters", "Counters", "Sync", t="*i32")
+    signature |= ptr("AttCounters", "Counters", "Sync", "GroupReady", t="*i32")
     signature |= ptr("Ids", "Best", "LmCounter", "Trace", t="*i64")
     signature |= dict.fromkeys(("M", "num_layers", "slots", "kv_len", "vocab"), "i32")
     signature |= {"eps": "fp32", "sm_scale": "fp32", "stride_maskb": "i32", "stride_cos": "i32"}

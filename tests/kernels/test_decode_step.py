@@ -125,8 +125,8 @@ SPLIT = replace(CONFIG, SPLIT_QKV=2, SPLIT_O=2, SPLIT_UP=3, SPLIT_DOWN=3)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize(
     "config",
-    [CONFIG, SPLIT, replace(SPLIT, flatten=True)],
-    ids=["whole-k", "split-k", "split-k-flat"],
+    [CONFIG, SPLIT, replace(SPLIT, flatten=True), replace(SPLIT, o_waits_group=True)],
+    ids=["whole-k", "split-k", "split-k-flat", "o-waits-group"],
 )
 def test_decode_step_matches_float64_over_steps(B, bias, config):
     w = _weights(**SMALL, dtype=torch.float32, bias=bias)
