@@ -13,6 +13,7 @@ import kernl.compiler
 import kernl.runtime
 from kernl.artifacts.generation import DecodeKernels
 from kernl.kernels.decode_step import (
+    DecodeStepConfig,
     config_pairs,
     decode_step_choice_configs,
     decode_step_configs,
@@ -40,7 +41,14 @@ VARIANTS = [
     # the whole step in one persistent kernel (the Llama family; GPT-2 keeps the pieces), on
     # its default config and on split K tiles flattened into their tasks' loops
     DecodeKernels(step="persistent"),
-    DecodeKernels(step="persistent", step_config=config_pairs(decode_step_configs()[-1])),
+    DecodeKernels(
+        step="persistent",
+        step_config=config_pairs(
+            DecodeStepConfig(
+                QKV_N=32, O_N=64, UP_N=32, DOWN_N=64, SPLIT_O=4, SPLIT_DOWN=8, flatten=True
+            )
+        ),
+    ),
 ]
 NEW = 12
 
