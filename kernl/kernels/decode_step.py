@@ -554,8 +554,9 @@ def decode_step_configs() -> list[DecodeStepConfig]:
     """The variants a benchmark or the compiler times. On an H200 (2026-12-01, one program per
     SM, whole tiles prefetched or not) the step streamed at 26-37% of the copy bandwidth, the
     best with the widest tiles (gate/up 32 rows, lm_head 128): too few bytes in flight per SM.
-    Hence wide tiles, K split over several programs to keep the tasks many, two or three
-    programs per SM, and task loops flattened into their K loops."""
+    Hence wide tiles, K split over several programs to keep the tasks many, two to four
+    programs per SM, task loops flattened into their K loops, and one barrier a layer fewer
+    (o_waits_group; the last config, for Llama-1B's 8 kv groups)."""
     wide = DecodeStepConfig(QKV_N=32, O_N=64, UP_N=32, DOWN_N=64, SPLIT_O=4, SPLIT_DOWN=8)
     # several programs per SM must fit its 227 KB of shared memory together: BLOCK_K 128
     # (~72 KB a program at 3 stages, ~108 KB at 4, for lm_head's 128-row tile)
