@@ -84,6 +84,12 @@ FORCED["fused_rope"] = {**FORCED["fused"], "rope": "fused"}
 FORCED["persistent"] = {"step": "persistent"}
 
 
+def _does_not_fit(error: str) -> bool:
+    """A cooperative launch the GPU cannot hold at once (CUDA's words, as Triton's launcher or
+    kernl's binaries report them)."""
+    return "cooperative" in error.lower() or "too many blocks" in error.lower()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", list(FORCED))
 def test_triton_decode_kernels_run_from_binaries_and_match_torch(tmp_path, variant):
@@ -106,7 +112,10 @@ def test_triton_decode_kernels_run_from_binaries_and_match_torch(tmp_path, varia
     assert bool(pdl_keys) == bool(forced.get("pdl")), keys  # (a sampling step's norm: plain)
     # the automatic choice times every alternative and keeps a loadable artifact
     auto = compile_causal_lm(hf, buckets, tmp_path / "auto.kernl", dtype="bf16", device="cuda")
-    assert len(auto.decode_timings) >= 10 and all(t.error is None for t in auto.decode_timings)
+    # (a persistent-step config with more programs per SM than this GPU can hold at once is
+    # refused by the cooperative launch: reported, and legitimately not timed)
+    errors = [t.error for t in auto.decode_timings if t.error and not _does_not_fit(t.error)]
+    assert len(auto.decode_timings) >= 10 and not errors, errors
     # the fused kernels' tiles were tuned per decode batch, every config checked and timed
     assert auto.tile_timings and all(t.error is None for t in auto.tile_timings)
     assert {t.batch for t in auto.tile_timings} == {1, 4}
