@@ -155,17 +155,14 @@ class Decoder:
         self._counters: torch.Tensor | None = None  # split-K arrivals, self-resetting
         self._workspace: torch.Tensor | None = None  # lm_head_argmax's, self-resetting
         # The whole step in one kernel (step "persistent") serves the Llama family: RMSNorm
-        # and no bias but QKV's, rotary, a gated SiLU MLP.
+        # (norm_folds: no norm bias), no bias but QKV's, rotary, a gated SiLU MLP.
         self.persistent_fits = (
             spec.norm == "rms"
+            and self.norm_folds
+            and self.final_norm_b is None
             and spec.positions == "rope"
             and self.gated_silu_without_bias
-            and self.final_norm_b is None
-            and all(
-                lw.attn_norm_b is None and lw.mlp_norm_b is None and lw.o_b is None
-                for lw in self.layers
-            )
-            and all(lw.down_b is None for lw in self.layers)
+            and all(lw.o_b is None and lw.down_b is None for lw in self.layers)
         )
         self._step_weights = None  # the persistent step's stacked view of the weights
         self._step_shared: tuple | None = None  # its counters, zeroed once, self-resetting
