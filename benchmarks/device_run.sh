@@ -39,6 +39,8 @@
 #   persist the persistent decode step's GPU tests, the kernels it shares and its serving path
 #           (forced, from binaries, in a graph), each run bounded
 #   step    the persistent decode step's configs at Llama-1B shapes (benchmarks/bench_decode_step.py)
+#   stream  how fast a persistent grid streams decode weights, by loop shape
+#           (benchmarks/bench_stream_linear.py)
 #   lft     fresh-process load -> first token of a 12-entry Llama-1B artifact
 #           (benchmarks/bench_load_first_token.py; also for the tree in .old when present)
 #   profserve where the host's CPU goes in kernl's in-process encoder request path, by
@@ -74,6 +76,7 @@ stage() {
       "tests/generation/test_gpu_generation.py::test_triton_decode_kernels_run_from_binaries_and_match_torch[persistent]" \
       tests/kernels/test_pdl.py tests/kernels/test_decode_attention.py tests/kernels/test_lm_head_argmax.py ;;
     step) OUT=$RUN timeout 600 python3 benchmarks/bench_decode_step.py ;;
+    stream) OUT=$RUN timeout 480 python3 benchmarks/bench_stream_linear.py ;;
     lft) # fresh-process load -> first token; .old (a `git archive` of an earlier kernl/), if
       # carried in the snapshot, is timed in the same run
       timeout 480 python3 benchmarks/bench_load_first_token.py "$RUN/lft" --runs 5 \
