@@ -42,15 +42,18 @@ import triton.language as tl
 from .decode_attention import decode_attention_chunk, decode_attention_merge
 from .decode_step_tasks import (
     grid_sync,
+    linear_rows,
     norm_pair,
     now_ns,
     prefetch_task,
     qkv_tile,
     residual_linear,
+    row_sumsq,
+    store_normed,
 )
 from .launch import is_interpreted, launch_kernel
 from .lm_head_argmax import lm_head_argmax_finish
-from .norm_linear import _norm_linear_loop, _norm_linear_scale
+from .norm_linear import _norm_linear_scale
 from .rope_cache_write import rope_cache_store
 
 MAX_ROWS = 16
@@ -77,6 +80,7 @@ def _decode_step_kernel(
     KCache,
     VCache,
     X,
+    Xn,
     Q,
     Att,
     Hmid,
@@ -149,6 +153,9 @@ def _decode_step_kernel(
     O_TASKS: tl.constexpr = (H + O_N - 1) // O_N * SPLIT_O
     UP_TASKS: tl.constexpr = (I + UP_N - 1) // UP_N * SPLIT_UP
     DOWN_TASKS: tl.constexpr = (H + DOWN_N - 1) // DOWN_N * SPLIT_DOWN
+    # the sums of squares of x's rows come in parts, one per tile of the op that wrote x
+    PARTS_O: tl.constexpr = (H + O_N - 1) // O_N
+    PARTS_DOWN: tl.constexpr = (H + DOWN_N - 1) // DOWN_N
     offs_m = tl.arange(0, 16)
     m_mask = offs_m < M
 
@@ -157,11 +164,12 @@ def _decode_step_kernel(
     prefetch_task(Wqkv, cols1, c_mask, H, pid, SPLIT_QKV, BLOCK_K, PF_QKV)
     prefetch_task(Wqkv, cols2, c_mask, H, pid, SPLIT_QKV, BLOCK_K, PF_QKV)
     tok = tl.load(Tokens + offs_m, mask=m_mask, other=0).to(tl.int64)
-    for c in range(pid, tl.cdiv(H, BLOCK_K), G):
-        ks = c * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask = m_mask[:, None] & (ks < H)[None, :]
-        e = tl.load(Embed + tok[:, None] * H + ks[None, :], mask=mask, other=0.0)
-        tl.store(X + offs_m[:, None] * H + ks[None, :], e, mask=mask)
+    for c in range(pid, tl.cdiv(H, DOWN_N), G):  # the tiles of the down projection's (PARTS)
+        cols = c * DOWN_N + tl.arange(0, DOWN_N)
+        mask = m_mask[:, None] & (cols < H)[None, :]
+        e = tl.load(Embed + tok[:, None] * H + cols[None, :], mask=mask, other=0.0)
+        tl.store(X + offs_m[:, None] * H + cols[None, :], e, mask=mask)
+        store_normed(e.to(tl.float32), AttnNormW, Xn, SumSq, c, offs_m, cols, m_mask, cols < H, H)
     grid_sync(Sync, G, Tr, 0, TRACE)
 
     n_valid = tl.minimum(tl.load(Slot).to(tl.int32) + 1, kv_len)  # slots [0, slot] are read
@@ -181,8 +189,7 @@ def _decode_step_kernel(
             offs_c, c_mask, cols1, cols2 = qkv_tile(t // SPLIT_QKV, QKV_N, HALF, D, NQKV)
             last, acc, acc_u, ss = norm_pair(
                 t,
-                X,
-                AttnNormW + lyr * H,
+                Xn,
                 W1,
                 cols1,
                 cols2,
@@ -192,13 +199,13 @@ def _decode_step_kernel(
                 Counters,
                 offs_m,
                 m_mask,
-                eps,
                 H,
                 NQKV,
                 QKV_N,
                 SPLIT_QKV,
                 BLOCK_K,
                 PRECISION,
+                PARTS_DOWN,
             )
             if last:
                 acc, acc_u = _norm_linear_scale(
@@ -348,6 +355,8 @@ def _decode_step_kernel(
                 (layer + 1) * M,
                 Sync,
                 O_WAITS_GROUP,
+                Xn,
+                MlpNormW + lyr * H,
             )
         pf_up = pid // SPLIT_UP * UP_N + tl.arange(0, UP_N)
         prefetch_task(Wgu_l, pf_up, pf_up < I, H, pid, SPLIT_UP, BLOCK_K, PF_UP)
@@ -360,8 +369,7 @@ def _decode_step_kernel(
             n_mask = offs_n < I
             last, acc, acc_u, ss = norm_pair(
                 t,
-                X,
-                MlpNormW + lyr * H,
+                Xn,
                 Wgu_l,
                 offs_n,
                 I + offs_n,
@@ -371,13 +379,13 @@ def _decode_step_kernel(
                 Counters,
                 offs_m,
                 m_mask,
-                eps,
                 H,
                 2 * I,
                 UP_N,
                 SPLIT_UP,
                 BLOCK_K,
                 PRECISION,
+                PARTS_O,
             )
             if last:
                 acc, acc_u = _norm_linear_scale(
@@ -393,7 +401,10 @@ def _decode_step_kernel(
         prefetch_task(Wd_l, pf_down, pf_down < H, I, pid, SPLIT_DOWN, BLOCK_K, PF_DOWN)
         grid_sync(Sync, arrived + 4 * G, Tr, 1 + layer * 5 + 3, TRACE)
 
-        # 5. down projection + residual
+        # 5. down projection + residual (x normed for the next layer's QKV, or for lm_head)
+        next_norm = FinalNormW
+        if layer + 1 < num_layers:
+            next_norm = AttnNormW + (lyr + 1) * H
         for t in tl.range(pid, DOWN_TASKS, G, flatten=FLATTEN):
             residual_linear(
                 t,
@@ -415,6 +426,8 @@ def _decode_step_kernel(
                 0,
                 Sync,
                 False,
+                Xn,
+                next_norm,
             )
         if layer + 1 < num_layers:
             pf_c, c_mask, cols1, cols2 = qkv_tile(pid // SPLIT_QKV, QKV_N, HALF, D, NQKV)
@@ -431,26 +444,9 @@ def _decode_step_kernel(
         offs_n = t * LM_N + tl.arange(0, LM_N)
         n_mask = offs_n < vocab
         w_rows = LmHead + offs_n.to(tl.int64)[:, None] * H
-        acc, unpaired, ss = _norm_linear_loop(
-            X,
-            FinalNormW,
-            FinalNormW,
-            w_rows,
-            w_rows,
-            offs_m,
-            m_mask,
-            n_mask,
-            0,
-            H,
-            H,
-            eps,
-            H,
-            LM_N,
-            BLOCK_K,
-            True,
-            False,
-            False,
-            PRECISION,
+        ss = row_sumsq(SumSq, offs_m, PARTS_DOWN)
+        acc, _ = linear_rows(
+            Xn, H, w_rows, w_rows, offs_m, m_mask, n_mask, 0, H, LM_N, BLOCK_K, PRECISION
         )
         lm_head_argmax_finish(
             acc,
@@ -551,42 +547,45 @@ class DecodeStepConfig:
 
 
 def decode_step_configs() -> list[DecodeStepConfig]:
-    """The variants a benchmark or the compiler times. On an H200 (2026-12-01, one program per
-    SM, whole tiles prefetched or not) the step streamed at 26-37% of the copy bandwidth, the
-    best with the widest tiles (gate/up 32 rows, lm_head 128): too few bytes in flight per SM.
-    Hence wide tiles, K split over several programs to keep the tasks many, two to four
-    programs per SM, task loops flattened into their K loops, and one barrier a layer fewer
-    (o_waits_group; the last config, for Llama-1B's 8 kv groups)."""
+    """The variants a benchmark or the compiler times. On an H200 (2026-12-01) the step first
+    streamed at 26-37% of the copy bandwidth. A bench of the weight stream alone
+    (benchmarks/bench_stream_linear.py) found one program per SM enough for ~3.5 TB/s with a
+    barrier a layer (4.3 without), when its loop only loads and multiplies: the RMSNorm once
+    folded into each K block had halved it. The norm is now folded by whoever writes x
+    (decode_step_tasks.store_normed). Hence: one program per SM, 64- to 128-row tiles, K
+    blocks of 256 (3 stages) or 128 (4), QKV split or not, the task loops flattened into their
+    K loops or not, one barrier a layer fewer (o_waits_group, for Llama-1B's 8 kv groups),
+    and two programs per SM for comparison."""
     wide = DecodeStepConfig(QKV_N=32, O_N=64, UP_N=32, DOWN_N=64, SPLIT_O=4, SPLIT_DOWN=8)
-    # several programs per SM must fit its 227 KB of shared memory together: BLOCK_K 128
-    # (~72 KB a program at 3 stages, ~108 KB at 4, for lm_head's 128-row tile)
+    deep = replace(wide, BLOCK_K=128, num_stages=4)
+    # two programs per SM must fit its 227 KB of shared memory together: BLOCK_K 128
     two = replace(wide, programs_per_sm=2, BLOCK_K=128)
     return [
         DecodeStepConfig(),
         DecodeStepConfig(UP_N=32),
         wide,
+        deep,
+        replace(deep, UP_N=64),
+        replace(wide, SPLIT_QKV=2),
+        replace(deep, UP_N=64, SPLIT_QKV=2),
+        replace(deep, SPLIT_DOWN=16),
         two,
-        replace(two, num_stages=4),
-        replace(two, SPLIT_QKV=2, SPLIT_UP=2),
-        replace(two, programs_per_sm=3),
         # each linear op's task and K loops fused into one pipelined loop, as Triton's
         # persistent matmul does: the weight stream does not drain between two tasks
         replace(wide, flatten=True),
-        replace(wide, flatten=True, BLOCK_K=128, num_stages=5),
         replace(two, flatten=True),
-        # four programs per SM, each a shallow pipeline over narrow K blocks
-        replace(two, programs_per_sm=4, BLOCK_K=64, flatten=True),
         # no barrier between attention and O (Llama-1B's 8 kv groups: one O split each)
-        replace(two, SPLIT_O=8, o_waits_group=True),
+        replace(wide, SPLIT_O=8, o_waits_group=True),
     ]
 
 
 def decode_step_choice_configs() -> list[DecodeStepConfig]:
     """The few configs the compiler times (each one more build of the whole step per batch
-    specialisation): the default, the wide split tiles, and those flattened two per SM.
-    benchmarks/bench_decode_step.py times them all; keep here the ones that win there."""
+    specialisation). benchmarks/bench_decode_step.py times them all; keep here the ones that
+    win there (the wide tiles were the fastest on an H200, 2026-12-01, before the norm moved
+    out of the loops)."""
     configs = decode_step_configs()
-    return [configs[0], configs[2], configs[9]]
+    return [configs[2], configs[3], configs[4]]
 
 
 def config_pairs(config: DecodeStepConfig) -> tuple[tuple[str, int], ...]:
@@ -628,6 +627,7 @@ class DecodeStepBuffers:
     and config, and the counters (`new_step_counters`)."""
 
     x: torch.Tensor
+    xn: torch.Tensor  # x * the next RMSNorm's weight (decode_step_tasks.store_normed)
     q: torch.Tensor
     att: torch.Tensor
     h: torch.Tensor
@@ -635,7 +635,7 @@ class DecodeStepBuffers:
     mid_m: torch.Tensor
     mid_l: torch.Tensor
     partial: torch.Tensor  # split-K partial tiles [splits, 16, widest op], fp32
-    sumsq: torch.Tensor  # and their rows' sums of squares [tiles, splits, 16]
+    sumsq: torch.Tensor  # x's rows' sums of squares, a part per tile of x's writer [tiles, 16]
     logits: torch.Tensor
     ids: torch.Tensor
     tile_counters: torch.Tensor
@@ -657,6 +657,7 @@ class DecodeStepBuffers:
         new = lambda *shape, dtype=dt: torch.empty(shape, dtype=dtype, device=dev)  # noqa: E731
         return DecodeStepBuffers(
             new(rows, H),
+            new(rows, H),
             new(rows, NH, D),
             new(rows, NH * D),
             new(rows, I),
@@ -664,7 +665,7 @@ class DecodeStepBuffers:
             new(rows, NH, splits, dtype=f32),
             new(rows, NH, splits, dtype=f32),
             new(config.max_split, 16, widest, dtype=f32),
-            new(tiles * config.max_split * 16, dtype=f32),
+            new(tiles * 16, dtype=f32),
             new(rows, w.lm_head.shape[0]),
             new(rows, dtype=torch.int64),
             *(counters or new_step_counters(w)),
@@ -731,7 +732,9 @@ def decode_step(
     assert NH % KVH == 0 and D % 2 == 0
     assert buffers.mid_m.shape[2] == config.ATT_SPLITS
     assert buffers.partial.shape[0] >= config.max_split and _most_tiles(w, config) <= MAX_TILES
-    assert buffers.sumsq.numel() >= _most_tiles(w, config) * config.max_split * 16
+    assert (
+        buffers.sumsq.numel() >= _most_tiles(w, config) * 16 and buffers.xn.shape == buffers.x.shape
+    )
     for t in (w.embed, w.qkv, w.o, w.gate_up, w.down, w.lm_head, w.attn_norm, w.mlp_norm):
         assert t.is_contiguous()
     assert w.o.shape == (L, H, NH * D) and w.down.shape == (L, H, I) and w.embed.shape == (V, H)
@@ -776,6 +779,7 @@ def decode_step(
         k_cache,
         v_cache,
         bf.x,
+        bf.xn,
         bf.q,
         bf.att,
         bf.h,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .norm_linear import _norm_linear_loop, _split_k_gather
+from .norm_linear import _split_k_gather
 from .pdl import prefetch_rows_l2
 
 MAX_POLLS: tl.constexpr = tl.constexpr(1 << 20)  # a barrier's wait, bounded
@@ -67,10 +67,17 @@ def split_task(t, SPLIT: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def linear_rows(X, stride_xm, w_rows, offs_m, m_mask, n_mask, k_lo, k_hi, BLOCK_N, BLOCK_K, PREC):
-    """x[:16, k_lo:k_hi] @ W[w_rows, k_lo:k_hi]^T in fp32."""
+def linear_rows(
+    X, stride_xm, w_rows, u_rows, offs_m, m_mask, n_mask, k_lo, k_hi, BLOCK_N, BLOCK_K, PREC,
+    PAIRED: tl.constexpr = False,
+):  # fmt: skip
+    """x[:16, k_lo:k_hi] @ W[w_rows, k_lo:k_hi]^T in fp32 (and @ W[u_rows]^T too, PAIRED). x
+    is loaded as it is: a norm is folded in by whoever wrote it (store_normed), since in the
+    loop its per-block work (the norm weight, the sum of squares over 16 padded rows) halved
+    the weight stream of one program per SM (benchmarks/bench_stream_linear.py)."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + offs_k
         k_mask = ks < k_hi
@@ -79,9 +86,42 @@ def linear_rows(X, stride_xm, w_rows, offs_m, m_mask, n_mask, k_lo, k_hi, BLOCK_
             mask=m_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
-        w = tl.load(w_rows + ks[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = n_mask[:, None] & k_mask[None, :]
+        w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
-    return acc
+        if PAIRED:
+            wu = tl.load(u_rows + ks[None, :], mask=w_mask, other=0.0)
+            acc_u = tl.dot(x, tl.trans(wu), acc_u, input_precision=PREC)
+    return acc, acc_u
+
+
+@triton.jit
+def store_normed(x, NormW, Xn, SumSq, part, offs_m, offs_n, m_mask, n_mask, H: tl.constexpr):
+    """For the RMSNorm the next op folds in, from a finished tile x [16, cols offs_n] of the
+    residual stream (as stored, fp32): Xn's tile, x * g rounded as the norm-folded loop
+    rounded it (1 / rms comes in that op's epilogue), and the tile's rows' sums of squares
+    in SumSq[part] (summed over the parts in a fixed order by `row_sumsq`)."""
+    mask = m_mask[:, None] & n_mask[None, :]
+    g = tl.load(NormW + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(
+        Xn + offs_m[:, None] * H + offs_n[None, :],
+        (x * g[None, :]).to(Xn.dtype.element_ty),
+        mask=mask,
+    )
+    tl.store(SumSq + part * 16 + offs_m, tl.sum(tl.where(mask, x * x, 0.0), 1))
+
+
+@triton.jit
+def row_sumsq(SumSq, offs_m, PARTS: tl.constexpr):
+    """The rows' sums of squares: store_normed's PARTS parts, summed in order."""
+    offs_p = tl.arange(0, triton.next_power_of_2(PARTS))
+    parts = tl.load(
+        SumSq + offs_p[:, None] * 16 + offs_m[None, :],
+        mask=(offs_p < PARTS)[:, None],
+        other=0.0,
+        cache_modifier=".cg",
+    )
+    return tl.sum(parts, 0)
 
 
 @triton.jit
@@ -105,10 +145,13 @@ def residual_linear(
     ready_target,
     Sync,
     WAIT_READY: tl.constexpr,
+    Xn,
+    NextNormW,
 ):
     """Task t of X[:, :H] += In[:, :K] @ W^T (O and down projections): its tile's K chunk,
     reduced by the tile's last split to arrive. Each column of X is read and written by the
-    one task that finishes its tile. WAIT_READY: first wait until Ready[split] counts
+    one task that finishes its tile, which also writes Xn and SumSq for the next op's RMSNorm
+    (weight NextNormW; store_normed). WAIT_READY: first wait until Ready[split] counts
     ready_target (the O projection's chunk split is one kv group's heads, which that group's
     attention merges announce there)."""
     tile, split, k_lo, k_hi = split_task(t, SPLIT, K, BLOCK_K)
@@ -117,7 +160,9 @@ def residual_linear(
     offs_n = tile * N_TILE + tl.arange(0, N_TILE)
     n_mask = offs_n < H
     w_rows = W + offs_n.to(tl.int64)[:, None] * K
-    acc = linear_rows(In, K, w_rows, offs_m, m_mask, n_mask, k_lo, k_hi, N_TILE, BLOCK_K, PREC)
+    acc, _ = linear_rows(
+        In, K, w_rows, w_rows, offs_m, m_mask, n_mask, k_lo, k_hi, N_TILE, BLOCK_K, PREC
+    )
     last = True
     if SPLIT > 1:
         no_ss = tl.zeros([16], dtype=tl.float32)
@@ -145,14 +190,17 @@ def residual_linear(
         mask = m_mask[:, None] & n_mask[None, :]
         ptrs = X + offs_m[:, None] * H + offs_n[None, :]
         acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(ptrs, acc.to(X.dtype.element_ty), mask=mask)
+        x = acc.to(X.dtype.element_ty)
+        tl.store(ptrs, x, mask=mask)
+        store_normed(
+            x.to(tl.float32), NextNormW, Xn, SumSq, tile, offs_m, offs_n, m_mask, n_mask, H
+        )
 
 
 @triton.jit
 def norm_pair(
     t,
-    X,
-    NormW,
+    Xn,
     W,
     rows1,
     rows2,
@@ -162,41 +210,27 @@ def norm_pair(
     Counters,
     offs_m,
     m_mask,
-    eps,
     H: tl.constexpr,
     N_W: tl.constexpr,
     N_TILE: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PREC: tl.constexpr,
+    PARTS: tl.constexpr,
 ):
-    """Task t of RMSNorm(x) @ W[rows1]^T and @ W[rows2]^T (QKV's pair halves, gate and up):
-    (last, acc1, acc2), the sums of squares and the tile's splits gathered when last."""
+    """Task t of RMSNorm(x) @ W[rows1]^T and @ W[rows2]^T (QKV's pair halves, gate and up), from
+    Xn and the PARTS sums of squares its writer left (store_normed): (last, acc1, acc2, ss),
+    the tile's splits gathered when last; 1 / rms is the caller's (_norm_linear_scale)."""
     tile, split, k_lo, k_hi = split_task(t, SPLIT, H, BLOCK_K)
-    acc, acc_u, ss = _norm_linear_loop(
-        X,
-        NormW,
-        NormW,
-        W + rows1.to(tl.int64)[:, None] * H,
-        W + rows2.to(tl.int64)[:, None] * H,
-        offs_m,
-        m_mask,
-        n_mask,
-        k_lo,
-        k_hi,
-        H,
-        eps,
-        H,
-        N_TILE,
-        BLOCK_K,
-        True,
-        False,
-        True,
-        PREC,
+    ss = row_sumsq(SumSq, offs_m, PARTS)  # asked for now, used after the loop
+    w_rows = W + rows1.to(tl.int64)[:, None] * H
+    u_rows = W + rows2.to(tl.int64)[:, None] * H
+    acc, acc_u = linear_rows(
+        Xn, H, w_rows, u_rows, offs_m, m_mask, n_mask, k_lo, k_hi, N_TILE, BLOCK_K, PREC, True
     )
     last = True
     if SPLIT > 1:
-        last, acc, acc_u, ss = _split_k_gather(
+        last, acc, acc_u, _ = _split_k_gather(
             acc,
             acc_u,
             ss,
@@ -213,7 +247,7 @@ def norm_pair(
             N_W,
             N_TILE,
             SPLIT,
-            True,
+            False,
             True,
         )
     return last, acc, acc_u, ss

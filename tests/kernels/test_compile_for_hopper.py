@@ -129,7 +129,7 @@ def decode_step_compiles(config, trace):
     ptr = lambda *names, t="*bf16": dict.fromkeys(names, t)  # noqa: E731
     signature = ptr("Tokens", "Pos", "Slot", t="*i64") | ptr("KVMask", t="*i1")
     signature |= ptr("Embed", "Cos", "Sin", "AttnNormW", "Wqkv", "Bqkv", "Wo", "MlpNormW")
-    signature |= ptr("Wgu", "Wd", "FinalNormW", "LmHead", "KCache", "VCache", "X", "Q", "Att")
+    signature |= ptr("Wgu", "Wd", "FinalNormW", "LmHead", "KCache", "VCache", "X", "Xn", "Q", "Att")
     signature |= ptr("Hmid", "Logits") | ptr("MidO", "MidM", "MidL", "Partial", "SumSq", t="*fp32")
     signature |= ptr("AttCounters", "Counters", "Sync", "GroupReady", t="*i32")
     signature |= ptr("Ids", "Best", "LmCounter", "Trace", t="*i64")
