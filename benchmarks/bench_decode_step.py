@@ -18,6 +18,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -25,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernl.kernels.decode_step import (  # noqa: E402
     DecodeStepBuffers,
+    DecodeStepConfig,
     DecodeStepWeights,
     decode_step,
     decode_step_configs,
@@ -174,10 +176,51 @@ def summarize(trace: torch.Tensor) -> dict:
     return report
 
 
+def print_trace(name: str, r: dict) -> None:
+    print(
+        f"trace {name}: step {r['step_us']:.0f} us, embed {r['embed']:.1f},"
+        f" lm_head {r['lm_head']:.1f}",
+        flush=True,
+    )
+    for op in OPS:
+        print(f"  {op:9s} " + "  ".join(f"{k} {v:6.1f}" for k, v in r[op].items()), flush=True)
+
+
+def explore(w: DecodeStepWeights, base: DecodeStepConfig, out: str) -> None:
+    """`STEP_EXPLORE=i`: variants of config i (attention chunking, O and down tiles) at batch 1
+    and 8 over 512 slots, and the traces of config i at both batches: a short run."""
+    variants = [
+        base,
+        replace(base, ATT_SPLITS=8),
+        replace(base, ATT_SPLITS=4, ATT_BLOCK=64),
+        replace(base, DOWN_N=32, SPLIT_DOWN=4),
+        replace(base, DOWN_N=128, SPLIT_DOWN=8),
+        replace(base, O_N=32, SPLIT_O=2),
+        replace(base, QKV_N=16, SPLIT_QKV=2),
+    ]
+    rows, traces = [], {}
+    for B in (1, 8):
+        for config in variants:
+            try:
+                ms = time_step(w, B, 512, config)
+            except Exception as e:  # noqa: BLE001 - reported, the others still run
+                print(f"B={B} {config}: failed {type(e).__name__}: {e}"[:400])
+                continue
+            rows.append(dict(batch=B, slots=512, config=repr(config), ms=ms))
+            print(f"B={B} slots=512 {ms * 1e3:7.1f} us  {config}", flush=True)
+        traces[B] = trace_report(w, B, 512, base)
+        print_trace(f"B={B} slots=512 base", traces[B])
+    with open(os.path.join(out, "bench_decode_step_explore.json"), "w") as f:
+        json.dump({"rows": rows, "traces": traces}, f, indent=1)
+
+
 def main() -> None:
     out = os.environ.get("OUT", ".")
     w = weights()
     nbytes = weight_bytes(w)
+    if os.environ.get("STEP_EXPLORE"):
+        explore(w, decode_step_configs()[int(os.environ["STEP_EXPLORE"])], out)
+        return
     info = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
