@@ -236,7 +236,7 @@ def main() -> None:
     for B in (1, 4, 8):
         for slots in (512, 2048):
             variants = [(i, c, False) for i, c in enumerate(decode_step_configs())]
-            variants.append((2, decode_step_configs()[2], True))  # what the L2 prefetch buys
+            variants.append((0, decode_step_configs()[0], True))  # what the L2 prefetch buys
             for index, config, prefetch in variants:
                 try:
                     ms = time_step(w, B, slots, config, prefetch)
@@ -275,7 +275,7 @@ def main() -> None:
         rows.append(dict(batch=1, slots=512, layers=n, ms=ms))
         print(f"B=1 slots=512 first {n} layers: {ms * 1e3:7.1f} us", flush=True)
     traces = {}
-    for name, config in (("wide", decode_step_configs()[2]), ("fastest", best)):
+    for name, config in (("default", decode_step_configs()[0]), ("fastest", best)):
         try:
             traces[name] = trace_report(w, 1, 512, config)
         except Exception as e:  # noqa: BLE001 - reported

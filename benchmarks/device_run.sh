@@ -77,7 +77,7 @@ stage() {
       "tests/generation/test_gpu_generation.py::test_triton_decode_kernels_run_from_binaries_and_match_torch[persistent]" \
       tests/kernels/test_pdl.py tests/kernels/test_decode_attention.py tests/kernels/test_lm_head_argmax.py ;;
     step) OUT=$RUN timeout 600 python3 benchmarks/bench_decode_step.py ;;
-    stepx) STEP_EXPLORE=6 OUT=$RUN timeout 300 python3 benchmarks/bench_decode_step.py ;;
+    stepx) STEP_EXPLORE=0 OUT=$RUN timeout 300 python3 benchmarks/bench_decode_step.py ;;
     stream) OUT=$RUN timeout 480 python3 benchmarks/bench_stream_linear.py ;;
     lft) # fresh-process load -> first token; .old (a `git archive` of an earlier kernl/), if
       # carried in the snapshot, is timed in the same run

@@ -521,20 +521,21 @@ class DecodeStepConfig:
     arrive), the attention chunking, and the launch: programs_per_sm programs on each SM
     (one under the interpreter), each with its own load pipeline."""
 
-    BLOCK_K: int = 256
-    QKV_N: int = 16
-    O_N: int = 16
-    UP_N: int = 16
-    DOWN_N: int = 16
+    # the defaults: the fastest at Llama-1B's shapes on an H200 (2026-12-01, bench_decode_step)
+    BLOCK_K: int = 128
+    QKV_N: int = 32
+    O_N: int = 64
+    UP_N: int = 64
+    DOWN_N: int = 64
     LM_N: int = 128
-    SPLIT_QKV: int = 1
-    SPLIT_O: int = 1
+    SPLIT_QKV: int = 2
+    SPLIT_O: int = 4
     SPLIT_UP: int = 1
-    SPLIT_DOWN: int = 1
-    ATT_SPLITS: int = 16
-    ATT_BLOCK: int = 32
+    SPLIT_DOWN: int = 8
+    ATT_SPLITS: int = 4
+    ATT_BLOCK: int = 64
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 4
     programs_per_sm: int = 1
     flatten: bool = False  # a linear op's task and K loops as one pipelined loop
     # no barrier between attention and O: an O task waits for its K chunk's kv group only
@@ -552,40 +553,40 @@ def decode_step_configs() -> list[DecodeStepConfig]:
     (benchmarks/bench_stream_linear.py) found one program per SM enough for ~3.5 TB/s with a
     barrier a layer (4.3 without), when its loop only loads and multiplies: the RMSNorm once
     folded into each K block had halved it. The norm is now folded by whoever writes x
-    (decode_step_tasks.store_normed). Hence: one program per SM, 64- to 128-row tiles, K
-    blocks of 256 (3 stages) or 128 (4), QKV split or not, the task loops flattened into their
-    K loops or not, one barrier a layer fewer (o_waits_group, for Llama-1B's 8 kv groups),
-    and two programs per SM for comparison."""
-    wide = DecodeStepConfig(QKV_N=32, O_N=64, UP_N=32, DOWN_N=64, SPLIT_O=4, SPLIT_DOWN=8)
-    deep = replace(wide, BLOCK_K=128, num_stages=4)
-    # two programs per SM must fit its 227 KB of shared memory together: BLOCK_K 128
-    two = replace(wide, programs_per_sm=2, BLOCK_K=128)
+    (decode_step_tasks.store_normed), and the step went from 1470 to ~995 µs at batch 1.
+    Attention over 16 chunks a (row, kv head) then took 52 µs a layer at batch 8: 4 chunks
+    of 64-slot blocks (the default) took the batch-8 step from 1.74 to 1.14 ms. The others:
+    wider down tiles, the attention chunking of before, the tiles before the norm moved
+    (wide, deep), QKV unsplit, narrower O tiles, two programs per SM, the task loops
+    flattened into their K loops, and one barrier a layer fewer (o_waits_group, for
+    Llama-1B's 8 kv groups)."""
+    best = DecodeStepConfig()
+    wide = DecodeStepConfig(BLOCK_K=256, num_stages=3, UP_N=32, SPLIT_QKV=1)
+    wide = replace(wide, ATT_SPLITS=16, ATT_BLOCK=32)
     return [
-        DecodeStepConfig(),
-        DecodeStepConfig(UP_N=32),
+        best,
+        replace(best, DOWN_N=128),
+        replace(best, ATT_SPLITS=16, ATT_BLOCK=32),
         wide,
-        deep,
-        replace(deep, UP_N=64),
-        replace(wide, SPLIT_QKV=2),
-        replace(deep, UP_N=64, SPLIT_QKV=2),
-        replace(deep, SPLIT_DOWN=16),
-        two,
+        replace(wide, BLOCK_K=128, num_stages=4),
+        replace(best, SPLIT_QKV=1),
+        replace(best, ATT_SPLITS=8, ATT_BLOCK=32),
+        replace(best, O_N=32, SPLIT_O=2),
+        # two programs per SM must fit its 227 KB of shared memory together
+        replace(best, programs_per_sm=2, UP_N=32, num_stages=3),
         # each linear op's task and K loops fused into one pipelined loop, as Triton's
         # persistent matmul does: the weight stream does not drain between two tasks
-        replace(wide, flatten=True),
-        replace(two, flatten=True),
+        replace(best, flatten=True),
         # no barrier between attention and O (Llama-1B's 8 kv groups: one O split each)
-        replace(wide, SPLIT_O=8, o_waits_group=True),
+        replace(best, SPLIT_O=8, o_waits_group=True),
     ]
 
 
 def decode_step_choice_configs() -> list[DecodeStepConfig]:
     """The few configs the compiler times (each one more build of the whole step per batch
-    specialisation). benchmarks/bench_decode_step.py times them all; keep here the ones that
-    win there (the wide tiles were the fastest on an H200, 2026-12-01, before the norm moved
-    out of the loops)."""
-    configs = decode_step_configs()
-    return [configs[2], configs[3], configs[4]]
+    specialisation): the fastest on an H200 at batch 1 and 8 (2026-12-01), with wider down
+    tiles, and with the attention chunking that suits long caches better."""
+    return decode_step_configs()[:3]
 
 
 def config_pairs(config: DecodeStepConfig) -> tuple[tuple[str, int], ...]:
