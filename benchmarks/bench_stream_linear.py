@@ -8,7 +8,10 @@ for the loop shapes a persistent step could use:
   - pointer loads (cp.async pipelined, what decode_step does) or TMA tensor descriptors;
   - 4 or 8 warps, 1 or 2 programs per SM, tile rows, K block, stages;
   - split K (each split's partial stored, not reduced: the reduction is not what is timed);
-and, as the reference, the same tiles as one plain (non-persistent) launch per layer.
+and, as the reference, the same tiles as one plain (non-persistent) launch per layer
+(`STREAM_PART=sweep`). By default, the norm-folded pair ops (gate/up, QKV) with the norm in
+the loop (as the step had it, measured at 2.05 TB/s), lightened, or out of it (3.5 TB/s):
+what moved the norm to x's writer (docs/performance.md, 2026-12-01, eighth session).
 
     python benchmarks/bench_stream_linear.py      # JSON to $OUT/bench_stream_linear.json
 
@@ -30,7 +33,8 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernl.kernels.decode_step_tasks import grid_sync, norm_pair  # noqa: E402
+from kernl.kernels.decode_step_tasks import grid_sync  # noqa: E402
+from kernl.kernels.norm_linear import _norm_linear_loop  # noqa: E402
 
 LAYERS = 16
 SHAPES = {"gate_up": (16384, 2048), "down": (2048, 8192), "qkv": (3072, 2048)}
@@ -141,8 +145,10 @@ def _pair_kernel(
     X, NormW, W, Y, Sync, Partial, SumSq, Counters, M, L, I: tl.constexpr, H: tl.constexpr,
     UP_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
 ):  # fmt: skip
-    """gate/up (or QKV's pairs) as the persistent step runs them: MODE 0 is its norm_pair,
-    1-3 the variants of _pair_loop; silu(gate) * up * rstd stored, a barrier per layer."""
+    """gate/up (or QKV's pairs) in a persistent grid: MODE 0 the RMSNorm folded into every K
+    block (norm_linear's loop, the persistent step's until dcfbf2d), 1-3 the variants of
+    _pair_loop (3: what the step's loop is since); silu(gate) * up * rstd stored, a barrier
+    per layer."""
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     offs_m = tl.arange(0, 16)
@@ -153,9 +159,11 @@ def _pair_kernel(
             rows1 = t * UP_N + tl.arange(0, UP_N)
             rows2 = rows1 + I
             if MODE == 0:
-                _, acc, acc_u, ss = norm_pair(
-                    t, X, NormW, Wl, rows1, rows2, rows1 < I, Partial, SumSq, Counters, offs_m,
-                    m_mask, 1e-5, H, 2 * I, UP_N, 1, BLOCK_K, "tf32",
+                w_rows = Wl + rows1.to(tl.int64)[:, None] * H
+                u_rows = Wl + rows2.to(tl.int64)[:, None] * H
+                acc, acc_u, ss = _norm_linear_loop(
+                    X, NormW, NormW, w_rows, u_rows, offs_m, m_mask, rows1 < I, 0, H, H, 1e-5,
+                    H, UP_N, BLOCK_K, True, False, True, "tf32",
                 )  # fmt: skip
             else:
                 w_rows = Wl + rows1.to(tl.int64)[:, None] * H

@@ -40,8 +40,9 @@
 #           (forced, from binaries, in a graph), each run bounded
 #   step    the persistent decode step's configs at Llama-1B shapes (benchmarks/bench_decode_step.py)
 #   stepx   variants of one persistent step config, batch 1 and 8, with their traces
-#   stream  how fast a persistent grid streams decode weights, by loop shape
+#   stream  the persistent step's norm-folded pair loops, norm in or out of the loop
 #           (benchmarks/bench_stream_linear.py)
+#   streamsweep how fast a persistent grid streams decode weights, by loop shape (the same)
 #   lft     fresh-process load -> first token of a 12-entry Llama-1B artifact
 #           (benchmarks/bench_load_first_token.py; also for the tree in .old when present)
 #   profserve where the host's CPU goes in kernl's in-process encoder request path, by
@@ -79,6 +80,7 @@ stage() {
     step) OUT=$RUN timeout 600 python3 benchmarks/bench_decode_step.py ;;
     stepx) STEP_EXPLORE=0 OUT=$RUN timeout 300 python3 benchmarks/bench_decode_step.py ;;
     stream) OUT=$RUN timeout 480 python3 benchmarks/bench_stream_linear.py ;;
+    streamsweep) STREAM_PART=sweep OUT=$RUN timeout 480 python3 benchmarks/bench_stream_linear.py ;;
     lft) # fresh-process load -> first token; .old (a `git archive` of an earlier kernl/), if
       # carried in the snapshot, is timed in the same run
       timeout 480 python3 benchmarks/bench_load_first_token.py "$RUN/lft" --runs 5 \
