@@ -281,14 +281,7 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - reported
             print(f"trace {name} failed: {type(e).__name__}: {e}"[:300])
             continue
-        r = traces[name]
-        print(
-            f"trace B=1 slots=512 {name}: step {r['step_us']:.0f} us, embed {r['embed']:.1f},"
-            f" lm_head {r['lm_head']:.1f}",
-            flush=True,
-        )
-        for op in OPS:
-            print(f"  {op:9s} " + "  ".join(f"{k} {v:6.1f}" for k, v in r[op].items()), flush=True)
+        print_trace(f"B=1 slots=512 {name}", traces[name])
     with open(os.path.join(out, "bench_decode_step.json"), "w") as f:
         json.dump({"info": info, "checks": checks, "rows": rows, "traces": traces}, f, indent=1)
 

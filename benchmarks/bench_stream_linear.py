@@ -44,8 +44,9 @@ SHAPES = {"gate_up": (16384, 2048), "down": (2048, 8192), "qkv": (3072, 2048)}
 def _stream_kernel(
     X, W, Y, Sync, Trace, M, L, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, BARRIER: tl.constexpr, FLATTEN: tl.constexpr,
-    FIRST_LAYER,
+    FIRST_LAYER, TMA: tl.constexpr,
 ):  # fmt: skip
+    """W: the stacked weights [L, N, K], or (TMA) a tensor descriptor over them as [L N, K]."""
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     offs_m = tl.arange(0, 16)
@@ -54,58 +55,25 @@ def _stream_kernel(
     KC: tl.constexpr = K // SPLIT
     TASKS: tl.constexpr = N // BLOCK_N * SPLIT
     for layer in range(FIRST_LAYER, FIRST_LAYER + L):
-        Wl = W + tl.cast(layer, tl.int64) * N * K
         for t in tl.range(pid, TASKS, G, flatten=FLATTEN):
             tile = t // SPLIT
             k_lo = (t % SPLIT) * KC
             offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            w_rows = Wl + offs_n.to(tl.int64)[:, None] * K
             acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
             for k0 in range(k_lo, k_lo + KC, BLOCK_K):
                 ks = k0 + offs_k
                 x = tl.load(X + offs_m[:, None] * K + ks[None, :], mask=m_mask[:, None], other=0.0)
-                w = tl.load(w_rows + ks[None, :])
+                if TMA:
+                    w = W.load([layer * N + tile * BLOCK_N, k0])
+                else:
+                    rows = tl.cast(layer, tl.int64) * N + offs_n.to(tl.int64)
+                    w = tl.load(W + rows[:, None] * K + ks[None, :])
                 acc = tl.dot(x, tl.trans(w), acc)
             out = Y + ((layer * SPLIT + t % SPLIT) * 16 + offs_m[:, None]) * N + offs_n[None, :]
             tl.store(out, acc, mask=m_mask[:, None])
         if BARRIER:
             grid_sync(Sync, (layer - FIRST_LAYER + 1) * G, Trace, 0, False)
     if BARRIER:  # the last program out resets the counter for the next replay
-        if tl.atomic_add(Sync + 1, 1, sem="acq_rel", scope="gpu") == G - 1:
-            tl.store(Sync, 0)
-            tl.store(Sync + 1, 0)
-
-
-@triton.jit
-def _stream_tma_kernel(
-    X, Wd, Y, Sync, Trace, M, L, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, BARRIER: tl.constexpr, FLATTEN: tl.constexpr,
-    FIRST_LAYER,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    G = tl.num_programs(0)
-    offs_m = tl.arange(0, 16)
-    m_mask = offs_m < M
-    offs_k = tl.arange(0, BLOCK_K)
-    KC: tl.constexpr = K // SPLIT
-    TASKS: tl.constexpr = N // BLOCK_N * SPLIT
-    for layer in range(FIRST_LAYER, FIRST_LAYER + L):
-        for t in tl.range(pid, TASKS, G, flatten=FLATTEN):
-            tile = t // SPLIT
-            k_lo = (t % SPLIT) * KC
-            row = layer * N + tile * BLOCK_N
-            acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-            for k0 in range(k_lo, k_lo + KC, BLOCK_K):
-                ks = k0 + offs_k
-                x = tl.load(X + offs_m[:, None] * K + ks[None, :], mask=m_mask[:, None], other=0.0)
-                w = Wd.load([row, k0])
-                acc = tl.dot(x, tl.trans(w), acc)
-            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            out = Y + ((layer * SPLIT + t % SPLIT) * 16 + offs_m[:, None]) * N + offs_n[None, :]
-            tl.store(out, acc, mask=m_mask[:, None])
-        if BARRIER:
-            grid_sync(Sync, (layer - FIRST_LAYER + 1) * G, Trace, 0, False)
-    if BARRIER:
         if tl.atomic_add(Sync + 1, 1, sem="acq_rel", scope="gpu") == G - 1:
             tl.store(Sync, 0)
             tl.store(Sync + 1, 0)
@@ -240,10 +208,12 @@ def case(shape: str, mode: str, nw: int, bn: int, bk: int, stages: int, pps: int
     sync = torch.zeros(4, device=dev, dtype=torch.int32)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     tasks = N // bn * split
-    meta = dict(N=N, K=K, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, num_warps=nw, num_stages=stages)
-    kernel, w_arg = _stream_kernel, W
-    if mode.startswith("tma"):
-        kernel, w_arg = _stream_tma_kernel, TensorDescriptor.from_tensor(W.view(-1, K), [bn, bk])
+    kernel, w_arg, tma = _stream_kernel, W, mode.startswith("tma")
+    meta = dict(
+        N=N, K=K, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, TMA=tma, num_warps=nw, num_stages=stages
+    )
+    if tma:
+        w_arg = TensorDescriptor.from_tensor(W.view(-1, K), [bn, bk])
     if mode.endswith("plain"):  # one launch per layer, a CTA per task
 
         def fn():
