@@ -144,12 +144,13 @@ STEP_CONFIG_FIELDS: dict[str, Any] = {
     "programs_per_sm": _RANGE(1, 8),
     "flatten": _RANGE(0, 1),
     "o_waits_group": _RANGE(0, 1),
+    "att_fill": _RANGE(0, 1),
 }
 
 
 def check_step_config(pairs: tuple) -> None:
     """ValueError unless `pairs` ((name, int), ...) names each field of STEP_CONFIG_FIELDS at
-    most once, with a value it allows (a bool for flatten)."""
+    most once, with a value it allows (0 or 1 for a flag)."""
     seen = set()
     for pair in pairs:
         if not isinstance(pair, tuple) or len(pair) != 2:

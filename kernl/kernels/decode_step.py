@@ -137,6 +137,7 @@ def _decode_step_kernel(
     PF_LM: tl.constexpr,
     FLATTEN: tl.constexpr,
     O_WAITS_GROUP: tl.constexpr,
+    ATT_FILL: tl.constexpr,
     TRACE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -173,7 +174,10 @@ def _decode_step_kernel(
     grid_sync(Sync, G, Tr, 0, TRACE)
 
     n_valid = tl.minimum(tl.load(Slot).to(tl.int32) + 1, kv_len)  # slots [0, slot] are read
-    chunk = tl.cdiv(tl.cdiv(n_valid, ATT_SPLITS), ATT_BLOCK) * ATT_BLOCK
+    att_splits = ATT_SPLITS  # each (row, kv head)'s chunks of the cache
+    if ATT_FILL:  # as many as give each program one task, at most ATT_SPLITS
+        att_splits = tl.minimum(tl.maximum(G // (M * KVH), 1), ATT_SPLITS)
+    chunk = tl.cdiv(tl.cdiv(n_valid, att_splits), ATT_BLOCK) * ATT_BLOCK
     for layer in range(num_layers):
         lyr = tl.cast(layer, tl.int64)
         arrived = (1 + layer * 5) * G  # arrivals at the barrier before this layer
@@ -261,9 +265,9 @@ def _decode_step_kernel(
         # 2. attention: a chunk of slots per task; a (row, kv head)'s last chunk merges
         pf_o = pid // SPLIT_O * O_N + tl.arange(0, O_N)  # O's first tile streams meanwhile
         prefetch_task(Wo_l, pf_o, pf_o < H, NQ, pid, SPLIT_O, BLOCK_K, PF_O)
-        for t in range(pid, M * KVH * ATT_SPLITS, G):
-            split = t % ATT_SPLITS
-            bh = t // ATT_SPLITS
+        for t in range(pid, M * KVH * att_splits, G):
+            split = t % att_splits
+            bh = t // att_splits
             b = (bh // KVH).to(tl.int64)
             h_kv = (bh % KVH).to(tl.int64)
             lo = split * chunk
@@ -304,7 +308,7 @@ def _decode_step_kernel(
             tl.store(MidL + mid, l_i, mask=g_mask)
             tl.debug_barrier()  # every thread's stores precede the (release) arrival
             done = tl.atomic_add(AttCounters + bh, 1, sem="acq_rel", scope="gpu")
-            if done == ATT_SPLITS - 1:
+            if done == att_splits - 1:
                 for g in tl.static_range(GROUP):
                     decode_attention_merge(
                         MidO,
@@ -313,7 +317,7 @@ def _decode_step_kernel(
                         Att,
                         b,
                         h_kv * GROUP + g,
-                        ATT_SPLITS,
+                        att_splits,
                         NH * ATT_SPLITS * D,
                         ATT_SPLITS * D,
                         D,
@@ -541,6 +545,9 @@ class DecodeStepConfig:
     # no barrier between attention and O: an O task waits for its K chunk's kv group only
     # (needs SPLIT_O == the kv heads, each chunk one group's heads, whole K blocks)
     o_waits_group: bool = False
+    # attention in fewer chunks (at most ATT_SPLITS) where the rows alone give every program a
+    # task: at batch 8 over 512 slots, 16 chunks a (row, kv head) took 52 µs a layer (H200)
+    att_fill: bool = True
 
     @property
     def max_split(self) -> int:
@@ -555,14 +562,15 @@ def decode_step_configs() -> list[DecodeStepConfig]:
     folded into each K block had halved it. The norm is now folded by whoever writes x
     (decode_step_tasks.store_normed), and the step went from 1470 to ~995 µs at batch 1.
     Attention over 16 chunks a (row, kv head) then took 52 µs a layer at batch 8: 4 chunks
-    of 64-slot blocks (the default) took the batch-8 step from 1.74 to 1.14 ms. The others:
-    wider down tiles, the attention chunking of before, the tiles before the norm moved
-    (wide, deep), QKV unsplit, narrower O tiles, two programs per SM, the task loops
-    flattened into their K loops, and one barrier a layer fewer (o_waits_group, for
-    Llama-1B's 8 kv groups)."""
+    of 64-slot blocks took the batch-8 step from 1.74 to 1.14 ms, and the default takes
+    fewer still where the rows alone give each program a task (att_fill: not yet measured).
+    The others: wider down tiles, 16 chunks where the rows allow (long caches), the tiles
+    before the norm moved (wide, deep), QKV unsplit, 4 chunks always, narrower O tiles, two
+    programs per SM, the task loops flattened into their K loops, and one barrier a layer
+    fewer (o_waits_group, for Llama-1B's 8 kv groups)."""
     best = DecodeStepConfig()
     wide = DecodeStepConfig(BLOCK_K=256, num_stages=3, UP_N=32, SPLIT_QKV=1)
-    wide = replace(wide, ATT_SPLITS=16, ATT_BLOCK=32)
+    wide = replace(wide, ATT_SPLITS=16, ATT_BLOCK=32, att_fill=False)
     return [
         best,
         replace(best, DOWN_N=128),
@@ -570,7 +578,7 @@ def decode_step_configs() -> list[DecodeStepConfig]:
         wide,
         replace(wide, BLOCK_K=128, num_stages=4),
         replace(best, SPLIT_QKV=1),
-        replace(best, ATT_SPLITS=8, ATT_BLOCK=32),
+        replace(best, att_fill=False),  # measured: 987 µs at batch 1, 1145 at batch 8
         replace(best, O_N=32, SPLIT_O=2),
         # two programs per SM must fit its 227 KB of shared memory together
         replace(best, programs_per_sm=2, UP_N=32, num_stages=3),
@@ -597,7 +605,9 @@ def config_pairs(config: DecodeStepConfig) -> tuple[tuple[str, int], ...]:
 def config_from_pairs(pairs: tuple) -> DecodeStepConfig:
     """The config of stored pairs (the reader checked them); empty: the default."""
     values = dict(pairs)
-    for flag in ("flatten", "o_waits_group"):
+    if values and "att_fill" not in values:  # stored before the field: what was timed
+        values["att_fill"] = 0
+    for flag in ("flatten", "o_waits_group", "att_fill"):
         if flag in values:
             values[flag] = bool(values[flag])
     return DecodeStepConfig(**values)
@@ -837,6 +847,7 @@ def decode_step(
         PF_LM=_lines(pf, H, 1, config.BLOCK_K, elem),
         FLATTEN=config.flatten,
         O_WAITS_GROUP=config.o_waits_group,
+        ATT_FILL=config.att_fill,
         TRACE=trace is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,

@@ -116,6 +116,8 @@ SMALL = dict(L=2, H=64, NH=4, KVH=2, D=32, I=96, V=160)
 # whole K: no op split
 CONFIG = DecodeStepConfig(BLOCK_K=32, QKV_N=16, O_N=16, UP_N=16, DOWN_N=16, LM_N=32, num_stages=3)
 CONFIG = replace(CONFIG, SPLIT_QKV=1, SPLIT_O=1, SPLIT_DOWN=1, ATT_SPLITS=4, ATT_BLOCK=16)
+# (att_fill would chunk the cache once: the interpreter's grid is one program)
+CONFIG = replace(CONFIG, att_fill=False)
 
 
 # every linear op's K split over programs, reduced by the last split to arrive (3 does not
@@ -133,7 +135,7 @@ SPLIT = replace(CONFIG, SPLIT_QKV=2, SPLIT_O=2, SPLIT_UP=3, SPLIT_DOWN=3)
         replace(SPLIT, flatten=True),
         replace(SPLIT, o_waits_group=True),
         # the default's tiles and splits (empty splits: K chunks past the model's K), its
-        # 64-slot attention blocks wider than the cache
+        # 64-slot attention blocks wider than the cache, in one chunk (att_fill, one program)
         replace(DecodeStepConfig(), BLOCK_K=32),
     ],
     ids=["whole-k", "split-k", "split-k-flat", "o-waits-group", "default-tiles"],
