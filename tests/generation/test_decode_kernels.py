@@ -177,6 +177,11 @@ def test_the_stored_step_config_names_every_field_of_the_kernel_config():
     for config in decode_step_configs():  # every config the compiler tries can be stored
         k = DecodeKernels(step="persistent", step_config=config_pairs(config))
         assert config_from_pairs(k.step_config) == config
+    # a config stored before att_fill existed runs as it was timed (a fixed number of chunks);
+    # no pairs at all is the default
+    older = tuple(p for p in config_pairs(DecodeStepConfig()) if p[0] != "att_fill")
+    assert config_from_pairs(older) == DecodeStepConfig(att_fill=False)
+    assert config_from_pairs(()) == DecodeStepConfig()
 
 
 def test_choice_keeps_an_alternative_only_when_measurably_faster(artifact):
