@@ -690,13 +690,15 @@ def _most_tiles(w: DecodeStepWeights, c: DecodeStepConfig) -> int:
     return max(-(-n // tile) for n, tile in ops)
 
 
-def _lines(on: bool, k: int, split: int, block_k: int, elem: int) -> int:
-    """L2 prefetch lines per weight row for a K chunk of a k-long row split `split` ways: the
-    whole chunk (a power of two, at most 32 KB), or 0 when off."""
+def _lines(on: bool, k: int, split: int, block_k: int, elem: int, stages: int) -> int:
+    """L2 prefetch lines per weight row: the first `stages` K blocks of a chunk of a k-long row
+    split `split` ways (what the load pipeline asks for before its first multiply), a power
+    of two, or 0 when off. The whole chunk (547c654) and the whole next op (the first
+    version) were slower on an H200 than no prefetch: they compete with the op running."""
     if not on:
         return 0
     chunk = -(-k // (split * block_k)) * block_k
-    return min(256, triton.next_power_of_2(-(-chunk * elem // 128)))
+    return triton.next_power_of_2(-(-min(chunk, stages * block_k) * elem // 128))
 
 
 def trace_shape(layers: int, programs: int) -> tuple[int, int, int]:
@@ -728,8 +730,8 @@ def decode_step(
     (the cache slot this step writes), kv_valid [B, kv_len] (bool: the slots each row may
     attend to; slots past `slot` are never read), k_cache / v_cache [L, B, KVH, slots, D]
     (written at `slot`). Returns (logits [B, V], ids [B]): `buffers`' own, or ids_out.
-    prefetch: each program asks L2 for its next task's weights before a barrier (measured
-    slower on an H200 with one program per SM, so off by default). trace: an int64 tensor of
+    prefetch: each program asks L2 for its next task's first weight blocks before a barrier
+    (larger prefetches were measured slower on an H200; this one not yet). trace: an int64 tensor of
     `trace_shape(...)` that takes each program's times (ns) of arrival at and departure from
     every barrier, and of its start and end (a diagnostic: benchmarks/bench_decode_step.py;
     not under the interpreter)."""
@@ -757,6 +759,7 @@ def decode_step(
     interpreted = is_interpreted(_decode_step_kernel)
     programs = 1 if interpreted else config.programs_per_sm * sm_count(tokens.device)
     pf = prefetch and not interpreted
+    stages = config.num_stages - 1  # the blocks in flight when the first multiply waits
     elem = w.qkv.element_size()
     bf = buffers
     ids = bf.ids if ids_out is None else ids_out
@@ -840,11 +843,11 @@ def decode_step(
         ATT_BLOCK=config.ATT_BLOCK,
         HAS_QKV_BIAS=w.qkv_bias is not None,
         PRECISION="ieee" if w.qkv.dtype == torch.float32 else "tf32",
-        PF_QKV=_lines(pf, H, config.SPLIT_QKV, config.BLOCK_K, elem),
-        PF_O=_lines(pf, NH * D, config.SPLIT_O, config.BLOCK_K, elem),
-        PF_UP=_lines(pf, H, config.SPLIT_UP, config.BLOCK_K, elem),
-        PF_DOWN=_lines(pf, I, config.SPLIT_DOWN, config.BLOCK_K, elem),
-        PF_LM=_lines(pf, H, 1, config.BLOCK_K, elem),
+        PF_QKV=_lines(pf, H, config.SPLIT_QKV, config.BLOCK_K, elem, stages),
+        PF_O=_lines(pf, NH * D, config.SPLIT_O, config.BLOCK_K, elem, stages),
+        PF_UP=_lines(pf, H, config.SPLIT_UP, config.BLOCK_K, elem, stages),
+        PF_DOWN=_lines(pf, I, config.SPLIT_DOWN, config.BLOCK_K, elem, stages),
+        PF_LM=_lines(pf, H, 1, config.BLOCK_K, elem, stages),
         FLATTEN=config.flatten,
         O_WAITS_GROUP=config.o_waits_group,
         ATT_FILL=config.att_fill,
