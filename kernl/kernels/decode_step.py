@@ -11,16 +11,20 @@ first op's writes visible to every program.
 
 Per layer, five ops (the tasks reuse the fused decode kernels' jit helpers, and the task
 helpers of decode_step_tasks.py):
-  1. RMSNorm folded into the QKV projection, rotary and the KV-cache write in its epilogue
+  1. the QKV projection of the RMSNorm'd x, rotary and the KV-cache write in its epilogue
      (norm_linear_rope's tile: half-column pairs of each head);
   2. attention over the cache, a chunk of slots per task; the last chunk of a (row, kv head)
      to finish merges the chunks (decode_attention's helpers);
   3. the O projection plus the residual, written back into the residual stream X;
-  4. RMSNorm folded into gate/up, silu(gate) * up in the epilogue;
+  4. gate/up of the RMSNorm'd x, silu(gate) * up in the epilogue;
   5. the down projection plus the residual, into X.
+Each RMSNorm is folded by the op that writes x (the embedding copy, O, down): its finished
+tiles also write x * g and their rows' partial sums of squares, so the next op's weight
+loop only loads and multiplies and applies 1 / rms in its epilogue (in the loop, the norm
+had halved the weight stream: benchmarks/bench_stream_linear.py).
 A linear op's tile may be split over K: each split writes an fp32 partial, the last to
 arrive sums them in a fixed order and runs the epilogue (norm_linear's split-K gather).
-Then the final RMSNorm folded into lm_head, the logits written, and the ids of the argmax
+Then lm_head of the final-RMSNorm'd x, the logits written, and the ids of the argmax
 (lm_head_argmax's tail: packed keys, atomic max, the last tile to arrive writes the ids).
 
 The grid barrier is the pattern of a cooperative grid sync: every program bumps a counter

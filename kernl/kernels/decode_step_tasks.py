@@ -1,7 +1,8 @@
 """The tasks of the persistent decode step (decode_step.py): its grid barrier, a split-K
-task's K chunk, the residual linear ops (O, down) and the norm-folded pairs (QKV's rotary
-halves, gate and up), each reduced over its splits by the last to arrive, and the L2
-prefetch of a task's weights. Split from the kernel so that each reads in one sitting."""
+task's K chunk, the weight loop, the residual linear ops (O, down) that also fold the next
+RMSNorm into what they write, and the pairs that read it (QKV's rotary halves, gate and up),
+each reduced over its splits by the last to arrive, and the L2 prefetch of a task's first
+weights. Split from the kernel so that each reads in one sitting."""
 
 from __future__ import annotations
 
