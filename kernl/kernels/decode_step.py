@@ -125,6 +125,7 @@ def _decode_step_kernel(
     O_N: tl.constexpr,
     UP_N: tl.constexpr,
     DOWN_N: tl.constexpr,
+    DOWN_BLOCK_K: tl.constexpr,
     LM_N: tl.constexpr,
     SPLIT_QKV: tl.constexpr,
     SPLIT_O: tl.constexpr,
@@ -406,7 +407,7 @@ def _decode_step_kernel(
                     mask=m_mask[:, None] & n_mask[None, :],
                 )
         pf_down = pid // SPLIT_DOWN * DOWN_N + tl.arange(0, DOWN_N)
-        prefetch_task(Wd_l, pf_down, pf_down < H, I, pid, SPLIT_DOWN, BLOCK_K, PF_DOWN)
+        prefetch_task(Wd_l, pf_down, pf_down < H, I, pid, SPLIT_DOWN, DOWN_BLOCK_K, PF_DOWN)
         grid_sync(Sync, arrived + 4 * G, Tr, 1 + layer * 5 + 3, TRACE)
 
         # 5. down projection + residual (x normed for the next layer's QKV, or for lm_head)
@@ -428,7 +429,7 @@ def _decode_step_kernel(
                 I,
                 DOWN_N,
                 SPLIT_DOWN,
-                BLOCK_K,
+                DOWN_BLOCK_K,
                 PRECISION,
                 GroupReady,
                 0,
@@ -552,6 +553,8 @@ class DecodeStepConfig:
     # attention in fewer chunks (at most ATT_SPLITS) where the rows alone give every program a
     # task: at batch 8 over 512 slots, 16 chunks a (row, kv head) took 52 µs a layer (H200)
     att_fill: bool = True
+    # the down projection's own K block (0: BLOCK_K): a long one for narrow unsplit tiles
+    DOWN_BLOCK_K: int = 0
 
     @property
     def max_split(self) -> int:
@@ -571,7 +574,9 @@ def decode_step_configs() -> list[DecodeStepConfig]:
     The others: wider down tiles, 16 chunks where the rows allow (long caches), the tiles
     before the norm moved (wide, deep), QKV unsplit, 4 chunks always, narrower O tiles, two
     programs per SM, the task loops flattened into their K loops, and one barrier a layer
-    fewer (o_waits_group, for Llama-1B's 8 kv groups)."""
+    fewer (o_waits_group, for Llama-1B's 8 kv groups). Not yet measured either: the down
+    projection unsplit (no gather: ~3 µs of its 14 a layer over the stream alone), with
+    narrow tiles and long K blocks of its own."""
     best = DecodeStepConfig()
     wide = DecodeStepConfig(BLOCK_K=256, num_stages=3, UP_N=32, SPLIT_QKV=1)
     wide = replace(wide, ATT_SPLITS=16, ATT_BLOCK=32, att_fill=False)
@@ -583,6 +588,9 @@ def decode_step_configs() -> list[DecodeStepConfig]:
         replace(wide, BLOCK_K=128, num_stages=4),
         replace(best, SPLIT_QKV=1),
         replace(best, att_fill=False),  # measured: 987 µs at batch 1, 1145 at batch 8
+        # down without the split-K gather (or a gather of two): narrow tiles, long K blocks
+        replace(best, DOWN_N=16, SPLIT_DOWN=1, DOWN_BLOCK_K=512),
+        replace(best, DOWN_N=32, SPLIT_DOWN=2, DOWN_BLOCK_K=512),
         replace(best, O_N=32, SPLIT_O=2),
         # two programs per SM must fit its 227 KB of shared memory together
         replace(best, programs_per_sm=2, UP_N=32, num_stages=3),
@@ -764,6 +772,7 @@ def decode_step(
     programs = 1 if interpreted else config.programs_per_sm * sm_count(tokens.device)
     pf = prefetch and not interpreted
     stages = config.num_stages - 1  # the blocks in flight when the first multiply waits
+    down_block_k = config.DOWN_BLOCK_K or config.BLOCK_K
     elem = w.qkv.element_size()
     bf = buffers
     ids = bf.ids if ids_out is None else ids_out
@@ -838,6 +847,7 @@ def decode_step(
         O_N=config.O_N,
         UP_N=config.UP_N,
         DOWN_N=config.DOWN_N,
+        DOWN_BLOCK_K=down_block_k,
         LM_N=config.LM_N,
         SPLIT_QKV=config.SPLIT_QKV,
         SPLIT_O=config.SPLIT_O,
@@ -850,7 +860,7 @@ def decode_step(
         PF_QKV=_lines(pf, H, config.SPLIT_QKV, config.BLOCK_K, elem, stages),
         PF_O=_lines(pf, NH * D, config.SPLIT_O, config.BLOCK_K, elem, stages),
         PF_UP=_lines(pf, H, config.SPLIT_UP, config.BLOCK_K, elem, stages),
-        PF_DOWN=_lines(pf, I, config.SPLIT_DOWN, config.BLOCK_K, elem, stages),
+        PF_DOWN=_lines(pf, I, config.SPLIT_DOWN, down_block_k, elem, stages),
         PF_LM=_lines(pf, H, 1, config.BLOCK_K, elem, stages),
         FLATTEN=config.flatten,
         O_WAITS_GROUP=config.o_waits_group,

@@ -137,8 +137,10 @@ SPLIT = replace(CONFIG, SPLIT_QKV=2, SPLIT_O=2, SPLIT_UP=3, SPLIT_DOWN=3)
         # the default's tiles and splits (empty splits: K chunks past the model's K), its
         # 64-slot attention blocks wider than the cache, in one chunk (att_fill, one program)
         replace(DecodeStepConfig(), BLOCK_K=32),
+        # the down projection's own K block (its third split empty)
+        replace(SPLIT, DOWN_BLOCK_K=64),
     ],
-    ids=["whole-k", "split-k", "split-k-flat", "o-waits-group", "default-tiles"],
+    ids=["whole-k", "split-k", "split-k-flat", "o-waits-group", "default-tiles", "down-block-k"],
 )
 def test_decode_step_matches_float64_over_steps(B, bias, config):
     w = _weights(**SMALL, dtype=torch.float32, bias=bias)
