@@ -146,6 +146,7 @@ STEP_CONFIG_FIELDS: dict[str, Any] = {
     "o_waits_group": _RANGE(0, 1),
     "att_fill": _RANGE(0, 1),
     "DOWN_BLOCK_K": lambda v: v == 0 or _POW2(16, 1024)(v),
+    "up_ahead_k": _RANGE(0, 1 << 16),
 }
 
 

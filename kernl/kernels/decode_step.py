@@ -140,6 +140,7 @@ def _decode_step_kernel(
     PF_UP: tl.constexpr,
     PF_DOWN: tl.constexpr,
     PF_LM: tl.constexpr,
+    UP_AHEAD: tl.constexpr,
     FLATTEN: tl.constexpr,
     O_WAITS_GROUP: tl.constexpr,
     ATT_FILL: tl.constexpr,
@@ -339,6 +340,10 @@ def _decode_step_kernel(
                 if O_WAITS_GROUP:  # this row's heads of group h_kv are merged
                     tl.debug_barrier()
                     tl.atomic_add(GroupReady + h_kv, 1, sem="release", scope="gpu")
+        if UP_AHEAD > 0:  # HBM is mostly idle until gate/up: its first task's weights to L2
+            pf_up = pid // SPLIT_UP * UP_N + tl.arange(0, UP_N)
+            prefetch_task(Wgu_l, pf_up, pf_up < I, H, pid, SPLIT_UP, BLOCK_K, UP_AHEAD)
+            prefetch_task(Wgu_l, I + pf_up, pf_up < I, H, pid, SPLIT_UP, BLOCK_K, UP_AHEAD)
         # with O_WAITS_GROUP the O tasks wait for their kv group's merges instead
         grid_sync(Sync, arrived + 2 * G, Tr, 1 + layer * 5 + 1, TRACE, not O_WAITS_GROUP)
 
@@ -555,6 +560,10 @@ class DecodeStepConfig:
     att_fill: bool = True
     # the down projection's own K block (0: BLOCK_K): a long one for narrow unsplit tiles
     DOWN_BLOCK_K: int = 0
+    # after its attention tasks, each program asks L2 for the first up_ahead_k columns of its
+    # first gate/up task (0: not): attention and O leave HBM mostly idle, gate/up is the
+    # layer's largest op (67 MB at Llama-1B; L2 holds ~50)
+    up_ahead_k: int = 0
 
     @property
     def max_split(self) -> int:
@@ -576,7 +585,8 @@ def decode_step_configs() -> list[DecodeStepConfig]:
     programs per SM, the task loops flattened into their K loops, and one barrier a layer
     fewer (o_waits_group, for Llama-1B's 8 kv groups). Not yet measured either: the down
     projection unsplit (no gather: ~3 µs of its 14 a layer over the stream alone), with
-    narrow tiles and long K blocks of its own."""
+    narrow tiles and long K blocks of its own; and gate/up's first weights asked of L2 while
+    attention and O run (up_ahead_k)."""
     best = DecodeStepConfig()
     wide = DecodeStepConfig(BLOCK_K=256, num_stages=3, UP_N=32, SPLIT_QKV=1)
     wide = replace(wide, ATT_SPLITS=16, ATT_BLOCK=32, att_fill=False)
@@ -591,6 +601,10 @@ def decode_step_configs() -> list[DecodeStepConfig]:
         # down without the split-K gather (or a gather of two): narrow tiles, long K blocks
         replace(best, DOWN_N=16, SPLIT_DOWN=1, DOWN_BLOCK_K=512),
         replace(best, DOWN_N=32, SPLIT_DOWN=2, DOWN_BLOCK_K=512),
+        # gate/up's weights asked of L2 while attention and O leave HBM idle: a quarter of
+        # each task, half of it
+        replace(best, up_ahead_k=512),
+        replace(best, up_ahead_k=1024),
         replace(best, O_N=32, SPLIT_O=2),
         # two programs per SM must fit its 227 KB of shared memory together
         replace(best, programs_per_sm=2, UP_N=32, num_stages=3),
@@ -711,6 +725,11 @@ def _lines(on: bool, k: int, split: int, block_k: int, elem: int, stages: int) -
         return 0
     chunk = -(-k // (split * block_k)) * block_k
     return triton.next_power_of_2(-(-min(chunk, stages * block_k) * elem // 128))
+
+
+def _ahead_lines(config: DecodeStepConfig, elem: int) -> int:
+    """UP_AHEAD: up_ahead_k columns as 128-byte lines per weight row, a power of two."""
+    return triton.next_power_of_2(-(-config.up_ahead_k * elem // 128))
 
 
 def trace_shape(layers: int, programs: int) -> tuple[int, int, int]:
@@ -862,6 +881,7 @@ def decode_step(
         PF_UP=_lines(pf, H, config.SPLIT_UP, config.BLOCK_K, elem, stages),
         PF_DOWN=_lines(pf, I, config.SPLIT_DOWN, down_block_k, elem, stages),
         PF_LM=_lines(pf, H, 1, config.BLOCK_K, elem, stages),
+        UP_AHEAD=0 if interpreted or not config.up_ahead_k else _ahead_lines(config, elem),
         FLATTEN=config.flatten,
         O_WAITS_GROUP=config.o_waits_group,
         ATT_FILL=config.att_fill,

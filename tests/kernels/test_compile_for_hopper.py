@@ -144,6 +144,7 @@ def decode_step_compiles(config, trace):
     constants |= dict(HAS_QKV_BIAS=False, PRECISION="tf32", PF_QKV=32, PF_O=8, PF_UP=32)
     constants |= dict(PF_DOWN=16, PF_LM=32, FLATTEN=c.flatten, TRACE=trace, ATT_FILL=c.att_fill)
     constants |= dict(O_WAITS_GROUP=c.o_waits_group, DOWN_BLOCK_K=c.DOWN_BLOCK_K or c.BLOCK_K)
+    constants |= dict(UP_AHEAD=c.up_ahead_k * 2 // 128)
     options = dict(num_warps=c.num_warps, num_stages=c.num_stages, launch_cooperative_grid=True)
     aligned = [n for n, t in signature.items() if t.startswith("*")] + ["slots", "kv_len"]
     compiled = _compile(_decode_step_kernel, signature, constants, options, aligned)
