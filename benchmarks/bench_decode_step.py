@@ -187,16 +187,17 @@ def print_trace(name: str, r: dict) -> None:
 
 
 def explore(w: DecodeStepWeights, base: DecodeStepConfig, out: str) -> None:
-    """`STEP_EXPLORE=i`: variants of config i (attention chunking, O and down tiles) at batch 1
-    and 8 over 512 slots, and the traces of config i at both batches: a short run."""
+    """`STEP_EXPLORE=i`: variants of config i (attention chunking, unsplit down tiles, gate/up
+    asked of L2 ahead) at batch 1 and 8 over 512 slots, and the traces of config i at both
+    batches: a short run."""
     variants = [
         base,
-        replace(base, ATT_SPLITS=8),
-        replace(base, ATT_SPLITS=4, ATT_BLOCK=64),
-        replace(base, DOWN_N=32, SPLIT_DOWN=4),
-        replace(base, DOWN_N=128, SPLIT_DOWN=8),
-        replace(base, O_N=32, SPLIT_O=2),
-        replace(base, QKV_N=16, SPLIT_QKV=2),
+        replace(base, att_fill=not base.att_fill),
+        replace(base, ATT_SPLITS=16, ATT_BLOCK=32),
+        replace(base, DOWN_N=16, SPLIT_DOWN=1, DOWN_BLOCK_K=512),
+        replace(base, DOWN_N=16, SPLIT_DOWN=1, DOWN_BLOCK_K=256),
+        replace(base, up_ahead_k=1024),
+        replace(base, up_ahead_k=2048),
     ]
     rows, traces = [], {}
     for B in (1, 8):
