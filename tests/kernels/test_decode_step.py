@@ -147,6 +147,16 @@ def test_decode_step_matches_float64_over_steps(B, bias, config):
     _run_steps(w, B, slots=24, kv_len=20, first_slot=9, steps=3, dtype=torch.float32, config=config)
 
 
+@pytest.mark.parametrize("config", [CONFIG, replace(SPLIT, o_waits_group=True)])
+def test_decode_step_merges_several_attention_chunks(config):
+    # 41+ valid slots in chunks of 16: three chunks of each (row, kv head) hold slots, and
+    # their merge weighs them by their maxima (the cases above fit one chunk)
+    w = _weights(**SMALL, dtype=torch.float32, bias=False)
+    _run_steps(
+        w, 2, slots=64, kv_len=60, first_slot=40, steps=2, dtype=torch.float32, config=config
+    )
+
+
 def test_decode_step_fp16_tiles_wider_than_the_model():
     # tiles wider than the hidden size (masked rows and columns everywhere) and than a head
     # (a QKV tile over two heads' pairs)
