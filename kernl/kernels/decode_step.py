@@ -56,6 +56,7 @@ from .decode_step_tasks import (
     residual_linear,
     row_sumsq,
     store_normed,
+    wait_until,
 )
 from .launch import is_interpreted, launch_kernel
 from .lm_head_argmax import lm_head_argmax_finish
@@ -103,6 +104,7 @@ def _decode_step_kernel(
     LmCounter,
     Sync,
     GroupReady,
+    QkvReady,
     Trace,
     M,
     num_layers,
@@ -145,6 +147,7 @@ def _decode_step_kernel(
     UP_AHEAD: tl.constexpr,
     FLATTEN: tl.constexpr,
     O_WAITS_GROUP: tl.constexpr,
+    ATT_WAITS_QKV: tl.constexpr,
     ATT_FILL: tl.constexpr,
     TRACE: tl.constexpr,
 ):
@@ -268,7 +271,13 @@ def _decode_step_kernel(
                     HALF,
                     True,
                 )
-        grid_sync(Sync, arrived + G, Tr, 1 + layer * 5 + 0, TRACE)
+                if ATT_WAITS_QKV:  # this tile's pair columns are written: count them by kv group
+                    head = offs_c // HALF  # NH q heads, then KVH k heads, then KVH v heads
+                    grp = tl.where(head < NH, head // GROUP, (head - NH) % KVH)
+                    tl.debug_barrier()  # every thread's stores precede the (release) counts
+                    tl.atomic_add(QkvReady + grp, 1, mask=c_mask, sem="release", scope="gpu")
+        # with ATT_WAITS_QKV each attention task waits for its kv group's QKV columns instead
+        grid_sync(Sync, arrived + G, Tr, 1 + layer * 5 + 0, TRACE, not ATT_WAITS_QKV)
 
         # 2. attention: a chunk of slots per task; a (row, kv head)'s last chunk merges
         pf_o = pid // SPLIT_O * O_N + tl.arange(0, O_N)  # O's first tile streams meanwhile
@@ -279,6 +288,8 @@ def _decode_step_kernel(
             b = (bh // KVH).to(tl.int64)
             h_kv = (bh % KVH).to(tl.int64)
             lo = split * chunk
+            if ATT_WAITS_QKV:  # q, k and v of group h_kv: (GROUP + 2) heads of HALF pairs
+                wait_until(QkvReady + h_kv, (layer + 1) * (GROUP + 2) * HALF, Sync)
             o, m_i, l_i, heads, g_mask, offs_d, d_mask = decode_attention_chunk(
                 Q,
                 K_l,
@@ -476,6 +487,7 @@ def _decode_step_kernel(
         tl.store(Sync + 1, 0)
         for g in tl.static_range(KVH):
             tl.store(GroupReady + g, 0)
+            tl.store(QkvReady + g, 0)
 
 
 # -- host side -----------------------------------------------------------------------------
@@ -548,6 +560,9 @@ class DecodeStepConfig:
     # first gate/up task (0: not): attention and O leave HBM mostly idle, gate/up is the
     # layer's largest op (67 MB at Llama-1B; L2 holds ~50)
     up_ahead_k: int = 0
+    # no barrier between QKV and attention: an attention task waits for its kv group's q, k
+    # and v columns only
+    att_waits_qkv: bool = False
 
     @property
     def max_split(self) -> int:
@@ -597,6 +612,9 @@ def decode_step_configs() -> list[DecodeStepConfig]:
         replace(best, flatten=True),
         # no barrier between attention and O (Llama-1B's 8 kv groups: one O split each)
         replace(best, SPLIT_O=8, o_waits_group=True),
+        # no barrier between QKV and attention, and none between attention and O either
+        replace(best, att_waits_qkv=True),
+        replace(best, SPLIT_O=8, o_waits_group=True, att_waits_qkv=True),
     ]
 
 
@@ -617,7 +635,7 @@ def config_from_pairs(pairs: tuple) -> DecodeStepConfig:
     values = dict(pairs)
     if values and "att_fill" not in values:  # stored before the field: what was timed
         values["att_fill"] = 0
-    for flag in ("flatten", "o_waits_group", "att_fill"):
+    for flag in ("flatten", "o_waits_group", "att_fill", "att_waits_qkv"):
         if flag in values:
             values[flag] = bool(values[flag])
     return DecodeStepConfig(**values)
@@ -638,7 +656,7 @@ def new_step_counters(w: DecodeStepWeights) -> tuple[torch.Tensor, ...]:
     att = torch.zeros(MAX_ROWS * w.num_kv_heads, dtype=torch.int32, device=dev)
     # the barrier's arrivals, the programs out, the flag of a wait that timed out, and each kv
     # group's merged rows (o_waits_group)
-    sync = torch.zeros(3 + w.num_kv_heads, dtype=torch.int32, device=dev)
+    sync = torch.zeros(3 + 2 * w.num_kv_heads, dtype=torch.int32, device=dev)
     return tiles, att, new_workspace(dev), sync
 
 
@@ -783,7 +801,7 @@ def decode_step(
     if config.o_waits_group:
         chunk = -(-NH * D // (config.SPLIT_O * config.BLOCK_K)) * config.BLOCK_K
         assert config.SPLIT_O == KVH and chunk == NH // KVH * D, "o_waits_group: see its doc"
-    assert buffers.sync.numel() == 3 + KVH
+    assert buffers.sync.numel() == 3 + 2 * KVH
     if trace is not None:
         assert not interpreted and trace.dtype == torch.int64
         assert trace.shape == trace_shape(L, programs) and trace.is_contiguous()
@@ -825,7 +843,8 @@ def decode_step(
         bf.best,
         bf.best[MAX_ROWS:],
         bf.sync,
-        bf.sync[3:],
+        bf.sync[3 : 3 + KVH],
+        bf.sync[3 + KVH :],
         trace if trace is not None else bf.sync,
         B,
         L,
@@ -868,6 +887,7 @@ def decode_step(
         UP_AHEAD=0 if interpreted or not config.up_ahead_k else _ahead_lines(config, elem),
         FLATTEN=config.flatten,
         O_WAITS_GROUP=config.o_waits_group,
+        ATT_WAITS_QKV=config.att_waits_qkv,
         ATT_FILL=config.att_fill,
         TRACE=trace is not None,
         num_warps=config.num_warps,

@@ -135,7 +135,7 @@ def decode_step_compiles(config, trace):
     signature |= ptr("Embed", "Cos", "Sin", "AttnNormW", "Wqkv", "Bqkv", "Wo", "MlpNormW")
     signature |= ptr("Wgu", "Wd", "FinalNormW", "LmHead", "KCache", "VCache", "X", "Xn", "Q", "Att")
     signature |= ptr("Hmid", "Logits") | ptr("MidO", "MidM", "MidL", "Partial", "SumSq", t="*fp32")
-    signature |= ptr("AttCounters", "Counters", "Sync", "GroupReady", t="*i32")
+    signature |= ptr("AttCounters", "Counters", "Sync", "GroupReady", "QkvReady", t="*i32")
     signature |= ptr("Ids", "Best", "LmCounter", "Trace", t="*i64")
     signature |= dict.fromkeys(("M", "num_layers", "slots", "kv_len", "vocab"), "i32")
     signature |= {"eps": "fp32", "sm_scale": "fp32", "stride_maskb": "i32", "stride_cos": "i32"}
@@ -148,7 +148,7 @@ def decode_step_compiles(config, trace):
     constants |= dict(HAS_QKV_BIAS=False, PRECISION="tf32", PF_QKV=32, PF_O=8, PF_UP=32)
     constants |= dict(PF_DOWN=16, PF_LM=32, FLATTEN=c.flatten, TRACE=trace, ATT_FILL=c.att_fill)
     constants |= dict(O_WAITS_GROUP=c.o_waits_group, DOWN_BLOCK_K=c.DOWN_BLOCK_K or c.BLOCK_K)
-    constants |= dict(UP_AHEAD=c.up_ahead_k * 2 // 128)
+    constants |= dict(UP_AHEAD=c.up_ahead_k * 2 // 128, ATT_WAITS_QKV=c.att_waits_qkv)
     options = dict(num_warps=c.num_warps, num_stages=c.num_stages, launch_cooperative_grid=True)
     aligned = [n for n, t in signature.items() if t.startswith("*")] + ["slots", "kv_len"]
     compiled = _compile(_decode_step_kernel, signature, constants, options, aligned)

@@ -139,15 +139,26 @@ SPLIT = replace(CONFIG, SPLIT_QKV=2, SPLIT_O=2, SPLIT_UP=3, SPLIT_DOWN=3)
         replace(DecodeStepConfig(), BLOCK_K=32),
         # the down projection's own K block (its third split empty)
         replace(SPLIT, DOWN_BLOCK_K=64),
+        replace(SPLIT, o_waits_group=True, att_waits_qkv=True),
     ],
-    ids=["whole-k", "split-k", "split-k-flat", "o-waits-group", "default-tiles", "down-block-k"],
+    ids=[
+        "whole-k",
+        "split-k",
+        "split-k-flat",
+        "o-waits-group",
+        "default-tiles",
+        "down-block-k",
+        "no-attention-barriers",
+    ],
 )
 def test_decode_step_matches_float64_over_steps(B, bias, config):
     w = _weights(**SMALL, dtype=torch.float32, bias=bias)
     _run_steps(w, B, slots=24, kv_len=20, first_slot=9, steps=3, dtype=torch.float32, config=config)
 
 
-@pytest.mark.parametrize("config", [CONFIG, replace(SPLIT, o_waits_group=True)])
+@pytest.mark.parametrize(
+    "config", [CONFIG, replace(SPLIT, o_waits_group=True), replace(CONFIG, att_waits_qkv=True)]
+)
 def test_decode_step_merges_several_attention_chunks(config):
     # 41+ valid slots in chunks of 16: three chunks of each (row, kv head) hold slots, and
     # their merge weighs them by their maxima (the cases above fit one chunk)
