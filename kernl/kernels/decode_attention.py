@@ -204,28 +204,39 @@ def decode_attention_merge(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    HEADS: tl.constexpr = 1,
 ):
-    """Head h of batch row b: its chunks' partial outputs, weighted by their maxima and sums,
-    as one normalised row of Out (zeros where no slot was attended)."""
+    """Heads h .. h + HEADS - 1 of batch row b: their chunks' partial outputs, weighted by
+    their maxima and sums, as normalised rows of Out (zeros where no slot was attended). The
+    heads at once, so that their loads are in flight together (the persistent step merges a
+    kv group's heads: one after another, they made its merging program the slowest)."""
+    offs_g = tl.arange(0, triton.next_power_of_2(HEADS))
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < num_splits
+    g_mask = offs_g < HEADS
+    gs_mask = g_mask[:, None] & (offs_s < num_splits)[None, :]
     d_mask = offs_d < HEAD_DIM
-    m = tl.load(MidM + b * stride_mb + h * stride_mh + offs_s, mask=s_mask, other=float("-inf"))
-    l = tl.load(MidL + b * stride_mb + h * stride_mh + offs_s, mask=s_mask, other=0.0)
+    heads = h + offs_g
+    ms = b * stride_mb + heads[:, None] * stride_mh + offs_s[None, :]  # [G, S]
+    m = tl.load(MidM + ms, mask=gs_mask, other=float("-inf"))
+    l = tl.load(MidL + ms, mask=gs_mask, other=0.0)
     o = tl.load(
-        MidO + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
-        mask=s_mask[:, None] & d_mask[None, :],
+        MidO
+        + b * stride_ob
+        + heads[:, None, None] * stride_oh
+        + offs_s[None, :, None] * stride_os
+        + offs_d[None, None, :],
+        mask=gs_mask[:, :, None] & d_mask[None, None, :],
         other=0.0,
     )
-    m_max = tl.max(m, 0)
-    w = tl.math.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
-    denom = tl.sum(w * l, 0)
-    out = tl.sum(o * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    m_max = tl.max(m, 1)
+    w = tl.math.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max)[:, None])
+    denom = tl.sum(w * l, 1)
+    out = tl.sum(o * w[:, :, None], 1) / tl.where(denom == 0.0, 1.0, denom)[:, None]
     tl.store(
-        Out + b * stride_outb + h * stride_outh + offs_d * stride_outd,
+        Out + b * stride_outb + heads[:, None] * stride_outh + offs_d[None, :] * stride_outd,
         out.to(Out.dtype.element_ty),
-        mask=d_mask,
+        mask=g_mask[:, None] & d_mask[None, :],
     )
 
 

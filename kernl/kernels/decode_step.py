@@ -14,8 +14,7 @@ helpers of decode_step_tasks.py):
   1. the QKV projection of the RMSNorm'd x, rotary and the KV-cache write in its epilogue
      (norm_linear_rope's tile: half-column pairs of each head);
   2. attention over the cache, a chunk of slots per task; the last chunk of a (row, kv head)
-     to finish merges the chunks of its group's heads (decode_attention's chunk helper,
-     decode_step_tasks.merge_group);
+     to finish merges the chunks of its group's heads at once (decode_attention's helpers);
   3. the O projection plus the residual, written back into the residual stream X;
   4. gate/up of the RMSNorm'd x, silu(gate) * up in the epilogue;
   5. the down projection plus the residual, into X.
@@ -44,11 +43,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_attention import decode_attention_chunk
+from .decode_attention import decode_attention_chunk, decode_attention_merge
 from .decode_step_tasks import (
     grid_sync,
     linear_rows,
-    merge_group,
     norm_pair,
     now_ns,
     prefetch_task,
@@ -328,8 +326,26 @@ def _decode_step_kernel(
             tl.debug_barrier()  # every thread's stores precede the (release) arrival
             done = tl.atomic_add(AttCounters + bh, 1, sem="acq_rel", scope="gpu")
             if done == att_splits - 1:
-                merge_group(
-                    MidO, MidM, MidL, Att, b, h_kv * GROUP, att_splits, NH, ATT_SPLITS, GROUP, D
+                decode_attention_merge(
+                    MidO,
+                    MidM,
+                    MidL,
+                    Att,
+                    b,
+                    h_kv * GROUP,
+                    att_splits,
+                    NH * ATT_SPLITS * D,
+                    ATT_SPLITS * D,
+                    D,
+                    NH * ATT_SPLITS,
+                    ATT_SPLITS,
+                    NQ,
+                    D,
+                    1,
+                    D,
+                    max(16, D),
+                    max(2, ATT_SPLITS),
+                    GROUP,
                 )
                 tl.store(AttCounters + bh, 0)  # ready for the next layer
                 if O_WAITS_GROUP:  # this row's heads of group h_kv are merged

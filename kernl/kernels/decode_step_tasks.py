@@ -255,48 +255,6 @@ def norm_pair(
 
 
 @triton.jit
-def merge_group(
-    MidO,
-    MidM,
-    MidL,
-    Att,
-    b,
-    h0,
-    num_splits,
-    NH: tl.constexpr,
-    ATT_SPLITS: tl.constexpr,
-    GROUP: tl.constexpr,
-    D: tl.constexpr,
-):
-    """decode_attention_merge for the GROUP heads h0.. of row b at once (MidO [B, NH, ATT_SPLITS,
-    D], MidM and MidL [B, NH, ATT_SPLITS], Att [B, NH D]): their loads in flight together. One
-    head after another, each a chain of loads and a store, they made the program that merges
-    the slowest of the attention op."""
-    offs_g = tl.arange(0, triton.next_power_of_2(max(2, GROUP)))
-    offs_s = tl.arange(0, triton.next_power_of_2(max(2, ATT_SPLITS)))
-    offs_d = tl.arange(0, triton.next_power_of_2(max(16, D)))
-    gs_mask = (offs_g < GROUP)[:, None] & (offs_s < num_splits)[None, :]
-    d_mask = offs_d < D
-    gs = (b * NH + h0 + offs_g)[:, None] * ATT_SPLITS + offs_s[None, :]  # [G, S]
-    m = tl.load(MidM + gs, mask=gs_mask, other=float("-inf"))
-    l = tl.load(MidL + gs, mask=gs_mask, other=0.0)
-    o = tl.load(
-        MidO + gs[:, :, None] * D + offs_d[None, None, :],
-        mask=gs_mask[:, :, None] & d_mask[None, None, :],
-        other=0.0,
-    )
-    m_max = tl.max(m, 1)
-    w = tl.math.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max)[:, None])
-    denom = tl.sum(w * l, 1)
-    out = tl.sum(o * w[:, :, None], 1) / tl.where(denom == 0.0, 1.0, denom)[:, None]
-    tl.store(
-        Att + b * (NH * D) + (h0 + offs_g)[:, None] * D + offs_d[None, :],
-        out.to(Att.dtype.element_ty),
-        mask=(offs_g < GROUP)[:, None] & d_mask[None, :],
-    )
-
-
-@triton.jit
 def prefetch_task(W, rows, row_mask, K: tl.constexpr, t, SPLIT: tl.constexpr, BLOCK_K, LINES):
     """Ask L2 for task t's weights (rows [R], their K chunk): LINES 128-byte lines a row."""
     if LINES > 0:
