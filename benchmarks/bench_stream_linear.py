@@ -91,9 +91,8 @@ def _pair_loop(X, NormW, w_rows, u_rows, offs_m, m_mask, k_lo, k_hi, BLOCK_N: tl
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + offs_k
         k_mask = ks < k_hi
-        x = tl.load(  # rows of k_hi (the loop spans whole rows)
-            X + offs_m[:, None] * k_hi + ks[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0)  # fmt: skip
+        x_mask = m_mask[:, None] & k_mask[None, :]
+        x = tl.load(X + offs_m[:, None] * k_hi + ks[None, :], mask=x_mask, other=0.0)  # whole rows
         if MODE == 3:
             h = x
         else:
