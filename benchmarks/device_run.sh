@@ -38,6 +38,8 @@
 #   gpuquick the GPU tests of kernels, runtime and generation only (a smoke run)
 #   persist the persistent decode step's GPU tests, the kernels it shares and its serving path
 #           (forced, from binaries, in a graph), each run bounded
+#   buckets the persistent step served at some decode buckets only (from binaries), and the
+#           config added last, at Llama-1B shapes
 #   step    the persistent decode step's configs at Llama-1B shapes (benchmarks/bench_decode_step.py)
 #   stepx   variants of one persistent step config, batch 1 and 8, with their traces
 #   stream  the persistent step's norm-folded pair loops, norm in or out of the loop
@@ -77,6 +79,9 @@ stage() {
       tests/kernels/test_decode_step.py \
       "tests/generation/test_gpu_generation.py::test_triton_decode_kernels_run_from_binaries_and_match_torch[persistent]" \
       tests/kernels/test_pdl.py tests/kernels/test_decode_attention.py tests/kernels/test_lm_head_argmax.py ;;
+    buckets) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 \
+      tests/generation/test_gpu_generation.py tests/kernels/test_decode_step.py \
+      -k "persistent_buckets or dtype17" ;;
     step) OUT=$RUN timeout 600 python3 benchmarks/bench_decode_step.py ;;
     stepx) STEP_EXPLORE=0 OUT=$RUN timeout 300 python3 benchmarks/bench_decode_step.py ;;
     stream) OUT=$RUN timeout 480 python3 benchmarks/bench_stream_linear.py ;;

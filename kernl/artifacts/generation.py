@@ -165,6 +165,28 @@ def check_step_config(pairs: tuple) -> None:
         seen.add(name)
 
 
+def _checked_step_buckets(entries: Any) -> tuple:
+    """DecodeKernels.step_buckets as tuples (a manifest holds lists), or ValueError: at most
+    256 entries of (batch 1..16, cache slots 1..2**20, config pairs), no bucket twice."""
+    if not isinstance(entries, (list, tuple)) or len(entries) > 256:
+        raise ValueError("DecodeKernels.step_buckets must be a list of at most 256 entries")
+    out, seen = [], set()
+    for e in entries:
+        ok = isinstance(e, (list, tuple)) and len(e) == 3 and isinstance(e[2], (list, tuple))
+        if not ok or not all(isinstance(x, int) and not isinstance(x, bool) for x in e[:2]):
+            raise ValueError(f"DecodeKernels.step_buckets holds {e!r}, not (batch, cache, pairs)")
+        batch, cache = int(e[0]), int(e[1])
+        if not (1 <= batch <= 16 and 1 <= cache <= 1 << 20) or (batch, cache) in seen:
+            raise ValueError(f"DecodeKernels.step_buckets: bucket {batch}x{cache} not allowed")
+        if len(e[2]) > 32:
+            raise ValueError("DecodeKernels.step_buckets: too many config pairs")
+        pairs = tuple(tuple(p) if isinstance(p, list) else p for p in e[2])
+        check_step_config(pairs)
+        seen.add((batch, cache))
+        out.append((batch, cache, pairs))
+    return tuple(out)
+
+
 # The kernels whose launch config the compiler tunes per decode batch (<= 16 rows), and the
 # call sites of a decode step they run at (generation/decoder.py).
 DECODE_TILE_KERNELS: dict[str, tuple[str, ...]] = {
@@ -242,6 +264,9 @@ class DecodeKernels:
     batches of <= 16 rows; the pieces still serve what it does not). Manifests written before
     it existed read as "pieces". step_config: the persistent step's launch config the
     compiler measured best, as (field, value) pairs of DecodeStepConfig (empty: its default).
+    step_buckets: where not empty, the decode buckets the persistent step serves, each
+    (batch, cache slots, config pairs) with its own config; the pieces serve the others
+    (the compiler keeps the persistent step where it timed faster, bucket by bucket).
     tiles: the launch configs the compiler measured best per decode batch (`DecodeTile`;
     decode attention's per cache length too); a kernel with no tile for its batch and site
     (and cache length) runs its default config.
@@ -259,6 +284,7 @@ class DecodeKernels:
     lm_head: str = "torch"
     step: str = "pieces"
     step_config: tuple[tuple[str, int], ...] = ()
+    step_buckets: tuple[tuple[int, int, tuple[tuple[str, int], ...]], ...] = ()
     tiles: tuple[DecodeTile, ...] = ()
     pdl: bool = False
     prefetch: bool = False
@@ -277,6 +303,7 @@ class DecodeKernels:
         if not isinstance(self.step_config, tuple) or len(self.step_config) > 32:
             raise ValueError("DecodeKernels.step_config must be a tuple of (name, value) pairs")
         check_step_config(self.step_config)
+        object.__setattr__(self, "step_buckets", _checked_step_buckets(self.step_buckets))
         if not isinstance(self.tiles, tuple) or len(self.tiles) > 1024:
             raise ValueError("DecodeKernels.tiles must be a tuple of at most 1024 DecodeTile")
         seen = set()
@@ -294,9 +321,23 @@ class DecodeKernels:
         flags = [f for f in ("pdl", "prefetch") if getattr(self, f)]
         if self.step_config:
             flags.append("step_config=" + ",".join(f"{k}={v}" for k, v in self.step_config))
+        if self.step_buckets:
+            flags.append("step_buckets=" + ",".join(f"{b}x{c}" for b, c, _ in self.step_buckets))
         if self.tiles:
             flags.append(f"tiles={len(self.tiles)}")
         return " ".join([pieces, *flags])
+
+    def step_config_for(self, batch: int, cache: int) -> tuple[tuple[str, int], ...] | None:
+        """The config pairs the persistent step runs a `batch`-row step over a `cache`-slot
+        cache on, or None where the pieces serve it."""
+        if self.step != "persistent":
+            return None
+        if not self.step_buckets:
+            return self.step_config
+        for b, c, pairs in self.step_buckets:
+            if (b, c) == (batch, cache):
+                return pairs
+        return None
 
     def tile(self, batch: int, kernel: str, site: str, cache: int = 0) -> DecodeTile | None:
         """The tuned launch config of `kernel` at `site` for a `batch`-row step over a
@@ -519,6 +560,12 @@ def check_generation(
         raise ArtifactCorruptError(
             f"{where}: the causal-LM description is invalid: decode_kernels: {e}"
         ) from None
+    for b, c, _ in kernels.step_buckets:
+        if b not in buckets.batches or c not in buckets.kv_lengths:
+            raise ArtifactCorruptError(
+                f"{where}: the causal-LM description is invalid: decode_kernels: the persistent "
+                f"step at {b}x{c}, not a decode bucket of {buckets.batches} x {buckets.kv_lengths}"
+            )
     for t in kernels.tiles:
         if t.cache and t.cache not in buckets.kv_lengths:
             raise ArtifactCorruptError(

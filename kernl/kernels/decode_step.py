@@ -594,14 +594,16 @@ def decode_step_configs() -> list[DecodeStepConfig]:
     (decode_step_tasks.store_normed), and the step went from 1470 to ~995 µs at batch 1.
     Attention over 16 chunks a (row, kv head) then took 52 µs a layer at batch 8: 4 chunks
     of 64-slot blocks took the batch-8 step from 1.74 to 1.14 ms, and the default takes
-    fewer still where the rows alone give each program a task (att_fill: not yet measured).
+    fewer still where the rows alone give each program a task (att_fill).
     The others: wider down tiles, 16 chunks where the rows allow (long caches), the tiles
-    before the norm moved (wide, deep), QKV unsplit, 4 chunks always, narrower O tiles, two
-    programs per SM, the task loops flattened into their K loops, and one barrier a layer
-    fewer (o_waits_group, for Llama-1B's 8 kv groups). Not yet measured either: the down
-    projection unsplit (no gather: ~3 µs of its 14 a layer over the stream alone), with
-    narrow tiles and long K blocks of its own; and gate/up's first weights asked of L2 while
-    attention and O run (up_ahead_k)."""
+    before the norm moved (wide, deep), QKV unsplit, 4 chunks always, the down projection
+    unsplit or split 2 with long K blocks of its own, gate/up's first weights asked of L2
+    while attention and O run (up_ahead_k), narrower O tiles, two programs per SM, the task
+    loops flattened into their K loops, and fewer barriers a layer (o_waits_group for
+    Llama-1B's 8 kv groups, att_waits_qkv). Their times at batch 1, 4 and 8 over 512 and 2048
+    slots are in docs/performance.md (ninth session): L2 prefetches, flattening and fewer
+    barriers were slower than the default everywhere, two programs per SM but at batch 8
+    over 2048 slots."""
     best = DecodeStepConfig()
     wide = DecodeStepConfig(BLOCK_K=256, num_stages=3, UP_N=32, SPLIT_QKV=1)
     wide = replace(wide, ATT_SPLITS=16, ATT_BLOCK=32, att_fill=False)
@@ -631,14 +633,19 @@ def decode_step_configs() -> list[DecodeStepConfig]:
         # no barrier between QKV and attention, and none between attention and O either
         replace(best, att_waits_qkv=True),
         replace(best, SPLIT_O=8, o_waits_group=True, att_waits_qkv=True),
+        # the fastest at batch 1 over 512 slots, with the chunking of long caches
+        replace(best, DOWN_N=128, ATT_SPLITS=16, ATT_BLOCK=32),
     ]
 
 
 def decode_step_choice_configs() -> list[DecodeStepConfig]:
-    """The few configs the compiler times (each one more build of the whole step per batch
-    specialisation): the fastest on an H200 at batch 1 and 8 (2026-12-01), with wider down
-    tiles, and with the attention chunking that suits long caches better."""
-    return decode_step_configs()[:3]
+    """The few configs the compiler times, each decode bucket then taking the fastest (each
+    is one more build of the whole step per batch). On an H200 (2026-12-01, µs at the last
+    slot of 512 / 2048): down in 32-row tiles split 2 was the fastest at batch 4 and 8 (976 /
+    1118, 1034 / 1293); 128-row down tiles at batch 1 over 512 slots (952); 16 attention
+    chunks at batch 1 over 2048 (1005, with the default down tiles; here with 128-row ones)."""
+    every = decode_step_configs()
+    return [every[8], every[1], every[-1]]
 
 
 def config_pairs(config: DecodeStepConfig) -> tuple[tuple[str, int], ...]:

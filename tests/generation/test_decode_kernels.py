@@ -4,6 +4,7 @@ family, with a batch of mixed prompt lengths (left padding: the slot mask matter
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -203,9 +204,9 @@ def test_choice_keeps_an_alternative_only_when_measurably_faster(artifact):
         ms -= 0.01 if k.lm_head == "triton" else 0.0  # within MIN_GAIN: not kept
         ms += 1.0 if k.step == "persistent" else 0.0  # slower: not kept
         if k.step_config:  # one of its configs fails to launch here: reported, not kept
-            if dict(k.step_config)["DOWN_N"] == 128:
+            if dict(k.step_config)["ATT_SPLITS"] == 16:
                 raise RuntimeError("cooperative launch too large")
-        return ms
+        return [ms]  # the artifact's one decode bucket
 
     chosen, timings = choose_decode_kernels(model, said.append, step_ms=fake_ms)
     mlp = "triton" if gated else "torch"
@@ -238,27 +239,162 @@ def test_choice_keeps_an_alternative_only_when_measurably_faster(artifact):
         ("triton", t, mlp, "fused", "triton", t),
         ("triton", t, mlp, "fused", "fused", t),  # as fast as triton: not kept
         ("triton", t, mlp, "fused", "triton", "triton"),
-    ]
-    if gated:  # the persistent step serves the Llama family only: each of its configs
-        expected += [("triton", t, mlp, "fused", "triton", t)] * len(decode_step_choice_configs())
-    expected += [
         # then every piece on kernl's most fused kernel at once, in case they only pay together
         ("triton", "fused", "triton" if gated else t, "fused", "fused", "triton"),
     ]
+    if gated:  # the persistent step serves the Llama family only: each of its configs, last
+        expected += [("triton", t, mlp, "fused", "triton", t)] * len(decode_step_choice_configs())
     assert k == expected
+    assert all(t.kernels.step == "pieces" for t in timings[: len(timings) - 3 * gated])
     assert "failed (RuntimeError: no kernel for this shape)" in timings[3].describe()
-    assert len(said) == len(timings)
+    assert len(said) == len(timings) + gated  # each timing, and why the persistent step lost
+    if gated:
+        assert said[-1].endswith("not faster than the pieces at any decode bucket")
     failed = [t for t in timings if "cooperative launch too large" in t.describe()]
     assert len(failed) == (1 if gated else 0)
 
 
+@pytest.fixture(scope="module")
+def four_buckets(tmp_path_factory):
+    """A Llama with four decode buckets: batch 1 and 4, over 16 and 32 slots."""
+    out = tmp_path_factory.mktemp("buckets") / "lm.kernl"
+    kernl.compiler.compile(
+        tiny_model("llama3"),
+        "batch=1,4 prompt=8 cache=16,32",
+        out,
+        dtype="fp32",
+        device="cpu",
+        task="causal-lm",
+    )
+    return out
+
+
+@pytest.mark.parametrize("mix_confirms", [True, False])
+def test_the_persistent_step_is_kept_bucket_by_bucket(four_buckets, mix_confirms):
+    """Each decode bucket takes the persistent step on its fastest config where that beats the
+    pieces by MIN_GAIN; the others keep the pieces; the mix is timed once more and kept only
+    if it is faster in total."""
+    from kernl.compiler.tasks.causal_lm.decode_kernels import choose_decode_kernels
+
+    model = kernl.runtime.load(four_buckets)
+    shapes = model.buckets.decode_shapes()
+    assert shapes == [(1, 16), (1, 32), (4, 16), (4, 32)]
+    first, second, third = (config_pairs(c) for c in decode_step_choice_configs())
+    per_config = {  # ms per bucket; the pieces chosen take 10 at each
+        first: [9.5, 10.5, 9.95, 11.0],  # wins at 1x16 (5%); 4x16 within MIN_GAIN
+        second: [9.6, 10.4, 9.0, 12.0],  # wins at 4x16 (10%)
+        third: [9.9, 9.0, 12.0, 10.5],  # wins at 1x32
+    }
+
+    def fake_ms(gen):
+        k = gen.decoder.kernels
+        if k.step == "pieces":
+            return [12.0 - 2.0 * (k.attention == "triton")] * 4
+        if k.step_buckets:  # the mix: what each bucket chose, or slower in total
+            return [9.0 if mix_confirms else 10.5] * 4
+        return per_config[k.step_config]
+
+    said = []
+    chosen, timings = choose_decode_kernels(model, said.append, step_ms=fake_ms)
+    assert chosen.attention == "triton"  # the pieces were chosen first, as always
+    assert [t.kernels.step_config for t in timings[-4:-1]] == [first, second, third]
+    mixed = timings[-1].kernels
+    assert mixed.step == "persistent" and mixed.step_config == ()
+    assert mixed.step_buckets == ((1, 16, first), (1, 32, third), (4, 16, second))
+    line = next(m for m in said if "step_buckets=" in m)
+    assert "step_buckets=1x16,1x32,4x16" in line
+    assert (
+        "(9.000 + 9.000 + 9.000 + 9.000)" if mix_confirms else "10.500 + "
+    ) in line  # each bucket's time is reported
+    assert chosen == (mixed if mix_confirms else dataclasses.replace(mixed, **PIECES))
+    assert ("not faster in total" in said[-1]) is not mix_confirms
+    assert model.decoder.kernels == chosen and not model._steps
+
+
+PIECES = {"step": "pieces", "step_buckets": ()}
+
+
+def test_the_persistent_step_serves_only_its_buckets(four_buckets):
+    """A decoder whose persistent step serves some buckets runs it there, on each bucket's own
+    config, and the pieces elsewhere; every bucket computes the plain torch step."""
+    model = kernl.runtime.load(four_buckets)
+    small = config_pairs(DecodeStepConfig(BLOCK_K=32, SPLIT_DOWN=2))
+    other = config_pairs(DecodeStepConfig(BLOCK_K=32, SPLIT_O=2, flatten=True))
+    k = DecodeKernels(step="persistent", step_buckets=((1, 16, small), (4, 32, other)))
+    assert k.step_config_for(1, 16) == small and k.step_config_for(4, 32) == other
+    assert k.step_config_for(1, 32) is None and k.step_config_for(4, 16) is None
+    assert dataclasses.replace(k, step="pieces").step_config_for(1, 16) is None
+    assert DecodeKernels(step="persistent").step_config_for(4, 16) == ()  # every bucket
+    for batch, prompts in ((1, [5]), (4, [7, 3, 8, 2])):
+        ids, mask = mixed_prompts(batch, prompts)
+        # 6 new tokens stay within the 16-slot bucket; 12 move on to the 32-slot one
+        for new in (6, 12):
+            model.decoder.kernels = DecodeKernels()
+            model._steps.clear()
+            ref = list(
+                model.stream(ids, mask, max_new_tokens=new, eos_token_id=[], output_logits=True)
+            )
+            model.decoder.kernels = k
+            model._steps.clear()
+            model.decoder._step_buffers.clear()
+            out = list(
+                model.stream(ids, mask, max_new_tokens=new, eos_token_id=[], output_logits=True)
+            )
+            ran = {(rows, c.SPLIT_DOWN, c.SPLIT_O) for rows, c in model.decoder._step_buffers}
+            expected = {(1, 2, 4)} if batch == 1 else ({(4, 8, 2)} if new == 12 else set())
+            assert ran == expected
+            for (i, lg), (ri, rlg) in zip(out, ref):
+                assert torch.equal(i, ri)
+                assert (lg - rlg).abs().max() < 1e-4 * max(1.0, rlg.abs().max())
+
+
+def test_a_step_bucket_the_artifact_does_not_have_is_refused(four_buckets, tmp_path):
+    import shutil
+
+    import msgpack
+
+    from kernl.artifacts import ArtifactError, pack_manifest
+
+    pairs = [list(p) for p in config_pairs(DecodeStepConfig())]
+    root = Path(shutil.copytree(four_buckets, tmp_path / "copy"))
+    m = msgpack.unpackb((root / "manifest.msgpack").read_bytes(), raw=False)
+    m["extra"]["decode_kernels"] = {"step": "persistent", "step_buckets": [[4, 32, pairs]]}
+    (root / "manifest.msgpack").write_bytes(pack_manifest(m))
+    model = kernl.runtime.load(root)  # as a manifest stores it: lists
+    assert model.decoder.kernels.step_config_for(4, 32) == config_pairs(DecodeStepConfig())
+    m["extra"]["decode_kernels"]["step_buckets"] = [[2, 32, pairs]]
+    (root / "manifest.msgpack").write_bytes(pack_manifest(m))
+    with pytest.raises(ArtifactError, match="persistent step at 2x32, not a decode bucket"):
+        kernl.runtime.load(root)
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [[1, 16]],
+        [[1, 16, [["BLOCK_K", 48]]]],
+        [[17, 16, []]],
+        [[1, 0, []]],
+        [[True, 16, []]],
+        [[1, 16, []], [1, 16, []]],
+        "1x16",
+        [[1, 16, [["x", 1]] * 33]],
+    ],
+    ids=["short", "bad-config", "too-many-rows", "no-slots", "bool", "twice", "text", "long"],
+)
+def test_malformed_step_buckets_are_refused(entries):
+    with pytest.raises(ValueError, match="step_buckets|step_config"):
+        DecodeKernels.from_dict({"step": "persistent", "step_buckets": entries})
+
+
 def test_step_timing_and_binary_recording_run_on_the_cpu(artifact):
     """The GPU paths' Python on the CPU: eager steps timed, no binaries (interpreter)."""
-    from kernl.compiler.tasks.causal_lm.decode_kernels import _step_ms, record_decode_binaries
+    from kernl.compiler.tasks.causal_lm.decode_kernels import _bucket_ms, record_decode_binaries
 
     model = kernl.runtime.load(artifact)
     model.decoder.kernels = DecodeKernels(attention="triton")
-    assert _step_ms(model, replays=2) > 0
+    ms = _bucket_ms(model, replays=2)
+    assert len(ms) == len(model.buckets.decode_shapes()) and min(ms) > 0
     assert record_decode_binaries(model) == {}
     ids, mask = mixed_prompts(3, [11, 4, 16])
     assert model.generate(ids, mask, max_new_tokens=4).shape == (3, 20)

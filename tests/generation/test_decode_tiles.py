@@ -323,7 +323,9 @@ def test_the_choice_keeps_the_used_tiles_and_pdl_only_when_faster(
         ms = 10.0 - (k.linear == "fused") - (k.lm_head == "triton")  # norm=fused not kept
         ms -= k.attention == "triton"
         ms -= 2.0 if k.pdl and pdl_faster else 0.0
-        return ms - 1.0 if k.prefetch and prefetch_faster else ms
+        ms -= 1.0 if k.prefetch and prefetch_faster else 0.0
+        ms += 5.0 if k.step == "persistent" else 0.0  # slower: not kept
+        return [ms / 2, ms / 2]  # the artifact's two decode buckets
 
     chosen, timings = choose_decode_kernels(
         model, lambda _: None, step_ms=fake_ms, tiles=tiles, try_pdl=True
@@ -332,11 +334,14 @@ def test_the_choice_keeps_the_used_tiles_and_pdl_only_when_faster(
     assert chosen.attention == "triton"
     # norm_linear's and gated_mlp's tiles dropped: the choice runs neither
     assert chosen.tiles == tuple(t for t in tiles if t.kernel not in ("norm_linear", "gated_mlp"))
-    # PDL, then PDL with the prefetch, tried last (no-ops in the interpreter: same logits)
-    assert [(t.kernels.pdl, t.kernels.prefetch) for t in timings[-2:]] == [
+    # PDL, then PDL with the prefetch, tried after the pieces (no-ops in the interpreter: same
+    # logits); then the persistent step on the choice, slower here
+    pieces = [t for t in timings if t.kernels.step == "pieces"]
+    assert [(t.kernels.pdl, t.kernels.prefetch) for t in pieces[-2:]] == [
         (True, False),
         (True, True),
     ]
+    assert timings[-1].kernels.step == "persistent" and chosen.step == "pieces"
     assert chosen.pdl is (pdl_faster or prefetch_faster) and chosen.prefetch is prefetch_faster
     assert model.decoder.kernels == chosen and not model._steps
     no_pdl, _ = choose_decode_kernels(
@@ -352,7 +357,7 @@ def test_a_pdl_trial_that_fails_leaves_the_choice_without_pdl(artifact, monkeypa
 
     def fake_ms(gen):
         k = gen.decoder.kernels
-        return 10.0 - (k.linear == "fused") - 5.0 * k.pdl
+        return [10.0 - (k.linear == "fused") - 5.0 * k.pdl] * 2
 
     def broken(gen, kernels):
         raise RuntimeError("graph capture refused the programmatic edge")

@@ -8,6 +8,7 @@ import torch
 
 import kernl.compiler
 import kernl.runtime
+from kernl.kernels.decode_step import DecodeStepConfig, config_pairs
 
 from .tiny_models import mixed_prompts, tiny_model
 
@@ -51,6 +52,7 @@ def refuse(*args, **kwargs):
     raise AssertionError("Triton compiled a kernel at run time")
 triton.compiler.compile = jit.compile = refuse
 import kernl.runtime
+from kernl.kernels.decode_step import DecodeStepConfig, config_pairs
 model = kernl.runtime.load(sys.argv[1])
 assert model.manifest.kernels, "artifact holds no kernel binaries"
 ids, mask = torch.load(sys.argv[2])
@@ -82,6 +84,14 @@ FORCED["unfolded"] = {**FORCED["fused"], "norm": "triton", "gated_mlp": "triton"
 FORCED["fused_rope"] = {**FORCED["fused"], "rope": "fused"}
 # the whole step in one persistent kernel, launched cooperatively from its binary in a graph
 FORCED["persistent"] = {"step": "persistent"}
+# the persistent step at two decode buckets, each on its own config, the pieces elsewhere
+FORCED["persistent_buckets"] = {
+    "step": "persistent",
+    "step_buckets": [
+        [4, 32, config_pairs(DecodeStepConfig())],
+        [1, 64, config_pairs(DecodeStepConfig(DOWN_N=128, ATT_SPLITS=16, ATT_BLOCK=32))],
+    ],
+}
 
 
 def _does_not_fit(error: str) -> bool:

@@ -226,10 +226,10 @@ class Decoder:
         flag.zero_()
         return True
 
-    def _persistent_decode(self, cache, tokens, positions, slot, kv_valid, ids_out):
+    def _persistent_decode(self, pairs, cache, tokens, positions, slot, kv_valid, ids_out):
         from kernl.kernels.decode_step import DecodeStepBuffers, config_from_pairs, decode_step
 
-        config = config_from_pairs(self.kernels.step_config)
+        config = config_from_pairs(pairs)
         bsz = tokens.shape[0]
         buffers = self._step_buffers.get((bsz, config))
         if buffers is None:  # no buffer here needs initialising: allocated in a capture is fine
@@ -357,12 +357,13 @@ class Decoder:
         written into `ids_out` too (lm_head + argmax in one kernel)."""
         s, kernels = self.spec, self.kernels
         bsz = tokens.shape[0]
-        if kernels.step == "persistent" and self._step_weights is not None and bsz <= FEW_ROWS:
-            logits, _ = self._persistent_decode(cache, tokens, positions, slot, kv_valid, ids_out)
-            return logits, ids_out is not None
+        kv_len = kv_valid.shape[-1]
+        pairs = kernels.step_config_for(bsz, kv_len) if bsz <= FEW_ROWS else None
+        if pairs is not None and self._step_weights is not None:
+            step = self._persistent_decode(pairs, cache, tokens, positions, slot, kv_valid, ids_out)
+            return step[0], ids_out is not None
         nh, kvh, d = s.num_heads, s.num_kv_heads, s.head_dim
         g = nh // kvh
-        kv_len = kv_valid.shape[-1]
         few = bsz <= FEW_ROWS  # kernl's few-rows kernels hold at most 16 rows
         fold = kernels.norm == "fused" and few and self.norm_folds
         triton_norm = kernels.norm != "torch"
