@@ -148,6 +148,7 @@ STEP_CONFIG_FIELDS: dict[str, Any] = {
     "DOWN_BLOCK_K": lambda v: v == 0 or _POW2(16, 1024)(v),
     "up_ahead_k": _RANGE(0, 1 << 16),
     "att_waits_qkv": _RANGE(0, 1),
+    "QKV_PAIRS": _RANGE(0, 256),
 }
 
 

@@ -124,6 +124,7 @@ def _decode_step_kernel(
     I: tl.constexpr,
     BLOCK_K: tl.constexpr,
     QKV_N: tl.constexpr,
+    QKV_P: tl.constexpr,
     O_N: tl.constexpr,
     UP_N: tl.constexpr,
     DOWN_N: tl.constexpr,
@@ -159,7 +160,7 @@ def _decode_step_kernel(
     GROUP: tl.constexpr = NH // KVH
     NQ: tl.constexpr = NH * D  # the attention output's width, the O projection's K
     NQKV: tl.constexpr = (NH + 2 * KVH) * D
-    QKV_TASKS: tl.constexpr = (NQKV // 2 + QKV_N - 1) // QKV_N * SPLIT_QKV
+    QKV_TASKS: tl.constexpr = (NQKV // 2 + QKV_P - 1) // QKV_P * SPLIT_QKV
     O_TASKS: tl.constexpr = (H + O_N - 1) // O_N * SPLIT_O
     UP_TASKS: tl.constexpr = (I + UP_N - 1) // UP_N * SPLIT_UP
     DOWN_TASKS: tl.constexpr = (H + DOWN_N - 1) // DOWN_N * SPLIT_DOWN
@@ -170,7 +171,7 @@ def _decode_step_kernel(
     m_mask = offs_m < M
 
     # the first QKV task's weights are asked for while the embedding rows are copied
-    pf_c, c_mask, cols1, cols2 = qkv_tile(pid // SPLIT_QKV, QKV_N, HALF, D, NQKV)
+    pf_c, c_mask, cols1, cols2 = qkv_tile(pid // SPLIT_QKV, QKV_N, QKV_P, HALF, D, NQKV)
     prefetch_task(Wqkv, cols1, c_mask, H, pid, SPLIT_QKV, BLOCK_K, PF_QKV)
     prefetch_task(Wqkv, cols2, c_mask, H, pid, SPLIT_QKV, BLOCK_K, PF_QKV)
     tok = tl.load(Tokens + offs_m, mask=m_mask, other=0).to(tl.int64)
@@ -199,7 +200,7 @@ def _decode_step_kernel(
 
         # 1. norm -> QKV -> rotary -> q and the cache slot
         for t in tl.range(pid, QKV_TASKS, G, flatten=FLATTEN):
-            offs_c, c_mask, cols1, cols2 = qkv_tile(t // SPLIT_QKV, QKV_N, HALF, D, NQKV)
+            offs_c, c_mask, cols1, cols2 = qkv_tile(t // SPLIT_QKV, QKV_N, QKV_P, HALF, D, NQKV)
             last, acc, acc_u, ss = norm_pair(
                 t,
                 Xn,
@@ -455,7 +456,7 @@ def _decode_step_kernel(
                 next_norm,
             )
         if layer + 1 < num_layers:
-            pf_c, c_mask, cols1, cols2 = qkv_tile(pid // SPLIT_QKV, QKV_N, HALF, D, NQKV)
+            pf_c, c_mask, cols1, cols2 = qkv_tile(pid // SPLIT_QKV, QKV_N, QKV_P, HALF, D, NQKV)
             prefetch_task(W1 + NQKV * H, cols1, c_mask, H, pid, SPLIT_QKV, BLOCK_K, PF_QKV)
             prefetch_task(W1 + NQKV * H, cols2, c_mask, H, pid, SPLIT_QKV, BLOCK_K, PF_QKV)
         else:
@@ -579,6 +580,10 @@ class DecodeStepConfig:
     # no barrier between QKV and attention: an attention task waits for its kv group's q, k
     # and v columns only
     att_waits_qkv: bool = False
+    # the pairs a QKV tile owns, in its QKV_N lanes (0: QKV_N): a QKV op whose task count
+    # fits the grid. Llama-1B's 1536 pairs in tiles of 32, split 2, are 96 tasks for 132 SMs
+    # (a third idle; every other op has 128 tasks); in tiles of 24, 128
+    QKV_PAIRS: int = 0
 
     @property
     def max_split(self) -> int:
@@ -635,6 +640,9 @@ def decode_step_configs() -> list[DecodeStepConfig]:
         replace(best, SPLIT_O=8, o_waits_group=True, att_waits_qkv=True),
         # the fastest at batch 1 over 512 slots, with the chunking of long caches
         replace(best, DOWN_N=128, ATT_SPLITS=16, ATT_BLOCK=32),
+        # the two fastest with QKV in 128 tasks (64 tiles of 24 pairs, split 2), not 96
+        replace(best, DOWN_N=32, SPLIT_DOWN=2, DOWN_BLOCK_K=512, QKV_PAIRS=24),
+        replace(best, DOWN_N=128, QKV_PAIRS=24),
     ]
 
 
@@ -645,7 +653,7 @@ def decode_step_choice_configs() -> list[DecodeStepConfig]:
     1118, 1034 / 1293); 128-row down tiles at batch 1 over 512 slots (952); 16 attention
     chunks at batch 1 over 2048 (1005, with the default down tiles; here with 128-row ones)."""
     every = decode_step_configs()
-    return [every[8], every[1], every[-1]]
+    return [every[8], every[1], every[17]]
 
 
 def config_pairs(config: DecodeStepConfig) -> tuple[tuple[str, int], ...]:
@@ -737,7 +745,7 @@ class DecodeStepBuffers:
 def _most_tiles(w: DecodeStepWeights, c: DecodeStepConfig) -> int:
     """The most tiles any linear op of the step has (each has a split-K counter)."""
     H, I = w.embed.shape[1], w.gate_up.shape[1] // 2  # noqa: E741
-    ops = ((w.qkv.shape[1] // 2, c.QKV_N), (H, c.O_N), (I, c.UP_N), (H, c.DOWN_N))
+    ops = ((w.qkv.shape[1] // 2, c.QKV_PAIRS or c.QKV_N), (H, c.O_N), (I, c.UP_N), (H, c.DOWN_N))
     return max(-(-n // tile) for n, tile in ops)
 
 
@@ -799,7 +807,7 @@ def decode_step(
     V = w.lm_head.shape[0]
     assert 1 <= B <= MAX_ROWS and buffers.x.shape[0] == B and positions.shape == (B,)
     assert NH % KVH == 0 and D % 2 == 0
-    assert buffers.mid_m.shape[2] == config.ATT_SPLITS
+    assert buffers.mid_m.shape[2] == config.ATT_SPLITS and 0 <= config.QKV_PAIRS <= config.QKV_N
     assert buffers.partial.shape[0] >= config.max_split and _most_tiles(w, config) <= MAX_TILES
     assert (
         buffers.sumsq.numel() >= _most_tiles(w, config) * 16 and buffers.xn.shape == buffers.x.shape
@@ -889,6 +897,7 @@ def decode_step(
         I=I,
         BLOCK_K=config.BLOCK_K,
         QKV_N=config.QKV_N,
+        QKV_P=config.QKV_PAIRS or config.QKV_N,
         O_N=config.O_N,
         UP_N=config.UP_N,
         DOWN_N=config.DOWN_N,

@@ -264,9 +264,12 @@ def prefetch_task(W, rows, row_mask, K: tl.constexpr, t, SPLIT: tl.constexpr, BL
 
 
 @triton.jit
-def qkv_tile(tile, QKV_N: tl.constexpr, HALF: tl.constexpr, D: tl.constexpr, NQKV: tl.constexpr):
-    """QKV tile: its half-columns (head c // HALF, element c % HALF; a tile may span heads)
-    and the weight rows of both halves of each pair."""
-    offs_c = tile * QKV_N + tl.arange(0, QKV_N)
+def qkv_tile(
+    tile, QKV_N: tl.constexpr, QKV_P: tl.constexpr, HALF: tl.constexpr, D: tl.constexpr, NQKV
+):  # fmt: skip
+    """QKV tile: its QKV_P half-columns (head c // HALF, element c % HALF; a tile may span
+    heads) in QKV_N lanes, and the weight rows of both halves of each pair."""
+    lane = tl.arange(0, QKV_N)
+    offs_c = tile * QKV_P + lane
     cols1 = (offs_c // HALF) * D + offs_c % HALF
-    return offs_c, offs_c < NQKV // 2, cols1, cols1 + HALF
+    return offs_c, (lane < QKV_P) & (offs_c < NQKV // 2), cols1, cols1 + HALF

@@ -140,6 +140,8 @@ SPLIT = replace(CONFIG, SPLIT_QKV=2, SPLIT_O=2, SPLIT_UP=3, SPLIT_DOWN=3)
         # the down projection's own K block (its third split empty)
         replace(SPLIT, DOWN_BLOCK_K=64),
         replace(SPLIT, o_waits_group=True, att_waits_qkv=True),
+        # QKV tiles of 12 pairs in 16 lanes (the last tile 8 pairs), each split 2
+        replace(SPLIT, QKV_PAIRS=12),
     ],
     ids=[
         "whole-k",
@@ -149,6 +151,7 @@ SPLIT = replace(CONFIG, SPLIT_QKV=2, SPLIT_O=2, SPLIT_UP=3, SPLIT_DOWN=3)
         "default-tiles",
         "down-block-k",
         "no-attention-barriers",
+        "qkv-pairs",
     ],
 )
 def test_decode_step_matches_float64_over_steps(B, bias, config):
