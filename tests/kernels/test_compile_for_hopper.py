@@ -142,6 +142,7 @@ def decode_step_compiles(config, trace):
     signature |= dict.fromkeys(("stride_kl", "stride_kb", "stride_kh", "stride_kn"), "i32")
     c = config
     constants = dict(H=2048, NH=32, KVH=8, D=64, I=8192, BLOCK_K=c.BLOCK_K, QKV_N=c.QKV_N)
+    constants["QKV_P"] = c.QKV_PAIRS or c.QKV_N
     constants |= dict(O_N=c.O_N, UP_N=c.UP_N, DOWN_N=c.DOWN_N, LM_N=c.LM_N)
     constants |= dict(SPLIT_QKV=c.SPLIT_QKV, SPLIT_O=c.SPLIT_O, SPLIT_UP=c.SPLIT_UP)
     constants |= dict(SPLIT_DOWN=c.SPLIT_DOWN, ATT_SPLITS=c.ATT_SPLITS, ATT_BLOCK=c.ATT_BLOCK)
