@@ -387,6 +387,26 @@ def test_malformed_step_buckets_are_refused(entries):
         DecodeKernels.from_dict({"step": "persistent", "step_buckets": entries})
 
 
+def test_the_summary_gives_each_decode_buckets_step_time():
+    from kernl.compiler.tasks.causal_lm.compile import CausalLMReport
+    from kernl.compiler.tasks.causal_lm.decode_kernels import DecodeTiming
+
+    k = DecodeKernels(step="persistent", step_buckets=((1, 512, ()),))
+    report = CausalLMReport(Path("lm.kernl"), "causal-lm", "bf16", "cuda", decode_kernels=k)
+    report.decode_buckets = ["1x512", "1x2048"]
+    report.decode_timings = [
+        DecodeTiming(DecodeKernels(), (1.25, 1.5)),
+        DecodeTiming(k, (0.75, 1.5)),
+        DecodeTiming(DecodeKernels(attention="triton"), None, "RuntimeError: no kernel"),
+    ]
+    lines = report.table().splitlines()
+    start = lines.index("decode step timings, one step per decode bucket, ms (1x512 + 1x2048):")
+    assert lines[start + 1].endswith("step=pieces: 2.750 ms (1.250 + 1.500)")
+    assert lines[start + 2].endswith("step_buckets=1x512: 2.250 ms (0.750 + 1.500)")
+    assert lines[start + 3].endswith("failed (RuntimeError: no kernel)")
+    assert "decode step kernels: " in lines[start + 4] and "step_buckets=1x512" in lines[start + 4]
+
+
 def test_step_timing_and_binary_recording_run_on_the_cpu(artifact):
     """The GPU paths' Python on the CPU: eager steps timed, no binaries (interpreter)."""
     from kernl.compiler.tasks.causal_lm.decode_kernels import _bucket_ms, record_decode_binaries

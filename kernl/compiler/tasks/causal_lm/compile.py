@@ -68,6 +68,7 @@ class CausalLMReport:
     rtol: float = 0.0
     decode_kernels: DecodeKernels = field(default_factory=DecodeKernels)
     decode_timings: list[DecodeTiming] = field(default_factory=list)
+    decode_buckets: list[str] = field(default_factory=list)  # "batch x cache", as timed
     tile_timings: list[TileTiming] = field(default_factory=list)
     num_binaries: int = 0
 
@@ -91,7 +92,8 @@ class CausalLMReport:
                 f"{cached} sites from the tuning cache"
             )
         if self.decode_timings:
-            lines.append("decode step timings (all decode buckets, one step each):")
+            each = " + ".join(self.decode_buckets)
+            lines.append(f"decode step timings, one step per decode bucket, ms ({each}):")
             lines += [f"  {t.describe()}" for t in self.decode_timings]
         lines.append(
             f"decode step kernels: {self.decode_kernels.describe()}; "
@@ -164,6 +166,7 @@ def compile_causal_lm(
                 gen.decoder, gb.batches, say, kv_lengths=tuple(gb.kv_lengths)
             )
             say("choosing the decode step's kernels by timing")
+            report.decode_buckets = [f"{b}x{k}" for b, k in gen.buckets.decode_shapes()]
             chosen, report.decode_timings = choose_decode_kernels(gen, say, tiles=tiles)
         else:
             chosen = DecodeKernels()
