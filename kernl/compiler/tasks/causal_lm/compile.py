@@ -165,8 +165,9 @@ def compile_causal_lm(
             tiles, report.tile_timings = tune_decode_tiles(
                 gen.decoder, gb.batches, say, kv_lengths=tuple(gb.kv_lengths)
             )
-            say("choosing the decode step's kernels by timing")
             report.decode_buckets = [f"{b}x{k}" for b, k in gen.buckets.decode_shapes()]
+            each = " + ".join(report.decode_buckets)
+            say(f"choosing the decode step's kernels by timing (ms: the sum, then {each})")
             chosen, report.decode_timings = choose_decode_kernels(gen, say, tiles=tiles)
         else:
             chosen = DecodeKernels()
