@@ -4,6 +4,8 @@ weights), for each config of `decode_step_configs()`, batch 1, 4 and 8, a cache 
 2048 slots (the step at the last slot: attention reads the whole cache).
 
     python benchmarks/bench_decode_step.py        # JSON to $OUT/bench_decode_step.json
+    STEP_CONFIGS=1,8,17,18,19 STEP_NO_DIAGNOSTIC=1 python benchmarks/bench_decode_step.py
+                                                  # those configs only, no layer diagnostic
 
 Each case: one step captured in a CUDA graph, replayed 30 times to warm up, then the median
 of 200 replays timed one by one with CUDA events. GB/s counts the weight bytes a step must
@@ -234,10 +236,18 @@ def main() -> None:
     for c in checks:
         print("check", c, flush=True)
     rows = []
+    # STEP_CONFIGS=1,8,18 times those configs only (the L2 prefetch variant with 0 among them)
+    chosen = os.environ.get("STEP_CONFIGS")
+    indices = [int(i) for i in chosen.split(",")] if chosen else None
     for B in (1, 4, 8):
         for slots in (512, 2048):
-            variants = [(i, c, False) for i, c in enumerate(decode_step_configs())]
-            variants.append((0, decode_step_configs()[0], True))  # what the L2 prefetch buys
+            variants = [
+                (i, c, False)
+                for i, c in enumerate(decode_step_configs())
+                if indices is None or i in indices
+            ]
+            if indices is None or 0 in indices:  # what the L2 prefetch buys
+                variants.append((0, decode_step_configs()[0], True))
             for index, config, prefetch in variants:
                 try:
                     ms = time_step(w, B, slots, config, prefetch)
@@ -259,6 +269,10 @@ def main() -> None:
     # on the config fastest at batch 1 over 512 slots
     timed = [r for r in rows if (r["batch"], r["slots"], r["prefetch"]) == (1, 512, False)]
     best = decode_step_configs()[min(timed, key=lambda r: r["ms"])["index"] if timed else 0]
+    if os.environ.get("STEP_NO_DIAGNOSTIC"):  # the configs' times only
+        with open(os.path.join(out, "bench_decode_step.json"), "w") as f:
+            json.dump({"info": info, "checks": checks, "rows": rows}, f, indent=1)
+        return
     print("layers diagnostic on", best, flush=True)
     for n in (2, 8):
         part = DecodeStepWeights(

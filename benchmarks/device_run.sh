@@ -41,6 +41,7 @@
 #   buckets the persistent step served at some decode buckets only (from binaries), and the
 #           config added last, at Llama-1B shapes
 #   step    the persistent decode step's configs at Llama-1B shapes (benchmarks/bench_decode_step.py)
+#   stepnew the compiler's three choice configs and the two QKV_PAIRS configs only (~2 min)
 #   stepx   variants of one persistent step config, batch 1 and 8, with their traces
 #   stream  the persistent step's norm-folded pair loops, norm in or out of the loop
 #           (benchmarks/bench_stream_linear.py)
@@ -83,6 +84,8 @@ stage() {
       tests/generation/test_gpu_generation.py tests/kernels/test_decode_step.py \
       -k "persistent_buckets or dtype17" ;;
     step) OUT=$RUN timeout 600 python3 benchmarks/bench_decode_step.py ;;
+    stepnew) STEP_CONFIGS=1,8,17,18,19 STEP_NO_DIAGNOSTIC=1 OUT=$RUN timeout 300 \
+      python3 benchmarks/bench_decode_step.py ;;
     stepx) STEP_EXPLORE=0 OUT=$RUN timeout 300 python3 benchmarks/bench_decode_step.py ;;
     stream) OUT=$RUN timeout 480 python3 benchmarks/bench_stream_linear.py ;;
     streamsweep) STREAM_PART=sweep OUT=$RUN timeout 480 python3 benchmarks/bench_stream_linear.py ;;
