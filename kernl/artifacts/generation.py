@@ -166,6 +166,17 @@ def check_step_config(pairs: tuple) -> None:
         seen.add(name)
 
 
+def _checked_pairs(pairs: Any) -> tuple:
+    """A step config's (name, value) pairs as tuples (a manifest or a user's dict holds lists),
+    at most 32 of them, each checked (check_step_config); else ValueError."""
+    if isinstance(pairs, list):
+        pairs = tuple(tuple(p) if isinstance(p, list) else p for p in pairs)
+    if not isinstance(pairs, tuple) or len(pairs) > 32:
+        raise ValueError("DecodeKernels.step_config must be a tuple of (name, value) pairs")
+    check_step_config(pairs)
+    return pairs
+
+
 def _checked_step_buckets(entries: Any) -> tuple:
     """DecodeKernels.step_buckets as tuples (a manifest holds lists), or ValueError: at most
     256 entries of (batch 1..16, cache slots 1..2**20, config pairs), no bucket twice."""
@@ -179,12 +190,8 @@ def _checked_step_buckets(entries: Any) -> tuple:
         batch, cache = int(e[0]), int(e[1])
         if not (1 <= batch <= 16 and 1 <= cache <= 1 << 20) or (batch, cache) in seen:
             raise ValueError(f"DecodeKernels.step_buckets: bucket {batch}x{cache} not allowed")
-        if len(e[2]) > 32:
-            raise ValueError("DecodeKernels.step_buckets: too many config pairs")
-        pairs = tuple(tuple(p) if isinstance(p, list) else p for p in e[2])
-        check_step_config(pairs)
         seen.add((batch, cache))
-        out.append((batch, cache, pairs))
+        out.append((batch, cache, _checked_pairs(list(e[2]))))
     return tuple(out)
 
 
@@ -298,12 +305,7 @@ class DecodeKernels:
             raise ValueError("DecodeKernels.pdl and .prefetch must be bools")
         if self.prefetch and not self.pdl:
             raise ValueError("DecodeKernels.prefetch needs pdl (it runs before the PDL wait)")
-        if isinstance(self.step_config, list):  # as a manifest or a user's dict holds it
-            pairs = tuple(tuple(p) if isinstance(p, list) else p for p in self.step_config)
-            object.__setattr__(self, "step_config", pairs)
-        if not isinstance(self.step_config, tuple) or len(self.step_config) > 32:
-            raise ValueError("DecodeKernels.step_config must be a tuple of (name, value) pairs")
-        check_step_config(self.step_config)
+        object.__setattr__(self, "step_config", _checked_pairs(self.step_config))
         object.__setattr__(self, "step_buckets", _checked_step_buckets(self.step_buckets))
         if not isinstance(self.tiles, tuple) or len(self.tiles) > 1024:
             raise ValueError("DecodeKernels.tiles must be a tuple of at most 1024 DecodeTile")
