@@ -44,12 +44,54 @@ class ModelOutput(dict):
         return tuple(self.values())
 
 
+class _BlockCheck:
+    """The range check of one block of static inputs, on the device: (min, max) of every row
+    (one input each) in one reduction, then every id clamped into its table in one kernel,
+    so the run reads no memory it does not own. The (min, max) pairs then go to the host
+    without blocking it; `_raise_if_out_of_range` reads them after the replay is queued.
+    Three kernels and a copy whatever the number of inputs (one reduction and one clamp per
+    input cost two launches each, on the host's critical path before the replay)."""
+
+    def __init__(self, block: torch.Tensor, checked: list[tuple[str, int, int]]):
+        self.block = block
+        self.checked = checked  # (input, its table's size, its row in the block)
+        rows = block.shape[0]
+        info = torch.iinfo(block.dtype)
+        low = torch.full((rows, 1, 1), info.min, dtype=block.dtype)
+        high = torch.full((rows, 1, 1), info.max, dtype=block.dtype)
+        for _, size, row in checked:
+            low[row], high[row] = 0, size - 1
+        self.low, self.high = low.to(block.device), high.to(block.device)
+        self.found = torch.empty((2, rows), dtype=block.dtype, device=block.device)
+        self._found_rows = tuple(self.found.unbind(0))  # aminmax's out=, made once
+        on_cuda = block.device.type == "cuda"
+        self.found_host = self.found.cpu().pin_memory() if on_cuda else self.found
+
+    @classmethod
+    def of(cls, block: torch.Tensor, names: list[str], ranges: Mapping[str, int]):
+        checked = [(name, ranges[name], row) for row, name in enumerate(names) if name in ranges]
+        return cls(block, checked) if checked else None
+
+    def run(self) -> None:
+        torch.aminmax(self.block.view(self.block.shape[0], -1), dim=1, out=self._found_rows)
+        self.block.clamp_(self.low, self.high)
+        if self.found_host is not self.found:
+            self.found_host.copy_(self.found, non_blocking=True)
+
+
 class _BucketRunner:
     """One bucket: its static input buffers, its graph and, on CUDA, a pinned host twin of
     the input buffers. The buffers of one dtype are rows of one block (kernl's encoders take
     int64 alone), so inputs from the CPU go in with one copy."""
 
-    def __init__(self, bucket: Bucket, executor: Executor, manifest: Manifest, device):
+    def __init__(
+        self,
+        bucket: Bucket,
+        executor: Executor,
+        manifest: Manifest,
+        device,
+        ranges: Mapping[str, int] | None = None,
+    ):
         self.bucket = bucket
         self.executor = executor
         shape = (bucket.batch, bucket.seq)
@@ -59,14 +101,20 @@ class _BucketRunner:
         # (block on the device, where CPU inputs are padded: the block itself on the CPU, a
         # pinned twin on CUDA, copied in without blocking the host)
         self.blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.block_names: list[list[str]] = []  # the input held by each row of each block
+        self.checks: list[_BlockCheck] = []  # the range check of inputs from the device
         static, host = {}, {}
         for dtype, specs in by_dtype.items():
             block = torch.empty((len(specs), *shape), dtype=getattr(torch, dtype), device=device)
             twin = block if device.type == "cpu" else block.cpu().pin_memory()
             self.blocks.append((block, twin))
+            self.block_names.append([spec.name for spec in specs])
             for spec, buf, staged in zip(specs, block.unbind(0), twin.unbind(0)):
                 buf.fill_(spec.pad_value)
                 static[spec.name], host[spec.name] = buf, staged
+            check = _BlockCheck.of(block, self.block_names[-1], ranges or {})
+            if check is not None:
+                self.checks.append(check)
         self.static_inputs = {spec.name: static[spec.name] for spec in manifest.inputs}
         self.host_inputs = {spec.name: host[spec.name] for spec in manifest.inputs}
         # Marks the copy out of the twins: they are rewritten only once it has read them.
@@ -128,14 +176,12 @@ class CompiledModel:
         self._positional = [n for n in POSITIONAL_INPUTS if n in self._inputs]
         self._output_names = self.output_names
         self._bucket_of: dict[tuple[int, int], Bucket] = {}
-        # Where the device-side range check of GPU inputs lands: (min, max) per input.
-        self._stats_host = torch.empty(2 * len(self._ranges), dtype=torch.int64)
-        self._checked: torch.cuda.Event | None = None  # marks that copy
-        if device.type == "cuda":
-            self._stats_host = self._stats_host.pin_memory()
-            self._checked = torch.cuda.Event()
+        # Marks the copy of the device-side range check's results to the host.
+        self._checked = torch.cuda.Event() if device.type == "cuda" else None
         self._runners = {
-            p.bucket: _BucketRunner(p.bucket, Executor(p, weights, device), manifest, device)
+            p.bucket: _BucketRunner(
+                p.bucket, Executor(p, weights, device), manifest, device, self._ranges
+            )
             for p in programs
         }
         # Smallest first: a call takes the first bucket that holds it.
@@ -197,7 +243,7 @@ class CompiledModel:
                 # Waits for the range check only, queued before the replay: the GPU is busy
                 # with the graph meanwhile. Out-of-range ids were clamped on their way in, so
                 # the graph read no memory it does not own; its outputs are dropped here.
-                _raise_if_out_of_range(*check)
+                _raise_if_checks_failed(*check)
         return result
 
     def _on_device(self, tensors: dict[str, torch.Tensor]) -> bool:
@@ -222,24 +268,29 @@ class CompiledModel:
         for name, t in tensors.items():
             size = self._ranges.get(name)
             if size is not None:
-                _raise_if_out_of_range([(name, size)], torch.stack(torch.aminmax(t)), None)
+                lo, hi = torch.aminmax(t)
+                _raise_if_out_of_range([(name, size, 0)], [[int(lo)], [int(hi)]])
         if runner.staged is not None:
             runner.staged.synchronize()  # the previous call's copy has read the twin
         exact = batch == runner.bucket.batch and seq == runner.bucket.seq
-        for name, buf in runner.host_inputs.items():
-            spec = self._inputs[name]
-            src = tensors.get(name)
-            region = buf if exact else buf[:batch, :seq]
-            if not exact:
-                buf.fill_(spec.pad_value)
-            if src is not None:
-                region.copy_(src)
-            else:
-                region.fill_(1 if spec.default == "ones" else 0)
-            if name == "attention_mask" and batch < runner.bucket.batch:
-                # Rows that only pad the batch attend to everything: no fully masked softmax
-                # (NaN) anywhere, and real rows never see them.
-                buf[batch:].fill_(1)
+        for (_, twin), names in zip(runner.blocks, runner.block_names):
+            srcs = [tensors.get(name) for name in names]
+            if exact and all(src is not None and src.dtype == twin.dtype for src in srcs):
+                torch.stack(srcs, out=twin)  # one op for a tokenizer's whole output
+                continue
+            for name, src in zip(names, srcs):
+                spec, buf = self._inputs[name], runner.host_inputs[name]
+                region = buf if exact else buf[:batch, :seq]
+                if not exact:
+                    buf.fill_(spec.pad_value)
+                if src is not None:
+                    region.copy_(src)
+                else:
+                    region.fill_(1 if spec.default == "ones" else 0)
+                if name == "attention_mask" and batch < runner.bucket.batch:
+                    # Rows that only pad the batch attend to everything: no fully masked
+                    # softmax (NaN) anywhere, and real rows never see them.
+                    buf[batch:].fill_(1)
         runner.filled.clear()  # every static buffer is rewritten (on the CPU, right here)
         if runner.staged is not None:  # on the CPU the twins are the static buffers
             for block, twin in runner.blocks:
@@ -248,54 +299,54 @@ class CompiledModel:
 
     def _copy_in_device(
         self, runner, tensors: dict[str, torch.Tensor], batch: int, seq: int
-    ) -> tuple[list[tuple[str, int]], torch.Tensor | None, torch.cuda.Event | None]:
+    ) -> tuple[list[_BlockCheck], torch.cuda.Event | None]:
         """Inputs on the device: copied in and range-checked there, without blocking the host.
-        An id outside its table is clamped into it on the way in (an embedding lookup out of
-        bounds is a device-side fault that ends the CUDA context) and reported after the
-        replay by _raise_if_out_of_range, which takes what this returns."""
-        bucket = runner.bucket
-        exact = batch == bucket.batch and seq == bucket.seq
-        checked: list[tuple[str, int]] = []
-        stats: list[torch.Tensor] = []
-        for name, buf in runner.static_inputs.items():
-            spec = self._inputs[name]
-            src = tensors.get(name)
-            if src is None:
-                key = ("default", batch, seq)
-                if runner.filled.get(name) == key:
-                    continue  # still holds this default from the last call of this shape
+        An id outside its table is clamped into it (an embedding lookup out of bounds is a
+        device-side fault that ends the CUDA context) and reported after the replay by
+        _raise_if_checks_failed, which takes what this returns.
+
+        Each launch here is host time before the replay, which the caller waits through: a
+        call of the bucket's exact shape with every input of a block (a tokenizer's output
+        moved to the GPU) goes in with one stack, then one check per block."""
+        exact = batch == runner.bucket.batch and seq == runner.bucket.seq
+        for (block, _), names in zip(runner.blocks, runner.block_names):
+            srcs = [tensors.get(name) for name in names]
+            if exact and all(
+                src is not None and src.dtype == block.dtype and src.device == block.device
+                for src in srcs
+            ):
+                torch.stack(srcs, out=block)
+                for name in names:
+                    runner.filled.pop(name, None)
+                continue
+            for name, src in zip(names, srcs):
+                self._copy_row_in(runner, name, src, batch, seq, exact)
+        for check in runner.checks:
+            check.run()
+        if not runner.checks or self._checked is None:
+            return runner.checks, None
+        self._checked.record()  # read before the lock is released: one event serves all calls
+        return runner.checks, self._checked
+
+    def _copy_row_in(self, runner, name: str, src, batch: int, seq: int, exact: bool) -> None:
+        """One input into its static buffer on the device: the call's values (or its default)
+        in the top-left corner, the pad value around them."""
+        spec, buf = self._inputs[name], runner.static_inputs[name]
+        if src is None:
+            key = ("default", batch, seq)
+            if runner.filled.get(name) != key:  # else it holds this default from the last call
                 buf.fill_(spec.pad_value)
                 buf[:batch, :seq].fill_(1 if spec.default == "ones" else 0)
                 runner.filled[name] = key
-            else:
-                runner.filled.pop(name, None)
-                if src.device != buf.device:
-                    src = src.to(buf.device)
-                if not exact:
-                    buf.fill_(spec.pad_value)
-                region = buf if exact else buf[:batch, :seq]
-                size = self._ranges.get(name)
-                if size is None:
-                    region.copy_(src, non_blocking=True)
-                else:
-                    checked.append((name, size))
-                    stats += torch.aminmax(src)
-                    if src.dtype == region.dtype:
-                        torch.clamp(src, 0, size - 1, out=region)
-                    else:
-                        region.copy_(src)
-                        region.clamp_(0, size - 1)
-            if name == "attention_mask" and batch < bucket.batch:
-                buf[batch:].fill_(1)  # as in _copy_in_host
-        if not checked:
-            return checked, None, None
-        found = torch.stack(stats)
-        if found.device.type == "cpu":
-            return checked, found, None
-        host = self._stats_host[: found.numel()]
-        host.copy_(found, non_blocking=True)
-        self._checked.record()  # read before the lock is released: one event serves all calls
-        return checked, host, self._checked
+        else:
+            runner.filled.pop(name, None)
+            if src.device != buf.device:
+                src = src.to(buf.device)
+            if not exact:
+                buf.fill_(spec.pad_value)
+            (buf if exact else buf[:batch, :seq]).copy_(src, non_blocking=True)
+        if name == "attention_mask" and batch < runner.bucket.batch:
+            buf[batch:].fill_(1)  # as in _copy_in_host
 
     def _check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Types, devices and shapes of the call's inputs (their ranges are checked where they
@@ -361,19 +412,24 @@ def _positional(args: tuple, inputs: dict[str, Any], order: list[str]) -> dict[s
 
 
 def _raise_if_out_of_range(
-    checked: list[tuple[str, int]], found: torch.Tensor | None, done: torch.cuda.Event | None
+    checked: list[tuple[str, int, int]], found: torch.Tensor | list[list[int]]
 ) -> None:
-    """`found` holds (min, max) of each checked input, in order; `done` marks its copy to the
-    host (None: it is already there)."""
-    if found is None:
-        return
-    if done is not None:
-        done.synchronize()
-    values = found.tolist()
-    for i, (name, size) in enumerate(checked):
-        lo, hi = values[2 * i], values[2 * i + 1]
+    """`checked` holds (input, its table's size, its column in `found`); `found` holds the
+    minima in its first row, the maxima in its second."""
+    lows, highs = found.tolist() if isinstance(found, torch.Tensor) else found
+    for name, size, row in checked:
+        lo, hi = lows[row], highs[row]
         if lo < 0 or hi >= size:
             raise ValueError(f"{name} must lie in [0, {size}); got values in [{lo}, {hi}]")
+
+
+def _raise_if_checks_failed(checks: list[_BlockCheck], done: torch.cuda.Event | None) -> None:
+    """After the replay is queued: waits for the device-side checks' results (`done` marks
+    their copy to the host; None: they are already there) and raises on the first bad input."""
+    if done is not None:
+        done.synchronize()
+    for check in checks:
+        _raise_if_out_of_range(check.checked, check.found_host)
 
 
 def _config_int(config: dict, key: str) -> int | None:

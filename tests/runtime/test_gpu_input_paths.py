@@ -37,12 +37,17 @@ def served(tmp_path_factory):
     return model.cuda(), kernl.runtime.load(artifact, device="cuda")
 
 
-def _inputs(b, s, seed=0):
+def _inputs(b, s, seed=0, types=False):
+    """A tokenizer's output; with `types`, token_type_ids too: every input of the model, so a
+    call of a bucket's exact shape from the GPU goes in by one stack."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, 30000, (b, s), generator=g)
     mask = torch.ones_like(ids)
     mask[-1, s // 2 :] = 0
-    return dict(input_ids=ids, attention_mask=mask)
+    x = dict(input_ids=ids, attention_mask=mask)
+    if types:
+        x["token_type_ids"] = (torch.arange(s) >= s // 3).long().expand(b, s).contiguous()
+    return x
 
 
 def _want(model, inputs):
@@ -51,10 +56,11 @@ def _want(model, inputs):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("types", [False, True])
 @pytest.mark.parametrize("shape", [(1, 16), (3, 50), (4, 64)])
-def test_cpu_and_gpu_inputs_give_the_same_outputs_as_eager(served, shape):
+def test_cpu_and_gpu_inputs_give_the_same_outputs_as_eager(served, shape, types):
     model, compiled = served
-    x = _inputs(*shape)
+    x = _inputs(*shape, types=types)
     from_cpu = compiled(**x).last_hidden_state
     from_gpu = compiled(**{k: v.cuda() for k, v in x.items()}).last_hidden_state
     assert torch.equal(from_cpu, from_gpu)
@@ -63,12 +69,13 @@ def test_cpu_and_gpu_inputs_give_the_same_outputs_as_eager(served, shape):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("where", ["cpu", "cuda"])
-def test_no_sync_before_the_replay(served, where):
+@pytest.mark.parametrize("shape", [(3, 50), (4, 64)])
+def test_no_sync_before_the_replay(served, where, shape):
     """torch's sync debug mode raises on every synchronising call it knows (.item(), tolist,
     blocking copies): a call must make none. (Waiting on the range check's event after the
     replay is not one of them.)"""
     _, compiled = served
-    x = {k: v.to(where) for k, v in _inputs(3, 50).items()}
+    x = {k: v.to(where) for k, v in _inputs(*shape, types=True).items()}
     compiled(**x)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -96,4 +103,19 @@ def test_an_out_of_range_id_is_refused_and_the_model_stays_usable(served, where,
     torch.cuda.synchronize()  # no device-side assert is pending
     x = _inputs(1, 2, seed=3)
     got = compiled(**{k: v.to(where) for k, v in x.items()}).last_hidden_state
+    assert (got - _want(model, x)).abs().max().item() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, bad", [("input_ids", 10**6), ("token_type_ids", 7)])
+def test_an_out_of_range_id_in_a_full_call_of_a_buckets_shape_is_refused(served, name, bad):
+    """The one-stack path from the GPU (every input, the bucket's exact shape) is checked too."""
+    model, compiled = served
+    x = {k: v.cuda() for k, v in _inputs(4, 64, seed=5, types=True).items()}
+    x[name][2, 7] = bad
+    with pytest.raises(ValueError, match=f"{name} must lie in .*{bad}"):
+        compiled(**x)
+    torch.cuda.synchronize()
+    x = _inputs(4, 64, seed=6, types=True)
+    got = compiled(**{k: v.cuda() for k, v in x.items()}).last_hidden_state
     assert (got - _want(model, x)).abs().max().item() < 1e-3

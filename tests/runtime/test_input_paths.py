@@ -72,6 +72,7 @@ CALLS = {
         zip(("input_ids", "attention_mask", "token_type_ids"), _masked(1, 11, 3))
     ),
     "padded batch": lambda: dict(zip(("input_ids", "attention_mask"), _masked(1, 16, 4))),
+    "exact bucket, every input": lambda: _full(2, 16, 16),
     "defaults": lambda: dict(input_ids=_ids(2, 5, 5)),
     "int32 ids, bool mask": lambda: dict(
         input_ids=_ids(2, 7, 6).int(),
@@ -174,3 +175,59 @@ def test_the_bucket_of_a_shape_is_remembered(served):
     with pytest.raises(ValueError, match="larger than every bucket"):
         compiled.select_bucket(3, 5)
     assert (3, 5) not in compiled._bucket_of
+
+
+def _full(b, s, seed):
+    ids, mask, types = _masked(b, s, seed)
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=types)
+
+
+@pytest.mark.parametrize(
+    "name, bad",
+    [("input_ids", 120), ("input_ids", -3), ("token_type_ids", 2), ("attention_mask", 5)],
+)
+def test_a_full_call_of_a_buckets_shape_is_checked_on_the_device(name, bad, served, monkeypatch):
+    """Every input given at the bucket's exact shape: the device path copies them in with one
+    stack (the fast path), and the check still clamps and reports each of them."""
+    model, compiled = served
+    monkeypatch.setattr(compiled, "_on_device", lambda tensors: True)
+    _check(model, compiled, **_full(2, 16, 12))
+    inputs = _full(2, 16, 13)
+    inputs[name][1, 3] = bad
+    runner = compiled._runners[compiled.select_bucket(2, 16)]
+    seen = []
+    run = runner.run
+    monkeypatch.setattr(runner, "run", lambda: seen.append(runner.blocks[0][0].clone()) or run())
+    with pytest.raises(ValueError, match=rf"{name} must lie in \[0, .*got values in \[.*{bad}"):
+        compiled(**inputs)
+    row = runner.block_names[0].index(name)
+    size = {"input_ids": 120, "token_type_ids": 2, "attention_mask": 2}[name]
+    assert torch.equal(seen[0][row], inputs[name].clamp(0, size - 1))
+    _check(model, compiled, **_full(2, 16, 14))
+
+
+@pytest.mark.parametrize(
+    "on_device, want",
+    [
+        (True, {"aten::stack": 1, "aten::aminmax": 1, "aten::clamp_": 1, "aten::copy_": 0}),
+        (False, {"aten::stack": 1, "aten::aminmax": 3, "aten::clamp_": 0, "aten::copy_": 0}),
+    ],
+)
+def test_a_full_call_takes_a_fixed_number_of_ops_before_the_replay(
+    on_device, want, served, monkeypatch
+):
+    """The host launches each op before the replay while the caller waits: a full call of a
+    bucket's shape goes in with one stack and, from the device, is checked by one reduction
+    and one clamp, not two ops per input."""
+    from torch.profiler import profile
+
+    model, compiled = served
+    monkeypatch.setattr(compiled, "_on_device", lambda tensors: on_device)
+    runner = compiled._runners[compiled.select_bucket(2, 16)]
+    monkeypatch.setattr(runner, "run", lambda: [])
+    monkeypatch.setattr(compiled, "_output_names", [])
+    inputs = _full(2, 16, 15)
+    with profile() as prof:
+        compiled(**inputs)
+    ops = [e.name for e in prof.events() if e.name.startswith("aten::")]
+    assert {n: ops.count(n) for n in want} == want, ops
