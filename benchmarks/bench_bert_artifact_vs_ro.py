@@ -1,0 +1,72 @@
+"""An existing BERT-base fp16 artifact against torch.compile(mode="reduce-overhead"), interleaved
+in one process: kernl with inputs on the GPU, reduce-overhead, kernl with inputs on the CPU,
+three rounds per shape, the median of each (200 calls between CUDA events, host synchronised
+between calls). Quicker than bench_bert_fusions.py when an artifact already exists (no compile,
+no profiler); the device's host speed moves between runs, so compare within one run only.
+
+    python benchmarks/bench_bert_artifact_vs_ro.py /tmp/bench_bert_fusions_*/bert.kernl
+
+The reference model is BertModel(BertConfig()) with random weights (seed 0), fp16: timing
+only (bench_bert_fusions.py checks accuracy)."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+
+import torch
+import transformers as T
+
+import kernl.runtime as rt
+
+SHAPES = [(1, 16), (1, 128), (8, 128), (32, 128), (8, 512)]
+
+
+def time_ms(fn, iters: int = 200) -> float:
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main(artifact: str) -> None:
+    compiled = rt.load(artifact)
+    torch.manual_seed(0)
+    model = T.BertModel(T.BertConfig()).eval().half().cuda()
+    g = torch.Generator().manual_seed(0)
+    print("shape  kernl GPU-in ms  r-o ms  kernl CPU-in ms  vs r-o (GPU in / CPU in)  rounds")
+    for b, s in SHAPES:
+        ids = torch.randint(1000, 30000, (b, s), generator=g)
+        cpu = dict(
+            input_ids=ids, token_type_ids=torch.zeros_like(ids), attention_mask=torch.ones_like(ids)
+        )
+        gpu = {k: v.cuda() for k, v in cpu.items()}
+        torch._dynamo.reset()
+        ro = torch.compile(model, mode="reduce-overhead", dynamic=False)
+        rounds: dict[str, list[float]] = {"gpu": [], "ro": [], "cpu": []}
+        with torch.inference_mode():
+            for _ in range(3):
+                ro(**gpu)
+            for _ in range(3):
+                rounds["gpu"].append(time_ms(lambda: compiled(**gpu)))
+                rounds["ro"].append(time_ms(lambda: ro(**gpu)))
+                rounds["cpu"].append(time_ms(lambda: compiled(**cpu)))
+        med = {k: statistics.median(v) for k, v in rounds.items()}
+        print(
+            f"{b}x{s:<5} {med['gpu']:10.3f} {med['ro']:10.3f} {med['cpu']:12.3f}   "
+            f"{med['ro'] / med['gpu']:.2f}x / {med['ro'] / med['cpu']:.2f}x   "
+            f"{ {k: [round(x, 3) for x in v] for k, v in rounds.items()} }",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
