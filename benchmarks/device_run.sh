@@ -46,6 +46,7 @@
 #   stream  the persistent step's norm-folded pair loops, norm in or out of the loop
 #           (benchmarks/bench_stream_linear.py)
 #   streamsweep how fast a persistent grid streams decode weights, by loop shape (the same)
+#   compileab the BERT-base compile serially and with 16 compile-ahead threads (~4 min)
 #   lft     fresh-process load -> first token of a 12-entry Llama-1B artifact
 #           (benchmarks/bench_load_first_token.py; also for the tree in .old when present)
 #   profserve where the host's CPU goes in kernl's in-process encoder request path, by
@@ -89,6 +90,15 @@ stage() {
     stepx) STEP_EXPLORE=0 OUT=$RUN timeout 300 python3 benchmarks/bench_decode_step.py ;;
     stream) OUT=$RUN timeout 480 python3 benchmarks/bench_stream_linear.py ;;
     streamsweep) STREAM_PART=sweep OUT=$RUN timeout 480 python3 benchmarks/bench_stream_linear.py ;;
+    compileab) # the BERT-base compile of `bert` (9 buckets), serially then with 16 threads
+      # compiling the candidates ahead (kernl/compiler/compile_ahead.py), each from empty
+      # tuning and Triton caches; the compile time is in the log, and the choices per bucket
+      for threads in 0 16; do
+        mkdir -p "$RUN/threads$threads"
+        KERNL_COMPILE_THREADS=$threads TRITON_CACHE_DIR=$(mktemp -d) OUT=$RUN/threads$threads \
+          timeout 400 python3 benchmarks/bench_bert_fusions.py --shapes 1x16 --no-peers
+        cp "$RUN/threads$threads/bench_bert_fusions.json" "$RUN/compile-threads$threads.json"
+      done ;;
     lft) # fresh-process load -> first token; .old (a `git archive` of an earlier kernl/), if
       # carried in the snapshot, is timed in the same run
       timeout 480 python3 benchmarks/bench_load_first_token.py "$RUN/lft" --runs 5 \

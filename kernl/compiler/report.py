@@ -37,6 +37,8 @@ class CompileReport:
     artifact_bytes: int = 0
     seconds: float = 0.0
     tuning: dict[Bucket, list[TuneRecord]] = field(default_factory=dict)
+    compiled_ahead: int = 0  # tuning candidates compiled on threads first (compile_ahead.py)
+    compile_threads: int = 0
 
     def table(self) -> str:
         lines = [
@@ -56,8 +58,13 @@ class CompileReport:
         records = [r for rs in self.tuning.values() for r in rs]
         if any(r.time_us is not None for r in records):
             skipped = sum(len(r.errors) for r in records)
+            ahead = (
+                f" ({self.compiled_ahead} compiled ahead on {self.compile_threads} threads)"
+                if self.compiled_ahead
+                else ""
+            )
             lines.append(
-                f"tuning: {sum(r.timed for r in records)} candidates timed, "
+                f"tuning: {sum(r.timed for r in records)} candidates timed{ahead}, "
                 f"{sum(r.cached for r in records)} kernel instances from the cache or an equal "
                 f"shape, {skipped} configs skipped (failed to compile or run; KERNL_VERBOSE=1 "
                 f"shows the compiler's output)"

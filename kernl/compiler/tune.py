@@ -33,6 +33,8 @@ from kernl.runtime import kernl_ops
 from kernl.runtime.binaries import allow_jit, key_digest
 from kernl.runtime.executor import Executor
 
+from .compile_ahead import compile_ahead, compile_threads, worth_compiling_ahead
+
 # kernl op -> (kernel module under kernl.kernels, function listing its configs as dicts)
 TUNABLE = {
     "kernl.linear": ("fused_linear", "linear_configs"),
@@ -69,6 +71,9 @@ class TuneSession:
     it fail (the config, the dtypes, the epilogue) is the same."""
 
     failed: dict[str, str] = field(default_factory=dict)  # failure key -> its error
+    # Threads compiling an instruction's candidates before they are timed (compile_ahead.py)
+    compile_threads: int = field(default_factory=compile_threads)
+    compiled_ahead: int = 0  # candidates submitted to them
     source_hashes: dict[str, str] = field(default_factory=dict)  # kernel module -> hash
     verbose: bool = field(default_factory=lambda: os.environ.get("KERNL_VERBOSE", "") == "1")
 
@@ -280,7 +285,19 @@ def tune_program(
                             f"gelu as gelu_tanh: max err {err:.2g} vs float64 "
                             f"(stock {stock_err:.2g})"
                         )
-            for config in _configs(ins.op):
+            configs = _configs(ins.op)
+            if session.compile_threads:
+                ahead = [
+                    c
+                    for c in configs
+                    if worth_compiling_ahead(c)
+                    and _failure_key(ins.op, c, values) not in session.failed
+                ]
+                with quiet_native_stderr(session.verbose):
+                    session.compiled_ahead += compile_ahead(
+                        fn, args, kwargs, ahead, session.compile_threads
+                    )
+            for config in configs:
                 failure = _failure_key(ins.op, config, values)
                 if failure in session.failed:
                     errors.append(f"{config}: {session.failed[failure]} (failed before)")

@@ -92,6 +92,7 @@ def fake_gpu(monkeypatch, tmp_path):
     aten (the interpreter would only make this slow)."""
     monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("KERNL_VERBOSE", raising=False)
+    monkeypatch.setenv("KERNL_COMPILE_THREADS", "0")  # the serial loop (compile_ahead: below)
     monkeypatch.setattr(tune, "_timing_target", lambda device: "fake-gpu")
     clock = iter(range(1000, 100000))
     monkeypatch.setattr(tune, "_bench_us", lambda fn: (fn(), float(next(clock)))[1])
@@ -192,3 +193,35 @@ def test_kernl_compile_verbose_turns_the_dumps_on(monkeypatch, tmp_path):
     assert not tune.TuneSession().verbose
     CliRunner().invoke(compile_command, [*args, "--verbose"])
     assert tune.TuneSession().verbose
+
+
+def test_the_tuner_compiles_ahead_what_it_then_times(programs, fake_gpu, monkeypatch):
+    """With threads, each timed instance first hands its candidates to compile_ahead, minus
+    those known to fail and the warp-specialised ones; the choices are those made without."""
+    WS = {"name": "ws", "warp_specialize": True}
+    monkeypatch.setattr(tune, "_configs", lambda op: [dict(GOOD), dict(BAD), dict(WS)])
+    handed = []
+
+    def fake_ahead(fn, args, kwargs, configs, threads):
+        handed.append(([c["name"] for c in configs], threads))
+        return len(configs)
+
+    monkeypatch.setattr(tune, "compile_ahead", fake_ahead)
+    without = _tune_all(programs, tune.TuneSession(compile_threads=0))
+    assert handed == []
+    monkeypatch.setenv("KERNL_CACHE_DIR", str(tune.cache_dir().parent) + "-threads")
+    session = tune.TuneSession(compile_threads=4)
+    with_threads = _tune_all(programs, session)
+    fresh = [r for rs in with_threads.tuning.values() for r in rs if not r.cached and r.timed]
+    assert len(handed) == len(fresh) and all(t == 4 for _, t in handed)
+    assert handed[0][0] == ["good", "bad"]  # the first sees "bad" fail only afterwards
+    assert any(names == ["good"] for names, _ in handed)  # "bad" failed before: not again
+    assert session.compiled_ahead == sum(len(names) for names, _ in handed)
+    with_threads.compiled_ahead, with_threads.compile_threads = session.compiled_ahead, 4
+    assert f"({session.compiled_ahead} compiled ahead on 4 threads)" in with_threads.table()
+    assert "compiled ahead" not in without.table()
+
+    def choices(report):
+        return [(r.op, r.shapes, r.impl, r.config) for rs in report.tuning.values() for r in rs]
+
+    assert choices(with_threads) == choices(without)

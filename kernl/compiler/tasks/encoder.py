@@ -104,6 +104,8 @@ def compile_encoder(
                     program, all_weights, example, dev, benchmark=tune, session=session
                 )
                 report.tuning[bucket] = records
+                report.compiled_ahead = session.compiled_ahead
+                report.compile_threads = session.compile_threads
                 if dev.type == "cuda":
                     say(f"{tag}: build kernel binaries")
                     binaries.update(record_binaries(program, all_weights, example, dev))
