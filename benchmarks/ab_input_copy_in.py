@@ -12,30 +12,19 @@ rounds, each the median of 300 calls between CUDA events."""
 from __future__ import annotations
 
 import copy
-import statistics
+import os
 import sys
 
 import torch
 
 import kernl.runtime as rt
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_bert_fusions import time_ms  # noqa: E402
+
 from kernl.runtime import model_old  # see the docstring
 
 SHAPES = [(1, 16), (1, 128), (8, 128), (32, 128), (8, 512)]
-
-
-def time_ms(fn, iters: int = 300) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main(artifact: str) -> None:
@@ -55,7 +44,7 @@ def main(artifact: str) -> None:
         for _ in range(2):
             for name, m in (("old", old), ("new", new)):
                 for where, x in (("gpu", gpu), ("cpu", cpu)):
-                    rounds.setdefault(f"{name}_{where}", []).append(time_ms(lambda: m(**x)))
+                    rounds.setdefault(f"{name}_{where}", []).append(time_ms(lambda: m(**x), 300))
         print(f"{b}x{s}", {k: [round(v, 4) for v in vs] for k, vs in rounds.items()}, flush=True)
 
 

@@ -11,6 +11,7 @@ only (bench_bert_fusions.py checks accuracy)."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 
@@ -19,22 +20,10 @@ import transformers as T
 
 import kernl.runtime as rt
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_bert_fusions import time_ms  # noqa: E402
+
 SHAPES = [(1, 16), (1, 128), (8, 128), (32, 128), (8, 512)]
-
-
-def time_ms(fn, iters: int = 200) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main(artifact: str) -> None:
@@ -56,9 +45,9 @@ def main(artifact: str) -> None:
             for _ in range(3):
                 ro(**gpu)
             for _ in range(3):
-                rounds["gpu"].append(time_ms(lambda: compiled(**gpu)))
-                rounds["ro"].append(time_ms(lambda: ro(**gpu)))
-                rounds["cpu"].append(time_ms(lambda: compiled(**cpu)))
+                rounds["gpu"].append(time_ms(lambda: compiled(**gpu), 200))
+                rounds["ro"].append(time_ms(lambda: ro(**gpu), 200))
+                rounds["cpu"].append(time_ms(lambda: compiled(**cpu), 200))
         med = {k: statistics.median(v) for k, v in rounds.items()}
         print(
             f"{b}x{s:<5} {med['gpu']:10.3f} {med['ro']:10.3f} {med['cpu']:12.3f}   "
