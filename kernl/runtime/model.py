@@ -306,17 +306,17 @@ class CompiledModel:
         _raise_if_checks_failed, which takes what this returns.
 
         Each launch here is host time before the replay, which the caller waits through: a
-        call of the bucket's exact shape with every input of a block (a tokenizer's output
-        moved to the GPU) goes in with one stack, then one check per block."""
+        call of the bucket's exact shape goes in with one stack per block, of the rows it gives
+        (a tokenizer's output moved to the GPU: all of them; `input_ids` and `attention_mask`
+        alone: two rows, the third keeping the default it got at the last call of this
+        shape), then one check per block."""
         exact = batch == runner.bucket.batch and seq == runner.bucket.seq
         for (block, _), names in zip(runner.blocks, runner.block_names):
             srcs = [tensors.get(name) for name in names]
-            if exact and all(
-                src is not None and src.dtype == block.dtype and src.device == block.device
-                for src in srcs
-            ):
-                torch.stack(srcs, out=block)
-                for name in names:
+            rows = _stackable_rows(runner, block, names, srcs, batch, seq) if exact else None
+            if rows is not None:
+                torch.stack(srcs[rows], out=block[rows])
+                for name in names[rows]:
                     runner.filled.pop(name, None)
                 continue
             for name, src in zip(names, srcs):
@@ -409,6 +409,24 @@ def _positional(args: tuple, inputs: dict[str, Any], order: list[str]) -> dict[s
             raise TypeError(f"input {name!r} given both positionally and by name")
         named[name] = value
     return named
+
+
+def _stackable_rows(
+    runner: _BucketRunner, block: torch.Tensor, names: list[str], srcs: list, batch: int, seq: int
+) -> slice | None:
+    """The rows of `block` one stack can fill with the call's inputs: those given, if they are
+    consecutive rows, of the block's dtype and device, and every other row of the block still
+    holds its default for this shape. None: row by row."""
+    given = [i for i, src in enumerate(srcs) if src is not None]
+    if not given or given[-1] - given[0] + 1 != len(given):
+        return None
+    if any(srcs[i].dtype != block.dtype or srcs[i].device != block.device for i in given):
+        return None
+    rows = slice(given[0], given[-1] + 1)
+    default = ("default", batch, seq)
+    if any(runner.filled.get(name) != default for i, name in enumerate(names) if srcs[i] is None):
+        return None
+    return rows
 
 
 def _raise_if_out_of_range(

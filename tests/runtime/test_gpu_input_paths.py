@@ -119,3 +119,17 @@ def test_an_out_of_range_id_in_a_full_call_of_a_buckets_shape_is_refused(served,
     x = _inputs(4, 64, seed=6, types=True)
     got = compiled(**{k: v.cuda() for k, v in x.items()}).last_hidden_state
     assert (got - _want(model, x)).abs().max().item() < 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_calls_without_token_types_keep_a_fresh_default(served):
+    """input_ids and attention_mask alone at a bucket's shape (the shared benchmark's call):
+    one stack of two rows, the token types' default kept from the call before, rewritten
+    after a call that gave its own."""
+    model, compiled = served
+    partial = {k: v.cuda() for k, v in _inputs(4, 64, seed=8).items()}
+    full = {k: v.cuda() for k, v in _inputs(4, 64, seed=9, types=True).items()}
+    for x in (partial, partial, full, partial, partial):
+        got = compiled(**x).last_hidden_state
+        want = _want(model, {k: v.cpu() for k, v in x.items()})
+        assert (got - want).abs().max().item() < 1e-3
