@@ -16,6 +16,9 @@
 #
 # Stages:
 #   tests   the whole GPU suite in one pytest process (`make test-gpu` without the venv)
+#   testsfast the GPU suite without its `slow` tests (~9 of its ~15.5 min: the bench-only
+#           persistent-step configs, the launch-count profile, the twenty-bucket memory test,
+#           the static-cache process-sharing test)
 #   gen     Llama-1B-shaped bf16 generation vs HF eager and HF static-cache generate
 #           (.bench/kernl_gen_vs_peers.py, batches 1 4 8; kernl generates after HF's
 #           torch.compile too, the process-sharing crash of issue 12)
@@ -59,6 +62,8 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 stage() {
   case "$1" in
     tests) timeout 1500 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=40 ;;
+    testsfast) timeout 1200 python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider \
+      --durations=25 ;;
     gen) timeout 900 python3 .bench/kernl_gen_vs_peers.py 1 4 8 ;;
     bert) OUT=$RUN timeout 600 python3 benchmarks/bench_bert_fusions.py ;;
     decode) OUT=$RUN timeout 300 python3 benchmarks/bench_decode_kernels.py ;;

@@ -49,6 +49,7 @@ def _measure(artifact) -> dict:
 
 
 @pytest.mark.gpu
+@pytest.mark.slow  # about 50 s on an H200
 def test_twenty_bert_base_buckets_hold_under_weights_plus_1_5x_largest(tmp_path):
     from transformers import BertConfig, BertModel
 

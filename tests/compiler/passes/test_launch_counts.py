@@ -154,6 +154,7 @@ def test_compile_summary_counts_launches(bert_program):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow  # about a minute on an H200
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_static_count_matches_what_the_profiler_sees(tmp_path, monkeypatch):
     """The compile summary's kernels/call against CUPTI's count of a loaded artifact's call.
