@@ -65,8 +65,10 @@ def compile_ahead(
     `threads` threads without running it; returns how many candidates were submitted (0 where
     this Triton has no asynchronous compile). Errors are left to the candidates' own launches."""
     try:
-        from triton.runtime._async_compile import AsyncCompileMode
+        from triton.runtime._async_compile import AsyncCompileMode, active_mode
     except ImportError:  # a Triton without it: the serial loop compiles as before
+        return 0
+    if active_mode.get() is not None:  # the caller's own (Triton allows one at a time)
         return 0
 
     def compile_only(jit_fn, grid, a: tuple, kw: dict):

@@ -67,6 +67,22 @@ def test_every_candidate_is_compiled_and_none_is_launched():
     assert kernel.launched == [9]
 
 
+def test_inside_the_callers_own_async_compile_nothing_is_compiled_ahead():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from triton.runtime._async_compile import AsyncCompileMode
+
+    kernel = _Kernel()
+
+    def op(x, impl="aten", config=None):
+        launch_kernel(kernel, (1,), x, BLOCK=config["BLOCK"])
+        return x
+
+    with ThreadPoolExecutor(1) as pool, AsyncCompileMode(pool):
+        assert ahead.compile_ahead(op, [torch.zeros(2)], {}, [{"BLOCK": 1}], threads=2) == 0
+    assert kernel.warmed == []
+
+
 def test_warp_specialised_candidates_are_not_compiled_ahead():
     assert ahead.worth_compiling_ahead({"BLOCK_M": 64})
     assert ahead.worth_compiling_ahead({"warp_specialize": False})
