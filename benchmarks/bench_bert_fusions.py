@@ -21,7 +21,8 @@ check that was queued before the replay.
 
 Kernels per call: "static" is what the compile summary prints (compiler/launch_counts.py, from
 the program), "profiled" counts the kernels CUPTI sees inside ten calls (torch profiler; kernels
-of CUDA graphs included), for kernl and reduce-overhead. Accuracy: max |diff| of
+of CUDA graphs included), for kernl and reduce-overhead, after every timing (the profiler
+leaves CUPTI attached, which slows later CUDA API calls). Accuracy: max |diff| of
 last_hidden_state against eager fp16 (the bar is about 0.01) and, for scale, eager fp16's own
 max |diff| against eager fp32. The tuner's choices per bucket (which linears stayed on cuBLAS,
 which GELUs became cuBLASLt's tanh epilogue) are printed with the compile summary.
@@ -204,7 +205,6 @@ def main() -> None:
             ref16 = eager(**x).last_hidden_state.float()
             ref32 = eager32(**x).last_hidden_state.float()
             got = km(**x)["last_hidden_state"].float()
-            kernl_kernels, kernl_kernel_ms = kernels_per_call(lambda: km(**x))
             cpu = tokenizer_output(*shape)
             from_cpu = km(**cpu)["last_hidden_state"]
             from_gpu = km(**to_gpu(cpu))["last_hidden_state"]
@@ -222,15 +222,17 @@ def main() -> None:
                 "kernl_max_abs_vs_eager32": (got - ref32).abs().max().item(),
                 "eager16_max_abs_vs_eager32": (ref16 - ref32).abs().max().item(),
                 "kernl_kernels_static": static.get(shape),
-                "kernl_kernels_profiled": kernl_kernels,
-                "kernl_kernel_ms": kernl_kernel_ms,
             }
     del eager32
+    peers = {}  # shape -> its reduce-overhead model, profiled once every timing is done
     if not args.no_peers:
+        torch._dynamo.reset()
         for shape in shapes:
             x = inputs(*shape)
-            torch._dynamo.reset()
+            # one compiled model per shape (dynamic=False: each specialises on its shape),
+            # kept for the profiles at the end
             compiled = torch.compile(eager, mode="reduce-overhead", dynamic=False)
+            peers[shape] = compiled
             with torch.inference_mode():
                 t0 = time.perf_counter()
                 compiled(**x)
@@ -244,13 +246,23 @@ def main() -> None:
                     lambda: compiled(**to_gpu(cpu)), args.iters
                 )
                 row["reduce_overhead_host_us"] = host_us(lambda: compiled(**x), args.iters)
-                n, ms = kernels_per_call(lambda: compiled(**x))
-                row["reduce_overhead_kernels_profiled"], row["reduce_overhead_kernel_ms"] = n, ms
                 row["speedup_vs_reduce_overhead"] = row["reduce_overhead_ms"] / row["kernl_ms"]
                 row["speedup_vs_reduce_overhead_cpu_inputs"] = (
                     row["reduce_overhead_ms_cpu_inputs"] / row["kernl_ms_cpu_inputs"]
                 )
-        torch._dynamo.reset()
+    # Profiles last: the torch profiler leaves CUPTI attached to the process after it ends
+    # (kineto does not tear it down; pytorch/pytorch#144455), which slows every later CUDA
+    # API call, most of all eager's hundreds of launches. No time above is taken after one.
+    with torch.inference_mode():
+        for shape in shapes:
+            x, row = inputs(*shape), rows[shape]
+            row["kernl_kernels_profiled"], row["kernl_kernel_ms"] = kernels_per_call(
+                lambda: km(**x)
+            )
+            if shape in peers:
+                n, ms = kernels_per_call(lambda: peers[shape](**x))
+                row["reduce_overhead_kernels_profiled"], row["reduce_overhead_kernel_ms"] = n, ms
+    torch._dynamo.reset()
 
     head = (
         f"{'shape':>7} {'kernl ms':>9} {'r-o ms':>8} {'eager ms':>9} {'vs r-o':>7} "
