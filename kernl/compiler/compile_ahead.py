@@ -61,9 +61,20 @@ def compile_ahead(
     configs: list[dict[str, Any]],
     threads: int,
 ) -> int:
-    """Compiles `fn(*args, **kwargs, impl="triton", config=c)` for every c of `configs` on
-    `threads` threads without running it; returns how many candidates were submitted (0 where
-    this Triton has no asynchronous compile). Errors are left to the candidates' own launches."""
+    """Compiles `fn(*args, **kwargs, impl="triton", config=c)` (a kernl op's candidate) for
+    every c of `configs` on `threads` threads without running it; see compile_ahead_calls."""
+    return compile_ahead_calls(
+        lambda config: fn(*args, **{**kwargs, "impl": "triton", "config": config}),
+        configs,
+        threads,
+    )
+
+
+def compile_ahead_calls(launch: Callable[[Any], Any], configs: list, threads: int) -> int:
+    """Compiles the kernels `launch(c)` would launch, for every c of `configs`, on `threads`
+    threads without running them; returns how many candidates were submitted (0 where this
+    Triton has no asynchronous compile, or the caller runs its own). Errors are left to the
+    candidates' own launches."""
     try:
         from triton.runtime._async_compile import AsyncCompileMode, active_mode
     except ImportError:  # a Triton without it: the serial loop compiles as before
@@ -79,7 +90,7 @@ def compile_ahead(
         with AsyncCompileMode(pool, ignore_errors=True), launching_with(compile_only):
             for config in configs:
                 try:
-                    fn(*args, **{**kwargs, "impl": "triton", "config": config})
+                    launch(config)
                     submitted += 1
                 except Exception:  # noqa: BLE001 - its own launch reports it
                     continue

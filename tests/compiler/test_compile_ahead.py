@@ -83,6 +83,35 @@ def test_inside_the_callers_own_async_compile_nothing_is_compiled_ahead():
     assert kernel.warmed == []
 
 
+def test_decode_tile_candidates_are_compiled_ahead_then_timed():
+    """fastest_checked (the decode tiles' tuner, causal LM and seq2seq): with threads, every
+    config's kernels compile first, none launched; then each is checked and timed as before."""
+    from kernl.compiler.tasks.causal_lm.decode_tiles import TileTiming, fastest_checked
+
+    def call(layer, config):
+        launch_kernel(kernel, (1,), torch.zeros(2), BLOCK=config)
+        return torch.full((2,), float(config))
+
+    def measure(calls, config):
+        return float(config)  # the smallest config is the fastest
+
+    for threads in (0, 2):
+        kernel, timings = _Kernel(), []
+        best = fastest_checked(
+            lambda c: TileTiming(1, "skinny_linear", "o", c, None),
+            call,
+            lambda out: (0.0, 1.0),
+            [3, 1, 2],
+            1,
+            measure,
+            timings,
+            threads,
+        )
+        assert best.config == 1 and [t.ms for t in timings] == [3.0, 1.0, 2.0]
+        assert kernel.launched == [3, 1, 2]  # the checks' launches, after the compiles
+        assert sorted(kernel.warmed) == ([1, 2, 3] if threads else [])
+
+
 def test_warp_specialised_candidates_are_not_compiled_ahead():
     assert ahead.worth_compiling_ahead({"BLOCK_M": 64})
     assert ahead.worth_compiling_ahead({"warp_specialize": False})

@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ from kernl.artifacts.generation import DECODE_TILE_KERNELS, DecodeTile
 from kernl.runtime.binaries import allow_jit
 from kernl.runtime.generation.decoder import FEW_ROWS, Decoder
 from kernl.runtime.graphs import capturing
+
+from ...compile_ahead import compile_ahead_calls, compile_threads
+from ...tune import quiet_native_stderr
 
 REPLAYS = 10
 MIN_CALLS = 8  # a CUDA graph holds at least this many calls (the layers, cycled)
@@ -341,6 +345,7 @@ def tune_decode_tiles(
 
         cache = cache_dir()
     measure = measure or (lambda calls, config: graph_ms(calls, device))
+    threads = compile_threads() if device.type == "cuda" else 0
     tiles, timings = [], []
     with allow_jit(), torch.no_grad():
         for batch in sorted(b for b in set(batches) if b <= FEW_ROWS):
@@ -369,6 +374,7 @@ def tune_decode_tiles(
                     site.layers,
                     measure,
                     timings,
+                    threads,
                 )
                 if best is None:
                     say(f"batch {batch} {site.kernel} at {site.site}: no config passed; default")
@@ -388,11 +394,16 @@ def fastest_checked(
     layers: int,
     measure: Callable[[list[Callable[[], object]], object], float],
     timings: list[TileTiming],
+    compile_threads: int = 0,
 ) -> TileTiming | None:
     """Of `configs`, the fastest whose `check(call(0, config))` passes, timed by `measure` over
     one call per layer; every config's record (`timing(config)`, its time or why it failed)
-    is appended to `timings`. None when no config passes. Shared with the encoder-decoder's
-    sites (compiler/tasks/seq2seq/decode_tiles.py)."""
+    is appended to `timings`. None when no config passes. With `compile_threads`, the
+    configs' kernels compile on that many threads first (compiler/compile_ahead.py). Shared
+    with the encoder-decoder's sites (compiler/tasks/seq2seq/decode_tiles.py)."""
+    if compile_threads:
+        with quiet_native_stderr(os.environ.get("KERNL_VERBOSE", "") == "1"):
+            compile_ahead_calls(lambda c: call(0, c), configs, compile_threads)
     best: TileTiming | None = None
     for c in configs:
         t = timing(c)

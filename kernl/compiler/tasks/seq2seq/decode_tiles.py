@@ -29,6 +29,7 @@ import torch
 from kernl.runtime.generation.encoder_decoder import FEW_ROWS, EncoderDecoder, _Normed
 from kernl.runtime.generation.seq2seq import Seq2SeqModel
 
+from ...compile_ahead import compile_threads
 from ..causal_lm.decode_tiles import TileTiming, _allowed, _err, fastest_checked, graph_ms
 
 # (kernel, site, the norm folded into it or None, whether a residual rides in its epilogue)
@@ -64,6 +65,7 @@ def tune_site_tiles(
     compile, run or check is reported and skipped."""
     model = runtime.model
     measure = measure or (lambda calls: graph_ms(calls, runtime.device))
+    threads = compile_threads() if torch.device(runtime.device).type == "cuda" else 0
     gen = torch.Generator(device="cpu").manual_seed(seed)
     tiles, timings = [], []
     with torch.no_grad():
@@ -74,9 +76,9 @@ def tune_site_tiles(
             x = rnd(batch, model.spec.d_model)
             for kernel, site, norm, residual in linear_sites(model):
                 calls = _linear_calls(model, batch, kernel, site, norm, residual, x, rnd)
-                tiles += _entry(_best(batch, kernel, site, *calls, measure, say, timings))
+                tiles += _entry(_best(batch, kernel, site, *calls, measure, say, timings, threads))
             cache = runtime._states[batch].cache
-            tiles += _tune_cross(model, batch, cache, rnd, measure, say, timings)
+            tiles += _tune_cross(model, batch, cache, rnd, measure, say, timings, threads)
     return tiles, timings
 
 
@@ -118,7 +120,7 @@ def _linear_calls(model, batch, kernel, site, norm, residual, x, rnd):
     return call, lambda out: (_err(out, ref), allowed), configs, len(layers)
 
 
-def _tune_cross(model, batch, cache, rnd, measure, say, timings) -> list[list]:
+def _tune_cross(model, batch, cache, rnd, measure, say, timings, threads=0) -> list[list]:
     """decode_attention's best config over the cross K/V, kept only if it beats SDPA."""
     from kernl.kernels import decode_attention as da
 
@@ -153,7 +155,17 @@ def _tune_cross(model, batch, cache, rnd, measure, say, timings) -> list[list]:
     check = lambda out: (_err(out, ref), allowed)  # noqa: E731
     configs = da.decode_attention_configs()
     best = _best(
-        batch, "decode_attention", "cross", call, check, configs, layers, measure, say, timings
+        batch,
+        "decode_attention",
+        "cross",
+        call,
+        check,
+        configs,
+        layers,
+        measure,
+        say,
+        timings,
+        threads,
     )
     if best is not None and sdpa.ms is not None and best.ms >= sdpa.ms:
         say(f"batch {batch} cross-attention stays on SDPA ({sdpa.ms * 1e3:.2f} us per call)")
@@ -161,8 +173,9 @@ def _tune_cross(model, batch, cache, rnd, measure, say, timings) -> list[list]:
     return _entry(best)
 
 
-def _best(batch, kernel, site, call, check, configs, layers, measure, say, timings):
-    """The timing of the fastest config that passes its check, or None."""
+def _best(batch, kernel, site, call, check, configs, layers, measure, say, timings, threads=0):
+    """The timing of the fastest config that passes its check, or None (`threads`: compile
+    the configs' kernels on that many threads first)."""
     best = fastest_checked(
         lambda c: TileTiming(batch, kernel, site, c, None),
         call,
@@ -171,6 +184,7 @@ def _best(batch, kernel, site, call, check, configs, layers, measure, say, timin
         layers,
         lambda calls, _config: measure(calls),
         timings,
+        threads,
     )
     if best is None:
         say(f"batch {batch} {kernel} at {site}: no config passed; the step's tile serves it")
