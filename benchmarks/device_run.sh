@@ -95,10 +95,11 @@ stage() {
     stepx) STEP_EXPLORE=0 OUT=$RUN timeout 300 python3 benchmarks/bench_decode_step.py ;;
     stream) OUT=$RUN timeout 480 python3 benchmarks/bench_stream_linear.py ;;
     streamsweep) STREAM_PART=sweep OUT=$RUN timeout 480 python3 benchmarks/bench_stream_linear.py ;;
-    compileab) # the BERT-base compile of `bert` (9 buckets), serially then with 16 threads
-      # compiling the candidates ahead (kernl/compiler/compile_ahead.py), each from empty
-      # tuning and Triton caches; the compile time is in the log, and the choices per bucket
-      for threads in 0 16; do
+    compileab) # the BERT-base compile of `bert` (9 buckets) with 16 threads compiling the
+      # candidates ahead (kernl/compiler/compile_ahead.py), then serially (second: whatever a
+      # first run leaves warm favours the serial one), each from empty tuning and Triton
+      # caches; the compile time is in the log, and the choices per bucket
+      for threads in 16 0; do
         mkdir -p "$RUN/threads$threads"
         KERNL_COMPILE_THREADS=$threads TRITON_CACHE_DIR=$(mktemp -d) OUT=$RUN/threads$threads \
           timeout 400 python3 benchmarks/bench_bert_fusions.py --shapes 1x16 --no-peers
