@@ -203,13 +203,14 @@ def kernl_runner(model, kw: dict) -> Callable[[int], object]:
     return lambda n: model.generate(**kw, max_new_tokens=n, eos_token_id=[])
 
 
-def profile_decode_step(model, name: str, batch: int, dev: torch.device) -> None:
+def profile_decode_step(model, name: str, batch: int, dev: torch.device) -> Callable[[], None]:
     """Where one decode step goes: the step graph the last generate of this batch bucket
-    replayed (the longest cache bucket), profiled over 20 replays (its step counter reset
-    before each, so every replay writes slot 0 and attends over the whole bucket): kernels
-    per step, their summed time, and the largest by time."""
-    from torch.profiler import ProfilerActivity, profile
-
+    replayed (the longest cache bucket), timed now over 50 replays and profiled over 20 by the
+    returned function (its step counter reset before each replay, so every replay writes slot
+    0 and attends over the whole bucket): kernels per step, their summed time, and the
+    largest by time. The profile is left for the end of the run: the torch profiler leaves
+    CUPTI attached to the process (pytorch/pytorch#144455), slowing every later CUDA launch,
+    most of all the HF eager peers' hundreds a step."""
     key = [k for k in model._steps if k[0] == "decode" and k[1] == batch][-1]
     step, state = model._steps[key], model._states[batch]
     times = []
@@ -221,24 +222,33 @@ def profile_decode_step(model, name: str, batch: int, dev: torch.device) -> None
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) * 1e3)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(20):
-            state.reset_counters()
-            step.run()
-        sync(dev)
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    top = sorted(events, key=lambda e: -e.self_device_time_total)[:10]
-    log(
-        what=f"{name} decode step",
-        batch=batch,
-        step_us=sorted(times)[len(times) // 2],
-        kernels=sum(e.count for e in events) / 20,
-        kernel_us=sum(e.self_device_time_total for e in events) / 20,
-        top=[(e.key[:80], e.self_device_time_total / 20, e.count / 20) for e in top],
-    )
+
+    def profiled() -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                state.reset_counters()
+                step.run()
+            sync(dev)
+        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+        top = sorted(events, key=lambda e: -e.self_device_time_total)[:10]
+        log(
+            what=f"{name} decode step",
+            batch=batch,
+            step_us=sorted(times)[len(times) // 2],
+            kernels=sum(e.count for e in events) / 20,
+            kernel_us=sum(e.self_device_time_total for e in events) / 20,
+            top=[(e.key[:80], e.self_device_time_total / 20, e.count / 20) for e in top],
+        )
+
+    return profiled
 
 
-def run_model(kind: str, args, out: Path, dev: torch.device, dtype: torch.dtype) -> None:
+def run_model(
+    kind: str, args, out: Path, dev: torch.device, dtype: torch.dtype
+) -> list[Callable[[], None]]:
+    """Every timing of one model; returns its profiles, to run once every model is timed."""
     import transformers as tf
 
     import kernl.compiler
@@ -271,12 +281,13 @@ def run_model(kind: str, args, out: Path, dev: torch.device, dtype: torch.dtype)
     )
     torch_decode = kernl.runtime.load(torch_path, device=dev.type)
     repeat = 1 if tiny else 3
+    profiles = []
     for batch in (1, 8):
         kw = inputs(kind, cfg, batch, dtype, dev, tiny)
         for label, m in ((f"{name} kernl", model), (f"{name} kernl torch-decode", torch_decode)):
             log(**bench_generate(label, kernl_runner(m, kw), batch, dev, repeat))
             if dev.type == "cuda":
-                profile_decode_step(m, label, batch, dev)
+                profiles.append(profile_decode_step(m, label, batch, dev))
         for static in (False, True) if not args.skip_hf_static else (False,):
             label = f"{name} HF {'static-cache' if static else 'eager'}"
             if static and time.perf_counter() - START > STATIC_BUDGET_S:
@@ -301,9 +312,10 @@ def run_model(kind: str, args, out: Path, dev: torch.device, dtype: torch.dtype)
             enc(kw["input_features"])
             ms = timed(lambda: enc(kw["input_features"]), dev, 10 if not tiny else 2) * 1e3
         log(what=name, metric="encoder_ms_per_30s_window", implementation="HF eager", value=ms)
-    del model, torch_decode, hf
+    del model, torch_decode, hf  # the profiles keep the two kernl models until they run
     if dev.type == "cuda":
         torch.cuda.empty_cache()
+    return profiles
 
 
 def table() -> str:
@@ -355,11 +367,18 @@ def main() -> None:
     )
     log(what="meta", **meta)
     with tempfile.TemporaryDirectory(prefix="bench_s2s_") as tmp:
+        profiles = []
         for kind in args.models.split(","):
             try:
-                run_model(kind, args, Path(tmp), dev, dtype)
+                profiles += run_model(kind, args, Path(tmp), dev, dtype)
             except Exception:
                 log(what=kind, error=traceback.format_exc()[-3000:])
+        for profiled in profiles:  # after every timing of every model
+            try:
+                profiled()
+            except Exception:
+                log(what="profile", error=traceback.format_exc()[-3000:])
+        del profiles
     log(what="total", metric="bench_s", value=time.perf_counter() - START)
     (out / "seq2seq.json").write_text(json.dumps(RECORDS, indent=1))
     print(table())
