@@ -1,8 +1,9 @@
 """Compile an instruction's tuning candidates side by side before they are timed one by one.
 
-The first bucket of a BERT-base compile spent about 60 of its 67 s (H200, 2026-12-02) in
-Triton compiling candidates one after another; later buckets, whose candidates were already
-compiled, took 2-6 s for the same timing work. Triton's compile runs its MLIR passes and
+The first bucket of a BERT-base compile took 67 of its 106 s (H200, 2026-12-02); the later
+buckets, which time as many candidates but find them compiled, took 2-6 s each: most of the
+first bucket's time is Triton compiling candidates one after another (inferred from that
+difference, not profiled). Triton's compile runs its MLIR passes and
 ptxas without holding the GIL (two threads compiled six kernels for sm_90 in 1.4 s against
 2.7 s serially, on this project's 2-core CPU), so threads are enough: each candidate's launch
 goes through `JITFunction.warmup` under Triton's `AsyncCompileMode`, which compiles on the
@@ -15,8 +16,8 @@ candidates are left out: they are the ones whose compile is known to crash insid
 passes (caught by LLVM's crash recovery, trusted here only on the thread that runs the tuner).
 
 Up to 8 threads by default (one per core); KERNL_COMPILE_THREADS=N sets N, 0 or 1 turns it
-off. Checked on the CPU against Triton's real compile for sm_90 (a stand-in driver: six
-layer_norm candidates compiled on two threads, then found in the JIT cache, none compiled
+off. Checked on the CPU against Triton's real compile for sm_90 (a stand-in driver: layer_norm
+candidates compiled on two threads, then found in the JIT cache, none compiled
 again); the GPU test is tests/compiler/test_compile_ahead.py."""
 
 from __future__ import annotations
