@@ -51,8 +51,11 @@ def compile_threads() -> int:
     return threads if threads > 1 else 0
 
 
-def worth_compiling_ahead(config: dict[str, Any]) -> bool:
-    return not config.get("warp_specialize", False)
+def worth_compiling_ahead(config: Any) -> bool:
+    """Not a warp-specialised candidate (a config dict or a config dataclass)."""
+    if isinstance(config, dict):
+        return not config.get("warp_specialize", False)
+    return not getattr(config, "warp_specialize", False)
 
 
 def compile_ahead(
@@ -72,10 +75,10 @@ def compile_ahead(
 
 
 def compile_ahead_calls(launch: Callable[[Any], Any], configs: list, threads: int) -> int:
-    """Compiles the kernels `launch(c)` would launch, for every c of `configs`, on `threads`
-    threads without running them; returns how many candidates were submitted (0 where this
-    Triton has no asynchronous compile, or the caller runs its own). Errors are left to the
-    candidates' own launches."""
+    """Compiles the kernels `launch(c)` would launch, for every c of `configs` but the
+    warp-specialised ones, on `threads` threads without running them; returns how many
+    candidates were submitted (0 where this Triton has no asynchronous compile, or the caller
+    runs its own). Errors are left to the candidates' own launches."""
     try:
         from triton.runtime._async_compile import AsyncCompileMode, active_mode
     except ImportError:  # a Triton without it: the serial loop compiles as before
@@ -89,7 +92,7 @@ def compile_ahead_calls(launch: Callable[[Any], Any], configs: list, threads: in
     submitted = 0
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kernl-compile") as pool:
         with AsyncCompileMode(pool, ignore_errors=True), launching_with(compile_only):
-            for config in configs:
+            for config in filter(worth_compiling_ahead, configs):
                 try:
                     launch(config)
                     submitted += 1

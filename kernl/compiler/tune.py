@@ -33,7 +33,7 @@ from kernl.runtime import kernl_ops
 from kernl.runtime.binaries import allow_jit, key_digest
 from kernl.runtime.executor import Executor
 
-from .compile_ahead import compile_ahead, compile_threads, worth_compiling_ahead
+from .compile_ahead import compile_ahead, compile_threads
 
 # kernl op -> (kernel module under kernl.kernels, function listing its configs as dicts)
 TUNABLE = {
@@ -288,10 +288,7 @@ def tune_program(
             configs = _configs(ins.op)
             if session.compile_threads:
                 ahead = [
-                    c
-                    for c in configs
-                    if worth_compiling_ahead(c)
-                    and _failure_key(ins.op, c, values) not in session.failed
+                    c for c in configs if _failure_key(ins.op, c, values) not in session.failed
                 ]
                 with quiet_native_stderr(session.verbose):
                     session.compiled_ahead += compile_ahead(

@@ -113,9 +113,36 @@ def test_decode_tile_candidates_are_compiled_ahead_then_timed():
 
 
 def test_warp_specialised_candidates_are_not_compiled_ahead():
+    """Whoever calls it (the encoder tuner's dicts, the decode tiles' dataclasses), the
+    mechanism leaves warp-specialised candidates to the tuner's own thread."""
+    from dataclasses import dataclass
+
     assert ahead.worth_compiling_ahead({"BLOCK_M": 64})
     assert ahead.worth_compiling_ahead({"warp_specialize": False})
     assert not ahead.worth_compiling_ahead({"warp_specialize": True})
+
+    @dataclass(frozen=True)
+    class Config:
+        BLOCK: int
+        warp_specialize: bool = False
+
+    kernel = _Kernel()
+
+    def launch(config):
+        launch_kernel(kernel, (1,), torch.zeros(2), BLOCK=config.BLOCK)
+
+    configs = [Config(1), Config(2, True), Config(3)]
+    assert ahead.compile_ahead_calls(launch, configs, threads=2) == 2
+    assert sorted(kernel.warmed) == [1, 3]
+
+    def op(x, impl="aten", config=None):
+        launch_kernel(kernel, (1,), x, BLOCK=config["BLOCK"])
+        return x
+
+    kernel.warmed.clear()
+    dicts = [{"BLOCK": 4}, {"BLOCK": 5, "warp_specialize": True}]
+    assert ahead.compile_ahead(op, [torch.zeros(2)], {}, dicts, threads=2) == 1
+    assert kernel.warmed == [4]
 
 
 @pytest.mark.gpu
