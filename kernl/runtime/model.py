@@ -6,6 +6,7 @@ buffers (padding the rest), replays, and returns sliced copies of the outputs.""
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -68,9 +69,19 @@ class _BlockCheck:
         self.found_host = self.found.cpu().pin_memory() if on_cuda else self.found
 
     @classmethod
-    def of(cls, block: torch.Tensor, names: list[str], ranges: Mapping[str, int]):
-        checked = [(name, ranges[name], row) for row, name in enumerate(names) if name in ranges]
-        return cls(block, checked) if checked else None
+    def of(cls, block: torch.Tensor, names: list[str], ranges: Mapping[str, int], shared: dict):
+        """The check of `block`, or None. Its bounds and result buffers are the same for every
+        bucket's block of these inputs: made once, kept in `shared` (one model's calls hold
+        its lock until they have read the results, so the buckets can share them)."""
+        key = (block.dtype, tuple(names))
+        if key not in shared:
+            checked = [(n, ranges[n], row) for row, n in enumerate(names) if n in ranges]
+            shared[key] = cls(block, checked) if checked else None
+        if shared[key] is None:
+            return None
+        check = copy.copy(shared[key])
+        check.block = block
+        return check
 
     def run(self) -> None:
         torch.aminmax(self.block.view(self.block.shape[0], -1), dim=1, out=self._found_rows)
@@ -91,6 +102,7 @@ class _BucketRunner:
         manifest: Manifest,
         device,
         ranges: Mapping[str, int] | None = None,
+        shared_checks: dict | None = None,
     ):
         self.bucket = bucket
         self.executor = executor
@@ -112,7 +124,12 @@ class _BucketRunner:
             for spec, buf, staged in zip(specs, block.unbind(0), twin.unbind(0)):
                 buf.fill_(spec.pad_value)
                 static[spec.name], host[spec.name] = buf, staged
-            check = _BlockCheck.of(block, self.block_names[-1], ranges or {})
+            check = _BlockCheck.of(
+                block,
+                self.block_names[-1],
+                ranges or {},
+                {} if shared_checks is None else shared_checks,
+            )
             if check is not None:
                 self.checks.append(check)
         self.static_inputs = {spec.name: static[spec.name] for spec in manifest.inputs}
@@ -178,9 +195,15 @@ class CompiledModel:
         self._bucket_of: dict[tuple[int, int], Bucket] = {}
         # Marks the copy of the device-side range check's results to the host.
         self._checked = torch.cuda.Event() if device.type == "cuda" else None
+        shared_checks: dict = {}  # the range checks' bounds and buffers, one set per dtype
         self._runners = {
             p.bucket: _BucketRunner(
-                p.bucket, Executor(p, weights, device), manifest, device, self._ranges
+                p.bucket,
+                Executor(p, weights, device),
+                manifest,
+                device,
+                self._ranges,
+                shared_checks,
             )
             for p in programs
         }

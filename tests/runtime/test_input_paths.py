@@ -260,3 +260,13 @@ def test_a_default_row_kept_between_calls_of_a_buckets_shape_is_never_stale(serv
     ]:
         monkeypatch.setattr(compiled, "_on_device", lambda tensors, d=device_path: d)
         _check(model, compiled, **inputs)
+
+
+def test_the_buckets_share_one_set_of_check_buffers(served):
+    """The range check's bounds and result buffers are the same for every bucket: made once
+    at load (start-up cost), each bucket's check bound to its own block."""
+    compiled = served[1]
+    checks = [runner.checks[0] for runner in compiled._runners.values()]
+    assert len(checks) == 4
+    assert all(c.found is checks[0].found and c.low is checks[0].low for c in checks)
+    assert len({id(c.block) for c in checks}) == 4
