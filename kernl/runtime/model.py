@@ -49,8 +49,8 @@ class _BlockCheck:
     """The range check of one block of static inputs, on the device: (min, max) of every row
     (one input each) in one reduction, then every id clamped into its table in one kernel,
     so the run reads no memory it does not own. The (min, max) pairs then go to the host
-    without blocking it; `_raise_if_out_of_range` reads them after the replay is queued.
-    Three kernels and a copy whatever the number of inputs (one reduction and one clamp per
+    without blocking it; `_raise_if_checks_failed` reads them after the replay is queued.
+    Two kernels and a copy whatever the number of inputs (one reduction and one clamp per
     input cost two launches each, on the host's critical path before the replay)."""
 
     def __init__(self, block: torch.Tensor, checked: list[tuple[str, int, int]]):
