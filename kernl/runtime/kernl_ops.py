@@ -165,8 +165,8 @@ def attention(
 def mask_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean attention mask (True = attend) as an additive 0 / -inf bias, computed once
     per forward instead of once per attention layer."""
-    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    return bias.masked_fill(~mask, float("-inf"))
+    bias = torch.full(mask.shape, float("-inf"), dtype=dtype, device=mask.device)
+    return bias.masked_fill_(mask, 0.0)  # two launches (zeros, ~mask, masked_fill were three)
 
 
 def bert_embeddings(

@@ -11,7 +11,9 @@ from kernl.artifacts.program import Program, iter_value_refs
 from .embeddings import fuse_bert_embeddings
 from .fuse_linear import fuse_linear
 from .fuse_qkv import fuse_qkv
+from .graph import drop_dead
 from .norm_attention import hoist_attention_mask, replace_attention, replace_layer_norm
+from .padding_mask import shorten_padding_mask
 
 __all__ = [
     "fuse_bert_embeddings",
@@ -20,7 +22,9 @@ __all__ = [
     "hoist_attention_mask",
     "replace_attention",
     "replace_layer_norm",
+    "shorten_padding_mask",
     "rewrite",
+    "drop_dead",
     "drop_unused_weights",
 ]
 
@@ -35,7 +39,8 @@ def rewrite(program: Program, weights: dict[str, torch.Tensor]) -> Program:
     program = fuse_linear(program)
     program = replace_attention(program)
     program = hoist_attention_mask(program)
-    return drop_unused_weights(program)
+    program = shorten_padding_mask(program)
+    return drop_unused_weights(drop_dead(program))
 
 
 def drop_unused_weights(program: Program) -> Program:

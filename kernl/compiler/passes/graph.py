@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Any
 
 from kernl.artifacts.program import Instruction, Program, iter_value_refs
+from kernl.artifacts.vocabulary import is_in_place
 
 
 def ref(a: Any) -> int | None:
@@ -61,3 +62,19 @@ class ProgramView:
     def commit(self) -> Program:
         self.program.meta["values"] = self.values
         return self.program
+
+
+def drop_dead(program: Program) -> Program:
+    """Drop the instructions whose results nobody reads: a trace keeps values the model
+    computed and never used (transformers' mask code makes a head index it does not read),
+    and a rewrite leaves the instructions it replaced. Ops that write their input in place
+    stay, and so does anything a kept instruction reads."""
+    used = set(program.outputs)
+    kept: list[Instruction] = []
+    for ins in reversed(program.instructions):
+        outs = [o for o in ins.outputs if o is not None]
+        if not outs or is_in_place(ins.op) or any(o in used for o in outs):
+            used.update(iter_value_refs([ins.args, list(ins.kwargs.values())]))
+            kept.append(ins)
+    program.instructions = kept[::-1]
+    return program
