@@ -19,6 +19,10 @@
 #   testsfast the GPU suite without its `slow` tests (~9 of its ~15.5 min: the bench-only
 #           persistent-step configs, the launch-count profile, the twenty-bucket memory test,
 #           the static-cache process-sharing test)
+#   enctests the GPU tests of the encoder path (compile, runtime, artifacts, its kernels), the
+#           launch-count profile included (~4 min)
+#   bertro  the `bert` stage's artifact against reduce-overhead, interleaved in one process
+#           (benchmarks/bench_bert_artifact_vs_ro.py; run it right after `bert`)
 #   gen     Llama-1B-shaped bf16 generation vs HF eager and HF static-cache generate
 #           (.bench/kernl_gen_vs_peers.py, batches 1 4 8; kernl generates after HF's
 #           torch.compile too, the process-sharing crash of issue 12)
@@ -64,6 +68,12 @@ stage() {
     tests) timeout 1500 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=40 ;;
     testsfast) timeout 1200 python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider \
       --durations=25 ;;
+    enctests) timeout 600 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 \
+      tests/e2e tests/runtime tests/compiler tests/artifacts tests/kernels/test_attention.py \
+      tests/kernels/test_norm.py tests/kernels/test_fused_linear.py \
+      tests/kernels/test_bert_embeddings.py -k "not process_sharing" ;;
+    bertro) timeout 300 python3 benchmarks/bench_bert_artifact_vs_ro.py \
+      "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     gen) timeout 900 python3 .bench/kernl_gen_vs_peers.py 1 4 8 ;;
     bert) OUT=$RUN timeout 600 python3 benchmarks/bench_bert_fusions.py ;;
     decode) OUT=$RUN timeout 300 python3 benchmarks/bench_decode_kernels.py ;;

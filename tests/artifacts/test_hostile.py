@@ -613,7 +613,10 @@ CASES = {
         lambda r, o: _many_buckets(r, 3000), ArtifactUnsafeError, "3000 buckets", M
     ),
     "140,000 instructions": Case(
-        lambda r, o: _too_many_instructions(r), ArtifactCorruptError, "140067 instructions", "b1_s8"
+        lambda r, o: _too_many_instructions(r),
+        ArtifactCorruptError,
+        "instructions, more than 131072",
+        "b1_s8",
     ),
     # programs that write weights or inputs, or return uninitialised memory
     "aten.fill_ on a weight": Case(
