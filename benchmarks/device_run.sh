@@ -23,6 +23,8 @@
 #           launch-count profile included (~4 min)
 #   bertro  the `bert` stage's artifact against reduce-overhead, interleaved in one process
 #           (benchmarks/bench_bert_artifact_vs_ro.py; run it right after `bert`)
+#   abmask  the padding mask in one comparison against transformers' traced mask, same
+#           process, both against reduce-overhead (benchmarks/ab_padding_mask.py, ~4 min)
 #   gen     Llama-1B-shaped bf16 generation vs HF eager and HF static-cache generate
 #           (.bench/kernl_gen_vs_peers.py, batches 1 4 8; kernl generates after HF's
 #           torch.compile too, the process-sharing crash of issue 12)
@@ -74,6 +76,7 @@ stage() {
       tests/kernels/test_bert_embeddings.py -k "not process_sharing" ;;
     bertro) timeout 300 python3 benchmarks/bench_bert_artifact_vs_ro.py \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
+    abmask) OUT=$RUN timeout 540 python3 benchmarks/ab_padding_mask.py ;;
     gen) timeout 900 python3 .bench/kernl_gen_vs_peers.py 1 4 8 ;;
     bert) OUT=$RUN timeout 600 python3 benchmarks/bench_bert_fusions.py ;;
     decode) OUT=$RUN timeout 300 python3 benchmarks/bench_decode_kernels.py ;;
