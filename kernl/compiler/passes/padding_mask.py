@@ -77,6 +77,17 @@ def _reads(ins: Instruction) -> list[int]:
     return list(iter_value_refs([ins.args, list(ins.kwargs.values())]))
 
 
+def _reads_as_mask(vid: int):
+    """Whether an instruction is a kernl.attention that reads `vid` as its mask and only so."""
+
+    def reads(ins: Instruction) -> bool:
+        slots = [i for i, a in enumerate(ins.args) if ref(a) == vid]
+        in_kwargs = vid in iter_value_refs(list(ins.kwargs.values()))
+        return ins.op == "kernl.attention" and slots == [3] and not in_kwargs
+
+    return reads
+
+
 def _test_masks(batch: int, seq: int, dtype: torch.dtype) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, seq + 1, (batch,), generator=g)
@@ -136,7 +147,7 @@ def shorten_padding_mask(program: Program) -> Program:
     for ins in [i for i in program.instructions if i.op == "kernl.mask_to_bias"]:
         mask_vid, bias_vid = ref(ins.args[0]), ins.outputs[0]
         readers = [i for i in program.instructions if bias_vid in _reads(i)]
-        if mask_vid is None or not readers or any(r.op != "kernl.attention" for r in readers):
+        if mask_vid is None or not readers or not all(map(_reads_as_mask(bias_vid), readers)):
             continue
         found = _cone(program, view.producers(), mask_vid)
         if found is None or not _computes_padding_mask(program, view, *found, mask_vid):

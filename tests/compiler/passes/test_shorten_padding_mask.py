@@ -85,11 +85,15 @@ def test_a_mask_that_is_more_than_padding_stays(kind):
     assert b.show(after) == b.show(before)
 
 
-def test_a_bias_read_by_something_else_than_attention_stays():
+@pytest.mark.parametrize("reader", ["add", "attention's query"])
+def test_a_bias_read_other_than_as_an_attention_mask_stays(reader):
     b = Builder()
     q, mask = b.input("q", QS), b.input("attention_mask", [B, L], dtype="int64")
     att, bias = attention_over(b, q, padding_mask_cone(b, mask))
-    out = b.op("aten.add.Tensor", att, bias, shape=QS, name="out")
+    if reader == "add":
+        out = b.op("aten.add.Tensor", att, bias, shape=QS, name="out")
+    else:
+        out = b.op("kernl.attention", bias, att, att, bias, None, False, shape=QS, name="out")
     before = b.program(out)
     assert b.show(shorten_padding_mask(copy.deepcopy(before))) == b.show(before)
 
