@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import kernl.compiler
 import kernl.runtime
+from kernl.artifacts.reader import read_program
 
 HERE = Path(__file__).parent
 SMALL = dict(
@@ -109,6 +110,11 @@ def test_compile_then_load_in_fresh_process_matches_eager(name, tmp_path):
     artifact = tmp_path / f"{name}.kernl"
     report = kernl.compiler.compile(model, BUCKETS, artifact, dtype="fp32", device="cpu")
     assert len(report.buckets) == 4 and all(r.max_abs_error < 1e-4 for r in report.buckets)
+    # every family's traced padding mask became one comparison (passes/padding_mask.py), so
+    # the padded calls below check the shortened mask too
+    for rel in (artifact / "programs").iterdir():
+        ops = {i.op for i in read_program(artifact, f"programs/{rel.name}").instructions}
+        assert "aten.ne.Scalar" in ops and "aten.index.Tensor" not in ops, rel.name
     with_type_ids = "token_type_ids" in kernl.runtime.load(artifact, device="cpu").input_names
     calls = make_calls(CALL_SHAPES, 120, with_type_ids)
     served = serve_fresh(artifact, calls, tmp_path)
