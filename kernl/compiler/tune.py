@@ -63,6 +63,11 @@ class TuneRecord:
     timed: int = 0  # candidates benchmarked for this record (0: cached or untimed)
 
 
+def verbose_compiler() -> bool:
+    """KERNL_VERBOSE=1: failing candidates' compiler output reaches the terminal."""
+    return os.environ.get("KERNL_VERBOSE", "") == "1"
+
+
 @dataclass
 class TuneSession:
     """What the tuning of one compile shares across its buckets. Kernel instances of equal
@@ -75,7 +80,7 @@ class TuneSession:
     compile_threads: int = field(default_factory=compile_threads)
     compiled_ahead: int = 0  # candidates submitted to them
     source_hashes: dict[str, str] = field(default_factory=dict)  # kernel module -> hash
-    verbose: bool = field(default_factory=lambda: os.environ.get("KERNL_VERBOSE", "") == "1")
+    verbose: bool = field(default_factory=verbose_compiler)
 
     def source_hash(self, module: str) -> str:
         """The kernel's source hash of the cache key, read once per compile."""

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from kernl.artifacts.program import Program, iter_value_refs
+from kernl.artifacts.program import Program
 
 from .embeddings import fuse_bert_embeddings
 from .fuse_linear import fuse_linear
 from .fuse_qkv import fuse_qkv
-from .graph import drop_dead
+from .graph import drop_dead, reads
 from .norm_attention import hoist_attention_mask, replace_attention, replace_layer_norm
 from .padding_mask import shorten_padding_mask
 
@@ -48,6 +48,6 @@ def drop_unused_weights(program: Program) -> Program:
     looks at the whole program, not at an instruction and its producers.)"""
     used = set(program.outputs)
     for ins in program.instructions:
-        used.update(iter_value_refs([ins.args, list(ins.kwargs.values())]))
+        used.update(reads(ins))
     program.weights = {v: n for v, n in program.weights.items() if v in used}
     return program

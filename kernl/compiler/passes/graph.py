@@ -15,6 +15,11 @@ def ref(a: Any) -> int | None:
     return a["v"] if isinstance(a, dict) and "v" in a else None
 
 
+def reads(ins: Instruction) -> list[int]:
+    """The value ids an instruction reads, positional and keyword arguments alike."""
+    return list(iter_value_refs([ins.args, list(ins.kwargs.values())]))
+
+
 def arg(ins: Instruction, index: int, name: str, default: Any = None) -> Any:
     """An argument given positionally or by keyword."""
     if index < len(ins.args):
@@ -32,7 +37,7 @@ class ProgramView:
     def use_counts(self) -> Counter:
         counts: Counter = Counter()
         for ins in self.program.instructions:
-            counts.update(iter_value_refs([ins.args, list(ins.kwargs.values())]))
+            counts.update(reads(ins))
         counts.update(self.program.outputs)
         return counts
 
@@ -74,7 +79,7 @@ def drop_dead(program: Program) -> Program:
     for ins in reversed(program.instructions):
         outs = [o for o in ins.outputs if o is not None]
         if not outs or is_in_place(ins.op) or any(o in used for o in outs):
-            used.update(iter_value_refs([ins.args, list(ins.kwargs.values())]))
+            used.update(reads(ins))
             kept.append(ins)
     program.instructions = kept[::-1]
     return program

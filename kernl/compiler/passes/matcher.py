@@ -21,9 +21,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kernl.artifacts.program import Instruction, Program, iter_value_refs
+from kernl.artifacts.program import Instruction, Program
 
-from .graph import ProgramView, ref
+from .graph import ProgramView, reads, ref
 
 _MAX_REWRITES_PER_SLOT = 16  # a replacement re-matched more often than this is a rule loop
 
@@ -59,10 +59,6 @@ class Pat:
 
 
 Rule = tuple[Pat, Callable[..., list[Instruction] | None]]
-
-
-def _reads(ins: Instruction) -> list[int]:
-    return list(iter_value_refs([ins.args, list(ins.kwargs.values())]))
 
 
 def _holds(instructions: list[Instruction], ins: Instruction) -> bool:
@@ -119,7 +115,7 @@ class Rewriter:
 
     def readers(self, vid: int) -> list[Instruction]:
         """Instructions reading `vid`, in program order (a scan: for rare, grouping rules)."""
-        return [ins for slot in self.slots for ins in slot if vid in _reads(ins)]
+        return [ins for slot in self.slots for ins in slot if vid in reads(ins)]
 
     def new_value(self, shape: list[int], dtype: str) -> int:
         return self.view.new_value(shape, dtype)
@@ -146,7 +142,7 @@ class Rewriter:
         for o in ins.outputs:
             if o is not None:
                 self.producer[o] = ins
-        self.uses.update(_reads(ins))
+        self.uses.update(reads(ins))
 
     def _drop(self, ins: Instruction) -> None:
         slot = self.slot_of.pop(id(ins))
@@ -154,7 +150,7 @@ class Rewriter:
         for o in ins.outputs:
             if o is not None and self.producer.get(o) is ins:
                 del self.producer[o]
-        self.uses.subtract(_reads(ins))
+        self.uses.subtract(reads(ins))
 
     def _dead(self, ins: Instruction) -> bool:
         return all(o is None or self.uses[o] <= 0 for o in ins.outputs)
@@ -192,8 +188,8 @@ class Rewriter:
         start = self.slot_of.get(id(ins))
         if start is None:
             return False
-        reads = set(_reads(ins))
-        return not any(start < s < root_slot and w in reads for s, w in self.in_place)
+        read = set(reads(ins))
+        return not any(start < s < root_slot and w in read for s, w in self.in_place)
 
     def _try(self, ins: Instruction, slot: int) -> list[Instruction] | None:
         for pat, fn in self.rules:

@@ -26,7 +26,7 @@ import torch
 
 from kernl.artifacts.program import Instruction, Program, iter_value_refs
 
-from .graph import ProgramView, drop_dead, ref
+from .graph import ProgramView, drop_dead, reads, ref
 
 # What transformers' mask construction uses (masking_utils: sdpa_mask and its and/or
 # functions), and nothing that reads memory it was not given.
@@ -69,12 +69,8 @@ def _cone(program: Program, producers: dict[int, int], vid: int) -> tuple[list[i
         if ins.op not in _CONE_OPS:
             return None
         seen.add(i)
-        stack.extend(_reads(ins))
+        stack.extend(reads(ins))
     return (sorted(seen), read.pop()) if len(read) == 1 else None
-
-
-def _reads(ins: Instruction) -> list[int]:
-    return list(iter_value_refs([ins.args, list(ins.kwargs.values())]))
 
 
 def _reads_as_mask(vid: int):
@@ -146,7 +142,7 @@ def shorten_padding_mask(program: Program) -> Program:
     view = ProgramView(program)
     for ins in [i for i in program.instructions if i.op == "kernl.mask_to_bias"]:
         mask_vid, bias_vid = ref(ins.args[0]), ins.outputs[0]
-        readers = [i for i in program.instructions if bias_vid in _reads(i)]
+        readers = [i for i in program.instructions if bias_vid in reads(i)]
         if mask_vid is None or not readers or not all(map(_reads_as_mask(bias_vid), readers)):
             continue
         found = _cone(program, view.producers(), mask_vid)

@@ -27,7 +27,6 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from kernl.runtime.generation.decoder import FEW_ROWS, Decoder
 from kernl.runtime.graphs import capturing
 
 from ...compile_ahead import compile_ahead_calls, compile_threads
-from ...tune import quiet_native_stderr
+from ...tune import quiet_native_stderr, verbose_compiler
 
 REPLAYS = 10
 MIN_CALLS = 8  # a CUDA graph holds at least this many calls (the layers, cycled)
@@ -402,7 +401,7 @@ def fastest_checked(
     configs' kernels compile on that many threads first (compiler/compile_ahead.py). Shared
     with the encoder-decoder's sites (compiler/tasks/seq2seq/decode_tiles.py)."""
     if compile_threads:
-        with quiet_native_stderr(os.environ.get("KERNL_VERBOSE", "") == "1"):
+        with quiet_native_stderr(verbose_compiler()):
             compile_ahead_calls(lambda c: call(0, c), configs, compile_threads)
     best: TileTiming | None = None
     for c in configs:
