@@ -23,7 +23,7 @@ import torch
 import transformers as T
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_bert_fusions import BUCKETS, SHAPES, kernels_per_call, time_ms  # noqa: E402
+from bench_bert_fusions import BUCKETS, SHAPES, inputs, kernels_per_call, time_ms  # noqa: E402
 
 import kernl.compiler  # noqa: E402
 import kernl.compiler.passes as passes  # noqa: E402
@@ -76,18 +76,13 @@ def main() -> None:
         flush=True,
     )
 
-    rows, ro_models = [], {}
-    torch._dynamo.config.recompile_limit = 64  # one compiled model per shape, one frame
+    rows, shape_inputs = [], []
     print("shape   new ms   old ms    r-o ms  new/old  r-o/new  r-o/old  rounds")
     for bsz, seq in SHAPES:
-        ids = torch.randint(1000, 30000, (bsz, seq), generator=g)
-        x = dict(
-            input_ids=ids, token_type_ids=torch.zeros_like(ids), attention_mask=torch.ones_like(ids)
-        )
-        x = {k: v.cuda() for k, v in x.items()}
-        torch._dynamo.reset()
+        x = inputs(bsz, seq)
+        shape_inputs.append(x)
+        torch._dynamo.reset()  # one compiled model at a time: dynamo's limit is per frame
         ro = torch.compile(model, mode="reduce-overhead", dynamic=False)
-        ro_models[(bsz, seq)] = (ro, x)
         rounds: dict[str, list[float]] = {"new": [], "old": [], "ro": []}
         with torch.inference_mode():
             for _ in range(3):
@@ -107,7 +102,7 @@ def main() -> None:
         )
     print("kernels per call (profiler) and kernel ms: new / old")
     with torch.inference_mode():
-        for row, (_, x) in zip(rows, ro_models.values()):
+        for row, x in zip(rows, shape_inputs):
             row["new_kernels"], row["new_kernel_ms"] = kernels_per_call(lambda: new(**x))
             row["old_kernels"], row["old_kernel_ms"] = kernels_per_call(lambda: old(**x))
             print(

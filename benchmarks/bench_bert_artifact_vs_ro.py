@@ -21,23 +21,17 @@ import transformers as T
 import kernl.runtime as rt
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_bert_fusions import time_ms  # noqa: E402
-
-SHAPES = [(1, 16), (1, 128), (8, 128), (32, 128), (8, 512)]
+from bench_bert_fusions import SHAPES, time_ms, to_gpu, tokenizer_output  # noqa: E402
 
 
 def main(artifact: str) -> None:
     compiled = rt.load(artifact)
     torch.manual_seed(0)
     model = T.BertModel(T.BertConfig()).eval().half().cuda()
-    g = torch.Generator().manual_seed(0)
     print("shape  kernl GPU-in ms  r-o ms  kernl CPU-in ms  vs r-o (GPU in / CPU in)  rounds")
     for b, s in SHAPES:
-        ids = torch.randint(1000, 30000, (b, s), generator=g)
-        cpu = dict(
-            input_ids=ids, token_type_ids=torch.zeros_like(ids), attention_mask=torch.ones_like(ids)
-        )
-        gpu = {k: v.cuda() for k, v in cpu.items()}
+        cpu = tokenizer_output(b, s)
+        gpu = to_gpu(cpu)
         torch._dynamo.reset()
         ro = torch.compile(model, mode="reduce-overhead", dynamic=False)
         rounds: dict[str, list[float]] = {"gpu": [], "ro": [], "cpu": []}
