@@ -25,6 +25,11 @@
 #           (benchmarks/bench_bert_artifact_vs_ro.py; run it right after `bert`)
 #   abmask  the padding mask in one comparison against transformers' traced mask, same
 #           process, both against reduce-overhead (benchmarks/ab_padding_mask.py, ~4 min)
+#   abatt   the attention kernel at BERT-base's shapes with its padding bias, before and after
+#           the bias became one row per key block (benchmarks/ab_attention_bias.py; needs
+#           .diag/attention_before.py, see the script)
+#   gaps    the `bert` stage's artifact: call vs graph replay vs kernels' busy time, and the idle
+#           time between kernels (benchmarks/diag_call_gaps.py; run it after `bert`)
 #   gen     Llama-1B-shaped bf16 generation vs HF eager and HF static-cache generate
 #           (.bench/kernl_gen_vs_peers.py, batches 1 4 8; kernl generates after HF's
 #           torch.compile too, the process-sharing crash of issue 12)
@@ -77,6 +82,9 @@ stage() {
     bertro) timeout 300 python3 benchmarks/bench_bert_artifact_vs_ro.py \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     abmask) OUT=$RUN timeout 540 python3 benchmarks/ab_padding_mask.py ;;
+    abatt) timeout 300 python3 benchmarks/ab_attention_bias.py .diag/attention_before.py ;;
+    gaps) timeout 300 python3 benchmarks/diag_call_gaps.py \
+      "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     gen) timeout 900 python3 .bench/kernl_gen_vs_peers.py 1 4 8 ;;
     bert) OUT=$RUN timeout 600 python3 benchmarks/bench_bert_fusions.py ;;
     decode) OUT=$RUN timeout 300 python3 benchmarks/bench_decode_kernels.py ;;

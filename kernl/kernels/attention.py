@@ -5,7 +5,8 @@ streams the keys in BLOCK_N blocks with an online softmax in base 2 (scale * log
 into one multiply). Features: key padding through per-row valid lengths (`kv_lens`) or a
 boolean mask, causal masking aligned bottom-right (query i sees key j <= i + kv_len - Lq, as
 in prefill / decode over a KV cache), an additive bias broadcastable to [B, H, Lq, Lk]
-(stride 0 on broadcast dims), GQA/MQA (kv heads divide q heads), head dims up to 128 with
+(stride 0 on broadcast dims; a bias shared by every query row, as a padding mask, is read
+once per key block), GQA/MQA (kv heads divide q heads), head dims up to 128 with
 non-power-of-two dims padded and masked. Tensors are [B, H, L, D] with any strides, so the
 q/k/v views of a fused QKV projection go in without copies. Rows with no visible key output
 zeros. Blocks entirely past `kv_len` or the causal diagonal are never loaded."""
@@ -51,6 +52,7 @@ def _attention_inner(
     MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    BIAS_PER_KEY: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
 ):
     d_mask = offs_d < HEAD_DIM
@@ -65,7 +67,15 @@ def _attention_inner(
         else:
             k = tl.load(K_block + cols[None, :] * stride_kn)
         qk = tl.dot(q, k)
-        if HAS_BIAS:
+        if BIAS_PER_KEY:
+            # one bias row for every query row (a padding mask [B, 1, 1, Lk]): a [BLOCK_N]
+            # load, where the 2-D tile below costs BLOCK_M times the loads of the same values
+            if MASKED:
+                bias = tl.load(Bias_block + cols * stride_biasn, mask=cols < kv_len, other=0.0)
+            else:
+                bias = tl.load(Bias_block + cols * stride_biasn)
+            qk = qk * qk_scale + bias.to(tl.float32)[None, :] * 1.4426950408889634
+        elif HAS_BIAS:
             b_mask = row_mask[:, None]
             if MASKED:
                 b_mask = b_mask & (cols[None, :] < kv_len)
@@ -144,6 +154,7 @@ def _attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    BIAS_PER_KEY: tl.constexpr,
     HAS_KV_LENS: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
 ):
@@ -171,7 +182,9 @@ def _attention_fwd_kernel(
     q = tl.load(q_ptrs, mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     K_block = K + b * stride_kb + h_kv * stride_kh + offs_d[:, None] * stride_kd
     V_block = V + b * stride_vb + h_kv * stride_vh + offs_d[None, :] * stride_vd
-    Bias_block = Bias + b * stride_biasb + h * stride_biash + offs_m[:, None] * stride_biasm
+    Bias_block = Bias + b * stride_biasb + h * stride_biash
+    if not BIAS_PER_KEY:
+        Bias_block = Bias_block + offs_m[:, None] * stride_biasm
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -211,6 +224,7 @@ def _attention_fwd_kernel(
         False,
         IS_CAUSAL,
         HAS_BIAS,
+        BIAS_PER_KEY,
         WARP_SPECIALIZE,
     )
     acc, l_i, m_i = _attention_inner(
@@ -239,6 +253,7 @@ def _attention_fwd_kernel(
         True,
         IS_CAUSAL,
         HAS_BIAS,
+        BIAS_PER_KEY,
         False,
     )
     # fully masked rows have l = 0 and acc = 0: output zeros, not 0/0
@@ -394,6 +409,7 @@ def attention(
         BLOCK_N=config.BLOCK_N,
         IS_CAUSAL=causal,
         HAS_BIAS=has_bias,
+        BIAS_PER_KEY=has_bias and (bias_strides[2] == 0 or Lq == 1),
         HAS_KV_LENS=has_lens,
         WARP_SPECIALIZE=config.warp_specialize,
         num_warps=config.num_warps,

@@ -84,6 +84,29 @@ def test_broadcast_bias_causal(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", [None, AttentionConfig(16, 16, 4, 2)])
+def test_padding_bias_one_row_for_all_queries(dtype, config):
+    # BERT's mask: [B, 1, 1, Lk] of 0 / -inf (right padding, holes, a fully masked row),
+    # read as one row per key block; Lk = 37 leaves a ragged tail block
+    B, H, L = 3, 2, 37
+    keep = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+    keep[0, 30:] = False
+    keep[1, ::3] = False
+    keep[2] = False
+    bias = torch.zeros(B, 1, 1, L, dtype=dtype, device=DEVICE)
+    bias = bias.masked_fill(~keep[:, None, None, :], float("-inf"))
+    out = _run(B, H, H, L, L, 64, dtype, config=config, bias=bias)
+    assert (out[2] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_query_reads_its_bias_row(dtype):
+    # Lq == 1: the bias [B, H, 1, Lk] is one row per head, read as such
+    bias = torch.randn(2, 3, 1, 41, dtype=dtype, device=DEVICE)
+    _run(2, 3, 3, 1, 41, 32, dtype, bias=bias, config=AttentionConfig(16, 16, 4, 2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_qkv_strided_views(dtype):
     B, L, H, D = 2, 21, 3, 64
     qkv = torch.randn(B, L, 3, H, D, dtype=dtype, device=DEVICE)
@@ -117,3 +140,23 @@ def test_gpu_real_sizes(dtype, D, causal):
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal)
     stock = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     assert_close(out, ref, dtype, stock, name="gpu attention")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config", attention_configs(), ids=str)
+def test_gpu_bert_padding_bias(dtype, config):
+    # BERT-base at 8x512 with right-padded rows: the bias is one row for every query
+    B, H, L, D = 8, 12, 512, 64
+    q, k, v = (torch.randn(B, H, L, D, dtype=dtype, device="cuda") for _ in range(3))
+    keep = (
+        torch.arange(L, device="cuda")[None, :]
+        < torch.tensor([512, 300, 7, 129] * 2, device="cuda")[:, None]
+    )
+    bias = torch.zeros(B, 1, 1, L, dtype=dtype, device="cuda").masked_fill(
+        ~keep[:, None, None, :], float("-inf")
+    )
+    out = poisoned(q.shape, dtype, "cuda")
+    attention(q, k, v, bias=bias, out=out, config=config)
+    ref = attention_reference(q.double(), k.double(), v.double(), bias=bias.double())
+    assert_close(out, ref, dtype, attention_reference(q, k, v, bias=bias), name="gpu bert bias")
