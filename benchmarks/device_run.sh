@@ -30,6 +30,8 @@
 #           .diag/attention_before.py, see the script)
 #   gaps    the `bert` stage's artifact: call vs graph replay vs kernels' busy time, and the idle
 #           time between kernels (benchmarks/diag_call_gaps.py; run it after `bert`)
+#   gemms   BERT-base's GEMMs one by one in CUDA graphs: which add a cuBLAS memset, and at
+#           what speed, per way of calling them (benchmarks/diag_gemm_memsets.py)
 #   gen     Llama-1B-shaped bf16 generation vs HF eager and HF static-cache generate
 #           (.bench/kernl_gen_vs_peers.py, batches 1 4 8; kernl generates after HF's
 #           torch.compile too, the process-sharing crash of issue 12)
@@ -83,6 +85,7 @@ stage() {
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     abmask) OUT=$RUN timeout 540 python3 benchmarks/ab_padding_mask.py ;;
     abatt) timeout 300 python3 benchmarks/ab_attention_bias.py .diag/attention_before.py ;;
+    gemms) timeout 200 python3 benchmarks/diag_gemm_memsets.py ;;
     gaps) timeout 300 python3 benchmarks/diag_call_gaps.py \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     gen) timeout 900 python3 .bench/kernl_gen_vs_peers.py 1 4 8 ;;

@@ -78,6 +78,11 @@ def main(artifact: str) -> None:
                 f"({(span - busy) / max(n - 1, 1):.2f} µs per boundary; median of 5 replays)"
             )
             ev = calls[0]
+            for i, (name, _, _) in enumerate(ev):
+                if name.startswith("Memset"):  # whose is it: the ops around the first one
+                    around = [e[0][:70] for e in ev[max(i - 1, 0) : i + 3]]
+                    print("  around the first memset: " + " | ".join(around))
+                    break
             by_name: dict[str, list[float]] = defaultdict(list)
             gaps_after: dict[str, list[float]] = defaultdict(list)
             for i, (name, ts, dur) in enumerate(ev):

@@ -331,11 +331,9 @@ def attention_configs() -> list[AttentionConfig]:
         (16, 32, 4, 2),
     ]:
         out.append(AttentionConfig(bm, bn, w, s))
-    out += [
-        AttentionConfig(128, 128, 4, 3, True),
-        AttentionConfig(128, 64, 4, 3, True),
-        AttentionConfig(128, 128, 8, 3, True),
-    ]
+    # Warp-specialised with 8 warps only: Triton 3.6's warp specialiser fails on this kernel
+    # with 4 (tests/kernels/test_compile_for_hopper.py), a candidate every bucket paid for.
+    out.append(AttentionConfig(128, 128, 8, 3, True))
     return out
 
 

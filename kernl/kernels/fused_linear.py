@@ -162,8 +162,8 @@ def linear_configs() -> list[LinearConfig]:
     out += [
         LinearConfig(256, 128, 64, 8, 8, 4),
         LinearConfig(128, 128, 128, 8, 8, 3),
-        LinearConfig(128, 256, 64, 8, 4, 3, True),
-        LinearConfig(128, 128, 64, 8, 4, 4, True),
+        # warp-specialised with 8 warps only: with 4, Triton 3.6's warp specialiser fails on
+        # this kernel (tests/kernels/test_compile_for_hopper.py)
         LinearConfig(128, 256, 64, 8, 8, 3, True),
     ]
     return out

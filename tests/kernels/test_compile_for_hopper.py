@@ -1,5 +1,6 @@
 """The few-rows decode kernels (norm_linear_rope too) and decode attention compile for Hopper
-(sm_90) in every variant a decoder launches, checked on the CPU: Triton's front end and ptxas
+(sm_90) in every variant a decoder launches, and so do the encoder attention's configs and
+the warp-specialised linear ones, checked on the CPU: Triton's front end and ptxas
 run without a GPU, while the interpreter the other kernel tests use never compiles and so
 accepts Python that Triton rejects (it missed a LayerNorm variable that the split-K
 epilogue's loop redefined: every LayerNorm model with split-K failed to compile on the GPU,
@@ -158,6 +159,57 @@ def decode_step_compiles(config, trace):
     assert compiled.asm["ptx"].count("cp.async.cg.shared.global") >= 10
 
 
+def attention_compiles(config, head_dim, causal, bias):
+    """The prefill / encoder attention: `bias` a padding mask read one row per key block."""
+    from kernl.kernels.attention import _attention_fwd_kernel
+
+    signature = dict.fromkeys(("Q", "K", "V", "Out", "Bias"), "*fp16") | {"KVLens": "*i32"}
+    signature |= dict.fromkeys(("Lq", "Lk", "num_heads", "group_size"), "i32")
+    signature |= {"sm_scale": "fp32"}
+    for t, dims in (("q", "bhmd"), ("k", "bhnd"), ("v", "bhnd"), ("o", "bhmd"), ("bias", "bhmn")):
+        signature |= {f"stride_{t}{d}": "i32" for d in dims}
+    constants = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=config.BLOCK_M)
+    constants |= dict(BLOCK_N=config.BLOCK_N, IS_CAUSAL=causal, HAS_BIAS=bias)
+    constants |= dict(BIAS_PER_KEY=bias, HAS_KV_LENS=False)
+    constants |= dict(WARP_SPECIALIZE=config.warp_specialize)
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    _compile(_attention_fwd_kernel, signature, constants, options, ("Q", "K", "V", "Out", "Bias"))
+
+
+def linear_compiles(config, activation, residual):
+    from kernl.kernels.fused_linear import _fused_linear_kernel
+
+    signature = dict.fromkeys(("X", "W", "Bias", "Residual", "Out"), "*fp16")
+    signature |= dict.fromkeys(("M", "N", "K"), "i32")
+    for t, dims in (("x", "mk"), ("w", "nk"), ("r", "mn"), ("o", "mn")):
+        signature |= {f"stride_{t}{d}": "i32" for d in dims}
+    constants = dict(BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K)
+    constants |= dict(GROUP_M=config.GROUP_M, ACTIVATION=activation, HAS_BIAS=True)
+    constants |= dict(HAS_RESIDUAL=residual, EVEN_K=True)
+    constants |= dict(WARP_SPECIALIZE=config.warp_specialize)
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    aligned = ("X", "W", "Bias", "Residual", "Out", "N", "K")
+    aligned += ("stride_xm", "stride_wn", "stride_rm", "stride_om")
+    _compile(_fused_linear_kernel, signature, constants, options, aligned)
+
+
+def _attention_variants():
+    """Every config in BERT's variant (fp16, head dim 64, a padding bias), and the
+    warp-specialised ones (Triton's warp specialiser failed on every 4-warp config until they
+    left the tuning space) in a causal one at head dim 128 too."""
+    from kernl.kernels.attention import attention_configs
+
+    found = [(c, 64, False, True) for c in attention_configs()]
+    return found + [(c, 128, True, False) for c in attention_configs() if c.warp_specialize]
+
+
+def _linear_warp_specialized_variants():
+    from kernl.kernels.fused_linear import linear_configs
+
+    ws = [c for c in linear_configs() if c.warp_specialize]
+    return [(c, act, res) for c in ws for act, res in (("none", True), ("gelu", False))]
+
+
 def main() -> int:
     """Compile every variant (in a process where Triton compiles: no TRITON_INTERPRET)."""
     failed = 0
@@ -167,6 +219,8 @@ def main() -> int:
         (skinny_linear_fused_compiles, SKINNY),
         (decode_attention_compiles, DECODE_ATTENTION),
         (decode_step_compiles, _decode_step_configs()),
+        (attention_compiles, _attention_variants()),
+        (linear_compiles, _linear_warp_specialized_variants()),
     ):
         for v in variants:
             try:
@@ -177,7 +231,7 @@ def main() -> int:
     return failed
 
 
-def test_decode_kernels_compile_for_sm90():
+def test_kernels_compile_for_sm90():
     # "0", not unset: without a GPU kernl turns the interpreter on when it is unset.
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     run = subprocess.run(

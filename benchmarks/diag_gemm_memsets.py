@@ -1,0 +1,95 @@
+"""Which of BERT-base's GEMMs make cuBLAS add a memset to a CUDA graph, and what each costs
+(issue 14: 12 memsets per call at 32x128 and 8x512, each followed by ~3 µs of idle GPU).
+
+    python benchmarks/diag_gemm_memsets.py
+
+For each GEMM of a BERT-base layer at M = 1024 and 4096 tokens (fp16), and each way kernl's
+runtime can call it (F.linear with bias; torch._addmm_activation with the tanh-GELU epilogue;
+torch.mm without bias), one CUDA graph of 20 calls: µs per call (median of 5 replays) and the
+device ops per call the profiler sees (kernels, memsets)."""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+GEMMS = {"qkv": (768, 2304), "o": (768, 768), "ffn1": (768, 3072), "ffn2": (3072, 768)}
+
+
+def graph_of(fn, n: int = 20) -> torch.cuda.CUDAGraph:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            fn()
+    return g
+
+
+def replay_us(g: torch.cuda.CUDAGraph, n: int = 20) -> float:
+    times = []
+    for _ in range(5):
+        g.replay()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1000 / n)
+    return statistics.median(times)
+
+
+def ops_of(g: torch.cuda.CUDAGraph, n: int = 20) -> Counter:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        g.replay()
+        torch.cuda.synchronize()
+    found = Counter()
+    for e in prof.key_averages():
+        if e.device_type.name == "CUDA":
+            found[e.key[:60]] += e.count // n
+    return found
+
+
+def main() -> None:
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    torch.manual_seed(0)
+    graphs = []
+    for m in (1024, 4096):
+        for name, (k, n) in GEMMS.items():
+            x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+            w = torch.randn(n, k, dtype=torch.float16, device="cuda") / k**0.5
+            b = torch.randn(n, dtype=torch.float16, device="cuda")
+            ways = {
+                "linear+bias": lambda x=x, w=w, b=b: F.linear(x, w, b),
+                "mm": lambda x=x, w=w: torch.mm(x, w.t()),
+            }
+            if name == "ffn1":
+                ways["addmm_act gelu"] = lambda x=x, w=w, b=b: torch._addmm_activation(
+                    b, x, w.t(), use_gelu=True
+                )
+            for way, fn in ways.items():
+                g = graph_of(fn)
+                graphs.append((m, name, way, g, replay_us(g)))
+    for m, name, way, g, us in graphs:  # profiles last: CUPTI stays attached
+        ops = ops_of(g)
+        memsets = sum(c for k, c in ops.items() if k.startswith("Memset"))
+        kernels = "; ".join(f"{c}x {k}" for k, c in ops.items() if not k.startswith("Memset"))
+        tflops = 2 * m * GEMMS[name][0] * GEMMS[name][1] / us / 1e6
+        print(
+            f"M={m:<5} {name:5} {way:15} {us:7.2f} µs {tflops:5.0f} TFLOP/s  "
+            f"memsets {memsets}  {kernels}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
