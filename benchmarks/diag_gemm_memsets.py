@@ -62,7 +62,7 @@ def ops_of(g: torch.cuda.CUDAGraph, n: int = 20) -> Counter:
 def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     torch.manual_seed(0)
-    graphs = []
+    calls = []
     for m in (1024, 4096):
         for name, (k, n) in GEMMS.items():
             x = torch.randn(m, k, dtype=torch.float16, device="cuda")
@@ -76,11 +76,16 @@ def main() -> None:
                 ways["addmm_act gelu"] = lambda x=x, w=w, b=b: torch._addmm_activation(
                     b, x, w.t(), use_gelu=True
                 )
-            for way, fn in ways.items():
-                g = graph_of(fn)
-                graphs.append((m, name, way, g, replay_us(g)))
-    for m, name, way, g, us in graphs:  # profiles last: CUPTI stays attached
-        ops = ops_of(g)
+            calls += [(m, name, way, fn) for way, fn in ways.items()]
+    # Each graph is timed (or profiled) right after its capture and dropped: replaying graphs
+    # captured before later ones crashed in the profiler (an illegal address, 2026-12-02).
+    # The profiles come last, on graphs captured again: CUPTI stays attached once started.
+    times = []
+    for *_, fn in calls:
+        times.append(replay_us(graph_of(fn)))
+        torch.cuda.synchronize()
+    for (m, name, way, fn), us in zip(calls, times):
+        ops = ops_of(graph_of(fn))
         memsets = sum(c for k, c in ops.items() if k.startswith("Memset"))
         kernels = "; ".join(f"{c}x {k}" for k, c in ops.items() if not k.startswith("Memset"))
         tflops = 2 * m * GEMMS[name][0] * GEMMS[name][1] / us / 1e6
