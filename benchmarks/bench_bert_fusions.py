@@ -65,6 +65,27 @@ def time_ms(fn: Callable[[], object], iters: int, warm: int = 10) -> float:
     return statistics.median(times)
 
 
+def time_alternating(fns: dict[str, Callable[[], object]], iters: int, warm: int = 10):
+    """Per name, the latency of each of `iters` single calls (ms, CUDA events, host synchronised
+    between calls), the implementations taking turns call by call: a drift of the host's
+    speed, which moves a block of one implementation's calls against the next block's, falls
+    on all of them alike."""
+    for fn in fns.values():
+        for _ in range(warm):
+            fn()
+    torch.cuda.synchronize()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times[name].append(start.elapsed_time(end))
+    return times
+
+
 def host_us(fn: Callable[[], object], iters: int, warm: int = 10) -> float:
     """Median host time of one call, from an idle GPU to the call's return."""
     for _ in range(warm):
