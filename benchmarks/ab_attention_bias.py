@@ -7,17 +7,17 @@
 The "before" kernel is a copy of kernl/kernels/attention.py from the commit before the change
 (`git show REV:kernl/kernels/attention.py > .diag/attention_before.py`; the default path), loaded
 as a sibling module of kernl.kernels. q, k, v are views of one fused QKV output [B, L, 3, H, D]
-and the output is written as [B, L, H, D], as the runtime does. Each figure is the median over
-5 rounds of one CUDA graph of 20 launches, per launch (inputs stay in L2 as in the model)."""
+and the output is written as [B, L, H, D], as the runtime does. Each figure is bench_utils'
+median_ms (CUDA-graph replays, L2 not flushed: the inputs stay in L2 as in the model)."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import statistics
 import sys
 
 import torch
+from bench_utils import median_ms
 
 from kernl.kernels import attention as after
 
@@ -31,29 +31,6 @@ def load_before(path: str):
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
-
-
-def graph_us(fn, launches: int = 20, rounds: int = 5) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(launches):
-            fn()
-    times = []
-    for _ in range(rounds):
-        g.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / launches)
-    return statistics.median(times)
 
 
 def main(before_path: str) -> None:
@@ -77,7 +54,9 @@ def main(before_path: str) -> None:
             t = {}
             for name, mod, c in (("before", before, old_cfg), ("after", after, cfg)):
                 try:
-                    t[name] = graph_us(lambda: mod.attention(q, k, v, bias=bias, out=out, config=c))
+                    t[name] = 1000 * median_ms(
+                        lambda: mod.attention(q, k, v, bias=bias, out=out, config=c)
+                    )
                 except Exception as e:  # a config this shape cannot take: say so, go on
                     t[name] = float("nan")
                     print(f"  {name} {cfg}: {type(e).__name__}: {str(e)[:100]}")

@@ -5,16 +5,16 @@
 
 For each GEMM of a BERT-base layer at M = 1024 and 4096 tokens (fp16), and each way kernl's
 runtime can call it (F.linear with bias; torch._addmm_activation with the tanh-GELU epilogue;
-torch.mm without bias), one CUDA graph of 20 calls: µs per call (median of 5 replays) and the
-device ops per call the profiler sees (kernels, memsets)."""
+torch.mm without bias): µs per call (bench_utils' median_ms, CUDA-graph replays) and the device
+ops per call the profiler sees in a graph of 20 calls (kernels, memsets)."""
 
 from __future__ import annotations
 
-import statistics
 from collections import Counter
 
 import torch
 import torch.nn.functional as F
+from bench_utils import median_ms
 
 GEMMS = {"qkv": (768, 2304), "o": (768, 768), "ffn1": (768, 3072), "ffn2": (3072, 768)}
 
@@ -31,19 +31,6 @@ def graph_of(fn, n: int = 20) -> torch.cuda.CUDAGraph:
         for _ in range(n):
             fn()
     return g
-
-
-def replay_us(g: torch.cuda.CUDAGraph, n: int = 20) -> float:
-    times = []
-    for _ in range(5):
-        g.replay()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / n)
-    return statistics.median(times)
 
 
 def ops_of(g: torch.cuda.CUDAGraph, n: int = 20) -> Counter:
@@ -77,12 +64,12 @@ def main() -> None:
                     b, x, w.t(), use_gelu=True
                 )
             calls += [(m, name, way, fn) for way, fn in ways.items()]
-    # Each graph is timed (or profiled) right after its capture and dropped: replaying graphs
-    # captured before later ones crashed in the profiler (an illegal address, 2026-12-02).
-    # The profiles come last, on graphs captured again: CUPTI stays attached once started.
+    # Profiled graphs are captured right before their profile and dropped after it: replaying
+    # graphs captured before later ones crashed in the profiler (an illegal address,
+    # 2026-12-02). The profiles come last: CUPTI stays attached once started.
     times = []
     for *_, fn in calls:
-        times.append(replay_us(graph_of(fn)))
+        times.append(1000 * median_ms(fn))
         torch.cuda.synchronize()
     for (m, name, way, fn), us in zip(calls, times):
         ops = ops_of(graph_of(fn))
