@@ -137,6 +137,12 @@ def launch_key(jit_fn, bound: dict[str, Any], options: dict[str, Any]) -> str:
     return "|".join(parts)
 
 
+def _param_names(key: str) -> tuple[str, ...]:
+    """A launch key's kernel parameter names, in order (launch options left out)."""
+    names = (part.split("=", 1)[0].split(":", 1)[0] for part in key.split("|")[1:])
+    return tuple(n for n in names if n not in _LAUNCH_OPTIONS)
+
+
 def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
@@ -286,16 +292,34 @@ class KernelBinaries:
     def __len__(self) -> int:
         return len(self.loaded)
 
+    def _missing(self, key: str) -> str:
+        """Why `key` has no binary. When the artifact holds binaries of the same kernel built
+        with other parameters, the kernel changed since it was built: another kernl built it,
+        and only a recompile helps (a changed constexpr is a new launch key)."""
+        kernel = key.split("|", 1)[0]
+        here = _param_names(key)
+        built = {_param_names(k) for k in self.loaded if k.split("|", 1)[0] == kernel}
+        if built and here not in built:
+            old = set().union(*built)
+            change = [f"+{p}" for p in here if p not in old]
+            change += [f"-{p}" for p in sorted(old - set(here))]
+            return (
+                f"this artifact's binaries of {kernel} were built for other kernel parameters "
+                f"than this kernl's ({', '.join(change)}): another version of kernl built "
+                "it. Recompile the artifact with this kernl (kernl-compile)."
+            )
+        return (
+            f"kernel launch {key} has no precompiled binary in the loaded artifact; kernl "
+            "never compiles kernels at run time. Was the artifact built for this bucket "
+            "and GPU?"
+        )
+
     def __call__(self, jit_fn, grid, args: tuple, kwargs: dict) -> None:
         bound, options = bind(jit_fn, args, kwargs)
         key = launch_key(jit_fn, bound, options)
         loaded = self.loaded.get(key)
         if loaded is None:
-            raise MissingBinaryError(
-                f"kernel launch {key} has no precompiled binary in the loaded artifact; kernl "
-                "never compiles kernels at run time. Was the artifact built for this bucket "
-                "and GPU?"
-            )
+            raise MissingBinaryError(self._missing(key))
         with torch.cuda.device(self.device):
             loaded.launch(
                 _grid3(grid, bound),
