@@ -5,32 +5,47 @@
 
 For each GEMM of a BERT-base layer at M = 1024 and 4096 tokens (fp16), and each way kernl's
 runtime can call it (F.linear with bias; torch._addmm_activation with the tanh-GELU epilogue,
-whole or as two GEMMs of M/2 rows into one output; torch.mm without bias): µs per call (bench_utils' median_ms, CUDA-graph replays) and the device
-ops per call the profiler sees in a graph of 20 calls (kernels, memsets)."""
+whole or as two GEMMs of M/2 rows into one output; torch.mm without bias), one CUDA graph of
+20 calls: µs per call (median of 10 replays) and the device ops per call the profiler sees
+(kernels, memsets)."""
 
 from __future__ import annotations
 
+import statistics
+import sys
 from collections import Counter
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_utils import median_ms
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GEMMS = {"qkv": (768, 2304), "o": (768, 768), "ffn1": (768, 3072), "ffn2": (3072, 768)}
 
 
 def graph_of(fn, n: int = 20) -> torch.cuda.CUDAGraph:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n):
-            fn()
-    return g
+    """n calls of fn in one graph, captured as kernl captures (cuBLAS's workspace allocated in
+    the graph's own pool: a graph captured with torch.cuda.graph alone keeps using the cached
+    workspace, which a later capture or a dropped graph frees under it)."""
+    from kernl.runtime.graphs import capture_graph
+
+    graph, _ = capture_graph(lambda: [fn() for _ in range(n)], None)
+    return graph
+
+
+def replay_us(graph: torch.cuda.CUDAGraph, n: int = 20) -> float:
+    """µs per call: the median of 10 replays of the n calls, between CUDA events."""
+    graph.replay()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / n)
+    return statistics.median(times)
 
 
 def gelu_halves(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> None:
@@ -75,13 +90,11 @@ def main() -> None:
                 # the memset it adds at M = 4096?
                 ways["addmm_act gelu 2x M/2"] = lambda x=x, w=w, b=b, y=y: gelu_halves(x, w, b, y)
             calls += [(m, name, way, fn) for way, fn in ways.items()]
-    # Profiled graphs are captured right before their profile and dropped after it: replaying
-    # graphs captured before later ones crashed in the profiler (an illegal address,
-    # 2026-12-02). The profiles come last: CUPTI stays attached once started.
-    times = []
-    for *_, fn in calls:
-        times.append(1000 * median_ms(fn))
-        torch.cuda.synchronize()
+    # Each graph is captured for its timing or its profile and dropped after it (a first
+    # version, capturing with torch.cuda.graph alone and replaying every graph at the end, met
+    # an illegal address: cuBLAS's cached workspace). The profiles come last: CUPTI stays
+    # attached once started.
+    times = [replay_us(graph_of(fn)) for *_, fn in calls]
     for (m, name, way, fn), us in zip(calls, times):
         ops = ops_of(graph_of(fn))
         memsets = sum(c for k, c in ops.items() if k.startswith("Memset"))
