@@ -129,8 +129,7 @@ def attention(
     if impl == "triton" and triton_usable(q.device, attention_kernel):
         bias = mask
         if mask is not None and mask.dtype == torch.bool:
-            bias = torch.zeros(mask.shape, dtype=torch.float32, device=q.device)
-            bias = bias.masked_fill(~mask, float("-inf"))
+            bias = mask_to_bias(mask, torch.float32)
         while bias is not None and bias.dim() < 4:
             bias = bias.unsqueeze(0)
         # Written as [B, Lq, H, D] and seen as [B, H, Lq, D]: the heads merge that follows
