@@ -11,7 +11,6 @@ whole or as two GEMMs of M/2 rows into one output; torch.mm without bias), one C
 
 from __future__ import annotations
 
-import statistics
 import sys
 from collections import Counter
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_bert_fusions import time_ms  # noqa: E402
 
 GEMMS = {"qkv": (768, 2304), "o": (768, 768), "ffn1": (768, 3072), "ffn2": (3072, 768)}
 
@@ -35,17 +35,8 @@ def graph_of(fn, n: int = 20) -> torch.cuda.CUDAGraph:
 
 
 def replay_us(graph: torch.cuda.CUDAGraph, n: int = 20) -> float:
-    """µs per call: the median of 10 replays of the n calls, between CUDA events."""
-    graph.replay()
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / n)
-    return statistics.median(times)
+    """µs per call: the median of 10 replays of the n calls."""
+    return time_ms(graph.replay, 10, warm=1) * 1000 / n
 
 
 def gelu_halves(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> None:
