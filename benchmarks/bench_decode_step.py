@@ -217,6 +217,16 @@ def explore(w: DecodeStepWeights, base: DecodeStepConfig, out: str) -> None:
         json.dump({"rows": rows, "traces": traces}, f, indent=1)
 
 
+def config_spec(entry: str, every: list[DecodeStepConfig]) -> tuple[int, DecodeStepConfig]:
+    """'8' -> (8, config 8); '8:num_warps=8:ahead_k=128' -> (8, config 8 with those fields)."""
+    index, *changes = entry.split(":")
+    config = every[int(index)]
+    for change in changes:
+        field, value = change.split("=")
+        config = replace(config, **{field: type(getattr(config, field))(int(value))})
+    return int(index), config
+
+
 def main() -> None:
     out = os.environ.get("OUT", ".")
     w = weights()
@@ -236,16 +246,15 @@ def main() -> None:
     for c in checks:
         print("check", c, flush=True)
     rows = []
-    # STEP_CONFIGS=1,8,18 times those configs only (the L2 prefetch variant with 0 among them)
+    # STEP_CONFIGS=1,8,18 times those configs only (the L2 prefetch variant with 0 among them);
+    # an entry 8:num_warps=8:ahead_k=128 times config 8 with those fields changed
     chosen = os.environ.get("STEP_CONFIGS")
-    indices = [int(i) for i in chosen.split(",")] if chosen else None
+    every = decode_step_configs()
+    specs = [config_spec(e, every) for e in chosen.split(",")] if chosen else None
+    indices = [i for i, _ in specs] if specs else None
     for B in (1, 4, 8):
         for slots in (512, 2048):
-            variants = [
-                (i, c, False)
-                for i, c in enumerate(decode_step_configs())
-                if indices is None or i in indices
-            ]
+            variants = [(i, c, False) for i, c in (specs or enumerate(every))]
             if indices is None or 0 in indices:  # what the L2 prefetch buys
                 variants.append((0, decode_step_configs()[0], True))
             for index, config, prefetch in variants:
@@ -268,7 +277,8 @@ def main() -> None:
     # where a layer's time goes: the step over the first n layers (the stacks sliced), batch 1,
     # on the config fastest at batch 1 over 512 slots
     timed = [r for r in rows if (r["batch"], r["slots"], r["prefetch"]) == (1, 512, False)]
-    best = decode_step_configs()[min(timed, key=lambda r: r["ms"])["index"] if timed else 0]
+    by_repr = {repr(c): c for _, c in (specs or enumerate(every))}
+    best = by_repr[min(timed, key=lambda r: r["ms"])["config"]] if timed else every[0]
     if os.environ.get("STEP_NO_DIAGNOSTIC"):  # the configs' times only
         with open(os.path.join(out, "bench_decode_step.json"), "w") as f:
             json.dump({"info": info, "checks": checks, "rows": rows}, f, indent=1)

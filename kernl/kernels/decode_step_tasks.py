@@ -68,18 +68,46 @@ def split_task(t, SPLIT: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def weights_ahead(W, rows, row_mask, K: tl.constexpr, t, SPLIT: tl.constexpr, BLOCK_K, AHEAD_K: tl.constexpr, on):  # fmt: skip
+    """Task t's first AHEAD_K weight columns of `rows` (W [N, K]), loaded into registers (on:
+    a scalar, whether to load at all: a masked load moves no bytes). Loaded before a grid
+    barrier, the next op's first block streams while the barrier and the op before drain
+    (`linear_rows` takes it as `w_first`); weights never depend on the op before."""
+    _, _, k_lo, k_hi = split_task(t, SPLIT, K, BLOCK_K)
+    ks = k_lo + tl.arange(0, AHEAD_K)
+    return tl.load(
+        W + rows.to(tl.int64)[:, None] * K + ks[None, :],
+        mask=(row_mask & on)[:, None] & (ks < k_hi)[None, :],
+        other=0.0,
+    )
+
+
+@triton.jit
 def linear_rows(
     X, stride_xm, w_rows, u_rows, offs_m, m_mask, n_mask, k_lo, k_hi, BLOCK_N, BLOCK_K, PREC,
-    PAIRED: tl.constexpr = False,
+    PAIRED: tl.constexpr = False, w_first=0.0, u_first=0.0, AHEAD_K: tl.constexpr = 0,
 ):  # fmt: skip
     """x[:16, k_lo:k_hi] @ W[w_rows, k_lo:k_hi]^T in fp32 (and @ W[u_rows]^T too, PAIRED). x
     is loaded as it is: a norm is folded in by whoever wrote it (store_normed), since in the
     loop its per-block work (the norm weight, the sum of squares over 16 padded rows) halved
-    the weight stream of one program per SM (benchmarks/bench_stream_linear.py)."""
+    the weight stream of one program per SM (benchmarks/bench_stream_linear.py). AHEAD_K > 0:
+    the first AHEAD_K columns of W's rows are already in w_first (and u_first): `weights_ahead`."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    k_start = k_lo
+    if AHEAD_K > 0:
+        ka = k_lo + tl.arange(0, AHEAD_K)  # (a name of its own: the loop's ks is narrower)
+        xa = tl.load(
+            X + offs_m[:, None] * stride_xm + ka[None, :],
+            mask=m_mask[:, None] & (ka < k_hi)[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(xa, tl.trans(w_first), acc, input_precision=PREC)
+        if PAIRED:
+            acc_u = tl.dot(xa, tl.trans(u_first), acc_u, input_precision=PREC)
+        k_start = k_lo + AHEAD_K
+    for k0 in range(k_start, k_hi, BLOCK_K):
         ks = k0 + offs_k
         k_mask = ks < k_hi
         x = tl.load(
@@ -148,6 +176,8 @@ def residual_linear(
     WAIT_READY: tl.constexpr,
     Xn,
     NextNormW,
+    w_first,
+    AHEAD_K: tl.constexpr,
 ):
     """Task t of X[:, :H] += In[:, :K] @ W^T (O and down projections): its tile's K chunk,
     reduced by the tile's last split to arrive. Each column of X is read and written by the
@@ -162,8 +192,9 @@ def residual_linear(
     n_mask = offs_n < H
     w_rows = W + offs_n.to(tl.int64)[:, None] * K
     acc, _ = linear_rows(
-        In, K, w_rows, w_rows, offs_m, m_mask, n_mask, k_lo, k_hi, N_TILE, BLOCK_K, PREC
-    )
+        In, K, w_rows, w_rows, offs_m, m_mask, n_mask, k_lo, k_hi, N_TILE, BLOCK_K, PREC,
+        False, w_first, w_first, AHEAD_K,
+    )  # fmt: skip
     last = True
     if SPLIT > 1:
         no_ss = tl.zeros([16], dtype=tl.float32)
@@ -218,6 +249,9 @@ def norm_pair(
     BLOCK_K: tl.constexpr,
     PREC: tl.constexpr,
     PARTS: tl.constexpr,
+    w_first,
+    u_first,
+    AHEAD_K: tl.constexpr,
 ):
     """Task t of RMSNorm(x) @ W[rows1]^T and @ W[rows2]^T (QKV's pair halves, gate and up), from
     Xn and the PARTS sums of squares its writer left (store_normed): (last, acc1, acc2, ss),
@@ -227,8 +261,9 @@ def norm_pair(
     w_rows = W + rows1.to(tl.int64)[:, None] * H
     u_rows = W + rows2.to(tl.int64)[:, None] * H
     acc, acc_u = linear_rows(
-        Xn, H, w_rows, u_rows, offs_m, m_mask, n_mask, k_lo, k_hi, N_TILE, BLOCK_K, PREC, True
-    )
+        Xn, H, w_rows, u_rows, offs_m, m_mask, n_mask, k_lo, k_hi, N_TILE, BLOCK_K, PREC, True,
+        w_first, u_first, AHEAD_K,
+    )  # fmt: skip
     last = True
     if SPLIT > 1:
         last, acc, acc_u, _ = _split_k_gather(
