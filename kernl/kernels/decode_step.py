@@ -45,7 +45,9 @@ import triton.language as tl
 
 from .decode_attention import decode_attention_chunk, decode_attention_merge
 from .decode_step_tasks import (
+    grid_arrive,
     grid_sync,
+    grid_wait,
     linear_rows,
     norm_pair,
     now_ns,
@@ -179,11 +181,6 @@ def _decode_step_kernel(
     # AHEAD_K: each program's next task has its first weight columns in registers before it
     # starts (weights_ahead): the first task of an op's before the barrier, the next ones
     # while the task before runs its epilogue; the next layer's QKV ones cross the loop
-    qkv_a1 = 0.0
-    qkv_a2 = 0.0
-    if AHEAD_K > 0:
-        qkv_a1 = weights_ahead(Wqkv, cols1, c_mask, H, pid, SPLIT_QKV, BLOCK_K, AHEAD_K, pid < QKV_TASKS)  # fmt: skip
-        qkv_a2 = weights_ahead(Wqkv, cols2, c_mask, H, pid, SPLIT_QKV, BLOCK_K, AHEAD_K, pid < QKV_TASKS)  # fmt: skip
     tok = tl.load(Tokens + offs_m, mask=m_mask, other=0).to(tl.int64)
     for c in range(pid, tl.cdiv(H, DOWN_N), G):  # the tiles of the down projection's (PARTS)
         cols = c * DOWN_N + tl.arange(0, DOWN_N)
@@ -191,7 +188,13 @@ def _decode_step_kernel(
         e = tl.load(Embed + tok[:, None] * H + cols[None, :], mask=mask, other=0.0)
         tl.store(X + offs_m[:, None] * H + cols[None, :], e, mask=mask)
         store_normed(e.to(tl.float32), AttnNormW, Xn, SumSq, c, offs_m, cols, m_mask, cols < H, H)
-    grid_sync(Sync, G, Tr, 0, TRACE)
+    grid_arrive(Sync, Tr, 0, TRACE)
+    qkv_a1 = 0.0
+    qkv_a2 = 0.0
+    if AHEAD_K > 0:
+        qkv_a1 = weights_ahead(Wqkv, cols1, c_mask, H, pid, SPLIT_QKV, BLOCK_K, AHEAD_K, pid < QKV_TASKS)  # fmt: skip
+        qkv_a2 = weights_ahead(Wqkv, cols2, c_mask, H, pid, SPLIT_QKV, BLOCK_K, AHEAD_K, pid < QKV_TASKS)  # fmt: skip
+    grid_wait(Sync, G, Tr, 0, TRACE)
 
     n_valid = tl.minimum(tl.load(Slot).to(tl.int32) + 1, kv_len)  # slots [0, slot] are read
     att_splits = ATT_SPLITS  # each (row, kv head)'s chunks of the cache
@@ -370,15 +373,16 @@ def _decode_step_kernel(
                 if O_WAITS_GROUP:  # this row's heads of group h_kv are merged
                     tl.debug_barrier()
                     tl.atomic_add(GroupReady + h_kv, 1, sem="release", scope="gpu")
-        o_a = 0.0
-        if AHEAD_K > 0:
-            o_a = weights_ahead(Wo_l, pf_o, pf_o < H, NQ, pid, SPLIT_O, BLOCK_K, AHEAD_K, pid < O_TASKS)  # fmt: skip
         if UP_AHEAD > 0:  # HBM is mostly idle until gate/up: its first task's weights to L2
             pf_up = pid // SPLIT_UP * UP_N + tl.arange(0, UP_N)
             prefetch_task(Wgu_l, pf_up, pf_up < I, H, pid, SPLIT_UP, BLOCK_K, UP_AHEAD)
             prefetch_task(Wgu_l, I + pf_up, pf_up < I, H, pid, SPLIT_UP, BLOCK_K, UP_AHEAD)
         # with O_WAITS_GROUP the O tasks wait for their kv group's merges instead
-        grid_sync(Sync, arrived + 2 * G, Tr, 1 + layer * 5 + 1, TRACE, not O_WAITS_GROUP)
+        grid_arrive(Sync, Tr, 1 + layer * 5 + 1, TRACE)
+        o_a = 0.0
+        if AHEAD_K > 0:
+            o_a = weights_ahead(Wo_l, pf_o, pf_o < H, NQ, pid, SPLIT_O, BLOCK_K, AHEAD_K, pid < O_TASKS)  # fmt: skip
+        grid_wait(Sync, arrived + 2 * G, Tr, 1 + layer * 5 + 1, TRACE, not O_WAITS_GROUP)
 
         # 3. O projection + residual
         for t in tl.range(pid, O_TASKS, G, flatten=FLATTEN):
@@ -414,12 +418,13 @@ def _decode_step_kernel(
         pf_up = pid // SPLIT_UP * UP_N + tl.arange(0, UP_N)
         prefetch_task(Wgu_l, pf_up, pf_up < I, H, pid, SPLIT_UP, BLOCK_K, PF_UP)
         prefetch_task(Wgu_l, I + pf_up, pf_up < I, H, pid, SPLIT_UP, BLOCK_K, PF_UP)
+        grid_arrive(Sync, Tr, 1 + layer * 5 + 2, TRACE)
         g_a = 0.0
         u_a = 0.0
         if AHEAD_K > 0:
             g_a = weights_ahead(Wgu_l, pf_up, pf_up < I, H, pid, SPLIT_UP, BLOCK_K, AHEAD_K, pid < UP_TASKS)  # fmt: skip
             u_a = weights_ahead(Wgu_l, I + pf_up, pf_up < I, H, pid, SPLIT_UP, BLOCK_K, AHEAD_K, pid < UP_TASKS)  # fmt: skip
-        grid_sync(Sync, arrived + 3 * G, Tr, 1 + layer * 5 + 2, TRACE)
+        grid_wait(Sync, arrived + 3 * G, Tr, 1 + layer * 5 + 2, TRACE)
 
         # 4. norm -> gate/up -> silu(gate) * up
         for t in tl.range(pid, UP_TASKS, G, flatten=FLATTEN):
@@ -465,10 +470,11 @@ def _decode_step_kernel(
                 )
         pf_down = pid // SPLIT_DOWN * DOWN_N + tl.arange(0, DOWN_N)
         prefetch_task(Wd_l, pf_down, pf_down < H, I, pid, SPLIT_DOWN, DOWN_BLOCK_K, PF_DOWN)
+        grid_arrive(Sync, Tr, 1 + layer * 5 + 3, TRACE)
         d_a = 0.0
         if AHEAD_K > 0:
             d_a = weights_ahead(Wd_l, pf_down, pf_down < H, I, pid, SPLIT_DOWN, DOWN_BLOCK_K, AHEAD_K, pid < DOWN_TASKS)  # fmt: skip
-        grid_sync(Sync, arrived + 4 * G, Tr, 1 + layer * 5 + 3, TRACE)
+        grid_wait(Sync, arrived + 4 * G, Tr, 1 + layer * 5 + 3, TRACE)
 
         # 5. down projection + residual (x normed for the next layer's QKV, or for lm_head)
         next_norm = FinalNormW
@@ -511,13 +517,14 @@ def _decode_step_kernel(
         else:
             pf_lm = pid * LM_N + tl.arange(0, LM_N)
             prefetch_task(LmHead, pf_lm, pf_lm < vocab, H, pid, 1, BLOCK_K, PF_LM)
+        grid_arrive(Sync, Tr, 1 + layer * 5 + 4, TRACE)
         if AHEAD_K > 0:  # the next layer's (none after the last: nothing loaded)
             pf_c, c_mask, cols1, cols2 = qkv_tile(pid // SPLIT_QKV, QKV_N, QKV_P, HALF, D, NQKV)
             more = (layer + 1 < num_layers) & (pid < QKV_TASKS)
             W1n = W1 + NQKV * H
             qkv_a1 = weights_ahead(W1n, cols1, c_mask, H, pid, SPLIT_QKV, BLOCK_K, AHEAD_K, more)
             qkv_a2 = weights_ahead(W1n, cols2, c_mask, H, pid, SPLIT_QKV, BLOCK_K, AHEAD_K, more)
-        grid_sync(Sync, arrived + 5 * G, Tr, 1 + layer * 5 + 4, TRACE)
+        grid_wait(Sync, arrived + 5 * G, Tr, 1 + layer * 5 + 4, TRACE)
 
     # final norm -> lm_head -> logits and the argmax
     lm_tasks = tl.cdiv(vocab, LM_N)

@@ -43,18 +43,32 @@ def wait_until(Count, target, Sync):
 
 
 @triton.jit
-def grid_sync(Sync, arrivals, Trace, barrier, TRACE: tl.constexpr, WAIT: tl.constexpr = True):
-    """Arrive at the grid barrier, then (WAIT) wait until `arrivals` arrivals in all were
-    counted (`wait_until`). With TRACE, the program's times of arrival and of leaving go to
-    Trace[program, barrier, 0:2]."""
+def grid_arrive(Sync, Trace, barrier, TRACE: tl.constexpr):
+    """Arrive at the grid barrier (`grid_sync`'s first half). Its release waits until every
+    memory access this program issued before is done: loads meant to stream while the
+    barrier drains (weights_ahead) go after it, before `grid_wait`."""
     if TRACE:
         tl.store(Trace + barrier * 2, now_ns(barrier))
     tl.debug_barrier()  # every thread's writes precede the release below
     tl.atomic_add(Sync, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def grid_wait(Sync, arrivals, Trace, barrier, TRACE: tl.constexpr, WAIT: tl.constexpr = True):
+    """`grid_sync`'s second half: (WAIT) wait until `arrivals` arrivals in all were counted."""
     if WAIT:
         wait_until(Sync, arrivals, Sync)
     if TRACE:
         tl.store(Trace + barrier * 2 + 1, now_ns(barrier))
+
+
+@triton.jit
+def grid_sync(Sync, arrivals, Trace, barrier, TRACE: tl.constexpr, WAIT: tl.constexpr = True):
+    """Arrive at the grid barrier, then (WAIT) wait until `arrivals` arrivals in all were
+    counted (`wait_until`). With TRACE, the program's times of arrival and of leaving go to
+    Trace[program, barrier, 0:2]."""
+    grid_arrive(Sync, Trace, barrier, TRACE)
+    grid_wait(Sync, arrivals, Trace, barrier, TRACE, WAIT)
 
 
 @triton.jit
