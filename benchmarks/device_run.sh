@@ -58,8 +58,6 @@
 #           config added last, at Llama-1B shapes
 #   step    the persistent decode step's configs at Llama-1B shapes (benchmarks/bench_decode_step.py)
 #   stepnew the compiler's three choice configs and the two QKV_PAIRS configs only (~2 min)
-#   stepahead the persistent step's ahead_k configs (20-23) checked, then timed against the
-#           three choice configs (~6 min)
 #   stepx   variants of one persistent step config, batch 1 and 8, with their traces
 #   stream  the persistent step's norm-folded pair loops, norm in or out of the loop
 #           (benchmarks/bench_stream_linear.py)
@@ -118,16 +116,6 @@ stage() {
     step) OUT=$RUN timeout 600 python3 benchmarks/bench_decode_step.py ;;
     stepnew) STEP_CONFIGS=1,8,17,18,19 STEP_NO_DIAGNOSTIC=1 OUT=$RUN timeout 300 \
       python3 benchmarks/bench_decode_step.py ;;
-    stepahead) # the ahead_k configs (20-23) checked at Llama-1B shapes, then timed against the
-      # three choice configs, and config 20 at 8 warps; traces of the fastest at batch 1
-      timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -x \
-        "tests/kernels/test_decode_step.py::test_gpu_decode_step_llama1b_shapes[4-dtype20-20]" \
-        "tests/kernels/test_decode_step.py::test_gpu_decode_step_llama1b_shapes[4-dtype21-21]" \
-        "tests/kernels/test_decode_step.py::test_gpu_decode_step_llama1b_shapes[4-dtype22-22]" \
-        "tests/kernels/test_decode_step.py::test_gpu_decode_step_llama1b_shapes[4-dtype23-23]"
-      STEP_CONFIGS=8,1,17,20,21,22,21:ahead_k=64,20:num_warps=8 STEP_NO_DIAGNOSTIC=1 \
-        OUT=$RUN timeout 480 \
-        python3 benchmarks/bench_decode_step.py ;;
     stepx) STEP_EXPLORE=0 OUT=$RUN timeout 300 python3 benchmarks/bench_decode_step.py ;;
     stream) OUT=$RUN timeout 480 python3 benchmarks/bench_stream_linear.py ;;
     streamsweep) STREAM_PART=sweep OUT=$RUN timeout 480 python3 benchmarks/bench_stream_linear.py ;;

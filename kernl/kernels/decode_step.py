@@ -45,9 +45,7 @@ import triton.language as tl
 
 from .decode_attention import decode_attention_chunk, decode_attention_merge
 from .decode_step_tasks import (
-    grid_arrive,
     grid_sync,
-    grid_wait,
     linear_rows,
     norm_pair,
     now_ns,
@@ -57,7 +55,6 @@ from .decode_step_tasks import (
     row_sumsq,
     store_normed,
     wait_until,
-    weights_ahead,
 )
 from .launch import is_interpreted, launch_kernel
 from .lm_head_argmax import lm_head_argmax_finish
@@ -151,7 +148,6 @@ def _decode_step_kernel(
     O_WAITS_GROUP: tl.constexpr,
     ATT_WAITS_QKV: tl.constexpr,
     ATT_FILL: tl.constexpr,
-    AHEAD_K: tl.constexpr,
     TRACE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -178,9 +174,6 @@ def _decode_step_kernel(
     pf_c, c_mask, cols1, cols2 = qkv_tile(pid // SPLIT_QKV, QKV_N, QKV_P, HALF, D, NQKV)
     prefetch_task(Wqkv, cols1, c_mask, H, pid, SPLIT_QKV, BLOCK_K, PF_QKV)
     prefetch_task(Wqkv, cols2, c_mask, H, pid, SPLIT_QKV, BLOCK_K, PF_QKV)
-    # AHEAD_K: each program's next task has its first weight columns in registers before it
-    # starts (weights_ahead): the first task of an op's before the barrier, the next ones
-    # while the task before runs its epilogue; the next layer's QKV ones cross the loop
     tok = tl.load(Tokens + offs_m, mask=m_mask, other=0).to(tl.int64)
     for c in range(pid, tl.cdiv(H, DOWN_N), G):  # the tiles of the down projection's (PARTS)
         cols = c * DOWN_N + tl.arange(0, DOWN_N)
@@ -188,13 +181,7 @@ def _decode_step_kernel(
         e = tl.load(Embed + tok[:, None] * H + cols[None, :], mask=mask, other=0.0)
         tl.store(X + offs_m[:, None] * H + cols[None, :], e, mask=mask)
         store_normed(e.to(tl.float32), AttnNormW, Xn, SumSq, c, offs_m, cols, m_mask, cols < H, H)
-    grid_arrive(Sync, Tr, 0, TRACE)
-    qkv_a1 = 0.0
-    qkv_a2 = 0.0
-    if AHEAD_K > 0:
-        qkv_a1 = weights_ahead(Wqkv, cols1, c_mask, H, pid, SPLIT_QKV, BLOCK_K, AHEAD_K, pid < QKV_TASKS)  # fmt: skip
-        qkv_a2 = weights_ahead(Wqkv, cols2, c_mask, H, pid, SPLIT_QKV, BLOCK_K, AHEAD_K, pid < QKV_TASKS)  # fmt: skip
-    grid_wait(Sync, G, Tr, 0, TRACE)
+    grid_sync(Sync, G, Tr, 0, TRACE)
 
     n_valid = tl.minimum(tl.load(Slot).to(tl.int32) + 1, kv_len)  # slots [0, slot] are read
     att_splits = ATT_SPLITS  # each (row, kv head)'s chunks of the cache
@@ -233,15 +220,7 @@ def _decode_step_kernel(
                 BLOCK_K,
                 PRECISION,
                 PARTS_DOWN,
-                qkv_a1,
-                qkv_a2,
-                AHEAD_K,
             )
-            if AHEAD_K > 0:  # the next task's, while this one's epilogue runs
-                _, n_mask, n1, n2 = qkv_tile((t + G) // SPLIT_QKV, QKV_N, QKV_P, HALF, D, NQKV)
-                more = t + G < QKV_TASKS
-                qkv_a1 = weights_ahead(W1, n1, n_mask, H, t + G, SPLIT_QKV, BLOCK_K, AHEAD_K, more)
-                qkv_a2 = weights_ahead(W1, n2, n_mask, H, t + G, SPLIT_QKV, BLOCK_K, AHEAD_K, more)
             if last:
                 acc, acc_u = _norm_linear_scale(
                     acc,
@@ -378,11 +357,7 @@ def _decode_step_kernel(
             prefetch_task(Wgu_l, pf_up, pf_up < I, H, pid, SPLIT_UP, BLOCK_K, UP_AHEAD)
             prefetch_task(Wgu_l, I + pf_up, pf_up < I, H, pid, SPLIT_UP, BLOCK_K, UP_AHEAD)
         # with O_WAITS_GROUP the O tasks wait for their kv group's merges instead
-        grid_arrive(Sync, Tr, 1 + layer * 5 + 1, TRACE)
-        o_a = 0.0
-        if AHEAD_K > 0:
-            o_a = weights_ahead(Wo_l, pf_o, pf_o < H, NQ, pid, SPLIT_O, BLOCK_K, AHEAD_K, pid < O_TASKS)  # fmt: skip
-        grid_wait(Sync, arrived + 2 * G, Tr, 1 + layer * 5 + 1, TRACE, not O_WAITS_GROUP)
+        grid_sync(Sync, arrived + 2 * G, Tr, 1 + layer * 5 + 1, TRACE, not O_WAITS_GROUP)
 
         # 3. O projection + residual
         for t in tl.range(pid, O_TASKS, G, flatten=FLATTEN):
@@ -408,23 +383,11 @@ def _decode_step_kernel(
                 O_WAITS_GROUP,
                 Xn,
                 MlpNormW + lyr * H,
-                o_a,
-                AHEAD_K,
             )
-            if AHEAD_K > 0:  # the next task's
-                rows_o = (t + G) // SPLIT_O * O_N + tl.arange(0, O_N)
-                more = t + G < O_TASKS
-                o_a = weights_ahead(Wo_l, rows_o, rows_o < H, NQ, t + G, SPLIT_O, BLOCK_K, AHEAD_K, more)  # fmt: skip
         pf_up = pid // SPLIT_UP * UP_N + tl.arange(0, UP_N)
         prefetch_task(Wgu_l, pf_up, pf_up < I, H, pid, SPLIT_UP, BLOCK_K, PF_UP)
         prefetch_task(Wgu_l, I + pf_up, pf_up < I, H, pid, SPLIT_UP, BLOCK_K, PF_UP)
-        grid_arrive(Sync, Tr, 1 + layer * 5 + 2, TRACE)
-        g_a = 0.0
-        u_a = 0.0
-        if AHEAD_K > 0:
-            g_a = weights_ahead(Wgu_l, pf_up, pf_up < I, H, pid, SPLIT_UP, BLOCK_K, AHEAD_K, pid < UP_TASKS)  # fmt: skip
-            u_a = weights_ahead(Wgu_l, I + pf_up, pf_up < I, H, pid, SPLIT_UP, BLOCK_K, AHEAD_K, pid < UP_TASKS)  # fmt: skip
-        grid_wait(Sync, arrived + 3 * G, Tr, 1 + layer * 5 + 2, TRACE)
+        grid_sync(Sync, arrived + 3 * G, Tr, 1 + layer * 5 + 2, TRACE)
 
         # 4. norm -> gate/up -> silu(gate) * up
         for t in tl.range(pid, UP_TASKS, G, flatten=FLATTEN):
@@ -449,15 +412,7 @@ def _decode_step_kernel(
                 BLOCK_K,
                 PRECISION,
                 PARTS_O,
-                g_a,
-                u_a,
-                AHEAD_K,
             )
-            if AHEAD_K > 0:  # the next task's, while this one's epilogue runs
-                rows_g = (t + G) // SPLIT_UP * UP_N + tl.arange(0, UP_N)
-                more = t + G < UP_TASKS
-                g_a = weights_ahead(Wgu_l, rows_g, rows_g < I, H, t + G, SPLIT_UP, BLOCK_K, AHEAD_K, more)  # fmt: skip
-                u_a = weights_ahead(Wgu_l, I + rows_g, rows_g < I, H, t + G, SPLIT_UP, BLOCK_K, AHEAD_K, more)  # fmt: skip
             if last:
                 acc, acc_u = _norm_linear_scale(
                     acc, acc_u, ss, Wgu, offs_n, offs_n + I, n_mask, H, eps, True, False, True
@@ -470,11 +425,7 @@ def _decode_step_kernel(
                 )
         pf_down = pid // SPLIT_DOWN * DOWN_N + tl.arange(0, DOWN_N)
         prefetch_task(Wd_l, pf_down, pf_down < H, I, pid, SPLIT_DOWN, DOWN_BLOCK_K, PF_DOWN)
-        grid_arrive(Sync, Tr, 1 + layer * 5 + 3, TRACE)
-        d_a = 0.0
-        if AHEAD_K > 0:
-            d_a = weights_ahead(Wd_l, pf_down, pf_down < H, I, pid, SPLIT_DOWN, DOWN_BLOCK_K, AHEAD_K, pid < DOWN_TASKS)  # fmt: skip
-        grid_wait(Sync, arrived + 4 * G, Tr, 1 + layer * 5 + 3, TRACE)
+        grid_sync(Sync, arrived + 4 * G, Tr, 1 + layer * 5 + 3, TRACE)
 
         # 5. down projection + residual (x normed for the next layer's QKV, or for lm_head)
         next_norm = FinalNormW
@@ -503,13 +454,7 @@ def _decode_step_kernel(
                 False,
                 Xn,
                 next_norm,
-                d_a,
-                AHEAD_K,
             )
-            if AHEAD_K > 0:  # the next task's
-                rows_d = (t + G) // SPLIT_DOWN * DOWN_N + tl.arange(0, DOWN_N)
-                more = t + G < DOWN_TASKS
-                d_a = weights_ahead(Wd_l, rows_d, rows_d < H, I, t + G, SPLIT_DOWN, DOWN_BLOCK_K, AHEAD_K, more)  # fmt: skip
         if layer + 1 < num_layers:
             pf_c, c_mask, cols1, cols2 = qkv_tile(pid // SPLIT_QKV, QKV_N, QKV_P, HALF, D, NQKV)
             prefetch_task(W1 + NQKV * H, cols1, c_mask, H, pid, SPLIT_QKV, BLOCK_K, PF_QKV)
@@ -517,14 +462,7 @@ def _decode_step_kernel(
         else:
             pf_lm = pid * LM_N + tl.arange(0, LM_N)
             prefetch_task(LmHead, pf_lm, pf_lm < vocab, H, pid, 1, BLOCK_K, PF_LM)
-        grid_arrive(Sync, Tr, 1 + layer * 5 + 4, TRACE)
-        if AHEAD_K > 0:  # the next layer's (none after the last: nothing loaded)
-            pf_c, c_mask, cols1, cols2 = qkv_tile(pid // SPLIT_QKV, QKV_N, QKV_P, HALF, D, NQKV)
-            more = (layer + 1 < num_layers) & (pid < QKV_TASKS)
-            W1n = W1 + NQKV * H
-            qkv_a1 = weights_ahead(W1n, cols1, c_mask, H, pid, SPLIT_QKV, BLOCK_K, AHEAD_K, more)
-            qkv_a2 = weights_ahead(W1n, cols2, c_mask, H, pid, SPLIT_QKV, BLOCK_K, AHEAD_K, more)
-        grid_wait(Sync, arrived + 5 * G, Tr, 1 + layer * 5 + 4, TRACE)
+        grid_sync(Sync, arrived + 5 * G, Tr, 1 + layer * 5 + 4, TRACE)
 
     # final norm -> lm_head -> logits and the argmax
     lm_tasks = tl.cdiv(vocab, LM_N)
@@ -646,12 +584,6 @@ class DecodeStepConfig:
     # fits the grid. Llama-1B's 1536 pairs in tiles of 32, split 2, are 96 tasks for 132 SMs
     # (a third idle; every other op has 128 tasks); in tiles of 24, 128
     QKV_PAIRS: int = 0
-    # each program's first task of the next op has its first ahead_k weight columns loaded into
-    # registers before the barrier, streaming while the op before and the barrier drain (0:
-    # not). In the weight stream alone, a barrier a layer cost 15% of its bandwidth (3654
-    # against 4312 GB/s, bench_stream_linear); the step has five a layer. Not the L2
-    # prefetches above: those still cross from L2 after the barrier, and competed with the op
-    ahead_k: int = 0
 
     @property
     def max_split(self) -> int:
@@ -676,7 +608,9 @@ def decode_step_configs() -> list[DecodeStepConfig]:
     Llama-1B's 8 kv groups, att_waits_qkv). Their times at batch 1, 4 and 8 over 512 and 2048
     slots are in docs/performance.md (ninth session): L2 prefetches, flattening and fewer
     barriers were slower than the default everywhere, two programs per SM but at batch 8
-    over 2048 slots."""
+    over 2048 slots. Not kept (thirteenth session): each op's first weight columns loaded
+    into registers before its barrier (64 or 128 columns a row), 9-20% slower at every
+    bucket, 8 warps too: the kernel already holds 255 registers a thread and spilled more."""
     best = DecodeStepConfig()
     wide = DecodeStepConfig(BLOCK_K=256, num_stages=3, UP_N=32, SPLIT_QKV=1)
     wide = replace(wide, ATT_SPLITS=16, ATT_BLOCK=32, att_fill=False)
@@ -711,12 +645,6 @@ def decode_step_configs() -> list[DecodeStepConfig]:
         # the two fastest with QKV in 128 tasks (64 tiles of 24 pairs, split 2), not 96
         replace(best, DOWN_N=32, SPLIT_DOWN=2, DOWN_BLOCK_K=512, QKV_PAIRS=24),
         replace(best, DOWN_N=128, QKV_PAIRS=24),
-        # the three choice configs (8, 1, 17) with each op's first weight block loaded into
-        # registers before its barrier; config 8 with two blocks
-        replace(best, DOWN_N=32, SPLIT_DOWN=2, DOWN_BLOCK_K=512, ahead_k=128),
-        replace(best, DOWN_N=128, ahead_k=128),
-        replace(best, DOWN_N=128, ATT_SPLITS=16, ATT_BLOCK=32, ahead_k=128),
-        replace(best, DOWN_N=32, SPLIT_DOWN=2, DOWN_BLOCK_K=512, ahead_k=256),
     ]
 
 
@@ -995,7 +923,6 @@ def decode_step(
         O_WAITS_GROUP=config.o_waits_group,
         ATT_WAITS_QKV=config.att_waits_qkv,
         ATT_FILL=config.att_fill,
-        AHEAD_K=config.ahead_k,
         TRACE=trace is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,

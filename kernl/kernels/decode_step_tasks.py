@@ -43,32 +43,18 @@ def wait_until(Count, target, Sync):
 
 
 @triton.jit
-def grid_arrive(Sync, Trace, barrier, TRACE: tl.constexpr):
-    """Arrive at the grid barrier (`grid_sync`'s first half). Its release waits until every
-    memory access this program issued before is done: loads meant to stream while the
-    barrier drains (weights_ahead) go after it, before `grid_wait`."""
-    if TRACE:
-        tl.store(Trace + barrier * 2, now_ns(barrier))
-    tl.debug_barrier()  # every thread's writes precede the release below
-    tl.atomic_add(Sync, 1, sem="release", scope="gpu")
-
-
-@triton.jit
-def grid_wait(Sync, arrivals, Trace, barrier, TRACE: tl.constexpr, WAIT: tl.constexpr = True):
-    """`grid_sync`'s second half: (WAIT) wait until `arrivals` arrivals in all were counted."""
-    if WAIT:
-        wait_until(Sync, arrivals, Sync)
-    if TRACE:
-        tl.store(Trace + barrier * 2 + 1, now_ns(barrier))
-
-
-@triton.jit
 def grid_sync(Sync, arrivals, Trace, barrier, TRACE: tl.constexpr, WAIT: tl.constexpr = True):
     """Arrive at the grid barrier, then (WAIT) wait until `arrivals` arrivals in all were
     counted (`wait_until`). With TRACE, the program's times of arrival and of leaving go to
     Trace[program, barrier, 0:2]."""
-    grid_arrive(Sync, Trace, barrier, TRACE)
-    grid_wait(Sync, arrivals, Trace, barrier, TRACE, WAIT)
+    if TRACE:
+        tl.store(Trace + barrier * 2, now_ns(barrier))
+    tl.debug_barrier()  # every thread's writes precede the release below
+    tl.atomic_add(Sync, 1, sem="release", scope="gpu")
+    if WAIT:
+        wait_until(Sync, arrivals, Sync)
+    if TRACE:
+        tl.store(Trace + barrier * 2 + 1, now_ns(barrier))
 
 
 @triton.jit
@@ -82,46 +68,18 @@ def split_task(t, SPLIT: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def weights_ahead(W, rows, row_mask, K: tl.constexpr, t, SPLIT: tl.constexpr, BLOCK_K, AHEAD_K: tl.constexpr, on):  # fmt: skip
-    """Task t's first AHEAD_K weight columns of `rows` (W [N, K]), loaded into registers (on:
-    a scalar, whether to load at all: a masked load moves no bytes). Loaded before a grid
-    barrier, the next op's first block streams while the barrier and the op before drain
-    (`linear_rows` takes it as `w_first`); weights never depend on the op before."""
-    _, _, k_lo, k_hi = split_task(t, SPLIT, K, BLOCK_K)
-    ks = k_lo + tl.arange(0, AHEAD_K)
-    return tl.load(
-        W + rows.to(tl.int64)[:, None] * K + ks[None, :],
-        mask=(row_mask & on)[:, None] & (ks < k_hi)[None, :],
-        other=0.0,
-    )
-
-
-@triton.jit
 def linear_rows(
     X, stride_xm, w_rows, u_rows, offs_m, m_mask, n_mask, k_lo, k_hi, BLOCK_N, BLOCK_K, PREC,
-    PAIRED: tl.constexpr = False, w_first=0.0, u_first=0.0, AHEAD_K: tl.constexpr = 0,
+    PAIRED: tl.constexpr = False,
 ):  # fmt: skip
     """x[:16, k_lo:k_hi] @ W[w_rows, k_lo:k_hi]^T in fp32 (and @ W[u_rows]^T too, PAIRED). x
     is loaded as it is: a norm is folded in by whoever wrote it (store_normed), since in the
     loop its per-block work (the norm weight, the sum of squares over 16 padded rows) halved
-    the weight stream of one program per SM (benchmarks/bench_stream_linear.py). AHEAD_K > 0:
-    the first AHEAD_K columns of W's rows are already in w_first (and u_first): `weights_ahead`."""
+    the weight stream of one program per SM (benchmarks/bench_stream_linear.py)."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-    k_start = k_lo
-    if AHEAD_K > 0:
-        ka = k_lo + tl.arange(0, AHEAD_K)  # (a name of its own: the loop's ks is narrower)
-        xa = tl.load(
-            X + offs_m[:, None] * stride_xm + ka[None, :],
-            mask=m_mask[:, None] & (ka < k_hi)[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(xa, tl.trans(w_first), acc, input_precision=PREC)
-        if PAIRED:
-            acc_u = tl.dot(xa, tl.trans(u_first), acc_u, input_precision=PREC)
-        k_start = k_lo + AHEAD_K
-    for k0 in range(k_start, k_hi, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + offs_k
         k_mask = ks < k_hi
         x = tl.load(
@@ -190,8 +148,6 @@ def residual_linear(
     WAIT_READY: tl.constexpr,
     Xn,
     NextNormW,
-    w_first,
-    AHEAD_K: tl.constexpr,
 ):
     """Task t of X[:, :H] += In[:, :K] @ W^T (O and down projections): its tile's K chunk,
     reduced by the tile's last split to arrive. Each column of X is read and written by the
@@ -206,9 +162,8 @@ def residual_linear(
     n_mask = offs_n < H
     w_rows = W + offs_n.to(tl.int64)[:, None] * K
     acc, _ = linear_rows(
-        In, K, w_rows, w_rows, offs_m, m_mask, n_mask, k_lo, k_hi, N_TILE, BLOCK_K, PREC,
-        False, w_first, w_first, AHEAD_K,
-    )  # fmt: skip
+        In, K, w_rows, w_rows, offs_m, m_mask, n_mask, k_lo, k_hi, N_TILE, BLOCK_K, PREC
+    )
     last = True
     if SPLIT > 1:
         no_ss = tl.zeros([16], dtype=tl.float32)
@@ -263,9 +218,6 @@ def norm_pair(
     BLOCK_K: tl.constexpr,
     PREC: tl.constexpr,
     PARTS: tl.constexpr,
-    w_first,
-    u_first,
-    AHEAD_K: tl.constexpr,
 ):
     """Task t of RMSNorm(x) @ W[rows1]^T and @ W[rows2]^T (QKV's pair halves, gate and up), from
     Xn and the PARTS sums of squares its writer left (store_normed): (last, acc1, acc2, ss),
@@ -275,9 +227,8 @@ def norm_pair(
     w_rows = W + rows1.to(tl.int64)[:, None] * H
     u_rows = W + rows2.to(tl.int64)[:, None] * H
     acc, acc_u = linear_rows(
-        Xn, H, w_rows, u_rows, offs_m, m_mask, n_mask, k_lo, k_hi, N_TILE, BLOCK_K, PREC, True,
-        w_first, u_first, AHEAD_K,
-    )  # fmt: skip
+        Xn, H, w_rows, u_rows, offs_m, m_mask, n_mask, k_lo, k_hi, N_TILE, BLOCK_K, PREC, True
+    )
     last = True
     if SPLIT > 1:
         last, acc, acc_u, _ = _split_k_gather(

@@ -151,14 +151,12 @@ def decode_step_compiles(config, trace):
     constants |= dict(PF_DOWN=16, PF_LM=32, FLATTEN=c.flatten, TRACE=trace, ATT_FILL=c.att_fill)
     constants |= dict(O_WAITS_GROUP=c.o_waits_group, DOWN_BLOCK_K=c.DOWN_BLOCK_K or c.BLOCK_K)
     constants |= dict(UP_AHEAD=c.up_ahead_k * 2 // 128, ATT_WAITS_QKV=c.att_waits_qkv)
-    constants |= dict(AHEAD_K=c.ahead_k)
     options = dict(num_warps=c.num_warps, num_stages=c.num_stages, launch_cooperative_grid=True)
     aligned = [n for n, t in signature.items() if t.startswith("*")] + ["slots", "kv_len"]
     compiled = _compile(_decode_step_kernel, signature, constants, options, aligned)
     # the weight streams are asynchronous copies, pipelined: without them the kernel would
     # wait on every load and stream a fraction of the bandwidth
     assert compiled.asm["ptx"].count("cp.async.cg.shared.global") >= 10
-    return compiled
 
 
 def attention_compiles(config, head_dim, causal, bias):

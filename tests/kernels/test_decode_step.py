@@ -143,10 +143,6 @@ SPLIT = replace(CONFIG, SPLIT_QKV=2, SPLIT_O=2, SPLIT_UP=3, SPLIT_DOWN=3)
         replace(SPLIT, o_waits_group=True, att_waits_qkv=True),
         # QKV tiles of 12 pairs in 16 lanes (the last tile 8 pairs), each split 2
         replace(SPLIT, QKV_PAIRS=12),
-        # each op's first weight columns loaded before its barrier: fewer than a K block
-        # (the loop then starts mid-block), and more than a split's chunk (masked past it)
-        replace(SPLIT, ahead_k=16),
-        replace(SPLIT, ahead_k=64, DOWN_BLOCK_K=64),
     ],
     ids=[
         "whole-k",
@@ -157,8 +153,6 @@ SPLIT = replace(CONFIG, SPLIT_QKV=2, SPLIT_O=2, SPLIT_UP=3, SPLIT_DOWN=3)
         "down-block-k",
         "no-attention-barriers",
         "qkv-pairs",
-        "ahead-k",
-        "ahead-k-past-chunk",
     ],
 )
 def test_decode_step_matches_float64_over_steps(B, bias, config):
