@@ -19,6 +19,8 @@
 #   testsfast the GPU suite without its `slow` tests (~9 of its ~15.5 min: the bench-only
 #           persistent-step configs, the launch-count profile, the twenty-bucket memory test,
 #           the static-cache process-sharing test)
+#   testsmost the whole GPU suite in one process but the persistent-step configs that only
+#           the bench runs (the slow tests of the runtime and the compiler included)
 #   enctests the GPU tests of the encoder path (compile, runtime, artifacts, its kernels), the
 #           launch-count profile included (~4 min)
 #   bertro  the `bert` stage's artifact against reduce-overhead, interleaved in one process
@@ -75,6 +77,12 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 stage() {
   case "$1" in
     tests) timeout 1500 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=40 ;;
+    testsmost) # the whole suite but the persistent-step configs only the bench runs (~2.5 min)
+      timeout 1200 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=25 \
+        $(python3 -c "from kernl.kernels.decode_step import decode_step_configs as e, \
+          decode_step_choice_configs as c; print(' '.join('--deselect tests/kernels/test_dec' \
+          f'ode_step.py::test_gpu_decode_step_llama1b_shapes[4-dtype{i}-{i}]' for i, x in \
+          enumerate(e()) if i and x not in c()))") ;;
     testsfast) timeout 1200 python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider \
       --durations=25 ;;
     enctests) timeout 600 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 \
