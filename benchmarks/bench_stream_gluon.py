@@ -103,6 +103,9 @@ def _stream_kernel(X, W, Y, Sync, L, N: gl.constexpr, K: gl.constexpr, BN: gl.co
             gl.store(Y + layer * N + rows, acc, mask=active & (rows < N))
             acc = gl.zeros([BN], gl.float32, gl.SliceLayout(1, layout))
             if layer + 1 < L:
+                if MODE == 0:  # drained (a masked copy may still be zero-filling a slot the
+                    # refill writes: two copies to one address are unordered until waited for)
+                    cp.wait_group(0)
                 _arrive_and_wait(Sync, (layer + 1) * G, MODE != 2)
                 if MODE == 0:  # refill the ring for the next layer (its slots, in order)
                     for s in gl.static_range(STAGES - 1):
@@ -132,7 +135,7 @@ def gluon_case(mode: str, bn: int = 128, bk: int = 128, stages: int = 4, nw: int
 
     def fn():
         _stream_kernel[grid](X, W, Y, sync, LAYERS, N=N, K=K, BN=bn, BK=bk, STAGES=stages,
-                             MODE=MODES[mode], num_warps=nw)  # fmt: skip
+                             MODE=MODES[mode], num_warps=nw, launch_cooperative_grid=True)  # fmt: skip
 
     try:
         us = time_graph(fn)
