@@ -62,7 +62,10 @@ def _arrive_and_wait(Sync, target, WAIT: gl.constexpr):
         seen = gl.load(Sync, volatile=True)
         while seen < target:
             seen = gl.load(Sync, volatile=True)
-        gl.atomic_add(Sync, 0, sem="acquire", scope="gpu")
+        # its value used, or Triton drops the acquire (decode_step_tasks.wait_until)
+        confirmed = gl.atomic_add(Sync, 0, sem="acquire", scope="gpu")
+        if confirmed < target:
+            gl.atomic_max(Sync + 2, 1, sem="relaxed", scope="gpu")
         gl.thread_barrier()
 
 

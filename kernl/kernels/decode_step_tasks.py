@@ -38,7 +38,14 @@ def wait_until(Count, target, Sync):
         polls += 1
         if polls == MAX_POLLS:
             tl.atomic_max(Sync + 2, 1, sem="relaxed", scope="gpu")
-    tl.atomic_add(Count, 0, sem="acquire", scope="gpu")  # the others' writes are visible
+    # The acquire that makes the others' writes visible here (their release at arrival). Its
+    # value must be used: Triton lowers an atomic add of 0 to a load-acquire and drops it
+    # when nothing reads it, as it did until 2026-12-02 (no acquire in the step's PTX; the
+    # split-K gathers' acq_rel atomics happened to stand in). A count still short here is a
+    # wait that timed out: flagged again.
+    confirmed = tl.atomic_add(Count, 0, sem="acquire", scope="gpu")
+    if confirmed < target:
+        tl.atomic_max(Sync + 2, 1, sem="relaxed", scope="gpu")
     tl.debug_barrier()
 
 

@@ -157,6 +157,10 @@ def decode_step_compiles(config, trace):
     # the weight streams are asynchronous copies, pipelined: without them the kernel would
     # wait on every load and stream a fraction of the bandwidth
     assert compiled.asm["ptx"].count("cp.async.cg.shared.global") >= 10
+    # the waits end with an acquire (Triton drops an atomic add of 0 whose value is unused:
+    # the step's barriers had none, decode_step_tasks.wait_until): at least the four grid
+    # barriers of a layer that every config waits at, in the code
+    assert compiled.asm["ptx"].count("ld.global.gpu.acquire") >= 4
 
 
 def attention_compiles(config, head_dim, causal, bias):
