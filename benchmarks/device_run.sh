@@ -80,11 +80,8 @@ stage() {
   case "$1" in
     tests) timeout 1500 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=40 ;;
     testsmost) # the whole suite but the persistent-step configs only the bench runs (~2.5 min)
-      timeout 1200 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=25 \
-        $(python3 -c "from kernl.kernels.decode_step import decode_step_configs as e, \
-          decode_step_choice_configs as c; print(' '.join('--deselect tests/kernels/test_dec' \
-          f'ode_step.py::test_gpu_decode_step_llama1b_shapes[4-dtype{i}-{i}]' for i, x in \
-          enumerate(e()) if i and x not in c()))") ;;
+      timeout 1200 python3 -m pytest -q -m "gpu and not bench_only" -p no:cacheprovider \
+        --durations=25 ;;
     testsfast) timeout 1200 python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider \
       --durations=25 ;;
     enctests) timeout 600 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 \

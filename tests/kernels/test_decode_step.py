@@ -183,11 +183,13 @@ def test_decode_step_fp16_tiles_wider_than_the_model():
 
 
 # every config the compiler and the bench may run, at batch 4 in bf16; the default in fp16
-# and at batch 1 too. The configs only the bench runs are `slow` (7-10 s each on an H200):
-# `-m "gpu and not slow"` keeps the default and the compiler's choice configs.
+# and at batch 1 too. The configs only the bench runs are `slow` and `bench_only` (7-10 s
+# each on an H200): `-m "gpu and not slow"` keeps the default and the compiler's choice
+# configs, `-m "gpu and not bench_only"` every other slow test too.
 _CHOSEN = {i for i, c in enumerate(decode_step_configs()) if c in decode_step_choice_configs()}
+_BENCH_ONLY = (pytest.mark.slow, pytest.mark.bench_only)
 GPU_CASES = [
-    pytest.param(4, torch.bfloat16, i, marks=() if i in _CHOSEN | {0} else pytest.mark.slow)
+    pytest.param(4, torch.bfloat16, i, marks=() if i in _CHOSEN | {0} else _BENCH_ONLY)
     for i in range(len(decode_step_configs()))
 ]
 GPU_CASES += [(1, torch.bfloat16, 0), (1, torch.float16, 0), (4, torch.float16, 0)]
