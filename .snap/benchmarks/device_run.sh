@@ -30,6 +30,9 @@
 #   abatt   the attention kernel at BERT-base's shapes with its padding bias, before and after
 #           the bias became one row per key block (benchmarks/ab_attention_bias.py; needs
 #           .diag/attention_before.py, see the script)
+#   abcheck the `bert` stage's artifact with the input range checks in its graphs against the
+#           same checks launched by each call, one process (benchmarks/ab_checks_in_graph.py;
+#           run it after `bert`)
 #   gaps    the `bert` stage's artifact: call vs graph replay vs kernels' busy time, and the idle
 #           time between kernels (benchmarks/diag_call_gaps.py; run it after `bert`)
 #   gemms   BERT-base's GEMMs one by one in CUDA graphs: which add a cuBLAS memset, and at
@@ -93,6 +96,8 @@ stage() {
     abmask) OUT=$RUN timeout 540 python3 benchmarks/ab_padding_mask.py ;;
     abatt) timeout 300 python3 benchmarks/ab_attention_bias.py .diag/attention_before.py ;;
     gemms) timeout 200 python3 benchmarks/diag_gemm_memsets.py ;;
+    abcheck) timeout 300 python3 benchmarks/ab_checks_in_graph.py \
+      "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     gaps) timeout 300 python3 benchmarks/diag_call_gaps.py \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     gen) timeout 900 python3 .bench/kernl_gen_vs_peers.py 1 4 8 ;;

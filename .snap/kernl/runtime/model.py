@@ -51,7 +51,9 @@ class _BlockCheck:
     so the run reads no memory it does not own. The (min, max) pairs then go to the host
     without blocking it; `_raise_if_checks_failed` reads them after the replay is queued.
     Two kernels and a copy whatever the number of inputs (one reduction and one clamp per
-    input cost two launches each, on the host's critical path before the replay)."""
+    input cost two launches each, on the host's critical path before the replay). Where the
+    bucket has a graph, these are its first nodes (`_BucketRunner.capture`): no launch at
+    all before the replay."""
 
     def __init__(self, block: torch.Tensor, checked: list[tuple[str, int, int]]):
         self.block = block
@@ -138,16 +140,29 @@ class _BucketRunner:
         self.staged = torch.cuda.Event() if device.type == "cuda" else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_outputs: list[torch.Tensor] | None = None
+        self.checks_in_graph = False  # the range checks are the graph's first nodes
         # What a default-filled static buffer holds now (inputs copied in on the device).
         self.filled: dict[str, tuple] = {}
 
-    def capture(self, pool) -> None:
+    def capture(self, pool, checked: torch.cuda.Event | None = None) -> None:
+        """Captures the bucket's graph. Given `checked` (an event made with `external=True`),
+        the range checks of the static blocks go into the graph ahead of the model, and the
+        graph records `checked` once their results are on the host: the caller then launches
+        nothing but its inputs' copy before the replay, and waits on `checked`, not on the
+        whole graph, before it raises on a bad id."""
+        in_graph = checked is not None and bool(self.checks)
+
+        def run() -> list[torch.Tensor]:
+            if in_graph:
+                for check in self.checks:
+                    check.run()
+                checked.record()
+            return self.executor.run(self.static_inputs)
+
         self.graph, self.static_outputs = capture_graph(
-            lambda: self.executor.run(self.static_inputs),
-            pool,
-            warmups=2,
-            device=self.executor.device,
+            run, pool, warmups=2, device=self.executor.device
         )
+        self.checks_in_graph = in_graph
 
     def run(self) -> list[torch.Tensor]:
         if self.graph is not None:
@@ -158,6 +173,10 @@ class _BucketRunner:
 
 class CompiledModel:
     """Callable with the model's own keyword inputs; see `kernl.runtime.load`."""
+
+    # Where a bucket has a graph, its range checks are in it (a benchmark sets this false on
+    # the class to load a model with the checks launched by each call, for comparison).
+    _checks_in_graph = True
 
     def __init__(
         self,
@@ -193,8 +212,11 @@ class CompiledModel:
         self._positional = [n for n in POSITIONAL_INPUTS if n in self._inputs]
         self._output_names = self.output_names
         self._bucket_of: dict[tuple[int, int], Bucket] = {}
-        # Marks the copy of the device-side range check's results to the host.
-        self._checked = torch.cuda.Event() if device.type == "cuda" else None
+        # Marks the copy of the device-side range check's results to the host, recorded by
+        # the call or, where the checks are in the bucket's graph, by the graph.
+        self._checked, self._external_checked = (
+            _check_event() if device.type == "cuda" else (None, False)
+        )
         shared_checks: dict = {}  # the range checks' bounds and buffers, one set per dtype
         self._runners = {
             p.bucket: _BucketRunner(
@@ -213,7 +235,7 @@ class CompiledModel:
             # Largest first, so smaller graphs reuse the pool's blocks.
             with running_with(self._binaries, device):
                 for bucket in sorted(self.buckets, key=lambda b: -b.tokens):
-                    self._runners[bucket].capture(self._pool)
+                    self._runners[bucket].capture(self._pool, self._graph_checks())
 
     @property
     def input_names(self) -> list[str]:
@@ -248,12 +270,13 @@ class CompiledModel:
         runner = self._runners[self.select_bucket(batch, seq)]
         on_device = self._on_device(tensors)
         with self._lock, running_with(self._binaries, self.device):
-            if on_device:
-                check = self._copy_in_device(runner, tensors, batch, seq)
-            else:
-                self._copy_in_host(runner, tensors, batch, seq)
             if runner.graph is None and self.capture_mode == "lazy":
-                runner.capture(self._pool)
+                runner.capture(self._pool, self._graph_checks())  # on its static buffers
+            checked_later = on_device or runner.checks_in_graph
+            if on_device:
+                self._copy_in_device(runner, tensors, batch, seq)
+            else:
+                self._copy_in_host(runner, tensors, batch, seq, check=not checked_later)
             outs = runner.run()
             result = ModelOutput()
             if batch == runner.bucket.batch and seq == runner.bucket.seq:
@@ -262,12 +285,18 @@ class CompiledModel:
             else:
                 for (name, index), t in zip(self._slices(batch, seq), outs):
                     result[name] = t[index].clone()
-            if on_device:
-                # Waits for the range check only, queued before the replay: the GPU is busy
-                # with the graph meanwhile. Out-of-range ids were clamped on their way in, so
-                # the graph read no memory it does not own; its outputs are dropped here.
-                _raise_if_checks_failed(*check)
+            if checked_later:
+                # Waits for the range check only, queued before (or as the first nodes of)
+                # the replay: the GPU is busy with the model meanwhile. Out-of-range ids were
+                # clamped on their way in, so the graph read no memory it does not own; its
+                # outputs are dropped here.
+                _raise_if_checks_failed(runner.checks, self._checked if runner.checks else None)
         return result
+
+    def _graph_checks(self) -> torch.cuda.Event | None:
+        """The event a captured graph records after its range checks, or None to keep the
+        checks out of the graphs (no external events in this torch)."""
+        return self._checked if self._checks_in_graph and self._external_checked else None
 
     def _on_device(self, tensors: dict[str, torch.Tensor]) -> bool:
         """Whether the call's inputs are copied in on the device (any given input already
@@ -285,11 +314,14 @@ class CompiledModel:
             found.append((spec.name, tuple(index)))
         return found
 
-    def _copy_in_host(self, runner, tensors: dict[str, torch.Tensor], batch: int, seq: int) -> None:
-        """Inputs on the CPU: range-check them, pad them on the host (into the pinned twin of
-        the static buffers on CUDA), then one copy that does not block the host."""
+    def _copy_in_host(
+        self, runner, tensors: dict[str, torch.Tensor], batch: int, seq: int, check: bool
+    ) -> None:
+        """Inputs on the CPU: range-check them (unless `check` is false: the bucket's graph
+        checks its buffers itself), pad them on the host (into the pinned twin of the static
+        buffers on CUDA), then one copy that does not block the host."""
         for name, t in tensors.items():
-            size = self._ranges.get(name)
+            size = self._ranges.get(name) if check else None
             if size is not None:
                 lo, hi = torch.aminmax(t)
                 _raise_if_out_of_range([(name, size, 0)], [[int(lo)], [int(hi)]])
@@ -320,13 +352,11 @@ class CompiledModel:
                 block.copy_(twin, non_blocking=True)
             runner.staged.record()
 
-    def _copy_in_device(
-        self, runner, tensors: dict[str, torch.Tensor], batch: int, seq: int
-    ) -> tuple[list[_BlockCheck], torch.cuda.Event | None]:
-        """Inputs on the device: copied in and range-checked there, without blocking the host.
-        An id outside its table is clamped into it (an embedding lookup out of bounds is a
-        device-side fault that ends the CUDA context) and reported after the replay by
-        _raise_if_checks_failed, which takes what this returns.
+    def _copy_in_device(self, runner, tensors: dict[str, torch.Tensor], batch: int, seq: int):
+        """Inputs on the device: copied in and range-checked there (by the bucket's graph
+        where its checks are in it), without blocking the host. An id outside its table is
+        clamped into it (an embedding lookup out of bounds is a device-side fault that ends
+        the CUDA context) and reported after the replay by _raise_if_checks_failed.
 
         Each launch here is host time before the replay, which the caller waits through: a
         call of the bucket's exact shape goes in with one stack per block, of the rows it gives
@@ -344,12 +374,12 @@ class CompiledModel:
                 continue
             for name, src in zip(names, srcs):
                 self._copy_row_in(runner, name, src, batch, seq, exact)
+        if runner.checks_in_graph:
+            return
         for check in runner.checks:
             check.run()
-        if not runner.checks or self._checked is None:
-            return runner.checks, None
-        self._checked.record()  # read before the lock is released: one event serves all calls
-        return runner.checks, self._checked
+        if runner.checks and self._checked is not None:
+            self._checked.record()  # read before the lock is released: one serves all calls
 
     def _copy_row_in(self, runner, name: str, src, batch: int, seq: int, exact: bool) -> None:
         """One input into its static buffer on the device: the call's values (or its default)
@@ -471,6 +501,16 @@ def _raise_if_checks_failed(checks: list[_BlockCheck], done: torch.cuda.Event | 
         done.synchronize()
     for check in checks:
         _raise_if_out_of_range(check.checked, check.found_host)
+
+
+def _check_event() -> tuple[torch.cuda.Event, bool]:
+    """The event that marks the range checks' results on the host, and whether a graph can
+    record it as one of its nodes (an external event; a torch without them gets a plain one,
+    and the checks stay out of the graphs)."""
+    try:
+        return torch.cuda.Event(external=True), True
+    except TypeError:
+        return torch.cuda.Event(), False
 
 
 def _config_int(config: dict, key: str) -> int | None:

@@ -11,7 +11,7 @@ import kernl.runtime
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def artifact(tmp_path_factory):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from transformers import BertConfig, BertModel
@@ -34,7 +34,13 @@ def served(tmp_path_factory):
         atol=2e-3,
         rtol=2e-3,
     )
-    return model.cuda(), kernl.runtime.load(artifact, device="cuda")
+    return model.cuda(), artifact
+
+
+@pytest.fixture(scope="module")
+def served(artifact):
+    model, path = artifact
+    return model, kernl.runtime.load(path, device="cuda")
 
 
 def _inputs(b, s, seed=0, types=False):
@@ -133,3 +139,57 @@ def test_gpu_calls_without_token_types_keep_a_fresh_default(served):
         got = compiled(**x).last_hidden_state
         want = _want(model, {k: v.cpu() for k, v in x.items()})
         assert (got - want).abs().max().item() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("where", ["cpu", "cuda"])
+def test_the_range_checks_are_in_the_graphs_and_nothing_checks_before_the_replay(served, where):
+    """The checks are each graph's first nodes: a call of a bucket's exact shape launches its
+    inputs' copy (one stack from the GPU; from the CPU a stack on the host and one copy) and
+    no reduction, clamp or copy of results before the replay."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    _, compiled = served
+    runner = compiled._runners[compiled.select_bucket(4, 64)]
+    assert runner.checks and runner.checks_in_graph
+    x = {k: v.to(where) for k, v in _inputs(4, 64, seed=11, types=True).items()}
+    compiled(**x)
+    run = runner.run
+
+    def marked():
+        with record_function("replay"):
+            return run()
+
+    runner.run = marked
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            compiled(**x)
+    finally:
+        del runner.run
+    events = prof.events()
+    start = next(e.time_range.start for e in events if e.name == "replay")
+    before = [e.name for e in events if e.name.startswith("aten::") and e.time_range.end <= start]
+    assert before.count("aten::stack") == 1, before
+    assert not {"aten::aminmax", "aten::clamp_"} & set(before), before
+    assert before.count("aten::copy_") == (1 if where == "cpu" else 0), before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("capture", ["lazy", "never"])
+@pytest.mark.parametrize("where", ["cpu", "cuda"])
+def test_lazy_and_eager_models_check_too(artifact, capture, where):
+    """capture="lazy" puts the checks in each graph at its first call; "never" launches them
+    with each call. Either way a bad id is refused and the next calls are right."""
+    model, path = artifact
+    compiled = kernl.runtime.load(path, device="cuda", capture=capture)
+    for seed in (1, 2):  # the first call of a bucket captures it (lazy), the second replays
+        x = _inputs(4, 64, seed=seed, types=True)
+        got = compiled(**{k: v.to(where) for k, v in x.items()}).last_hidden_state
+        assert (got - _want(model, x)).abs().max().item() < 1e-3
+        bad = {k: v.to(where) for k, v in _inputs(1, 16, seed=seed).items()}
+        bad["input_ids"][0, 3] = 10**6
+        with pytest.raises(ValueError, match="input_ids must lie in"):
+            compiled(**bad)
+        torch.cuda.synchronize()
+    runner = compiled._runners[compiled.select_bucket(4, 64)]
+    assert runner.checks_in_graph == (capture == "lazy")

@@ -213,3 +213,38 @@ def test_a_graph_collected_during_a_capture_does_not_invalidate_it():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, torch.full_like(x, 6))
+
+
+def test_a_bucket_graph_holds_its_range_checks_ahead_of_the_model(fake_cuda):
+    """Given the call's event, a bucket's capture runs its range checks, then records the
+    event (the host waits on it, not on the model), then the model: in every warm-up and in
+    the capture. Without it (no external events) the graph holds the model alone."""
+    from kernl.runtime.model import _BucketRunner
+
+    _, current = fake_cuda
+    order: list[tuple] = []
+
+    class _Check:
+        def run(self):
+            order.append(("check", current[0]))
+
+    class _Event:
+        def record(self):
+            order.append(("record", current[0]))
+
+    class _Executor:
+        device = torch.device("cuda", 0)
+
+        def run(self, inputs):
+            order.append(("model", current[0]))
+            return []
+
+    for checked in (_Event(), None):
+        order.clear()
+        runner = _BucketRunner.__new__(_BucketRunner)
+        runner.executor, runner.static_inputs, runner.checks = _Executor(), {}, [_Check()]
+        runner.capture("pool", checked)
+        stream = _FakeStream.made[0]
+        one = [("check", stream), ("record", stream), ("model", stream)]
+        assert order == (one * 3 if checked else [("model", stream)] * 3)
+        assert runner.checks_in_graph == (checked is not None)

@@ -270,3 +270,48 @@ def test_the_buckets_share_one_set_of_check_buffers(served):
     assert len(checks) == 4
     assert all(c.found is checks[0].found and c.low is checks[0].low for c in checks)
     assert len({id(c.block) for c in checks}) == 4
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_checks_in_the_graph_launch_nothing_before_it_and_still_refuse(
+    on_device, served, monkeypatch
+):
+    """Where a bucket's graph holds the range checks as its first nodes (CUDA), a call from
+    either path launches no check before the replay and skips the host's own check of CPU
+    inputs; a bad id is still clamped before the model reads it and refused after. On the CPU
+    a run that checks first stands in for the graph."""
+    model, compiled = served
+    from torch.profiler import profile
+
+    monkeypatch.setattr(compiled, "_on_device", lambda tensors: on_device)
+    runner = compiled._runners[compiled.select_bucket(2, 16)]
+    run, seen = runner.run, []
+
+    def graph():
+        seen.append("run")
+        with torch.profiler.record_function("graph"):
+            for check in runner.checks:
+                check.run()
+            seen.append(runner.blocks[0][0].clone())
+            return run()
+
+    monkeypatch.setattr(runner, "checks_in_graph", True)
+    monkeypatch.setattr(runner, "run", graph)
+    _check(model, compiled, **_full(2, 16, 20))
+    inputs = _full(2, 16, 21)
+    with profile() as prof:
+        compiled(**inputs)
+    events = prof.events()
+    start = next(e.time_range.start for e in events if e.name == "graph")
+    before = [e.name for e in events if e.time_range.end <= start]
+    assert "aten::stack" in before, before
+    assert "aten::aminmax" not in before and "aten::clamp_" not in before, before
+    inputs = _full(2, 16, 22)
+    inputs["input_ids"][0, 5] = 500
+    seen.clear()
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 120\); got values in"):
+        compiled(**inputs)
+    assert seen[0] == "run", "the host did not refuse before the run"
+    row = runner.block_names[0].index("input_ids")
+    assert torch.equal(seen[1][row], inputs["input_ids"].clamp(0, 119))
+    _check(model, compiled, **_full(2, 16, 23))

@@ -1,0 +1,176 @@
+"""Can the weight stream cross a grid barrier? (issue 15, a diagnostic for the next step design)
+
+The persistent decode step (kernels/decode_step.py) stops its weight stream at each of its
+five grid barriers a layer: Triton's pipeliner issues a loop's first loads when the loop
+starts, after the barrier. In the weight stream alone (bench_stream_linear.py) one barrier a
+layer cost 15% of the bandwidth (3654 against 4312 GB/s, H200), and holding the next op's
+first block in registers across the barrier made the step 9-20% slower (register pressure;
+docs/performance.md, thirteenth session). Gluon (Triton's lower-level dialect) gives a kernel
+its own shared memory and `cp.async` groups: a ring of weight blocks whose copies run ahead
+of the compute across layer boundaries, since weights never depend on the barrier.
+
+This bench streams 16 stacked gate/up-shaped layers W [16384, 2048] bf16 against one row
+of x with a persistent grid (a program per SM, a 128-row tile each per layer), a grid barrier
+between layers, three ways in Gluon:
+  - `drain`: each layer's ring filled after its barrier (what Triton's pipeliner does);
+  - `cross`: the copies of the next layer's first blocks issued before the barrier;
+  - `free`: no barrier (the ceiling);
+and Triton's own persistent stream (bench_stream_linear's loop) with and without barriers.
+
+    python benchmarks/bench_stream_gluon.py       # JSON to $OUT/bench_stream_gluon.json
+
+Each case: captured in a CUDA graph (the barrier counter reset by the kernel itself),
+replayed 10 times to warm up, the median of 50 replays timed with CUDA events; GB/s counts
+the weight bytes. Each Gluon case is checked against torch (the last layer's y). A plain
+script, not collected by pytest; written on a CPU (compiled for sm_90a there, never run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+LAYERS, N, K = 16, 16384, 2048
+
+
+@gluon.jit
+def _issue(ring, W, c, rows, cols, NKB: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+           total, N: gl.constexpr, K: gl.constexpr, active):  # fmt: skip
+    """Copy block c of this program's flattened (layer, K block) sequence into ring slot
+    c % STAGES (nothing past the last block), and close its cp.async group."""
+    layer = c // NKB
+    k0 = (c % NKB) * BK
+    ptrs = W + (rows.to(gl.int64) + layer * N)[:, None] * K + (k0 + cols)[None, :]
+    ok = active & (c < total)
+    cp.async_copy_global_to_shared(ring.index(c % STAGES), ptrs, mask=ok & (rows < N)[:, None])
+    cp.commit_group()
+
+
+@gluon.jit
+def _arrive_and_wait(Sync, target, WAIT: gl.constexpr):
+    gl.thread_barrier()  # every thread's stores precede the release
+    gl.atomic_add(Sync, 1, sem="release", scope="gpu")
+    if WAIT:
+        seen = gl.load(Sync, volatile=True)
+        while seen < target:
+            seen = gl.load(Sync, volatile=True)
+        # its value used, or Triton drops the acquire (decode_step_tasks.wait_until)
+        confirmed = gl.atomic_add(Sync, 0, sem="acquire", scope="gpu")
+        if confirmed < target:
+            gl.atomic_max(Sync + 2, 1, sem="relaxed", scope="gpu")
+        gl.thread_barrier()
+
+
+@gluon.jit
+def _stream_kernel(X, W, Y, Sync, L, N: gl.constexpr, K: gl.constexpr, BN: gl.constexpr,
+                   BK: gl.constexpr, STAGES: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
+    """y[l, tile rows] = W[l, rows] @ x[l] for each layer l, a barrier between layers.
+    MODE 0 drain, 1 cross, 2 free (no barrier)."""
+    pid = gl.program_id(0)
+    G = gl.num_programs(0)
+    # each thread copies and later reads the same 16-byte pieces: no CTA barrier between a
+    # slot's copy, its read and its next copy
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+    smem: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=1, order=[1, 0])
+    ring = gl.allocate_shared_memory(W.dtype.element_ty, [STAGES, BN, BK], smem)
+    rows = pid * BN + gl.arange(0, BN, gl.SliceLayout(1, layout))
+    cols = gl.arange(0, BK, gl.SliceLayout(0, layout))
+    active = pid < N // BN
+    NKB: gl.constexpr = K // BK
+    total = L * NKB
+    for c in gl.static_range(STAGES - 1):  # the first layer's first blocks
+        _issue(ring, W, c, rows, cols, NKB, BK, STAGES, total, N, K, active)
+    acc = gl.zeros([BN], gl.float32, gl.SliceLayout(1, layout))
+    for c in range(total):
+        layer = c // NKB
+        kb = c % NKB
+        if MODE == 1:  # cross: block c + STAGES - 1, whatever its layer
+            _issue(ring, W, c + STAGES - 1, rows, cols, NKB, BK, STAGES, total, N, K, active)
+        else:  # drain: within this layer only; the next layer's after its barrier
+            ahead = c + STAGES - 1
+            _issue(ring, W, ahead, rows, cols, NKB, BK, STAGES, total, N, K,
+                   active & (ahead // NKB == layer))  # fmt: skip
+        cp.wait_group(STAGES - 1)
+        w = ring.index(c % STAGES).load(layout).to(gl.float32)
+        x = gl.load(X + layer * K + kb * BK + cols).to(gl.float32)
+        acc += gl.sum(w * x[None, :], axis=1)
+        if kb == NKB - 1:
+            gl.store(Y + layer * N + rows, acc, mask=active & (rows < N))
+            acc = gl.zeros([BN], gl.float32, gl.SliceLayout(1, layout))
+            if layer + 1 < L:
+                if MODE == 0:  # drained (a masked copy may still be zero-filling a slot the
+                    # refill writes: two copies to one address are unordered until waited for)
+                    cp.wait_group(0)
+                _arrive_and_wait(Sync, (layer + 1) * G, MODE != 2)
+                if MODE == 0:  # refill the ring for the next layer (its slots, in order)
+                    for s in gl.static_range(STAGES - 1):
+                        _issue(ring, W, c + 1 + s, rows, cols, NKB, BK, STAGES, total, N, K,
+                               active)  # fmt: skip
+    cp.wait_group(0)
+    # the last program out resets the counter for the next replay
+    if gl.atomic_add(Sync + 1, 1, sem="acq_rel", scope="gpu") == G - 1:
+        gl.store(Sync, 0)
+        gl.store(Sync + 1, 0)
+
+
+MODES = {"drain": 0, "cross": 1, "free": 2}
+
+
+def gluon_case(mode: str, bn: int = 128, bk: int = 128, stages: int = 4, nw: int = 4) -> dict:
+    from bench_stream_linear import time_graph
+
+    dev = "cuda"
+    torch.manual_seed(0)
+    W = torch.randn(LAYERS, N, K, device=dev, dtype=torch.bfloat16)
+    X = torch.randn(LAYERS, K, device=dev, dtype=torch.bfloat16)
+    Y = torch.zeros(LAYERS, N, device=dev, dtype=torch.float32)
+    sync = torch.zeros(4, device=dev, dtype=torch.int32)
+    grid = (torch.cuda.get_device_properties(dev).multi_processor_count,)
+    row = dict(impl="gluon", mode=mode, BLOCK_N=bn, BLOCK_K=bk, stages=stages, num_warps=nw)
+
+    def fn():
+        _stream_kernel[grid](X, W, Y, sync, LAYERS, N=N, K=K, BN=bn, BK=bk, STAGES=stages,
+                             MODE=MODES[mode], num_warps=nw, launch_cooperative_grid=True)  # fmt: skip
+
+    try:
+        us = time_graph(fn)
+        ref = W[-1].float() @ X[-1].float()
+        err = ((Y[-1] - ref).abs().max() / ref.abs().max()).item()
+        row.update(us=round(us, 1), gbps=round(W.numel() * 2 / us / 1e3), rel_err=err)
+    except Exception as e:  # noqa: BLE001 - reported, the others still run
+        row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
+    return row
+
+
+def main() -> None:
+    from bench_stream_linear import case
+
+    out = os.environ.get("OUT", ".")
+    os.makedirs(out, exist_ok=True)
+    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
+    rows = []
+    for r in (
+        *(gluon_case(m) for m in ("drain", "cross", "free")),
+        *(gluon_case(m, stages=6) for m in ("drain", "cross")),
+        *(gluon_case(m, bk=64, stages=8) for m in ("drain", "cross")),
+        # Triton's persistent stream, the loop the decode step uses (one row of x live)
+        {"impl": "triton", **case("gate_up", "ptr", 4, 128, 128, 4, 1, 1, True)},
+        {"impl": "triton", **case("gate_up", "ptr", 4, 128, 128, 4, 1, 1, False)},
+    ):
+        rows.append(r)
+        figs = f"{r['us']:8.1f} us {r['gbps']:5d} GB/s" if "us" in r else r["error"]
+        print(figs, {k: v for k, v in r.items() if k not in ("us", "gbps", "error")}, flush=True)
+    with open(os.path.join(out, "bench_stream_gluon.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

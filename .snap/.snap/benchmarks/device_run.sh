@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# A session's GPU work as one detached job on the device machine, so that one pytest process
+# and several benchmarks can outlast the device tool's 10-minute limit per command.
+#
+# From the repository root on the GPU machine (the reference benchmarks copied into .bench,
+# see README "Benchmarks"):
+#   bash benchmarks/device_run.sh start tests gen bert decode   # starts the stages, waits
+#   bash benchmarks/device_run.sh wait                          # waits again (next command)
+# On a machine with several GPUs, `--` splits the stages into chains that run side by side,
+# chain i on GPU i (each stage still alone on its GPU, so timings stay comparable):
+#   bash benchmarks/device_run.sh start tests gen -- bert seq2seq serving
+# The stages run from a copy of the tree in $RUN/tree, which later calls do not touch.
+# Each `start`/`wait` returns after at most WAIT seconds (default 540) with every log and
+# JSON so far copied to $OUT and the last lines of each log printed; call `wait` again
+# within the machine's idle time until it prints "all stages done".
+#
+# Stages:
+#   tests   the whole GPU suite in one pytest process (`make test-gpu` without the venv)
+#   testsfast the GPU suite without its `slow` tests (~9 of its ~15.5 min: the bench-only
+#           persistent-step configs, the launch-count profile, the twenty-bucket memory test,
+#           the static-cache process-sharing test)
+#   testsmost the whole GPU suite in one process but the persistent-step configs that only
+#           the bench runs (the slow tests of the runtime and the compiler included)
+#   enctests the GPU tests of the encoder path (compile, runtime, artifacts, its kernels), the
+#           launch-count profile included (~4 min)
+#   bertro  the `bert` stage's artifact against reduce-overhead, interleaved in one process
+#           (benchmarks/bench_bert_artifact_vs_ro.py; run it right after `bert`)
+#   abmask  the padding mask in one comparison against transformers' traced mask, same
+#           process, both against reduce-overhead (benchmarks/ab_padding_mask.py, ~4 min)
+#   abatt   the attention kernel at BERT-base's shapes with its padding bias, before and after
+#           the bias became one row per key block (benchmarks/ab_attention_bias.py; needs
+#           .diag/attention_before.py, see the script)
+#   gaps    the `bert` stage's artifact: call vs graph replay vs kernels' busy time, and the idle
+#           time between kernels (benchmarks/diag_call_gaps.py; run it after `bert`)
+#   gemms   BERT-base's GEMMs one by one in CUDA graphs: which add a cuBLAS memset, and at
+#           what speed, per way of calling them (benchmarks/diag_gemm_memsets.py)
+#   gen     Llama-1B-shaped bf16 generation vs HF eager and HF static-cache generate
+#           (.bench/kernl_gen_vs_peers.py, batches 1 4 8; kernl generates after HF's
+#           torch.compile too, the process-sharing crash of issue 12)
+#   bert    BERT-base fp16 kernl vs torch.compile reduce-overhead vs eager
+#           (benchmarks/bench_bert_fusions.py)
+#   decode  the fused decode kernels vs the sequences they replace
+#           (benchmarks/bench_decode_kernels.py)
+#   sweep   the fused decode kernels' configs, widely (benchmarks/sweep_decode_configs.py)
+#   seq2seq T5-base and Whisper-large-v3 shapes vs HF eager / static-cache generate
+#           (benchmarks/bench_seq2seq.py)
+#   whisper / t5  bench_seq2seq for one model alone (its HF static-cache peers never skipped)
+#   serving kernl's in-process request path vs direct calls, BERT-base and Llama-1B
+#           (benchmarks/bench_serving_direct.py)
+#   profllama where one Llama-1B decode step goes, by kernel (.bench/profile_llama.py)
+#   profdecode one Llama-1B decode step by kernel, for torch / chosen / fused / fused + PDL
+#           (benchmarks/profile_decode_variants.py)
+#   profwenc Whisper-large-v3's encoder step by kernel, batch 1 and 8
+#           (benchmarks/profile_whisper_encoder.py)
+#   s2stests the GPU tests of seq2seq, optimize and the runtime
+#   gpuquick the GPU tests of kernels, runtime and generation only (a smoke run)
+#   persist the persistent decode step's GPU tests, the kernels it shares and its serving path
+#           (forced, from binaries, in a graph), each run bounded
+#   buckets the persistent step served at some decode buckets only (from binaries), and the
+#           config added last, at Llama-1B shapes
+#   step    the persistent decode step's configs at Llama-1B shapes (benchmarks/bench_decode_step.py)
+#   stepnew the compiler's three choice configs and the two QKV_PAIRS configs only (~2 min)
+#   stepx   variants of one persistent step config, batch 1 and 8, with their traces
+#   stream  the persistent step's norm-folded pair loops, norm in or out of the loop
+#           (benchmarks/bench_stream_linear.py)
+#   streamgluon can the weight stream cross a grid barrier: a Gluon cp.async ring against
+#           Triton's persistent stream (benchmarks/bench_stream_gluon.py, ~1 min)
+#   streamsweep how fast a persistent grid streams decode weights, by loop shape (the same)
+#   compileab the BERT-base compile serially and with 16 compile-ahead threads (~4 min)
+#   lft     fresh-process load -> first token of a 12-entry Llama-1B artifact
+#           (benchmarks/bench_load_first_token.py; also for the tree in .old when present)
+#   profserve where the host's CPU goes in kernl's in-process encoder request path, by
+#           function (benchmarks/profile_serving_path.py under yappi, from .whl)
+set -uo pipefail
+RUN=${KERNL_RUN_DIR:-/tmp/kernl-run}
+WAIT=${WAIT:-540}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+
+stage() {
+  case "$1" in
+    tests) timeout 1500 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=40 ;;
+    testsmost) # the whole suite but the persistent-step configs only the bench runs (~2.5 min)
+      timeout 1200 python3 -m pytest -q -m "gpu and not bench_only" -p no:cacheprovider \
+        --durations=25 ;;
+    testsfast) timeout 1200 python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider \
+      --durations=25 ;;
+    enctests) timeout 600 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 \
+      tests/e2e tests/runtime tests/compiler tests/artifacts tests/kernels/test_attention.py \
+      tests/kernels/test_norm.py tests/kernels/test_fused_linear.py \
+      tests/kernels/test_bert_embeddings.py -k "not process_sharing" ;;
+    bertro) timeout 300 python3 benchmarks/bench_bert_artifact_vs_ro.py \
+      "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
+    abmask) OUT=$RUN timeout 540 python3 benchmarks/ab_padding_mask.py ;;
+    abatt) timeout 300 python3 benchmarks/ab_attention_bias.py .diag/attention_before.py ;;
+    gemms) timeout 200 python3 benchmarks/diag_gemm_memsets.py ;;
+    gaps) timeout 300 python3 benchmarks/diag_call_gaps.py \
+      "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
+    gen) timeout 900 python3 .bench/kernl_gen_vs_peers.py 1 4 8 ;;
+    bert) OUT=$RUN timeout 600 python3 benchmarks/bench_bert_fusions.py ;;
+    decode) OUT=$RUN timeout 300 python3 benchmarks/bench_decode_kernels.py ;;
+    sweep) OUT=$RUN timeout 360 python3 benchmarks/sweep_decode_configs.py ;;
+    seq2seq) OUT=$RUN timeout 600 python3 benchmarks/bench_seq2seq.py ;;
+    whisper | t5)
+      KERNL_STATIC_BUDGET_S=900 timeout 900 python3 benchmarks/bench_seq2seq.py "$RUN/$1" \
+        --models "$1"
+      cp "$RUN/$1/seq2seq.json" "$RUN/seq2seq-$1.json" ;;
+    serving) OUT=$RUN timeout 540 python3 benchmarks/bench_serving_direct.py ;;
+    profllama) timeout 300 python3 .bench/profile_llama.py ;;
+    profdecode) timeout 300 python3 benchmarks/profile_decode_variants.py ;;
+    profwenc) timeout 300 python3 benchmarks/profile_whisper_encoder.py 1 8 ;;
+    s2stests) timeout 600 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 \
+      tests/seq2seq tests/optimize tests/runtime tests/kernels/test_norm_linear.py \
+      tests/kernels/test_skinny_linear_fused.py ;;
+    gpuquick) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=20 \
+      tests/kernels tests/runtime tests/generation/test_decode_kernels.py ;;
+    persist) timeout 480 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 -x \
+      tests/kernels/test_decode_step.py \
+      "tests/generation/test_gpu_generation.py::test_triton_decode_kernels_run_from_binaries_and_match_torch[persistent]" \
+      tests/kernels/test_pdl.py tests/kernels/test_decode_attention.py tests/kernels/test_lm_head_argmax.py ;;
+    buckets) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 \
+      tests/generation/test_gpu_generation.py tests/kernels/test_decode_step.py \
+      -k "persistent_buckets or dtype17" ;;
+    step) OUT=$RUN timeout 600 python3 benchmarks/bench_decode_step.py ;;
+    stepnew) STEP_CONFIGS=1,8,17,18,19 STEP_NO_DIAGNOSTIC=1 OUT=$RUN timeout 300 \
+      python3 benchmarks/bench_decode_step.py ;;
+    stepx) STEP_EXPLORE=0 OUT=$RUN timeout 300 python3 benchmarks/bench_decode_step.py ;;
+    stream) OUT=$RUN timeout 480 python3 benchmarks/bench_stream_linear.py ;;
+    streamgluon) OUT=$RUN timeout 300 python3 benchmarks/bench_stream_gluon.py ;;
+    streamsweep) STREAM_PART=sweep OUT=$RUN timeout 480 python3 benchmarks/bench_stream_linear.py ;;
+    compileab) # the BERT-base compile of `bert` (9 buckets) with 16 threads compiling the
+      # candidates ahead (kernl/compiler/compile_ahead.py), then serially (second: whatever a
+      # first run leaves warm favours the serial one), each from empty tuning and Triton
+      # caches; the compile time is in the log, and the choices per bucket
+      for threads in 16 0; do
+        mkdir -p "$RUN/threads$threads"
+        KERNL_COMPILE_THREADS=$threads TRITON_CACHE_DIR=$(mktemp -d) OUT=$RUN/threads$threads \
+          timeout 400 python3 benchmarks/bench_bert_fusions.py --shapes 1x16 --no-peers
+        cp "$RUN/threads$threads/bench_bert_fusions.json" "$RUN/compile-threads$threads.json"
+      done ;;
+    lft) # fresh-process load -> first token; .old (a `git archive` of an earlier kernl/), if
+      # carried in the snapshot, is timed in the same run
+      timeout 480 python3 benchmarks/bench_load_first_token.py "$RUN/lft" --runs 5 \
+        $([ -d .old ] && echo --checkout .old) ;;
+    profserve) # yappi travels as a wheel in .whl (benchmarks/README.md)
+      python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/yappi-*.whl &&
+        PYTHONPATH=$PWD:/tmp/site timeout 300 python3 benchmarks/profile_serving_path.py \
+          --switch-intervals 1,0.2 ;;
+    *) echo "unknown stage $1" ;;
+  esac
+}
+
+collect() {
+  mkdir -p "${OUT:-/tmp/kernl-out}"
+  cp "$RUN"/*.log "$RUN"/*.json "${OUT:-/tmp/kernl-out}/" 2>/dev/null
+  for f in "$RUN"/*.log; do
+    [ -e "$f" ] || continue
+    echo "=== $(basename "$f") (last lines)"
+    tail -n 25 "$f"
+  done
+}
+
+wait_for_job() {
+  local waited=0
+  while [ ! -e "$RUN/all.done" ] && [ "$waited" -lt "$WAIT" ]; do
+    sleep 5
+    waited=$((waited + 5))
+  done
+  collect
+  if [ -e "$RUN/all.done" ]; then echo "all stages done"; else echo "still running"; fi
+}
+
+case "${1:-}" in
+  start)
+    shift
+    rm -rf "$RUN" && mkdir -p "$RUN"
+    {
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+      python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+      date -u
+    } >"$RUN/device.log" 2>&1
+    # The stages run from a copy of this tree: the device tool re-sends the working tree (and
+    # the carried paths) at each call, so a later `wait` call could swap files under a stage
+    # that is running (a stage once found its script missing).
+    rm -rf "$RUN/tree" && mkdir -p "$RUN/tree" && cp -r . "$RUN/tree/"
+    (cd "$RUN/tree" && setsid nohup bash benchmarks/device_run.sh stages "$@" \
+      >>"$RUN/stages.log" 2>&1 </dev/null &)
+    wait_for_job
+    ;;
+  stages)
+    shift
+    gpu=0 chain=() pids=()
+    run_chain() {
+      for s in "$@"; do
+        echo "$(date -u +%T) gpu $gpu stage $s"
+        CUDA_VISIBLE_DEVICES=$gpu stage "$s" >"$RUN/$s.log" 2>&1
+        echo "$(date -u +%T) gpu $gpu stage $s rc=$?"
+      done
+    }
+    for s in "$@" --; do
+      if [ "$s" = "--" ]; then
+        if [ ${#chain[@]} -gt 0 ]; then
+          run_chain "${chain[@]}" &
+          pids+=($!)
+          gpu=$((gpu + 1))
+        fi
+        chain=()
+      else
+        chain+=("$s")
+      fi
+    done
+    wait "${pids[@]}"
+    touch "$RUN/all.done"
+    ;;
+  wait) wait_for_job ;;
+  *)
+    echo "usage: bash benchmarks/device_run.sh start STAGE... | wait" >&2
+    exit 2
+    ;;
+esac

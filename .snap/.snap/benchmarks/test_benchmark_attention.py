@@ -1,0 +1,11 @@
+import pytest
+from bench_utils import ATTENTION_SHAPES, attention_case, run_case
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("implementation", ["kernl", "sdpa"])
+@pytest.mark.parametrize(
+    "shape", ATTENTION_SHAPES, ids=lambda s: f"hd{s[0]}-L{s[1]}-{'causal' if s[2] else 'full'}"
+)
+def test_benchmark_attention(benchmark, implementation, shape):
+    run_case(benchmark, attention_case(*shape), implementation)

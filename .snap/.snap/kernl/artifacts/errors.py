@@ -1,0 +1,31 @@
+"""Every way an artifact can be refused. One hierarchy so callers can catch `ArtifactError`."""
+
+
+class ArtifactError(Exception):
+    """An artifact cannot be read or trusted. The message says what is wrong and where."""
+
+
+class ArtifactMissingError(ArtifactError):
+    """A file the artifact needs is not there."""
+
+
+class ArtifactCorruptError(ArtifactError):
+    """A file is truncated, malformed, or does not match its recorded hash."""
+
+
+class ArtifactVersionError(ArtifactError):
+    """The artifact's format version is one this reader does not accept."""
+
+
+class ArtifactUnsafeError(ArtifactError):
+    """The artifact asks for something a reader must never do (paths leaving the folder,
+    op names outside the vocabulary, absurd allocations, pickled payloads)."""
+
+
+class ArtifactCompatibilityError(ArtifactError):
+    """The artifact was built for another GPU architecture or toolchain than this one."""
+
+
+class ArtifactDestinationError(ArtifactError):
+    """An artifact cannot be written where it was asked for (not writable, no space, or the
+    path holds something that is not an artifact)."""

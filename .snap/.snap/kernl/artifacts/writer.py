@@ -1,0 +1,356 @@
+"""Write an artifact atomically: everything goes into a temporary folder beside the
+destination, which replaces it only once complete, in one atomic exchange where the
+filesystem has one (renameat2 RENAME_EXCHANGE on Linux). A compile killed at any point leaves
+either no artifact or the previous complete one; the temporary folders of killed compiles
+are removed by the next compile to the same destination."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from .errors import ArtifactDestinationError
+from .program import Program
+from .schema import (
+    FILE_CHUNKS_KEY,
+    KERNELS_DIR,
+    MANIFEST_CHECKSUM_KEY,
+    MANIFEST_FILE,
+    PROGRAMS_DIR,
+    WEIGHTS_FILE,
+    Manifest,
+)
+
+# Free space asked for before anything is known about the model (a destination with less
+# cannot hold even a tiny artifact).
+MIN_FREE_BYTES = 16 << 20
+
+
+# Files larger than CHUNK_THRESHOLD also get the sha256 of each CHUNK_BYTES piece
+# (manifest extra.file_chunks): one sha256 is a sequential chain at about 1 GB/s, the pieces
+# are checked on all cores at once (reader.verify_files).
+CHUNK_THRESHOLD = 64 << 20
+CHUNK_BYTES = 16 << 20
+# Threads that hash at once: sha256 is CPU-bound (hashlib releases the GIL on large updates);
+# on the H200 host 16 threads hash a warm 2.4 GB file in 0.2 s (11x one thread); a cold one
+# is bound by the disk (about 1.9 GB/s there) whatever the count.
+MAX_HASH_THREADS = 16
+_READ_BLOCK = 4 << 20
+
+
+def sha256_range(path: Path, offset: int = 0, length: int | None = None) -> str:
+    """sha256 of `length` bytes of `path` from `offset` (to the end when None); fewer bytes
+    when the file is shorter (the digest then does not match)."""
+    h = hashlib.sha256()
+    buf = bytearray(_READ_BLOCK)
+    view = memoryview(buf)
+    left = -1 if length is None else length
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        while left:
+            n = f.readinto(view if left < 0 or left >= len(buf) else view[:left])
+            if not n:
+                break
+            h.update(view[:n])
+            if left > 0:
+                left -= n
+    return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    return sha256_range(path)
+
+
+def chunk_count(size: int, chunk_bytes: int) -> int:
+    """How many chunk hashes cover a file of `size` bytes exactly."""
+    return -(-size // chunk_bytes)
+
+
+def hash_workers() -> int:
+    """Threads for hashing: the cores this process may run on, capped."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_HASH_THREADS))
+
+
+def run_hash_jobs(jobs: Iterable[Callable[[], Any]], workers: int | None = None) -> list[Any]:
+    """Run `jobs` on a thread pool, results in order; the first exception cancels the jobs
+    not yet started and is raised."""
+    jobs = list(jobs)
+    workers = min(workers or hash_workers(), len(jobs))
+    if workers <= 1:
+        return [job() for job in jobs]
+    with ThreadPoolExecutor(workers, thread_name_prefix="kernl-hash") as pool:
+        futures: list[Future] = [pool.submit(job) for job in jobs]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def file_hashes(
+    paths: dict[str, Path],
+    chunk_threshold: int | None = None,
+    chunk_bytes: int | None = None,
+) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """(path -> whole-file sha256, path -> chunk entry for files above the threshold), hashed
+    on a thread pool. A chunk entry is {"chunk_bytes", "bytes", "sha256": [hex per chunk]}."""
+    threshold = CHUNK_THRESHOLD if chunk_threshold is None else chunk_threshold
+    size_of_chunk = chunk_bytes or CHUNK_BYTES
+    jobs: list[Callable[[], str]] = []
+    plan: list[tuple[str, int | None]] = []  # (rel, chunk index or None for the whole file)
+    sizes = {rel: p.stat().st_size for rel, p in paths.items()}
+    for rel, p in paths.items():
+        jobs.append(lambda p=p: sha256_file(p))
+        plan.append((rel, None))
+        if sizes[rel] > threshold:
+            for i in range(chunk_count(sizes[rel], size_of_chunk)):
+                start = i * size_of_chunk
+                jobs.append(lambda p=p, s=start: sha256_range(p, s, size_of_chunk))
+                plan.append((rel, i))
+    whole: dict[str, str] = {}
+    chunks: dict[str, dict[str, Any]] = {}
+    for (rel, index), digest in zip(plan, run_hash_jobs(jobs), strict=True):
+        if index is None:
+            whole[rel] = digest
+        else:
+            entry = chunks.setdefault(
+                rel, {"chunk_bytes": size_of_chunk, "bytes": sizes[rel], "sha256": []}
+            )
+            entry["sha256"].append(digest)
+    return whole, chunks
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's msgpack encoding without the checksum itself. msgpack
+    round-trips what the writer packs (maps keep their order), so a reader recomputes it."""
+    extra = {k: v for k, v in (manifest.get("extra") or {}).items() if k != MANIFEST_CHECKSUM_KEY}
+    rest = {**manifest, "extra": extra}
+    return hashlib.sha256(msgpack.packb(rest, use_bin_type=True)).hexdigest()
+
+
+def pack_manifest(manifest: dict[str, Any]) -> bytes:
+    """The manifest's bytes, with its own checksum in extra (readers check it)."""
+    extra = {k: v for k, v in (manifest.get("extra") or {}).items() if k != MANIFEST_CHECKSUM_KEY}
+    d = {**manifest, "extra": extra}
+    extra[MANIFEST_CHECKSUM_KEY] = manifest_digest(d)
+    return msgpack.packb(d, use_bin_type=True)
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    # Read without os.umask(), which would change it for every thread for a moment.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def check_destination(destination: str | os.PathLike, needed_bytes: int = 0) -> Path:
+    """Fail early (before any tracing or tuning) if `destination` cannot receive an artifact:
+    an existing non-artifact path, a parent that cannot be created or written (tested by
+    writing a file there), or too little free space (`needed_bytes`, at least MIN_FREE_BYTES).
+    Raises ArtifactDestinationError."""
+    dest = Path(destination).expanduser().absolute()
+    try:
+        return _check_destination(dest, needed_bytes)
+    except OSError as e:  # e.g. a folder on the way that this user cannot enter
+        raise ArtifactDestinationError(f"cannot write {dest}: {e.strerror} ({e.filename})") from e
+
+
+def _check_destination(dest: Path, needed_bytes: int) -> Path:
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        raise ArtifactDestinationError(f"{dest} exists and is not a folder; refusing to replace it")
+    if dest.exists() and any(dest.iterdir()) and not (dest / MANIFEST_FILE).is_file():
+        raise ArtifactDestinationError(
+            f"{dest} exists, is not empty and is not a kernl artifact; refusing to replace it"
+        )
+    parent = dest.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ArtifactDestinationError(f"cannot create the folder {parent}: {e.strerror}") from e
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{dest.name}.write-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ArtifactDestinationError(f"cannot write into {parent}: {e.strerror}") from e
+    free = shutil.disk_usage(parent).free
+    needed = max(needed_bytes, MIN_FREE_BYTES)
+    if free < needed:
+        raise ArtifactDestinationError(
+            f"not enough free space in {parent}: the artifact needs about "
+            f"{needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free"
+        )
+    return dest
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _owner_is_gone(host: str, pid: str) -> bool:
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's (a shared disk): not ours to judge
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def clean_stale(destination: Path) -> None:
+    """Remove temporary folders left by killed compiles to `destination`, and put back a
+    previous artifact a compile killed between its two renames had moved aside."""
+    prefix = f".{destination.name}."
+    for p in list(destination.parent.iterdir()):
+        if not p.name.startswith(prefix):
+            continue
+        kind, _, tag = p.name[len(prefix) :].partition("-")
+        host, _, rest = tag.rpartition("@")
+        pid = rest.split("-")[0]
+        if kind not in ("partial", "previous") or not _owner_is_gone(host, pid):
+            continue
+        if kind == "previous" and not destination.exists() and (p / MANIFEST_FILE).is_file():
+            os.rename(p, destination)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+class ArtifactWriter:
+    """Usage: `w = ArtifactWriter(dest)`, `w.write_weights(...)`, `w.write_program(...)`,
+    `w.commit(manifest)`; on any exception call `w.abort()` (or use it as a context manager)."""
+
+    def __init__(self, destination: str | os.PathLike):
+        self.destination = check_destination(destination)
+        clean_stale(self.destination)
+        self._tag = f"{socket.gethostname()}@{os.getpid()}"
+        self.tmp = Path(
+            tempfile.mkdtemp(
+                prefix=f".{self.destination.name}.partial-{self._tag}-",
+                dir=self.destination.parent,
+            )
+        )
+        (self.tmp / PROGRAMS_DIR).mkdir()
+
+    def __enter__(self) -> ArtifactWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def write_weights(self, tensors: dict) -> str:
+        from safetensors.torch import save_file
+
+        # safetensors refuses tensors that share storage (tied embeddings): store copies.
+        seen: set[int] = set()
+        clean = {}
+        for name, t in tensors.items():
+            t = t.detach().contiguous()
+            ptr = t.untyped_storage().data_ptr() if t.numel() else -1
+            if ptr in seen:
+                t = t.clone()
+            seen.add(ptr)
+            clean[name] = t.cpu()
+        save_file(clean, str(self.tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        _fsync_path(self.tmp / WEIGHTS_FILE)
+        return WEIGHTS_FILE
+
+    def write_program(self, program: Program) -> str:
+        rel = f"{PROGRAMS_DIR}/{program.bucket.name}.msgpack"
+        _fsync_write(self.tmp / rel, msgpack.packb(program.to_dict(), use_bin_type=True))
+        return rel
+
+    def write_kernel(self, name: str, data: bytes, suffix: str = "cubin") -> str:
+        (self.tmp / KERNELS_DIR).mkdir(exist_ok=True)
+        rel = f"{KERNELS_DIR}/{name}.{suffix}"
+        _fsync_write(self.tmp / rel, data)
+        return rel
+
+    def commit(self, manifest: Manifest) -> Path:
+        paths = {
+            str(p.relative_to(self.tmp)): p for p in sorted(self.tmp.rglob("*")) if p.is_file()
+        }
+        # Both: the whole-file sha256 (every reader checks it, kernl versions from before
+        # chunk hashes too) and, for large files, the chunk hashes a reader checks in parallel.
+        manifest.files, chunks = file_hashes(paths)
+        manifest.extra = {k: v for k, v in manifest.extra.items() if k != FILE_CHUNKS_KEY}
+        if chunks:
+            manifest.extra[FILE_CHUNKS_KEY] = chunks
+        _fsync_write(self.tmp / MANIFEST_FILE, pack_manifest(manifest.to_dict()))
+        self._set_permissions()
+        _fsync_path(self.tmp)
+        dest = self.destination
+        if dest.exists() and _exchange(self.tmp, dest):
+            # self.tmp now holds the previous artifact.
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        elif dest.exists():
+            backup = dest.with_name(f".{dest.name}.previous-{self._tag}")
+            os.rename(dest, backup)
+            os.rename(self.tmp, dest)  # a kill between the renames: clean_stale restores
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.rename(self.tmp, dest)
+        _fsync_path(dest.parent)
+        return dest
+
+    def _set_permissions(self) -> None:
+        # mkdtemp makes a 0700 folder: an artifact copied into an image and served by
+        # another user must be readable, as any file the user's umask allows.
+        umask = _umask()
+        for p in [self.tmp, *self.tmp.rglob("*")]:
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.tmp.rglob("*") if p.is_file())

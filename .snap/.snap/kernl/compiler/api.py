@@ -1,0 +1,109 @@
+"""`kernl.compiler.compile`: model in, artifact out. The task picks the room that compiles
+it (kernl/compiler/tasks/: encoder, causal_lm); signing wraps any of them."""
+
+from __future__ import annotations
+
+import os
+
+from .report import BucketReport, CompileReport, Progress
+from .trace import task_from_source
+
+__all__ = ["BucketReport", "CompileReport", "Progress", "compile"]
+
+
+def compile(
+    model_or_path,
+    buckets,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "fp16",
+    device: str | None = None,
+    task: str | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    progress: Progress | None = None,
+    kernels: bool = True,
+    tune: bool = True,
+    sign_key: str | os.PathLike | None = None,
+) -> CompileReport:
+    """Compile a Hugging Face model (a local folder, a model id in the local HF cache, or a
+    PreTrainedModel) for `buckets` (e.g. "batch=1,8 seq=16:512") into the artifact folder
+    `out`. Returns a report; raises with a message naming the bucket or op on failure.
+    kernels=False keeps plain aten ops (no rewrite, no tuning, no binaries).
+
+    Without `task`, the task follows the config's `architectures` (…ForCausalLM and
+    …LMHeadModel: causal-lm; WhisperForConditionalGeneration: speech-seq2seq; other
+    …ForConditionalGeneration: seq2seq-lm). Refused before any
+    work: bf16 through kernl's kernels on the CPU, and buckets longer than the model's position table."""
+    if sign_key is not None:
+        # sign_key: an Ed25519 private key file (PEM); the finished artifact's manifest is
+        # signed with it (kernl/artifacts/signing.py) for deployments that pin the public key.
+        from kernl.artifacts.signing import load_private_key, sign_artifact
+
+        key = load_private_key(sign_key)  # a bad key file fails before any compiling
+        report = compile(
+            model_or_path,
+            buckets,
+            out,
+            dtype=dtype,
+            device=device,
+            task=task,
+            atol=atol,
+            rtol=rtol,
+            progress=progress,
+            kernels=kernels,
+            tune=tune,
+        )
+        sign_artifact(out, key)
+        return report
+    if task is None:
+        task = task_from_source(model_or_path)
+        if task == "seq2seq-lm":  # WhisperForConditionalGeneration: speech in, text out
+            from .tasks.seq2seq import is_speech_model
+
+            task = "speech-seq2seq" if is_speech_model(model_or_path) else task
+    if task == "causal-lm":
+        # Decoder-only generation has its own buckets (prompt, cache) and programs.
+        from .tasks.causal_lm import compile_causal_lm
+
+        return compile_causal_lm(
+            model_or_path,
+            buckets,
+            out,
+            dtype=dtype,
+            device=device,
+            atol=atol,
+            rtol=rtol,
+            progress=progress,
+            kernels=kernels,
+            tune=tune,
+        )
+    if task in ("seq2seq-lm", "speech-seq2seq"):
+        # Encoder-decoder generation: buckets (batch, source, cache), the runtime's own model.
+        from .tasks.seq2seq import compile_seq2seq
+
+        return compile_seq2seq(
+            model_or_path,
+            buckets,
+            out,
+            dtype=dtype,
+            device=device,
+            progress=progress,
+            task=task,
+            kernels=kernels,
+        )
+    from .tasks.encoder import compile_encoder
+
+    return compile_encoder(
+        model_or_path,
+        buckets,
+        out,
+        dtype=dtype,
+        device=device,
+        task=task,
+        atol=atol,
+        rtol=rtol,
+        progress=progress,
+        kernels=kernels,
+        tune=tune,
+    )

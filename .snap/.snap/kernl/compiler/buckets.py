@@ -1,0 +1,152 @@
+"""The bucket syntax: `"batch=1,8,32 seq=16:512"`, or an explicit list `"1x16,8x128"`.
+
+Each axis takes a comma list whose items are numbers or power-of-two ranges `lo:hi`
+(lo, 2·lo, 4·lo, … up to hi; hi itself is added when the doublings miss it). The buckets are
+the cartesian product of the axes. The list form names each bucket as BATCHxSEQ (the form
+`kernl bench --buckets` and `kernl inspect` print)."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+from kernl.artifacts.schema import Bucket
+
+AXES = ("batch", "seq")
+_ITEM = re.compile(r"^(\d+)(?::(\d+))?$")
+_SHAPE = re.compile(r"(\d+)x(\d+)")
+
+
+class BucketSyntaxError(ValueError):
+    pass
+
+
+def _parse_axis(axis: str, text: str) -> list[int]:
+    values: set[int] = set()
+    for item in text.split(","):
+        m = _ITEM.match(item.strip())
+        if not m:
+            raise BucketSyntaxError(
+                f"{axis}: {item.strip()!r} is neither a number nor a range like 16:512"
+            )
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) else lo
+        if lo <= 0:
+            raise BucketSyntaxError(f"{axis}: sizes must be positive, got {lo}")
+        if hi < lo:
+            raise BucketSyntaxError(f"{axis}: range {lo}:{hi} goes downwards")
+        v = lo
+        while v <= hi:
+            values.add(v)
+            v *= 2
+        values.add(hi)
+    return sorted(values)
+
+
+def parse_axes(
+    spec: str, axes: tuple[str, ...], required: tuple[str, ...], example: str, task: str
+) -> dict[str, list[int]]:
+    """The one grammar of every task: space-separated AXIS=VALUES over the task's `axes`
+    (encoder: batch, seq; causal LM: batch, prompt, cache), each axis at most once."""
+    found: dict[str, list[int]] = {}
+    for part in spec.replace(";", " ").split():
+        if "=" not in part:
+            raise BucketSyntaxError(f"{part!r}: expected AXIS=VALUES, e.g. {example}")
+        name, values = part.split("=", 1)
+        name = name.strip().lower()
+        if name not in axes:
+            raise BucketSyntaxError(
+                f"unknown axis {name!r} for {task}; the axes are {', '.join(axes)} "
+                f'(e.g. "{example}")'
+            )
+        if name in found:
+            raise BucketSyntaxError(f"axis {name!r} is given twice")
+        found[name] = _parse_axis(name, values)
+    missing = [a for a in required if a not in found]
+    if missing:
+        raise BucketSyntaxError(f"missing axis {', '.join(missing)} in {spec!r}")
+    return found
+
+
+def parse_buckets(spec: str) -> list[Bucket]:
+    """`"batch=1,8 seq=16:64"` -> [Bucket(1,16), Bucket(1,32), Bucket(1,64), Bucket(8,16), ...];
+    `"1x16,8x128"` -> [Bucket(1,16), Bucket(8,128)]."""
+    if "=" not in spec and spec.strip():
+        return _parse_shape_list(spec)
+    axes = parse_axes(spec, AXES, AXES, "batch=1,8 seq=16:512", "an encoder")
+    return [Bucket(b, s) for b, s in itertools.product(axes["batch"], axes["seq"])]
+
+
+def _parse_shape_list(spec: str) -> list[Bucket]:
+    shapes = []
+    for item in re.split(r"[,;\s]+", spec.strip()):
+        m = _SHAPE.fullmatch(item.lower())
+        if not m:
+            raise BucketSyntaxError(
+                f'{item!r}: expected BATCHxSEQ (e.g. 8x128) in a list like "1x16,8x128", or '
+                'axes like "batch=1,8 seq=16:512"'
+            )
+        batch, seq = int(m.group(1)), int(m.group(2))
+        if batch <= 0 or seq <= 0:
+            raise BucketSyntaxError(f"{item!r}: sizes must be positive")
+        shapes.append(Bucket(batch, seq))
+    return sorted(set(shapes))
+
+
+class BucketLimitError(BucketSyntaxError):
+    """A bucket the model cannot run (longer than its position table)."""
+
+
+def position_limit(config) -> int | None:
+    """The longest sequence a Hugging Face encoder config can embed, or None when it has no
+    absolute position table. RoBERTa-style models start positions after the pad id, so two
+    of their rows are not usable (514 rows: 512 tokens)."""
+    rows = getattr(config, "max_position_embeddings", None)
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows <= 0:
+        return None
+    if getattr(config, "position_biased_input", True) is False:  # DeBERTa: relative only
+        return None
+    if getattr(config, "model_type", None) in _PADDING_OFFSET_MODELS:
+        pad = getattr(config, "pad_token_id", None)
+        return rows - (pad if isinstance(pad, int) else 1) - 1
+    return rows
+
+
+_PADDING_OFFSET_MODELS = {
+    "roberta",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "camembert",
+    "data2vec-text",
+    "longformer",
+    "mpnet",
+    "roberta-prelayernorm",
+}
+
+
+def check_buckets_fit(buckets: list[Bucket], config) -> None:
+    """Refuse, before any tracing, buckets longer than the model's position table: they
+    would fail deep inside export after every shorter bucket was compiled."""
+    limit = position_limit(config)
+    if limit is None:
+        return
+    over = [b for b in buckets if b.seq > limit]
+    if over:
+        names = ", ".join(f"{b.batch}x{b.seq}" for b in over)
+        raise BucketLimitError(
+            f"bucket(s) {names} longer than the model's {limit} positions "
+            f"(config max_position_embeddings={config.max_position_embeddings}); "
+            f"use seq<={limit}"
+        )
+
+
+def as_buckets(spec) -> list[Bucket]:
+    """Accept a bucket string, Buckets, or (batch, seq) pairs."""
+    if isinstance(spec, str):
+        return parse_buckets(spec)
+    out = []
+    for b in spec:
+        out.append(b if isinstance(b, Bucket) else Bucket(int(b[0]), int(b[1])))
+    if not out:
+        raise BucketSyntaxError("no buckets given")
+    return sorted(set(out))

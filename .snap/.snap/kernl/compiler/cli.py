@@ -1,0 +1,442 @@
+"""The command line: `kernl-compile` and the `kernl` group (compile, verify, inspect, bench,
+serve). Thin: the work lives in api.py, inspect_report.py, bench.py and kernl.serving."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import click
+
+from kernl.artifacts import ArtifactError
+
+BUCKETS_HELP = (
+    'Shapes to compile for, e.g. "batch=1,8,32 seq=16:512". Each axis takes a comma list '
+    "of sizes or power-of-two ranges (16:512 = 16,32,...,512); the buckets are every "
+    '(batch, seq) pair. Or list the buckets as BATCHxSEQ: "1x16,8x128" (the form kernl '
+    "bench and kernl inspect print). A call is served by the smallest bucket that holds it. "
+    "A bucket longer than the model's max_position_embeddings is refused. For --task "
+    'causal-lm: "batch=1,4,8 prompt=16:1024 cache=2048" (prefill buckets per batch x prompt '
+    "length; cache is the KV-cache length, or several lengths for decode buckets, e.g. "
+    "cache=512,2048; default twice the largest prompt). For --task seq2seq-lm: "
+    '"batch=1,8 source=32:512 cache=128"; for --task speech-seq2seq (Whisper): '
+    '"batch=1,8 cache=448" (the source is one 30 s window).'
+)
+
+
+def _compile_options(f):
+    options = [
+        click.argument("model"),
+        click.option(
+            "-o",
+            "--out",
+            required=True,
+            type=click.Path(),
+            help="Artifact folder to write (replaced atomically if it is a kernl artifact).",
+        ),
+        click.option("--buckets", required=True, help=BUCKETS_HELP),
+        click.option(
+            "--dtype",
+            type=click.Choice(["fp16", "bf16", "fp32"]),
+            default="fp16",
+            show_default=True,
+            help="Precision of weights and compute. bf16 on the CPU needs --no-kernels: Triton's interpreter computes bf16 wrongly.",
+        ),
+        click.option(
+            "--device",
+            type=click.Choice(["cuda", "cpu"]),
+            default=None,
+            help="Where to trace, tune and validate; the artifact serves there. Default: cuda if present, else cpu.",
+        ),
+        click.option(
+            "--task",
+            type=click.Choice(
+                [
+                    "base",
+                    "sequence-classification",
+                    "token-classification",
+                    "masked-lm",
+                    "causal-lm",
+                    "seq2seq-lm",
+                    "speech-seq2seq",
+                ]
+            ),
+            default=None,
+            help='Model head. Default: from the config\'s architectures (…ForSequenceClassification, …ForTokenClassification, …ForMaskedLM; …ForCausalLM and …LMHeadModel are causal-lm; else base). causal-lm: decoder-only text generation (Llama, Mistral, Qwen2, GPT-2); its buckets use the axes batch, prompt, cache. seq2seq-lm (…ForConditionalGeneration, MarianMTModel): T5 v1.0/v1.1, BART, mBART (the forced target-language BOS of mBART-50 and forced EOS applied as HF does) and Marian (opus-mt), greedy or sampled generation (no beam search); its axes are batch, source, cache, e.g. T5 "batch=1,8 source=32:512 cache=128", BART "batch=1,8 source=32:1024 cache=128", mBART "batch=1,8 source=32:1024 cache=200", Marian "batch=1,8 source=16:512 cache=256" (source and cache within max_position_embeddings). speech-seq2seq (WhisperForConditionalGeneration): Whisper transcription of one 30 s window (3000 mel frames, 1500 encoder positions, so no source axis), greedy or sampled, no beam search, no timestamps; its axes are batch and cache (decoder prompt + new tokens, at most max_target_positions), e.g. "batch=1,8 cache=448".',
+        ),
+        click.option(
+            "--atol",
+            type=float,
+            default=None,
+            help="Absolute tolerance of validation against eager (default per dtype: fp32 1e-4, fp16 2e-2, bf16 8e-2).",
+        ),
+        click.option(
+            "--rtol",
+            type=float,
+            default=None,
+            help="Relative tolerance of validation against eager (default per dtype: fp32 1e-4, fp16 2e-2, bf16 5e-2).",
+        ),
+        click.option(
+            "--kernels/--no-kernels",
+            default=True,
+            show_default=True,
+            help="Rewrite onto kernl's fused Triton kernels; --no-kernels keeps plain aten ops (still one CUDA graph per bucket). With --task causal-lm, seq2seq-lm or speech-seq2seq: let the decode step use kernl's kernels where timing shows they are faster (fp16/bf16 on a GPU; the compile summary gives each candidate's step time); --no-kernels keeps plain torch.",
+        ),
+        click.option(
+            "--tune/--no-tune",
+            default=True,
+            show_default=True,
+            help="On a GPU, time every kernel instance over its tuning space and against aten (results cached in ~/.cache/kernl, or $KERNL_CACHE_DIR; each instance's candidates compile on up to 8 threads before they are timed, KERNL_COMPILE_THREADS=N sets N, 0 turns it off); --no-tune takes each kernel's default config (causal-lm: plain torch decode step).",
+        ),
+        click.option(
+            "--sign",
+            "sign_key",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="Sign the artifact's manifest with this Ed25519 private key (PEM, e.g. from `kernl keygen`); deployments that pin the public key (load(trusted_keys=...), KERNL_TRUSTED_KEYS, kernl verify --trusted-key) then refuse anything else. Needs kernl[sign].",
+        ),
+        click.option(
+            "--verbose",
+            is_flag=True,
+            help="Show the compiler output of tuning candidates that fail to compile (Triton's MLIR dumps); without it they are skipped, counted in the summary and their first line listed (same as KERNL_VERBOSE=1).",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _run_compile(
+    model,
+    out,
+    buckets,
+    dtype,
+    device,
+    task,
+    atol,
+    rtol,
+    kernels=True,
+    tune=True,
+    sign_key=None,
+    verbose=False,
+) -> None:
+    from kernl.compiler.api import compile as compile_model
+    from kernl.compiler.buckets import BucketSyntaxError
+    from kernl.compiler.validate import ValidationError
+
+    if verbose:
+        os.environ["KERNL_VERBOSE"] = "1"  # read by the tuner (compiler/tune.py, TuneSession)
+
+    start = time.perf_counter()
+
+    def progress(msg: str) -> None:
+        click.echo(f"[{time.perf_counter() - start:6.1f}s] {msg}", err=True)
+
+    try:
+        report = compile_model(
+            model,
+            buckets,
+            out,
+            dtype=dtype,
+            device=device,
+            task=task,
+            atol=atol,
+            rtol=rtol,
+            kernels=kernels,
+            tune=tune,
+            sign_key=sign_key,
+            progress=progress,
+        )
+    except BucketSyntaxError as e:
+        raise click.BadParameter(str(e), param_hint="--buckets") from None
+    except ValidationError as e:  # an AssertionError: not caught by the line below
+        click.echo(
+            f"kernl-compile: error: validation against eager failed: {e}\n"
+            "No artifact was written. Loosen --atol/--rtol if the error is acceptable, or keep "
+            "plain aten ops with --no-kernels.",
+            err=True,
+        )
+        sys.exit(1)
+    except (ArtifactError, ValueError, RuntimeError, OSError) as e:
+        click.echo(f"kernl-compile: error: {e}", err=True)
+        sys.exit(1)
+    click.echo(report.table())
+
+
+@click.command(
+    "kernl-compile",
+    help="Compile a Hugging Face model (a local folder with config.json and safetensors, or a "
+    "model id already in the local HF cache) into a kernl artifact for a set of shape buckets.\n\n"
+    'Example: kernl-compile ./my-bert -o bert.kernl --buckets "batch=1,8 seq=16:512"',
+)
+@_compile_options
+def compile_command(**kwargs) -> None:
+    _run_compile(**kwargs)
+
+
+@click.group(help="kernl: ahead-of-time compiled transformers. See each command's --help.")
+@click.version_option(package_name="kernl")
+def main() -> None:
+    pass
+
+
+@main.command("compile", help=compile_command.help)
+@_compile_options
+def compile_subcommand(**kwargs) -> None:
+    _run_compile(**kwargs)
+
+
+@main.command(
+    "verify",
+    help="Check an artifact without loading it onto a GPU: format "
+    "version, paths, file hashes, programs, op vocabulary and weights header.",
+)
+@click.argument("path", type=click.Path())
+@click.option(
+    "--trusted-key",
+    "trusted_keys",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="An Ed25519 public key (PEM) the artifact must be signed by (repeatable; default: the "
+    "files in $KERNL_TRUSTED_KEYS, as load() does). Needs kernl[sign].",
+)
+def verify_command(path: str, trusted_keys: tuple[str, ...]) -> None:
+    from kernl.artifacts import verify_artifact
+    from kernl.artifacts.signing import (
+        KeyFileError,
+        SigningUnavailableError,
+        trusted_keys_from_env,
+    )
+
+    try:
+        # the checks load() makes, signature included
+        manifest = verify_artifact(path, trusted_keys=list(trusted_keys) or trusted_keys_from_env())
+    except ArtifactError as e:
+        click.echo(f"INVALID {path}: {e}", err=True)
+        sys.exit(1)
+    except (KeyFileError, SigningUnavailableError) as e:
+        click.echo(f"kernl verify: error: {e}", err=True)
+        sys.exit(1)
+    click.echo(
+        f"OK {path}: format v{manifest.format_version}, {manifest.model_type} "
+        f"({manifest.task}, {manifest.dtype}), {len(manifest.buckets)} buckets, "
+        f"{len(manifest.files)} files verified"
+    )
+
+
+@main.command(
+    "keygen",
+    help="Write a new Ed25519 key pair for signing artifacts: PRIVATE (PEM, mode 0600; give "
+    "it to kernl-compile --sign) and PRIVATE.pub (pin it where artifacts are loaded). Needs "
+    "kernl[sign].",
+)
+@click.argument("private", type=click.Path(dir_okay=False))
+def keygen_command(private: str) -> None:
+    from kernl.artifacts.signing import SigningUnavailableError, generate_keypair
+
+    try:
+        kid = generate_keypair(private, f"{private}.pub")
+    except (SigningUnavailableError, OSError) as e:
+        click.echo(f"kernl keygen: error: {e}", err=True)
+        sys.exit(1)
+    click.echo(f"key {kid}: private {private}, public {private}.pub")
+
+
+@main.command(
+    "inspect",
+    help="Show what an artifact holds: model, task, dtype, the GPU and versions it was built "
+    "for, buckets with their validation error, kernels and their chosen configs (or the op "
+    "counts of each program), file sizes. Reads no weights and needs no GPU.",
+)
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def inspect_command(path: str, as_json: bool) -> None:
+    import json
+
+    from .inspect_report import inspect_artifact, render_text
+
+    try:
+        report = inspect_artifact(path)
+    except ArtifactError as e:
+        click.echo(f"kernl inspect: error: {e}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else render_text(report))
+
+
+@main.command(
+    "bench",
+    help="Measure an artifact against the model it was compiled from, on the same inputs: "
+    "latency (median, p90) and sequences/s per shape for kernl and each peer, each peer's "
+    "warm-up/compile time and kernl's cold start in a fresh process. Peers: eager (the "
+    "Hugging Face model in the artifact's dtype), compile (torch.compile "
+    'mode="reduce-overhead"), max-autotune (torch.compile mode="max-autotune"; minutes per '
+    "shape). Timed with CUDA events on a GPU, perf_counter on the CPU.\n\n"
+    "Example: kernl bench bert.kernl --against eager,compile --plot bench.png",
+)
+@click.argument("path", type=click.Path())
+@click.option(
+    "--against",
+    default="eager",
+    show_default=True,
+    help="Comma list of peers: eager, compile, max-autotune (or none).",
+)
+@click.option(
+    "--model",
+    default=None,
+    help="The original model folder (default: the manifest's model_source).",
+)
+@click.option(
+    "--buckets",
+    "shapes",
+    default=None,
+    help='Shapes to time: "1x16,8x128" or "batch=1,8 seq=16,128". Default: the artifact\'s buckets. A shape between buckets is served by the next bucket up.',
+)
+@click.option(
+    "--iters",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Timed calls per shape and implementation.",
+)
+@click.option(
+    "--warmup",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help="Untimed calls after the first 3 (which are timed as the warm-up).",
+)
+@click.option(
+    "--device", default=None, help="cuda, cuda:N or cpu (default: what the artifact was built for)."
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Draw latency per shape for every implementation into this image (needs matplotlib).",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Save the raw figures (every timing) as JSON here.",
+)
+@click.option(
+    "--cold-start/--no-cold-start",
+    default=True,
+    show_default=True,
+    help="Time import + load + first call of the artifact in a fresh process.",
+)
+def bench_command(
+    path, against, model, shapes, iters, warmup, device, plot, json_path, cold_start
+) -> None:
+    import importlib.util
+    import json
+    import os
+    from pathlib import Path
+
+    from .bench import Bench, BenchConfig, BenchError, parse_against, parse_shapes
+    from .buckets import BucketSyntaxError
+
+    if plot and importlib.util.find_spec("matplotlib") is None:
+        # Checked before minutes of measuring, not after.
+        raise click.UsageError(
+            "--plot needs matplotlib, which is not installed: pip install matplotlib"
+        )
+    try:
+        config = BenchConfig(
+            Path(path),
+            against=parse_against(against),
+            model=model,
+            shapes=parse_shapes(shapes) if shapes else None,
+            iters=iters,
+            warmup=warmup,
+            device=device,
+            cold_start=cold_start,
+        )
+        bench = Bench(config)
+        bench.check_model()
+    except BucketSyntaxError as e:
+        raise click.BadParameter(str(e), param_hint="--buckets") from None
+    except (BenchError, ArtifactError, RuntimeError) as e:
+        click.echo(f"kernl bench: error: {e}", err=True)
+        sys.exit(1)
+
+    def save_json() -> None:
+        # Rewritten after every step: a run cut short keeps what it measured.
+        if json_path:
+            tmp = Path(f"{json_path}.tmp")
+            tmp.write_text(json.dumps(bench.result.to_json(), indent=1))
+            os.replace(tmp, json_path)
+
+    try:
+        _run_steps(bench, save_json)
+    except (BenchError, ArtifactError, RuntimeError, OSError) as e:
+        click.echo(f"kernl bench: error: {e}", err=True)
+        sys.exit(1)
+    result = bench.result
+    click.echo(result.table())
+    if json_path:
+        click.echo(f"raw figures: {json_path}")
+    if plot:
+        from .bench import plot as draw
+
+        draw(result, plot)
+        click.echo(f"plot: {plot}")
+
+
+def _run_steps(bench, after_step) -> None:
+    """A progress bar on a terminal; one line per step otherwise (logs, CI)."""
+    steps = bench.steps()
+    if sys.stderr.isatty():
+        with click.progressbar(
+            steps,
+            label="kernl bench",
+            file=sys.stderr,
+            show_pos=True,
+            item_show_func=lambda s: s.label if s else "",
+        ) as bar:
+            for step in bar:
+                bench.run(step)
+                after_step()
+        return
+    start = time.perf_counter()
+    for i, step in enumerate(steps, 1):
+        click.echo(
+            f"[{time.perf_counter() - start:6.1f}s] [{i}/{len(steps)}] {step.label}", err=True
+        )
+        t = bench.run(step)
+        after_step()
+        if t is not None:
+            click.echo(
+                f"[{time.perf_counter() - start:6.1f}s] [{i}/{len(steps)}] {step.label}: "
+                f"median {t.median_ms:.3f} ms, p90 {t.p90_ms:.3f} ms, "
+                f"warm-up {t.warmup_s:.2f} s",
+                err=True,
+            )
+
+
+@main.command(
+    "serve",
+    help="Serve an artifact over HTTP (kernl.serving; needs the `serve` extra). Every "
+    "argument is passed on: `kernl serve --help` shows them.",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.pass_context
+def serve_command(ctx: click.Context) -> None:
+    try:
+        from kernl.serving.cli import serve_main
+    except ImportError as e:
+        click.echo(
+            f"kernl serve: error: kernl.serving is not available ({e}); install the serve "
+            "extra: pip install 'kernl[serve]'",
+            err=True,
+        )
+        sys.exit(1)
+    sys.exit(serve_main(list(ctx.args)))
+
+
+if __name__ == "__main__":
+    main()

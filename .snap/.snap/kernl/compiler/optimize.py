@@ -1,0 +1,745 @@
+"""`kernl.optimize(model, buckets=...)`: the notebook's one line on top of the artifact.
+
+It is the same compile and the same artifact as `kernl-compile`, kept in a cache folder keyed
+by everything the artifact depends on, so the second run of a notebook loads in seconds:
+
+    key = sha256(weights digest, config, model class, task, buckets, dtype, compile options,
+                 GPU name + compute capability (or "cpu"), kernl format/kernl/torch/triton/
+                 transformers versions)
+    $KERNL_CACHE_DIR/models/<model_type>-<task>-<dtype>-<key[:32]>/   (default ~/.cache/kernl)
+
+- Weights digest: sha256 of every parameter and buffer's bytes (name, dtype and shape
+  included), one hash per distinct tensor on a thread pool (hashlib releases the GIL), GPU
+  tensors copied to the host in 64 MiB chunks. sha256 rather than blake2b: OpenSSL's runs
+  on the CPU's SHA instructions, twice blake2b's speed on the 2-core machine this was
+  written on (512 MiB in 0.85 s vs 1.9 s, under load). A cheaper device-side checksum (a
+  weighted sum) was rejected: a collision would silently serve another model's weights, and
+  a cache hit reads and sha256-verifies the whole artifact anyway, which costs as much.
+- Concurrency: one compile per key at a time (an flock on `<entry>.lock`; a second caller
+  waits, then loads the first one's entry). Correctness does not rest on the lock: each
+  compile writes into its own build folder beside the entry and moves the finished artifact
+  in with one rename; a build folder is never loaded, and those of dead processes are removed.
+- A cache entry that fails verification at load (any ArtifactError) is moved aside and
+  recompiled.
+- The original model is not modified: compile() casts/moves the model it is given in place
+  (`model.to(...)`: new tensors for parameters and buffers) and switches it to eval mode.
+  optimize keeps the model's own tensors and puts them back afterwards, with every module's
+  `training` flag and the RNG state (with gradients on tensors to cast, it compiles a deep
+  copy instead). A model already in the target dtype and device is not cast at all; one in
+  another is cast during the compile (do not use it from another thread meanwhile). The
+  returned model holds its own weights, read from the artifact: nothing is shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kernl._version import __version__ as kernl_version
+from kernl.artifacts import FORMAT_VERSION, ArtifactError, check_destination
+
+from . import api
+from .buckets import BucketLimitError, as_buckets, check_buckets_fit, position_limit
+from .tasks.causal_lm.buckets import as_generation_buckets
+from .tasks.seq2seq import is_speech_model
+from .tasks.seq2seq.buckets import as_seq2seq_buckets
+from .trace import DTYPES, task_of
+
+# Default buckets when none are given (see default_buckets).
+DEFAULT_BATCHES = (1, 8, 32)
+DEFAULT_MAX_SEQ = 512  # longer defaults cost compile time and memory most notebooks never use
+DEFAULT_MIN_SEQ = 16
+DEFAULT_CACHE_LEN = 1024  # causal LMs: KV-cache length; prompts go up to half of it
+# Encoder-decoders: every batch bucket holds static cross-attention keys/values for the longest
+# source and a self-attention cache, so batch 32 would reserve memory few notebooks use.
+DEFAULT_SEQ2SEQ_BATCHES = (1, 8)
+# Text seq2seq: the most new tokens one call makes (Hugging Face's own default is 20; summaries
+# and translations seldom pass 256). Whisper's cache is its max_target_positions instead.
+DEFAULT_SEQ2SEQ_CACHE = 256
+
+SEQ2SEQ_TASKS = ("seq2seq-lm", "speech-seq2seq")
+# Tasks served by .generate()/.stream(): no forward call, so no output class to probe.
+GENERATION_TASKS = ("causal-lm", *SEQ2SEQ_TASKS)
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_HASH_CHUNK = 64 << 20  # bytes of a GPU tensor copied to the host at a time
+# torch.export is not thread-safe (two exports in one process at once fail with "Trying to pop
+# empty mode stack" or fake tensors in the program): one compile per process at a time; other
+# threads' optimize calls wait here (cache hits do not).
+_COMPILE_LOCK = threading.Lock()
+
+
+def cache_root() -> Path:
+    """kernl's cache folder: $KERNL_CACHE_DIR, else ~/.cache/kernl (the tuning cache lives in
+    its `tuning/` subfolder, compiled models in `models/`)."""
+    return Path(os.environ.get("KERNL_CACHE_DIR", Path.home() / ".cache" / "kernl")).expanduser()
+
+
+# -- the returned model ------------------------------------------------------------------------
+
+
+class OptimizedModel:
+    """A loaded kernl artifact, called like the Hugging Face model it came from.
+
+    Encoders: `model(**tokenizer_output)`, `model(ids)`, `model(ids, mask)` return the original
+    model's output class (e.g. BaseModelOutputWithPoolingAndCrossAttentions) with the same
+    field names; `return_dict=False` returns a tuple, as in Hugging Face. Causal LMs:
+    `.generate(...)` and `.stream(...)` (kernl.runtime.generation.GenerativeModel); encoder-
+    decoders likewise (Seq2SeqModel for T5/BART/mBART/Marian, SpeechSeq2SeqModel for Whisper).
+    Everything else (buckets, manifest, device) is the runtime model's (`.runtime`)."""
+
+    def __init__(
+        self,
+        runtime: Any,
+        *,
+        artifact: Path,
+        cache_hit: bool,
+        buckets: str,
+        config: Any,
+        output_class: type | None,
+    ):
+        self.runtime = runtime
+        self.artifact = artifact  # the cache entry it was loaded from
+        self.cache_hit = cache_hit  # True: loaded from the cache, nothing was compiled
+        self.buckets_spec = buckets
+        self.config = config  # a copy of the original model's config
+        self._output_class = output_class
+
+    def __call__(self, *args: Any, return_dict: bool | None = None, **inputs: Any) -> Any:
+        if not callable(self.runtime):
+            raise TypeError(
+                "this kernl model generates text: call model.generate(...) or "
+                "model.stream(...) (a forward call returning logits is not compiled for "
+                "generation models)"
+            )
+        out = self.runtime(*args, **inputs)
+        if self._output_class is not None:
+            out = self._output_class(**out)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        return out if return_dict else out.to_tuple()
+
+    def __getattr__(self, name: str) -> Any:
+        # generate, stream, buckets, manifest, device, ...: the runtime model's own.
+        if name == "runtime":  # not set yet (a half-built object): no recursion
+            raise AttributeError(name)
+        return getattr(self.runtime, name)
+
+    def __repr__(self) -> str:
+        where = "cache hit" if self.cache_hit else "compiled"
+        return f"OptimizedModel({self.runtime!r}, {where}: {self.artifact})"
+
+
+# -- the one function --------------------------------------------------------------------------
+
+
+def optimize(
+    model: torch.nn.Module,
+    buckets: Any = None,
+    *,
+    dtype: str | None = None,
+    device: str | torch.device | None = None,
+    task: str | None = None,
+    save_to: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool | Callable[[str], None] = True,
+    atol: float | None = None,
+    rtol: float | None = None,
+    kernels: bool = True,
+    tune: bool = True,
+) -> OptimizedModel:
+    """Compile a Hugging Face model object (or load it from kernl's cache) and return it ready
+    to serve, called like the original.
+
+    buckets: as `kernl-compile --buckets` ("batch=1,8 seq=16:512"; causal LMs "batch=1,4
+      prompt=16:1024 cache=2048"; encoder-decoders "batch=1,8 source=32:512 cache=128",
+      Whisper "batch=1,8 cache=448"). Omitted: see `default_buckets` (the choice is printed).
+    dtype: "fp32", "fp16" or "bf16"; default the model's own. device: default the device of
+      the model's parameters. Another dtype or device than the model's: the model is cast for
+      the compile, then its own tensors are put back (see _tensors_put_back).
+    task: as `kernl-compile --task`; default from the model's class.
+    save_to: also copy the artifact to this folder, for `kernl.runtime.load` in production.
+    cache_dir: default $KERNL_CACHE_DIR or ~/.cache/kernl.
+    progress: True prints progress (a tqdm bar when tqdm is installed, plain lines otherwise),
+      False prints nothing, or a function taking each message.
+    atol, rtol, kernels, tune: as in `kernl.compiler.compile`.
+
+    A call outside the buckets raises the runtime's ValueError, which names the buckets."""
+    with _progress_printer(progress) as say:
+        return _optimize(
+            model,
+            buckets,
+            dtype=dtype,
+            device=device,
+            task=task,
+            save_to=save_to,
+            cache_dir=cache_dir,
+            say=say,
+            atol=atol,
+            rtol=rtol,
+            kernels=kernels,
+            tune=tune,
+        )
+
+
+def _optimize(
+    model, buckets, *, dtype, device, task, save_to, cache_dir, say, atol, rtol, kernels, tune
+) -> OptimizedModel:
+    import kernl.runtime
+
+    config = getattr(model, "config", None)
+    if not isinstance(model, torch.nn.Module) or config is None:
+        raise TypeError(
+            f"kernl.optimize takes a Hugging Face model object (a PreTrainedModel with a "
+            f".config), not {type(model).__name__}; for a model folder use kernl-compile"
+        )
+    if task is None:
+        task = task_of(config, model)
+        if task == "seq2seq-lm" and is_speech_model(model):
+            task = "speech-seq2seq"  # WhisperForConditionalGeneration, as compile() infers it
+    model_dtype, model_device = _dtype_device_of(model)
+    dtype = dtype or _DTYPE_NAMES[model_dtype]
+    target = torch.device(device) if device is not None else model_device
+    if target.type == "cuda" and target.index is None and torch.cuda.is_available():
+        target = torch.device("cuda", torch.cuda.current_device())
+    if buckets is None:
+        buckets = default_buckets(config, task)
+        say(f"buckets not given; chose {buckets!r} from the config (pass buckets= to change)")
+    canonical = _canonical_buckets(buckets, task, config)
+
+    say("hashing the weights")
+    t0 = time.perf_counter()
+    digest = weights_digest(model)
+    say(f"weights hashed in {time.perf_counter() - t0:.1f}s")
+    key = cache_key(
+        weights=digest,
+        config=config,
+        model_class=type(model).__name__,
+        task=task,
+        buckets=canonical,
+        dtype=dtype,
+        device=target,
+        options={"atol": atol, "rtol": rtol, "kernels": kernels, "tune": tune},
+    )
+    models = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    models = models / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    entry = models / f"{getattr(config, 'model_type', 'model')}-{task}-{dtype}-{key[:32]}"
+    output_class = _output_class(model, target) if task not in GENERATION_TASKS else None
+
+    cache_hit = True
+    with _entry_lock(entry, say):
+        _remove_dead_builds(models)
+        runtime = _load_entry(entry, target, say) if entry.exists() else None
+        if runtime is None:
+            cache_hit = False
+            say(
+                f"compiling {type(model).__name__} ({task}, {dtype} on {target}) into the "
+                f"cache: {entry}"
+            )
+            _compile_entry(
+                model,
+                buckets,
+                entry,
+                dtype=dtype,
+                device=target,
+                task=task,
+                say=say,
+                compile_options=dict(atol=atol, rtol=rtol, kernels=kernels, tune=tune),
+            )
+            runtime = kernl.runtime.load(entry, device=target)
+    if save_to is not None:
+        copy_artifact(entry, save_to)
+        say(f"saved the artifact to {save_to} (kernl.runtime.load({str(save_to)!r}))")
+    return OptimizedModel(
+        runtime,
+        artifact=entry,
+        cache_hit=cache_hit,
+        buckets=buckets,
+        config=copy.deepcopy(config),
+        output_class=output_class,
+    )
+
+
+# -- defaults ----------------------------------------------------------------------------------
+
+
+def default_buckets(config: Any, task: str) -> str:
+    """Buckets for a model whose caller gave none.
+
+    Encoders: batch 1, 8, 32 and sequence lengths 16, 32, 64, ... up to the model's position
+    table, at most 512 (`position_limit`; models without a position table: 512).
+    Causal LMs: batch 1, prompts 16, 32, ... up to half the KV cache, and a KV cache of 1024
+    tokens or the model's max_position_embeddings (n_positions for GPT-2) if smaller.
+    Text encoder-decoders (T5, BART, mBART, Marian): batch 1, 8, sources 16, 32, ... up to 512
+    and a cache of 256 new tokens, both at most the model's learned positions
+    (max_position_embeddings; T5's relative positions have no limit).
+    Whisper: batch 1, 8 and a cache of max_target_positions (448): the prompt and every token
+    its generate makes by default (the source is fixed, one 30 s window)."""
+    batches = ",".join(map(str, DEFAULT_SEQ2SEQ_BATCHES))
+    if task == "speech-seq2seq":
+        return f"batch={batches} cache={_seq2seq_position_limit(config, task)}"
+    if task == "seq2seq-lm":
+        limit = _seq2seq_position_limit(config, task)
+        longest = min(limit, DEFAULT_MAX_SEQ) if limit is not None else DEFAULT_MAX_SEQ
+        cache = min(limit, DEFAULT_SEQ2SEQ_CACHE) if limit is not None else DEFAULT_SEQ2SEQ_CACHE
+        return f"batch={batches} source={_range_to(longest)} cache={cache}"
+    if task == "causal-lm":
+        limit = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
+        cache = min(DEFAULT_CACHE_LEN, limit) if isinstance(limit, int) else DEFAULT_CACHE_LEN
+        prompt = max(1, cache // 2)
+        return f"batch=1 prompt={_range_to(prompt)} cache={cache}"
+    limit = position_limit(config)
+    longest = min(limit, DEFAULT_MAX_SEQ) if limit is not None else DEFAULT_MAX_SEQ
+    return f"batch={','.join(map(str, DEFAULT_BATCHES))} seq={_range_to(longest)}"
+
+
+def _range_to(longest: int) -> str:
+    """Lengths 16, 32, ... up to `longest` in the bucket syntax (just `longest` below 16)."""
+    return f"{DEFAULT_MIN_SEQ}:{longest}" if longest > DEFAULT_MIN_SEQ else str(longest)
+
+
+def _seq2seq_position_limit(config: Any, task: str) -> int | None:
+    """The most tokens an encoder-decoder's position tables index: Whisper's decoder table
+    (max_target_positions; its encoder's is the fixed source), the learned tables of BART,
+    mBART and Marian (max_position_embeddings); None for T5's relative positions."""
+    if task == "speech-seq2seq":
+        return int(config.max_target_positions)
+    return position_limit(config)
+
+
+def _canonical_buckets(buckets: Any, task: str, config: Any) -> Any:
+    """The buckets as plain data, so that two spellings of the same set share a cache entry.
+    Parses (and refuses) them before any hashing or compiling."""
+    if task == "causal-lm":
+        return as_generation_buckets(buckets).to_dict()
+    if task in SEQ2SEQ_TASKS:
+        return _canonical_seq2seq_buckets(buckets, task, config)
+    bucket_list = as_buckets(buckets)
+    check_buckets_fit(bucket_list, config)
+    return [[b.batch, b.seq] for b in bucket_list]
+
+
+def _canonical_seq2seq_buckets(buckets: Any, task: str, config: Any) -> dict[str, list[int]]:
+    """Parsed with the task's own parser (its errors name the task's axes), then checked against
+    the position tables here, before hashing: compile would refuse them only after loading."""
+    speech = task == "speech-seq2seq"
+    source_positions = int(config.max_source_positions) if speech else None
+    parsed = as_seq2seq_buckets(buckets, source_positions).to_dict()
+    if speech:  # compile fixes Whisper's source to one window whatever a dict says
+        parsed["sources"] = [source_positions]
+    limit = _seq2seq_position_limit(config, task)
+    if limit is not None:
+        cache = max(parsed["caches"])
+        longest = cache if speech else max(max(parsed["sources"]), cache)
+        if longest > limit:
+            table = "max_target_positions" if speech else "max_position_embeddings"
+            axes = "cache" if speech else "source and cache"
+            raise BucketLimitError(
+                f"buckets {buckets!r} need {longest} positions, more than the model's {limit} "
+                f"(config {table}={limit}); use {axes} <= {limit}"
+            )
+    return parsed
+
+
+def _dtype_device_of(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The dtype holding most of the model's floating-point weights, and their one device."""
+    by_dtype: dict[torch.dtype, int] = {}
+    devices = set()
+    for t in _tensors(model).values():
+        devices.add(t.device)
+        if t.dtype.is_floating_point:
+            by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.numel()
+    if len(devices) > 1:
+        raise ValueError(
+            f"the model's weights are spread over {sorted(map(str, devices))}; kernl compiles "
+            "a model on one device (move it there first, or pass device=)"
+        )
+    if devices and next(iter(devices)).type == "meta":
+        raise ValueError("the model's weights are on the meta device (not loaded)")
+    dtype = max(by_dtype, key=by_dtype.get) if by_dtype else torch.float32
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"the model's weights are {dtype}; kernl compiles fp32, fp16 or bf16")
+    return dtype, next(iter(devices)) if devices else torch.device("cpu")
+
+
+# -- the cache key -----------------------------------------------------------------------------
+
+
+def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # Parameters and every buffer (non-persistent ones too, e.g. rotary tables): compile
+    # folds all of them into the artifact. Tied weights appear under each of their names.
+    found = dict(model.named_parameters(remove_duplicate=False))
+    found.update(model.named_buffers(remove_duplicate=False))
+    return {name: t.detach() for name, t in found.items()}
+
+
+def _tensor_bytes_digest(t: torch.Tensor) -> bytes:
+    h = hashlib.sha256()
+    flat = t.contiguous().reshape(-1).view(torch.uint8)
+    if flat.device.type == "cpu":
+        h.update(flat.numpy().data)  # no copy for a contiguous CPU tensor
+    else:  # bounded host memory: a chunk at a time
+        for start in range(0, flat.numel(), _HASH_CHUNK):
+            h.update(flat[start : start + _HASH_CHUNK].cpu().numpy().data)
+    return h.digest()
+
+
+def weights_digest(model: torch.nn.Module, threads: int | None = None) -> str:
+    """sha256 over every parameter and buffer: name, dtype, shape and bytes. Each distinct
+    tensor is hashed once (tied weights share a digest), on `threads` threads (default: up
+    to 8); hashlib releases the GIL while hashing, so they run in parallel."""
+    tensors = _tensors(model)
+    unique: dict[tuple, torch.Tensor] = {}
+    ident = {}
+    for name, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr() if t.numel() else 0
+        k = (str(t.device), ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        ident[name] = k
+        unique.setdefault(k, t)
+    workers = threads or max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        digests = dict(zip(unique, pool.map(_tensor_bytes_digest, unique.values())))
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(digests[ident[name]])
+    return h.hexdigest()
+
+
+def cache_key(
+    *,
+    weights: str,
+    config: Any,
+    model_class: str,
+    task: str,
+    buckets: Any,
+    dtype: str,
+    device: torch.device,
+    options: dict[str, Any],
+) -> str:
+    """sha256 (hex) of everything a compiled artifact depends on besides the kernl source
+    itself: weights, config, buckets, dtype, task, target GPU and versions."""
+    import transformers
+    import triton
+
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        target = f"cuda|{torch.cuda.get_device_name(device)}|{major}.{minor}|{torch.version.cuda}"
+    else:
+        target = device.type
+    config_dict = json.loads(config.to_json_string(use_diff=False))
+    config_dict.pop("_name_or_path", None)  # where it was loaded from changes nothing compiled
+    parts = {
+        "weights": weights,
+        "config": config_dict,
+        "model_class": model_class,
+        "task": task,
+        "buckets": buckets,
+        "dtype": dtype,
+        "target": target,
+        "options": options,
+        "versions": {
+            "format": FORMAT_VERSION,
+            "kernl": kernl_version,
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "transformers": transformers.__version__,
+        },
+    }
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+# -- compiling without touching the caller's model ---------------------------------------------
+
+
+@contextlib.contextmanager
+def _untouched(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """compile() and the output probe switch the model to eval mode and draw random inputs:
+    put back every module's training flag and the RNG state the caller had."""
+    modes = [(m, m.training) for m in model.modules()]
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _compile_entry(
+    model: torch.nn.Module,
+    buckets: Any,
+    entry: Path,
+    *,
+    dtype: str,
+    device: torch.device,
+    task: str,
+    say: Callable[[str], None],
+    compile_options: dict[str, Any],
+) -> None:
+    """Compile into a build folder of our own beside `entry`, then move the artifact in with
+    one rename: a reader never sees a half-written entry, and of two processes compiling the
+    same key (without the lock: another machine on a shared disk) one rename wins and the
+    other's result is dropped."""
+    converted = _converted_by_compile(model, DTYPES[dtype], device)
+    build = Path(tempfile.mkdtemp(prefix=f".build-{_owner_tag()}-", dir=entry.parent))
+    try:
+        with _COMPILE_LOCK, _untouched(model, device):
+            subject = model
+            if converted and not _can_put_back(model, converted):
+                # Gradients or torch's swap/overwrite-on-conversion modes: compile() would
+                # change what put-back cannot restore, so it gets a copy.
+                say(
+                    f"compiling a copy of the model in {dtype} on {device} (the original "
+                    "stays as it is)"
+                )
+                subject = copy.deepcopy(model)
+            with _tensors_put_back(subject):
+                api.compile(
+                    subject,
+                    buckets,
+                    build / "artifact",
+                    dtype=dtype,
+                    device=str(device),
+                    task=task,
+                    progress=say,
+                    **compile_options,
+                )
+            del subject
+        _install(build / "artifact", entry)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
+def _converted_by_compile(
+    model: torch.nn.Module, dtype: torch.dtype, device: torch.device
+) -> list[str]:
+    """Names of the tensors compile()'s `model.to(device, dtype)` replaces: floating-point
+    ones of another dtype (e.g. Llama's fp32 rotary table in an fp16 model) and any tensor on
+    another device."""
+    return [
+        name
+        for name, t in _tensors(model).items()
+        if (t.dtype.is_floating_point and t.dtype != dtype) or t.device != device
+    ]
+
+
+def _can_put_back(model: torch.nn.Module, converted: list[str]) -> bool:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if any(params[n].grad is not None for n in converted if n in params):
+        return False  # .to() casts gradients through grad.data: not restorable by reference
+    future = torch.__future__
+    return not (
+        future.get_swap_module_params_on_conversion()
+        or future.get_overwrite_module_params_on_conversion()
+    )
+
+
+@contextlib.contextmanager
+def _tensors_put_back(model: torch.nn.Module) -> Iterator[None]:
+    """compile() calls `model.to(device, dtype)`, which gives the caller's parameters new
+    tensors (`param.data = cast`) and replaces buffers. Keep the original tensors and put
+    them back afterwards: nothing is copied but what the cast itself makes, so a model cast
+    for compiling needs its own size once more, not twice (as a deep copy would)."""
+    params, buffers = [], []
+    for m in model.modules():
+        params += [(m, n, p, p.data) for n, p in m._parameters.items() if p is not None]
+        buffers += [(m, n, b) for n, b in m._buffers.items() if b is not None]
+    try:
+        yield
+    finally:
+        for m, name, p, data in params:
+            m._parameters[name] = p
+            p.data = data
+        for m, name, b in buffers:
+            m._buffers[name] = b
+
+
+def _install(built: Path, entry: Path) -> bool:
+    """Move a finished artifact into place. False when another compile got there first (its
+    entry is kept; ours is dropped by the caller)."""
+    try:
+        os.rename(built, entry)
+    except OSError:
+        if entry.exists():
+            return False
+        raise
+    _fsync_dir(entry.parent)
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _load_entry(entry: Path, device: torch.device, say: Callable[[str], None]) -> Any | None:
+    """The cached artifact loaded (and sha256-verified) on `device`, or None when it fails
+    verification: it is then moved aside (and deleted) so a fresh compile can take its place."""
+    import kernl.runtime
+
+    try:
+        runtime = kernl.runtime.load(entry, device=device)
+    except ArtifactError as e:
+        say(f"cache entry {entry} failed verification ({type(e).__name__}: {e}); recompiling")
+        aside = entry.with_name(f".corrupt-{_owner_tag()}-{entry.name}")
+        with contextlib.suppress(FileNotFoundError):  # another process moved it first
+            os.rename(entry, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        return None
+    say(f"cache hit: loaded {entry} (no compile)")
+    return runtime
+
+
+def _owner_tag() -> str:
+    return f"{socket.gethostname()}@{os.getpid()}"
+
+
+def _remove_dead_builds(models: Path) -> None:
+    """Build and corrupt folders left by processes that died on this host."""
+    host = socket.gethostname()
+    for p in models.iterdir():
+        m = re.match(r"^\.(?:build|corrupt)-(.+)@(\d+)-", p.name)
+        if not m or m.group(1) != host:
+            continue
+        try:
+            os.kill(int(m.group(2)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            pass
+
+
+@contextlib.contextmanager
+def _entry_lock(entry: Path, say: Callable[[str], None]) -> Iterator[None]:
+    """One compile per cache entry at a time across processes and threads (flock on a file
+    opened per call). Where flock is missing (Windows) nothing is locked: the atomic rename
+    still keeps the cache consistent, at the cost of duplicate compiles."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(entry.with_name(entry.name + ".lock"), "a+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another compile of the same model ({entry.name})")
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def copy_artifact(source: Path, destination: str | os.PathLike) -> Path:
+    """Copy an artifact folder to `destination` atomically (a temporary copy beside it, then
+    renames). Refuses a destination that exists and is not a kernl artifact, as compile does."""
+    dest = check_destination(destination)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.copy-{_owner_tag()}-", dir=dest.parent))
+    try:
+        shutil.copytree(source, tmp / "artifact")
+        if dest.exists():  # a previous artifact: moved into tmp, deleted with it
+            os.rename(dest, tmp / "previous")
+        os.rename(tmp / "artifact", dest)
+        _fsync_dir(dest.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+# -- the output class --------------------------------------------------------------------------
+
+
+def _output_class(model: torch.nn.Module, device: torch.device) -> type | None:
+    """The Hugging Face output class of `model`, from one forward pass on two tokens (no
+    weights are changed; training flags and the RNG state are put back)."""
+    from transformers.utils import ModelOutput as HFModelOutput
+
+    ids = torch.ones(1, 2, dtype=torch.long, device=next(iter(_tensors(model).values())).device)
+    try:
+        with _untouched(model, device), torch.no_grad():
+            model.eval()
+            out = model(input_ids=ids, return_dict=True)
+    except Exception:  # the runtime's own ModelOutput (a dict with attributes) then
+        return None
+    return type(out) if isinstance(out, HFModelOutput) else None
+
+
+# -- progress ----------------------------------------------------------------------------------
+
+
+class _Printer:
+    """Compile progress for a notebook or a terminal: a tqdm bar over the buckets when tqdm is
+    installed (tqdm.auto: a widget in Jupyter), one timestamped line per message otherwise."""
+
+    _STEP = re.compile(r"^\[(\d+)/(\d+)\]")
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.bar = None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            self._tqdm = None
+        else:
+            self._tqdm = tqdm
+
+    def __call__(self, msg: str) -> None:
+        step = self._STEP.match(msg)
+        if step is not None and self._tqdm is not None:
+            done, total = int(step.group(1)) - 1, int(step.group(2))
+            if self.bar is None:
+                self.bar = self._tqdm(total=total, desc="kernl", unit="bucket", file=sys.stderr)
+            self.bar.n = done + 1 if ": done in" in msg else done
+            self.bar.set_postfix_str(msg[step.end() :].strip(), refresh=True)
+            return
+        line = f"[{time.perf_counter() - self.start:6.1f}s] kernl: {msg}"
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@contextlib.contextmanager
+def _progress_printer(progress: bool | Callable[[str], None]) -> Iterator[Callable[[str], None]]:
+    if callable(progress):
+        yield progress
+        return
+    if not progress:
+        yield lambda _msg: None
+        return
+    printer = _Printer()
+    try:
+        yield printer
+    finally:
+        printer.close()

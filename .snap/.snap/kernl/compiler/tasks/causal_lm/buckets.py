@@ -1,0 +1,52 @@
+"""The causal-LM bucket syntax: `"batch=1,4,8 prompt=16:1024 cache=2048"`.
+
+batch   batch buckets; each gets one static KV cache, allocated once at load.
+prompt  prefill buckets (prompt lengths).
+cache   KV-cache lengths. The largest is the cache size; with several (e.g. `cache=256:2048`)
+        each is a decode bucket, so a step attends only to the smallest length that holds
+        the tokens so far. Default: one length, the largest prompt bucket times two.
+
+Each axis takes the same items as the encoder buckets: numbers and power-of-two ranges lo:hi."""
+
+from __future__ import annotations
+
+from kernl.artifacts.generation import GenerationBuckets
+
+from ...buckets import BucketSyntaxError, parse_axes
+
+AXES = ("batch", "prompt", "cache")
+EXAMPLE = "batch=1,4,8 prompt=16:1024 cache=2048"
+
+
+def parse_generation_buckets(spec: str) -> GenerationBuckets:
+    if "=" not in spec and "x" in spec.lower():
+        raise BucketSyntaxError(f'{spec!r}: causal-lm buckets name their axes, e.g. "{EXAMPLE}"')
+    axes = parse_axes(spec, AXES, ("batch", "prompt"), EXAMPLE, "causal-lm")
+    return checked(
+        GenerationBuckets(
+            axes["batch"], axes["prompt"], axes.get("cache", [2 * max(axes["prompt"])])
+        )
+    )
+
+
+def checked(b: GenerationBuckets) -> GenerationBuckets:
+    if max(b.prompts) > b.cache_len:
+        raise BucketSyntaxError(
+            f"the longest prompt bucket ({max(b.prompts)}) does not fit the cache "
+            f"({b.cache_len}); use cache>={max(b.prompts)}"
+        )
+    return b
+
+
+def as_generation_buckets(spec) -> GenerationBuckets:
+    """Accept the string syntax, a GenerationBuckets, or a dict of its fields."""
+    if isinstance(spec, str):
+        return parse_generation_buckets(spec)
+    if isinstance(spec, GenerationBuckets):
+        return checked(GenerationBuckets.from_dict(spec.to_dict()))
+    if isinstance(spec, dict):
+        return checked(GenerationBuckets.from_dict(spec))
+    raise BucketSyntaxError(
+        f'causal-lm buckets must be a string like "batch=1,4 prompt=16:1024 cache=2048", '
+        f"not {type(spec).__name__}"
+    )

@@ -1,0 +1,245 @@
+"""Turn a Hugging Face decoder-only model into kernl's description of it: a `DecoderSpec` and
+its weights under one naming scheme, whatever the family.
+
+WEIGHT NAMES (what kernl/runtime/generation/decoder.py reads):
+    embed.weight [vocab, hidden]          pos_embed.weight [positions, hidden] (GPT-2)
+    layers.{i}.attn_norm.{weight,bias}    layers.{i}.qkv.{weight,bias}  [(H + 2 KV) D, hidden]
+    layers.{i}.o.{weight,bias}            layers.{i}.mlp_norm.{weight,bias}
+    layers.{i}.gate_up.weight [2 I, hidden], layers.{i}.down.weight      (gated MLP)
+    layers.{i}.fc.{weight,bias}, layers.{i}.proj.{weight,bias}          (GPT-2 MLP)
+    final_norm.{weight,bias}              lm_head.weight (absent when tied to embed)
+    rope.inv_freq [D / 2] float32         (rotary models, taken from the model's own rotary
+                                           module, so Llama-3 and linear scaling come as HF
+                                           computes them)
+Linear weights are [out, in]; GPT-2's Conv1D weights ([in, out]) are transposed here once."""
+
+from __future__ import annotations
+
+import torch
+
+from kernl.artifacts.generation import DecoderSpec
+
+from ...trace import UnsupportedModelError
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2")
+SUPPORTED = (*LLAMA_LIKE, "gpt2")
+# Rotary variants whose frequencies do not depend on the sequence length.
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+HF_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+}
+
+
+def describe(
+    model: torch.nn.Module, cache_len: int, dtype: torch.dtype
+) -> tuple[DecoderSpec, dict[str, torch.Tensor]]:
+    """(spec, weights in `dtype`, rope.inv_freq in float32). Raises UnsupportedModelError
+    naming what kernl cannot serve."""
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    if model_type in LLAMA_LIKE:
+        spec, weights = _describe_llama_like(model, cache_len)
+    elif model_type == "gpt2":
+        spec, weights = _describe_gpt2(model, cache_len)
+    else:
+        raise UnsupportedModelError(
+            f"causal-lm: model type {model_type!r} ({type(model).__name__}) is not supported; "
+            f"kernl generates with {', '.join(SUPPORTED)}"
+        )
+    weights = {
+        k: v.detach().to(torch.float32 if k == "rope.inv_freq" else dtype).contiguous()
+        for k, v in weights.items()
+    }
+    return spec, weights
+
+
+def _token_ids(model) -> tuple[int | None, list[int]]:
+    gen = getattr(model, "generation_config", None)
+    cfg = model.config
+    vocab = cfg.vocab_size
+
+    def first(*values):
+        return next((v for v in values if v is not None), None)
+
+    eos = first(getattr(gen, "eos_token_id", None), getattr(cfg, "eos_token_id", None))
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    eos = [int(e) for e in eos if 0 <= int(e) < vocab]
+    pad = first(getattr(gen, "pad_token_id", None), getattr(cfg, "pad_token_id", None))
+    pad = int(pad) if isinstance(pad, int) and 0 <= pad < vocab else None
+    return pad, eos
+
+
+def _activation(name: str, model_type: str) -> str:
+    if name not in HF_ACTIVATIONS:
+        raise UnsupportedModelError(
+            f"causal-lm: {model_type} with activation {name!r} is not supported "
+            f"(kernl knows {', '.join(HF_ACTIVATIONS)})"
+        )
+    return HF_ACTIVATIONS[name]
+
+
+def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
+    cfg = model.config
+    mt = cfg.model_type
+    base = model.model
+    rotary = base.rotary_emb
+    rope_type = getattr(rotary, "rope_type", "default")
+    if rope_type not in STATIC_ROPE:
+        raise UnsupportedModelError(
+            f"causal-lm: {mt} with rope type {rope_type!r} is not supported (its frequencies "
+            f"change with the sequence length); kernl supports {', '.join(STATIC_ROPE)}"
+        )
+    window = _sliding_window(cfg)
+    if window is not None and window < cache_len:
+        raise UnsupportedModelError(
+            f"causal-lm: {mt} uses sliding-window attention (window {window}) shorter than the "
+            f"KV cache ({cache_len}); this is not supported: use cache<={window}"
+        )
+    nh, kvh = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+    attn0 = base.layers[0].self_attn
+    head_dim = attn0.q_proj.weight.shape[0] // nh
+    if nh % kvh:
+        raise UnsupportedModelError(f"causal-lm: {nh} heads are not a multiple of {kvh} KV heads")
+    mlp0 = base.layers[0].mlp
+    weights: dict[str, torch.Tensor] = {"embed.weight": base.embed_tokens.weight}
+    for i, layer in enumerate(base.layers):
+        a, m, p = layer.self_attn, layer.mlp, f"layers.{i}."
+        weights[p + "attn_norm.weight"] = layer.input_layernorm.weight
+        weights[p + "qkv.weight"] = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+        if a.q_proj.bias is not None:
+            weights[p + "qkv.bias"] = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+        weights[p + "o.weight"] = a.o_proj.weight
+        if a.o_proj.bias is not None:
+            weights[p + "o.bias"] = a.o_proj.bias
+        weights[p + "mlp_norm.weight"] = layer.post_attention_layernorm.weight
+        weights[p + "gate_up.weight"] = torch.cat([m.gate_proj.weight, m.up_proj.weight])
+        if m.gate_proj.bias is not None:
+            weights[p + "gate_up.bias"] = torch.cat([m.gate_proj.bias, m.up_proj.bias])
+            weights[p + "down.bias"] = m.down_proj.bias
+        weights[p + "down.weight"] = m.down_proj.weight
+    weights["final_norm.weight"] = base.norm.weight
+    tied = model.lm_head.weight.data_ptr() == base.embed_tokens.weight.data_ptr()
+    if not tied:
+        weights["lm_head.weight"] = model.lm_head.weight
+    weights["rope.inv_freq"] = rotary.inv_freq
+    norm = base.layers[0].input_layernorm
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    pad, eos = _token_ids(model)
+    spec = DecoderSpec(
+        family="llama",
+        model_type=mt,
+        num_layers=len(base.layers),
+        hidden_size=cfg.hidden_size,
+        num_heads=nh,
+        num_kv_heads=kvh,
+        head_dim=head_dim,
+        intermediate_size=mlp0.gate_proj.weight.shape[0],
+        vocab_size=cfg.vocab_size,
+        norm="rms",
+        norm_eps=float(eps),
+        mlp="gated",
+        activation=_activation(cfg.hidden_act, mt),
+        positions="rope",
+        max_positions=None,
+        attention_scale=float(getattr(attn0, "scaling", head_dim**-0.5)),
+        rope_attention_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
+        qkv_bias=attn0.q_proj.bias is not None,
+        o_bias=attn0.o_proj.bias is not None,
+        mlp_bias=mlp0.gate_proj.bias is not None,
+        tied_embeddings=tied,
+        pad_token_id=pad,
+        eos_token_ids=eos,
+    )
+    return spec, weights
+
+
+def _sliding_window(cfg) -> int | None:
+    window = getattr(cfg, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None:
+        return window if "sliding_attention" in layer_types else None
+    if cfg.model_type == "qwen2" and not getattr(cfg, "use_sliding_window", False):
+        return None
+    return int(window)
+
+
+def _describe_gpt2(model, cache_len: int) -> tuple[DecoderSpec, dict]:
+    cfg = model.config
+    for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+        if getattr(cfg, flag, False):
+            raise UnsupportedModelError(f"causal-lm: gpt2 with {flag}=True is not supported")
+    if cache_len > cfg.n_positions:
+        raise UnsupportedModelError(
+            f"causal-lm: gpt2 has {cfg.n_positions} learned positions; a cache of {cache_len} "
+            f"slots needs more (use cache<={cfg.n_positions})"
+        )
+    t = model.transformer
+    hidden, nh = cfg.n_embd, cfg.n_head
+    weights: dict[str, torch.Tensor] = {
+        "embed.weight": t.wte.weight,
+        "pos_embed.weight": t.wpe.weight,
+    }
+    for i, block in enumerate(t.h):
+        p = f"layers.{i}."
+        # Conv1D computes x @ W + b with W [in, out]: store W^T, a linear weight.
+        weights[p + "attn_norm.weight"], weights[p + "attn_norm.bias"] = (
+            block.ln_1.weight,
+            block.ln_1.bias,
+        )
+        weights[p + "qkv.weight"], weights[p + "qkv.bias"] = (
+            block.attn.c_attn.weight.t(),
+            block.attn.c_attn.bias,
+        )
+        weights[p + "o.weight"], weights[p + "o.bias"] = (
+            block.attn.c_proj.weight.t(),
+            block.attn.c_proj.bias,
+        )
+        weights[p + "mlp_norm.weight"], weights[p + "mlp_norm.bias"] = (
+            block.ln_2.weight,
+            block.ln_2.bias,
+        )
+        weights[p + "fc.weight"], weights[p + "fc.bias"] = (
+            block.mlp.c_fc.weight.t(),
+            block.mlp.c_fc.bias,
+        )
+        weights[p + "proj.weight"], weights[p + "proj.bias"] = (
+            block.mlp.c_proj.weight.t(),
+            block.mlp.c_proj.bias,
+        )
+    weights["final_norm.weight"], weights["final_norm.bias"] = t.ln_f.weight, t.ln_f.bias
+    tied = model.lm_head.weight.data_ptr() == t.wte.weight.data_ptr()
+    if not tied:
+        weights["lm_head.weight"] = model.lm_head.weight
+    head_dim = hidden // nh
+    pad, eos = _token_ids(model)
+    spec = DecoderSpec(
+        family="gpt2",
+        model_type="gpt2",
+        num_layers=cfg.n_layer,
+        hidden_size=hidden,
+        num_heads=nh,
+        num_kv_heads=nh,
+        head_dim=head_dim,
+        intermediate_size=t.h[0].mlp.c_fc.weight.shape[1],
+        vocab_size=cfg.vocab_size,
+        norm="layer",
+        norm_eps=float(cfg.layer_norm_epsilon),
+        mlp="plain",
+        activation=_activation(cfg.activation_function, "gpt2"),
+        positions="learned",
+        max_positions=int(cfg.n_positions),
+        attention_scale=head_dim**-0.5 if cfg.scale_attn_weights else 1.0,
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        tied_embeddings=tied,
+        pad_token_id=pad,
+        eos_token_ids=eos,
+    )
+    return spec, weights

@@ -1,0 +1,130 @@
+"""Check a causal-LM artifact's generation against the eager Hugging Face model, step by step.
+
+For every (batch, prompt) bucket kernl generates from random prompts of ragged lengths (row 0
+fills the bucket) with no EOS, keeping each step's logits. The eager model then reads the
+same sequence (prompt + generated ids, teacher-forced, with Hugging Face's own left-padding
+mask and position ids) in one forward, and the logits at each generated position are
+compared. The prompt bucket of each batch whose run is longest goes through the whole cache,
+so every decode (kv length) bucket is checked too."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernl.runtime.generation import GenerativeModel
+
+from ...validate import ValidationError
+
+# Long runs compare at most this many steps (all kv-bucket boundaries included), so a
+# 2048-slot cache does not need 2048 x vocab logits kept on both sides.
+MAX_COMPARED_STEPS = 96
+
+
+@dataclass
+class StageError:
+    stage: str  # "prefill" or "decode"
+    batch: int
+    size: int  # prompt length (prefill) or kv length (decode)
+    max_abs_error: float = 0.0
+    reference_scale: float = 0.0
+    steps: int = 0
+
+
+def reference_logits(
+    model: torch.nn.Module, seqs: torch.Tensor, valid: torch.Tensor, keep: list[int]
+) -> torch.Tensor:
+    """Eager logits [B, len(keep), V] (float32) at positions `keep` of left-padded `seqs`,
+    with the position ids Hugging Face's generate uses."""
+    position_ids = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 1)
+    with torch.no_grad():
+        out = model(
+            input_ids=seqs,
+            attention_mask=valid.long(),
+            position_ids=position_ids,
+            use_cache=False,
+        )
+    return out.logits[:, keep].float()
+
+
+def compared_steps(n: int, prompt: int, kv_lengths: list[int]) -> list[int]:
+    """Which of n steps to compare: all if few, else evenly spread plus the first and last
+    step of every kv bucket."""
+    if n <= MAX_COMPARED_STEPS:
+        return list(range(n))
+    picks = {0, 1, n - 1}
+    picks |= {
+        round(i * (n - 1) / (MAX_COMPARED_STEPS // 2)) for i in range(MAX_COMPARED_STEPS // 2)
+    }
+    for k in kv_lengths:  # step t writes slot prompt + t - 1
+        for slot in (k - 1, k):
+            t = slot - prompt + 1
+            if 1 <= t < n:
+                picks.add(t)
+    return sorted(picks)
+
+
+def validate_generation(
+    gen: GenerativeModel,
+    model: torch.nn.Module,
+    atol: float,
+    rtol: float,
+    progress=None,
+    seed: int = 1234,
+) -> list[StageError]:
+    say = progress or (lambda _m: None)
+    b = gen.buckets
+    vocab = gen.spec.vocab_size
+    device = next(model.parameters()).device
+    errors: dict[tuple, StageError] = {}
+    for s in b.prefill_shapes():
+        errors[("prefill", *s)] = StageError("prefill", *s)
+    for s in b.decode_shapes():
+        errors[("decode", *s)] = StageError("decode", *s)
+    g = torch.Generator().manual_seed(seed)
+    for batch in b.batches:
+        for prompt in b.prompts:
+            longest = prompt == min(b.prompts)
+            n = b.cache_len - prompt + 1 if longest else min(3, b.cache_len - prompt + 1)
+            say(f"validate batch {batch} prompt {prompt}: {n} steps against eager")
+            lengths = torch.randint(1, prompt + 1, (batch,), generator=g)
+            lengths[0] = prompt
+            rows = [torch.randint(0, vocab, (int(m),), generator=g).tolist() for m in lengths]
+            keep = compared_steps(n, prompt, b.kv_lengths)
+            wanted = set(keep)
+            ours, new_ids = {}, []
+            stream = gen.stream(rows, max_new_tokens=n, eos_token_id=[], output_logits=True)
+            for t, (ids, logits) in enumerate(stream):
+                new_ids.append(ids)
+                if t in wanted:
+                    ours[t] = logits.cpu()
+            seqs = torch.zeros(batch, prompt + n - 1, dtype=torch.int64)
+            valid = torch.zeros_like(seqs, dtype=torch.bool)
+            for i, r in enumerate(rows):
+                seqs[i, prompt - len(r) : prompt] = torch.tensor(r)
+                valid[i, prompt - len(r) :] = True
+            if n > 1:
+                seqs[:, prompt:] = torch.stack(new_ids[:-1], dim=1)
+            ref = reference_logits(
+                model, seqs.to(device), valid.to(device), [prompt - 1 + t for t in keep]
+            ).cpu()
+            for j, t in enumerate(keep):
+                if t == 0:
+                    key = ("prefill", batch, prompt)
+                else:
+                    slot = prompt + t - 1
+                    key = ("decode", batch, next(k for k in b.kv_lengths if k > slot))
+                err = float((ours[t] - ref[:, j]).abs().max())
+                scale = float(ref[:, j].abs().max())
+                e = errors[key]
+                e.max_abs_error = max(e.max_abs_error, err)
+                e.reference_scale = max(e.reference_scale, scale)
+                e.steps += 1
+                if not err <= atol + rtol * scale:
+                    raise ValidationError(
+                        f"causal-lm {key[0]} bucket {batch}x{key[2]} "
+                        f"(prompt bucket {prompt}, step {t}): logits differ from eager by "
+                        f"{err:.3g} > atol {atol} + rtol {rtol} x max|logit| {scale:.3g}"
+                    )
+    return list(errors.values())

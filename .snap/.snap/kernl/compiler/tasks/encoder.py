@@ -1,0 +1,179 @@
+"""The encoder room: one exported, rewritten, tuned and validated program per (batch, seq)
+bucket (BERT family, sentence embeddings, classification heads)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+from kernl._version import __version__ as kernl_version
+from kernl.artifacts import FORMAT_VERSION, ArtifactWriter, BucketEntry, Manifest, check_destination
+from kernl.runtime.binaries import allow_jit
+
+from ..buckets import as_buckets, check_buckets_fit
+from ..lower import lower
+from ..op_counts import count_ops
+from ..passes import rewrite
+from ..report import BucketReport, CompileReport, Progress
+from ..trace import (
+    FlatModel,
+    example_inputs,
+    export_bucket,
+    load_model,
+    model_signature,
+    resolve_dtype_device,
+)
+from ..tune import TuneSession, record_binaries, tune_program, write_binaries
+from ..validate import resolve_tolerance, validate
+
+
+def compile_encoder(
+    model_or_path,
+    buckets,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "fp16",
+    device: str | None = None,
+    task: str | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    progress: Progress | None = None,
+    kernels: bool = True,
+    tune: bool = True,
+) -> CompileReport:
+    """See `kernl.compiler.compile`."""
+    say = progress or (lambda _msg: None)
+    start = time.perf_counter()
+    torch_dtype, dev = resolve_dtype_device(dtype, device)
+    if kernels and dev.type == "cpu" and torch_dtype == torch.bfloat16:
+        raise ValueError(
+            "--dtype bf16 on the CPU: kernl's kernels run through Triton's interpreter there, "
+            "which computes bf16 wrongly (numpy has no bfloat16). Use --dtype fp32 or fp16 on "
+            "the CPU, --no-kernels (plain aten ops, bf16 works), or compile on a GPU."
+        )
+    if dev.type == "cpu":
+        # kernl's kernels run through Triton's interpreter on the CPU; the variable must be
+        # set before they are first imported (tune.py falls back to aten if it was too late).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    bucket_list = as_buckets(buckets)
+    check_destination(out, needed_bytes=_model_bytes(model_or_path))  # before any heavy work
+
+    say(f"loading model {model_or_path if isinstance(model_or_path, (str, Path)) else ''}")
+    model, task, source = load_model(model_or_path, task, torch_dtype, dev)
+    check_buckets_fit(bucket_list, model.config)  # before tracing any bucket
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    check_destination(out, needed_bytes=int(weight_bytes * 1.2) + (1 << 20))
+    signature = model_signature(model, dev)
+    input_names = [s.name for s in signature.inputs]
+    output_names = [s.name for s in signature.outputs]
+    flat = FlatModel(model, input_names, output_names)
+    atol, rtol = resolve_tolerance(torch_dtype, atol, rtol)
+
+    report = CompileReport(Path(out), task, str(torch_dtype).removeprefix("torch."), str(dev))
+    entries: list[BucketEntry] = []
+    all_weights: dict[str, torch.Tensor] = {}
+    programs: list = []
+    binaries: dict = {}
+    session = TuneSession()  # buckets share tunings of equal shapes and known-bad configs
+    with ArtifactWriter(out) as writer:
+        for i, bucket in enumerate(bucket_list, 1):
+            t0 = time.perf_counter()
+            tag = f"[{i}/{len(bucket_list)}] bucket {bucket.batch}x{bucket.seq}"
+            say(f"{tag}: export")
+            ep = export_bucket(flat, bucket, model.config.vocab_size, dev)
+            say(f"{tag}: lower")
+            program, weights = lower(ep, bucket, input_names)
+            for name, t in weights.items():
+                all_weights.setdefault(name, t)
+            if kernels:
+                say(f"{tag}: rewrite")
+                program = rewrite(program, all_weights)
+                say(f"{tag}: tune")
+                example = dict(
+                    zip(
+                        input_names,
+                        example_inputs(input_names, bucket, model.config.vocab_size, dev),
+                    )
+                )
+                records = tune_program(
+                    program, all_weights, example, dev, benchmark=tune, session=session
+                )
+                report.tuning[bucket] = records
+                report.compiled_ahead = session.compiled_ahead
+                report.compile_threads = session.compile_threads
+                if dev.type == "cuda":
+                    say(f"{tag}: build kernel binaries")
+                    binaries.update(record_binaries(program, all_weights, example, dev))
+            say(f"{tag}: validate")
+            with allow_jit():
+                result = validate(flat, program, all_weights, dev, atol, rtol)
+            programs.append(program)
+            rel = writer.write_program(program)
+            seconds = time.perf_counter() - t0
+            entries.append(BucketEntry(bucket, rel, result.max_abs_error, seconds))
+            report.buckets.append(
+                BucketReport(bucket, seconds, result.max_abs_error, count_ops(program))
+            )
+            say(f"{tag}: done in {seconds:.1f}s, max |error| {result.max_abs_error:.3g}")
+        say("writing weights")
+        used = {n for p in programs for n in p.weights.values()}
+        writer.write_weights({k: v for k, v in all_weights.items() if k in used})
+        kernel_entries = write_binaries(writer, binaries)
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            kernl_version=kernl_version,
+            torch_version=torch.__version__,
+            triton_version=triton.__version__,
+            dtype=report.dtype,
+            task=task,
+            model_type=getattr(model.config, "model_type", type(model).__name__),
+            model_source=source,
+            model_config=_plain_config(model.config),
+            inputs=signature.inputs,
+            outputs=signature.outputs,
+            buckets=entries,
+            files={},
+            created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            kernels=kernel_entries,
+            extra={"atol": atol, "rtol": rtol, "kernl_ops": kernels},
+            **_target_info(dev),
+        )
+        report.artifact_bytes = writer.size_bytes()
+        writer.commit(manifest)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _target_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return dict(
+            target="cuda",
+            gpu_name=torch.cuda.get_device_name(device),
+            compute_capability=f"{major}.{minor}",
+            cuda_version=torch.version.cuda,
+        )
+    return dict(target="cpu", gpu_name=None, compute_capability=None, cuda_version=None)
+
+
+def _model_bytes(model_or_path) -> int:
+    """About what the artifact will need on disk, known before loading the model: the
+    model folder's weight files (+20%)."""
+    if isinstance(model_or_path, torch.nn.Module):
+        return int(sum(p.numel() * p.element_size() for p in model_or_path.parameters()) * 1.2)
+    folder = Path(str(model_or_path)).expanduser()
+    if not folder.is_dir():
+        return 0
+    files = list(folder.glob("*.safetensors")) + list(folder.glob("*.bin"))
+    return int(sum(f.stat().st_size for f in files) * 1.2)
+
+
+def _plain_config(config) -> dict:
+    import json
+
+    return json.loads(config.to_json_string(use_diff=False))

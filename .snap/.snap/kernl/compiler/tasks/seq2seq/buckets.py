@@ -1,0 +1,53 @@
+"""The seq2seq-lm bucket syntax: `"batch=1,8 source=32:512 cache=128"`.
+
+batch   batch buckets; each gets static buffers (decoder KV cache, cross-attention K/V).
+source  encoder buckets (source lengths); a source is padded on the right to the smallest.
+cache   decoder self-attention lengths; the largest is the most new tokens one call makes.
+        With several (e.g. `cache=32:256`) a decode step attends only to the smallest
+        length that holds the tokens so far. Default: 128.
+
+Each axis takes the same items as the encoder buckets: numbers and power-of-two ranges lo:hi.
+
+speech-seq2seq (Whisper): `"batch=1,8 cache=448"`. The source is fixed: one 30 s window of
+3000 mel frames, 1500 encoder positions; cache counts the decoder prompt (start, language,
+task, no-timestamps) with the new tokens and is at most the model's max_target_positions."""
+
+from __future__ import annotations
+
+from kernl.artifacts.seq2seq import Seq2SeqBuckets
+
+from ...buckets import BucketSyntaxError, parse_axes
+
+AXES = ("batch", "source", "cache")
+EXAMPLE = "batch=1,8 source=32:512 cache=128"
+DEFAULT_CACHE = 128
+
+
+def parse_seq2seq_buckets(spec: str) -> Seq2SeqBuckets:
+    axes = parse_axes(spec, AXES, ("batch", "source"), EXAMPLE, "seq2seq-lm")
+    return Seq2SeqBuckets(axes["batch"], axes["source"], axes.get("cache", [DEFAULT_CACHE]))
+
+
+SPEECH_AXES = ("batch", "cache")
+SPEECH_EXAMPLE = "batch=1,8 cache=448"
+
+
+def parse_speech_buckets(spec: str, source_positions: int) -> Seq2SeqBuckets:
+    axes = parse_axes(spec, SPEECH_AXES, ("batch",), SPEECH_EXAMPLE, "speech-seq2seq")
+    return Seq2SeqBuckets(axes["batch"], [source_positions], axes.get("cache", [DEFAULT_CACHE]))
+
+
+def as_seq2seq_buckets(spec, source_positions: int | None = None) -> Seq2SeqBuckets:
+    """Accept the string syntax, a Seq2SeqBuckets, or a dict of its fields; with
+    `source_positions` (Whisper), the speech-seq2seq syntax."""
+    if isinstance(spec, str):
+        if source_positions is not None:
+            return parse_speech_buckets(spec, source_positions)
+        return parse_seq2seq_buckets(spec)
+    if isinstance(spec, Seq2SeqBuckets):
+        return Seq2SeqBuckets.from_dict(spec.to_dict())
+    if isinstance(spec, dict):
+        return Seq2SeqBuckets.from_dict(spec)
+    raise BucketSyntaxError(
+        f'seq2seq-lm buckets must be a string like "{EXAMPLE}", not {type(spec).__name__}'
+    )

@@ -1,0 +1,199 @@
+"""Load a Hugging Face model and export one static-shape graph per bucket."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kernl.artifacts.schema import Bucket, InputSpec, OutputSpec
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES.update({"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32})
+
+TASKS = {
+    "base": "AutoModel",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "masked-lm": "AutoModelForMaskedLM",
+    "causal-lm": "AutoModelForCausalLM",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
+}
+_ARCH_SUFFIX = {
+    "ForSequenceClassification": "sequence-classification",
+    "ForTokenClassification": "token-classification",
+    "ForMaskedLM": "masked-lm",
+    # Decoder-only generation heads (Llama/Mistral/Qwen2 ...ForCausalLM, GPT2LMHeadModel).
+    "ForCausalLM": "causal-lm",
+    "LMHeadModel": "causal-lm",
+    # Encoder-decoder generation heads (T5ForConditionalGeneration, BartForConditionalGeneration).
+    "ForConditionalGeneration": "seq2seq-lm",
+    "MTModel": "seq2seq-lm",  # MarianMTModel
+}
+# Inputs kernl serves, in the order programs take them, with their padding and defaults.
+_INPUTS = {
+    "input_ids": ("required", None),
+    "attention_mask": ("ones", 0),
+    "token_type_ids": ("zeros", 0),
+}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def task_of(config, model: torch.nn.Module | None = None) -> str:
+    names = list(getattr(config, "architectures", None) or [])
+    if model is not None:
+        names.insert(0, type(model).__name__)
+    for name in names:
+        for suffix, task in _ARCH_SUFFIX.items():
+            if name.endswith(suffix):
+                return task
+    return "base"
+
+
+def task_from_source(model_or_path) -> str | None:
+    """The task of a model or model folder from its config's `architectures`, without loading
+    weights; None when the config cannot be read (load_model then says why)."""
+    if isinstance(model_or_path, torch.nn.Module):
+        config = getattr(model_or_path, "config", None)
+        return task_of(config, model_or_path) if config is not None else None
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(model_or_path), local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    return task_of(config)
+
+
+def resolve_dtype_device(dtype: str, device: str | None) -> tuple[torch.dtype, torch.device]:
+    """The compile options --dtype and --device, checked; the device defaults to cuda if
+    there is a GPU."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of fp16, bf16, fp32; got {dtype!r}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU")
+    return DTYPES[dtype], dev
+
+
+def load_model(model_or_path, task: str | None, dtype: torch.dtype, device: torch.device):
+    """Returns (model in eval mode on device and dtype, task, source description)."""
+    import transformers
+
+    if isinstance(model_or_path, torch.nn.Module):
+        model = model_or_path
+        source = type(model).__name__
+        task = task or task_of(model.config, model)
+    else:
+        source = str(model_or_path)
+        local = Path(source).expanduser()
+        if local.exists() and not (local / "config.json").is_file():
+            raise UnsupportedModelError(
+                f"{local} has no config.json: not a Hugging Face model folder"
+            )
+        try:
+            config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
+        except OSError as e:
+            raise UnsupportedModelError(
+                f"cannot find model {source!r}: not a local folder with config.json, and not in "
+                f"the local Hugging Face cache (kernl never downloads). {e}"
+            ) from None
+        task = task or task_of(config)
+        if task not in TASKS:
+            raise UnsupportedModelError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+        auto = getattr(transformers, TASKS[task])
+        try:
+            model = auto.from_pretrained(
+                source, local_files_only=True, dtype=dtype, attn_implementation="sdpa"
+            )
+        except ValueError as e:  # no class of this head for this config
+            raise UnsupportedModelError(f"{task}: {e}") from None
+    if task not in TASKS:
+        raise UnsupportedModelError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    model = model.to(device=device, dtype=dtype).eval()
+    return model, task, source
+
+
+@dataclass
+class ModelSignature:
+    inputs: list[InputSpec]
+    outputs: list[OutputSpec]
+
+
+class FlatModel(torch.nn.Module):
+    """Positional tensors in, a tuple of tensors out: what export and programs need."""
+
+    def __init__(self, model: torch.nn.Module, input_names: list[str], output_names: list[str]):
+        super().__init__()
+        self.model = model
+        self.input_names = input_names
+        self.output_names = output_names
+
+    def forward(self, *args: torch.Tensor):
+        out = self.model(**dict(zip(self.input_names, args)), return_dict=True)
+        return tuple(out[name] for name in self.output_names)
+
+
+def example_inputs(
+    names: list[str], bucket: Bucket, vocab_size: int, device, generator=None, pad_rows=True
+) -> list[torch.Tensor]:
+    """Random ids and an attention mask with ragged lengths (row 0 full)."""
+    b, s = bucket.batch, bucket.seq
+    g = generator or torch.Generator().manual_seed(0)
+    out = []
+    for name in names:
+        if name == "input_ids":
+            out.append(torch.randint(1, max(2, vocab_size), (b, s), generator=g))
+        elif name == "attention_mask":
+            lengths = (
+                torch.randint(1, s + 1, (b,), generator=g) if pad_rows else torch.full((b,), s)
+            )
+            lengths[0] = s
+            out.append((torch.arange(s)[None, :] < lengths[:, None]).long())
+        else:
+            out.append(torch.zeros(b, s, dtype=torch.long))
+    return [t.to(device) for t in out]
+
+
+def model_signature(model: torch.nn.Module, device) -> ModelSignature:
+    params = inspect.signature(model.forward).parameters
+    names = [n for n in _INPUTS if n in params]
+    if "input_ids" not in names:
+        raise UnsupportedModelError(f"{type(model).__name__}.forward takes no input_ids")
+    pad = getattr(model.config, "pad_token_id", None)
+    pad = int(pad) if isinstance(pad, int) else 0
+    inputs = [
+        InputSpec(n, "int64", pad if n == "input_ids" else _INPUTS[n][1], _INPUTS[n][0])
+        for n in names
+    ]
+    # Find which output axes follow batch and sequence by probing two shapes.
+    vocab = model.config.vocab_size
+    probes = []
+    with torch.no_grad():
+        for bucket in (Bucket(2, 7), Bucket(3, 5)):
+            args = example_inputs(names, bucket, vocab, device)
+            out = model(**dict(zip(names, args)), return_dict=True)
+            probes.append((bucket, {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}))
+    outputs = []
+    for name, t in probes[0][1].items():
+        other = probes[1][1][name]
+        axes_b = [i for i in range(t.dim()) if t.shape[i] == 2 and other.shape[i] == 3]
+        axes_s = [i for i in range(t.dim()) if t.shape[i] == 7 and other.shape[i] == 5]
+        if axes_b != [0] or len(axes_s) > 1:
+            raise UnsupportedModelError(f"output {name!r} has no leading batch axis")
+        dtype = str(t.dtype).removeprefix("torch.")
+        outputs.append(OutputSpec(name, dtype, 0, axes_s[0] if axes_s else None))
+    return ModelSignature(inputs, outputs)
+
+
+def export_bucket(flat: FlatModel, bucket: Bucket, vocab_size: int, device):
+    args = tuple(example_inputs(flat.input_names, bucket, vocab_size, device))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with torch.no_grad():
+        return torch.export.export(flat, args, strict=False)

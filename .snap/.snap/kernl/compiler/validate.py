@@ -1,0 +1,106 @@
+"""Compare a compiled program with the eager model on fresh inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernl.artifacts.program import Program
+from kernl.artifacts.schema import Bucket
+from kernl.runtime.executor import Executor
+
+from .trace import FlatModel, example_inputs
+
+DEFAULT_TOLERANCE = {  # (atol, rtol) per dtype
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-2, 2e-2),
+    torch.bfloat16: (8e-2, 5e-2),
+}
+
+
+def resolve_tolerance(dtype: torch.dtype, atol: float | None, rtol: float | None):
+    """--atol/--rtol, or the dtype's defaults."""
+    default_atol, default_rtol = DEFAULT_TOLERANCE[dtype]
+    return (default_atol if atol is None else atol), (default_rtol if rtol is None else rtol)
+
+
+class ValidationError(AssertionError):
+    pass
+
+
+@dataclass
+class ValidationResult:
+    bucket: Bucket
+    max_abs_error: float
+    worst_output: str
+
+
+def validate(
+    flat: FlatModel,
+    program: Program,
+    weights: dict[str, torch.Tensor],
+    device: torch.device,
+    atol: float,
+    rtol: float,
+    seed: int = 1234,
+) -> ValidationResult:
+    bucket = program.bucket
+    g = torch.Generator().manual_seed(seed + bucket.batch * 7919 + bucket.seq)
+    args = example_inputs(flat.input_names, bucket, flat.model.config.vocab_size, device, g)
+    with torch.no_grad():
+        expected = flat(*args)
+        got = Executor(program, weights, device).run(dict(zip(flat.input_names, args)))
+    worst, worst_name = 0.0, ""
+    for name, e, o in zip(flat.output_names, expected, got):
+        if e.shape != o.shape:
+            raise ValidationError(
+                f"bucket {bucket.name}: output {name} has shape {tuple(o.shape)}, "
+                f"eager gives {tuple(e.shape)}"
+            )
+        e64, o64 = e.double(), o.double()
+        err = (o64 - e64).abs()
+        if not torch.isfinite(o64).all() and torch.isfinite(e64).all():
+            raise ValidationError(
+                f"bucket {bucket.name}: output {name} has NaN/inf, eager has none"
+            )
+        max_err = float(err.nan_to_num(0).max()) if err.numel() else 0.0
+        if max_err >= worst:
+            worst, worst_name = max_err, name
+        bad = err > atol + rtol * e64.abs()
+        if bad.any():
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            where = first_divergence(
+                program, weights, dict(zip(flat.input_names, args)), device, atol, rtol
+            )
+            raise ValidationError(
+                f"bucket {bucket.name}: output {name} differs from eager beyond "
+                f"atol={atol}, rtol={rtol}: max |error| {max_err:.3g}; first bad element {idx}: "
+                f"kernl {float(o64[idx]):.6g} vs eager {float(e64[idx]):.6g}. {where}"
+            )
+    return ValidationResult(bucket, worst, worst_name)
+
+
+def first_divergence(program: Program, weights, inputs, device, atol: float, rtol: float) -> str:
+    """Re-run the program step by step and compare every kernl op with its aten
+    implementation on the same inputs; name the first that disagrees."""
+    from kernl.compiler.tune import _walk
+    from kernl.runtime.vocabulary import resolve_op
+
+    executor = Executor(program, weights, device)
+    state: dict = {}
+    with torch.no_grad():
+        for i, op, _outs, _ in _walk(executor, inputs, state):
+            ins = program.instructions[i]
+            if not op.startswith("kernl.") or ins.kwargs.get("impl", "aten") == "aten":
+                continue
+            fn = resolve_op(op)
+            got = fn(*state["args"], **state["kwargs"])
+            ref = fn(*state["args"], **{**state["kwargs"], "impl": "aten"})
+            err = (got.double() - ref.double()).abs()
+            if (err > atol + rtol * ref.double().abs()).any():
+                return (
+                    f"First diverging op: instruction #{i} {op} "
+                    f"(config {ins.kwargs.get('config')}), max |error| vs aten {float(err.max()):.3g}"
+                )
+    return "No single kernl op diverges beyond tolerance: the error accumulates across ops."

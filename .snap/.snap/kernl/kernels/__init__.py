@@ -1,0 +1,1 @@
+"""Triton kernels, one fused operation per file (kernel, reference, launcher, tuning space)."""

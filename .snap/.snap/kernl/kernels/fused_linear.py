@@ -1,0 +1,236 @@
+"""Fused linear: activation(x @ W^T + bias) (+ residual), one kernel, fp32 accumulation.
+
+W is stored [N, K] as in nn.Linear and read through its strides (no transpose copy). The
+epilogue (bias, activation, residual) runs on the fp32 accumulator in registers, so the
+output makes one trip to memory instead of three and is rounded once. Programs are ordered in
+groups of GROUP_M row-blocks so that consecutive programs reuse the same W columns from L2.
+Any M and N; K must be a multiple of 8 (16-byte rows for fp16)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .launch import launch_kernel
+
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+
+
+@triton.jit
+def _activation(y, ACTIVATION: tl.constexpr):
+    if ACTIVATION == "relu":
+        y = tl.maximum(y, 0.0)
+    elif ACTIVATION == "gelu":
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACTIVATION == "gelu_tanh":
+        # tanh(u) = 2 sigmoid(2u) - 1; saturates correctly at both ends
+        u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        y = 0.5 * y * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0))
+    elif ACTIVATION == "silu":
+        y = y / (1.0 + tl.exp(-y))
+    return y
+
+
+@triton.jit
+def _fused_linear_kernel(
+    X,
+    W,
+    Bias,
+    Residual,
+    Out,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_rm,
+    stride_rn,
+    stride_om,
+    stride_on,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_id = pid // (GROUP_M * num_pid_n)
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_size
+    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # wrap out-of-range rows/cols onto valid ones: loads need no mask, the store has one
+    offs_xm = (offs_m % M).to(tl.int64)
+    offs_wn = (offs_n % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = X + offs_xm[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = W + offs_wn[None, :] * stride_wn + offs_k[:, None] * stride_wk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WARP_SPECIALIZE):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(x, w, acc)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_wn).to(tl.float32)[None, :]
+    acc = _activation(acc, ACTIVATION)
+    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    offs_om = offs_m.to(tl.int64)
+    if HAS_RESIDUAL:
+        r_ptrs = Residual + offs_om[:, None] * stride_rm + offs_n[None, :] * stride_rn
+        acc += tl.load(r_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    o_ptrs = Out + offs_om[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=out_mask)
+
+
+def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "none":
+        return y
+    if activation == "relu":
+        return torch.relu(y)
+    if activation == "gelu":
+        return F.gelu(y)
+    if activation == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if activation == "silu":
+        return F.silu(y)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def fused_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str = "none",
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    y = apply_activation(F.linear(x, weight, bias), activation)
+    return y if residual is None else y + residual
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    BLOCK_M: int = 128
+    BLOCK_N: int = 128
+    BLOCK_K: int = 64
+    GROUP_M: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+    warp_specialize: bool = False  # Triton's warp-specialised pipelining of the K loop
+
+
+def linear_configs() -> list[LinearConfig]:
+    """Tuning space (Hopper-leaning; the small tiles cover small M)."""
+    shapes = [
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 256, 64, 8, 4),
+        (64, 256, 64, 4, 4),
+        (128, 128, 32, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 32, 64, 4, 5),
+        (32, 64, 64, 4, 5),
+    ]
+    out = [LinearConfig(bm, bn, bk, 8, w, s) for bm, bn, bk, w, s in shapes]
+    out += [
+        LinearConfig(256, 128, 64, 8, 8, 4),
+        LinearConfig(128, 128, 128, 8, 8, 3),
+        # warp-specialised with 8 warps only: with 4, Triton 3.6's warp specialiser fails on
+        # this kernel (tests/kernels/test_compile_for_hopper.py)
+        LinearConfig(128, 256, 64, 8, 8, 3, True),
+    ]
+    return out
+
+
+def default_linear_config(M: int, N: int) -> LinearConfig:
+    # big tiles when they still give every SM of an H100 work, smaller ones otherwise
+    if triton.cdiv(M, 256) * triton.cdiv(N, 128) >= 132:
+        return LinearConfig(256, 128, 64, 8, 8, 3)
+    if triton.cdiv(M, 128) * triton.cdiv(N, 128) >= 132:
+        return LinearConfig(128, 128, 64, 8, 8, 3)
+    return LinearConfig(64, 64, 64, 8, 4, 4)
+
+
+def fused_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str = "none",
+    residual: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    config: LinearConfig | None = None,
+) -> torch.Tensor:
+    """x [..., K], weight [N, K], bias [N], residual [..., N] -> [..., N]."""
+    assert activation in ACTIVATIONS, activation
+    K = x.shape[-1]
+    N = weight.shape[0]
+    assert weight.shape[1] == K and K % 8 == 0
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    config = config or default_linear_config(M, N)
+    if out is None:
+        out = torch.empty((*lead, N), dtype=x.dtype, device=x.device)
+    out2 = out.view(-1, N)
+    res2 = residual.reshape(-1, N) if residual is not None else out2
+    grid = (triton.cdiv(M, config.BLOCK_M) * triton.cdiv(N, config.BLOCK_N),)
+    launch_kernel(
+        _fused_linear_kernel,
+        grid,
+        x2,
+        weight,
+        bias if bias is not None else weight,
+        res2,
+        out2,
+        M,
+        N,
+        K,
+        *x2.stride(),
+        *weight.stride(),
+        *res2.stride(),
+        *out2.stride(),
+        BLOCK_M=config.BLOCK_M,
+        BLOCK_N=config.BLOCK_N,
+        BLOCK_K=config.BLOCK_K,
+        GROUP_M=config.GROUP_M,
+        ACTIVATION=activation,
+        HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None,
+        EVEN_K=K % config.BLOCK_K == 0,
+        WARP_SPECIALIZE=config.warp_specialize,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out
+
+
+JIT_FUNCTIONS = (_fused_linear_kernel,)
+CONFIG_TYPE = LinearConfig

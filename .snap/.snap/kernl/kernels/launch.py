@@ -1,0 +1,60 @@
+"""How every kernl launcher starts its Triton kernel: `launch_kernel(kernel, grid, *args, **kwargs)`.
+
+By default that is Triton's own `kernel[grid](...)`: kernel tests, the compiler and a user's
+plain Triton code see the JIT they expect. A loaded artifact instead runs its program inside
+`launching_with(its_binaries)`, which routes kernl's launches *on this thread, for the length
+of that block* to the artifact's precompiled binaries. Nothing process-wide is patched, so two
+loaded models, the compiler and plain Triton code live in one process.
+
+Triton's interpreter (CPU mode) rewrites `triton.language` globally while a kernel runs, so
+two threads interpreting at once corrupt each other: interpreted launches are serialised.
+
+Programmatic dependent launch, the kernels' side of it, is pdl.py. This module imports no
+Triton: the runtime imports it to launch binaries, and Triton's import (~0.14 s) is not part
+of `import kernl.runtime`."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+# (kernel, grid, args, kwargs) -> whatever the launch returns
+Launcher = Callable[[Any, Any, tuple, dict], Any]
+
+_launcher: ContextVar[Launcher | None] = ContextVar("kernl_launcher", default=None)
+_interpreter_lock = threading.RLock()
+
+
+def launch_kernel(kernel, grid, *args, **kwargs) -> Any:
+    """Launch `kernel` over `grid` with the launcher of the current context (Triton's JIT
+    unless a loaded artifact or the compiler installed another)."""
+    launcher = _launcher.get()
+    if launcher is not None:
+        return launcher(kernel, grid, args, kwargs)
+    return jit_launch(kernel, grid, args, kwargs)
+
+
+def jit_launch(kernel, grid, args: tuple, kwargs: dict) -> Any:
+    """Triton's own launch; interpreted launches one at a time per process."""
+    if is_interpreted(kernel):
+        with _interpreter_lock:
+            return kernel[grid](*args, **kwargs)
+    return kernel[grid](*args, **kwargs)
+
+
+def is_interpreted(kernel) -> bool:
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+@contextmanager
+def launching_with(launcher: Launcher | None) -> Iterator[None]:
+    """Within this block (this thread or task only), kernl's launches go to `launcher`;
+    `None` restores Triton's JIT (used by the compiler inside a loaded model's context)."""
+    token = _launcher.set(launcher)
+    try:
+        yield
+    finally:
+        _launcher.reset(token)

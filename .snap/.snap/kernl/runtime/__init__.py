@@ -1,0 +1,187 @@
+"""Serve a compiled artifact: `kernl.runtime.load(path)`.
+
+Thin by design: importing this package imports torch, the artifact reader and the
+kernels' launch code, never transformers, click or the compiler."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from kernl.artifacts import (
+    ArtifactCorruptError,
+    check_compatibility,
+    read_manifest,
+    read_weights,
+    verify_files,
+)
+from kernl.artifacts.reader import check_artifact
+from kernl.artifacts.schema import WEIGHTS_FILE
+from kernl.artifacts.signing import load_trusted_keys, trusted_keys_from_env
+
+from .model import CompiledModel, ModelOutput
+
+__all__ = ["CompiledModel", "ModelOutput", "load"]
+
+
+def load(
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    capture: str = "load",
+    verify: bool = True,
+    trusted_keys: Sequence[str | os.PathLike] | None = None,
+) -> CompiledModel:
+    """Load an artifact and make it ready to serve.
+
+    device: "cuda" (default when a GPU is present), "cuda:N" or "cpu".
+    capture: on CUDA, "load" captures every bucket's graph now (the first call is then as fast
+      as any), "lazy" captures each bucket on its first call, "never" runs ops eagerly.
+    verify: check every file's sha256 before use (on by default; an artifact that fails is
+      refused with an `ArtifactError`).
+    trusted_keys: Ed25519 public key files (PEM); when given, or when `KERNL_TRUSTED_KEYS`
+      names some (os.pathsep-separated), the artifact must be signed by one of them
+      (`kernl-compile --sign`), whatever `verify` says. Needs `kernl[sign]`.
+
+    Everything `kernl verify` checks is checked here too, by the same code
+    (`kernl.artifacts.reader.check_artifact`), including the memory plan against this
+    device's free memory, before any weight is read.
+    """
+    root = Path(path)
+    keys = load_trusted_keys(list(trusted_keys or trusted_keys_from_env()))
+    manifest = read_manifest(root, trusted_keys=keys)
+    # Hash the files in the background while the weights are read: threads that hash every
+    # file, and the chunks of the large ones (extra.file_chunks), on pools sized from the
+    # cores (sha256 alone runs at about 1 GB/s per core). The code (kernel binaries,
+    # programs, every file but the weights) is checked before anything of it is loaded or
+    # run; the weights, most of the bytes, go on hashing while the graphs are captured (data
+    # cannot run, and a tampered file still fails the load): load() returns once every hash
+    # has matched.
+    code_check = weights_check = None
+    if verify:
+        code = [rel for rel in manifest.files if rel != WEIGHTS_FILE]
+        code_check = _BackgroundVerify(root, manifest, code)
+        weights_check = _BackgroundVerify(root, manifest, [WEIGHTS_FILE])
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for but torch sees no CUDA GPU")
+    if device.type == "cpu":
+        # kernl's kernels run through Triton's interpreter on the CPU; the variable must be
+        # set before they are first imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    _check_compatibility(manifest, device)
+    try:
+        checked = check_artifact(
+            root, trusted_keys=keys, free_bytes=_free_memory(device), hash_files=False
+        )
+        programs = checked.programs if manifest.task != "causal-lm" else []
+        weights = read_weights(root, device=str(device))
+        if code_check is not None:
+            code_check.result()
+        model = _open(root, manifest, programs, weights, device, capture)
+    except Exception:
+        for check in (code_check, weights_check):
+            if check is not None:
+                check.result()  # a hash mismatch says more precisely what is wrong
+        raise
+    if weights_check is not None:
+        weights_check.result()
+    return model
+
+
+def _open(root: Path, manifest, programs, weights, device: torch.device, capture: str):
+    """The loaded model of the artifact's task, its kernel binaries loaded and its graphs
+    captured (the code's hashes have matched)."""
+    binaries = None
+    if manifest.kernels and device.type == "cuda":
+        binaries = _load_binaries(root, manifest, device)
+    if manifest.task in ("seq2seq-lm", "speech-seq2seq"):
+        from .generation import open_seq2seq
+
+        on_kernels = manifest.extra.get("seq2seq", {}).get("decode_kernels") == "kernl"
+        if on_kernels and device.type == "cuda" and binaries is None:
+            raise ArtifactCorruptError(
+                "the artifact's decode step runs kernl's kernels but it holds no kernel "
+                "binaries for them (the runtime compiles nothing): recompile it"
+            )
+
+        return open_seq2seq(manifest, weights, device, capture=capture, binaries=binaries)
+    if manifest.task == "causal-lm":
+        from .generation import GenerativeModel
+
+        return GenerativeModel(manifest, weights, device, capture=capture, binaries=binaries)
+    return CompiledModel(manifest, programs, weights, device, capture=capture, binaries=binaries)
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Free memory of the device the artifact loads on: the memory plan must fit in it."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:  # the host: what Linux says can be allocated without swapping
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class _BackgroundVerify:
+    """verify_files of `files` (the same as `kernl verify`: files and chunks hashed on a
+    thread pool) started from a daemon thread; `result()` waits and re-raises its first
+    error."""
+
+    def __init__(self, root: Path, manifest, files: list[str]):
+        import threading
+
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(root, manifest, files), daemon=True)
+        self._thread.start()
+
+    def _run(self, root: Path, manifest, files: list[str]) -> None:
+        try:
+            verify_files(root, manifest, files=files)
+        except BaseException as e:  # handed to the caller in result()
+            self._error = e
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def _load_binaries(root: Path, manifest, device: torch.device):
+    """The artifact's kernel binaries, loaded on `device` for this model alone."""
+    from kernl.artifacts.reader import _resolve_inside
+
+    from .binaries import BinarySpec, KernelBinaries
+
+    binaries = KernelBinaries(device)
+    for k in manifest.kernels:
+        spec = BinarySpec(
+            key=str(k.meta["key"]),
+            function=k.function,
+            num_warps=int(k.num_warps),
+            num_ctas=int(k.meta.get("num_ctas", 1)),
+            shared=int(k.shared_mem),
+            arg_types=[[str(n), str(t)] for n, t in k.meta["arg_types"]],
+        )
+        binaries.add(spec, _resolve_inside(root, k.file, "kernel binary").read_bytes())
+    return binaries
+
+
+def _check_compatibility(manifest, device: torch.device) -> None:
+    """Before anything is loaded, for every artifact (the generative ones too): torch and
+    Triton versions and the GPU architecture its kernel binaries were built for."""
+    import importlib.metadata
+
+    capability = None
+    if device.type == "cuda":
+        capability = "{}.{}".format(*torch.cuda.get_device_capability(device))
+    try:
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = "0.0"
+    check_compatibility(manifest, device.type, capability, torch.__version__, triton_version)

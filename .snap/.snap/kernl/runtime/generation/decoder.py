@@ -1,0 +1,631 @@
+"""The decoder-only forward kernl serves, written once over plain torch ops for every supported
+family (Llama, Mistral, Qwen2: pre-RMSNorm, rotary, gated MLP; GPT-2: pre-LayerNorm, learned
+positions, plain MLP), reading shapes and variants from a `DecoderSpec`.
+
+Two entry points, both free of host syncs and data-dependent shapes so that each runs inside
+one CUDA graph:
+  prefill  a (batch, prompt) block, left-padded; fills cache slots [0, prompt), returns the
+           last position's logits.
+  decode   one token per row at cache slot `slot` (a 1-element tensor), attending to the first
+           `kv_len` slots; returns the logits.
+
+Rotary embedding: at prefill Hugging Face's `q*cos + rotate_half(q)*sin` over [B, S, D]
+tables; at a plain-torch decode step one batched matmul against a per-position D x D matrix
+(cos on the diagonal, ±sin on the half-swapped entries), one kernel per layer instead of five.
+
+A decode step can run its pieces on kernl's Triton kernels instead (`DecodeKernels`):
+attention over the cache (one split-K kernel reading the slot mask), the norms (alone, or
+"fused": folded into the prologue of the linear that follows, QKV and gate/up, with the
+gated MLP's silu(x Wg) * (x Wu) in its epilogue), the gated MLP, the linear layers
+("triton": split-K plus a reduce kernel; "fused": reduced in the same launch, bias and
+residual in its epilogue), rotary + KV-cache write in one kernel, and lm_head + argmax in
+one pass for greedy steps. The default is plain torch everywhere; the compiler keeps a
+kernel only where it times faster. The fused kernels and attention run the launch configs
+the compiler tuned per batch and call site (`DecodeKernels.tiles`; attention's per cache
+length too), and with `DecodeKernels.pdl` every kernl kernel of the step is launched with
+programmatic dependent launch (with `prefetch`, the weight-streaming ones ask L2 for their
+first weights before waiting).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernl.artifacts.generation import DecodeKernels, DecoderSpec
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+@dataclass
+class LayerWeights:
+    attn_norm_w: torch.Tensor
+    attn_norm_b: torch.Tensor | None
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor | None
+    o_w: torch.Tensor
+    o_b: torch.Tensor | None
+    mlp_norm_w: torch.Tensor
+    mlp_norm_b: torch.Tensor | None
+    up_w: torch.Tensor  # gate_up (gated) or fc (plain)
+    up_b: torch.Tensor | None
+    down_w: torch.Tensor  # down (gated) or proj (plain)
+    down_b: torch.Tensor | None
+
+
+@dataclass
+class KVCache:
+    """Static keys and values of one batch bucket: [layers, batch, kv_heads, slots, head_dim]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @staticmethod
+    def allocate(spec: DecoderSpec, batch: int, slots: int, dtype, device) -> KVCache:
+        shape = (spec.num_layers, batch, spec.num_kv_heads, slots, spec.head_dim)
+        return KVCache(
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
+
+
+def rope_matrices(
+    inv_freq: torch.Tensor, positions: int, scaling: float, dtype, device
+) -> torch.Tensor:
+    """[positions, D, D]: x @ M[p] == x * cos(p) + rotate_half(x) * sin(p), with cos and sin
+    computed as Hugging Face does (float32 angles, scaled, then cast to the model dtype)."""
+    inv_freq = inv_freq.to(device=device, dtype=torch.float32)
+    half = inv_freq.numel()
+    freqs = torch.arange(positions, device=device, dtype=torch.float32)[:, None] * inv_freq[None]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos = (emb.cos() * scaling).to(dtype)
+    sin = (emb.sin() * scaling).to(dtype)
+    d = 2 * half
+    m = torch.zeros(positions, d, d, dtype=dtype, device=device)
+    idx = torch.arange(d, device=device)
+    m[:, idx, idx] = cos
+    lo = torch.arange(half, device=device)
+    m[:, lo + half, lo] = -sin[:, :half]  # y_i = ... - x_{i+h} sin_i      (i < h)
+    m[:, lo, lo + half] = sin[:, half:]  # y_i = ... + x_{i-h} sin_i      (i >= h)
+    return m
+
+
+class Decoder:
+    def __init__(
+        self,
+        spec: DecoderSpec,
+        weights: dict[str, torch.Tensor],
+        positions: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        kernels: DecodeKernels | None = None,
+    ):
+        self.spec = spec
+        self.dtype = dtype
+        w = weights
+
+        def get(name: str) -> torch.Tensor | None:
+            return w.get(name)
+
+        self.embed = w["embed.weight"]
+        self.pos_embed = get("pos_embed.weight")
+        self.final_norm_w, self.final_norm_b = w["final_norm.weight"], get("final_norm.bias")
+        self.lm_head = self.embed if spec.tied_embeddings else w["lm_head.weight"]
+        gated = spec.mlp == "gated"
+        self.layers = [
+            LayerWeights(
+                attn_norm_w=w[f"layers.{i}.attn_norm.weight"],
+                attn_norm_b=get(f"layers.{i}.attn_norm.bias"),
+                qkv_w=w[f"layers.{i}.qkv.weight"],
+                qkv_b=get(f"layers.{i}.qkv.bias"),
+                o_w=w[f"layers.{i}.o.weight"],
+                o_b=get(f"layers.{i}.o.bias"),
+                mlp_norm_w=w[f"layers.{i}.mlp_norm.weight"],
+                mlp_norm_b=get(f"layers.{i}.mlp_norm.bias"),
+                up_w=w[f"layers.{i}.{'gate_up' if gated else 'fc'}.weight"],
+                up_b=get(f"layers.{i}.{'gate_up' if gated else 'fc'}.bias"),
+                down_w=w[f"layers.{i}.{'down' if gated else 'proj'}.weight"],
+                down_b=get(f"layers.{i}.{'down' if gated else 'proj'}.bias"),
+            )
+            for i in range(spec.num_layers)
+        ]
+        self.act = ACTIVATIONS[spec.activation]
+        self.gated_silu_without_bias = (
+            gated and spec.activation == "silu" and all(lw.up_b is None for lw in self.layers)
+        )
+        self.rope = self.cos = self.sin = None
+        if spec.positions == "rope":
+            from kernl.kernels.rope_cache_write import rope_tables
+
+            inv_freq, scaling = w["rope.inv_freq"], spec.rope_attention_scaling
+            self.rope = rope_matrices(inv_freq, positions, scaling, dtype, device)
+            self.cos, self.sin = rope_tables(inv_freq, positions, scaling, dtype, device)
+        # Folding a norm into the next linear defers RMSNorm's scale to the epilogue, which a
+        # norm bias would not survive.
+        self.norm_folds = spec.norm == "layer" or all(
+            lw.attn_norm_b is None and lw.mlp_norm_b is None for lw in self.layers
+        )
+        self._counters: torch.Tensor | None = None  # split-K arrivals, self-resetting
+        self._workspace: torch.Tensor | None = None  # lm_head_argmax's, self-resetting
+        # The whole step in one kernel (step "persistent") serves the Llama family: RMSNorm
+        # (norm_folds: no norm bias), no bias but QKV's, rotary, a gated SiLU MLP.
+        self.persistent_fits = (
+            spec.norm == "rms"
+            and self.norm_folds
+            and self.final_norm_b is None
+            and spec.positions == "rope"
+            and self.gated_silu_without_bias
+            and all(lw.o_b is None and lw.down_b is None for lw in self.layers)
+        )
+        self._step_weights = None  # the persistent step's stacked view of the weights
+        self._step_shared: tuple | None = None  # its counters, zeroed once, self-resetting
+        self._step_buffers: dict[tuple, object] = {}  # its buffers per batch and config
+        self.kernels = kernels or DecodeKernels()
+
+    @property
+    def kernels(self) -> DecodeKernels:
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, kernels: DecodeKernels) -> None:
+        """Choosing the persistent step prepares it here, outside any graph capture: its
+        counters must be zero before its first launch, whichever graph replays first."""
+        self._kernels = kernels
+        if kernels.step == "persistent" and self.persistent_fits:
+            self._prepare_persistent_step()
+
+    def _prepare_persistent_step(self) -> None:
+        """Stack each kind of layer weight over the layers, as the persistent step reads them,
+        and point the layers at views of the stacks: no weight is held twice."""
+        if self._step_weights is not None:
+            return
+        from kernl.kernels.decode_step import DecodeStepWeights, new_step_counters
+
+        def stack(field: str) -> torch.Tensor:
+            stacked = torch.stack([getattr(lw, field) for lw in self.layers])
+            for i, lw in enumerate(self.layers):
+                setattr(lw, field, stacked[i])
+            return stacked
+
+        s = self.spec
+        self._step_weights = DecodeStepWeights(
+            embed=self.embed,
+            attn_norm=stack("attn_norm_w"),
+            qkv=stack("qkv_w"),
+            qkv_bias=stack("qkv_b") if self.layers[0].qkv_b is not None else None,
+            o=stack("o_w"),
+            mlp_norm=stack("mlp_norm_w"),
+            gate_up=stack("up_w"),
+            down=stack("down_w"),
+            final_norm=self.final_norm_w,
+            lm_head=self.lm_head,
+            cos=self.cos,
+            sin=self.sin,
+            num_heads=s.num_heads,
+            num_kv_heads=s.num_kv_heads,
+            eps=s.norm_eps,
+            sm_scale=s.attention_scale,
+        )
+        self._step_shared = new_step_counters(self._step_weights)
+
+    def persistent_timed_out(self) -> bool:
+        """Whether a persistent step's barrier wait timed out since the last call (its result
+        is then wrong; kernels/decode_step.py); the flag is cleared. Synchronises the host."""
+        if self._step_shared is None:
+            return False
+        flag = self._step_shared[-1][2:3]
+        if not bool(flag.item()):
+            return False
+        flag.zero_()
+        return True
+
+    def _persistent_decode(self, pairs, cache, tokens, positions, slot, kv_valid, ids_out):
+        from kernl.kernels.decode_step import DecodeStepBuffers, config_from_pairs, decode_step
+
+        config = config_from_pairs(pairs)
+        bsz = tokens.shape[0]
+        buffers = self._step_buffers.get((bsz, config))
+        if buffers is None:  # no buffer here needs initialising: allocated in a capture is fine
+            w, shared = self._step_weights, self._step_shared
+            buffers = DecodeStepBuffers.allocate(w, bsz, config, shared)
+            self._step_buffers[(bsz, config)] = buffers
+        return decode_step(
+            self._step_weights,
+            buffers,
+            tokens,
+            positions,
+            slot,
+            kv_valid,
+            cache.k,
+            cache.v,
+            config=config,
+            ids_out=ids_out,
+        )
+
+    # -- pieces ---------------------------------------------------------------------------
+
+    def _norm(
+        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, triton: bool = False
+    ) -> torch.Tensor:
+        if triton:
+            from kernl.kernels import norm
+
+            if self.spec.norm == "rms":
+                return norm.rms_norm(x, w, b, self.spec.norm_eps)
+            return norm.layer_norm(x, w, b, self.spec.norm_eps)
+        if self.spec.norm == "rms":
+            return F.rms_norm(x, (x.shape[-1],), w, self.spec.norm_eps)
+        return F.layer_norm(x, (x.shape[-1],), w, b, self.spec.norm_eps)
+
+    def _mlp(
+        self,
+        x: torch.Tensor,
+        h: torch.Tensor,
+        lw: LayerWeights,
+        triton: bool = False,
+        linear: str = "torch",
+    ) -> torch.Tensor:
+        """x + MLP(h), the residual folded into the last matmul where there is no bias."""
+        if triton and self.gated_silu_without_bias:
+            from kernl.kernels.gated_mlp import gated_mlp, gated_mlp_decode_configs
+
+            n = lw.up_w.shape[0] // 2
+            tile = None
+            if h.dim() == 2 and h.shape[0] <= FEW_ROWS:
+                tile = self._tile_config(h.shape[0], "gated_mlp", "up")
+            # untuned: the decode space's first tile (16 rows, narrow N tiles: more programs
+            # than SMs stream the weights)
+            tile = tile or gated_mlp_decode_configs()[0]
+            h = gated_mlp(h, lw.up_w[:n], lw.up_w[n:], config=tile)
+        elif self.spec.mlp == "gated":
+            up = self._proj(h, lw.up_w, lw.up_b, linear=linear, site="up")
+            gate, up = up.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(self._proj(h, lw.up_w, lw.up_b, linear=linear, site="up"))
+        return self._proj(h, lw.down_w, lw.down_b, residual=x, linear=linear, site="down")
+
+    def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(ids, self.embed)
+        if self.pos_embed is not None:
+            x = x + F.embedding(positions, self.pos_embed)
+        return x
+
+    def _logits(
+        self, x: torch.Tensor, triton_norm: bool = False, linear: str = "torch"
+    ) -> torch.Tensor:
+        h = self._norm(x, self.final_norm_w, self.final_norm_b, triton_norm)
+        return self._proj(h, self.lm_head, None, linear=linear)
+
+    # -- entry points ---------------------------------------------------------------------
+
+    def prefill(self, cache: KVCache, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """ids, valid: [B, S] (left-padded, valid False on padding). Writes the keys and values
+        of slots [0, S) and returns the logits of the last position, [B, vocab]."""
+        s = self.spec
+        bsz, seq = ids.shape
+        nh, kvh, d = s.num_heads, s.num_kv_heads, s.head_dim
+        positions = (valid.long().cumsum(-1) - 1).clamp_min(0)
+        x = self._embed(ids, positions)
+        eye = torch.eye(seq, dtype=torch.bool, device=ids.device)
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=ids.device).tril()
+        # Padded query rows attend to themselves only: no fully masked row (NaN), and no real
+        # row ever attends to a padded key.
+        mask = (causal[None] & valid[:, None, :]) | eye[None]
+        mask = mask[:, None]
+        if self.cos is not None:  # [B, S, 1, D]: a gather of D x D matrices was 100s of MB
+            cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
+        for i, lw in enumerate(self.layers):
+            h = self._norm(x, lw.attn_norm_w, lw.attn_norm_b)
+            qkv = F.linear(h, lw.qkv_w, lw.qkv_b)
+            qk = qkv[..., : (nh + kvh) * d].view(bsz, seq, nh + kvh, d)
+            if self.cos is not None:
+                qk = qk * cos + _rotate_half(qk) * sin
+            q = qk[:, :, :nh].transpose(1, 2)
+            k = qk[:, :, nh:].transpose(1, 2)
+            v = qkv[..., (nh + kvh) * d :].view(bsz, seq, kvh, d).transpose(1, 2)
+            cache.k[i, :, :, :seq].copy_(k)
+            cache.v[i, :, :, :seq].copy_(v)
+            g = nh // kvh
+            k = k[:, :, None].expand(bsz, kvh, g, seq, d).reshape(bsz, nh, seq, d)
+            v = v[:, :, None].expand(bsz, kvh, g, seq, d).reshape(bsz, nh, seq, d)
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=s.attention_scale)
+            att = att.transpose(1, 2).reshape(bsz, seq, nh * d)
+            x = _residual_linear(x, att, lw.o_w, lw.o_b)
+            x = self._mlp(x, self._norm(x, lw.mlp_norm_w, lw.mlp_norm_b), lw)
+        return self._logits(x[:, -1])
+
+    def decode(
+        self,
+        cache: KVCache,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slot: torch.Tensor,
+        kv_valid: torch.Tensor,
+        ids_out: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, bool]:
+        """tokens, positions: [B]; slot: [1]; kv_valid: [B, kv_len] bool, the cache slots each
+        row may attend to (this step's slot included, none after it: Triton attention reads
+        slots [0, slot] only). Returns [B, vocab] logits, and whether the greedy ids were
+        written into `ids_out` too (lm_head + argmax in one kernel)."""
+        s, kernels = self.spec, self.kernels
+        bsz = tokens.shape[0]
+        kv_len = kv_valid.shape[-1]
+        pairs = kernels.step_config_for(bsz, kv_len) if bsz <= FEW_ROWS else None
+        if pairs is not None and self._step_weights is not None:
+            step = self._persistent_decode(pairs, cache, tokens, positions, slot, kv_valid, ids_out)
+            return step[0], ids_out is not None
+        nh, kvh, d = s.num_heads, s.num_kv_heads, s.head_dim
+        g = nh // kvh
+        few = bsz <= FEW_ROWS  # kernl's few-rows kernels hold at most 16 rows
+        fold = kernels.norm == "fused" and few and self.norm_folds
+        triton_norm = kernels.norm != "torch"
+        triton_mlp = kernels.gated_mlp == "triton"
+        if kernels.attention == "torch":
+            bias = torch.where(kv_valid, 0.0, torch.finfo(self.dtype).min).to(self.dtype)
+            bias = bias[:, None, None, :].expand(bsz, kvh, 1, kv_len).reshape(bsz * kvh, 1, kv_len)
+        elif kernels.attention == "triton":
+            # every row's valid length: the chunks of the cache past it read nothing
+            kv_lens = (slot + 1).expand(bsz)
+            attention_config = self._tile_config(bsz, "decode_attention", "attn", kv_len)
+        x = self._embed(tokens, positions)
+        rope = None
+        if self.rope is not None and kernels.rope == "torch":
+            rope = self.rope.index_select(0, positions)
+        fused_rope = fold and kernels.rope == "fused"  # norm, QKV, rotary, cache write: 1 kernel
+        for i, lw in enumerate(self.layers):
+            if fused_rope:
+                q = self._norm_linear_rope(x, lw, cache, i, positions, slot)[:, :, 0]
+            elif fold:
+                qkv = self._norm_linear(
+                    x, lw.attn_norm_w, lw.attn_norm_b, lw.qkv_w, lw.qkv_b, site="qkv"
+                )
+            else:
+                h = self._norm(x, lw.attn_norm_w, lw.attn_norm_b, triton_norm)
+                qkv = self._proj(h, lw.qkv_w, lw.qkv_b, linear=kernels.linear, site="qkv")
+            if fused_rope:
+                pass  # q and the caches are written
+            elif kernels.rope != "torch":  # "fused" without the folded norm: its own kernel
+                from kernl.kernels.rope_cache_write import rope_cache_write
+
+                q = rope_cache_write(
+                    qkv,
+                    positions,
+                    self.cos,
+                    self.sin,
+                    cache.k[i],
+                    cache.v[i],
+                    slot,
+                    num_heads=nh,
+                    num_kv_heads=kvh,
+                    pdl=kernels.pdl,
+                )[:, :, 0]
+            else:
+                qk = qkv[:, : (nh + kvh) * d].view(bsz, nh + kvh, d)
+                qk = torch.bmm(qk, rope) if rope is not None else qk.contiguous()
+                v_new = qkv[:, (nh + kvh) * d :].view(bsz, kvh, 1, d)
+                cache.k[i].index_copy_(2, slot, qk[:, nh:].unsqueeze(2))
+                cache.v[i].index_copy_(2, slot, v_new)
+                q = qk[:, :nh]
+            keys, values = cache.k[i][:, :, :kv_len], cache.v[i][:, :, :kv_len]
+            if kernels.attention == "torch":
+                keys_t = keys.reshape(bsz * kvh, kv_len, d).transpose(1, 2)
+                scores = torch.baddbmm(
+                    bias, q.reshape(bsz * kvh, g, d), keys_t, alpha=s.attention_scale
+                )
+                att = torch.bmm(torch.softmax(scores, dim=-1), values.reshape(bsz * kvh, kv_len, d))
+            elif kernels.attention == "sdpa":
+                att = F.scaled_dot_product_attention(
+                    q.unsqueeze(2),
+                    keys,
+                    values,
+                    attn_mask=kv_valid[:, None, None, :],
+                    scale=s.attention_scale,
+                    enable_gqa=True,
+                )
+            else:
+                from kernl.kernels.decode_attention import decode_attention
+
+                att = decode_attention(
+                    q.unsqueeze(2),
+                    keys,
+                    values,
+                    sm_scale=s.attention_scale,
+                    kv_lens=kv_lens,
+                    kv_mask=kv_valid,
+                    config=attention_config,
+                    pdl=kernels.pdl,
+                )
+            x = self._proj(att.reshape(bsz, nh * d), lw.o_w, lw.o_b, x, kernels.linear, "o")
+            if fold and self.gated_silu_without_bias:
+                h = self._norm_linear(
+                    x, lw.mlp_norm_w, lw.mlp_norm_b, lw.up_w, gated=True, site="up"
+                )
+                x = self._proj(h, lw.down_w, lw.down_b, x, kernels.linear, "down")
+            elif fold:
+                up = self._norm_linear(x, lw.mlp_norm_w, lw.mlp_norm_b, lw.up_w, lw.up_b, site="up")
+                if s.mlp == "gated":
+                    gate, up = up.chunk(2, dim=-1)
+                    h = self.act(gate) * up
+                else:
+                    h = self.act(up)
+                x = self._proj(h, lw.down_w, lw.down_b, x, kernels.linear, "down")
+            else:
+                h = self._norm(x, lw.mlp_norm_w, lw.mlp_norm_b, triton_norm)
+                x = self._mlp(x, h, lw, triton_mlp, kernels.linear)
+        if kernels.lm_head == "triton" and few and ids_out is not None:
+            from kernl.kernels.lm_head_argmax import lm_head_argmax, new_workspace
+
+            if self._workspace is None:
+                self._workspace = new_workspace(x.device)
+            norm_w = None
+            if s.norm == "rms" and self.final_norm_b is None:
+                norm_w, h = self.final_norm_w, x  # the final RMSNorm folds into the kernel
+            else:
+                h = self._norm(x, self.final_norm_w, self.final_norm_b, triton_norm)
+            _, logits = lm_head_argmax(
+                h,
+                self.lm_head,
+                norm_weight=norm_w,
+                eps=s.norm_eps,
+                return_logits=True,
+                ids_out=ids_out,
+                workspace=self._workspace,
+                config=self._tile_config(bsz, "lm_head_argmax", "lm_head"),
+                pdl=kernels.pdl,
+                prefetch=kernels.prefetch,
+            )
+            return logits, True
+        return self._logits(x, triton_norm, kernels.linear), False
+
+    def _counters_for(self, x: torch.Tensor) -> torch.Tensor:
+        if self._counters is None:
+            from kernl.kernels.norm_linear import new_counters
+
+            self._counters = new_counters(x.device)
+        return self._counters
+
+    def _tile_config(self, batch: int, kernel: str, site: str, cache: int = 0):
+        """The kernel's config dataclass for the tile the compiler tuned at this batch and
+        site (and KV-cache length, for attention), or None (its default) where there is none."""
+        t = self.kernels.tile(batch, kernel, site, cache)
+        if t is None:
+            return None
+        if kernel == "decode_attention":
+            from kernl.kernels.decode_attention import DecodeAttentionConfig
+
+            return DecodeAttentionConfig(t.block_n, t.num_warps, t.num_stages, t.split_k)
+        if kernel == "gated_mlp":
+            from kernl.kernels.gated_mlp import GatedMLPConfig
+
+            return GatedMLPConfig(16, t.block_n, t.block_k, 1, t.num_warps, t.num_stages)
+        if kernel == "norm_linear":
+            from kernl.kernels.norm_linear import NormLinearConfig as Config
+        elif kernel == "skinny_linear_fused":
+            from kernl.kernels.skinny_linear_fused import SkinnyLinearFusedConfig as Config
+        else:
+            from kernl.kernels.lm_head_argmax import LmHeadArgmaxConfig
+
+            return LmHeadArgmaxConfig(t.block_n, t.block_k, t.num_warps, t.num_stages)
+        return Config(t.block_n, t.block_k, t.split_k, t.num_warps, t.num_stages)
+
+    def _norm_linear(
+        self, x, norm_w, norm_b, w, b=None, gated: bool = False, site: str = "qkv"
+    ) -> torch.Tensor:
+        from kernl.kernels.norm_linear import norm_linear
+
+        return norm_linear(
+            x,
+            norm_w,
+            norm_b,
+            w,
+            b,
+            eps=self.spec.norm_eps,
+            norm=self.spec.norm,
+            gated=gated,
+            counters=self._counters_for(x),
+            config=self._tile_config(x.shape[0], "norm_linear", site),
+            pdl=self.kernels.pdl,
+            prefetch=self.kernels.prefetch,
+        )
+
+    def _norm_linear_rope(self, x, lw: LayerWeights, cache, i: int, positions, slot):
+        """q [B, H, 1, D] of layer i, its k and v written to the cache at `slot`."""
+        from kernl.kernels.norm_linear_rope import norm_linear_rope
+        from kernl.kernels.rope_cache_write import RopeCacheTarget
+
+        s = self.spec
+        target = RopeCacheTarget(
+            positions, self.cos, self.sin, cache.k[i], cache.v[i], slot, s.num_heads, s.num_kv_heads
+        )
+        return norm_linear_rope(
+            x,
+            lw.attn_norm_w,
+            lw.attn_norm_b,
+            lw.qkv_w,
+            lw.qkv_b,
+            target,
+            eps=s.norm_eps,
+            norm=s.norm,
+            counters=self._counters_for(x),
+            config=self._tile_config(x.shape[0], "norm_linear", "qkv"),
+            pdl=self.kernels.pdl,
+            prefetch=self.kernels.prefetch,
+        )
+
+    def _proj(
+        self,
+        h: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor | None,
+        residual: torch.Tensor | None = None,
+        linear: str = "torch",
+        site: str | None = None,
+    ) -> torch.Tensor:
+        """residual + h @ w.T + b on the linear kernel `linear` names (a decode step's choice;
+        prefill stays on torch: its kernels have no binaries). `site` ("qkv", "up", "o",
+        "down") picks the tuned tile of the fused kernel."""
+        if linear == "fused" and _few_rows_operands(h, w):
+            from kernl.kernels.skinny_linear_fused import skinny_linear_fused
+
+            config = None
+            if site is not None:
+                config = self._tile_config(h.shape[0], "skinny_linear_fused", site)
+            return skinny_linear_fused(
+                h,
+                w,
+                b,
+                residual,
+                counters=self._counters_for(h),
+                config=config,
+                pdl=self.kernels.pdl,
+                prefetch=self.kernels.prefetch,
+            )
+        return _linear(h, w, b, residual=residual, skinny=linear != "torch")
+
+
+FEW_ROWS = 16
+
+
+def _few_rows_operands(h: torch.Tensor, w: torch.Tensor) -> bool:
+    return h.dim() == 2 and h.shape[0] <= FEW_ROWS and h.stride(1) == 1 and w.is_contiguous()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _linear(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    skinny: bool = False,
+) -> torch.Tensor:
+    """residual + h @ w.T + b, on kernl's few-rows kernel when `skinny` and h fits it."""
+    if skinny:
+        from kernl.kernels.skinny_linear import MAX_ROWS, skinny_linear
+
+        if h.dim() == 2 and h.shape[0] <= MAX_ROWS and h.stride(1) == 1 and w.is_contiguous():
+            return skinny_linear(h, w, b, residual)
+    if residual is None:
+        return F.linear(h, w, b)
+    return _residual_linear(residual, h, w, b)
+
+
+def _residual_linear(
+    x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
+) -> torch.Tensor:
+    if b is not None:
+        return x + F.linear(h, w, b)
+    if x.dim() == 2:
+        return torch.addmm(x, h, w.t())  # one GEMM with the residual as its C operand
+    return x + F.linear(h, w)

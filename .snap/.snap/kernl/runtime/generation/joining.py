@@ -1,0 +1,181 @@
+"""A running batch that new requests join between decode steps (`GenerativeModel.open_batch`).
+
+A batch bucket's decode step already keeps a position, a row of valid cache slots and the
+sampler's parameters per row; only the cache slot it writes is shared. So a request can join
+a running batch in a free row (one that never held a request, or whose request ended) at the
+step where the batch writes slot `s`, if its prompt bucket P fits before it (P <= s):
+- its prompt is prefilled alone, on the smallest batch bucket's own buffers and graph (the
+  same step that `generate` runs for one prompt), which gives its first token;
+- that prefill's keys and values, slots [0, P) of the small cache, are copied into the row's
+  slots [s - P, s) of the running cache; the row's valid slots are those and no other (what
+  the row's previous request left there is never attended);
+- the row's position, token, finished flag and sampler parameters are set from the small
+  batch's row; its noise is keyed by its own step count (SamplerParams.step_offset), so a
+  seeded row draws what it would alone.
+Rotary (or learned) positions are the row's own, never the slot's: attention over the cache
+sees the same keys as the request alone would, at other slots. The copies run on the stream
+between two graph replays; nothing is captured anew.
+
+A joiner must be able to finish inside the cache: s + max_new_tokens - 1 <= cache length. A
+batch whose bucket is the smallest has no smaller bucket to prefill joiners on: nobody joins
+it. The batch holds the model (its lock) from `open_batch` to `close`; one thread drives it."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from kernl.artifacts.schema import pick_size
+
+
+class OpenBatch:
+    """See the module docstring. `first` holds (row, token) of the opening rows' first tokens;
+    `step()` and `join()` give (row, token) pairs, `steps(n)` a list of them per step. A row
+    is freed once it emitted an EOS id or its own `max_new_tokens`, or by `release(row)`."""
+
+    def __init__(self, model, plan, sampling: tuple, limits: list[int]):
+        self.model = model
+        self.plan = plan
+        self.bucket = plan.batch_bucket
+        self.state = model._states[self.bucket]
+        self.do_sample = plan.do_sample
+        self.eos = frozenset(plan.eos)
+        smallest = min(model.buckets.batches)
+        self.join_bucket = smallest if smallest < self.bucket else None
+        self._left: dict[int, int] = {}  # live row -> tokens it may still emit
+        self._slot = plan.prompt_bucket  # the cache slot the next decode step writes
+        self._steps = 1  # steps run so far (the prefill is the first)
+        model._refuse_reentry()
+        model._lock.acquire()
+        model._streaming_thread = threading.get_ident()
+        try:
+            self._capture_steps()
+            model._start(plan, *sampling)
+            model._step(("prefill", self.bucket, plan.prompt_bucket, plan.do_sample)).run()
+            ids = self.state.tokens[: plan.batch].tolist()
+        except BaseException:
+            self.close()
+            raise
+        self._left = dict(enumerate(limits))
+        self.first = self._emitted(list(enumerate(ids)))
+
+    def _capture_steps(self) -> None:
+        """Every step this batch and its joiners can replay, captured before any buffer holds
+        a request: capturing runs a step for real after resetting its bucket's slot, positions
+        and valid slots, which mid-batch would wipe the running rows (sampling graphs are
+        otherwise captured on first use)."""
+        model, buckets = self.model, self.model.buckets
+        slots = range(self.plan.prompt_bucket, buckets.cache_len)
+        for kv in sorted({pick_size(buckets.kv_lengths, s + 1) for s in slots}):
+            model._step(("decode", self.bucket, kv, self.do_sample))
+        if self.join_bucket is not None:
+            for p in buckets.prompts:
+                model._step(("prefill", self.join_bucket, p, self.do_sample))
+
+    @property
+    def rows(self) -> list[int]:
+        """The rows whose request is still generating."""
+        return sorted(self._left)
+
+    @property
+    def slot(self) -> int:
+        return self._slot
+
+    def free_rows(self) -> int:
+        return self.bucket - len(self._left)
+
+    def can_join(self, prompt_length: int, max_new_tokens: int) -> bool:
+        """Whether a request of this prompt length and budget may join now (join() then runs
+        it); a request this refuses may fit later (a freed row, a later slot) or never."""
+        if self.join_bucket is None or self.free_rows() == 0:
+            return False
+        bucket = pick_size(self.model.buckets.prompts, prompt_length)
+        if bucket is None or bucket > self._slot:
+            return False
+        return self._slot + max_new_tokens - 1 <= self.model.buckets.cache_len
+
+    def join(
+        self,
+        input_ids,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = 50,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> tuple[int, int] | None:
+        """Prefill one prompt alone and seat it in a free row: (row, its first token), or None
+        when `can_join` says it cannot join now. A bad prompt or argument raises ValueError
+        (as `generate` would), leaving the batch as it was."""
+        model, plan = self.model, self.plan
+        prompt = torch.as_tensor(input_ids, dtype=torch.int64).view(1, -1)
+        mask = torch.ones_like(prompt, dtype=torch.bool)
+        sampling = (temperature, top_k, top_p, seed)
+        # The batch's own EOS and pad ids: a request with other ones cannot share it.
+        small = model._plan(
+            prompt, mask, max_new_tokens, self.do_sample, *sampling[:3], plan.eos, plan.pad, seed
+        )
+        if not self.can_join(len(small.rows[0]), max_new_tokens):
+            return None
+        row = min(set(range(self.bucket)) - set(self._left))
+        source = model._start(small, *sampling)  # the smallest bucket's buffers
+        p = small.prompt_bucket
+        model._step(("prefill", self.join_bucket, p, self.do_sample)).run()
+        big, s = self.state, self._slot
+        big.cache.k[:, row, :, s - p : s].copy_(source.cache.k[:, 0, :, :p])
+        big.cache.v[:, row, :, s - p : s].copy_(source.cache.v[:, 0, :, :p])
+        big.kv_valid[row].fill_(False)
+        big.kv_valid[row, s - p : s].copy_(source.kv_valid[0, :p])
+        for name in ("positions", "tokens", "finished"):
+            getattr(big, name)[row].copy_(getattr(source, name)[0])
+        # Its own step n (n = 1 at its first decode) runs as the batch's step self._steps.
+        big.sampler.copy_row(row, source.sampler, 0, self._steps - 1)
+        self._left[row] = max_new_tokens
+        return self._emitted([(row, int(source.tokens[0]))])[0]
+
+    def step(self) -> list[tuple[int, int]]:
+        """One decode step of the whole bucket: (row, token) for every live row."""
+        return self.steps(1)[0]
+
+    def steps(self, n: int) -> list[list[tuple[int, int]]]:
+        """Up to `n` decode steps replayed back to back, the ids read back once at the end
+        (a host sync per step idles the GPU between steps): each step's (row, token) pairs
+        of the rows live at that step. Stops at the first step where a live row spends its
+        budget, so that no row passes it (a row's EOS frees it mid-way)."""
+        if not self._left:
+            raise RuntimeError("no row of this batch is generating: join one, or close it")
+        n = max(1, min(n, *self._left.values()))
+        first = self._steps  # the column of `state.out` the first of these steps writes
+        for _ in range(n):
+            kv = pick_size(self.model.buckets.kv_lengths, self._slot + 1)
+            self.model._step(("decode", self.bucket, kv, self.do_sample)).run()
+            self._slot += 1
+            self._steps += 1
+        ids = self.state.out[:, first : first + n].tolist()
+        self.model._check_steps()
+        return [self._emitted([(row, ids[row][j]) for row in self.rows]) for j in range(n)]
+
+    def release(self, row: int) -> None:
+        """Stop generating for `row` (its client left): it emits the pad id from now on and
+        may seat a joiner."""
+        if self._left.pop(row, None) is not None:
+            self.state.finished[row].fill_(True)
+
+    def close(self) -> None:
+        if self.model._streaming_thread == threading.get_ident():
+            self.model._streaming_thread = None
+            self.model._lock.release()
+
+    def __enter__(self) -> OpenBatch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _emitted(self, pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Count each row's token; free the rows that emitted an EOS id or their last token."""
+        for row, token in pairs:
+            self._left[row] -= 1
+            if token in self.eos or self._left[row] == 0:
+                self.release(row)
+        return pairs

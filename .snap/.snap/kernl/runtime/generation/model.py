@@ -1,0 +1,632 @@
+"""Serve a causal-LM artifact: `model.generate(...)` and `model.stream(...)`.
+
+At load: the weights go to the device once, each batch bucket gets its static buffers
+(KV cache included, see generation/state.py), and on CUDA every greedy step graph is captured
+— one prefill graph per (batch, prompt) bucket, one decode graph per (batch, kv length)
+bucket — all drawing on one memory pool. Sampling graphs are captured on the first sampling
+call. A call left-pads each prompt into the smallest prefill bucket, replays its prefill, then
+replays one decode graph per new token; the host reads nothing back until the end except,
+every few steps, whether every row has finished (and each step's ids when streaming)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+
+from kernl.artifacts.errors import ArtifactCorruptError
+from kernl.artifacts.generation import (
+    DECODE_KERNEL_CHOICES,
+    DecodeKernels,
+    DecoderSpec,
+    GenerationBuckets,
+)
+from kernl.artifacts.schema import Manifest, pick_size
+
+from ..binaries import KernelBinaries, running_with
+from ..graphs import capture_graph
+from .decoder import Decoder
+from .joining import OpenBatch
+from .state import MAX_EOS_IDS, BatchState
+
+# How often generate() asks the GPU whether every row has finished: a host sync costs a few
+# microseconds of idle GPU, the extra steps after the last EOS only emit pad ids.
+FINISHED_CHECK_EVERY = 8
+
+
+class _Step:
+    """One step function: run eagerly, or captured once as a CUDA graph and replayed.
+    `running` is the model's launch context (its kernel binaries, its device), entered only
+    around the step itself: never across a `stream()` yield, where the caller's own code runs."""
+
+    def __init__(
+        self,
+        fn: Callable[[], torch.Tensor],
+        reset: Callable[[], None],
+        running: Callable[[], AbstractContextManager] | None = None,
+    ):
+        self.fn = fn
+        self.reset = reset
+        self.running = running
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def capture(self, pool, device: torch.device) -> None:
+        with _enter(self.running):
+            self.graph, self.logits = capture_graph(self.fn, pool, reset=self.reset, device=device)
+
+    def run(self) -> torch.Tensor:
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        with _enter(self.running):
+            return self.fn()
+
+
+def _enter(running: Callable[[], AbstractContextManager] | None) -> AbstractContextManager:
+    from contextlib import nullcontext
+
+    return running() if running is not None else nullcontext()
+
+
+class StepLoop:
+    """The host side of generation shared by the causal-LM and encoder-decoder models: run a
+    request's steps (`_run(plan, state)` yields each step's logits) collecting the ids, or
+    yield them as they come. A plan has `batch` and `eos`; a state `tokens`, `finished`, `out`.
+    `_lock` serialises requests; an open stream() holds it between its yields."""
+
+    _lock: threading.Lock
+    _streaming_thread: int | None = None  # the thread iterating an open stream()
+
+    def _collect(self, plan, state, first: int = 1) -> torch.Tensor:
+        """Every step's ids [batch, steps run] on the CPU; stops early once every row has
+        finished (checked every few steps from step `first` on)."""
+        n = 0
+        for n, _ in enumerate(self._run(plan, state), 1):
+            if plan.eos and n >= first and n % FINISHED_CHECK_EVERY == 0:
+                if bool(state.finished[: plan.batch].all()):
+                    break
+        out = state.out[: plan.batch, :n].to("cpu", copy=True)
+        self._check_steps()
+        return out
+
+    def _check_steps(self) -> None:
+        """Raise if a step of this request is known to have computed wrongly (a model whose
+        steps can tell: the persistent decode step's timed-out barrier)."""
+
+    def _stream_steps(self, plan, start: Callable, output_logits: bool, skip: int = 0) -> Iterator:
+        """Yield the ids of each step after the first `skip` (the state comes from `start()`,
+        under the lock), with its float32 logits when `output_logits`; stops after the step
+        where every row has finished."""
+        self._refuse_reentry()
+        with self._lock:
+            self._streaming_thread = threading.get_ident()
+            try:
+                state = start()
+                for n, logits in enumerate(self._run(plan, state), 1):
+                    if n <= skip:
+                        continue
+                    ids = state.tokens[: plan.batch].to("cpu", copy=True)
+                    self._check_steps()
+                    yield (ids, logits[: plan.batch].float().clone()) if output_logits else ids
+                    if bool(state.finished[: plan.batch].all()):
+                        return
+            finally:
+                self._streaming_thread = None
+
+    def _refuse_reentry(self) -> None:
+        """The lock is held by an open stream() between its yields: the thread iterating it
+        would wait for itself forever."""
+        if self._streaming_thread == threading.get_ident():
+            raise RuntimeError(
+                "this thread is iterating an open stream() of this model: exhaust it or call "
+                "its close() (or break out of the for loop) before generate() or stream() again"
+            )
+
+
+@dataclass
+class _Plan:
+    rows: list[list[int]]
+    batch_bucket: int
+    prompt_bucket: int
+    max_new_tokens: int
+    do_sample: bool
+    eos: list[int]
+    pad: int
+
+    @property
+    def batch(self) -> int:
+        return len(self.rows)
+
+
+class GenerativeModel(StepLoop):
+    """A loaded causal-LM artifact; see `generate` and `stream`."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        weights: dict[str, torch.Tensor],
+        device: torch.device,
+        capture: str = "load",
+        binaries: KernelBinaries | None = None,
+    ):
+        if capture not in ("load", "lazy", "never"):
+            raise ValueError(f"capture must be 'load', 'lazy' or 'never', not {capture!r}")
+        self.manifest = manifest
+        self.device = device
+        self._binaries = binaries
+        try:
+            self.spec = DecoderSpec.from_dict(manifest.extra["decoder"])
+            self.buckets = GenerationBuckets.from_dict(manifest.extra["generation_buckets"])
+            kernels = DecodeKernels.from_dict(manifest.extra.get("decode_kernels"))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ArtifactCorruptError(
+                f"the manifest's causal-LM description is invalid: {type(e).__name__}: {e}"
+            ) from None
+        self.dtype = getattr(torch, manifest.dtype)
+        self.capture_mode = capture if device.type == "cuda" else "never"
+        self._lock = threading.Lock()
+        self._pool = torch.cuda.graph_pool_handle() if self.capture_mode != "never" else None
+        spec = self.spec
+        self.default_pad = (
+            spec.pad_token_id
+            if spec.pad_token_id is not None
+            else (spec.eos_token_ids[0] if spec.eos_token_ids else 0)
+        )
+        kernels = _runnable(kernels, device)
+        self.decoder = Decoder(spec, weights, self.buckets.cache_len, self.dtype, device, kernels)
+        self._states = {
+            b: BatchState(
+                self.decoder,
+                b,
+                self.buckets.prompts,
+                self.buckets.cache_len,
+                self.default_pad,
+                device,
+            )
+            for b in self.buckets.batches
+        }
+        self._steps: dict[tuple, _Step] = {}
+        if self.capture_mode == "load":
+            # Largest first, so smaller graphs reuse the pool's blocks.
+            keys = [("prefill", b, p, False) for b, p in self.buckets.prefill_shapes()]
+            keys.sort(key=lambda k: -k[1] * k[2])
+            keys += [("decode", b, k, False) for b, k in self.buckets.decode_shapes()]
+            for key in keys:
+                self._step(key)
+
+    def _check_steps(self) -> None:
+        if self.decoder.persistent_timed_out():
+            raise RuntimeError(
+                "a persistent decode step timed out waiting at a grid barrier, so this "
+                "request's tokens are wrong: another kernel held SMs the step needed (two "
+                "persistent steps running at once on this GPU, from two streams or under "
+                "MPS?). Run one model's generation at a time per GPU, or compile with "
+                "decode_kernels={'step': 'pieces'}."
+            )
+
+    # -- public API -------------------------------------------------------------------------
+
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        max_new_tokens: int | None = None,
+        do_sample: bool = False,
+        temperature: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 50,
+        top_p: float | Sequence[float] = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | Sequence[int] = 0,
+        max_length: int | None = None,
+    ) -> torch.Tensor:
+        """Like Hugging Face `generate`: returns [batch, prompt + new] ids, the prompt as given
+        followed by the new tokens; a row that emitted an EOS id is padded with `pad_token_id`
+        (default: the model's pad id, else its first EOS id) until every row has finished or
+        `max_new_tokens` were produced. Prompts may differ in length (`attention_mask` zeros
+        mark padding, on either side). `eos_token_id` defaults to the model's. Sampling
+        (`do_sample=True`) applies temperature, top-k, top-p; the same `seed` gives the same
+        ids. Each of the four is one value or a list of one per row; with a seed per row,
+        each row draws what it would alone with its seed. `max_new_tokens` defaults to 20; `max_length`, as in Hugging Face, counts the
+        prompt (its padded length) too, and `max_new_tokens` wins when both are given."""
+        sampling = (do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
+        prompt, plan = self._request(
+            input_ids, attention_mask, max_new_tokens, max_length, sampling
+        )
+        with self._lock:
+            new = self._collect(plan, self._start(plan, temperature, top_k, top_p, seed))
+        new = new[:, : _generated_length(new, plan.eos)]
+        return torch.cat([prompt, new], dim=1).to(_device_of(input_ids))
+
+    def stream(
+        self,
+        input_ids,
+        attention_mask=None,
+        max_new_tokens: int | None = None,
+        do_sample: bool = False,
+        temperature: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 50,
+        top_p: float | Sequence[float] = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | Sequence[int] = 0,
+        output_logits: bool = False,
+        max_length: int | None = None,
+    ) -> Iterator:
+        """The same generation, yielding each step's new ids ([batch] on the CPU) as they come
+        (with `output_logits`, pairs of ids and that step's float32 logits [batch, vocab]).
+        Stops after the step where every row has finished. Arguments are checked before this
+        returns; the model serves nothing else until the iterator is exhausted or closed
+        (the thread iterating it gets a RuntimeError if it calls `generate` or `stream`
+        before then, instead of waiting for itself)."""
+        sampling = (do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
+        _, plan = self._request(input_ids, attention_mask, max_new_tokens, max_length, sampling)
+        start = lambda: self._start(plan, temperature, top_k, top_p, seed)  # noqa: E731
+        return self._stream_steps(plan, start, output_logits)
+
+    def open_batch(
+        self,
+        input_ids,
+        max_new_tokens: int | Sequence[int] = 20,
+        do_sample: bool = False,
+        temperature: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 50,
+        top_p: float | Sequence[float] = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | Sequence[int] = 0,
+        rows: int | None = None,
+    ) -> OpenBatch:
+        """Start a batch that other prompts can join between its steps (`OpenBatch.join`,
+        see generation/joining.py): the prompts' prefill runs now and `.first` holds their
+        first tokens; `.step()` runs one decode step. `max_new_tokens` is one budget or one per
+        prompt; `rows` asks for a batch bucket with at least that many rows (room for
+        joiners; default: the prompts'). Each row's tokens are those `generate` gives its
+        prompt alone (greedy; sampled rows with a seed per row). The model serves nothing
+        else until `close()` (or the end of a `with` block)."""
+        budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else None
+        most = max(budgets) if budgets else max_new_tokens
+        sampling = (do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
+        _, plan = self._request(input_ids, None, most, None, sampling)
+        if budgets is not None and len(budgets) != plan.batch:
+            raise ValueError(f"{len(budgets)} max_new_tokens for {plan.batch} prompts")
+        bad = [n for n in budgets or [] if not _is_int(n) or n < 1]
+        if bad:
+            raise ValueError(f"max_new_tokens must be positive integers, got {bad!r}")
+        if rows is not None:
+            bucket = pick_size(self.buckets.batches, max(rows, plan.batch))
+            if bucket is None:
+                raise ValueError(
+                    f"rows={rows}: no batch bucket holds that many ({self.buckets.batches})"
+                )
+            plan.batch_bucket = bucket
+        limits = budgets or [most] * plan.batch
+        return OpenBatch(self, plan, (temperature, top_k, top_p, seed), limits)
+
+    def _request(
+        self, input_ids, attention_mask, max_new_tokens, max_length, sampling: tuple
+    ) -> tuple[torch.Tensor, _Plan]:
+        """generate's and stream's common start: (the prompts as one batch, the checked plan)."""
+        self._refuse_reentry()
+        prompt, mask = _as_batch(input_ids, attention_mask)
+        max_new_tokens = _new_tokens(max_new_tokens, max_length, prompt.shape[1])
+        return prompt, self._plan(prompt, mask, max_new_tokens, *sampling)
+
+    def _running(self) -> AbstractContextManager:
+        return running_with(self._binaries, self.device)
+
+    def __repr__(self) -> str:
+        b = self.buckets
+        return (
+            f"GenerativeModel({self.manifest.model_type}, {self.manifest.dtype}, "
+            f"device={self.device}, batch={b.batches}, prompt={b.prompts}, "
+            f"kv={b.kv_lengths})"
+        )
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _plan(
+        self,
+        prompt,
+        mask,
+        max_new_tokens,
+        do_sample,
+        temperature,
+        top_k,
+        top_p,
+        eos_token_id,
+        pad_token_id,
+        seed=0,
+    ) -> _Plan:
+        """Check a request and pick its buckets; raises ValueError before touching any state
+        (an out-of-range id reaching the GPU is a device-side error that poisons the whole
+        CUDA context, not just this call)."""
+        b = self.buckets
+        vocab = self.spec.vocab_size
+        check_options(
+            max_new_tokens,
+            do_sample,
+            temperature,
+            top_k,
+            top_p,
+            eos_token_id,
+            pad_token_id,
+            seed,
+            vocab,
+            len(prompt),
+        )
+        lo, hi = int(prompt.min()), int(prompt.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"input_ids must lie in [0, {vocab}); got values in [{lo}, {hi}]")
+        rows = [prompt[i][mask[i]].tolist() for i in range(prompt.shape[0])]
+        empty = [i for i, r in enumerate(rows) if not r]
+        if empty:
+            raise ValueError(f"row(s) {empty} of the batch have no tokens (attention_mask all 0)")
+        batch, longest = len(rows), max(len(r) for r in rows)
+        batch_bucket = pick_size(b.batches, batch)
+        if batch_bucket is None:
+            raise ValueError(
+                f"batch of {batch} prompts is larger than every batch bucket of this artifact "
+                f"({b.batches}); split the batch or recompile with a larger batch bucket"
+            )
+        prompt_bucket = pick_size(b.prompts, longest)
+        if prompt_bucket is None:
+            raise ValueError(
+                f"a prompt of {longest} tokens is longer than every prompt bucket of this "
+                f"artifact ({b.prompts}); shorten it or recompile with a longer prompt bucket"
+            )
+        if prompt_bucket + max_new_tokens - 1 > b.cache_len:
+            raise ValueError(
+                f"prompt bucket {prompt_bucket} + max_new_tokens {max_new_tokens} - 1 exceeds "
+                f"the KV cache of {b.cache_len} slots; at most "
+                f"{b.cache_len - prompt_bucket + 1} new tokens fit after this prompt "
+                f"(recompile with a larger cache= to go further)"
+            )
+        eos = self.spec.eos_token_ids if eos_token_id is None else eos_token_id
+        eos = [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+        if len(eos) > MAX_EOS_IDS:
+            raise ValueError(f"at most {MAX_EOS_IDS} EOS ids are supported, got {len(eos)}")
+        pad = self.default_pad if pad_token_id is None else int(pad_token_id)
+        if pad_token_id is None and self.spec.pad_token_id is None and eos:
+            pad = eos[0]
+        return _Plan(rows, batch_bucket, prompt_bucket, max_new_tokens, do_sample, eos, pad)
+
+    def _start(self, plan: _Plan, temperature, top_k, top_p, seed) -> BatchState:
+        """Write the request into its batch bucket's buffers (one copy per buffer)."""
+        state = self._states[plan.batch_bucket]
+        p, bb = plan.prompt_bucket, plan.batch_bucket
+        ids = torch.full((bb, p), plan.pad, dtype=torch.int64)
+        valid = torch.zeros(bb, p, dtype=torch.bool)
+        for i, row in enumerate(plan.rows):
+            ids[i, p - len(row) :] = torch.tensor(row, dtype=torch.int64)
+            valid[i, p - len(row) :] = True
+        valid[plan.batch :, -1] = True  # rows that only fill the bucket: one token each
+        active = torch.arange(bb) < plan.batch
+        eos = torch.full((MAX_EOS_IDS,), -1, dtype=torch.int64)
+        eos[: len(plan.eos)] = torch.tensor(plan.eos, dtype=torch.int64)
+        state.prompt_ids[p].copy_(ids)
+        state.prompt_valid[p].copy_(valid)
+        state.active.copy_(active)
+        state.eos.copy_(eos)
+        state.pad.fill_(plan.pad)
+        state.sampler.set(temperature, top_k, top_p, seed, self.spec.vocab_size)
+        return state
+
+    def _run(self, plan: _Plan, state: BatchState) -> Iterator[torch.Tensor]:
+        """Replay the prefill, then one decode step per further token; yields each step's
+        logits (device memory that the next step overwrites)."""
+        prefill = self._step(("prefill", plan.batch_bucket, plan.prompt_bucket, plan.do_sample))
+        decodes = {
+            kv: self._step(("decode", plan.batch_bucket, kv, plan.do_sample))
+            for kv in self._kv_lengths_for(plan)
+        }
+        yield prefill.run()
+        for n in range(1, plan.max_new_tokens):
+            slot = plan.prompt_bucket + n - 1  # where this step writes its token's key/value
+            kv = pick_size(self.buckets.kv_lengths, slot + 1)  # slots [0, slot] attended
+            yield decodes[kv].run()
+
+    def _kv_lengths_for(self, plan: _Plan) -> list[int]:
+        slots = range(plan.prompt_bucket, plan.prompt_bucket + plan.max_new_tokens - 1)
+        return sorted({pick_size(self.buckets.kv_lengths, s + 1) for s in slots})
+
+    def _step(self, key: tuple) -> _Step:
+        step = self._steps.get(key)
+        if step is None:
+            kind, batch, size, do_sample = key
+            state = self._states[batch]
+            if kind == "prefill":
+                fn = lambda: state.prefill(size, do_sample)  # noqa: E731
+            else:
+                fn = lambda: state.decode(size, do_sample)  # noqa: E731
+            step = _Step(fn, state.reset_counters, self._running)
+            if self.capture_mode != "never":
+                step.capture(self._pool, self.device)
+            self._steps[key] = step
+        return step
+
+
+def _kernel_modules() -> dict:
+    """The kernel module behind each (piece, choice) that is not plain torch or SDPA."""
+    from kernl.kernels import (
+        decode_attention,
+        decode_step,
+        gated_mlp,
+        lm_head_argmax,
+        norm,
+        norm_linear,
+        rope_cache_write,
+        skinny_linear,
+        skinny_linear_fused,
+    )
+
+    return {
+        ("attention", "triton"): decode_attention,
+        ("norm", "triton"): norm,
+        ("norm", "fused"): norm_linear,
+        ("gated_mlp", "triton"): gated_mlp,
+        ("linear", "triton"): skinny_linear,
+        ("linear", "fused"): skinny_linear_fused,
+        ("rope", "triton"): rope_cache_write,
+        ("lm_head", "triton"): lm_head_argmax,
+        ("step", "persistent"): decode_step,
+    }
+
+
+def _runnable(kernels: DecodeKernels, device: torch.device) -> DecodeKernels:
+    """On the CPU, kernl's kernels run only in Triton's interpreter (see
+    kernl_ops.triton_usable); where it is not on, the plain torch pieces compute the same."""
+    if device.type != "cpu" or kernels == DecodeKernels():
+        return kernels
+    from ..kernl_ops import triton_usable
+
+    modules = _kernel_modules()
+    kept = {}
+    for piece, choice in dataclasses.asdict(kernels).items():
+        module = modules.get((piece, choice))
+        usable = module is None or triton_usable(device, module)
+        kept[piece] = choice if usable else DECODE_KERNEL_CHOICES[piece][0]
+    return DecodeKernels(**kept)
+
+
+def _as_batch(input_ids, attention_mask, left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, S] int64 on the CPU, mask [B, S] bool); ragged lists are padded on the left
+    (prompts: a causal LM continues from the right end) or the right (encoder sources)."""
+    if (
+        isinstance(input_ids, (list, tuple))
+        and input_ids
+        and isinstance(input_ids[0], (list, tuple))
+    ):
+        if attention_mask is not None:
+            raise ValueError("attention_mask is not used with a list of token lists")
+        longest = max(len(r) for r in input_ids)
+        if longest == 0:
+            raise ValueError("input_ids holds no tokens")
+        ids = torch.zeros(len(input_ids), longest, dtype=torch.int64)
+        mask = torch.zeros(len(input_ids), longest, dtype=torch.bool)
+        for i, r in enumerate(input_ids):
+            if r:
+                cols = slice(longest - len(r), None) if left else slice(0, len(r))
+                ids[i, cols] = torch.as_tensor(r, dtype=torch.int64)
+                mask[i, cols] = True
+        return ids, mask
+    ids = torch.as_tensor(input_ids)
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integers, got {ids.dtype}")
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise ValueError(
+            f"input_ids must be [batch, sequence] and not empty, got {tuple(ids.shape)}"
+        )
+    ids = ids.to("cpu", torch.int64)
+    if attention_mask is None:
+        return ids, torch.ones_like(ids, dtype=torch.bool)
+    mask = torch.as_tensor(attention_mask)
+    if mask.dim() == 1:
+        mask = mask[None]
+    if mask.shape != ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(mask.shape)}, input_ids has {tuple(ids.shape)}"
+        )
+    return ids, mask.to("cpu").bool()
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _new_tokens(max_new_tokens: int | None, max_length: int | None, prompt_length: int) -> int:
+    """Hugging Face's rule: `max_length` counts the (padded) prompt; `max_new_tokens` wins."""
+    if max_length is None:
+        return 20 if max_new_tokens is None else max_new_tokens
+    if not _is_int(max_length):
+        raise ValueError(f"max_length must be an integer, got {max_length!r}")
+    if max_new_tokens is not None:
+        warnings.warn(
+            "both max_new_tokens and max_length were given; max_new_tokens takes precedence",
+            stacklevel=3,
+        )
+        return max_new_tokens
+    if max_length <= prompt_length:
+        raise ValueError(
+            f"max_length={max_length} leaves no room after a prompt of {prompt_length} tokens "
+            f"(it counts the prompt); use max_new_tokens to set the number of new tokens"
+        )
+    return max_length - prompt_length
+
+
+def _device_of(x) -> torch.device:
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+
+
+def _generated_length(new: torch.Tensor, eos: list[int]) -> int:
+    """Hugging Face stops after the step at which the last row emitted its EOS."""
+    if not eos:
+        return new.shape[1]
+    is_eos = torch.isin(new, torch.tensor(eos, dtype=new.dtype))
+    if not bool(is_eos.any(dim=1).all()):
+        return new.shape[1]
+    return int(is_eos.int().argmax(dim=1).max()) + 1
+
+
+def _rows_of(name: str, value, rows: int) -> list:
+    """A sampler argument as its per-row values: a sequence must hold one per row."""
+    if not isinstance(value, (list, tuple)):
+        return [value]
+    if len(value) != rows:
+        raise ValueError(f"{name} holds {len(value)} values for a batch of {rows} rows")
+    return list(value)
+
+
+def check_options(
+    max_new_tokens,
+    do_sample,
+    temperature,
+    top_k,
+    top_p,
+    eos_token_id,
+    pad_token_id,
+    seed,
+    vocab: int,
+    rows: int,
+) -> None:
+    """The generation options of a request of `rows` rows (shared by the causal-LM and
+    seq2seq models); temperature, top_k, top_p and seed may each be one value or a sequence
+    of one per row. Raises ValueError."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
+    for t in _rows_of("temperature", temperature, rows):
+        if not _is_number(t) or not math.isfinite(t):
+            raise ValueError(f"temperature must be a finite number, got {t!r}")
+        if do_sample and not t > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {t}")
+    for p in _rows_of("top_p", top_p, rows):
+        if not _is_number(p) or not 0 < p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {p!r}")
+    for k in _rows_of("top_k", top_k, rows):
+        if k is not None and (not _is_int(k) or not 0 <= k < 2**31):
+            raise ValueError(f"top_k must be an integer in [0, 2**31) (0: off), got {k!r}")
+    for v in _rows_of("seed", seed, rows):
+        if not _is_int(v) or not 0 <= v < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {v!r}")
+    if pad_token_id is not None and not (_is_int(pad_token_id) and 0 <= pad_token_id < vocab):
+        raise ValueError(f"pad_token_id must be a token id in [0, {vocab}), got {pad_token_id!r}")
+    if eos_token_id is not None:
+        ids = [eos_token_id] if not isinstance(eos_token_id, (list, tuple)) else eos_token_id
+        bad = [e for e in ids if not (_is_int(e) and 0 <= e < vocab)]
+        if bad:
+            raise ValueError(f"eos_token_id must be token ids in [0, {vocab}), got {bad!r}")

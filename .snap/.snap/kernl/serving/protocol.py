@@ -1,0 +1,391 @@
+"""The HTTP JSON protocol of `kernl serve`: parse and check a request body, shape a response.
+
+Request (POST /, or /predict):
+    {"input_ids": [101, 7592, 102]}                      one sequence
+    {"input_ids": [[101, 7592, 102], [101, 102]],        several, of any lengths
+     "attention_mask": [[1, 1, 1], [1, 1]],              optional, same lengths
+     "token_type_ids": ...,                              optional, same lengths
+     "outputs": ["pooler_output"],                       optional: which outputs to return
+     "encoding": "base64"}                               optional: "json" (default) or "base64"
+    {"text": "hello world"} or {"text": [...]}           when the artifact has tokenizer.json
+Response:
+    {"outputs": {"last_hidden_state": [...], ...}, "bucket": "4x16", "replica": "...",
+     "replay": {"requests": 3, "rows": 5}}
+  An output holds one value per sequence (sliced to the sequence's length), or the value
+  alone when the request sent one sequence as a flat list. A value is nested JSON numbers, or
+  with "encoding": "base64" {"dtype": "float16", "shape": [768], "data": "<base64>"}: the
+  tensor's raw little-endian bytes in C order, the same values bit for bit.
+
+Every check happens on arrival, before a request joins a batch, so a bad request fails
+alone with a 4xx and a message, and never takes a batch down with it."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kernl.artifacts.schema import Bucket, InputSpec, Manifest
+
+from .batching import Row
+
+
+class RequestError(Exception):
+    """A request the server refuses: `status` is the HTTP status (4xx), str() the message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# JSON nested deeper than this is refused before parsing: a request is at most an object of
+# lists of lists, and Python's json module recurses once per level (RecursionError at ~1000).
+MAX_JSON_DEPTH = 32
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a request is checked against: the artifact's inputs, outputs and buckets, and the
+    ranges its embeddings can index (None: not recorded, then any int64 that is not negative)."""
+
+    inputs: list[InputSpec]
+    output_names: list[str]
+    buckets: list[Bucket]
+    vocab_size: int | None
+    max_rows: int  # sequences per request: the batcher's --max-batch-size
+    type_vocab_size: int | None = None  # rows of the token-type embedding (BERT: 2)
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, max_rows: int) -> ModelLimits:
+        """The limits of an artifact, from its manifest alone (no weights, no device)."""
+        config = manifest.model_config
+        return cls(
+            inputs=list(manifest.inputs),
+            output_names=[o.name for o in manifest.outputs],
+            buckets=manifest.bucket_list(),
+            vocab_size=_config_int(config, "vocab_size"),
+            max_rows=max_rows,
+            type_vocab_size=_config_int(config, "type_vocab_size"),
+        )
+
+    @property
+    def max_seq(self) -> int:
+        return max(b.seq for b in self.buckets)
+
+    def bucket_names(self) -> str:
+        return ", ".join(f"{b.batch}x{b.seq}" for b in sorted(self.buckets))
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    rows: list[Row]
+    single: bool  # one flat sequence was sent: answer with values, not lists of them
+    outputs: list[str]  # the outputs to return
+    encoding: str = "json"  # how output values are spelled: ENCODINGS
+
+
+ENCODINGS = ("json", "base64")
+Tokenize = Callable[[list[str]], list[dict[str, list[int]]]]
+MAX_BODY_BYTES = 8 << 20
+
+
+def parse_request(
+    body: bytes, limits: ModelLimits, tokenize: Tokenize | None = None
+) -> ParsedRequest:
+    """Parse a request body; raise RequestError (400 malformed, 413 too large for every
+    bucket, 422 wrong fields or values) with a message that says what to change."""
+    data = load_json_object(body)
+    input_names = [s.name for s in limits.inputs]
+    allowed = set(input_names) | {"text", "outputs", "encoding"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise RequestError(
+            422,
+            f"unknown field(s) {unknown}; this model takes {input_names}, "
+            f"'text' (with a tokenizer), 'outputs' and 'encoding'",
+        )
+    outputs = _parse_outputs(data.get("outputs"), limits.output_names)
+    encoding = data.get("encoding", "json")
+    if encoding not in ENCODINGS:
+        raise RequestError(422, f"'encoding' must be one of {list(ENCODINGS)}")
+    if "text" in data:
+        rows, single = _rows_from_text(data, input_names, tokenize)
+    elif "input_ids" in data:
+        rows, single = _rows_from_ids(data, input_names)
+    else:
+        raise RequestError(422, "missing field 'input_ids' (or 'text')")
+    _check_rows(rows, limits)
+    return ParsedRequest(rows, single, outputs, encoding)
+
+
+def load_json_object(body: bytes) -> dict:
+    """The request body as a JSON object; RequestError 413 (over MAX_BODY_BYTES), 400 (not
+    JSON, nested too deeply) or 422 (JSON but not an object)."""
+    if len(body) > MAX_BODY_BYTES:
+        raise RequestError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    _check_depth(body)
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:  # a nesting _check_depth could not see (e.g. escaped brackets)
+        raise RequestError(400, "request body nests JSON too deeply") from None
+    if not isinstance(data, dict):
+        raise RequestError(422, 'request body must be a JSON object, e.g. {"input_ids": [...]}')
+    return data
+
+
+def _check_depth(body: bytes) -> None:
+    """Refuse bodies whose brackets nest deeper than MAX_JSON_DEPTH, without parsing them.
+
+    An upper bound on the JSON depth: brackets inside strings count too, so only a request
+    whose strings hold more than MAX_JSON_DEPTH unclosed brackets is refused wrongly. Vector
+    code throughout: an 8 MiB body of brackets takes milliseconds, not a Python loop."""
+    brackets = body.translate(None, _NOT_BRACKETS)
+    if len(brackets) <= MAX_JSON_DEPTH:
+        return
+    opens = np.frombuffer(brackets, dtype=np.uint8)
+    opens = (opens == ord("[")) | (opens == ord("{"))
+    if int(np.cumsum(opens.astype(np.int32) * 2 - 1).max()) > MAX_JSON_DEPTH:
+        raise RequestError(
+            400,
+            f"request body nests JSON deeper than {MAX_JSON_DEPTH} levels "
+            "(a request is an object of lists of lists)",
+        )
+
+
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+
+
+def _parse_outputs(value, names: list[str]) -> list[str]:
+    if value is None:
+        return list(names)
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise RequestError(422, f"'outputs' must be a non-empty list of names among {names}")
+    unknown = [v for v in value if v not in names]
+    if unknown:
+        raise RequestError(422, f"unknown output(s) {unknown}; this model returns {names}")
+    return list(dict.fromkeys(value))
+
+
+def _rows_from_ids(data: dict, input_names: list[str]) -> tuple[list[Row], bool]:
+    ids = data["input_ids"]
+    single = isinstance(ids, list) and bool(ids) and not isinstance(ids[0], list)
+    columns: dict[str, list[list[int]]] = {}
+    for name in input_names:
+        if name not in data:
+            continue
+        value = data[name]
+        if single:
+            value = [value]
+        columns[name] = _int_matrix(name, value)
+    n = len(columns["input_ids"])
+    rows = []
+    for k in range(n):
+        inputs = {}
+        for name, column in columns.items():
+            if len(column) != n:
+                raise RequestError(
+                    422, f"'{name}' has {len(column)} sequences, 'input_ids' has {n}"
+                )
+            if len(column[k]) != len(columns["input_ids"][k]):
+                raise RequestError(
+                    422,
+                    f"sequence {k}: '{name}' has {len(column[k])} values, "
+                    f"'input_ids' has {len(columns['input_ids'][k])}",
+                )
+            inputs[name] = tuple(column[k])
+        rows.append(Row(inputs))
+    return rows, single
+
+
+def _int_matrix(name: str, value) -> list[list[int]]:
+    shape_error = RequestError(
+        422, f"'{name}' must be a list of integers or a list of such lists (one per sequence)"
+    )
+    if not isinstance(value, list) or not value:
+        raise shape_error
+    for row in value:
+        if not isinstance(row, list):
+            raise shape_error
+        if not row:
+            raise RequestError(422, f"'{name}' holds an empty sequence")
+        # bool is an int in Python; JSON true/false in token ids is a caller's mistake. JSON
+        # numbers parse to exactly int or float, so the type test is exact (and runs in C).
+        if set(map(type, row)) != {int}:
+            raise RequestError(422, f"'{name}' must hold integers only")
+    return value
+
+
+def _rows_from_text(data: dict, input_names: list[str], tokenize) -> tuple[list[Row], bool]:
+    if tokenize is None:
+        raise RequestError(
+            422,
+            "this artifact carries no tokenizer (tokenizer.json next to manifest.msgpack, "
+            "and the `tokenizers` package): send 'input_ids' instead of 'text'",
+        )
+    if "input_ids" in data:
+        raise RequestError(422, "send either 'text' or 'input_ids', not both")
+    text = data["text"]
+    single = isinstance(text, str)
+    texts = [text] if single else text
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise RequestError(422, "'text' must be a string or a non-empty list of strings")
+    rows = []
+    for encoded in tokenize(texts):
+        rows.append(Row({k: tuple(v) for k, v in encoded.items() if k in input_names}))
+    return rows, single
+
+
+def _check_rows(rows: Sequence[Row], limits: ModelLimits) -> None:
+    if len(rows) > limits.max_rows:
+        raise RequestError(
+            413,
+            f"{len(rows)} sequences in one request; at most {limits.max_rows} "
+            f"(the server's --max-batch-size)",
+        )
+    max_seq = limits.max_seq  # a row fits a bucket of one row alone iff it fits the longest
+    for k, row in enumerate(rows):
+        if row.length > max_seq:
+            raise RequestError(
+                413,
+                f"sequence {k} has {row.length} tokens, longer than every bucket of this "
+                f"artifact (batch x seq: {limits.bucket_names()})",
+            )
+        for name, values in row.inputs.items():
+            lo, hi = min(values), max(values)
+            allowed = _allowed_range(name, limits)
+            if lo < allowed.low or hi > allowed.high:
+                raise RequestError(
+                    422,
+                    f"sequence {k}: '{name}' must lie in {allowed.text}, "
+                    f"got values in [{lo}, {hi}]",
+                )
+
+
+@dataclass(frozen=True)
+class _Range:
+    low: int
+    high: int  # inclusive
+    text: str  # how the message spells it, with the reason
+
+
+def _allowed_range(name: str, limits: ModelLimits) -> _Range:
+    """The values an input may take: an index into an embedding must have a row to read (an
+    out-of-range id is an out-of-bounds read on the GPU, and fails the whole batch), a mask is
+    0 or 1, and anything else must fit the int64 tensors the runtime copies it into."""
+    if name == "attention_mask":
+        return _Range(0, 1, "{0, 1} (1: a real token, 0: padding)")
+    size = {"input_ids": limits.vocab_size, "token_type_ids": limits.type_vocab_size}.get(name)
+    what = {"input_ids": "vocab_size", "token_type_ids": "type_vocab_size"}.get(name)
+    if size is not None:
+        return _Range(0, size - 1, f"[0, {size}) (the model's {what})")
+    if what is not None:  # an index, size not recorded: not negative, and an int64
+        return _Range(0, INT64_MAX, f"[0, 2**63) (int64; the model's {what} is not recorded)")
+    return _Range(INT64_MIN, INT64_MAX, "[-2**63, 2**63) (int64)")
+
+
+def _config_int(config: dict, key: str) -> int | None:
+    v = config.get(key)
+    # bool is an int in Python; a config saying `true` records no size.
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
+def response_body(per_row: Sequence[dict], request: ParsedRequest, extra: dict) -> dict:
+    """The JSON object answering one request, from its rows' outputs (CPU tensors)."""
+    as_value = _as_base64 if request.encoding == "base64" else _as_json
+    outputs = {}
+    for name in request.outputs:
+        values = [as_value(r[name]) for r in per_row]
+        outputs[name] = values[0] if request.single else values
+    return {"outputs": outputs, **extra}
+
+
+def response_bytes(per_row: Sequence[dict], request: ParsedRequest, extra: dict) -> bytes:
+    """`json.dumps(response_body(...)).encode()`, byte for byte, without building the lists:
+    what the server sends. A float16 or bfloat16 output is spelled through a table of the
+    JSON text of all 65,536 values (float.__repr__ of each, as json.dumps writes it), so a
+    768-value pooler output costs a table lookup and a join, not 768 float reprs."""
+    fields = []
+    for name in request.outputs:
+        values = [_value_text(r[name], request.encoding) for r in per_row]
+        value = values[0] if request.single else "[" + ", ".join(values) + "]"
+        fields.append(f"{json.dumps(name)}: {value}")
+    text = '{"outputs": {' + ", ".join(fields) + "}"
+    rest = json.dumps(extra)
+    text += "}" if rest == "{}" else ", " + rest[1:]
+    return text.encode()
+
+
+def _value_text(t: torch.Tensor, encoding: str) -> str:
+    if encoding == "base64":
+        return json.dumps(_as_base64(t))
+    table = _half_table(t.dtype)
+    if table is None:
+        return json.dumps(_as_json(t))
+    bits = t.view(torch.int16).numpy().view(np.uint16)
+    return _join(table[bits].tolist()) if bits.ndim else table[bits]
+
+
+def _join(value) -> str:
+    """Nested lists of JSON texts as json.dumps lays out lists: `[a, b]`."""
+    if isinstance(value, str):
+        return value
+    if value and isinstance(value[0], str):
+        return "[" + ", ".join(value) + "]"
+    return "[" + ", ".join(map(_join, value)) + "]"
+
+
+def prepare_answers(output_dtypes: Sequence[str]) -> None:
+    """Build the text tables of the outputs' dtypes (manifest names: "float16", ...) now, at a
+    replica's load, rather than in the first request (about 30 ms each)."""
+    for name in output_dtypes:
+        dtype = getattr(torch, name, None)
+        if isinstance(dtype, torch.dtype):
+            _half_table(dtype)
+
+
+@functools.cache
+def _half_table(dtype: torch.dtype) -> np.ndarray | None:
+    """For a 16-bit float dtype, the JSON text of each bit pattern (indexed by the pattern as
+    uint16), as _as_json spells it; None for other dtypes. Built once, in about 30 ms."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    patterns = torch.from_numpy(np.arange(1 << 16, dtype=np.uint16).view(np.int16))
+    values = patterns.view(dtype).tolist()
+    texts = [repr(v) if math.isfinite(v) else json.dumps(str(v)) for v in values]
+    return np.array(texts, dtype=object)
+
+
+def _as_base64(t: torch.Tensor) -> dict:
+    """The tensor's raw bytes (C order, the host's byte order: little-endian on x86-64 and
+    aarch64), its dtype as torch names it and its shape."""
+    t = t.contiguous()
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    return {
+        "dtype": str(t.dtype).removeprefix("torch."),
+        "shape": list(t.shape),
+        "data": base64.b64encode(data).decode("ascii"),
+    }
+
+
+def _as_json(t):
+    if not t.is_floating_point() or bool(t.isfinite().all()):
+        return t.tolist()
+    # JSON has no NaN or infinity: spell them as strings rather than emit invalid JSON.
+    return _plain(t.tolist())
+
+
+def _plain(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value

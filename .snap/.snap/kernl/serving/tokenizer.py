@@ -1,0 +1,106 @@
+"""Text requests, when the artifact folder carries a `tokenizer.json` (Hugging Face's fast
+tokenizer file) and the `tokenizers` package is installed. Optional: without either, the
+server takes token ids only. transformers is never needed.
+
+The file is read as the artifact's own: a regular file directly in the folder, never through
+a symbolic link (an artifact copied from elsewhere could point it at any file the server can
+read), and of bounded size."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+from .protocol import Tokenize
+
+TOKENIZER_FILE = "tokenizer.json"
+# Large multilingual tokenizers are ~35 MB; anything this size is not a tokenizer.
+MAX_TOKENIZER_BYTES = 256 << 20
+
+
+class TokenizerFileError(ValueError):
+    """The artifact's tokenizer.json is there but is not a file kernl will read."""
+
+
+def read_tokenizer_file(artifact: str | Path) -> str | None:
+    """The text of the artifact's tokenizer.json, or None when the folder has none. Raises
+    TokenizerFileError for a symlink, a non-regular file, an oversized or non-UTF-8 one."""
+    path = Path(artifact) / TOKENIZER_FILE
+    if not os.path.lexists(path):
+        return None
+    try:
+        # O_NOFOLLOW: the check and the read are one step, so the file cannot be swapped for
+        # a link between them.
+        fd = os.open(
+            path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        )
+    except OSError as e:
+        why = "a symbolic link" if path.is_symlink() else f"unreadable ({e.strerror})"
+        raise TokenizerFileError(
+            f"{path} is {why}; the tokenizer must be a regular file inside the artifact folder "
+            "(copy it there instead of linking it)"
+        ) from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise TokenizerFileError(f"{path} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        if info.st_size > MAX_TOKENIZER_BYTES:
+            raise TokenizerFileError(
+                f"{path} is {info.st_size} bytes, over the {MAX_TOKENIZER_BYTES >> 20} MiB a "
+                "tokenizer file may take"
+            )
+        data = f.read(MAX_TOKENIZER_BYTES + 1)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerFileError(f"{path} is not UTF-8 text: {e}") from None
+
+
+def load_tokenizer(artifact: str | Path) -> Tokenize | None:
+    """A function from texts to per-text inputs (input_ids, attention_mask, token_type_ids),
+    or None when the artifact has no tokenizer file or `tokenizers` is missing. Raises
+    TokenizerFileError when the file is one kernl does not read (see read_tokenizer_file)."""
+    text = read_tokenizer_file(artifact)
+    if text is None:
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    try:
+        tokenizer = Tokenizer.from_str(text)
+    except Exception as e:  # tokenizers raises its own Exception type for a malformed file
+        raise TokenizerFileError(f"{Path(artifact) / TOKENIZER_FILE}: {e}") from None
+    tokenizer.no_padding()  # the batcher pads; each text keeps its own length
+
+    def tokenize(texts: list[str]) -> list[dict[str, list[int]]]:
+        return [
+            {"input_ids": e.ids, "attention_mask": e.attention_mask, "token_type_ids": e.type_ids}
+            for e in tokenizer.encode_batch(texts)
+        ]
+
+    return tokenize
+
+
+def load_detokenizer(artifact: str | Path) -> Callable[[list[int]], str] | None:
+    """A function from token ids to text (special tokens skipped), or None like
+    load_tokenizer: what a generation answer's "text" is made with."""
+    text = read_tokenizer_file(artifact)
+    if text is None:
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    try:
+        tokenizer = Tokenizer.from_str(text)
+    except Exception as e:
+        raise TokenizerFileError(f"{Path(artifact) / TOKENIZER_FILE}: {e}") from None
+
+    def detokenize(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    return detokenize

@@ -1,0 +1,81 @@
+"""The whole-artifact check that verify and load share: the memory plan against the device's
+free memory, the op vocabulary without the runtime, and the plan's figures."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from artifact_edit import copy_artifact, edit_extra, first_program, insert_instructions
+
+import kernl.runtime
+from kernl.artifacts import ArtifactUnsafeError, verify_artifact
+from kernl.artifacts.reader import check_artifact
+
+
+def test_the_memory_plan_of_a_valid_artifact(small_artifact):
+    plan = check_artifact(small_artifact).memory
+    # 2 layers of a 64-wide BERT in fp32: weights are most of it
+    assert 300_000 < plan.weights < 600_000
+    # inputs (3 x int64 x tokens) and kept outputs of buckets 1x8 and 2x8
+    assert plan.static_buffers == (3 * 8 * 8 + (8 * 64 + 64) * 4) * (1 + 2)
+    assert 0 < plan.pool < 1 << 20
+
+
+def test_load_refuses_a_plan_over_the_free_device_memory(small_causal_lm, tmp_path, monkeypatch):
+    """A KV cache that fits the limits but not the device: batch 4096 x 128 slots of a 2-layer
+    GPT-2 is 512 MiB of cache. verify refuses it given the same free memory."""
+    root = copy_artifact(small_causal_lm, tmp_path / "a")
+    edit_extra(root, lambda e: e["generation_buckets"].update(batches=[4096], kv_lengths=[128]))
+    plan = check_artifact(root).memory
+    assert 512 << 20 <= plan.static_buffers < 600 << 20
+    free = 256 << 20
+    with pytest.raises(ArtifactUnsafeError, match="the device has 256.0 MiB free"):
+        verify_artifact(root, free_bytes=free)
+    monkeypatch.setattr(kernl.runtime, "_free_memory", lambda device: free)
+    with pytest.raises(ArtifactUnsafeError, match=r"static buffers 5\d\d\.\d MiB.*device has 256"):
+        kernl.runtime.load(root, device="cpu")
+
+
+def test_the_plan_counts_tensors_alive_together(small_artifact, tmp_path):
+    """Two 2 GiB tensors read at the end are alive together (4 GiB of pool); the same two, each
+    dead after its use, are not. Nothing is allocated to find out."""
+    root = copy_artifact(small_artifact, tmp_path / "a")
+    n = 1 << 29  # fp32 elements: 2 GiB
+    insert_instructions(
+        root,
+        first_program(root),
+        [
+            ["aten.full.default", [[n], 1.0], {}],
+            ["aten.full.default", [[n], 1.0], {}],
+            ["aten.add.Tensor", ["$0", "$1"], {}],
+        ],
+    )
+    plan = check_artifact(root).memory
+    assert 6 << 30 <= plan.pool < (6 << 30) + (1 << 20)  # two inputs and the sum
+
+
+def test_the_op_check_does_not_need_the_runtime(small_artifact, tmp_path, monkeypatch):
+    """The reader once imported the runtime's vocabulary and skipped the op check when that
+    import failed; the format owns the list now."""
+    root = copy_artifact(small_artifact, tmp_path / "a")
+    insert_instructions(root, first_program(root), [["aten.system.default", ["id"], {}]])
+    monkeypatch.setitem(sys.modules, "kernl.runtime.vocabulary", None)
+    with pytest.raises(ArtifactUnsafeError, match="outside the vocabulary"):
+        verify_artifact(root)
+
+
+def test_a_caller_vocabulary_narrows_never_widens(small_artifact):
+    with pytest.raises(ArtifactUnsafeError, match="outside the vocabulary"):
+        verify_artifact(small_artifact, is_known_op=lambda op: not op.startswith("kernl."))
+    verify_artifact(small_artifact, is_known_op=lambda op: True)
+
+
+def test_runtime_and_format_vocabularies_agree():
+    from kernl.artifacts.vocabulary import KERNL_OPS, is_allowed_op
+    from kernl.runtime.kernl_ops import OPS
+    from kernl.runtime.vocabulary import is_known_op
+
+    assert {name.removeprefix("kernl.") for name in OPS} == set(KERNL_OPS)
+    for name in ("aten.add.Tensor", "aten.add.Tensor\n", "aten.add.nope", "kernl.eval"):
+        assert is_allowed_op(name) == is_known_op(name), name

@@ -1,0 +1,172 @@
+"""The writer: refuses a bad destination before any work, replaces an artifact atomically,
+leaves readable files, and cleans up after compiles that were killed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+from artifact_edit import copy_artifact, read_msgpack
+
+from kernl.artifacts import (
+    ArtifactCorruptError,
+    ArtifactDestinationError,
+    ArtifactWriter,
+    check_destination,
+    pack_manifest,
+    read_manifest,
+    read_program,
+    verify_artifact,
+)
+from kernl.artifacts.writer import clean_stale
+
+
+def test_existing_file_is_not_replaced(tmp_path):
+    (tmp_path / "out").write_text("precious")
+    with pytest.raises(ArtifactDestinationError, match="exists and is not a folder"):
+        check_destination(tmp_path / "out")
+
+
+def test_folder_that_is_not_an_artifact_is_not_replaced(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("precious")
+    with pytest.raises(ArtifactDestinationError, match="is not a kernl artifact"):
+        check_destination(tmp_path / "out")
+
+
+def test_parent_that_cannot_be_created(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ArtifactDestinationError, match="cannot create the folder"):
+        check_destination(tmp_path / "file" / "sub" / "out")
+
+
+def test_too_little_free_space(tmp_path, monkeypatch):
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: Usage(1 << 30, (1 << 30) - 4096, 4096))
+    with pytest.raises(ArtifactDestinationError, match="not enough free space.*0 MiB are free"):
+        check_destination(tmp_path / "out")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: Usage(1 << 40, 0, 1 << 30))
+    with pytest.raises(ArtifactDestinationError, match="needs about 2048 MiB"):
+        check_destination(tmp_path / "out", needed_bytes=2 << 30)
+    assert check_destination(tmp_path / "out", needed_bytes=1 << 20) == tmp_path / "out"
+
+
+@pytest.fixture
+def locked():
+    """A folder only its owner may write, with parents anyone may enter."""
+    base = tempfile.mkdtemp(prefix="kernl-locked-")
+    os.chmod(base, 0o755)
+    yield Path(base)
+    os.chmod(base, 0o755)
+    shutil.rmtree(base)
+
+
+def test_unwritable_destination(locked):
+    """As root, permissions are only enforced for another user: the check runs in a forked
+    child that has dropped to `nobody`."""
+    if os.geteuid() != 0:
+        locked.chmod(0o555)
+        with pytest.raises(ArtifactDestinationError, match="cannot write into"):
+            check_destination(locked / "out")
+        return
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read_end)
+        message = b"accepted"
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            check_destination(locked / "out")
+        except ArtifactDestinationError as e:
+            message = str(e).encode()
+        except BaseException as e:
+            message = f"other {type(e).__name__}: {e}".encode()
+        os.write(write_end, message)
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        message = f.read().decode()
+    os.waitpid(pid, 0)
+    assert message.startswith(f"cannot write into {locked}"), message
+
+
+def _rewrite(src, dest, edit_config=None):
+    """Write a copy of the artifact at `src` to `dest` through ArtifactWriter."""
+    from safetensors.torch import load_file
+
+    manifest = read_manifest(src)
+    if edit_config:
+        manifest.model_config.update(edit_config)
+    w = ArtifactWriter(dest)
+    for e in manifest.buckets:
+        w.write_program(read_program(src, e.program))
+    w.write_weights(load_file(str(src / "weights.safetensors")))
+    return w, manifest
+
+
+def test_commit_replaces_the_previous_artifact_atomically(small_artifact, tmp_path):
+    dest = copy_artifact(small_artifact, tmp_path / "bert.kernl")
+    w, manifest = _rewrite(small_artifact, dest, {"marker": "second"})
+    assert read_manifest(dest).model_config.get("marker") is None  # not yet
+    w.commit(manifest)
+    assert verify_artifact(dest).model_config["marker"] == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert.kernl"]  # nothing left over
+
+
+def test_files_are_readable_by_others(small_artifact, tmp_path):
+    w, manifest = _rewrite(small_artifact, tmp_path / "bert.kernl")
+    dest = w.commit(manifest)
+    old = os.umask(0o022)
+    os.umask(old)
+    assert (dest.stat().st_mode & 0o777) == 0o777 & ~old
+    assert ((dest / "weights.safetensors").stat().st_mode & 0o777) == 0o666 & ~old
+
+
+def test_abort_leaves_nothing(small_artifact, tmp_path):
+    w, _ = _rewrite(small_artifact, tmp_path / "bert.kernl")
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_leftovers_of_killed_compiles_are_cleaned(small_artifact, tmp_path):
+    host = socket.gethostname()
+    dest = tmp_path / "bert.kernl"
+    dead, alive = _dead_pid(), os.getpid()
+    stale = tmp_path / f".bert.kernl.partial-{host}@{dead}-abc123"
+    running = tmp_path / f".bert.kernl.partial-{host}@{alive}-def456"
+    elsewhere = tmp_path / f".bert.kernl.partial-otherhost@{dead}-ghi789"
+    previous = tmp_path / f".bert.kernl.previous-{host}@{dead}"
+    for p in (stale, running, elsewhere):
+        p.mkdir()
+    copy_artifact(small_artifact, previous)  # a kill between the two renames of a commit
+    clean_stale(dest)
+    assert not stale.exists() and not previous.exists()
+    assert running.exists() and elsewhere.exists()  # maybe still in use: left alone
+    assert verify_artifact(dest)  # the previous artifact is back
+
+
+def test_manifest_checksum_round_trip_and_detection(small_artifact, tmp_path):
+    root = copy_artifact(small_artifact, tmp_path / "a")
+    m = read_msgpack(root / "manifest.msgpack")
+    (root / "manifest.msgpack").write_bytes(pack_manifest(m))
+    assert read_manifest(root) == read_manifest(small_artifact)
+    m["model_type"] = "gpt2"
+    import msgpack
+
+    (root / "manifest.msgpack").write_bytes(msgpack.packb(m, use_bin_type=True))
+    with pytest.raises(ArtifactCorruptError, match="checksum"):
+        read_manifest(root)

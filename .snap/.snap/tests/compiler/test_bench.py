@@ -1,0 +1,189 @@
+"""`kernl bench` on a tiny BERT compiled in CPU mode against eager: the figures are real
+measurements of the right shapes, the same inputs reach both implementations, the table,
+JSON and plot agree."""
+
+import json
+import math
+import statistics
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from click.testing import CliRunner
+
+import kernl.compiler
+from kernl.artifacts.schema import Bucket
+from kernl.compiler.bench import _percentile, parse_against, parse_shapes, time_calls
+from kernl.compiler.cli import main
+
+SMALL = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    vocab_size=120,
+    max_position_embeddings=80,
+)
+ITERS = 4
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    T.BertModel(T.BertConfig(**SMALL)).save_pretrained(root / "bert")
+    return root / "bert"
+
+
+@pytest.fixture(scope="module")
+def artifact(model_dir):
+    out = model_dir.parent / "bert.kernl"
+    kernl.compiler.compile(str(model_dir), "batch=1,2 seq=8,16", out, dtype="fp32", device="cpu")
+    return out
+
+
+@pytest.fixture(scope="module")
+def bench_run(artifact, tmp_path_factory):
+    """One real run, shared by the tests that read its table, JSON and plot."""
+    out = tmp_path_factory.mktemp("bench_out")
+    args = [
+        "bench",
+        str(artifact),
+        "--against",
+        "eager",
+        "--iters",
+        str(ITERS),
+        "--warmup",
+        "1",
+        "--buckets",
+        "1x8,2x12",
+        "--json",
+        str(out / "b.json"),
+    ]
+    has_mpl = _has_matplotlib()
+    if has_mpl:
+        args += ["--plot", str(out / "b.png")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    return result, out, has_mpl
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _finite_positive(x) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_json_holds_real_measurements_of_the_asked_shapes(bench_run):
+    _, out, _ = bench_run
+    d = json.loads((out / "b.json").read_text())
+    assert d["device"] == "cpu" and d["dtype"] == "float32" and d["iters"] == ITERS
+    rows = {(t["impl"], t["batch"], t["seq"]): t for t in d["timings"]}
+    assert set(rows) == {(i, b, s) for i in ("kernl", "eager") for b, s in ((1, 8), (2, 12))}
+    for (impl, b, _s), t in rows.items():
+        assert len(t["times_ms"]) == ITERS
+        assert all(_finite_positive(x) for x in t["times_ms"])
+        assert len(set(t["times_ms"])) > 1, "identical timings are not measurements"
+        assert t["median_ms"] == pytest.approx(statistics.median(t["times_ms"]))
+        assert min(t["times_ms"]) <= t["median_ms"] <= t["p90_ms"] <= max(t["times_ms"])
+        assert t["sequences_per_s"] == pytest.approx(b * 1000 / t["median_ms"])
+        assert _finite_positive(t["warmup_s"])
+        # Same inputs for both: kernl matches eager, eager matches itself exactly.
+        assert t["max_abs_diff_vs_eager"] < (1e-4 if impl == "kernl" else 1e-12)
+    assert rows[("kernl", 1, 8)]["served_by"] == "1x8"
+    assert rows[("kernl", 2, 12)]["served_by"] == "2x16"  # padded into the next bucket up
+    for shape, speedups in d["speedups"].items():
+        b, s = map(int, shape.split("x"))
+        want = rows[("eager", b, s)]["median_ms"] / rows[("kernl", b, s)]["median_ms"]
+        assert speedups["eager"] == pytest.approx(want)
+    cold = d["cold_start"]
+    assert all(_finite_positive(cold[k]) for k in ("import_s", "load_s", "first_call_s"))
+    assert cold["total_s"] == pytest.approx(
+        cold["import_s"] + cold["load_s"] + cold["first_call_s"]
+    )
+    assert _finite_positive(d["kernl_load_s"]) and _finite_positive(d["model_load_s"])
+
+
+def test_table_shows_every_row_and_its_speedup(bench_run):
+    result, out, _ = bench_run
+    d = json.loads((out / "b.json").read_text())
+    table = result.stdout
+    assert "kernl bench:" in table and "kernl cold start in a fresh process" in table
+    for t in d["timings"]:
+        row = next(
+            ln
+            for ln in table.splitlines()
+            if ln.split()[:2] == [f"{t['batch']}x{t['seq']}", t["impl"]]
+        )
+        assert f"{t['median_ms']:.3f}" in row and f"{t['p90_ms']:.3f}" in row
+        if t["impl"] == "eager":
+            sp = d["speedups"][f"{t['batch']}x{t['seq']}"]["eager"]
+            assert (f"{sp:.2f}x" if sp >= 0.1 else f"{sp:.2g}x") in row
+    assert "[5/5] eager 2x12" in result.stderr  # progress, one line per step off a terminal
+
+
+def test_plot_is_written(bench_run):
+    _, out, has_mpl = bench_run
+    if not has_mpl:
+        pytest.skip("matplotlib is not installed")
+    data = (out / "b.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_plot_without_matplotlib_fails_before_measuring(artifact, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    result = CliRunner().invoke(main, ["bench", str(artifact), "--plot", str(tmp_path / "p.png")])
+    assert result.exit_code == 2 and "--plot needs matplotlib" in result.output
+    assert "cold-start" not in result.output
+
+
+def test_model_not_found_asks_for_model_and_model_option_works(model_dir, tmp_path):
+    # Compiled from an in-memory model: the manifest records no folder to reload.
+    model = T.BertModel.from_pretrained(model_dir)
+    out = tmp_path / "mem.kernl"
+    kernl.compiler.compile(model, "batch=1 seq=8", out, dtype="fp32", device="cpu")
+    quick = ["--iters", "2", "--warmup", "0", "--no-cold-start"]
+    result = CliRunner().invoke(main, ["bench", str(out), *quick])
+    assert result.exit_code == 1 and "pass --model DIR" in result.output
+    result = CliRunner().invoke(main, ["bench", str(out), "--model", str(model_dir), *quick])
+    assert result.exit_code == 0, result.output
+    assert "kernl (1x8)" in result.stdout and "eager" in result.stdout
+
+
+def test_bad_arguments_are_clear_errors(artifact):
+    run = lambda *a: CliRunner().invoke(main, ["bench", str(artifact), *a])
+    too_big = run("--buckets", "4x8", "--against", "none")
+    assert too_big.exit_code == 1 and "larger than every bucket" in too_big.output
+    assert "1x8, 1x16, 2x8, 2x16" in too_big.output
+    assert run("--buckets", "8by8").exit_code == 2
+    peer = run("--against", "eager,jit")
+    assert peer.exit_code == 1 and "unknown peer" in peer.output
+
+
+def test_parsers():
+    assert parse_shapes("1x16, 8x128,1x16") == [Bucket(1, 16), Bucket(8, 128)]
+    assert parse_shapes("batch=1,2 seq=8") == [Bucket(1, 8), Bucket(2, 8)]
+    assert parse_against("eager,compile,max-autotune") == ["eager", "compile", "max-autotune"]
+    assert parse_against("none") == []
+
+
+def test_percentile_matches_numpy():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 100):
+        xs = rng.random(n).tolist()
+        for q in (50, 90):
+            assert _percentile(xs, q) == pytest.approx(np.percentile(xs, q))
+
+
+def test_time_calls_measures_the_call_on_cpu():
+    times = time_calls(lambda: time.sleep(0.003), 3, cuda=False)
+    assert len(times) == 3 and all(3.0 <= t < 200 for t in times)

@@ -1,0 +1,213 @@
+"""`kernl-compile` on inputs a new user gets wrong: each ends with one message and exit status
+1 (2 for a bad --buckets), never a Python traceback, and is refused before any bucket is
+compiled when the options alone show it cannot work."""
+
+import pytest
+import torch
+import transformers as T
+from click.testing import CliRunner
+
+import kernl.compiler.tasks.encoder
+from kernl.artifacts import read_manifest
+from kernl.compiler.cli import compile_command
+from kernl.compiler.trace import task_of
+from kernl.compiler.validate import ValidationError
+
+SMALL = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    vocab_size=120,
+    max_position_embeddings=80,
+)
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bert") / "m"
+    torch.manual_seed(0)
+    T.BertModel(T.BertConfig(**SMALL)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpt2") / "m"
+    torch.manual_seed(0)
+    config = T.GPT2Config(
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        n_positions=64,
+        vocab_size=97,
+        pad_token_id=0,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
+    T.GPT2LMHeadModel(config).eval().save_pretrained(path)
+    return path
+
+
+def run(*args):
+    return CliRunner().invoke(compile_command, [str(a) for a in args], prog_name="kernl-compile")
+
+
+def assert_clean_failure(result, code, *needles):
+    # CliRunner turns an uncaught exception into exit code 1 with result.exception set: a
+    # clean failure is a SystemExit carrying the code, and a message.
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in result.output, (needle, result.output)
+
+
+def test_bf16_on_the_cpu_is_refused_up_front(bert_dir, tmp_path):
+    result = run(
+        bert_dir,
+        "-o",
+        tmp_path / "a",
+        "--buckets",
+        "batch=1 seq=8",
+        "--dtype",
+        "bf16",
+        "--device",
+        "cpu",
+    )
+    assert_clean_failure(
+        result, 1, "kernl-compile: error:", "bf16", "Triton's interpreter", "--no-kernels"
+    )
+    assert "loading model" not in result.output  # refused before loading anything
+    assert not (tmp_path / "a").exists()
+
+
+def test_bf16_on_the_cpu_without_kernels_compiles(bert_dir, tmp_path):
+    result = run(
+        bert_dir,
+        "-o",
+        tmp_path / "a",
+        "--buckets",
+        "batch=1 seq=8",
+        "--dtype",
+        "bf16",
+        "--device",
+        "cpu",
+        "--no-kernels",
+    )
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "a").dtype == "bfloat16"
+
+
+def test_a_validation_failure_is_a_message_not_a_traceback(bert_dir, tmp_path, monkeypatch):
+    def failing_validate(*args, **kwargs):
+        raise ValidationError("bucket b1_s8: output last_hidden_state differs from eager")
+
+    monkeypatch.setattr(kernl.compiler.tasks.encoder, "validate", failing_validate)
+    result = run(
+        bert_dir,
+        "-o",
+        tmp_path / "a",
+        "--buckets",
+        "batch=1 seq=8",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--no-kernels",
+    )
+    assert_clean_failure(
+        result,
+        1,
+        "validation against eager failed",
+        "bucket b1_s8: output last_hidden_state differs",
+        "--atol",
+    )
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_bucket_longer_than_the_position_table_is_refused_before_tracing(bert_dir, tmp_path):
+    result = run(
+        bert_dir,
+        "-o",
+        tmp_path / "a",
+        "--buckets",
+        "batch=1 seq=8,128",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--no-kernels",
+    )
+    assert_clean_failure(result, 2, "1x128", "80 positions", "max_position_embeddings=80")
+    assert "export" not in result.output  # not even the 1x8 bucket was traced
+    assert not (tmp_path / "a").exists()
+
+
+def test_buckets_in_the_bench_form_BxS(bert_dir, tmp_path):
+    result = run(
+        bert_dir,
+        "-o",
+        tmp_path / "a",
+        "--buckets",
+        "1x8,2x16",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--no-kernels",
+    )
+    assert result.exit_code == 0, result.output
+    assert [(b.batch, b.seq) for b in read_manifest(tmp_path / "a").bucket_list()] == [
+        (1, 8),
+        (2, 16),
+    ]
+    help_text = run("--help").output
+    assert "1x16,8x128" in help_text and "max_position_embeddings" in help_text
+
+
+def test_a_causal_lm_compiles_without_task(gpt2_dir, tmp_path):
+    result = run(
+        gpt2_dir,
+        "-o",
+        tmp_path / "lm",
+        "--buckets",
+        "batch=1 prompt=8 cache=16",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+    )
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "lm").task == "causal-lm"
+
+
+def test_a_causal_lm_cache_over_its_positions_is_refused(gpt2_dir, tmp_path):
+    result = run(
+        gpt2_dir,
+        "-o",
+        tmp_path / "lm",
+        "--buckets",
+        "batch=1 prompt=8 cache=128",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+    )
+    assert_clean_failure(result, 1, "64 learned positions", "cache<=64")
+    assert not (tmp_path / "lm").exists()
+
+
+@pytest.mark.parametrize(
+    "architecture, task",
+    [
+        ("LlamaForCausalLM", "causal-lm"),
+        ("Qwen2ForCausalLM", "causal-lm"),
+        ("GPT2LMHeadModel", "causal-lm"),
+        ("BertForMaskedLM", "masked-lm"),
+        ("BertForSequenceClassification", "sequence-classification"),
+        ("BertModel", "base"),
+    ],
+)
+def test_task_follows_architectures(architecture, task):
+    assert task_of(T.PretrainedConfig(architectures=[architecture])) == task

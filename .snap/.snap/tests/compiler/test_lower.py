@@ -1,0 +1,50 @@
+"""The lowering from an exported graph to a program, on its own."""
+
+import torch
+
+from kernl.artifacts.program import Program
+from kernl.artifacts.schema import Bucket
+from kernl.compiler.lower import UnsupportedOpError, lower
+from kernl.runtime.executor import Executor
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 4)
+        self.register_buffer("scale", torch.tensor(2.0))
+
+    def forward(self, x):
+        a, b = torch.split(self.lin(x), 2, dim=-1)
+        y = torch.nn.functional.dropout(a * self.scale, 0.1, training=False)
+        return (torch.relu(y) + b,)
+
+
+def test_program_runs_like_the_module_and_round_trips_through_msgpack_dict():
+    m = Tiny().eval()
+    x = torch.randn(3, 8)
+    ep = torch.export.export(m, (x,), strict=False)
+    program, weights = lower(ep, Bucket(3, 8), ["x"])
+    ops = [i.op for i in program.instructions]
+    assert "aten.dropout.default" not in ops  # inference dropout is an identity
+    assert "aten.split.Tensor" in ops
+    assert set(weights) == {"lin.weight", "lin.bias", "scale"}
+    again = Program.from_dict(program.to_dict())
+    x2 = torch.randn(3, 8)
+    (got,) = Executor(again, weights, torch.device("cpu")).run({"x": x2})
+    torch.testing.assert_close(got, m(x2)[0])
+
+
+class UsesUnknownOp(torch.nn.Module):
+    def forward(self, x):
+        return (torch.fft.fft(x).real,)
+
+
+def test_an_op_outside_the_vocabulary_is_named_at_compile_time():
+    ep = torch.export.export(UsesUnknownOp(), (torch.randn(4, 4),), strict=False)
+    try:
+        lower(ep, Bucket(4, 4), ["x"])
+    except UnsupportedOpError as e:
+        assert "fft" in str(e) and "kernl does not support" in str(e)
+    else:
+        raise AssertionError("lowering accepted an unsupported op")

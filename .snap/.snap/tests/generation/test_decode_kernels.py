@@ -1,0 +1,523 @@
+"""A decode step on kernl's Triton kernels (Triton's interpreter on the CPU) or on SDPA computes
+what the plain-torch step computes: same ids, logits within float32 rounding, for every
+family, with a batch of mixed prompt lengths (left padding: the slot mask matters)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernl.compiler
+import kernl.runtime
+from kernl.artifacts.generation import DecodeKernels
+from kernl.kernels.decode_step import (
+    DecodeStepConfig,
+    config_pairs,
+    decode_step_choice_configs,
+    decode_step_configs,
+)
+
+from .tiny_models import mixed_prompts, tiny_model
+
+VARIANTS = [
+    DecodeKernels(attention="triton"),
+    DecodeKernels(attention="sdpa"),
+    DecodeKernels(norm="triton", gated_mlp="triton"),
+    DecodeKernels(linear="triton"),
+    DecodeKernels(linear="fused"),
+    DecodeKernels(norm="fused"),
+    DecodeKernels(rope="triton"),
+    DecodeKernels(lm_head="triton"),
+    # the fused step: 7 kernels a layer on a Llama
+    DecodeKernels(
+        attention="triton", norm="fused", linear="fused", rope="triton", lm_head="triton"
+    ),
+    # rotary and the cache write in the QKV projection's epilogue: 6 a layer
+    DecodeKernels(norm="fused", rope="fused"),
+    DecodeKernels(rope="fused"),  # without the folded norm: rope_cache_write
+    DecodeKernels(attention="triton", norm="fused", linear="fused", rope="fused", lm_head="triton"),
+    # the whole step in one persistent kernel (the Llama family; GPT-2 keeps the pieces), on
+    # its default config and on split K tiles flattened into their tasks' loops
+    DecodeKernels(step="persistent"),
+    DecodeKernels(
+        step="persistent",
+        step_config=config_pairs(
+            DecodeStepConfig(
+                QKV_N=32, O_N=64, UP_N=32, DOWN_N=64, SPLIT_O=4, SPLIT_DOWN=8, flatten=True
+            )
+        ),
+    ),
+]
+NEW = 12
+
+
+@pytest.fixture(scope="module", params=["llama3", "qwen2", "gpt2"])
+def artifact(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param) / "lm.kernl"
+    kernl.compiler.compile(
+        tiny_model(request.param),
+        "batch=4 prompt=16 cache=32",
+        out,
+        dtype="fp32",
+        device="cpu",
+        task="causal-lm",
+    )
+    return out
+
+
+def _steps(model, ids, mask):
+    steps = list(
+        model.stream(
+            ids, mask, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0, output_logits=True
+        )
+    )
+    return torch.stack([i for i, _ in steps], 1), torch.stack([lg for _, lg in steps], 1)
+
+
+@pytest.mark.parametrize("kernels", VARIANTS, ids=lambda k: k.describe().replace(" ", ","))
+def test_decode_variant_matches_torch_step(artifact, kernels):
+    model = kernl.runtime.load(artifact)
+    assert model.decoder.kernels == DecodeKernels()  # the artifact asks for nothing else
+    ids, mask = mixed_prompts(3, [11, 4, 16])
+    ref_ids, ref_logits = _steps(model, ids, mask)
+    model.decoder.kernels = kernels
+    out_ids, out_logits = _steps(model, ids, mask)
+    assert out_logits.shape == ref_logits.shape == (3, NEW, 97)
+    err = (out_logits - ref_logits).abs().max().item()
+    assert err < 1e-4 * max(1.0, ref_logits.abs().max().item()), err
+    assert torch.equal(out_ids, ref_ids)
+
+
+def test_decode_kernels_are_checked():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        DecodeKernels(attention="flash")
+    assert DecodeKernels.from_dict({"norm": "triton"}) == DecodeKernels(norm="triton")
+    assert DecodeKernels.from_dict(None) == DecodeKernels()
+
+
+def test_forced_decode_kernels_are_stored_and_served(tmp_path):
+    forced = {
+        "attention": "triton",
+        "norm": "fused",
+        "gated_mlp": "triton",
+        "linear": "fused",
+        "rope": "triton",
+        "lm_head": "triton",
+    }
+    from kernl.compiler.tasks.causal_lm import compile_causal_lm
+
+    report = compile_causal_lm(
+        tiny_model("llama3"),
+        "batch=4 prompt=16 cache=32",
+        tmp_path / "lm.kernl",
+        dtype="fp32",
+        device="cpu",
+        decode_kernels=forced,
+    )
+    forced_k = DecodeKernels(**forced)
+    assert report.decode_kernels == forced_k
+    assert forced_k.describe() in report.table()
+    model = kernl.runtime.load(tmp_path / "lm.kernl")
+    stored = model.manifest.extra["decode_kernels"]
+    assert {k: stored[k] for k in forced} == forced and DecodeKernels.from_dict(stored) == forced_k
+    assert model.decoder.kernels == DecodeKernels(**forced)
+    assert not model.manifest.kernels  # binaries exist only for a GPU
+    ids, mask = mixed_prompts(3, [11, 4, 16])
+    out_ids, out_logits = _steps(model, ids, mask)
+    model.decoder.kernels = DecodeKernels()
+    ref_ids, ref_logits = _steps(model, ids, mask)
+    assert torch.equal(out_ids, ref_ids)
+    assert (out_logits - ref_logits).abs().max() < 1e-4 * max(1.0, ref_logits.abs().max())
+
+
+def test_a_forced_persistent_step_config_is_stored_and_served(tmp_path):
+    """decode_kernels may name the persistent step's config, as the manifest stores it: the
+    loaded decoder runs that config (split K, flattened loops) and computes the torch step."""
+    from kernl.compiler.tasks.causal_lm import compile_causal_lm
+
+    pairs = [["SPLIT_O", 2], ["SPLIT_DOWN", 3], ["BLOCK_K", 32], ["flatten", 1]]
+    forced = {"step": "persistent", "step_config": pairs}
+    compile_causal_lm(
+        tiny_model("llama3"),
+        "batch=4 prompt=16 cache=32",
+        tmp_path / "lm.kernl",
+        dtype="fp32",
+        device="cpu",
+        decode_kernels=forced,
+    )
+    model = kernl.runtime.load(tmp_path / "lm.kernl")
+    stored = model.manifest.extra["decode_kernels"]
+    assert stored["step"] == "persistent" and [list(p) for p in stored["step_config"]] == pairs
+    assert model.decoder.kernels.step_config == tuple(map(tuple, pairs))
+    ids, mask = mixed_prompts(3, [11, 4, 16])
+    out_ids, out_logits = _steps(model, ids, mask)
+    assert {key[1].SPLIT_DOWN for key in model.decoder._step_buffers} == {3}  # that config ran
+    model.decoder.kernels = DecodeKernels()
+    ref_ids, ref_logits = _steps(model, ids, mask)
+    assert torch.equal(out_ids, ref_ids)
+    assert (out_logits - ref_logits).abs().max() < 1e-4 * max(1.0, ref_logits.abs().max())
+
+
+def test_a_step_config_the_kernel_does_not_take_is_refused():
+    with pytest.raises(ValueError, match="step_config"):
+        DecodeKernels(step="persistent", step_config=(("BLOCK_K", 48),))
+    with pytest.raises(ValueError, match="step_config"):
+        DecodeKernels.from_dict({"step_config": [["__class__", 1]]})
+
+
+def test_the_stored_step_config_names_every_field_of_the_kernel_config():
+    from dataclasses import fields
+
+    from kernl.artifacts.generation import STEP_CONFIG_FIELDS
+    from kernl.kernels.decode_step import DecodeStepConfig, config_from_pairs
+
+    assert [f.name for f in fields(DecodeStepConfig)] == list(STEP_CONFIG_FIELDS)
+    for config in decode_step_configs():  # every config the compiler tries can be stored
+        k = DecodeKernels(step="persistent", step_config=config_pairs(config))
+        assert config_from_pairs(k.step_config) == config
+    # a config stored before att_fill existed runs as it was timed (a fixed number of chunks);
+    # no pairs at all is the default
+    older = tuple(p for p in config_pairs(DecodeStepConfig()) if p[0] != "att_fill")
+    assert config_from_pairs(older) == DecodeStepConfig(att_fill=False)
+    assert config_from_pairs(()) == DecodeStepConfig()
+
+
+def test_choice_keeps_an_alternative_only_when_measurably_faster(artifact):
+    from kernl.compiler.tasks.causal_lm.decode_kernels import choose_decode_kernels
+
+    model = kernl.runtime.load(artifact)
+    gated = model.decoder.gated_silu_without_bias
+    cost = {"torch": 10.0, "sdpa": 9.95, "triton": 8.0}  # sdpa: within MIN_GAIN, not kept
+    said = []
+
+    def fake_ms(gen):
+        k = gen.decoder.kernels
+        if k.norm == "triton":
+            raise RuntimeError("no kernel for this shape")
+        ms = cost[k.attention] - (1.0 if k.gated_mlp == "triton" else 0.0)
+        ms += {"torch": 0.0, "triton": 0.5, "fused": -0.5}[k.linear]  # triton slower: not kept
+        ms += 0.2 if k.norm == "fused" else 0.0  # slower: not kept
+        ms -= 0.3 if k.rope != "torch" else 0.0  # kept (triton; fused is no faster)
+        ms -= 0.01 if k.lm_head == "triton" else 0.0  # within MIN_GAIN: not kept
+        ms += 1.0 if k.step == "persistent" else 0.0  # slower: not kept
+        if k.step_config:  # one of its configs fails to launch here: reported, not kept
+            if dict(k.step_config)["ATT_SPLITS"] == 16:
+                raise RuntimeError("cooperative launch too large")
+        return [ms]  # the artifact's one decode bucket
+
+    chosen, timings = choose_decode_kernels(model, said.append, step_ms=fake_ms)
+    mlp = "triton" if gated else "torch"
+    assert chosen == DecodeKernels(attention="triton", gated_mlp=mlp, linear="fused", rope="triton")
+    assert model.decoder.kernels == chosen and not model._steps
+    k = [
+        (
+            t.kernels.attention,
+            t.kernels.norm,
+            t.kernels.gated_mlp,
+            t.kernels.linear,
+            t.kernels.rope,
+            t.kernels.lm_head,
+        )
+        for t in timings
+    ]
+    t = "torch"
+    expected = [
+        (t, t, t, t, t, t),
+        ("sdpa", t, t, t, t, t),
+        ("triton", t, t, t, t, t),
+        ("triton", "triton", t, t, t, t),  # fails: reported, not kept
+        ("triton", "fused", t, t, t, t),
+    ]
+    if gated:  # GPT-2's MLP is not gated: nothing to try
+        expected.append(("triton", t, "triton", t, t, t))
+    expected += [
+        ("triton", t, mlp, "triton", t, t),
+        ("triton", t, mlp, "fused", t, t),
+        ("triton", t, mlp, "fused", "triton", t),
+        ("triton", t, mlp, "fused", "fused", t),  # as fast as triton: not kept
+        ("triton", t, mlp, "fused", "triton", "triton"),
+        # then every piece on kernl's most fused kernel at once, in case they only pay together
+        ("triton", "fused", "triton" if gated else t, "fused", "fused", "triton"),
+    ]
+    if gated:  # the persistent step serves the Llama family only: each of its configs, last
+        expected += [("triton", t, mlp, "fused", "triton", t)] * len(decode_step_choice_configs())
+    assert k == expected
+    assert all(t.kernels.step == "pieces" for t in timings[: len(timings) - 3 * gated])
+    assert "failed (RuntimeError: no kernel for this shape)" in timings[3].describe()
+    assert len(said) == len(timings) + gated  # each timing, and why the persistent step lost
+    if gated:
+        assert said[-1].endswith("not faster than the pieces at any decode bucket")
+    failed = [t for t in timings if "cooperative launch too large" in t.describe()]
+    assert len(failed) == (1 if gated else 0)
+
+
+@pytest.fixture(scope="module")
+def four_buckets(tmp_path_factory):
+    """A Llama with four decode buckets: batch 1 and 4, over 16 and 32 slots."""
+    out = tmp_path_factory.mktemp("buckets") / "lm.kernl"
+    kernl.compiler.compile(
+        tiny_model("llama3"),
+        "batch=1,4 prompt=8 cache=16,32",
+        out,
+        dtype="fp32",
+        device="cpu",
+        task="causal-lm",
+    )
+    return out
+
+
+@pytest.mark.parametrize("mix_confirms", [True, False])
+def test_the_persistent_step_is_kept_bucket_by_bucket(four_buckets, mix_confirms):
+    """Each decode bucket takes the persistent step on its fastest config where that beats the
+    pieces by MIN_GAIN; the others keep the pieces; the mix is timed once more and kept only
+    if it is faster in total."""
+    from kernl.compiler.tasks.causal_lm.decode_kernels import choose_decode_kernels
+
+    model = kernl.runtime.load(four_buckets)
+    shapes = model.buckets.decode_shapes()
+    assert shapes == [(1, 16), (1, 32), (4, 16), (4, 32)]
+    first, second, third = (config_pairs(c) for c in decode_step_choice_configs())
+    per_config = {  # ms per bucket; the pieces chosen take 10 at each
+        first: [9.5, 10.5, 9.95, 11.0],  # wins at 1x16 (5%); 4x16 within MIN_GAIN
+        second: [9.6, 10.4, 9.0, 12.0],  # wins at 4x16 (10%)
+        third: [9.9, 9.0, 12.0, 10.5],  # wins at 1x32
+    }
+
+    def fake_ms(gen):
+        k = gen.decoder.kernels
+        if k.step == "pieces":
+            return [12.0 - 2.0 * (k.attention == "triton")] * 4
+        if k.step_buckets:  # the mix: what each bucket chose, or slower in total
+            return [9.0 if mix_confirms else 10.5] * 4
+        return per_config[k.step_config]
+
+    said = []
+    chosen, timings = choose_decode_kernels(model, said.append, step_ms=fake_ms)
+    assert chosen.attention == "triton"  # the pieces were chosen first, as always
+    assert [t.kernels.step_config for t in timings[-4:-1]] == [first, second, third]
+    mixed = timings[-1].kernels
+    assert mixed.step == "persistent" and mixed.step_config == ()
+    assert mixed.step_buckets == ((1, 16, first), (1, 32, third), (4, 16, second))
+    line = next(m for m in said if "step_buckets=" in m)
+    assert "step_buckets=1x16,1x32,4x16" in line
+    assert (
+        "(9.000 + 9.000 + 9.000 + 9.000)" if mix_confirms else "10.500 + "
+    ) in line  # each bucket's time is reported
+    assert chosen == (mixed if mix_confirms else dataclasses.replace(mixed, **PIECES))
+    assert ("not faster in total" in said[-1]) is not mix_confirms
+    assert model.decoder.kernels == chosen and not model._steps
+
+
+PIECES = {"step": "pieces", "step_buckets": ()}
+
+
+def test_the_persistent_step_serves_only_its_buckets(four_buckets):
+    """A decoder whose persistent step serves some buckets runs it there, on each bucket's own
+    config, and the pieces elsewhere; every bucket computes the plain torch step."""
+    model = kernl.runtime.load(four_buckets)
+    small = config_pairs(DecodeStepConfig(BLOCK_K=32, SPLIT_DOWN=2))
+    other = config_pairs(DecodeStepConfig(BLOCK_K=32, SPLIT_O=2, flatten=True))
+    k = DecodeKernels(step="persistent", step_buckets=((1, 16, small), (4, 32, other)))
+    assert k.step_config_for(1, 16) == small and k.step_config_for(4, 32) == other
+    assert k.step_config_for(1, 32) is None and k.step_config_for(4, 16) is None
+    assert dataclasses.replace(k, step="pieces").step_config_for(1, 16) is None
+    assert DecodeKernels(step="persistent").step_config_for(4, 16) == ()  # every bucket
+    for batch, prompts in ((1, [5]), (4, [7, 3, 8, 2])):
+        ids, mask = mixed_prompts(batch, prompts)
+        # 6 new tokens stay within the 16-slot bucket; 12 move on to the 32-slot one
+        for new in (6, 12):
+            model.decoder.kernels = DecodeKernels()
+            model._steps.clear()
+            ref = list(
+                model.stream(ids, mask, max_new_tokens=new, eos_token_id=[], output_logits=True)
+            )
+            model.decoder.kernels = k
+            model._steps.clear()
+            model.decoder._step_buffers.clear()
+            out = list(
+                model.stream(ids, mask, max_new_tokens=new, eos_token_id=[], output_logits=True)
+            )
+            ran = {(rows, c.SPLIT_DOWN, c.SPLIT_O) for rows, c in model.decoder._step_buffers}
+            expected = {(1, 2, 4)} if batch == 1 else ({(4, 8, 2)} if new == 12 else set())
+            assert ran == expected
+            for (i, lg), (ri, rlg) in zip(out, ref):
+                assert torch.equal(i, ri)
+                assert (lg - rlg).abs().max() < 1e-4 * max(1.0, rlg.abs().max())
+
+
+def test_a_step_bucket_the_artifact_does_not_have_is_refused(four_buckets, tmp_path):
+    import shutil
+
+    import msgpack
+
+    from kernl.artifacts import ArtifactError, pack_manifest
+
+    pairs = [list(p) for p in config_pairs(DecodeStepConfig())]
+    root = Path(shutil.copytree(four_buckets, tmp_path / "copy"))
+    m = msgpack.unpackb((root / "manifest.msgpack").read_bytes(), raw=False)
+    m["extra"]["decode_kernels"] = {"step": "persistent", "step_buckets": [[4, 32, pairs]]}
+    (root / "manifest.msgpack").write_bytes(pack_manifest(m))
+    model = kernl.runtime.load(root)  # as a manifest stores it: lists
+    assert model.decoder.kernels.step_config_for(4, 32) == config_pairs(DecodeStepConfig())
+    m["extra"]["decode_kernels"]["step_buckets"] = [[2, 32, pairs]]
+    (root / "manifest.msgpack").write_bytes(pack_manifest(m))
+    with pytest.raises(ArtifactError, match="persistent step at 2x32, not a decode bucket"):
+        kernl.runtime.load(root)
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [[1, 16]],
+        [[1, 16, [["BLOCK_K", 48]]]],
+        [[17, 16, []]],
+        [[1, 0, []]],
+        [[True, 16, []]],
+        [[1, 16, []], [1, 16, []]],
+        "1x16",
+        [[1, 16, [["x", 1]] * 33]],
+    ],
+    ids=["short", "bad-config", "too-many-rows", "no-slots", "bool", "twice", "text", "long"],
+)
+def test_malformed_step_buckets_are_refused(entries):
+    with pytest.raises(ValueError, match="step_buckets|step_config"):
+        DecodeKernels.from_dict({"step": "persistent", "step_buckets": entries})
+
+
+def test_the_summary_gives_each_decode_buckets_step_time():
+    from kernl.compiler.tasks.causal_lm.compile import CausalLMReport
+    from kernl.compiler.tasks.causal_lm.decode_kernels import DecodeTiming
+
+    k = DecodeKernels(step="persistent", step_buckets=((1, 512, ()),))
+    report = CausalLMReport(Path("lm.kernl"), "causal-lm", "bf16", "cuda", decode_kernels=k)
+    report.decode_buckets = ["1x512", "1x2048"]
+    report.decode_timings = [
+        DecodeTiming(DecodeKernels(), (1.25, 1.5)),
+        DecodeTiming(k, (0.75, 1.5)),
+        DecodeTiming(DecodeKernels(attention="triton"), None, "RuntimeError: no kernel"),
+    ]
+    lines = report.table().splitlines()
+    start = lines.index("decode step timings, one step per decode bucket, ms (1x512 + 1x2048):")
+    assert lines[start + 1].endswith("step=pieces: 2.750 ms (1.250 + 1.500)")
+    assert lines[start + 2].endswith("step_buckets=1x512: 2.250 ms (0.750 + 1.500)")
+    assert lines[start + 3].endswith("failed (RuntimeError: no kernel)")
+    assert "decode step kernels: " in lines[start + 4] and "step_buckets=1x512" in lines[start + 4]
+
+
+def test_step_timing_and_binary_recording_run_on_the_cpu(artifact):
+    """The GPU paths' Python on the CPU: eager steps timed, no binaries (interpreter)."""
+    from kernl.compiler.tasks.causal_lm.decode_kernels import _bucket_ms, record_decode_binaries
+
+    model = kernl.runtime.load(artifact)
+    model.decoder.kernels = DecodeKernels(attention="triton")
+    ms = _bucket_ms(model, replays=2)
+    assert len(ms) == len(model.buckets.decode_shapes()) and min(ms) > 0
+    assert record_decode_binaries(model) == {}
+    ids, mask = mixed_prompts(3, [11, 4, 16])
+    assert model.generate(ids, mask, max_new_tokens=4).shape == (3, 20)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda e: e.update(decode_kernels={"attention": "os.system"}),
+        lambda e: e.update(decode_kernels={"attention": "torch", "shell": "rm"}),
+        lambda e: e.update(decode_kernels=["triton"]),
+        lambda e: e.pop("decoder"),
+        lambda e: e.update(generation_buckets={"batches": "x"}),
+    ],
+    ids=["unknown-choice", "unknown-field", "not-a-map", "no-decoder", "bad-buckets"],
+)
+def test_a_hostile_causal_lm_description_is_refused_as_an_artifact_error(artifact, tmp_path, edit):
+    """A consistent (re-signed) manifest whose causal-LM description is not one kernl wrote."""
+    import shutil
+
+    import msgpack
+
+    from kernl.artifacts import ArtifactError, pack_manifest
+
+    root = Path(shutil.copytree(artifact, tmp_path / "copy"))
+    m = msgpack.unpackb((root / "manifest.msgpack").read_bytes(), raw=False)
+    edit(m["extra"])
+    (root / "manifest.msgpack").write_bytes(pack_manifest(m))
+    with pytest.raises(ArtifactError, match="causal-LM description is invalid"):
+        kernl.runtime.load(root)
+
+
+def test_inspect_shows_the_decode_step_kernels(artifact):
+    from kernl.compiler.inspect_report import inspect_artifact, render_text
+
+    text = render_text(inspect_artifact(artifact))
+    assert "decode step attention=torch norm=torch gated_mlp=torch linear=torch" in text
+
+
+def test_choice_keeps_plain_torch_when_the_baseline_cannot_be_timed(artifact):
+    from kernl.compiler.tasks.causal_lm.decode_kernels import choose_decode_kernels
+
+    model = kernl.runtime.load(artifact)
+
+    def broken(gen):
+        raise RuntimeError("timer unavailable")
+
+    chosen, timings = choose_decode_kernels(model, lambda _: None, step_ms=broken)
+    assert chosen == DecodeKernels() and len(timings) == 1 and timings[0].error
+
+
+def test_kernels_the_compiler_chose_that_fail_validation_fall_back_to_torch(monkeypatch):
+    from types import SimpleNamespace
+
+    from kernl.compiler.tasks.causal_lm import compile as causal_compile
+    from kernl.compiler.validate import ValidationError
+
+    def fake_validate(gen, model, atol, rtol, progress=None):
+        if gen.decoder.kernels != DecodeKernels():
+            raise ValidationError("logits differ from eager by 3.1 > atol 0.1")
+        return ["plain torch passed"]
+
+    monkeypatch.setattr(causal_compile, "validate_generation", fake_validate)
+    fused = DecodeKernels(attention="triton", norm="fused", linear="fused", rope="fused")
+
+    def gen():
+        return SimpleNamespace(decoder=SimpleNamespace(kernels=None), _steps={"graph": 1})
+
+    said, g = [], gen()
+    chosen, stages = causal_compile.validated_choice(g, None, fused, True, 0.1, 0.0, said.append)
+    assert chosen == DecodeKernels() and stages == ["plain torch passed"]
+    assert g.decoder.kernels == DecodeKernels() and not g._steps  # recaptured on torch
+    assert "failed validation" in said[-1] and "rope=fused" in said[-1]
+    # kernels the user forced: the failure is the compile's
+    with pytest.raises(ValidationError):
+        causal_compile.validated_choice(gen(), None, fused, False, 0.1, 0.0, said.append)
+    # a choice that validates is kept
+    monkeypatch.setattr(causal_compile, "validate_generation", lambda *a, **k: ["ok"])
+    assert causal_compile.validated_choice(gen(), None, fused, True, 0.1, 0.0, print) == (
+        fused,
+        ["ok"],
+    )
+
+
+def test_a_persistent_step_that_timed_out_fails_the_request_loudly(artifact):
+    """A barrier wait of the persistent step that timed out (another kernel held the SMs it
+    needed) flags its counters: the request raises instead of returning wrong tokens, and the
+    flag is cleared for the next one."""
+    model = kernl.runtime.load(artifact)
+    model.decoder.kernels = DecodeKernels(step="persistent")
+    ids, mask = mixed_prompts(3, [11, 4, 16])
+    if not model.decoder.persistent_fits:  # GPT-2 keeps the pieces: nothing can time out
+        model.generate(ids, mask, max_new_tokens=2)
+        return
+    model.generate(ids, mask, max_new_tokens=2)
+    model.decoder._step_shared[-1][2] = 1  # what a timed-out wait leaves
+    with pytest.raises(RuntimeError, match="timed out waiting at a grid barrier"):
+        model.generate(ids, mask, max_new_tokens=2)
+    model.generate(ids, mask, max_new_tokens=2)  # cleared: the next request runs
+    model.decoder._step_shared[-1][2] = 1
+    with pytest.raises(RuntimeError, match="timed out"):
+        list(model.stream(ids, mask, max_new_tokens=2))
+    model.decoder._step_shared[-1][2] = 1  # a batch that others join (what kernl serve runs)
+    with model.open_batch([[5, 6, 7]], max_new_tokens=4) as batch:
+        with pytest.raises(RuntimeError, match="timed out"):
+            batch.steps(2)

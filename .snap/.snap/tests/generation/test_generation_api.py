@@ -1,0 +1,298 @@
+"""The generation API on one compiled tiny Llama-3 artifact: sampling, streaming, padding on
+either side, errors that leave the model usable, artifact checks, a fresh process that never
+imports transformers, and the bucket syntax."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import kernl.compiler
+import kernl.runtime
+from kernl.compiler.buckets import BucketSyntaxError
+from kernl.compiler.tasks.causal_lm.buckets import parse_generation_buckets
+from kernl.compiler.trace import UnsupportedModelError
+
+from .tiny_models import VOCAB, mixed_prompts, tiny_model
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gen") / "llama.kernl"
+    kernl.compiler.compile(
+        tiny_model("llama3"),
+        "batch=1,4 prompt=8,16 cache=64",
+        path,
+        dtype="fp32",
+        device="cpu",
+        task="causal-lm",
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(artifact):
+    return kernl.runtime.load(artifact)
+
+
+def test_seeded_sampling_repeats_and_filters(model):
+    ids, mask = mixed_prompts(2, [5, 9])
+    kw = dict(max_new_tokens=24, do_sample=True, temperature=1.5, eos_token_id=[])
+    a = model.generate(ids, mask, seed=7, top_k=0, **kw)
+    b = model.generate(ids, mask, seed=7, top_k=0, **kw)
+    c = model.generate(ids, mask, seed=8, top_k=0, **kw)
+    greedy = model.generate(ids, mask, max_new_tokens=24, eos_token_id=[])
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a, greedy)
+    # Keeping only the most likely token (top_k=1, or a tiny top_p) is greedy decoding.
+    assert torch.equal(model.generate(ids, mask, seed=3, top_k=1, **kw), greedy)
+    assert torch.equal(model.generate(ids, mask, seed=3, top_k=0, top_p=1e-6, **kw), greedy)
+
+
+def test_per_row_sampling_arguments_give_each_row_its_call_alone(model):
+    """Rows with their own temperature, top-k, top-p and seed share one call (how the serving
+    batcher batches requests with different sampling arguments): with a seed per row, each
+    row's ids are those of the row generated alone with its arguments."""
+    lengths, rows = [5, 9, 7], []
+    ids, mask = mixed_prompts(3, lengths, seed=4)
+    per_row = dict(temperature=[1.5, 0.7, 1.0], top_k=[0, 20, 5], top_p=[1.0, 0.9, 0.8])
+    seeds = [11, 12, 11]
+    kw = dict(max_new_tokens=16, do_sample=True, eos_token_id=[])
+    together = model.generate(ids, mask, seed=seeds, **per_row, **kw)
+    for i, n in enumerate(lengths):
+        alone = {k: v[i] for k, v in per_row.items()}
+        row = ids[i : i + 1, ids.shape[1] - n :]
+        rows.append(model.generate(row, seed=seeds[i], **alone, **kw)[0, n:])
+    assert torch.equal(together[:, ids.shape[1] :], torch.stack(rows))
+    assert len({tuple(r.tolist()) for r in rows}) == 3
+    with pytest.raises(ValueError, match="seed holds 2 values for a batch of 3 rows"):
+        model.generate(ids, mask, seed=[1, 2], **kw)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        model.generate(ids, mask, temperature=[1.0, 0.0, 1.0], **kw)
+
+
+def test_sampling_follows_the_distribution(model):
+    """First sampled token over many seeds vs the softmax of the prefill logits."""
+    ids = torch.tensor([[5, 17, 33]])
+    ((_, logits),) = list(model.stream(ids, max_new_tokens=1, eos_token_id=[], output_logits=True))
+    probs = torch.softmax(logits[0] / 0.7, -1)
+    draws = torch.stack(
+        [
+            model.generate(ids, max_new_tokens=1, do_sample=True, temperature=0.7, top_k=0, seed=s)[
+                0, -1
+            ]
+            for s in range(300)
+        ]
+    )
+    freq = torch.bincount(draws, minlength=VOCAB).float() / len(draws)
+    top = probs.argsort(descending=True)[:3]
+    assert (freq[top] - probs[top]).abs().max() < 0.1, (freq[top], probs[top])
+
+
+def test_stream_yields_the_generated_tokens(model):
+    ids, mask = mixed_prompts(3, [3, 8, 6], seed=1)
+    out = model.generate(ids, mask, max_new_tokens=20, eos_token_id=[])
+    steps = list(model.stream(ids, mask, max_new_tokens=20, eos_token_id=[]))
+    assert len(steps) == 20
+    assert torch.equal(torch.stack(steps, dim=1), out[:, ids.shape[1] :])
+
+
+def test_right_padding_and_token_lists_equal_left_padding(model):
+    ids, mask = mixed_prompts(2, [4, 7], seed=2)
+    left = model.generate(ids, mask, max_new_tokens=10, eos_token_id=[])
+    rows = [ids[i][mask[i].bool()].tolist() for i in range(2)]
+    right_ids = torch.zeros_like(ids)
+    right_mask = torch.zeros_like(mask)
+    for i, r in enumerate(rows):
+        right_ids[i, : len(r)] = torch.tensor(r)
+        right_mask[i, : len(r)] = 1
+    right = model.generate(right_ids, right_mask, max_new_tokens=10, eos_token_id=[])
+    listed = model.generate(rows, max_new_tokens=10, eos_token_id=[])
+    assert torch.equal(right[:, 7:], left[:, 7:])
+    assert torch.equal(listed, left)
+
+
+def test_errors_are_clear_and_leave_the_model_usable(model):
+    ids, mask = mixed_prompts(2, [5, 3])
+    before = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
+    with pytest.raises(ValueError, match=r"longer than every prompt bucket .*\[8, 16\]"):
+        model.generate(torch.ones(1, 17, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"exceeds the KV cache of 64 slots; at most 57"):
+        model.generate(ids, mask, max_new_tokens=58)
+    with pytest.raises(ValueError, match=r"larger than every batch bucket"):
+        model.generate(torch.ones(5, 4, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 97\)"):
+        model.generate(torch.tensor([[3, VOCAB]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match="no tokens"):
+        model.generate(ids, torch.zeros_like(mask), max_new_tokens=2)
+    # Ids the GPU would index with are checked before anything runs: on CUDA an index error
+    # is a device-side assert that poisons the whole process's context.
+    bad_arguments = {
+        "pad_token_id": [VOCAB, 5000, -1, 2**70, 1.5, True],
+        "eos_token_id": [VOCAB, -1, 2**63, [3, 2**64]],
+        "seed": [-1, 2**63, 2**70, "7"],
+        "top_k": [-1, 2**40, 1.5],
+        "top_p": [0.0, 1.5, float("nan")],
+        "temperature": [float("inf"), float("nan"), "1"],
+        "max_new_tokens": [0, True, 2.0],
+        "do_sample": ["yes"],
+    }
+    for name, values in bad_arguments.items():
+        for value in values:
+            with pytest.raises(ValueError, match=name):
+                model.generate(ids, mask, **{name: value})
+    # The longest request that fits still runs (prompt bucket 8: 57 new tokens).
+    assert model.generate(ids, mask, max_new_tokens=57, eos_token_id=[]).shape == (2, 5 + 57)
+    after = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
+    assert torch.equal(before, after)
+
+
+def test_artifact_verifies_and_serves_without_transformers(artifact):
+    from kernl.artifacts import verify_artifact
+
+    manifest = verify_artifact(artifact)
+    assert manifest.task == "causal-lm" and len(manifest.buckets) == 2 * 2 + 2
+    script = textwrap.dedent(f"""
+        import sys, torch, kernl.runtime
+        m = kernl.runtime.load({str(artifact)!r}, device="cpu")
+        out = m.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, eos_token_id=[])
+        assert out.shape == (1, 7), out.shape
+        assert "transformers" not in sys.modules, "the runtime imported transformers"
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr
+
+
+def test_unsupported_models_fail_at_compile_naming_why(tmp_path):
+    import transformers as tf
+
+    opt = tf.OPTForCausalLM(
+        tf.OPTConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            ffn_dim=64,
+            vocab_size=50,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+        )
+    )
+    with pytest.raises(UnsupportedModelError, match="model type 'opt'.*llama, mistral, qwen2"):
+        kernl.compiler.compile(
+            opt, "batch=1 prompt=8", tmp_path / "a", dtype="fp32", device="cpu", task="causal-lm"
+        )
+    mistral = tf.MistralForCausalLM(
+        tf.MistralConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=64,
+            vocab_size=50,
+            sliding_window=16,
+        )
+    )
+    with pytest.raises(UnsupportedModelError, match=r"sliding-window attention \(window 16\)"):
+        kernl.compiler.compile(
+            mistral,
+            "batch=1 prompt=8 cache=32",
+            tmp_path / "b",
+            dtype="fp32",
+            device="cpu",
+            task="causal-lm",
+        )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_generation_bucket_syntax():
+    b = parse_generation_buckets("batch=1,4,8 prompt=16:128 cache=256:1024")
+    assert b.batches == [1, 4, 8] and b.prompts == [16, 32, 64, 128]
+    assert b.kv_lengths == [256, 512, 1024] and b.cache_len == 1024
+    assert parse_generation_buckets("batch=2 prompt=100").kv_lengths == [200]
+    for bad, msg in [
+        ("batch=1 prompt=64 cache=32", "does not fit the cache"),
+        ("batch=1 seq=16", "unknown axis 'seq' for causal-lm"),
+        ("prompt=16", "missing axis batch"),
+    ]:
+        with pytest.raises(BucketSyntaxError, match=msg):
+            parse_generation_buckets(bad)
+
+
+def test_max_length_counts_the_prompt_like_hugging_face(model):
+    ids, mask = mixed_prompts(2, [5, 3])  # padded prompt length 5
+    by_length = model.generate(ids, mask, max_length=17, eos_token_id=[])
+    assert by_length.shape == (2, 17)
+    assert torch.equal(by_length, model.generate(ids, mask, max_new_tokens=12, eos_token_id=[]))
+    with pytest.warns(UserWarning, match="max_new_tokens takes precedence"):
+        both = model.generate(ids, mask, max_new_tokens=4, max_length=17, eos_token_id=[])
+    assert both.shape == (2, 9)
+    with pytest.raises(ValueError, match="max_length=5 leaves no room"):
+        model.generate(ids, mask, max_length=5)
+    steps = list(model.stream(ids, mask, max_length=8, eos_token_id=[]))
+    assert len(steps) == 3
+
+
+def test_generate_inside_an_open_stream_raises_instead_of_waiting_forever(model):
+    """The thread iterating a stream holds the model; calling it again from that thread
+    used to wait for itself. Run in a daemon thread so the old behaviour fails, not hangs."""
+    import threading
+
+    ids, mask = mixed_prompts(2, [5, 3])
+    outcome = {}
+
+    def body():
+        stream = model.stream(ids, mask, max_new_tokens=6, eos_token_id=[])
+        next(stream)
+        for call in (model.generate, model.stream):
+            try:
+                call(ids, mask, max_new_tokens=2)
+                outcome[call.__name__] = "returned"
+            except RuntimeError as e:
+                outcome[call.__name__] = str(e)
+        stream.close()  # closing releases the model: the same thread may generate again
+        outcome["after"] = model.generate(ids, mask, max_new_tokens=3, eos_token_id=[]).shape
+
+    worker = threading.Thread(target=body, daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "generate() inside an open stream() waited forever"
+    for name in ("generate", "stream"):
+        assert "open stream()" in outcome[name] and "close()" in outcome[name]
+    assert outcome["after"] == (2, 8)
+    # Another thread is not refused: it waits for the stream, then runs.
+    stream = model.stream(ids, mask, max_new_tokens=3, eos_token_id=[])
+    next(stream)
+    other = {}
+    waiter = threading.Thread(
+        target=lambda: other.setdefault("ids", model.generate(ids, mask, max_new_tokens=2)),
+        daemon=True,
+    )
+    waiter.start()
+    waiter.join(timeout=0.5)
+    assert waiter.is_alive(), "the other thread must wait for the open stream"
+    list(stream)
+    waiter.join(timeout=120)
+    assert other["ids"].shape == (2, 7)
+
+
+def test_a_prompt_bucket_equal_to_a_kv_length_loads(tmp_path):
+    """prompt=32 and cache=32,64: a prefill and a decode entry of one (batch, 32) shape. The
+    artifact was written, then refused at load as 'bucket b1_s32 is listed twice'."""
+    path = tmp_path / "lm.kernl"
+    kernl.compiler.compile(
+        tiny_model("llama3"),
+        "batch=1 prompt=16,32 cache=32,64",
+        path,
+        dtype="fp32",
+        device="cpu",
+        task="causal-lm",
+    )
+    model = kernl.runtime.load(path)
+    ids, mask = mixed_prompts(1, [20])
+    assert model.generate(ids, mask, max_new_tokens=30, eos_token_id=[]).shape == (1, 50)

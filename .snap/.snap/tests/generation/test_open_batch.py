@@ -1,0 +1,224 @@
+"""Requests joining a running batch between decode steps (`GenerativeModel.open_batch`, see
+runtime/generation/joining.py), on a compiled tiny Llama-3 on the CPU: every row, opening or
+joined, greedy or seeded sampling, gives the ids `generate` gives its prompt alone; rows free
+up at EOS, at their own budget or on release, and joiners take them; what cannot join says
+so without touching the batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernl.compiler
+import kernl.runtime
+
+from .tiny_models import VOCAB, tiny_model
+
+CACHE = 64
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    path = tmp_path_factory.mktemp("join") / "llama.kernl"
+    kernl.compiler.compile(
+        tiny_model("llama3"),
+        f"batch=1,4 prompt=8,16 cache={CACHE}",
+        path,
+        dtype="fp32",
+        device="cpu",
+        task="causal-lm",
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(artifact):
+    return kernl.runtime.load(artifact)
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, (n,), generator=g).tolist()
+
+
+def alone(model, ids: list[int], n: int, **kw) -> list[int]:
+    return model.generate([ids], max_new_tokens=n, eos_token_id=[], **kw)[0, len(ids) :].tolist()
+
+
+def run(batch, joins: dict[int, tuple]) -> dict:
+    """Step `batch` to its end; before step k, join the prompts of `joins[k]` ((prompt,
+    budget, sampling kwargs)). Returns {("open", i) or ("join", k): tokens}."""
+    got: dict = {}
+    rows: dict[int, tuple] = {}
+    for i, (row, token) in enumerate(batch.first):
+        rows[row] = ("open", i)
+        got[rows[row]] = [token]
+    k = 0
+    while batch.rows or k in joins:
+        if k in joins:
+            ids, budget, kw = joins.pop(k)
+            seated = batch.join(ids, budget, **kw)
+            assert seated is not None, (k, batch.slot, batch.rows)
+            row, token = seated
+            rows[row] = ("join", k)
+            got[rows[row]] = [token]
+        if batch.rows:
+            for row, token in batch.step():
+                got[rows[row]].append(token)
+        k += 1
+    return got
+
+
+def test_joined_and_opening_rows_equal_their_prompts_alone(model):
+    a, b, c = prompt(5, 1), prompt(7, 2), prompt(12, 3)
+    with model.open_batch([a], max_new_tokens=30, eos_token_id=[], rows=4) as batch:
+        assert batch.bucket == 4 and batch.free_rows() == 3
+        # c's prompt bucket (16) only fits before slot 16: it joins 8 steps in.
+        assert not batch.can_join(len(c), 20)
+        got = run(batch, {3: (b, 20, {}), 9: (c, 12, {})})
+    assert got[("open", 0)] == alone(model, a, 30)
+    assert got[("join", 3)] == alone(model, b, 20)
+    assert got[("join", 9)] == alone(model, c, 12)
+
+
+def test_joined_rows_sample_what_they_would_alone(model):
+    a, b = prompt(6, 4), prompt(4, 5)
+    sa = dict(temperature=1.3, top_k=0, top_p=1.0, seed=21)
+    sb = dict(temperature=0.8, top_k=10, top_p=0.9, seed=22)
+    kw = {k: [v] for k, v in sa.items()} | dict(do_sample=True, eos_token_id=[], rows=4)
+    with model.open_batch([a], max_new_tokens=25, **kw) as batch:
+        got = run(batch, {5: (b, 18, sb)})
+    assert got[("open", 0)] == alone(model, a, 25, do_sample=True, **sa)
+    assert got[("join", 5)] == alone(model, b, 18, do_sample=True, **sb)
+    # Not the greedy ids: the joined row did sample.
+    assert got[("join", 5)] != alone(model, b, 18)
+
+
+def test_every_step_a_batch_replays_exists_before_its_prefill(artifact):
+    """On a GPU a step is captured on first use, and capturing resets the bucket's slot,
+    positions and valid slots: a batch must never meet a step it has not captured yet."""
+    fresh = kernl.runtime.load(artifact)
+    a, b = prompt(6, 4), prompt(4, 5)
+    kw = dict(do_sample=True, eos_token_id=[], rows=4, seed=[3])
+    with fresh.open_batch([a], max_new_tokens=40, **kw) as batch:
+        before = set(fresh._steps)
+        run(batch, {5: (b, 18, dict(seed=9))})
+    assert set(fresh._steps) == before
+    assert ("decode", 4, CACHE, True) in before and ("prefill", 1, 8, True) in before
+
+
+def test_a_freed_row_seats_a_joiner_and_the_batch_ends_with_its_rows(model):
+    prompts = [prompt(5 + i, 10 + i) for i in range(4)]
+    budgets = [3, 20, 20, 20]
+    with model.open_batch(prompts, max_new_tokens=budgets, eos_token_id=[]) as batch:
+        assert batch.free_rows() == 0
+        late = prompt(6, 30)
+        assert batch.join(late, 10) is None  # full: nothing changed
+        for _ in range(10):  # row 0's old slots stay valid for it past the joiner's
+            batch.step()
+        assert batch.rows == [1, 2, 3]  # row 0 emitted its 3 tokens
+        batch.release(3)  # a client left
+        assert batch.free_rows() == 2
+        row, first = batch.join(late, 8)
+        assert row == 0 and batch.slot == 18
+        tokens = [first]
+        while row in batch.rows:
+            tokens += [t for r, t in batch.step() if r == row]
+        batch.release(1)
+        batch.release(2)
+        assert batch.rows == [] and batch.free_rows() == 4
+        with pytest.raises(RuntimeError, match="no row"):
+            batch.step()
+    assert tokens == alone(model, late, 8)
+
+
+def test_an_eos_frees_the_row(model):
+    a = prompt(5, 40)
+    ids = alone(model, a, 10)
+    eos = ids[3]  # the 4th token it emits
+    with model.open_batch([a], max_new_tokens=10, eos_token_id=[eos], rows=4) as batch:
+        tokens = [t for _, t in batch.first]
+        while batch.rows:
+            tokens += [t for _, t in batch.step()]
+    assert tokens == ids[: ids.index(eos) + 1]
+
+
+def test_what_cannot_join_says_so_and_leaves_the_batch_running(model):
+    a, b = prompt(5, 50), prompt(6, 51)
+    # The smallest bucket has no smaller one to prefill joiners on.
+    with model.open_batch([a], max_new_tokens=5, eos_token_id=[]) as batch:
+        assert batch.bucket == 1 and not batch.can_join(3, 2)
+    with model.open_batch([a], max_new_tokens=40, eos_token_id=[], rows=2) as batch:
+        assert batch.bucket == 4
+        assert not batch.can_join(6, CACHE)  # would run past the cache
+        assert not batch.can_join(17, 2)  # no prompt bucket holds it
+        with pytest.raises(ValueError, match="input_ids must lie"):
+            batch.join([1, VOCAB + 5], 5)
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            batch.join(b, 0)
+        got = run(batch, {2: (b, 10, {})})
+    assert got[("open", 0)] == alone(model, a, 40)
+    assert got[("join", 2)] == alone(model, b, 10)
+    # The model serves other calls once the batch is closed.
+    assert model.generate([b], max_new_tokens=3, eos_token_id=[]).shape == (1, 9)
+
+
+def test_open_batch_checks_its_arguments(model):
+    with pytest.raises(ValueError, match="2 max_new_tokens for 1 prompts"):
+        model.open_batch([prompt(4, 60)], max_new_tokens=[3, 4])
+    with pytest.raises(ValueError, match="rows=9"):
+        model.open_batch([prompt(4, 60)], rows=9)
+    # A refused call leaves the model free.
+    assert model.generate([prompt(4, 60)], max_new_tokens=2).shape == (1, 6)
+
+
+@pytest.mark.gpu
+def test_joining_replays_the_captured_graphs_and_equals_alone_on_the_gpu(tmp_path):
+    """On a GPU (fp32, where the graphs give Hugging Face's ids exactly): joins between graph
+    replays, greedy and sampled, give each row its ids alone; no step is captured anew."""
+    kernl.compiler.compile(
+        tiny_model("llama3").cuda(),
+        f"batch=1,4 prompt=8,16 cache={CACHE}",
+        tmp_path / "lm.kernl",
+        dtype="fp32",
+        device="cuda",
+        task="causal-lm",
+    )
+    model = kernl.runtime.load(tmp_path / "lm.kernl")
+    a, b, c = prompt(5, 1), prompt(7, 2), prompt(12, 3)
+    captured = set(model._steps)
+    with model.open_batch([a], max_new_tokens=30, eos_token_id=[], rows=4) as batch:
+        got = run(batch, {3: (b, 20, {}), 9: (c, 12, {})})
+    assert set(model._steps) == captured  # greedy graphs were all captured at load
+    assert got[("open", 0)] == alone(model, a, 30)
+    assert got[("join", 3)] == alone(model, b, 20)
+    assert got[("join", 9)] == alone(model, c, 12)
+    sb = dict(temperature=0.8, top_k=10, top_p=0.9, seed=22)
+    kw = dict(do_sample=True, eos_token_id=[], rows=4, temperature=[1.3], seed=[21])
+    with model.open_batch([a], max_new_tokens=25, **kw) as batch:
+        got = run(batch, {5: (b, 18, sb)})
+    assert got[("open", 0)] == alone(model, a, 25, do_sample=True, temperature=1.3, seed=21)
+    assert got[("join", 5)] == alone(model, b, 18, do_sample=True, **sb)
+
+
+def test_steps_read_back_once_and_stop_where_a_row_spends_its_budget(model):
+    a, b, c = prompt(5, 70), prompt(7, 71), prompt(6, 72)
+    eos = alone(model, b, 12)[6]  # b's 7th token: it ends mid-chunk
+    budgets = [11, 12, 30]
+    with model.open_batch([a, b, c], max_new_tokens=budgets, eos_token_id=[eos]) as batch:
+        got = {row: [t] for row, t in batch.first}
+        chunks = []
+        while batch.rows:
+            chunk = batch.steps(8)
+            chunks.append(len(chunk))
+            for pairs in chunk:
+                for row, token in pairs:
+                    got[row].append(token)
+    # a's budget (11 tokens: 10 steps) cuts the second chunk at 2 steps; the rest run 8 each
+    assert chunks[:2] == [8, 2] and sum(chunks) == 29, chunks
+    for row, (ids, n) in enumerate(zip((a, b, c), budgets)):
+        want = model.generate([ids], max_new_tokens=n, eos_token_id=[eos])[0, len(ids) :]
+        want = want.tolist()
+        if eos in want:
+            want = want[: want.index(eos) + 1]
+        assert got[row] == want, row

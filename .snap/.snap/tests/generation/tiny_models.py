@@ -1,0 +1,84 @@
+"""Tiny random decoder-only models of each supported family (fp32, CPU), built in-process:
+nothing is downloaded."""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB = 97
+
+
+def tiny_model(family: str) -> torch.nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    # A wide init keeps the random models from repeating one token forever.
+    common = dict(
+        vocab_size=VOCAB,
+        pad_token_id=0,
+        eos_token_id=None,
+        bos_token_id=None,
+        initializer_range=0.2,
+    )
+    if family == "llama3":  # GQA and Llama-3 rope scaling
+        cfg = tf.LlamaConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=96,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+            **common,
+        )
+        model = tf.LlamaForCausalLM(cfg)
+    elif family == "mistral":
+        cfg = tf.MistralConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            intermediate_size=96,
+            sliding_window=4096,
+            **common,
+        )
+        model = tf.MistralForCausalLM(cfg)
+    elif family == "qwen2":  # q, k, v biases; tied embeddings
+        cfg = tf.Qwen2Config(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=96,
+            tie_word_embeddings=True,
+            **common,
+        )
+        model = tf.Qwen2ForCausalLM(cfg)
+    elif family == "gpt2":  # learned positions, Conv1D weights, tied embeddings
+        cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **common)
+        model = tf.GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(family)
+    with torch.no_grad():  # random init has tiny biases; make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def mixed_prompts(batch: int, lengths: list[int], seed: int = 0):
+    """Left-padded ids and attention mask (pad id 0) with the given real lengths."""
+    g = torch.Generator().manual_seed(seed)
+    longest = max(lengths)
+    ids = torch.zeros(batch, longest, dtype=torch.int64)
+    mask = torch.zeros(batch, longest, dtype=torch.int64)
+    for i, n in enumerate(lengths):
+        ids[i, longest - n :] = torch.randint(1, VOCAB, (n,), generator=g)
+        mask[i, longest - n :] = 1
+    return ids, mask

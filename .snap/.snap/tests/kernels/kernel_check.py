@@ -1,0 +1,56 @@
+"""Shared checks for kernel tests: compare with a float64 reference, hold reduced precision
+to 2x the error of stock PyTorch in the same dtype, and name the worst element on failure."""
+
+from __future__ import annotations
+
+import torch
+
+# (atol, rtol) per dtype against the float64 reference
+TOLERANCES = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+# slack added to the "2x stock PyTorch" bar so exact-ish cases do not fail on one ulp
+EPS = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def poisoned(shape, dtype, device=DEVICE) -> torch.Tensor:
+    """An output buffer full of NaN: any element the kernel forgets to write fails."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def _worst(out: torch.Tensor, ref: torch.Tensor) -> str:
+    diff = (out.double() - ref.double()).abs().nan_to_num(float("inf"))
+    idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+    return f"worst at {idx}: got {out[idx].item()!r}, want {ref[idx].item()!r}"
+
+
+def assert_close(
+    out: torch.Tensor,
+    ref64: torch.Tensor,
+    dtype: torch.dtype,
+    stock: torch.Tensor | None = None,
+    name: str = "",
+) -> None:
+    """out (kernel, `dtype`) vs ref64 (float64). With `stock` (the same op in stock PyTorch
+    in `dtype`), reduced precision must also stay within 2x stock's error."""
+    assert out.shape == ref64.shape, (name, out.shape, ref64.shape)
+    ref64 = ref64.double().to(out.device)
+    assert not out.isnan().any(), (
+        f"{name}: NaN in output (unwritten or bad masking); {_worst(out, ref64)}"
+    )
+    atol, rtol = TOLERANCES[dtype]
+    err = (out.double() - ref64).abs()
+    bad = err > atol + rtol * ref64.abs()
+    assert not bad.any(), (
+        f"{name}: {int(bad.sum())} elements off, max err {err.max().item():.3g}; {_worst(out, ref64)}"
+    )
+    if stock is not None and dtype != torch.float32:
+        stock_err = (stock.double().to(out.device) - ref64).abs().max().item()
+        ours = err.max().item()
+        assert ours <= 2 * stock_err + EPS[dtype], (
+            f"{name}: max err {ours:.3g} > 2x stock PyTorch {stock_err:.3g}; {_worst(out, ref64)}"
+        )

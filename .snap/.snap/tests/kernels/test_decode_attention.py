@@ -1,0 +1,127 @@
+import pytest
+import torch
+from kernel_check import DEVICE, assert_close, poisoned
+
+from kernl.kernels.decode_attention import (
+    DecodeAttentionConfig,
+    decode_attention,
+    decode_attention_configs,
+    decode_attention_reference,
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("H,H_kv,D", [(4, 4, 64), (8, 2, 80), (4, 1, 32)])
+@pytest.mark.parametrize("config", [None, DecodeAttentionConfig(16, 4, 2, 5)])
+def test_decode_attention(dtype, H, H_kv, D, config):
+    B, Lk = 3, 77
+    q = torch.randn(B, H, 1, D, dtype=dtype, device=DEVICE)
+    k = torch.randn(B, H_kv, Lk, D, dtype=dtype, device=DEVICE)
+    v = torch.randn(B, H_kv, Lk, D, dtype=dtype, device=DEVICE)
+    kv_lens = torch.tensor([77, 0, 30], device=DEVICE)  # row 1 has an empty cache: zeros
+    out = poisoned(q.shape, dtype)
+    decode_attention(q, k, v, kv_lens=kv_lens, out=out, config=config)
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), kv_lens=kv_lens)
+    stock = decode_attention_reference(q, k, v, kv_lens=kv_lens)
+    assert_close(out, ref, dtype, stock, name="decode attention")
+    assert (out[1] == 0).all()
+
+
+def test_decode_attention_strided_cache_no_lens():
+    # a static cache [B, Lmax, H_kv, D] viewed as [B, H_kv, Lmax, D]
+    B, H, H_kv, Lk, D = 2, 4, 2, 50, 32
+    cache = torch.randn(2, B, Lk, H_kv, D, device=DEVICE)
+    k, v = cache[0].transpose(1, 2), cache[1].transpose(1, 2)
+    q = torch.randn(B, H, 1, D, device=DEVICE)
+    out = decode_attention(q, k, v, sm_scale=0.2, config=DecodeAttentionConfig(16, 4, 2, 3))
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), sm_scale=0.2)
+    assert_close(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_attention_kv_mask(dtype):
+    # a generation cache: left-padded prompts, slots past the current one not yet written
+    B, H, H_kv, Lk, D = 4, 8, 2, 70, 64
+    cache = torch.randn(2, 1, B, H_kv, 96, D, dtype=dtype, device=DEVICE)  # 96 slots, 70 used
+    k, v = cache[0, 0, :, :, :Lk], cache[1, 0, :, :, :Lk]
+    q = torch.randn(B, H, 1, D, dtype=dtype, device=DEVICE)
+    valid = torch.zeros(B, 96, dtype=torch.bool, device=DEVICE)
+    valid[0, :Lk] = True
+    valid[1, 13:61] = True  # left padding and a short row
+    valid[2, 69] = True  # one real slot, the last
+    # row 3: nothing to attend to: zeros
+    kv_mask = valid[:, :Lk]
+    out = poisoned(q.shape, dtype)
+    config = DecodeAttentionConfig(16, 4, 2, 3)
+    decode_attention(q, k, v, kv_mask=kv_mask, out=out, config=config)
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), kv_mask=kv_mask)
+    stock = decode_attention_reference(q, k, v, kv_mask=kv_mask)
+    assert_close(out, ref, dtype, stock, name="decode attention, kv mask")
+    assert (out[3] == 0).all()
+    # with lengths too: both apply
+    lens = torch.tensor([40, 70, 70, 70], device=DEVICE)
+    decode_attention(q, k, v, kv_mask=kv_mask, kv_lens=lens, out=out, config=config)
+    ref = decode_attention_reference(
+        q.double(), k.double(), v.double(), kv_mask=kv_mask, kv_lens=lens
+    )
+    assert_close(out, ref, dtype, stock=None, name="decode attention, kv mask and lengths")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("config", decode_attention_configs(), ids=str)
+def test_decode_attention_every_config_on_a_generation_cache(dtype, config):
+    # as the decoder calls it: a 160-slot cache of which the 100-slot bucket is read, the valid
+    # length (slot + 1 = 37) one expanded int64 scalar, and the valid-slot mask; the many
+    # chunks past the valid length, and the slots past it, hold NaN: none of them may be read
+    B, H, H_kv, D, slots, Lk, valid_len = 2, 8, 2, 64, 160, 100, 37
+    cache = torch.randn(2, B, H_kv, slots, D, dtype=dtype, device=DEVICE)
+    cache[:, :, :, valid_len:] = float("nan")
+    k, v = cache[0, :, :, :Lk], cache[1, :, :, :Lk]
+    q = torch.randn(B, H + H_kv, D, dtype=dtype, device=DEVICE)[:, :H].unsqueeze(2)
+    kv_valid = torch.zeros(B, slots, dtype=torch.bool, device=DEVICE)
+    kv_valid[0, :valid_len] = True
+    kv_valid[1, 5:valid_len] = True  # a left-padded prompt
+    slot = torch.tensor([valid_len - 1], device=DEVICE)
+    lens, mask = (slot + 1).expand(B), kv_valid[:, :Lk]
+    out = poisoned(q.shape, dtype)
+    decode_attention(q, k, v, kv_lens=lens, kv_mask=mask, out=out, config=config)
+    finite = lambda t: t.double().nan_to_num(0.0)  # noqa: E731 - the reference masks after q @ k
+    ref = decode_attention_reference(q.double(), finite(k), finite(v), kv_lens=lens, kv_mask=mask)
+    stock = decode_attention_reference(q, k.nan_to_num(0.0), v.nan_to_num(0.0), kv_mask=mask)
+    assert_close(out, ref, dtype, stock, name=f"decode attention {config}")
+
+
+def test_decode_attention_without_lengths_reads_the_whole_bucket():
+    # the mask alone does not keep the kernel from reading slots past the valid length: the
+    # decoder passes the lengths too (this is what they save)
+    B, H, D, Lk = 1, 4, 32, 64
+    k = torch.randn(B, 1, Lk, D, device=DEVICE)
+    v = torch.randn(B, 1, Lk, D, device=DEVICE)
+    v[:, :, 40:] = float("nan")
+    q = torch.randn(B, H, 1, D, device=DEVICE)
+    mask = torch.arange(Lk, device=DEVICE)[None] < 40
+    config = DecodeAttentionConfig(16, 2, 2, 4)
+    assert decode_attention(q, k, v, kv_mask=mask, config=config).isnan().any()
+    lens = torch.tensor([40], device=DEVICE, dtype=torch.int32)
+    out = decode_attention(q, k, v, kv_mask=mask, kv_lens=lens, config=config)
+    ref = decode_attention_reference(
+        q.double(), k.double(), v.nan_to_num(0.0).double(), kv_lens=lens
+    )
+    assert_close(out, ref, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("Lk", [1000, 16384])
+@pytest.mark.parametrize("config", [None, *decode_attention_configs()[-10::3]], ids=str)
+def test_gpu_decode_real_sizes(dtype, Lk, config):
+    B, H, H_kv, D = 4, 32, 8, 128
+    q = torch.randn(B, H, 1, D, dtype=dtype, device="cuda")
+    k = torch.randn(B, H_kv, Lk, D, dtype=dtype, device="cuda")
+    v = torch.randn(B, H_kv, Lk, D, dtype=dtype, device="cuda")
+    kv_lens = torch.tensor([Lk, Lk // 2, 1, Lk - 7], device="cuda")
+    out = poisoned(q.shape, dtype, "cuda")
+    decode_attention(q, k, v, kv_lens=kv_lens, out=out, config=config)
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), kv_lens=kv_lens)
+    stock = decode_attention_reference(q, k, v, kv_lens=kv_lens)
+    assert_close(out, ref, dtype, stock, name=f"gpu decode {config}")

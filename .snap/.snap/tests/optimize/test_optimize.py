@@ -1,0 +1,380 @@
+"""`kernl.optimize` on tiny models in memory (CPU, fp32): results match eager, the second call
+loads from the cache without compiling (compile calls are counted), changed weights or buckets
+miss it, save_to writes a loadable artifact, and the caller's model is left as it was."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+import transformers as T
+from generation.tiny_models import mixed_prompts, tiny_model
+
+import kernl
+import kernl.runtime
+from kernl.artifacts import ArtifactDestinationError, verify_artifact
+from kernl.compiler import api
+from kernl.compiler import optimize as opt
+from kernl.compiler.buckets import BucketLimitError
+
+SMALL = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    vocab_size=120,
+    max_position_embeddings=32,
+)
+BUCKETS = "batch=1,2 seq=8,16"
+TOL = 2e-5
+
+
+def tiny_bert(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return T.BertModel(T.BertConfig(**SMALL)).eval()
+
+
+def _inputs(batch: int = 2, seq: int = 11, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 120, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[-1, seq // 2 :] = 0
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+def _assert_matches(got, want) -> None:
+    for name in ("last_hidden_state", "pooler_output"):
+        err = (got[name] - want[name]).abs().max().item()
+        assert err < TOL, f"{name}: max |error| {err}"
+
+
+def _entries(cache) -> list[str]:
+    return sorted(p.name for p in cache.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def test_bert_matches_eager_then_hits_the_cache(cache, compiles):
+    bert = tiny_bert()
+    messages: list[str] = []
+    model = kernl.optimize(bert, BUCKETS, progress=messages.append)
+    assert len(compiles) == 1 and not model.cache_hit
+    assert compiles[0][1]["dtype"] == "fp32" and compiles[0][1]["device"] == "cpu"
+    inputs = _inputs()
+    with torch.no_grad():
+        want = bert(**inputs)
+    got = model(**inputs)  # like model(**tokenizer(...))
+    assert type(got) is type(want)  # the Hugging Face output class, same field names
+    assert got.hidden_states is None and got.attentions is None  # as in eager
+    _assert_matches(got, want)
+    _assert_matches(model(inputs["input_ids"], inputs["attention_mask"]), want)  # positional
+    tup = model(**inputs, return_dict=False)
+    assert isinstance(tup, tuple) and torch.allclose(tup[0], want[0], atol=TOL)
+    assert _entries(cache) == [model.artifact.name]
+
+    # Same model again (another object, same weights): no compile, same results.
+    again = kernl.optimize(tiny_bert(), "1x8,1x16,2x8,2x16", progress=messages.append)
+    assert len(compiles) == 1 and again.cache_hit and again.artifact == model.artifact
+    _assert_matches(again(**inputs), want)
+    assert any("cache hit" in m for m in messages)
+
+
+def test_changed_weights_and_changed_buckets_miss(cache, compiles):
+    bert = tiny_bert()
+    kernl.optimize(bert, "batch=1 seq=8", progress=False)
+    changed = copy.deepcopy(bert)
+    with torch.no_grad():
+        changed.encoder.layer[1].output.dense.weight[3, 5] += 1e-3
+    model = kernl.optimize(changed, "batch=1 seq=8", progress=False)
+    assert len(compiles) == 2 and not model.cache_hit
+    inputs = _inputs(1, 8)
+    with torch.no_grad():
+        _assert_matches(model(**inputs), changed(**inputs))  # the new weights are served
+    other = kernl.optimize(bert, "batch=1 seq=16", progress=False)
+    assert len(compiles) == 3 and not other.cache_hit
+    assert len(_entries(cache)) == 3
+    assert kernl.optimize(bert, "batch=1 seq=8", progress=False).cache_hit
+    assert len(compiles) == 3
+
+
+def test_call_outside_the_buckets_gets_the_runtime_error(cache):
+    model = kernl.optimize(tiny_bert(), "batch=1 seq=8", progress=False)
+    with pytest.raises(ValueError, match=r"larger than every bucket .*batch x seq: 1x8"):
+        model(input_ids=torch.ones(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="larger than every bucket"):
+        model(input_ids=torch.ones(2, 8, dtype=torch.long))
+
+
+def _snapshot(model: torch.nn.Module) -> dict:
+    return {
+        "tensors": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "dtypes": {k: v.dtype for k, v in model.state_dict().items()},
+        "devices": {str(p.device) for p in model.parameters()},
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "config": model.config.to_dict(),
+        "rng": torch.get_rng_state(),
+    }
+
+
+def _assert_same(before: dict, after: dict) -> None:
+    assert after["dtypes"] == before["dtypes"] and after["devices"] == before["devices"]
+    assert after["training"] == before["training"]
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["config"] == before["config"]
+    assert torch.equal(after["rng"], before["rng"])
+    for k, v in before["tensors"].items():
+        assert torch.equal(after["tensors"][k], v), f"{k} changed"
+    for a, b in zip(before["grads"], after["grads"]):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
+# None: the model's own dtype (no cast). fp16: compiled from the model cast in place, its
+# tensors put back after. grads: a parameter to cast has a gradient (compiled from a copy).
+@pytest.mark.parametrize("case", [None, "fp16", "grads"])
+def test_the_original_model_is_untouched(cache, case):
+    bert = tiny_bert().train()  # compile switches its model to eval mode: must be undone
+    bert.pooler.dense.weight.requires_grad_(False)
+    if case == "grads":
+        bert.pooler.dense.bias.grad = torch.randn(64)
+    inputs = _inputs(1, 8)
+    with torch.no_grad():
+        want = bert.eval()(**inputs)
+    bert.train()
+    before = _snapshot(bert)
+    param = bert.encoder.layer[0].output.dense.weight
+    param_data_ptr = param.data_ptr()
+    dtype = None if case is None else "fp16"
+    model = kernl.optimize(bert, "batch=1 seq=8", dtype=dtype, progress=False)
+    _assert_same(before, _snapshot(bert))
+    # The very same Parameter objects and storage: optimizers holding them still work.
+    assert bert.encoder.layer[0].output.dense.weight is param
+    assert param.data_ptr() == param_data_ptr
+    with torch.no_grad():
+        _assert_matches(bert.eval()(**inputs), want)  # same outputs as before
+    # The returned model holds its own weights: changing the original changes nothing.
+    got = model(**inputs)
+    with torch.no_grad():
+        bert.pooler.dense.weight.add_(1.0)
+    again = model(**inputs)
+    assert torch.equal(got.pooler_output, again.pooler_output)
+    if dtype == "fp16":
+        assert got.last_hidden_state.dtype == torch.float16
+        assert (got.last_hidden_state.float() - want.last_hidden_state).abs().max() < 2e-2
+
+
+def test_an_fp32_buffer_of_an_fp16_model_stays_fp32(cache):
+    """Like Llama's rotary table in an fp16 model: compile's cast would make it fp16."""
+    bert = tiny_bert().half()
+    bert.register_buffer("table", torch.linspace(0, 1, 7, dtype=torch.float32))
+    table = bert.table
+    model = kernl.optimize(bert, "batch=1 seq=8", progress=False)
+    assert model.runtime.manifest.dtype == "float16"  # the model's own dtype by default
+    assert bert.table is table and table.dtype == torch.float32
+    assert all(p.dtype == torch.float16 for p in bert.parameters())
+
+
+def test_save_to_writes_a_loadable_artifact(cache, tmp_path, compiles):
+    bert = tiny_bert()
+    out = tmp_path / "bert.kernl"
+    kernl.optimize(bert, "batch=1 seq=8", save_to=out, progress=False)
+    verify_artifact(out)
+    inputs = _inputs(1, 8)
+    with torch.no_grad():
+        _assert_matches(kernl.runtime.load(out)(**inputs), bert(**inputs))
+    # From the cache this time, and over the existing artifact.
+    assert kernl.optimize(bert, "batch=1 seq=8", save_to=out, progress=False).cache_hit
+    assert len(compiles) == 1
+    verify_artifact(out)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(ArtifactDestinationError, match="not a kernl artifact"):
+        kernl.optimize(bert, "batch=1 seq=8", save_to=tmp_path / "notes", progress=False)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
+def test_a_corrupt_entry_is_recompiled(cache, compiles):
+    bert = tiny_bert()
+    first = kernl.optimize(bert, "batch=1 seq=8", progress=False)
+    weights = first.artifact / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    messages: list[str] = []
+    model = kernl.optimize(bert, "batch=1 seq=8", progress=messages.append)
+    assert len(compiles) == 2 and not model.cache_hit
+    assert any("failed verification" in m for m in messages)
+    verify_artifact(model.artifact)
+    inputs = _inputs(1, 8)
+    with torch.no_grad():
+        _assert_matches(model(**inputs), bert(**inputs))
+    assert not [p for p in cache.iterdir() if p.name.startswith((".build", ".corrupt"))]
+
+
+def test_leftover_builds_are_never_used_and_dead_ones_are_removed(cache, compiles):
+    bert = tiny_bert()
+    cache.mkdir(parents=True)
+    # What a compile killed before its rename leaves: a build folder of a dead process.
+    dead = cache / f".build-{socket.gethostname()}@999999999-x"
+    (dead / "artifact").mkdir(parents=True)
+    alive = cache / f".build-{socket.gethostname()}@{os.getpid()}-y"
+    alive.mkdir()
+    model = kernl.optimize(bert, "batch=1 seq=8", progress=False)
+    assert len(compiles) == 1 and not model.cache_hit
+    assert not dead.exists() and alive.exists()  # a live process's build is its own
+
+
+def test_install_keeps_the_entry_another_compile_put_first(tmp_path):
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    (entry / "manifest.msgpack").write_text("first")
+    built = tmp_path / "built"
+    built.mkdir()
+    (built / "manifest.msgpack").write_text("second")
+    assert opt._install(built, entry) is False
+    assert (entry / "manifest.msgpack").read_text() == "first"
+    fresh = tmp_path / "fresh"
+    assert opt._install(built, fresh) is True and not built.exists()
+
+
+def test_concurrent_calls_compile_once_per_key(cache, compiles):
+    """Two threads on one model compile it once (the second waits, then loads); a third on
+    other buckets compiles too, not at the same time (torch.export is not thread-safe)."""
+    bert = tiny_bert()
+    results: dict[int, object] = {}
+    errors: list = []
+
+    def run(i: int, buckets: str) -> None:
+        try:
+            results[i] = kernl.optimize(bert, buckets, progress=False)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    jobs = [(0, "batch=1 seq=8"), (1, "batch=1 seq=8"), (2, "batch=1 seq=16")]
+    threads = [threading.Thread(target=run, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(compiles) == 2
+    assert sorted([results[0].cache_hit, results[1].cache_hit]) == [False, True]
+    assert not results[2].cache_hit
+    inputs = _inputs(1, 8)
+    with torch.no_grad():
+        want = bert(**inputs)
+    for r in results.values():
+        _assert_matches(r(**inputs), want)
+
+
+def test_default_buckets_from_the_config():
+    def bert(n, model_type="bert"):
+        return (
+            T.BertConfig(max_position_embeddings=n)
+            if model_type == "bert"
+            else (T.RobertaConfig(max_position_embeddings=n, pad_token_id=1))
+        )
+
+    assert opt.default_buckets(bert(512), "base") == "batch=1,8,32 seq=16:512"
+    assert opt.default_buckets(bert(80), "masked-lm") == "batch=1,8,32 seq=16:80"
+    assert opt.default_buckets(bert(8), "base") == "batch=1,8,32 seq=8"
+    assert opt.default_buckets(bert(8192), "base") == "batch=1,8,32 seq=16:512"
+    assert opt.default_buckets(bert(514, "roberta"), "base") == "batch=1,8,32 seq=16:512"
+    llama = T.LlamaConfig(max_position_embeddings=4096)
+    assert opt.default_buckets(llama, "causal-lm") == "batch=1 prompt=16:512 cache=1024"
+    gpt2 = T.GPT2Config(n_positions=128)
+    assert opt.default_buckets(gpt2, "causal-lm") == "batch=1 prompt=16:64 cache=128"
+
+
+def test_omitted_buckets_are_chosen_and_said(cache, monkeypatch):
+    seen: dict = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_compile(model, buckets, out, **kwargs):
+        seen["buckets"] = buckets
+        raise Stop
+
+    monkeypatch.setattr(api, "compile", fake_compile)
+    messages: list[str] = []
+    with pytest.raises(Stop):
+        kernl.optimize(tiny_bert(), progress=messages.append)
+    assert seen["buckets"] == "batch=1,8,32 seq=16:32"
+    assert any("chose 'batch=1,8,32 seq=16:32'" in m for m in messages)
+    # The failed compile left nothing in the cache.
+    assert not [p for p in cache.iterdir() if p.is_dir()]
+
+
+def test_bad_buckets_are_refused_before_any_work(cache, monkeypatch):
+    monkeypatch.setattr(api, "compile", lambda *a, **k: pytest.fail("compiled"))
+    with pytest.raises(BucketLimitError, match="longer than the model's 32 positions"):
+        kernl.optimize(tiny_bert(), "batch=1 seq=64", progress=False)
+    with pytest.raises(TypeError, match="Hugging Face model object"):
+        kernl.optimize(torch.nn.Linear(2, 2), "batch=1 seq=8", progress=False)
+
+
+def test_weights_digest():
+    bert = tiny_bert()
+    digest = opt.weights_digest(bert)
+    assert opt.weights_digest(copy.deepcopy(bert), threads=1) == digest
+    buffered = copy.deepcopy(bert)
+    buffered.embeddings.token_type_ids.fill_(1)  # a buffer, not a parameter
+    assert opt.weights_digest(buffered) != digest
+    assert opt.weights_digest(copy.deepcopy(bert).half()) != digest
+    # Same values under a swapped pair of names: another model.
+    swapped = copy.deepcopy(bert)
+    q = swapped.encoder.layer[0].attention.self
+    with torch.no_grad():
+        q.query.weight, q.key.weight = q.key.weight, q.query.weight
+    assert opt.weights_digest(swapped) != digest
+
+
+def test_tiny_llama_generates_like_eager_then_hits_the_cache(cache, compiles):
+    hf = tiny_model("llama3")
+    buckets = "batch=1,2 prompt=8,16 cache=48"
+    before = _snapshot(hf)
+    generation_config = hf.generation_config.to_dict()
+    model = kernl.optimize(hf, buckets, progress=False)
+    # compile validates against the eager model's generate: that leaves it as it was too
+    _assert_same(before, _snapshot(hf))
+    assert hf.generation_config.to_dict() == generation_config
+    assert len(compiles) == 1 and compiles[0][1]["task"] == "causal-lm"
+    ids, mask = mixed_prompts(2, [11, 4])
+    with torch.no_grad():
+        ref = hf.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0
+        )
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0, eos_token_id=[]
+    )
+    assert torch.equal(out, ref)
+    with pytest.raises(TypeError, match=r"model.generate"):
+        model(ids)
+    again = kernl.optimize(tiny_model("llama3"), buckets, progress=False)
+    assert again.cache_hit and len(compiles) == 1
+    assert torch.equal(
+        again.generate(
+            ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0, eos_token_id=[]
+        ),
+        ref,
+    )
+
+
+def test_import_kernl_imports_neither_transformers_nor_the_compiler():
+    code = textwrap.dedent(
+        """
+        import sys
+        import kernl, kernl.runtime
+        assert callable(kernl.optimize)
+        bad = [m for m in sys.modules if m.startswith(("transformers", "kernl.compiler"))]
+        assert not bad, bad
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -1,0 +1,75 @@
+"""The `kernl` command in the runtime-only install (no click, no transformers): `verify`
+works and every other command names the extra to install, instead of an ImportError."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers as T
+
+import kernl.compiler
+
+# Runs kernl.cli.main as a runtime-only install would: click and transformers unimportable.
+WITHOUT_EXTRAS = textwrap.dedent(
+    """
+    import sys
+    sys.modules["click"] = None
+    sys.modules["transformers"] = None
+    from kernl.cli import main
+    main(sys.argv[1:])
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    torch.manual_seed(0)
+    model = T.BertModel(
+        T.BertConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=50,
+            max_position_embeddings=16,
+        )
+    ).eval()
+    out = tmp_path_factory.mktemp("cmd") / "a.kernl"
+    kernl.compiler.compile(model, "batch=1 seq=8", out, dtype="fp32", device="cpu", kernels=False)
+    return out
+
+
+def _kernl(*args):
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_EXTRAS, *map(str, args)], capture_output=True, text=True
+    )
+
+
+def test_verify_works_without_the_compile_extra(artifact, tmp_path):
+    ok = _kernl("verify", artifact)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith(f"OK {artifact}: format v")
+    weights = artifact / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    broken = tmp_path / "broken.kernl"
+    broken.mkdir()
+    for f in artifact.rglob("*"):
+        if f.is_file():
+            target = broken / f.relative_to(artifact)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(bytes(data) if f == weights else f.read_bytes())
+    bad = _kernl("verify", broken)
+    assert bad.returncode == 1 and "INVALID" in bad.stderr
+
+
+@pytest.mark.parametrize("command", ["inspect", "bench", "serve", "keygen"])
+def test_other_commands_name_the_extra(artifact, command):
+    run = _kernl(command, artifact)
+    assert run.returncode == 2
+    assert "pip install 'kernl[compile]'" in run.stderr
+    assert "Traceback" not in run.stderr

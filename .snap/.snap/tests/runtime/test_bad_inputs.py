@@ -1,0 +1,214 @@
+"""Bad input at call time: each bad call is served correctly or refused with a clear error,
+and a good call after it still matches eager PyTorch (no call leaves the model unusable)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+import kernl.compiler
+import kernl.runtime
+
+SMALL = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    vocab_size=120,
+    max_position_embeddings=80,
+)
+TOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    torch.manual_seed(0)
+    model = T.BertModel(T.BertConfig(**SMALL)).eval()
+    out = tmp_path_factory.mktemp("bad_inputs") / "bert.kernl"
+    kernl.compiler.compile(model, "batch=1,2 seq=8,16", out, dtype="fp32", device="cpu")
+    return model, kernl.runtime.load(out, device="cpu")
+
+
+def _ids(b, s, seed=1):
+    return torch.randint(3, 120, (b, s), generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_matches_eager(model, compiled, **inputs):
+    got = compiled(**inputs)
+    with torch.no_grad():
+        want = model(**inputs)
+    for name in ("last_hidden_state", "pooler_output"):
+        err = (got[name] - want[name]).abs().max().item()
+        assert err < TOL, f"{name}: max |error| {err}"
+
+
+def _good_call_after(served):
+    model, compiled = served
+    ids = _ids(2, 11, seed=7)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    _assert_matches_eager(model, compiled, input_ids=ids, attention_mask=mask)
+
+
+REFUSED = {
+    "missing input_ids": (
+        lambda: dict(attention_mask=torch.ones(1, 4, dtype=torch.long)),
+        TypeError,
+        "missing required input 'input_ids'",
+    ),
+    "unexpected keyword": (
+        lambda: dict(input_ids=_ids(1, 4), labels=_ids(1, 4)),
+        TypeError,
+        "unexpected input(s) ['labels']",
+    ),
+    "float ids": (
+        lambda: dict(input_ids=_ids(1, 4).float()),
+        TypeError,
+        "must hold integers, got torch.float32",
+    ),
+    "rank 1": (lambda: dict(input_ids=_ids(1, 4)[0]), ValueError, "must have 2 dimensions"),
+    "rank 3": (lambda: dict(input_ids=_ids(1, 4)[None]), ValueError, "must have 2 dimensions"),
+    "tensor on another device": (
+        lambda: dict(input_ids=torch.zeros(1, 4, dtype=torch.long, device="meta")),
+        ValueError,
+        "is on meta",
+    ),
+    "batch 0": (
+        lambda: dict(input_ids=torch.zeros(0, 4, dtype=torch.long)),
+        ValueError,
+        "empty input",
+    ),
+    "sequence 0": (
+        lambda: dict(input_ids=torch.zeros(1, 0, dtype=torch.long)),
+        ValueError,
+        "empty input",
+    ),
+    "longer than every bucket": (
+        lambda: dict(input_ids=_ids(1, 17)),
+        ValueError,
+        "larger than every bucket",
+    ),
+    "batch larger than every bucket": (
+        lambda: dict(input_ids=_ids(3, 8)),
+        ValueError,
+        "1x8, 1x16, 2x8, 2x16",
+    ),
+    "token id past the vocabulary": (
+        lambda: dict(input_ids=torch.tensor([[5, 120]])),
+        ValueError,
+        "input_ids must lie in [0, 120)",
+    ),
+    "negative token id": (
+        lambda: dict(input_ids=torch.tensor([[-1, 5]])),
+        ValueError,
+        "input_ids must lie in [0, 120)",
+    ),
+    "token type past its table": (
+        lambda: dict(input_ids=_ids(1, 4), token_type_ids=torch.full((1, 4), 2)),
+        ValueError,
+        "token_type_ids must lie in [0, 2)",
+    ),
+    "mask of twos": (
+        lambda: dict(input_ids=_ids(1, 4), attention_mask=torch.full((1, 4), 2)),
+        ValueError,
+        "attention_mask must lie in [0, 2)",
+    ),
+    "mask of another shape": (
+        lambda: dict(input_ids=_ids(1, 4), attention_mask=torch.ones(1, 5, dtype=torch.long)),
+        ValueError,
+        "has shape (1, 5), input_ids has (1, 4)",
+    ),
+    "a string": (lambda: dict(input_ids="hello"), TypeError, "must be a tensor"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_bad_call_is_refused_clearly_and_the_next_call_is_right(name, served):
+    make, error, message = REFUSED[name]
+    with pytest.raises(error) as info:
+        served[1](**make())
+    assert message in str(info.value)
+    _good_call_after(served)
+
+
+def _non_contiguous():
+    ids = _ids(9, 2).t()  # a (2, 9) view with strides (1, 2)
+    assert not ids.is_contiguous()
+    return dict(input_ids=ids)
+
+
+def _all_zero_mask():
+    ids = _ids(2, 6)
+    mask = torch.ones_like(ids)
+    mask[1] = 0
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+SERVED = {
+    "non-contiguous tensor": _non_contiguous,
+    "int32 ids": lambda: dict(input_ids=_ids(2, 5).int()),
+    "bool mask": lambda: dict(
+        input_ids=_ids(1, 5), attention_mask=torch.tensor([[True] * 3 + [False] * 2])
+    ),
+    "python lists": lambda: dict(input_ids=[[5, 6, 7]], attention_mask=[[1, 1, 0]]),
+    "a row whose mask is all zeros": _all_zero_mask,
+    "a mask of all zeros": lambda: dict(
+        input_ids=_ids(1, 4), attention_mask=torch.zeros(1, 4, dtype=torch.long)
+    ),
+    "exactly the largest bucket": lambda: dict(input_ids=_ids(2, 16)),
+}
+
+
+@pytest.mark.parametrize("name", list(SERVED))
+def test_unusual_call_is_served_like_eager(name, served):
+    model, compiled = served
+    inputs = SERVED[name]()
+    eager_inputs = {k: torch.as_tensor(v).long() for k, v in inputs.items()}
+    got = compiled(**inputs)
+    with torch.no_grad():
+        want = model(**eager_inputs)
+    err = (got.last_hidden_state - want.last_hidden_state).abs().max().item()
+    assert err < TOL, f"max |error| {err}"
+    _good_call_after(served)
+
+
+def test_an_error_inside_a_run_leaves_the_model_usable(served, monkeypatch):
+    """A failure in the middle of a replay (here: an op raising) must not poison the static
+    buffers or the lock."""
+    model, compiled = served
+    runner = compiled._runners[compiled.buckets[0]]
+
+    def boom(_inputs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(runner.executor, "run", boom)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        compiled(input_ids=_ids(1, 3))
+    monkeypatch.undo()
+    _assert_matches_eager(model, compiled, input_ids=_ids(1, 3))
+    _good_call_after(served)
+
+
+def test_inputs_can_be_given_positionally_in_hugging_faces_order(served):
+    """`model(ids)` and `model(ids, mask)` as Hugging Face users call it."""
+    model, compiled = served
+    ids = _ids(2, 11, seed=5)
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0
+    types = torch.zeros_like(ids)
+    types[:, 5:] = 1
+    for args in [(ids,), (ids, mask), (ids, mask, types)]:
+        got = compiled(*args).last_hidden_state
+        with torch.no_grad():
+            want = model(*args).last_hidden_state
+        assert (got - want).abs().max().item() < TOL
+    assert torch.equal(
+        compiled(ids, attention_mask=mask).last_hidden_state,
+        compiled(input_ids=ids, attention_mask=mask).last_hidden_state,
+    )
+    with pytest.raises(TypeError, match="at most 3 positional input"):
+        compiled(ids, mask, types, types)
+    with pytest.raises(TypeError, match="'input_ids' given both positionally and by name"):
+        compiled(ids, input_ids=ids)
+    _good_call_after(served)

@@ -1,0 +1,135 @@
+"""The call path on CUDA: inputs from the CPU go in through pinned memory, inputs on the GPU
+are range-checked on the GPU; neither makes the host wait for the GPU before the replay, a bad
+id never reaches an embedding lookup (which would end the CUDA context) and is refused, and
+the model serves the next call right."""
+
+import pytest
+import torch
+
+import kernl.compiler
+import kernl.runtime
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256
+    )
+    model = BertModel(cfg).eval()
+    artifact = tmp_path_factory.mktemp("gpu_input_paths") / "b.kernl"
+    # Untuned, kernl.linear runs Triton's fp32 dot, which is TF32 on the GPU (4e-4 off eager
+    # at these sizes, measured on the H200): validation at TF32's tolerance, not fp32's.
+    kernl.compiler.compile(
+        model,
+        "batch=1,4 seq=16,64",
+        artifact,
+        dtype="fp32",
+        device="cuda",
+        tune=False,
+        atol=2e-3,
+        rtol=2e-3,
+    )
+    return model.cuda(), kernl.runtime.load(artifact, device="cuda")
+
+
+def _inputs(b, s, seed=0, types=False):
+    """A tokenizer's output; with `types`, token_type_ids too: every input of the model, so a
+    call of a bucket's exact shape from the GPU goes in by one stack."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 30000, (b, s), generator=g)
+    mask = torch.ones_like(ids)
+    mask[-1, s // 2 :] = 0
+    x = dict(input_ids=ids, attention_mask=mask)
+    if types:
+        x["token_type_ids"] = (torch.arange(s) >= s // 3).long().expand(b, s).contiguous()
+    return x
+
+
+def _want(model, inputs):
+    with torch.no_grad():
+        return model(**{k: v.cuda() for k, v in inputs.items()}).last_hidden_state
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("types", [False, True])
+@pytest.mark.parametrize("shape", [(1, 16), (3, 50), (4, 64)])
+def test_cpu_and_gpu_inputs_give_the_same_outputs_as_eager(served, shape, types):
+    model, compiled = served
+    x = _inputs(*shape, types=types)
+    from_cpu = compiled(**x).last_hidden_state
+    from_gpu = compiled(**{k: v.cuda() for k, v in x.items()}).last_hidden_state
+    assert torch.equal(from_cpu, from_gpu)
+    assert (from_cpu - _want(model, x)).abs().max().item() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("where", ["cpu", "cuda"])
+@pytest.mark.parametrize("shape", [(3, 50), (4, 64)])
+def test_no_sync_before_the_replay(served, where, shape):
+    """torch's sync debug mode raises on every synchronising call it knows (.item(), tolist,
+    blocking copies): a call must make none. (Waiting on the range check's event after the
+    replay is not one of them.)"""
+    _, compiled = served
+    x = {k: v.to(where) for k, v in _inputs(*shape, types=True).items()}
+    compiled(**x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        compiled(**x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("where", ["cpu", "cuda"])
+@pytest.mark.parametrize(
+    "bad, name",
+    [
+        (dict(input_ids=torch.tensor([[5, 10**6]])), "input_ids"),
+        (dict(input_ids=torch.tensor([[-7, 5]])), "input_ids"),
+        (dict(input_ids=torch.tensor([[5, 6]]), token_type_ids=torch.tensor([[0, 9]])), "token"),
+        (dict(input_ids=torch.tensor([[5, 6]]), attention_mask=torch.tensor([[1, 3]])), "atten"),
+    ],
+)
+def test_an_out_of_range_id_is_refused_and_the_model_stays_usable(served, where, bad, name):
+    model, compiled = served
+    with pytest.raises(ValueError, match=f"{name}.* must lie in"):
+        compiled(**{k: v.to(where) for k, v in bad.items()})
+    torch.cuda.synchronize()  # no device-side assert is pending
+    x = _inputs(1, 2, seed=3)
+    got = compiled(**{k: v.to(where) for k, v in x.items()}).last_hidden_state
+    assert (got - _want(model, x)).abs().max().item() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, bad", [("input_ids", 10**6), ("token_type_ids", 7)])
+def test_an_out_of_range_id_in_a_full_call_of_a_buckets_shape_is_refused(served, name, bad):
+    """The one-stack path from the GPU (every input, the bucket's exact shape) is checked too."""
+    model, compiled = served
+    x = {k: v.cuda() for k, v in _inputs(4, 64, seed=5, types=True).items()}
+    x[name][2, 7] = bad
+    with pytest.raises(ValueError, match=f"{name} must lie in .*{bad}"):
+        compiled(**x)
+    torch.cuda.synchronize()
+    x = _inputs(4, 64, seed=6, types=True)
+    got = compiled(**{k: v.cuda() for k, v in x.items()}).last_hidden_state
+    assert (got - _want(model, x)).abs().max().item() < 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_calls_without_token_types_keep_a_fresh_default(served):
+    """input_ids and attention_mask alone at a bucket's shape (the shared benchmark's call):
+    one stack of two rows, the token types' default kept from the call before, rewritten
+    after a call that gave its own."""
+    model, compiled = served
+    partial = {k: v.cuda() for k, v in _inputs(4, 64, seed=8).items()}
+    full = {k: v.cuda() for k, v in _inputs(4, 64, seed=9, types=True).items()}
+    for x in (partial, partial, full, partial, partial):
+        got = compiled(**x).last_hidden_state
+        want = _want(model, {k: v.cpu() for k, v in x.items()})
+        assert (got - want).abs().max().item() < 1e-3

@@ -1,0 +1,377 @@
+"""Encoder-decoder generation (T5 v1.0, T5 v1.1, BART) on the CPU in fp32: kernl's greedy ids
+against Hugging Face `generate`, request errors, a hostile manifest, a transformers-free load."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernl.compiler
+import kernl.runtime
+
+VOCAB = 97
+BUCKETS = "batch=1,4 source=8,16 cache=48"
+FAMILIES = ("t5", "t5_gated", "bart")
+
+
+def tiny_seq2seq(
+    family: str,
+    d_model: int = 32,
+    heads: int = 4,
+    ffn: int = 48,
+    layers: int = 2,
+    vocab: int = VOCAB,
+    inflated: bool = True,
+) -> torch.nn.Module:
+    """A random T5 (v1.0, or v1.1 gated) or BART. `inflated`: weights and biases far above a
+    trained model's scale, so that every layout mistake shows in fp32 ids (the default);
+    otherwise a trained model's initialisation scale (what bf16 tests need: inflated weights
+    flip bf16 greedy ids at near-ties within a few tokens)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if family in ("t5", "t5_gated"):
+        gated = family == "t5_gated"
+        buckets = dict(relative_attention_num_buckets=8, relative_attention_max_distance=16)
+        cfg = tf.T5Config(
+            vocab_size=vocab,
+            d_model=d_model,
+            d_kv=d_model // heads,
+            d_ff=ffn,
+            num_layers=layers,
+            num_heads=heads,
+            feed_forward_proj="gated-gelu" if gated else "relu",
+            tie_word_embeddings=not gated,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+            **(dict(buckets, initializer_factor=8.0) if inflated else {}),
+        )
+        model = tf.T5ForConditionalGeneration(cfg)
+    else:
+        cfg = tf.BartConfig(
+            vocab_size=vocab,
+            d_model=d_model,
+            encoder_layers=layers,
+            decoder_layers=layers,
+            encoder_attention_heads=heads,
+            decoder_attention_heads=heads,
+            encoder_ffn_dim=ffn,
+            decoder_ffn_dim=ffn,
+            max_position_embeddings=64 if inflated else 128,
+            scale_embedding=True,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            forced_bos_token_id=None,
+            forced_eos_token_id=None,
+            init_std=0.5 if inflated else 0.05,
+        )
+        model = tf.BartForConditionalGeneration(cfg)
+        if inflated:
+            with torch.no_grad():
+                model.final_logits_bias.normal_(0, 0.05)
+    model.generation_config.forced_bos_token_id = None
+    model.generation_config.forced_eos_token_id = None
+    if inflated:
+        with torch.no_grad():  # random init has tiny biases; make them matter
+            for name, p in model.named_parameters():
+                if name.endswith("bias") or "layer_norm" in name:
+                    p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = {}
+    for family in FAMILIES:
+        hf = tiny_seq2seq(family)
+        path = tmp_path_factory.mktemp("s2s") / family
+        kernl.compiler.compile(hf, BUCKETS, path, dtype="fp32", device="cpu")
+        out[family] = (hf, path, kernl.runtime.load(path, device="cpu"))
+    return out
+
+
+def sources(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (pad 0) and mask with the given real lengths (ids avoid 0..2)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(3, VOCAB, (n,), generator=g)
+        mask[i, :n] = 1
+    return ids, mask
+
+
+def hf_generate(hf, ids, mask, new, eos=None, pad=0):
+    with torch.no_grad():
+        return hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            decoder_start_token_id=hf.config.decoder_start_token_id,
+            min_new_tokens=new if eos is None else 0,
+        )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_ids_equal_hugging_face_on_mixed_source_lengths(compiled, family):
+    hf, _, model = compiled[family]
+    ids, mask = sources([13, 5, 9])
+    ref = hf_generate(hf, ids, mask, 40)
+    got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, eos_token_id=[])
+    # (tiny post-norm BART settles on one token per row; T5 varies)
+    assert ref.shape == (3, 41) and len(set(ref.flatten().tolist())) > (
+        2 if family == "bart" else 3
+    )
+    assert torch.equal(got, ref), f"\nkernl {got.tolist()}\nhf    {ref.tolist()}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_row_eos_pads_finished_rows_like_hugging_face(compiled, family):
+    hf, _, model = compiled[family]
+    ids, mask = sources([16, 3, 7, 11], seed=1)
+    free = hf_generate(hf, ids, mask, 24)
+    eos = int(free[0, 6])  # a token row 0 emits mid-way, so rows finish at different steps
+    ref = hf_generate(hf, ids, mask, 24, eos=eos, pad=5)
+    got = model.generate(ids, mask, max_new_tokens=24, eos_token_id=eos, pad_token_id=5)
+    assert (ref == 5).any()
+    assert torch.equal(got, ref), f"\nkernl {got.tolist()}\nhf    {ref.tolist()}"
+
+
+def test_seeded_sampling_repeats_and_differs_across_seeds(compiled):
+    _, _, model = compiled["t5"]
+    ids, mask = sources([6, 10])
+    kw = dict(max_new_tokens=16, do_sample=True, top_k=20, eos_token_id=[])
+    a = model.generate(ids, mask, seed=3, **kw)
+    assert torch.equal(a, model.generate(ids, mask, seed=3, **kw))
+    assert not torch.equal(a, model.generate(ids, mask, seed=4, **kw))
+
+
+def test_errors_are_clear_and_leave_the_model_usable(compiled):
+    hf, _, model = compiled["bart"]
+    ids, mask = sources([5])
+    before = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[])
+    with pytest.raises(ValueError, match="longer than every source bucket"):
+        model.generate(torch.full((1, 17), 7), max_new_tokens=4)
+    with pytest.raises(ValueError, match="exceeds the decoder cache of 48"):
+        model.generate(ids, mask, max_new_tokens=49)
+    with pytest.raises(ValueError, match="larger than every batch bucket"):
+        model.generate(torch.full((5, 4), 7), max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 97\)"):
+        model.generate(torch.full((1, 4), VOCAB), max_new_tokens=4)
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=8, eos_token_id=[]), before)
+    assert torch.equal(before, hf_generate(hf, ids, mask, 8))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda e: e["seq2seq"].update(num_heads=-1),
+        lambda e: e["seq2seq"].update(activation="os.system"),
+        lambda e: e["seq2seq"].update(d_model=48),  # weights no longer match
+        lambda e: e["seq2seq"].update(decoder_start_token_id=VOCAB),
+        lambda e: e["seq2seq_buckets"].update(caches=[0]),
+        lambda e: e["seq2seq"].update(surprise=1),
+        lambda e: e.pop("seq2seq"),
+        lambda e: e["seq2seq"].update(decode_kernels="cuda-magic"),
+        lambda e: e["seq2seq"].update(decode_tile=[3, 64, 0, 4, 5]),
+        lambda e: e["seq2seq"].update(decode_tile=[64, 64, 0, 4]),
+    ],
+)
+def test_a_hostile_seq2seq_description_is_refused(compiled, tmp_path, edit):
+    import msgpack
+
+    from kernl.artifacts import ArtifactError, pack_manifest, verify_artifact
+
+    root = Path(shutil.copytree(compiled["t5"][1], tmp_path / "copy"))
+    m = msgpack.unpackb((root / "manifest.msgpack").read_bytes(), raw=False)
+    edit(m["extra"])
+    (root / "manifest.msgpack").write_bytes(pack_manifest(m))
+    with pytest.raises(ArtifactError, match="seq2seq description is invalid"):
+        kernl.runtime.load(root, device="cpu")
+    with pytest.raises(ArtifactError, match="seq2seq description is invalid"):
+        verify_artifact(root)
+
+
+def test_a_fresh_process_loads_and_generates_without_transformers(compiled):
+    hf, path, _ = compiled["t5_gated"]
+    ids, mask = sources([4])
+    expected = hf_generate(hf, ids, mask, 6).tolist()
+    script = textwrap.dedent(f"""
+        import sys, torch, kernl.runtime
+        m = kernl.runtime.load({str(path)!r}, device="cpu")
+        out = m.generate(torch.tensor({ids.tolist()}), max_new_tokens=6, eos_token_id=[])
+        assert out.tolist() == {expected}, out.tolist()
+        assert "transformers" not in sys.modules, "the runtime imported transformers"
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr
+
+
+def test_task_is_inferred_and_buckets_name_their_axes(tmp_path):
+    from kernl.compiler.buckets import BucketSyntaxError
+    from kernl.compiler.tasks.seq2seq.buckets import parse_seq2seq_buckets
+    from kernl.compiler.trace import task_of
+
+    bart = tiny_seq2seq("bart")
+    assert task_of(bart.config, bart) == "seq2seq-lm"
+    b = parse_seq2seq_buckets("batch=1,8 source=16:64 cache=32,128")
+    assert (b.batches, b.sources, b.caches, b.cache_len) == ([1, 8], [16, 32, 64], [32, 128], 128)
+    with pytest.raises(BucketSyntaxError, match="unknown axis 'seq' for seq2seq-lm"):
+        parse_seq2seq_buckets("batch=1 seq=16")
+    with pytest.raises(BucketSyntaxError, match="missing axis source"):
+        parse_seq2seq_buckets("batch=1 cache=16")
+
+
+@pytest.mark.parametrize("fold_norms", [True, False], ids=["kernl", "kernl-linear"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_on_kernl_kernels_gives_hugging_face_ids(compiled, family, fold_norms):
+    """The decode step on kernl's few-rows kernels (what a GPU compile keeps when faster:
+    norms folded into the next linear, bias and residual in the projections' epilogues),
+    here through Triton's interpreter: the same greedy ids as Hugging Face."""
+    hf, path, _ = compiled[family]
+    model = kernl.runtime.load(path, device="cpu")
+    model.model.kernels, model.model.fold_norms = True, fold_norms
+    ids, mask = sources([13, 5, 9])
+    got = model.generate(ids, mask, max_new_tokens=16, eos_token_id=[])
+    assert torch.equal(got, hf_generate(hf, ids, mask, 16))
+
+
+@pytest.mark.parametrize("family,fold_norms", [("t5", True), ("bart", False)])
+def test_decode_on_kernl_kernels_with_a_tuned_tile(compiled, family, fold_norms):
+    """The launch tile the compiler may keep (TILES of its decode-kernel choice) reaches both
+    few-rows kernels and changes no id."""
+    from kernl.compiler.tasks.seq2seq.decode_kernels import TILES
+
+    hf, path, _ = compiled[family]
+    model = kernl.runtime.load(path, device="cpu")
+    model.model.kernels, model.model.fold_norms = True, fold_norms
+    model.model.set_tile(TILES[1])
+    ids, mask = sources([13, 5, 9])
+    got = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
+    assert torch.equal(got, hf_generate(hf, ids, mask, 12))
+
+
+def _held_bytes(state) -> int:
+    """Bytes of every tensor a batch bucket's state holds (its KV caches included)."""
+    seen, total = set(), 0
+    values = [*vars(state).values(), *vars(state.cache).values(), *vars(state.sampler).values()]
+    for v in values:
+        for t in v.values() if isinstance(v, dict) else [v]:
+            if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_memory_plan_covers_the_buffers_and_refuses_a_small_device(compiled, family):
+    """load() refuses an artifact whose buffers (Whisper-large-v3 at batch 64: ~16 GB of
+    cross-attention keys and values) would not fit, before allocating them."""
+    from kernl.artifacts import ArtifactUnsafeError
+    from kernl.artifacts.reader import check_artifact
+
+    _, path, model = compiled[family]
+    plan = check_artifact(path, hash_files=False).memory
+    held = sum(_held_bytes(s) for s in model._states.values())
+    assert held <= plan.static_buffers <= 2 * held
+    with pytest.raises(ArtifactUnsafeError, match="needs .* the device has"):
+        check_artifact(path, hash_files=False, free_bytes=plan.total - 1)
+
+
+def _t5_near_fp16_overflow(scale: float) -> torch.nn.Module:
+    """A tiny T5 v1.1 whose feed-forward output is scaled so that its fp16 residual stream
+    reaches tens of thousands (T5's known fp16 trouble)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.T5Config(
+        vocab_size=VOCAB,
+        d_model=64,
+        d_kv=16,
+        d_ff=256,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+    )
+    model = tf.T5ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("wo.weight"):
+                p.mul_(scale)
+    return model
+
+
+def test_t5_in_fp16_near_its_range_gives_hugging_face_ids(tmp_path):
+    """Activations of ~43k: squared in fp16 they overflow, so the norm keeps its variance in
+    float32 as Hugging Face does (torch's RMSNorm squares in fp16 on the CPU: NaN)."""
+    hf = _t5_near_fp16_overflow(2e4).half()
+    ids, mask = sources([13, 5, 9])
+    kernl.compiler.compile(hf, "batch=1,4 source=16 cache=32", tmp_path / "a", dtype="fp16")
+    model = kernl.runtime.load(tmp_path / "a", device="cpu")
+    got = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
+    assert torch.equal(got, hf_generate(hf, ids, mask, 12))
+
+
+def test_t5_in_fp16_past_its_range_is_clamped_like_hugging_face(tmp_path):
+    """Past 65504 the residual stream overflows: each block's output is clamped as Hugging
+    Face's T5Block does, and the logits stay finite (they were NaN: every id 0). Built from an
+    fp32 artifact cast to fp16, since in this regime fp16 itself (HF's too) leaves fp32's ids
+    after a token or two and the compiler's validation would refuse it."""
+    from kernl.artifacts import read_manifest
+    from kernl.artifacts.reader import read_weights
+    from kernl.runtime.generation.seq2seq import Seq2SeqModel
+
+    hf = _t5_near_fp16_overflow(6e4)
+    kernl.compiler.compile(hf, "batch=1,4 source=16 cache=32", tmp_path / "a", dtype="fp32")
+    manifest = read_manifest(tmp_path / "a")
+    manifest.dtype = "float16"
+    weights = {k: v.half() for k, v in read_weights(tmp_path / "a", device="cpu").items()}
+    model = Seq2SeqModel(manifest, weights, torch.device("cpu"), capture="never")
+    ids, mask = sources([13, 5, 9])
+    hf16 = hf.half()
+    with torch.no_grad():
+        hidden = hf16.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    clamped = torch.tensor(65504 - 1000, dtype=torch.float16).item()
+    assert max(h.abs().max().item() for h in hidden.hidden_states) == clamped  # HF clamps too
+    steps = list(model.stream(ids, mask, max_new_tokens=8, eos_token_id=[], output_logits=True))
+    assert torch.isfinite(torch.stack([s[1] for s in steps])).all()
+    # (which ids: in this regime fp16 leaves fp32 after a token or two, HF's fp16 as well)
+    assert len(set(torch.stack([s[0] for s in steps]).flatten().tolist())) > 3
+
+
+def test_per_row_seeds_give_each_row_its_call_alone(compiled):
+    _, _, model = compiled["bart"]
+    ids, mask = sources([9, 4, 12], seed=5)
+    kw = dict(max_new_tokens=10, do_sample=True, eos_token_id=[])
+    together = model.generate(ids, mask, seed=[3, 4, 3], temperature=[1.0, 0.7, 1.0], **kw)
+    for i, (seed, t) in enumerate(zip([3, 4, 3], [1.0, 0.7, 1.0])):
+        n = int(mask[i].sum())
+        alone = model.generate(ids[i : i + 1, :n], seed=seed, temperature=t, **kw)
+        assert torch.equal(together[i], alone[0])
+
+
+def test_inspect_shows_the_decode_step_choice(compiled):
+    from kernl.compiler.inspect_report import inspect_artifact, render_text
+
+    text = render_text(inspect_artifact(compiled["t5"][1]))
+    assert "decode step kernels=torch tile=default" in text  # a CPU build: plain torch

@@ -1,0 +1,156 @@
+"""Request checks on arrival: each bad request gets its own 4xx status and a message that says
+what to change; good requests become rows."""
+
+import dataclasses
+import json
+
+import pytest
+
+from kernl.artifacts.schema import Bucket, InputSpec
+from kernl.serving.protocol import ModelLimits, RequestError, parse_request
+
+LIMITS = ModelLimits(
+    inputs=[
+        InputSpec("input_ids", "int64", 0, "required"),
+        InputSpec("attention_mask", "int64", 0, "ones"),
+        InputSpec("token_type_ids", "int64", 0, "zeros"),
+    ],
+    output_names=["last_hidden_state", "pooler_output"],
+    buckets=[Bucket(b, s) for b in (1, 4) for s in (8, 16)],
+    vocab_size=100,
+    max_rows=4,
+    type_vocab_size=2,
+)
+
+
+def parse(body, tokenize=None):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return parse_request(raw, LIMITS, tokenize)
+
+
+def test_one_flat_sequence():
+    req = parse({"input_ids": [1, 2, 3]})
+    assert req.single and [r.inputs for r in req.rows] == [{"input_ids": (1, 2, 3)}]
+    assert req.outputs == ["last_hidden_state", "pooler_output"]
+
+
+def test_ragged_sequences_with_masks_and_chosen_outputs():
+    req = parse(
+        {
+            "input_ids": [[1, 2, 3], [4]],
+            "attention_mask": [[1, 1, 0], [1]],
+            "outputs": ["pooler_output"],
+        }
+    )
+    assert not req.single and [r.length for r in req.rows] == [3, 1]
+    assert req.rows[0].inputs["attention_mask"] == (1, 1, 0)
+    assert req.outputs == ["pooler_output"]
+
+
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        (b'{"input_ids": [1, 2', 400, "not valid JSON"),
+        (b"\xff\xfe", 400, "not valid JSON"),
+        ([1, 2, 3], 422, "JSON object"),
+        ({"ids": [1, 2]}, 422, "unknown field"),
+        ({"attention_mask": [1]}, 422, "missing field 'input_ids'"),
+        ({"input_ids": []}, 422, "list of integers"),
+        ({"input_ids": [[1, 2], []]}, 422, "empty sequence"),
+        ({"input_ids": [1.5, 2]}, 422, "integers only"),
+        ({"input_ids": [True, 2]}, 422, "integers only"),
+        ({"input_ids": "hello"}, 422, "list of integers"),
+        ({"input_ids": [1, 2], "attention_mask": [1]}, 422, "'attention_mask' has 1 values"),
+        ({"input_ids": [[1], [2]], "attention_mask": [[1]]}, 422, "has 1 sequences"),
+        ({"input_ids": [1, 200]}, 422, "'input_ids' must lie in [0, 100)"),
+        (
+            {"input_ids": [1, 2], "token_type_ids": [0, -1]},
+            422,
+            "'token_type_ids' must lie in [0, 2)",
+        ),
+        # Each of these passed the checks and failed its whole batch with a 500.
+        (
+            {"input_ids": [1, 2], "token_type_ids": [0, 5]},
+            422,
+            "'token_type_ids' must lie in [0, 2) (the model's type_vocab_size), got values in [0, 5]",
+        ),
+        (
+            {"input_ids": [1, 2], "token_type_ids": [0, 2**70]},
+            422,
+            "'token_type_ids' must lie in [0, 2)",
+        ),
+        (
+            {"input_ids": [[1, 2]], "attention_mask": [[1, 7]]},
+            422,
+            "'attention_mask' must lie in {0, 1}",
+        ),
+        (
+            {"input_ids": [1, 2], "attention_mask": [1, -1]},
+            422,
+            "'attention_mask' must lie in {0, 1}",
+        ),
+        ({"input_ids": [1, 2**64]}, 422, "'input_ids' must lie in [0, 100)"),
+        (b"[" * 100_000, 400, "nests JSON deeper than 32"),
+        (b'{"input_ids": ' + b"[" * 100_000, 400, "nests JSON deeper than 32"),
+        (
+            b'{"input_ids": [1], "text": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5000 + b"}",
+            400,
+            "nests JSON",
+        ),
+        ({"input_ids": [[[1, 2]]]}, 422, "integers only"),
+        (b'{"input_ids": [1' + b"0" * 5000 + b"]}", 400, "not valid JSON"),
+        ({"input_ids": list(range(17))}, 413, "longer than every bucket"),
+        ({"input_ids": [[1]] * 5}, 413, "at most 4"),
+        ({"input_ids": [1], "outputs": ["logits"]}, 422, "unknown output"),
+        ({"input_ids": [1], "outputs": []}, 422, "non-empty list"),
+        ({"text": "hello"}, 422, "carries no tokenizer"),
+    ],
+)
+def test_bad_requests_get_a_4xx_and_a_clear_message(body, status, words):
+    with pytest.raises(RequestError) as e:
+        parse(body)
+    assert e.value.status == status
+    assert words in str(e.value)
+
+
+def test_without_recorded_sizes_ids_are_bounded_by_int64():
+    limits = dataclasses.replace(LIMITS, vocab_size=None, type_vocab_size=None)
+    for name in ("input_ids", "token_type_ids"):
+        body = {"input_ids": [1, 2], name: [0, 2**63]}
+        with pytest.raises(RequestError, match=rf"'{name}' must lie in \[0, 2\*\*63\)") as e:
+            parse_request(json.dumps(body).encode(), limits)
+        assert e.value.status == 422
+        body[name] = [0, 2**63 - 1]
+        assert parse_request(json.dumps(body).encode(), limits).rows[0].inputs[name][1] == 2**63 - 1
+
+
+def test_limits_come_from_the_manifest(tiny_artifact):
+    from kernl.artifacts import read_manifest
+
+    limits = ModelLimits.from_manifest(read_manifest(tiny_artifact), max_rows=8)
+    assert (limits.vocab_size, limits.type_vocab_size, limits.max_rows) == (120, 2, 8)
+    assert [s.name for s in limits.inputs] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert limits.output_names == ["last_hidden_state", "pooler_output"]
+    raw = json.dumps({"input_ids": [5, 6], "token_type_ids": [0, 2]}).encode()
+    with pytest.raises(RequestError, match="type_vocab_size"):
+        parse_request(raw, limits)
+
+
+def test_deep_but_legal_json_in_strings_still_parses():
+    # Brackets inside a string count towards the depth bound only while they stay unclosed.
+    req = parse({"input_ids": [1, 2], "outputs": ["pooler_output"]})
+    assert req.outputs == ["pooler_output"]
+    assert parse({"text": "[]" * 1000}, lambda texts: [{"input_ids": [1]}]).rows
+
+
+def test_text_goes_through_the_tokenizer():
+    def tokenize(texts):
+        return [{"input_ids": [len(t)] * 2, "attention_mask": [1, 1], "extra": [0]} for t in texts]
+
+    req = parse({"text": ["ab", "abc"]}, tokenize)
+    assert [r.inputs for r in req.rows] == [
+        {"input_ids": (2, 2), "attention_mask": (1, 1)},
+        {"input_ids": (3, 3), "attention_mask": (1, 1)},
+    ]
+    with pytest.raises(RequestError, match="not both"):
+        parse({"text": "a", "input_ids": [1]}, tokenize)

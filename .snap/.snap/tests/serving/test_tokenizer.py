@@ -1,0 +1,83 @@
+"""The artifact's tokenizer.json is read as the artifact's own file: never through a symbolic
+link out of the folder, never a FIFO or an oversized file; `kernl serve` refuses such an
+artifact before starting Ray."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from kernl.serving import tokenizer as tok
+from kernl.serving.tokenizer import TokenizerFileError, load_tokenizer, read_tokenizer_file
+
+
+@pytest.fixture
+def artifact_copy(tiny_artifact, tmp_path):
+    dst = tmp_path / "copy.kernl"
+    shutil.copytree(tiny_artifact, dst)
+    return dst
+
+
+def test_the_artifacts_own_tokenizer_encodes(artifact_copy):
+    tokenize = load_tokenizer(artifact_copy)
+    assert tokenize(["w0 w5"])[0]["input_ids"] == [2, 4, 9, 3]
+
+
+def test_no_tokenizer_file_means_ids_only(artifact_copy):
+    os.remove(artifact_copy / "tokenizer.json")
+    assert read_tokenizer_file(artifact_copy) is None and load_tokenizer(artifact_copy) is None
+
+
+def test_a_link_out_of_the_folder_is_refused(artifact_copy, tmp_path):
+    outside = tmp_path / "secret.json"
+    os.replace(artifact_copy / "tokenizer.json", outside)
+    os.symlink(outside, artifact_copy / "tokenizer.json")
+    with pytest.raises(TokenizerFileError, match="symbolic link"):
+        load_tokenizer(artifact_copy)
+    # A link that stays inside the folder is refused too: the file must be the artifact's own.
+    os.remove(artifact_copy / "tokenizer.json")
+    os.replace(outside, artifact_copy / "real.json")
+    os.symlink("real.json", artifact_copy / "tokenizer.json")
+    with pytest.raises(TokenizerFileError, match="symbolic link"):
+        read_tokenizer_file(artifact_copy)
+
+
+def test_fifo_directory_and_oversized_files_are_refused(artifact_copy, monkeypatch):
+    os.remove(artifact_copy / "tokenizer.json")
+    os.mkfifo(artifact_copy / "tokenizer.json")  # opening it for reading would block forever
+    with pytest.raises(TokenizerFileError, match="not a regular file"):
+        read_tokenizer_file(artifact_copy)
+    os.remove(artifact_copy / "tokenizer.json")
+    os.mkdir(artifact_copy / "tokenizer.json")
+    with pytest.raises(TokenizerFileError):
+        read_tokenizer_file(artifact_copy)
+    os.rmdir(artifact_copy / "tokenizer.json")
+    (artifact_copy / "tokenizer.json").write_text("{}" + " " * 100)
+    monkeypatch.setattr(tok, "MAX_TOKENIZER_BYTES", 64)
+    with pytest.raises(TokenizerFileError, match="over the"):
+        read_tokenizer_file(artifact_copy)
+
+
+def test_a_malformed_tokenizer_is_a_clear_error(artifact_copy):
+    (artifact_copy / "tokenizer.json").write_bytes(b"\xff\xfe not json")
+    with pytest.raises(TokenizerFileError, match="not UTF-8"):
+        load_tokenizer(artifact_copy)
+    (artifact_copy / "tokenizer.json").write_text('{"model": 3}')
+    with pytest.raises(TokenizerFileError, match="tokenizer.json"):
+        load_tokenizer(artifact_copy)
+
+
+def test_serve_refuses_a_linked_tokenizer_before_ray_starts(artifact_copy, tmp_path):
+    os.replace(artifact_copy / "tokenizer.json", tmp_path / "elsewhere.json")
+    os.symlink(tmp_path / "elsewhere.json", artifact_copy / "tokenizer.json")
+    result = subprocess.run(
+        [sys.executable, "-m", "kernl.serving", str(artifact_copy)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "symbolic link" in result.stderr and "Traceback" not in result.stderr
