@@ -14,7 +14,8 @@ of x with a persistent grid (a program per SM, a 128-row tile each per layer), a
 between layers, three ways in Gluon:
   - `drain`: each layer's ring filled after its barrier (what Triton's pipeliner does);
   - `cross`: the copies of the next layer's first blocks issued before the barrier;
-  - `free`: no barrier (the ceiling);
+  - `free`: as `drain` without the barrier (the ceiling; until 2026-12-02 it skipped the
+    refill too, read a quarter of the blocks from stale slots and failed its check);
 and Triton's own persistent stream (bench_stream_linear's loop) with and without barriers.
 
     python benchmarks/bench_stream_gluon.py       # JSON to $OUT/bench_stream_gluon.json
@@ -106,11 +107,11 @@ def _stream_kernel(X, W, Y, Sync, L, N: gl.constexpr, K: gl.constexpr, BN: gl.co
             gl.store(Y + layer * N + rows, acc, mask=active & (rows < N))
             acc = gl.zeros([BN], gl.float32, gl.SliceLayout(1, layout))
             if layer + 1 < L:
-                if MODE == 0:  # drained (a masked copy may still be zero-filling a slot the
+                if MODE != 1:  # drained (a masked copy may still be zero-filling a slot the
                     # refill writes: two copies to one address are unordered until waited for)
                     cp.wait_group(0)
                 _arrive_and_wait(Sync, (layer + 1) * G, MODE != 2)
-                if MODE == 0:  # refill the ring for the next layer (its slots, in order)
+                if MODE != 1:  # refill the ring for the next layer (its slots, in order)
                     for s in gl.static_range(STAGES - 1):
                         _issue(ring, W, c + 1 + s, rows, cols, NKB, BK, STAGES, total, N, K,
                                active)  # fmt: skip

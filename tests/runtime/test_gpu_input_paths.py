@@ -1,7 +1,7 @@
 """The call path on CUDA: inputs from the CPU go in through pinned memory, inputs on the GPU
-are range-checked on the GPU; neither makes the host wait for the GPU before the replay, a bad
-id never reaches an embedding lookup (which would end the CUDA context) and is refused, and
-the model serves the next call right."""
+with one stack; the bucket's graph range-checks both; neither makes the host wait for the GPU
+before the replay, a bad id never reaches an embedding lookup (which would end the CUDA
+context) and is refused, and the model serves the next call right."""
 
 import pytest
 import torch

@@ -4,7 +4,8 @@ Inputs on the CPU (a tokenizer's output) are range-checked on the host before an
 copied; inputs already on the device are copied in and checked there, without a sync before
 the replay: ids outside their table are clamped on the way in, the run goes ahead on them, and
 the call raises afterwards. On the CPU the device path runs when `_on_device` says so, which
-these tests force: the same code, with CPU tensors."""
+these tests force: the same code, with CPU tensors. On CUDA a bucket's graph holds the checks
+for both paths; the last test stands in for that graph."""
 
 from __future__ import annotations
 
