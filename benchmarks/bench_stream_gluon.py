@@ -16,14 +16,18 @@ between layers, three ways in Gluon:
   - `cross`: the copies of the next layer's first blocks issued before the barrier;
   - `free`: as `drain` without the barrier (the ceiling; until 2026-12-02 it skipped the
     refill too, read a quarter of the blocks from stale slots and failed its check);
-and Triton's own persistent stream (bench_stream_linear's loop) with and without barriers.
+and the same three with TMA (`tma-drain`, `tma-cross`, `tma-free`: one bulk copy a block into
+mbarrier-guarded slots, as the megakernel streams; added after the cp.async ring's first run
+streamed at 2.4-2.6 TB/s against Triton's 3.6 with barriers, whatever the mode), and Triton's
+own persistent stream (bench_stream_linear's loop) with and without barriers.
 
     python benchmarks/bench_stream_gluon.py       # JSON to $OUT/bench_stream_gluon.json
 
 Each case: captured in a CUDA graph (the barrier counter reset by the kernel itself),
 replayed 10 times to warm up, the median of 50 replays timed with CUDA events; GB/s counts
 the weight bytes. Each Gluon case is checked against torch (the last layer's y). A plain
-script, not collected by pytest; written on a CPU (compiled for sm_90a there, never run)."""
+script, not collected by pytest. First run 2026-12-02 (docs/performance.md, fourteenth
+session); the TMA cases were written after it, compiled for sm_90a on a CPU, not run yet."""
 
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -122,6 +127,75 @@ def _stream_kernel(X, W, Y, Sync, L, N: gl.constexpr, K: gl.constexpr, BN: gl.co
         gl.store(Sync + 1, 0)
 
 
+@gluon.jit
+def _issue_tma(ring, bars, w_desc, c, row0, NKB: gl.constexpr, BK: gl.constexpr,
+               STAGES: gl.constexpr, total, N: gl.constexpr, ok):  # fmt: skip
+    """Block c of this program's (layer, K block) sequence into slot c % STAGES, by TMA; its
+    mbarrier completes when the bytes have landed. Each block is issued exactly once, so a
+    slot's n-th completion is phase n & 1."""
+    slot = c % STAGES
+    pred = ok & (c < total)
+    bar = bars.index(slot)
+    mbarrier.expect(bar, w_desc.block_type.nbytes, pred=pred)
+    coord = [(c // NKB) * N + row0, (c % NKB) * BK]
+    tma.async_copy_global_to_shared(w_desc, coord, bar, ring.index(slot), pred=pred)
+
+
+@gluon.jit
+def _stream_tma_kernel(X, w_desc, Y, Sync, L, N: gl.constexpr, K: gl.constexpr,
+                       BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+                       MODE: gl.constexpr):  # fmt: skip
+    """_stream_kernel with TMA copies: W is a descriptor over [L N, K] in [BN, BK] blocks."""
+    pid = gl.program_id(0)
+    G = gl.num_programs(0)
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+    ring = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, BK], w_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    fence_async_shared()  # the barriers' init before the async proxy uses them
+    row0 = pid * BN
+    rows = row0 + gl.arange(0, BN, gl.SliceLayout(1, layout))
+    cols = gl.arange(0, BK, gl.SliceLayout(0, layout))
+    active = pid < N // BN
+    NKB: gl.constexpr = K // BK
+    total = L * NKB
+    for c in gl.static_range(STAGES - 1):
+        _issue_tma(ring, bars, w_desc, c, row0, NKB, BK, STAGES, total, N, active)
+    acc = gl.zeros([BN], gl.float32, gl.SliceLayout(1, layout))
+    for c in range(total):
+        layer = c // NKB
+        kb = c % NKB
+        ahead = c + STAGES - 1  # into the slot block c - 1 was read from: every warp is done
+        gl.thread_barrier()  # with it, and its reads are ordered before the async write
+        fence_async_shared()
+        if MODE == 1:  # cross: block c + STAGES - 1, whatever its layer
+            _issue_tma(ring, bars, w_desc, ahead, row0, NKB, BK, STAGES, total, N, active)
+        else:  # within this layer only; the next layer's after its barrier
+            _issue_tma(ring, bars, w_desc, ahead, row0, NKB, BK, STAGES, total, N,
+                       active & (ahead // NKB == layer))  # fmt: skip
+        mbarrier.wait(bars.index(c % STAGES), (c // STAGES) & 1, pred=active)
+        w = ring.index(c % STAGES).load(layout).to(gl.float32)
+        x = gl.load(X + layer * K + kb * BK + cols).to(gl.float32)
+        acc += gl.sum(w * x[None, :], axis=1)
+        if kb == NKB - 1:
+            gl.store(Y + layer * N + rows, acc, mask=active & (rows < N))
+            acc = gl.zeros([BN], gl.float32, gl.SliceLayout(1, layout))
+            if layer + 1 < L:
+                _arrive_and_wait(Sync, (layer + 1) * G, MODE != 2)
+                if MODE != 1:  # the next layer's first blocks, after the barrier
+                    gl.thread_barrier()
+                    fence_async_shared()
+                    for s in gl.static_range(STAGES - 1):
+                        _issue_tma(ring, bars, w_desc, c + 1 + s, row0, NKB, BK, STAGES, total,
+                                   N, active)  # fmt: skip
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+    if gl.atomic_add(Sync + 1, 1, sem="acq_rel", scope="gpu") == G - 1:
+        gl.store(Sync, 0)
+        gl.store(Sync + 1, 0)
+
+
 MODES = {"drain": 0, "cross": 1, "free": 2}
 
 
@@ -137,9 +211,18 @@ def gluon_case(mode: str, bn: int = 128, bk: int = 128, stages: int = 4, nw: int
     grid = (torch.cuda.get_device_properties(dev).multi_processor_count,)
     row = dict(impl="gluon", mode=mode, BLOCK_N=bn, BLOCK_K=bk, stages=stages, num_warps=nw)
 
+    if mode.startswith("tma-"):
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+        layout = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.bfloat16)
+        w_desc = TensorDescriptor.from_tensor(W.view(LAYERS * N, K), [bn, bk], layout)
+        kernel, w_arg, m = _stream_tma_kernel, w_desc, MODES[mode[4:]]
+    else:
+        kernel, w_arg, m = _stream_kernel, W, MODES[mode]
+
     def fn():
-        _stream_kernel[grid](X, W, Y, sync, LAYERS, N=N, K=K, BN=bn, BK=bk, STAGES=stages,
-                             MODE=MODES[mode], num_warps=nw, launch_cooperative_grid=True)  # fmt: skip
+        kernel[grid](X, w_arg, Y, sync, LAYERS, N=N, K=K, BN=bn, BK=bk, STAGES=stages, MODE=m,
+                     num_warps=nw, launch_cooperative_grid=True)  # fmt: skip
 
     try:
         us = time_graph(fn)
@@ -159,6 +242,9 @@ def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
     rows = []
     for r in (
+        *(gluon_case(m) for m in ("tma-drain", "tma-cross", "tma-free")),
+        *(gluon_case(m, stages=6) for m in ("tma-drain", "tma-cross")),
+        *(gluon_case(m, bn=64, bk=256, stages=6) for m in ("tma-drain", "tma-cross", "tma-free")),
         *(gluon_case(m) for m in ("drain", "cross", "free")),
         *(gluon_case(m, stages=6) for m in ("drain", "cross")),
         *(gluon_case(m, bk=64, stages=8) for m in ("drain", "cross")),

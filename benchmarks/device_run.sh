@@ -68,8 +68,8 @@
 #   stepx   variants of one persistent step config, batch 1 and 8, with their traces
 #   stream  the persistent step's norm-folded pair loops, norm in or out of the loop
 #           (benchmarks/bench_stream_linear.py)
-#   streamgluon can the weight stream cross a grid barrier: a Gluon cp.async ring against
-#           Triton's persistent stream (benchmarks/bench_stream_gluon.py, ~1 min)
+#   streamgluon can the weight stream cross a grid barrier: a Gluon ring (cp.async or TMA)
+#           against Triton's persistent stream (benchmarks/bench_stream_gluon.py, ~1 min)
 #   streamsweep how fast a persistent grid streams decode weights, by loop shape (the same)
 #   compileab the BERT-base compile serially and with 16 compile-ahead threads (~4 min)
 #   lft     fresh-process load -> first token of a 12-entry Llama-1B artifact

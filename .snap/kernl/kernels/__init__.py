@@ -1,1 +1,0 @@
-"""Triton kernels, one fused operation per file (kernel, reference, launcher, tuning space)."""
