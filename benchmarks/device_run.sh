@@ -33,6 +33,9 @@
 #   abcheck the `bert` stage's artifact with the input range checks in its graphs against the
 #           same checks launched by each call, one process (benchmarks/ab_checks_in_graph.py;
 #           run it after `bert`)
+#   abside  the `bert` stage's artifact with each graph's side work (cuBLAS's memsets, the
+#           check's copy) beside its path, against the graphs as captured
+#           (benchmarks/ab_graph_side_work.py; after `bert`)
 #   coldab  the `bert` stage's artifact in fresh processes: import, load, a first call per
 #           bucket, checks in the graphs or not (benchmarks/ab_cold_start.py; after `bert`)
 #   gaps    the `bert` stage's artifact: call vs graph replay vs kernels' busy time, and the idle
@@ -99,6 +102,8 @@ stage() {
     abatt) timeout 300 python3 benchmarks/ab_attention_bias.py .diag/attention_before.py ;;
     gemms) timeout 200 python3 benchmarks/diag_gemm_memsets.py ;;
     abcheck) timeout 300 python3 benchmarks/ab_checks_in_graph.py \
+      "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
+    abside) timeout 300 python3 benchmarks/ab_graph_side_work.py \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     coldab) timeout 300 python3 benchmarks/ab_cold_start.py \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;

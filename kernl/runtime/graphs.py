@@ -55,9 +55,11 @@ def capture_graph(
     warmups: int = 1,
     reset: Callable[[], None] | None = None,
     device: torch.device | None = None,
+    edit: Callable[[torch.cuda.CUDAGraph], object] | None = None,
 ) -> tuple[torch.cuda.CUDAGraph, T]:
     """Run `fn` `warmups` times (cuBLAS handles, lazy allocations), then capture it into
     `pool`. `reset` restores any state `fn` mutates before each run and before the capture.
+    `edit` changes the captured graph before it is instantiated (graph_edges.py).
     Returns the graph and the tensors `fn` returned during capture (the graph's outputs)."""
     stream = capture_stream(device)
     stream.wait_stream(torch.cuda.current_stream())
@@ -69,7 +71,7 @@ def capture_graph(
     torch.cuda.current_stream().wait_stream(stream)
     if reset is not None:
         reset()
-    graph = torch.cuda.CUDAGraph()
+    graph = torch.cuda.CUDAGraph(keep_graph=True) if edit else torch.cuda.CUDAGraph()
     _clear_cublas_workspaces()
     try:
         with capturing(graph, pool=pool, stream=stream):
@@ -78,6 +80,9 @@ def capture_graph(
         # The workspace allocated during capture belongs to the pool: out of cuBLAS's cache
         # with it, so no eager matmul on this stream ever writes into a graph's scratch.
         _clear_cublas_workspaces()
+    if edit is not None:
+        edit(graph)
+        graph.instantiate()
     return graph, out
 
 

@@ -144,12 +144,12 @@ class _BucketRunner:
         # What a default-filled static buffer holds now (inputs copied in on the device).
         self.filled: dict[str, tuple] = {}
 
-    def capture(self, pool, checked: torch.cuda.Event | None = None) -> None:
+    def capture(self, pool, checked: torch.cuda.Event | None = None, edit=None) -> None:
         """Captures the bucket's graph. Given `checked` (an event made with `external=True`),
         the range checks of the static blocks go into the graph ahead of the model, and the
         graph records `checked` once their results are on the host: the caller then launches
         nothing but its inputs' copy before the replay, and waits on `checked`, not on the
-        whole graph, before it raises on a bad id."""
+        whole graph, before it raises on a bad id. `edit`: see `capture_graph`."""
         in_graph = checked is not None and bool(self.checks)
 
         def run() -> list[torch.Tensor]:
@@ -160,7 +160,7 @@ class _BucketRunner:
             return self.executor.run(self.static_inputs)
 
         self.graph, self.static_outputs = capture_graph(
-            run, pool, warmups=2, device=self.executor.device
+            run, pool, warmups=2, device=self.executor.device, edit=edit
         )
         self.checks_in_graph = in_graph
 
@@ -177,6 +177,9 @@ class CompiledModel:
     # Where a bucket has a graph, its range checks are in it (a benchmark sets this false on
     # the class to load a model with the checks launched by each call, for comparison).
     _checks_in_graph = True
+    # Each graph's side work (cuBLAS's memsets, the check's copy to the host) beside its
+    # path rather than on it (graph_edges.py): off until measured on a GPU.
+    _side_work_off_path = False
 
     def __init__(
         self,
@@ -217,6 +220,7 @@ class CompiledModel:
         self._checked, self._external_checked = (
             _check_event() if device.type == "cuda" else (None, False)
         )
+        self.side_edges_removed = 0  # by _graph_edit, over every capture
         shared_checks: dict = {}  # the range checks' bounds and buffers, one set per dtype
         self._runners = {
             p.bucket: _BucketRunner(
@@ -235,7 +239,9 @@ class CompiledModel:
             # Largest first, so smaller graphs reuse the pool's blocks.
             with running_with(self._binaries, device):
                 for bucket in sorted(self.buckets, key=lambda b: -b.tokens):
-                    self._runners[bucket].capture(self._pool, self._graph_checks())
+                    self._runners[bucket].capture(
+                        self._pool, self._graph_checks(), self._graph_edit()
+                    )
 
     @property
     def input_names(self) -> list[str]:
@@ -271,7 +277,8 @@ class CompiledModel:
         on_device = self._on_device(tensors)
         with self._lock, running_with(self._binaries, self.device):
             if runner.graph is None and self.capture_mode == "lazy":
-                runner.capture(self._pool, self._graph_checks())  # on its static buffers
+                # on its static buffers
+                runner.capture(self._pool, self._graph_checks(), self._graph_edit())
             checked_later = on_device or runner.checks_in_graph
             if on_device:
                 self._copy_in_device(runner, tensors, batch, seq)
@@ -297,6 +304,24 @@ class CompiledModel:
         """The event a captured graph records after its range checks, or None to keep the
         checks out of the graphs (no external events in this torch)."""
         return self._checked if self._checks_in_graph and self._external_checked else None
+
+    def _graph_edit(self):
+        """What edits each captured graph (None: nothing): see `_side_work_off_path`."""
+        if not self._side_work_off_path:
+            return None
+        from .graph_edges import take_side_work_off_path
+
+        ours = set()
+        if self._binaries is not None:
+            ours = {loaded.function.value for loaded in self._binaries.loaded.values()}
+        checked = self._graph_checks()
+
+        def edit(graph) -> None:
+            # the event exists once recorded: by the warm-ups, before this runs
+            side = {checked.cuda_event} if checked is not None else set()
+            self.side_edges_removed += take_side_work_off_path(graph, ours, side)
+
+        return edit
 
     def _on_device(self, tensors: dict[str, torch.Tensor]) -> bool:
         """Whether the call's inputs are copied in on the device (any given input already

@@ -193,3 +193,41 @@ def test_lazy_and_eager_models_check_too(artifact, capture, where):
         torch.cuda.synchronize()
     runner = compiled._runners[compiled.select_bucket(4, 64)]
     assert runner.checks_in_graph == (capture == "lazy")
+
+
+@pytest.mark.gpu
+def test_side_work_off_the_path_changes_no_output(artifact, served):
+    """With `_side_work_off_path` (graph_edges.py), each bucket's graph no longer makes the
+    model wait for the check's copy and event (nor a memset for the kernl kernel before it);
+    outputs equal the default graphs' bit for bit and a bad id is still refused."""
+    from kernl.runtime.graph_edges import EVENT_RECORD, _Driver
+    from kernl.runtime.model import CompiledModel
+
+    model, path = artifact
+    _, default = served
+    CompiledModel._side_work_off_path = True
+    try:
+        edited = kernl.runtime.load(path, device="cuda")
+    finally:
+        CompiledModel._side_work_off_path = False
+    assert edited.side_edges_removed >= len(edited.buckets)
+    driver = _Driver()
+    for runner in edited._runners.values():
+        raw = runner.graph.raw_cuda_graph()
+        nodes = driver.nodes(raw)
+        records = {n for n in nodes if driver.kind(n) == EVENT_RECORD}
+        assert len(records) == 1
+        assert not any(records & set(driver.deps(n)) for n in nodes), "the model waits for it"
+    for shape, seed in (((1, 16), 1), ((3, 50), 2), ((4, 64), 3)):
+        for where in ("cpu", "cuda"):
+            x = {k: v.to(where) for k, v in _inputs(*shape, seed=seed, types=True).items()}
+            want = default(**x).last_hidden_state
+            assert torch.equal(edited(**x).last_hidden_state, want)
+    bad = {k: v.cuda() for k, v in _inputs(2, 16, seed=4).items()}
+    bad["input_ids"][1, 2] = 10**6
+    with pytest.raises(ValueError, match="input_ids must lie in"):
+        edited(**bad)
+    torch.cuda.synchronize()
+    x = _inputs(2, 16, seed=5)
+    got = edited(**{k: v.cuda() for k, v in x.items()}).last_hidden_state
+    assert (got - _want(model, x)).abs().max().item() < 1e-3

@@ -23,7 +23,12 @@ class _FakeStream:
 
 
 class _FakeGraph:
-    pass
+    def __init__(self, keep_graph: bool = False):
+        self.keep_graph = keep_graph
+        self.calls: list[str] = []
+
+    def instantiate(self) -> None:
+        self.calls.append("instantiate")
 
 
 @pytest.fixture
@@ -248,3 +253,20 @@ def test_a_bucket_graph_holds_its_range_checks_ahead_of_the_model(fake_cuda):
         one = [("check", stream), ("record", stream), ("model", stream)]
         assert order == (one * 3 if checked else [("model", stream)] * 3)
         assert runner.checks_in_graph == (checked is not None)
+
+
+def test_an_edit_sees_the_captured_graph_before_it_is_instantiated(fake_cuda):
+    """`edit` (graph_edges.py) needs the graph kept after capture (`keep_graph=True`) and
+    must run before the instantiation, which then makes its changes part of the replays."""
+    events, _ = fake_cuda
+    seen = []
+
+    def edit(graph):
+        seen.append((graph.keep_graph, list(graph.calls), len(events)))
+        graph.calls.append("edit")
+
+    graph, _ = graphs.capture_graph(lambda: None, "pool", edit=edit)
+    assert seen == [(True, [], len(events))], "edited once, after the capture, not instantiated"
+    assert graph.calls == ["edit", "instantiate"]
+    plain, _ = graphs.capture_graph(lambda: None, "pool")
+    assert not plain.keep_graph and plain.calls == []
