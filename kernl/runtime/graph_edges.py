@@ -5,8 +5,8 @@ hold the next kernel back:
 - cuBLAS zeroes a workspace before some GEMMs (BERT-base's FFN1 at M = 4096: one memset a
   layer, 0.8 µs, then ~3.3 µs of idle before the GEMM starts, measured on an H200). The
   memset only has to finish before its GEMM: when the node before it is one of kernl's own
-  kernels (a layer norm, which never touches cuBLAS's workspace), the memset can start with
-  that kernel instead of after it.
+  kernels (a layer norm, which never touches cuBLAS's workspace) and the node after it is
+  not, the memset can start with that kernel instead of after it.
 - The range check's results go to pinned host memory (a device-to-host copy, then the event
   the caller waits on). Nothing in the model reads them: the model can start once the ids
   are clamped, with the copy and its event beside it.
@@ -46,8 +46,8 @@ def side_work_edges(
     kernel node's CUfunction (None where the driver gives none); `ours`: kernl's own
     CUfunctions; `events`: an event-record node's CUevent; `side_events`: the events that
     mark side work (the range check's). A memset whose only predecessor is one of kernl's
-    kernels gets that kernel's predecessors instead, and its successors wait for the kernel
-    themselves. A copy followed only by records of side events: the nodes after those
+    kernels and whose successors are other kernels (cuBLAS's) gets that kernel's
+    predecessors instead, and its successors wait for the kernel themselves. A copy followed only by records of side events: the nodes after those
     records wait for the copy's predecessors instead."""
     succ: dict[int, list[int]] = {n: [] for n in kinds}
     for node, before in deps.items():
@@ -65,6 +65,12 @@ def side_work_edges(
         if kind == MEMSET and len(before) == 1:
             (kernel,) = before
             if kinds[kernel] != KERNEL or functions.get(kernel) not in ours:
+                continue
+            # cuBLAS's own memset comes right before its own kernel; one before a kernl kernel
+            # (a zeroed buffer of the model's) may be ordered against the kernel before it
+            if not succ[node] or any(
+                kinds[s] != KERNEL or functions.get(s) in ours for s in succ[node]
+            ):
                 continue
             remove.append((kernel, node))
             for p in deps.get(kernel, ()):

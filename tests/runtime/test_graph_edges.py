@@ -64,10 +64,11 @@ def test_a_memset_after_a_kernl_norm_starts_with_it():
     assert deps[2] == {0} and deps[3] == {1, 2}
 
 
-@pytest.mark.parametrize("nodes", ["cmc", "cmmc", "mc", "kdc"])
+@pytest.mark.parametrize("nodes", ["cmc", "cmmc", "mc", "kmk", "km", "kdc"])
 def test_memsets_after_anything_but_one_kernl_kernel_stay(nodes):
     """After cuBLAS's own kernel (which may use the workspace the memset zeroes), after
-    another memset, or first: nothing moves. A copy not followed by the check's event: same."""
+    another memset, first, before a kernl kernel (a buffer of the model's, which the kernel
+    before may use) or last: nothing moves. A copy not followed by the check's event: same."""
     assert _plan(_chain(*nodes)) == ([], [])
 
 
