@@ -18,12 +18,12 @@ import sys
 import torch
 
 import kernl.runtime as rt
-from kernl.runtime.model import CompiledModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_bert_fusions import (  # noqa: E402
     SHAPES,
     host_us,
+    load_with,
     time_alternating,
     to_gpu,
     tokenizer_output,
@@ -32,11 +32,7 @@ from bench_bert_fusions import (  # noqa: E402
 
 def main(artifact: str) -> None:
     in_graph = rt.load(artifact)
-    CompiledModel._checks_in_graph = False
-    try:
-        eager = rt.load(artifact)
-    finally:
-        CompiledModel._checks_in_graph = True
+    eager = load_with(artifact, _checks_in_graph=False)
     assert all(r.checks_in_graph for r in in_graph._runners.values())
     assert not any(r.checks_in_graph for r in eager._runners.values())
     print(

@@ -19,20 +19,21 @@ import sys
 import torch
 
 import kernl.runtime as rt
-from kernl.runtime.model import CompiledModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_bert_fusions import SHAPES, time_alternating, to_gpu, tokenizer_output  # noqa: E402
+from bench_bert_fusions import (  # noqa: E402
+    SHAPES,
+    load_with,
+    time_alternating,
+    to_gpu,
+    tokenizer_output,
+)
 from diag_call_gaps import device_intervals  # noqa: E402
 
 
 def main(artifact: str) -> None:
     as_captured = rt.load(artifact)
-    CompiledModel._side_work_off_path = True
-    try:
-        edited = rt.load(artifact)
-    finally:
-        CompiledModel._side_work_off_path = False
+    edited = load_with(artifact, _side_work_off_path=True)
     print(f"edges removed over {len(edited.buckets)} graphs: {edited.side_edges_removed}")
     print("shape   replay ms captured / edited, paired   call ms captured / edited, paired")
     runners = []

@@ -134,6 +134,23 @@ def inputs(batch: int, seq: int) -> dict[str, torch.Tensor]:
     return to_gpu(tokenizer_output(batch, seq))
 
 
+def load_with(artifact: str, **flags: bool):
+    """`kernl.runtime.load(artifact)` with CompiledModel's class-wide switches set for this
+    load only (`_checks_in_graph=False`, `_side_work_off_path=True`): one model each way in
+    one process, for a same-run comparison."""
+    import kernl.runtime
+    from kernl.runtime.model import CompiledModel
+
+    before = {name: getattr(CompiledModel, name) for name in flags}
+    for name, value in flags.items():
+        setattr(CompiledModel, name, value)
+    try:
+        return kernl.runtime.load(artifact)
+    finally:
+        for name, value in before.items():
+            setattr(CompiledModel, name, value)
+
+
 def to_gpu(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """How a user hands a tokenizer's output to a model on the GPU."""
     return {k: v.cuda() for k, v in x.items()}

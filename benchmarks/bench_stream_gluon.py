@@ -61,6 +61,14 @@ def _issue(ring, W, c, rows, cols, NKB: gl.constexpr, BK: gl.constexpr, STAGES: 
 
 
 @gluon.jit
+def _dot_block(acc, w_slot, x_ptr, cols, layout: gl.constexpr):
+    """acc + the ring slot's [BN, BK] weight block times x's BK values at x_ptr."""
+    w = w_slot.load(layout).to(gl.float32)
+    x = gl.load(x_ptr + cols).to(gl.float32)
+    return acc + gl.sum(w * x[None, :], axis=1)
+
+
+@gluon.jit
 def _arrive_and_wait(Sync, target, WAIT: gl.constexpr):
     gl.thread_barrier()  # every thread's stores precede the release
     gl.atomic_add(Sync, 1, sem="release", scope="gpu")
@@ -105,9 +113,7 @@ def _stream_kernel(X, W, Y, Sync, L, N: gl.constexpr, K: gl.constexpr, BN: gl.co
             _issue(ring, W, ahead, rows, cols, NKB, BK, STAGES, total, N, K,
                    active & (ahead // NKB == layer))  # fmt: skip
         cp.wait_group(STAGES - 1)
-        w = ring.index(c % STAGES).load(layout).to(gl.float32)
-        x = gl.load(X + layer * K + kb * BK + cols).to(gl.float32)
-        acc += gl.sum(w * x[None, :], axis=1)
+        acc = _dot_block(acc, ring.index(c % STAGES), X + layer * K + kb * BK, cols, layout)
         if kb == NKB - 1:
             gl.store(Y + layer * N + rows, acc, mask=active & (rows < N))
             acc = gl.zeros([BN], gl.float32, gl.SliceLayout(1, layout))
@@ -175,9 +181,7 @@ def _stream_tma_kernel(X, w_desc, Y, Sync, L, N: gl.constexpr, K: gl.constexpr,
             _issue_tma(ring, bars, w_desc, ahead, row0, NKB, BK, STAGES, total, N,
                        active & (ahead // NKB == layer))  # fmt: skip
         mbarrier.wait(bars.index(c % STAGES), (c // STAGES) & 1, pred=active)
-        w = ring.index(c % STAGES).load(layout).to(gl.float32)
-        x = gl.load(X + layer * K + kb * BK + cols).to(gl.float32)
-        acc += gl.sum(w * x[None, :], axis=1)
+        acc = _dot_block(acc, ring.index(c % STAGES), X + layer * K + kb * BK, cols, layout)
         if kb == NKB - 1:
             gl.store(Y + layer * N + rows, acc, mask=active & (rows < N))
             acc = gl.zeros([BN], gl.float32, gl.SliceLayout(1, layout))
