@@ -111,14 +111,20 @@ class _Driver:
         return t.value
 
     def deps(self, node: int) -> list[int]:
-        get = (
-            self.cu.cuGraphNodeGetDependencies_v2 if self.v2 else self.cu.cuGraphNodeGetDependencies
-        )
         n = ctypes.c_size_t(0)
-        extra = (None,) if self.v2 else ()
-        _check(get(ctypes.c_void_p(node), None, *extra, ctypes.byref(n)), "dependencies")
+        if not self.v2:
+            get = self.cu.cuGraphNodeGetDependencies
+            _check(get(ctypes.c_void_p(node), None, ctypes.byref(n)), "dependencies")
+            out = (ctypes.c_void_p * max(n.value, 1))()
+            _check(get(ctypes.c_void_p(node), out, ctypes.byref(n)), "dependencies")
+            return [int(x or 0) for x in out[: n.value]]
+        get = self.cu.cuGraphNodeGetDependencies_v2
+        _check(get(ctypes.c_void_p(node), None, None, ctypes.byref(n)), "dependencies")
         out = (ctypes.c_void_p * max(n.value, 1))()
-        _check(get(ctypes.c_void_p(node), out, *extra, ctypes.byref(n)), "dependencies")
+        # the edges' data too (8 bytes each): a query that would drop a non-default edge
+        # (a programmatic launch's) fails rather than lose it
+        data = (ctypes.c_uint8 * (8 * max(n.value, 1)))()
+        _check(get(ctypes.c_void_p(node), out, data, ctypes.byref(n)), "dependencies")
         return [int(x or 0) for x in out[: n.value]]
 
     def function(self, node: int) -> int | None:
