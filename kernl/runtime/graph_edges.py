@@ -14,8 +14,9 @@ hold the next kernel back:
 `side_work_edges` plans the new edges on a plain description of the graph (tested on the
 CPU); `take_side_work_off_path` reads a captured graph's nodes through the CUDA driver
 (ctypes, as `binaries.py` launches kernels) and applies the plan before the graph is
-instantiated. Every node keeps every dependency it had on the nodes before it, but the one
-kernel the side work was moved beside: no data dependency changes.
+instantiated. Every node still follows everything it followed, except that a memset no
+longer follows the kernl kernel it now runs beside, and the model no longer follows the
+check's copy and event: no data dependency changes.
 
 Off by default (`CompiledModel._side_work_off_path`) until measured on a GPU."""
 
@@ -47,8 +48,9 @@ def side_work_edges(
     CUfunctions; `events`: an event-record node's CUevent; `side_events`: the events that
     mark side work (the range check's). A memset whose only predecessor is one of kernl's
     kernels and whose successors are other kernels (cuBLAS's) gets that kernel's
-    predecessors instead, and its successors wait for the kernel themselves. A copy followed only by records of side events: the nodes after those
-    records wait for the copy's predecessors instead."""
+    predecessors instead, and its successors wait for the kernel themselves. A copy followed
+    only by records of side events: the nodes after those records wait for the copy's
+    predecessors instead."""
     succ: dict[int, list[int]] = {n: [] for n in kinds}
     for node, before in deps.items():
         for p in before:
