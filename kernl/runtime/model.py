@@ -217,9 +217,11 @@ class CompiledModel:
         self._bucket_of: dict[tuple[int, int], Bucket] = {}
         # Marks the copy of the device-side range check's results to the host, recorded by
         # the call or, where the checks are in the bucket's graph, by the graph.
-        self._checked, self._external_checked = (
-            _check_event() if device.type == "cuda" else (None, False)
-        )
+        self._checked, external = _check_event() if device.type == "cuda" else (None, False)
+        # What each capture puts in the graph: the checks with the event recorded after them
+        # (None: the checks stay per call), and an edit of the captured graph (or None).
+        self._graph_event = self._checked if external and self._checks_in_graph else None
+        self._graph_edit = self._side_work_edit() if self._side_work_off_path else None
         self.side_edges_removed = 0  # by _graph_edit, over every capture
         shared_checks: dict = {}  # the range checks' bounds and buffers, one set per dtype
         self._runners = {
@@ -239,9 +241,7 @@ class CompiledModel:
             # Largest first, so smaller graphs reuse the pool's blocks.
             with running_with(self._binaries, device):
                 for bucket in sorted(self.buckets, key=lambda b: -b.tokens):
-                    self._runners[bucket].capture(
-                        self._pool, self._graph_checks(), self._graph_edit()
-                    )
+                    self._runners[bucket].capture(self._pool, self._graph_event, self._graph_edit)
 
     @property
     def input_names(self) -> list[str]:
@@ -278,7 +278,7 @@ class CompiledModel:
         with self._lock, running_with(self._binaries, self.device):
             if runner.graph is None and self.capture_mode == "lazy":
                 # on its static buffers
-                runner.capture(self._pool, self._graph_checks(), self._graph_edit())
+                runner.capture(self._pool, self._graph_event, self._graph_edit)
             checked_later = on_device or runner.checks_in_graph
             if on_device:
                 self._copy_in_device(runner, tensors, batch, seq)
@@ -300,25 +300,19 @@ class CompiledModel:
                 _raise_if_checks_failed(runner.checks, self._checked if runner.checks else None)
         return result
 
-    def _graph_checks(self) -> torch.cuda.Event | None:
-        """The event a captured graph records after its range checks, or None to keep the
-        checks out of the graphs (no external events in this torch)."""
-        return self._checked if self._checks_in_graph and self._external_checked else None
-
-    def _graph_edit(self):
-        """What edits each captured graph (None: nothing): see `_side_work_off_path`."""
-        if not self._side_work_off_path:
-            return None
+    def _side_work_edit(self):
+        """The edit that takes each captured graph's side work off its path (graph_edges.py;
+        see `_side_work_off_path`)."""
         from .graph_edges import take_side_work_off_path
 
         ours = set()
         if self._binaries is not None:
             ours = {loaded.function.value for loaded in self._binaries.loaded.values()}
-        checked = self._graph_checks()
 
         def edit(graph) -> None:
             # the event exists once recorded: by the warm-ups, before this runs
-            side = {checked.cuda_event} if checked is not None else set()
+            event = self._graph_event
+            side = {event.cuda_event} if event is not None else set()
             self.side_edges_removed += take_side_work_off_path(graph, ours, side)
 
         return edit
