@@ -38,12 +38,55 @@ print(json.dumps({"mode": sys.argv[2], "import_s": t1 - t0, "load_s": t2 - t1,
 """
 
 
+PROFILED = """
+import cProfile, io, json, pstats, sys, time
+t0 = time.perf_counter()
+import torch
+t1 = time.perf_counter()
+import kernl.runtime
+t2 = time.perf_counter()
+torch.zeros(1, device="cuda"); torch.cuda.synchronize()
+t3 = time.perf_counter()
+prof = cProfile.Profile()
+prof.enable()
+model = kernl.runtime.load(sys.argv[1])
+torch.cuda.synchronize()
+prof.disable()
+t4 = time.perf_counter()
+for b in model.buckets:
+    ids = torch.randint(0, 1000, (b.batch, b.seq), device="cuda")
+    model(input_ids=ids, attention_mask=torch.ones_like(ids))
+torch.cuda.synchronize()
+t5 = time.perf_counter()
+print(json.dumps({"import_torch_s": t1 - t0, "import_kernl_s": t2 - t1, "cuda_context_s": t3 - t2,
+                  "load_s": t4 - t3, "calls_s": t5 - t4}))
+text = io.StringIO()
+pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(45)
+print(text.getvalue())
+text = io.StringIO()
+pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+print(text.getvalue())
+"""
+
+
+def profiled(artifact: str, env: dict) -> None:
+    """One more fresh process, its phases apart (torch's import, kernl's, the CUDA context,
+    load, the calls) and load() under cProfile: where a slow cold start goes."""
+    out = subprocess.run(
+        [sys.executable, "-c", PROFILED, artifact], capture_output=True, text=True, env=env
+    )
+    print(out.stdout[-20000:], out.stderr[-2000:] if out.returncode else "", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("artifact")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="then one profiled process")
     args = parser.parse_args()
     env = dict(os.environ, PYTHONPATH=os.getcwd())
+    if args.profile:
+        profiled(args.artifact, env)
     found: dict[str, list[dict]] = {"graph": [], "call": []}
     for _ in range(args.runs):
         for mode in found:

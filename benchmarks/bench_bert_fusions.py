@@ -175,6 +175,9 @@ def main() -> None:
     parser.add_argument("--buckets", default=BUCKETS)
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--no-peers", action="store_true", help="skip torch.compile")
+    parser.add_argument(
+        "--compile-only", action="store_true", help="compile the artifact for later stages, stop"
+    )
     args = parser.parse_args()
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
     assert args.iters >= 100, "medians over at least 100 calls"
@@ -225,6 +228,9 @@ def main() -> None:
                 "choices": choices,
             }
         )
+    if args.compile_only:
+        print(f"compile {result['compile_s']:.1f} s: {work}/bert.kernl")
+        return
 
     km = kernl.runtime.load(f"{work}/bert.kernl")
     eager = (

@@ -38,6 +38,9 @@
 #           (benchmarks/ab_graph_side_work.py; after `bert`)
 #   coldab  the `bert` stage's artifact in fresh processes: import, load, a first call per
 #           bucket, checks in the graphs or not (benchmarks/ab_cold_start.py; after `bert`)
+#   bertc   the `bert` stage's compile alone: its artifact for the stages that follow it
+#   coldprof coldab once per mode after one fresh process with its phases apart and load()
+#           under cProfile (after `bert` or `bertc`)
 #   gaps    the `bert` stage's artifact: call vs graph replay vs kernels' busy time, and the idle
 #           time between kernels (benchmarks/diag_call_gaps.py; run it after `bert`)
 #   gemms   BERT-base's GEMMs one by one in CUDA graphs: which add a cuBLAS memset, and at
@@ -106,6 +109,9 @@ stage() {
     abside) timeout 300 python3 benchmarks/ab_graph_side_work.py \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     coldab) timeout 300 python3 benchmarks/ab_cold_start.py \
+      "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
+    bertc) OUT=$RUN timeout 300 python3 benchmarks/bench_bert_fusions.py --compile-only ;;
+    coldprof) timeout 300 python3 benchmarks/ab_cold_start.py --profile --runs 1 \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     gaps) timeout 300 python3 benchmarks/diag_call_gaps.py \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;

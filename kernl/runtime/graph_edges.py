@@ -117,15 +117,19 @@ class _Driver:
         if not self.v2:
             get = self.cu.cuGraphNodeGetDependencies
             _check(get(ctypes.c_void_p(node), None, ctypes.byref(n)), "dependencies")
-            out = (ctypes.c_void_p * max(n.value, 1))()
+            if n.value == 0:
+                return []
+            out = (ctypes.c_void_p * n.value)()
             _check(get(ctypes.c_void_p(node), out, ctypes.byref(n)), "dependencies")
             return [int(x or 0) for x in out[: n.value]]
         get = self.cu.cuGraphNodeGetDependencies_v2
         _check(get(ctypes.c_void_p(node), None, None, ctypes.byref(n)), "dependencies")
-        out = (ctypes.c_void_p * max(n.value, 1))()
+        if n.value == 0:  # a root: the driver refuses a second query with arrays and no room
+            return []
+        out = (ctypes.c_void_p * n.value)()
         # the edges' data too (8 bytes each): a query that would drop a non-default edge
         # (a programmatic launch's) fails rather than lose it
-        data = (ctypes.c_uint8 * (8 * max(n.value, 1)))()
+        data = (ctypes.c_uint8 * (8 * n.value))()
         _check(get(ctypes.c_void_p(node), out, data, ctypes.byref(n)), "dependencies")
         return [int(x or 0) for x in out[: n.value]]
 
