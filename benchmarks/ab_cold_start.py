@@ -47,11 +47,15 @@ import kernl.runtime
 t2 = time.perf_counter()
 torch.zeros(1, device="cuda"); torch.cuda.synchronize()
 t3 = time.perf_counter()
+before = set(sys.modules)
 prof = cProfile.Profile()
 prof.enable()
 model = kernl.runtime.load(sys.argv[1])
 torch.cuda.synchronize()
 prof.disable()
+heavy = ("torch._dynamo", "sympy", "torch._inductor", "triton", "kernl.kernels")
+print("imported by load():", len(set(sys.modules) - before), "modules, of them",
+      [m for m in heavy if m in sys.modules and m not in before])
 t4 = time.perf_counter()
 for b in model.buckets:
     ids = torch.randint(0, 1000, (b.batch, b.seq), device="cuda")

@@ -4,9 +4,9 @@ model's path) against the graphs as captured, in one process on one artifact (is
 
     python benchmarks/ab_graph_side_work.py /tmp/bench_bert_fusions_*/bert.kernl
 
-Two models loaded from the artifact, `CompiledModel._side_work_off_path` off and on. Per
-shape: outputs equal bit for bit; 600 replays of each bucket graph alone and 600 calls with
-GPU inputs, the two models taking turns call by call (ms between CUDA events, host
+Three models loaded from the artifact: the graphs as captured, the check's copy alone off
+the path, the copy and the memsets off it. Per shape: outputs equal bit for bit; 600 replays
+of each bucket graph alone and 600 calls with GPU inputs, the models taking turns call by call (ms between CUDA events, host
 synchronised between calls: medians and the median of the paired ratios); then one
 profiled replay of each: kernels' busy time, idle between them, memsets."""
 
@@ -18,8 +18,6 @@ import sys
 
 import torch
 
-import kernl.runtime as rt
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_bert_fusions import (  # noqa: E402
     SHAPES,
@@ -30,30 +28,44 @@ from bench_bert_fusions import (  # noqa: E402
 )
 from diag_call_gaps import device_intervals  # noqa: E402
 
+VARIANTS = {  # name -> CompiledModel's switches
+    "captured": {},
+    "check": {"_side_work_off_path": True, "_memsets_off_path": False},
+    "both": {"_side_work_off_path": True, "_memsets_off_path": True},
+}
+
 
 def main(artifact: str) -> None:
-    as_captured = rt.load(artifact)
-    edited = load_with(artifact, _side_work_off_path=True)
-    print(f"edges removed over {len(edited.buckets)} graphs: {edited.side_edges_removed}")
-    print("shape   replay ms captured / edited, paired   call ms captured / edited, paired")
+    models = {name: load_with(artifact, **flags) for name, flags in VARIANTS.items()}
+    for name, m in models.items():
+        print(f"{name}: edges removed over {len(m.buckets)} graphs: {m.side_edges_removed}")
+    names = list(VARIANTS)
+    print("shape   replay ms " + " / ".join(names) + ", paired vs captured;  call ms the same")
     runners = []
     with torch.inference_mode():
         for b, s in SHAPES:
             x = to_gpu(tokenizer_output(b, s))
-            assert torch.equal(as_captured(**x)[0], edited(**x)[0])
-            r0 = as_captured._runners[as_captured.select_bucket(b, s)]
-            r1 = edited._runners[edited.select_bucket(b, s)]
-            runners.append(((b, s), r0, r1))
-            replays = time_alternating({"0": r0.graph.replay, "1": r1.graph.replay}, 600)
-            calls = time_alternating({"0": lambda: as_captured(**x), "1": lambda: edited(**x)}, 600)
+            ref = models["captured"](**x)[0]
+            for m in models.values():
+                assert torch.equal(ref, m(**x)[0])
+            rs = {n: m._runners[m.select_bucket(b, s)] for n, m in models.items()}
+            runners.append(((b, s), rs))
+            replays = time_alternating({n: r.graph.replay for n, r in rs.items()}, 600)
+            calls = time_alternating({n: (lambda m=m: m(**x)) for n, m in models.items()}, 600)
             row = []
             for t in (replays, calls):
-                med = [statistics.median(t[k]) for k in "01"]
-                paired = statistics.median(a / e for a, e in zip(t["0"], t["1"]))
-                row.append(f"{med[0]:.3f} / {med[1]:.3f}, {paired:.3f}x")
+                med = [statistics.median(t[n]) for n in names]
+                paired = [
+                    statistics.median(a / e for a, e in zip(t["captured"], t[n])) for n in names[1:]
+                ]
+                row.append(
+                    " / ".join(f"{m:.3f}" for m in med)
+                    + ", "
+                    + " / ".join(f"{p:.3f}x" for p in paired)
+                )
             print(f"{b}x{s:<5} {row[0]}   {row[1]}", flush=True)
-    for (b, s), r0, r1 in runners:  # profiles last: the profiler slows later launches
-        for name, runner in (("captured", r0), ("edited", r1)):
+    for (b, s), rs in runners:  # profiles last: the profiler slows later launches
+        for name, runner in rs.items():
             stats = []
             for ev in device_intervals(runner.graph.replay):
                 busy = sum(d for _, _, d in ev)

@@ -34,6 +34,7 @@ from .errors import ArtifactCorruptError, ArtifactUnsafeError
 from .limits import DEFAULT_LIMITS, ReadLimits
 from .program import Program, iter_value_refs
 from .schema import Manifest
+from .shape_rules import elementwise_result
 from .vocabulary import KERNL_NAME, is_in_place, split_aten
 
 Interval = tuple[int, int]
@@ -333,8 +334,10 @@ class _Walk:
                 ):
                     # a factory op without a device would allocate for real on the CPU
                     kwargs["device"] = self.meta
-                with self.meta:
-                    result = fn(*args, **kwargs)
+                result = elementwise_result(self.torch, aten[0], aten[1], args, kwargs)
+                if result is None:
+                    with self.meta:
+                        result = fn(*args, **kwargs)
             else:
                 result = KERNL_SHAPES[KERNL_NAME.fullmatch(ins.op).group(1)](*args, **kwargs)
         except _Fail:
@@ -754,27 +757,50 @@ def _same(a, b, what: str) -> None:
         raise _Fail(f"{what} has shape {list(b.shape)}, expected {list(a.shape)}", unsafe=False)
 
 
+# The shape rules of kernl.linear, kernl.layer_norm and kernl.attention are written out rather
+# than run on the meta device: torch's meta functions for them are Python decompositions whose
+# first call imports torch._dynamo (sympy, inductor, triton: seconds of a cold load()).
+
+
+def _of_dtype(dtype, *tensors) -> None:
+    for t in tensors:
+        if t is not None and t.dtype != dtype:
+            raise _Fail(f"mixes {dtype} and {t.dtype} operands", unsafe=False)
+
+
 def _kernl_linear(x, weight, bias=None, residual=None, activation="none", impl="aten", config=None):
-    import torch.nn.functional as F
+    import torch
 
     _impl(impl, config)
     if activation not in _ACTIVATIONS:
         raise _Fail(f"unknown activation {activation!r}", unsafe=False)
-    y = F.linear(x, weight, bias)
+    if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise _Fail(f"linear of x {list(x.shape)} and weight {list(weight.shape)}", False)
+    if bias is not None and list(bias.shape) != [weight.shape[0]]:
+        raise _Fail(f"linear bias {list(bias.shape)} for weight {list(weight.shape)}", False)
+    _of_dtype(x.dtype, weight, bias, residual)
+    y = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
     _same(y, residual, "residual")
     return y
 
 
 def _kernl_layer_norm(x, weight, bias, eps, residual=None, impl="aten", config=None):
-    import torch.nn.functional as F
+    import torch
 
     _impl(impl, config)
+    if x.dim() < 1:
+        raise _Fail("layer_norm of a 0-d tensor", unsafe=False)
+    for t, what in ((weight, "weight"), (bias, "bias")):
+        if t is not None and list(t.shape) != [x.shape[-1]]:
+            raise _Fail(f"layer_norm {what} {list(t.shape)} for x {list(x.shape)}", False)
+    _of_dtype(x.dtype, weight, bias, residual)
+    float(eps)
     _same(x, residual, "residual")
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, float(eps))
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def _kernl_attention(q, k, v, mask=None, scale=None, causal=False, impl="aten", config=None):
-    import torch.nn.functional as F
+    import torch
 
     _impl(impl, config)
     if not (q.dim() == k.dim() == v.dim() == 4 and q.shape[:2] == k.shape[:2] == v.shape[:2]):
@@ -788,7 +814,8 @@ def _kernl_attention(q, k, v, mask=None, scale=None, causal=False, impl="aten", 
             mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         except RuntimeError:
             raise _Fail(f"attention mask {list(mask.shape)} does not broadcast", False) from None
-    return F.scaled_dot_product_attention(q, k, v)
+    _of_dtype(q.dtype, k, v)
+    return torch.empty((*q.shape[:3], v.shape[3]), dtype=q.dtype, device=q.device)
 
 
 def _kernl_mask_to_bias(mask, dtype):

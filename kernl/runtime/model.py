@@ -180,6 +180,8 @@ class CompiledModel:
     # Each graph's side work (cuBLAS's memsets, the check's copy to the host) beside its
     # path rather than on it (graph_edges.py): off until measured on a GPU.
     _side_work_off_path = False
+    # ... and, when it is, cuBLAS's memsets too (else the check's copy alone).
+    _memsets_off_path = True
 
     def __init__(
         self,
@@ -313,7 +315,8 @@ class CompiledModel:
             # the event exists once recorded: by the warm-ups, before this runs
             event = self._graph_event
             side = {event.cuda_event} if event is not None else set()
-            self.side_edges_removed += take_side_work_off_path(graph, ours, side)
+            memsets = self._memsets_off_path
+            self.side_edges_removed += take_side_work_off_path(graph, ours, side, memsets)
 
         return edit
 

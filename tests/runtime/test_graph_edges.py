@@ -64,6 +64,14 @@ def test_a_memset_after_a_kernl_norm_starts_with_it():
     assert deps[2] == {0} and deps[3] == {1, 2}
 
 
+def test_memsets_stay_when_asked_and_the_check_still_moves():
+    # the clamp, the check's copy and event, then the model: cuBLAS, kernl's norm, a memset
+    graph = _chain("c", "d", "e", "c", "k", "m", "c")
+    kinds, deps, functions, events = graph
+    remove, add = side_work_edges(kinds, deps, functions, {OURS}, events, {CHECKED}, False)
+    assert (remove, add) == ([(2, 3)], [(0, 3)])
+
+
 @pytest.mark.parametrize("nodes", ["cmc", "cmmc", "mc", "kmk", "km", "kdc"])
 def test_memsets_after_anything_but_one_kernl_kernel_stay(nodes):
     """After cuBLAS's own kernel (which may use the workspace the memset zeroes), after
