@@ -17,7 +17,7 @@ from kernl.artifacts.shape_rules import (
     elementwise_result,
 )
 
-SHAPE_PAIRS = [((2, 3), (2, 3)), ((2, 1, 3), (4, 3)), ((5,), (3, 1)), ((2, 3), ()), ((), ())]
+SHAPE_PAIRS = [((2, 1, 3), (4, 3)), ((5,), (3, 1)), ((2, 3), ()), ((4,), (3,))]
 DTYPES = [torch.int64, torch.float16, torch.float32, torch.bool]
 
 
@@ -62,7 +62,11 @@ def test_float_functions_match_meta(name, dtype):
 
 @pytest.mark.parametrize("name", sorted(COMPARISONS | ARITHMETIC))
 @pytest.mark.parametrize("shapes", SHAPE_PAIRS)
-@pytest.mark.parametrize("dtypes", [(a, b) for a in DTYPES for b in DTYPES])
+@pytest.mark.parametrize(
+    "dtypes",
+    [(a, a) for a in DTYPES]
+    + [(torch.int64, torch.float16), (torch.float16, torch.float32), (torch.bool, torch.int64)],
+)
 def test_binary_ops_on_tensors_match_meta(name, shapes, dtypes):
     a, b = meta(shapes[0], dtypes[0]), meta(shapes[1], dtypes[1])
     if name in ("maximum", "minimum"):
