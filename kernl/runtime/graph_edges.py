@@ -18,7 +18,8 @@ instantiated. Every node still follows everything it followed, except that a mem
 longer follows the kernl kernel it now runs beside, and the model no longer follows the
 check's copy and event: no data dependency changes.
 
-Off by default (`CompiledModel._side_work_off_path`) until measured on a GPU."""
+`CompiledModel._side_work_off_path` (on) moves the check's copy; `_memsets_off_path` (off)
+the memsets, which measured slower moved (H200, 2026-12-02, docs/performance.md)."""
 
 from __future__ import annotations
 

@@ -196,20 +196,26 @@ def test_lazy_and_eager_models_check_too(artifact, capture, where):
 
 
 @pytest.mark.gpu
-def test_side_work_off_the_path_changes_no_output(artifact, served):
-    """With `_side_work_off_path` (graph_edges.py), each bucket's graph no longer makes the
-    model wait for the check's copy and event (nor a memset for the kernl kernel before it);
-    outputs equal the default graphs' bit for bit and a bad id is still refused."""
+@pytest.mark.parametrize("memsets", [False, True])
+def test_side_work_off_the_path_changes_no_output(artifact, memsets):
+    """With `_side_work_off_path` (graph_edges.py, the default), each bucket's graph no longer
+    makes the model wait for the check's copy and event (nor, with `_memsets_off_path`, a
+    memset for the kernl kernel before it); outputs equal the graphs as captured bit for bit
+    and a bad id is still refused."""
     from kernl.runtime.graph_edges import EVENT_RECORD, _Driver
     from kernl.runtime.model import CompiledModel
 
     model, path = artifact
-    _, default = served
-    CompiledModel._side_work_off_path = True
+    before = CompiledModel._side_work_off_path, CompiledModel._memsets_off_path
     try:
+        CompiledModel._side_work_off_path = False
+        default = kernl.runtime.load(path, device="cuda")
+        CompiledModel._side_work_off_path, CompiledModel._memsets_off_path = True, memsets
         edited = kernl.runtime.load(path, device="cuda")
     finally:
-        CompiledModel._side_work_off_path = False
+        CompiledModel._side_work_off_path, CompiledModel._memsets_off_path = before
+    assert default.side_edges_removed == 0
+    assert edited.side_work_error is None
     assert edited.side_edges_removed >= len(edited.buckets)
     driver = _Driver()
     for runner in edited._runners.values():

@@ -251,7 +251,7 @@ def test_a_bucket_graph_holds_its_range_checks_ahead_of_the_model(fake_cuda):
         runner.capture("pool", checked)
         stream = _FakeStream.made[0]
         one = [("check", stream), ("record", stream), ("model", stream)]
-        assert order == (one * 3 if checked else [("model", stream)] * 3)
+        assert order == (one * 2 if checked else [("model", stream)] * 2)  # warm-up, capture
         assert runner.checks_in_graph == (checked is not None)
 
 
