@@ -5,7 +5,8 @@ torch runs these ops' meta functions in Python (torch._refs), and the first such
 process imports torch._dynamo, and with it sympy, inductor and triton: 1.4 s of a load() on a
 2-core CPU with warm bytecode caches, 4-5 s on an H200 host without them (2026-12-02), for
 two elementwise ops of BERT's program (`ne` on the attention mask, `tanh` in the pooler).
-The rules are TensorIterator's: the tensors' shapes broadcast, comparisons give bool, the
+RoBERTa's position ids (`cumsum`) and DistilBERT's tables (`embedding`) have the same Python
+meta functions. The elementwise rules are TensorIterator's: the tensors' shapes broadcast, comparisons give bool, the
 unary float functions promote integers and bool to the default float dtype, and the dtype
 of a binary op is `torch.result_type` (its C++ type promotion). An op or overload not listed
 here, or a call with arguments these rules do not cover, goes to the meta device as before;
@@ -36,6 +37,10 @@ def elementwise_result(torch, name: str, overload: str, args: list, kwargs: dict
             return None
         dtype = x.dtype if x.dtype.is_floating_point else torch.get_default_dtype()
         return torch.empty(x.shape, dtype=dtype, device="meta")
+    if name == "cumsum" and overload == "default":
+        return _cumsum(torch, args, kwargs)
+    if name == "embedding" and overload == "default":
+        return _embedding(torch, args, kwargs)
     if name in COMPARISONS or name in ARITHMETIC:
         if len(args) != 2 or (kwargs and set(kwargs) != {"alpha"}):
             return None
@@ -50,10 +55,56 @@ def elementwise_result(torch, name: str, overload: str, args: list, kwargs: dict
             return None  # bool arithmetic has its own rules (sub refuses it)
         if name not in COMPARISONS and kwargs.get("alpha", 1) != 1:
             return None
-        shape = torch.broadcast_shapes(a.shape, b.shape) if _is_meta(torch, b) else a.shape
+        shape = _broadcast(a.shape, b.shape) if _is_meta(torch, b) else a.shape
         dtype = torch.bool if name in COMPARISONS else torch.result_type(a, b)
         return torch.empty(shape, dtype=dtype, device="meta")
     return None
+
+
+def _cumsum(torch, args: list, kwargs: dict):
+    """RoBERTa's position ids: integers and bool sum in int64 unless a dtype is given."""
+    if len(args) != 2 or set(kwargs) - {"dtype"} or not _is_meta(torch, args[0]):
+        return None
+    x, dim = args
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        return None
+    ndim = max(x.dim(), 1)
+    if not -ndim <= dim < ndim:
+        raise RuntimeError(f"cumsum: dim {dim} out of range for a {x.dim()}-d tensor")
+    dtype = kwargs.get("dtype")
+    if dtype is None:
+        floating = x.dtype.is_floating_point or x.dtype.is_complex
+        dtype = x.dtype if floating else torch.int64
+    if not isinstance(dtype, torch.dtype):
+        return None
+    return torch.empty(x.shape, dtype=dtype, device="meta")
+
+
+def _embedding(torch, args: list, kwargs: dict):
+    """DistilBERT's tables: rows of a 2-D weight gathered by integer ids (their bounds are
+    the walk's gather check)."""
+    if not 2 <= len(args) <= 5 or kwargs:
+        return None
+    weight, ids = args[0], args[1]
+    if not (_is_meta(torch, weight) and _is_meta(torch, ids)):
+        return None
+    if weight.dim() != 2:
+        raise RuntimeError("embedding: the weight must be 2-D")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise RuntimeError(f"embedding: indices must be int64 or int32, not {ids.dtype}")
+    return torch.empty((*ids.shape, weight.shape[1]), dtype=weight.dtype, device="meta")
+
+
+def _broadcast(a, b) -> tuple[int, ...]:
+    """torch's broadcasting of two shapes (`torch.broadcast_shapes` imports sympy)."""
+    out = []
+    for i in range(1, max(len(a), len(b)) + 1):
+        x = a[-i] if i <= len(a) else 1
+        y = b[-i] if i <= len(b) else 1
+        if x != y and 1 not in (x, y):
+            raise RuntimeError(f"shapes {list(a)} and {list(b)} do not broadcast")
+        out.append(y if x == 1 else x)
+    return tuple(reversed(out))
 
 
 def _is_meta(torch, x) -> bool:
