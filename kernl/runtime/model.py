@@ -226,7 +226,10 @@ class CompiledModel:
         # What each capture puts in the graph: the checks with the event recorded after them
         # (None: the checks stay per call), and an edit of the captured graph (or None).
         self._graph_event = self._checked if external and self._checks_in_graph else None
-        self._graph_edit = self._side_work_edit() if self._side_work_off_path else None
+        side_work = self._graph_event is not None or self._memsets_off_path  # anything to move
+        self._graph_edit = (
+            self._side_work_edit() if self._side_work_off_path and side_work else None
+        )
         self.side_edges_removed = 0  # by _graph_edit, over every capture
         self.side_work_error: str | None = None  # why an edit was given up, if one was
         shared_checks: dict = {}  # the range checks' bounds and buffers, one set per dtype
