@@ -46,8 +46,15 @@ def elementwise_result(torch, name: str, overload: str, args: list, kwargs: dict
             return None
         if name not in ("add", "sub") and kwargs:
             return None
+        if (overload == "default") != (name in ("maximum", "minimum")):
+            return None  # add.default and the like are arithmetic on Python numbers
         a, b = args
         if not _is_meta(torch, a) or not (_is_meta(torch, b) or _is_number(b)):
+            return None
+        # a .Scalar overload takes a number; add, sub and mul's .Tensor a number too (a
+        # wrapped scalar), the others a tensor alone: anything else is torch's to refuse
+        takes_number = overload == "Scalar" or name in ("add", "sub", "mul")
+        if (overload == "Scalar" and not _is_number(b)) or (_is_number(b) and not takes_number):
             return None
         if a.dtype.is_complex or (_is_meta(torch, b) and b.dtype.is_complex):
             return None

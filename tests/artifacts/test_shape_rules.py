@@ -79,14 +79,18 @@ def test_binary_ops_on_tensors_match_meta(name, shapes, dtypes):
     )
 
 
-@pytest.mark.parametrize("name", sorted(COMPARISONS | {"add", "sub", "mul"}))
+@pytest.mark.parametrize("name", sorted(COMPARISONS | ARITHMETIC))
+@pytest.mark.parametrize("overload", ["Scalar", "Tensor", "default"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scalar", [0, 2.5])
-def test_binary_ops_with_a_number_match_meta(name, dtype, scalar):
+def test_binary_ops_with_a_number_match_meta(name, overload, dtype, scalar):
+    op = getattr(torch.ops.aten, name)
+    if overload not in op.overloads():
+        pytest.skip(f"aten.{name} has no .{overload}")
     a = meta((3, 4), dtype)
     same_or_both_refuse(
-        lambda: elementwise_result(torch, name, "Scalar", [a, scalar], {}),
-        lambda: on_meta(name, "Scalar", a, scalar),
+        lambda: elementwise_result(torch, name, overload, [a, scalar], {}),
+        lambda: on_meta(name, overload, a, scalar),
     )
 
 
@@ -119,6 +123,8 @@ def test_calls_the_rules_do_not_cover_are_declined():
     assert elementwise_result(torch, "add", "out", [x, x], {}) is None
     assert elementwise_result(torch, "tanh", "default", [torch.zeros(2)], {}) is None
     assert elementwise_result(torch, "gelu", "default", [x], {}) is None
+    assert elementwise_result(torch, "ne", "Scalar", [x, x], {}) is None
+    assert elementwise_result(torch, "ne", "Tensor", [x, 2], {}) is None
     c = meta((2,), torch.complex64)
     assert elementwise_result(torch, "exp", "default", [c], {}) is None
 
