@@ -794,7 +794,7 @@ def _kernl_layer_norm(x, weight, bias, eps, residual=None, impl="aten", config=N
         if t is not None and list(t.shape) != [x.shape[-1]]:
             raise _Fail(f"layer_norm {what} {list(t.shape)} for x {list(x.shape)}", False)
     _of_dtype(x.dtype, weight, bias, residual)
-    float(eps)
+    float(eps)  # a program's eps that is no number fails here, as torch's layer_norm would
     _same(x, residual, "residual")
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 

@@ -6,9 +6,9 @@ process imports torch._dynamo, and with it sympy, inductor and triton: 1.4 s of 
 2-core CPU with warm bytecode caches, 4-5 s on an H200 host without them (2026-12-02), for
 two elementwise ops of BERT's program (`ne` on the attention mask, `tanh` in the pooler).
 RoBERTa's position ids (`cumsum`) and DistilBERT's tables (`embedding`) have the same Python
-meta functions. The elementwise rules are TensorIterator's: the tensors' shapes broadcast, comparisons give bool, the
-unary float functions promote integers and bool to the default float dtype, and the dtype
-of a binary op is `torch.result_type` (its C++ type promotion). An op or overload not listed
+meta functions. The elementwise rules are TensorIterator's: the tensors' shapes broadcast,
+comparisons give bool, the unary float functions promote integers and bool to the default
+float dtype, and the dtype of a binary op is `torch.result_type` (its C++ type promotion). An op or overload not listed
 here, or a call with arguments these rules do not cover, goes to the meta device as before;
 tests/artifacts/test_shape_rules.py checks each rule against the meta device."""
 
@@ -42,9 +42,8 @@ def elementwise_result(torch, name: str, overload: str, args: list, kwargs: dict
     if name == "embedding" and overload == "default":
         return _embedding(torch, args, kwargs)
     if name in COMPARISONS or name in ARITHMETIC:
-        if len(args) != 2 or (kwargs and set(kwargs) != {"alpha"}):
-            return None
-        if name not in ("add", "sub") and kwargs:
+        allowed = {"alpha"} if name in ("add", "sub") else set()
+        if len(args) != 2 or set(kwargs) - allowed or kwargs.get("alpha", 1) != 1:
             return None
         if (overload == "default") != (name in ("maximum", "minimum")):
             return None  # add.default and the like are arithmetic on Python numbers
@@ -60,8 +59,6 @@ def elementwise_result(torch, name: str, overload: str, args: list, kwargs: dict
             return None
         if name not in COMPARISONS and torch.bool in (a.dtype, getattr(b, "dtype", None)):
             return None  # bool arithmetic has its own rules (sub refuses it)
-        if name not in COMPARISONS and kwargs.get("alpha", 1) != 1:
-            return None
         shape = _broadcast(a.shape, b.shape) if _is_meta(torch, b) else a.shape
         dtype = torch.bool if name in COMPARISONS else torch.result_type(a, b)
         return torch.empty(shape, dtype=dtype, device="meta")

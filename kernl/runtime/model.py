@@ -183,7 +183,7 @@ class CompiledModel:
     # (graph_edges.py): BERT-base fp16 calls 1.5-4% faster at 1x16 and 1x128, level at
     # larger shapes (H200, 2026-12-02).
     _side_work_off_path = True
-    # ... and cuBLAS's memsets too: off, they slowed 32x128 by 1.6% (same run).
+    # ... and cuBLAS's memsets too: off, they slowed 32x128 by 1.3-1.6% (two runs).
     _memsets_off_path = False
 
     def __init__(
