@@ -73,6 +73,115 @@ print(text.getvalue())
 """
 
 
+# One fresh process per variant of load(), the phases of its load() timed without a profiler:
+# what each change of the cold start saves, measured against its alternative in one run.
+# Variants: "now" (load() as shipped), "warmup_every" (a warm-up before every capture, as
+# until 2026-12-02), "no_ahead" (the kernel modules imported by the first capture, not on a
+# thread from the start), "both_old" (both as before), "triton_first" (Triton and the kernel
+# modules imported before the clock starts: what their import costs, at best).
+PHASES = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+t1 = time.perf_counter()
+import kernl.runtime as rt
+t2 = time.perf_counter()
+from kernl.runtime import model as model_module
+from kernl.runtime.executor import Executor
+variant = sys.argv[2]
+if variant in ("warmup_every", "both_old"):
+    model_module.CompiledModel._warmup_every_capture = True
+if variant in ("no_ahead", "both_old", "triton_first"):
+    rt._IMPORT_KERNELS_AHEAD = False
+if variant == "triton_first":
+    import importlib
+    from kernl.runtime.kernl_ops import KERNEL_MODULES
+    for name in KERNEL_MODULES:
+        importlib.import_module(name)
+phases = {}
+def timed(name, fn):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+    return wrapper
+rt._free_memory = timed("cuda_init", rt._free_memory)
+rt.check_artifact = timed("check", rt.check_artifact)
+rt.read_weights = timed("weights", rt.read_weights)
+rt._load_binaries = timed("binaries", rt._load_binaries)
+model_module.capture_graph = timed("captures", model_module.capture_graph)
+Executor.run = timed("executor_runs", Executor.run)
+t3 = time.perf_counter()
+model = rt.load(sys.argv[1])
+torch.cuda.synchronize()
+t4 = time.perf_counter()
+sums = []
+gen = torch.Generator().manual_seed(0)
+for b in model.buckets:
+    ids = torch.randint(0, 1000, (b.batch, b.seq), generator=gen).cuda()
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    sums.append(float(out["last_hidden_state"].double().sum()))
+torch.cuda.synchronize()
+t5 = time.perf_counter()
+row = {"variant": variant, "import_torch_s": t1 - t0, "import_kernl_s": t2 - t1,
+       "load_s": t4 - t3, "calls_s": t5 - t4,
+       "shared_bench_s": (t2 - t1) + (t4 - t3) + (t5 - t4)}
+row.update({k + "_s": v for k, v in phases.items()})
+row["outputs"] = sums
+print(json.dumps(row))
+"""
+VARIANTS = ("now", "warmup_every", "no_ahead", "both_old", "triton_first")
+
+
+def phases(artifact: str, env: dict, runs: int) -> None:
+    """`runs` fresh processes per variant, the variants taking turns; the medians of each
+    phase per variant, and whether every variant's outputs equal the first's bit for bit."""
+    found: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for _ in range(runs):
+        for variant in VARIANTS:
+            out = subprocess.run(
+                [sys.executable, "-c", PHASES, artifact, variant],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+            if out.returncode:
+                print(f"{variant}: the child failed:\n{out.stderr[-2000:]}", flush=True)
+                continue
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            found[variant].append(row)
+            print(
+                json.dumps(
+                    {
+                        k: round(v, 4) if isinstance(v, float) else v
+                        for k, v in row.items()
+                        if k != "outputs"
+                    }
+                ),
+                flush=True,
+            )
+    reference = next((rows[0]["outputs"] for rows in found.values() if rows), None)
+    for variant, rows in found.items():
+        if not rows:
+            continue
+        keys = [k for k in rows[0] if k.endswith("_s")]
+        med = {k: round(statistics.median(r.get(k, 0.0) for r in rows), 3) for k in keys}
+        same = all(r["outputs"] == reference for r in rows)
+        print(
+            json.dumps(
+                {
+                    "variant": variant,
+                    "runs": len(rows),
+                    "median": med,
+                    "outputs_equal_bitwise": same,
+                }
+            ),
+            flush=True,
+        )
+
+
 def profiled(artifact: str, env: dict) -> None:
     """One more fresh process, its phases apart (torch's import, kernl's, the CUDA context,
     load, the calls) and load() under cProfile: where a slow cold start goes."""
@@ -87,8 +196,14 @@ def main() -> None:
     parser.add_argument("artifact")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="then one profiled process")
+    parser.add_argument(
+        "--phases", action="store_true", help="the load() variants' phases instead (PHASES)"
+    )
     args = parser.parse_args()
     env = dict(os.environ, PYTHONPATH=os.getcwd())
+    if args.phases:
+        phases(args.artifact, env, args.runs)
+        return
     if args.profile:
         profiled(args.artifact, env)
     found: dict[str, list[dict]] = {"graph": [], "call": []}

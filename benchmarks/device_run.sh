@@ -41,6 +41,9 @@
 #   bertc   the `bert` stage's compile alone: its artifact for the stages that follow it
 #   coldprof coldab once per mode after one fresh process with its phases apart and load()
 #           under cProfile (after `bert` or `bertc`)
+#   coldphases load()'s phases timed in fresh processes, per variant of load() (one warm-up per
+#           model or per capture, kernel modules imported ahead or not, Triton imported before
+#           the clock), outputs compared (benchmarks/ab_cold_start.py --phases; after `bertc`)
 #   gaps    the `bert` stage's artifact: call vs graph replay vs kernels' busy time, and the idle
 #           time between kernels (benchmarks/diag_call_gaps.py; run it after `bert`)
 #   gemms   BERT-base's GEMMs one by one in CUDA graphs: which add a cuBLAS memset, and at
@@ -111,6 +114,8 @@ stage() {
     coldab) timeout 300 python3 benchmarks/ab_cold_start.py \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     bertc) OUT=$RUN timeout 300 python3 benchmarks/bench_bert_fusions.py --compile-only ;;
+    coldphases) timeout 300 python3 benchmarks/ab_cold_start.py --phases --runs 3 \
+      "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     coldprof) timeout 300 python3 benchmarks/ab_cold_start.py --profile --runs 1 \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     gaps) timeout 300 python3 benchmarks/diag_call_gaps.py \

@@ -144,12 +144,16 @@ class _BucketRunner:
         # What a default-filled static buffer holds now (inputs copied in on the device).
         self.filled: dict[str, tuple] = {}
 
-    def capture(self, pool, checked: torch.cuda.Event | None = None, edit=None) -> None:
+    def capture(
+        self, pool, checked: torch.cuda.Event | None = None, edit=None, warmups: int = 1
+    ) -> None:
         """Captures the bucket's graph. Given `checked` (an event made with `external=True`),
         the range checks of the static blocks go into the graph ahead of the model, and the
         graph records `checked` once their results are on the host: the caller then launches
         nothing but its inputs' copy before the replay, and waits on `checked`, not on the
-        whole graph, before it raises on a bad id. `edit`: see `capture_graph`."""
+        whole graph, before it raises on a bad id. `edit`: see `capture_graph`. `warmups`:
+        runs before the capture; the model's first capture needs one (below), later ones
+        none."""
         in_graph = checked is not None and bool(self.checks)
 
         def run() -> list[torch.Tensor]:
@@ -159,10 +163,8 @@ class _BucketRunner:
                 checked.record()
             return self.executor.run(self.static_inputs)
 
-        # One warm-up: kernel binaries are loaded and cuBLAS's handle made by the first run;
-        # a second was 9 of the 27 executor runs of a 9-bucket cold load() (H200, 2026-12-02).
         self.graph, self.static_outputs = capture_graph(
-            run, pool, warmups=1, device=self.executor.device, edit=edit
+            run, pool, warmups=warmups, device=self.executor.device, edit=edit
         )
         self.checks_in_graph = in_graph
 
@@ -185,6 +187,12 @@ class CompiledModel:
     _side_work_off_path = True
     # ... and cuBLAS's memsets too: off, they slowed 32x128 by 1.3-1.6% (two runs).
     _memsets_off_path = False
+    # A warm-up run before every capture rather than before the model's first only. The first
+    # run of a model makes what a capture must not (cuBLAS's handles, the lazy CUDA state of
+    # this thread and stream); the kernel binaries are loaded by load() itself, and every
+    # allocation of a capture comes from the graphs' pool. A warm-up per capture was 9 of the
+    # 18 executor runs of a 9-bucket cold load().
+    _warmup_every_capture = False
 
     def __init__(
         self,
@@ -232,6 +240,7 @@ class CompiledModel:
         )
         self.side_edges_removed = 0  # by _graph_edit, over every capture
         self.side_work_error: str | None = None  # why an edit was given up, if one was
+        self._warmed_up = False  # whether a capture of this model has run a warm-up
         shared_checks: dict = {}  # the range checks' bounds and buffers, one set per dtype
         self._runners = {
             p.bucket: _BucketRunner(
@@ -250,7 +259,7 @@ class CompiledModel:
             # Largest first, so smaller graphs reuse the pool's blocks.
             with running_with(self._binaries, device):
                 for bucket in sorted(self.buckets, key=lambda b: -b.tokens):
-                    self._runners[bucket].capture(self._pool, self._graph_event, self._graph_edit)
+                    self._capture(self._runners[bucket])
 
     @property
     def input_names(self) -> list[str]:
@@ -286,8 +295,7 @@ class CompiledModel:
         on_device = self._on_device(tensors)
         with self._lock, running_with(self._binaries, self.device):
             if runner.graph is None and self.capture_mode == "lazy":
-                # on its static buffers
-                runner.capture(self._pool, self._graph_event, self._graph_edit)
+                self._capture(runner)  # on its static buffers
             checked_later = on_device or runner.checks_in_graph
             if on_device:
                 self._copy_in_device(runner, tensors, batch, seq)
@@ -309,6 +317,11 @@ class CompiledModel:
                 _raise_if_checks_failed(runner.checks, self._checked if runner.checks else None)
         return result
 
+    def _capture(self, runner: _BucketRunner) -> None:
+        warmups = 1 if self._warmup_every_capture or not self._warmed_up else 0
+        runner.capture(self._pool, self._graph_event, self._graph_edit, warmups=warmups)
+        self._warmed_up = True  # (the event the edit looks for is recorded by then too)
+
     def _side_work_edit(self):
         """The edit that takes each captured graph's side work off its path (graph_edges.py;
         see `_side_work_off_path`)."""
@@ -319,7 +332,7 @@ class CompiledModel:
             ours = {loaded.function.value for loaded in self._binaries.loaded.values()}
 
         def edit(graph) -> None:
-            # the event exists once recorded: by the warm-ups, before this runs
+            # the event exists once recorded: by the first warm-up, before this runs
             event = self._graph_event
             side = {event.cuda_event} if event is not None else set()
             memsets = self._memsets_off_path

@@ -270,3 +270,55 @@ def test_an_edit_sees_the_captured_graph_before_it_is_instantiated(fake_cuda):
     assert graph.calls == ["edit", "instantiate"]
     plain, _ = graphs.capture_graph(lambda: None, "pool")
     assert not plain.keep_graph and plain.calls == []
+
+
+@pytest.mark.parametrize("every", [False, True])
+def test_a_model_warms_up_before_its_first_capture_only(fake_cuda, monkeypatch, every):
+    """The first run of a model makes what a capture must not (cuBLAS's handles); later
+    buckets are captured straight away, unless `_warmup_every_capture` asks for a warm-up
+    each. A first capture that fails leaves the next one its warm-up."""
+    from kernl.runtime.model import CompiledModel, _BucketRunner
+
+    runs: list[str] = []
+
+    class _Executor:
+        device = torch.device("cuda", 0)
+        fail = False
+
+        def run(self, inputs):
+            runs.append("capture" if _in_capture[0] else "warm-up")
+            if self.fail and _in_capture[0]:
+                raise RuntimeError("capture refused")
+            return []
+
+    _in_capture = [False]
+    real_graph = torch.cuda.graph
+
+    @contextlib.contextmanager
+    def graph_ctx(*args, **kwargs):
+        with real_graph(*args, **kwargs):
+            _in_capture[0] = True
+            try:
+                yield
+            finally:
+                _in_capture[0] = False
+
+    monkeypatch.setattr(torch.cuda, "graph", graph_ctx)
+    model = CompiledModel.__new__(CompiledModel)
+    model._pool, model._graph_event, model._graph_edit = "pool", None, None
+    model._warmed_up, model._warmup_every_capture = False, every
+    runners = []
+    for fail in (True, False, False, False):
+        runner = _BucketRunner.__new__(_BucketRunner)
+        runner.executor, runner.static_inputs, runner.checks = _Executor(), {}, []
+        runner.executor.fail = fail
+        runners.append(runner)
+    with pytest.raises(RuntimeError, match="capture refused"):
+        model._capture(runners[0])
+    assert runs == ["warm-up", "capture"]
+    runs.clear()
+    for runner in runners[1:]:
+        model._capture(runner)
+        assert runner.graph is not None
+    expected = ["warm-up", "capture"] * 3 if every else ["warm-up", "capture", "capture", "capture"]
+    assert runs == expected
