@@ -65,10 +65,10 @@ t5 = time.perf_counter()
 print(json.dumps({"import_torch_s": t1 - t0, "import_kernl_s": t2 - t1, "cuda_context_s": t3 - t2,
                   "load_s": t4 - t3, "calls_s": t5 - t4}))
 text = io.StringIO()
-pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(45)
+pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(70)
 print(text.getvalue())
 text = io.StringIO()
-pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(40)
 print(text.getvalue())
 """
 
@@ -76,9 +76,10 @@ print(text.getvalue())
 # One fresh process per variant of load(), the phases of its load() timed without a profiler:
 # what each change of the cold start saves, measured against its alternative in one run.
 # Variants: "now" (load() as shipped), "warmup_every" (a warm-up before every capture, as
-# until 2026-12-02), "no_ahead" (the kernel modules imported by the first capture, not on a
-# thread from the start), "both_old" (both as before), "triton_first" (Triton and the kernel
-# modules imported before the clock starts: what their import costs, at best).
+# until 2026-12-02), "triton_first" (Triton and the kernel modules imported before the clock
+# starts: what their import costs load()). A thread importing them from the start of load()
+# was measured too (36d71ea, 2026-12-02) and dropped: it slowed the artifact check, which
+# needs the interpreter as much, by more than it saved.
 PHASES = """
 import json, sys, time
 t0 = time.perf_counter()
@@ -89,15 +90,11 @@ t2 = time.perf_counter()
 from kernl.runtime import model as model_module
 from kernl.runtime.executor import Executor
 variant = sys.argv[2]
-if variant in ("warmup_every", "both_old"):
+if variant == "warmup_every":
     model_module.CompiledModel._warmup_every_capture = True
-if variant in ("no_ahead", "both_old", "triton_first"):
-    rt._IMPORT_KERNELS_AHEAD = False
 if variant == "triton_first":
-    import importlib
-    from kernl.runtime.kernl_ops import KERNEL_MODULES
-    for name in KERNEL_MODULES:
-        importlib.import_module(name)
+    import kernl.kernels.attention, kernl.kernels.bert_embeddings
+    import kernl.kernels.fused_linear, kernl.kernels.norm
 phases = {}
 def timed(name, fn):
     def wrapper(*args, **kwargs):
@@ -132,7 +129,7 @@ row.update({k + "_s": v for k, v in phases.items()})
 row["outputs"] = sums
 print(json.dumps(row))
 """
-VARIANTS = ("now", "warmup_every", "no_ahead", "both_old", "triton_first")
+VARIANTS = ("now", "warmup_every", "triton_first")
 
 
 def phases(artifact: str, env: dict, runs: int) -> None:
@@ -188,7 +185,7 @@ def profiled(artifact: str, env: dict) -> None:
     out = subprocess.run(
         [sys.executable, "-c", PROFILED, artifact], capture_output=True, text=True, env=env
     )
-    print(out.stdout[-20000:], out.stderr[-2000:] if out.returncode else "", flush=True)
+    print(out.stdout[-40000:], out.stderr[-2000:] if out.returncode else "", flush=True)
 
 
 def main() -> None:
@@ -201,11 +198,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     env = dict(os.environ, PYTHONPATH=os.getcwd())
+    if args.profile:
+        profiled(args.artifact, env)
     if args.phases:
         phases(args.artifact, env, args.runs)
         return
-    if args.profile:
-        profiled(args.artifact, env)
     found: dict[str, list[dict]] = {"graph": [], "call": []}
     for _ in range(args.runs):
         for mode in found:

@@ -42,8 +42,9 @@
 #   coldprof coldab once per mode after one fresh process with its phases apart and load()
 #           under cProfile (after `bert` or `bertc`)
 #   coldphases load()'s phases timed in fresh processes, per variant of load() (one warm-up per
-#           model or per capture, kernel modules imported ahead or not, Triton imported before
-#           the clock), outputs compared (benchmarks/ab_cold_start.py --phases; after `bertc`)
+#           model or per capture, Triton imported before the clock), outputs compared
+#           (benchmarks/ab_cold_start.py --phases; after `bertc`)
+#   coldphasesprof  a load() under cProfile, then coldphases twice per variant
 #   gaps    the `bert` stage's artifact: call vs graph replay vs kernels' busy time, and the idle
 #           time between kernels (benchmarks/diag_call_gaps.py; run it after `bert`)
 #   gemms   BERT-base's GEMMs one by one in CUDA graphs: which add a cuBLAS memset, and at
@@ -115,6 +116,8 @@ stage() {
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     bertc) OUT=$RUN timeout 300 python3 benchmarks/bench_bert_fusions.py --compile-only ;;
     coldphases) timeout 300 python3 benchmarks/ab_cold_start.py --phases --runs 3 \
+      "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
+    coldphasesprof) timeout 300 python3 benchmarks/ab_cold_start.py --profile --phases --runs 2 \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     coldprof) timeout 300 python3 benchmarks/ab_cold_start.py --profile --runs 1 \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;

@@ -6,7 +6,6 @@ kernels' launch code, never transformers, click or the compiler."""
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -73,8 +72,6 @@ def load(
         # set before they are first imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
     _check_compatibility(manifest, device)
-    if device.type == "cuda" and manifest.kernels and _IMPORT_KERNELS_AHEAD:
-        _import_kernel_modules_ahead()
     try:
         checked = check_artifact(
             root, trusted_keys=keys, free_bytes=_free_memory(device), hash_files=False
@@ -118,33 +115,6 @@ def _open(root: Path, manifest, programs, weights, device: torch.device, capture
     return CompiledModel(manifest, programs, weights, device, capture=capture, binaries=binaries)
 
 
-# Whether load() imports the kernel launchers' modules on a thread while it checks and reads
-# the artifact (a benchmark turns it off to measure what it saves).
-_IMPORT_KERNELS_AHEAD = True
-
-
-def _import_kernel_modules_ahead() -> threading.Thread:
-    """Starts importing the modules whose launchers the graphs' capture will call, Triton
-    with them: Triton's import alone is ~0.3 s of a cold load() that owes it nothing but
-    its launchers' modules. Python's import locks make the capture wait for a module
-    still being imported, and an import that fails here fails again, and is reported, where
-    the capture needs it."""
-    from .kernl_ops import KERNEL_MODULES
-
-    def run() -> None:
-        import importlib
-
-        for name in KERNEL_MODULES:
-            try:
-                importlib.import_module(name)
-            except Exception:  # the capture's own import raises it
-                return
-
-    thread = threading.Thread(target=run, name="kernl-import-kernels", daemon=True)
-    thread.start()
-    return thread
-
-
 def _free_memory(device: torch.device) -> int | None:
     """Free memory of the device the artifact loads on: the memory plan must fit in it."""
     if device.type == "cuda":
@@ -164,6 +134,8 @@ class _BackgroundVerify:
     error."""
 
     def __init__(self, root: Path, manifest, files: list[str]):
+        import threading
+
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(root, manifest, files), daemon=True)
         self._thread.start()

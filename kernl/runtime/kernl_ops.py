@@ -206,16 +206,6 @@ def bert_embeddings(
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-# The modules the ops above launch kernels from, imported on first use. Importing them (and
-# Triton with them, ~0.3 s) can start on a thread before the first op runs: see load().
-KERNEL_MODULES = (
-    "kernl.kernels.fused_linear",
-    "kernl.kernels.norm",
-    "kernl.kernels.attention",
-    "kernl.kernels.bert_embeddings",
-)
-
-
 # "kernl.<name>" -> its function: the one table vocabulary.resolve_op reads (no registration
 # by import side effect).
 OPS = {
