@@ -34,7 +34,7 @@ from .errors import ArtifactCorruptError, ArtifactUnsafeError
 from .limits import DEFAULT_LIMITS, ReadLimits
 from .program import Program, iter_value_refs
 from .schema import Manifest
-from .shape_rules import elementwise_result
+from .shape_rules import aten_result
 from .vocabulary import KERNL_NAME, is_in_place, split_aten
 
 Interval = tuple[int, int]
@@ -334,7 +334,7 @@ class _Walk:
                 ):
                     # a factory op without a device would allocate for real on the CPU
                     kwargs["device"] = self.meta
-                result = elementwise_result(self.torch, aten[0], aten[1], args, kwargs)
+                result = aten_result(self.torch, aten[0], aten[1], args, kwargs)
                 if result is None:
                     with self.meta:
                         result = fn(*args, **kwargs)

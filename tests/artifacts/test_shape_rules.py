@@ -14,6 +14,7 @@ from kernl.artifacts.shape_rules import (
     ARITHMETIC,
     COMPARISONS,
     FLOAT_FUNCTIONS,
+    aten_result,
     elementwise_result,
 )
 
@@ -172,6 +173,102 @@ def test_kernl_op_rules_refuse_what_torch_refuses(call):
         call()
 
 
+F16, F32, I64, BOOL = torch.float16, torch.float32, torch.int64, torch.bool
+
+# (op, overload, args as (shape, dtype) for a meta tensor or a plain value, kwargs): the
+# layers of a --no-kernels artifact, well-formed and not
+LAYER_CALLS = [
+    ("linear", [((2, 5, 8), F16), ((6, 8), F16), ((6,), F16)], {}),
+    ("linear", [((2, 5, 8), F32), ((6, 8), F32)], {}),
+    ("linear", [((8,), F32), ((6, 8), F32)], {}),
+    ("linear", [((2, 8), F16), ((6, 7), F16)], {}),
+    ("linear", [((2, 8), F32), ((6, 8), F16)], {}),
+    ("linear", [((2, 8), F16), ((6, 8), F16), ((5,), F16)], {}),
+    ("linear", [((2, 8), F16), ((6, 8), F16), ((2, 6), F16)], {}),
+    ("linear", [((2, 8), I64), ((6, 8), I64)], {}),
+    ("layer_norm", [((2, 5, 8), F16), [8], ((8,), F16), ((8,), F16), 1e-12, False], {}),
+    ("layer_norm", [((2, 5, 8), F32), [5, 8], None, None, 1e-5], {}),
+    ("layer_norm", [((2, 5, 8), F32), [8]], {}),
+    ("layer_norm", [((2, 5, 8), F32), [7], ((7,), F32), None, 1e-5], {}),
+    ("layer_norm", [((2, 5, 8), F32), [8], ((7,), F32), None, 1e-5], {}),
+    ("layer_norm", [((2, 5, 8), F16), [8], ((8,), F32), ((8,), F32), 1e-5], {}),
+    ("layer_norm", [((8,), F32), [2, 8]], {}),
+    ("scaled_dot_product_attention", [((2, 3, 4, 8), F16)] * 3, {}),
+    ("scaled_dot_product_attention", [((2, 3, 4, 8), F32)] * 3 + [((2, 1, 1, 4), BOOL)], {}),
+    ("scaled_dot_product_attention", [((2, 3, 4, 8), F32)] * 3 + [((2, 1, 4, 4), F32)], {}),
+    (
+        "scaled_dot_product_attention",
+        [((2, 3, 4, 8), F16), ((2, 3, 7, 8), F16), ((2, 3, 7, 5), F16), ((2, 1, 4, 7), BOOL)],
+        {"scale": 0.125},
+    ),
+    ("scaled_dot_product_attention", [((2, 3, 4, 8), F32)] * 3 + [((2, 1, 1, 5), BOOL)], {}),
+    ("scaled_dot_product_attention", [((2, 3, 4, 8), F32)] * 3 + [((2, 1, 4, 4), F16)], {}),
+    (
+        "scaled_dot_product_attention",
+        [((2, 3, 4, 8), F32), ((2, 3, 4, 8), F16), ((2, 3, 4, 8), F32)],
+        {},
+    ),
+    (
+        "scaled_dot_product_attention",
+        [((2, 3, 4, 8), F32), ((2, 3, 5, 8), F32), ((2, 3, 4, 8), F32)],
+        {},
+    ),
+    ("scaled_dot_product_attention", [((2, 3, 4, 8), F32)] * 3 + [None, 0.0, True], {}),
+    ("gelu", [((2, 8), F16)], {}),
+    ("gelu", [((2, 8), F32)], {"approximate": "tanh"}),
+    ("gelu", [((2, 8), F32)], {"approximate": "erf"}),
+    ("gelu", [((2, 8), I64)], {}),
+    ("__and__", [((2, 1, 4), BOOL), ((3, 4), BOOL)], {}),
+    ("__and__", [((2, 4), I64), ((4,), BOOL)], {}),
+    ("__and__", [((2, 4), BOOL), ((3,), BOOL)], {}),
+    ("__and__", [((2, 4), F32), ((4,), F32)], {}),
+    ("bitwise_and", [((2, 4), BOOL), ((2, 4), BOOL)], {}),
+    ("arange", [5], {"device": "meta", "pin_memory": False}),
+    ("arange", [0], {"device": "meta", "dtype": F32}),
+    ("arange", [5], {"device": "meta", "dtype": BOOL}),
+    ("index", [((4, 6, 3), F32), [((2, 1), I64), ((5,), I64)]], {}),
+    ("index", [((4, 6), BOOL), [((2, 5), torch.int32)]], {}),
+    ("index", [((4, 6), F32), [((2,), I64), ((3,), I64)]], {}),
+    ("index", [((4,), F32), [((2,), I64), ((2,), I64)]], {}),
+    ("index", [((4, 6), F32), [((4, 6), BOOL)]], {}),
+]
+
+
+def _value(spec):
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], torch.dtype):
+        return meta(*spec)
+    return spec
+
+
+@pytest.mark.parametrize(("name", "args", "kwargs"), LAYER_CALLS, ids=lambda x: None)
+def test_layer_rules_match_meta(name, args, kwargs):
+    args = [_value(a) for a in args]
+    kwargs = {k: torch.device("meta") if k == "device" else v for k, v in kwargs.items()}
+    overload = "Tensor" if name in ("__and__", "bitwise_and", "index") else "default"
+    same_or_both_refuse(
+        lambda: aten_result(torch, name, overload, args, kwargs),
+        lambda: on_meta(name, overload, *args, **kwargs),
+    )
+
+
+def test_the_layer_rules_answer_the_plain_calls():
+    """What a --no-kernels BERT program calls is answered by a rule, not declined."""
+    x, w, b = meta((2, 5, 8), F16), meta((6, 8), F16), meta((6,), F16)
+    n, q = meta((8,), F16), meta((2, 3, 4, 8), F16)
+    mask, ids = meta((2, 1, 4, 4), BOOL), meta((2, 1), I64)
+    calls = [
+        ("linear", "default", [x, w, b], {}),
+        ("layer_norm", "default", [x, [8], n, n, 1e-12, False], {}),
+        ("scaled_dot_product_attention", "default", [q, q, q, mask], {"scale": 0.125}),
+        ("gelu", "default", [x], {}),
+        ("__and__", "Tensor", [mask, mask], {}),
+        ("arange", "default", [4], {"device": torch.device("meta"), "pin_memory": False}),
+        ("index", "Tensor", [meta((2, 4), BOOL), [ids, meta((4,), I64)]], {}),
+    ]
+    for name, overload, args, kwargs in calls:
+        assert aten_result(torch, name, overload, args, kwargs) is not None, name
+
+
 def test_the_rules_import_no_compiler_stack():
     """torch.broadcast_shapes, for one, imports sympy: no rule may call such a helper."""
     code = (
@@ -185,13 +282,32 @@ def test_the_rules_import_no_compiler_stack():
         "assert r(torch, 'tanh', 'default', [i], {}) is not None\n"
         "assert r(torch, 'cumsum', 'default', [i, 1], {}) is not None\n"
         "assert r(torch, 'embedding', 'default', [m((9, 4), torch.float16), i], {}) is not None\n"
+        "from kernl.artifacts.shape_rules import aten_result as l\n"
+        "w, n, q = m((6, 3), torch.float16), m((3,), torch.float16), m((1, 2, 4, 8), torch.float16)\n"
+        "assert l(torch, 'linear', 'default', [a, w, m((6,), torch.float16)], {}) is not None\n"
+        "assert l(torch, 'layer_norm', 'default', [a, [3], n, n, 1e-5], {}) is not None\n"
+        "assert l(torch, 'scaled_dot_product_attention', 'default', [q, q, q], {}) is not None\n"
+        "assert l(torch, 'gelu', 'default', [a], {}) is not None\n"
         "print(sorted(m for m in ('torch._dynamo', 'sympy', 'triton') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
-def test_checking_an_encoder_artifact_imports_no_compiler_stack(small_artifact):
+@pytest.fixture(scope="module")
+def small_artifact_without_kernels(tmp_path_factory):
+    from artifact_edit import compile_small
+
+    out = tmp_path_factory.mktemp("no-kernels") / "bert.kernl"
+    compile_small(out, buckets="batch=1,2 seq=8", kernels=False)
+    return out
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_checking_an_encoder_artifact_imports_no_compiler_stack(kernels, small_artifact, request):
+    """With kernl's ops, and without them (--no-kernels: aten's layers in the program)."""
+    if not kernels:
+        small_artifact = request.getfixturevalue("small_artifact_without_kernels")
     code = (
         "import sys, torch\n"
         "from pathlib import Path\n"
