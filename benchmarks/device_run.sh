@@ -10,7 +10,9 @@
 # chain i on GPU i (each stage still alone on its GPU, so timings stay comparable):
 #   bash benchmarks/device_run.sh start tests gen -- bert seq2seq serving
 # The stages run from a copy of the tree in $RUN/tree, which later calls do not touch.
-# Each `start`/`wait` returns after at most WAIT seconds (default 540) with every log and
+# Each `start`/`wait` returns after at most WAIT seconds (default 480: `start` copies the tree
+# first and both collect the logs after, and the device tool stops a command at 600 s; with
+# 540 a `start` was stopped there, 2026-12-02) with every log and
 # JSON so far copied to $OUT and the last lines of each log printed; call `wait` again
 # within the machine's idle time until it prints "all stages done".
 #
@@ -88,7 +90,7 @@
 #           function (benchmarks/profile_serving_path.py under yappi, from .whl)
 set -uo pipefail
 RUN=${KERNL_RUN_DIR:-/tmp/kernl-run}
-WAIT=${WAIT:-540}
+WAIT=${WAIT:-480}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 
 stage() {

@@ -240,7 +240,7 @@ class CompiledModel:
         )
         self.side_edges_removed = 0  # by _graph_edit, over every capture
         self.side_work_error: str | None = None  # why an edit was given up, if one was
-        self._warmed_up = False  # whether a capture of this model has run a warm-up
+        self._warmed_up: set[int] = set()  # the threads whose capture of this model warmed up
         shared_checks: dict = {}  # the range checks' bounds and buffers, one set per dtype
         self._runners = {
             p.bucket: _BucketRunner(
@@ -318,9 +318,12 @@ class CompiledModel:
         return result
 
     def _capture(self, runner: _BucketRunner) -> None:
-        warmups = 1 if self._warmup_every_capture or not self._warmed_up else 0
-        runner.capture(self._pool, self._graph_event, self._graph_edit, warmups=warmups)
-        self._warmed_up = True  # (the event the edit looks for is recorded by then too)
+        # cuBLAS's handles are per thread: a lazy capture from a thread that has not run
+        # this model yet warms up again.
+        thread = threading.get_ident()
+        warm = self._warmup_every_capture or thread not in self._warmed_up
+        runner.capture(self._pool, self._graph_event, self._graph_edit, warmups=int(warm))
+        self._warmed_up.add(thread)  # (the event the edit looks for is recorded by then too)
 
     def _side_work_edit(self):
         """The edit that takes each captured graph's side work off its path (graph_edges.py;

@@ -4,6 +4,7 @@ device warms up and captures on one stream (cuBLAS keeps a 32 MiB workspace per 
 
 import contextlib
 import gc
+import threading
 
 import pytest
 import torch
@@ -306,7 +307,7 @@ def test_a_model_warms_up_before_its_first_capture_only(fake_cuda, monkeypatch, 
     monkeypatch.setattr(torch.cuda, "graph", graph_ctx)
     model = CompiledModel.__new__(CompiledModel)
     model._pool, model._graph_event, model._graph_edit = "pool", None, None
-    model._warmed_up, model._warmup_every_capture = False, every
+    model._warmed_up, model._warmup_every_capture = set(), every
     runners = []
     for fail in (True, False, False, False):
         runner = _BucketRunner.__new__(_BucketRunner)
@@ -321,4 +322,11 @@ def test_a_model_warms_up_before_its_first_capture_only(fake_cuda, monkeypatch, 
         model._capture(runner)
         assert runner.graph is not None
     expected = ["warm-up", "capture"] * 3 if every else ["warm-up", "capture", "capture", "capture"]
+    assert runs == expected
+    runs.clear()  # a capture from another thread (lazy captures of a server) warms up again
+    other = threading.Thread(target=model._capture, args=(runners[1],))
+    other.start()
+    other.join()
+    model._capture(runners[2])
+    expected = ["warm-up", "capture"] * 2 if every else ["warm-up", "capture", "capture"]
     assert runs == expected
