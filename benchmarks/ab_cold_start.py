@@ -76,8 +76,10 @@ print(text.getvalue())
 # One fresh process per variant of load(), the phases of its load() timed without a profiler:
 # what each change of the cold start saves, measured against its alternative in one run.
 # Variants: "now" (load() as shipped), "warmup_every" (a warm-up before every capture, as
-# until 2026-12-02), "triton_first" (Triton and the kernel modules imported before the clock
-# starts: what their import costs load()). A thread importing them from the start of load()
+# until 2026-12-02), "weights_during_check" (the weights read on a thread while the programs
+# are checked: `kernl.runtime._READ_WEIGHTS_DURING_CHECK`, off until measured),
+# "triton_first" (Triton and the kernel modules imported before the clock starts: what their
+# import costs load()). A thread importing them from the start of load()
 # was measured too (36d71ea, 2026-12-02) and dropped: it slowed the artifact check, which
 # needs the interpreter as much, by more than it saved.
 PHASES = """
@@ -92,6 +94,8 @@ from kernl.runtime.executor import Executor
 variant = sys.argv[2]
 if variant == "warmup_every":
     model_module.CompiledModel._warmup_every_capture = True
+if variant == "weights_during_check":
+    rt._READ_WEIGHTS_DURING_CHECK = True
 if variant == "triton_first":
     import kernl.kernels.attention, kernl.kernels.bert_embeddings
     import kernl.kernels.fused_linear, kernl.kernels.norm
@@ -129,7 +133,7 @@ row.update({k + "_s": v for k, v in phases.items()})
 row["outputs"] = sums
 print(json.dumps(row))
 """
-VARIANTS = ("now", "warmup_every", "triton_first")
+VARIANTS = ("now", "warmup_every", "weights_during_check", "triton_first")
 
 
 def phases(artifact: str, env: dict, runs: int) -> None:

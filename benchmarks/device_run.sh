@@ -44,7 +44,8 @@
 #   coldprof coldab once per mode after one fresh process with its phases apart and load()
 #           under cProfile (after `bert` or `bertc`)
 #   coldphases load()'s phases timed in fresh processes, per variant of load() (one warm-up per
-#           model or per capture, Triton imported before the clock), outputs compared
+#           model or per capture, weights read during the check or after, Triton imported
+#           before the clock), outputs compared
 #           (benchmarks/ab_cold_start.py --phases; after `bertc`)
 #   coldphasesprof  a load() under cProfile, then coldphases twice per variant
 #   gaps    the `bert` stage's artifact: call vs graph replay vs kernels' busy time, and the idle

@@ -6,8 +6,9 @@ kernels' launch code, never transformers, click or the compiler."""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -62,8 +63,8 @@ def load(
     code_check = weights_check = None
     if verify:
         code = [rel for rel in manifest.files if rel != WEIGHTS_FILE]
-        code_check = _BackgroundVerify(root, manifest, code)
-        weights_check = _BackgroundVerify(root, manifest, [WEIGHTS_FILE])
+        code_check = _Background(verify_files, root, manifest, files=code)
+        weights_check = _Background(verify_files, root, manifest, files=[WEIGHTS_FILE])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' was asked for but torch sees no CUDA GPU")
@@ -72,16 +73,23 @@ def load(
         # set before they are first imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
     _check_compatibility(manifest, device)
+    weights_read = None
     try:
-        checked = check_artifact(
-            root, trusted_keys=keys, free_bytes=_free_memory(device), hash_files=False
-        )
+        free_bytes = _free_memory(device)
+        if _READ_WEIGHTS_DURING_CHECK:
+            weights_read = _Background(read_weights, root, device=str(device))
+        checked = check_artifact(root, trusted_keys=keys, free_bytes=free_bytes, hash_files=False)
         programs = checked.programs if manifest.task != "causal-lm" else []
-        weights = read_weights(root, device=str(device))
+        if weights_read is not None:
+            weights = weights_read.result()
+        else:
+            weights = read_weights(root, device=str(device))
         if code_check is not None:
             code_check.result()
         model = _open(root, manifest, programs, weights, device, capture)
     except Exception:
+        if weights_read is not None:
+            weights_read.wait()  # its memory goes with it; the check's error is the one to see
         for check in (code_check, weights_check):
             if check is not None:
                 check.result()  # a hash mismatch says more precisely what is wrong
@@ -115,6 +123,15 @@ def _open(root: Path, manifest, programs, weights, device: torch.device, capture
     return CompiledModel(manifest, programs, weights, device, capture=capture, binaries=binaries)
 
 
+# Whether load() reads the weights onto the device on a thread while it checks the programs
+# (the reading is mostly file reads and copies that release the interpreter; the check is
+# Python). Off: the weights are read once the check has passed, the memory plan included.
+# To be measured against each other (`benchmarks/ab_cold_start.py --phases`) before it is
+# turned on: a thread that imported the kernel modules during the check slowed the check by
+# more than it saved (H200, 2026-12-02).
+_READ_WEIGHTS_DURING_CHECK = False
+
+
 def _free_memory(device: torch.device) -> int | None:
     """Free memory of the device the artifact loads on: the memory plan must fit in it."""
     if device.type == "cuda":
@@ -128,28 +145,33 @@ def _free_memory(device: torch.device) -> int | None:
     return None
 
 
-class _BackgroundVerify:
-    """verify_files of `files` (the same as `kernl verify`: files and chunks hashed on a
-    thread pool) started from a daemon thread; `result()` waits and re-raises its first
-    error."""
+class _Background:
+    """`fn(*args, **kwargs)` started on a daemon thread; `result()` waits and returns its value
+    or re-raises its error, `wait()` waits and drops both."""
 
-    def __init__(self, root: Path, manifest, files: list[str]):
+    def __init__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any):
         import threading
 
+        self._value: Any = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(root, manifest, files), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(fn, args, kwargs), daemon=True)
         self._thread.start()
 
-    def _run(self, root: Path, manifest, files: list[str]) -> None:
+    def _run(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
         try:
-            verify_files(root, manifest, files=files)
+            self._value = fn(*args, **kwargs)
         except BaseException as e:  # handed to the caller in result()
             self._error = e
 
-    def result(self) -> None:
+    def wait(self) -> None:
+        self._thread.join()
+        self._value = self._error = None
+
+    def result(self) -> Any:
         self._thread.join()
         if self._error is not None:
             raise self._error
+        return self._value
 
 
 def _load_binaries(root: Path, manifest, device: torch.device):
