@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
@@ -27,7 +27,6 @@ from .errors import (
     ArtifactUnsafeError,
     ArtifactVersionError,
 )
-from .generation import GenerationDescription, check_generation, generation_memory
 from .limits import DEFAULT_LIMITS, ReadLimits
 from .memory import MemoryPlan
 from .paths import read_inside, refuse_pickle, resolve_inside
@@ -43,6 +42,9 @@ from .schema import (
 from .signing import PublicKey, check_signature, load_trusted_keys
 from .vocabulary import is_allowed_op
 from .writer import manifest_digest, run_hash_jobs, sha256_range
+
+if TYPE_CHECKING:  # imported where a causal-LM artifact is checked: the rest never need it
+    from .generation import GenerationDescription
 
 SAFETENSORS_ITEMSIZE = {
     "F64": 8,
@@ -404,6 +406,8 @@ def check_artifact(
     usage: list[ProgramUsage] = []
     generation = seq2seq = None
     if manifest.task == "causal-lm":
+        from .generation import check_generation
+
         described = {n: (list(w.shape), w.dtype) for n, w in weights.items()}
         generation = check_generation(manifest.extra, manifest.dtype, described, where, limits)
     elif manifest.task in ("seq2seq-lm", "speech-seq2seq"):
@@ -442,6 +446,8 @@ def check_artifact(
             usage.append(analyse_program(program, manifest, weights, where_p, limits))
         programs.append(program)
     if generation is not None:
+        from .generation import generation_memory
+
         static, pool = generation_memory(generation, _itemsize(manifest.dtype))
         memory = MemoryPlan(weight_bytes, static, pool)
     elif seq2seq is not None:
