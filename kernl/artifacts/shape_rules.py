@@ -11,9 +11,10 @@ two elementwise ops of BERT's program (`ne` on the attention mask, `tanh` in the
 RoBERTa's position ids (`cumsum`) and DistilBERT's tables (`embedding`) have the same Python
 meta functions. The elementwise rules are TensorIterator's: the tensors' shapes broadcast,
 comparisons give bool, the unary float functions promote integers and bool to the default
-float dtype, and the dtype of a binary op is `torch.result_type` (its C++ type promotion). An op or overload not listed
-here, or a call with arguments these rules do not cover, goes to the meta device as before;
-tests/artifacts/test_shape_rules.py checks each rule against the meta device."""
+float dtype, and the dtype of a binary op is `torch.result_type` (its C++ type promotion).
+An op or overload not listed here, or a call with arguments these rules do not cover, goes
+to the meta device as before; tests/artifacts/test_shape_rules.py checks each rule against
+the meta device."""
 
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ def _layer_norm(torch, args: list, kwargs: dict):
         return None
     if not all(_is_int(n) for n in shape) or tuple(x.shape[-len(shape) :]) != tuple(shape):
         return None
-    if len(shape) > x.dim() or not all(_is_number(a) for a in args[4:5]):
+    if not all(_is_number(a) for a in args[4:5]):  # eps
         return None
     if args[5:6] not in ([], [True], [False]):  # cudnn_enable
         return None
@@ -119,7 +120,7 @@ def _layer_norm(torch, args: list, kwargs: dict):
 
 def _attention(torch, args: list, kwargs: dict):
     """scaled_dot_product_attention of one head count for q, k and v, no dropout."""
-    if set(kwargs) - {"scale"} or not 3 <= len(args) <= 6 or args[4:5] not in ([], [0.0], [0]):
+    if set(kwargs) - {"scale"} or not 3 <= len(args) <= 6 or args[4:5] not in ([], [0.0]):
         return None
     q, k, v, mask = (*args, None)[:4]
     if not all(_is_float(torch, t) and t.dtype == q.dtype and t.dim() == 4 for t in (q, k, v)):
@@ -172,10 +173,9 @@ def _arange(torch, args: list, kwargs: dict):
     device = kwargs.get("device")
     if not isinstance(device, torch.device) or device.type != "meta":
         return None
-    if kwargs.get("layout") not in (None, torch.strided) or kwargs.get("pin_memory") not in (
-        None,
-        False,
-    ):
+    if kwargs.get("layout") not in (None, torch.strided):
+        return None
+    if kwargs.get("pin_memory") not in (None, False):
         return None
     dtype = kwargs.get("dtype")
     if dtype not in (None, torch.int64, torch.int32, torch.float32, torch.float16, torch.float64):
