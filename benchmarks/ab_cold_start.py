@@ -75,13 +75,13 @@ print(text.getvalue())
 
 # One fresh process per variant of load(), the phases of its load() timed without a profiler:
 # what each change of the cold start saves, measured against its alternative in one run.
-# Variants: "now" (load() as shipped), "warmup_every" (a warm-up before every capture, as
-# until 2026-12-02), "weights_during_check" (the weights read on a thread while the programs
-# are checked: `kernl.runtime._READ_WEIGHTS_DURING_CHECK`, off until measured),
-# "triton_first" (Triton and the kernel modules imported before the clock starts: what their
-# import costs load()). A thread importing them from the start of load()
-# was measured too (36d71ea, 2026-12-02) and dropped: it slowed the artifact check, which
-# needs the interpreter as much, by more than it saved.
+# Variants: "now" (load() as shipped), "weights_after_check" (the weights read once the
+# programs are checked, as until 2026-12-03: `kernl.runtime._READ_WEIGHTS_DURING_CHECK` off),
+# "warmup_every" (a warm-up before every capture, as until 2026-12-02), "triton_first" (Triton
+# and the kernel modules imported before the clock starts: what their import costs load()).
+# A thread importing them from the start of load() was measured too (36d71ea, 2026-12-02)
+# and dropped: it slowed the artifact check, which needs the interpreter as much, by more
+# than it saved.
 PHASES = """
 import json, sys, time
 t0 = time.perf_counter()
@@ -94,8 +94,8 @@ from kernl.runtime.executor import Executor
 variant = sys.argv[2]
 if variant == "warmup_every":
     model_module.CompiledModel._warmup_every_capture = True
-if variant == "weights_during_check":
-    rt._READ_WEIGHTS_DURING_CHECK = True
+if variant == "weights_after_check":
+    rt._READ_WEIGHTS_DURING_CHECK = False
 if variant == "triton_first":
     import kernl.kernels.attention, kernl.kernels.bert_embeddings
     import kernl.kernels.fused_linear, kernl.kernels.norm
@@ -133,15 +133,15 @@ row.update({k + "_s": v for k, v in phases.items()})
 row["outputs"] = sums
 print(json.dumps(row))
 """
-VARIANTS = ("now", "warmup_every", "weights_during_check", "triton_first")
+VARIANTS = ("now", "weights_after_check", "warmup_every", "triton_first")
 
 
-def phases(artifact: str, env: dict, runs: int) -> None:
+def phases(artifact: str, env: dict, runs: int, variants: tuple[str, ...] = VARIANTS) -> None:
     """`runs` fresh processes per variant, the variants taking turns; the medians of each
     phase per variant, and whether every variant's outputs equal the first's bit for bit."""
-    found: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    found: dict[str, list[dict]] = {v: [] for v in variants}
     for _ in range(runs):
-        for variant in VARIANTS:
+        for variant in variants:
             out = subprocess.run(
                 [sys.executable, "-c", PHASES, artifact, variant],
                 capture_output=True,
@@ -200,12 +200,48 @@ def main() -> None:
     parser.add_argument(
         "--phases", action="store_true", help="the load() variants' phases instead (PHASES)"
     )
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated, for --phases (default: all of {', '.join(VARIANTS)})",
+    )
+    parser.add_argument(
+        "--pycache",
+        metavar="DIR",
+        help="the children read and write their bytecode under DIR (PYTHONPYCACHEPREFIX), "
+        "filled by one untimed child first: a cold start with the bytecode an installed "
+        "package has, where the environment otherwise compiles every module from source",
+    )
     args = parser.parse_args()
+    variants = tuple(v for v in args.variants.split(",") if v)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     env = dict(os.environ, PYTHONPATH=os.getcwd())
+    if args.pycache:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = args.pycache
+        out = subprocess.run(
+            [sys.executable, "-c", PHASES, args.artifact, variants[0]],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        if out.returncode:
+            sys.exit(f"the child filling {args.pycache} failed:\n{out.stderr[-2000:]}")
+    print(
+        json.dumps(
+            {
+                "dont_write_bytecode": env.get("PYTHONDONTWRITEBYTECODE"),
+                "pycache_prefix": env.get("PYTHONPYCACHEPREFIX"),
+            }
+        ),
+        flush=True,
+    )
     if args.profile:
         profiled(args.artifact, env)
     if args.phases:
-        phases(args.artifact, env, args.runs)
+        phases(args.artifact, env, args.runs, variants)
         return
     found: dict[str, list[dict]] = {"graph": [], "call": []}
     for _ in range(args.runs):

@@ -23,6 +23,7 @@
 #           the static-cache process-sharing test)
 #   testsmost the whole GPU suite in one process but the persistent-step configs that only
 #           the bench runs (the slow tests of the runtime and the compiler included)
+#   testsrest the GPU tests of runtime, seq2seq, artifacts and optimize (the suite's last part)
 #   enctests the GPU tests of the encoder path (compile, runtime, artifacts, its kernels), the
 #           launch-count profile included (~4 min)
 #   bertro  the `bert` stage's artifact against reduce-overhead, interleaved in one process
@@ -47,6 +48,8 @@
 #           model or per capture, weights read during the check or after, Triton imported
 #           before the clock), outputs compared
 #           (benchmarks/ab_cold_start.py --phases; after `bertc`)
+#   coldpyc whether the environment keeps bytecode, `import kernl.runtime` by module, then
+#           coldphases as the environment runs it and with a bytecode cache (after `bertc`)
 #   coldphasesprof  a load() under cProfile, then coldphases twice per variant
 #   gaps    the `bert` stage's artifact: call vs graph replay vs kernels' busy time, and the idle
 #           time between kernels (benchmarks/diag_call_gaps.py; run it after `bert`)
@@ -100,6 +103,9 @@ stage() {
     testsmost) # the whole suite but the persistent-step configs only the bench runs (~2.5 min)
       timeout 1200 python3 -m pytest -q -m "gpu and not bench_only" -p no:cacheprovider \
         --durations=25 ;;
+    testsrest) # what a cut `testsmost` leaves last: the runtime's GPU tests, seq2seq, artifacts
+      timeout 600 python3 -m pytest -q -m "gpu and not bench_only" -p no:cacheprovider \
+        --durations=15 tests/runtime tests/seq2seq tests/artifacts tests/optimize ;;
     testsfast) timeout 1200 python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider \
       --durations=25 ;;
     enctests) timeout 600 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 \
@@ -118,6 +124,15 @@ stage() {
     coldab) timeout 300 python3 benchmarks/ab_cold_start.py \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     bertc) OUT=$RUN timeout 300 python3 benchmarks/bench_bert_fusions.py --compile-only ;;
+    coldpyc) # the environment's bytecode caching, where `import kernl.runtime` goes, then
+      # coldphases as the environment runs it and with a bytecode cache (--pycache)
+      art="$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)"
+      python3 -c "import sys, os, triton; print('dont_write_bytecode', sys.flags.dont_write_bytecode, 'triton pyc', os.path.isdir(os.path.join(os.path.dirname(triton.__file__), '__pycache__')))"
+      python3 -X importtime -c "import kernl.runtime" 2>&1 | sort -t'|' -k2 -n | tail -12
+      for cache in "" "--pycache=$RUN/pycache"; do
+        timeout 200 python3 benchmarks/ab_cold_start.py --phases --runs 3 $cache \
+          --variants now,weights_after_check,triton_first "$art"
+      done ;;
     coldphases) timeout 300 python3 benchmarks/ab_cold_start.py --phases --runs 3 \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     coldphasesprof) timeout 300 python3 benchmarks/ab_cold_start.py --profile --phases --runs 2 \

@@ -82,8 +82,8 @@ def test_runtime_and_format_vocabularies_agree():
 
 
 def test_weights_read_during_the_check_load_the_same_model(small_artifact, monkeypatch):
-    """`_READ_WEIGHTS_DURING_CHECK` (off by default, to be measured): the weights read on a
-    thread while the programs are checked give the model the weights read after."""
+    """`_READ_WEIGHTS_DURING_CHECK` (on by default): the weights read on a thread while the
+    programs are checked give the model the weights read after."""
     import torch
 
     ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
