@@ -131,7 +131,7 @@ stage() {
       python3 -X importtime -c "import kernl.runtime" 2>&1 | sort -t'|' -k2 -n | tail -12
       for cache in "" "--pycache=$RUN/pycache"; do
         timeout 200 python3 benchmarks/ab_cold_start.py --phases --runs 3 $cache \
-          --variants now,weights_after_check,triton_first "$art"
+          --variants now,weights_during_check,triton_first "$art"
       done ;;
     coldphases) timeout 300 python3 benchmarks/ab_cold_start.py --phases --runs 3 \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;

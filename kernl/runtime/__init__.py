@@ -125,11 +125,12 @@ def _open(root: Path, manifest, programs, weights, device: torch.device, capture
 
 # Whether load() reads the weights onto the device on a thread while it checks the programs
 # (the reading is mostly file reads and copies that release the interpreter; the check is
-# Python). On: load() of BERT-base's 9 buckets 1.022 -> 0.934 s, medians of two fresh
-# processes each (`benchmarks/ab_cold_start.py --phases`, H200, 2026-12-02). Off, the weights
-# are read once the check, the memory plan included, has passed; on, a failed check frees
-# what was read and raises the check's error, the one it raises either way.
-_READ_WEIGHTS_DURING_CHECK = True
+# Python). Off: the weights are read once the check, the memory plan included, has passed.
+# Measured on the H200 (`benchmarks/ab_cold_start.py --phases`, BERT-base, 9 buckets,
+# 2026-12-03), load()'s median over five fresh processes each was 0.915 s on, 0.910 s off;
+# with bytecode caches 0.730 and 0.740 s: no gain to pay a thread for. The check's thread
+# slows down as much as the reading's saves.
+_READ_WEIGHTS_DURING_CHECK = False
 
 
 def _free_memory(device: torch.device) -> int | None:
