@@ -23,7 +23,12 @@
 #           the static-cache process-sharing test)
 #   testsmost the whole GPU suite in one process but the persistent-step configs that only
 #           the bench runs (the slow tests of the runtime and the compiler included)
-#   testsrest the GPU tests of runtime, seq2seq, artifacts and optimize (the suite's last part)
+#   testsfirst / testsrest  `testsmost` in two halves, each within one device call (WAIT=480):
+#           artifacts, compiler, e2e, generation, kernels (~7 min, 2026-12-02: 175 tests in
+#           about 8 min); then runtime, seq2seq, optimize, packaging, serving and the kernel
+#           benchmarks (~6 min: 69 tests in 3.3 min, the benchmarks' 136 in 2.3 min). A
+#           `wait` that comes after the machine's 30 s idle release finds a fresh machine and
+#           nothing running: stages that end within their call lose nothing then
 #   enctests the GPU tests of the encoder path (compile, runtime, artifacts, its kernels), the
 #           launch-count profile included (~4 min)
 #   bertro  the `bert` stage's artifact against reduce-overhead, interleaved in one process
@@ -103,9 +108,13 @@ stage() {
     testsmost) # the whole suite but the persistent-step configs only the bench runs (~2.5 min)
       timeout 1200 python3 -m pytest -q -m "gpu and not bench_only" -p no:cacheprovider \
         --durations=25 ;;
-    testsrest) # what a cut `testsmost` leaves last: the runtime's GPU tests, seq2seq, artifacts
+    testsfirst) # `testsmost` in two halves that each end within one device call (~7 min)
       timeout 600 python3 -m pytest -q -m "gpu and not bench_only" -p no:cacheprovider \
-        --durations=15 tests/runtime tests/seq2seq tests/artifacts tests/optimize ;;
+        --durations=15 tests/artifacts tests/compiler tests/e2e tests/generation tests/kernels ;;
+    testsrest) # the other half (~6 min): runtime, seq2seq, optimize, the kernel benchmarks
+      timeout 600 python3 -m pytest -q -m "gpu and not bench_only" -p no:cacheprovider \
+        --durations=15 tests/runtime tests/seq2seq tests/optimize tests/packaging \
+        tests/serving benchmarks ;;
     testsfast) timeout 1200 python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider \
       --durations=25 ;;
     enctests) timeout 600 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 \
