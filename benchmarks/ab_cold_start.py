@@ -75,14 +75,12 @@ print(text.getvalue())
 
 # One fresh process per variant of load(), the phases of its load() timed without a profiler:
 # what each change of the cold start saves, measured against its alternative in one run.
-# Variants: "now" (load() as shipped), "weights_during_check" (the weights read on a thread
-# while the programs are checked: `kernl.runtime._READ_WEIGHTS_DURING_CHECK`, measured no
-# faster on 2026-12-03),
-# "warmup_every" (a warm-up before every capture, as until 2026-12-02), "triton_first" (Triton
-# and the kernel modules imported before the clock starts: what their import costs load()).
-# A thread importing them from the start of load() was measured too (36d71ea, 2026-12-02)
-# and dropped: it slowed the artifact check, which needs the interpreter as much, by more
-# than it saved.
+# Variants: "now" (load() as shipped), "warmup_every" (a warm-up before every capture, as
+# until 2026-12-02), "triton_first" (Triton and the kernel modules imported before the clock
+# starts: what their import costs load()). Measured and dropped: a thread importing them from
+# the start of load() (36d71ea, 2026-12-02: it slowed the artifact check, which needs the
+# interpreter as much, by more than it saved) and the weights read on a thread during the
+# check (5881b37, 2026-12-03: no faster).
 PHASES = """
 import json, sys, time
 t0 = time.perf_counter()
@@ -95,8 +93,6 @@ from kernl.runtime.executor import Executor
 variant = sys.argv[2]
 if variant == "warmup_every":
     model_module.CompiledModel._warmup_every_capture = True
-if variant == "weights_during_check":
-    rt._READ_WEIGHTS_DURING_CHECK = True
 if variant == "triton_first":
     import kernl.kernels.attention, kernl.kernels.bert_embeddings
     import kernl.kernels.fused_linear, kernl.kernels.norm
@@ -134,7 +130,7 @@ row.update({k + "_s": v for k, v in phases.items()})
 row["outputs"] = sums
 print(json.dumps(row))
 """
-VARIANTS = ("now", "weights_during_check", "warmup_every", "triton_first")
+VARIANTS = ("now", "warmup_every", "triton_first")
 
 
 def phases(artifact: str, env: dict, runs: int, variants: tuple[str, ...] = VARIANTS) -> None:

@@ -50,8 +50,7 @@
 #   coldprof coldab once per mode after one fresh process with its phases apart and load()
 #           under cProfile (after `bert` or `bertc`)
 #   coldphases load()'s phases timed in fresh processes, per variant of load() (one warm-up per
-#           model or per capture, weights read during the check or after, Triton imported
-#           before the clock), outputs compared
+#           model or per capture, Triton imported before the clock), outputs compared
 #           (benchmarks/ab_cold_start.py --phases; after `bertc`)
 #   coldpyc whether the environment keeps bytecode, `import kernl.runtime` by module, then
 #           coldphases as the environment runs it and with a bytecode cache (after `bertc`)
@@ -140,7 +139,7 @@ stage() {
       python3 -X importtime -c "import kernl.runtime" 2>&1 | sort -t'|' -k2 -n | tail -12
       for cache in "" "--pycache=$RUN/pycache"; do
         timeout 200 python3 benchmarks/ab_cold_start.py --phases --runs 3 $cache \
-          --variants now,weights_during_check,triton_first "$art"
+          --variants now,triton_first "$art"
       done ;;
     coldphases) timeout 300 python3 benchmarks/ab_cold_start.py --phases --runs 3 \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;

@@ -73,23 +73,19 @@ def load(
         # set before they are first imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
     _check_compatibility(manifest, device)
-    weights_read = None
     try:
         free_bytes = _free_memory(device)
-        if _READ_WEIGHTS_DURING_CHECK:
-            weights_read = _Background(read_weights, root, device=str(device))
         checked = check_artifact(root, trusted_keys=keys, free_bytes=free_bytes, hash_files=False)
         programs = checked.programs if manifest.task != "causal-lm" else []
-        if weights_read is not None:
-            weights = weights_read.result()
-        else:
-            weights = read_weights(root, device=str(device))
+        # The weights are read once the check, the memory plan included, has passed. Reading
+        # them on a thread during the check was measured no faster (H200, 2026-12-03: load()
+        # 0.915 s against 0.910 s, medians of five fresh processes): the two slow each other
+        # down by as much as they overlap.
+        weights = read_weights(root, device=str(device))
         if code_check is not None:
             code_check.result()
         model = _open(root, manifest, programs, weights, device, capture)
     except Exception:
-        if weights_read is not None:
-            weights_read.wait()  # its memory goes with it; the check's error is the one to see
         for check in (code_check, weights_check):
             if check is not None:
                 check.result()  # a hash mismatch says more precisely what is wrong
@@ -123,16 +119,6 @@ def _open(root: Path, manifest, programs, weights, device: torch.device, capture
     return CompiledModel(manifest, programs, weights, device, capture=capture, binaries=binaries)
 
 
-# Whether load() reads the weights onto the device on a thread while it checks the programs
-# (the reading is mostly file reads and copies that release the interpreter; the check is
-# Python). Off: the weights are read once the check, the memory plan included, has passed.
-# Measured on the H200 (`benchmarks/ab_cold_start.py --phases`, BERT-base, 9 buckets,
-# 2026-12-03), load()'s median over five fresh processes each was 0.915 s on, 0.910 s off;
-# with bytecode caches 0.730 and 0.740 s: no gain to pay a thread for. The check's thread
-# slows down as much as the reading's saves.
-_READ_WEIGHTS_DURING_CHECK = False
-
-
 def _free_memory(device: torch.device) -> int | None:
     """Free memory of the device the artifact loads on: the memory plan must fit in it."""
     if device.type == "cuda":
@@ -148,7 +134,7 @@ def _free_memory(device: torch.device) -> int | None:
 
 class _Background:
     """`fn(*args, **kwargs)` started on a daemon thread; `result()` waits and returns its value
-    or re-raises its error, `wait()` waits and drops both."""
+    or re-raises its error."""
 
     def __init__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any):
         import threading
@@ -163,10 +149,6 @@ class _Background:
             self._value = fn(*args, **kwargs)
         except BaseException as e:  # handed to the caller in result()
             self._error = e
-
-    def wait(self) -> None:
-        self._thread.join()
-        self._value = self._error = None
 
     def result(self) -> Any:
         self._thread.join()

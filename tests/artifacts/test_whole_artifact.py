@@ -81,37 +81,19 @@ def test_runtime_and_format_vocabularies_agree():
         assert is_allowed_op(name) == is_known_op(name), name
 
 
-def test_weights_read_during_the_check_load_the_same_model(small_artifact, monkeypatch):
-    """`_READ_WEIGHTS_DURING_CHECK` (off by default, measured no faster): the weights read on a thread while the
-    programs are checked give the model the weights read after."""
-    import torch
-
-    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
-    outs = []
-    for during in (False, True):
-        monkeypatch.setattr(kernl.runtime, "_READ_WEIGHTS_DURING_CHECK", during)
-        model = kernl.runtime.load(small_artifact, device="cpu")
-        outs.append(model(input_ids=ids)["last_hidden_state"])
-    assert torch.equal(outs[0], outs[1])
-
-
 @pytest.mark.parametrize("broken", ["program", "weights", "both"])
-def test_weights_read_during_the_check_fail_a_load_as_before(
-    small_artifact, tmp_path, monkeypatch, broken
+def test_a_broken_program_or_weights_file_is_refused_with_an_artifact_error(
+    small_artifact, tmp_path, broken
 ):
-    """Whatever is broken, load() raises what it raised with the weights read after the
-    check (the check's refusal first), the weights' thread joined and dropped."""
+    """Whatever is broken (a program, the weights, both), load() refuses the artifact with an
+    ArtifactError; a broken program alone is refused for what it calls."""
     root = copy_artifact(small_artifact, tmp_path / "a")
     if broken in ("program", "both"):
         insert_instructions(root, first_program(root), [["aten.system.default", ["id"], {}]])
     if broken in ("weights", "both"):
         weights = root / "weights.safetensors"
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    errors = []
-    for during in (False, True):
-        monkeypatch.setattr(kernl.runtime, "_READ_WEIGHTS_DURING_CHECK", during)
-        with pytest.raises(Exception) as info:
-            kernl.runtime.load(root, device="cpu", verify=False)
-        errors.append((type(info.value), str(info.value)))
-    assert errors[0] == errors[1]
-    assert issubclass(errors[0][0], ArtifactError)
+    with pytest.raises(ArtifactError) as info:
+        kernl.runtime.load(root, device="cpu", verify=False)
+    if broken == "program":
+        assert "aten.system.default" in str(info.value)
