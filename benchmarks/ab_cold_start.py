@@ -76,8 +76,10 @@ print(text.getvalue())
 # One fresh process per variant of load(), the phases of its load() timed without a profiler:
 # what each change of the cold start saves, measured against its alternative in one run.
 # Variants: "now" (load() as shipped), "warmup_every" (a warm-up before every capture, as
-# until 2026-12-02), "triton_first" (Triton and the kernel modules imported before the clock
-# starts: what their import costs load()). Measured and dropped: a thread importing them from
+# until 2026-12-02), "triton_first" (Triton imported and the kernels made before the clock
+# starts), "triton_in_load" (the same inside load()'s clock: load() as until 2026-12-03, when
+# the kernel modules imported Triton and load() imported them; since, kernels/jit.py makes a
+# kernel only where Triton's JIT is used). Measured and dropped: a thread importing them from
 # the start of load() (36d71ea, 2026-12-02: it slowed the artifact check, which needs the
 # interpreter as much, by more than it saved) and the weights read on a thread during the
 # check (5881b37, 2026-12-03: no faster).
@@ -93,9 +95,19 @@ from kernl.runtime.executor import Executor
 variant = sys.argv[2]
 if variant == "warmup_every":
     model_module.CompiledModel._warmup_every_capture = True
+def with_triton():
+    import triton
+    import kernl.kernels.attention, kernl.kernels.bert_embeddings, kernl.kernels.norm
+    from kernl.kernels import fused_linear, jit
+    jit.made(fused_linear.JIT_FUNCTIONS[0])  # makes every kernel imported
 if variant == "triton_first":
-    import kernl.kernels.attention, kernl.kernels.bert_embeddings
-    import kernl.kernels.fused_linear, kernl.kernels.norm
+    with_triton()
+if variant == "triton_in_load":
+    _load = rt.load
+    def load_with_triton(*args, **kwargs):
+        with_triton()
+        return _load(*args, **kwargs)
+    rt.load = load_with_triton
 phases = {}
 def timed(name, fn):
     def wrapper(*args, **kwargs):
@@ -127,10 +139,11 @@ row = {"variant": variant, "import_torch_s": t1 - t0, "import_kernl_s": t2 - t1,
        "load_s": t4 - t3, "calls_s": t5 - t4,
        "shared_bench_s": (t2 - t1) + (t4 - t3) + (t5 - t4)}
 row.update({k + "_s": v for k, v in phases.items()})
+row["triton_imported"] = "triton" in sys.modules
 row["outputs"] = sums
 print(json.dumps(row))
 """
-VARIANTS = ("now", "warmup_every", "triton_first")
+VARIANTS = ("now", "warmup_every", "triton_first", "triton_in_load")
 
 
 def phases(artifact: str, env: dict, runs: int, variants: tuple[str, ...] = VARIANTS) -> None:
@@ -177,6 +190,7 @@ def phases(artifact: str, env: dict, runs: int, variants: tuple[str, ...] = VARI
                     "runs": len(rows),
                     "median": med,
                     "outputs_equal_bitwise": same,
+                    "triton_imported": sorted({r.get("triton_imported") for r in rows}),
                 }
             ),
             flush=True,

@@ -54,6 +54,11 @@
 #           (benchmarks/ab_cold_start.py --phases; after `bertc`)
 #   coldpyc whether the environment keeps bytecode, `import kernl.runtime` by module, then
 #           coldphases as the environment runs it and with a bytecode cache (after `bertc`)
+#   coldlazy load() with its kernels made on first use (kernels/jit.py: no Triton import) against
+#           Triton imported inside load()'s clock as before, with and without a bytecode cache
+#           (benchmarks/ab_cold_start.py --phases; after `bertc`)
+#   peers   the issue's own bench: kernl vs reduce-overhead vs eager, and its cold start
+#           (.bench/kernl_vs_peers.py)
 #   coldphasesprof  a load() under cProfile, then coldphases twice per variant
 #   gaps    the `bert` stage's artifact: call vs graph replay vs kernels' busy time, and the idle
 #           time between kernels (benchmarks/diag_call_gaps.py; run it after `bert`)
@@ -141,6 +146,13 @@ stage() {
         timeout 200 python3 benchmarks/ab_cold_start.py --phases --runs 3 $cache \
           --variants now,triton_first "$art"
       done ;;
+    coldlazy)
+      art="$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)"
+      for cache in "" "--pycache=$RUN/pycache"; do
+        timeout 240 python3 benchmarks/ab_cold_start.py --phases --runs 4 $cache \
+          --variants now,triton_in_load "$art"
+      done ;;
+    peers) timeout 540 python3 .bench/kernl_vs_peers.py ;;
     coldphases) timeout 300 python3 benchmarks/ab_cold_start.py --phases --runs 3 \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     coldphasesprof) timeout 300 python3 benchmarks/ab_cold_start.py --profile --phases --runs 2 \

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from kernl.kernels.jit import made
 from kernl.kernels.launch import launching_with
 
 ENV = "KERNL_COMPILE_THREADS"
@@ -87,7 +88,7 @@ def compile_ahead_calls(launch: Callable[[Any], Any], configs: list, threads: in
         return 0
 
     def compile_only(jit_fn, grid, a: tuple, kw: dict):
-        return jit_fn.warmup(*a, grid=grid, **kw)
+        return made(jit_fn).warmup(*a, grid=grid, **kw)
 
     submitted = 0
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kernl-compile") as pool:

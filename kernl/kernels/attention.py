@@ -17,15 +17,14 @@ import math
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
 
+from .jit import cdiv, jit, next_power_of_2, tl
 from .launch import launch_kernel
 
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@jit
 def _attention_inner(
     acc,
     l_i,
@@ -115,7 +114,7 @@ def _attention_inner(
     return acc, l_i, m_i
 
 
-@triton.jit
+@jit
 def _attention_fwd_kernel(
     Q,
     K,
@@ -381,7 +380,7 @@ def attention(
         bias, bias_strides = q, [0, 0, 0, 0]  # never read: HAS_BIAS is False
     has_lens = kv_lens is not None
     lens = kv_lens.to(device=q.device, dtype=torch.int32) if has_lens else q
-    grid = (triton.cdiv(Lq, config.BLOCK_M), B * H)
+    grid = (cdiv(Lq, config.BLOCK_M), B * H)
     launch_kernel(
         _attention_fwd_kernel,
         grid,
@@ -402,7 +401,7 @@ def attention(
         *out.stride(),
         *bias_strides,
         HEAD_DIM=D,
-        BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_D=max(16, next_power_of_2(D)),
         BLOCK_M=config.BLOCK_M,
         BLOCK_N=config.BLOCK_N,
         IS_CAUSAL=causal,

@@ -9,13 +9,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
+from .jit import cdiv, jit, next_power_of_2, tl
 from .launch import launch_kernel
 
 
-@triton.jit
+@jit
 def _bert_embeddings_kernel(
     Ids,
     TypeIds,
@@ -134,7 +133,7 @@ def bert_embeddings(
     H = word.shape[1]
     assert word.stride(1) == 1 and pos.stride(1) == 1 and types.stride(1) == 1
     config = config or BertEmbeddingsConfig()
-    BLOCK_N = triton.next_power_of_2(H)
+    BLOCK_N = next_power_of_2(H)
     BLOCK_M = config.BLOCK_M or max(1, 2048 // BLOCK_N)
     if out is None:
         out = torch.empty((B, L, H), dtype=word.dtype, device=word.device)
@@ -145,7 +144,7 @@ def bert_embeddings(
     type_ids = token_type_ids if has_types else input_ids
     launch_kernel(
         _bert_embeddings_kernel,
-        (triton.cdiv(B * L, BLOCK_M),),
+        (cdiv(B * L, BLOCK_M),),
         input_ids,
         type_ids,
         pos_ids,

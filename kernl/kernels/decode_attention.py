@@ -16,14 +16,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
 
+from .jit import cdiv, jit, next_power_of_2, tl, triton
 from .launch import is_interpreted, launch_kernel
 from .pdl import pdl_kwargs, pdl_start
 
 
-@triton.jit
+@jit
 def decode_attention_chunk(
     Q,
     K,
@@ -98,7 +97,7 @@ def decode_attention_chunk(
     return acc, m_i, l_i, heads, g_mask, offs_d, d_mask
 
 
-@triton.jit
+@jit
 def _decode_split_kernel(
     Q,
     K,
@@ -184,7 +183,7 @@ def _decode_split_kernel(
     tl.store(MidL + ml_off, l_i, mask=g_mask)
 
 
-@triton.jit
+@jit
 def decode_attention_merge(
     MidO,
     MidM,
@@ -240,7 +239,7 @@ def decode_attention_merge(
     )
 
 
-@triton.jit
+@jit
 def _decode_merge_kernel(
     MidO,
     MidM,
@@ -332,8 +331,8 @@ def decode_attention_configs() -> list[DecodeAttentionConfig]:
 
 def _auto_splits(batch_kv_heads: int, Lk: int, block_n: int) -> int:
     target_programs = 4 * 132
-    most = max(1, triton.cdiv(Lk, 4 * block_n))  # at least 4 blocks of keys per chunk
-    return max(1, min(most, triton.cdiv(target_programs, batch_kv_heads)))
+    most = max(1, cdiv(Lk, 4 * block_n))  # at least 4 blocks of keys per chunk
+    return max(1, min(most, cdiv(target_programs, batch_kv_heads)))
 
 
 def decode_attention(
@@ -362,8 +361,8 @@ def decode_attention(
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     group = H // H_kv
     splits = config.num_splits or _auto_splits(B * H_kv, Lk, config.BLOCK_N)
-    chunk = triton.cdiv(triton.cdiv(Lk, splits), config.BLOCK_N) * config.BLOCK_N
-    splits = triton.cdiv(Lk, chunk)
+    chunk = cdiv(cdiv(Lk, splits), config.BLOCK_N) * config.BLOCK_N
+    splits = cdiv(Lk, chunk)
     mid_o = torch.empty((B, H, splits, D), dtype=torch.float32, device=q.device)
     mid_m = torch.empty((B, H, splits), dtype=torch.float32, device=q.device)
     mid_l = torch.empty_like(mid_m)
@@ -373,7 +372,7 @@ def decode_attention(
     if has_lens and kv_lens.dtype not in (torch.int32, torch.int64):
         kv_lens = kv_lens.to(torch.int32)
     lens = kv_lens.to(q.device) if has_lens else q
-    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_D = max(16, next_power_of_2(D))
     launch_kernel(
         _decode_split_kernel,
         (splits, B, H_kv),
@@ -403,7 +402,7 @@ def decode_attention(
         mid_m.stride(1),
         HEAD_DIM=D,
         BLOCK_D=BLOCK_D,
-        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_G=max(16, next_power_of_2(group)),
         BLOCK_N=config.BLOCK_N,
         HAS_KV_LENS=has_lens,
         HAS_KV_MASK=has_mask,
@@ -430,7 +429,7 @@ def decode_attention(
         out.stride(3),
         HEAD_DIM=D,
         BLOCK_D=BLOCK_D,
-        BLOCK_S=max(2, triton.next_power_of_2(splits)),
+        BLOCK_S=max(2, next_power_of_2(splits)),
         num_warps=4,
         **pdl_kwargs(pdl, is_interpreted(_decode_merge_kernel)),
     )

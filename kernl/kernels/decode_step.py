@@ -40,8 +40,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 import torch
-import triton
-import triton.language as tl
 
 from .decode_attention import decode_attention_chunk, decode_attention_merge
 from .decode_step_tasks import (
@@ -56,6 +54,7 @@ from .decode_step_tasks import (
     store_normed,
     wait_until,
 )
+from .jit import jit, next_power_of_2, tl
 from .launch import is_interpreted, launch_kernel
 from .lm_head_argmax import lm_head_argmax_finish
 from .norm_linear import _norm_linear_scale
@@ -64,7 +63,7 @@ from .rope_cache_write import rope_cache_store
 MAX_ROWS = 16
 
 
-@triton.jit
+@jit
 def _decode_step_kernel(
     Tokens,
     Pos,
@@ -759,12 +758,12 @@ def _lines(on: bool, k: int, split: int, block_k: int, elem: int, stages: int) -
     if not on:
         return 0
     chunk = -(-k // (split * block_k)) * block_k
-    return triton.next_power_of_2(-(-min(chunk, stages * block_k) * elem // 128))
+    return next_power_of_2(-(-min(chunk, stages * block_k) * elem // 128))
 
 
 def _ahead_lines(config: DecodeStepConfig, elem: int) -> int:
     """UP_AHEAD: up_ahead_k columns as 128-byte lines per weight row, a power of two."""
-    return triton.next_power_of_2(-(-config.up_ahead_k * elem // 128))
+    return next_power_of_2(-(-config.up_ahead_k * elem // 128))
 
 
 def trace_shape(layers: int, programs: int) -> tuple[int, int, int]:

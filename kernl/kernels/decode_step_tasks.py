@@ -6,16 +6,14 @@ weights. Split from the kernel so that each reads in one sitting."""
 
 from __future__ import annotations
 
-import triton
-import triton.language as tl
-
+from .jit import constexpr, jit, tl, triton
 from .norm_linear import _split_k_gather
 from .pdl import prefetch_rows_l2
 
-MAX_POLLS: tl.constexpr = tl.constexpr(1 << 20)  # a barrier's wait, bounded
+MAX_POLLS = constexpr(1 << 20)  # a barrier's wait, bounded
 
 
-@triton.jit
+@jit
 def now_ns(x):
     """The GPU's global timer, in ns (x: any scalar, to give the result its shape)."""
     return tl.inline_asm_elementwise(
@@ -23,7 +21,7 @@ def now_ns(x):
     )
 
 
-@triton.jit
+@jit
 def wait_until(Count, target, Sync):
     """Wait until *Count >= target (acquire: what was written before the counts is visible
     after). Bounded (~a second): a count that never comes (which the cooperative launch
@@ -49,7 +47,7 @@ def wait_until(Count, target, Sync):
     tl.debug_barrier()
 
 
-@triton.jit
+@jit
 def grid_sync(Sync, arrivals, Trace, barrier, TRACE: tl.constexpr, WAIT: tl.constexpr = True):
     """Arrive at the grid barrier, then (WAIT) wait until `arrivals` arrivals in all were
     counted (`wait_until`). With TRACE, the program's times of arrival and of leaving go to
@@ -64,7 +62,7 @@ def grid_sync(Sync, arrivals, Trace, barrier, TRACE: tl.constexpr, WAIT: tl.cons
         tl.store(Trace + barrier * 2 + 1, now_ns(barrier))
 
 
-@triton.jit
+@jit
 def split_task(t, SPLIT: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr):
     """Task t of a split-K op: (tile, split, k_lo, k_hi); a tile's SPLIT tasks are consecutive,
     so different programs stream its K chunks at once."""
@@ -74,7 +72,7 @@ def split_task(t, SPLIT: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr):
     return t // SPLIT, split, k_lo, tl.minimum(k_lo + KC, K)
 
 
-@triton.jit
+@jit
 def linear_rows(
     X, stride_xm, w_rows, u_rows, offs_m, m_mask, n_mask, k_lo, k_hi, BLOCK_N, BLOCK_K, PREC,
     PAIRED: tl.constexpr = False,
@@ -103,7 +101,7 @@ def linear_rows(
     return acc, acc_u
 
 
-@triton.jit
+@jit
 def store_normed(x, NormW, Xn, SumSq, part, offs_m, offs_n, m_mask, n_mask, H: tl.constexpr):
     """For the RMSNorm the next op folds in, from a finished tile x [16, cols offs_n] of the
     residual stream (as stored, fp32): Xn's tile, x * g rounded as the norm-folded loop
@@ -119,7 +117,7 @@ def store_normed(x, NormW, Xn, SumSq, part, offs_m, offs_n, m_mask, n_mask, H: t
     tl.store(SumSq + part * 16 + offs_m, tl.sum(tl.where(mask, x * x, 0.0), 1))
 
 
-@triton.jit
+@jit
 def row_sumsq(SumSq, offs_m, PARTS: tl.constexpr):
     """The rows' sums of squares: store_normed's PARTS parts, summed in order."""
     offs_p = tl.arange(0, triton.next_power_of_2(PARTS))
@@ -132,7 +130,7 @@ def row_sumsq(SumSq, offs_m, PARTS: tl.constexpr):
     return tl.sum(parts, 0)
 
 
-@triton.jit
+@jit
 def residual_linear(
     t,
     X,
@@ -205,7 +203,7 @@ def residual_linear(
         )
 
 
-@triton.jit
+@jit
 def norm_pair(
     t,
     Xn,
@@ -261,7 +259,7 @@ def norm_pair(
     return last, acc, acc_u, ss
 
 
-@triton.jit
+@jit
 def prefetch_task(W, rows, row_mask, K: tl.constexpr, t, SPLIT: tl.constexpr, BLOCK_K, LINES):
     """Ask L2 for task t's weights (rows [R], their K chunk): LINES 128-byte lines a row."""
     if LINES > 0:
@@ -270,7 +268,7 @@ def prefetch_task(W, rows, row_mask, K: tl.constexpr, t, SPLIT: tl.constexpr, BL
         prefetch_rows_l2(w_rows, row_mask, k_lo, k_hi, LINES, W.dtype.element_ty)
 
 
-@triton.jit
+@jit
 def qkv_tile(
     tile, QKV_N: tl.constexpr, QKV_P: tl.constexpr, HALF: tl.constexpr, D: tl.constexpr, NQKV
 ):  # fmt: skip

@@ -12,15 +12,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
+from .jit import cdiv, jit, tl
 from .launch import launch_kernel
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 
 
-@triton.jit
+@jit
 def _activation(y, ACTIVATION: tl.constexpr):
     if ACTIVATION == "relu":
         y = tl.maximum(y, 0.0)
@@ -35,7 +34,7 @@ def _activation(y, ACTIVATION: tl.constexpr):
     return y
 
 
-@triton.jit
+@jit
 def _fused_linear_kernel(
     X,
     W,
@@ -171,9 +170,9 @@ def linear_configs() -> list[LinearConfig]:
 
 def default_linear_config(M: int, N: int) -> LinearConfig:
     # big tiles when they still give every SM of an H100 work, smaller ones otherwise
-    if triton.cdiv(M, 256) * triton.cdiv(N, 128) >= 132:
+    if cdiv(M, 256) * cdiv(N, 128) >= 132:
         return LinearConfig(256, 128, 64, 8, 8, 3)
-    if triton.cdiv(M, 128) * triton.cdiv(N, 128) >= 132:
+    if cdiv(M, 128) * cdiv(N, 128) >= 132:
         return LinearConfig(128, 128, 64, 8, 8, 3)
     return LinearConfig(64, 64, 64, 8, 4, 4)
 
@@ -201,7 +200,7 @@ def fused_linear(
         out = torch.empty((*lead, N), dtype=x.dtype, device=x.device)
     out2 = out.view(-1, N)
     res2 = residual.reshape(-1, N) if residual is not None else out2
-    grid = (triton.cdiv(M, config.BLOCK_M) * triton.cdiv(N, config.BLOCK_N),)
+    grid = (cdiv(M, config.BLOCK_M) * cdiv(N, config.BLOCK_N),)
     launch_kernel(
         _fused_linear_kernel,
         grid,

@@ -10,13 +10,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
+from .jit import cdiv, jit, tl
 from .launch import launch_kernel
 
 
-@triton.jit
+@jit
 def _gated_mlp_kernel(
     X,
     Wg,
@@ -143,7 +142,7 @@ def gated_mlp(
     if out is None:
         out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
     out2 = out.view(-1, N)
-    grid = (triton.cdiv(M, config.BLOCK_M) * triton.cdiv(N, config.BLOCK_N),)
+    grid = (cdiv(M, config.BLOCK_M) * cdiv(N, config.BLOCK_N),)
     launch_kernel(
         _gated_mlp_kernel,
         grid,

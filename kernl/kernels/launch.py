@@ -10,8 +10,9 @@ Triton's interpreter (CPU mode) rewrites `triton.language` globally while a kern
 two threads interpreting at once corrupt each other: interpreted launches are serialised.
 
 Programmatic dependent launch, the kernels' side of it, is pdl.py. This module imports no
-Triton: the runtime imports it to launch binaries, and Triton's import (~0.14 s) is not part
-of `import kernl.runtime`."""
+Triton, and neither do the kernel modules (their kernels are made on first use, jit.py): the
+runtime imports them to launch binaries, and Triton's import (~0.14 s) is part of neither
+`import kernl.runtime` nor `load()`."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
+
+from .jit import interpret_requested, is_made, made
 
 # (kernel, grid, args, kwargs) -> whatever the launch returns
 Launcher = Callable[[Any, Any, tuple, dict], Any]
@@ -39,6 +42,7 @@ def launch_kernel(kernel, grid, *args, **kwargs) -> Any:
 
 def jit_launch(kernel, grid, args: tuple, kwargs: dict) -> Any:
     """Triton's own launch; interpreted launches one at a time per process."""
+    kernel = made(kernel)
     if is_interpreted(kernel):
         with _interpreter_lock:
             return kernel[grid](*args, **kwargs)
@@ -46,6 +50,13 @@ def jit_launch(kernel, grid, args: tuple, kwargs: dict) -> Any:
 
 
 def is_interpreted(kernel) -> bool:
+    """Whether `kernel` runs in Triton's interpreter. A kernel not made yet (jit.py) is made
+    here only when the interpreter is asked for: on the GPU the question must not import
+    Triton."""
+    if not is_made(kernel):
+        if not interpret_requested():
+            return False
+        kernel = made(kernel)
     return type(kernel).__name__ == "InterpretedFunction"
 
 

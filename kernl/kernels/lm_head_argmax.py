@@ -23,18 +23,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
+from .jit import cdiv, constexpr, jit, tl
 from .launch import is_interpreted, launch_kernel
 from .pdl import pdl_kwargs, pdl_release, pdl_start, prefetch_lines, prefetch_rows_l2
 
 MAX_ROWS = 16
 INT64_MIN = -(2**63)
-_KEY_MIN: tl.constexpr = tl.constexpr(INT64_MIN)  # the empty key, below every packed logit
+_KEY_MIN = constexpr(INT64_MIN)  # the empty key, below every packed logit
 
 
-@triton.jit
+@jit
 def _lm_head_argmax_kernel(
     X,
     W,
@@ -112,7 +111,7 @@ def _lm_head_argmax_kernel(
     )
 
 
-@triton.jit
+@jit
 def lm_head_argmax_finish(
     acc,
     ss,
@@ -259,7 +258,7 @@ def lm_head_argmax(
     logits = logits_out if write_logits else x
     launch_kernel(
         _lm_head_argmax_kernel,
-        (triton.cdiv(V, config.BLOCK_N),),
+        (cdiv(V, config.BLOCK_N),),
         x,
         weight,
         norm_weight if norm_weight is not None else weight,

@@ -11,15 +11,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
+from .jit import cdiv, jit, next_power_of_2, tl
 from .launch import launch_kernel
 
 MAX_HIDDEN = 8192
 
 
-@triton.jit
+@jit
 def _norm_kernel(
     X,
     Residual,
@@ -111,7 +110,7 @@ def norm_configs() -> list[NormConfig]:
 
 
 def _resolve(config: NormConfig, N: int) -> tuple[int, int, int]:
-    BLOCK_N = triton.next_power_of_2(N)
+    BLOCK_N = next_power_of_2(N)
     BLOCK_M = config.BLOCK_M or max(1, 4096 // BLOCK_N)
     BLOCK_M = max(1, min(BLOCK_M, 16384 // BLOCK_N))
     warps = config.num_warps or min(16, max(4, BLOCK_M * BLOCK_N // 512))
@@ -135,7 +134,7 @@ def _norm(x, weight, bias, eps, residual, return_sum, out, sum_out, config, is_r
     BLOCK_M, BLOCK_N, warps = _resolve(config or NormConfig(), N)
     launch_kernel(
         _norm_kernel,
-        (triton.cdiv(M, BLOCK_M),),
+        (cdiv(M, BLOCK_M),),
         x2,
         r2,
         weight,

@@ -27,9 +27,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
+from .jit import cdiv, jit, tl
 from .launch import is_interpreted, launch_kernel
 from .pdl import pdl_kwargs, pdl_release, pdl_start, prefetch_lines, prefetch_rows_l2
 
@@ -38,7 +37,7 @@ MAX_COUNTERS = 4096  # N blocks one `counters` buffer serves (N / BLOCK_N)
 _SMS = 132  # H100/H200 SXM; only sizes the automatic split
 
 
-@triton.jit
+@jit
 def _norm_linear_scale(
     acc, acc_u, ss, Bias, cols1, cols2, n_mask, K, eps, IS_RMS, HAS_BIAS, PAIRED
 ):
@@ -56,7 +55,7 @@ def _norm_linear_scale(
     return acc, acc_u
 
 
-@triton.jit
+@jit
 def _norm_linear_finish(
     acc,
     acc_u,
@@ -87,7 +86,7 @@ def _norm_linear_finish(
     )
 
 
-@triton.jit
+@jit
 def _norm_linear_loop(
     X,
     NormW,
@@ -163,7 +162,7 @@ def _norm_linear_loop(
     return acc, acc_u, ss
 
 
-@triton.jit
+@jit
 def _split_k_gather(
     acc,
     acc_u,
@@ -218,7 +217,7 @@ def _split_k_gather(
     return last, acc, acc_u, ss
 
 
-@triton.jit
+@jit
 def _norm_linear_kernel(
     X,
     NormW,
@@ -403,7 +402,7 @@ def new_counters(device: torch.device | str) -> torch.Tensor:
 
 def _auto_split(n_blocks: int, K: int, block_k: int) -> int:
     most = max(1, K // (2 * block_k))  # at least two K blocks per split
-    return max(1, min(most, triton.cdiv(2 * _SMS, n_blocks)))
+    return max(1, min(most, cdiv(2 * _SMS, n_blocks)))
 
 
 def split_k_plan(
@@ -419,8 +418,8 @@ def split_k_plan(
     buffers are `unused` (never read)."""
     K = x.shape[1]
     split = config.split_k or _auto_split(n_blocks, K, config.BLOCK_K)
-    k_chunk = triton.cdiv(triton.cdiv(K, split), config.BLOCK_K) * config.BLOCK_K
-    split = triton.cdiv(K, k_chunk)
+    k_chunk = cdiv(cdiv(K, split), config.BLOCK_K) * config.BLOCK_K
+    split = cdiv(K, k_chunk)
     if split == 1:
         return split, k_chunk, unused, unused, unused
     partial = torch.empty((split, MAX_ROWS, n_w), dtype=torch.float32, device=x.device)
@@ -466,7 +465,7 @@ def norm_linear(
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     assert out.shape == (M, N) and out.stride(1) == 1
-    n_blocks = triton.cdiv(N, config.BLOCK_N)
+    n_blocks = cdiv(N, config.BLOCK_N)
     split, k_chunk, partial, sumsq, counters = split_k_plan(x, n_w, n_blocks, config, counters, out)
     launch_kernel(
         _norm_linear_kernel,

@@ -13,9 +13,8 @@ deferred RMSNorm scale and the split-K reduce are norm_linear's own (its jit hel
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
+from .jit import cdiv, jit, tl
 from .launch import is_interpreted, launch_kernel
 from .norm_linear import (
     MAX_ROWS,
@@ -30,7 +29,7 @@ from .pdl import pdl_kwargs, pdl_release, pdl_start, prefetch_lines, prefetch_ro
 from .rope_cache_write import RopeCacheTarget, rope_cache_store, rope_cache_write_reference
 
 
-@triton.jit
+@jit
 def _norm_linear_rope_kernel(
     X,
     NormW,
@@ -243,7 +242,7 @@ def norm_linear_rope(
     D, q_out = target.checked(M, F, x.dtype)
     N = F // 2  # half-columns: a head's element j with its partner j + D / 2
     config = config or NormLinearConfig()
-    n_blocks = triton.cdiv(N, config.BLOCK_N)
+    n_blocks = cdiv(N, config.BLOCK_N)
     split, k_chunk, partial, sumsq, counters = split_k_plan(x, F, n_blocks, config, counters, x)
     launch_kernel(
         _norm_linear_rope_kernel,

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import triton
-import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
+from .jit import TritonName, jit, next_power_of_2, tl
 from .launch import is_interpreted
+
+# Triton's PTX builtins for PDL (triton.language.extra.cuda), bound when Triton is imported
+gdc_wait = TritonName("triton.language.extra.cuda", "gdc_wait")
+gdc_launch_dependents = TritonName("triton.language.extra.cuda", "gdc_launch_dependents")
 
 # USE_PDL values. Off and at-start stay False and True: a binary's launch key holds the
 # constexpr's repr, so artifacts compiled before the after-loop trigger keep loading.
@@ -34,7 +35,7 @@ TRIGGER_AFTER_LOOP = 2
 streaming_trigger = TRIGGER_AFTER_LOOP
 
 
-@triton.jit
+@jit
 def pdl_start(USE_PDL: tl.constexpr):
     """With PDL: wait until the previous kernel on the stream has finished and its writes are
     visible (nothing before this may read or write shared buffers); with the trigger at the
@@ -45,7 +46,7 @@ def pdl_start(USE_PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
-@triton.jit
+@jit
 def pdl_release(USE_PDL: tl.constexpr):
     """With the trigger after the main loop: this program has issued all its weight loads, so
     the next kernel may launch (it does once every program of this grid got here or exited)."""
@@ -53,7 +54,7 @@ def pdl_release(USE_PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
-@triton.jit
+@jit
 def prefetch_rows_l2(rows, row_mask, k_lo, k_hi, LINES: tl.constexpr, DTYPE: tl.constexpr):
     """Ask L2 for the first LINES 128-byte lines of each row's [k_lo, k_hi) (rows: pointers to
     the rows' starts, [R, 1]): `prefetch.global.L2` loads nothing into registers, so a kernel
@@ -80,7 +81,7 @@ def prefetch_lines(on: bool, k_span: int, weight, kernel) -> int:
     if not on or is_interpreted(kernel):
         return 0
     lines = -(-k_span * weight.element_size() // 128)
-    return min(MAX_PREFETCH_LINES, triton.next_power_of_2(max(1, lines)))
+    return min(MAX_PREFETCH_LINES, next_power_of_2(max(1, lines)))
 
 
 def pdl_kwargs(pdl: bool, interpreted: bool = False, streaming: bool = False) -> dict[str, Any]:

@@ -20,14 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
 
+from .jit import cdiv, jit, next_power_of_2, tl
 from .launch import is_interpreted, launch_kernel
 from .pdl import pdl_kwargs, pdl_start
 
 
-@triton.jit
+@jit
 def _rope_cache_write_kernel(
     QKV,
     Pos,
@@ -111,7 +110,7 @@ def _rope_cache_write_kernel(
     tl.store(v_ptr + (HALF + d[None, :]) * stride_vd, o2.to(VCache.dtype.element_ty), mask=is_v)
 
 
-@triton.jit
+@jit
 def rope_cache_store(
     a1,
     a2,
@@ -355,7 +354,7 @@ def rope_cache_write(
     assert q_out.shape == (B, H, S, D)
     config = config or RopeCacheWriteConfig()
     half = D // 2
-    grid = (B * S, triton.cdiv(H + 2 * KV, config.BLOCK_H))
+    grid = (B * S, cdiv(H + 2 * KV, config.BLOCK_H))
     launch_kernel(
         _rope_cache_write_kernel,
         grid,
@@ -383,7 +382,7 @@ def rope_cache_write(
         HEAD_DIM=D,
         HALF=half,
         BLOCK_H=config.BLOCK_H,
-        BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_HALF=next_power_of_2(half),
         HAS_ROPE=has_rope,
         num_warps=config.num_warps,
         **pdl_kwargs(pdl, is_interpreted(_rope_cache_write_kernel)),

@@ -13,16 +13,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
+from .jit import cdiv, jit, tl
 from .launch import launch_kernel
 
 MAX_ROWS = 16
 _SMS = 132  # H100 SXM; only sizes the automatic split
 
 
-@triton.jit
+@jit
 def _skinny_partial_kernel(
     X,
     W,
@@ -85,7 +84,7 @@ def _skinny_partial_kernel(
         tl.store(Partial + (split * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=out_mask)
 
 
-@triton.jit
+@jit
 def _skinny_reduce_kernel(
     Partial,
     Bias,
@@ -149,7 +148,7 @@ def skinny_linear_configs() -> list[SkinnyLinearConfig]:
 
 def _auto_split(n_blocks: int, K: int, block_k: int) -> int:
     most = max(1, K // (2 * block_k))  # at least two K blocks per split
-    return max(1, min(most, triton.cdiv(2 * _SMS, n_blocks)))
+    return max(1, min(most, cdiv(2 * _SMS, n_blocks)))
 
 
 def skinny_linear(
@@ -170,10 +169,10 @@ def skinny_linear(
     config = config or SkinnyLinearConfig()
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    n_blocks = triton.cdiv(N, config.BLOCK_N)
+    n_blocks = cdiv(N, config.BLOCK_N)
     split = config.split_k or _auto_split(n_blocks, K, config.BLOCK_K)
-    k_chunk = triton.cdiv(triton.cdiv(K, split), config.BLOCK_K) * config.BLOCK_K
-    split = triton.cdiv(K, k_chunk)
+    k_chunk = cdiv(cdiv(K, split), config.BLOCK_K) * config.BLOCK_K
+    split = cdiv(K, k_chunk)
     partial = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else out
     if residual is not None:
         assert residual.shape == (M, N) and residual.stride(1) == 1
@@ -208,7 +207,7 @@ def skinny_linear(
         block = 256
         launch_kernel(
             _skinny_reduce_kernel,
-            (triton.cdiv(M * N, block),),
+            (cdiv(M * N, block),),
             partial,
             b,
             res,

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
+from .jit import cdiv, jit, tl
 from .launch import is_interpreted, launch_kernel
 from .pdl import pdl_kwargs, pdl_release, pdl_start, prefetch_lines, prefetch_rows_l2
 
@@ -29,7 +28,7 @@ MAX_COUNTERS = 4096  # N blocks one `counters` buffer serves (N / BLOCK_N)
 _SMS = 132  # H100/H200 SXM; only sizes the automatic split
 
 
-@triton.jit
+@jit
 def _skinny_fused_finish(
     acc,
     Bias,
@@ -58,7 +57,7 @@ def _skinny_fused_finish(
     )
 
 
-@triton.jit
+@jit
 def _skinny_fused_kernel(
     X,
     W,
@@ -214,7 +213,7 @@ def new_counters(device: torch.device | str) -> torch.Tensor:
 
 def _auto_split(n_blocks: int, K: int, block_k: int) -> int:
     most = max(1, K // (2 * block_k))  # at least two K blocks per split
-    return max(1, min(most, triton.cdiv(2 * _SMS, n_blocks)))
+    return max(1, min(most, cdiv(2 * _SMS, n_blocks)))
 
 
 def skinny_linear_fused(
@@ -245,10 +244,10 @@ def skinny_linear_fused(
     assert out.shape == (M, N) and out.stride(1) == 1
     if residual is not None:
         assert residual.shape == (M, N) and residual.stride(1) == 1
-    n_blocks = triton.cdiv(N, config.BLOCK_N)
+    n_blocks = cdiv(N, config.BLOCK_N)
     split = config.split_k or _auto_split(n_blocks, K, config.BLOCK_K)
-    k_chunk = triton.cdiv(triton.cdiv(K, split), config.BLOCK_K) * config.BLOCK_K
-    split = triton.cdiv(K, k_chunk)
+    k_chunk = cdiv(cdiv(K, split), config.BLOCK_K) * config.BLOCK_K
+    split = cdiv(K, k_chunk)
     if split > 1:
         partial = torch.empty((split, MAX_ROWS, N), dtype=torch.float32, device=x.device)
         if counters is None:

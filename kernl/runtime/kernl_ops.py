@@ -28,8 +28,10 @@ def triton_usable(device: torch.device, kernel_module: ModuleType) -> bool:
         import triton.language.standard as tl_standard
         from triton.runtime.interpreter import InterpretedFunction
 
+        from kernl.kernels.jit import made
+
         fns = [tl_standard.sum, *getattr(kernel_module, "JIT_FUNCTIONS", ())]
-        _usable[name] = all(isinstance(f, InterpretedFunction) for f in fns)
+        _usable[name] = all(isinstance(made(f), InterpretedFunction) for f in fns)
     return _usable[name]
 
 

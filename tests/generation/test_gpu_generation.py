@@ -43,14 +43,9 @@ def test_cuda_graph_generation_matches_eager(tmp_path):
     assert torch.equal(a, b)
 
 
+# Triton is never imported: nothing can compile, and load() pays no Triton import
 SERVE_WITHOUT_JIT = """
-import sys, torch, triton
-import triton.runtime.jit as jit
-compilations = []
-def refuse(*args, **kwargs):
-    compilations.append(args)
-    raise AssertionError("Triton compiled a kernel at run time")
-triton.compiler.compile = jit.compile = refuse
+import sys, torch
 import kernl.runtime
 from kernl.kernels.decode_step import DecodeStepConfig, config_pairs
 model = kernl.runtime.load(sys.argv[1])
@@ -61,8 +56,9 @@ steps = list(model.stream(ids.cuda(), mask.cuda(), max_new_tokens=16, eos_token_
 torch.save((torch.stack([i for i, _ in steps], 1), torch.stack([lg for _, lg in steps], 1)),
            sys.argv[3])
 model.generate(ids.cuda(), mask.cuda(), max_new_tokens=8, do_sample=True, seed=1)  # its kernels too
-assert not compilations and "kernl.compiler" not in sys.modules
-print("served", len(model.manifest.kernels), "binaries, 0 compilations")
+assert "triton" not in sys.modules, "serving imported Triton"
+assert "kernl.compiler" not in sys.modules
+print("served", len(model.manifest.kernels), "binaries, Triton not imported")
 """
 
 

@@ -21,6 +21,8 @@ def _compile(kernel, signature: dict[str, str], constants: dict, options=None, a
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from kernl.kernels.jit import made
+
     sig = {**signature, **{name: "constexpr" for name in constants}}
     names = kernel.arg_names
     # a parameter left out would compile as None: a constexpr flag's branch never compiled
@@ -28,7 +30,7 @@ def _compile(kernel, signature: dict[str, str], constants: dict, options=None, a
     missing = [p.name for p in kernel.params if p.name not in sig and not p.has_default]
     assert not missing, f"{kernel.__name__}: no value for {missing}"
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-    src = ASTSource(kernel, sig, constants, attrs)
+    src = ASTSource(made(kernel), sig, constants, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 

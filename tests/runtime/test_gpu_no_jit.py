@@ -1,5 +1,5 @@
 """Production start-up compiles nothing: an artifact with kernel binaries loads and serves
-with an empty read-only Triton cache, no C compiler on PATH, and Triton's compiler disabled."""
+with an empty read-only Triton cache, no C compiler on PATH, and Triton never imported."""
 
 import os
 import stat
@@ -12,25 +12,21 @@ import torch
 
 import kernl.compiler
 
+# Triton is never imported (kernels/jit.py): nothing can compile, and load() pays no
+# Triton import (a tenth of a cold start)
 SERVE = textwrap.dedent(
     """
-    import os, sys, torch, triton
-    import triton.runtime.jit as jit
-    compilations = []
-    def refuse(*args, **kwargs):
-        compilations.append(args)
-        raise AssertionError("Triton compiled a kernel at run time")
-    triton.compiler.compile = jit.compile = refuse
+    import os, sys, torch
     import kernl.runtime
     model = kernl.runtime.load(sys.argv[1], device="cuda")
     assert model.manifest.kernels, "artifact holds no kernel binaries"
     ids = torch.load(sys.argv[2])
     out = model(input_ids=ids).last_hidden_state
     torch.save(out.cpu(), sys.argv[3])
-    assert not compilations
+    assert "triton" not in sys.modules, "load() or a call imported Triton"
     assert not os.listdir(os.environ["TRITON_CACHE_DIR"]), "Triton wrote to its cache"
     assert "kernl.compiler" not in sys.modules and "transformers" not in sys.modules
-    print("served with", len(model.manifest.kernels), "binaries and 0 compilations")
+    print("served with", len(model.manifest.kernels), "binaries, Triton not imported")
     """
 )
 
@@ -75,7 +71,7 @@ def test_load_and_serve_without_jit_cache_or_c_compiler(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "0 compilations" in proc.stdout
+    assert "Triton not imported" in proc.stdout
     with torch.no_grad():
         ref = model.half().cuda()(input_ids=ids.cuda()).last_hidden_state.float().cpu()
     got = torch.load(tmp_path / "out.pt").float()
