@@ -62,6 +62,8 @@
 #   coldphasesprof  a load() under cProfile, then coldphases twice per variant
 #   gaps    the `bert` stage's artifact: call vs graph replay vs kernels' busy time, and the idle
 #           time between kernels (benchmarks/diag_call_gaps.py; run it after `bert`)
+#   hostpath a call's host time before its graph replay, step by step, per BERT shape
+#           (benchmarks/diag_host_path.py; after `bert` or `bertc`)
 #   gemms   BERT-base's GEMMs one by one in CUDA graphs: which add a cuBLAS memset, and at
 #           what speed, per way of calling them (benchmarks/diag_gemm_memsets.py)
 #   gen     Llama-1B-shaped bf16 generation vs HF eager and HF static-cache generate
@@ -152,6 +154,8 @@ stage() {
         timeout 240 python3 benchmarks/ab_cold_start.py --phases --runs 4 $cache \
           --variants now,triton_in_load "$art"
       done ;;
+    hostpath) timeout 200 python3 benchmarks/diag_host_path.py \
+      "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     peers) timeout 540 python3 .bench/kernl_vs_peers.py ;;
     coldphases) timeout 300 python3 benchmarks/ab_cold_start.py --phases --runs 3 \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
