@@ -62,7 +62,8 @@
 #   coldphasesprof  a load() under cProfile, then coldphases twice per variant
 #   gaps    the `bert` stage's artifact: call vs graph replay vs kernels' busy time, and the idle
 #           time between kernels (benchmarks/diag_call_gaps.py; run it after `bert`)
-#   hostpath a call's host time before its graph replay, step by step, per BERT shape
+#   hostpath a call's host time before its graph replay, step by step, per BERT shape, lean
+#           call (the default) against every call under the launcher context, same run
 #           (benchmarks/diag_host_path.py; after `bert` or `bertc`)
 #   gemms   BERT-base's GEMMs one by one in CUDA graphs: which add a cuBLAS memset, and at
 #           what speed, per way of calling them (benchmarks/diag_gemm_memsets.py)

@@ -2,6 +2,10 @@
 per shape (GPU inputs), the host µs from the call's entry to `graph.replay()`, split by step
 (the inputs' checks, the bucket, the device/launcher context, the copy in), the replay's
 own launch, and the host µs after it; the GPU waits through the steps before the replay.
+Two models of the artifact: "lean" (`CompiledModel._lean_call`, the default since
+2026-12-03) and "full" (every call under the launcher context, as before), first taking
+turns call by call (µs from the call to the GPU done, and the median paired ratio), then
+their steps apart.
 
     python benchmarks/diag_host_path.py /tmp/bench_bert_fusions_*/bert.kernl
 
@@ -20,7 +24,6 @@ import time
 import torch
 
 import kernl.runtime as rt
-from kernl.runtime import model as model_module
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_bert_fusions import SHAPES, inputs  # noqa: E402
@@ -45,15 +48,49 @@ def timed_method(obj, name: str) -> None:
     setattr(obj, name, wrapper)
 
 
-def main(artifact: str) -> None:
-    model = rt.load(artifact)
+def load(artifact: str, lean: bool):
+    from kernl.runtime.model import CompiledModel
+
+    before = CompiledModel._lean_call
+    CompiledModel._lean_call = lean
+    try:
+        return rt.load(artifact)
+    finally:
+        CompiledModel._lean_call = before
+
+
+def paired(models: dict, rounds: int = 400) -> None:
+    """Per shape, the call of each model in turn (the order alternating), host synchronised
+    between calls: µs from the call to the GPU done, medians and the median paired ratio."""
+    names = list(models)
+    for batch, seq in SHAPES:
+        feed = inputs(batch, seq)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for i in range(rounds + 10):
+            order = names if i % 2 == 0 else names[::-1]
+            for name in order:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter_ns()
+                models[name](**feed)
+                torch.cuda.synchronize()
+                if i >= 10:
+                    times[name].append((time.perf_counter_ns() - t0) / 1000)
+        a, b = names
+        ratio = statistics.median(x / y for x, y in zip(times[b], times[a]))
+        row = {n: round(statistics.median(v), 1) for n, v in times.items()}
+        row[f"{b}/{a}"] = round(ratio, 4)
+        print(json.dumps({"shape": f"{batch}x{seq}", "call_to_done_us": row}), flush=True)
+
+
+def steps(model, label: str) -> None:
+    """The host's steps of one model's calls (wrappers on its methods and graphs)."""
     for name in ("_check_inputs", "select_bucket", "_copy_in_device"):
         timed_method(model, name)
-    running_with = model_module.running_with
+    call_context = model._call_context
 
     class _TimedContext:
-        def __init__(self, *args):
-            self.cm = running_with(*args)
+        def __init__(self, runner):
+            self.cm = call_context(runner)
 
         def __enter__(self):
             mark("context>")
@@ -63,7 +100,7 @@ def main(artifact: str) -> None:
         def __exit__(self, *exc):
             return self.cm.__exit__(*exc)
 
-    model_module.running_with = _TimedContext
+    model._call_context = _TimedContext
     for runner in model._runners.values():
         if runner.graph is None:
             continue
@@ -77,12 +114,12 @@ def main(artifact: str) -> None:
         runner.graph.replay = timed_replay
     for batch, seq in SHAPES:
         feed = inputs(batch, seq)
-        steps: dict[str, list[float]] = {}
+        spans_of: dict[str, list[float]] = {}
         for i in range(310):
             torch.cuda.synchronize()
             marks.clear()
             mark("call>")
-            out = model(**feed)
+            model(**feed)
             mark("call<")
             torch.cuda.synchronize()
             mark("done")
@@ -100,10 +137,23 @@ def main(artifact: str) -> None:
                 "call_to_done": t["done"] - t["call>"],
             }
             for k, v in spans.items():
-                steps.setdefault(k, []).append(v / 1000)
-        del out
-        med = {k: round(statistics.median(v), 1) for k, v in steps.items()}
-        print(json.dumps({"shape": f"{batch}x{seq}", "median_us": med}), flush=True)
+                spans_of.setdefault(k, []).append(v / 1000)
+        med = {k: round(statistics.median(v), 1) for k, v in spans_of.items()}
+        print(json.dumps({"model": label, "shape": f"{batch}x{seq}", "median_us": med}), flush=True)
+
+
+def main(artifact: str) -> None:
+    models = {"full": load(artifact, lean=False), "lean": load(artifact, lean=True)}
+    for label, model in models.items():  # both ways give the same outputs
+        feed = inputs(8, 128)
+        out = model(**feed)["last_hidden_state"]
+        if label == "full":
+            want = out.clone()
+        else:
+            print(json.dumps({"outputs_equal_bitwise": bool(torch.equal(out, want))}))
+    paired(models)
+    for label, model in models.items():
+        steps(model, label)
 
 
 if __name__ == "__main__":

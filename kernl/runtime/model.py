@@ -6,6 +6,7 @@ buffers (padding the rest), replays, and returns sliced copies of the outputs.""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 from collections.abc import Mapping
@@ -143,6 +144,7 @@ class _BucketRunner:
         self.checks_in_graph = False  # the range checks are the graph's first nodes
         # What a default-filled static buffer holds now (inputs copied in on the device).
         self.filled: dict[str, tuple] = {}
+        self._row_views: dict[tuple[int, int, int], torch.Tensor] = {}  # see block_rows
 
     def capture(
         self, pool, checked: torch.cuda.Event | None = None, edit=None, warmups: int = 1
@@ -167,6 +169,16 @@ class _BucketRunner:
             run, pool, warmups=warmups, device=self.executor.device, edit=edit
         )
         self.checks_in_graph = in_graph
+
+    def block_rows(self, block: torch.Tensor, rows: slice, cached: bool = True) -> torch.Tensor:
+        """`block[rows]`, a view made once per block and rows (`cached`), not per call."""
+        if not cached:
+            return block[rows]
+        key = (block.data_ptr(), rows.start, rows.stop)
+        view = self._row_views.get(key)
+        if view is None:
+            view = self._row_views[key] = block[rows]
+        return view
 
     def run(self) -> list[torch.Tensor]:
         if self.graph is not None:
@@ -194,6 +206,13 @@ class CompiledModel:
     # 18 executor runs of a 9-bucket cold load(): 0.57 s of them against 0.45 s with one
     # (BERT-base, H200, 2026-12-02, medians of three fresh processes; outputs bitwise equal).
     _warmup_every_capture = False
+    # A call whose bucket has a graph runs without the launcher context (a replay launches
+    # nothing from Python) and without a device switch where its device is already the
+    # current one, and stacks its inputs into views of the blocks made once. False: every
+    # call under `running_with`, as until 2026-12-03 (for the same-run comparison of
+    # benchmarks/diag_host_path.py --ab). On the H200 the context took 17 µs and the
+    # copy in 46-52 µs of the ~100 µs a small call spends before its replay starts.
+    _lean_call = True
 
     def __init__(
         self,
@@ -209,6 +228,12 @@ class CompiledModel:
         _check_artifact(manifest, programs, device)
         self.manifest = manifest
         self.device = device
+        # the device's index, compared with the current device's by each call
+        self._device_index = (
+            (device.index if device.index is not None else torch.cuda.current_device())
+            if device.type == "cuda"
+            else None
+        )
         self._binaries = binaries
         self.weights = weights
         self.capture_mode = capture if device.type == "cuda" else "never"
@@ -294,7 +319,7 @@ class CompiledModel:
         batch, seq = tensors["input_ids"].shape
         runner = self._runners[self.select_bucket(batch, seq)]
         on_device = self._on_device(tensors)
-        with self._lock, running_with(self._binaries, self.device):
+        with self._lock, self._call_context(runner):
             if runner.graph is None and self.capture_mode == "lazy":
                 self._capture(runner)  # on its static buffers
             checked_later = on_device or runner.checks_in_graph
@@ -317,6 +342,18 @@ class CompiledModel:
                 # outputs are dropped here.
                 _raise_if_checks_failed(runner.checks, self._checked if runner.checks else None)
         return result
+
+    def _call_context(self, runner: _BucketRunner):
+        """What a call runs under. Without a graph (none captured yet, or CPU mode) the
+        executor launches kernels: the model's device and its binaries as the launcher. A
+        replay launches nothing from Python; the model's device must still be the current
+        one (the events and the copies from pinned memory go to the current stream), which
+        in a one-GPU process it already is."""
+        if runner.graph is None or not self._lean_call:
+            return running_with(self._binaries, self.device)
+        if torch.cuda.current_device() != self._device_index:
+            return torch.cuda.device(self.device)
+        return contextlib.nullcontext()
 
     def _capture(self, runner: _BucketRunner) -> None:
         # cuBLAS's handles are per thread: a lazy capture from a thread that has not run
@@ -420,7 +457,7 @@ class CompiledModel:
             srcs = [tensors.get(name) for name in names]
             rows = _stackable_rows(runner, block, names, srcs, batch, seq) if exact else None
             if rows is not None:
-                torch.stack(srcs[rows], out=block[rows])
+                torch.stack(srcs[rows], out=runner.block_rows(block, rows, self._lean_call))
                 for name in names[rows]:
                     runner.filled.pop(name, None)
                 continue

@@ -237,3 +237,36 @@ def test_side_work_off_the_path_changes_no_output(artifact, memsets):
     x = _inputs(2, 16, seed=5)
     got = edited(**{k: v.cuda() for k, v in x.items()}).last_hidden_state
     assert (got - _want(model, x)).abs().max().item() < 1e-3
+
+
+@pytest.mark.gpu
+def test_a_lean_call_gives_what_a_call_under_the_launcher_context_gives(artifact, monkeypatch):
+    """`_lean_call` (the default): a call whose bucket has a graph runs without the launcher
+    context and stacks into views made once; outputs equal a call under `running_with` bit
+    for bit, from the CPU and the GPU, at exact and padded shapes, and a bad id is still
+    refused."""
+    from kernl.runtime import model as model_module
+    from kernl.runtime.model import CompiledModel
+
+    model, path = artifact
+    monkeypatch.setattr(CompiledModel, "_lean_call", False)
+    full = kernl.runtime.load(path, device="cuda")
+    monkeypatch.setattr(CompiledModel, "_lean_call", True)
+    lean = kernl.runtime.load(path, device="cuda")
+    contexts = []
+    real = model_module.running_with
+    monkeypatch.setattr(model_module, "running_with", lambda *a: contexts.append(a) or real(*a))
+    for shape, seed in (((1, 16), 1), ((3, 50), 2), ((4, 64), 3), ((4, 64), 4)):
+        for where in ("cpu", "cuda"):
+            x = {k: v.to(where) for k, v in _inputs(*shape, seed=seed, types=True).items()}
+            want = full(**x).last_hidden_state
+            n = len(contexts)
+            assert torch.equal(lean(**x).last_hidden_state, want)
+            assert len(contexts) == n, "a replayed lean call entered the launcher context"
+    runner = lean._runners[lean.select_bucket(4, 64)]
+    assert runner._row_views, "the exact-shape GPU call stacked into a cached view"
+    bad = {k: v.cuda() for k, v in _inputs(4, 64, seed=6, types=True).items()}
+    bad["input_ids"][1, 2] = 10**6
+    with pytest.raises(ValueError, match="input_ids must lie in"):
+        lean(**bad)
+    torch.cuda.synchronize()
