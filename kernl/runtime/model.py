@@ -228,6 +228,7 @@ class CompiledModel:
         _check_artifact(manifest, programs, device)
         self.manifest = manifest
         self.device = device
+        self._lean = self._lean_call  # this model's, whatever the class says later
         # the device's index, compared with the current device's by each call
         self._device_index = (
             (device.index if device.index is not None else torch.cuda.current_device())
@@ -349,7 +350,7 @@ class CompiledModel:
         replay launches nothing from Python; the model's device must still be the current
         one (the events and the copies from pinned memory go to the current stream), which
         in a one-GPU process it already is."""
-        if runner.graph is None or not self._lean_call:
+        if runner.graph is None or not self._lean:
             return running_with(self._binaries, self.device)
         if torch.cuda.current_device() != self._device_index:
             return torch.cuda.device(self.device)
@@ -457,7 +458,7 @@ class CompiledModel:
             srcs = [tensors.get(name) for name in names]
             rows = _stackable_rows(runner, block, names, srcs, batch, seq) if exact else None
             if rows is not None:
-                torch.stack(srcs[rows], out=runner.block_rows(block, rows, self._lean_call))
+                torch.stack(srcs[rows], out=runner.block_rows(block, rows, self._lean))
                 for name in names[rows]:
                     runner.filled.pop(name, None)
                 continue

@@ -259,12 +259,16 @@ def test_a_lean_call_gives_what_a_call_under_the_launcher_context_gives(artifact
     for shape, seed in (((1, 16), 1), ((3, 50), 2), ((4, 64), 3), ((4, 64), 4)):
         for where in ("cpu", "cuda"):
             x = {k: v.to(where) for k, v in _inputs(*shape, seed=seed, types=True).items()}
+            n = len(contexts)
             want = full(**x).last_hidden_state
+            assert len(contexts) == n + 1, "a full call runs under the launcher context"
             n = len(contexts)
             assert torch.equal(lean(**x).last_hidden_state, want)
             assert len(contexts) == n, "a replayed lean call entered the launcher context"
+    assert (full._lean, lean._lean) == (False, True)  # each model keeps its load's switch
     runner = lean._runners[lean.select_bucket(4, 64)]
     assert runner._row_views, "the exact-shape GPU call stacked into a cached view"
+    assert not full._runners[full.select_bucket(4, 64)]._row_views
     bad = {k: v.cuda() for k, v in _inputs(4, 64, seed=6, types=True).items()}
     bad["input_ids"][1, 2] = 10**6
     with pytest.raises(ValueError, match="input_ids must lie in"):

@@ -316,3 +316,21 @@ def test_checks_in_the_graph_launch_nothing_before_it_and_still_refuse(
     row = runner.block_names[0].index("input_ids")
     assert torch.equal(seen[1][row], inputs["input_ids"].clamp(0, 119))
     _check(model, compiled, **_full(2, 16, 23))
+
+
+def test_each_model_keeps_the_call_path_of_its_load(served, monkeypatch):
+    """`_lean_call` is read when a model is made: a benchmark can hold one model each way.
+    The stack of a bucket's inputs goes into a view of the block made once (lean) or per
+    call; either aliases the block's rows."""
+    from kernl.runtime.model import CompiledModel
+
+    _, compiled = served
+    monkeypatch.setattr(CompiledModel, "_lean_call", not compiled._lean)
+    assert compiled._lean is True  # loaded with the default, the class changed since
+    runner = next(iter(compiled._runners.values()))
+    block = runner.blocks[0][0]
+    view = runner.block_rows(block, slice(0, 2))
+    assert runner.block_rows(block, slice(0, 2)) is view
+    assert view.data_ptr() == block.data_ptr() and view.shape[0] == 2
+    fresh = runner.block_rows(block, slice(0, 2), cached=False)
+    assert fresh is not view and fresh.data_ptr() == block.data_ptr()
