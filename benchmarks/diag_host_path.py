@@ -5,7 +5,7 @@ own launch, and the host µs after it; the GPU waits through the steps before th
 Two models of the artifact: "lean" (`CompiledModel._lean_call`, the default since
 2026-12-03) and "full" (every call under the launcher context, as before), first taking
 turns call by call (µs from the call to the GPU done, and the median paired ratio), then
-their steps apart.
+the ways of writing the inputs into a block, then the two models' steps apart.
 
     python benchmarks/diag_host_path.py /tmp/bench_bert_fusions_*/bert.kernl
 
@@ -142,6 +142,42 @@ def steps(model, label: str) -> None:
         print(json.dumps({"model": label, "shape": f"{batch}x{seq}", "median_us": med}), flush=True)
 
 
+def copy_ways(model) -> None:
+    """The copy in alone, per way of writing three GPU inputs into a bucket's block: host µs
+    of the call that queues it (GPU idle before each), medians of 300."""
+    from kernl.runtime.model import _stackable_rows
+
+    for batch, seq in SHAPES:
+        feed = inputs(batch, seq)
+        runner = model._runners[model.select_bucket(batch, seq)]
+        (block, _), names = runner.blocks[0], runner.block_names[0]
+        srcs = [feed.get(n) for n in names]
+        if any(src is None for src in srcs):
+            continue
+        rows = list(block.unbind(0))
+        view = block[0 : len(srcs)]
+        ways = {
+            "stackable_rows": lambda: _stackable_rows(runner, block, names, srcs, batch, seq),
+            "stack_into_view": lambda: torch.stack(srcs, out=view),
+            "stack_into_fresh_view": lambda: torch.stack(srcs, out=block[0 : len(srcs)]),
+            "foreach_copy": lambda: torch._foreach_copy_(rows, srcs),
+            "copy_per_row": lambda: [r.copy_(src) for r, src in zip(rows, srcs)],
+        }
+        row = {}
+        for name, way in ways.items():
+            times = []
+            for i in range(310):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter_ns()
+                way()
+                if i >= 10:
+                    times.append((time.perf_counter_ns() - t0) / 1000)
+            row[name] = round(statistics.median(times), 1)
+        torch.cuda.synchronize()
+        runner.filled.clear()  # its rows hold this call's inputs now, no default
+        print(json.dumps({"shape": f"{batch}x{seq}", "copy_in_host_us": row}), flush=True)
+
+
 def main(artifact: str) -> None:
     models = {"full": load(artifact, lean=False), "lean": load(artifact, lean=True)}
     for label, model in models.items():  # both ways give the same outputs
@@ -152,6 +188,7 @@ def main(artifact: str) -> None:
         else:
             print(json.dumps({"outputs_equal_bitwise": bool(torch.equal(out, want))}))
     paired(models)
+    copy_ways(models["lean"])
     for label, model in models.items():
         steps(model, label)
 
