@@ -134,7 +134,7 @@ def is_made(kernel) -> bool:
 def interpret_requested() -> bool:
     """Whether Triton would make interpreted kernels now (it reads TRITON_INTERPRET when
     `triton.jit` runs, which for kernl's kernels is `_make_all`)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
 
 
 def _make_all() -> None:

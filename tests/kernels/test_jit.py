@@ -149,3 +149,13 @@ def test_launchers_reach_the_binaries_without_importing_triton():
     assert keys["lazy"] == keys["made"]
     kernels = {k.split("|", 1)[0] for k in keys["lazy"]}
     assert "kernl.kernels.fused_linear._fused_linear_kernel" in kernels
+
+
+@pytest.mark.parametrize(
+    "value", ["1", "0", "true", "True", "ON", "yes", "y", "Y", "t", "false", "off", "2", " 1", ""]
+)
+def test_interpret_requested_reads_triton_interpret_as_triton_does(value, monkeypatch):
+    from triton._C.libtriton import getenv_bool
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert jit.interpret_requested() == getenv_bool("TRITON_INTERPRET", False)
