@@ -71,8 +71,8 @@ def constexpr(value: Any) -> Any:
 class KernelParam:
     """What a launch key needs of a parameter (Triton's `KernelParam` says the same)."""
 
-    def __init__(self, num: int, param: inspect.Parameter) -> None:
-        self.num, self.name = num, param.name
+    def __init__(self, param: inspect.Parameter) -> None:
+        self.name = param.name
         # `from __future__ import annotations` leaves "tl.constexpr" a string; Triton's own
         # test is the same substring test on the normalised annotation
         annotation = param.annotation
@@ -92,7 +92,7 @@ class LazyJIT:
         self.__module__ = fn.__module__
         self.__doc__ = fn.__doc__
         self.signature = inspect.signature(fn)
-        self.params = [KernelParam(i, p) for i, p in enumerate(self.signature.parameters.values())]
+        self.params = [KernelParam(p) for p in self.signature.parameters.values()]
         self.arg_names = [p.name for p in self.params]
         self._made = None
         with _lock:
