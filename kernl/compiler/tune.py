@@ -160,19 +160,34 @@ def _timing_target(device: torch.device) -> str | None:
 
 
 def _kernel_source_hash(module: str) -> str:
+    """Of the kernel module, the modules its kernels come from (attention.py launches
+    attention_short.py's too) and kernl_ops."""
     import importlib
 
     mod = importlib.import_module(f"kernl.kernels.{module}")
+    names = {mod.__name__}
+    for kernel in getattr(mod, "JIT_FUNCTIONS", ()):
+        names.add(getattr(kernel, "fn", kernel).__module__)
+    sources = [inspect.getsource(importlib.import_module(n)) for n in sorted(names)]
     ops_src = inspect.getsource(kernl_ops)
-    return hashlib.sha256((inspect.getsource(mod) + ops_src).encode()).hexdigest()[:16]
+    return hashlib.sha256(("".join(sources) + ops_src).encode()).hexdigest()[:16]
 
 
-def _configs(op: str) -> list[dict[str, Any]]:
+def _configs(op: str, args: tuple = (), kwargs: dict | None = None) -> list[dict[str, Any]]:
+    """The op's tuning space for this call: a config function that takes parameters gets
+    those of the op's call it names (attention_configs(k, causal): the short-key kernel's
+    configs only where the keys fit one block)."""
     import dataclasses
     import importlib
 
     module, fn = TUNABLE[op]
-    found = getattr(importlib.import_module(f"kernl.kernels.{module}"), fn)()
+    configs_fn = getattr(importlib.import_module(f"kernl.kernels.{module}"), fn)
+    wanted = inspect.signature(configs_fn).parameters
+    call = {}
+    if wanted and (args or kwargs):
+        bound = inspect.signature(kernl_ops_fn(op)).bind(*args, **(kwargs or {}))
+        call = {k: v for k, v in bound.arguments.items() if k in wanted}
+    found = configs_fn(**call)
     return [c if isinstance(c, dict) else dataclasses.asdict(c) for c in found]
 
 
@@ -290,7 +305,7 @@ def tune_program(
                             f"gelu as gelu_tanh: max err {err:.2g} vs float64 "
                             f"(stock {stock_err:.2g})"
                         )
-            configs = _configs(ins.op)
+            configs = _configs(ins.op, args, kwargs)
             if session.compile_threads:
                 ahead = [
                     c for c in configs if _failure_key(ins.op, c, values) not in session.failed

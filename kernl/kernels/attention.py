@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention_short import _short_attention_kernel, short_attention
 from .jit import cdiv, jit, next_power_of_2, tl
 from .launch import launch_kernel
 
@@ -312,10 +313,22 @@ class AttentionConfig:
     num_warps: int = 8
     num_stages: int = 3
     warp_specialize: bool = False  # Triton's warp-specialised pipelining of the unmasked loop
+    # > 0: attention_short.py's persistent kernel, this many programs per SM (every key in one
+    # BLOCK_N block, non-causal); 0: this file's kernel, one program per query block
+    programs_per_sm: int = 0
 
 
-def attention_configs() -> list[AttentionConfig]:
-    """Tuning space; the compiler benchmarks these per shape and stores the winner."""
+# (BLOCK_M, num_warps, num_stages, programs_per_sm) of the short-key kernel, for keys of up to
+# 128 (BLOCK_N 16-128) and of up to 256, where a [BLOCK_M, 256] score tile wants 8 warps
+_SHORT = [(16, 4, 2, 4), (16, 4, 2, 8), (32, 4, 2, 4), (64, 4, 2, 2), (64, 4, 3, 2)]
+_SHORT += [(64, 4, 2, 4), (128, 8, 2, 1), (128, 8, 2, 2)]
+_SHORT_256 = [(32, 4, 2, 4), (64, 8, 2, 2), (128, 8, 2, 1)]
+
+
+def attention_configs(k: torch.Tensor | None = None, causal: bool = False) -> list[AttentionConfig]:
+    """Tuning space; the compiler benchmarks these per shape and stores the winner. Given the
+    call's keys `k` ([B, H_kv, Lk, D]) and `causal`, the short-key kernel's configs join where
+    every key fits one block (Lk <= 256, non-causal: an encoder's attention)."""
     out = []
     for bm, bn, w, s in [
         (128, 64, 8, 3),
@@ -333,6 +346,12 @@ def attention_configs() -> list[AttentionConfig]:
     # Warp-specialised with 8 warps only: Triton 3.6's warp specialiser fails on this kernel
     # with 4 (tests/kernels/test_compile_for_hopper.py), a candidate every bucket paid for.
     out.append(AttentionConfig(128, 128, 8, 3, True))
+    kv_len = k.shape[-2] if k is not None else None
+    if kv_len is not None and kv_len <= 256 and not causal:
+        block_n = max(16, next_power_of_2(kv_len))
+        for bm, w, s, per_sm in _SHORT if block_n <= 128 else _SHORT_256:
+            if bm <= max(16, block_n):  # query blocks no wider than the keys (Lq ~ Lk here)
+                out.append(AttentionConfig(bm, block_n, w, s, False, per_sm))
     return out
 
 
@@ -378,6 +397,23 @@ def attention(
         bias_strides = list(bias.stride())
     else:
         bias, bias_strides = q, [0, 0, 0, 0]  # never read: HAS_BIAS is False
+    if config.programs_per_sm:
+        if causal:
+            raise ValueError("the short-key attention kernel (programs_per_sm > 0) is not causal")
+        return short_attention(
+            q,
+            k,
+            v,
+            out,
+            sm_scale=sm_scale,
+            bias=bias if has_bias else None,
+            kv_lens=kv_lens,
+            block_m=config.BLOCK_M,
+            block_n=config.BLOCK_N,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+            programs_per_sm=config.programs_per_sm,
+        )
     has_lens = kv_lens is not None
     lens = kv_lens.to(device=q.device, dtype=torch.int32) if has_lens else q
     grid = (cdiv(Lq, config.BLOCK_M), B * H)
@@ -415,5 +451,5 @@ def attention(
     return out
 
 
-JIT_FUNCTIONS = (_attention_fwd_kernel,)
+JIT_FUNCTIONS = (_attention_fwd_kernel, _short_attention_kernel)
 CONFIG_TYPE = AttentionConfig

@@ -96,7 +96,7 @@ def fake_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(tune, "_timing_target", lambda device: "fake-gpu")
     clock = iter(range(1000, 100000))
     monkeypatch.setattr(tune, "_bench_us", lambda fn: (fn(), float(next(clock)))[1])
-    monkeypatch.setattr(tune, "_configs", lambda op: [dict(GOOD), dict(BAD)])
+    monkeypatch.setattr(tune, "_configs", lambda op, *call: [dict(GOOD), dict(BAD)])
     compiled_bad = []
     real = tune.kernl_ops_fn
 
@@ -200,7 +200,7 @@ def test_the_tuner_compiles_ahead_what_it_then_times(programs, fake_gpu, monkeyp
     those known to fail (compile_ahead itself leaves out the warp-specialised ones:
     test_compile_ahead.py); the choices are those made without."""
     WS = {"name": "ws", "warp_specialize": True}
-    monkeypatch.setattr(tune, "_configs", lambda op: [dict(GOOD), dict(BAD), dict(WS)])
+    monkeypatch.setattr(tune, "_configs", lambda op, *call: [dict(GOOD), dict(BAD), dict(WS)])
     handed = []
 
     def fake_ahead(fn, args, kwargs, configs, threads):
@@ -226,3 +226,20 @@ def test_the_tuner_compiles_ahead_what_it_then_times(programs, fake_gpu, monkeyp
         return [(r.op, r.shapes, r.impl, r.config) for rs in report.tuning.values() for r in rs]
 
     assert choices(with_threads) == choices(without)
+
+
+def test_the_attention_space_follows_the_call():
+    # the short-key kernel's configs are candidates where every key fits one block and the
+    # attention is not causal, and only there (its launcher refuses the rest)
+    def call(keys, causal):
+        q = torch.empty(2, 12, keys, 64, device="meta")
+        return tune._configs("kernl.attention", (q, q, q, None, 0.125, causal), {})
+
+    def short(configs):
+        return [c for c in configs if c["programs_per_sm"]]
+
+    assert short(call(128, False)) and all(c["BLOCK_N"] == 128 for c in short(call(128, False)))
+    assert not short(call(128, True))
+    assert not short(call(512, False))
+    assert tune._configs("kernl.attention") == call(512, False)
+    assert not short(tune._configs("kernl.attention", (), {"q": None, "k": None, "v": None}))

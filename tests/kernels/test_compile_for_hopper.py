@@ -1,5 +1,6 @@
 """The few-rows decode kernels (norm_linear_rope too) and decode attention compile for Hopper
-(sm_90) in every variant a decoder launches, and so do the encoder attention's configs and
+(sm_90) in every variant a decoder launches, and so do the encoder attention's configs (the
+short-key kernel's tile loop pipelined) and
 the warp-specialised linear ones, checked on the CPU: Triton's front end and ptxas
 run without a GPU, while the interpreter the other kernel tests use never compiles and so
 accepts Python that Triton rejects (it missed a LayerNorm variable that the split-K
@@ -182,6 +183,44 @@ def attention_compiles(config, head_dim, causal, bias):
     _compile(_attention_fwd_kernel, signature, constants, options, ("Q", "K", "V", "Out", "Bias"))
 
 
+def short_attention_compiles(config, bias_per_key, even_n):
+    """The short-key attention (attention_short.py) as BERT launches it: strides of 1 along
+    the head dim (Triton's JIT specialises them), the others 16-aligned. Its tile loop must be
+    software-pipelined: the next tiles' q, k and v in flight (cp.async) while one computes."""
+    from kernl.kernels.attention_short import _short_attention_kernel
+
+    signature = dict.fromkeys(("Q", "K", "V", "Out", "Bias"), "*fp16") | {"KVLens": "*i32"}
+    signature |= dict.fromkeys(("Lq", "Lk", "num_heads", "group_size"), "i32")
+    signature |= {"sm_scale": "fp32", "num_m_blocks": "i32", "num_tiles": "i32"}
+    aligned = ["Q", "K", "V", "Out", "Bias"]
+    for t, dims in (("q", "bhm"), ("k", "bhn"), ("v", "bhn"), ("o", "bhm"), ("bias", "bhmn")):
+        signature |= {f"stride_{t}{d}": "i32" for d in dims}
+        aligned += [f"stride_{t}{d}" for d in dims if t != "bias"]
+    constants = dict(stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1)
+    constants |= dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N)
+    constants |= dict(HAS_BIAS=True, BIAS_PER_KEY=bias_per_key, HAS_KV_LENS=False)
+    constants |= dict(EVEN_N=even_n, NUM_STAGES=config.num_stages)
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    compiled = _compile(_short_attention_kernel, signature, constants, options, aligned)
+    # q, k and v each copied asynchronously at least once (none: the loop is not pipelined)
+    assert compiled.asm["ptx"].count("cp.async.cg.shared.global") >= 3, "tile loop not pipelined"
+
+
+def _short_attention_variants():
+    """Every short-key config at BERT's key lengths (16, 128) and MiniLM's 256, its padding
+    mask one row per key; a full bias and a ragged key block at 128."""
+    import torch
+
+    from kernl.kernels.attention import attention_configs
+
+    found = []
+    for keys in (16, 128, 256):
+        k = torch.empty(1, 1, keys, 64, device="meta")
+        found += [(c, True, True) for c in attention_configs(k) if c.programs_per_sm]
+    k = torch.empty(1, 1, 100, 64, device="meta")
+    return found + [(c, False, False) for c in attention_configs(k) if c.programs_per_sm][:2]
+
+
 def linear_compiles(config, activation, residual):
     from kernl.kernels.fused_linear import _fused_linear_kernel
 
@@ -226,6 +265,7 @@ def main() -> int:
         (decode_attention_compiles, DECODE_ATTENTION),
         (decode_step_compiles, _decode_step_configs()),
         (attention_compiles, _attention_variants()),
+        (short_attention_compiles, _short_attention_variants()),
         (linear_compiles, _linear_warp_specialized_variants()),
     ):
         for v in variants:

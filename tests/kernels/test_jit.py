@@ -26,11 +26,12 @@ def _kernel_modules():
 
 def _lazy_kernels():
     """Every @jit kernel: as module attributes they may be made already (this process
-    launched kernels), the JIT_FUNCTIONS tuples keep the lazy objects."""
+    launched kernels), the JIT_FUNCTIONS tuples keep the lazy objects. Named by the module
+    that defines it (attention.py lists attention_short.py's kernel too)."""
     found = {}
     for module in _kernel_modules():
         for kernel in getattr(module, "JIT_FUNCTIONS", ()):
-            found[f"{module.__name__}.{kernel.__name__}"] = kernel
+            found[f"{kernel.fn.__module__}.{kernel.__name__}"] = kernel
     return found
 
 
