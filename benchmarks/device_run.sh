@@ -57,6 +57,8 @@
 #   coldlazy load() with its kernels made on first use (kernels/jit.py: no Triton import) against
 #           Triton imported inside load()'s clock as before, with and without a bytecode cache
 #           (benchmarks/ab_cold_start.py --phases; after `bertc`)
+#   attshort BERT's encoder attention, every tuning candidate timed: the flash kernel against the
+#           short-key persistent kernel, and SDPA (benchmarks/bench_attention_short.py, ~1 min)
 #   profbert the `bertc` artifact's kernel time by kernel name at 32x128, 8x128 and 1x128
 #           (benchmarks/profile_bert_kernels.py; after `bert` or `bertc`)
 #   peers   the issue's own bench: kernl vs reduce-overhead vs eager, and its cold start
@@ -160,6 +162,7 @@ stage() {
     hostpath) timeout 200 python3 benchmarks/diag_host_path.py \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     peers) timeout 540 python3 .bench/kernl_vs_peers.py ;;
+    attshort) OUT=$RUN timeout 300 python3 benchmarks/bench_attention_short.py ;;
     profbert) timeout 200 python3 benchmarks/profile_bert_kernels.py \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" 32x128 8x128 1x128 ;;
     coldphases) timeout 300 python3 benchmarks/ab_cold_start.py --phases --runs 3 \

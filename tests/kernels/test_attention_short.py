@@ -135,3 +135,37 @@ def test_persistent_grid_is_programs_per_sm_times_sms(monkeypatch):
     attention_short.short_attention(q, q, q, q.clone(), programs_per_sm=50, **cfg)
     # 2 "SMs" on the CPU: 6 programs; never more programs than the 12 tiles
     assert grids == [(6,), (12,)]
+
+
+def _bert_short_configs():
+    found = []
+    for keys in (16, 128):
+        k = torch.empty(1, 1, keys, 64, device="meta")
+        found += [(keys, c) for c in attention_configs(k) if c.programs_per_sm]
+    return found
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("keys,config", _bert_short_configs(), ids=str)
+def test_gpu_bert_shapes_every_config(keys, config):
+    # BERT-base at 32 x keys: q/k/v views of one QKV projection, right-padded rows
+    B, H, D = 32, 12, 64
+    qkv = torch.randn(B, keys, 3, H, D, dtype=torch.float16, device="cuda")
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    lens = torch.randint(1, keys + 1, (B,), device="cuda")
+    keep = torch.arange(keys, device="cuda")[None, :] < lens[:, None]
+    bias = torch.zeros(B, 1, 1, keys, device="cuda").masked_fill(
+        ~keep[:, None, None, :], float("-inf")
+    )
+    out = poisoned((B, H, keys, D), torch.float16, "cuda")
+    attention(q, k, v, bias=bias, out=out, config=config)
+    ref = short_attention_reference(q.double(), k.double(), v.double(), bias=bias.double())
+    stock = short_attention_reference(q, k, v, bias=bias)
+    assert_close(out, ref, torch.float16, stock, name=f"gpu short attention {keys} {config}")
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_full_bias():
+    _run(4, 12, 12, 100, 100, 64, torch.bfloat16, _config(64, 128), bias=None)
+    bias = torch.randn(4, 12, 100, 100, dtype=torch.bfloat16, device="cuda")
+    _run(4, 12, 12, 100, 100, 64, torch.bfloat16, _config(64, 128), bias=bias)
