@@ -131,7 +131,8 @@ stage() {
     enctests) timeout 600 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 \
       tests/e2e tests/runtime tests/compiler tests/artifacts tests/kernels/test_attention.py \
       tests/kernels/test_norm.py tests/kernels/test_fused_linear.py \
-      tests/kernels/test_bert_embeddings.py -k "not process_sharing" ;;
+      tests/kernels/test_bert_embeddings.py tests/kernels/test_attention_short.py \
+      -k "not process_sharing" ;;
     bertro) timeout 300 python3 benchmarks/bench_bert_artifact_vs_ro.py \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     abmask) OUT=$RUN timeout 540 python3 benchmarks/ab_padding_mask.py ;;
