@@ -61,6 +61,7 @@
 #           short-key persistent kernel, and SDPA (benchmarks/bench_attention_short.py, ~1 min)
 #   profbert the `bertc` artifact's kernel time by kernel name at 32x128, 8x128 and 1x128
 #           (benchmarks/profile_bert_kernels.py; after `bert` or `bertc`)
+#   coldnow load()'s phases and the cold start as shipped, five fresh processes (after `bertc`)
 #   peers   the issue's own bench: kernl vs reduce-overhead vs eager, and its cold start
 #           (.bench/kernl_vs_peers.py)
 #   coldphasesprof  a load() under cProfile, then coldphases twice per variant
@@ -160,6 +161,8 @@ stage() {
         timeout 240 python3 benchmarks/ab_cold_start.py --phases --runs 4 $cache \
           --variants now,triton_in_load "$art"
       done ;;
+    coldnow) timeout 240 python3 benchmarks/ab_cold_start.py --phases --runs 5 --variants now \
+      "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     hostpath) timeout 200 python3 benchmarks/diag_host_path.py \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     peers) timeout 540 python3 .bench/kernl_vs_peers.py ;;
