@@ -82,7 +82,8 @@ print(text.getvalue())
 # kernel only where Triton's JIT is used). Measured and dropped: a thread importing them from
 # the start of load() (36d71ea, 2026-12-02: it slowed the artifact check, which needs the
 # interpreter as much, by more than it saved) and the weights read on a thread during the
-# check (5881b37, 2026-12-03: no faster).
+# check (5881b37, 2026-12-03: no faster). "warm_process": a load() without captures and a
+# call per bucket before the clock, the bound on what warming inside load() could save.
 PHASES = """
 import json, sys, time
 t0 = time.perf_counter()
@@ -102,6 +103,17 @@ def with_triton():
     jit.made(fused_linear.JIT_FUNCTIONS[0])  # makes every kernel imported
 if variant == "triton_first":
     with_triton()
+if variant == "warm_process":
+    # what a second load() in this process no longer pays (cuBLAS's first use of each GEMM
+    # shape and its kernels loaded lazily, the allocator, the CUDA context): an upper bound
+    # on any warming that load() could overlap with its own work
+    warm = rt.load(sys.argv[1], capture="never", verify=False)
+    for b in warm.buckets:
+        ids = torch.zeros((b.batch, b.seq), dtype=torch.long, device="cuda")
+        warm(input_ids=ids, attention_mask=torch.ones_like(ids))
+    torch.cuda.synchronize()
+    del warm
+    torch.cuda.empty_cache()
 if variant == "triton_in_load":
     _load = rt.load
     def load_with_triton(*args, **kwargs):
@@ -143,7 +155,7 @@ row["triton_imported"] = "triton" in sys.modules
 row["outputs"] = sums
 print(json.dumps(row))
 """
-VARIANTS = ("now", "warmup_every", "triton_first", "triton_in_load")
+VARIANTS = ("now", "warmup_every", "triton_first", "triton_in_load", "warm_process")
 
 
 def phases(artifact: str, env: dict, runs: int, variants: tuple[str, ...] = VARIANTS) -> None:
