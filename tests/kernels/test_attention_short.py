@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from kernel_check import DEVICE, assert_close, poisoned
+from test_attention import _run  # the flash kernel's check: the same function, a config apart
 
 from kernl.kernels import attention_short
 from kernl.kernels.attention import AttentionConfig, attention, attention_configs
@@ -18,22 +19,6 @@ DTYPES = [torch.float32, torch.float16]
 
 def _config(block_m, block_n, per_sm=2, warps=4, stages=2):
     return AttentionConfig(block_m, block_n, warps, stages, False, per_sm)
-
-
-def _run(B, H, H_kv, Lq, Lk, D, dtype, config, **kw):
-    q = torch.randn(B, H, Lq, D, dtype=dtype, device=DEVICE)
-    k = torch.randn(B, H_kv, Lk, D, dtype=dtype, device=DEVICE)
-    v = torch.randn(B, H_kv, Lk, D, dtype=dtype, device=DEVICE)
-    out = poisoned(q.shape, dtype)
-    attention(q, k, v, out=out, config=config, **kw)
-    kw64 = {
-        n: (t.double() if torch.is_tensor(t) and t.is_floating_point() else t)
-        for n, t in kw.items()
-    }
-    ref = short_attention_reference(q.double(), k.double(), v.double(), **kw64)
-    stock = short_attention_reference(q, k, v, **kw)
-    assert_close(out, ref, dtype, stock, name=f"short attention {B, H, Lq, Lk, D} {sorted(kw)}")
-    return out
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
