@@ -83,7 +83,8 @@ print(text.getvalue())
 # the start of load() (36d71ea, 2026-12-02: it slowed the artifact check, which needs the
 # interpreter as much, by more than it saved) and the weights read on a thread during the
 # check (5881b37, 2026-12-03: no faster). "warm_process": a load() without captures and a
-# call per bucket before the clock, the bound on what warming inside load() could save.
+# call per bucket before the clock, the bound on what warming inside load() could save;
+# "warm_gemms": cuBLAS's first use of each GEMM shape on a thread during the weights' read.
 PHASES = """
 import json, sys, time
 t0 = time.perf_counter()
@@ -103,6 +104,8 @@ def with_triton():
     jit.made(fused_linear.JIT_FUNCTIONS[0])  # makes every kernel imported
 if variant == "triton_first":
     with_triton()
+if variant == "warm_gemms":
+    rt._WARM_GEMMS = True  # cuBLAS's first uses on a thread while the weights are read
 if variant == "warm_process":
     # what a second load() in this process no longer pays (cuBLAS's first use of each GEMM
     # shape and its kernels loaded lazily, the allocator, the CUDA context): an upper bound
@@ -155,7 +158,7 @@ row["triton_imported"] = "triton" in sys.modules
 row["outputs"] = sums
 print(json.dumps(row))
 """
-VARIANTS = ("now", "warmup_every", "triton_first", "triton_in_load", "warm_process")
+VARIANTS = ("now", "warmup_every", "triton_first", "triton_in_load", "warm_process", "warm_gemms")
 
 
 def phases(artifact: str, env: dict, runs: int, variants: tuple[str, ...] = VARIANTS) -> None:

@@ -77,6 +77,13 @@ def load(
         free_bytes = _free_memory(device)
         checked = check_artifact(root, trusted_keys=keys, free_bytes=free_bytes, hash_files=False)
         programs = checked.programs if manifest.task != "causal-lm" else []
+        warming = None
+        if _WARM_GEMMS and device.type == "cuda" and capture == "load" and programs:
+            if code_check is not None:
+                code_check.result()  # nothing of the programs runs before their hashes match
+            from .warm_gemms import GemmWarming
+
+            warming = GemmWarming(programs, device)
         # The weights are read once the check, the memory plan included, has passed. Reading
         # them on a thread during the check was measured no faster (H200, 2026-12-03: load()
         # 0.915 s against 0.910 s, medians of five fresh processes): the two slow each other
@@ -84,6 +91,8 @@ def load(
         weights = read_weights(root, device=str(device))
         if code_check is not None:
             code_check.result()
+        if warming is not None:
+            warming.join()  # nothing may launch beside a capture
         model = _open(root, manifest, programs, weights, device, capture)
     except Exception:
         for check in (code_check, weights_check):
@@ -93,6 +102,11 @@ def load(
     if weights_check is not None:
         weights_check.result()
     return model
+
+
+# cuBLAS's first use of the artifact's GEMM shapes on a thread while the weights are read
+# (warm_gemms.py). Off until measured on a GPU: a benchmark sets it to compare.
+_WARM_GEMMS = False
 
 
 def _open(root: Path, manifest, programs, weights, device: torch.device, capture: str):
