@@ -74,16 +74,10 @@ def load(
         os.environ.setdefault("TRITON_INTERPRET", "1")
     _check_compatibility(manifest, device)
     try:
+        warming = _start_gemm_warming(root, manifest, device, capture, code_check)
         free_bytes = _free_memory(device)
         checked = check_artifact(root, trusted_keys=keys, free_bytes=free_bytes, hash_files=False)
         programs = checked.programs if manifest.task != "causal-lm" else []
-        warming = None
-        if _WARM_GEMMS and device.type == "cuda" and capture == "load" and programs:
-            if code_check is not None:
-                code_check.result()  # nothing of the programs runs before their hashes match
-            from .warm_gemms import GemmWarming
-
-            warming = GemmWarming(programs, device)
         # The weights are read once the check, the memory plan included, has passed. Reading
         # them on a thread during the check was measured no faster (H200, 2026-12-03: load()
         # 0.915 s against 0.910 s, medians of five fresh processes): the two slow each other
@@ -104,9 +98,32 @@ def load(
     return model
 
 
-# cuBLAS's first use of the artifact's GEMM shapes on a thread while the weights are read
-# (warm_gemms.py). Off until measured on a GPU: a benchmark sets it to compare.
+# cuBLAS's first use of the artifact's GEMM shapes on a thread while load() checks the
+# artifact and reads its weights (warm_gemms.py). Off until measured on a GPU: a benchmark
+# sets it to compare.
 _WARM_GEMMS = False
+
+
+def _start_gemm_warming(root: Path, manifest, device: torch.device, capture: str, code_check):
+    """The GEMM warming of an encoder artifact about to be captured, started; None where
+    there is nothing to warm or a program cannot be read (the check then says why). Its
+    programs' hashes match first: nothing of them runs before."""
+    if not (_WARM_GEMMS and device.type == "cuda" and capture == "load"):
+        return None
+    if manifest.task in ("causal-lm", "seq2seq-lm", "speech-seq2seq"):
+        return None  # their runtimes serve them without these programs
+    if code_check is not None:
+        code_check.result()
+    from kernl.artifacts.errors import ArtifactError
+    from kernl.artifacts.reader import read_program
+
+    from .warm_gemms import GemmWarming
+
+    try:
+        programs = [read_program(root, entry.program) for entry in manifest.buckets]
+    except (ArtifactError, OSError, ValueError):
+        return None
+    return GemmWarming(programs, device)
 
 
 def _open(root: Path, manifest, programs, weights, device: torch.device, capture: str):
