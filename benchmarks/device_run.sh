@@ -167,7 +167,7 @@ stage() {
           --variants now,triton_in_load "$art"
       done ;;
     coldwarm) timeout 240 python3 benchmarks/ab_cold_start.py --phases --runs 4 \
-      --variants now,warm_gemms,warm_process "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
+      --variants ${COLD_VARIANTS:-now,warm_gemms,warm_process} "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     s2sgen) timeout 560 python3 -m pytest -q -m "gpu and not bench_only" -p no:cacheprovider \
       --durations=12 tests/seq2seq tests/optimize tests/runtime/test_warm_gemms.py ;;
     coldnow) timeout 240 python3 benchmarks/ab_cold_start.py --phases --runs 5 --variants now \
