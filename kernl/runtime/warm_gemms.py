@@ -81,9 +81,21 @@ def artifact_gemms(programs: list[Program]) -> list[Gemm]:
     return sorted(found, key=lambda g: -g.rows * g.out_features)[:WARM_GEMMS_MAX]
 
 
+_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _stream(device: torch.device) -> torch.cuda.Stream:
+    """One warming stream per device for the process: cuBLAS keeps a workspace per (handle,
+    stream) for good, so a stream per load() would leave one behind at every load."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _streams:
+        _streams[index] = torch.cuda.Stream(index)
+    return _streams[index]
+
+
 def _warm(gemms: list[Gemm], device: torch.device) -> None:
     with torch.cuda.device(device), torch.inference_mode():
-        stream = torch.cuda.Stream(device)
+        stream = _stream(device)
         with torch.cuda.stream(stream):
             for g in gemms:
                 dtype = getattr(torch, g.dtype, None)
@@ -99,10 +111,6 @@ def _warm(gemms: list[Gemm], device: torch.device) -> None:
                 kernl_ops.linear(x, w, b, activation=g.activation, impl="aten")
                 del x, w, b
         stream.synchronize()
-    # the workspace cuBLAS took for this thread's stream would stay allocated for good
-    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if clear is not None:
-        clear()
 
 
 class GemmWarming:
