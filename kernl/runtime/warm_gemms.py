@@ -11,9 +11,11 @@ weights' read mostly waits on the disk). The thread is joined before the first c
 nothing launches beside a capture. Started after the check only, it saved 0.25 s of the
 captures but 0.08 s of load(): its 30-odd first uses outlasted the weights' read.
 
-Only the checked programs' `kernl.linear` instructions left on aten are warmed, each as the
-executor will call it (same dtype, bias, epilogue), a shape skipped where its operands exceed
-WARM_BYTES_MAX, so the warming never holds more than a few of the model's activations."""
+Only the programs' `kernl.linear` instructions left on aten are warmed, each as the executor
+will call it (same dtype, bias, epilogue). The programs are read once their hashes match,
+before the check's analysis of them, so nothing here trusts their shapes: a GEMM whose
+operands exceed WARM_BYTES_MAX is skipped, at most WARM_GEMMS_MAX are run, on zeros, and a
+failure is kept in `error`, never raised (the check then says what is wrong)."""
 
 from __future__ import annotations
 
