@@ -73,6 +73,7 @@ def load(
         # set before they are first imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
     _check_compatibility(manifest, device)
+    warming = None
     try:
         warming = _start_gemm_warming(root, manifest, device, capture, code_check)
         free_bytes = _free_memory(device)
@@ -89,6 +90,8 @@ def load(
             warming.join()  # nothing may launch beside a capture
         model = _open(root, manifest, programs, weights, device, capture)
     except Exception:
+        if warming is not None:
+            warming.join()  # a failed load leaves nothing running behind it
         for check in (code_check, weights_check):
             if check is not None:
                 check.result()  # a hash mismatch says more precisely what is wrong
