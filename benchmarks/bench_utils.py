@@ -86,6 +86,36 @@ def attention_case(D: int, L: int, causal: bool, dtype=torch.float16) -> Case:
     )
 
 
+def encoder_attention_case(B: int, L: int, dtype=torch.float16) -> Case:
+    """BERT-base's attention as a compiled model runs it: q, k, v views of one QKV projection,
+    a [B, 1, 1, L] padding bias, the output written as [B, L, H, D]. "kernl_flash" is the
+    flash kernel at its default config, "kernl_short" the short-key kernel at the config the
+    tuner chose at 8x128 and 32x128 (H200, 2026-12-03)."""
+    H, D = 12, 64
+    qkv = _randn(B, L, 3, H, D, dtype=dtype)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    bias = torch.zeros(B, 1, 1, L, device="cuda")
+    out = torch.empty(B, L, H, D, dtype=dtype, device="cuda").transpose(1, 2)
+    short = attn_mod.AttentionConfig(min(64, max(16, L)), max(16, L), 4, 2, False, 2)
+
+    def make(impl, config=None):
+        if impl == "kernl_flash":
+            return lambda: attn_mod.attention(q, k, v, bias=bias, out=out, config=config)
+        if impl == "kernl_short":
+            return lambda: attn_mod.attention(q, k, v, bias=bias, out=out, config=short)
+        mask = bias.to(dtype)
+        return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    return Case(
+        "encoder_attention",
+        f"BERT-base B{B} L{L}",
+        4 * B * H * L * L * D,
+        4 * q.numel() * q.element_size(),
+        make,
+        ("kernl_flash", "kernl_short", "sdpa"),
+    )
+
+
 def decode_case(Lk: int, dtype=torch.float16) -> Case:
     B, H, H_kv, D = max(1, 65536 // Lk), 32, 8, 128  # 64k cached tokens: 268 MB of K+V, past L2
     q = _randn(B, H, 1, D, dtype=dtype)

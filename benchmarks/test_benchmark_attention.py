@@ -1,5 +1,5 @@
 import pytest
-from bench_utils import ATTENTION_SHAPES, attention_case, run_case
+from bench_utils import ATTENTION_SHAPES, attention_case, encoder_attention_case, run_case
 
 
 @pytest.mark.gpu
@@ -9,3 +9,10 @@ from bench_utils import ATTENTION_SHAPES, attention_case, run_case
 )
 def test_benchmark_attention(benchmark, implementation, shape):
     run_case(benchmark, attention_case(*shape), implementation)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("implementation", ["kernl_flash", "kernl_short", "sdpa"])
+@pytest.mark.parametrize("shape", [(8, 128), (32, 128), (32, 16)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_benchmark_encoder_attention(benchmark, implementation, shape):
+    run_case(benchmark, encoder_attention_case(*shape), implementation)
