@@ -61,9 +61,9 @@
 #           short-key persistent kernel, and SDPA (benchmarks/bench_attention_short.py, ~1 min)
 #   profbert the `bertc` artifact's kernel time by kernel name at 32x128, 8x128 and 1x128
 #           (benchmarks/profile_bert_kernels.py; after `bert` or `bertc`)
-#   coldwarm the cold start as shipped, with cuBLAS warmed on a thread during the weights' read
-#           (runtime/warm_gemms.py), and in a process that loaded and ran the artifact once
-#           before the clock (ab_cold_start.py --variants now,warm_gemms,warm_process; after
+#   coldwarm the cold start as shipped, with cuBLAS warmed on a thread started before the check
+#           or after it (runtime/warm_gemms.py), and in a process that loaded and ran the
+#           artifact once before the clock (ab_cold_start.py; COLD_VARIANTS picks; after
 #           `bertc`)
 #   s2sgen  the GPU tests of seq2seq and optimize (the encoders tuned with the short-key kernel)
 #   coldnow load()'s phases and the cold start as shipped, five fresh processes (after `bertc`)
@@ -166,8 +166,8 @@ stage() {
         timeout 240 python3 benchmarks/ab_cold_start.py --phases --runs 4 $cache \
           --variants now,triton_in_load "$art"
       done ;;
-    coldwarm) timeout 240 python3 benchmarks/ab_cold_start.py --phases --runs 4 \
-      --variants ${COLD_VARIANTS:-now,warm_gemms,warm_process} "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
+    coldwarm) timeout 300 python3 benchmarks/ab_cold_start.py --phases --runs 4 \
+      --variants ${COLD_VARIANTS:-now,warm_gemms,warm_gemms_after,warm_process} "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     s2sgen) timeout 560 python3 -m pytest -q -m "gpu and not bench_only" -p no:cacheprovider \
       --durations=12 tests/seq2seq tests/optimize tests/runtime/test_warm_gemms.py ;;
     coldnow) timeout 240 python3 benchmarks/ab_cold_start.py --phases --runs 5 --variants now \
