@@ -1,19 +1,20 @@
 """Attention over short keys (every key of a row in one block): a persistent grid whose
 programs walk (batch, head, query block) tiles and load the next tile while they compute one.
 
-At BERT-base's 32x128 the flash kernel (attention.py) takes ~11 µs a layer for ~25 MB that
-are mostly in L2 after the QKV projection (H200, 2026-12-03): one program per tile loads
-q, k and v, then computes, then stores, and the ~3 programs an SM holds do so in step, so
-each SM's loads and math take turns rather than overlap. Here each program owns a strided
-set of tiles and the tile loop is software-pipelined (`num_stages`), so the loads of the next
-tiles are in flight during this one's two dots and its softmax. With every key in one block
-the softmax is a plain one: no running max, no rescaling of the accumulator.
+Why: in the flash kernel (attention.py) one program per tile loads q, k and v, computes, then
+stores, and the programs an SM holds tend to do so in step, so loads and math take turns.
+Here each program owns a strided set of tiles and the tile loop is software-pipelined
+(`num_stages`): the next tiles' loads are in flight during this one's two dots and softmax.
+With every key in one block the softmax is a plain one: no running max, no rescaling.
+Measured (H200, 2026-12-03, BERT-base's attention): 0.85x the flash kernel's best time at 16
+keys, 0.93-0.97x at 128 alone; inside the compiled model 1x128 went 3.9 -> 3.2 µs a layer,
+32x128 did not change (~11 µs). The tuner keeps whichever is faster per bucket.
 
 Same semantics as attention.py's kernel for what an encoder asks: non-causal, a bias one row
 for every query (a padding mask, [B, 1, 1, Lk] with stride 0 on the query axis) or a full
-[B, H, Lq, Lk] bias, per-row valid key counts, GQA, head dims up to 256. The launcher
-(`short_attention`) refuses what it cannot do (causal, keys longer than BLOCK_N);
-`attention.attention` calls it for a config with `programs_per_sm` set."""
+[B, H, Lq, Lk] bias, per-row valid key counts, GQA, head dims up to 256. `short_attention`
+refuses keys longer than BLOCK_N; `attention.attention` calls it for a config with
+`programs_per_sm` set and refuses such a config for a causal call."""
 
 from __future__ import annotations
 
