@@ -14,11 +14,11 @@ Same semantics as attention.py's kernel for what an encoder asks: non-causal, a 
 for every query (a padding mask, [B, 1, 1, Lk] with stride 0 on the query axis) or a full
 [B, H, Lq, Lk] bias, per-row valid key counts, GQA, head dims up to 256. `short_attention`
 refuses keys longer than BLOCK_N; `attention.attention` calls it for a config with
-`programs_per_sm` set and refuses such a config for a causal call."""
+`programs_per_sm` set and refuses such a config for a causal call. Its plain-PyTorch
+reference is attention.py's `attention_reference` (the same function; importing it here
+would make the two modules import each other)."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -145,35 +145,6 @@ def _short_attention_kernel(
             acc.to(Out.dtype.element_ty),
             mask=row_mask[:, None] & d_mask[None, :],
         )
-
-
-def short_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    sm_scale: float | None = None,
-    bias: torch.Tensor | None = None,
-    kv_lens: torch.Tensor | None = None,
-    key_padding_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Plain PyTorch, the same function (non-causal); compute in float64 for a reference. A
-    row with no visible key gives zeros."""
-    B, H, Lq, D = q.shape
-    Lk, H_kv = k.shape[2], k.shape[1]
-    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
-    k = k.repeat_interleave(H // H_kv, dim=1)
-    v = v.repeat_interleave(H // H_kv, dim=1)
-    s = (q @ k.transpose(-1, -2)) * sm_scale
-    if bias is not None:
-        s = s + bias
-    visible = torch.ones(B, Lk, dtype=torch.bool, device=q.device)
-    if kv_lens is not None:
-        visible &= torch.arange(Lk, device=q.device)[None, :] < kv_lens.to(q.device)[:, None]
-    if key_padding_mask is not None:
-        visible &= key_padding_mask.bool()
-    s = s.masked_fill(~visible[:, None, None, :], float("-inf"))
-    return (torch.softmax(s, dim=-1).nan_to_num(0.0) @ v).to(q.dtype)
 
 
 _sm_counts: dict[int, int] = {}

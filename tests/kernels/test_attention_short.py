@@ -10,8 +10,12 @@ from kernel_check import DEVICE, assert_close, poisoned
 from test_attention import _run  # the flash kernel's check: the same function, a config apart
 
 from kernl.kernels import attention_short
-from kernl.kernels.attention import AttentionConfig, attention, attention_configs
-from kernl.kernels.attention_short import short_attention_reference
+from kernl.kernels.attention import (
+    AttentionConfig,
+    attention,
+    attention_configs,
+    attention_reference,
+)
 from kernl.runtime import kernl_ops
 
 DTYPES = [torch.float32, torch.float16]
@@ -77,9 +81,7 @@ def test_fused_qkv_strided_views_and_merged_heads_out():
     cfg = {**_config(16, 32).__dict__}
     out = kernl_ops.attention(q, k, v, mask, 1 / math.sqrt(D), False, impl="triton", config=cfg)
     assert not out.is_contiguous()
-    ref = short_attention_reference(
-        q.double(), k.double(), v.double(), key_padding_mask=mask[:, 0, 0]
-    )
+    ref = attention_reference(q.double(), k.double(), v.double(), key_padding_mask=mask[:, 0, 0])
     assert_close(out, ref, torch.float32)
 
 
@@ -144,8 +146,8 @@ def test_gpu_bert_shapes_every_config(keys, config):
     )
     out = poisoned((B, H, keys, D), torch.float16, "cuda")
     attention(q, k, v, bias=bias, out=out, config=config)
-    ref = short_attention_reference(q.double(), k.double(), v.double(), bias=bias.double())
-    stock = short_attention_reference(q, k, v, bias=bias.half())
+    ref = attention_reference(q.double(), k.double(), v.double(), bias=bias.double())
+    stock = attention_reference(q, k, v, bias=bias.half())
     assert_close(out, ref, torch.float16, stock, name=f"gpu short attention {keys} {config}")
 
 
