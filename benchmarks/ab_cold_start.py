@@ -83,9 +83,9 @@ print(text.getvalue())
 # the start of load() (36d71ea, 2026-12-02: it slowed the artifact check, which needs the
 # interpreter as much, by more than it saved) and the weights read on a thread during the
 # check (5881b37, 2026-12-03: no faster). "warm_process": a load() without captures and a
-# call per bucket before the clock, the bound on what warming inside load() could save;
-# "warm_gemms" / "warm_gemms_after": cuBLAS's first use of each GEMM shape on a thread started
-# before the artifact check / after it (runtime._WARM_GEMMS).
+# call per bucket before the clock, the bound on what warming inside load() could save.
+# Measured and dropped too: cuBLAS's first use of each GEMM shape on a thread started before
+# the artifact check or after it (6ebfbab, 2026-12-03: load() 0.664 s against 0.668 / 0.646).
 PHASES = """
 import json, sys, time
 t0 = time.perf_counter()
@@ -105,9 +105,6 @@ def with_triton():
     jit.made(fused_linear.JIT_FUNCTIONS[0])  # makes every kernel imported
 if variant == "triton_first":
     with_triton()
-if variant in ("warm_gemms", "warm_gemms_after"):
-    # cuBLAS's first uses on a thread, from before the check or after it
-    rt._WARM_GEMMS = "before_check" if variant == "warm_gemms" else "after_check"
 if variant == "warm_process":
     # what a second load() in this process no longer pays (cuBLAS's first use of each GEMM
     # shape and its kernels loaded lazily, the allocator, the CUDA context): an upper bound
@@ -160,8 +157,7 @@ row["triton_imported"] = "triton" in sys.modules
 row["outputs"] = sums
 print(json.dumps(row))
 """
-VARIANTS = ("now", "warmup_every", "triton_first", "triton_in_load", "warm_process", "warm_gemms")
-VARIANTS += ("warm_gemms_after",)
+VARIANTS = ("now", "warmup_every", "triton_first", "triton_in_load", "warm_process")
 
 
 def phases(artifact: str, env: dict, runs: int, variants: tuple[str, ...] = VARIANTS) -> None:

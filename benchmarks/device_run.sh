@@ -59,12 +59,11 @@
 #           (benchmarks/ab_cold_start.py --phases; after `bertc`)
 #   attshort BERT's encoder attention, every tuning candidate timed: the flash kernel against the
 #           short-key persistent kernel, and SDPA (benchmarks/bench_attention_short.py, ~1 min)
-#   profbert the `bertc` artifact's kernel time by kernel name at 32x128, 8x128 and 1x128
+#   profbert the `bertc` artifact's kernel time by kernel name at 32x128, 8x512, 8x128, 1x128
 #           (benchmarks/profile_bert_kernels.py; after `bert` or `bertc`)
-#   coldwarm the cold start as shipped, with cuBLAS warmed on a thread started before the check
-#           or after it (runtime/warm_gemms.py), and in a process that loaded and ran the
-#           artifact once before the clock (ab_cold_start.py; COLD_VARIANTS picks; after
-#           `bertc`)
+#   coldwarm the cold start as shipped and in a process that loaded and ran the artifact once
+#           before the clock, the bound on any warming (ab_cold_start.py; COLD_VARIANTS picks;
+#           after `bertc`)
 #   s2sgen  the GPU tests of seq2seq and optimize (the encoders tuned with the short-key kernel)
 #   coldnow load()'s phases and the cold start as shipped, five fresh processes (after `bertc`)
 #   peers   the issue's own bench: kernl vs reduce-overhead vs eager, and its cold start
@@ -167,9 +166,9 @@ stage() {
           --variants now,triton_in_load "$art"
       done ;;
     coldwarm) timeout 300 python3 benchmarks/ab_cold_start.py --phases --runs 4 \
-      --variants ${COLD_VARIANTS:-now,warm_gemms,warm_gemms_after,warm_process} "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
+      --variants ${COLD_VARIANTS:-now,warm_process} "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     s2sgen) timeout 560 python3 -m pytest -q -m "gpu and not bench_only" -p no:cacheprovider \
-      --durations=12 tests/seq2seq tests/optimize tests/runtime/test_warm_gemms.py ;;
+      --durations=12 tests/seq2seq tests/optimize ;;
     coldnow) timeout 240 python3 benchmarks/ab_cold_start.py --phases --runs 5 --variants now \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     hostpath) timeout 200 python3 benchmarks/diag_host_path.py \
@@ -177,7 +176,7 @@ stage() {
     peers) timeout 540 python3 .bench/kernl_vs_peers.py ;;
     attshort) OUT=$RUN timeout 300 python3 benchmarks/bench_attention_short.py ;;
     profbert) timeout 200 python3 benchmarks/profile_bert_kernels.py \
-      "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" 32x128 8x128 1x128 ;;
+      "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" 32x128 8x512 8x128 1x128 ;;
     coldphases) timeout 300 python3 benchmarks/ab_cold_start.py --phases --runs 3 \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     coldphasesprof) timeout 300 python3 benchmarks/ab_cold_start.py --profile --phases --runs 2 \

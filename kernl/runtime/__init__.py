@@ -73,28 +73,22 @@ def load(
         # set before they are first imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
     _check_compatibility(manifest, device)
-    warming = None
     try:
-        if _WARM_GEMMS == "before_check":
-            warming = _start_gemm_warming(root, manifest, device, capture, code_check)
         free_bytes = _free_memory(device)
         checked = check_artifact(root, trusted_keys=keys, free_bytes=free_bytes, hash_files=False)
         programs = checked.programs if manifest.task != "causal-lm" else []
-        if _WARM_GEMMS == "after_check":
-            warming = _start_gemm_warming(root, manifest, device, capture, code_check, programs)
         # The weights are read once the check, the memory plan included, has passed. Reading
         # them on a thread during the check was measured no faster (H200, 2026-12-03: load()
         # 0.915 s against 0.910 s, medians of five fresh processes): the two slow each other
-        # down by as much as they overlap.
+        # down by as much as they overlap. So was cuBLAS's first use of each GEMM shape run on
+        # a thread during the check or the read (2026-12-03, BERT-base's 9 buckets, four fresh
+        # processes each: load() 0.664 s as here, 0.668 and 0.646 s warmed): the thread
+        # outlasted what it overlapped, and it kept a cuBLAS workspace for the process.
         weights = read_weights(root, device=str(device))
         if code_check is not None:
             code_check.result()
-        if warming is not None:
-            warming.join()  # nothing may launch beside a capture
         model = _open(root, manifest, programs, weights, device, capture)
     except Exception:
-        if warming is not None:
-            warming.join()  # a failed load leaves nothing running behind it
         for check in (code_check, weights_check):
             if check is not None:
                 check.result()  # a hash mismatch says more precisely what is wrong
@@ -102,42 +96,6 @@ def load(
     if weights_check is not None:
         weights_check.result()
     return model
-
-
-# cuBLAS's first use of the artifact's GEMM shapes on a thread (warm_gemms.py): "" (off),
-# "after_check" (while the weights are read) or "before_check" (while the artifact is
-# checked and the weights are read). "after_check" was measured (H200, 2026-12-03,
-# BERT-base's 9 buckets, four fresh processes each): load() 1.060 -> 0.984 s, faster in every
-# round, outputs equal bit for bit. "before_check" covers more of the thread's 0.25 s but
-# contends for the interpreter with the check, which is pure Python; it has not run on a GPU.
-# Off until the two are compared and the GPU suite has run with the winner (stage `coldwarm`).
-_WARM_GEMMS = ""
-
-
-def _start_gemm_warming(
-    root: Path, manifest, device: torch.device, capture: str, code_check, programs=None
-):
-    """The GEMM warming of an encoder artifact about to be captured, started; None where
-    there is nothing to warm or a program cannot be read (the check then says why). Its
-    programs' hashes match first: nothing of them runs before. `programs`: the checked ones,
-    else they are read here."""
-    if not (_WARM_GEMMS and device.type == "cuda" and capture == "load"):
-        return None
-    if manifest.task in ("causal-lm", "seq2seq-lm", "speech-seq2seq"):
-        return None  # their runtimes serve them without these programs
-    if code_check is not None:
-        code_check.result()
-    from kernl.artifacts.errors import ArtifactError
-    from kernl.artifacts.reader import read_program
-
-    from .warm_gemms import GemmWarming
-
-    if programs is None:
-        try:
-            programs = [read_program(root, entry.program) for entry in manifest.buckets]
-        except (ArtifactError, OSError, ValueError):
-            return None
-    return GemmWarming(programs, device)
 
 
 def _open(root: Path, manifest, programs, weights, device: torch.device, capture: str):
