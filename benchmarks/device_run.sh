@@ -250,10 +250,11 @@ collect() {
 }
 
 wait_for_job() {
-  local waited=0
-  while [ ! -e "$RUN/all.done" ] && [ "$waited" -lt "$WAIT" ]; do
+  # WAIT counts from the script's start ($SECONDS), the tree's copy and the first import of
+  # torch included, not by counting sleeps: a `start` with WAIT=470 counted that way ran past
+  # the device tool's 560 s and came back with no output (2026-12-03)
+  while [ ! -e "$RUN/all.done" ] && [ "$SECONDS" -lt "$WAIT" ]; do
     sleep 5
-    waited=$((waited + 5))
   done
   collect
   if [ -e "$RUN/all.done" ]; then echo "all stages done"; else echo "still running"; fi
