@@ -251,8 +251,8 @@ collect() {
 
 wait_for_job() {
   # WAIT counts from the script's start ($SECONDS), the tree's copy and the first import of
-  # torch included, not by counting sleeps: a `start` with WAIT=470 counted that way ran past
-  # the device tool's 560 s and came back with no output (2026-12-03)
+  # torch included: a `start` with WAIT=470, counted from the first sleep, ran past the device
+  # tool's 560 s and came back with no output (2026-12-03, cause not found; use WAIT=420)
   while [ ! -e "$RUN/all.done" ] && [ "$SECONDS" -lt "$WAIT" ]; do
     sleep 5
   done
