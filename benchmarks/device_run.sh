@@ -111,6 +111,10 @@
 #   compileab the BERT-base compile serially and with 16 compile-ahead threads (~4 min)
 #   lft     fresh-process load -> first token of a 12-entry Llama-1B artifact
 #           (benchmarks/bench_load_first_token.py; also for the tree in .old when present)
+#   lintma  BERT-base's GEMMs (M 4096 and 1024): the persistent TMA linear over a sweep of tiles
+#           and modes against cuBLAS as kernl calls it (benchmarks/bench_linear_tma.py, ~4 min)
+#   tmatests the GPU tests of the linear kernels (the TMA one through Triton and through kernl's
+#           binaries in a graph) and of the binaries, and the sm_90 compile test
 #   profserve where the host's CPU goes in kernl's in-process encoder request path, by
 #           function (benchmarks/profile_serving_path.py under yappi, from .whl)
 set -uo pipefail
@@ -235,6 +239,10 @@ stage() {
       python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/yappi-*.whl &&
         PYTHONPATH=$PWD:/tmp/site timeout 300 python3 benchmarks/profile_serving_path.py \
           --switch-intervals 1,0.2 ;;
+    lintma) OUT=$RUN timeout 420 python3 benchmarks/bench_linear_tma.py ;;
+    tmatests) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=10 \
+      tests/kernels/test_linear_tma.py tests/kernels/test_fused_linear.py \
+      tests/kernels/test_pdl.py tests/runtime/test_missing_binary.py ;;
     *) echo "unknown stage $1" ;;
   esac
 }

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kernl.kernels.jit import made
-from kernl.kernels.launch import launching_with
+from kernl.kernels.launch import launching_with, triton_args
 
 ENV = "KERNL_COMPILE_THREADS"
 
@@ -88,7 +88,7 @@ def compile_ahead_calls(launch: Callable[[Any], Any], configs: list, threads: in
         return 0
 
     def compile_only(jit_fn, grid, a: tuple, kw: dict):
-        return made(jit_fn).warmup(*a, grid=grid, **kw)
+        return made(jit_fn).warmup(*triton_args(a), grid=grid, **kw)
 
     submitted = 0
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kernl-compile") as pool:

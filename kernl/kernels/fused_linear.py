@@ -4,7 +4,8 @@ W is stored [N, K] as in nn.Linear and read through its strides (no transpose co
 epilogue (bias, activation, residual) runs on the fp32 accumulator in registers, so the
 output makes one trip to memory instead of three and is rounded once. Programs are ordered in
 groups of GROUP_M row-blocks so that consecutive programs reuse the same W columns from L2.
-Any M and N; K must be a multiple of 8 (16-byte rows for fp16)."""
+Any M and N; K must be a multiple of 8 (16-byte rows for fp16). A config with `tma` set runs
+linear_tma.py's persistent TMA kernel instead (Hopper, large M; see `tma_linear_applies`)."""
 
 from __future__ import annotations
 
@@ -13,25 +14,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .activation import ACTIVATIONS, _activation, apply_activation
 from .jit import cdiv, jit, tl
 from .launch import launch_kernel
-
-ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
-
-
-@jit
-def _activation(y, ACTIVATION: tl.constexpr):
-    if ACTIVATION == "relu":
-        y = tl.maximum(y, 0.0)
-    elif ACTIVATION == "gelu":
-        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
-    elif ACTIVATION == "gelu_tanh":
-        # tanh(u) = 2 sigmoid(2u) - 1; saturates correctly at both ends
-        u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
-        y = 0.5 * y * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0))
-    elif ACTIVATION == "silu":
-        y = y / (1.0 + tl.exp(-y))
-    return y
+from .linear_tma import _linear_tma_kernel, linear_tma
 
 
 @jit
@@ -105,20 +91,6 @@ def _fused_linear_kernel(
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=out_mask)
 
 
-def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "none":
-        return y
-    if activation == "relu":
-        return torch.relu(y)
-    if activation == "gelu":
-        return F.gelu(y)
-    if activation == "gelu_tanh":
-        return F.gelu(y, approximate="tanh")
-    if activation == "silu":
-        return F.silu(y)
-    raise ValueError(f"unknown activation {activation!r}")
-
-
 def fused_linear_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -139,10 +111,17 @@ class LinearConfig:
     num_warps: int = 8
     num_stages: int = 3
     warp_specialize: bool = False  # Triton's warp-specialised pipelining of the K loop
+    # the persistent TMA kernel (linear_tma.py, Hopper): one program per SM walks the tiles
+    tma: bool = False
+    flatten: bool = False  # tma: the tile and K loops pipelined as one
+    split_epilogue: bool = False  # tma: the output stored in two half-width tiles
 
 
-def linear_configs() -> list[LinearConfig]:
-    """Tuning space (Hopper-leaning; the small tiles cover small M)."""
+def linear_configs(
+    x: torch.Tensor | None = None, weight: torch.Tensor | None = None
+) -> list[LinearConfig]:
+    """Tuning space (Hopper-leaning; the small tiles cover small M). Given the call's `x` and
+    `weight`, the persistent TMA kernel's configs join where it applies (tma_linear_applies)."""
     shapes = [
         (128, 256, 64, 8, 3),
         (256, 128, 64, 8, 3),
@@ -165,7 +144,42 @@ def linear_configs() -> list[LinearConfig]:
         # this kernel (tests/kernels/test_compile_for_hopper.py)
         LinearConfig(128, 256, 64, 8, 8, 3, True),
     ]
+    if x is not None and weight is not None and tma_linear_applies(x, weight):
+        out += tma_linear_configs()
     return out
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, warp_specialize, flatten, split_epilogue)
+_TMA = [
+    (128, 256, 64, 8, 3, False, True, True),
+    (128, 256, 64, 8, 3, True, False, True),
+    (128, 128, 64, 8, 4, False, True, False),
+    (128, 128, 64, 8, 4, True, False, False),
+]
+# rows from which the persistent kernel is offered: below, a grid of one program per tile
+# does not fill the SMs either, and nothing is left to overlap
+TMA_MIN_ROWS = 1024
+
+
+def tma_linear_configs() -> list[LinearConfig]:
+    return [
+        LinearConfig(bm, bn, bk, 8, w, s, ws, True, fl, sp) for bm, bn, bk, w, s, ws, fl, sp in _TMA
+    ]
+
+
+def tma_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The persistent TMA kernel's conditions: a Hopper GPU, 16-bit floats, at least
+    TMA_MIN_ROWS rows, rows of x and W that TMA can copy (contiguous, 16-byte aligned)."""
+    from .tma import tma_usable
+
+    if x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] != 9:
+        return False
+    if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
+        return False
+    K, N = x.shape[-1], weight.shape[0]
+    if K % 8 or N % 8 or x.numel() // max(K, 1) < TMA_MIN_ROWS:
+        return False
+    return tma_usable(x.reshape(-1, K), weight)
 
 
 def default_linear_config(M: int, N: int) -> LinearConfig:
@@ -199,6 +213,10 @@ def fused_linear(
     if out is None:
         out = torch.empty((*lead, N), dtype=x.dtype, device=x.device)
     out2 = out.view(-1, N)
+    if config.tma:
+        res = residual.reshape(-1, N) if residual is not None else None
+        linear_tma(x2, weight, bias, activation, res, out2, config)
+        return out
     res2 = residual.reshape(-1, N) if residual is not None else out2
     grid = (cdiv(M, config.BLOCK_M) * cdiv(N, config.BLOCK_N),)
     launch_kernel(
@@ -231,5 +249,6 @@ def fused_linear(
     return out
 
 
-JIT_FUNCTIONS = (_fused_linear_kernel,)
+JIT_FUNCTIONS = (_fused_linear_kernel, _linear_tma_kernel)
+__all__ = ["ACTIVATIONS", "apply_activation", "fused_linear", "fused_linear_reference"]
 CONFIG_TYPE = LinearConfig

@@ -23,6 +23,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from .jit import interpret_requested, is_made, made
+from .tma import TensorDesc
 
 # (kernel, grid, args, kwargs) -> whatever the launch returns
 Launcher = Callable[[Any, Any, tuple, dict], Any]
@@ -43,10 +44,18 @@ def launch_kernel(kernel, grid, *args, **kwargs) -> Any:
 def jit_launch(kernel, grid, args: tuple, kwargs: dict) -> Any:
     """Triton's own launch; interpreted launches one at a time per process."""
     kernel = made(kernel)
+    args = triton_args(args)
     if is_interpreted(kernel):
         with _interpreter_lock:
             return kernel[grid](*args, **kwargs)
     return kernel[grid](*args, **kwargs)
+
+
+def triton_args(args: tuple) -> tuple:
+    """A launch's arguments as Triton's JIT takes them: kernl's TMA descriptors as Triton's."""
+    if not any(isinstance(a, TensorDesc) for a in args):
+        return args
+    return tuple(a.to_triton() if isinstance(a, TensorDesc) else a for a in args)
 
 
 def is_interpreted(kernel) -> bool:

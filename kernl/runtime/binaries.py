@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from kernl.kernels.launch import is_interpreted, jit_launch, launching_with
+from kernl.kernels.tma import TensorDesc
 
 _LAUNCH_OPTIONS = (
     "num_warps",
@@ -103,6 +104,8 @@ def _ex_config(
 
 
 def _spec(value: Any) -> str:
+    if isinstance(value, TensorDesc):  # Triton specialises a descriptor on these alone
+        return f"desc<{str(value.base.dtype).removeprefix('torch.')}{list(value.block_shape)}>"
     if isinstance(value, torch.Tensor):
         return f"*{str(value.dtype).removeprefix('torch.')}:{'A' if value.data_ptr() % 16 == 0 else 'u'}"
     if isinstance(value, bool):
@@ -180,6 +183,82 @@ def _check(err: int, what: str) -> None:
         raise RuntimeError(f"{what} failed: CUDA error {err} ({(name.value or b'?').decode()})")
 
 
+# A TMA descriptor argument is stored as "nvTmaDesc:<swizzle>:<elem size>:<elem type>:<box>",
+# from Triton's tensordesc metadata, and followed by entries "<name>.shape.<i>" (i32) and
+# "<name>.strides.<i>" (i64): the parameters Triton's launcher passes after the CUtensorMap.
+_TMA_TYPE = "nvTmaDesc:"
+# cuda.h's enums as Triton's fill_tma_descriptor passes them; its device-side element type
+# numbering differs from the host's in three places (Triton's TMA_DTYPE_DEVICE_TO_HOST)
+_TMA_DTYPE_DEVICE_TO_HOST = {8: 10, 9: 8, 10: 9}
+_CU_TENSOR_MAP_INTERLEAVE_NONE = 0
+_CU_TENSOR_MAP_L2_PROMOTION_L2_128B = 2
+_CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE = 0
+
+
+def _tensor_map() -> ctypes.Array:
+    """Room for one CUtensorMap: 128 opaque bytes, 64-byte aligned (ctypes aligns less)."""
+    raw = ctypes.create_string_buffer(128 + 64)
+    offset = -ctypes.addressof(raw) % 64
+    return (ctypes.c_uint8 * 128).from_buffer(raw, offset)  # keeps `raw` alive
+
+
+def _bound_value(bound: dict[str, Any], name: str) -> Any:
+    """A kernel parameter's value; "<desc>.shape.<i>" and "<desc>.strides.<i>" read a
+    TensorDesc argument's fields."""
+    if "." not in name:
+        return bound[name]
+    arg, field, index = name.split(".")
+    return getattr(bound[arg], field)[int(index)]
+
+
+def tma_arg_types(name: str, signature: str, meta: dict | None) -> list[list[str]]:
+    """Build time: the stored parameters for one tensordesc argument of a compiled kernel."""
+    if meta is None or meta.get("fp4_padded"):
+        raise MissingBinaryError(f"{name}: a tensor descriptor not lowered to TMA cannot be stored")
+    box = "x".join(str(b) for b in meta["block_size"])
+    ty = f"{_TMA_TYPE}{meta['swizzle']}:{meta['elem_size']}:{meta['elem_type']}:{box}"
+    rank = len(meta["block_size"])
+    if signature.count(",") + 1 != rank:
+        raise MissingBinaryError(f"{name}: {signature} does not match its TMA box {box}")
+    out = [[name, ty]]
+    out += [[f"{name}.shape.{i}", "i32"] for i in range(rank)]
+    out += [[f"{name}.strides.{i}", "i64"] for i in range(rank)]
+    return out
+
+
+def encode_tensor_map(desc: TensorDesc, ty: str) -> ctypes.Array:
+    """The CUtensorMap of `desc` as Triton's launcher fills it (fill_tma_descriptor):
+    dimensions innermost first, byte strides of the outer ones, the compiled kernel's box."""
+    swizzle, elem_size, elem_type, box = ty[len(_TMA_TYPE) :].split(":")
+    elem_size, block = int(elem_size), [int(b) for b in box.split("x")]
+    if desc.base.element_size() != elem_size:
+        raise MissingBinaryError(f"a {desc.base.dtype} descriptor for a {ty} parameter")
+    rank = len(block)
+    dims = (ctypes.c_uint64 * rank)(*reversed(desc.shape))
+    strides = (ctypes.c_uint64 * rank)(*[s * elem_size for s in reversed(desc.strides[:-1])])
+    boxes = (ctypes.c_uint32 * rank)(*reversed(block))
+    ones = (ctypes.c_uint32 * rank)(*([1] * rank))
+    tensor_map = _tensor_map()
+    _check(
+        _cuda().cuTensorMapEncodeTiled(
+            ctypes.byref(tensor_map),
+            ctypes.c_int(_TMA_DTYPE_DEVICE_TO_HOST.get(int(elem_type), int(elem_type))),
+            ctypes.c_uint32(rank),
+            ctypes.c_void_p(desc.base.data_ptr()),
+            dims,
+            strides,
+            boxes,
+            ones,
+            ctypes.c_int(_CU_TENSOR_MAP_INTERLEAVE_NONE),
+            ctypes.c_int(int(swizzle)),
+            ctypes.c_int(_CU_TENSOR_MAP_L2_PROMOTION_L2_128B),
+            ctypes.c_int(_CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
+        ),
+        "cuTensorMapEncodeTiled",
+    )
+    return tensor_map
+
+
 class _Loaded:
     def __init__(self, spec: BinarySpec, cubin: bytes, device: torch.device):
         cu = _cuda()
@@ -230,10 +309,12 @@ class _Loaded:
         gx, gy, gz = grid
         if gx * gy * gz == 0:
             return
-        holders = []
+        holders: list = []
         for name, ty in self.spec.arg_types:
-            value = bound[name]
-            if ty.startswith("*"):
+            value = _bound_value(bound, name)
+            if ty.startswith(_TMA_TYPE):
+                holders.append(encode_tensor_map(value, ty))
+            elif ty.startswith("*"):
                 holders.append(ctypes.c_uint64(0 if value is None else value.data_ptr()))
             elif ty in _SCALAR_CTYPES:
                 holders.append(_SCALAR_CTYPES[ty](value))
@@ -374,11 +455,16 @@ def spec_from_compiled(key: str, kernel) -> tuple[BinarySpec, bytes]:
     signature = kernel.src.signature
     constants = {k[0] for k in getattr(kernel.src, "constants", {})}
     names = kernel.src.fn.arg_names
-    arg_types = [
-        [name, signature[name]]
-        for i, name in enumerate(names)
-        if signature[name] != "constexpr" and i not in constants
-    ]
+    tma_meta = list(getattr(md, "tensordesc_meta", None) or [])
+    arg_types = []
+    for i, name in enumerate(names):
+        if signature[name] == "constexpr" or i in constants:
+            continue
+        if signature[name].startswith("tensordesc"):
+            meta = tma_meta.pop(0) if tma_meta else None
+            arg_types += tma_arg_types(name, signature[name], meta)
+        else:
+            arg_types.append([name, signature[name]])
     spec = BinarySpec(
         key=key,
         function=md.name,

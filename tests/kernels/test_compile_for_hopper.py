@@ -1,7 +1,7 @@
 """The few-rows decode kernels (norm_linear_rope too) and decode attention compile for Hopper
 (sm_90) in every variant a decoder launches, and so do the encoder attention's configs (the
 short-key kernel's tile loop pipelined) and
-the warp-specialised linear ones, checked on the CPU: Triton's front end and ptxas
+the warp-specialised linear ones and the persistent TMA linear's, checked on the CPU: Triton's front end and ptxas
 run without a GPU, while the interpreter the other kernel tests use never compiles and so
 accepts Python that Triton rejects (it missed a LayerNorm variable that the split-K
 epilogue's loop redefined: every LayerNorm model with split-K failed to compile on the GPU,
@@ -238,6 +238,44 @@ def linear_compiles(config, activation, residual):
     _compile(_fused_linear_kernel, signature, constants, options, aligned)
 
 
+def linear_tma_compiles(config, activation, residual):
+    """The persistent TMA linear, and what kernl stores of it: each descriptor becomes a
+    CUtensorMap parameter (with the compiled kernel's TMA box) and its shape and strides."""
+    from kernl.kernels.linear_tma import _linear_tma_kernel
+    from kernl.runtime.binaries import spec_from_compiled
+
+    bm, bn, bk = config.BLOCK_M, config.BLOCK_N, config.BLOCK_K
+    out_n = bn // 2 if config.split_epilogue else bn
+    signature = {
+        "x_desc": f"tensordesc<fp16[{bm}, {bk}]>",
+        "w_desc": f"tensordesc<fp16[{bn}, {bk}]>",
+        "out_desc": f"tensordesc<fp16[{bm}, {out_n}]>",
+        "Bias": "*fp16",
+        "Residual": "*fp16",
+    }
+    signature |= dict.fromkeys(("M", "N", "K", "stride_rm", "num_programs"), "i32")
+    constants = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.GROUP_M)
+    constants |= dict(ACTIVATION=activation, HAS_BIAS=True, HAS_RESIDUAL=residual)
+    constants |= dict(SPLIT_EPILOGUE=config.split_epilogue, FLATTEN=config.flatten)
+    constants |= dict(WARP_SPECIALIZE=config.warp_specialize)
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    aligned = ("Bias", "Residual", "N", "K", "stride_rm")
+    compiled = _compile(_linear_tma_kernel, signature, constants, options, aligned)
+    spec, _ = spec_from_compiled("key", compiled)
+    types = dict(spec.arg_types)
+    for name in ("x_desc", "w_desc", "out_desc"):
+        assert types[name].startswith("nvTmaDesc:"), spec.arg_types
+        assert types[f"{name}.shape.1"] == "i32" and types[f"{name}.strides.0"] == "i64"
+    names = [n for n, _ in spec.arg_types]
+    assert names.index("x_desc.strides.1") + 1 == names.index("w_desc"), names
+
+
+def _linear_tma_variants():
+    from kernl.kernels.fused_linear import tma_linear_configs
+
+    return [(c, a, r) for c in tma_linear_configs() for a, r in (("gelu", False), ("none", True))]
+
+
 def _attention_variants():
     """Every config in BERT's variant (fp16, head dim 64, a padding bias), and the
     warp-specialised ones (Triton's warp specialiser failed on every 4-warp config until they
@@ -267,6 +305,7 @@ def main() -> int:
         (attention_compiles, _attention_variants()),
         (short_attention_compiles, _short_attention_variants()),
         (linear_compiles, _linear_warp_specialized_variants()),
+        (linear_tma_compiles, _linear_tma_variants()),
     ):
         for v in variants:
             try:
