@@ -115,12 +115,16 @@
 #           and modes against cuBLAS as kernl calls it (benchmarks/bench_linear_tma.py, ~4 min)
 #   tmatests the GPU tests of the linear kernels (the TMA one through Triton and through kernl's
 #           binaries in a graph) and of the binaries, and the sm_90 compile test
+#   servegen Llama-1B-shaped generation served through Ray Serve (1/16/64 clients, returned and
+#           streamed) against generate() of the same prompts in one process
+#           (benchmarks/bench_serving_gen_e2e.py; needs Ray: ray_on_device.sh install first)
 #   profserve where the host's CPU goes in kernl's in-process encoder request path, by
 #           function (benchmarks/profile_serving_path.py under yappi, from .whl)
 set -uo pipefail
 RUN=${KERNL_RUN_DIR:-/tmp/kernl-run}
 WAIT=${WAIT:-480}
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+# what `source benchmarks/ray_on_device.sh install` exported (Ray in /tmp/site) stays behind
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 stage() {
   case "$1" in
@@ -240,6 +244,8 @@ stage() {
         PYTHONPATH=$PWD:/tmp/site timeout 300 python3 benchmarks/profile_serving_path.py \
           --switch-intervals 1,0.2 ;;
     lintma) OUT=$RUN timeout 420 python3 benchmarks/bench_linear_tma.py ;;
+    servegen) timeout 540 python3 benchmarks/bench_serving_gen_e2e.py "$RUN/servegen" &&
+      cp "$RUN/servegen/"*.json "$RUN/servegen/"*.log "$RUN/" ;;
     tmatests) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=10 \
       tests/kernels/test_linear_tma.py tests/kernels/test_fused_linear.py \
       tests/kernels/test_pdl.py tests/runtime/test_missing_binary.py ;;

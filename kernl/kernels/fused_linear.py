@@ -5,7 +5,7 @@ epilogue (bias, activation, residual) runs on the fp32 accumulator in registers,
 output makes one trip to memory instead of three and is rounded once. Programs are ordered in
 groups of GROUP_M row-blocks so that consecutive programs reuse the same W columns from L2.
 Any M and N; K must be a multiple of 8 (16-byte rows for fp16). A config with `tma` set runs
-linear_tma.py's persistent TMA kernel instead (Hopper, large M; see `tma_linear_applies`)."""
+linear_tma.py's persistent TMA kernel instead (Hopper; not in the tuning space, see there)."""
 
 from __future__ import annotations
 
@@ -117,11 +117,11 @@ class LinearConfig:
     split_epilogue: bool = False  # tma: the output stored in two half-width tiles
 
 
-def linear_configs(
-    x: torch.Tensor | None = None, weight: torch.Tensor | None = None
-) -> list[LinearConfig]:
-    """Tuning space (Hopper-leaning; the small tiles cover small M). Given the call's `x` and
-    `weight`, the persistent TMA kernel's configs join where it applies (tma_linear_applies)."""
+def linear_configs() -> list[LinearConfig]:
+    """Tuning space (Hopper-leaning; the small tiles cover small M). The persistent TMA
+    kernel's configs (tma_linear_configs) are not in it: they lost to cuBLAS at every
+    BERT-base GEMM (H200, 2026-12-03, benchmarks/bench_linear_tma.py: 1.10-1.27x cuBLAS's
+    time at M = 4096, 1.10-1.53x at 1024), so offering them only lengthened compiles."""
     shapes = [
         (128, 256, 64, 8, 3),
         (256, 128, 64, 8, 3),
@@ -144,42 +144,27 @@ def linear_configs(
         # this kernel (tests/kernels/test_compile_for_hopper.py)
         LinearConfig(128, 256, 64, 8, 8, 3, True),
     ]
-    if x is not None and weight is not None and tma_linear_applies(x, weight):
-        out += tma_linear_configs()
     return out
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, warp_specialize, flatten, split_epilogue)
+# The persistent TMA kernel's fastest config at each of BERT-base's GEMMs at M = 4096 in the
+# sweep of bench_linear_tma.py (H200, 2026-12-03): QKV, O, FFN1 (erf GELU), FFN2, as
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, warp_specialize, flatten, split_epilogue).
+# A 128x256 tile with flatten, no split and a residual needs 240 KiB of shared memory at 3
+# stages, more than an SM has: such a config fails to compile, and a tuner would skip it.
 _TMA = [
-    (128, 256, 64, 8, 3, False, True, True),
-    (128, 256, 64, 8, 3, True, False, True),
-    (128, 128, 64, 8, 4, False, True, False),
-    (128, 128, 64, 8, 4, True, False, False),
+    (64, 256, 64, 4, 4, False, True, False),
+    (256, 128, 64, 8, 3, False, True, True),
+    (256, 128, 64, 8, 3, True, False, True),
+    (128, 256, 64, 8, 3, False, False, False),
 ]
-# rows from which the persistent kernel is offered: below, a grid of one program per tile
-# does not fill the SMs either, and nothing is left to overlap
-TMA_MIN_ROWS = 1024
 
 
 def tma_linear_configs() -> list[LinearConfig]:
+    """Configs of the persistent TMA kernel (linear_tma.py), for its tests and benchmark."""
     return [
         LinearConfig(bm, bn, bk, 8, w, s, ws, True, fl, sp) for bm, bn, bk, w, s, ws, fl, sp in _TMA
     ]
-
-
-def tma_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The persistent TMA kernel's conditions: a Hopper GPU, 16-bit floats, at least
-    TMA_MIN_ROWS rows, rows of x and W that TMA can copy (contiguous, 16-byte aligned)."""
-    from .tma import tma_usable
-
-    if x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] != 9:
-        return False
-    if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
-        return False
-    K, N = x.shape[-1], weight.shape[0]
-    if K % 8 or N % 8 or x.numel() // max(K, 1) < TMA_MIN_ROWS:
-        return False
-    return tma_usable(x.reshape(-1, K), weight)
 
 
 def default_linear_config(M: int, N: int) -> LinearConfig:

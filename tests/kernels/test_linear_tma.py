@@ -4,7 +4,6 @@ artifact's binaries (the CUtensorMap encoded by kernl, not by Triton), inside a 
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import pytest
@@ -16,7 +15,6 @@ from kernl.kernels.fused_linear import (
     fused_linear,
     fused_linear_reference,
     linear_configs,
-    tma_linear_applies,
     tma_linear_configs,
 )
 from kernl.kernels.tma import TensorDesc, tma_usable
@@ -72,13 +70,12 @@ def test_tensor_desc_refuses_what_tma_cannot_copy():
         TensorDesc(x, (8,))
 
 
-def test_tma_configs_join_only_where_they_apply():
-    x = torch.randn(2048, 64, dtype=torch.float16)
-    w = torch.randn(32, 64, dtype=torch.float16)
-    assert not tma_linear_applies(x, w)  # not on a GPU
-    assert not any(c.tma for c in linear_configs(x, w))
+def test_tma_configs_stay_out_of_the_tuning_space():
+    # measured slower than cuBLAS at every BERT-base GEMM (fused_linear.linear_configs)
     assert not any(c.tma for c in linear_configs())
-    assert all(c.tma and c.num_warps == 8 for c in tma_linear_configs())
+    configs = tma_linear_configs()
+    assert all(c.tma for c in configs)
+    assert all(c.num_warps == 8 for c in configs if c.warp_specialize)
 
 
 @pytest.mark.gpu
@@ -90,15 +87,6 @@ def test_gpu_tma_linear_bert_sizes(dtype, config):
 
 
 @pytest.mark.gpu
-def test_gpu_tma_configs_offered_at_large_rows_on_hopper():
-    x = torch.randn(4096, 768, dtype=torch.float16, device="cuda")
-    w = torch.randn(3072, 768, dtype=torch.float16, device="cuda")
-    hopper = torch.cuda.get_device_capability()[0] == 9
-    assert any(c.tma for c in linear_configs(x, w)) == hopper
-    assert not any(c.tma for c in linear_configs(x[:512], w))
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("mode", list(itertools.product((False, True), (False, True))))
 def test_gpu_tma_binaries_in_a_graph_equal_the_jit(mode):
     """Recorded at build time, launched from the cubin with kernl's own CUtensorMap, inside
@@ -107,9 +95,8 @@ def test_gpu_tma_binaries_in_a_graph_equal_the_jit(mode):
     from kernl.runtime import binaries as b
 
     flatten, split = mode
-    config = dataclasses.replace(
-        tma_linear_configs()[0], warp_specialize=False, flatten=flatten, split_epilogue=split
-    )
+    # a tile that fits shared memory in every mode (see fused_linear._TMA)
+    config = LinearConfig(128, 128, 64, 8, 8, 4, False, True, flatten, split)
     M, N, K = 1000, 768, 3072
     x = torch.randn(M, K, dtype=torch.float16, device="cuda")
     w = torch.randn(N, K, dtype=torch.float16, device="cuda") / K**0.5
