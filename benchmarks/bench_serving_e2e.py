@@ -1,6 +1,9 @@
 """GPU script for a machine WITH Ray Serve (`kernl[serve]`): BERT-base fp16 (random weights,
 BertConfig()) compiled for batch=1,8,16,64 seq=128, then
   direct    kernl.runtime.load(...) called with CPU tensors of (batch, 128), outputs to CPU;
+  threads   1 / 16 / 64 threads of one process, each calling that model with one 128-token
+            sequence at a time (CPU in, pooler output out): the same clients with no server,
+            every call batch 1;
   layer     kernl.serving's request path in one process, no Ray or HTTP: N JSON bodies
             parsed, served by encoder.serve_batch_bytes (the deployment's call, answers
             encoded to the bytes the server sends; N = batch);
@@ -100,6 +103,8 @@ def main():
         results["direct"].append(summary(timed(call, 100), b))
         print("direct", results["direct"][-1], flush=True)
 
+    results["threads"] = [direct_threads(model, c, g) for c in (1, 16, 64)]
+
     limits = ModelLimits(
         model.manifest.inputs, model.output_names, list(model.buckets), 30522, max_rows=64
     )
@@ -129,6 +134,41 @@ def main():
             ingress, replicas = spec.split(":")
             results["serve"][spec] = serve_run(art, ingress, int(replicas))
     (OUT / "serve_bench.json").write_text(json.dumps(results, indent=1))
+
+
+def direct_threads(model, clients: int, g: torch.Generator) -> dict:
+    """`clients` threads each calling `model` on one sequence, one call after another."""
+    import threading
+
+    calls = {1: 300, 16: 30, 64: 10}[clients]
+    ids = [torch.randint(5, 30000, (1, SEQ), generator=g) for _ in range(clients)]
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        for i in range(calls):
+            t = time.perf_counter()
+            model(input_ids=ids[k])["pooler_output"].cpu()
+            if i:
+                with lock:
+                    latencies.append(time.perf_counter() - t)
+
+    client(0)  # warm
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    start = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    secs = time.perf_counter() - start
+    row = {
+        "clients": clients,
+        "sequences_per_s": clients * calls / secs,
+        "p50_ms": 1000 * percentile(latencies, 0.5),
+        "p99_ms": 1000 * percentile(latencies, 0.99),
+    }
+    print("threads", row, flush=True)
+    return row
 
 
 def serve_run(art: Path, ingress: str, replicas: int) -> dict:

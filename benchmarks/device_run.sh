@@ -118,6 +118,9 @@
 #   servegen Llama-1B-shaped generation served through Ray Serve (1/16/64 clients, returned and
 #           streamed) against generate() of the same prompts in one process
 #           (benchmarks/bench_serving_gen_e2e.py; needs Ray: ray_on_device.sh install first)
+#   servebert BERT-base served through Ray Serve (HAProxy, 1 and 2 replicas; 1/16/64 clients)
+#           against direct calls: one batch, and 1/16/64 threads calling the model in one process
+#           (benchmarks/bench_serving_e2e.py; needs Ray: ray_on_device.sh install first)
 #   profserve where the host's CPU goes in kernl's in-process encoder request path, by
 #           function (benchmarks/profile_serving_path.py under yappi, from .whl)
 set -uo pipefail
@@ -246,6 +249,8 @@ stage() {
     lintma) OUT=$RUN timeout 420 python3 benchmarks/bench_linear_tma.py ;;
     servegen) timeout 540 python3 benchmarks/bench_serving_gen_e2e.py "$RUN/servegen" &&
       cp "$RUN/servegen/"*.json "$RUN/servegen/"*.log "$RUN/" ;;
+    servebert) timeout 540 python3 benchmarks/bench_serving_e2e.py "$RUN/servebert" \
+      --servers haproxy:1,haproxy:2 && cp "$RUN/servebert/"* "$RUN/" ;;
     tmatests) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=10 \
       tests/kernels/test_linear_tma.py tests/kernels/test_fused_linear.py \
       tests/kernels/test_pdl.py tests/runtime/test_missing_binary.py ;;
