@@ -70,6 +70,7 @@ def summary(times, batch):
 
 
 def main():
+    OUT.mkdir(parents=True, exist_ok=True)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     try:
         import ray  # noqa: F401
