@@ -121,6 +121,8 @@
 #   servebert BERT-base served through Ray Serve (HAProxy, 1 and 2 replicas; 1/16/64 clients)
 #           against direct calls: one batch, and 1/16/64 threads calling the model in one process
 #           (benchmarks/bench_serving_e2e.py; needs Ray: ray_on_device.sh install first)
+#   ltalgos BERT-base's linears through cuBLASLt with every algorithm its heuristic offers,
+#           against torch's call (benchmarks/bench_cublaslt_algos.py, ~2 min)
 #   profserve where the host's CPU goes in kernl's in-process encoder request path, by
 #           function (benchmarks/profile_serving_path.py under yappi, from .whl)
 set -uo pipefail
@@ -251,6 +253,7 @@ stage() {
       cp "$RUN/servegen/"*.json "$RUN/servegen/"*.log "$RUN/" ;;
     servebert) timeout 540 python3 benchmarks/bench_serving_e2e.py "$RUN/servebert" \
       --servers haproxy:1,haproxy:2 && cp "$RUN/servebert/"* "$RUN/" ;;
+    ltalgos) OUT=$RUN timeout 300 python3 benchmarks/bench_cublaslt_algos.py ;;
     tmatests) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=10 \
       tests/kernels/test_linear_tma.py tests/kernels/test_fused_linear.py \
       tests/kernels/test_pdl.py tests/runtime/test_missing_binary.py ;;
