@@ -7,7 +7,7 @@ call kernl makes today (torch's addmm / _addmm_activation, the heuristic's first
 Per GEMM (QKV, O, FFN1 with cuBLASLt's bias + GELU epilogue, FFN2; bias on all) and M
 (4096: 32x128 and 8x512; 1024: 8x128; 128: 1x128): torch's call, then every algorithm of
 `cublasLtMatmulAlgoGetHeuristic` (up to --count, 32 MiB of workspace allowed) through
-kernl/runtime/cublaslt.py. Each output is compared with torch's first (max |diff|); times
+benchmarks/cublaslt_ctypes.py. Each output is compared with torch's first (max |diff|); times
 are medians of CUDA-graph replays (bench_utils.median_ms), so a memset an algorithm adds and
 the idle after it count."""
 
@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cublaslt_ctypes as cublaslt  # noqa: E402
 from bench_utils import device_info, median_ms  # noqa: E402
-
-from kernl.runtime import cublaslt  # noqa: E402
 
 GEMMS = {"QKV": (2304, 768, "bias"), "O": (768, 768, "bias"), "FFN1": (3072, 768, "gelu_bias"),
          "FFN2": (768, 3072, "bias")}  # fmt: skip
