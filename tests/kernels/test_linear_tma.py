@@ -122,3 +122,26 @@ def test_gpu_tma_binaries_in_a_graph_equal_the_jit(mode):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, want)
+
+
+def test_a_descriptor_parameter_as_a_binary_stores_it():
+    """What kernl stores for a tensordesc parameter (and what a launch reads back), on the
+    CPU; the launch itself is test_gpu_tma_binaries_in_a_graph_equal_the_jit."""
+    from kernl.runtime import binaries as b
+
+    meta = dict(swizzle=3, elem_size=2, elem_type=6, block_size=[128, 64], fp4_padded=False)
+    assert b.tma_arg_types("x_desc", "tensordesc<fp16[128, 64]>", meta) == [
+        ["x_desc", "nvTmaDesc:3:2:6:128x64"],
+        ["x_desc.shape.0", "i32"],
+        ["x_desc.shape.1", "i32"],
+        ["x_desc.strides.0", "i64"],
+        ["x_desc.strides.1", "i64"],
+    ]
+    with pytest.raises(b.MissingBinaryError, match="not lowered to TMA"):
+        b.tma_arg_types("x_desc", "tensordesc<fp16[128, 64]>", None)
+    with pytest.raises(b.MissingBinaryError, match="does not match"):
+        b.tma_arg_types("x_desc", "tensordesc<fp16[8, 128, 64]>", meta)
+    desc = TensorDesc(torch.empty(300, 64, dtype=torch.float16), (128, 64))
+    assert b._bound_value({"x_desc": desc}, "x_desc.shape.0") == 300
+    assert b._bound_value({"x_desc": desc}, "x_desc.strides.0") == 64
+    assert b._spec(desc) == "desc<float16[128, 64]>"
