@@ -200,7 +200,13 @@ def fused_linear(
     out2 = out.view(-1, N)
     if config.tma:
         res = residual.reshape(-1, N) if residual is not None else None
-        linear_tma(x2, weight, bias, activation, res, out2, config)
+        linear_tma(
+            x2, weight, bias, activation, res, out2,
+            block=(config.BLOCK_M, config.BLOCK_N, config.BLOCK_K), group_m=config.GROUP_M,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+            warp_specialize=config.warp_specialize, flatten=config.flatten,
+            split_epilogue=config.split_epilogue,
+        )  # fmt: skip
         return out
     res2 = residual.reshape(-1, N) if residual is not None else out2
     grid = (cdiv(M, config.BLOCK_M) * cdiv(N, config.BLOCK_N),)

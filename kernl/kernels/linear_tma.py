@@ -17,17 +17,12 @@ go through plain loads. The reference is fused_linear.py's `fused_linear_referen
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from .activation import _activation
 from .jit import cdiv, jit, tl
 from .launch import launch_kernel
 from .tma import TensorDesc
-
-if TYPE_CHECKING:
-    from .fused_linear import LinearConfig
 
 
 @jit
@@ -137,14 +132,21 @@ def linear_tma(
     activation: str,
     res2: torch.Tensor | None,
     out2: torch.Tensor,
-    config: LinearConfig,
+    *,
+    block: tuple[int, int, int],
+    group_m: int,
+    num_warps: int,
+    num_stages: int,
+    warp_specialize: bool = False,
+    flatten: bool = False,
+    split_epilogue: bool = False,
 ) -> torch.Tensor:
-    """out2 [M, N] = activation(x2 [M, K] @ weight.T + bias) (+ res2), `config` a
-    fused_linear.LinearConfig with `tma` set; fused_linear.fused_linear calls it."""
+    """out2 [M, N] = activation(x2 [M, K] @ weight.T + bias) (+ res2); `block` is (BLOCK_M,
+    BLOCK_N, BLOCK_K). fused_linear.fused_linear calls it for a LinearConfig with `tma` set."""
     M, K = x2.shape
     N = weight.shape[0]
-    bm, bn, bk = config.BLOCK_M, config.BLOCK_N, config.BLOCK_K
-    out_block = (bm, bn // 2 if config.split_epilogue else bn)
+    bm, bn, bk = block
+    out_block = (bm, bn // 2 if split_epilogue else bn)
     tiles = cdiv(M, bm) * cdiv(N, bn)
     programs = min(tiles, program_count(x2.device))
     launch_kernel(
@@ -163,15 +165,15 @@ def linear_tma(
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
-        GROUP_M=config.GROUP_M,
+        GROUP_M=group_m,
         ACTIVATION=activation,
         HAS_BIAS=bias is not None,
         HAS_RESIDUAL=res2 is not None,
-        SPLIT_EPILOGUE=config.split_epilogue,
-        FLATTEN=config.flatten,
-        WARP_SPECIALIZE=config.warp_specialize,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        SPLIT_EPILOGUE=split_epilogue,
+        FLATTEN=flatten,
+        WARP_SPECIALIZE=warp_specialize,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out2
 
