@@ -241,5 +241,4 @@ def fused_linear(
 
 
 JIT_FUNCTIONS = (_fused_linear_kernel, _linear_tma_kernel)
-__all__ = ["ACTIVATIONS", "apply_activation", "fused_linear", "fused_linear_reference"]
 CONFIG_TYPE = LinearConfig
