@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .jit import cdiv, jit, next_power_of_2, tl
-from .launch import launch_kernel
+from .launch import launch_kernel, sm_count
 
 
 @jit
@@ -147,22 +147,6 @@ def _short_attention_kernel(
         )
 
 
-_sm_counts: dict[int, int] = {}
-
-# Programs per "SM" where there is no GPU (the interpreter): few, so that tests walk several
-# tiles per program as the GPU's persistent grid does.
-_CPU_SMS = 2
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _CPU_SMS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_counts:
-        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _sm_counts[index]
-
-
 def short_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -189,7 +173,7 @@ def short_attention(
         raise ValueError(f"programs_per_sm must be 1 or more, not {programs_per_sm}")
     num_m_blocks = cdiv(Lq, block_m)
     num_tiles = B * H * num_m_blocks
-    programs = max(1, min(num_tiles, programs_per_sm * _sm_count(q.device)))
+    programs = max(1, min(num_tiles, programs_per_sm * sm_count(q.device)))
     if bias is not None:
         bias_strides = list(bias.stride())
     else:

@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
+import torch
+
 from .jit import interpret_requested, is_made, made
 from .tma import TensorDesc
 
@@ -56,6 +58,22 @@ def triton_args(args: tuple) -> tuple:
     if not any(isinstance(a, TensorDesc) for a in args):
         return args
     return tuple(a.to_triton() if isinstance(a, TensorDesc) else a for a in args)
+
+
+_sm_counts: dict[int, int] = {}
+# "SMs" where there is no GPU (the interpreter): few, so that tests of a persistent grid walk
+# several tiles per program as the GPU's grid does
+_CPU_SMS = 2
+
+
+def sm_count(device: torch.device) -> int:
+    """The SMs a persistent grid spreads over on `device` (cached per device)."""
+    if device.type != "cuda":
+        return _CPU_SMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]
 
 
 def is_interpreted(kernel) -> bool:

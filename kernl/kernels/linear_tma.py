@@ -21,7 +21,7 @@ import torch
 
 from .activation import _activation
 from .jit import cdiv, jit, tl
-from .launch import launch_kernel
+from .launch import launch_kernel, sm_count
 from .tma import TensorDesc
 
 
@@ -112,19 +112,6 @@ def _linear_tma_kernel(
                       pid_n * BLOCK_N, BLOCK_M, BLOCK_N, ACTIVATION, HAS_BIAS, HAS_RESIDUAL)  # fmt: skip
 
 
-_sm_counts: dict[int, int] = {}
-_CPU_PROGRAMS = 3  # the interpreter: few programs, so that each walks several tiles
-
-
-def program_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _CPU_PROGRAMS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_counts:
-        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _sm_counts[index]
-
-
 def linear_tma(
     x2: torch.Tensor,
     weight: torch.Tensor,
@@ -148,7 +135,7 @@ def linear_tma(
     bm, bn, bk = block
     out_block = (bm, bn // 2 if split_epilogue else bn)
     tiles = cdiv(M, bm) * cdiv(N, bn)
-    programs = min(tiles, program_count(x2.device))
+    programs = min(tiles, sm_count(x2.device))
     launch_kernel(
         _linear_tma_kernel,
         (programs,),
