@@ -1,13 +1,16 @@
 """Shared by the serving benchmarks (bench_serving_direct.py on the GPU,
 bench_serving_ray_overhead.py on the CPU): kernl's encoder request path in one process
 without Ray (the deployment's own BatchGatherer), and a stub BERT-base-shaped encoder that
-prices the request path's host work alone (host_cost)."""
+prices the request path's host work alone (host_cost); `run_clients`, threads of this process
+as concurrent clients (bench_serving_e2e.py, bench_serving_gen_e2e.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -143,3 +146,14 @@ def host_cost(
         "total_us": median(parse_s) + median(serve_s),
         "answer_bytes": sizes // requests,
     }
+
+
+def run_clients(client: Callable[[int], None], clients: int) -> float:
+    """Runs client(k) for k < clients on as many threads at once; the wall seconds."""
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    start = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return time.perf_counter() - start

@@ -30,6 +30,10 @@ import transformers as T
 
 import kernl.compiler
 import kernl.runtime
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_serving_common import run_clients  # noqa: E402
+
 from kernl.serving.encoder import serve_batch_bytes
 from kernl.serving.loadgen import percentile
 from kernl.serving.protocol import ModelLimits, parse_request
@@ -155,13 +159,7 @@ def direct_threads(model, clients: int, g: torch.Generator) -> dict:
                     latencies.append(time.perf_counter() - t)
 
     client(0)  # warm
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    start = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    secs = time.perf_counter() - start
+    secs = run_clients(client, clients)
     row = {
         "clients": clients,
         "sequences_per_s": clients * calls / secs,

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_serving_common import run_clients  # noqa: E402
 from shapes import llama_1b_config  # noqa: E402
 
 import kernl.compiler  # noqa: E402
@@ -145,13 +146,7 @@ def load(port: int, prompts: list[list[int]], clients: int, per_client: int, new
                 if i:
                     latencies.append(time.perf_counter() - t)
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    start = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    secs = time.perf_counter() - start
+    secs = run_clients(client, clients)
     return {
         "clients": clients,
         "stream": stream,

@@ -25,13 +25,12 @@ class TensorDesc:
     block_shape: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        t, size = self.base, self.base.element_size()
+        t = self.base
         if t.dim() != len(self.block_shape) or not 1 <= t.dim() <= 5:
             raise ValueError(f"a {t.dim()}-d tensor with a {len(self.block_shape)}-d block")
-        if t.stride(-1) != 1 or any(s * size % 16 for s in t.stride()[:-1]):
-            raise ValueError(f"strides {t.stride()} are not TMA's (16-byte rows, last axis 1)")
-        if t.device.type == "cuda" and t.data_ptr() % 16:
-            raise ValueError("a TMA tensor must start 16-byte aligned")
+        refusal = _tma_refusal(t)
+        if refusal:
+            raise ValueError(refusal)
 
     @property
     def shape(self) -> list[int]:
@@ -48,12 +47,16 @@ class TensorDesc:
         return TensorDescriptor(self.base, self.shape, self.strides, list(self.block_shape))
 
 
+def _tma_refusal(t: torch.Tensor) -> str | None:
+    """Why TMA cannot copy tiles of `t`, or None."""
+    size = t.element_size()
+    if t.stride(-1) != 1 or any(s * size % 16 for s in t.stride()[:-1]):
+        return f"strides {t.stride()} are not TMA's (16-byte rows, last axis 1)"
+    if t.device.type == "cuda" and t.data_ptr() % 16:
+        return "a TMA tensor must start 16-byte aligned"
+    return None
+
+
 def tma_usable(*tensors: torch.Tensor) -> bool:
     """Whether every tensor can be a `TensorDesc` base (contiguous last axis, aligned)."""
-    for t in tensors:
-        size = t.element_size()
-        if t.stride(-1) != 1 or any(s * size % 16 for s in t.stride()[:-1]):
-            return False
-        if t.device.type == "cuda" and t.data_ptr() % 16:
-            return False
-    return True
+    return all(_tma_refusal(t) is None for t in tensors)
