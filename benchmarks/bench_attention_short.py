@@ -1,6 +1,7 @@
 """BERT's encoder attention as a compiled model runs it, every candidate of the tuner timed in
 one process (issue 14): attention.py's flash kernel (one program per query block) against
-attention_short.py's persistent, tile-pipelined kernel (every key in one block), and SDPA.
+attention_short.py's persistent, tile-pipelined kernel (every key in one block), against
+attention_tma.py's persistent kernel whose tiles move by TMA, and SDPA.
 
     python benchmarks/bench_attention_short.py            # JSON lines, then a summary table
 
@@ -24,7 +25,7 @@ from bench_utils import device_info, median_ms  # noqa: E402
 
 from kernl.kernels.attention import attention, attention_configs, attention_reference  # noqa: E402
 
-SHAPES = [(1, 16), (1, 128), (8, 16), (8, 128), (32, 16), (32, 128), (4, 256)]
+SHAPES = [(1, 16), (1, 128), (8, 16), (8, 128), (32, 16), (32, 128), (4, 256), (8, 512)]
 H, D = 12, 64
 
 
@@ -52,8 +53,8 @@ def main() -> None:
             lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask)
         )
         best: dict[str, tuple[float, str]] = {}
-        for config in attention_configs(k):
-            kind = "short" if config.programs_per_sm else "flash"
+        for config in attention_configs(k, False, q, v):
+            kind = "tma" if config.tma else "short" if config.programs_per_sm else "flash"
             scale = 1 / math.sqrt(D)
 
             def run(c=config):
@@ -81,14 +82,19 @@ def main() -> None:
             if us == us and (kind not in best or us < best[kind][0]):
                 best[kind] = (us, str(config))
         summary.append((f"{batch}x{seq}", best, sdpa * 1000))
-    print("\n| shape | flash best µs | short best µs | short / flash | SDPA µs | short config |")
+    print("\n| shape | flash best µs | short best µs | TMA best µs | TMA / best other | SDPA µs |")
     print("|---|---|---|---|---|---|")
+    nan = (float("nan"), "")
     for shape, best, sdpa_us in summary:
-        flash, short = best.get("flash", (float("nan"), "")), best.get("short", (float("nan"), ""))
+        flash, short, tma = (best.get(kind, nan) for kind in ("flash", "short", "tma"))
+        other = min(flash[0], short[0]) if short[0] == short[0] else flash[0]
         print(
-            f"| {shape} | {flash[0]:.2f} | {short[0]:.2f} | {short[0] / flash[0]:.3f} | "
-            f"{sdpa_us:.2f} | {short[1].removeprefix('AttentionConfig')} |"
+            f"| {shape} | {flash[0]:.2f} | {short[0]:.2f} | {tma[0]:.2f} | "
+            f"{tma[0] / other:.3f} | {sdpa_us:.2f} |"
         )
+    for shape, best, _ in summary:
+        for kind, (us, config) in sorted(best.items()):
+            print(f"{shape} best {kind}: {us:.2f} µs {config.removeprefix('AttentionConfig')}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention_short import _short_attention_kernel, short_attention
+from .attention_tma import _tma_attention_kernel, attention_tma_refusal, tma_attention
 from .jit import cdiv, jit, next_power_of_2, tl
 from .launch import launch_kernel
 
@@ -316,6 +317,8 @@ class AttentionConfig:
     # > 0: attention_short.py's persistent kernel, this many programs per SM (every key in one
     # BLOCK_N block, non-causal); 0: this file's kernel, one program per query block
     programs_per_sm: int = 0
+    # attention_tma.py's persistent kernel (Hopper; non-causal), programs_per_sm programs per SM
+    tma: bool = False
 
 
 # (BLOCK_M, num_warps, num_stages, programs_per_sm) of the short-key kernel, for keys of up to
@@ -323,12 +326,24 @@ class AttentionConfig:
 _SHORT = [(16, 4, 2, 4), (16, 4, 2, 8), (32, 4, 2, 4), (64, 4, 2, 2), (64, 4, 3, 2)]
 _SHORT += [(64, 4, 2, 4), (128, 8, 2, 1), (128, 8, 2, 2)]
 _SHORT_256 = [(32, 4, 2, 4), (64, 8, 2, 2), (128, 8, 2, 1)]
+# (BLOCK_M, num_warps, num_stages, programs_per_sm) of the TMA kernel where every key fits one
+# block (the tile loop pipelined), and (BLOCK_M, BLOCK_N, ...) where the keys stream in blocks
+_TMA_ONE_BLOCK = [(64, 4, 2, 2), (64, 4, 3, 2), (64, 4, 2, 4), (128, 8, 2, 1), (128, 8, 3, 1)]
+_TMA_ONE_BLOCK += [(128, 8, 2, 2), (128, 4, 2, 1)]
+_TMA_STREAM = [(128, 64, 8, 3, 1), (128, 128, 8, 2, 1), (128, 64, 8, 3, 2), (128, 64, 4, 3, 1)]
+_TMA_STREAM += [(64, 64, 4, 3, 2), (128, 128, 8, 3, 1)]
 
 
-def attention_configs(k: torch.Tensor | None = None, causal: bool = False) -> list[AttentionConfig]:
+def attention_configs(
+    k: torch.Tensor | None = None,
+    causal: bool = False,
+    q: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+) -> list[AttentionConfig]:
     """Tuning space; the compiler benchmarks these per shape and stores the winner. Given the
     call's keys `k` ([B, H_kv, Lk, D]) and `causal`, the short-key kernel's configs join where
-    every key fits one block (Lk <= 256, non-causal: an encoder's attention)."""
+    every key fits one block (Lk <= 256, non-causal: an encoder's attention); given q and v
+    too, the TMA kernel's where its descriptors can see them (non-causal, on a GPU with TMA)."""
     out = []
     for bm, bn, w, s in [
         (128, 64, 8, 3),
@@ -352,7 +367,26 @@ def attention_configs(k: torch.Tensor | None = None, causal: bool = False) -> li
         for bm, w, s, per_sm in _SHORT if block_n <= 128 else _SHORT_256:
             if bm <= max(16, block_n):  # query blocks no wider than the keys (Lq ~ Lk here)
                 out.append(AttentionConfig(bm, block_n, w, s, False, per_sm))
+    if kv_len is not None and q is not None and v is not None and _tma_fits(q, k, v, causal):
+        block_n = max(16, next_power_of_2(kv_len))
+        if block_n <= 128:
+            tma = [(bm, block_n, w, s, per_sm) for bm, w, s, per_sm in _TMA_ONE_BLOCK]
+        else:
+            tma = _TMA_STREAM
+        for bm, bn, w, s, per_sm in tma:
+            if bm <= max(64, next_power_of_2(q.shape[2])):
+                out.append(AttentionConfig(bm, bn, w, s, False, per_sm, tma=True))
     return out
+
+
+def _tma_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> bool:
+    """Whether the TMA kernel takes these tensors (the output as kernl_ops writes it), on a
+    GPU that has TMA (Hopper or later)."""
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return False  # tf32 dots with a transposed shared operand: not worth offering
+    return attention_tma_refusal(q, k, v, None, causal, 64, 64) is None
 
 
 def default_attention_config(head_dim: int = 64, kv_len: int = 4096) -> AttentionConfig:
@@ -397,6 +431,23 @@ def attention(
         bias_strides = list(bias.stride())
     else:
         bias, bias_strides = q, [0, 0, 0, 0]  # never read: HAS_BIAS is False
+    if config.tma:
+        if causal:
+            raise ValueError("the TMA attention kernel (tma=True) is not causal")
+        return tma_attention(
+            q,
+            k,
+            v,
+            out,
+            sm_scale=sm_scale,
+            bias=bias if has_bias else None,
+            kv_lens=kv_lens,
+            block_m=config.BLOCK_M,
+            block_n=config.BLOCK_N,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+            programs_per_sm=config.programs_per_sm or 1,
+        )
     if config.programs_per_sm:
         if causal:
             raise ValueError("the short-key attention kernel (programs_per_sm > 0) is not causal")
@@ -451,5 +502,5 @@ def attention(
     return out
 
 
-JIT_FUNCTIONS = (_attention_fwd_kernel, _short_attention_kernel)
+JIT_FUNCTIONS = (_attention_fwd_kernel, _short_attention_kernel, _tma_attention_kernel)
 CONFIG_TYPE = AttentionConfig

@@ -1,6 +1,6 @@
 """The few-rows decode kernels (norm_linear_rope too) and decode attention compile for Hopper
 (sm_90) in every variant a decoder launches, and so do the encoder attention's configs (the
-short-key kernel's tile loop pipelined) and
+short-key kernel's tile loop pipelined, the TMA kernel's copies) and
 the warp-specialised linear ones and the persistent TMA linear's, checked on the CPU: Triton's front end and ptxas
 run without a GPU, while the interpreter the other kernel tests use never compiles and so
 accepts Python that Triton rejects (it missed a LayerNorm variable that the split-K
@@ -279,6 +279,50 @@ def _linear_tma_variants():
     return [(c, a, r) for c in tma_linear_configs() for a, r in (("gelu", True), ("none", True))]
 
 
+def tma_attention_compiles(config, keys, bias_per_key):
+    """The TMA attention (attention_tma.py) as BERT launches it: q, k, v and out through 3-d
+    descriptors, heads side by side in a row; kernl stores each as a CUtensorMap parameter."""
+    from kernl.kernels.attention_tma import _tma_attention_kernel
+    from kernl.runtime.binaries import spec_from_compiled
+
+    bm, bn = config.BLOCK_M, config.BLOCK_N
+    signature = {f"{t}_desc": f"tensordesc<fp16[1, {bm}, 64]>" for t in ("q", "o")}
+    signature |= {f"{t}_desc": f"tensordesc<fp16[1, {bn}, 64]>" for t in ("k", "v")}
+    signature |= {"Bias": "*fp32", "KVLens": "*i32", "sm_scale": "fp32"}
+    names = ("Lq", "Lk", "num_heads", "group_size", "num_m_blocks", "num_tiles")
+    signature |= dict.fromkeys(names, "i32")
+    signature |= {f"stride_bias{d}": "i32" for d in "bhmn"}
+    constants = dict(HEAD_DIM=64, BLOCK_M=bm, BLOCK_N=bn, Q_IN_ROW=True, KV_IN_ROW=True)
+    constants |= dict(O_IN_ROW=True, ONE_BLOCK=keys <= bn, HAS_BIAS=True)
+    constants |= dict(BIAS_PER_KEY=bias_per_key, HAS_KV_LENS=False, MASKED=keys % bn != 0)
+    constants |= dict(NUM_STAGES=config.num_stages)
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    compiled = _compile(_tma_attention_kernel, signature, constants, options, ("Bias",))
+    assert compiled.metadata.shared <= 232448, compiled.metadata.shared
+    spec, _ = spec_from_compiled("key", compiled)
+    types = dict(spec.arg_types)
+    for name in ("q_desc", "k_desc", "v_desc", "o_desc"):
+        assert types[name].startswith("nvTmaDesc:"), spec.arg_types
+    # the tiles come in by TMA: one bulk tensor copy per operand at least
+    assert compiled.asm["ptx"].count("cp.async.bulk.tensor") >= 4, "no TMA copies"
+
+
+def _tma_attention_variants():
+    """Every TMA config at BERT's key lengths (128: one block, 512: streamed) with its padding
+    mask, and a full bias at 100 keys (a ragged block)."""
+    import torch
+
+    from kernl.kernels.attention import attention_configs
+
+    found = []
+    for keys in (128, 512, 100):
+        qkv = torch.empty(1, keys, 3, 12, 64, dtype=torch.float16, device="meta")
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        configs = [c for c in attention_configs(k, False, q, v) if c.tma]
+        found += [(c, keys, keys != 100) for c in (configs if keys != 100 else configs[:2])]
+    return found
+
+
 def _attention_variants():
     """Every config in BERT's variant (fp16, head dim 64, a padding bias), and the
     warp-specialised ones (Triton's warp specialiser failed on every 4-warp config until they
@@ -309,6 +353,7 @@ def main() -> int:
         (short_attention_compiles, _short_attention_variants()),
         (linear_compiles, _linear_warp_specialized_variants()),
         (linear_tma_compiles, _linear_tma_variants()),
+        (tma_attention_compiles, _tma_attention_variants()),
     ):
         for v in variants:
             try:
