@@ -60,8 +60,7 @@
 #   attshort BERT's encoder attention, every tuning candidate timed: the flash kernel against the
 #           short-key persistent kernel and the TMA one, and SDPA
 #           (benchmarks/bench_attention_short.py, ~1.5 min)
-#   atttma  the GPU tests of the TMA attention, the short-key one, the TMA linear, the norms
-#           (the chunked one too) and e2e (~2.5 min)
+#   atttma  the GPU tests of the TMA attention, the short-key one, the TMA linear and e2e
 #   profbert the `bertc` artifact's kernel time by kernel name at 32x128, 8x512, 8x128, 1x128
 #           (benchmarks/profile_bert_kernels.py; after `bert` or `bertc`)
 #   coldwarm the cold start as shipped and in a process that loaded and ran the artifact once
@@ -153,8 +152,7 @@ stage() {
       tests/e2e tests/runtime tests/compiler tests/artifacts tests/kernels/test_attention.py \
       tests/kernels/test_norm.py tests/kernels/test_fused_linear.py \
       tests/kernels/test_bert_embeddings.py tests/kernels/test_attention_short.py \
-      tests/kernels/test_attention_tma.py tests/kernels/test_norm_chunked.py \
-      -k "not process_sharing" ;;
+      tests/kernels/test_attention_tma.py -k "not process_sharing" ;;
     bertro) timeout 300 python3 benchmarks/bench_bert_artifact_vs_ro.py \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     abmask) OUT=$RUN timeout 540 python3 benchmarks/ab_padding_mask.py ;;
@@ -194,8 +192,7 @@ stage() {
     attshort) OUT=$RUN timeout 300 python3 benchmarks/bench_attention_short.py ;;
     atttma) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=10 \
       tests/kernels/test_attention_tma.py tests/kernels/test_attention_short.py \
-      tests/kernels/test_linear_tma.py tests/kernels/test_norm_chunked.py \
-      tests/kernels/test_norm.py tests/e2e ;;
+      tests/kernels/test_linear_tma.py tests/e2e ;;
     profbert) timeout 200 python3 benchmarks/profile_bert_kernels.py \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" 32x128 8x512 8x128 1x128 ;;
     coldphases) timeout 300 python3 benchmarks/ab_cold_start.py --phases --runs 3 \

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from .jit import cdiv, jit, next_power_of_2, tl
 from .launch import launch_kernel
-from .norm_chunked import _norm_chunked_kernel, chunk_width, norm_chunked
 
 MAX_HIDDEN = 8192
 
@@ -103,18 +102,11 @@ def rms_norm_reference(
 class NormConfig:
     BLOCK_M: int = 0  # rows per program; 0 picks from the hidden size
     num_warps: int = 0  # 0 picks from the tile size
-    # > 0: norm_chunked.py's kernel, the row in chunks of this width (a power of two)
-    chunk: int = 0
 
 
-def norm_configs(x: torch.Tensor | None = None) -> list[NormConfig]:
-    """Tuning space. The launcher caps rows per program at 16k elements per tile. Given the
-    call's `x`, rows whose width is not a power of two also get the chunked kernel's configs."""
-    out = [NormConfig(0, 0)] + [NormConfig(m, w) for m in (1, 2, 4, 8, 16) for w in (4, 8, 16)]
-    chunk = chunk_width(x.shape[-1]) if x is not None else 0
-    if chunk:
-        out += [NormConfig(m, w, chunk) for m in (1, 2, 4, 8) for w in (2, 4, 8)]
-    return out
+def norm_configs() -> list[NormConfig]:
+    """Tuning space. The launcher caps rows per program at 16k elements per tile."""
+    return [NormConfig(0, 0)] + [NormConfig(m, w) for m in (1, 2, 4, 8, 16) for w in (4, 8, 16)]
 
 
 def _resolve(config: NormConfig, N: int) -> tuple[int, int, int]:
@@ -139,13 +131,7 @@ def _norm(x, weight, bias, eps, residual, return_sum, out, sum_out, config, is_r
     if store_sum and sum_out is None:
         sum_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     s2 = sum_out.view(-1, N) if store_sum else out2
-    config = config or NormConfig()
-    if config.chunk:
-        norm_chunked(x2, r2, weight, bias, out2, s2, eps, chunk=config.chunk,
-                     block_m=config.BLOCK_M or 1, num_warps=config.num_warps or 4,
-                     is_rms=is_rms, has_residual=residual is not None, store_sum=store_sum)  # fmt: skip
-        return (out, sum_out if store_sum else x) if return_sum else out
-    BLOCK_M, BLOCK_N, warps = _resolve(config, N)
+    BLOCK_M, BLOCK_N, warps = _resolve(config or NormConfig(), N)
     launch_kernel(
         _norm_kernel,
         (cdiv(M, BLOCK_M),),
@@ -208,5 +194,5 @@ def rms_norm(
     return _norm(x, weight, bias, eps, residual, return_sum, out, sum_out, config, True)
 
 
-JIT_FUNCTIONS = (_norm_kernel, _norm_chunked_kernel)
+JIT_FUNCTIONS = (_norm_kernel,)
 CONFIG_TYPE = NormConfig

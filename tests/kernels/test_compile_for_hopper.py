@@ -323,30 +323,6 @@ def _tma_attention_variants():
     return found
 
 
-def norm_chunked_compiles(config, rms):
-    """The chunked norm at BERT-base's 768 (three chunks of 256) with a residual and its sum."""
-    from kernl.kernels.norm_chunked import _norm_chunked_kernel
-
-    signature = dict.fromkeys(("X", "Residual", "Weight", "Bias", "Out", "SumOut"), "*fp16")
-    signature |= dict.fromkeys(
-        ("M", "N", "stride_xm", "stride_rm", "stride_om", "stride_sm"), "i32"
-    )
-    signature |= {"eps": "fp32"}
-    constants = dict(BLOCK_M=config.BLOCK_M, CHUNK=config.chunk, NUM_CHUNKS=3, IS_RMS=rms)
-    constants |= dict(HAS_RESIDUAL=True, HAS_BIAS=not rms, STORE_SUM=True)
-    aligned = ("X", "Residual", "Out", "SumOut", "N", "stride_xm", "stride_rm", "stride_om")
-    _compile(_norm_chunked_kernel, signature, constants, dict(num_warps=config.num_warps), aligned)
-
-
-def _norm_chunked_variants():
-    import torch
-
-    from kernl.kernels.norm import norm_configs
-
-    configs = [c for c in norm_configs(torch.empty(1, 768, device="meta")) if c.chunk]
-    return [(c, False) for c in configs] + [(configs[0], True)]
-
-
 def _attention_variants():
     """Every config in BERT's variant (fp16, head dim 64, a padding bias), and the
     warp-specialised ones (Triton's warp specialiser failed on every 4-warp config until they
@@ -378,7 +354,6 @@ def main() -> int:
         (linear_compiles, _linear_warp_specialized_variants()),
         (linear_tma_compiles, _linear_tma_variants()),
         (tma_attention_compiles, _tma_attention_variants()),
-        (norm_chunked_compiles, _norm_chunked_variants()),
     ):
         for v in variants:
             try:
