@@ -431,10 +431,13 @@ def attention(
         bias_strides = list(bias.stride())
     else:
         bias, bias_strides = q, [0, 0, 0, 0]  # never read: HAS_BIAS is False
-    if config.tma:
+    if config.tma or config.programs_per_sm:
+        # a persistent grid: attention_tma.py's kernel or attention_short.py's, both encoders'
         if causal:
-            raise ValueError("the TMA attention kernel (tma=True) is not causal")
-        return tma_attention(
+            which = "TMA (tma=True)" if config.tma else "short-key (programs_per_sm > 0)"
+            raise ValueError(f"the {which} attention kernel is not causal")
+        persistent = tma_attention if config.tma else short_attention
+        return persistent(
             q,
             k,
             v,
@@ -447,23 +450,6 @@ def attention(
             num_warps=config.num_warps,
             num_stages=config.num_stages,
             programs_per_sm=config.programs_per_sm or 1,
-        )
-    if config.programs_per_sm:
-        if causal:
-            raise ValueError("the short-key attention kernel (programs_per_sm > 0) is not causal")
-        return short_attention(
-            q,
-            k,
-            v,
-            out,
-            sm_scale=sm_scale,
-            bias=bias if has_bias else None,
-            kv_lens=kv_lens,
-            block_m=config.BLOCK_M,
-            block_n=config.BLOCK_N,
-            num_warps=config.num_warps,
-            num_stages=config.num_stages,
-            programs_per_sm=config.programs_per_sm,
         )
     has_lens = kv_lens is not None
     lens = kv_lens.to(device=q.device, dtype=torch.int32) if has_lens else q
