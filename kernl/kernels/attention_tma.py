@@ -27,8 +27,6 @@ from .jit import cdiv, jit, tl
 from .launch import launch_kernel, sm_count
 from .tma import TensorDesc, tma_usable
 
-_LOG2E = 1.4426950408889634
-
 
 @jit
 def _scores(q, k, Bias_row, offs_m, cols, kv_len, qk_scale, stride_biasm, stride_biasn, Lq,
