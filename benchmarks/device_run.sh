@@ -60,6 +60,9 @@
 #   attshort BERT's encoder attention, every tuning candidate timed: the flash kernel against the
 #           short-key persistent kernel and the TMA one, and SDPA
 #           (benchmarks/bench_attention_short.py, ~1.5 min)
+#   attwgmma a Gluon attention whose next q k^T overlaps this block's softmax (FA3's schedule)
+#           against the tuner's kernels at 8x512, 4x256 and 32x128
+#           (benchmarks/bench_attention_wgmma.py, ~1 min)
 #   atttma  the GPU tests of the TMA attention, the short-key one, the TMA linear and e2e
 #   profbert the `bertc` artifact's kernel time by kernel name at 32x128, 8x512, 8x128, 1x128
 #           (benchmarks/profile_bert_kernels.py; after `bert` or `bertc`)
@@ -190,6 +193,7 @@ stage() {
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     peers) timeout 540 python3 .bench/kernl_vs_peers.py ;;
     attshort) OUT=$RUN timeout 300 python3 benchmarks/bench_attention_short.py ;;
+    attwgmma) timeout 240 python3 benchmarks/bench_attention_wgmma.py ;;
     atttma) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=10 \
       tests/kernels/test_attention_tma.py tests/kernels/test_attention_short.py \
       tests/kernels/test_linear_tma.py tests/e2e ;;
