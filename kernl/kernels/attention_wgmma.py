@@ -36,6 +36,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from .attention_tma import _rows
 from .jit import cdiv
 
+# (BLOCK_M, BLOCK_N, num_warps, STAGES): 8 warps are two warpgroups of 64 query rows each
+WGMMA_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2)]
+WGMMA_CONFIGS += [(64, 64, 4, 3), (64, 128, 4, 2)]
+
 
 @gluon.jit
 def _place(b, h, heads, HEAD_DIM: gl.constexpr, IN_ROW: gl.constexpr):

@@ -218,7 +218,8 @@ def tma_arg_types(name: str, signature: str, meta: dict | None) -> list[list[str
     box = "x".join(str(b) for b in meta["block_size"])
     ty = f"{_TMA_TYPE}{meta['swizzle']}:{meta['elem_size']}:{meta['elem_type']}:{box}"
     rank = len(meta["block_size"])
-    if signature.count(",") + 1 != rank:
+    dims = signature.split("[", 1)[1].split("]", 1)[0]  # a Gluon one names its layout after
+    if dims.count(",") + 1 != rank:
         raise MissingBinaryError(f"{name}: {signature} does not match its TMA box {box}")
     out = [[name, ty]]
     out += [[f"{name}.shape.{i}", "i32"] for i in range(rank)]

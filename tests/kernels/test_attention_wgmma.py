@@ -1,0 +1,181 @@
+"""The Gluon attention kernel (attention_wgmma.py): FlashAttention-3's in-warpgroup overlap.
+No interpreter runs Gluon, so on the CPU it is compiled for sm_90 and its schedule read from
+the PTX; on a GPU every config runs BERT's shapes and the ragged, GQA and bf16 cases against
+a float64 reference, into NaN-filled outputs."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from kernel_check import assert_close, poisoned
+
+from kernl.kernels.attention import attention_reference
+from kernl.kernels.attention_wgmma import (
+    WGMMA_CONFIGS,
+    _wgmma_attention_kernel,
+    wgmma_attention,
+    wgmma_attention_refusal,
+)
+
+
+def _compile(block_m, block_n, warps, stages, overlap=True, head_dim=64, masked=False):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    def desc(rows):
+        block = [1, rows, head_dim]
+        layout = gl.NVMMASharedLayout.get_default_for(block, gl.float16)
+        return f"tensordesc<fp16[1,{rows},{head_dim}],{layout!r}>"
+
+    signature = {"q_desc": desc(block_m), "k_desc": desc(block_n), "v_desc": desc(block_n)}
+    signature |= {"o_desc": desc(block_m), "Bias": "*fp32", "KVLens": "*i32", "qk_scale": "fp32"}
+    names = ("Lk", "num_heads", "group_size", "stride_biasb", "stride_biash", "stride_biasn")
+    signature |= dict.fromkeys(names, "i32")
+    constants = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages)
+    constants |= dict(Q_IN_ROW=True, KV_IN_ROW=True, O_IN_ROW=True, HAS_BIAS=True)
+    constants |= dict(HAS_KV_LENS=masked, MASKED=masked, OVERLAP=overlap, num_warps=warps)
+    signature |= dict.fromkeys(constants, "constexpr")
+    src = GluonASTSource(_wgmma_attention_kernel, signature, constants)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+
+def _loop_schedule(ptx: str) -> list[str]:
+    """The key loop's wgmma issues, waits and exp2s, in order (the loop is the block that
+    branches back to its own label)."""
+    events = []
+    for line in ptx.splitlines():
+        t = line.strip()
+        if t.startswith("wgmma.mma_async"):
+            event = "mma"
+        elif t.startswith("wgmma.wait_group"):
+            event = "wait" + t.split()[-1].rstrip(";")
+        elif t.startswith("ex2.approx"):
+            event = "exp2"
+        else:
+            continue
+        if not events or events[-1] != event:
+            events.append(event)
+    return events
+
+
+def softmax_between_issue_and_wait(config):
+    from kernl.runtime.binaries import spec_from_compiled
+
+    compiled = _compile(*config)
+    assert compiled.metadata.shared <= 232448
+    schedule = _loop_schedule(compiled.asm["ptx"])
+    # somewhere the next q k^T is issued and the softmax's exp2 runs before any wait
+    assert any(schedule[i : i + 2] == ["mma", "exp2"] for i in range(len(schedule))), schedule
+    # and a wait leaves one group in flight (p v, or the next q k^T)
+    assert "wait1" in schedule, schedule
+    # a loaded artifact can store and launch it: every descriptor a CUtensorMap
+    spec, _ = spec_from_compiled("key", compiled)
+    types = dict(spec.arg_types)
+    assert all(types[f"{t}_desc"].startswith("nvTmaDesc:") for t in "qkvo"), spec.arg_types
+
+
+def without_overlap_every_dot_is_waited_for_at_once():
+    schedule = _loop_schedule(_compile(128, 64, 8, 2, overlap=False, masked=True).asm["ptx"])
+    assert all(schedule[i + 1] == "wait0" for i, e in enumerate(schedule[:-1]) if e == "mma"), (
+        schedule
+    )
+
+
+def head_dim_128_compiles_within_shared_memory():
+    compiled = _compile(128, 64, 8, 2, head_dim=128, masked=True)
+    assert compiled.metadata.shared <= 232448
+    assert re.search(r"cp\.async\.bulk\.tensor", compiled.asm["ptx"])
+
+
+def main() -> int:
+    """The sm_90 compile checks, in a process where Triton compiles (no TRITON_INTERPRET:
+    under the interpreter Gluon's helpers become interpreted functions it cannot call)."""
+    checks = [(softmax_between_issue_and_wait, (c,)) for c in WGMMA_CONFIGS]
+    checks += [(without_overlap_every_dot_is_waited_for_at_once, ())]
+    checks += [(head_dim_128_compiles_within_shared_memory, ())]
+    failed = 0
+    for check, args in checks:
+        try:
+            check(*args)
+        except Exception as e:  # noqa: BLE001 - reported, then the test fails
+            failed += 1
+            print(f"{check.__name__}{args} failed:\n{str(e)[-1500:]}\n")
+    return failed
+
+
+def test_compiles_for_sm90_with_the_overlap_in_its_ptx():
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = subprocess.run(
+        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+
+
+def test_refusals_say_why():
+    q = torch.empty(1, 2, 16, 64, dtype=torch.float16)
+    assert "causal" in wgmma_attention_refusal(q, q, q, None, True)
+    assert "Hopper" in wgmma_attention_refusal(q, q, q, None, False)  # a CPU tensor
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9:
+        small = torch.empty(1, 2, 16, 32, dtype=torch.float16, device="cuda")
+        assert "head dim" in wgmma_attention_refusal(small, small, small, None, False)
+        full = q.float().cuda()
+        assert "float32" in wgmma_attention_refusal(full, full, full, None, False)
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def _qkv_views(B, L, H, D, dtype):
+    qkv = torch.randn(B, L, 3, H, D, dtype=dtype, device="cuda")
+    return (qkv[:, :, i].transpose(1, 2) for i in range(3))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="Hopper only")
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("config", WGMMA_CONFIGS, ids=str)
+def test_gpu_bert_8x512_right_padded(config, overlap):
+    B, L, H, D = 8, 512, 12, 64
+    q, k, v = _qkv_views(B, L, H, D, torch.float16)
+    lens = torch.randint(1, L + 1, (B,), device="cuda")
+    keep = torch.arange(L, device="cuda")[None, :] < lens[:, None]
+    bias = torch.zeros(B, 1, 1, L, device="cuda").masked_fill(~keep[:, None, None], float("-inf"))
+    out = poisoned((B, L, H, D), torch.float16, "cuda").transpose(1, 2)
+    bm, bn, warps, stages = config
+    wgmma_attention(q, k, v, out, sm_scale=1 / math.sqrt(D), bias=bias.expand(B, H, L, L),
+                    kv_lens=None, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
+                    overlap=overlap)  # fmt: skip
+    ref = attention_reference(q.double(), k.double(), v.double(), bias=bias.double())
+    stock = attention_reference(q, k, v, bias=bias.half())
+    assert_close(out, ref, torch.float16, stock, name=f"wgmma attention {config} {overlap}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="Hopper only")
+@pytest.mark.parametrize("config", [WGMMA_CONFIGS[0], WGMMA_CONFIGS[3]], ids=str)
+def test_gpu_ragged_gqa_bf16_heads_in_their_own_rows(config):
+    # 300 keys (a masked tail), 77 queries (a partial query block), a row with no key at all,
+    # 12 query heads over 4 kv heads, head dim 128, contiguous [B, H, L, D]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(3, 12, 77, 128, dtype=torch.bfloat16, device="cuda", generator=g)
+    k, v = (
+        torch.randn(3, 4, 300, 128, dtype=torch.bfloat16, device="cuda", generator=g) for _ in "kv"
+    )
+    lens = torch.tensor([300, 17, 0], device="cuda")
+    out = poisoned(q.shape, torch.bfloat16, "cuda")
+    bm, bn, warps, _ = config
+    wgmma_attention(q, k, v, out, sm_scale=0.1, bias=None, kv_lens=lens, block_m=bm,
+                    block_n=bn, num_warps=warps, num_stages=2)  # fmt: skip
+    ref = attention_reference(q.double(), k.double(), v.double(), sm_scale=0.1, kv_lens=lens)
+    assert_close(out, ref, torch.bfloat16, name=f"wgmma attention ragged {config}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
