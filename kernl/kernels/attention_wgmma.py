@@ -253,6 +253,8 @@ def wgmma_attention(
         raise ValueError(refusal)
     B, H, Lq, D = q.shape
     H_kv, Lk = k.shape[1], k.shape[2]
+    if bias is not None:
+        bias = bias.expand(B, H, Lq, Lk)  # broadcast dims get stride 0
     if bias is not None and bias.stride(2) != 0 and Lq > 1:
         raise ValueError("the wgmma attention kernel takes a bias of one row for every query")
     gdt = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
