@@ -20,6 +20,7 @@ import torch
 
 from .attention_short import _short_attention_kernel, short_attention
 from .attention_tma import _tma_attention_kernel, attention_tma_refusal, tma_attention
+from .attention_wgmma import _wgmma_attention_kernel, wgmma_attention, wgmma_attention_refusal
 from .jit import cdiv, jit, next_power_of_2, tl
 from .launch import launch_kernel
 
@@ -319,6 +320,10 @@ class AttentionConfig:
     programs_per_sm: int = 0
     # attention_tma.py's persistent kernel (Hopper; non-causal), programs_per_sm programs per SM
     tma: bool = False
+    # attention_wgmma.py's Gluon kernel (Hopper; non-causal; a padding bias or none), one
+    # program per query block; `overlap`: each next q k^T issued before this block's softmax
+    wgmma: bool = False
+    overlap: bool = True
 
 
 # (BLOCK_M, num_warps, num_stages, programs_per_sm) of the short-key kernel, for keys of up to
@@ -332,6 +337,9 @@ _TMA_ONE_BLOCK = [(64, 4, 2, 2), (64, 4, 3, 2), (64, 4, 2, 4), (128, 8, 2, 1), (
 _TMA_ONE_BLOCK += [(128, 8, 2, 2), (128, 4, 2, 1)]
 _TMA_STREAM = [(128, 64, 8, 3, 1), (128, 128, 8, 2, 1), (128, 64, 8, 3, 2), (128, 64, 4, 3, 1)]
 _TMA_STREAM += [(64, 64, 4, 3, 2), (128, 128, 8, 3, 1)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, overlap) of the Gluon kernel, for keys past 128:
+# the fastest at 8x512 and 4x256 (H200, benchmarks/bench_attention_wgmma.py, 2026-12-03)
+_WGMMA = [(64, 64, 4, 2, False), (64, 64, 4, 2, True), (64, 128, 4, 2, True)]
 
 
 def attention_configs(
@@ -376,6 +384,10 @@ def attention_configs(
         for bm, bn, w, s, per_sm in tma:
             if bm <= max(64, next_power_of_2(q.shape[2])):
                 out.append(AttentionConfig(bm, bn, w, s, False, per_sm, tma=True))
+    if kv_len is not None and kv_len > 128 and q is not None and v is not None:
+        if wgmma_attention_refusal(q, k, v, None, causal) is None:
+            for bm, bn, w, s, overlap in _WGMMA:
+                out.append(AttentionConfig(bm, bn, w, s, wgmma=True, overlap=overlap))
     return out
 
 
@@ -431,6 +443,23 @@ def attention(
         bias_strides = list(bias.stride())
     else:
         bias, bias_strides = q, [0, 0, 0, 0]  # never read: HAS_BIAS is False
+    if config.wgmma:
+        if causal:
+            raise ValueError("the wgmma (wgmma=True) attention kernel is not causal")
+        return wgmma_attention(
+            q,
+            k,
+            v,
+            out,
+            sm_scale=sm_scale,
+            bias=bias if has_bias else None,
+            kv_lens=kv_lens,
+            block_m=config.BLOCK_M,
+            block_n=config.BLOCK_N,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+            overlap=config.overlap,
+        )
     if config.tma or config.programs_per_sm:
         # a persistent grid: attention_tma.py's kernel or attention_short.py's, both encoders'
         if causal:
@@ -488,5 +517,10 @@ def attention(
     return out
 
 
-JIT_FUNCTIONS = (_attention_fwd_kernel, _short_attention_kernel, _tma_attention_kernel)
+JIT_FUNCTIONS = (
+    _attention_fwd_kernel,
+    _short_attention_kernel,
+    _tma_attention_kernel,
+    _wgmma_attention_kernel,
+)
 CONFIG_TYPE = AttentionConfig

@@ -22,33 +22,33 @@ it. The reference is attention.py's `attention_reference`."""
 from __future__ import annotations
 
 import torch
-from triton.experimental import gluon
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared,
-    mbarrier,
-    tma,
-    warpgroup_mma,
-    warpgroup_mma_init,
-    warpgroup_mma_wait,
-)
 
 from .attention_tma import _rows
-from .jit import cdiv
+from .jit import TritonName, cdiv, gl, gluon_jit
+from .launch import launch_kernel
+from .tma import TensorDesc
+
+_HOPPER = "triton.experimental.gluon.language.nvidia.hopper"
+mbarrier = TritonName(f"{_HOPPER}.mbarrier")
+tma = TritonName(f"{_HOPPER}.tma")
+fence_async_shared = TritonName(_HOPPER, "fence_async_shared")
+warpgroup_mma = TritonName(_HOPPER, "warpgroup_mma")
+warpgroup_mma_init = TritonName(_HOPPER, "warpgroup_mma_init")
+warpgroup_mma_wait = TritonName(_HOPPER, "warpgroup_mma_wait")
 
 # (BLOCK_M, BLOCK_N, num_warps, STAGES): 8 warps are two warpgroups of 64 query rows each
 WGMMA_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2)]
 WGMMA_CONFIGS += [(64, 64, 4, 3), (64, 128, 4, 2)]
 
 
-@gluon.jit
+@gluon_jit
 def _place(b, h, heads, HEAD_DIM: gl.constexpr, IN_ROW: gl.constexpr):
     if IN_ROW:
         return b, h * HEAD_DIM
     return b * heads + h, 0
 
 
-@gluon.jit
+@gluon_jit
 def _issue(desc, ring, bars, block, n_blocks, at, col, BLOCK_N: gl.constexpr,
            STAGES: gl.constexpr):  # fmt: skip
     """Key block `block` (none past the last) into its ring slot, on that slot's barrier."""
@@ -59,7 +59,7 @@ def _issue(desc, ring, bars, block, n_blocks, at, col, BLOCK_N: gl.constexpr,
                                     ring.index(slot), pred=ok)  # fmt: skip
 
 
-@gluon.jit
+@gluon_jit
 def _bias(bias_row, cols, kv_len, stride_biasn, HAS_BIAS: gl.constexpr):
     """One key block's bias in the log2 domain (zeros without one; keys past kv_len: 0)."""
     if HAS_BIAS:
@@ -68,7 +68,7 @@ def _bias(bias_row, cols, kv_len, stride_biasn, HAS_BIAS: gl.constexpr):
     return cols.to(gl.float32) * 0.0  # never read: HAS_BIAS is False
 
 
-@gluon.jit
+@gluon_jit
 def _softmax_block(s, bias, cols, kv_len, m_i, l_i, qk_scale, HAS_BIAS: gl.constexpr,
                    MASKED: gl.constexpr):  # fmt: skip
     """One key block's scores into p (base 2, the running max subtracted), with the running
@@ -86,7 +86,7 @@ def _softmax_block(s, bias, cols, kv_len, m_i, l_i, qk_scale, HAS_BIAS: gl.const
     return p, alpha, m_new, l_i
 
 
-@gluon.jit
+@gluon_jit
 def _wgmma_attention_kernel(
     q_desc, k_desc, v_desc, o_desc, Bias, KVLens, Lk, num_heads, group_size, qk_scale,
     stride_biasb, stride_biash, stride_biasn,
@@ -246,8 +246,6 @@ def wgmma_attention(
     """q [B, H, Lq, D], k/v [B, H_kv, Lk, D], out like q; `bias` broadcast to [B, H, Lq, Lk]
     with one row for every query (stride 0 over the queries), or None; kv_lens [B] or None.
     Writes `out` and returns it."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     refusal = wgmma_attention_refusal(q, k, v, out, False)
     if refusal:
         raise ValueError(refusal)
@@ -257,25 +255,39 @@ def wgmma_attention(
         bias = bias.expand(B, H, Lq, Lk)  # broadcast dims get stride 0
     if bias is not None and bias.stride(2) != 0 and Lq > 1:
         raise ValueError("the wgmma attention kernel takes a bias of one row for every query")
-    gdt = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
-
-    def desc(view: torch.Tensor, rows: int) -> TensorDescriptor:
-        block = [1, rows, D]
-        layout = gl.NVMMASharedLayout.get_default_for(block, gdt)
-        return TensorDescriptor(view, list(view.shape), list(view.stride()), block, layout)
-
     (q_rows, q_in_row), (k_rows, kv_in_row), (v_rows, _), (o_rows, o_in_row) = [
         _rows(t) for t in (q, k, v, out)
     ]
     strides = [bias.stride(0), bias.stride(1), bias.stride(3)] if bias is not None else [0, 0, 0]
     lens = kv_lens.to(device=q.device, dtype=torch.int32) if kv_lens is not None else q
-    _wgmma_attention_kernel[(cdiv(Lq, block_m), B * H)](
-        desc(q_rows, block_m), desc(k_rows, block_n), desc(v_rows, block_n),
-        desc(o_rows, block_m), bias if bias is not None else q, lens, Lk, H, H // H_kv,
-        sm_scale * 1.4426950408889634, *strides,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=num_stages, Q_IN_ROW=q_in_row,
-        KV_IN_ROW=kv_in_row, O_IN_ROW=o_in_row, HAS_BIAS=bias is not None,
-        HAS_KV_LENS=kv_lens is not None, MASKED=kv_lens is not None or Lk % block_n != 0,
-        OVERLAP=overlap, num_warps=num_warps,
-    )  # fmt: skip
+    launch_kernel(
+        _wgmma_attention_kernel,
+        (cdiv(Lq, block_m), B * H),
+        TensorDesc(q_rows, (1, block_m, D), gluon=True),
+        TensorDesc(k_rows, (1, block_n, D), gluon=True),
+        TensorDesc(v_rows, (1, block_n, D), gluon=True),
+        TensorDesc(o_rows, (1, block_m, D), gluon=True),
+        bias if bias is not None else q,
+        lens,
+        Lk,
+        H,
+        H // H_kv,
+        sm_scale * 1.4426950408889634,
+        *strides,
+        HEAD_DIM=D,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        STAGES=num_stages,
+        Q_IN_ROW=q_in_row,
+        KV_IN_ROW=kv_in_row,
+        O_IN_ROW=o_in_row,
+        HAS_BIAS=bias is not None,
+        HAS_KV_LENS=kv_lens is not None,
+        MASKED=kv_lens is not None or Lk % block_n != 0,
+        OVERLAP=overlap,
+        num_warps=num_warps,
+    )
     return out
+
+
+JIT_FUNCTIONS = (_wgmma_attention_kernel,)

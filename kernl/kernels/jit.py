@@ -61,6 +61,7 @@ class _LazyConstexpr:
 
 tl = TritonName("triton.language")
 triton = TritonName("triton")
+gl = TritonName("triton.experimental.gluon.language")
 
 
 def constexpr(value: Any) -> Any:
@@ -86,8 +87,9 @@ class LazyJIT:
     """A `@jit` kernel before Triton is imported: name, signature and parameters as Triton's
     `JITFunction` has them; anything else makes the real one (`made`)."""
 
-    def __init__(self, fn) -> None:
+    def __init__(self, fn, gluon: bool = False) -> None:
         self.fn = fn
+        self.gluon = gluon  # made with Gluon's `gluon.jit` (attention_wgmma.py)
         self.__name__ = fn.__name__
         self.__module__ = fn.__module__
         self.__doc__ = fn.__doc__
@@ -122,6 +124,12 @@ def jit(fn):
     return LazyJIT(fn)
 
 
+def gluon_jit(fn):
+    """`@gluon.jit` (Triton's lower-level dialect), made on first use like `jit`. No
+    interpreter runs Gluon: such a kernel is compiled for a GPU, or not at all."""
+    return LazyJIT(fn, gluon=True)
+
+
 def made(kernel):
     """The real Triton kernel for `kernel` (a LazyJIT or already one)."""
     return kernel.made() if isinstance(kernel, LazyJIT) else kernel
@@ -144,7 +152,11 @@ def _make_all() -> None:
 
     with _lock:
         for kernel in _unmade:
-            if kernel._made is None:
+            if kernel._made is None and kernel.gluon:
+                from triton.experimental import gluon
+
+                kernel._made = gluon.jit(kernel.fn)
+            elif kernel._made is None:
                 kernel._made = triton_module.jit(kernel.fn)
         _unmade.clear()
         for module_globals in _module_globals.values():

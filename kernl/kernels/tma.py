@@ -23,6 +23,9 @@ class TensorDesc:
 
     base: torch.Tensor
     block_shape: tuple[int, ...]
+    # for a Gluon kernel: its descriptor names the shared-memory layout of a tile, Gluon's
+    # default (NVMMA, swizzled for the tensor cores) for this block and dtype
+    gluon: bool = False
 
     def __post_init__(self) -> None:
         t = self.base
@@ -41,7 +44,15 @@ class TensorDesc:
         return list(self.base.stride())
 
     def to_triton(self):
-        """Triton's own descriptor, for its JIT and interpreter."""
+        """Triton's own descriptor, for its JIT and interpreter (Gluon's, for a Gluon kernel)."""
+        if self.gluon:
+            from triton.experimental.gluon import language as gl
+            from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDesc
+
+            dtypes = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
+            block = list(self.block_shape)
+            layout = gl.NVMMASharedLayout.get_default_for(block, dtypes[self.base.dtype])
+            return GluonDesc(self.base, self.shape, self.strides, block, layout)
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         return TensorDescriptor(self.base, self.shape, self.strides, list(self.block_shape))

@@ -105,7 +105,8 @@ def _ex_config(
 
 def _spec(value: Any) -> str:
     if isinstance(value, TensorDesc):  # Triton specialises a descriptor on these alone
-        return f"desc<{str(value.base.dtype).removeprefix('torch.')}{list(value.block_shape)}>"
+        kind = "gdesc" if value.gluon else "desc"  # Gluon's: with its block's default layout
+        return f"{kind}<{str(value.base.dtype).removeprefix('torch.')}{list(value.block_shape)}>"
     if isinstance(value, torch.Tensor):
         return f"*{str(value.dtype).removeprefix('torch.')}:{'A' if value.data_ptr() % 16 == 0 else 'u'}"
     if isinstance(value, bool):

@@ -28,6 +28,8 @@ def _compile(block_m, block_n, warps, stages, overlap=True, head_dim=64, masked=
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
+    from kernl.kernels.jit import made
+
     def desc(rows):
         block = [1, rows, head_dim]
         layout = gl.NVMMASharedLayout.get_default_for(block, gl.float16)
@@ -41,7 +43,7 @@ def _compile(block_m, block_n, warps, stages, overlap=True, head_dim=64, masked=
     constants |= dict(Q_IN_ROW=True, KV_IN_ROW=True, O_IN_ROW=True, HAS_BIAS=True)
     constants |= dict(HAS_KV_LENS=masked, MASKED=masked, OVERLAP=overlap, num_warps=warps)
     signature |= dict.fromkeys(constants, "constexpr")
-    src = GluonASTSource(_wgmma_attention_kernel, signature, constants)
+    src = GluonASTSource(made(_wgmma_attention_kernel), signature, constants)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
@@ -175,6 +177,68 @@ def test_gpu_ragged_gqa_bf16_heads_in_their_own_rows(config):
                     block_n=bn, num_warps=warps, num_stages=2)  # fmt: skip
     ref = attention_reference(q.double(), k.double(), v.double(), sm_scale=0.1, kv_lens=lens)
     assert_close(out, ref, torch.bfloat16, name=f"wgmma attention ragged {config}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="Hopper only")
+def test_gpu_binaries_in_a_graph_equal_the_jit():
+    """Through attention() with a tuned config: recorded at build time, launched from the
+    cubin with kernl's own CUtensorMaps (Gluon's descriptors), inside a CUDA graph: bit for bit
+    what Gluon's JIT computed."""
+    from kernl.kernels.attention import AttentionConfig, attention
+    from kernl.kernels.launch import launching_with
+    from kernl.runtime import binaries as b
+
+    B, L, H, D = 2, 300, 12, 64
+    q, k, v = _qkv_views(B, L, H, D, torch.float16)
+    bias = torch.zeros(B, 1, 1, L, device="cuda")
+    bias[1, ..., 200:] = float("-inf")
+    config = AttentionConfig(64, 64, 4, 2, wgmma=True, overlap=True)
+    found = {}
+    with b.allow_jit(lambda key, kernel: found.setdefault(key, kernel)):
+        want = attention(q, k, v, bias=bias, config=config)
+    kb = b.KernelBinaries(torch.device("cuda"))
+    for key, kernel in found.items():
+        spec, cubin = b.spec_from_compiled(key, kernel)
+        assert sum(t.startswith("nvTmaDesc:") for _, t in spec.arg_types) == 4, spec.arg_types
+        kb.add(spec, cubin)
+    out = poisoned(q.shape, torch.float16, "cuda")
+    graph = torch.cuda.CUDAGraph()
+    with launching_with(kb):
+        attention(q, k, v, bias=bias, config=config, out=out)  # eager, from the binary
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)
+        out.fill_(float("nan"))
+        with torch.cuda.graph(graph):
+            attention(q, k, v, bias=bias, config=config, out=out)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+
+
+def test_the_tuner_offers_it_on_hopper_for_long_keys_only(monkeypatch):
+    from kernl.kernels import attention as attention_module
+
+    monkeypatch.setattr(attention_module, "wgmma_attention_refusal", lambda *a: None)
+    qkv = torch.empty(1, 512, 3, 12, 64, dtype=torch.float16, device="meta")
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    offered = [c for c in attention_module.attention_configs(k, False, q, v) if c.wgmma]
+    assert offered and all(c.BLOCK_M == 64 for c in offered)
+    assert {c.overlap for c in offered} == {True, False}
+    short = qkv[:, :128]
+    q, k, v = (short[:, :, i].transpose(1, 2) for i in range(3))
+    assert not [c for c in attention_module.attention_configs(k, False, q, v) if c.wgmma]
+    # without the stub: never on the CPU (nor on meta tensors), which has no Gluon
+    monkeypatch.undo()
+    assert not [c for c in attention_module.attention_configs(k, False, q, v) if c.wgmma]
+
+
+def test_a_wgmma_config_refuses_causal_attention():
+    from kernl.kernels.attention import AttentionConfig, attention
+
+    q = torch.zeros(1, 2, 16, 64)
+    with pytest.raises(ValueError, match="not causal"):
+        attention(q, q, q, causal=True, config=AttentionConfig(64, 64, 4, 2, wgmma=True))
 
 
 if __name__ == "__main__":
