@@ -443,30 +443,24 @@ def attention(
         bias_strides = list(bias.stride())
     else:
         bias, bias_strides = q, [0, 0, 0, 0]  # never read: HAS_BIAS is False
-    if config.wgmma:
+    if config.wgmma or config.tma or config.programs_per_sm:
+        # an encoder's kernel: attention_wgmma.py's (Gluon), or a persistent grid,
+        # attention_tma.py's or attention_short.py's
+        if config.wgmma:
+            which, kernel, extra = (
+                "wgmma (wgmma=True)",
+                wgmma_attention,
+                {"overlap": config.overlap},
+            )
+        elif config.tma:
+            which, kernel = "TMA (tma=True)", tma_attention
+        else:
+            which, kernel = "short-key (programs_per_sm > 0)", short_attention
         if causal:
-            raise ValueError("the wgmma (wgmma=True) attention kernel is not causal")
-        return wgmma_attention(
-            q,
-            k,
-            v,
-            out,
-            sm_scale=sm_scale,
-            bias=bias if has_bias else None,
-            kv_lens=kv_lens,
-            block_m=config.BLOCK_M,
-            block_n=config.BLOCK_N,
-            num_warps=config.num_warps,
-            num_stages=config.num_stages,
-            overlap=config.overlap,
-        )
-    if config.tma or config.programs_per_sm:
-        # a persistent grid: attention_tma.py's kernel or attention_short.py's, both encoders'
-        if causal:
-            which = "TMA (tma=True)" if config.tma else "short-key (programs_per_sm > 0)"
             raise ValueError(f"the {which} attention kernel is not causal")
-        persistent = tma_attention if config.tma else short_attention
-        return persistent(
+        if not config.wgmma:
+            extra = {"programs_per_sm": config.programs_per_sm or 1}
+        return kernel(
             q,
             k,
             v,
@@ -478,7 +472,7 @@ def attention(
             block_n=config.BLOCK_N,
             num_warps=config.num_warps,
             num_stages=config.num_stages,
-            programs_per_sm=config.programs_per_sm or 1,
+            **extra,
         )
     has_lens = kv_lens is not None
     lens = kv_lens.to(device=q.device, dtype=torch.int32) if has_lens else q

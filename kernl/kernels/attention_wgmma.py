@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention_tma import _rows
+from .attention_tma import _rows, attention_tma_refusal
 from .jit import TritonName, cdiv, gl, gluon_jit
 from .launch import launch_kernel
 from .tma import TensorDesc
@@ -220,12 +220,8 @@ def wgmma_attention_refusal(
         return f"head dim {D}: the wgmma attention kernel takes 64 or 128"
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"{q.dtype} / {k.dtype} / {v.dtype} tensors"
-    views = [_rows(t) for t in (q, k, v) + ((out,) if out is not None else ())]
-    if any(view is None for view in views):
-        return "q, k, v and out need heads side by side in a row or each in its own rows"
-    if views[1][1] != views[2][1]:
-        return "k and v must lay their heads out alike"
-    return None
+    # the same descriptors as the TMA kernel's: its refusal says where they cannot see a tensor
+    return attention_tma_refusal(q, k, v, out, causal, 64, 64)
 
 
 def wgmma_attention(
