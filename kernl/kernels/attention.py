@@ -447,19 +447,14 @@ def attention(
         # an encoder's kernel: attention_wgmma.py's (Gluon), or a persistent grid,
         # attention_tma.py's or attention_short.py's
         if config.wgmma:
-            which, kernel, extra = (
-                "wgmma (wgmma=True)",
-                wgmma_attention,
-                {"overlap": config.overlap},
-            )
-        elif config.tma:
-            which, kernel = "TMA (tma=True)", tma_attention
+            which, kernel = "wgmma (wgmma=True)", wgmma_attention
+            extra = {"overlap": config.overlap}
         else:
-            which, kernel = "short-key (programs_per_sm > 0)", short_attention
+            which = "TMA (tma=True)" if config.tma else "short-key (programs_per_sm > 0)"
+            kernel = tma_attention if config.tma else short_attention
+            extra = {"programs_per_sm": config.programs_per_sm or 1}
         if causal:
             raise ValueError(f"the {which} attention kernel is not causal")
-        if not config.wgmma:
-            extra = {"programs_per_sm": config.programs_per_sm or 1}
         return kernel(
             q,
             k,
