@@ -148,16 +148,10 @@ def interpret_requested() -> bool:
 def _make_all() -> None:
     """Import Triton, make every kernel defined so far, and put the real objects in the kernel
     modules' globals in place of the lazy ones."""
-    import triton as triton_module
-
     with _lock:
         for kernel in _unmade:
-            if kernel._made is None and kernel.gluon:
-                from triton.experimental import gluon
-
-                kernel._made = gluon.jit(kernel.fn)
-            elif kernel._made is None:
-                kernel._made = triton_module.jit(kernel.fn)
+            if kernel._made is None:
+                kernel._made = _maker(kernel)(kernel.fn)
         _unmade.clear()
         for module_globals in _module_globals.values():
             for name, value in list(module_globals.items()):
@@ -165,6 +159,17 @@ def _make_all() -> None:
                     module_globals[name] = value._made
                 elif isinstance(value, (TritonName, _LazyConstexpr)):
                     module_globals[name] = value.resolve()
+
+
+def _maker(kernel: LazyJIT):
+    """`triton.jit`, or `gluon.jit` for a Gluon kernel."""
+    if kernel.gluon:
+        from triton.experimental import gluon
+
+        return gluon.jit
+    import triton as triton_module
+
+    return triton_module.jit
 
 
 def cdiv(a: int, b: int) -> int:

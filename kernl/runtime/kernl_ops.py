@@ -31,14 +31,11 @@ def triton_usable(device: torch.device, kernel_module: ModuleType) -> bool:
         from kernl.kernels.jit import made
 
         # Gluon kernels have no interpreter; they are offered on Hopper GPUs only
-        kernels = [f for f in getattr(kernel_module, "JIT_FUNCTIONS", ()) if not _is_gluon(f)]
+        # (JIT_FUNCTIONS hold the lazy kernels, which say which they are)
+        kernels = [f for f in getattr(kernel_module, "JIT_FUNCTIONS", ()) if not f.gluon]
         fns = [tl_standard.sum, *kernels]
         _usable[name] = all(isinstance(made(f), InterpretedFunction) for f in fns)
     return _usable[name]
-
-
-def _is_gluon(kernel) -> bool:
-    return getattr(kernel, "gluon", False) or type(kernel).__name__ == "GluonJITFunction"
 
 
 def _check_impl(impl: str) -> None:
