@@ -63,8 +63,10 @@
 #   attwgmma a Gluon attention whose next q k^T overlaps this block's softmax (FA3's schedule)
 #           against the tuner's kernels at 8x512, 4x256 and 32x128
 #           (benchmarks/bench_attention_wgmma.py, ~1 min)
-#   wgmmatests the Gluon attention's GPU tests (its binaries in a graph included) and the
-#           no-JIT serving test
+#   linwgmma the Gluon linear (kernels/linear_wgmma.py) over a sweep of tiles against cuBLAS at
+#           BERT-base's GEMMs, M = 4096 and 1024 (benchmarks/bench_linear_wgmma.py, ~1 min)
+#   wgmmatests the Gluon attention's and linear's GPU tests (their binaries in a graph
+#           included) and the no-JIT serving test
 #   bertcheck the `bertc` artifact from its binaries against eager fp16 at 8x512, 1x512 and
 #           32x128, right-padded rows (benchmarks/check_bert_artifact.py; after `bertc`)
 #   atttma  the GPU tests of the TMA attention, the short-key one, the TMA linear and e2e
@@ -198,8 +200,10 @@ stage() {
     peers) timeout 540 python3 .bench/kernl_vs_peers.py ;;
     attshort) OUT=$RUN timeout 300 python3 benchmarks/bench_attention_short.py ;;
     attwgmma) timeout 240 python3 benchmarks/bench_attention_wgmma.py ;;
+    linwgmma) timeout 300 python3 benchmarks/bench_linear_wgmma.py ;;
     wgmmatests) timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 \
-      tests/kernels/test_attention_wgmma.py tests/runtime/test_gpu_no_jit.py ;;
+      tests/kernels/test_linear_wgmma.py tests/kernels/test_attention_wgmma.py \
+      tests/runtime/test_gpu_no_jit.py ;;
     bertcheck) timeout 120 python3 benchmarks/check_bert_artifact.py \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" 8x512 1x512 32x128 ;;
     atttma) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=10 \

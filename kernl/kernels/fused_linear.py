@@ -5,7 +5,8 @@ epilogue (bias, activation, residual) runs on the fp32 accumulator in registers,
 output makes one trip to memory instead of three and is rounded once. Programs are ordered in
 groups of GROUP_M row-blocks so that consecutive programs reuse the same W columns from L2.
 Any M and N; K must be a multiple of 8 (16-byte rows for fp16). A config with `tma` set runs
-linear_tma.py's persistent TMA kernel instead (Hopper; not in the tuning space, see there)."""
+linear_tma.py's persistent TMA kernel instead (Hopper; not in the tuning space, see there),
+one with `wgmma` linear_wgmma.py's Gluon kernel (Hopper; a tuning candidate there)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ from .activation import ACTIVATIONS, _activation, apply_activation
 from .jit import cdiv, jit, tl
 from .launch import launch_kernel
 from .linear_tma import _linear_tma_kernel, linear_tma
+from .linear_wgmma import (
+    WGMMA_LINEAR_CONFIGS,
+    _wgmma_linear_kernel,
+    wgmma_linear,
+    wgmma_linear_refusal,
+)
 
 
 @jit
@@ -115,13 +122,19 @@ class LinearConfig:
     tma: bool = False
     flatten: bool = False  # tma: the tile and K loops pipelined as one
     split_epilogue: bool = False  # tma: the output stored in two half-width tiles
+    # linear_wgmma.py's Gluon kernel (Hopper): a TMA ring into asynchronous wgmma
+    wgmma: bool = False
 
 
-def linear_configs() -> list[LinearConfig]:
+def linear_configs(
+    x: torch.Tensor | None = None, weight: torch.Tensor | None = None
+) -> list[LinearConfig]:
     """Tuning space (Hopper-leaning; the small tiles cover small M). The persistent TMA
     kernel's configs (tma_linear_configs) are not in it: they lost to cuBLAS at every
     BERT-base GEMM (H200, 2026-12-03, benchmarks/bench_linear_tma.py: 1.10-1.27x cuBLAS's
-    time at M = 4096, 1.10-1.53x at 1024), so offering them only lengthened compiles."""
+    time at M = 4096, 1.10-1.53x at 1024), so offering them only lengthened compiles. Given
+    the call's x and weight, the Gluon kernel's configs join where it can run them and M
+    fills its 128-row tiles (M >= 512)."""
     shapes = [
         (128, 256, 64, 8, 3),
         (256, 128, 64, 8, 3),
@@ -144,6 +157,12 @@ def linear_configs() -> list[LinearConfig]:
         # this kernel (tests/kernels/test_compile_for_hopper.py)
         LinearConfig(128, 256, 64, 8, 8, 3, True),
     ]
+    if x is not None and weight is not None and x.numel() // x.shape[-1] >= 512:
+        if wgmma_linear_refusal(x, weight) is None:
+            out += [
+                LinearConfig(bm, bn, bk, 8, w, s, wgmma=True)
+                for bm, bn, bk, w, s in WGMMA_LINEAR_CONFIGS
+            ]
     return out
 
 
@@ -198,6 +217,14 @@ def fused_linear(
     if out is None:
         out = torch.empty((*lead, N), dtype=x.dtype, device=x.device)
     out2 = out.view(-1, N)
+    if config.wgmma:
+        res = residual.reshape(-1, N) if residual is not None else None
+        wgmma_linear(
+            x2, weight, bias, activation, res, out2,
+            block=(config.BLOCK_M, config.BLOCK_N, config.BLOCK_K), group_m=config.GROUP_M,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )  # fmt: skip
+        return out
     if config.tma:
         res = residual.reshape(-1, N) if residual is not None else None
         linear_tma(
@@ -240,5 +267,5 @@ def fused_linear(
     return out
 
 
-JIT_FUNCTIONS = (_fused_linear_kernel, _linear_tma_kernel)
+JIT_FUNCTIONS = (_fused_linear_kernel, _linear_tma_kernel, _wgmma_linear_kernel)
 CONFIG_TYPE = LinearConfig
