@@ -65,6 +65,8 @@
 #           (benchmarks/bench_attention_wgmma.py, ~1 min)
 #   linwgmma the Gluon linear (kernels/linear_wgmma.py) over a sweep of tiles against cuBLAS at
 #           BERT-base's GEMMs, M = 4096 and 1024 (benchmarks/bench_linear_wgmma.py, ~1 min)
+#   memsetnodes a memset node in a CUDA graph against a kernel writing the same zeros, twelve
+#           times between a layer norm and a GEMM (benchmarks/diag_memset_nodes.py, ~10 s)
 #   wgmmatests the Gluon attention's and linear's GPU tests (their binaries in a graph
 #           included) and the no-JIT serving test
 #   bertcheck the `bertc` artifact from its binaries against eager fp16 at 8x512, 1x512 and
@@ -201,6 +203,7 @@ stage() {
     attshort) OUT=$RUN timeout 300 python3 benchmarks/bench_attention_short.py ;;
     attwgmma) timeout 240 python3 benchmarks/bench_attention_wgmma.py ;;
     linwgmma) timeout 300 python3 benchmarks/bench_linear_wgmma.py ;;
+    memsetnodes) timeout 120 python3 benchmarks/diag_memset_nodes.py ;;
     wgmmatests) timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 \
       tests/kernels/test_linear_wgmma.py tests/kernels/test_attention_wgmma.py \
       tests/runtime/test_gpu_no_jit.py ;;

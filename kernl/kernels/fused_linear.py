@@ -6,7 +6,7 @@ output makes one trip to memory instead of three and is rounded once. Programs a
 groups of GROUP_M row-blocks so that consecutive programs reuse the same W columns from L2.
 Any M and N; K must be a multiple of 8 (16-byte rows for fp16). A config with `tma` set runs
 linear_tma.py's persistent TMA kernel instead (Hopper; not in the tuning space, see there),
-one with `wgmma` linear_wgmma.py's Gluon kernel (Hopper; a tuning candidate there)."""
+one with `wgmma` linear_wgmma.py's Gluon kernel (Hopper; not in the tuning space either)."""
 
 from __future__ import annotations
 
@@ -19,12 +19,7 @@ from .activation import ACTIVATIONS, _activation, apply_activation
 from .jit import cdiv, jit, tl
 from .launch import launch_kernel
 from .linear_tma import _linear_tma_kernel, linear_tma
-from .linear_wgmma import (
-    WGMMA_LINEAR_CONFIGS,
-    _wgmma_linear_kernel,
-    wgmma_linear,
-    wgmma_linear_refusal,
-)
+from .linear_wgmma import WGMMA_LINEAR_CONFIGS, _wgmma_linear_kernel, wgmma_linear
 
 
 @jit
@@ -126,15 +121,14 @@ class LinearConfig:
     wgmma: bool = False
 
 
-def linear_configs(
-    x: torch.Tensor | None = None, weight: torch.Tensor | None = None
-) -> list[LinearConfig]:
+def linear_configs() -> list[LinearConfig]:
     """Tuning space (Hopper-leaning; the small tiles cover small M). The persistent TMA
     kernel's configs (tma_linear_configs) are not in it: they lost to cuBLAS at every
     BERT-base GEMM (H200, 2026-12-03, benchmarks/bench_linear_tma.py: 1.10-1.27x cuBLAS's
-    time at M = 4096, 1.10-1.53x at 1024), so offering them only lengthened compiles. Given
-    the call's x and weight, the Gluon kernel's configs join where it can run them and M
-    fills its 128-row tiles (M >= 512)."""
+    time at M = 4096, 1.10-1.53x at 1024), so offering them only lengthened compiles. Nor
+    are the Gluon kernel's (wgmma_linear_configs): 0.99-1.27x cuBLAS's time at M = 4096 and
+    1.00-1.20x at 1024, the erf GELU costing most (H200, 2026-12-04,
+    benchmarks/bench_linear_wgmma.py; the tuner then kept cuBLAS at every GEMM)."""
     shapes = [
         (128, 256, 64, 8, 3),
         (256, 128, 64, 8, 3),
@@ -157,12 +151,6 @@ def linear_configs(
         # this kernel (tests/kernels/test_compile_for_hopper.py)
         LinearConfig(128, 256, 64, 8, 8, 3, True),
     ]
-    if x is not None and weight is not None and x.numel() // x.shape[-1] >= 512:
-        if wgmma_linear_refusal(x, weight) is None:
-            out += [
-                LinearConfig(bm, bn, bk, 8, w, s, wgmma=True)
-                for bm, bn, bk, w, s in WGMMA_LINEAR_CONFIGS
-            ]
     return out
 
 
@@ -183,6 +171,13 @@ def tma_linear_configs() -> list[LinearConfig]:
     """Configs of the persistent TMA kernel (linear_tma.py), for its tests and benchmark."""
     return [
         LinearConfig(bm, bn, bk, 8, w, s, ws, True, fl, sp) for bm, bn, bk, w, s, ws, fl, sp in _TMA
+    ]
+
+
+def wgmma_linear_configs() -> list[LinearConfig]:
+    """Configs of the Gluon kernel (linear_wgmma.py), for its tests and benchmark."""
+    return [
+        LinearConfig(bm, bn, bk, 8, w, s, wgmma=True) for bm, bn, bk, w, s in WGMMA_LINEAR_CONFIGS
     ]
 
 

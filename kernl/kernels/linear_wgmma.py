@@ -10,6 +10,13 @@ idle. Here a 128x128 tile with 4 warps holds its accumulator in 128 registers a 
 its ring in 64-96 KB of shared memory (the epilogue's staging reuses the ring), so two
 programs fit an SM and one's epilogue runs beside the other's dots: the overlap that cuBLAS
 gets from its ping-pong warp groups, left to the SM's warp schedulers.
+Measured (H200, 2026-12-04, benchmarks/bench_linear_wgmma.py): two programs an SM do help
+(128x128 at 3 stages, 98 KB, against 4 stages, 131 KB: QKV 28.3 against 31.3 µs), but the
+kernel stays 4-15% behind cuBLAS without an epilogue (QKV 26.9 against 25.9, FFN2 34.9
+against 30.8), level at O (9.66 against 9.76), and the erf GELU costs ~10 µs at FFN1 (48.7
+against cuBLAS's tanh-GELU epilogue at 38.4; its own tanh GELU 40.5). So its configs are not
+in the tuning space (fused_linear.py); Triton tiles must be powers of two, and cuBLAS's
+192-row tiles give N = 768 GEMMs exactly one wave of 132.
 
 Per K step the program waits for its ring slot's barrier, issues the wgmma and waits only
 for the previous step's (one group in flight), then refills that step's slot with the step

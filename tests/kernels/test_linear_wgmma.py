@@ -121,20 +121,6 @@ def test_a_wgmma_config_refuses_cpu_tensors():
         fused_linear(x, x, config=LinearConfig(128, 128, 64, 8, 4, 3, wgmma=True))
 
 
-def test_the_tuner_offers_it_on_hopper_only(monkeypatch):
-    from kernl.kernels import fused_linear as module
-
-    x = torch.empty(4096, 768, dtype=torch.float16, device="meta")
-    w = torch.empty(3072, 768, dtype=torch.float16, device="meta")
-    assert not [c for c in module.linear_configs(x, w) if c.wgmma]  # meta: no Hopper
-    monkeypatch.setattr(module, "wgmma_linear_refusal", lambda *a: None)
-    offered = [c for c in module.linear_configs(x, w) if c.wgmma]
-    assert len(offered) == len(WGMMA_LINEAR_CONFIGS)
-    # not where a tile of 128 rows would be mostly padding
-    small = torch.empty(16, 768, dtype=torch.float16, device="meta")
-    assert not [c for c in module.linear_configs(small, w) if c.wgmma]
-
-
 def _hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
