@@ -1,20 +1,25 @@
-"""Each bucket graph's side work beside its path (kernl/runtime/graph_edges.py: cuBLAS's
-memsets started with the kernl kernel before them, the range check's copy and event off the
-model's path) against the graphs as captured, in one process on one artifact (issue 14).
+"""Each bucket graph's side work beside its path (kernl/runtime/graph_edges.py: the range
+check's copy and event off the model's path) and cuBLAS's memset nodes as fill kernels
+(kernl/runtime/memset_nodes.py), against the graphs as captured, in one process on one
+artifact (issue 14).
 
     python benchmarks/ab_graph_side_work.py /tmp/bench_bert_fusions_*/bert.kernl
 
-Three models loaded from the artifact: the graphs as captured, the check's copy alone off
-the path, the copy and the memsets off it. Per shape: outputs equal bit for bit; 600 replays
-of each bucket graph alone and 600 calls with GPU inputs, the models taking turns call by call (ms between CUDA events, host
-synchronised between calls: medians and the median of the paired ratios); then one
-profiled replay of each: kernels' busy time, idle between them, memsets."""
+Three models loaded from the artifact: the graphs as captured; the check's copy off the path
+(the default until 2026-12-04); that and the memsets as fills (the default since). Per shape:
+outputs equal bit for bit; 600 replays of each bucket graph alone and 600 calls with GPU
+inputs, the models taking turns call by call (ms between CUDA events, host synchronised
+between calls: medians and the median of the paired ratios); the host's µs inside each
+graph's `replay()` (median of the 600); then one profiled replay of each: kernels' busy time,
+idle between them, memsets. (Moving the memsets beside the kernl kernel before them,
+`_memsets_off_path`, measured slower on 2026-12-02 and is no longer compared.)"""
 
 from __future__ import annotations
 
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -29,16 +34,19 @@ from bench_bert_fusions import (  # noqa: E402
 from diag_call_gaps import device_intervals  # noqa: E402
 
 VARIANTS = {  # name -> CompiledModel's switches
-    "captured": {},
-    "check": {"_side_work_off_path": True, "_memsets_off_path": False},
-    "both": {"_side_work_off_path": True, "_memsets_off_path": True},
+    "captured": {"_side_work_off_path": False, "_memsets_as_kernels": False},
+    "check": {"_side_work_off_path": True, "_memsets_as_kernels": False},
+    "fills": {"_side_work_off_path": True, "_memsets_as_kernels": True},
 }
 
 
 def main(artifact: str) -> None:
     models = {name: load_with(artifact, **flags) for name, flags in VARIANTS.items()}
     for name, m in models.items():
-        print(f"{name}: edges removed over {len(m.buckets)} graphs: {m.side_edges_removed}")
+        print(
+            f"{name}: edges removed over {len(m.buckets)} graphs: {m.side_edges_removed}, "
+            f"memsets as fills: {m.memsets_replaced}, error: {m.side_work_error}"
+        )
     names = list(VARIANTS)
     print("shape   replay ms " + " / ".join(names) + ", paired vs captured;  call ms the same")
     runners = []
@@ -63,7 +71,15 @@ def main(artifact: str) -> None:
                     + ", "
                     + " / ".join(f"{p:.3f}x" for p in paired)
                 )
-            print(f"{b}x{s:<5} {row[0]}   {row[1]}", flush=True)
+            host = {n: [] for n in names}
+            for _ in range(200):
+                for n, r in rs.items():
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    r.graph.replay()
+                    host[n].append((time.perf_counter() - t0) * 1e6)
+            launch = " / ".join(f"{statistics.median(host[n]):.1f}" for n in names)
+            print(f"{b}x{s:<5} {row[0]}   {row[1]}   replay() host µs {launch}", flush=True)
     for (b, s), rs in runners:  # profiles last: the profiler slows later launches
         for name, runner in rs.items():
             stats = []

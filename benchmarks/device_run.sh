@@ -41,9 +41,9 @@
 #   abcheck the `bert` stage's artifact with the input range checks in its graphs against the
 #           same checks launched by each call, one process (benchmarks/ab_checks_in_graph.py;
 #           run it after `bert`)
-#   abside  the `bert` stage's artifact with each graph's side work (cuBLAS's memsets, the
-#           check's copy) beside its path, against the graphs as captured
-#           (benchmarks/ab_graph_side_work.py; after `bert`)
+#   abside  the `bert` stage's artifact with each graph's side work (the check's copy) beside
+#           its path and cuBLAS's memsets as fill kernels, against the graphs as captured
+#           (benchmarks/ab_graph_side_work.py; after `bert` or `bertc`)
 #   coldab  the `bert` stage's artifact in fresh processes: import, load, a first call per
 #           bucket, checks in the graphs or not (benchmarks/ab_cold_start.py; after `bert`)
 #   bertc   the `bert` stage's compile alone: its artifact for the stages that follow it
@@ -65,6 +65,8 @@
 #           (benchmarks/bench_attention_wgmma.py, ~1 min)
 #   linwgmma the Gluon linear (kernels/linear_wgmma.py) over a sweep of tiles against cuBLAS at
 #           BERT-base's GEMMs, M = 4096 and 1024 (benchmarks/bench_linear_wgmma.py, ~1 min)
+#   memsettests the GPU tests of cuBLAS's memsets as fills, the graph edits, the input paths
+#           and e2e
 #   memsetnodes a memset node in a CUDA graph against a kernel writing the same zeros, twelve
 #           times between a layer norm and a GEMM (benchmarks/diag_memset_nodes.py, ~10 s)
 #   wgmmatests the Gluon attention's and linear's GPU tests (their binaries in a graph
@@ -204,6 +206,9 @@ stage() {
     attwgmma) timeout 240 python3 benchmarks/bench_attention_wgmma.py ;;
     linwgmma) timeout 300 python3 benchmarks/bench_linear_wgmma.py ;;
     memsetnodes) timeout 120 python3 benchmarks/diag_memset_nodes.py ;;
+    memsettests) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 \
+      tests/runtime/test_memset_nodes.py tests/runtime/test_graph_edges.py \
+      tests/runtime/test_gpu_input_paths.py tests/e2e ;;
     wgmmatests) timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 \
       tests/kernels/test_linear_wgmma.py tests/kernels/test_attention_wgmma.py \
       tests/runtime/test_gpu_no_jit.py ;;

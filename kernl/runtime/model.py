@@ -199,6 +199,10 @@ class CompiledModel:
     _side_work_off_path = True
     # ... and cuBLAS's memsets too: off, they slowed 32x128 by 1.3-1.6% (two runs).
     _memsets_off_path = False
+    # cuBLAS's memset nodes as fill kernels (memset_nodes.py): on an H200 a memset node cost
+    # 2.98 µs of GPU time against 1.06 for the kernel, and twelve of them 13.7 µs of the
+    # graph's launch (2026-12-04); BERT-base's M = 4096 buckets have twelve.
+    _memsets_as_kernels = True
     # A warm-up run before every capture rather than before the model's first only. The first
     # run of a model makes what a capture must not (cuBLAS's handles, the lazy CUDA state of
     # this thread and stream); the kernel binaries are loaded by load() itself, and every
@@ -262,10 +266,11 @@ class CompiledModel:
         # (None: the checks stay per call), and an edit of the captured graph (or None).
         self._graph_event = self._checked if external and self._checks_in_graph else None
         side_work = self._graph_event is not None or self._memsets_off_path  # anything to move
-        self._graph_edit = (
-            self._side_work_edit() if self._side_work_off_path and side_work else None
-        )
+        side_work = side_work and self._side_work_off_path
+        fills = self._memsets_as_kernels and device.type == "cuda"
+        self._graph_edit = self._capture_edit(side_work, fills) if side_work or fills else None
         self.side_edges_removed = 0  # by _graph_edit, over every capture
+        self.memsets_replaced = 0  # memset nodes that became fill kernels, over every capture
         self.side_work_error: str | None = None  # why an edit was given up, if one was
         self._warmed_up: set[int] = set()  # the threads whose capture of this model warmed up
         shared_checks: dict = {}  # the range checks' bounds and buffers, one set per dtype
@@ -364,16 +369,27 @@ class CompiledModel:
         runner.capture(self._pool, self._graph_event, self._graph_edit, warmups=int(warm))
         self._warmed_up.add(thread)  # (the event the edit looks for is recorded by then too)
 
-    def _side_work_edit(self):
-        """The edit that takes each captured graph's side work off its path (graph_edges.py;
-        see `_side_work_off_path`)."""
+    def _capture_edit(self, side_work: bool, fills: bool):
+        """The edit of each captured graph before it is instantiated: cuBLAS's memset nodes as
+        fill kernels (memset_nodes.py, `_memsets_as_kernels`), then the side work off its path
+        (graph_edges.py, `_side_work_off_path`)."""
         from .graph_edges import take_side_work_off_path
+        from .memset_nodes import memsets_as_kernels
 
         ours = set()
         if self._binaries is not None:
             ours = {loaded.function.value for loaded in self._binaries.loaded.values()}
 
         def edit(graph) -> None:
+            if fills:
+                try:
+                    self.memsets_replaced += memsets_as_kernels(graph, self.device)
+                except (OSError, AttributeError, RuntimeError, TypeError) as e:
+                    # a driver without these calls or one that refuses one: the memsets stay
+                    # (a fill added before its memset's removal failed only writes twice)
+                    self.side_work_error = f"{type(e).__name__}: {e}"
+            if not side_work:
+                return
             # the event exists once recorded: by the first warm-up, before this runs
             event = self._graph_event
             side = {event.cuda_event} if event is not None else set()
