@@ -24,17 +24,19 @@ from __future__ import annotations
 import torch
 
 from .attention_tma import _rows, attention_tma_refusal
-from .jit import TritonName, cdiv, gl, gluon_jit
+from .jit import (
+    cdiv,
+    fence_async_shared,
+    gl,
+    gluon_jit,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_init,
+    warpgroup_mma_wait,
+)
 from .launch import launch_kernel
 from .tma import TensorDesc
-
-_HOPPER = "triton.experimental.gluon.language.nvidia.hopper"
-mbarrier = TritonName(f"{_HOPPER}.mbarrier")
-tma = TritonName(f"{_HOPPER}.tma")
-fence_async_shared = TritonName(_HOPPER, "fence_async_shared")
-warpgroup_mma = TritonName(_HOPPER, "warpgroup_mma")
-warpgroup_mma_init = TritonName(_HOPPER, "warpgroup_mma_init")
-warpgroup_mma_wait = TritonName(_HOPPER, "warpgroup_mma_wait")
 
 # (BLOCK_M, BLOCK_N, num_warps, STAGES): 8 warps are two warpgroups of 64 query rows each
 WGMMA_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2)]

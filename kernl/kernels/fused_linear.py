@@ -212,22 +212,16 @@ def fused_linear(
     if out is None:
         out = torch.empty((*lead, N), dtype=x.dtype, device=x.device)
     out2 = out.view(-1, N)
-    if config.wgmma:
+    if config.wgmma or config.tma:  # the kernels that take descriptors (Hopper)
         res = residual.reshape(-1, N) if residual is not None else None
-        wgmma_linear(
-            x2, weight, bias, activation, res, out2,
-            block=(config.BLOCK_M, config.BLOCK_N, config.BLOCK_K), group_m=config.GROUP_M,
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )  # fmt: skip
-        return out
-    if config.tma:
-        res = residual.reshape(-1, N) if residual is not None else None
-        linear_tma(
-            x2, weight, bias, activation, res, out2,
-            block=(config.BLOCK_M, config.BLOCK_N, config.BLOCK_K), group_m=config.GROUP_M,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+        modes = {} if config.wgmma else dict(
             warp_specialize=config.warp_specialize, flatten=config.flatten,
             split_epilogue=config.split_epilogue,
+        )  # fmt: skip
+        (wgmma_linear if config.wgmma else linear_tma)(
+            x2, weight, bias, activation, res, out2,
+            block=(config.BLOCK_M, config.BLOCK_N, config.BLOCK_K), group_m=config.GROUP_M,
+            num_warps=config.num_warps, num_stages=config.num_stages, **modes,
         )  # fmt: skip
         return out
     res2 = residual.reshape(-1, N) if residual is not None else out2

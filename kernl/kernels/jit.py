@@ -62,6 +62,14 @@ class _LazyConstexpr:
 tl = TritonName("triton.language")
 triton = TritonName("triton")
 gl = TritonName("triton.experimental.gluon.language")
+# Gluon's Hopper names (the wgmma kernels): TMA copies, mbarriers and the asynchronous wgmma
+_HOPPER = "triton.experimental.gluon.language.nvidia.hopper"
+mbarrier = TritonName(f"{_HOPPER}.mbarrier")
+tma = TritonName(f"{_HOPPER}.tma")
+fence_async_shared = TritonName(_HOPPER, "fence_async_shared")
+warpgroup_mma = TritonName(_HOPPER, "warpgroup_mma")
+warpgroup_mma_init = TritonName(_HOPPER, "warpgroup_mma_init")
+warpgroup_mma_wait = TritonName(_HOPPER, "warpgroup_mma_wait")
 
 
 def constexpr(value: Any) -> Any:

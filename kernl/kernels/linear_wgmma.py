@@ -30,16 +30,18 @@ from __future__ import annotations
 
 import torch
 
-from .jit import TritonName, cdiv, gl, gluon_jit
+from .jit import (
+    cdiv,
+    fence_async_shared,
+    gl,
+    gluon_jit,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 from .launch import launch_kernel
 from .tma import TensorDesc, tma_usable
-
-_HOPPER = "triton.experimental.gluon.language.nvidia.hopper"
-mbarrier = TritonName(f"{_HOPPER}.mbarrier")
-tma = TritonName(f"{_HOPPER}.tma")
-fence_async_shared = TritonName(_HOPPER, "fence_async_shared")
-warpgroup_mma = TritonName(_HOPPER, "warpgroup_mma")
-warpgroup_mma_wait = TritonName(_HOPPER, "warpgroup_mma_wait")
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, STAGES). 128x128 with 4 warps: two programs an SM
 # (ring 64-96 KB); 128x256 with 8 warps (two warp groups of 64 rows): one, as cuBLAS's tiles.

@@ -54,3 +54,31 @@ def assert_close(
         assert ours <= 2 * stock_err + EPS[dtype], (
             f"{name}: max err {ours:.3g} > 2x stock PyTorch {stock_err:.3g}; {_worst(out, ref64)}"
         )
+
+
+def run_checks(checks) -> int:
+    """A compile-check script's main: runs each (check, args), prints each failure; returns
+    how many failed."""
+    failed = 0
+    for check, args in checks:
+        try:
+            check(*args)
+        except Exception as e:  # noqa: BLE001 - reported, then the test fails
+            failed += 1
+            print(f"{check.__name__}{args} failed:\n{str(e)[-1500:]}\n")
+    return failed
+
+
+def assert_checks_pass_in_a_compiling_process(script: str) -> None:
+    """Runs `script` (a test file whose `main` runs its sm_90 compile checks) in a fresh
+    process where Triton compiles: TRITON_INTERPRET "0", not unset (without a GPU kernl turns
+    the interpreter on when it is unset), and under the interpreter Gluon's helpers become
+    interpreted functions it cannot call."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]

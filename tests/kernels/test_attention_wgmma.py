@@ -4,14 +4,17 @@ the PTX; on a GPU every config runs BERT's shapes and the ragged, GQA and bf16 c
 a float64 reference, into NaN-filled outputs."""
 
 import math
-import os
 import re
-import subprocess
 import sys
 
 import pytest
 import torch
-from kernel_check import assert_close, poisoned
+from kernel_check import (
+    assert_checks_pass_in_a_compiling_process,
+    assert_close,
+    poisoned,
+    run_checks,
+)
 
 from kernl.kernels.attention import attention_reference
 from kernl.kernels.attention_wgmma import (
@@ -96,27 +99,14 @@ def head_dim_128_compiles_within_shared_memory():
 
 
 def main() -> int:
-    """The sm_90 compile checks, in a process where Triton compiles (no TRITON_INTERPRET:
-    under the interpreter Gluon's helpers become interpreted functions it cannot call)."""
+    """The sm_90 compile checks (see kernel_check.assert_checks_pass_in_a_compiling_process)."""
     checks = [(softmax_between_issue_and_wait, (c,)) for c in WGMMA_CONFIGS]
     checks += [(without_overlap_every_dot_is_waited_for_at_once, ())]
-    checks += [(head_dim_128_compiles_within_shared_memory, ())]
-    failed = 0
-    for check, args in checks:
-        try:
-            check(*args)
-        except Exception as e:  # noqa: BLE001 - reported, then the test fails
-            failed += 1
-            print(f"{check.__name__}{args} failed:\n{str(e)[-1500:]}\n")
-    return failed
+    return run_checks(checks + [(head_dim_128_compiles_within_shared_memory, ())])
 
 
 def test_compiles_for_sm90_with_the_overlap_in_its_ptx():
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert_checks_pass_in_a_compiling_process(__file__)
 
 
 def test_refusals_say_why():

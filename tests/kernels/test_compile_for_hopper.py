@@ -10,9 +10,9 @@ Whisper-large-v3's decode step first)."""
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
 import sys
+
+from kernel_check import assert_checks_pass_in_a_compiling_process, run_checks
 
 
 def _compile(kernel, signature: dict[str, str], constants: dict, options=None, aligned=()):
@@ -342,35 +342,26 @@ def _linear_warp_specialized_variants():
 
 def main() -> int:
     """Compile every variant (in a process where Triton compiles: no TRITON_INTERPRET)."""
-    failed = 0
-    for check, variants in (
-        (norm_linear_compiles, NORM_LINEAR),
-        (norm_linear_rope_compiles, NORM_LINEAR_ROPE),
-        (skinny_linear_fused_compiles, SKINNY),
-        (decode_attention_compiles, DECODE_ATTENTION),
-        (decode_step_compiles, _decode_step_configs()),
-        (attention_compiles, _attention_variants()),
-        (short_attention_compiles, _short_attention_variants()),
-        (linear_compiles, _linear_warp_specialized_variants()),
-        (linear_tma_compiles, _linear_tma_variants()),
-        (tma_attention_compiles, _tma_attention_variants()),
-    ):
-        for v in variants:
-            try:
-                check(*v)
-            except Exception as e:  # noqa: BLE001 - reported, then the test fails
-                failed += 1
-                print(f"{check.__name__}{v} failed:\n{str(e)[-1500:]}\n")
-    return failed
+    return run_checks(
+        (check, v)
+        for check, variants in (
+            (norm_linear_compiles, NORM_LINEAR),
+            (norm_linear_rope_compiles, NORM_LINEAR_ROPE),
+            (skinny_linear_fused_compiles, SKINNY),
+            (decode_attention_compiles, DECODE_ATTENTION),
+            (decode_step_compiles, _decode_step_configs()),
+            (attention_compiles, _attention_variants()),
+            (short_attention_compiles, _short_attention_variants()),
+            (linear_compiles, _linear_warp_specialized_variants()),
+            (linear_tma_compiles, _linear_tma_variants()),
+            (tma_attention_compiles, _tma_attention_variants()),
+        )
+        for v in variants
+    )
 
 
 def test_kernels_compile_for_sm90():
-    # "0", not unset: without a GPU kernl turns the interpreter on when it is unset.
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert_checks_pass_in_a_compiling_process(__file__)
 
 
 if __name__ == "__main__":

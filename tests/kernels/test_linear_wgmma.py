@@ -2,13 +2,16 @@
 for sm_90 and its main loop read from the PTX; on a GPU every config runs BERT-base's GEMMs
 and ragged shapes against a float64 reference, into NaN-filled outputs."""
 
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
-from kernel_check import assert_close, poisoned
+from kernel_check import (
+    assert_checks_pass_in_a_compiling_process,
+    assert_close,
+    poisoned,
+    run_checks,
+)
 
 from kernl.kernels.fused_linear import LinearConfig, fused_linear, fused_linear_reference
 from kernl.kernels.linear_wgmma import (
@@ -83,26 +86,13 @@ def every_activation_and_the_residual_compile():
 
 
 def main() -> int:
-    """The sm_90 compile checks, in a process where Triton compiles (no TRITON_INTERPRET:
-    under the interpreter Gluon's helpers become interpreted functions it cannot call)."""
+    """The sm_90 compile checks (see kernel_check.assert_checks_pass_in_a_compiling_process)."""
     checks = [(one_group_stays_in_flight, (c,)) for c in WGMMA_LINEAR_CONFIGS]
-    checks += [(every_activation_and_the_residual_compile, ())]
-    failed = 0
-    for check, args in checks:
-        try:
-            check(*args)
-        except Exception as e:  # noqa: BLE001 - reported, then the test fails
-            failed += 1
-            print(f"{check.__name__}{args} failed:\n{str(e)[-1500:]}\n")
-    return failed
+    return run_checks(checks + [(every_activation_and_the_residual_compile, ())])
 
 
 def test_compiles_for_sm90_with_one_dot_in_flight():
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert_checks_pass_in_a_compiling_process(__file__)
 
 
 def test_refusals_say_why():
