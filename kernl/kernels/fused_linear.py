@@ -19,7 +19,7 @@ from .activation import ACTIVATIONS, _activation, apply_activation
 from .jit import cdiv, jit, tl
 from .launch import launch_kernel
 from .linear_tma import _linear_tma_kernel, linear_tma
-from .linear_wgmma import WGMMA_LINEAR_CONFIGS, _wgmma_linear_kernel, wgmma_linear
+from .linear_wgmma import _wgmma_linear_kernel, wgmma_linear
 
 
 @jit
@@ -126,8 +126,8 @@ def linear_configs() -> list[LinearConfig]:
     kernel's configs (tma_linear_configs) are not in it: they lost to cuBLAS at every
     BERT-base GEMM (H200, 2026-12-03, benchmarks/bench_linear_tma.py: 1.10-1.27x cuBLAS's
     time at M = 4096, 1.10-1.53x at 1024), so offering them only lengthened compiles. Nor
-    are the Gluon kernel's (wgmma_linear_configs): 0.99-1.27x cuBLAS's time at M = 4096 and
-    1.00-1.20x at 1024, the erf GELU costing most (H200, 2026-12-04,
+    are the Gluon kernel's (linear_wgmma.WGMMA_LINEAR_CONFIGS): 0.99-1.27x cuBLAS's time at
+    M = 4096 and 1.00-1.20x at 1024, the erf GELU costing most (H200, 2026-12-04,
     benchmarks/bench_linear_wgmma.py; the tuner then kept cuBLAS at every GEMM)."""
     shapes = [
         (128, 256, 64, 8, 3),
@@ -171,13 +171,6 @@ def tma_linear_configs() -> list[LinearConfig]:
     """Configs of the persistent TMA kernel (linear_tma.py), for its tests and benchmark."""
     return [
         LinearConfig(bm, bn, bk, 8, w, s, ws, True, fl, sp) for bm, bn, bk, w, s, ws, fl, sp in _TMA
-    ]
-
-
-def wgmma_linear_configs() -> list[LinearConfig]:
-    """Configs of the Gluon kernel (linear_wgmma.py), for its tests and benchmark."""
-    return [
-        LinearConfig(bm, bn, bk, 8, w, s, wgmma=True) for bm, bn, bk, w, s in WGMMA_LINEAR_CONFIGS
     ]
 
 

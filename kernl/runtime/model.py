@@ -200,7 +200,7 @@ class CompiledModel:
     # ... and cuBLAS's memsets too: off, they slowed 32x128 by 1.3-1.6% (two runs).
     _memsets_off_path = False
     # cuBLAS's memset nodes as fill kernels (memset_nodes.py): on an H200 a memset node cost
-    # 2.98 µs of GPU time against 1.06 for the kernel, and twelve of them 13.7 µs of the
+    # 2.98 µs of GPU time against 1.06 for the kernel, and twelve of them 13.8 µs of the
     # graph's launch (2026-12-04); BERT-base's M = 4096 buckets have twelve.
     _memsets_as_kernels = True
     # A warm-up run before every capture rather than before the model's first only. The first
