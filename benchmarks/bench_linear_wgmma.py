@@ -7,10 +7,11 @@
 Per GEMM (QKV, O, FFN1, FFN2; bias on all): cuBLAS with bias (F.linear); for FFN1 also
 cuBLASLt's bias + tanh-GELU epilogue (kernl's path today, which the compiler takes where its
 error is within 2x stock PyTorch's); then every Gluon tile of the sweep, FFN1 with the erf
-GELU and with the tanh one. The question is whether two 4-warp programs an SM, one's
-epilogue beside the other's dots, beat cuBLAS where its epilogue costs most. Outputs are
-checked against an fp32 reference first (max |diff|); times are medians of CUDA-graph
-replays (bench_utils.median_ms)."""
+GELU and with the tanh one; then the warp-specialised kernel (kernels/linear_pingpong.py,
+two consumer warp groups taking tiles in turn). The question is whether an epilogue beside
+another tile's dots (two programs an SM, or two warp groups of one) beats cuBLAS where its
+epilogue costs most. Outputs are checked against an fp32 reference first (max |diff|);
+times are medians of CUDA-graph replays (bench_utils.median_ms)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_utils import device_info, median_ms  # noqa: E402
 
+from kernl.kernels.linear_pingpong import PINGPONG_CONFIGS, pingpong_linear  # noqa: E402
 from kernl.kernels.linear_wgmma import WGMMA_LINEAR_CONFIGS, wgmma_linear  # noqa: E402
 
 GEMMS = {  # name: (N, K, activation)
@@ -75,6 +77,13 @@ def main() -> None:
                                     num_warps=warps, num_stages=stages)  # fmt: skip
 
             cands[f"gluon {bm}x{bn}x{bk} w{warps} s{stages} g{group} {a}"] = (fn, a)
+        for (bm, bn, bk, stages), group, a in itertools.product(PINGPONG_CONFIGS, (8, 1), acts):
+
+            def fn(bm=bm, bn=bn, bk=bk, stages=stages, group=group, a=a):
+                return pingpong_linear(x, w, b, a, out, block=(bm, bn, bk), group_m=group,
+                                       num_stages=stages)  # fmt: skip
+
+            cands[f"gluon pingpong {bm}x{bn}x{bk} s{stages} g{group} {a}"] = (fn, a)
         flops = 2 * rows * N * K
         for impl, (fn, a) in cands.items():
             row = dict(rows=rows, gemm=name, impl=impl)

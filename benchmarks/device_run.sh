@@ -63,13 +63,14 @@
 #   attwgmma a Gluon attention whose next q k^T overlaps this block's softmax (FA3's schedule)
 #           against the tuner's kernels at 8x512, 4x256 and 32x128
 #           (benchmarks/bench_attention_wgmma.py, ~1 min)
-#   linwgmma the Gluon linear (kernels/linear_wgmma.py) over a sweep of tiles against cuBLAS at
-#           BERT-base's GEMMs, M = 4096 and 1024 (benchmarks/bench_linear_wgmma.py, ~1 min)
+#   linwgmma the Gluon linears (kernels/linear_wgmma.py over a sweep of tiles, the
+#           warp-specialised kernels/linear_pingpong.py) against cuBLAS at BERT-base's GEMMs,
+#           M = 4096 and 1024 (benchmarks/bench_linear_wgmma.py, ~1.5 min)
 #   memsettests the GPU tests of cuBLAS's memsets as fills, the graph edits, the input paths
 #           and e2e
 #   memsetnodes a memset node in a CUDA graph against a kernel writing the same zeros, twelve
 #           times between a layer norm and a GEMM (benchmarks/diag_memset_nodes.py, ~10 s)
-#   wgmmatests the Gluon attention's and linear's GPU tests (their binaries in a graph
+#   wgmmatests the Gluon attention's and linears' GPU tests (their binaries in a graph
 #           included) and the no-JIT serving test
 #   bertcheck the `bertc` artifact from its binaries against eager fp16 at 8x512, 1x512 and
 #           32x128, right-padded rows (benchmarks/check_bert_artifact.py; after `bertc`)
@@ -210,7 +211,8 @@ stage() {
       tests/runtime/test_memset_nodes.py tests/runtime/test_graph_edges.py \
       tests/runtime/test_gpu_input_paths.py tests/e2e ;;
     wgmmatests) timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 \
-      tests/kernels/test_linear_wgmma.py tests/kernels/test_attention_wgmma.py \
+      tests/kernels/test_linear_wgmma.py tests/kernels/test_linear_pingpong.py \
+      tests/kernels/test_attention_wgmma.py \
       tests/runtime/test_gpu_no_jit.py ;;
     bertcheck) timeout 120 python3 benchmarks/check_bert_artifact.py \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" 8x512 1x512 32x128 ;;

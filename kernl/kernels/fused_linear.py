@@ -6,7 +6,8 @@ output makes one trip to memory instead of three and is rounded once. Programs a
 groups of GROUP_M row-blocks so that consecutive programs reuse the same W columns from L2.
 Any M and N; K must be a multiple of 8 (16-byte rows for fp16). A config with `tma` set runs
 linear_tma.py's persistent TMA kernel instead (Hopper; not in the tuning space, see there),
-one with `wgmma` linear_wgmma.py's Gluon kernel (Hopper; not in the tuning space either)."""
+one with `wgmma` linear_wgmma.py's Gluon kernel and one with `pingpong` linear_pingpong.py's
+(Hopper; neither in the tuning space)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from .activation import ACTIVATIONS, _activation, apply_activation
 from .jit import cdiv, jit, tl
 from .launch import launch_kernel
+from .linear_pingpong import _pingpong_linear_kernel, pingpong_linear
 from .linear_tma import _linear_tma_kernel, linear_tma
 from .linear_wgmma import _wgmma_linear_kernel, wgmma_linear
 
@@ -119,6 +121,8 @@ class LinearConfig:
     split_epilogue: bool = False  # tma: the output stored in two half-width tiles
     # linear_wgmma.py's Gluon kernel (Hopper): a TMA ring into asynchronous wgmma
     wgmma: bool = False
+    # linear_pingpong.py's (Hopper): warp-specialised, two consumers taking tiles in turn
+    pingpong: bool = False
 
 
 def linear_configs() -> list[LinearConfig]:
@@ -205,6 +209,15 @@ def fused_linear(
     if out is None:
         out = torch.empty((*lead, N), dtype=x.dtype, device=x.device)
     out2 = out.view(-1, N)
+    if config.pingpong:
+        if residual is not None:
+            raise ValueError("the ping-pong linear takes no residual")
+        pingpong_linear(
+            x2, weight, bias, activation, out2,
+            block=(config.BLOCK_M, config.BLOCK_N, config.BLOCK_K), group_m=config.GROUP_M,
+            num_stages=config.num_stages,
+        )  # fmt: skip
+        return out
     if config.wgmma or config.tma:  # the kernels that take descriptors (Hopper)
         res = residual.reshape(-1, N) if residual is not None else None
         modes = {} if config.wgmma else dict(
@@ -249,5 +262,10 @@ def fused_linear(
     return out
 
 
-JIT_FUNCTIONS = (_fused_linear_kernel, _linear_tma_kernel, _wgmma_linear_kernel)
+JIT_FUNCTIONS = (
+    _fused_linear_kernel,
+    _linear_tma_kernel,
+    _wgmma_linear_kernel,
+    _pingpong_linear_kernel,
+)
 CONFIG_TYPE = LinearConfig
