@@ -82,3 +82,33 @@ def assert_checks_pass_in_a_compiling_process(script: str) -> None:
     run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True,
                          timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+
+
+def assert_binaries_in_a_graph_equal_the_jit(run, descriptors: int) -> None:
+    """`run(out=None)` launches one kernel (and returns its output). Recorded as the compiler
+    records it, then launched from its cubin with kernl's own CUtensorMaps (`descriptors` of
+    them), eagerly and inside a CUDA graph: each bit for bit what the JIT computed."""
+    from kernl.kernels.launch import launching_with
+    from kernl.runtime import binaries as b
+
+    found = {}
+    with b.allow_jit(lambda key, kernel: found.setdefault(key, kernel)):
+        want = run()
+    kb = b.KernelBinaries(torch.device("cuda"))
+    for key, kernel in found.items():
+        spec, cubin = b.spec_from_compiled(key, kernel)
+        tma = sum(t.startswith("nvTmaDesc:") for _, t in spec.arg_types)
+        assert tma == descriptors, spec.arg_types
+        kb.add(spec, cubin)
+    out = poisoned(want.shape, want.dtype, "cuda")
+    graph = torch.cuda.CUDAGraph()
+    with launching_with(kb):
+        run(out=out)  # eager, from the binary
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)
+        out.fill_(float("nan"))
+        with torch.cuda.graph(graph):
+            run(out=out)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)

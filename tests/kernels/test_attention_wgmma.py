@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from kernel_check import (
+    assert_binaries_in_a_graph_equal_the_jit,
     assert_checks_pass_in_a_compiling_process,
     assert_close,
     poisoned,
@@ -176,34 +177,15 @@ def test_gpu_binaries_in_a_graph_equal_the_jit():
     cubin with kernl's own CUtensorMaps (Gluon's descriptors), inside a CUDA graph: bit for bit
     what Gluon's JIT computed."""
     from kernl.kernels.attention import AttentionConfig, attention
-    from kernl.kernels.launch import launching_with
-    from kernl.runtime import binaries as b
 
     B, L, H, D = 2, 300, 12, 64
     q, k, v = _qkv_views(B, L, H, D, torch.float16)
     bias = torch.zeros(B, 1, 1, L, device="cuda")
     bias[1, ..., 200:] = float("-inf")
     config = AttentionConfig(64, 64, 4, 2, wgmma=True, overlap=True)
-    found = {}
-    with b.allow_jit(lambda key, kernel: found.setdefault(key, kernel)):
-        want = attention(q, k, v, bias=bias, config=config)
-    kb = b.KernelBinaries(torch.device("cuda"))
-    for key, kernel in found.items():
-        spec, cubin = b.spec_from_compiled(key, kernel)
-        assert sum(t.startswith("nvTmaDesc:") for _, t in spec.arg_types) == 4, spec.arg_types
-        kb.add(spec, cubin)
-    out = poisoned(q.shape, torch.float16, "cuda")
-    graph = torch.cuda.CUDAGraph()
-    with launching_with(kb):
-        attention(q, k, v, bias=bias, config=config, out=out)  # eager, from the binary
-        torch.cuda.synchronize()
-        assert torch.equal(out, want)
-        out.fill_(float("nan"))
-        with torch.cuda.graph(graph):
-            attention(q, k, v, bias=bias, config=config, out=out)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, want)
+    assert_binaries_in_a_graph_equal_the_jit(
+        lambda out=None: attention(q, k, v, bias=bias, config=config, out=out), 4
+    )
 
 
 def test_the_tuner_offers_it_on_hopper_for_long_keys_only(monkeypatch):

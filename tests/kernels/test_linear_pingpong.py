@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from kernel_check import (
+    assert_binaries_in_a_graph_equal_the_jit,
     assert_checks_pass_in_a_compiling_process,
     assert_close,
     poisoned,
@@ -128,33 +129,14 @@ def test_gpu_bf16_ragged_one_tile(activation):
 def test_gpu_binaries_in_a_graph_equal_the_jit():
     """Recorded as the compiler records it, launched from the cubin (384 threads, kernl's own
     CUtensorMaps) inside a CUDA graph: bit for bit what Gluon's JIT computed."""
-    from kernl.kernels.launch import launching_with
-    from kernl.runtime import binaries as b
-
     g = torch.Generator(device="cuda").manual_seed(2)
     x = torch.randn(2048, 768, dtype=torch.float16, device="cuda", generator=g)
     w = torch.randn(3072, 768, dtype=torch.float16, device="cuda", generator=g) / 768**0.5
     bias = torch.randn(3072, dtype=torch.float16, device="cuda", generator=g)
     config = LinearConfig(128, 128, 64, 8, 4, 4, pingpong=True)
-    found = {}
-    with b.allow_jit(lambda key, kernel: found.setdefault(key, kernel)):
-        want = fused_linear(x, w, bias, "gelu", config=config)
-    kb = b.KernelBinaries(torch.device("cuda"))
-    for key, kernel in found.items():
-        spec, cubin = b.spec_from_compiled(key, kernel)
-        kb.add(spec, cubin)
-    out = poisoned(want.shape, torch.float16, "cuda")
-    graph = torch.cuda.CUDAGraph()
-    with launching_with(kb):
-        fused_linear(x, w, bias, "gelu", out=out, config=config)  # eager, from the binary
-        torch.cuda.synchronize()
-        assert torch.equal(out, want)
-        out.fill_(float("nan"))
-        with torch.cuda.graph(graph):
-            fused_linear(x, w, bias, "gelu", out=out, config=config)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, want)
+    assert_binaries_in_a_graph_equal_the_jit(
+        lambda out=None: fused_linear(x, w, bias, "gelu", out=out, config=config), 3
+    )
 
 
 if __name__ == "__main__":
