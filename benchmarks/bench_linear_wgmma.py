@@ -3,6 +3,7 @@
 (issue 14).
 
     python benchmarks/bench_linear_wgmma.py      # JSON lines, then a summary table
+    python benchmarks/bench_linear_wgmma.py --only pingpong   # cuBLAS and the ping-pong kernel
 
 Per GEMM (QKV, O, FFN1, FFN2; bias on all): cuBLAS with bias (F.linear); for FFN1 also
 cuBLASLt's bias + tanh-GELU epilogue (kernl's path today, which the compiler takes where its
@@ -49,6 +50,8 @@ SWEEP = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, STAGES, GROUP_M
 
 
 def configs() -> list[tuple]:
+    if "--only" in sys.argv and sys.argv[sys.argv.index("--only") + 1] == "pingpong":
+        return []
     return [(*c, 8) for c in WGMMA_LINEAR_CONFIGS] + [c for c in SWEEP]
 
 

@@ -66,6 +66,8 @@
 #   linwgmma the Gluon linears (kernels/linear_wgmma.py over a sweep of tiles, the
 #           warp-specialised kernels/linear_pingpong.py) against cuBLAS at BERT-base's GEMMs,
 #           M = 4096 and 1024 (benchmarks/bench_linear_wgmma.py, ~1.5 min)
+#   linpp   the same for cuBLAS and the ping-pong kernel only, under a short timeout (its
+#           first GPU run: a barrier bug hangs rather than fails)
 #   memsettests the GPU tests of cuBLAS's memsets as fills, the graph edits, the input paths
 #           and e2e
 #   memsetnodes a memset node in a CUDA graph against a kernel writing the same zeros, twelve
@@ -206,6 +208,7 @@ stage() {
     attshort) OUT=$RUN timeout 300 python3 benchmarks/bench_attention_short.py ;;
     attwgmma) timeout 240 python3 benchmarks/bench_attention_wgmma.py ;;
     linwgmma) timeout 300 python3 benchmarks/bench_linear_wgmma.py ;;
+    linpp) timeout 120 python3 benchmarks/bench_linear_wgmma.py --only pingpong ;;
     memsetnodes) timeout 120 python3 benchmarks/diag_memset_nodes.py ;;
     memsettests) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 \
       tests/runtime/test_memset_nodes.py tests/runtime/test_graph_edges.py \
