@@ -79,3 +79,107 @@ def test_gpu_tuned_bert_keeps_its_gelu_fused_and_validates(tmp_path, monkeypatch
     with allow_jit():
         result = validate(flat, program, weights, dev, 2e-2, 2e-2)
     assert result.max_abs_error < 2e-2
+
+
+def _tiny_bert_program():
+    from transformers import BertConfig, BertModel
+
+    from kernl.artifacts.schema import Bucket
+    from kernl.compiler.lower import lower
+    from kernl.compiler.passes import rewrite
+    from kernl.compiler.trace import FlatModel, example_inputs, export_bucket, model_signature
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        vocab_size=100, max_position_embeddings=32,
+    )  # fmt: skip
+    model = BertModel(cfg).eval()
+    dev = torch.device("cpu")
+    sig = model_signature(model, dev)
+    flat = FlatModel(model, [s.name for s in sig.inputs], [s.name for s in sig.outputs])
+    bucket = Bucket(1, 16)
+    program, weights = lower(export_bucket(flat, bucket, 100, dev), bucket, flat.input_names)
+    weights = dict(weights)
+    program = rewrite(program, weights)
+    example = dict(zip(flat.input_names, example_inputs(flat.input_names, bucket, 100, dev)))
+    return program, weights, example
+
+
+def test_the_tanh_gelu_is_timed_on_the_pingpong_configs_and_can_win(monkeypatch, tmp_path):
+    """Where the tuner accepts a tanh GELU, the ping-pong configs are also timed with it (on
+    the CPU, GPU timing faked: a ping-pong config with the tanh GELU is the fastest), and the
+    winner is recorded as a Triton config with the activation changed and the approximation
+    said; the other configs are timed with the erf GELU only."""
+    from kernl.compiler import tune
+    from kernl.runtime import kernl_ops
+
+    monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("KERNL_COMPILE_THREADS", "0")
+    monkeypatch.setattr(tune, "_timing_target", lambda device: "fake-gpu")
+    # every candidate computes with aten, the chosen ones too when the program runs on
+    monkeypatch.setattr(tune, "_kernel_available", lambda op, device: True)
+    monkeypatch.setattr(kernl_ops, "triton_usable", lambda device, module: False)
+    monkeypatch.setattr(tune, "gelu_tanh_error", lambda fn, args, kwargs: (1e-3, 1e-3))
+    plain, pingpong = {"name": "plain"}, {"name": "pp", "pingpong": True}
+    monkeypatch.setattr(tune, "_configs", lambda op, *call: [dict(plain), dict(pingpong)])
+    timed, last = [], {}
+    real = tune.kernl_ops_fn
+
+    def fake_fn(op):
+        fn = real(op)
+
+        def run(*args, **kwargs):
+            last.clear()
+            last.update(op=op, **kwargs)
+            return fn(*args, **{**kwargs, "impl": "aten", "config": None})
+
+        return run
+
+    def fake_bench(fn):
+        fn()
+        key = (last["op"], last.get("impl"), (last.get("config") or {}).get("name"))
+        timed.append((*key, last.get("activation")))
+        fast = key[2] == "pp" and last.get("activation") == "gelu_tanh"
+        return 1.0 if fast else 10.0
+
+    monkeypatch.setattr(tune, "kernl_ops_fn", fake_fn)
+    monkeypatch.setattr(tune, "_bench_us", fake_bench)
+    program, weights, example = _tiny_bert_program()
+    records = tune.tune_program(program, weights, example, torch.device("cpu"))
+    ffn = [r for r in records if r.op == "kernl.linear" and r.approximation]
+    assert len(ffn) == 1 and ffn[0].impl == "triton" and ffn[0].config == pingpong
+    assert ffn[0].approximation.startswith("gelu as gelu_tanh")
+    ins = program.instructions[ffn[0].index]
+    assert ins.kwargs["activation"] == "gelu_tanh" and dict(ins.kwargs["config"]) == pingpong
+    gelu_timings = [t for t in timed if t[3] in ("gelu", "gelu_tanh")]
+    assert ("kernl.linear", "triton", "plain", "gelu") in gelu_timings
+    assert ("kernl.linear", "triton", "plain", "gelu_tanh") not in gelu_timings
+    assert ("kernl.linear", "triton", "pp", "gelu") in gelu_timings
+    # every other linear: no tanh candidate, the ping-pong config with its own activation
+    others = [r for r in records if r.op == "kernl.linear" and not r.approximation]
+    assert others and all(r.config != pingpong or r.impl == "triton" for r in others)
+
+
+def test_pingpong_configs_join_at_large_m_and_n_without_residual(monkeypatch):
+    from kernl.kernels import fused_linear
+
+    monkeypatch.setattr(fused_linear, "wgmma_linear_refusal", lambda x, w: None)
+
+    def pingpongs(m, n, residual=False):
+        x = torch.empty(m, 768, device="meta")
+        w = torch.empty(n, 768, device="meta")
+        r = torch.empty(m, n, device="meta") if residual else None
+        return [c for c in fused_linear.linear_configs(x, w, r) if c.pingpong]
+
+    assert len(pingpongs(4096, 3072)) == 2 * len(fused_linear.PINGPONG_CONFIGS)
+    assert not pingpongs(1024, 3072) and not pingpongs(4096, 768)
+    assert not pingpongs(4096, 3072, residual=True)
+    assert not [c for c in fused_linear.linear_configs() if c.pingpong]
+
+
+def test_pingpong_configs_stay_out_where_the_kernel_cannot_run():
+    from kernl.kernels import fused_linear
+
+    x, w = torch.empty(4096, 768, dtype=torch.float16), torch.empty(3072, 768, dtype=torch.float16)
+    assert not [c for c in fused_linear.linear_configs(x, w) if c.pingpong]  # CPU tensors
