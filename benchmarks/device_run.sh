@@ -68,6 +68,8 @@
 #           M = 4096 and 1024 (benchmarks/bench_linear_wgmma.py, ~1.5 min)
 #   linpp   the same for cuBLAS and the ping-pong kernel only, under a short timeout (its
 #           first GPU run: a barrier bug hangs rather than fails)
+#   diagpp  the ping-pong linear at FFN1 alone and between layer norms and FFN2, JIT and
+#           binary launches, against cuBLASLt (benchmarks/diag_pingpong_in_model.py, ~1 min)
 #   memsettests the GPU tests of cuBLAS's memsets as fills, the graph edits, the input paths
 #           and e2e
 #   memsetnodes a memset node in a CUDA graph against a kernel writing the same zeros, twelve
@@ -209,6 +211,7 @@ stage() {
     attwgmma) timeout 240 python3 benchmarks/bench_attention_wgmma.py ;;
     linwgmma) timeout 300 python3 benchmarks/bench_linear_wgmma.py ;;
     linpp) timeout 120 python3 benchmarks/bench_linear_wgmma.py --only pingpong ;;
+    diagpp) timeout 180 python3 benchmarks/diag_pingpong_in_model.py ;;
     memsetnodes) timeout 120 python3 benchmarks/diag_memset_nodes.py ;;
     memsettests) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 \
       tests/runtime/test_memset_nodes.py tests/runtime/test_graph_edges.py \
