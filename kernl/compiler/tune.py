@@ -291,24 +291,21 @@ def tune_program(
             best = ("aten", None, aten_us)
             errors = []
             reference = fn(*args, **{**kwargs, "impl": "aten"})
-            activation, approximation, tanh_note = None, None, None
+            activation, approximation = None, None
             if ins.op == "kernl.linear" and kwargs.get("activation") == "gelu":
                 # cuBLASLt fuses bias + GELU into the GEMM, but its GELU is the tanh one
                 tanh = {**kwargs, "impl": "aten", "activation": "gelu_tanh"}
                 err, stock_err = gelu_tanh_error(fn, args, kwargs)
                 if err <= 2 * stock_err:  # STYLE rule 6: within 2x stock PyTorch's error
-                    tanh_note = (
-                        f"gelu as gelu_tanh: max err {err:.2g} vs float64 (stock {stock_err:.2g})"
-                    )
                     us = _bench_us(lambda: fn(*args, **tanh))
                     timed += 1
                     if us < best[2]:
-                        best, activation, approximation = ("aten", None, us), "gelu_tanh", tanh_note
+                        best, activation = ("aten", None, us), "gelu_tanh"
+                        approximation = (
+                            f"gelu as gelu_tanh: max err {err:.2g} vs float64 "
+                            f"(stock {stock_err:.2g})"
+                        )
             configs = _configs(ins.op, args, kwargs)
-            # (config, activation it runs with; None: the op's own)
-            candidates = [(c, None) for c in configs] + [
-                (c, "gelu_tanh") for c in configs if tanh_note and _tanh_candidate(c)
-            ]
             if session.compile_threads:
                 ahead = [
                     c for c in configs if _failure_key(ins.op, c, values) not in session.failed
@@ -317,22 +314,21 @@ def tune_program(
                     session.compiled_ahead += compile_ahead(
                         fn, args, kwargs, ahead, session.compile_threads
                     )
-            for config, act in candidates:
-                run = {**kwargs, "impl": "triton", "config": config}
-                if act:
-                    run["activation"] = act
-                failure = _failure_key(ins.op, config, values) + (f" as {act}" if act else "")
+            for config in configs:
+                failure = _failure_key(ins.op, config, values)
                 if failure in session.failed:
                     errors.append(f"{config}: {session.failed[failure]} (failed before)")
                     continue
                 with quiet_native_stderr(session.verbose) as dump:
                     try:
-                        out = fn(*args, **run)
+                        out = fn(*args, **{**kwargs, "impl": "triton", "config": config})
                         if not torch.allclose(
                             out.float(), reference.float(), atol=5e-2, rtol=5e-2, equal_nan=True
                         ):
                             raise _Mismatch("result differs from aten")
-                        us = _bench_us(lambda r=run: fn(*args, **r))
+                        us = _bench_us(
+                            lambda c=config: fn(*args, **{**kwargs, "impl": "triton", "config": c})
+                        )
                         timed += 1
                         error = None
                     except Exception as e:  # a config that fails to compile or run is skipped
@@ -346,8 +342,7 @@ def tune_program(
                     errors.append(f"{config}: {error}")
                     continue
                 if us < best[2]:
-                    best, activation = ("triton", config, us), act
-                    approximation = tanh_note if act else None
+                    best, activation, approximation = ("triton", config, us), None, None
             ins.kwargs.update(impl=best[0], config=encode_config(best[1]))
             if activation:
                 ins.kwargs["activation"] = activation
@@ -385,15 +380,6 @@ def tune_program(
                     f"(aten {aten_us:.1f}us) in {time.perf_counter() - t0:.1f}s"
                 )
     return records
-
-
-def _tanh_candidate(config: dict[str, Any]) -> bool:
-    """A linear config the tuner also times with a tanh GELU, where it accepts one: the
-    ping-pong kernel, whose erf GELU cost 80.5 us at BERT-base's FFN1 against 35.9 with the
-    tanh one (H200, 2026-12-04; its epilogue runs beside the other consumer's dots only if it
-    is short). The other kernels are timed with the op's own GELU alone, which keeps a compile
-    from timing every config twice."""
-    return bool(config.get("pingpong"))
 
 
 class _Mismatch(ValueError):

@@ -6,8 +6,8 @@ output makes one trip to memory instead of three and is rounded once. Programs a
 groups of GROUP_M row-blocks so that consecutive programs reuse the same W columns from L2.
 Any M and N; K must be a multiple of 8 (16-byte rows for fp16). A config with `tma` set runs
 linear_tma.py's persistent TMA kernel instead (Hopper; not in the tuning space, see there),
-one with `wgmma` linear_wgmma.py's Gluon kernel (Hopper; not in the tuning space) and one
-with `pingpong` linear_pingpong.py's warp-specialised one (Hopper; tuned where it can win)."""
+one with `wgmma` linear_wgmma.py's Gluon kernel and one with `pingpong` linear_pingpong.py's
+(Hopper; neither in the tuning space)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from .activation import ACTIVATIONS, _activation, apply_activation
 from .jit import cdiv, jit, tl
 from .launch import launch_kernel
-from .linear_pingpong import PINGPONG_CONFIGS, _pingpong_linear_kernel, pingpong_linear
+from .linear_pingpong import _pingpong_linear_kernel, pingpong_linear
 from .linear_tma import _linear_tma_kernel, linear_tma
-from .linear_wgmma import _wgmma_linear_kernel, wgmma_linear, wgmma_linear_refusal
+from .linear_wgmma import _wgmma_linear_kernel, wgmma_linear
 
 
 @jit
@@ -125,33 +125,8 @@ class LinearConfig:
     pingpong: bool = False
 
 
-# The ping-pong kernel's calls: where it beat cuBLAS (H200, 2026-12-04, bench_linear_wgmma.py
-# --only pingpong, M = 4096): QKV 24.95 against 25.79 us, FFN1 with a tanh GELU 35.88 against
-# cuBLASLt's tanh-GELU epilogue 38.97. It lost at N = 768 (O 11.7 against 9.9, FFN2 34.4
-# against 30.7: six column tiles) and at M = 1024 (1.4-1.9x), and with the erf GELU (80.5).
-PINGPONG_MIN_M = 2048
-PINGPONG_MIN_N = 2048
-
-
-def pingpong_wanted(
-    x: torch.Tensor | None, weight: torch.Tensor | None, residual: torch.Tensor | None
-) -> bool:
-    """Whether the ping-pong kernel's configs join this call's tuning space."""
-    if x is None or weight is None or residual is not None:
-        return False
-    if x.numel() // x.shape[-1] < PINGPONG_MIN_M or weight.shape[0] < PINGPONG_MIN_N:
-        return False
-    return wgmma_linear_refusal(x, weight) is None
-
-
-def linear_configs(
-    x: torch.Tensor | None = None,
-    weight: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
-) -> list[LinearConfig]:
-    """Tuning space (Hopper-leaning; the small tiles cover small M). Given the call's x,
-    weight and residual, the ping-pong kernel's configs join where it can win (pingpong_wanted;
-    the tuner times them with a tanh GELU too, where it accepts one). The persistent TMA
+def linear_configs() -> list[LinearConfig]:
+    """Tuning space (Hopper-leaning; the small tiles cover small M). The persistent TMA
     kernel's configs (tma_linear_configs) are not in it: they lost to cuBLAS at every
     BERT-base GEMM (H200, 2026-12-03, benchmarks/bench_linear_tma.py: 1.10-1.27x cuBLAS's
     time at M = 4096, 1.10-1.53x at 1024), so offering them only lengthened compiles. Nor
@@ -180,12 +155,6 @@ def linear_configs(
         # this kernel (tests/kernels/test_compile_for_hopper.py)
         LinearConfig(128, 256, 64, 8, 8, 3, True),
     ]
-    if pingpong_wanted(x, weight, residual):
-        out += [
-            LinearConfig(bm, bn, bk, group, 4, stages, pingpong=True)
-            for bm, bn, bk, stages in PINGPONG_CONFIGS
-            for group in (8, 1)
-        ]
     return out
 
 

@@ -15,12 +15,9 @@ each other in the ring's order. Registers: 232 a thread
 for each consumer (a 128x128 fp32 accumulator is 128), 40 for the producer (maxnreg 168
 over the 12 warps the three partitions occupy).
 
-Measured (H200, 2026-12-04, benchmarks/bench_linear_wgmma.py --only pingpong): at M = 4096
-it beat cuBLAS at QKV (24.95 against 25.79 us) and, with a tanh GELU, cuBLASLt's tanh-GELU
-epilogue at FFN1 (35.88 against 38.97); with the erf GELU it took 80.5 us, and it lost where
-N = 768 or M = 1024. So its configs join the tuning space at large M and N only
-(fused_linear.pingpong_wanted), and the tuner times them with the tanh GELU where it accepts
-that approximation. x [M, K] and out [M, N]
+Written after the session's device time (2026-12-04): compiled for sm_90 on the CPU (its
+test), not yet run on a GPU; not in the tuning space until it is measured
+(benchmarks/bench_linear_wgmma.py times it beside the other kernel). x [M, K] and out [M, N]
 contiguous rows, W [N, K]; TMA reads zeros past every edge and drops stores past M and N.
 `wgmma_linear_refusal` (linear_wgmma.py) says what a call needs; no residual."""
 
