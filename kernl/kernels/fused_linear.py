@@ -132,7 +132,8 @@ def linear_configs() -> list[LinearConfig]:
     time at M = 4096, 1.10-1.53x at 1024), so offering them only lengthened compiles. Nor
     are the Gluon kernel's (linear_wgmma.WGMMA_LINEAR_CONFIGS): 0.99-1.27x cuBLAS's time at
     M = 4096 and 1.00-1.20x at 1024, the erf GELU costing most (H200, 2026-12-04,
-    benchmarks/bench_linear_wgmma.py; the tuner then kept cuBLAS at every GEMM)."""
+    benchmarks/bench_linear_wgmma.py; the tuner then kept cuBLAS at every GEMM), nor the
+    ping-pong kernel's (linear_pingpong.py: 1.07-1.4x cuBLASLt's kernel time at FFN1)."""
     shapes = [
         (128, 256, 64, 8, 3),
         (256, 128, 64, 8, 3),
