@@ -731,7 +731,7 @@ class _Walk:
 
 # -- kernl ops: shapes and argument checks, mirroring kernl/runtime/kernl_ops.py --------------
 
-_ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+_ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "tanh")
 
 
 def _impl(impl: Any, config: Any) -> None:

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from .jit import jit, tl
 
-ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+# "tanh": BERT's pooler, whose dense layer + tanh were two launches at the end of a call
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "tanh")
 
 
 @jit
@@ -23,6 +24,8 @@ def _activation(y, ACTIVATION: tl.constexpr):
         y = 0.5 * y * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0))
     elif ACTIVATION == "silu":
         y = y / (1.0 + tl.exp(-y))
+    elif ACTIVATION == "tanh":
+        y = 2.0 / (1.0 + tl.exp(-2.0 * y)) - 1.0  # saturates to -1 and 1 without inf / inf
     return y
 
 
@@ -37,4 +40,6 @@ def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
         return F.gelu(y, approximate="tanh")
     if activation == "silu":
         return F.silu(y)
+    if activation == "tanh":
+        return torch.tanh(y)
     raise ValueError(f"unknown activation {activation!r}")

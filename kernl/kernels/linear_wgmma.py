@@ -65,6 +65,8 @@ def _activation(y, ACTIVATION: gl.constexpr):
         y = 0.5 * y * (2.0 / (1.0 + gl.exp(-2.0 * u)))  # 1 + tanh(u) = 2 sigmoid(2u)
     elif ACTIVATION == "silu":
         y = y / (1.0 + gl.exp(-y))
+    elif ACTIVATION == "tanh":
+        y = 2.0 / (1.0 + gl.exp(-2.0 * y)) - 1.0
     return y
 
 

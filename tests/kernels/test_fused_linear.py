@@ -53,6 +53,13 @@ def test_odd_shapes_default_config(M, N, K):
     _check(M, N, K, torch.float16, "relu", config=None)
 
 
+def test_tanh_saturates():
+    # large |x| must give -1 and 1, not NaN from exp overflow
+    x = torch.tensor([[-60.0, -9.0, 0.0, 9.0, 60.0, 1.0, -1.0, 1e-3]], device=DEVICE)
+    out = fused_linear(x, torch.eye(8, device=DEVICE), None, "tanh", config=SMALL)
+    torch.testing.assert_close(out, torch.tanh(x), atol=1e-6, rtol=0)
+
+
 def test_gelu_tanh_saturates():
     # large |x| must give x / 0, not NaN from exp overflow
     x = torch.tensor([[-60.0, -9.0, 0.0, 9.0, 60.0, 1.0, -1.0, 3.0]], device=DEVICE)

@@ -15,6 +15,7 @@ from .matcher import Node, Pat, Rewriter, Rule, rewrite_with
 _ACTIVATION = {
     "aten.relu.default": lambda ins: "relu",
     "aten.silu.default": lambda ins: "silu",
+    "aten.tanh.default": lambda ins: "tanh",
     "aten.gelu.default": lambda ins: {"none": "gelu", "tanh": "gelu_tanh"}.get(
         arg(ins, 1, "approximate", "none")
     ),

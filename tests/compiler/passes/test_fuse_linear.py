@@ -30,6 +30,7 @@ def test_linear_activation_and_residual_become_one_kernl_linear():
     [
         ("aten.relu.default", {}, "relu"),
         ("aten.silu.default", {}, "silu"),
+        ("aten.tanh.default", {}, "tanh"),  # BERT's pooler
         ("aten.gelu.default", {"approximate": "tanh"}, "gelu_tanh"),
         ("aten.gelu.default", {"approximate": "none"}, "gelu"),
         ("aten.gelu.default", {}, "gelu"),

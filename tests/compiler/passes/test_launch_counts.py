@@ -142,7 +142,8 @@ def test_bert_loses_the_neighbours_of_its_cublas_gemms(bert_program):
     # This program is fp32, where cuBLASLt's GELU epilogue is refused (13x stock PyTorch's
     # error on the H200): the GELUs stay apart; Triton's GEMM takes them in its epilogue.
     assert tanh.total == after.total
-    assert count_launches(_choose(new, "triton")).total == after.total - layers
+    # ... and the pooler's tanh (on cuBLAS the dense layer and its tanh stay two launches)
+    assert count_launches(_choose(new, "triton")).total == after.total - layers - 1
     assert count_launches(program).total > before.total  # and all of it beats the aten graph
 
 
