@@ -11,19 +11,20 @@ free slots), consumer 0 runs the dots of the program's even tiles and consumer 1
 ones, so that one's epilogue (bias, activation, the store through shared memory and TMA)
 runs while the other's dots use the tensor cores. A consumer starts a tile's dots once the
 other has issued the previous tile's (a "turn" barrier each), so the two main loops follow
-each other in the ring's order. Registers: 232 a thread
-for each consumer (a 128x128 fp32 accumulator is 128), 40 for the producer (maxnreg 168
-over the 12 warps the three partitions occupy).
+each other in the ring's order. Registers: 232 a thread asked for each consumer (a 128x128
+fp32 accumulator is 128), 40 for the producer, within maxnreg 168 over the 12 warps the three
+partitions occupy. ptxas reports 168 registers for the kernel, and with the erf GELU 356
+bytes of spills (none with the tanh one).
 
 Measured and left out of the tuning space (H200, 2026-12-04): with a tanh GELU at FFN1
 (M = 4096) bench_linear_wgmma.py --only pingpong gave 35.9 us against 39.0 for cuBLASLt's
 tanh-GELU epilogue, both as graph replays between CUDA events, and the tuner (which times the
 same way) chose it at 32x128 and 8x512. But by the profiler's kernel time cuBLASLt's kernel
 takes 34.1 us, this one 36.6 alone and 41.6 between layer norms and FFN2
-(benchmarks/diag_pingpong_in_model.py), 48 inside the BERT-base artifact, which lost 0.13 ms a
-call. A replay's time counts cuBLAS's memset node beside its kernel (~3 us; the runtime makes
-it a ~1 us fill, runtime/memset_nodes.py), likely part of the difference. With the erf GELU it took 80.5 us (the epilogue spills).
-`LinearConfig(pingpong=True)` still runs it. x [M, K] and out [M, N]
+(benchmarks/diag_pingpong_in_model.py), 48 inside the BERT-base artifact, which lost 0.13 ms
+a call. A replay's time counts cuBLAS's memset node beside its kernel (~3 us; the runtime
+makes it a ~1 us fill, runtime/memset_nodes.py), likely part of the difference. With the erf
+GELU it took 80.5 us. `LinearConfig(pingpong=True)` still runs it. x [M, K] and out [M, N]
 contiguous rows, W [N, K]; TMA reads zeros past every edge and drops stores past M and N.
 `wgmma_linear_refusal` (linear_wgmma.py) says what a call needs; no residual."""
 
