@@ -168,9 +168,11 @@ def attention(
 
 def mask_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean attention mask (True = attend) as an additive 0 / -inf bias, computed once
-    per forward instead of once per attention layer."""
-    bias = torch.full(mask.shape, float("-inf"), dtype=dtype, device=mask.device)
-    return bias.masked_fill_(mask, 0.0)  # two launches (zeros, ~mask, masked_fill were three)
+    per forward instead of once per attention layer. log(True) = 0 and log(False) = -inf
+    exactly: one launch (a fill and a masked_fill were two)."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask_to_bias takes a boolean mask, not {mask.dtype}")
+    return torch.log(mask, out=torch.empty(mask.shape, dtype=dtype, device=mask.device))
 
 
 def bert_embeddings(

@@ -86,3 +86,18 @@ def test_gpu_cublaslt_epilogue_computes_the_named_activation(dtype, M, activatio
         err = (got.double() - ref64).abs().max().item()
         stock_err = (stock.double() - ref64).abs().max().item()
         assert err <= 2 * stock_err + 1e-6, (dtype, M, activation, err, stock_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_mask_to_bias_is_one_elementwise_op(dtype):
+    mask = torch.tensor([[[[True, False, True, False]]], [[[False, False, True, True]]]])
+    with _Ops() as ops:
+        bias = kernl_ops.mask_to_bias(mask, dtype)
+    want = torch.where(mask, 0.0, float("-inf")).to(dtype)
+    assert bias.dtype == dtype and torch.equal(bias, want)
+    assert [op for op in ops.seen if op != "empty"] == ["log"]  # one launch on a GPU
+
+
+def test_mask_to_bias_refuses_a_mask_that_is_not_boolean():
+    with pytest.raises(TypeError, match="boolean"):
+        kernl_ops.mask_to_bias(torch.tensor([[1, 0, 2]]), torch.float32)
