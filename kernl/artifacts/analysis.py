@@ -821,6 +821,8 @@ def _kernl_attention(q, k, v, mask=None, scale=None, causal=False, impl="aten", 
 def _kernl_mask_to_bias(mask, dtype):
     import torch
 
+    if mask.dtype != torch.bool:  # the runtime's log(mask) is a bias only of a boolean one
+        raise _Fail(f"mask_to_bias takes a boolean mask, not {mask.dtype}", unsafe=False)
     return torch.empty(mask.shape, dtype=dtype, device=mask.device)
 
 

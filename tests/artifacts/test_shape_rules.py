@@ -17,6 +17,7 @@ from kernl.artifacts.shape_rules import (
     aten_result,
     elementwise_result,
 )
+from kernl.runtime import kernl_ops
 
 SHAPE_PAIRS = [((2, 1, 3), (4, 3)), ((5,), (3, 1)), ((2, 3), ()), ((4,), (3,))]
 DTYPES = [torch.int64, torch.float16, torch.float32, torch.bool]
@@ -148,6 +149,10 @@ def test_kernl_op_rules_match_torch_on_meta():
     with torch.device("meta"):
         ref = F.scaled_dot_product_attention(q, k, v)
     assert (got.shape, got.dtype) == (ref.shape, ref.dtype)
+    mask = meta((2, 1, 1, 7), torch.bool)
+    got = analysis._kernl_mask_to_bias(mask, torch.float16)
+    ref = kernl_ops.mask_to_bias(mask, torch.float16)
+    assert (got.shape, got.dtype) == (ref.shape, ref.dtype)
 
 
 @pytest.mark.parametrize(
@@ -166,6 +171,7 @@ def test_kernl_op_rules_match_torch_on_meta():
             meta((1, 2, 4, 8), torch.float32),
             meta((1, 2, 4, 8), torch.float16),
         ),
+        lambda: analysis._kernl_mask_to_bias(meta((2, 1, 1, 4), torch.int64), torch.float32),
     ],
 )
 def test_kernl_op_rules_refuse_what_torch_refuses(call):
