@@ -41,11 +41,6 @@
 #   abcheck the `bert` stage's artifact with the input range checks in its graphs against the
 #           same checks launched by each call, one process (benchmarks/ab_checks_in_graph.py;
 #           run it after `bert`)
-#   abpdl   the `bertc` artifact's layer norms and attentions launched dependent (PDL) or not,
-#           the range check's reduction beside the model or before it: four models in one
-#           process, calls interleaved (benchmarks/ab_encoder_pdl.py; after `bertc`)
-#   pdltests the GPU tests of PDL in the encoder's kernels, the norm and attention kernels, the
-#           input paths (the checks beside the model), the graph edits and e2e
 #   abside  the `bert` stage's artifact with each graph's side work (the check's copy) beside
 #           its path and cuBLAS's memsets as fill kernels, against the graphs as captured
 #           (benchmarks/ab_graph_side_work.py; after `bert` or `bertc`)
@@ -185,14 +180,6 @@ stage() {
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     abside) timeout 300 python3 benchmarks/ab_graph_side_work.py \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
-    abpdl) timeout 300 python3 benchmarks/ab_encoder_pdl.py \
-      "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
-    pdltests) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 \
-      tests/kernels/test_pdl_encoder.py tests/kernels/test_pdl.py tests/kernels/test_norm.py \
-      tests/kernels/test_attention.py tests/kernels/test_attention_short.py \
-      tests/kernels/test_attention_tma.py tests/kernels/test_attention_wgmma.py \
-      tests/runtime/test_gpu_input_paths.py tests/runtime/test_graph_edges.py \
-      tests/runtime/test_memset_nodes.py tests/e2e ;;
     coldab) timeout 300 python3 benchmarks/ab_cold_start.py \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     bertc) OUT=$RUN timeout 300 python3 benchmarks/bench_bert_fusions.py --compile-only ;;

@@ -22,8 +22,7 @@ from .attention_short import _short_attention_kernel, short_attention
 from .attention_tma import _tma_attention_kernel, attention_tma_refusal, tma_attention
 from .attention_wgmma import _wgmma_attention_kernel, wgmma_attention, wgmma_attention_refusal
 from .jit import cdiv, jit, next_power_of_2, tl
-from .launch import is_interpreted, launch_kernel
-from .pdl import pdl_kwargs, pdl_start
+from .launch import launch_kernel
 
 _LOG2E = 1.4426950408889634
 
@@ -160,9 +159,7 @@ def _attention_fwd_kernel(
     BIAS_PER_KEY: tl.constexpr,
     HAS_KV_LENS: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
-    pdl_start(USE_PDL)  # q, k and v are the output of the kernel before (QKV's GEMM)
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
@@ -327,9 +324,6 @@ class AttentionConfig:
     # program per query block; `overlap`: each next q k^T issued before this block's softmax
     wgmma: bool = False
     overlap: bool = True
-    # launched dependent on the kernel before it (pdl.py): set by the compiler after tuning
-    # (kernl/compiler/launch_dependent.py), never a tuning candidate
-    pdl: bool = False
 
 
 # (BLOCK_M, num_warps, num_stages, programs_per_sm) of the short-key kernel, for keys of up to
@@ -459,7 +453,6 @@ def attention(
             which = "TMA (tma=True)" if config.tma else "short-key (programs_per_sm > 0)"
             kernel = tma_attention if config.tma else short_attention
             extra = {"programs_per_sm": config.programs_per_sm or 1}
-        extra["pdl"] = config.pdl
         if causal:
             raise ValueError(f"the {which} attention kernel is not causal")
         return kernel(
@@ -509,7 +502,6 @@ def attention(
         WARP_SPECIALIZE=config.warp_specialize,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-        **pdl_kwargs(config.pdl, is_interpreted(_attention_fwd_kernel)),
     )
     return out
 

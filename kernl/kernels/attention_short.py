@@ -23,8 +23,7 @@ from __future__ import annotations
 import torch
 
 from .jit import cdiv, jit, next_power_of_2, tl
-from .launch import is_interpreted, launch_kernel, sm_count
-from .pdl import pdl_kwargs, pdl_start
+from .launch import launch_kernel, sm_count
 
 
 @jit
@@ -71,9 +70,7 @@ def _short_attention_kernel(
     HAS_KV_LENS: tl.constexpr,
     EVEN_N: tl.constexpr,
     NUM_STAGES: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
-    pdl_start(USE_PDL)  # q, k and v are the output of the kernel before (QKV's GEMM)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
@@ -164,12 +161,10 @@ def short_attention(
     num_warps: int,
     num_stages: int,
     programs_per_sm: int,
-    pdl: bool = False,
 ) -> torch.Tensor:
     """q [B, H, Lq, D], k/v [B, H_kv, Lk, D] with Lk <= block_n, any strides; `bias` already
     broadcast to [B, H, Lq, Lk] (stride 0 on broadcast axes) or None; kv_lens [B] or None.
-    Writes `out` ([B, H, Lq, D], any strides) and returns it. Non-causal only. `pdl`: launched
-    dependent on the kernel before it (pdl.py)."""
+    Writes `out` ([B, H, Lq, D], any strides) and returns it. Non-causal only."""
     B, H, Lq, D = q.shape
     H_kv, Lk = k.shape[1], k.shape[2]
     if Lk > block_n:
@@ -216,7 +211,6 @@ def short_attention(
         NUM_STAGES=num_stages,
         num_warps=num_warps,
         num_stages=num_stages,
-        **pdl_kwargs(pdl, is_interpreted(_short_attention_kernel)),
     )
     return out
 

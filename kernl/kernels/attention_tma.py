@@ -24,8 +24,7 @@ from __future__ import annotations
 import torch
 
 from .jit import cdiv, jit, tl
-from .launch import is_interpreted, launch_kernel, sm_count
-from .pdl import pdl_kwargs, pdl_start
+from .launch import launch_kernel, sm_count
 from .tma import TensorDesc, tma_usable
 
 
@@ -86,9 +85,7 @@ def _tma_attention_kernel(
     HAS_KV_LENS: tl.constexpr,
     MASKED: tl.constexpr,
     NUM_STAGES: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
-    pdl_start(USE_PDL)  # q, k and v are the output of the kernel before (QKV's GEMM)
     qk_scale = sm_scale * 1.4426950408889634
     offs_n = tl.arange(0, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), num_stages=NUM_STAGES):
@@ -200,12 +197,10 @@ def tma_attention(
     num_warps: int,
     num_stages: int,
     programs_per_sm: int,
-    pdl: bool = False,
 ) -> torch.Tensor:
     """q [B, H, Lq, D], k/v [B, H_kv, Lk, D], out like q (strides as `attention_tma_refusal`
     accepts); `bias` already broadcast to [B, H, Lq, Lk] or None; kv_lens [B] or None.
-    Writes `out` and returns it. Non-causal only. `pdl`: launched dependent on the kernel
-    before it (pdl.py)."""
+    Writes `out` and returns it. Non-causal only."""
     refusal = attention_tma_refusal(q, k, v, out, False, block_m, block_n)
     if refusal:
         raise ValueError(refusal)
@@ -254,7 +249,6 @@ def tma_attention(
         NUM_STAGES=num_stages,
         num_warps=num_warps,
         num_stages=num_stages,
-        **pdl_kwargs(pdl, is_interpreted(_tma_attention_kernel)),
     )
     return out
 

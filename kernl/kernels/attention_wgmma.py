@@ -36,7 +36,6 @@ from .jit import (
     warpgroup_mma_wait,
 )
 from .launch import launch_kernel
-from .pdl import pdl_kwargs
 from .tma import TensorDesc
 
 # (BLOCK_M, BLOCK_N, num_warps, STAGES): 8 warps are two warpgroups of 64 query rows each
@@ -90,34 +89,14 @@ def _softmax_block(s, bias, cols, kv_len, m_i, l_i, qk_scale, HAS_BIAS: gl.const
 
 
 @gluon_jit
-def _pdl_start(USE_PDL: gl.constexpr):
-    """pdl.py's pdl_start in Gluon: with PDL, wait for the kernel before (and with the trigger
-    at the start, let the next one launch)."""
-    if USE_PDL != 0:
-        gl.inline_asm_elementwise(
-            "griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1
-        )
-    if USE_PDL == 1:
-        gl.inline_asm_elementwise(
-            "griddepcontrol.launch_dependents; // dummy $0",
-            "=r",
-            [],
-            dtype=gl.int32,
-            is_pure=False,
-            pack=1,
-        )
-
-
-@gluon_jit
 def _wgmma_attention_kernel(
     q_desc, k_desc, v_desc, o_desc, Bias, KVLens, Lk, num_heads, group_size, qk_scale,
     stride_biasb, stride_biash, stride_biasn,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     Q_IN_ROW: gl.constexpr, KV_IN_ROW: gl.constexpr, O_IN_ROW: gl.constexpr,
     HAS_BIAS: gl.constexpr, HAS_KV_LENS: gl.constexpr, MASKED: gl.constexpr,
-    OVERLAP: gl.constexpr, num_warps: gl.constexpr, USE_PDL: gl.constexpr,
+    OVERLAP: gl.constexpr, num_warps: gl.constexpr,
 ):  # fmt: skip
-    _pdl_start(USE_PDL)  # q, k and v are the output of the kernel before (QKV's GEMM)
     m0 = gl.program_id(0) * BLOCK_M
     bh = gl.program_id(1)
     b = bh // num_heads
@@ -261,11 +240,10 @@ def wgmma_attention(
     num_warps: int,
     num_stages: int,
     overlap: bool = True,
-    pdl: bool = False,
 ) -> torch.Tensor:
     """q [B, H, Lq, D], k/v [B, H_kv, Lk, D], out like q; `bias` broadcast to [B, H, Lq, Lk]
     with one row for every query (stride 0 over the queries), or None; kv_lens [B] or None.
-    Writes `out` and returns it. `pdl`: launched dependent on the kernel before it (pdl.py)."""
+    Writes `out` and returns it."""
     refusal = wgmma_attention_refusal(q, k, v, out, False)
     if refusal:
         raise ValueError(refusal)
@@ -306,7 +284,6 @@ def wgmma_attention(
         MASKED=kv_lens is not None or Lk % block_n != 0,
         OVERLAP=overlap,
         num_warps=num_warps,
-        **pdl_kwargs(pdl),
     )
     return out
 

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .jit import cdiv, jit, next_power_of_2, tl
-from .launch import is_interpreted, launch_kernel
-from .pdl import pdl_kwargs, pdl_start
+from .launch import launch_kernel
 
 MAX_HIDDEN = 8192
 
@@ -40,9 +39,7 @@ def _norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     STORE_SUM: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
-    pdl_start(USE_PDL)  # x is the output of the kernel before (an encoder's GEMM)
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
@@ -105,9 +102,6 @@ def rms_norm_reference(
 class NormConfig:
     BLOCK_M: int = 0  # rows per program; 0 picks from the hidden size
     num_warps: int = 0  # 0 picks from the tile size
-    # launched dependent on the kernel before it (pdl.py): set by the compiler after tuning
-    # (kernl/compiler/launch_dependent.py), never a tuning candidate
-    pdl: bool = False
 
 
 def norm_configs() -> list[NormConfig]:
@@ -137,8 +131,7 @@ def _norm(x, weight, bias, eps, residual, return_sum, out, sum_out, config, is_r
     if store_sum and sum_out is None:
         sum_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     s2 = sum_out.view(-1, N) if store_sum else out2
-    config = config or NormConfig()
-    BLOCK_M, BLOCK_N, warps = _resolve(config, N)
+    BLOCK_M, BLOCK_N, warps = _resolve(config or NormConfig(), N)
     launch_kernel(
         _norm_kernel,
         (cdiv(M, BLOCK_M),),
@@ -162,7 +155,6 @@ def _norm(x, weight, bias, eps, residual, return_sum, out, sum_out, config, is_r
         HAS_BIAS=bias is not None,
         STORE_SUM=store_sum,
         num_warps=warps,
-        **pdl_kwargs(config.pdl, is_interpreted(_norm_kernel)),
     )
     if return_sum:
         return out, (sum_out if store_sum else x)

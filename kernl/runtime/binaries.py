@@ -364,11 +364,6 @@ class KernelBinaries:
     `kernl.kernels.launch.launching_with`. Owned by the model that loaded them: two artifacts
     whose kernels share a key keep their own binaries, and Triton's JIT stays untouched."""
 
-    # False: every binary launched without programmatic stream serialization, also those
-    # built with `launch_pdl` (their griddepcontrol.wait then returns at once). For the
-    # same-run comparison of benchmarks/ab_encoder_pdl.py; set before load().
-    launch_dependent = True
-
     def __init__(self, device: torch.device):
         self.device = device
         self.loaded: dict[str, _Loaded] = {}
@@ -412,7 +407,7 @@ class KernelBinaries:
             loaded.launch(
                 _grid3(grid, bound),
                 bound,
-                pdl=self.launch_dependent and bool(options.get("launch_pdl", False)),
+                pdl=bool(options.get("launch_pdl", False)),
                 cooperative=bool(options.get("launch_cooperative_grid", False)),
             )
 

@@ -54,7 +54,7 @@ class _BlockCheck:
     Two kernels and a copy whatever the number of inputs (one reduction and one clamp per
     input cost two launches each, on the host's critical path before the replay). Where the
     bucket has a graph, these are its first nodes (`_BucketRunner.capture`): no launch at
-    all before the replay, and only the clamp before the model (`run_beside`)."""
+    all before the replay."""
 
     def __init__(self, block: torch.Tensor, checked: list[tuple[str, int, int]]):
         self.block = block
@@ -87,21 +87,8 @@ class _BlockCheck:
         return check
 
     def run(self) -> None:
-        self._find()
-        self.block.clamp_(self.low, self.high)
-
-    def run_beside(self, clamped: torch.Tensor, side: torch.cuda.Stream) -> None:
-        """The check inside a graph's capture: the ids clamped into `clamped` (which the model
-        reads) on the current stream, their (min, max) found and copied to the host on
-        `side`, which has waited for the current stream and which the capture joins after
-        the model. The model waits for the clamp alone, not for the reduction (4.1 µs of
-        BERT-base's graph at 32x128 on an H200, 2026-12-04), and both only read the block."""
-        torch.clamp(self.block, self.low, self.high, out=clamped)
-        with torch.cuda.stream(side):
-            self._find()
-
-    def _find(self) -> None:
         torch.aminmax(self.block.view(self.block.shape[0], -1), dim=1, out=self._found_rows)
+        self.block.clamp_(self.low, self.high)
         if self.found_host is not self.found:
             self.found_host.copy_(self.found, non_blocking=True)
 
@@ -155,58 +142,28 @@ class _BucketRunner:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_outputs: list[torch.Tensor] | None = None
         self.checks_in_graph = False  # the range checks are the graph's first nodes
-        # with the checks in the graph: the clamped twin of each checked block, which the
-        # graph's model reads (the blocks themselves stay what the call wrote)
-        self.clamped: list[torch.Tensor] = []
         # What a default-filled static buffer holds now (inputs copied in on the device).
         self.filled: dict[str, tuple] = {}
         self._row_views: dict[tuple[int, int, int], torch.Tensor] = {}  # see block_rows
 
     def capture(
-        self,
-        pool,
-        checked: torch.cuda.Event | None = None,
-        edit=None,
-        warmups: int = 1,
-        side: torch.cuda.Stream | None = None,
+        self, pool, checked: torch.cuda.Event | None = None, edit=None, warmups: int = 1
     ) -> None:
         """Captures the bucket's graph. Given `checked` (an event made with `external=True`),
         the range checks of the static blocks go into the graph ahead of the model, and the
         graph records `checked` once their results are on the host: the caller then launches
         nothing but its inputs' copy before the replay, and waits on `checked`, not on the
-        whole graph, before it raises on a bad id. With `side` (a stream of the model's
-        device), the checks' reductions and copies run on a branch of the graph beside the
-        model, which reads clamped twins of the blocks (`_BlockCheck.run_beside`).
-        `edit`: see `capture_graph`. `warmups`: runs before the capture; the model's first
-        capture needs one (below), later ones none."""
+        whole graph, before it raises on a bad id. `edit`: see `capture_graph`. `warmups`:
+        runs before the capture; the model's first capture needs one (below), later ones
+        none."""
         in_graph = checked is not None and bool(self.checks)
-        beside = in_graph and side is not None
-        inputs = self.static_inputs
-        if beside:
-            self.clamped = [torch.empty_like(check.block) for check in self.checks]
-            inputs = dict(inputs)
-            for (block, _), names in zip(self.blocks, self.block_names):
-                for check, twin in zip(self.checks, self.clamped):
-                    if check.block is block:
-                        inputs.update(zip(names, twin.unbind(0)))
 
         def run() -> list[torch.Tensor]:
-            if not in_graph:
-                return self.executor.run(inputs)
-            if not beside:
+            if in_graph:
                 for check in self.checks:
                     check.run()
                 checked.record()
-                return self.executor.run(inputs)
-            main = torch.cuda.current_stream()
-            side.wait_stream(main)  # the branch starts with the graph
-            for check, twin in zip(self.checks, self.clamped):
-                check.run_beside(twin, side)
-            with torch.cuda.stream(side):
-                checked.record()
-            outs = self.executor.run(inputs)
-            main.wait_stream(side)  # a capture ends with every branch joined
-            return outs
+            return self.executor.run(self.static_inputs)
 
         self.graph, self.static_outputs = capture_graph(
             run, pool, warmups=warmups, device=self.executor.device, edit=edit
@@ -240,10 +197,6 @@ class CompiledModel:
     # (graph_edges.py): BERT-base fp16 calls 1.5-4% faster at 1x16 and 1x128, level at
     # larger shapes (H200, 2026-12-02).
     _side_work_off_path = True
-    # ... and its reduction too: the checks in a graph branch beside the model, which reads
-    # clamped twins of the input blocks (_BlockCheck.run_beside); False: the reduction and
-    # the clamp both before the model, as until 2026-12-04 (benchmarks/ab_encoder_pdl.py)
-    _checks_beside_model = True
     # ... and cuBLAS's memsets too: off, they slowed 32x128 by 1.3-1.6% (two runs).
     _memsets_off_path = False
     # cuBLAS's memset nodes as fill kernels (memset_nodes.py): on an H200 a memset node cost
@@ -312,8 +265,6 @@ class CompiledModel:
         # What each capture puts in the graph: the checks with the event recorded after them
         # (None: the checks stay per call), and an edit of the captured graph (or None).
         self._graph_event = self._checked if external and self._checks_in_graph else None
-        beside = self._graph_event is not None and self._checks_beside_model
-        self._side_stream = torch.cuda.Stream(device) if beside else None
         side_work = self._graph_event is not None or self._memsets_off_path  # anything to move
         side_work = side_work and self._side_work_off_path
         fills = self._memsets_as_kernels and device.type == "cuda"
@@ -415,13 +366,7 @@ class CompiledModel:
         # this model yet warms up again.
         thread = threading.get_ident()
         warm = self._warmup_every_capture or thread not in self._warmed_up
-        runner.capture(
-            self._pool,
-            self._graph_event,
-            self._graph_edit,
-            warmups=int(warm),
-            side=self._side_stream,
-        )
+        runner.capture(self._pool, self._graph_event, self._graph_edit, warmups=int(warm))
         self._warmed_up.add(thread)  # (the event the edit looks for is recorded by then too)
 
     def _capture_edit(self, side_work: bool, fills: bool):

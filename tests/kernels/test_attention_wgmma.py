@@ -24,10 +24,9 @@ from kernl.kernels.attention_wgmma import (
     wgmma_attention,
     wgmma_attention_refusal,
 )
-from kernl.kernels.pdl import PDL_OFF, TRIGGER_AT_START
 
 
-def _compile(block_m, block_n, warps, stages, overlap=True, head_dim=64, masked=False, pdl=False):
+def _compile(block_m, block_n, warps, stages, overlap=True, head_dim=64, masked=False):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
@@ -47,7 +46,6 @@ def _compile(block_m, block_n, warps, stages, overlap=True, head_dim=64, masked=
     constants = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages)
     constants |= dict(Q_IN_ROW=True, KV_IN_ROW=True, O_IN_ROW=True, HAS_BIAS=True)
     constants |= dict(HAS_KV_LENS=masked, MASKED=masked, OVERLAP=overlap, num_warps=warps)
-    constants |= dict(USE_PDL=pdl)
     signature |= dict.fromkeys(constants, "constexpr")
     src = GluonASTSource(made(_wgmma_attention_kernel), signature, constants)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
@@ -101,21 +99,10 @@ def head_dim_128_compiles_within_shared_memory():
     assert re.search(r"cp\.async\.bulk\.tensor", compiled.asm["ptx"])
 
 
-def waits_for_the_kernel_before_only_when_launched_dependent():
-    for pdl, waits in ((PDL_OFF, 0), (TRIGGER_AT_START, 1)):
-        ptx = _compile(128, 64, 8, 2, pdl=pdl).asm["ptx"]
-        assert ptx.count("griddepcontrol.wait") == waits, (pdl, waits)
-        assert ptx.count("griddepcontrol.launch_dependents") == waits, (pdl, waits)
-    # the wait comes before the first copy of q, k or v
-    ptx = _compile(128, 64, 8, 2, pdl=TRIGGER_AT_START).asm["ptx"]
-    assert ptx.index("griddepcontrol.wait") < ptx.index("cp.async.bulk.tensor")
-
-
 def main() -> int:
     """The sm_90 compile checks (see kernel_check.assert_checks_pass_in_a_compiling_process)."""
     checks = [(softmax_between_issue_and_wait, (c,)) for c in WGMMA_CONFIGS]
     checks += [(without_overlap_every_dot_is_waited_for_at_once, ())]
-    checks += [(waits_for_the_kernel_before_only_when_launched_dependent, ())]
     return run_checks(checks + [(head_dim_128_compiles_within_shared_memory, ())])
 
 

@@ -308,7 +308,6 @@ def test_a_model_warms_up_before_its_first_capture_only(fake_cuda, monkeypatch, 
     model = CompiledModel.__new__(CompiledModel)
     model._pool, model._graph_event, model._graph_edit = "pool", None, None
     model._warmed_up, model._warmup_every_capture = set(), every
-    model._side_stream = None
     runners = []
     for fail in (True, False, False, False):
         runner = _BucketRunner.__new__(_BucketRunner)

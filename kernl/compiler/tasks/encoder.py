@@ -16,7 +16,6 @@ from kernl.artifacts import FORMAT_VERSION, ArtifactWriter, BucketEntry, Manifes
 from kernl.runtime.binaries import allow_jit
 
 from ..buckets import as_buckets, check_buckets_fit
-from ..launch_dependent import launch_dependent, takes_dependent_launch
 from ..lower import lower
 from ..op_counts import count_ops
 from ..passes import rewrite
@@ -105,8 +104,6 @@ def compile_encoder(
                     program, all_weights, example, dev, benchmark=tune, session=session
                 )
                 report.tuning[bucket] = records
-                if takes_dependent_launch(dev):
-                    launch_dependent(program)
                 report.compiled_ahead = session.compiled_ahead
                 report.compile_threads = session.compile_threads
                 if dev.type == "cuda":
