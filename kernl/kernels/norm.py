@@ -13,62 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from .jit import cdiv, jit, next_power_of_2, tl
-from .launch import launch_kernel, sm_count
+from .launch import launch_kernel
 
 MAX_HIDDEN = 8192
-
-
-@jit
-def _norm_rows(
-    X,
-    Residual,
-    Out,
-    SumOut,
-    w,
-    b,
-    block,
-    cols,
-    col_mask,
-    M,
-    N,
-    eps,
-    stride_xm,
-    stride_rm,
-    stride_om,
-    stride_sm,
-    BLOCK_M: tl.constexpr,
-    IS_RMS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    STORE_SUM: tl.constexpr,
-):
-    """Rows [block * BLOCK_M, (block + 1) * BLOCK_M) normalised (w, b: the row's scale and
-    shift, in fp32)."""
-    rows = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    mask = (rows[:, None] < M) & col_mask[None, :]
-    x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        r = tl.load(Residual + rows[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0)
-        x += r.to(tl.float32)
-        if STORE_SUM:
-            tl.store(
-                SumOut + rows[:, None] * stride_sm + cols[None, :],
-                x.to(SumOut.dtype.element_ty),
-                mask=mask,
-            )
-    if IS_RMS:
-        var = tl.sum(x * x, 1) / N
-        xc = x
-    else:
-        mean = tl.sum(x, 1) / N
-        # centre before squaring (two-pass in registers): no cancellation for large means
-        xc = tl.where(mask, x - mean[:, None], 0.0)
-        var = tl.sum(xc * xc, 1) / N
-    rstd = 1.0 / tl.sqrt(var + eps)
-    y = xc * rstd[:, None] * w[None, :]
-    if HAS_BIAS:
-        y += b[None, :]
-    tl.store(Out + rows[:, None] * stride_om + cols[None, :], y.to(Out.dtype.element_ty), mask=mask)
 
 
 @jit
@@ -92,67 +39,35 @@ def _norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     STORE_SUM: tl.constexpr,
-    PERSISTENT: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
 ):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    w = tl.load(Weight + cols, mask=col_mask, other=0.0).to(tl.float32)
-    b = w
-    if HAS_BIAS:
-        b = tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)
-    if PERSISTENT:
-        # a grid of a few programs per SM walks the row blocks: the scale and shift are read
-        # once per program, and a program's next rows load while its last ones store
-        blocks = tl.cdiv(M, BLOCK_M)
-        for block in tl.range(tl.program_id(0), blocks, tl.num_programs(0), num_stages=NUM_STAGES):
-            _norm_rows(
-                X,
-                Residual,
-                Out,
-                SumOut,
-                w,
-                b,
-                block,
-                cols,
-                col_mask,
-                M,
-                N,
-                eps,
-                stride_xm,
-                stride_rm,
-                stride_om,
-                stride_sm,
-                BLOCK_M,
-                IS_RMS,
-                HAS_RESIDUAL,
-                HAS_BIAS,
-                STORE_SUM,
+    mask = (rows[:, None] < M) & col_mask[None, :]
+    x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(Residual + rows[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0)
+        x += r.to(tl.float32)
+        if STORE_SUM:
+            tl.store(
+                SumOut + rows[:, None] * stride_sm + cols[None, :],
+                x.to(SumOut.dtype.element_ty),
+                mask=mask,
             )
+    if IS_RMS:
+        var = tl.sum(x * x, 1) / N
+        xc = x
     else:
-        _norm_rows(
-            X,
-            Residual,
-            Out,
-            SumOut,
-            w,
-            b,
-            tl.program_id(0),
-            cols,
-            col_mask,
-            M,
-            N,
-            eps,
-            stride_xm,
-            stride_rm,
-            stride_om,
-            stride_sm,
-            BLOCK_M,
-            IS_RMS,
-            HAS_RESIDUAL,
-            HAS_BIAS,
-            STORE_SUM,
-        )
+        mean = tl.sum(x, 1) / N
+        # centre before squaring (two-pass in registers): no cancellation for large means
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.sum(xc * xc, 1) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(Weight + cols, mask=col_mask, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w[None, :]
+    if HAS_BIAS:
+        y += tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(Out + rows[:, None] * stride_om + cols[None, :], y.to(Out.dtype.element_ty), mask=mask)
 
 
 def layer_norm_reference(
@@ -187,10 +102,6 @@ def rms_norm_reference(
 class NormConfig:
     BLOCK_M: int = 0  # rows per program; 0 picks from the hidden size
     num_warps: int = 0  # 0 picks from the tile size
-    # > 0: a persistent grid of this many programs per SM walks the row blocks, its loop
-    # software-pipelined over `num_stages`; 0: one program per row block
-    programs_per_sm: int = 0
-    num_stages: int = 1
 
 
 def norm_configs() -> list[NormConfig]:
@@ -222,14 +133,10 @@ def _norm(x, weight, bias, eps, residual, return_sum, out, sum_out, config, is_r
     if store_sum and sum_out is None:
         sum_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     s2 = sum_out.view(-1, N) if store_sum else out2
-    config = config or NormConfig()
-    BLOCK_M, BLOCK_N, warps = _resolve(config, N)
-    grid = cdiv(M, BLOCK_M)
-    if config.programs_per_sm:
-        grid = max(1, min(grid, config.programs_per_sm * sm_count(x.device)))
+    BLOCK_M, BLOCK_N, warps = _resolve(config or NormConfig(), N)
     launch_kernel(
         _norm_kernel,
-        (grid,),
+        (cdiv(M, BLOCK_M),),
         x2,
         r2,
         weight,
@@ -249,10 +156,7 @@ def _norm(x, weight, bias, eps, residual, return_sum, out, sum_out, config, is_r
         HAS_RESIDUAL=residual is not None,
         HAS_BIAS=bias is not None,
         STORE_SUM=store_sum,
-        PERSISTENT=config.programs_per_sm > 0,
-        NUM_STAGES=config.num_stages,
         num_warps=warps,
-        num_stages=config.num_stages,
     )
     if return_sum:
         return out, (sum_out if store_sum else x)
