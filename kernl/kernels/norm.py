@@ -126,9 +126,7 @@ def _norm(x, weight, bias, eps, residual, return_sum, out, sum_out, config, is_r
     M = x2.shape[0]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
     out2 = out.view(-1, N)
-    r2 = residual.reshape(-1, N) if residual is not None else x2
-    if r2.stride(-1) != 1:  # rows of any stride (0: one row for all, a bias) go in as they are
-        r2 = r2.contiguous()
+    r2 = residual.reshape(-1, N).contiguous() if residual is not None else x2
     store_sum = return_sum and residual is not None
     if store_sum and sum_out is None:
         sum_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
