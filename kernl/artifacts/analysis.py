@@ -768,10 +768,15 @@ def _of_dtype(dtype, *tensors) -> None:
             raise _Fail(f"mixes {dtype} and {t.dtype} operands", unsafe=False)
 
 
-def _kernl_linear(x, weight, bias=None, residual=None, activation="none", impl="aten", config=None):
+def _kernl_linear(
+    x, weight, bias=None, residual=None, activation="none", impl="aten", config=None, counters=None
+):
     import torch
 
     _impl(impl, config)
+    if counters is not None and (counters.dtype != torch.int32 or counters.dim() != 1):
+        # the split-K kernel's arrival counters (the launcher checks their number per call)
+        raise _Fail(f"linear counters {counters.dtype} {list(counters.shape)}: 1-d int32", False)
     if activation not in _ACTIVATIONS:
         raise _Fail(f"unknown activation {activation!r}", unsafe=False)
     if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:

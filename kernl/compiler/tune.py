@@ -81,6 +81,17 @@ class TuneSession:
     compiled_ahead: int = 0  # candidates submitted to them
     source_hashes: dict[str, str] = field(default_factory=dict)  # kernel module -> hash
     verbose: bool = field(default_factory=verbose_compiler)
+    # the split-K linears' arrival counters while they are timed, one buffer per device (a
+    # program shares one: compiler/passes/split_k_counters.py)
+    counters: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def counters_on(self, device: torch.device) -> torch.Tensor:
+        from kernl.kernels.skinny_linear_fused import new_counters
+
+        key = str(device)
+        if key not in self.counters:
+            self.counters[key] = new_counters(device)
+        return self.counters[key]
 
     def source_hash(self, module: str) -> str:
         """The kernel's source hash of the cache key, read once per compile."""
@@ -246,6 +257,8 @@ def tune_program(
             fn = kernl_ops_fn(ins.op)
             values = list(args) + [kwargs.get(k) for k in sorted(kwargs)]
             described = _describe(values, rows=ins.op in ROWS_OPS)
+            if ins.op == "kernl.linear":  # timed as the program runs it: counters made once
+                kwargs = {**kwargs, "counters": session.counters_on(device)}
             if not _kernel_available(ins.op, device):
                 ins.kwargs.update(impl="aten", config=None)
                 records.append(TuneRecord(i, ins.op, described, "aten", None, None, None))

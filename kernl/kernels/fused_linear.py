@@ -7,7 +7,9 @@ groups of GROUP_M row-blocks so that consecutive programs reuse the same W colum
 Any M and N; K must be a multiple of 8 (16-byte rows for fp16). A config with `tma` set runs
 linear_tma.py's persistent TMA kernel instead (Hopper; not in the tuning space, see there),
 one with `wgmma` linear_wgmma.py's Gluon kernel and one with `pingpong` linear_pingpong.py's
-(Hopper; neither in the tuning space)."""
+(Hopper; neither in the tuning space). One with `split_k` runs skinny_linear_fused.py's
+kernel, K split and reduced in the same launch: the tuning space offers it where a call has
+few rows (a batch-1 query), whose GEMMs cuBLAS runs at a few µs each."""
 
 from __future__ import annotations
 
@@ -22,6 +24,11 @@ from .launch import launch_kernel
 from .linear_pingpong import _pingpong_linear_kernel, pingpong_linear
 from .linear_tma import _linear_tma_kernel, linear_tma
 from .linear_wgmma import _wgmma_linear_kernel, wgmma_linear
+from .skinny_linear_fused import (
+    SkinnyLinearFusedConfig,
+    _skinny_fused_kernel,
+    skinny_linear_fused,
+)
 
 
 @jit
@@ -123,9 +130,28 @@ class LinearConfig:
     wgmma: bool = False
     # linear_pingpong.py's (Hopper): warp-specialised, two consumers taking tiles in turn
     pingpong: bool = False
+    # > 0: skinny_linear_fused.py's kernel, BLOCK_M rows a program, K split in about this
+    # many chunks (1: none) that the last to finish sums in the same launch
+    split_k: int = 0
 
 
-def linear_configs() -> list[LinearConfig]:
+# Rows up to which the split-K kernel is offered: a batch-1 call's tokens
+SPLIT_K_ROWS = 128
+# (BLOCK_N, BLOCK_K, split_k, num_warps, num_stages) of the split-K kernel
+_SPLIT_K = [(32, 128, 4, 4, 4), (32, 128, 8, 4, 4), (64, 128, 4, 4, 4), (64, 64, 8, 4, 4)]
+_SPLIT_K += [(32, 256, 2, 4, 3), (64, 128, 2, 4, 4)]
+
+
+def split_k_configs(M: int) -> list[LinearConfig]:
+    """The split-K kernel's configs for a call of M rows (none past SPLIT_K_ROWS): one row
+    block of up to 64 rows a program, or two of 64."""
+    if M > SPLIT_K_ROWS:
+        return []
+    rows = max(16, min(64, 1 << max(0, M - 1).bit_length()))
+    return [LinearConfig(rows, bn, bk, 8, w, s, split_k=sk) for bn, bk, sk, w, s in _SPLIT_K]
+
+
+def linear_configs(x: torch.Tensor | None = None) -> list[LinearConfig]:
     """Tuning space (Hopper-leaning; the small tiles cover small M). The persistent TMA
     kernel's configs (tma_linear_configs) are not in it: they lost to cuBLAS at every
     BERT-base GEMM (H200, 2026-12-03, benchmarks/bench_linear_tma.py: 1.10-1.27x cuBLAS's
@@ -156,6 +182,8 @@ def linear_configs() -> list[LinearConfig]:
         # this kernel (tests/kernels/test_compile_for_hopper.py)
         LinearConfig(128, 256, 64, 8, 8, 3, True),
     ]
+    if x is not None:
+        out += split_k_configs(x.numel() // max(1, x.shape[-1]))
     return out
 
 
@@ -197,8 +225,11 @@ def fused_linear(
     *,
     out: torch.Tensor | None = None,
     config: LinearConfig | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [..., K], weight [N, K], bias [N], residual [..., N] -> [..., N]."""
+    """x [..., K], weight [N, K], bias [N], residual [..., N] -> [..., N]. `counters`: the
+    split-K kernel's arrival counters (skinny_linear_fused.new_counters; None: zeros made
+    by the call), left zeroed."""
     assert activation in ACTIVATIONS, activation
     K = x.shape[-1]
     N = weight.shape[0]
@@ -210,6 +241,17 @@ def fused_linear(
     if out is None:
         out = torch.empty((*lead, N), dtype=x.dtype, device=x.device)
     out2 = out.view(-1, N)
+    if config.split_k:
+        skinny = SkinnyLinearFusedConfig(
+            config.BLOCK_N, config.BLOCK_K, config.split_k, config.num_warps,
+            config.num_stages, config.BLOCK_M,
+        )  # fmt: skip
+        res = residual.reshape(-1, N) if residual is not None else None
+        skinny_linear_fused(
+            x2, weight, bias, res, out=out2, counters=counters, config=skinny,
+            activation=activation,
+        )  # fmt: skip
+        return out
     if config.pingpong:
         if residual is not None:
             raise ValueError("the ping-pong linear takes no residual")
@@ -268,5 +310,6 @@ JIT_FUNCTIONS = (
     _linear_tma_kernel,
     _wgmma_linear_kernel,
     _pingpong_linear_kernel,
+    _skinny_fused_kernel,
 )
 CONFIG_TYPE = LinearConfig

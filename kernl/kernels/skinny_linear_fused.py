@@ -1,6 +1,8 @@
 """Linear layer for a few rows, split over K and reduced inside the same launch:
-out = x[M <= 16, K] @ W[N, K]^T + bias + residual — a decode step's O projection and MLP down
-projection with the residual add, in one kernel.
+out = activation(x[M, K] @ W[N, K]^T + bias) + residual — a decode step's O projection and MLP
+down projection with the residual add, in one kernel; and an encoder's linears where a call
+has few tokens (BLOCK_M rows a program, M up to a few row blocks: a batch-1 query), where
+cuBLAS's small-M GEMMs take a few µs each and its split-K ones a second launch to reduce.
 
 kernl's skinny_linear splits K so that enough programs stream W, then pays a second launch to
 add the fp32 partials. Here each program writes its fp32 partial tile, then bumps its N
@@ -19,12 +21,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .activation import ACTIVATIONS, _activation, apply_activation
 from .jit import cdiv, jit, tl
 from .launch import is_interpreted, launch_kernel
 from .pdl import pdl_kwargs, pdl_release, pdl_start, prefetch_lines, prefetch_rows_l2
 
-MAX_ROWS = 16
-MAX_COUNTERS = 4096  # N blocks one `counters` buffer serves (N / BLOCK_N)
+MAX_ROWS = 16  # a decode step's rows; an encoder's call may have more (BLOCK_M a program)
+MAX_COUNTERS = 4096  # output blocks one `counters` buffer serves (M / BLOCK_M x N / BLOCK_N)
 _SMS = 132  # H100/H200 SXM; only sizes the automatic split
 
 
@@ -42,10 +45,12 @@ def _skinny_fused_finish(
     stride_om,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    ACTIVATION: tl.constexpr,
 ):
     out_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    acc = _activation(acc, ACTIVATION)
     if HAS_RESIDUAL:
         acc += tl.load(
             Residual + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_mask, other=0.0
@@ -82,10 +87,13 @@ def _skinny_fused_kernel(
     PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
     PREFETCH: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    ACTIVATION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    offs_m = tl.arange(0, 16)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
@@ -96,7 +104,7 @@ def _skinny_fused_kernel(
     if PREFETCH > 0:  # weights never depend on the previous kernel: stream them while it drains
         prefetch_rows_l2(w_rows, n_mask, k_lo, k_hi, PREFETCH, W.dtype.element_ty)
     pdl_start(USE_PDL)  # every read below may depend on the previous kernel
-    acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + offs_k
         k_mask = ks < k_hi
@@ -123,20 +131,24 @@ def _skinny_fused_kernel(
             stride_om,
             HAS_BIAS,
             HAS_RESIDUAL,
+            ACTIVATION,
         )
     else:
         # only the M live rows of a partial tile move (a batch-1 step: 1/16 of the bytes)
         p_mask = m_mask[:, None] & n_mask[None, :]
-        # Partial [SPLIT_K, 16, N] fp32: rows past M are neither written nor read
-        p_tile = Partial + (split * 16 + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
+        # Partial [SPLIT_K, row blocks x BLOCK_M, N] fp32: rows past M are neither written
+        # nor read
+        rows = tl.num_programs(2) * BLOCK_M
+        p_tile = Partial + (split * rows + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
         tl.store(p_tile, acc, mask=p_mask)
         # every thread's stores precede the (release) bump of this block's counter
         tl.debug_barrier()
-        arrived = tl.atomic_add(Counters + pid_n, 1, sem="acq_rel", scope="gpu")
+        counter = Counters + pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
-            acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):
-                tile = Partial + (s * 16 + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
+                tile = Partial + (s * rows + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
                 acc += tl.load(tile, mask=p_mask, other=0.0, cache_modifier=".cg")
             _skinny_fused_finish(
                 acc,
@@ -151,8 +163,9 @@ def _skinny_fused_kernel(
                 stride_om,
                 HAS_BIAS,
                 HAS_RESIDUAL,
+                ACTIVATION,
             )
-            tl.store(Counters + pid_n, 0)  # ready for the next launch
+            tl.store(counter, 0)  # ready for the next launch
 
 
 def skinny_linear_fused_reference(
@@ -160,8 +173,9 @@ def skinny_linear_fused_reference(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    activation: str = "none",
 ) -> torch.Tensor:
-    y = F.linear(x, weight, bias)
+    y = apply_activation(F.linear(x, weight, bias), activation)
     return y if residual is None else y + residual
 
 
@@ -172,6 +186,7 @@ class SkinnyLinearFusedConfig:
     split_k: int = 0  # 0: enough splits for about two programs per SM
     num_warps: int = 4
     num_stages: int = 4
+    BLOCK_M: int = 16  # rows a program (a decode step's few rows: one block)
 
 
 def skinny_linear_fused_configs() -> list[SkinnyLinearFusedConfig]:
@@ -227,38 +242,52 @@ def skinny_linear_fused(
     config: SkinnyLinearFusedConfig | None = None,
     pdl: bool = False,
     prefetch: bool = False,
+    activation: str = "none",
 ) -> torch.Tensor:
-    """x [M <= 16, K] (unit stride along K), weight [N, K] (unit stride along K), bias [N],
-    residual [M, N] -> [M, N] in x's dtype, one launch. counters: int32 zeros
-    (`new_counters`), left zeroed; None allocates zeros (one more kernel). `out` may be
-    `residual`. pdl: launch with
+    """x [M, K] (unit stride along K; M <= 16 with the default BLOCK_M, a decode step's
+    rows), weight [N, K] (unit stride along K), bias [N], residual [M, N] -> activation(x @
+    weight^T + bias) + residual, [M, N] in x's dtype, one launch. counters: int32 zeros
+    (`new_counters`), one per output block (M / BLOCK_M x N / BLOCK_N), left zeroed; None
+    allocates zeros (one more kernel). `out` may be `residual`. pdl: launch with
     programmatic dependent launch (kernels/launch.py; off under the interpreter); prefetch
     (with pdl): first pull this program's first weight lines toward L2, before waiting."""
     M, K = x.shape
     N = weight.shape[0]
-    assert M <= MAX_ROWS and weight.shape == (N, K) and weight.stride(1) == 1
-    assert x.stride(1) == 1
     config = config or SkinnyLinearFusedConfig()
+    if weight.shape != (N, K) or weight.stride(1) != 1 or x.stride(1) != 1:
+        raise ValueError(f"x {list(x.shape)} and weight {list(weight.shape)}: unit K strides")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}")
+    if config.BLOCK_M < 16 or config.BLOCK_M & (config.BLOCK_M - 1):
+        raise ValueError(f"BLOCK_M {config.BLOCK_M}: a power of two from 16")
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    assert out.shape == (M, N) and out.stride(1) == 1
-    if residual is not None:
-        assert residual.shape == (M, N) and residual.stride(1) == 1
+    if out.shape != (M, N) or out.stride(1) != 1:
+        raise ValueError(f"out {list(out.shape)} for a [{M}, {N}] result")
+    if residual is not None and (residual.shape != (M, N) or residual.stride(1) != 1):
+        raise ValueError(f"residual {list(residual.shape)} for a [{M}, {N}] result")
     n_blocks = cdiv(N, config.BLOCK_N)
-    split = config.split_k or _auto_split(n_blocks, K, config.BLOCK_K)
+    m_blocks = cdiv(M, config.BLOCK_M)
+    split = config.split_k or _auto_split(n_blocks * m_blocks, K, config.BLOCK_K)
     k_chunk = cdiv(cdiv(K, split), config.BLOCK_K) * config.BLOCK_K
     split = cdiv(K, k_chunk)
     if split > 1:
-        partial = torch.empty((split, MAX_ROWS, N), dtype=torch.float32, device=x.device)
+        rows = m_blocks * config.BLOCK_M
+        partial = torch.empty((split, rows, N), dtype=torch.float32, device=x.device)
         if counters is None:
-            counters = torch.zeros(n_blocks, dtype=torch.int32, device=x.device)
-        assert counters.dtype == torch.int32 and counters.numel() >= n_blocks
+            counters = torch.zeros(n_blocks * m_blocks, dtype=torch.int32, device=x.device)
+        # the kernel bumps counters[m block x n_blocks + n block]: never past the buffer
+        if counters.dtype != torch.int32 or counters.numel() < n_blocks * m_blocks:
+            raise ValueError(
+                f"counters: {counters.numel()} {counters.dtype} for {n_blocks * m_blocks} "
+                "output blocks (int32 zeros, new_counters)"
+            )
     else:
         partial = counters = out  # unused
     res = residual if residual is not None else out
     launch_kernel(
         _skinny_fused_kernel,
-        (n_blocks, split),
+        (n_blocks, split, m_blocks),
         x,
         weight,
         bias if bias is not None else weight,
@@ -284,6 +313,8 @@ def skinny_linear_fused(
         num_stages=config.num_stages,
         **pdl_kwargs(pdl, is_interpreted(_skinny_fused_kernel), streaming=True),
         PREFETCH=prefetch_lines(pdl and prefetch, k_chunk, weight, _skinny_fused_kernel),
+        BLOCK_M=config.BLOCK_M,
+        ACTIVATION=activation,
     )
     return out
 

@@ -64,14 +64,18 @@ def linear(
     activation: str = "none",
     impl: str = "aten",
     config: dict[str, Any] | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """activation(x @ weight.T + bias) + residual"""
+    """activation(x @ weight.T + bias) + residual. `counters`: the split-K kernel's arrival
+    counters, one buffer a program's linears share (compiler/passes/split_k_counters.py)."""
     from kernl.kernels import fused_linear
 
     _check_impl(impl)
     if impl == "triton" and triton_usable(x.device, fused_linear):
         cfg = _typed(fused_linear, config)
-        return fused_linear.fused_linear(x, weight, bias, activation, residual, config=cfg)
+        return fused_linear.fused_linear(
+            x, weight, bias, activation, residual, config=cfg, counters=counters
+        )
     if (
         activation in _LT_EPILOGUE
         and bias is not None

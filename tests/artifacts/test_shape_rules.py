@@ -134,7 +134,7 @@ def test_calls_the_rules_do_not_cover_are_declined():
 def test_kernl_op_rules_match_torch_on_meta():
     x, w, b = meta((2, 5, 8), torch.float16), meta((6, 8), torch.float16), meta((6,), torch.float16)
     for bias in (b, None):
-        got = analysis._kernl_linear(x, w, bias)
+        got = analysis._kernl_linear(x, w, bias, counters=meta((4096,), torch.int32))
         with torch.device("meta"):
             ref = F.linear(x, w, bias)
         assert (got.shape, got.dtype) == (ref.shape, ref.dtype)
@@ -172,6 +172,17 @@ def test_kernl_op_rules_match_torch_on_meta():
             meta((1, 2, 4, 8), torch.float16),
         ),
         lambda: analysis._kernl_mask_to_bias(meta((2, 1, 1, 4), torch.int64), torch.float32),
+        # the split-K kernel's arrival counters: a 1-d int32 buffer, nothing else
+        lambda: analysis._kernl_linear(
+            meta((2, 8), torch.float16),
+            meta((6, 8), torch.float16),
+            counters=meta((4096,), torch.float32),
+        ),
+        lambda: analysis._kernl_linear(
+            meta((2, 8), torch.float16),
+            meta((6, 8), torch.float16),
+            counters=meta((64, 64), torch.int32),
+        ),
     ],
 )
 def test_kernl_op_rules_refuse_what_torch_refuses(call):

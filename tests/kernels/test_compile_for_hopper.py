@@ -14,6 +14,8 @@ import sys
 
 from kernel_check import assert_checks_pass_in_a_compiling_process, run_checks
 
+from kernl.kernels.fused_linear import _SPLIT_K
+
 
 def _compile(kernel, signature: dict[str, str], constants: dict, options=None, aligned=()):
     """`aligned`: the arguments Triton's JIT would see 16-aligned (pointers from torch, sizes
@@ -43,6 +45,12 @@ NORM_LINEAR = [
 NORM_LINEAR += [(3, True, False, True, 2), (1, False, True, False, True)]  # PDL, both triggers
 SKINNY = [(*v, False) for v in itertools.product((1, 3), (False, True), (False, True))]
 SKINNY += [(3, False, True, 2), (1, True, True, True)]
+# an encoder's split-K linears (fused_linear.split_k_configs): rows, tiles, epilogue, stages
+SKINNY += [
+    (4, True, False, False, (64, bn, bk), act, st)
+    for bn, bk, _split, _warps, st in _SPLIT_K
+    for act in ("none", "gelu")
+]
 # decode attention as the decoder launches it (lengths and mask) over Llama-1B's head dim: the
 # default, the smallest key block with the most chunks, and the widest block
 DECODE_ATTENTION = [(64, 4, 3, 0), (16, 2, 2, 64), (128, 8, 3, 64)]
@@ -86,17 +94,22 @@ def norm_linear_rope_compiles(split, rms, bias, rope, use_pdl):
     _compile(_norm_linear_rope_kernel, signature, constants)
 
 
-def skinny_linear_fused_compiles(split, bias, residual, use_pdl):
+def skinny_linear_fused_compiles(
+    split, bias, residual, use_pdl, block=(16, 32, 128), activation="none", stages=3
+):
     from kernl.kernels.skinny_linear_fused import _skinny_fused_kernel
 
-    signature = dict.fromkeys(("X", "W", "Bias", "Residual", "Out"), "*bf16")
+    dtype = "*bf16" if block[0] == 16 else "*fp16"  # a decode step's, an encoder's
+    signature = dict.fromkeys(("X", "W", "Bias", "Residual", "Out"), dtype)
     signature |= {"Partial": "*fp32", "Counters": "*i32"}
     signature |= dict.fromkeys(("M", "N", "K", "k_chunk"), "i32")
     signature |= dict.fromkeys(("stride_xm", "stride_wn", "stride_rm", "stride_om"), "i32")
-    constants = dict(BLOCK_N=32, BLOCK_K=128, SPLIT_K=split, HAS_BIAS=bias)
+    block_m, block_n, block_k = block
+    constants = dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, HAS_BIAS=bias)
     constants |= dict(HAS_RESIDUAL=residual, PRECISION="tf32", USE_PDL=use_pdl)
-    constants |= dict(PREFETCH=8 if use_pdl else 0)
-    _compile(_skinny_fused_kernel, signature, constants)
+    constants |= dict(PREFETCH=8 if use_pdl else 0, BLOCK_M=block_m, ACTIVATION=activation)
+    compiled = _compile(_skinny_fused_kernel, signature, constants, dict(num_stages=stages))
+    assert compiled.metadata.shared <= 232448, compiled.metadata.shared
 
 
 def decode_attention_compiles(block_n, num_warps, num_stages, num_splits):

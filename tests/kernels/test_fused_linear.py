@@ -53,6 +53,15 @@ def test_odd_shapes_default_config(M, N, K):
     _check(M, N, K, torch.float16, "relu", config=None)
 
 
+@pytest.mark.parametrize("activation", ["none", "gelu", "tanh"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_split_k_configs_run_the_split_k_kernel(activation, residual):
+    """A `split_k` config (offered for few rows: a batch-1 query) runs skinny_linear_fused's
+    kernel, rows of a 3-d input in several row blocks, every epilogue."""
+    config = LinearConfig(16, 32, 32, 8, 4, 2, split_k=3)
+    _check(9, 48, 96, torch.float32, activation, residual=residual, config=config, lead=(3,))
+
+
 def test_tanh_saturates():
     # large |x| must give -1 and 1, not NaN from exp overflow
     x = torch.tensor([[-60.0, -9.0, 0.0, 9.0, 60.0, 1.0, -1.0, 1e-3]], device=DEVICE)

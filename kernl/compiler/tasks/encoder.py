@@ -19,6 +19,7 @@ from ..buckets import as_buckets, check_buckets_fit
 from ..lower import lower
 from ..op_counts import count_ops
 from ..passes import rewrite
+from ..passes.split_k_counters import share_split_k_counters
 from ..report import BucketReport, CompileReport, Progress
 from ..trace import (
     FlatModel,
@@ -104,6 +105,7 @@ def compile_encoder(
                     program, all_weights, example, dev, benchmark=tune, session=session
                 )
                 report.tuning[bucket] = records
+                share_split_k_counters(program)
                 report.compiled_ahead = session.compiled_ahead
                 report.compile_threads = session.compile_threads
                 if dev.type == "cuda":
