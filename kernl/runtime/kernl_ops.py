@@ -31,8 +31,11 @@ def triton_usable(device: torch.device, kernel_module: ModuleType) -> bool:
         from kernl.kernels.jit import made
 
         # Gluon kernels have no interpreter; they are offered on Hopper GPUs only
-        # (JIT_FUNCTIONS hold the lazy kernels, which say which they are)
-        kernels = [f for f in getattr(kernel_module, "JIT_FUNCTIONS", ()) if not f.gluon]
+        # (JIT_FUNCTIONS hold the lazy kernels, which say which they are; a kernel another
+        # module defines and made before this one was imported is there as Triton's own)
+        kernels = [
+            f for f in getattr(kernel_module, "JIT_FUNCTIONS", ()) if not getattr(f, "gluon", False)
+        ]
         fns = [tl_standard.sum, *kernels]
         _usable[name] = all(isinstance(made(f), InterpretedFunction) for f in fns)
     return _usable[name]
