@@ -244,8 +244,8 @@ def skinny_linear_fused(
     prefetch: bool = False,
     activation: str = "none",
 ) -> torch.Tensor:
-    """x [M, K] (unit stride along K; M <= 16 with the default BLOCK_M, a decode step's
-    rows), weight [N, K] (unit stride along K), bias [N], residual [M, N] -> activation(x @
+    """x [M, K] (unit stride along K; a decode step's <= 16 rows are one block of the default
+    BLOCK_M), weight [N, K] (unit stride along K), bias [N], residual [M, N] -> activation(x @
     weight^T + bias) + residual, [M, N] in x's dtype, one launch. counters: int32 zeros
     (`new_counters`), one per output block (M / BLOCK_M x N / BLOCK_N), left zeroed; None
     allocates zeros (one more kernel). `out` may be `residual`. pdl: launch with
