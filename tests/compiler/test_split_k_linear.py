@@ -8,6 +8,8 @@ eager."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import transformers as T
@@ -37,7 +39,10 @@ def test_one_zeros_before_the_first_split_k_linear_serves_them_all():
         _linear(split, 4),
     ]
     program = Program(Bucket(1, 16), 5, {}, {}, [4], ins)
-    assert share_split_k_counters(program) == 2
+    records = [SimpleNamespace(index=i) for i in (1, 2, 4)]  # the tuner's, by instruction
+    named = [program.instructions[r.index] for r in records]
+    assert share_split_k_counters(program, records) == 2
+    assert [program.instructions[r.index] for r in records] == named
     assert program.num_values == 6
     ops = [i.op for i in program.instructions]
     assert ops[2] == "aten.zeros.default" and ops.count("aten.zeros.default") == 1

@@ -10,6 +10,9 @@ graph), read by every split-K linear as its `counters`."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from kernl.artifacts.program import Instruction, Program
 from kernl.kernels.skinny_linear_fused import MAX_COUNTERS
 
@@ -24,10 +27,12 @@ def _split_k(ins: Instruction) -> bool:
     )
 
 
-def share_split_k_counters(program: Program) -> int:
+def share_split_k_counters(program: Program, records: Sequence[Any] = ()) -> int:
     """Gives every split-K kernl.linear of `program` (in place) the counters of one zeros
     instruction put right before the first of them; returns how many linears read it (0: the
-    program is unchanged)."""
+    program is unchanged). `records` (the tuner's, each with the `index` of an instruction):
+    those past the new instruction are renumbered, so the compile report still names the
+    program's instructions."""
     users = [ins for ins in program.instructions if _split_k(ins)]
     if not users:
         return 0
@@ -41,6 +46,9 @@ def share_split_k_counters(program: Program) -> int:
     )
     first = next(i for i, ins in enumerate(program.instructions) if ins is users[0])
     program.instructions.insert(first, zeros)
+    for record in records:
+        if record.index >= first:
+            record.index += 1
     for ins in users:
         ins.kwargs["counters"] = {"v": counters}
     return len(users)

@@ -105,7 +105,7 @@ def compile_encoder(
                     program, all_weights, example, dev, benchmark=tune, session=session
                 )
                 report.tuning[bucket] = records
-                share_split_k_counters(program)
+                share_split_k_counters(program, records)
                 report.compiled_ahead = session.compiled_ahead
                 report.compile_threads = session.compile_threads
                 if dev.type == "cuda":
