@@ -80,8 +80,9 @@ GENERATION_TASKS = ("causal-lm", *SEQ2SEQ_TASKS)
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _HASH_CHUNK = 64 << 20  # bytes of a GPU tensor copied to the host at a time
 # torch.export is not thread-safe (two exports in one process at once fail with "Trying to pop
-# empty mode stack" or fake tensors in the program): one compile per process at a time; other
-# threads' optimize calls wait here (cache hits do not).
+# empty mode stack" or fake tensors in the program), nor is a forward of the model during one:
+# one compile, or one look at a model's outputs (_output_class), per process at a time; other
+# threads' optimize calls wait here (cache hits only for that look).
 _COMPILE_LOCK = threading.Lock()
 
 
@@ -683,7 +684,10 @@ def _output_class(model: torch.nn.Module, device: torch.device) -> type | None:
 
     ids = torch.ones(1, 2, dtype=torch.long, device=next(iter(_tensors(model).values())).device)
     try:
-        with _untouched(model, device), torch.no_grad():
+        # under the compile lock: another thread's torch.export of this model tracks the
+        # modules its forward enters, and this forward's would land in its stack ("Unexpected
+        # key _export_root...", seen once in CI, 2026-12-04)
+        with _COMPILE_LOCK, _untouched(model, device), torch.no_grad():
             model.eval()
             out = model(input_ids=ids, return_dict=True)
     except Exception:  # the runtime's own ModelOutput (a dict with attributes) then
