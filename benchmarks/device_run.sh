@@ -266,6 +266,7 @@ stage() {
     stepx) STEP_EXPLORE=0 OUT=$RUN timeout 300 python3 benchmarks/bench_decode_step.py ;;
     stream) OUT=$RUN timeout 480 python3 benchmarks/bench_stream_linear.py ;;
     streamgluon) OUT=$RUN timeout 300 python3 benchmarks/bench_stream_gluon.py ;;
+    ring) OUT=$RUN timeout 300 python3 benchmarks/bench_weight_ring.py ;;
     streamsweep) STREAM_PART=sweep OUT=$RUN timeout 480 python3 benchmarks/bench_stream_linear.py ;;
     compileab) # the BERT-base compile of `bert` (9 buckets) with 16 threads compiling the
       # candidates ahead (kernl/compiler/compile_ahead.py), then serially (second: whatever a

@@ -1,0 +1,345 @@
+"""Can one weight stream run through a whole decode layer's barriers? (issue 15, a diagnostic
+for the step's next design)
+
+The persistent decode step (kernels/decode_step.py) runs at ~2.6 TB/s over a Llama-1B step
+(0.94 ms for 2.47 GB) where the copy ceiling is ~4.3 TB/s. Its ops are Triton loops whose
+pipeliner issues the first weight loads after each grid barrier, so the stream stops at five
+barriers a layer, and each small op (QKV, O) is mostly its ramp and tail. In a stream of one
+shape, a Gluon TMA ring whose next blocks were issued before the barrier made the barrier
+free (bench_stream_gluon.py, fifteenth session), but its single-partition loop streamed at
+3.46 TB/s against 4.35 for Triton's loop without barriers.
+
+This bench streams the step's real linear sequence: per layer QKV [3072, 2048], O [2048,
+2048], gate/up [16384, 2048] and down [2048, 8192] (bf16, 16 layers, 1.94 GB), against one row
+of x, with a grid barrier after every op, one persistent program an SM. Each op's [BN, BK]
+weight blocks are split evenly over the programs in (tile, K block) order, each block's
+partial dot added into y (fp32 atomics, the same in every variant). Variants:
+  - `ring-cross`: Gluon, warp-specialised: one producer warp walks the program's blocks of
+    every op of every layer into a TMA ring (it waits only for free slots), the consumer warp
+    group waits for each block, multiplies, frees the slot, and meets the grid barrier at each
+    op's end; so the next op's first blocks land while the barrier is met.
+  - `ring-drain`: the same, but the producer also waits for each op's barrier before its
+    first copy (the stream stops at each barrier, as in the step today).
+  - `ring-free`: no barriers at all (the ring's own ceiling).
+  - `triton`: the same blocks as one `tl.range` loop per op (pointer loads, cp.async
+    pipelined), a grid barrier after each op, with and without (`triton-free`) the barriers.
+
+    python benchmarks/bench_weight_ring.py        # JSON to $OUT/bench_weight_ring.json
+
+Each case: captured in a CUDA graph (the barrier counter reset by the kernel itself), replayed
+to warm up, the median of 30 replays timed with CUDA events; GB/s counts the weight bytes;
+each case is checked against torch (every op's y of the last layer). A plain script, not
+collected by pytest; its kernels compile for sm_90 on a CPU in
+tests/kernels/test_compile_for_hopper.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+
+import torch
+import triton
+import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+
+LAYERS = 16
+OPS = (("qkv", 3072, 2048), ("o", 2048, 2048), ("gate_up", 16384, 2048), ("down", 2048, 8192))
+MODES = {"drain": 0, "cross": 1, "free": 2}
+PRODUCER_REGS = gl.constexpr(40)
+
+
+@gluon.jit
+def _produce_op(desc, ring, ready, empty, step, layer, Sync, target, N: gl.constexpr,
+                K: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
+    """Copy this program's blocks of one op (its even share of the op's (tile, K block) order)
+    into the ring, each slot once the consumer freed it; `drain` first waits for the barrier
+    that ends the op before (`target` arrivals). Returns the ring step after them."""
+    STAGES: gl.constexpr = ring.shape[0]
+    BN: gl.constexpr = ring.shape[1]
+    BK: gl.constexpr = ring.shape[2]
+    NKB: gl.constexpr = K // BK
+    B: gl.constexpr = N // BN * NKB
+    pid = gl.program_id(0)
+    G = gl.num_programs(0)
+    if MODE == 0:
+        seen = gl.load(Sync, volatile=True)
+        while seen < target:
+            seen = gl.load(Sync, volatile=True)
+    for b in range(pid * B // G, (pid + 1) * B // G):
+        slot = step % STAGES
+        # a barrier starts as if its phase 1 had completed: the first pass does not wait
+        mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
+        bar = ready.index(slot)
+        mbarrier.expect(bar, desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(
+            desc, [layer * N + (b // NKB) * BN, (b % NKB) * BK], bar, ring.index(slot)
+        )
+        step += 1
+    return step
+
+
+@gluon.jit
+def _consume_op(ring, ready, empty, step, X, Y, layer, N: gl.constexpr, K: gl.constexpr,
+                layout: gl.constexpr):  # fmt: skip
+    """y[layer, block rows] += W block @ x[block cols] for this program's blocks of one op, each
+    ring slot freed once read. x's next block is loaded before this block's wait."""
+    STAGES: gl.constexpr = ring.shape[0]
+    BN: gl.constexpr = ring.shape[1]
+    BK: gl.constexpr = ring.shape[2]
+    NKB: gl.constexpr = K // BK
+    B: gl.constexpr = N // BN * NKB
+    pid = gl.program_id(0)
+    G = gl.num_programs(0)
+    lo = pid * B // G
+    hi = (pid + 1) * B // G
+    rows = gl.arange(0, BN, gl.SliceLayout(1, layout))
+    cols = gl.arange(0, BK, gl.SliceLayout(0, layout))
+    x = gl.load(X + (lo % NKB) * BK + cols, mask=(cols < BK) & (lo < hi), other=0.0)
+    for b in range(lo, hi):
+        nxt = b + 1
+        x_next = gl.load(X + (nxt % NKB) * BK + cols, mask=(cols < BK) & (nxt < hi), other=0.0)
+        slot = step % STAGES
+        mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+        w = ring.index(slot).load(layout)
+        gl.thread_barrier()  # every warp has read the slot before it goes back
+        mbarrier.arrive(empty.index(slot), count=1)
+        part = gl.sum(w.to(gl.float32) * x.to(gl.float32)[None, :], axis=1)
+        gl.atomic_add(Y + (layer * N + (b // NKB) * BN) + rows, part, sem="relaxed")
+        x = x_next
+        step += 1
+    return step
+
+
+@gluon.jit
+def _grid_sync(Sync, target):
+    gl.thread_barrier()  # every thread's writes precede the release
+    gl.atomic_add(Sync, 1, sem="release", scope="gpu")
+    seen = gl.load(Sync, volatile=True)
+    while seen < target:
+        seen = gl.load(Sync, volatile=True)
+    # its value used, or Triton drops the acquire (decode_step_tasks.wait_until)
+    confirmed = gl.atomic_add(Sync, 0, sem="acquire", scope="gpu")
+    if confirmed < target:
+        gl.atomic_max(Sync + 2, 1, sem="relaxed", scope="gpu")
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _consumer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync, L,
+              MODE: gl.constexpr):  # fmt: skip
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+    G = gl.num_programs(0)
+    step = 0
+    for layer in range(L):
+        base = layer * 4 * G
+        step = _consume_op(ring, ready, empty, step, X0, Y0, layer, 3072, 2048, layout)
+        if MODE != 2:
+            _grid_sync(Sync, base + G)
+        step = _consume_op(ring, ready, empty, step, X1, Y1, layer, 2048, 2048, layout)
+        if MODE != 2:
+            _grid_sync(Sync, base + 2 * G)
+        step = _consume_op(ring, ready, empty, step, X2, Y2, layer, 16384, 2048, layout)
+        if MODE != 2:
+            _grid_sync(Sync, base + 3 * G)
+        step = _consume_op(ring, ready, empty, step, X3, Y3, layer, 2048, 8192, layout)
+        if MODE != 2:
+            _grid_sync(Sync, base + 4 * G)
+    # the last program out resets the counter for the next replay
+    if gl.atomic_add(Sync + 1, 1, sem="acq_rel", scope="gpu") == G - 1:
+        gl.store(Sync, 0)
+        gl.store(Sync + 1, 0)
+
+
+@gluon.jit
+def _producer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync, L,
+              MODE: gl.constexpr):  # fmt: skip
+    G = gl.num_programs(0)
+    step = 0
+    for layer in range(L):
+        base = layer * 4 * G
+        step = _produce_op(d0, ring, ready, empty, step, layer, Sync, base, 3072, 2048, MODE)
+        step = _produce_op(d1, ring, ready, empty, step, layer, Sync, base + G, 2048, 2048, MODE)
+        step = _produce_op(
+            d2, ring, ready, empty, step, layer, Sync, base + 2 * G, 16384, 2048, MODE
+        )
+        step = _produce_op(
+            d3, ring, ready, empty, step, layer, Sync, base + 3 * G, 2048, 8192, MODE
+        )
+
+
+@gluon.jit
+def _ring_kernel(d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync, L,
+                 STAGES: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
+    """Every op of every layer through one TMA ring of STAGES [BN, BK] blocks. MODE 0 drain,
+    1 cross, 2 free (module docstring)."""
+    BN: gl.constexpr = d0.block_type.shape[0]
+    BK: gl.constexpr = d0.block_type.shape[1]
+    ring = gl.allocate_shared_memory(d0.dtype, [STAGES, BN, BK], d0.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    fence_async_shared()
+    args = (ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync, L, MODE)
+    gl.warp_specialize([(_consumer, args), (_producer, args)], [1], [PRODUCER_REGS])
+
+
+@triton.jit
+def _triton_op(W, X, Y, layer, N: tl.constexpr, K: tl.constexpr, BN: tl.constexpr,
+               BK: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+    NKB: tl.constexpr = K // BK
+    B: tl.constexpr = N // BN * NKB
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    rows = tl.arange(0, BN)
+    cols = tl.arange(0, BK)
+    W_l = W + tl.cast(layer, tl.int64) * N * K
+    for b in tl.range(pid * B // G, (pid + 1) * B // G, num_stages=STAGES):
+        r = (b // NKB) * BN + rows
+        k = (b % NKB) * BK + cols
+        w = tl.load(W_l + r.to(tl.int64)[:, None] * K + k[None, :])
+        x = tl.load(X + k)
+        part = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], 1)
+        tl.atomic_add(Y + layer * N + r, part, sem="relaxed")
+
+
+@triton.jit
+def _triton_sync(Sync, target, BARRIER: tl.constexpr):
+    if BARRIER:
+        tl.debug_barrier()
+        tl.atomic_add(Sync, 1, sem="release", scope="gpu")
+        seen = tl.load(Sync, volatile=True)
+        while seen < target:
+            seen = tl.load(Sync, volatile=True)
+        confirmed = tl.atomic_add(Sync, 0, sem="acquire", scope="gpu")
+        if confirmed < target:
+            tl.atomic_max(Sync + 2, 1, sem="relaxed", scope="gpu")
+        tl.debug_barrier()
+
+
+@triton.jit
+def _triton_kernel(W0, W1, W2, W3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync, L, BN: tl.constexpr,
+                   BK: tl.constexpr, STAGES: tl.constexpr, BARRIER: tl.constexpr):  # fmt: skip
+    G = tl.num_programs(0)
+    for layer in range(L):
+        base = layer * 4 * G
+        _triton_op(W0, X0, Y0, layer, 3072, 2048, BN, BK, STAGES)
+        _triton_sync(Sync, base + G, BARRIER)
+        _triton_op(W1, X1, Y1, layer, 2048, 2048, BN, BK, STAGES)
+        _triton_sync(Sync, base + 2 * G, BARRIER)
+        _triton_op(W2, X2, Y2, layer, 16384, 2048, BN, BK, STAGES)
+        _triton_sync(Sync, base + 3 * G, BARRIER)
+        _triton_op(W3, X3, Y3, layer, 2048, 8192, BN, BK, STAGES)
+        _triton_sync(Sync, base + 4 * G, BARRIER)
+    if BARRIER:
+        if tl.atomic_add(Sync + 1, 1, sem="acq_rel", scope="gpu") == G - 1:
+            tl.store(Sync, 0)
+            tl.store(Sync + 1, 0)
+
+
+def time_graph(fn, warmup: int = 5, reps: int = 30) -> float:
+    """Median µs of one replay of fn captured in a CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(warmup):
+        graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000)
+    return statistics.median(times)
+
+
+def case(impl: str, weights, xs, bn: int, bk: int, stages: int) -> dict:
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    dev = "cuda"
+    ys = [torch.zeros(LAYERS, n, device=dev, dtype=torch.float32) for _, n, _ in OPS]
+    sync = torch.zeros(4, device=dev, dtype=torch.int32)
+    grid = (torch.cuda.get_device_properties(dev).multi_processor_count,)
+    row = dict(impl=impl, BN=bn, BK=bk, stages=stages)
+    if impl.startswith("ring"):
+        layout = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.bfloat16)
+        descs = [TensorDescriptor.from_tensor(w.view(-1, w.shape[-1]), [bn, bk], layout)
+                 for w in weights]  # fmt: skip
+        mode = MODES[impl.split("-")[1]]
+
+        def fn():
+            for y in ys:
+                y.zero_()
+            _ring_kernel[grid](*descs, *xs, *ys, sync, LAYERS, STAGES=stages, MODE=mode,
+                               num_warps=4, launch_cooperative_grid=mode != 2)  # fmt: skip
+    else:
+        barrier = impl == "triton"
+
+        def fn():
+            for y in ys:
+                y.zero_()
+            _triton_kernel[grid](*weights, *xs, *ys, sync, LAYERS, BN=bn, BK=bk, STAGES=stages,
+                                 BARRIER=barrier, num_warps=4,
+                                 launch_cooperative_grid=barrier)  # fmt: skip
+
+    try:
+        us = time_graph(fn)
+        errs = []
+        for w, x, y in zip(weights, xs, ys):
+            ref = w[-1].float() @ x.float()
+            errs.append(((y[-1] - ref).abs().max() / ref.abs().max()).item())
+        nbytes = sum(w.numel() for w in weights) * 2
+        row.update(us=round(us, 1), gbps=round(nbytes / us / 1e3), us_per_layer=round(us / LAYERS, 2),
+                   rel_err=max(errs), flagged=int(sync[2].item()))  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - reported, the others still run
+        row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
+    return row
+
+
+CASES = [
+    *(("ring-" + m, 128, 128, 6) for m in ("cross", "drain", "free")),
+    *(("ring-" + m, 64, 128, 12) for m in ("cross", "drain", "free")),
+    ("ring-cross", 64, 128, 8),
+    ("ring-cross", 128, 64, 12),
+    ("ring-cross", 64, 256, 6),
+    ("ring-cross", 32, 256, 12),
+    ("triton", 128, 128, 4),
+    ("triton", 64, 128, 4),
+    ("triton", 64, 128, 6),
+    ("triton-free", 128, 128, 4),
+    ("triton-free", 64, 128, 4),
+]
+
+
+def main() -> None:
+    out = os.environ.get("OUT", ".")
+    os.makedirs(out, exist_ok=True)
+    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
+    torch.manual_seed(0)
+    weights = [torch.randn(LAYERS, n, k, device="cuda", dtype=torch.bfloat16) for _, n, k in OPS]
+    xs = [torch.randn(k, device="cuda", dtype=torch.bfloat16) for _, _, k in OPS]
+    only = os.environ.get("RING_CASES")
+    rows = []
+    for i, c in enumerate(CASES):
+        if only and str(i) not in only.split(","):
+            continue
+        r = case(c[0], weights, xs, *c[1:])
+        rows.append(r)
+        figs = f"{r['us']:8.1f} us {r['gbps']:5d} GB/s" if "us" in r else r["error"]
+        print(figs, {k: v for k, v in r.items() if k not in ("us", "gbps", "error")}, flush=True)
+    with open(os.path.join(out, "bench_weight_ring.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
