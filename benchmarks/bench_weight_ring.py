@@ -85,7 +85,9 @@ def _produce_op(desc, ring, ready, empty, step, layer, Sync, target, N: gl.const
 @gluon.jit
 def _consume_op(ring, ready, empty, step, X, Y, layer, N: gl.constexpr, K: gl.constexpr,
                 layout: gl.constexpr):  # fmt: skip
-    """y[layer, block rows] += W block @ x[block cols] for this program's blocks of one op, each
+    """y[layer, tile rows] += W tile @ x for this program's blocks of one op, tile by tile: each
+    block's products summed elementwise in registers, reduced across the threads once at the
+    tile's end (the first run reduced every block: that work, not HBM, bounded the ring), each
     ring slot freed once read. x's next block is loaded before this block's wait."""
     STAGES: gl.constexpr = ring.shape[0]
     BN: gl.constexpr = ring.shape[1]
@@ -98,19 +100,23 @@ def _consume_op(ring, ready, empty, step, X, Y, layer, N: gl.constexpr, K: gl.co
     hi = (pid + 1) * B // G
     rows = gl.arange(0, BN, gl.SliceLayout(1, layout))
     cols = gl.arange(0, BK, gl.SliceLayout(0, layout))
-    x = gl.load(X + (lo % NKB) * BK + cols, mask=(cols < BK) & (lo < hi), other=0.0)
-    for b in range(lo, hi):
-        nxt = b + 1
-        x_next = gl.load(X + (nxt % NKB) * BK + cols, mask=(cols < BK) & (nxt < hi), other=0.0)
-        slot = step % STAGES
-        mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
-        w = ring.index(slot).load(layout)
-        gl.thread_barrier()  # every warp has read the slot before it goes back
-        mbarrier.arrive(empty.index(slot), count=1)
-        part = gl.sum(w.to(gl.float32) * x.to(gl.float32)[None, :], axis=1)
-        gl.atomic_add(Y + (layer * N + (b // NKB) * BN) + rows, part, sem="relaxed")
-        x = x_next
-        step += 1
+    for tile in range(lo // NKB, (hi + NKB - 1) // NKB):
+        b0 = gl.maximum(lo, tile * NKB)
+        b1 = gl.minimum(hi, tile * NKB + NKB)
+        acc = gl.zeros([BN, BK], gl.float32, layout)
+        x = gl.load(X + (b0 % NKB) * BK + cols)
+        for b in range(b0, b1):
+            nxt = b + 1
+            x_next = gl.load(X + (nxt % NKB) * BK + cols, mask=(cols < BK) & (nxt < b1), other=0.0)
+            slot = step % STAGES
+            mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+            w = ring.index(slot).load(layout)
+            gl.thread_barrier()  # every warp has read the slot before it goes back
+            mbarrier.arrive(empty.index(slot), count=1)
+            acc += w.to(gl.float32) * x.to(gl.float32)[None, :]
+            x = x_next
+            step += 1
+        gl.atomic_add(Y + (layer * N + tile * BN) + rows, gl.sum(acc, axis=1), sem="relaxed")
     return step
 
 
@@ -131,7 +137,7 @@ def _grid_sync(Sync, target):
 @gluon.jit
 def _consumer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync, L,
               MODE: gl.constexpr):  # fmt: skip
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [gl.num_warps(), 1], [1, 0])
     G = gl.num_programs(0)
     step = 0
     for layer in range(L):
@@ -173,7 +179,7 @@ def _producer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3
 
 @gluon.jit
 def _ring_kernel(d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync, L,
-                 STAGES: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
+                 STAGES: gl.constexpr, MODE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """Every op of every layer through one TMA ring of STAGES [BN, BK] blocks. MODE 0 drain,
     1 cross, 2 free (module docstring)."""
     BN: gl.constexpr = d0.block_type.shape[0]
@@ -263,14 +269,14 @@ def time_graph(fn, warmup: int = 5, reps: int = 30) -> float:
     return statistics.median(times)
 
 
-def case(impl: str, weights, xs, bn: int, bk: int, stages: int) -> dict:
+def case(impl: str, weights, xs, bn: int, bk: int, stages: int, nw: int = 4) -> dict:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     dev = "cuda"
     ys = [torch.zeros(LAYERS, n, device=dev, dtype=torch.float32) for _, n, _ in OPS]
     sync = torch.zeros(4, device=dev, dtype=torch.int32)
     grid = (torch.cuda.get_device_properties(dev).multi_processor_count,)
-    row = dict(impl=impl, BN=bn, BK=bk, stages=stages)
+    row = dict(impl=impl, BN=bn, BK=bk, stages=stages, num_warps=nw)
     if impl.startswith("ring"):
         layout = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.bfloat16)
         descs = [TensorDescriptor.from_tensor(w.view(-1, w.shape[-1]), [bn, bk], layout)
@@ -281,7 +287,8 @@ def case(impl: str, weights, xs, bn: int, bk: int, stages: int) -> dict:
             for y in ys:
                 y.zero_()
             _ring_kernel[grid](*descs, *xs, *ys, sync, LAYERS, STAGES=stages, MODE=mode,
-                               num_warps=4, launch_cooperative_grid=mode != 2)  # fmt: skip
+                               num_warps=nw,
+                               launch_cooperative_grid=mode != 2)  # fmt: skip
     else:
         barrier = impl == "triton"
 
@@ -306,18 +313,17 @@ def case(impl: str, weights, xs, bn: int, bk: int, stages: int) -> dict:
     return row
 
 
+# (impl, BN, BK, stages, consumer warps)
 CASES = [
-    *(("ring-" + m, 128, 128, 6) for m in ("cross", "drain", "free")),
-    *(("ring-" + m, 64, 128, 12) for m in ("cross", "drain", "free")),
-    ("ring-cross", 64, 128, 8),
-    ("ring-cross", 128, 64, 12),
-    ("ring-cross", 64, 256, 6),
-    ("ring-cross", 32, 256, 12),
+    *(("ring-" + m, 64, 256, 6, 4) for m in ("cross", "drain", "free")),
+    *(("ring-" + m, 128, 128, 6, 4) for m in ("cross", "free")),
+    ("ring-cross", 64, 128, 12, 4),
+    ("ring-cross", 32, 256, 12, 4),
+    ("ring-cross", 64, 256, 6, 8),
+    ("ring-free", 64, 256, 6, 8),
+    ("ring-cross", 128, 128, 6, 8),
     ("triton", 128, 128, 4),
-    ("triton", 64, 128, 4),
-    ("triton", 64, 128, 6),
     ("triton-free", 128, 128, 4),
-    ("triton-free", 64, 128, 4),
 ]
 
 

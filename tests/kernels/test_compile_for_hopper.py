@@ -353,7 +353,7 @@ def _linear_warp_specialized_variants():
     return [(c, act, res) for c in ws for act, res in (("none", True), ("gelu", False))]
 
 
-def weight_ring_bench_compiles(bn, bk, stages, mode):
+def weight_ring_bench_compiles(bn, bk, stages, mode, warps):
     """benchmarks/bench_weight_ring.py's kernels (issue 15's diagnostic of one weight stream
     through a decode layer's barriers): the Gluon ring in a consumer warp group and a producer
     warp whose barriers stay apart (the consumer's CTA barrier counts its 128 threads only,
@@ -373,17 +373,17 @@ def weight_ring_bench_compiles(bn, bk, stages, mode):
     desc = f"tensordesc<bf16[{bn},{bk}],{layout!r}>"
     sig = {f"d{i}": desc for i in range(4)} | {f"X{i}": "*bf16" for i in range(4)}
     sig |= {f"Y{i}": "*fp32" for i in range(4)} | {"Sync": "*i32", "L": "i32"}
-    constants = dict(STAGES=stages, MODE=mode)
+    constants = dict(STAGES=stages, MODE=mode, num_warps=warps)
     sig |= dict.fromkeys(constants, "constexpr")
     import triton
     from triton.backends.compiler import GPUTarget
 
     src = GluonASTSource(bench._ring_kernel, sig, constants)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     assert compiled.metadata.shared <= 232448, compiled.metadata.shared
     ptx = compiled.asm["ptx"]
     assert "cp.async.bulk.tensor" in ptx and "setmaxnreg" in ptx
-    assert set(re.findall(r"bar\.sync\s+(\d+, \d+)", ptx)) <= {"0, 128"}
+    assert set(re.findall(r"bar\.sync\s+(\d+, \d+)", ptx)) <= {f"0, {32 * warps}"}
     constants = dict(BN=bn, BK=bk, STAGES=4, BARRIER=mode != 2)
     sig = {f"W{i}": "*bf16" for i in range(4)} | {f"X{i}": "*bf16" for i in range(4)}
     sig |= {f"Y{i}": "*fp32" for i in range(4)} | {"Sync": "*i32", "L": "i32"}
@@ -406,7 +406,7 @@ def main() -> int:
             (linear_compiles, _linear_warp_specialized_variants()),
             (linear_tma_compiles, _linear_tma_variants()),
             (tma_attention_compiles, _tma_attention_variants()),
-            (weight_ring_bench_compiles, [(128, 128, 6, 1), (64, 128, 12, 0)]),
+            (weight_ring_bench_compiles, [(128, 128, 6, 1, 4), (64, 256, 6, 0, 8)]),
         )
         for v in variants
     )

@@ -140,6 +140,9 @@ def compile_seq2seq(
         say("timing the decode step on torch and on kernl's kernels")
         choice = choose_decode_kernels(manifest, weights, dev, say)
         manifest = with_decode_kernels(manifest, choice.kernels, choice.tile, choice.site_tiles)
+        # what the choice wrote goes through the reader's check before anything is written: an
+        # entry the reader refuses fails the compile here, not every later load()
+        check_seq2seq(manifest.extra, dtype_name, described, "the decode-kernel choice")
         report.decode = choice.describe()
         automatic = choice.kernels != "torch"
     with ArtifactWriter(out) as writer:

@@ -194,5 +194,18 @@ def _best(batch, kernel, site, call, check, configs, layers, measure, say, timin
 
 
 def _entry(t: TileTiming | None) -> list[list]:
-    """[[batch, kernel, site, *config]], or [] for no choice."""
-    return [] if t is None else [[t.batch, t.kernel, t.site, *dataclasses.astuple(t.config)]]
+    """[[batch, kernel, site, *config]], or [] for no choice: the config's first fields, as
+    many as the artifact's format holds for that kernel (SITE_TILES). A later field (the split-K
+    kernel's BLOCK_M, which encoders tune) is read back as its default, so a config whose later
+    field is not its default cannot be stored, and is refused here rather than stored as
+    another config (or, as on 2026-12-04, written whole and refused by every load)."""
+    if t is None:
+        return []
+    from kernl.artifacts.seq2seq import SITE_TILES
+
+    width = SITE_TILES[t.kernel][1]
+    later = dataclasses.fields(t.config)[width:]
+    changed = [f.name for f in later if getattr(t.config, f.name) != f.default]
+    if changed:
+        raise ValueError(f"{t.describe()}: {changed} cannot be stored in a decode site tile")
+    return [[t.batch, t.kernel, t.site, *dataclasses.astuple(t.config)[:width]]]
