@@ -121,7 +121,20 @@ def _consume_op(ring, ready, empty, step, X, Y, layer, N: gl.constexpr, K: gl.co
 
 
 @gluon.jit
-def _grid_sync(Sync, target):
+def _now_ns(x):
+    """The GPU's global timer in ns (x: any scalar, for the result's shape)."""
+    return gl.inline_asm_elementwise(
+        "mov.u64 $0, %globaltimer;", "=l,r", [x], dtype=gl.int64, is_pure=False, pack=1
+    )
+
+
+@gluon.jit
+def _grid_sync(Sync, target, Trace, index, TRACE: gl.constexpr):
+    """Arrive, wait for `target` arrivals; with TRACE the times of arrival and of leaving go to
+    Trace[program, index, 0:2]."""
+    Tr = Trace + (gl.program_id(0) * 4096 + index) * 2
+    if TRACE:
+        gl.store(Tr, _now_ns(index))
     gl.thread_barrier()  # every thread's writes precede the release
     gl.atomic_add(Sync, 1, sem="release", scope="gpu")
     seen = gl.load(Sync, volatile=True)
@@ -132,11 +145,13 @@ def _grid_sync(Sync, target):
     if confirmed < target:
         gl.atomic_max(Sync + 2, 1, sem="relaxed", scope="gpu")
     gl.thread_barrier()
+    if TRACE:
+        gl.store(Tr + 1, _now_ns(index))
 
 
 @gluon.jit
 def _consumer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync, L,
-              MODE: gl.constexpr):  # fmt: skip
+              Trace, MODE: gl.constexpr, TRACE: gl.constexpr):  # fmt: skip
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [gl.num_warps(), 1], [1, 0])
     G = gl.num_programs(0)
     step = 0
@@ -144,16 +159,16 @@ def _consumer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3
         base = layer * 4 * G
         step = _consume_op(ring, ready, empty, step, X0, Y0, layer, 3072, 2048, layout)
         if MODE != 2:
-            _grid_sync(Sync, base + G)
+            _grid_sync(Sync, base + G, Trace, layer * 4 + 0, TRACE)
         step = _consume_op(ring, ready, empty, step, X1, Y1, layer, 2048, 2048, layout)
         if MODE != 2:
-            _grid_sync(Sync, base + 2 * G)
+            _grid_sync(Sync, base + 2 * G, Trace, layer * 4 + 1, TRACE)
         step = _consume_op(ring, ready, empty, step, X2, Y2, layer, 16384, 2048, layout)
         if MODE != 2:
-            _grid_sync(Sync, base + 3 * G)
+            _grid_sync(Sync, base + 3 * G, Trace, layer * 4 + 2, TRACE)
         step = _consume_op(ring, ready, empty, step, X3, Y3, layer, 2048, 8192, layout)
         if MODE != 2:
-            _grid_sync(Sync, base + 4 * G)
+            _grid_sync(Sync, base + 4 * G, Trace, layer * 4 + 3, TRACE)
     # the last program out resets the counter for the next replay
     if gl.atomic_add(Sync + 1, 1, sem="acq_rel", scope="gpu") == G - 1:
         gl.store(Sync, 0)
@@ -162,7 +177,7 @@ def _consumer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3
 
 @gluon.jit
 def _producer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync, L,
-              MODE: gl.constexpr):  # fmt: skip
+              Trace, MODE: gl.constexpr, TRACE: gl.constexpr):  # fmt: skip
     G = gl.num_programs(0)
     step = 0
     for layer in range(L):
@@ -178,8 +193,9 @@ def _producer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3
 
 
 @gluon.jit
-def _ring_kernel(d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync, L,
-                 STAGES: gl.constexpr, MODE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+def _ring_kernel(d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync, L, Trace,
+                 STAGES: gl.constexpr, MODE: gl.constexpr, TRACE: gl.constexpr,
+                 num_warps: gl.constexpr):  # fmt: skip
     """Every op of every layer through one TMA ring of STAGES [BN, BK] blocks. MODE 0 drain,
     1 cross, 2 free (module docstring)."""
     BN: gl.constexpr = d0.block_type.shape[0]
@@ -191,7 +207,8 @@ def _ring_kernel(d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync, L,
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
     fence_async_shared()
-    args = (ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync, L, MODE)
+    args = (ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync, L, Trace,
+            MODE, TRACE)  # fmt: skip
     gl.warp_specialize([(_consumer, args), (_producer, args)], [1], [PRODUCER_REGS])
 
 
@@ -283,11 +300,13 @@ def case(impl: str, weights, xs, bn: int, bk: int, stages: int, nw: int = 4) -> 
                  for w in weights]  # fmt: skip
         mode = MODES[impl.split("-")[1]]
 
-        def fn():
+        trace = torch.zeros(grid[0], 4096, 2, device=dev, dtype=torch.int64)
+
+        def fn(traced: bool = False):
             for y in ys:
                 y.zero_()
-            _ring_kernel[grid](*descs, *xs, *ys, sync, LAYERS, STAGES=stages, MODE=mode,
-                               num_warps=nw,
+            _ring_kernel[grid](*descs, *xs, *ys, sync, LAYERS, trace, STAGES=stages, MODE=mode,
+                               TRACE=traced, num_warps=nw,
                                launch_cooperative_grid=mode != 2)  # fmt: skip
     else:
         barrier = impl == "triton"
@@ -308,12 +327,41 @@ def case(impl: str, weights, xs, bn: int, bk: int, stages: int, nw: int = 4) -> 
         nbytes = sum(w.numel() for w in weights) * 2
         row.update(us=round(us, 1), gbps=round(nbytes / us / 1e3), us_per_layer=round(us / LAYERS, 2),
                    rel_err=max(errs), flagged=int(sync[2].item()))  # fmt: skip
+        if impl in ("ring-cross", "ring-drain"):
+            fn(traced=True)
+            torch.cuda.synchronize()
+            row.update(barriers(trace[:, : LAYERS * 4].cpu()))
     except Exception as e:  # noqa: BLE001 - reported, the others still run
         row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
     return row
 
 
 # (impl, BN, BK, stages, consumer warps)
+def barriers(trace: torch.Tensor) -> dict:
+    """From the consumers' barrier times [programs, barriers, (arrive, leave)] ns: per op (the
+    span between the barriers around it), medians over the layers, µs, of: the op's span from
+    the first program's leaving the barrier before to the last one's arrival (`span`), the
+    spread of arrivals (`skew`: last arrival - median arrival), and the barrier's own release
+    (`release`: median leaving - last arrival)."""
+    arrive, leave = trace[..., 0].double(), trace[..., 1].double()
+    out = {}
+    for k, (name, _, _) in enumerate(OPS):
+        idx = list(range(k, trace.shape[1], 4))
+        spans, skews, releases = [], [], []
+        for i in idx:
+            if i == 0:
+                continue
+            spans.append((arrive[:, i].max() - leave[:, i - 1].min()).item() / 1e3)
+            skews.append((arrive[:, i].max() - arrive[:, i].median()).item() / 1e3)
+            releases.append((leave[:, i].median() - arrive[:, i].max()).item() / 1e3)
+        out[name] = dict(
+            span=round(statistics.median(spans), 2),
+            skew=round(statistics.median(skews), 2),
+            release=round(statistics.median(releases), 2),
+        )
+    return out
+
+
 CASES = [
     *(("ring-" + m, 64, 256, 6, 4) for m in ("cross", "drain", "free")),
     *(("ring-" + m, 128, 128, 6, 4) for m in ("cross", "free")),

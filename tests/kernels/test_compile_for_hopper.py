@@ -372,8 +372,8 @@ def weight_ring_bench_compiles(bn, bk, stages, mode, warps):
     layout = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.bfloat16)
     desc = f"tensordesc<bf16[{bn},{bk}],{layout!r}>"
     sig = {f"d{i}": desc for i in range(4)} | {f"X{i}": "*bf16" for i in range(4)}
-    sig |= {f"Y{i}": "*fp32" for i in range(4)} | {"Sync": "*i32", "L": "i32"}
-    constants = dict(STAGES=stages, MODE=mode, num_warps=warps)
+    sig |= {f"Y{i}": "*fp32" for i in range(4)} | {"Sync": "*i32", "L": "i32", "Trace": "*i64"}
+    constants = dict(STAGES=stages, MODE=mode, TRACE=mode == 0, num_warps=warps)
     sig |= dict.fromkeys(constants, "constexpr")
     import triton
     from triton.backends.compiler import GPUTarget
