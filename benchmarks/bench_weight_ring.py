@@ -21,6 +21,9 @@ partial dot added into y (fp32 atomics, the same in every variant). Variants:
   - `ring-drain`: the same, but the producer also waits for each op's barrier before its
     first copy (the stream stops at each barrier, as in the step today).
   - `ring-free`: no barriers at all (the ring's own ceiling).
+  - `-owned` (any of the three): whole tiles (BN rows, all of K) round-robin instead of an
+    even split of the blocks, so that one program sums each tile in a fixed order, as the
+    step's epilogues need; small tiles (8-32 rows) keep the programs' shares even.
   - `triton`: the same blocks as one `tl.range` loop per op (pointer loads, cp.async
     pipelined), a grid barrier after each op, with and without (`triton-free`) the barriers.
 
@@ -48,8 +51,24 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 LAYERS = 16
 OPS = (("qkv", 3072, 2048), ("o", 2048, 2048), ("gate_up", 16384, 2048), ("down", 2048, 8192))
-MODES = {"drain": 0, "cross": 1, "free": 2}
+MODES = {"drain": 0, "cross": 1, "free": 2}  # + 4: owned tiles (`_span`)
 PRODUCER_REGS = gl.constexpr(40)
+
+
+@gluon.jit
+def _span(B, NKB, MODE: gl.constexpr):
+    """This program's share of an op's B blocks (NKB a tile): (first tile, end, tile step,
+    first block, end block). Split evenly in (tile, K block) order (a tile may be shared by two
+    programs, whose partial sums then meet in y), or with MODE >= 4 (`owned`) whole tiles
+    round-robin, so that each tile's sum is one program's, in a fixed order, as the step's
+    epilogues (rotary, SiLU, residual, the next norm) would need."""
+    pid = gl.program_id(0)
+    G = gl.num_programs(0)
+    if MODE >= 4:
+        return pid, B // NKB, G, 0, B
+    lo = pid * B // G
+    hi = (pid + 1) * B // G
+    return lo // NKB, (hi + NKB - 1) // NKB, 1, lo, hi
 
 
 @gluon.jit
@@ -63,28 +82,28 @@ def _produce_op(desc, ring, ready, empty, step, layer, Sync, target, N: gl.const
     BK: gl.constexpr = ring.shape[2]
     NKB: gl.constexpr = K // BK
     B: gl.constexpr = N // BN * NKB
-    pid = gl.program_id(0)
-    G = gl.num_programs(0)
-    if MODE == 0:
+    if MODE % 4 == 0:
         seen = gl.load(Sync, volatile=True)
         while seen < target:
             seen = gl.load(Sync, volatile=True)
-    for b in range(pid * B // G, (pid + 1) * B // G):
-        slot = step % STAGES
-        # a barrier starts as if its phase 1 had completed: the first pass does not wait
-        mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
-        bar = ready.index(slot)
-        mbarrier.expect(bar, desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(
-            desc, [layer * N + (b // NKB) * BN, (b % NKB) * BK], bar, ring.index(slot)
-        )
-        step += 1
+    t_lo, t_hi, t_step, lo, hi = _span(B, NKB, MODE)
+    for tile in range(t_lo, t_hi, t_step):
+        for b in range(gl.maximum(lo, tile * NKB), gl.minimum(hi, tile * NKB + NKB)):
+            slot = step % STAGES
+            # a barrier starts as if its phase 1 had completed: the first pass does not wait
+            mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
+            bar = ready.index(slot)
+            mbarrier.expect(bar, desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(
+                desc, [layer * N + tile * BN, (b % NKB) * BK], bar, ring.index(slot)
+            )
+            step += 1
     return step
 
 
 @gluon.jit
 def _consume_op(ring, ready, empty, step, X, Y, layer, N: gl.constexpr, K: gl.constexpr,
-                layout: gl.constexpr):  # fmt: skip
+                layout: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
     """y[layer, tile rows] += W tile @ x for this program's blocks of one op, tile by tile: each
     block's products summed elementwise in registers, reduced across the threads once at the
     tile's end (the first run reduced every block: that work, not HBM, bounded the ring), each
@@ -94,13 +113,10 @@ def _consume_op(ring, ready, empty, step, X, Y, layer, N: gl.constexpr, K: gl.co
     BK: gl.constexpr = ring.shape[2]
     NKB: gl.constexpr = K // BK
     B: gl.constexpr = N // BN * NKB
-    pid = gl.program_id(0)
-    G = gl.num_programs(0)
-    lo = pid * B // G
-    hi = (pid + 1) * B // G
+    t_lo, t_hi, t_step, lo, hi = _span(B, NKB, MODE)
     rows = gl.arange(0, BN, gl.SliceLayout(1, layout))
     cols = gl.arange(0, BK, gl.SliceLayout(0, layout))
-    for tile in range(lo // NKB, (hi + NKB - 1) // NKB):
+    for tile in range(t_lo, t_hi, t_step):
         b0 = gl.maximum(lo, tile * NKB)
         b1 = gl.minimum(hi, tile * NKB + NKB)
         acc = gl.zeros([BN, BK], gl.float32, layout)
@@ -157,17 +173,17 @@ def _consumer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3
     step = 0
     for layer in range(L):
         base = layer * 4 * G
-        step = _consume_op(ring, ready, empty, step, X0, Y0, layer, 3072, 2048, layout)
-        if MODE != 2:
+        step = _consume_op(ring, ready, empty, step, X0, Y0, layer, 3072, 2048, layout, MODE)
+        if MODE % 4 != 2:
             _grid_sync(Sync, base + G, Trace, layer * 4 + 0, TRACE)
-        step = _consume_op(ring, ready, empty, step, X1, Y1, layer, 2048, 2048, layout)
-        if MODE != 2:
+        step = _consume_op(ring, ready, empty, step, X1, Y1, layer, 2048, 2048, layout, MODE)
+        if MODE % 4 != 2:
             _grid_sync(Sync, base + 2 * G, Trace, layer * 4 + 1, TRACE)
-        step = _consume_op(ring, ready, empty, step, X2, Y2, layer, 16384, 2048, layout)
-        if MODE != 2:
+        step = _consume_op(ring, ready, empty, step, X2, Y2, layer, 16384, 2048, layout, MODE)
+        if MODE % 4 != 2:
             _grid_sync(Sync, base + 3 * G, Trace, layer * 4 + 2, TRACE)
-        step = _consume_op(ring, ready, empty, step, X3, Y3, layer, 2048, 8192, layout)
-        if MODE != 2:
+        step = _consume_op(ring, ready, empty, step, X3, Y3, layer, 2048, 8192, layout, MODE)
+        if MODE % 4 != 2:
             _grid_sync(Sync, base + 4 * G, Trace, layer * 4 + 3, TRACE)
     # the last program out resets the counter for the next replay
     if gl.atomic_add(Sync + 1, 1, sem="acq_rel", scope="gpu") == G - 1:
@@ -197,7 +213,7 @@ def _ring_kernel(d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync, L, Trace,
                  STAGES: gl.constexpr, MODE: gl.constexpr, TRACE: gl.constexpr,
                  num_warps: gl.constexpr):  # fmt: skip
     """Every op of every layer through one TMA ring of STAGES [BN, BK] blocks. MODE 0 drain,
-    1 cross, 2 free (module docstring)."""
+    1 cross, 2 free (module docstring), plus 4 for whole tiles a program (`_span`)."""
     BN: gl.constexpr = d0.block_type.shape[0]
     BK: gl.constexpr = d0.block_type.shape[1]
     ring = gl.allocate_shared_memory(d0.dtype, [STAGES, BN, BK], d0.layout)
@@ -298,7 +314,7 @@ def case(impl: str, weights, xs, bn: int, bk: int, stages: int, nw: int = 4) -> 
         layout = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.bfloat16)
         descs = [TensorDescriptor.from_tensor(w.view(-1, w.shape[-1]), [bn, bk], layout)
                  for w in weights]  # fmt: skip
-        mode = MODES[impl.split("-")[1]]
+        mode = MODES[impl.split("-")[1]] + (4 if impl.endswith("-owned") else 0)
 
         trace = torch.zeros(grid[0], 4096, 2, device=dev, dtype=torch.int64)
 
@@ -307,7 +323,7 @@ def case(impl: str, weights, xs, bn: int, bk: int, stages: int, nw: int = 4) -> 
                 y.zero_()
             _ring_kernel[grid](*descs, *xs, *ys, sync, LAYERS, trace, STAGES=stages, MODE=mode,
                                TRACE=traced, num_warps=nw,
-                               launch_cooperative_grid=mode != 2)  # fmt: skip
+                               launch_cooperative_grid=mode % 4 != 2)  # fmt: skip
     else:
         barrier = impl == "triton"
 
@@ -327,7 +343,7 @@ def case(impl: str, weights, xs, bn: int, bk: int, stages: int, nw: int = 4) -> 
         nbytes = sum(w.numel() for w in weights) * 2
         row.update(us=round(us, 1), gbps=round(nbytes / us / 1e3), us_per_layer=round(us / LAYERS, 2),
                    rel_err=max(errs), flagged=int(sync[2].item()))  # fmt: skip
-        if impl in ("ring-cross", "ring-drain"):
+        if impl.startswith(("ring-cross", "ring-drain")):
             fn(traced=True)
             torch.cuda.synchronize()
             row.update(barriers(trace[:, : LAYERS * 4].cpu()))
@@ -336,7 +352,6 @@ def case(impl: str, weights, xs, bn: int, bk: int, stages: int, nw: int = 4) -> 
     return row
 
 
-# (impl, BN, BK, stages, consumer warps)
 def barriers(trace: torch.Tensor) -> dict:
     """From the consumers' barrier times [programs, barriers, (arrive, leave)] ns: per op (the
     span between the barriers around it), medians over the layers, µs, of: the op's span from
@@ -362,16 +377,16 @@ def barriers(trace: torch.Tensor) -> dict:
     return out
 
 
+# (impl, BN, BK, stages, consumer warps); "-owned": whole tiles round-robin (`_span`)
 CASES = [
-    *(("ring-" + m, 64, 256, 6, 4) for m in ("cross", "drain", "free")),
-    *(("ring-" + m, 128, 128, 6, 4) for m in ("cross", "free")),
-    ("ring-cross", 64, 128, 12, 4),
-    ("ring-cross", 32, 256, 12, 4),
-    ("ring-cross", 64, 256, 6, 8),
-    ("ring-free", 64, 256, 6, 8),
-    ("ring-cross", 128, 128, 6, 8),
+    ("ring-cross", 64, 256, 6, 4),
+    ("ring-free", 64, 256, 6, 4),
+    *(("ring-" + m + "-owned", 16, 256, 24, 4) for m in ("cross", "drain", "free")),
+    ("ring-cross-owned", 8, 256, 48, 4),
+    ("ring-cross-owned", 16, 128, 48, 4),
+    ("ring-cross-owned", 32, 256, 12, 4),
+    ("ring-cross-owned", 16, 256, 12, 4),
     ("triton", 128, 128, 4),
-    ("triton-free", 128, 128, 4),
 ]
 
 

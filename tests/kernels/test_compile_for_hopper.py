@@ -406,7 +406,10 @@ def main() -> int:
             (linear_compiles, _linear_warp_specialized_variants()),
             (linear_tma_compiles, _linear_tma_variants()),
             (tma_attention_compiles, _tma_attention_variants()),
-            (weight_ring_bench_compiles, [(128, 128, 6, 1, 4), (64, 256, 6, 0, 8)]),
+            (
+                weight_ring_bench_compiles,
+                [(128, 128, 6, 1, 4), (64, 256, 6, 0, 8), (16, 256, 24, 5, 4)],
+            ),
         )
         for v in variants
     )
