@@ -51,20 +51,19 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 LAYERS = 16
 OPS = (("qkv", 3072, 2048), ("o", 2048, 2048), ("gate_up", 16384, 2048), ("down", 2048, 8192))
-MODES = {"drain": 0, "cross": 1, "free": 2}  # + 4: owned tiles (`_span`)
 PRODUCER_REGS = gl.constexpr(40)
 
 
 @gluon.jit
-def _span(B, NKB, MODE: gl.constexpr):
+def _span(B, NKB, SPLIT: gl.constexpr):
     """This program's share of an op's B blocks (NKB a tile): (first tile, end, tile step,
     first block, end block). Split evenly in (tile, K block) order (a tile may be shared by two
-    programs, whose partial sums then meet in y), or with MODE >= 4 (`owned`) whole tiles
+    programs, whose partial sums then meet in y), or (SPLIT "owned") whole tiles
     round-robin, so that each tile's sum is one program's, in a fixed order, as the step's
     epilogues (rotary, SiLU, residual, the next norm) would need."""
     pid = gl.program_id(0)
     G = gl.num_programs(0)
-    if MODE >= 4:
+    if SPLIT == "owned":
         return pid, B // NKB, G, 0, B
     lo = pid * B // G
     hi = (pid + 1) * B // G
@@ -73,7 +72,7 @@ def _span(B, NKB, MODE: gl.constexpr):
 
 @gluon.jit
 def _produce_op(desc, ring, ready, empty, step, layer, Sync, target, N: gl.constexpr,
-                K: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
+                K: gl.constexpr, BARRIER: gl.constexpr, SPLIT: gl.constexpr):  # fmt: skip
     """Copy this program's blocks of one op (its even share of the op's (tile, K block) order)
     into the ring, each slot once the consumer freed it; `drain` first waits for the barrier
     that ends the op before (`target` arrivals). Returns the ring step after them."""
@@ -82,11 +81,11 @@ def _produce_op(desc, ring, ready, empty, step, layer, Sync, target, N: gl.const
     BK: gl.constexpr = ring.shape[2]
     NKB: gl.constexpr = K // BK
     B: gl.constexpr = N // BN * NKB
-    if MODE % 4 == 0:
+    if BARRIER == "drain":
         seen = gl.load(Sync, volatile=True)
         while seen < target:
             seen = gl.load(Sync, volatile=True)
-    t_lo, t_hi, t_step, lo, hi = _span(B, NKB, MODE)
+    t_lo, t_hi, t_step, lo, hi = _span(B, NKB, SPLIT)
     for tile in range(t_lo, t_hi, t_step):
         for b in range(gl.maximum(lo, tile * NKB), gl.minimum(hi, tile * NKB + NKB)):
             slot = step % STAGES
@@ -103,7 +102,7 @@ def _produce_op(desc, ring, ready, empty, step, layer, Sync, target, N: gl.const
 
 @gluon.jit
 def _consume_op(ring, ready, empty, step, X, Y, layer, N: gl.constexpr, K: gl.constexpr,
-                layout: gl.constexpr, MODE: gl.constexpr):  # fmt: skip
+                layout: gl.constexpr, SPLIT: gl.constexpr):  # fmt: skip
     """y[layer, tile rows] += W tile @ x for this program's blocks of one op, tile by tile: each
     block's products summed elementwise in registers, reduced across the threads once at the
     tile's end (the first run reduced every block: that work, not HBM, bounded the ring), each
@@ -113,7 +112,7 @@ def _consume_op(ring, ready, empty, step, X, Y, layer, N: gl.constexpr, K: gl.co
     BK: gl.constexpr = ring.shape[2]
     NKB: gl.constexpr = K // BK
     B: gl.constexpr = N // BN * NKB
-    t_lo, t_hi, t_step, lo, hi = _span(B, NKB, MODE)
+    t_lo, t_hi, t_step, lo, hi = _span(B, NKB, SPLIT)
     rows = gl.arange(0, BN, gl.SliceLayout(1, layout))
     cols = gl.arange(0, BK, gl.SliceLayout(0, layout))
     for tile in range(t_lo, t_hi, t_step):
@@ -134,6 +133,86 @@ def _consume_op(ring, ready, empty, step, X, Y, layer, N: gl.constexpr, K: gl.co
             step += 1
         gl.atomic_add(Y + (layer * N + tile * BN) + rows, gl.sum(acc, axis=1), sem="relaxed")
     return step
+
+
+CHUNK = gl.constexpr(2)  # blocks a program takes at once where the split is dynamic
+
+
+@gluon.jit
+def _produce_op_dynamic(desc, ring, ready, empty, step, layer, Sync, target, op,
+                        N: gl.constexpr, K: gl.constexpr, BARRIER: gl.constexpr):  # fmt: skip
+    """`_produce_op` with the op's blocks taken CHUNK at a time from a counter (Sync[8 + op]):
+    a program that streams faster takes more. Each chunk's id goes to the consumer at its first
+    slot's entry of the program's Sync[1024 + 64 program:] (ordered before the slot's barrier
+    completes by the arrival's release); a last slot without bytes says -1: no more chunks."""
+    STAGES: gl.constexpr = ring.shape[0]
+    BN: gl.constexpr = ring.shape[1]
+    BK: gl.constexpr = ring.shape[2]
+    NKB: gl.constexpr = K // BK
+    CHUNKS: gl.constexpr = N // BN * NKB // CHUNK
+    if BARRIER == "drain":
+        seen = gl.load(Sync, volatile=True)
+        while seen < target:
+            seen = gl.load(Sync, volatile=True)
+    counter = Sync + 8 + layer * 4 + op
+    c = gl.atomic_add(counter, 1, sem="relaxed", scope="gpu")
+    while c < CHUNKS:
+        c_next = gl.atomic_add(counter, 1, sem="relaxed", scope="gpu")  # asked for early
+        for i in range(CHUNK):
+            b = c * CHUNK + i
+            slot = step % STAGES
+            mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
+            if i == 0:
+                gl.store(Sync + 1024 + gl.program_id(0) * 64 + slot, c)
+            bar = ready.index(slot)
+            mbarrier.expect(bar, desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(
+                desc, [layer * N + (b // NKB) * BN, (b % NKB) * BK], bar, ring.index(slot)
+            )
+            step += 1
+        c = c_next
+    slot = step % STAGES
+    mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
+    gl.store(Sync + 1024 + gl.program_id(0) * 64 + slot, -1)
+    mbarrier.arrive(ready.index(slot), count=1)
+    return step + 1
+
+
+@gluon.jit
+def _consume_op_dynamic(ring, ready, empty, step, X, Y, Sync, layer, N: gl.constexpr,
+                        K: gl.constexpr, layout: gl.constexpr):  # fmt: skip
+    """`_consume_op` over the chunks `_produce_op_dynamic` took, until its -1."""
+    STAGES: gl.constexpr = ring.shape[0]
+    BN: gl.constexpr = ring.shape[1]
+    BK: gl.constexpr = ring.shape[2]
+    NKB: gl.constexpr = K // BK
+    Meta = Sync + 1024 + gl.program_id(0) * 64
+    rows = gl.arange(0, BN, gl.SliceLayout(1, layout))
+    cols = gl.arange(0, BK, gl.SliceLayout(0, layout))
+    mbarrier.wait(ready.index(step % STAGES), (step // STAGES) & 1)
+    c = gl.load(Meta + step % STAGES, volatile=True)
+    while c >= 0:
+        b0 = c * CHUNK
+        acc = gl.zeros([BN, BK], gl.float32, layout)
+        x = gl.load(X + (b0 % NKB) * BK + cols)
+        for i in range(CHUNK):
+            x_next = gl.load(
+                X + ((b0 + i + 1) % NKB) * BK + cols, mask=(cols < BK) & (i + 1 < CHUNK), other=0.0
+            )
+            slot = step % STAGES
+            mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+            w = ring.index(slot).load(layout)
+            gl.thread_barrier()  # every warp has read the slot before it goes back
+            mbarrier.arrive(empty.index(slot), count=1)
+            acc += w.to(gl.float32) * x.to(gl.float32)[None, :]
+            x = x_next
+            step += 1
+        gl.atomic_add(Y + (layer * N + (b0 // NKB) * BN) + rows, gl.sum(acc, axis=1), sem="relaxed")
+        mbarrier.wait(ready.index(step % STAGES), (step // STAGES) & 1)
+        c = gl.load(Meta + step % STAGES, volatile=True)
+    gl.thread_barrier()  # every warp has read the -1 before its slot goes back
+    mbarrier.arrive(empty.index(step % STAGES), count=1)
+    return step + 1
 
 
 @gluon.jit
@@ -166,24 +245,44 @@ def _grid_sync(Sync, target, Trace, index, TRACE: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync, L,
-              Trace, MODE: gl.constexpr, TRACE: gl.constexpr):  # fmt: skip
+def _consumer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync,
+              L, Trace, BARRIER: gl.constexpr, SPLIT: gl.constexpr, TRACE: gl.constexpr):  # fmt: skip
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [gl.num_warps(), 1], [1, 0])
     G = gl.num_programs(0)
     step = 0
     for layer in range(L):
         base = layer * 4 * G
-        step = _consume_op(ring, ready, empty, step, X0, Y0, layer, 3072, 2048, layout, MODE)
-        if MODE % 4 != 2:
+        if SPLIT == "dynamic":
+            step = _consume_op_dynamic(
+                ring, ready, empty, step, X0, Y0, Sync, layer, 3072, 2048, layout
+            )
+        else:
+            step = _consume_op(ring, ready, empty, step, X0, Y0, layer, 3072, 2048, layout, SPLIT)
+        if BARRIER != "free":
             _grid_sync(Sync, base + G, Trace, layer * 4 + 0, TRACE)
-        step = _consume_op(ring, ready, empty, step, X1, Y1, layer, 2048, 2048, layout, MODE)
-        if MODE % 4 != 2:
+        if SPLIT == "dynamic":
+            step = _consume_op_dynamic(
+                ring, ready, empty, step, X1, Y1, Sync, layer, 2048, 2048, layout
+            )
+        else:
+            step = _consume_op(ring, ready, empty, step, X1, Y1, layer, 2048, 2048, layout, SPLIT)
+        if BARRIER != "free":
             _grid_sync(Sync, base + 2 * G, Trace, layer * 4 + 1, TRACE)
-        step = _consume_op(ring, ready, empty, step, X2, Y2, layer, 16384, 2048, layout, MODE)
-        if MODE % 4 != 2:
+        if SPLIT == "dynamic":
+            step = _consume_op_dynamic(
+                ring, ready, empty, step, X2, Y2, Sync, layer, 16384, 2048, layout
+            )
+        else:
+            step = _consume_op(ring, ready, empty, step, X2, Y2, layer, 16384, 2048, layout, SPLIT)
+        if BARRIER != "free":
             _grid_sync(Sync, base + 3 * G, Trace, layer * 4 + 2, TRACE)
-        step = _consume_op(ring, ready, empty, step, X3, Y3, layer, 2048, 8192, layout, MODE)
-        if MODE % 4 != 2:
+        if SPLIT == "dynamic":
+            step = _consume_op_dynamic(
+                ring, ready, empty, step, X3, Y3, Sync, layer, 2048, 8192, layout
+            )
+        else:
+            step = _consume_op(ring, ready, empty, step, X3, Y3, layer, 2048, 8192, layout, SPLIT)
+        if BARRIER != "free":
             _grid_sync(Sync, base + 4 * G, Trace, layer * 4 + 3, TRACE)
     # the last program out resets the counter for the next replay
     if gl.atomic_add(Sync + 1, 1, sem="acq_rel", scope="gpu") == G - 1:
@@ -192,28 +291,48 @@ def _consumer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3
 
 
 @gluon.jit
-def _producer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync, L,
-              Trace, MODE: gl.constexpr, TRACE: gl.constexpr):  # fmt: skip
+def _producer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync,
+              L, Trace, BARRIER: gl.constexpr, SPLIT: gl.constexpr, TRACE: gl.constexpr):  # fmt: skip
     G = gl.num_programs(0)
     step = 0
     for layer in range(L):
         base = layer * 4 * G
-        step = _produce_op(d0, ring, ready, empty, step, layer, Sync, base, 3072, 2048, MODE)
-        step = _produce_op(d1, ring, ready, empty, step, layer, Sync, base + G, 2048, 2048, MODE)
-        step = _produce_op(
-            d2, ring, ready, empty, step, layer, Sync, base + 2 * G, 16384, 2048, MODE
-        )
-        step = _produce_op(
-            d3, ring, ready, empty, step, layer, Sync, base + 3 * G, 2048, 8192, MODE
-        )
+        if SPLIT == "dynamic":
+            step = _produce_op_dynamic(
+                d0, ring, ready, empty, step, layer, Sync, base, 0, 3072, 2048, BARRIER
+            )
+            step = _produce_op_dynamic(
+                d1, ring, ready, empty, step, layer, Sync, base + G, 1, 2048, 2048, BARRIER
+            )
+            step = _produce_op_dynamic(
+                d2, ring, ready, empty, step, layer, Sync, base + 2 * G, 2, 16384, 2048, BARRIER
+            )
+            step = _produce_op_dynamic(
+                d3, ring, ready, empty, step, layer, Sync, base + 3 * G, 3, 2048, 8192, BARRIER
+            )
+        else:
+            step = _produce_op(
+                d0, ring, ready, empty, step, layer, Sync, base, 3072, 2048, BARRIER, SPLIT
+            )
+            step = _produce_op(
+                d1, ring, ready, empty, step, layer, Sync, base + G, 2048, 2048, BARRIER, SPLIT
+            )
+            step = _produce_op(
+                d2, ring, ready, empty, step, layer, Sync, base + 2 * G, 16384, 2048, BARRIER, SPLIT
+            )
+            step = _produce_op(
+                d3, ring, ready, empty, step, layer, Sync, base + 3 * G, 2048, 8192, BARRIER, SPLIT
+            )
 
 
 @gluon.jit
 def _ring_kernel(d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync, L, Trace,
-                 STAGES: gl.constexpr, MODE: gl.constexpr, TRACE: gl.constexpr,
+                 STAGES: gl.constexpr, BARRIER: gl.constexpr, SPLIT: gl.constexpr,
+                 TRACE: gl.constexpr,
                  num_warps: gl.constexpr):  # fmt: skip
-    """Every op of every layer through one TMA ring of STAGES [BN, BK] blocks. MODE 0 drain,
-    1 cross, 2 free (module docstring), plus 4 for whole tiles a program (`_span`)."""
+    """Every op of every layer through one TMA ring of STAGES [BN, BK] blocks. BARRIER "drain",
+    "cross" or "free" (module docstring); SPLIT "even", "owned" (whole tiles a program,
+    `_span`) or "dynamic" (blocks taken CHUNK at a time from a counter, `_produce_op_dynamic`)."""
     BN: gl.constexpr = d0.block_type.shape[0]
     BK: gl.constexpr = d0.block_type.shape[1]
     ring = gl.allocate_shared_memory(d0.dtype, [STAGES, BN, BK], d0.layout)
@@ -223,9 +342,18 @@ def _ring_kernel(d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync, L, Trace,
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
     fence_async_shared()
-    args = (ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync, L, Trace,
-            MODE, TRACE)  # fmt: skip
-    gl.warp_specialize([(_consumer, args), (_producer, args)], [1], [PRODUCER_REGS])
+    # the argument tuples written in the call: a tuple assigned first holds tensors, and a
+    # constexpr in it (a string here) fails or (an int) reaches the partition as a runtime value
+    gl.warp_specialize(
+        [
+            (_consumer, (ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3,
+                         Sync, L, Trace, BARRIER, SPLIT, TRACE)),
+            (_producer, (ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3,
+                         Sync, L, Trace, BARRIER, SPLIT, TRACE)),
+        ],
+        [1],
+        [PRODUCER_REGS],
+    )  # fmt: skip
 
 
 @triton.jit
@@ -307,23 +435,28 @@ def case(impl: str, weights, xs, bn: int, bk: int, stages: int, nw: int = 4) -> 
 
     dev = "cuda"
     ys = [torch.zeros(LAYERS, n, device=dev, dtype=torch.float32) for _, n, _ in OPS]
-    sync = torch.zeros(4, device=dev, dtype=torch.int32)
+    # [0] the barrier's arrivals, [1] the programs out, [2] a wait timed out, [8:] the dynamic
+    # split's chunk counters, one an op of each layer, [1024 + 64 program:] its chunk ids
+    sync = torch.zeros(1024 + 64 * 256, device=dev, dtype=torch.int32)
     grid = (torch.cuda.get_device_properties(dev).multi_processor_count,)
     row = dict(impl=impl, BN=bn, BK=bk, stages=stages, num_warps=nw)
     if impl.startswith("ring"):
         layout = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.bfloat16)
         descs = [TensorDescriptor.from_tensor(w.view(-1, w.shape[-1]), [bn, bk], layout)
                  for w in weights]  # fmt: skip
-        mode = MODES[impl.split("-")[1]] + (4 if impl.endswith("-owned") else 0)
+        parts = impl.split("-")  # ring-BARRIER[-SPLIT]
+        barrier, split = parts[1], parts[2] if len(parts) > 2 else "even"
 
         trace = torch.zeros(grid[0], 4096, 2, device=dev, dtype=torch.int64)
 
         def fn(traced: bool = False):
             for y in ys:
                 y.zero_()
-            _ring_kernel[grid](*descs, *xs, *ys, sync, LAYERS, trace, STAGES=stages, MODE=mode,
+            sync[8:1024].zero_()
+            _ring_kernel[grid](*descs, *xs, *ys, sync, LAYERS, trace, STAGES=stages,
+                               BARRIER=barrier, SPLIT=split,
                                TRACE=traced, num_warps=nw,
-                               launch_cooperative_grid=mode % 4 != 2)  # fmt: skip
+                               launch_cooperative_grid=barrier != "free")  # fmt: skip
     else:
         barrier = impl == "triton"
 
@@ -377,16 +510,15 @@ def barriers(trace: torch.Tensor) -> dict:
     return out
 
 
-# (impl, BN, BK, stages, consumer warps); "-owned": whole tiles round-robin (`_span`)
+# (impl, BN, BK, stages, consumer warps); "-owned": whole tiles round-robin (`_span`);
+# "-dynamic": CHUNK blocks at a time from a counter (`_produce_op_dynamic`)
 CASES = [
     ("ring-cross", 64, 256, 6, 4),
+    *(("ring-" + m + "-dynamic", 64, 256, 6, 4) for m in ("cross", "drain", "free")),
+    ("ring-cross-dynamic", 128, 128, 6, 4),
+    ("ring-cross-dynamic", 32, 256, 12, 4),
+    ("ring-cross-owned", 16, 256, 24, 4),
     ("ring-free", 64, 256, 6, 4),
-    *(("ring-" + m + "-owned", 16, 256, 24, 4) for m in ("cross", "drain", "free")),
-    ("ring-cross-owned", 8, 256, 48, 4),
-    ("ring-cross-owned", 16, 128, 48, 4),
-    ("ring-cross-owned", 32, 256, 12, 4),
-    ("ring-cross-owned", 16, 256, 12, 4),
-    ("triton", 128, 128, 4),
 ]
 
 

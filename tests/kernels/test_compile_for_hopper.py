@@ -353,7 +353,7 @@ def _linear_warp_specialized_variants():
     return [(c, act, res) for c in ws for act, res in (("none", True), ("gelu", False))]
 
 
-def weight_ring_bench_compiles(bn, bk, stages, mode, warps):
+def weight_ring_bench_compiles(bn, bk, stages, barrier, split, warps):
     """benchmarks/bench_weight_ring.py's kernels (issue 15's diagnostic of one weight stream
     through a decode layer's barriers): the Gluon ring in a consumer warp group and a producer
     warp whose barriers stay apart (the consumer's CTA barrier counts its 128 threads only,
@@ -373,7 +373,9 @@ def weight_ring_bench_compiles(bn, bk, stages, mode, warps):
     desc = f"tensordesc<bf16[{bn},{bk}],{layout!r}>"
     sig = {f"d{i}": desc for i in range(4)} | {f"X{i}": "*bf16" for i in range(4)}
     sig |= {f"Y{i}": "*fp32" for i in range(4)} | {"Sync": "*i32", "L": "i32", "Trace": "*i64"}
-    constants = dict(STAGES=stages, MODE=mode, TRACE=mode == 0, num_warps=warps)
+    constants = dict(
+        STAGES=stages, BARRIER=barrier, SPLIT=split, TRACE=barrier == "drain", num_warps=warps
+    )
     sig |= dict.fromkeys(constants, "constexpr")
     import triton
     from triton.backends.compiler import GPUTarget
@@ -384,7 +386,7 @@ def weight_ring_bench_compiles(bn, bk, stages, mode, warps):
     ptx = compiled.asm["ptx"]
     assert "cp.async.bulk.tensor" in ptx and "setmaxnreg" in ptx
     assert set(re.findall(r"bar\.sync\s+(\d+, \d+)", ptx)) <= {f"0, {32 * warps}"}
-    constants = dict(BN=bn, BK=bk, STAGES=4, BARRIER=mode != 2)
+    constants = dict(BN=bn, BK=bk, STAGES=4, BARRIER=barrier != "free")
     sig = {f"W{i}": "*bf16" for i in range(4)} | {f"X{i}": "*bf16" for i in range(4)}
     sig |= {f"Y{i}": "*fp32" for i in range(4)} | {"Sync": "*i32", "L": "i32"}
     sig |= dict.fromkeys(constants, "constexpr")
@@ -408,7 +410,13 @@ def main() -> int:
             (tma_attention_compiles, _tma_attention_variants()),
             (
                 weight_ring_bench_compiles,
-                [(128, 128, 6, 1, 4), (64, 256, 6, 0, 8), (16, 256, 24, 5, 4)],
+                [
+                    (128, 128, 6, "cross", "even", 4),
+                    (64, 256, 6, "drain", "even", 8),
+                    (16, 256, 24, "cross", "owned", 4),
+                    (64, 256, 6, "drain", "dynamic", 4),
+                    (64, 256, 6, "free", "dynamic", 4),
+                ],
             ),
         )
         for v in variants
