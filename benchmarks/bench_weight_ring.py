@@ -47,7 +47,12 @@ import triton
 import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+)
 
 LAYERS = 16
 OPS = (("qkv", 3072, 2048), ("o", 2048, 2048), ("gate_up", 16384, 2048), ("down", 2048, 8192))
@@ -102,7 +107,17 @@ def _produce_op(desc, ring, ready, empty, step, layer, Sync, target, N: gl.const
 
 @gluon.jit
 def _consume_op(ring, ready, empty, step, X, Y, layer, N: gl.constexpr, K: gl.constexpr,
-                layout: gl.constexpr, SPLIT: gl.constexpr):  # fmt: skip
+                layout: gl.constexpr, SPLIT: gl.constexpr, CONSUMER: gl.constexpr):  # fmt: skip
+    if CONSUMER == "mma":
+        step = _consume_op_mma(ring, ready, empty, step, X, Y, layer, N, K, SPLIT)
+    else:
+        step = _consume_op_fma(ring, ready, empty, step, X, Y, layer, N, K, layout, SPLIT)
+    return step
+
+
+@gluon.jit
+def _consume_op_fma(ring, ready, empty, step, X, Y, layer, N: gl.constexpr, K: gl.constexpr,
+                    layout: gl.constexpr, SPLIT: gl.constexpr):  # fmt: skip
     """y[layer, tile rows] += W tile @ x for this program's blocks of one op, tile by tile: each
     block's products summed elementwise in registers, reduced across the threads once at the
     tile's end (the first run reduced every block: that work, not HBM, bounded the ring), each
@@ -132,6 +147,52 @@ def _consume_op(ring, ready, empty, step, X, Y, layer, N: gl.constexpr, K: gl.co
             x = x_next
             step += 1
         gl.atomic_add(Y + (layer * N + tile * BN) + rows, gl.sum(acc, axis=1), sem="relaxed")
+    return step
+
+
+@gluon.jit
+def _consume_op_mma(ring, ready, empty, step, X, Y, layer, N: gl.constexpr, K: gl.constexpr,
+                    SPLIT: gl.constexpr):  # fmt: skip
+    """`_consume_op` for 16 rows on the tensor cores, as the step's batches up to 16 need: X
+    [16, K], Y [layers, 16, N]; per block one synchronous wgmma of x's block (rows padded to
+    the warp group's 64, from registers) by the ring slot, read in place."""
+    STAGES: gl.constexpr = ring.shape[0]
+    BN: gl.constexpr = ring.shape[1]
+    BK: gl.constexpr = ring.shape[2]
+    NKB: gl.constexpr = K // BK
+    B: gl.constexpr = N // BN * NKB
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16]
+    )
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    xl: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+    xr = gl.arange(0, 64, gl.SliceLayout(1, xl))
+    xc = gl.arange(0, BK, gl.SliceLayout(0, xl))
+    x_rows = X + xr[:, None] * K + xc[None, :]
+    yr = gl.arange(0, 64, gl.SliceLayout(1, acc_layout))
+    yc = gl.arange(0, BN, gl.SliceLayout(0, acc_layout))
+    t_lo, t_hi, t_step, lo, hi = _span(B, NKB, SPLIT)
+    for tile in range(t_lo, t_hi, t_step):
+        b0 = gl.maximum(lo, tile * NKB)
+        b1 = gl.minimum(hi, tile * NKB + NKB)
+        acc = gl.zeros([64, BN], gl.float32, acc_layout)
+        x = gl.load(x_rows + (b0 % NKB) * BK, mask=(xr < 16)[:, None], other=0.0)
+        for b in range(b0, b1):
+            nxt = b + 1
+            x_next = gl.load(
+                x_rows + (nxt % NKB) * BK, mask=(xr < 16)[:, None] & (nxt < b1), other=0.0
+            )
+            slot = step % STAGES
+            mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+            acc = warpgroup_mma(
+                gl.convert_layout(x, a_layout), ring.index(slot).permute((1, 0)), acc
+            )
+            gl.thread_barrier()  # every warp's dot is done with the slot before it goes back
+            mbarrier.arrive(empty.index(slot), count=1)
+            x = x_next
+            step += 1
+        out = Y + layer * 16 * N + yr[:, None] * N + (tile * BN + yc)[None, :]
+        gl.atomic_add(out, acc, mask=(yr < 16)[:, None], sem="relaxed")
     return step
 
 
@@ -246,7 +307,8 @@ def _grid_sync(Sync, target, Trace, index, TRACE: gl.constexpr):
 
 @gluon.jit
 def _consumer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync,
-              L, Trace, BARRIER: gl.constexpr, SPLIT: gl.constexpr, TRACE: gl.constexpr):  # fmt: skip
+              L, Trace, BARRIER: gl.constexpr, SPLIT: gl.constexpr, TRACE: gl.constexpr,
+              CONSUMER: gl.constexpr):  # fmt: skip
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [gl.num_warps(), 1], [1, 0])
     G = gl.num_programs(0)
     step = 0
@@ -257,7 +319,9 @@ def _consumer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3
                 ring, ready, empty, step, X0, Y0, Sync, layer, 3072, 2048, layout
             )
         else:
-            step = _consume_op(ring, ready, empty, step, X0, Y0, layer, 3072, 2048, layout, SPLIT)
+            step = _consume_op(
+                ring, ready, empty, step, X0, Y0, layer, 3072, 2048, layout, SPLIT, CONSUMER
+            )
         if BARRIER != "free":
             _grid_sync(Sync, base + G, Trace, layer * 4 + 0, TRACE)
         if SPLIT == "dynamic":
@@ -265,7 +329,9 @@ def _consumer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3
                 ring, ready, empty, step, X1, Y1, Sync, layer, 2048, 2048, layout
             )
         else:
-            step = _consume_op(ring, ready, empty, step, X1, Y1, layer, 2048, 2048, layout, SPLIT)
+            step = _consume_op(
+                ring, ready, empty, step, X1, Y1, layer, 2048, 2048, layout, SPLIT, CONSUMER
+            )
         if BARRIER != "free":
             _grid_sync(Sync, base + 2 * G, Trace, layer * 4 + 1, TRACE)
         if SPLIT == "dynamic":
@@ -273,7 +339,9 @@ def _consumer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3
                 ring, ready, empty, step, X2, Y2, Sync, layer, 16384, 2048, layout
             )
         else:
-            step = _consume_op(ring, ready, empty, step, X2, Y2, layer, 16384, 2048, layout, SPLIT)
+            step = _consume_op(
+                ring, ready, empty, step, X2, Y2, layer, 16384, 2048, layout, SPLIT, CONSUMER
+            )
         if BARRIER != "free":
             _grid_sync(Sync, base + 3 * G, Trace, layer * 4 + 2, TRACE)
         if SPLIT == "dynamic":
@@ -281,7 +349,9 @@ def _consumer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3
                 ring, ready, empty, step, X3, Y3, Sync, layer, 2048, 8192, layout
             )
         else:
-            step = _consume_op(ring, ready, empty, step, X3, Y3, layer, 2048, 8192, layout, SPLIT)
+            step = _consume_op(
+                ring, ready, empty, step, X3, Y3, layer, 2048, 8192, layout, SPLIT, CONSUMER
+            )
         if BARRIER != "free":
             _grid_sync(Sync, base + 4 * G, Trace, layer * 4 + 3, TRACE)
     # the last program out resets the counter for the next replay
@@ -292,7 +362,8 @@ def _consumer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3
 
 @gluon.jit
 def _producer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync,
-              L, Trace, BARRIER: gl.constexpr, SPLIT: gl.constexpr, TRACE: gl.constexpr):  # fmt: skip
+              L, Trace, BARRIER: gl.constexpr, SPLIT: gl.constexpr, TRACE: gl.constexpr,
+              CONSUMER: gl.constexpr):  # fmt: skip
     G = gl.num_programs(0)
     step = 0
     for layer in range(L):
@@ -328,11 +399,12 @@ def _producer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3
 @gluon.jit
 def _ring_kernel(d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync, L, Trace,
                  STAGES: gl.constexpr, BARRIER: gl.constexpr, SPLIT: gl.constexpr,
-                 TRACE: gl.constexpr,
+                 TRACE: gl.constexpr, CONSUMER: gl.constexpr,
                  num_warps: gl.constexpr):  # fmt: skip
     """Every op of every layer through one TMA ring of STAGES [BN, BK] blocks. BARRIER "drain",
     "cross" or "free" (module docstring); SPLIT "even", "owned" (whole tiles a program,
-    `_span`) or "dynamic" (blocks taken CHUNK at a time from a counter, `_produce_op_dynamic`)."""
+    `_span`) or "dynamic" (blocks taken CHUNK at a time from a counter, `_produce_op_dynamic`);
+    CONSUMER "fma" (one row of x) or "mma" (16 rows on the tensor cores, `_consume_op_mma`)."""
     BN: gl.constexpr = d0.block_type.shape[0]
     BK: gl.constexpr = d0.block_type.shape[1]
     ring = gl.allocate_shared_memory(d0.dtype, [STAGES, BN, BK], d0.layout)
@@ -347,9 +419,9 @@ def _ring_kernel(d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync, L, Trace,
     gl.warp_specialize(
         [
             (_consumer, (ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3,
-                         Sync, L, Trace, BARRIER, SPLIT, TRACE)),
+                         Sync, L, Trace, BARRIER, SPLIT, TRACE, CONSUMER)),
             (_producer, (ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3,
-                         Sync, L, Trace, BARRIER, SPLIT, TRACE)),
+                         Sync, L, Trace, BARRIER, SPLIT, TRACE, CONSUMER)),
         ],
         [1],
         [PRODUCER_REGS],
@@ -430,16 +502,20 @@ def time_graph(fn, warmup: int = 5, reps: int = 30) -> float:
     return statistics.median(times)
 
 
-def case(impl: str, weights, xs, bn: int, bk: int, stages: int, nw: int = 4) -> dict:
+def case(impl: str, weights, xs, bn: int, bk: int, stages: int, nw: int = 4,
+         consumer: str = "fma") -> dict:  # fmt: skip
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     dev = "cuda"
     ys = [torch.zeros(LAYERS, n, device=dev, dtype=torch.float32) for _, n, _ in OPS]
+    if consumer == "mma":  # 16 rows of x, [layers, 16, N] of y
+        xs = [torch.randn(16, k, device=dev, dtype=torch.bfloat16) for _, _, k in OPS]
+        ys = [torch.zeros(LAYERS, 16, n, device=dev, dtype=torch.float32) for _, n, _ in OPS]
     # [0] the barrier's arrivals, [1] the programs out, [2] a wait timed out, [8:] the dynamic
     # split's chunk counters, one an op of each layer, [1024 + 64 program:] its chunk ids
     sync = torch.zeros(1024 + 64 * 256, device=dev, dtype=torch.int32)
     grid = (torch.cuda.get_device_properties(dev).multi_processor_count,)
-    row = dict(impl=impl, BN=bn, BK=bk, stages=stages, num_warps=nw)
+    row = dict(impl=impl, BN=bn, BK=bk, stages=stages, num_warps=nw, consumer=consumer)
     if impl.startswith("ring"):
         layout = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.bfloat16)
         descs = [TensorDescriptor.from_tensor(w.view(-1, w.shape[-1]), [bn, bk], layout)
@@ -454,7 +530,7 @@ def case(impl: str, weights, xs, bn: int, bk: int, stages: int, nw: int = 4) -> 
                 y.zero_()
             sync[8:1024].zero_()
             _ring_kernel[grid](*descs, *xs, *ys, sync, LAYERS, trace, STAGES=stages,
-                               BARRIER=barrier, SPLIT=split,
+                               BARRIER=barrier, SPLIT=split, CONSUMER=consumer,
                                TRACE=traced, num_warps=nw,
                                launch_cooperative_grid=barrier != "free")  # fmt: skip
     else:
@@ -471,7 +547,7 @@ def case(impl: str, weights, xs, bn: int, bk: int, stages: int, nw: int = 4) -> 
         us = time_graph(fn)
         errs = []
         for w, x, y in zip(weights, xs, ys):
-            ref = w[-1].float() @ x.float()
+            ref = x.float() @ w[-1].float().T if x.dim() == 2 else w[-1].float() @ x.float()
             errs.append(((y[-1] - ref).abs().max() / ref.abs().max()).item())
         nbytes = sum(w.numel() for w in weights) * 2
         row.update(us=round(us, 1), gbps=round(nbytes / us / 1e3), us_per_layer=round(us / LAYERS, 2),
@@ -510,15 +586,18 @@ def barriers(trace: torch.Tensor) -> dict:
     return out
 
 
-# (impl, BN, BK, stages, consumer warps); "-owned": whole tiles round-robin (`_span`);
-# "-dynamic": CHUNK blocks at a time from a counter (`_produce_op_dynamic`)
+# (impl, BN, BK, stages, consumer warps[, consumer]); "-owned": whole tiles round-robin
+# (`_span`); "-dynamic": CHUNK blocks at a time from a counter (`_produce_op_dynamic`); consumer
+# "mma": 16 rows on the tensor cores (`_consume_op_mma`), else one row on the FMA units
 CASES = [
     ("ring-cross", 64, 256, 6, 4),
-    *(("ring-" + m + "-dynamic", 64, 256, 6, 4) for m in ("cross", "drain", "free")),
-    ("ring-cross-dynamic", 128, 128, 6, 4),
-    ("ring-cross-dynamic", 32, 256, 12, 4),
-    ("ring-cross-owned", 16, 256, 24, 4),
     ("ring-free", 64, 256, 6, 4),
+    ("ring-cross", 64, 256, 6, 4, "mma"),
+    ("ring-free", 64, 256, 6, 4, "mma"),
+    ("ring-cross", 128, 128, 6, 4, "mma"),
+    ("ring-cross", 64, 128, 12, 4, "mma"),
+    ("ring-cross", 128, 64, 12, 4, "mma"),
+    ("triton", 128, 128, 4),
 ]
 
 

@@ -353,7 +353,7 @@ def _linear_warp_specialized_variants():
     return [(c, act, res) for c in ws for act, res in (("none", True), ("gelu", False))]
 
 
-def weight_ring_bench_compiles(bn, bk, stages, barrier, split, warps):
+def weight_ring_bench_compiles(bn, bk, stages, barrier, split, warps, consumer="fma"):
     """benchmarks/bench_weight_ring.py's kernels (issue 15's diagnostic of one weight stream
     through a decode layer's barriers): the Gluon ring in a consumer warp group and a producer
     warp whose barriers stay apart (the consumer's CTA barrier counts its 128 threads only,
@@ -374,8 +374,18 @@ def weight_ring_bench_compiles(bn, bk, stages, barrier, split, warps):
     sig = {f"d{i}": desc for i in range(4)} | {f"X{i}": "*bf16" for i in range(4)}
     sig |= {f"Y{i}": "*fp32" for i in range(4)} | {"Sync": "*i32", "L": "i32", "Trace": "*i64"}
     constants = dict(
-        STAGES=stages, BARRIER=barrier, SPLIT=split, TRACE=barrier == "drain", num_warps=warps
+        STAGES=stages,
+        BARRIER=barrier,
+        SPLIT=split,
+        TRACE=barrier == "drain",
+        CONSUMER=consumer,
+        num_warps=warps,
     )
+    # every constexpr of the kernel given: one left out compiles as None, its branch unseen
+    missing = [
+        p.name for p in bench._ring_kernel.params if p.name not in sig and p.name not in constants
+    ]
+    assert not missing, missing
     sig |= dict.fromkeys(constants, "constexpr")
     import triton
     from triton.backends.compiler import GPUTarget
@@ -385,6 +395,7 @@ def weight_ring_bench_compiles(bn, bk, stages, barrier, split, warps):
     assert compiled.metadata.shared <= 232448, compiled.metadata.shared
     ptx = compiled.asm["ptx"]
     assert "cp.async.bulk.tensor" in ptx and "setmaxnreg" in ptx
+    assert ("wgmma.mma_async" in ptx) == (consumer == "mma")
     assert set(re.findall(r"bar\.sync\s+(\d+, \d+)", ptx)) <= {f"0, {32 * warps}"}
     constants = dict(BN=bn, BK=bk, STAGES=4, BARRIER=barrier != "free")
     sig = {f"W{i}": "*bf16" for i in range(4)} | {f"X{i}": "*bf16" for i in range(4)}
@@ -416,6 +427,8 @@ def main() -> int:
                     (16, 256, 24, "cross", "owned", 4),
                     (64, 256, 6, "drain", "dynamic", 4),
                     (64, 256, 6, "free", "dynamic", 4),
+                    (64, 256, 6, "cross", "even", 4, "mma"),
+                    (128, 64, 12, "drain", "even", 4, "mma"),
                 ],
             ),
         )
