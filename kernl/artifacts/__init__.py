@@ -9,6 +9,7 @@ from .errors import (
     ArtifactMissingError,
     ArtifactUnsafeError,
     ArtifactVersionError,
+    ArtifactWriteError,
 )
 from .limits import DEFAULT_LIMITS, ReadLimits
 from .program import Instruction, Program
@@ -36,6 +37,7 @@ __all__ = [
     "ArtifactMissingError",
     "ArtifactUnsafeError",
     "ArtifactVersionError",
+    "ArtifactWriteError",
     "ArtifactWriter",
     "Bucket",
     "BucketEntry",

@@ -29,3 +29,8 @@ class ArtifactCompatibilityError(ArtifactError):
 class ArtifactDestinationError(ArtifactError):
     """An artifact cannot be written where it was asked for (not writable, no space, or the
     path holds something that is not an artifact)."""
+
+
+class ArtifactWriteError(ArtifactError):
+    """What kernl just wrote fails its own reader's check, so it was not committed: a bug in
+    kernl, never in the user's model or input."""

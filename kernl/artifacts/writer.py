@@ -15,12 +15,14 @@ import socket
 import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
-from .errors import ArtifactDestinationError
+from .errors import ArtifactDestinationError, ArtifactError, ArtifactWriteError
+from .limits import DEFAULT_LIMITS, ReadLimits
 from .program import Program
 from .schema import (
     FILE_CHUNKS_KEY,
@@ -264,6 +266,14 @@ def clean_stale(destination: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+# The reader's limits for the writer's own check: every size at its largest (load() may be given
+# larger limits than the default), integer weights read to bound indices as load() reads them.
+_NO_SIZE_LIMITS = replace(
+    DEFAULT_LIMITS,
+    **{f.name: 1 << 62 for f in fields(ReadLimits) if f.name != "max_index_weight_bytes"},
+)
+
+
 class ArtifactWriter:
     """Usage: `w = ArtifactWriter(dest)`, `w.write_weights(...)`, `w.write_program(...)`,
     `w.commit(manifest)`; on any exception call `w.abort()` (or use it as a context manager)."""
@@ -326,6 +336,7 @@ class ArtifactWriter:
         if chunks:
             manifest.extra[FILE_CHUNKS_KEY] = chunks
         _fsync_write(self.tmp / MANIFEST_FILE, pack_manifest(manifest.to_dict()))
+        self._check_readable()
         self._set_permissions()
         _fsync_path(self.tmp)
         dest = self.destination
@@ -341,6 +352,25 @@ class ArtifactWriter:
             os.rename(self.tmp, dest)
         _fsync_path(dest.parent)
         return dest
+
+    def _check_readable(self) -> None:
+        """The reader's own check (`check_artifact`, what load() and `kernl verify` run, short
+        of hashing the files just hashed) on what is about to replace the destination: a
+        compile that wrote something its reader refuses fails here, with the reader's words,
+        and the destination keeps what it held (on 2026-12-04 a new config field made every
+        GPU-tuned T5, BART and Whisper artifact one that no load() accepted). Sizes are not
+        held to the reader's default limits: a user may load a larger artifact with limits
+        of their own."""
+        from .reader import check_artifact
+
+        try:
+            check_artifact(self.tmp, limits=_NO_SIZE_LIMITS, hash_files=False)
+        except ArtifactError as e:
+            raise ArtifactWriteError(
+                f"kernl wrote an artifact its own reader refuses, so nothing was committed to "
+                f"{self.destination} (a bug in kernl: please report it): "
+                f"{type(e).__name__}: {e}"
+            ) from e
 
     def _set_permissions(self) -> None:
         # mkdtemp makes a 0700 folder: an artifact copied into an image and served by

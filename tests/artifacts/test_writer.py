@@ -4,6 +4,7 @@ leaves readable files, and cleans up after compiles that were killed."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from artifact_edit import copy_artifact, read_msgpack
 from kernl.artifacts import (
     ArtifactCorruptError,
     ArtifactDestinationError,
+    ArtifactWriteError,
     ArtifactWriter,
     check_destination,
     pack_manifest,
@@ -128,6 +130,26 @@ def test_files_are_readable_by_others(small_artifact, tmp_path):
     os.umask(old)
     assert (dest.stat().st_mode & 0o777) == 0o777 & ~old
     assert ((dest / "weights.safetensors").stat().st_mode & 0o777) == 0o666 & ~old
+
+
+def test_a_commit_its_reader_refuses_leaves_the_destination_as_it_was(small_artifact, tmp_path):
+    """The writer runs the reader's check before it commits: an artifact whose program uses a
+    weight the weights file lacks (a compiler bug) is refused, with the reader's words, and the
+    artifact already there stays, with nothing left over."""
+    from safetensors.torch import load_file
+
+    dest = copy_artifact(small_artifact, tmp_path / "bert.kernl")
+    manifest = read_manifest(small_artifact)
+    weights = load_file(str(small_artifact / "weights.safetensors"))
+    dropped = sorted(weights)[0]
+    with pytest.raises(ArtifactWriteError, match=f"its own reader refuses.*{re.escape(dropped)}"):
+        with ArtifactWriter(dest) as w:
+            for e in manifest.buckets:
+                w.write_program(read_program(small_artifact, e.program))
+            w.write_weights({k: v for k, v in weights.items() if k != dropped})
+            w.commit(manifest)
+    assert verify_artifact(dest) == verify_artifact(small_artifact)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert.kernl"]
 
 
 def test_abort_leaves_nothing(small_artifact, tmp_path):
