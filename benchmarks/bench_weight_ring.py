@@ -21,6 +21,9 @@ partial dot added into y (fp32 atomics, the same in every variant). Variants:
   - `ring-drain`: the same, but the producer also waits for each op's barrier before its
     first copy (the stream stops at each barrier, as in the step today).
   - `ring-free`: no barriers at all (the ring's own ceiling).
+  - `ring-flags`: `cross` without the barrier between gate/up and down: each program counts
+    its finished gate/up blocks per tile, and down waits only for the tiles its K blocks
+    read (what the step could do where no norm needs a whole row).
   - `-owned` (any of the three): whole tiles (BN rows, all of K) round-robin instead of an
     even split of the blocks, so that one program sums each tile in a fixed order, as the
     step's epilogues need; small tiles (8-32 rows) keep the programs' shares even.
@@ -107,17 +110,24 @@ def _produce_op(desc, ring, ready, empty, step, layer, Sync, target, N: gl.const
 
 @gluon.jit
 def _consume_op(ring, ready, empty, step, X, Y, layer, N: gl.constexpr, K: gl.constexpr,
-                layout: gl.constexpr, SPLIT: gl.constexpr, CONSUMER: gl.constexpr):  # fmt: skip
+                layout: gl.constexpr, SPLIT: gl.constexpr, CONSUMER: gl.constexpr, Flags,
+                SIGNAL: gl.constexpr = False, WAIT: gl.constexpr = False):  # fmt: skip
+    """One op's blocks: `_consume_op_mma` or `_consume_op_fma` (which alone takes the flags of
+    BARRIER "flags": SIGNAL counts gate/up's finished blocks per tile, WAIT makes down wait
+    for the tiles its K blocks read instead of a grid barrier)."""
     if CONSUMER == "mma":
         step = _consume_op_mma(ring, ready, empty, step, X, Y, layer, N, K, SPLIT)
     else:
-        step = _consume_op_fma(ring, ready, empty, step, X, Y, layer, N, K, layout, SPLIT)
+        step = _consume_op_fma(
+            ring, ready, empty, step, X, Y, layer, N, K, layout, SPLIT, Flags, SIGNAL, WAIT
+        )
     return step
 
 
 @gluon.jit
 def _consume_op_fma(ring, ready, empty, step, X, Y, layer, N: gl.constexpr, K: gl.constexpr,
-                    layout: gl.constexpr, SPLIT: gl.constexpr):  # fmt: skip
+                    layout: gl.constexpr, SPLIT: gl.constexpr, Flags, SIGNAL: gl.constexpr,
+                    WAIT: gl.constexpr):  # fmt: skip
     """y[layer, tile rows] += W tile @ x for this program's blocks of one op, tile by tile: each
     block's products summed elementwise in registers, reduced across the threads once at the
     tile's end (the first run reduced every block: that work, not HBM, bounded the ring), each
@@ -130,6 +140,16 @@ def _consume_op_fma(ring, ready, empty, step, X, Y, layer, N: gl.constexpr, K: g
     t_lo, t_hi, t_step, lo, hi = _span(B, NKB, SPLIT)
     rows = gl.arange(0, BN, gl.SliceLayout(1, layout))
     cols = gl.arange(0, BK, gl.SliceLayout(0, layout))
+    if WAIT:  # down: x's columns of this program's K blocks, gate's and up's rows, summed
+        kb_lo = lo % NKB
+        kb_hi = (hi - 1) % NKB + 1
+        if (hi - lo >= NKB) | (lo // NKB != (hi - 1) // NKB):
+            kb_lo = 0
+            kb_hi = NKB
+        g_lo = kb_lo * BK // BN
+        g_hi = (kb_hi * BK + BN - 1) // BN
+        _wait_tiles(Flags + layer * 512, g_lo, g_hi, 2048 // BK, Flags - 32768)  # K 2048
+        _wait_tiles(Flags + layer * 512 + K // BN, g_lo, g_hi, 2048 // BK, Flags - 32768)
     for tile in range(t_lo, t_hi, t_step):
         b0 = gl.maximum(lo, tile * NKB)
         b1 = gl.minimum(hi, tile * NKB + NKB)
@@ -147,7 +167,34 @@ def _consume_op_fma(ring, ready, empty, step, X, Y, layer, N: gl.constexpr, K: g
             x = x_next
             step += 1
         gl.atomic_add(Y + (layer * N + tile * BN) + rows, gl.sum(acc, axis=1), sem="relaxed")
+        if SIGNAL:  # gate/up: this tile's blocks of this program are summed into y
+            gl.thread_barrier()  # every thread's adds precede the (release) count
+            gl.atomic_add(Flags + layer * 512 + tile, b1 - b0, sem="release", scope="gpu")
     return step
+
+
+@gluon.jit
+def _wait_tiles(Flags, t_lo, t_hi, target, Sync):
+    """Wait until every count of Flags[t_lo:t_hi] reaches `target` (one poll covers 128), then
+    acquire: what their writers released is visible. Bounded (~a second): a count that never
+    comes sets Sync[2] (the case reports `flagged`) rather than hang the device."""
+    one: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    offs = gl.arange(0, 128, one)
+    for t0 in range(t_lo, t_hi, 128):
+        idx = t0 + offs
+        m = idx < t_hi
+        seen = gl.min(gl.load(Flags + idx, mask=m, other=target, volatile=True), axis=0)
+        polls = 0
+        while (seen < target) & (polls < 1 << 20):
+            seen = gl.min(gl.load(Flags + idx, mask=m, other=target, volatile=True), axis=0)
+            polls += 1
+        if seen < target:
+            gl.atomic_max(Sync + 2, 1, sem="relaxed", scope="gpu")
+    # its value used, or Triton drops the acquire (decode_step_tasks.wait_until)
+    confirmed = gl.atomic_add(Flags + t_lo, 0, sem="acquire", scope="gpu")
+    if confirmed < 0:
+        gl.atomic_max(Flags + t_lo, 0, sem="relaxed", scope="gpu")
+    gl.thread_barrier()
 
 
 @gluon.jit
@@ -311,16 +358,19 @@ def _consumer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3
               CONSUMER: gl.constexpr):  # fmt: skip
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [gl.num_warps(), 1], [1, 0])
     G = gl.num_programs(0)
+    FLAGS: gl.constexpr = BARRIER == "flags"
+    NB: gl.constexpr = 4 - FLAGS  # grid barriers a layer
+    Flags = Sync + 32768
     step = 0
     for layer in range(L):
-        base = layer * 4 * G
+        base = layer * NB * G
         if SPLIT == "dynamic":
             step = _consume_op_dynamic(
                 ring, ready, empty, step, X0, Y0, Sync, layer, 3072, 2048, layout
             )
         else:
             step = _consume_op(
-                ring, ready, empty, step, X0, Y0, layer, 3072, 2048, layout, SPLIT, CONSUMER
+                ring, ready, empty, step, X0, Y0, layer, 3072, 2048, layout, SPLIT, CONSUMER, Flags
             )
         if BARRIER != "free":
             _grid_sync(Sync, base + G, Trace, layer * 4 + 0, TRACE)
@@ -330,7 +380,7 @@ def _consumer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3
             )
         else:
             step = _consume_op(
-                ring, ready, empty, step, X1, Y1, layer, 2048, 2048, layout, SPLIT, CONSUMER
+                ring, ready, empty, step, X1, Y1, layer, 2048, 2048, layout, SPLIT, CONSUMER, Flags
             )
         if BARRIER != "free":
             _grid_sync(Sync, base + 2 * G, Trace, layer * 4 + 1, TRACE)
@@ -340,9 +390,10 @@ def _consumer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3
             )
         else:
             step = _consume_op(
-                ring, ready, empty, step, X2, Y2, layer, 16384, 2048, layout, SPLIT, CONSUMER
-            )
-        if BARRIER != "free":
+                ring, ready, empty, step, X2, Y2, layer, 16384, 2048, layout, SPLIT, CONSUMER,
+                Flags, FLAGS,
+            )  # fmt: skip
+        if (BARRIER != "free") & (BARRIER != "flags"):
             _grid_sync(Sync, base + 3 * G, Trace, layer * 4 + 2, TRACE)
         if SPLIT == "dynamic":
             step = _consume_op_dynamic(
@@ -350,10 +401,11 @@ def _consumer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3
             )
         else:
             step = _consume_op(
-                ring, ready, empty, step, X3, Y3, layer, 2048, 8192, layout, SPLIT, CONSUMER
-            )
+                ring, ready, empty, step, X3, Y3, layer, 2048, 8192, layout, SPLIT, CONSUMER,
+                Flags, False, FLAGS,
+            )  # fmt: skip
         if BARRIER != "free":
-            _grid_sync(Sync, base + 4 * G, Trace, layer * 4 + 3, TRACE)
+            _grid_sync(Sync, base + NB * G, Trace, layer * 4 + 3, TRACE)
     # the last program out resets the counter for the next replay
     if gl.atomic_add(Sync + 1, 1, sem="acq_rel", scope="gpu") == G - 1:
         gl.store(Sync, 0)
@@ -512,8 +564,9 @@ def case(impl: str, weights, xs, bn: int, bk: int, stages: int, nw: int = 4,
         xs = [torch.randn(16, k, device=dev, dtype=torch.bfloat16) for _, _, k in OPS]
         ys = [torch.zeros(LAYERS, 16, n, device=dev, dtype=torch.float32) for _, n, _ in OPS]
     # [0] the barrier's arrivals, [1] the programs out, [2] a wait timed out, [8:] the dynamic
-    # split's chunk counters, one an op of each layer, [1024 + 64 program:] its chunk ids
-    sync = torch.zeros(1024 + 64 * 256, device=dev, dtype=torch.int32)
+    # split's chunk counters, one an op of each layer, [1024 + 64 program:] its chunk ids,
+    # [32768 + 512 layer:] gate/up's finished blocks per tile (BARRIER "flags")
+    sync = torch.zeros(32768 + 512 * LAYERS, device=dev, dtype=torch.int32)
     grid = (torch.cuda.get_device_properties(dev).multi_processor_count,)
     row = dict(impl=impl, BN=bn, BK=bk, stages=stages, num_warps=nw, consumer=consumer)
     if impl.startswith("ring"):
@@ -529,6 +582,7 @@ def case(impl: str, weights, xs, bn: int, bk: int, stages: int, nw: int = 4,
             for y in ys:
                 y.zero_()
             sync[8:1024].zero_()
+            sync[32768:].zero_()
             _ring_kernel[grid](*descs, *xs, *ys, sync, LAYERS, trace, STAGES=stages,
                                BARRIER=barrier, SPLIT=split, CONSUMER=consumer,
                                TRACE=traced, num_warps=nw,
@@ -552,7 +606,7 @@ def case(impl: str, weights, xs, bn: int, bk: int, stages: int, nw: int = 4,
         nbytes = sum(w.numel() for w in weights) * 2
         row.update(us=round(us, 1), gbps=round(nbytes / us / 1e3), us_per_layer=round(us / LAYERS, 2),
                    rel_err=max(errs), flagged=int(sync[2].item()))  # fmt: skip
-        if impl.startswith(("ring-cross", "ring-drain")):
+        if impl.startswith(("ring-cross", "ring-drain", "ring-flags")):
             fn(traced=True)
             torch.cuda.synchronize()
             row.update(barriers(trace[:, : LAYERS * 4].cpu()))
@@ -563,8 +617,9 @@ def case(impl: str, weights, xs, bn: int, bk: int, stages: int, nw: int = 4,
 
 def barriers(trace: torch.Tensor) -> dict:
     """From the consumers' barrier times [programs, barriers, (arrive, leave)] ns: per op (the
-    span between the barriers around it), medians over the layers, µs, of: the op's span from
-    the first program's leaving the barrier before to the last one's arrival (`span`), the
+    span between the barriers around it; with BARRIER "flags" down's span holds gate/up's,
+    whose barrier is not there), medians over the layers, µs, of: the op's span from the
+    first program's leaving the barrier before to the last one's arrival (`span`), the
     spread of arrivals (`skew`: last arrival - median arrival), and the barrier's own release
     (`release`: median leaving - last arrival)."""
     arrive, leave = trace[..., 0].double(), trace[..., 1].double()
@@ -573,11 +628,14 @@ def barriers(trace: torch.Tensor) -> dict:
         idx = list(range(k, trace.shape[1], 4))
         spans, skews, releases = [], [], []
         for i in idx:
-            if i == 0:
+            traced = [j for j in range(i) if arrive[:, j].max() > 0]
+            if not traced or arrive[:, i].max() == 0:  # the first, or no barrier there
                 continue
-            spans.append((arrive[:, i].max() - leave[:, i - 1].min()).item() / 1e3)
+            spans.append((arrive[:, i].max() - leave[:, traced[-1]].min()).item() / 1e3)
             skews.append((arrive[:, i].max() - arrive[:, i].median()).item() / 1e3)
             releases.append((leave[:, i].median() - arrive[:, i].max()).item() / 1e3)
+        if not spans:
+            continue
         out[name] = dict(
             span=round(statistics.median(spans), 2),
             skew=round(statistics.median(skews), 2),
@@ -589,10 +647,12 @@ def barriers(trace: torch.Tensor) -> dict:
 # (impl, BN, BK, stages, consumer warps[, consumer]); "-owned": whole tiles round-robin
 # (`_span`); "-dynamic": CHUNK blocks at a time from a counter (`_produce_op_dynamic`); consumer
 # "mma": 16 rows on the tensor cores (`_consume_op_mma`), else one row on the FMA units
-CASES = [  # the consumer not yet run on a GPU ("mma") last: a fault there ends the process
+CASES = [  # the variants not yet run on a GPU (flags, "mma") last: a fault there ends the process
     ("ring-cross", 64, 256, 6, 4),
     ("ring-free", 64, 256, 6, 4),
     ("triton", 128, 128, 4),
+    ("ring-flags", 64, 256, 6, 4),  # not yet run on a GPU either
+    ("ring-flags", 128, 128, 6, 4),
     ("ring-cross", 64, 256, 6, 4, "mma"),
     ("ring-free", 64, 256, 6, 4, "mma"),
     ("ring-cross", 128, 128, 6, 4, "mma"),

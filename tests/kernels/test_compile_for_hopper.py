@@ -427,6 +427,7 @@ def main() -> int:
                     (16, 256, 24, "cross", "owned", 4),
                     (64, 256, 6, "drain", "dynamic", 4),
                     (64, 256, 6, "free", "dynamic", 4),
+                    (64, 256, 6, "flags", "even", 4),
                     (64, 256, 6, "cross", "even", 4, "mma"),
                     (128, 64, 12, "drain", "even", 4, "mma"),
                 ],
