@@ -27,6 +27,7 @@ from .errors import (
     ArtifactUnsafeError,
     ArtifactVersionError,
 )
+from .hashing import manifest_digest, run_hash_jobs, sha256_range
 from .limits import DEFAULT_LIMITS, ReadLimits
 from .memory import MemoryPlan
 from .paths import read_inside, refuse_pickle, resolve_inside
@@ -41,7 +42,6 @@ from .schema import (
 )
 from .signing import PublicKey, check_signature, load_trusted_keys
 from .vocabulary import is_allowed_op
-from .writer import manifest_digest, run_hash_jobs, sha256_range
 
 if TYPE_CHECKING:  # imported where a causal-LM artifact is checked: the rest never need it
     from .generation import GenerationDescription
@@ -147,7 +147,7 @@ def verify_files(
     weights and kernel binaries the manifest names are among them. A file with chunk hashes
     (extra.file_chunks, checked by check_manifest) must have exactly the size they cover, and
     each chunk its sha256; files and chunks are hashed on `workers` threads (default: the
-    cores, capped; writer.hash_workers). The first mismatch stops the rest. `files`: hash
+    cores, capped; hashing.hash_workers). The first mismatch stops the rest. `files`: hash
     only these of the listed files (load() checks the code before the weights)."""
     root = Path(root)
     needed = [WEIGHTS_FILE] + [e.program for e in manifest.buckets]
