@@ -57,6 +57,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
 )
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_stream_gluon import _arrive_and_wait  # noqa: E402
+
+from kernl.kernels.decode_step_tasks import grid_sync  # noqa: E402
+
 LAYERS = 16
 OPS = (("qkv", 3072, 2048), ("o", 2048, 2048), ("gate_up", 16384, 2048), ("down", 2048, 8192))
 PRODUCER_REGS = gl.constexpr(40)
@@ -79,20 +86,15 @@ def _span(B, NKB, SPLIT: gl.constexpr):
 
 
 @gluon.jit
-def _produce_op(desc, ring, ready, empty, step, layer, Sync, target, N: gl.constexpr,
-                K: gl.constexpr, BARRIER: gl.constexpr, SPLIT: gl.constexpr):  # fmt: skip
+def _produce_op(desc, ring, ready, empty, step, layer, N: gl.constexpr, K: gl.constexpr,
+                SPLIT: gl.constexpr):  # fmt: skip
     """Copy this program's blocks of one op (its even share of the op's (tile, K block) order)
-    into the ring, each slot once the consumer freed it; `drain` first waits for the barrier
-    that ends the op before (`target` arrivals). Returns the ring step after them."""
+    into the ring, each slot once the consumer freed it. Returns the ring step after them."""
     STAGES: gl.constexpr = ring.shape[0]
     BN: gl.constexpr = ring.shape[1]
     BK: gl.constexpr = ring.shape[2]
     NKB: gl.constexpr = K // BK
     B: gl.constexpr = N // BN * NKB
-    if BARRIER == "drain":
-        seen = gl.load(Sync, volatile=True)
-        while seen < target:
-            seen = gl.load(Sync, volatile=True)
     t_lo, t_hi, t_step, lo, hi = _span(B, NKB, SPLIT)
     for tile in range(t_lo, t_hi, t_step):
         for b in range(gl.maximum(lo, tile * NKB), gl.minimum(hi, tile * NKB + NKB)):
@@ -109,19 +111,47 @@ def _produce_op(desc, ring, ready, empty, step, layer, Sync, target, N: gl.const
 
 
 @gluon.jit
-def _consume_op(ring, ready, empty, step, X, Y, layer, N: gl.constexpr, K: gl.constexpr,
-                layout: gl.constexpr, SPLIT: gl.constexpr, CONSUMER: gl.constexpr, Flags,
+def _consume_op(ring, ready, empty, step, X, Y, Sync, layer, N: gl.constexpr, K: gl.constexpr,
+                layout: gl.constexpr, SPLIT: gl.constexpr, CONSUMER: gl.constexpr,
                 SIGNAL: gl.constexpr = False, WAIT: gl.constexpr = False):  # fmt: skip
-    """One op's blocks: `_consume_op_mma` or `_consume_op_fma` (which alone takes the flags of
-    BARRIER "flags": SIGNAL counts gate/up's finished blocks per tile, WAIT makes down wait
-    for the tiles its K blocks read instead of a grid barrier)."""
-    if CONSUMER == "mma":
+    """One op's blocks: `_consume_op_dynamic`, `_consume_op_mma` or `_consume_op_fma` (which
+    alone takes the flags of BARRIER "flags": SIGNAL counts gate/up's finished blocks per
+    tile, WAIT makes down wait for the tiles its K blocks read instead of a grid barrier)."""
+    Flags = Sync + 32768
+    if SPLIT == "dynamic":
+        step = _consume_op_dynamic(ring, ready, empty, step, X, Y, Sync, layer, N, K, layout)
+    elif CONSUMER == "mma":
         step = _consume_op_mma(ring, ready, empty, step, X, Y, layer, N, K, SPLIT)
     else:
         step = _consume_op_fma(
             ring, ready, empty, step, X, Y, layer, N, K, layout, SPLIT, Flags, SIGNAL, WAIT
         )
     return step
+
+
+@gluon.jit
+def _sum_blocks(ring, ready, empty, step, X, b0, b1, NKB: gl.constexpr, layout: gl.constexpr):
+    """Blocks b0..b1 of one tile from the ring (from its slot `step` on) times x's blocks, the
+    products summed elementwise in registers: (acc [BN, BK], the ring step after them). Each
+    slot is freed once read; x's next block is loaded before this block's wait."""
+    STAGES: gl.constexpr = ring.shape[0]
+    BN: gl.constexpr = ring.shape[1]
+    BK: gl.constexpr = ring.shape[2]
+    cols = gl.arange(0, BK, gl.SliceLayout(0, layout))
+    acc = gl.zeros([BN, BK], gl.float32, layout)
+    x = gl.load(X + (b0 % NKB) * BK + cols)
+    for b in range(b0, b1):
+        nxt = b + 1
+        x_next = gl.load(X + (nxt % NKB) * BK + cols, mask=(cols < BK) & (nxt < b1), other=0.0)
+        slot = step % STAGES
+        mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+        w = ring.index(slot).load(layout)
+        gl.thread_barrier()  # every warp has read the slot before it goes back
+        mbarrier.arrive(empty.index(slot), count=1)
+        acc += w.to(gl.float32) * x.to(gl.float32)[None, :]
+        x = x_next
+        step += 1
+    return acc, step
 
 
 @gluon.jit
@@ -132,14 +162,12 @@ def _consume_op_fma(ring, ready, empty, step, X, Y, layer, N: gl.constexpr, K: g
     block's products summed elementwise in registers, reduced across the threads once at the
     tile's end (the first run reduced every block: that work, not HBM, bounded the ring), each
     ring slot freed once read. x's next block is loaded before this block's wait."""
-    STAGES: gl.constexpr = ring.shape[0]
     BN: gl.constexpr = ring.shape[1]
     BK: gl.constexpr = ring.shape[2]
     NKB: gl.constexpr = K // BK
     B: gl.constexpr = N // BN * NKB
     t_lo, t_hi, t_step, lo, hi = _span(B, NKB, SPLIT)
     rows = gl.arange(0, BN, gl.SliceLayout(1, layout))
-    cols = gl.arange(0, BK, gl.SliceLayout(0, layout))
     if WAIT:  # down: x's columns of this program's K blocks, gate's and up's rows, summed
         kb_lo = lo % NKB
         kb_hi = (hi - 1) % NKB + 1
@@ -153,19 +181,7 @@ def _consume_op_fma(ring, ready, empty, step, X, Y, layer, N: gl.constexpr, K: g
     for tile in range(t_lo, t_hi, t_step):
         b0 = gl.maximum(lo, tile * NKB)
         b1 = gl.minimum(hi, tile * NKB + NKB)
-        acc = gl.zeros([BN, BK], gl.float32, layout)
-        x = gl.load(X + (b0 % NKB) * BK + cols)
-        for b in range(b0, b1):
-            nxt = b + 1
-            x_next = gl.load(X + (nxt % NKB) * BK + cols, mask=(cols < BK) & (nxt < b1), other=0.0)
-            slot = step % STAGES
-            mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
-            w = ring.index(slot).load(layout)
-            gl.thread_barrier()  # every warp has read the slot before it goes back
-            mbarrier.arrive(empty.index(slot), count=1)
-            acc += w.to(gl.float32) * x.to(gl.float32)[None, :]
-            x = x_next
-            step += 1
+        acc, step = _sum_blocks(ring, ready, empty, step, X, b0, b1, NKB, layout)
         gl.atomic_add(Y + (layer * N + tile * BN) + rows, gl.sum(acc, axis=1), sem="relaxed")
         if SIGNAL:  # gate/up: this tile's blocks of this program are summed into y
             gl.thread_barrier()  # every thread's adds precede the (release) count
@@ -247,8 +263,8 @@ CHUNK = gl.constexpr(2)  # blocks a program takes at once where the split is dyn
 
 
 @gluon.jit
-def _produce_op_dynamic(desc, ring, ready, empty, step, layer, Sync, target, op,
-                        N: gl.constexpr, K: gl.constexpr, BARRIER: gl.constexpr):  # fmt: skip
+def _produce_op_dynamic(desc, ring, ready, empty, step, layer, Sync, op, N: gl.constexpr,
+                        K: gl.constexpr):  # fmt: skip
     """`_produce_op` with the op's blocks taken CHUNK at a time from a counter (Sync[8 + op]):
     a program that streams faster takes more. Each chunk's id goes to the consumer at its first
     slot's entry of the program's Sync[1024 + 64 program:] (ordered before the slot's barrier
@@ -258,10 +274,6 @@ def _produce_op_dynamic(desc, ring, ready, empty, step, layer, Sync, target, op,
     BK: gl.constexpr = ring.shape[2]
     NKB: gl.constexpr = K // BK
     CHUNKS: gl.constexpr = N // BN * NKB // CHUNK
-    if BARRIER == "drain":
-        seen = gl.load(Sync, volatile=True)
-        while seen < target:
-            seen = gl.load(Sync, volatile=True)
     counter = Sync + 8 + layer * 4 + op
     c = gl.atomic_add(counter, 1, sem="relaxed", scope="gpu")
     while c < CHUNKS:
@@ -296,25 +308,11 @@ def _consume_op_dynamic(ring, ready, empty, step, X, Y, Sync, layer, N: gl.const
     NKB: gl.constexpr = K // BK
     Meta = Sync + 1024 + gl.program_id(0) * 64
     rows = gl.arange(0, BN, gl.SliceLayout(1, layout))
-    cols = gl.arange(0, BK, gl.SliceLayout(0, layout))
     mbarrier.wait(ready.index(step % STAGES), (step // STAGES) & 1)
     c = gl.load(Meta + step % STAGES, volatile=True)
     while c >= 0:
         b0 = c * CHUNK
-        acc = gl.zeros([BN, BK], gl.float32, layout)
-        x = gl.load(X + (b0 % NKB) * BK + cols)
-        for i in range(CHUNK):
-            x_next = gl.load(
-                X + ((b0 + i + 1) % NKB) * BK + cols, mask=(cols < BK) & (i + 1 < CHUNK), other=0.0
-            )
-            slot = step % STAGES
-            mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
-            w = ring.index(slot).load(layout)
-            gl.thread_barrier()  # every warp has read the slot before it goes back
-            mbarrier.arrive(empty.index(slot), count=1)
-            acc += w.to(gl.float32) * x.to(gl.float32)[None, :]
-            x = x_next
-            step += 1
+        acc, step = _sum_blocks(ring, ready, empty, step, X, b0, b0 + CHUNK, NKB, layout)
         gl.atomic_add(Y + (layer * N + (b0 // NKB) * BN) + rows, gl.sum(acc, axis=1), sem="relaxed")
         mbarrier.wait(ready.index(step % STAGES), (step // STAGES) & 1)
         c = gl.load(Meta + step % STAGES, volatile=True)
@@ -338,16 +336,7 @@ def _grid_sync(Sync, target, Trace, index, TRACE: gl.constexpr):
     Tr = Trace + (gl.program_id(0) * 4096 + index) * 2
     if TRACE:
         gl.store(Tr, _now_ns(index))
-    gl.thread_barrier()  # every thread's writes precede the release
-    gl.atomic_add(Sync, 1, sem="release", scope="gpu")
-    seen = gl.load(Sync, volatile=True)
-    while seen < target:
-        seen = gl.load(Sync, volatile=True)
-    # its value used, or Triton drops the acquire (decode_step_tasks.wait_until)
-    confirmed = gl.atomic_add(Sync, 0, sem="acquire", scope="gpu")
-    if confirmed < target:
-        gl.atomic_max(Sync + 2, 1, sem="relaxed", scope="gpu")
-    gl.thread_barrier()
+    _arrive_and_wait(Sync, target, True)
     if TRACE:
         gl.store(Tr + 1, _now_ns(index))
 
@@ -360,56 +349,47 @@ def _consumer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3
     G = gl.num_programs(0)
     FLAGS: gl.constexpr = BARRIER == "flags"
     NB: gl.constexpr = 4 - FLAGS  # grid barriers a layer
-    Flags = Sync + 32768
     step = 0
     for layer in range(L):
         base = layer * NB * G
-        if SPLIT == "dynamic":
-            step = _consume_op_dynamic(
-                ring, ready, empty, step, X0, Y0, Sync, layer, 3072, 2048, layout
-            )
-        else:
-            step = _consume_op(
-                ring, ready, empty, step, X0, Y0, layer, 3072, 2048, layout, SPLIT, CONSUMER, Flags
-            )
+        step = _consume_op(
+            ring, ready, empty, step, X0, Y0, Sync, layer, 3072, 2048, layout, SPLIT, CONSUMER
+        )
         if BARRIER != "free":
             _grid_sync(Sync, base + G, Trace, layer * 4 + 0, TRACE)
-        if SPLIT == "dynamic":
-            step = _consume_op_dynamic(
-                ring, ready, empty, step, X1, Y1, Sync, layer, 2048, 2048, layout
-            )
-        else:
-            step = _consume_op(
-                ring, ready, empty, step, X1, Y1, layer, 2048, 2048, layout, SPLIT, CONSUMER, Flags
-            )
+        step = _consume_op(
+            ring, ready, empty, step, X1, Y1, Sync, layer, 2048, 2048, layout, SPLIT, CONSUMER
+        )
         if BARRIER != "free":
             _grid_sync(Sync, base + 2 * G, Trace, layer * 4 + 1, TRACE)
-        if SPLIT == "dynamic":
-            step = _consume_op_dynamic(
-                ring, ready, empty, step, X2, Y2, Sync, layer, 16384, 2048, layout
-            )
-        else:
-            step = _consume_op(
-                ring, ready, empty, step, X2, Y2, layer, 16384, 2048, layout, SPLIT, CONSUMER,
-                Flags, FLAGS,
-            )  # fmt: skip
+        step = _consume_op(ring, ready, empty, step, X2, Y2, Sync, layer, 16384, 2048, layout,
+                           SPLIT, CONSUMER, FLAGS)  # fmt: skip
         if (BARRIER != "free") & (BARRIER != "flags"):
             _grid_sync(Sync, base + 3 * G, Trace, layer * 4 + 2, TRACE)
-        if SPLIT == "dynamic":
-            step = _consume_op_dynamic(
-                ring, ready, empty, step, X3, Y3, Sync, layer, 2048, 8192, layout
-            )
-        else:
-            step = _consume_op(
-                ring, ready, empty, step, X3, Y3, layer, 2048, 8192, layout, SPLIT, CONSUMER,
-                Flags, False, FLAGS,
-            )  # fmt: skip
+        step = _consume_op(ring, ready, empty, step, X3, Y3, Sync, layer, 2048, 8192, layout,
+                           SPLIT, CONSUMER, False, FLAGS)  # fmt: skip
         if BARRIER != "free":
             _grid_sync(Sync, base + NB * G, Trace, layer * 4 + 3, TRACE)
     # the last program out resets the counter for the next replay
     if gl.atomic_add(Sync + 1, 1, sem="acq_rel", scope="gpu") == G - 1:
         gl.store(Sync, 0)
         gl.store(Sync + 1, 0)
+
+
+@gluon.jit
+def _produce(desc, ring, ready, empty, step, layer, Sync, target, op, N: gl.constexpr,
+             K: gl.constexpr, BARRIER: gl.constexpr, SPLIT: gl.constexpr):  # fmt: skip
+    """One op's copies (`drain`: once the barrier that ends the op before, `target` arrivals,
+    is met), split as SPLIT says."""
+    if BARRIER == "drain":  # the op before has met its barrier: only then this op's copies
+        seen = gl.load(Sync, volatile=True)
+        while seen < target:
+            seen = gl.load(Sync, volatile=True)
+    if SPLIT == "dynamic":
+        step = _produce_op_dynamic(desc, ring, ready, empty, step, layer, Sync, op, N, K)
+    else:
+        step = _produce_op(desc, ring, ready, empty, step, layer, N, K, SPLIT)
+    return step
 
 
 @gluon.jit
@@ -420,32 +400,18 @@ def _producer(ring, ready, empty, d0, d1, d2, d3, X0, X1, X2, X3, Y0, Y1, Y2, Y3
     step = 0
     for layer in range(L):
         base = layer * 4 * G
-        if SPLIT == "dynamic":
-            step = _produce_op_dynamic(
-                d0, ring, ready, empty, step, layer, Sync, base, 0, 3072, 2048, BARRIER
-            )
-            step = _produce_op_dynamic(
-                d1, ring, ready, empty, step, layer, Sync, base + G, 1, 2048, 2048, BARRIER
-            )
-            step = _produce_op_dynamic(
-                d2, ring, ready, empty, step, layer, Sync, base + 2 * G, 2, 16384, 2048, BARRIER
-            )
-            step = _produce_op_dynamic(
-                d3, ring, ready, empty, step, layer, Sync, base + 3 * G, 3, 2048, 8192, BARRIER
-            )
-        else:
-            step = _produce_op(
-                d0, ring, ready, empty, step, layer, Sync, base, 3072, 2048, BARRIER, SPLIT
-            )
-            step = _produce_op(
-                d1, ring, ready, empty, step, layer, Sync, base + G, 2048, 2048, BARRIER, SPLIT
-            )
-            step = _produce_op(
-                d2, ring, ready, empty, step, layer, Sync, base + 2 * G, 16384, 2048, BARRIER, SPLIT
-            )
-            step = _produce_op(
-                d3, ring, ready, empty, step, layer, Sync, base + 3 * G, 2048, 8192, BARRIER, SPLIT
-            )
+        step = _produce(
+            d0, ring, ready, empty, step, layer, Sync, base, 0, 3072, 2048, BARRIER, SPLIT
+        )
+        step = _produce(
+            d1, ring, ready, empty, step, layer, Sync, base + G, 1, 2048, 2048, BARRIER, SPLIT
+        )
+        step = _produce(
+            d2, ring, ready, empty, step, layer, Sync, base + 2 * G, 2, 16384, 2048, BARRIER, SPLIT
+        )
+        step = _produce(
+            d3, ring, ready, empty, step, layer, Sync, base + 3 * G, 3, 2048, 8192, BARRIER, SPLIT
+        )
 
 
 @gluon.jit
@@ -500,17 +466,9 @@ def _triton_op(W, X, Y, layer, N: tl.constexpr, K: tl.constexpr, BN: tl.constexp
 
 
 @triton.jit
-def _triton_sync(Sync, target, BARRIER: tl.constexpr):
-    if BARRIER:
-        tl.debug_barrier()
-        tl.atomic_add(Sync, 1, sem="release", scope="gpu")
-        seen = tl.load(Sync, volatile=True)
-        while seen < target:
-            seen = tl.load(Sync, volatile=True)
-        confirmed = tl.atomic_add(Sync, 0, sem="acquire", scope="gpu")
-        if confirmed < target:
-            tl.atomic_max(Sync + 2, 1, sem="relaxed", scope="gpu")
-        tl.debug_barrier()
+def _barrier(Sync, target, BARRIER: tl.constexpr):
+    if BARRIER:  # the persistent step's own grid barrier
+        grid_sync(Sync, target, Sync, 0, False)
 
 
 @triton.jit
@@ -520,42 +478,22 @@ def _triton_kernel(W0, W1, W2, W3, X0, X1, X2, X3, Y0, Y1, Y2, Y3, Sync, L, BN: 
     for layer in range(L):
         base = layer * 4 * G
         _triton_op(W0, X0, Y0, layer, 3072, 2048, BN, BK, STAGES)
-        _triton_sync(Sync, base + G, BARRIER)
+        _barrier(Sync, base + G, BARRIER)
         _triton_op(W1, X1, Y1, layer, 2048, 2048, BN, BK, STAGES)
-        _triton_sync(Sync, base + 2 * G, BARRIER)
+        _barrier(Sync, base + 2 * G, BARRIER)
         _triton_op(W2, X2, Y2, layer, 16384, 2048, BN, BK, STAGES)
-        _triton_sync(Sync, base + 3 * G, BARRIER)
+        _barrier(Sync, base + 3 * G, BARRIER)
         _triton_op(W3, X3, Y3, layer, 2048, 8192, BN, BK, STAGES)
-        _triton_sync(Sync, base + 4 * G, BARRIER)
+        _barrier(Sync, base + 4 * G, BARRIER)
     if BARRIER:
         if tl.atomic_add(Sync + 1, 1, sem="acq_rel", scope="gpu") == G - 1:
             tl.store(Sync, 0)
             tl.store(Sync + 1, 0)
 
 
-def time_graph(fn, warmup: int = 5, reps: int = 30) -> float:
-    """Median µs of one replay of fn captured in a CUDA graph."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(warmup):
-        graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000)
-    return statistics.median(times)
-
-
 def case(impl: str, weights, xs, bn: int, bk: int, stages: int, nw: int = 4,
          consumer: str = "fma") -> dict:  # fmt: skip
+    from bench_stream_linear import time_graph
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     dev = "cuda"
@@ -598,7 +536,7 @@ def case(impl: str, weights, xs, bn: int, bk: int, stages: int, nw: int = 4,
                                  launch_cooperative_grid=barrier)  # fmt: skip
 
     try:
-        us = time_graph(fn)
+        us = time_graph(fn, warmup=5, reps=30)
         errs = []
         for w, x, y in zip(weights, xs, ys):
             ref = x.float() @ w[-1].float().T if x.dim() == 2 else w[-1].float() @ x.float()
