@@ -83,6 +83,7 @@ def split_k_artifact(tmp_path_factory):
         )
     ).eval()
     from kernl.compiler.tasks import encoder
+    from kernl.compiler.tune import encode_config
 
     real = encoder.tune_program
 
@@ -92,8 +93,7 @@ def split_k_artifact(tmp_path_factory):
             if ins.op == "kernl.linear":
                 block = 16 if i % 2 else 32
                 config = LinearConfig(block, 32, 32, 8, 4, 2, split_k=3)
-                pairs = {k: v for k, v in vars(config).items()}
-                ins.kwargs.update(impl="triton", config=sorted([k, v] for k, v in pairs.items()))
+                ins.kwargs.update(impl="triton", config=encode_config(vars(config)))
         return records
 
     path = tmp_path_factory.mktemp("split_k") / "b.kernl"

@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import torch
 
+from kernl.artifacts.seq2seq import SITE_TILES
 from kernl.runtime.generation.encoder_decoder import FEW_ROWS, EncoderDecoder, _Normed
 from kernl.runtime.generation.seq2seq import Seq2SeqModel
 
@@ -201,8 +202,6 @@ def _entry(t: TileTiming | None) -> list[list]:
     another config (or, as on 2026-12-04, written whole and refused by every load)."""
     if t is None:
         return []
-    from kernl.artifacts.seq2seq import SITE_TILES
-
     width = SITE_TILES[t.kernel][1]
     later = dataclasses.fields(t.config)[width:]
     changed = [f.name for f in later if getattr(t.config, f.name) != f.default]
