@@ -128,6 +128,8 @@
 #   streamgluon can the weight stream cross a grid barrier: a Gluon ring (cp.async or TMA)
 #           against Triton's persistent stream (benchmarks/bench_stream_gluon.py, ~1 min)
 #   streamsweep how fast a persistent grid streams decode weights, by loop shape (the same)
+#   split   BERT-base 32x128 and 8x512 as two or four part-batches on forked streams of one
+#           graph against the bucket's own graph (benchmarks/bench_split_batch.py, ~2 min)
 #   compileab the BERT-base compile serially and with 16 compile-ahead threads (~4 min)
 #   lft     fresh-process load -> first token of a 12-entry Llama-1B artifact
 #           (benchmarks/bench_load_first_token.py; also for the tree in .old when present)
@@ -267,6 +269,7 @@ stage() {
     stream) OUT=$RUN timeout 480 python3 benchmarks/bench_stream_linear.py ;;
     streamgluon) OUT=$RUN timeout 300 python3 benchmarks/bench_stream_gluon.py ;;
     ring) OUT=$RUN timeout 300 python3 benchmarks/bench_weight_ring.py ;;
+    split) OUT=$RUN timeout 400 python3 benchmarks/bench_split_batch.py ;;
     streamsweep) STREAM_PART=sweep OUT=$RUN timeout 480 python3 benchmarks/bench_stream_linear.py ;;
     compileab) # the BERT-base compile of `bert` (9 buckets) with 16 threads compiling the
       # candidates ahead (kernl/compiler/compile_ahead.py), then serially (second: whatever a
