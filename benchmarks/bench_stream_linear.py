@@ -33,9 +33,12 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernl.kernels.decode_step_tasks import grid_sync  # noqa: E402
+from kernl.kernels import decode_step_tasks  # noqa: E402
+from kernl.kernels.jit import made  # noqa: E402
 from kernl.kernels.norm_linear import _norm_linear_loop  # noqa: E402
 
+# Triton's own function: a kernl @jit is lazy, and a plain @triton.jit kernel cannot call it
+grid_sync = made(decode_step_tasks.grid_sync)
 LAYERS = 16
 SHAPES = {"gate_up": (16384, 2048), "down": (2048, 8192), "qkv": (3072, 2048)}
 

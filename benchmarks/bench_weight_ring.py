@@ -62,8 +62,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_stream_gluon import _arrive_and_wait  # noqa: E402
 
-from kernl.kernels.decode_step_tasks import grid_sync  # noqa: E402
+from kernl.kernels import decode_step_tasks  # noqa: E402
+from kernl.kernels.jit import made  # noqa: E402
 
+# Triton's own function: a kernl @jit is lazy, and a plain @triton.jit kernel cannot call it
+grid_sync = made(decode_step_tasks.grid_sync)
 LAYERS = 16
 OPS = (("qkv", 3072, 2048), ("o", 2048, 2048), ("gate_up", 16384, 2048), ("down", 2048, 8192))
 PRODUCER_REGS = gl.constexpr(40)
