@@ -609,7 +609,10 @@ def decode_step_configs() -> list[DecodeStepConfig]:
     barriers were slower than the default everywhere, two programs per SM but at batch 8
     over 2048 slots. Not kept (thirteenth session): each op's first weight columns loaded
     into registers before its barrier (64 or 128 columns a row), 9-20% slower at every
-    bucket, 8 warps too: the kernel already holds 255 registers a thread and spilled more."""
+    bucket, 8 warps too: the kernel already holds 255 registers a thread and spilled more.
+    Not kept (twenty-eighth session): gate/up and down as one op, each task's down partial
+    over its intermediate columns summed in groups by the last to arrive: 1069 against 944
+    µs at batch 1 over 512 slots, 2.6-3.3 ms at batch 4 and 8 (the sums ran on one SM each)."""
     best = DecodeStepConfig()
     wide = DecodeStepConfig(BLOCK_K=256, num_stages=3, UP_N=32, SPLIT_QKV=1)
     wide = replace(wide, ATT_SPLITS=16, ATT_BLOCK=32, att_fill=False)
