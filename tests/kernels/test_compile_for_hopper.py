@@ -10,7 +10,9 @@ Whisper-large-v3's decode step first)."""
 from __future__ import annotations
 
 import itertools
+import os
 import sys
+from pathlib import Path
 
 from kernel_check import assert_checks_pass_in_a_compiling_process, run_checks
 
@@ -443,3 +445,28 @@ def test_kernels_compile_for_sm90():
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def test_benchmark_kernels_call_tritons_own_functions():
+    """A benchmark's plain `@triton.jit` kernel that calls one of kernl's `@jit` functions must
+    hold Triton's own (`made(...)`): kernl's are lazy, and Triton cannot call a lazy one. The
+    compile check above cannot see it, since it makes kernl's kernels before it loads the
+    benchmarks; a fresh process can (bench_weight_ring failed so on the GPU, 2026-12-04)."""
+    import subprocess
+
+    root = Path(__file__).parents[2]
+    code = (
+        "import importlib.util, sys\n"
+        "from kernl.kernels.jit import LazyJIT\n"
+        f"sys.path.insert(0, {str(root / 'benchmarks')!r})\n"
+        "for name in ('bench_weight_ring', 'bench_stream_linear'):\n"
+        f"    path = {str(root / 'benchmarks')!r} + '/' + name + '.py'\n"
+        "    spec = importlib.util.spec_from_file_location(name, path)\n"
+        "    module = importlib.util.module_from_spec(spec)\n"
+        "    spec.loader.exec_module(module)\n"
+        "    lazy = [k for k, v in vars(module).items() if isinstance(v, LazyJIT)]\n"
+        "    assert not lazy, (name, lazy)\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
