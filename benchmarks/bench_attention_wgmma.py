@@ -41,6 +41,13 @@ VARIANTS = [  # (block_m, block_n, stages, overlap, num_warps)
     (64, 64, 3, True, 4),
     (64, 128, 2, True, 4),
     (64, 64, 2, False, 4),
+    # 128 query rows in one warp group (twice a 64-row wgmma): half the key and value reads
+    # from L2 of 64-row tiles (98 MB a layer at 8x512), without a second warp group
+    (128, 64, 2, False, 4),
+    (128, 64, 2, True, 4),
+    (128, 64, 3, False, 4),
+    (128, 128, 2, False, 4),
+    (256, 64, 2, False, 8),
 ]
 
 
