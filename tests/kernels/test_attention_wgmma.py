@@ -7,6 +7,7 @@ import math
 import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 from kernel_check import (
@@ -19,6 +20,7 @@ from kernel_check import (
 
 from kernl.kernels.attention import attention_reference
 from kernl.kernels.attention_wgmma import (
+    _EXP2_PAIR,
     WGMMA_CONFIGS,
     _wgmma_attention_kernel,
     wgmma_attention,
@@ -26,7 +28,9 @@ from kernl.kernels.attention_wgmma import (
 )
 
 
-def _compile(block_m, block_n, warps, stages, overlap=True, head_dim=64, masked=False):
+def _compile(
+    block_m, block_n, warps, stages, overlap=True, head_dim=64, masked=False, exp_on_fma=False
+):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
@@ -46,6 +50,7 @@ def _compile(block_m, block_n, warps, stages, overlap=True, head_dim=64, masked=
     constants = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages)
     constants |= dict(Q_IN_ROW=True, KV_IN_ROW=True, O_IN_ROW=True, HAS_BIAS=True)
     constants |= dict(HAS_KV_LENS=masked, MASKED=masked, OVERLAP=overlap, num_warps=warps)
+    constants |= dict(EXP_FMA=exp_on_fma)
     signature |= dict.fromkeys(constants, "constexpr")
     src = GluonASTSource(made(_wgmma_attention_kernel), signature, constants)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
@@ -99,15 +104,66 @@ def head_dim_128_compiles_within_shared_memory():
     assert re.search(r"cp\.async\.bulk\.tensor", compiled.asm["ptx"])
 
 
+def half_the_exponentials_on_the_fma_units():
+    plain = _compile(64, 64, 4, 2, overlap=False, masked=True).asm["ptx"]
+    split = _compile(64, 64, 4, 2, overlap=False, masked=True, exp_on_fma=True).asm["ptx"]
+    # a 64x64 block is 32 scores a thread: 16 of them leave the SFU, each for three FMAs
+    assert plain.count("ex2.approx") - split.count("ex2.approx") == 32, (plain, split)
+    assert split.count("fma.rn.ftz.f32") - plain.count("fma.rn.ftz.f32") == 96
+
+
 def main() -> int:
     """The sm_90 compile checks (see kernel_check.assert_checks_pass_in_a_compiling_process)."""
     checks = [(softmax_between_issue_and_wait, (c,)) for c in WGMMA_CONFIGS]
     checks += [(without_overlap_every_dot_is_waited_for_at_once, ())]
+    checks += [(half_the_exponentials_on_the_fma_units, ())]
     return run_checks(checks + [(head_dim_128_compiles_within_shared_memory, ())])
 
 
 def test_compiles_for_sm90_with_the_overlap_in_its_ptx():
     assert_checks_pass_in_a_compiling_process(__file__)
+
+
+def _run_exp2_pair(x: np.ndarray) -> np.ndarray:
+    """_EXP2_PAIR's FMA half ($3 -> $1), each PTX line run in float32 / int32 as written."""
+    f32 = lambda h: np.uint32(int(h[2:], 16)).view(np.float32)  # noqa: E731 0fXXXXXXXX
+    arg = lambda a, r: r[a] if a in r else f32(a) if a.startswith("0f") else np.int32(int(a, 0))  # noqa: E731
+    regs = {"$3": x.astype(np.float32)}
+    ftz = lambda v: np.where(np.abs(v) < np.float32(2.0**-126), np.float32(0), v)  # noqa: E731
+    for line in _EXP2_PAIR.value.splitlines():
+        op, _, rest = line.strip().rstrip(";").partition(" ")
+        if op in ("{", "}", ".reg", "") or op.startswith("ex2"):
+            continue
+        d, *a = [t.strip() for t in rest.split(",")]
+        a = [arg(t, regs) for t in a]
+        if op == "max.ftz.f32":
+            regs[d] = np.maximum(a[0], a[1]).astype(np.float32)
+        elif op in ("add.rn.ftz.f32", "sub.rn.ftz.f32"):
+            regs[d] = ftz((a[0] + a[1] if op.startswith("add") else a[0] - a[1]).astype(np.float32))
+        elif op == "fma.rn.ftz.f32":  # exact product, one rounding
+            regs[d] = ftz((a[0].astype(np.float64) * a[1] + a[2]).astype(np.float32))
+        elif op == "mov.b32":
+            regs[d] = a[0].view(np.float32 if d == "$1" or d == "p" else np.int32)
+        elif op == "sub.s32":
+            regs[d] = (a[0].view(np.int32) - a[1]).astype(np.int32)
+        elif op == "shl.b32":
+            regs[d] = (a[0].view(np.uint32) << np.uint32(a[1])).view(np.int32)
+        elif op == "add.s32":
+            regs[d] = (a[0].view(np.int32) + a[1].view(np.int32)).astype(np.int32)
+        else:
+            raise AssertionError(f"no emulation of {line!r}")
+    return regs["$1"].view(np.float32)
+
+
+def test_the_fma_half_of_exp2_is_within_fp16s_half_ulp():
+    # softmax's exponents: 0 down to past -126, and the -inf of a masked key
+    x = np.concatenate([-np.geomspace(1e-6, 140, 200001), np.linspace(-1, 0, 1001), [-np.inf]])
+    got = _run_exp2_pair(x)
+    want = np.exp2(x.astype(np.float64))
+    normal = want >= 2.0**-120
+    assert np.abs(got[normal] / want[normal] - 1).max() < 1.1e-4
+    assert (got[~normal] >= 0).all() and (got[~normal] <= 2.0**-119).all()
+    assert got[-1] == 0.0  # a masked key weighs nothing
 
 
 def test_refusals_say_why():
@@ -135,6 +191,17 @@ def _qkv_views(B, L, H, D, dtype):
 @pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("config", WGMMA_CONFIGS, ids=str)
 def test_gpu_bert_8x512_right_padded(config, overlap):
+    _bert_8x512_right_padded(config, overlap, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="Hopper only")
+@pytest.mark.parametrize("overlap", [True, False])
+def test_gpu_bert_8x512_half_the_exponentials_on_the_fma_units(overlap):
+    _bert_8x512_right_padded((64, 64, 4, 2), overlap, True)
+
+
+def _bert_8x512_right_padded(config, overlap, exp_on_fma):
     B, L, H, D = 8, 512, 12, 64
     q, k, v = _qkv_views(B, L, H, D, torch.float16)
     lens = torch.randint(1, L + 1, (B,), device="cuda")
@@ -144,10 +211,11 @@ def test_gpu_bert_8x512_right_padded(config, overlap):
     bm, bn, warps, stages = config
     wgmma_attention(q, k, v, out, sm_scale=1 / math.sqrt(D), bias=bias.expand(B, H, L, L),
                     kv_lens=None, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
-                    overlap=overlap)  # fmt: skip
+                    overlap=overlap, exp_on_fma=exp_on_fma)  # fmt: skip
     ref = attention_reference(q.double(), k.double(), v.double(), bias=bias.double())
     stock = attention_reference(q, k, v, bias=bias.half())
-    assert_close(out, ref, torch.float16, stock, name=f"wgmma attention {config} {overlap}")
+    name = f"wgmma attention {config} {overlap} {exp_on_fma}"
+    assert_close(out, ref, torch.float16, stock, name=name)
 
 
 @pytest.mark.gpu
