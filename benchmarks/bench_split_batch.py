@@ -36,19 +36,9 @@ CASES = [((32, 128), [(16, 2), (8, 4)]), ((8, 512), [(4, 2)])]  # (shape, [(part
 
 def time_turns(graphs: dict[str, torch.cuda.CUDAGraph], iters: int = 300) -> dict[str, float]:
     """Median ms of one replay per name, the graphs taking turns replay by replay."""
-    for g in graphs.values():
-        for _ in range(10):
-            g.replay()
-    torch.cuda.synchronize()
-    times: dict[str, list[float]] = {name: [] for name in graphs}
-    for _ in range(iters):
-        for name, g in graphs.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            g.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times[name].append(start.elapsed_time(end))
+    from bench_bert_fusions import time_alternating
+
+    times = time_alternating({name: g.replay for name, g in graphs.items()}, iters)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
