@@ -324,6 +324,8 @@ class AttentionConfig:
     # program per query block; `overlap`: each next q k^T issued before this block's softmax
     wgmma: bool = False
     overlap: bool = True
+    # the Gluon kernel's accumulator rescaled only when a row's max moved (FlashAttention-4)
+    lazy_rescale: bool = False
 
 
 # (BLOCK_M, num_warps, num_stages, programs_per_sm) of the short-key kernel, for keys of up to
@@ -337,9 +339,13 @@ _TMA_ONE_BLOCK = [(64, 4, 2, 2), (64, 4, 3, 2), (64, 4, 2, 4), (128, 8, 2, 1), (
 _TMA_ONE_BLOCK += [(128, 8, 2, 2), (128, 4, 2, 1)]
 _TMA_STREAM = [(128, 64, 8, 3, 1), (128, 128, 8, 2, 1), (128, 64, 8, 3, 2), (128, 64, 4, 3, 1)]
 _TMA_STREAM += [(64, 64, 4, 3, 2), (128, 128, 8, 3, 1)]
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, overlap) of the Gluon kernel, for keys past 128:
-# the fastest at 8x512 and 4x256 (H200, benchmarks/bench_attention_wgmma.py, 2026-12-03)
-_WGMMA = [(64, 64, 4, 2, False), (64, 64, 4, 2, True), (64, 128, 4, 2, True)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, overlap, lazy_rescale) of the Gluon kernel, for
+# keys past 128: the fastest at 8x512 and 4x256 (H200, benchmarks/bench_attention_wgmma.py,
+# 2026-12-03), and the lazy rescale where it won: 64x128, serial at 4x256 (5.64 µs against
+# 5.84 for the best of the others), overlapped at 1x512 (the tuner's choice); at 8x512 every
+# lazy config was 7-16% slower (2026-12-04)
+_WGMMA = [(64, 64, 4, 2, False, False), (64, 64, 4, 2, True, False)]
+_WGMMA += [(64, 128, 4, 2, True, False), (64, 128, 4, 2, True, True), (64, 128, 4, 2, False, True)]
 
 
 def attention_configs(
@@ -386,8 +392,11 @@ def attention_configs(
                 out.append(AttentionConfig(bm, bn, w, s, False, per_sm, tma=True))
     if kv_len is not None and kv_len > 128 and q is not None and v is not None:
         if wgmma_attention_refusal(q, k, v, None, causal) is None:
-            for bm, bn, w, s, overlap in _WGMMA:
-                out.append(AttentionConfig(bm, bn, w, s, wgmma=True, overlap=overlap))
+            for bm, bn, w, s, overlap, lazy in _WGMMA:
+                config = AttentionConfig(
+                    bm, bn, w, s, wgmma=True, overlap=overlap, lazy_rescale=lazy
+                )
+                out.append(config)
     return out
 
 
@@ -448,7 +457,7 @@ def attention(
         # attention_tma.py's or attention_short.py's
         if config.wgmma:
             which, kernel = "wgmma (wgmma=True)", wgmma_attention
-            extra = {"overlap": config.overlap}
+            extra = {"overlap": config.overlap, "lazy_rescale": config.lazy_rescale}
         else:
             which = "TMA (tma=True)" if config.tma else "short-key (programs_per_sm > 0)"
             kernel = tma_attention if config.tma else short_attention

@@ -26,7 +26,6 @@ import torch
 from .attention_tma import _rows, attention_tma_refusal
 from .jit import (
     cdiv,
-    constexpr,
     fence_async_shared,
     gl,
     gluon_jit,
@@ -71,58 +70,44 @@ def _bias(bias_row, cols, kv_len, stride_biasn, HAS_BIAS: gl.constexpr):
     return cols.to(gl.float32) * 0.0  # never read: HAS_BIAS is False
 
 
-# 2^x of x <= 0 for two elements at once: the first on the SFU (ex2.approx), the second on the
-# FMA units, FlashAttention-4's trick: x = j + f, j the nearest integer (the float sum with
-# 1.5 * 2^23 rounds it, its bits hold j), 2^f on [-0.5, 0.5] by a cubic (relative error
-# 1.01e-4, below fp16's half ulp; the coefficients fit to this interval), and j added to the
-# result's exponent bits. Below -127 (a masked -inf) the clamp gives exactly 0.
-_EXP2_PAIR = constexpr("""{
-.reg .f32 t, r, j, f, p;
-.reg .b32 rb, pb;
-ex2.approx.ftz.f32 $0, $2;
-max.ftz.f32 t, $3, 0fC2FE0000;
-add.rn.ftz.f32 r, t, 0f4B400000;
-sub.rn.ftz.f32 j, r, 0f4B400000;
-sub.rn.ftz.f32 f, t, j;
-fma.rn.ftz.f32 p, f, 0f3D6150D5, 0f3E780616;
-fma.rn.ftz.f32 p, p, f, 0f3F317AFD;
-fma.rn.ftz.f32 p, p, f, 0f3F800000;
-mov.b32 rb, r;
-sub.s32 rb, rb, 0x4B400000;
-shl.b32 rb, rb, 23;
-mov.b32 pb, p;
-add.s32 pb, pb, rb;
-mov.b32 $1, pb;
-}""")
-
-
-@gluon_jit
-def _exp2(x, HALF_ON_FMA: gl.constexpr):
-    """2^x of x <= 0; HALF_ON_FMA: every other element of a thread's on the FMA units (the
-    SFU's exponentials are ~6.8 µs a layer of BERT-base's attention at 8x512 on an H200)."""
-    if HALF_ON_FMA:
-        return gl.inline_asm_elementwise(
-            _EXP2_PAIR, "=f,=f,f,f", [x], dtype=gl.float32, is_pure=True, pack=2
-        )
-    return gl.exp2(x)
-
-
 @gluon_jit
 def _softmax_block(s, bias, cols, kv_len, m_i, l_i, qk_scale, HAS_BIAS: gl.constexpr,
-                   MASKED: gl.constexpr, EXP_FMA: gl.constexpr):  # fmt: skip
+                   MASKED: gl.constexpr, LAZY: gl.constexpr):  # fmt: skip
     """One key block's scores into p (base 2, the running max subtracted), with the running
-    max and sum updated; alpha rescales what was accumulated before."""
+    max and sum updated; alpha rescales what was accumulated before, and `grown` says whether
+    any row's max moved (LAZY: else the accumulator's rescale is skipped)."""
     x = s * qk_scale
     if HAS_BIAS:
         x = x + bias[None, :]
     if MASKED:
         x = gl.where((cols < kv_len)[None, :], x, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(x, 1))
+    m_blk = gl.max(x, 1)
+    if LAZY:
+        # FlashAttention-4's lazy rescale: a row keeps its max until a block's passes it by
+        # more than 8 (base 2), so p <= 256, exact in fp16 and bf16 and summed in fp32; the
+        # rows' maxima then rarely move after the first block and the accumulator's rescale
+        # (a multiply per output element every block) is skipped when none did.
+        m_new = gl.where(m_blk > m_i + 8.0, m_blk, m_i)
+        grown = gl.max((m_new != m_i).to(gl.int32), 0)
+    else:
+        m_new = gl.maximum(m_i, m_blk)
+        grown = 1
     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw only -inf
-    p = _exp2(x - m_safe[:, None], EXP_FMA)
+    p = gl.exp2(x - m_safe[:, None])
     alpha = gl.exp2(m_i - m_safe)
     l_i = l_i * alpha + gl.sum(p, 1)
-    return p, alpha, m_new, l_i
+    return p, alpha, m_new, l_i, grown
+
+
+@gluon_jit
+def _rescale(acc, alpha, grown, rows_o: gl.constexpr, LAZY: gl.constexpr):
+    """acc * alpha per row; LAZY: only when some row's max moved (else alpha is all ones)."""
+    if LAZY:
+        if grown > 0:
+            acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
+    else:
+        acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
+    return acc
 
 
 @gluon_jit
@@ -132,7 +117,7 @@ def _wgmma_attention_kernel(
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     Q_IN_ROW: gl.constexpr, KV_IN_ROW: gl.constexpr, O_IN_ROW: gl.constexpr,
     HAS_BIAS: gl.constexpr, HAS_KV_LENS: gl.constexpr, MASKED: gl.constexpr,
-    OVERLAP: gl.constexpr, EXP_FMA: gl.constexpr, num_warps: gl.constexpr,
+    OVERLAP: gl.constexpr, LAZY: gl.constexpr, num_warps: gl.constexpr,
 ):  # fmt: skip
     m0 = gl.program_id(0) * BLOCK_M
     bh = gl.program_id(1)
@@ -203,13 +188,13 @@ def _wgmma_attention_kernel(
             s_next = warpgroup_mma_wait(0, deps=(s_next,))
         cols_next = cols + (j + 1) * BLOCK_N
         bias_next = _bias(bias_row, cols_next, kv_len, stride_biasn, HAS_BIAS)
-        p, alpha, m_i, l_i = _softmax_block(s, bias, cols + j * BLOCK_N, kv_len, m_i, l_i,
-                                            qk_scale, HAS_BIAS, MASKED, EXP_FMA)  # fmt: skip
+        p, alpha, m_i, l_i, grown = _softmax_block(s, bias, cols + j * BLOCK_N, kv_len, m_i,
+                                                   l_i, qk_scale, HAS_BIAS, MASKED, LAZY)  # fmt: skip
         # the previous block's p v is done (only the next q k^T may still run)
         acc = warpgroup_mma_wait(1, deps=(acc,))
         if j > 0:
             _issue(v_desc, v_smem, v_bars, j - 1 + STAGES, n_blocks, kv_at, kv_col, BLOCK_N, STAGES)
-        acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
+        acc = _rescale(acc, alpha, grown, rows_o, LAZY)
         p16 = gl.convert_layout(p.to(dtype), p_layout)
         mbarrier.wait(v_bars.index(slot), (j // STAGES) & 1)
         acc = warpgroup_mma(
@@ -222,10 +207,10 @@ def _wgmma_attention_kernel(
         bias = bias_next
 
     last = n_blocks - 1
-    p, alpha, m_i, l_i = _softmax_block(s, bias, cols + last * BLOCK_N, kv_len, m_i, l_i,
-                                        qk_scale, HAS_BIAS, MASKED, EXP_FMA)  # fmt: skip
+    p, alpha, m_i, l_i, grown = _softmax_block(s, bias, cols + last * BLOCK_N, kv_len, m_i, l_i,
+                                               qk_scale, HAS_BIAS, MASKED, LAZY)  # fmt: skip
     acc = warpgroup_mma_wait(0, deps=(acc,))
-    acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
+    acc = _rescale(acc, alpha, grown, rows_o, LAZY)
     p16 = gl.convert_layout(p.to(dtype), p_layout)
     mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
     v_last = v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM])
@@ -277,13 +262,12 @@ def wgmma_attention(
     num_warps: int,
     num_stages: int,
     overlap: bool = True,
-    exp_on_fma: bool = False,
+    lazy_rescale: bool = False,
 ) -> torch.Tensor:
     """q [B, H, Lq, D], k/v [B, H_kv, Lk, D], out like q; `bias` broadcast to [B, H, Lq, Lk]
     with one row for every query (stride 0 over the queries), or None; kv_lens [B] or None.
-    exp_on_fma: every other exponential of the softmax on the FMA units (`_EXP2_PAIR`; the
-    tuner does not offer it: written 2026-12-04 after the device time, compiled for sm_90,
-    its math checked on the CPU, not yet timed). Writes `out` and returns it."""
+    lazy_rescale: FlashAttention-4's lazy rescale of the accumulator (`_softmax_block`).
+    Writes `out` and returns it."""
     refusal = wgmma_attention_refusal(q, k, v, out, False)
     if refusal:
         raise ValueError(refusal)
@@ -323,7 +307,7 @@ def wgmma_attention(
         HAS_KV_LENS=kv_lens is not None,
         MASKED=kv_lens is not None or Lk % block_n != 0,
         OVERLAP=overlap,
-        EXP_FMA=exp_on_fma,
+        LAZY=lazy_rescale,
         num_warps=num_warps,
     )
     return out

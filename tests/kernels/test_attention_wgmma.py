@@ -7,7 +7,6 @@ import math
 import re
 import sys
 
-import numpy as np
 import pytest
 import torch
 from kernel_check import (
@@ -20,7 +19,6 @@ from kernel_check import (
 
 from kernl.kernels.attention import attention_reference
 from kernl.kernels.attention_wgmma import (
-    _EXP2_PAIR,
     WGMMA_CONFIGS,
     _wgmma_attention_kernel,
     wgmma_attention,
@@ -28,9 +26,7 @@ from kernl.kernels.attention_wgmma import (
 )
 
 
-def _compile(
-    block_m, block_n, warps, stages, overlap=True, head_dim=64, masked=False, exp_on_fma=False
-):
+def _compile(block_m, block_n, warps, stages, overlap=True, head_dim=64, masked=False, lazy=False):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
@@ -50,7 +46,7 @@ def _compile(
     constants = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages)
     constants |= dict(Q_IN_ROW=True, KV_IN_ROW=True, O_IN_ROW=True, HAS_BIAS=True)
     constants |= dict(HAS_KV_LENS=masked, MASKED=masked, OVERLAP=overlap, num_warps=warps)
-    constants |= dict(EXP_FMA=exp_on_fma)
+    constants |= dict(LAZY=lazy)
     signature |= dict.fromkeys(constants, "constexpr")
     src = GluonASTSource(made(_wgmma_attention_kernel), signature, constants)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
@@ -104,66 +100,46 @@ def head_dim_128_compiles_within_shared_memory():
     assert re.search(r"cp\.async\.bulk\.tensor", compiled.asm["ptx"])
 
 
-def half_the_exponentials_on_the_fma_units():
-    plain = _compile(64, 64, 4, 2, overlap=False, masked=True).asm["ptx"]
-    split = _compile(64, 64, 4, 2, overlap=False, masked=True, exp_on_fma=True).asm["ptx"]
-    # a 64x64 block is 32 scores a thread: 16 of them leave the SFU, each for three FMAs
-    assert plain.count("ex2.approx") - split.count("ex2.approx") == 32, (plain, split)
-    assert split.count("fma.rn.ftz.f32") - plain.count("fma.rn.ftz.f32") == 96
+def _guarded_multiplies(ptx: str) -> list[int]:
+    """Per predicated branch, how many `mul.f32` follow it before anything else (comments
+    and debug lines aside): the multiplies the branch skips."""
+    lines = [ln.strip() for ln in ptx.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(("//", ".loc", "$L__tmp"))]
+    runs = []
+    for i, line in enumerate(lines):
+        if re.match(r"@%p\d+ bra\s", line):
+            n = 0
+            while i + 1 + n < len(lines) and lines[i + 1 + n].startswith("mul.f32"):
+                n += 1
+            runs.append(n)
+    return runs
+
+
+def lazy_rescale_branches_around_the_accumulators_multiply(config, overlap):
+    bm, bn, warps, stages = config
+    plain = _compile(bm, bn, warps, stages, overlap=overlap, masked=True).asm["ptx"]
+    lazy = _compile(bm, bn, warps, stages, overlap=overlap, masked=True, lazy=True).asm["ptx"]
+    # the accumulator is bm x 64 fp32 over the CTA's threads: its rescale is one multiply
+    # each, in the loop and after it; the lazy kernel skips both runs when no row's max moved
+    per_thread = bm * 64 // (warps * 32)
+    assert _guarded_multiplies(lazy).count(per_thread) == 2, _guarded_multiplies(lazy)
+    assert per_thread not in _guarded_multiplies(plain), _guarded_multiplies(plain)
 
 
 def main() -> int:
     """The sm_90 compile checks (see kernel_check.assert_checks_pass_in_a_compiling_process)."""
     checks = [(softmax_between_issue_and_wait, (c,)) for c in WGMMA_CONFIGS]
     checks += [(without_overlap_every_dot_is_waited_for_at_once, ())]
-    checks += [(half_the_exponentials_on_the_fma_units, ())]
+    checks += [
+        (lazy_rescale_branches_around_the_accumulators_multiply, (c, o))
+        for c in ((64, 64, 4, 2), (128, 64, 8, 2))
+        for o in (True, False)
+    ]
     return run_checks(checks + [(head_dim_128_compiles_within_shared_memory, ())])
 
 
 def test_compiles_for_sm90_with_the_overlap_in_its_ptx():
     assert_checks_pass_in_a_compiling_process(__file__)
-
-
-def _run_exp2_pair(x: np.ndarray) -> np.ndarray:
-    """_EXP2_PAIR's FMA half ($3 -> $1), each PTX line run in float32 / int32 as written."""
-    f32 = lambda h: np.uint32(int(h[2:], 16)).view(np.float32)  # noqa: E731 0fXXXXXXXX
-    arg = lambda a, r: r[a] if a in r else f32(a) if a.startswith("0f") else np.int32(int(a, 0))  # noqa: E731
-    regs = {"$3": x.astype(np.float32)}
-    ftz = lambda v: np.where(np.abs(v) < np.float32(2.0**-126), np.float32(0), v)  # noqa: E731
-    for line in _EXP2_PAIR.value.splitlines():
-        op, _, rest = line.strip().rstrip(";").partition(" ")
-        if op in ("{", "}", ".reg", "") or op.startswith("ex2"):
-            continue
-        d, *a = [t.strip() for t in rest.split(",")]
-        a = [arg(t, regs) for t in a]
-        if op == "max.ftz.f32":
-            regs[d] = np.maximum(a[0], a[1]).astype(np.float32)
-        elif op in ("add.rn.ftz.f32", "sub.rn.ftz.f32"):
-            regs[d] = ftz((a[0] + a[1] if op.startswith("add") else a[0] - a[1]).astype(np.float32))
-        elif op == "fma.rn.ftz.f32":  # exact product, one rounding
-            regs[d] = ftz((a[0].astype(np.float64) * a[1] + a[2]).astype(np.float32))
-        elif op == "mov.b32":
-            regs[d] = a[0].view(np.float32 if d == "$1" or d == "p" else np.int32)
-        elif op == "sub.s32":
-            regs[d] = (a[0].view(np.int32) - a[1]).astype(np.int32)
-        elif op == "shl.b32":
-            regs[d] = (a[0].view(np.uint32) << np.uint32(a[1])).view(np.int32)
-        elif op == "add.s32":
-            regs[d] = (a[0].view(np.int32) + a[1].view(np.int32)).astype(np.int32)
-        else:
-            raise AssertionError(f"no emulation of {line!r}")
-    return regs["$1"].view(np.float32)
-
-
-def test_the_fma_half_of_exp2_is_within_fp16s_half_ulp():
-    # softmax's exponents: 0 down to past -126, and the -inf of a masked key
-    x = np.concatenate([-np.geomspace(1e-6, 140, 200001), np.linspace(-1, 0, 1001), [-np.inf]])
-    got = _run_exp2_pair(x)
-    want = np.exp2(x.astype(np.float64))
-    normal = want >= 2.0**-120
-    assert np.abs(got[normal] / want[normal] - 1).max() < 1.1e-4
-    assert (got[~normal] >= 0).all() and (got[~normal] <= 2.0**-119).all()
-    assert got[-1] == 0.0  # a masked key weighs nothing
 
 
 def test_refusals_say_why():
@@ -197,11 +173,12 @@ def test_gpu_bert_8x512_right_padded(config, overlap):
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="Hopper only")
 @pytest.mark.parametrize("overlap", [True, False])
-def test_gpu_bert_8x512_half_the_exponentials_on_the_fma_units(overlap):
-    _bert_8x512_right_padded((64, 64, 4, 2), overlap, True)
+@pytest.mark.parametrize("config", [(64, 64, 4, 2), (128, 64, 8, 2)], ids=str)
+def test_gpu_bert_8x512_lazy_rescale(config, overlap):
+    _bert_8x512_right_padded(config, overlap, True)
 
 
-def _bert_8x512_right_padded(config, overlap, exp_on_fma):
+def _bert_8x512_right_padded(config, overlap, lazy):
     B, L, H, D = 8, 512, 12, 64
     q, k, v = _qkv_views(B, L, H, D, torch.float16)
     lens = torch.randint(1, L + 1, (B,), device="cuda")
@@ -211,17 +188,42 @@ def _bert_8x512_right_padded(config, overlap, exp_on_fma):
     bm, bn, warps, stages = config
     wgmma_attention(q, k, v, out, sm_scale=1 / math.sqrt(D), bias=bias.expand(B, H, L, L),
                     kv_lens=None, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
-                    overlap=overlap, exp_on_fma=exp_on_fma)  # fmt: skip
+                    overlap=overlap, lazy_rescale=lazy)  # fmt: skip
     ref = attention_reference(q.double(), k.double(), v.double(), bias=bias.double())
     stock = attention_reference(q, k, v, bias=bias.half())
-    name = f"wgmma attention {config} {overlap} {exp_on_fma}"
+    name = f"wgmma attention {config} {overlap} {lazy}"
     assert_close(out, ref, torch.float16, stock, name=name)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="Hopper only")
+@pytest.mark.parametrize("ramp", ["rising", "falling"])
+@pytest.mark.parametrize("config", [(64, 64, 4, 2), (128, 64, 8, 2)], ids=str)
+def test_gpu_lazy_rescale_where_the_maxima_move_block_after_block(config, ramp):
+    # keys scaled from 0.05 to 20 along the sequence: each key block's scores pass the
+    # last block's maxima by far more than the lazy threshold (rising), or never (falling)
+    B, L, H, D = 2, 512, 4, 64
+    q, k, v = _qkv_views(B, L, H, D, torch.float16)
+    scale = torch.linspace(0.05, 20, L, device="cuda")
+    scale = scale if ramp == "rising" else scale.flip(0)
+    k = (k.float() * scale[:, None]).half()
+    bias = torch.zeros(B, 1, 1, L, device="cuda")
+    bias[1, ..., 400:] = float("-inf")
+    out = poisoned((B, H, L, D), torch.float16, "cuda")
+    bm, bn, warps, stages = config
+    wgmma_attention(q, k, v, out, sm_scale=1 / math.sqrt(D), bias=bias, kv_lens=None,
+                    block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
+                    lazy_rescale=True)  # fmt: skip
+    ref = attention_reference(q.double(), k.double(), v.double(), bias=bias.double())
+    stock = attention_reference(q, k, v, bias=bias.half())
+    assert_close(out, ref, torch.float16, stock, name=f"lazy rescale {config} {ramp}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="Hopper only")
+@pytest.mark.parametrize("lazy", [False, True])
 @pytest.mark.parametrize("config", [WGMMA_CONFIGS[0], WGMMA_CONFIGS[3]], ids=str)
-def test_gpu_ragged_gqa_bf16_heads_in_their_own_rows(config):
+def test_gpu_ragged_gqa_bf16_heads_in_their_own_rows(config, lazy):
     # 300 keys (a masked tail), 77 queries (a partial query block), a row with no key at all,
     # 12 query heads over 4 kv heads, head dim 128, contiguous [B, H, L, D]
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -233,14 +235,15 @@ def test_gpu_ragged_gqa_bf16_heads_in_their_own_rows(config):
     out = poisoned(q.shape, torch.bfloat16, "cuda")
     bm, bn, warps, _ = config
     wgmma_attention(q, k, v, out, sm_scale=0.1, bias=None, kv_lens=lens, block_m=bm,
-                    block_n=bn, num_warps=warps, num_stages=2)  # fmt: skip
+                    block_n=bn, num_warps=warps, num_stages=2, lazy_rescale=lazy)  # fmt: skip
     ref = attention_reference(q.double(), k.double(), v.double(), sm_scale=0.1, kv_lens=lens)
-    assert_close(out, ref, torch.bfloat16, name=f"wgmma attention ragged {config}")
+    assert_close(out, ref, torch.bfloat16, name=f"wgmma attention ragged {config} {lazy}")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="Hopper only")
-def test_gpu_binaries_in_a_graph_equal_the_jit():
+@pytest.mark.parametrize("lazy", [False, True])
+def test_gpu_binaries_in_a_graph_equal_the_jit(lazy):
     """Through attention() with a tuned config: recorded at build time, launched from the
     cubin with kernl's own CUtensorMaps (Gluon's descriptors), inside a CUDA graph: bit for bit
     what Gluon's JIT computed."""
@@ -250,7 +253,7 @@ def test_gpu_binaries_in_a_graph_equal_the_jit():
     q, k, v = _qkv_views(B, L, H, D, torch.float16)
     bias = torch.zeros(B, 1, 1, L, device="cuda")
     bias[1, ..., 200:] = float("-inf")
-    config = AttentionConfig(64, 64, 4, 2, wgmma=True, overlap=True)
+    config = AttentionConfig(64, 64, 4, 2, wgmma=True, overlap=True, lazy_rescale=lazy)
     assert_binaries_in_a_graph_equal_the_jit(
         lambda out=None: attention(q, k, v, bias=bias, config=config, out=out), 4
     )
@@ -265,6 +268,7 @@ def test_the_tuner_offers_it_on_hopper_for_long_keys_only(monkeypatch):
     offered = [c for c in attention_module.attention_configs(k, False, q, v) if c.wgmma]
     assert offered and all(c.BLOCK_M == 64 for c in offered)
     assert {c.overlap for c in offered} == {True, False}
+    assert {c.lazy_rescale for c in offered} == {True, False}
     short = qkv[:, :128]
     q, k, v = (short[:, :, i].transpose(1, 2) for i in range(3))
     assert not [c for c in attention_module.attention_configs(k, False, q, v) if c.wgmma]
