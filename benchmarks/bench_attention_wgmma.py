@@ -32,33 +32,24 @@ import torch
 SHAPES = [(8, 512), (4, 256), (32, 128)]
 H, D = 12, 64
 VARIANTS = [  # (block_m, block_n, stages, overlap, num_warps[, lazy_rescale])
-    (128, 64, 2, True, 8),
-    (128, 64, 3, True, 8),
-    (128, 128, 2, True, 8),
-    (128, 64, 2, False, 8),
-    (128, 128, 2, False, 8),
+    (64, 64, 2, False, 4),  # the tuner's choice at 8x512
+    # overlap: FlashAttention-3's order (kernels/attention_wgmma.py, `_overlapped_loop`); the
+    # first overlapped schedule had every wgmma serialised by ptxas (warning C7514)
     (64, 64, 2, True, 4),
     (64, 64, 3, True, 4),
     (64, 128, 2, True, 4),
-    (64, 64, 2, False, 4),
-    # 128 query rows in one warp group (twice a 64-row wgmma): half the key and value reads
-    # from L2 of 64-row tiles (98 MB a layer at 8x512), without a second warp group
-    (128, 64, 2, False, 4),
     (128, 64, 2, True, 4),
-    (128, 64, 3, False, 4),
-    # (128x128 with 4 warps and 256x64 with 8 were 3.4x and 1.4x slower at 8x512: c350d81)
-    # (half the exponentials on the FMA units was 14% slower at 8x512: 2026-12-04, e.g. 24.92
-    # against 21.83 µs at 64x64, serial; the option is gone)
+    (128, 64, 2, True, 8),
+    (128, 64, 3, True, 8),
+    (128, 128, 2, True, 8),
     # FlashAttention-4's lazy rescale: the accumulator's multiply skipped when no row's max
     # moved by more than 8 (base 2)
-    (64, 64, 2, False, 4, True),
     (64, 64, 2, True, 4, True),
-    (64, 64, 3, False, 4, True),
     (64, 128, 2, False, 4, True),
     (64, 128, 2, True, 4, True),
-    (128, 64, 2, False, 4, True),
-    (128, 64, 2, True, 8, True),
-    (128, 128, 2, False, 8, True),
+    # (measured 2026-12-04 and gone: half the exponentials on the FMA units, 14% slower at
+    # 8x512; 32-key blocks (~95 registers a thread, 5 programs an SM), 27-31% slower at
+    # 8x512; 128x128 with 4 warps and 256x64 with 8, 3.4x and 1.4x slower, c350d81)
 ]
 
 

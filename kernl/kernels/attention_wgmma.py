@@ -1,14 +1,15 @@
 """Encoder attention in Gluon with FlashAttention-3's in-warpgroup overlap (Hopper):
-softmax(q k^T * scale + bias) v, the next key block's q k^T on the tensor cores while this
+softmax(q k^T * scale + bias) v, a key block's p v on the tensor cores while the next
 block's softmax runs on the other units.
 
 Why: at head dim 64 a score's softmax costs about as much as its two dots, and Triton 3.6
 waits for every dot right after issuing it (its PTX has `wgmma.wait_group 0` before the
 softmax's `ex2`), so a Triton program does one or the other: BERT-base's attention at 8x512
 ran at ~258 TFLOP/s, ~25 µs a layer (H200, docs/performance.md, twenty-second session).
-Gluon (Triton's lower-level dialect) exposes the asynchronous wgmma and its wait. Per key
-block j the program issues q k_{j+1}^T, computes block j's softmax, waits for p_{j-1} v_{j-1}
-only (the rescale of the accumulator needs it), issues p_j v_j and then waits for q k_{j+1}^T.
+Gluon (Triton's lower-level dialect) exposes the asynchronous wgmma and its wait. With
+`OVERLAP`, per key block j the program issues q k_{j+1}^T and p_j v_j, waits for the first,
+runs block j+1's softmax, then waits for p_j v_j and rescales the accumulator
+(`_overlapped_loop`); without it, each wgmma is waited for as it is issued (`_serial_loop`).
 
 q, k, v and the output move by TMA through 3-d descriptors, as in attention_tma.py: each
 tensor is rows of [B, L, H * D] (heads side by side, `*_IN_ROW`, the views of one QKV
@@ -111,6 +112,96 @@ def _rescale(acc, alpha, grown, rows_o: gl.constexpr, LAZY: gl.constexpr):
 
 
 @gluon_jit
+def _serial_loop(q, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, s, bias, bias_row, cols,
+                 kv_len, stride_biasn, n_blocks, kv_at, kv_col, m_i, l_i, acc, qk_scale, zero_s,
+                 rows_o: gl.constexpr, p_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+                 HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
+                 MASKED: gl.constexpr, LAZY: gl.constexpr):  # fmt: skip
+    """The key loop with every wgmma waited for as soon as it is issued; block 0's scores
+    are in `s`. Returns the accumulator and the rows' sums."""
+    dtype: gl.constexpr = q.dtype
+    for j in range(n_blocks - 1):
+        slot = j % STAGES
+        nxt = (j + 1) % STAGES
+        mbarrier.wait(k_bars.index(nxt), ((j + 1) // STAGES) & 1)
+        k_next = k_smem.index(nxt).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+        s_next = warpgroup_mma(q, k_next, zero_s, use_acc=False, is_async=True)
+        s_next = warpgroup_mma_wait(0, deps=(s_next,))
+        bias_next = _bias(bias_row, cols + (j + 1) * BLOCK_N, kv_len, stride_biasn, HAS_BIAS)
+        p, alpha, m_i, l_i, grown = _softmax_block(s, bias, cols + j * BLOCK_N, kv_len, m_i,
+                                                   l_i, qk_scale, HAS_BIAS, MASKED, LAZY)  # fmt: skip
+        acc = warpgroup_mma_wait(1, deps=(acc,))  # done already: the accumulator as a tensor
+        if j > 0:
+            _issue(v_desc, v_smem, v_bars, j - 1 + STAGES, n_blocks, kv_at, kv_col, BLOCK_N, STAGES)
+        acc = _rescale(acc, alpha, grown, rows_o, LAZY)
+        p16 = gl.convert_layout(p.to(dtype), p_layout)
+        mbarrier.wait(v_bars.index(slot), (j // STAGES) & 1)
+        acc = warpgroup_mma(
+            p16, v_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True
+        )
+        acc = warpgroup_mma_init(warpgroup_mma_wait(0, deps=(acc,)))
+        s = warpgroup_mma_wait(1, deps=(s_next,))
+        _issue(k_desc, k_smem, k_bars, j + 1 + STAGES, n_blocks, kv_at, kv_col, BLOCK_N, STAGES)
+        bias = bias_next
+
+    last = n_blocks - 1
+    p, alpha, m_i, l_i, grown = _softmax_block(s, bias, cols + last * BLOCK_N, kv_len, m_i, l_i,
+                                               qk_scale, HAS_BIAS, MASKED, LAZY)  # fmt: skip
+    acc = warpgroup_mma_wait(0, deps=(acc,))
+    acc = _rescale(acc, alpha, grown, rows_o, LAZY)
+    p16 = gl.convert_layout(p.to(dtype), p_layout)
+    mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
+    v_last = v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM])
+    acc = warpgroup_mma(p16, v_last, acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(acc,))
+    return acc, l_i
+
+
+@gluon_jit
+def _overlapped_loop(q, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, s, bias, bias_row, cols,
+                     kv_len, stride_biasn, n_blocks, kv_at, kv_col, m_i, l_i, acc, qk_scale,
+                     zero_s, rows_o: gl.constexpr, p_layout: gl.constexpr,
+                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                     HAS_BIAS: gl.constexpr, MASKED: gl.constexpr, LAZY: gl.constexpr):  # fmt: skip
+    """FlashAttention-3's order: with block j's p in hand, issue q k_{j+1}^T and then p_j v_j,
+    wait for the first only, run block j+1's softmax while p_j v_j runs, then wait for it and
+    rescale. Nothing reads the accumulator while a wgmma is in flight: where something did
+    (this kernel's first schedule, block j's softmax under q k_{j+1}^T and the rescale before
+    p_j v_j), ptxas serialised every wgmma (its warning C7514)."""
+    dtype: gl.constexpr = q.dtype
+    # block 0: the accumulator is still zero, nothing to rescale
+    p, alpha, m_i, l_i, grown = _softmax_block(s, bias, cols, kv_len, m_i, l_i, qk_scale,
+                                               HAS_BIAS, MASKED, LAZY)  # fmt: skip
+    for j in range(n_blocks - 1):
+        slot = j % STAGES
+        nxt = (j + 1) % STAGES
+        mbarrier.wait(k_bars.index(nxt), ((j + 1) // STAGES) & 1)
+        k_next = k_smem.index(nxt).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+        s_next = warpgroup_mma(q, k_next, zero_s, use_acc=False, is_async=True)
+        p16 = gl.convert_layout(p.to(dtype), p_layout)
+        mbarrier.wait(v_bars.index(slot), (j // STAGES) & 1)
+        acc = warpgroup_mma(
+            p16, v_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True
+        )
+        bias = _bias(bias_row, cols + (j + 1) * BLOCK_N, kv_len, stride_biasn, HAS_BIAS)
+        s = warpgroup_mma_wait(1, deps=(s_next,))  # groups retire in order: q k^T is done
+        _issue(k_desc, k_smem, k_bars, j + 1 + STAGES, n_blocks, kv_at, kv_col, BLOCK_N, STAGES)
+        p, alpha, m_i, l_i, grown = _softmax_block(s, bias, cols + (j + 1) * BLOCK_N, kv_len,
+                                                   m_i, l_i, qk_scale, HAS_BIAS, MASKED, LAZY)  # fmt: skip
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        _issue(v_desc, v_smem, v_bars, j + STAGES, n_blocks, kv_at, kv_col, BLOCK_N, STAGES)
+        acc = warpgroup_mma_init(_rescale(acc, alpha, grown, rows_o, LAZY))
+
+    last = n_blocks - 1
+    p16 = gl.convert_layout(p.to(dtype), p_layout)
+    mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
+    v_last = v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM])
+    acc = warpgroup_mma(p16, v_last, acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(acc,))
+    return acc, l_i
+
+
+@gluon_jit
 def _wgmma_attention_kernel(
     q_desc, k_desc, v_desc, o_desc, Bias, KVLens, Lk, num_heads, group_size, qk_scale,
     stride_biasb, stride_biash, stride_biasn,
@@ -177,45 +268,18 @@ def _wgmma_attention_kernel(
     _issue(k_desc, k_smem, k_bars, STAGES, n_blocks, kv_at, kv_col, BLOCK_N, STAGES)
     bias = _bias(bias_row, cols, kv_len, stride_biasn, HAS_BIAS)
 
-    for j in range(n_blocks - 1):
-        slot = j % STAGES
-        nxt = (j + 1) % STAGES
-        # the next block's scores start on the tensor cores before this block's softmax
-        mbarrier.wait(k_bars.index(nxt), ((j + 1) // STAGES) & 1)
-        k_next = k_smem.index(nxt).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-        s_next = warpgroup_mma(q, k_next, zero_s, use_acc=False, is_async=True)
-        if not OVERLAP:  # the same schedule with every dot waited for (the bench's control)
-            s_next = warpgroup_mma_wait(0, deps=(s_next,))
-        cols_next = cols + (j + 1) * BLOCK_N
-        bias_next = _bias(bias_row, cols_next, kv_len, stride_biasn, HAS_BIAS)
-        p, alpha, m_i, l_i, grown = _softmax_block(s, bias, cols + j * BLOCK_N, kv_len, m_i,
-                                                   l_i, qk_scale, HAS_BIAS, MASKED, LAZY)  # fmt: skip
-        # the previous block's p v is done (only the next q k^T may still run)
-        acc = warpgroup_mma_wait(1, deps=(acc,))
-        if j > 0:
-            _issue(v_desc, v_smem, v_bars, j - 1 + STAGES, n_blocks, kv_at, kv_col, BLOCK_N, STAGES)
-        acc = _rescale(acc, alpha, grown, rows_o, LAZY)
-        p16 = gl.convert_layout(p.to(dtype), p_layout)
-        mbarrier.wait(v_bars.index(slot), (j // STAGES) & 1)
-        acc = warpgroup_mma(
-            p16, v_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True
-        )
-        if not OVERLAP:
-            acc = warpgroup_mma_init(warpgroup_mma_wait(0, deps=(acc,)))
-        s = warpgroup_mma_wait(1, deps=(s_next,))
-        _issue(k_desc, k_smem, k_bars, j + 1 + STAGES, n_blocks, kv_at, kv_col, BLOCK_N, STAGES)
-        bias = bias_next
-
-    last = n_blocks - 1
-    p, alpha, m_i, l_i, grown = _softmax_block(s, bias, cols + last * BLOCK_N, kv_len, m_i, l_i,
-                                               qk_scale, HAS_BIAS, MASKED, LAZY)  # fmt: skip
-    acc = warpgroup_mma_wait(0, deps=(acc,))
-    acc = _rescale(acc, alpha, grown, rows_o, LAZY)
-    p16 = gl.convert_layout(p.to(dtype), p_layout)
-    mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
-    v_last = v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM])
-    acc = warpgroup_mma(p16, v_last, acc, is_async=True)
-    acc = warpgroup_mma_wait(0, deps=(acc,))
+    if OVERLAP:
+        acc, l_i = _overlapped_loop(
+            q, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, s, bias, bias_row, cols, kv_len,
+            stride_biasn, n_blocks, kv_at, kv_col, m_i, l_i, acc, qk_scale, zero_s, rows_o,
+            p_layout, BLOCK_N, HEAD_DIM, STAGES, HAS_BIAS, MASKED, LAZY,
+        )  # fmt: skip
+    else:
+        acc, l_i = _serial_loop(
+            q, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, s, bias, bias_row, cols, kv_len,
+            stride_biasn, n_blocks, kv_at, kv_col, m_i, l_i, acc, qk_scale, zero_s, rows_o,
+            p_layout, BLOCK_N, HEAD_DIM, STAGES, HAS_BIAS, MASKED, LAZY,
+        )  # fmt: skip
 
     l_o = gl.convert_layout(l_i, rows_o)
     acc = acc / gl.where(l_o == 0.0, 1.0, l_o)[:, None]
