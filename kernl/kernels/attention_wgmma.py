@@ -112,6 +112,27 @@ def _rescale(acc, alpha, grown, rows_o: gl.constexpr, LAZY: gl.constexpr):
 
 
 @gluon_jit
+def _issue_scores(q, k_smem, k_bars, block, zero_s, BLOCK_N: gl.constexpr,
+                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """q k^T of key block `block` issued once its keys have landed (not waited for)."""
+    slot = block % STAGES
+    mbarrier.wait(k_bars.index(slot), (block // STAGES) & 1)
+    k_block = k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+    return warpgroup_mma(q, k_block, zero_s, use_acc=False, is_async=True)
+
+
+@gluon_jit
+def _last_pv(p, acc, v_smem, v_bars, last, p_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+             HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """acc + p v of the last key block, waited for."""
+    p16 = gl.convert_layout(p.to(v_smem.dtype), p_layout)
+    mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
+    v_last = v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM])
+    acc = warpgroup_mma(p16, v_last, acc, is_async=True)
+    return warpgroup_mma_wait(0, deps=(acc,))
+
+
+@gluon_jit
 def _serial_loop(q, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, s, bias, bias_row, cols,
                  kv_len, stride_biasn, n_blocks, kv_at, kv_col, m_i, l_i, acc, qk_scale, zero_s,
                  rows_o: gl.constexpr, p_layout: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -122,10 +143,7 @@ def _serial_loop(q, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, s, bias, bia
     dtype: gl.constexpr = q.dtype
     for j in range(n_blocks - 1):
         slot = j % STAGES
-        nxt = (j + 1) % STAGES
-        mbarrier.wait(k_bars.index(nxt), ((j + 1) // STAGES) & 1)
-        k_next = k_smem.index(nxt).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-        s_next = warpgroup_mma(q, k_next, zero_s, use_acc=False, is_async=True)
+        s_next = _issue_scores(q, k_smem, k_bars, j + 1, zero_s, BLOCK_N, HEAD_DIM, STAGES)
         s_next = warpgroup_mma_wait(0, deps=(s_next,))
         bias_next = _bias(bias_row, cols + (j + 1) * BLOCK_N, kv_len, stride_biasn, HAS_BIAS)
         p, alpha, m_i, l_i, grown = _softmax_block(s, bias, cols + j * BLOCK_N, kv_len, m_i,
@@ -149,12 +167,7 @@ def _serial_loop(q, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, s, bias, bia
                                                qk_scale, HAS_BIAS, MASKED, LAZY)  # fmt: skip
     acc = warpgroup_mma_wait(0, deps=(acc,))
     acc = _rescale(acc, alpha, grown, rows_o, LAZY)
-    p16 = gl.convert_layout(p.to(dtype), p_layout)
-    mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
-    v_last = v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM])
-    acc = warpgroup_mma(p16, v_last, acc, is_async=True)
-    acc = warpgroup_mma_wait(0, deps=(acc,))
-    return acc, l_i
+    return _last_pv(p, acc, v_smem, v_bars, last, p_layout, BLOCK_N, HEAD_DIM, STAGES), l_i
 
 
 @gluon_jit
@@ -174,10 +187,7 @@ def _overlapped_loop(q, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, s, bias,
                                                HAS_BIAS, MASKED, LAZY)  # fmt: skip
     for j in range(n_blocks - 1):
         slot = j % STAGES
-        nxt = (j + 1) % STAGES
-        mbarrier.wait(k_bars.index(nxt), ((j + 1) // STAGES) & 1)
-        k_next = k_smem.index(nxt).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-        s_next = warpgroup_mma(q, k_next, zero_s, use_acc=False, is_async=True)
+        s_next = _issue_scores(q, k_smem, k_bars, j + 1, zero_s, BLOCK_N, HEAD_DIM, STAGES)
         p16 = gl.convert_layout(p.to(dtype), p_layout)
         mbarrier.wait(v_bars.index(slot), (j // STAGES) & 1)
         acc = warpgroup_mma(
@@ -193,12 +203,7 @@ def _overlapped_loop(q, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, s, bias,
         acc = warpgroup_mma_init(_rescale(acc, alpha, grown, rows_o, LAZY))
 
     last = n_blocks - 1
-    p16 = gl.convert_layout(p.to(dtype), p_layout)
-    mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
-    v_last = v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM])
-    acc = warpgroup_mma(p16, v_last, acc, is_async=True)
-    acc = warpgroup_mma_wait(0, deps=(acc,))
-    return acc, l_i
+    return _last_pv(p, acc, v_smem, v_bars, last, p_layout, BLOCK_N, HEAD_DIM, STAGES), l_i
 
 
 @gluon_jit
