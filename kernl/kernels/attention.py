@@ -321,7 +321,7 @@ class AttentionConfig:
     # attention_tma.py's persistent kernel (Hopper; non-causal), programs_per_sm programs per SM
     tma: bool = False
     # attention_wgmma.py's Gluon kernel (Hopper; non-causal; a padding bias or none), one
-    # program per query block; `overlap`: each next q k^T issued before this block's softmax
+    # program per query block; `overlap`: a block's p v runs while the next block's softmax does
     wgmma: bool = False
     overlap: bool = True
     # the Gluon kernel's accumulator rescaled only when a row's max moved (FlashAttention-4)
@@ -393,10 +393,8 @@ def attention_configs(
     if kv_len is not None and kv_len > 128 and q is not None and v is not None:
         if wgmma_attention_refusal(q, k, v, None, causal) is None:
             for bm, bn, w, s, overlap, lazy in _WGMMA:
-                config = AttentionConfig(
-                    bm, bn, w, s, wgmma=True, overlap=overlap, lazy_rescale=lazy
-                )
-                out.append(config)
+                extra = {"overlap": overlap, "lazy_rescale": lazy}
+                out.append(AttentionConfig(bm, bn, w, s, wgmma=True, **extra))
     return out
 
 
