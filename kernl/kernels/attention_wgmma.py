@@ -337,42 +337,23 @@ def wgmma_attention(
     with one row for every query (stride 0 over the queries), or None; kv_lens [B] or None.
     lazy_rescale: FlashAttention-4's lazy rescale of the accumulator (`_softmax_block`).
     Writes `out` and returns it."""
-    refusal = wgmma_attention_refusal(q, k, v, out, False)
-    if refusal:
-        raise ValueError(refusal)
-    B, H, Lq, D = q.shape
+    descs, bias_arg, strides, constants = _launch_operands(q, k, v, out, bias, block_m, block_n)
+    B, H, Lq, _ = q.shape
     H_kv, Lk = k.shape[1], k.shape[2]
-    if bias is not None:
-        bias = bias.expand(B, H, Lq, Lk)  # broadcast dims get stride 0
-    if bias is not None and bias.stride(2) != 0 and Lq > 1:
-        raise ValueError("the wgmma attention kernel takes a bias of one row for every query")
-    (q_rows, q_in_row), (k_rows, kv_in_row), (v_rows, _), (o_rows, o_in_row) = [
-        _rows(t) for t in (q, k, v, out)
-    ]
-    strides = [bias.stride(0), bias.stride(1), bias.stride(3)] if bias is not None else [0, 0, 0]
     lens = kv_lens.to(device=q.device, dtype=torch.int32) if kv_lens is not None else q
     launch_kernel(
         _wgmma_attention_kernel,
         (cdiv(Lq, block_m), B * H),
-        TensorDesc(q_rows, (1, block_m, D), gluon=True),
-        TensorDesc(k_rows, (1, block_n, D), gluon=True),
-        TensorDesc(v_rows, (1, block_n, D), gluon=True),
-        TensorDesc(o_rows, (1, block_m, D), gluon=True),
-        bias if bias is not None else q,
+        *descs,
+        bias_arg,
         lens,
         Lk,
         H,
         H // H_kv,
         sm_scale * 1.4426950408889634,
         *strides,
-        HEAD_DIM=D,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
+        **constants,
         STAGES=num_stages,
-        Q_IN_ROW=q_in_row,
-        KV_IN_ROW=kv_in_row,
-        O_IN_ROW=o_in_row,
-        HAS_BIAS=bias is not None,
         HAS_KV_LENS=kv_lens is not None,
         MASKED=kv_lens is not None or Lk % block_n != 0,
         OVERLAP=overlap,
@@ -380,6 +361,35 @@ def wgmma_attention(
         num_warps=num_warps,
     )
     return out
+
+
+def _launch_operands(q, k, v, out, bias, block_m: int, block_n: int):
+    """What every launcher of this file's kernels passes (attention_wgmma_persistent.py's
+    too): the TMA descriptors of q, k, v and out, the bias (q where there is none, never read)
+    and its strides, and the constexprs of their layout. Raises ValueError for a call the
+    kernels cannot run."""
+    refusal = wgmma_attention_refusal(q, k, v, out, False)
+    if refusal:
+        raise ValueError(refusal)
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if bias is not None:
+        bias = bias.expand(B, H, Lq, Lk)  # broadcast dims get stride 0
+    if bias is not None and bias.stride(2) != 0 and Lq > 1:
+        raise ValueError("the wgmma attention kernel takes a bias of one row for every query")
+    (q_rows, q_in_row), (k_rows, kv_in_row), (v_rows, _), (o_rows, o_in_row) = [
+        _rows(t) for t in (q, k, v, out)
+    ]
+    descs = [
+        TensorDesc(q_rows, (1, block_m, D), gluon=True),
+        TensorDesc(k_rows, (1, block_n, D), gluon=True),
+        TensorDesc(v_rows, (1, block_n, D), gluon=True),
+        TensorDesc(o_rows, (1, block_m, D), gluon=True),
+    ]
+    strides = [bias.stride(0), bias.stride(1), bias.stride(3)] if bias is not None else [0, 0, 0]
+    constants = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, Q_IN_ROW=q_in_row)
+    constants |= dict(KV_IN_ROW=kv_in_row, O_IN_ROW=o_in_row, HAS_BIAS=bias is not None)
+    return descs, bias if bias is not None else q, strides, constants
 
 
 JIT_FUNCTIONS = (_wgmma_attention_kernel,)

@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import torch
 
-from .attention_tma import _rows
 from .attention_wgmma import (
     _bias,
     _issue_scores,
     _last_pv,
+    _launch_operands,
     _place,
     _rescale,
     _softmax_block,
-    wgmma_attention_refusal,
 )
 from .jit import (
     cdiv,
@@ -43,7 +42,6 @@ from .jit import (
     warpgroup_mma_wait,
 )
 from .launch import launch_kernel, sm_count
-from .tma import TensorDesc
 
 
 @gluon_jit
@@ -211,28 +209,15 @@ def persistent_wgmma_attention(
     programs_per_sm x SMs) programs. max_registers: ptxas's cap a thread (0: its own choice;
     at 64x64 with 4 warps that is 225, two programs an SM; 168 fits three without spilling,
     by ptxas -v for sm_90). Writes `out` and returns it."""
-    refusal = wgmma_attention_refusal(q, k, v, out, False)
-    if refusal:
-        raise ValueError(refusal)
-    B, H, Lq, D = q.shape
+    descs, bias_arg, strides, constants = _launch_operands(q, k, v, out, bias, block_m, block_n)
+    B, H, Lq, _ = q.shape
     H_kv, Lk = k.shape[1], k.shape[2]
-    if bias is not None:
-        bias = bias.expand(B, H, Lq, Lk)  # broadcast dims get stride 0
-    if bias is not None and bias.stride(2) != 0 and Lq > 1:
-        raise ValueError("the wgmma attention kernel takes a bias of one row for every query")
-    (q_rows, q_in_row), (k_rows, kv_in_row), (v_rows, _), (o_rows, o_in_row) = [
-        _rows(t) for t in (q, k, v, out)
-    ]
-    strides = [bias.stride(0), bias.stride(1), bias.stride(3)] if bias is not None else [0, 0, 0]
     tiles = cdiv(Lq, block_m) * B * H
     launch_kernel(
         _persistent_wgmma_attention_kernel,
         (min(tiles, programs_per_sm * sm_count(q.device)),),
-        TensorDesc(q_rows, (1, block_m, D), gluon=True),
-        TensorDesc(k_rows, (1, block_n, D), gluon=True),
-        TensorDesc(v_rows, (1, block_n, D), gluon=True),
-        TensorDesc(o_rows, (1, block_m, D), gluon=True),
-        bias if bias is not None else q,
+        *descs,
+        bias_arg,
         Lq,
         Lk,
         B,
@@ -240,14 +225,8 @@ def persistent_wgmma_attention(
         H // H_kv,
         sm_scale * 1.4426950408889634,
         *strides,
-        HEAD_DIM=D,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
+        **constants,
         STAGES=num_stages,
-        Q_IN_ROW=q_in_row,
-        KV_IN_ROW=kv_in_row,
-        O_IN_ROW=o_in_row,
-        HAS_BIAS=bias is not None,
         MASKED=Lk % block_n != 0,
         LAZY=lazy_rescale,
         num_warps=num_warps,
