@@ -10,9 +10,7 @@ exposes the asynchronous wgmma and its wait, so that schedule can be written; th
 measures it against the kernels the tuner has.
 
 The Gluon kernel is kernl/kernels/attention_wgmma.py. `overlap=False` runs it with every
-wgmma waited for at once: the schedule's own effect, separated from TMA's. The persistent
-variants are kernl/kernels/attention_wgmma_persistent.py (a few programs an SM walking the
-tiles, each program's keys streamed across its tiles).
+wgmma waited for at once: the schedule's own effect, separated from TMA's.
 
     python benchmarks/bench_attention_wgmma.py      # JSON lines, then a summary
 
@@ -53,15 +51,9 @@ VARIANTS = [  # (block_m, block_n, stages, overlap, num_warps[, lazy_rescale])
     # 8x512; 32-key blocks (~95 registers a thread, 5 programs an SM), 27-31% slower at
     # 8x512; 128x128 with 4 warps and 256x64 with 8, 3.4x and 1.4x slower, c350d81)
 ]
-# kernels/attention_wgmma_persistent.py (not yet run on a GPU): (block_m, block_n, stages,
-# num_warps, programs an SM, registers a thread or 0 for ptxas's ~225)
-PERSISTENT = [
-    (64, 64, 2, 4, 2, 0),
-    (64, 64, 2, 4, 3, 168),
-    (64, 64, 3, 4, 3, 168),
-    (64, 64, 2, 4, 4, 128),
-    (128, 64, 2, 8, 1, 0),
-]
+# (measured 2026-12-04 and gone: the serial loop in a persistent grid, 2-4 programs an SM, each
+# program's keys streamed across its tiles: 19-37% slower at 8x512;
+# the kernel is in 5da9c67)
 
 
 def _time_variant(name, run, ref, shape, row, median_ms) -> None:
@@ -89,7 +81,6 @@ def main() -> None:
 
     from kernl.kernels.attention import attention, attention_configs, attention_reference
     from kernl.kernels.attention_wgmma import wgmma_attention
-    from kernl.kernels.attention_wgmma_persistent import persistent_wgmma_attention
 
     print(json.dumps(device_info()), flush=True)
     summary = []
@@ -133,17 +124,6 @@ def main() -> None:
                 return wgmma_attention(q, k, v, o, sm_scale=scale, bias=bias, kv_lens=None,
                                        block_m=a[0], block_n=a[1], num_stages=a[2],
                                        overlap=a[3], num_warps=a[4], lazy_rescale=a[5])  # fmt: skip
-
-            _time_variant(name, run, ref, (batch, seq), row, median_ms)
-        for bm, bn, st, nw, per_sm, regs in PERSISTENT:
-            name = f"persistent {bm}x{bn} s{st} w{nw} {per_sm}/SM"
-            name += f" {regs} regs" if regs else ""
-
-            def run(o, a=(bm, bn, st, nw, per_sm, regs)):
-                return persistent_wgmma_attention(q, k, v, o, sm_scale=scale, bias=bias,
-                                                  block_m=a[0], block_n=a[1], num_stages=a[2],
-                                                  num_warps=a[3], programs_per_sm=a[4],
-                                                  max_registers=a[5])  # fmt: skip
 
             _time_variant(name, run, ref, (batch, seq), row, median_ms)
         summary.append(row)

@@ -364,10 +364,9 @@ def wgmma_attention(
 
 
 def _launch_operands(q, k, v, out, bias, block_m: int, block_n: int):
-    """What every launcher of this file's kernels passes (attention_wgmma_persistent.py's
-    too): the TMA descriptors of q, k, v and out, the bias (q where there is none, never read)
-    and its strides, and the constexprs of their layout. Raises ValueError for a call the
-    kernels cannot run."""
+    """What the launcher passes: the TMA descriptors of q, k, v and out, the bias (q where
+    there is none, never read) and its strides, and the constexprs of their layout. Raises
+    ValueError for a call the kernel cannot run."""
     refusal = wgmma_attention_refusal(q, k, v, out, False)
     if refusal:
         raise ValueError(refusal)

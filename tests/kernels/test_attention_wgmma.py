@@ -26,24 +26,18 @@ from kernl.kernels.attention_wgmma import (
 )
 
 
-def _desc(rows: int, head_dim: int = 64) -> str:
-    """The signature of an fp16 [1, rows, head_dim] TMA descriptor, as Gluon's JIT gives it."""
-    from triton.experimental.gluon import language as gl
-
-    block = [1, rows, head_dim]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float16)
-    return f"tensordesc<fp16[1,{rows},{head_dim}],{layout!r}>"
-
-
 def _compile(block_m, block_n, warps, stages, overlap=True, head_dim=64, masked=False, lazy=False):
     import triton
     from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from kernl.kernels.jit import made
 
     def desc(rows):
-        return _desc(rows, head_dim)
+        block = [1, rows, head_dim]
+        layout = gl.NVMMASharedLayout.get_default_for(block, gl.float16)
+        return f"tensordesc<fp16[1,{rows},{head_dim}],{layout!r}>"
 
     signature = {"q_desc": desc(block_m), "k_desc": desc(block_n), "v_desc": desc(block_n)}
     signature |= {"o_desc": desc(block_m), "Bias": "*fp32", "KVLens": "*i32", "qk_scale": "fp32"}
