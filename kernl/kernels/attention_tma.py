@@ -34,7 +34,10 @@ def _scores(q, k, Bias_row, offs_m, cols, kv_len, qk_scale, stride_biasm, stride
     # log2-domain scores of one key block; keys past kv_len are -inf
     qk = tl.dot(q, k.T)
     if BIAS_PER_KEY:
-        bias = tl.load(Bias_row + cols * stride_biasn, mask=cols < kv_len, other=0.0)
+        if MASKED:
+            bias = tl.load(Bias_row + cols * stride_biasn, mask=cols < kv_len, other=0.0)
+        else:  # every block full: no predicate and address per column (as attention_wgmma.py)
+            bias = tl.load(Bias_row + cols * stride_biasn)
         qk = qk * qk_scale + bias.to(tl.float32)[None, :] * 1.4426950408889634
     elif HAS_BIAS:
         mask = (offs_m[:, None] < Lq) & (cols[None, :] < kv_len)
