@@ -21,11 +21,12 @@ import sys
 import torch
 
 SHAPES = [(8, 512), (4, 256), (32, 128), (8, 128)]
-H, D = 12, 64
+H, D = 12, 64  # bench_attention_short.case's
 
 
 def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_attention_short import case
     from bench_utils import device_info, median_ms
 
     from kernl.kernels.attention import attention, attention_configs, attention_reference
@@ -33,14 +34,7 @@ def main() -> None:
     tree = os.environ.get("AB_TREE", "?")
     print(json.dumps({"tree": tree, **device_info()}), flush=True)
     for batch, seq in SHAPES:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        qkv = torch.randn(batch, seq, 3, H, D, dtype=torch.float16, device="cuda", generator=g)
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-        keep = torch.ones(batch, seq, dtype=torch.bool, device="cuda")
-        keep[: max(1, batch // 4), seq // 2 :] = False
-        bias = torch.zeros(batch, 1, 1, seq, device="cuda").masked_fill(
-            ~keep[:, None, None, :], float("-inf")
-        )
+        q, k, v, bias, _ = case(batch, seq)
         ref = attention_reference(q.double(), k.double(), v.double(), bias=bias.double())
         for config in attention_configs(k, False, q, v):
             out = torch.empty(batch, seq, H, D, dtype=torch.float16, device="cuda").transpose(1, 2)

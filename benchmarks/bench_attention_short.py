@@ -30,6 +30,9 @@ H, D = 12, 64
 
 
 def case(batch: int, seq: int):
+    """BERT's attention inputs at batch x seq (also bench_attention_wgmma's and
+    ab_attention_configs's): q, k, v views of one QKV projection, a 0 / -inf padding bias with
+    a quarter of the rows right-padded, and an output [B, L, H, D] seen as [B, H, L, D]."""
     g = torch.Generator(device="cuda").manual_seed(0)
     qkv = torch.randn(batch, seq, 3, H, D, dtype=torch.float16, device="cuda", generator=g)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))

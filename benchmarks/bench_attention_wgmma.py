@@ -77,6 +77,7 @@ def _time_variant(name, run, ref, shape, row, median_ms) -> None:
 
 def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_attention_short import case
     from bench_utils import device_info, median_ms
 
     from kernl.kernels.attention import attention, attention_configs, attention_reference
@@ -85,14 +86,7 @@ def main() -> None:
     print(json.dumps(device_info()), flush=True)
     summary = []
     for batch, seq in SHAPES:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        qkv = torch.randn(batch, seq, 3, H, D, dtype=torch.float16, device="cuda", generator=g)
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-        keep = torch.ones(batch, seq, dtype=torch.bool, device="cuda")
-        keep[: max(1, batch // 4), seq // 2 :] = False
-        bias = torch.zeros(batch, 1, 1, seq, device="cuda").masked_fill(
-            ~keep[:, None, None, :], float("-inf")
-        )
+        q, k, v, bias, _ = case(batch, seq)
         ref = attention_reference(q.double(), k.double(), v.double(), bias=bias.double())
         ref = ref.transpose(1, 2)  # [B, L, H, D]
         scale = 1 / math.sqrt(D)
