@@ -15,6 +15,7 @@ import kernl.compiler
 import kernl.runtime
 from kernl.compiler.buckets import BucketSyntaxError
 from kernl.compiler.tasks.causal_lm.buckets import parse_generation_buckets
+from kernl.compiler.tasks.causal_lm.describe import describe
 from kernl.compiler.trace import UnsupportedModelError
 
 from .tiny_models import VOCAB, mixed_prompts, tiny_model
@@ -49,6 +50,8 @@ def test_seeded_sampling_repeats_and_filters(model):
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert not torch.equal(a, greedy)
+    # A seed's bits above 32 count: seed and seed + 2**32 draw differently (they were cut).
+    assert not torch.equal(a, model.generate(ids, mask, seed=7 + 2**32, top_k=0, **kw))
     # Keeping only the most likely token (top_k=1, or a tiny top_p) is greedy decoding.
     assert torch.equal(model.generate(ids, mask, seed=3, top_k=1, **kw), greedy)
     assert torch.equal(model.generate(ids, mask, seed=3, top_k=0, top_p=1e-6, **kw), greedy)
@@ -207,7 +210,18 @@ def test_unsupported_models_fail_at_compile_naming_why(tmp_path):
             device="cpu",
             task="causal-lm",
         )
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # More EOS ids than the runtime stops at: refused before tracing (it failed only when the
+    # artifact was written, as "a bug in kernl"); repeated ids count once.
+    llama = tiny_model("llama3")
+    llama.generation_config.eos_token_id = list(range(2, 11))
+    with pytest.raises(UnsupportedModelError, match=r"9 EOS ids .*at most"):
+        kernl.compiler.compile(
+            llama, "batch=1 prompt=8 cache=16", tmp_path / "c", dtype="fp32", device="cpu",
+            task="causal-lm",
+        )  # fmt: skip
+    assert not any((tmp_path / n).exists() for n in "abc")
+    llama.generation_config.eos_token_id = [3] * 9 + [4]
+    assert describe(llama, 16, torch.float32)[0].eos_token_ids == [3, 4]
 
 
 def test_generation_bucket_syntax():

@@ -6,6 +6,9 @@ so without touching the batch."""
 
 from __future__ import annotations
 
+import gc
+import threading
+
 import pytest
 import torch
 
@@ -168,8 +171,47 @@ def test_open_batch_checks_its_arguments(model):
         model.open_batch([prompt(4, 60)], max_new_tokens=[3, 4])
     with pytest.raises(ValueError, match="rows=9"):
         model.open_batch([prompt(4, 60)], rows=9)
+    with pytest.raises(ValueError, match=r"positive integers, got \['4'\]"):
+        model.open_batch([prompt(4, 60), prompt(3, 61)], max_new_tokens=[3, "4"])
+    with model.open_batch([prompt(4, 60)], max_new_tokens=6, eos_token_id=[], rows=2) as batch:
+        for n in (0, -3, 1.5, True):
+            with pytest.raises(ValueError, match="positive integer"):
+                batch.steps(n)
+        with pytest.raises(ValueError, match="one prompt"):
+            batch.join([], 3)
+        with pytest.raises(ValueError, match="one prompt"):
+            batch.join([[1, 2], [3, 4]], 3)  # was seated as one prompt [1, 2, 3, 4]
+        assert len(batch.steps(2)) == 2
     # A refused call leaves the model free.
     assert model.generate([prompt(4, 60)], max_new_tokens=2).shape == (1, 6)
+
+
+def test_a_closed_batch_refuses_and_a_dropped_one_frees_the_model(model):
+    a, b = prompt(5, 80), prompt(3, 81)
+    batch = model.open_batch([a], max_new_tokens=8, eos_token_id=[], rows=2)
+    batch.step()
+    with pytest.raises(RuntimeError, match="holds an open batch"):
+        model.generate([b], max_new_tokens=2)
+    batch.close()
+    batch.close()
+    # This call reuses the batch's bucket and cache; the closed batch stepped on, unlocked,
+    # and returned another prompt's tokens.
+    model.generate([b, a, b, a], max_new_tokens=6, eos_token_id=[])
+    for call in (batch.step, lambda: batch.steps(2), lambda: batch.join(b, 2)):
+        with pytest.raises(RuntimeError, match="batch is closed"):
+            call()
+    assert batch.closed and not batch.can_join(3, 2)
+    # Dropped without close(): the model was locked for good (this thread got an error
+    # naming a stream, other threads waited forever).
+    model.open_batch([a], max_new_tokens=3, eos_token_id=[])
+    gc.collect()
+    assert model.generate([b], max_new_tokens=2, eos_token_id=[]).shape == (1, 5)
+    model.open_batch([a], max_new_tokens=3, eos_token_id=[])
+    gc.collect()
+    other = threading.Thread(target=model.generate, args=([b],), kwargs=dict(max_new_tokens=2))
+    other.start()
+    other.join(timeout=120)
+    assert not other.is_alive()
 
 
 @pytest.mark.gpu

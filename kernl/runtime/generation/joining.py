@@ -18,11 +18,15 @@ between two graph replays; nothing is captured anew.
 
 A joiner must be able to finish inside the cache: s + max_new_tokens - 1 <= cache length. A
 batch whose bucket is the smallest has no smaller bucket to prefill joiners on: nobody joins
-it. The batch holds the model (its lock) from `open_batch` to `close`; one thread drives it."""
+it. The batch holds the model (its lock) from `open_batch` to `close`, or until the batch
+object is collected (a batch dropped without `close` does not lock the model for good); one
+thread drives it. A closed batch refuses to step or join: other calls may have reused its
+bucket's cache since."""
 
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 
@@ -47,8 +51,9 @@ class OpenBatch:
         self._slot = plan.prompt_bucket  # the cache slot the next decode step writes
         self._steps = 1  # steps run so far (the prefill is the first)
         model._refuse_reentry()
-        model._lock.acquire()
-        model._streaming_thread = threading.get_ident()
+        self._hold = _ModelHold(model)
+        # released once: by close(), or when the batch is collected unclosed
+        self._release = weakref.finalize(self, _ModelHold.release, self._hold)
         try:
             self._capture_steps()
             model._start(plan, *sampling)
@@ -88,7 +93,7 @@ class OpenBatch:
     def can_join(self, prompt_length: int, max_new_tokens: int) -> bool:
         """Whether a request of this prompt length and budget may join now (join() then runs
         it); a request this refuses may fit later (a freed row, a later slot) or never."""
-        if self.join_bucket is None or self.free_rows() == 0:
+        if self.closed or self.join_bucket is None or self.free_rows() == 0:
             return False
         bucket = pick_size(self.model.buckets.prompts, prompt_length)
         if bucket is None or bucket > self._slot:
@@ -107,8 +112,16 @@ class OpenBatch:
         """Prefill one prompt alone and seat it in a free row: (row, its first token), or None
         when `can_join` says it cannot join now. A bad prompt or argument raises ValueError
         (as `generate` would), leaving the batch as it was."""
+        self._check_open()
         model, plan = self.model, self.plan
-        prompt = torch.as_tensor(input_ids, dtype=torch.int64).view(1, -1)
+        prompt = torch.as_tensor(input_ids)
+        if prompt.dim() == 2 and prompt.shape[0] == 1:
+            prompt = prompt[0]
+        if prompt.dim() != 1 or prompt.numel() == 0:
+            raise ValueError(f"join takes one prompt of token ids, got {tuple(prompt.shape)}")
+        if prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integers, got {prompt.dtype}")
+        prompt = prompt.to("cpu", torch.int64).view(1, -1)
         mask = torch.ones_like(prompt, dtype=torch.bool)
         sampling = (temperature, top_k, top_p, seed)
         # The batch's own EOS and pad ids: a request with other ones cannot share it.
@@ -142,9 +155,12 @@ class OpenBatch:
         (a host sync per step idles the GPU between steps): each step's (row, token) pairs
         of the rows live at that step. Stops at the first step where a live row spends its
         budget, so that no row passes it (a row's EOS frees it mid-way)."""
+        self._check_open()
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"steps(n) takes a positive integer, got {n!r}")
         if not self._left:
             raise RuntimeError("no row of this batch is generating: join one, or close it")
-        n = max(1, min(n, *self._left.values()))
+        n = min(n, *self._left.values())
         first = self._steps  # the column of `state.out` the first of these steps writes
         for _ in range(n):
             kv = pick_size(self.model.buckets.kv_lengths, self._slot + 1)
@@ -157,14 +173,26 @@ class OpenBatch:
 
     def release(self, row: int) -> None:
         """Stop generating for `row` (its client left): it emits the pad id from now on and
-        may seat a joiner."""
+        may seat a joiner (after close(), nothing: the cache may serve other calls)."""
+        if self.closed:
+            return
         if self._left.pop(row, None) is not None:
             self.state.finished[row].fill_(True)
 
     def close(self) -> None:
-        if self.model._streaming_thread == threading.get_ident():
-            self.model._streaming_thread = None
-            self.model._lock.release()
+        """Free the model for other calls; the batch then refuses to step or join."""
+        self._release()
+
+    @property
+    def closed(self) -> bool:
+        return not self._release.alive
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError(
+                "this batch is closed: other calls may have reused its cache since; open a "
+                "new one with open_batch()"
+            )
 
     def __enter__(self) -> OpenBatch:
         return self
@@ -179,3 +207,17 @@ class OpenBatch:
             if token in self.eos or self._left[row] == 0:
                 self.release(row)
         return pairs
+
+
+class _ModelHold:
+    """The model's lock as an open batch holds it (not the batch itself: a finalizer of the
+    batch releases it)."""
+
+    def __init__(self, model):
+        model._lock.acquire()
+        model._streaming_thread, model._holder = threading.get_ident(), "open_batch()"
+        self.model = model
+
+    def release(self) -> None:
+        self.model._streaming_thread = None
+        self.model._lock.release()

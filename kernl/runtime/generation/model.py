@@ -79,10 +79,12 @@ class StepLoop:
     """The host side of generation shared by the causal-LM and encoder-decoder models: run a
     request's steps (`_run(plan, state)` yields each step's logits) collecting the ids, or
     yield them as they come. A plan has `batch` and `eos`; a state `tokens`, `finished`, `out`.
-    `_lock` serialises requests; an open stream() holds it between its yields."""
+    `_lock` serialises requests; an open stream() holds it between its yields, an open batch
+    (`open_batch`) until it is closed."""
 
     _lock: threading.Lock
-    _streaming_thread: int | None = None  # the thread iterating an open stream()
+    _streaming_thread: int | None = None  # the thread holding the lock between calls
+    _holder: str = "stream()"  # what it holds it for: "stream()" or "open_batch()"
 
     def _collect(self, plan, state, first: int = 1) -> torch.Tensor:
         """Every step's ids [batch, steps run] on the CPU; stops early once every row has
@@ -106,7 +108,7 @@ class StepLoop:
         where every row has finished."""
         self._refuse_reentry()
         with self._lock:
-            self._streaming_thread = threading.get_ident()
+            self._streaming_thread, self._holder = threading.get_ident(), "stream()"
             try:
                 state = start()
                 for n, logits in enumerate(self._run(plan, state), 1):
@@ -121,13 +123,20 @@ class StepLoop:
                 self._streaming_thread = None
 
     def _refuse_reentry(self) -> None:
-        """The lock is held by an open stream() between its yields: the thread iterating it
-        would wait for itself forever."""
-        if self._streaming_thread == threading.get_ident():
+        """The lock is held by an open stream() between its yields, or by an open batch: the
+        thread that holds it would wait for itself forever."""
+        if self._streaming_thread != threading.get_ident():
+            return
+        if self._holder == "open_batch()":
             raise RuntimeError(
-                "this thread is iterating an open stream() of this model: exhaust it or call "
-                "its close() (or break out of the for loop) before generate() or stream() again"
+                "this thread holds an open batch of this model (open_batch()): call its "
+                "close() (or leave its with block) before generate(), stream() or "
+                "open_batch() again"
             )
+        raise RuntimeError(
+            "this thread is iterating an open stream() of this model: exhaust it or call "
+            "its close() (or break out of the for loop) before generate() or stream() again"
+        )
 
 
 @dataclass
@@ -292,14 +301,14 @@ class GenerativeModel(StepLoop):
         prompt alone (greedy; sampled rows with a seed per row). The model serves nothing
         else until `close()` (or the end of a `with` block)."""
         budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else None
+        bad = [n for n in budgets or [] if not _is_int(n) or n < 1]
+        if bad or budgets == []:
+            raise ValueError(f"max_new_tokens must be positive integers, got {bad or budgets!r}")
         most = max(budgets) if budgets else max_new_tokens
         sampling = (do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
         _, plan = self._request(input_ids, None, most, None, sampling)
         if budgets is not None and len(budgets) != plan.batch:
             raise ValueError(f"{len(budgets)} max_new_tokens for {plan.batch} prompts")
-        bad = [n for n in budgets or [] if not _is_int(n) or n < 1]
-        if bad:
-            raise ValueError(f"max_new_tokens must be positive integers, got {bad!r}")
         if rows is not None:
             bucket = pick_size(self.buckets.batches, max(rows, plan.batch))
             if bucket is None:

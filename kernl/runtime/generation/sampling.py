@@ -66,7 +66,7 @@ class SamplerParams:
         put(self.temperature, temperature, 1.0, float)
         put(self.top_k, top_k, vocab, k)
         put(self.top_p, top_p, 1.0, float)
-        put(self.seed, seed, 0, lambda v: int(v) & _MASK32)
+        put(self.seed, seed, 0, lambda v: seed_key(int(v)))
         if isinstance(seed, (list, tuple)):
             self.row.zero_()
         else:
@@ -82,7 +82,14 @@ class SamplerParams:
         self.step_offset[row] = step_offset
 
 
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
+def seed_key(seed: int) -> int:
+    """The 32-bit key a seed in [0, 2**63) draws with. A seed below 2**32 is its own key (the
+    draws of earlier versions); higher bits are hashed in rather than dropped, so that seed
+    and seed + 2**32 draw differently (2**63 seeds still share 2**32 keys)."""
+    return (seed & _MASK32) ^ _fmix32(seed >> 32)
+
+
+def _fmix32(h):  # a tensor or an int
     h = h ^ (h >> 16)
     h = (h * _MIX1) & _MASK32
     h = h ^ (h >> 15)

@@ -20,6 +20,7 @@ import torch
 from kernl.artifacts.generation import DecoderSpec
 
 from ...trace import UnsupportedModelError
+from ..token_ids import eos_token_ids
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 SUPPORTED = (*LLAMA_LIKE, "gpt2")
@@ -66,8 +67,7 @@ def _token_ids(model) -> tuple[int | None, list[int]]:
         return next((v for v in values if v is not None), None)
 
     eos = first(getattr(gen, "eos_token_id", None), getattr(cfg, "eos_token_id", None))
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    eos = [int(e) for e in eos if 0 <= int(e) < vocab]
+    eos = eos_token_ids(eos, vocab, "causal-lm")
     pad = first(getattr(gen, "pad_token_id", None), getattr(cfg, "pad_token_id", None))
     pad = int(pad) if isinstance(pad, int) and 0 <= pad < vocab else None
     return pad, eos

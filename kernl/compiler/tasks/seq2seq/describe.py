@@ -28,6 +28,7 @@ import torch
 from kernl.artifacts.seq2seq import DETECT, MAX_PROMPT, Seq2SeqSpec, SpeechSpec
 
 from ...trace import UnsupportedModelError
+from ..token_ids import eos_token_ids
 
 SUPPORTED = ("t5", "bart", "mbart", "marian", "whisper")
 HF_ACTIVATIONS = {
@@ -76,7 +77,7 @@ def _token_ids(model, forcing: bool = True) -> dict:
 
     vocab = cfg.vocab_size
     eos = first(getattr(gen, "eos_token_id", None), getattr(cfg, "eos_token_id", None))
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    eos = eos_token_ids(eos, cfg.vocab_size, "seq2seq")
     pad = first(getattr(gen, "pad_token_id", None), getattr(cfg, "pad_token_id", None))
     # Hugging Face's rule: decoder_start_token_id, else bos_token_id (mBART-cc25 has no start id).
     start = first(
@@ -90,7 +91,7 @@ def _token_ids(model, forcing: bool = True) -> dict:
     out = dict(
         decoder_start_token_id=int(start),
         pad_token_id=int(pad) if pad is not None and 0 <= pad < vocab else None,
-        eos_token_ids=[int(e) for e in eos if 0 <= int(e) < vocab],
+        eos_token_ids=eos,
     )
     forced = {n: getattr(gen, n, None) for n in ("forced_bos_token_id", "forced_eos_token_id")}
     bad = getattr(gen, "bad_words_ids", None) or []
