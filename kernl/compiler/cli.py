@@ -57,13 +57,14 @@ def _compile_options(f):
                     "sequence-classification",
                     "token-classification",
                     "masked-lm",
+                    "question-answering",
                     "causal-lm",
                     "seq2seq-lm",
                     "speech-seq2seq",
                 ]
             ),
             default=None,
-            help='Model head. Default: from the config\'s architectures (…ForSequenceClassification, …ForTokenClassification, …ForMaskedLM; …ForCausalLM and …LMHeadModel are causal-lm; else base). causal-lm: decoder-only text generation (Llama, Mistral, Qwen2, GPT-2); its buckets use the axes batch, prompt, cache. seq2seq-lm (…ForConditionalGeneration, MarianMTModel): T5 v1.0/v1.1, BART, mBART (the forced target-language BOS of mBART-50 and forced EOS applied as HF does) and Marian (opus-mt), greedy or sampled generation (no beam search); its axes are batch, source, cache, e.g. T5 "batch=1,8 source=32:512 cache=128", BART "batch=1,8 source=32:1024 cache=128", mBART "batch=1,8 source=32:1024 cache=200", Marian "batch=1,8 source=16:512 cache=256" (source and cache within max_position_embeddings). speech-seq2seq (WhisperForConditionalGeneration): Whisper transcription of one 30 s window (3000 mel frames, 1500 encoder positions, so no source axis), greedy or sampled, no beam search, no timestamps; its axes are batch and cache (decoder prompt + new tokens, at most max_target_positions), e.g. "batch=1,8 cache=448".',
+            help='Model head. Default: from the config\'s architectures (…ForSequenceClassification, …ForTokenClassification, …ForMaskedLM, …ForQuestionAnswering; …ForCausalLM and …LMHeadModel are causal-lm; else base). causal-lm: decoder-only text generation (Llama, Mistral, Qwen2, GPT-2); its buckets use the axes batch, prompt, cache. seq2seq-lm (…ForConditionalGeneration, MarianMTModel): T5 v1.0/v1.1, BART, mBART (the forced target-language BOS of mBART-50 and forced EOS applied as HF does) and Marian (opus-mt), greedy or sampled generation (no beam search); its axes are batch, source, cache, e.g. T5 "batch=1,8 source=32:512 cache=128", BART "batch=1,8 source=32:1024 cache=128", mBART "batch=1,8 source=32:1024 cache=200", Marian "batch=1,8 source=16:512 cache=256" (source and cache within max_position_embeddings). speech-seq2seq (WhisperForConditionalGeneration): Whisper transcription of one 30 s window (3000 mel frames, 1500 encoder positions, so no source axis), greedy or sampled, no beam search, no timestamps; its axes are batch and cache (decoder prompt + new tokens, at most max_target_positions), e.g. "batch=1,8 cache=448".',
         ),
         click.option(
             "--atol",

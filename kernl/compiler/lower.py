@@ -15,8 +15,10 @@ from kernl.artifacts.program import Instruction, Program
 from kernl.artifacts.schema import Bucket
 from kernl.runtime.vocabulary import is_known_op
 
-# Ops that do nothing in inference: dropped, their output aliased to their input.
+# Ops that do nothing in inference: dropped, their output aliased to their input (detach_
+# follows a constant made in forward, `torch.tensor(...)`: it returns its input).
 _IDENTITY_OPS = {"aten.dropout.default", "aten.alias.default", "aten.detach.default"}
+_IDENTITY_OPS |= {"aten.detach_.default"}
 # Ops that only check metadata at trace time (and would pin the tracing device).
 _DROPPED_OPS = {"aten._assert_tensor_metadata.default", "aten._assert_scalar.default"}
 
@@ -91,8 +93,10 @@ class _Lowering:
                 tensor = params[spec.target].detach()
                 name = spec.target
                 if spec.kind == InputKind.CONSTANT_TENSOR:
-                    # Trace-time constants may differ per bucket: name them by content.
-                    digest = hashlib.sha1(tensor.cpu().contiguous().view(torch.uint8).numpy())
+                    # Trace-time constants may differ per bucket: name them by content (with
+                    # dtype and shape: a 0-dim 0.0 and a [1] zero are not one weight).
+                    digest = hashlib.sha1(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+                    digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
                     name = f"constant.{digest.hexdigest()[:16]}"
                 self.weights[name] = tensor
                 self.program_weights[vid] = name

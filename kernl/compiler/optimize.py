@@ -59,7 +59,7 @@ from .buckets import BucketLimitError, as_buckets, check_buckets_fit, position_l
 from .tasks.causal_lm.buckets import as_generation_buckets
 from .tasks.seq2seq import is_speech_model
 from .tasks.seq2seq.buckets import as_seq2seq_buckets
-from .trace import DTYPES, task_of
+from .trace import DTYPES, check_task, task_of
 
 # Default buckets when none are given (see default_buckets).
 DEFAULT_BATCHES = (1, 8, 32)
@@ -154,7 +154,7 @@ def optimize(
     model: torch.nn.Module,
     buckets: Any = None,
     *,
-    dtype: str | None = None,
+    dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     task: str | None = None,
     save_to: str | os.PathLike | None = None,
@@ -171,7 +171,7 @@ def optimize(
     buckets: as `kernl-compile --buckets` ("batch=1,8 seq=16:512"; causal LMs "batch=1,4
       prompt=16:1024 cache=2048"; encoder-decoders "batch=1,8 source=32:512 cache=128",
       Whisper "batch=1,8 cache=448"). Omitted: see `default_buckets` (the choice is printed).
-    dtype: "fp32", "fp16" or "bf16"; default the model's own. device: default the device of
+    dtype: "fp32", "fp16" or "bf16" (or the torch dtype); default the model's own. device: default the device of
       the model's parameters. Another dtype or device than the model's: the model is cast for
       the compile, then its own tensors are put back (see _tensors_put_back).
     task: as `kernl-compile --task`; default from the model's class.
@@ -214,11 +214,18 @@ def _optimize(
         task = task_of(config, model)
         if task == "seq2seq-lm" and is_speech_model(model):
             task = "speech-seq2seq"  # WhisperForConditionalGeneration, as compile() infers it
+    check_task(task, model)
     model_dtype, model_device = _dtype_device_of(model)
-    dtype = dtype or _DTYPE_NAMES[model_dtype]
+    dtype = _dtype_name(dtype) if dtype is not None else _DTYPE_NAMES[model_dtype]
     target = torch.device(device) if device is not None else model_device
-    if target.type == "cuda" and target.index is None and torch.cuda.is_available():
+    if target.type not in ("cuda", "cpu"):
+        raise ValueError(f"device must be cuda or cpu, got {str(target)!r}")
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={str(target)!r} was asked for but torch sees no CUDA GPU")
+    if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", torch.cuda.current_device())
+    if save_to is not None:
+        check_destination(save_to)  # before the compile, not after it
     if buckets is None:
         buckets = default_buckets(config, task)
         say(f"buckets not given; chose {buckets!r} from the config (pass buckets= to change)")
@@ -359,6 +366,16 @@ def _canonical_seq2seq_buckets(buckets: Any, task: str, config: Any) -> dict[str
                 f"(config {table}={limit}); use {axes} <= {limit}"
             )
     return parsed
+
+
+def _dtype_name(dtype: str | torch.dtype) -> str:
+    """The name ("fp32", "fp16" or "bf16") of any spelling compile() takes, or of a torch
+    dtype: one cache key per precision."""
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype]
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return _DTYPE_NAMES[DTYPES[dtype]]
+    raise ValueError(f"dtype must be fp32, fp16 or bf16 (or that torch dtype), got {dtype!r}")
 
 
 def _dtype_device_of(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]:

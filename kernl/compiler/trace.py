@@ -19,6 +19,7 @@ TASKS = {
     "sequence-classification": "AutoModelForSequenceClassification",
     "token-classification": "AutoModelForTokenClassification",
     "masked-lm": "AutoModelForMaskedLM",
+    "question-answering": "AutoModelForQuestionAnswering",
     "causal-lm": "AutoModelForCausalLM",
     "seq2seq-lm": "AutoModelForSeq2SeqLM",
 }
@@ -26,6 +27,7 @@ _ARCH_SUFFIX = {
     "ForSequenceClassification": "sequence-classification",
     "ForTokenClassification": "token-classification",
     "ForMaskedLM": "masked-lm",
+    "ForQuestionAnswering": "question-answering",
     # Decoder-only generation heads (Llama/Mistral/Qwen2 ...ForCausalLM, GPT2LMHeadModel).
     "ForCausalLM": "causal-lm",
     "LMHeadModel": "causal-lm",
@@ -41,6 +43,10 @@ _INPUTS = {
 }
 
 
+# Every task a compile takes: speech-seq2seq (Whisper) has no Auto class of its own.
+ALL_TASKS = (*TASKS, "speech-seq2seq")
+
+
 class UnsupportedModelError(ValueError):
     pass
 
@@ -54,6 +60,27 @@ def task_of(config, model: torch.nn.Module | None = None) -> str:
             if name.endswith(suffix):
                 return task
     return "base"
+
+
+def check_task(task: str, model: torch.nn.Module | None = None) -> None:
+    """Raise UnsupportedModelError for a task kernl does not know, or one that contradicts the
+    class of the model object given (a BertModel compiled as masked-lm would be labelled
+    masked-lm and serve hidden states)."""
+    if task not in ALL_TASKS:
+        raise UnsupportedModelError(f"unknown task {task!r}; choose from {', '.join(ALL_TASKS)}")
+    if model is None:
+        return
+    name = type(model).__name__
+    own = next((t for suffix, t in _ARCH_SUFFIX.items() if name.endswith(suffix)), None)
+    if own is None and name.endswith("Model") and "For" not in name:
+        own = "base"  # BertModel, T5Model: the encoder (or encoder-decoder) alone
+    if own == "seq2seq-lm" and task == "speech-seq2seq":
+        return  # WhisperForConditionalGeneration
+    if own is not None and own != task:
+        raise UnsupportedModelError(
+            f"task {task!r} does not match the model given, a {name} (task {own!r}): pass "
+            f"task={own!r}, or the model class of the task you want"
+        )
 
 
 def task_from_source(model_or_path) -> str | None:
@@ -90,6 +117,7 @@ def load_model(model_or_path, task: str | None, dtype: torch.dtype, device: torc
         model = model_or_path
         source = type(model).__name__
         task = task or task_of(model.config, model)
+        check_task(task, model)
     else:
         source = str(model_or_path)
         local = Path(source).expanduser()
@@ -97,27 +125,55 @@ def load_model(model_or_path, task: str | None, dtype: torch.dtype, device: torc
             raise UnsupportedModelError(
                 f"{local} has no config.json: not a Hugging Face model folder"
             )
+        if not local.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+            raise UnsupportedModelError(f"cannot find model {source!r}: no such folder")
         try:
             config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
-        except OSError as e:
+        except OSError:
             raise UnsupportedModelError(
                 f"cannot find model {source!r}: not a local folder with config.json, and not in "
-                f"the local Hugging Face cache (kernl never downloads). {e}"
+                "the local Hugging Face cache. kernl never downloads: download the model on a "
+                "machine with network access and give its folder"
             ) from None
         task = task or task_of(config)
-        if task not in TASKS:
-            raise UnsupportedModelError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-        auto = getattr(transformers, TASKS[task])
-        try:
-            model = auto.from_pretrained(
-                source, local_files_only=True, dtype=dtype, attn_implementation="sdpa"
-            )
-        except ValueError as e:  # no class of this head for this config
-            raise UnsupportedModelError(f"{task}: {e}") from None
+        check_task(task)
+        model = _from_folder(source, config, task, dtype, transformers)
     if task not in TASKS:
         raise UnsupportedModelError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     model = model.to(device=device, dtype=dtype).eval()
     return model, task, source
+
+
+def _from_folder(source: str, config, task: str, dtype: torch.dtype, transformers):
+    """The model of `task` from a folder (or the local Hugging Face cache), with every weight
+    from the checkpoint. A head the checkpoint lacks (BertModel's pooler in a question-answering
+    checkpoint) would be initialised at random and its outputs served as if they meant
+    something: refused, naming the weights."""
+    auto = getattr(transformers, TASKS[task])
+    kw = dict(local_files_only=True, dtype=dtype, output_loading_info=True)
+    try:
+        try:
+            model, info = auto.from_pretrained(source, attn_implementation="sdpa", **kw)
+        except ValueError as e:
+            if "scaled_dot_product_attention" not in str(e) and "sdpa" not in str(e):
+                raise
+            # no SDPA path in this model class (MPNet, DeBERTa-v2): trace its own attention
+            model, info = auto.from_pretrained(source, attn_implementation="eager", **kw)
+    except ValueError as e:  # no class of this head for this config
+        raise UnsupportedModelError(f"{task}: {e}") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        archs = ", ".join(getattr(config, "architectures", None) or []) or "not named"
+        shown = ", ".join(missing[:4]) + (
+            f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        )
+        raise UnsupportedModelError(
+            f"{source}: {len(missing)} weights of {type(model).__name__} ({task}) are not in "
+            f"the checkpoint (its architectures: {archs}): {shown}. They would be random. "
+            f"Compile the checkpoint's own head (--task; kernl compiles {', '.join(TASKS)}), "
+            "or load the model yourself and pass it to kernl.compiler.compile or kernl.optimize"
+        )
+    return model
 
 
 @dataclass

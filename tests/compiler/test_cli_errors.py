@@ -8,6 +8,7 @@ import transformers as T
 from click.testing import CliRunner
 
 import kernl.compiler.tasks.encoder
+import kernl.runtime
 from kernl.artifacts import read_manifest
 from kernl.compiler.cli import compile_command
 from kernl.compiler.trace import task_of
@@ -206,8 +207,52 @@ def test_a_causal_lm_cache_over_its_positions_is_refused(gpt2_dir, tmp_path):
         ("GPT2LMHeadModel", "causal-lm"),
         ("BertForMaskedLM", "masked-lm"),
         ("BertForSequenceClassification", "sequence-classification"),
+        ("BertForQuestionAnswering", "question-answering"),
         ("BertModel", "base"),
     ],
 )
 def test_task_follows_architectures(architecture, task):
     assert task_of(T.PretrainedConfig(architectures=[architecture])) == task
+
+
+def test_a_head_the_checkpoint_lacks_is_refused_not_made_up(tmp_path):
+    """A question-answering checkpoint compiles its head (start and end logits, as Hugging
+    Face). Compiled as base, it was loaded with AutoModel: the head dropped, the pooler
+    initialised at random, success reported; now refused, naming the missing weights."""
+    torch.manual_seed(0)
+    qa = T.BertForQuestionAnswering(T.BertConfig(**SMALL)).eval()
+    qa.save_pretrained(tmp_path / "qa")
+    result = run(tmp_path / "qa", "-o", tmp_path / "a", "--buckets", "batch=1 seq=8",
+                 "--device", "cpu", "--dtype", "fp32", "--task", "base")  # fmt: skip
+    assert_clean_failure(result, 1, "pooler.dense.bias", "not in the checkpoint", "random")
+    assert not (tmp_path / "a").exists()
+    result = run(tmp_path / "qa", "-o", tmp_path / "b", "--buckets", "batch=1 seq=8",
+                 "--device", "cpu", "--dtype", "fp32")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "b").task == "question-answering"
+    model = kernl.runtime.load(tmp_path / "b")
+    ids = torch.randint(1, SMALL["vocab_size"], (1, 6))
+    got, want = model(input_ids=ids), qa(input_ids=ids)
+    torch.testing.assert_close(got.start_logits, want.start_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.end_logits, want.end_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_model_without_sdpa_is_traced_with_its_own_attention(tmp_path):
+    """`--task` loads with SDPA attention; MPNet has none, and the compile failed with Hugging
+    Face's advice to pass attn_implementation, which kernl-compile cannot. Now its own
+    attention is traced, and what kernl cannot lower is named."""
+    torch.manual_seed(0)
+    cfg = T.MPNetConfig(**{**SMALL, "max_position_embeddings": 64})
+    T.MPNetModel(cfg).save_pretrained(tmp_path / "mpnet")
+    result = run(tmp_path / "mpnet", "-o", tmp_path / "a", "--buckets", "batch=1 seq=8",
+                 "--device", "cpu", "--dtype", "fp32")  # fmt: skip
+    assert "attn_implementation" not in result.output
+    assert_clean_failure(result, 1, "kernl does not support")
+
+
+def test_a_model_that_is_not_there_says_so_without_network_advice(tmp_path):
+    result = run(tmp_path / "nope", "-o", tmp_path / "a", "--buckets", "batch=1 seq=8")
+    assert_clean_failure(result, 1, "no such folder")
+    result = run("acme/not-cached", "-o", tmp_path / "a", "--buckets", "batch=1 seq=8")
+    assert_clean_failure(result, 1, "not in the local Hugging Face cache", "never downloads")
+    assert "internet" not in result.output and "huggingface.co" not in result.output

@@ -48,3 +48,23 @@ def test_an_op_outside_the_vocabulary_is_named_at_compile_time():
         assert "fft" in str(e) and "kernl does not support" in str(e)
     else:
         raise AssertionError("lowering accepted an unsupported op")
+
+
+class ScalarConstants(torch.nn.Module):
+    """Constants made inside forward become the exported program's constant tensors: a 0-dim
+    one (DeBERTa-v2's scale) crashed the lowering's content hash, and one of the same bytes
+    but another shape must stay a weight of its own."""
+
+    def forward(self, x):
+        return (x * torch.tensor(0.0) + x * torch.tensor([0.0]) + torch.tensor(3.0),)
+
+
+def test_zero_dim_constants_lower_each_as_its_own_weight():
+    m = ScalarConstants()
+    ep = torch.export.export(m, (torch.randn(2, 4),), strict=False)
+    program, weights = lower(ep, Bucket(2, 4), ["x"])
+    shapes = sorted(tuple(w.shape) for w in weights.values())
+    assert shapes == [(), (), (1,)], shapes
+    x = torch.randn(2, 4)
+    (got,) = Executor(program, weights, torch.device("cpu")).run({"x": x})
+    torch.testing.assert_close(got, m(x)[0])

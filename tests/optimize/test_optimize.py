@@ -320,6 +320,37 @@ def test_bad_buckets_are_refused_before_any_work(cache, monkeypatch):
         kernl.optimize(torch.nn.Linear(2, 2), "batch=1 seq=8", progress=False)
 
 
+def test_bad_options_are_refused_before_any_work(cache, tmp_path, monkeypatch):
+    """Each of these used to be found after the weights were hashed (a bare KeyError for the
+    dtype, torch's assertion for the device) or after the whole compile (save_to), or not at
+    all (a task the model object is not: an artifact labelled masked-lm serving hidden
+    states)."""
+    monkeypatch.setattr(api, "compile", lambda *a, **k: pytest.fail("compiled"))
+    monkeypatch.setattr(opt, "weights_digest", lambda *a: pytest.fail("hashed"))
+    bert = tiny_bert()
+    with pytest.raises(ValueError, match="dtype must be fp32, fp16 or bf16"):
+        kernl.optimize(bert, BUCKETS, dtype="fp64", progress=False)
+    with pytest.raises(ValueError, match="unknown task 'bogus'.*speech-seq2seq"):
+        kernl.optimize(bert, BUCKETS, task="bogus", progress=False)
+    with pytest.raises(ValueError, match="task 'masked-lm' does not match .* BertModel"):
+        kernl.optimize(bert, BUCKETS, task="masked-lm", progress=False)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ArtifactDestinationError):
+        kernl.optimize(bert, BUCKETS, save_to=tmp_path / "a_file" / "bert.kernl", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="sees no CUDA GPU"):
+            kernl.optimize(bert, BUCKETS, device="cuda", progress=False)
+    assert not cache.exists() or not list(cache.iterdir())
+
+
+def test_every_spelling_of_a_dtype_is_one_cache_entry(cache, compiles):
+    bert = tiny_bert()
+    kernl.optimize(bert, "batch=1 seq=8", dtype="fp32", progress=False)
+    for spelling in ("float32", torch.float32):
+        assert kernl.optimize(bert, "batch=1 seq=8", dtype=spelling, progress=False).cache_hit
+    assert len(compiles) == 1
+
+
 def test_weights_digest():
     bert = tiny_bert()
     digest = opt.weights_digest(bert)
