@@ -133,9 +133,12 @@ class SpeechSpec:
     `forced_decoder_ids` (positions 1, 2, ...; a token of DETECT asks for language detection)
     unless the caller names a language or task, then a language id (`lang_to_id`, e.g.
     "<|en|>"), a task id (`task_to_id`: transcribe, translate) and `no_timestamps_token_id`.
-    `suppress_tokens` never come out; `begin_suppress_tokens` not as the first new token."""
+    `suppress_tokens` never come out; `begin_suppress_tokens` not as the first new token.
+    `language_names` maps the language names Hugging Face also takes ("english", "castilian")
+    to their `lang_to_id` keys (empty in artifacts written before it)."""
 
     lang_to_id: dict[str, int] = field(default_factory=dict)
+    language_names: dict[str, str] = field(default_factory=dict)
     task_to_id: dict[str, int] = field(default_factory=dict)
     no_timestamps_token_id: int | None = None
     is_multilingual: bool | None = None
@@ -381,6 +384,14 @@ def _check_speech(d: Any, vocab: int, where: str) -> SpeechSpec:
             and _token_list(list(v.values()), vocab, MAX_LANGUAGES)
         ):
             raise _bad(where, f"speech.{name} is not a map of names to token ids in [0, {vocab})")
+    names = d.get("language_names", {})
+    if not (
+        isinstance(names, dict)
+        and len(names) <= MAX_LANGUAGES
+        and all(isinstance(k, str) and len(k) <= 64 for k in names)
+        and all(isinstance(v, str) and v in d.get("lang_to_id", {}) for v in names.values())
+    ):
+        raise _bad(where, "speech.language_names is not a map of names to lang_to_id keys")
     no_ts = d.get("no_timestamps_token_id")
     if no_ts is not None and not (_is_int(no_ts) and 0 <= no_ts < vocab):
         raise _bad(where, f"speech.no_timestamps_token_id is {no_ts!r}, not a token id")

@@ -3,9 +3,9 @@
 It is the same compile and the same artifact as `kernl-compile`, kept in a cache folder keyed
 by everything the artifact depends on, so the second run of a notebook loads in seconds:
 
-    key = sha256(weights digest, config, model class, task, buckets, dtype, compile options,
-                 GPU name + compute capability (or "cpu"), kernl format/kernl/torch/triton/
-                 transformers versions)
+    key = sha256(weights digest, config (and the generation config of a generating task),
+                 model class, task, buckets, dtype, compile options, GPU name + compute
+                 capability (or "cpu"), kernl format/kernl/torch/triton/transformers versions)
     $KERNL_CACHE_DIR/models/<model_type>-<task>-<dtype>-<key[:32]>/   (default ~/.cache/kernl)
 
 - Weights digest: sha256 of every parameter and buffer's bytes (name, dtype and shape
@@ -244,6 +244,9 @@ def _optimize(
         dtype=dtype,
         device=target,
         options={"atol": atol, "rtol": rtol, "kernels": kernels, "tune": tune},
+        generation_config=(
+            getattr(model, "generation_config", None) if task in GENERATION_TASKS else None
+        ),
     )
     models = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     models = models / "models"
@@ -454,9 +457,12 @@ def cache_key(
     dtype: str,
     device: torch.device,
     options: dict[str, Any],
+    generation_config: Any = None,
 ) -> str:
     """sha256 (hex) of everything a compiled artifact depends on besides the kernl source
-    itself: weights, config, buckets, dtype, task, target GPU and versions."""
+    itself: weights, config, buckets, dtype, task, target GPU and versions; for generation,
+    the generation config too (its EOS, pad, forced and suppressed ids go into the artifact:
+    a notebook that switches mBART's target language must not get the last one's entry)."""
     import transformers
     import triton
 
@@ -467,6 +473,10 @@ def cache_key(
         target = device.type
     config_dict = json.loads(config.to_json_string(use_diff=False))
     config_dict.pop("_name_or_path", None)  # where it was loaded from changes nothing compiled
+    if generation_config is not None:
+        config_dict["generation_config"] = json.loads(
+            generation_config.to_json_string(use_diff=False)
+        )
     parts = {
         "weights": weights,
         "config": config_dict,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from kernl.artifacts.generation import MAX_EOS_IDS, GenerationBuckets
 from kernl.artifacts.schema import Manifest, pick_size
 
-from .protocol import RequestError, Tokenize, load_json_object
+from .protocol import RequestError, Tokenize, load_json_object, tokenize_checked
 
 GENERATION_TASKS = ("causal-lm", "seq2seq-lm")  # served by generation.KernlGenerator
 DEFAULT_MAX_NEW_TOKENS = 20  # the runtime's (and Hugging Face's) default
@@ -73,6 +73,9 @@ class GenerationLimits:
     eos_token_ids: list[int]
     batches: tuple[int, ...] = (1,)  # batch buckets: the most requests one call can hold
     encoder_decoder: bool = False
+    # BART, mBART, Marian: the last token a call makes is forced to an EOS id, at the call's
+    # max_new_tokens, so only requests of one budget share a call (SamplingKey.budget)
+    forced_eos: bool = False
 
     def most_new_tokens(self, prompt_bucket: int) -> int:
         """The most new tokens a call can make after a prompt of this bucket."""
@@ -92,6 +95,7 @@ class GenerationLimits:
                 eos_token_ids=list(spec.get("eos_token_ids") or []),
                 batches=tuple(s2s.batches),
                 encoder_decoder=True,
+                forced_eos=spec.get("forced_eos_token_id") is not None,
             )
         decoder = manifest.extra["decoder"]
         buckets = GenerationBuckets.from_dict(manifest.extra["generation_buckets"])
@@ -107,11 +111,14 @@ class GenerationLimits:
 @dataclass(frozen=True)
 class SamplingKey:
     """What one `generate` call fixes for all its rows, so what requests sharing a batch must
-    have in common: greedy or sampled (one step graph each) and the EOS ids. Temperature,
-    top-k, top-p and seed are per row (`Sampler`): requests that differ in them share a call."""
+    have in common: greedy or sampled (one step graph each) and the EOS ids; where the model
+    forces an EOS as a call's last token, max_new_tokens too (a shorter request in a longer
+    call would end without it, unlike the request alone). Temperature, top-k, top-p and seed
+    are per row (`Sampler`): requests that differ in them share a call."""
 
     do_sample: bool
     eos: tuple[int, ...]  # resolved: the request's ids, or the model's when it sent none
+    budget: int | None = None  # max_new_tokens, where the model forces its last token
 
 
 @dataclass(frozen=True)
@@ -202,7 +209,8 @@ def sampling_key(options: dict, limits: GenerationLimits) -> SamplingKey:
         raise RequestError(
             422, f"'eos_token_id' holds {len(eos)} distinct ids; at most {MAX_EOS_IDS}"
         )
-    return SamplingKey(bool(options.get("do_sample", False)), eos)
+    budget = options.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS) if limits.forced_eos else None
+    return SamplingKey(bool(options.get("do_sample", False)), eos, budget)
 
 
 def fits_together(requests, limits: GenerationLimits) -> bool:
@@ -289,7 +297,7 @@ def _prompt(data: dict, limits: GenerationLimits, tokenize: Tokenize | None) -> 
             )
         if not isinstance(data["text"], str) or not data["text"]:
             raise RequestError(422, "'text' must be a non-empty string (one prompt)")
-        ids = tokenize([data["text"]])[0]["input_ids"]
+        ids = tokenize_checked(tokenize, [data["text"]])[0]["input_ids"]
         if not ids:
             raise RequestError(422, "'text' tokenizes to no tokens")
         return list(ids)

@@ -239,9 +239,27 @@ def _rows_from_text(data: dict, input_names: list[str], tokenize) -> tuple[list[
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise RequestError(422, "'text' must be a string or a non-empty list of strings")
     rows = []
-    for encoded in tokenize(texts):
+    for encoded in tokenize_checked(tokenize, texts):
         rows.append(Row({k: tuple(v) for k, v in encoded.items() if k in input_names}))
     return rows, single
+
+
+def tokenize_checked(tokenize: Tokenize, texts: list[str]) -> list[dict]:
+    """tokenize(texts), with what a tokenizer cannot take answered 422 rather than 500: JSON
+    may carry a lone surrogate ("\\ud800"), which is no Unicode text and which the
+    `tokenizers` package rejects with a TypeError."""
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            where = f"'text'[{i}]" if len(texts) > 1 else "'text'"
+            raise RequestError(
+                422, f"{where} is not valid Unicode: a lone surrogate at character {e.start}"
+            ) from None
+    try:
+        return tokenize(texts)
+    except (TypeError, ValueError) as e:
+        raise RequestError(422, f"the tokenizer refused 'text': {e}") from None
 
 
 def _check_rows(rows: Sequence[Row], limits: ModelLimits) -> None:

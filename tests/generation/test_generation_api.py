@@ -149,6 +149,14 @@ def test_errors_are_clear_and_leave_the_model_usable(model):
         for value in values:
             with pytest.raises(ValueError, match=name):
                 model.generate(ids, mask, **{name: value})
+    # Temperatures whose logits / T a float32 cannot hold: every token came out 0 (1e-45),
+    # or torch's overflow error (1e308), or a silent uniform draw (a per-row 1e308).
+    for t in (1e-45, 1e-320, 1e308, [1.0, 1e308]):
+        with pytest.raises(ValueError, match=r"temperature must lie in \[1e-06, 1e\+06\]"):
+            model.generate(ids, mask, do_sample=True, temperature=t, max_new_tokens=2)
+    # Greedy decoding never reads it, as in Hugging Face (which warns).
+    assert torch.equal(model.generate(ids, mask, temperature=1e308, max_new_tokens=12,
+                                      eos_token_id=[]), before)  # fmt: skip
     # The longest request that fits still runs (prompt bucket 8: 57 new tokens).
     assert model.generate(ids, mask, max_new_tokens=57, eos_token_id=[]).shape == (2, 5 + 57)
     after = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[])

@@ -398,6 +398,24 @@ def test_tiny_llama_generates_like_eager_then_hits_the_cache(cache, compiles):
     )
 
 
+def test_a_changed_generation_config_is_another_cache_entry(cache, monkeypatch):
+    """The generation config's ids go into a generating artifact (EOS, pad, forced BOS/EOS,
+    suppressed tokens): a model whose generation config changed was served the last entry,
+    and generated other ids than its own generate."""
+    hf = tiny_model("llama3")
+    seen = []
+    real = opt.cache_key
+    monkeypatch.setattr(opt, "cache_key", lambda **kw: seen.append(real(**kw)) or seen[-1])
+    monkeypatch.setattr(api, "compile", lambda *a, **k: pytest.fail("compiled"))
+    monkeypatch.setattr(opt, "_load_entry", lambda *a: pytest.fail("loaded"))
+    monkeypatch.setattr(opt, "_compile_entry", lambda *a, **k: (_ for _ in ()).throw(KeyError))
+    for eos in (None, 5, [5, 6], None):
+        hf.generation_config.eos_token_id = eos
+        with pytest.raises(KeyError):
+            kernl.optimize(hf, "batch=1 prompt=8 cache=16", progress=False)
+    assert len(set(seen)) == 3 and seen[0] == seen[3]
+
+
 def test_import_kernl_imports_neither_transformers_nor_the_compiler():
     code = textwrap.dedent(
         """

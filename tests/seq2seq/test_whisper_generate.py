@@ -151,6 +151,10 @@ def test_a_language_per_row(compiled):
     x = features(2, seed=2)
     ref = hf_generate(hf, x, 16, language=["en", "fr"])
     assert torch.equal(model.generate(x, max_new_tokens=16, language=["en", "<|fr|>"]), ref)
+    # Language names, as Hugging Face takes them (they were refused)
+    assert model.speech.language_names["french"] == "<|fr|>"
+    assert torch.equal(hf_generate(hf, x, 16, language=["English", "french"]), ref)
+    assert torch.equal(model.generate(x, max_new_tokens=16, language=["English", "french"]), ref)
 
 
 def test_per_row_eos_strips_it_and_pads_like_hugging_face(compiled):
@@ -198,6 +202,10 @@ def test_bad_calls_are_clear_and_leave_the_model_usable(compiled):
         model.generate(x, language="xx")
     with pytest.raises(ValueError, match="task must be one of"):
         model.generate(x, task="summarize")
+    with pytest.raises(ValueError, match="task must be one of"):
+        model.generate(x, task=["transcribe", "translate"])  # was a TypeError (unhashable)
+    with pytest.raises(ValueError, match="language must be a string"):
+        model.generate(x, language=5)  # was a TypeError ('int' object is not iterable)
     with pytest.raises(ValueError, match="English-only"):
         compiled["english"][2].generate(x, language="en")
     assert model.generate(x, max_new_tokens=46, eos_token_id=[]).shape == (1, 46)  # fills it
@@ -213,6 +221,8 @@ def test_bad_calls_are_clear_and_leave_the_model_usable(compiled):
         lambda e: e["speech"].update(lang_to_id={"<|en|>": -1}),
         lambda e: e["speech"].update(task_to_id={"os.system": 3}),
         lambda e: e["speech"].update(is_multilingual="yes"),
+        lambda e: e["speech"].update(language_names={"klingon": "<|tlh|>"}),
+        lambda e: e["speech"].update(language_names={"english": ["<|en|>"]}),
         lambda e: e["speech"].update(surprise=1),
         lambda e: e.pop("speech"),
         lambda e: e["seq2seq"].update(num_mel_bins=80),  # the conv weights no longer match

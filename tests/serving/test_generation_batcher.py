@@ -402,6 +402,13 @@ def test_requests_that_no_call_could_hold_are_refused_on_arrival(limits, fields,
     assert e.value.status == status and reason in str(e.value)
 
 
+def test_a_prompt_text_with_a_lone_surrogate_is_a_422(limits):
+    body = json.dumps({"text": "w1 \ud800"}).encode()
+    with pytest.raises(RequestError, match="lone surrogate") as e:
+        parse_generation_request(body, limits, lambda texts: pytest.fail("tokenized"))
+    assert e.value.status == 422
+
+
 def test_requests_share_a_key_whatever_their_sampler_fields(limits):
     a = request(limits, [1], temperature=0.5, top_k=3)
     b = request(limits, [2], seed=9)

@@ -154,3 +154,22 @@ def test_text_goes_through_the_tokenizer():
     ]
     with pytest.raises(RequestError, match="not both"):
         parse({"text": "a", "input_ids": [1]}, tokenize)
+
+
+def test_text_the_tokenizer_cannot_take_is_a_422_not_a_500():
+    """JSON may carry a lone surrogate, which is no Unicode; the `tokenizers` package raises a
+    TypeError for it, which reached the server as a 500."""
+
+    def tokenize(texts):
+        for t in texts:
+            t.encode("utf-8")  # raises for a lone surrogate, as a real tokenizer's bindings do
+            if t == "refused":
+                raise TypeError("TextEncodeInput must be Union[TextInputSequence, ...]")
+        return [{"input_ids": [1]} for _ in texts]
+
+    for text, needle in [("\ud800", "lone surrogate at character 0"),
+                         (["ok", "a\udfffb"], r"'text'\[1\] is not valid Unicode"),
+                         ("refused", "the tokenizer refused")]:  # fmt: skip
+        with pytest.raises(RequestError, match=needle) as e:
+            parse(json.dumps({"text": text}).encode(), tokenize)
+        assert e.value.status == 422

@@ -112,6 +112,37 @@ def test_sampled_requests_draw_what_they_would_alone(t5):
         assert ids == alone(t5, source, max_new_tokens=10, **f)
 
 
+def test_a_forced_eos_ends_each_request_at_its_own_budget(tmp_path):
+    """BART with a forced EOS (as mBART and Marian checkpoints set it): the last token a call
+    makes is that EOS, at the call's max_new_tokens. A 5-token request that shared a 12-token
+    call ended without it (and with finish reason "length"), unlike the request alone; now
+    only requests of one budget share a call."""
+    hf = tiny_seq2seq("bart")
+    hf.generation_config.forced_eos_token_id = 2
+    path = tmp_path / "bart.kernl"
+    kernl.compiler.compile(hf, "batch=1,4 source=8 cache=16", path, dtype="fp32", device="cpu")
+    bart = kernl.runtime.load(path, device="cpu")
+    limits = GenerationLimits.from_manifest(bart.manifest)
+    assert limits.forced_eos
+    budgets = [5, 12, 5]
+    requests = [
+        request(limits, src, max_new_tokens=n, eos_token_id=[])
+        for src, n in zip(SOURCES[:2] + SOURCES[3:], budgets)
+    ]
+    assert requests[0].key == requests[2].key != requests[1].key
+    records = []
+
+    async def main():
+        batcher = GenerationBatcher(bart, limits, BatchPolicy(4, 0.0), on_batch=records.append)
+        return await asyncio.gather(*(batcher.submit(r).result() for r in requests))
+
+    results = asyncio.run(main())
+    for r, ids in zip(requests, results):
+        want = alone(bart, r.prompt, max_new_tokens=r.max_new_tokens, eos_token_id=[])
+        assert ids == want and ids[-1] == 2, (ids, want)
+    assert sorted(rec.requests for rec in records) == [1, 2]
+
+
 def test_a_whisper_artifact_is_refused_naming_the_alternative():
     from types import SimpleNamespace
 

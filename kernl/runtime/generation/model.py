@@ -33,6 +33,7 @@ from ..binaries import KernelBinaries, running_with
 from ..graphs import capture_graph
 from .decoder import Decoder
 from .joining import OpenBatch
+from .sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
 from .state import MAX_EOS_IDS, BatchState
 
 # How often generate() asks the GPU whether every row has finished: a host sync costs a few
@@ -623,6 +624,12 @@ def check_options(
             raise ValueError(f"temperature must be a finite number, got {t!r}")
         if do_sample and not t > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {t}")
+        if do_sample and not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:
+            raise ValueError(
+                f"temperature must lie in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] when "
+                f"sampling, got {t:g}: below, sampling is greedy decoding (do_sample=False); "
+                "above, every token is equally likely"
+            )
     for p in _rows_of("top_p", top_p, rows):
         if not _is_number(p) or not 0 < p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {p!r}")

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import torch
 
 _MASK32 = 0xFFFFFFFF
+# The temperatures a sampled row takes (check_options): logits / T in float32 stays finite and
+# meaningful. Below, a draw is greedy decoding; above, a uniform draw.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
 # Multipliers below 2**31 so that every product of two 32-bit values fits an int64.
 _MIX1, _MIX2 = 0x7FEB352D, 0x2C1B3C6D
 _SEED_MUL, _STEP_MUL = 0x5BD1E995, 0x1B873593
@@ -63,7 +66,8 @@ class SamplerParams:
         def k(v) -> int:
             return int(v) if v and v > 0 else vocab
 
-        put(self.temperature, temperature, 1.0, float)
+        # a greedy call's temperature is never read, and need not fit a float32
+        put(self.temperature, temperature, 1.0, lambda t: min(max(float(t), 1e-30), 1e30))
         put(self.top_k, top_k, vocab, k)
         put(self.top_p, top_p, 1.0, float)
         put(self.seed, seed, 0, lambda v: seed_key(int(v)))

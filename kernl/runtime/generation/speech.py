@@ -161,7 +161,7 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         if lang is not None:
             tokens[1:2] = [lang]
         if task is not None:
-            if task not in s.task_to_id:
+            if not isinstance(task, str) or task not in s.task_to_id:
                 raise ValueError(
                     f"task must be one of {sorted(s.task_to_id)} for this model, not {task!r}"
                 )
@@ -180,17 +180,22 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         table = self.speech.lang_to_id
         if not table:
             raise ValueError("this Whisper model's generation config has no languages (lang_to_id)")
-        for key in (language, language.lower(), f"<|{language.lower()}|>"):
+        lower = language.lower()
+        for key in (language, lower, f"<|{lower}|>", self.speech.language_names.get(lower)):
             if key in table:
                 return table[key]
+        names = f" (or their names: {', '.join(sorted(self.speech.language_names))[:200]})"
         raise ValueError(
             f"language {language!r} is not one of this model's: {', '.join(sorted(table))[:300]}"
+            + (names if self.speech.language_names else "")
         )
 
 
 def _languages(language, batch: int) -> list[str | None]:
     if language is None or isinstance(language, str):
         return [language] * batch
+    if not isinstance(language, (list, tuple)):
+        raise ValueError(f"language must be a string or {batch} strings, got {language!r}")
     language = list(language)
     if len(language) != batch or not all(isinstance(x, str) for x in language):
         raise ValueError(f"language must be a string or {batch} strings, one per row")

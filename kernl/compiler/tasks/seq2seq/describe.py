@@ -382,8 +382,10 @@ def speech_spec(model) -> SpeechSpec:
                 f"generation_config.{name}={value!r} is not supported by kernl's generate"
             )
     no_ts = getattr(gen, "no_timestamps_token_id", None)
+    lang_to_id = {str(k): int(v) for k, v in (getattr(gen, "lang_to_id", None) or {}).items()}
     return SpeechSpec(
-        lang_to_id={str(k): int(v) for k, v in (getattr(gen, "lang_to_id", None) or {}).items()},
+        lang_to_id=lang_to_id,
+        language_names=_language_names(lang_to_id),
         task_to_id={str(k): int(v) for k, v in (getattr(gen, "task_to_id", None) or {}).items()},
         no_timestamps_token_id=None if no_ts is None else int(no_ts),
         is_multilingual=getattr(gen, "is_multilingual", None),
@@ -391,3 +393,12 @@ def speech_spec(model) -> SpeechSpec:
         suppress_tokens=[int(t) for t in (gen.suppress_tokens or [])],
         begin_suppress_tokens=[int(t) for t in (gen.begin_suppress_tokens or [])],
     )
+
+
+def _language_names(lang_to_id: dict[str, int]) -> dict[str, str]:
+    """The language names (and aliases) Hugging Face's Whisper generate takes for a language
+    token of this model: "english" -> "<|en|>"."""
+    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+    named = {name: f"<|{code}|>" for name, code in TO_LANGUAGE_CODE.items()}
+    return {name: key for name, key in named.items() if key in lang_to_id}
