@@ -236,6 +236,15 @@ def model_signature(model: torch.nn.Module, device) -> ModelSignature:
             args = example_inputs(names, bucket, vocab, device)
             out = model(**dict(zip(names, args)), return_dict=True)
             probes.append((bucket, {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}))
+    # Tuples of tensors (the config's output_hidden_states, output_attentions) are not served:
+    # refused here, not dropped (a caller's out.hidden_states[-2] then met None)
+    tuples = sorted(k for k, v in out.items() if isinstance(v, (tuple, list)))
+    if tuples:
+        raise UnsupportedModelError(
+            f"the model returns {', '.join(tuples)} (a tuple per layer, from its config's "
+            "output_hidden_states / output_attentions), which kernl does not serve: set them "
+            "False on model.config (or in config.json) to compile its other outputs"
+        )
     outputs = []
     for name, t in probes[0][1].items():
         other = probes[1][1][name]

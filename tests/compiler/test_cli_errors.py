@@ -256,3 +256,14 @@ def test_a_model_that_is_not_there_says_so_without_network_advice(tmp_path):
     result = run("acme/not-cached", "-o", tmp_path / "a", "--buckets", "batch=1 seq=8")
     assert_clean_failure(result, 1, "not in the local Hugging Face cache", "never downloads")
     assert "internet" not in result.output and "huggingface.co" not in result.output
+
+
+def test_per_layer_outputs_are_refused_not_dropped(tmp_path):
+    """A config with output_hidden_states: Hugging Face returns a tuple per layer, which kernl
+    does not serve; it was dropped without a word (hidden_states came back None)."""
+    torch.manual_seed(0)
+    T.BertModel(T.BertConfig(**SMALL, output_hidden_states=True)).save_pretrained(tmp_path / "m")
+    result = run(tmp_path / "m", "-o", tmp_path / "a", "--buckets", "batch=1 seq=8",
+                 "--device", "cpu", "--dtype", "fp32")  # fmt: skip
+    assert_clean_failure(result, 1, "hidden_states", "output_hidden_states")
+    assert not (tmp_path / "a").exists()

@@ -230,6 +230,19 @@ def test_unsupported_models_fail_at_compile_naming_why(tmp_path):
     assert not any((tmp_path / n).exists() for n in "abc")
     llama.generation_config.eos_token_id = [3] * 9 + [4]
     assert describe(llama, 16, torch.float32)[0].eos_token_ids == [3, 4]
+    # Options of Hugging Face's generate that kernl's does not apply: its ids would differ
+    # (they were dropped without a word; validation compares logits, so it passed)
+    llama.generation_config.repetition_penalty = 1.05  # Qwen2.5-Instruct's
+    llama.generation_config.no_repeat_ngram_size = 2
+    with pytest.raises(UnsupportedModelError, match=r"repetition_penalty=1.05, no_repeat_ngram"):
+        describe(llama, 16, torch.float32)
+    llama.generation_config.repetition_penalty = 1.0
+    llama.generation_config.no_repeat_ngram_size = 0
+    llama.generation_config.suppress_tokens = [5]
+    with pytest.raises(UnsupportedModelError, match=r"suppress_tokens=\[5\]"):
+        describe(llama, 16, torch.float32)
+    llama.generation_config.suppress_tokens = None
+    describe(llama, 16, torch.float32)  # neutral values are fine
 
 
 def test_generation_bucket_syntax():

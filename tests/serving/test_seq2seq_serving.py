@@ -133,8 +133,17 @@ def test_a_forced_eos_ends_each_request_at_its_own_budget(tmp_path):
     records = []
 
     async def main():
-        batcher = GenerationBatcher(bart, limits, BatchPolicy(4, 0.0), on_batch=records.append)
-        return await asyncio.gather(*(batcher.submit(r).result() for r in requests))
+        both = asyncio.Event()  # a call's record may come after its answers
+
+        def on_batch(record):
+            records.append(record)
+            if len(records) == 2:
+                both.set()
+
+        batcher = GenerationBatcher(bart, limits, BatchPolicy(4, 0.0), on_batch=on_batch)
+        results = await asyncio.gather(*(batcher.submit(r).result() for r in requests))
+        await asyncio.wait_for(both.wait(), 60)
+        return results
 
     results = asyncio.run(main())
     for r, ids in zip(requests, results):

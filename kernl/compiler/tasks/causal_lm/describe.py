@@ -20,7 +20,7 @@ import torch
 from kernl.artifacts.generation import DecoderSpec
 
 from ...trace import UnsupportedModelError
-from ..token_ids import eos_token_ids
+from ..generation_config import eos_token_ids, refuse_unapplied_options
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 SUPPORTED = (*LLAMA_LIKE, "gpt2")
@@ -66,6 +66,10 @@ def _token_ids(model) -> tuple[int | None, list[int]]:
     def first(*values):
         return next((v for v in values if v is not None), None)
 
+    ids_options = ("bad_words_ids", "suppress_tokens", "begin_suppress_tokens")
+    refuse_unapplied_options(
+        gen, "causal-lm", (*ids_options, "forced_bos_token_id", "forced_eos_token_id")
+    )
     eos = first(getattr(gen, "eos_token_id", None), getattr(cfg, "eos_token_id", None))
     eos = eos_token_ids(eos, vocab, "causal-lm")
     pad = first(getattr(gen, "pad_token_id", None), getattr(cfg, "pad_token_id", None))

@@ -28,7 +28,7 @@ import torch
 from kernl.artifacts.seq2seq import DETECT, MAX_PROMPT, Seq2SeqSpec, SpeechSpec
 
 from ...trace import UnsupportedModelError
-from ..token_ids import eos_token_ids
+from ..generation_config import eos_token_ids, refuse_unapplied_options
 
 SUPPORTED = ("t5", "bart", "mbart", "marian", "whisper")
 HF_ACTIVATIONS = {
@@ -95,6 +95,8 @@ def _token_ids(model, forcing: bool = True) -> dict:
     )
     forced = {n: getattr(gen, n, None) for n in ("forced_bos_token_id", "forced_eos_token_id")}
     bad = getattr(gen, "bad_words_ids", None) or []
+    if forcing:  # text models (Whisper's own options are checked in speech_spec)
+        refuse_unapplied_options(gen, "seq2seq", ("suppress_tokens", "begin_suppress_tokens"))
     if not forcing:
         for name, value in [*forced.items(), ("bad_words_ids", bad)]:
             if value:

@@ -1,0 +1,75 @@
+"""What the generating tasks (causal_lm/, seq2seq/) take from a model's generation config: the
+EOS ids, as the artifact can hold them, and the refusal of the options kernl's generate does
+not apply."""
+
+from __future__ import annotations
+
+from kernl.artifacts.generation import MAX_EOS_IDS
+
+from ..trace import UnsupportedModelError
+
+
+def eos_token_ids(eos, vocab: int, task: str) -> list[int]:
+    """`eos` (one id, a list of ids or None, as a config or generation config holds it) as
+    distinct ids in [0, vocab), in order. Raises UnsupportedModelError, before anything is
+    traced, for more ids than the runtime's EOS buffer holds: the artifact's reader refuses
+    them, so the compile would otherwise fail only when it writes the artifact."""
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    ids = list(dict.fromkeys(int(e) for e in eos if 0 <= int(e) < vocab))
+    if len(ids) > MAX_EOS_IDS:
+        raise UnsupportedModelError(
+            f"{task}: the model stops at {len(ids)} EOS ids ({ids}); kernl stops at "
+            f"{MAX_EOS_IDS} at most. Set model.generation_config.eos_token_id to the ones "
+            "you need before compiling."
+        )
+    return ids
+
+
+# Options of Hugging Face's generate that change which tokens come out, with the value that
+# changes nothing. kernl's generate decodes greedily or samples with temperature, top-k and
+# top-p (the caller's arguments): a model whose generation config sets one of these would get
+# other ids from kernl than from its own generate, silently (a text seq2seq model's compile
+# found it only when validation's inputs happened to trigger the option). Beam search
+# (num_beams) is not here: kernl never runs it, and says so (README).
+NEUTRAL = {
+    "penalty_alpha": 0.0,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "min_new_tokens": 0,
+    "exponential_decay_length_penalty": None,
+    "sequence_bias": None,
+    "force_words_ids": None,
+    "constraints": None,
+    "guidance_scale": 1.0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "min_p": 0.0,
+    "top_h": None,
+}
+
+
+def refuse_unapplied_options(gen, task: str, also: tuple[str, ...] = ()) -> None:
+    """Raise UnsupportedModelError naming every option of the generation config `gen` (and the
+    ids options in `also`, which this task does not apply) set to anything but its neutral
+    value. The way out is explicit: reset them on model.generation_config (or in the folder's
+    generation_config.json) to compile the model as kernl decodes it."""
+    if gen is None:
+        return
+    neutral = {**NEUTRAL, **dict.fromkeys(also)}
+    bad = []
+    for name, value in neutral.items():
+        given = getattr(gen, name, None)
+        if given is not None and given != value and given not in ([], {}):
+            bad.append(f"{name}={given!r}")
+    if bad:
+        raise UnsupportedModelError(
+            f"{task}: the model's generation config sets {', '.join(bad)}, which kernl's "
+            "generate does not apply (it decodes greedily, or samples with temperature, top-k "
+            "and top-p): its ids would differ from Hugging Face's generate. To compile it as "
+            "kernl decodes, reset them on model.generation_config (or in the folder's "
+            "generation_config.json) first."
+        )
