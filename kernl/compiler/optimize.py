@@ -136,11 +136,74 @@ class OptimizedModel:
             return_dict = getattr(self.config, "return_dict", True)
         return out if return_dict else out.to_tuple()
 
+    # What code written for a Hugging Face model also calls (pipelines: forward, to, eval,
+    # dtype, can_generate): served where a compiled model can, refused clearly where not.
+    training = False
+
+    def forward(self, *args: Any, **inputs: Any) -> Any:
+        return self(*args, **inputs)
+
+    def eval(self) -> OptimizedModel:
+        return self  # always: an artifact serves inference only
+
+    def train(self, mode: bool = True) -> OptimizedModel:
+        if mode:
+            raise RuntimeError("a kernl model serves inference only: it cannot be trained")
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> OptimizedModel:
+        """Itself, where the device and dtype asked for are its own (as a pipeline asks);
+        anything else needs another compile."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        own_device = torch.device(self.runtime.device)
+        if device is not None and (device.type, device.index or 0) != (
+            own_device.type,
+            own_device.index or 0,
+        ):
+            raise ValueError(
+                f"this kernl model was compiled for {own_device}: kernl.optimize(model, "
+                f"device={str(device)!r}) compiles one for {device}"
+            )
+        if dtype is not None and dtype != self.dtype:
+            raise ValueError(
+                f"this kernl model was compiled in {self.dtype}: kernl.optimize(model, "
+                f"dtype={dtype}) compiles one in {dtype}"
+            )
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.runtime.manifest.dtype)
+
+    @property
+    def name_or_path(self) -> str:
+        return getattr(self.config, "_name_or_path", "")
+
+    def can_generate(self) -> bool:
+        return hasattr(self.runtime, "generate")
+
     def __getattr__(self, name: str) -> Any:
         # generate, stream, buckets, manifest, device, ...: the runtime model's own.
         if name == "runtime":  # not set yet (a half-built object): no recursion
             raise AttributeError(name)
-        return getattr(self.runtime, name)
+        try:
+            return getattr(self.runtime, name)
+        except AttributeError:
+            raise AttributeError(
+                f"'OptimizedModel' object has no attribute {name!r} (a kernl model is called "
+                "like the original, or serves .generate / .stream; the original model stays "
+                "yours to use for anything else)"
+            ) from None
+
+    def __reduce__(self):
+        raise TypeError(
+            "a kernl model cannot be pickled or copied (it holds GPU buffers and graphs): "
+            "kernl.optimize(..., save_to=path) writes its artifact, kernl.runtime.load(path) "
+            "loads it"
+        )
+
+    def __deepcopy__(self, memo: dict) -> OptimizedModel:
+        self.__reduce__()  # raises
 
     def __repr__(self) -> str:
         where = "cache hit" if self.cache_hit else "compiled"

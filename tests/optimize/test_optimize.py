@@ -427,3 +427,47 @@ def test_import_kernl_imports_neither_transformers_nor_the_compiler():
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(50)]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return T.PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", model_max_length=16
+    )
+
+
+def test_code_written_for_the_hugging_face_model_runs_or_says_why(cache):
+    """A pipeline calls forward, to(device), eval() and reads dtype: those failed with
+    "'CompiledModel' object has no attribute 'forward'", naming a class the user never saw;
+    pickling failed on a lock."""
+    torch.manual_seed(0)
+    hf = T.BertForSequenceClassification(T.BertConfig(**SMALL)).eval()
+    model = kernl.optimize(hf, "batch=1,2 seq=8,16", progress=False)
+    tok = _word_tokenizer()
+    texts = ["w5 w6 w7", "w1 w2 w3 w4 w9"]
+    want = T.pipeline("text-classification", model=hf, tokenizer=tok)(texts)
+    got = T.pipeline("text-classification", model=model, tokenizer=tok, device="cpu")(texts)
+    assert [g["label"] for g in got] == [w["label"] for w in want]
+    assert all(abs(g["score"] - w["score"]) < 1e-5 for g, w in zip(got, want))
+    inputs = tok(texts, return_tensors="pt", padding=True)
+    torch.testing.assert_close(model.forward(**inputs).logits, hf(**inputs).logits)
+    assert model.eval() is model and model.to("cpu") is model and model.train(False) is model
+    assert model.dtype == torch.float32 and not model.training and not model.can_generate()
+    with pytest.raises(ValueError, match="compiled for cpu: kernl.optimize"):
+        model.to("cuda")
+    with pytest.raises(ValueError, match="compiled in torch.float32"):
+        model.to(torch.float16)
+    with pytest.raises(RuntimeError, match="inference only"):
+        model.train()
+    with pytest.raises(AttributeError, match="'OptimizedModel' object has no attribute 'bert'"):
+        model.bert  # noqa: B018
+    for copy_it in (copy.deepcopy, lambda m: __import__("pickle").dumps(m)):
+        with pytest.raises(TypeError, match="cannot be pickled or copied.*save_to"):
+            copy_it(model)
