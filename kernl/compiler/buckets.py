@@ -141,12 +141,32 @@ def check_buckets_fit(buckets: list[Bucket], config) -> None:
 
 
 def as_buckets(spec) -> list[Bucket]:
-    """Accept a bucket string, Buckets, or (batch, seq) pairs."""
+    """Accept a bucket string, Buckets, (batch, seq) pairs, or {"batch": [...], "seq": [...]}
+    (their product, as the string's axes)."""
     if isinstance(spec, str):
         return parse_buckets(spec)
+    if isinstance(spec, dict):
+        if set(spec) != {"batch", "seq"}:
+            raise BucketSyntaxError(
+                f'encoder buckets as a dict take the keys "batch" and "seq", got {sorted(spec)}'
+            )
+        axes = {k: [v] if isinstance(v, int) else list(v) for k, v in spec.items()}
+        spec = [(b, s) for b in axes["batch"] for s in axes["seq"]]
     out = []
     for b in spec:
-        out.append(b if isinstance(b, Bucket) else Bucket(int(b[0]), int(b[1])))
+        if isinstance(b, Bucket):
+            out.append(b)
+            continue
+        try:
+            batch, seq = b
+            bucket = Bucket(int(batch), int(seq))
+        except (TypeError, ValueError):
+            raise BucketSyntaxError(
+                f"a bucket is a (batch, seq) pair of integers, not {b!r}"
+            ) from None
+        if bucket.batch < 1 or bucket.seq < 1:
+            raise BucketSyntaxError(f"a bucket's batch and seq are positive, not {b!r}")
+        out.append(bucket)
     if not out:
         raise BucketSyntaxError("no buckets given")
     return sorted(set(out))

@@ -29,7 +29,7 @@ POSITIONAL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 class ModelOutput(dict):
     """The model's outputs by field name, like Hugging Face's ModelOutput: `out.logits`,
-    `out["logits"]` and `out[0]` all work."""
+    `out["logits"]`, `out[0]` and `out[:2]` (a tuple, as Hugging Face's) all work."""
 
     def __getattr__(self, name: str) -> torch.Tensor:
         try:
@@ -38,8 +38,8 @@ class ModelOutput(dict):
             raise AttributeError(name) from None
 
     def __getitem__(self, key):
-        if isinstance(key, int):
-            return list(self.values())[key]
+        if isinstance(key, (int, slice)):
+            return self.to_tuple()[key]
         return super().__getitem__(key)
 
     def to_tuple(self) -> tuple:

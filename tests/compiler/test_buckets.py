@@ -47,6 +47,15 @@ def test_as_buckets_accepts_pairs():
     assert as_buckets([(2, 8), Bucket(1, 4)]) == [Bucket(1, 4), Bucket(2, 8)]
 
 
+def test_as_buckets_accepts_the_axes_as_a_dict_and_names_what_is_wrong():
+    # the dict form causal-LM buckets take; an encoder's raised int("b") on its keys
+    assert as_buckets({"batch": [1, 2], "seq": 8}) == [Bucket(1, 8), Bucket(2, 8)]
+    for bad, needle in [({"batch": [1], "sequence": [8]}, 'keys "batch" and "seq"'),
+                        (["b8"], "pair of integers"), ([(0, 8)], "positive")]:  # fmt: skip
+        with pytest.raises(BucketSyntaxError, match=needle):
+            as_buckets(bad)
+
+
 def test_buckets_listed_as_batch_x_seq():
     # The form `kernl bench --buckets` and `kernl inspect` print.
     assert parse_buckets("8x128,1x16") == [Bucket(1, 16), Bucket(8, 128)]
