@@ -154,6 +154,18 @@ def test_errors_are_clear_and_leave_the_model_usable(model):
     for t in (1e-45, 1e-320, 1e308, [1.0, 1e308]):
         with pytest.raises(ValueError, match=r"temperature must lie in \[1e-06, 1e\+06\]"):
             model.generate(ids, mask, do_sample=True, temperature=t, max_new_tokens=2)
+    # Hugging Face generate arguments: neutral values are taken (code written for HF passes
+    # them), the others say what kernl does instead (they were a bare "unexpected keyword")
+    got = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[], use_cache=True,
+                         num_beams=1, return_dict_in_generate=False)  # fmt: skip
+    assert torch.equal(got, before)
+    for kw, needle in [(dict(num_beams=2), "beam search"), (dict(streamer=object()), "stream"),
+                       (dict(output_scores=True), "output_logits=True"),
+                       (dict(bogus=1), "unexpected keyword argument 'bogus'")]:  # fmt: skip
+        with pytest.raises(TypeError, match=needle):
+            model.generate(ids, mask, max_new_tokens=2, **kw)
+    with pytest.raises(TypeError, match="stream\\(\\) does not take generation_config"):
+        model.stream(ids, mask, generation_config=object())
     # Greedy decoding never reads it, as in Hugging Face (which warns).
     assert torch.equal(model.generate(ids, mask, temperature=1e308, max_new_tokens=12,
                                       eos_token_id=[]), before)  # fmt: skip

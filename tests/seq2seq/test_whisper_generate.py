@@ -206,6 +206,8 @@ def test_bad_calls_are_clear_and_leave_the_model_usable(compiled):
         model.generate(x, task=["transcribe", "translate"])  # was a TypeError (unhashable)
     with pytest.raises(ValueError, match="language must be a string"):
         model.generate(x, language=5)  # was a TypeError ('int' object is not iterable)
+    with pytest.raises(TypeError, match="beam search is not supported"):
+        model.generate(x, num_beams=2)
     with pytest.raises(ValueError, match="English-only"):
         compiled["english"][2].generate(x, language="en")
     assert model.generate(x, max_new_tokens=46, eos_token_id=[]).shape == (1, 46)  # fills it

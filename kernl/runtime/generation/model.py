@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -236,6 +237,7 @@ class GenerativeModel(StepLoop):
         pad_token_id: int | None = None,
         seed: int | Sequence[int] = 0,
         max_length: int | None = None,
+        **hf_options: Any,
     ) -> torch.Tensor:
         """Like Hugging Face `generate`: returns [batch, prompt + new] ids, the prompt as given
         followed by the new tokens; a row that emitted an EOS id is padded with `pad_token_id`
@@ -246,6 +248,7 @@ class GenerativeModel(StepLoop):
         ids. Each of the four is one value or a list of one per row; with a seed per row,
         each row draws what it would alone with its seed. `max_new_tokens` defaults to 20; `max_length`, as in Hugging Face, counts the
         prompt (its padded length) too, and `max_new_tokens` wins when both are given."""
+        refuse_hf_options("generate", hf_options)
         sampling = (do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
         prompt, plan = self._request(
             input_ids, attention_mask, max_new_tokens, max_length, sampling
@@ -269,6 +272,7 @@ class GenerativeModel(StepLoop):
         seed: int | Sequence[int] = 0,
         output_logits: bool = False,
         max_length: int | None = None,
+        **hf_options: Any,
     ) -> Iterator:
         """The same generation, yielding each step's new ids ([batch] on the CPU) as they come
         (with `output_logits`, pairs of ids and that step's float32 logits [batch, vocab]).
@@ -276,6 +280,7 @@ class GenerativeModel(StepLoop):
         returns; the model serves nothing else until the iterator is exhausted or closed
         (the thread iterating it gets a RuntimeError if it calls `generate` or `stream`
         before then, instead of waiting for itself)."""
+        refuse_hf_options("stream", hf_options)
         sampling = (do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
         _, plan = self._request(input_ids, attention_mask, max_new_tokens, max_length, sampling)
         start = lambda: self._start(plan, temperature, top_k, top_p, seed)  # noqa: E731
@@ -598,6 +603,37 @@ def _rows_of(name: str, value, rows: int) -> list:
     if len(value) != rows:
         raise ValueError(f"{name} holds {len(value)} values for a batch of {rows} rows")
     return list(value)
+
+
+# Arguments of Hugging Face's generate that kernl's do not take: the value that changes
+# nothing (taken silently, as code written for HF passes it) and where to go instead.
+_HF_OPTIONS = {
+    "use_cache": (True, "kernl always decodes over its static KV cache"),
+    "num_beams": (1, "beam search is not supported: generate decodes greedily, or samples"),
+    "num_return_sequences": (1, "repeat the prompt in the batch, with a seed per row"),
+    "synced_gpus": (False, "kernl runs one model on one GPU"),
+    "streamer": (None, "model.stream(...) yields each step's new ids as they come"),
+    "output_scores": (False, "model.stream(..., output_logits=True) yields each step's logits"),
+    "output_logits": (False, "model.stream(..., output_logits=True) yields each step's logits"),
+    "return_dict_in_generate": (False, "generate returns the ids (model.stream for logits)"),
+    "generation_config": (
+        None,
+        "pass its settings as arguments (max_new_tokens, do_sample, temperature, top_k, "
+        "top_p, eos_token_id, pad_token_id); the model's own EOS and pad ids are the defaults",
+    ),
+}
+
+
+def refuse_hf_options(method: str, options: dict) -> None:
+    """Hugging Face generate arguments passed to kernl's `method`: their neutral values are
+    taken, anything else is a TypeError saying what kernl does instead."""
+    for name, value in options.items():
+        if name not in _HF_OPTIONS:
+            raise TypeError(f"{method}() got an unexpected keyword argument {name!r}")
+        neutral, instead = _HF_OPTIONS[name]
+        if value is neutral or (type(value) in (bool, int) and value == neutral):
+            continue
+        raise TypeError(f"{method}() does not take {name}={value!r}: {instead}")
 
 
 def check_options(

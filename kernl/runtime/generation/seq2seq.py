@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -28,7 +29,15 @@ from kernl.artifacts.seq2seq import MAX_PROMPT, Seq2SeqBuckets, Seq2SeqSpec, Spe
 
 from ..binaries import KernelBinaries, running_with
 from .encoder_decoder import EncoderDecoder, Seq2SeqCache
-from .model import StepLoop, _as_batch, _device_of, _generated_length, _Step, check_options
+from .model import (
+    StepLoop,
+    _as_batch,
+    _device_of,
+    _generated_length,
+    _Step,
+    check_options,
+    refuse_hf_options,
+)
 from .sampling import SamplerParams, greedy, sample
 from .state import MAX_EOS_IDS
 
@@ -231,6 +240,7 @@ class Seq2SeqModel(StepLoop):
         pad_token_id: int | None = None,
         seed: int | Sequence[int] = 0,
         forced_bos_token_id: int | None = None,
+        **hf_options: Any,
     ) -> torch.Tensor:
         """Like Hugging Face's encoder-decoder `generate`: returns [batch, 1 + new] ids, the
         decoder start token followed by the new tokens; a row that emitted an EOS id is padded
@@ -243,6 +253,7 @@ class Seq2SeqModel(StepLoop):
         four one value or a list of one per row, as for the causal LM). Raises
         ValueError, leaving the model usable, for a source longer than every source bucket or
         more new tokens than the decoder cache holds."""
+        refuse_hf_options("generate", hf_options)
         plan = self._text_plan(
             input_ids,
             attention_mask,
@@ -272,11 +283,13 @@ class Seq2SeqModel(StepLoop):
         seed: int | Sequence[int] = 0,
         output_logits: bool = False,
         forced_bos_token_id: int | None = None,
+        **hf_options: Any,
     ) -> Iterator:
         """The same generation, yielding each step's new ids ([batch] on the CPU) as they come
         (with `output_logits`, pairs of ids and that step's float32 logits [batch, vocab]);
         stops after the step where every row has finished. Arguments are checked before this
         returns; the model serves nothing else until the iterator is exhausted or closed."""
+        refuse_hf_options("stream", hf_options)
         plan = self._text_plan(
             input_ids,
             attention_mask,

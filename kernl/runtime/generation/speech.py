@@ -12,11 +12,13 @@ to the longest. suppress_tokens and begin_suppress_tokens are applied inside the
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
 from kernl.artifacts.seq2seq import DETECT, MAX_PROMPT
 
+from .model import refuse_hf_options
 from .seq2seq import Seq2SeqModel, _Plan
 
 
@@ -37,6 +39,7 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         language: str | Sequence[str] | None = None,
         task: str | None = None,
         return_timestamps: bool | None = None,
+        **hf_options: Any,
     ) -> torch.Tensor:
         """Like Hugging Face's Whisper `generate` on features of at most 30 s: `input_features`
         [batch, n_mels, 3000] (a feature extractor's output; shorter audio is padded to the
@@ -47,6 +50,7 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         "translate") as in Hugging Face; sampling as in the text models. Timestamps are not
         supported. Raises ValueError, leaving the model usable, for a bad feature shape or
         more tokens than the decoder cache holds."""
+        refuse_hf_options("generate", hf_options)
         plan = self._speech_plan(
             input_features,
             max_new_tokens,
@@ -82,10 +86,12 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         language: str | Sequence[str] | None = None,
         task: str | None = None,
         output_logits: bool = False,
+        **hf_options: Any,
     ) -> Iterator:
         """The same generation, yielding each new token's ids ([batch] on the CPU; a finished
         row yields the pad id), with `output_logits` pairs of ids and the step's float32
         logits after suppression; stops after the step where every row has finished."""
+        refuse_hf_options("stream", hf_options)
         plan = self._speech_plan(
             input_features,
             max_new_tokens,
