@@ -368,6 +368,16 @@ def _token_list(v: Any, vocab: int, top: int) -> bool:
     return isinstance(v, list) and len(v) <= top and all(_is_int(t) and 0 <= t < vocab for t in v)
 
 
+def speech_with_names(extra: dict) -> Any:
+    """extra.speech with the language names, which live beside it (extra.speech_language_names)
+    so that a reader older than them, which refuses unknown speech fields, still reads the
+    artifact (docs/reliability.md: additions under extra are ignored by older readers)."""
+    speech, names = extra.get("speech"), extra.get("speech_language_names")
+    if isinstance(speech, dict) and names is not None:
+        return {**speech, "language_names": names}
+    return speech
+
+
 def _check_speech(d: Any, vocab: int, where: str) -> SpeechSpec:
     if not isinstance(d, dict):
         raise _bad(where, "extra.speech (Whisper's generation config) is not a map")
@@ -391,7 +401,7 @@ def _check_speech(d: Any, vocab: int, where: str) -> SpeechSpec:
         and all(isinstance(k, str) and len(k) <= 64 for k in names)
         and all(isinstance(v, str) and v in d.get("lang_to_id", {}) for v in names.values())
     ):
-        raise _bad(where, "speech.language_names is not a map of names to lang_to_id keys")
+        raise _bad(where, "speech language_names is not a map of names to lang_to_id keys")
     no_ts = d.get("no_timestamps_token_id")
     if no_ts is not None and not (_is_int(no_ts) and 0 <= no_ts < vocab):
         raise _bad(where, f"speech.no_timestamps_token_id is {no_ts!r}, not a token id")
@@ -520,7 +530,7 @@ def check_seq2seq(
     buckets = _check_buckets(extra.get("seq2seq_buckets"), where, limits)
     speech = None
     if spec.family == "whisper":
-        speech = _check_speech(extra.get("speech"), spec.vocab_size, where)
+        speech = _check_speech(speech_with_names(extra), spec.vocab_size, where)
         if buckets.sources != [spec.source_positions]:
             raise _bad(where, f"a Whisper source is {spec.source_positions} encoder positions")
     elif "speech" in extra:

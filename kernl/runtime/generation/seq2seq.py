@@ -25,7 +25,13 @@ import torch
 
 from kernl.artifacts.errors import ArtifactCorruptError
 from kernl.artifacts.schema import Manifest, pick_size
-from kernl.artifacts.seq2seq import MAX_PROMPT, Seq2SeqBuckets, Seq2SeqSpec, SpeechSpec
+from kernl.artifacts.seq2seq import (
+    MAX_PROMPT,
+    Seq2SeqBuckets,
+    Seq2SeqSpec,
+    SpeechSpec,
+    speech_with_names,
+)
 
 from ..binaries import KernelBinaries, running_with
 from .encoder_decoder import EncoderDecoder, Seq2SeqCache
@@ -198,7 +204,7 @@ class Seq2SeqModel(StepLoop):
         try:
             self.spec = Seq2SeqSpec.from_dict(manifest.extra["seq2seq"])
             self.buckets = Seq2SeqBuckets.from_dict(manifest.extra["seq2seq_buckets"])
-            speech = manifest.extra.get("speech")
+            speech = speech_with_names(manifest.extra)
             self.speech = SpeechSpec.from_dict(speech) if speech is not None else None
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ArtifactCorruptError(

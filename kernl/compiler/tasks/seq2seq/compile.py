@@ -336,6 +336,8 @@ def _manifest(
         # extra.seq2seq; the manifest's input list holds integer inputs: the decoder prompt.
         inputs = [InputSpec("decoder_input_ids", "int64", pad, "required")]
         extra["speech"] = speech_spec(model).to_dict()
+        # beside extra.speech: a reader older than them refuses unknown speech fields
+        extra["speech_language_names"] = extra["speech"].pop("language_names")
     return Manifest(
         format_version=FORMAT_VERSION,
         kernl_version=kernl_version,
