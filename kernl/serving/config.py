@@ -60,3 +60,5 @@ class ServeConfig:
             raise ValueError(f"plan_by must be 'time' or 'tokens', got {self.plan_by!r}")
         if self.device not in (None, "cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if not 0 <= self.port <= 65535:  # 0: any free port
+            raise ValueError(f"port must lie in [0, 65535], got {self.port}")

@@ -233,13 +233,21 @@ def _rows_from_text(data: dict, input_names: list[str], tokenize) -> tuple[list[
         )
     if "input_ids" in data:
         raise RequestError(422, "send either 'text' or 'input_ids', not both")
+    given = sorted(n for n in data if n in input_names)
+    if given:  # the tokenizer makes them: a client's would be dropped without a word
+        raise RequestError(
+            422, f"{given} come from the tokenizer with 'text': send them with 'input_ids'"
+        )
     text = data["text"]
     single = isinstance(text, str)
     texts = [text] if single else text
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise RequestError(422, "'text' must be a string or a non-empty list of strings")
     rows = []
-    for encoded in tokenize_checked(tokenize, texts):
+    for i, encoded in enumerate(tokenize_checked(tokenize, texts)):
+        if not encoded.get("input_ids"):  # "" with a tokenizer that adds no special tokens
+            where = f"'text'[{i}]" if not single else "'text'"
+            raise RequestError(422, f"{where} gives no tokens")
         rows.append(Row({k: tuple(v) for k, v in encoded.items() if k in input_names}))
     return rows, single
 

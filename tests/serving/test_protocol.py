@@ -173,3 +173,19 @@ def test_text_the_tokenizer_cannot_take_is_a_422_not_a_500():
         with pytest.raises(RequestError, match=needle) as e:
             parse(json.dumps({"text": text}).encode(), tokenize)
         assert e.value.status == 422
+
+
+def test_text_with_no_tokens_or_with_the_tokenizers_own_fields_is_a_422():
+    """A tokenizer without special tokens gives "" no ids: that was a 500 (min() of nothing).
+    An attention_mask or token_type_ids sent with 'text' was dropped without a word."""
+
+    def tokenize(texts):
+        return [{"input_ids": [len(w) for w in t.split()]} for t in texts]
+
+    for body, needle in [({"text": ""}, "'text' gives no tokens"),
+                         ({"text": ["w1", "  "]}, r"'text'\[1\] gives no tokens"),
+                         ({"text": "w1", "attention_mask": "garbage"}, "come from the tokenizer"),
+                         ({"text": "w1", "token_type_ids": [[7]]}, "token_type_ids")]:  # fmt: skip
+        with pytest.raises(RequestError, match=needle) as e:
+            parse(body, tokenize)
+        assert e.value.status == 422

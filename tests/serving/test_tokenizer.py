@@ -81,3 +81,29 @@ def test_serve_refuses_a_linked_tokenizer_before_ray_starts(artifact_copy, tmp_p
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "symbolic link" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("case", ["malformed tokenizer", "port", "cuda"])
+def test_serve_refuses_what_cannot_start_before_ray_starts(artifact_copy, case):
+    """Each of these started Ray and failed ~30-50 s later with a traceback of Ray's (the
+    malformed tokenizer's cause only in Ray's logs), or, for a GPU that is not there, waited
+    for a node forever, deaf to Ctrl-C."""
+    args = [sys.executable, "-m", "kernl.serving", str(artifact_copy)]
+    if case == "malformed tokenizer":
+        (artifact_copy / "tokenizer.json").write_text('{"not": "a tokenizer"')
+        needle = "tokenizer.json"
+    elif case == "port":
+        args += ["--port", "70000"]
+        needle = "port must lie in [0, 65535]"
+    else:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        args += ["--device", "cuda"]
+        needle = "no CUDA GPU"
+    result = subprocess.run(
+        args, capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""}
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert needle in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
