@@ -93,6 +93,8 @@ def read_manifest(
     key files or loaded keys), the manifest's bytes must first carry a valid signature by one
     of them (signing.py): the same bytes are then parsed."""
     root = Path(root)
+    if not root.exists():
+        raise ArtifactMissingError(f"{root}: no such file or folder")
     if not root.is_dir():
         raise ArtifactMissingError(f"{root}: not a folder (an artifact is a folder)")
     data = read_inside(root, MANIFEST_FILE, "manifest", limits.max_manifest_bytes)

@@ -250,7 +250,12 @@ class ArtifactWriter:
                 t = t.clone()
             seen.add(ptr)
             clean[name] = t.cpu()
-        save_file(clean, str(self.tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        try:
+            save_file(clean, str(self.tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        except OSError:
+            raise
+        except Exception as e:  # safetensors' own error (not an OSError), e.g. a full disk
+            raise ArtifactWriteError(f"writing the weights into {self.tmp} failed: {e}") from e
         _fsync_path(self.tmp / WEIGHTS_FILE)
         return WEIGHTS_FILE
 

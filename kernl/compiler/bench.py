@@ -376,10 +376,14 @@ class Bench:
             return
         source = self.config.model or self.manifest.model_source
         if not (Path(source).expanduser() / "config.json").is_file() and not _in_hf_cache(source):
+            where = (
+                f"--model {source!r} is"
+                if self.config.model
+                else f"the manifest says it came from {source!r}, which is"
+            )
             raise BenchError(
-                f"peers need the original model; the manifest says it came from {source!r}, "
-                "which is not a local model folder nor in the local Hugging Face cache: "
-                "pass --model DIR"
+                f"peers need the original model; {where} not a local model folder nor in the "
+                "local Hugging Face cache: pass --model DIR"
             )
 
     def run(self, step: Step) -> Timing | None:

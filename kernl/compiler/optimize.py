@@ -53,6 +53,7 @@ import torch
 
 from kernl._version import __version__ as kernl_version
 from kernl.artifacts import FORMAT_VERSION, ArtifactError, check_destination
+from kernl.artifacts.signing import trusted_keys_from_env
 
 from . import api
 from .buckets import BucketLimitError, as_buckets, check_buckets_fit, position_limit
@@ -89,7 +90,8 @@ _COMPILE_LOCK = threading.Lock()
 def cache_root() -> Path:
     """kernl's cache folder: $KERNL_CACHE_DIR, else ~/.cache/kernl (the tuning cache lives in
     its `tuning/` subfolder, compiled models in `models/`)."""
-    return Path(os.environ.get("KERNL_CACHE_DIR", Path.home() / ".cache" / "kernl")).expanduser()
+    # an empty value is unset: not the working directory
+    return Path(os.environ.get("KERNL_CACHE_DIR") or Path.home() / ".cache" / "kernl").expanduser()
 
 
 # -- the returned model ------------------------------------------------------------------------
@@ -278,6 +280,15 @@ def _optimize(
         if task == "seq2seq-lm" and is_speech_model(model):
             task = "speech-seq2seq"  # WhisperForConditionalGeneration, as compile() infers it
     check_task(task, model)
+    if trusted_keys_from_env():
+        # load() would refuse every cache entry (they are not signed) and each call would
+        # compile again, after the whole compile
+        raise RuntimeError(
+            "KERNL_TRUSTED_KEYS is set, so kernl.runtime.load accepts only artifacts signed by "
+            "those keys, and kernl.optimize's cache entries are not signed: unset it for "
+            "kernl.optimize, or compile with kernl-compile --sign and serve with "
+            "kernl.runtime.load"
+        )
     model_dtype, model_device = _dtype_device_of(model)
     dtype = _dtype_name(dtype) if dtype is not None else _DTYPE_NAMES[model_dtype]
     target = torch.device(device) if device is not None else model_device

@@ -51,6 +51,8 @@ def load(
     device's free memory, before any weight is read.
     """
     root = Path(path)
+    if isinstance(trusted_keys, (str, os.PathLike)):  # one key file, not its characters
+        trusted_keys = [trusted_keys]
     keys = load_trusted_keys(list(trusted_keys or trusted_keys_from_env()))
     manifest = read_manifest(root, trusted_keys=keys)
     # Hash the files in the background while the weights are read: threads that hash every

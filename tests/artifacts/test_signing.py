@@ -55,6 +55,8 @@ def test_a_signed_artifact_loads_where_its_key_is_pinned(signed, keys):
     assert verify_artifact(signed, trusted_keys=[keys[2], keys[1]]).model_type == "bert"
     model = kernl.runtime.load(signed, device="cpu", trusted_keys=[keys[1]])
     assert model(input_ids=torch.tensor([[5, 6]])).last_hidden_state.shape == (1, 2, 64)
+    # one key file as a plain path (its characters were taken as key files: "/" a folder)
+    kernl.runtime.load(signed, device="cpu", trusted_keys=str(keys[1]))
     result = CliRunner().invoke(main, ["verify", str(signed), "--trusted-key", str(keys[1])])
     assert result.exit_code == 0 and result.output.startswith("OK"), result.output
 
@@ -154,3 +156,13 @@ def test_the_runtime_imports_and_loads_without_cryptography(small_artifact, sign
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "pip install 'kernl[sign]'" in proc.stdout
+
+
+def test_keygen_never_leaves_half_a_new_pair(tmp_path):
+    """With only KEY.pub there, keygen wrote a new private KEY, then failed on KEY.pub: a
+    private key that the old public key does not match."""
+    (tmp_path / "k.pub").write_text("an old public key")
+    with pytest.raises(FileExistsError, match="k.pub already exist"):
+        generate_keypair(tmp_path / "k", tmp_path / "k.pub")
+    assert not (tmp_path / "k").exists()
+    assert (tmp_path / "k.pub").read_text() == "an old public key"

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -340,7 +341,16 @@ def test_bad_options_are_refused_before_any_work(cache, tmp_path, monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="sees no CUDA GPU"):
             kernl.optimize(bert, BUCKETS, device="cuda", progress=False)
+    # pinned keys refuse every (unsigned) cache entry: each call compiled, then failed
+    monkeypatch.setenv("KERNL_TRUSTED_KEYS", str(tmp_path / "deploy.pub"))
+    with pytest.raises(RuntimeError, match="KERNL_TRUSTED_KEYS is set"):
+        kernl.optimize(bert, BUCKETS, progress=False)
     assert not cache.exists() or not list(cache.iterdir())
+
+
+def test_an_empty_cache_dir_variable_is_unset(monkeypatch):
+    monkeypatch.setenv("KERNL_CACHE_DIR", "")  # was the working directory
+    assert opt.cache_root() == Path.home() / ".cache" / "kernl"
 
 
 def test_every_spelling_of_a_dtype_is_one_cache_entry(cache, compiles):

@@ -336,4 +336,13 @@ def test_bad_artifact_is_refused_before_ray_starts(tmp_path):
         env={**os.environ, "RAY_ADDRESS": ""},
     )
     assert result.returncode == 2
-    assert "not a folder" in result.stderr
+    assert "missing.kernl: no such file or folder" in result.stderr  # was "not a folder"
+    (tmp_path / "a_file").write_text("x")
+    result = subprocess.run(
+        [sys.executable, "-m", "kernl.serving", str(tmp_path / "a_file")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    assert result.returncode == 2 and "not a folder" in result.stderr
