@@ -106,6 +106,11 @@ def read_manifest(
         raise ArtifactCorruptError(f"{path}: the manifest is not a map")
     version = raw.get("format_version")
     if type(version) is not int or version not in SUPPORTED_FORMAT_VERSIONS:
+        if _checksum_mismatch(raw):  # a flipped byte, not a newer kernl's artifact
+            raise ArtifactCorruptError(
+                f"{path}: the manifest does not match its own checksum (corrupted or edited); "
+                f"its format version reads {version!r}"
+            )
         raise ArtifactVersionError(
             f"{path}: format version {version!r}; this kernl reads versions "
             f"{list(SUPPORTED_FORMAT_VERSIONS)}. A newer artifact needs a newer kernl; an "
@@ -120,6 +125,20 @@ def read_manifest(
     except Exception as e:
         raise ArtifactCorruptError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from e
     return manifest
+
+
+def _checksum_mismatch(raw: dict) -> bool:
+    """A checksum is recorded and the manifest does not match it. A manifest without one, or
+    with one of another shape, is left to the version check: a later format may record it
+    elsewhere."""
+    extra = raw.get("extra")
+    recorded = extra.get(MANIFEST_CHECKSUM_KEY) if isinstance(extra, dict) else None
+    if not isinstance(recorded, str):
+        return False
+    try:
+        return recorded != manifest_digest(raw)
+    except Exception:  # a map msgpack cannot re-encode: not this format's checksum to judge
+        return False
 
 
 def _check_manifest_checksum(path: Path, raw: dict) -> None:

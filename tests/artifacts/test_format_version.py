@@ -50,3 +50,17 @@ def test_unknown_top_level_field_is_refused(small_artifact, tmp_path):
     edit_manifest(root, lambda m: m.__setitem__("new_field", 1))
     with pytest.raises(ArtifactCorruptError, match="new_field"):
         read_manifest(root)
+
+
+@pytest.mark.parametrize("version", [2, 0, 11])
+def test_a_corrupted_version_is_reported_as_corruption(version, small_artifact, tmp_path):
+    """A version changed without the checksum (a flipped byte on disk) is damage, not a newer
+    kernl's artifact: "needs a newer kernl" would send the user the wrong way."""
+    root = copy_artifact(small_artifact, tmp_path / "a")
+    path = root / "manifest.msgpack"
+    data = path.read_bytes()
+    key = b"\xaeformat_version\x01"  # msgpack: the 14-byte key, then the positive fixint 1
+    assert data.count(key) == 1
+    path.write_bytes(data.replace(key, key[:-1] + bytes([version])))
+    with pytest.raises(ArtifactCorruptError, match=f"format version reads {version}"):
+        read_manifest(root)
