@@ -18,7 +18,10 @@ by everything the artifact depends on, so the second run of a notebook loads in 
 - Concurrency: one compile per key at a time (an flock on `<entry>.lock`; a second caller
   waits, then loads the first one's entry). Correctness does not rest on the lock: each
   compile writes into its own build folder beside the entry and moves the finished artifact
-  in with one rename; a build folder is never loaded, and those of dead processes are removed.
+  in with one rename; a build folder is never loaded, and those of dead processes are removed
+  (a pid is judged only within its host and PID namespace; any build untouched for a week goes
+  too). A cache that cannot be written (a read-only mount) still serves its entries; a miss
+  there is a CacheNotWritableError saying where to point KERNL_CACHE_DIR.
 - A cache entry that fails verification at load (any ArtifactError) is moved aside and
   recompiled.
 - The original model is not modified: compile() casts/moves the model it is given in place
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import hashlib
 import json
 import os
@@ -329,10 +333,18 @@ def _optimize(
     output_class = _output_class(model, target) if task not in GENERATION_TASKS else None
 
     cache_hit = True
-    with _entry_lock(entry, say):
-        _remove_dead_builds(models)
-        runtime = _load_entry(entry, target, say) if entry.exists() else None
+    with _entry_lock(entry, say) as writable:
+        if writable:
+            _remove_dead_builds(models)
+        runtime = _load_entry(entry, target, say, writable) if entry.exists() else None
         if runtime is None:
+            if not writable:
+                raise CacheNotWritableError(
+                    f"{type(model).__name__} ({task}, {dtype} on {target}) is not in the "
+                    f"cache and the cache folder {models} cannot be written: point "
+                    "KERNL_CACHE_DIR (or cache_dir=) at a writable folder, or compile it into "
+                    "this cache where it can be written"
+                )
             cache_hit = False
             say(
                 f"compiling {type(model).__name__} ({task}, {dtype} on {target}) into the "
@@ -631,7 +643,7 @@ def _compile_entry(
             del subject
         _install(build / "artifact", entry)
     finally:
-        shutil.rmtree(build, ignore_errors=True)
+        _remove(build)
 
 
 def _converted_by_compile(
@@ -700,63 +712,134 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _load_entry(entry: Path, device: torch.device, say: Callable[[str], None]) -> Any | None:
+class CacheNotWritableError(PermissionError):
+    """The cache folder cannot be written (a read-only mount, another user's folder) and the
+    entry asked for is missing or damaged there."""
+
+
+def _load_entry(
+    entry: Path, device: torch.device, say: Callable[[str], None], writable: bool = True
+) -> Any | None:
     """The cached artifact loaded (and sha256-verified) on `device`, or None when it fails
-    verification: it is then moved aside (and deleted) so a fresh compile can take its place."""
+    verification: it is then moved aside (and deleted) so a fresh compile can take its place.
+    In a cache that cannot be written the failure is raised instead: nothing can replace it."""
     import kernl.runtime
 
     try:
         runtime = kernl.runtime.load(entry, device=device)
     except ArtifactError as e:
+        if not writable:
+            raise CacheNotWritableError(
+                f"cache entry {entry} failed verification ({type(e).__name__}: {e}) and the "
+                f"cache folder {entry.parent} cannot be written, so it cannot be recompiled "
+                "there: point KERNL_CACHE_DIR (or cache_dir=) at a writable folder"
+            ) from e
         say(f"cache entry {entry} failed verification ({type(e).__name__}: {e}); recompiling")
         aside = entry.with_name(f".corrupt-{_owner_tag()}-{entry.name}")
         with contextlib.suppress(FileNotFoundError):  # another process moved it first
             os.rename(entry, aside)
-        shutil.rmtree(aside, ignore_errors=True)
+        _remove(aside)
         return None
     say(f"cache hit: loaded {entry} (no compile)")
     return runtime
 
 
+def _remove(path: Path) -> None:
+    """A folder with what it holds, or a file (a damaged entry can be either); never raises."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace (Linux): a pid means the same process only within one.
+    Containers that share the host's name (`--uts=host`) have their own PID namespaces."""
+    try:
+        return re.sub(r"\D", "", os.readlink("/proc/self/ns/pid")) or "0"
+    except OSError:
+        return "0"
+
+
 def _owner_tag() -> str:
-    return f"{socket.gethostname()}@{os.getpid()}"
+    return f"{socket.gethostname()}~{_pid_namespace()}@{os.getpid()}"
 
 
-def _remove_dead_builds(models: Path) -> None:
-    """Build and corrupt folders left by processes that died on this host."""
-    host = socket.gethostname()
+# A build folder that no process here can vouch for (another host on a shared disk, another
+# PID namespace, an older kernl's name) is removed once it is this old: no compile takes a week.
+STALE_BUILD_SECONDS = 7 * 24 * 3600
+
+
+def _remove_dead_builds(models: Path, now: float | None = None) -> None:
+    """Build and corrupt folders left by processes that died: those of this host and PID
+    namespace whose process is gone, and any untouched for STALE_BUILD_SECONDS."""
+    host, namespace = socket.gethostname(), _pid_namespace()
+    now = time.time() if now is None else now
     for p in models.iterdir():
-        m = re.match(r"^\.(?:build|corrupt)-(.+)@(\d+)-", p.name)
-        if not m or m.group(1) != host:
+        m = re.match(r"^\.(?:build|corrupt)-(.+?)(?:~(\d+))?@(\d+)-", p.name)
+        if not m:
             continue
-        try:
-            os.kill(int(m.group(2)), 0)
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except (PermissionError, OverflowError):
-            pass
+        if m.group(1) == host and m.group(2) == namespace and not _process_alive(int(m.group(3))):
+            _remove(p)
+        elif _last_touched(p) < now - STALE_BUILD_SECONDS:
+            _remove(p)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's, or not a pid: not ours to judge
+    return True
+
+
+def _last_touched(path: Path) -> float:
+    """The newest mtime of a folder and what it holds directly (a compile adds files there)."""
+    try:
+        times = [path.lstat().st_mtime]
+        if path.is_dir() and not path.is_symlink():
+            times += [c.lstat().st_mtime for c in path.iterdir()]
+    except OSError:
+        return time.time()  # vanishing under us: someone is working on it
+    return max(times)
 
 
 @contextlib.contextmanager
-def _entry_lock(entry: Path, say: Callable[[str], None]) -> Iterator[None]:
+def _entry_lock(entry: Path, say: Callable[[str], None]) -> Iterator[bool]:
     """One compile per cache entry at a time across processes and threads (flock on a file
     opened per call). Where flock is missing (Windows) nothing is locked: the atomic rename
-    still keeps the cache consistent, at the cost of duplicate compiles."""
+    still keeps the cache consistent, at the cost of duplicate compiles. Yields whether the
+    cache folder can be written: a read-only one (a mount baked into an image) still serves
+    its entries, which need no lock to read (each was installed by one rename)."""
     try:
         import fcntl
     except ImportError:
-        yield
+        yield True
         return
-    with open(entry.with_name(entry.name + ".lock"), "a+b") as f:
+    try:
+        f = _open_lock(entry.with_name(entry.name + ".lock"))
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        yield False
+        return
+    with f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             say(f"waiting for another compile of the same model ({entry.name})")
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _open_lock(path: Path):
+    return open(path, "a+b")
 
 
 def copy_artifact(source: Path, destination: str | os.PathLike) -> Path:

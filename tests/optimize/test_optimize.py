@@ -5,6 +5,7 @@ miss it, save_to writes a loadable artifact, and the caller's model is left as i
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import socket
 import subprocess
@@ -221,14 +222,55 @@ def test_a_corrupt_entry_is_recompiled(cache, compiles):
 def test_leftover_builds_are_never_used_and_dead_ones_are_removed(cache, compiles):
     bert = tiny_bert()
     cache.mkdir(parents=True)
+    host, here = socket.gethostname(), opt._pid_namespace()
     # What a compile killed before its rename leaves: a build folder of a dead process.
-    dead = cache / f".build-{socket.gethostname()}@999999999-x"
+    dead = cache / f".build-{host}~{here}@999999999-x"
     (dead / "artifact").mkdir(parents=True)
-    alive = cache / f".build-{socket.gethostname()}@{os.getpid()}-y"
+    alive = cache / f".build-{host}~{here}@{os.getpid()}-y"
     alive.mkdir()
+    # Another PID namespace with this host's name (a container sharing it): its pid says
+    # nothing here, so its build stays however dead that pid looks, until it is stale.
+    elsewhere = cache / f".build-{host}~{here}1@999999999-z"
+    elsewhere.mkdir()
+    old_format = cache / f".build-{host}@999999999-w"  # an older kernl's name: no namespace
+    old_format.mkdir()
+    week_ago = os.path.getmtime(old_format) - opt.STALE_BUILD_SECONDS - 60
+    os.utime(old_format, (week_ago, week_ago))
+    corrupt_file = cache / f".corrupt-{host}~{here}@999999999-bert"  # a damaged entry, a file
+    corrupt_file.write_bytes(b"x")
     model = kernl.optimize(bert, "batch=1 seq=8", progress=False)
     assert len(compiles) == 1 and not model.cache_hit
     assert not dead.exists() and alive.exists()  # a live process's build is its own
+    assert elsewhere.exists() and not old_format.exists() and not corrupt_file.exists()
+    opt._remove_dead_builds(cache, now=os.path.getmtime(elsewhere) + opt.STALE_BUILD_SECONDS + 1)
+    assert not elsewhere.exists() and not alive.exists()  # stale, whoever made them
+
+
+def test_a_read_only_cache_serves_its_entries(cache, compiles, monkeypatch):
+    """A cache baked read-only into an image: hits load without the lock (which cannot be
+    opened for writing); a miss says what to do instead of failing on the lock file."""
+    bert = tiny_bert()
+    kernl.optimize(bert, "batch=1 seq=8", progress=False)
+
+    def read_only(path):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(opt, "_open_lock", read_only)
+    model = kernl.optimize(bert, "batch=1 seq=8", progress=False)
+    assert model.cache_hit and len(compiles) == 1
+    inputs = _inputs(1, 8)
+    with torch.no_grad():
+        _assert_matches(model(**inputs), bert(**inputs))
+    with pytest.raises(opt.CacheNotWritableError, match="KERNL_CACHE_DIR"):
+        kernl.optimize(bert, "batch=1 seq=16", progress=False)
+    assert len(compiles) == 1
+    weights = model.artifact / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(opt.CacheNotWritableError, match="failed verification"):
+        kernl.optimize(bert, "batch=1 seq=8", progress=False)
+    assert model.artifact.exists()  # left where it is: nothing could replace it
 
 
 def test_install_keeps_the_entry_another_compile_put_first(tmp_path):
