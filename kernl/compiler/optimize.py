@@ -120,6 +120,7 @@ class OptimizedModel:
         buckets: str,
         config: Any,
         output_class: type | None,
+        generation_config: Any = None,
     ):
         self.runtime = runtime
         self.artifact = artifact  # the cache entry it was loaded from
@@ -127,6 +128,10 @@ class OptimizedModel:
         self.buckets_spec = buckets
         self.config = config  # a copy of the original model's config
         self._output_class = output_class
+        if generation_config is not None:
+            # a copy of the original's, for code that reads it (HF's text-generation
+            # pipeline); generate takes its settings as arguments, not from it
+            self.generation_config = generation_config
 
     def __call__(self, *args: Any, return_dict: bool | None = None, **inputs: Any) -> Any:
         if not callable(self.runtime):
@@ -371,6 +376,11 @@ def _optimize(
         buckets=buckets,
         config=copy.deepcopy(config),
         output_class=output_class,
+        generation_config=(
+            copy.deepcopy(getattr(model, "generation_config", None))
+            if task in GENERATION_TASKS
+            else None
+        ),
     )
 
 

@@ -442,6 +442,17 @@ def test_tiny_llama_generates_like_eager_then_hits_the_cache(cache, compiles):
         model(ids)
     again = kernl.optimize(tiny_model("llama3"), buckets, progress=False)
     assert again.cache_hit and len(compiles) == 1
+    # HF's text-generation pipeline reads the model's generation config (it failed on it)
+    assert again.generation_config.to_dict() == generation_config
+    assert again.generation_config is not hf.generation_config
+    tok = _llama_word_tokenizer()
+    prompts = ["w3 w4 w5", "w7 w8 w9 w10 w11 w12"]
+    greedy = dict(max_new_tokens=6, do_sample=False)  # the pipeline samples by default
+    want = T.pipeline("text-generation", model=hf, tokenizer=tok)(prompts, **greedy)
+    got = T.pipeline("text-generation", model=again, tokenizer=tok, device="cpu")(
+        prompts, **greedy
+    )
+    assert got == want and len({g[0]["generated_text"] for g in got}) == 2
     assert torch.equal(
         again.generate(
             ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0, eos_token_id=[]
@@ -493,6 +504,14 @@ def _word_tokenizer():
     return T.PreTrainedTokenizerFast(
         tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", model_max_length=16
     )
+
+
+def _llama_word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w1"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return T.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w1", pad_token="w0")
 
 
 def test_code_written_for_the_hugging_face_model_runs_or_says_why(cache):
