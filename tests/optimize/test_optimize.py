@@ -449,9 +449,7 @@ def test_tiny_llama_generates_like_eager_then_hits_the_cache(cache, compiles):
     prompts = ["w3 w4 w5", "w7 w8 w9 w10 w11 w12"]
     greedy = dict(max_new_tokens=6, do_sample=False)  # the pipeline samples by default
     want = T.pipeline("text-generation", model=hf, tokenizer=tok)(prompts, **greedy)
-    got = T.pipeline("text-generation", model=again, tokenizer=tok, device="cpu")(
-        prompts, **greedy
-    )
+    got = T.pipeline("text-generation", model=again, tokenizer=tok, device="cpu")(prompts, **greedy)
     assert got == want and len({g[0]["generated_text"] for g in got}) == 2
     assert torch.equal(
         again.generate(
