@@ -2,17 +2,22 @@
 destination, which replaces it only once complete, in one atomic exchange where the
 filesystem has one (renameat2 RENAME_EXCHANGE on Linux). A compile killed at any point leaves
 either no artifact or the previous complete one; the temporary folders of killed compiles
-are removed by the next compile to the same destination."""
+are removed by the next compile to the same destination. Files in the destination that are
+not its artifact's (a tokenizer.json copied in) are carried into the new one, and a
+signature is written before the exchange: a replaced artifact loses nothing of its folder,
+and a failed signature leaves the previous one."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import errno
 import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -133,12 +138,20 @@ def check_destination(destination: str | os.PathLike, needed_bytes: int = 0) -> 
 
 
 def _check_destination(dest: Path, needed_bytes: int) -> Path:
-    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
-        raise ArtifactDestinationError(f"{dest} exists and is not a folder; refusing to replace it")
-    if dest.exists() and any(dest.iterdir()) and not (dest / MANIFEST_FILE).is_file():
+    if dest.is_symlink():
         raise ArtifactDestinationError(
-            f"{dest} exists, is not empty and is not a kernl artifact; refusing to replace it"
+            f"{dest} is a symbolic link (to {os.readlink(dest)}); refusing to replace it: "
+            f"give the folder it points to ({dest.resolve()}), or write the new artifact "
+            "beside it and move the link"
         )
+    if dest.exists() and not dest.is_dir():
+        raise ArtifactDestinationError(f"{dest} exists and is not a folder; refusing to replace it")
+    if dest.exists() and any(dest.iterdir()):
+        if not (dest / MANIFEST_FILE).is_file():
+            raise ArtifactDestinationError(
+                f"{dest} exists, is not empty and is not a kernl artifact; refusing to replace it"
+            )
+        artifact_files(dest)  # a manifest.msgpack that is no kernl manifest: refused there
     parent = dest.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -158,6 +171,58 @@ def _check_destination(dest: Path, needed_bytes: int) -> Path:
             f"{needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free"
         )
     return dest
+
+
+def artifact_files(root: Path) -> set[str]:
+    """The files of the artifact at `root` by its manifest (what it lists, the manifest and
+    its signature). Raises ArtifactDestinationError where the manifest is no kernl manifest:
+    a folder that merely holds a file of that name is not an artifact to replace."""
+    from .signing import SIGNATURE_FILE
+
+    try:
+        raw = msgpack.unpackb((root / MANIFEST_FILE).read_bytes(), raw=False)
+        listed = set(raw["files"])
+        if not all(isinstance(f, str) for f in listed):
+            raise TypeError("file names are not strings")
+    except OSError:
+        raise
+    except Exception as e:
+        raise ArtifactDestinationError(
+            f"{root} holds a {MANIFEST_FILE} that is not a kernl manifest "
+            f"({type(e).__name__}: {e}); refusing to replace it: delete it or choose another "
+            "output folder"
+        ) from None
+    return listed | {MANIFEST_FILE, SIGNATURE_FILE}
+
+
+def kept_files(root: Path) -> list[str]:
+    """Files in the artifact folder `root` that are not the artifact's own (a tokenizer.json
+    copied in for `kernl serve`, a note): a new artifact at the same place takes them over."""
+    if not (root / MANIFEST_FILE).is_file():
+        return []
+    own = artifact_files(root)
+    found = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if (p.is_file() or p.is_symlink()) and rel not in own:
+            found.append(rel)
+    return found
+
+
+# The private key a commit signs its manifest with before the artifact replaces the
+# destination (`signing_commits`): a failed signature then leaves the previous artifact.
+_SIGN_WITH: contextvars.ContextVar[Any | None] = contextvars.ContextVar("sign_with", default=None)
+
+
+@contextlib.contextmanager
+def signing_commits(private_key: Any) -> Iterator[None]:
+    """Every ArtifactWriter.commit in this block (this thread or task) writes manifest.sig,
+    signed with `private_key`, into the artifact before it replaces the destination."""
+    token = _SIGN_WITH.set(private_key)
+    try:
+        yield
+    finally:
+        _SIGN_WITH.reset(token)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -229,6 +294,7 @@ class ArtifactWriter:
             )
         )
         (self.tmp / PROGRAMS_DIR).mkdir()
+        self.kept: list[str] = []  # files of the replaced folder taken over by commit()
 
     def __enter__(self) -> ArtifactWriter:
         return self
@@ -282,9 +348,15 @@ class ArtifactWriter:
             manifest.extra[FILE_CHUNKS_KEY] = chunks
         _fsync_write(self.tmp / MANIFEST_FILE, pack_manifest(manifest.to_dict()))
         self._check_readable()
+        key = _SIGN_WITH.get()
+        if key is not None:
+            from .signing import sign_artifact
+
+            sign_artifact(self.tmp, key)
         self._set_permissions()
-        _fsync_path(self.tmp)
         dest = self.destination
+        self.kept = self._take_over_kept_files(dest) if dest.exists() else []
+        _fsync_path(self.tmp)
         if dest.exists() and _exchange(self.tmp, dest):
             # self.tmp now holds the previous artifact.
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -316,6 +388,22 @@ class ArtifactWriter:
                 f"{self.destination} (a bug in kernl: please report it): "
                 f"{type(e).__name__}: {e}"
             ) from e
+
+    def _take_over_kept_files(self, dest: Path) -> list[str]:
+        """Copy the files of `dest` that are not its artifact's into the new artifact (modes
+        and times kept), so that replacing the artifact loses none of them. One that the new
+        artifact writes itself is refused, before anything is replaced."""
+        kept = kept_files(dest)
+        for rel in kept:
+            target = self.tmp / rel
+            if target.exists() or target.is_symlink():
+                raise ArtifactDestinationError(
+                    f"{dest / rel} is not part of the artifact there, and the new artifact "
+                    "writes a file of that name: move it away, then compile again"
+                )
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(dest / rel, target, follow_symlinks=False)
+        return kept
 
     def _set_permissions(self) -> None:
         # mkdtemp makes a 0700 folder: an artifact copied into an image and served by

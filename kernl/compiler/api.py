@@ -38,24 +38,25 @@ def compile(
     if sign_key is not None:
         # sign_key: an Ed25519 private key file (PEM); the finished artifact's manifest is
         # signed with it (kernl/artifacts/signing.py) for deployments that pin the public key.
-        from kernl.artifacts.signing import load_private_key, sign_artifact
+        # It is signed before it replaces what `out` held: a failed signature leaves that.
+        from kernl.artifacts.signing import load_private_key
+        from kernl.artifacts.writer import signing_commits
 
         key = load_private_key(sign_key)  # a bad key file fails before any compiling
-        report = compile(
-            model_or_path,
-            buckets,
-            out,
-            dtype=dtype,
-            device=device,
-            task=task,
-            atol=atol,
-            rtol=rtol,
-            progress=progress,
-            kernels=kernels,
-            tune=tune,
-        )
-        sign_artifact(out, key)
-        return report
+        with signing_commits(key):
+            return compile(
+                model_or_path,
+                buckets,
+                out,
+                dtype=dtype,
+                device=device,
+                task=task,
+                atol=atol,
+                rtol=rtol,
+                progress=progress,
+                kernels=kernels,
+                tune=tune,
+            )
     if task is None:
         task = task_from_source(model_or_path)
         if task == "seq2seq-lm":  # WhisperForConditionalGeneration: speech in, text out

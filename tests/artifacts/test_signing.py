@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -129,6 +130,23 @@ def test_compile_signs_with_sign_key_and_the_cli_keygen(tmp_path):
     )
     assert (out / SIGNATURE_FILE).is_file()
     kernl.runtime.load(out, device="cpu", trusted_keys=[tmp_path / "k.pub"])
+    # The signature is written before the artifact replaces the last one: a signature that
+    # fails leaves the signed artifact there (it used to leave the new one, unsigned).
+    signed_before = (out / SIGNATURE_FILE).read_bytes()
+    with mock.patch("kernl.artifacts.signing.sign_artifact", side_effect=OSError("disk")):
+        with pytest.raises(OSError, match="disk"):
+            kernl.compiler.compile(
+                model,
+                "batch=2 seq=8",
+                out,
+                dtype="fp32",
+                device="cpu",
+                kernels=False,
+                sign_key=tmp_path / "k",
+            )
+    assert (out / SIGNATURE_FILE).read_bytes() == signed_before
+    kernl.runtime.load(out, device="cpu", trusted_keys=[tmp_path / "k.pub"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".signed.kernl.")]
     with pytest.raises(KeyFileError):  # a bad key fails before any compiling
         kernl.compiler.compile(model, "batch=1 seq=8", tmp_path / "x", sign_key=tmp_path / "k.pub")
     assert not (tmp_path / "x").exists()

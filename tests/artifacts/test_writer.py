@@ -152,6 +152,56 @@ def test_a_commit_its_reader_refuses_leaves_the_destination_as_it_was(small_arti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bert.kernl"]
 
 
+def test_files_beside_the_artifact_survive_its_replacement(small_artifact, tmp_path):
+    """docs/deployment.md has tokenizer.json copied next to manifest.msgpack: a recompile to
+    the same folder deleted it, and every other file that was not the artifact's."""
+    dest = copy_artifact(small_artifact, tmp_path / "bert.kernl")
+    (dest / "tokenizer.json").write_text("{}")
+    (dest / "notes").mkdir()
+    (dest / "notes" / "todo.txt").write_text("mine")
+    os.chmod(dest / "notes" / "todo.txt", 0o600)
+    w, manifest = _rewrite(small_artifact, dest, {"marker": "second"})
+    w.commit(manifest)
+    assert w.kept == ["notes/todo.txt", "tokenizer.json"]
+    assert verify_artifact(dest).model_config["marker"] == "second"
+    assert (dest / "tokenizer.json").read_text() == "{}"
+    assert (dest / "notes" / "todo.txt").read_text() == "mine"
+    assert (dest / "notes" / "todo.txt").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_kept_file_the_new_artifact_writes_is_refused(small_artifact, tmp_path):
+    dest = copy_artifact(small_artifact, tmp_path / "bert.kernl")
+    (dest / "kernels").mkdir(exist_ok=True)
+    (dest / "kernels" / "mine.cubin").write_bytes(b"not kernl's")
+    w, manifest = _rewrite(small_artifact, dest)
+    w.write_kernel("mine", b"kernl's")
+    with pytest.raises(ArtifactDestinationError, match="mine.cubin is not part of the artifact"):
+        w.commit(manifest)
+    w.abort()
+    assert (dest / "kernels" / "mine.cubin").read_bytes() == b"not kernl's"
+    assert verify_artifact(dest) == verify_artifact(small_artifact)
+
+
+@pytest.mark.parametrize("manifest", [b"", b"\x80", pack_manifest({"not": "a manifest"})])
+def test_a_folder_holding_a_file_named_like_a_manifest_is_not_replaced(manifest, tmp_path):
+    """Any folder with a file named manifest.msgpack counted as an artifact: a compile there
+    deleted the rest of the folder."""
+    out = tmp_path / "userdata"
+    out.mkdir()
+    (out / "manifest.msgpack").write_bytes(manifest)
+    (out / "thesis.tex").write_text("precious")
+    with pytest.raises(ArtifactDestinationError, match="not a kernl manifest"):
+        check_destination(out)
+    assert (out / "thesis.tex").read_text() == "precious"
+
+
+def test_a_symbolic_link_is_named_as_one(small_artifact, tmp_path):
+    real = copy_artifact(small_artifact, tmp_path / "v3.kernl")
+    (tmp_path / "current").symlink_to(real)
+    with pytest.raises(ArtifactDestinationError, match="is a symbolic link.*v3.kernl"):
+        check_destination(tmp_path / "current")
+
+
 def test_abort_leaves_nothing(small_artifact, tmp_path):
     w, _ = _rewrite(small_artifact, tmp_path / "bert.kernl")
     w.abort()

@@ -194,6 +194,10 @@ def test_save_to_writes_a_loadable_artifact(cache, tmp_path, compiles):
     assert kernl.optimize(bert, "batch=1 seq=8", save_to=out, progress=False).cache_hit
     assert len(compiles) == 1
     verify_artifact(out)
+    (out / "tokenizer.json").write_text("{}")  # as docs/deployment.md has it: kept
+    assert kernl.optimize(bert, "batch=1 seq=8", save_to=out, progress=False).cache_hit
+    assert (out / "tokenizer.json").read_text() == "{}"
+    verify_artifact(out)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
     with pytest.raises(ArtifactDestinationError, match="not a kernl artifact"):
