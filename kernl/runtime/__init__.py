@@ -50,7 +50,19 @@ def load(
     (`kernl.artifacts.reader.check_artifact`), including the memory plan against this
     device's free memory, before any weight is read.
     """
-    root = Path(path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={str(device)!r}: kernl runs artifacts on 'cuda' or 'cpu'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for but torch sees no CUDA GPU")
+    # Its buffers are written in place by every call: made as plain tensors, not as
+    # inference tensors (which a load under torch.inference_mode() would make, and which a
+    # call from outside it, such as a server's worker thread, could then not write).
+    with torch.inference_mode(False):
+        return _load(Path(path), device, capture, verify, trusted_keys)
+
+
+def _load(root: Path, device: torch.device, capture: str, verify: bool, trusted_keys):
     if isinstance(trusted_keys, (str, os.PathLike)):  # one key file, not its characters
         trusted_keys = [trusted_keys]
     keys = load_trusted_keys(list(trusted_keys or trusted_keys_from_env()))
@@ -67,9 +79,6 @@ def load(
         code = [rel for rel in manifest.files if rel != WEIGHTS_FILE]
         code_check = _Background(verify_files, root, manifest, files=code)
         weights_check = _Background(verify_files, root, manifest, files=[WEIGHTS_FILE])
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was asked for but torch sees no CUDA GPU")
     if device.type == "cpu":
         # kernl's kernels run through Triton's interpreter on the CPU; the variable must be
         # set before they are first imported.

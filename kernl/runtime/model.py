@@ -321,6 +321,9 @@ class CompiledModel:
         (`model(ids)`, `model(ids, mask)`, `model(ids, mask, token_type_ids)`)."""
         if args:
             inputs = _positional(args, inputs, self._positional)
+        return_dict = _hf_call_options(inputs)
+        if return_dict is False:
+            return self(**inputs).to_tuple()
         tensors = self._check_inputs(inputs)
         batch, seq = tensors["input_ids"].shape
         runner = self._runners[self.select_bucket(batch, seq)]
@@ -522,10 +525,7 @@ class CompiledModel:
             if value is None:
                 continue
             if not isinstance(value, torch.Tensor):
-                try:
-                    value = torch.as_tensor(value)
-                except Exception as e:
-                    raise TypeError(f"input {name!r} must be a tensor, not {type(value)}") from e
+                value = _as_tensor(name, value)
             if not (value.is_cpu or (on_cuda_ok and value.is_cuda)):
                 if value.device.type not in ("cpu", self.device.type):
                     raise ValueError(
@@ -542,7 +542,11 @@ class CompiledModel:
             if not_integer is None:
                 not_integer = _NOT_INTEGER[dtype] = dtype.is_floating_point or dtype.is_complex
             if not_integer:
-                raise TypeError(f"input {name!r} must hold integers, got {dtype}")
+                if name != "attention_mask" or dtype.is_complex:
+                    raise TypeError(f"input {name!r} must hold integers, got {dtype}")
+                value = value != 0  # a float mask, as Hugging Face takes it: nonzero keeps
+            elif dtype in _WIDE_UNSIGNED:  # torch has no min/max for them: checked as int64
+                value = value.long()
             tensors[name] = value
         for name in self._required:
             if name not in tensors:
@@ -563,6 +567,44 @@ class CompiledModel:
             f"CompiledModel({self.manifest.model_type}, task={self.manifest.task}, "
             f"dtype={self.manifest.dtype}, device={self.device}, buckets=[{b}])"
         )
+
+
+_WIDE_UNSIGNED = frozenset(
+    getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n)
+)
+
+
+def _as_tensor(name: str, value: Any) -> torch.Tensor:
+    """A call's input that is not a tensor (a numpy array, nested lists) as one."""
+    try:
+        return torch.as_tensor(value)
+    except ValueError as e:
+        if "negative" in str(e) and hasattr(value, "copy"):  # a reversed numpy view
+            return torch.as_tensor(value.copy())
+        raise TypeError(f"input {name!r} cannot be made a tensor: {e}") from e
+    except Exception as e:
+        raise TypeError(f"input {name!r} must be a tensor, not {type(value)} ({e})") from e
+
+
+def _hf_call_options(inputs: dict[str, Any]) -> bool | None:
+    """Hugging Face's call options, taken out of `inputs`: `return_dict` (returned: False
+    gives a tuple), `output_attentions` and `output_hidden_states` when off (nothing but the
+    outputs is kept, so asking for them is refused by name)."""
+    if not inputs.keys() & _HF_CALL_OPTIONS:
+        return None
+    for name in ("output_attentions", "output_hidden_states"):
+        if inputs.pop(name, None):
+            raise ValueError(
+                f"{name}=True: a kernl artifact returns the model's outputs only (its graphs "
+                "keep no intermediate attentions or hidden states)"
+            )
+    return_dict = inputs.pop("return_dict", None)
+    if return_dict is not None and not isinstance(return_dict, bool):
+        raise TypeError(f"return_dict must be True, False or None, got {return_dict!r}")
+    return return_dict
+
+
+_HF_CALL_OPTIONS = frozenset({"return_dict", "output_attentions", "output_hidden_states"})
 
 
 def _positional(args: tuple, inputs: dict[str, Any], order: list[str]) -> dict[str, Any]:

@@ -120,6 +120,21 @@ REFUSED = {
         "has shape (1, 5), input_ids has (1, 4)",
     ),
     "a string": (lambda: dict(input_ids="hello"), TypeError, "must be a tensor"),
+    "attentions asked for": (
+        lambda: dict(input_ids=_ids(1, 4), output_attentions=True),
+        ValueError,
+        "output_attentions=True: a kernl artifact returns the model's outputs only",
+    ),
+    "hidden states asked for": (
+        lambda: dict(input_ids=_ids(1, 4), output_hidden_states=True),
+        ValueError,
+        "output_hidden_states=True",
+    ),
+    "a complex mask": (  # float masks are taken as HF takes them (nonzero keeps), not these
+        lambda: dict(input_ids=_ids(1, 4), attention_mask=torch.full((1, 4), 0.5j)),
+        TypeError,
+        "attention_mask' must hold integers, got torch.complex64",
+    ),
 }
 
 
@@ -157,6 +172,17 @@ SERVED = {
         input_ids=_ids(1, 4), attention_mask=torch.zeros(1, 4, dtype=torch.long)
     ),
     "exactly the largest bucket": lambda: dict(input_ids=_ids(2, 16)),
+    # Hugging Face takes these; they were refused ("must hold integers") or crashed in the
+    # range check (torch has no aminmax for wide unsigned integers)
+    "float mask": lambda: dict(
+        input_ids=_ids(1, 5), attention_mask=torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0]])
+    ),
+    "uint16 ids": lambda: dict(input_ids=_ids(2, 5).to(torch.uint16)),
+    "uint32 ids": lambda: dict(input_ids=_ids(2, 5).to(torch.uint32)),
+    "a reversed numpy view": lambda: dict(input_ids=_ids(1, 6).numpy()[:, ::-1]),
+    "neutral Hugging Face options": lambda: dict(
+        input_ids=_ids(1, 5), output_attentions=False, output_hidden_states=None
+    ),
 }
 
 
@@ -164,7 +190,11 @@ SERVED = {
 def test_unusual_call_is_served_like_eager(name, served):
     model, compiled = served
     inputs = SERVED[name]()
-    eager_inputs = {k: torch.as_tensor(v).long() for k, v in inputs.items()}
+    eager_inputs = {
+        k: torch.tensor(v.tolist() if hasattr(v, "tolist") else v).long()
+        for k, v in inputs.items()
+        if not k.startswith("output_")
+    }
     got = compiled(**inputs)
     with torch.no_grad():
         want = model(**eager_inputs)
@@ -212,3 +242,44 @@ def test_inputs_can_be_given_positionally_in_hugging_faces_order(served):
     with pytest.raises(TypeError, match="'input_ids' given both positionally and by name"):
         compiled(ids, input_ids=ids)
     _good_call_after(served)
+
+
+def test_return_dict_false_gives_a_tuple_as_in_hugging_face(served):
+    model, compiled = served
+    ids = _ids(2, 7)
+    got = compiled(ids, return_dict=False)
+    want = compiled(ids)
+    assert isinstance(got, tuple) and len(got) == len(want)
+    for g, w in zip(got, want.to_tuple()):
+        assert torch.equal(g, w)
+    assert compiled(input_ids=ids, return_dict=True).keys() == want.keys()
+    with pytest.raises(TypeError, match="return_dict must be True, False or None"):
+        compiled(ids, return_dict="no")
+
+
+def test_a_model_loaded_under_inference_mode_serves_other_threads(served, tmp_path):
+    """A server that loads under @torch.inference_mode() and calls from worker threads: every
+    call failed ("Inplace update to inference tensor outside InferenceMode")."""
+    import threading
+
+    model = served[0]
+    out = tmp_path / "bert.kernl"
+    kernl.compiler.compile(model, "batch=1,2 seq=8", out, dtype="fp32", device="cpu")
+    with torch.inference_mode():
+        compiled = kernl.runtime.load(out, device="cpu")
+        compiled(input_ids=_ids(1, 8))
+    results = []
+    worker = threading.Thread(target=lambda: results.append(compiled(input_ids=_ids(2, 5))))
+    worker.start()
+    worker.join()
+    with torch.no_grad():
+        want = model(input_ids=_ids(2, 5)).last_hidden_state
+    assert (results[0].last_hidden_state - want).abs().max().item() < TOL
+    _assert_matches_eager(model, compiled, input_ids=_ids(1, 8))
+
+
+@pytest.mark.parametrize("device", ["meta", "mps"])
+def test_a_device_kernl_does_not_run_on_is_refused_before_reading(device, tmp_path):
+    """mps was reported as a corrupt weights file, meta as a torch error."""
+    with pytest.raises(ValueError, match=f"device='{device}': kernl runs artifacts on"):
+        kernl.runtime.load(tmp_path / "missing", device=device)
