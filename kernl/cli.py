@@ -61,9 +61,10 @@ def _runtime_only(argv: list[str]) -> int:
     except (KeyFileError, SigningUnavailableError) as e:
         print(f"kernl verify: error: {e}", file=sys.stderr)
         return 1
+    buckets, files = len(manifest.buckets), len(manifest.files)
     print(
         f"OK {args.path}: format v{manifest.format_version}, {manifest.model_type} "
-        f"({manifest.task}, {manifest.dtype}), {len(manifest.buckets)} buckets, "
-        f"{len(manifest.files)} files verified"
+        f"({manifest.task}, {manifest.dtype}), {buckets} bucket{'s' * (buckets != 1)}, "
+        f"{files} file{'s' * (files != 1)} verified"
     )
     return 0

@@ -350,7 +350,7 @@ class Bench:
         name = torch.cuda.get_device_name(self.device) if self.cuda else _cpu_name()
         self.result = BenchResult(
             artifact=str(config.path),
-            model_source=config.model or m.model_source,
+            model_source=self.model_source(),
             model_type=m.model_type,
             task=m.task,
             dtype=m.dtype,
@@ -370,11 +370,32 @@ class Bench:
             steps += [Step(impl, s) for impl in ["kernl", *self.config.against]]
         return steps
 
+    def model_source(self) -> str:
+        """The peers' model: --model, else the manifest's model_source; a local folder as an
+        absolute path, so the result records which folder was used."""
+        source = self.config.model or self.manifest.model_source
+        local = Path(source).expanduser()
+        return os.path.abspath(local) if (local / "config.json").is_file() else source
+
+    def relative_source_note(self) -> str | None:
+        """A note when the peers' model is the manifest's relative model_source (artifacts
+        compiled before kernl recorded absolute paths): which folder it names depends on the
+        directory the bench runs in."""
+        recorded = self.manifest.model_source
+        if self.config.model or not self.config.against or os.path.isabs(recorded):
+            return None
+        if self.model_source() == recorded:  # a model id of the Hugging Face cache
+            return None
+        return (
+            f"the manifest records the model folder as the relative path {recorded!r}; "
+            f"comparing against {self.model_source()} (pass --model to choose another)"
+        )
+
     def check_model(self) -> None:
         """Fail before any timing if peers are asked for and the model cannot be found."""
         if not self.config.against:
             return
-        source = self.config.model or self.manifest.model_source
+        source = self.model_source()
         if not (Path(source).expanduser() / "config.json").is_file() and not _in_hf_cache(source):
             where = (
                 f"--model {source!r} is"
@@ -384,6 +405,33 @@ class Bench:
             raise BenchError(
                 f"peers need the original model; {where} not a local model folder nor in the "
                 "local Hugging Face cache: pass --model DIR"
+            )
+        self._check_config(source)
+
+    def _check_config(self, source: str) -> None:
+        """The peer model must be the one the artifact was compiled from: its config's shape
+        fields (model type, vocabulary, widths, depth, labels) must equal those the manifest
+        recorded. Another ./bert, or a model of another size, would be timed and compared
+        against kernl for nothing (or fail on the first call, after kernl was timed)."""
+        import transformers
+
+        try:
+            config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise BenchError(f"cannot read the config of the model {source!r}: {e}") from None
+        recorded = _shape_fields(self.manifest.model_config or {})
+        peer = _shape_fields(config.to_dict())
+        differ = [
+            f"{k} {peer.get(k)!r} (the artifact's: {v!r})"
+            for k, v in recorded.items()
+            if peer.get(k) != v
+        ]
+        if differ:
+            what = f"--model {source!r}" if self.config.model else f"the model at {source!r}"
+            raise BenchError(
+                f"{what} is not the model the artifact {str(self.config.path)!r} was compiled "
+                f"from (manifest model_source {self.manifest.model_source!r}): "
+                f"{'; '.join(differ)}. Pass --model with the original model's folder"
             )
 
     def run(self, step: Step) -> Timing | None:
@@ -459,11 +507,43 @@ class Bench:
         from .trace import load_model
 
         self.check_model()
-        source = self.config.model or self.manifest.model_source
+        source = self.model_source()
         t0 = time.perf_counter()
         self._hf, _, _ = load_model(source, self.manifest.task, self.dtype, self.device)
         _sync(self.device)
         self.result.model_load_s = time.perf_counter() - t0
+
+
+# Config fields that fix the shapes of a model's weights, inputs and outputs: equal in the
+# artifact's recorded config and the peer's, or the peer is another model.
+_SHAPE_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "d_model",
+    "num_layers",
+    "num_decoder_layers",
+    "encoder_layers",
+    "decoder_layers",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_positions",
+)
+
+
+def _shape_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """The _SHAPE_FIELDS a config (as a dict) has, and its number of labels."""
+    out = {k: config[k] for k in _SHAPE_FIELDS if k in config}
+    if isinstance(config.get("id2label"), dict):
+        out["num_labels"] = len(config["id2label"])
+    return out
 
 
 def _in_hf_cache(model_id: str) -> bool:

@@ -3,27 +3,87 @@
 Each axis takes a comma list whose items are numbers or power-of-two ranges `lo:hi`
 (lo, 2·lo, 4·lo, … up to hi; hi itself is added when the doublings miss it). The buckets are
 the cartesian product of the axes. The list form names each bucket as BATCHxSEQ (the form
-`kernl bench --buckets` and `kernl inspect` print)."""
+`kernl bench --buckets` and `kernl inspect` print).
+
+Sizes are ASCII digits, and are checked here, before any model is loaded, against the limits a
+reader enforces (`kernl.artifacts.DEFAULT_LIMITS`: batch, sequence length, tokens per bucket,
+number of buckets): an artifact the runtime would refuse to load is never compiled."""
 
 from __future__ import annotations
 
 import itertools
 import re
 
+from kernl.artifacts import DEFAULT_LIMITS
 from kernl.artifacts.schema import Bucket
 
 AXES = ("batch", "seq")
-_ITEM = re.compile(r"^(\d+)(?::(\d+))?$")
-_SHAPE = re.compile(r"(\d+)x(\d+)")
+# ASCII digits only: Python's \d (and int()) take any Unicode digit, e.g. a full-width "８".
+_ITEM = re.compile(r"^([0-9]+)(?::([0-9]+))?$")
+_SHAPE = re.compile(r"([0-9]+)x([0-9]+)")
 
 
 class BucketSyntaxError(ValueError):
     pass
 
 
+class BucketLimitError(BucketSyntaxError):
+    """A bucket the model cannot run (longer than its position table), or one over the limits
+    a reader of artifacts enforces."""
+
+
+def axis_limit(axis: str) -> int:
+    """The largest size of `axis` a reader accepts: batch, or a length (seq, prompt, cache,
+    source)."""
+    return DEFAULT_LIMITS.max_batch if axis == "batch" else DEFAULT_LIMITS.max_seq
+
+
+def check_axis(axis: str, values) -> None:
+    """Refuse a size of `axis` over the reader's limit (before any list of them is built)."""
+    top = axis_limit(axis)
+    over = [v for v in values if v > top]
+    if over:
+        raise BucketLimitError(
+            f"{axis}={max(over)} is more than the {top} a kernl artifact allows ({axis} 1..{top})"
+        )
+
+
+def check_count(count: int, what: str = "buckets") -> None:
+    if count > DEFAULT_LIMITS.max_buckets:
+        raise BucketLimitError(
+            f"{count} {what}, more than the {DEFAULT_LIMITS.max_buckets} a kernl artifact "
+            "allows (each is a program, a graph and static buffers): give fewer sizes"
+        )
+
+
+def check_tokens(tokens: int, what: str) -> None:
+    """`what` (e.g. "bucket 8x128") holds `tokens` tokens of static buffers."""
+    if tokens > DEFAULT_LIMITS.max_bucket_tokens:
+        raise BucketLimitError(
+            f"{what} holds {tokens} tokens, more than the {DEFAULT_LIMITS.max_bucket_tokens} "
+            "a kernl artifact allows per bucket"
+        )
+
+
+def check_limits(buckets: list[Bucket]) -> None:
+    """Refuse encoder buckets a reader would refuse to load (kernl.artifacts.DEFAULT_LIMITS)."""
+    check_axis("batch", [b.batch for b in buckets])
+    check_axis("seq", [b.seq for b in buckets])
+    for b in buckets:
+        check_tokens(b.batch * b.seq, f"bucket {b.batch}x{b.seq} (batch x seq)")
+    check_count(len(buckets))
+
+
 def _parse_axis(axis: str, text: str) -> list[int]:
+    if not text.strip():
+        raise BucketSyntaxError(f"{axis}: no sizes after {axis}=")
     values: set[int] = set()
     for item in text.split(","):
+        if not item.strip():
+            raise BucketSyntaxError(
+                f"{axis}: empty item in {text!r} (a trailing or doubled comma?); sizes are "
+                'separated by commas, axes by spaces: "batch=1,8 seq=16:512"'
+            )
         m = _ITEM.match(item.strip())
         if not m:
             raise BucketSyntaxError(
@@ -35,6 +95,7 @@ def _parse_axis(axis: str, text: str) -> list[int]:
             raise BucketSyntaxError(f"{axis}: sizes must be positive, got {lo}")
         if hi < lo:
             raise BucketSyntaxError(f"{axis}: range {lo}:{hi} goes downwards")
+        check_axis(axis, [hi])
         v = lo
         while v <= hi:
             values.add(v)
@@ -74,12 +135,20 @@ def parse_buckets(spec: str) -> list[Bucket]:
     if "=" not in spec and spec.strip():
         return _parse_shape_list(spec)
     axes = parse_axes(spec, AXES, AXES, "batch=1,8 seq=16:512", "an encoder")
-    return [Bucket(b, s) for b, s in itertools.product(axes["batch"], axes["seq"])]
+    check_count(len(axes["batch"]) * len(axes["seq"]))
+    buckets = [Bucket(b, s) for b, s in itertools.product(axes["batch"], axes["seq"])]
+    check_limits(buckets)
+    return buckets
 
 
 def _parse_shape_list(spec: str) -> list[Bucket]:
     shapes = []
     for item in re.split(r"[,;\s]+", spec.strip()):
+        if not item:
+            raise BucketSyntaxError(
+                f"empty item in {spec!r} (a trailing or doubled comma?); the list form is "
+                'BATCHxSEQ items separated by commas, e.g. "1x16,8x128"'
+            )
         m = _SHAPE.fullmatch(item.lower())
         if not m:
             raise BucketSyntaxError(
@@ -90,11 +159,9 @@ def _parse_shape_list(spec: str) -> list[Bucket]:
         if batch <= 0 or seq <= 0:
             raise BucketSyntaxError(f"{item!r}: sizes must be positive")
         shapes.append(Bucket(batch, seq))
-    return sorted(set(shapes))
-
-
-class BucketLimitError(BucketSyntaxError):
-    """A bucket the model cannot run (longer than its position table)."""
+    shapes = sorted(set(shapes))
+    check_limits(shapes)
+    return shapes
 
 
 def position_limit(config) -> int | None:
@@ -169,4 +236,6 @@ def as_buckets(spec) -> list[Bucket]:
         out.append(bucket)
     if not out:
         raise BucketSyntaxError("no buckets given")
-    return sorted(set(out))
+    out = sorted(set(out))
+    check_limits(out)
+    return out

@@ -3,9 +3,11 @@ serve). Thin: the work lives in api.py, inspect_report.py, bench.py and kernl.se
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -23,6 +25,14 @@ BUCKETS_HELP = (
     '"batch=1,8 source=32:512 cache=128"; for --task speech-seq2seq (Whisper): '
     '"batch=1,8 cache=448" (the source is one 30 s window).'
 )
+
+
+def _tolerance(ctx, param, value):
+    # FloatRange(min=0) lets NaN through (NaN < 0 is False), and a NaN tolerance turns
+    # validation off: no error compares greater than it.
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
 
 
 def _compile_options(f):
@@ -68,13 +78,15 @@ def _compile_options(f):
         ),
         click.option(
             "--atol",
-            type=float,
+            type=click.FloatRange(min=0),
+            callback=_tolerance,
             default=None,
             help="Absolute tolerance of validation against eager (default per dtype: fp32 1e-4, fp16 2e-2, bf16 8e-2).",
         ),
         click.option(
             "--rtol",
-            type=float,
+            type=click.FloatRange(min=0),
+            callback=_tolerance,
             default=None,
             help="Relative tolerance of validation against eager (default per dtype: fp32 1e-4, fp16 2e-2, bf16 5e-2).",
         ),
@@ -221,9 +233,13 @@ def verify_command(path: str, trusted_keys: tuple[str, ...]) -> None:
         sys.exit(1)
     click.echo(
         f"OK {path}: format v{manifest.format_version}, {manifest.model_type} "
-        f"({manifest.task}, {manifest.dtype}), {len(manifest.buckets)} buckets, "
-        f"{len(manifest.files)} files verified"
+        f"({manifest.task}, {manifest.dtype}), {_count(len(manifest.buckets), 'bucket')}, "
+        f"{_count(len(manifest.files), 'file')} verified"
     )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 @main.command(
@@ -248,7 +264,9 @@ def keygen_command(private: str) -> None:
     "inspect",
     help="Show what an artifact holds: model, task, dtype, the GPU and versions it was built "
     "for, buckets with their validation error, kernels and their chosen configs (or the op "
-    "counts of each program), file sizes. Reads no weights and needs no GPU.",
+    "counts of each program), file sizes. Reads no weights and needs no GPU. It checks no "
+    "hashes or signature: the report shows what the files say, not that they are intact or "
+    "loadable; `kernl verify` checks that.",
 )
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -262,7 +280,9 @@ def inspect_command(path: str, as_json: bool) -> None:
     except ArtifactError as e:
         click.echo(f"kernl inspect: error: {e}", err=True)
         sys.exit(1)
-    click.echo(json.dumps(report.to_json(), indent=2) if as_json else render_text(report))
+    # default=repr: a manifest value JSON has no type for (bytes) is shown, not a crash.
+    text = json.dumps(report.to_json(), indent=2, default=repr) if as_json else render_text(report)
+    click.echo(text)
 
 
 @main.command(
@@ -334,8 +354,6 @@ def bench_command(
 ) -> None:
     import importlib.util
     import json
-    import os
-    from pathlib import Path
 
     from .bench import Bench, BenchConfig, BenchError, parse_against, parse_shapes
     from .buckets import BucketSyntaxError
@@ -345,6 +363,8 @@ def bench_command(
         raise click.UsageError(
             "--plot needs matplotlib, which is not installed: pip install matplotlib"
         )
+    for option, target in (("--plot", plot), ("--json", json_path)):
+        _check_output_folder(option, target)  # before minutes of measuring, not after
     try:
         config = BenchConfig(
             Path(path),
@@ -358,6 +378,9 @@ def bench_command(
         )
         bench = Bench(config)
         bench.check_model()
+        note = bench.relative_source_note()
+        if note:
+            click.echo(f"kernl bench: note: {note}", err=True)
     except BucketSyntaxError as e:
         raise click.BadParameter(str(e), param_hint="--buckets") from None
     except (BenchError, ArtifactError, RuntimeError) as e:
@@ -385,6 +408,16 @@ def bench_command(
 
         draw(result, plot)
         click.echo(f"plot: {plot}")
+
+
+def _check_output_folder(option: str, target: str | None) -> None:
+    if not target:
+        return
+    folder = Path(target).parent
+    if not folder.is_dir():
+        raise click.BadParameter(f"folder {str(folder)!r} does not exist", param_hint=option)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"folder {str(folder)!r} is not writable", param_hint=option)
 
 
 def _run_steps(bench, after_step) -> None:

@@ -2,11 +2,19 @@
 
 Reads the manifest and every bucket's program (no hashes, no weights, no device): the model,
 task, dtype, the GPU and toolchain it was built for, each bucket's validation error, the
-kernels each program uses with their chosen implementation and config, and file sizes."""
+kernels each program uses with their chosen implementation and config, and file sizes.
+
+It checks no hashes (`kernl verify` does): a manifest is shown as it is, so the report never
+trusts what it shows. Values of an unexpected type are shown with repr, the JSON form holds
+only JSON types, and the text form escapes control characters (terminal escapes, newlines)
+in every string it takes from the artifact."""
 
 from __future__ import annotations
 
+import dataclasses
+import numbers
 import os
+import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -81,11 +89,55 @@ class InspectReport:
         return sum(v for v in self.file_bytes.values() if v is not None)
 
     def to_json(self) -> dict[str, Any]:
+        """The report as JSON types only (bytes and other msgpack leftovers as their repr)."""
         d = asdict(self)
         d["total_bytes"] = self.total_bytes
         for b, info in zip(d["buckets"], self.buckets):
             b["name"] = info.name
-        return d
+        return _jsonable(d)
+
+
+def _jsonable(x: Any) -> Any:
+    if x is None or isinstance(x, (str, bool, int, float)):
+        return x
+    if isinstance(x, dict):
+        return {
+            k if isinstance(k, (str, int, float, bool)) or k is None else repr(k): _jsonable(v)
+            for k, v in x.items()
+        }
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return repr(x)
+
+
+def _escape(text: str) -> str:
+    """`text` with control and format characters (ESC, newline, bidi overrides ...) written as
+    Python escapes, so a string from an artifact cannot drive the terminal or forge lines."""
+    return "".join(
+        c.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp")
+        else c
+        for c in text
+    )
+
+
+def _printable(x: Any) -> Any:
+    """A copy of `x` (a report, or anything in one) with every string escaped."""
+    if isinstance(x, str):
+        return _escape(x)
+    if isinstance(x, (bytes, bytearray)):
+        return repr(x)
+    if isinstance(x, dict):
+        return {_printable(k): _printable(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_printable(v) for v in x]
+    if isinstance(x, tuple):
+        return tuple(_printable(v) for v in x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(
+            x, **{f.name: _printable(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        )
+    return x
 
 
 def _size(root: Path, rel: str) -> int | None:
@@ -229,8 +281,23 @@ def _mib(n: int | None) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+    """`x` formatted with `spec` if it is a number; anything else (a manifest edited by hand
+    holds what it holds) as its repr, in the same width."""
+    if x is None:
+        return "-"
+    if _is_number(x):
+        return format(x, spec)
+    width = "".join(c for c in spec.split(".")[0] if c.isdigit())
+    return format(repr(x), f">{width}" if width else "")
+
+
+def _number(x: Any) -> str:
+    return format(x, "g") if _is_number(x) else repr(x)
 
 
 def _config_text(config: dict[str, Any] | None) -> str:
@@ -238,7 +305,8 @@ def _config_text(config: dict[str, Any] | None) -> str:
 
 
 def render_text(r: InspectReport) -> str:
-    """The report as aligned text for a terminal."""
+    """The report as aligned text for a terminal (strings from the artifact escaped)."""
+    r = _printable(r)
     target = "cpu"
     if r.target == "cuda":
         target = f"cuda: {r.gpu_name} (compute capability {r.compute_capability})"
@@ -248,7 +316,7 @@ def render_text(r: InspectReport) -> str:
         f"{s['name']} ({s['dtype']}, pad {s['pad_value']}, {s['default']})" for s in r.inputs
     )
     outs = ", ".join(f"{s['name']} ({s['dtype']})" for s in r.outputs)
-    tol = ", ".join(f"{k} {v:g}" for k, v in r.tolerance.items()) or "not recorded"
+    tol = ", ".join(f"{k} {_number(v)}" for k, v in r.tolerance.items()) or "not recorded"
     lines = [
         f"artifact    {r.path}  (format v{r.format_version}, created {r.created_at or '?'})",
         f"model       {r.model_type}{arch} from {r.model_source}",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,9 +129,18 @@ def load_model(model_or_path, task: str | None, dtype: torch.dtype, device: torc
             )
         if not local.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
             raise UnsupportedModelError(f"cannot find model {source!r}: no such folder")
+        if local.is_dir():
+            # A local folder is recorded (manifest model_source) as an absolute path, so that
+            # `kernl bench` run from another directory reloads this model, not another ./name.
+            # A hub-style id stays as given.
+            source = os.path.abspath(local)
         try:
             config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
-        except OSError:
+        except OSError as e:
+            if local.is_dir():  # the folder has a config.json (checked above): it is unreadable
+                raise UnsupportedModelError(
+                    f"cannot read {local / 'config.json'}: {e}{_json_error(local / 'config.json')}"
+                ) from e
             raise UnsupportedModelError(
                 f"cannot find model {source!r}: not a local folder with config.json, and not in "
                 "the local Hugging Face cache. kernl never downloads: download the model on a "
@@ -144,11 +155,22 @@ def load_model(model_or_path, task: str | None, dtype: torch.dtype, device: torc
     return model, task, source
 
 
+def _json_error(path: Path) -> str:
+    """Where `path` stops being JSON (transformers' message does not say), or ''."""
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return f" ({e})"
+    return ""
+
+
 def _from_folder(source: str, config, task: str, dtype: torch.dtype, transformers):
     """The model of `task` from a folder (or the local Hugging Face cache), with every weight
     from the checkpoint. A head the checkpoint lacks (BertModel's pooler in a question-answering
     checkpoint) would be initialised at random and its outputs served as if they meant
     something: refused, naming the weights."""
+    from safetensors import SafetensorError
+
     auto = getattr(transformers, TASKS[task])
     kw = dict(local_files_only=True, dtype=dtype, output_loading_info=True)
     try:
@@ -161,6 +183,12 @@ def _from_folder(source: str, config, task: str, dtype: torch.dtype, transformer
             model, info = auto.from_pretrained(source, attn_implementation="eager", **kw)
     except ValueError as e:  # no class of this head for this config
         raise UnsupportedModelError(f"{task}: {e}") from None
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
+        # A truncated or damaged weights file, a checkpoint whose tensors do not fit the
+        # config, an unreadable file: the user's model, not a bug of kernl.
+        raise UnsupportedModelError(
+            f"cannot read the checkpoint of {source}: {type(e).__name__}: {e}"
+        ) from e
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         archs = ", ".join(getattr(config, "architectures", None) or []) or "not named"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -20,9 +22,24 @@ DEFAULT_TOLERANCE = {  # (atol, rtol) per dtype
 
 
 def resolve_tolerance(dtype: torch.dtype, atol: float | None, rtol: float | None):
-    """--atol/--rtol, or the dtype's defaults."""
+    """--atol/--rtol, or the dtype's defaults. ValueError for a tolerance that is not a
+    finite number >= 0: NaN would turn validation off (no error compares greater than it),
+    a negative one fails every bucket after minutes of compiling."""
     default_atol, default_rtol = DEFAULT_TOLERANCE[dtype]
-    return (default_atol if atol is None else atol), (default_rtol if rtol is None else rtol)
+    return (
+        default_atol if atol is None else check_tolerance("atol", atol),
+        default_rtol if rtol is None else check_tolerance("rtol", rtol),
+    )
+
+
+def check_tolerance(name: str, value) -> float:
+    """`value` as a float if it is a finite number >= 0, else ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number >= 0, not {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
+    return value
 
 
 class ValidationError(AssertionError):
@@ -46,6 +63,7 @@ def validate(
     seed: int = 1234,
 ) -> ValidationResult:
     bucket = program.bucket
+    label = f"bucket {bucket.batch}x{bucket.seq}"  # as the compile summary, inspect and bench
     g = torch.Generator().manual_seed(seed + bucket.batch * 7919 + bucket.seq)
     args = example_inputs(flat.input_names, bucket, flat.model.config.vocab_size, device, g)
     with torch.no_grad():
@@ -55,15 +73,12 @@ def validate(
     for name, e, o in zip(flat.output_names, expected, got):
         if e.shape != o.shape:
             raise ValidationError(
-                f"bucket {bucket.name}: output {name} has shape {tuple(o.shape)}, "
-                f"eager gives {tuple(e.shape)}"
+                f"{label}: output {name} has shape {tuple(o.shape)}, eager gives {tuple(e.shape)}"
             )
         e64, o64 = e.double(), o.double()
         err = (o64 - e64).abs()
         if not torch.isfinite(o64).all() and torch.isfinite(e64).all():
-            raise ValidationError(
-                f"bucket {bucket.name}: output {name} has NaN/inf, eager has none"
-            )
+            raise ValidationError(f"{label}: output {name} has NaN/inf, eager has none")
         max_err = float(err.nan_to_num(0).max()) if err.numel() else 0.0
         if max_err >= worst:
             worst, worst_name = max_err, name
@@ -74,7 +89,7 @@ def validate(
                 program, weights, dict(zip(flat.input_names, args)), device, atol, rtol
             )
             raise ValidationError(
-                f"bucket {bucket.name}: output {name} differs from eager beyond "
+                f"{label}: output {name} differs from eager beyond "
                 f"atol={atol}, rtol={rtol}: max |error| {max_err:.3g}; first bad element {idx}: "
                 f"kernl {float(o64[idx]):.6g} vs eager {float(e64[idx]):.6g}. {where}"
             )

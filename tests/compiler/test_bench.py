@@ -187,3 +187,45 @@ def test_percentile_matches_numpy():
 def test_time_calls_measures_the_call_on_cpu():
     times = time_calls(lambda: time.sleep(0.003), 3, cuda=False)
     assert len(times) == 3 and all(3.0 <= t < 200 for t in times)
+
+
+QUICK = ["--iters", "1", "--warmup", "0", "--no-cold-start", "--buckets", "1x8"]
+
+
+def test_a_model_of_another_shape_is_refused_before_timing(model_dir, artifact, tmp_path):
+    # It was timed against kernl first, then crashed with a raw IndexError in the embedding.
+    torch.manual_seed(0)
+    other = tmp_path / "bert48"
+    T.BertModel(T.BertConfig(**{**SMALL, "hidden_size": 48, "vocab_size": 50})).save_pretrained(
+        other
+    )
+    result = CliRunner().invoke(main, ["bench", str(artifact), "--model", str(other), *QUICK])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert "kernl bench: error:" in result.output and str(other) in result.output
+    assert str(model_dir) in result.output  # the artifact's model, named too
+    assert "hidden_size 48 (the artifact's: 64)" in result.output
+    assert "vocab_size 50 (the artifact's: 120)" in result.output
+    assert "kernl 1x8" not in result.output  # nothing was timed
+
+
+def test_a_local_model_folder_is_recorded_as_an_absolute_path(model_dir, tmp_path, monkeypatch):
+    # Recorded as typed ("bert"), bench run elsewhere compared against whatever ./bert was there.
+    monkeypatch.chdir(model_dir.parent)
+    out = tmp_path / "rel.kernl"
+    kernl.compiler.compile("bert", "batch=1 seq=8", out, dtype="fp32", device="cpu", kernels=False)
+    from kernl.artifacts import read_manifest
+
+    assert read_manifest(out).model_source == str(model_dir)
+    monkeypatch.chdir(tmp_path)  # no ./bert here: bench still finds the model
+    result = CliRunner().invoke(main, ["bench", str(out), *QUICK])
+    assert result.exit_code == 0, result.output
+    assert "eager" in result.stdout and "note:" not in result.output
+
+
+def test_json_into_a_missing_folder_fails_before_measuring(artifact, tmp_path):
+    target = tmp_path / "missing" / "b.json"
+    result = CliRunner().invoke(main, ["bench", str(artifact), "--json", str(target), *QUICK])
+    assert result.exit_code == 2, result.output
+    assert "--json" in result.output and "does not exist" in result.output
+    assert "kernl 1x8" not in result.output

@@ -101,3 +101,75 @@ def test_position_limit_from_the_config(config, limit):
     ):
         check_buckets_fit(buckets, cfg)
     check_buckets_fit(buckets[:2], cfg)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        # non-ASCII digits (int() takes them): refused as the numbers they are not
+        ("batch=1 seq=８", "'８' is neither a number"),
+        ("１x8", "expected BATCHxSEQ"),
+        # a trailing or doubled comma names the empty item
+        ("1x16,", r"empty item in '1x16,'"),
+        ("batch=1, seq=8", r"batch: empty item in '1,'.*axes by spaces"),
+        ("batch=1,,2 seq=8", "batch: empty item"),
+        ("batch= seq=8", "batch: no sizes"),
+    ],
+)
+def test_unclear_specs_say_what_is_wrong(spec, message):
+    with pytest.raises(BucketSyntaxError, match=message):
+        parse_buckets(spec)
+
+
+MANY = ",".join(str(n) for n in range(1, 41))
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("batch=99999999999999999999 seq=8", "batch=99999999999999999999 is more than the 65536"),
+        ("batch=1:99999999999999999999 seq=8", "is more than the 65536"),
+        ("70000x1", "batch=70000 is more than the 65536"),
+        ("1x1048577", "seq=1048577 is more than the 1048576"),
+        ("65536x512", r"bucket 65536x512 \(batch x seq\) holds 33554432 tokens"),
+        (f"batch={MANY} seq={MANY}", "1600 buckets, more than the 1024"),
+    ],
+)
+def test_buckets_over_the_readers_limits_are_refused_at_parse_time(spec, message):
+    # The reader (kernl.artifacts.DEFAULT_LIMITS) refuses them at verify and load.
+    with pytest.raises(BucketLimitError, match=message):
+        parse_buckets(spec)
+
+
+def test_limits_are_the_readers_and_the_largest_legal_bucket_parses():
+    from kernl.artifacts import DEFAULT_LIMITS as L
+
+    assert parse_buckets(f"{L.max_batch}x{L.max_bucket_tokens // L.max_batch}")
+    assert parse_buckets(f"1x{L.max_seq}") == [Bucket(1, L.max_seq)]
+    with pytest.raises(BucketLimitError, match="65536"):
+        as_buckets([(L.max_batch + 1, 1)])
+
+
+@pytest.mark.parametrize(
+    "task, spec, message",
+    [
+        ("causal-lm", "batch=70000 prompt=8", "batch=70000 is more than"),
+        ("causal-lm", "batch=1 prompt=8 cache=2000000", "cache=2000000 is more than"),
+        ("causal-lm", "batch=4096 prompt=8 cache=8192", "cache of 8192 slots holds"),
+        ("causal-lm", "batch=1 prompt=8,", "prompt: empty item"),
+        ("causal-lm", "batch=1 prompt=８", "neither a number"),
+        ("seq2seq-lm", "batch=1 source=2000000", "source=2000000 is more than"),
+        ("seq2seq-lm", "batch=4096 source=8192 cache=8", r"\(cache 8 \+ source 8192\) holds"),
+        ("seq2seq-lm", "batch=1, source=8", "batch: empty item"),
+        ("speech-seq2seq", "batch=99999999999999999999", "batch=99999999999999999999 is more"),
+    ],
+)
+def test_generation_buckets_are_checked_the_same_way(task, spec, message):
+    from kernl.compiler.tasks.causal_lm.buckets import as_generation_buckets
+    from kernl.compiler.tasks.seq2seq.buckets import as_seq2seq_buckets
+
+    with pytest.raises(BucketSyntaxError, match=message):
+        if task == "causal-lm":
+            as_generation_buckets(spec)
+        else:
+            as_seq2seq_buckets(spec, 1500 if task == "speech-seq2seq" else None)

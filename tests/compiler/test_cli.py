@@ -56,6 +56,7 @@ def test_compile_then_verify_then_inspect(tmp_path):
     assert "1x8" in compiled.stdout
     verified = runner.invoke(main, ["verify", str(out)])
     assert verified.exit_code == 0 and verified.output.startswith(f"OK {out}")
+    assert ", 1 bucket, " in verified.output  # not "1 buckets"
     inspected = runner.invoke(main, ["inspect", str(out)])
     assert inspected.exit_code == 0 and "bert (BertModel)" in inspected.output
     ids = torch.randint(1, 120, (1, 5))

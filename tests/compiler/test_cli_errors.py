@@ -267,3 +267,95 @@ def test_per_layer_outputs_are_refused_not_dropped(tmp_path):
                  "--device", "cpu", "--dtype", "fp32")  # fmt: skip
     assert_clean_failure(result, 1, "hidden_states", "output_hidden_states")
     assert not (tmp_path / "a").exists()
+
+
+CPU_FP32 = ("--device", "cpu", "--dtype", "fp32", "--no-kernels")
+
+
+@pytest.mark.parametrize(
+    "option, value, needle",
+    [
+        ("--atol", "nan", "nan is not a finite number"),
+        ("--rtol", "nan", "nan is not a finite number"),
+        ("--rtol", "inf", "inf is not a finite number"),
+        ("--atol", "-1", "not in the range x>=0"),
+    ],
+)
+def test_a_tolerance_that_is_nan_or_negative_is_refused_up_front(
+    bert_dir, tmp_path, option, value, needle
+):
+    # NaN turned validation off (no error compares greater than NaN) and a negative tolerance
+    # failed every bucket after it was compiled.
+    result = run(bert_dir, "-o", tmp_path / "a", "--buckets", "batch=1 seq=8", *CPU_FP32,
+                 option, value)  # fmt: skip
+    assert_clean_failure(result, 2, option, needle)
+    assert "loading model" not in result.output
+    assert not (tmp_path / "a").exists()
+
+
+def test_the_python_api_refuses_a_nan_or_negative_tolerance(bert_dir, tmp_path):
+    from kernl.compiler.validate import resolve_tolerance
+
+    assert resolve_tolerance(torch.float32, None, 0) == (1e-4, 0.0)
+    for atol, rtol in [(float("nan"), None), (None, float("nan")), (-1e-3, None),
+                       (None, float("inf")), ("1e-3", None)]:  # fmt: skip
+        with pytest.raises(ValueError, match="atol|rtol"):
+            resolve_tolerance(torch.float32, atol, rtol)
+    with pytest.raises(ValueError, match="rtol must be a finite number >= 0"):
+        kernl.compiler.compile(str(bert_dir), "batch=1 seq=8", tmp_path / "a", dtype="fp32",
+                               device="cpu", kernels=False, rtol=float("nan"))  # fmt: skip
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_damaged_weights_file_is_a_message_not_a_traceback(bert_dir, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_bytes((bert_dir / "config.json").read_bytes())
+    (bad / "model.safetensors").write_bytes((bert_dir / "model.safetensors").read_bytes()[:500])
+    result = run(bad, "-o", tmp_path / "a", "--buckets", "batch=1 seq=8", *CPU_FP32)
+    assert_clean_failure(result, 1, "kernl-compile: error:", "cannot read the checkpoint of",
+                         str(bad), "SafetensorError")  # fmt: skip
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_config_that_is_not_json_is_named_not_called_missing(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    result = run(bad, "-o", tmp_path / "a", "--buckets", "batch=1 seq=8", *CPU_FP32)
+    assert_clean_failure(result, 1, "cannot read", "config.json", "not a valid JSON file",
+                         "line 1 column 2")  # fmt: skip
+    assert "cannot find model" not in result.output
+
+
+@pytest.mark.parametrize(
+    "buckets, needle",
+    [
+        ("batch=99999999999999999999 seq=8", "batch=99999999999999999999 is more than the 65536"),
+        ("70000x1", "batch=70000 is more than the 65536"),
+        ("batch=1 seq=2000000", "seq=2000000 is more than the 1048576"),
+        ("batch=4096 seq=8192", "more than the 16777216"),
+    ],
+)
+def test_a_bucket_over_the_readers_limits_is_refused_before_loading(
+    bert_dir, tmp_path, buckets, needle
+):
+    # It compiled (or overflowed int64 after the model loaded) into an artifact that
+    # verify and load then refused.
+    result = run(bert_dir, "-o", tmp_path / "a", "--buckets", buckets, *CPU_FP32)
+    assert_clean_failure(result, 2, "--buckets", needle)
+    assert "loading model" not in result.output
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_validation_failure_names_the_bucket_as_BxS(bert_dir, tmp_path, monkeypatch):
+    import kernl.compiler.validate
+
+    class Off(kernl.compiler.validate.Executor):  # the program's outputs, each off by one
+        def run(self, inputs):
+            return [t + 1 for t in super().run(inputs)]
+
+    monkeypatch.setattr(kernl.compiler.validate, "Executor", Off)
+    result = run(bert_dir, "-o", tmp_path / "a", "--buckets", "batch=1 seq=8", *CPU_FP32)
+    assert_clean_failure(result, 1, "validation against eager failed", "bucket 1x8: output")
+    assert "b1_s8" not in result.output

@@ -195,3 +195,66 @@ def test_causal_lm_artifact_shows_its_generation_buckets(tmp_path):
         assert needle in text, (needle, text)
     as_json = json.loads(CliRunner().invoke(main, ["inspect", str(out), "--json"]).output)
     assert {b["stage"] for b in as_json["buckets"]} == {"prefill", "decode"}
+
+
+def _edited_copy(artifact, tmp_path, manifest_edit=None, meta_edit=None):
+    """A copy of the artifact with its manifest and first program edited as verify allows
+    (hashes recomputed): what a hand-edited or foreign artifact may hold."""
+    import shutil
+    from pathlib import Path
+
+    import msgpack
+
+    from kernl.artifacts.writer import file_hashes, pack_manifest
+
+    root = tmp_path / "edited.kernl"
+    shutil.copytree(artifact, root)
+    m = msgpack.unpackb((root / "manifest.msgpack").read_bytes(), raw=False)
+    if meta_edit:
+        prog = root / m["buckets"][0]["program"]
+        p = msgpack.unpackb(prog.read_bytes(), raw=False, strict_map_key=False)
+        meta_edit(p["meta"])
+        prog.write_bytes(msgpack.packb(p, use_bin_type=True))
+        m["files"], _ = file_hashes({rel: Path(root) / rel for rel in m["files"]})
+    if manifest_edit:
+        manifest_edit(m)
+    (root / "manifest.msgpack").write_bytes(pack_manifest(m))
+    return root
+
+
+def test_values_of_an_unexpected_type_are_shown_not_a_crash(artifact, tmp_path):
+    root = _edited_copy(
+        artifact,
+        tmp_path,
+        manifest_edit=lambda m: m["extra"].update(atol="tight"),
+        meta_edit=lambda meta: meta.update(note=b"\x00\x01"),
+    )
+    assert CliRunner().invoke(main, ["verify", str(root)]).exit_code == 0
+    text = CliRunner().invoke(main, ["inspect", str(root)])
+    assert text.exit_code == 0, text.output
+    assert "validation  atol 'tight', rtol 0.0001" in text.output
+    as_json = CliRunner().invoke(main, ["inspect", "--json", str(root)])
+    assert as_json.exit_code == 0, as_json.output
+    report = json.loads(as_json.output)
+    assert report["tolerance"]["atol"] == "tight"
+    assert report["buckets"][0]["meta"]["note"] == repr(b"\x00\x01")
+
+
+def test_terminal_escapes_from_the_manifest_are_not_printed(artifact, tmp_path):
+    root = _edited_copy(
+        artifact,
+        tmp_path,
+        manifest_edit=lambda m: m.update(model_source="\x1b[2J\x1b[31mPWNED\nfake line\u202e"),
+    )
+    result = CliRunner().invoke(main, ["inspect", str(root)])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\u202e" not in result.output
+    assert "from \\x1b[2J\\x1b[31mPWNED\\nfake line\\u202e" in result.output
+    as_json = CliRunner().invoke(main, ["inspect", "--json", str(root)])
+    assert "\x1b" not in as_json.output
+    assert json.loads(as_json.output)["model_source"].startswith("\x1b[2J")
+
+
+def test_inspect_help_says_it_checks_no_hashes():
+    help_text = CliRunner().invoke(main, ["inspect", "--help"]).output
+    assert "checks no hashes" in help_text and "kernl verify" in help_text

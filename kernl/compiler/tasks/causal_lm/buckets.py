@@ -6,13 +6,14 @@ cache   KV-cache lengths. The largest is the cache size; with several (e.g. `cac
         each is a decode bucket, so a step attends only to the smallest length that holds
         the tokens so far. Default: one length, the largest prompt bucket times two.
 
-Each axis takes the same items as the encoder buckets: numbers and power-of-two ranges lo:hi."""
+Each axis takes the same items as the encoder buckets: numbers and power-of-two ranges lo:hi,
+within the limits a reader of artifacts enforces (checked here, before the model is loaded)."""
 
 from __future__ import annotations
 
 from kernl.artifacts.generation import GenerationBuckets
 
-from ...buckets import BucketSyntaxError, parse_axes
+from ...buckets import BucketSyntaxError, check_axis, check_count, check_tokens, parse_axes
 
 AXES = ("batch", "prompt", "cache")
 EXAMPLE = "batch=1,4,8 prompt=16:1024 cache=2048"
@@ -30,6 +31,12 @@ def parse_generation_buckets(spec: str) -> GenerationBuckets:
 
 
 def checked(b: GenerationBuckets) -> GenerationBuckets:
+    check_axis("batch", b.batches)
+    check_axis("prompt", b.prompts)
+    check_axis("cache", b.kv_lengths)
+    check_count(len(b.prefill_shapes()) + len(b.decode_shapes()), "generation buckets")
+    for batch in b.batches:
+        check_tokens(batch * b.cache_len, f"batch {batch} x a cache of {b.cache_len} slots")
     if max(b.prompts) > b.cache_len:
         raise BucketSyntaxError(
             f"the longest prompt bucket ({max(b.prompts)}) does not fit the cache "

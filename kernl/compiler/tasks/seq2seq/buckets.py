@@ -6,7 +6,8 @@ cache   decoder self-attention lengths; the largest is the most new tokens one c
         With several (e.g. `cache=32:256`) a decode step attends only to the smallest
         length that holds the tokens so far. Default: 128.
 
-Each axis takes the same items as the encoder buckets: numbers and power-of-two ranges lo:hi.
+Each axis takes the same items as the encoder buckets: numbers and power-of-two ranges lo:hi,
+within the limits a reader of artifacts enforces (checked here, before the model is loaded).
 
 speech-seq2seq (Whisper): `"batch=1,8 cache=448"`. The source is fixed: one 30 s window of
 3000 mel frames, 1500 encoder positions; cache counts the decoder prompt (start, language,
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from kernl.artifacts.seq2seq import Seq2SeqBuckets
 
-from ...buckets import BucketSyntaxError, parse_axes
+from ...buckets import BucketSyntaxError, check_axis, check_count, check_tokens, parse_axes
 
 AXES = ("batch", "source", "cache")
 EXAMPLE = "batch=1,8 source=32:512 cache=128"
@@ -25,7 +26,9 @@ DEFAULT_CACHE = 128
 
 def parse_seq2seq_buckets(spec: str) -> Seq2SeqBuckets:
     axes = parse_axes(spec, AXES, ("batch", "source"), EXAMPLE, "seq2seq-lm")
-    return Seq2SeqBuckets(axes["batch"], axes["source"], axes.get("cache", [DEFAULT_CACHE]))
+    return checked(
+        Seq2SeqBuckets(axes["batch"], axes["source"], axes.get("cache", [DEFAULT_CACHE]))
+    )
 
 
 SPEECH_AXES = ("batch", "cache")
@@ -34,7 +37,23 @@ SPEECH_EXAMPLE = "batch=1,8 cache=448"
 
 def parse_speech_buckets(spec: str, source_positions: int) -> Seq2SeqBuckets:
     axes = parse_axes(spec, SPEECH_AXES, ("batch",), SPEECH_EXAMPLE, "speech-seq2seq")
-    return Seq2SeqBuckets(axes["batch"], [source_positions], axes.get("cache", [DEFAULT_CACHE]))
+    return checked(
+        Seq2SeqBuckets(axes["batch"], [source_positions], axes.get("cache", [DEFAULT_CACHE]))
+    )
+
+
+def checked(b: Seq2SeqBuckets) -> Seq2SeqBuckets:
+    """Refuse buckets a reader would refuse to load (kernl.artifacts.DEFAULT_LIMITS)."""
+    check_axis("batch", b.batches)
+    check_axis("source", b.sources)
+    check_axis("cache", b.caches)
+    check_count(len(b.encoder_shapes()) + len(b.batches) * len(b.caches), "seq2seq buckets")
+    for batch in b.batches:
+        check_tokens(
+            batch * (b.cache_len + max(b.sources)),
+            f"batch {batch} x (cache {b.cache_len} + source {max(b.sources)})",
+        )
+    return b
 
 
 def as_seq2seq_buckets(spec, source_positions: int | None = None) -> Seq2SeqBuckets:
@@ -45,9 +64,9 @@ def as_seq2seq_buckets(spec, source_positions: int | None = None) -> Seq2SeqBuck
             return parse_speech_buckets(spec, source_positions)
         return parse_seq2seq_buckets(spec)
     if isinstance(spec, Seq2SeqBuckets):
-        return Seq2SeqBuckets.from_dict(spec.to_dict())
+        return checked(Seq2SeqBuckets.from_dict(spec.to_dict()))
     if isinstance(spec, dict):
-        return Seq2SeqBuckets.from_dict(spec)
+        return checked(Seq2SeqBuckets.from_dict(spec))
     raise BucketSyntaxError(
         f'seq2seq-lm buckets must be a string like "{EXAMPLE}", not {type(spec).__name__}'
     )
