@@ -71,7 +71,8 @@ class CompileReport:
             )
         lines.append(
             f"artifact {self.path} ({self.artifact_bytes / 2**20:.1f} MiB), task {self.task}, "
-            f"{self.dtype} on {self.device}, {len(self.buckets)} buckets in {self.seconds:.1f} s"
+            f"{self.dtype} on {self.device}, {_count(len(self.buckets), 'bucket')} in "
+            f"{self.seconds:.1f} s"
         )
         return "\n".join(lines)
 
@@ -107,3 +108,7 @@ class CompileReport:
                     + (f"  [{r.approximation}]" if r.approximation else "")
                 )
         return lines
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -101,7 +101,7 @@ class CausalLMReport:
         )
         lines.append(
             f"artifact {self.path} ({self.artifact_bytes / 2**20:.1f} MiB), task {self.task}, "
-            f"{self.dtype} on {self.device}, {len(self.stages)} buckets in {self.seconds:.1f} s "
+            f"{self.dtype} on {self.device}, {len(self.stages)} bucket{'' if len(self.stages) == 1 else 's'} in {self.seconds:.1f} s "
             f"(tolerance: atol {self.atol} + rtol {self.rtol} x max|logit|)"
         )
         return "\n".join(lines)

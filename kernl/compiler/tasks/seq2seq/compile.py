@@ -117,8 +117,9 @@ def compile_seq2seq(
     model, _, source = load_model(
         _speech_model(model_or_path) if speech else model_or_path, TASK, torch_dtype, dev
     )
-    if not isinstance(model_or_path, torch.nn.Module):
-        source = str(model_or_path)
+    if not isinstance(model_or_path, torch.nn.Module):  # Whisper's was loaded above
+        local = Path(model_or_path).expanduser()
+        source = os.path.abspath(local) if local.is_dir() else str(model_or_path)
     say("describing the encoder-decoder")
     spec, weights = describe(model, torch_dtype)
     if speech != (spec.family == "whisper"):
