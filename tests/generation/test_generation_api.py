@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -285,10 +286,15 @@ def test_max_length_counts_the_prompt_like_hugging_face(model):
     assert len(steps) == 3
 
 
-def test_generate_inside_an_open_stream_raises_instead_of_waiting_forever(model):
+def test_generate_inside_an_open_stream_raises_instead_of_waiting_forever(model, monkeypatch):
     """The thread iterating a stream holds the model; calling it again from that thread
-    used to wait for itself. Run in a daemon thread so the old behaviour fails, not hangs."""
+    used to wait for itself. Run in a daemon thread so the old behaviour fails, not hangs.
+    (The call first waits a moment for another thread to pull the stream on: shortened.)"""
     import threading
+
+    from kernl.runtime.generation import model as generation_model
+
+    monkeypatch.setattr(generation_model, "STREAM_HANDOFF_WAIT_S", 0.3)
 
     ids, mask = mixed_prompts(2, [5, 3])
     outcome = {}
@@ -326,6 +332,125 @@ def test_generate_inside_an_open_stream_raises_instead_of_waiting_forever(model)
     list(stream)
     waiter.join(timeout=120)
     assert other["ids"].shape == (2, 7)
+
+
+def test_a_stream_pulled_from_several_threads_lets_its_last_puller_generate(model):
+    """A web server's thread pool pulls each step of a stream on whichever worker is free
+    (Starlette's StreamingResponse), so the worker that pulled a step may next serve an
+    unrelated generate() while another worker pulls the stream on. That generate() was
+    refused as re-entry ("this thread is iterating an open stream()"); it waits its turn."""
+    import queue
+    import threading
+
+    ids, mask = mixed_prompts(2, [5, 3], seed=6)
+    alone = model.generate(ids, mask, max_new_tokens=3, eos_token_id=[])
+    streamed = model.generate(ids, mask, max_new_tokens=5, eos_token_id=[])
+    stream = model.stream(ids, mask, max_new_tokens=5, eos_token_id=[])
+    jobs, results = queue.Queue(), queue.Queue()
+
+    def worker():  # one pool worker: runs its jobs one after another
+        for job in iter(jobs.get, None):
+            try:
+                results.put(job())
+            except Exception as e:  # noqa: BLE001 - the outcome is what the test checks
+                results.put(e)
+
+    pool = threading.Thread(target=worker, daemon=True)
+    pool.start()
+    jobs.put(lambda: next(stream))
+    steps = [results.get(timeout=120)]
+    rest = threading.Thread(target=lambda: (time.sleep(0.3), steps.extend(stream)), daemon=True)
+    rest.start()  # another worker pulls the rest of the stream a moment later
+    jobs.put(lambda: model.generate(ids, mask, max_new_tokens=3, eos_token_id=[]))
+    got = results.get(timeout=120)
+    rest.join(timeout=120)
+    jobs.put(None)
+    assert not isinstance(got, Exception), got
+    assert torch.equal(got, alone)
+    assert torch.equal(torch.stack(steps, dim=1), streamed[:, ids.shape[1] :])
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return tiny_model("llama3")  # the artifact's model: tiny_model seeds its weights
+
+
+def _hf_generate(hf, ids, **kw):
+    with torch.no_grad():
+        return hf.generate(ids, do_sample=False, **kw)
+
+
+def test_padded_ids_without_a_mask_get_hugging_face_s_inferred_mask(model, hf):
+    """Hugging Face infers a decoder-only model's attention_mask from the pad id when none is
+    given (its positions are padding, unless the pad id is an EOS id); kernl attended to the
+    pads. The same holds for stream() and for the rows of an open batch."""
+    ids, _ = mixed_prompts(3, [6, 2, 4], seed=7)  # left-padded with the model's pad id 0
+    assert (ids == 0).any()
+    ref = _hf_generate(hf, ids, max_new_tokens=10)
+    got = model.generate(ids, max_new_tokens=10)
+    assert torch.equal(got, ref), f"\nkernl {got.tolist()}\nhf    {ref.tolist()}"
+    steps = list(model.stream(ids, max_new_tokens=10))
+    assert torch.equal(torch.stack(steps, dim=1), ref[:, ids.shape[1] :])
+    # The pad id the call gives is the one that marks padding.
+    other = ids.masked_fill(ids == 0, 5)
+    ref = _hf_generate(hf, other, max_new_tokens=6, pad_token_id=5)
+    assert torch.equal(model.generate(other, max_new_tokens=6, pad_token_id=5), ref)
+    # A pad id that is also an EOS id marks nothing: every position is attended, as in HF.
+    ref = _hf_generate(hf, ids, max_new_tokens=6, eos_token_id=0)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, eos_token_id=0), ref)
+    # An open batch's rows and joiners: each gives what generate gives its prompt.
+    with model.open_batch(ids, max_new_tokens=4, eos_token_id=[], rows=4) as batch:
+        first = dict(batch.first)
+        joined = batch.join(ids[1], max_new_tokens=4)
+    alone = model.generate(ids, max_new_tokens=1, eos_token_id=[])[:, -1].tolist()
+    assert [first[r] for r in range(3)] == alone
+    assert joined is not None and joined[1] == alone[1]
+    # Lists of ids are taken as given (no tokenizer pads a list without saying where).
+    listed = model.generate([ids[1].tolist()], max_new_tokens=4, eos_token_id=[])
+    assert torch.equal(
+        listed, model.generate(ids[1:2], torch.ones(1, 6), max_new_tokens=4, eos_token_id=[])
+    )
+
+
+def test_token_lists_come_back_padded_with_the_call_s_pad_id(model):
+    """A ragged list of prompts is returned left-padded with the pad id the call resolves
+    (the one its finished rows take), not with id 0."""
+    rows = [[11, 12, 13, 14, 15], [21, 22]]
+    out = model.generate(rows, max_new_tokens=4, eos_token_id=[], pad_token_id=7)
+    assert out[1, :3].tolist() == [7, 7, 7]
+    assert out[0, :5].tolist() == rows[0] and out[1, 3:5].tolist() == rows[1]
+    ids = torch.tensor([[11, 12, 13, 14, 15], [0, 0, 0, 21, 22]])
+    mask = torch.tensor([[1] * 5, [0, 0, 0, 1, 1]])
+    padded = model.generate(ids, mask, max_new_tokens=4, eos_token_id=[])
+    assert torch.equal(out[:, 5:], padded[:, 5:])
+    assert torch.equal(model.generate(rows, max_new_tokens=4, eos_token_id=[]), padded)  # pad 0
+
+
+def test_hugging_face_spellings_of_the_defaults_are_taken(model):
+    """temperature=None and top_p=None are off, as top_k=None was and as in Hugging Face
+    (they were "must be a finite number, got None"); `inputs=` is input_ids' other name;
+    decoder_input_ids says why it is not taken (it was a bare "unexpected keyword")."""
+    ids, mask = mixed_prompts(2, [5, 3], seed=8)
+    kw = dict(max_new_tokens=8, do_sample=True, seed=4, eos_token_id=[])
+    ref = model.generate(ids, mask, temperature=1.0, top_k=0, top_p=1.0, **kw)
+    assert torch.equal(
+        model.generate(ids, mask, temperature=None, top_k=None, top_p=None, **kw), ref
+    )
+    per_row = dict(temperature=[None, 1.0], top_p=[1.0, None], top_k=0)
+    assert torch.equal(model.generate(ids, mask, **per_row, **kw), ref)
+    steps = list(model.stream(ids, mask, temperature=None, top_p=None, top_k=0, **kw))
+    assert torch.equal(torch.stack(steps, dim=1), ref[:, ids.shape[1] :])
+    greedy = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[])
+    by_name = model.generate(inputs=ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(by_name, greedy)
+    with pytest.raises(TypeError, match="got both input_ids and inputs"):
+        model.generate(ids, inputs=ids)
+    with pytest.raises(TypeError, match="input_ids is required"):
+        model.generate(attention_mask=mask)
+    with pytest.raises(
+        TypeError, match="decoder_input_ids=<tensor \\(2, 1\\)>: the decoder starts"
+    ):
+        model.generate(ids, mask, decoder_input_ids=torch.zeros(2, 1, dtype=torch.long))
 
 
 def test_a_prompt_bucket_equal_to_a_kv_length_loads(tmp_path):

@@ -121,6 +121,26 @@ def test_per_row_eos_pads_finished_rows_like_hugging_face(compiled, family):
     assert torch.equal(got, ref), f"\nkernl {got.tolist()}\nhf    {ref.tolist()}"
 
 
+def test_max_length_counts_the_start_token_with_forced_bos_and_eos(compiled):
+    """max_length as Hugging Face counts it: the decoder start token, mBART-50's forced
+    target-language token and the forced EOS, which comes at position max_length - 1."""
+    hf, _, model = compiled["mbart"]
+    ids, mask = sources([12, 4], seed=6)
+    with torch.no_grad():
+        ref = hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_length=11,
+            min_length=11,
+            do_sample=False,
+            num_beams=1,
+        )
+    got = model.generate(ids, mask, max_length=11, eos_token_id=[])
+    assert ref.shape == (2, 11) and (ref[:, 1] == LANG).all()
+    assert (ref[:, -1] == model.spec.forced_eos_token_id).all()
+    assert torch.equal(got, ref), f"\nkernl {got.tolist()}\nhf    {ref.tolist()}"
+
+
 def test_a_call_names_its_own_target_language_and_stream_yields_it_first(compiled):
     hf, _, model = compiled["mbart"]
     ids, mask = sources([12, 4], seed=2)

@@ -175,6 +175,53 @@ def test_errors_are_clear_and_leave_the_model_usable(compiled):
     assert torch.equal(before, hf_generate(hf, ids, mask, 8))
 
 
+@pytest.mark.parametrize("family", ("t5", "bart"))
+def test_max_length_counts_the_decoder_start_token_like_hugging_face(compiled, family):
+    """max_length, the usual way to bound a summary or a translation, was refused (the
+    causal LM took it); as in Hugging Face it counts the decoder start token."""
+    hf, _, model = compiled[family]
+    ids, mask = sources([13, 5, 9], seed=3)
+    with torch.no_grad():
+        ref = hf.generate(
+            input_ids=ids, attention_mask=mask, max_length=9, do_sample=False, num_beams=1
+        )
+    got = model.generate(ids, mask, max_length=9)
+    assert torch.equal(got, ref), f"\nkernl {got.tolist()}\nhf    {ref.tolist()}"
+    by_length = model.generate(ids, mask, max_length=9, eos_token_id=[])
+    assert by_length.shape == (3, 9)
+    assert torch.equal(by_length, model.generate(ids, mask, max_new_tokens=8, eos_token_id=[]))
+    steps = list(model.stream(ids, mask, max_length=9, eos_token_id=[]))
+    assert torch.equal(torch.stack(steps, dim=1), by_length[:, 1:])
+    with pytest.warns(UserWarning, match="max_new_tokens takes precedence"):
+        both = model.generate(ids, mask, max_new_tokens=3, max_length=9, eos_token_id=[])
+    assert both.shape == (3, 4)
+    with pytest.raises(ValueError, match="max_length=1 leaves no room after the decoder start"):
+        model.generate(ids, mask, max_length=1)
+    with pytest.raises(ValueError, match="exceeds the decoder cache of 48"):
+        model.generate(ids, mask, max_length=50)
+
+
+def test_hugging_face_argument_names_are_taken_or_explained(compiled):
+    """`inputs=` is input_ids' other name in Hugging Face; decoder_input_ids says that a
+    decoder prompt is not supported, and None sampling arguments are off (both were bare
+    errors: "unexpected keyword argument", "must be a finite number, got None")."""
+    _, _, model = compiled["t5"]
+    ids, mask = sources([6, 10], seed=4)
+    ref = model.generate(ids, mask, max_new_tokens=6)
+    assert torch.equal(model.generate(inputs=ids, attention_mask=mask, max_new_tokens=6), ref)
+    steps = list(model.stream(inputs=ids, attention_mask=mask, max_new_tokens=6))
+    assert torch.equal(torch.stack(steps, dim=1), ref[:, 1 : 1 + len(steps)])
+    start = torch.zeros(2, 1, dtype=torch.long)
+    with pytest.raises(TypeError, match="decoder_input_ids=.*a decoder prompt is not supported"):
+        model.generate(ids, mask, decoder_input_ids=start)
+    with pytest.raises(TypeError, match="input_ids is required"):
+        model.generate(attention_mask=mask)
+    kw = dict(max_new_tokens=6, do_sample=True, seed=2, eos_token_id=[])
+    sampled = model.generate(ids, mask, temperature=1.0, top_p=1.0, top_k=0, **kw)
+    off = model.generate(ids, mask, temperature=None, top_p=None, top_k=None, **kw)
+    assert torch.equal(off, sampled)
+
+
 @pytest.mark.parametrize(
     "edit",
     [

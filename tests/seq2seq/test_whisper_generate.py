@@ -182,6 +182,34 @@ def test_stream_yields_the_generated_ids_and_sampling_repeats(compiled):
     assert not torch.equal(a, model.generate(x, seed=4, **kw))
 
 
+def test_max_length_and_a_feature_extractor_s_attention_mask_like_hugging_face(compiled):
+    """Hugging Face's Whisper takes max_length (the new tokens: its decoder prompt is not
+    counted) and the attention_mask a feature extractor returns (not used within one 30 s
+    window, where the encoder attends to every frame); kernl refused both."""
+    hf, _, model = compiled["multilingual"]
+    x = features(2, seed=6)
+    ref = hf_generate(hf, x, None, max_length=7)
+    assert ref.shape == (2, 7)
+    assert torch.equal(model.generate(x, max_length=7), ref)
+    steps = list(model.stream(x, max_length=7, eos_token_id=[]))
+    assert torch.equal(
+        torch.stack(steps, dim=1), model.generate(x, max_new_tokens=7, eos_token_id=[])
+    )
+    ones = torch.ones(2, 3000, dtype=torch.long)
+    short = ones.clone()
+    short[1, 1800:] = 0  # the second row's audio is 18 s: the extractor padded the rest
+    for mask in (ones, short):
+        with torch.no_grad():
+            hf_ref = hf.generate(input_features=x, attention_mask=mask, max_new_tokens=10)
+        got = model.generate(x, attention_mask=mask, max_new_tokens=10)
+        assert torch.equal(got, hf_ref), f"\nkernl {got.tolist()}\nhf    {hf_ref.tolist()}"
+    assert torch.equal(model.generate(inputs=x, max_new_tokens=10), hf_ref)
+    with pytest.raises(ValueError, match=r"attention_mask must be \[batch, frames\] = \[2, 3000\]"):
+        model.generate(x, attention_mask=torch.ones(2, 1500), max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_length must be a positive integer"):
+        model.generate(x, max_length=0)
+
+
 def test_bad_calls_are_clear_and_leave_the_model_usable(compiled):
     hf, _, model = compiled["multilingual"]
     x = features(1, seed=5)

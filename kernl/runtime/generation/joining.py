@@ -111,7 +111,8 @@ class OpenBatch:
     ) -> tuple[int, int] | None:
         """Prefill one prompt alone and seat it in a free row: (row, its first token), or None
         when `can_join` says it cannot join now. A bad prompt or argument raises ValueError
-        (as `generate` would), leaving the batch as it was."""
+        (as `generate` would), leaving the batch as it was. In a tensor prompt, the batch's pad
+        id marks padding, as in `generate` without an attention_mask."""
         self._check_open()
         model, plan = self.model, self.plan
         prompt = torch.as_tensor(input_ids)
@@ -121,8 +122,12 @@ class OpenBatch:
             raise ValueError(f"join takes one prompt of token ids, got {tuple(prompt.shape)}")
         if prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
             raise ValueError(f"input_ids must hold integers, got {prompt.dtype}")
+        from .model import _pad_mask  # (model.py imports this module)
+
         prompt = prompt.to("cpu", torch.int64).view(1, -1)
-        mask = torch.ones_like(prompt, dtype=torch.bool)
+        # A tensor's padding as generate takes it: the positions of the batch's pad id.
+        tensor = not isinstance(input_ids, (list, tuple))
+        mask = _pad_mask(prompt, plan.mask_pad if tensor else None)
         sampling = (temperature, top_k, top_p, seed)
         # The batch's own EOS and pad ids: a request with other ones cannot share it.
         small = model._plan(

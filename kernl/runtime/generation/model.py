@@ -6,13 +6,17 @@ At load: the weights go to the device once, each batch bucket gets its static bu
 bucket — all drawing on one memory pool. Sampling graphs are captured on the first sampling
 call. A call left-pads each prompt into the smallest prefill bucket, replays its prefill, then
 replays one decode graph per new token; the host reads nothing back until the end except,
-every few steps, whether every row has finished (and each step's ids when streaming)."""
+every few steps, whether every row has finished (and each step's ids when streaming).
+
+Padded `input_ids` given without an `attention_mask` get Hugging Face's decoder-only mask: the
+positions of the call's pad id, unless that id is one of its EOS ids (`_plan`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -40,6 +44,10 @@ from .state import MAX_EOS_IDS, BatchState
 # How often generate() asks the GPU whether every row has finished: a host sync costs a few
 # microseconds of idle GPU, the extra steps after the last EOS only emit pad ids.
 FINISHED_CHECK_EVERY = 8
+
+# How long a call waits, on the thread that last pulled an open stream(), for another thread
+# to pull it on (a server's thread pool does) before taking it for re-entry (`_refuse_reentry`).
+STREAM_HANDOFF_WAIT_S = 2.0
 
 
 class _Step:
@@ -85,7 +93,9 @@ class StepLoop:
     (`open_batch`) until it is closed."""
 
     _lock: threading.Lock
-    _streaming_thread: int | None = None  # the thread holding the lock between calls
+    # The thread holding the lock between calls: an open batch's, or the thread that pulled
+    # an open stream's last step (any thread may pull the next one).
+    _streaming_thread: int | None = None
     _holder: str = "stream()"  # what it holds it for: "stream()" or "open_batch()"
 
     def _collect(self, plan, state, first: int = 1) -> torch.Tensor:
@@ -119,6 +129,9 @@ class StepLoop:
                     ids = state.tokens[: plan.batch].to("cpu", copy=True)
                     self._check_steps()
                     yield (ids, logits[: plan.batch].float().clone()) if output_logits else ids
+                    # Whichever thread resumed the stream holds it now (a web server's thread
+                    # pool pulls each step on whichever worker is free).
+                    self._streaming_thread = threading.get_ident()
                     if bool(state.finished[: plan.batch].all()):
                         return
             finally:
@@ -126,8 +139,12 @@ class StepLoop:
 
     def _refuse_reentry(self) -> None:
         """The lock is held by an open stream() between its yields, or by an open batch: the
-        thread that holds it would wait for itself forever."""
-        if self._streaming_thread != threading.get_ident():
+        thread that holds it would wait for itself forever. A stream is held by the thread
+        that pulled its last step; when another thread pulls the next one within
+        STREAM_HANDOFF_WAIT_S (a thread pool moving the stream between its workers), this
+        call waits its turn instead."""
+        me = threading.get_ident()
+        if self._streaming_thread != me:
             return
         if self._holder == "open_batch()":
             raise RuntimeError(
@@ -135,6 +152,11 @@ class StepLoop:
                 "close() (or leave its with block) before generate(), stream() or "
                 "open_batch() again"
             )
+        deadline = time.monotonic() + STREAM_HANDOFF_WAIT_S
+        while self._streaming_thread == me and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if self._streaming_thread != me:
+            return
         raise RuntimeError(
             "this thread is iterating an open stream() of this model: exhaust it or call "
             "its close() (or break out of the for loop) before generate() or stream() again"
@@ -150,6 +172,8 @@ class _Plan:
     do_sample: bool
     eos: list[int]
     pad: int
+    # The pad id whose positions are padding when no attention_mask is given (None: none).
+    mask_pad: int | None = None
 
     @property
     def batch(self) -> int:
@@ -226,7 +250,7 @@ class GenerativeModel(StepLoop):
 
     def generate(
         self,
-        input_ids,
+        input_ids=None,
         attention_mask=None,
         max_new_tokens: int | None = None,
         do_sample: bool = False,
@@ -243,11 +267,16 @@ class GenerativeModel(StepLoop):
         followed by the new tokens; a row that emitted an EOS id is padded with `pad_token_id`
         (default: the model's pad id, else its first EOS id) until every row has finished or
         `max_new_tokens` were produced. Prompts may differ in length (`attention_mask` zeros
-        mark padding, on either side). `eos_token_id` defaults to the model's. Sampling
-        (`do_sample=True`) applies temperature, top-k, top-p; the same `seed` gives the same
-        ids. Each of the four is one value or a list of one per row; with a seed per row,
-        each row draws what it would alone with its seed. `max_new_tokens` defaults to 20; `max_length`, as in Hugging Face, counts the
-        prompt (its padded length) too, and `max_new_tokens` wins when both are given."""
+        mark padding, on either side; in a tensor without one, as in Hugging Face, the pad
+        id's positions are, unless it is an EOS id; a list of token lists is left-padded with
+        the pad id). `input_ids` may be passed as `inputs`, as in Hugging Face.
+        `eos_token_id` defaults to the model's. Sampling (`do_sample=True`) applies
+        temperature, top-k, top-p (None: off); the same `seed` gives the same ids. Each of
+        the four is one value or a list of one per row; with a seed per row, each row draws
+        what it would alone with its seed. `max_new_tokens` defaults to 20; `max_length`, as
+        in Hugging Face, counts the prompt (its padded length) too, and `max_new_tokens` wins
+        when both are given."""
+        input_ids = main_input("generate", input_ids, hf_options)
         refuse_hf_options("generate", hf_options)
         sampling = (do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
         prompt, plan = self._request(
@@ -260,7 +289,7 @@ class GenerativeModel(StepLoop):
 
     def stream(
         self,
-        input_ids,
+        input_ids=None,
         attention_mask=None,
         max_new_tokens: int | None = None,
         do_sample: bool = False,
@@ -279,7 +308,9 @@ class GenerativeModel(StepLoop):
         Stops after the step where every row has finished. Arguments are checked before this
         returns; the model serves nothing else until the iterator is exhausted or closed
         (the thread iterating it gets a RuntimeError if it calls `generate` or `stream`
-        before then, instead of waiting for itself)."""
+        before then, instead of waiting for itself; the stream may move between threads, as
+        a server's thread pool pulls it: see `_refuse_reentry`)."""
+        input_ids = main_input("stream", input_ids, hf_options)
         refuse_hf_options("stream", hf_options)
         sampling = (do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
         _, plan = self._request(input_ids, attention_mask, max_new_tokens, max_length, sampling)
@@ -328,11 +359,20 @@ class GenerativeModel(StepLoop):
     def _request(
         self, input_ids, attention_mask, max_new_tokens, max_length, sampling: tuple
     ) -> tuple[torch.Tensor, _Plan]:
-        """generate's and stream's common start: (the prompts as one batch, the checked plan)."""
+        """generate's and stream's common start: (the prompts as one batch, the checked plan).
+        A ragged list of token lists comes back left-padded with the call's pad id."""
+        if input_ids is None:
+            raise TypeError("input_ids is required: the prompt token ids [batch, length]")
         self._refuse_reentry()
         prompt, mask = _as_batch(input_ids, attention_mask)
         max_new_tokens = _new_tokens(max_new_tokens, max_length, prompt.shape[1])
-        return prompt, self._plan(prompt, mask, max_new_tokens, *sampling)
+        if _is_token_lists(input_ids):
+            plan = self._plan(prompt, mask, max_new_tokens, *sampling)
+            return prompt.masked_fill(~mask, plan.pad), plan
+        # A tensor without a mask (what Hugging Face takes): the mask inferred from the pad id
+        # (_plan). Lists of ids are taken as given.
+        infer = attention_mask is None and not isinstance(input_ids, (list, tuple))
+        return prompt, self._plan(prompt, None if infer else mask, max_new_tokens, *sampling)
 
     def _running(self) -> AbstractContextManager:
         return running_with(self._binaries, self.device)
@@ -362,7 +402,10 @@ class GenerativeModel(StepLoop):
     ) -> _Plan:
         """Check a request and pick its buckets; raises ValueError before touching any state
         (an out-of-range id reaching the GPU is a device-side error that poisons the whole
-        CUDA context, not just this call)."""
+        CUDA context, not just this call). `mask` None: Hugging Face's for a decoder-only
+        model given no attention_mask (`_prepare_attention_mask_for_generation`): the
+        positions of the pad id (`pad_token_id`, else the model's) are padding, unless that
+        id is one of the call's EOS ids (a pad id taken from the EOS never is)."""
         b = self.buckets
         vocab = self.spec.vocab_size
         check_options(
@@ -380,10 +423,24 @@ class GenerativeModel(StepLoop):
         lo, hi = int(prompt.min()), int(prompt.max())
         if lo < 0 or hi >= vocab:
             raise ValueError(f"input_ids must lie in [0, {vocab}); got values in [{lo}, {hi}]")
+        eos = self.spec.eos_token_ids if eos_token_id is None else eos_token_id
+        eos = [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+        if len(eos) > MAX_EOS_IDS:
+            raise ValueError(f"at most {MAX_EOS_IDS} EOS ids are supported, got {len(eos)}")
+        pad = self.default_pad if pad_token_id is None else int(pad_token_id)
+        if pad_token_id is None and self.spec.pad_token_id is None and eos:
+            pad = eos[0]
+        mask_pad = self.spec.pad_token_id if pad_token_id is None else int(pad_token_id)
+        if mask_pad in eos:
+            mask_pad = None
+        inferred = mask is None
+        if inferred:
+            mask = _pad_mask(prompt, mask_pad)
         rows = [prompt[i][mask[i]].tolist() for i in range(prompt.shape[0])]
         empty = [i for i, r in enumerate(rows) if not r]
         if empty:
-            raise ValueError(f"row(s) {empty} of the batch have no tokens (attention_mask all 0)")
+            why = f"every id is the pad id {mask_pad}" if inferred else "attention_mask all 0"
+            raise ValueError(f"row(s) {empty} of the batch have no tokens ({why})")
         batch, longest = len(rows), max(len(r) for r in rows)
         batch_bucket = pick_size(b.batches, batch)
         if batch_bucket is None:
@@ -404,14 +461,9 @@ class GenerativeModel(StepLoop):
                 f"{b.cache_len - prompt_bucket + 1} new tokens fit after this prompt "
                 f"(recompile with a larger cache= to go further)"
             )
-        eos = self.spec.eos_token_ids if eos_token_id is None else eos_token_id
-        eos = [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
-        if len(eos) > MAX_EOS_IDS:
-            raise ValueError(f"at most {MAX_EOS_IDS} EOS ids are supported, got {len(eos)}")
-        pad = self.default_pad if pad_token_id is None else int(pad_token_id)
-        if pad_token_id is None and self.spec.pad_token_id is None and eos:
-            pad = eos[0]
-        return _Plan(rows, batch_bucket, prompt_bucket, max_new_tokens, do_sample, eos, pad)
+        return _Plan(
+            rows, batch_bucket, prompt_bucket, max_new_tokens, do_sample, eos, pad, mask_pad
+        )
 
     def _start(self, plan: _Plan, temperature, top_k, top_p, seed) -> BatchState:
         """Write the request into its batch bucket's buffers (one copy per buffer)."""
@@ -511,14 +563,19 @@ def _runnable(kernels: DecodeKernels, device: torch.device) -> DecodeKernels:
     return DecodeKernels(**kept)
 
 
+def _is_token_lists(input_ids) -> bool:
+    return (
+        isinstance(input_ids, (list, tuple))
+        and bool(input_ids)
+        and isinstance(input_ids[0], (list, tuple))
+    )
+
+
 def _as_batch(input_ids, attention_mask, left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [B, S] int64 on the CPU, mask [B, S] bool); ragged lists are padded on the left
-    (prompts: a causal LM continues from the right end) or the right (encoder sources)."""
-    if (
-        isinstance(input_ids, (list, tuple))
-        and input_ids
-        and isinstance(input_ids[0], (list, tuple))
-    ):
+    (prompts: a causal LM continues from the right end) or the right (encoder sources), with
+    id 0 under a False mask (the caller puts its pad id there where it returns them)."""
+    if _is_token_lists(input_ids):
         if attention_mask is not None:
             raise ValueError("attention_mask is not used with a list of token lists")
         longest = max(len(r) for r in input_ids)
@@ -554,6 +611,23 @@ def _as_batch(input_ids, attention_mask, left: bool = True) -> tuple[torch.Tenso
     return ids, mask.to("cpu").bool()
 
 
+def _pad_mask(ids: torch.Tensor, pad: int | None) -> torch.Tensor:
+    """Hugging Face's inferred attention mask: False at the pad id (None: all True)."""
+    if pad is None:
+        return torch.ones_like(ids, dtype=torch.bool)
+    return ids != pad
+
+
+def main_input(method: str, value, options: dict, name: str = "input_ids"):
+    """The model's main input, which Hugging Face's generate also takes as `inputs`."""
+    if "inputs" not in options:
+        return value
+    inputs = options.pop("inputs")
+    if value is not None and inputs is not None:
+        raise TypeError(f"{method}() got both {name} and inputs (its other name): pass one")
+    return inputs if value is None else value
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -562,8 +636,15 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _new_tokens(max_new_tokens: int | None, max_length: int | None, prompt_length: int) -> int:
-    """Hugging Face's rule: `max_length` counts the (padded) prompt; `max_new_tokens` wins."""
+def _new_tokens(
+    max_new_tokens: int | None,
+    max_length: int | None,
+    prompt_length: int,
+    counted: str | None = None,
+) -> int:
+    """Hugging Face's rule: `max_length` counts the (padded) prompt, for an encoder-decoder
+    the decoder start token (`prompt_length` 1, `counted` naming it); `max_new_tokens`
+    wins."""
     if max_length is None:
         return 20 if max_new_tokens is None else max_new_tokens
     if not _is_int(max_length):
@@ -576,8 +657,10 @@ def _new_tokens(max_new_tokens: int | None, max_length: int | None, prompt_lengt
         return max_new_tokens
     if max_length <= prompt_length:
         raise ValueError(
-            f"max_length={max_length} leaves no room after a prompt of {prompt_length} tokens "
-            f"(it counts the prompt); use max_new_tokens to set the number of new tokens"
+            f"max_length={max_length} leaves no room after "
+            f"{counted or f'a prompt of {prompt_length} tokens'} (it counts "
+            f"{'it' if counted else 'the prompt'}); use max_new_tokens to set the number of "
+            "new tokens"
         )
     return max_length - prompt_length
 
@@ -616,6 +699,11 @@ _HF_OPTIONS = {
     "output_scores": (False, "model.stream(..., output_logits=True) yields each step's logits"),
     "output_logits": (False, "model.stream(..., output_logits=True) yields each step's logits"),
     "return_dict_in_generate": (False, "generate returns the ids (model.stream for logits)"),
+    "decoder_input_ids": (
+        None,
+        "the decoder starts from the model's decoder start token; a decoder prompt is not "
+        "supported (forced_bos_token_id= sets the first new token of a text model)",
+    ),
     "generation_config": (
         None,
         "pass its settings as arguments (max_new_tokens, do_sample, temperature, top_k, "
@@ -633,7 +721,8 @@ def refuse_hf_options(method: str, options: dict) -> None:
         neutral, instead = _HF_OPTIONS[name]
         if value is neutral or (type(value) in (bool, int) and value == neutral):
             continue
-        raise TypeError(f"{method}() does not take {name}={value!r}: {instead}")
+        shown = f"<tensor {tuple(value.shape)}>" if isinstance(value, torch.Tensor) else repr(value)
+        raise TypeError(f"{method}() does not take {name}={shown}: {instead}")
 
 
 def check_options(
@@ -650,12 +739,15 @@ def check_options(
 ) -> None:
     """The generation options of a request of `rows` rows (shared by the causal-LM and
     seq2seq models); temperature, top_k, top_p and seed may each be one value or a sequence
-    of one per row. Raises ValueError."""
+    of one per row; None is off for temperature, top_k and top_p (1.0, 0, 1.0), as in
+    Hugging Face. Raises ValueError."""
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not isinstance(do_sample, bool):
         raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
     for t in _rows_of("temperature", temperature, rows):
+        if t is None:
+            continue
         if not _is_number(t) or not math.isfinite(t):
             raise ValueError(f"temperature must be a finite number, got {t!r}")
         if do_sample and not t > 0:
@@ -667,6 +759,8 @@ def check_options(
                 "above, every token is equally likely"
             )
     for p in _rows_of("top_p", top_p, rows):
+        if p is None:
+            continue
         if not _is_number(p) or not 0 < p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {p!r}")
     for k in _rows_of("top_k", top_k, rows):

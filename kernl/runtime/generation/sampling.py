@@ -53,7 +53,8 @@ class SamplerParams:
 
     def set(self, temperature, top_k, top_p, seed, vocab: int) -> None:
         """Each argument one value for every row or a sequence, one per row from the first
-        (rows past it, which only fill the bucket, take the defaults); one copy per tensor."""
+        (rows past it, which only fill the bucket, take the defaults); one copy per tensor.
+        None is off: temperature and top_p 1.0, top_k the whole vocabulary."""
         rows = self.seed.shape[0]
 
         def put(buffer: torch.Tensor, value, default, convert) -> None:
@@ -66,10 +67,12 @@ class SamplerParams:
         def k(v) -> int:
             return int(v) if v and v > 0 else vocab
 
-        # a greedy call's temperature is never read, and need not fit a float32
-        put(self.temperature, temperature, 1.0, lambda t: min(max(float(t), 1e-30), 1e30))
+        def t(v) -> float:  # a greedy call's is never read, and need not fit a float32
+            return 1.0 if v is None else min(max(float(v), 1e-30), 1e30)
+
+        put(self.temperature, temperature, 1.0, t)
         put(self.top_k, top_k, vocab, k)
-        put(self.top_p, top_p, 1.0, float)
+        put(self.top_p, top_p, 1.0, lambda p: 1.0 if p is None else float(p))
         put(self.seed, seed, 0, lambda v: seed_key(int(v)))
         if isinstance(seed, (list, tuple)):
             self.row.zero_()

@@ -40,8 +40,10 @@ from .model import (
     _as_batch,
     _device_of,
     _generated_length,
+    _new_tokens,
     _Step,
     check_options,
+    main_input,
     refuse_hf_options,
 )
 from .sampling import SamplerParams, greedy, sample
@@ -235,7 +237,7 @@ class Seq2SeqModel(StepLoop):
 
     def generate(
         self,
-        input_ids,
+        input_ids=None,
         attention_mask=None,
         max_new_tokens: int | None = None,
         do_sample: bool = False,
@@ -246,6 +248,7 @@ class Seq2SeqModel(StepLoop):
         pad_token_id: int | None = None,
         seed: int | Sequence[int] = 0,
         forced_bos_token_id: int | None = None,
+        max_length: int | None = None,
         **hf_options: Any,
     ) -> torch.Tensor:
         """Like Hugging Face's encoder-decoder `generate`: returns [batch, 1 + new] ids, the
@@ -256,9 +259,12 @@ class Seq2SeqModel(StepLoop):
         language) is the first new token and the model's forced EOS id (mBART, Marian) the
         last one `max_new_tokens` allows, as in Hugging Face. Sampling (`do_sample=True`)
         applies temperature, top-k, top-p; the same `seed` gives the same ids (each of the
-        four one value or a list of one per row, as for the causal LM). Raises
-        ValueError, leaving the model usable, for a source longer than every source bucket or
-        more new tokens than the decoder cache holds."""
+        four one value or a list of one per row, as for the causal LM). `max_length`, as in
+        Hugging Face, counts the decoder start token (max_length - 1 new tokens);
+        `max_new_tokens` wins when both are given. `input_ids` may be passed as `inputs`.
+        Raises ValueError, leaving the model usable, for a source longer than every source
+        bucket or more new tokens than the decoder cache holds."""
+        input_ids = main_input("generate", input_ids, hf_options)
         refuse_hf_options("generate", hf_options)
         plan = self._text_plan(
             input_ids,
@@ -269,6 +275,7 @@ class Seq2SeqModel(StepLoop):
             eos_token_id,
             pad_token_id,
             forced_bos_token_id,
+            max_length,
         )
         new = self._generate(plan)
         new = new[:, : _generated_length(new, plan.eos)]
@@ -277,7 +284,7 @@ class Seq2SeqModel(StepLoop):
 
     def stream(
         self,
-        input_ids,
+        input_ids=None,
         attention_mask=None,
         max_new_tokens: int | None = None,
         do_sample: bool = False,
@@ -289,12 +296,14 @@ class Seq2SeqModel(StepLoop):
         seed: int | Sequence[int] = 0,
         output_logits: bool = False,
         forced_bos_token_id: int | None = None,
+        max_length: int | None = None,
         **hf_options: Any,
     ) -> Iterator:
         """The same generation, yielding each step's new ids ([batch] on the CPU) as they come
         (with `output_logits`, pairs of ids and that step's float32 logits [batch, vocab]);
         stops after the step where every row has finished. Arguments are checked before this
         returns; the model serves nothing else until the iterator is exhausted or closed."""
+        input_ids = main_input("stream", input_ids, hf_options)
         refuse_hf_options("stream", hf_options)
         plan = self._text_plan(
             input_ids,
@@ -305,6 +314,7 @@ class Seq2SeqModel(StepLoop):
             eos_token_id,
             pad_token_id,
             forced_bos_token_id,
+            max_length,
         )
         return self._stream(plan, output_logits)
 
@@ -423,11 +433,22 @@ class Seq2SeqModel(StepLoop):
             )
 
     def _text_plan(
-        self, input_ids, attention_mask, max_new_tokens, do_sample, sampler, eos_id, pad_id, bos
+        self,
+        input_ids,
+        attention_mask,
+        max_new_tokens,
+        do_sample,
+        sampler,
+        eos_id,
+        pad_id,
+        bos,
+        max_length=None,
     ) -> _Plan:
         """Check a request and pick its buckets before touching any state."""
+        if input_ids is None:
+            raise TypeError("input_ids is required: the source token ids [batch, length]")
         ids, mask = _as_batch(input_ids, attention_mask, left=False)
-        max_new_tokens = 20 if max_new_tokens is None else max_new_tokens
+        max_new_tokens = _new_tokens(max_new_tokens, max_length, 1, "the decoder start token")
         batch = ids.shape[0]
         bb, eos, pad = self._check(batch, max_new_tokens, do_sample, sampler, eos_id, pad_id)
         vocab = self.spec.vocab_size

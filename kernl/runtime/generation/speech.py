@@ -11,6 +11,7 @@ to the longest. suppress_tokens and begin_suppress_tokens are applied inside the
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 
 from kernl.artifacts.seq2seq import DETECT, MAX_PROMPT
 
-from .model import refuse_hf_options
+from .model import main_input, refuse_hf_options
 from .seq2seq import Seq2SeqModel, _Plan
 
 
@@ -39,6 +40,8 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         language: str | Sequence[str] | None = None,
         task: str | None = None,
         return_timestamps: bool | None = None,
+        max_length: int | None = None,
+        attention_mask=None,
         **hf_options: Any,
     ) -> torch.Tensor:
         """Like Hugging Face's Whisper `generate` on features of at most 30 s: `input_features`
@@ -46,10 +49,14 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         window there) gives [batch, new] ids: the transcription tokens without the prompt and
         without the EOS, rows right-padded with `pad_token_id` (default: the model's). Up to
         `max_new_tokens` (default: as many as the decoder cache holds) until every row emitted
-        an EOS. `language` ("en", "<|en|>", or one per row) and `task` ("transcribe",
-        "translate") as in Hugging Face; sampling as in the text models. Timestamps are not
-        supported. Raises ValueError, leaving the model usable, for a bad feature shape or
-        more tokens than the decoder cache holds."""
+        an EOS; `max_length`, as in Hugging Face's Whisper, counts the new tokens only (not
+        the decoder prompt), and `max_new_tokens` wins. `language` ("en", "<|en|>", or one
+        per row) and `task` ("transcribe", "translate") as in Hugging Face; sampling as in
+        the text models. `attention_mask` (a feature extractor's, [batch, frames]) is taken
+        and, as Hugging Face does within one window, not used; `input_features` may be
+        passed as `inputs`. Timestamps are not supported. Raises ValueError, leaving the
+        model usable, for a bad feature shape or more tokens than the decoder cache holds."""
+        input_features = main_input("generate", input_features, hf_options, "input_features")
         refuse_hf_options("generate", hf_options)
         plan = self._speech_plan(
             input_features,
@@ -61,6 +68,8 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
             language,
             task,
             return_timestamps,
+            max_length,
+            attention_mask,
         )
         new = self._generate(plan)[:, plan.prompt_len - 1 :]
         rows = []
@@ -86,11 +95,14 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         language: str | Sequence[str] | None = None,
         task: str | None = None,
         output_logits: bool = False,
+        max_length: int | None = None,
+        attention_mask=None,
         **hf_options: Any,
     ) -> Iterator:
         """The same generation, yielding each new token's ids ([batch] on the CPU; a finished
         row yields the pad id), with `output_logits` pairs of ids and the step's float32
         logits after suppression; stops after the step where every row has finished."""
+        input_features = main_input("stream", input_features, hf_options, "input_features")
         refuse_hf_options("stream", hf_options)
         plan = self._speech_plan(
             input_features,
@@ -102,6 +114,8 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
             language,
             task,
             None,
+            max_length,
+            attention_mask,
         )
         return self._stream(plan, output_logits)
 
@@ -116,6 +130,8 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         language,
         task,
         return_timestamps,
+        max_length=None,
+        attention_mask=None,
     ) -> _Plan:
         spec = self.spec
         if return_timestamps:
@@ -125,8 +141,21 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
             )
         features = _as_features(features, spec.num_mel_bins, spec.frames)
         batch = features.shape[0]
+        _check_mask(attention_mask, batch, spec.frames)
         prompts = [self._prompt(lang, task) for lang in _languages(language, batch)]
         prompt_len = len(prompts[0])
+        if max_length is not None and max_new_tokens is not None:
+            warnings.warn(
+                "both max_new_tokens and max_length were given; max_new_tokens takes precedence",
+                stacklevel=3,
+            )
+        elif max_length is not None:
+            if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+                raise ValueError(
+                    f"max_length must be a positive integer (for Whisper: the new tokens, "
+                    f"the decoder prompt not counted), got {max_length!r}"
+                )
+            max_new_tokens = max_length
         if max_new_tokens is None:  # a transcription runs to its EOS, as far as the cache goes
             max_new_tokens = self.buckets.cache_len - prompt_len + 1
         bb, eos, pad = self._check(batch, max_new_tokens, do_sample, sampler, eos_id, pad_id)
@@ -206,6 +235,22 @@ def _languages(language, batch: int) -> list[str | None]:
     if len(language) != batch or not all(isinstance(x, str) for x in language):
         raise ValueError(f"language must be a string or {batch} strings, one per row")
     return language
+
+
+def _check_mask(mask, batch: int, frames: int) -> None:
+    """A feature extractor's attention mask ([batch, frames], or [frames] for one row): within
+    one 30 s window Hugging Face's Whisper does not use it (the encoder attends to every
+    frame, padding included); kernl takes it likewise, once its shape is right."""
+    if mask is None:
+        return
+    m = torch.as_tensor(mask)
+    if m.dim() == 1:
+        m = m[None]
+    if tuple(m.shape) != (batch, frames):
+        raise ValueError(
+            f"attention_mask must be [batch, frames] = [{batch}, {frames}] (the feature "
+            f"extractor's, one per input_features row), got {tuple(m.shape)}"
+        )
 
 
 def _as_features(features, mels: int, frames: int) -> torch.Tensor:
