@@ -453,6 +453,30 @@ def test_hugging_face_spellings_of_the_defaults_are_taken(model):
         model.generate(ids, mask, decoder_input_ids=torch.zeros(2, 1, dtype=torch.long))
 
 
+def test_numpy_and_torch_scalars_are_taken_as_the_numbers_they_hold(model):
+    """`for n in np.arange(...)` or a value read from a tensor: np.int64(8) was refused as
+    "not an integer"."""
+    import numpy as np
+
+    ids, mask = mixed_prompts(2, [5, 3], seed=9)
+    kw = dict(do_sample=True, top_k=0, eos_token_id=[])
+    ref = model.generate(ids, mask, max_new_tokens=8, seed=4, temperature=0.5, top_p=0.9, **kw)
+    got = model.generate(
+        ids,
+        mask,
+        max_new_tokens=np.int64(8),
+        seed=torch.tensor(4),
+        temperature=np.float32(0.5),
+        top_p=[np.float64(0.9), torch.tensor(0.9)],
+        **kw,
+    )
+    assert torch.equal(got, ref)
+    steps = list(model.stream(ids, mask, max_new_tokens=np.uint8(3), eos_token_id=[]))
+    assert len(steps) == 3
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+        model.generate(ids, mask, max_new_tokens=np.bool_(True))
+
+
 def test_a_prompt_bucket_equal_to_a_kv_length_loads(tmp_path):
     """prompt=32 and cache=32,64: a prefill and a decode entry of one (batch, 32) shape. The
     artifact was written, then refused at load as 'bucket b1_s32 is listed twice'."""

@@ -14,6 +14,7 @@ positions of the call's pad id, unless that id is one of its EOS ids (`_plan`)."
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import threading
 import time
@@ -180,6 +181,51 @@ class _Plan:
         return len(self.rows)
 
 
+# generate's options that a caller may hold as numpy or torch scalars (a loop over
+# np.arange, a value read from a tensor): taken as the Python numbers they stand for.
+_NUMERIC_OPTIONS = frozenset(
+    {
+        "max_new_tokens",
+        "max_length",
+        "temperature",
+        "top_k",
+        "top_p",
+        "seed",
+        "eos_token_id",
+        "pad_token_id",
+        "forced_bos_token_id",
+    }
+)
+
+
+def _plain_number(value: Any) -> Any:
+    """A numpy or 0-dim torch integer or float as the Python number it holds (lists item by
+    item); anything else as it is, for the checks to judge."""
+    if value is None or type(value) in (int, float, bool, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain_number(v) for v in value)
+    if getattr(value, "ndim", None) == 0:  # np.int64(4), torch.tensor(4)
+        kind = str(value.dtype)
+        if "int" in kind:
+            return int(value)
+        if "float" in kind:
+            return float(value)
+    return value
+
+
+def plain_numbers(method: Callable) -> Callable:
+    """generate/stream/open_batch with their numeric options as Python numbers."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args: Any, **kwargs: Any) -> Any:
+        for name in _NUMERIC_OPTIONS & kwargs.keys():
+            kwargs[name] = _plain_number(kwargs[name])
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class GenerativeModel(StepLoop):
     """A loaded causal-LM artifact; see `generate` and `stream`."""
 
@@ -248,6 +294,7 @@ class GenerativeModel(StepLoop):
 
     # -- public API -------------------------------------------------------------------------
 
+    @plain_numbers
     def generate(
         self,
         input_ids=None,
@@ -287,6 +334,7 @@ class GenerativeModel(StepLoop):
         new = new[:, : _generated_length(new, plan.eos)]
         return torch.cat([prompt, new], dim=1).to(_device_of(input_ids))
 
+    @plain_numbers
     def stream(
         self,
         input_ids=None,
@@ -317,6 +365,7 @@ class GenerativeModel(StepLoop):
         start = lambda: self._start(plan, temperature, top_k, top_p, seed)  # noqa: E731
         return self._stream_steps(plan, start, output_logits)
 
+    @plain_numbers
     def open_batch(
         self,
         input_ids,

@@ -44,6 +44,7 @@ from .model import (
     _Step,
     check_options,
     main_input,
+    plain_numbers,
     refuse_hf_options,
 )
 from .sampling import SamplerParams, greedy, sample
@@ -235,6 +236,7 @@ class Seq2SeqModel(StepLoop):
         }
         self._steps: dict[tuple, _Step] = {}
 
+    @plain_numbers
     def generate(
         self,
         input_ids=None,
@@ -282,6 +284,7 @@ class Seq2SeqModel(StepLoop):
         start = torch.full((plan.batch, 1), self.spec.decoder_start_token_id, dtype=torch.int64)
         return torch.cat([start, new], dim=1).to(_device_of(input_ids))
 
+    @plain_numbers
     def stream(
         self,
         input_ids=None,

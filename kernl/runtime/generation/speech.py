@@ -19,13 +19,14 @@ import torch
 
 from kernl.artifacts.seq2seq import DETECT, MAX_PROMPT
 
-from .model import main_input, refuse_hf_options
+from .model import main_input, plain_numbers, refuse_hf_options
 from .seq2seq import Seq2SeqModel, _Plan
 
 
 class SpeechSeq2SeqModel(Seq2SeqModel):
     """A loaded speech-seq2seq artifact (Whisper); see `generate` and `stream`."""
 
+    @plain_numbers
     def generate(
         self,
         input_features=None,
@@ -81,6 +82,7 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
             out[i, : len(r)] = r
         return out.to(_device(input_features))
 
+    @plain_numbers
     def stream(
         self,
         input_features=None,
