@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> None:
 def _runtime_only(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="kernl",
-        description=f"kernl, runtime-only install: `kernl verify` works here; inspect, bench, "
-        f"serve and keygen need the compile extra ({EXTRA_HINT}).",
+        description=f"kernl, runtime-only install: `kernl verify` works here, and `kernl serve` "
+        f"with the serve extra; inspect, bench and keygen need the compile extra ({EXTRA_HINT}).",
     )
     commands = parser.add_subparsers(dest="command")
     verify = commands.add_parser("verify", help="check an artifact as load() does")
@@ -37,6 +37,10 @@ def _runtime_only(argv: list[str]) -> int:
         help="an Ed25519 public key (PEM) the artifact must be signed by",
     )
     known = {"verify", "inspect", "bench", "serve", "keygen", "compile"}
+    if argv and argv[0] == "serve":  # argparse, not click: it needs the serve extra only
+        from kernl.serving.cli import serve_main
+
+        return serve_main(argv[1:])
     if argv and argv[0] in known - {"verify"}:
         print(f"kernl {argv[0]} needs the compile extra: {EXTRA_HINT}", file=sys.stderr)
         return 2

@@ -100,7 +100,7 @@ def _compile_options(f):
             "--tune/--no-tune",
             default=True,
             show_default=True,
-            help="On a GPU, time every kernel instance over its tuning space and against aten (results cached in ~/.cache/kernl, or $KERNL_CACHE_DIR; each instance's candidates compile on up to 8 threads before they are timed, KERNL_COMPILE_THREADS=N sets N, 0 turns it off); --no-tune takes each kernel's default config (causal-lm: plain torch decode step).",
+            help="On a GPU, time every kernel instance over its tuning space and against aten (results cached in ~/.cache/kernl/tuning, or $KERNL_CACHE_DIR/tuning; each instance's candidates compile on up to 8 threads before they are timed, KERNL_COMPILE_THREADS=N sets N, 0 turns it off); --no-tune takes each kernel's default config (causal-lm: plain torch decode step).",
         ),
         click.option(
             "--sign",

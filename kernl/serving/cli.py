@@ -131,6 +131,15 @@ def serve_main(argv: list[str]) -> int:
     except Exception as e:  # refuse before starting Ray: seconds, not a stack of Ray logs
         print(f"kernl serve: {e}", file=sys.stderr)
         return 2
+    try:
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+    except ImportError as e:
+        print(
+            f"kernl serve needs Ray Serve, the serve extra: pip install 'kernl[serve]' ({e})",
+            file=sys.stderr,
+        )
+        return 2
     if args.ingress is None and ingress == "python":
         print(MISSING_HAPROXY, file=sys.stderr)
     select_ingress(ingress)  # before Ray starts: its workers inherit this environment

@@ -67,9 +67,33 @@ def test_verify_works_without_the_compile_extra(artifact, tmp_path):
     assert bad.returncode == 1 and "INVALID" in bad.stderr
 
 
-@pytest.mark.parametrize("command", ["inspect", "bench", "serve", "keygen"])
+@pytest.mark.parametrize("command", ["inspect", "bench", "keygen"])
 def test_other_commands_name_the_extra(artifact, command):
     run = _kernl(command, artifact)
     assert run.returncode == 2
     assert "pip install 'kernl[compile]'" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_serve_needs_the_serve_extra_not_the_compile_one(artifact):
+    """`kernl serve` parses its arguments with argparse: without click it runs, and without
+    Ray it names the serve extra (it named the compile extra, which brings no Ray)."""
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            'import sys; sys.modules["ray"] = None\n' + WITHOUT_EXTRAS,
+            "serve",
+            str(artifact),
+            "--device",
+            "cpu",
+            "--ingress",
+            "python",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2, run.stderr
+    assert "pip install 'kernl[serve]'" in run.stderr
     assert "Traceback" not in run.stderr

@@ -3,6 +3,7 @@ started here; test_server.py serves through both ingresses)."""
 
 import os
 import stat
+import sys
 
 import pytest
 
@@ -99,3 +100,11 @@ def test_ray_environment_carries_the_choice_to_a_joined_cluster(environ):
     assert set(ingress.HAPROXY_SIDE_PORTS) <= set(carried)
     ingress.select_ingress("python")
     assert ingress.ray_environment()["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+
+
+def test_without_ray_serve_names_the_serve_extra(environ, tiny_artifact, capsys, monkeypatch):
+    """Without Ray, `kernl serve` ended in a ModuleNotFoundError traceback (and the
+    runtime-only `kernl serve` named the compile extra, which does not bring Ray)."""
+    monkeypatch.setitem(sys.modules, "ray", None)
+    assert serve_main([str(tiny_artifact), "--ingress", "python"]) == 2
+    assert "pip install 'kernl[serve]'" in capsys.readouterr().err
