@@ -122,12 +122,10 @@ class OpenBatch:
             raise ValueError(f"join takes one prompt of token ids, got {tuple(prompt.shape)}")
         if prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
             raise ValueError(f"input_ids must hold integers, got {prompt.dtype}")
-        from .model import _pad_mask  # (model.py imports this module)
-
         prompt = prompt.to("cpu", torch.int64).view(1, -1)
         # A tensor's padding as generate takes it: the positions of the batch's pad id.
         tensor = not isinstance(input_ids, (list, tuple))
-        mask = _pad_mask(prompt, plan.mask_pad if tensor else None)
+        mask = pad_mask(prompt, plan.mask_pad if tensor else None)
         sampling = (temperature, top_k, top_p, seed)
         # The batch's own EOS and pad ids: a request with other ones cannot share it.
         small = model._plan(
@@ -226,3 +224,10 @@ class _ModelHold:
     def release(self) -> None:
         self.model._streaming_thread = None
         self.model._lock.release()
+
+
+def pad_mask(ids: torch.Tensor, pad: int | None) -> torch.Tensor:
+    """Hugging Face's inferred attention mask: False at the pad id (None: all True)."""
+    if pad is None:
+        return torch.ones_like(ids, dtype=torch.bool)
+    return ids != pad

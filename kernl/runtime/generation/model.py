@@ -38,7 +38,7 @@ from kernl.artifacts.schema import Manifest, pick_size
 from ..binaries import KernelBinaries, running_with
 from ..graphs import capture_graph
 from .decoder import Decoder
-from .joining import OpenBatch
+from .joining import OpenBatch, pad_mask
 from .sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
 from .state import MAX_EOS_IDS, BatchState
 
@@ -484,7 +484,7 @@ class GenerativeModel(StepLoop):
             mask_pad = None
         inferred = mask is None
         if inferred:
-            mask = _pad_mask(prompt, mask_pad)
+            mask = pad_mask(prompt, mask_pad)
         rows = [prompt[i][mask[i]].tolist() for i in range(prompt.shape[0])]
         empty = [i for i, r in enumerate(rows) if not r]
         if empty:
@@ -658,13 +658,6 @@ def _as_batch(input_ids, attention_mask, left: bool = True) -> tuple[torch.Tenso
             f"attention_mask has shape {tuple(mask.shape)}, input_ids has {tuple(ids.shape)}"
         )
     return ids, mask.to("cpu").bool()
-
-
-def _pad_mask(ids: torch.Tensor, pad: int | None) -> torch.Tensor:
-    """Hugging Face's inferred attention mask: False at the pad id (None: all True)."""
-    if pad is None:
-        return torch.ones_like(ids, dtype=torch.bool)
-    return ids != pad
 
 
 def main_input(method: str, value, options: dict, name: str = "input_ids"):
