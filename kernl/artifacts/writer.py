@@ -209,6 +209,24 @@ def kept_files(root: Path) -> list[str]:
     return found
 
 
+def carry_kept_files(dest: Path, into: Path) -> list[str]:
+    """Copy the files of the artifact folder `dest` that are not its artifact's (kept_files)
+    into `into`, the artifact about to replace it (modes and times kept), so that replacing
+    the artifact loses none of them; their paths. One that the new artifact has itself is
+    refused, before anything is replaced."""
+    kept = kept_files(dest)
+    for rel in kept:
+        target = into / rel
+        if target.exists() or target.is_symlink():
+            raise ArtifactDestinationError(
+                f"{dest / rel} is not part of the artifact there, and the new artifact has a "
+                "file of that name: move it away, then try again"
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(dest / rel, target, follow_symlinks=False)
+    return kept
+
+
 # The private key a commit signs its manifest with before the artifact replaces the
 # destination (`signing_commits`): a failed signature then leaves the previous artifact.
 _SIGN_WITH: contextvars.ContextVar[Any | None] = contextvars.ContextVar("sign_with", default=None)
@@ -355,7 +373,7 @@ class ArtifactWriter:
             sign_artifact(self.tmp, key)
         self._set_permissions()
         dest = self.destination
-        self.kept = self._take_over_kept_files(dest) if dest.exists() else []
+        self.kept = carry_kept_files(dest, self.tmp) if dest.exists() else []
         _fsync_path(self.tmp)
         if dest.exists() and _exchange(self.tmp, dest):
             # self.tmp now holds the previous artifact.
@@ -388,22 +406,6 @@ class ArtifactWriter:
                 f"{self.destination} (a bug in kernl: please report it): "
                 f"{type(e).__name__}: {e}"
             ) from e
-
-    def _take_over_kept_files(self, dest: Path) -> list[str]:
-        """Copy the files of `dest` that are not its artifact's into the new artifact (modes
-        and times kept), so that replacing the artifact loses none of them. One that the new
-        artifact writes itself is refused, before anything is replaced."""
-        kept = kept_files(dest)
-        for rel in kept:
-            target = self.tmp / rel
-            if target.exists() or target.is_symlink():
-                raise ArtifactDestinationError(
-                    f"{dest / rel} is not part of the artifact there, and the new artifact "
-                    "writes a file of that name: move it away, then compile again"
-                )
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(dest / rel, target, follow_symlinks=False)
-        return kept
 
     def _set_permissions(self) -> None:
         # mkdtemp makes a 0700 folder: an artifact copied into an image and served by

@@ -58,12 +58,11 @@ import torch
 from kernl._version import __version__ as kernl_version
 from kernl.artifacts import (
     FORMAT_VERSION,
-    ArtifactDestinationError,
     ArtifactError,
     check_destination,
 )
 from kernl.artifacts.signing import trusted_keys_from_env
-from kernl.artifacts.writer import kept_files
+from kernl.artifacts.writer import carry_kept_files
 
 from . import api
 from .buckets import BucketLimitError, as_buckets, check_buckets_fit, position_limit
@@ -865,16 +864,8 @@ def copy_artifact(source: Path, destination: str | os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.copy-{_owner_tag()}-", dir=dest.parent))
     try:
         shutil.copytree(source, tmp / "artifact")
-        for rel in kept_files(dest) if dest.exists() else []:  # a tokenizer.json put beside it
-            target = tmp / "artifact" / rel
-            if target.exists() or target.is_symlink():
-                raise ArtifactDestinationError(
-                    f"{dest / rel} is not part of the artifact there, and the new artifact "
-                    "has a file of that name: move it away, then save again"
-                )
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(dest / rel, target, follow_symlinks=False)
         if dest.exists():  # a previous artifact: moved into tmp, deleted with it
+            carry_kept_files(dest, tmp / "artifact")  # a tokenizer.json put beside it stays
             os.rename(dest, tmp / "previous")
         os.rename(tmp / "artifact", dest)
         _fsync_dir(dest.parent)
