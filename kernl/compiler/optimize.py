@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -126,16 +127,19 @@ class OptimizedModel:
         config: Any,
         output_class: type | None,
         generation_config: Any = None,
+        length_from_config: bool = False,
     ):
         self.runtime = runtime
         self.artifact = artifact  # the cache entry it was loaded from
         self.cache_hit = cache_hit  # True: loaded from the cache, nothing was compiled
         self.buckets_spec = buckets
+        # causal LMs: generate/stream take the generation config's length (_with_config_length)
+        self._length_from_config = length_from_config and generation_config is not None
         self.config = config  # a copy of the original model's config
         self._output_class = output_class
         if generation_config is not None:
             # a copy of the original's, for code that reads it (HF's text-generation
-            # pipeline); generate takes its settings as arguments, not from it
+            # pipeline); generate takes its settings as arguments, its length aside
             self.generation_config = generation_config
 
     def __call__(self, *args: Any, return_dict: bool | None = None, **inputs: Any) -> Any:
@@ -203,13 +207,16 @@ class OptimizedModel:
         if name == "runtime":  # not set yet (a half-built object): no recursion
             raise AttributeError(name)
         try:
-            return getattr(self.runtime, name)
+            attr = getattr(self.runtime, name)
         except AttributeError:
             raise AttributeError(
                 f"'OptimizedModel' object has no attribute {name!r} (a kernl model is called "
                 "like the original, or serves .generate / .stream; the original model stays "
                 "yours to use for anything else)"
             ) from None
+        if name in ("generate", "stream") and self._length_from_config:
+            return functools.partial(_with_config_length, attr, self.generation_config)
+        return attr
 
     def __reduce__(self):
         raise TypeError(
@@ -224,6 +231,22 @@ class OptimizedModel:
     def __repr__(self) -> str:
         where = "cache hit" if self.cache_hit else "compiled"
         return f"OptimizedModel({self.runtime!r}, {where}: {self.artifact})"
+
+
+def _with_config_length(method: Callable, config: Any, *args: Any, **kwargs: Any) -> Any:
+    """A causal LM's generate or stream with its generation config's own length where the call
+    gives none, as Hugging Face's generate takes it: a pipeline that finds a length there
+    passes none (kernl's generate alone would stop at 20 new tokens)."""
+    if kwargs.get("max_new_tokens") is None and kwargs.get("max_length") is None:
+        if getattr(config, "max_new_tokens", None) is not None:
+            kwargs["max_new_tokens"] = config.max_new_tokens
+        elif getattr(config, "max_length", None) not in (None, DEFAULT_HF_MAX_LENGTH):
+            kwargs["max_length"] = config.max_length
+    return method(*args, **kwargs)
+
+
+# transformers' GenerationConfig default: a config that leaves it has set no length
+DEFAULT_HF_MAX_LENGTH = 20
 
 
 # -- the one function --------------------------------------------------------------------------
@@ -386,6 +409,7 @@ def _optimize(
             if task in GENERATION_TASKS
             else None
         ),
+        length_from_config=task == "causal-lm",
     )
 
 

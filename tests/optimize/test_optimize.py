@@ -455,6 +455,24 @@ def test_tiny_llama_generates_like_eager_then_hits_the_cache(cache, compiles):
     want = T.pipeline("text-generation", model=hf, tokenizer=tok)(prompts, **greedy)
     got = T.pipeline("text-generation", model=again, tokenizer=tok, device="cpu")(prompts, **greedy)
     assert got == want and len({g[0]["generated_text"] for g in got}) == 2
+    # A length set in the generation config is HF's default for the call, and the pipeline
+    # then passes none: kernl's generate stopped at 20 new tokens, not the config's 5.
+    again.generation_config.max_new_tokens = 5
+    assert torch.equal(
+        again.generate(ids, attention_mask=mask, pad_token_id=0, eos_token_id=[]),
+        ref[:, : ids.shape[1] + 5],
+    )
+    got = T.pipeline("text-generation", model=again, tokenizer=tok, device="cpu")(
+        prompts, do_sample=False
+    )
+    assert got == T.pipeline("text-generation", model=hf, tokenizer=tok)(
+        prompts, max_new_tokens=5, do_sample=False
+    )
+    again.generation_config.max_new_tokens = None
+    again.generation_config.max_length = ids.shape[1] + 3  # counts the prompt, as in HF
+    steps = list(again.stream(ids, attention_mask=mask, pad_token_id=0, eos_token_id=[]))
+    assert len(steps) == 3
+    assert again.generate(ids, attention_mask=mask, max_new_tokens=2).shape[1] == ids.shape[1] + 2
     assert torch.equal(
         again.generate(
             ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0, eos_token_id=[]

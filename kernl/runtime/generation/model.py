@@ -734,6 +734,7 @@ def _rows_of(name: str, value, rows: int) -> list:
 # nothing (taken silently, as code written for HF passes it) and where to go instead.
 _HF_OPTIONS = {
     "use_cache": (True, "kernl always decodes over its static KV cache"),
+    "return_segments": (False, "generate returns the ids only (pass language= to set one)"),
     "num_beams": (1, "beam search is not supported: generate decodes greedily, or samples"),
     "num_return_sequences": (1, "repeat the prompt in the batch, with a seed per row"),
     "synced_gpus": (False, "kernl runs one model on one GPU"),
