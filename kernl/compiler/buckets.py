@@ -173,7 +173,10 @@ def position_limit(config) -> int | None:
         return None
     if getattr(config, "position_biased_input", True) is False:  # DeBERTa: relative only
         return None
-    if getattr(config, "model_type", None) in _PADDING_OFFSET_MODELS:
+    model_type = getattr(config, "model_type", None)
+    if model_type == "esm" and getattr(config, "position_embedding_type", None) != "absolute":
+        return None  # rotary ESM: the table is never read
+    if model_type in _PADDING_OFFSET_MODELS:
         pad = getattr(config, "pad_token_id", None)
         return rows - (pad if isinstance(pad, int) else 1) - 1
     return rows
@@ -185,6 +188,7 @@ _PADDING_OFFSET_MODELS = {
     "xlm-roberta-xl",
     "camembert",
     "data2vec-text",
+    "esm",  # with absolute positions (rotary ones returned above)
     "longformer",
     "mpnet",
     "roberta-prelayernorm",

@@ -112,7 +112,7 @@ def _compile_options(f):
         click.option(
             "--verbose",
             is_flag=True,
-            help="Show the compiler output of tuning candidates that fail to compile (Triton's MLIR dumps); without it they are skipped, counted in the summary and their first line listed (same as KERNL_VERBOSE=1).",
+            help="Show the compiler output of tuning candidates that fail to compile (Triton's MLIR dumps); without it they are skipped, counted in the summary and their first line listed (same as KERNL_VERBOSE=1). Also shows the traceback of a failure kernl did not foresee.",
         ),
     ]
     for option in reversed(options):
@@ -173,6 +173,16 @@ def _run_compile(
         sys.exit(1)
     except (ArtifactError, ValueError, RuntimeError, OSError) as e:
         click.echo(f"kernl-compile: error: {e}", err=True)
+        sys.exit(1)
+    except Exception as e:  # not foreseen: one line for the user, the traceback on --verbose
+        if verbose:
+            raise
+        click.echo(
+            f"kernl-compile: error: {type(e).__name__}: {e}\n"
+            "No artifact was written. This failure was not foreseen by kernl: rerun with "
+            "--verbose for the traceback, and please report it.",
+            err=True,
+        )
         sys.exit(1)
     click.echo(report.table())
 

@@ -58,10 +58,19 @@ def task_of(config, model: torch.nn.Module | None = None) -> str:
     if model is not None:
         names.insert(0, type(model).__name__)
     for name in names:
+        _refuse_multiple_choice(name)  # else "base": its encoder compiled, the head dropped
         for suffix, task in _ARCH_SUFFIX.items():
             if name.endswith(suffix):
                 return task
     return "base"
+
+
+def _refuse_multiple_choice(name: str) -> None:
+    if name.endswith("ForMultipleChoice"):
+        raise UnsupportedModelError(
+            f"{name}: multiple-choice heads (ids of shape [batch, choices, seq]) are not "
+            f"supported; tasks: {', '.join(ALL_TASKS)}"
+        )
 
 
 def check_task(task: str, model: torch.nn.Module | None = None) -> None:
@@ -73,6 +82,7 @@ def check_task(task: str, model: torch.nn.Module | None = None) -> None:
     if model is None:
         return
     name = type(model).__name__
+    _refuse_multiple_choice(name)
     own = next((t for suffix, t in _ARCH_SUFFIX.items() if name.endswith(suffix)), None)
     if own is None and name.endswith("Model") and "For" not in name:
         own = "base"  # BertModel, T5Model: the encoder (or encoder-decoder) alone
@@ -262,7 +272,15 @@ def model_signature(model: torch.nn.Module, device) -> ModelSignature:
     with torch.no_grad():
         for bucket in (Bucket(2, 7), Bucket(3, 5)):
             args = example_inputs(names, bucket, vocab, device)
-            out = model(**dict(zip(names, args)), return_dict=True)
+            try:
+                out = model(**dict(zip(names, args)), return_dict=True)
+            except Exception as e:  # e.g. a multiple-choice head, which wants 3-D ids
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} fails on [batch, seq] token ids ({bucket.batch}x"
+                    f"{bucket.seq}): {type(e).__name__}: {e}. kernl compiles encoders called "
+                    f"as model(input_ids[, attention_mask, token_type_ids]); tasks: "
+                    f"{', '.join(ALL_TASKS)}"
+                ) from e
             probes.append((bucket, {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}))
     # Tuples of tensors (the config's output_hidden_states, output_attentions) are not served:
     # refused here, not dropped (a caller's out.hidden_states[-2] then met None)

@@ -87,6 +87,25 @@ def test_bad_bucket_lists_say_what_is_wrong(spec, message):
             None,
         ),
         (dict(model_type="custom"), None),
+        # ESM with absolute positions offsets them as RoBERTa does; rotary ESM has no table.
+        (
+            dict(
+                model_type="esm",
+                max_position_embeddings=514,
+                pad_token_id=1,
+                position_embedding_type="absolute",
+            ),
+            512,
+        ),
+        (
+            dict(
+                model_type="esm",
+                max_position_embeddings=1026,
+                pad_token_id=1,
+                position_embedding_type="rotary",
+            ),
+            None,
+        ),
     ],
 )
 def test_position_limit_from_the_config(config, limit):

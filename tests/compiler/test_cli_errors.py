@@ -359,3 +359,42 @@ def test_a_validation_failure_names_the_bucket_as_BxS(bert_dir, tmp_path, monkey
     result = run(bert_dir, "-o", tmp_path / "a", "--buckets", "batch=1 seq=8", *CPU_FP32)
     assert_clean_failure(result, 1, "validation against eager failed", "bucket 1x8: output")
     assert "b1_s8" not in result.output
+
+
+def test_an_unforeseen_failure_is_one_line_and_the_traceback_is_on_verbose(
+    bert_dir, tmp_path, monkeypatch
+):
+    def broken_validate(*args, **kwargs):
+        raise IndexError("index out of range in self")
+
+    monkeypatch.setattr(kernl.compiler.tasks.encoder, "validate", broken_validate)
+    args = (bert_dir, "-o", tmp_path / "a", "--buckets", "1x8", *CPU_FP32)
+    assert_clean_failure(
+        run(*args), 1, "IndexError: index out of range in self", "--verbose", "please report it"
+    )
+    assert not (tmp_path / "a").exists()
+    result = run(*args, "--verbose")
+    assert isinstance(result.exception, IndexError)  # the traceback, for the report
+
+
+def test_a_multiple_choice_head_is_refused_by_name(tmp_path):
+    torch.manual_seed(0)
+    T.BertForMultipleChoice(T.BertConfig(**SMALL)).save_pretrained(tmp_path / "m")
+    result = run(tmp_path / "m", "-o", tmp_path / "a", "--buckets", "1x8", *CPU_FP32)
+    assert_clean_failure(result, 1, "BertForMultipleChoice", "multiple-choice")
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_model_that_fails_on_the_probe_ids_is_named(monkeypatch):
+    """The signature probe runs the model on [batch, seq] ids: a failure there is the model's
+    call convention, said as such (it was a bare shape error from inside the model)."""
+    from kernl.compiler.trace import UnsupportedModelError, model_signature
+
+    model = T.BertModel(T.BertConfig(**SMALL)).eval()
+
+    def reshaping_forward(input_ids=None, attention_mask=None, token_type_ids=None, **kw):
+        return input_ids.view(-1, 11)
+
+    monkeypatch.setattr(model, "forward", reshaping_forward)
+    with pytest.raises(UnsupportedModelError, match=r"fails on \[batch, seq\] token ids \(2x7\)"):
+        model_signature(model, torch.device("cpu"))
