@@ -135,7 +135,9 @@ class SpeechSpec:
     "<|en|>"), a task id (`task_to_id`: transcribe, translate) and `no_timestamps_token_id`.
     `suppress_tokens` never come out; `begin_suppress_tokens` not as the first new token.
     `language_names` maps the language names Hugging Face also takes ("english", "castilian")
-    to their `lang_to_id` keys (empty in artifacts written before it)."""
+    to their `lang_to_id` keys (empty in artifacts written before it). `language` (one, or
+    one per row) and `task` are the config's, taken when a call names neither, as Hugging
+    Face's `generation_config.language`/`.task` are (None in artifacts written before them)."""
 
     lang_to_id: dict[str, int] = field(default_factory=dict)
     language_names: dict[str, str] = field(default_factory=dict)
@@ -145,9 +147,17 @@ class SpeechSpec:
     forced_decoder_ids: list[list[int]] = field(default_factory=list)  # [position, id|DETECT]
     suppress_tokens: list[int] = field(default_factory=list)
     begin_suppress_tokens: list[int] = field(default_factory=list)
+    language: str | list[str] | None = None
+    task: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        # Written only when set: a reader older than them refuses unknown speech fields, which
+        # is right where they change the prompt, and needless everywhere else.
+        for name in ("language", "task"):
+            if d[name] is None:
+                del d[name]
+        return d
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> SpeechSpec:
@@ -424,6 +434,19 @@ def _check_speech(d: Any, vocab: int, where: str) -> SpeechSpec:
     for name in ("suppress_tokens", "begin_suppress_tokens"):
         if not _token_list(d.get(name, []), vocab, MAX_SUPPRESS):
             raise _bad(where, f"speech.{name} is not a list of token ids in [0, {vocab})")
+    language = d.get("language")
+    if not (
+        language is None
+        or (isinstance(language, str) and len(language) <= 64)
+        or (
+            isinstance(language, list)
+            and len(language) <= MAX_LANGUAGES
+            and all(isinstance(x, str) and len(x) <= 64 for x in language)
+        )
+    ):
+        raise _bad(where, "speech.language is not a language name or a list of them")
+    if d.get("task") not in (None, *d.get("task_to_id", {})):
+        raise _bad(where, f"speech.task is {d.get('task')!r}, not one of speech.task_to_id")
     return SpeechSpec.from_dict(d)
 
 

@@ -40,6 +40,7 @@ import copy
 import errno
 import functools
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -62,14 +63,16 @@ from kernl.artifacts import (
     ArtifactError,
     check_destination,
 )
+from kernl.artifacts.seq2seq import Seq2SeqBuckets
 from kernl.artifacts.signing import trusted_keys_from_env
 from kernl.artifacts.writer import carry_kept_files
+from kernl.runtime.generation.model import LENGTH_IS_A_BOUND
 
 from . import api
-from .buckets import BucketLimitError, as_buckets, check_buckets_fit, position_limit
+from .buckets import as_buckets, check_buckets_fit, position_limit
 from .tasks.causal_lm.buckets import as_generation_buckets
 from .tasks.seq2seq import is_speech_model
-from .tasks.seq2seq.buckets import as_seq2seq_buckets
+from .tasks.seq2seq.buckets import as_seq2seq_buckets, check_positions, seq2seq_position_limit
 from .trace import DTYPES, check_task, task_of
 
 # Default buckets when none are given (see default_buckets).
@@ -236,13 +239,23 @@ class OptimizedModel:
 def _with_config_length(method: Callable, config: Any, *args: Any, **kwargs: Any) -> Any:
     """A causal LM's generate or stream with its generation config's own length where the call
     gives none, as Hugging Face's generate takes it: a pipeline that finds a length there
-    passes none (kernl's generate alone would stop at 20 new tokens)."""
-    if kwargs.get("max_new_tokens") is None and kwargs.get("max_length") is None:
-        if getattr(config, "max_new_tokens", None) is not None:
-            kwargs["max_new_tokens"] = config.max_new_tokens
-        elif getattr(config, "max_length", None) not in (None, DEFAULT_HF_MAX_LENGTH):
-            kwargs["max_length"] = config.max_length
-    return method(*args, **kwargs)
+    passes none (kernl's generate alone would stop at 20 new tokens). A length from the config
+    is a bound, as in HF: past the KV cache it is cut to what fits, with a warning."""
+    given = inspect.signature(method).bind_partial(*args, **kwargs).arguments
+    if given.get("max_new_tokens") is not None or given.get("max_length") is not None:
+        return method(*args, **kwargs)
+    if getattr(config, "max_new_tokens", None) is not None:
+        name, value = "max_new_tokens", config.max_new_tokens
+    elif getattr(config, "max_length", None) not in (None, DEFAULT_HF_MAX_LENGTH):
+        name, value = "max_length", config.max_length
+    else:
+        return method(*args, **kwargs)
+    kwargs[name] = value
+    token = LENGTH_IS_A_BOUND.set(f"the generation config's {name}={value}")
+    try:
+        return method(*args, **kwargs)
+    finally:
+        LENGTH_IS_A_BOUND.reset(token)
 
 
 # transformers' GenerationConfig default: a config that leaves it has set no length
@@ -430,9 +443,9 @@ def default_buckets(config: Any, task: str) -> str:
     its generate makes by default (the source is fixed, one 30 s window)."""
     batches = ",".join(map(str, DEFAULT_SEQ2SEQ_BATCHES))
     if task == "speech-seq2seq":
-        return f"batch={batches} cache={_seq2seq_position_limit(config, task)}"
+        return f"batch={batches} cache={seq2seq_position_limit(config, True)}"
     if task == "seq2seq-lm":
-        limit = _seq2seq_position_limit(config, task)
+        limit = seq2seq_position_limit(config, False)
         longest = min(limit, DEFAULT_MAX_SEQ) if limit is not None else DEFAULT_MAX_SEQ
         cache = min(limit, DEFAULT_SEQ2SEQ_CACHE) if limit is not None else DEFAULT_SEQ2SEQ_CACHE
         return f"batch={batches} source={_range_to(longest)} cache={cache}"
@@ -451,15 +464,6 @@ def default_buckets(config: Any, task: str) -> str:
 def _range_to(longest: int) -> str:
     """Lengths 16, 32, ... up to `longest` in the bucket syntax (just `longest` below 16)."""
     return f"{DEFAULT_MIN_SEQ}:{longest}" if longest > DEFAULT_MIN_SEQ else str(longest)
-
-
-def _seq2seq_position_limit(config: Any, task: str) -> int | None:
-    """The most tokens an encoder-decoder's position tables index: Whisper's decoder table
-    (max_target_positions; its encoder's is the fixed source), the learned tables of BART,
-    mBART and Marian (max_position_embeddings); None for T5's relative positions."""
-    if task == "speech-seq2seq":
-        return int(config.max_target_positions)
-    return position_limit(config)
 
 
 def _canonical_buckets(buckets: Any, task: str, config: Any) -> Any:
@@ -482,17 +486,7 @@ def _canonical_seq2seq_buckets(buckets: Any, task: str, config: Any) -> dict[str
     parsed = as_seq2seq_buckets(buckets, source_positions).to_dict()
     if speech:  # compile fixes Whisper's source to one window whatever a dict says
         parsed["sources"] = [source_positions]
-    limit = _seq2seq_position_limit(config, task)
-    if limit is not None:
-        cache = max(parsed["caches"])
-        longest = cache if speech else max(max(parsed["sources"]), cache)
-        if longest > limit:
-            table = "max_target_positions" if speech else "max_position_embeddings"
-            axes = "cache" if speech else "source and cache"
-            raise BucketLimitError(
-                f"buckets {buckets!r} need {longest} positions, more than the model's {limit} "
-                f"(config {table}={limit}); use {axes} <= {limit}"
-            )
+    check_positions(Seq2SeqBuckets.from_dict(parsed), buckets, config, speech)
     return parsed
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 
 import pytest
 import torch
@@ -151,6 +152,10 @@ def test_what_cannot_join_says_so_and_leaves_the_batch_running(model):
     # The smallest bucket has no smaller one to prefill joiners on.
     with model.open_batch([a], max_new_tokens=5, eos_token_id=[]) as batch:
         assert batch.bucket == 1 and not batch.can_join(3, 2)
+        # never "not now" (None, forever): it says why and what to do
+        with pytest.raises(ValueError, match=r"nobody can join this batch.*rows="):
+            batch.join(b, 2)
+        assert batch.rows == [0] and batch.step()  # the batch runs on
     with model.open_batch([a], max_new_tokens=40, eos_token_id=[], rows=2) as batch:
         assert batch.bucket == 4
         assert not batch.can_join(6, CACHE)  # would run past the cache
@@ -264,3 +269,44 @@ def test_steps_read_back_once_and_stop_where_a_row_spends_its_budget(model):
         if eos in want:
             want = want[: want.index(eos) + 1]
         assert got[row] == want, row
+
+
+def test_a_new_thread_with_an_ended_openers_ident_waits_its_turn(model):
+    """Thread idents are reused once a thread ends (glibc reuses its stack): a request thread
+    that opened a batch and ended, then a new thread given its ident, was told "this thread
+    holds an open batch" instead of waiting for it."""
+    a = prompt(5, 90)
+    opened, idents = [], []
+
+    def opener():
+        idents.append(threading.get_ident())
+        opened.append(model.open_batch([a], max_new_tokens=3, eos_token_id=[], rows=2))
+
+    first = threading.Thread(target=opener)
+    first.start()
+    first.join()
+    result = {}
+
+    def request():
+        if threading.get_ident() != idents[0]:
+            return  # not the reused ident: the next thread tries
+        result["reused"] = True
+        try:
+            result["ids"] = model.generate([a], max_new_tokens=2, eos_token_id=[])
+        except Exception as e:  # the old behaviour: refused as re-entry
+            result["error"] = e
+
+    for _ in range(20):
+        time.sleep(0.05)  # the ended thread's stack back in glibc's cache
+        waiter = threading.Thread(target=request, daemon=True)
+        waiter.start()
+        waiter.join(timeout=1.0)
+        if result:
+            break
+    if not result:
+        opened[0].close()
+        pytest.skip("no thread got the ended thread's ident here")
+    assert waiter.is_alive() and "error" not in result, result  # waiting, not refused
+    opened[0].close()
+    waiter.join(timeout=120)
+    assert result["ids"].tolist()[0][5:] == alone(model, a, 2)

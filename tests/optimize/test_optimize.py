@@ -473,11 +473,30 @@ def test_tiny_llama_generates_like_eager_then_hits_the_cache(cache, compiles):
     steps = list(again.stream(ids, attention_mask=mask, pad_token_id=0, eos_token_id=[]))
     assert len(steps) == 3
     assert again.generate(ids, attention_mask=mask, max_new_tokens=2).shape[1] == ids.shape[1] + 2
+    assert again.generate(ids, mask, 2).shape[1] == ids.shape[1] + 2  # positional: was a TypeError
     assert torch.equal(
         again.generate(
             ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0, eos_token_id=[]
         ),
         ref,
+    )
+    # A config's length is a bound, as in HF: Llama-2-chat's max_length=4096 past this cache
+    # of 48 made every call without a length fail, naming "max_new_tokens 4092".
+    again.generation_config.max_length = 4096
+    with pytest.warns(UserWarning, match=r"max_length=4096 asks for up to .* holds 33 after"):
+        out = again.generate(ids, attention_mask=mask, pad_token_id=0, eos_token_id=[])
+    assert torch.equal(out[:, : ref.shape[1]], ref) and out.shape[1] == ids.shape[1] + 33
+    with pytest.raises(ValueError, match="exceeds the KV cache"):  # the caller's own: refused
+        again.generate(ids, attention_mask=mask, max_new_tokens=40, eos_token_id=[])
+    # an EOS tensor, as HF's generate takes (was "must be token ids ..., got [tensor(...)]")
+    eos = torch.tensor([int(ref[0, ids.shape[1] + 2]), 93])
+    assert torch.equal(
+        again.generate(
+            ids, attention_mask=mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=0
+        ),
+        again.generate(
+            ids, attention_mask=mask, max_new_tokens=6, eos_token_id=eos.tolist(), pad_token_id=0
+        ),
     )
 
 

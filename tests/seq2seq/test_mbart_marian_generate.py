@@ -170,6 +170,16 @@ def test_a_call_names_its_own_target_language_and_stream_yields_it_first(compile
     assert len(list(model.stream(ids, mask, max_new_tokens=8, forced_bos_token_id=2))) == 1
     with pytest.raises(ValueError, match="forced_bos_token_id must be a token id"):
         model.generate(ids, mask, max_new_tokens=4, forced_bos_token_id=VOCAB)
+    # None turns the model's forced BOS off, as a keyword of HF's generate does
+    with torch.no_grad():
+        ref_none = hf.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=6, forced_bos_token_id=None
+        )
+    got_none = model.generate(ids, mask, max_new_tokens=6, forced_bos_token_id=None)
+    assert (ref_none[:, 1] != model.spec.forced_bos_token_id).any()
+    assert torch.equal(got_none, ref_none), (
+        f"\nkernl {got_none.tolist()}\nhf    {ref_none.tolist()}"
+    )
     assert torch.equal(model.generate(ids, mask, **kw), ref)
 
 

@@ -3,6 +3,7 @@ against Hugging Face `generate`, request errors, a hostile manifest, a transform
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 import sys
@@ -281,6 +282,26 @@ def test_task_is_inferred_and_buckets_name_their_axes(tmp_path):
         parse_seq2seq_buckets("batch=1 seq=16")
     with pytest.raises(BucketSyntaxError, match="missing axis source"):
         parse_seq2seq_buckets("batch=1 cache=16")
+
+
+def test_buckets_past_the_position_table_and_unapplied_options_are_named(tmp_path):
+    """Compile (not only kernl.optimize) names the axis and the config's table: it reported
+    "the seq2seq description is invalid", as if the artifact were corrupt."""
+    import transformers as tf
+
+    from kernl.compiler.buckets import BucketLimitError
+    from kernl.compiler.trace import UnsupportedModelError
+
+    bart = tiny_seq2seq("bart")  # 64 learned positions
+    compile_ = functools.partial(kernl.compiler.compile, device="cpu", dtype="fp32")
+    with pytest.raises(BucketLimitError, match=r"128 positions \(cache defaults to 128\)"):
+        compile_(bart, "batch=1 source=16", tmp_path / "a")
+    with pytest.raises(BucketLimitError, match="max_position_embeddings=64"):
+        compile_(bart, "batch=1 source=128 cache=16", tmp_path / "a")
+    bart.generation_config.watermarking_config = tf.WatermarkingConfig(bias=2.5)
+    with pytest.raises(UnsupportedModelError, match="sets watermarking_config="):
+        compile_(bart, "batch=1 source=16 cache=16", tmp_path / "a")
+    assert not (tmp_path / "a").exists()
 
 
 @pytest.mark.parametrize("fold_norms", [True, False], ids=["kernl", "kernl-linear"])

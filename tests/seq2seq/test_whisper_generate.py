@@ -9,6 +9,7 @@ two of them at once, seeks back to 0 s and decodes the window again forever)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -257,6 +258,8 @@ def test_bad_calls_are_clear_and_leave_the_model_usable(compiled):
         lambda e: e.update(speech_language_names={"english": ["<|en|>"]}),
         lambda e: e.update(speech_language_names=["english"]),
         lambda e: e["speech"].update(surprise=1),
+        lambda e: e["speech"].update(task="sing"),
+        lambda e: e["speech"].update(language=[1]),
         lambda e: e.pop("speech"),
         lambda e: e["seq2seq"].update(num_mel_bins=80),  # the conv weights no longer match
         lambda e: e["seq2seq"].update(source_positions=750),
@@ -322,10 +325,38 @@ def test_task_inference_buckets_and_unsupported_options(tmp_path):
             dtype="fp32",
             task="speech-seq2seq",
         )
-    hf.generation_config.repetition_penalty = 1.3
-    with pytest.raises(UnsupportedModelError, match="repetition_penalty=1.3 is not supported"):
-        kernl.compiler.compile(hf, BUCKETS, tmp_path / "c", device="cpu", dtype="fp32")
+    # Options HF's generate applies and kernl's does not: refused by name, as for text models
+    for name, value, shown in [
+        ("repetition_penalty", 1.3, "repetition_penalty=1.3"),
+        ("min_new_tokens", 10, "min_new_tokens=10"),
+        ("sequence_bias", {(51,): -100.0}, "sequence_bias="),
+        ("return_timestamps", True, "return_timestamps=True is not supported"),
+    ]:
+        hf = tiny_whisper()
+        setattr(hf.generation_config, name, value)
+        with pytest.raises(UnsupportedModelError, match=re.escape(shown)):
+            kernl.compiler.compile(hf, BUCKETS, tmp_path / "c", device="cpu", dtype="fp32")
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    "language, task", [("french", None), (None, "translate"), ("fr", "translate")]
+)
+def test_the_configs_language_and_task_are_taken_as_in_hugging_face(tmp_path, language, task):
+    """A fine-tuned checkpoint sets generation_config.language/.task (HF's fine-tuning guide
+    does): HF's plain generate() uses them; kernl's detected the language and transcribed."""
+    hf = tiny_whisper()
+    hf.generation_config.language, hf.generation_config.task = language, task
+    kernl.compiler.compile(hf, BUCKETS, tmp_path / "a", device="cpu", dtype="fp32")
+    model = kernl.runtime.load(tmp_path / "a", device="cpu")
+    x = features(2, seed=3)
+    ref = hf_generate(hf, x, 12)
+    assert torch.equal(model.generate(input_features=x, max_new_tokens=12), ref)
+    # the call's own language and task still win, as in HF
+    kw = dict(language="de", task="transcribe")
+    assert torch.equal(
+        model.generate(input_features=x, max_new_tokens=12, **kw), hf_generate(hf, x, 12, **kw)
+    )
 
 
 @pytest.mark.gpu

@@ -49,6 +49,7 @@ NEUTRAL = {
     "eta_cutoff": 0.0,
     "min_p": 0.0,
     "top_h": None,
+    "watermarking_config": None,
 }
 
 

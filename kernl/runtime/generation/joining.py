@@ -111,9 +111,17 @@ class OpenBatch:
     ) -> tuple[int, int] | None:
         """Prefill one prompt alone and seat it in a free row: (row, its first token), or None
         when `can_join` says it cannot join now. A bad prompt or argument raises ValueError
-        (as `generate` would), leaving the batch as it was. In a tensor prompt, the batch's pad
+        (as `generate` would), leaving the batch as it was; so does a batch on the smallest
+        batch bucket, which nobody can ever join. In a tensor prompt, the batch's pad
         id marks padding, as in `generate` without an attention_mask."""
         self._check_open()
+        if self.join_bucket is None:  # never "not now": it cannot ever join
+            raise ValueError(
+                f"nobody can join this batch: it runs on the smallest batch bucket "
+                f"({self.bucket} rows), and joiners are prefilled on a smaller one. Open it "
+                f"with rows= a larger bucket ({self.model.buckets.batches}), or compile a "
+                "smaller batch bucket (e.g. batch=1)"
+            )
         model, plan = self.model, self.plan
         prompt = torch.as_tensor(input_ids)
         if prompt.dim() == 2 and prompt.shape[0] == 1:
@@ -218,7 +226,7 @@ class _ModelHold:
 
     def __init__(self, model):
         model._lock.acquire()
-        model._streaming_thread, model._holder = threading.get_ident(), "open_batch()"
+        model._streaming_thread, model._holder = threading.current_thread(), "open_batch()"
         self.model = model
 
     def release(self) -> None:

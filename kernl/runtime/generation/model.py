@@ -13,6 +13,7 @@ positions of the call's pad id, unless that id is one of its EOS ids (`_plan`)."
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import math
@@ -95,8 +96,9 @@ class StepLoop:
 
     _lock: threading.Lock
     # The thread holding the lock between calls: an open batch's, or the thread that pulled
-    # an open stream's last step (any thread may pull the next one).
-    _streaming_thread: int | None = None
+    # an open stream's last step (any thread may pull the next one). The Thread object, not
+    # its ident: a new thread may get an ended one's ident and would be taken for the holder.
+    _streaming_thread: threading.Thread | None = None
     _holder: str = "stream()"  # what it holds it for: "stream()" or "open_batch()"
 
     def _collect(self, plan, state, first: int = 1) -> torch.Tensor:
@@ -121,7 +123,7 @@ class StepLoop:
         where every row has finished."""
         self._refuse_reentry()
         with self._lock:
-            self._streaming_thread, self._holder = threading.get_ident(), "stream()"
+            self._streaming_thread, self._holder = threading.current_thread(), "stream()"
             try:
                 state = start()
                 for n, logits in enumerate(self._run(plan, state), 1):
@@ -132,7 +134,7 @@ class StepLoop:
                     yield (ids, logits[: plan.batch].float().clone()) if output_logits else ids
                     # Whichever thread resumed the stream holds it now (a web server's thread
                     # pool pulls each step on whichever worker is free).
-                    self._streaming_thread = threading.get_ident()
+                    self._streaming_thread = threading.current_thread()
                     if bool(state.finished[: plan.batch].all()):
                         return
             finally:
@@ -144,8 +146,8 @@ class StepLoop:
         that pulled its last step; when another thread pulls the next one within
         STREAM_HANDOFF_WAIT_S (a thread pool moving the stream between its workers), this
         call waits its turn instead."""
-        me = threading.get_ident()
-        if self._streaming_thread != me:
+        me = threading.current_thread()
+        if self._streaming_thread is not me:
             return
         if self._holder == "open_batch()":
             raise RuntimeError(
@@ -154,9 +156,9 @@ class StepLoop:
                 "open_batch() again"
             )
         deadline = time.monotonic() + STREAM_HANDOFF_WAIT_S
-        while self._streaming_thread == me and time.monotonic() < deadline:
+        while self._streaming_thread is me and time.monotonic() < deadline:
             time.sleep(0.005)
-        if self._streaming_thread != me:
+        if self._streaming_thread is not me:
             return
         raise RuntimeError(
             "this thread is iterating an open stream() of this model: exhaust it or call "
@@ -181,6 +183,14 @@ class _Plan:
         return len(self.rows)
 
 
+# Set by kernl.optimize's model while a call's length came from the generation config, not
+# the caller: a bound, as Hugging Face's max_length is, so a config's 4096 (Llama-2-chat's)
+# is cut to what the KV cache holds after the prompt, with a warning, instead of refused.
+LENGTH_IS_A_BOUND: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "kernl_length_is_a_bound", default=None
+)
+
+
 # generate's options that a caller may hold as numpy or torch scalars (a loop over
 # np.arange, a value read from a tensor): taken as the Python numbers they stand for.
 _NUMERIC_OPTIONS = frozenset(
@@ -199,12 +209,17 @@ _NUMERIC_OPTIONS = frozenset(
 
 
 def _plain_number(value: Any) -> Any:
-    """A numpy or 0-dim torch integer or float as the Python number it holds (lists item by
-    item); anything else as it is, for the checks to judge."""
+    """A numpy or 0-dim torch integer or float as the Python number it holds (lists, and 1-D
+    arrays and tensors such as HF's eos_token_id tensor, item by item); anything else as it
+    is, for the checks to judge."""
     if value is None or type(value) in (int, float, bool, str):
         return value
     if isinstance(value, (list, tuple)):
         return type(value)(_plain_number(v) for v in value)
+    if getattr(value, "ndim", None) == 1 and hasattr(value, "tolist"):
+        kind = str(value.dtype)
+        if "int" in kind or "float" in kind:
+            return value.tolist()
     if getattr(value, "ndim", None) == 0:  # np.int64(4), torch.tensor(4)
         kind = str(value.dtype)
         if "int" in kind:
@@ -503,6 +518,16 @@ class GenerativeModel(StepLoop):
                 f"a prompt of {longest} tokens is longer than every prompt bucket of this "
                 f"artifact ({b.prompts}); shorten it or recompile with a longer prompt bucket"
             )
+        room = b.cache_len - prompt_bucket + 1
+        if max_new_tokens > room and LENGTH_IS_A_BOUND.get() is not None and room >= 1:
+            warnings.warn(
+                f"{LENGTH_IS_A_BOUND.get()} asks for up to {max_new_tokens} new tokens; this "
+                f"artifact's KV cache of {b.cache_len} slots holds {room} after this prompt: "
+                "generating at most that many (pass max_new_tokens, or recompile with a "
+                "larger cache=)",
+                stacklevel=4,
+            )
+            max_new_tokens = room
         if prompt_bucket + max_new_tokens - 1 > b.cache_len:
             raise ValueError(
                 f"prompt bucket {prompt_bucket} + max_new_tokens {max_new_tokens} - 1 exceeds "

@@ -51,6 +51,17 @@ from .sampling import SamplerParams, greedy, sample
 from .state import MAX_EOS_IDS
 
 
+class _ModelDefault:
+    """The default of an option whose None means "none" (forced_bos_token_id): a call's None
+    overrides the model's value, as a Hugging Face generate keyword updates its config."""
+
+    def __repr__(self) -> str:
+        return "<the model's>"
+
+
+MODEL_DEFAULT: Any = _ModelDefault()
+
+
 class _State:
     """One batch bucket's static buffers and its two step functions."""
 
@@ -249,7 +260,7 @@ class Seq2SeqModel(StepLoop):
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         seed: int | Sequence[int] = 0,
-        forced_bos_token_id: int | None = None,
+        forced_bos_token_id: int | None = MODEL_DEFAULT,
         max_length: int | None = None,
         **hf_options: Any,
     ) -> torch.Tensor:
@@ -258,7 +269,7 @@ class Seq2SeqModel(StepLoop):
         with `pad_token_id` until every row has finished or `max_new_tokens` (default 20) were
         produced. `attention_mask` zeros mark source padding; a list of token lists is padded
         on the right. `forced_bos_token_id` (default: the model's, e.g. mBART-50's target
-        language) is the first new token and the model's forced EOS id (mBART, Marian) the
+        language; None: none, as in Hugging Face) is the first new token and the model's forced EOS id (mBART, Marian) the
         last one `max_new_tokens` allows, as in Hugging Face. Sampling (`do_sample=True`)
         applies temperature, top-k, top-p; the same `seed` gives the same ids (each of the
         four one value or a list of one per row, as for the causal LM). `max_length`, as in
@@ -298,7 +309,7 @@ class Seq2SeqModel(StepLoop):
         pad_token_id: int | None = None,
         seed: int | Sequence[int] = 0,
         output_logits: bool = False,
-        forced_bos_token_id: int | None = None,
+        forced_bos_token_id: int | None = MODEL_DEFAULT,
         max_length: int | None = None,
         **hf_options: Any,
     ) -> Iterator:
@@ -455,7 +466,7 @@ class Seq2SeqModel(StepLoop):
         batch = ids.shape[0]
         bb, eos, pad = self._check(batch, max_new_tokens, do_sample, sampler, eos_id, pad_id)
         vocab = self.spec.vocab_size
-        bos = self.spec.forced_bos_token_id if bos is None else bos
+        bos = self.spec.forced_bos_token_id if bos is MODEL_DEFAULT else bos
         if bos is not None and not (isinstance(bos, int) and 0 <= bos < vocab):
             raise ValueError(f"forced_bos_token_id must be a token id in [0, {vocab}), got {bos!r}")
         lo, hi = int(ids.min()), int(ids.max())

@@ -144,6 +144,10 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         features = _as_features(features, spec.num_mel_bins, spec.frames)
         batch = features.shape[0]
         _check_mask(attention_mask, batch, spec.frames)
+        s = self.speech
+        if s.is_multilingual is not False:  # HF: the config's language/task unless the call's
+            language = s.language if language is None else language
+            task = s.task if task is None else task
         prompts = [self._prompt(lang, task) for lang in _languages(language, batch)]
         prompt_len = len(prompts[0])
         if max_length is not None and max_new_tokens is not None:

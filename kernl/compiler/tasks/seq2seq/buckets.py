@@ -17,7 +17,15 @@ from __future__ import annotations
 
 from kernl.artifacts.seq2seq import Seq2SeqBuckets
 
-from ...buckets import BucketSyntaxError, check_axis, check_count, check_tokens, parse_axes
+from ...buckets import (
+    BucketLimitError,
+    BucketSyntaxError,
+    check_axis,
+    check_count,
+    check_tokens,
+    parse_axes,
+    position_limit,
+)
 
 AXES = ("batch", "source", "cache")
 EXAMPLE = "batch=1,8 source=32:512 cache=128"
@@ -69,4 +77,36 @@ def as_seq2seq_buckets(spec, source_positions: int | None = None) -> Seq2SeqBuck
         return checked(Seq2SeqBuckets.from_dict(spec))
     raise BucketSyntaxError(
         f'seq2seq-lm buckets must be a string like "{EXAMPLE}", not {type(spec).__name__}'
+    )
+
+
+def seq2seq_position_limit(config, speech: bool) -> int | None:
+    """The most tokens an encoder-decoder's position tables index: Whisper's decoder table
+    (max_target_positions; its encoder's is the fixed source), the learned tables of BART,
+    mBART and Marian (max_position_embeddings); None for T5's relative positions."""
+    if speech:  # a text model given the speech task is refused by name later (describe)
+        limit = getattr(config, "max_target_positions", None)
+        return None if limit is None else int(limit)
+    return position_limit(config)
+
+
+def check_positions(b: Seq2SeqBuckets, spec, config, speech: bool) -> None:
+    """Refuse buckets longer than the model's position tables (`spec`, the buckets as given,
+    is named in the error), before anything is described or traced."""
+    limit = seq2seq_position_limit(config, speech)
+    if limit is None:
+        return
+    longest = b.cache_len if speech else max(max(b.sources), b.cache_len)
+    if longest <= limit:
+        return
+    table = "max_target_positions" if speech else "max_position_embeddings"
+    axes = "cache" if speech else "source and cache"
+    default = (
+        f" (cache defaults to {DEFAULT_CACHE})"
+        if isinstance(spec, str) and "cache" not in spec and b.cache_len == longest
+        else ""
+    )
+    raise BucketLimitError(
+        f"buckets {spec!r} need {longest} positions{default}, more than the model's {limit} "
+        f"(config {table}={limit}); use {axes} <= {limit}"
     )

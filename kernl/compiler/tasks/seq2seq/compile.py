@@ -47,7 +47,7 @@ from kernl.runtime.generation.seq2seq import Seq2SeqModel
 from ...trace import UnsupportedModelError, load_model, resolve_dtype_device
 from ...tune import write_binaries
 from ...validate import ValidationError
-from .buckets import as_seq2seq_buckets
+from .buckets import as_seq2seq_buckets, check_positions
 from .decode_kernels import (
     FEW_ROWS,
     choose_decode_kernels,
@@ -117,6 +117,7 @@ def compile_seq2seq(
     model, _, source = load_model(
         _speech_model(model_or_path) if speech else model_or_path, TASK, torch_dtype, dev
     )
+    check_positions(sb, buckets, model.config, speech)  # else "the description is invalid"
     if not isinstance(model_or_path, torch.nn.Module):  # Whisper's was loaded above
         local = Path(model_or_path).expanduser()
         source = os.path.abspath(local) if local.is_dir() else str(model_or_path)

@@ -372,19 +372,25 @@ def speech_spec(model) -> SpeechSpec:
             f"forced_decoder_ids {forced} do not follow Whisper's prompt pattern (positions 1, 2, "
             f"..., at most {MAX_PROMPT - 3})"
         )
+    refuse_unapplied_options(gen, "speech-seq2seq")
     for name, default in (
-        ("repetition_penalty", 1.0),
-        ("no_repeat_ngram_size", 0),
         ("num_beams", 1),
         ("length_penalty", 1.0),
+        # HF's default generate would then predict timestamps; kernl's refuses them
+        ("return_timestamps", False),
     ):
         value = getattr(gen, name, None)
         if value is not None and value != default:
             raise UnsupportedModelError(
-                f"generation_config.{name}={value!r} is not supported by kernl's generate"
+                f"generation_config.{name}={value!r} is not supported by kernl's generate: "
+                "reset it on model.generation_config (or in generation_config.json) first"
             )
     no_ts = getattr(gen, "no_timestamps_token_id", None)
     lang_to_id = {str(k): int(v) for k, v in (getattr(gen, "lang_to_id", None) or {}).items()}
+    language = getattr(gen, "language", None)
+    if language is not None and not isinstance(language, str):
+        language = [str(x) for x in language]
+    task = getattr(gen, "task", None)
     return SpeechSpec(
         lang_to_id=lang_to_id,
         language_names=_language_names(lang_to_id),
@@ -394,6 +400,8 @@ def speech_spec(model) -> SpeechSpec:
         forced_decoder_ids=forced,
         suppress_tokens=[int(t) for t in (gen.suppress_tokens or [])],
         begin_suppress_tokens=[int(t) for t in (gen.begin_suppress_tokens or [])],
+        language=language,
+        task=None if task is None else str(task),
     )
 
 
