@@ -83,6 +83,8 @@ class InspectReport:
     kernels: list[dict[str, Any]]
     file_bytes: dict[str, int | None]
     decode_kernels: dict[str, str] | None = None  # generation: the decode step's choice
+    # encoder-decoders: their buckets' axes (batches, sources, caches), Whisper's input shape
+    seq2seq: dict[str, Any] | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -249,7 +251,27 @@ def inspect_artifact(path: str | os.PathLike) -> InspectReport:
         kernels=kernels,
         file_bytes=files,
         decode_kernels=_decode_kernels(m),
+        seq2seq=_seq2seq_shapes(m),
     )
+
+
+def _seq2seq_shapes(m) -> dict[str, Any] | None:
+    """An encoder-decoder's bucket axes and, for Whisper, its features' shape: what its
+    instruction-free programs do not show (None for other tasks)."""
+    if m.task not in ("seq2seq-lm", "speech-seq2seq"):
+        return None
+    buckets = m.extra.get("seq2seq_buckets")
+    spec = m.extra.get("seq2seq")
+    out = (
+        {k: buckets.get(k) for k in ("batches", "sources", "caches")}
+        if isinstance(buckets, dict)
+        else {}
+    )
+    if m.task == "speech-seq2seq" and isinstance(spec, dict):
+        out["num_mel_bins"] = spec.get("num_mel_bins")
+        positions = spec.get("source_positions")
+        out["frames"] = 2 * positions if _is_number(positions) else positions
+    return out
 
 
 def _decode_kernels(m) -> dict[str, str] | None:
@@ -331,6 +353,9 @@ def render_text(r: InspectReport) -> str:
     if r.task == "causal-lm":
         lines += ["", *_generation_lines(r), "", *_file_lines(r)]
         return "\n".join(lines)
+    if r.seq2seq is not None:
+        lines = [*lines[:6], *_seq2seq_lines(r), "", *_file_lines(r)]
+        return "\n".join(lines)
     if r.decode_kernels is not None:  # an encoder-decoder: its decode step's choice
         lines += ["", "decode step " + " ".join(f"{k}={v}" for k, v in r.decode_kernels.items())]
     lines += [
@@ -391,6 +416,56 @@ def _generation_lines(r: InspectReport) -> list[str]:
     lines.append(
         f"{len(prefill)} prefill bucket(s) (batch x prompt length), {len(decode)} "
         "decode bucket(s) (batch x KV length a step attends to)"
+    )
+    for k in r.kernels:
+        extra = " ".join(f"{key}={v}" for key, v in k["meta"].items() if key != "key")
+        lines.append(
+            f"  {k['name']:<18} {k['function']:<32} warps={k['num_warps']} "
+            f"shared={k['shared_mem']} {extra} {_mib(k['bytes'])}"
+        )
+    return lines
+
+
+def _seq2seq_lines(r: InspectReport) -> list[str]:
+    """An encoder-decoder artifact (T5, BART, Whisper): like a causal LM's, its programs are
+    instruction-free records; show its inputs, bucket axes, how it was validated and the
+    decode step's kernels."""
+    shapes = r.seq2seq or {}
+
+    def axis(name: str) -> str:
+        values = shapes.get(name)
+        return ", ".join(map(_number, values)) if isinstance(values, list) else "?"
+
+    if r.task == "speech-seq2seq":
+        mels, frames = (_number(shapes.get(k)) for k in ("num_mel_bins", "frames"))
+        inputs = f"input_features (float, [batch, {mels}, {frames}]: one 30 s window)"
+        sources = f"one window ({axis('sources')} encoder positions)"
+        cache = "decoder prompt and new tokens"
+    else:
+        inputs = "input_ids, attention_mask (int64, [batch, source length])"
+        sources = axis("sources")
+        cache = "new tokens after the decoder start"
+    near = "equal" if r.dtype == "float32" else "each within a small margin of the argmax"
+    lines = [
+        f"inputs      {inputs}",
+        f"outputs     {', '.join(s['name'] for s in r.outputs) or '?'} (the generated ids)",
+        f"validation  greedy ids against eager generate at every (batch, source) bucket "
+        f"({r.dtype}: {near}); no error figure is recorded",
+        "",
+        "generation  the runtime's encoder-decoder runs every bucket from the manifest's "
+        "description; its programs are instruction-free records",
+        f"batch       {axis('batches')}",
+        f"source      {sources}",
+        f"cache       {axis('caches')} (a decode step attends to the smallest that holds the "
+        f"tokens so far; the largest bounds the {cache})",
+    ]
+    if r.decode_kernels is not None:
+        lines.append("decode step " + " ".join(f"{k}={v}" for k, v in r.decode_kernels.items()))
+    lines.append(
+        f"kernels     {len(r.kernels)} kernel binaries"
+        if r.kernels
+        else "kernels     no kernel binaries (plain torch decode step"
+        + (", CPU build)" if r.target == "cpu" else ")")
     )
     for k in r.kernels:
         extra = " ".join(f"{key}={v}" for key, v in k["meta"].items() if key != "key")

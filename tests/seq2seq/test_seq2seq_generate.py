@@ -439,7 +439,16 @@ def test_per_row_seeds_give_each_row_its_call_alone(compiled):
 
 
 def test_inspect_shows_the_decode_step_choice(compiled):
+    from kernl.artifacts import read_manifest
     from kernl.compiler.inspect_report import inspect_artifact, render_text
 
-    text = render_text(inspect_artifact(compiled["t5"][1]))
+    report = inspect_artifact(compiled["t5"][1])
+    text = render_text(report)
     assert "decode step kernels=torch tile=default" in text  # a CPU build: plain torch
+    # Its bucket axes, and no made-up error figure: every bucket showed "max |err| vs eager
+    # 0" (a constant the compiler wrote; validation compares ids) and no cache axis.
+    b = read_manifest(compiled["t5"][1]).extra["seq2seq_buckets"]
+    assert f"cache       {', '.join(map(str, b['caches']))} (" in text
+    assert f"source      {', '.join(map(str, b['sources']))}" in text
+    assert "no error figure is recorded" in text and "max |err|" not in text
+    assert all(bucket.max_abs_error is None for bucket in report.buckets)

@@ -427,6 +427,15 @@ def test_decode_on_kernl_kernels_gives_hugging_face_ids(compiled, fold_norms):
     assert torch.equal(model.generate(input_features=x, max_new_tokens=12), hf_generate(hf, x, 12))
 
 
+def test_inspect_shows_the_features_not_the_decoder_prompt(compiled):
+    from kernl.compiler.inspect_report import inspect_artifact, render_text
+
+    text = render_text(inspect_artifact(compiled["multilingual"][1]))
+    assert f"input_features (float, [batch, {MELS}, 3000]" in text
+    assert "decoder_input_ids" not in text  # the manifest's record of the decoder prompt
+    assert "cache       48 (" in text and "batch       1, 4" in text
+
+
 def test_the_memory_plan_covers_whisper_buffers(compiled):
     """Whisper's static buffers (cross-attention K/V of 1500 positions, the mel features)
     are in the plan load() checks against the device's free memory."""
