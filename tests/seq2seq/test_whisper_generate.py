@@ -181,6 +181,15 @@ def test_stream_yields_the_generated_ids_and_sampling_repeats(compiled):
     a = model.generate(x, seed=3, **kw)
     assert torch.equal(a, model.generate(x, seed=3, **kw))
     assert not torch.equal(a, model.generate(x, seed=4, **kw))
+    # As in HF's Whisper, a temperature above 0 samples without do_sample (it stayed greedy)
+    hot = dict(max_new_tokens=16, top_k=20, eos_token_id=[], seed=3)
+    sampled = model.generate(x, temperature=0.7, **hot)
+    assert torch.equal(sampled, model.generate(x, do_sample=True, temperature=0.7, **hot))
+    assert not torch.equal(sampled, whole_16 := model.generate(x, **hot))
+    assert torch.equal(model.generate(x, temperature=0.0, **hot), whole_16)  # 0: greedy
+    assert torch.equal(model.generate(x, do_sample=False, temperature=0.7, **hot), whole_16)
+    with pytest.raises(ValueError, match="fallback schedule"):
+        model.generate(x, temperature=(0.0, 0.2, 0.4), **hot)
 
 
 def test_max_length_and_a_feature_extractor_s_attention_mask_like_hugging_face(compiled):

@@ -19,7 +19,7 @@ import torch
 
 from kernl.artifacts.seq2seq import DETECT, MAX_PROMPT
 
-from .model import main_input, plain_numbers, refuse_hf_options
+from .model import _is_number, main_input, plain_numbers, refuse_hf_options
 from .seq2seq import Seq2SeqModel, _Plan
 
 
@@ -31,8 +31,8 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         self,
         input_features=None,
         max_new_tokens: int | None = None,
-        do_sample: bool = False,
-        temperature: float | Sequence[float] = 1.0,
+        do_sample: bool | None = None,
+        temperature: float | Sequence[float] | None = None,
         top_k: int | Sequence[int] = 50,
         top_p: float | Sequence[float] = 1.0,
         eos_token_id: int | Sequence[int] | None = None,
@@ -53,7 +53,9 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         an EOS; `max_length`, as in Hugging Face's Whisper, counts the new tokens only (not
         the decoder prompt), and `max_new_tokens` wins. `language` ("en", "<|en|>", or one
         per row) and `task` ("transcribe", "translate") as in Hugging Face; sampling as in
-        the text models. `attention_mask` (a feature extractor's, [batch, frames]) is taken
+        the text models (`do_sample=True`), and, as in Hugging Face's Whisper, whenever a
+        temperature above 0 is given without `do_sample` (a list of temperatures, HF's
+        fallback schedule, is refused there: give do_sample=True for one per row). `attention_mask` (a feature extractor's, [batch, frames]) is taken
         and, as Hugging Face does within one window, not used; `input_features` may be
         passed as `inputs`. Timestamps are not supported. Raises ValueError, leaving the
         model usable, for a bad feature shape or more tokens than the decoder cache holds."""
@@ -87,8 +89,8 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         self,
         input_features=None,
         max_new_tokens: int | None = None,
-        do_sample: bool = False,
-        temperature: float | Sequence[float] = 1.0,
+        do_sample: bool | None = None,
+        temperature: float | Sequence[float] | None = None,
         top_k: int | Sequence[int] = 50,
         top_p: float | Sequence[float] = 1.0,
         eos_token_id: int | Sequence[int] | None = None,
@@ -136,6 +138,7 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         attention_mask=None,
     ) -> _Plan:
         spec = self.spec
+        do_sample, sampler = _whisper_sampling(do_sample, sampler)
         if return_timestamps:
             raise ValueError(
                 "return_timestamps=True is not supported: kernl's Whisper generate transcribes "
@@ -230,6 +233,25 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
             f"language {language!r} is not one of this model's: {', '.join(sorted(table))[:300]}"
             + (names if self.speech.language_names else "")
         )
+
+
+def _whisper_sampling(do_sample: bool | None, sampler: tuple) -> tuple[bool, tuple]:
+    """Hugging Face's Whisper generate samples when, and only when, it is given a temperature
+    above 0 (its do_sample is overwritten); kernl's also samples on an explicit
+    do_sample=True, as its text models do, and greedy on an explicit False."""
+    temperature, *rest = sampler
+    if do_sample is None:
+        if isinstance(temperature, (list, tuple)):
+            raise ValueError(
+                f"temperature={temperature!r} without do_sample: Hugging Face's Whisper "
+                "generate reads a list of temperatures as a fallback schedule (long-form "
+                "transcription), which kernl does not run; pass do_sample=True to sample each "
+                "row at its own temperature, or one temperature"
+            )
+        do_sample = temperature is not None and not (_is_number(temperature) and temperature <= 0)
+    if temperature is None:
+        temperature = 1.0
+    return bool(do_sample), (temperature, *rest)
 
 
 def _languages(language, batch: int) -> list[str | None]:
