@@ -12,6 +12,7 @@ number of buckets): an artifact the runtime would refuse to load is never compil
 from __future__ import annotations
 
 import itertools
+import numbers
 import re
 
 from kernl.artifacts import DEFAULT_LIMITS
@@ -211,6 +212,11 @@ def check_buckets_fit(buckets: list[Bucket], config) -> None:
         )
 
 
+def _is_size(v) -> bool:
+    """An integer (numpy's too), not a bool, a float or a string."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def as_buckets(spec) -> list[Bucket]:
     """Accept a bucket string, Buckets, (batch, seq) pairs, or {"batch": [...], "seq": [...]}
     (their product, as the string's axes)."""
@@ -221,7 +227,11 @@ def as_buckets(spec) -> list[Bucket]:
             raise BucketSyntaxError(
                 f'encoder buckets as a dict take the keys "batch" and "seq", got {sorted(spec)}'
             )
-        axes = {k: [v] if isinstance(v, int) else list(v) for k, v in spec.items()}
+        # each axis: one size, a list of them, or the string syntax ("16:512", "1,8")
+        axes = {
+            k: _parse_axis(k, v) if isinstance(v, str) else [v] if _is_size(v) else list(v)
+            for k, v in spec.items()
+        }
         spec = [(b, s) for b in axes["batch"] for s in axes["seq"]]
     out = []
     for b in spec:
@@ -230,6 +240,8 @@ def as_buckets(spec) -> list[Bucket]:
             continue
         try:
             batch, seq = b
+            if not (_is_size(batch) and _is_size(seq)):  # 1.9 was taken as 1, "8" as 8
+                raise TypeError
             bucket = Bucket(int(batch), int(seq))
         except (TypeError, ValueError):
             raise BucketSyntaxError(

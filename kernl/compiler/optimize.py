@@ -70,10 +70,11 @@ from kernl.runtime.generation.model import LENGTH_IS_A_BOUND
 
 from . import api
 from .buckets import as_buckets, check_buckets_fit, position_limit
+from .code_digest import code_digest
 from .tasks.causal_lm.buckets import as_generation_buckets
 from .tasks.seq2seq import is_speech_model
 from .tasks.seq2seq.buckets import as_seq2seq_buckets, check_positions, seq2seq_position_limit
-from .trace import DTYPES, check_task, task_of
+from .trace import DTYPES, check_task, task_of, unwrap_compiled
 
 # Default buckets when none are given (see default_buckets).
 DEFAULT_BATCHES = (1, 8, 32)
@@ -193,6 +194,27 @@ class OptimizedModel:
                 f"dtype={dtype}) compiles one in {dtype}"
             )
         return self
+
+    # torch.nn.Module's shorthands for to(): the same answers
+    def cpu(self) -> OptimizedModel:
+        return self.to("cpu")
+
+    def cuda(self, device: int | str | torch.device | None = None) -> OptimizedModel:
+        if isinstance(device, int):
+            device = f"cuda:{device}"
+        return self.to(device or "cuda")
+
+    def float(self) -> OptimizedModel:
+        return self.to(torch.float32)
+
+    def half(self) -> OptimizedModel:
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> OptimizedModel:
+        return self.to(torch.bfloat16)
+
+    def double(self) -> OptimizedModel:
+        return self.to(torch.float64)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -319,6 +341,11 @@ def _optimize(
 ) -> OptimizedModel:
     import kernl.runtime
 
+    if unwrap_compiled(model) is not model:
+        say("torch.compile's wrapper given: kernl compiles the model it wraps")
+        model = unwrap_compiled(model)
+    if isinstance(buckets, Iterator):  # read twice (the cache key, then the compile)
+        buckets = list(buckets)
     config = getattr(model, "config", None)
     if not isinstance(model, torch.nn.Module) or config is None:
         raise TypeError(
@@ -361,6 +388,7 @@ def _optimize(
     say(f"weights hashed in {time.perf_counter() - t0:.1f}s")
     key = cache_key(
         weights=digest,
+        code=code_digest(model),
         config=config,
         model_class=type(model).__name__,
         task=task,
@@ -374,7 +402,15 @@ def _optimize(
     )
     models = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     models = models / "models"
-    models.mkdir(parents=True, exist_ok=True)
+    try:
+        models.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
+            raise
+        raise CacheNotWritableError(
+            f"the cache folder {models} cannot be created ({e.strerror}): point "
+            "KERNL_CACHE_DIR (or cache_dir=) at a writable folder"
+        ) from e
     entry = models / f"{getattr(config, 'model_type', 'model')}-{task}-{dtype}-{key[:32]}"
     output_class = _output_class(model, target) if task not in GENERATION_TASKS else None
 
@@ -570,6 +606,7 @@ def cache_key(
     *,
     weights: str,
     config: Any,
+    code: str = "",
     model_class: str,
     task: str,
     buckets: Any,
@@ -579,7 +616,8 @@ def cache_key(
     generation_config: Any = None,
 ) -> str:
     """sha256 (hex) of everything a compiled artifact depends on besides the kernl source
-    itself: weights, config, buckets, dtype, task, target GPU and versions; for generation,
+    itself: weights, config, the model's code and non-tensor state (`code`, code_digest.py),
+    buckets, dtype, task, target GPU and versions; for generation,
     the generation config too (its EOS, pad, forced and suppressed ids go into the artifact:
     a notebook that switches mBART's target language must not get the last one's entry)."""
     import transformers
@@ -598,6 +636,7 @@ def cache_key(
         )
     parts = {
         "weights": weights,
+        "code": code,
         "config": config_dict,
         "model_class": model_class,
         "task": task,

@@ -56,7 +56,16 @@ class UnsupportedModelError(ValueError):
 def task_of(config, model: torch.nn.Module | None = None) -> str:
     names = list(getattr(config, "architectures", None) or [])
     if model is not None:
-        names.insert(0, type(model).__name__)
+        name = type(model).__name__
+        _refuse_multiple_choice(name)
+        own = next((t for suffix, t in _ARCH_SUFFIX.items() if name.endswith(suffix)), None)
+        if own is not None:
+            return own
+        if name.endswith("Model") and "For" not in name:
+            # BertModel from AutoModel of a masked-LM checkpoint (architectures names the
+            # head): the object given is the encoder alone, as check_task reads it
+            return "base"
+        names.insert(0, name)
     for name in names:
         _refuse_multiple_choice(name)  # else "base": its encoder compiled, the head dropped
         for suffix, task in _ARCH_SUFFIX.items():
@@ -121,12 +130,21 @@ def resolve_dtype_device(dtype: str, device: str | None) -> tuple[torch.dtype, t
     return DTYPES[dtype], dev
 
 
+def unwrap_compiled(model):
+    """The module torch.compile wrapped (its OptimizedModule's forward takes *args, and kernl
+    traces the model itself), or `model` as it is."""
+    inner = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(inner, torch.nn.Module):
+        return inner
+    return model
+
+
 def load_model(model_or_path, task: str | None, dtype: torch.dtype, device: torch.device):
     """Returns (model in eval mode on device and dtype, task, source description)."""
     import transformers
 
     if isinstance(model_or_path, torch.nn.Module):
-        model = model_or_path
+        model = unwrap_compiled(model_or_path)
         source = type(model).__name__
         task = task or task_of(model.config, model)
         check_task(task, model)

@@ -514,8 +514,13 @@ class CompiledModel:
         """Types, devices and shapes of the call's inputs (their ranges are checked where they
         are copied in)."""
         if not inputs.keys() <= self._inputs.keys():
-            unknown = sorted(k for k in inputs if k not in self._inputs)
-            raise TypeError(f"unexpected input(s) {unknown}; this model takes {self.input_names}")
+            # None is HF's "not given" (position_ids=None, head_mask=None): taken as such
+            unknown = sorted(k for k in inputs if k not in self._inputs and inputs[k] is not None)
+            if unknown:
+                raise TypeError(
+                    f"unexpected input(s) {unknown}; this model takes {self.input_names}"
+                )
+            inputs = {k: v for k, v in inputs.items() if k in self._inputs}
         tensors: dict[str, torch.Tensor] = {}
         # Per call, on the host before the replay (7-9 µs of a small call's ~40, H200,
         # 2026-12-03): the tensor's flags rather than a `torch.device` made per input, one
@@ -589,7 +594,8 @@ def _as_tensor(name: str, value: Any) -> torch.Tensor:
 def _hf_call_options(inputs: dict[str, Any]) -> bool | None:
     """Hugging Face's call options, taken out of `inputs`: `return_dict` (returned: False
     gives a tuple), `output_attentions` and `output_hidden_states` when off (nothing but the
-    outputs is kept, so asking for them is refused by name)."""
+    outputs is kept, so asking for them is refused by name), and `use_cache` (meaningless
+    for an encoder, as in HF)."""
     if not inputs.keys() & _HF_CALL_OPTIONS:
         return None
     for name in ("output_attentions", "output_hidden_states"):
@@ -598,13 +604,18 @@ def _hf_call_options(inputs: dict[str, Any]) -> bool | None:
                 f"{name}=True: a kernl artifact returns the model's outputs only (its graphs "
                 "keep no intermediate attentions or hidden states)"
             )
+    use_cache = inputs.pop("use_cache", None)  # an encoder has no cache: either is served
+    if use_cache is not None and not isinstance(use_cache, bool):
+        raise TypeError(f"use_cache must be True, False or None, got {use_cache!r}")
     return_dict = inputs.pop("return_dict", None)
     if return_dict is not None and not isinstance(return_dict, bool):
         raise TypeError(f"return_dict must be True, False or None, got {return_dict!r}")
     return return_dict
 
 
-_HF_CALL_OPTIONS = frozenset({"return_dict", "output_attentions", "output_hidden_states"})
+_HF_CALL_OPTIONS = frozenset(
+    {"return_dict", "output_attentions", "output_hidden_states", "use_cache"}
+)
 
 
 def _positional(args: tuple, inputs: dict[str, Any], order: list[str]) -> dict[str, Any]:

@@ -53,9 +53,10 @@ def compile_encoder(
     torch_dtype, dev = resolve_dtype_device(dtype, device)
     if kernels and dev.type == "cpu" and torch_dtype == torch.bfloat16:
         raise ValueError(
-            "--dtype bf16 on the CPU: kernl's kernels run through Triton's interpreter there, "
-            "which computes bf16 wrongly (numpy has no bfloat16). Use --dtype fp32 or fp16 on "
-            "the CPU, --no-kernels (plain aten ops, bf16 works), or compile on a GPU."
+            "bf16 on the CPU: kernl's kernels run through Triton's interpreter there, which "
+            "computes bf16 wrongly (numpy has no bfloat16). Use fp32 or fp16 on the CPU "
+            "(--dtype / dtype=), plain aten ops (--no-kernels / kernels=False: bf16 works), "
+            "or compile on a GPU."
         )
     if dev.type == "cpu":
         # kernl's kernels run through Triton's interpreter on the CPU; the variable must be
