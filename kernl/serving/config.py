@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 # A generation batch runs for many steps: a request reaching an idle replica waits this long
 # for others to share them (generation_batcher.py).
 GENERATION_WAIT_MS = 5.0
+# On Ctrl-C or SIGTERM, requests in flight get this long to finish: with Ray's own stop
+# (about 4 s), within `docker stop`'s 10 s before it kills.
+DRAIN_S = 5.0
 
 
 @dataclass
@@ -27,6 +31,8 @@ class ServeConfig:
       default on the CPU, where timing every bucket through Triton's interpreter is slow).
     replay_cost_tokens: with plan_by="tokens", the fixed price of one replay in tokens
       (default: the smallest bucket's tokens).
+    drain_s: how long a stopping replica waits for its requests in flight to finish (on
+      Ctrl-C or SIGTERM, or when Ray Serve replaces it) before it stops regardless.
     """
 
     artifact: str
@@ -42,6 +48,7 @@ class ServeConfig:
     plan_by: str | None = None
     replay_cost_tokens: int | None = None
     app_name: str = "kernl"
+    drain_s: float = DRAIN_S
 
     def wait_s(self, generation: bool) -> float:
         """The batch wait in seconds: the configured one, else the task's default."""
@@ -54,11 +61,75 @@ class ServeConfig:
             raise ValueError(f"replicas must be at least 1, got {self.replicas}")
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
-        if self.batch_wait_ms is not None and self.batch_wait_ms < 0:
-            raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
+        # NaN passes `< 0` and then no deadline ever comes: every request waited forever.
+        if self.batch_wait_ms is not None and not _finite_at_least_0(self.batch_wait_ms):
+            raise ValueError(
+                f"batch_wait_ms must be a finite number >= 0, got {self.batch_wait_ms}"
+            )
+        if self.gpus_per_replica is not None and not _finite_at_least_0(self.gpus_per_replica):
+            raise ValueError(
+                f"gpus_per_replica must be a finite number >= 0, got {self.gpus_per_replica}"
+            )
+        if not _finite_at_least_0(self.cpus_per_replica):
+            raise ValueError(
+                f"cpus_per_replica must be a finite number >= 0, got {self.cpus_per_replica}"
+            )
+        if not _finite_at_least_0(self.drain_s):
+            raise ValueError(f"drain_s must be a finite number >= 0, got {self.drain_s}")
+        if self.replay_cost_tokens is not None and self.replay_cost_tokens < 0:
+            raise ValueError(f"replay_cost_tokens must be >= 0, got {self.replay_cost_tokens}")
         if self.plan_by not in (None, "time", "tokens"):
             raise ValueError(f"plan_by must be 'time' or 'tokens', got {self.plan_by!r}")
         if self.device not in (None, "cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if not 0 <= self.port <= 65535:  # 0: any free port
             raise ValueError(f"port must lie in [0, 65535], got {self.port}")
+
+
+def _finite_at_least_0(value: float) -> bool:
+    return math.isfinite(value) and value >= 0
+
+
+def config_from_args(args: dict) -> ServeConfig:
+    """A ServeConfig from a Ray Serve application builder's arguments (`serve run
+    kernl.serving.deployment:build artifact=PATH replicas=2 join=false`: strings; from a
+    Serve config file's `args`: YAML values), each parsed as its field's type: a boolean is
+    true/false/1/0 (the string "false" is not true), an integer an integer. Raises ValueError
+    naming the argument for an unknown one, a missing artifact or a value of the wrong type."""
+    kinds = {f.name: str(f.type).replace(" | None", "") for f in fields(ServeConfig)}
+    unknown = sorted(set(args) - set(kinds))
+    if unknown:
+        raise ValueError(f"unknown argument(s) {unknown}; known: {sorted(kinds)}")
+    if "artifact" not in args:
+        raise ValueError("missing argument artifact=PATH (the artifact folder)")
+    return ServeConfig(**{name: _parse(name, value, kinds[name]) for name, value in args.items()})
+
+
+_TRUE, _FALSE = ("true", "1"), ("false", "0")
+
+
+def _parse(name: str, value, kind: str):
+    text = str(value).strip()
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (str, int)) and text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        raise ValueError(f"{name}={value!r}: expected true or false (or 1 or 0)")
+    if kind == "int":
+        if isinstance(value, (bool, float)):
+            raise ValueError(f"{name}={value!r}: expected an integer")
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{name}={value!r}: expected an integer") from None
+    if kind == "float":
+        if isinstance(value, bool):
+            raise ValueError(f"{name}={value!r}: expected a number")
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{name}={value!r}: expected a number") from None
+    if not isinstance(value, str):
+        raise ValueError(f"{name}={value!r}: expected a string")
+    return value

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import socket
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import ray
 from ray import serve
@@ -35,7 +35,7 @@ from starlette.responses import Response
 from kernl.artifacts import read_manifest
 
 from .batching import measure_costs, token_costs
-from .config import ServeConfig
+from .config import ServeConfig, config_from_args
 from .encoder import Replay, serve_batch_bytes
 from .gather import BatchGatherer
 from .generation_protocol import GENERATION_TASKS, GenerationLimits, check_servable
@@ -176,6 +176,7 @@ def application(config: ServeConfig, deployment=None):
             num_replicas=config.replicas,
             ray_actor_options={"num_gpus": gpus, "num_cpus": config.cpus_per_replica},
             max_ongoing_requests=max(2 * rows, 8),
+            **draining(config),
         ).bind(config)
     if config.max_batch_size is None:
         buckets = manifest.bucket_list()
@@ -191,26 +192,24 @@ def application(config: ServeConfig, deployment=None):
         num_replicas=config.replicas,
         ray_actor_options={"num_gpus": gpus, "num_cpus": config.cpus_per_replica},
         max_ongoing_requests=max(2 * max_rows, 16),
+        **draining(config),
     ).bind(config)
+
+
+def draining(config: ServeConfig) -> dict:
+    """A stopping replica waits for its requests in flight, checking every `wait_loop_s` (at
+    most config.drain_s; Ray's default wait, 2 s, would hold even an idle replica that long)."""
+    return {
+        "graceful_shutdown_timeout_s": config.drain_s,
+        "graceful_shutdown_wait_loop_s": min(0.2, config.drain_s) or 0.01,
+    }
 
 
 def build(args: dict[str, str]):
     """Application builder for `serve run kernl.serving.deployment:build artifact=PATH
-    [replicas=N max_batch_size=N batch_wait_ms=F device=cpu|cuda]`."""
-    kinds = {
-        "replicas": int,
-        "max_batch_size": int,
-        "batch_wait_ms": float,
-        "gpus_per_replica": float,
-        "cpus_per_replica": float,
-        "replay_cost_tokens": int,
-        "plan_by": str,
-    }
-    fields = set(asdict(ServeConfig(artifact="")).keys())
-    unknown = sorted(set(args) - fields)
-    if unknown:
-        raise ValueError(f"unknown argument(s) {unknown}; known: {sorted(fields)}")
-    return application(ServeConfig(**{k: kinds.get(k, str)(v) for k, v in args.items()}))
+    [replicas=N max_batch_size=N batch_wait_ms=F join=true|false device=cpu|cuda ...]`: any
+    ServeConfig field, each value parsed as its type (config.config_from_args)."""
+    return application(config_from_args(args))
 
 
 def _cluster_has_gpus() -> bool:

@@ -18,6 +18,7 @@ No Ray here: the deployment (deployment.py) and the in-process benchmark use thi
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -46,6 +47,8 @@ class BatchGatherer(Generic[T, R]):
     ):
         if max_rows < 1:
             raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+        if not (math.isfinite(wait_s) and wait_s >= 0):
+            raise ValueError(f"wait_s must be a finite number >= 0, got {wait_s}")
         self.serve = serve
         self.executor = executor
         self.max_rows = max_rows

@@ -11,13 +11,18 @@ and how many requests it had served by then, itself included: those it opened wi
 those that joined it before this answer). With "stream": true, `text/event-stream`: one
 `data: {"index": k, "token_id": t[, "text": "..."]}` event per generated token, then
 `data: [DONE]` (OpenAI's convention); a model failure after the first event ends the stream
-with `data: {"error": "..."}` and no [DONE].
+with `data: {"error": "..."}` and no [DONE]. The events' "text" pieces add up to the answer's
+"text" (generation_protocol.StreamedText): a piece is what its token adds to the decoded text
+("" while a character is incomplete); should the stream end before the token taken as its
+last, a `data: {"text": "..."}` event before [DONE] carries the rest.
 
 Concurrency: requests waiting when a batch starts (or arriving within --batch-wait-ms of an
 idle replica) share one `generate` call when their sampling arguments match, up to the
 largest batch bucket; each gets its own row's tokens, equal to `model.generate` on its prompt
-alone (greedy). A request arriving during a batch waits for it to end. A client that
-disconnects has its row ignored; a batch whose rows are all abandoned stops at the next step.
+alone. A request arriving during a batch joins it at its next step in a free row (the
+default, where the runtime offers `open_batch`: not an encoder-decoder's), or with
+--no-join waits for it to end (generation_batcher.py). A client that disconnects has its row
+ignored; a batch whose rows are all abandoned stops at the next readback of its ids.
 
 Every check happens on arrival (before the model is loaded, if need be), so a bad request
 gets a 4xx naming the field and the limit, and the replica keeps serving."""
@@ -42,6 +47,7 @@ from .generation_protocol import (  # noqa: F401  (re-exported: the names tests 
     FIELDS,
     GenerationLimits,
     GenerationRequest,
+    StreamedText,
     answer_body,
     parse_generation_request,
     sse_event,
@@ -146,12 +152,16 @@ class KernlGenerator(Replica):
         then marks the ticket abandoned (its row is ignored; a batch of abandoned rows
         stops)."""
         ticket = self._batcher().submit(parsed)
+        text = StreamedText(self.detokenize, parsed) if self.detokenize is not None else None
         n, outcome = 0, "cancelled"
         try:
             async for token in ticket.tokens():
-                yield token_event(n, token, self.detokenize)
+                yield token_event(n, token, None if text is None else text.add(token))
                 n += 1
             outcome = "done"
+            rest = "" if text is None else text.finish()
+            if rest:  # the stream ended before the token StreamedText takes as its last
+                yield sse_event({"text": rest})
             yield sse_event("[DONE]")
         except Exception as e:  # not CancelledError/GeneratorExit: those are the client leaving
             outcome = "failed"

@@ -48,6 +48,7 @@ it is batched."""
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -82,8 +83,8 @@ class BatchPolicy:
     def __post_init__(self) -> None:
         if self.max_requests < 1:
             raise ValueError(f"max_requests must be at least 1, got {self.max_requests}")
-        if self.window_s < 0:
-            raise ValueError(f"window_s must be >= 0, got {self.window_s}")
+        if not (math.isfinite(self.window_s) and self.window_s >= 0):  # NaN: no deadline
+            raise ValueError(f"window_s must be a finite number >= 0, got {self.window_s}")
 
 
 @dataclass

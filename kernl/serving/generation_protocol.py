@@ -333,11 +333,63 @@ def answer_body(
     return {**body, **(extra or {})}
 
 
-def token_event(index: int, token: int, detokenize: Callable[[list[int]], str] | None) -> str:
+def token_event(index: int, token: int, text: str | None = None) -> str:
+    """One streamed token's event; `text`: what it adds to the answer's text (StreamedText)."""
     event = {"index": index, "token_id": token}
-    if detokenize is not None:
-        event["text"] = detokenize([token])
+    if text is not None:
+        event["text"] = text
     return sse_event(event)
+
+
+class StreamedText:
+    """The text of one streamed answer, piece by piece, so that the pieces of its events add
+    up to the text of the same answer returned at once (`detokenize` of all its ids).
+
+    A token decoded alone is not its share of the text: a SentencePiece tokenizer (Llama-2,
+    Mistral, T5) drops the space a word token starts with, and a byte-level BPE one (GPT-2,
+    Llama-3, Qwen2) splits a multi-byte character over tokens, each decoding to U+FFFD. So
+    each token's piece is what it adds to the decoded text of a window of the ids before it
+    (the ids since the token before the last piece, as vLLM's incremental detokenizer: one
+    short decode per token, not the whole answer's), held back while the decoded text ends
+    in U+FFFD (an incomplete character) and sent with the next token that completes it. The
+    answer's last token (an EOS id, or its `max_new_tokens`-th) flushes: its piece is the
+    rest of the whole answer's text."""
+
+    def __init__(self, detokenize: Callable[[list[int]], str], request: GenerationRequest):
+        self.detokenize = detokenize
+        self.eos = frozenset(request.key.eos)
+        self.budget = request.max_new_tokens
+        self.ids: list[int] = []
+        self.sent: list[str] = []  # the pieces handed out so far
+        self.finished = False
+        # ids[_start:_read] decode to text already sent; ids[_read:] to text not sent yet
+        self._start = self._read = 0
+
+    def add(self, token: int) -> str:
+        """The text `token` adds (perhaps "", held back until a later token completes it)."""
+        self.ids.append(token)
+        if token in self.eos or len(self.ids) >= self.budget:  # the answer's last token
+            return self.finish()
+        before = self.detokenize(self.ids[self._start : self._read])
+        now = self.detokenize(self.ids[self._start :])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""
+        self._start, self._read = self._read, len(self.ids)
+        return self._send(now[len(before) :])
+
+    def finish(self) -> str:
+        """The rest of the answer's text (once; "" after)."""
+        if self.finished:
+            return ""
+        self.finished = True
+        text, sent = self.detokenize(self.ids), "".join(self.sent)
+        # A decoder whose text of a prefix is not a prefix of the whole (none of Hugging
+        # Face's, but a tokenizer.json may hold anything) gets no piece that would repeat.
+        return self._send(text[len(sent) :] if text.startswith(sent) else "")
+
+    def _send(self, piece: str) -> str:
+        self.sent.append(piece)
+        return piece
 
 
 def sse_event(body) -> str:

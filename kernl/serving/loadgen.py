@@ -4,7 +4,9 @@ its next request as soon as the last one is answered, for a fixed count or time.
     python -m kernl.serving.loadgen http://127.0.0.1:8000/ --clients 16 --seq 128 \\
         --requests 50 --outputs pooler_output
 
-Prints one JSON line: clients, requests, sequences/s, p50/p99 latency in ms, errors."""
+Prints one JSON line: clients, requests, errors (and the first one's reason), sequences/s and
+p50/p99 latency in ms of the answered requests (200); exits 1 when a request failed, 2 when no
+timed request could start (the server unreachable, or its warm-up requests refused)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import argparse
 import http.client
 import json
 import random
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -21,13 +24,18 @@ from urllib.parse import urlparse
 @dataclass
 class LoadResult:
     clients: int
-    requests: int
-    errors: int
+    requests: int  # timed requests sent
+    errors: int  # of those, the ones not answered 200 (a 4xx/5xx, or no answer)
     seconds: float
-    sequences_per_s: float
+    sequences_per_s: float  # answered (200) requests only, as the latencies and tokens/s
     p50_ms: float
     p99_ms: float
     tokens_per_s: float = 0.0  # generation (max_new_tokens set): new tokens generated per s
+    first_error: str | None = None  # what went wrong first, when errors
+
+
+class LoadError(RuntimeError):
+    """No timed request could run: a client failed during its warm-up."""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -51,14 +59,29 @@ def run_load(
     """Each client sends `warmup` untimed requests, then `requests_per_client` timed ones of
     one sequence of `seq` random token ids; all clients start together. With
     `max_new_tokens`, the server is a generation server: each request asks for that many new
-    tokens (greedy, returned at the end) and tokens/s counts the ids that came back."""
+    tokens (greedy, returned at the end) and tokens/s counts the ids that came back.
+
+    A timed request answered with another status than 200, or not at all, counts in `errors`
+    (the first reason in `first_error`), not in the latencies, sequences/s or tokens/s. A
+    client whose warm-up fails stops every client at once: LoadError (no timed request ran).
+    ValueError for arguments that cannot make a request (`vocab` must be above 5)."""
+    if vocab <= 5:  # ids are drawn from [5, vocab): below 5 are a BERT vocabulary's specials
+        raise ValueError(
+            f"vocab must be above 5 (token ids are drawn from [5, vocab)), got {vocab}"
+        )
+    for name, value in (("clients", clients), ("requests", requests_per_client), ("seq", seq)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
     target = urlparse(url)
     path = target.path or "/"
     latencies: list[float] = []
-    errors = [0]
+    errors: list[str] = []  # one reason per failed timed request
+    warmup_failures: list[str] = []
     tokens = [0]
     lock = threading.Lock()
-    start_line = threading.Barrier(clients + 1, timeout=600)
+    start_line = threading.Barrier(clients + 1)
 
     def body(rng: random.Random) -> bytes:
         request = {"input_ids": [rng.randrange(5, vocab) for _ in range(seq)]}
@@ -68,34 +91,66 @@ def run_load(
             request["max_new_tokens"] = max_new_tokens
         return json.dumps(request).encode()
 
+    def send(conn: http.client.HTTPConnection, data: bytes) -> tuple[int, bytes]:
+        conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+
     def client(k: int) -> None:
         rng = random.Random(k)
         conn = http.client.HTTPConnection(target.hostname, target.port or 80, timeout=timeout)
+        try:
+            for _ in range(warmup):
+                status, answer = send(conn, body(rng))
+                if status != 200:
+                    raise LoadError(f"HTTP {status}: {answer[:300].decode(errors='replace')}")
+        except Exception as e:  # the others must not wait for this one at the start line
+            with lock:
+                warmup_failures.append(f"client {k}, warm-up: {type(e).__name__}: {e}")
+            start_line.abort()
+            conn.close()
+            return
+        try:
+            start_line.wait()
+        except threading.BrokenBarrierError:  # another client failed its warm-up
+            conn.close()
+            return
         mine: list[float] = []
-        bad = new = 0
-        for i in range(warmup + requests_per_client):
-            if i == warmup:
-                start_line.wait()
+        failed: list[str] = []
+        new = 0
+        for _ in range(requests_per_client):
             data = body(rng)
             t0 = time.perf_counter()
-            conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            answer = resp.read()
-            if i >= warmup:
-                mine.append(time.perf_counter() - t0)
-                bad += resp.status != 200
-                if max_new_tokens is not None and resp.status == 200:
-                    new += len(json.loads(answer)["generated_ids"])
+            try:
+                status, answer = send(conn, data)
+            except (OSError, http.client.HTTPException) as e:
+                failed.append(f"{type(e).__name__}: {e}")
+                conn.close()  # the next request opens a new connection
+                continue
+            if status != 200:
+                failed.append(f"HTTP {status}: {answer[:300].decode(errors='replace')}")
+                continue
+            mine.append(time.perf_counter() - t0)
+            if max_new_tokens is not None:
+                new += len(json.loads(answer)["generated_ids"])
         conn.close()
         with lock:
             latencies.extend(mine)
-            errors[0] += bad
+            errors.extend(failed)
             tokens[0] += new
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     for t in threads:
         t.start()
-    start_line.wait()
+    try:
+        start_line.wait()
+    except threading.BrokenBarrierError:
+        for t in threads:
+            t.join()
+        raise LoadError(
+            f"{len(warmup_failures)} of {clients} client(s) failed before the timed requests; "
+            f"first: {warmup_failures[0]}"
+        ) from None
     t0 = time.perf_counter()
     for t in threads:
         t.join()
@@ -103,13 +158,14 @@ def run_load(
     n = len(latencies)
     return LoadResult(
         clients=clients,
-        requests=n,
-        errors=errors[0],
+        requests=n + len(errors),
+        errors=len(errors),
         seconds=seconds,
         sequences_per_s=n / seconds,
         p50_ms=1000 * percentile(latencies, 0.5),
         p99_ms=1000 * percentile(latencies, 0.99),
         tokens_per_s=tokens[0] / seconds,
+        first_error=errors[0] if errors else None,
     )
 
 
@@ -127,16 +183,26 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="a generation server: new tokens per request (tokens/s is reported)",
     )
-    args = p.parse_args(argv)
-    result = run_load(
-        args.url,
-        args.clients,
-        args.requests,
-        args.seq,
-        args.vocab,
-        args.outputs,
-        max_new_tokens=args.max_new_tokens,
+    p.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds one request may take (default 120)"
     )
+    args = p.parse_args(argv)
+    try:
+        result = run_load(
+            args.url,
+            args.clients,
+            args.requests,
+            args.seq,
+            args.vocab,
+            args.outputs,
+            max_new_tokens=args.max_new_tokens,
+            timeout=args.timeout,
+        )
+    except ValueError as e:
+        p.error(str(e))  # exit 2
+    except LoadError as e:
+        print(f"loadgen: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(asdict(result)))
     return 0 if result.errors == 0 else 1
 

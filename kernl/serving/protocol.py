@@ -9,10 +9,12 @@ Request (POST /, or /predict):
      "encoding": "base64"}                               optional: "json" (default) or "base64"
     {"text": "hello world"} or {"text": [...]}           when the artifact has tokenizer.json
 Response:
-    {"outputs": {"last_hidden_state": [...], ...}, "bucket": "4x16", "replica": "...",
-     "replay": {"requests": 3, "rows": 5}}
+    {"outputs": {"last_hidden_state": [...], ...}, "replica": "...",
+     "replays": [{"bucket": "4x16", "requests": 3, "rows": 5}]}
   An output holds one value per sequence (sliced to the sequence's length), or the value
-  alone when the request sent one sequence as a flat list. A value is nested JSON numbers, or
+  alone when the request sent one sequence as a flat list. "replays": the replays that
+  served the request's sequences (several when they were cut into more than one bucket),
+  each with its bucket and how many requests and sequences shared it. A value is nested JSON numbers, or
   with "encoding": "base64" {"dtype": "float16", "shape": [768], "data": "<base64>"}: the
   tensor's raw little-endian bytes in C order, the same values bit for bit.
 

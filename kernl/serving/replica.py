@@ -31,6 +31,7 @@ def replica_device(configured: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+GET_PATHS = ("/ready", "/health", "/metrics")
 METRICS_NAMESPACE = "kernl"
 COUNTS_WINDOW_S = 0.01  # how long a replica's counts gather before one actor call
 
@@ -167,14 +168,22 @@ class Replica:
                 return json_response({"error": error, "replica": self.replica}, status=503)
         if path in self.POST_PATHS and request.method == "POST":
             return await self.post(await request.body())
+        return self.no_route(request.method, path)
+
+    def no_route(self, method: str, path: str) -> Response:
+        """404 for a path no route has; 405 with an `Allow` header (RFC 9110) for a route
+        asked with another method (GET / included: POST-only)."""
         posts = " (or " + ", ".join(self.POST_PATHS[1:]) + ")" if len(self.POST_PATHS) > 1 else ""
-        return json_response(
-            {
-                "error": f"no route {request.method} {path}; use POST /{posts}, "
-                "GET /ready, GET /health, GET /metrics"
-            },
-            status=404 if request.method in ("GET", "POST") else 405,
-        )
+        body = {
+            "error": f"no route {method} {path}; use POST /{posts}, "
+            "GET /ready, GET /health, GET /metrics"
+        }
+        allowed = "POST" if path in self.POST_PATHS else "GET" if path in GET_PATHS else None
+        if allowed is None:
+            return json_response(body, status=404)
+        response = json_response(body, status=405)
+        response.headers["Allow"] = allowed
+        return response
 
     async def post(self, body: bytes) -> Response:
         raise NotImplementedError

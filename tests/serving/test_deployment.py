@@ -25,6 +25,16 @@ def test_builder_types_arguments_and_defaults_batch_size(tiny_artifact):
     assert deployment.max_ongoing_requests == 16
 
 
+def test_builder_parses_booleans_and_integers(tiny_artifact):
+    """`serve run ... join=false port=8001`: join was left on ("false" is a true string) and
+    port a string (a TypeError)."""
+    app = build({"artifact": str(tiny_artifact), "join": "false", "port": "8001"})
+    config = app._bound_deployment.init_args[0]
+    assert config.join is False and config.port == 8001
+    with pytest.raises(ValueError, match="join='off': expected true or false"):
+        build({"artifact": str(tiny_artifact), "join": "off"})
+
+
 def test_builder_refuses_unknown_arguments(tiny_artifact):
     with pytest.raises(ValueError, match="unknown argument"):
         build({"artifact": str(tiny_artifact), "replica": "2"})
@@ -58,12 +68,12 @@ class _Stats:
         return {}
 
 
-def _get(path):
+def _get(path, method="GET"):
     from starlette.requests import Request
 
     scope = {
         "type": "http",
-        "method": "GET",
+        "method": method,
         "path": path,
         "root_path": "",
         "headers": [],
@@ -145,3 +155,34 @@ def test_a_failed_load_is_reported_and_fails_the_health_check(tiny_artifact, mon
     asyncio.run(scenario())
     with pytest.raises(RuntimeError, match="CUDA out of memory"):
         server.check_health()  # Ray Serve replaces the replica
+
+
+@pytest.mark.parametrize(
+    "method, path, status, allow",
+    [
+        ("GET", "/", 405, "POST"),  # was 404: the route is there, for POST
+        ("GET", "/predict", 405, "POST"),
+        ("PUT", "/predict/", 405, "POST"),
+        ("POST", "/ready", 405, "GET"),
+        ("DELETE", "/metrics", 405, "GET"),
+        ("GET", "/nope", 404, None),
+        ("DELETE", "/nope", 404, None),
+    ],
+)
+def test_a_wrong_method_gets_405_with_allow_and_an_unknown_path_404(method, path, status, allow):
+    """RFC 9110: a 405 names the methods the route takes in `Allow`."""
+    from concurrent.futures import Future
+
+    from kernl.serving.replica import Replica
+
+    class Routes(Replica):
+        POST_PATHS = ("/", "/predict")
+        replica = "test"
+        config = ServeConfig(artifact="x")
+
+    server = Routes()
+    server.loading = Future()
+    answer = asyncio.run(server(_get(path, method)))
+    assert answer.status_code == status, answer.body
+    assert answer.headers.get("Allow") == allow
+    assert "use POST /" in json.loads(answer.body)["error"]

@@ -164,6 +164,7 @@ def test_returned_and_streamed_generation_equal_direct_generate(gen_server, dire
     assert events[-1] == "[DONE]"
     assert [e["token_id"] for e in events[:-1]] == want
     assert [e["index"] for e in events[:-1]] == list(range(12))
+    assert "".join(e["text"] for e in events[:-1]) == answer["text"]  # pieces add up
 
     sampled = {"do_sample": True, "temperature": 0.9, "top_k": 20, "top_p": 0.9, "seed": 7}
     status, answer = post(gen_server, {"input_ids": prompt, "max_new_tokens": 9, **sampled})
@@ -368,3 +369,37 @@ def test_load_generator_measures_generation(gen_server):
     )
     assert result.errors == 0 and result.requests == 8, result
     assert result.tokens_per_s == pytest.approx(8 * 6 / result.seconds), result
+
+
+def test_sigterm_lets_a_stream_in_flight_finish_and_exits_0(llama_artifact, tmp_path):
+    """SIGTERM (as a container stop sends) while a stream runs: no new requests, the stream
+    ends with all its tokens and [DONE], then the server exits 0. It cut the stream off at
+    once; and a SIGTERM after /ready answered 200 but before serve.run returned (the tiny
+    model loads in milliseconds: this test sends it then) exited 130 "interrupted while
+    starting"."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "kernl.serving", str(llama_artifact), "--port", str(port)]
+    cmd += ["--device", "cpu", "--ray-address", "local", "--drain-s", "30"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(port, proc, log, replicas=1)
+        body = {"input_ids": [5, 6], "max_new_tokens": 120, "eos_token_id": [], "stream": True}
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_S)
+        conn.request("POST", "/", body=json.dumps(body).encode())
+        resp = conn.getresponse()
+        assert resp.status == 200
+        first = resp.readline()
+        assert first.startswith(b"data: {"), first
+        proc.send_signal(signal.SIGTERM)
+        rest = resp.read().decode()  # to the end of the stream
+        conn.close()
+        events = [first.decode()] + [e for e in rest.split("\n") if e.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and len(events) == 121, (events[-3:], len(events))
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+        assert "stopping: no new requests" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

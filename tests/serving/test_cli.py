@@ -1,0 +1,53 @@
+"""`kernl serve`'s entry point (kernl/serving/cli.py) refusing what would fail inside Ray: a
+port another process listens on is refused in a second, before Ray starts (it took Ray's
+half-minute start and then a long traceback). No Ray is started here."""
+
+import socket
+
+import pytest
+
+pytest.importorskip("ray", reason="kernl serve needs Ray Serve (kernl[serve])")
+
+import ray  # noqa: E402
+
+from kernl.serving.cli import build_parser, check_port_free, serve_main  # noqa: E402
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray, "init", refuse)
+
+
+@pytest.fixture
+def busy_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def test_a_port_in_use_is_refused_before_ray_starts(tiny_artifact, busy_port, no_ray, capsys):
+    argv = [str(tiny_artifact), "--port", str(busy_port), "--ingress", "python"]
+    assert serve_main(argv) == 2
+    assert f"port {busy_port} on 127.0.0.1 is in use" in capsys.readouterr().err
+
+
+def test_port_check(busy_port):
+    with pytest.raises(ValueError, match=f"port {busy_port} on 0.0.0.0 is in use"):
+        check_port_free("0.0.0.0", busy_port)  # all addresses include 127.0.0.1
+    with pytest.raises(ValueError, match="cannot resolve"):
+        check_port_free("no-such-host.invalid", 8000)
+    check_port_free("127.0.0.1", 0)  # any free port
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    check_port_free("127.0.0.1", free)
+
+
+def test_drain_option_is_documented_and_checked(tmp_path, capsys):
+    assert "--drain-s" in build_parser().format_help()
+    assert serve_main([str(tmp_path / "x.kernl"), "--drain-s", "nan"]) == 2
+    assert "drain_s must be a finite number >= 0" in capsys.readouterr().err

@@ -1,0 +1,114 @@
+"""The load generator (kernl.serving.loadgen) against a stand-in HTTP server: failures are
+counted apart from the answered requests, and a client that fails early stops the run at once
+instead of leaving the others at the start line for 10 minutes. No Ray, no model."""
+
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from kernl.serving.loadgen import LoadError, main, run_load
+
+DEADLINE_S = 30  # the run must end well before this (it hung for 600 s)
+
+
+class _Answers(BaseHTTPRequestHandler):
+    """Answers 200 {"generated_ids": [1, 2]}, except every `fail_every`-th request: 422."""
+
+    fail_every = 0
+    count = 0
+    lock = threading.Lock()
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        with self.lock:
+            type(self).count += 1
+            fail = self.fail_every and self.count % self.fail_every == 0
+        body = json.dumps({"error": "no"} if fail else {"generated_ids": [1, 2]}).encode()
+        self.send_response(422 if fail else 200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    handler = type("Answers", (_Answers,), {"count": 0, "fail_every": 0})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def url_of(httpd) -> str:
+    return f"http://127.0.0.1:{httpd.server_address[1]}/"
+
+
+def finishing(fn, *args, **kwargs):
+    """fn's result or exception, failing the test (not hanging it) past DEADLINE_S."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = fn(*args, **kwargs)
+        except BaseException as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(DEADLINE_S)
+    assert not thread.is_alive(), f"still running after {DEADLINE_S} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def test_failed_requests_are_counted_apart(server):
+    server.RequestHandlerClass.fail_every = 2  # every other request: 422
+    result = finishing(run_load, url_of(server), 1, 6, 4, warmup=0, max_new_tokens=2)
+    assert result.requests == 6 and result.errors == 3, result
+    assert result.first_error.startswith("HTTP 422"), result
+    # rates count the 3 answered requests, not the 3 refused
+    assert result.sequences_per_s == pytest.approx(3 / result.seconds)
+    assert result.tokens_per_s == pytest.approx(3 * 2 / result.seconds)
+
+
+def test_an_unreachable_server_ends_the_run_at_once():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(LoadError, match="failed before the timed requests"):
+        finishing(run_load, f"http://127.0.0.1:{port}/", 3, 2, 4, timeout=5)
+
+
+def test_a_refused_warm_up_ends_the_run_at_once(server):
+    server.RequestHandlerClass.fail_every = 1
+    with pytest.raises(LoadError, match="HTTP 422"):
+        finishing(run_load, url_of(server), 4, 2, 4)
+
+
+@pytest.mark.parametrize("vocab", [5, 1, 0])
+def test_a_vocab_of_5_or_less_is_refused(server, vocab, capsys):
+    with pytest.raises(ValueError, match="vocab must be above 5"):
+        finishing(run_load, url_of(server), 2, 2, 4, vocab=vocab)
+    with pytest.raises(SystemExit) as exit:
+        finishing(main, [url_of(server), "--vocab", str(vocab)])
+    assert exit.value.code == 2 and "vocab must be above 5" in capsys.readouterr().err
+
+
+def test_main_exits_2_when_the_server_is_unreachable(capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert finishing(main, [f"http://127.0.0.1:{port}/", "--clients", "2"]) == 2
+    assert "failed before the timed requests" in capsys.readouterr().err
