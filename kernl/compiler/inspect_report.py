@@ -389,13 +389,7 @@ def _generation_lines(r: InspectReport) -> list[str]:
     if r.decode_kernels is not None:
         step = " ".join(f"{k}={v}" for k, v in r.decode_kernels.items())
         lines.append(f"decode step {step}")
-    binaries = (
-        f"{len(r.kernels)} kernel binaries"
-        if r.kernels
-        else "no kernel binaries (plain torch decode step"
-        + (", CPU build)" if r.target == "cpu" else ")")
-    )
-    lines.append(f"kernels     {binaries}")
+    lines.append(_decode_binaries(r))
     prefill = [b for b in r.buckets if b.stage == "prefill"]
     decode = [b for b in r.buckets if b.stage == "decode"]
     other = [b for b in r.buckets if b.stage not in ("prefill", "decode")]
@@ -417,12 +411,7 @@ def _generation_lines(r: InspectReport) -> list[str]:
         f"{len(prefill)} prefill bucket(s) (batch x prompt length), {len(decode)} "
         "decode bucket(s) (batch x KV length a step attends to)"
     )
-    for k in r.kernels:
-        extra = " ".join(f"{key}={v}" for key, v in k["meta"].items() if key != "key")
-        lines.append(
-            f"  {k['name']:<18} {k['function']:<32} warps={k['num_warps']} "
-            f"shared={k['shared_mem']} {extra} {_mib(k['bytes'])}"
-        )
+    lines += _binary_lines(r)
     return lines
 
 
@@ -461,12 +450,21 @@ def _seq2seq_lines(r: InspectReport) -> list[str]:
     ]
     if r.decode_kernels is not None:
         lines.append("decode step " + " ".join(f"{k}={v}" for k, v in r.decode_kernels.items()))
-    lines.append(
-        f"kernels     {len(r.kernels)} kernel binaries"
-        if r.kernels
-        else "kernels     no kernel binaries (plain torch decode step"
-        + (", CPU build)" if r.target == "cpu" else ")")
-    )
+    lines.append(_decode_binaries(r))
+    lines += _binary_lines(r)
+    return lines
+
+
+def _decode_binaries(r: InspectReport) -> str:
+    if r.kernels:
+        return f"kernels     {len(r.kernels)} kernel binaries"
+    build = ", CPU build" if r.target == "cpu" else ""
+    return f"kernels     no kernel binaries (plain torch decode step{build})"
+
+
+def _binary_lines(r: InspectReport) -> list[str]:
+    """One line per kernel binary: name, function, launch settings, size."""
+    lines = []
     for k in r.kernels:
         extra = " ".join(f"{key}={v}" for key, v in k["meta"].items() if key != "key")
         lines.append(
@@ -480,12 +478,7 @@ def _kernel_lines(r: InspectReport) -> list[str]:
     lines = []
     if r.kernels:
         lines.append(f"kernel binaries ({len(r.kernels)}):")
-        for k in r.kernels:
-            extra = " ".join(f"{key}={v}" for key, v in k["meta"].items() if key != "key")
-            lines.append(
-                f"  {k['name']:<18} {k['function']:<32} warps={k['num_warps']} "
-                f"shared={k['shared_mem']} {extra} {_mib(k['bytes'])}"
-            )
+        lines += _binary_lines(r)
     else:
         why = (
             "no binaries are built for the CPU"
