@@ -51,7 +51,9 @@ VARIANTS = [
         ),
     ),
 ]
-NEW = 12
+# enough steps for every slot path (a cache write per step, the counters left for the next
+# launch); the interpreter takes seconds a step
+NEW = 6
 
 
 @pytest.fixture(scope="module", params=["llama3", "qwen2", "gpt2"])
@@ -111,7 +113,7 @@ def test_forced_decode_kernels_are_stored_and_served(tmp_path):
 
     report = compile_causal_lm(
         tiny_model("llama3"),
-        "batch=4 prompt=16 cache=32",
+        "batch=4 prompt=16 cache=24",  # the compile's check runs the forced step to the end
         tmp_path / "lm.kernl",
         dtype="fp32",
         device="cpu",
@@ -142,7 +144,7 @@ def test_a_forced_persistent_step_config_is_stored_and_served(tmp_path):
     forced = {"step": "persistent", "step_config": pairs}
     compile_causal_lm(
         tiny_model("llama3"),
-        "batch=4 prompt=16 cache=32",
+        "batch=4 prompt=16 cache=24",
         tmp_path / "lm.kernl",
         dtype="fp32",
         device="cpu",
@@ -327,25 +329,22 @@ def test_the_persistent_step_serves_only_its_buckets(four_buckets):
     assert DecodeKernels(step="persistent").step_config_for(4, 16) == ()  # every bucket
     for batch, prompts in ((1, [5]), (4, [7, 3, 8, 2])):
         ids, mask = mixed_prompts(batch, prompts)
-        # 6 new tokens stay within the 16-slot bucket; 12 move on to the 32-slot one
-        for new in (6, 12):
-            model.decoder.kernels = DecodeKernels()
-            model._steps.clear()
-            ref = list(
-                model.stream(ids, mask, max_new_tokens=new, eos_token_id=[], output_logits=True)
-            )
-            model.decoder.kernels = k
-            model._steps.clear()
-            model.decoder._step_buffers.clear()
-            out = list(
-                model.stream(ids, mask, max_new_tokens=new, eos_token_id=[], output_logits=True)
-            )
-            ran = {(rows, c.SPLIT_DOWN, c.SPLIT_O) for rows, c in model.decoder._step_buffers}
-            expected = {(1, 2, 4)} if batch == 1 else ({(4, 8, 2)} if new == 12 else set())
-            assert ran == expected
-            for (i, lg), (ri, rlg) in zip(out, ref):
-                assert torch.equal(i, ri)
-                assert (lg - rlg).abs().max() < 1e-4 * max(1.0, rlg.abs().max())
+        # 12 new tokens: the first steps in the 16-slot bucket (the persistent step at 1x16,
+        # the pieces at 4x16), the rest in the 32-slot one (the pieces at 1x32, the
+        # persistent step at 4x32)
+        model.decoder.kernels = DecodeKernels()
+        model._steps.clear()
+        ref = list(model.stream(ids, mask, max_new_tokens=12, eos_token_id=[], output_logits=True))
+        model.decoder.kernels = k
+        model._steps.clear()
+        model.decoder._step_buffers.clear()
+        out = list(model.stream(ids, mask, max_new_tokens=12, eos_token_id=[], output_logits=True))
+        ran = {(rows, c.SPLIT_DOWN, c.SPLIT_O) for rows, c in model.decoder._step_buffers}
+        assert ran == ({(1, 2, 4)} if batch == 1 else {(4, 8, 2)})
+        assert len(out) == len(ref) == 12
+        for (i, lg), (ri, rlg) in zip(out, ref):
+            assert torch.equal(i, ri)
+            assert (lg - rlg).abs().max() < 1e-4 * max(1.0, rlg.abs().max())
 
 
 def test_a_step_bucket_the_artifact_does_not_have_is_refused(four_buckets, tmp_path):
