@@ -30,8 +30,10 @@ class Tally:
 class Server:
     def __init__(self):
         self.stats = SharedStats(Tally, "kernl-test-tally")
+        self.started = 0
 
     async def request(self):
+        self.started += 1
         self.stats.send("add")
         try:
             await asyncio.sleep(60)
@@ -42,13 +44,27 @@ class Server:
     async def metrics(self):
         return await self.stats.snapshot()
 
+    async def started_requests(self):
+        return self.started
+
+
+def wait_until_started(server, count: int) -> None:
+    """Cancel only requests that run: one cancelled while still queued never counts at all
+    (a loaded host once left one queued after half a second: 21 counts short)."""
+    deadline = time.monotonic() + 60
+    while ray.get(server.started_requests.remote()) < count:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {ray.get(server.started_requests.remote())} of {count} ran")
+        time.sleep(0.05)
+
 
 if __name__ == "__main__":
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     server = Server.remote()
-    for _ in range(ROUNDS):
+    for round_ in range(ROUNDS):
         refs = [server.request.remote() for _ in range(REQUESTS)]
-        time.sleep(0.5)
+        wait_until_started(server, (round_ + 1) * REQUESTS)
+        time.sleep(0.1)
         for ref in refs:
             ray.cancel(ref)  # recursive, as Ray Serve's on a client's disconnect
             time.sleep(0.01)
