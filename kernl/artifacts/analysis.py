@@ -509,6 +509,12 @@ class _Walk:
         offset = kwargs.get("storage_offset", args[3] if len(args) > 3 else None)
         if not isinstance(self_, self.torch.Tensor):
             return
+        fixed = self.fixed.get(self._key(self_))
+        if fixed is not None and offset is not None:
+            # A storage offset is absolute: the runtime lays inputs (and weights) out as rows
+            # of shared blocks, so an offset into this walk's storage of one input is another
+            # tensor's there (offset 0 of attention_mask is input_ids).
+            raise _Fail(f"as_strided over {fixed} with an explicit storage offset {offset}")
         offset = self_.storage_offset() if offset is None else offset
         ok = (
             isinstance(size, list)

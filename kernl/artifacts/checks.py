@@ -35,8 +35,10 @@ INPUT_DTYPES = {
     "int16": (-(1 << 15), 1 << 15),
     "int32": (-(1 << 31), 1 << 31),
     "int64": (-(1 << 63), 1 << 63),
-    "bool": (0, 2),
 }
+# The inputs the runtime range-checks against a table of model_config's (runtime/model.py):
+# their dtype must hold every row of it.
+TABLE_SIZES = {"input_ids": "vocab_size", "token_type_ids": "type_vocab_size"}
 INPUT_DEFAULTS = ("required", "zeros", "ones")
 TARGETS = ("cpu", "cuda")
 # Matched with fullmatch only: `re.match("...$")` accepts a trailing newline.
@@ -149,6 +151,14 @@ def check_manifest(m: Manifest, where: str, limits: ReadLimits = DEFAULT_LIMITS)
             _one_of(spec.default, INPUT_DEFAULTS),
             where,
             f"input {spec.name!r} has default {spec.default!r}",
+        )
+        key = TABLE_SIZES.get(spec.name)
+        size = m.model_config.get(key) if key and isinstance(m.model_config, dict) else None
+        _require(
+            not _is_int(size) or size <= hi,
+            where,
+            f"input {spec.name!r} is {spec.dtype}, which cannot hold the {size} rows of its "
+            f"table (model_config.{key})",
         )
 
     _require(isinstance(m.outputs, list) and m.outputs, where, "no outputs")
@@ -307,17 +317,16 @@ def check_file_chunks(m: Manifest, where: str, limits: ReadLimits = DEFAULT_LIMI
 
 
 def _check_kernel_meta(name: str, meta: dict, where: str) -> None:
-    if "key" in meta:
-        _require(isinstance(meta["key"], str), where, f"kernel {name!r}: key is not a string")
+    """key and arg_types are what the runtime launches a binary by (runtime/__init__.py)."""
+    _require(isinstance(meta.get("key"), str), where, f"kernel {name!r}: meta.key is not a string")
     if "num_ctas" in meta:
         n = meta["num_ctas"]
         _require(_is_int(n) and 1 <= n <= 16, where, f"kernel {name!r}: num_ctas {n!r}")
-    if "arg_types" in meta:
-        at = meta["arg_types"]
-        ok = isinstance(at, list) and all(
-            isinstance(p, list) and len(p) == 2 and all(isinstance(s, str) for s in p) for p in at
-        )
-        _require(ok, where, f"kernel {name!r}: arg_types is not a list of [name, type] pairs")
+    at = meta.get("arg_types")
+    ok = isinstance(at, list) and all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(s, str) for s in p) for p in at
+    )
+    _require(ok, where, f"kernel {name!r}: meta.arg_types is not a list of [name, type] pairs")
 
 
 def _check_arg(arg: Any, n: int, depth: int = 0) -> None:

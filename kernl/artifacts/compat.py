@@ -44,6 +44,13 @@ def check_compatibility(
             f"{torch_version}, another major version whose aten ops may differ. Recompile "
             f"with this torch."
         )
+    if device_type == "cuda" and manifest.target == "cpu":
+        # its kernel ops would go through Triton's JIT there: never at run time
+        raise ArtifactCompatibilityError(
+            "this artifact was compiled for the CPU (kernl-compile --device cpu): it holds no "
+            "kernel binaries, was tuned and validated on no GPU, and the runtime compiles "
+            "nothing. Recompile it on this GPU type, or load it with device='cpu'."
+        )
     if not manifest.kernels:
         return
     built_for = f"{manifest.gpu_name} (compute capability {manifest.compute_capability})"

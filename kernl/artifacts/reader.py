@@ -40,7 +40,7 @@ from .schema import (
     WEIGHTS_FILE,
     Manifest,
 )
-from .signing import PublicKey, check_signature, load_trusted_keys
+from .signing import PublicKey, check_signature, load_trusted_keys, trusted_keys_from_env
 from .vocabulary import is_allowed_op
 
 if TYPE_CHECKING:  # imported where a causal-LM artifact is checked: the rest never need it
@@ -100,7 +100,7 @@ def read_manifest(
     data = read_inside(root, MANIFEST_FILE, "manifest", limits.max_manifest_bytes)
     path = root / MANIFEST_FILE
     if trusted_keys:
-        check_signature(root, data, load_trusted_keys(list(trusted_keys)))
+        check_signature(root, data, load_trusted_keys(trusted_keys))
     raw = _unpack(path, data, "the manifest")
     if not isinstance(raw, dict):
         raise ArtifactCorruptError(f"{path}: the manifest is not a map")
@@ -513,12 +513,13 @@ def verify_artifact(
 ) -> Manifest:
     """Everything short of loading onto a device, i.e. every check `load()` makes
     (`check_artifact`). `is_known_op` adds a vocabulary of the caller's on top of the
-    format's own (it can narrow it, never widen it). Raises an ArtifactError subclass;
-    returns the manifest."""
+    format's own (it can narrow it, never widen it). Without `trusted_keys`, the key files
+    `KERNL_TRUSTED_KEYS` names are required, as `load()` requires them. Raises an
+    ArtifactError subclass; returns the manifest."""
     return check_artifact(
         root,
         limits=limits,
-        trusted_keys=trusted_keys,
+        trusted_keys=trusted_keys or trusted_keys_from_env(),
         free_bytes=free_bytes,
         is_known_op=is_known_op,
     ).manifest

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,13 @@ def trusted_keys_from_env() -> list[str]:
     return [p for p in value.split(os.pathsep) if p.strip()]
 
 
-def load_trusted_keys(paths: list[str | os.PathLike] | None) -> list[PublicKey]:
+def load_trusted_keys(
+    paths: Sequence[str | os.PathLike | PublicKey] | str | os.PathLike | PublicKey | None,
+) -> list[PublicKey]:
+    """The keys of `paths`: key files or loaded keys, a list of them or one (one path is one
+    key file, not a list of its characters)."""
+    if isinstance(paths, (str, os.PathLike, PublicKey)):
+        paths = [paths]
     keys = []
     for p in paths or []:
         keys.append(p if isinstance(p, PublicKey) else load_public_key(p))

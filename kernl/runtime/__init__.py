@@ -37,24 +37,29 @@ def load(
 ) -> CompiledModel:
     """Load an artifact and make it ready to serve.
 
-    device: "cuda" (default when a GPU is present), "cuda:N" or "cpu".
+    device: "cuda", "cuda:N" or "cpu". Default: "cuda" when a GPU is present and the artifact
+      was compiled for one; "cpu" otherwise (an artifact compiled with `--device cpu` holds no
+      kernel binaries, and the runtime compiles nothing: it is refused on a GPU).
     capture: on CUDA, "load" captures every bucket's graph now (the first call is then as fast
       as any), "lazy" captures each bucket on its first call, "never" runs ops eagerly.
     verify: check every file's sha256 before use (on by default; an artifact that fails is
       refused with an `ArtifactError`).
     trusted_keys: Ed25519 public key files (PEM); when given, or when `KERNL_TRUSTED_KEYS`
       names some (os.pathsep-separated), the artifact must be signed by one of them
-      (`kernl-compile --sign`), whatever `verify` says. Needs `kernl[sign]`.
+      (`kernl-compile --sign`), whatever `verify` says, and every file's sha256 is then
+      checked even with `verify=False` (the signature covers the manifest, the hashes the
+      files it names). Needs `kernl[sign]`.
 
     Everything `kernl verify` checks is checked here too, by the same code
     (`kernl.artifacts.reader.check_artifact`), including the memory plan against this
     device's free memory, before any weight is read.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={str(device)!r}: kernl runs artifacts on 'cuda' or 'cpu'")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was asked for but torch sees no CUDA GPU")
+    if device is not None:
+        device = torch.device(device)
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device={str(device)!r}: kernl runs artifacts on 'cuda' or 'cpu'")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' was asked for but torch sees no CUDA GPU")
     # Its buffers are written in place by every call: made as plain tensors, not as
     # inference tensors (which a load under torch.inference_mode() would make, and which a
     # call from outside it, such as a server's worker thread, could then not write).
@@ -62,11 +67,12 @@ def load(
         return _load(Path(path), device, capture, verify, trusted_keys)
 
 
-def _load(root: Path, device: torch.device, capture: str, verify: bool, trusted_keys):
-    if isinstance(trusted_keys, (str, os.PathLike)):  # one key file, not its characters
-        trusted_keys = [trusted_keys]
-    keys = load_trusted_keys(list(trusted_keys or trusted_keys_from_env()))
+def _load(root: Path, device: torch.device | None, capture: str, verify: bool, trusted_keys):
+    keys = load_trusted_keys(trusted_keys or trusted_keys_from_env())
     manifest = read_manifest(root, trusted_keys=keys)
+    if device is None:
+        on_gpu = torch.cuda.is_available() and manifest.target != "cpu"
+        device = torch.device("cuda" if on_gpu else "cpu")
     # Hash the files in the background while the weights are read: threads that hash every
     # file, and the chunks of the large ones (extra.file_chunks), on pools sized from the
     # cores (sha256 alone runs at about 1 GB/s per core). The code (kernel binaries,
@@ -75,7 +81,7 @@ def _load(root: Path, device: torch.device, capture: str, verify: bool, trusted_
     # cannot run, and a tampered file still fails the load): load() returns once every hash
     # has matched.
     code_check = weights_check = None
-    if verify:
+    if verify or keys:  # a signature is worth what the hashes tie to the manifest
         code = [rel for rel in manifest.files if rel != WEIGHTS_FILE]
         code_check = _Background(verify_files, root, manifest, files=code)
         weights_check = _Background(verify_files, root, manifest, files=[WEIGHTS_FILE])
@@ -197,7 +203,7 @@ def _check_compatibility(manifest, device: torch.device) -> None:
     import importlib.metadata
 
     capability = None
-    if device.type == "cuda":
+    if device.type == "cuda" and manifest.target != "cpu":  # a CPU build is refused anyway
         capability = "{}.{}".format(*torch.cuda.get_device_capability(device))
     try:
         triton_version = importlib.metadata.version("triton")

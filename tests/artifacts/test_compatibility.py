@@ -15,7 +15,14 @@ from kernl.artifacts import (
     read_manifest,
 )
 
-KERNEL = KernelBinary(name="k0", file="kernels/k0.cubin", function="k0", num_warps=4, shared_mem=0)
+KERNEL = KernelBinary(
+    name="k0",
+    file="kernels/k0.cubin",
+    function="k0",
+    num_warps=4,
+    shared_mem=0,
+    meta={"key": "k0", "arg_types": [["x", "*fp16"]]},
+)
 
 
 @pytest.fixture
@@ -86,3 +93,19 @@ def test_load_refuses_another_torch_major(small_artifact, tmp_path):
     with pytest.raises(ArtifactCompatibilityError) as info:
         kernl.runtime.load(root, device="cpu")
     assert "torch 1.13.1" in str(info.value) and f"torch {torch.__version__}" in str(info.value)
+
+
+def test_a_cpu_build_is_refused_on_a_gpu(small_artifact):
+    """Its kernel ops would compile through Triton's JIT there: the runtime compiles nothing."""
+    cpu_build = read_manifest(small_artifact)
+    assert cpu_build.target == "cpu" and not cpu_build.kernels
+    with pytest.raises(ArtifactCompatibilityError, match="compiled for the CPU.*device='cpu'"):
+        check_compatibility(cpu_build, "cuda", "9.0", torch.__version__, "3.6.0")
+    check_compatibility(cpu_build, "cpu", None, torch.__version__, "3.6.0")
+
+
+def test_a_cpu_build_loads_on_the_cpu_by_default_where_a_gpu_is(small_artifact, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = kernl.runtime.load(small_artifact)
+    assert model.device == torch.device("cpu")
+    assert model(input_ids=torch.tensor([[5, 6]])).last_hidden_state.shape == (1, 2, 64)

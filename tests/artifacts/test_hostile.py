@@ -174,6 +174,7 @@ def _input_id(root: Path, name: str) -> int:
 WORD = "model.embeddings.word_embeddings.weight"
 POSITIONS = "model.embeddings.position_ids"
 LN_W = "model.embeddings.LayerNorm.weight"
+TYPES = "model.embeddings.token_type_embeddings.weight"
 
 
 def _instructions(root: Path, *instructions) -> None:
@@ -382,6 +383,39 @@ CASES = {
         "dtype 'load'",
         M,
     ),
+    # the runtime range-checks inputs in their own dtype: a bool block has no iinfo
+    "bool input": Case(
+        lambda r, o: edit_manifest(
+            r,
+            lambda m: [s.__setitem__("dtype", "bool") for s in m["inputs"] if "mask" in s["name"]],
+        ),
+        ArtifactCorruptError,
+        "dtype 'bool', not an integer dtype",
+        M,
+    ),
+    "input dtype narrower than its table": Case(
+        lambda r, o: edit_manifest(
+            r,
+            lambda m: (
+                m["model_config"].__setitem__("vocab_size", 300),
+                [s.__setitem__("dtype", "int8") for s in m["inputs"]],
+            ),
+        ),
+        ArtifactCorruptError,
+        "'input_ids' is int8, which cannot hold the 300 rows of its table",
+        M,
+    ),
+    "kernel without its launch key": Case(
+        lambda r, o: edit_manifest(
+            r,
+            lambda m: m["kernels"].append(
+                dict(name="k", file="kernels/k.cubin", function="f", num_warps=4, shared_mem=0)
+            ),
+        ),
+        ArtifactCorruptError,
+        "kernel 'k': meta.key is not a string",
+        M,
+    ),
     "unknown argument tag": Case(
         lambda r, o: _append_instruction(
             r, ["aten.zeros.default", [[2]], {"dtype": {"import": "os"}}, []]
@@ -577,6 +611,18 @@ CASES = {
         lambda r, o: _instructions(r, ["aten.as_strided.default", ["@" + LN_W, [64], [2]], {}]),
         ArtifactUnsafeError,
         "out of bounds",
+        "b1_s8",
+    ),
+    # offset 0 of the mask's row in the runtime's input block is input_ids: as token types,
+    # token ids read far past a 2-row table (the walk saw the mask's own 0/1 storage)
+    "as_strided over an input at an explicit offset": Case(
+        lambda r, o: _instructions(
+            r,
+            ["aten.as_strided.default", ["@attention_mask", [1, 8], [8, 1], 0], {}],
+            ["aten.embedding.default", ["@" + TYPES, "$0"], {}],
+        ),
+        ArtifactUnsafeError,
+        "as_strided over input 'attention_mask' with an explicit storage offset 0",
         "b1_s8",
     ),
     # unbounded totals

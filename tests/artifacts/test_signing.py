@@ -88,6 +88,18 @@ def test_a_weight_swapped_after_signing_is_refused(signed, keys, tmp_path):
     _refuse_everywhere(root, keys[1], ArtifactUnsafeError, "modified after signing")
 
 
+def test_a_file_changed_after_signing_is_refused_without_verify_too(signed, keys, tmp_path):
+    """The signature covers the manifest and the manifest the files' hashes: with keys pinned,
+    load(verify=False) still hashes the files (a weight changed after signing loaded)."""
+    root = copy_artifact(signed, tmp_path / "a")
+    data = bytearray((root / "weights.safetensors").read_bytes())
+    data[-1] ^= 1
+    (root / "weights.safetensors").write_bytes(bytes(data))  # hashes and signature left as signed
+    with pytest.raises(ArtifactCorruptError, match="weights.safetensors"):
+        kernl.runtime.load(root, device="cpu", trusted_keys=[keys[1]], verify=False)
+    kernl.runtime.load(root, device="cpu", verify=False)  # no keys: verify=False skips hashes
+
+
 def test_a_garbled_signature_file_is_corrupt(signed, keys, tmp_path):
     root = copy_artifact(signed, tmp_path / "a")
     (root / SIGNATURE_FILE).write_bytes(b"\x93\x01\x02\x03")
@@ -101,6 +113,18 @@ def test_keys_pinned_by_environment(signed, small_artifact, keys, monkeypatch):
         kernl.runtime.load(small_artifact, device="cpu")
     result = CliRunner().invoke(main, ["verify", str(small_artifact)])
     assert result.exit_code == 1 and "is not signed" in result.output, result.output
+    # the Python check asks what load() asks (it passed the unsigned artifact)
+    verify_artifact(signed)
+    with pytest.raises(ArtifactUnsafeError, match="is not signed"):
+        verify_artifact(small_artifact)
+
+
+def test_one_key_file_is_one_key_everywhere(signed, keys):
+    """One path, not a list of its characters ("/" read as a key file)."""
+    assert verify_artifact(signed, trusted_keys=str(keys[1])).model_type == "bert"
+    assert verify_artifact(signed, trusted_keys=keys[1]).model_type == "bert"
+    with pytest.raises(ArtifactUnsafeError, match="does not verify with any trusted"):
+        verify_artifact(signed, trusted_keys=str(keys[2]))
 
 
 def test_a_private_key_is_not_a_public_key(signed, keys):
