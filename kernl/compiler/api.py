@@ -8,7 +8,16 @@ import os
 from .report import BucketReport, CompileReport, Progress
 from .trace import task_from_source
 
-__all__ = ["BucketReport", "CompileReport", "Progress", "compile"]
+__all__ = ["BucketReport", "CompileReport", "OptionNotApplicableError", "Progress", "compile"]
+
+
+class OptionNotApplicableError(ValueError):
+    """An option the compile of this task has no use for, given explicitly (`option`: its
+    keyword name) and refused rather than ignored."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
 
 
 def compile(
@@ -34,7 +43,9 @@ def compile(
     Without `task`, the task follows the config's `architectures` (…ForCausalLM and
     …LMHeadModel: causal-lm; WhisperForConditionalGeneration: speech-seq2seq; other
     …ForConditionalGeneration: seq2seq-lm). Refused before any
-    work: bf16 through kernl's kernels on the CPU, and buckets longer than the model's position table."""
+    work: bf16 through kernl's kernels on the CPU, buckets longer than the model's position
+    table, and atol/rtol for seq2seq-lm and speech-seq2seq (their validation compares greedy
+    ids); there tune=False keeps the plain torch decode step, as kernels=False does."""
     if sign_key is not None:
         # sign_key: an Ed25519 private key file (PEM); the finished artifact's manifest is
         # signed with it (kernl/artifacts/signing.py) for deployments that pin the public key.
@@ -83,6 +94,15 @@ def compile(
         # Encoder-decoder generation: buckets (batch, source, cache), the runtime's own model.
         from .tasks.seq2seq import compile_seq2seq
 
+        for name, value in (("atol", atol), ("rtol", rtol)):
+            if value is not None:  # dropped without a word, a caller believed it was applied
+                raise OptionNotApplicableError(
+                    name,
+                    f"{name} does not apply to task {task}: its validation compares kernl's "
+                    "greedy ids with eager generate's, with no tolerance; leave it unset",
+                )
+        # The only tuning here is timing the decode step against kernl's kernels: without
+        # it, the plain torch step (as causal-lm's --no-tune).
         return compile_seq2seq(
             model_or_path,
             buckets,
@@ -91,7 +111,7 @@ def compile(
             device=device,
             progress=progress,
             task=task,
-            kernels=kernels,
+            kernels=kernels and tune,
         )
     from .tasks.encoder import compile_encoder
 

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,16 @@ from kernl._version import __version__ as kernl_version
 from kernl.artifacts import read_manifest
 from kernl.artifacts.schema import Bucket, Manifest
 
+# What bench times: artifacts called as model(input_ids, ...) per bucket. The generation
+# tasks' runtime models have generate() instead.
+ENCODER_TASKS = (
+    "base",
+    "sequence-classification",
+    "token-classification",
+    "masked-lm",
+    "question-answering",
+)
+GENERATION_TASKS = ("causal-lm", "seq2seq-lm", "speech-seq2seq")
 PEERS = {"eager": None, "compile": "reduce-overhead", "max-autotune": "max-autotune"}
 # Calls timed as the warm-up of each shape: torch.compile compiles on the first call and,
 # with CUDA graphs, records on the next ones.
@@ -41,6 +52,17 @@ FIRST_CALLS = 3
 
 class BenchError(ValueError):
     """A bench that cannot run as asked (bad shapes, model not found, ...)."""
+
+
+class DeviceOptionError(BenchError):
+    """--device is not one bench runs on (cpu, cuda, cuda:N): a usage error."""
+
+
+def parse_device(text: str) -> torch.device:
+    """--device: cpu, cuda or cuda:N (torch.device takes 20 other types bench has no use for)."""
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", text):
+        raise DeviceOptionError(f"{text!r} is not cpu, cuda or cuda:N")
+    return torch.device(text)
 
 
 @dataclass
@@ -318,13 +340,39 @@ class Bench:
         self.config = config
         self.manifest: Manifest = read_manifest(config.path)
         m = self.manifest
-        device = config.device or ("cuda" if m.target == "cuda" else "cpu")
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
+        if m.task in GENERATION_TASKS:
+            # Their runtime model generates (no bucketed forward to call): every step would
+            # fail, after the Hugging Face model was loaded.
             raise BenchError(
-                f"the artifact targets {device} but torch sees no CUDA GPU; "
-                "pass --device cpu for an aten-only artifact"
+                f"bench times encoder artifacts ({', '.join(ENCODER_TASKS)}); {config.path} is "
+                f"a {m.task} artifact, whose generate() bench does not time"
             )
+        if config.device is None:
+            device = "cuda" if m.target == "cuda" else "cpu"
+            self.device = torch.device(device)
+            if self.device.type == "cuda" and not torch.cuda.is_available():
+                raise BenchError(
+                    f"the artifact targets {device} but torch sees no CUDA GPU; "
+                    "pass --device cpu for an aten-only artifact"
+                )
+        else:
+            try:
+                self.device = parse_device(config.device)
+            except DeviceOptionError as e:  # the CLI's callback already names the option
+                raise DeviceOptionError(f"--device {e}") from None
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if self.device.type == "cuda" and (self.device.index or 0) >= count:
+                seen = (
+                    f"{count} CUDA GPU(s), cuda:0 to cuda:{count - 1}" if count else "no CUDA GPU"
+                )
+                hint = (
+                    ""
+                    if m.target == "cuda"
+                    else f"; the artifact targets {m.target}: pass --device {m.target}"
+                )
+                raise BenchError(
+                    f"--device {config.device} was asked for but torch sees {seen}{hint}"
+                )
         self.cuda = self.device.type == "cuda"
         self.dtype = getattr(torch, m.dtype)
         buckets = m.bucket_list()

@@ -35,6 +35,18 @@ def _tolerance(ctx, param, value):
     return value
 
 
+def _bench_device(ctx, param, value):
+    if value is None:
+        return value
+    from .bench import DeviceOptionError, parse_device
+
+    try:
+        parse_device(value)
+    except DeviceOptionError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 def _compile_options(f):
     options = [
         click.argument("model"),
@@ -81,14 +93,14 @@ def _compile_options(f):
             type=click.FloatRange(min=0),
             callback=_tolerance,
             default=None,
-            help="Absolute tolerance of validation against eager (default per dtype: fp32 1e-4, fp16 2e-2, bf16 8e-2).",
+            help="Absolute tolerance of validation against eager (default per dtype: fp32 1e-4, fp16 2e-2, bf16 8e-2). Encoder tasks and causal-lm only: seq2seq-lm and speech-seq2seq validation compares greedy ids, so it is refused there.",
         ),
         click.option(
             "--rtol",
             type=click.FloatRange(min=0),
             callback=_tolerance,
             default=None,
-            help="Relative tolerance of validation against eager (default per dtype: fp32 1e-4, fp16 2e-2, bf16 5e-2).",
+            help="Relative tolerance of validation against eager (default per dtype: fp32 1e-4, fp16 2e-2, bf16 5e-2). Encoder tasks and causal-lm only: seq2seq-lm and speech-seq2seq validation compares greedy ids, so it is refused there.",
         ),
         click.option(
             "--kernels/--no-kernels",
@@ -100,7 +112,7 @@ def _compile_options(f):
             "--tune/--no-tune",
             default=True,
             show_default=True,
-            help="On a GPU, time every kernel instance over its tuning space and against aten (results cached in ~/.cache/kernl/tuning, or $KERNL_CACHE_DIR/tuning; each instance's candidates compile on up to 8 threads before they are timed, KERNL_COMPILE_THREADS=N sets N, 0 turns it off); --no-tune takes each kernel's default config (causal-lm: plain torch decode step).",
+            help="Encoder tasks: on a GPU, time every kernel instance over its tuning space and against aten (results cached in ~/.cache/kernl/tuning, or $KERNL_CACHE_DIR/tuning; each instance's candidates compile on up to 8 threads before they are timed, KERNL_COMPILE_THREADS=N sets N, 0 turns it off); --no-tune takes each kernel's default config. causal-lm, seq2seq-lm and speech-seq2seq: on a GPU the decode step is timed on torch and on kernl's kernels; --no-tune skips that and keeps the plain torch step.",
         ),
         click.option(
             "--sign",
@@ -134,6 +146,7 @@ def _run_compile(
     sign_key=None,
     verbose=False,
 ) -> None:
+    from kernl.compiler.api import OptionNotApplicableError
     from kernl.compiler.api import compile as compile_model
     from kernl.compiler.buckets import BucketSyntaxError
     from kernl.compiler.validate import ValidationError
@@ -163,6 +176,8 @@ def _run_compile(
         )
     except BucketSyntaxError as e:
         raise click.BadParameter(str(e), param_hint="--buckets") from None
+    except OptionNotApplicableError as e:  # known once the task is (from the config)
+        raise click.BadParameter(str(e), param_hint=f"--{e.option}") from None
     except ValidationError as e:  # an AssertionError: not caught by the line below
         click.echo(
             f"kernl-compile: error: validation against eager failed: {e}\n"
@@ -297,12 +312,14 @@ def inspect_command(path: str, as_json: bool) -> None:
 
 @main.command(
     "bench",
-    help="Measure an artifact against the model it was compiled from, on the same inputs: "
+    help="Measure an encoder artifact (base, sequence-classification, token-classification, "
+    "masked-lm, question-answering) against the model it was compiled from, on the same inputs: "
     "latency (median, p90) and sequences/s per shape for kernl and each peer, each peer's "
     "warm-up/compile time and kernl's cold start in a fresh process. Peers: eager (the "
     "Hugging Face model in the artifact's dtype), compile (torch.compile "
     'mode="reduce-overhead"), max-autotune (torch.compile mode="max-autotune"; minutes per '
-    "shape). Timed with CUDA events on a GPU, perf_counter on the CPU.\n\n"
+    "shape). Timed with CUDA events on a GPU, perf_counter on the CPU. causal-lm, seq2seq-lm "
+    "and speech-seq2seq artifacts are refused: bench does not time generate().\n\n"
     "Example: kernl bench bert.kernl --against eager,compile --plot bench.png",
 )
 @click.argument("path", type=click.Path())
@@ -338,7 +355,10 @@ def inspect_command(path: str, as_json: bool) -> None:
     help="Untimed calls after the first 3 (which are timed as the warm-up).",
 )
 @click.option(
-    "--device", default=None, help="cuda, cuda:N or cpu (default: what the artifact was built for)."
+    "--device",
+    default=None,
+    callback=_bench_device,
+    help="cuda, cuda:N or cpu (default: what the artifact was built for).",
 )
 @click.option(
     "--plot",

@@ -6,6 +6,7 @@ import inspect
 import json
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,6 +165,16 @@ def load_model(model_or_path, task: str | None, dtype: torch.dtype, device: torc
             source = os.path.abspath(local)
         try:
             config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
+        except ValueError as e:
+            model_type = _unknown_model_type(local / "config.json" if local.is_dir() else None, e)
+            if model_type is None:
+                raise
+            # transformers' own message advises installing it from git, over several paragraphs
+            raise UnsupportedModelError(
+                f"{source}: model type {model_type!r} is not known to the installed transformers "
+                f"{transformers.__version__}, through which kernl loads models: use a "
+                "transformers version that has it, or another checkpoint"
+            ) from None
         except OSError as e:
             if local.is_dir():  # the folder has a config.json (checked above): it is unreadable
                 raise UnsupportedModelError(
@@ -181,6 +192,26 @@ def load_model(model_or_path, task: str | None, dtype: torch.dtype, device: torc
         raise UnsupportedModelError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     model = model.to(device=device, dtype=dtype).eval()
     return model, task, source
+
+
+def _unknown_model_type(path: Path | None, error: ValueError) -> str | None:
+    """The config's model_type where transformers has no configuration class for it, else
+    None (the ValueError is about something else). A model of the Hugging Face cache has no
+    path here: its type is read from transformers' message."""
+    import transformers
+
+    model_type = None
+    if path is not None:
+        try:
+            model_type = json.loads(path.read_text(encoding="utf-8")).get("model_type")
+        except (ValueError, OSError, AttributeError):
+            return None
+    else:
+        found = re.search(r"model type `([^`]+)`", str(error))
+        model_type = found and found.group(1)
+    if not isinstance(model_type, str) or model_type in transformers.CONFIG_MAPPING:
+        return None
+    return model_type
 
 
 def _json_error(path: Path) -> str:
@@ -276,6 +307,12 @@ def example_inputs(
 def model_signature(model: torch.nn.Module, device) -> ModelSignature:
     params = inspect.signature(model.forward).parameters
     names = [n for n in _INPUTS if n in params]
+    if getattr(model.config, "type_vocab_size", None) is None and "token_type_ids" in names:
+        # GPT-2 (and CTRL, XLNet) take token types without a table of their own: GPT-2 looks
+        # them up in its word embeddings, so the zeros served by default added wte[0] to every
+        # position, which eager called without token types never does; and no table bounds
+        # them, so the artifact's reader refuses the input.
+        names.remove("token_type_ids")
     if "input_ids" not in names:
         raise UnsupportedModelError(f"{type(model).__name__}.forward takes no input_ids")
     pad = getattr(model.config, "pad_token_id", None)

@@ -229,3 +229,59 @@ def test_json_into_a_missing_folder_fails_before_measuring(artifact, tmp_path):
     assert result.exit_code == 2, result.output
     assert "--json" in result.output and "does not exist" in result.output
     assert "kernl 1x8" not in result.output
+
+
+@pytest.fixture(scope="module")
+def generation_artifacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generation")
+    torch.manual_seed(0)
+    gpt2 = T.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=97,
+                        pad_token_id=0, eos_token_id=None, bos_token_id=None)  # fmt: skip
+    T.GPT2LMHeadModel(gpt2).eval().save_pretrained(root / "gpt2")
+    t5 = T.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
+                    num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)  # fmt: skip
+    T.T5ForConditionalGeneration(t5).eval().save_pretrained(root / "t5")
+    cpu = dict(dtype="fp32", device="cpu", kernels=False)
+    kernl.compiler.compile(str(root / "gpt2"), "batch=1 prompt=8 cache=16", root / "g", **cpu)
+    kernl.compiler.compile(str(root / "t5"), "batch=1 source=8 cache=4", root / "s", **cpu)
+    return {"causal-lm": root / "g", "seq2seq-lm": root / "s"}
+
+
+@pytest.mark.parametrize("task", ["causal-lm", "seq2seq-lm"])
+@pytest.mark.parametrize("cold_start", ["--cold-start", "--no-cold-start"])
+def test_a_generation_artifact_is_refused_up_front(generation_artifacts, task, cold_start):
+    # The cold start failed with a child's traceback, --no-cold-start with an uncaught
+    # AttributeError after the Hugging Face model was loaded.
+    path = generation_artifacts[task]
+    result = CliRunner().invoke(main, ["bench", str(path), "--iters", "1", cold_start])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert result.output == (
+        "kernl bench: error: bench times encoder artifacts (base, sequence-classification, "
+        f"token-classification, masked-lm, question-answering); {path} is a {task} artifact, "
+        "whose generate() bench does not time\n"
+    )
+    help_text = " ".join(CliRunner().invoke(main, ["bench", "--help"]).output.split())
+    assert "Measure an encoder artifact" in help_text
+    assert "causal-lm, seq2seq-lm and speech-seq2seq artifacts are refused" in help_text
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:x", "cpu:0", "mps", "cuda:"])
+def test_a_device_bench_does_not_run_on_is_a_usage_error(artifact, device):
+    # torch's own message listed 20 device types, without naming --device.
+    result = CliRunner().invoke(main, ["bench", str(artifact), "--device", device, *QUICK])
+    assert result.exit_code == 2, result.output
+    assert "'--device'" in result.output and "is not cpu, cuda or cuda:N" in result.output
+    assert "ipu" not in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_a_gpu_asked_for_without_one_blames_the_option_not_the_artifact(artifact, device):
+    # It said "the artifact targets cuda:1" of a CPU artifact.
+    result = CliRunner().invoke(main, ["bench", str(artifact), "--device", device, *QUICK])
+    assert result.exit_code == 1, result.output
+    assert result.output == (
+        f"kernl bench: error: --device {device} was asked for but torch sees no CUDA GPU; the "
+        "artifact targets cpu: pass --device cpu\n"
+    )

@@ -398,3 +398,88 @@ def test_a_model_that_fails_on_the_probe_ids_is_named(monkeypatch):
     monkeypatch.setattr(model, "forward", reshaping_forward)
     with pytest.raises(UnsupportedModelError, match=r"fails on \[batch, seq\] token ids \(2x7\)"):
         model_signature(model, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("t5") / "m"
+    torch.manual_seed(0)
+    config = T.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                        num_decoder_layers=1, num_heads=4, decoder_start_token_id=0,
+                        pad_token_id=0, eos_token_id=1)  # fmt: skip
+    T.T5ForConditionalGeneration(config).eval().save_pretrained(path)
+    return path
+
+
+T5_BUCKETS = ("--buckets", "batch=1 source=8 cache=8", "--device", "cpu", "--dtype", "fp32")
+
+
+@pytest.mark.parametrize("option", ["--atol", "--rtol"])
+def test_a_tolerance_is_refused_where_validation_compares_greedy_ids(t5_dir, tmp_path, option):
+    # They were accepted and dropped: a seq2seq compile validates greedy ids, not values.
+    result = run(t5_dir, "-o", tmp_path / "a", *T5_BUCKETS, option, "5")
+    assert_clean_failure(result, 2, option, "seq2seq-lm", "greedy ids")
+    assert "loading model" not in result.output
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(kernl.compiler.api.OptionNotApplicableError, match=option[2:]):
+        kernl.compiler.compile(str(t5_dir), "batch=1 source=8 cache=8", tmp_path / "a",
+                               dtype="fp32", device="cpu", **{option[2:]: float("nan")})  # fmt: skip
+    help_text = " ".join(run("--help").output.split())  # unwrapped
+    assert "Encoder tasks and causal-lm only: seq2seq-lm and speech-seq2seq" in help_text
+
+
+def test_no_tune_keeps_the_seq2seq_decode_step_on_torch(t5_dir, tmp_path, monkeypatch):
+    # --no-tune was dropped: on a GPU the decode step was still timed and kernl's kernels chosen.
+    import kernl.compiler.tasks.seq2seq as seq2seq
+
+    seen = []
+    monkeypatch.setattr(seq2seq, "compile_seq2seq", lambda *a, **kw: seen.append(kw) or 1 / 0)
+    for tune in (True, False):
+        with pytest.raises(ZeroDivisionError):
+            kernl.compiler.compile(str(t5_dir), "batch=1 source=8 cache=8", tmp_path / "a",
+                                   dtype="fp16", tune=tune)  # fmt: skip
+    assert [kw["kernels"] for kw in seen] == [True, False]
+    monkeypatch.undo()
+    result = run(t5_dir, "-o", tmp_path / "a", *T5_BUCKETS, "--no-tune")
+    assert result.exit_code == 0, result.output
+    assert "decode step on torch" in result.output
+
+
+def test_gpt2_without_a_head_compiles_without_token_types_and_matches_eager(tmp_path):
+    """GPT2Model takes token_type_ids (looked up in its word embeddings) but its config has no
+    type_vocab_size: every bucket compiled, then the artifact check refused the unranged input
+    and the user was told it was a bug in kernl."""
+    torch.manual_seed(0)
+    config = T.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=97)
+    T.GPT2Model(config).eval().save_pretrained(tmp_path / "m")
+    result = run(tmp_path / "m", "-o", tmp_path / "a", "--buckets", "1x8,2x16", *CPU_FP32)
+    assert result.exit_code == 0, result.output
+    assert [s.name for s in read_manifest(tmp_path / "a").inputs] == ["input_ids", "attention_mask"]
+    model = kernl.runtime.load(tmp_path / "a")
+    eager = T.GPT2Model.from_pretrained(tmp_path / "m").eval()
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    with torch.no_grad():
+        want = eager(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[1, :7], want[1, :7], atol=1e-4, rtol=1e-4)
+    # A model with a token-type table keeps the input.
+    from kernl.compiler.trace import model_signature
+
+    bert = T.BertModel(T.BertConfig(**SMALL)).eval()
+    names = [s.name for s in model_signature(bert, torch.device("cpu")).inputs]
+    assert names == ["input_ids", "attention_mask", "token_type_ids"]
+
+
+def test_an_unknown_model_type_is_one_line_without_install_advice(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(
+        '{"model_type": "foobar_unknown", "architectures": ["FoobarModel"]}'
+    )
+    result = run(tmp_path / "m", "-o", tmp_path / "a", "--buckets", "1x8", *CPU_FP32)
+    assert_clean_failure(result, 1, "'foobar_unknown'", f"transformers {T.__version__}")
+    error = result.output[result.output.index("kernl-compile: error:") :]
+    assert error.count("\n") == 1, error
+    assert "pip install" not in error and "git+" not in error and "huggingface" not in error
