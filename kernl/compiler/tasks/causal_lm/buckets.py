@@ -4,7 +4,10 @@ batch   batch buckets; each gets one static KV cache, allocated once at load.
 prompt  prefill buckets (prompt lengths).
 cache   KV-cache lengths. The largest is the cache size; with several (e.g. `cache=256:2048`)
         each is a decode bucket, so a step attends only to the smallest length that holds
-        the tokens so far. Default: one length, the largest prompt bucket times two.
+        the tokens so far. Default: one length, the largest prompt bucket times two. A decode
+        step after a prompt bucket P attends to more than P slots, so a length below the
+        cache size and no longer than the shortest prompt bucket would never run (nor be
+        validated): it is refused.
 
 Each axis takes the same items as the encoder buckets: numbers and power-of-two ranges lo:hi,
 within the limits a reader of artifacts enforces (checked here, before the model is loaded)."""
@@ -41,6 +44,17 @@ def checked(b: GenerationBuckets) -> GenerationBuckets:
         raise BucketSyntaxError(
             f"the longest prompt bucket ({max(b.prompts)}) does not fit the cache "
             f"({b.cache_len}); use cache>={max(b.prompts)}"
+        )
+    shortest = min(b.prompts)
+    # The cache size is kept even when no decode step reaches it (prompt=8 cache=8): it bounds
+    # prompt + new tokens, and validation records that bucket as not validated.
+    dead = sorted(k for k in b.kv_lengths if k <= shortest and k < b.cache_len)
+    if dead:
+        raise BucketSyntaxError(
+            f"cache length{'s' if len(dead) > 1 else ''} {', '.join(map(str, dead))} would "
+            f"never be used: the first decode step after the shortest prompt bucket "
+            f"({shortest}) already attends to {shortest + 1} slots; use cache lengths above "
+            f"{shortest}"
         )
     return b
 

@@ -81,7 +81,14 @@ class CausalLMReport:
         for e in self.stages:
             lines.append(
                 f"{e.stage:>8}  {e.batch:>5}  {e.size:>6}  {e.steps:>5}  "
-                f"{e.max_abs_error:18.3g}  {e.reference_scale:11.3g}"
+                f"{_fmt(e.max_abs_error, '18.3g')}  {_fmt(e.reference_scale, '11.3g')}"
+            )
+        unchecked = [e for e in self.stages if e.max_abs_error is None]
+        if unchecked:
+            names = ", ".join(f"{e.stage} {e.batch}x{e.size}" for e in unchecked)
+            lines.append(
+                f"warning: not validated, no step reaches them (a decode step attends to more "
+                f"slots than the shortest prompt bucket holds): {names}"
             )
         if self.tile_timings:
             cached = sum(t.cached for t in self.tile_timings)
@@ -193,6 +200,11 @@ def compile_causal_lm(
         writer.commit(manifest)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    width = spec.split(".")[0]
+    return f"{'-':>{width}}" if x is None else format(x, spec)
 
 
 def validated_choice(

@@ -44,6 +44,7 @@ from kernl.artifacts.seq2seq import DETECT, Seq2SeqBuckets, check_seq2seq
 from kernl.runtime.generation import open_seq2seq
 from kernl.runtime.generation.seq2seq import Seq2SeqModel
 
+from ...inspect_report import greedy_agreement
 from ...trace import UnsupportedModelError, load_model, resolve_dtype_device
 from ...tune import write_binaries
 from ...validate import ValidationError
@@ -74,6 +75,9 @@ class Seq2SeqReport:
     dtype: str
     device: str
     buckets: list[tuple[int, int]] = field(default_factory=list)
+    # new ids compared per row at each bucket, as validation ran them: the cache (and for
+    # Whisper its decoder prompt) can leave fewer than VALIDATE_TOKENS
+    tokens: list[int] = field(default_factory=list)
     artifact_bytes: int = 0
     seconds: float = 0.0
     decode: str = "decode step on torch"
@@ -81,9 +85,10 @@ class Seq2SeqReport:
 
     def table(self) -> str:
         shapes = " ".join(f"{b}x{s}" for b, s in self.buckets)
+        n = min(self.tokens, default=0)
         return (
-            f"greedy ids identical to eager generate ({VALIDATE_TOKENS} tokens) for batch x "
-            f"source buckets {shapes}\n{self.decode}; {self.num_binaries} kernel binaries"
+            f"greedy ids against eager generate ({greedy_agreement(self.dtype, n)}) for "
+            f"batch x source buckets {shapes}\n{self.decode}; {self.num_binaries} kernel binaries"
             f"\nartifact {self.path} "
             f"({self.artifact_bytes / 2**20:.1f} MiB), task {self.task}, {self.dtype} on "
             f"{self.device}, in {self.seconds:.1f} s"
@@ -153,12 +158,14 @@ def compile_seq2seq(
 
         def validate(runtime: Seq2SeqModel) -> None:
             report.buckets.clear()
+            report.tokens.clear()
             for b, s in sb.encoder_shapes():
                 if speech:
-                    _validate_speech(runtime, model, b, min(VALIDATE_TOKENS, sb.cache_len - 4))
+                    n = _validate_speech(runtime, model, b, min(VALIDATE_TOKENS, sb.cache_len - 4))
                 else:
-                    _validate(runtime, model, spec, b, s, min(VALIDATE_TOKENS, sb.cache_len))
+                    n = _validate(runtime, model, spec, b, s, min(VALIDATE_TOKENS, sb.cache_len))
                 report.buckets.append((b, s))
+                report.tokens.append(n)
 
         manifest, binaries, fallback = validated_runtime(
             manifest, weights, dev, validate, automatic, say
@@ -168,7 +175,9 @@ def compile_seq2seq(
         if binaries is not None:
             manifest.kernels = write_binaries(writer, binaries)
             report.num_binaries = len(manifest.kernels)
-        manifest.buckets = _write_programs(writer, sb, manifest.inputs[0].name)
+        manifest.buckets = _write_programs(
+            writer, sb, manifest.inputs[0].name, dict(zip(report.buckets, report.tokens))
+        )
         report.artifact_bytes = writer.size_bytes()
         writer.commit(manifest)
     report.seconds = time.perf_counter() - start
@@ -204,7 +213,9 @@ def validated_runtime(
     return manifest, None, why
 
 
-def _validate(runtime: Seq2SeqModel, model, spec, batch: int, source: int, tokens: int) -> None:
+def _validate(runtime: Seq2SeqModel, model, spec, batch: int, source: int, tokens: int) -> int:
+    """kernl's greedy ids against eager generate's (`tokens` new ids per row); returns how
+    many new ids per row were compared."""
     g = torch.Generator().manual_seed(batch * 1000 + source)
     ids = torch.randint(0, spec.vocab_size, (batch, source), generator=g)
     mask = torch.ones_like(ids)
@@ -223,8 +234,9 @@ def _validate(runtime: Seq2SeqModel, model, spec, batch: int, source: int, token
             pad_token_id=0,
         ).cpu()
     got = runtime.generate(ids, mask, max_new_tokens=tokens, eos_token_id=[])
+    compared = got.shape[1] - 1  # past the decoder start
     if torch.equal(ref, got):
-        return
+        return compared
     param = next(model.parameters())
     if param.dtype in NEAR_ARGMAX:  # reduced precision: two near-equal logits may swap places
         with torch.no_grad():
@@ -238,7 +250,7 @@ def _validate(runtime: Seq2SeqModel, model, spec, batch: int, source: int, token
                 .cpu()
             )
         if _near_argmax(logits, got[:, 1:], param.dtype):
-            return
+            return compared
     raise ValidationError(
         f"bucket batch={batch} source={source}: kernl's greedy ids differ from eager "
         f"generate:\n kernl {got.tolist()}\n eager {ref.tolist()}"
@@ -263,11 +275,12 @@ def _speech_model(model_or_path):
         ) from None
 
 
-def _validate_speech(runtime, model, batch: int, tokens: int) -> None:
+def _validate_speech(runtime, model, batch: int, tokens: int) -> int:
     """kernl's greedy ids (language detected where the config leaves it open) against the
     eager model's logits after the same prefix, with the same suppressed tokens: in fp32 each
     id is eager's argmax; in fp16/bf16, where two near-equal logits may swap places, each id's
-    eager logit is within NEAR_ARGMAX of the step's largest |logit| from eager's best."""
+    eager logit is within NEAR_ARGMAX of the step's largest |logit| from eager's best. Returns
+    how many ids past the decoder prompt each row was compared on."""
     spec, speech = runtime.spec, runtime.speech
     g = torch.Generator().manual_seed(batch)
     feats = torch.randn(batch, spec.num_mel_bins, spec.frames, generator=g) * 0.5
@@ -303,6 +316,7 @@ def _validate_speech(runtime, model, batch: int, tokens: int) -> None:
     new[..., speech.suppress_tokens] = float("-inf")
     new[:, 0, speech.begin_suppress_tokens] = float("-inf")
     check(new, got[:, p - 1 :], "greedy ids")
+    return got.shape[1] - (p - 1)
 
 
 def _near_argmax(scores: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -360,7 +374,9 @@ def _manifest(
     )
 
 
-def _write_programs(writer: ArtifactWriter, sb: Seq2SeqBuckets, name: str) -> list[BucketEntry]:
+def _write_programs(
+    writer: ArtifactWriter, sb: Seq2SeqBuckets, name: str, tokens: dict[tuple[int, int], int]
+) -> list[BucketEntry]:
     entries = []
     for b, s in sb.encoder_shapes():
         rel = f"{PROGRAMS_DIR}/encoder_b{b}_s{s}.msgpack"
@@ -370,6 +386,8 @@ def _write_programs(writer: ArtifactWriter, sb: Seq2SeqBuckets, name: str) -> li
             "source": s,
             "cache_len": sb.cache_len,
             "runtime": RUNTIME,
+            # what `kernl inspect` states validation compared (no error figure exists)
+            "validated_tokens": tokens[(b, s)],
         }
         program = Program(Bucket(b, s), 1, {name: 0}, {}, [0], [], meta)
         (writer.tmp / rel).write_bytes(msgpack.packb(program.to_dict(), use_bin_type=True))
