@@ -145,11 +145,19 @@ def parse_shapes(text: str) -> list[Bucket]:
     return parse_buckets(text)
 
 
+class PeerSyntaxError(ValueError):
+    """--against names no peer kernl bench knows (a usage error, as a bad --buckets is)."""
+
+
 def parse_against(text: str) -> list[str]:
     names = [] if text.strip() in ("", "none") else [p.strip() for p in text.split(",")]
+    if "" in names:
+        raise PeerSyntaxError(f"{text!r} has an empty name; e.g. eager,compile, or none")
     unknown = [n for n in names if n not in PEERS]
     if unknown:
-        raise BenchError(f"unknown peer(s) {unknown}; choose from {', '.join(PEERS)} or none")
+        raise PeerSyntaxError(
+            f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(PEERS)} or none"
+        )
     return list(dict.fromkeys(names))
 
 

@@ -385,7 +385,7 @@ def bench_command(
     import importlib.util
     import json
 
-    from .bench import Bench, BenchConfig, BenchError, parse_against, parse_shapes
+    from .bench import Bench, BenchConfig, BenchError, PeerSyntaxError, parse_against, parse_shapes
     from .buckets import BucketSyntaxError
 
     if plot and importlib.util.find_spec("matplotlib") is None:
@@ -413,6 +413,8 @@ def bench_command(
             click.echo(f"kernl bench: note: {note}", err=True)
     except BucketSyntaxError as e:
         raise click.BadParameter(str(e), param_hint="--buckets") from None
+    except PeerSyntaxError as e:
+        raise click.BadParameter(str(e), param_hint="--against") from None
     except (BenchError, ArtifactError, RuntimeError) as e:
         click.echo(f"kernl bench: error: {e}", err=True)
         sys.exit(1)

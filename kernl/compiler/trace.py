@@ -152,6 +152,13 @@ def load_model(model_or_path, task: str | None, dtype: torch.dtype, device: torc
     else:
         source = str(model_or_path)
         local = Path(source).expanduser()
+        if local.is_file():
+            raise UnsupportedModelError(
+                f"{local} is a file: MODEL is a Hugging Face model folder (the one holding "
+                "config.json), a model id of the local cache, or a model object"
+            )
+        if not source.strip():
+            raise UnsupportedModelError("the model path is empty")
         if local.exists() and not (local / "config.json").is_file():
             raise UnsupportedModelError(
                 f"{local} has no config.json: not a Hugging Face model folder"
@@ -257,7 +264,7 @@ def _from_folder(source: str, config, task: str, dtype: torch.dtype, transformer
         raise UnsupportedModelError(
             f"{source}: {len(missing)} weights of {type(model).__name__} ({task}) are not in "
             f"the checkpoint (its architectures: {archs}): {shown}. They would be random. "
-            f"Compile the checkpoint's own head (--task; kernl compiles {', '.join(TASKS)}), "
+            f"Compile the checkpoint's own head (--task; kernl compiles {', '.join(ALL_TASKS)}), "
             "or load the model yourself and pass it to kernl.compiler.compile or kernl.optimize"
         )
     return model

@@ -165,8 +165,12 @@ def test_bad_arguments_are_clear_errors(artifact):
     assert too_big.exit_code == 1 and "larger than every bucket" in too_big.output
     assert "1x8, 1x16, 2x8, 2x16" in too_big.output
     assert run("--buckets", "8by8").exit_code == 2
+    # a bad --against is a usage error naming the option, as a bad --buckets is
     peer = run("--against", "eager,jit")
-    assert peer.exit_code == 1 and "unknown peer" in peer.output
+    assert peer.exit_code == 2 and "unknown peer(s) jit" in peer.output, peer.output
+    assert "--against" in peer.output
+    empty = run("--against", ",")
+    assert empty.exit_code == 2 and "empty name" in empty.output, empty.output
 
 
 def test_parsers():

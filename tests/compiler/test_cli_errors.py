@@ -258,6 +258,15 @@ def test_a_model_that_is_not_there_says_so_without_network_advice(tmp_path):
     assert "internet" not in result.output and "huggingface.co" not in result.output
 
 
+def test_a_file_or_an_empty_path_as_model_is_named_as_such(bert_dir, tmp_path):
+    # the config file itself was reported as a folder "with no config.json"
+    result = run(bert_dir / "config.json", "-o", tmp_path / "a", "--buckets", "batch=1 seq=8")
+    assert_clean_failure(result, 1, "config.json is a file", "model folder")
+    result = run("", "-o", tmp_path / "a", "--buckets", "batch=1 seq=8")
+    assert_clean_failure(result, 1, "the model path is empty")
+    assert not (tmp_path / "a").exists()
+
+
 def test_per_layer_outputs_are_refused_not_dropped(tmp_path):
     """A config with output_hidden_states: Hugging Face returns a tuple per layer, which kernl
     does not serve; it was dropped without a word (hidden_states came back None)."""

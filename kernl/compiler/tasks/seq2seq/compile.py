@@ -118,7 +118,7 @@ def compile_seq2seq(
     torch_dtype, dev = resolve_dtype_device(dtype, device)
     sb = as_seq2seq_buckets(buckets, 0 if speech else None)  # Whisper's source: set below
     check_destination(out)
-    say("loading model")
+    say(f"loading model {model_or_path if isinstance(model_or_path, (str, Path)) else ''}")
     model, _, source = load_model(
         _speech_model(model_or_path) if speech else model_or_path, TASK, torch_dtype, dev
     )
