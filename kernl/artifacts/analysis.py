@@ -174,14 +174,14 @@ def input_ranges(manifest: Manifest) -> dict[str, tuple[Interval, str]]:
     """What each input can hold at a call: the runtime refuses input_ids outside
     [0, vocab_size), token_type_ids outside [0, type_vocab_size) and masks other than 0/1
     (kernl/runtime/model.py); padding adds the pad value. Other inputs: their dtype's range."""
-    from .checks import INPUT_DTYPES
+    from .checks import INPUT_DTYPES, TABLE_SIZES
 
     config = manifest.model_config if isinstance(manifest.model_config, dict) else {}
     out: dict[str, tuple[Interval, str]] = {}
     for spec in manifest.inputs:
         lo, hi = INPUT_DTYPES[spec.dtype]
         rng, why = (lo, hi - 1), f"{spec.dtype} input {spec.name!r}"
-        key = {"input_ids": "vocab_size", "token_type_ids": "type_vocab_size"}.get(spec.name)
+        key = TABLE_SIZES.get(spec.name)
         size = config.get(key) if key else None
         if spec.name == "attention_mask":
             rng, why = (0, 1), "input 'attention_mask' (0/1)"

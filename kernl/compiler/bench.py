@@ -34,16 +34,11 @@ from kernl._version import __version__ as kernl_version
 from kernl.artifacts import read_manifest
 from kernl.artifacts.schema import Bucket, Manifest
 
+from .trace import ALL_TASKS, GENERATION_TASKS
+
 # What bench times: artifacts called as model(input_ids, ...) per bucket. The generation
 # tasks' runtime models have generate() instead.
-ENCODER_TASKS = (
-    "base",
-    "sequence-classification",
-    "token-classification",
-    "masked-lm",
-    "question-answering",
-)
-GENERATION_TASKS = ("causal-lm", "seq2seq-lm", "speech-seq2seq")
+ENCODER_TASKS = tuple(t for t in ALL_TASKS if t not in GENERATION_TASKS)
 PEERS = {"eager": None, "compile": "reduce-overhead", "max-autotune": "max-autotune"}
 # Calls timed as the warm-up of each shape: torch.compile compiles on the first call and,
 # with CUDA graphs, records on the next ones.

@@ -74,7 +74,7 @@ from .code_digest import code_digest
 from .tasks.causal_lm.buckets import as_generation_buckets
 from .tasks.seq2seq import is_speech_model
 from .tasks.seq2seq.buckets import as_seq2seq_buckets, check_positions, seq2seq_position_limit
-from .trace import DTYPES, check_task, task_of, unwrap_compiled
+from .trace import DTYPES, GENERATION_TASKS, SEQ2SEQ_TASKS, check_task, task_of, unwrap_compiled
 
 # Default buckets when none are given (see default_buckets).
 DEFAULT_BATCHES = (1, 8, 32)
@@ -88,9 +88,6 @@ DEFAULT_SEQ2SEQ_BATCHES = (1, 8)
 # and translations seldom pass 256). Whisper's cache is its max_target_positions instead.
 DEFAULT_SEQ2SEQ_CACHE = 256
 
-SEQ2SEQ_TASKS = ("seq2seq-lm", "speech-seq2seq")
-# Tasks served by .generate()/.stream(): no forward call, so no output class to probe.
-GENERATION_TASKS = ("causal-lm", *SEQ2SEQ_TASKS)
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _HASH_CHUNK = 64 << 20  # bytes of a GPU tensor copied to the host at a time

@@ -48,6 +48,9 @@ _INPUTS = {
 
 # Every task a compile takes: speech-seq2seq (Whisper) has no Auto class of its own.
 ALL_TASKS = (*TASKS, "speech-seq2seq")
+SEQ2SEQ_TASKS = ("seq2seq-lm", "speech-seq2seq")
+# Tasks whose runtime model generates (.generate()/.stream()): no bucketed forward to call.
+GENERATION_TASKS = ("causal-lm", *SEQ2SEQ_TASKS)
 
 
 class UnsupportedModelError(ValueError):
