@@ -407,6 +407,14 @@ class _Walk:
                     f"output {spec.name!r} returns uninitialised memory (from aten.empty*, "
                     "never fully written): it would leak whatever the allocator held"
                 )
+            # Read without running anything: `kernl inspect` shows it, kernl serve prepares
+            # its answers' encoding from it.
+            dtype = str(t.dtype).removeprefix("torch.")
+            if dtype != spec.dtype:
+                raise _Fail(
+                    f"output {spec.name!r} is {dtype}; the manifest declares {spec.dtype}",
+                    unsafe=False,
+                )
             for axis, size, what in (
                 (spec.batch_axis, b.batch, "batch"),
                 (spec.seq_axis, b.seq, "sequence"),

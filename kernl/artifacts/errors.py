@@ -33,4 +33,4 @@ class ArtifactDestinationError(ArtifactError):
 
 class ArtifactWriteError(ArtifactError):
     """What kernl just wrote fails its own reader's check, so it was not committed: a bug in
-    kernl, never in the user's model or input."""
+    kernl, or an artifact over the limits every load() applies (the message says which)."""

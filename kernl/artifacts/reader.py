@@ -405,6 +405,7 @@ def check_artifact(
     free_bytes: int | None = None,
     hash_files: bool = True,
     is_known_op: Callable[[str], bool] | None = None,
+    manifest: Manifest | None = None,
 ) -> CheckedArtifact:
     """The whole-artifact check that `verify_artifact` (and `kernl verify`) and
     `kernl.runtime.load` share. In order: the signature (when `trusted_keys` are given), the
@@ -412,9 +413,16 @@ def check_artifact(
     weights header, the causal-LM description against the weights, then per program its
     structure, op vocabulary, weights, shapes, index bounds and writes (analysis.py), and
     last the memory plan against `limits` and `free_bytes` (the device's free memory, from
-    the runtime). Raises an ArtifactError subclass."""
+    the runtime). Raises an ArtifactError subclass.
+
+    `manifest`: the one `read_manifest(root, limits, trusted_keys)` returned to the caller,
+    checked here instead of the file read again (`trusted_keys` then go unused: its bytes
+    were checked when it was read). load() builds the model from the manifest it read: a
+    second read could see another artifact's (a recompile replacing the folder meanwhile),
+    and the model would then be built from a manifest no whole-artifact check had seen."""
     root = Path(root)
-    manifest = read_manifest(root, limits, trusted_keys)
+    if manifest is None:
+        manifest = read_manifest(root, limits, trusted_keys)
     if hash_files:
         verify_files(root, manifest)
     weights_path = resolve_inside(root, WEIGHTS_FILE, "weights")

@@ -289,8 +289,9 @@ def clean_stale(destination: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-# The reader's limits for the writer's own check: every size at its largest (load() may be given
-# larger limits than the default), integer weights read to bound indices as load() reads them.
+# The reader's limits with every size at its largest (integer weights read to bound indices as
+# load() reads them): an artifact the default limits refuse and these pass is over a limit,
+# not broken.
 _NO_SIZE_LIMITS = replace(
     DEFAULT_LIMITS,
     **{f.name: 1 << 62 for f in fields(ReadLimits) if f.name != "max_index_weight_bytes"},
@@ -393,12 +394,17 @@ class ArtifactWriter:
         of hashing the files just hashed) on what is about to replace the destination: a
         compile that wrote something its reader refuses fails here, with the reader's words,
         and the destination keeps what it held (on 2026-12-04 a new config field made every
-        GPU-tuned T5, BART and Whisper artifact one that no load() accepted). Sizes are not
-        held to the reader's default limits: a user may load a larger artifact with limits
-        of their own."""
+        GPU-tuned T5, BART and Whisper artifact one that no load() accepted). Sizes are held
+        to the default limits, the ones load() applies (it takes none of its own): an
+        artifact over one would be written, then refused by every load()."""
         from .reader import check_artifact
 
         try:
+            check_artifact(self.tmp, hash_files=False)
+            return
+        except ArtifactError as e:
+            over_limit = e
+        try:  # only once refused: is it a limit, or a bug?
             check_artifact(self.tmp, limits=_NO_SIZE_LIMITS, hash_files=False)
         except ArtifactError as e:
             raise ArtifactWriteError(
@@ -406,6 +412,11 @@ class ArtifactWriter:
                 f"{self.destination} (a bug in kernl: please report it): "
                 f"{type(e).__name__}: {e}"
             ) from e
+        raise ArtifactWriteError(
+            f"the artifact is over a limit that kernl's reader applies (kernl.runtime.load() "
+            f"refuses it), so nothing was committed to {self.destination}: "
+            f"{type(over_limit).__name__}: {over_limit}. Compile fewer or smaller buckets."
+        ) from over_limit
 
     def _set_permissions(self) -> None:
         # mkdtemp makes a 0700 folder: an artifact copied into an image and served by

@@ -34,6 +34,7 @@ from kernl._version import __version__ as kernl_version
 from kernl.artifacts import read_manifest
 from kernl.artifacts.schema import Bucket, Manifest
 
+from .plural import count
 from .trace import ALL_TASKS, GENERATION_TASKS
 
 # What bench times: artifacts called as model(input_ids, ...) per bucket. The generation
@@ -203,8 +204,8 @@ class BenchResult:
     def table(self) -> str:
         head = (
             f"kernl bench: {self.artifact} ({self.model_type}, {self.task}, {self.dtype}) on "
-            f"{self.device_name}; {self.iters} timed calls after {FIRST_CALLS}+{self.warmup} "
-            f"warm-up calls per shape"
+            f"{self.device_name}; {count(self.iters, 'timed call')} after "
+            f"{FIRST_CALLS}+{self.warmup} warm-up calls per shape"
         )
         cols = (
             f"{'shape':>8}  {'impl':<16} {'median ms':>10} {'p90 ms':>10} {'seq/s':>10} "

@@ -26,6 +26,7 @@ from kernl.artifacts.program import Program
 from kernl.artifacts.schema import Manifest, is_safe_relative_path
 
 from .op_counts import count_ops
+from .plural import count
 
 # Program meta that is bookkeeping of the compiler (value shapes), not worth a report line.
 _QUIET_META = ("values",)
@@ -396,18 +397,18 @@ def _generation_lines(r: InspectReport) -> list[str]:
     prefill = [b for b in r.buckets if b.stage == "prefill"]
     decode = [b for b in r.buckets if b.stage == "decode"]
     other = [b for b in r.buckets if b.stage not in ("prefill", "decode")]
+    groups = [("prefill", "prompt", prefill), ("decode", "KV length", decode), ("?", "seq", other)]
+    lengths = [f"{what} {b.seq}" for _, what, group in groups for b in group]
+    length_w = _width(lengths, 14)  # "KV length 32768" is 15
     lines += [
         "",
-        f"{'stage':>8}  {'batch':>5}  {'length':>14}  {'max |err| vs eager':>18}  {'program':>10}",
+        f"{'stage':>8}  {'batch':>5}  {'length':>{length_w}}  {'max |err| vs eager':>18}  "
+        f"{'program':>10}",
     ]
-    for stage, what, group in (
-        ("prefill", "prompt", prefill),
-        ("decode", "KV length", decode),
-        ("?", "seq", other),
-    ):
+    for stage, what, group in groups:
         for b in group:
             lines.append(
-                f"{stage:>8}  {b.batch:5d}  {what + ' ' + str(b.seq):>14}  "
+                f"{stage:>8}  {b.batch:5d}  {what + ' ' + str(b.seq):>{length_w}}  "
                 f"{_fmt(b.max_abs_error, '18.3g')}  {_mib(b.program_bytes):>10}"
             )
     lines.append(
@@ -471,21 +472,36 @@ def _seq2seq_lines(r: InspectReport) -> list[str]:
 
 def _decode_binaries(r: InspectReport) -> str:
     if r.kernels:
-        return f"kernels     {len(r.kernels)} kernel binaries"
+        return f"kernels     {count(len(r.kernels), 'kernel binary', 'kernel binaries')}"
     build = ", CPU build" if r.target == "cpu" else ""
     return f"kernels     no kernel binaries (plain torch decode step{build})"
 
 
 def _binary_lines(r: InspectReport) -> list[str]:
-    """One line per kernel binary: name, function, launch settings, size."""
-    lines = []
-    for k in r.kernels:
-        extra = " ".join(f"{key}={v}" for key, v in k["meta"].items() if key != "key")
-        lines.append(
-            f"  {k['name']:<18} {k['function']:<32} warps={k['num_warps']} "
-            f"shared={k['shared_mem']} {extra} {_mib(k['bytes'])}"
+    """One line per kernel binary: name, function, launch settings, size, launch meta. The
+    columns are as wide as their longest entry (Triton's function names run past any fixed
+    width); the free-form meta comes last."""
+    rows = [
+        (
+            str(k["name"]),
+            str(k["function"]),
+            f"warps={k['num_warps']}",
+            f"shared={k['shared_mem']}",
+            _mib(k["bytes"]),
+            " ".join(f"{key}={v}" for key, v in k["meta"].items() if key != "key"),
         )
-    return lines
+        for k in r.kernels
+    ]
+    w = [_width(column) for column in zip(*rows)]
+    return [
+        f"  {name:<{w[0]}} {function:<{w[1]}} {warps:<{w[2]}} {shared:<{w[3]}} {size:>{w[4]}} "
+        f"{meta}".rstrip()
+        for name, function, warps, shared, size, meta in rows
+    ]
+
+
+def _width(column, least: int = 0) -> int:
+    return max([least, *(len(str(c)) for c in column)])
 
 
 def _kernel_lines(r: InspectReport) -> list[str]:
@@ -507,10 +523,14 @@ def _kernel_lines(r: InspectReport) -> list[str]:
             key = repr([(c.op, c.impl, c.config, c.count) for c in b.kernel_choices])
             groups.setdefault(key, ([], b.kernel_choices))[0].append(b.name)
         lines.append("kernl ops and chosen implementations:")
+        every = [c for _, choices in groups.values() for c in choices]  # one width for all
+        op_w, impl_w = _width((c.op for c in every), 18), _width((c.impl for c in every), 7)
         for names, choices in groups.values():
             lines.append(f"  bucket {', '.join(names)}:")
             for c in choices:
-                lines.append(f"    {c.count:5d}  {c.op:<18} {c.impl:<7} {_config_text(c.config)}")
+                lines.append(
+                    f"    {c.count:5d}  {c.op:<{op_w}} {c.impl:<{impl_w}} {_config_text(c.config)}"
+                )
     else:
         lines.append("kernl ops: none (plain aten programs)")
     for b in r.buckets:
@@ -528,7 +548,7 @@ def _op_count_lines(r: InspectReport) -> list[str]:
     lines = ["ops per program:"]
     for counts, names in groups.items():
         total = sum(n for _, n in counts)
-        lines.append(f"  bucket {', '.join(names)}: {total} instructions")
+        lines.append(f"  bucket {', '.join(names)}: {count(total, 'instruction')}")
         for op, n in counts:
             lines.append(f"    {n:5d}  {op}")
     return lines

@@ -23,6 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from kernl.artifacts.program import Program
 from kernl.kernels.launch import launching_with
 
+from .plural import count
+
 _DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -62,7 +64,8 @@ class LaunchCount:
         top = ", ".join(
             f"{n} {k}" for k, n in sorted(self.by_source.items(), key=lambda kv: -kv[1])
         )
-        return f"{self.total} kernel launches per call{'' if self.exact else ' (about)'}: {top}"
+        launches = count(self.total, "kernel launch", "kernel launches")
+        return f"{launches} per call{'' if self.exact else ' (about)'}: {top}"
 
 
 def _short(func: Any) -> str:

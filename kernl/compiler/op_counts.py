@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from kernl.artifacts.program import Program
 
+from .plural import count
+
 
 @dataclass(frozen=True)
 class OpCounts:
@@ -22,10 +24,14 @@ class OpCounts:
 
     def describe(self) -> str:
         return (
-            f"{self.instructions} instructions: {self.kernl_ops} kernl ops "
+            f"{count(self.instructions, 'instruction')}: {count(self.kernl_ops, 'kernl op')} "
             f"({self.on_triton} on Triton kernels, {self.kernl_ops - self.on_triton} on aten), "
-            f"{self.aten_ops} aten ops"
-            + ("" if self.launches is None else f"; {self.launches} kernel launches per call")
+            f"{count(self.aten_ops, 'aten op')}"
+            + (
+                ""
+                if self.launches is None
+                else f"; {count(self.launches, 'kernel launch', 'kernel launches')} per call"
+            )
         )
 
 

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kernl.artifacts import Bucket
+from kernl.artifacts.writer import artifact_files
 
 from .op_counts import OpCounts
+from .plural import count
 from .tune import TuneRecord
 
 Progress = Callable[[str], None]
@@ -59,19 +61,20 @@ class CompileReport:
         if any(r.time_us is not None for r in records):
             skipped = sum(len(r.errors) for r in records)
             ahead = (
-                f" ({self.compiled_ahead} compiled ahead on {self.compile_threads} threads)"
+                f" ({self.compiled_ahead} compiled ahead on "
+                f"{count(self.compile_threads, 'thread')})"
                 if self.compiled_ahead
                 else ""
             )
             lines.append(
-                f"tuning: {sum(r.timed for r in records)} candidates timed{ahead}, "
-                f"{sum(r.cached for r in records)} kernel instances from the cache or an equal "
-                f"shape, {skipped} configs skipped (failed to compile or run; KERNL_VERBOSE=1 "
-                f"shows the compiler's output)"
+                f"tuning: {count(sum(r.timed for r in records), 'candidate')} timed{ahead}, "
+                f"{count(sum(r.cached for r in records), 'kernel instance')} from the cache or "
+                f"an equal shape, {count(skipped, 'config')} skipped (failed to compile or run; "
+                "KERNL_VERBOSE=1 shows the compiler's output)"
             )
         lines.append(
             f"artifact {self.path} ({self.artifact_bytes / 2**20:.1f} MiB), task {self.task}, "
-            f"{self.dtype} on {self.device}, {_count(len(self.buckets), 'bucket')} in "
+            f"{self.dtype} on {self.device}, {count(len(self.buckets), 'bucket')} in "
             f"{self.seconds:.1f} s"
         )
         return "\n".join(lines)
@@ -80,13 +83,17 @@ class CompileReport:
         """Per bucket, each kernel instance: chosen implementation and config, its time, and
         the time of the aten implementation it replaced."""
         lines: list[str] = []
+        every = [r for records in self.tuning.values() for r in records if r.time_us is not None]
+        # as wide as the longest op and impl: "kernl.bert_embeddings" ran past a fixed 17
+        op_w = max([17, *(len(r.op) for r in every)])
+        impl_w = max([6, *(len(r.impl) for r in every)])
         for bucket, records in self.tuning.items():
             timed = [r for r in records if r.time_us is not None]
             if not timed:
                 counts = next((r.counts for r in self.buckets if r.bucket == bucket), None)
                 if records and counts is not None:  # the count `kernl inspect` shows
                     lines.append(
-                        f"  {bucket.batch}x{bucket.seq}: {counts.kernl_ops} kernl ops, "
+                        f"  {bucket.batch}x{bucket.seq}: {count(counts.kernl_ops, 'kernl op')}, "
                         f"{counts.on_triton} on Triton kernels with default configs (no GPU to "
                         f"tune on), {counts.kernl_ops - counts.on_triton} on aten"
                     )
@@ -94,21 +101,26 @@ class CompileReport:
             total, aten = sum(r.time_us for r in timed), sum(r.aten_time_us for r in timed)
             failed = sum(len(r.errors) for r in timed)
             lines.append(
-                f"  {bucket.batch}x{bucket.seq}: {len(timed)} kernel instances, "
+                f"  {bucket.batch}x{bucket.seq}: {count(len(timed), 'kernel instance')}, "
                 f"{total:.0f} us tuned vs {aten:.0f} us aten (GPU time under graph "
-                f"replay); {failed} configs skipped (failed to compile or run)"
+                f"replay); {count(failed, 'config')} skipped (failed to compile or run)"
             )
             errors = sorted({e for r in timed for e in r.errors})[:3]
             lines.extend(f"    skipped: {e}" for e in errors)
             for r in timed:
                 cfg = "" if r.config is None else " ".join(f"{k}={v}" for k, v in r.config.items())
                 lines.append(
-                    f"    #{r.index:<4} {r.op:<17} {r.impl:<6} {r.time_us:8.1f} us "
+                    f"    #{r.index:<4} {r.op:<{op_w}} {r.impl:<{impl_w}} {r.time_us:8.1f} us "
                     f"(aten {r.aten_time_us:8.1f} us){' cached' if r.cached else ''}  {cfg}"
                     + (f"  [{r.approximation}]" if r.approximation else "")
                 )
         return lines
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+def artifact_bytes(path: Path) -> int:
+    """Bytes of every file of the artifact committed at `path`: the files its manifest lists,
+    the manifest and a signature (the writer's size before commit has neither), not a file a
+    user keeps in the folder (a tokenizer.json)."""
+    return sum(
+        (path / rel).stat().st_size for rel in artifact_files(path) if (path / rel).is_file()
+    )

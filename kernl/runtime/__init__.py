@@ -23,9 +23,10 @@ from kernl.artifacts.reader import check_artifact
 from kernl.artifacts.schema import WEIGHTS_FILE
 from kernl.artifacts.signing import load_trusted_keys, trusted_keys_from_env
 
+from .executor import ProgramRunError
 from .model import CompiledModel, ModelOutput
 
-__all__ = ["CompiledModel", "ModelOutput", "load"]
+__all__ = ["CompiledModel", "ModelOutput", "ProgramRunError", "load"]
 
 
 def load(
@@ -92,7 +93,8 @@ def _load(root: Path, device: torch.device | None, capture: str, verify: bool, t
     _check_compatibility(manifest, device)
     try:
         free_bytes = _free_memory(device)
-        checked = check_artifact(root, trusted_keys=keys, free_bytes=free_bytes, hash_files=False)
+        # The manifest read above, not the file again: what is checked is what is served.
+        checked = check_artifact(root, manifest=manifest, free_bytes=free_bytes, hash_files=False)
         programs = checked.programs if manifest.task != "causal-lm" else []
         # The weights are read once the check, the memory plan included, has passed. Reading
         # them on a thread during the check was measured no faster (H200, 2026-12-03: load()

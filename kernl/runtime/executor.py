@@ -16,6 +16,16 @@ from kernl.artifacts.program import Program, iter_value_refs
 from .vocabulary import DTYPES, LAYOUTS, MEMORY_FORMATS, UnknownOpError, resolve_op
 
 
+class ProgramRunError(RuntimeError):
+    """An instruction of a program failed while it ran: the message names the bucket, the
+    instruction and its op; the op's own error is its __cause__."""
+
+
+class _ProgramOutOfMemoryError(ProgramRunError, torch.OutOfMemoryError):
+    """Out of memory in an instruction: still a torch.OutOfMemoryError to whoever catches
+    one (a server that answers it as overload, not as a broken model)."""
+
+
 class _Ref:
     __slots__ = ("id",)
 
@@ -103,10 +113,22 @@ class Executor:
 
     def run(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         env = self.initial_env(inputs)
-        for fn, args, kwargs, outs, frees in self.steps:
-            self.store(
-                env, outs, fn(*_bind(args, env), **{k: _bind(v, env) for k, v in kwargs.items()})
-            )
-            for v in frees:
-                env[v] = None
+        try:  # costs nothing until an op raises (and a graph's replay never comes here)
+            for fn, args, kwargs, outs, frees in self.steps:
+                self.store(
+                    env,
+                    outs,
+                    fn(*_bind(args, env), **{k: _bind(v, env) for k, v in kwargs.items()}),
+                )
+                for v in frees:
+                    env[v] = None
+        except Exception as e:
+            # the failing step is the one whose args list (made per instruction) is bound now
+            i = next(i for i, step in enumerate(self.steps) if step[1] is args)
+            b = self.program.bucket
+            oom = isinstance(e, torch.OutOfMemoryError)
+            raise (_ProgramOutOfMemoryError if oom else ProgramRunError)(
+                f"bucket {b.name} (batch {b.batch}, seq {b.seq}), instruction {i} "
+                f"({self.program.instructions[i].op}): {type(e).__name__}: {e}"
+            ) from e
         return [env[o] for o in self.program.outputs]

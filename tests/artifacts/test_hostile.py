@@ -719,6 +719,12 @@ CASES = {
         "uninitialised memory",
         "b1_s8",
     ),
+    "output of another dtype than the manifest declares": Case(
+        lambda r, o: edit_manifest(r, lambda m: m["outputs"][0].__setitem__("dtype", "float16")),
+        ArtifactCorruptError,
+        "output 'last_hidden_state' is float32; the manifest declares float16",
+        "b1_s8",
+    ),
     "output of the wrong shape": Case(
         lambda r, o: _return_new_value(r, ["aten.zeros.default", [[3]], {}]),
         ArtifactCorruptError,

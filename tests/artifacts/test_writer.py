@@ -152,6 +152,35 @@ def test_a_commit_its_reader_refuses_leaves_the_destination_as_it_was(small_arti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bert.kernl"]
 
 
+def test_a_commit_over_a_limit_load_applies_is_refused_naming_it(small_artifact, tmp_path):
+    """load() reads with the default limits and takes none of its own: an artifact over one
+    was written, then refused by every load(). The commit refuses it instead, in the reader's
+    words (which name the limit), not as a bug in kernl; the artifact already there stays."""
+    from safetensors.torch import load_file
+
+    from kernl.artifacts import DEFAULT_LIMITS, Instruction
+
+    dest = copy_artifact(small_artifact, tmp_path / "bert.kernl")
+    manifest = read_manifest(small_artifact)
+    elements = 2 * DEFAULT_LIMITS.max_tensor_elements  # a logits tensor of a huge vocabulary
+    with pytest.raises(ArtifactWriteError) as info:
+        with ArtifactWriter(dest) as w:
+            for e in manifest.buckets:
+                p = read_program(small_artifact, e.program)
+                p.instructions.insert(
+                    0, Instruction("aten.zeros.default", [[elements]], {}, [p.num_values])
+                )
+                p.num_values += 1
+                w.write_program(p)
+            w.write_weights(load_file(str(small_artifact / "weights.safetensors")))
+            w.commit(manifest)
+    message = str(info.value)
+    assert f"more than the {DEFAULT_LIMITS.max_tensor_elements} a reader allows" in message
+    assert "kernl.runtime.load() refuses it" in message and "a bug in kernl" not in message
+    assert verify_artifact(dest) == verify_artifact(small_artifact)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert.kernl"]
+
+
 def test_files_beside_the_artifact_survive_its_replacement(small_artifact, tmp_path):
     """docs/deployment.md has tokenizer.json copied next to manifest.msgpack: a recompile to
     the same folder deleted it, and every other file that was not the artifact's."""

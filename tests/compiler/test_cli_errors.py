@@ -10,7 +10,7 @@ from click.testing import CliRunner
 import kernl.compiler.tasks.encoder
 import kernl.runtime
 from kernl.artifacts import read_manifest
-from kernl.compiler.cli import compile_command
+from kernl.compiler.cli import compile_command, main
 from kernl.compiler.trace import task_of
 from kernl.compiler.validate import ValidationError
 
@@ -81,6 +81,16 @@ def test_bf16_on_the_cpu_is_refused_up_front(bert_dir, tmp_path):
     )
     assert "loading model" not in result.output  # refused before loading anything
     assert not (tmp_path / "a").exists()
+
+
+def test_kernl_compile_names_itself_in_its_errors(bert_dir, tmp_path):
+    # the group's subcommand shares kernl-compile's code, which wrote "kernl-compile: error:"
+    args = [bert_dir, "-o", tmp_path / "a", "--buckets", "batch=1 seq=8", "--dtype", "bf16"]
+    result = CliRunner().invoke(
+        main, ["compile", *map(str, args), "--device", "cpu"], prog_name="kernl"
+    )
+    assert_clean_failure(result, 1, "kernl compile: error:", "bf16")
+    assert "kernl-compile" not in result.output
 
 
 def test_bf16_on_the_cpu_without_kernels_compiles(bert_dir, tmp_path):

@@ -116,6 +116,55 @@ def test_kernel_binaries_and_program_meta_are_shown_when_present(artifact):
     assert "kernel binaries: none" in render_text(report)
 
 
+def _column_starts(lines, field):
+    return {ln.index(field(ln)) for ln in lines}
+
+
+def test_columns_stay_aligned_past_long_names(artifact):
+    """`kernl.bert_embeddings` (21 characters) pushed its row's columns past an 18-wide
+    field, as Triton function names did past a 32-wide one, and a KV length of 32768 past 14."""
+    report = inspect_artifact(artifact)
+    text = render_text(report).splitlines()
+    rows = text[text.index("kernl ops and chosen implementations:") + 2 :]
+    rows = rows[: next(i for i, ln in enumerate(rows) if not ln.startswith("      "))]
+    assert any("kernl.bert_embeddings" in ln for ln in rows)
+    assert len(_column_starts(rows, lambda ln: ln.split()[2])) == 1, "\n".join(rows)
+
+    kernels = [
+        {
+            "name": name,
+            "function": function,
+            "num_warps": warps,
+            "shared_mem": shared,
+            "file": f"kernels/{name}.cubin",
+            "bytes": size,
+            "meta": {"num_ctas": 1},
+        }
+        for name, function, warps, shared, size in [
+            ("k0", "_fused_linear_kernel", 4, 0, 20480),
+            (
+                "decode_attention_split_k_0001",
+                "_decode_attention_split_kv_reduce_kernel",
+                16,
+                49152,
+                2 << 20,
+            ),
+        ]
+    ]
+    lines = render_text(dataclasses.replace(report, kernels=kernels)).splitlines()
+    lines = [ln for ln in lines if "warps=" in ln]
+    for field in ("warps=", "shared=", "num_ctas="):
+        assert len(_column_starts(lines, lambda ln, f=field: f)) == 1, "\n".join(lines)
+
+    decode = [
+        dataclasses.replace(report.buckets[0], batch=1, seq=seq, stage="decode")
+        for seq in (16, 32768)
+    ]
+    lines = render_text(dataclasses.replace(report, task="causal-lm", buckets=decode))
+    lines = [ln for ln in lines.splitlines() if "decode" in ln.split()[:1] or "stage" in ln]
+    assert len(lines) == 3 and len({len(ln.rstrip()) for ln in lines}) == 1, "\n".join(lines)
+
+
 def test_not_an_artifact_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(main, ["inspect", str(tmp_path)])
     assert result.exit_code == 1
@@ -163,7 +212,7 @@ def test_causal_lm_artifact_shows_its_generation_buckets(tmp_path):
         bos_token_id=None,
     )
     out = tmp_path / "lm.kernl"
-    kernl.compiler.compile(
+    compiled = kernl.compiler.compile(
         T.GPT2LMHeadModel(config).eval(),
         "batch=1,2 prompt=8 cache=16,32",
         out,
@@ -171,6 +220,7 @@ def test_causal_lm_artifact_shows_its_generation_buckets(tmp_path):
         device="cpu",
     )
     report = inspect_artifact(out)
+    assert compiled.artifact_bytes == report.total_bytes == sum(_disk_sizes(out).values())
     stages = sorted((b.stage, b.batch, b.seq) for b in report.buckets)
     assert stages == [
         ("decode", 1, 16),

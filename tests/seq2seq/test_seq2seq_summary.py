@@ -17,9 +17,9 @@ from .test_whisper_generate import tiny_whisper
 
 def _summary_and_inspect(hf, buckets: str, out: Path) -> tuple[Seq2SeqReport, str, str]:
     report = kernl.compiler.compile(hf, buckets, out, dtype="fp32", device="cpu")
-    validation = next(
-        ln for ln in render_text(inspect_artifact(out)).splitlines() if "greedy" in ln
-    )
+    inspected = inspect_artifact(out)
+    assert report.artifact_bytes == inspected.total_bytes  # the manifest included
+    validation = next(ln for ln in render_text(inspected).splitlines() if "greedy" in ln)
     return report, report.table().splitlines()[0], validation
 
 
@@ -34,13 +34,20 @@ def test_a_small_cache_is_reported_as_the_tokens_it_left(tmp_path):
 
 
 def test_whisper_counts_the_tokens_after_its_decoder_prompt(tmp_path):
-    # cache=4 holds the decoder prompt and leaves room for one new token
+    # cache=2 holds the English-only prompt (start, notimestamps) and one new token
     report, summary, validation = _summary_and_inspect(
-        tiny_whisper("english"), "batch=1 cache=4", tmp_path / "whisper"
+        tiny_whisper("english"), "batch=1 cache=2", tmp_path / "whisper"
     )
     assert report.tokens == [1]
     assert "(float32: equal, 1 new token per row)" in summary, summary
     assert "1 new token per row" in validation, validation
+    # the multilingual prompt (start, detected language, notimestamps) leaves 3 of cache=5:
+    # validation compared 1, as though every prompt took 4 tokens
+    report, summary, _ = _summary_and_inspect(
+        tiny_whisper("multilingual"), "batch=1 cache=5", tmp_path / "multilingual"
+    )
+    assert report.tokens == [3]
+    assert "(float32: equal, 3 new tokens per row)" in summary, summary
 
 
 def test_reduced_precision_is_not_called_identical():

@@ -9,6 +9,7 @@ two of them at once, seeks back to 0 s and decodes the window again forever)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -456,3 +457,53 @@ def test_the_memory_plan_covers_whisper_buffers(compiled):
     plan = check_artifact(path, hash_files=False).memory
     held = sum(_held_bytes(s) for s in model._states.values())
     assert held <= plan.static_buffers <= 2 * held
+
+
+def test_the_longest_decoder_prompt_is_the_one_the_runtime_builds(compiled):
+    from kernl.artifacts.seq2seq import DETECT
+    from kernl.artifacts.speech_prompt import longest_decoder_prompt
+
+    calls = [(None, None), ("fr", None), (None, "translate"), ("fr", "translate")]
+    for variant, (_, _, model) in compiled.items():
+        own = calls[:1] if variant == "english" else calls  # English-only: neither named
+        longest = max(len(model._prompt(language, task)) for language, task in own)
+        assert longest == {"multilingual": 4, "forced": 4, "english": 2}[variant]
+        start = model.spec.decoder_start_token_id
+        assert longest_decoder_prompt(model.speech, start) == longest, variant
+    # the config's language: no call builds the forced-ids prompt (here the longer one)
+    speech = dataclasses.replace(
+        compiled["forced"][2].speech,
+        forced_decoder_ids=[[1, DETECT], [2, TASKS["transcribe"]], [3, 42], [4, 43]],
+    )
+    assert longest_decoder_prompt(speech, START) == 6
+    assert longest_decoder_prompt(dataclasses.replace(speech, language="fr"), START) == 4
+
+
+@pytest.mark.parametrize("variant, cache, minimum", [("multilingual", 3, 4), ("english", 1, 2)])
+def test_a_cache_shorter_than_the_decoder_prompt_is_refused_as_a_bucket(
+    variant, cache, minimum, tmp_path
+):
+    """cache=3 compiled for a multilingual model, whose calls naming a language (start,
+    language, task, notimestamps) were then refused as 'max_new_tokens must be a positive
+    integer, got 0'; a cache below the default prompt failed in validation as 'max_new_tokens
+    1 exceeds the decoder cache', an option the user never gave. The minimum is enough."""
+    from kernl.compiler.buckets import BucketLimitError
+
+    spec = f"batch=1 cache={cache}"
+    with pytest.raises(
+        BucketLimitError, match=rf"cache {cache} is too short .* cache >= {minimum}"
+    ):
+        kernl.compiler.compile(
+            tiny_whisper(variant), spec, tmp_path / "a", device="cpu", dtype="fp32"
+        )
+    assert not (tmp_path / "a").exists()
+    kernl.compiler.compile(
+        tiny_whisper(variant),
+        f"batch=1 cache={minimum}",
+        tmp_path / "b",
+        device="cpu",
+        dtype="fp32",
+    )
+    named = {} if variant == "english" else dict(language="fr", task="translate")
+    model = kernl.runtime.load(tmp_path / "b", device="cpu")
+    assert model.generate(input_features=features(1), **named).shape[1] <= 1

@@ -20,7 +20,7 @@ from ..lower import lower
 from ..op_counts import count_ops
 from ..passes import rewrite
 from ..passes.split_k_counters import share_split_k_counters
-from ..report import BucketReport, CompileReport, Progress
+from ..report import BucketReport, CompileReport, Progress, artifact_bytes
 from ..trace import (
     FlatModel,
     example_inputs,
@@ -146,8 +146,8 @@ def compile_encoder(
             extra={"atol": atol, "rtol": rtol, "kernl_ops": kernels},
             **_target_info(dev),
         )
-        report.artifact_bytes = writer.size_bytes()
-        writer.commit(manifest)
+        dest = writer.commit(manifest)
+    report.artifact_bytes = artifact_bytes(dest)
     report.seconds = time.perf_counter() - start
     return report
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from kernl.artifacts.seq2seq import DETECT, MAX_PROMPT
+from kernl.artifacts.seq2seq import MAX_PROMPT
+from kernl.artifacts.speech_prompt import decoder_prompt, resolved_call
 
 from .model import _is_number, main_input, plain_numbers, refuse_hf_options
 from .seq2seq import Seq2SeqModel, _Plan
@@ -147,10 +148,7 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         features = _as_features(features, spec.num_mel_bins, spec.frames)
         batch = features.shape[0]
         _check_mask(attention_mask, batch, spec.frames)
-        s = self.speech
-        if s.is_multilingual is not False:  # HF: the config's language/task unless the call's
-            language = s.language if language is None else language
-            task = s.task if task is None else task
+        language, task = resolved_call(self.speech, language, task)
         prompts = [self._prompt(lang, task) for lang in _languages(language, batch)]
         prompt_len = len(prompts[0])
         if max_length is not None and max_new_tokens is not None:
@@ -189,50 +187,7 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         )
 
     def _prompt(self, language: str | None, task: str | None) -> list[int]:
-        """Hugging Face's `_retrieve_init_tokens` for one row (DETECT: detect the language)."""
-        s = self.speech
-        if s.is_multilingual is False and (language is not None or task is not None):
-            raise ValueError("cannot set the language or task of an English-only Whisper model")
-        tokens = [self.spec.decoder_start_token_id]
-        if language is None and task is None:  # the config's forced ids, else nothing
-            tokens += [t for _, t in s.forced_decoder_ids]
-        lang_undefined = len(tokens) <= 1 or tokens[1] == DETECT
-        lang = None
-        if language is not None:
-            lang = self._language_id(language)
-        elif s.lang_to_id and lang_undefined:
-            lang = DETECT
-        if lang is not None:
-            tokens[1:2] = [lang]
-        if task is not None:
-            if not isinstance(task, str) or task not in s.task_to_id:
-                raise ValueError(
-                    f"task must be one of {sorted(s.task_to_id)} for this model, not {task!r}"
-                )
-            tokens.append(s.task_to_id[task])
-        elif language is not None and s.task_to_id:
-            if not any(t in tokens for t in s.task_to_id.values()):
-                tokens.append(s.task_to_id["transcribe"])
-        if s.no_timestamps_token_id is not None and tokens[-1] != s.no_timestamps_token_id:
-            tokens.append(s.no_timestamps_token_id)
-        tokens = [t for t in tokens if t != DETECT or lang == DETECT]
-        if len(tokens) > MAX_PROMPT:
-            raise ValueError(f"a decoder prompt of {len(tokens)} tokens is over {MAX_PROMPT}")
-        return tokens
-
-    def _language_id(self, language: str) -> int:
-        table = self.speech.lang_to_id
-        if not table:
-            raise ValueError("this Whisper model's generation config has no languages (lang_to_id)")
-        lower = language.lower()
-        for key in (language, lower, f"<|{lower}|>", self.speech.language_names.get(lower)):
-            if key in table:
-                return table[key]
-        names = f" (or their names: {', '.join(sorted(self.speech.language_names))[:200]})"
-        raise ValueError(
-            f"language {language!r} is not one of this model's: {', '.join(sorted(table))[:300]}"
-            + (names if self.speech.language_names else "")
-        )
+        return decoder_prompt(self.speech, self.spec.decoder_start_token_id, language, task)
 
 
 def _whisper_sampling(do_sample: bool | None, sampler: tuple) -> tuple[bool, tuple]:

@@ -42,6 +42,8 @@ from kernl.artifacts.schema import PROGRAMS_DIR
 from kernl.runtime.binaries import allow_jit
 from kernl.runtime.generation import GenerativeModel
 
+from ...plural import count
+from ...report import artifact_bytes
 from ...trace import load_model, resolve_dtype_device
 from ...tune import write_binaries
 from ...validate import ValidationError, resolve_tolerance
@@ -95,8 +97,8 @@ class CausalLMReport:
             failed = sum(t.error is not None for t in self.tile_timings)
             timed = len(self.tile_timings) - cached - failed
             lines.append(
-                f"fused decode kernel tiles: {timed} configs timed, {failed} failed, "
-                f"{cached} sites from the tuning cache"
+                f"fused decode kernel tiles: {count(timed, 'config')} timed, {failed} failed, "
+                f"{count(cached, 'site')} from the tuning cache"
             )
         if self.decode_timings:
             each = " + ".join(self.decode_buckets)
@@ -104,11 +106,12 @@ class CausalLMReport:
             lines += [f"  {t.describe()}" for t in self.decode_timings]
         lines.append(
             f"decode step kernels: {self.decode_kernels.describe()}; "
-            f"{self.num_binaries} kernel binaries"
+            f"{count(self.num_binaries, 'kernel binary', 'kernel binaries')}"
         )
         lines.append(
             f"artifact {self.path} ({self.artifact_bytes / 2**20:.1f} MiB), task {self.task}, "
-            f"{self.dtype} on {self.device}, {len(self.stages)} bucket{'' if len(self.stages) == 1 else 's'} in {self.seconds:.1f} s "
+            f"{self.dtype} on {self.device}, {count(len(self.stages), 'bucket')} in "
+            f"{self.seconds:.1f} s "
             f"(tolerance: atol {self.atol} + rtol {self.rtol} x max|logit|)"
         )
         return "\n".join(lines)
@@ -196,8 +199,8 @@ def compile_causal_lm(
         del gen
         manifest.buckets = _write_programs(writer, gb, stages)
         report.stages = stages
-        report.artifact_bytes = writer.size_bytes()
-        writer.commit(manifest)
+        dest = writer.commit(manifest)
+    report.artifact_bytes = artifact_bytes(dest)
     report.seconds = time.perf_counter() - start
     return report
 

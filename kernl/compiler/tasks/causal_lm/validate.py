@@ -17,6 +17,7 @@ import torch
 
 from kernl.runtime.generation import GenerativeModel
 
+from ...plural import count
 from ...validate import ValidationError
 
 # Long runs compare at most this many steps (all kv-bucket boundaries included), so a
@@ -89,7 +90,7 @@ def validate_generation(
         for prompt in b.prompts:
             longest = prompt == min(b.prompts)
             n = b.cache_len - prompt + 1 if longest else min(3, b.cache_len - prompt + 1)
-            say(f"validate batch {batch} prompt {prompt}: {n} steps against eager")
+            say(f"validate batch {batch} prompt {prompt}: {count(n, 'step')} against eager")
             lengths = torch.randint(1, prompt + 1, (batch,), generator=g)
             lengths[0] = prompt
             rows = [torch.randint(0, vocab, (int(m),), generator=g).tolist() for m in lengths]

@@ -11,11 +11,13 @@ within the limits a reader of artifacts enforces (checked here, before the model
 
 speech-seq2seq (Whisper): `"batch=1,8 cache=448"`. The source is fixed: one 30 s window of
 3000 mel frames, 1500 encoder positions; cache counts the decoder prompt (start, language,
-task, no-timestamps) with the new tokens and is at most the model's max_target_positions."""
+task, no-timestamps) with the new tokens: at least the longest prompt the model takes (4 tokens
+for a multilingual model; checked once it is loaded), at most its max_target_positions."""
 
 from __future__ import annotations
 
-from kernl.artifacts.seq2seq import Seq2SeqBuckets
+from kernl.artifacts.seq2seq import Seq2SeqBuckets, SpeechSpec
+from kernl.artifacts.speech_prompt import longest_decoder_prompt
 
 from ...buckets import (
     BucketLimitError,
@@ -109,4 +111,18 @@ def check_positions(b: Seq2SeqBuckets, spec, config, speech: bool) -> None:
     raise BucketLimitError(
         f"buckets {spec!r} need {longest} positions{default}, more than the model's {limit} "
         f"(config {table}={limit}); use {axes} <= {limit}"
+    )
+
+
+def check_speech_prompt(b: Seq2SeqBuckets, spec, speech: SpeechSpec, start: int) -> None:
+    """Refuse a Whisper cache too short for its decoder prompt and one new token: every call
+    (or every call that names a language) would be refused at the runtime, and validation
+    could not run."""
+    longest = longest_decoder_prompt(speech, start)
+    if b.cache_len >= longest:
+        return
+    raise BucketLimitError(
+        f"buckets {spec!r}: cache {b.cache_len} is too short for this model's decoder prompt "
+        f"of up to {longest} tokens (<|startoftranscript|>, then the language, task and "
+        f"<|notimestamps|> tokens it takes) and a new token; use cache >= {longest}"
     )

@@ -45,10 +45,12 @@ from kernl.runtime.generation import open_seq2seq
 from kernl.runtime.generation.seq2seq import Seq2SeqModel
 
 from ...inspect_report import greedy_agreement
+from ...plural import count
+from ...report import artifact_bytes
 from ...trace import UnsupportedModelError, load_model, resolve_dtype_device
 from ...tune import write_binaries
 from ...validate import ValidationError
-from .buckets import as_seq2seq_buckets, check_positions
+from .buckets import as_seq2seq_buckets, check_positions, check_speech_prompt
 from .decode_kernels import (
     FEW_ROWS,
     choose_decode_kernels,
@@ -88,7 +90,8 @@ class Seq2SeqReport:
         n = min(self.tokens, default=0)
         return (
             f"greedy ids against eager generate ({greedy_agreement(self.dtype, n)}) for "
-            f"batch x source buckets {shapes}\n{self.decode}; {self.num_binaries} kernel binaries"
+            f"batch x source buckets {shapes}\n{self.decode}; "
+            f"{count(self.num_binaries, 'kernel binary', 'kernel binaries')}"
             f"\nartifact {self.path} "
             f"({self.artifact_bytes / 2**20:.1f} MiB), task {self.task}, {self.dtype} on "
             f"{self.device}, in {self.seconds:.1f} s"
@@ -135,6 +138,7 @@ def compile_seq2seq(
         )
     if speech:
         sb = Seq2SeqBuckets(sb.batches, [spec.source_positions], sb.caches)
+        check_speech_prompt(sb, buckets, speech_spec(model), spec.decoder_start_token_id)
     dtype_name = str(torch_dtype).removeprefix("torch.")
     manifest = _manifest(model, source, spec, sb, dtype_name, dev, speech)
     described = {n: (list(t.shape), dtype_name) for n, t in weights.items()}
@@ -161,7 +165,7 @@ def compile_seq2seq(
             report.tokens.clear()
             for b, s in sb.encoder_shapes():
                 if speech:
-                    n = _validate_speech(runtime, model, b, min(VALIDATE_TOKENS, sb.cache_len - 4))
+                    n = _validate_speech(runtime, model, b, VALIDATE_TOKENS)
                 else:
                     n = _validate(runtime, model, spec, b, s, min(VALIDATE_TOKENS, sb.cache_len))
                 report.buckets.append((b, s))
@@ -178,8 +182,8 @@ def compile_seq2seq(
         manifest.buckets = _write_programs(
             writer, sb, manifest.inputs[0].name, dict(zip(report.buckets, report.tokens))
         )
-        report.artifact_bytes = writer.size_bytes()
-        writer.commit(manifest)
+        dest = writer.commit(manifest)
+    report.artifact_bytes = artifact_bytes(dest)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -284,9 +288,10 @@ def _validate_speech(runtime, model, batch: int, tokens: int) -> int:
     spec, speech = runtime.spec, runtime.speech
     g = torch.Generator().manual_seed(batch)
     feats = torch.randn(batch, spec.num_mel_bins, spec.frames, generator=g) * 0.5
-    plan = runtime._speech_plan(
-        feats, max(1, tokens), False, (1.0, 50, 1.0, 0), [], None, None, None, None
-    )
+    greedy = (False, (1.0, 50, 1.0, 0), [], None, None, None, None)
+    # as many of `tokens` as the cache leaves after the decoder prompt (the runtime's count)
+    room = runtime._speech_plan(feats, None, *greedy).max_new_tokens
+    plan = runtime._speech_plan(feats, min(tokens, room), *greedy)
     got = runtime._generate(plan)
     param = next(model.parameters())
     start = torch.full((batch, 1), spec.decoder_start_token_id, dtype=torch.int64)
