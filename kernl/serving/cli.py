@@ -161,6 +161,7 @@ def serve_main(argv: list[str]) -> int:
     from ray import serve
 
     from .deployment import application
+    from .replica import stop_counters
 
     # A cluster started elsewhere (--ray-address) has not inherited this environment: the
     # ingress's variables travel as the job's runtime environment, to the Serve controller
@@ -217,6 +218,12 @@ def serve_main(argv: list[str]) -> int:
         print("kernl serve: interrupted again; stopping now", file=sys.stderr, flush=True)
         return 130
     finally:
+        # The counters actors are detached: on a cluster that outlives this server
+        # (--ray-address) they would stay there.
+        try:
+            stop_counters(config.app_name)
+        except Exception as e:
+            print(f"kernl serve: could not stop the /metrics counters: {e}", file=sys.stderr)
         serve.shutdown()
         ray.shutdown()
     return 0

@@ -95,14 +95,22 @@ def config_from_args(args: dict) -> ServeConfig:
     kernl.serving.deployment:build artifact=PATH replicas=2 join=false`: strings; from a
     Serve config file's `args`: YAML values), each parsed as its field's type: a boolean is
     true/false/1/0 (the string "false" is not true), an integer an integer. Raises ValueError
-    naming the argument for an unknown one, a missing artifact or a value of the wrong type."""
-    kinds = {f.name: str(f.type).replace(" | None", "") for f in fields(ServeConfig)}
-    unknown = sorted(set(args) - set(kinds))
+    naming the argument for an unknown one, a missing artifact or a value of the wrong type.
+    An explicit null (YAML `max_batch_size: null`) for a field whose default is None is that
+    default; for any other field it is a value of the wrong type."""
+    types = {f.name: str(f.type) for f in fields(ServeConfig)}
+    unknown = sorted(set(args) - set(types))
     if unknown:
-        raise ValueError(f"unknown argument(s) {unknown}; known: {sorted(kinds)}")
+        raise ValueError(f"unknown argument(s) {unknown}; known: {sorted(types)}")
     if "artifact" not in args:
         raise ValueError("missing argument artifact=PATH (the artifact folder)")
-    return ServeConfig(**{name: _parse(name, value, kinds[name]) for name, value in args.items()})
+    parsed = {}
+    for name, value in args.items():
+        kind = types[name]
+        if value is None and kind.endswith(" | None"):
+            continue  # the field's default: None
+        parsed[name] = _parse(name, value, kind.removesuffix(" | None"))
+    return ServeConfig(**parsed)
 
 
 _TRUE, _FALSE = ("true", "1"), ("false", "0")

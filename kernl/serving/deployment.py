@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 
@@ -41,7 +42,7 @@ from .gather import BatchGatherer
 from .generation_protocol import GENERATION_TASKS, GenerationLimits, check_servable
 from .metrics import ReplayStats
 from .protocol import ModelLimits, ParsedRequest, RequestError, parse_request, prepare_answers
-from .replica import Replica, SharedStats, replica_device
+from .replica import ENCODER_COUNTERS, Replica, SharedStats, replica_device
 from .replica import json_response as _json
 from .tokenizer import load_tokenizer
 
@@ -50,7 +51,7 @@ from .tokenizer import load_tokenizer
 class KernlServer(Replica):
     POST_PATHS = ("/", "/predict")
 
-    def __init__(self, config: ServeConfig):
+    def __init__(self, config: ServeConfig, instance: str | None = None):
         # Only what the manifest says is read here (milliseconds): requests are checked from
         # the replica's first moment, and the model loads in the background (_load).
         self.config = config
@@ -60,7 +61,10 @@ class KernlServer(Replica):
         self.limits = ModelLimits.from_manifest(manifest, max_rows=self.max_batch_size)
         self.tokenize = load_tokenizer(config.artifact)
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
-        self.stats = SharedStats(ReplayStats, f"kernl-metrics-{config.app_name}")
+        # `instance`: this deployment's, drawn by application(): its own counters
+        self.stats = SharedStats(
+            ReplayStats, ENCODER_COUNTERS.format(app=config.app_name), instance
+        )
         self.model = None
         self.costs: dict = {}
         # One thread loads and then runs the model, so the event loop keeps answering (503
@@ -124,9 +128,13 @@ class KernlServer(Replica):
                 self.replica,
             )
 
-        return serve_batch_bytes(
-            self.model, requests, self.costs, {"replica": self.replica}, record
-        )
+        try:
+            return serve_batch_bytes(
+                self.model, requests, self.costs, {"replica": self.replica}, record
+            )
+        except Exception:
+            self.note_failed_call()  # on the worker thread: no other call runs
+            raise
 
     def health(self) -> dict:
         m = self.model.manifest
@@ -160,8 +168,13 @@ def application(config: ServeConfig, deployment=None):
     the real routes, parsing and batching this way)."""
     manifest = read_manifest(config.artifact)
     check_servable(manifest)
-    on_gpu = config.device == "cuda" or (config.device is None and _cluster_has_gpus())
-    gpus = config.gpus_per_replica if config.gpus_per_replica is not None else float(on_gpu)
+    # One per deployment, shared by its replicas: the name of its counters (SharedStats), so
+    # a new deployment's /metrics starts from zero.
+    instance = uuid.uuid4().hex[:12]
+    if config.gpus_per_replica is not None:
+        gpus = config.gpus_per_replica
+    else:
+        gpus = float(replicas_need_gpus(config, manifest))
     if manifest.task in GENERATION_TASKS:
         from .generation import KernlGenerator
 
@@ -177,7 +190,7 @@ def application(config: ServeConfig, deployment=None):
             ray_actor_options={"num_gpus": gpus, "num_cpus": config.cpus_per_replica},
             max_ongoing_requests=max(2 * rows, 8),
             **draining(config),
-        ).bind(config)
+        ).bind(config, instance)
     if config.max_batch_size is None:
         buckets = manifest.bucket_list()
         config = replace(config, max_batch_size=max(b.batch for b in buckets))
@@ -193,7 +206,7 @@ def application(config: ServeConfig, deployment=None):
         ray_actor_options={"num_gpus": gpus, "num_cpus": config.cpus_per_replica},
         max_ongoing_requests=max(2 * max_rows, 16),
         **draining(config),
-    ).bind(config)
+    ).bind(config, instance)
 
 
 def draining(config: ServeConfig) -> dict:
@@ -212,8 +225,33 @@ def build(args: dict[str, str]):
     return application(config_from_args(args))
 
 
+def replicas_need_gpus(config: ServeConfig, manifest) -> bool:
+    """Whether each replica asks Ray for a GPU (unless `gpus_per_replica` says how much): the
+    configured device, else none for an artifact compiled for the CPU (the runtime refuses it
+    on a GPU), else one when the Ray cluster has GPUs.
+
+    `serve run kernl.serving.deployment:build ...` calls this builder before it connects to
+    Ray, so there is no cluster to ask (every replica was given no GPU, and Ray hid the GPUs
+    from it). Connecting here (`ray.init(address="auto")`) would pre-empt `serve run`'s own
+    `ray.init`, and the application would lose the `--address`, namespace and runtime
+    environment (`--working-dir`, `--runtime-env`) it passes. So without a connected Ray the
+    artifact decides: one compiled for CUDA with kernel binaries (which run on nothing else)
+    asks for a GPU; one without binaries, which a CPU can run too, asks for one when this
+    machine has a GPU. Not the driver's GPU alone: `serve run` often runs on a head node
+    without GPUs, for GPU workers. `device=` or `gpus_per_replica=` overrides either."""
+    if config.device is not None:
+        return config.device == "cuda"
+    if manifest.target == "cpu":
+        return False
+    if ray.is_initialized():
+        return _cluster_has_gpus()
+    import torch
+
+    return bool(manifest.kernels) or torch.cuda.is_available()
+
+
 def _cluster_has_gpus() -> bool:
     try:
-        return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+        return ray.cluster_resources().get("GPU", 0) > 0
     except Exception:
         return False

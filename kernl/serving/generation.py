@@ -55,7 +55,7 @@ from .generation_protocol import (  # noqa: F401  (re-exported: the names tests 
 )
 from .metrics import GenerationStats
 from .protocol import RequestError
-from .replica import Replica, SharedStats, replica_device
+from .replica import GENERATION_COUNTERS, Replica, SharedStats, replica_device
 from .replica import json_response as _json
 from .tokenizer import load_detokenizer, load_tokenizer
 
@@ -67,7 +67,7 @@ class KernlGenerator(Replica):
 
     POST_PATHS = ("/", "/predict", "/generate")
 
-    def __init__(self, config: ServeConfig):
+    def __init__(self, config: ServeConfig, instance: str | None = None):
         self.config = config
         self.manifest = read_manifest(config.artifact)
         self.limits = GenerationLimits.from_manifest(self.manifest)
@@ -80,7 +80,9 @@ class KernlGenerator(Replica):
         self.tokenize = load_tokenizer(config.artifact)
         self.detokenize = load_detokenizer(config.artifact)
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
-        self.stats = SharedStats(GenerationStats, f"kernl-generation-metrics-{config.app_name}")
+        # `instance`: this deployment's, drawn by deployment.application(): its own counters
+        family = GENERATION_COUNTERS.format(app=config.app_name)
+        self.stats = SharedStats(GenerationStats, family, instance)
         self.model = None
         self.batcher: GenerationBatcher | None = None  # once the model is loaded
         # One thread loads the model and then runs every call into it: the runtime's stream
@@ -102,6 +104,8 @@ class KernlGenerator(Replica):
         return self.batcher
 
     def _record_batch(self, record: BatchRecord) -> None:
+        if record.error is not None:  # between two batches: no other call runs
+            self.note_failed_call()
         self.stats.send(
             "record_batch",
             record.requests,

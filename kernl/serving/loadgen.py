@@ -64,7 +64,8 @@ def run_load(
     A timed request answered with another status than 200, or not at all, counts in `errors`
     (the first reason in `first_error`), not in the latencies, sequences/s or tokens/s. A
     client whose warm-up fails stops every client at once: LoadError (no timed request ran).
-    ValueError for arguments that cannot make a request (`vocab` must be above 5)."""
+    ValueError for arguments that cannot make a request (`vocab` must be above 5, `url` an
+    http:// URL with a host and a valid port)."""
     if vocab <= 5:  # ids are drawn from [5, vocab): below 5 are a BERT vocabulary's specials
         raise ValueError(
             f"vocab must be above 5 (token ids are drawn from [5, vocab)), got {vocab}"
@@ -74,8 +75,7 @@ def run_load(
             raise ValueError(f"{name} must be at least 1, got {value}")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
-    target = urlparse(url)
-    path = target.path or "/"
+    host, port, path = parse_url(url)
     latencies: list[float] = []
     errors: list[str] = []  # one reason per failed timed request
     warmup_failures: list[str] = []
@@ -98,8 +98,9 @@ def run_load(
 
     def client(k: int) -> None:
         rng = random.Random(k)
-        conn = http.client.HTTPConnection(target.hostname, target.port or 80, timeout=timeout)
+        conn = None
         try:
+            conn = http.client.HTTPConnection(host, port, timeout=timeout)
             for _ in range(warmup):
                 status, answer = send(conn, body(rng))
                 if status != 200:
@@ -108,7 +109,8 @@ def run_load(
             with lock:
                 warmup_failures.append(f"client {k}, warm-up: {type(e).__name__}: {e}")
             start_line.abort()
-            conn.close()
+            if conn is not None:
+                conn.close()
             return
         try:
             start_line.wait()
@@ -118,28 +120,38 @@ def run_load(
         mine: list[float] = []
         failed: list[str] = []
         new = 0
-        for _ in range(requests_per_client):
-            data = body(rng)
-            t0 = time.perf_counter()
-            try:
-                status, answer = send(conn, data)
-            except (OSError, http.client.HTTPException) as e:
-                failed.append(f"{type(e).__name__}: {e}")
-                conn.close()  # the next request opens a new connection
-                continue
-            if status != 200:
-                failed.append(f"HTTP {status}: {answer[:300].decode(errors='replace')}")
-                continue
-            mine.append(time.perf_counter() - t0)
-            if max_new_tokens is not None:
-                new += len(json.loads(answer)["generated_ids"])
-        conn.close()
-        with lock:
-            latencies.extend(mine)
-            errors.extend(failed)
-            tokens[0] += new
+        try:
+            for _ in range(requests_per_client):
+                data = body(rng)
+                t0 = time.perf_counter()
+                try:
+                    status, answer = send(conn, data)
+                    took = time.perf_counter() - t0
+                    if status != 200:
+                        failed.append(f"HTTP {status}: {answer[:300].decode(errors='replace')}")
+                        continue
+                    if max_new_tokens is not None:
+                        generated = len(json.loads(answer)["generated_ids"])
+                except (OSError, http.client.HTTPException) as e:
+                    failed.append(f"{type(e).__name__}: {e}")
+                    conn.close()  # the next request opens a new connection
+                    continue
+                except Exception as e:  # an answer without generated_ids, ...: an error too
+                    failed.append(f"{type(e).__name__}: {e}")
+                    continue
+                mine.append(took)
+                if max_new_tokens is not None:
+                    new += generated
+        finally:  # whatever stopped this client, what it measured counts
+            conn.close()
+            with lock:
+                latencies.extend(mine)
+                errors.extend(failed)
+                tokens[0] += new
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    # Daemons: Ctrl-C ends the run at once, not after every request in flight has answered
+    # or timed out (`timeout` each).
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
     for t in threads:
         t.start()
     try:
@@ -167,6 +179,28 @@ def run_load(
         tokens_per_s=tokens[0] / seconds,
         first_error=errors[0] if errors else None,
     )
+
+
+def parse_url(url: str) -> tuple[str, int, str]:
+    """(host, port, path and query) of an http:// URL; ValueError naming what is wrong (a
+    client thread that failed on it left the others waiting at the start line forever)."""
+    target = urlparse(url)
+    if target.scheme == "https":
+        raise ValueError(f"{url!r}: https is not supported; the load generator speaks plain HTTP")
+    if target.scheme != "http" or not target.hostname:
+        raise ValueError(
+            f"{url!r}: expected an http:// URL with a host, e.g. http://127.0.0.1:8000/"
+        )
+    try:
+        port = target.port
+    except ValueError:  # "Port out of range 0-65535", "Port could not be cast to integer"
+        raise ValueError(f"{url!r}: the port must be an integer in [1, 65535]") from None
+    if port == 0:
+        raise ValueError(f"{url!r}: the port must be an integer in [1, 65535]")
+    path = target.path or "/"
+    if target.query:
+        path += "?" + target.query
+    return target.hostname, port or 80, path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     except LoadError as e:
         print(f"loadgen: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("loadgen: interrupted", file=sys.stderr)
+        return 130
     print(json.dumps(asdict(result)))
     return 0 if result.errors == 0 else 1
 

@@ -31,15 +31,48 @@ def replica_device(configured: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cuda_context_error(device) -> str | None:
+    """After a failed model call: the error that the CUDA context now holds for good, if the
+    failure was a kernel's (an illegal address, a device-side assert: "any further CUDA work
+    will return the same error", says CUDA's documentation), or None (a usable context, or
+    no CUDA device). Waits for the work queued on the device: ask it where no other call
+    runs (the replica's worker thread, or between two generation batches)."""
+    import torch
+
+    if device is None or torch.device(device).type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
 GET_PATHS = ("/ready", "/health", "/metrics")
 METRICS_NAMESPACE = "kernl"
 COUNTS_WINDOW_S = 0.01  # how long a replica's counts gather before one actor call
+# The counters actors' names, per application (format with app=...), "@<deployment>" added.
+ENCODER_COUNTERS = "kernl-metrics-{app}"
+GENERATION_COUNTERS = "kernl-generation-metrics-{app}"
+# A deployment's counters actor, once a newer deployment of its application has started,
+# exits after this long without a call: its replicas are then gone.
+RETIRE_IDLE_S = 60.0
 
 
 class SharedStats:
     """A replica's calls to the application's counters (one detached Ray actor per
-    application, created by whichever replica comes first, so GET /metrics shows the whole
-    application whichever replica answers).
+    deployment of the application, created by whichever of its replicas comes first, so GET
+    /metrics shows the whole application whichever replica answers).
+
+    The actor is named `<family>@<instance>`: `instance` is drawn once per deployment
+    (deployment.application(), and passed to every replica), so a new deployment starts
+    from zero however many replicas start at once (Ray's get_if_exists makes one actor of
+    that name), while the replicas of the one it replaces keep theirs as they drain. Named
+    per application alone, the actor outlived the application, and the next `kernl serve`
+    on a long-lived cluster showed the previous run's counts (of another artifact, maybe, and
+    counted by an older kernl's class). The new actor asks its predecessors in the family to
+    retire (each exits after RETIRE_IDLE_S without a call), and `kernl serve` kills its
+    application's actors when it stops (stop_counters).
 
     Every call leaves from a thread of its own. An actor call made while a request is served
     is that request's child in Ray, and Ray Serve cancels a request whose client left with
@@ -56,13 +89,21 @@ class SharedStats:
     rate. A count reaches the actor at most a window late; a snapshot (GET /metrics) queues
     behind the sends before it, so it sees every count made before it was asked for."""
 
-    def __init__(self, counters: type, name: str, window_s: float = COUNTS_WINDOW_S):
+    def __init__(
+        self,
+        counters: type,
+        family: str,
+        instance: str | None = None,
+        window_s: float = COUNTS_WINDOW_S,
+        retire_idle_s: float = RETIRE_IDLE_S,
+    ):
         import ray
 
         actor = ray.remote(num_cpus=0)(_counting_in_batches(counters))
+        self.name = family if instance is None else f"{family}@{instance}"
         self.actor = actor.options(
-            name=name, namespace=METRICS_NAMESPACE, get_if_exists=True, lifetime="detached"
-        ).remote()
+            name=self.name, namespace=METRICS_NAMESPACE, get_if_exists=True, lifetime="detached"
+        ).remote(family if instance is not None else None, self.name, retire_idle_s)
         self.sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernl-metrics")
         self._pending: list[tuple[str, tuple, dict]] = []
         self._lock = threading.Lock()
@@ -97,15 +138,95 @@ class SharedStats:
 
 def _counting_in_batches(counters: type) -> type:
     """`counters` with `apply_calls([(method, args, kwargs), ...])`: one actor call for
-    several counts."""
+    several counts; and `retire()`, which ends the actor once its replicas have stopped
+    calling it. Constructed with a `family` (SharedStats), it asks the earlier deployments'
+    actors of that family to retire."""
 
     class Counting(counters):
+        def __init__(
+            self,
+            family: str | None = None,
+            name: str | None = None,
+            retire_idle_s: float = RETIRE_IDLE_S,
+        ):
+            # the base named, not super(): Ray's copy of this class in the actor's process is
+            # not the class that super()'s cell holds
+            counters.__init__(self)
+            self._last_call = time.monotonic()
+            self._retiring = False
+            if family is not None:  # off the constructor: the replicas' calls need not wait
+                args = (family, name, retire_idle_s)
+                threading.Thread(target=_retire_earlier, args=args, daemon=True).start()
+
         def apply_calls(self, calls: list) -> None:
+            self._last_call = time.monotonic()
             for method, args, kwargs in calls:
                 getattr(self, method)(*args, **kwargs)
 
+        def snapshot(self) -> dict:
+            self._last_call = time.monotonic()
+            return counters.snapshot(self)
+
+        def retire(self, idle_s: float = RETIRE_IDLE_S) -> None:
+            """A newer deployment of the application runs: exit once no call has come for
+            `idle_s` (the replicas of this one still draining keep counting until then)."""
+            if not self._retiring:
+                self._retiring = True
+                threading.Thread(target=self._exit_when_idle, args=(idle_s,), daemon=True).start()
+
+        def _exit_when_idle(self, idle_s: float) -> None:
+            while (idle := time.monotonic() - self._last_call) < idle_s:
+                time.sleep(idle_s - idle)
+            _exit_actor()
+
     Counting.__name__ = Counting.__qualname__ = counters.__name__
     return Counting
+
+
+def _exit_actor() -> None:
+    import ray
+
+    ray.kill(ray.get_runtime_context().current_actor)
+
+
+def counters_of(entries: list[dict], families: list[str], keep: str | None = None) -> list[str]:
+    """The names among `entries` (ray.util.list_named_actors(all_namespaces=True)) of the
+    counters actors of `families`, every deployment's but `keep`."""
+    return [
+        e["name"]
+        for e in entries
+        if e["namespace"] == METRICS_NAMESPACE
+        and e["name"] != keep
+        and any(_in_family(e["name"], family) for family in families)
+    ]
+
+
+def _in_family(name: str, family: str) -> bool:
+    instance = name[len(family) + 1 :]
+    return name.startswith(family + "@") and bool(instance) and "@" not in instance
+
+
+def _retire_earlier(family: str, keep: str, idle_s: float) -> None:
+    import ray
+
+    try:
+        for name in counters_of(ray.util.list_named_actors(all_namespaces=True), [family], keep):
+            ray.get_actor(name, namespace=METRICS_NAMESPACE).retire.remote(idle_s)
+    except Exception:  # an earlier actor left behind costs a little memory, not correctness
+        pass
+
+
+def stop_counters(app_name: str) -> None:
+    """Kill the counters actors of every deployment of application `app_name` (`kernl serve`,
+    once it has deleted the application: they are detached, so they outlive it)."""
+    import ray
+
+    families = [ENCODER_COUNTERS.format(app=app_name), GENERATION_COUNTERS.format(app=app_name)]
+    for name in counters_of(ray.util.list_named_actors(all_namespaces=True), families):
+        try:
+            ray.kill(ray.get_actor(name, namespace=METRICS_NAMESPACE))
+        except ValueError:  # gone meanwhile
+            pass
 
 
 class Replica:
@@ -115,6 +236,7 @@ class Replica:
     POST_PATHS: tuple[str, ...] = ("/",)
     loading: Future
     stats: SharedStats
+    device_error: str | None = None  # set by note_failed_call
 
     def _load_state(self) -> tuple[str, str | None]:
         """("loading" | "failed" | "ready", the load's error if it failed)."""
@@ -134,11 +256,23 @@ class Replica:
         self.loading.result()
 
     def check_health(self) -> None:
-        """Ray Serve's periodic replica check: a replica whose model failed to load is
-        replaced, rather than kept answering 503."""
+        """Ray Serve's periodic replica check: a replica whose model failed to load, or whose
+        GPU a failed kernel left unusable, is replaced, rather than kept answering 503 or
+        500 to every request."""
         state, error = self._load_state()
         if state == "failed":
             raise RuntimeError(f"kernl: loading {self.config.artifact} failed: {error}")
+        if self.device_error is not None:
+            raise RuntimeError(
+                f"kernl: this replica's GPU can run nothing more: {self.device_error}"
+            )
+
+    def note_failed_call(self) -> None:
+        """A model call failed: if its GPU's context is now unusable (cuda_context_error),
+        the next health check fails, and Ray Serve replaces the replica, rather than keeping
+        one that answers every request with a 500."""
+        if self.device_error is None:
+            self.device_error = cuda_context_error(getattr(self.model, "device", None))
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path.rstrip("/") or "/"

@@ -100,3 +100,32 @@ def test_builder_refuses_bad_arguments_by_name(args, message):
 def test_builder_needs_an_artifact():
     with pytest.raises(ValueError, match="missing argument artifact=PATH"):
         config_from_args({"replicas": "2"})
+
+
+def test_an_explicit_null_is_the_default_of_a_field_that_defaults_to_none():
+    """A Serve config file's `max_batch_size: null` or `device: null` (YAML null: None) was
+    refused ("expected an integer"), although None is those fields' default."""
+    optional = [
+        "max_batch_size",
+        "batch_wait_ms",
+        "device",
+        "gpus_per_replica",
+        "plan_by",
+        "replay_cost_tokens",
+    ]
+    config = config_from_args({"artifact": "a.kernl", **dict.fromkeys(optional)})
+    assert config == ServeConfig(artifact="a.kernl")
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("replicas", "replicas=None: expected an integer"),
+        ("join", "join=None: expected true or false"),
+        ("drain_s", "drain_s=None: expected a number"),
+        ("artifact", "artifact=None: expected a string"),
+    ],
+)
+def test_a_null_for_a_field_with_another_default_is_still_refused(name, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_args({"artifact": "a.kernl", name: None})

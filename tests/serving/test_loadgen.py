@@ -15,8 +15,9 @@ DEADLINE_S = 30  # the run must end well before this (it hung for 600 s)
 
 
 class _Answers(BaseHTTPRequestHandler):
-    """Answers 200 {"generated_ids": [1, 2]}, except every `fail_every`-th request: 422."""
+    """Answers 200 `answer`, except every `fail_every`-th request: 422."""
 
+    answer = {"generated_ids": [1, 2]}
     fail_every = 0
     count = 0
     lock = threading.Lock()
@@ -26,7 +27,7 @@ class _Answers(BaseHTTPRequestHandler):
         with self.lock:
             type(self).count += 1
             fail = self.fail_every and self.count % self.fail_every == 0
-        body = json.dumps({"error": "no"} if fail else {"generated_ids": [1, 2]}).encode()
+        body = json.dumps({"error": "no"} if fail else self.answer).encode()
         self.send_response(422 if fail else 200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -112,3 +113,95 @@ def test_main_exits_2_when_the_server_is_unreachable(capsys):
         port = s.getsockname()[1]
     assert finishing(main, [f"http://127.0.0.1:{port}/", "--clients", "2"]) == 2
     assert "failed before the timed requests" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("localhost:8000", "expected an http:// URL with a host"),  # no scheme
+        ("127.0.0.1:8000", "expected an http:// URL with a host"),
+        ("http:///predict", "expected an http:// URL with a host"),
+        ("ftp://127.0.0.1/", "expected an http:// URL with a host"),
+        ("http://127.0.0.1:99999/", r"the port must be an integer in \[1, 65535\]"),
+        ("http://127.0.0.1:80x/", r"the port must be an integer in \[1, 65535\]"),
+        ("http://127.0.0.1:0/", r"the port must be an integer in \[1, 65535\]"),
+        ("https://127.0.0.1:8443/", "https is not supported"),
+    ],
+)
+def test_a_url_that_cannot_be_used_is_a_usage_error(url, message, capsys):
+    """A URL without a scheme, or with a bad port, failed inside each client thread before
+    it could release the others: the run waited at its start line forever."""
+    with pytest.raises(ValueError, match=message):
+        finishing(run_load, url, 2, 1, 4)
+    with pytest.raises(SystemExit) as exit:
+        finishing(main, [url, "--requests", "1"])
+    assert exit.value.code == 2 and "http" in capsys.readouterr().err
+
+
+def test_a_url_keeps_its_path_and_query():
+    from kernl.serving.loadgen import parse_url
+
+    assert parse_url("http://h:81/predict?x=1") == ("h", 81, "/predict?x=1")
+    assert parse_url("http://h") == ("h", 80, "/")
+
+
+def test_a_client_that_fails_unexpectedly_before_the_start_releases_the_others(server, monkeypatch):
+    """Anything a client raises before the start line (here, making its connection) stops
+    the run, rather than leaving the other clients and the caller waiting there."""
+    import http.client
+
+    real = http.client.HTTPConnection
+    made = []
+
+    def connection(*args, **kwargs):
+        made.append(1)
+        if len(made) == 2:
+            raise TypeError("no connection for you")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(http.client, "HTTPConnection", connection)
+    with pytest.raises(LoadError, match="TypeError: no connection for you"):
+        finishing(run_load, url_of(server), 3, 2, 4, warmup=0)
+
+
+def test_an_answer_without_generated_ids_counts_as_an_error(server):
+    """A 200 without `generated_ids` (not a generation server) killed the client thread: its
+    requests vanished from the result (0 requests, 0 errors)."""
+    server.RequestHandlerClass.answer = {"last_hidden_state": [[0.0]]}
+    result = finishing(run_load, url_of(server), 2, 3, 4, warmup=0, max_new_tokens=2)
+    assert result.requests == 6 and result.errors == 6, result
+    assert result.first_error == "KeyError: 'generated_ids'", result
+    assert result.tokens_per_s == 0
+
+
+def test_ctrl_c_stops_the_run_at_once():
+    """The clients are daemon threads: Ctrl-C ended the process only once every request in
+    flight had answered or timed out (120 s by default)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as listener:  # accepts, never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/"
+        run = subprocess.Popen(
+            [sys.executable, "-m", "kernl.serving.loadgen", url, "--timeout", "60"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            listener.settimeout(DEADLINE_S)
+            conn, _ = listener.accept()  # the client's warm-up request is in flight
+            with conn:
+                run.send_signal(signal.SIGINT)
+                start = time.monotonic()
+                rc = run.wait(DEADLINE_S)
+                took = time.monotonic() - start
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+    assert took < 5, took
+    assert rc == 130 and "interrupted" in run.stderr.read()
