@@ -75,6 +75,7 @@ from .tasks.causal_lm.buckets import as_generation_buckets
 from .tasks.seq2seq import is_speech_model
 from .tasks.seq2seq.buckets import as_seq2seq_buckets, check_positions, seq2seq_position_limit
 from .trace import DTYPES, GENERATION_TASKS, SEQ2SEQ_TASKS, check_task, task_of, unwrap_compiled
+from .tune import cache_root, cache_root_of  # kernl's cache folder, one rule for both caches
 
 # Default buckets when none are given (see default_buckets).
 DEFAULT_BATCHES = (1, 8, 32)
@@ -96,13 +97,6 @@ _HASH_CHUNK = 64 << 20  # bytes of a GPU tensor copied to the host at a time
 # one compile, or one look at a model's outputs (_output_class), per process at a time; other
 # threads' optimize calls wait here (cache hits only for that look).
 _COMPILE_LOCK = threading.Lock()
-
-
-def cache_root() -> Path:
-    """kernl's cache folder: $KERNL_CACHE_DIR, else ~/.cache/kernl (the tuning cache lives in
-    its `tuning/` subfolder, compiled models in `models/`)."""
-    # an empty value is unset: not the working directory
-    return Path(os.environ.get("KERNL_CACHE_DIR") or Path.home() / ".cache" / "kernl").expanduser()
 
 
 # -- the returned model ------------------------------------------------------------------------
@@ -310,7 +304,8 @@ def optimize(
       the compile, then its own tensors are put back (see _tensors_put_back).
     task: as `kernl-compile --task`; default from the model's class.
     save_to: also copy the artifact to this folder, for `kernl.runtime.load` in production.
-    cache_dir: default $KERNL_CACHE_DIR or ~/.cache/kernl.
+    cache_dir: default $KERNL_CACHE_DIR or ~/.cache/kernl: compiled models go in its `models/`
+      folder, the tuner's timings in `tuning/`.
     progress: True prints progress (a tqdm bar when tqdm is installed, plain lines otherwise),
       False prints nothing, or a function taking each message.
     atol, rtol, kernels, tune: as in `kernl.compiler.compile`.
@@ -397,8 +392,8 @@ def _optimize(
             getattr(model, "generation_config", None) if task in GENERATION_TASKS else None
         ),
     )
-    models = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
-    models = models / "models"
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    models = root / "models"
     try:
         models.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -429,16 +424,17 @@ def _optimize(
                 f"compiling {type(model).__name__} ({task}, {dtype} on {target}) into the "
                 f"cache: {entry}"
             )
-            _compile_entry(
-                model,
-                buckets,
-                entry,
-                dtype=dtype,
-                device=target,
-                task=task,
-                say=say,
-                compile_options=dict(atol=atol, rtol=rtol, kernels=kernels, tune=tune),
-            )
+            with cache_root_of(root):  # the tuner's cache goes under cache_dir= too
+                _compile_entry(
+                    model,
+                    buckets,
+                    entry,
+                    dtype=dtype,
+                    device=target,
+                    task=task,
+                    say=say,
+                    compile_options=dict(atol=atol, rtol=rtol, kernels=kernels, tune=tune),
+                )
             runtime = kernl.runtime.load(entry, device=target)
     if save_to is not None:
         copy_artifact(entry, save_to)

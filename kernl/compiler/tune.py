@@ -11,13 +11,16 @@ config: there is nothing meaningful to time."""
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import inspect
 import json
 import os
+import secrets
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,8 +47,39 @@ TUNABLE = {
 }
 
 
+# the cache folder of the compile running in this context: kernl.optimize's cache_dir= (see
+# cache_root_of); None: the environment's
+_CACHE_ROOT: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "kernl_cache_root", default=None
+)
+
+
+def cache_root() -> Path:
+    """kernl's cache folder: the one of the kernl.optimize call compiling in this context (its
+    cache_dir=), else $KERNL_CACHE_DIR, else ~/.cache/kernl. The tuning cache lives in its
+    `tuning/` subfolder, kernl.optimize's compiled models in `models/`."""
+    given = _CACHE_ROOT.get()
+    if given is not None:
+        return given
+    # an empty value is unset: not the working directory
+    return Path(os.environ.get("KERNL_CACHE_DIR") or Path.home() / ".cache" / "kernl").expanduser()
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("KERNL_CACHE_DIR", Path.home() / ".cache" / "kernl")) / "tuning"
+    """The tuning cache's folder (both tuners': this one's and the decode tiles')."""
+    return cache_root() / "tuning"
+
+
+@contextmanager
+def cache_root_of(root: str | os.PathLike) -> Iterator[None]:
+    """Within the block (this thread or task only) the tuning cache lives under `root`:
+    kernl.optimize(cache_dir=...) compiles in it, so that tuning results go where its models
+    go, not to $KERNL_CACHE_DIR or the home folder (read-only in many containers)."""
+    token = _CACHE_ROOT.set(Path(root).expanduser())
+    try:
+        yield
+    finally:
+        _CACHE_ROOT.reset(token)
 
 
 @dataclass
@@ -84,6 +118,7 @@ class TuneSession:
     # the split-K linears' arrival counters while they are timed, one buffer per device (a
     # program shares one: compiler/passes/split_k_counters.py)
     counters: dict[str, torch.Tensor] = field(default_factory=dict)
+    cache_unwritable: bool = False  # a write to the tuning cache failed (warned once)
 
     def counters_on(self, device: torch.device) -> torch.Tensor:
         from kernl.kernels.skinny_linear_fused import new_counters
@@ -279,8 +314,8 @@ def tune_program(
             )
             key = hashlib.sha256(key_src.encode()).hexdigest()
             path = cache_dir() / f"{key}.json"
-            if path.is_file():
-                hit = json.loads(path.read_text())
+            hit = _read_cached(path)
+            if hit is not None:
                 ins.kwargs.update(impl=hit["impl"], config=encode_config(hit["config"]))
                 if hit.get("activation"):
                     ins.kwargs["activation"] = hit["activation"]
@@ -372,27 +407,83 @@ def tune_program(
                 timed=timed,
             )
             records.append(rec)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(
-                json.dumps(
-                    {
-                        "impl": best[0],
-                        "config": best[1],
-                        "time_us": best[2],
-                        "aten_time_us": aten_us,
-                        "activation": activation,
-                        "approximation": approximation,
-                    }
-                )
-            )
-            os.replace(tmp, path)
+            found = {
+                "impl": best[0],
+                "config": best[1],
+                "time_us": best[2],
+                "aten_time_us": aten_us,
+                "activation": activation,
+                "approximation": approximation,
+            }
+            try:
+                write_cache_record(path, found)
+            except OSError as e:  # a read-only home: the next compile times it again
+                if not session.cache_unwritable:
+                    session.cache_unwritable = True
+                    warnings.warn(
+                        f"kernl: the tuning cache {path.parent} cannot be written "
+                        f"({e.strerror or e}); tuning results are not kept for the next "
+                        "compile (point KERNL_CACHE_DIR, or kernl.optimize's cache_dir=, at a "
+                        "writable folder)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
             if progress:
                 progress(
                     f"tuned #{i} {ins.op} {best[0]} {best[1]} {best[2]:.1f}us "
                     f"(aten {aten_us:.1f}us) in {time.perf_counter() - t0:.1f}s"
                 )
     return records
+
+
+def _read_cached(path: Path) -> dict[str, Any] | None:
+    """The tuning cache's record at `path`; None where there is none. One that cannot be read
+    or is not a record (a torn write, another kernl's format) is a miss, with a warning: the
+    instruction is timed again and the record overwritten."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        problem = getattr(e, "strerror", None) or str(e)
+    else:
+        try:
+            hit = json.loads(text)
+            if (
+                hit["impl"] in ("aten", "triton")
+                and (hit["config"] is None or isinstance(hit["config"], dict))
+                and all(
+                    hit[k] is None or isinstance(hit[k], (int, float))
+                    for k in ("time_us", "aten_time_us")
+                )
+                and isinstance(hit.get("activation"), (str, type(None)))
+                and isinstance(hit.get("approximation"), (str, type(None)))
+            ):
+                return hit
+            problem = "not a tuning record"
+        except (ValueError, KeyError, TypeError) as e:
+            problem = f"not a tuning record: {type(e).__name__}: {e}"[:200]
+    warnings.warn(
+        f"kernl: tuning cache file {path} cannot be used ({problem}); timing again",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return None
+
+
+def write_cache_record(path: Path, record: dict[str, Any]) -> None:
+    """Write the record in one rename, from a temporary file of a random name (two containers
+    that are both pid 1 on one shared cache volume must not write into one temporary file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(record))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class _Mismatch(ValueError):

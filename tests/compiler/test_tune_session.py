@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -243,3 +245,87 @@ def test_the_attention_space_follows_the_call():
     assert not short(call(512, False))
     assert tune._configs("kernl.attention") == call(512, False)
     assert not short(tune._configs("kernl.attention", (), {"q": None, "k": None, "v": None}))
+
+
+# -- the tuning cache on disk ------------------------------------------------------------------
+
+
+def test_the_tuning_cache_folder_follows_kernl_optimize_s_rules(monkeypatch, tmp_path):
+    """An empty KERNL_CACHE_DIR was the working directory's `tuning/`, and '~' was a folder
+    named '~' there; kernl.optimize's models were where the rules say (one helper now)."""
+    from kernl.compiler import optimize
+
+    home = Path.home() / ".cache" / "kernl"
+    monkeypatch.setenv("KERNL_CACHE_DIR", "")
+    assert tune.cache_dir() == home / "tuning" and optimize.cache_root() == home
+    monkeypatch.setenv("KERNL_CACHE_DIR", "~/kc")
+    assert tune.cache_dir() == Path.home() / "kc" / "tuning"
+    with tune.cache_root_of(tmp_path / "given"):  # kernl.optimize(cache_dir=...)'s compile
+        assert tune.cache_dir() == tmp_path / "given" / "tuning"
+    assert tune.cache_dir() == Path.home() / "kc" / "tuning"
+
+
+def _cache_files(root: Path) -> list[Path]:
+    return sorted((root / "tuning").glob("*.json"))
+
+
+def test_a_corrupt_or_unreadable_cache_file_is_a_miss_with_a_warning(programs, fake_gpu, tmp_path):
+    """A torn write or another format crashed every later compile with a raw JSONDecodeError."""
+    first = _tune_all(programs[:1], tune.TuneSession())
+    files = _cache_files(tmp_path)
+    assert len(files) >= 3
+    files[0].write_text('{"impl": "triton", "conf')  # torn
+    files[1].write_text('["not", "a", "record"]')
+    files[2].unlink()
+    files[2].mkdir()  # cannot be read as a file (nor replaced)
+    with pytest.warns(RuntimeWarning) as said:
+        again = _tune_all(programs[:1], tune.TuneSession())
+    text = "\n".join(str(w.message) for w in said)
+    unusable = {w.message.args[0].split()[4] for w in said if "cannot be used" in str(w.message)}
+    assert unusable == {str(f) for f in files[:3]} and "timing again" in text, text
+    assert "cannot be written" in text  # the folder in the way of the rewrite
+    records = [r for rs in again.tuning.values() for r in rs]
+    assert sum(1 for r in records if r.timed) >= 3 and any(r.cached for r in records)
+
+    def choices(report):
+        return [(r.op, r.shapes, r.impl, r.config) for rs in report.tuning.values() for r in rs]
+
+    assert choices(again) == choices(first)
+    assert json.loads(files[0].read_text())["impl"] in ("aten", "triton")  # rewritten
+
+
+def test_an_unwritable_tuning_cache_is_a_warning_not_a_failed_compile(
+    programs, fake_gpu, monkeypatch, tmp_path
+):
+    """A read-only home (or a file in the way): the write raised, and the compile failed after
+    timing its first kernel."""
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path / "a_file" / "cache"))
+    with pytest.warns(RuntimeWarning) as said:
+        report = _tune_all(programs[:1], tune.TuneSession())
+    unwritable = [w for w in said if "cannot be written" in str(w.message)]
+    assert len(unwritable) == 1, [str(w.message) for w in said]  # once per compile
+    assert "a_file" in str(unwritable[0].message)
+    records = [r for rs in report.tuning.values() for r in rs]
+    assert sum(1 for r in records if r.timed) >= 3
+
+
+def test_two_pid_1_processes_write_through_other_temporary_files(
+    programs, fake_gpu, monkeypatch, tmp_path
+):
+    """Two containers, both pid 1, sharing a cache volume: a temporary file named after the pid
+    was one file for both, and their writes could interleave into a corrupt record."""
+    written: dict[str, list[str]] = {}
+    real = os.replace
+
+    def spy(src, dst):
+        written.setdefault(Path(dst).name, []).append(Path(src).name)
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    monkeypatch.setattr(os, "replace", spy)
+    for container in ("a", "b"):  # the same keys, written twice
+        monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path / container))
+        _tune_all(programs[:1], tune.TuneSession())
+    assert written and all(len(set(names)) == len(names) == 2 for names in written.values())
+    assert not list((tmp_path / "a" / "tuning").glob("*tmp*"))  # no temporary file left

@@ -399,6 +399,25 @@ def test_an_empty_cache_dir_variable_is_unset(monkeypatch):
     assert opt.cache_root() == Path.home() / ".cache" / "kernl"
 
 
+def test_cache_dir_holds_the_tuning_cache_too(cache, monkeypatch, tmp_path):
+    """kernl.optimize(cache_dir=X) kept its models in X but its tuner wrote to $KERNL_CACHE_DIR
+    or ~/.cache/kernl (read-only in many containers). Timing faked on the CPU: aten wins."""
+    from kernl.compiler import tune
+
+    monkeypatch.setattr(tune, "_timing_target", lambda device: "fake-gpu")
+    monkeypatch.setattr(tune, "_bench_us", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(tune, "_configs", lambda op, *call: [])
+    given = tmp_path / "given"
+    bert = tiny_bert()
+    model = kernl.optimize(bert, "batch=1 seq=8", cache_dir=given, progress=False)
+    assert list((given / "tuning").glob("*.json")) and list((given / "models").iterdir())
+    assert not (cache.parent / "tuning").exists()  # $KERNL_CACHE_DIR's
+    assert tune.cache_dir() == cache.parent / "tuning"  # only while optimize compiles
+    inputs = _inputs(1, 8)
+    with torch.no_grad():
+        _assert_matches(model(**inputs), bert(**inputs))
+
+
 def test_every_spelling_of_a_dtype_is_one_cache_entry(cache, compiles):
     bert = tiny_bert()
     kernl.optimize(bert, "batch=1 seq=8", dtype="fp32", progress=False)

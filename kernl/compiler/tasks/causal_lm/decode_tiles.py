@@ -41,7 +41,7 @@ from kernl.runtime.generation.decoder import FEW_ROWS, Decoder
 from kernl.runtime.graphs import capturing
 
 from ...compile_ahead import compile_ahead_calls, compile_threads
-from ...tune import quiet_native_stderr, verbose_compiler
+from ...tune import quiet_native_stderr, verbose_compiler, write_cache_record
 
 REPLAYS = 10
 MIN_CALLS = 8  # a CUDA graph holds at least this many calls (the layers, cycled)
@@ -462,11 +462,8 @@ def _cache_key(site: Site, batch: int, device: torch.device) -> str:
 
 
 def _write_cached(path: Path, index: int, ms: float) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"index": index, "ms": ms}))
-        tmp.replace(path)
+    try:  # through a temporary file of a random name: compiles may share the cache folder
+        write_cache_record(path, {"index": index, "ms": ms})
     except OSError:
         pass  # a cache that cannot be written only costs the next compile its timings
 
@@ -480,7 +477,13 @@ def _read_cached(path: Path | None, site: Site, batch: int) -> TileTiming | None
         config = site.configs[int(rec["index"])]
         ms = float(rec["ms"])
         return TileTiming(batch, site.kernel, site.site, config, ms, cached=True, cache=site.cache)
-    except (ValueError, KeyError, IndexError, TypeError):
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        IndexError,
+        TypeError,
+    ):  # UnicodeDecodeError: a ValueError
         return None  # unreadable: time again (and overwrite it)
 
 

@@ -1,0 +1,161 @@
+"""The code digest of kernl.optimize's cache key (kernl/compiler/code_digest.py) follows what a
+user patches on a model in a notebook: a layer's forward set on the instance (a bound method, a
+functools.partial, a callable object), a Hugging Face helper replaced in its module, and what
+that helper calls; and stays the same for an unchanged model in another process."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+import transformers.models.bert.modeling_bert as modeling_bert
+import transformers.models.llama.modeling_llama as modeling_llama
+from generation.tiny_models import tiny_model
+
+from kernl.compiler.code_digest import code_digest
+
+from .test_optimize import tiny_bert
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _doubled(self, hidden_states, input_tensor):
+    return type(self).forward(self, hidden_states, input_tensor) * 2.0
+
+
+def _scaled(module, hidden_states, input_tensor, scale=1.0):
+    return type(module).forward(module, hidden_states, input_tensor) * scale
+
+
+class _Scaled:
+    def __init__(self, module, scale):
+        self.module, self.scale = module, scale
+
+    def __call__(self, hidden_states, input_tensor):
+        return type(self.module).forward(self.module, hidden_states, input_tensor) * self.scale
+
+
+def _my_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    return _original_attention(module, query, key, value, attention_mask, scaling=scaling * 0.5)
+
+
+_original_attention = modeling_bert.eager_attention_forward
+
+
+def _my_repeat_kv(hidden_states, n_rep):
+    return hidden_states.repeat_interleave(n_rep, dim=1)
+
+
+def _patch(bert, monkeypatch, change):
+    """Each of these left the digest as it was: kernl.optimize then served the entry compiled
+    from the unpatched model (silently other numbers)."""
+    out = bert.encoder.layer[1].output
+    if change == "bound method":  # the usual way to patch one layer
+        out.forward = types.MethodType(_doubled, out)
+    elif change == "bound to another layer":  # the same function, other weights
+        out.forward = bert.encoder.layer[0].output.forward
+    elif change == "partial":
+        out.forward = functools.partial(_scaled, out, scale=2.0)
+    elif change == "callable object":
+        out.forward = _Scaled(out, 2.0)
+    elif change == "helper replaced":  # a function of another module (here the test's)
+        monkeypatch.setattr(modeling_bert, "eager_attention_forward", _my_attention)
+    else:
+        raise AssertionError(change)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["bound method", "bound to another layer", "partial", "callable object", "helper replaced"],
+)
+def test_a_patched_forward_or_helper_changes_the_digest(monkeypatch, change):
+    bert = tiny_bert()
+    before = code_digest(bert)
+    _patch(bert, monkeypatch, change)
+    assert code_digest(bert) != before
+    monkeypatch.undo()
+    bert.encoder.layer[1].output.__dict__.pop("forward", None)
+    assert code_digest(bert) == before  # nothing else moved it
+
+
+def test_the_arguments_of_a_partial_and_the_state_of_a_callable_count(monkeypatch):
+    bert = tiny_bert()
+    out = bert.encoder.layer[1].output
+    out.forward = functools.partial(_scaled, out, scale=2.0)
+    two = code_digest(bert)
+    out.forward = functools.partial(_scaled, out, scale=3.0)
+    assert code_digest(bert) != two
+    out.forward = _Scaled(out, 2.0)
+    two = code_digest(bert)
+    out.forward.scale = 3.0
+    assert code_digest(bert) != two
+
+
+def test_what_a_helper_calls_in_its_module_counts(monkeypatch):
+    """LlamaAttention.forward names eager_attention_forward, which calls repeat_kv: replacing
+    repeat_kv (two calls deep, in the model's module) changes what the model computes."""
+    llama = tiny_model("llama3")
+    before = code_digest(llama)
+    monkeypatch.setattr(modeling_llama, "repeat_kv", _my_repeat_kv)
+    assert code_digest(llama) != before
+
+
+def test_a_recursive_helper_ends_the_walk(monkeypatch):
+    def countdown(n):
+        return n if n <= 0 else countdown(n - 1)
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        countdown(3)
+        return _original_attention(module, query, key, value, attention_mask, **kwargs)
+
+    bert = tiny_bert()
+    monkeypatch.setattr(modeling_bert, "eager_attention_forward", attention)
+    bert.encoder.layer[0].output.forward = functools.partial(_scaled, bert.encoder.layer[0].output)
+    assert code_digest(bert) == code_digest(bert)
+
+
+_DIGESTS = """
+import json, sys
+sys.path.insert(0, "tests")
+from optimize.test_optimize import tiny_bert
+from generation.tiny_models import tiny_model
+from kernl.compiler.code_digest import code_digest
+print(json.dumps([code_digest(tiny_bert()), code_digest(tiny_model("llama3"))]))
+"""
+
+
+def test_an_unchanged_model_has_one_digest_in_every_process():
+    """Two fresh processes (other hash seeds, other import orders) and this one agree: a
+    digest that moved between processes would make every optimize() a compile."""
+    here = [code_digest(tiny_bert()), code_digest(tiny_model("llama3"))]
+    for seed, first in (("1", "import kernl"), ("2", "import transformers")):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        proc = subprocess.run(
+            [sys.executable, "-c", first + _DIGESTS],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads(proc.stdout.strip().splitlines()[-1]) == here
+
+
+def test_a_forward_and_an_export_leave_the_digest_as_it_was():
+    bert = tiny_bert()
+    before = code_digest(bert)
+    ids = torch.randint(3, 120, (1, 8))
+    with torch.no_grad():
+        bert(input_ids=ids)
+    torch.export.export(bert, (ids,), strict=False)
+    assert code_digest(bert) == before
+    assert code_digest(T.BertModel(bert.config).eval()) == before
