@@ -24,6 +24,7 @@ from kernl.artifacts import read_manifest, read_program
 from kernl.artifacts.generation import DecodeKernels
 from kernl.artifacts.program import Program
 from kernl.artifacts.schema import Manifest, is_safe_relative_path
+from kernl.artifacts.signing import SIGNATURE_FILE
 
 from .op_counts import count_ops
 from .plural import count
@@ -214,6 +215,8 @@ def inspect_artifact(path: str | os.PathLike) -> InspectReport:
     root = Path(path)
     m = read_manifest(root)
     files = {"manifest.msgpack": _size(root, "manifest.msgpack")}
+    if (root / SIGNATURE_FILE).is_file():  # as the compile summary counts it
+        files[SIGNATURE_FILE] = _size(root, SIGNATURE_FILE)
     files.update({rel: _size(root, rel) for rel in sorted(m.files)})
     kernels = [
         {
@@ -558,7 +561,7 @@ def _file_lines(r: InspectReport) -> list[str]:
     programs = [v for k, v in r.file_bytes.items() if k.startswith("programs/")]
     kernels = [v for k, v in r.file_bytes.items() if k.startswith("kernels/")]
     lines = ["files:"]
-    for rel in ("manifest.msgpack", "weights.safetensors"):
+    for rel in ("manifest.msgpack", SIGNATURE_FILE, "weights.safetensors"):
         if rel in r.file_bytes:
             lines.append(f"  {rel:<22} {_mib(r.file_bytes[rel]):>10}")
     lines.append(

@@ -191,3 +191,7 @@ def test_the_artifact_size_counts_every_file_written(bert_dir, tmp_path):
     files = _files_bytes(out)
     assert "manifest.sig" in files and "tokenizer.json" in files
     assert report.artifact_bytes == sum(files.values()) - files["tokenizer.json"]
+    # kernl inspect's total is the same figure (it left the signature out)
+    from kernl.compiler.inspect_report import inspect_artifact
+
+    assert inspect_artifact(out).total_bytes == report.artifact_bytes

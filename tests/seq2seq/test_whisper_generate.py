@@ -507,3 +507,12 @@ def test_a_cache_shorter_than_the_decoder_prompt_is_refused_as_a_bucket(
     named = {} if variant == "english" else dict(language="fr", task="translate")
     model = kernl.runtime.load(tmp_path / "b", device="cpu")
     assert model.generate(input_features=features(1), **named).shape[1] <= 1
+
+
+def test_an_older_artifact_whose_cache_the_prompt_fills_names_why(compiled, monkeypatch):
+    """An artifact from before the compiler refused such caches: a call naming a language
+    (a 4-token prompt, 3 slots) said 'max_new_tokens must be a positive integer, got 0'."""
+    _, _, model = compiled["multilingual"]
+    monkeypatch.setattr(model, "buckets", dataclasses.replace(model.buckets, caches=[2]))
+    with pytest.raises(ValueError, match="prompt takes 4 tokens, more than the artifact's cache"):
+        model.generate(input_features=features(1), language="fr", task="translate")

@@ -165,6 +165,12 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
             max_new_tokens = max_length
         if max_new_tokens is None:  # a transcription runs to its EOS, as far as the cache goes
             max_new_tokens = self.buckets.cache_len - prompt_len + 1
+            if max_new_tokens < 1:  # an artifact from before the compiler refused such caches
+                raise ValueError(
+                    f"this call's decoder prompt takes {prompt_len} tokens, more than the "
+                    f"artifact's cache of {self.buckets.cache_len} leaves room for: name no "
+                    "language or task, or recompile with a longer cache"
+                )
         bb, eos, pad = self._check(batch, max_new_tokens, do_sample, sampler, eos_id, pad_id)
         self._check_cache(prompt_len, max_new_tokens)
         padded = torch.zeros((bb, *features.shape[1:]), dtype=self.dtype, device=features.device)
