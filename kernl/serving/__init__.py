@@ -11,6 +11,7 @@ generation.py            the Ray Serve deployment of causal LMs: routes, SSE str
 generation_protocol.py   generation requests, their checks, answers and events (no Ray)
 generation_batcher.py    concurrent generation requests sharing generate calls (no Ray)
 metrics.py               counters behind GET /metrics
+device.py                the replica's GPU and whether a failed call broke it (no Ray)
 tokenizer.py             optional text input from the artifact's tokenizer.json
 loadgen.py               a load generator (standard library only)
 

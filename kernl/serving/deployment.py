@@ -37,12 +37,13 @@ from kernl.artifacts import read_manifest
 
 from .batching import measure_costs, token_costs
 from .config import ServeConfig, config_from_args
+from .device import replica_device
 from .encoder import Replay, serve_batch_bytes
 from .gather import BatchGatherer
 from .generation_protocol import GENERATION_TASKS, GenerationLimits, check_servable
 from .metrics import ReplayStats
 from .protocol import ModelLimits, ParsedRequest, RequestError, parse_request, prepare_answers
-from .replica import ENCODER_COUNTERS, Replica, SharedStats, replica_device
+from .replica import ENCODER_COUNTERS, Replica, SharedStats
 from .replica import json_response as _json
 from .tokenizer import load_tokenizer
 

@@ -41,6 +41,7 @@ from starlette.responses import Response, StreamingResponse
 from kernl.artifacts import read_manifest
 
 from .config import ServeConfig
+from .device import replica_device
 from .generation_batcher import BatchPolicy, BatchRecord, GenerationBatcher
 from .generation_protocol import (  # noqa: F401  (re-exported: the names tests and users know)
     DEFAULT_MAX_NEW_TOKENS,
@@ -55,7 +56,7 @@ from .generation_protocol import (  # noqa: F401  (re-exported: the names tests 
 )
 from .metrics import GenerationStats
 from .protocol import RequestError
-from .replica import GENERATION_COUNTERS, Replica, SharedStats, replica_device
+from .replica import GENERATION_COUNTERS, Replica, SharedStats
 from .replica import json_response as _json
 from .tokenizer import load_detokenizer, load_tokenizer
 

@@ -419,14 +419,14 @@ def test_requests_share_a_key_whatever_their_sampler_fields(limits):
 
 
 def test_the_in_process_request_path_needs_no_ray():
-    """The GPU machine has no Ray: the modules its benchmark runs import neither Ray,
+    """The GPU machine has no Ray: the modules its benchmark and its GPU tests run import neither Ray,
     Starlette nor the compiler (a fresh interpreter, so this module's imports do not count)."""
     import subprocess
 
     code = (
         "import sys\n"
         "import kernl.serving.encoder, kernl.serving.generation_batcher\n"
-        "import kernl.serving.generation_protocol\n"
+        "import kernl.serving.generation_protocol, kernl.serving.device\n"
         "bad = ('ray', 'starlette', 'kernl.compiler', 'transformers')\n"
         "print([m for m in bad if m in sys.modules])\n"
     )

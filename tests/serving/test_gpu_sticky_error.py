@@ -1,4 +1,5 @@
-"""On a real GPU: the replica's check after a failed call (replica.cuda_context_error) tells a
+"""On a real GPU: the replica's check after a failed call (device.cuda_context_error, which
+imports neither Ray nor Starlette, so this runs where Ray Serve is not installed) tells a
 context a kernel broke for good from one that still runs. The CPU tests fake
 torch.cuda.synchronize; what they assume, that a device-side assert makes every later
 synchronize raise, is checked here, in a child process whose context it may break."""
@@ -12,7 +13,7 @@ import pytest
 
 _CHILD = """
 import torch
-from kernl.serving.replica import cuda_context_error
+from kernl.serving.device import cuda_context_error
 
 assert cuda_context_error("cuda") is None
 try:  # a call that fails on the host: the context stays usable
