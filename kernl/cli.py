@@ -1,6 +1,7 @@
-"""The `kernl` command. With the compile extra (click, transformers) it is the full command
-set of kernl/compiler/cli.py; in the runtime-only install (`pip install kernl`) it still
-verifies artifacts, and names the extra for every other command instead of crashing."""
+"""The `kernl` and `kernl-compile` commands. With the compile extra (click, transformers) they
+are the full commands of kernl/compiler/cli.py; in the runtime-only install (`pip install
+kernl`) `kernl` still verifies artifacts (and writes signing keys where the sign extra is
+installed), and both name the extra for every other command instead of crashing."""
 
 from __future__ import annotations
 
@@ -20,12 +21,28 @@ def main(argv: list[str] | None = None) -> None:
     full(args=argv)
 
 
+def compile_main() -> None:
+    """`kernl-compile`: pip installs it with the runtime too, where click is missing."""
+    try:
+        import click  # noqa: F401
+    except ImportError:
+        print(f"kernl-compile needs the compile extra: {EXTRA_HINT}", file=sys.stderr)
+        sys.exit(2)
+    from kernl.compiler.cli import compile_command
+
+    compile_command()
+
+
 def _runtime_only(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="kernl",
-        description=f"kernl, runtime-only install: `kernl verify` works here, and `kernl serve` "
-        f"with the serve extra; inspect, bench and keygen need the compile extra ({EXTRA_HINT}).",
+        description=f"kernl, runtime-only install: `kernl verify` works here, `kernl keygen` "
+        f"with the sign extra and `kernl serve` with the serve extra; compile, inspect and bench "
+        f"need the compile extra ({EXTRA_HINT}).",
     )
+    from kernl._version import __version__
+
+    parser.add_argument("--version", action="version", version=f"kernl, version {__version__}")
     commands = parser.add_subparsers(dest="command")
     verify = commands.add_parser("verify", help="check an artifact as load() does")
     verify.add_argument("path")
@@ -36,15 +53,23 @@ def _runtime_only(argv: list[str]) -> int:
         default=[],
         help="an Ed25519 public key (PEM) the artifact must be signed by",
     )
+    keygen = commands.add_parser(
+        "keygen",
+        help="write a new Ed25519 key pair: PRIVATE (PEM, mode 0600) and PRIVATE.pub "
+        "(needs kernl[sign])",
+    )
+    keygen.add_argument("private")
     known = {"verify", "inspect", "bench", "serve", "keygen", "compile"}
     if argv and argv[0] == "serve":  # argparse, not click: it needs the serve extra only
         from kernl.serving.cli import serve_main
 
         return serve_main(argv[1:])
-    if argv and argv[0] in known - {"verify"}:
+    if argv and argv[0] in known - {"verify", "keygen"}:
         print(f"kernl {argv[0]} needs the compile extra: {EXTRA_HINT}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    if args.command == "keygen":
+        return _keygen(args.private)
     if args.command != "verify":
         parser.print_help()
         return 2
@@ -71,4 +96,16 @@ def _runtime_only(argv: list[str]) -> int:
         f"({manifest.task}, {manifest.dtype}), {buckets} bucket{'s' * (buckets != 1)}, "
         f"{files} file{'s' * (files != 1)} verified"
     )
+    return 0
+
+
+def _keygen(private: str) -> int:
+    from kernl.artifacts.signing import SigningUnavailableError, generate_keypair
+
+    try:
+        kid = generate_keypair(private, f"{private}.pub")
+    except (SigningUnavailableError, OSError) as e:
+        print(f"kernl keygen: error: {e}", file=sys.stderr)
+        return 1
+    print(f"key {kid}: private {private}, public {private}.pub")
     return 0

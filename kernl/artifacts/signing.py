@@ -130,7 +130,8 @@ def generate_keypair(private_path: str | os.PathLike, public_path: str | os.Path
     )
     taken = [str(p) for p in (private_path, public_path) if os.path.lexists(p)]
     if taken:  # checked before writing either: never half a new pair beside an old half
-        raise FileExistsError(f"{' and '.join(taken)} already exist(s); keygen never overwrites")
+        verb = "exist" if len(taken) > 1 else "exists"
+        raise FileExistsError(f"{' and '.join(taken)} already {verb}; keygen never overwrites")
     fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(private)

@@ -156,6 +156,8 @@ def _check_destination(dest: Path, needed_bytes: int) -> Path:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        if parent.exists() and not parent.is_dir():  # e.g. -o /dev/null/x.kernl
+            raise ArtifactDestinationError(f"{parent} exists and is not a folder") from e
         raise ArtifactDestinationError(f"cannot create the folder {parent}: {e.strerror}") from e
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{dest.name}.write-probe-", dir=parent)

@@ -397,7 +397,8 @@ def _optimize(
     try:
         models.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
+        # ENOENT: a parent that refuses new folders (under /proc, a detached mount)
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOENT):
             raise
         raise CacheNotWritableError(
             f"the cache folder {models} cannot be created ({e.strerror}): point "

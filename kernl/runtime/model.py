@@ -535,7 +535,8 @@ class CompiledModel:
                 if value.device.type not in ("cpu", self.device.type):
                     raise ValueError(
                         f"input {name!r} is on {value.device}; this model runs on {self.device} "
-                        f"and takes tensors on the CPU or on {self.device.type}"
+                        "and takes tensors on the CPU"
+                        + (f" or on {self.device.type}" if self.device.type != "cpu" else "")
                     )
             if value.ndim != 2:
                 raise ValueError(

@@ -4,4 +4,4 @@ import sys
 
 from .cli import serve_main
 
-sys.exit(serve_main(sys.argv[1:]))
+sys.exit(serve_main(sys.argv[1:], prog="python -m kernl.serving"))

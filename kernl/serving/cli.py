@@ -24,9 +24,9 @@ from .ingress import (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "kernl serve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="kernl serve",
+        prog=prog,
         description="Serve a compiled kernl artifact over HTTP on Ray Serve: POST token ids "
         "(or text, when the artifact folder has tokenizer.json) as JSON to /, get the model's "
         "outputs as JSON; for a causal LM or a text encoder-decoder (T5, BART, mBART, "
@@ -112,10 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def serve_main(argv: list[str]) -> int:
+def serve_main(argv: list[str], prog: str = "kernl serve") -> int:
     """Run the server until SIGINT/SIGTERM; return the process exit code (2: bad arguments
-    or artifact)."""
-    args = build_parser().parse_args(argv)
+    or artifact). `prog` names the command in usage and error lines."""
+    args = build_parser(prog).parse_args(argv)
     try:
         config = ServeConfig(
             artifact=args.artifact,

@@ -204,13 +204,26 @@ def parse_url(url: str) -> tuple[str, int, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kernl.serving.loadgen")
-    p.add_argument("url")
-    p.add_argument("--clients", type=int, default=1)
-    p.add_argument("--requests", type=int, default=50, help="timed requests per client")
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--vocab", type=int, default=1000, help="token ids are drawn below this")
-    p.add_argument("--outputs", nargs="*", default=None, help="outputs to ask for")
+    p = argparse.ArgumentParser(
+        prog="python -m kernl.serving.loadgen",
+        description="Closed-loop load on a kernl server: each client sends one request, waits "
+        "for its answer, sends the next; prints latency percentiles and throughput as JSON.",
+    )
+    p.add_argument("url", help="the server's POST endpoint, e.g. http://127.0.0.1:8000/")
+    p.add_argument("--clients", type=int, default=1, help="concurrent clients (default 1)")
+    p.add_argument(
+        "--requests", type=int, default=50, help="timed requests per client (default 50)"
+    )
+    p.add_argument(
+        "--seq",
+        type=int,
+        default=128,
+        help="token ids per request: a generation server's prompt length (default 128)",
+    )
+    p.add_argument(
+        "--vocab", type=int, default=1000, help="token ids are drawn below this (default 1000)"
+    )
+    p.add_argument("--outputs", nargs="*", default=None, help="outputs to ask for (default all)")
     p.add_argument(
         "--max-new-tokens",
         type=int,

@@ -47,6 +47,8 @@ def test_parent_that_cannot_be_created(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ArtifactDestinationError, match="cannot create the folder"):
         check_destination(tmp_path / "file" / "sub" / "out")
+    with pytest.raises(ArtifactDestinationError, match="file exists and is not a folder"):
+        check_destination(tmp_path / "file" / "out")
 
 
 def test_too_little_free_space(tmp_path, monkeypatch):

@@ -131,6 +131,11 @@ def test_a_cache_folder_that_cannot_be_created_is_the_documented_error(
     monkeypatch.setattr(opt.Path, "mkdir", read_only)
     with pytest.raises(opt.CacheNotWritableError, match="KERNL_CACHE_DIR"):
         kernl.optimize(tiny_bert(), B, progress=False)
+    monkeypatch.setattr(opt.Path, "mkdir", real)
+    # A parent that refuses new folders with ENOENT (/proc does): the same error, not a bare
+    # FileNotFoundError
+    with pytest.raises(opt.CacheNotWritableError, match="cannot be created"):
+        kernl.optimize(tiny_bert(), B, progress=False, cache_dir="/proc/kernl-cache")
 
 
 def test_none_inputs_and_module_shorthands_are_taken(cache):

@@ -67,7 +67,7 @@ def test_verify_works_without_the_compile_extra(artifact, tmp_path):
     assert bad.returncode == 1 and "INVALID" in bad.stderr
 
 
-@pytest.mark.parametrize("command", ["inspect", "bench", "keygen"])
+@pytest.mark.parametrize("command", ["inspect", "bench", "compile"])
 def test_other_commands_name_the_extra(artifact, command):
     run = _kernl(command, artifact)
     assert run.returncode == 2
@@ -97,3 +97,40 @@ def test_serve_needs_the_serve_extra_not_the_compile_one(artifact):
     assert run.returncode == 2, run.stderr
     assert "pip install 'kernl[serve]'" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_kernl_compile_names_the_extra():
+    """pip installs the `kernl-compile` script with the runtime too: without click it names
+    the extra (it was a ModuleNotFoundError traceback)."""
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            'import sys; sys.modules["click"] = None\nfrom kernl.cli import compile_main\n'
+            "compile_main()",
+            "./my-bert",
+            "-o",
+            "x.kernl",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2
+    assert (
+        run.stderr.strip() == "kernl-compile needs the compile extra: pip install 'kernl[compile]'"
+    )
+
+
+def test_keygen_and_version_without_the_compile_extra(tmp_path):
+    """keygen needs the sign extra (cryptography) only, not click or transformers."""
+    pytest.importorskip("cryptography")
+    key = tmp_path / "k.key"
+    made = _kernl("keygen", key)
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.startswith("key ") and (tmp_path / "k.key.pub").exists()
+    assert key.stat().st_mode & 0o077 == 0
+    again = _kernl("keygen", key)
+    assert again.returncode == 1
+    assert f"{key} and {key}.pub already exist; keygen never overwrites" in again.stderr
+    version = _kernl("--version")
+    assert version.returncode == 0 and version.stdout.startswith("kernl, version ")

@@ -91,6 +91,14 @@ def test_runtime_only_venv_loads_and_serves(tmp_path):
     assert {"kernl", "torch", "triton", "safetensors", "msgpack", "numpy"} <= installed
     assert not installed & {"transformers", "click", "ray", "tokenizers", "huggingface-hub"}
 
+    # Both console scripts are installed with the runtime: each names the extra it lacks.
+    for script, args in (("kernl", ["inspect", str(artifact)]), ("kernl-compile", ["m"])):
+        done = subprocess.run(
+            [str(venv / "bin" / script), *args], capture_output=True, text=True, env=env
+        )
+        assert done.returncode == 2, done.stderr
+        assert "pip install 'kernl[compile]'" in done.stderr and "Traceback" not in done.stderr
+
     out = tmp_path / "outputs.safetensors"
     result = run(
         [str(venv / "bin" / "python"), str(HERE / "runtime_only_call.py"), str(artifact), str(out)],

@@ -72,7 +72,7 @@ REFUSED = {
     "tensor on another device": (
         lambda: dict(input_ids=torch.zeros(1, 4, dtype=torch.long, device="meta")),
         ValueError,
-        "is on meta",
+        "is on meta; this model runs on cpu and takes tensors on the CPU",
     ),
     "batch 0": (
         lambda: dict(input_ids=torch.zeros(0, 4, dtype=torch.long)),

@@ -166,7 +166,9 @@ def test_errors_are_clear_and_leave_the_model_usable(compiled):
     before = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[])
     with pytest.raises(ValueError, match="longer than every source bucket"):
         model.generate(torch.full((1, 17), 7), max_new_tokens=4)
-    with pytest.raises(ValueError, match="exceeds the decoder cache of 48"):
+    with pytest.raises(
+        ValueError, match=r"exceeds the decoder cache: it holds 48 new tokens \(cache=48\)"
+    ):
         model.generate(ids, mask, max_new_tokens=49)
     with pytest.raises(ValueError, match="larger than every batch bucket"):
         model.generate(torch.full((5, 4), 7), max_new_tokens=4)
@@ -198,7 +200,9 @@ def test_max_length_counts_the_decoder_start_token_like_hugging_face(compiled, f
     assert both.shape == (3, 4)
     with pytest.raises(ValueError, match="max_length=1 leaves no room after the decoder start"):
         model.generate(ids, mask, max_length=1)
-    with pytest.raises(ValueError, match="exceeds the decoder cache of 48"):
+    with pytest.raises(
+        ValueError, match=r"exceeds the decoder cache: it holds 48 new tokens \(cache=48\)"
+    ):
         model.generate(ids, mask, max_length=50)
 
 

@@ -129,3 +129,11 @@ def test_an_explicit_null_is_the_default_of_a_field_that_defaults_to_none():
 def test_a_null_for_a_field_with_another_default_is_still_refused(name, message):
     with pytest.raises(ValueError, match=message):
         config_from_args({"artifact": "a.kernl", name: None})
+
+
+def test_usage_names_the_command_as_typed(capsys):
+    for prog in ("kernl serve", "python -m kernl.serving"):
+        with pytest.raises(SystemExit) as done:
+            serve_main(["--help"], prog=prog)
+        assert done.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: {prog} ")

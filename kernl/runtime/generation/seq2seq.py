@@ -438,12 +438,19 @@ class Seq2SeqModel(StepLoop):
         return batch_bucket, eos, pad
 
     def _check_cache(self, prompt_len: int, max_new_tokens: int) -> None:
-        if prompt_len - 1 + max_new_tokens > self.buckets.cache_len:
+        # The cache holds the tokens after the decoder start token: the rest of the prompt
+        # (Whisper's language, task, ...) and the new tokens.
+        cache = self.buckets.cache_len
+        if prompt_len - 1 + max_new_tokens > cache:
+            prompt = (
+                f", less the {prompt_len - 1} decoder prompt tokens after the start token"
+                if prompt_len > 1
+                else ""
+            )
             raise ValueError(
-                f"max_new_tokens {max_new_tokens} exceeds the decoder cache of "
-                f"{self.buckets.cache_len} slots (the {prompt_len}-token decoder prompt leaves "
-                f"room for {self.buckets.cache_len - prompt_len + 1}; recompile with a larger "
-                "cache= to go further)"
+                f"max_new_tokens {max_new_tokens} exceeds the decoder cache: it holds "
+                f"{cache - prompt_len + 1} new tokens (cache={cache}{prompt}); recompile with a "
+                "larger cache= to go further"
             )
 
     def _text_plan(
