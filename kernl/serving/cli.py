@@ -130,7 +130,7 @@ def serve_main(argv: list[str], prog: str = "kernl serve") -> int:
             plan_by=args.plan_by,
             drain_s=args.drain_s,
         )
-        buckets = _check_artifact(config.artifact)
+        shapes = _check_artifact(config.artifact)
         if config.device == "cuda":
             import torch
 
@@ -193,10 +193,9 @@ def serve_main(argv: list[str], prog: str = "kernl serve") -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         if not stop.is_set():
-            names = ", ".join(f"{b.batch}x{b.seq}" for b in buckets)
             print(
                 f"kernl serve: {config.artifact} on http://{config.host}:{config.port}/ "
-                f"({config.replicas} replica(s), buckets {names}, {ingress} ingress); the "
+                f"({config.replicas} replica(s), {shapes}, {ingress} ingress); the "
                 "replicas load the model now: GET /ready answers 200 once loaded; Ctrl-C stops",
                 flush=True,
             )
@@ -271,10 +270,12 @@ def check_port_free(host: str, port: int) -> None:
             raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
-def _check_artifact(path: str):
+def _check_artifact(path: str) -> str:
+    """Refuses what the replicas could not serve; returns the shapes the artifact serves, in
+    words for the startup line."""
     from kernl.artifacts import read_manifest, verify_files
 
-    from .generation_protocol import check_servable
+    from .generation_protocol import GENERATION_TASKS, GenerationLimits, check_servable
     from .tokenizer import load_tokenizer
 
     manifest = read_manifest(path)
@@ -283,4 +284,15 @@ def _check_artifact(path: str):
     # a linked, oversized or malformed tokenizer.json is refused here, not in Ray's replicas
     # (whose error reached only Ray's logs)
     load_tokenizer(path)
-    return sorted(manifest.bucket_list())
+    if manifest.task in GENERATION_TASKS:  # its buckets mix prefill and decode shapes
+        limits = GenerationLimits.from_manifest(manifest)
+        prompts = "sources" if limits.encoder_decoder else "prompts"
+        return (
+            f"batches {_listed(limits.batches)}, {prompts} up to {max(limits.prompts)}, "
+            f"cache {limits.cache_len}"
+        )
+    return "buckets " + ", ".join(f"{b.batch}x{b.seq}" for b in sorted(manifest.bucket_list()))
+
+
+def _listed(numbers) -> str:
+    return ",".join(str(n) for n in sorted(numbers))

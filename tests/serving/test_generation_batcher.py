@@ -32,12 +32,26 @@ GATE_TIMEOUT_S = 60  # a gate never released fails the test instead of hanging i
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def artifact(tmp_path_factory):
     path = tmp_path_factory.mktemp("batcher") / "llama.kernl"
     kernl.compiler.compile(
         tiny_model("llama3"), BUCKETS, path, dtype="fp32", device="cpu", task="causal-lm"
     )
-    return kernl.runtime.load(path, device="cpu")
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(artifact):
+    return kernl.runtime.load(artifact, device="cpu")
+
+
+def test_the_startup_line_gives_a_generation_artifacts_axes(artifact, tiny_artifact):
+    """kernl serve's startup line: a causal LM's batches, longest prompt and cache (its
+    buckets listed as BxS mixed prefill and decode shapes); an encoder's buckets."""
+    from kernl.serving.cli import _check_artifact
+
+    assert _check_artifact(str(artifact)) == f"batches 1,4,8, prompts up to 16, cache {CACHE}"
+    assert _check_artifact(str(tiny_artifact)).startswith("buckets 1x")
 
 
 @pytest.fixture(scope="module")
