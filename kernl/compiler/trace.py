@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import json
+import logging
 import os
 import pickle
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +79,25 @@ def task_of(config, model: torch.nn.Module | None = None) -> str:
         for suffix, task in _ARCH_SUFFIX.items():
             if name.endswith(suffix):
                 return task
+    if model is None:
+        _refuse_unknown_head(names)
     return "base"
+
+
+def _refuse_unknown_head(names: list[str]) -> None:
+    """A checkpoint whose architecture is a head kernl has no task for (ElectraForPreTraining,
+    what ELECTRA's discriminators ship; BertForPreTraining, ...): loaded by task, it would be
+    compiled as its encoder with the head dropped, unlike the same model given as an object
+    (compiled as it is). Said, with both ways on."""
+    for name in names:
+        if "For" in name or name.endswith(("HeadModel", "HeadsModel")):
+            raise UnsupportedModelError(
+                f"{name}: kernl has no task for this head (tasks: {', '.join(ALL_TASKS)}). "
+                "`--task base` compiles its encoder alone, the head dropped; to compile the "
+                f"head too, load the model yourself (transformers.{name}.from_pretrained) and "
+                "pass it to kernl.compiler.compile or kernl.optimize, which compile a model "
+                "object as it is"
+            )
 
 
 def _refuse_multiple_choice(name: str) -> None:
@@ -371,5 +393,43 @@ def model_signature(model: torch.nn.Module, device) -> ModelSignature:
 def export_bucket(flat: FlatModel, bucket: Bucket, vocab_size: int, device):
     args = tuple(example_inputs(flat.input_names, bucket, vocab_size, device))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with torch.no_grad():
-        return torch.export.export(flat, args, strict=False)
+    # On a data-dependent branch, export prints the partial graph to sys.stderr and a logger
+    # warns: 100+ lines on the user's terminal before kernl's one-line refusal. What export
+    # writes to sys.stderr is held back, and written out unless it was that graph.
+    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = shapes_log.level
+    shapes_log.setLevel(logging.ERROR)
+    held = io.StringIO()
+    data_dependent = False
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(held):
+            return torch.export.export(flat, args, strict=False)
+    except RuntimeError as e:
+        if type(e).__name__ != "GuardOnDataDependentSymNode":
+            raise
+        data_dependent = True
+        raise UnsupportedModelError(_data_dependent_branch(flat.model, str(e))) from e
+    finally:
+        shapes_log.setLevel(level)
+        if not data_dependent:
+            sys.stderr.write(held.getvalue())
+
+
+def _data_dependent_branch(model: torch.nn.Module, message: str) -> str:
+    """What to tell the user when export met an `if` on a value the inputs compute."""
+    calls = re.findall(r'File "([^"]+)", line (\d+), in (\w+)\n\s+(.+)', message)
+    where = ""
+    if calls:
+        path, line, function, code = calls[-1]
+        where = f" ({Path(path).name}:{line}, in {function}: `{code.strip()}`)"
+    hint = ""
+    if "dynamic" in where and "rope" in where.lower():
+        hint = (
+            " Dynamic RoPE recomputes its frequencies from each call's length: within the "
+            "model's original context length it is the default RoPE, so a config.json whose "
+            "rope type is 'default' gives the same outputs at every bucket up to that length."
+        )
+    return (
+        f"{type(model).__name__} branches on a value computed from its inputs{where}; kernl "
+        f"compiles one fixed program per bucket and cannot hold such a branch.{hint}"
+    )

@@ -11,7 +11,7 @@ import kernl.compiler.tasks.encoder
 import kernl.runtime
 from kernl.artifacts import read_manifest
 from kernl.compiler.cli import compile_command, main
-from kernl.compiler.trace import task_of
+from kernl.compiler.trace import UnsupportedModelError, task_of
 from kernl.compiler.validate import ValidationError
 
 SMALL = dict(
@@ -225,6 +225,35 @@ def test_task_follows_architectures(architecture, task):
     assert task_of(T.PretrainedConfig(architectures=[architecture])) == task
 
 
+@pytest.mark.parametrize(
+    "architecture",
+    ["ElectraForPreTraining", "BertForPreTraining", "BertForNextSentencePrediction",
+     "GPT2DoubleHeadsModel"],
+)  # fmt: skip
+def test_a_head_kernl_has_no_task_for_is_said_not_dropped(architecture):
+    """ELECTRA's discriminator checkpoints: compiled as their encoder, the head dropped in
+    silence (a model object of the same class compiles with its head)."""
+    with pytest.raises(UnsupportedModelError, match=f"{architecture}: kernl has no task") as e:
+        task_of(T.PretrainedConfig(architectures=[architecture]))
+    assert "--task base" in str(e.value) and "kernl.optimize" in str(e.value)
+
+
+def test_an_unknown_head_compiles_as_it_is_when_given_as_an_object():
+    electra = T.ElectraForPreTraining(T.ElectraConfig(**SMALL, embedding_size=16))
+    assert task_of(electra.config, electra) == "base"
+
+
+def test_an_unsupported_causal_lm_is_named_before_its_buckets(tmp_path):
+    """BertLMHeadModel is inferred as causal-lm: encoder buckets were refused first ("unknown
+    axis 'seq' for causal-lm"), the model type only after the user rewrote them."""
+    torch.manual_seed(0)
+    T.BertLMHeadModel(T.BertConfig(**SMALL, is_decoder=True)).save_pretrained(tmp_path / "m")
+    result = run(tmp_path / "m", "-o", tmp_path / "a", "--buckets", "batch=1 seq=8",
+                 "--device", "cpu", "--dtype", "fp32")  # fmt: skip
+    assert_clean_failure(result, 1, "model type 'bert' (BertLMHeadModel) is not supported")
+    assert not (tmp_path / "a").exists()
+
+
 def test_a_head_the_checkpoint_lacks_is_refused_not_made_up(tmp_path):
     """A question-answering checkpoint compiles its head (start and end logits, as Hugging
     Face). Compiled as base, it was loaded with AutoModel: the head dropped, the pooler
@@ -407,7 +436,7 @@ def test_a_multiple_choice_head_is_refused_by_name(tmp_path):
 def test_a_model_that_fails_on_the_probe_ids_is_named(monkeypatch):
     """The signature probe runs the model on [batch, seq] ids: a failure there is the model's
     call convention, said as such (it was a bare shape error from inside the model)."""
-    from kernl.compiler.trace import UnsupportedModelError, model_signature
+    from kernl.compiler.trace import model_signature
 
     model = T.BertModel(T.BertConfig(**SMALL)).eval()
 
@@ -417,6 +446,28 @@ def test_a_model_that_fails_on_the_probe_ids_is_named(monkeypatch):
     monkeypatch.setattr(model, "forward", reshaping_forward)
     with pytest.raises(UnsupportedModelError, match=r"fails on \[batch, seq\] token ids \(2x7\)"):
         model_signature(model, torch.device("cpu"))
+
+
+def test_a_branch_on_input_values_is_refused_in_one_line(tmp_path, capfd):
+    """Dynamic RoPE branches on each call's length: export printed 100+ lines of partial
+    graph, then the compile ended on torch's "Could not guard on data-dependent expression"."""
+    if not hasattr(T, "NomicBertConfig"):
+        pytest.skip("this transformers has no NomicBERT")
+    torch.manual_seed(0)
+    config = T.NomicBertConfig(
+        vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, head_dim=8,
+        rope_parameters={"rope_type": "dynamic", "rope_theta": 1000.0, "factor": 2.0},
+    )  # fmt: skip
+    T.NomicBertModel(config).eval().save_pretrained(tmp_path / "m")
+    capfd.readouterr()
+    result = run(tmp_path / "m", "-o", tmp_path / "a", "--buckets", "1x8", *CPU_FP32)
+    assert_clean_failure(
+        result, 1, "NomicBertModel branches on a value computed from its inputs",
+        "dynamic_frequency_update", "rope type is 'default'",
+    )  # fmt: skip
+    assert "def forward" not in capfd.readouterr().err + result.output
+    assert not (tmp_path / "a").exists()
 
 
 @pytest.fixture(scope="module")

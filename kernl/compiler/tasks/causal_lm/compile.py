@@ -50,7 +50,7 @@ from ...validate import ValidationError, resolve_tolerance
 from .buckets import as_generation_buckets
 from .decode_kernels import DecodeTiming, choose_decode_kernels, record_decode_binaries
 from .decode_tiles import TileTiming, tune_decode_tiles
-from .describe import describe
+from .describe import check_model_type, describe
 from .validate import StageError, validate_generation
 
 TASK = "causal-lm"
@@ -142,6 +142,7 @@ def compile_causal_lm(
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
     torch_dtype, dev = resolve_dtype_device(dtype, device)
+    check_model_type(model_or_path)
     gb = as_generation_buckets(buckets)
     check_destination(out)
     atol, rtol = resolve_tolerance(torch_dtype, atol, rtol)

@@ -36,6 +36,29 @@ HF_ACTIVATIONS = {
 }
 
 
+def check_model_type(model_or_path) -> None:
+    """Refuse a model type kernl does not generate with from its config alone, before the
+    buckets are read (a BertLMHeadModel, inferred as causal-lm, was first told that `seq` is no
+    causal-lm axis). A config that cannot be read is left to load_model to explain."""
+    config = getattr(model_or_path, "config", None)
+    if config is None and not isinstance(model_or_path, torch.nn.Module):
+        import transformers
+
+        try:
+            config = transformers.AutoConfig.from_pretrained(
+                str(model_or_path), local_files_only=True
+            )
+        except (OSError, ValueError):
+            return
+    model_type = getattr(config, "model_type", None)
+    if model_type is not None and model_type not in SUPPORTED:
+        archs = ", ".join(getattr(config, "architectures", None) or []) or model_type
+        raise UnsupportedModelError(
+            f"causal-lm: model type {model_type!r} ({archs}) is not supported; kernl "
+            f"generates with {', '.join(SUPPORTED)}"
+        )
+
+
 def describe(
     model: torch.nn.Module, cache_len: int, dtype: torch.dtype
 ) -> tuple[DecoderSpec, dict[str, torch.Tensor]]:
