@@ -353,11 +353,15 @@ def model_signature(model: torch.nn.Module, device) -> ModelSignature:
         InputSpec(n, "int64", pad if n == "input_ids" else _INPUTS[n][1], _INPUTS[n][0])
         for n in names
     ]
-    # Find which output axes follow batch and sequence by probing two shapes.
+    # Find which output axes follow batch and sequence by probing two shapes. A feed-forward
+    # in chunks (BERT's chunk_size_feed_forward) takes lengths that are multiples of the chunk.
     vocab = model.config.vocab_size
+    chunk = getattr(model.config, "chunk_size_feed_forward", 0)
+    chunk = chunk if isinstance(chunk, int) and chunk > 0 else 1
+    seq_a, seq_b = 7 * chunk, 5 * chunk
     probes = []
     with torch.no_grad():
-        for bucket in (Bucket(2, 7), Bucket(3, 5)):
+        for bucket in (Bucket(2, seq_a), Bucket(3, seq_b)):
             args = example_inputs(names, bucket, vocab, device)
             try:
                 out = model(**dict(zip(names, args)), return_dict=True)
@@ -382,7 +386,7 @@ def model_signature(model: torch.nn.Module, device) -> ModelSignature:
     for name, t in probes[0][1].items():
         other = probes[1][1][name]
         axes_b = [i for i in range(t.dim()) if t.shape[i] == 2 and other.shape[i] == 3]
-        axes_s = [i for i in range(t.dim()) if t.shape[i] == 7 and other.shape[i] == 5]
+        axes_s = [i for i in range(t.dim()) if t.shape[i] == seq_a and other.shape[i] == seq_b]
         if axes_b != [0] or len(axes_s) > 1:
             raise UnsupportedModelError(f"output {name!r} has no leading batch axis")
         dtype = str(t.dtype).removeprefix("torch.")

@@ -470,6 +470,19 @@ def test_a_branch_on_input_values_is_refused_in_one_line(tmp_path, capfd):
     assert not (tmp_path / "a").exists()
 
 
+def test_a_feed_forward_in_chunks_is_probed_at_multiples_of_the_chunk():
+    """chunk_size_feed_forward=4: the probe ran the model at 2x7, which it refuses, and the
+    compile was refused though every bucket asked for (8, 16) runs."""
+    from kernl.compiler.trace import model_signature
+
+    model = T.BertModel(T.BertConfig(**SMALL, chunk_size_feed_forward=4)).eval()
+    signature = model_signature(model, torch.device("cpu"))
+    assert {o.name: o.seq_axis for o in signature.outputs} == {
+        "last_hidden_state": 1,
+        "pooler_output": None,
+    }
+
+
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("t5") / "m"
