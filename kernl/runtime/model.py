@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -382,28 +383,34 @@ class CompiledModel:
         ours = set()
         if self._binaries is not None:
             ours = {loaded.function.value for loaded in self._binaries.loaded.values()}
+        # The model holds this edit: a strong reference back would make a cycle that only gc
+        # frees, and `del model` would keep its GPU memory (graphs, pool, weights) until then.
+        owner_ref = weakref.ref(self)
 
         def edit(graph) -> None:
+            owner = owner_ref()
+            if owner is None:
+                return
             if fills:
                 try:
-                    self.memsets_replaced += memsets_as_kernels(graph, self.device)
+                    owner.memsets_replaced += memsets_as_kernels(graph, owner.device)
                 except (OSError, AttributeError, RuntimeError, TypeError) as e:
                     # a driver without these calls or one that refuses one: the memsets stay
                     # (a fill added before its memset's removal failed only writes twice)
-                    self.side_work_error = f"{type(e).__name__}: {e}"
+                    owner.side_work_error = f"{type(e).__name__}: {e}"
             if not side_work:
                 return
             # the event exists once recorded: by the first warm-up, before this runs
-            event = self._graph_event
+            event = owner._graph_event
             side = {event.cuda_event} if event is not None else set()
-            memsets = self._memsets_off_path
+            memsets = owner._memsets_off_path
             try:
-                self.side_edges_removed += take_side_work_off_path(graph, ours, side, memsets)
+                owner.side_edges_removed += take_side_work_off_path(graph, ours, side, memsets)
             except (OSError, AttributeError, RuntimeError) as e:
                 # a driver without these calls, or one that refuses a query: the graph as
                 # captured, still right (edges are added before any is removed, so a partial
                 # edit only orders more)
-                self.side_work_error = f"{type(e).__name__}: {e}"
+                owner.side_work_error = f"{type(e).__name__}: {e}"
 
         return edit
 

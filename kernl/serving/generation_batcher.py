@@ -191,13 +191,14 @@ class GenerationBatcher:
             return sum(not t.cancelled for t in self._pending)
 
     async def _run(self) -> None:
+        # Returns once nothing is pending (submit starts it again): a task waiting forever
+        # held the batcher, its model and its thread in a cycle after the server dropped it,
+        # and asyncio logged "Task was destroyed but it is pending!" when gc broke it.
         while True:
             with self._pending_lock:
                 self._pending = [t for t in self._pending if not t.cancelled]
-            if not self._pending:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
+                if not self._pending:
+                    return
             deadline = self._pending[0].arrived + self.policy.window_s
             while len(self._next_group()) < self.policy.max_requests:
                 left = deadline - time.monotonic()

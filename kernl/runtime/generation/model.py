@@ -438,9 +438,6 @@ class GenerativeModel(StepLoop):
         infer = attention_mask is None and not isinstance(input_ids, (list, tuple))
         return prompt, self._plan(prompt, None if infer else mask, max_new_tokens, *sampling)
 
-    def _running(self) -> AbstractContextManager:
-        return running_with(self._binaries, self.device)
-
     def __repr__(self) -> str:
         b = self.buckets
         return (
@@ -587,7 +584,10 @@ class GenerativeModel(StepLoop):
                 fn = lambda: state.prefill(size, do_sample)  # noqa: E731
             else:
                 fn = lambda: state.decode(size, do_sample)  # noqa: E731
-            step = _Step(fn, state.reset_counters, self._running)
+            # not the bound self._running: the model would hold itself in a cycle (its steps
+            # -> the method -> the model), freed by gc only, so `del model` kept its memory
+            running = functools.partial(running_with, self._binaries, self.device)
+            step = _Step(fn, state.reset_counters, running)
             if self.capture_mode != "never":
                 step.capture(self._pool, self.device)
             self._steps[key] = step

@@ -15,9 +15,9 @@ Steps are pure functions of the buffers; on CUDA they are captured as graphs on 
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -332,9 +332,6 @@ class Seq2SeqModel(StepLoop):
         )
         return self._stream(plan, output_logits)
 
-    def _running(self) -> AbstractContextManager:
-        return running_with(self._binaries, self.device)
-
     def __repr__(self) -> str:
         b = self.buckets
         return (
@@ -400,7 +397,10 @@ class Seq2SeqModel(StepLoop):
                 fn = lambda: state.encode(key[2])  # noqa: E731
             else:
                 fn = lambda: state.decode(key[2], key[3], key[4])  # noqa: E731
-            step = _Step(fn, state.reset_counters, self._running)
+            # not the bound self._running: the model would hold itself in a cycle (its steps
+            # -> the method -> the model), freed by gc only, so `del model` kept its memory
+            running = functools.partial(running_with, self._binaries, self.device)
+            step = _Step(fn, state.reset_counters, running)
             if self.capture_mode != "never":
                 step.capture(self._pool, self.device)
             self._steps[key] = step
