@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from .report import BucketReport, CompileReport, Progress
-from .trace import task_from_source
+from .trace import generated_source_forgotten, task_from_source
 
 __all__ = ["BucketReport", "CompileReport", "OptionNotApplicableError", "Progress", "compile"]
 
@@ -20,6 +20,7 @@ class OptionNotApplicableError(ValueError):
         self.option = option
 
 
+@generated_source_forgotten()
 def compile(
     model_or_path,
     buckets,

@@ -6,11 +6,13 @@ import contextlib
 import inspect
 import io
 import json
+import linecache
 import logging
 import os
 import pickle
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -392,6 +394,27 @@ def model_signature(model: torch.nn.Module, device) -> ModelSignature:
         dtype = str(t.dtype).removeprefix("torch.")
         outputs.append(OutputSpec(name, dtype, 0, axes_s[0] if axes_s else None))
     return ModelSignature(inputs, outputs)
+
+
+@contextlib.contextmanager
+def generated_source_forgotten() -> Iterator[None]:
+    """torch.fx keeps the Python source of every graph module it generates (the exports, the
+    passes' rewrites) in a module-level cache and in linecache, for tracebacks, and never
+    drops it: ~1 MiB per compile of a 12-layer model, for good, in a process that compiles
+    again and again (kernl.optimize in a notebook or a server). What this block added is
+    dropped when it ends; the compiled code stays valid (only its source lines are gone)."""
+    loader = getattr(torch.fx.graph_module, "_loader", None)
+    cache = getattr(loader, "eval_cache", None)
+    if not isinstance(cache, dict):  # another torch: nothing known to drop
+        yield
+        return
+    before = set(cache)
+    try:
+        yield
+    finally:
+        for key in [k for k in list(cache) if k not in before]:
+            cache.pop(key, None)
+            linecache.cache.pop(key, None)
 
 
 def export_bucket(flat: FlatModel, bucket: Bucket, vocab_size: int, device):
