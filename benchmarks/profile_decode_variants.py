@@ -84,7 +84,7 @@ def main() -> None:
     wanted = sys.argv[1:]  # variant names (or their first word): all of them without any
     if wanted:
         variants = {k: v for k, v in variants.items() if k in wanted or k.split()[0] in wanted}
-    gen._running = None  # the compiler's context: every kernel may JIT, not only the artifact's
+    gen._binaries = None  # the compiler's context: every kernel may JIT, not only the artifact's
     state = gen._states[1]
     for name, (kernels, trigger) in variants.items():
         kpdl.streaming_trigger = trigger  # read at each launch: the capture below compiles

@@ -3,6 +3,7 @@ serve). Thin: the work lives in api.py, inspect_report.py, bench.py and kernl.se
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import sys
@@ -154,6 +155,11 @@ def _run_compile(
     # The progress lines and the summary's total count from when the user started the command:
     # imports (torch, transformers) and task detection are seconds of it.
     start = _command_start if _command_start is not None else time.perf_counter()
+    if importlib.util.find_spec("transformers") is None:
+        # click alone comes with Ray Serve (kernl[serve]); the compile loads models through
+        # transformers, which only the compile extra brings
+        click.echo(f"{prog} needs the compile extra: pip install 'kernl[compile]'", err=True)
+        sys.exit(2)
     from kernl.compiler.api import OptionNotApplicableError
     from kernl.compiler.api import compile as compile_model
     from kernl.compiler.buckets import BucketSyntaxError

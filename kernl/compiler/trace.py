@@ -92,7 +92,7 @@ def _refuse_unknown_head(names: list[str]) -> None:
     compiled as its encoder with the head dropped, unlike the same model given as an object
     (compiled as it is). Said, with both ways on."""
     for name in names:
-        if "For" in name or name.endswith(("HeadModel", "HeadsModel")):
+        if re.search(r"For[A-Z]", name) or name.endswith(("HeadModel", "HeadsModel")):
             raise UnsupportedModelError(
                 f"{name}: kernl has no task for this head (tasks: {', '.join(ALL_TASKS)}). "
                 "`--task base` compiles its encoder alone, the head dropped; to compile the "
@@ -438,7 +438,7 @@ def export_bucket(flat: FlatModel, bucket: Bucket, vocab_size: int, device):
         raise UnsupportedModelError(_data_dependent_branch(flat.model, str(e))) from e
     finally:
         shapes_log.setLevel(level)
-        if not data_dependent:
+        if not data_dependent and held.getvalue() and sys.stderr is not None:
             sys.stderr.write(held.getvalue())
 
 

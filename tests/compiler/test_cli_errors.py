@@ -2,6 +2,8 @@
 1 (2 for a bad --buckets), never a Python traceback, and is refused before any bucket is
 compiled when the options alone show it cannot work."""
 
+import sys
+
 import pytest
 import torch
 import transformers as T
@@ -238,6 +240,10 @@ def test_a_head_kernl_has_no_task_for_is_said_not_dropped(architecture):
     assert "--task base" in str(e.value) and "kernl.optimize" in str(e.value)
 
 
+def test_a_model_name_holding_for_is_no_head():
+    assert task_of(T.PretrainedConfig(architectures=["RoFormerModel"])) == "base"
+
+
 def test_an_unknown_head_compiles_as_it_is_when_given_as_an_object():
     electra = T.ElectraForPreTraining(T.ElectraConfig(**SMALL, embedding_size=16))
     assert task_of(electra.config, electra) == "base"
@@ -468,6 +474,18 @@ def test_a_branch_on_input_values_is_refused_in_one_line(tmp_path, capfd):
     )  # fmt: skip
     assert "def forward" not in capfd.readouterr().err + result.output
     assert not (tmp_path / "a").exists()
+
+
+def test_export_runs_where_sys_stderr_is_none(monkeypatch):
+    """pythonw, some daemons: no stderr. What export wrote there is written back only where
+    there is one (it failed every export with an AttributeError)."""
+    from kernl.artifacts.schema import Bucket
+    from kernl.compiler.trace import FlatModel, export_bucket
+
+    model = T.BertModel(T.BertConfig(**SMALL)).eval()
+    monkeypatch.setattr(sys, "stderr", None)
+    flat = FlatModel(model, ["input_ids"], ["last_hidden_state"])
+    assert export_bucket(flat, Bucket(1, 8), 120, torch.device("cpu")) is not None
 
 
 def test_a_feed_forward_in_chunks_is_probed_at_multiples_of_the_chunk():

@@ -134,3 +134,17 @@ def test_keygen_and_version_without_the_compile_extra(tmp_path):
     assert f"{key} and {key}.pub already exist; keygen never overwrites" in again.stderr
     version = _kernl("--version")
     assert version.returncode == 0 and version.stdout.startswith("kernl, version ")
+
+
+ARGS = ["./my-bert", "-o", "x.kernl", "--buckets", "batch=1 seq=8"]
+
+
+@pytest.mark.parametrize("entry", ["compile_main()", f"main(['compile', *{ARGS}])"])
+def test_compiling_without_transformers_names_the_extra(entry):
+    """kernl[serve] brings click (Ray's) but not transformers: the compile named the extra
+    nowhere ('not foreseen ... please report it')."""
+    code = f'import sys; sys.modules["transformers"] = None\nfrom kernl.cli import *\n{entry}'
+    run = subprocess.run([sys.executable, "-c", code, *ARGS], capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr
+    assert "needs the compile extra: pip install 'kernl[compile]'" in run.stderr
+    assert "Traceback" not in run.stderr

@@ -441,6 +441,11 @@ class Seq2SeqModel(StepLoop):
         # The cache holds the tokens after the decoder start token: the rest of the prompt
         # (Whisper's language, task, ...) and the new tokens.
         cache = self.buckets.cache_len
+        if prompt_len - 1 >= cache:  # an older Whisper artifact: the prompt fills the cache
+            raise ValueError(
+                f"the decoder cache (cache={cache}) has no room after this call's "
+                f"{prompt_len}-token decoder prompt; recompile with a larger cache="
+            )
         if prompt_len - 1 + max_new_tokens > cache:
             prompt = (
                 f", less the {prompt_len - 1} decoder prompt tokens after the start token"
