@@ -322,6 +322,40 @@ def tma_attention_compiles(config, keys, bias_per_key):
     assert compiled.asm["ptx"].count("cp.async.bulk.tensor") >= 4, "no TMA copies"
 
 
+def qkv_attention_compiles(config, seq):
+    """The fused QKV projection + attention (qkv_attention.py) at BERT-base's head: x, the
+    weight and the output through descriptors, the K loop on TMA copies and wgmmas."""
+    from kernl.kernels.qkv_attention import _qkv_attention_kernel
+
+    bk = config.block_k
+    signature = {
+        "x_desc": f"tensordesc<fp16[1, {seq}, {bk}]>",
+        "w_desc": f"tensordesc<fp16[64, {bk}]>",
+        "out_desc": f"tensordesc<fp16[1, {seq}, 64]>",
+        "QKVBias": "*fp16",
+        "PadBias": "*fp32",
+        "sm_scale": "fp32",
+    }
+    signature |= dict.fromkeys(("L", "num_heads", "hidden", "stride_pad_b"), "i32")
+    constants = dict(HEAD_DIM=64, BLOCK_L=seq, BLOCK_K=bk, HAS_QKV_BIAS=True, HAS_PAD_BIAS=True)
+    constants |= dict(NUM_STAGES=config.num_stages)
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    aligned = ("QKVBias", "PadBias", "hidden", "stride_pad_b")
+    compiled = _compile(_qkv_attention_kernel, signature, constants, options, aligned)
+    assert compiled.metadata.shared <= 232448, compiled.metadata.shared
+    ptx = compiled.asm["ptx"]
+    assert ptx.count("cp.async.bulk.tensor") >= 4, "no TMA copies"
+    assert "ld.local" not in ptx, "registers spilled"
+    if seq >= 64:  # a warp group's wgmma takes 64 rows; 16 go through mma.sync
+        assert "wgmma.mma_async" in ptx, "no wgmma"
+
+
+def _qkv_attention_variants():
+    from kernl.kernels.qkv_attention import qkv_attention_configs
+
+    return [(c, 128) for c in qkv_attention_configs()] + [(qkv_attention_configs()[0], 16)]
+
+
 def _tma_attention_variants():
     """Every TMA config at BERT's key lengths (128: one block, 512: streamed) with its padding
     mask, and a full bias at 100 keys (a ragged block)."""
@@ -421,6 +455,7 @@ def main() -> int:
             (linear_compiles, _linear_warp_specialized_variants()),
             (linear_tma_compiles, _linear_tma_variants()),
             (tma_attention_compiles, _tma_attention_variants()),
+            (qkv_attention_compiles, _qkv_attention_variants()),
             (
                 weight_ring_bench_compiles,
                 [
