@@ -837,6 +837,29 @@ def _kernl_attention(q, k, v, mask=None, scale=None, causal=False, impl="aten", 
     return torch.empty((*q.shape[:3], v.shape[3]), dtype=q.dtype, device=q.device)
 
 
+def _kernl_qkv_attention(x, weight, bias, mask, scale, num_heads, impl="aten", config=None):
+    import torch
+
+    _impl(impl, config)
+    if not (isinstance(num_heads, int) and num_heads > 0) or isinstance(num_heads, bool):
+        raise _Fail(f"qkv_attention of {num_heads!r} heads", unsafe=False)
+    if x.dim() != 3 or x.shape[2] % num_heads or list(weight.shape) != [3 * x.shape[2], x.shape[2]]:
+        raise _Fail(
+            f"qkv_attention of x {list(x.shape)}, weight {list(weight.shape)}, {num_heads} heads",
+            unsafe=False,
+        )
+    if bias is not None and list(bias.shape) != [weight.shape[0]]:
+        raise _Fail(f"qkv_attention bias {list(bias.shape)} for weight {list(weight.shape)}", False)
+    b, seq, c = x.shape
+    if mask is not None and (list(mask.shape) != [b, 1, 1, seq] or not mask.is_floating_point()):
+        # the fused kernel reads one additive bias row per sequence
+        raise _Fail(
+            f"qkv_attention mask {mask.dtype} {list(mask.shape)}: [{b}, 1, 1, {seq}]", False
+        )
+    _of_dtype(x.dtype, weight, bias)
+    return torch.empty((b, num_heads, seq, c // num_heads), dtype=x.dtype, device=x.device)
+
+
 def _kernl_mask_to_bias(mask, dtype):
     import torch
 
@@ -872,6 +895,7 @@ KERNL_SHAPES = {
     "linear": _kernl_linear,
     "layer_norm": _kernl_layer_norm,
     "attention": _kernl_attention,
+    "qkv_attention": _kernl_qkv_attention,
     "mask_to_bias": _kernl_mask_to_bias,
     "bert_embeddings": _kernl_bert_embeddings,
 }

@@ -30,7 +30,9 @@ ATEN_OPS = frozenset(
 
 # kernl's own ops (kernl/runtime/kernl_ops.py implements them; kernl/artifacts/analysis.py
 # knows their shapes, so a program using one is checked like any aten op).
-KERNL_OPS = frozenset({"linear", "layer_norm", "attention", "mask_to_bias", "bert_embeddings"})
+KERNL_OPS = frozenset(
+    {"linear", "layer_norm", "attention", "qkv_attention", "mask_to_bias", "bert_embeddings"}
+)
 
 ATEN_NAME = re.compile(r"aten\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)")
 KERNL_NAME = re.compile(r"kernl\.([A-Za-z_][A-Za-z0-9_]*)")

@@ -7,7 +7,11 @@ that round trip, not by its 1.6 GFLOP. A program that keeps its head's q, k and 
 registers skips both, and one launch a layer goes. The price: the GEMM runs in tiles of one
 sequence by one head (L x 3D), smaller than cuBLAS's, and the grid is B x H programs, so it
 can only pay where B x H fills the GPU and a sequence fits one block (L <= 128 here).
-Experimental: not offered to the tuner until measured (benchmarks/bench_qkv_attention.py).
+Measured (H100, 2026-12-05, benchmarks/bench_qkv_attention.py, against cuBLAS's GEMM and the
+best of the tuner's attention kernels in one graph): 0.94x their time at 32x128, 0.80x at
+64x128, 0.87x at 16x128, 0.96x at 8x128, 0.99x at 64x64, 1.86x at 128x32. So it is not a
+rewrite but a choice after tuning (compiler/tune.py, tune_qkv_attention): a group becomes one
+kernl.qkv_attention only where this kernel timed faster than the two tuned launches.
 
 x [B, L, C] (C = H * D, contiguous rows), the fused weight [3C, C] as nn.Linear stores it
 (q rows, then k, then v: compiler/passes/fuse_qkv.py's order), its bias [3C] or None, a
@@ -95,6 +99,9 @@ class QKVAttentionConfig:
     block_k: int = 64
     num_warps: int = 8
     num_stages: int = 3
+
+
+CONFIG_TYPE = QKVAttentionConfig  # what kernl_ops makes of a program's stored config
 
 
 def qkv_attention_configs() -> list[QKVAttentionConfig]:

@@ -173,6 +173,40 @@ def attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def qkv_attention(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    num_heads: int,
+    impl: str = "aten",
+    config: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """attention(q, k, v) of the heads of x [B, L, C] @ weight.T + bias (q, k, v side by side,
+    `num_heads` each), non-causal, `mask` an additive [B, 1, 1, L] bias or None: what a
+    kernl.linear, its split into heads and a kernl.attention compute, as [B, H, L, D] (written
+    as [B, L, H, D], the layout kernl.attention gives, so the heads merge after it is a view)."""
+    _check_impl(impl)
+    B, L, C = x.shape
+    D = C // num_heads
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    from kernl.kernels import qkv_attention as kernel
+
+    if impl == "triton" and triton_usable(x.device, kernel):
+        pad = None if mask is None else mask.reshape(B, L)
+        out = torch.empty((B, L, C), dtype=x.dtype, device=x.device)
+        kernel.qkv_attention(
+            x, weight, bias, pad, out, num_heads=num_heads, sm_scale=scale,
+            config=_typed(kernel, config) or kernel.QKVAttentionConfig(),
+        )  # fmt: skip
+        return out.view(B, L, num_heads, D).transpose(1, 2)
+    qkv = F.linear(x, weight, bias).view(B, L, 3, num_heads, D)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
 def mask_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean attention mask (True = attend) as an additive 0 / -inf bias, computed once
     per forward instead of once per attention layer. log(True) = 0 and log(False) = -inf
@@ -226,6 +260,7 @@ OPS = {
     "kernl.linear": linear,
     "kernl.layer_norm": layer_norm,
     "kernl.attention": attention,
+    "kernl.qkv_attention": qkv_attention,
     "kernl.mask_to_bias": mask_to_bias,
     "kernl.bert_embeddings": bert_embeddings,
 }

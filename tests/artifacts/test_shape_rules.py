@@ -149,6 +149,11 @@ def test_kernl_op_rules_match_torch_on_meta():
     with torch.device("meta"):
         ref = F.scaled_dot_product_attention(q, k, v)
     assert (got.shape, got.dtype) == (ref.shape, ref.dtype)
+    x, w, b = meta((2, 7, 8), torch.float16), meta((24, 8), torch.float16), meta((24,), F16)
+    for bias in (meta((2, 1, 1, 7), torch.float32), None):
+        got = analysis._kernl_qkv_attention(x, w, b, bias, None, 2)
+        ref = kernl_ops.qkv_attention(x, w, b, bias, None, 2)
+        assert (got.shape, got.dtype) == (ref.shape, ref.dtype)
     mask = meta((2, 1, 1, 7), torch.bool)
     got = analysis._kernl_mask_to_bias(mask, torch.float16)
     ref = kernl_ops.mask_to_bias(mask, torch.float16)
@@ -172,6 +177,22 @@ def test_kernl_op_rules_match_torch_on_meta():
             meta((1, 2, 4, 8), torch.float16),
         ),
         lambda: analysis._kernl_mask_to_bias(meta((2, 1, 1, 4), torch.int64), torch.float32),
+        # the fused QKV + attention: a [3C, C] weight, heads dividing C, a per-key float bias
+        lambda: analysis._kernl_qkv_attention(
+            meta((2, 7, 8), F16), meta((16, 8), F16), None, None, None, 2
+        ),
+        lambda: analysis._kernl_qkv_attention(
+            meta((2, 7, 8), F16), meta((24, 8), F16), None, None, None, 3
+        ),
+        lambda: analysis._kernl_qkv_attention(
+            meta((2, 7, 8), F16), meta((24, 8), F16), None, meta((2, 1, 7, 7), F32), None, 2
+        ),
+        lambda: analysis._kernl_qkv_attention(
+            meta((2, 7, 8), F16), meta((24, 8), F16), None, meta((2, 1, 1, 7), BOOL), None, 2
+        ),
+        lambda: analysis._kernl_qkv_attention(
+            meta((2, 7, 8), F16), meta((24, 8), F32), None, None, None, 2
+        ),
         # the split-K kernel's arrival counters: a 1-d int32 buffer, nothing else
         lambda: analysis._kernl_linear(
             meta((2, 8), torch.float16),

@@ -30,6 +30,7 @@ from ..trace import (
     resolve_dtype_device,
 )
 from ..tune import TuneSession, record_binaries, tune_program, write_binaries
+from ..tune_qkv_attention import tune_qkv_attention
 from ..validate import resolve_tolerance, validate
 
 
@@ -104,6 +105,10 @@ def compile_encoder(
                 )
                 records = tune_program(
                     program, all_weights, example, dev, benchmark=tune, session=session
+                )
+                # where the fused QKV + attention kernel timed faster than the two launches
+                tune_qkv_attention(
+                    program, all_weights, example, dev, records, session, benchmark=tune
                 )
                 report.tuning[bucket] = records
                 share_split_k_counters(program, records)
