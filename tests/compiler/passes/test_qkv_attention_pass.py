@@ -136,3 +136,40 @@ def test_a_compile_with_fused_groups_loads_in_a_fresh_process_and_matches_eager(
     calls = make_calls([(3, 32), (1, 8), (2, 20)], 120, True)
     served = serve_fresh(artifact, calls, tmp_path)
     assert_matches_eager(model, calls, served, "fp32", 2e-5)
+
+
+def test_the_fused_kernels_candidates_are_checked_timed_and_cached(tmp_path, monkeypatch):
+    from kernl.kernels.qkv_attention import QKVAttentionConfig
+
+    monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path))
+    candidates = [QKVAttentionConfig(16, 4, 2), QKVAttentionConfig(32, 4, 2)]
+    monkeypatch.setattr(tqa, "qkv_attention_configs", lambda: candidates)
+    timed = []
+
+    def fake_us(fn):  # the wider K step "times" faster; each candidate ran for real first
+        out = fn()
+        timed.append(out)
+        return 50.0 - len(timed)
+
+    monkeypatch.setattr(tqa, "_bench_us", fake_us)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 8, 64, generator=g), torch.randn(192, 64, generator=g) / 8
+    b = torch.randn(192, generator=g)
+    mask = torch.zeros(2, 1, 1, 8).masked_fill(torch.arange(8) >= 5, float("-inf"))
+    args = (x, w, b, mask, None, 4)
+    session = TuneSession()
+    config, us, cached, errors, count = tqa._best_fused(args, "a GPU", session)
+    assert (config, us, cached, errors, count) == ({"block_k": 32, "num_warps": 4,
+                                                   "num_stages": 2}, 48.0, False, [], 2)  # fmt: skip
+    assert tqa._best_fused(args, "a GPU", session)[:3] == (config, 48.0, True)
+    assert len(timed) == 2  # the second call read the cache
+    # a candidate whose result differs from aten's is skipped, with its reason
+    monkeypatch.setattr(tqa, "_read_cached", lambda path: None)
+
+    def broken(*args, impl="aten", config=None):
+        return torch.zeros(2, 4, 8, 16) if impl == "triton" else torch.ones(2, 4, 8, 16)
+
+    monkeypatch.setattr(tqa, "kernl_ops_fn", lambda op: broken)
+    config, us, _, errors, _ = tqa._best_fused(args, "a GPU", TuneSession())
+    assert config is None and us == float("inf") and len(errors) == 2
+    assert all("differs from aten" in e for e in errors)
