@@ -134,17 +134,13 @@ def check_task(task: str, model: torch.nn.Module | None = None) -> None:
 
 def task_from_source(model_or_path) -> str | None:
     """The task of a model or model folder from its config's `architectures`, without loading
-    weights; None when the config cannot be read (load_model then says why)."""
+    weights. A folder whose config cannot be read raises UnsupportedModelError saying why
+    (before the buckets are read: an unknown model type was "unknown axis 'prompt' for an
+    encoder")."""
     if isinstance(model_or_path, torch.nn.Module):
         config = getattr(model_or_path, "config", None)
         return task_of(config, model_or_path) if config is not None else None
-    import transformers
-
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(model_or_path), local_files_only=True)
-    except (OSError, ValueError):
-        return None
-    return task_of(config)
+    return task_of(read_config(model_or_path)[0])
 
 
 def resolve_dtype_device(dtype: str, device: str | None) -> tuple[torch.dtype, torch.device]:
@@ -177,48 +173,7 @@ def load_model(model_or_path, task: str | None, dtype: torch.dtype, device: torc
         task = task or task_of(model.config, model)
         check_task(task, model)
     else:
-        source = str(model_or_path)
-        local = Path(source).expanduser()
-        if local.is_file():
-            raise UnsupportedModelError(
-                f"{local} is a file: MODEL is a Hugging Face model folder (the one holding "
-                "config.json), a model id of the local cache, or a model object"
-            )
-        if not source.strip():
-            raise UnsupportedModelError("the model path is empty")
-        if local.exists() and not (local / "config.json").is_file():
-            raise UnsupportedModelError(
-                f"{local} has no config.json: not a Hugging Face model folder"
-            )
-        if not local.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
-            raise UnsupportedModelError(f"cannot find model {source!r}: no such folder")
-        if local.is_dir():
-            # A local folder is recorded (manifest model_source) as an absolute path, so that
-            # `kernl bench` run from another directory reloads this model, not another ./name.
-            # A hub-style id stays as given.
-            source = os.path.abspath(local)
-        try:
-            config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
-        except ValueError as e:
-            model_type = _unknown_model_type(local / "config.json" if local.is_dir() else None, e)
-            if model_type is None:
-                raise
-            # transformers' own message advises installing it from git, over several paragraphs
-            raise UnsupportedModelError(
-                f"{source}: model type {model_type!r} is not known to the installed transformers "
-                f"{transformers.__version__}, through which kernl loads models: use a "
-                "transformers version that has it, or another checkpoint"
-            ) from None
-        except OSError as e:
-            if local.is_dir():  # the folder has a config.json (checked above): it is unreadable
-                raise UnsupportedModelError(
-                    f"cannot read {local / 'config.json'}: {e}{_json_error(local / 'config.json')}"
-                ) from e
-            raise UnsupportedModelError(
-                f"cannot find model {source!r}: not a local folder with config.json, and not in "
-                "the local Hugging Face cache. kernl never downloads: download the model on a "
-                "machine with network access and give its folder"
-            ) from None
+        config, source = read_config(model_or_path)
         task = task or task_of(config)
         check_task(task)
         model = _from_folder(source, config, task, dtype, transformers)
@@ -226,6 +181,55 @@ def load_model(model_or_path, task: str | None, dtype: torch.dtype, device: torc
         raise UnsupportedModelError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     model = model.to(device=device, dtype=dtype).eval()
     return model, task, source
+
+
+def read_config(model_or_path) -> tuple[object, str]:
+    """(the model's transformers config, its source: a local folder as an absolute path, a
+    model id as given), without loading weights; UnsupportedModelError saying why it cannot
+    be read (a file, no config.json, a model type this transformers lacks, ...)."""
+    import transformers
+
+    source = str(model_or_path)
+    local = Path(source).expanduser()
+    if local.is_file():
+        raise UnsupportedModelError(
+            f"{local} is a file: MODEL is a Hugging Face model folder (the one holding "
+            "config.json), a model id of the local cache, or a model object"
+        )
+    if not source.strip():
+        raise UnsupportedModelError("the model path is empty")
+    if local.exists() and not (local / "config.json").is_file():
+        raise UnsupportedModelError(f"{local} has no config.json: not a Hugging Face model folder")
+    if not local.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        raise UnsupportedModelError(f"cannot find model {source!r}: no such folder")
+    if local.is_dir():
+        # A local folder is recorded (manifest model_source) as an absolute path, so that
+        # `kernl bench` run from another directory reloads this model, not another ./name.
+        # A hub-style id stays as given.
+        source = os.path.abspath(local)
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
+    except ValueError as e:
+        model_type = _unknown_model_type(local / "config.json" if local.is_dir() else None, e)
+        if model_type is None:
+            raise
+        # transformers' own message advises installing it from git, over several paragraphs
+        raise UnsupportedModelError(
+            f"{source}: model type {model_type!r} is not known to the installed transformers "
+            f"{transformers.__version__}, through which kernl loads models: use a "
+            "transformers version that has it, or another checkpoint"
+        ) from None
+    except OSError as e:
+        if local.is_dir():  # the folder has a config.json (checked above): it is unreadable
+            raise UnsupportedModelError(
+                f"cannot read {local / 'config.json'}: {e}{_json_error(local / 'config.json')}"
+            ) from e
+        raise UnsupportedModelError(
+            f"cannot find model {source!r}: not a local folder with config.json, and not in "
+            "the local Hugging Face cache. kernl never downloads: download the model on a "
+            "machine with network access and give its folder"
+        ) from None
+    return config, source
 
 
 def _unknown_model_type(path: Path | None, error: ValueError) -> str | None:

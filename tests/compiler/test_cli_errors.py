@@ -584,3 +584,16 @@ def test_an_unknown_model_type_is_one_line_without_install_advice(tmp_path):
     error = result.output[result.output.index("kernl-compile: error:") :]
     assert error.count("\n") == 1, error
     assert "pip install" not in error and "git+" not in error and "huggingface" not in error
+
+
+def test_an_unknown_model_type_is_named_before_the_buckets_are_read(tmp_path):
+    """Without --task, a causal LM's buckets were read as an encoder's first ("unknown axis
+    'prompt' for an encoder"): the model type this transformers lacks is the news."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(
+        '{"model_type": "mycustom", "architectures": ["MyCustomForCausalLM"]}'
+    )
+    buckets = "batch=1 prompt=8 cache=16"
+    result = run(tmp_path / "m", "-o", tmp_path / "a", "--buckets", buckets, *CPU_FP32)
+    assert_clean_failure(result, 1, "'mycustom' is not known to the installed transformers")
+    assert "unknown axis" not in result.output

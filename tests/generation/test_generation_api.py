@@ -258,6 +258,44 @@ def test_unsupported_models_fail_at_compile_naming_why(tmp_path):
     describe(llama, 16, torch.float32)  # neutral values are fine
 
 
+def test_eos_and_pad_come_from_the_generation_config_alone():
+    """As Hugging Face's generate: a folder's generation_config.json that leaves an id out
+    does not fall back to config.json's (kernl stopped at config.json's EOS, HF did not)."""
+    from transformers import GenerationConfig
+
+    llama = tiny_model("llama3")
+    llama.config.eos_token_id, llama.config.pad_token_id = 7, 0
+    llama.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=[2, 9])
+    spec = describe(llama, 16, torch.float32)[0]
+    assert spec.eos_token_ids == [2, 9] and spec.pad_token_id is None  # pads with EOS 2
+    llama.generation_config = GenerationConfig(bos_token_id=1, pad_token_id=3)
+    spec = describe(llama, 16, torch.float32)[0]
+    assert spec.eos_token_ids == [] and spec.pad_token_id == 3
+
+
+def test_hooks_and_replaced_forwards_are_refused_by_name():
+    """kernl rebuilds a causal LM from its weights: a hook would not run. One that acts only
+    on one-token decode steps passed validation, then changed the ids in silence."""
+    llama = tiny_model("llama3")
+    mlp = llama.model.layers[0].mlp
+    handle = mlp.register_forward_hook(lambda m, i, o: o + 1 if o.shape[1] == 1 else o)
+    with pytest.raises(UnsupportedModelError, match=r"model.layers.0.mlp \(1 forward hook\)"):
+        describe(llama, 16, torch.float32)
+    handle.remove()
+    describe(llama, 16, torch.float32)
+    mlp.forward = lambda x: x
+    with pytest.raises(UnsupportedModelError, match=r"model.layers.0.mlp \(a replaced forward\)"):
+        describe(llama, 16, torch.float32)
+    del mlp.forward
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, i: None)
+    try:
+        with pytest.raises(UnsupportedModelError, match="global module hooks"):
+            describe(llama, 16, torch.float32)
+    finally:
+        handle.remove()
+    describe(llama, 16, torch.float32)
+
+
 def test_generation_bucket_syntax():
     b = parse_generation_buckets("batch=1,4,8 prompt=16:128 cache=256:1024")
     assert b.batches == [1, 4, 8] and b.prompts == [16, 32, 64, 128]

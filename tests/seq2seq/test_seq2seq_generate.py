@@ -273,6 +273,40 @@ def test_a_fresh_process_loads_and_generates_without_transformers(compiled):
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr
 
 
+def test_start_eos_and_pad_come_from_the_generation_config_alone():
+    """As Hugging Face's generate: ids a generation config leaves out are not taken from
+    config.json, and the start id falls back to the generation config's BOS id."""
+    from transformers import GenerationConfig
+
+    from kernl.compiler.tasks.seq2seq.describe import _token_ids
+
+    model = tiny_seq2seq("bart")
+    model.config.eos_token_id, model.config.decoder_start_token_id = 7, 5
+    model.generation_config = GenerationConfig(bos_token_id=0, pad_token_id=1)
+    ids = _token_ids(model)
+    assert ids["eos_token_ids"] == [] and ids["decoder_start_token_id"] == 0
+    assert ids["pad_token_id"] == 1
+    model.generation_config = GenerationConfig(decoder_start_token_id=2, eos_token_id=[2, 3])
+    ids = _token_ids(model)
+    assert ids["eos_token_ids"] == [2, 3] and ids["decoder_start_token_id"] == 2
+    assert ids["pad_token_id"] is None
+
+
+def test_a_hooked_model_or_a_t5_with_more_decoder_layers_is_refused_by_name():
+    from kernl.compiler.tasks.seq2seq.describe import describe
+    from kernl.compiler.trace import UnsupportedModelError
+
+    model = tiny_seq2seq("t5")
+    handle = model.decoder.block[0].register_forward_pre_hook(lambda m, i: None)
+    with pytest.raises(UnsupportedModelError, match=r"seq2seq: decoder.block.0 \(1 forward"):
+        describe(model, torch.float32)
+    handle.remove()
+    describe(model, torch.float32)
+    model.config.num_decoder_layers = 3  # Hugging Face's own generate fails on it
+    with pytest.raises(UnsupportedModelError, match=r"more decoder layers \(3\) than encoder"):
+        describe(model, torch.float32)
+
+
 def test_task_is_inferred_and_buckets_name_their_axes(tmp_path):
     from kernl.compiler.buckets import BucketSyntaxError
     from kernl.compiler.tasks.seq2seq.buckets import parse_seq2seq_buckets

@@ -74,3 +74,34 @@ def refuse_unapplied_options(gen, task: str, also: tuple[str, ...] = ()) -> None
             "kernl decodes, reset them on model.generation_config (or in the folder's "
             "generation_config.json) first."
         )
+
+
+def refuse_module_code_kernl_drops(model, task: str) -> None:
+    """Raise UnsupportedModelError naming the forward hooks, pre-hooks and per-module
+    `forward` replacements of `model` (and torch's global module hooks): a generation task
+    rebuilds the model from its weights and runs its own decoder, so none of them would run.
+    A hook acting only on one-token decode steps passed validation (which compares one
+    full-sequence forward) and then changed the ids in silence (2026-12-05)."""
+    from torch.nn.modules import module as torch_module
+
+    found = []
+    for name, module in model.named_modules():
+        where = name or "the model"
+        hooks = len(module._forward_hooks) + len(module._forward_pre_hooks)
+        if hooks:
+            found.append(f"{where} ({hooks} forward hook{'s' if hooks > 1 else ''})")
+        # accelerate's device-moving wrapper (dispatch_model, with its `_hf_hook`) computes
+        # what the module does
+        if "forward" in vars(module) and not hasattr(module, "_hf_hook"):
+            found.append(f"{where} (a replaced forward)")
+    hooks = len(torch_module._global_forward_hooks) + len(torch_module._global_forward_pre_hooks)
+    if hooks:
+        found.append(f"torch's global module hooks ({hooks})")
+    if found:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise UnsupportedModelError(
+            f"{task}: {shown}: kernl rebuilds the model from its weights and runs its own "
+            "decoder, so that code would not run and the ids could differ from the model's "
+            "own generate. Remove the hooks (handle.remove()) or restore the module's forward "
+            "before compiling."
+        )

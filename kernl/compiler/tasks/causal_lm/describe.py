@@ -20,7 +20,11 @@ import torch
 from kernl.artifacts.generation import DecoderSpec
 
 from ...trace import UnsupportedModelError
-from ..generation_config import eos_token_ids, refuse_unapplied_options
+from ..generation_config import (
+    eos_token_ids,
+    refuse_module_code_kernl_drops,
+    refuse_unapplied_options,
+)
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 SUPPORTED = (*LLAMA_LIKE, "gpt2")
@@ -65,6 +69,7 @@ def describe(
     """(spec, weights in `dtype`, rope.inv_freq in float32). Raises UnsupportedModelError
     naming what kernl cannot serve."""
     model_type = getattr(model.config, "model_type", type(model).__name__)
+    refuse_module_code_kernl_drops(model, "causal-lm")
     if model_type in LLAMA_LIKE:
         spec, weights = _describe_llama_like(model, cache_len)
     elif model_type == "gpt2":
@@ -85,17 +90,16 @@ def _token_ids(model) -> tuple[int | None, list[int]]:
     gen = getattr(model, "generation_config", None)
     cfg = model.config
     vocab = cfg.vocab_size
-
-    def first(*values):
-        return next((v for v in values if v is not None), None)
-
     ids_options = ("bad_words_ids", "suppress_tokens", "begin_suppress_tokens")
     refuse_unapplied_options(
         gen, "causal-lm", (*ids_options, "forced_bos_token_id", "forced_eos_token_id")
     )
-    eos = first(getattr(gen, "eos_token_id", None), getattr(cfg, "eos_token_id", None))
-    eos = eos_token_ids(eos, vocab, "causal-lm")
-    pad = first(getattr(gen, "pad_token_id", None), getattr(cfg, "pad_token_id", None))
+    # Hugging Face's generate reads EOS and pad from the generation config alone (a model
+    # without generation_config.json gets one made from config.json): an id config.json sets
+    # and generation_config.json leaves out is not used (kernl stopped at it, 2026-12-05)
+    ids = gen if gen is not None else cfg
+    eos = eos_token_ids(getattr(ids, "eos_token_id", None), vocab, "causal-lm")
+    pad = getattr(ids, "pad_token_id", None)
     pad = int(pad) if isinstance(pad, int) and 0 <= pad < vocab else None
     return pad, eos
 

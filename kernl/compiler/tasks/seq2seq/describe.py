@@ -28,7 +28,11 @@ import torch
 from kernl.artifacts.seq2seq import DETECT, MAX_PROMPT, Seq2SeqSpec, SpeechSpec
 
 from ...trace import UnsupportedModelError
-from ..generation_config import eos_token_ids, refuse_unapplied_options
+from ..generation_config import (
+    eos_token_ids,
+    refuse_module_code_kernl_drops,
+    refuse_unapplied_options,
+)
 
 SUPPORTED = ("t5", "bart", "mbart", "marian", "whisper")
 HF_ACTIVATIONS = {
@@ -47,6 +51,9 @@ def describe(
     """(spec, weights in `dtype`). Raises UnsupportedModelError naming what kernl cannot
     serve."""
     model_type = getattr(model.config, "model_type", type(model).__name__)
+    refuse_module_code_kernl_drops(
+        model, "speech-seq2seq" if model_type == "whisper" else "seq2seq"
+    )
     if model_type == "t5":
         spec, weights = _t5(model)
     elif model_type in ("bart", "mbart", "marian"):
@@ -76,16 +83,13 @@ def _token_ids(model, forcing: bool = True) -> dict:
         return next((v for v in values if v is not None), None)
 
     vocab = cfg.vocab_size
-    eos = first(getattr(gen, "eos_token_id", None), getattr(cfg, "eos_token_id", None))
-    eos = eos_token_ids(eos, cfg.vocab_size, "seq2seq")
-    pad = first(getattr(gen, "pad_token_id", None), getattr(cfg, "pad_token_id", None))
-    # Hugging Face's rule: decoder_start_token_id, else bos_token_id (mBART-cc25 has no start id).
-    start = first(
-        getattr(gen, "decoder_start_token_id", None),
-        getattr(cfg, "decoder_start_token_id", None),
-        getattr(gen, "bos_token_id", None),
-        getattr(cfg, "bos_token_id", None),
-    )
+    # Hugging Face's generate reads these from the generation config alone (one made from
+    # config.json where the folder has no generation_config.json): an id config.json sets and
+    # generation_config.json leaves out is not used; the start id falls back to the BOS id.
+    ids = gen if gen is not None else cfg
+    eos = eos_token_ids(getattr(ids, "eos_token_id", None), cfg.vocab_size, "seq2seq")
+    pad = getattr(ids, "pad_token_id", None)
+    start = first(getattr(ids, "decoder_start_token_id", None), getattr(ids, "bos_token_id", None))
     if start is None:
         raise UnsupportedModelError("the model declares no decoder_start_token_id")
     out = dict(
@@ -125,6 +129,14 @@ def _untied_head(model) -> bool:
 
 def _t5(model):
     cfg = model.config
+    if cfg.num_decoder_layers > cfg.num_layers:
+        # kernl's decoder would run it, but validation compares with Hugging Face's generate,
+        # whose cache holds num_layers layers: it fails there ("IndexError ... not foreseen")
+        raise UnsupportedModelError(
+            f"seq2seq: a T5 with more decoder layers ({cfg.num_decoder_layers}) than encoder "
+            f"layers ({cfg.num_layers}) is not supported: Hugging Face's own generate fails on "
+            "it (its cache is sized from num_layers), so kernl cannot validate its ids"
+        )
     gated = bool(cfg.is_gated_act)
     scale = getattr(cfg, "scale_decoder_outputs", getattr(cfg, "tie_word_embeddings", True))
     untied = _untied_head(model)
