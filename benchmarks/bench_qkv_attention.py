@@ -24,8 +24,8 @@ from bench_utils import device_info, median_ms  # noqa: E402
 from kernl.kernels.attention import attention, attention_configs  # noqa: E402
 from kernl.kernels.qkv_attention import (  # noqa: E402
     qkv_attention,
-    qkv_attention_configs,
     qkv_attention_reference,
+    qkv_attention_sweep,
 )
 
 SHAPES = [(32, 128), (64, 128), (16, 128), (8, 128), (64, 64), (128, 32)]
@@ -104,7 +104,7 @@ def main() -> None:
                           "attention_best_us": round(best_att[0], 2), "attention": c_best,
                           "unfused_us": round(unfused_us, 2)}), flush=True)  # fmt: skip
         best_fused = (float("inf"), "")
-        for config in qkv_attention_configs():
+        for config in qkv_attention_sweep():
 
             def fused(c=config):
                 return qkv_attention(x, w, b, pad, out, num_heads=H, sm_scale=scale, config=c)

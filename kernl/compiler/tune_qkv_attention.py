@@ -19,10 +19,12 @@ import torch
 import triton
 
 from kernl.artifacts.program import Program
+from kernl.kernels.launch import sm_count
 from kernl.kernels.qkv_attention import qkv_attention_configs, qkv_attention_refusal
 from kernl.runtime.binaries import allow_jit
 from kernl.runtime.executor import Executor
 
+from .compile_ahead import compile_ahead
 from .passes.qkv_attention import fuse_qkv_attention, qkv_attention_groups
 from .tune import (
     TuneRecord,
@@ -131,7 +133,15 @@ def _best_fused(args: tuple, gpu: str, session: TuneSession):
     timed = 0
     t0 = time.perf_counter()
     refusal = qkv_attention_refusal(args[0], args[1], args[5])
-    configs = [] if refusal else [dataclasses.asdict(c) for c in qkv_attention_configs()]
+    # a grid of B x H programs under a quarter of the SMs cannot win (1x128 is 12 programs:
+    # a twelfth of the GPU doing the GEMM cuBLAS spreads over all of it): not compiled
+    few = args[0].shape[0] * args[5] < sm_count(args[0].device) // 4
+    configs = [] if refusal or few else [dataclasses.asdict(c) for c in qkv_attention_configs()]
+    if session.compile_threads and configs:
+        with quiet_native_stderr(session.verbose):
+            session.compiled_ahead += compile_ahead(
+                fn, list(args), {}, configs, session.compile_threads
+            )
     for config in configs:
         failure = _failure_key(OP, config, list(args))
         if failure in session.failed:

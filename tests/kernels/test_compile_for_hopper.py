@@ -351,9 +351,9 @@ def qkv_attention_compiles(config, seq):
 
 
 def _qkv_attention_variants():
-    from kernl.kernels.qkv_attention import qkv_attention_configs
+    from kernl.kernels.qkv_attention import qkv_attention_sweep
 
-    return [(c, 128) for c in qkv_attention_configs()] + [(qkv_attention_configs()[0], 16)]
+    return [(c, 128) for c in qkv_attention_sweep()] + [(qkv_attention_sweep()[0], 16)]
 
 
 def _tma_attention_variants():

@@ -15,6 +15,7 @@ from kernl.kernels.qkv_attention import (
     qkv_attention_configs,
     qkv_attention_reference,
     qkv_attention_refusal,
+    qkv_attention_sweep,
 )
 
 
@@ -73,7 +74,7 @@ def test_qkv_attention_refuses_what_it_cannot_take():
 
 
 def test_qkv_attention_configs_fit_shared_memory():
-    for config in qkv_attention_configs():
+    for config in {*qkv_attention_configs(), *qkv_attention_sweep()}:
         # a stage holds a block of hidden states (128 rows) and three weight tiles (64 rows)
         stage_bytes = (128 + 3 * 64) * config.block_k * 2
         assert stage_bytes * config.num_stages <= 227 * 1024, config

@@ -173,3 +173,12 @@ def test_the_fused_kernels_candidates_are_checked_timed_and_cached(tmp_path, mon
     config, us, _, errors, _ = tqa._best_fused(args, "a GPU", TuneSession())
     assert config is None and us == float("inf") and len(errors) == 2
     assert all("differs from aten" in e for e in errors)
+
+
+def test_a_grid_far_smaller_than_the_gpu_is_not_compiled(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tqa, "sm_count", lambda device: 132)  # 2 x 4 programs: under 33
+    monkeypatch.setattr(tqa, "_bench_us", lambda fn: pytest.fail("nothing is timed"))
+    x, w, b = torch.randn(2, 8, 64), torch.randn(192, 64) / 8, torch.randn(192)
+    found = tqa._best_fused((x, w, b, None, None, 4), "a GPU", TuneSession())
+    assert found == (None, float("inf"), False, [], 0)
