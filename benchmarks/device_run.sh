@@ -57,6 +57,9 @@
 #   coldlazy load() with its kernels made on first use (kernels/jit.py: no Triton import) against
 #           Triton imported inside load()'s clock as before, with and without a bytecode cache
 #           (benchmarks/ab_cold_start.py --phases; after `bertc`)
+#   qkvatt  BERT-base's QKV projection + attention as one kernel against cuBLAS's GEMM and the
+#           tuner's best attention, its 14-config sweep (benchmarks/bench_qkv_attention.py, ~2 min)
+#   qkvtests the fused kernel's GPU tests and BERT-base's end to end with it (~2.5 min)
 #   attshort BERT's encoder attention, every tuning candidate timed: the flash kernel against the
 #           short-key persistent kernel and the TMA one, and SDPA
 #           (benchmarks/bench_attention_short.py, ~1.5 min)
@@ -209,6 +212,9 @@ stage() {
     hostpath) timeout 200 python3 benchmarks/diag_host_path.py \
       "$(ls -td /tmp/bench_bert_fusions_*/bert.kernl | head -1)" ;;
     peers) timeout 540 python3 .bench/kernl_vs_peers.py ;;
+    qkvatt) timeout 300 python3 benchmarks/bench_qkv_attention.py ;;
+    qkvtests) timeout 300 python3 -m pytest -q -m gpu -s -p no:cacheprovider --durations=5 \
+      tests/kernels/test_qkv_attention.py tests/e2e/test_gpu_qkv_attention.py ;;
     attshort) OUT=$RUN timeout 300 python3 benchmarks/bench_attention_short.py ;;
     attwgmma) timeout 240 python3 benchmarks/bench_attention_wgmma.py ;;
     linwgmma) timeout 300 python3 benchmarks/bench_linear_wgmma.py ;;

@@ -10,7 +10,7 @@ can only pay where B x H fills the GPU and a sequence fits one block (L <= 128 h
 Measured (H100, 2026-12-05, benchmarks/bench_qkv_attention.py, against cuBLAS's GEMM and the
 best of the tuner's attention kernels in one graph): 0.94x their time at 32x128, 0.80x at
 64x128, 0.87x at 16x128, 0.96x at 8x128, 0.99x at 64x64, 1.86x at 128x32. So it is not a
-rewrite but a choice after tuning (compiler/tune.py, tune_qkv_attention): a group becomes one
+rewrite but a choice after tuning (compiler/tune_qkv_attention.py): a group becomes one
 kernl.qkv_attention only where this kernel timed faster than the two tuned launches.
 
 x [B, L, C] (C = H * D, contiguous rows), the fused weight [3C, C] as nn.Linear stores it
