@@ -214,6 +214,18 @@ def _check_hash(
         raise ArtifactCorruptError(f"{root}: {rel}{part} does not match its sha256 in the manifest")
 
 
+def _newer_kernl(manifest: Manifest, unknown: list[str]) -> str:
+    """What to add where a kernl op is unknown: kernl ops are added between versions
+    (kernl.qkv_attention, 2026-12-05), and an older reader refuses them, rightly, but should
+    say which kernl made the artifact (this package may not import kernl's own version)."""
+    if not any(op.startswith("kernl.") for op in unknown):
+        return ""
+    return (
+        f"; the artifact was built by kernl {manifest.kernl_version}: a kernl op added after "
+        "this kernl's version needs a kernl that has it (or recompile with this one)"
+    )
+
+
 def read_program(root: str | os.PathLike, rel: str, limits: ReadLimits = DEFAULT_LIMITS) -> Program:
     root = Path(root)
     data = read_inside(root, rel, "program", limits.max_program_bytes)
@@ -458,7 +470,9 @@ def check_artifact(
         if is_known_op is not None:
             unknown += sorted(op for op in program.ops_used() if not is_known_op(op))
         if unknown:
-            raise ArtifactUnsafeError(f"{where_p}: ops outside the vocabulary: {unknown}")
+            raise ArtifactUnsafeError(
+                f"{where_p}: ops outside the vocabulary: {unknown}{_newer_kernl(manifest, unknown)}"
+            )
         absent = sorted(set(program.weights.values()) - set(weights))
         if absent:
             raise ArtifactUnsafeError(

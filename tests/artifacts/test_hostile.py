@@ -365,6 +365,16 @@ CASES = {
         "vocabulary",
         "b1_s8",
     ),
+    # a kernl op a newer kernl added: refused, saying which kernl built the artifact
+    "kernl op from a newer kernl": Case(
+        lambda r, o: (
+            _append_instruction(r, ["kernl.from_a_newer_kernl", [], {}, []]),
+            edit_manifest(r, lambda m: m.__setitem__("kernl_version", "99.0.0")),
+        ),
+        ArtifactUnsafeError,
+        "built by kernl 99.0.0: a kernl op added after",
+        "b1_s8",
+    ),
     "python name as op": Case(
         lambda r, o: _append_instruction(r, ["os.system", ["id"], {}, []]),
         ArtifactUnsafeError,
