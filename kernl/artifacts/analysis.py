@@ -857,7 +857,16 @@ def _kernl_qkv_attention(x, weight, bias, mask, scale, num_heads, impl="aten", c
             f"qkv_attention mask {mask.dtype} {list(mask.shape)}: [{b}, 1, 1, {seq}]", False
         )
     _of_dtype(x.dtype, weight, bias)
-    return torch.empty((b, num_heads, seq, c // num_heads), dtype=x.dtype, device=x.device)
+    d = c // num_heads
+    # the kernel's limits (kernels/qkv_attention.py, qkv_attention_refusal; this package
+    # imports no kernel): a program past them would verify, then fail at load()
+    if impl == "triton" and (d < 16 or d & (d - 1) or seq > 128 or c * x.element_size() % 16):
+        raise _Fail(
+            f"qkv_attention's kernel takes power-of-two head dims of 16 or more, sequences "
+            f"of 128 or fewer and 16-byte rows: not {num_heads} heads of {d}, {seq} tokens",
+            unsafe=False,
+        )
+    return torch.empty((b, num_heads, seq, d), dtype=x.dtype, device=x.device)
 
 
 def _kernl_mask_to_bias(mask, dtype):

@@ -49,6 +49,7 @@ def _qkv_attention_kernel(
     HAS_QKV_BIAS: tl.constexpr,
     HAS_PAD_BIAS: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # heads of one sequence are neighbours in the grid: they read its hidden states from L2
     pid = tl.program_id(0)
@@ -63,9 +64,9 @@ def _qkv_attention_kernel(
     for kk in tl.range(0, hidden, BLOCK_K, num_stages=NUM_STAGES):
         # rows past L read zeros (TMA), not the next sequence's tokens
         x = x_desc.load([b, 0, kk]).reshape(BLOCK_L, BLOCK_K)
-        acc_q = tl.dot(x, w_desc.load([q_row, kk]).T, acc_q)
-        acc_k = tl.dot(x, w_desc.load([k_row, kk]).T, acc_k)
-        acc_v = tl.dot(x, w_desc.load([v_row, kk]).T, acc_v)
+        acc_q = tl.dot(x, w_desc.load([q_row, kk]).T, acc_q, input_precision=PRECISION)
+        acc_k = tl.dot(x, w_desc.load([k_row, kk]).T, acc_k, input_precision=PRECISION)
+        acc_v = tl.dot(x, w_desc.load([v_row, kk]).T, acc_v, input_precision=PRECISION)
     if HAS_QKV_BIAS:
         offs_d = tl.arange(0, HEAD_DIM)
         acc_q += tl.load(QKVBias + q_row + offs_d).to(tl.float32)[None, :]
@@ -77,7 +78,7 @@ def _qkv_attention_kernel(
     k = acc_k.to(dtype)
     v = acc_v.to(dtype)
     log2e = 1.4426950408889634
-    qk = tl.dot(q, k.T) * (sm_scale * log2e)
+    qk = tl.dot(q, k.T, input_precision=PRECISION) * (sm_scale * log2e)
     offs_n = tl.arange(0, BLOCK_L)
     col_mask = offs_n < L
     if HAS_PAD_BIAS:
@@ -89,9 +90,29 @@ def _qkv_attention_kernel(
     m = tl.where(m == float("-inf"), 0.0, m)
     p = tl.math.exp2(qk - m[:, None])
     denom = tl.sum(p, 1)
-    o = tl.dot(p.to(dtype), v)
+    o = tl.dot(p.to(dtype), v, input_precision=PRECISION)
     o = o / tl.where(denom == 0.0, 1.0, denom)[:, None]
     out_desc.store([b, 0, q_row], o.to(dtype).reshape(1, BLOCK_L, HEAD_DIM))
+
+
+def qkv_attention_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    qkv_bias: torch.Tensor | None,
+    pad_bias: torch.Tensor | None,
+    *,
+    num_heads: int,
+    sm_scale: float,
+) -> torch.Tensor:
+    """The same in plain PyTorch: the linear, the split into heads, softmax attention."""
+    B, L, C = x.shape
+    qkv = torch.nn.functional.linear(x, weight, qkv_bias)
+    q, k, v = qkv.view(B, L, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4)
+    scores = (q @ k.transpose(-1, -2)) * sm_scale
+    if pad_bias is not None:
+        scores = scores + pad_bias[:, None, None, :].to(scores.dtype)
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no visible key: zeros
+    return (p @ v).transpose(1, 2).reshape(B, L, C)
 
 
 @dataclass(frozen=True)
@@ -102,31 +123,6 @@ class QKVAttentionConfig:
 
 
 CONFIG_TYPE = QKVAttentionConfig  # what kernl_ops makes of a program's stored config
-
-
-def qkv_attention_configs() -> list[QKVAttentionConfig]:
-    """The tuner's candidates: the best of the bench's 14 at every shape it timed (H100,
-    2026-12-05: K steps of 64 with 4 warps and 2 stages, or 8 warps and 3) and their nearest
-    neighbours; K steps of 32 with 8 warps were 30-90% slower everywhere, so they are not
-    compiled at every build. `bench_qkv_attention.py` still times the full sweep."""
-    return [
-        QKVAttentionConfig(64, 4, 2),
-        QKVAttentionConfig(64, 4, 3),
-        QKVAttentionConfig(64, 8, 3),
-        QKVAttentionConfig(128, 8, 2),
-        QKVAttentionConfig(32, 4, 4),
-    ]
-
-
-def qkv_attention_sweep() -> list[QKVAttentionConfig]:
-    """Every config the bench times (wider K steps fewer, deeper pipelines more memory)."""
-    return [
-        QKVAttentionConfig(block_k, warps, stages)
-        for block_k in (32, 64, 128)
-        for warps in (4, 8)
-        for stages in (2, 3, 4)
-        if block_k * stages <= 256
-    ]
 
 
 def qkv_attention_refusal(x: torch.Tensor, weight: torch.Tensor, num_heads: int) -> str | None:
@@ -191,30 +187,37 @@ def qkv_attention(
         HAS_QKV_BIAS=qkv_bias is not None,
         HAS_PAD_BIAS=pad_bias is not None,
         NUM_STAGES=config.num_stages,
+        # fp32 in full precision: TF32's 10-bit products would miss an fp32 model's tolerance
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
     return out
 
 
-def qkv_attention_reference(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    qkv_bias: torch.Tensor | None,
-    pad_bias: torch.Tensor | None,
-    *,
-    num_heads: int,
-    sm_scale: float,
-) -> torch.Tensor:
-    """The same in plain PyTorch: the linear, the split into heads, softmax attention."""
-    B, L, C = x.shape
-    qkv = torch.nn.functional.linear(x, weight, qkv_bias)
-    q, k, v = qkv.view(B, L, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4)
-    scores = (q @ k.transpose(-1, -2)) * sm_scale
-    if pad_bias is not None:
-        scores = scores + pad_bias[:, None, None, :].to(scores.dtype)
-    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no visible key: zeros
-    return (p @ v).transpose(1, 2).reshape(B, L, C)
+def qkv_attention_configs() -> list[QKVAttentionConfig]:
+    """The tuner's candidates: the best of the bench's 14 at every shape it timed (H100,
+    2026-12-05: K steps of 64 with 4 warps and 2 stages, or 8 warps and 3) and their nearest
+    neighbours; K steps of 32 with 8 warps were 30-90% slower everywhere, so they are not
+    compiled at every build. `bench_qkv_attention.py` still times the full sweep."""
+    return [
+        QKVAttentionConfig(64, 4, 2),
+        QKVAttentionConfig(64, 4, 3),
+        QKVAttentionConfig(64, 8, 3),
+        QKVAttentionConfig(128, 8, 2),
+        QKVAttentionConfig(32, 4, 4),
+    ]
+
+
+def qkv_attention_sweep() -> list[QKVAttentionConfig]:
+    """Every config the bench times (wider K steps fewer, deeper pipelines more memory)."""
+    return [
+        QKVAttentionConfig(block_k, warps, stages)
+        for block_k in (32, 64, 128)
+        for warps in (4, 8)
+        for stages in (2, 3, 4)
+        if block_k * stages <= 256
+    ]
 
 
 JIT_FUNCTIONS = (_qkv_attention_kernel,)

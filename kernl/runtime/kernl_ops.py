@@ -196,6 +196,8 @@ def qkv_attention(
 
     if impl == "triton" and triton_usable(x.device, kernel):
         pad = None if mask is None else mask.reshape(B, L)
+        if pad is not None and pad.stride(-1) != 1:  # the kernel reads each row's keys in one run
+            pad = pad.contiguous()
         out = torch.empty((B, L, C), dtype=x.dtype, device=x.device)
         kernel.qkv_attention(
             x, weight, bias, pad, out, num_heads=num_heads, sm_scale=scale,

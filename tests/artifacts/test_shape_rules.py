@@ -193,6 +193,13 @@ def test_kernl_op_rules_match_torch_on_meta():
         lambda: analysis._kernl_qkv_attention(
             meta((2, 7, 8), F16), meta((24, 8), F32), None, None, None, 2
         ),
+        # what the fused kernel cannot take, as its launcher refuses it at load
+        lambda: analysis._kernl_qkv_attention(
+            meta((2, 7, 96), F16), meta((288, 96), F16), None, None, None, 2, impl="triton"
+        ),
+        lambda: analysis._kernl_qkv_attention(
+            meta((2, 129, 64), F16), meta((192, 64), F16), None, None, None, 2, impl="triton"
+        ),
         # the split-K kernel's arrival counters: a 1-d int32 buffer, nothing else
         lambda: analysis._kernl_linear(
             meta((2, 8), torch.float16),

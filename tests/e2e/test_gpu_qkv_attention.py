@@ -63,7 +63,8 @@ def test_the_tuner_chooses_per_bucket_and_the_result_matches_eager(tmp_path):
     artifact = tmp_path / "b.kernl"
     kernl.compiler.compile(model, "batch=1,32 seq=128", artifact, dtype="fp16", device="cuda")
     fused = _fused_ops(artifact)
-    # a bucket's twelve blocks have one shape: one timing (then the cache) decides them all
-    assert all(n in (0, 12) for n in fused), fused
+    # a bucket's twelve blocks have one shape: one timing (then the cache) decides them all;
+    # 1x128's 12 programs are under a quarter of any GPU's SMs: never compiled nor fused
+    assert all(n in (0, 12) for n in fused) and fused[0] == 0, fused
     print("fused blocks per bucket (1x128, 32x128):", fused)
     _check_against_eager(model, artifact, [(1, 128), (32, 128), (20, 77)])

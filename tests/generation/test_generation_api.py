@@ -294,6 +294,12 @@ def test_hooks_and_replaced_forwards_are_refused_by_name():
     finally:
         handle.remove()
     describe(llama, 16, torch.float32)
+    # transformers' own hooks change no output: the capture hooks a forward asking for hidden
+    # states leaves on every layer, enable_input_require_grads's on the embeddings
+    llama(torch.tensor([[1, 2, 3]]), output_hidden_states=True, output_attentions=True)
+    llama.enable_input_require_grads()
+    assert any(m._forward_hooks for m in llama.modules())
+    describe(llama, 16, torch.float32)
 
 
 def test_generation_bucket_syntax():

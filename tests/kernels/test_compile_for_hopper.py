@@ -338,7 +338,7 @@ def qkv_attention_compiles(config, seq):
     }
     signature |= dict.fromkeys(("L", "num_heads", "hidden", "stride_pad_b"), "i32")
     constants = dict(HEAD_DIM=64, BLOCK_L=seq, BLOCK_K=bk, HAS_QKV_BIAS=True, HAS_PAD_BIAS=True)
-    constants |= dict(NUM_STAGES=config.num_stages)
+    constants |= dict(NUM_STAGES=config.num_stages, PRECISION="tf32")
     options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     aligned = ("QKVBias", "PadBias", "hidden", "stride_pad_b")
     compiled = _compile(_qkv_attention_kernel, signature, constants, options, aligned)

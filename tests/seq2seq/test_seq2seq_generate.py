@@ -302,9 +302,21 @@ def test_a_hooked_model_or_a_t5_with_more_decoder_layers_is_refused_by_name():
         describe(model, torch.float32)
     handle.remove()
     describe(model, torch.float32)
-    model.config.num_decoder_layers = 3  # Hugging Face's own generate fails on it
-    with pytest.raises(UnsupportedModelError, match=r"more decoder layers \(3\) than encoder"):
-        describe(model, torch.float32)
+    # more decoder than encoder layers: refused exactly where Hugging Face's own generate
+    # fails on it (transformers 5.2x sizes its cache from num_layers), served where it runs
+    import transformers as tf
+
+    deeper = tf.T5ForConditionalGeneration(
+        tf.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=1,
+                    num_decoder_layers=2, num_heads=4, decoder_start_token_id=0)
+    )  # fmt: skip
+    try:
+        deeper.generate(input_ids=torch.tensor([[3, 4]]), max_new_tokens=2, do_sample=False)
+    except Exception:  # noqa: BLE001
+        with pytest.raises(UnsupportedModelError, match=r"more decoder layers \(2\) than enc"):
+            describe(deeper, torch.float32)
+    else:
+        describe(deeper, torch.float32)
 
 
 def test_task_is_inferred_and_buckets_name_their_axes(tmp_path):

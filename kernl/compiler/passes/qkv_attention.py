@@ -3,7 +3,7 @@ kernl.qkv_attention (kernels/qkv_attention.py), where the tuner timed the fused 
 
 Not a rewrite every program gets: the fused kernel runs one program per (sequence, head), so
 it wins only where batch x heads fills the GPU and a sequence fits one block, and by how much
-depends on the GPU. compiler/tune.py (tune_qkv_attention) finds the groups with
+depends on the GPU. compiler/tune_qkv_attention.py finds the groups with
 `qkv_attention_groups`, times the fused kernel on the group's real inputs against what the
 tuner measured for the two launches, and calls `fuse_qkv_attention` on the ones it won.
 
@@ -106,9 +106,8 @@ def _group_at(lin: Instruction, view: ProgramView, only_reader) -> QKVAttentionG
         if attention is not None and reader is not attention:
             return None
         attention = reader
-        position = [ref(a) for a in attention.args[:3]].index(transpose.outputs[0])
-        if position != len(heads) - 1:
-            return None  # q, k and v in their order
+        if ref(attention.args[len(heads) - 1]) != transpose.outputs[0]:
+            return None  # q, k and v in their order, as the attention's first three arguments
     num_heads = heads[0]
     D = C // num_heads
     if len(set(heads)) != 1 or D < 16 or D & (D - 1):

@@ -87,7 +87,8 @@ def refuse_module_code_kernl_drops(model, task: str) -> None:
     found = []
     for name, module in model.named_modules():
         where = name or "the model"
-        hooks = len(module._forward_hooks) + len(module._forward_pre_hooks)
+        tables = (module._forward_hooks, module._forward_pre_hooks)
+        hooks = sum(not _inert_transformers_hook(h) for t in tables for h in t.values())
         if hooks:
             found.append(f"{where} ({hooks} forward hook{'s' if hooks > 1 else ''})")
         # accelerate's device-moving wrapper (dispatch_model, with its `_hf_hook`) computes
@@ -105,3 +106,16 @@ def refuse_module_code_kernl_drops(model, task: str) -> None:
             "own generate. Remove the hooks (handle.remove()) or restore the module's forward "
             "before compiling."
         )
+
+
+def _inert_transformers_hook(hook) -> bool:
+    """transformers' own hooks that change no output: the output-capture hooks a forward with
+    output_hidden_states / output_attentions leaves on every layer (transformers 5), and
+    enable_input_require_grads's (it only sets requires_grad). Refusing them refused any
+    model that had once returned its hidden states, with no handle to remove."""
+    fn = getattr(hook, "func", hook)
+    module = getattr(fn, "__module__", None) or ""
+    name = getattr(fn, "__qualname__", None) or ""
+    return module == "transformers.utils.output_capturing" or (
+        module.startswith("transformers.") and name.endswith("make_inputs_require_grads")
+    )

@@ -127,16 +127,28 @@ def _untied_head(model) -> bool:
     return head.data_ptr() != embed.data_ptr() and not torch.equal(head, embed)
 
 
+def _probe_hugging_face_generate(model) -> None:
+    """A T5 with more decoder than encoder layers: kernl's decoder runs it, but validation
+    compares with Hugging Face's generate, which in transformers 5.2x sizes its cache from
+    num_layers and fails ("IndexError ... not foreseen by kernl"). Two tokens tell whether
+    this transformers can: if not, the refusal says why."""
+    cfg = model.config
+    ids = torch.tensor([[1, 1]], device=next(model.parameters()).device)
+    try:
+        with torch.no_grad():
+            model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, num_beams=1)
+    except Exception as e:  # noqa: BLE001 - whatever it is, kernl cannot validate against it
+        raise UnsupportedModelError(
+            f"seq2seq: a T5 with more decoder layers ({cfg.num_decoder_layers}) than encoder "
+            f"layers ({cfg.num_layers}): Hugging Face's own generate fails on it here "
+            f"({type(e).__name__}: {str(e)[:80]}), so kernl cannot validate its ids"
+        ) from None
+
+
 def _t5(model):
     cfg = model.config
     if cfg.num_decoder_layers > cfg.num_layers:
-        # kernl's decoder would run it, but validation compares with Hugging Face's generate,
-        # whose cache holds num_layers layers: it fails there ("IndexError ... not foreseen")
-        raise UnsupportedModelError(
-            f"seq2seq: a T5 with more decoder layers ({cfg.num_decoder_layers}) than encoder "
-            f"layers ({cfg.num_layers}) is not supported: Hugging Face's own generate fails on "
-            "it (its cache is sized from num_layers), so kernl cannot validate its ids"
-        )
+        _probe_hugging_face_generate(model)
     gated = bool(cfg.is_gated_act)
     scale = getattr(cfg, "scale_decoder_outputs", getattr(cfg, "tie_word_embeddings", True))
     untied = _untied_head(model)
