@@ -362,35 +362,17 @@ def tune_program(
                     session.compiled_ahead += compile_ahead(
                         fn, args, kwargs, ahead, session.compile_threads
                     )
-            for config in configs:
-                failure = _failure_key(ins.op, config, values)
-                if failure in session.failed:
-                    errors.append(f"{config}: {session.failed[failure]} (failed before)")
-                    continue
-                with quiet_native_stderr(session.verbose) as dump:
-                    try:
-                        out = fn(*args, **{**kwargs, "impl": "triton", "config": config})
-                        if not torch.allclose(
-                            out.float(), reference.float(), atol=5e-2, rtol=5e-2, equal_nan=True
-                        ):
-                            raise _Mismatch("result differs from aten")
-                        us = _bench_us(
-                            lambda c=config: fn(*args, **{**kwargs, "impl": "triton", "config": c})
-                        )
-                        timed += 1
-                        error = None
-                    except Exception as e:  # a config that fails to compile or run is skipped
-                        error, mismatch = f"{type(e).__name__}: {str(e)[:120]}", e
-                if error is not None:
-                    said = _first_line(dump[0]) if dump else ""
-                    if said:
-                        error += f" [compiler: {said}]"
-                    if not isinstance(mismatch, _Mismatch):  # a wrong result may be shape-bound
-                        session.failed[failure] = error
-                    errors.append(f"{config}: {error}")
-                    continue
-                if us < best[2]:
-                    best, activation, approximation = ("triton", config, us), None, None
+            found, us, tried, more = time_candidates(
+                lambda c: fn(*args, **{**kwargs, "impl": "triton", "config": c}),
+                reference,
+                configs,
+                failure_key=lambda c: _failure_key(ins.op, c, values),
+                session=session,
+            )
+            timed += tried
+            errors += more
+            if found is not None and us < best[2]:
+                best, activation, approximation = ("triton", found, us), None, None
             ins.kwargs.update(impl=best[0], config=encode_config(best[1]))
             if activation:
                 ins.kwargs["activation"] = activation
@@ -434,6 +416,48 @@ def tune_program(
                     f"(aten {aten_us:.1f}us) in {time.perf_counter() - t0:.1f}s"
                 )
     return records
+
+
+def time_candidates(
+    launch, reference: torch.Tensor, configs: list, failure_key, session: TuneSession
+) -> tuple[Any, float, int, list[str]]:
+    """(best config or None, its µs, candidates timed, errors) of `launch(config)` over
+    `configs`: each checked against `reference` first, then timed. A candidate that fails to
+    compile or run is skipped and remembered under `failure_key(config)` for the compile (its
+    compiler dump's telling line in the error); one that computes something else is skipped
+    only, since a wrong result may be bound to the shape. Both tuners use it (tune_program's
+    instructions, tune_qkv_attention's fused kernel)."""
+    best: tuple[Any, float] = (None, float("inf"))
+    errors: list[str] = []
+    timed = 0
+    for config in configs:
+        failure = failure_key(config)
+        if failure in session.failed:
+            errors.append(f"{config}: {session.failed[failure]} (failed before)")
+            continue
+        error, mismatch = None, None
+        with quiet_native_stderr(session.verbose) as dump:
+            try:
+                out = launch(config)
+                if not torch.allclose(
+                    out.float(), reference.float(), atol=5e-2, rtol=5e-2, equal_nan=True
+                ):
+                    raise _Mismatch("result differs from aten")
+                us = _bench_us(lambda c=config: launch(c))
+                timed += 1
+            except Exception as e:  # a config that fails to compile or run is skipped
+                error, mismatch = f"{type(e).__name__}: {str(e)[:120]}", e
+        if error is not None:  # the compiler's dump is read once its block has closed
+            said = _first_line(dump[0]) if dump else ""
+            if said:
+                error += f" [compiler: {said}]"
+            if not isinstance(mismatch, _Mismatch):
+                session.failed[failure] = error
+            errors.append(f"{config}: {error}")
+            continue
+        if us < best[1]:
+            best = (config, us)
+    return best[0], best[1], timed, errors
 
 
 def _read_cached(path: Path) -> dict[str, Any] | None:

@@ -29,10 +29,8 @@ from .passes.qkv_attention import fuse_qkv_attention, qkv_attention_groups
 from .tune import (
     TuneRecord,
     TuneSession,
-    _bench_us,
     _describe,
     _failure_key,
-    _first_line,
     _read_cached,
     _timing_target,
     _walk,
@@ -40,6 +38,7 @@ from .tune import (
     encode_config,
     kernl_ops_fn,
     quiet_native_stderr,
+    time_candidates,
     write_cache_record,
 )
 
@@ -126,54 +125,27 @@ def _best_fused(args: tuple, gpu: str, session: TuneSession):
     hit = _read_cached(path)
     if hit is not None:
         return hit["config"], hit["time_us"] or float("inf"), True, [], 0
-    reference = fn(*args, impl="aten")
-    best: tuple = (None, float("inf"))
-    errors: list[str] = []
-    timed = 0
-    t0 = time.perf_counter()
     refusal = qkv_attention_refusal(args[0], args[1], args[5])
     # a grid of B x H programs under a quarter of the SMs cannot win (1x128 is 12 programs:
     # a twelfth of the GPU doing the GEMM cuBLAS spreads over all of it): not compiled
     few = args[0].shape[0] * args[5] < sm_count(args[0].device) // 4
     configs = [] if refusal or few else [dataclasses.asdict(c) for c in qkv_attention_configs()]
-    if session.compile_threads and configs:
+    if not configs:  # nothing timed: nothing to keep (a later rule may time these shapes)
+        return None, float("inf"), False, [], 0
+    if session.compile_threads:
         with quiet_native_stderr(session.verbose):
             session.compiled_ahead += compile_ahead(
                 fn, list(args), {}, configs, session.compile_threads
             )
-    for config in configs:
-        failure = _failure_key(OP, config, list(args))
-        if failure in session.failed:
-            errors.append(f"{config}: {session.failed[failure]} (failed before)")
-            continue
-        error, remember = None, True
-        with quiet_native_stderr(session.verbose) as dump:
-            try:
-                out = fn(*args, impl="triton", config=config)
-                if torch.allclose(
-                    out.float(), reference.float(), atol=5e-2, rtol=5e-2, equal_nan=True
-                ):
-                    us = _bench_us(lambda c=config: fn(*args, impl="triton", config=c))
-                    timed += 1
-                else:  # not remembered as failed: a wrong result may be shape-bound
-                    error, remember = "result differs from aten", False
-            except Exception as e:  # a config that fails to compile or run is skipped
-                error = f"{type(e).__name__}: {str(e)[:120]}"
-        if error is not None:  # the compiler's dump is read once the block has closed
-            said = _first_line(dump[0]) if dump else ""
-            error += f" [compiler: {said}]" if said else ""
-            if remember:
-                session.failed[failure] = error
-            errors.append(f"{config}: {error}")
-            continue
-        if us < best[1]:
-            best = (config, us)
-    if not configs:  # nothing timed: nothing to keep (a later rule may time these shapes)
-        return None, float("inf"), False, errors, 0
+    t0 = time.perf_counter()
+    config, us, timed, errors = time_candidates(
+        lambda c: fn(*args, impl="triton", config=c), fn(*args, impl="aten"), configs,
+        failure_key=lambda c: _failure_key(OP, c, list(args)), session=session,
+    )  # fmt: skip
     found = {
-        "impl": "triton" if best[0] else "aten",
-        "config": best[0],
-        "time_us": best[1] if best[0] else None,
+        "impl": "triton" if config else "aten",
+        "config": config,
+        "time_us": us if config else None,
         "aten_time_us": None,
         "activation": None,
         "approximation": None,
@@ -183,4 +155,4 @@ def _best_fused(args: tuple, gpu: str, session: TuneSession):
         write_cache_record(path, found)
     except OSError:
         pass  # tune_program warned of an unwritable cache already, or will
-    return best[0], best[1], False, errors, timed
+    return config, us, False, errors, timed

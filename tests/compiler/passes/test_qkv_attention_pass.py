@@ -16,6 +16,7 @@ from transformers import BertConfig, BertModel
 
 import kernl.compiler
 import kernl.compiler.tasks.encoder as encoder_task
+import kernl.compiler.tune as tune
 import kernl.compiler.tune_qkv_attention as tqa
 from kernl.artifacts.reader import read_program
 from kernl.artifacts.schema import Bucket
@@ -151,7 +152,7 @@ def test_the_fused_kernels_candidates_are_checked_timed_and_cached(tmp_path, mon
         timed.append(out)
         return 50.0 - len(timed)
 
-    monkeypatch.setattr(tqa, "_bench_us", fake_us)
+    monkeypatch.setattr(tune, "_bench_us", fake_us)
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(2, 8, 64, generator=g), torch.randn(192, 64, generator=g) / 8
     b = torch.randn(192, generator=g)
@@ -178,7 +179,7 @@ def test_the_fused_kernels_candidates_are_checked_timed_and_cached(tmp_path, mon
 def test_a_grid_far_smaller_than_the_gpu_is_not_compiled(tmp_path, monkeypatch):
     monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tqa, "sm_count", lambda device: 132)  # 2 x 4 programs: under 33
-    monkeypatch.setattr(tqa, "_bench_us", lambda fn: pytest.fail("nothing is timed"))
+    monkeypatch.setattr(tune, "_bench_us", lambda fn: pytest.fail("nothing is timed"))
     x, w, b = torch.randn(2, 8, 64), torch.randn(192, 64) / 8, torch.randn(192)
     found = tqa._best_fused((x, w, b, None, None, 4), "a GPU", TuneSession())
     assert found == (None, float("inf"), False, [], 0)
