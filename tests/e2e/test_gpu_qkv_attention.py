@@ -5,6 +5,7 @@ eager; and the tuner's own choice at a bucket where the fused kernel timed faste
 
 import pytest
 import torch
+from test_gpu_bert_base import check_bert_against_eager
 
 import kernl.compiler
 import kernl.compiler.tasks.encoder as encoder_task
@@ -18,21 +19,6 @@ def _fused_ops(artifact) -> list[int]:
         sum(i.op == "kernl.qkv_attention" for i in read_program(artifact, f"programs/{p.name}").instructions)
         for p in sorted((artifact / "programs").iterdir())
     ]  # fmt: skip
-
-
-def _check_against_eager(model, artifact, shapes):
-    served = kernl.runtime.load(artifact, device="cuda")
-    model = model.half().cuda()
-    for b, s in shapes:
-        ids = torch.randint(1000, 30000, (b, s), device="cuda")
-        mask = torch.ones_like(ids)
-        mask[-1, s // 2 :] = 0
-        got = served(input_ids=ids, attention_mask=mask)
-        with torch.no_grad():
-            ref = model(input_ids=ids, attention_mask=mask)
-        real = mask.bool()
-        diff = got.last_hidden_state[real].float() - ref.last_hidden_state[real].float()
-        assert diff.abs().max() < 2e-2, f"{b}x{s}: {diff.abs().max()}"
 
 
 @pytest.mark.gpu
@@ -51,7 +37,9 @@ def test_bert_base_with_every_block_fused_matches_eager(tmp_path, monkeypatch):
     artifact = tmp_path / "b.kernl"
     kernl.compiler.compile(model, "batch=2,8 seq=16,100", artifact, dtype="fp16", device="cuda")
     assert _fused_ops(artifact) == [12] * 4
-    _check_against_eager(model, artifact, [(2, 16), (8, 100), (5, 64), (1, 9)])
+    check_bert_against_eager(
+        model, kernl.runtime.load(artifact, device="cuda"), [(2, 16), (8, 100), (5, 64), (1, 9)]
+    )
 
 
 @pytest.mark.gpu
@@ -67,4 +55,6 @@ def test_the_tuner_chooses_per_bucket_and_the_result_matches_eager(tmp_path):
     # 1x128's 12 programs are under a quarter of any GPU's SMs: never compiled nor fused
     assert all(n in (0, 12) for n in fused) and fused[0] == 0, fused
     print("fused blocks per bucket (1x128, 32x128):", fused)
-    _check_against_eager(model, artifact, [(1, 128), (32, 128), (20, 77)])
+    check_bert_against_eager(
+        model, kernl.runtime.load(artifact, device="cuda"), [(1, 128), (32, 128), (20, 77)]
+    )
