@@ -300,8 +300,9 @@ def optimize(
       prompt=16:1024 cache=2048"; encoder-decoders "batch=1,8 source=32:512 cache=128",
       Whisper "batch=1,8 cache=448"). Omitted: see `default_buckets` (the choice is printed).
     dtype: "fp32", "fp16" or "bf16" (or the torch dtype); default the model's own. device: default the device of
-      the model's parameters. Another dtype or device than the model's: the model is cast for
-      the compile, then its own tensors are put back (see _tensors_put_back).
+      the model's parameters. The compile works on new module objects over the model's
+      tensors (_modules_over_the_same_tensors): another dtype or device casts copies, never
+      the caller's modules.
     task: as `kernl-compile --task`; default from the model's class.
     save_to: also copy the artifact to this folder, for `kernl.runtime.load` in production.
     cache_dir: default $KERNL_CACHE_DIR or ~/.cache/kernl: compiled models go in its `models/`
@@ -686,8 +687,14 @@ def _compile_entry(
     build = Path(tempfile.mkdtemp(prefix=f".build-{_owner_tag()}-", dir=entry.parent))
     try:
         with _COMPILE_LOCK, _untouched(model, device):
-            subject = model
-            if converted and not _can_put_back(model, converted):
+            # compile() casts and traces the module objects it is given: given the caller's,
+            # another thread still serving the model eagerly got fp16 outputs, or torch
+            # errors from the export's hooks on its modules (2026-12-05). New module objects
+            # over the same tensors cost no memory but what a cast makes anyway.
+            subject = _modules_over_the_same_tensors(model)
+            if subject is None:
+                subject = model  # a model deepcopy cannot copy: cast in place, put back
+            if subject is model and converted and not _can_put_back(model, converted):
                 # Gradients or torch's swap/overwrite-on-conversion modes: compile() would
                 # change what put-back cannot restore, so it gets a copy.
                 say(
@@ -710,6 +717,23 @@ def _compile_entry(
         _install(build / "artifact", entry)
     finally:
         _remove(build)
+
+
+def _modules_over_the_same_tensors(model: torch.nn.Module) -> torch.nn.Module | None:
+    """A copy of `model`'s module tree whose parameters are new Parameter objects over the
+    original storage and whose buffers are the original tensors: compile()'s cast gives the
+    copy's parameters new data and the copy's modules new buffers, never the caller's, and
+    its export hooks the copy's modules. None where deepcopy fails on the model (an
+    attribute that cannot be copied): the caller then compiles the model itself."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = torch.nn.Parameter(p.data, requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = b
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception:  # noqa: BLE001 - whatever stops the copy, the put-back path still works
+        return None
 
 
 def _converted_by_compile(

@@ -171,6 +171,33 @@ def test_the_original_model_is_untouched(cache, case):
         assert (got.last_hidden_state.float() - want.last_hidden_state).abs().max() < 2e-2
 
 
+def test_the_compile_never_touches_the_callers_modules(cache, monkeypatch):
+    """compile() casts and traces the modules it is given: given the caller's, another thread
+    serving the model eagerly meanwhile got fp16 outputs or torch's export errors. It is given
+    new module objects over the same tensors: the caller's stay fp32 all along."""
+    bert = tiny_bert()
+    modules = set(map(id, bert.modules()))
+    seen = []
+    real = api.compile
+
+    def spy(subject, *args, progress=None, **kwargs):
+        def watch(message):
+            dtypes = {p.dtype for p in bert.parameters()}
+            seen.append((modules.isdisjoint(map(id, subject.modules())), dtypes))
+
+        shared = {p.data_ptr() for p in bert.parameters()}
+        assert shared == {p.data_ptr() for p in subject.parameters()}  # no copy made
+        return real(subject, *args, progress=watch, **kwargs)
+
+    monkeypatch.setattr(api, "compile", spy)
+    model = kernl.optimize(bert, "batch=1 seq=8", dtype="fp16", progress=False)
+    assert len(seen) > 3 and all(apart and dtypes == {torch.float32} for apart, dtypes in seen)
+    with torch.no_grad():
+        want = bert(**_inputs(1, 8))
+    got = model(**_inputs(1, 8))
+    assert (got.last_hidden_state.float() - want.last_hidden_state).abs().max() < 2e-2
+
+
 def test_an_fp32_buffer_of_an_fp16_model_stays_fp32(cache):
     """Like Llama's rotary table in an fp16 model: compile's cast would make it fp16."""
     bert = tiny_bert().half()
