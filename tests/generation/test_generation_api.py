@@ -361,6 +361,7 @@ def test_generate_inside_an_open_stream_raises_instead_of_waiting_forever(model,
     assert not worker.is_alive(), "generate() inside an open stream() waited forever"
     for name in ("generate", "stream"):
         assert "open stream()" in outcome[name] and "close()" in outcome[name]
+        assert "contextlib.closing" in outcome[name]  # a `break` does not close a named one
     assert outcome["after"] == (2, 8)
     # Another thread is not refused: it waits for the stream, then runs.
     stream = model.stream(ids, mask, max_new_tokens=3, eos_token_id=[])
@@ -382,7 +383,8 @@ def test_a_stream_pulled_from_several_threads_lets_its_last_puller_generate(mode
     """A web server's thread pool pulls each step of a stream on whichever worker is free
     (Starlette's StreamingResponse), so the worker that pulled a step may next serve an
     unrelated generate() while another worker pulls the stream on. That generate() was
-    refused as re-entry ("this thread is iterating an open stream()"); it waits its turn."""
+    refused as re-entry ("this thread pulled the last step of an open stream()"); it waits its
+    turn."""
     import queue
     import threading
 

@@ -310,3 +310,35 @@ def test_a_new_thread_with_an_ended_openers_ident_waits_its_turn(model):
     opened[0].close()
     waiter.join(timeout=120)
     assert result["ids"].tolist()[0][5:] == alone(model, a, 2)
+
+
+@pytest.mark.parametrize("where", ["steps", "join"])
+def test_an_interrupt_mid_steps_or_join_closes_the_batch(model, monkeypatch, where):
+    """Steps that ran and were never read back (an interrupt, a request's timeout): going on
+    lost their tokens and stepped past the cache. The batch closes, freeing the model."""
+    a, b = prompt(5, 60), prompt(6, 61)
+    want = alone(model, a, 10)
+    batch = model.open_batch([a], max_new_tokens=10, rows=4)
+    real = model._step
+    runs = []
+
+    def interrupted(key):
+        step = real(key)
+        if key[0] == ("decode" if where == "steps" else "prefill"):
+            runs.append(key)
+            if len(runs) == 2:
+                raise KeyboardInterrupt
+        return step
+
+    monkeypatch.setattr(model, "_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        if where == "steps":
+            batch.steps(4)
+        else:
+            batch.join(b, max_new_tokens=4)
+            batch.join(b, max_new_tokens=4)
+    monkeypatch.undo()
+    assert batch.closed
+    with pytest.raises(RuntimeError, match="this batch is closed"):
+        batch.step()
+    assert alone(model, a, 10) == want  # the model is free and right

@@ -142,18 +142,22 @@ class OpenBatch:
         if not self.can_join(len(small.rows[0]), max_new_tokens):
             return None
         row = min(set(range(self.bucket)) - set(self._left))
-        source = model._start(small, *sampling)  # the smallest bucket's buffers
-        p = small.prompt_bucket
-        model._step(("prefill", self.join_bucket, p, self.do_sample)).run()
-        big, s = self.state, self._slot
-        big.cache.k[:, row, :, s - p : s].copy_(source.cache.k[:, 0, :, :p])
-        big.cache.v[:, row, :, s - p : s].copy_(source.cache.v[:, 0, :, :p])
-        big.kv_valid[row].fill_(False)
-        big.kv_valid[row, s - p : s].copy_(source.kv_valid[0, :p])
-        for name in ("positions", "tokens", "finished"):
-            getattr(big, name)[row].copy_(getattr(source, name)[0])
-        # Its own step n (n = 1 at its first decode) runs as the batch's step self._steps.
-        big.sampler.copy_row(row, source.sampler, 0, self._steps - 1)
+        try:
+            source = model._start(small, *sampling)  # the smallest bucket's buffers
+            p = small.prompt_bucket
+            model._step(("prefill", self.join_bucket, p, self.do_sample)).run()
+            big, s = self.state, self._slot
+            big.cache.k[:, row, :, s - p : s].copy_(source.cache.k[:, 0, :, :p])
+            big.cache.v[:, row, :, s - p : s].copy_(source.cache.v[:, 0, :, :p])
+            big.kv_valid[row].fill_(False)
+            big.kv_valid[row, s - p : s].copy_(source.kv_valid[0, :p])
+            for name in ("positions", "tokens", "finished"):
+                getattr(big, name)[row].copy_(getattr(source, name)[0])
+            # Its own step n (n = 1 at its first decode) runs as the batch's step self._steps.
+            big.sampler.copy_row(row, source.sampler, 0, self._steps - 1)
+        except BaseException:
+            self.close()  # a row half seated: as in steps(), the batch cannot go on
+            raise
         self._left[row] = max_new_tokens
         return self._emitted([(row, int(source.tokens[0]))])[0]
 
@@ -173,13 +177,20 @@ class OpenBatch:
             raise RuntimeError("no row of this batch is generating: join one, or close it")
         n = min(n, *self._left.values())
         first = self._steps  # the column of `state.out` the first of these steps writes
-        for _ in range(n):
-            kv = pick_size(self.model.buckets.kv_lengths, self._slot + 1)
-            self.model._step(("decode", self.bucket, kv, self.do_sample)).run()
-            self._slot += 1
-            self._steps += 1
-        ids = self.state.out[:, first : first + n].tolist()
-        self.model._check_steps()
+        try:
+            for _ in range(n):
+                kv = pick_size(self.model.buckets.kv_lengths, self._slot + 1)
+                self.model._step(("decode", self.bucket, kv, self.do_sample)).run()
+                self._slot += 1
+                self._steps += 1
+            ids = self.state.out[:, first : first + n].tolist()
+            self.model._check_steps()
+        except BaseException:
+            # steps ran whose ids nobody reads back: the rows' budgets no longer match the
+            # cache. Going on lost those tokens and stepped past the cache (an interrupt
+            # mid-steps, 2026-12-05): closed, the batch refuses to, and frees the model
+            self.close()
+            raise
         return [self._emitted([(row, ids[row][j]) for row in self.rows]) for j in range(n)]
 
     def release(self, row: int) -> None:

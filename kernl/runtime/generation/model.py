@@ -161,8 +161,10 @@ class StepLoop:
         if self._streaming_thread is not me:
             return
         raise RuntimeError(
-            "this thread is iterating an open stream() of this model: exhaust it or call "
-            "its close() (or break out of the for loop) before generate() or stream() again"
+            "this thread pulled the last step of an open stream() of this model (a stream "
+            "holds the model until it ends): exhaust it or call its close() before "
+            "generate() or stream() again. A `break` closes only a stream no variable names; "
+            "iterate `contextlib.closing(model.stream(...))` to close a named one on any exit"
         )
 
 
