@@ -245,6 +245,12 @@ def signing_commits(private_key: Any) -> Iterator[None]:
         _SIGN_WITH.reset(token)
 
 
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two paths in one step where the filesystem can (False where it cannot): what the
+    commit does, for kernl.optimize's copy to save_to= too."""
+    return _exchange(a, b)
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
     try:

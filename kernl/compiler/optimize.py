@@ -65,7 +65,7 @@ from kernl.artifacts import (
 )
 from kernl.artifacts.seq2seq import Seq2SeqBuckets
 from kernl.artifacts.signing import trusted_keys_from_env
-from kernl.artifacts.writer import carry_kept_files
+from kernl.artifacts.writer import carry_kept_files, exchange_paths
 from kernl.runtime.generation.model import LENGTH_IS_A_BOUND
 
 from . import api
@@ -939,10 +939,15 @@ def copy_artifact(source: Path, destination: str | os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.copy-{_owner_tag()}-", dir=dest.parent))
     try:
         shutil.copytree(source, tmp / "artifact")
-        if dest.exists():  # a previous artifact: moved into tmp, deleted with it
+        if dest.exists():  # a previous artifact: swapped into tmp, deleted with it
             carry_kept_files(dest, tmp / "artifact")  # a tokenizer.json put beside it stays
-            os.rename(dest, tmp / "previous")
-        os.rename(tmp / "artifact", dest)
+            # one exchange, as the writer's commit: no moment without an artifact at `dest`
+            # (a load() then met a missing folder); two renames where it is unsupported
+            if not exchange_paths(tmp / "artifact", dest):
+                os.rename(dest, tmp / "previous")
+                os.rename(tmp / "artifact", dest)
+        else:
+            os.rename(tmp / "artifact", dest)
         _fsync_dir(dest.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,6 +14,7 @@ import torch
 
 from kernl.artifacts import (
     ArtifactCorruptError,
+    ArtifactMissingError,
     check_compatibility,
     read_manifest,
     read_weights,
@@ -64,12 +65,20 @@ def load(
     # Its buffers are written in place by every call: made as plain tensors, not as
     # inference tensors (which a load under torch.inference_mode() would make, and which a
     # call from outside it, such as a server's worker thread, could then not write).
-    with torch.inference_mode(False):
-        return _load(Path(path), device, capture, verify, trusted_keys)
-
-
-def _load(root: Path, device: torch.device | None, capture: str, verify: bool, trusted_keys):
     keys = load_trusted_keys(trusted_keys or trusted_keys_from_env())
+    with torch.inference_mode(False):
+        try:
+            return _load(Path(path), device, capture, verify, keys)
+        except FileNotFoundError as e:
+            # a file the manifest names went missing while being read: the folder was
+            # replaced (a compile or optimize(save_to=) writing the same path) or removed
+            raise ArtifactMissingError(
+                f"{path}: {e.filename or 'a file'} went missing while the artifact was loaded "
+                "(replaced or removed meanwhile?); load it again"
+            ) from e
+
+
+def _load(root: Path, device: torch.device | None, capture: str, verify: bool, keys):
     manifest = read_manifest(root, trusted_keys=keys)
     if device is None:
         on_gpu = torch.cuda.is_available() and manifest.target != "cpu"
