@@ -188,8 +188,20 @@ class _BucketRunner:
         return self.executor.run(self.static_inputs)
 
 
+def refuse_pickling(model) -> None:
+    """A loaded model's __reduce__ (pickle, copy): it holds device buffers, captured graphs
+    and a lock. pickle's own "cannot pickle '_thread.lock' object" did not say what to do."""
+    raise TypeError(
+        f"a loaded kernl model ({type(model).__name__}) cannot be pickled or copied: it holds "
+        "device buffers, graphs and a lock. Load the artifact in each process "
+        "(kernl.runtime.load(path)) instead of sending the model"
+    )
+
+
 class CompiledModel:
     """Callable with the model's own keyword inputs; see `kernl.runtime.load`."""
+
+    __reduce__ = refuse_pickling
 
     # Where a bucket has a graph, its range checks are in it (a benchmark sets this false on
     # the class to load a model with the checks launched by each call, for comparison).

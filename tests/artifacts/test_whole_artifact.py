@@ -111,3 +111,15 @@ def test_a_file_gone_while_loading_is_an_artifact_error(small_artifact, monkeypa
     monkeypatch.setattr(kernl.runtime, "read_weights", gone)
     with pytest.raises(ArtifactMissingError, match="went missing while the artifact was loaded"):
         kernl.runtime.load(small_artifact, device="cpu")
+
+
+def test_a_loaded_model_refuses_pickling_saying_what_to_do(small_artifact):
+    import copy
+    import pickle
+
+    import kernl.runtime
+
+    model = kernl.runtime.load(small_artifact, device="cpu")
+    for attempt in (pickle.dumps, copy.deepcopy, copy.copy):
+        with pytest.raises(TypeError, match="Load the artifact in each process"):
+            attempt(model)

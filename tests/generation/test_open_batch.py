@@ -342,3 +342,10 @@ def test_an_interrupt_mid_steps_or_join_closes_the_batch(model, monkeypatch, whe
     with pytest.raises(RuntimeError, match="this batch is closed"):
         batch.step()
     assert alone(model, a, 10) == want  # the model is free and right
+
+
+def test_a_generating_model_refuses_pickling_saying_what_to_do(model):
+    import pickle
+
+    with pytest.raises(TypeError, match="Load the artifact in each process"):
+        pickle.dumps(model)

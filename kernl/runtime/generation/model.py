@@ -38,6 +38,7 @@ from kernl.artifacts.schema import Manifest, pick_size
 
 from ..binaries import KernelBinaries, running_with
 from ..graphs import capture_graph
+from ..model import refuse_pickling
 from .decoder import Decoder
 from .joining import OpenBatch, pad_mask
 from .sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
@@ -93,6 +94,8 @@ class StepLoop:
     yield them as they come. A plan has `batch` and `eos`; a state `tokens`, `finished`, `out`.
     `_lock` serialises requests; an open stream() holds it between its yields, an open batch
     (`open_batch`) until it is closed."""
+
+    __reduce__ = refuse_pickling
 
     _lock: threading.Lock
     # The thread holding the lock between calls: an open batch's, or the thread that pulled
