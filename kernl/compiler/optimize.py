@@ -693,7 +693,11 @@ def _compile_entry(
             # over the same tensors cost no memory but what a cast makes anyway.
             subject = _modules_over_the_same_tensors(model)
             if subject is None:
-                subject = model  # a model deepcopy cannot copy: cast in place, put back
+                say(
+                    "compiling the model itself (its modules cannot be copied over their "
+                    "tensors): do not call it from another thread until the compile ends"
+                )
+                subject = model
             if subject is model and converted and not _can_put_back(model, converted):
                 # Gradients or torch's swap/overwrite-on-conversion modes: compile() would
                 # change what put-back cannot restore, so it gets a copy.
@@ -721,18 +725,30 @@ def _compile_entry(
 
 def _modules_over_the_same_tensors(model: torch.nn.Module) -> torch.nn.Module | None:
     """A copy of `model`'s module tree whose parameters are new Parameter objects over the
-    original storage and whose buffers are the original tensors: compile()'s cast gives the
-    copy's parameters new data and the copy's modules new buffers, never the caller's, and
-    its export hooks the copy's modules. None where deepcopy fails on the model (an
-    attribute that cannot be copied): the caller then compiles the model itself."""
-    memo: dict[int, Any] = {}
-    for p in model.parameters():
-        memo[id(p)] = torch.nn.Parameter(p.data, requires_grad=p.requires_grad)
-    for b in model.buffers():
-        memo[id(b)] = b
+    original storage, and whose buffers and other tensor attributes are the original tensors:
+    compile()'s cast gives the copy's parameters new data and the copy's modules new buffers,
+    never the caller's, and its export hooks the copy's modules. None where such a copy
+    would not compute what the model does or would copy weights: parameters of a subclass
+    (quantized: their state lives on the object), hooks (accelerate's offload hooks own
+    weights), or anything deepcopy or Parameter refuses. The caller then compiles the model
+    itself, cast in place and put back."""
+    modules = list(model.modules())
+    hooked = any(
+        m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in modules
+    )
+    params = list(model.parameters())
+    if hooked or any(type(p) is not torch.nn.Parameter for p in params):
+        return None
     try:
+        memo: dict[int, Any] = {
+            id(p): torch.nn.Parameter(p.data, requires_grad=p.requires_grad) for p in params
+        }
+        for m in modules:
+            for value in [*m._buffers.values(), *vars(m).values()]:
+                if isinstance(value, torch.Tensor) and id(value) not in memo:
+                    memo[id(value)] = value  # shared, as compile() replaces rather than writes
         return copy.deepcopy(model, memo)
-    except Exception:  # noqa: BLE001 - whatever stops the copy, the put-back path still works
+    except Exception:  # noqa: BLE001 - the put-back path works for what this cannot copy
         return None
 
 

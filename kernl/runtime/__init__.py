@@ -70,8 +70,11 @@ def load(
         try:
             return _load(Path(path), device, capture, verify, keys)
         except FileNotFoundError as e:
-            # a file the manifest names went missing while being read: the folder was
-            # replaced (a compile or optimize(save_to=) writing the same path) or removed
+            # a file of the artifact went missing while being read: the folder was replaced
+            # (a compile or optimize(save_to=) writing the same path) or removed
+            root = os.path.abspath(path)
+            if not e.filename or not os.path.abspath(e.filename).startswith(root + os.sep):
+                raise  # another file than the artifact's (a toolkit's, say): as it is
             raise ArtifactMissingError(
                 f"{path}: {e.filename or 'a file'} went missing while the artifact was loaded "
                 "(replaced or removed meanwhile?); load it again"

@@ -112,6 +112,13 @@ def test_a_file_gone_while_loading_is_an_artifact_error(small_artifact, monkeypa
     with pytest.raises(ArtifactMissingError, match="went missing while the artifact was loaded"):
         kernl.runtime.load(small_artifact, device="cpu")
 
+    def elsewhere(root, **kwargs):  # not the artifact's file: left as it is
+        raise FileNotFoundError(2, "No such file or directory", "/opt/toolkit/libdevice.bc")
+
+    monkeypatch.setattr(kernl.runtime, "read_weights", elsewhere)
+    with pytest.raises(FileNotFoundError, match="libdevice"):
+        kernl.runtime.load(small_artifact, device="cpu")
+
 
 def test_a_loaded_model_refuses_pickling_saying_what_to_do(small_artifact):
     import copy

@@ -312,36 +312,57 @@ def test_a_new_thread_with_an_ended_openers_ident_waits_its_turn(model):
     assert result["ids"].tolist()[0][5:] == alone(model, a, 2)
 
 
-@pytest.mark.parametrize("where", ["steps", "join"])
-def test_an_interrupt_mid_steps_or_join_closes_the_batch(model, monkeypatch, where):
+@pytest.mark.parametrize("where", ["steps", "seat"])
+def test_an_interrupt_mid_steps_or_mid_seating_closes_the_batch(model, monkeypatch, where):
     """Steps that ran and were never read back (an interrupt, a request's timeout): going on
-    lost their tokens and stepped past the cache. The batch closes, freeing the model."""
+    lost their tokens and stepped past the cache. So does a joiner half copied into the
+    batch's rows. The batch closes, freeing the model."""
     a, b = prompt(5, 60), prompt(6, 61)
     want = alone(model, a, 10)
     batch = model.open_batch([a], max_new_tokens=10, rows=4)
-    real = model._step
-    runs = []
+    if where == "steps":
+        real, runs = model._step, []
 
-    def interrupted(key):
-        step = real(key)
-        if key[0] == ("decode" if where == "steps" else "prefill"):
+        def interrupted(key):
             runs.append(key)
             if len(runs) == 2:
                 raise KeyboardInterrupt
-        return step
+            return real(key)
 
-    monkeypatch.setattr(model, "_step", interrupted)
+        monkeypatch.setattr(model, "_step", interrupted)
+    else:
+        monkeypatch.setattr(batch.state.sampler, "copy_row", _raise(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
-        if where == "steps":
-            batch.steps(4)
-        else:
-            batch.join(b, max_new_tokens=4)
-            batch.join(b, max_new_tokens=4)
+        batch.steps(4) if where == "steps" else batch.join(b, max_new_tokens=4)
     monkeypatch.undo()
     assert batch.closed
     with pytest.raises(RuntimeError, match="this batch is closed"):
         batch.step()
     assert alone(model, a, 10) == want  # the model is free and right
+
+
+def test_an_interrupt_in_a_joiners_own_prefill_leaves_the_batch_going(model, monkeypatch):
+    """The joiner's prefill runs on the smallest bucket's buffers: the batch's rows are
+    untouched, so they go on (closing would drop every other row's request)."""
+    a, b = prompt(5, 62), prompt(6, 63)
+    want = alone(model, a, 4)
+    with model.open_batch([a], max_new_tokens=4, rows=4) as batch:
+        monkeypatch.setattr(model, "_step", _raise(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            batch.join(b, max_new_tokens=4)
+        monkeypatch.undo()
+        assert not batch.closed
+        tokens = [t for _, t in batch.first]
+        while batch.rows:
+            tokens += [t for _, t in batch.step()]
+    assert tokens == want
+
+
+def _raise(error):
+    def fail(*args, **kwargs):
+        raise error
+
+    return fail
 
 
 def test_a_generating_model_refuses_pickling_saying_what_to_do(model):

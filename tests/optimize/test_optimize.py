@@ -627,3 +627,20 @@ def test_code_written_for_the_hugging_face_model_runs_or_says_why(cache):
     for copy_it in (copy.deepcopy, lambda m: __import__("pickle").dumps(m)):
         with pytest.raises(TypeError, match="cannot be pickled or copied.*save_to"):
             copy_it(model)
+
+
+def test_a_model_whose_modules_cannot_be_copied_is_compiled_itself_and_put_back(cache):
+    """Hooks (accelerate's own weights, say) or parameter subclasses: the copy over the same
+    tensors is not made; the model itself is compiled, cast and put back, saying so."""
+    bert = tiny_bert()
+    handle = bert.encoder.layer[0].output.register_forward_hook(lambda m, i, o: o)
+    messages = []
+    before = _snapshot(bert)
+    model = kernl.optimize(bert, "batch=1 seq=8", dtype="fp16", progress=messages.append)
+    handle.remove()
+    assert any("compiling the model itself" in m for m in messages)
+    _assert_same(before, _snapshot(bert))
+    with torch.no_grad():
+        want = bert(**_inputs(1, 8))
+    got = model(**_inputs(1, 8))
+    assert (got.last_hidden_state.float() - want.last_hidden_state).abs().max() < 2e-2

@@ -142,10 +142,11 @@ class OpenBatch:
         if not self.can_join(len(small.rows[0]), max_new_tokens):
             return None
         row = min(set(range(self.bucket)) - set(self._left))
+        # the joiner's prefill runs on the smallest bucket's buffers: the batch's are untouched
+        source = model._start(small, *sampling)
+        p = small.prompt_bucket
+        model._step(("prefill", self.join_bucket, p, self.do_sample)).run()
         try:
-            source = model._start(small, *sampling)  # the smallest bucket's buffers
-            p = small.prompt_bucket
-            model._step(("prefill", self.join_bucket, p, self.do_sample)).run()
             big, s = self.state, self._slot
             big.cache.k[:, row, :, s - p : s].copy_(source.cache.k[:, 0, :, :p])
             big.cache.v[:, row, :, s - p : s].copy_(source.cache.v[:, 0, :, :p])
