@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import threading
 import weakref
 from collections.abc import Mapping
@@ -188,6 +189,30 @@ class _BucketRunner:
         return self.executor.run(self.static_inputs)
 
 
+# The loaded models of this process, for a forked child (see `new_call_lock`).
+_LIVE_MODELS: weakref.WeakSet = weakref.WeakSet()
+
+
+def new_call_lock(model) -> threading.Lock:
+    """The lock that serialises `model`'s calls. A fork copies a lock as it is: forked while
+    another thread held it (a call running, a stream open), the child's model stayed locked
+    for good (gunicorn --preload, 2026-12-05). So a forked child gets every live model's lock
+    fresh, and no thread of its own holds one."""
+    _LIVE_MODELS.add(model)
+    return threading.Lock()
+
+
+def _fresh_locks_in_child() -> None:
+    for model in list(_LIVE_MODELS):
+        model._lock = threading.Lock()
+        if hasattr(model, "_streaming_thread"):
+            model._streaming_thread = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_locks_in_child)
+
+
 def refuse_pickling(model) -> None:
     """A loaded model's __reduce__ (pickle, copy): it holds device buffers, captured graphs
     and a lock. pickle's own "cannot pickle '_thread.lock' object" did not say what to do."""
@@ -255,7 +280,7 @@ class CompiledModel:
         self._binaries = binaries
         self.weights = weights
         self.capture_mode = capture if device.type == "cuda" else "never"
-        self._lock = threading.Lock()
+        self._lock = new_call_lock(self)
         self._pool = torch.cuda.graph_pool_handle() if self.capture_mode != "never" else None
         self._inputs = {spec.name: spec for spec in manifest.inputs}
         # Index ranges of the embedding tables: an id outside them is an error on the CPU and

@@ -130,3 +130,39 @@ def test_a_loaded_model_refuses_pickling_saying_what_to_do(small_artifact):
     for attempt in (pickle.dumps, copy.deepcopy, copy.copy):
         with pytest.raises(TypeError, match="Load the artifact in each process"):
             attempt(model)
+
+
+def test_a_child_forked_while_the_model_is_held_can_call_it(small_artifact):
+    """A fork copies a held lock as held: the child's first call waited forever (a server
+    forking its workers while a call or a stream ran). The child gets the lock fresh."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        os.environ["TRITON_INTERPRET"] = "1"
+        import torch
+        torch.set_num_threads(1)  # a forked child of a threaded torch may hang in torch itself
+        import kernl.runtime
+        model = kernl.runtime.load({str(small_artifact)!r}, device="cpu")
+        names = model.input_names
+        inputs = {{n: torch.ones(1, 8, dtype=torch.long) for n in names}}
+        want = model(**inputs)[0]
+        model._lock.acquire()  # as a call or an open stream of another thread holds it
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(60)
+            got = model(**inputs)[0]
+            os._exit(0 if torch.equal(got, want) else 3)
+        _, status = os.waitpid(pid, 0)
+        assert model._lock.locked()  # the parent's own lock is left as it was
+        model._lock.release()
+        sys.exit(os.waitstatus_to_exitcode(status))
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, (run.returncode, run.stderr[-2000:])

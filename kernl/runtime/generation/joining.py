@@ -237,13 +237,16 @@ class _ModelHold:
     batch releases it)."""
 
     def __init__(self, model):
-        model._lock.acquire()
+        # the lock object it took: a forked child gives the model a fresh one meanwhile
+        self.lock = model._lock
+        self.lock.acquire()
         model._streaming_thread, model._holder = threading.current_thread(), "open_batch()"
         self.model = model
 
     def release(self) -> None:
-        self.model._streaming_thread = None
-        self.model._lock.release()
+        if self.model._lock is self.lock:
+            self.model._streaming_thread = None
+        self.lock.release()
 
 
 def pad_mask(ids: torch.Tensor, pad: int | None) -> torch.Tensor:

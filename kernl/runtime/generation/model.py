@@ -38,7 +38,7 @@ from kernl.artifacts.schema import Manifest, pick_size
 
 from ..binaries import KernelBinaries, running_with
 from ..graphs import capture_graph
-from ..model import refuse_pickling
+from ..model import new_call_lock, refuse_pickling
 from .decoder import Decoder
 from .joining import OpenBatch, pad_mask
 from .sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
@@ -272,7 +272,7 @@ class GenerativeModel(StepLoop):
             ) from None
         self.dtype = getattr(torch, manifest.dtype)
         self.capture_mode = capture if device.type == "cuda" else "never"
-        self._lock = threading.Lock()
+        self._lock = new_call_lock(self)
         self._pool = torch.cuda.graph_pool_handle() if self.capture_mode != "never" else None
         spec = self.spec
         self.default_pad = (

@@ -16,7 +16,6 @@ Steps are pure functions of the buffers; on CUDA they are captured as graphs on 
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +33,7 @@ from kernl.artifacts.seq2seq import (
 )
 
 from ..binaries import KernelBinaries, running_with
+from ..model import new_call_lock
 from .encoder_decoder import EncoderDecoder, Seq2SeqCache
 from .model import (
     StepLoop,
@@ -233,7 +233,7 @@ class Seq2SeqModel(StepLoop):
         # Graphs are captured on first use ("load" captures nothing more up front).
         self.capture_mode = capture if device.type == "cuda" else "never"
         self._pool = torch.cuda.graph_pool_handle() if self.capture_mode != "never" else None
-        self._lock = threading.Lock()
+        self._lock = new_call_lock(self)
         spec = self.spec
         self.default_pad = (
             spec.pad_token_id
