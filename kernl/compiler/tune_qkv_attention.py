@@ -97,7 +97,7 @@ def tune_qkv_attention(
         records.remove(pair[0])
     if chosen:
         order = [*program.instructions]
-        fused_at = {id(g.attention): g for g, _, _ in chosen}
+        fused_at = {id(g.attention) for g, _, _ in chosen}
         fuse_qkv_attention(program, chosen)
         position = {id(ins): n for n, ins in enumerate(program.instructions)}
         for record in records:
