@@ -3,7 +3,6 @@ argument as plain msgpack data, and collect the weights it reads."""
 
 from __future__ import annotations
 
-import hashlib
 import operator
 from typing import Any
 
@@ -15,6 +14,8 @@ from kernl.artifacts.program import Instruction, Program
 from kernl.artifacts.schema import Bucket
 from kernl.runtime.vocabulary import is_known_op
 
+from .passes.constant_indices import constant_name
+
 # Ops that do nothing in inference: dropped, their output aliased to their input (detach_
 # follows a constant made in forward, `torch.tensor(...)`: it returns its input).
 _IDENTITY_OPS = {"aten.dropout.default", "aten.alias.default", "aten.detach.default"}
@@ -25,6 +26,46 @@ _DROPPED_OPS = {"aten._assert_tensor_metadata.default", "aten._assert_scalar.def
 
 class UnsupportedOpError(ValueError):
     pass
+
+
+def _returns_alias(node: torch.fx.Node) -> bool:
+    """Whether the node's value shares memory with another value of the graph (a view, or
+    an op that lowering treats as its input)."""
+    target = node.target
+    if target is operator.getitem:
+        return _returns_alias(node.args[0])
+    if not isinstance(target, torch._ops.OpOverload):
+        return node.op == "placeholder"
+    if op_name(target) in _IDENTITY_OPS:
+        return True
+    return any(r.alias_info is not None for r in target._schema.returns)
+
+
+def _writes_its_first_argument(target: Any) -> bool:
+    if not isinstance(target, torch._ops.OpOverload) or not target._schema.arguments:
+        return False
+    first = target._schema.arguments[0].alias_info
+    return first is not None and first.is_write
+
+
+def _written_through(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The node, the in-place writes it is the result of, and the tensor they all wrote
+    (`h += x; h.mul_(3)`: [mul_, add_, h])."""
+    chain = [node]
+    while _writes_its_first_argument(chain[-1].target) and isinstance(
+        chain[-1].args[0], torch.fx.Node
+    ):
+        chain.append(chain[-1].args[0])
+    return chain
+
+
+def _out_of_place(target: Any) -> torch._ops.OpOverload | None:
+    """`aten.add.Tensor` for `aten.add_.Tensor`: the op that writes its first argument, if it
+    has a functional twin."""
+    if not _writes_its_first_argument(target) or not target._opname.endswith("_"):
+        return None
+    packet = getattr(getattr(torch.ops, target.namespace), target._opname[:-1], None)
+    return getattr(packet, target._overloadname, None) if packet is not None else None
 
 
 def op_name(target: Any) -> str:
@@ -45,6 +86,7 @@ class _Lowering:
         self.program_inputs: dict[str, int] = {}
         self.instructions: list[Instruction] = []
         self.values: dict[int, list] = {}  # value id -> [shape, dtype], for passes and tuning
+        self.order = {node: i for i, node in enumerate(ep.graph.nodes)}
 
     def describe(self, vid: int, val: Any) -> None:
         if isinstance(val, torch.Tensor):
@@ -93,11 +135,7 @@ class _Lowering:
                 tensor = params[spec.target].detach()
                 name = spec.target
                 if spec.kind == InputKind.CONSTANT_TENSOR:
-                    # Trace-time constants may differ per bucket: name them by content (with
-                    # dtype and shape: a 0-dim 0.0 and a [1] zero are not one weight).
-                    digest = hashlib.sha1(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-                    digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-                    name = f"constant.{digest.hexdigest()[:16]}"
+                    name = constant_name(tensor)  # they may differ per bucket
                 self.weights[name] = tensor
                 self.program_weights[vid] = name
             else:
@@ -115,6 +153,9 @@ class _Lowering:
         if name in _IDENTITY_OPS:
             self.ids[node] = self.ids[node.args[0]]
             return
+        functional = None if is_known_op(name) else _out_of_place(node.target)
+        if functional is not None and is_known_op(op_name(functional)):
+            return self.call_in_place(node, functional)
         if not isinstance(node.target, torch._ops.OpOverload) or not is_known_op(name):
             stack = node.meta.get("stack_trace") or ""
             origin = stack.strip().splitlines()[-1].strip() if stack else ""
@@ -122,6 +163,36 @@ class _Lowering:
                 f"the model uses {name}, which kernl does not support (yet)"
                 + (f"; it comes from: {origin}" if origin else "")
             )
+        self.emit(node, name, where)
+
+    def call_in_place(self, node: torch.fx.Node, functional: torch._ops.OpOverload) -> None:
+        """`x += y` (MegatronBERT's embeddings, MPNet's position buckets) as `x = x + y`: the
+        graph's later readers of x read the new value. Sound only where nothing else sees x's
+        memory: x is no input or weight and no view, and no view of it was taken before."""
+        name, written = op_name(node.target), node.args[0]
+        where = f"{name} (node {node.name})"
+        chain = _written_through(written) if isinstance(written, torch.fx.Node) else []
+        earlier_views = [
+            u
+            for c in chain
+            for u in c.users
+            if u is not node
+            and u not in chain
+            and self.order[u] < self.order[node]
+            and _returns_alias(u)
+        ]
+        if not chain or _returns_alias(chain[-1]) or earlier_views:
+            stack = node.meta.get("stack_trace") or ""
+            origin = stack.strip().splitlines()[-1].strip() if stack else ""
+            raise UnsupportedOpError(
+                f"the model uses {name} on an input, a weight or a tensor that shares memory "
+                "with another, which kernl does not support (yet)"
+                + (f"; it comes from: {origin}" if origin else "")
+            )
+        self.emit(node, op_name(functional), where)
+        self.ids[written] = self.ids[node]
+
+    def emit(self, node: torch.fx.Node, name: str, where: str) -> None:
         val = node.meta.get("val")
         if isinstance(val, (list, tuple)):
             outs = []

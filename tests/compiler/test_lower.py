@@ -1,5 +1,6 @@
 """The lowering from an exported graph to a program, on its own."""
 
+import pytest
 import torch
 
 from kernl.artifacts.program import Program
@@ -68,3 +69,61 @@ def test_zero_dim_constants_lower_each_as_its_own_weight():
     x = torch.randn(2, 4)
     (got,) = Executor(program, weights, torch.device("cpu")).run({"x": x})
     torch.testing.assert_close(got, m(x)[0])
+
+
+class InPlaceAdds(torch.nn.Module):
+    """MegatronBERT's `embeddings += position_embeddings` on a tensor forward made: lowered as
+    an add whose result the later readers read (aten.add_ is outside the vocabulary)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        before = h * 2  # read before the add: sees the old value
+        h += x
+        h.mul_(3)
+        return (h + before, h)
+
+
+def test_in_place_ops_on_a_fresh_tensor_lower_as_their_functional_twins():
+    m = InPlaceAdds().eval()
+    ep = torch.export.export(m, (torch.randn(2, 4),), strict=False)
+    program, weights = lower(ep, Bucket(2, 4), ["x"])
+    ops = [i.op for i in program.instructions]
+    assert "aten.add.Tensor" in ops and "aten.mul.Tensor" in ops
+    assert not any(op.split(".")[1].endswith("_") for op in ops)
+    x = torch.randn(2, 4)
+    got = Executor(program, weights, torch.device("cpu")).run({"x": x})
+    for a, b in zip(got, m(x)):
+        torch.testing.assert_close(a, b)
+
+
+class WritesAView(torch.nn.Module):
+    def forward(self, x):
+        h = x * 1.0
+        row = h[0]
+        row += 1.0  # writes h through a view: h's readers must see it
+        return (h,)
+
+
+class WritesItsInput(torch.nn.Module):
+    def forward(self, x):
+        x += 1.0
+        return (x * 2,)
+
+
+class WritesAfterAView(torch.nn.Module):
+    def forward(self, x):
+        h = x * 1.0
+        view = h.view(-1)
+        h += 1.0  # view, read afterwards, shares h's memory
+        return (view * 2,)
+
+
+@pytest.mark.parametrize("module", [WritesAView, WritesItsInput, WritesAfterAView])
+def test_in_place_ops_others_could_see_are_refused_by_name(module):
+    ep = torch.export.export(module(), (torch.randn(2, 4),), strict=False)
+    with pytest.raises(UnsupportedOpError, match=r"aten\.add_\.Tensor on an input, a weight or"):
+        lower(ep, Bucket(2, 4), ["x"])

@@ -5,6 +5,7 @@ not apply."""
 from __future__ import annotations
 
 from kernl.artifacts.generation import MAX_EOS_IDS
+from kernl.runtime.generation.model import IDS_CHANGING_OPTIONS
 
 from ..trace import UnsupportedModelError
 
@@ -26,31 +27,12 @@ def eos_token_ids(eos, vocab: int, task: str) -> list[int]:
 
 
 # Options of Hugging Face's generate that change which tokens come out, with the value that
-# changes nothing. kernl's generate decodes greedily or samples with temperature, top-k and
-# top-p (the caller's arguments): a model whose generation config sets one of these would get
-# other ids from kernl than from its own generate, silently (a text seq2seq model's compile
-# found it only when validation's inputs happened to trigger the option). Beam search
-# (num_beams) is not here: kernl never runs it, and says so (README).
-NEUTRAL = {
-    "penalty_alpha": 0.0,
-    "repetition_penalty": 1.0,
-    "encoder_repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "encoder_no_repeat_ngram_size": 0,
-    "min_length": 0,
-    "min_new_tokens": 0,
-    "exponential_decay_length_penalty": None,
-    "sequence_bias": None,
-    "force_words_ids": None,
-    "constraints": None,
-    "guidance_scale": 1.0,
-    "typical_p": 1.0,
-    "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0,
-    "min_p": 0.0,
-    "top_h": None,
-    "watermarking_config": None,
-}
+# changes nothing: the runtime refuses them per call, the compile in a generation config. A
+# model whose generation config sets one would get other ids from kernl than from its own
+# generate, silently (a text seq2seq model's compile found it only when validation's inputs
+# happened to trigger the option). Beam search (num_beams) is not here: kernl never runs it,
+# and says so (README).
+NEUTRAL = IDS_CHANGING_OPTIONS
 
 
 def refuse_unapplied_options(gen, task: str, also: tuple[str, ...] = ()) -> None:

@@ -785,17 +785,71 @@ _HF_OPTIONS = {
 }
 
 
+# Options of Hugging Face's generate that change which tokens come out, with the value that
+# changes nothing (None, HF's unset, changes nothing either). kernl decodes greedily or samples
+# with temperature, top-k and top-p: a call passing one of these is refused, and a model whose
+# generation config sets one is refused at compile (compiler/tasks/generation_config.py).
+IDS_CHANGING_OPTIONS = {
+    "penalty_alpha": 0.0,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "min_new_tokens": 0,
+    "exponential_decay_length_penalty": None,
+    "sequence_bias": None,
+    "force_words_ids": None,
+    "constraints": None,
+    "guidance_scale": 1.0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "min_p": 0.0,
+    "top_h": None,
+    "watermarking_config": None,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "logits_processor": None,
+    "prefix_allowed_tokens_fn": None,
+    "stopping_criteria": None,
+    "stop_strings": None,
+    "max_time": None,
+    "assistant_model": None,
+    "prompt_lookup_num_tokens": None,
+}
+_NOT_APPLIED = (
+    "kernl does not apply it (the ids would differ from Hugging Face's): generate decodes "
+    "greedily, or samples with temperature, top_k and top_p"
+)
+
+
 def refuse_hf_options(method: str, options: dict) -> None:
     """Hugging Face generate arguments passed to kernl's `method`: their neutral values are
     taken, anything else is a TypeError saying what kernl does instead."""
     for name, value in options.items():
-        if name not in _HF_OPTIONS:
+        if name in IDS_CHANGING_OPTIONS and name not in _HF_OPTIONS:
+            neutral, instead = IDS_CHANGING_OPTIONS[name], _NOT_APPLIED
+            if value is None or _empty(value) or _same_number(value, neutral):
+                continue
+        elif name not in _HF_OPTIONS:
             raise TypeError(f"{method}() got an unexpected keyword argument {name!r}")
-        neutral, instead = _HF_OPTIONS[name]
+        else:
+            neutral, instead = _HF_OPTIONS[name]
         if value is neutral or (type(value) in (bool, int) and value == neutral):
             continue
         shown = f"<tensor {tuple(value.shape)}>" if isinstance(value, torch.Tensor) else repr(value)
         raise TypeError(f"{method}() does not take {name}={shown}: {instead}")
+
+
+def _empty(value: Any) -> bool:
+    return isinstance(value, (list, tuple, dict)) and not value
+
+
+def _same_number(value: Any, neutral: Any) -> bool:
+    numbers = (int, float)
+    return type(value) in numbers and type(neutral) in numbers and value == neutral
 
 
 def check_options(
