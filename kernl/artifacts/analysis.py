@@ -700,10 +700,14 @@ class _Walk:
         if base == "masked_fill":
             return union(a, of(2)[0]), src
         if base in ("clamp", "clamp_min", "clamp_max"):
-            if a is None:
-                return None, ""
             lo = of(1)[0] if base in ("clamp", "clamp_min") else None
             hi = of(2 if base == "clamp" else 1)[0] if base in ("clamp", "clamp_max") else None
+            if a is None and lo is not None and hi is not None:
+                # min(max(x, lo), hi) whatever x is (DeBERTa clamps its relative positions,
+                # made through a float, into the table it gathers from)
+                return (min(lo[0], hi[0]), hi[1]), "a clamp"
+            if a is None:
+                return None, ""
             lo_v = max(a[0], lo[0]) if lo else a[0]
             hi_v = min(a[1], hi[1]) if hi else a[1]
             return (min(lo_v, hi_v), max(lo_v, hi_v)), src

@@ -14,12 +14,17 @@ from kernl.artifacts.program import Instruction, Program
 from kernl.artifacts.schema import Bucket
 from kernl.runtime.vocabulary import is_known_op
 
+from .fold import ConstantValues, foldable
 from .passes.constant_indices import constant_name
 
 # Ops that do nothing in inference: dropped, their output aliased to their input (detach_
 # follows a constant made in forward, `torch.tensor(...)`: it returns its input).
 _IDENTITY_OPS = {"aten.dropout.default", "aten.alias.default", "aten.detach.default"}
 _IDENTITY_OPS |= {"aten.detach_.default"}
+# `x.reshape_as(y)` is `x.reshape(y.shape)`: the shape is static in a bucket's program
+# (RoFormer's rotary embeddings).
+_SHAPE_AS = {"aten.reshape_as.default": "aten.reshape.default"}
+_SHAPE_AS |= {"aten.view_as.default": "aten.view.default"}
 # Ops that only check metadata at trace time (and would pin the tracing device).
 _DROPPED_OPS = {"aten._assert_tensor_metadata.default", "aten._assert_scalar.default"}
 
@@ -59,6 +64,20 @@ def _written_through(node: torch.fx.Node) -> list[torch.fx.Node]:
     return chain
 
 
+def _private_view(node: torch.fx.Node) -> bool:
+    """A view no other reader sees through: each tensor above it, up to one an op made
+    afresh, is read by the next view alone (DeBERTa's `pos_query_layer /= ...` on the head
+    view of a linear's output)."""
+    while _returns_alias(node):
+        src = node.args[0] if node.args else None
+        if node.op != "call_function" or node.target is operator.getitem:
+            return False  # an input or a weight, or one of several views (split)
+        if not isinstance(src, torch.fx.Node) or len(src.users) != 1:
+            return False
+        node = src
+    return node.op == "call_function"
+
+
 def _out_of_place(target: Any) -> torch._ops.OpOverload | None:
     """`aten.add.Tensor` for `aten.add_.Tensor`: the op that writes its first argument, if it
     has a functional twin."""
@@ -87,6 +106,7 @@ class _Lowering:
         self.instructions: list[Instruction] = []
         self.values: dict[int, list] = {}  # value id -> [shape, dtype], for passes and tuning
         self.order = {node: i for i, node in enumerate(ep.graph.nodes)}
+        self.constants = ConstantValues(ep)
 
     def describe(self, vid: int, val: Any) -> None:
         if isinstance(val, torch.Tensor):
@@ -153,10 +173,16 @@ class _Lowering:
         if name in _IDENTITY_OPS:
             self.ids[node] = self.ids[node.args[0]]
             return
+        if name in _SHAPE_AS and isinstance(node.args[1], torch.fx.Node):
+            shape = list(node.args[1].meta["val"].shape)
+            return self.emit(node, _SHAPE_AS[name], where, [node.args[0], shape])
         functional = None if is_known_op(name) else _out_of_place(node.target)
         if functional is not None and is_known_op(op_name(functional)):
             return self.call_in_place(node, functional)
         if not isinstance(node.target, torch._ops.OpOverload) or not is_known_op(name):
+            value = self.constants.value(node)
+            if foldable(value):
+                return self.fold(node, value)
             stack = node.meta.get("stack_trace") or ""
             origin = stack.strip().splitlines()[-1].strip() if stack else ""
             raise UnsupportedOpError(
@@ -165,10 +191,24 @@ class _Lowering:
             )
         self.emit(node, name, where)
 
+    def fold(self, node: torch.fx.Node, value: torch.Tensor) -> None:
+        """An op the vocabulary lacks, on values no call can change (compiler/fold.py): its
+        value, computed now, is a constant weight of the program."""
+        val = node.meta.get("val")
+        device = getattr(val, "device", None) or torch.device("cpu")
+        tensor = value.contiguous().to(device)
+        name = constant_name(tensor)
+        vid = self.new_id()
+        self.weights[name] = tensor
+        self.program_weights[vid] = name
+        self.ids[node] = vid
+        self.describe(vid, tensor)
+
     def call_in_place(self, node: torch.fx.Node, functional: torch._ops.OpOverload) -> None:
         """`x += y` (MegatronBERT's embeddings, MPNet's position buckets) as `x = x + y`: the
         graph's later readers of x read the new value. Sound only where nothing else sees x's
-        memory: x is no input or weight and no view, and no view of it was taken before."""
+        memory: x is no input or weight, no view another reader sees through, and no view of
+        it was taken before."""
         name, written = op_name(node.target), node.args[0]
         where = f"{name} (node {node.name})"
         chain = _written_through(written) if isinstance(written, torch.fx.Node) else []
@@ -181,7 +221,8 @@ class _Lowering:
             and self.order[u] < self.order[node]
             and _returns_alias(u)
         ]
-        if not chain or _returns_alias(chain[-1]) or earlier_views:
+        shared = _returns_alias(chain[-1]) and not _private_view(chain[-1]) if chain else True
+        if shared or earlier_views:
             stack = node.meta.get("stack_trace") or ""
             origin = stack.strip().splitlines()[-1].strip() if stack else ""
             raise UnsupportedOpError(
@@ -192,7 +233,7 @@ class _Lowering:
         self.emit(node, op_name(functional), where)
         self.ids[written] = self.ids[node]
 
-    def emit(self, node: torch.fx.Node, name: str, where: str) -> None:
+    def emit(self, node: torch.fx.Node, name: str, where: str, args: list | None = None) -> None:
         val = node.meta.get("val")
         if isinstance(val, (list, tuple)):
             outs = []
@@ -207,7 +248,7 @@ class _Lowering:
         self.instructions.append(
             Instruction(
                 name,
-                self.encode(list(node.args), where),
+                self.encode(list(node.args) if args is None else args, where),
                 {k: self.encode(v, where) for k, v in node.kwargs.items()},
                 outs,
             )

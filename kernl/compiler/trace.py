@@ -359,13 +359,21 @@ def model_signature(model: torch.nn.Module, device) -> ModelSignature:
         InputSpec(n, "int64", pad if n == "input_ids" else _INPUTS[n][1], _INPUTS[n][0])
         for n in names
     ]
+    _refuse_block_sparse(model)
+    vocab = getattr(model.config, "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < 1:
+        raise UnsupportedModelError(
+            f"{type(model.config).__name__} has no vocab_size: kernl compiles encoders whose "
+            "input_ids index a vocabulary (a model of characters or bytes, as CANINE, is not "
+            "supported)"
+        )
     # Find which output axes follow batch and sequence by probing two shapes. A feed-forward
     # in chunks (BERT's chunk_size_feed_forward) takes lengths that are multiples of the chunk.
-    vocab = model.config.vocab_size
     chunk = getattr(model.config, "chunk_size_feed_forward", 0)
     chunk = chunk if isinstance(chunk, int) and chunk > 0 else 1
     seq_a, seq_b = 7 * chunk, 5 * chunk
     probes = []
+    modes = _modes(model)
     with torch.no_grad():
         for bucket in (Bucket(2, seq_a), Bucket(3, seq_b)):
             args = example_inputs(names, bucket, vocab, device)
@@ -374,11 +382,14 @@ def model_signature(model: torch.nn.Module, device) -> ModelSignature:
             except Exception as e:  # e.g. a multiple-choice head, which wants 3-D ids
                 raise UnsupportedModelError(
                     f"{type(model).__name__} fails on [batch, seq] token ids ({bucket.batch}x"
-                    f"{bucket.seq}): {type(e).__name__}: {e}. kernl compiles encoders called "
-                    f"as model(input_ids[, attention_mask, token_type_ids]); tasks: "
+                    f"{bucket.seq}, one of two small shapes kernl runs it at to find its "
+                    f"outputs' axes): {type(e).__name__}: {e}. kernl compiles encoders called "
+                    f"as model(input_ids[, attention_mask, token_type_ids]) at any length "
+                    f"(a model that takes some lengths only is not supported); tasks: "
                     f"{', '.join(ALL_TASKS)}"
                 ) from e
             probes.append((bucket, {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}))
+            _refuse_a_model_that_changed_itself(model, modes, bucket)
     # Tuples of tensors (the config's output_hidden_states, output_attentions) are not served:
     # refused here, not dropped (a caller's out.hidden_states[-2] then met None)
     tuples = sorted(k for k, v in out.items() if isinstance(v, (tuple, list)))
@@ -398,6 +409,54 @@ def model_signature(model: torch.nn.Module, device) -> ModelSignature:
         dtype = str(t.dtype).removeprefix("torch.")
         outputs.append(OutputSpec(name, dtype, 0, axes_s[0] if axes_s else None))
     return ModelSignature(inputs, outputs)
+
+
+def _refuse_block_sparse(model: torch.nn.Module) -> None:
+    """BigBird's block-sparse attention: Hugging Face's model switches itself to full
+    attention, for good, the first time it meets an input too short for its blocks (kernl's
+    probes are such inputs), so what kernl traced and validated was full attention at every
+    bucket, silently (1.5e-2 from a fresh model's block-sparse outputs)."""
+    config = model.config
+    if getattr(config, "attention_type", None) != "block_sparse":
+        return
+    blocks, size = getattr(config, "num_random_blocks", 3), getattr(config, "block_size", 64)
+    raise UnsupportedModelError(
+        f"{type(model).__name__} uses block-sparse attention, which kernl does not compile "
+        "(and which the model itself switches to full attention, for good, on any input of up "
+        f"to {(5 + 2 * blocks) * size} tokens). Set config.attention_type = 'original_full' "
+        "(in config.json, or on model.config before loading) to compile it with full "
+        "attention: Hugging Face's outputs for inputs up to that length"
+    )
+
+
+def _modes(model: torch.nn.Module) -> dict[str, str]:
+    """What a forward could switch in a model: each submodule's class, and its string
+    attributes (an attention_type)."""
+    modes = {}
+    for name, module in model.named_modules():
+        modes[name or "(model)"] = type(module).__name__
+        for key, value in vars(module).items():
+            if isinstance(value, str) and not key.startswith("_"):
+                modes[f"{name}.{key}" if name else key] = value
+    return modes
+
+
+def _refuse_a_model_that_changed_itself(
+    model: torch.nn.Module, before: dict[str, str], bucket: Bucket
+) -> None:
+    """kernl traces the model as it is after its probes; a model whose forward replaced its
+    own modules or modes would be compiled as another function than the one given."""
+    after = _modes(model)
+    changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+    if not changed:
+        return
+    shown = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:3])
+    more = f" (and {len(changed) - 3} more)" if len(changed) > 3 else ""
+    raise UnsupportedModelError(
+        f"{type(model).__name__} changed itself when kernl ran it on a {bucket.batch}x"
+        f"{bucket.seq} input ({shown}{more}): kernl compiles the model as one fixed function "
+        "per bucket, and this one is not"
+    )
 
 
 @contextlib.contextmanager

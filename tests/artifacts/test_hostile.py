@@ -617,6 +617,30 @@ CASES = {
         "reach [0, 14161]",
         "b1_s8",
     ),
+    # a clamp bounds an index whatever it clamps (DeBERTa's positions, made through a float),
+    # by its own limits: past the table is refused
+    "a float cast clamped past the table": Case(
+        lambda r, o: _instructions(
+            r,
+            ["aten.to.dtype", ["@" + LN_W, {"dtype": "int64"}], {}],
+            ["aten.clamp.default", ["$0", 0, 5000], {}],
+            ["aten.embedding.default", ["@" + WORD, "$1"], {}],
+        ),
+        ArtifactUnsafeError,
+        "a clamp, whose values reach [0, 5000]",
+        "b1_s8",
+    ),
+    "a float cast clamped from one side": Case(
+        lambda r, o: _instructions(
+            r,
+            ["aten.to.dtype", ["@" + LN_W, {"dtype": "int64"}], {}],
+            ["aten.clamp.default", ["$0", 0], {}],
+            ["aten.embedding.default", ["@" + WORD, "$1"], {}],
+        ),
+        ArtifactUnsafeError,
+        "cannot be bounded",
+        "b1_s8",
+    ),
     "as_strided past its storage": Case(
         lambda r, o: _instructions(r, ["aten.as_strided.default", ["@" + LN_W, [64], [2]], {}]),
         ArtifactUnsafeError,

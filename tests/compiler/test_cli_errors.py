@@ -9,6 +9,7 @@ import torch
 import transformers as T
 from click.testing import CliRunner
 
+import kernl.compiler
 import kernl.compiler.tasks.encoder
 import kernl.runtime
 from kernl.artifacts import read_manifest
@@ -451,7 +452,9 @@ def test_a_model_that_fails_on_the_probe_ids_is_named(monkeypatch):
         return input_ids.view(-1, 11)
 
     monkeypatch.setattr(model, "forward", reshaping_forward)
-    with pytest.raises(UnsupportedModelError, match=r"fails on \[batch, seq\] token ids \(2x7\)"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"fails on \[batch, seq\] token ids \(2x7, one of two small"
+    ):
         model_signature(model, torch.device("cpu"))
 
 
@@ -598,3 +601,52 @@ def test_an_unknown_model_type_is_named_before_the_buckets_are_read(tmp_path):
     result = run(tmp_path / "m", "-o", tmp_path / "a", "--buckets", buckets, *CPU_FP32)
     assert_clean_failure(result, 1, "'mycustom' is not known to the installed transformers")
     assert "unknown axis" not in result.output
+
+
+def test_block_sparse_bigbird_is_refused_and_full_attention_compiles(tmp_path):
+    """HF's BigBird switches itself to full attention, for good, on an input too short for its
+    blocks: kernl's probes were such inputs, so block-sparse checkpoints compiled and validated
+    as full attention (1.5e-2 from a fresh model at seq 32), and the model passed to compile()
+    came back switched."""
+    torch.manual_seed(0)
+    cfg = T.BigBirdConfig(**SMALL, block_size=4, num_random_blocks=1)
+    model = T.BigBirdModel(cfg).eval()
+    with pytest.raises(UnsupportedModelError, match=r"block-sparse attention.*up to 28 tokens"):
+        kernl.compiler.compile(model, "batch=1 seq=32", tmp_path / "a", dtype="fp32",
+                               device="cpu")  # fmt: skip
+    assert model.config.attention_type == "block_sparse"
+    layers = model.encoder.layer
+    assert {type(layer.attention.self).__name__ for layer in layers} == {
+        "BigBirdBlockSparseAttention"
+    }
+    cfg.attention_type = "original_full"
+    kernl.compiler.compile(T.BigBirdModel(cfg), "batch=1 seq=8", tmp_path / "b", dtype="fp32",
+                           device="cpu")  # fmt: skip
+
+
+class SwitchesItself(T.BertModel):
+    """A model whose forward changes its own mode (as BigBird's does) after its first call."""
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
+        out = super().forward(input_ids, attention_mask, token_type_ids, **kwargs)
+        self.mode = "after the first call"
+        return out
+
+
+def test_a_model_that_changes_itself_when_run_is_refused_by_name(tmp_path):
+    model = SwitchesItself(T.BertConfig(**SMALL)).eval()
+    model.mode = "as given"
+    with pytest.raises(UnsupportedModelError, match=r"changed itself when kernl ran it on a 2x7 "
+                       r"input \(mode: 'as given' -> 'after the first call'\)"):  # fmt: skip
+        kernl.compiler.compile(model, "batch=1 seq=8", tmp_path / "a", dtype="fp32",
+                               device="cpu")  # fmt: skip
+
+
+def test_a_config_without_a_vocabulary_is_named(tmp_path):
+    # CANINE reads characters: a raw AttributeError on config.vocab_size before
+    torch.manual_seed(0)
+    model = T.CanineModel(T.CanineConfig(hidden_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, intermediate_size=64))  # fmt: skip
+    with pytest.raises(UnsupportedModelError, match="CanineConfig has no vocab_size"):
+        kernl.compiler.compile(model, "batch=1 seq=8", tmp_path / "a", dtype="fp32",
+                               device="cpu")  # fmt: skip

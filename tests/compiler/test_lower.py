@@ -127,3 +127,75 @@ def test_in_place_ops_others_could_see_are_refused_by_name(module):
     ep = torch.export.export(module(), (torch.randn(2, 4),), strict=False)
     with pytest.raises(UnsupportedOpError, match=r"aten\.add_\.Tensor on an input, a weight or"):
         lower(ep, Bucket(2, 4), ["x"])
+
+
+class SignOfPositions(torch.nn.Module):
+    """DeBERTa-v2's log buckets: `sign` and `ceil` (outside the vocabulary) on positions made
+    from the length alone are computed at compile time; on an input they are refused."""
+
+    def forward(self, x):
+        rel = torch.arange(x.shape[1])[None, :] - torch.arange(x.shape[1])[:, None]
+        buckets = torch.sign(rel) * torch.ceil(rel.abs().float().sqrt())
+        return (x + buckets[None],)
+
+
+class SignOfInput(torch.nn.Module):
+    def forward(self, x):
+        return (torch.sign(x),)
+
+
+def test_ops_outside_the_vocabulary_on_constants_are_computed_at_compile_time():
+    m = SignOfPositions()
+    x = torch.randn(2, 5, 5)
+    ep = torch.export.export(m, (x,), strict=False)
+    program, weights = lower(ep, Bucket(2, 5), ["x"])
+    ops = {i.op for i in program.instructions}
+    assert not ops & {"aten.sign.default", "aten.ceil.default"}
+    assert any(name.startswith("constant.") and w.shape == (5, 5) for name, w in weights.items())
+    x2 = torch.randn(2, 5, 5)
+    (got,) = Executor(program, weights, torch.device("cpu")).run({"x": x2})
+    torch.testing.assert_close(got, m(x2)[0])
+    ep = torch.export.export(SignOfInput(), (x,), strict=False)
+    with pytest.raises(UnsupportedOpError, match=r"aten\.sign\.default, which kernl does not"):
+        lower(ep, Bucket(2, 5), ["x"])
+
+
+class ReshapeAs(torch.nn.Module):
+    # RoFormer's rotary embeddings: `x.reshape_as(y)` (outside the vocabulary)
+    def forward(self, x, y):
+        return (torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).reshape_as(y) + y.view_as(y),)
+
+
+def test_reshape_as_lowers_as_a_reshape_to_the_static_shape():
+    m = ReshapeAs()
+    args = (torch.randn(2, 3, 8), torch.randn(2, 3, 8))
+    program, weights = lower(torch.export.export(m, args, strict=False), Bucket(2, 3), ["x", "y"])
+    ops = [i.op for i in program.instructions]
+    assert "aten.reshape.default" in ops and not any(op.endswith("_as.default") for op in ops)
+    new = (torch.randn(2, 3, 8), torch.randn(2, 3, 8))
+    (got,) = Executor(program, weights, torch.device("cpu")).run(dict(zip(["x", "y"], new)))
+    torch.testing.assert_close(got, m(*new)[0])
+
+
+class WritesAPrivateView(torch.nn.Module):
+    """DeBERTa's `pos_query_layer /= scale` on the head view of a linear's output that
+    nothing else reads: the write is seen by the view's readers alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        heads = self.lin(x).view(2, 3, 2, 4).permute(0, 2, 1, 3)
+        heads /= 2.0
+        return (heads.sum(-1),)
+
+
+def test_an_in_place_op_on_a_view_nobody_else_reads_through_lowers():
+    m = WritesAPrivateView().eval()
+    x = torch.randn(2, 3, 8)
+    program, weights = lower(torch.export.export(m, (x,), strict=False), Bucket(2, 3), ["x"])
+    assert "aten.div.Tensor" in [i.op for i in program.instructions]
+    x2 = torch.randn(2, 3, 8)
+    (got,) = Executor(program, weights, torch.device("cpu")).run({"x": x2})
+    torch.testing.assert_close(got, m(x2)[0])

@@ -157,12 +157,12 @@ class NormAndAttention(torch.nn.Module):
     def forward(self, x, r, q, float_mask):
         a = self.ln(x + r)
         b = F.layer_norm(x, (4, 16))  # over two axes: stays aten
-        c = F.scaled_dot_product_attention(q, q, q, attn_mask=float_mask)  # additive: stays
+        c = F.scaled_dot_product_attention(q, q, q, attn_mask=float_mask)  # additive
         d = F.scaled_dot_product_attention(q, q, q, is_causal=True)
         return (a, b, c, d)
 
 
-def test_layer_norm_absorbs_the_residual_add_and_attention_keeps_unsafe_forms():
+def test_layer_norm_absorbs_the_residual_add_and_attention_takes_additive_masks():
     args = (
         torch.randn(2, 4, 16),
         torch.randn(2, 4, 16),
@@ -175,9 +175,9 @@ def test_layer_norm_absorbs_the_residual_add_and_attention_keeps_unsafe_forms():
     assert o["kernl.layer_norm"] == 1 and o["aten.layer_norm.default"] == 1
     (ln,) = [i for i in after.instructions if i.op == "kernl.layer_norm"]
     assert "residual" in ln.kwargs and "aten.add.Tensor" not in o
-    assert o["kernl.attention"] == 1 and o["aten.scaled_dot_product_attention.default"] == 1
-    (att,) = [i for i in after.instructions if i.op == "kernl.attention"]
-    assert att.args[5] is True  # causal
+    assert o["kernl.attention"] == 2 and o["aten.scaled_dot_product_attention.default"] == 0
+    additive, causal = [i for i in after.instructions if i.op == "kernl.attention"]
+    assert causal.args[5] is True and additive.args[3] is not None
     for a, b in zip(run(after, weights, inputs), run(program, weights, inputs)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 

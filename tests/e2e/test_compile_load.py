@@ -48,11 +48,38 @@ MODELS = {
     "mpnet": lambda: T.MPNetModel(T.MPNetConfig(**SMALL, pad_token_id=1)),
     # `embeddings += position_embeddings`: an in-place add, lowered as an add
     "megatron-bert": lambda: T.MegatronBertModel(T.MegatronBertConfig(**SMALL)),
+    # rotary positions through `reshape_as` (lowered as a reshape to the static shape)
+    "roformer": lambda: T.RoFormerModel(T.RoFormerConfig(**SMALL, embedding_size=64)),
+    # DeBERTa (v1): `pos_query_layer /= scale` on a head view nothing else reads
+    "deberta-mlm": lambda: T.DebertaForMaskedLM(
+        T.DebertaConfig(
+            **SMALL, relative_attention=True, pos_att_type=["c2p", "p2c"], max_relative_positions=-1
+        )
+    ),
+    # DeBERTa-v3's disentangled attention: log-bucketed relative positions through sign and
+    # ceil (computed at compile time: compiler/fold.py), clamped into the tables it gathers
+    "deberta-v3-cls": lambda: T.DebertaV2ForSequenceClassification(
+        T.DebertaV2Config(
+            **SMALL,
+            relative_attention=True,
+            pos_att_type=["p2c", "c2p"],
+            position_buckets=32,
+            max_relative_positions=-1,
+            position_biased_input=False,
+            norm_rel_ebd="layer_norm",
+            share_att_key=True,
+            type_vocab_size=0,
+            num_labels=3,
+        )
+    ),
 }
 # No SDPA path: attention written in aten ops with an additive float mask (and MPNet's
 # relative position bias), which passes/eager_attention.py puts on kernl.attention; the
 # float mask is not one of the shapes padding_mask.py shortens.
-EAGER_ATTENTION = {"mpnet", "megatron-bert"}
+EAGER_ATTENTION = {"mpnet", "megatron-bert", "roformer"}
+# Attention of its own kind (DeBERTa's content-to-position terms gathered into the scores):
+# its attention stays on aten ops.
+ATEN_ATTENTION = {"deberta-mlm", "deberta-v3-cls"}
 BUCKETS = "batch=1,4 seq=8,32"
 # (batch, seq) of the calls: exactly bucket sizes, and sizes between buckets.
 CALL_SHAPES = [(1, 8), (4, 32), (1, 5), (3, 8), (2, 17), (4, 31), (1, 32)]
@@ -124,8 +151,9 @@ def test_compile_then_load_in_fresh_process_matches_eager(name, tmp_path):
     # the padded calls below check the shortened mask too
     for rel in (artifact / "programs").iterdir():
         ops = [i.op for i in read_program(artifact, f"programs/{rel.name}").instructions]
-        assert ops.count("kernl.attention") == 2 and "aten.softmax.int" not in ops, rel.name
-        if name not in EAGER_ATTENTION:
+        if name not in ATEN_ATTENTION:
+            assert ops.count("kernl.attention") == 2 and "aten.softmax.int" not in ops, rel.name
+        if name not in EAGER_ATTENTION | ATEN_ATTENTION:
             assert "aten.ne.Scalar" in ops and "aten.index.Tensor" not in ops, rel.name
     with_type_ids = "token_type_ids" in kernl.runtime.load(artifact, device="cpu").input_names
     calls = make_calls(CALL_SHAPES, 120, with_type_ids)

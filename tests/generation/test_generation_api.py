@@ -167,7 +167,7 @@ def test_errors_are_clear_and_leave_the_model_usable(model):
     for kw, needle in [(dict(num_beams=2), "beam search"), (dict(streamer=object()), "stream"),
                        (dict(output_scores=True), "output_logits=True"),
                        # a bare "unexpected keyword argument" before
-                       (dict(no_repeat_ngram_size=3), "no_repeat_ngram_size=3: kernl does not"),
+                       (dict(no_repeat_ngram_size=3), "no_repeat_ngram_size=3: kernl does not take it"),
                        (dict(repetition_penalty=1.2), "does not take repetition_penalty=1.2"),
                        (dict(bogus=1), "unexpected keyword argument 'bogus'")]:  # fmt: skip
         with pytest.raises(TypeError, match=needle):

@@ -127,6 +127,8 @@ def fold_constant_indices(program: Program, weights: dict[str, torch.Tensor]) ->
         folded = _evaluate(program, _cone(program, producers, wanted), wanted)
     except ProgramRunError:
         return program  # left as traced: the reader names what it cannot bound
+    # where the program's weights are (tuning and validation run it there)
+    device = next((t.device for t in weights.values()), torch.device("cpu"))
     emptied = set()
     for vid, tensor in folded.items():
         if not isinstance(tensor, torch.Tensor):
@@ -135,7 +137,7 @@ def fold_constant_indices(program: Program, weights: dict[str, torch.Tensor]) ->
             continue
         tensor = tensor.contiguous()
         name = constant_name(tensor)
-        weights[name] = tensor
+        weights[name] = tensor.to(device)
         program.weights[vid] = name
         ins = program.instructions[producers[vid]]
         ins.outputs = [None if o == vid else o for o in ins.outputs]

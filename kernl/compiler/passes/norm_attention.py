@@ -1,8 +1,8 @@
 """aten.layer_norm over the last axis becomes kernl.layer_norm, absorbing a preceding
 single-use residual add (the norm kernel reads x and the residual in one pass, so the add costs
 no launch even when the linear before it stays on cuBLAS); aten.scaled_dot_product_attention
-with a boolean mask or none becomes kernl.attention; attentions sharing a boolean mask read one
-additive bias made once."""
+with a boolean mask, an additive one (LayoutLM's `(1 - mask) * min`) or none becomes
+kernl.attention; attentions sharing a boolean mask read one additive bias made once."""
 
 from __future__ import annotations
 
@@ -67,8 +67,10 @@ def _attention(ctx: Rewriter, sdpa: Node) -> list[Instruction] | None:
     causal = arg(ins, 5, "is_causal", False)
     scale = arg(ins, 6, "scale")
     gqa = arg(ins, 7, "enable_gqa", False)
-    if dropout or gqa or (mask is not None and ctx.dtype(ref(mask)) != "bool"):
-        return None  # additive float masks and dropout stay with aten
+    if dropout or gqa:
+        return None  # dropout and grouped heads stay with aten
+    if mask is not None and ctx.dtype(ref(mask)) not in ("bool", "float16", "bfloat16", "float32"):
+        return None  # what SDPA took: a boolean mask, or an additive one
     shapes = [ctx.shape(ref(t)) for t in (q, k, v)]
     if any(s is None or len(s) != 4 for s in shapes) or shapes[0][1] != shapes[1][1]:
         return None

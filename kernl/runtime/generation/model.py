@@ -808,6 +808,11 @@ IDS_CHANGING_OPTIONS = {
     "min_p": 0.0,
     "top_h": None,
     "watermarking_config": None,
+}
+# Also refused per call, though some tasks apply them from the model's generation config
+# (Marian's bad_words_ids, Whisper's suppressed tokens): a call cannot set other ones.
+_CALL_OPTIONS_NOT_TAKEN = {
+    **IDS_CHANGING_OPTIONS,
     "bad_words_ids": None,
     "suppress_tokens": None,
     "begin_suppress_tokens": None,
@@ -820,8 +825,9 @@ IDS_CHANGING_OPTIONS = {
     "prompt_lookup_num_tokens": None,
 }
 _NOT_APPLIED = (
-    "kernl does not apply it (the ids would differ from Hugging Face's): generate decodes "
-    "greedily, or samples with temperature, top_k and top_p"
+    "kernl does not take it: generate decodes greedily, or samples with temperature, top_k "
+    "and top_p, until max_new_tokens or an EOS id (what a model's generation config sets, "
+    "kernl applies or refuses at compile)"
 )
 
 
@@ -829,8 +835,8 @@ def refuse_hf_options(method: str, options: dict) -> None:
     """Hugging Face generate arguments passed to kernl's `method`: their neutral values are
     taken, anything else is a TypeError saying what kernl does instead."""
     for name, value in options.items():
-        if name in IDS_CHANGING_OPTIONS and name not in _HF_OPTIONS:
-            neutral, instead = IDS_CHANGING_OPTIONS[name], _NOT_APPLIED
+        if name in _CALL_OPTIONS_NOT_TAKEN and name not in _HF_OPTIONS:
+            neutral, instead = _CALL_OPTIONS_NOT_TAKEN[name], _NOT_APPLIED
             if value is None or _empty(value) or _same_number(value, neutral):
                 continue
         elif name not in _HF_OPTIONS:

@@ -1,5 +1,5 @@
-"""replace_attention alone: SDPA with a boolean mask or none becomes kernl.attention; additive
-masks, dropout and grouped heads stay with aten."""
+"""replace_attention alone: SDPA with a boolean mask, an additive one or none becomes
+kernl.attention; dropout and grouped heads stay with aten."""
 
 from program_builder import Builder, assert_same_function
 
@@ -24,7 +24,7 @@ def test_safe_forms_become_kernl_attention_and_unsafe_ones_stay():
     assert b.show(after) == [
         "kernl.attention(q, k, v, mask, 0.5, False) -> a",
         "kernl.attention(q, k, v, None, None, True) -> c",
-        f"{SDPA}(q, k, v, fmask) -> d",
+        "kernl.attention(q, k, v, fmask, None, False) -> d",
         f"{SDPA}(q, k, v, None, 0.1) -> e",
     ]
     after.outputs = after.outputs[:3]  # dropout is random: compare the rest

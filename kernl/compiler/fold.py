@@ -1,0 +1,112 @@
+"""Values of an exported graph that no call can change, computed at compile time.
+
+DeBERTa-v2/v3's relative positions go through `sign`, `ceil` and `log` (log-spaced buckets):
+ops outside kernl's vocabulary, on tensors made from the sequence length alone. The lowering
+asks this module for such an op's value instead of refusing the model; the value becomes a
+constant weight of the bucket's program. Only ops the vocabulary lacks are folded: what
+kernl's passes match on (masks, positions) stays as traced.
+
+A value is constant when it depends on no model input and no parameter (buffers and
+trace-time constants are data), through ops that are functions of their arguments: no
+random op, no uninitialised memory, no in-place write (a write would change what an earlier
+reader of the same tensor saw)."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+
+_UNINITIALISED = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
+# What the lowering drops as identities in inference (lower._IDENTITY_OPS): `detach_` follows
+# a `torch.tensor(...)` made in forward, and writes nothing.
+_IDENTITIES = {"dropout", "alias", "detach", "detach_"}
+# A folded value is a weight of every program that needs it: past this, the op is refused.
+MAX_FOLDED_BYTES = 64 << 20
+_CPU = torch.device("cpu")
+
+
+def _pure(target: Any) -> bool:
+    if not isinstance(target, torch._ops.OpOverload):
+        return target is operator.getitem
+    if target._opname in _UNINITIALISED or torch.Tag.nondeterministic_seeded in target.tags:
+        return False
+    schema = target._schema
+    writes = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+    return not writes
+
+
+def _cpu(value: Any) -> Any:
+    return value.to(_CPU) if isinstance(value, torch.Tensor) else value
+
+
+def _on_cpu(a: Any) -> Any:
+    """Arguments as the CPU evaluates them: devices become the CPU."""
+    if isinstance(a, torch.device):
+        return _CPU
+    if isinstance(a, (list, tuple)):
+        return type(a)(_on_cpu(x) for x in a)
+    return a
+
+
+class ConstantValues:
+    """`value(node)`: the node's tensor when no call can change it, else None."""
+
+    def __init__(self, ep: ExportedProgram):
+        data = {**ep.state_dict, **ep.constants}
+        self.position = {node: i for i, node in enumerate(ep.graph.nodes)}
+        kinds = {spec.arg.name: spec for spec in ep.graph_signature.input_specs}
+        mutated = set(ep.graph_signature.buffers_to_mutate.values())  # a call changes them
+        self.known: dict[torch.fx.Node, Any] = {}
+        for node in ep.graph.nodes:
+            if node.op != "placeholder":
+                continue
+            spec = kinds.get(node.name)
+            fixed = spec is not None and spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+            fixed = fixed and spec.target not in mutated
+            self.known[node] = data[spec.target].detach() if fixed else None
+
+    def value(self, node: torch.fx.Node) -> Any:
+        if node in self.known:
+            return self.known[node]
+        # the node's cone not known yet, found without recursion (cones can be long), then
+        # computed in the graph's order
+        order, stack, seen = [], [node], set()
+        while stack:
+            n = stack.pop()
+            if n in self.known or n in seen:
+                continue
+            seen.add(n)
+            order.append(n)
+            stack.extend(n.all_input_nodes)
+        for n in sorted(order, key=self.position.__getitem__):  # the graph's order
+            self.known[n] = self._compute(n)
+        return self.known[node]
+
+    def _compute(self, node: torch.fx.Node) -> Any:
+        if node.op != "call_function":
+            return None
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload) and target._opname in _IDENTITIES:
+            return self.known.get(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
+        if not _pure(target):
+            return None
+        if any(self.known.get(n) is None for n in node.all_input_nodes):
+            return None
+        args, kwargs = torch.fx.node.map_arg(
+            (node.args, node.kwargs), lambda n: _cpu(self.known[n])
+        )
+        try:
+            with torch.no_grad():
+                return node.target(*_on_cpu(args), **_on_cpu(kwargs))
+        except Exception:  # noqa: BLE001 - not computable here: the op is then refused
+            return None
+
+
+def foldable(value: Any) -> bool:
+    return (
+        isinstance(value, torch.Tensor) and value.numel() * value.element_size() <= MAX_FOLDED_BYTES
+    )
