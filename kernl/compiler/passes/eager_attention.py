@@ -26,6 +26,7 @@ _SOFTMAX = ("aten.softmax.int", "aten._softmax.default")
 _SCALE = {"aten.div.Tensor": "div", "aten.div.Scalar": "div"}
 _SCALE |= {"aten.mul.Tensor": "mul", "aten.mul.Scalar": "mul"}
 _LAST_TWO = {(-1, -2), (-2, -1), (2, 3), (3, 2)}
+_FLOAT32 = {"dtype": "float32"}
 
 
 def _chain(ctx: Rewriter, vid: int | None, consumed: list[Node]) -> Node | None:
@@ -76,12 +77,33 @@ def _scale(ctx: Rewriter, node: Node, consumed: list[Node]) -> tuple[Node | None
     return _chain(ctx, ref(node.ins.args[0]), consumed), factor
 
 
-def _attention(ctx: Rewriter, pv: Node, softmax: Node) -> list[Instruction] | None:
+def _cast_back(ctx: Rewriter, pv: Node, cast: Node, softmax: Node) -> list[Instruction] | None:
+    """transformers' `eager_attention_forward`: softmax(..., dtype=float32).to(q.dtype), the
+    probabilities in float32 then cast to the scores' dtype, as kernl.attention computes."""
+    ins = cast.ins
+    to = arg(ins, 1, "dtype") if ins.op == "aten.to.dtype" else ins.kwargs.get("dtype")
+    extra = set(ins.kwargs) - {"dtype"} if ins.op == "aten._to_copy.default" else ins.kwargs
+    if extra or len(ins.args) > (2 if ins.op == "aten.to.dtype" else 1):
+        return None
+    if to != {"dtype": ctx.dtype(ref(arg(softmax.ins, 0, "self")))}:
+        return None
+    return _attention(ctx, pv, softmax, float32_softmax=True)
+
+
+def _attention(
+    ctx: Rewriter, pv: Node, softmax: Node, float32_softmax: bool = False
+) -> list[Instruction] | None:
     consumed: list[Node] = []
     sm = softmax.ins
-    if sm.op == "aten.softmax.int" and arg(sm, 2, "dtype") is not None:
+    softmax_dtype = arg(sm, 2, "dtype") if sm.op == "aten.softmax.int" else None
+    float32_scores = ctx.dtype(ref(arg(sm, 0, "self"))) == "float32"
+    if softmax_dtype is not None and not (
+        softmax_dtype == _FLOAT32 and (float32_softmax or float32_scores)
+    ):
         return None
     if sm.op == "aten._softmax.default" and arg(sm, 2, "half_to_float"):
+        return None
+    if ctx.dtype(ref(arg(sm, 0, "self"))) != ctx.dtype(ref(pv.ins.args[0])):
         return None
     p = ref(pv.ins.args[0])
     v = ref(pv.ins.args[1]) if len(pv.ins.args) > 1 else None
@@ -143,6 +165,21 @@ EAGER_ATTENTION_RULES: list[Rule] = [
     (
         Pat("aten.matmul.default", name="pv", src=(Pat(_SOFTMAX, name="softmax", one_use=True),)),
         _attention,
+    ),
+    (
+        Pat(
+            "aten.matmul.default",
+            name="pv",
+            src=(
+                Pat(
+                    ("aten.to.dtype", "aten._to_copy.default"),
+                    name="cast",
+                    one_use=True,
+                    src=(Pat(_SOFTMAX, name="softmax", one_use=True),),
+                ),
+            ),
+        ),
+        _cast_back,
     ),
 ]
 

@@ -4,6 +4,7 @@ kernl.attention with its biases summed once; forms that are not the same functio
 import pytest
 from program_builder import Builder, assert_same_function
 
+from kernl.artifacts.program import Instruction
 from kernl.compiler.passes import replace_eager_attention
 
 QS = [2, 4, 5, 8]
@@ -103,5 +104,44 @@ def test_a_bias_that_would_grow_the_scores_stays():
     rows = b.input("rows", [2, 4, 3, 5])  # broadcasts the one query row to three
     s = b.op(ADD, s, rows, shape=[2, 4, 3, 5])
     out = b.op(MATMUL, b.op(SOFTMAX, s, -1, shape=[2, 4, 3, 5]), v, shape=[2, 4, 3, 8])
+    p = b.program(out)
+    assert "kernl.attention" not in {i.op for i in replace_eager_attention(p).instructions}
+
+
+@pytest.mark.parametrize("cast", ["aten.to.dtype", "aten._to_copy.default"])
+def test_transformers_eager_attention_forward_softmax_in_float32_then_cast_back(cast):
+    """transformers' eager_attention_forward (MarkupLM, models without SDPA): softmax(...,
+    dtype=float32).to(query.dtype) between the scores and the values."""
+    b = Builder(dtype="float16")
+    q, k, v = (b.input(n, QS) for n in "qkv")
+    mask = b.input("mask", [2, 1, 1, 5])
+    kt = b.op("aten.transpose.int", k, 2, 3, shape=[2, 4, 8, 5])
+    s = b.op("aten.mul.Tensor", b.op(MATMUL, q, kt, shape=SCORES), 0.25, shape=SCORES)
+    s = b.op(ADD, s, mask, shape=SCORES)
+    p = b.op(SOFTMAX, s, -1, {"dtype": "float32"}, shape=SCORES, dtype="float32")
+    if cast == "aten.to.dtype":
+        p = b.op(cast, p, {"dtype": "float16"}, shape=SCORES)
+    else:  # its dtype is a keyword, which Builder.op keeps for the value's own dtype
+        cast_out = b._value(SCORES, "float16", None)
+        b.instructions.append(
+            Instruction(cast, [p], {"dtype": {"dtype": "float16"}}, [cast_out["v"]])
+        )
+        p = cast_out
+    out = b.op(MATMUL, p, v, shape=QS, name="out")
+    before = b.program(out)
+    after = replace_eager_attention(b.program(out))
+    assert b.show(after)[-1] == "kernl.attention(q, k, v, mask, 0.25, False) -> out"
+    assert_same_function(before, after, b, atol=2e-3)
+
+
+def test_a_float32_softmax_kept_in_float32_stays():
+    # the probabilities stay float32 into the value matmul: not what kernl.attention computes
+    b = Builder(dtype="float16")
+    q, k, v = (b.input(n, QS) for n in "qkv")
+    kt = b.op("aten.transpose.int", k, 2, 3, shape=[2, 4, 8, 5])
+    s = b.op(MATMUL, q, kt, shape=SCORES)
+    p = b.op(SOFTMAX, s, -1, {"dtype": "float32"}, shape=SCORES, dtype="float32")
+    vf = b.op("aten.to.dtype", v, {"dtype": "float32"}, shape=QS, dtype="float32")
+    out = b.op(MATMUL, p, vf, shape=QS, dtype="float32", name="out")
     p = b.program(out)
     assert "kernl.attention" not in {i.op for i in replace_eager_attention(p).instructions}
