@@ -646,6 +646,8 @@ class _Walk:
             if base in ("max", "min") and which == 1:
                 dim = args[1] if len(args) > 1 else 0
                 return (0, max(args[0].shape[dim] - 1, 0)), "an argmax"
+            if base in ("tril", "triu"):  # the other triangle is zeros
+                return union(of(0)[0], (0, 0)), of(0)[1]
             return of(0)
         if base in ("zeros", "zeros_like", "new_zeros"):
             return (0, 0), "zeros"
@@ -700,17 +702,10 @@ class _Walk:
         if base == "masked_fill":
             return union(a, of(2)[0]), src
         if base in ("clamp", "clamp_min", "clamp_max"):
-            lo = of(1)[0] if base in ("clamp", "clamp_min") else None
-            hi = of(2 if base == "clamp" else 1)[0] if base in ("clamp", "clamp_max") else None
-            if a is None and lo is not None and hi is not None:
-                # min(max(x, lo), hi) whatever x is (DeBERTa clamps its relative positions,
-                # made through a float, into the table it gathers from)
-                return (min(lo[0], hi[0]), hi[1]), "a clamp"
-            if a is None:
-                return None, ""
-            lo_v = max(a[0], lo[0]) if lo else a[0]
-            hi_v = min(a[1], hi[1]) if hi else a[1]
-            return (min(lo_v, hi_v), max(lo_v, hi_v)), src
+            return self._clamp_range(base, ins, a, src, scalar)
+        if base in ("gather", "index_select", "index", "embedding"):
+            # elements of the table (arg 0), wherever the indices point (they are checked)
+            return of(0)
         if a is None:
             return None, ""
         if base == "neg":
@@ -745,6 +740,44 @@ class _Walk:
             products = [x * y for x in a for y in b]
             return (min(products), max(products)), src
         return None, ""
+
+    def _clamp_range(self, base, ins, a, src, scalar):
+        """min(max(x, lo), hi) as an interval, each bound either given (a number, or a value
+        whose interval is known or not) or absent; (None, None) is a bound whose values are
+        unknown, which bounds nothing (it is no absent bound)."""
+        names = {"clamp": ("min", "max"), "clamp_min": ("min", None), "clamp_max": (None, "max")}
+        lo_name, hi_name = names[base]
+
+        def bound(i: int, name: str | None):
+            if name is None:
+                return None
+            given = ins.kwargs[name] if name in ins.kwargs else None
+            if given is None and i < len(ins.args):
+                given = ins.args[i]
+            if given is None:
+                return None
+            if isinstance(given, dict) and "v" in given:
+                known = self.ranges.get(given["v"])
+                return known if known is not None else (None, None)
+            number = scalar(given)
+            return number if number is not None else (None, None)
+
+        lo = bound(1, lo_name)
+        hi = bound(2 if base == "clamp" else 1, hi_name)
+        x = a if a is not None else (None, None)
+        if lo is not None:  # y = max(x, lo): at least either's least, at most both's most
+            least = [v for v in (x[0], lo[0]) if v is not None]
+            most = max(x[1], lo[1]) if x[1] is not None and lo[1] is not None else None
+            x = (max(least) if least else None, most)
+        if hi is not None:  # z = min(y, hi)
+            most = [v for v in (x[1], hi[1]) if v is not None]
+            least = min(x[0], hi[0]) if x[0] is not None and hi[0] is not None else None
+            x = (least, min(most) if most else None)
+        if x[0] is None or x[1] is None:
+            return None, ""
+        # a clamp bounds what it clamps whatever that is (DeBERTa clamps its relative
+        # positions, made through a float, into the table it gathers from)
+        return (x[0], x[1]), src if a is not None else "a clamp"
 
 
 # -- kernl ops: shapes and argument checks, mirroring kernl/runtime/kernl_ops.py --------------

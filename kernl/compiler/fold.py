@@ -26,7 +26,34 @@ _UNINITIALISED = {"empty", "empty_like", "new_empty", "empty_strided", "new_empt
 _IDENTITIES = {"dropout", "alias", "detach", "detach_"}
 # A folded value is a weight of every program that needs it: past this, the op is refused.
 MAX_FOLDED_BYTES = 64 << 20
-_CPU = torch.device("cpu")
+
+
+def returns_alias(node: torch.fx.Node) -> bool:
+    """Whether the node's value shares memory with another value of the graph (a view, an
+    input, or an op that lowering treats as its input)."""
+    target = node.target
+    if target is operator.getitem:
+        return returns_alias(node.args[0])
+    if not isinstance(target, torch._ops.OpOverload):
+        return node.op == "placeholder"
+    if target._opname in _IDENTITIES:
+        return True
+    return any(r.alias_info is not None for r in target._schema.returns)
+
+
+def _writes(target: Any) -> bool:
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    return any(a.alias_info is not None and a.alias_info.is_write for a in target._schema.arguments)
+
+
+def _memory_of(node: torch.fx.Node) -> torch.fx.Node:
+    """The node whose memory this one's value is (itself, or what it views)."""
+    while node.op == "call_function" and returns_alias(node) and node.args:
+        if not isinstance(node.args[0], torch.fx.Node):
+            break
+        node = node.args[0]
+    return node
 
 
 def _pure(target: Any) -> bool:
@@ -34,22 +61,7 @@ def _pure(target: Any) -> bool:
         return target is operator.getitem
     if target._opname in _UNINITIALISED or torch.Tag.nondeterministic_seeded in target.tags:
         return False
-    schema = target._schema
-    writes = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
-    return not writes
-
-
-def _cpu(value: Any) -> Any:
-    return value.to(_CPU) if isinstance(value, torch.Tensor) else value
-
-
-def _on_cpu(a: Any) -> Any:
-    """Arguments as the CPU evaluates them: devices become the CPU."""
-    if isinstance(a, torch.device):
-        return _CPU
-    if isinstance(a, (list, tuple)):
-        return type(a)(_on_cpu(x) for x in a)
-    return a
+    return not _writes(target)
 
 
 class ConstantValues:
@@ -61,12 +73,24 @@ class ConstantValues:
         kinds = {spec.arg.name: spec for spec in ep.graph_signature.input_specs}
         mutated = set(ep.graph_signature.buffers_to_mutate.values())  # a call changes them
         self.known: dict[torch.fx.Node, Any] = {}
+        # memory some op writes in place (`f[0].fill_(5)`): what reads it is no constant, as
+        # a read before the write and one after see other values
+        self.written = {
+            _memory_of(node.args[0])
+            for node in ep.graph.nodes
+            if node.op == "call_function"
+            and _writes(node.target)
+            and node.target._opname not in _IDENTITIES  # detach_ writes no value
+            and node.args
+            and isinstance(node.args[0], torch.fx.Node)
+        }
         for node in ep.graph.nodes:
             if node.op != "placeholder":
                 continue
             spec = kinds.get(node.name)
             fixed = spec is not None and spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
             fixed = fixed and spec.target not in mutated
+            fixed = fixed and node not in self.written
             self.known[node] = data[spec.target].detach() if fixed else None
 
     def value(self, node: torch.fx.Node) -> Any:
@@ -87,7 +111,7 @@ class ConstantValues:
         return self.known[node]
 
     def _compute(self, node: torch.fx.Node) -> Any:
-        if node.op != "call_function":
+        if node.op != "call_function" or _memory_of(node) in self.written:
             return None
         target = node.target
         if isinstance(target, torch._ops.OpOverload) and target._opname in _IDENTITIES:
@@ -96,12 +120,12 @@ class ConstantValues:
             return None
         if any(self.known.get(n) is None for n in node.all_input_nodes):
             return None
-        args, kwargs = torch.fx.node.map_arg(
-            (node.args, node.kwargs), lambda n: _cpu(self.known[n])
-        )
+        # on the devices the trace recorded, as eager ran it: DeBERTa-v3's log buckets on the
+        # GPU, MPNet's on the CPU (a float cast near an integer may differ between devices)
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: self.known[n])
         try:
             with torch.no_grad():
-                return node.target(*_on_cpu(args), **_on_cpu(kwargs))
+                return node.target(*args, **kwargs)
         except Exception:  # noqa: BLE001 - not computable here: the op is then refused
             return None
 

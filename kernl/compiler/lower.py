@@ -14,7 +14,7 @@ from kernl.artifacts.program import Instruction, Program
 from kernl.artifacts.schema import Bucket
 from kernl.runtime.vocabulary import is_known_op
 
-from .fold import ConstantValues, foldable
+from .fold import ConstantValues, foldable, returns_alias
 from .passes.constant_indices import constant_name
 
 # Ops that do nothing in inference: dropped, their output aliased to their input (detach_
@@ -31,19 +31,6 @@ _DROPPED_OPS = {"aten._assert_tensor_metadata.default", "aten._assert_scalar.def
 
 class UnsupportedOpError(ValueError):
     pass
-
-
-def _returns_alias(node: torch.fx.Node) -> bool:
-    """Whether the node's value shares memory with another value of the graph (a view, or
-    an op that lowering treats as its input)."""
-    target = node.target
-    if target is operator.getitem:
-        return _returns_alias(node.args[0])
-    if not isinstance(target, torch._ops.OpOverload):
-        return node.op == "placeholder"
-    if op_name(target) in _IDENTITY_OPS:
-        return True
-    return any(r.alias_info is not None for r in target._schema.returns)
 
 
 def _writes_its_first_argument(target: Any) -> bool:
@@ -68,7 +55,7 @@ def _private_view(node: torch.fx.Node) -> bool:
     """A view no other reader sees through: each tensor above it, up to one an op made
     afresh, is read by the next view alone (DeBERTa's `pos_query_layer /= ...` on the head
     view of a linear's output)."""
-    while _returns_alias(node):
+    while returns_alias(node):
         src = node.args[0] if node.args else None
         if node.op != "call_function" or node.target is operator.getitem:
             return False  # an input or a weight, or one of several views (split)
@@ -219,9 +206,9 @@ class _Lowering:
             if u is not node
             and u not in chain
             and self.order[u] < self.order[node]
-            and _returns_alias(u)
+            and returns_alias(u)
         ]
-        shared = _returns_alias(chain[-1]) and not _private_view(chain[-1]) if chain else True
+        shared = returns_alias(chain[-1]) and not _private_view(chain[-1]) if chain else True
         if shared or earlier_views:
             stack = node.meta.get("stack_trace") or ""
             origin = stack.strip().splitlines()[-1].strip() if stack else ""

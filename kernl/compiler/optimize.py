@@ -975,7 +975,10 @@ def copy_artifact(source: Path, destination: str | os.PathLike) -> Path:
 
 def _output_class(model: torch.nn.Module, device: torch.device) -> type | None:
     """The Hugging Face output class of `model`, from one forward pass on two tokens (no
-    weights are changed; training flags and the RNG state are put back)."""
+    weights are changed; training flags and the RNG state are put back). The pass runs on
+    new module objects over the same tensors where they can be made: a forward that changes
+    its model (BigBird switches to full attention for good on a short input) then changes
+    the copy, not the caller's model, even when the compile refuses it."""
     from transformers.utils import ModelOutput as HFModelOutput
 
     ids = torch.ones(1, 2, dtype=torch.long, device=next(iter(_tensors(model).values())).device)
@@ -984,8 +987,9 @@ def _output_class(model: torch.nn.Module, device: torch.device) -> type | None:
         # modules its forward enters, and this forward's would land in its stack ("Unexpected
         # key _export_root...", seen once in CI, 2026-12-04)
         with _COMPILE_LOCK, _untouched(model, device), torch.no_grad():
-            model.eval()
-            out = model(input_ids=ids, return_dict=True)
+            subject = _modules_over_the_same_tensors(model) or model
+            subject.eval()
+            out = subject(input_ids=ids, return_dict=True)
     except Exception:  # the runtime's own ModelOutput (a dict with attributes) then
         return None
     return type(out) if isinstance(out, HFModelOutput) else None

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -373,7 +374,7 @@ def model_signature(model: torch.nn.Module, device) -> ModelSignature:
     chunk = chunk if isinstance(chunk, int) and chunk > 0 else 1
     seq_a, seq_b = 7 * chunk, 5 * chunk
     probes = []
-    modes = _modes(model)
+    state = model_state(model)
     with torch.no_grad():
         for bucket in (Bucket(2, seq_a), Bucket(3, seq_b)):
             args = example_inputs(names, bucket, vocab, device)
@@ -389,7 +390,9 @@ def model_signature(model: torch.nn.Module, device) -> ModelSignature:
                     f"{', '.join(ALL_TASKS)}"
                 ) from e
             probes.append((bucket, {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}))
-            _refuse_a_model_that_changed_itself(model, modes, bucket)
+            refuse_a_model_that_changed_itself(
+                model, state, f"when kernl ran it on a {bucket.batch}x{bucket.seq} input"
+            )
     # Tuples of tensors (the config's output_hidden_states, output_attentions) are not served:
     # refused here, not dropped (a caller's out.hidden_states[-2] then met None)
     tuples = sorted(k for k, v in out.items() if isinstance(v, (tuple, list)))
@@ -429,33 +432,46 @@ def _refuse_block_sparse(model: torch.nn.Module) -> None:
     )
 
 
-def _modes(model: torch.nn.Module) -> dict[str, str]:
-    """What a forward could switch in a model: each submodule's class, and its string
-    attributes (an attention_type)."""
-    modes = {}
+def model_state(model: torch.nn.Module) -> dict[str, Any]:
+    """What a forward could switch in a model: which module object sits at each name, the
+    public string and bool attributes of each (an attention_type, a flag), and its config's
+    plain settings."""
+    state: dict[str, Any] = {}
     for name, module in model.named_modules():
-        modes[name or "(model)"] = type(module).__name__
+        state[name or "(the model)"] = (type(module).__name__, id(module))
         for key, value in vars(module).items():
-            if isinstance(value, str) and not key.startswith("_"):
-                modes[f"{name}.{key}" if name else key] = value
-    return modes
+            if type(value) in (str, bool) and not key.startswith("_") and key != "training":
+                state[f"{name}.{key}" if name else key] = value
+    config = getattr(model, "config", None)
+    for key, value in vars(config).items() if config is not None else ():
+        if type(value) in (str, bool, int, float) and not key.startswith("_"):
+            state[f"config.{key}"] = value
+    return state
 
 
-def _refuse_a_model_that_changed_itself(
-    model: torch.nn.Module, before: dict[str, str], bucket: Bucket
+def _change(key: str, before: Any, after: Any) -> str:
+    if isinstance(before, tuple) and isinstance(after, tuple):
+        if before[0] == after[0]:
+            return f"{key}: replaced by another {after[0]}"
+        return f"{key}: a {before[0]} became a {after[0]}"
+    return f"{key}: {before!r} -> {after!r}"
+
+
+def refuse_a_model_that_changed_itself(
+    model: torch.nn.Module, before: dict[str, Any], when: str
 ) -> None:
-    """kernl traces the model as it is after its probes; a model whose forward replaced its
-    own modules or modes would be compiled as another function than the one given."""
-    after = _modes(model)
+    """kernl traces and validates the model as it is at each step; a model whose forward
+    replaced its modules or switched its modes would be compiled as another function than
+    the one given (and the object given is no longer the model it was)."""
+    after = model_state(model)
     changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
     if not changed:
         return
-    shown = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:3])
+    shown = "; ".join(_change(k, before.get(k), after.get(k)) for k in changed[:3])
     more = f" (and {len(changed) - 3} more)" if len(changed) > 3 else ""
     raise UnsupportedModelError(
-        f"{type(model).__name__} changed itself when kernl ran it on a {bucket.batch}x"
-        f"{bucket.seq} input ({shown}{more}): kernl compiles the model as one fixed function "
-        "per bucket, and this one is not"
+        f"{type(model).__name__} changed itself {when} ({shown}{more}): kernl compiles the "
+        "model as one fixed function per bucket, and this one is not"
     )
 
 

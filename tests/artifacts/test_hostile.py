@@ -641,6 +641,59 @@ CASES = {
         "cannot be bounded",
         "b1_s8",
     ),
+    # a bound of unknown values bounds nothing (it was taken for no bound: x's own range)
+    "clamp_min by a float cast": Case(
+        lambda r, o: _instructions(
+            r,
+            ["aten.arange.default", [64], {}],
+            ["aten.to.dtype", ["@" + LN_W, {"dtype": "int64"}], {}],
+            ["aten.clamp_min.Tensor", ["$0", "$1"], {}],
+            ["aten.embedding.default", ["@" + WORD, "$2"], {}],
+        ),
+        ArtifactUnsafeError,
+        "cannot be bounded",
+        "b1_s8",
+    ),
+    "clamp by a float cast and a large tensor": Case(
+        lambda r, o: _instructions(
+            r,
+            ["aten.arange.default", [64], {}],
+            ["aten.to.dtype", ["@" + LN_W, {"dtype": "int64"}], {}],
+            ["aten.full.default", [[64], 10000], {"dtype": {"dtype": "int64"}}],
+            ["aten.clamp.Tensor", ["$0", "$1", "$2"], {}],
+            ["aten.embedding.default", ["@" + WORD, "$3"], {}],
+        ),
+        ArtifactUnsafeError,
+        "reach [0, 10000]",
+        "b1_s8",
+    ),
+    "clamp_max by a float cast": Case(
+        lambda r, o: _instructions(
+            r,
+            ["aten.arange.default", [64], {}],
+            ["aten.to.dtype", ["@" + LN_W, {"dtype": "int64"}], {}],
+            ["aten.clamp_max.Tensor", ["$0", "$1"], {}],
+            ["aten.embedding.default", ["@" + WORD, "$2"], {}],
+        ),
+        ArtifactUnsafeError,
+        "cannot be bounded",
+        "b1_s8",
+    ),
+    # the other triangle is zeros: 120 - tril(x) reaches row 120 of 120 though x stays in
+    # [5, 12] (it was taken for [108, 115])
+    "tril's zeros": Case(
+        lambda r, o: _instructions(
+            r,
+            ["aten.arange.start", [5, 13], {}],
+            ["aten.expand.default", ["$0", [8, 8]], {}],
+            ["aten.tril.default", ["$1"], {}],
+            ["aten.rsub.Scalar", ["$2", 120], {}],
+            ["aten.embedding.default", ["@" + WORD, "$3"], {}],
+        ),
+        ArtifactUnsafeError,
+        "reach [108, 120]",
+        "b1_s8",
+    ),
     "as_strided past its storage": Case(
         lambda r, o: _instructions(r, ["aten.as_strided.default", ["@" + LN_W, [64], [2]], {}]),
         ArtifactUnsafeError,

@@ -2,6 +2,7 @@
 1 (2 for a bad --buckets), never a Python traceback, and is refused before any bucket is
 compiled when the options alone show it cannot work."""
 
+import copy
 import sys
 
 import pytest
@@ -638,6 +639,44 @@ def test_a_model_that_changes_itself_when_run_is_refused_by_name(tmp_path):
     model.mode = "as given"
     with pytest.raises(UnsupportedModelError, match=r"changed itself when kernl ran it on a 2x7 "
                        r"input \(mode: 'as given' -> 'after the first call'\)"):  # fmt: skip
+        kernl.compiler.compile(model, "batch=1 seq=8", tmp_path / "a", dtype="fp32",
+                               device="cpu")  # fmt: skip
+
+
+class ChangesItselfLater(T.BertModel):
+    """Changes the hunt found the first check missed: a bool flag, a config setting, a
+    submodule replaced by one of its class, a mode switched on the third call (the probes
+    make two: the compile's export and validation made the third)."""
+
+    how = "flag"
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
+        out = super().forward(input_ids, attention_mask, token_type_ids, **kwargs)
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.how == "flag":
+            self.warm = True
+        elif self.how == "config":
+            self.config.my_mode = "other"
+        elif self.how == "swap" and self.calls == 1:
+            self.pooler = copy.deepcopy(self.pooler)
+        elif self.how == "third" and self.calls == 3:
+            self.mode = "other"
+        return out
+
+
+@pytest.mark.parametrize(
+    "how, said",
+    [
+        ("flag", r"when kernl ran it on a 2x7 input \(warm: None -> True\)"),
+        ("config", r"\(config\.my_mode: None -> 'other'\)"),
+        ("swap", r"\(pooler: replaced by another BertPooler;"),
+        ("third", r"while kernl compiled bucket 1x8 \(mode: None -> 'other'\)"),
+    ],
+)
+def test_later_and_quieter_self_changes_are_refused_by_name(how, said, tmp_path):
+    model = ChangesItselfLater(T.BertConfig(**SMALL)).eval()
+    model.how = how
+    with pytest.raises(UnsupportedModelError, match="changed itself .*" + said):
         kernl.compiler.compile(model, "batch=1 seq=8", tmp_path / "a", dtype="fp32",
                                device="cpu")  # fmt: skip
 

@@ -199,3 +199,19 @@ def test_an_in_place_op_on_a_view_nobody_else_reads_through_lowers():
     x2 = torch.randn(2, 3, 8)
     (got,) = Executor(program, weights, torch.device("cpu")).run({"x": x2})
     torch.testing.assert_close(got, m(x2)[0])
+
+
+class WritesAConstantThenSigns(torch.nn.Module):
+    """`f[0].fill_(5)` (fill_ is in the vocabulary: lowered as it is) before `sign(f)`: the
+    folded sign saw f before the write (a hunt's repro). A written tensor is no constant."""
+
+    def forward(self, x):
+        f = torch.arange(x.shape[1], dtype=torch.float32)
+        f[0].fill_(5.0)
+        return (x + torch.sign(f - 2.0),)
+
+
+def test_a_constant_written_in_place_is_not_folded():
+    ep = torch.export.export(WritesAConstantThenSigns(), (torch.randn(2, 6),), strict=False)
+    with pytest.raises(UnsupportedOpError, match=r"aten\.sign\.default"):
+        lower(ep, Bucket(2, 6), ["x"])

@@ -644,3 +644,19 @@ def test_a_model_whose_modules_cannot_be_copied_is_compiled_itself_and_put_back(
         want = bert(**_inputs(1, 8))
     got = model(**_inputs(1, 8))
     assert (got.last_hidden_state.float() - want.last_hidden_state).abs().max() < 2e-2
+
+
+def test_a_refused_model_that_changes_itself_is_left_as_given(cache):
+    """kernl.optimize's look at the output class ran a forward on the caller's model: a
+    block-sparse BigBird, refused, came back switched to full attention for good."""
+    from kernl.compiler.trace import UnsupportedModelError
+
+    torch.manual_seed(0)
+    cfg = T.BigBirdConfig(**SMALL, block_size=4, num_random_blocks=1)
+    model = T.BigBirdModel(cfg).eval()
+    with pytest.raises(UnsupportedModelError, match="block-sparse attention"):
+        kernl.optimize(model, buckets="batch=1 seq=32", dtype="fp32", device="cpu")
+    assert model.attention_type == "block_sparse"
+    assert {type(layer.attention.self).__name__ for layer in model.encoder.layer} == {
+        "BigBirdBlockSparseAttention"
+    }

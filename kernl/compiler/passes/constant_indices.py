@@ -50,13 +50,40 @@ def _index_reads(ins: Instruction) -> list[int]:
     return [v for v in found if v is not None]
 
 
+def _is_view(op: str) -> bool:
+    parts = split_aten(op)
+    packet = getattr(torch.ops.aten, parts[0], None) if parts else None
+    overload = getattr(packet, parts[1], None) if packet is not None else None
+    return overload is not None and any(r.alias_info is not None for r in overload._schema.returns)
+
+
+def _written(program: Program) -> set[int]:
+    """Values whose memory an in-place op writes (`fill_` on a view of it included): a read
+    before the write and one after see other values, so none of them is a constant."""
+    producer = {o: ins for ins in program.instructions for o in ins.outputs if o is not None}
+    written: set[int] = set()
+    for ins in program.instructions:
+        vid = ref(ins.args[0]) if ins.args and is_in_place(ins.op) else None
+        while vid is not None:  # up to the memory it views
+            written.add(vid)
+            src = producer.get(vid)
+            vid = ref(src.args[0]) if src is not None and src.args and _is_view(src.op) else None
+    for ins in program.instructions:  # and every view of that memory
+        if _is_view(ins.op) and ins.args and ref(ins.args[0]) in written:
+            written.update(o for o in ins.outputs if o is not None)
+    return written
+
+
 def _constant_producers(program: Program) -> dict[int, int]:
     """value -> index of the instruction making it, for values that depend on no input and
-    no weight."""
+    no weight and whose memory nothing writes."""
     constant: dict[int, int] = {}
+    written = _written(program)
     for i, ins in enumerate(program.instructions):
         parts = split_aten(ins.op)
         if parts is None or parts[0] in _NOT_CONSTANT or is_in_place(ins.op):
+            continue
+        if any(o in written for o in ins.outputs):
             continue
         if all(v in constant for v in reads(ins)):
             for o in ins.outputs:

@@ -137,6 +137,8 @@ def _attention(
         return None
     if shapes[1][2] != shapes[2][2] or scores_shape != [*shapes[0][:3], shapes[1][2]]:
         return None
+    if shapes[2][3] != shapes[0][3]:
+        return None  # kernl's attention kernels take one head dim for q, k and v
     dtypes = {ctx.dtype(t) for t in (q, k, v, p)}
     if len(dtypes) != 1 or not all(ctx.consume(n) for n in consumed):
         return None

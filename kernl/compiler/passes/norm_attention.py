@@ -74,6 +74,8 @@ def _attention(ctx: Rewriter, sdpa: Node) -> list[Instruction] | None:
     shapes = [ctx.shape(ref(t)) for t in (q, k, v)]
     if any(s is None or len(s) != 4 for s in shapes) or shapes[0][1] != shapes[1][1]:
         return None
+    if shapes[2][3] != shapes[0][3]:
+        return None  # kernl's attention kernels take one head dim for q, k and v
     return [Instruction("kernl.attention", [q, k, v, mask, scale, bool(causal)], {}, ins.outputs)]
 
 

@@ -27,11 +27,13 @@ from ..trace import (
     export_bucket,
     load_model,
     model_signature,
+    model_state,
+    refuse_a_model_that_changed_itself,
     resolve_dtype_device,
 )
 from ..tune import TuneSession, record_binaries, tune_program, write_binaries
 from ..tune_qkv_attention import tune_qkv_attention
-from ..validate import resolve_tolerance, validate
+from ..validate import ValidationError, resolve_tolerance, validate
 
 
 def compile_encoder(
@@ -71,6 +73,7 @@ def compile_encoder(
     check_buckets_fit(bucket_list, model.config)  # before tracing any bucket
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     check_destination(out, needed_bytes=int(weight_bytes * 1.2) + (1 << 20))
+    state = model_state(model)  # a model that changes itself when run is refused
     signature = model_signature(model, dev)
     input_names = [s.name for s in signature.inputs]
     output_names = [s.name for s in signature.outputs]
@@ -118,8 +121,14 @@ def compile_encoder(
                     say(f"{tag}: build kernel binaries")
                     binaries.update(record_binaries(program, all_weights, example, dev))
             say(f"{tag}: validate")
+            compiling = f"while kernl compiled bucket {bucket.batch}x{bucket.seq}"
             with allow_jit():
-                result = validate(flat, program, all_weights, dev, atol, rtol)
+                try:
+                    result = validate(flat, program, all_weights, dev, atol, rtol)
+                except ValidationError:  # a model that changed itself is named as such
+                    refuse_a_model_that_changed_itself(model, state, compiling)
+                    raise
+            refuse_a_model_that_changed_itself(model, state, compiling)
             programs.append(program)
             rel = writer.write_program(program)
             seconds = time.perf_counter() - t0

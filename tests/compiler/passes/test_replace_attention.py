@@ -38,3 +38,12 @@ def test_grouped_query_heads_stay_aten():
     out = b.op(SDPA, q, k, v, shape=[1, 4, 5, 8], name="out", enable_gqa=True)
     after = replace_attention(b.program(out))
     assert b.show(after) == [f"{SDPA}(q, k, v; enable_gqa=True) -> out"]
+
+
+def test_values_of_another_head_dim_stay_aten():
+    b = Builder()
+    q, k = b.input("q", QS), b.input("k", QS)
+    v = b.input("v", [2, 4, 5, 6])
+    out = b.op(SDPA, q, k, v, shape=[2, 4, 5, 6], name="out")
+    after = replace_attention(b.program(out))
+    assert b.show(after) == [f"{SDPA}(q, k, v) -> out"]

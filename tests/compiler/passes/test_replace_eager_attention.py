@@ -145,3 +145,15 @@ def test_a_float32_softmax_kept_in_float32_stays():
     out = b.op(MATMUL, p, vf, shape=QS, dtype="float32", name="out")
     p = b.program(out)
     assert "kernl.attention" not in {i.op for i in replace_eager_attention(p).instructions}
+
+
+def test_values_of_another_head_dim_stay():
+    # kernl's attention kernels take one head dim for q, k and v (a bare AssertionError at
+    # compile before)
+    b = Builder()
+    q, k = b.input("q", QS), b.input("k", QS)
+    v = b.input("v", [2, 4, 5, 6])
+    out = attention_block(b, q, k, v, [])
+    b.values[out["v"]][0] = [2, 4, 5, 6]  # the value matmul's output
+    p = b.program(out)
+    assert "kernl.attention" not in {i.op for i in replace_eager_attention(p).instructions}
