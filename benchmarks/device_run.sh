@@ -59,7 +59,7 @@
 #           (benchmarks/ab_cold_start.py --phases; after `bertc`)
 #   families the encoder families learned from traced code (MPNet's bias on kernl.attention,
 #           DeBERTa-v3's folded positions), base-sized, tuned on the GPU, against eager, with
-#           the attention kernels' own tests (~4 min, not yet run)
+#           the attention kernels' own tests (four base-sized compiles: ~5-8 min, not yet run)
 #   qkvatt  BERT-base's QKV projection + attention as one kernel against cuBLAS's GEMM and the
 #           tuner's best attention, its 14-config sweep (benchmarks/bench_qkv_attention.py, ~2 min)
 #   qkvtests the fused kernel's GPU tests and BERT-base's end to end with it (~2.5 min)
@@ -218,7 +218,7 @@ stage() {
     qkvatt) timeout 300 python3 benchmarks/bench_qkv_attention.py ;;
     qkvtests) timeout 300 python3 -m pytest -q -m gpu -s -p no:cacheprovider --durations=5 \
       tests/kernels/test_qkv_attention.py tests/e2e/test_gpu_qkv_attention.py ;;
-    families) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 \
+    families) timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 \
       tests/e2e/test_gpu_encoder_families.py tests/kernels/test_attention.py \
       tests/kernels/test_attention_short.py tests/kernels/test_attention_tma.py ;;
     attshort) OUT=$RUN timeout 300 python3 benchmarks/bench_attention_short.py ;;
