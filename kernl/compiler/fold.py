@@ -20,40 +20,11 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
+from .aliasing import IDENTITIES, memory_of, writes
+
 _UNINITIALISED = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
-# What the lowering drops as identities in inference (lower._IDENTITY_OPS): `detach_` follows
-# a `torch.tensor(...)` made in forward, and writes nothing.
-_IDENTITIES = {"dropout", "alias", "detach", "detach_"}
 # A folded value is a weight of every program that needs it: past this, the op is refused.
 MAX_FOLDED_BYTES = 64 << 20
-
-
-def returns_alias(node: torch.fx.Node) -> bool:
-    """Whether the node's value shares memory with another value of the graph (a view, an
-    input, or an op that lowering treats as its input)."""
-    target = node.target
-    if target is operator.getitem:
-        return returns_alias(node.args[0])
-    if not isinstance(target, torch._ops.OpOverload):
-        return node.op == "placeholder"
-    if target._opname in _IDENTITIES:
-        return True
-    return any(r.alias_info is not None for r in target._schema.returns)
-
-
-def _writes(target: Any) -> bool:
-    if not isinstance(target, torch._ops.OpOverload):
-        return False
-    return any(a.alias_info is not None and a.alias_info.is_write for a in target._schema.arguments)
-
-
-def _memory_of(node: torch.fx.Node) -> torch.fx.Node:
-    """The node whose memory this one's value is (itself, or what it views)."""
-    while node.op == "call_function" and returns_alias(node) and node.args:
-        if not isinstance(node.args[0], torch.fx.Node):
-            break
-        node = node.args[0]
-    return node
 
 
 def _pure(target: Any) -> bool:
@@ -61,7 +32,7 @@ def _pure(target: Any) -> bool:
         return target is operator.getitem
     if target._opname in _UNINITIALISED or torch.Tag.nondeterministic_seeded in target.tags:
         return False
-    return not _writes(target)
+    return not writes(target)
 
 
 class ConstantValues:
@@ -76,11 +47,11 @@ class ConstantValues:
         # memory some op writes in place (`f[0].fill_(5)`): what reads it is no constant, as
         # a read before the write and one after see other values
         self.written = {
-            _memory_of(node.args[0])
+            memory_of(node.args[0])
             for node in ep.graph.nodes
             if node.op == "call_function"
-            and _writes(node.target)
-            and node.target._opname not in _IDENTITIES  # detach_ writes no value
+            and writes(node.target)
+            and node.target._opname not in IDENTITIES  # detach_ writes no value
             and node.args
             and isinstance(node.args[0], torch.fx.Node)
         }
@@ -111,10 +82,10 @@ class ConstantValues:
         return self.known[node]
 
     def _compute(self, node: torch.fx.Node) -> Any:
-        if node.op != "call_function" or _memory_of(node) in self.written:
+        if node.op != "call_function" or memory_of(node) in self.written:
             return None
         target = node.target
-        if isinstance(target, torch._ops.OpOverload) and target._opname in _IDENTITIES:
+        if isinstance(target, torch._ops.OpOverload) and target._opname in IDENTITIES:
             return self.known.get(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
         if not _pure(target):
             return None

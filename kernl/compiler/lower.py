@@ -14,13 +14,19 @@ from kernl.artifacts.program import Instruction, Program
 from kernl.artifacts.schema import Bucket
 from kernl.runtime.vocabulary import is_known_op
 
-from .fold import ConstantValues, foldable, returns_alias
+from .aliasing import (
+    IDENTITIES,
+    private_view,
+    returns_alias,
+    writes_its_first_argument,
+    written_through,
+)
+from .fold import ConstantValues, foldable
 from .passes.constant_indices import constant_name
 
 # Ops that do nothing in inference: dropped, their output aliased to their input (detach_
 # follows a constant made in forward, `torch.tensor(...)`: it returns its input).
-_IDENTITY_OPS = {"aten.dropout.default", "aten.alias.default", "aten.detach.default"}
-_IDENTITY_OPS |= {"aten.detach_.default"}
+_IDENTITY_OPS = {f"aten.{name}.default" for name in IDENTITIES}
 # `x.reshape_as(y)` is `x.reshape(y.shape)`: the shape is static in a bucket's program
 # (RoFormer's rotary embeddings).
 _SHAPE_AS = {"aten.reshape_as.default": "aten.reshape.default"}
@@ -33,42 +39,10 @@ class UnsupportedOpError(ValueError):
     pass
 
 
-def _writes_its_first_argument(target: Any) -> bool:
-    if not isinstance(target, torch._ops.OpOverload) or not target._schema.arguments:
-        return False
-    first = target._schema.arguments[0].alias_info
-    return first is not None and first.is_write
-
-
-def _written_through(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """The node, the in-place writes it is the result of, and the tensor they all wrote
-    (`h += x; h.mul_(3)`: [mul_, add_, h])."""
-    chain = [node]
-    while _writes_its_first_argument(chain[-1].target) and isinstance(
-        chain[-1].args[0], torch.fx.Node
-    ):
-        chain.append(chain[-1].args[0])
-    return chain
-
-
-def _private_view(node: torch.fx.Node) -> bool:
-    """A view no other reader sees through: each tensor above it, up to one an op made
-    afresh, is read by the next view alone (DeBERTa's `pos_query_layer /= ...` on the head
-    view of a linear's output)."""
-    while returns_alias(node):
-        src = node.args[0] if node.args else None
-        if node.op != "call_function" or node.target is operator.getitem:
-            return False  # an input or a weight, or one of several views (split)
-        if not isinstance(src, torch.fx.Node) or len(src.users) != 1:
-            return False
-        node = src
-    return node.op == "call_function"
-
-
 def _out_of_place(target: Any) -> torch._ops.OpOverload | None:
     """`aten.add.Tensor` for `aten.add_.Tensor`: the op that writes its first argument, if it
     has a functional twin."""
-    if not _writes_its_first_argument(target) or not target._opname.endswith("_"):
+    if not writes_its_first_argument(target) or not target._opname.endswith("_"):
         return None
     packet = getattr(getattr(torch.ops, target.namespace), target._opname[:-1], None)
     return getattr(packet, target._overloadname, None) if packet is not None else None
@@ -198,7 +172,7 @@ class _Lowering:
         it was taken before."""
         name, written = op_name(node.target), node.args[0]
         where = f"{name} (node {node.name})"
-        chain = _written_through(written) if isinstance(written, torch.fx.Node) else []
+        chain = written_through(written) if isinstance(written, torch.fx.Node) else []
         earlier_views = [
             u
             for c in chain
@@ -208,7 +182,7 @@ class _Lowering:
             and self.order[u] < self.order[node]
             and returns_alias(u)
         ]
-        shared = returns_alias(chain[-1]) and not _private_view(chain[-1]) if chain else True
+        shared = returns_alias(chain[-1]) and not private_view(chain[-1]) if chain else True
         if shared or earlier_views:
             stack = node.meta.get("stack_trace") or ""
             origin = stack.strip().splitlines()[-1].strip() if stack else ""
