@@ -104,6 +104,8 @@ _SHAPE_ONLY = {
     "new_empty_strided",
 }
 # integer ops whose values are those of their first tensor argument (views, copies, casts)
+# Overloads of max/min that reduce (the others, `other` and `out`, are elementwise).
+_REDUCTIONS = {"default", "dim", "dim_max", "names_dim", "names_dim_max", "unary_out"}
 _SAME_VALUES = {
     "slice",
     "select",
@@ -347,6 +349,7 @@ class _Walk:
                 f"cannot run on bucket {self.p.bucket.name}'s shapes ({_short(e)})", unsafe=False
             ) from None
         results = list(result) if isinstance(result, (tuple, list)) else [result]
+        self._forget_written_ranges(ins, args, kwargs)
         reads = [v for v in iter_value_refs([ins.args, list(ins.kwargs.values())])]
         tainted = base not in _SHAPE_ONLY and any(
             self._key(self.env[v]) in self.uninitialised for v in reads if self._is_tensor(v)
@@ -441,6 +444,21 @@ class _Walk:
 
     def _key(self, t) -> int:
         return t.untyped_storage()._cdata
+
+    def _forget_written_ranges(self, ins, args: list, kwargs: dict) -> None:
+        """An in-place op or an `out=` writes memory whose values had an interval: every value
+        over that memory (the target, its views, what it views) has none any more (a
+        `fill_(1000)` after `arange(8)` indexed row 1000 of a table taken for [0, 7])."""
+        torch = self.torch
+        written = [args[0]] if is_in_place(ins.op) and args else []
+        written += [kwargs["out"]] if "out" in kwargs else []
+        keys = {self._key(t) for t in written if isinstance(t, torch.Tensor)}
+        if not keys:
+            return
+        for vid in list(self.ranges):
+            t = self.env[vid]
+            if isinstance(t, torch.Tensor) and self._key(t) in keys:
+                del self.ranges[vid]
 
     def _is_tensor(self, v: int) -> bool:
         return isinstance(self.env[v], self.torch.Tensor)
@@ -613,28 +631,29 @@ class _Walk:
         torch = self.torch
         refs = [a.get("v") if isinstance(a, dict) else None for a in ins.args]
 
+        info = torch.iinfo(out.dtype)
+
+        def fits(r: Interval | None) -> Interval | None:
+            """An operand's interval where the result's dtype holds it: an operand past it
+            is cast and wraps (a 0-dim int64 bound of an int32 clamp), so it is unknown."""
+            return r if r is not None and info.min <= r[0] <= r[1] <= info.max else None
+
         def of(i: int) -> tuple[Interval | None, str]:
             """Range of positional argument i: a value's interval or a number's."""
             if i >= len(ins.args):
                 return None, ""
             a = ins.args[i]
             if refs[i] is not None:
-                return self.ranges.get(refs[i]), self.sources.get(refs[i], "")
-            if isinstance(a, bool):
-                return (int(a), int(a)), ""
-            if isinstance(a, int):
-                return (a, a), ""
-            if isinstance(a, float) and math.isfinite(a) and a == int(a):
-                return (int(a), int(a)), ""
-            return None, ""
+                return fits(self.ranges.get(refs[i])), self.sources.get(refs[i], "")
+            return scalar(a), ""
 
         def scalar(x: Any) -> Interval | None:
             if isinstance(x, bool):
                 return (int(x), int(x))
             if isinstance(x, int):
-                return (x, x)
+                return fits((x, x))
             if isinstance(x, float) and math.isfinite(x) and x == int(x):
-                return (int(x), int(x))
+                return fits((int(x), int(x)))
             return None
 
         def union(*rs):
@@ -642,9 +661,11 @@ class _Walk:
                 return None
             return (min(r[0] for r in rs), max(r[1] for r in rs))
 
-        if base in _SAME_VALUES:
+        if base in ("max", "min") and split_aten(ins.op)[1] not in _REDUCTIONS:
+            base = "maximum" if base == "max" else "minimum"  # max.other: elementwise
+        elif base in _SAME_VALUES:
             if base in ("max", "min") and which == 1:
-                dim = args[1] if len(args) > 1 else 0
+                dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
                 return (0, max(args[0].shape[dim] - 1, 0)), "an argmax"
             if base in ("tril", "triu"):  # the other triangle is zeros
                 return union(of(0)[0], (0, 0)), of(0)[1]
@@ -702,7 +723,7 @@ class _Walk:
         if base == "masked_fill":
             return union(a, of(2)[0]), src
         if base in ("clamp", "clamp_min", "clamp_max"):
-            return self._clamp_range(base, ins, a, src, scalar)
+            return self._clamp_range(base, ins, a, src, scalar, fits)
         if base in ("gather", "index_select", "index", "embedding"):
             # elements of the table (arg 0), wherever the indices point (they are checked)
             return of(0)
@@ -719,9 +740,10 @@ class _Walk:
             if base == "cumsum":
                 dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
                 n = args[0].shape[dim] if args[0].dim() else 1
-            else:
-                n = max(args[0].numel() // max(out.numel(), 1), 1)
-            return (min(a[0], n * a[0]), max(a[1], n * a[1])), src
+                return (min(a[0], n * a[0]), max(a[1], n * a[1])), src
+            # each output sums n inputs, n = 0 over an empty axis (a sum of 0)
+            n = args[0].numel() // out.numel() if out.numel() else 0
+            return (min(n * a[0], n * a[1]), max(n * a[0], n * a[1])), src
         if base == "remainder" and b is not None and b[0] == b[1] and b[0] > 0:
             return (0, b[0] - 1), src
         if b is None:
@@ -741,7 +763,7 @@ class _Walk:
             return (min(products), max(products)), src
         return None, ""
 
-    def _clamp_range(self, base, ins, a, src, scalar):
+    def _clamp_range(self, base, ins, a, src, scalar, fits):
         """min(max(x, lo), hi) as an interval, each bound either given (a number, or a value
         whose interval is known or not) or absent; (None, None) is a bound whose values are
         unknown, which bounds nothing (it is no absent bound)."""
@@ -757,7 +779,7 @@ class _Walk:
             if given is None:
                 return None
             if isinstance(given, dict) and "v" in given:
-                known = self.ranges.get(given["v"])
+                known = fits(self.ranges.get(given["v"]))
                 return known if known is not None else (None, None)
             number = scalar(given)
             return number if number is not None else (None, None)

@@ -679,6 +679,67 @@ CASES = {
         "cannot be bounded",
         "b1_s8",
     ),
+    # from a review (2026-12-05): each indexed row 1000, -5 or -10 of the 120-row table and
+    # verified. A 0-dim int64 bound of an int32 clamp is cast to int32 and wraps
+    "clamp by a 0-dim int64 that wraps in int32": Case(
+        lambda r, o: _instructions(
+            r,
+            ["aten.arange.default", [8], {"dtype": {"dtype": "int32"}}],
+            ["aten.full.default", [[], -(2**32) + 1000], {"dtype": {"dtype": "int64"}}],
+            ["aten.clamp.Tensor", ["$0", "$1"], {}],
+            ["aten.embedding.default", ["@" + WORD, "$2"], {}],
+        ),
+        ArtifactUnsafeError,
+        "cannot be bounded",
+        "b1_s8",
+    ),
+    "maximum with a 0-dim int64 that wraps in int32": Case(
+        lambda r, o: _instructions(
+            r,
+            ["aten.arange.default", [8], {"dtype": {"dtype": "int32"}}],
+            ["aten.full.default", [[], -(2**32) + 1000], {"dtype": {"dtype": "int64"}}],
+            ["aten.maximum.default", ["$0", "$1"], {}],
+            ["aten.embedding.default", ["@" + WORD, "$2"], {}],
+        ),
+        ArtifactUnsafeError,
+        "cannot be bounded",
+        "b1_s8",
+    ),
+    "max.other taken for a reduction": Case(
+        lambda r, o: _instructions(
+            r,
+            ["aten.arange.default", [8], {}],
+            ["aten.full.default", [[8], 1000], {"dtype": {"dtype": "int64"}}],
+            ["aten.max.other", ["$0", "$1"], {}],
+            ["aten.embedding.default", ["@" + WORD, "$2"], {}],
+        ),
+        ArtifactUnsafeError,
+        "reach [1000, 1000]",
+        "b1_s8",
+    ),
+    "a sum over an empty axis": Case(
+        lambda r, o: _instructions(
+            r,
+            ["aten.full.default", [[8, 0], 10], {"dtype": {"dtype": "int64"}}],
+            ["aten.sum.dim_IntList", ["$0", [1]], {}],
+            ["aten.sub.Tensor", ["$1", 10], {}],
+            ["aten.embedding.default", ["@" + WORD, "$2"], {}],
+        ),
+        ArtifactUnsafeError,
+        "reach [-10, -10]",
+        "b1_s8",
+    ),
+    "fill_ after the range was taken": Case(
+        lambda r, o: _instructions(
+            r,
+            ["aten.arange.default", [8], {}],
+            ["aten.fill_.Scalar", ["$0", 1000], {}],
+            ["aten.embedding.default", ["@" + WORD, "$0"], {}],
+        ),
+        ArtifactUnsafeError,
+        "cannot be bounded",
+        "b1_s8",
+    ),
     # the other triangle is zeros: 120 - tril(x) reaches row 120 of 120 though x stays in
     # [5, 12] (it was taken for [108, 115])
     "tril's zeros": Case(
