@@ -13,6 +13,7 @@ reader of the same tensor saw)."""
 
 from __future__ import annotations
 
+import hashlib
 import operator
 from typing import Any
 
@@ -20,11 +21,17 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
-from .aliasing import IDENTITIES, memory_of, writes
+from .aliasing import IDENTITIES, memory_of, returns_alias, writes
 
 _UNINITIALISED = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
+_UNINITIALISED |= {"empty_permuted"}
 # A folded value is a weight of every program that needs it: past this, the op is refused.
 MAX_FOLDED_BYTES = 64 << 20
+# A folded index is read by the artifact's reader to bound it, within 64 MiB of integer
+# weights in all (artifacts/limits.py): past this, the ops that make it stay.
+MAX_FOLDED_INDEX_BYTES = 8 << 20
+# Where ops read indices into a table: op name -> positions of the index arguments.
+_INDEX_ARGUMENTS = {"embedding": (1,), "index_select": (2,), "gather": (2,), "index": (1,)}
 
 
 def _pure(target: Any) -> bool:
@@ -47,13 +54,13 @@ class ConstantValues:
         # memory some op writes in place (`f[0].fill_(5)`): what reads it is no constant, as
         # a read before the write and one after see other values
         self.written = {
-            memory_of(node.args[0])
+            memory_of(target)
             for node in ep.graph.nodes
             if node.op == "call_function"
             and writes(node.target)
             and node.target._opname not in IDENTITIES  # detach_ writes no value
-            and node.args
-            and isinstance(node.args[0], torch.fx.Node)
+            for target in [*node.args[:1], node.kwargs.get("out")]  # in place, or out=
+            if isinstance(target, torch.fx.Node)
         }
         for node in ep.graph.nodes:
             if node.op != "placeholder":
@@ -105,3 +112,72 @@ def foldable(value: Any) -> bool:
     return (
         isinstance(value, torch.Tensor) and value.numel() * value.element_size() <= MAX_FOLDED_BYTES
     )
+
+
+def constant_name(tensor: torch.Tensor) -> str:
+    """A trace-time constant's weight name, by content (with dtype and shape: a 0-dim 0.0
+    and a [1] zero are not one weight), so that one tensor is one weight in every bucket."""
+    digest = hashlib.sha1(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return f"constant.{digest.hexdigest()[:16]}"
+
+
+def index_folds(ep: ExportedProgram, constants: ConstantValues) -> dict[torch.fx.Node, Any]:
+    """Indices made from constants through a float, with their values: MPNet's relative
+    position buckets are `arange`s through `log` and a float-to-long cast, the same for every
+    call of a bucket, and the reader cannot bound what a float cast yields (its ranges are
+    integer intervals), so it refused the embedding they index. Computed here as the trace
+    ran them (on its devices: a float cast near an integer may differ between them), they
+    become weights the reader bounds by reading them. An index that is a view of such a
+    value (DeBERTa's expanded positions) is folded below its views, smallest. Indices made of
+    integers alone (BERT's positions, the mask's aranges) stay as traced, and so do the
+    patterns kernl's passes match on them."""
+    folds: dict[torch.fx.Node, Any] = {}
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        for i in _INDEX_ARGUMENTS.get(node.target._opname, ()):
+            given = node.args[i] if i < len(node.args) else None
+            for index in given if isinstance(given, (list, tuple)) else [given]:
+                target = (
+                    _below_views(index, constants) if isinstance(index, torch.fx.Node) else None
+                )
+                value = constants.value(target) if target is not None else None
+                if _small_index(value) and _through_a_float(target):
+                    folds[target] = value
+    return folds
+
+
+def _below_views(node: torch.fx.Node, constants: ConstantValues) -> torch.fx.Node:
+    while (
+        node.op == "call_function"
+        and returns_alias(node)
+        and node.args
+        and isinstance(node.args[0], torch.fx.Node)
+        and constants.value(node.args[0]) is not None
+    ):
+        node = node.args[0]
+    return node
+
+
+def _small_index(value: Any) -> bool:
+    return (
+        isinstance(value, torch.Tensor)
+        and not value.dtype.is_floating_point
+        and value.numel() * value.element_size() <= MAX_FOLDED_INDEX_BYTES
+    )
+
+
+def _through_a_float(node: torch.fx.Node) -> bool:
+    """Whether a float value lies in the node's cone (what the reader cannot bound)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dtype.is_floating_point:
+            return True
+        stack.extend(n.all_input_nodes)
+    return False

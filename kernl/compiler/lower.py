@@ -21,8 +21,7 @@ from .aliasing import (
     writes_its_first_argument,
     written_through,
 )
-from .fold import ConstantValues, foldable
-from .passes.constant_indices import constant_name
+from .fold import ConstantValues, constant_name, foldable, index_folds
 
 # Ops that do nothing in inference: dropped, their output aliased to their input (detach_
 # follows a constant made in forward, `torch.tensor(...)`: it returns its input).
@@ -48,6 +47,25 @@ def _out_of_place(target: Any) -> torch._ops.OpOverload | None:
     return getattr(packet, target._overloadname, None) if packet is not None else None
 
 
+def _promoted_dtype(node: torch.fx.Node) -> torch.dtype | None:
+    """The dtype the functional twin of an in-place op computes in (torch's promotion of its
+    operands), or None where more than two operands make it uncertain."""
+    operands = [
+        a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+        for a in node.args
+        if isinstance(a, (torch.fx.Node, bool, int, float))
+    ]
+    if not operands or not isinstance(operands[0], torch.Tensor):
+        return None
+    if len(operands) == 1:
+        return operands[0].dtype
+    if len(operands) == 2 and isinstance(operands[1], (torch.Tensor, bool, int, float)):
+        return torch.result_type(operands[0], operands[1])
+    tensors = [t for t in operands if isinstance(t, torch.Tensor)]
+    same = all(t.dtype == operands[0].dtype for t in tensors)
+    return operands[0].dtype if same and len(tensors) == len(operands) else None
+
+
 def op_name(target: Any) -> str:
     if isinstance(target, torch._ops.OpOverload):
         return f"{target.namespace}.{target._opname}.{target._overloadname}"
@@ -68,6 +86,7 @@ class _Lowering:
         self.values: dict[int, list] = {}  # value id -> [shape, dtype], for passes and tuning
         self.order = {node: i for i, node in enumerate(ep.graph.nodes)}
         self.constants = ConstantValues(ep)
+        self.index_folds = index_folds(ep, self.constants)
 
     def describe(self, vid: int, val: Any) -> None:
         if isinstance(val, torch.Tensor):
@@ -127,6 +146,8 @@ class _Lowering:
             src, index = node.args
             self.ids[node] = self.ids[src][index]
             return
+        if node in self.index_folds:  # an index made through a float (fold.index_folds)
+            return self.fold(node, self.index_folds[node])
         name = op_name(node.target)
         where = f"{name} (node {node.name})"
         if name in _DROPPED_OPS:
@@ -191,7 +212,25 @@ class _Lowering:
                 "with another, which kernl does not support (yet)"
                 + (f"; it comes from: {origin}" if origin else "")
             )
-        self.emit(node, op_name(functional), where)
+        kept = node.meta["val"].dtype
+        promoted = _promoted_dtype(node)
+        if promoted is None:
+            raise UnsupportedOpError(f"{where}: its operands' dtypes are not known to agree")
+        if promoted == kept:
+            self.emit(node, op_name(functional), where)
+        else:  # `h.mul_(fp32)` on fp16 h computes in fp32 and stores fp16: so does the cast
+            wide = self.new_id()
+            self.values[wide] = [list(node.meta["val"].shape), str(promoted).removeprefix("torch.")]
+            args = self.encode(list(node.args), where)
+            kwargs = {k: self.encode(v, where) for k, v in node.kwargs.items()}
+            self.instructions.append(Instruction(op_name(functional), args, kwargs, [wide]))
+            out = self.new_id()
+            self.describe(out, node.meta["val"])
+            dtype = {"dtype": self.encode(kept, where)}
+            self.instructions.append(
+                Instruction("aten._to_copy.default", [{"v": wide}], dtype, [out])
+            )
+            self.ids[node] = out
         self.ids[written] = self.ids[node]
 
     def emit(self, node: torch.fx.Node, name: str, where: str, args: list | None = None) -> None:

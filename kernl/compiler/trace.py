@@ -445,7 +445,7 @@ def model_state(model: torch.nn.Module) -> dict[str, Any]:
     config = getattr(model, "config", None)
     for key, value in vars(config).items() if config is not None else ():
         if type(value) in (str, bool, int, float) and not key.startswith("_"):
-            state[f"config.{key}"] = value
+            state[f"config.{key}"] = repr(value) if type(value) is float else value  # NaN
     return state
 
 

@@ -215,3 +215,28 @@ def test_a_constant_written_in_place_is_not_folded():
     ep = torch.export.export(WritesAConstantThenSigns(), (torch.randn(2, 6),), strict=False)
     with pytest.raises(UnsupportedOpError, match=r"aten\.sign\.default"):
         lower(ep, Bucket(2, 6), ["x"])
+
+
+class PromotesInPlace(torch.nn.Module):
+    """`h.mul_(y)` with fp16 h and an fp32 y keeps fp16 (computed in fp32, stored in fp16);
+    `h * y` promotes to fp32 (a review found the program returning fp32 where eager gave fp16)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.linspace(0.5, 2.0, 4))
+
+    def forward(self, x):
+        h = x * 1.0
+        h.mul_(self.scale)
+        return (h,)
+
+
+def test_an_in_place_op_keeps_its_tensor_s_dtype_when_its_twin_would_promote():
+    m = PromotesInPlace()
+    x = torch.randn(2, 4).half()
+    program, weights = lower(torch.export.export(m, (x,), strict=False), Bucket(2, 4), ["x"])
+    assert program.instructions[-1].op == "aten._to_copy.default"
+    x2 = torch.randn(2, 4).half()
+    (got,) = Executor(program, weights, torch.device("cpu")).run({"x": x2})
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got, m(x2)[0])

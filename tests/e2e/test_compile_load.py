@@ -44,7 +44,7 @@ MODELS = {
     "electra": lambda: T.ElectraModel(T.ElectraConfig(embedding_size=32, **SMALL)),
     "ernie": lambda: T.ErnieModel(T.ErnieConfig(**SMALL)),
     # relative position buckets, computed from aranges through a float cast: folded at compile
-    # time (passes/constant_indices.py)
+    # time (compiler/fold.py, index_folds)
     "mpnet": lambda: T.MPNetModel(T.MPNetConfig(**SMALL, pad_token_id=1)),
     # `embeddings += position_embeddings`: an in-place add, lowered as an add
     "megatron-bert": lambda: T.MegatronBertModel(T.MegatronBertConfig(**SMALL)),

@@ -162,13 +162,15 @@ def test_errors_are_clear_and_leave_the_model_usable(model):
     assert torch.equal(got, before)
     # options that change the ids: their neutral values (and None, HF's unset) are taken
     got = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[], repetition_penalty=1.0,
-                         no_repeat_ngram_size=0, min_new_tokens=None, bad_words_ids=[])  # fmt: skip
+                         no_repeat_ngram_size=0, min_new_tokens=None)  # fmt: skip
     assert torch.equal(got, before)
     for kw, needle in [(dict(num_beams=2), "beam search"), (dict(streamer=object()), "stream"),
                        (dict(output_scores=True), "output_logits=True"),
                        # a bare "unexpected keyword argument" before
                        (dict(no_repeat_ngram_size=3), "no_repeat_ngram_size=3: kernl does not take it"),
                        (dict(repetition_penalty=1.2), "does not take repetition_penalty=1.2"),
+                       # HF turns it off with None or []: kernl applies the config's
+                       (dict(bad_words_ids=[]), "applies the model's generation config's"),
                        (dict(bogus=1), "unexpected keyword argument 'bogus'")]:  # fmt: skip
         with pytest.raises(TypeError, match=needle):
             model.generate(ids, mask, max_new_tokens=2, **kw)

@@ -8,7 +8,6 @@ import torch
 
 from kernl.artifacts.program import Program
 
-from .constant_indices import fold_constant_indices
 from .eager_attention import replace_eager_attention
 from .embeddings import fuse_bert_embeddings
 from .fuse_linear import fuse_linear
@@ -18,7 +17,6 @@ from .norm_attention import hoist_attention_mask, replace_attention, replace_lay
 from .padding_mask import shorten_padding_mask
 
 __all__ = [
-    "fold_constant_indices",
     "fuse_bert_embeddings",
     "fuse_linear",
     "fuse_qkv",
@@ -45,7 +43,6 @@ def rewrite(program: Program, weights: dict[str, torch.Tensor]) -> Program:
     program = replace_eager_attention(program)
     program = hoist_attention_mask(program)
     program = shorten_padding_mask(program)
-    program = fold_constant_indices(program, weights)
     return drop_unused_weights(drop_dead(program))
 
 

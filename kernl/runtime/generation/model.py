@@ -809,13 +809,12 @@ IDS_CHANGING_OPTIONS = {
     "top_h": None,
     "watermarking_config": None,
 }
-# Also refused per call, though some tasks apply them from the model's generation config
-# (Marian's bad_words_ids, Whisper's suppressed tokens): a call cannot set other ones.
+# Also refused per call (their empty values pass). _FROM_THE_CONFIG: some tasks apply them
+# from the model's generation config (Marian's bad_words_ids, Whisper's suppressed tokens),
+# and a call cannot change them: any value given is refused, as HF would take even None.
+_FROM_THE_CONFIG = {"bad_words_ids", "suppress_tokens", "begin_suppress_tokens"}
 _CALL_OPTIONS_NOT_TAKEN = {
     **IDS_CHANGING_OPTIONS,
-    "bad_words_ids": None,
-    "suppress_tokens": None,
-    "begin_suppress_tokens": None,
     "logits_processor": None,
     "prefix_allowed_tokens_fn": None,
     "stopping_criteria": None,
@@ -835,6 +834,12 @@ def refuse_hf_options(method: str, options: dict) -> None:
     """Hugging Face generate arguments passed to kernl's `method`: their neutral values are
     taken, anything else is a TypeError saying what kernl does instead."""
     for name, value in options.items():
+        if name in _FROM_THE_CONFIG:
+            # Hugging Face takes any value given, None and [] included (they turn it off)
+            raise TypeError(
+                f"{method}() does not take {name}: kernl applies the model's generation config's "
+                f"{name} (as compiled), and a call cannot change it"
+            )
         if name in _CALL_OPTIONS_NOT_TAKEN and name not in _HF_OPTIONS:
             neutral, instead = _CALL_OPTIONS_NOT_TAKEN[name], _NOT_APPLIED
             if value is None or _empty(value) or _same_number(value, neutral):

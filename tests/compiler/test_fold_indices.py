@@ -1,6 +1,7 @@
-"""fold_constant_indices alone: an index computed from constants through a float (MPNet's
-relative position buckets) becomes a weight the reader can bound; integer-only indices, and
-indices that depend on an input, stay as they were traced."""
+"""The lowering's index folds (compiler/fold.py `index_folds`): an index computed from
+constants through a float (MPNet's relative position buckets) becomes a weight the reader can
+bound; integer-only indices, indices that depend on an input, and indices whose memory an
+in-place op writes stay as they were traced."""
 
 import math
 
@@ -8,7 +9,7 @@ import torch
 
 from kernl.artifacts.schema import Bucket
 from kernl.compiler.lower import lower
-from kernl.compiler.passes import drop_dead, fold_constant_indices
+from kernl.compiler.passes import drop_dead
 from kernl.runtime.executor import Executor
 
 
@@ -43,34 +44,37 @@ def lowered(module, *args):
     return program, dict(weights), dict(zip(names, args))
 
 
+def _index_weights(program, weights) -> list[str]:
+    return [
+        name
+        for name in program.weights.values()
+        if name.startswith("constant.") and not weights[name].dtype.is_floating_point
+    ]
+
+
 def test_buckets_made_through_a_float_become_one_weight():
     m = RelativeBuckets()
     x = torch.randn(2, 6, 3)
     program, weights, inputs = lowered(m, x)
-    before = len(program.instructions)
-    (want,) = Executor(program, weights, torch.device("cpu")).run(inputs)
-    after = drop_dead(fold_constant_indices(program, weights))
-    embedding = next(i for i in after.instructions if i.op == "aten.embedding.default")
-    index = embedding.args[1]["v"]
-    name = after.weights[index]
+    program = drop_dead(program)
+    embedding = next(i for i in program.instructions if i.op == "aten.embedding.default")
+    name = program.weights[embedding.args[1]["v"]]
     assert name.startswith("constant.") and weights[name].dtype == torch.int64
     assert weights[name].shape == (6, 6) and 0 <= weights[name].min() <= weights[name].max() < 8
-    ops = {i.op for i in after.instructions}
+    ops = {i.op for i in program.instructions}
     assert "aten.log.default" not in ops and "aten.arange.default" not in ops
-    assert len(after.instructions) < before - 5
-    (got,) = Executor(after, weights, torch.device("cpu")).run(inputs)
-    torch.testing.assert_close(got, want)
+    (got,) = Executor(program, weights, torch.device("cpu")).run(inputs)
     torch.testing.assert_close(got, m(x)[0])
 
 
 def test_integer_indices_and_input_indices_stay():
     m = IntegerPositions()
     args = (torch.randn(2, 5, 3), torch.randint(0, 16, (2, 5)))
-    program, weights, _ = lowered(m, *args)
-    before = [(i.op, i.args) for i in program.instructions]
-    names = set(weights)
-    after = fold_constant_indices(program, weights)
-    assert [(i.op, i.args) for i in after.instructions] == before and set(weights) == names
+    program, weights, inputs = lowered(m, *args)
+    assert _index_weights(program, weights) == []
+    assert "aten.arange.default" in {i.op for i in program.instructions}
+    (got,) = Executor(program, weights, torch.device("cpu")).run(inputs)
+    torch.testing.assert_close(got, m(*args)[0])
 
 
 class WrittenBuckets(torch.nn.Module):
@@ -92,8 +96,29 @@ def test_an_index_whose_memory_is_written_in_place_is_not_folded():
     m = WrittenBuckets().eval()
     x = torch.randn(1, 6, 6)
     program, weights, inputs = lowered(m, x)
-    names = set(weights)
-    after = fold_constant_indices(program, weights)
-    assert set(weights) == names
-    (got,) = Executor(after, weights, torch.device("cpu")).run(inputs)
+    assert _index_weights(program, weights) == []
+    (got,) = Executor(program, weights, torch.device("cpu")).run(inputs)
+    torch.testing.assert_close(got, m(x)[0])
+
+
+class ExpandedBuckets(torch.nn.Module):
+    """DeBERTa's shape: float-made positions expanded over a batch before a gather: folded
+    below the expand (the small tensor), the expand stays."""
+
+    def forward(self, x):
+        n = x.shape[1]
+        rel = (torch.arange(n)[None, :] - torch.arange(n)[:, None]).float()
+        pos = (rel.abs().sqrt() * 2).long().clamp(max=n - 1)
+        return (torch.gather(x, 2, pos[None].expand(x.shape[0], n, n)),)
+
+
+def test_an_expanded_index_is_folded_below_its_views():
+    m = ExpandedBuckets()
+    x = torch.randn(3, 6, 6)
+    program, weights, inputs = lowered(m, x)
+    program = drop_dead(program)
+    (name,) = _index_weights(program, weights)
+    assert weights[name].shape == (6, 6)
+    assert "aten.expand.default" in {i.op for i in program.instructions}
+    (got,) = Executor(program, weights, torch.device("cpu")).run(inputs)
     torch.testing.assert_close(got, m(x)[0])
