@@ -73,3 +73,32 @@ def private_view(node: torch.fx.Node) -> bool:
             return False
         node = src
     return node.op == "call_function"
+
+
+def functional_twin(target: Any) -> torch._ops.OpOverload | None:
+    """`aten.add.Tensor` for `aten.add_.Tensor`: the op that writes its first argument, if it
+    has a functional twin."""
+    if not writes_its_first_argument(target) or not target._opname.endswith("_"):
+        return None
+    packet = getattr(getattr(torch.ops, target.namespace), target._opname[:-1], None)
+    return getattr(packet, target._overloadname, None) if packet is not None else None
+
+
+def lowered_functionally(node: torch.fx.Node, is_known_op) -> torch._ops.OpOverload | None:
+    """The functional twin the lowering computes an in-place op as (an op outside the
+    vocabulary whose twin is in it: `ret += ...` in MPNet's buckets), where nothing reads the
+    written tensor after the write but through its result; else None."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload) or is_known_op(_name(target)):
+        return None
+    twin = functional_twin(target)
+    if twin is None or not is_known_op(_name(twin)) or not isinstance(node.args[0], torch.fx.Node):
+        return None
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    chain = written_through(node.args[0])
+    later = [u for c in chain for u in c.users if u is not node and order[u] > order[node]]
+    return None if later else twin
+
+
+def _name(target: torch._ops.OpOverload) -> str:
+    return f"{target.namespace}.{target._opname}.{target._overloadname}"

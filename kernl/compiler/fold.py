@@ -3,8 +3,9 @@
 DeBERTa-v2/v3's relative positions go through `sign`, `ceil` and `log` (log-spaced buckets):
 ops outside kernl's vocabulary, on tensors made from the sequence length alone. The lowering
 asks this module for such an op's value instead of refusing the model; the value becomes a
-constant weight of the bucket's program. Only ops the vocabulary lacks are folded: what
-kernl's passes match on (masks, positions) stays as traced.
+constant weight of the bucket's program. Besides those, only indices made through a float
+are folded (`index_folds`: the reader cannot bound them): what kernl's passes match on
+(masks, positions) stays as traced.
 
 A value is constant when it depends on no model input and no parameter (buffers and
 trace-time constants are data), through ops that are functions of their arguments: no
@@ -21,7 +22,9 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
-from .aliasing import IDENTITIES, memory_of, returns_alias, writes
+from kernl.runtime.vocabulary import is_known_op
+
+from .aliasing import IDENTITIES, lowered_functionally, memory_of, returns_alias, writes
 
 _UNINITIALISED = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
 _UNINITIALISED |= {"empty_permuted"}
@@ -53,12 +56,20 @@ class ConstantValues:
         self.known: dict[torch.fx.Node, Any] = {}
         # memory some op writes in place (`f[0].fill_(5)`): what reads it is no constant, as
         # a read before the write and one after see other values
+        # (in-place ops the lowering computes as their functional twins are computed so here)
+        self.twins = {
+            node: twin
+            for node in ep.graph.nodes
+            if node.op == "call_function"
+            and (twin := lowered_functionally(node, is_known_op)) is not None
+        }
         self.written = {
             memory_of(target)
             for node in ep.graph.nodes
             if node.op == "call_function"
             and writes(node.target)
             and node.target._opname not in IDENTITIES  # detach_ writes no value
+            and node not in self.twins
             for target in [*node.args[:1], node.kwargs.get("out")]  # in place, or out=
             if isinstance(target, torch.fx.Node)
         }
@@ -94,6 +105,7 @@ class ConstantValues:
         target = node.target
         if isinstance(target, torch._ops.OpOverload) and target._opname in IDENTITIES:
             return self.known.get(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
+        target = self.twins.get(node, target)
         if not _pure(target):
             return None
         if any(self.known.get(n) is None for n in node.all_input_nodes):
@@ -103,7 +115,10 @@ class ConstantValues:
         args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: self.known[n])
         try:
             with torch.no_grad():
-                return node.target(*args, **kwargs)
+                value = target(*args, **kwargs)
+            if node in self.twins:  # an in-place op keeps its tensor's dtype
+                value = value.to(node.meta["val"].dtype)
+            return value
         except Exception:  # noqa: BLE001 - not computable here: the op is then refused
             return None
 
@@ -152,6 +167,7 @@ def _below_views(node: torch.fx.Node, constants: ConstantValues) -> torch.fx.Nod
     while (
         node.op == "call_function"
         and returns_alias(node)
+        and not writes(node.target)  # an in-place op's result is not its input's value
         and node.args
         and isinstance(node.args[0], torch.fx.Node)
         and constants.value(node.args[0]) is not None

@@ -16,9 +16,9 @@ from kernl.runtime.vocabulary import is_known_op
 
 from .aliasing import (
     IDENTITIES,
+    functional_twin,
     private_view,
     returns_alias,
-    writes_its_first_argument,
     written_through,
 )
 from .fold import ConstantValues, constant_name, foldable, index_folds
@@ -36,15 +36,6 @@ _DROPPED_OPS = {"aten._assert_tensor_metadata.default", "aten._assert_scalar.def
 
 class UnsupportedOpError(ValueError):
     pass
-
-
-def _out_of_place(target: Any) -> torch._ops.OpOverload | None:
-    """`aten.add.Tensor` for `aten.add_.Tensor`: the op that writes its first argument, if it
-    has a functional twin."""
-    if not writes_its_first_argument(target) or not target._opname.endswith("_"):
-        return None
-    packet = getattr(getattr(torch.ops, target.namespace), target._opname[:-1], None)
-    return getattr(packet, target._overloadname, None) if packet is not None else None
 
 
 def _promoted_dtype(node: torch.fx.Node) -> torch.dtype | None:
@@ -158,7 +149,7 @@ class _Lowering:
         if name in _SHAPE_AS and isinstance(node.args[1], torch.fx.Node):
             shape = list(node.args[1].meta["val"].shape)
             return self.emit(node, _SHAPE_AS[name], where, [node.args[0], shape])
-        functional = None if is_known_op(name) else _out_of_place(node.target)
+        functional = None if is_known_op(name) else functional_twin(node.target)
         if functional is not None and is_known_op(op_name(functional)):
             return self.call_in_place(node, functional)
         if not isinstance(node.target, torch._ops.OpOverload) or not is_known_op(name):

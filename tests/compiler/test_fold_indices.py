@@ -122,3 +122,30 @@ def test_an_expanded_index_is_folded_below_its_views():
     assert "aten.expand.default" in {i.op for i in program.instructions}
     (got,) = Executor(program, weights, torch.device("cpu")).run(inputs)
     torch.testing.assert_close(got, m(x)[0])
+
+
+class InPlaceBuckets(torch.nn.Module):
+    """MPNet's `ret += ...`: in-place adds (lowered as adds) inside the buckets' cone are
+    computed as their functional twins, and the index is still folded."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Embedding(16, 4)
+
+    def forward(self, x):
+        n = x.shape[1]
+        rel = torch.arange(n)[None, :] - torch.arange(n)[:, None]
+        ret = (rel < 0).to(torch.long) * 8
+        far = (torch.log(rel.abs().float().clamp(min=1)) * 2).to(torch.long)
+        ret += torch.where(rel.abs() < 2, rel.abs(), far.clamp(max=7))
+        return (x[..., None] + self.table(ret)[None],)
+
+
+def test_in_place_adds_in_the_cone_are_folded_as_adds():
+    m = InPlaceBuckets().eval()
+    x = torch.randn(1, 6, 6)
+    program, weights, inputs = lowered(m, x)
+    (name,) = _index_weights(drop_dead(program), weights)
+    assert weights[name].shape == (6, 6)
+    (got,) = Executor(program, weights, torch.device("cpu")).run(inputs)
+    torch.testing.assert_close(got, m(x)[0])
