@@ -17,6 +17,8 @@ the scores' dtype, and every intermediate read by the next step alone."""
 
 from __future__ import annotations
 
+import torch
+
 from kernl.artifacts.program import Instruction, Program
 
 from .graph import arg, ref
@@ -149,18 +151,13 @@ def _attention(
     elif len(biases) == 2:
         summed = ctx.memo.get(("bias sum", biases[0], biases[1]))
         if summed is None:  # the first attention adds them, the others read the sum
-            shape = [max(a, b) for a, b in zip(_padded(ctx, biases[0]), _padded(ctx, biases[1]))]
+            shape = list(torch.broadcast_shapes(*(ctx.shape(b) for b in biases)))
             summed = ctx.new_value(shape, ctx.dtype(p))
             ctx.memo["bias sum", biases[0], biases[1]] = summed
             made.append(Instruction("aten.add.Tensor", [{"v": b} for b in biases], {}, [summed]))
         mask = {"v": summed}
     args = [{"v": q}, {"v": k}, {"v": v}, mask, scale, False]
     return [*made, Instruction("kernl.attention", args, {}, pv.ins.outputs)]
-
-
-def _padded(ctx: Rewriter, vid: int) -> list[int]:
-    shape = ctx.shape(vid)
-    return [1] * (4 - len(shape)) + list(shape)
 
 
 EAGER_ATTENTION_RULES: list[Rule] = [
