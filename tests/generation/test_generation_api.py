@@ -164,6 +164,10 @@ def test_errors_are_clear_and_leave_the_model_usable(model):
     got = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[], repetition_penalty=1.0,
                          no_repeat_ngram_size=0, min_new_tokens=None)  # fmt: skip
     assert torch.equal(got, before)
+    got = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[], length_penalty=1.0,
+                         dola_layers=None, output_attentions=False, num_beam_groups=1,
+                         diversity_penalty=0, cache_implementation=None)  # fmt: skip
+    assert torch.equal(got, before)
     for kw, needle in [(dict(num_beams=2), "beam search"), (dict(streamer=object()), "stream"),
                        (dict(output_scores=True), "output_logits=True"),
                        # a bare "unexpected keyword argument" before
@@ -171,6 +175,13 @@ def test_errors_are_clear_and_leave_the_model_usable(model):
                        (dict(repetition_penalty=1.2), "does not take repetition_penalty=1.2"),
                        # HF turns it off with None or []: kernl applies the config's
                        (dict(bad_words_ids=[]), "applies the model's generation config's"),
+                       # HF options outside the tables were a bare "unexpected keyword"
+                       (dict(dola_layers="high"), "does not take dola_layers='high'"),
+                       (dict(forced_bos_token_id=3), "does not take forced_bos_token_id=3"),
+                       (dict(forced_eos_token_id=None), "applies the model's generation config's"),
+                       (dict(length_penalty=2.0), "beam search"),
+                       (dict(output_attentions=True), "no attention weights"),
+                       (dict(cache_implementation="dynamic"), "static KV cache"),
                        (dict(bogus=1), "unexpected keyword argument 'bogus'")]:  # fmt: skip
         with pytest.raises(TypeError, match=needle):
             model.generate(ids, mask, max_new_tokens=2, **kw)

@@ -782,6 +782,21 @@ _HF_OPTIONS = {
         "pass its settings as arguments (max_new_tokens, do_sample, temperature, top_k, "
         "top_p, eos_token_id, pad_token_id); the model's own EOS and pad ids are the defaults",
     ),
+    "output_attentions": (False, "generate returns the ids; the kernels keep no attention weights"),
+    "output_hidden_states": (False, "generate returns the ids (model.stream for logits)"),
+    "cache_implementation": (None, "kernl always decodes over its static KV cache"),
+    "cache_config": (None, "kernl always decodes over its static KV cache, sized at compile"),
+    "compile_config": (None, "the model was compiled ahead of time, by kernl-compile"),
+    "length_penalty": (1.0, "beam search is not supported: generate decodes greedily, or samples"),
+    "early_stopping": (
+        False,
+        "beam search is not supported: generate decodes greedily, or samples",
+    ),
+    "num_beam_groups": (1, "beam search is not supported: generate decodes greedily, or samples"),
+    "diversity_penalty": (
+        0.0,
+        "beam search is not supported: generate decodes greedily, or samples",
+    ),
 }
 
 
@@ -812,7 +827,12 @@ IDS_CHANGING_OPTIONS = {
 # Also refused per call (their empty values pass). _FROM_THE_CONFIG: some tasks apply them
 # from the model's generation config (Marian's bad_words_ids, Whisper's suppressed tokens),
 # and a call cannot change them: any value given is refused, as HF would take even None.
-_FROM_THE_CONFIG = {"bad_words_ids", "suppress_tokens", "begin_suppress_tokens"}
+_FROM_THE_CONFIG = {
+    "bad_words_ids",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "forced_eos_token_id",
+}
 _CALL_OPTIONS_NOT_TAKEN = {
     **IDS_CHANGING_OPTIONS,
     "logits_processor": None,
@@ -822,6 +842,24 @@ _CALL_OPTIONS_NOT_TAKEN = {
     "max_time": None,
     "assistant_model": None,
     "prompt_lookup_num_tokens": None,
+    "forced_bos_token_id": None,  # a seq2seq model's generate takes it
+    "forced_decoder_ids": None,
+    "dola_layers": None,
+    "remove_invalid_values": False,
+    "renormalize_logits": False,
+    "token_healing": False,
+    "negative_prompt_ids": None,
+    "negative_prompt_attention_mask": None,
+    "custom_generate": None,
+    "tokenizer": None,
+    "assistant_tokenizer": None,
+    "num_assistant_tokens": None,
+    "num_assistant_tokens_schedule": None,
+    "assistant_confidence_threshold": None,
+    "assistant_early_exit": None,
+    "assistant_lookbehind": None,
+    "target_lookbehind": None,
+    "max_matching_ngram_size": None,
 }
 _NOT_APPLIED = (
     "kernl does not take it: generate decodes greedily, or samples with temperature, top_k "
@@ -848,7 +886,9 @@ def refuse_hf_options(method: str, options: dict) -> None:
             raise TypeError(f"{method}() got an unexpected keyword argument {name!r}")
         else:
             neutral, instead = _HF_OPTIONS[name]
-        if value is neutral or (type(value) in (bool, int) and value == neutral):
+        if value is neutral or (type(value) is bool and value == neutral):
+            continue
+        if type(value) is not bool and _same_number(value, neutral):
             continue
         shown = f"<tensor {tuple(value.shape)}>" if isinstance(value, torch.Tensor) else repr(value)
         raise TypeError(f"{method}() does not take {name}={shown}: {instead}")
