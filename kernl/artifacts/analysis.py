@@ -959,6 +959,28 @@ def _kernl_bert_embeddings(
     return torch.empty((b, seq, h), dtype=word.dtype, device=word.device)
 
 
+def _kernl_rotary(x, cos, sin, dtype=None, impl="aten", config=None):
+    import torch
+
+    _impl(impl, config)
+    if not 1 <= x.dim() <= 4 or x.shape[-1] % 2:
+        raise _Fail(f"rotary of x {list(x.shape)}: 1 to 4 dims, an even last one", False)
+    try:
+        wide = torch.broadcast_shapes(cos.shape, sin.shape, x.shape)
+    except RuntimeError:
+        wide = None
+    if wide != x.shape:
+        raise _Fail(
+            f"rotary's cos {list(cos.shape)} and sin {list(sin.shape)} do not broadcast to "
+            f"x {list(x.shape)}",
+            unsafe=False,
+        )
+    out = x.dtype if dtype is None else dtype
+    if not all(t.is_floating_point() for t in (x, cos, sin)) or not out.is_floating_point:
+        raise _Fail("rotary takes and gives floating-point tensors", unsafe=False)
+    return torch.empty(x.shape, dtype=out, device=x.device)
+
+
 KERNL_SHAPES = {
     "linear": _kernl_linear,
     "layer_norm": _kernl_layer_norm,
@@ -966,4 +988,5 @@ KERNL_SHAPES = {
     "qkv_attention": _kernl_qkv_attention,
     "mask_to_bias": _kernl_mask_to_bias,
     "bert_embeddings": _kernl_bert_embeddings,
+    "rotary": _kernl_rotary,
 }

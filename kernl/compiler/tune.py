@@ -44,6 +44,7 @@ TUNABLE = {
     "kernl.layer_norm": ("norm", "norm_configs"),
     "kernl.attention": ("attention", "attention_configs"),
     "kernl.bert_embeddings": ("bert_embeddings", "bert_embeddings_configs"),
+    "kernl.rotary": ("rotary", "rotary_configs"),
 }
 
 

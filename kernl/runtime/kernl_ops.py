@@ -256,6 +256,30 @@ def bert_embeddings(
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
+def rotary(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    impl: str = "aten",
+    config: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1) of x's halves on the
+    last axis: computed in float32 (float64 if an operand is) and returned, contiguous, as
+    `dtype` (default: x's). cos and sin broadcast to x."""
+    from kernl.kernels import rotary as kernel
+
+    _check_impl(impl)
+    if (
+        impl == "triton"
+        and torch.float64 not in (x.dtype, cos.dtype, sin.dtype)
+        and kernel.rotary_refusal(x, cos, sin) is None
+        and triton_usable(x.device, kernel)
+    ):
+        return kernel.rotary(x, cos, sin, dtype, config=_typed(kernel, config))
+    return kernel.rotary_reference(x, cos, sin, dtype).contiguous()
+
+
 # "kernl.<name>" -> its function: the one table vocabulary.resolve_op reads (no registration
 # by import side effect).
 OPS = {
@@ -265,4 +289,5 @@ OPS = {
     "kernl.qkv_attention": qkv_attention,
     "kernl.mask_to_bias": mask_to_bias,
     "kernl.bert_embeddings": bert_embeddings,
+    "kernl.rotary": rotary,
 }

@@ -72,7 +72,37 @@ MODELS = {
             num_labels=3,
         )
     ),
+    # rotary positions, transformers' rotate_half form (passes/rotary.py: kernl.rotary), local
+    # and global attention layers, a gated GELU MLP
+    "modernbert": lambda: T.ModernBertModel(
+        T.ModernBertConfig(
+            **SMALL,
+            layer_types=["full_attention", "sliding_attention"],
+            local_attention=8,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            cls_token_id=1,
+            sep_token_id=2,
+        )
+    ),
+    # rotary positions computed in the model's dtype (no casts around them)
+    "esm": lambda: T.EsmModel(
+        T.EsmConfig(
+            **{**SMALL, "vocab_size": 33},
+            pad_token_id=1,
+            mask_token_id=32,
+            position_embedding_type="rotary",
+            token_dropout=True,
+            emb_layer_norm_before=False,
+        )
+    ),
 }
+# ModernBERT's sliding-window layers index its own window mask with the padding mask: not one
+# of the shapes padding_mask.py shortens.
+OWN_MASK = {"modernbert"}
+# Rotary positions on kernl.rotary: one op per query and key tensor, no rotate_half left.
+ROTARY = {"modernbert", "esm"}
 # No SDPA path: attention written in aten ops with an additive float mask (and MPNet's
 # relative position bias), which passes/eager_attention.py puts on kernl.attention; the
 # float mask is not one of the shapes padding_mask.py shortens.
@@ -153,10 +183,13 @@ def test_compile_then_load_in_fresh_process_matches_eager(name, tmp_path):
         ops = [i.op for i in read_program(artifact, f"programs/{rel.name}").instructions]
         if name not in ATEN_ATTENTION:
             assert ops.count("kernl.attention") == 2 and "aten.softmax.int" not in ops, rel.name
-        if name not in EAGER_ATTENTION | ATEN_ATTENTION:
+        if name not in EAGER_ATTENTION | ATEN_ATTENTION | OWN_MASK:
             assert "aten.ne.Scalar" in ops and "aten.index.Tensor" not in ops, rel.name
+        if name in ROTARY:
+            assert ops.count("kernl.rotary") == 4 and "aten.neg.default" not in ops, rel.name
     with_type_ids = "token_type_ids" in kernl.runtime.load(artifact, device="cpu").input_names
-    calls = make_calls(CALL_SHAPES, 120, with_type_ids)
+    vocab = MODELS[name]().config.vocab_size
+    calls = make_calls(CALL_SHAPES, vocab, with_type_ids)
     served = serve_fresh(artifact, calls, tmp_path)
     assert_matches_eager(model, calls, served, "fp32", TOL["fp32"])
 

@@ -440,6 +440,23 @@ def weight_ring_bench_compiles(bn, bk, stages, barrier, split, warps, consumer="
     _compile(bench._triton_kernel, sig, constants, dict(num_stages=4), [f"W{i}" for i in range(4)])
 
 
+def rotary_compiles(config, dtype):
+    """kernl.rotary (ModernBERT's q and k): every tuning config, fp16 and bf16."""
+    from kernl.kernels.rotary import _rotary_kernel
+
+    signature = dict.fromkeys(("X", "Cos", "Sin", "Out"), f"*{dtype}")
+    signature |= dict.fromkeys(("H", "L", "half"), "i32")
+    signature |= {f"stride_{t}{d}": "i32" for t in "xcs" for d in "bhld"}
+    constants = dict(BLOCK_L=config.BLOCK_L, BLOCK_D=32)
+    _compile(_rotary_kernel, signature, constants, dict(num_warps=config.num_warps), ("X", "Out"))
+
+
+def _rotary_variants():
+    from kernl.kernels.rotary import rotary_configs
+
+    return [(c, d) for c in rotary_configs() for d in ("fp16", "bf16")]
+
+
 def main() -> int:
     """Compile every variant (in a process where Triton compiles: no TRITON_INTERPRET)."""
     return run_checks(
@@ -456,6 +473,7 @@ def main() -> int:
             (linear_tma_compiles, _linear_tma_variants()),
             (tma_attention_compiles, _tma_attention_variants()),
             (qkv_attention_compiles, _qkv_attention_variants()),
+            (rotary_compiles, _rotary_variants()),
             (
                 weight_ring_bench_compiles,
                 [

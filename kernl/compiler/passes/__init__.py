@@ -15,11 +15,13 @@ from .fuse_qkv import fuse_qkv
 from .graph import drop_dead, reads
 from .norm_attention import hoist_attention_mask, replace_attention, replace_layer_norm
 from .padding_mask import shorten_padding_mask
+from .rotary import fuse_rotary
 
 __all__ = [
     "fuse_bert_embeddings",
     "fuse_linear",
     "fuse_qkv",
+    "fuse_rotary",
     "hoist_attention_mask",
     "replace_attention",
     "replace_eager_attention",
@@ -39,6 +41,7 @@ def rewrite(program: Program, weights: dict[str, torch.Tensor]) -> Program:
     program = replace_layer_norm(program)
     program = fuse_bert_embeddings(program)
     program = fuse_linear(program)
+    program = fuse_rotary(program)
     program = replace_attention(program)
     program = replace_eager_attention(program)
     program = hoist_attention_mask(program)
