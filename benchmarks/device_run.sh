@@ -58,8 +58,10 @@
 #           Triton imported inside load()'s clock as before, with and without a bytecode cache
 #           (benchmarks/ab_cold_start.py --phases; after `bertc`)
 #   families the encoder families learned from traced code (MPNet's bias on kernl.attention,
-#           DeBERTa-v3's folded positions), base-sized, tuned on the GPU, against eager, with
+#           DeBERTa-v3's folded positions, ModernBERT's kernl.rotary), base-sized, tuned on the GPU, against eager, with
 #           the attention kernels' own tests (four base-sized compiles: ~5-8 min, not yet run)
+#   modernbert ModernBERT-base fp16: kernl with kernl.rotary, kernl without it, reduce-overhead
+#           and eager at 1x128, 8x128, 8x512 (benchmarks/bench_modernbert.py, ~4-6 min)
 #   qkvatt  BERT-base's QKV projection + attention as one kernel against cuBLAS's GEMM and the
 #           tuner's best attention, its 14-config sweep (benchmarks/bench_qkv_attention.py, ~2 min)
 #   qkvtests the fused kernel's GPU tests and BERT-base's end to end with it (~2.5 min)
@@ -220,7 +222,9 @@ stage() {
       tests/kernels/test_qkv_attention.py tests/e2e/test_gpu_qkv_attention.py ;;
     families) timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 \
       tests/e2e/test_gpu_encoder_families.py tests/kernels/test_attention.py \
-      tests/kernels/test_attention_short.py tests/kernels/test_attention_tma.py ;;
+      tests/kernels/test_attention_short.py tests/kernels/test_attention_tma.py \
+      tests/kernels/test_rotary.py ;;
+    modernbert) timeout 560 python3 benchmarks/bench_modernbert.py ;;
     attshort) OUT=$RUN timeout 300 python3 benchmarks/bench_attention_short.py ;;
     attwgmma) timeout 240 python3 benchmarks/bench_attention_wgmma.py ;;
     linwgmma) timeout 300 python3 benchmarks/bench_linear_wgmma.py ;;

@@ -1,5 +1,6 @@
 """On a GPU: the encoder families kernl learned from their traced code (MPNet's relative
-position bias on kernl.attention, DeBERTa-v3's positions computed at compile time), base-sized
+position bias on kernl.attention, DeBERTa-v3's positions computed at compile time, ModernBERT's
+rotary embedding on kernl.rotary), base-sized
 in fp16 and bf16, compiled and tuned for CUDA, loaded with graphs, against eager."""
 
 import pytest
@@ -27,6 +28,8 @@ FAMILIES = {
         )
     ),
 }
+# ModernBERT-base's shape (rotary positions on kernl.rotary, sliding-window layers)
+FAMILIES["modernbert"] = lambda: T.ModernBertModel(T.ModernBertConfig())
 TOL = {"fp16": 2e-2, "bf16": 8e-2}
 
 
