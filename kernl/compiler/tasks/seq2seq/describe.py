@@ -34,7 +34,7 @@ from ..generation_config import (
     refuse_unapplied_options,
 )
 
-SUPPORTED = ("t5", "bart", "mbart", "marian", "whisper")
+SUPPORTED = ("t5", "mt5", "bart", "mbart", "marian", "whisper")
 HF_ACTIVATIONS = {
     "relu": "relu",
     "gelu": "gelu",
@@ -54,8 +54,8 @@ def describe(
     refuse_module_code_kernl_drops(
         model, "speech-seq2seq" if model_type == "whisper" else "seq2seq"
     )
-    if model_type == "t5":
-        spec, weights = _t5(model)
+    if model_type in ("t5", "mt5"):  # mT5: T5 v1.1's layers, its own head scaling
+        spec, weights = _t5(model, model_type)
     elif model_type in ("bart", "mbart", "marian"):
         spec, weights = _bart(model, model_type)
     elif model_type == "whisper":
@@ -145,16 +145,41 @@ def _probe_hugging_face_generate(model) -> None:
         ) from None
 
 
-def _t5(model):
+def _decoder_output_scale(model) -> float:
+    """The factor T5's head applies to the decoder's output before its projection: d_model^-0.5
+    or 1, depending on the model type, the config and the transformers version (T5 scales
+    when its embeddings are tied or `scale_decoder_outputs` says so; transformers 5.2x's mT5
+    never does). Greedy ids cannot tell the two apart (validation compares ids), while
+    sampling and streamed logits can: so it is read from one forward of two tokens, the
+    logits against the head of the last hidden state."""
+    d = model.config.d_model
+    dev = next(model.parameters()).device
+    ids = torch.tensor([[1, 2]], device=dev)
+    with torch.no_grad():
+        out = model(input_ids=ids, decoder_input_ids=ids, output_hidden_states=True)
+        h = out.decoder_hidden_states[-1].float()
+        head = model.get_output_embeddings().weight.float()
+        logits = out.logits.float()
+        errors = {f: (logits - (h * f) @ head.T).abs().max() for f in (1.0, d**-0.5)}
+    best = min(errors, key=errors.get)
+    scale = float(logits.abs().max()) or 1.0
+    if len({round(f, 12) for f in errors}) < 2 or errors[best] > 1e-2 * scale:
+        raise UnsupportedModelError(
+            f"seq2seq: {type(model).__name__}'s logits are not its head applied to the "
+            "decoder's output (scaled by 1 or d_model^-0.5); kernl cannot reproduce them"
+        )
+    return best
+
+
+def _t5(model, model_type: str = "t5"):
     cfg = model.config
     if cfg.num_decoder_layers > cfg.num_layers:
         _probe_hugging_face_generate(model)
     gated = bool(cfg.is_gated_act)
-    scale = getattr(cfg, "scale_decoder_outputs", getattr(cfg, "tie_word_embeddings", True))
     untied = _untied_head(model)
     spec = Seq2SeqSpec(
         family="t5",
-        model_type="t5",
+        model_type=model_type,
         num_encoder_layers=cfg.num_layers,
         num_decoder_layers=cfg.num_decoder_layers,
         d_model=cfg.d_model,
@@ -172,7 +197,7 @@ def _t5(model):
         relative_buckets=cfg.relative_attention_num_buckets,
         relative_max_distance=cfg.relative_attention_max_distance,
         final_norm=True,
-        logits_scale=cfg.d_model**-0.5 if scale else 1.0,
+        logits_scale=_decoder_output_scale(model),
         tied_embeddings=not untied,
         **_token_ids(model),
     )
