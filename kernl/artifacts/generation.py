@@ -36,7 +36,7 @@ class DecoderSpec:
     `final_norm.{weight,bias}`, `lm_head.weight` (absent when tied to `embed`), and
     `rope.inv_freq` (float32) for rotary models."""
 
-    family: str  # "llama" (Llama, Mistral, Qwen2) or "gpt2"
+    family: str  # "llama" (Llama, Mistral, Qwen2, Qwen3, Phi-3) or "gpt2"
     model_type: str
     num_layers: int
     hidden_size: int
@@ -57,6 +57,9 @@ class DecoderSpec:
     o_bias: bool = False
     mlp_bias: bool = False
     tied_embeddings: bool = False
+    # Qwen3: an RMSNorm over each query and key head (`layers.{i}.{q,k}_norm.weight`, [head_dim])
+    # after the QKV projection, before the rotary embedding
+    qk_norm: bool = False
     pad_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -408,7 +411,7 @@ _CHOICES = {
     "activation": ACTIVATIONS,
     "positions": POSITIONS,
 }
-_BOOLS = ("qkv_bias", "o_bias", "mlp_bias", "tied_embeddings")
+_BOOLS = ("qkv_bias", "o_bias", "mlp_bias", "tied_embeddings", "qk_norm")
 # Far above any real decoder (Llama-3 405B: 126 layers, hidden 16384, 128k vocabulary) and
 # far below sizes whose products overflow what a reader should compute with.
 MAX_DIM = 1 << 20
@@ -454,6 +457,8 @@ def _check_decoder(d: Any, where: str) -> DecoderSpec:
         raise bad("decoder.positions is 'learned' without max_positions")
     if d["num_heads"] % d["num_kv_heads"]:
         raise bad(f"{d['num_heads']} heads are not a multiple of {d['num_kv_heads']} KV heads")
+    if d.get("qk_norm") and (d["norm"] != "rms" or d["family"] != "llama"):
+        raise bad("decoder.qk_norm is set on a model without RMSNorm or of another family")
     if d["positions"] == "rope" and d["head_dim"] % 2:
         raise bad(f"rotary positions need an even head_dim, not {d['head_dim']}")
     pad = d.get("pad_token_id")
@@ -527,6 +532,8 @@ def expected_weights(spec: DecoderSpec, dtype: str) -> dict[str, tuple[list[int]
         out[p + "qkv.weight"] = ([(nh + 2 * kvh) * d, h], dtype)
         if spec.qkv_bias:
             out[p + "qkv.bias"] = ([(nh + 2 * kvh) * d], dtype)
+        if spec.qk_norm:
+            out[p + "q_norm.weight"] = out[p + "k_norm.weight"] = ([d], dtype)
         out[p + "o.weight"] = ([h, nh * d], dtype)
         if spec.o_bias:
             out[p + "o.bias"] = ([h], dtype)

@@ -56,7 +56,7 @@ VARIANTS = [
 NEW = 6
 
 
-@pytest.fixture(scope="module", params=["llama3", "qwen2", "gpt2"])
+@pytest.fixture(scope="module", params=["llama3", "qwen2", "qwen3", "gpt2"])
 def artifact(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param) / "lm.kernl"
     kernl.compiler.compile(
@@ -212,7 +212,12 @@ def test_choice_keeps_an_alternative_only_when_measurably_faster(artifact):
 
     chosen, timings = choose_decode_kernels(model, said.append, step_ms=fake_ms)
     mlp = "triton" if gated else "torch"
-    assert chosen == DecodeKernels(attention="triton", gated_mlp=mlp, linear="fused", rope="triton")
+    # Qwen3's per-head norms sit between the projection and the rotary: no rotary kernel, and
+    # no persistent step (which rotates what it projects)
+    qk_norm = model.decoder.spec.qk_norm
+    rope = "torch" if qk_norm else "triton"
+    persistent = gated and not qk_norm
+    assert chosen == DecodeKernels(attention="triton", gated_mlp=mlp, linear="fused", rope=rope)
     assert model.decoder.kernels == chosen and not model._steps
     k = [
         (
@@ -238,22 +243,27 @@ def test_choice_keeps_an_alternative_only_when_measurably_faster(artifact):
     expected += [
         ("triton", t, mlp, "triton", t, t),
         ("triton", t, mlp, "fused", t, t),
-        ("triton", t, mlp, "fused", "triton", t),
-        ("triton", t, mlp, "fused", "fused", t),  # as fast as triton: not kept
-        ("triton", t, mlp, "fused", "triton", "triton"),
-        # then every piece on kernl's most fused kernel at once, in case they only pay together
-        ("triton", "fused", "triton" if gated else t, "fused", "fused", "triton"),
     ]
-    if gated:  # the persistent step serves the Llama family only: each of its configs, last
-        expected += [("triton", t, mlp, "fused", "triton", t)] * len(decode_step_choice_configs())
+    if not qk_norm:
+        expected += [
+            ("triton", t, mlp, "fused", "triton", t),
+            ("triton", t, mlp, "fused", "fused", t),  # as fast as triton: not kept
+        ]
+    expected += [
+        ("triton", t, mlp, "fused", rope, "triton"),
+        # then every piece on kernl's most fused kernel at once, in case they only pay together
+        ("triton", "fused", "triton" if gated else t, "fused", t if qk_norm else "fused", "triton"),
+    ]
+    if persistent:  # the Llama family's persistent step: each of its configs, last
+        expected += [("triton", t, mlp, "fused", rope, t)] * len(decode_step_choice_configs())
     assert k == expected
-    assert all(t.kernels.step == "pieces" for t in timings[: len(timings) - 3 * gated])
+    assert all(t.kernels.step == "pieces" for t in timings[: len(timings) - 3 * persistent])
     assert "failed (RuntimeError: no kernel for this shape)" in timings[3].describe()
-    assert len(said) == len(timings) + gated  # each timing, and why the persistent step lost
-    if gated:
+    assert len(said) == len(timings) + persistent  # each timing, and why the persistent step lost
+    if persistent:
         assert said[-1].endswith("not faster than the pieces at any decode bucket")
     failed = [t for t in timings if "cooperative launch too large" in t.describe()]
-    assert len(failed) == (1 if gated else 0)
+    assert len(failed) == (1 if persistent else 0)
 
 
 @pytest.fixture(scope="module")
@@ -427,8 +437,18 @@ def test_step_timing_and_binary_recording_run_on_the_cpu(artifact):
         lambda e: e.update(decode_kernels=["triton"]),
         lambda e: e.pop("decoder"),
         lambda e: e.update(generation_buckets={"batches": "x"}),
+        lambda e: e["decoder"].update(qk_norm="yes"),
+        lambda e: e["decoder"].update(qk_norm=True, norm="layer"),
     ],
-    ids=["unknown-choice", "unknown-field", "not-a-map", "no-decoder", "bad-buckets"],
+    ids=[
+        "unknown-choice",
+        "unknown-field",
+        "not-a-map",
+        "no-decoder",
+        "bad-buckets",
+        "qk-norm-not-a-bool",
+        "qk-norm-of-a-layer-norm",
+    ],  # fmt: skip
 )
 def test_a_hostile_causal_lm_description_is_refused_as_an_artifact_error(artifact, tmp_path, edit):
     """A consistent (re-signed) manifest whose causal-LM description is not one kernl wrote."""

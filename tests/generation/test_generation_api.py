@@ -227,7 +227,9 @@ def test_unsupported_models_fail_at_compile_naming_why(tmp_path):
             max_position_embeddings=64,
         )
     )
-    with pytest.raises(UnsupportedModelError, match="model type 'opt'.*llama, mistral, qwen2"):
+    with pytest.raises(
+        UnsupportedModelError, match="model type 'opt'.*llama, mistral, qwen2, qwen3, phi3"
+    ):
         kernl.compiler.compile(
             opt, "batch=1 prompt=8", tmp_path / "a", dtype="fp32", device="cpu", task="causal-lm"
         )
@@ -276,6 +278,15 @@ def test_unsupported_models_fail_at_compile_naming_why(tmp_path):
         describe(llama, 16, torch.float32)
     llama.generation_config.suppress_tokens = None
     describe(llama, 16, torch.float32)  # neutral values are fine
+    # Phi-4-mini's partial rotary (3/4 of each head): its inv_freq is shorter than a head's
+    # half, which the artifact's reader refuses; named at compile instead
+    phi = tf.Phi3ForCausalLM(
+        tf.Phi3Config(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, vocab_size=50,
+                      partial_rotary_factor=0.75, pad_token_id=0)
+    )  # fmt: skip
+    with pytest.raises(UnsupportedModelError, match=r"rotates 12 of each head's 16 dimensions"):
+        describe(phi, 16, torch.float32)
 
 
 def test_eos_and_pad_come_from_the_generation_config_alone():

@@ -60,6 +60,28 @@ def tiny_model(family: str) -> torch.nn.Module:
             **common,
         )
         model = tf.Qwen2ForCausalLM(cfg)
+    elif family == "qwen3":  # per-head q and k norms; head_dim 32 with hidden 64 (as Qwen3's)
+        cfg = tf.Qwen3Config(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            intermediate_size=96,
+            tie_word_embeddings=True,
+            **common,
+        )
+        model = tf.Qwen3ForCausalLM(cfg)
+    elif family == "phi3":  # fused qkv_proj and gate_up_proj
+        cfg = tf.Phi3Config(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=96,
+            **common,
+        )
+        model = tf.Phi3ForCausalLM(cfg)
     elif family == "gpt2":  # learned positions, Conv1D weights, tied embeddings
         cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **common)
         model = tf.GPT2LMHeadModel(cfg)
@@ -69,6 +91,8 @@ def tiny_model(family: str) -> torch.nn.Module:
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):  # ones: they must matter
+                p.normal_(1.0, 0.3)
     return model.eval()
 
 

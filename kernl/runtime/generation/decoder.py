@@ -1,6 +1,6 @@
 """The decoder-only forward kernl serves, written once over plain torch ops for every supported
-family (Llama, Mistral, Qwen2: pre-RMSNorm, rotary, gated MLP; GPT-2: pre-LayerNorm, learned
-positions, plain MLP), reading shapes and variants from a `DecoderSpec`.
+family (Llama, Mistral, Qwen2, Qwen3, Phi-3: pre-RMSNorm, rotary, gated MLP, Qwen3's per-head
+norms of q and k; GPT-2: pre-LayerNorm, learned positions, plain MLP), reading shapes and variants from a `DecoderSpec`.
 
 Two entry points, both free of host syncs and data-dependent shapes so that each runs inside
 one CUDA graph:
@@ -58,6 +58,8 @@ class LayerWeights:
     up_b: torch.Tensor | None
     down_w: torch.Tensor  # down (gated) or proj (plain)
     down_b: torch.Tensor | None
+    q_norm_w: torch.Tensor | None = None  # Qwen3's per-head RMSNorms (DecoderSpec.qk_norm)
+    k_norm_w: torch.Tensor | None = None
 
 
 @dataclass
@@ -133,6 +135,8 @@ class Decoder:
                 up_b=get(f"layers.{i}.{'gate_up' if gated else 'fc'}.bias"),
                 down_w=w[f"layers.{i}.{'down' if gated else 'proj'}.weight"],
                 down_b=get(f"layers.{i}.{'down' if gated else 'proj'}.bias"),
+                q_norm_w=get(f"layers.{i}.q_norm.weight"),
+                k_norm_w=get(f"layers.{i}.k_norm.weight"),
             )
             for i in range(spec.num_layers)
         ]
@@ -163,6 +167,7 @@ class Decoder:
             and spec.positions == "rope"
             and self.gated_silu_without_bias
             and all(lw.o_b is None and lw.down_b is None for lw in self.layers)
+            and not spec.qk_norm
         )
         self._step_weights = None  # the persistent step's stacked view of the weights
         self._step_shared: tuple | None = None  # its counters, zeroed once, self-resetting
@@ -264,6 +269,13 @@ class Decoder:
             return F.rms_norm(x, (x.shape[-1],), w, self.spec.norm_eps)
         return F.layer_norm(x, (x.shape[-1],), w, b, self.spec.norm_eps)
 
+    def _qk_norm(self, qk: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
+        """Qwen3's RMSNorm of each query head and each key head: qk [..., nh + kvh, d]."""
+        nh, d, eps = self.spec.num_heads, self.spec.head_dim, self.spec.norm_eps
+        q = F.rms_norm(qk[..., :nh, :], (d,), lw.q_norm_w, eps)
+        k = F.rms_norm(qk[..., nh:, :], (d,), lw.k_norm_w, eps)
+        return torch.cat([q, k], dim=-2)
+
     def _mlp(
         self,
         x: torch.Tensor,
@@ -326,6 +338,8 @@ class Decoder:
             h = self._norm(x, lw.attn_norm_w, lw.attn_norm_b)
             qkv = F.linear(h, lw.qkv_w, lw.qkv_b)
             qk = qkv[..., : (nh + kvh) * d].view(bsz, seq, nh + kvh, d)
+            if s.qk_norm:
+                qk = self._qk_norm(qk, lw)
             if self.cos is not None:
                 qk = qk * cos + _rotate_half(qk) * sin
             q = qk[:, :, :nh].transpose(1, 2)
@@ -376,10 +390,13 @@ class Decoder:
             kv_lens = (slot + 1).expand(bsz)
             attention_config = self._tile_config(bsz, "decode_attention", "attn", kv_len)
         x = self._embed(tokens, positions)
+        # Qwen3's per-head norms come between the QKV projection and the rotary embedding:
+        # the rotary kernels (which read the projection) are not used for it
+        rope_kernel = "torch" if s.qk_norm else kernels.rope
         rope = None
-        if self.rope is not None and kernels.rope == "torch":
+        if self.rope is not None and rope_kernel == "torch":
             rope = self.rope.index_select(0, positions)
-        fused_rope = fold and kernels.rope == "fused"  # norm, QKV, rotary, cache write: 1 kernel
+        fused_rope = fold and rope_kernel == "fused"  # norm, QKV, rotary, cache write: 1 kernel
         for i, lw in enumerate(self.layers):
             if fused_rope:
                 q = self._norm_linear_rope(x, lw, cache, i, positions, slot)[:, :, 0]
@@ -392,7 +409,7 @@ class Decoder:
                 qkv = self._proj(h, lw.qkv_w, lw.qkv_b, linear=kernels.linear, site="qkv")
             if fused_rope:
                 pass  # q and the caches are written
-            elif kernels.rope != "torch":  # "fused" without the folded norm: its own kernel
+            elif rope_kernel != "torch":  # "fused" without the folded norm: its own kernel
                 from kernl.kernels.rope_cache_write import rope_cache_write
 
                 q = rope_cache_write(
@@ -409,6 +426,8 @@ class Decoder:
                 )[:, :, 0]
             else:
                 qk = qkv[:, : (nh + kvh) * d].view(bsz, nh + kvh, d)
+                if s.qk_norm:
+                    qk = self._qk_norm(qk, lw)
                 qk = torch.bmm(qk, rope) if rope is not None else qk.contiguous()
                 v_new = qkv[:, (nh + kvh) * d :].view(bsz, kvh, 1, d)
                 cache.k[i].index_copy_(2, slot, qk[:, nh:].unsqueeze(2))

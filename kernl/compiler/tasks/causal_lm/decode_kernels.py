@@ -135,6 +135,8 @@ def choose_decode_kernels(
     for knob, options in ALTERNATIVES:
         if knob == "gated_mlp" and not decoder.gated_silu_without_bias:
             continue
+        if knob == "rope" and decoder.spec.qk_norm:  # its norms sit before the rotary
+            continue
         if knob == "step":  # the persistent step: last, bucket by bucket
             continue
         for option in options:
@@ -149,7 +151,9 @@ def choose_decode_kernels(
         **{
             knob: options[-1]
             for knob, options in ALTERNATIVES
-            if knob != "step" and (knob != "gated_mlp" or decoder.gated_silu_without_bias)
+            if knob != "step"
+            and (knob != "gated_mlp" or decoder.gated_silu_without_bias)
+            and (knob != "rope" or not decoder.spec.qk_norm)
         },
     )
     if together not in [t.kernels for t in timings]:

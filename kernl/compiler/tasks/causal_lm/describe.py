@@ -26,7 +26,9 @@ from ..generation_config import (
     refuse_unapplied_options,
 )
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
+# Qwen3: Qwen2 without QKV biases, with an RMSNorm over each query and key head; Phi-3: the
+# projections fused in its checkpoints (qkv_proj, gate_up_proj)
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 SUPPORTED = (*LLAMA_LIKE, "gpt2")
 # Rotary variants whose frequencies do not depend on the sequence length.
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
@@ -132,24 +134,36 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
         )
     nh, kvh = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
     attn0 = base.layers[0].self_attn
-    head_dim = attn0.q_proj.weight.shape[0] // nh
+    qkv0, qkv_bias0 = _qkv(attn0)
+    head_dim = qkv0.shape[0] // (nh + 2 * kvh)
     if nh % kvh:
         raise UnsupportedModelError(f"causal-lm: {nh} heads are not a multiple of {kvh} KV heads")
+    if rotary.inv_freq.numel() != head_dim // 2:
+        raise UnsupportedModelError(
+            f"causal-lm: {mt} rotates {2 * rotary.inv_freq.numel()} of each head's {head_dim} "
+            "dimensions (a partial rotary factor); kernl rotates whole heads"
+        )
+    qk_norm = hasattr(attn0, "q_norm")
     mlp0 = base.layers[0].mlp
     weights: dict[str, torch.Tensor] = {"embed.weight": base.embed_tokens.weight}
     for i, layer in enumerate(base.layers):
         a, m, p = layer.self_attn, layer.mlp, f"layers.{i}."
         weights[p + "attn_norm.weight"] = layer.input_layernorm.weight
-        weights[p + "qkv.weight"] = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-        if a.q_proj.bias is not None:
-            weights[p + "qkv.bias"] = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+        weights[p + "qkv.weight"], qkv_bias = _qkv(a)
+        if qkv_bias is not None:
+            weights[p + "qkv.bias"] = qkv_bias
+        if qk_norm:
+            weights[p + "q_norm.weight"], weights[p + "k_norm.weight"] = (
+                a.q_norm.weight,
+                a.k_norm.weight,
+            )
         weights[p + "o.weight"] = a.o_proj.weight
         if a.o_proj.bias is not None:
             weights[p + "o.bias"] = a.o_proj.bias
         weights[p + "mlp_norm.weight"] = layer.post_attention_layernorm.weight
-        weights[p + "gate_up.weight"] = torch.cat([m.gate_proj.weight, m.up_proj.weight])
-        if m.gate_proj.bias is not None:
-            weights[p + "gate_up.bias"] = torch.cat([m.gate_proj.bias, m.up_proj.bias])
+        weights[p + "gate_up.weight"], gate_up_bias = _gate_up(m)
+        if gate_up_bias is not None:
+            weights[p + "gate_up.bias"] = gate_up_bias
             weights[p + "down.bias"] = m.down_proj.bias
         weights[p + "down.weight"] = m.down_proj.weight
     weights["final_norm.weight"] = base.norm.weight
@@ -168,7 +182,7 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
         num_heads=nh,
         num_kv_heads=kvh,
         head_dim=head_dim,
-        intermediate_size=mlp0.gate_proj.weight.shape[0],
+        intermediate_size=_gate_up(mlp0)[0].shape[0] // 2,
         vocab_size=cfg.vocab_size,
         norm="rms",
         norm_eps=float(eps),
@@ -178,14 +192,32 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
         max_positions=None,
         attention_scale=float(getattr(attn0, "scaling", head_dim**-0.5)),
         rope_attention_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
-        qkv_bias=attn0.q_proj.bias is not None,
+        qkv_bias=qkv_bias0 is not None,
         o_bias=attn0.o_proj.bias is not None,
-        mlp_bias=mlp0.gate_proj.bias is not None,
+        mlp_bias=_gate_up(mlp0)[1] is not None,
         tied_embeddings=tied,
+        qk_norm=qk_norm,
         pad_token_id=pad,
         eos_token_ids=eos,
     )
     return spec, weights
+
+
+def _qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[q; k; v] projection weight and bias (None without biases), fused or not."""
+    if hasattr(attn, "qkv_proj"):  # Phi-3
+        return attn.qkv_proj.weight, attn.qkv_proj.bias
+    parts = (attn.q_proj, attn.k_proj, attn.v_proj)
+    bias = None if attn.q_proj.bias is None else torch.cat([p.bias for p in parts])
+    return torch.cat([p.weight for p in parts]), bias
+
+
+def _gate_up(mlp) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[gate; up] projection weight and bias (None without biases), fused or not."""
+    if hasattr(mlp, "gate_up_proj"):  # Phi-3: gate first, as it chunks
+        return mlp.gate_up_proj.weight, mlp.gate_up_proj.bias
+    bias = None if mlp.gate_proj.bias is None else torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
+    return torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), bias
 
 
 def _sliding_window(cfg) -> int | None:
