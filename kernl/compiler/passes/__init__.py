@@ -16,6 +16,7 @@ from .graph import drop_dead, reads
 from .norm_attention import hoist_attention_mask, replace_attention, replace_layer_norm
 from .padding_mask import shorten_padding_mask
 from .rotary import fuse_rotary
+from .spelled_gelu import replace_spelled_gelu
 
 __all__ = [
     "fuse_bert_embeddings",
@@ -26,6 +27,7 @@ __all__ = [
     "replace_attention",
     "replace_eager_attention",
     "replace_layer_norm",
+    "replace_spelled_gelu",
     "shorten_padding_mask",
     "rewrite",
     "drop_dead",
@@ -40,6 +42,7 @@ def rewrite(program: Program, weights: dict[str, torch.Tensor]) -> Program:
     # before it stays a plain GEMM (one launch on cuBLAS too, where linear+add would be two).
     program = replace_layer_norm(program)
     program = fuse_bert_embeddings(program)
+    program = replace_spelled_gelu(program)  # then fuse_linear takes it into the epilogue
     program = fuse_linear(program)
     program = fuse_rotary(program)
     program = replace_attention(program)
