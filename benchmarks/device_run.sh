@@ -62,6 +62,9 @@
 #           the attention kernels' own tests (four base-sized compiles: ~5-8 min, not yet run)
 #   modernbert ModernBERT-base fp16: kernl with kernl.rotary, kernl without it, reduce-overhead
 #           and eager at 1x128, 8x128, 8x512 (benchmarks/bench_modernbert.py, ~4-6 min)
+#   famacc  a base-sized random family's error against eager fp32 beside eager's own
+#           (benchmarks/diag_family_accuracy.py: ModernBERT fp16 with and without
+#           kernl.rotary, DeBERTa-v3 bf16)
 #   qkvatt  BERT-base's QKV projection + attention as one kernel against cuBLAS's GEMM and the
 #           tuner's best attention, its 14-config sweep (benchmarks/bench_qkv_attention.py, ~2 min)
 #   qkvtests the fused kernel's GPU tests and BERT-base's end to end with it (~2.5 min)
@@ -226,6 +229,8 @@ stage() {
       tests/kernels/test_rotary.py \
       tests/generation/test_gpu_generation.py::test_cuda_graph_generation_matches_eager ;;
     modernbert) timeout 560 python3 benchmarks/bench_modernbert.py ;;
+    famacc) for a in "modernbert fp16 4 128" "modernbert fp16 4 128 --no-rotary" \
+              "deberta-v3 bf16 4 32"; do timeout 200 python3 benchmarks/diag_family_accuracy.py $a; done ;;
     attshort) OUT=$RUN timeout 300 python3 benchmarks/bench_attention_short.py ;;
     attwgmma) timeout 240 python3 benchmarks/bench_attention_wgmma.py ;;
     linwgmma) timeout 300 python3 benchmarks/bench_linear_wgmma.py ;;
