@@ -60,8 +60,9 @@
 #   families the encoder families learned from traced code (MPNet's bias on kernl.attention,
 #           DeBERTa-v3's folded positions, ModernBERT's kernl.rotary), base-sized, tuned on the GPU, against eager, with
 #           the attention kernels' own tests (four base-sized compiles: ~5-8 min, not yet run)
-#   modernbert ModernBERT-base fp16: kernl with kernl.rotary, kernl without it, reduce-overhead
-#           and eager at 1x128, 8x128, 8x512 (benchmarks/bench_modernbert.py, ~4-6 min)
+#   modernbert ModernBERT-base fp16: kernl with kernl.rotary and kernl.gated_linear, without them,
+#           reduce-overhead and eager at 1x128, 8x128, 8x512 (benchmarks/bench_modernbert.py,
+#           ~4-6 min)
 #   famacc  a base-sized random family's error against eager fp32 beside eager's own
 #           (benchmarks/diag_family_accuracy.py: ModernBERT fp16 with and without
 #           kernl.rotary, DeBERTa-v3 bf16)
@@ -226,7 +227,7 @@ stage() {
     families) timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 \
       tests/e2e/test_gpu_encoder_families.py tests/kernels/test_attention.py \
       tests/kernels/test_attention_short.py tests/kernels/test_attention_tma.py \
-      tests/kernels/test_rotary.py \
+      tests/kernels/test_rotary.py tests/kernels/test_gated_mlp.py \
       tests/generation/test_gpu_generation.py::test_cuda_graph_generation_matches_eager ;;
     modernbert) timeout 560 python3 benchmarks/bench_modernbert.py ;;
     famacc) for a in "modernbert fp16 4 128" "modernbert fp16 4 128 --no-rotary" \

@@ -959,6 +959,24 @@ def _kernl_bert_embeddings(
     return torch.empty((b, seq, h), dtype=word.dtype, device=word.device)
 
 
+def _kernl_gated_linear(x, weight, bias=None, activation="gelu", impl="aten", config=None):
+    import torch
+
+    _impl(impl, config)
+    if activation not in _ACTIVATIONS:
+        raise _Fail(f"unknown activation {activation!r}", unsafe=False)
+    if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1] or weight.shape[0] % 2:
+        raise _Fail(
+            f"gated_linear of x {list(x.shape)} and weight {list(weight.shape)} (an even "
+            "number of rows)",
+            unsafe=False,
+        )
+    if bias is not None and list(bias.shape) != [weight.shape[0]]:
+        raise _Fail(f"gated_linear bias {list(bias.shape)} for weight {list(weight.shape)}", False)
+    _of_dtype(x.dtype, weight, bias)
+    return torch.empty((*x.shape[:-1], weight.shape[0] // 2), dtype=x.dtype, device=x.device)
+
+
 def _kernl_rotary(x, cos, sin, dtype=None, impl="aten", config=None):
     import torch
 
@@ -989,4 +1007,5 @@ KERNL_SHAPES = {
     "mask_to_bias": _kernl_mask_to_bias,
     "bert_embeddings": _kernl_bert_embeddings,
     "rotary": _kernl_rotary,
+    "gated_linear": _kernl_gated_linear,
 }

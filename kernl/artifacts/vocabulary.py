@@ -32,7 +32,7 @@ ATEN_OPS = frozenset(
 # knows their shapes, so a program using one is checked like any aten op).
 KERNL_OPS = frozenset(
     {"linear", "layer_norm", "attention", "qkv_attention", "mask_to_bias", "bert_embeddings"}
-    | {"rotary"}
+    | {"rotary", "gated_linear"}
 )
 
 ATEN_NAME = re.compile(r"aten\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)")

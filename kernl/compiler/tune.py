@@ -45,6 +45,7 @@ TUNABLE = {
     "kernl.attention": ("attention", "attention_configs"),
     "kernl.bert_embeddings": ("bert_embeddings", "bert_embeddings_configs"),
     "kernl.rotary": ("rotary", "rotary_configs"),
+    "kernl.gated_linear": ("gated_mlp", "gated_mlp_configs"),
 }
 
 

@@ -1,4 +1,5 @@
-"""Gated MLP input projection: silu(x @ Wg^T) * (x @ Wu^T), one kernel (LLaMA/Mistral MLP).
+"""Gated MLP input projection: act(x @ Wg^T + bg) * (x @ Wu^T + bu), one kernel (LLaMA/Mistral's
+SiLU MLP; ModernBERT's GELU one, whose one projection's halves are Wg and Wu).
 
 Both products share each loaded x tile and accumulate side by side in fp32; the gate is
 applied in registers, so neither [M, N] intermediate ever reaches memory. Weights are
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .activation import _activation, apply_activation
 from .jit import cdiv, jit, tl
 from .launch import launch_kernel
 
@@ -20,6 +22,8 @@ def _gated_mlp_kernel(
     X,
     Wg,
     Wu,
+    Bg,
+    Bu,
     Out,
     M,
     N,
@@ -37,6 +41,8 @@ def _gated_mlp_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
+    ACTIVATION: tl.constexpr = "silu",
+    HAS_BIAS: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -74,14 +80,25 @@ def _gated_mlp_kernel(
         g_ptrs += BLOCK_K * stride_gk
         u_ptrs += BLOCK_K * stride_uk
 
-    y = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    if HAS_BIAS:
+        acc_g += tl.load(Bg + offs_wn).to(tl.float32)[None, :]
+        acc_u += tl.load(Bu + offs_wn).to(tl.float32)[None, :]
+    y = _activation(acc_g, ACTIVATION) * acc_u
     offs_om = offs_m.to(tl.int64)
     o_ptrs = Out + offs_om[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(o_ptrs, y.to(Out.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-def gated_mlp_reference(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
-    return F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
+def gated_mlp_reference(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    bias_gate: torch.Tensor | None = None,
+    bias_up: torch.Tensor | None = None,
+    activation: str = "silu",
+) -> torch.Tensor:
+    gate = apply_activation(F.linear(x, w_gate, bias_gate), activation)
+    return gate * F.linear(x, w_up, bias_up)
 
 
 @dataclass(frozen=True)
@@ -129,13 +146,18 @@ def gated_mlp(
     w_gate: torch.Tensor,
     w_up: torch.Tensor,
     *,
+    bias_gate: torch.Tensor | None = None,
+    bias_up: torch.Tensor | None = None,
+    activation: str = "silu",
     out: torch.Tensor | None = None,
     config: GatedMLPConfig | None = None,
 ) -> torch.Tensor:
-    """x [..., K], w_gate / w_up [N, K] -> silu(x Wg^T) * (x Wu^T), [..., N]."""
+    """x [..., K], w_gate / w_up [N, K], biases [N] (both or neither) ->
+    act(x Wg^T + bg) * (x Wu^T + bu), [..., N]; `activation` one of activation.ACTIVATIONS."""
     K = x.shape[-1]
     N = w_gate.shape[0]
     assert w_gate.shape == (N, K) and w_up.shape == (N, K) and K % 8 == 0
+    assert (bias_gate is None) == (bias_up is None)
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     config = config or GatedMLPConfig()
@@ -149,6 +171,8 @@ def gated_mlp(
         x2,
         w_gate,
         w_up,
+        w_gate if bias_gate is None else bias_gate,  # unread without HAS_BIAS
+        w_up if bias_up is None else bias_up,
         out2,
         M,
         N,
@@ -162,6 +186,8 @@ def gated_mlp(
         BLOCK_K=config.BLOCK_K,
         GROUP_M=config.GROUP_M,
         EVEN_K=K % config.BLOCK_K == 0,
+        ACTIVATION=activation,
+        HAS_BIAS=bias_gate is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

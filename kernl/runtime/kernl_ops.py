@@ -256,6 +256,31 @@ def bert_embeddings(
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
+def gated_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str = "gelu",
+    impl: str = "aten",
+    config: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """act(a) * b where a, b = (x @ weight.T + bias).chunk(2, -1): a gated MLP's projection
+    (ModernBERT's GEGLU), [..., N] of a [2N, K] weight, without its [..., 2N] output."""
+    from kernl.kernels import gated_mlp as kernel
+    from kernl.kernels.activation import apply_activation
+
+    _check_impl(impl)
+    n = weight.shape[0] // 2
+    if impl == "triton" and x.shape[-1] % 8 == 0 and triton_usable(x.device, kernel):
+        b = (None, None) if bias is None else (bias[:n], bias[n:])
+        return kernel.gated_mlp(
+            x, weight[:n], weight[n:], bias_gate=b[0], bias_up=b[1], activation=activation,
+            config=_typed(kernel, config),
+        )  # fmt: skip
+    gate, up = F.linear(x, weight, bias).chunk(2, dim=-1)
+    return apply_activation(gate, activation) * up
+
+
 def rotary(
     x: torch.Tensor,
     cos: torch.Tensor,
@@ -290,4 +315,5 @@ OPS = {
     "kernl.mask_to_bias": mask_to_bias,
     "kernl.bert_embeddings": bert_embeddings,
     "kernl.rotary": rotary,
+    "kernl.gated_linear": gated_linear,
 }

@@ -158,6 +158,11 @@ def test_kernl_op_rules_match_torch_on_meta():
     got = analysis._kernl_mask_to_bias(mask, torch.float16)
     ref = kernl_ops.mask_to_bias(mask, torch.float16)
     assert (got.shape, got.dtype) == (ref.shape, ref.dtype)
+    x, w = meta((2, 5, 8), F16), meta((12, 8), F16)
+    for bias in (meta((12,), F16), None):
+        got = analysis._kernl_gated_linear(x, w, bias, "gelu")
+        ref = kernl_ops.gated_linear(x, w, bias, "gelu")
+        assert (got.shape, got.dtype) == (ref.shape, ref.dtype)
     x, cos = meta((2, 3, 7, 8), F16), meta((1, 1, 7, 8), F32)
     for dtype in (None, F32):
         got = analysis._kernl_rotary(x, cos, cos, dtype)
@@ -205,6 +210,11 @@ def test_kernl_op_rules_match_torch_on_meta():
         lambda: analysis._kernl_qkv_attention(
             meta((2, 129, 64), F16), meta((192, 64), F16), None, None, None, 2, impl="triton"
         ),
+        # gated_linear: an even number of weight rows, a known activation, one dtype
+        lambda: analysis._kernl_gated_linear(meta((2, 8), F16), meta((7, 8), F16)),
+        lambda: analysis._kernl_gated_linear(meta((2, 8), F16), meta((6, 8), F16), None, "swish"),
+        lambda: analysis._kernl_gated_linear(meta((2, 8), F16), meta((6, 8), F32)),
+        lambda: analysis._kernl_gated_linear(meta((2, 8), F16), meta((6, 8), F16), meta((3,), F16)),
         # rotary: an even last axis, tables that broadcast to x (and no further), floats
         lambda: analysis._kernl_rotary(meta((2, 7), F16), meta((7,), F16), meta((7,), F16)),
         lambda: analysis._kernl_rotary(meta((1, 7, 8), F16), meta((2, 7, 8), F16), meta((8,), F16)),

@@ -73,7 +73,7 @@ MODELS = {
         )
     ),
     # rotary positions, transformers' rotate_half form (passes/rotary.py: kernl.rotary), local
-    # and global attention layers, a gated GELU MLP
+    # and global attention layers, a gated GELU MLP (kernl.gated_linear)
     "modernbert": lambda: T.ModernBertModel(
         T.ModernBertConfig(
             **SMALL,
@@ -194,6 +194,8 @@ def test_compile_then_load_in_fresh_process_matches_eager(name, tmp_path):
             assert not {"aten.tanh.default", "aten.erf.default"} & set(ops), rel.name
         if name in ROTARY:
             assert ops.count("kernl.rotary") == 4 and "aten.neg.default" not in ops, rel.name
+        if name == "modernbert":  # its GEGLU: one op per layer (passes/gated_linear.py)
+            assert ops.count("kernl.gated_linear") == 2 and "aten.gelu.default" not in ops
     with_type_ids = "token_type_ids" in kernl.runtime.load(artifact, device="cpu").input_names
     vocab = MODELS[name]().config.vocab_size
     calls = make_calls(CALL_SHAPES, vocab, with_type_ids)

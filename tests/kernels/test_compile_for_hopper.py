@@ -451,6 +451,26 @@ def rotary_compiles(config, dtype):
     _compile(_rotary_kernel, signature, constants, dict(num_warps=config.num_warps), ("X", "Out"))
 
 
+def gated_mlp_compiles(config, activation, bias):
+    """kernl.gated_linear's kernel (ModernBERT's GEGLU: GELU, biases) and the decoder's SiLU."""
+    from kernl.kernels.gated_mlp import _gated_mlp_kernel
+
+    signature = dict.fromkeys(("X", "Wg", "Wu", "Bg", "Bu", "Out"), "*fp16")
+    signature |= dict.fromkeys(("M", "N", "K"), "i32")
+    signature |= {f"stride_{t}": "i32" for t in ("xm", "xk", "gn", "gk", "un", "uk", "om", "on")}
+    constants = dict(BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K)
+    constants |= dict(GROUP_M=config.GROUP_M, EVEN_K=True, ACTIVATION=activation, HAS_BIAS=bias)
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    _compile(_gated_mlp_kernel, signature, constants, options, ("X", "Wg", "Wu", "Out"))
+
+
+def _gated_mlp_variants():
+    from kernl.kernels.gated_mlp import gated_mlp_configs
+
+    first, *_ = gated_mlp_configs()
+    return [(c, "gelu", True) for c in gated_mlp_configs()] + [(first, "silu", False)]
+
+
 def _rotary_variants():
     from kernl.kernels.rotary import rotary_configs
 
@@ -474,6 +494,7 @@ def main() -> int:
             (tma_attention_compiles, _tma_attention_variants()),
             (qkv_attention_compiles, _qkv_attention_variants()),
             (rotary_compiles, _rotary_variants()),
+            (gated_mlp_compiles, _gated_mlp_variants()),
             (
                 weight_ring_bench_compiles,
                 [

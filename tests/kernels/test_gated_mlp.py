@@ -28,3 +28,31 @@ def test_gpu_real_sizes(dtype):
     gated_mlp(x, wg, wu, out=out)
     ref = gated_mlp_reference(x.double(), wg.double(), wu.double())
     assert_close(out, ref, dtype, gated_mlp_reference(x, wg, wu), name="gpu gated mlp")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_gated_mlp_with_biases_and_a_gelu(dtype, activation):
+    """ModernBERT's GEGLU: one projection's halves with their biases, GELU on the first."""
+    M, N, K = 19, 40, 64
+    x = torch.randn(M, K, dtype=dtype, device=DEVICE)
+    w = torch.randn(2 * N, K, dtype=dtype, device=DEVICE) / K**0.5
+    b = torch.randn(2 * N, dtype=dtype, device=DEVICE) * 0.1
+    args = (w[:N], w[N:])
+    kw = dict(bias_gate=b[:N], bias_up=b[N:], activation=activation)
+    out = gated_mlp(x, *args, **kw, out=poisoned((M, N), dtype), config=GatedMLPConfig(16, 32, 32))
+    ref = gated_mlp_reference(x.double(), *(t.double() for t in args), b[:N].double(),
+                              b[N:].double(), activation)  # fmt: skip
+    assert_close(out, ref, dtype, gated_mlp_reference(x, *args, **kw), name="geglu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_geglu_at_modernbert_base(dtype):
+    M, N, K = 4096, 1152, 768
+    x = torch.randn(M, K, dtype=dtype, device="cuda")
+    w = torch.randn(2 * N, K, dtype=dtype, device="cuda") / K**0.5
+    out = gated_mlp(x, w[:N], w[N:], activation="gelu")
+    ref = gated_mlp_reference(x.double(), w[:N].double(), w[N:].double(), activation="gelu")
+    stock = gated_mlp_reference(x, w[:N], w[N:], activation="gelu")
+    assert_close(out, ref, dtype, stock, name="gpu geglu")

@@ -12,6 +12,7 @@ from .eager_attention import replace_eager_attention
 from .embeddings import fuse_bert_embeddings
 from .fuse_linear import fuse_linear
 from .fuse_qkv import fuse_qkv
+from .gated_linear import fuse_gated_linear
 from .graph import drop_dead, reads
 from .norm_attention import hoist_attention_mask, replace_attention, replace_layer_norm
 from .padding_mask import shorten_padding_mask
@@ -20,6 +21,7 @@ from .spelled_gelu import replace_spelled_gelu
 
 __all__ = [
     "fuse_bert_embeddings",
+    "fuse_gated_linear",
     "fuse_linear",
     "fuse_qkv",
     "fuse_rotary",
@@ -44,6 +46,7 @@ def rewrite(program: Program, weights: dict[str, torch.Tensor]) -> Program:
     program = fuse_bert_embeddings(program)
     program = replace_spelled_gelu(program)  # then fuse_linear takes it into the epilogue
     program = fuse_linear(program)
+    program = fuse_gated_linear(program)
     program = fuse_rotary(program)
     program = replace_attention(program)
     program = replace_eager_attention(program)
