@@ -63,6 +63,7 @@
 #   modernbert ModernBERT-base fp16: kernl with kernl.rotary and kernl.gated_linear, without them,
 #           reduce-overhead and eager at 1x128, 8x128, 8x512 (benchmarks/bench_modernbert.py,
 #           ~4-6 min)
+#   newkernels the GPU tests of kernl.rotary's and kernl.gated_linear's kernels (~30 s)
 #   famacc  a base-sized random family's error against eager fp32 beside eager's own
 #           (benchmarks/diag_family_accuracy.py: ModernBERT fp16 with and without
 #           kernl.rotary, DeBERTa-v3 bf16)
@@ -230,6 +231,8 @@ stage() {
       tests/kernels/test_rotary.py tests/kernels/test_gated_mlp.py \
       tests/generation/test_gpu_generation.py::test_cuda_graph_generation_matches_eager ;;
     modernbert) timeout 560 python3 benchmarks/bench_modernbert.py ;;
+    newkernels) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
+      tests/kernels/test_gated_mlp.py tests/kernels/test_rotary.py ;;
     famacc) for a in "modernbert fp16 4 128" "modernbert fp16 4 128 --no-rotary" \
               "deberta-v3 bf16 4 32"; do timeout 200 python3 benchmarks/diag_family_accuracy.py $a; done ;;
     attshort) OUT=$RUN timeout 300 python3 benchmarks/bench_attention_short.py ;;
