@@ -51,3 +51,16 @@ def test_ids_and_each_step_s_logits_equal_hugging_face(kind, tied, tmp_path):
         err = (logits - ref).abs().max() / ref.abs().max()
         assert err < 1e-4, f"{kind} tied={tied}: logits off by {err:.3g} of their scale"
         prefix = torch.cat([prefix, new.reshape(3, 1)], dim=1)
+
+
+def test_an_unsupported_model_type_is_refused_from_its_config_before_any_weight_loads(tmp_path):
+    """A folder holding a Pegasus config and no weights: refused by name (it was refused only
+    after the whole checkpoint had loaded)."""
+    import transformers as tf
+
+    from kernl.compiler.trace import UnsupportedModelError
+
+    tf.PegasusConfig(architectures=["PegasusForConditionalGeneration"]).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match=r"seq2seq: model type 'pegasus' \(Pegasus"):
+        kernl.compiler.compile(tmp_path, "batch=1 source=8 cache=8", tmp_path / "a",
+                               dtype="fp32", device="cpu", task="seq2seq-lm")  # fmt: skip

@@ -57,7 +57,7 @@ from .decode_kernels import (
     recording_decode_binaries,
     with_decode_kernels,
 )
-from .describe import describe, speech_spec
+from .describe import check_model_type, describe, speech_spec
 
 TASK = "seq2seq-lm"
 SPEECH_TASK = "speech-seq2seq"
@@ -121,6 +121,7 @@ def compile_seq2seq(
     torch_dtype, dev = resolve_dtype_device(dtype, device)
     sb = as_seq2seq_buckets(buckets, 0 if speech else None)  # Whisper's source: set below
     check_destination(out)
+    check_model_type(model_or_path)
     say(f"loading model {model_or_path if isinstance(model_or_path, (str, Path)) else ''}")
     model, _, source = load_model(
         _speech_model(model_or_path) if speech else model_or_path, TASK, torch_dtype, dev

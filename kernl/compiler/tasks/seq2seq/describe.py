@@ -45,6 +45,33 @@ HF_ACTIVATIONS = {
 }
 
 
+def check_model_type(model_or_path) -> None:
+    """Refuse a model type kernl does not generate with from its config alone, before the
+    weights load (an mT5-XL's or a Pegasus's took their whole load to be refused). A config
+    that cannot be read is left to load_model to explain."""
+    config = getattr(model_or_path, "config", None)
+    if config is None and not isinstance(model_or_path, torch.nn.Module):
+        import transformers
+
+        try:
+            config = transformers.AutoConfig.from_pretrained(
+                str(model_or_path), local_files_only=True
+            )
+        except (OSError, ValueError):
+            return
+    model_type = getattr(config, "model_type", None)
+    if model_type is not None and model_type not in SUPPORTED:
+        _refuse_type(model_type, getattr(config, "architectures", None))
+
+
+def _refuse_type(model_type: str, architectures=None) -> None:
+    archs = ", ".join(architectures or []) or model_type
+    raise UnsupportedModelError(
+        f"seq2seq: model type {model_type!r} ({archs}) is not supported; kernl's "
+        f"encoder-decoder generation supports {', '.join(SUPPORTED)}"
+    )
+
+
 def describe(
     model: torch.nn.Module, dtype: torch.dtype
 ) -> tuple[Seq2SeqSpec, dict[str, torch.Tensor]]:
@@ -61,10 +88,7 @@ def describe(
     elif model_type == "whisper":
         spec, weights = _whisper(model)
     else:
-        raise UnsupportedModelError(
-            f"kernl's encoder-decoder generation supports model types {', '.join(SUPPORTED)}, "
-            f"not {model_type!r}"
-        )
+        _refuse_type(model_type, [type(model).__name__])
     return spec, {k: v.detach().to(dtype).contiguous().clone() for k, v in weights.items()}
 
 
