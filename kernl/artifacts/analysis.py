@@ -841,6 +841,11 @@ def _of_dtype(dtype, *tensors) -> None:
             raise _Fail(f"mixes {dtype} and {t.dtype} operands", unsafe=False)
 
 
+def _strided(row) -> bool:
+    """A 1-d tensor whose elements are not one contiguous run (an expanded or strided view)."""
+    return row.numel() > 1 and row.stride(0) != 1
+
+
 def _kernl_linear(
     x, weight, bias=None, residual=None, activation="none", impl="aten", config=None, counters=None
 ):
@@ -854,7 +859,8 @@ def _kernl_linear(
         raise _Fail(f"unknown activation {activation!r}", unsafe=False)
     if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise _Fail(f"linear of x {list(x.shape)} and weight {list(weight.shape)}", False)
-    if bias is not None and list(bias.shape) != [weight.shape[0]]:
+    if bias is not None and (list(bias.shape) != [weight.shape[0]] or _strided(bias)):
+        # the kernels read a bias as one contiguous row: an expanded view would be overrun
         raise _Fail(f"linear bias {list(bias.shape)} for weight {list(weight.shape)}", False)
     _of_dtype(x.dtype, weight, bias, residual)
     y = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
@@ -971,7 +977,7 @@ def _kernl_gated_linear(x, weight, bias=None, activation="gelu", impl="aten", co
             "number of rows)",
             unsafe=False,
         )
-    if bias is not None and list(bias.shape) != [weight.shape[0]]:
+    if bias is not None and (list(bias.shape) != [weight.shape[0]] or _strided(bias)):
         raise _Fail(f"gated_linear bias {list(bias.shape)} for weight {list(weight.shape)}", False)
     _of_dtype(x.dtype, weight, bias)
     return torch.empty((*x.shape[:-1], weight.shape[0] // 2), dtype=x.dtype, device=x.device)

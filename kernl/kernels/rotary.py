@@ -41,14 +41,17 @@ def _rotary_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    # one grid axis (the second is capped at 65535 programs), 64-bit offsets throughout
+    pid = tl.program_id(0).to(tl.int64)
+    blocks = tl.cdiv(L, BLOCK_L)
+    bh = pid // blocks
+    b = bh // H
+    h = bh % H
+    rows = (pid % blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < L)[:, None] & (cols < half)[None, :]
-    r = rows.to(tl.int64)[:, None]
-    lo = cols[None, :]
+    r = rows[:, None]
+    lo = cols.to(tl.int64)[None, :]
     hi = lo + half
 
     x_at = X + b * stride_xb + h * stride_xh + r * stride_xl
@@ -128,7 +131,7 @@ def rotary(
     if out.numel():
         launch_kernel(
             _rotary_kernel,
-            (B * H, cdiv(L, config.BLOCK_L)),
+            (B * H * cdiv(L, config.BLOCK_L),),
             x4, c4, s4, out, H, L, D // 2,
             *x4.stride(), *c4.stride(), *s4.stride(),
             BLOCK_L=config.BLOCK_L,

@@ -272,7 +272,7 @@ def gated_linear(
     _check_impl(impl)
     n = weight.shape[0] // 2
     if impl == "triton" and x.shape[-1] % 8 == 0 and triton_usable(x.device, kernel):
-        b = (None, None) if bias is None else (bias[:n], bias[n:])
+        b = (None, None) if bias is None else (bias[:n].contiguous(), bias[n:].contiguous())
         return kernel.gated_mlp(
             x, weight[:n], weight[n:], bias_gate=b[0], bias_up=b[1], activation=activation,
             config=_typed(kernel, config),

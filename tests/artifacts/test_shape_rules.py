@@ -215,6 +215,13 @@ def test_kernl_op_rules_match_torch_on_meta():
         lambda: analysis._kernl_gated_linear(meta((2, 8), F16), meta((6, 8), F16), None, "swish"),
         lambda: analysis._kernl_gated_linear(meta((2, 8), F16), meta((6, 8), F32)),
         lambda: analysis._kernl_gated_linear(meta((2, 8), F16), meta((6, 8), F16), meta((3,), F16)),
+        # a bias the kernels would read past: one element expanded to the row (review, 2026-12-06)
+        lambda: analysis._kernl_gated_linear(
+            meta((2, 8), F16), meta((6, 8), F16), meta((1,), F16).expand(6)
+        ),
+        lambda: analysis._kernl_linear(
+            meta((2, 8), F16), meta((6, 8), F16), meta((1,), F16).expand(6)
+        ),
         # rotary: an even last axis, tables that broadcast to x (and no further), floats
         lambda: analysis._kernl_rotary(meta((2, 7), F16), meta((7,), F16), meta((7,), F16)),
         lambda: analysis._kernl_rotary(meta((1, 7, 8), F16), meta((2, 7, 8), F16), meta((8,), F16)),

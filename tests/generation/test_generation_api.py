@@ -160,6 +160,8 @@ def test_errors_are_clear_and_leave_the_model_usable(model):
     got = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[], use_cache=True,
                          num_beams=1, return_dict_in_generate=False)  # fmt: skip
     assert torch.equal(got, before)
+    got = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[], use_cache=1)
+    assert torch.equal(got, before)
     # options that change the ids: their neutral values (and None, HF's unset) are taken
     got = model.generate(ids, mask, max_new_tokens=12, eos_token_id=[], repetition_penalty=1.0,
                          no_repeat_ngram_size=0, min_new_tokens=None)  # fmt: skip

@@ -184,12 +184,13 @@ class Rewriter:
 
     def _movable(self, ins: Instruction, root_slot: int) -> bool:
         """A producer fused into the instruction at `root_slot` runs there instead: only if no
-        in-place write between the two touches what it reads."""
+        in-place write between the two touches what it reads, or what it produced (the fused
+        op would not see the write: a `fill_` of a matched intermediate, review 2026-12-06)."""
         start = self.slot_of.get(id(ins))
         if start is None:
             return False
-        read = set(reads(ins))
-        return not any(start < s < root_slot and w in read for s, w in self.in_place)
+        touched = set(reads(ins)) | {o for o in ins.outputs if o is not None}
+        return not any(start < s < root_slot and w in touched for s, w in self.in_place)
 
     def _try(self, ins: Instruction, slot: int) -> list[Instruction] | None:
         for pat, fn in self.rules:

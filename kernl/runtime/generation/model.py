@@ -886,8 +886,10 @@ def refuse_hf_options(method: str, options: dict) -> None:
             raise TypeError(f"{method}() got an unexpected keyword argument {name!r}")
         else:
             neutral, instead = _HF_OPTIONS[name]
-        if value is neutral or (type(value) is bool and value == neutral):
-            continue
+        if value is neutral or (
+            type(value) in (bool, int) and type(neutral) is bool and value == neutral
+        ):
+            continue  # use_cache=1 as HF takes it
         if type(value) is not bool and _same_number(value, neutral):
             continue
         shown = f"<tensor {tuple(value.shape)}>" if isinstance(value, torch.Tensor) else repr(value)

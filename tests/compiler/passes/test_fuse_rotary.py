@@ -89,3 +89,20 @@ def test_a_table_that_would_widen_x_stays():
     out = rotary_block(b, x, cos, sin)
     after = fuse_rotary(b.program(out))
     assert not any(line.startswith("kernl.rotary") for line in b.show(after))
+
+
+def test_an_in_place_write_to_an_intermediate_keeps_the_traced_ops():
+    """`fill_` on the rotated half after it is made: a fused op would not see the write."""
+    b = Builder()
+    x, cos, sin = b.input("x", X), b.input("cos", TABLE), b.input("sin", TABLE)
+    first = b.op("aten.mul.Tensor", x, cos, shape=X)
+    x2 = b.op("aten.slice.Tensor", x, 3, 4, END, shape=HALF)
+    x1 = b.op("aten.slice.Tensor", x, 3, 0, 4, shape=HALF)
+    turned = b.op("aten.cat.default", [b.op("aten.neg.default", x2, shape=HALF), x1], -1, shape=X)
+    b.op("aten.fill_.Scalar", turned, 0.0, shape=X)
+    second = b.op("aten.mul.Tensor", turned, sin, shape=X)
+    out = b.op("aten.add.Tensor", first, second, shape=X, name="out")
+    before = b.program(out)
+    after = fuse_rotary(b.program(out))
+    assert not any(line.startswith("kernl.rotary") for line in b.show(after))
+    assert_same_function(before, after, b)

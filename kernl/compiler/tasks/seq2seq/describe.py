@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from kernl.artifacts.seq2seq import DETECT, MAX_PROMPT, Seq2SeqSpec, SpeechSpec
 
@@ -175,19 +176,23 @@ def _decoder_output_scale(model) -> float:
     when its embeddings are tied or `scale_decoder_outputs` says so; transformers 5.2x's mT5
     never does). Greedy ids cannot tell the two apart (validation compares ids), while
     sampling and streamed logits can: so it is read from one forward of two tokens, the
-    logits against the head of the last hidden state."""
-    d = model.config.d_model
-    dev = next(model.parameters()).device
-    ids = torch.tensor([[1, 2]], device=dev)
+    logits against the head of the last hidden state (in the head's dtype: no fp32 copy of
+    an mT5-XXL's 4 GB head). Where that forward overflows (a T5 in fp16), the config's rule."""
+    cfg = model.config
+    d = cfg.d_model
+    head = model.get_output_embeddings().weight
+    ids = torch.tensor([[1, 2]], device=head.device)
     with torch.no_grad():
         out = model(input_ids=ids, decoder_input_ids=ids, output_hidden_states=True)
-        h = out.decoder_hidden_states[-1].float()
-        head = model.get_output_embeddings().weight.float()
-        logits = out.logits.float()
-        errors = {f: (logits - (h * f) @ head.T).abs().max() for f in (1.0, d**-0.5)}
+        h, logits = out.decoder_hidden_states[-1], out.logits.float()
+        errors = {
+            f: float((logits - F.linear(h * f, head).float()).abs().max()) for f in (1.0, d**-0.5)
+        }
+    scale = float(logits.abs().max())
+    if not all(math.isfinite(e) for e in [*errors.values(), scale]):
+        return d**-0.5 if getattr(cfg, "scale_decoder_outputs", cfg.tie_word_embeddings) else 1.0
     best = min(errors, key=errors.get)
-    scale = float(logits.abs().max()) or 1.0
-    if len({round(f, 12) for f in errors}) < 2 or errors[best] > 1e-2 * scale:
+    if errors[best] > 1e-2 * max(scale, 1e-6):
         raise UnsupportedModelError(
             f"seq2seq: {type(model).__name__}'s logits are not its head applied to the "
             "decoder's output (scaled by 1 or d_model^-0.5); kernl cannot reproduce them"
