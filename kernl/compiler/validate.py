@@ -131,7 +131,7 @@ def _no_less_accurate(flat: FlatModel, args, expected, got) -> str | None:
         wide = copy.deepcopy(flat.model).float()
         with torch.no_grad():
             ref = FlatModel(wide, flat.input_names, flat.output_names)(*args)
-    except (RuntimeError, torch.OutOfMemoryError):
+    except Exception:  # noqa: BLE001 - no copy (memory, a module deepcopy cannot copy): no look
         return ""
     finally:
         wide = None
