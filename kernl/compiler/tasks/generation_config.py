@@ -10,6 +10,24 @@ from kernl.runtime.generation.model import IDS_CHANGING_OPTIONS
 from ..trace import UnsupportedModelError
 
 
+def model_type_of(model_or_path) -> tuple[str | None, list[str]]:
+    """(model type, architectures) from a model's config or a folder's config.json alone,
+    before any weight loads; (None, []) where the config cannot be read (load_model explains)."""
+    import torch
+
+    config = getattr(model_or_path, "config", None)
+    if config is None and not isinstance(model_or_path, torch.nn.Module):
+        import transformers
+
+        try:
+            config = transformers.AutoConfig.from_pretrained(
+                str(model_or_path), local_files_only=True
+            )
+        except (OSError, ValueError):
+            return None, []
+    return getattr(config, "model_type", None), list(getattr(config, "architectures", None) or [])
+
+
 def eos_token_ids(eos, vocab: int, task: str) -> list[int]:
     """`eos` (one id, a list of ids or None, as a config or generation config holds it) as
     distinct ids in [0, vocab), in order. Raises UnsupportedModelError, before anything is

@@ -22,6 +22,7 @@ from kernl.artifacts.generation import DecoderSpec
 from ...trace import UnsupportedModelError
 from ..generation_config import (
     eos_token_ids,
+    model_type_of,
     refuse_module_code_kernl_drops,
     refuse_unapplied_options,
 )
@@ -46,22 +47,11 @@ def check_model_type(model_or_path) -> None:
     """Refuse a model type kernl does not generate with from its config alone, before the
     buckets are read (a BertLMHeadModel, inferred as causal-lm, was first told that `seq` is no
     causal-lm axis). A config that cannot be read is left to load_model to explain."""
-    config = getattr(model_or_path, "config", None)
-    if config is None and not isinstance(model_or_path, torch.nn.Module):
-        import transformers
-
-        try:
-            config = transformers.AutoConfig.from_pretrained(
-                str(model_or_path), local_files_only=True
-            )
-        except (OSError, ValueError):
-            return
-    model_type = getattr(config, "model_type", None)
+    model_type, archs = model_type_of(model_or_path)
     if model_type is not None and model_type not in SUPPORTED:
-        archs = ", ".join(getattr(config, "architectures", None) or []) or model_type
         raise UnsupportedModelError(
-            f"causal-lm: model type {model_type!r} ({archs}) is not supported; kernl "
-            f"generates with {', '.join(SUPPORTED)}"
+            f"causal-lm: model type {model_type!r} ({', '.join(archs) or model_type}) is not "
+            f"supported; kernl generates with {', '.join(SUPPORTED)}"
         )
 
 

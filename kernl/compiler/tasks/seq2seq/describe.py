@@ -31,6 +31,7 @@ from kernl.artifacts.seq2seq import DETECT, MAX_PROMPT, Seq2SeqSpec, SpeechSpec
 from ...trace import UnsupportedModelError
 from ..generation_config import (
     eos_token_ids,
+    model_type_of,
     refuse_module_code_kernl_drops,
     refuse_unapplied_options,
 )
@@ -50,19 +51,9 @@ def check_model_type(model_or_path) -> None:
     """Refuse a model type kernl does not generate with from its config alone, before the
     weights load (an mT5-XL's or a Pegasus's took their whole load to be refused). A config
     that cannot be read is left to load_model to explain."""
-    config = getattr(model_or_path, "config", None)
-    if config is None and not isinstance(model_or_path, torch.nn.Module):
-        import transformers
-
-        try:
-            config = transformers.AutoConfig.from_pretrained(
-                str(model_or_path), local_files_only=True
-            )
-        except (OSError, ValueError):
-            return
-    model_type = getattr(config, "model_type", None)
+    model_type, archs = model_type_of(model_or_path)
     if model_type is not None and model_type not in SUPPORTED:
-        _refuse_type(model_type, getattr(config, "architectures", None))
+        _refuse_type(model_type, archs)
 
 
 def _refuse_type(model_type: str, architectures=None) -> None:
