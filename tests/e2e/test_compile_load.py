@@ -86,6 +86,9 @@ MODELS = {
             sep_token_id=2,
         )
     ),
+    # rotary positions and a SwiGLU of two linears (kernl.gated_linear over their stacked
+    # weights); nomic-embed-text's family
+    "nomic-bert": lambda: T.NomicBertModel(T.NomicBertConfig(**SMALL, head_dim=16)),
     # gelu_new written out (tanh of a cubic), one layer's weights shared by both layers
     "albert": lambda: T.AlbertModel(T.AlbertConfig(**SMALL, embedding_size=32)),
     # rotary positions computed in the model's dtype (no casts around them)
@@ -107,7 +110,7 @@ SPELLED_GELU = {"albert", "esm"}
 # of the shapes padding_mask.py shortens.
 OWN_MASK = {"modernbert"}
 # Rotary positions on kernl.rotary: one op per query and key tensor, no rotate_half left.
-ROTARY = {"modernbert", "esm"}
+ROTARY = {"modernbert", "esm", "nomic-bert"}
 # No SDPA path: attention written in aten ops with an additive float mask (and MPNet's
 # relative position bias), which passes/eager_attention.py puts on kernl.attention; the
 # float mask is not one of the shapes padding_mask.py shortens.
@@ -194,7 +197,7 @@ def test_compile_then_load_in_fresh_process_matches_eager(name, tmp_path):
             assert not {"aten.tanh.default", "aten.erf.default"} & set(ops), rel.name
         if name in ROTARY:
             assert ops.count("kernl.rotary") == 4 and "aten.neg.default" not in ops, rel.name
-        if name == "modernbert":  # its GEGLU: one op per layer (passes/gated_linear.py)
+        if name in ("modernbert", "nomic-bert"):  # one gated op a layer (passes/gated_linear.py)
             assert ops.count("kernl.gated_linear") == 2 and "aten.gelu.default" not in ops
     with_type_ids = "token_type_ids" in kernl.runtime.load(artifact, device="cpu").input_names
     vocab = MODELS[name]().config.vocab_size

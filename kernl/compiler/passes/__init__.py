@@ -46,7 +46,7 @@ def rewrite(program: Program, weights: dict[str, torch.Tensor]) -> Program:
     program = fuse_bert_embeddings(program)
     program = replace_spelled_gelu(program)  # then fuse_linear takes it into the epilogue
     program = fuse_linear(program)
-    program = fuse_gated_linear(program)
+    program = fuse_gated_linear(program, weights)
     program = fuse_rotary(program)
     program = replace_attention(program)
     program = replace_eager_attention(program)
