@@ -133,8 +133,7 @@ def _no_less_accurate(flat: FlatModel, args, expected, got) -> str | None:
             ref = FlatModel(wide, flat.input_names, flat.output_names)(*args)
     except Exception:  # noqa: BLE001 - no copy (memory, a module deepcopy cannot copy): no look
         return ""
-    finally:
-        wide = None
+    del wide  # its memory back before the comparison
     parts = []
     for name, e, o, r in zip(flat.output_names, expected, got, ref):
         r64 = r.double()

@@ -92,20 +92,26 @@ def _two_linears(ctx: Rewriter, mul: Node) -> list[Instruction] | None:
         (x, wg, bg), (x2, wu, bu) = gate.ins.args, up.ins.args
         if ref(x) is None or ref(x) != ref(x2) or (bg is None) != (bu is None):
             continue
-        fused = [_stacked(ctx, [wg, wu])] + ([] if bg is None else [_stacked(ctx, [bg, bu])])
-        if None in fused or not all(ctx.consume(n) for n in (gate, up)):
+        pairs = [[wg, wu]] + ([] if bg is None else [[bg, bu]])
+        if not all(_stackable(ctx, p) for p in pairs) or not all(
+            ctx.consume(n) for n in (gate, up)
+        ):
             return None
+        fused = [_stacked(ctx, p) for p in pairs]  # new weights only for a rewrite that happens
         args = [x, {"v": fused[0]}, None if bg is None else {"v": fused[1]}]
         return [Instruction("kernl.gated_linear", args, {"activation": name}, mul.ins.outputs)]
     return None
 
 
-def _stacked(ctx: Rewriter, parts: list) -> int | None:
+def _stackable(ctx: Rewriter, parts: list) -> bool:
+    a, b = (ctx.weights[ctx.program.weights[ref(p)]] for p in parts)
+    return a.shape == b.shape and a.dtype == b.dtype
+
+
+def _stacked(ctx: Rewriter, parts: list) -> int:
     """A new weight of the program: two weights of one shape stacked along their first axis."""
     names = [ctx.program.weights[ref(p)] for p in parts]
     tensors = [ctx.weights[n] for n in names]
-    if tensors[0].shape != tensors[1].shape or tensors[0].dtype != tensors[1].dtype:
-        return None
     fused = "fused." + "+".join(names)
     ctx.weights.setdefault(fused, torch.cat(tensors, 0))
     vid = ctx.new_value(list(ctx.weights[fused].shape), ctx.dtype(ref(parts[0])))
