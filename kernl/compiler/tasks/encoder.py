@@ -19,6 +19,7 @@ from ..buckets import as_buckets, check_buckets_fit
 from ..lower import lower
 from ..op_counts import count_ops
 from ..passes import rewrite
+from ..passes.fold_constants import fold_constants
 from ..passes.split_k_counters import share_split_k_counters
 from ..report import BucketReport, CompileReport, Progress, artifact_bytes
 from ..trace import (
@@ -99,6 +100,9 @@ def compile_encoder(
             if kernels:
                 say(f"{tag}: rewrite")
                 program = rewrite(program, all_weights)
+                program, folded = fold_constants(program, all_weights, dev)
+                if folded:
+                    say(f"{tag}: {folded} input-independent values computed once, as weights")
                 say(f"{tag}: tune")
                 example = dict(
                     zip(

@@ -1,0 +1,226 @@
+"""Values no call can change, computed once at compile time and shipped as weights.
+
+After the rewrite, what a program still computes from its weights and trace-time constants
+alone is the same at every call: ModernBERT's rotary tables (`arange` -> outer product with
+`inv_freq` -> `cat` -> `cos`/`sin` -> casts) and its sliding-window band (`arange`s, `abs`,
+compares, an `and`) were about 30 kernel launches of each call's ~250. Here the values those
+instructions make are computed by the runtime's own executor on the compile device (so they
+are what the replay would have computed) and become weights named by content, which equal
+buckets share.
+
+This runs after the passes, not at lowering (compiler/fold.py): the passes match on what is
+folded here (the rotary pass takes `cos` and `sin` as any values, the mask passes match the
+traced mask ops), and a value they consumed is no longer computed.
+
+Not folded: anything an input reaches; kernl ops (kernels, and the split-K linear writes its
+counters); ops that write in place, and every value sharing memory with one that is written;
+uninitialised memory (`empty*`); random ops; integer values (the reader bounds indices made by
+`arange` as intervals, and integer weights by reading them, within a limit); a value that is
+itself a view (its base is folded and the view kept: no launch); a value a call returns, or
+a view of one (the caller owns it: a weight is shared); a value over MAX_BYTES."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from kernl.artifacts.program import Instruction, Program
+from kernl.artifacts.vocabulary import is_in_place, split_aten
+from kernl.runtime.executor import Executor
+from kernl.runtime.vocabulary import DTYPES, UnknownOpError, resolve_op
+
+from ..fold import constant_name
+from .graph import ProgramView, drop_dead, reads
+
+# Each folded value, and all of a program's together: beyond these the ops stay (a 8192-long
+# sliding-window band is 64 MiB of bools a bucket; computing it per call costs one launch).
+MAX_BYTES = 8 << 20
+MAX_PROGRAM_BYTES = 64 << 20
+_MAY_COPY = ("to", "contiguous", "reshape", "reshape_as", "flatten", "type_as")
+_UNINITIALISED = ("empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided")
+
+
+def _schema(name: str) -> torch.FunctionSchema | None:
+    if split_aten(name) is None:
+        return None
+    try:
+        return resolve_op(name)._schema
+    except UnknownOpError:
+        return None
+
+
+def _returns_view(schema: torch.FunctionSchema | None) -> bool:
+    """Whether the result may share its argument's memory (for what a write reaches)."""
+    return schema is not None and any(
+        r.alias_info is not None and not r.alias_info.is_write for r in schema.returns
+    )
+
+
+def _always_view(ins: Instruction, schema: torch.FunctionSchema | None) -> bool:
+    """Whether the result is a view, never a copy: no launch when it runs. `to`, `reshape`
+    and the like copy where they must (a cast to another dtype is a kernel)."""
+    return _returns_view(schema) and split_aten(ins.op)[0] not in _MAY_COPY
+
+
+def _computable(ins: Instruction, schema: torch.FunctionSchema | None) -> bool:
+    """An aten op whose result is a function of its arguments alone."""
+    if schema is None or is_in_place(ins.op) or ins.op.endswith(".out"):
+        return False
+    if split_aten(ins.op)[0] in _UNINITIALISED or "out" in ins.kwargs:
+        return False
+    op = resolve_op(ins.op)
+    return torch.Tag.nondeterministic_seeded not in op.tags and not any(
+        a.alias_info is not None and a.alias_info.is_write for a in schema.arguments
+    )
+
+
+class _Memory:
+    """Which values share memory: views join their inputs (by the op's schema)."""
+
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+
+    def find(self, v: int) -> int:
+        while self.parent.get(v, v) != v:
+            v = self.parent[v]
+        return v
+
+    def join(self, a: int, b: int) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def _written(program: Program, schemas: list) -> tuple[_Memory, set[int]]:
+    memory, written = _Memory(), set()
+    for ins, schema in zip(program.instructions, schemas):
+        if schema is not None and _returns_view(schema):
+            for o in ins.outputs:
+                for v in reads(ins):
+                    if o is not None:
+                        memory.join(o, v)
+        if is_in_place(ins.op) and ins.args:
+            written.update(reads(Instruction(ins.op, ins.args[:1], {}, [])))
+        for key in ("out", "counters"):  # out= and the split-K linear's counters
+            if key in ins.kwargs:
+                written.update(reads(Instruction(ins.op, [ins.kwargs[key]], {}, [])))
+    return memory, {memory.find(v) for v in written}
+
+
+def _nbytes(view: ProgramView, vid: int) -> int | None:
+    shape, dtype = view.shape(vid), view.dtype(vid)
+    if shape is None or dtype not in DTYPES:
+        return None
+    return DTYPES[dtype].itemsize * int(torch.Size(shape).numel())
+
+
+def fold_constants(
+    program: Program, weights: dict[str, torch.Tensor], device: torch.device
+) -> tuple[Program, int]:
+    """(the program with its input-independent values as weights, how many values were
+    folded). `weights` gains the folded tensors, on `device`."""
+    view = ProgramView(program)
+    schemas = [_schema(ins.op) for ins in program.instructions]
+    memory, written = _written(program, schemas)
+    constant = {v for v in program.weights if memory.find(v) not in written}
+    producer: dict[int, int] = {}
+    for i, (ins, schema) in enumerate(zip(program.instructions, schemas)):
+        outs = [o for o in ins.outputs if o is not None]
+        for o in outs:
+            producer[o] = i
+        if not outs or not _computable(ins, schema) or not set(reads(ins)) <= constant:
+            continue
+        if any(memory.find(o) in written for o in outs):
+            continue
+        sizes = [_nbytes(view, o) for o in outs]
+        if not _always_view(ins, schema) and any(s is None or s > MAX_BYTES for s in sizes):
+            continue
+        constant.update(outs)
+
+    def base_of(v: int) -> int:
+        """Below the views of a constant: the value a computing op made (or a weight)."""
+        while v in producer and _always_view(
+            program.instructions[producer[v]], schemas[producer[v]]
+        ):
+            sources = [r for r in reads(program.instructions[producer[v]]) if r in constant]
+            if len(sources) != 1:
+                break
+            v = sources[0]
+        return v
+
+    # not what a call returns, nor its views: the caller owns those, and a weight is shared
+    returned = {memory.find(v) for v in program.outputs}
+    frontier = []
+    for ins in program.instructions:
+        if not set(ins.outputs) & constant:
+            frontier += [v for v in reads(ins) if v in constant]
+    bases, total = [], 0
+    for v in dict.fromkeys(base_of(v) for v in frontier):
+        if v in program.weights or v not in producer or memory.find(v) in returned:
+            continue
+        ins, dtype = program.instructions[producer[v]], view.dtype(v)
+        if len([o for o in ins.outputs if o is not None]) != 1 or _always_view(
+            ins, schemas[producer[v]]
+        ):
+            continue
+        if dtype not in DTYPES or (dtype != "bool" and not DTYPES[dtype].is_floating_point):
+            continue
+        size = _nbytes(view, v)
+        if size is None or size > MAX_BYTES or total + size > MAX_PROGRAM_BYTES:
+            continue
+        bases.append(v)
+        total += size
+    if not bases:
+        return program, 0
+    try:
+        values = _evaluate(program, _cone(program, bases, producer), bases, weights, device)
+    except Exception:  # noqa: BLE001 - not computable here: the program computes it, as before
+        return program, 0
+    computed: set[int] = set()  # the instructions that made the folded values
+    for v, tensor in zip(bases, values):
+        if list(tensor.shape) != view.shape(v) or str(tensor.dtype) != f"torch.{view.dtype(v)}":
+            continue  # not the value the program declared: left as traced
+        tensor = tensor.detach().clone(memory_format=torch.contiguous_format)
+        name = constant_name(tensor)
+        weights.setdefault(name, tensor)
+        program.weights[v] = name
+        computed.add(producer[v])
+    program.instructions = [ins for i, ins in enumerate(program.instructions) if i not in computed]
+    program = drop_dead(program)
+    used = set(program.outputs).union(*(reads(ins) for ins in program.instructions))
+    program.weights = {v: n for v, n in program.weights.items() if v in used}
+    return program, len(computed)
+
+
+def _cone(program: Program, bases: Iterable[int], producer: dict[int, int]) -> list[int]:
+    """Indices of the instructions the bases are computed by, in program order."""
+    needed, stack = set(), list(bases)
+    while stack:
+        v = stack.pop()
+        i = producer.get(v)
+        if i is None or i in needed:
+            continue
+        needed.add(i)
+        stack.extend(reads(program.instructions[i]))
+    return sorted(needed)
+
+
+def _evaluate(
+    program: Program,
+    cone: list[int],
+    bases: list[int],
+    weights: dict[str, torch.Tensor],
+    device: torch.device,
+) -> list[torch.Tensor]:
+    instructions = [program.instructions[i] for i in cone]
+    read = {v for ins in instructions for v in reads(ins)}
+    part = Program(
+        bucket=program.bucket,
+        num_values=program.num_values,
+        inputs={},
+        weights={v: n for v, n in program.weights.items() if v in read},
+        outputs=list(bases),
+        instructions=instructions,
+        meta={},
+    )
+    with torch.no_grad():
+        return Executor(part, weights, device).run({})
