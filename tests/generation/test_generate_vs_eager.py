@@ -16,7 +16,7 @@ BUCKETS = "batch=1,4 prompt=8,16 cache=48,96"
 NEW = 64
 
 
-@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "qwen3", "phi3", "gpt2"])
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gpt2"])
 def test_greedy_ids_match_eager_generate(family, tmp_path):
     hf = tiny_model(family)
     report = kernl.compiler.compile(

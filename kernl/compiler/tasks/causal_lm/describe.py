@@ -28,8 +28,11 @@ from ..generation_config import (
 )
 
 # Qwen3: Qwen2 without QKV biases, with an RMSNorm over each query and key head; Phi-3: the
-# projections fused in its checkpoints (qkv_proj, gate_up_proj)
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+# projections fused in its checkpoints (qkv_proj, gate_up_proj); Gemma: scaled embeddings,
+# RMSNorms by (1 + weight), a gated tanh-GELU MLP, head_dim its own config field
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
+# The families whose RMSNorm scales by (1 + weight) in float32 (GemmaRMSNorm)
+NORM_PLUS_ONE = ("gemma",)
 SUPPORTED = (*LLAMA_LIKE, "gpt2")
 # Rotary variants whose frequencies do not depend on the sequence length.
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
@@ -116,6 +119,11 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
             f"causal-lm: {mt} with rope type {rope_type!r} is not supported (its frequencies "
             f"change with the sequence length); kernl supports {', '.join(STATIC_ROPE)}"
         )
+    if getattr(cfg, "use_bidirectional_attention", False):
+        raise UnsupportedModelError(
+            f"causal-lm: {mt} with use_bidirectional_attention=True (every token attends to "
+            "every other) is not supported; kernl generates with causal attention"
+        )
     window = _sliding_window(cfg)
     if window is not None and window < cache_len:
         raise UnsupportedModelError(
@@ -164,6 +172,9 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
     norm = base.layers[0].input_layernorm
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     pad, eos = _token_ids(model)
+    # Gemma's embedding module multiplies by its float32 `embed_scale` buffer cast to the
+    # weight dtype; the runtime makes the same cast of the same float32 value
+    embed_scale = getattr(base.embed_tokens, "embed_scale", None)
     spec = DecoderSpec(
         family="llama",
         model_type=mt,
@@ -187,6 +198,8 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
         mlp_bias=_gate_up(mlp0)[1] is not None,
         tied_embeddings=tied,
         qk_norm=qk_norm,
+        embed_scale=1.0 if embed_scale is None else float(embed_scale),
+        norm_plus_one=mt in NORM_PLUS_ONE,
         pad_token_id=pad,
         eos_token_ids=eos,
     )
