@@ -36,7 +36,7 @@ class DecoderSpec:
     `final_norm.{weight,bias}`, `lm_head.weight` (absent when tied to `embed`), and
     `rope.inv_freq` (float32) for rotary models."""
 
-    family: str  # "llama" (Llama, Mistral, Qwen2, Qwen3, Phi-3) or "gpt2"
+    family: str  # "llama" (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma) or "gpt2"
     model_type: str
     num_layers: int
     hidden_size: int
@@ -60,6 +60,12 @@ class DecoderSpec:
     # Qwen3: an RMSNorm over each query and key head (`layers.{i}.{q,k}_norm.weight`, [head_dim])
     # after the QKV projection, before the rotary embedding
     qk_norm: bool = False
+    # Gemma: the token embeddings times this scale, the scale first rounded to the model dtype
+    # (sqrt(hidden): 55.4256 becomes 55.5 in bf16, as Hugging Face computes it)
+    embed_scale: float = 1.0
+    # Gemma: every RMSNorm scales by (1 + weight), the weight as stored, in float32 with the
+    # normalised row, rounded to the model dtype once after the scale (Llama's rounds before)
+    norm_plus_one: bool = False
     pad_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -411,7 +417,7 @@ _CHOICES = {
     "activation": ACTIVATIONS,
     "positions": POSITIONS,
 }
-_BOOLS = ("qkv_bias", "o_bias", "mlp_bias", "tied_embeddings", "qk_norm")
+_BOOLS = ("qkv_bias", "o_bias", "mlp_bias", "tied_embeddings", "qk_norm", "norm_plus_one")
 # Far above any real decoder (Llama-3 405B: 126 layers, hidden 16384, 128k vocabulary) and
 # far below sizes whose products overflow what a reader should compute with.
 MAX_DIM = 1 << 20
@@ -443,7 +449,7 @@ def _check_decoder(d: Any, where: str) -> DecoderSpec:
     for name, allowed in _CHOICES.items():
         if d[name] not in allowed or not isinstance(d[name], str):
             raise bad(f"decoder.{name} is {d[name]!r}, not one of {allowed}")
-    for name in ("norm_eps", "attention_scale", "rope_attention_scaling"):
+    for name in ("norm_eps", "attention_scale", "rope_attention_scaling", "embed_scale"):
         if name in d and not _is_real(d[name]):
             raise bad(f"decoder.{name} is {d[name]!r}, not a finite number")
     for name in _BOOLS:
@@ -459,6 +465,8 @@ def _check_decoder(d: Any, where: str) -> DecoderSpec:
         raise bad(f"{d['num_heads']} heads are not a multiple of {d['num_kv_heads']} KV heads")
     if d.get("qk_norm") and (d["norm"] != "rms" or d["family"] != "llama"):
         raise bad("decoder.qk_norm is set on a model without RMSNorm or of another family")
+    if d.get("norm_plus_one") and d["norm"] != "rms":
+        raise bad("decoder.norm_plus_one is set on a model without RMSNorm")
     if d["positions"] == "rope" and d["head_dim"] % 2:
         raise bad(f"rotary positions need an even head_dim, not {d['head_dim']}")
     pad = d.get("pad_token_id")

@@ -56,7 +56,7 @@ VARIANTS = [
 NEW = 6
 
 
-@pytest.fixture(scope="module", params=["llama3", "qwen2", "qwen3", "gpt2"])
+@pytest.fixture(scope="module", params=["llama3", "qwen2", "qwen3", "gemma", "gpt2"])
 def artifact(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param) / "lm.kernl"
     kernl.compiler.compile(
@@ -439,6 +439,9 @@ def test_step_timing_and_binary_recording_run_on_the_cpu(artifact):
         lambda e: e.update(generation_buckets={"batches": "x"}),
         lambda e: e["decoder"].update(qk_norm="yes"),
         lambda e: e["decoder"].update(qk_norm=True, norm="layer"),
+        lambda e: e["decoder"].update(norm_plus_one=1),
+        lambda e: e["decoder"].update(norm_plus_one=True, norm="layer"),
+        lambda e: e["decoder"].update(embed_scale=float("nan")),
     ],
     ids=[
         "unknown-choice",
@@ -448,6 +451,9 @@ def test_step_timing_and_binary_recording_run_on_the_cpu(artifact):
         "bad-buckets",
         "qk-norm-not-a-bool",
         "qk-norm-of-a-layer-norm",
+        "norm-plus-one-not-a-bool",
+        "norm-plus-one-of-a-layer-norm",
+        "embed-scale-nan",
     ],  # fmt: skip
 )
 def test_a_hostile_causal_lm_description_is_refused_as_an_artifact_error(artifact, tmp_path, edit):
@@ -464,6 +470,30 @@ def test_a_hostile_causal_lm_description_is_refused_as_an_artifact_error(artifac
     (root / "manifest.msgpack").write_bytes(pack_manifest(m))
     with pytest.raises(ArtifactError, match="causal-LM description is invalid"):
         kernl.runtime.load(root)
+
+
+def test_a_description_written_before_gemmas_fields_loads_with_their_defaults(artifact, tmp_path):
+    """embed_scale and norm_plus_one came with Gemma: an artifact without them is a plain
+    Llama-style decoder (scale 1, norms by their weight), and serves as it did."""
+    import shutil
+
+    import msgpack
+
+    from kernl.artifacts import pack_manifest
+
+    root = Path(shutil.copytree(artifact, tmp_path / "copy"))
+    m = msgpack.unpackb((root / "manifest.msgpack").read_bytes(), raw=False)
+    if m["extra"]["decoder"]["model_type"] == "gemma":
+        pytest.skip("a Gemma artifact needs both fields")
+    assert m["extra"]["decoder"].pop("embed_scale") == 1.0
+    assert m["extra"]["decoder"].pop("norm_plus_one") is False
+    (root / "manifest.msgpack").write_bytes(pack_manifest(m))
+    old, new = kernl.runtime.load(root), kernl.runtime.load(artifact)
+    assert old.decoder.spec == new.decoder.spec
+    ids, mask = mixed_prompts(3, [11, 4, 16])
+    assert torch.equal(
+        old.generate(ids, mask, max_new_tokens=4), new.generate(ids, mask, max_new_tokens=4)
+    )
 
 
 def test_inspect_shows_the_decode_step_kernels(artifact):

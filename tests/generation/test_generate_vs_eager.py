@@ -1,6 +1,7 @@
-"""Greedy generation of every supported family matches Hugging Face eager `generate` token for
-token: a batch of mixed prompt lengths, 64 new tokens, then again with an EOS id that one
-row emits midway (each row stops on its own, finished rows are padded)."""
+"""Greedy generation of every supported family (Gemma also at its head_dim of 256) matches
+Hugging Face eager `generate` token for token: a batch of mixed prompt lengths, 64 new tokens,
+then again with an EOS id that one row emits midway (each row stops on its own, finished rows
+are padded)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ BUCKETS = "batch=1,4 prompt=8,16 cache=48,96"
 NEW = 64
 
 
-@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "qwen3", "phi3", "gpt2"])
+FAMILIES = ["llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma_head256", "gpt2"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_ids_match_eager_generate(family, tmp_path):
     hf = tiny_model(family)
     report = kernl.compiler.compile(

@@ -571,3 +571,67 @@ def test_a_prompt_bucket_equal_to_a_kv_length_loads(tmp_path):
     model = kernl.runtime.load(path)
     ids, mask = mixed_prompts(1, [20])
     assert model.generate(ids, mask, max_new_tokens=30, eos_token_id=[]).shape == (1, 50)
+
+
+@pytest.mark.parametrize(
+    "model_type, lacks",
+    [
+        (
+            "gemma2",
+            [
+                "attention logit softcapping (attn_logit_softcapping=50.0)",
+                "final logit softcapping (final_logit_softcapping=30.0)",
+                "post_attention_layernorm, pre_feedforward_layernorm, post_feedforward_layernorm",
+                "sliding-window attention on some layers only (window 16",
+            ],
+        ),
+        (
+            "gemma3_text",
+            [
+                "post_attention_layernorm, pre_feedforward_layernorm, post_feedforward_layernorm",
+                "a rotary table per layer type",
+                "sliding-window attention on some layers only (window 16",
+            ],
+        ),
+    ],
+)
+def test_later_gemmas_are_refused_from_their_config_naming_what_kernl_lacks(
+    tmp_path, model_type, lacks
+):
+    """A folder holding only config.json: the refusal comes before any weight is looked for
+    (loading would fail on the missing weights), and names each missing piece."""
+    import transformers as tf
+
+    config = tf.AutoConfig.for_model(
+        model_type,
+        hidden_size=32,
+        num_hidden_layers=6,  # Gemma3: five sliding-window layers, then one global
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        intermediate_size=64,
+        vocab_size=50,
+        sliding_window=16,
+    )
+    config.save_pretrained(tmp_path / "model")
+    with pytest.raises(UnsupportedModelError, match=rf"model type '{model_type}'") as refused:
+        kernl.compiler.compile(
+            tmp_path / "model", "batch=1 prompt=8", tmp_path / "a", dtype="fp32", device="cpu",
+            task="causal-lm",
+        )  # fmt: skip
+    message = str(refused.value)
+    assert all(lack in message for lack in lacks), message
+    if model_type == "gemma3_text":  # no softcapping in Gemma3's config: none named
+        assert "softcapping" not in message
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_bidirectional_gemma_is_refused_from_its_config(tmp_path):
+    import transformers as tf
+
+    tf.GemmaConfig(use_bidirectional_attention=True).save_pretrained(tmp_path / "model")
+    with pytest.raises(UnsupportedModelError, match="use_bidirectional_attention=True"):
+        kernl.compiler.compile(
+            tmp_path / "model", "batch=1 prompt=8", tmp_path / "a", dtype="fp32", device="cpu",
+            task="causal-lm",
+        )  # fmt: skip

@@ -82,6 +82,23 @@ def tiny_model(family: str) -> torch.nn.Module:
             **common,
         )
         model = tf.Phi3ForCausalLM(cfg)
+    elif family in ("gemma", "gemma_head256"):
+        # head_dim from the config (not hidden / heads), one KV head as Gemma-2B's, a hidden
+        # size whose sqrt (the embedding scale) is not exact (sqrt(320) is 17.875 in bf16),
+        # tanh-GELU, tied embeddings; "gemma_head256": Gemma-2B/7B's head_dim of 256
+        wide = family == "gemma_head256"
+        cfg = tf.GemmaConfig(
+            hidden_size=320 if wide else 48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=256 if wide else 32,
+            intermediate_size=512 if wide else 96,
+            hidden_act="gelu_pytorch_tanh",
+            tie_word_embeddings=True,
+            **common,
+        )
+        model = tf.GemmaForCausalLM(cfg)
     elif family == "gpt2":  # learned positions, Conv1D weights, tied embeddings
         cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **common)
         model = tf.GPT2LMHeadModel(cfg)
@@ -93,6 +110,13 @@ def tiny_model(family: str) -> torch.nn.Module:
                 p.normal_(0, 0.1)
             elif name.endswith(("q_norm.weight", "k_norm.weight")):  # ones: they must matter
                 p.normal_(1.0, 0.3)
+            elif family.startswith("gemma") and name.endswith("norm.weight"):  # zeros: (1 + w) is 1
+                p.normal_(0.0, 0.3)
+            elif family.startswith("gemma") and name == "model.embed_tokens.weight":
+                # scaled by sqrt(hidden) at run time: stored that much smaller, the tokens enter
+                # the residual stream at the other families' size (at 0.2 the tied head
+                # repeated the last token: 2 distinct ids in 64)
+                p.normal_(0.0, 0.2 / model.config.hidden_size**0.5)
     return model.eval()
 
 

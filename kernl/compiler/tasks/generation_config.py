@@ -10,9 +10,9 @@ from kernl.runtime.generation.model import IDS_CHANGING_OPTIONS
 from ..trace import UnsupportedModelError
 
 
-def model_type_of(model_or_path) -> tuple[str | None, list[str]]:
-    """(model type, architectures) from a model's config or a folder's config.json alone,
-    before any weight loads; (None, []) where the config cannot be read (load_model explains)."""
+def config_of(model_or_path):
+    """A model's config, or a folder's config.json read alone, before any weight loads; None
+    where it cannot be read (load_model explains)."""
     import torch
 
     config = getattr(model_or_path, "config", None)
@@ -24,7 +24,14 @@ def model_type_of(model_or_path) -> tuple[str | None, list[str]]:
                 str(model_or_path), local_files_only=True
             )
         except (OSError, ValueError):
-            return None, []
+            return None
+    return config
+
+
+def model_type_of(model_or_path) -> tuple[str | None, list[str]]:
+    """(model type, architectures) from a model's config or a folder's config.json alone,
+    before any weight loads; (None, []) where the config cannot be read (load_model explains)."""
+    config = config_of(model_or_path)
     return getattr(config, "model_type", None), list(getattr(config, "architectures", None) or [])
 
 

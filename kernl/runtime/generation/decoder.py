@@ -1,6 +1,7 @@
 """The decoder-only forward kernl serves, written once over plain torch ops for every supported
-family (Llama, Mistral, Qwen2, Qwen3, Phi-3: pre-RMSNorm, rotary, gated MLP, Qwen3's per-head
-norms of q and k; GPT-2: pre-LayerNorm, learned positions, plain MLP), reading shapes and variants from a `DecoderSpec`.
+family (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma: pre-RMSNorm, rotary, gated MLP, Qwen3's
+per-head norms of q and k, Gemma's scaled embeddings and (1 + weight) norms; GPT-2:
+pre-LayerNorm, learned positions, plain MLP), reading shapes and variants from a `DecoderSpec`.
 
 Two entry points, both free of host syncs and data-dependent shapes so that each runs inside
 one CUDA graph:
@@ -118,6 +119,16 @@ class Decoder:
 
         self.embed = w["embed.weight"]
         self.pos_embed = get("pos_embed.weight")
+        # Gemma: Hugging Face casts the float32 scale to the model dtype, then multiplies
+        self.embed_scale = None
+        if spec.embed_scale != 1.0:
+            self.embed_scale = torch.tensor(spec.embed_scale, dtype=torch.float32).to(
+                device=device, dtype=dtype
+            )
+        if spec.norm_plus_one:
+            # Gemma's norms scale by 1.0 + weight.float(): the same float32 sum, made once here
+            # (the artifact holds the weight as the checkpoint does)
+            w = {k: 1.0 + v.float() if _is_norm_weight(k) else v for k, v in w.items()}
         self.final_norm_w, self.final_norm_b = w["final_norm.weight"], get("final_norm.bias")
         self.lm_head = self.embed if spec.tied_embeddings else w["lm_head.weight"]
         gated = spec.mlp == "gated"
@@ -152,9 +163,16 @@ class Decoder:
             self.rope = rope_matrices(inv_freq, positions, scaling, dtype, device)
             self.cos, self.sin = rope_tables(inv_freq, positions, scaling, dtype, device)
         # Folding a norm into the next linear defers RMSNorm's scale to the epilogue, which a
-        # norm bias would not survive.
-        self.norm_folds = spec.norm == "layer" or all(
-            lw.attn_norm_b is None and lw.mlp_norm_b is None for lw in self.layers
+        # norm bias would not survive. The folding kernels (norm_linear, and lm_head_argmax for
+        # the final norm) scale by the weight as Llama's RMSNorm does and their tiles are
+        # checked against that: Gemma's (1 + weight) norms run on the norm kernel alone, which
+        # computes in float32 and rounds once, as GemmaRMSNorm does.
+        self.norm_folds = not spec.norm_plus_one and (
+            spec.norm == "layer"
+            or all(lw.attn_norm_b is None and lw.mlp_norm_b is None for lw in self.layers)
+        )
+        self.final_norm_folds = (
+            spec.norm == "rms" and self.final_norm_b is None and not spec.norm_plus_one
         )
         self._counters: torch.Tensor | None = None  # split-K arrivals, self-resetting
         self._workspace: torch.Tensor | None = None  # lm_head_argmax's, self-resetting
@@ -168,6 +186,8 @@ class Decoder:
             and self.gated_silu_without_bias
             and all(lw.o_b is None and lw.down_b is None for lw in self.layers)
             and not spec.qk_norm
+            and not spec.norm_plus_one
+            and spec.embed_scale == 1.0
         )
         self._step_weights = None  # the persistent step's stacked view of the weights
         self._step_shared: tuple | None = None  # its counters, zeroed once, self-resetting
@@ -265,6 +285,8 @@ class Decoder:
             if self.spec.norm == "rms":
                 return norm.rms_norm(x, w, b, self.spec.norm_eps)
             return norm.layer_norm(x, w, b, self.spec.norm_eps)
+        if self.spec.norm_plus_one:
+            return _rms_norm_float32_scale(x, w, self.spec.norm_eps)
         if self.spec.norm == "rms":
             return F.rms_norm(x, (x.shape[-1],), w, self.spec.norm_eps)
         return F.layer_norm(x, (x.shape[-1],), w, b, self.spec.norm_eps)
@@ -272,6 +294,10 @@ class Decoder:
     def _qk_norm(self, qk: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
         """Qwen3's RMSNorm of each query head and each key head: qk [..., nh + kvh, d]."""
         nh, d, eps = self.spec.num_heads, self.spec.head_dim, self.spec.norm_eps
+        if self.spec.norm_plus_one:
+            q = _rms_norm_float32_scale(qk[..., :nh, :], lw.q_norm_w, eps)
+            k = _rms_norm_float32_scale(qk[..., nh:, :], lw.k_norm_w, eps)
+            return torch.cat([q, k], dim=-2)
         q = F.rms_norm(qk[..., :nh, :], (d,), lw.q_norm_w, eps)
         k = F.rms_norm(qk[..., nh:, :], (d,), lw.k_norm_w, eps)
         return torch.cat([q, k], dim=-2)
@@ -306,6 +332,8 @@ class Decoder:
 
     def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = F.embedding(ids, self.embed)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         if self.pos_embed is not None:
             x = x + F.embedding(positions, self.pos_embed)
         return x
@@ -485,7 +513,7 @@ class Decoder:
             if self._workspace is None:
                 self._workspace = new_workspace(x.device)
             norm_w = None
-            if s.norm == "rms" and self.final_norm_b is None:
+            if self.final_norm_folds:
                 norm_w, h = self.final_norm_w, x  # the final RMSNorm folds into the kernel
             else:
                 h = self._norm(x, self.final_norm_w, self.final_norm_b, triton_norm)
@@ -615,6 +643,18 @@ FEW_ROWS = 16
 
 def _few_rows_operands(h: torch.Tensor, w: torch.Tensor) -> bool:
     return h.dim() == 2 and h.shape[0] <= FEW_ROWS and h.stride(1) == 1 and w.is_contiguous()
+
+
+def _is_norm_weight(name: str) -> bool:
+    """Whether a weight name (WEIGHT NAMES, causal_lm/describe.py) is an RMSNorm's scale."""
+    return name.endswith("norm.weight")
+
+
+def _rms_norm_float32_scale(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm as Hugging Face computes it: x normalised in float32, times the float32
+    scale `w` (the decoder's 1 + weight), rounded to x's dtype once."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w).type_as(x)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

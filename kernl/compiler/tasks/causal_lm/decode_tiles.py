@@ -205,7 +205,7 @@ def decode_sites(
         configs = mlp.gated_mlp_decode_configs()
         sites.append(Site("gated_mlp", "up", len(L), call_mlp, check_mlp, configs, ops))
     # the greedy step's lm_head as the decoder runs it: logits written, final RMSNorm folded in
-    norm_w = dec.final_norm_w if s.norm == "rms" and dec.final_norm_b is None else None
+    norm_w = dec.final_norm_w if dec.final_norm_folds else None
     logits = torch.empty(batch, dec.lm_head.shape[0], device=dev, dtype=dt)
     ids = torch.empty(batch, dtype=torch.int64, device=dev)
     workspace = lm.new_workspace(dev)

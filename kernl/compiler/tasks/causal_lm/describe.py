@@ -21,6 +21,7 @@ from kernl.artifacts.generation import DecoderSpec
 
 from ...trace import UnsupportedModelError
 from ..generation_config import (
+    config_of,
     eos_token_ids,
     model_type_of,
     refuse_module_code_kernl_drops,
@@ -28,8 +29,11 @@ from ..generation_config import (
 )
 
 # Qwen3: Qwen2 without QKV biases, with an RMSNorm over each query and key head; Phi-3: the
-# projections fused in its checkpoints (qkv_proj, gate_up_proj)
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+# projections fused in its checkpoints (qkv_proj, gate_up_proj); Gemma: scaled embeddings,
+# RMSNorms by (1 + weight), a gated tanh-GELU MLP, head_dim its own config field
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
+# The families whose RMSNorm scales by (1 + weight) in float32 (GemmaRMSNorm)
+NORM_PLUS_ONE = ("gemma",)
 SUPPORTED = (*LLAMA_LIKE, "gpt2")
 # Rotary variants whose frequencies do not depend on the sequence length.
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
@@ -48,10 +52,70 @@ def check_model_type(model_or_path) -> None:
     buckets are read (a BertLMHeadModel, inferred as causal-lm, was first told that `seq` is no
     causal-lm axis). A config that cannot be read is left to load_model to explain."""
     model_type, archs = model_type_of(model_or_path)
-    if model_type is not None and model_type not in SUPPORTED:
+    if model_type is None:
+        return
+    config = config_of(model_or_path)
+    what = f"causal-lm: model type {model_type!r} ({', '.join(archs) or model_type})"
+    if model_type in GEMMA_VARIANTS:
         raise UnsupportedModelError(
-            f"causal-lm: model type {model_type!r} ({', '.join(archs) or model_type}) is not "
-            f"supported; kernl generates with {', '.join(SUPPORTED)}"
+            f"{what} is not supported: kernl lacks {'; '.join(gemma_lacks(config))} "
+            f"(kernl generates with {', '.join(SUPPORTED)})"
+        )
+    if model_type not in SUPPORTED:
+        raise UnsupportedModelError(
+            f"{what} is not supported; kernl generates with {', '.join(SUPPORTED)}"
+        )
+    _refuse_bidirectional(config, model_type)
+
+
+# Gemma's later text decoders: what each needs beyond Gemma 1 is named from its config
+GEMMA_VARIANTS = ("gemma2", "gemma3_text", "gemma3")
+
+
+def gemma_lacks(config) -> list[str]:
+    """What kernl's decoder lacks for a Gemma2 / Gemma3 config, as its refusal names it: only
+    what this config turns on (a softcap of None is no softcapping)."""
+    lacks = []
+    if config.model_type == "gemma3":  # Gemma3ForConditionalGeneration: image and text
+        lacks.append("an image encoder (Gemma3ForConditionalGeneration reads images)")
+        config = config.get_text_config()
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        lacks.append(
+            f"attention logit softcapping (attn_logit_softcapping={config.attn_logit_softcapping})"
+        )
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        lacks.append(
+            f"final logit softcapping (final_logit_softcapping={config.final_logit_softcapping})"
+        )
+    lacks.append(
+        "the RMSNorms after attention and around the MLP (post_attention_layernorm, "
+        "pre_feedforward_layernorm, post_feedforward_layernorm)"
+    )
+    types = set(getattr(config, "layer_types", None) or ())
+    rope = getattr(config, "rope_parameters", None) or {}
+    by_layer_type = [rope[t] for t in ("sliding_attention", "full_attention") if t in rope]
+    both = {"sliding_attention", "full_attention"} <= types
+    if both and len(by_layer_type) == 2 and by_layer_type[0] != by_layer_type[1]:
+        lacks.append(
+            "a rotary table per layer type (its sliding-window and full-attention layers "
+            "rotate with different rope_parameters)"
+        )
+    if both:
+        lacks.append(
+            f"sliding-window attention on some layers only (window {config.sliding_window} on "
+            "the sliding_attention layers of layer_types; a cache no longer than the window "
+            "would not need it)"
+        )
+    if getattr(config, "use_bidirectional_attention", False):
+        lacks.append("bidirectional attention (use_bidirectional_attention=True)")
+    return lacks
+
+
+def _refuse_bidirectional(config, model_type: str) -> None:
+    if getattr(config, "use_bidirectional_attention", False):
+        raise UnsupportedModelError(
+            f"causal-lm: {model_type} with use_bidirectional_attention=True (every token "
+            "attends to every other) is not supported; kernl generates with causal attention"
         )
 
 
@@ -116,6 +180,7 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
             f"causal-lm: {mt} with rope type {rope_type!r} is not supported (its frequencies "
             f"change with the sequence length); kernl supports {', '.join(STATIC_ROPE)}"
         )
+    _refuse_bidirectional(cfg, mt)
     window = _sliding_window(cfg)
     if window is not None and window < cache_len:
         raise UnsupportedModelError(
@@ -164,6 +229,9 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
     norm = base.layers[0].input_layernorm
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     pad, eos = _token_ids(model)
+    # Gemma's embedding module multiplies by its float32 `embed_scale` buffer cast to the
+    # weight dtype; the runtime makes the same cast of the same float32 value
+    embed_scale = getattr(base.embed_tokens, "embed_scale", None)
     spec = DecoderSpec(
         family="llama",
         model_type=mt,
@@ -187,6 +255,8 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
         mlp_bias=_gate_up(mlp0)[1] is not None,
         tied_embeddings=tied,
         qk_norm=qk_norm,
+        embed_scale=1.0 if embed_scale is None else float(embed_scale),
+        norm_plus_one=mt in NORM_PLUS_ONE,
         pad_token_id=pad,
         eos_token_ids=eos,
     )
