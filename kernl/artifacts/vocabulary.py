@@ -25,6 +25,7 @@ ATEN_OPS = frozenset(
     t tanh to transpose tril triu type_as unbind unflatten unsqueeze unsafe_split view where
     zeros zeros_like __and__ __or__ __xor__ __invert__ _to_copy _softmax _log_softmax
     _unsafe_view rsub bitwise_left_shift bitwise_right_shift sort topk hardtanh mish
+    pad
     """.split()
 )
 

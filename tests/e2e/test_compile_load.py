@@ -89,6 +89,12 @@ MODELS = {
     # rotary positions and a SwiGLU of two linears (kernl.gated_linear over their stacked
     # weights); nomic-embed-text's family
     "nomic-bert": lambda: T.NomicBertModel(T.NomicBertConfig(**SMALL, head_dim=16)),
+    # bottlenecks, a NoNorm (w * x + b), four FFNs a layer, trigram embeddings through a pad
+    "mobilebert": lambda: T.MobileBertModel(
+        T.MobileBertConfig(
+            **SMALL, embedding_size=32, intra_bottleneck_size=32, true_hidden_size=32
+        )
+    ),
     # gelu_new written out (tanh of a cubic), one layer's weights shared by both layers
     "albert": lambda: T.AlbertModel(T.AlbertConfig(**SMALL, embedding_size=32)),
     # rotary positions computed in the model's dtype (no casts around them)
