@@ -35,7 +35,7 @@ from .limits import DEFAULT_LIMITS, ReadLimits
 from .program import Program, iter_value_refs
 from .schema import Manifest
 from .shape_rules import aten_result
-from .vocabulary import KERNL_NAME, is_in_place, split_aten
+from .vocabulary import KERNL_NAME, is_in_place, split_aten, written_arguments
 
 Interval = tuple[int, int]
 
@@ -450,8 +450,7 @@ class _Walk:
         over that memory (the target, its views, what it views) has none any more (a
         `fill_(1000)` after `arange(8)` indexed row 1000 of a table taken for [0, 7])."""
         torch = self.torch
-        written = [args[0]] if is_in_place(ins.op) and args else []
-        written += [kwargs["out"]] if "out" in kwargs else []
+        written = written_arguments(ins.op, args, kwargs)
         keys = {self._key(t) for t in written if isinstance(t, torch.Tensor)}
         if not keys:
             return
@@ -514,12 +513,7 @@ class _Walk:
                 raise _Fail("takes its range from a computed value; ranges must be static")
 
     def _check_writes(self, base: str, ins) -> None:
-        targets = []
-        if is_in_place(ins.op) and ins.args:
-            targets.append(ins.args[0])
-        if "out" in ins.kwargs:
-            targets.append(ins.kwargs["out"])
-        for target in targets:
+        for target in written_arguments(ins.op, ins.args, ins.kwargs):
             for v in iter_value_refs(target):
                 t = self.env[v]
                 if isinstance(t, self.torch.Tensor) and self._key(t) in self.fixed:

@@ -65,3 +65,28 @@ def is_in_place(name: str) -> bool:
     """aten ops that write their first argument: `fill_`, `copy_`, ... (not `__and__`)."""
     parts = split_aten(name)
     return parts is not None and parts[0].endswith("_") and not parts[0].startswith("__")
+
+
+def written_arguments(name: str, args: list, kwargs: dict) -> list:
+    """The arguments an instruction writes (encoded or decoded alike): an in-place op's first
+    (`fill_`), `out=`, and any its schema marks as written (`max.dim_max`'s `max=` and
+    `max_values=`, `sort.values`' `values=`). The schema is the installed torch's."""
+    written = [args[0]] if is_in_place(name) and args else []
+    if "out" in kwargs:
+        written.append(kwargs["out"])
+    parts = split_aten(name)
+    if parts is None or parts[0] not in ATEN_OPS:
+        return written
+    import torch
+
+    try:
+        schema = getattr(getattr(torch.ops.aten, parts[0]), parts[1])._schema
+    except AttributeError:  # no such overload: the reader's op check refuses it
+        return written
+    for i, a in enumerate(schema.arguments):
+        if a.alias_info is None or not a.alias_info.is_write or a.name == "out":
+            continue
+        given = args[i] if i < len(args) and not a.kwarg_only else kwargs.get(a.name)
+        if given is not None and not (i == 0 and is_in_place(name)):
+            written.append(given)
+    return written

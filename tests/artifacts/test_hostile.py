@@ -819,6 +819,16 @@ CASES = {
         "writes weight 'model.embeddings.LayerNorm.weight' in place",
         "b1_s8",
     ),
+    "aten.max.dim_max writing a weight through its max= argument": Case(
+        lambda r, o: _instructions(
+            r,
+            ["aten.zeros.default", [[1]], {"dtype": {"dtype": "int64"}}],
+            ["aten.max.dim_max", ["@" + WORD, 0, False], {"max": "@" + LN_W, "max_values": "$0"}],
+        ),
+        ArtifactUnsafeError,
+        "writes weight 'model.embeddings.LayerNorm.weight' in place",
+        "b1_s8",
+    ),
     "aten.fill_ through a view of a weight": Case(
         lambda r, o: _instructions(
             r,

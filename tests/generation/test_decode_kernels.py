@@ -127,9 +127,11 @@ def test_forced_decode_kernels_are_stored_and_served(tmp_path):
     assert {k: stored[k] for k in forced} == forced and DecodeKernels.from_dict(stored) == forced_k
     assert model.decoder.kernels == DecodeKernels(**forced)
     assert not model.manifest.kernels  # binaries exist only for a GPU
+    assert model.decoder.rope is None  # the torch path's [positions, D, D] matrices: unused
     ids, mask = mixed_prompts(3, [11, 4, 16])
     out_ids, out_logits = _steps(model, ids, mask)
     model.decoder.kernels = DecodeKernels()
+    assert model.decoder.rope is not None  # made when a choice first needs them
     ref_ids, ref_logits = _steps(model, ids, mask)
     assert torch.equal(out_ids, ref_ids)
     assert (out_logits - ref_logits).abs().max() < 1e-4 * max(1.0, ref_logits.abs().max())

@@ -22,11 +22,12 @@ a view of one (the caller owns it: a weight is shared); a value over MAX_BYTES."
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
 from kernl.artifacts.program import Instruction, Program
-from kernl.artifacts.vocabulary import is_in_place, split_aten
+from kernl.artifacts.vocabulary import is_in_place, split_aten, written_arguments
 from kernl.runtime.executor import Executor
 from kernl.runtime.vocabulary import DTYPES, UnknownOpError, resolve_op
 
@@ -37,7 +38,15 @@ from .graph import ProgramView, drop_dead, reads
 # sliding-window band is 64 MiB of bools a bucket; computing it per call costs one launch).
 MAX_BYTES = 8 << 20
 MAX_PROGRAM_BYTES = 64 << 20
+# All of an artifact's (FoldBudget): the values are weights on the GPU for good, where they
+# were the graph pool's scratch before
+MAX_ARTIFACT_BYTES = 256 << 20
 _MAY_COPY = ("to", "contiguous", "reshape", "reshape_as", "flatten", "type_as")
+# Ops that copy their one input, maybe after a broadcast (MPNet's position bias, expanded to
+# the batch then made contiguous): the smaller value before them is folded, the copy kept.
+_COPIES = (*_MAY_COPY, "clone", "repeat", "_to_copy", "expand_copy")
+# Ops whose results share their input's memory though their schemas do not say so
+_UNMARKED_ALIASES = ("type_as", "_unsafe_view", "unsafe_split")
 _UNINITIALISED = ("empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided")
 
 
@@ -57,10 +66,27 @@ def _returns_view(schema: torch.FunctionSchema | None) -> bool:
     )
 
 
+def _shares_memory(ins: Instruction, schema: torch.FunctionSchema | None) -> bool:
+    return _returns_view(schema) or _op(ins) in _UNMARKED_ALIASES
+
+
 def _always_view(ins: Instruction, schema: torch.FunctionSchema | None) -> bool:
     """Whether the result is a view, never a copy: no launch when it runs. `to`, `reshape`
     and the like copy where they must (a cast to another dtype is a kernel)."""
-    return _returns_view(schema) and split_aten(ins.op)[0] not in _MAY_COPY
+    return _shares_memory(ins, schema) and _op(ins) not in (*_MAY_COPY, "type_as")
+
+
+def _op(ins: Instruction) -> str:
+    parts = split_aten(ins.op)
+    return parts[0] if parts else ""
+
+
+@dataclass
+class FoldBudget:
+    """Bytes of folded values an artifact may still gain (MAX_ARTIFACT_BYTES), over its
+    buckets; a value already folded by an earlier bucket (same name) costs nothing."""
+
+    bytes_left: int = MAX_ARTIFACT_BYTES
 
 
 def _computable(ins: Instruction, schema: torch.FunctionSchema | None) -> bool:
@@ -93,16 +119,15 @@ class _Memory:
 def _written(program: Program, schemas: list) -> tuple[_Memory, set[int]]:
     memory, written = _Memory(), set()
     for ins, schema in zip(program.instructions, schemas):
-        if schema is not None and _returns_view(schema):
+        if _shares_memory(ins, schema):
             for o in ins.outputs:
                 for v in reads(ins):
                     if o is not None:
                         memory.join(o, v)
-        if is_in_place(ins.op) and ins.args:
-            written.update(reads(Instruction(ins.op, ins.args[:1], {}, [])))
-        for key in ("out", "counters"):  # out= and the split-K linear's counters
-            if key in ins.kwargs:
-                written.update(reads(Instruction(ins.op, [ins.kwargs[key]], {}, [])))
+        targets = written_arguments(ins.op, ins.args, ins.kwargs)
+        if "counters" in ins.kwargs:  # the split-K linear's arrival counters
+            targets.append(ins.kwargs["counters"])
+        written.update(reads(Instruction(ins.op, targets, {}, [])))
     return memory, {memory.find(v) for v in written}
 
 
@@ -114,10 +139,15 @@ def _nbytes(view: ProgramView, vid: int) -> int | None:
 
 
 def fold_constants(
-    program: Program, weights: dict[str, torch.Tensor], device: torch.device
+    program: Program,
+    weights: dict[str, torch.Tensor],
+    device: torch.device,
+    budget: FoldBudget | None = None,
 ) -> tuple[Program, int]:
     """(the program with its input-independent values as weights, how many values were
-    folded). `weights` gains the folded tensors, on `device`."""
+    folded). `weights` gains the folded tensors, on `device`; `budget` (one per artifact)
+    loses the bytes of the new ones."""
+    budget = budget or FoldBudget()
     view = ProgramView(program)
     schemas = [_schema(ins.op) for ins in program.instructions]
     memory, written = _written(program, schemas)
@@ -149,12 +179,27 @@ def fold_constants(
 
     # not what a call returns, nor its views: the caller owns those, and a weight is shared
     returned = {memory.find(v) for v in program.outputs}
+
+    def smaller_before_copy(v: int) -> int:
+        """MPNet's bias expanded to the batch and made contiguous: its [seq, seq, heads]
+        before the expand is folded, not a copy per batch row (the copy stays a launch)."""
+        while v in producer and _op(program.instructions[producer[v]]) in _COPIES:
+            sources = [r for r in reads(program.instructions[producer[v]]) if r in constant]
+            source = base_of(sources[0]) if len(sources) == 1 else None
+            if source is None or source in program.weights or source not in producer:
+                break
+            if (_nbytes(view, source) or MAX_BYTES + 1) >= (_nbytes(view, v) or 0):
+                break
+            v = source
+        return v
+
     frontier = []
     for ins in program.instructions:
-        if not set(ins.outputs) & constant:
+        # not where a reader takes only its shape (empty_like)
+        if not set(ins.outputs) & constant and _op(ins) not in _UNINITIALISED:
             frontier += [v for v in reads(ins) if v in constant]
     bases, total = [], 0
-    for v in dict.fromkeys(base_of(v) for v in frontier):
+    for v in dict.fromkeys(smaller_before_copy(base_of(v)) for v in frontier):
         if v in program.weights or v not in producer or memory.find(v) in returned:
             continue
         ins, dtype = program.instructions[producer[v]], view.dtype(v)
@@ -176,12 +221,20 @@ def fold_constants(
     except Exception:  # noqa: BLE001 - not computable here: the program computes it, as before
         return program, 0
     computed: set[int] = set()  # the instructions that made the folded values
+    shared = {t.untyped_storage().data_ptr() for t in weights.values()}
     for v, tensor in zip(bases, values):
         if list(tensor.shape) != view.shape(v) or str(tensor.dtype) != f"torch.{view.dtype(v)}":
             continue  # not the value the program declared: left as traced
-        tensor = tensor.detach().clone(memory_format=torch.contiguous_format)
+        if not _plain(tensor) or tensor.untyped_storage().data_ptr() in shared:
+            continue  # strides a kept view relies on, or a weight itself (`reshape` of one)
+        tensor = tensor.detach().clone()
         name = constant_name(tensor)
-        weights.setdefault(name, tensor)
+        if name not in weights:
+            size = tensor.numel() * tensor.element_size()
+            if size > budget.bytes_left:
+                continue
+            budget.bytes_left -= size
+            weights[name] = tensor
         program.weights[v] = name
         computed.add(producer[v])
     program.instructions = [ins for i, ins in enumerate(program.instructions) if i not in computed]
@@ -189,6 +242,13 @@ def fold_constants(
     used = set(program.outputs).union(*(reads(ins) for ins in program.instructions))
     program.weights = {v: n for v, n in program.weights.items() if v in used}
     return program, len(computed)
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """Laid out as its contiguous copy will be (a view kept over it, an `as_strided` too,
+    sees the same elements where it sees them now)."""
+    size = t.numel() * t.element_size()
+    return t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == size
 
 
 def _cone(program: Program, bases: Iterable[int], producer: dict[int, int]) -> list[int]:
@@ -222,5 +282,12 @@ def _evaluate(
         instructions=instructions,
         meta={},
     )
-    with torch.no_grad():
-        return Executor(part, weights, device).run({})
+    # float32 matmuls in full float32 (ModernBERT's positions times inv_freq is one): computed
+    # once for every later call, whatever the compile process's TF32 setting
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            return Executor(part, weights, device).run({})
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32

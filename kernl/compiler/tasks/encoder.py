@@ -19,7 +19,7 @@ from ..buckets import as_buckets, check_buckets_fit
 from ..lower import lower
 from ..op_counts import count_ops
 from ..passes import rewrite
-from ..passes.fold_constants import fold_constants
+from ..passes.fold_constants import FoldBudget, fold_constants
 from ..passes.split_k_counters import share_split_k_counters
 from ..report import BucketReport, CompileReport, Progress, artifact_bytes
 from ..trace import (
@@ -86,6 +86,7 @@ def compile_encoder(
     all_weights: dict[str, torch.Tensor] = {}
     programs: list = []
     binaries: dict = {}
+    fold_budget = FoldBudget()  # the folded values' bytes, over all buckets
     session = TuneSession()  # buckets share tunings of equal shapes and known-bad configs
     with ArtifactWriter(out) as writer:
         for i, bucket in enumerate(bucket_list, 1):
@@ -100,7 +101,7 @@ def compile_encoder(
             if kernels:
                 say(f"{tag}: rewrite")
                 program = rewrite(program, all_weights)
-                program, folded = fold_constants(program, all_weights, dev)
+                program, folded = fold_constants(program, all_weights, dev, fold_budget)
                 if folded:
                     say(f"{tag}: {folded} input-independent values computed once, as weights")
                 say(f"{tag}: tune")

@@ -156,11 +156,15 @@ class Decoder:
             gated and spec.activation == "silu" and all(lw.up_b is None for lw in self.layers)
         )
         self.rope = self.cos = self.sin = None
+        # the torch decode path's [positions, D, D] matrices (one bmm a layer) are made only
+        # when a step runs that path (the kernels setter): 256 MiB for head_dim 128 and 8192
+        # positions, unused when the rotary kernels were chosen
+        self._rope_args = None
         if spec.positions == "rope":
             from kernl.kernels.rope_cache_write import rope_tables
 
             inv_freq, scaling = w["rope.inv_freq"], spec.rope_attention_scaling
-            self.rope = rope_matrices(inv_freq, positions, scaling, dtype, device)
+            self._rope_args = (inv_freq, positions, scaling, dtype, device)
             self.cos, self.sin = rope_tables(inv_freq, positions, scaling, dtype, device)
         # Folding a norm into the next linear defers RMSNorm's scale to the epilogue, which a
         # norm bias would not survive. The folding kernels (norm_linear, and lm_head_argmax for
@@ -201,8 +205,12 @@ class Decoder:
     @kernels.setter
     def kernels(self, kernels: DecodeKernels) -> None:
         """Choosing the persistent step prepares it here, outside any graph capture: its
-        counters must be zero before its first launch, whichever graph replays first."""
+        counters must be zero before its first launch, whichever graph replays first. The
+        torch path's rotary matrices are made here too, the first time a choice needs them."""
         self._kernels = kernels
+        torch_rope = kernels.rope == "torch" or self.spec.qk_norm  # as the step decides
+        if self._rope_args is not None and torch_rope and self.rope is None:
+            self.rope = rope_matrices(*self._rope_args)
         if kernels.step == "persistent" and self.persistent_fits:
             self._prepare_persistent_step()
 

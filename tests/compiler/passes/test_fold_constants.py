@@ -2,6 +2,7 @@
 weight (ModernBERT's rotary tables and window band); what an input reaches, what is written
 in place, integer values, views and values over the limit stay as traced."""
 
+import pytest
 import torch
 from program_builder import Builder, assert_same_function
 
@@ -156,3 +157,92 @@ def test_equal_tables_of_two_programs_are_one_weight():
         after, _ = fold_constants(b.program(out), weights, CPU)
         names.append(after.weights[after.instructions[0].args[1]["v"]])
     assert names[0] == names[1] and sum(k.startswith("constant.") for k in weights) == 1
+
+
+def test_a_value_with_other_strides_than_its_copy_stays():
+    """cos of a transposed weight keeps the transposed strides, which a kept view relies on."""
+    b = Builder()
+    x = b.input("x", [12])
+    w = b.weight("w", [3, 4])
+    c = b.op("aten.cos.default", b.op("aten.t.default", w, shape=[4, 3]), shape=[4, 3])
+    flat = b.op("aten.view.default", b.op("aten.t.default", c, shape=[3, 4]), [12], shape=[12])
+    out = b.op("aten.mul.Tensor", x, flat, shape=[12], name="out")
+    before, after, weights, count = folded(b, out)
+    assert count == 0
+    assert_same_function(before, after, b, atol=0, tensors=weights)
+
+
+@pytest.mark.parametrize("alias", ["_unsafe_view", "unsafe_split"])
+def test_a_write_through_an_alias_its_schema_does_not_declare_stops_the_fold(alias):
+    b = Builder()
+    x = b.input("x", [1, 4])
+    c = b.op("aten.cos.default", b.weight("w", [1, 4]), shape=[1, 4], name="c")
+    if alias == "_unsafe_view":
+        same = b.op("aten._unsafe_view.default", c, [1, 4], shape=[1, 4])
+    else:
+        (same,) = b.op("aten.unsafe_split.Tensor", c, 4, 1, shape=[[1, 4]])
+    early = b.op("aten.mul.Tensor", x, c, shape=[1, 4])
+    b.op("aten.fill_.Scalar", same, 2.0, shape=[1, 4])
+    out = b.op("aten.add.Tensor", early, c, shape=[1, 4], name="out")
+    _, after, _, count = folded(b, out)
+    assert count == 0 and "aten.cos.default(w) -> c" in b.show(after)
+
+
+def test_a_value_written_through_a_named_argument_stays():
+    """`max.dim_max` writes its `max=` and `max_values=`: not only `out=` is a write."""
+    b = Builder()
+    x = b.input("x", [4])
+    c = b.op("aten.cos.default", b.weight("w", [4]), shape=[4], name="c")
+    early = b.op("aten.mul.Tensor", x, c, shape=[4])
+    idx = b.op("aten.zeros.default", [], dtype="int64", shape=[], name="idx")
+    b.op("aten.max.dim_max", x, 0, False, max=c, max_values=idx, shape=[[], []])
+    out = b.op("aten.add.Tensor", early, c, shape=[4], name="out")
+    _, after, _, count = folded(b, out)
+    assert count == 0 and "aten.cos.default(w) -> c" in b.show(after)
+
+
+def test_a_constant_broadcast_to_the_batch_is_folded_before_the_broadcast():
+    """MPNet's position bias: [seq, seq, heads] gathered, expanded to the batch, then made
+    contiguous. Folding the copy would store one bias per batch row and bucket."""
+    b = Builder()
+    x = b.input("x", [8, 2, 3, 3])
+    table = b.weight("table", [5, 2])
+    idx = b.weight("idx", [3, 3], "int64")
+    b.tensors["idx"] = torch.randint(0, 5, (3, 3), generator=b.gen)
+    bias = b.op("aten.embedding.default", table, idx, shape=[3, 3, 2])
+    heads = b.op("aten.permute.default", bias, [2, 0, 1], shape=[2, 3, 3])
+    one = b.op("aten.unsqueeze.default", heads, 0, shape=[1, 2, 3, 3])
+    wide = b.op("aten.expand.default", one, [8, -1, 3, 3], shape=[8, 2, 3, 3])
+    copy = b.op("aten.contiguous.default", wide, shape=[8, 2, 3, 3])
+    out = b.op("aten.add.Tensor", x, copy, shape=[8, 2, 3, 3], name="out")
+    before, after, weights, count = folded(b, out)
+    assert count == 1 and after.instructions[0].op == "aten.permute.default"
+    (name,) = [n for n in weights if n.startswith("constant.")]
+    assert list(weights[name].shape) == [3, 3, 2]
+    assert_same_function(before, after, b, atol=0, tensors=weights)
+
+
+@pytest.mark.parametrize("op", ["reshape", "contiguous", "to"])
+def test_an_op_that_returns_a_weight_itself_adds_no_copy_of_it(op):
+    b = Builder()
+    x = b.input("x", [2, 4])
+    w = b.weight("w", [2, 4])
+    args = {"reshape": ([2, 4],), "contiguous": (), "to": ({"dtype": "float32"},)}[op]
+    same = b.op(f"aten.{op}.{'dtype' if op == 'to' else 'default'}", w, *args, shape=[2, 4])
+    out = b.op("aten.mul.Tensor", x, same, shape=[2, 4], name="out")
+    _, _, weights, count = folded(b, out)
+    assert count == 0 and set(weights) == {"w"}
+
+
+def test_an_artifact_s_folded_bytes_are_bounded_over_its_buckets():
+    budget = fold_module.FoldBudget(bytes_left=6 * 8 * 4)  # one [6, 8] float32 table
+    weights: dict[str, torch.Tensor] = {}
+    counts = []
+    for length in (6, 5):
+        b = Builder()
+        x = b.input("x", [length, 8])
+        cos, _ = rotary_tables(b, length)
+        out = b.op("aten.mul.Tensor", x, cos, shape=[length, 8], name="out")
+        weights.update(b.tensors)
+        counts.append(fold_constants(b.program(out), weights, CPU, budget)[1])
+    assert counts == [1, 0] and budget.bytes_left == 0
