@@ -14,8 +14,9 @@ traced mask ops), and a value they consumed is no longer computed.
 
 Not folded: anything an input reaches; kernl ops (kernels, and the split-K linear writes its
 counters); ops that write in place, and every value sharing memory with one that is written;
-uninitialised memory (`empty*`); random ops; integer values (the reader bounds indices made by
-`arange` as intervals, and integer weights by reading them, within a limit); a value that is
+uninitialised memory (`empty*`); random ops; integer values over MAX_INDEX_BYTES (the reader
+bounds an integer weight by reading it, within a limit for all of them; `arange`s of a batch's
+and a sequence's positions are far below it); a value that is
 itself a view (its base is folded and the view kept: no launch); a value a call returns, or
 a view of one (the caller owns it: a weight is shared); a value over MAX_BYTES."""
 
@@ -37,6 +38,7 @@ from .graph import ProgramView, drop_dead, reads
 # Each folded value, and all of a program's together: beyond these the ops stay (a 8192-long
 # sliding-window band is 64 MiB of bools a bucket; computing it per call costs one launch).
 MAX_BYTES = 8 << 20
+MAX_INDEX_BYTES = 64 << 10
 MAX_PROGRAM_BYTES = 64 << 20
 # All of an artifact's (FoldBudget): the values are weights on the GPU for good, where they
 # were the graph pool's scratch before
@@ -207,9 +209,12 @@ def fold_constants(
             ins, schemas[producer[v]]
         ):
             continue
-        if dtype not in DTYPES or (dtype != "bool" and not DTYPES[dtype].is_floating_point):
+        if dtype not in DTYPES:
             continue
         size = _nbytes(view, v)
+        integer = dtype != "bool" and not DTYPES[dtype].is_floating_point
+        if integer and (size is None or size > MAX_INDEX_BYTES):
+            continue
         if size is None or size > MAX_BYTES or total + size > MAX_PROGRAM_BYTES:
             continue
         bases.append(v)

@@ -109,12 +109,22 @@ def test_views_of_a_weight_are_not_copied():
     assert count == 0 and set(weights) == {"w"} and len(after.instructions) == 2
 
 
-def test_integer_values_stay_for_the_reader_s_interval_bounds():
+def test_small_integer_values_are_folded_large_ones_stay(monkeypatch):
+    """The reader bounds integer weights by reading them, within a limit for all of them."""
+
+    def program(b: Builder):
+        ids = b.input("ids", [2, 5], "int64")
+        pos = b.op("aten.arange.default", 5, shape=[5], dtype="int64")
+        pos = b.op("aten.add.Tensor", pos, 1, shape=[5], dtype="int64")
+        return b.op("aten.add.Tensor", ids, pos, shape=[2, 5], dtype="int64", name="out")
+
     b = Builder()
-    ids = b.input("ids", [2, 5], "int64")
-    pos = b.op("aten.arange.default", 5, shape=[5], dtype="int64")
-    out = b.op("aten.add.Tensor", ids, pos, shape=[2, 5], dtype="int64", name="out")
-    _, after, _, count = folded(b, out)
+    before, after, weights, count = folded(b, program(b))
+    assert count == 1 and len(after.instructions) == 1
+    assert_same_function(before, after, b, atol=0, tensors=weights)
+    monkeypatch.setattr(fold_module, "MAX_INDEX_BYTES", 39)  # 5 int64s are 40 bytes
+    b = Builder()
+    _, after, _, count = folded(b, program(b))
     assert count == 0 and after.instructions[0].op == "aten.arange.default"
 
 
