@@ -1,4 +1,5 @@
-"""Greedy generation of every supported family (Gemma also at its head_dim of 256) matches
+"""Greedy generation of every supported family (Gemma also at its head_dim of 256; Gemma2 with
+softcaps, sandwich norms and sliding layers whose window covers the cache) matches
 Hugging Face eager `generate` token for token: a batch of mixed prompt lengths, 64 new tokens,
 then again with an EOS id that one row emits midway (each row stops on its own, finished rows
 are padded)."""
@@ -17,7 +18,17 @@ BUCKETS = "batch=1,4 prompt=8,16 cache=48,96"
 NEW = 64
 
 
-FAMILIES = ["llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma_head256", "gpt2"]
+FAMILIES = [
+    "llama3",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma",
+    "gemma_head256",
+    "gemma2",
+    "gpt2",
+]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
