@@ -662,6 +662,8 @@ def generation_memory(desc: GenerationDescription, itemsize: int) -> tuple[int, 
         per_token = s.head_dim * s.head_dim + 2 * qkv + 3 * s.intermediate_size + 4 * s.hidden_size
         act = batch * prompt * per_token * itemsize
         act += batch * s.num_heads * prompt * prompt * itemsize + batch * prompt * prompt
+        if s.attn_logit_softcap is not None:  # no SDPA: the scores, softcapped, float32 probs
+            act += batch * s.num_heads * prompt * prompt * (2 * itemsize + 4)
         act += batch * s.vocab_size * 4
         pool = max(pool, act)
     for batch, kv in b.decode_shapes():
