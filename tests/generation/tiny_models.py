@@ -99,18 +99,20 @@ def tiny_model(family: str) -> torch.nn.Module:
             **common,
         )
         model = tf.GemmaForCausalLM(cfg)
-    elif family == "gemma2":
+    elif family in ("gemma2", "gemma2_head256"):
         # softcaps low enough to bend these scores (up to ~10) and logits (up to ~0.7; real
         # checkpoints cap at 50 and 30), the sandwich norms' weights random (the loop below),
         # query_pre_attn_scalar 20 where head_dim is 32 (the scale is not head_dim ** -0.5),
-        # sliding and full layers mixed, the window (96) as long as the test buckets' caches
+        # sliding and full layers mixed, the window (96) as long as the test buckets' caches;
+        # "gemma2_head256": Gemma2-2B's head_dim of 256
+        wide = family == "gemma2_head256"
         cfg = tf.Gemma2Config(
-            hidden_size=48,
+            hidden_size=320 if wide else 48,
             num_hidden_layers=3,
             num_attention_heads=4,
             num_key_value_heads=2,
-            head_dim=32,
-            intermediate_size=96,
+            head_dim=256 if wide else 32,
+            intermediate_size=512 if wide else 96,
             hidden_activation="gelu_pytorch_tanh",
             query_pre_attn_scalar=20,
             attn_logit_softcapping=5.0,
