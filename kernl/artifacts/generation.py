@@ -33,10 +33,11 @@ class DecoderSpec:
     Weights follow one naming scheme whatever the family (see WEIGHT NAMES in
     kernl/compiler/tasks/causal_lm/describe.py): `embed`, `pos_embed` (learned positions),
     `layers.{i}.{attn_norm,qkv,o,mlp_norm,gate_up,down,fc,proj}.{weight,bias}`,
+    `layers.{i}.{post_attn_norm,post_mlp_norm}.weight` (Gemma2's sandwich norms),
     `final_norm.{weight,bias}`, `lm_head.weight` (absent when tied to `embed`), and
     `rope.inv_freq` (float32) for rotary models."""
 
-    family: str  # "llama" (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma) or "gpt2"
+    family: str  # "llama" (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma2) or "gpt2"
     model_type: str
     num_layers: int
     hidden_size: int
@@ -66,6 +67,15 @@ class DecoderSpec:
     # Gemma: every RMSNorm scales by (1 + weight), the weight as stored, in float32 with the
     # normalised row, rounded to the model dtype once after the scale (Llama's rounds before)
     norm_plus_one: bool = False
+    # Gemma2: the attention scores (after the scale) become tanh(s / cap) * cap before the mask
+    # and the softmax; None: no softcapping
+    attn_logit_softcap: float | None = None
+    # Gemma2: the logits become tanh(logits / cap) * cap after lm_head; None: no softcapping
+    final_logit_softcap: float | None = None
+    # Gemma2: an RMSNorm of the attention output before its residual add
+    # (`layers.{i}.post_attn_norm.weight`) and of the MLP output before its own
+    # (`layers.{i}.post_mlp_norm.weight`), both [hidden]; mlp_norm is the one before the MLP
+    sandwich_norms: bool = False
     pad_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -417,7 +427,17 @@ _CHOICES = {
     "activation": ACTIVATIONS,
     "positions": POSITIONS,
 }
-_BOOLS = ("qkv_bias", "o_bias", "mlp_bias", "tied_embeddings", "qk_norm", "norm_plus_one")
+_BOOLS = (
+    "qkv_bias",
+    "o_bias",
+    "mlp_bias",
+    "tied_embeddings",
+    "qk_norm",
+    "norm_plus_one",
+    "sandwich_norms",
+)
+# tanh(s / cap) * cap: a cap of 0 divides by zero, a negative one flips the sign
+_SOFTCAPS = ("attn_logit_softcap", "final_logit_softcap")
 # Far above any real decoder (Llama-3 405B: 126 layers, hidden 16384, 128k vocabulary) and
 # far below sizes whose products overflow what a reader should compute with.
 MAX_DIM = 1 << 20
@@ -455,6 +475,10 @@ def _check_decoder(d: Any, where: str) -> DecoderSpec:
     for name in _BOOLS:
         if name in d and not isinstance(d[name], bool):
             raise bad(f"decoder.{name} is {d[name]!r}, not a boolean")
+    for name in _SOFTCAPS:
+        cap = d.get(name)
+        if not (cap is None or (_is_real(cap) and cap > 0)):
+            raise bad(f"decoder.{name} is {cap!r}, not null or a finite positive number")
     vocab = d["vocab_size"]
     mp = d["max_positions"]
     if not (mp is None or (_is_int(mp) and 0 < mp <= MAX_DIM)):
@@ -467,6 +491,8 @@ def _check_decoder(d: Any, where: str) -> DecoderSpec:
         raise bad("decoder.qk_norm is set on a model without RMSNorm or of another family")
     if d.get("norm_plus_one") and d["norm"] != "rms":
         raise bad("decoder.norm_plus_one is set on a model without RMSNorm")
+    if d.get("sandwich_norms") and (d["norm"] != "rms" or d["family"] != "llama"):
+        raise bad("decoder.sandwich_norms is set on a model without RMSNorm or of another family")
     if d["positions"] == "rope" and d["head_dim"] % 2:
         raise bad(f"rotary positions need an even head_dim, not {d['head_dim']}")
     pad = d.get("pad_token_id")
@@ -542,6 +568,8 @@ def expected_weights(spec: DecoderSpec, dtype: str) -> dict[str, tuple[list[int]
             out[p + "qkv.bias"] = ([(nh + 2 * kvh) * d], dtype)
         if spec.qk_norm:
             out[p + "q_norm.weight"] = out[p + "k_norm.weight"] = ([d], dtype)
+        if spec.sandwich_norms:
+            out[p + "post_attn_norm.weight"] = out[p + "post_mlp_norm.weight"] = ([h], dtype)
         out[p + "o.weight"] = ([h, nh * d], dtype)
         if spec.o_bias:
             out[p + "o.bias"] = ([h], dtype)
@@ -634,6 +662,8 @@ def generation_memory(desc: GenerationDescription, itemsize: int) -> tuple[int, 
         per_token = s.head_dim * s.head_dim + 2 * qkv + 3 * s.intermediate_size + 4 * s.hidden_size
         act = batch * prompt * per_token * itemsize
         act += batch * s.num_heads * prompt * prompt * itemsize + batch * prompt * prompt
+        if s.attn_logit_softcap is not None:  # no SDPA: the scores, softcapped, float32 probs
+            act += batch * s.num_heads * prompt * prompt * (2 * itemsize + 4)
         act += batch * s.vocab_size * 4
         pool = max(pool, act)
     for batch, kv in b.decode_shapes():

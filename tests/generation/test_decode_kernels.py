@@ -1,6 +1,8 @@
 """A decode step on kernl's Triton kernels (Triton's interpreter on the CPU) or on SDPA computes
 what the plain-torch step computes: same ids, logits within float32 rounding, for every
-family, with a batch of mixed prompt lengths (left padding: the slot mask matters)."""
+family, with a batch of mixed prompt lengths (left padding: the slot mask matters). Gemma2's
+softcapped attention and logits stay on torch whatever the choice names; its sandwich norms
+run on the norm kernel with norm "triton" or "fused"."""
 
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ VARIANTS = [
 NEW = 6
 
 
-@pytest.fixture(scope="module", params=["llama3", "qwen2", "qwen3", "gemma", "gpt2"])
+@pytest.fixture(scope="module", params=["llama3", "qwen2", "qwen3", "gemma", "gemma2", "gpt2"])
 def artifact(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param) / "lm.kernl"
     kernl.compiler.compile(
@@ -214,12 +216,16 @@ def test_choice_keeps_an_alternative_only_when_measurably_faster(artifact):
 
     chosen, timings = choose_decode_kernels(model, said.append, step_ms=fake_ms)
     mlp = "triton" if gated else "torch"
+    # Gemma2's softcaps: no attention kernel but torch, no lm_head kernel, nothing timed for them
+    attention_fits = model.decoder.attention_kernels_fit
+    lm_head_fits = model.decoder.lm_head_kernel_fits
+    att = "triton" if attention_fits else "torch"
     # Qwen3's per-head norms sit between the projection and the rotary: no rotary kernel, and
     # no persistent step (which rotates what it projects)
     qk_norm = model.decoder.spec.qk_norm
     rope = "torch" if qk_norm else "triton"
     persistent = gated and not qk_norm
-    assert chosen == DecodeKernels(attention="triton", gated_mlp=mlp, linear="fused", rope=rope)
+    assert chosen == DecodeKernels(attention=att, gated_mlp=mlp, linear="fused", rope=rope)
     assert model.decoder.kernels == chosen and not model._steps
     k = [
         (
@@ -233,34 +239,35 @@ def test_choice_keeps_an_alternative_only_when_measurably_faster(artifact):
         for t in timings
     ]
     t = "torch"
-    expected = [
-        (t, t, t, t, t, t),
-        ("sdpa", t, t, t, t, t),
-        ("triton", t, t, t, t, t),
-        ("triton", "triton", t, t, t, t),  # fails: reported, not kept
-        ("triton", "fused", t, t, t, t),
+    expected = [(t, t, t, t, t, t)]
+    if attention_fits:
+        expected += [("sdpa", t, t, t, t, t), ("triton", t, t, t, t, t)]
+    expected += [
+        (att, "triton", t, t, t, t),  # fails: reported, not kept
+        (att, "fused", t, t, t, t),
     ]
     if gated:  # GPT-2's MLP is not gated: nothing to try
-        expected.append(("triton", t, "triton", t, t, t))
+        expected.append((att, t, "triton", t, t, t))
     expected += [
-        ("triton", t, mlp, "triton", t, t),
-        ("triton", t, mlp, "fused", t, t),
+        (att, t, mlp, "triton", t, t),
+        (att, t, mlp, "fused", t, t),
     ]
     if not qk_norm:
         expected += [
-            ("triton", t, mlp, "fused", "triton", t),
-            ("triton", t, mlp, "fused", "fused", t),  # as fast as triton: not kept
+            (att, t, mlp, "fused", "triton", t),
+            (att, t, mlp, "fused", "fused", t),  # as fast as triton: not kept
         ]
-    expected += [
-        ("triton", t, mlp, "fused", rope, "triton"),
-        # then every piece on kernl's most fused kernel at once, in case they only pay together
-        ("triton", "fused", "triton" if gated else t, "fused", t if qk_norm else "fused", "triton"),
-    ]
+    if lm_head_fits:
+        expected.append((att, t, mlp, "fused", rope, "triton"))
+    # then every piece on kernl's most fused kernel at once, in case they only pay together
+    together = (att, "fused", "triton" if gated else t, "fused", t if qk_norm else "fused")
+    expected.append((*together, "triton" if lm_head_fits else t))
     if persistent:  # the Llama family's persistent step: each of its configs, last
-        expected += [("triton", t, mlp, "fused", rope, t)] * len(decode_step_choice_configs())
+        expected += [(att, t, mlp, "fused", rope, t)] * len(decode_step_choice_configs())
     assert k == expected
     assert all(t.kernels.step == "pieces" for t in timings[: len(timings) - 3 * persistent])
-    assert "failed (RuntimeError: no kernel for this shape)" in timings[3].describe()
+    norm_triton = k.index((att, "triton", t, t, t, t))
+    assert "failed (RuntimeError: no kernel for this shape)" in timings[norm_triton].describe()
     assert len(said) == len(timings) + persistent  # each timing, and why the persistent step lost
     if persistent:
         assert said[-1].endswith("not faster than the pieces at any decode bucket")
@@ -444,6 +451,12 @@ def test_step_timing_and_binary_recording_run_on_the_cpu(artifact):
         lambda e: e["decoder"].update(norm_plus_one=1),
         lambda e: e["decoder"].update(norm_plus_one=True, norm="layer"),
         lambda e: e["decoder"].update(embed_scale=float("nan")),
+        lambda e: e["decoder"].update(attn_logit_softcap=0.0),
+        lambda e: e["decoder"].update(final_logit_softcap=-30.0),
+        lambda e: e["decoder"].update(final_logit_softcap=float("inf")),
+        lambda e: e["decoder"].update(attn_logit_softcap="50"),
+        lambda e: e["decoder"].update(sandwich_norms=1),
+        lambda e: e["decoder"].update(sandwich_norms=True, norm="layer"),
     ],
     ids=[
         "unknown-choice",
@@ -456,6 +469,12 @@ def test_step_timing_and_binary_recording_run_on_the_cpu(artifact):
         "norm-plus-one-not-a-bool",
         "norm-plus-one-of-a-layer-norm",
         "embed-scale-nan",
+        "attn-softcap-zero",
+        "final-softcap-negative",
+        "final-softcap-inf",
+        "attn-softcap-a-string",
+        "sandwich-norms-not-a-bool",
+        "sandwich-norms-of-a-layer-norm",
     ],  # fmt: skip
 )
 def test_a_hostile_causal_lm_description_is_refused_as_an_artifact_error(artifact, tmp_path, edit):
@@ -475,8 +494,9 @@ def test_a_hostile_causal_lm_description_is_refused_as_an_artifact_error(artifac
 
 
 def test_a_description_written_before_gemmas_fields_loads_with_their_defaults(artifact, tmp_path):
-    """embed_scale and norm_plus_one came with Gemma: an artifact without them is a plain
-    Llama-style decoder (scale 1, norms by their weight), and serves as it did."""
+    """embed_scale and norm_plus_one came with Gemma, the softcaps and sandwich_norms with
+    Gemma2: an artifact without them is a plain Llama-style decoder (scale 1, norms by their
+    weight, no softcap, no norm of the attention or MLP output), and serves as it did."""
     import shutil
 
     import msgpack
@@ -485,10 +505,13 @@ def test_a_description_written_before_gemmas_fields_loads_with_their_defaults(ar
 
     root = Path(shutil.copytree(artifact, tmp_path / "copy"))
     m = msgpack.unpackb((root / "manifest.msgpack").read_bytes(), raw=False)
-    if m["extra"]["decoder"]["model_type"] == "gemma":
+    if m["extra"]["decoder"]["model_type"] in ("gemma", "gemma2"):
         pytest.skip("a Gemma artifact needs both fields")
     assert m["extra"]["decoder"].pop("embed_scale") == 1.0
     assert m["extra"]["decoder"].pop("norm_plus_one") is False
+    for name in ("attn_logit_softcap", "final_logit_softcap"):  # Gemma2's: after Gemma's
+        assert m["extra"]["decoder"].pop(name) is None
+    assert m["extra"]["decoder"].pop("sandwich_norms") is False
     (root / "manifest.msgpack").write_bytes(pack_manifest(m))
     old, new = kernl.runtime.load(root), kernl.runtime.load(artifact)
     assert old.decoder.spec == new.decoder.spec

@@ -107,6 +107,26 @@ def test_tiles_are_the_fastest_checked_config_of_every_site_and_batch(artifact):
     assert decode_tiles.tune_decode_tiles(model.decoder, [17], print, fake_ms) == ((), [])
 
 
+def test_gemma2_tunes_only_the_kernels_its_step_runs(tmp_path):
+    """Gemma2's softcaps keep decode attention and lm_head_argmax out of its step, and its
+    norms fold into no linear: only skinny_linear_fused is tuned, its O and down sites
+    without the residual (added after the norms of their outputs), each config checked."""
+    out = tmp_path / "lm.kernl"
+    kernl.compiler.compile(
+        tiny_model("gemma2"), "batch=3 prompt=16 cache=32", out, dtype="fp32", device="cpu",
+        task="causal-lm",
+    )  # fmt: skip
+    dec = kernl.runtime.load(out).decoder
+    sites = decode_tiles.decode_sites(dec, 3, kv_lengths=(KV,))
+    assert [(s.kernel, s.site) for s in sites] == [
+        ("skinny_linear_fused", site) for site in ("qkv", "up", "o", "down")
+    ]
+    for site in sites:
+        assert site.operands.endswith(f"none layers={dec.spec.num_layers}"), site.operands
+        err, allowed = site.check(site.call(0, site.configs[0]))
+        assert err <= allowed, (site.site, err, allowed)
+
+
 def test_tile_choices_are_cached_on_disk(artifact, tmp_path):
     model = kernl.runtime.load(artifact)
     timed = []

@@ -577,35 +577,32 @@ def test_a_prompt_bucket_equal_to_a_kv_length_loads(tmp_path):
     "model_type, lacks",
     [
         (
-            "gemma2",
-            [
-                "attention logit softcapping (attn_logit_softcapping=50.0)",
-                "final logit softcapping (final_logit_softcapping=30.0)",
-                "post_attention_layernorm, pre_feedforward_layernorm, post_feedforward_layernorm",
-                "sliding-window attention on some layers only (window 16",
-            ],
-        ),
-        (
             "gemma3_text",
             [
-                "post_attention_layernorm, pre_feedforward_layernorm, post_feedforward_layernorm",
+                "a description of Gemma3's decoder layer",
                 "a rotary table per layer type",
                 "sliding-window attention on some layers only (window 16",
             ],
         ),
+        (
+            "gemma3",
+            [
+                "an image encoder",
+                "a description of Gemma3's decoder layer",
+                "a rotary table per layer type",
+            ],
+        ),
     ],
 )
-def test_later_gemmas_are_refused_from_their_config_naming_what_kernl_lacks(
-    tmp_path, model_type, lacks
-):
+def test_gemma3_is_refused_from_its_config_naming_what_kernl_lacks(tmp_path, model_type, lacks):
     """A folder holding only config.json: the refusal comes before any weight is looked for
-    (loading would fail on the missing weights), and names each missing piece."""
+    (loading would fail on the missing weights), and names each missing piece, not what kernl
+    has since Gemma2 (softcapping, the norms after attention and around the MLP)."""
     import transformers as tf
 
-    config = tf.AutoConfig.for_model(
-        model_type,
+    sizes = dict(
         hidden_size=32,
-        num_hidden_layers=6,  # Gemma3: five sliding-window layers, then one global
+        num_hidden_layers=6,  # five sliding-window layers, then one global
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=16,
@@ -613,6 +610,10 @@ def test_later_gemmas_are_refused_from_their_config_naming_what_kernl_lacks(
         vocab_size=50,
         sliding_window=16,
     )
+    if model_type == "gemma3":
+        config = tf.Gemma3Config(text_config=tf.Gemma3TextConfig(**sizes))
+    else:
+        config = tf.AutoConfig.for_model(model_type, **sizes)
     config.save_pretrained(tmp_path / "model")
     with pytest.raises(UnsupportedModelError, match=rf"model type '{model_type}'") as refused:
         kernl.compiler.compile(
@@ -621,9 +622,77 @@ def test_later_gemmas_are_refused_from_their_config_naming_what_kernl_lacks(
         )  # fmt: skip
     message = str(refused.value)
     assert all(lack in message for lack in lacks), message
-    if model_type == "gemma3_text":  # no softcapping in Gemma3's config: none named
-        assert "softcapping" not in message
+    assert "softcapping" not in message and "post_attention_layernorm" not in message, message
     assert not (tmp_path / "a").exists()
+
+
+def test_a_gemma2_config_is_not_refused_from_its_config(tmp_path):
+    """Gemma2 with Gemma2's defaults (softcaps 50 and 30, sliding window 4096 on every other
+    layer): the config check lets it through, to the description of its weights."""
+    import transformers as tf
+
+    from kernl.compiler.tasks.causal_lm.describe import check_model_type
+
+    tf.Gemma2Config(num_hidden_layers=2).save_pretrained(tmp_path / "model")
+    check_model_type(tmp_path / "model")
+
+
+def test_a_gemma2_sliding_window_shorter_than_the_cache_is_refused(tmp_path):
+    """Every other Gemma2 layer attends to a window of the cache only: kernl serves caches no
+    longer than the window (there the window masks nothing) and refuses longer ones."""
+    hf = tiny_model("gemma2")
+    hf.config.sliding_window = 16
+    spec, _ = describe(hf, 16, torch.float32)
+    assert spec.model_type == "gemma2"
+    with pytest.raises(UnsupportedModelError, match=r"window 16\) shorter than the KV cache"):
+        kernl.compiler.compile(
+            hf, "batch=1 prompt=8 cache=32", tmp_path / "a", dtype="fp32", device="cpu",
+            task="causal-lm",
+        )  # fmt: skip
+    assert not (tmp_path / "a").exists()
+
+
+def test_gemma2_description_and_its_weights_are_checked_together():
+    """The softcaps and sandwich norms as the artifact describes them: the description of a
+    Gemma2 and its weights pass; a norm weight missing, of another shape, or present without
+    sandwich_norms is refused, as is a softcap that is not a finite positive number."""
+    from kernl.artifacts import ArtifactError
+    from kernl.artifacts.generation import check_generation
+
+    hf = tiny_model("gemma2")
+    spec, weights = describe(hf, 96, torch.float32)
+    assert spec.attn_logit_softcap == 5.0 and spec.final_logit_softcap == 0.5
+    assert spec.sandwich_norms and spec.norm_plus_one
+    assert spec.attention_scale == 20**-0.5
+    assert torch.equal(
+        weights["layers.1.mlp_norm.weight"], hf.model.layers[1].pre_feedforward_layernorm.weight
+    )
+    assert torch.equal(
+        weights["layers.1.post_attn_norm.weight"],
+        hf.model.layers[1].post_attention_layernorm.weight,
+    )
+    header = {k: (list(v.shape), "float32") for k, v in weights.items()}
+
+    def check(decoder=None, weights=header):
+        extra = {
+            "decoder": {**spec.to_dict(), **(decoder or {})},
+            "generation_buckets": {"batches": [1], "prompts": [8], "kv_lengths": [96]},
+            "decode_kernels": {},
+        }
+        return check_generation(extra, "float32", weights, "test")
+
+    assert check().decoder == spec
+    missing = {k: v for k, v in header.items() if k != "layers.2.post_mlp_norm.weight"}
+    with pytest.raises(ArtifactError, match="reads weight 'layers.2.post_mlp_norm.weight'"):
+        check(weights=missing)
+    with pytest.raises(ArtifactError, match="post_attn_norm.weight' is float32 \\[47\\]"):
+        check(weights={**header, "layers.0.post_attn_norm.weight": ([47], "float32")})
+    with pytest.raises(ArtifactError, match="not part of the causal-LM description"):
+        check({"sandwich_norms": False})
+    for cap in (0.0, -1.0, float("nan"), float("inf"), True, "30"):
+        with pytest.raises(ArtifactError, match="final_logit_softcap"):
+            check({"final_logit_softcap": cap})
+    assert check({"attn_logit_softcap": None}).decoder.attn_logit_softcap is None
 
 
 def test_a_bidirectional_gemma_is_refused_from_its_config(tmp_path):

@@ -1,6 +1,7 @@
 """On a GPU: the captured graphs generate the same greedy ids as Hugging Face eager (fp32, tiny
-Llama-3, Qwen3, whose per-head norms keep the rotary in torch, and Gemma), and a decode step is
-one graph replay; a bf16 Gemma of head_dim 256 on kernl's decode kernels gives eager's logits."""
+Llama-3, Qwen3, whose per-head norms keep the rotary in torch, Gemma and Gemma2), and a decode
+step is one graph replay; a bf16 Gemma and a bf16 Gemma2 of head_dim 256 on kernl's decode
+kernels give eager's logits (Gemma2's softcapped attention and lm_head stay on torch)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from .tiny_models import mixed_prompts, tiny_model
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", ["llama3", "qwen3", "gemma"])
+@pytest.mark.parametrize("family", ["llama3", "qwen3", "gemma", "gemma2"])
 def test_cuda_graph_generation_matches_eager(family, tmp_path):
     hf = tiny_model(family).cuda()
     kernl.compiler.compile(
@@ -205,6 +206,53 @@ def test_gemma_bf16_logits_match_eager(tmp_path, variant):
     )
     ours_ids = torch.stack([i for i, _ in steps], 1).cpu()
     ours = torch.stack([lg for _, lg in steps], 1).float().cpu()
+    seqs = torch.cat([ids, ours_ids[:, :-1]], 1)
+    valid = torch.cat([mask.bool(), torch.ones_like(ours_ids[:, :-1], dtype=torch.bool)], 1)
+    keep = [ids.shape[1] - 1 + t for t in range(ours_ids.shape[1])]
+    ref = reference_logits(hf, seqs.cuda(), valid.cuda(), keep).cpu()
+    differs = (ours_ids != ref.argmax(-1)).int()
+    same_before = (differs.cumsum(1) - differs) == 0  # [rows, steps]
+    diff = (ours - ref).abs()[same_before]
+    assert diff.max() <= 0.03 * ref.abs().max() + 0.03, (diff.max(), ref.abs().max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(GEMMA_KERNELS))
+def test_gemma2_bf16_logits_match_eager(tmp_path, variant):
+    """A bf16 Gemma2 of Gemma2-2B's head shape (head_dim 256, two heads a KV head), with
+    softcaps that bend its scores and logits and random sandwich norms: each step's logits
+    (softcapped: they must be, to match) against eager bf16 teacher-forced, as for Gemma. The
+    compiler's own choice never takes decode attention or lm_head_argmax (no softcap in
+    them); forced, the decoder serves both on torch."""
+    from kernl.compiler.tasks.causal_lm import compile_causal_lm
+    from kernl.compiler.tasks.causal_lm.validate import reference_logits
+
+    hf = tiny_model("gemma2_head256").cuda().to(torch.bfloat16)
+    forced = GEMMA_KERNELS[variant]
+    report = compile_causal_lm(
+        hf,
+        "batch=1,4 prompt=16 cache=32,64",
+        tmp_path / "gemma2.kernl",
+        dtype="bf16",
+        device="cuda",
+        decode_kernels=forced,
+    )
+    model = kernl.runtime.load(tmp_path / "gemma2.kernl")
+    assert not model.decoder.attention_kernels_fit and not model.decoder.lm_head_kernel_fits
+    if forced is None:
+        assert report.decode_timings and report.decode_timings[0].error is None
+        timed = {(t.kernels.attention, t.kernels.lm_head) for t in report.decode_timings}
+        assert timed == {("torch", "torch")}, timed
+        assert {t.kernel for t in model.decoder.kernels.tiles} <= {"skinny_linear_fused"}
+    ids, mask = mixed_prompts(3, [11, 4, 16])
+    steps = list(
+        model.stream(
+            ids.cuda(), mask.cuda(), max_new_tokens=24, eos_token_id=[], output_logits=True
+        )
+    )
+    ours_ids = torch.stack([i for i, _ in steps], 1).cpu()
+    ours = torch.stack([lg for _, lg in steps], 1).float().cpu()
+    assert ours.abs().max() <= model.decoder.spec.final_logit_softcap
     seqs = torch.cat([ids, ours_ids[:, :-1]], 1)
     valid = torch.cat([mask.bool(), torch.ones_like(ours_ids[:, :-1], dtype=torch.bool)], 1)
     keep = [ids.shape[1] - 1 + t for t in range(ours_ids.shape[1])]

@@ -99,6 +99,30 @@ def tiny_model(family: str) -> torch.nn.Module:
             **common,
         )
         model = tf.GemmaForCausalLM(cfg)
+    elif family in ("gemma2", "gemma2_head256"):
+        # softcaps low enough to bend these scores (up to ~10) and logits (up to ~0.7; real
+        # checkpoints cap at 50 and 30), the sandwich norms' weights random (the loop below),
+        # query_pre_attn_scalar 20 where head_dim is 32 (the scale is not head_dim ** -0.5),
+        # sliding and full layers mixed, the window (96) as long as the test buckets' caches;
+        # "gemma2_head256": Gemma2-2B's head_dim of 256
+        wide = family == "gemma2_head256"
+        cfg = tf.Gemma2Config(
+            hidden_size=320 if wide else 48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=256 if wide else 32,
+            intermediate_size=512 if wide else 96,
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=20,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=0.5,
+            sliding_window=96,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            tie_word_embeddings=True,
+            **common,
+        )
+        model = tf.Gemma2ForCausalLM(cfg)
     elif family == "gpt2":  # learned positions, Conv1D weights, tied embeddings
         cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **common)
         model = tf.GPT2LMHeadModel(cfg)

@@ -1,6 +1,7 @@
 """The decoder-only forward kernl serves, written once over plain torch ops for every supported
-family (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma: pre-RMSNorm, rotary, gated MLP, Qwen3's
-per-head norms of q and k, Gemma's scaled embeddings and (1 + weight) norms; GPT-2:
+family (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma2: pre-RMSNorm, rotary, gated MLP,
+Qwen3's per-head norms of q and k, Gemma's scaled embeddings and (1 + weight) norms, Gemma2's
+softcapped attention scores and logits and its norms of the attention and MLP outputs; GPT-2:
 pre-LayerNorm, learned positions, plain MLP), reading shapes and variants from a `DecoderSpec`.
 
 Two entry points, both free of host syncs and data-dependent shapes so that each runs inside
@@ -61,6 +62,9 @@ class LayerWeights:
     down_b: torch.Tensor | None
     q_norm_w: torch.Tensor | None = None  # Qwen3's per-head RMSNorms (DecoderSpec.qk_norm)
     k_norm_w: torch.Tensor | None = None
+    # Gemma2's norms of the attention and the MLP outputs (DecoderSpec.sandwich_norms)
+    post_attn_norm_w: torch.Tensor | None = None
+    post_mlp_norm_w: torch.Tensor | None = None
 
 
 @dataclass
@@ -148,6 +152,8 @@ class Decoder:
                 down_b=get(f"layers.{i}.{'down' if gated else 'proj'}.bias"),
                 q_norm_w=get(f"layers.{i}.q_norm.weight"),
                 k_norm_w=get(f"layers.{i}.k_norm.weight"),
+                post_attn_norm_w=get(f"layers.{i}.post_attn_norm.weight"),
+                post_mlp_norm_w=get(f"layers.{i}.post_mlp_norm.weight"),
             )
             for i in range(spec.num_layers)
         ]
@@ -171,13 +177,24 @@ class Decoder:
         # the final norm) scale by the weight as Llama's RMSNorm does and their tiles are
         # checked against that: Gemma's (1 + weight) norms run on the norm kernel alone, which
         # computes in float32 and rounds once, as GemmaRMSNorm does.
-        self.norm_folds = not spec.norm_plus_one and (
-            spec.norm == "layer"
-            or all(lw.attn_norm_b is None and lw.mlp_norm_b is None for lw in self.layers)
+        # Gemma2's norms of the attention and MLP outputs have no folding kernel either.
+        self.norm_folds = (
+            not spec.norm_plus_one
+            and not spec.sandwich_norms
+            and (
+                spec.norm == "layer"
+                or all(lw.attn_norm_b is None and lw.mlp_norm_b is None for lw in self.layers)
+            )
         )
         self.final_norm_folds = (
             spec.norm == "rms" and self.final_norm_b is None and not spec.norm_plus_one
         )
+        # Gemma2's softcaps: SDPA and kernl's decode attention have no tanh on the scores, and
+        # lm_head_argmax writes the logits before any softcap (and a bf16 tanh can make ties
+        # the uncapped argmax would not see): the step runs those pieces on torch for it, and
+        # the compiler does not time or tune them (causal_lm/decode_kernels.py, decode_tiles.py)
+        self.attention_kernels_fit = spec.attn_logit_softcap is None
+        self.lm_head_kernel_fits = spec.final_logit_softcap is None
         self._counters: torch.Tensor | None = None  # split-K arrivals, self-resetting
         self._workspace: torch.Tensor | None = None  # lm_head_argmax's, self-resetting
         # The whole step in one kernel (step "persistent") serves the Llama family: RMSNorm
@@ -192,6 +209,9 @@ class Decoder:
             and not spec.qk_norm
             and not spec.norm_plus_one
             and spec.embed_scale == 1.0
+            and not spec.sandwich_norms
+            and self.attention_kernels_fit
+            and self.lm_head_kernel_fits
         )
         self._step_weights = None  # the persistent step's stacked view of the weights
         self._step_shared: tuple | None = None  # its counters, zeroed once, self-resetting
@@ -312,13 +332,14 @@ class Decoder:
 
     def _mlp(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | None,
         h: torch.Tensor,
         lw: LayerWeights,
         triton: bool = False,
         linear: str = "torch",
     ) -> torch.Tensor:
-        """x + MLP(h), the residual folded into the last matmul where there is no bias."""
+        """x + MLP(h), the residual folded into the last matmul where there is no bias; MLP(h)
+        alone when x is None."""
         if triton and self.gated_silu_without_bias:
             from kernl.kernels.gated_mlp import gated_mlp, gated_mlp_decode_configs
 
@@ -350,7 +371,39 @@ class Decoder:
         self, x: torch.Tensor, triton_norm: bool = False, linear: str = "torch"
     ) -> torch.Tensor:
         h = self._norm(x, self.final_norm_w, self.final_norm_b, triton_norm)
-        return self._proj(h, self.lm_head, None, linear=linear)
+        logits = self._proj(h, self.lm_head, None, linear=linear)
+        if self.spec.final_logit_softcap is not None:
+            logits = _softcap(logits, self.spec.final_logit_softcap)
+        return logits
+
+    def _attention_out(
+        self,
+        x: torch.Tensor,
+        att: torch.Tensor,
+        lw: LayerWeights,
+        triton_norm: bool = False,
+        linear: str = "torch",
+    ) -> torch.Tensor:
+        """x + O(att): the residual folded into the O projection, or Gemma2's x + norm(O(att))."""
+        if not self.spec.sandwich_norms:
+            return self._proj(att, lw.o_w, lw.o_b, x, linear, "o")
+        h = self._proj(att, lw.o_w, lw.o_b, None, linear, "o")
+        return x + self._norm(h, lw.post_attn_norm_w, None, triton_norm)
+
+    def _mlp_block(
+        self,
+        x: torch.Tensor,
+        h: torch.Tensor,
+        lw: LayerWeights,
+        triton: bool = False,
+        linear: str = "torch",
+        triton_norm: bool = False,
+    ) -> torch.Tensor:
+        """x + MLP(h) (h: the normed x), or Gemma2's x + norm(MLP(h))."""
+        if not self.spec.sandwich_norms:
+            return self._mlp(x, h, lw, triton, linear)
+        out = self._mlp(None, h, lw, triton, linear)
+        return x + self._norm(out, lw.post_mlp_norm_w, None, triton_norm)
 
     # -- entry points ---------------------------------------------------------------------
 
@@ -386,10 +439,19 @@ class Decoder:
             g = nh // kvh
             k = k[:, :, None].expand(bsz, kvh, g, seq, d).reshape(bsz, nh, seq, d)
             v = v[:, :, None].expand(bsz, kvh, g, seq, d).reshape(bsz, nh, seq, d)
-            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=s.attention_scale)
+            if s.attn_logit_softcap is None:
+                att = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, scale=s.attention_scale
+                )
+            else:  # SDPA has no softcap: Hugging Face's eager attention, op for op
+                scores = torch.matmul(q, k.transpose(-1, -2)) * s.attention_scale
+                scores = _softcap(scores, s.attn_logit_softcap)
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+                att = torch.matmul(probs, v)
             att = att.transpose(1, 2).reshape(bsz, seq, nh * d)
-            x = _residual_linear(x, att, lw.o_w, lw.o_b)
-            x = self._mlp(x, self._norm(x, lw.mlp_norm_w, lw.mlp_norm_b), lw)
+            x = self._attention_out(x, att, lw)
+            x = self._mlp_block(x, self._norm(x, lw.mlp_norm_w, lw.mlp_norm_b), lw)
         return self._logits(x[:, -1])
 
     def decode(
@@ -418,10 +480,11 @@ class Decoder:
         fold = kernels.norm == "fused" and few and self.norm_folds
         triton_norm = kernels.norm != "torch"
         triton_mlp = kernels.gated_mlp == "triton"
-        if kernels.attention == "torch":
+        attention = kernels.attention if self.attention_kernels_fit else "torch"
+        if attention == "torch":
             bias = torch.where(kv_valid, 0.0, torch.finfo(self.dtype).min).to(self.dtype)
             bias = bias[:, None, None, :].expand(bsz, kvh, 1, kv_len).reshape(bsz * kvh, 1, kv_len)
-        elif kernels.attention == "triton":
+        elif attention == "triton":
             # every row's valid length: the chunks of the cache past it read nothing
             kv_lens = (slot + 1).expand(bsz)
             attention_config = self._tile_config(bsz, "decode_attention", "attn", kv_len)
@@ -470,13 +533,18 @@ class Decoder:
                 cache.v[i].index_copy_(2, slot, v_new)
                 q = qk[:, :nh]
             keys, values = cache.k[i][:, :, :kv_len], cache.v[i][:, :, :kv_len]
-            if kernels.attention == "torch":
+            if attention == "torch":
                 keys_t = keys.reshape(bsz * kvh, kv_len, d).transpose(1, 2)
-                scores = torch.baddbmm(
-                    bias, q.reshape(bsz * kvh, g, d), keys_t, alpha=s.attention_scale
-                )
-                att = torch.bmm(torch.softmax(scores, dim=-1), values.reshape(bsz * kvh, kv_len, d))
-            elif kernels.attention == "sdpa":
+                q_rows = q.reshape(bsz * kvh, g, d)
+                if s.attn_logit_softcap is None:
+                    scores = torch.baddbmm(bias, q_rows, keys_t, alpha=s.attention_scale)
+                    probs = torch.softmax(scores, dim=-1)
+                else:  # Hugging Face's eager order: scale, softcap, mask, float32 softmax
+                    scores = torch.bmm(q_rows, keys_t) * s.attention_scale
+                    scores = _softcap(scores, s.attn_logit_softcap) + bias
+                    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+                att = torch.bmm(probs, values.reshape(bsz * kvh, kv_len, d))
+            elif attention == "sdpa":
                 att = F.scaled_dot_product_attention(
                     q.unsqueeze(2),
                     keys,
@@ -498,7 +566,7 @@ class Decoder:
                     config=attention_config,
                     pdl=kernels.pdl,
                 )
-            x = self._proj(att.reshape(bsz, nh * d), lw.o_w, lw.o_b, x, kernels.linear, "o")
+            x = self._attention_out(x, att.reshape(bsz, nh * d), lw, triton_norm, kernels.linear)
             if fold and self.gated_silu_without_bias:
                 h = self._norm_linear(
                     x, lw.mlp_norm_w, lw.mlp_norm_b, lw.up_w, gated=True, site="up"
@@ -514,8 +582,9 @@ class Decoder:
                 x = self._proj(h, lw.down_w, lw.down_b, x, kernels.linear, "down")
             else:
                 h = self._norm(x, lw.mlp_norm_w, lw.mlp_norm_b, triton_norm)
-                x = self._mlp(x, h, lw, triton_mlp, kernels.linear)
-        if kernels.lm_head == "triton" and few and ids_out is not None:
+                x = self._mlp_block(x, h, lw, triton_mlp, kernels.linear, triton_norm)
+        lm_head_kernel = kernels.lm_head == "triton" and self.lm_head_kernel_fits
+        if lm_head_kernel and few and ids_out is not None:
             from kernl.kernels.lm_head_argmax import lm_head_argmax, new_workspace
 
             if self._workspace is None:
@@ -663,6 +732,11 @@ def _rms_norm_float32_scale(x: torch.Tensor, w: torch.Tensor, eps: float) -> tor
     scale `w` (the decoder's 1 + weight), rounded to x's dtype once."""
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w).type_as(x)
+
+
+def _softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """Gemma2's tanh(x / cap) * cap, in x's dtype, in Hugging Face's order of operations."""
+    return torch.tanh(x / cap) * cap
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

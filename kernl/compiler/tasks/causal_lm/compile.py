@@ -131,8 +131,8 @@ def compile_causal_lm(
     tune: bool = True,
     decode_kernels: DecodeKernels | dict | None = None,
 ) -> CausalLMReport:
-    """Compile a Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma or GPT-2 model (a local folder, a
-    model id in the local HF cache, or a PreTrainedModel) for generation buckets such as
+    """Compile a Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma2 or GPT-2 model (a local
+    folder, a model id in the local HF cache, or a PreTrainedModel) for generation buckets such as
     "batch=1,4,8 prompt=16:1024 cache=2048" into the artifact folder `out`.
 
     The decode step's kernels (`DecodeKernels`) are `decode_kernels` when given; otherwise, on

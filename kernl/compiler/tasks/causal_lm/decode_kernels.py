@@ -133,9 +133,7 @@ def choose_decode_kernels(
         gen._steps.clear()
         return decoder.kernels, timings
     for knob, options in ALTERNATIVES:
-        if knob == "gated_mlp" and not decoder.gated_silu_without_bias:
-            continue
-        if knob == "rope" and decoder.spec.qk_norm:  # its norms sit before the rotary
+        if not _applies(decoder, knob):
             continue
         if knob == "step":  # the persistent step: last, bucket by bucket
             continue
@@ -151,9 +149,7 @@ def choose_decode_kernels(
         **{
             knob: options[-1]
             for knob, options in ALTERNATIVES
-            if knob != "step"
-            and (knob != "gated_mlp" or decoder.gated_silu_without_bias)
-            and (knob != "rope" or not decoder.spec.qk_norm)
+            if knob != "step" and _applies(decoder, knob)
         },
     )
     if together not in [t.kernels for t in timings]:
@@ -177,6 +173,21 @@ def choose_decode_kernels(
     decoder.kernels = chosen
     gen._steps.clear()
     return chosen, timings
+
+
+def _applies(decoder, knob: str) -> bool:
+    """Whether the decoder runs a kernel other than torch for this piece (a choice it cannot
+    run is served by torch: timing it would only time torch again, and storing it would name a
+    kernel the step does not run)."""
+    if knob == "gated_mlp":  # the kernel is gated SiLU without bias
+        return decoder.gated_silu_without_bias
+    if knob == "rope":  # Qwen3's per-head norms sit before the rotary
+        return not decoder.spec.qk_norm
+    if knob == "attention":  # Gemma2's softcapped scores: torch attention only
+        return decoder.attention_kernels_fit
+    if knob == "lm_head":  # Gemma2's softcapped logits: torch lm_head only
+        return decoder.lm_head_kernel_fits
+    return True
 
 
 def _persistent_by_bucket(

@@ -114,7 +114,6 @@ def decode_sites(
     """The call sites of `dec`'s decode step that a fused kernel can take, at `batch` rows,
     and decode attention's, one per kv length of `kv_lengths` (the decode buckets')."""
     from kernl.kernels import gated_mlp as mlp
-    from kernl.kernels import lm_head_argmax as lm
     from kernl.kernels import norm_linear as nl
     from kernl.kernels import skinny_linear_fused as slf
 
@@ -155,12 +154,14 @@ def decode_sites(
             ops = f"{_shapes(args[0])} norm={s.norm} eps={s.norm_eps} gated={g} layers={len(L)}"
             configs = nl.norm_linear_decode_configs()
             sites.append(Site("norm_linear", site, len(L), call, check, configs, ops))
-    # QKV and up after a norm of their own (no residual); O and down add the residual stream
+    # QKV and up after a norm of their own (no residual); O and down add the residual stream,
+    # but for Gemma2, whose residual adds come after the norms of their outputs
+    stream = None if s.sandwich_norms else x
     for site, w, b, res in [
         ("qkv", "qkv_w", "qkv_b", None),
         ("up", "up_w", "up_b", None),
-        ("o", "o_w", "o_b", x),
-        ("down", "down_w", "down_b", x),
+        ("o", "o_w", "o_b", stream),
+        ("down", "down_w", "down_b", stream),
     ]:
         args = [(getattr(lw, w), getattr(lw, b)) for lw in L]
         h = rnd(batch, args[0][0].shape[1])
@@ -204,7 +205,20 @@ def decode_sites(
         ops = f"{_shapes((h, *halves[0]))} layers={len(L)}"
         configs = mlp.gated_mlp_decode_configs()
         sites.append(Site("gated_mlp", "up", len(L), call_mlp, check_mlp, configs, ops))
-    # the greedy step's lm_head as the decoder runs it: logits written, final RMSNorm folded in
+    if dec.lm_head_kernel_fits:
+        sites.append(_lm_head_site(dec, x, batch))
+    if kv_lengths and dec.attention_kernels_fit:
+        sites += _attention_sites(dec, batch, sorted(set(kv_lengths)), rnd)
+    return sites
+
+
+def _lm_head_site(dec: Decoder, x: torch.Tensor, batch: int) -> Site:
+    """The greedy step's lm_head as the decoder runs it: logits written, the final RMSNorm
+    folded in where it folds."""
+    from kernl.kernels import lm_head_argmax as lm
+
+    s, dev, dt = dec.spec, dec.embed.device, dec.dtype
+    d = lambda t: None if t is None else t.double()  # noqa: E731
     norm_w = dec.final_norm_w if dec.final_norm_folds else None
     logits = torch.empty(batch, dec.lm_head.shape[0], device=dev, dtype=dt)
     ids = torch.empty(batch, dtype=torch.int64, device=dev)
@@ -238,10 +252,7 @@ def decode_sites(
     # one weight: a few calls on it (hundreds of MB at real vocabularies: past L2 anyway)
     ops = f"{_shapes((x, dec.lm_head, norm_w))} eps={s.norm_eps}"
     configs = lm.lm_head_argmax_decode_configs()
-    sites.append(Site("lm_head_argmax", "lm_head", 1, call_lm, check_lm, configs, ops))
-    if kv_lengths:
-        sites += _attention_sites(dec, batch, sorted(set(kv_lengths)), rnd)
-    return sites
+    return Site("lm_head_argmax", "lm_head", 1, call_lm, check_lm, configs, ops)
 
 
 def _attention_sites(dec: Decoder, batch: int, kv_lengths: list[int], rnd) -> list[Site]:

@@ -5,6 +5,7 @@ WEIGHT NAMES (what kernl/runtime/generation/decoder.py reads):
     embed.weight [vocab, hidden]          pos_embed.weight [positions, hidden] (GPT-2)
     layers.{i}.attn_norm.{weight,bias}    layers.{i}.qkv.{weight,bias}  [(H + 2 KV) D, hidden]
     layers.{i}.o.{weight,bias}            layers.{i}.mlp_norm.{weight,bias}
+    layers.{i}.post_attn_norm.weight, layers.{i}.post_mlp_norm.weight   (Gemma2's sandwich norms)
     layers.{i}.gate_up.weight [2 I, hidden], layers.{i}.down.weight      (gated MLP)
     layers.{i}.fc.{weight,bias}, layers.{i}.proj.{weight,bias}          (GPT-2 MLP)
     final_norm.{weight,bias}              lm_head.weight (absent when tied to embed)
@@ -14,6 +15,8 @@ WEIGHT NAMES (what kernl/runtime/generation/decoder.py reads):
 Linear weights are [out, in]; GPT-2's Conv1D weights ([in, out]) are transposed here once."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -30,10 +33,16 @@ from ..generation_config import (
 
 # Qwen3: Qwen2 without QKV biases, with an RMSNorm over each query and key head; Phi-3: the
 # projections fused in its checkpoints (qkv_proj, gate_up_proj); Gemma: scaled embeddings,
-# RMSNorms by (1 + weight), a gated tanh-GELU MLP, head_dim its own config field
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
-# The families whose RMSNorm scales by (1 + weight) in float32 (GemmaRMSNorm)
-NORM_PLUS_ONE = ("gemma",)
+# RMSNorms by (1 + weight), a gated tanh-GELU MLP, head_dim its own config field; Gemma2: Gemma's
+# with softcapped attention scores and logits, an RMSNorm of the attention and of the MLP
+# outputs before their residual adds, query_pre_attn_scalar ** -0.5 as the attention scale, and
+# a sliding window on every other layer (one rotary table for all)
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2")
+# The families whose RMSNorm scales by (1 + weight) in float32 (GemmaRMSNorm, Gemma2RMSNorm)
+NORM_PLUS_ONE = ("gemma", "gemma2")
+# The families with Gemma2's norms after attention and around the MLP: the norm before the MLP
+# is `pre_feedforward_layernorm`, and `post_attention_layernorm` norms the attention output
+SANDWICH_NORMS = ("gemma2",)
 SUPPORTED = (*LLAMA_LIKE, "gpt2")
 # Rotary variants whose frequencies do not depend on the sequence length.
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
@@ -68,28 +77,22 @@ def check_model_type(model_or_path) -> None:
     _refuse_bidirectional(config, model_type)
 
 
-# Gemma's later text decoders: what each needs beyond Gemma 1 is named from its config
-GEMMA_VARIANTS = ("gemma2", "gemma3_text", "gemma3")
+# Gemma's later text decoders kernl refuses: what each needs beyond Gemma2 is named from its
+# config (Gemma2 is described: its softcaps and sandwich norms are kernl's)
+GEMMA_VARIANTS = ("gemma3_text", "gemma3")
 
 
 def gemma_lacks(config) -> list[str]:
-    """What kernl's decoder lacks for a Gemma2 / Gemma3 config, as its refusal names it: only
-    what this config turns on (a softcap of None is no softcapping)."""
+    """What kernl's decoder lacks for a Gemma3 config, as its refusal names it: only what this
+    config turns on, and the Gemma3 decoder layer itself, which kernl has not checked against
+    Hugging Face's (its softcaps and sandwich norms are Gemma2's, which kernl has)."""
     lacks = []
     if config.model_type == "gemma3":  # Gemma3ForConditionalGeneration: image and text
         lacks.append("an image encoder (Gemma3ForConditionalGeneration reads images)")
         config = config.get_text_config()
-    if getattr(config, "attn_logit_softcapping", None) is not None:
-        lacks.append(
-            f"attention logit softcapping (attn_logit_softcapping={config.attn_logit_softcapping})"
-        )
-    if getattr(config, "final_logit_softcapping", None) is not None:
-        lacks.append(
-            f"final logit softcapping (final_logit_softcapping={config.final_logit_softcapping})"
-        )
     lacks.append(
-        "the RMSNorms after attention and around the MLP (post_attention_layernorm, "
-        "pre_feedforward_layernorm, post_feedforward_layernorm)"
+        "a description of Gemma3's decoder layer (its per-head q and k norms by (1 + weight) "
+        "with Gemma2's sandwich norms, checked against Hugging Face's)"
     )
     types = set(getattr(config, "layer_types", None) or ())
     rope = getattr(config, "rope_parameters", None) or {}
@@ -183,10 +186,13 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
     _refuse_bidirectional(cfg, mt)
     window = _sliding_window(cfg)
     if window is not None and window < cache_len:
+        # Gemma2 windows every other layer (layer_types): a cache no longer than the window
+        # lets every layer attend to all of it, as the window would
         raise UnsupportedModelError(
             f"causal-lm: {mt} uses sliding-window attention (window {window}) shorter than the "
             f"KV cache ({cache_len}); this is not supported: use cache<={window}"
         )
+    _refuse_rope_per_layer_type(cfg, mt)
     nh, kvh = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
     attn0 = base.layers[0].self_attn
     qkv0, qkv_bias0 = _qkv(attn0)
@@ -199,6 +205,7 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
             "dimensions (a partial rotary factor); kernl rotates whole heads"
         )
     qk_norm = hasattr(attn0, "q_norm")
+    sandwich = mt in SANDWICH_NORMS
     mlp0 = base.layers[0].mlp
     weights: dict[str, torch.Tensor] = {"embed.weight": base.embed_tokens.weight}
     for i, layer in enumerate(base.layers):
@@ -215,7 +222,12 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
         weights[p + "o.weight"] = a.o_proj.weight
         if a.o_proj.bias is not None:
             weights[p + "o.bias"] = a.o_proj.bias
-        weights[p + "mlp_norm.weight"] = layer.post_attention_layernorm.weight
+        if sandwich:
+            weights[p + "post_attn_norm.weight"] = layer.post_attention_layernorm.weight
+            weights[p + "mlp_norm.weight"] = layer.pre_feedforward_layernorm.weight
+            weights[p + "post_mlp_norm.weight"] = layer.post_feedforward_layernorm.weight
+        else:
+            weights[p + "mlp_norm.weight"] = layer.post_attention_layernorm.weight
         weights[p + "gate_up.weight"], gate_up_bias = _gate_up(m)
         if gate_up_bias is not None:
             weights[p + "gate_up.bias"] = gate_up_bias
@@ -245,7 +257,8 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
         norm="rms",
         norm_eps=float(eps),
         mlp="gated",
-        activation=_activation(cfg.hidden_act, mt),
+        # Gemma2's config names it hidden_activation (Gemma's, hidden_act)
+        activation=_activation(getattr(cfg, "hidden_activation", None) or cfg.hidden_act, mt),
         positions="rope",
         max_positions=None,
         attention_scale=float(getattr(attn0, "scaling", head_dim**-0.5)),
@@ -257,6 +270,9 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
         qk_norm=qk_norm,
         embed_scale=1.0 if embed_scale is None else float(embed_scale),
         norm_plus_one=mt in NORM_PLUS_ONE,
+        attn_logit_softcap=_softcap(cfg, "attn_logit_softcapping"),
+        final_logit_softcap=_softcap(cfg, "final_logit_softcapping"),
+        sandwich_norms=sandwich,
         pad_token_id=pad,
         eos_token_ids=eos,
     )
@@ -278,6 +294,33 @@ def _gate_up(mlp) -> tuple[torch.Tensor, torch.Tensor | None]:
         return mlp.gate_up_proj.weight, mlp.gate_up_proj.bias
     bias = None if mlp.gate_proj.bias is None else torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
     return torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), bias
+
+
+def _softcap(cfg, name: str) -> float | None:
+    """A Gemma2 softcap from the config (None or absent: none), refused unless finite and
+    positive (tanh(x / cap) * cap)."""
+    cap = getattr(cfg, name, None)
+    if cap is None:
+        return None
+    cap = float(cap)
+    if not (math.isfinite(cap) and cap > 0):
+        raise UnsupportedModelError(
+            f"causal-lm: {cfg.model_type} with {name}={cap} is not supported (a softcap is a "
+            "finite positive number, or None for none)"
+        )
+    return cap
+
+
+def _refuse_rope_per_layer_type(cfg, mt: str) -> None:
+    """kernl rotates every layer with one table: a config whose rope_parameters differ by
+    layer type (Gemma3's) is refused. Gemma2's has one set for all its layers."""
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    per_type = [rope[t] for t in ("sliding_attention", "full_attention") if t in rope]
+    if len(per_type) == 2 and per_type[0] != per_type[1]:
+        raise UnsupportedModelError(
+            f"causal-lm: {mt} rotates its sliding-window and full-attention layers with "
+            "different rope_parameters; kernl rotates every layer with one table"
+        )
 
 
 def _sliding_window(cfg) -> int | None:
