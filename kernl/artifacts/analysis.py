@@ -877,10 +877,16 @@ def _kernl_layer_norm(x, weight, bias, eps, residual=None, impl="aten", config=N
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def _kernl_attention(q, k, v, mask=None, scale=None, causal=False, impl="aten", config=None):
+def _kernl_attention(
+    q, k, v, mask=None, scale=None, causal=False, impl="aten", config=None, window=None
+):
     import torch
 
     _impl(impl, config)
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool)):
+        raise _Fail(f"attention window {window!r}", False)
+    if window is not None and window < 0:
+        raise _Fail(f"attention window {window} (a distance: 0 or more)", False)
     if not (q.dim() == k.dim() == v.dim() == 4 and q.shape[:2] == k.shape[:2] == v.shape[:2]):
         raise _Fail("attention takes [B, H, L, D] q, k, v of one batch and head count", False)
     if k.shape[2] != v.shape[2] or q.shape[3] != k.shape[3]:

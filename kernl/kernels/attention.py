@@ -43,6 +43,7 @@ def _attention_inner(
     offs_d,
     kv_len,
     causal_offset,
+    window,
     qk_scale,
     stride_kn,
     stride_vn,
@@ -53,6 +54,7 @@ def _attention_inner(
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BIAS_PER_KEY: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
@@ -87,6 +89,9 @@ def _attention_inner(
             visible = cols[None, :] < kv_len
             if IS_CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
+            if HAS_WINDOW:  # a sliding window: query i sees key j where |i - j| <= window
+                distance = cols[None, :] - offs_m[:, None]
+                visible = visible & (distance <= window) & (distance >= -window)
             qk = tl.where(visible, qk, float("-inf"))
         # without bias the scale stays folded into one FMA per score (qk_scale > 0)
         if HAS_BIAS:
@@ -130,6 +135,7 @@ def _attention_fwd_kernel(
     num_heads,
     group_size,
     sm_scale,
+    window,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -155,6 +161,7 @@ def _attention_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BIAS_PER_KEY: tl.constexpr,
     HAS_KV_LENS: tl.constexpr,
@@ -200,6 +207,13 @@ def _attention_fwd_kernel(
         hi = tl.minimum(kv_len, start_m * BLOCK_M + BLOCK_M + causal_offset)
         full_hi = tl.minimum(full_hi, start_m * BLOCK_M + causal_offset + 1)
     full_hi = tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
+    lo = 0
+    if HAS_WINDOW:
+        # only the key blocks within `window` of this query block are loaded, all of them
+        # through the masked path (a window is a few blocks wide)
+        lo = tl.maximum(start_m * BLOCK_M - window, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(hi, start_m * BLOCK_M + BLOCK_M + window)
+        full_hi = lo
     acc, l_i, m_i = _attention_inner(
         acc,
         l_i,
@@ -208,13 +222,14 @@ def _attention_fwd_kernel(
         K_block,
         V_block,
         Bias_block,
-        0,
+        lo,
         full_hi,
         offs_m,
         offs_n,
         offs_d,
         kv_len,
         causal_offset,
+        window,
         qk_scale,
         stride_kn,
         stride_vn,
@@ -225,6 +240,7 @@ def _attention_fwd_kernel(
         BLOCK_N,
         False,
         IS_CAUSAL,
+        HAS_WINDOW,
         HAS_BIAS,
         BIAS_PER_KEY,
         WARP_SPECIALIZE,
@@ -244,6 +260,7 @@ def _attention_fwd_kernel(
         offs_d,
         kv_len,
         causal_offset,
+        window,
         qk_scale,
         stride_kn,
         stride_vn,
@@ -254,6 +271,7 @@ def _attention_fwd_kernel(
         BLOCK_N,
         True,
         IS_CAUSAL,
+        HAS_WINDOW,
         HAS_BIAS,
         BIAS_PER_KEY,
         False,
@@ -282,6 +300,7 @@ def attention_reference(
     bias: torch.Tensor | None = None,
     kv_lens: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch, same semantics; compute in float64 for a reference."""
     B, H, Lq, D = q.shape
@@ -300,6 +319,9 @@ def attention_reference(
         visible = visible & (
             cols[None, None, :] <= rows[None, :, None] + (lens - Lq)[:, None, None]
         )
+    if window is not None:
+        rows = torch.arange(Lq, device=q.device)
+        visible = visible & ((cols[None, :] - rows[:, None]).abs() <= window)[None]
     visible = visible[:, None]
     if key_padding_mask is not None:
         visible = visible & key_padding_mask.bool()[:, None, None, :]
@@ -353,6 +375,7 @@ def attention_configs(
     causal: bool = False,
     q: torch.Tensor | None = None,
     v: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> list[AttentionConfig]:
     """Tuning space; the compiler benchmarks these per shape and stores the winner. Given the
     call's keys `k` ([B, H_kv, Lk, D]) and `causal`, the short-key kernel's configs join where
@@ -375,6 +398,8 @@ def attention_configs(
     # Warp-specialised with 8 warps only: Triton 3.6's warp specialiser fails on this kernel
     # with 4 (tests/kernels/test_compile_for_hopper.py), a candidate every bucket paid for.
     out.append(AttentionConfig(128, 128, 8, 3, True))
+    if window is not None:  # only this file's kernel skips the key blocks outside a window
+        return out
     kv_len = k.shape[-2] if k is not None else None
     if kv_len is not None and kv_len <= 256 and not causal:
         block_n = max(16, next_power_of_2(kv_len))
@@ -427,13 +452,16 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: AttentionConfig | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """q [B, H, Lq, D], k/v [B, H_kv, Lk, D] (any strides); bias broadcastable to
-    [B, H, Lq, Lk]; kv_lens [B] valid keys per row; key_padding_mask [B, Lk] (True = keep)."""
+    [B, H, Lq, Lk]; kv_lens [B] valid keys per row; key_padding_mask [B, Lk] (True = keep);
+    window: query i sees only keys j with |i - j| <= window (ModernBERT's local layers)."""
     B, H, Lq, D = q.shape
     H_kv, Lk = k.shape[1], k.shape[2]
     assert k.shape == (B, H_kv, Lk, D) and v.shape == k.shape and H % H_kv == 0
     assert D <= 256, "head dim above 256 does not fit one block"
+    assert window is None or window >= 0, "a window is a distance: 0 or more"
     config = config or default_attention_config(D, Lk)
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     assert sm_scale > 0, "the folded exp2 scaling assumes a positive softmax scale"
@@ -462,6 +490,8 @@ def attention(
             extra = {"programs_per_sm": config.programs_per_sm or 1}
         if causal:
             raise ValueError(f"the {which} attention kernel is not causal")
+        if window is not None:
+            raise ValueError(f"the {which} attention kernel has no sliding window")
         return kernel(
             q,
             k,
@@ -493,6 +523,7 @@ def attention(
         H,
         H // H_kv,
         sm_scale,
+        0 if window is None else int(window),
         *q.stride(),
         *k.stride(),
         *v.stride(),
@@ -503,6 +534,7 @@ def attention(
         BLOCK_M=config.BLOCK_M,
         BLOCK_N=config.BLOCK_N,
         IS_CAUSAL=causal,
+        HAS_WINDOW=window is not None,
         HAS_BIAS=has_bias,
         BIAS_PER_KEY=has_bias and (bias_strides[2] == 0 or Lq == 1),
         HAS_KV_LENS=has_lens,

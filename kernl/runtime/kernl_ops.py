@@ -130,9 +130,11 @@ def attention(
     causal: bool = False,
     impl: str = "aten",
     config: dict[str, Any] | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v over [B, H, L, D] tensors; `mask` is a boolean tensor
-    broadcastable to [B, H, Lq, Lk] (True = attend) or None."""
+    broadcastable to [B, H, Lq, Lk] (True = attend), an additive one, or None; `window`:
+    query i sees only keys j with |i - j| <= window (a sliding window, passes/attention_window.py)."""
     _check_impl(impl)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -158,7 +160,18 @@ def attention(
             bias=bias,
             out=out,
             config=_typed(attention_kernel, config),
+            window=window,
         )
+    if window is not None:
+        lq, lk = q.shape[-2], k.shape[-2]
+        rows = torch.arange(lq, device=q.device)[:, None]
+        near = (torch.arange(lk, device=q.device)[None, :] - rows).abs() <= window
+        if mask is None:
+            mask = near
+        elif mask.dtype == torch.bool:
+            mask = mask & near
+        else:
+            mask = mask.masked_fill(~near, float("-inf"))
     if causal:
         # bottom-right aligned, like the kernel: query i sees key j <= i + (Lk - Lq)
         lq, lk = q.shape[-2], k.shape[-2]

@@ -118,6 +118,37 @@ def test_fused_qkv_strided_views(dtype):
     assert_close(out, ref, dtype, attention_reference(q, k, v), name="fused qkv views")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "window,config",
+    [
+        (4, AttentionConfig(16, 16, 4, 2)),
+        (20, AttentionConfig(16, 32, 4, 2)),
+        (0, None),
+        (70, None),
+    ],
+)
+def test_sliding_window_with_a_padding_bias(dtype, window, config):
+    """ModernBERT's local layers: query i sees key j where |i - j| <= window, and no padded
+    key; the key blocks outside every row's window are never loaded (a window of 0: itself
+    only; wider than the keys: everything)."""
+    B, H, L = 2, 2, 53
+    keep = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+    keep[1, 40:] = False
+    bias = torch.zeros(B, 1, 1, L, dtype=dtype, device=DEVICE)
+    bias = bias.masked_fill(~keep[:, None, None, :], float("-inf"))
+    _run(B, H, H, L, L, 32, dtype, config=config, bias=bias, window=window)
+
+
+def test_only_the_flash_kernel_is_offered_and_takes_a_window():
+    q = k = v = torch.randn(1, 2, 300, 64, device=DEVICE)
+    configs = attention_configs(k, False, q, v, window=64)
+    assert configs and not any(c.programs_per_sm or c.tma or c.wgmma for c in configs)
+    short = AttentionConfig(16, 256, 4, 2, False, 4)
+    with pytest.raises(ValueError, match="no sliding window"):
+        attention(q, k, v, window=8, config=short)
+
+
 def test_runtime_entry_bool_mask():
     B, H, L, D = 2, 2, 19, 32
     q, k, v = (torch.randn(B, H, L, D, device=DEVICE) for _ in range(3))
@@ -172,3 +203,22 @@ def test_gpu_bert_padding_bias(dtype, config):
     attention(q, k, v, bias=bias, out=out, config=config)
     ref = attention_reference(q.double(), k.double(), v.double(), bias=bias.double())
     assert_close(out, ref, dtype, attention_reference(q, k, v, bias=bias), name="gpu bert bias")
+
+
+def test_runtime_entry_window_both_impls():
+    """kernl.attention's window on the kernel and on its aten path (SDPA with the band)."""
+    B, H, L, D = 2, 2, 29, 32
+    q, k, v = (torch.randn(B, H, L, D, device=DEVICE) for _ in range(3))
+    mask = torch.rand(B, 1, 1, L, device=DEVICE) > 0.2
+    mask[:, :, :, :3] = True
+    cfg = dataclasses.asdict(AttentionConfig(16, 16, 4, 2))
+    tri = kernl_ops.attention(q, k, v, mask, 0.2, False, impl="triton", config=cfg, window=5)
+    ref = kernl_ops.attention(q, k, v, mask, 0.2, False, impl="aten", window=5)
+    rows = torch.arange(L, device=DEVICE)
+    band = (rows[None, :] - rows[:, None]).abs() <= 5
+    full = F.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=mask & band, scale=0.2
+    )
+    visible = (mask & band).any(-1, keepdim=True).expand(B, H, L, D)  # rows with some key
+    assert_close(tri[visible].view(-1), full[visible].view(-1), torch.float32)
+    assert_close(ref[visible].view(-1), full[visible].view(-1), torch.float32)

@@ -153,20 +153,7 @@ def fold_constants(
     view = ProgramView(program)
     schemas = [_schema(ins.op) for ins in program.instructions]
     memory, written = _written(program, schemas)
-    constant = {v for v in program.weights if memory.find(v) not in written}
-    producer: dict[int, int] = {}
-    for i, (ins, schema) in enumerate(zip(program.instructions, schemas)):
-        outs = [o for o in ins.outputs if o is not None]
-        for o in outs:
-            producer[o] = i
-        if not outs or not _computable(ins, schema) or not set(reads(ins)) <= constant:
-            continue
-        if any(memory.find(o) in written for o in outs):
-            continue
-        sizes = [_nbytes(view, o) for o in outs]
-        if not _always_view(ins, schema) and any(s is None or s > MAX_BYTES for s in sizes):
-            continue
-        constant.update(outs)
+    constant, producer = _constants(program, view, schemas, memory, written, MAX_BYTES)
 
     def base_of(v: int) -> int:
         """Below the views of a constant: the value a computing op made (or a weight)."""
@@ -247,6 +234,53 @@ def fold_constants(
     used = set(program.outputs).union(*(reads(ins) for ins in program.instructions))
     program.weights = {v: n for v, n in program.weights.items() if v in used}
     return program, len(computed)
+
+
+def _constants(
+    program: Program, view: ProgramView, schemas: list, memory: _Memory, written: set, limit: int
+) -> tuple[set[int], dict[int, int]]:
+    """(the values no call can change, each value's producing instruction)."""
+    constant = {v for v in program.weights if memory.find(v) not in written}
+    producer: dict[int, int] = {}
+    for i, (ins, schema) in enumerate(zip(program.instructions, schemas)):
+        outs = [o for o in ins.outputs if o is not None]
+        for o in outs:
+            producer[o] = i
+        if not outs or not _computable(ins, schema) or not set(reads(ins)) <= constant:
+            continue
+        if any(memory.find(o) in written for o in outs):
+            continue
+        sizes = [_nbytes(view, o) for o in outs]
+        if not _always_view(ins, schema) and any(s is None or s > limit for s in sizes):
+            continue
+        constant.update(outs)
+    return constant, producer
+
+
+def constant_value(
+    program: Program,
+    weights: dict[str, torch.Tensor],
+    device: torch.device,
+    vid: int,
+    limit: int = 1 << 30,
+) -> torch.Tensor | None:
+    """The value `vid` has at every call, computed now (a weight's tensor as it is), or None
+    where an input reaches it, memory it shares is written, or it or a value before it is
+    over `limit` bytes. For passes that read a value without storing it (an 8192-token
+    sliding-window band is 64 MiB: passes/attention_window.py)."""
+    if vid in program.weights:
+        return weights[program.weights[vid]]
+    view = ProgramView(program)
+    schemas = [_schema(ins.op) for ins in program.instructions]
+    memory, written = _written(program, schemas)
+    constant, producer = _constants(program, view, schemas, memory, written, limit)
+    if vid not in constant:
+        return None
+    try:
+        (value,) = _evaluate(program, _cone(program, [vid], producer), [vid], weights, device)
+    except Exception:  # noqa: BLE001 - not computable here: as not constant
+        return None
+    return value
 
 
 def _plain(t: torch.Tensor) -> bool:

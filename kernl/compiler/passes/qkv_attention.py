@@ -115,6 +115,8 @@ def _group_at(lin: Instruction, view: ProgramView, only_reader) -> QKVAttentionG
     args = attention.args
     if len(args) != 6 or args[5] is not False or attention.kwargs.get("causal"):
         return None
+    if attention.kwargs.get("window") is not None:  # the fused kernel has no sliding window
+        return None
     mask = ref(args[3])
     if args[3] is not None:
         if mask is None or view.shape(mask) != [B, 1, 1, L]:

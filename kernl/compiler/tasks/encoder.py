@@ -19,6 +19,7 @@ from ..buckets import as_buckets, check_buckets_fit
 from ..lower import lower
 from ..op_counts import count_ops
 from ..passes import rewrite
+from ..passes.attention_window import use_attention_windows
 from ..passes.fold_constants import FoldBudget, fold_constants
 from ..passes.split_k_counters import share_split_k_counters
 from ..report import BucketReport, CompileReport, Progress, artifact_bytes
@@ -101,6 +102,7 @@ def compile_encoder(
             if kernels:
                 say(f"{tag}: rewrite")
                 program = rewrite(program, all_weights)
+                program = use_attention_windows(program, all_weights, dev)  # before the fold
                 program, folded = fold_constants(program, all_weights, dev, fold_budget)
                 if folded:
                     say(f"{tag}: {folded} input-independent values computed once, as weights")
