@@ -60,9 +60,9 @@
 #   families the encoder families learned from traced code (MPNet's bias on kernl.attention,
 #           DeBERTa-v3's folded positions, ModernBERT's kernl.rotary), base-sized, tuned on the GPU, against eager, with
 #           the attention kernels' own tests (four base-sized compiles: ~5-8 min, not yet run)
-#   modernbert ModernBERT-base fp16: kernl with kernl.rotary and kernl.gated_linear, without them,
-#           reduce-overhead and eager at 1x128, 8x128, 8x512 (benchmarks/bench_modernbert.py,
-#           ~4-6 min)
+#   modernbert ModernBERT-base fp16: kernl, kernl without the constant fold and attention window,
+#           reduce-overhead and eager at 1x128, 8x128, 8x512, 1x2048, 8x2048 (bench_modernbert.py,
+#           ~6-8 min)
 #   newkernels the GPU tests of kernl.rotary's and kernl.gated_linear's kernels (~30 s)
 #   famacc  a base-sized random family's error against eager fp32 beside eager's own
 #           (benchmarks/diag_family_accuracy.py: ModernBERT fp16 with and without
@@ -230,9 +230,9 @@ stage() {
       tests/kernels/test_attention_short.py tests/kernels/test_attention_tma.py \
       tests/kernels/test_rotary.py tests/kernels/test_gated_mlp.py \
       tests/generation/test_gpu_generation.py::test_cuda_graph_generation_matches_eager ;;
-    modernbert) timeout 560 python3 benchmarks/bench_modernbert.py ;;
+    modernbert) timeout 900 python3 benchmarks/bench_modernbert.py ;;
     newkernels) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
-      tests/kernels/test_gated_mlp.py tests/kernels/test_rotary.py ;;
+      tests/kernels/test_gated_mlp.py tests/kernels/test_rotary.py tests/kernels/test_attention.py ;;
     famacc) for a in "modernbert fp16 4 128" "modernbert fp16 4 128 --no-rotary" \
               "deberta-v3 bf16 4 32"; do timeout 200 python3 benchmarks/diag_family_accuracy.py $a; done ;;
     attshort) OUT=$RUN timeout 300 python3 benchmarks/bench_attention_short.py ;;

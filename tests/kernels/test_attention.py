@@ -173,6 +173,24 @@ def test_gpu_real_sizes(dtype, D, causal):
     assert_close(out, ref, dtype, stock, name="gpu attention")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config", [AttentionConfig(128, 64, 8, 3), AttentionConfig(64, 128, 4, 2)])
+def test_gpu_modernbert_local_window(dtype, config):
+    """ModernBERT-base's local layers at 2048 tokens: a window of 64 and a padding bias."""
+    B, H, L, D = 2, 12, 2048, 64
+    q, k, v = (torch.randn(B, H, L, D, dtype=dtype, device="cuda") for _ in range(3))
+    keep = torch.ones(B, L, dtype=torch.bool, device="cuda")
+    keep[1, 1500:] = False
+    bias = torch.zeros(B, 1, 1, L, dtype=torch.float32, device="cuda")
+    bias = bias.masked_fill(~keep[:, None, None, :], float("-inf"))
+    out = poisoned(q.shape, dtype, "cuda")
+    attention(q, k, v, bias=bias, window=64, out=out, config=config)
+    ref = attention_reference(q.double(), k.double(), v.double(), bias=bias.double(), window=64)
+    stock = attention_reference(q, k, v, bias=bias.to(dtype), window=64)
+    assert_close(out, ref, dtype, stock, name="gpu windowed attention")
+
+
 # the configs the compiler chose at BERT-base's shapes (2026-12-02), and the warp-specialised
 # one; every config compiles for sm_90 in test_compile_for_hopper.py (each one here is a
 # compile of its own, on the device's time)
