@@ -4,6 +4,7 @@ imports transformers, and the bucket syntax."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -648,6 +649,28 @@ def test_a_gemma2_sliding_window_shorter_than_the_cache_is_refused(tmp_path):
         kernl.compiler.compile(
             hf, "batch=1 prompt=8 cache=32", tmp_path / "a", dtype="fp32", device="cpu",
             task="causal-lm",
+        )  # fmt: skip
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize(
+    "forced,named",
+    [
+        ({"attention": "triton"}, "attention='triton' (no logit softcapping"),
+        ({"lm_head": "triton", "norm": "triton"}, "lm_head='triton' (no final logit softcapping"),
+        ({"step": "persistent"}, "step='persistent'"),
+    ],
+)
+def test_decode_kernels_a_gemma2_would_not_run_are_refused_by_name(tmp_path, forced, named):
+    """Told to use a kernel its step would replace by torch (no softcap in decode attention or
+    lm_head_argmax), the compile says so, and writes nothing, rather than store a choice that
+    does not run."""
+    from kernl.compiler.tasks.causal_lm import compile_causal_lm
+
+    with pytest.raises(ValueError, match=re.escape(named)):
+        compile_causal_lm(
+            tiny_model("gemma2"), "batch=1 prompt=8 cache=16", tmp_path / "a",
+            dtype="fp32", device="cpu", decode_kernels=forced,
         )  # fmt: skip
     assert not (tmp_path / "a").exists()
 

@@ -218,6 +218,26 @@ class Decoder:
         self._step_buffers: dict[tuple, object] = {}  # its buffers per batch and config
         self.kernels = kernels or DecodeKernels()
 
+    def kernels_that_do_not_apply(self, kernels: DecodeKernels) -> list[str]:
+        """The pieces of `kernels` this model's step would run on torch instead, each with
+        why: a compile that is told to use them says so rather than storing a choice that
+        does not run."""
+        s, why = self.spec, []
+        if kernels.attention != "torch" and not self.attention_kernels_fit:
+            why.append(f"attention={kernels.attention!r} (no logit softcapping in it)")
+        if kernels.lm_head != "torch" and not self.lm_head_kernel_fits:
+            why.append(f"lm_head={kernels.lm_head!r} (no final logit softcapping in it)")
+        if kernels.rope != "torch" and s.qk_norm:
+            why.append(
+                f"rope={kernels.rope!r} (the per-head norms of q and k come between the "
+                "projection and the rotary embedding)"
+            )
+        if kernels.norm == "fused" and not self.norm_folds:
+            why.append("norm='fused' (this model's norms do not fold into the next linear)")
+        if kernels.step == "persistent" and not self.persistent_fits:
+            why.append("step='persistent' (it serves the Llama family's plain layer only)")
+        return why
+
     @property
     def kernels(self) -> DecodeKernels:
         return self._kernels

@@ -170,6 +170,13 @@ def compile_causal_lm(
                 if isinstance(decode_kernels, DecodeKernels)
                 else DecodeKernels.from_dict(decode_kernels)
             )
+            unused = gen.decoder.kernels_that_do_not_apply(chosen)
+            if unused:
+                raise ValueError(
+                    f"decode kernels: {spec.model_type}'s step would run these on torch, not "
+                    f"as asked: {'; '.join(unused)}. Leave them out (or let the compiler "
+                    "choose)."
+                )
         elif kernels and tune and dev.type == "cuda" and torch_dtype != torch.float32:
             # (in fp32, Triton's dot products would round through TF32: plain torch stays)
             say("tuning the decode kernels' tiles per decode batch (attention: and kv length)")
