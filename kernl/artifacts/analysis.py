@@ -887,6 +887,10 @@ def _kernl_attention(
         raise _Fail(f"attention window {window!r}", False)
     if window is not None and window < 0:
         raise _Fail(f"attention window {window} (a distance: 0 or more)", False)
+    if window is not None and config is not None:
+        pairs = dict(config.items() if isinstance(config, dict) else map(tuple, config))
+        if any(pairs.get(k) for k in ("programs_per_sm", "tma", "wgmma")):
+            raise _Fail("attention window on a kernel without one (only the flash kernel)", False)
     if not (q.dim() == k.dim() == v.dim() == 4 and q.shape[:2] == k.shape[:2] == v.shape[:2]):
         raise _Fail("attention takes [B, H, L, D] q, k, v of one batch and head count", False)
     if k.shape[2] != v.shape[2] or q.shape[3] != k.shape[3]:

@@ -397,9 +397,9 @@ def attention_configs(
         out.append(AttentionConfig(bm, bn, w, s))
     # Warp-specialised with 8 warps only: Triton 3.6's warp specialiser fails on this kernel
     # with 4 (tests/kernels/test_compile_for_hopper.py), a candidate every bucket paid for.
-    out.append(AttentionConfig(128, 128, 8, 3, True))
     if window is not None:  # only this file's kernel skips the key blocks outside a window
-        return out
+        return out  # (its warp-specialised loop is the unmasked one, which a window skips)
+    out.append(AttentionConfig(128, 128, 8, 3, True))
     kv_len = k.shape[-2] if k is not None else None
     if kv_len is not None and kv_len <= 256 and not causal:
         block_n = max(16, next_power_of_2(kv_len))
@@ -462,6 +462,8 @@ def attention(
     assert k.shape == (B, H_kv, Lk, D) and v.shape == k.shape and H % H_kv == 0
     assert D <= 256, "head dim above 256 does not fit one block"
     assert window is None or window >= 0, "a window is a distance: 0 or more"
+    if window is not None:  # past the longer side it sees every key (and fits int32)
+        window = min(int(window), max(Lq, Lk))
     config = config or default_attention_config(D, Lk)
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     assert sm_scale > 0, "the folded exp2 scaling assumes a positive softmax scale"

@@ -164,6 +164,7 @@ def attention(
         )
     if window is not None:
         lq, lk = q.shape[-2], k.shape[-2]
+        window = min(int(window), max(lq, lk))  # past the longer side: every key
         rows = torch.arange(lq, device=q.device)[:, None]
         near = (torch.arange(lk, device=q.device)[None, :] - rows).abs() <= window
         if mask is None:

@@ -220,10 +220,10 @@ def test_choice_keeps_an_alternative_only_when_measurably_faster(artifact):
     attention_fits = model.decoder.attention_kernels_fit
     lm_head_fits = model.decoder.lm_head_kernel_fits
     att = "triton" if attention_fits else "torch"
-    # Qwen3's per-head norms sit between the projection and the rotary: no rotary kernel, and
-    # no persistent step (which rotates what it projects)
+    # Qwen3's per-head norms sit between the projection and the rotary: its rotary kernel is
+    # kernels/rotary.py after them, and no persistent step (which rotates what it projects)
     qk_norm = model.decoder.spec.qk_norm
-    rope = "torch" if qk_norm else "triton"
+    rope = "triton"
     persistent = gated and not qk_norm
     assert chosen == DecodeKernels(attention=att, gated_mlp=mlp, linear="fused", rope=rope)
     assert model.decoder.kernels == chosen and not model._steps
@@ -252,15 +252,14 @@ def test_choice_keeps_an_alternative_only_when_measurably_faster(artifact):
         (att, t, mlp, "triton", t, t),
         (att, t, mlp, "fused", t, t),
     ]
-    if not qk_norm:
-        expected += [
-            (att, t, mlp, "fused", "triton", t),
-            (att, t, mlp, "fused", "fused", t),  # as fast as triton: not kept
-        ]
+    expected += [
+        (att, t, mlp, "fused", "triton", t),
+        (att, t, mlp, "fused", "fused", t),  # as fast as triton: not kept
+    ]
     if lm_head_fits:
         expected.append((att, t, mlp, "fused", rope, "triton"))
     # then every piece on kernl's most fused kernel at once, in case they only pay together
-    together = (att, "fused", "triton" if gated else t, "fused", t if qk_norm else "fused")
+    together = (att, "fused", "triton" if gated else t, "fused", "fused")
     expected.append((*together, "triton" if lm_head_fits else t))
     if persistent:  # the Llama family's persistent step: each of its configs, last
         expected += [(att, t, mlp, "fused", rope, t)] * len(decode_step_choice_configs())

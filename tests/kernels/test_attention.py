@@ -126,6 +126,7 @@ def test_fused_qkv_strided_views(dtype):
         (20, AttentionConfig(16, 32, 4, 2)),
         (0, None),
         (70, None),
+        (2**31 - 1, AttentionConfig(16, 16, 4, 2)),  # past int32 in the block range: clamped
     ],
 )
 def test_sliding_window_with_a_padding_bias(dtype, window, config):

@@ -89,9 +89,10 @@ def use_attention_windows(
         if not all(_windowable(u, out, shape, view) for u in users):
             continue
         narrow = view.new_value(view.shape(padding), view.dtype(out))
+        # right after the `and`: what it read of the padding, not what a later write left
         inserts.append(
             (
-                bias,
+                both,
                 Instruction(bias.op, [{"v": padding}, *bias.args[1:]], dict(bias.kwargs), [narrow]),
             )
         )
@@ -99,7 +100,7 @@ def use_attention_windows(
             u.args[3] = {"v": narrow}
             u.kwargs["window"] = window
     for after, new in inserts:
-        ins_of.insert(ins_of.index(after) + 1, new)
+        ins_of.insert(next(i for i, x in enumerate(ins_of) if x is after) + 1, new)
     return drop_dead(view.commit())
 
 

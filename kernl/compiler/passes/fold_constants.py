@@ -268,14 +268,14 @@ def constant_value(
     where an input reaches it, memory it shares is written, or it or a value before it is
     over `limit` bytes. For passes that read a value without storing it (an 8192-token
     sliding-window band is 64 MiB: passes/attention_window.py)."""
-    if vid in program.weights:
-        return weights[program.weights[vid]]
     view = ProgramView(program)
     schemas = [_schema(ins.op) for ins in program.instructions]
     memory, written = _written(program, schemas)
     constant, producer = _constants(program, view, schemas, memory, written, limit)
     if vid not in constant:
-        return None
+        return None  # (a weight some op writes is not)
+    if vid in program.weights:
+        return weights[program.weights[vid]]
     try:
         (value,) = _evaluate(program, _cone(program, [vid], producer), [vid], weights, device)
     except Exception:  # noqa: BLE001 - not computable here: as not constant

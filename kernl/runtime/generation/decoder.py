@@ -222,16 +222,11 @@ class Decoder:
         """The pieces of `kernels` this model's step would run on torch instead, each with
         why: a compile that is told to use them says so rather than storing a choice that
         does not run."""
-        s, why = self.spec, []
+        why = []
         if kernels.attention != "torch" and not self.attention_kernels_fit:
             why.append(f"attention={kernels.attention!r} (no logit softcapping in it)")
         if kernels.lm_head != "torch" and not self.lm_head_kernel_fits:
             why.append(f"lm_head={kernels.lm_head!r} (no final logit softcapping in it)")
-        if kernels.rope != "torch" and s.qk_norm:
-            why.append(
-                f"rope={kernels.rope!r} (the per-head norms of q and k come between the "
-                "projection and the rotary embedding)"
-            )
         if kernels.norm == "fused" and not self.norm_folds:
             why.append("norm='fused' (this model's norms do not fold into the next linear)")
         if kernels.step == "persistent" and not self.persistent_fits:
@@ -248,8 +243,7 @@ class Decoder:
         counters must be zero before its first launch, whichever graph replays first. The
         torch path's rotary matrices are made here too, the first time a choice needs them."""
         self._kernels = kernels
-        torch_rope = kernels.rope == "torch" or self.spec.qk_norm  # as the step decides
-        if self._rope_args is not None and torch_rope and self.rope is None:
+        if self._rope_args is not None and kernels.rope == "torch" and self.rope is None:
             self.rope = rope_matrices(*self._rope_args)
         if kernels.step == "persistent" and self.persistent_fits:
             self._prepare_persistent_step()
@@ -510,10 +504,14 @@ class Decoder:
             attention_config = self._tile_config(bsz, "decode_attention", "attn", kv_len)
         x = self._embed(tokens, positions)
         # Qwen3's per-head norms come between the QKV projection and the rotary embedding:
-        # the rotary kernels (which read the projection) are not used for it
+        # the kernels that rotate the projection are not used for it; with a rotary kernel
+        # chosen, kernels/rotary.py rotates the normed q and k (one launch, as the bmm was)
         rope_kernel = "torch" if s.qk_norm else kernels.rope
-        rope = None
-        if self.rope is not None and rope_kernel == "torch":
+        normed_rotary = s.qk_norm and kernels.rope != "torch" and self.cos is not None
+        rope = cos_sin = None
+        if normed_rotary:
+            cos_sin = (self.cos[positions][:, None], self.sin[positions][:, None])
+        elif self.rope is not None and rope_kernel == "torch":
             rope = self.rope.index_select(0, positions)
         fused_rope = fold and rope_kernel == "fused"  # norm, QKV, rotary, cache write: 1 kernel
         for i, lw in enumerate(self.layers):
@@ -547,7 +545,12 @@ class Decoder:
                 qk = qkv[:, : (nh + kvh) * d].view(bsz, nh + kvh, d)
                 if s.qk_norm:
                     qk = self._qk_norm(qk, lw)
-                qk = torch.bmm(qk, rope) if rope is not None else qk.contiguous()
+                if cos_sin is not None:
+                    from kernl.kernels.rotary import rotary
+
+                    qk = rotary(qk, *cos_sin)  # [bsz, nh + kvh, d], contiguous
+                else:
+                    qk = torch.bmm(qk, rope) if rope is not None else qk.contiguous()
                 v_new = qkv[:, (nh + kvh) * d :].view(bsz, kvh, 1, d)
                 cache.k[i].index_copy_(2, slot, qk[:, nh:].unsqueeze(2))
                 cache.v[i].index_copy_(2, slot, v_new)

@@ -4,6 +4,7 @@ kernl.attention's window and a per-key padding bias; anything else stays."""
 import torch
 from program_builder import Builder, assert_same_function
 
+from kernl.artifacts.program import Instruction
 from kernl.compiler.passes.attention_window import band_width, use_attention_windows
 
 B, H, L, D = 2, 2, 12, 8
@@ -83,3 +84,33 @@ def test_a_band_computed_by_the_trace_is_read_as_a_window():
     after = use_attention_windows(b.program(out), b.tensors, CPU)
     assert b.show(after)[-1].endswith("window=2) -> o") and len(after.instructions) == 2
     assert_same_function(before, after, b, atol=1e-5)
+
+
+def test_the_padding_is_read_where_the_mask_read_it():
+    """A write to the padding after the `and`: the per-key bias is made right after the `and`,
+    so it sees the padding as the mask did."""
+    b = Builder()
+    q, k, v = (b.input(n, [B, H, L, D]) for n in "qkv")
+    ids = b.input("ids", [B, 1, 1, L], "int64")
+    keep = b.op("aten.ne.Scalar", ids, 0, shape=[B, 1, 1, L], dtype="bool")
+    w = b.weight("band", [1, 1, L, L], "bool")
+    b.tensors["band"] = band(3)
+    both = b.op("aten.__and__.Tensor", w, keep, shape=[B, 1, L, L], dtype="bool")
+    b.op("aten.fill_.Scalar", keep, True, shape=[B, 1, 1, L], dtype="bool")
+    bias = b.op("kernl.mask_to_bias", both, {"dtype": "float32"}, shape=[B, 1, L, L])
+    out = b.op("kernl.attention", q, k, v, bias, 0.3, False, shape=[B, H, L, D], name="o")
+    before = b.program(out)
+    after = use_attention_windows(b.program(out), b.tensors, CPU)
+    assert b.show(after)[-1].endswith("window=3) -> o")
+    assert_same_function(before, after, b, atol=1e-5)
+
+
+def test_a_band_weight_written_in_place_is_no_window():
+    b = Builder()
+    out = local_layer(b, band(3))
+    program = b.program(out)
+    band_vid = next(v for v, n in program.weights.items() if n == "band")
+    fill = Instruction("aten.fill_.Scalar", [{"v": band_vid}, True], {}, [None])
+    program.instructions.insert(0, fill)
+    before = b.show(program)
+    assert b.show(use_attention_windows(program, b.tensors, CPU)) == before

@@ -181,8 +181,6 @@ def _applies(decoder, knob: str) -> bool:
     kernel the step does not run)."""
     if knob == "gated_mlp":  # the kernel is gated SiLU without bias
         return decoder.gated_silu_without_bias
-    if knob == "rope":  # Qwen3's per-head norms sit before the rotary
-        return not decoder.spec.qk_norm
     if knob == "attention":  # Gemma2's softcapped scores: torch attention only
         return decoder.attention_kernels_fit
     if knob == "lm_head":  # Gemma2's softcapped logits: torch lm_head only
