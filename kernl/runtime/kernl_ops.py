@@ -162,29 +162,26 @@ def attention(
             config=_typed(attention_kernel, config),
             window=window,
         )
+    lq, lk = q.shape[-2], k.shape[-2]
+    rows = torch.arange(lq, device=q.device)[:, None]
+    cols = torch.arange(lk, device=q.device)[None, :]
     if window is not None:
-        lq, lk = q.shape[-2], k.shape[-2]
         window = min(int(window), max(lq, lk))  # past the longer side: every key
-        rows = torch.arange(lq, device=q.device)[:, None]
-        near = (torch.arange(lk, device=q.device)[None, :] - rows).abs() <= window
-        if mask is None:
-            mask = near
-        elif mask.dtype == torch.bool:
-            mask = mask & near
-        else:
-            mask = mask.masked_fill(~near, float("-inf"))
+        mask = _only_where(mask, (cols - rows).abs() <= window)
     if causal:
         # bottom-right aligned, like the kernel: query i sees key j <= i + (Lk - Lq)
-        lq, lk = q.shape[-2], k.shape[-2]
-        rows = torch.arange(lq, device=q.device)[:, None]
-        visible = torch.arange(lk, device=q.device)[None, :] <= rows + (lk - lq)
-        if mask is None:
-            mask = visible
-        elif mask.dtype == torch.bool:
-            mask = mask & visible
-        else:
-            mask = mask.masked_fill(~visible, float("-inf"))
+        mask = _only_where(mask, cols <= rows + (lk - lq))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _only_where(mask: torch.Tensor | None, visible: torch.Tensor) -> torch.Tensor:
+    """An attention mask (boolean, additive or None) that also hides what `visible` does not
+    show."""
+    if mask is None:
+        return visible
+    if mask.dtype == torch.bool:
+        return mask & visible
+    return mask.masked_fill(~visible, float("-inf"))
 
 
 def qkv_attention(
