@@ -181,17 +181,18 @@ def decode_step_compiles(config, trace):
     assert compiled.asm["ptx"].count("ld.global.gpu.acquire") >= 4
 
 
-def attention_compiles(config, head_dim, causal, bias):
-    """The prefill / encoder attention: `bias` a padding mask read one row per key block."""
+def attention_compiles(config, head_dim, causal, bias, window=False):
+    """The prefill / encoder attention: `bias` a padding mask read one row per key block;
+    `window` ModernBERT's local layers (a sliding window)."""
     from kernl.kernels.attention import _attention_fwd_kernel
 
     signature = dict.fromkeys(("Q", "K", "V", "Out", "Bias"), "*fp16") | {"KVLens": "*i32"}
     signature |= dict.fromkeys(("Lq", "Lk", "num_heads", "group_size"), "i32")
-    signature |= {"sm_scale": "fp32"}
+    signature |= {"sm_scale": "fp32", "window": "i32"}
     for t, dims in (("q", "bhmd"), ("k", "bhnd"), ("v", "bhnd"), ("o", "bhmd"), ("bias", "bhmn")):
         signature |= {f"stride_{t}{d}": "i32" for d in dims}
     constants = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=config.BLOCK_M)
-    constants |= dict(BLOCK_N=config.BLOCK_N, IS_CAUSAL=causal, HAS_BIAS=bias)
+    constants |= dict(BLOCK_N=config.BLOCK_N, IS_CAUSAL=causal, HAS_WINDOW=window, HAS_BIAS=bias)
     constants |= dict(BIAS_PER_KEY=bias, HAS_KV_LENS=False)
     constants |= dict(WARP_SPECIALIZE=config.warp_specialize)
     options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
@@ -379,6 +380,7 @@ def _attention_variants():
     from kernl.kernels.attention import attention_configs
 
     found = [(c, 64, False, True) for c in attention_configs()]
+    found += [(c, 64, False, True, True) for c in attention_configs(window=64)]
     return found + [(c, 128, True, False) for c in attention_configs() if c.warp_specialize]
 
 
