@@ -23,6 +23,7 @@
 #           the static-cache process-sharing test)
 #   testsmost the whole GPU suite in one process but the persistent-step configs that only
 #           the bench runs (the slow tests of the runtime and the compiler included)
+#   testsnew `testsmost` without the process-sharing and twenty-bucket memory tests (~17 min)
 #   testsfirst / testsrest  `testsmost` in two halves, each within one device call (WAIT=480):
 #           artifacts, compiler, e2e, generation, kernels (~7 min, 2026-12-02: 175 tests in
 #           about 8 min); then runtime, seq2seq, optimize, packaging, serving and the kernel
@@ -172,6 +173,10 @@ stage() {
     testsmost) # the whole suite but the persistent-step configs only the bench runs (~2.5 min)
       timeout 1200 python3 -m pytest -q -m "gpu and not bench_only" -p no:cacheprovider \
         --durations=25 ;;
+    testsnew) # `testsmost` without two slow tests that exercise nothing changed since they last
+      # passed (the static-cache process-sharing test, ~2 min; the twenty-bucket memory test)
+      timeout 1200 python3 -m pytest -q -m "gpu and not bench_only" -p no:cacheprovider \
+        --durations=25 -k "not process_sharing and not twenty_bert_base_buckets" ;;
     testsfirst) # `testsmost` in two halves that each end within one device call (~7 min)
       timeout 600 python3 -m pytest -q -m "gpu and not bench_only" -p no:cacheprovider \
         --durations=15 tests/artifacts tests/compiler tests/e2e tests/generation tests/kernels ;;
