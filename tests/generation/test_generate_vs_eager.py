@@ -11,6 +11,7 @@ import torch
 
 import kernl.compiler
 import kernl.runtime
+from kernl.compiler.tasks.causal_lm.validate import softcapped_attention
 
 from .tiny_models import mixed_prompts, tiny_model
 
@@ -42,7 +43,7 @@ def test_greedy_ids_match_eager_generate(family, tmp_path):
     ids, mask = mixed_prompts(3, [11, 4, 16])
 
     def hf_generate(**kw):
-        with torch.no_grad():
+        with torch.no_grad(), softcapped_attention(hf):  # Gemma2 under transformers 5.17
             return hf.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -102,3 +103,46 @@ def test_gemma2_step_logits_match_eager_forward(tmp_path):
     assert torch.equal(ours_ids, ref.argmax(-1))
     err = (ours - ref).abs().max().item()
     assert err < 1e-5, err
+
+
+def test_gemma2_under_sdpa_is_validated_against_its_softcapped_eager_attention(tmp_path):
+    """transformers 5.17 runs Gemma2 through SDPA by default, which drops the attention softcap
+    its checkpoints were trained with (later versions refuse SDPA for Gemma2). kernl keeps the
+    softcap, so the compile's check must read eager attention, not the model's own: before,
+    every Gemma2 compile failed its validation there. The model's setting is left as found."""
+    from kernl.compiler.tasks.causal_lm.validate import drops_attention_softcap, reference_logits
+
+    hf = tiny_model("gemma2")
+    hf.config._attn_implementation = "sdpa"  # what transformers 5.17 picks for Gemma2
+    assert drops_attention_softcap(hf)
+    ids, mask = mixed_prompts(3, [11, 4, 16])
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    eager = reference_logits(hf, ids, mask.bool(), list(range(16)))
+    assert hf.config._attn_implementation == "sdpa"
+    try:  # the premise: SDPA drops the softcap (5.17) or refuses it (later versions)
+        with torch.no_grad():
+            sdpa = hf(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+        assert (sdpa[mask.bool()] - eager[mask.bool()]).abs().max() > 1e-2
+    except ValueError as e:
+        assert "softcap" in str(e)
+
+    lines = []
+    kernl.compiler.compile(
+        hf,
+        BUCKETS,
+        tmp_path / "lm.kernl",
+        dtype="fp32",
+        device="cpu",
+        task="causal-lm",
+        progress=lines.append,
+    )
+    assert hf.config._attn_implementation == "sdpa"
+    assert any("the reference is its eager attention" in line for line in lines), lines
+    model = kernl.runtime.load(tmp_path / "lm.kernl")
+    out = model.generate(ids, mask, max_new_tokens=NEW, pad_token_id=0, eos_token_id=[])
+    with torch.no_grad(), softcapped_attention(hf):
+        ref = hf.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0
+        )
+    assert hf.config._attn_implementation == "sdpa"
+    assert torch.equal(out, ref), _first_difference(out, ref)

@@ -10,6 +10,7 @@ import torch
 
 import kernl.compiler
 import kernl.runtime
+from kernl.compiler.tasks.causal_lm.validate import softcapped_attention
 from kernl.kernels.decode_step import DecodeStepConfig, config_pairs
 
 from .tiny_models import mixed_prompts, tiny_model
@@ -30,7 +31,7 @@ def test_cuda_graph_generation_matches_eager(family, tmp_path):
     model = kernl.runtime.load(tmp_path / "lm.kernl")
     assert all(step.graph is not None for step in model._steps.values())
     ids, mask = mixed_prompts(3, [11, 4, 16])
-    with torch.no_grad():
+    with torch.no_grad(), softcapped_attention(hf):  # Gemma2 under transformers 5.17
         ref = hf.generate(
             input_ids=ids.cuda(),
             attention_mask=mask.cuda(),
@@ -50,6 +51,7 @@ def test_cuda_graph_generation_matches_eager(family, tmp_path):
 SERVE_WITHOUT_JIT = """
 import sys, torch
 import kernl.runtime
+from kernl.compiler.tasks.causal_lm.validate import softcapped_attention
 from kernl.kernels.decode_step import DecodeStepConfig, config_pairs
 model = kernl.runtime.load(sys.argv[1])
 assert model.manifest.kernels, "artifact holds no kernel binaries"
@@ -174,10 +176,15 @@ GEMMA_KERNELS = {
 
 
 def _assert_teacher_forced_logits_match(model, hf) -> torch.Tensor:
-    """24 streamed steps of three mixed prompts: each step's logits against eager's reading
-    the same ids teacher-forced, every row up to and including its first id that differs from
-    eager's greedy pick (a bf16 near tie may flip, after which the generations part).
-    Returns the streamed logits."""
+    """24 streamed steps of three mixed prompts, each step's logits against the same model in
+    float32 reading the same ids teacher-forced: kernl's bf16 error is at most twice eager
+    bf16's own. The tiny head_dim-256 models are sensitive: eager bf16 itself is up to ~9% of
+    the largest logit off float32 (0.080 of 0.87 for Gemma, CPU), so a bound against eager
+    bf16 alone (3%, before) failed on rounding that eager shares. Compared: every row up to and
+    including its first id that differs from eager bf16's greedy pick (a near tie may flip,
+    after which the generations part). Returns the streamed logits."""
+    import copy
+
     from kernl.compiler.tasks.causal_lm.validate import reference_logits
 
     ids, mask = mixed_prompts(3, [11, 4, 16])
@@ -188,14 +195,17 @@ def _assert_teacher_forced_logits_match(model, hf) -> torch.Tensor:
     )
     ours_ids = torch.stack([i for i, _ in steps], 1).cpu()
     ours = torch.stack([lg for _, lg in steps], 1).float().cpu()
-    seqs = torch.cat([ids, ours_ids[:, :-1]], 1)
+    seqs = torch.cat([ids, ours_ids[:, :-1]], 1).cuda()
     valid = torch.cat([mask.bool(), torch.ones_like(ours_ids[:, :-1], dtype=torch.bool)], 1)
     keep = [ids.shape[1] - 1 + t for t in range(ours_ids.shape[1])]
-    ref = reference_logits(hf, seqs.cuda(), valid.cuda(), keep).cpu()
+    ref = reference_logits(hf, seqs, valid.cuda(), keep).cpu()
+    exact = reference_logits(copy.deepcopy(hf).float(), seqs, valid.cuda(), keep).cpu()
     differs = (ours_ids != ref.argmax(-1)).int()
     same_before = (differs.cumsum(1) - differs) == 0  # [rows, steps]
-    diff = (ours - ref).abs()[same_before]
-    assert diff.max() <= 0.03 * ref.abs().max() + 0.03, (diff.max(), ref.abs().max())
+    ours_error = (ours - exact).abs()[same_before].max().item()
+    eager_error = (ref - exact).abs()[same_before].max().item()
+    print(f"bf16 logits against float32: kernl {ours_error:.4f}, eager {eager_error:.4f}")
+    assert ours_error <= 2 * eager_error + 1e-3, (ours_error, eager_error)
     return ours
 
 

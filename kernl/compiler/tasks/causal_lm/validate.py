@@ -11,6 +11,7 @@ figure (None), never a 0 that reads as a perfect match."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -35,13 +36,44 @@ class StageError:
     steps: int = 0
 
 
+def drops_attention_softcap(model: torch.nn.Module) -> bool:
+    """Whether Hugging Face runs `model` through an attention that ignores its
+    attn_logit_softcapping: SDPA has no softcap argument, and transformers 5.17 sends Gemma2
+    there by default (later versions refuse SDPA for it). The checkpoint was trained with the
+    softcap, so kernl keeps it and is checked against the eager attention, which applies it."""
+    config = model.config
+    implementation = getattr(config, "_attn_implementation", None)
+    return (
+        getattr(config, "attn_logit_softcapping", None) is not None
+        and isinstance(implementation, str)
+        and "sdpa" in implementation
+    )
+
+
+@contextmanager
+def softcapped_attention(model: torch.nn.Module):
+    """Within: `model` runs its eager attention where its own would drop the softcap
+    (`drops_attention_softcap`); its setting is restored after, whatever happens."""
+    if not drops_attention_softcap(model):
+        yield
+        return
+    config = model.config
+    before = config._attn_implementation
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
 def reference_logits(
     model: torch.nn.Module, seqs: torch.Tensor, valid: torch.Tensor, keep: list[int]
 ) -> torch.Tensor:
     """Eager logits [B, len(keep), V] (float32) at positions `keep` of left-padded `seqs`,
-    with the position ids Hugging Face's generate uses."""
+    with the position ids Hugging Face's generate uses (and the softcap a model's SDPA would
+    drop: `softcapped_attention`)."""
     position_ids = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 1)
-    with torch.no_grad():
+    with torch.no_grad(), softcapped_attention(model):
         out = model(
             input_ids=seqs,
             attention_mask=valid.long(),
@@ -85,6 +117,11 @@ def validate_generation(
         errors[("prefill", *s)] = StageError("prefill", *s)
     for s in b.decode_shapes():
         errors[("decode", *s)] = StageError("decode", *s)
+    if drops_attention_softcap(model):
+        say(
+            "validate: Hugging Face's SDPA would drop the attention softcap "
+            f"({model.config.attn_logit_softcapping}); the reference is its eager attention"
+        )
     g = torch.Generator().manual_seed(seed)
     for batch in b.batches:
         for prompt in b.prompts:
