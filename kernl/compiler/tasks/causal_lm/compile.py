@@ -85,6 +85,13 @@ class CausalLMReport:
                 f"{e.stage:>8}  {e.batch:>5}  {e.size:>6}  {e.steps:>5}  "
                 f"{_fmt(e.max_abs_error, '18.3g')}  {_fmt(e.reference_scale, '11.3g')}"
             )
+        for e in self.stages:
+            if e.against_float32:
+                lines.append(
+                    f"note: {e.stage} {e.batch}x{e.size} is beyond the tolerance against eager "
+                    f"in {self.dtype} and as close to eager in float32 as eager in {self.dtype} "
+                    f"is ({e.against_float32})"
+                )
         unchecked = [e for e in self.stages if e.max_abs_error is None]
         if unchecked:
             names = ", ".join(f"{e.stage} {e.batch}x{e.size}" for e in unchecked)

@@ -1,0 +1,73 @@
+"""A bf16 generation whose logits are beyond the tolerance against eager bf16 is compared with
+eager in float32 before it is refused: a tiny Gemma of head_dim 256 (a random model that
+amplifies bf16 rounding: eager bf16 itself is ~10% of its largest logit off float32) compiles,
+with the look recorded in the report, while a kernl step that is really off stays refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernl.compiler
+from kernl.compiler.tasks.causal_lm import compile_causal_lm
+from kernl.compiler.tasks.causal_lm.validate import FLOAT32_SLACK, MAX_SLACK, no_less_accurate
+from kernl.compiler.validate import ValidationError
+from kernl.runtime.generation.decoder import Decoder
+
+from .tiny_models import tiny_model
+
+BUCKETS = "batch=1,4 prompt=16 cache=32,64"
+
+
+def test_bf16_rounding_that_eager_shares_is_not_refused(tmp_path):
+    hf = tiny_model("gemma_head256").to(torch.bfloat16)
+    lines = []
+    report = kernl.compiler.compile(
+        hf, BUCKETS, tmp_path / "lm.kernl", dtype="bf16", device="cpu", progress=lines.append
+    )
+    looked = [e for e in report.stages if e.against_float32]
+    assert looked, "the tolerance alone accepted every step: the look is untested here"
+    for e in looked:
+        assert e.max_abs_error > 0.08  # beyond bf16's atol (its rtol reads each step's scale)
+        assert "rms error from float32" in e.against_float32
+    assert any("as close to eager in float32 as eager is" in line for line in lines)
+    table = report.table()
+    assert "note: decode" in table and "as close to eager in float32" in table
+
+
+def test_a_bf16_step_that_is_off_is_still_refused(tmp_path, monkeypatch):
+    """Every step's logits moved by 0.3: beyond the tolerance and further from float32 than
+    eager bf16 is, so the float32 look refuses it too, and says so."""
+    logits = Decoder._logits
+
+    def off(self, *args, **kwargs):
+        return logits(self, *args, **kwargs) + 0.3
+
+    monkeypatch.setattr(Decoder, "_logits", off)
+    hf = tiny_model("gemma_head256").to(torch.bfloat16)
+    with pytest.raises(ValidationError, match="kernl is further off than eager in bfloat16"):
+        compile_causal_lm(
+            hf,
+            BUCKETS,
+            tmp_path / "lm.kernl",
+            dtype="bf16",
+            device="cpu",
+            decode_kernels={"attention": "torch"},
+        )
+    assert not (tmp_path / "lm.kernl").exists()
+
+
+def test_the_look_reads_the_rms_error_and_bounds_the_largest():
+    g = torch.Generator().manual_seed(0)
+    exact = torch.randn(3, 20, 50, generator=g)
+    noise = 0.01 * torch.randn(3, 20, 50, generator=g)
+    eager = exact + noise
+    same_size = exact + 0.01 * torch.randn(3, 20, 50, generator=g)
+    assert no_less_accurate(same_size, eager, exact) is not None
+    assert no_less_accurate(exact + noise * (FLOAT32_SLACK + 0.1), eager, exact) is None
+    one_wrong = same_size.clone()
+    one_wrong[1, 7, 3] += (MAX_SLACK + 0.5) * float(noise.abs().max())
+    assert no_less_accurate(one_wrong, eager, exact) is None  # the rms barely moves
+    with_nan = same_size.clone()
+    with_nan[0, 0, 0] = float("nan")
+    assert no_less_accurate(with_nan, eager, exact) is None
