@@ -155,6 +155,30 @@ def test_a_persistent_step_over_windowed_and_full_layers_is_refused_by_name(tmp_
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.parametrize("family,persistent", [("qwen2_window", False), ("mistral_window", True)])
+def test_the_compiler_times_the_persistent_step_only_where_one_mask_serves(
+    tmp_path, family, persistent
+):
+    """The compiler's search times (and may choose) the persistent step for a windowed
+    Mistral, never for Qwen2's mix of windowed and full layers."""
+    from kernl.compiler.tasks.causal_lm.decode_kernels import choose_decode_kernels
+
+    kernl.compiler.compile(
+        tiny_model(family), "batch=1 prompt=8 cache=24", tmp_path / "lm.kernl", dtype="fp32",
+        device="cpu", task="causal-lm",
+    )  # fmt: skip
+    model = kernl.runtime.load(tmp_path / "lm.kernl")
+    timed = []
+
+    def fake_ms(gen):
+        timed.append(gen.decoder.kernels.step)
+        return [0.5 if gen.decoder.kernels.step == "persistent" else 1.0]  # it would win
+
+    chosen, _ = choose_decode_kernels(model, lambda _msg: None, step_ms=fake_ms)
+    assert ("persistent" in timed) is persistent
+    assert (chosen.step == "persistent") is persistent
+
+
 def test_a_joining_row_keeps_its_own_window(tmp_path):
     """A request that joins a running batch sits at other cache slots than alone: its window
     follows its own tokens, so its ids are those of its prompt alone (and Hugging Face's)."""
