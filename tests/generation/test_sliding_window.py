@@ -106,6 +106,15 @@ def test_the_description_names_the_window_and_its_layers():
     for family, (window, layers) in expected.items():
         spec, _ = describe(tiny_model(family), 40, torch.float32)
         assert (spec.sliding_window, spec.sliding_layers) == (window, layers), family
+    phi3 = tiny_model("phi3")  # Phi-3-mini-4k's config sets a window (2047): every layer
+    phi3.config.sliding_window = WINDOW
+    spec, _ = describe(phi3, 40, torch.float32)
+    assert (spec.sliding_window, spec.sliding_layers) == (WINDOW, [0, 1])
+    qwen3 = tiny_model("qwen3")  # as use_sliding_window with max_window_layers=1 sets it
+    qwen3.config.sliding_window = WINDOW
+    qwen3.config.layer_types = ["full_attention", "sliding_attention"]
+    spec, _ = describe(qwen3, 40, torch.float32)
+    assert (spec.sliding_window, spec.sliding_layers) == (WINDOW, [1])
 
 
 def test_a_window_no_shorter_than_the_cache_makes_no_mask(tmp_path):
