@@ -513,8 +513,9 @@ class Decoder:
     ) -> tuple[torch.Tensor, bool]:
         """tokens, positions: [B]; slot: [1]; kv_valid: [B, kv_len] bool, the cache slots each
         row may attend to (this step's slot included, none after it: Triton attention reads
-        slots [0, slot] only), the window not applied (the step applies it). Returns [B, vocab] logits, and whether the greedy ids were
-        written into `ids_out` too (lm_head + argmax in one kernel)."""
+        slots [0, slot] only; the sliding window not applied: the step applies it). Returns
+        [B, vocab] logits, and whether the greedy ids were written into `ids_out` too
+        (lm_head + argmax in one kernel)."""
         s, kernels = self.spec, self.kernels
         bsz = tokens.shape[0]
         kv_len = kv_valid.shape[-1]
