@@ -78,6 +78,12 @@ class DecoderSpec:
     sandwich_norms: bool = False
     pad_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    # Mistral, Phi-3 (every layer), Qwen2/Qwen3 with use_sliding_window and Gemma2 (the
+    # sliding_attention layers of layer_types): the layers in `sliding_layers` let the query at
+    # cache slot i attend to the slots j with i - j < sliding_window only, as Hugging Face's
+    # sliding_window_overlay (kv_idx > q_idx - window) does; None: every layer sees the cache
+    sliding_window: int | None = None
+    sliding_layers: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,7 +94,8 @@ class DecoderSpec:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"decoder description has unknown fields {unknown}")
-        return DecoderSpec(**{**d, "eos_token_ids": [int(x) for x in d.get("eos_token_ids", [])]})
+        lists = {k: [int(x) for x in d.get(k, [])] for k in ("eos_token_ids", "sliding_layers")}
+        return DecoderSpec(**{**d, **lists})
 
 
 @dataclass(frozen=True)
@@ -442,6 +449,7 @@ _SOFTCAPS = ("attn_logit_softcap", "final_logit_softcap")
 # far below sizes whose products overflow what a reader should compute with.
 MAX_DIM = 1 << 20
 MAX_LAYERS = 4096
+MAX_WINDOW = 1 << 31  # a window as long as any cache a reader allows masks nothing
 
 
 def _check_decoder(d: Any, where: str) -> DecoderSpec:
@@ -495,6 +503,7 @@ def _check_decoder(d: Any, where: str) -> DecoderSpec:
         raise bad("decoder.sandwich_norms is set on a model without RMSNorm or of another family")
     if d["positions"] == "rope" and d["head_dim"] % 2:
         raise bad(f"rotary positions need an even head_dim, not {d['head_dim']}")
+    _check_window(d, bad)
     pad = d.get("pad_token_id")
     if not (pad is None or (_is_int(pad) and 0 <= pad < vocab)):
         raise bad(f"decoder.pad_token_id is {pad!r}, not null or a token id in [0, {vocab})")
@@ -508,6 +517,30 @@ def _check_decoder(d: Any, where: str) -> DecoderSpec:
             f"decoder.eos_token_ids is {eos!r}, not at most {MAX_EOS_IDS} ids in [0, {vocab})"
         )
     return DecoderSpec.from_dict(d)
+
+
+def _check_window(d: dict, bad) -> None:
+    """A window is a positive length applied to distinct layers, in order; one without the
+    other is not what describe writes."""
+    window, layers = d.get("sliding_window"), d.get("sliding_layers", [])
+    if not (window is None or (_is_int(window) and 0 < window <= MAX_WINDOW)):
+        raise bad(
+            f"decoder.sliding_window is {window!r}, not null or an integer in 1..{MAX_WINDOW}"
+        )
+    n = d["num_layers"]
+    if not (
+        isinstance(layers, list)
+        and all(_is_int(i) and 0 <= i < n for i in layers)
+        and layers == sorted(set(layers))
+    ):
+        raise bad(f"decoder.sliding_layers is {layers!r}, not distinct layers in [0, {n}) in order")
+    if (window is None) != (not layers):
+        raise bad(
+            f"decoder.sliding_window is {window!r} with sliding_layers {layers!r}: a window "
+            "needs the layers it applies to, and layers need a window"
+        )
+    if window is not None and d["family"] != "llama":
+        raise bad("decoder.sliding_window is set on a model of another family")
 
 
 def _check_buckets(d: Any, where: str, limits: ReadLimits) -> GenerationBuckets:
@@ -662,13 +695,17 @@ def generation_memory(desc: GenerationDescription, itemsize: int) -> tuple[int, 
         per_token = s.head_dim * s.head_dim + 2 * qkv + 3 * s.intermediate_size + 4 * s.hidden_size
         act = batch * prompt * per_token * itemsize
         act += batch * s.num_heads * prompt * prompt * itemsize + batch * prompt * prompt
+        if s.sliding_window is not None:  # the windowed layers' own mask
+            act += batch * prompt * prompt
         if s.attn_logit_softcap is not None:  # no SDPA: the scores, softcapped, float32 probs
             act += batch * s.num_heads * prompt * prompt * (2 * itemsize + 4)
         act += batch * s.vocab_size * 4
         pool = max(pool, act)
+    window_masks = s.sliding_window is not None  # the windowed layers' slot mask a step
     for batch, kv in b.decode_shapes():
         pool = max(
             pool,
-            batch * (s.num_heads * kv * 4 + s.vocab_size * 4 + 3 * s.intermediate_size * itemsize),
+            batch * (s.num_heads * kv * 4 + s.vocab_size * 4 + 3 * s.intermediate_size * itemsize)
+            + window_masks * batch * kv * (itemsize + 1),  # and torch's bias of it
         )
     return static, pool

@@ -456,6 +456,14 @@ def test_step_timing_and_binary_recording_run_on_the_cpu(artifact):
         lambda e: e["decoder"].update(attn_logit_softcap="50"),
         lambda e: e["decoder"].update(sandwich_norms=1),
         lambda e: e["decoder"].update(sandwich_norms=True, norm="layer"),
+        lambda e: e["decoder"].update(sliding_window=0, sliding_layers=[0]),
+        lambda e: e["decoder"].update(sliding_window="8", sliding_layers=[0]),
+        lambda e: e["decoder"].update(sliding_window=8, sliding_layers=[]),
+        lambda e: e["decoder"].update(sliding_window=None, sliding_layers=[0]),
+        lambda e: e["decoder"].update(sliding_window=8, sliding_layers=[0, 0]),
+        lambda e: e["decoder"].update(sliding_window=8, sliding_layers=[1, 0]),
+        lambda e: e["decoder"].update(sliding_window=8, sliding_layers=[99]),
+        lambda e: e["decoder"].update(sliding_window=8, sliding_layers=0),
     ],
     ids=[
         "unknown-choice",
@@ -474,6 +482,14 @@ def test_step_timing_and_binary_recording_run_on_the_cpu(artifact):
         "attn-softcap-a-string",
         "sandwich-norms-not-a-bool",
         "sandwich-norms-of-a-layer-norm",
+        "window-zero",
+        "window-a-string",
+        "window-without-layers",
+        "layers-without-a-window",
+        "window-layer-twice",
+        "window-layers-out-of-order",
+        "window-layer-out-of-range",
+        "window-layers-not-a-list",
     ],  # fmt: skip
 )
 def test_a_hostile_causal_lm_description_is_refused_as_an_artifact_error(artifact, tmp_path, edit):
@@ -494,8 +510,9 @@ def test_a_hostile_causal_lm_description_is_refused_as_an_artifact_error(artifac
 
 def test_a_description_written_before_gemmas_fields_loads_with_their_defaults(artifact, tmp_path):
     """embed_scale and norm_plus_one came with Gemma, the softcaps and sandwich_norms with
-    Gemma2: an artifact without them is a plain Llama-style decoder (scale 1, norms by their
-    weight, no softcap, no norm of the attention or MLP output), and serves as it did."""
+    Gemma2, sliding_window and sliding_layers after: an artifact without them is a plain
+    Llama-style decoder (scale 1, norms by their weight, no softcap, no norm of the attention
+    or MLP output, no window), and serves as it did."""
     import shutil
 
     import msgpack
@@ -511,6 +528,8 @@ def test_a_description_written_before_gemmas_fields_loads_with_their_defaults(ar
     for name in ("attn_logit_softcap", "final_logit_softcap"):  # Gemma2's: after Gemma's
         assert m["extra"]["decoder"].pop(name) is None
     assert m["extra"]["decoder"].pop("sandwich_norms") is False
+    assert m["extra"]["decoder"].pop("sliding_window") is None  # none of these families'
+    assert m["extra"]["decoder"].pop("sliding_layers") == []
     (root / "manifest.msgpack").write_bytes(pack_manifest(m))
     old, new = kernl.runtime.load(root), kernl.runtime.load(artifact)
     assert old.decoder.spec == new.decoder.spec

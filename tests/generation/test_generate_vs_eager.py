@@ -1,5 +1,6 @@
 """Greedy generation of every supported family (Gemma also at its head_dim of 256; Gemma2 with
-softcaps, sandwich norms and sliding layers whose window covers the cache) matches
+softcaps, sandwich norms and sliding layers whose window covers the cache, and again with a
+window of 8; Mistral with a window of 8, shorter than the prompts and the cache) matches
 Hugging Face eager `generate` token for token: a batch of mixed prompt lengths, 64 new tokens,
 then again with an EOS id that one row emits midway (each row stops on its own, finished rows
 are padded)."""
@@ -22,12 +23,14 @@ NEW = 64
 FAMILIES = [
     "llama3",
     "mistral",
+    "mistral_window",
     "qwen2",
     "qwen3",
     "phi3",
     "gemma",
     "gemma_head256",
     "gemma2",
+    "gemma2_window",
     "gpt2",
 ]
 

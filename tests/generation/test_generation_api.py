@@ -236,26 +236,15 @@ def test_unsupported_models_fail_at_compile_naming_why(tmp_path):
         kernl.compiler.compile(
             opt, "batch=1 prompt=8", tmp_path / "a", dtype="fp32", device="cpu", task="causal-lm"
         )
-    mistral = tf.MistralForCausalLM(
-        tf.MistralConfig(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            intermediate_size=64,
-            vocab_size=50,
-            sliding_window=16,
-        )
-    )
-    with pytest.raises(UnsupportedModelError, match=r"sliding-window attention \(window 16\)"):
+    # A layer_types entry kernl has no attention for (Gemma3n's, Llama4's chunked attention)
+    qwen2 = tiny_model("qwen2_window")
+    qwen2.config.layer_types = ["full_attention", "chunked_attention"]
+    with pytest.raises(UnsupportedModelError, match=r"layer_types .*'chunked_attention'"):
         kernl.compiler.compile(
-            mistral,
-            "batch=1 prompt=8 cache=32",
-            tmp_path / "b",
-            dtype="fp32",
-            device="cpu",
+            qwen2, "batch=1 prompt=8 cache=32", tmp_path / "b", dtype="fp32", device="cpu",
             task="causal-lm",
-        )
+        )  # fmt: skip
+    assert not (tmp_path / "b").exists()
     # More EOS ids than the runtime stops at: refused before tracing (it failed only when the
     # artifact was written, as "a bug in kernl"); repeated ids count once.
     llama = tiny_model("llama3")
@@ -582,7 +571,6 @@ def test_a_prompt_bucket_equal_to_a_kv_length_loads(tmp_path):
             [
                 "a description of Gemma3's decoder layer",
                 "a rotary table per layer type",
-                "sliding-window attention on some layers only (window 16",
             ],
         ),
         (
@@ -624,6 +612,7 @@ def test_gemma3_is_refused_from_its_config_naming_what_kernl_lacks(tmp_path, mod
     message = str(refused.value)
     assert all(lack in message for lack in lacks), message
     assert "softcapping" not in message and "post_attention_layernorm" not in message, message
+    assert "sliding-window attention" not in message, message  # Gemma2's windowed layers: kernl's
     assert not (tmp_path / "a").exists()
 
 
@@ -638,19 +627,25 @@ def test_a_gemma2_config_is_not_refused_from_its_config(tmp_path):
     check_model_type(tmp_path / "model")
 
 
-def test_a_gemma2_sliding_window_shorter_than_the_cache_is_refused(tmp_path):
-    """Every other Gemma2 layer attends to a window of the cache only: kernl serves caches no
-    longer than the window (there the window masks nothing) and refuses longer ones."""
-    hf = tiny_model("gemma2")
+@pytest.mark.parametrize("family", ["gemma2", "mistral"])
+def test_a_sliding_window_shorter_than_the_cache_is_served(tmp_path, family):
+    """Every other Gemma2 layer, every Mistral layer, attends to a window of the cache only:
+    a cache longer than the window was refused ("use cache<=16"); it compiles now, the
+    compile's own check against Hugging Face passing over prompts and steps past the window
+    (tests/generation/test_sliding_window.py compares the ids)."""
+    hf = tiny_model(family)
     hf.config.sliding_window = 16
-    spec, _ = describe(hf, 16, torch.float32)
-    assert spec.model_type == "gemma2"
-    with pytest.raises(UnsupportedModelError, match=r"window 16\) shorter than the KV cache"):
-        kernl.compiler.compile(
-            hf, "batch=1 prompt=8 cache=32", tmp_path / "a", dtype="fp32", device="cpu",
-            task="causal-lm",
-        )  # fmt: skip
-    assert not (tmp_path / "a").exists()
+    spec, _ = describe(hf, 32, torch.float32)
+    assert spec.sliding_window == 16
+    assert spec.sliding_layers == ([0, 2] if family == "gemma2" else [0, 1])
+    kernl.compiler.compile(
+        hf, "batch=1 prompt=8,24 cache=32", tmp_path / "a", dtype="fp32", device="cpu",
+        task="causal-lm",
+    )  # fmt: skip
+    model = kernl.runtime.load(tmp_path / "a")
+    assert model.decoder.window == 16
+    ids, mask = mixed_prompts(1, [20])
+    assert model.generate(ids, mask, max_new_tokens=9, eos_token_id=[]).shape == (1, 29)
 
 
 @pytest.mark.parametrize(

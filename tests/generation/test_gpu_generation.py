@@ -1,7 +1,11 @@
 """On a GPU: the captured graphs generate the same greedy ids as Hugging Face eager (fp32, tiny
-Llama-3, Qwen3, whose per-head norms keep the rotary in torch, Gemma and Gemma2), and a decode
+Llama-3, Qwen3, whose per-head norms keep the rotary in torch, Gemma and Gemma2, and Mistral,
+Qwen2 and Gemma2 with a sliding window shorter than the prompts and the cache), and a decode
 step is one graph replay; a bf16 Gemma and a bf16 Gemma2 of head_dim 256 on kernl's decode
-kernels give eager's logits (Gemma2's softcapped attention and lm_head stay on torch)."""
+kernels give eager's logits (Gemma2's softcapped attention and lm_head stay on torch), as
+does a bf16 windowed Mistral on Triton decode attention and on the persistent step.
+Gemma2's Hugging Face reference runs its eager attention (tiny_models sets it): transformers
+5.17 runs Gemma2 through SDPA by default, which drops the attention softcap."""
 
 from __future__ import annotations
 
@@ -17,7 +21,12 @@ from .tiny_models import mixed_prompts, tiny_model
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", ["llama3", "qwen3", "gemma", "gemma2"])
+@pytest.mark.parametrize(
+    "family",
+    # "*_window": a window of 8 over prompts of up to 16 and a cache of 96 slots (every
+    # Mistral layer; Qwen2's second layer; Gemma2's first and third, eager attention in HF)
+    ["llama3", "qwen3", "gemma", "gemma2", "mistral_window", "qwen2_window", "gemma2_window"],
+)
 def test_cuda_graph_generation_matches_eager(family, tmp_path):
     hf = tiny_model(family).cuda()
     kernl.compiler.compile(
@@ -42,6 +51,12 @@ def test_cuda_graph_generation_matches_eager(family, tmp_path):
     out = model.generate(ids.cuda(), mask.cuda(), max_new_tokens=64, eos_token_id=[])
     assert out.device.type == "cuda"
     assert torch.equal(out, ref)
+    if family.endswith("_window"):  # the window's slot mask on SDPA too, captured anew
+        assert model.decoder.window == 8
+        model.decoder.kernels = type(model.decoder.kernels)(attention="sdpa")
+        model._steps.clear()
+        out = model.generate(ids.cuda(), mask.cuda(), max_new_tokens=64, eos_token_id=[])
+        assert torch.equal(out, ref)
     a = model.generate(ids, mask, max_new_tokens=16, do_sample=True, seed=5, eos_token_id=[])
     b = model.generate(ids, mask, max_new_tokens=16, do_sample=True, seed=5, eos_token_id=[])
     assert torch.equal(a, b)
@@ -279,3 +294,38 @@ def test_gemma2_bf16_logits_match_eager(tmp_path, variant):
         assert {t.kernel for t in model.decoder.kernels.tiles} <= {"skinny_linear_fused"}
     ours = _assert_teacher_forced_logits_match(model, hf)
     assert ours.abs().max() <= model.decoder.spec.final_logit_softcap
+
+
+# A windowed Mistral's pieces on kernl's kernels: the windowed slot mask read by Triton decode
+# attention, and by the persistent step (every Mistral layer has the window: one mask serves)
+WINDOW_KERNELS = {
+    "triton_attention": {"attention": "triton"},
+    "fused": FORCED["fused"],
+    "persistent": FORCED["persistent"],
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(WINDOW_KERNELS))
+def test_sliding_window_bf16_kernels_match_eager(tmp_path, variant):
+    """A bf16 Mistral whose window (8) is shorter than its prompts and its cache (64), its
+    decode step forced onto kernl's kernels and run from their binaries in graphs: each
+    step's logits against eager bf16 teacher-forced (the compile's own check passed too)."""
+    from kernl.compiler.tasks.causal_lm import compile_causal_lm
+
+    hf = tiny_model("mistral_window").cuda().to(torch.bfloat16)
+    forced = WINDOW_KERNELS[variant]
+    report = compile_causal_lm(
+        hf,
+        "batch=1,4 prompt=16 cache=32,64",
+        tmp_path / "mistral.kernl",
+        dtype="bf16",
+        device="cuda",
+        decode_kernels=forced,
+    )
+    assert report.num_binaries > 0
+    model = kernl.runtime.load(tmp_path / "mistral.kernl")
+    assert model.decoder.window == 8 and all(model.decoder.windowed)
+    assert all(getattr(model.decoder.kernels, k) == v for k, v in forced.items())
+    assert all(step.graph is not None for step in model._steps.values())
+    _assert_teacher_forced_logits_match(model, hf)

@@ -38,18 +38,25 @@ def tiny_model(family: str) -> torch.nn.Module:
             **common,
         )
         model = tf.LlamaForCausalLM(cfg)
-    elif family == "mistral":
+    elif family in ("mistral", "mistral_window"):
+        # "mistral_window": a window (8) shorter than the test prompts and caches, on every
+        # layer; "mistral": Mistral-7B's window, longer than any test cache
         cfg = tf.MistralConfig(
             hidden_size=64,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=1,
             intermediate_size=96,
-            sliding_window=4096,
+            sliding_window=8 if family == "mistral_window" else 4096,
             **common,
         )
         model = tf.MistralForCausalLM(cfg)
-    elif family == "qwen2":  # q, k, v biases; tied embeddings
+    elif family in ("qwen2", "qwen2_window"):  # q, k, v biases; tied embeddings
+        # "qwen2_window": use_sliding_window with a window of 8 from layer max_window_layers
+        # (1) on: a full-attention layer, then a windowed one
+        window = {}
+        if family == "qwen2_window":
+            window = dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)
         cfg = tf.Qwen2Config(
             hidden_size=64,
             num_hidden_layers=2,
@@ -57,6 +64,7 @@ def tiny_model(family: str) -> torch.nn.Module:
             num_key_value_heads=2,
             intermediate_size=96,
             tie_word_embeddings=True,
+            **window,
             **common,
         )
         model = tf.Qwen2ForCausalLM(cfg)
@@ -99,12 +107,13 @@ def tiny_model(family: str) -> torch.nn.Module:
             **common,
         )
         model = tf.GemmaForCausalLM(cfg)
-    elif family in ("gemma2", "gemma2_head256"):
+    elif family in ("gemma2", "gemma2_head256", "gemma2_window"):
         # softcaps low enough to bend these scores (up to ~10) and logits (up to ~0.7; real
         # checkpoints cap at 50 and 30), the sandwich norms' weights random (the loop below),
         # query_pre_attn_scalar 20 where head_dim is 32 (the scale is not head_dim ** -0.5),
         # sliding and full layers mixed, the window (96) as long as the test buckets' caches;
-        # "gemma2_head256": Gemma2-2B's head_dim of 256
+        # "gemma2_head256": Gemma2-2B's head_dim of 256; "gemma2_window": a window of 8,
+        # shorter than the test prompts and caches, on layers 0 and 2
         wide = family == "gemma2_head256"
         cfg = tf.Gemma2Config(
             hidden_size=320 if wide else 48,
@@ -117,12 +126,15 @@ def tiny_model(family: str) -> torch.nn.Module:
             query_pre_attn_scalar=20,
             attn_logit_softcapping=5.0,
             final_logit_softcapping=0.5,
-            sliding_window=96,
+            sliding_window=8 if family == "gemma2_window" else 96,
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
             tie_word_embeddings=True,
             **common,
         )
         model = tf.Gemma2ForCausalLM(cfg)
+        # Hugging Face's SDPA drops the attention softcap, and transformers 5.17 runs Gemma2
+        # through SDPA by default: the reference is its eager attention, as Gemma2 is trained
+        model.set_attn_implementation("eager")
     elif family == "gpt2":  # learned positions, Conv1D weights, tied embeddings
         cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **common)
         model = tf.GPT2LMHeadModel(cfg)

@@ -91,6 +91,32 @@ def test_decode_attention_every_config_on_a_generation_cache(dtype, config):
     assert_close(out, ref, dtype, stock, name=f"decode attention {config}")
 
 
+@pytest.mark.parametrize("config", decode_attention_configs(), ids=str)
+def test_decode_attention_sliding_window_mask(config):
+    # a sliding-window layer as the decoder calls it: the slot mask is the valid slots within
+    # the window of the current slot (j > slot - window), so whole chunks at the start of the
+    # cache are masked and one is cut mid-way; the slots left out hold large finite values
+    # (earlier tokens' keys and values) that would dominate the output if any were attended
+    B, H, H_kv, D, Lk, slot, window = 2, 8, 2, 32, 100, 90, 21
+    k = torch.randn(B, H_kv, Lk, D, device=DEVICE)
+    v = torch.randn(B, H_kv, Lk, D, device=DEVICE)
+    k[:, :, : slot - window + 1] *= 50.0
+    v[:, :, : slot - window + 1] = 1e4
+    q = torch.randn(B, H, 1, D, device=DEVICE)
+    kv_valid = torch.zeros(B, Lk, dtype=torch.bool, device=DEVICE)
+    kv_valid[0, : slot + 1] = True
+    kv_valid[1, 75 : slot + 1] = True  # left padding reaching into the window
+    ends = torch.arange(Lk, device=DEVICE) + window
+    slot_t = torch.tensor([slot], device=DEVICE)
+    mask = kv_valid & (ends > slot_t)
+    assert mask[0].sum() == window and mask[1].sum() == slot + 1 - 75
+    lens = (slot_t + 1).expand(B)
+    out = decode_attention(q, k, v, kv_lens=lens, kv_mask=mask, config=config)
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), kv_lens=lens, kv_mask=mask)
+    assert out.abs().max() < 100  # nothing from the slots before the window
+    assert_close(out, ref, torch.float32)
+
+
 def test_decode_attention_without_lengths_reads_the_whole_bucket():
     # the mask alone does not keep the kernel from reading slots past the valid length: the
     # decoder passes the lengths too (this is what they save)

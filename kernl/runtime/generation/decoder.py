@@ -4,6 +4,12 @@ Qwen3's per-head norms of q and k, Gemma's scaled embeddings and (1 + weight) no
 softcapped attention scores and logits and its norms of the attention and MLP outputs; GPT-2:
 pre-LayerNorm, learned positions, plain MLP), reading shapes and variants from a `DecoderSpec`.
 
+Sliding-window layers (Mistral, Qwen2, Gemma2's every other layer) keep the whole cache: the
+query at slot i attends to the slots j > i - window only, a second slot mask made once a step
+(and a second band over the prompt at prefill) for the windowed layers alone. Slots stand for
+positions here: a row's tokens sit at consecutive slots (left padding, joining), so the slot
+distance is Hugging Face's index distance that its window reads.
+
 Two entry points, both free of host syncs and data-dependent shapes so that each runs inside
 one CUDA graph:
   prefill  a (batch, prompt) block, left-padded; fills cache slots [0, prompt), returns the
@@ -195,11 +201,22 @@ class Decoder:
         # the compiler does not time or tune them (causal_lm/decode_kernels.py, decode_tiles.py)
         self.attention_kernels_fit = spec.attn_logit_softcap is None
         self.lm_head_kernel_fits = spec.final_logit_softcap is None
+        # Sliding-window layers (DecoderSpec.sliding_window): the cache stays whole, and the
+        # slots older than the window are masked out for those layers only. A window no
+        # shorter than the cache masks nothing: no mask is made for it
+        window = spec.sliding_window
+        self.window = window if window is not None and window < positions else None
+        sliding = set(spec.sliding_layers) if self.window is not None else set()
+        self.windowed = [i in sliding for i in range(spec.num_layers)]
+        # slot j is in slot i's window where j + window > i: one compare per step
+        self._window_ends = None
+        if self.window is not None:
+            self._window_ends = torch.arange(positions, device=device) + self.window
         self._counters: torch.Tensor | None = None  # split-K arrivals, self-resetting
         self._workspace: torch.Tensor | None = None  # lm_head_argmax's, self-resetting
         # The whole step in one kernel (step "persistent") serves the Llama family: RMSNorm
         # (norm_folds: no norm bias), no bias but QKV's, rotary, a gated SiLU MLP.
-        self.persistent_fits = (
+        plain_layer = (
             spec.norm == "rms"
             and self.norm_folds
             and self.final_norm_b is None
@@ -213,6 +230,18 @@ class Decoder:
             and self.attention_kernels_fit
             and self.lm_head_kernel_fits
         )
+        # It reads one slot mask for every layer: the windowed one where every layer has the
+        # window (Mistral), neither for a mix (Gemma2, Qwen2 under max_window_layers)
+        one_mask = all(self.windowed) or not any(self.windowed)
+        self.persistent_fits = plain_layer and one_mask
+        self._persistent_misfit = None
+        if not plain_layer:
+            self._persistent_misfit = "it serves the Llama family's plain layer only"
+        elif not one_mask:
+            self._persistent_misfit = (
+                "it reads one slot mask for every layer: this model's sliding-window and "
+                "full-attention layers need two"
+            )
         self._step_weights = None  # the persistent step's stacked view of the weights
         self._step_shared: tuple | None = None  # its counters, zeroed once, self-resetting
         self._step_buffers: dict[tuple, object] = {}  # its buffers per batch and config
@@ -230,7 +259,7 @@ class Decoder:
         if kernels.norm == "fused" and not self.norm_folds:
             why.append("norm='fused' (this model's norms do not fold into the next linear)")
         if kernels.step == "persistent" and not self.persistent_fits:
-            why.append("step='persistent' (it serves the Llama family's plain layer only)")
+            why.append(f"step='persistent' ({self._persistent_misfit})")
         return why
 
     @property
@@ -433,8 +462,12 @@ class Decoder:
         causal = torch.ones(seq, seq, dtype=torch.bool, device=ids.device).tril()
         # Padded query rows attend to themselves only: no fully masked row (NaN), and no real
         # row ever attends to a padded key.
-        mask = (causal[None] & valid[:, None, :]) | eye[None]
-        mask = mask[:, None]
+        allowed = causal[None] & valid[:, None, :]
+        masks = [((allowed | eye[None])[:, None])] * 2  # [full layers, windowed layers]
+        if self.window is not None and seq > self.window:  # key j seen from i if j + w > i
+            idx = torch.arange(seq, device=ids.device)
+            band = idx[None, :] + self.window > idx[:, None]
+            masks[1] = ((allowed & band[None]) | eye[None])[:, None]
         if self.cos is not None:  # [B, S, 1, D]: a gather of D x D matrices was 100s of MB
             cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
         for i, lw in enumerate(self.layers):
@@ -453,6 +486,7 @@ class Decoder:
             g = nh // kvh
             k = k[:, :, None].expand(bsz, kvh, g, seq, d).reshape(bsz, nh, seq, d)
             v = v[:, :, None].expand(bsz, kvh, g, seq, d).reshape(bsz, nh, seq, d)
+            mask = masks[self.windowed[i]]
             if s.attn_logit_softcap is None:
                 att = F.scaled_dot_product_attention(
                     q, k, v, attn_mask=mask, scale=s.attention_scale
@@ -479,14 +513,22 @@ class Decoder:
     ) -> tuple[torch.Tensor, bool]:
         """tokens, positions: [B]; slot: [1]; kv_valid: [B, kv_len] bool, the cache slots each
         row may attend to (this step's slot included, none after it: Triton attention reads
-        slots [0, slot] only). Returns [B, vocab] logits, and whether the greedy ids were
-        written into `ids_out` too (lm_head + argmax in one kernel)."""
+        slots [0, slot] only; the sliding window not applied: the step applies it). Returns
+        [B, vocab] logits, and whether the greedy ids were written into `ids_out` too
+        (lm_head + argmax in one kernel)."""
         s, kernels = self.spec, self.kernels
         bsz = tokens.shape[0]
         kv_len = kv_valid.shape[-1]
+        # [full layers, windowed layers]: the slots older than the window out of the second,
+        # made once a step from `slot` (a tensor: the replayed graph computes it anew)
+        masks = [kv_valid, kv_valid]
+        if self.window is not None:
+            masks[1] = kv_valid & (self._window_ends[:kv_len] > slot)
         pairs = kernels.step_config_for(bsz, kv_len) if bsz <= FEW_ROWS else None
         if pairs is not None and self._step_weights is not None:
-            step = self._persistent_decode(pairs, cache, tokens, positions, slot, kv_valid, ids_out)
+            # one mask for every layer (persistent_fits): all windowed, or none
+            mask = masks[self.windowed[0]]
+            step = self._persistent_decode(pairs, cache, tokens, positions, slot, mask, ids_out)
             return step[0], ids_out is not None
         nh, kvh, d = s.num_heads, s.num_kv_heads, s.head_dim
         g = nh // kvh
@@ -495,9 +537,8 @@ class Decoder:
         triton_norm = kernels.norm != "torch"
         triton_mlp = kernels.gated_mlp == "triton"
         attention = kernels.attention if self.attention_kernels_fit else "torch"
-        if attention == "torch":
-            bias = torch.where(kv_valid, 0.0, torch.finfo(self.dtype).min).to(self.dtype)
-            bias = bias[:, None, None, :].expand(bsz, kvh, 1, kv_len).reshape(bsz * kvh, 1, kv_len)
+        if attention == "torch":  # the bias of each mask some layer reads
+            biases = {w: self._slot_bias(masks[w], kvh) for w in set(self.windowed)}
         elif attention == "triton":
             # every row's valid length: the chunks of the cache past it read nothing
             kv_lens = (slot + 1).expand(bsz)
@@ -556,7 +597,9 @@ class Decoder:
                 cache.v[i].index_copy_(2, slot, v_new)
                 q = qk[:, :nh]
             keys, values = cache.k[i][:, :, :kv_len], cache.v[i][:, :, :kv_len]
+            kv_mask = masks[self.windowed[i]]
             if attention == "torch":
+                bias = biases[self.windowed[i]]
                 keys_t = keys.reshape(bsz * kvh, kv_len, d).transpose(1, 2)
                 q_rows = q.reshape(bsz * kvh, g, d)
                 if s.attn_logit_softcap is None:
@@ -572,7 +615,7 @@ class Decoder:
                     q.unsqueeze(2),
                     keys,
                     values,
-                    attn_mask=kv_valid[:, None, None, :],
+                    attn_mask=kv_mask[:, None, None, :],
                     scale=s.attention_scale,
                     enable_gqa=True,
                 )
@@ -585,7 +628,7 @@ class Decoder:
                     values,
                     sm_scale=s.attention_scale,
                     kv_lens=kv_lens,
-                    kv_mask=kv_valid,
+                    kv_mask=kv_mask,
                     config=attention_config,
                     pdl=kernels.pdl,
                 )
@@ -631,6 +674,13 @@ class Decoder:
             )
             return logits, True
         return self._logits(x, triton_norm, kernels.linear), False
+
+    def _slot_bias(self, mask: torch.Tensor, kvh: int) -> torch.Tensor:
+        """[B * kvh, 1, kv_len]: 0 on the slots `mask` [B, kv_len] lets a row attend to, the
+        dtype's lowest elsewhere (the torch step's baddbmm adds it to the scores)."""
+        bsz, kv_len = mask.shape
+        bias = torch.where(mask, 0.0, torch.finfo(self.dtype).min).to(self.dtype)
+        return bias[:, None, None, :].expand(bsz, kvh, 1, kv_len).reshape(bsz * kvh, 1, kv_len)
 
     def _counters_for(self, x: torch.Tensor) -> torch.Tensor:
         if self._counters is None:

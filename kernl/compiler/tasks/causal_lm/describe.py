@@ -36,7 +36,8 @@ from ..generation_config import (
 # RMSNorms by (1 + weight), a gated tanh-GELU MLP, head_dim its own config field; Gemma2: Gemma's
 # with softcapped attention scores and logits, an RMSNorm of the attention and of the MLP
 # outputs before their residual adds, query_pre_attn_scalar ** -0.5 as the attention scale, and
-# a sliding window on every other layer (one rotary table for all)
+# a sliding window on every other layer (one rotary table for all). Mistral, Phi-3, and Qwen2
+# and Qwen3 with use_sliding_window: a window on every layer, or on those layer_types names
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2")
 # The families whose RMSNorm scales by (1 + weight) in float32 (GemmaRMSNorm, Gemma2RMSNorm)
 NORM_PLUS_ONE = ("gemma", "gemma2")
@@ -85,7 +86,8 @@ GEMMA_VARIANTS = ("gemma3_text", "gemma3")
 def gemma_lacks(config) -> list[str]:
     """What kernl's decoder lacks for a Gemma3 config, as its refusal names it: only what this
     config turns on, and the Gemma3 decoder layer itself, which kernl has not checked against
-    Hugging Face's (its softcaps and sandwich norms are Gemma2's, which kernl has)."""
+    Hugging Face's (its softcaps, sandwich norms and sliding-window layers are Gemma2's, which
+    kernl has)."""
     lacks = []
     if config.model_type == "gemma3":  # Gemma3ForConditionalGeneration: image and text
         lacks.append("an image encoder (Gemma3ForConditionalGeneration reads images)")
@@ -102,12 +104,6 @@ def gemma_lacks(config) -> list[str]:
         lacks.append(
             "a rotary table per layer type (its sliding-window and full-attention layers "
             "rotate with different rope_parameters)"
-        )
-    if both:
-        lacks.append(
-            f"sliding-window attention on some layers only (window {config.sliding_window} on "
-            "the sliding_attention layers of layer_types; a cache no longer than the window "
-            "would not need it)"
         )
     if getattr(config, "use_bidirectional_attention", False):
         lacks.append("bidirectional attention (use_bidirectional_attention=True)")
@@ -184,14 +180,7 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
             f"change with the sequence length); kernl supports {', '.join(STATIC_ROPE)}"
         )
     _refuse_bidirectional(cfg, mt)
-    window = _sliding_window(cfg)
-    if window is not None and window < cache_len:
-        # Gemma2 windows every other layer (layer_types): a cache no longer than the window
-        # lets every layer attend to all of it, as the window would
-        raise UnsupportedModelError(
-            f"causal-lm: {mt} uses sliding-window attention (window {window}) shorter than the "
-            f"KV cache ({cache_len}); this is not supported: use cache<={window}"
-        )
+    window, sliding_layers = _sliding_window(cfg, len(base.layers))
     _refuse_rope_per_layer_type(cfg, mt)
     nh, kvh = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
     attn0 = base.layers[0].self_attn
@@ -275,6 +264,8 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
         sandwich_norms=sandwich,
         pad_token_id=pad,
         eos_token_ids=eos,
+        sliding_window=window,
+        sliding_layers=sliding_layers,
     )
     return spec, weights
 
@@ -323,16 +314,29 @@ def _refuse_rope_per_layer_type(cfg, mt: str) -> None:
         )
 
 
-def _sliding_window(cfg) -> int | None:
+def _sliding_window(cfg, num_layers: int) -> tuple[int | None, list[int]]:
+    """(window, the layers it applies to) as Hugging Face's modeling reads the config: Mistral
+    and Phi-3 window every layer whenever `sliding_window` is set (their modeling ignores
+    layer_types); Qwen2, Qwen3 and Gemma2 window the "sliding_attention" layers of
+    layer_types (Qwen2's and Qwen3's configs drop the window without use_sliding_window).
+    (None, []) for none."""
     window = getattr(cfg, "sliding_window", None)
     if not window:
-        return None
+        return None, []
+    mt = cfg.model_type
     layer_types = getattr(cfg, "layer_types", None)
-    if layer_types is not None:
-        return window if "sliding_attention" in layer_types else None
-    if cfg.model_type == "qwen2" and not getattr(cfg, "use_sliding_window", False):
-        return None
-    return int(window)
+    if mt in ("mistral", "phi3") or layer_types is None:
+        if mt in ("qwen2", "qwen3") and not getattr(cfg, "use_sliding_window", False):
+            return None, []
+        return int(window), list(range(num_layers))
+    known = {"sliding_attention", "full_attention"}
+    if len(layer_types) != num_layers or not set(layer_types) <= known:
+        raise UnsupportedModelError(
+            f"causal-lm: {mt} with layer_types {list(layer_types)} is not supported; kernl "
+            f"knows {sorted(known)}, one per layer ({num_layers})"
+        )
+    layers = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
+    return (int(window), layers) if layers else (None, [])
 
 
 def _describe_gpt2(model, cache_len: int) -> tuple[DecoderSpec, dict]:
