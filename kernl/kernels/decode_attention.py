@@ -32,8 +32,10 @@ def decode_attention_chunk(
     h_kv,
     lo,
     hi,
+    first,
     group_size,
     sm_scale,
+    softcap,
     stride_maskb,
     stride_qb,
     stride_qh,
@@ -51,10 +53,12 @@ def decode_attention_chunk(
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_KV_MASK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
-    """The q heads of kv head h_kv (batch row b) against cache slots [lo, hi): the
-    unnormalised output [BLOCK_G, BLOCK_D], running max and sum (m = -inf, l = 0 when no slot
-    is attended), and the heads' indices and masks."""
+    """The q heads of kv head h_kv (batch row b) against cache slots [lo, hi), none before
+    `first` (a sliding window's): the unnormalised output [BLOCK_G, BLOCK_D], running max and
+    sum (m = -inf, l = 0 when no slot is attended), and the heads' indices and masks. With
+    HAS_SOFTCAP the scaled scores s become softcap * tanh(s / softcap) (Gemma2's)."""
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -75,11 +79,15 @@ def decode_attention_chunk(
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        n_mask = cols < hi
+        n_mask = (cols < hi) & (cols >= first)  # a window's slots before `first` are not read
         k = tl.load(
             K_block + cols[None, :] * stride_kn, mask=d_mask[:, None] & n_mask[None, :], other=0.0
         )
-        qk = tl.dot(q, k) * qk_scale
+        if HAS_SOFTCAP:  # tanh(x) = 2 sigmoid(2x) - 1, in float32, then to base 2
+            capped = tl.dot(q, k) * (sm_scale / softcap)
+            qk = (2.0 * tl.sigmoid(2.0 * capped) - 1.0) * (softcap * 1.4426950408889634)
+        else:
+            qk = tl.dot(q, k) * qk_scale
         attend = n_mask
         if HAS_KV_MASK:
             attend = attend & (tl.load(KVMask + b * stride_maskb + cols, mask=n_mask, other=0) != 0)
@@ -111,6 +119,8 @@ def _decode_split_kernel(
     group_size,
     chunk,
     sm_scale,
+    softcap,
+    window,
     stride_lensb,
     stride_maskb,
     stride_qb,
@@ -135,6 +145,8 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     HAS_KV_LENS: tl.constexpr,
     HAS_KV_MASK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pdl_start(USE_PDL)  # every read below may depend on the previous kernel
@@ -146,6 +158,10 @@ def _decode_split_kernel(
         kv_len = tl.minimum(tl.load(KVLens + b * stride_lensb).to(tl.int32), Lk)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, kv_len)  # <= lo for a chunk past kv_len: the loop never runs
+    first = 0
+    if HAS_WINDOW:  # the query (slot kv_len - 1) sees the window's slots only: none read before
+        first = tl.maximum(kv_len - window, 0)
+        lo = tl.maximum(lo, first // BLOCK_N * BLOCK_N)  # >= hi for a chunk wholly before it
     acc, m_i, l_i, heads, g_mask, offs_d, d_mask = decode_attention_chunk(
         Q,
         K,
@@ -155,8 +171,10 @@ def _decode_split_kernel(
         h_kv,
         lo,
         hi,
+        first,
         group_size,
         sm_scale,
+        softcap,
         stride_maskb,
         stride_qb,
         stride_qh,
@@ -174,6 +192,7 @@ def _decode_split_kernel(
         BLOCK_G,
         BLOCK_N,
         HAS_KV_MASK,
+        HAS_SOFTCAP,
     )
     # empty chunks (past kv_len, or all masked) write m = -inf, l = 0: the merge ignores them
     o_ptrs = MidO + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
@@ -294,17 +313,26 @@ def decode_attention_reference(
     sm_scale: float | None = None,
     kv_lens: torch.Tensor | None = None,
     kv_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Plain PyTorch: q [B, H, 1, D], k/v [B, H_kv, Lk, D], kv_lens [B], kv_mask [B, Lk]."""
+    """Plain PyTorch: q [B, H, 1, D], k/v [B, H_kv, Lk, D], kv_lens [B], kv_mask [B, Lk]; the
+    query sits at slot kv_len - 1 and, with a window, sees the slots j > kv_len - 1 - window."""
     B, H, _, D = q.shape
     H_kv, Lk = k.shape[1], k.shape[2]
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     k = k.repeat_interleave(H // H_kv, dim=1)
     v = v.repeat_interleave(H // H_kv, dim=1)
     s = (q @ k.transpose(-1, -2)) * sm_scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    cols = torch.arange(Lk, device=q.device)
+    lens = torch.full((B,), Lk, device=q.device) if kv_lens is None else kv_lens.to(q.device)
     if kv_lens is not None:
-        cols = torch.arange(Lk, device=q.device)
         s = s.masked_fill(~(cols[None, :] < kv_lens[:, None])[:, None, None, :], float("-inf"))
+    if window is not None:
+        seen = cols[None, :] > lens[:, None] - 1 - window
+        s = s.masked_fill(~seen[:, None, None, :], float("-inf"))
     if kv_mask is not None:
         s = s.masked_fill(~kv_mask.bool()[:, None, None, :], float("-inf"))
     return (torch.softmax(s, dim=-1).nan_to_num(0.0) @ v).to(q.dtype)
@@ -346,10 +374,15 @@ def decode_attention(
     out: torch.Tensor | None = None,
     config: DecodeAttentionConfig | None = None,
     pdl: bool = False,
+    softcap: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """q [B, H, 1, D], k/v [B, H_kv, Lk, D] (any strides), kv_lens [B] (int32 or int64 are read
     as they are, any stride: an expanded scalar serves every row), kv_mask [B, Lk] (bool, unit
-    stride along Lk) -> [B, H, 1, D]. pdl: launch with programmatic dependent launch
+    stride along Lk) -> [B, H, 1, D]. The query sits at each row's slot kv_len - 1; `window`
+    (a sliding window's length, >= 1): it sees the slots j > kv_len - 1 - window only, and the
+    chunks before them read nothing. `softcap`: the scaled scores s become softcap *
+    tanh(s / softcap) (Gemma2's). pdl: launch with programmatic dependent launch
     (kernels/launch.py; off under the interpreter)."""
     B, H, Lq, D = q.shape
     H_kv, Lk = k.shape[1], k.shape[2]
@@ -357,6 +390,11 @@ def decode_attention(
     has_mask = kv_mask is not None
     if has_mask:
         assert kv_mask.dtype == torch.bool and kv_mask.shape == (B, Lk) and kv_mask.stride(1) == 1
+    if window is not None and not (isinstance(window, int) and window >= 1):
+        raise ValueError(f"decode_attention: window must be an int >= 1, not {window!r}")
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"decode_attention: softcap must be finite and > 0, not {softcap!r}")
+    window = None if window is None else min(window, Lk)  # longer masks nothing: int32-safe
     config = config or DecodeAttentionConfig()
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     group = H // H_kv
@@ -388,6 +426,8 @@ def decode_attention(
         group,
         chunk,
         sm_scale,
+        1.0 if softcap is None else float(softcap),
+        0 if window is None else window,
         lens.stride(0) if has_lens else 0,
         kv_mask.stride(0) if has_mask else 0,
         q.stride(0),
@@ -406,6 +446,8 @@ def decode_attention(
         BLOCK_N=config.BLOCK_N,
         HAS_KV_LENS=has_lens,
         HAS_KV_MASK=has_mask,
+        HAS_SOFTCAP=softcap is not None,
+        HAS_WINDOW=window is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **pdl_kwargs(pdl, is_interpreted(_decode_split_kernel)),

@@ -297,8 +297,10 @@ def _decode_step_kernel(
                 h_kv,
                 lo,
                 tl.minimum(lo + chunk, n_valid),
+                0,  # no window of its own: the slot mask it reads has it
                 GROUP,
                 sm_scale,
+                1.0,
                 stride_maskb,
                 NQ,
                 D,
@@ -316,6 +318,7 @@ def _decode_step_kernel(
                 max(16, GROUP),
                 ATT_BLOCK,
                 True,
+                False,  # no softcap: Gemma2 is not served by the persistent step
             )
             mid = (b * NH + heads) * ATT_SPLITS + split  # MidO [B, NH, splits, D]
             tl.store(

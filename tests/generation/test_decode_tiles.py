@@ -108,9 +108,10 @@ def test_tiles_are_the_fastest_checked_config_of_every_site_and_batch(artifact):
 
 
 def test_gemma2_tunes_only_the_kernels_its_step_runs(tmp_path):
-    """Gemma2's softcaps keep decode attention and lm_head_argmax out of its step, and its
-    norms fold into no linear: only skinny_linear_fused is tuned, its O and down sites
-    without the residual (added after the norms of their outputs), each config checked."""
+    """Gemma2's softcapped logits keep lm_head_argmax out of its step, and its norms fold
+    into no linear: skinny_linear_fused is tuned, its O and down sites without the residual
+    (added after the norms of their outputs), and decode attention with its softcap, each
+    config checked against the softcapped reference."""
     out = tmp_path / "lm.kernl"
     kernl.compiler.compile(
         tiny_model("gemma2"), "batch=3 prompt=16 cache=32", out, dtype="fp32", device="cpu",
@@ -120,9 +121,11 @@ def test_gemma2_tunes_only_the_kernels_its_step_runs(tmp_path):
     sites = decode_tiles.decode_sites(dec, 3, kv_lengths=(KV,))
     assert [(s.kernel, s.site) for s in sites] == [
         ("skinny_linear_fused", site) for site in ("qkv", "up", "o", "down")
-    ]
-    for site in sites:
+    ] + [("decode_attention", "attn")]
+    for site in sites[:4]:
         assert site.operands.endswith(f"none layers={dec.spec.num_layers}"), site.operands
+    assert sites[4].operands.endswith(f"softcap={dec.spec.attn_logit_softcap}")
+    for site in sites:
         err, allowed = site.check(site.call(0, site.configs[0]))
         assert err <= allowed, (site.site, err, allowed)
 

@@ -651,13 +651,13 @@ def test_a_sliding_window_shorter_than_the_cache_is_served(tmp_path, family):
 @pytest.mark.parametrize(
     "forced,named",
     [
-        ({"attention": "triton"}, "attention='triton' (no logit softcapping"),
+        ({"attention": "sdpa"}, "attention='sdpa' (no logit softcapping"),
         ({"lm_head": "triton", "norm": "triton"}, "lm_head='triton' (no final logit softcapping"),
         ({"step": "persistent"}, "step='persistent'"),
     ],
 )
 def test_decode_kernels_a_gemma2_would_not_run_are_refused_by_name(tmp_path, forced, named):
-    """Told to use a kernel its step would replace by torch (no softcap in decode attention or
+    """Told to use a kernel its step would replace by torch (no softcap in SDPA or
     lm_head_argmax), the compile says so, and writes nothing, rather than store a choice that
     does not run."""
     from kernl.compiler.tasks.causal_lm import compile_causal_lm

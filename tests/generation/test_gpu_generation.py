@@ -2,7 +2,8 @@
 Llama-3, Qwen3, whose per-head norms keep the rotary in torch, Gemma and Gemma2, and Mistral,
 Qwen2 and Gemma2 with a sliding window shorter than the prompts and the cache), and a decode
 step is one graph replay; a bf16 Gemma and a bf16 Gemma2 of head_dim 256 on kernl's decode
-kernels give eager's logits (Gemma2's softcapped attention and lm_head stay on torch), as
+kernels give eager's logits (Gemma2's lm_head stays on torch; its softcapped attention runs
+on kernl's decode kernel or torch), as
 does a bf16 windowed Mistral on Triton decode attention and on the persistent step.
 Gemma2's Hugging Face reference runs its eager attention (tiny_models sets it): transformers
 5.17 runs Gemma2 through SDPA by default, which drops the attention softcap."""
@@ -257,11 +258,13 @@ def test_gemma_bf16_logits_match_eager(tmp_path, variant):
     _assert_teacher_forced_logits_match(model, hf)
 
 
-# Gemma2's pieces that can run on kernl's kernels (no softcap in decode attention and
-# lm_head_argmax: forcing those is refused, tests/generation/test_generation_api.py)
+# Gemma2's pieces that can run on kernl's kernels (its attention on kernl's decode kernel,
+# which softcaps; no softcap in SDPA and lm_head_argmax: forcing those is refused,
+# tests/generation/test_generation_api.py)
 GEMMA2_KERNELS = {
     "auto": None,
     "pieces": {"norm": "triton", "linear": "fused", "rope": "triton"},
+    "triton_attention": {"attention": "triton"},
 }
 
 
@@ -271,8 +274,8 @@ def test_gemma2_bf16_logits_match_eager(tmp_path, variant):
     """A bf16 Gemma2 of Gemma2-2B's head shape (head_dim 256, two heads a KV head), with
     softcaps that bend its scores and logits and random sandwich norms: each step's logits
     (softcapped: they must be, to match) against eager bf16 teacher-forced, as for Gemma. The
-    compiler's own choice never takes decode attention or lm_head_argmax (no softcap in
-    them)."""
+    compiler's own choice never takes SDPA or lm_head_argmax (no softcap in them); kernl's
+    decode attention softcaps."""
     from kernl.compiler.tasks.causal_lm import compile_causal_lm
 
     hf = tiny_model("gemma2_head256").cuda().to(torch.bfloat16)
@@ -286,12 +289,13 @@ def test_gemma2_bf16_logits_match_eager(tmp_path, variant):
         decode_kernels=forced,
     )
     model = kernl.runtime.load(tmp_path / "gemma2.kernl")
-    assert not model.decoder.attention_kernels_fit and not model.decoder.lm_head_kernel_fits
+    assert not model.decoder.sdpa_fits and not model.decoder.lm_head_kernel_fits
     if forced is None:
         assert report.decode_timings and report.decode_timings[0].error is None
         timed = {(t.kernels.attention, t.kernels.lm_head) for t in report.decode_timings}
-        assert timed == {("torch", "torch")}, timed
-        assert {t.kernel for t in model.decoder.kernels.tiles} <= {"skinny_linear_fused"}
+        assert timed == {("torch", "torch"), ("triton", "torch")}, timed
+        kernels = {t.kernel for t in model.decoder.kernels.tiles}
+        assert kernels <= {"skinny_linear_fused", "decode_attention"}
     ours = _assert_teacher_forced_logits_match(model, hf)
     assert ours.abs().max() <= model.decoder.spec.final_logit_softcap
 

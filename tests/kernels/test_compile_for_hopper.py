@@ -55,7 +55,9 @@ SKINNY += [
 ]
 # decode attention as the decoder launches it (lengths and mask) over Llama-1B's head dim: the
 # default, the smallest key block with the most chunks, and the widest block
-DECODE_ATTENTION = [(64, 4, 3, 0), (16, 2, 2, 64), (128, 8, 3, 64)]
+# BLOCK_N, num_warps, num_stages, num_splits, softcap (Gemma2), window (Mistral)
+DECODE_ATTENTION = [(64, 4, 3, 0, False, False), (16, 2, 2, 64, False, True)]
+DECODE_ATTENTION += [(128, 8, 3, 64, True, False), (64, 4, 3, 0, True, True)]
 
 
 def norm_linear_compiles(split, rms, norm_bias, gated, use_pdl):
@@ -114,13 +116,14 @@ def skinny_linear_fused_compiles(
     assert compiled.metadata.shared <= 232448, compiled.metadata.shared
 
 
-def decode_attention_compiles(block_n, num_warps, num_stages, num_splits):
+def decode_attention_compiles(block_n, num_warps, num_stages, num_splits, softcap, window):
     from kernl.kernels.decode_attention import _decode_merge_kernel, _decode_split_kernel
 
     options = dict(num_warps=num_warps, num_stages=num_stages)
     signature = dict.fromkeys(("Q", "K", "V"), "*bf16")
     signature |= dict.fromkeys(("MidO", "MidM", "MidL"), "*fp32")
-    signature |= {"KVLens": "*i64", "KVMask": "*i1", "sm_scale": "fp32"}
+    signature |= {"KVLens": "*i64", "KVMask": "*i1", "sm_scale": "fp32", "softcap": "fp32"}
+    signature |= {"window": "i32"}
     signature |= dict.fromkeys(("Lk", "group_size", "chunk", "stride_lensb", "stride_maskb"), "i32")
     for t in ("q", "k", "v"):
         dims = ("b", "h", "d") if t == "q" else ("b", "h", "n", "d")
@@ -129,6 +132,7 @@ def decode_attention_compiles(block_n, num_warps, num_stages, num_splits):
     signature |= {"stride_mh": "i32"}
     constants = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_G=16, BLOCK_N=block_n)
     constants |= dict(HAS_KV_LENS=True, HAS_KV_MASK=True, USE_PDL=False)
+    constants |= dict(HAS_SOFTCAP=softcap, HAS_WINDOW=window)
     _compile(_decode_split_kernel, signature, constants, options)
     signature = dict.fromkeys(("MidO", "MidM", "MidL"), "*fp32") | {"Out": "*bf16"}
     signature |= dict.fromkeys(("num_heads", "num_splits"), "i32")

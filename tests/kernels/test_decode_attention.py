@@ -117,6 +117,70 @@ def test_decode_attention_sliding_window_mask(config):
     assert_close(out, ref, torch.float32)
 
 
+@pytest.mark.parametrize("config", decode_attention_configs()[::3], ids=str)
+def test_decode_attention_window_reads_no_slot_before_it(config):
+    """`window`: each row's query (slot kv_len - 1) sees the slots j > kv_len - 1 - window and
+    reads none before them: NaNs there (in keys and values) stay out of the output, whole
+    chunks before the window and the part of a key block that straddles its start. Rows of
+    different lengths, one shorter than the window, one with a left-padding mask inside it."""
+    B, H, H_kv, D, Lk, window = 3, 8, 2, 32, 100, 21
+    k = torch.randn(B, H_kv, Lk, D, device=DEVICE)
+    v = torch.randn(B, H_kv, Lk, D, device=DEVICE)
+    lens = torch.tensor([91, 12, 100], device=DEVICE)
+    before = torch.arange(Lk, device=DEVICE)[None, :] <= lens[:, None] - 1 - window  # [B, Lk]
+    k_nan = k.masked_fill(before[:, None, :, None], float("nan"))
+    v_nan = v.masked_fill(before[:, None, :, None], float("nan"))
+    mask = torch.ones(B, Lk, dtype=torch.bool, device=DEVICE)
+    mask[2, :85] = False  # row 2: its real tokens start inside the window
+    q = torch.randn(B, H, 1, D, device=DEVICE)
+    out = decode_attention(
+        q, k_nan, v_nan, kv_lens=lens, kv_mask=mask, window=window, config=config
+    )
+    ref = decode_attention_reference(
+        q.double(), k.double(), v.double(), kv_lens=lens, kv_mask=mask, window=window
+    )
+    assert_close(out, ref, torch.float32)
+    whole = decode_attention_reference(q.double(), k.double(), v.double(), kv_lens=lens)
+    assert (ref[0] - whole[0]).abs().max() > 1e-3  # the window changes row 0's output
+
+
+def test_decode_attention_window_longer_than_the_cache_masks_nothing():
+    B, H, D, Lk = 2, 4, 32, 40
+    q = torch.randn(B, H, 1, D, device=DEVICE)
+    k = torch.randn(B, 1, Lk, D, device=DEVICE)
+    v = torch.randn(B, 1, Lk, D, device=DEVICE)
+    lens = torch.tensor([40, 17], device=DEVICE)
+    config = DecodeAttentionConfig(16, 2, 2, 3)
+    out = decode_attention(q, k, v, kv_lens=lens, window=2**40, config=config)
+    assert_close(out, decode_attention_reference(q, k, v, kv_lens=lens), torch.float32)
+    with pytest.raises(ValueError, match="window"):
+        decode_attention(q, k, v, window=0)
+    with pytest.raises(ValueError, match="softcap"):
+        decode_attention(q, k, v, softcap=float("inf"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("config", [None, DecodeAttentionConfig(16, 4, 2, 5)])
+def test_decode_attention_softcap(dtype, config):
+    """Gemma2's softcap on the scaled scores: scores up to ~±40 capped at 5 change the
+    softmax far beyond rounding (checked against the uncapped output)."""
+    B, H, H_kv, D, Lk = 3, 8, 4, 64, 77
+    q = 3 * torch.randn(B, H, 1, D, dtype=dtype, device=DEVICE)
+    k = torch.randn(B, H_kv, Lk, D, dtype=dtype, device=DEVICE)
+    v = torch.randn(B, H_kv, Lk, D, dtype=dtype, device=DEVICE)
+    lens = torch.tensor([77, 5, 60], device=DEVICE)
+    mask = torch.ones(B, Lk, dtype=torch.bool, device=DEVICE)
+    mask[2, :30] = False
+    out = poisoned(q.shape, dtype)
+    kw = dict(kv_lens=lens, kv_mask=mask, sm_scale=0.125)
+    decode_attention(q, k, v, out=out, config=config, softcap=5.0, **kw)
+    ref = decode_attention_reference(q.double(), k.double(), v.double(), softcap=5.0, **kw)
+    stock = decode_attention_reference(q, k, v, softcap=5.0, **kw)
+    assert_close(out, ref, dtype, stock, name="decode attention softcap")
+    uncapped = decode_attention_reference(q.double(), k.double(), v.double(), **kw)
+    assert (ref - uncapped).abs().max() > 0.1
+
+
 def test_decode_attention_without_lengths_reads_the_whole_bucket():
     # the mask alone does not keep the kernel from reading slots past the valid length: the
     # decoder passes the lengths too (this is what they save)
@@ -151,3 +215,24 @@ def test_gpu_decode_real_sizes(dtype, Lk, config):
     ref = decode_attention_reference(q.double(), k.double(), v.double(), kv_lens=kv_lens)
     stock = decode_attention_reference(q, k, v, kv_lens=kv_lens)
     assert_close(out, ref, dtype, stock, name=f"gpu decode {config}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_decode_window_and_softcap(dtype):
+    """Mistral's 4096-slot window over a 16384-slot cache (the chunks before it read nothing:
+    NaNs there stay out), and Gemma2's softcap of 50, at Llama-8B's head shape."""
+    B, H, H_kv, D, Lk = 4, 32, 8, 128, 16384
+    q = torch.randn(B, H, 1, D, dtype=dtype, device="cuda")
+    k = torch.randn(B, H_kv, Lk, D, dtype=dtype, device="cuda")
+    v = torch.randn(B, H_kv, Lk, D, dtype=dtype, device="cuda")
+    lens = torch.tensor([Lk, 9000, 100, 4097], device="cuda")
+    before = torch.arange(Lk, device="cuda")[None, :] <= lens[:, None] - 1 - 4096
+    k_nan = k.masked_fill(before[:, None, :, None], float("nan"))
+    v_nan = v.masked_fill(before[:, None, :, None], float("nan"))
+    for window, softcap in ((4096, None), (None, 50.0), (4096, 50.0)):
+        kw = dict(kv_lens=lens, window=window, softcap=softcap)
+        out = decode_attention(q * 8, k_nan if window else k, v_nan if window else v, **kw)
+        ref = decode_attention_reference((q * 8).double(), k.double(), v.double(), **kw)
+        stock = decode_attention_reference(q * 8, k, v, **kw)
+        assert_close(out, ref, dtype, stock, name=f"window {window} softcap {softcap}")

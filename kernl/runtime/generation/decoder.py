@@ -195,11 +195,12 @@ class Decoder:
         self.final_norm_folds = (
             spec.norm == "rms" and self.final_norm_b is None and not spec.norm_plus_one
         )
-        # Gemma2's softcaps: SDPA and kernl's decode attention have no tanh on the scores, and
-        # lm_head_argmax writes the logits before any softcap (and a bf16 tanh can make ties
-        # the uncapped argmax would not see): the step runs those pieces on torch for it, and
-        # the compiler does not time or tune them (causal_lm/decode_kernels.py, decode_tiles.py)
-        self.attention_kernels_fit = spec.attn_logit_softcap is None
+        # Gemma2's softcaps: SDPA has no tanh on the scores (kernl's decode attention has,
+        # the persistent step's has not), and lm_head_argmax writes the logits before any
+        # softcap (and a bf16 tanh can make ties the uncapped argmax would not see): the step
+        # runs those pieces on torch for it, and the compiler does not time or tune them
+        # (causal_lm/decode_kernels.py, decode_tiles.py)
+        self.sdpa_fits = spec.attn_logit_softcap is None
         self.lm_head_kernel_fits = spec.final_logit_softcap is None
         # Sliding-window layers (DecoderSpec.sliding_window): the cache stays whole, and the
         # slots older than the window are masked out for those layers only. A window no
@@ -227,7 +228,7 @@ class Decoder:
             and not spec.norm_plus_one
             and spec.embed_scale == 1.0
             and not spec.sandwich_norms
-            and self.attention_kernels_fit
+            and spec.attn_logit_softcap is None
             and self.lm_head_kernel_fits
         )
         # It reads one slot mask for every layer: the windowed one where every layer has the
@@ -252,8 +253,8 @@ class Decoder:
         why: a compile that is told to use them says so rather than storing a choice that
         does not run."""
         why = []
-        if kernels.attention != "torch" and not self.attention_kernels_fit:
-            why.append(f"attention={kernels.attention!r} (no logit softcapping in it)")
+        if kernels.attention == "sdpa" and not self.sdpa_fits:
+            why.append("attention='sdpa' (no logit softcapping in it)")
         if kernels.lm_head != "torch" and not self.lm_head_kernel_fits:
             why.append(f"lm_head={kernels.lm_head!r} (no final logit softcapping in it)")
         if kernels.norm == "fused" and not self.norm_folds:
@@ -536,7 +537,9 @@ class Decoder:
         fold = kernels.norm == "fused" and few and self.norm_folds
         triton_norm = kernels.norm != "torch"
         triton_mlp = kernels.gated_mlp == "triton"
-        attention = kernels.attention if self.attention_kernels_fit else "torch"
+        attention = kernels.attention
+        if attention == "sdpa" and not self.sdpa_fits:
+            attention = "torch"
         if attention == "torch":  # the bias of each mask some layer reads
             biases = {w: self._slot_bias(masks[w], kvh) for w in set(self.windowed)}
         elif attention == "triton":
@@ -631,6 +634,9 @@ class Decoder:
                     kv_mask=kv_mask,
                     config=attention_config,
                     pdl=kernels.pdl,
+                    softcap=s.attn_logit_softcap,
+                    # the window's chunks only: the mask has it, this skips the reads before
+                    window=self.window if self.windowed[i] else None,
                 )
             x = self._attention_out(x, att.reshape(bsz, nh * d), lw, triton_norm, kernels.linear)
             if fold and self.gated_silu_without_bias:

@@ -138,6 +138,8 @@ def choose_decode_kernels(
         if knob == "step":  # the persistent step: last, bucket by bucket
             continue
         for option in options:
+            if knob == "attention" and option == "sdpa" and not decoder.sdpa_fits:
+                continue  # Gemma2's softcapped scores: SDPA has no softcap
             t = timed(dataclasses.replace(best.kernels, **{knob: option}))
             timings.append(t)
             if t.step_ms is not None and t.step_ms < best.step_ms * (1 - MIN_GAIN):
@@ -181,8 +183,6 @@ def _applies(decoder, knob: str) -> bool:
     kernel the step does not run)."""
     if knob == "gated_mlp":  # the kernel is gated SiLU without bias
         return decoder.gated_silu_without_bias
-    if knob == "attention":  # Gemma2's softcapped scores: torch attention only
-        return decoder.attention_kernels_fit
     if knob == "lm_head":  # Gemma2's softcapped logits: torch lm_head only
         return decoder.lm_head_kernel_fits
     return True

@@ -207,7 +207,7 @@ def decode_sites(
         sites.append(Site("gated_mlp", "up", len(L), call_mlp, check_mlp, configs, ops))
     if dec.lm_head_kernel_fits:
         sites.append(_lm_head_site(dec, x, batch))
-    if kv_lengths and dec.attention_kernels_fit:
+    if kv_lengths:
         sites += _attention_sites(dec, batch, sorted(set(kv_lengths)), rnd)
     return sites
 
@@ -283,6 +283,7 @@ def _attention_sites(dec: Decoder, batch: int, kv_lengths: list[int], rnd) -> li
 
         lens = torch.full((1,), kv_len, dtype=torch.int64, device=q.device).expand(batch)
         kw = dict(sm_scale=s.attention_scale, kv_lens=lens, kv_mask=valid[:, :kv_len])
+        kw["softcap"] = s.attn_logit_softcap  # Gemma2's, as the step passes it
 
         def call(i, c, kv=kv, kw=kw):
             return da.decode_attention(q, *kv(i), out=out, config=c, **kw)
@@ -297,6 +298,8 @@ def _attention_sites(dec: Decoder, batch: int, kv_lengths: list[int], rnd) -> li
             return _err(out, ref), allowed
 
         ops = f"{_shapes((q, *kv(0)))} slots={slots} scale={s.attention_scale} layers={L}"
+        if s.attn_logit_softcap is not None:  # its own kernel variant: its own cache entry
+            ops += f" softcap={s.attn_logit_softcap}"
         configs = da.decode_attention_configs()
         sites.append(Site("decode_attention", "attn", L, call, check, configs, ops, kv_len))
     return sites
