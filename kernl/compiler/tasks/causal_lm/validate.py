@@ -40,29 +40,34 @@ class StageError:
 
 
 # Generation's float32 look compares the whole run: the root mean square of kernl's error
-# against eager float32 may be FLOAT32_SLACK times eager bf16's, its largest element
-# MAX_SLACK times. On the CPU, tiny random models with every decode piece on torch (the same
-# ops as eager) gave rms ratios of 0.96-1.06 and max ratios of 0.75-2.1 over 48 steps: the
-# largest element of a long generation is too noisy alone, and a bug confined to a few rows
-# still shows in the max.
-MAX_SLACK = 3.0
+# against eager float32 may be FLOAT32_SLACK times eager bf16's; and each row's largest error
+# at each step may be STEP_SLACK times eager's at that row and step plus eager's median one
+# (a bug confined to one row and one step shows there, not in run-wide figures). On the CPU,
+# tiny random models with every decode piece on torch (the same ops as eager) gave rms ratios
+# of 0.96-1.06 and per-step ratios up to 1.8 over 48 steps; a logit of one row at one step
+# moved by twice eager's largest error gave 3-7 (2026-12-06).
+STEP_SLACK = 3.0
 
 
 def no_less_accurate(ours: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor) -> str | None:
     """kernl's logits (`ours`) and eager's in the model's reduced dtype (`eager`), both against
-    eager in float32 (`exact`), same shape: a summary where kernl is no less accurate than
-    eager (FLOAT32_SLACK on the rms error, MAX_SLACK on the largest), else None."""
+    eager in float32 (`exact`), all [..., vocab] (each row of a step): a summary where kernl
+    is no less accurate than eager (FLOAT32_SLACK on the rms error, STEP_SLACK on each row's
+    largest at each step), else None."""
     ours_err = (ours.double() - exact.double()).abs()
     eager_err = (eager.double() - exact.double()).abs()
     if not (torch.isfinite(ours_err).all() and torch.isfinite(eager_err).all()):
         return None
     rms = [float(x.pow(2).mean().sqrt()) for x in (ours_err, eager_err)]
-    top = [float(x.max()) for x in (ours_err, eager_err)]
-    if not (rms[0] <= FLOAT32_SLACK * rms[1] and top[0] <= MAX_SLACK * top[1]):
+    ours_top = ours_err.reshape(-1, ours_err.shape[-1]).amax(-1)
+    eager_top = eager_err.reshape(-1, eager_err.shape[-1]).amax(-1)
+    bound = STEP_SLACK * (eager_top + eager_top.median())
+    worst = int((ours_top / bound.clamp_min(1e-30)).argmax())
+    if not (rms[0] <= FLOAT32_SLACK * rms[1] and ours_top[worst] <= bound[worst]):
         return None
     return (
-        f"rms error from float32: kernl {rms[0]:.3g}, eager {rms[1]:.3g}; "
-        f"largest: kernl {top[0]:.3g}, eager {top[1]:.3g}"
+        f"rms error from float32: kernl {rms[0]:.3g}, eager {rms[1]:.3g}; a row's largest at "
+        f"a step: kernl {float(ours_top.max()):.3g}, eager {float(eager_top.max()):.3g}"
     )
 
 
