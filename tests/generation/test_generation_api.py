@@ -616,6 +616,24 @@ def test_a_gemma3_text_config_is_not_refused_from_its_config(tmp_path):
         check_model_type(tmp_path / "bidirectional")
 
 
+def test_gemma3_attention_is_not_softcapped_whatever_its_config_says():
+    """Gemma3Attention keeps attn_logit_softcapping from its config but never passes it to the
+    attention function: Hugging Face's logits do not change with it, so kernl's description
+    leaves the scores uncapped. Its final logit softcap is applied, as Gemma2's."""
+    hf = tiny_model("gemma3")
+    ids, mask = mixed_prompts(2, [9, 5])
+    with torch.no_grad():
+        before = hf(input_ids=ids, attention_mask=mask).logits
+        hf.config.attn_logit_softcapping = 0.5
+        after = hf(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(before, after)
+    hf.config.final_logit_softcapping = 0.5
+    spec, _ = describe(hf, 48, torch.float32)
+    assert spec.attn_logit_softcap is None and spec.final_logit_softcap == 0.5
+    assert spec.sandwich_norms and spec.qk_norm and spec.norm_plus_one
+    assert spec.attention_scale == 20**-0.5  # query_pre_attn_scalar, not head_dim (32)
+
+
 def test_a_gemma2_config_is_not_refused_from_its_config(tmp_path):
     """Gemma2 with Gemma2's defaults (softcaps 50 and 30, sliding window 4096 on every other
     layer): the config check lets it through, to the description of its weights."""
