@@ -34,10 +34,11 @@ class DecoderSpec:
     kernl/compiler/tasks/causal_lm/describe.py): `embed`, `pos_embed` (learned positions),
     `layers.{i}.{attn_norm,qkv,o,mlp_norm,gate_up,down,fc,proj}.{weight,bias}`,
     `layers.{i}.{post_attn_norm,post_mlp_norm}.weight` (Gemma2's sandwich norms),
-    `final_norm.{weight,bias}`, `lm_head.weight` (absent when tied to `embed`), and
-    `rope.inv_freq` (float32) for rotary models."""
+    `final_norm.{weight,bias}`, `lm_head.weight` (absent when tied to `embed`),
+    `rope.inv_freq` (float32) for rotary models, and `rope.local_inv_freq` (float32) where
+    `rope_local_layers` is set."""
 
-    family: str  # "llama" (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma2) or "gpt2"
+    family: str  # "llama" (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma2, Gemma3) or "gpt2"
     model_type: str
     num_layers: int
     hidden_size: int
@@ -84,6 +85,12 @@ class DecoderSpec:
     # sliding_window_overlay (kv_idx > q_idx - window) does; None: every layer sees the cache
     sliding_window: int | None = None
     sliding_layers: list[int] = field(default_factory=list)
+    # Gemma3: its sliding-window layers rotate with their own table (rope_theta 10000) and its
+    # full-attention layers with another (1e6, linear scaling in 4B and up): the layers listed
+    # here rotate by `rope.local_inv_freq` with this cos/sin scaling, the others by
+    # `rope.inv_freq` and rope_attention_scaling. Empty: one table for every layer
+    rope_local_layers: list[int] = field(default_factory=list)
+    rope_local_attention_scaling: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,7 +101,10 @@ class DecoderSpec:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"decoder description has unknown fields {unknown}")
-        lists = {k: [int(x) for x in d.get(k, [])] for k in ("eos_token_ids", "sliding_layers")}
+        lists = {
+            k: [int(x) for x in d.get(k, [])]
+            for k in ("eos_token_ids", "sliding_layers", "rope_local_layers")
+        }
         return DecoderSpec(**{**d, **lists})
 
 
@@ -477,7 +487,8 @@ def _check_decoder(d: Any, where: str) -> DecoderSpec:
     for name, allowed in _CHOICES.items():
         if d[name] not in allowed or not isinstance(d[name], str):
             raise bad(f"decoder.{name} is {d[name]!r}, not one of {allowed}")
-    for name in ("norm_eps", "attention_scale", "rope_attention_scaling", "embed_scale"):
+    reals = ("norm_eps", "attention_scale", "rope_attention_scaling", "embed_scale")
+    for name in (*reals, "rope_local_attention_scaling"):
         if name in d and not _is_real(d[name]):
             raise bad(f"decoder.{name} is {d[name]!r}, not a finite number")
     for name in _BOOLS:
@@ -504,6 +515,18 @@ def _check_decoder(d: Any, where: str) -> DecoderSpec:
     if d["positions"] == "rope" and d["head_dim"] % 2:
         raise bad(f"rotary positions need an even head_dim, not {d['head_dim']}")
     _check_window(d, bad)
+    local = d.get("rope_local_layers", [])
+    n = d["num_layers"]
+    if not (
+        isinstance(local, list)
+        and all(_is_int(i) and 0 <= i < n for i in local)
+        and local == sorted(set(local))
+    ):
+        raise bad(
+            f"decoder.rope_local_layers is {local!r}, not distinct layers in [0, {n}) in order"
+        )
+    if local and d["positions"] != "rope":
+        raise bad("decoder.rope_local_layers is set on a model without rotary positions")
     pad = d.get("pad_token_id")
     if not (pad is None or (_is_int(pad) and 0 <= pad < vocab)):
         raise bad(f"decoder.pad_token_id is {pad!r}, not null or a token id in [0, {vocab})")
@@ -591,6 +614,8 @@ def expected_weights(spec: DecoderSpec, dtype: str) -> dict[str, tuple[list[int]
         out["pos_embed.weight"] = ([spec.max_positions, h], dtype)
     else:
         out["rope.inv_freq"] = ([d // 2], "float32")
+        if spec.rope_local_layers:
+            out["rope.local_inv_freq"] = ([d // 2], "float32")
     for n in range(spec.num_layers):
         p = f"layers.{n}."
         out[p + "attn_norm.weight"] = out[p + "mlp_norm.weight"] = ([h], dtype)
@@ -683,7 +708,8 @@ def generation_memory(desc: GenerationDescription, itemsize: int) -> tuple[int, 
     cache = b.cache_len
     static = 0
     if s.positions == "rope":
-        static += cache * s.head_dim * s.head_dim * itemsize  # one rotary matrix per position
+        tables = 2 if s.rope_local_layers else 1  # Gemma3's: one per layer type
+        static += tables * cache * s.head_dim * s.head_dim * itemsize  # a matrix per position
     for batch in b.batches:
         static += 2 * s.num_layers * batch * s.num_kv_heads * cache * s.head_dim * itemsize
         static += batch * cache * (8 + 1)  # generated ids (int64) and the valid-slot mask

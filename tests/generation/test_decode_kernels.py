@@ -58,7 +58,10 @@ VARIANTS = [
 NEW = 6
 
 
-@pytest.fixture(scope="module", params=["llama3", "qwen2", "qwen3", "gemma", "gemma2", "gpt2"])
+# gemma3: two rotary tables (its window-8 layers' and its full layers'), under every variant
+@pytest.fixture(
+    scope="module", params=["llama3", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2"]
+)
 def artifact(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param) / "lm.kernl"
     kernl.compiler.compile(
@@ -466,6 +469,10 @@ def test_step_timing_and_binary_recording_run_on_the_cpu(artifact):
         lambda e: e["decoder"].update(sliding_window=8, sliding_layers=[1, 0]),
         lambda e: e["decoder"].update(sliding_window=8, sliding_layers=[99]),
         lambda e: e["decoder"].update(sliding_window=8, sliding_layers=0),
+        lambda e: e["decoder"].update(rope_local_layers=[0, 0]),
+        lambda e: e["decoder"].update(rope_local_layers=[99]),
+        lambda e: e["decoder"].update(rope_local_layers=0),
+        lambda e: e["decoder"].update(rope_local_attention_scaling=float("nan")),
     ],
     ids=[
         "unknown-choice",
@@ -492,6 +499,10 @@ def test_step_timing_and_binary_recording_run_on_the_cpu(artifact):
         "window-layers-out-of-order",
         "window-layer-out-of-range",
         "window-layers-not-a-list",
+        "rope-local-layer-twice",
+        "rope-local-layer-out-of-range",
+        "rope-local-layers-not-a-list",
+        "rope-local-scaling-nan",
     ],  # fmt: skip
 )
 def test_a_hostile_causal_lm_description_is_refused_as_an_artifact_error(artifact, tmp_path, edit):
@@ -512,9 +523,10 @@ def test_a_hostile_causal_lm_description_is_refused_as_an_artifact_error(artifac
 
 def test_a_description_written_before_gemmas_fields_loads_with_their_defaults(artifact, tmp_path):
     """embed_scale and norm_plus_one came with Gemma, the softcaps and sandwich_norms with
-    Gemma2, sliding_window and sliding_layers after: an artifact without them is a plain
-    Llama-style decoder (scale 1, norms by their weight, no softcap, no norm of the attention
-    or MLP output, no window), and serves as it did."""
+    Gemma2, sliding_window and sliding_layers after, rope_local_layers and its scaling with
+    Gemma3: an artifact without them is a plain Llama-style decoder (scale 1, norms by their
+    weight, no softcap, no norm of the attention or MLP output, no window, one rotary table),
+    and serves as it did."""
     import shutil
 
     import msgpack
@@ -523,7 +535,7 @@ def test_a_description_written_before_gemmas_fields_loads_with_their_defaults(ar
 
     root = Path(shutil.copytree(artifact, tmp_path / "copy"))
     m = msgpack.unpackb((root / "manifest.msgpack").read_bytes(), raw=False)
-    if m["extra"]["decoder"]["model_type"] in ("gemma", "gemma2"):
+    if m["extra"]["decoder"]["model_type"] in ("gemma", "gemma2", "gemma3_text"):
         pytest.skip("a Gemma artifact needs both fields")
     assert m["extra"]["decoder"].pop("embed_scale") == 1.0
     assert m["extra"]["decoder"].pop("norm_plus_one") is False
@@ -532,6 +544,8 @@ def test_a_description_written_before_gemmas_fields_loads_with_their_defaults(ar
     assert m["extra"]["decoder"].pop("sandwich_norms") is False
     assert m["extra"]["decoder"].pop("sliding_window") is None  # none of these families'
     assert m["extra"]["decoder"].pop("sliding_layers") == []
+    assert m["extra"]["decoder"].pop("rope_local_layers") == []  # Gemma3's, after the window
+    assert m["extra"]["decoder"].pop("rope_local_attention_scaling") == 1.0
     (root / "manifest.msgpack").write_bytes(pack_manifest(m))
     old, new = kernl.runtime.load(root), kernl.runtime.load(artifact)
     assert old.decoder.spec == new.decoder.spec
@@ -539,6 +553,22 @@ def test_a_description_written_before_gemmas_fields_loads_with_their_defaults(ar
     assert torch.equal(
         old.generate(ids, mask, max_new_tokens=4), new.generate(ids, mask, max_new_tokens=4)
     )
+
+
+def test_gemma3_is_not_served_by_the_kernels_that_read_one_rotary_table():
+    """Gemma3's sliding-window and full-attention layers rotate with two tables: the persistent
+    step (one table in its weights) is refused naming them, and a step with rope "fused" runs
+    kernels/rotary.py per layer, not the fused kernels that read `Decoder.cos` alone."""
+    from kernl.compiler.tasks.causal_lm.describe import describe
+    from kernl.runtime.generation.decoder import Decoder
+
+    spec, weights = describe(tiny_model("gemma3"), 48, torch.float32)
+    assert spec.rope_local_layers == [0, 1, 3, 4]
+    decoder = Decoder(spec, weights, 48, torch.float32, torch.device("cpu"))
+    assert decoder.two_rope_tables and not decoder.persistent_fits
+    why = decoder.kernels_that_do_not_apply(DecodeKernels(step="persistent"))
+    assert any("one rotary table" in w for w in why), why
+    assert not torch.equal(decoder.cos, decoder.cos_local)
 
 
 def test_inspect_shows_the_decode_step_kernels(artifact):

@@ -1,6 +1,7 @@
 """Greedy generation of every supported family (Gemma also at its head_dim of 256; Gemma2 with
 softcaps, sandwich norms and sliding layers whose window covers the cache, and again with a
-window of 8; Mistral with a window of 8, shorter than the prompts and the cache) matches
+window of 8; Gemma3's text decoder with a window of 8 and a rotary table per layer type;
+Mistral with a window of 8, shorter than the prompts and the cache) matches
 Hugging Face eager `generate` token for token: a batch of mixed prompt lengths, 64 new tokens,
 then again with an EOS id that one row emits midway (each row stops on its own, finished rows
 are padded)."""
@@ -31,6 +32,7 @@ FAMILIES = [
     "gemma_head256",
     "gemma2",
     "gemma2_window",
+    "gemma3",
     "gpt2",
 ]
 
@@ -115,6 +117,73 @@ def test_gemma2_step_logits_match_eager_forward(tmp_path, attention):
     assert torch.equal(ours_ids, ref.argmax(-1))
     err = (ours - ref).abs().max().item()
     assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("rope", ["torch", "triton"])
+@pytest.mark.parametrize("attention", ["torch", "triton"])
+def test_gemma3_step_logits_match_eager_forward(tmp_path, attention, rope):
+    """Gemma3's text decoder, each streamed step's logits (the prefill's, then every decode
+    step's, 40 of them: past its window of 8 and past the prompts) against Hugging Face's
+    forward over the same ids, teacher-forced, on both decode attentions and both rotary paths
+    (the torch step's per-position matrices, kernels/rotary.py on the normed q and k). Its
+    sliding-window layers rotate with theta 1e4, its full-attention layers with theta 1e6 and
+    linear scaling by 8: at position p the two tables' angles differ by up to p radians in
+    their first pair (1 against 1/8 per position), so a step that rotated either kind of layer
+    with the other's table is off by far more than this float32 tolerance (the greedy-ids test
+    of the same model would go wrong within a few tokens; test_gemma3_one_rope_table_for_all
+    shows it on the logits)."""
+    from kernl.compiler.tasks.causal_lm import compile_causal_lm
+
+    hf = tiny_model("gemma3")
+    compile_causal_lm(
+        hf,
+        BUCKETS,
+        tmp_path / "lm.kernl",
+        dtype="fp32",
+        device="cpu",
+        decode_kernels={"attention": attention, "rope": rope},
+    )
+    model = kernl.runtime.load(tmp_path / "lm.kernl")
+    assert (model.decoder.kernels.attention, model.decoder.kernels.rope) == (attention, rope)
+    ours_ids, ours, ref = _teacher_forced(model, hf)
+    assert torch.equal(ours_ids, ref.argmax(-1))
+    err = (ours - ref).abs().max().item()
+    assert err < 1e-5, err
+
+
+def test_gemma3_one_rope_table_for_all_would_be_caught(tmp_path):
+    """The premise of the test above: the two tables differ, and kernl's decoder rotating every
+    layer with one of them (as a runtime that read a single table would) is far off Hugging
+    Face's logits, well past that test's tolerance, at prefill and at decode."""
+    hf = tiny_model("gemma3")
+    rotary = hf.model.rotary_emb
+    assert not torch.allclose(rotary.sliding_attention_inv_freq, rotary.full_attention_inv_freq)
+    kernl.compiler.compile(
+        hf, BUCKETS, tmp_path / "lm.kernl", dtype="fp32", device="cpu", task="causal-lm"
+    )
+    model = kernl.runtime.load(tmp_path / "lm.kernl")
+    d = model.decoder
+    assert d.spec.rope_local_layers == [0, 1, 3, 4] and d.two_rope_tables
+    for table in (False, True):  # the full layers' table on every layer, then the local one
+        d.rotates_local = [table] * d.spec.num_layers
+        _, ours, ref = _teacher_forced(model, hf)
+        assert (ours[:, 0] - ref[:, 0]).abs().max().item() > 1e-2  # the prefill's
+        assert (ours[:, 1:] - ref[:, 1:]).abs().max().item() > 1e-2  # the steps'
+
+
+def _teacher_forced(model, hf):
+    """(ids, logits [rows, steps, vocab]) streamed by kernl over the mixed prompts, and Hugging
+    Face's logits over the same ids, teacher-forced."""
+    from kernl.compiler.tasks.causal_lm.validate import reference_logits
+
+    ids, mask = mixed_prompts(3, [11, 4, 16])
+    steps = list(model.stream(ids, mask, max_new_tokens=40, eos_token_id=[], output_logits=True))
+    ours_ids = torch.stack([i for i, _ in steps], 1)
+    ours = torch.stack([lg for _, lg in steps], 1)
+    seqs = torch.cat([ids, ours_ids[:, :-1]], 1)
+    valid = torch.cat([mask.bool(), torch.ones_like(ours_ids[:, :-1], dtype=torch.bool)], 1)
+    keep = [ids.shape[1] - 1 + t for t in range(ours_ids.shape[1])]
+    return ours_ids, ours, reference_logits(hf, seqs, valid, keep)
 
 
 def test_gemma2_under_sdpa_is_validated_against_its_softcapped_eager_attention(tmp_path):

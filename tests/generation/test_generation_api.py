@@ -563,57 +563,75 @@ def test_a_prompt_bucket_equal_to_a_kv_length_loads(tmp_path):
     assert model.generate(ids, mask, max_new_tokens=30, eos_token_id=[]).shape == (1, 50)
 
 
-@pytest.mark.parametrize(
-    "model_type, lacks",
-    [
-        (
-            "gemma3_text",
-            [
-                "a description of Gemma3's decoder layer",
-                "a rotary table per layer type",
-            ],
-        ),
-        (
-            "gemma3",
-            [
-                "an image encoder",
-                "a description of Gemma3's decoder layer",
-                "a rotary table per layer type",
-            ],
-        ),
-    ],
+GEMMA3_SIZES = dict(
+    hidden_size=32,
+    num_hidden_layers=6,  # five sliding-window layers, then one global
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    intermediate_size=64,
+    vocab_size=50,
+    sliding_window=16,
 )
-def test_gemma3_is_refused_from_its_config_naming_what_kernl_lacks(tmp_path, model_type, lacks):
-    """A folder holding only config.json: the refusal comes before any weight is looked for
-    (loading would fail on the missing weights), and names each missing piece, not what kernl
-    has since Gemma2 (softcapping, the norms after attention and around the MLP)."""
+
+
+def test_gemma3_image_text_is_refused_from_its_config_naming_its_image_encoder(tmp_path):
+    """Gemma3ForConditionalGeneration from a folder holding only config.json: the refusal comes
+    before any weight is looked for (loading would fail on the missing weights) and names the
+    image encoder, and the text decoder kernl serves instead, not what kernl has (the rotary
+    table per layer type, softcapping, the norms after attention and around the MLP)."""
     import transformers as tf
 
-    sizes = dict(
-        hidden_size=32,
-        num_hidden_layers=6,  # five sliding-window layers, then one global
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        intermediate_size=64,
-        vocab_size=50,
-        sliding_window=16,
-    )
-    if model_type == "gemma3":
-        config = tf.Gemma3Config(text_config=tf.Gemma3TextConfig(**sizes))
-    else:
-        config = tf.AutoConfig.for_model(model_type, **sizes)
+    config = tf.Gemma3Config(text_config=tf.Gemma3TextConfig(**GEMMA3_SIZES))
     config.save_pretrained(tmp_path / "model")
-    with pytest.raises(UnsupportedModelError, match=rf"model type '{model_type}'") as refused:
+    with pytest.raises(UnsupportedModelError, match=r"model type 'gemma3'") as refused:
         kernl.compiler.compile(
             tmp_path / "model", "batch=1 prompt=8", tmp_path / "a", dtype="fp32", device="cpu",
             task="causal-lm",
         )  # fmt: skip
     message = str(refused.value)
-    assert all(lack in message for lack in lacks), message
+    assert "an image encoder" in message and "'gemma3_text', is served" in message, message
+    assert "rotary table" not in message and "decoder layer" not in message, message
     assert "softcapping" not in message and "post_attention_layernorm" not in message, message
-    assert "sliding-window attention" not in message, message  # Gemma2's windowed layers: kernl's
     assert not (tmp_path / "a").exists()
+
+
+def test_a_gemma3_text_config_is_not_refused_from_its_config(tmp_path):
+    """Gemma3's text decoder (its sliding-window and full-attention layers rotating with
+    different rope_parameters) passes the config check, to the description of its weights;
+    with use_bidirectional_attention it is refused, naming it."""
+    import transformers as tf
+
+    from kernl.compiler.tasks.causal_lm.describe import check_model_type
+
+    config = tf.Gemma3TextConfig(**GEMMA3_SIZES)
+    rope = config.rope_parameters
+    assert rope["sliding_attention"]["rope_theta"] != rope["full_attention"]["rope_theta"]
+    config.save_pretrained(tmp_path / "model")
+    check_model_type(tmp_path / "model")
+    tf.Gemma3TextConfig(**GEMMA3_SIZES, use_bidirectional_attention=True).save_pretrained(
+        tmp_path / "bidirectional"
+    )
+    with pytest.raises(UnsupportedModelError, match="use_bidirectional_attention=True"):
+        check_model_type(tmp_path / "bidirectional")
+
+
+def test_gemma3_attention_is_not_softcapped_whatever_its_config_says():
+    """Gemma3Attention keeps attn_logit_softcapping from its config but never passes it to the
+    attention function: Hugging Face's logits do not change with it, so kernl's description
+    leaves the scores uncapped. Its final logit softcap is applied, as Gemma2's."""
+    hf = tiny_model("gemma3")
+    ids, mask = mixed_prompts(2, [9, 5])
+    with torch.no_grad():
+        before = hf(input_ids=ids, attention_mask=mask).logits
+        hf.config.attn_logit_softcapping = 0.5
+        after = hf(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(before, after)
+    hf.config.final_logit_softcapping = 0.5
+    spec, _ = describe(hf, 48, torch.float32)
+    assert spec.attn_logit_softcap is None and spec.final_logit_softcap == 0.5
+    assert spec.sandwich_norms and spec.qk_norm and spec.norm_plus_one
+    assert spec.attention_scale == 20**-0.5  # query_pre_attn_scalar, not head_dim (32)
 
 
 def test_a_gemma2_config_is_not_refused_from_its_config(tmp_path):

@@ -25,8 +25,18 @@ from .tiny_models import mixed_prompts, tiny_model
 @pytest.mark.parametrize(
     "family",
     # "*_window": a window of 8 over prompts of up to 16 and a cache of 96 slots (every
-    # Mistral layer; Qwen2's second layer; Gemma2's first and third, eager attention in HF)
-    ["llama3", "qwen3", "gemma", "gemma2", "mistral_window", "qwen2_window", "gemma2_window"],
+    # Mistral layer; Qwen2's second layer; Gemma2's first and third, eager attention in HF);
+    # "gemma3": a window of 8 on four of six layers, and a rotary table per layer type
+    [
+        "llama3",
+        "qwen3",
+        "gemma",
+        "gemma2",
+        "mistral_window",
+        "qwen2_window",
+        "gemma2_window",
+        "gemma3",
+    ],
 )
 def test_cuda_graph_generation_matches_eager(family, tmp_path):
     hf = tiny_model(family).cuda()
@@ -52,7 +62,7 @@ def test_cuda_graph_generation_matches_eager(family, tmp_path):
     out = model.generate(ids.cuda(), mask.cuda(), max_new_tokens=64, eos_token_id=[])
     assert out.device.type == "cuda"
     assert torch.equal(out, ref)
-    if family.endswith("_window"):  # the window's slot mask on SDPA too, captured anew
+    if family.endswith("_window") or family == "gemma3":  # the window's mask on SDPA too
         assert model.decoder.window == 8
         model.decoder.kernels = type(model.decoder.kernels)(attention="sdpa")
         model._steps.clear()

@@ -135,6 +135,38 @@ def tiny_model(family: str) -> torch.nn.Module:
         # Hugging Face's SDPA drops the attention softcap, and transformers 5.17 runs Gemma2
         # through SDPA by default: the reference is its eager attention, as Gemma2 is trained
         model.set_attn_implementation("eager")
+    elif family == "gemma3":
+        # Gemma3's text decoder: Gemma2's sandwich norms, per-head (1 + w) q and k norms, no
+        # softcaps; a window of 8 (shorter than the test prompts and caches) on four of six
+        # layers; a rotary table per layer type, their thetas as Gemma3's and the full layers'
+        # with the linear scaling of Gemma3-4B and up (factor 8), so that one table for all
+        # would rotate either kind wrongly; query_pre_attn_scalar 20 where head_dim is 32
+        cfg = tf.Gemma3TextConfig(
+            hidden_size=48,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            intermediate_size=96,
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=20,
+            sliding_window=8,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "full_attention": {
+                    "rope_type": "linear",
+                    "rope_theta": 1_000_000.0,
+                    "factor": 8.0,
+                },
+            },
+            tie_word_embeddings=True,
+            **common,
+        )
+        model = tf.Gemma3ForCausalLM(cfg)
+        # the reference is eager attention, as Gemma3 is trained (and as for Gemma2): SDPA's
+        # default may differ by version, and eager's masked scores are what kernl computes
+        model.set_attn_implementation("eager")
     elif family == "gpt2":  # learned positions, Conv1D weights, tied embeddings
         cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **common)
         model = tf.GPT2LMHeadModel(cfg)

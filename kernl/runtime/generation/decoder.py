@@ -1,8 +1,9 @@
 """The decoder-only forward kernl serves, written once over plain torch ops for every supported
-family (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma2: pre-RMSNorm, rotary, gated MLP,
-Qwen3's per-head norms of q and k, Gemma's scaled embeddings and (1 + weight) norms, Gemma2's
-softcapped attention scores and logits and its norms of the attention and MLP outputs; GPT-2:
-pre-LayerNorm, learned positions, plain MLP), reading shapes and variants from a `DecoderSpec`.
+family (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma2, Gemma3's text decoder:
+pre-RMSNorm, rotary, gated MLP, Qwen3's per-head norms of q and k, Gemma's scaled embeddings
+and (1 + weight) norms, Gemma2's softcapped attention scores and logits and its norms of the
+attention and MLP outputs, Gemma3's rotary table per layer type; GPT-2: pre-LayerNorm, learned
+positions, plain MLP), reading shapes and variants from a `DecoderSpec`.
 
 Sliding-window layers (Mistral, Qwen2, Gemma2's every other layer) keep the whole cache: the
 query at slot i attends to the slots j > i - window only, a second slot mask made once a step
@@ -20,6 +21,10 @@ one CUDA graph:
 Rotary embedding: at prefill Hugging Face's `q*cos + rotate_half(q)*sin` over [B, S, D]
 tables; at a plain-torch decode step one batched matmul against a per-position D x D matrix
 (cos on the diagonal, ±sin on the half-swapped entries), one kernel per layer instead of five.
+Gemma3 rotates its sliding-window layers by a table of their own
+(`DecoderSpec.rope_local_layers`): each of its layers gathers its type's rows, and the kernels
+that read one table for every layer (the persistent step, rotary fused with the KV-cache write
+or the QKV projection) are not used for it.
 
 A decode step can run its pieces on kernl's Triton kernels instead (`DecodeKernels`):
 attention over the cache (one split-K kernel reading the slot mask), the norms (alone, or
@@ -172,12 +177,26 @@ class Decoder:
         # when a step runs that path (the kernels setter): 256 MiB for head_dim 128 and 8192
         # positions, unused when the rotary kernels were chosen
         self._rope_args = None
+        # Gemma3's second table, for the layers of rope_local_layers: its sliding-window layers
+        # rotate with rope_theta 10000, its full-attention layers with 1e6 (and linear scaling
+        # in 4B and up); the same three forms as the first
+        self.rope_local = self.cos_local = self.sin_local = None
+        self._rope_local_args = None
+        local = set(spec.rope_local_layers)
+        self.rotates_local = [i in local for i in range(spec.num_layers)]
+        self.two_rope_tables = bool(local)
         if spec.positions == "rope":
             from kernl.kernels.rope_cache_write import rope_tables
 
             inv_freq, scaling = w["rope.inv_freq"], spec.rope_attention_scaling
             self._rope_args = (inv_freq, positions, scaling, dtype, device)
             self.cos, self.sin = rope_tables(inv_freq, positions, scaling, dtype, device)
+            if local:
+                inv_freq, scaling = w["rope.local_inv_freq"], spec.rope_local_attention_scaling
+                self._rope_local_args = (inv_freq, positions, scaling, dtype, device)
+                self.cos_local, self.sin_local = rope_tables(
+                    inv_freq, positions, scaling, dtype, device
+                )
         # Folding a norm into the next linear defers RMSNorm's scale to the epilogue, which a
         # norm bias would not survive. The folding kernels (norm_linear, and lm_head_argmax for
         # the final norm) scale by the weight as Llama's RMSNorm does and their tiles are
@@ -234,9 +253,14 @@ class Decoder:
         # It reads one slot mask for every layer: the windowed one where every layer has the
         # window (Mistral), neither for a mix (Gemma2, Qwen2 under max_window_layers)
         one_mask = all(self.windowed) or not any(self.windowed)
-        self.persistent_fits = plain_layer and one_mask
+        self.persistent_fits = plain_layer and one_mask and not self.two_rope_tables
         self._persistent_misfit = None
-        if not plain_layer:
+        if self.two_rope_tables:
+            self._persistent_misfit = (
+                "it reads one rotary table for every layer: this model's sliding-window and "
+                "full-attention layers rotate with two"
+            )
+        elif not plain_layer:
             self._persistent_misfit = "it serves the Llama family's plain layer only"
         elif not one_mask:
             self._persistent_misfit = (
@@ -275,6 +299,8 @@ class Decoder:
         self._kernels = kernels
         if self._rope_args is not None and kernels.rope == "torch" and self.rope is None:
             self.rope = rope_matrices(*self._rope_args)
+            if self._rope_local_args is not None:
+                self.rope_local = rope_matrices(*self._rope_local_args)
         if kernels.step == "persistent" and self.persistent_fits:
             self._prepare_persistent_step()
 
@@ -470,7 +496,11 @@ class Decoder:
             band = idx[None, :] + self.window > idx[:, None]
             masks[1] = ((allowed & band[None]) | eye[None])[:, None]
         if self.cos is not None:  # [B, S, 1, D]: a gather of D x D matrices was 100s of MB
-            cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
+            tables = [(self.cos[positions][:, :, None], self.sin[positions][:, :, None])]
+            if self.two_rope_tables:  # [full layers' rows, rope_local_layers' rows]
+                tables.append(
+                    (self.cos_local[positions][:, :, None], self.sin_local[positions][:, :, None])
+                )
         for i, lw in enumerate(self.layers):
             h = self._norm(x, lw.attn_norm_w, lw.attn_norm_b)
             qkv = F.linear(h, lw.qkv_w, lw.qkv_b)
@@ -478,6 +508,7 @@ class Decoder:
             if s.qk_norm:
                 qk = self._qk_norm(qk, lw)
             if self.cos is not None:
+                cos, sin = tables[self.rotates_local[i]]
                 qk = qk * cos + _rotate_half(qk) * sin
             q = qk[:, :, :nh].transpose(1, 2)
             k = qk[:, :, nh:].transpose(1, 2)
@@ -547,16 +578,28 @@ class Decoder:
             kv_lens = (slot + 1).expand(bsz)
             attention_config = self._tile_config(bsz, "decode_attention", "attn", kv_len)
         x = self._embed(tokens, positions)
-        # Qwen3's per-head norms come between the QKV projection and the rotary embedding:
-        # the kernels that rotate the projection are not used for it; with a rotary kernel
-        # chosen, kernels/rotary.py rotates the normed q and k (one launch, as the bmm was)
-        rope_kernel = "torch" if s.qk_norm else kernels.rope
-        normed_rotary = s.qk_norm and kernels.rope != "torch" and self.cos is not None
-        rope = cos_sin = None
+        # Qwen3's per-head norms come between the QKV projection and the rotary embedding,
+        # and the kernels that rotate the projection (and write the cache) read one table,
+        # where Gemma3's layers read two: those kernels are not used for either; with a rotary
+        # kernel chosen, kernels/rotary.py rotates the (normed) q and k with the layer's table
+        # (one launch, as the bmm was)
+        rotates_apart = s.qk_norm or self.two_rope_tables
+        rope_kernel = "torch" if rotates_apart else kernels.rope
+        normed_rotary = rotates_apart and kernels.rope != "torch" and self.cos is not None
+        # per table, [full layers', rope_local_layers']: the step's rows of it
+        ropes: list = [None, None]
+        cos_sins: list = [None, None]
         if normed_rotary:
-            cos_sin = (self.cos[positions][:, None], self.sin[positions][:, None])
+            cos_sins[0] = (self.cos[positions][:, None], self.sin[positions][:, None])
+            if self.two_rope_tables:
+                cos_sins[1] = (
+                    self.cos_local[positions][:, None],
+                    self.sin_local[positions][:, None],
+                )
         elif self.rope is not None and rope_kernel == "torch":
-            rope = self.rope.index_select(0, positions)
+            ropes[0] = self.rope.index_select(0, positions)
+            if self.two_rope_tables:
+                ropes[1] = self.rope_local.index_select(0, positions)
         fused_rope = fold and rope_kernel == "fused"  # norm, QKV, rotary, cache write: 1 kernel
         for i, lw in enumerate(self.layers):
             if fused_rope:
@@ -589,6 +632,7 @@ class Decoder:
                 qk = qkv[:, : (nh + kvh) * d].view(bsz, nh + kvh, d)
                 if s.qk_norm:
                     qk = self._qk_norm(qk, lw)
+                cos_sin, rope = cos_sins[self.rotates_local[i]], ropes[self.rotates_local[i]]
                 if cos_sin is not None:
                     from kernl.kernels.rotary import rotary
 

@@ -11,12 +11,14 @@ WEIGHT NAMES (what kernl/runtime/generation/decoder.py reads):
     final_norm.{weight,bias}              lm_head.weight (absent when tied to embed)
     rope.inv_freq [D / 2] float32         (rotary models, taken from the model's own rotary
                                            module, so Llama-3 and linear scaling come as HF
-                                           computes them)
+                                           computes them; Gemma3's full-attention table)
+    rope.local_inv_freq [D / 2] float32   (Gemma3's sliding-window layers' own table)
 Linear weights are [out, in]; GPT-2's Conv1D weights ([in, out]) are transposed here once."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,14 +38,20 @@ from ..generation_config import (
 # RMSNorms by (1 + weight), a gated tanh-GELU MLP, head_dim its own config field; Gemma2: Gemma's
 # with softcapped attention scores and logits, an RMSNorm of the attention and of the MLP
 # outputs before their residual adds, query_pre_attn_scalar ** -0.5 as the attention scale, and
-# a sliding window on every other layer (one rotary table for all). Mistral, Phi-3, and Qwen2
-# and Qwen3 with use_sliding_window: a window on every layer, or on those layer_types names
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2")
-# The families whose RMSNorm scales by (1 + weight) in float32 (GemmaRMSNorm, Gemma2RMSNorm)
-NORM_PLUS_ONE = ("gemma", "gemma2")
+# a sliding window on every other layer (one rotary table for all); Gemma3's text decoder:
+# Gemma2's layer without the attention softcap, with Qwen3's per-head q and k norms (by
+# (1 + weight)) and a rotary table per layer type. Mistral, Phi-3, and Qwen2 and Qwen3 with
+# use_sliding_window: a window on every layer, or on those layer_types names
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text")
+# The families whose RMSNorm scales by (1 + weight) in float32 (GemmaRMSNorm, Gemma2RMSNorm,
+# Gemma3RMSNorm, its q_norm and k_norm included)
+NORM_PLUS_ONE = ("gemma", "gemma2", "gemma3_text")
 # The families with Gemma2's norms after attention and around the MLP: the norm before the MLP
 # is `pre_feedforward_layernorm`, and `post_attention_layernorm` norms the attention output
-SANDWICH_NORMS = ("gemma2",)
+SANDWICH_NORMS = ("gemma2", "gemma3_text")
+# Gemma3's attention keeps attn_logit_softcapping from its config but never passes it to the
+# attention function (Gemma3Attention.forward): its scores are not softcapped, whatever it says
+NO_ATTENTION_SOFTCAP = ("gemma3_text",)
 SUPPORTED = (*LLAMA_LIKE, "gpt2")
 # Rotary variants whose frequencies do not depend on the sequence length.
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
@@ -78,34 +86,21 @@ def check_model_type(model_or_path) -> None:
     _refuse_bidirectional(config, model_type)
 
 
-# Gemma's later text decoders kernl refuses: what each needs beyond Gemma2 is named from its
-# config (Gemma2 is described: its softcaps and sandwich norms are kernl's)
-GEMMA_VARIANTS = ("gemma3_text", "gemma3")
+# Gemma3ForConditionalGeneration: Gemma3's text decoder (described, as gemma3_text) behind an
+# image encoder kernl does not have
+GEMMA_VARIANTS = ("gemma3",)
 
 
 def gemma_lacks(config) -> list[str]:
-    """What kernl's decoder lacks for a Gemma3 config, as its refusal names it: only what this
-    config turns on, and the Gemma3 decoder layer itself, which kernl has not checked against
-    Hugging Face's (its softcaps, sandwich norms and sliding-window layers are Gemma2's, which
-    kernl has)."""
-    lacks = []
-    if config.model_type == "gemma3":  # Gemma3ForConditionalGeneration: image and text
-        lacks.append("an image encoder (Gemma3ForConditionalGeneration reads images)")
-        config = config.get_text_config()
-    lacks.append(
-        "a description of Gemma3's decoder layer (its per-head q and k norms by (1 + weight) "
-        "with Gemma2's sandwich norms, checked against Hugging Face's)"
-    )
-    types = set(getattr(config, "layer_types", None) or ())
-    rope = getattr(config, "rope_parameters", None) or {}
-    by_layer_type = [rope[t] for t in ("sliding_attention", "full_attention") if t in rope]
-    both = {"sliding_attention", "full_attention"} <= types
-    if both and len(by_layer_type) == 2 and by_layer_type[0] != by_layer_type[1]:
-        lacks.append(
-            "a rotary table per layer type (its sliding-window and full-attention layers "
-            "rotate with different rope_parameters)"
-        )
-    if getattr(config, "use_bidirectional_attention", False):
+    """What kernl lacks for a Gemma3ForConditionalGeneration config, as its refusal names it:
+    the image encoder, and what its text config turns on that the text decoder's description
+    refuses too."""
+    lacks = [
+        "an image encoder (Gemma3ForConditionalGeneration reads images; its text decoder "
+        "alone, model type 'gemma3_text', is served)"
+    ]
+    text = config.get_text_config()
+    if getattr(text, "use_bidirectional_attention", False):
         lacks.append("bidirectional attention (use_bidirectional_attention=True)")
     return lacks
 
@@ -172,25 +167,18 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
     cfg = model.config
     mt = cfg.model_type
     base = model.model
-    rotary = base.rotary_emb
-    rope_type = getattr(rotary, "rope_type", "default")
-    if rope_type not in STATIC_ROPE:
-        raise UnsupportedModelError(
-            f"causal-lm: {mt} with rope type {rope_type!r} is not supported (its frequencies "
-            f"change with the sequence length); kernl supports {', '.join(STATIC_ROPE)}"
-        )
     _refuse_bidirectional(cfg, mt)
     window, sliding_layers = _sliding_window(cfg, len(base.layers))
-    _refuse_rope_per_layer_type(cfg, mt)
+    rope = _rotary_tables(base.rotary_emb, cfg, len(base.layers))
     nh, kvh = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
     attn0 = base.layers[0].self_attn
     qkv0, qkv_bias0 = _qkv(attn0)
     head_dim = qkv0.shape[0] // (nh + 2 * kvh)
     if nh % kvh:
         raise UnsupportedModelError(f"causal-lm: {nh} heads are not a multiple of {kvh} KV heads")
-    if rotary.inv_freq.numel() != head_dim // 2:
+    if rope.inv_freq.numel() != head_dim // 2:
         raise UnsupportedModelError(
-            f"causal-lm: {mt} rotates {2 * rotary.inv_freq.numel()} of each head's {head_dim} "
+            f"causal-lm: {mt} rotates {2 * rope.inv_freq.numel()} of each head's {head_dim} "
             "dimensions (a partial rotary factor); kernl rotates whole heads"
         )
     qk_norm = hasattr(attn0, "q_norm")
@@ -226,7 +214,9 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
     tied = model.lm_head.weight.data_ptr() == base.embed_tokens.weight.data_ptr()
     if not tied:
         weights["lm_head.weight"] = model.lm_head.weight
-    weights["rope.inv_freq"] = rotary.inv_freq
+    weights["rope.inv_freq"] = rope.inv_freq
+    if rope.local_layers:
+        weights["rope.local_inv_freq"] = rope.local_inv_freq
     norm = base.layers[0].input_layernorm
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     pad, eos = _token_ids(model)
@@ -251,7 +241,7 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
         positions="rope",
         max_positions=None,
         attention_scale=float(getattr(attn0, "scaling", head_dim**-0.5)),
-        rope_attention_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
+        rope_attention_scaling=rope.scaling,
         qkv_bias=qkv_bias0 is not None,
         o_bias=attn0.o_proj.bias is not None,
         mlp_bias=_gate_up(mlp0)[1] is not None,
@@ -259,13 +249,17 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
         qk_norm=qk_norm,
         embed_scale=1.0 if embed_scale is None else float(embed_scale),
         norm_plus_one=mt in NORM_PLUS_ONE,
-        attn_logit_softcap=_softcap(cfg, "attn_logit_softcapping"),
+        attn_logit_softcap=(
+            None if mt in NO_ATTENTION_SOFTCAP else _softcap(cfg, "attn_logit_softcapping")
+        ),
         final_logit_softcap=_softcap(cfg, "final_logit_softcapping"),
         sandwich_norms=sandwich,
         pad_token_id=pad,
         eos_token_ids=eos,
         sliding_window=window,
         sliding_layers=sliding_layers,
+        rope_local_layers=rope.local_layers,
+        rope_local_attention_scaling=rope.local_scaling,
     )
     return spec, weights
 
@@ -302,22 +296,71 @@ def _softcap(cfg, name: str) -> float | None:
     return cap
 
 
-def _refuse_rope_per_layer_type(cfg, mt: str) -> None:
-    """kernl rotates every layer with one table: a config whose rope_parameters differ by
-    layer type (Gemma3's) is refused. Gemma2's has one set for all its layers."""
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    per_type = [rope[t] for t in ("sliding_attention", "full_attention") if t in rope]
-    if len(per_type) == 2 and per_type[0] != per_type[1]:
+@dataclass
+class _RotaryTables:
+    """The rotary frequencies a model's layers use: one table for every layer, or (Gemma3) the
+    full-attention layers' and, for `local_layers`, the sliding-window layers' own."""
+
+    inv_freq: torch.Tensor
+    scaling: float
+    local_layers: list[int] = field(default_factory=list)
+    local_inv_freq: torch.Tensor | None = None
+    local_scaling: float = 1.0
+
+
+def _rotary_tables(rotary, cfg, num_layers: int) -> _RotaryTables:
+    """The tables as the model's own rotary module computed them (so Llama-3 and linear scaling
+    come as Hugging Face computes them). Gemma3RotaryEmbedding holds one per layer type
+    (`{type}_inv_freq`, `{type}_attention_scaling`, `rope_type` a dict by type) and the model
+    rotates each layer by its type's (Gemma3TextModel.forward); the others hold one table. A
+    rope type whose frequencies change with the sequence length is refused."""
+    mt = cfg.model_type
+    by_type = rotary.rope_type if isinstance(rotary.rope_type, dict) else None
+    for rope_type in (by_type or {None: getattr(rotary, "rope_type", "default")}).values():
+        if rope_type not in STATIC_ROPE:
+            raise UnsupportedModelError(
+                f"causal-lm: {mt} with rope type {rope_type!r} is not supported (its "
+                f"frequencies change with the sequence length); kernl supports "
+                f"{', '.join(STATIC_ROPE)}"
+            )
+    if by_type is None:
+        return _RotaryTables(rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0)))
+    layer_types = list(cfg.layer_types)
+    known = {"sliding_attention", "full_attention"}
+    if len(layer_types) != num_layers or not set(layer_types) <= known:
         raise UnsupportedModelError(
-            f"causal-lm: {mt} rotates its sliding-window and full-attention layers with "
-            "different rope_parameters; kernl rotates every layer with one table"
+            f"causal-lm: {mt} with layer_types {layer_types} is not supported; kernl knows "
+            f"{sorted(known)}, one per layer ({num_layers})"
         )
+    missing = sorted(set(layer_types) - set(by_type))
+    if missing:  # Hugging Face's module made no table for them
+        raise UnsupportedModelError(
+            f"causal-lm: {mt} has no rope_parameters for its {missing} layers"
+        )
+
+    def table(layer_type: str) -> tuple[torch.Tensor, float]:
+        return (
+            getattr(rotary, f"{layer_type}_inv_freq"),
+            float(getattr(rotary, f"{layer_type}_attention_scaling")),
+        )
+
+    # the table of the full-attention layers is the main one (the one every layer reads where
+    # there is one); the sliding-window layers get theirs where it differs
+    main_type = "full_attention" if "full_attention" in layer_types else "sliding_attention"
+    inv_freq, scaling = table(main_type)
+    tables = _RotaryTables(inv_freq, scaling)
+    if main_type == "full_attention" and "sliding_attention" in layer_types:
+        local, local_scaling = table("sliding_attention")
+        if not (torch.equal(local, inv_freq) and local_scaling == scaling):
+            tables.local_layers = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
+            tables.local_inv_freq, tables.local_scaling = local, local_scaling
+    return tables
 
 
 def _sliding_window(cfg, num_layers: int) -> tuple[int | None, list[int]]:
     """(window, the layers it applies to) as Hugging Face's modeling reads the config: Mistral
     and Phi-3 window every layer whenever `sliding_window` is set (their modeling ignores
-    layer_types); Qwen2, Qwen3 and Gemma2 window the "sliding_attention" layers of
+    layer_types); Qwen2, Qwen3, Gemma2 and Gemma3 window the "sliding_attention" layers of
     layer_types (Qwen2's and Qwen3's configs drop the window without use_sliding_window).
     (None, []) for none."""
     window = getattr(cfg, "sliding_window", None)
