@@ -11,8 +11,8 @@ Softcap (16 heads, 8 KV heads of 256, cap 50, scale 256 ** -0.5, as Gemma2-9B):
   kernl-softcap  kernl's decode attention with HAS_SOFTCAP
   torch-softcap  the decoder's torch path for Gemma2: bmm, scale, tanh cap, mask bias, float32
                  softmax, bmm
-Each variant is checked once against a float64 reference, then timed: median of 7 runs of 50
-back-to-back calls between CUDA events, per call. A plain script, not collected by pytest;
+Each variant is checked once against a float64 reference, then timed: median of 7 replays of
+a CUDA graph of 20 calls between CUDA events, per call. A plain script, not collected by pytest;
 well under a minute."""
 
 from __future__ import annotations
@@ -31,15 +31,25 @@ from kernl.kernels.decode_attention import decode_attention, decode_attention_re
 DTYPE, DEV = torch.bfloat16, "cuda"
 
 
-def per_call_ms(fn, calls: int = 50, runs: int = 7) -> float:
-    fn()
+def per_call_ms(fn, calls: int = 20, runs: int = 7) -> float:
+    """Median ms of one call, from replays of a CUDA graph of `calls` calls (as the decode
+    step runs them: no host launch cost in the figure)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # compiles and warms outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
     torch.cuda.synchronize()
     times = []
     for _ in range(runs):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(calls):
-            fn()
+        graph.replay()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / calls)
@@ -78,7 +88,7 @@ def window_case(batch: int, slots: int, window: int = 4096) -> dict:
 def softcap_case(batch: int, slots: int, cap: float = 50.0) -> dict:
     h, kvh, d = 16, 8, 256
     scale = 256**-0.5
-    q = 4 * torch.randn(batch, h, 1, d, device=DEV, dtype=DTYPE)
+    q = torch.randn(batch, h, 1, d, device=DEV, dtype=DTYPE)
     k = torch.randn(batch, kvh, slots, d, device=DEV, dtype=DTYPE)
     v = torch.randn(batch, kvh, slots, d, device=DEV, dtype=DTYPE)
     lens = torch.full((batch,), slots, device=DEV, dtype=torch.int64)
@@ -115,11 +125,11 @@ def main() -> None:
         "softcap": {},
     }
     for batch in (1, 8):
-        for slots in (8192, 32768):
+        for slots in (32768,):
             row = window_case(batch, slots)
             result["window"][f"{batch}x{slots}"] = row
             print("window", batch, slots, json.dumps(row), flush=True)
-        for slots in (1024, 4096, 8192):
+        for slots in (4096,):
             row = softcap_case(batch, slots)
             result["softcap"][f"{batch}x{slots}"] = row
             print("softcap", batch, slots, json.dumps(row), flush=True)
