@@ -156,12 +156,15 @@ def _decode_split_kernel(
     kv_len = Lk
     if HAS_KV_LENS:
         kv_len = tl.minimum(tl.load(KVLens + b * stride_lensb).to(tl.int32), Lk)
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, kv_len)  # <= lo for a chunk past kv_len: the loop never runs
     first = 0
-    if HAS_WINDOW:  # the query (slot kv_len - 1) sees the window's slots only: none read before
+    lo = split * chunk
+    if HAS_WINDOW:
+        # the query (slot kv_len - 1) sees the window's slots only, none read before: the
+        # chunks split the window (from its first key block), not the whole cache, so every
+        # program has slots to read however long the cache is
         first = tl.maximum(kv_len - window, 0)
-        lo = tl.maximum(lo, first // BLOCK_N * BLOCK_N)  # >= hi for a chunk wholly before it
+        lo += first // BLOCK_N * BLOCK_N
+    hi = tl.minimum(lo + chunk, kv_len)  # <= lo for a chunk past kv_len: the loop never runs
     acc, m_i, l_i, heads, g_mask, offs_d, d_mask = decode_attention_chunk(
         Q,
         K,
@@ -381,7 +384,7 @@ def decode_attention(
     as they are, any stride: an expanded scalar serves every row), kv_mask [B, Lk] (bool, unit
     stride along Lk) -> [B, H, 1, D]. The query sits at each row's slot kv_len - 1; `window`
     (a sliding window's length, >= 1): it sees the slots j > kv_len - 1 - window only, and the
-    chunks before them read nothing. `softcap`: the scaled scores s become softcap *
+    chunks split those slots (from the window's first key block) rather than the whole cache. `softcap`: the scaled scores s become softcap *
     tanh(s / softcap) (Gemma2's). pdl: launch with programmatic dependent launch
     (kernels/launch.py; off under the interpreter)."""
     B, H, Lq, D = q.shape
@@ -398,9 +401,11 @@ def decode_attention(
     config = config or DecodeAttentionConfig()
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     group = H // H_kv
-    splits = config.num_splits or _auto_splits(B * H_kv, Lk, config.BLOCK_N)
-    chunk = cdiv(cdiv(Lk, splits), config.BLOCK_N) * config.BLOCK_N
-    splits = cdiv(Lk, chunk)
+    # the slots the chunks cover: the whole cache, or a window's from its first key block
+    span = Lk if window is None else min(Lk, window + config.BLOCK_N - 1)
+    splits = config.num_splits or _auto_splits(B * H_kv, span, config.BLOCK_N)
+    chunk = cdiv(cdiv(span, splits), config.BLOCK_N) * config.BLOCK_N
+    splits = cdiv(span, chunk)
     mid_o = torch.empty((B, H, splits, D), dtype=torch.float32, device=q.device)
     mid_m = torch.empty((B, H, splits), dtype=torch.float32, device=q.device)
     mid_l = torch.empty_like(mid_m)

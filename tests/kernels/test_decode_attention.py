@@ -144,6 +144,23 @@ def test_decode_attention_window_reads_no_slot_before_it(config):
     assert (ref[0] - whole[0]).abs().max() > 1e-3  # the window changes row 0's output
 
 
+@pytest.mark.parametrize("config", [None, DecodeAttentionConfig(16, 2, 2, 64)], ids=str)
+def test_decode_attention_window_chunks_cover_every_row_s_window(config):
+    """The chunks split the window's slots from each row's first key block of it, not the
+    whole cache: rows whose windows start at different blocks, one row shorter than the window,
+    and more chunks than the window has key blocks, each row against the reference."""
+    B, H, D, Lk, window = 4, 4, 32, 300, 50
+    q = torch.randn(B, H, 1, D, device=DEVICE)
+    k = torch.randn(B, 1, Lk, D, device=DEVICE)
+    v = torch.randn(B, 1, Lk, D, device=DEVICE)
+    lens = torch.tensor([300, 40, 117, 64], device=DEVICE)
+    out = decode_attention(q, k, v, kv_lens=lens, window=window, config=config)
+    ref = decode_attention_reference(
+        q.double(), k.double(), v.double(), kv_lens=lens, window=window
+    )
+    assert_close(out, ref, torch.float32)
+
+
 def test_decode_attention_window_longer_than_the_cache_masks_nothing():
     B, H, D, Lk = 2, 4, 32, 40
     q = torch.randn(B, H, 1, D, device=DEVICE)
