@@ -391,3 +391,24 @@ def test_a_pdl_trial_that_fails_leaves_the_choice_without_pdl(artifact, monkeypa
     assert chosen.linear == "fused" and not chosen.pdl
     assert any("PDL not tried further: RuntimeError" in m for m in said)
     assert model.decoder.kernels == chosen and not model._steps
+
+
+@pytest.mark.parametrize("family, timed_window", [("mistral_window", 8), ("gemma2_window", None)])
+def test_decode_attention_is_tuned_over_the_window_where_every_layer_has_it(
+    tmp_path, family, timed_window
+):
+    """Mistral's every layer reads the window's slots only: its attention tiles are timed and
+    checked so (a tile cached for the whole cache is another entry); Gemma2's mix of windowed
+    and full layers is timed over the whole cache."""
+    out = tmp_path / "lm.kernl"
+    kernl.compiler.compile(
+        tiny_model(family), "batch=3 prompt=16 cache=32", out, dtype="fp32", device="cpu",
+        task="causal-lm",
+    )  # fmt: skip
+    dec = kernl.runtime.load(out).decoder
+    assert dec.window == 8
+    (site,) = [s for s in decode_tiles.decode_sites(dec, 3, kv_lengths=(KV,)) if s.site == "attn"]
+    assert site.operands.endswith(f"window={timed_window}") == (timed_window is not None)
+    for config in (site.configs[0], site.configs[-1]):
+        err, allowed = site.check(site.call(0, config))
+        assert err <= allowed, (config, err, allowed)

@@ -260,7 +260,7 @@ def _attention_sites(dec: Decoder, batch: int, kv_lengths: list[int], rnd) -> li
     leading slots of a [layers, batch, kv heads, slots, head dim] cache as long as the longest
     bucket, the valid length one expanded scalar, and the valid-slot mask a slice of the
     state's [batch, slots] one (here with some left padding). Timed with the whole bucket
-    valid: the slowest step the bucket serves."""
+    valid: the slowest step the bucket serves (within the window where every layer has one)."""
     from kernl.kernels import decode_attention as da
     from kernl.runtime.generation.decoder import KVCache
 
@@ -284,6 +284,11 @@ def _attention_sites(dec: Decoder, batch: int, kv_lengths: list[int], rnd) -> li
         lens = torch.full((1,), kv_len, dtype=torch.int64, device=q.device).expand(batch)
         kw = dict(sm_scale=s.attention_scale, kv_lens=lens, kv_mask=valid[:, :kv_len])
         kw["softcap"] = s.attn_logit_softcap  # Gemma2's, as the step passes it
+        # where every layer has the window (Mistral), the step reads the window's slots only:
+        # timed so; a mix (Gemma2) is timed over the whole cache, the slower of its two reads
+        windowed = dec.window is not None and all(dec.windowed)
+        if windowed:
+            kw["window"] = dec.window
 
         def call(i, c, kv=kv, kw=kw):
             return da.decode_attention(q, *kv(i), out=out, config=c, **kw)
@@ -300,6 +305,8 @@ def _attention_sites(dec: Decoder, batch: int, kv_lengths: list[int], rnd) -> li
         ops = f"{_shapes((q, *kv(0)))} slots={slots} scale={s.attention_scale} layers={L}"
         if s.attn_logit_softcap is not None:  # its own kernel variant: its own cache entry
             ops += f" softcap={s.attn_logit_softcap}"
+        if windowed:
+            ops += f" window={dec.window}"
         configs = da.decode_attention_configs()
         sites.append(Site("decode_attention", "attn", L, call, check, configs, ops, kv_len))
     return sites
