@@ -171,6 +171,30 @@ def test_gemma3_one_rope_table_for_all_would_be_caught(tmp_path):
         assert (ours[:, 1:] - ref[:, 1:]).abs().max().item() > 1e-2  # the steps'
 
 
+def test_gemma3_compiles_in_bf16_with_both_rope_tables_in_float32(tmp_path):
+    """Real Gemma3 checkpoints are bf16: both rotary frequency tables stay float32 in the
+    artifact, as its reader requires (the local one was once cast to bf16, and every bf16
+    Gemma3 compile failed its own read-back check, review); the bf16 decoder then streams."""
+    from kernl.compiler.tasks.causal_lm.describe import describe
+
+    hf = tiny_model("gemma3").to(torch.bfloat16)
+    _, weights = describe(hf, 96, torch.bfloat16)
+    rotary = hf.model.rotary_emb
+    for name, freq in (
+        ("rope.inv_freq", rotary.full_attention_inv_freq),
+        ("rope.local_inv_freq", rotary.sliding_attention_inv_freq),
+    ):
+        assert weights[name].dtype == torch.float32, name
+        assert torch.equal(weights[name], freq.float()), name
+    kernl.compiler.compile(
+        hf, BUCKETS, tmp_path / "lm.kernl", dtype="bf16", device="cpu", task="causal-lm"
+    )
+    model = kernl.runtime.load(tmp_path / "lm.kernl")
+    ids, mask = mixed_prompts(3, [11, 4, 16])
+    out = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[])
+    assert out.shape == (3, 24)
+
+
 def _teacher_forced(model, hf):
     """(ids, logits [rows, steps, vocab]) streamed by kernl over the mixed prompts, and Hugging
     Face's logits over the same ids, teacher-forced."""

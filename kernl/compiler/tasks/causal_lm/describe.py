@@ -113,11 +113,16 @@ def _refuse_bidirectional(config, model_type: str) -> None:
         )
 
 
+# Kept in float32 whatever the model's dtype, as the reader expects (artifacts/generation.py
+# expected_weights): bf16 would move the frequencies by up to 4e-3 of themselves
+ROPE_FREQUENCIES = ("rope.inv_freq", "rope.local_inv_freq")
+
+
 def describe(
     model: torch.nn.Module, cache_len: int, dtype: torch.dtype
 ) -> tuple[DecoderSpec, dict[str, torch.Tensor]]:
-    """(spec, weights in `dtype`, rope.inv_freq in float32). Raises UnsupportedModelError
-    naming what kernl cannot serve."""
+    """(spec, weights in `dtype`, the rotary frequencies (ROPE_FREQUENCIES) in float32).
+    Raises UnsupportedModelError naming what kernl cannot serve."""
     model_type = getattr(model.config, "model_type", type(model).__name__)
     refuse_module_code_kernl_drops(model, "causal-lm")
     if model_type in LLAMA_LIKE:
@@ -130,7 +135,7 @@ def describe(
             f"kernl generates with {', '.join(SUPPORTED)}"
         )
     weights = {
-        k: v.detach().to(torch.float32 if k == "rope.inv_freq" else dtype).contiguous()
+        k: v.detach().to(torch.float32 if k in ROPE_FREQUENCIES else dtype).contiguous()
         for k, v in weights.items()
     }
     return spec, weights
