@@ -15,7 +15,7 @@ import kernl.compiler
 import kernl.runtime
 from kernl.compiler.tasks.causal_lm.validate import softcapped_attention
 
-from .tiny_models import mixed_prompts, tiny_model
+from .tiny_models import mixed_prompts, teacher_forced, tiny_model
 
 BUCKETS = "batch=1,4 prompt=8,16 cache=48,96"
 NEW = 64
@@ -93,7 +93,6 @@ def test_gemma2_step_logits_match_eager_forward(tmp_path, attention):
     float32 rounding; its attention cap (5) bends its scores, on torch and on kernl's decode
     attention kernel (Triton's interpreter here)."""
     from kernl.compiler.tasks.causal_lm import compile_causal_lm
-    from kernl.compiler.tasks.causal_lm.validate import reference_logits
 
     hf = tiny_model("gemma2")
     compile_causal_lm(
@@ -106,14 +105,7 @@ def test_gemma2_step_logits_match_eager_forward(tmp_path, attention):
     )
     model = kernl.runtime.load(tmp_path / "lm.kernl")
     assert model.decoder.kernels.attention == attention
-    ids, mask = mixed_prompts(3, [11, 4, 16])
-    steps = list(model.stream(ids, mask, max_new_tokens=40, eos_token_id=[], output_logits=True))
-    ours_ids = torch.stack([i for i, _ in steps], 1)
-    ours = torch.stack([lg for _, lg in steps], 1)  # [rows, steps, vocab]
-    seqs = torch.cat([ids, ours_ids[:, :-1]], 1)
-    valid = torch.cat([mask.bool(), torch.ones_like(ours_ids[:, :-1], dtype=torch.bool)], 1)
-    keep = [ids.shape[1] - 1 + t for t in range(ours_ids.shape[1])]
-    ref = reference_logits(hf, seqs, valid, keep)
+    ours_ids, ours, ref = _teacher_forced(model, hf)  # ours, ref: [rows, steps, vocab]
     assert torch.equal(ours_ids, ref.argmax(-1))
     err = (ours - ref).abs().max().item()
     assert err < 1e-5, err
@@ -196,18 +188,7 @@ def test_gemma3_compiles_in_bf16_with_both_rope_tables_in_float32(tmp_path):
 
 
 def _teacher_forced(model, hf):
-    """(ids, logits [rows, steps, vocab]) streamed by kernl over the mixed prompts, and Hugging
-    Face's logits over the same ids, teacher-forced."""
-    from kernl.compiler.tasks.causal_lm.validate import reference_logits
-
-    ids, mask = mixed_prompts(3, [11, 4, 16])
-    steps = list(model.stream(ids, mask, max_new_tokens=40, eos_token_id=[], output_logits=True))
-    ours_ids = torch.stack([i for i, _ in steps], 1)
-    ours = torch.stack([lg for _, lg in steps], 1)
-    seqs = torch.cat([ids, ours_ids[:, :-1]], 1)
-    valid = torch.cat([mask.bool(), torch.ones_like(ours_ids[:, :-1], dtype=torch.bool)], 1)
-    keep = [ids.shape[1] - 1 + t for t in range(ours_ids.shape[1])]
-    return ours_ids, ours, reference_logits(hf, seqs, valid, keep)
+    return teacher_forced(model, hf, [11, 4, 16], 40)
 
 
 def test_gemma2_under_sdpa_is_validated_against_its_softcapped_eager_attention(tmp_path):

@@ -20,7 +20,7 @@ from kernl.artifacts.generation import DecodeKernels
 from kernl.compiler.tasks.causal_lm.describe import describe
 
 from .test_open_batch import alone, prompt, run
-from .tiny_models import mixed_prompts, tiny_model
+from .tiny_models import mixed_prompts, teacher_forced, tiny_model
 
 WINDOW = 8
 BUCKETS = "batch=1,4 prompt=8,16 cache=24,40"
@@ -75,18 +75,9 @@ def test_without_the_window_the_ids_differ(compiled):
 def test_step_logits_match_eager_forward(compiled):
     """Each streamed step's logits (the prefill's, then every decode step's) against Hugging
     Face's forward over the same ids, teacher-forced with its own left-padding mask."""
-    from kernl.compiler.tasks.causal_lm.validate import reference_logits
-
     _, hf, path, _ = compiled
     model = kernl.runtime.load(path)
-    ids, mask = mixed_prompts(3, LENGTHS)
-    steps = list(model.stream(ids, mask, max_new_tokens=NEW, eos_token_id=[], output_logits=True))
-    ours_ids = torch.stack([i for i, _ in steps], 1)
-    ours = torch.stack([lg for _, lg in steps], 1)  # [rows, steps, vocab]
-    seqs = torch.cat([ids, ours_ids[:, :-1]], 1)
-    valid = torch.cat([mask.bool(), torch.ones_like(ours_ids[:, :-1], dtype=torch.bool)], 1)
-    keep = [ids.shape[1] - 1 + t for t in range(ours_ids.shape[1])]
-    ref = reference_logits(hf, seqs, valid, keep)
+    ours_ids, ours, ref = teacher_forced(model, hf, LENGTHS, NEW)  # [rows, steps, vocab]
     assert torch.equal(ours_ids, ref.argmax(-1))
     err = (ours - ref).abs().max().item()
     assert err < 1e-5, err

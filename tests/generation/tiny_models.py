@@ -1,5 +1,5 @@
 """Tiny random decoder-only models of each supported family (fp32, CPU), built in-process:
-nothing is downloaded."""
+nothing is downloaded; and the prompts and teacher-forced comparison their tests share."""
 
 from __future__ import annotations
 
@@ -198,3 +198,19 @@ def mixed_prompts(batch: int, lengths: list[int], seed: int = 0):
         ids[i, longest - n :] = torch.randint(1, VOCAB, (n,), generator=g)
         mask[i, longest - n :] = 1
     return ids, mask
+
+
+def teacher_forced(model, hf, lengths: list[int], new: int):
+    """(ids [rows, new], logits [rows, new, vocab]) streamed by kernl over mixed prompts of
+    `lengths`, and Hugging Face's logits over the same ids, teacher-forced with its own
+    left-padding mask and position ids."""
+    from kernl.compiler.tasks.causal_lm.validate import reference_logits
+
+    ids, mask = mixed_prompts(len(lengths), lengths)
+    steps = list(model.stream(ids, mask, max_new_tokens=new, eos_token_id=[], output_logits=True))
+    ours_ids = torch.stack([i for i, _ in steps], 1)
+    ours = torch.stack([lg for _, lg in steps], 1)
+    seqs = torch.cat([ids, ours_ids[:, :-1]], 1)
+    valid = torch.cat([mask.bool(), torch.ones_like(ours_ids[:, :-1], dtype=torch.bool)], 1)
+    keep = [ids.shape[1] - 1 + t for t in range(ours_ids.shape[1])]
+    return ours_ids, ours, reference_logits(hf, seqs, valid, keep)
