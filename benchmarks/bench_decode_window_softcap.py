@@ -11,49 +11,31 @@ Softcap (16 heads, 8 KV heads of 256, cap 50, scale 256 ** -0.5, as Gemma2-9B):
   kernl-softcap  kernl's decode attention with HAS_SOFTCAP
   torch-softcap  the decoder's torch path for Gemma2: bmm, scale, tanh cap, mask bias, float32
                  softmax, bmm
-Each variant is checked once against a float64 reference, then timed: median of 7 replays of
-a CUDA graph of 20 calls between CUDA events, per call. A plain script, not collected by pytest;
+Each variant is checked once against a float64 reference, then timed: median of the replays
+of a CUDA graph of 20 calls between CUDA events, per call (decode_tiles.graph_ms; the
+forty-first session's figures took 7 replays by the script's own copy of it). A plain script, not collected by pytest;
 well under a minute."""
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kernl.compiler.tasks.causal_lm.decode_tiles import graph_ms  # noqa: E402
 from kernl.kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
 
 DTYPE, DEV = torch.bfloat16, "cuda"
 
 
-def per_call_ms(fn, calls: int = 20, runs: int = 7) -> float:
-    """Median ms of one call, from replays of a CUDA graph of `calls` calls (as the decode
-    step runs them: no host launch cost in the figure)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # compiles and warms outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return round(statistics.median(times), 4)
+def per_call_ms(fn) -> float:
+    """Median ms of one call from replays of a CUDA graph of 20 calls, timed as the compiler
+    times decode tiles (decode_tiles.graph_ms): no host launch cost in the figure."""
+    return round(graph_ms([fn] * 20, torch.device(DEV)), 4)
 
 
 def checked(name: str, out: torch.Tensor, ref: torch.Tensor) -> None:
