@@ -64,6 +64,11 @@
 #   modernbert ModernBERT-base fp16: kernl, kernl without the constant fold and attention window,
 #           reduce-overhead and eager at 1x128, 8x128, 8x512, 1x2048, 8x2048 (bench_modernbert.py,
 #           ~6-8 min)
+#   winsoft decode attention with a window and with Gemma2's softcap, against the mask-only
+#           kernel, SDPA and the torch path (benchmarks/bench_decode_window_softcap.py, ~20 s)
+#   wingen  whole-model generation at a 4096-token prompt, 8192-slot cache: a windowed Mistral,
+#           the same without its window, Gemma2; each attention implementation
+#           (benchmarks/bench_window_generation.py, ~4-6 min)
 #   newkernels the GPU tests of kernl.rotary's and kernl.gated_linear's kernels (~30 s)
 #   famacc  a base-sized random family's error against eager fp32 beside eager's own
 #           (benchmarks/diag_family_accuracy.py: ModernBERT fp16 with and without
@@ -236,6 +241,8 @@ stage() {
       tests/kernels/test_rotary.py tests/kernels/test_gated_mlp.py \
       tests/generation/test_gpu_generation.py::test_cuda_graph_generation_matches_eager ;;
     modernbert) timeout 900 python3 benchmarks/bench_modernbert.py ;;
+    winsoft) OUT=$RUN timeout 200 python3 benchmarks/bench_decode_window_softcap.py ;;
+    wingen) OUT=$RUN timeout 600 python3 benchmarks/bench_window_generation.py ;;
     newkernels) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
       tests/kernels/test_gated_mlp.py tests/kernels/test_rotary.py tests/kernels/test_attention.py ;;
     famacc) for a in "modernbert fp16 4 128" "modernbert fp16 4 128 --no-rotary" \
