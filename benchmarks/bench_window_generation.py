@@ -2,6 +2,7 @@
 decode step costs at a long cache with each attention kernl can run there.
 
     python benchmarks/bench_window_generation.py     # JSON to $OUT/bench_window_generation.json
+    MODELS=gemma2 python benchmarks/bench_window_generation.py     # some of the models only
 
 Models (random weights, seed 0), each compiled with `--task causal-lm --dtype bf16 --buckets
 "batch=1,8 prompt=4096 cache=8192"`, then a 4096-token prompt and 128 new tokens, greedy:
@@ -165,7 +166,8 @@ def main() -> None:
         "new_tokens": NEW,
     }
     out = Path(os.environ.get("OUT", ".")) / "bench_window_generation.json"
-    for name in ("mistral-window", "mistral-full", "gemma2"):
+    names = os.environ.get("MODELS", "mistral-window,mistral-full,gemma2").split(",")
+    for name in names:
         try:
             run_model(name, results)
         except Exception as e:

@@ -77,8 +77,6 @@ def test_cuda_graph_generation_matches_eager(family, tmp_path):
 SERVE_WITHOUT_JIT = """
 import sys, torch
 import kernl.runtime
-from kernl.compiler.tasks.causal_lm.validate import softcapped_attention
-from kernl.kernels.decode_step import DecodeStepConfig, config_pairs
 model = kernl.runtime.load(sys.argv[1])
 assert model.manifest.kernels, "artifact holds no kernel binaries"
 ids, mask = torch.load(sys.argv[2])

@@ -11,6 +11,7 @@ figure (None), never a 0 that reads as a perfect match."""
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -128,21 +129,53 @@ def softcapped_attention(model: torch.nn.Module):
         config._attn_implementation = before
 
 
+# The eager reference reads a prompt bucket plus the whole cache in one forward; Hugging Face's
+# eager attention (Gemma2's softcap) holds float32 scores [rows, heads, L, L]: 16 GiB for 8
+# rows of 8 heads at 8192 tokens, which ran a Gemma2 compile out of memory on an 80 GB GPU
+# (2026-12-06). The rows go through in passes whose scores fit this budget.
+REFERENCE_SCORE_BYTES = 1 << 30
+
+
+def reference_rows_per_pass(model: torch.nn.Module, length: int, budget: int) -> int:
+    """How many rows of `length` tokens one reference forward takes: those whose eager
+    attention scores (float32, every head) fit `budget` bytes, at least one."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", 1)
+    return max(1, budget // (int(heads) * length * length * 4))
+
+
 def reference_logits(
-    model: torch.nn.Module, seqs: torch.Tensor, valid: torch.Tensor, keep: list[int]
+    model: torch.nn.Module,
+    seqs: torch.Tensor,
+    valid: torch.Tensor,
+    keep: list[int],
+    score_bytes: int = REFERENCE_SCORE_BYTES,
 ) -> torch.Tensor:
     """Eager logits [B, len(keep), V] (float32) at positions `keep` of left-padded `seqs`,
     with the position ids Hugging Face's generate uses (and the softcap a model's SDPA would
-    drop: `softcapped_attention`)."""
+    drop: `softcapped_attention`). Only the kept positions reach the lm_head where the model
+    takes `logits_to_keep` (every family kernl generates with does): [B, L, V] for a 256k
+    vocabulary at 8x8192 would be 33 GB. The rows go through in passes of
+    `reference_rows_per_pass` (each row's mask and positions are its own: the same logits)."""
     position_ids = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 1)
+    kept = torch.tensor(keep, dtype=torch.long, device=seqs.device)
+    takes_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    step = reference_rows_per_pass(model, seqs.shape[1], score_bytes)
+    passes = []
     with torch.no_grad(), softcapped_attention(model):
-        out = model(
-            input_ids=seqs,
-            attention_mask=valid.long(),
-            position_ids=position_ids,
-            use_cache=False,
-        )
-    return out.logits[:, keep].float()
+        for i in range(0, seqs.shape[0], step):
+            rows = slice(i, i + step)
+            out = model(
+                input_ids=seqs[rows],
+                attention_mask=valid[rows].long(),
+                position_ids=position_ids[rows],
+                use_cache=False,
+                **({"logits_to_keep": kept} if takes_keep else {}),
+            )
+            passes.append((out.logits if takes_keep else out.logits[:, keep]).float())
+            del out
+    return torch.cat(passes)
 
 
 def compared_steps(n: int, prompt: int, kv_lengths: list[int]) -> list[int]:
