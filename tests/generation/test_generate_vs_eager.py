@@ -111,6 +111,50 @@ def test_gemma2_step_logits_match_eager_forward(tmp_path, attention):
     assert err < 1e-5, err
 
 
+def test_gemma2_prefill_attention_in_blocks_of_queries_matches_eager(tmp_path, monkeypatch):
+    """Gemma2's prefill attention (eager, for its softcap) goes through its queries in blocks
+    whose float32 scores fit a budget (16 GiB in one piece at 8 rows, 8 heads and 8192
+    tokens). Here the budget holds one query a block; with the window of 8 (shorter than the
+    prompts) on two layers of three, each block's mask rows are its own queries'."""
+    from kernl.runtime.generation import decoder
+
+    lengths = []  # of the prefills' queries
+    attention = decoder._softcapped_attention
+
+    def counted(q, *args, **kw):
+        lengths.append(q.shape[2])
+        return attention(q, *args, **kw)
+
+    monkeypatch.setattr(decoder, "PREFILL_SCORE_BYTES", 1)
+    monkeypatch.setattr(decoder, "_softcapped_attention", counted)
+    hf = tiny_model("gemma2_window")
+    kernl.compiler.compile(
+        hf, BUCKETS, tmp_path / "lm.kernl", dtype="fp32", device="cpu", task="causal-lm"
+    )
+    model = kernl.runtime.load(tmp_path / "lm.kernl")
+    ours_ids, ours, ref = _teacher_forced(model, hf)
+    assert lengths and max(lengths) == 16  # the prefills ran here, one query a block
+    assert torch.equal(ours_ids, ref.argmax(-1))
+    err = (ours - ref).abs().max().item()
+    assert err < 1e-5, err
+
+
+def test_softcapped_attention_blocks_equal_one_piece():
+    from kernl.runtime.generation.decoder import _softcapped_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 37, 16, generator=g) for _ in range(3))
+    mask = (torch.rand(2, 1, 37, 37, generator=g) > 0.3) | torch.eye(37, dtype=torch.bool)
+    whole = _softcapped_attention(q, k, v, mask, 0.25, 5.0, budget=1 << 30)
+    for budget in (1, 2 * 4 * 37 * 4 * 5):  # one query a block; five, the last one short
+        torch.testing.assert_close(
+            _softcapped_attention(q, k, v, mask, 0.25, 5.0, budget=budget), whole, rtol=0, atol=1e-6
+        )
+    scores = torch.tanh(q.double() @ k.double().transpose(-1, -2) * 0.25 / 5.0) * 5.0
+    exact = torch.softmax(scores.masked_fill(~mask, -torch.inf), -1) @ v.double()
+    torch.testing.assert_close(whole.double(), exact, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("rope", ["torch", "triton"])
 @pytest.mark.parametrize("attention", ["torch", "triton"])
 def test_gemma3_step_logits_match_eager_forward(tmp_path, attention, rope):

@@ -524,11 +524,7 @@ class Decoder:
                     q, k, v, attn_mask=mask, scale=s.attention_scale
                 )
             else:  # SDPA has no softcap: Hugging Face's eager attention, op for op
-                scores = torch.matmul(q, k.transpose(-1, -2)) * s.attention_scale
-                scores = _softcap(scores, s.attn_logit_softcap)
-                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-                att = torch.matmul(probs, v)
+                att = _softcapped_attention(q, k, v, mask, s.attention_scale, s.attn_logit_softcap)
             att = att.transpose(1, 2).reshape(bsz, seq, nh * d)
             x = self._attention_out(x, att, lw)
             x = self._mlp_block(x, self._norm(x, lw.mlp_norm_w, lw.mlp_norm_b), lw)
@@ -860,6 +856,39 @@ def _rms_norm_float32_scale(x: torch.Tensor, w: torch.Tensor, eps: float) -> tor
 def _softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     """Gemma2's tanh(x / cap) * cap, in x's dtype, in Hugging Face's order of operations."""
     return torch.tanh(x / cap) * cap
+
+
+# Gemma2's prefill attention holds float32 scores [B, heads, queries, keys]: 16 GiB for 8 rows
+# of 8 heads at 8192 tokens in one piece, and a CUDA graph keeps its peak for good. The queries
+# go through in blocks whose scores fit this budget (each query's softmax is its own row).
+PREFILL_SCORE_BYTES = 512 << 20
+
+
+def _softcapped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    cap: float,
+    budget: int | None = None,
+) -> torch.Tensor:
+    """Hugging Face's eager attention with Gemma2's softcap (scale, cap, mask, float32 softmax),
+    q [B, H, S, D] against k, v [B, H, S, D], mask [B, 1, S, S] (True: seen), in blocks of
+    queries whose float32 scores fit `budget` bytes (PREFILL_SCORE_BYTES)."""
+    bsz, heads, seq, _ = q.shape
+    budget = PREFILL_SCORE_BYTES if budget is None else budget
+    block = max(1, budget // (bsz * heads * k.shape[2] * 4))
+    out = []
+    for i in range(0, seq, block):
+        rows = slice(i, i + block)
+        scores = torch.matmul(q[:, :, rows], k.transpose(-1, -2)) * scale
+        scores = _softcap(scores, cap)
+        scores = scores.masked_fill(~mask[:, :, rows], torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        del scores
+        out.append(torch.matmul(probs, v))
+    return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
