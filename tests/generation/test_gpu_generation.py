@@ -91,6 +91,18 @@ print("served", len(model.manifest.kernels), "binaries, Triton not imported")
 """
 
 
+def test_the_serving_script_imports_neither_triton_nor_the_compiler_before_it_loads():
+    """The script's own imports, on the CPU: an edit of this file's imports once put the
+    compiler's into the script too, and its GPU test failed on that alone (2026-12-06)."""
+    import subprocess
+    import sys
+
+    head = SERVE_WITHOUT_JIT.split("model = kernl.runtime.load")[0]
+    check = "\nassert 'triton' not in sys.modules and 'kernl.compiler' not in sys.modules\n"
+    run = subprocess.run([sys.executable, "-c", head + check], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 FORCED = {
     "split": {"attention": "triton", "norm": "triton", "gated_mlp": "triton", "linear": "triton"},
     "fused": {
