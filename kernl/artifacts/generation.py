@@ -700,16 +700,24 @@ def check_generation(
     return GenerationDescription(decoder, buckets, kernels)
 
 
+# The runtime's prefill runs an attention it cannot hand to SDPA (Gemma2's softcap) in blocks
+# of queries whose float32 scores fit this many bytes (runtime/generation/decoder.py), so that
+# neither the prefill nor the CUDA graph that keeps its peak grows with batch x length².
+PREFILL_SCORE_BYTES = 512 << 20
+
+
 def generation_memory(desc: GenerationDescription, itemsize: int) -> tuple[int, int]:
     """(static buffers, activation pool) in bytes of a causal-LM artifact at load, following
     kernl/runtime/generation/state.py (per batch bucket) and generation/decoder.py (the
-    largest prefill's intermediates; an upper-side estimate)."""
+    largest prefill's intermediates; an upper-side estimate of what it holds at once)."""
     s, b = desc.decoder, desc.buckets
     cache = b.cache_len
     static = 0
-    if s.positions == "rope":
+    if s.positions == "rope" and desc.kernels.rope == "torch":
+        # the torch step's rotary: a [D, D] matrix per position (the kernels' steps and every
+        # prefill rotate with [positions, D] cos and sin tables)
         tables = 2 if s.rope_local_layers else 1  # Gemma3's: one per layer type
-        static += tables * cache * s.head_dim * s.head_dim * itemsize  # a matrix per position
+        static += tables * cache * s.head_dim * s.head_dim * itemsize
     for batch in b.batches:
         static += 2 * s.num_layers * batch * s.num_kv_heads * cache * s.head_dim * itemsize
         static += batch * cache * (8 + 1)  # generated ids (int64) and the valid-slot mask
@@ -718,13 +726,19 @@ def generation_memory(desc: GenerationDescription, itemsize: int) -> tuple[int, 
     qkv = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
     pool = 0
     for batch, prompt in b.prefill_shapes():
-        per_token = s.head_dim * s.head_dim + 2 * qkv + 3 * s.intermediate_size + 4 * s.hidden_size
+        # hidden states, q/k/v and their rotated and GQA-expanded copies, the MLP's
+        # intermediates, the cos and sin rows
+        per_token = 3 * qkv + 2 * s.num_heads * s.head_dim + 3 * s.intermediate_size
+        per_token += 4 * s.hidden_size + 4 * s.head_dim
         act = batch * prompt * per_token * itemsize
-        act += batch * s.num_heads * prompt * prompt * itemsize + batch * prompt * prompt
-        if s.sliding_window is not None:  # the windowed layers' own mask
-            act += batch * prompt * prompt
-        if s.attn_logit_softcap is not None:  # no SDPA: the scores, softcapped, float32 probs
-            act += batch * s.num_heads * prompt * prompt * (2 * itemsize + 4)
+        # the boolean masks (valid pairs, with the diagonal; the windowed layers' own), and
+        # the additive mask SDPA makes of one for its memory-efficient kernels: no scores
+        masks = 2 + 2 * (s.sliding_window is not None)
+        act += batch * prompt * prompt * (masks + itemsize)
+        if s.attn_logit_softcap is not None:  # no SDPA: scores a block of queries at a time
+            full = batch * s.num_heads * prompt * prompt * 4
+            block = min(full, max(PREFILL_SCORE_BYTES, batch * s.num_heads * prompt * 4))
+            act += block + 3 * block * itemsize // 4  # float32 probabilities; three copies
         act += batch * s.vocab_size * 4
         pool = max(pool, act)
     window_masks = s.sliding_window is not None  # the windowed layers' slot mask a step

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernl.artifacts.generation import DecodeKernels, DecoderSpec
+from kernl.artifacts.generation import PREFILL_SCORE_BYTES, DecodeKernels, DecoderSpec
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -858,12 +858,6 @@ def _softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     return torch.tanh(x / cap) * cap
 
 
-# Gemma2's prefill attention holds float32 scores [B, heads, queries, keys]: 16 GiB for 8 rows
-# of 8 heads at 8192 tokens in one piece, and a CUDA graph keeps its peak for good. The queries
-# go through in blocks whose scores fit this budget (each query's softmax is its own row).
-PREFILL_SCORE_BYTES = 512 << 20
-
-
 def _softcapped_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -875,7 +869,9 @@ def _softcapped_attention(
 ) -> torch.Tensor:
     """Hugging Face's eager attention with Gemma2's softcap (scale, cap, mask, float32 softmax),
     q [B, H, S, D] against k, v [B, H, S, D], mask [B, 1, S, S] (True: seen), in blocks of
-    queries whose float32 scores fit `budget` bytes (PREFILL_SCORE_BYTES)."""
+    queries whose float32 scores fit `budget` bytes (PREFILL_SCORE_BYTES): in one piece they
+    were 16 GiB for 8 rows of 8 heads at 8192 tokens, and a CUDA graph keeps its peak for good
+    (each query's softmax is its own row)."""
     bsz, heads, seq, _ = q.shape
     budget = PREFILL_SCORE_BYTES if budget is None else budget
     block = max(1, budget // (bsz * heads * k.shape[2] * 4))
