@@ -79,7 +79,7 @@ def validate(
         got = Executor(program, weights, device).run(dict(zip(flat.input_names, args)))
     worst, worst_name = 0.0, ""
     against_float32: str | None = None
-    compared = False
+    compared, no_look = False, ""  # no_look: why the float32 look could not be made
     for name, e, o in zip(flat.output_names, expected, got):
         if e.shape != o.shape:
             raise ValidationError(
@@ -97,9 +97,12 @@ def validate(
             # a deep model's two fp16 or bf16 computations differ by about their own error:
             # refuse only where kernl is less accurate than eager in its dtype (every output
             # compared at once, the first time one is off)
-            if not compared:
+            if not compared and not no_look:
                 found = _no_less_accurate(flat, args, expected, got)
-                against_float32, compared = found or None, found != ""
+                if isinstance(found, _NoLook):
+                    no_look = found.why
+                else:
+                    against_float32, compared = found, True
             if against_float32 is not None:
                 continue
         if bad.any():
@@ -114,31 +117,48 @@ def validate(
                 + (
                     f" Against eager in float32, kernl is further off than eager in {e.dtype}."
                     if compared
+                    else f" No float32 look ({no_look}): the tolerance alone decided."
+                    if no_look
                     else ""
                 )
             )
     return ValidationResult(bucket, worst, worst_name, against_float32)
 
 
-def _no_less_accurate(flat: FlatModel, args, expected, got) -> str | None:
+@dataclass
+class _NoLook:
+    """The float32 look could not be made, and why (said in the refusal: a user whose model
+    is refused on the tolerance alone must know the look was not there to accept it)."""
+
+    why: str
+
+
+def no_look_reason(e: BaseException) -> str:
+    """What kept a float32 copy of the model from being made or run, in a few words."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return "a float32 copy of the model does not fit in memory"
+    return f"a float32 copy of the model failed: {type(e).__name__}: {e}"[:300]
+
+
+def _no_less_accurate(flat: FlatModel, args, expected, got) -> str | None | _NoLook:
     """Each output of kernl (`got`) against eager in float32, beside eager in the model's
     reduced dtype (`expected`): a summary if kernl is at most FLOAT32_SLACK times as far from
-    float32 as eager is for every output, else None; "" where it could not compare (a float32
-    copy of the model that does not fit, a float32 output that is not finite)."""
+    float32 as eager is for every output, else None; _NoLook where it could not compare (a
+    float32 copy of the model that does not fit, a float32 output that is not finite)."""
     import copy
 
     try:
         wide = copy.deepcopy(flat.model).float()
         with torch.no_grad():
             ref = FlatModel(wide, flat.input_names, flat.output_names)(*args)
-    except Exception:  # noqa: BLE001 - no copy (memory, a module deepcopy cannot copy): no look
-        return ""
+    except Exception as e:  # noqa: BLE001 - no copy (memory, a module deepcopy cannot copy)
+        return _NoLook(no_look_reason(e))
     del wide  # its memory back before the comparison
     parts = []
     for name, e, o, r in zip(flat.output_names, expected, got, ref):
         r64 = r.double()
         if not torch.isfinite(r64).all():
-            return ""
+            return _NoLook(f"eager float32's output {name} is not finite")
         ours = float((o.double() - r64).abs().nan_to_num(float("inf")).max())
         theirs = float((e.double() - r64).abs().nan_to_num(float("inf")).max())
         if not ours <= FLOAT32_SLACK * theirs:

@@ -42,3 +42,30 @@ def test_a_program_less_accurate_than_eager_fp16_is_refused(tmp_path, monkeypatc
     with pytest.raises(ValidationError, match="differs from eager"):
         kernl.compiler.compile(bert(), "batch=2 seq=8", tmp_path / "a", dtype="fp16",
                                device="cpu", atol=1e-3, rtol=0.0)  # fmt: skip
+
+
+def test_a_refusal_says_when_the_float32_look_could_not_be_made(tmp_path, monkeypatch):
+    """The float32 copy does not fit (out of memory): the refusal stands on the tolerance
+    alone, and says so, rather than reading as a plain tolerance failure (a 7B model's float32
+    copy seldom fits beside it)."""
+    import kernl.compiler.validate as validate
+
+    real = kernl_ops.layer_norm
+    monkeypatch.setitem(
+        kernl_ops.OPS, "kernl.layer_norm", lambda x, *a, **k: real(x, *a, **k) * 1.02
+    )
+    flat_model = validate.FlatModel
+
+    class NoFloat32(flat_model):
+        def __call__(self, *args):
+            if next(self.model.parameters()).dtype == torch.float32:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 26 GiB")
+            return super().__call__(*args)
+
+    monkeypatch.setattr(validate, "FlatModel", NoFloat32)
+    with pytest.raises(ValidationError) as refused:
+        kernl.compiler.compile(bert(), "batch=2 seq=8", tmp_path / "a", dtype="fp16",
+                               device="cpu", atol=1e-3, rtol=0.0)  # fmt: skip
+    message = str(refused.value)
+    assert "differs from eager" in message
+    assert "No float32 look (a float32 copy of the model does not fit in memory)" in message

@@ -91,3 +91,33 @@ def test_the_look_reads_the_rms_error_and_bounds_the_largest():
     with_nan = same_size.clone()
     with_nan[0, 0, 0] = float("nan")
     assert no_less_accurate(with_nan, eager, exact) is None
+
+
+def test_a_refusal_says_when_the_float32_look_could_not_be_made(tmp_path, monkeypatch):
+    """The float32 copy does not fit (out of memory): the run is refused on the tolerance
+    alone, and the refusal says that no float32 look was made."""
+    import kernl.compiler.tasks.causal_lm.validate as validate
+
+    logits = Decoder._logits
+    monkeypatch.setattr(Decoder, "_logits", lambda self, *a, **k: logits(self, *a, **k) + 0.3)
+    reference = validate.reference_logits
+
+    def no_float32(model, *args, **kwargs):
+        if next(model.parameters()).dtype == torch.float32:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 32 GiB")
+        return reference(model, *args, **kwargs)
+
+    monkeypatch.setattr(validate, "reference_logits", no_float32)
+    hf = tiny_model("gemma_head256").to(torch.bfloat16)
+    with pytest.raises(ValidationError) as refused:
+        compile_causal_lm(
+            hf,
+            BUCKETS,
+            tmp_path / "lm.kernl",
+            dtype="bf16",
+            device="cpu",
+            decode_kernels={"attention": "torch"},
+        )
+    message = str(refused.value)
+    assert "logits differ from eager" in message
+    assert "no float32 look (a float32 copy of the model does not fit in memory)" in message

@@ -20,7 +20,7 @@ import torch
 from kernl.runtime.generation import GenerativeModel
 
 from ...plural import count
-from ...validate import FLOAT32_SLACK, ValidationError
+from ...validate import FLOAT32_SLACK, ValidationError, no_look_reason
 
 # Long runs compare at most this many steps (all kv-bucket boundaries included), so a
 # 2048-slot cache does not need 2048 x vocab logits kept on both sides.
@@ -78,22 +78,26 @@ class _Float32Reference:
     not finite, and the validation then refuses as without it."""
 
     def __init__(self, model: torch.nn.Module):
-        self.model, self.copy, self.failed = model, None, False
+        self.model, self.copy = model, None
+        self.why_not = ""  # why the look could not be made, for the refusal to say
 
     def logits(self, seqs, valid, positions) -> torch.Tensor | None:
         import copy
 
-        if self.failed:
+        if self.why_not:
             return None
         try:
             if self.copy is None:
                 self.copy = copy.deepcopy(self.model).float()
             exact = reference_logits(self.copy, seqs, valid, positions).cpu()
-        except Exception:  # noqa: BLE001 - no copy (memory, an uncopyable module): no look
+        except Exception as e:  # noqa: BLE001 - no copy (memory, an uncopyable module): no look
             self.release()
-            self.failed = True
+            self.why_not = no_look_reason(e)
             return None
-        return exact if torch.isfinite(exact).all() else None
+        if not torch.isfinite(exact).all():
+            self.why_not = "eager float32's logits are not finite"
+            return None
+        return exact
 
     def release(self) -> None:
         self.copy = None
@@ -279,6 +283,8 @@ def validate_generation(
                             f"; against eager in float32, kernl is further off than eager in "
                             f"{str(gen.dtype).removeprefix('torch.')}"
                             if exact is not None
+                            else f"; no float32 look ({wide.why_not}): the tolerance alone decided"
+                            if wide.why_not
                             else ""
                         )
                     )
