@@ -718,8 +718,10 @@ def generation_memory(desc: GenerationDescription, itemsize: int) -> tuple[int, 
         # prefill rotate with [positions, D] cos and sin tables)
         tables = 2 if s.rope_local_layers else 1  # Gemma3's: one per layer type
         static += tables * cache * s.head_dim * s.head_dim * itemsize
-    for batch in b.batches:
+    # the smallest bucket's KV cache, and one the others share (runtime/generation/state.py)
+    for batch in {min(b.batches), max(b.batches)}:
         static += 2 * s.num_layers * batch * s.num_kv_heads * cache * s.head_dim * itemsize
+    for batch in b.batches:
         static += batch * cache * (8 + 1)  # generated ids (int64) and the valid-slot mask
         static += batch * 5 * 8  # the sampler's per-row parameters
         static += sum(batch * p * 9 for p in b.prompts)  # prompt ids and valid flags

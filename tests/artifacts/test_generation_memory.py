@@ -100,3 +100,15 @@ def test_the_torch_rotary_matrices_are_charged_where_the_step_reads_them():
     with_kernels, _ = _memory(spec, [1], [1024], 8192)
     on_torch, _ = _memory(spec, [1], [1024], 8192, DecodeKernels(rope="torch"))
     assert on_torch - with_kernels == matrices
+
+
+def test_the_batch_buckets_are_charged_two_kv_caches():
+    """The smallest bucket's cache and the storage the others share (runtime/generation/
+    state.py): buckets 1, 8 and 16 hold 17 rows of cache, not 25."""
+    spec = _spec()
+    static, _ = _memory(spec, [1, 8, 16], [1024], 8192)
+    alone, _ = _memory(spec, [16], [1024], 8192)
+    one, _ = _memory(spec, [1], [1024], 8192)
+    rows = _kv_cache(spec, [1], 8192)
+    assert static - alone - one < rows  # the rest: ids, masks and prompt buffers
+    assert static < _kv_cache(spec, [1, 8, 16], 8192)
