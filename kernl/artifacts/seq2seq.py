@@ -579,15 +579,15 @@ def check_seq2seq(
 
 def seq2seq_memory(desc: Seq2SeqDescription, itemsize: int) -> tuple[int, int]:
     """(static buffers, activation pool) in bytes of an encoder-decoder artifact at load,
-    following kernl/runtime/generation/seq2seq.py (`_State`, per batch bucket) and
+    following kernl/runtime/generation/seq2seq.py (`_State`, per batch bucket; one KV cache) and
     encoder_decoder.py (the largest encoder call's intermediates; an upper-side estimate).
     Whisper's cross-attention keys and values dominate: 2 x layers x batch x 1500 x d_model."""
     s, b = desc.spec, desc.buckets
     inner = s.num_heads * s.head_dim
     longest = max(b.sources)
-    static = 0
+    # one cache, the largest bucket's, whose storage every bucket views
+    static = 2 * s.num_decoder_layers * max(b.batches) * inner * (b.cache_len + longest) * itemsize
     for batch in b.batches:
-        static += 2 * s.num_decoder_layers * batch * inner * (b.cache_len + longest) * itemsize
         static += sum(batch * source * 9 for source in b.sources)  # source ids, valid flags
         if desc.speech is not None:
             static += batch * s.num_mel_bins * s.frames * itemsize

@@ -502,3 +502,24 @@ def test_inspect_shows_the_decode_step_choice(compiled):
     assert f"source      {', '.join(map(str, b['sources']))}" in text
     assert "no error figure is recorded" in text and "max |err|" not in text
     assert all(bucket.max_abs_error is None for bucket in report.buckets)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_batch_buckets_view_one_cache_and_each_generates_as_hugging_face(compiled, family):
+    """Every batch bucket's self- and cross-attention K/V are views of the largest bucket's
+    storage (requests run one at a time); a bucket-1 request between two bucket-4 ones, each
+    writing the same storage, changes neither, and all equal Hugging Face's ids."""
+    hf, _, model = compiled[family]
+    one, four = model._states[1].cache, model._states[4].cache
+    for a, b in ((one.self_kv, four.self_kv), (one.cross_k, four.cross_k)):
+        assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    ids, mask = sources([13, 5, 9, 16], seed=2)
+    alone_ids, alone_mask = sources([7], seed=3)
+    first = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[])
+    single = model.generate(
+        input_ids=alone_ids, attention_mask=alone_mask, max_new_tokens=20, eos_token_id=[]
+    )
+    again = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[])
+    assert torch.equal(again, first)
+    assert torch.equal(first, hf_generate(hf, ids, mask, 20))
+    assert torch.equal(single, hf_generate(hf, alone_ids, alone_mask, 20))

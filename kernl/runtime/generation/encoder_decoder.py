@@ -39,16 +39,29 @@ class Seq2SeqCache:
         return self.self_kv[:, 1]
 
     @staticmethod
-    def allocate(spec: Seq2SeqSpec, batch: int, cache_len: int, source_len: int, dtype, device):
+    def allocate(
+        spec: Seq2SeqSpec,
+        batch: int,
+        cache_len: int,
+        source_len: int,
+        dtype,
+        device,
+        shared: Seq2SeqCache | None = None,
+    ) -> Seq2SeqCache:
+        """Zeros, or (`shared`: a cache of at least `batch` rows) views of the leading part of
+        its storage."""
         layers, h, d = spec.num_decoder_layers, spec.num_heads, spec.head_dim
 
-        def zeros(*shape: int) -> torch.Tensor:
-            return torch.zeros(layers, *shape, dtype=dtype, device=device)
+        def zeros(within: torch.Tensor | None, *shape: int) -> torch.Tensor:
+            shape = (layers, *shape)
+            if within is None:
+                return torch.zeros(shape, dtype=dtype, device=device)
+            return within.view(-1)[: torch.Size(shape).numel()].view(shape)
 
         return Seq2SeqCache(
-            zeros(2, batch, h, cache_len, d),
-            zeros(batch, h, source_len, d),
-            zeros(batch, h, source_len, d),
+            zeros(shared and shared.self_kv, 2, batch, h, cache_len, d),
+            zeros(shared and shared.cross_k, batch, h, source_len, d),
+            zeros(shared and shared.cross_v, batch, h, source_len, d),
         )
 
 
