@@ -1,7 +1,8 @@
 """Serve a causal-LM artifact: `model.generate(...)` and `model.stream(...)`.
 
 At load: the weights go to the device once, each batch bucket gets its static buffers
-(KV cache included, see generation/state.py), and on CUDA every greedy step graph is captured
+(its KV cache a view of one the buckets share, but the smallest's: see
+generation/state.py), and on CUDA every greedy step graph is captured
 — one prefill graph per (batch, prompt) bucket, one decode graph per (batch, kv length)
 bucket — all drawing on one memory pool. Sampling graphs are captured on the first sampling
 call. A call left-pads each prompt into the smallest prefill bucket, replays its prefill, then
