@@ -85,15 +85,13 @@ def validate(
             raise ValidationError(
                 f"{label}: output {name} has shape {tuple(o.shape)}, eager gives {tuple(e.shape)}"
             )
-        e64, o64 = e.double(), o.double()
-        err = (o64 - e64).abs()
-        if not torch.isfinite(o64).all() and torch.isfinite(e64).all():
+        c = _compare(o, e, atol, rtol)
+        if not c.ours_finite and c.eager_finite:
             raise ValidationError(f"{label}: output {name} has NaN/inf, eager has none")
-        max_err = float(err.nan_to_num(0).max()) if err.numel() else 0.0
+        max_err = c.max_err
         if max_err >= worst:
             worst, worst_name = max_err, name
-        bad = err > atol + rtol * e64.abs()
-        if bad.any() and e.dtype in (torch.float16, torch.bfloat16):
+        if c.first_bad is not None and e.dtype in (torch.float16, torch.bfloat16):
             # a deep model's two fp16 or bf16 computations differ by about their own error:
             # refuse only where kernl is less accurate than eager in its dtype (every output
             # compared at once, the first time one is off)
@@ -105,15 +103,15 @@ def validate(
                     against_float32, compared = found, True
             if against_float32 is not None:
                 continue
-        if bad.any():
-            idx = tuple(int(i) for i in bad.nonzero()[0])
+        if c.first_bad is not None:
+            idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(c.first_bad), o.shape))
             where = first_divergence(
                 program, weights, dict(zip(flat.input_names, args)), device, atol, rtol
             )
             raise ValidationError(
                 f"{label}: output {name} differs from eager beyond "
                 f"atol={atol}, rtol={rtol}: max |error| {max_err:.3g}; first bad element {idx}: "
-                f"kernl {float(o64[idx]):.6g} vs eager {float(e64[idx]):.6g}. {where}"
+                f"kernl {float(o[idx]):.6g} vs eager {float(e[idx]):.6g}. {where}"
                 + (
                     f" Against eager in float32, kernl is further off than eager in {e.dtype}."
                     if compared
@@ -123,6 +121,46 @@ def validate(
                 )
             )
     return ValidationResult(bucket, worst, worst_name, against_float32)
+
+
+# Outputs are compared a slice at a time in float64: whole, a masked LM's logits at 64x512
+# (1e9 values) held ~45 GB of float64 temporaries at once.
+COMPARE_CHUNK = 1 << 24
+
+
+@dataclass
+class _Comparison:
+    max_err: float  # the largest |kernl - eager| (NaN read as 0, inf as the largest float)
+    first_bad: int | None  # flat index of the first element beyond the tolerance
+    ours_finite: bool
+    eager_finite: bool
+
+
+def _compare(ours: torch.Tensor, eager: torch.Tensor, atol: float, rtol: float) -> _Comparison:
+    """kernl's output against eager's, in float64, COMPARE_CHUNK elements at a time."""
+    o, e = ours.reshape(-1), eager.reshape(-1)
+    c = _Comparison(0.0, None, True, True)
+    for start in range(0, o.numel(), COMPARE_CHUNK):
+        o64 = o[start : start + COMPARE_CHUNK].double()
+        e64 = e[start : start + COMPARE_CHUNK].double()
+        c.ours_finite &= bool(torch.isfinite(o64).all())
+        c.eager_finite &= bool(torch.isfinite(e64).all())
+        err = (o64 - e64).abs()
+        c.max_err = max(c.max_err, float(err.nan_to_num(0).max()))
+        if c.first_bad is None:
+            bad = (err > atol + rtol * e64.abs()).nonzero()
+            if len(bad):
+                c.first_bad = start + int(bad[0])
+    return c
+
+
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| in float64 (NaN read as inf), a slice at a time."""
+    a, b, worst = a.reshape(-1), b.reshape(-1), 0.0
+    for start in range(0, a.numel(), COMPARE_CHUNK):
+        d = a[start : start + COMPARE_CHUNK].double() - b[start : start + COMPARE_CHUNK].double()
+        worst = max(worst, float(d.abs().nan_to_num(float("inf")).max()))
+    return worst
 
 
 @dataclass
@@ -156,11 +194,9 @@ def _no_less_accurate(flat: FlatModel, args, expected, got) -> str | None | _NoL
     del wide  # its memory back before the comparison
     parts = []
     for name, e, o, r in zip(flat.output_names, expected, got, ref):
-        r64 = r.double()
-        if not torch.isfinite(r64).all():
+        if not torch.isfinite(r).all():
             return _NoLook(f"eager float32's output {name} is not finite")
-        ours = float((o.double() - r64).abs().nan_to_num(float("inf")).max())
-        theirs = float((e.double() - r64).abs().nan_to_num(float("inf")).max())
+        ours, theirs = _max_abs_diff(o, r), _max_abs_diff(e, r)
         if not ours <= FLOAT32_SLACK * theirs:
             return None
         parts.append(f"{name}: kernl {ours:.3g} from float32, eager {e.dtype} {theirs:.3g}")
