@@ -383,15 +383,19 @@ def test_decode_on_kernl_kernels_with_a_tuned_tile(compiled, family, fold_norms)
     assert torch.equal(got, hf_generate(hf, ids, mask, 12))
 
 
-def _held_bytes(state) -> int:
-    """Bytes of every tensor a batch bucket's state holds (its KV caches included)."""
+def _held_bytes(states) -> int:
+    """Bytes of every storage the batch buckets' states hold (their KV caches, views of one
+    storage, counted once)."""
     seen, total = set(), 0
-    values = [*vars(state).values(), *vars(state.cache).values(), *vars(state.sampler).values()]
-    for v in values:
-        for t in v.values() if isinstance(v, dict) else [v]:
-            if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
+    for state in states:
+        values = [*vars(state).values(), *vars(state.cache).values(), *vars(state.sampler).values()]
+        for v in values:
+            for t in v.values() if isinstance(v, dict) else [v]:
+                if isinstance(t, torch.Tensor):
+                    storage = t.untyped_storage()
+                    if storage.data_ptr() not in seen:
+                        seen.add(storage.data_ptr())
+                        total += storage.nbytes()
     return total
 
 
@@ -404,7 +408,7 @@ def test_the_memory_plan_covers_the_buffers_and_refuses_a_small_device(compiled,
 
     _, path, model = compiled[family]
     plan = check_artifact(path, hash_files=False).memory
-    held = sum(_held_bytes(s) for s in model._states.values())
+    held = _held_bytes(model._states.values())
     assert held <= plan.static_buffers <= 2 * held
     with pytest.raises(ArtifactUnsafeError, match="needs .* the device has"):
         check_artifact(path, hash_files=False, free_bytes=plan.total - 1)
