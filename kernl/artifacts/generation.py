@@ -728,15 +728,20 @@ def generation_memory(desc: GenerationDescription, itemsize: int) -> tuple[int, 
     qkv = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
     pool = 0
     for batch, prompt in b.prefill_shapes():
-        # hidden states, q/k/v and their rotated and GQA-expanded copies, the MLP's
-        # intermediates, the cos and sin rows
-        per_token = 3 * qkv + 2 * s.num_heads * s.head_dim + 3 * s.intermediate_size
-        per_token += 4 * s.hidden_size + 4 * s.head_dim
-        act = batch * prompt * per_token * itemsize
-        # the boolean masks (valid pairs, with the diagonal; the windowed layers' own), and
-        # the additive mask SDPA makes of one for its memory-efficient kernels: no scores
-        masks = 2 + 2 * (s.sliding_window is not None)
-        act += batch * prompt * prompt * (masks + itemsize)
+        # per token, the larger of a layer's two phases (decoder.prefill drops the attention's
+        # intermediates before the MLP's): the residual stream, its norm and the output
+        # projection's sums; q/k/v, their rotated copies and the GQA-expanded k, v; the
+        # attention and its reshaped copy; or the MLP's gate/up, activation and product
+        attention = 4 * s.hidden_size + qkv + 3 * (s.num_heads + s.num_kv_heads) * s.head_dim
+        attention += 4 * s.num_heads * s.head_dim
+        mlp = 4 * s.hidden_size + (4 if s.mlp == "gated" else 2) * s.intermediate_size
+        tables = 4 * s.head_dim * (2 if s.rope_local_layers else 1)  # cos and sin rows
+        act = batch * prompt * (max(attention, mlp) + tables) * itemsize
+        # the boolean masks while they are made ([S, S] parts; the valid pairs, with the
+        # diagonal; the windowed layers' own) and SDPA's additive one with its negation: no
+        # scores (its memory-efficient kernels take the mask)
+        window = s.sliding_window is not None
+        act += 3 * prompt * prompt + batch * prompt * prompt * (2 + 2 * window + itemsize)
         if s.attn_logit_softcap is not None:  # no SDPA: scores a block of queries at a time
             full = batch * s.num_heads * prompt * prompt * 4
             block = min(full, max(PREFILL_SCORE_BYTES, batch * s.num_heads * prompt * 4))

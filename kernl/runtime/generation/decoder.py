@@ -495,6 +495,8 @@ class Decoder:
             idx = torch.arange(seq, device=ids.device)
             band = idx[None, :] + self.window > idx[:, None]
             masks[1] = ((allowed & band[None]) | eye[None])[:, None]
+            del band
+        del eye, causal, allowed  # the masks made, their parts go
         if self.cos is not None:  # [B, S, 1, D]: a gather of D x D matrices was 100s of MB
             tables = [(self.cos[positions][:, :, None], self.sin[positions][:, :, None])]
             if self.two_rope_tables:  # [full layers' rows, rope_local_layers' rows]
@@ -527,6 +529,9 @@ class Decoder:
                 att = _softcapped_attention(q, k, v, mask, s.attention_scale, s.attn_logit_softcap)
             att = att.transpose(1, 2).reshape(bsz, seq, nh * d)
             x = self._attention_out(x, att, lw)
+            # the attention's intermediates go before the MLP's come (the prefill's peak, which
+            # its CUDA graph keeps, and the memory plan charges: generation_memory)
+            del h, qkv, qk, q, k, v, att
             x = self._mlp_block(x, self._norm(x, lw.mlp_norm_w, lw.mlp_norm_b), lw)
         return self._logits(x[:, -1])
 
