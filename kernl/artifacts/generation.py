@@ -112,7 +112,8 @@ class DecoderSpec:
 class GenerationBuckets:
     """Shapes a causal-LM artifact serves.
 
-    batches: batch buckets; each owns one static KV cache of `cache_len` slots per row.
+    batches: batch buckets; each has a static KV cache of `cache_len` slots per row (all but
+      the smallest views of one storage, the largest's: runtime/generation/state.py).
     prompts: prefill buckets (prompt lengths); a prompt is left-padded to the smallest that
       holds it, so the prefill fills slots [0, prompt) of the cache.
     kv_lengths: decode buckets (attended cache lengths); a decode step with `n` filled slots

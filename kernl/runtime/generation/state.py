@@ -114,7 +114,7 @@ def shared_caches(
     smallest, where its joiners are prefilled (joining.py): that one keeps its own. A cache
     per bucket was 13 rows of cache for buckets 1, 4 and 8 where 9 serve (Gemma2-9B at 8192
     slots and buckets 1, 8, 16: 70 GB of caches where 48 GB serve)."""
-    shared = sorted(batches)[1:]
+    shared = sorted({b for b in batches if b > min(batches)})
     if not shared:
         return {}
     spec = decoder.spec

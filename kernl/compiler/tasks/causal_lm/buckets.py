@@ -1,6 +1,7 @@
 """The causal-LM bucket syntax: `"batch=1,4,8 prompt=16:1024 cache=2048"`.
 
-batch   batch buckets; each gets one static KV cache, allocated once at load.
+batch   batch buckets; each gets a static KV cache, allocated once at load (all but the
+        smallest share one storage: requests run one at a time).
 prompt  prefill buckets (prompt lengths).
 cache   KV-cache lengths. The largest is the cache size; with several (e.g. `cache=256:2048`)
         each is a decode bucket, so a step attends only to the smallest length that holds

@@ -90,12 +90,14 @@ class _Float32Reference:
 
     def __init__(self, model: torch.nn.Module):
         self.model, self.copy = model, None
-        self.why_not = ""  # why the look could not be made, for the refusal to say
+        self.failed = ""  # why no copy can be made: no look for any bucket
+        self.why_not = ""  # why the latest call gave no logits, for the refusal to say
 
     def logits(self, seqs, valid, positions) -> torch.Tensor | None:
         import copy
 
-        if self.why_not:
+        if self.failed:
+            self.why_not = self.failed
             return None
         try:
             if self.copy is None:
@@ -103,9 +105,9 @@ class _Float32Reference:
             exact = reference_logits(self.copy, seqs, valid, positions).cpu()
         except Exception as e:  # noqa: BLE001 - no copy (memory, an uncopyable module): no look
             self.release()
-            self.why_not = no_look_reason(e)
+            self.failed = self.why_not = no_look_reason(e)
             return None
-        if not torch.isfinite(exact).all():
+        if not torch.isfinite(exact).all():  # this bucket's only: the next one may compare
             self.why_not = "eager float32's logits are not finite"
             return None
         return exact
