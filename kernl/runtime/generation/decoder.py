@@ -86,12 +86,24 @@ class KVCache:
     v: torch.Tensor
 
     @staticmethod
-    def allocate(spec: DecoderSpec, batch: int, slots: int, dtype, device) -> KVCache:
+    def allocate(
+        spec: DecoderSpec, batch: int, slots: int, dtype, device, shared: KVCache | None = None
+    ) -> KVCache:
+        """Zeros, or (`shared`: a cache of at least `batch` rows) views of the leading part of
+        its storage."""
         shape = (spec.num_layers, batch, spec.num_kv_heads, slots, spec.head_dim)
         return KVCache(
-            torch.zeros(shape, dtype=dtype, device=device),
-            torch.zeros(shape, dtype=dtype, device=device),
+            zeros_or_view(shared and shared.k, shape, dtype, device),
+            zeros_or_view(shared and shared.v, shape, dtype, device),
         )
+
+
+def zeros_or_view(within: torch.Tensor | None, shape: tuple[int, ...], dtype, device):
+    """A zero tensor of `shape`, or a contiguous view of the leading elements of `within`
+    (batch buckets that share one cache storage: generation/state.py, seq2seq.py)."""
+    if within is None:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return within.view(-1)[: torch.Size(shape).numel()].view(shape)
 
 
 def rope_matrices(

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from kernl.artifacts.seq2seq import Seq2SeqSpec
 
-from .decoder import ACTIVATIONS, FEW_ROWS
+from .decoder import ACTIVATIONS, FEW_ROWS, zeros_or_view
 
 
 @dataclass
@@ -53,10 +53,7 @@ class Seq2SeqCache:
         layers, h, d = spec.num_decoder_layers, spec.num_heads, spec.head_dim
 
         def zeros(within: torch.Tensor | None, *shape: int) -> torch.Tensor:
-            shape = (layers, *shape)
-            if within is None:
-                return torch.zeros(shape, dtype=dtype, device=device)
-            return within.view(-1)[: torch.Size(shape).numel()].view(shape)
+            return zeros_or_view(within, (layers, *shape), dtype, device)
 
         return Seq2SeqCache(
             zeros(shared and shared.self_kv, 2, batch, h, cache_len, d),

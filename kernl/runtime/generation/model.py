@@ -43,7 +43,7 @@ from ..model import new_call_lock, refuse_pickling
 from .decoder import Decoder
 from .joining import OpenBatch, pad_mask
 from .sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
-from .state import MAX_EOS_IDS, BatchState, shared_caches
+from .state import MAX_EOS_IDS, BatchState, shared_cache
 
 # How often generate() asks the GPU whether every row has finished: a host sync costs a few
 # microseconds of idle GPU, the extra steps after the last EOS only emit pad ids.
@@ -283,7 +283,8 @@ class GenerativeModel(StepLoop):
         )
         kernels = _runnable(kernels, device)
         self.decoder = Decoder(spec, weights, self.buckets.cache_len, self.dtype, device, kernels)
-        caches = shared_caches(self.decoder, self.buckets.batches, self.buckets.cache_len, device)
+        shared = shared_cache(self.decoder, self.buckets.batches, self.buckets.cache_len, device)
+        smallest = min(self.buckets.batches)
         self._states = {
             b: BatchState(
                 self.decoder,
@@ -292,7 +293,7 @@ class GenerativeModel(StepLoop):
                 self.buckets.cache_len,
                 self.default_pad,
                 device,
-                caches.get(b),
+                shared if b > smallest else None,
             )
             for b in self.buckets.batches
         }

@@ -25,16 +25,16 @@ class BatchState:
         cache_len: int,
         pad_token_id: int,
         device: torch.device,
-        cache: KVCache | None = None,
+        shared: KVCache | None = None,
     ):
-        """`cache`: this bucket's KV cache where it is another's storage (`shared_caches`);
-        None: its own."""
+        """`shared`: the cache whose storage this bucket's views (`shared_cache`); None: a
+        cache of its own."""
         spec = decoder.spec
         self.decoder = decoder
         self.batch = batch
         self.cache_len = cache_len
         long = dict(dtype=torch.int64, device=device)
-        self.cache = cache or KVCache.allocate(spec, batch, cache_len, decoder.dtype, device)
+        self.cache = KVCache.allocate(spec, batch, cache_len, decoder.dtype, device, shared)
         self.kv_valid = torch.zeros(batch, cache_len, dtype=torch.bool, device=device)
         self.tokens = torch.zeros(batch, **long)
         self.greedy_ids = torch.zeros(batch, **long)  # lm_head + argmax writes here
@@ -105,25 +105,15 @@ class BatchState:
         self.step.add_(1)
 
 
-def shared_caches(
+def shared_cache(
     decoder: Decoder, batches: list[int], cache_len: int, device: torch.device
-) -> dict[int, KVCache]:
-    """The KV cache of every batch bucket but the smallest: views of one storage, the largest
-    bucket's. Requests run one at a time (the model's lock, which an open stream or batch
-    holds), and the only two buckets ever in use at once are a running batch's and the
-    smallest, where its joiners are prefilled (joining.py): that one keeps its own. A cache
-    per bucket was 13 rows of cache for buckets 1, 4 and 8 where 9 serve (Gemma2-9B at 8192
-    slots and buckets 1, 8, 16: 70 GB of caches where 48 GB serve)."""
-    shared = sorted({b for b in batches if b > min(batches)})
-    if not shared:
-        return {}
-    spec = decoder.spec
-    whole = KVCache.allocate(spec, shared[-1], cache_len, decoder.dtype, device)
-    caches = {}
-    for batch in shared:
-        shape = (spec.num_layers, batch, spec.num_kv_heads, cache_len, spec.head_dim)
-        size = torch.Size(shape).numel()
-        caches[batch] = KVCache(
-            whole.k.view(-1)[:size].view(shape), whole.v.view(-1)[:size].view(shape)
-        )
-    return caches
+) -> KVCache | None:
+    """The KV cache whose storage every batch bucket but the smallest views (the largest
+    bucket's), or None where there is no such bucket. Requests run one at a time (the model's
+    lock, which an open stream or batch holds), and the only two buckets ever in use at once
+    are a running batch's and the smallest, where its joiners are prefilled (joining.py): that
+    one keeps its own. A cache per bucket was 13 rows of cache for buckets 1, 4 and 8 where 9
+    serve (Gemma2-9B at 8192 slots and buckets 1, 8, 16: 70 GB of caches where 48 GB serve)."""
+    if max(batches) == min(batches):
+        return None
+    return KVCache.allocate(decoder.spec, max(batches), cache_len, decoder.dtype, device)
