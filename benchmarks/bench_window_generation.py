@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_llama1b import timed  # noqa: E402  (best of 3 runs, host synchronised)
 
 BUCKETS = "batch=1,8 prompt=4096 cache=8192"
 PROMPT, NEW = 4096, 128
@@ -78,17 +80,6 @@ def build(name: str):
             model = tf.Gemma2ForCausalLM(cfg).to(torch.bfloat16)
         model.set_attn_implementation("eager")  # the softcapped reference
     return model.eval(), cfg.vocab_size
-
-
-def timed(fn, repeat: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def step_ms(model, ids) -> dict:
