@@ -69,6 +69,9 @@
 #   wingen  whole-model generation at a 4096-token prompt, 8192-slot cache: a windowed Mistral,
 #           the same without its window, Gemma2; each attention implementation
 #           (benchmarks/bench_window_generation.py, ~4-6 min)
+#   llama8b a Llama-3-8B-shaped bf16 model end to end: compile, load, the memory plan against
+#           the allocator's peak, steps at batch 1 and 8 against HF eager (bench_llama8b.py,
+#           ~4-6 min, not yet run)
 #   newkernels the GPU tests of kernl.rotary's and kernl.gated_linear's kernels (~30 s)
 #   famacc  a base-sized random family's error against eager fp32 beside eager's own
 #           (benchmarks/diag_family_accuracy.py: ModernBERT fp16 with and without
@@ -243,6 +246,7 @@ stage() {
     modernbert) timeout 900 python3 benchmarks/bench_modernbert.py ;;
     winsoft) OUT=$RUN timeout 200 python3 benchmarks/bench_decode_window_softcap.py ;;
     wingen) OUT=$RUN timeout 600 python3 benchmarks/bench_window_generation.py ;;
+    llama8b) OUT=$RUN timeout 900 python3 benchmarks/bench_llama8b.py ;;
     newkernels) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
       tests/kernels/test_gated_mlp.py tests/kernels/test_rotary.py tests/kernels/test_attention.py ;;
     famacc) for a in "modernbert fp16 4 128" "modernbert fp16 4 128 --no-rotary" \

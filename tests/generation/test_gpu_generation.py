@@ -353,3 +353,49 @@ def test_sliding_window_bf16_kernels_match_eager(tmp_path, variant):
     assert all(getattr(model.decoder.kernels, k) == v for k, v in forced.items())
     assert all(step.graph is not None for step in model._steps.values())
     _assert_teacher_forced_logits_match(model, hf)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["torch", "sdpa", "triton"])
+def test_nan_an_earlier_request_left_in_the_shared_caches_reaches_no_later_one(tmp_path, attention):
+    """Every cache (the shared storage and the smallest bucket's) filled with NaN, as a request
+    whose keys overflowed leaves them: the next requests, each decode attention reading the
+    masked slots its way, and an open batch's joiner, generate as on clean caches
+    (state.py zeroes a request's slots past its prompt inside the captured prefill)."""
+    from kernl.compiler.tasks.causal_lm import compile_causal_lm
+
+    from .test_open_batch import alone, prompt, run
+
+    hf = tiny_model("llama3").cuda().to(torch.bfloat16)
+    compile_causal_lm(
+        hf,
+        "batch=1,2,4 prompt=16 cache=64",
+        tmp_path / "lm.kernl",
+        dtype="bf16",
+        device="cuda",
+        decode_kernels={"attention": attention},
+    )
+    model = kernl.runtime.load(tmp_path / "lm.kernl")
+    assert model.decoder.kernels.attention == attention
+    four, four_mask = mixed_prompts(4, [16, 5, 11, 9])
+    one, one_mask = mixed_prompts(1, [12])
+
+    def generate(ids, mask):
+        return model.generate(ids.cuda(), mask.cuda(), max_new_tokens=24, eos_token_id=[])
+
+    def poison():
+        for state in model._states.values():
+            state.cache.k.fill_(float("nan"))
+            state.cache.v.fill_(float("nan"))
+
+    clean = [generate(four, four_mask), generate(one, one_mask)]
+    a, b, c = prompt(5, 1), prompt(7, 2), prompt(12, 3)
+    expected = alone(model, c, 12)
+    poison()
+    assert torch.equal(generate(four, four_mask), clean[0])
+    poison()
+    assert torch.equal(generate(one, one_mask), clean[1])
+    with model.open_batch([a, b], max_new_tokens=20, eos_token_id=[], rows=4) as batch:
+        for cache in (batch.state.cache.k, batch.state.cache.v):  # the free rows' last requests
+            cache[:, 2:].fill_(float("nan"))
+        assert run(batch, {3: (c, 12, {})})[("join", 3)] == expected

@@ -102,3 +102,36 @@ def test_an_open_batch_on_the_shared_storage_takes_joiners(model):
     assert got[("open", 1)] == alone(model, b, 20)
     assert got[("join", 3)] == alone(model, c, 12)
     assert torch.equal(model.generate(two, two_mask, max_new_tokens=NEW, eos_token_id=[]), pair)
+
+
+def _poison(model) -> None:
+    """NaN in every slot of every cache, as a request whose keys overflowed would leave."""
+    for state in model._states.values():
+        state.cache.k.fill_(float("nan"))
+        state.cache.v.fill_(float("nan"))
+
+
+def test_non_finite_values_an_earlier_request_left_in_the_caches_reach_no_later_one(model):
+    """Masked slots are still read (the torch and SDPA decode paths read every slot of the
+    bucket's length), and 0 x NaN is NaN: a request's slots past its prompt start as zeros,
+    and a joiner's row is cleared before its prompt is copied in."""
+    four, four_mask = mixed_prompts(4, [16, 5, 11, 9])
+    one, one_mask = mixed_prompts(1, [12])
+    a, b, c = prompt(5, 1), prompt(7, 2), prompt(12, 3)
+    clean = [
+        model.generate(four, four_mask, max_new_tokens=NEW, eos_token_id=[]),
+        model.generate(one, one_mask, max_new_tokens=NEW, eos_token_id=[]),
+    ]
+    _poison(model)
+    assert torch.equal(
+        model.generate(four, four_mask, max_new_tokens=NEW, eos_token_id=[]), clean[0]
+    )
+    _poison(model)
+    assert torch.equal(model.generate(one, one_mask, max_new_tokens=NEW, eos_token_id=[]), clean[1])
+    expected = {("open", 0): alone(model, a, 20), ("join", 3): alone(model, c, 12)}
+    with model.open_batch([a, b], max_new_tokens=20, eos_token_id=[], rows=4) as batch:
+        for cache in (batch.state.cache.k, batch.state.cache.v):  # the free rows' last requests
+            cache[:, 2:].fill_(float("nan"))
+        got = run(batch, {3: (c, 12, {})})
+    assert got[("open", 0)] == expected[("open", 0)]
+    assert got[("join", 3)] == expected[("join", 3)]

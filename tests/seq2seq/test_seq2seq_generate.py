@@ -527,3 +527,15 @@ def test_the_batch_buckets_view_one_cache_and_each_generates_as_hugging_face(com
     assert torch.equal(again, first)
     assert torch.equal(first, hf_generate(hf, ids, mask, 20))
     assert torch.equal(single, hf_generate(hf, alone_ids, alone_mask, 20))
+
+
+def test_non_finite_self_attention_values_an_earlier_request_left_reach_no_later_one(compiled):
+    """Each decode step reads every self-attention slot of its bucket's length, masked or not,
+    and 0 x NaN is NaN: a request starts from zeros there, whatever the storage held."""
+    hf, _, model = compiled["t5"]
+    ids, mask = sources([13, 5, 9, 16], seed=2)
+    clean = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[])
+    for state in model._states.values():
+        state.cache.self_kv.fill_(float("nan"))
+    got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[])
+    assert torch.equal(got, clean)

@@ -148,6 +148,10 @@ class OpenBatch:
         model._step(("prefill", self.join_bucket, p, self.do_sample)).run()
         try:
             big, s = self.state, self._slot
+            # the row's other slots held its last request's values: zeros, as a prefill leaves
+            # them (state.py: masked slots are still read, and 0 x NaN is NaN)
+            big.cache.k[:, row].zero_()
+            big.cache.v[:, row].zero_()
             big.cache.k[:, row, :, s - p : s].copy_(source.cache.k[:, 0, :, :p])
             big.cache.v[:, row, :, s - p : s].copy_(source.cache.v[:, 0, :, :p])
             big.kv_valid[row].fill_(False)

@@ -128,6 +128,9 @@ class _State:
         self.step.zero_()
 
     def encode(self, source: int) -> torch.Tensor:
+        # An earlier request's self-attention keys and values (any bucket's: they share one
+        # storage) sit under the slots each decode step masks; 0 x NaN is NaN, so they go.
+        self.cache.self_kv.zero_()
         if self.speech is None:
             self.model.encode(self.cache, self.src_ids[source], self.src_valid[source])
         else:

@@ -64,6 +64,12 @@ class BatchState:
     def prefill(self, prompt: int, do_sample: bool) -> torch.Tensor:
         ids, valid = self.prompt_ids[prompt], self.prompt_valid[prompt]
         logits = self.decoder.prefill(self.cache, ids, valid)
+        # The slots past the prompt hold an earlier request's keys and values (this bucket's,
+        # or another's: buckets share one storage). They are masked, but the torch and SDPA
+        # decode paths still read them, and 0 x NaN is NaN: one request that overflowed would
+        # turn every later one to NaN. Zeros cost one write of the cache a request.
+        self.cache.k[:, :, :, prompt:].zero_()
+        self.cache.v[:, :, :, prompt:].zero_()
         self.kv_valid[:, :prompt].copy_(valid)
         self.kv_valid[:, prompt:].fill_(False)
         self.positions.copy_(valid.sum(-1))
