@@ -246,7 +246,7 @@ stage() {
     modernbert) timeout 900 python3 benchmarks/bench_modernbert.py ;;
     winsoft) OUT=$RUN timeout 200 python3 benchmarks/bench_decode_window_softcap.py ;;
     wingen) OUT=$RUN timeout 600 python3 benchmarks/bench_window_generation.py ;;
-    llama8b) OUT=$RUN timeout 900 python3 benchmarks/bench_llama8b.py ;;
+    llama8b) OUT=$RUN timeout 600 python3 benchmarks/bench_llama8b.py ;;
     newkernels) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
       tests/kernels/test_gated_mlp.py tests/kernels/test_rotary.py tests/kernels/test_attention.py ;;
     famacc) for a in "modernbert fp16 4 128" "modernbert fp16 4 128 --no-rotary" \
