@@ -97,8 +97,10 @@ def decode_attention_chunk(
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
+        # masked slots' values are not read: p is 0 there, but 0 x NaN (a value an earlier
+        # request left in the cache) is NaN
         v = tl.load(
-            V_block + cols[:, None] * stride_vn, mask=n_mask[:, None] & d_mask[None, :], other=0.0
+            V_block + cols[:, None] * stride_vn, mask=attend[:, None] & d_mask[None, :], other=0.0
         )
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new

@@ -626,7 +626,8 @@ def test_kernels_the_compiler_chose_that_fail_validation_fall_back_to_torch(monk
 def test_a_persistent_step_that_timed_out_fails_the_request_loudly(artifact):
     """A barrier wait of the persistent step that timed out (another kernel held the SMs it
     needed) flags its counters: the request raises instead of returning wrong tokens, and the
-    flag is cleared for the next one."""
+    flag is cleared for the next one. A flag an abandoned request left (a stream closed before
+    its end checks nothing) fails no later request."""
     model = kernl.runtime.load(artifact)
     model.decoder.kernels = DecodeKernels(step="persistent")
     ids, mask = mixed_prompts(3, [11, 4, 16])
@@ -634,14 +635,26 @@ def test_a_persistent_step_that_timed_out_fails_the_request_loudly(artifact):
         model.generate(ids, mask, max_new_tokens=2)
         return
     model.generate(ids, mask, max_new_tokens=2)
-    model.decoder._step_shared[-1][2] = 1  # what a timed-out wait leaves
+    step, times_out = model.decoder._persistent_decode, [False]
+
+    def persistent_decode(*args, **kwargs):  # (CPU: steps run eagerly, no graph)
+        out = step(*args, **kwargs)
+        if times_out[0]:
+            model.decoder._step_shared[-1][2] = 1  # what a timed-out wait leaves
+        return out
+
+    model.decoder._persistent_decode = persistent_decode
+    times_out[0] = True
     with pytest.raises(RuntimeError, match="timed out waiting at a grid barrier"):
         model.generate(ids, mask, max_new_tokens=2)
+    times_out[0] = False
     model.generate(ids, mask, max_new_tokens=2)  # cleared: the next request runs
-    model.decoder._step_shared[-1][2] = 1
+    times_out[0] = True
     with pytest.raises(RuntimeError, match="timed out"):
         list(model.stream(ids, mask, max_new_tokens=2))
-    model.decoder._step_shared[-1][2] = 1  # a batch that others join (what kernl serve runs)
-    with model.open_batch([[5, 6, 7]], max_new_tokens=4) as batch:
+    with model.open_batch([[5, 6, 7]], max_new_tokens=4) as batch:  # what kernl serve runs
         with pytest.raises(RuntimeError, match="timed out"):
             batch.steps(2)
+    times_out[0] = False
+    model.decoder._step_shared[-1][2] = 1  # left by a request abandoned after its flag
+    assert model.generate(ids, mask, max_new_tokens=2).shape[0] == 3

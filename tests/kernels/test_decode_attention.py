@@ -198,23 +198,47 @@ def test_decode_attention_softcap(dtype, config):
     assert (ref - uncapped).abs().max() > 0.1
 
 
-def test_decode_attention_without_lengths_reads_the_whole_bucket():
-    # the mask alone does not keep the kernel from reading slots past the valid length: the
-    # decoder passes the lengths too (this is what they save)
+def test_decode_attention_mask_alone_or_with_lengths_keeps_nan_past_the_length_out():
+    # Without lengths the kernel reads keys up to the bucket's end (the decoder passes the
+    # lengths too: this is what they save), but a masked slot's value is never loaded: NaN
+    # an earlier request left there stays out either way.
     B, H, D, Lk = 1, 4, 32, 64
     k = torch.randn(B, 1, Lk, D, device=DEVICE)
     v = torch.randn(B, 1, Lk, D, device=DEVICE)
+    k[:, :, 40:] = float("nan")
     v[:, :, 40:] = float("nan")
     q = torch.randn(B, H, 1, D, device=DEVICE)
     mask = torch.arange(Lk, device=DEVICE)[None] < 40
     config = DecodeAttentionConfig(16, 2, 2, 4)
-    assert decode_attention(q, k, v, kv_mask=mask, config=config).isnan().any()
     lens = torch.tensor([40], device=DEVICE, dtype=torch.int32)
-    out = decode_attention(q, k, v, kv_mask=mask, kv_lens=lens, config=config)
     ref = decode_attention_reference(
-        q.double(), k.double(), v.nan_to_num(0.0).double(), kv_lens=lens
+        q.double(), k.nan_to_num(0.0).double(), v.nan_to_num(0.0).double(), kv_lens=lens
     )
+    assert_close(decode_attention(q, k, v, kv_mask=mask, config=config), ref, torch.float32)
+    out = decode_attention(q, k, v, kv_mask=mask, kv_lens=lens, config=config)
     assert_close(out, ref, torch.float32)
+
+
+def test_decode_attention_masked_slots_with_nan_leave_the_output_as_without():
+    """Slots the mask leaves out (left padding, a joiner's slots before its prompt) may hold
+    NaN an earlier request left: no weight is 0 x NaN, the output is as with finite values."""
+    B, H, H_kv, Lk, D = 3, 8, 2, 70, 32
+    k = torch.randn(B, H_kv, Lk, D, device=DEVICE)
+    v = torch.randn(B, H_kv, Lk, D, device=DEVICE)
+    q = torch.randn(B, H, 1, D, device=DEVICE)
+    mask = torch.ones(B, Lk, dtype=torch.bool, device=DEVICE)
+    mask[0, :17] = False
+    mask[1, 20:45] = False
+    mask[2, 1::2] = False
+    hidden = ~mask[:, None, :, None]
+    config = DecodeAttentionConfig(16, 4, 2, 3)
+    clean = decode_attention(q, k, v, kv_mask=mask, config=config)
+    nan = float("nan")
+    out = decode_attention(
+        q, k.masked_fill(hidden, nan), v.masked_fill(hidden, nan), kv_mask=mask, config=config
+    )
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, clean)
 
 
 @pytest.mark.gpu

@@ -361,6 +361,12 @@ class Decoder:
         flag.zero_()
         return True
 
+    def clear_persistent_timeout(self) -> None:
+        """At a request's start: a timeout flag an abandoned request left (an exception, a
+        stream closed before its end: neither checks it) is not this request's."""
+        if self._step_shared is not None:
+            self._step_shared[-1][2:3].zero_()
+
     def _persistent_decode(self, pairs, cache, tokens, positions, slot, kv_valid, ids_out):
         from kernl.kernels.decode_step import DecodeStepBuffers, config_from_pairs, decode_step
 
@@ -546,6 +552,13 @@ class Decoder:
             del h, qkv, qk, q, k, v, att
             x = self._mlp_block(x, self._norm(x, lw.mlp_norm_w, lw.mlp_norm_b), lw)
         return self._logits(x[:, -1])
+
+    @property
+    def reads_masked_slots(self) -> bool:
+        """Whether the decode attention reads cache slots past each row's current one: torch
+        and SDPA read the bucket's whole length under a mask; kernl's kernel (the pieces' and
+        the persistent step's) reads up to the current slot and loads no masked value."""
+        return self.kernels.attention != "triton"
 
     def decode(
         self,

@@ -56,6 +56,7 @@ class OpenBatch:
         self._release = weakref.finalize(self, _ModelHold.release, self._hold)
         try:
             self._capture_steps()
+            model.decoder.clear_persistent_timeout()
             model._start(plan, *sampling)
             model._step(("prefill", self.bucket, plan.prompt_bucket, plan.do_sample)).run()
             ids = self.state.tokens[: plan.batch].tolist()

@@ -574,6 +574,7 @@ class GenerativeModel(StepLoop):
             kv: self._step(("decode", plan.batch_bucket, kv, plan.do_sample))
             for kv in self._kv_lengths_for(plan)
         }
+        self.decoder.clear_persistent_timeout()
         yield prefill.run()
         for n in range(1, plan.max_new_tokens):
             slot = plan.prompt_bucket + n - 1  # where this step writes its token's key/value
