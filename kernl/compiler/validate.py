@@ -172,10 +172,10 @@ class _NoLook:
 
 
 def no_look_reason(e: BaseException) -> str:
-    """What kept a float32 copy of the model from being made or run, in a few words."""
+    """What kept the model from running in float32, in a few words."""
     if isinstance(e, torch.OutOfMemoryError):
-        return "a float32 copy of the model does not fit in memory"
-    return f"a float32 copy of the model failed: {type(e).__name__}: {e}"[:300]
+        return "the model in float32 does not fit in memory"
+    return f"the model in float32 failed: {type(e).__name__}: {e}"[:300]
 
 
 def _no_less_accurate(flat: FlatModel, args, expected, got) -> str | None | _NoLook:

@@ -68,4 +68,4 @@ def test_a_refusal_says_when_the_float32_look_could_not_be_made(tmp_path, monkey
                                device="cpu", atol=1e-3, rtol=0.0)  # fmt: skip
     message = str(refused.value)
     assert "differs from eager" in message
-    assert "No float32 look (a float32 copy of the model does not fit in memory)" in message
+    assert "No float32 look (the model in float32 does not fit in memory)" in message

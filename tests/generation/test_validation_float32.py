@@ -5,6 +5,8 @@ with the look recorded in the report, while a kernl step that is really off stay
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from kernl.compiler.tasks.causal_lm.validate import FLOAT32_SLACK, STEP_SLACK, n
 from kernl.compiler.validate import ValidationError
 from kernl.runtime.generation.decoder import Decoder
 
-from .tiny_models import tiny_model
+from .tiny_models import VOCAB, tiny_model
 
 BUCKETS = "batch=1,4 prompt=16 cache=32,64"
 
@@ -101,20 +103,21 @@ def test_the_look_reads_the_rms_error_and_bounds_the_largest(monkeypatch, elemen
 
 
 def test_a_refusal_says_when_the_float32_look_could_not_be_made(tmp_path, monkeypatch):
-    """The float32 copy does not fit (out of memory): the run is refused on the tolerance
+    """The model in float32 does not fit (out of memory): the run is refused on the tolerance
     alone, and the refusal says that no float32 look was made."""
     import kernl.compiler.tasks.causal_lm.validate as validate
 
     logits = Decoder._logits
     monkeypatch.setattr(Decoder, "_logits", lambda self, *a, **k: logits(self, *a, **k) + 0.3)
-    reference = validate.reference_logits
+    widen = validate.float32_module_by_module
 
-    def no_float32(model, *args, **kwargs):
-        if next(model.parameters()).dtype == torch.float32:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 32 GiB")
-        return reference(model, *args, **kwargs)
+    @contextmanager
+    def no_float32(model):
+        with widen(model):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        yield
 
-    monkeypatch.setattr(validate, "reference_logits", no_float32)
+    monkeypatch.setattr(validate, "float32_module_by_module", no_float32)
     hf = tiny_model("gemma_head256").to(torch.bfloat16)
     with pytest.raises(ValidationError) as refused:
         compile_causal_lm(
@@ -127,4 +130,47 @@ def test_a_refusal_says_when_the_float32_look_could_not_be_made(tmp_path, monkey
         )
     message = str(refused.value)
     assert "logits differ from eager" in message
-    assert "no float32 look (a float32 copy of the model does not fit in memory)" in message
+    assert "no float32 look (the model in float32 does not fit in memory)" in message
+
+
+@pytest.mark.parametrize(
+    "family", ["llama3", "qwen2_window", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "gpt2"]
+)
+def test_the_model_module_by_module_in_float32_computes_what_a_float32_copy_computes(family):
+    """The float32 look runs the user's bf16 model with each module on float32 copies of its
+    own tensors (`float32_module_by_module`): the same logits, bit for bit, as a float32 deep
+    copy (which held the whole model twice over), and the model's tensors untouched after,
+    an exception inside included."""
+    import copy
+
+    from kernl.compiler.tasks.causal_lm.validate import (
+        float32_module_by_module,
+        reference_logits,
+    )
+
+    hf = tiny_model(family).to(torch.bfloat16)
+    before = {k: (v.data_ptr(), v.dtype, v.clone()) for k, v in hf.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    seqs = torch.randint(1, VOCAB, (3, 12), generator=g)
+    valid = torch.ones(3, 12, dtype=torch.bool)
+    valid[1, :5] = False  # left padding
+    keep = [4, 7, 11]
+    expected = reference_logits(copy.deepcopy(hf).float(), seqs, valid, keep)
+    with float32_module_by_module(hf):
+        got = reference_logits(hf, seqs, valid, keep)
+    assert torch.equal(got, expected)
+    assert not torch.equal(reference_logits(hf, seqs, valid, keep), expected)  # bf16 differs
+    layer = hf.model.layers[0] if hasattr(hf, "model") else hf.transformer.h[0]
+
+    def cut_short(*args):
+        raise RuntimeError("cut short")
+
+    hook = layer.register_forward_hook(cut_short)
+    with pytest.raises(RuntimeError, match="cut short"), float32_module_by_module(hf):
+        reference_logits(hf, seqs, valid, keep)
+    hook.remove()
+    after = hf.state_dict()
+    for k, (ptr, dtype, value) in before.items():
+        assert after[k].data_ptr() == ptr and after[k].dtype == dtype
+        assert torch.equal(after[k], value)
+    assert not any(m._forward_pre_hooks for m in hf.modules())

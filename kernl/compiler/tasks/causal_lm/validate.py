@@ -84,27 +84,23 @@ def no_less_accurate(ours: torch.Tensor, eager: torch.Tensor, exact: torch.Tenso
 
 
 class _Float32Reference:
-    """Eager logits from a float32 copy of the model, made on first use and kept for the
-    validation's other runs; None where the copy cannot be made (memory) or its logits are
-    not finite, and the validation then refuses as without it."""
+    """Eager logits in float32 (`float32_module_by_module`); None where they cannot be made
+    (memory, a model whose tensors the swap does not reach) or are not finite, and the
+    validation then refuses as without them."""
 
     def __init__(self, model: torch.nn.Module):
-        self.model, self.copy = model, None
-        self.failed = ""  # why no copy can be made: no look for any bucket
+        self.model = model
+        self.failed = ""  # why no float32 logits can be made: no look for any bucket
         self.why_not = ""  # why the latest call gave no logits, for the refusal to say
 
     def logits(self, seqs, valid, positions) -> torch.Tensor | None:
-        import copy
-
         if self.failed:
             self.why_not = self.failed
             return None
         try:
-            if self.copy is None:
-                self.copy = copy.deepcopy(self.model).float()
-            exact = reference_logits(self.copy, seqs, valid, positions).cpu()
-        except Exception as e:  # noqa: BLE001 - no copy (memory, an uncopyable module): no look
-            self.release()
+            with float32_module_by_module(self.model):
+                exact = reference_logits(self.model, seqs, valid, positions).cpu()
+        except Exception as e:  # noqa: BLE001 - memory, a mixed-dtype op: no look
             self.failed = self.why_not = no_look_reason(e)
             return None
         if not torch.isfinite(exact).all():  # this bucket's only: the next one may compare
@@ -112,8 +108,48 @@ class _Float32Reference:
             return None
         return exact
 
-    def release(self) -> None:
-        self.copy = None
+
+@contextmanager
+def float32_module_by_module(model: torch.nn.Module):
+    """Within: each module of `model` runs on float32 copies of its own floating parameters
+    and buffers, made as it is called and dropped as it returns. The model computes what a
+    float32 copy of it computes (tests/generation/test_validation_float32.py compares the
+    two) while holding one module's float32 tensors at a time: a float32 deep copy of an
+    8B model was 30 GB, and the compile peaked 55 GB above the model (H100, 2026-12-06).
+    The model's own tensors are not touched: a module's slots point at the copies during
+    its call and at its own tensors again after it, whatever happens."""
+    calls: dict[torch.nn.Module, list[list[tuple]]] = {}
+
+    def widen(module, args):
+        saved = []
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is None or not t.is_floating_point() or t.dtype == torch.float32:
+                    continue
+                saved.append((table, name, t))
+                wide = t.detach().float()
+                if isinstance(t, torch.nn.Parameter):
+                    wide = torch.nn.Parameter(wide, requires_grad=False)
+                table[name] = wide
+        calls.setdefault(module, []).append(saved)
+
+    def narrow(module, args, output=None):
+        for table, name, t in calls[module].pop():
+            table[name] = t
+
+    hooks = []
+    try:
+        for module in model.modules():
+            hooks.append(module.register_forward_pre_hook(widen))
+            hooks.append(module.register_forward_hook(narrow, always_call=True))
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for saved_calls in calls.values():  # calls an exception cut short
+            while saved_calls:
+                for table, name, t in saved_calls.pop():
+                    table[name] = t
 
 
 def drops_attention_softcap(model: torch.nn.Module) -> bool:
@@ -234,80 +270,77 @@ def validate_generation(
             "validate: Hugging Face's SDPA would drop the attention softcap "
             f"({model.config.attn_logit_softcapping}); the reference is its eager attention"
         )
-    wide = _Float32Reference(model)  # made the first time a reduced-precision step is off
-    try:
-        g = torch.Generator().manual_seed(seed)
-        for batch in b.batches:
-            for prompt in b.prompts:
-                longest = prompt == min(b.prompts)
-                n = b.cache_len - prompt + 1 if longest else min(3, b.cache_len - prompt + 1)
-                say(f"validate batch {batch} prompt {prompt}: {count(n, 'step')} against eager")
-                lengths = torch.randint(1, prompt + 1, (batch,), generator=g)
-                lengths[0] = prompt
-                rows = [torch.randint(0, vocab, (int(m),), generator=g).tolist() for m in lengths]
-                keep = compared_steps(n, prompt, b.kv_lengths)
-                wanted = set(keep)
-                ours, new_ids = {}, []
-                stream = gen.stream(rows, max_new_tokens=n, eos_token_id=[], output_logits=True)
-                for t, (ids, logits) in enumerate(stream):
-                    new_ids.append(ids)
-                    if t in wanted:
-                        ours[t] = logits.cpu()
-                seqs = torch.zeros(batch, prompt + n - 1, dtype=torch.int64)
-                valid = torch.zeros_like(seqs, dtype=torch.bool)
-                for i, r in enumerate(rows):
-                    seqs[i, prompt - len(r) : prompt] = torch.tensor(r)
-                    valid[i, prompt - len(r) :] = True
-                if n > 1:
-                    seqs[:, prompt:] = torch.stack(new_ids[:-1], dim=1)
-                positions = [prompt - 1 + t for t in keep]
-                ref = reference_logits(model, seqs.to(device), valid.to(device), positions).cpu()
-                beyond = []  # (key, step, error, scale) past the tolerance
-                for j, t in enumerate(keep):
-                    if t == 0:
-                        key = ("prefill", batch, prompt)
-                    else:
-                        slot = prompt + t - 1
-                        key = ("decode", batch, next(k for k in b.kv_lengths if k > slot))
-                    err = float((ours[t] - ref[:, j]).abs().max())
-                    scale = float(ref[:, j].abs().max())
-                    e = errors[key]
-                    e.max_abs_error = max(e.max_abs_error or 0.0, err)
-                    e.reference_scale = max(e.reference_scale or 0.0, scale)
-                    e.steps += 1
-                    if not err <= atol + rtol * scale:
-                        beyond.append((key, t, err, scale))
-                if not beyond:
-                    continue
-                why, exact = None, None
-                if gen.dtype in (torch.float16, torch.bfloat16):
-                    # a deep model's two bf16 generations differ by about their own error: refuse
-                    # only where kernl is less accurate than eager in its dtype
-                    exact = wide.logits(seqs.to(device), valid.to(device), positions)
-                    ours_run = torch.stack([ours[t] for t in keep], 1)
-                    why = None if exact is None else no_less_accurate(ours_run, ref, exact)
-                key, t, err, scale = beyond[0]
-                if why is None:
-                    raise ValidationError(
-                        f"causal-lm {key[0]} bucket {batch}x{key[2]} "
-                        f"(prompt bucket {prompt}, step {t}): logits differ from eager by "
-                        f"{err:.3g} > atol {atol} + rtol {rtol} x max|logit| {scale:.3g}"
-                        + (
-                            f"; against eager in float32, kernl is further off than eager in "
-                            f"{str(gen.dtype).removeprefix('torch.')}"
-                            if exact is not None
-                            else f"; no float32 look ({wide.why_not}): the tolerance alone decided"
-                            if wide.why_not
-                            else ""
-                        )
+    wide = _Float32Reference(model)  # run the first time a reduced-precision step is off
+    g = torch.Generator().manual_seed(seed)
+    for batch in b.batches:
+        for prompt in b.prompts:
+            longest = prompt == min(b.prompts)
+            n = b.cache_len - prompt + 1 if longest else min(3, b.cache_len - prompt + 1)
+            say(f"validate batch {batch} prompt {prompt}: {count(n, 'step')} against eager")
+            lengths = torch.randint(1, prompt + 1, (batch,), generator=g)
+            lengths[0] = prompt
+            rows = [torch.randint(0, vocab, (int(m),), generator=g).tolist() for m in lengths]
+            keep = compared_steps(n, prompt, b.kv_lengths)
+            wanted = set(keep)
+            ours, new_ids = {}, []
+            stream = gen.stream(rows, max_new_tokens=n, eos_token_id=[], output_logits=True)
+            for t, (ids, logits) in enumerate(stream):
+                new_ids.append(ids)
+                if t in wanted:
+                    ours[t] = logits.cpu()
+            seqs = torch.zeros(batch, prompt + n - 1, dtype=torch.int64)
+            valid = torch.zeros_like(seqs, dtype=torch.bool)
+            for i, r in enumerate(rows):
+                seqs[i, prompt - len(r) : prompt] = torch.tensor(r)
+                valid[i, prompt - len(r) :] = True
+            if n > 1:
+                seqs[:, prompt:] = torch.stack(new_ids[:-1], dim=1)
+            positions = [prompt - 1 + t for t in keep]
+            ref = reference_logits(model, seqs.to(device), valid.to(device), positions).cpu()
+            beyond = []  # (key, step, error, scale) past the tolerance
+            for j, t in enumerate(keep):
+                if t == 0:
+                    key = ("prefill", batch, prompt)
+                else:
+                    slot = prompt + t - 1
+                    key = ("decode", batch, next(k for k in b.kv_lengths if k > slot))
+                err = float((ours[t] - ref[:, j]).abs().max())
+                scale = float(ref[:, j].abs().max())
+                e = errors[key]
+                e.max_abs_error = max(e.max_abs_error or 0.0, err)
+                e.reference_scale = max(e.reference_scale or 0.0, scale)
+                e.steps += 1
+                if not err <= atol + rtol * scale:
+                    beyond.append((key, t, err, scale))
+            if not beyond:
+                continue
+            why, exact = None, None
+            if gen.dtype in (torch.float16, torch.bfloat16):
+                # a deep model's two bf16 generations differ by about their own error: refuse
+                # only where kernl is less accurate than eager in its dtype
+                exact = wide.logits(seqs.to(device), valid.to(device), positions)
+                ours_run = torch.stack([ours[t] for t in keep], 1)
+                why = None if exact is None else no_less_accurate(ours_run, ref, exact)
+            key, t, err, scale = beyond[0]
+            if why is None:
+                raise ValidationError(
+                    f"causal-lm {key[0]} bucket {batch}x{key[2]} "
+                    f"(prompt bucket {prompt}, step {t}): logits differ from eager by "
+                    f"{err:.3g} > atol {atol} + rtol {rtol} x max|logit| {scale:.3g}"
+                    + (
+                        f"; against eager in float32, kernl is further off than eager in "
+                        f"{str(gen.dtype).removeprefix('torch.')}"
+                        if exact is not None
+                        else f"; no float32 look ({wide.why_not}): the tolerance alone decided"
+                        if wide.why_not
+                        else ""
                     )
-                for key, *_ in beyond:
-                    errors[key].against_float32 = why
-                say(
-                    f"validate batch {batch} prompt {prompt}: {count(len(beyond), 'step')} beyond "
-                    f"the tolerance against eager {str(gen.dtype).removeprefix('torch.')}, as close "
-                    f"to eager in float32 as eager is ({why})"
                 )
-    finally:
-        wide.release()
+            for key, *_ in beyond:
+                errors[key].against_float32 = why
+            say(
+                f"validate batch {batch} prompt {prompt}: {count(len(beyond), 'step')} beyond "
+                f"the tolerance against eager {str(gen.dtype).removeprefix('torch.')}, as close "
+                f"to eager in float32 as eager is ({why})"
+            )
     return list(errors.values())
