@@ -185,6 +185,13 @@ stage() {
       # passed (the static-cache process-sharing test, ~2 min; the twenty-bucket memory test)
       timeout 1200 python3 -m pytest -q -m "gpu and not bench_only" -p no:cacheprovider \
         --durations=25 -k "not process_sharing and not twenty_bert_base_buckets" ;;
+    testsgen) # the GPU tests of what the 42nd and 43rd sessions changed (~12 min): generation,
+      # seq2seq, runtime, e2e, compiler, artifacts, optimize, decode attention and the
+      # persistent step; not the encoder kernels, PDL, launch counts or kernel benchmarks
+      timeout 1200 python3 -m pytest -q -m "gpu and not bench_only" -p no:cacheprovider \
+        --durations=25 -k "not process_sharing and not twenty_bert_base_buckets" \
+        tests/generation tests/seq2seq tests/runtime tests/e2e tests/compiler tests/artifacts \
+        tests/optimize tests/kernels/test_decode_attention.py tests/kernels/test_decode_step.py ;;
     testsfirst) # `testsmost` in two halves that each end within one device call (~7 min)
       timeout 600 python3 -m pytest -q -m "gpu and not bench_only" -p no:cacheprovider \
         --durations=15 tests/artifacts tests/compiler tests/e2e tests/generation tests/kernels ;;
