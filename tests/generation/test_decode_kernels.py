@@ -658,3 +658,46 @@ def test_a_persistent_step_that_timed_out_fails_the_request_loudly(artifact):
     times_out[0] = False
     model.decoder._step_shared[-1][2] = 1  # left by a request abandoned after its flag
     assert model.generate(ids, mask, max_new_tokens=2).shape[0] == 3
+
+
+def test_the_runtime_takes_the_loaded_weights_before_the_persistent_step_stacks_them(
+    four_buckets, monkeypatch
+):
+    """load() hands the model its dict of loaded tensors, and the persistent step stacks the
+    layers' weights into new tensors: the dict is emptied first, so each loaded tensor dies
+    as its stack replaces it instead of sitting beside the stacks through the graphs' capture
+    (twice the weights at load, which the memory plan does not charge)."""
+    import gc
+    import weakref
+
+    from safetensors.torch import load_file
+
+    from kernl.artifacts import read_manifest
+    from kernl.runtime.generation import GenerativeModel
+    from kernl.runtime.generation.decoder import Decoder
+
+    manifest = read_manifest(four_buckets)
+    manifest.extra["decode_kernels"] = dataclasses.asdict(DecodeKernels(step="persistent"))
+    weights = load_file(four_buckets / "weights.safetensors")
+    stacked = ("qkv.weight", "o.weight", "gate_up.weight", "down.weight")
+    loaded = [weakref.ref(t) for k, t in weights.items() if k.endswith(stacked)]
+    assert len(loaded) == 4 * tiny_model("llama3").config.num_hidden_layers
+    alive = []
+    prepare = Decoder._prepare_persistent_step
+
+    def counting(self):
+        prepare(self)
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in loaded))
+
+    monkeypatch.setattr(Decoder, "_prepare_persistent_step", counting)
+    model = GenerativeModel(manifest, weights, torch.device("cpu"))
+    assert model.decoder.kernels.step == "persistent"
+    assert alive == [0] and not weights
+    ids, mask = mixed_prompts(4, [8, 3, 5, 8])
+    monkeypatch.undo()
+    same = kernl.runtime.load(four_buckets)
+    same.decoder.kernels = DecodeKernels(step="persistent")
+    assert torch.equal(
+        model.generate(ids, mask, max_new_tokens=6), same.generate(ids, mask, max_new_tokens=6)
+    )

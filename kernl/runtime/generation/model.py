@@ -253,7 +253,7 @@ class GenerativeModel(StepLoop):
     def __init__(
         self,
         manifest: Manifest,
-        weights: dict[str, torch.Tensor],
+        weights: dict[str, torch.Tensor],  # taken: left empty
         device: torch.device,
         capture: str = "load",
         binaries: KernelBinaries | None = None,
@@ -282,7 +282,13 @@ class GenerativeModel(StepLoop):
             else (spec.eos_token_ids[0] if spec.eos_token_ids else 0)
         )
         kernels = _runnable(kernels, device)
-        self.decoder = Decoder(spec, weights, self.buckets.cache_len, self.dtype, device, kernels)
+        # The decoder takes the tensors: the dict is emptied before the persistent step stacks
+        # the layers' weights (new tensors), or the loaded ones would sit beside the stacks
+        # until load() returns, through the graphs' capture (twice the weights at load).
+        pieces = dataclasses.replace(kernels, step="pieces")
+        self.decoder = Decoder(spec, weights, self.buckets.cache_len, self.dtype, device, pieces)
+        weights.clear()
+        self.decoder.kernels = kernels
         shared = shared_cache(self.decoder, self.buckets.batches, self.buckets.cache_len, device)
         smallest = min(self.buckets.batches)
         self._states = {
