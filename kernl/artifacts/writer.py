@@ -13,9 +13,11 @@ import contextlib
 import contextvars
 import ctypes
 import errno
+import json
 import os
 import shutil
 import socket
+import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import fields, replace
@@ -331,23 +333,11 @@ class ArtifactWriter:
             self.abort()
 
     def write_weights(self, tensors: dict) -> str:
-        from safetensors.torch import save_file
-
-        # safetensors refuses tensors that share storage (tied embeddings): store copies.
-        seen: set[int] = set()
-        clean = {}
-        for name, t in tensors.items():
-            t = t.detach().contiguous()
-            ptr = t.untyped_storage().data_ptr() if t.numel() else -1
-            if ptr in seen:
-                t = t.clone()
-            seen.add(ptr)
-            clean[name] = t.cpu()
         try:
-            save_file(clean, str(self.tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            write_safetensors(self.tmp / WEIGHTS_FILE, tensors, {"format": "pt"})
         except OSError:
             raise
-        except Exception as e:  # safetensors' own error (not an OSError), e.g. a full disk
+        except Exception as e:  # e.g. a dtype safetensors has no name for
             raise ArtifactWriteError(f"writing the weights into {self.tmp} failed: {e}") from e
         _fsync_path(self.tmp / WEIGHTS_FILE)
         return WEIGHTS_FILE
@@ -438,3 +428,40 @@ class ArtifactWriter:
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.tmp.rglob("*") if p.is_file())
+
+
+def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
+    """A safetensors file written one tensor at a time: the header from the shapes, then each
+    tensor's bytes, copied to the host alone. safetensors' `save_file` wants every tensor on
+    the host, then copies each to bytes: about twice the weights in host memory (32 GB for an
+    8B model). Tensors are laid out in name order, each right after the last, and tied ones
+    (one storage under two names) are written twice, as `save_file` needs them cloned."""
+    import torch
+
+    from .analysis import SAFETENSORS_DTYPES
+
+    names = {torch_name: st for st, torch_name in SAFETENSORS_DTYPES.items()}
+    header: dict = {"__metadata__": dict(metadata)}
+    offset = 0
+    order = sorted(tensors)
+    for name in order:
+        t = tensors[name]
+        dtype = names.get(str(t.dtype).removeprefix("torch."))
+        if dtype is None:
+            raise ValueError(f"weight {name!r}: safetensors has no dtype for {t.dtype}")
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors pads it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for name in order:
+            t = tensors[name].detach().reshape(-1)
+            if t.numel():
+                f.write(t.to("cpu", copy=False).contiguous().view(torch.uint8).numpy().data)

@@ -273,3 +273,51 @@ def test_manifest_checksum_round_trip_and_detection(small_artifact, tmp_path):
     (root / "manifest.msgpack").write_bytes(msgpack.packb(m, use_bin_type=True))
     with pytest.raises(ArtifactCorruptError, match="checksum"):
         read_manifest(root)
+
+
+def test_weights_are_written_one_tensor_at_a_time_as_safetensors_reads_them(tmp_path):
+    """`write_safetensors` streams each tensor to the file (safetensors' `save_file` held
+    every tensor on the host, then a bytes copy of each: twice the weights): every dtype,
+    a scalar, an empty tensor, a strided view and two names on one storage (tied embeddings)
+    read back equal through safetensors itself and through kernl's own checked reader."""
+    import torch
+    from safetensors import safe_open
+
+    from kernl.artifacts.reader import check_safetensors_header
+    from kernl.artifacts.weights import read_tensors
+    from kernl.artifacts.writer import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    embed = torch.randn(7, 5, generator=g).to(torch.bfloat16)
+    tensors = {
+        "embed.weight": embed,
+        "lm_head.weight": embed,  # tied: one storage, two names
+        "b.half": torch.randn(3, 4, generator=g).half(),
+        "c.float": torch.randn(2, 3, 4, generator=g),
+        "d.long": torch.arange(-5, 6),
+        "e.bool": torch.tensor([True, False, True]),
+        "f.scalar": torch.tensor(2.5),
+        "g.empty": torch.zeros(0, 4),
+        "h.strided": torch.randn(6, 8, generator=g)[::2, 1::3],
+    }
+    path = tmp_path / "weights.safetensors"
+    write_safetensors(path, tensors, {"format": "pt"})
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert set(f.keys()) == set(tensors)
+        for name, t in tensors.items():
+            assert torch.equal(f.get_tensor(name), t), name
+    header = check_safetensors_header(path)
+    back = read_tensors(path, header, "cpu")
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    with open(path, "rb") as f:
+        assert int.from_bytes(f.read(8), "little") % 8 == 0  # the data starts 8-byte aligned
+
+
+def test_a_weight_safetensors_cannot_name_is_refused_by_the_writer(tmp_path):
+    import torch
+
+    with ArtifactWriter(tmp_path / "a.kernl") as writer:
+        with pytest.raises(ArtifactWriteError, match="complex64"):
+            writer.write_weights({"w": torch.zeros(2, dtype=torch.complex64)})
