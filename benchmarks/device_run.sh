@@ -24,6 +24,8 @@
 #   testsmost the whole GPU suite in one process but the persistent-step configs that only
 #           the bench runs (the slow tests of the runtime and the compiler included)
 #   testsnew `testsmost` without the process-sharing and twenty-bucket memory tests (~17 min)
+#   testsgen the GPU tests of generation, seq2seq, runtime, e2e, compiler, artifacts, optimize,
+#           decode attention and the persistent step (~10 min, 142 tests, 2026-12-06)
 #   testsfirst / testsrest  `testsmost` in two halves, each within one device call (WAIT=480):
 #           artifacts, compiler, e2e, generation, kernels (~7 min, 2026-12-02: 175 tests in
 #           about 8 min); then runtime, seq2seq, optimize, packaging, serving and the kernel
@@ -185,7 +187,7 @@ stage() {
       # passed (the static-cache process-sharing test, ~2 min; the twenty-bucket memory test)
       timeout 1200 python3 -m pytest -q -m "gpu and not bench_only" -p no:cacheprovider \
         --durations=25 -k "not process_sharing and not twenty_bert_base_buckets" ;;
-    testsgen) # the GPU tests of what the 42nd and 43rd sessions changed (~12 min): generation,
+    testsgen) # the GPU tests of what the 42nd and 43rd sessions changed (~10 min): generation,
       # seq2seq, runtime, e2e, compiler, artifacts, optimize, decode attention and the
       # persistent step; not the encoder kernels, PDL, launch counts or kernel benchmarks
       timeout 1200 python3 -m pytest -q -m "gpu and not bench_only" -p no:cacheprovider \
