@@ -434,8 +434,9 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> No
     """A safetensors file written one tensor at a time: the header from the shapes, then each
     tensor's bytes, copied to the host alone. safetensors' `save_file` wants every tensor on
     the host, then copies each to bytes: about twice the weights in host memory (32 GB for an
-    8B model). Tensors are laid out in name order, each right after the last, and tied ones
-    (one storage under two names) are written twice, as `save_file` needs them cloned."""
+    8B model). Tensors are laid out widest element first, then by name, each right after the
+    last; tied ones (one storage under two names) are written twice, as `save_file` needs
+    them cloned."""
     import torch
 
     from .analysis import SAFETENSORS_DTYPES
@@ -443,7 +444,9 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> No
     names = {torch_name: st for st, torch_name in SAFETENSORS_DTYPES.items()}
     header: dict = {"__metadata__": dict(metadata)}
     offset = 0
-    order = sorted(tensors)
+    # widest elements first, as safetensors lays them out: every tensor starts at a multiple
+    # of its element size (a memory-mapped reader's views are aligned)
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
     for name in order:
         t = tensors[name]
         dtype = names.get(str(t.dtype).removeprefix("torch."))

@@ -279,7 +279,8 @@ def test_weights_are_written_one_tensor_at_a_time_as_safetensors_reads_them(tmp_
     """`write_safetensors` streams each tensor to the file (safetensors' `save_file` held
     every tensor on the host, then a bytes copy of each: twice the weights): every dtype,
     a scalar, an empty tensor, a strided view and two names on one storage (tied embeddings)
-    read back equal through safetensors itself and through kernl's own checked reader."""
+    read back equal through safetensors itself and through kernl's own checked reader, each
+    aligned to its element size (a 3-byte bool before them all would misalign the rest)."""
     import torch
     from safetensors import safe_open
 
@@ -308,6 +309,8 @@ def test_weights_are_written_one_tensor_at_a_time_as_safetensors_reads_them(tmp_
         for name, t in tensors.items():
             assert torch.equal(f.get_tensor(name), t), name
     header = check_safetensors_header(path)
+    for name, t in tensors.items():  # each starts at a multiple of its element size
+        assert header[name]["data_offsets"][0] % t.element_size() == 0, name
     back = read_tensors(path, header, "cpu")
     for name, t in tensors.items():
         assert back[name].dtype == t.dtype and torch.equal(back[name], t), name

@@ -134,7 +134,18 @@ def test_a_refusal_says_when_the_float32_look_could_not_be_made(tmp_path, monkey
 
 
 @pytest.mark.parametrize(
-    "family", ["llama3", "qwen2_window", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "gpt2"]
+    "family",
+    [
+        "llama3",
+        "mistral_window",
+        "qwen2_window",
+        "qwen3",
+        "phi3",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "gpt2",
+    ],
 )
 def test_the_model_module_by_module_in_float32_computes_what_a_float32_copy_computes(family):
     """The float32 look runs the user's bf16 model with each module on float32 copies of its
@@ -150,6 +161,7 @@ def test_the_model_module_by_module_in_float32_computes_what_a_float32_copy_comp
 
     hf = tiny_model(family).to(torch.bfloat16)
     before = {k: (v.data_ptr(), v.dtype, v.clone()) for k, v in hf.state_dict().items()}
+    originals = {m: {**m._parameters, **m._buffers} for m in hf.modules()}
     g = torch.Generator().manual_seed(0)
     seqs = torch.randint(1, VOCAB, (3, 12), generator=g)
     valid = torch.ones(3, 12, dtype=torch.bool)
@@ -169,8 +181,24 @@ def test_the_model_module_by_module_in_float32_computes_what_a_float32_copy_comp
     with pytest.raises(RuntimeError, match="cut short"), float32_module_by_module(hf):
         reference_logits(hf, seqs, valid, keep)
     hook.remove()
+    # a float32 copy that fails (memory) halfway through a module's tensors
+    widen, made = torch.Tensor.float, [0]
+
+    def out_of_memory_at_the_third(self, *args, **kwargs):
+        made[0] += 1
+        if made[0] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return widen(self, *args, **kwargs)
+
+    with pytest.raises(torch.OutOfMemoryError), float32_module_by_module(hf):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch.Tensor, "float", out_of_memory_at_the_third)
+            reference_logits(hf, seqs, valid, keep)
     after = hf.state_dict()
     for k, (ptr, dtype, value) in before.items():
         assert after[k].data_ptr() == ptr and after[k].dtype == dtype
         assert torch.equal(after[k], value)
-    assert not any(m._forward_pre_hooks for m in hf.modules())
+    for module in hf.modules():  # the very objects, in every slot, and no hook left
+        assert not module._forward_pre_hooks and not module._forward_hooks
+        for name, t in [*module._parameters.items(), *module._buffers.items()]:
+            assert t is None or t is originals[module][name]

@@ -149,10 +149,11 @@ class OpenBatch:
         model._step(("prefill", self.join_bucket, p, self.do_sample)).run()
         try:
             big, s = self.state, self._slot
-            # the row's other slots held its last request's values: zeros, as a prefill leaves
-            # them (state.py: masked slots are still read, and 0 x NaN is NaN)
-            big.cache.k[:, row].zero_()
-            big.cache.v[:, row].zero_()
+            # the row's other slots hold its last request's values: zeros, as a prefill leaves
+            # them where the decode attention reads masked slots (state.py: 0 x NaN is NaN)
+            if model.decoder.reads_masked_slots:
+                big.cache.k[:, row].zero_()
+                big.cache.v[:, row].zero_()
             big.cache.k[:, row, :, s - p : s].copy_(source.cache.k[:, 0, :, :p])
             big.cache.v[:, row, :, s - p : s].copy_(source.cache.v[:, 0, :, :p])
             big.kv_valid[row].fill_(False)

@@ -117,21 +117,22 @@ def float32_module_by_module(model: torch.nn.Module):
     two) while holding one module's float32 tensors at a time: a float32 deep copy of an
     8B model was 30 GB, and the compile peaked 55 GB above the model (H100, 2026-12-06).
     The model's own tensors are not touched: a module's slots point at the copies during
-    its call and at its own tensors again after it, whatever happens."""
+    its call and at its own tensors again after it, whatever happens. Nothing else may run
+    the model meanwhile (the compile holds it)."""
     calls: dict[torch.nn.Module, list[list[tuple]]] = {}
 
     def widen(module, args):
-        saved = []
-        for table in (module._parameters, module._buffers):
-            for name, t in table.items():
+        saved: list[tuple] = []
+        calls.setdefault(module, []).append(saved)  # before any swap: a copy that fails
+        for table in (module._parameters, module._buffers):  # (memory) leaves all restorable
+            for name, t in list(table.items()):
                 if t is None or not t.is_floating_point() or t.dtype == torch.float32:
                     continue
-                saved.append((table, name, t))
                 wide = t.detach().float()
                 if isinstance(t, torch.nn.Parameter):
                     wide = torch.nn.Parameter(wide, requires_grad=False)
+                saved.append((table, name, t))
                 table[name] = wide
-        calls.setdefault(module, []).append(saved)
 
     def narrow(module, args, output=None):
         for table, name, t in calls[module].pop():
@@ -140,7 +141,8 @@ def float32_module_by_module(model: torch.nn.Module):
     hooks = []
     try:
         for module in model.modules():
-            hooks.append(module.register_forward_pre_hook(widen))
+            # first among the module's pre-hooks: the user's own see float32 tensors too
+            hooks.append(module.register_forward_pre_hook(widen, prepend=True))
             hooks.append(module.register_forward_hook(narrow, always_call=True))
         yield
     finally:
