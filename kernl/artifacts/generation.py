@@ -705,6 +705,11 @@ def check_generation(
 # of queries whose float32 scores fit this many bytes (runtime/generation/decoder.py), so that
 # neither the prefill nor the CUDA graph that keeps its peak grows with batch x length².
 PREFILL_SCORE_BYTES = 512 << 20
+# The torch decode step rotates with a [D, D] matrix per position (one bmm a layer) where a
+# table of them fits this many bytes, else elementwise over the cos and sin tables as Hugging
+# Face does (runtime/generation/decoder.py: Gemma3's two tables at 32768 positions and
+# head_dim 256 were 8 GiB).
+ROPE_MATRIX_BYTES = 256 << 20
 
 
 def generation_memory(desc: GenerationDescription, itemsize: int) -> tuple[int, int]:
@@ -714,11 +719,12 @@ def generation_memory(desc: GenerationDescription, itemsize: int) -> tuple[int, 
     s, b = desc.decoder, desc.buckets
     cache = b.cache_len
     static = 0
-    if s.positions == "rope" and desc.kernels.rope == "torch":
+    matrices = cache * s.head_dim * s.head_dim * itemsize
+    if s.positions == "rope" and desc.kernels.rope == "torch" and matrices <= ROPE_MATRIX_BYTES:
         # the torch step's rotary: a [D, D] matrix per position (the kernels' steps and every
         # prefill rotate with [positions, D] cos and sin tables)
         tables = 2 if s.rope_local_layers else 1  # Gemma3's: one per layer type
-        static += tables * cache * s.head_dim * s.head_dim * itemsize
+        static += tables * matrices
     # the smallest bucket's KV cache, and one the others share (runtime/generation/state.py)
     for batch in {min(b.batches), max(b.batches)}:
         static += 2 * s.num_layers * batch * s.num_kv_heads * cache * s.head_dim * itemsize

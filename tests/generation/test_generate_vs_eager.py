@@ -77,6 +77,41 @@ def test_greedy_ids_match_eager_generate(family, tmp_path):
     assert out[r, 16 + step] == eos and (out[r, 16 + step + 1 :] == 0).all()
 
 
+@pytest.mark.parametrize("family", ["llama3", "qwen3", "phi3", "gemma3"])
+def test_the_torch_step_rotates_elementwise_where_the_matrices_would_not_fit(
+    family, tmp_path, monkeypatch
+):
+    """The torch decode step rotates with a [D, D] matrix per position only while a table of
+    them fits ROPE_MATRIX_BYTES (Gemma3's two at 32k positions and head_dim 256 were 8 GiB);
+    beyond it, elementwise over the cos and sin tables, as Hugging Face does: greedy ids still
+    equal eager's (Qwen3's normed q and k, Gemma3's two tables), and the plan leaves the
+    matrices out."""
+    import kernl.runtime.generation.decoder as decoder
+    from kernl.artifacts.reader import check_artifact
+
+    hf = tiny_model(family)
+    path = tmp_path / "lm.kernl"
+    kernl.compiler.compile(hf, BUCKETS, path, dtype="fp32", device="cpu", task="causal-lm")
+    with_matrices = check_artifact(path, hash_files=False).memory.static_buffers
+    monkeypatch.setattr(decoder, "ROPE_MATRIX_BYTES", 0)
+    model = kernl.runtime.load(path)
+    assert model.decoder.kernels.rope == "torch" and model.decoder.rope is None
+    ids, mask = mixed_prompts(3, [11, 4, 16])
+    with torch.no_grad():
+        ref = hf.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0
+        )
+    out = model.generate(ids, mask, max_new_tokens=NEW, pad_token_id=0, eos_token_id=[])
+    assert torch.equal(out, ref), _first_difference(out, ref)
+    import kernl.artifacts.generation as generation
+
+    monkeypatch.setattr(generation, "ROPE_MATRIX_BYTES", 0)
+    spec = model.decoder.spec
+    tables = 2 if spec.rope_local_layers else 1
+    matrices = tables * 96 * spec.head_dim**2 * 4  # the cache's positions, float32
+    assert check_artifact(path, hash_files=False).memory.static_buffers == with_matrices - matrices
+
+
 def _first_difference(out: torch.Tensor, ref: torch.Tensor) -> str:
     if out.shape != ref.shape:
         return f"shapes differ: kernl {tuple(out.shape)}, eager {tuple(ref.shape)}"

@@ -47,7 +47,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernl.artifacts.generation import PREFILL_SCORE_BYTES, DecodeKernels, DecoderSpec
+from kernl.artifacts.generation import (
+    PREFILL_SCORE_BYTES,
+    ROPE_MATRIX_BYTES,
+    DecodeKernels,
+    DecoderSpec,
+)
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -104,6 +109,10 @@ def zeros_or_view(within: torch.Tensor | None, shape: tuple[int, ...], dtype, de
     if within is None:
         return torch.zeros(shape, dtype=dtype, device=device)
     return within.view(-1)[: torch.Size(shape).numel()].view(shape)
+
+
+def rope_matrix_bytes(head_dim: int, positions: int, dtype: torch.dtype) -> int:
+    return positions * head_dim * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 def rope_matrices(
@@ -309,12 +318,24 @@ class Decoder:
         counters must be zero before its first launch, whichever graph replays first. The
         torch path's rotary matrices are made here too, the first time a choice needs them."""
         self._kernels = kernels
-        if self._rope_args is not None and kernels.rope == "torch" and self.rope is None:
+        if self.rope_matrices_fit and kernels.rope == "torch" and self.rope is None:
             self.rope = rope_matrices(*self._rope_args)
             if self._rope_local_args is not None:
                 self.rope_local = rope_matrices(*self._rope_local_args)
         if kernels.step == "persistent" and self.persistent_fits:
             self._prepare_persistent_step()
+
+    @property
+    def rope_matrices_fit(self) -> bool:
+        """Whether the torch step rotates with [positions, D, D] matrices (one bmm a layer)
+        rather than Hugging Face's elementwise form over the cos and sin tables: only where a
+        table of them stays under ROPE_MATRIX_BYTES (Gemma3's two at 32768 positions and
+        head_dim 256 were 8 GiB)."""
+        return (
+            self._rope_args is not None
+            and rope_matrix_bytes(self.spec.head_dim, self._rope_args[1], self.dtype)
+            <= ROPE_MATRIX_BYTES
+        )
 
     def _prepare_persistent_step(self) -> None:
         """Stack each kind of layer weight over the layers, as the persistent step reads them,
@@ -612,10 +633,14 @@ class Decoder:
         rotates_apart = s.qk_norm or self.two_rope_tables
         rope_kernel = "torch" if rotates_apart else kernels.rope
         normed_rotary = rotates_apart and kernels.rope != "torch" and self.cos is not None
+        # on torch without the matrices (rope_matrices_fit): q * cos + rotate_half(q) * sin
+        elementwise = (
+            rope_kernel == "torch" and not normed_rotary and self.cos is not None
+        ) and self.rope is None
         # per table, [full layers', rope_local_layers']: the step's rows of it
         ropes: list = [None, None]
         cos_sins: list = [None, None]
-        if normed_rotary:
+        if normed_rotary or elementwise:
             cos_sins[0] = (self.cos[positions][:, None], self.sin[positions][:, None])
             if self.two_rope_tables:
                 cos_sins[1] = (
@@ -659,7 +684,9 @@ class Decoder:
                 if s.qk_norm:
                     qk = self._qk_norm(qk, lw)
                 cos_sin, rope = cos_sins[self.rotates_local[i]], ropes[self.rotates_local[i]]
-                if cos_sin is not None:
+                if cos_sin is not None and elementwise:
+                    qk = qk * cos_sin[0] + _rotate_half(qk) * cos_sin[1]
+                elif cos_sin is not None:
                     from kernl.kernels.rotary import rotary
 
                     qk = rotary(qk, *cos_sin)  # [bsz, nh + kvh, d], contiguous
