@@ -712,6 +712,12 @@ PREFILL_SCORE_BYTES = 512 << 20
 ROPE_MATRIX_BYTES = 256 << 20
 
 
+def rope_matrices_fit(head_dim: int, positions: int, itemsize: int) -> bool:
+    """Whether the torch decode step's table of [D, D] rotary matrices, one per position,
+    stays within ROPE_MATRIX_BYTES (else the step rotates elementwise)."""
+    return positions * head_dim * head_dim * itemsize <= ROPE_MATRIX_BYTES
+
+
 def generation_memory(desc: GenerationDescription, itemsize: int) -> tuple[int, int]:
     """(static buffers, activation pool) in bytes of a causal-LM artifact at load, following
     kernl/runtime/generation/state.py (per batch bucket) and generation/decoder.py (the
@@ -719,12 +725,15 @@ def generation_memory(desc: GenerationDescription, itemsize: int) -> tuple[int, 
     s, b = desc.decoder, desc.buckets
     cache = b.cache_len
     static = 0
-    matrices = cache * s.head_dim * s.head_dim * itemsize
-    if s.positions == "rope" and desc.kernels.rope == "torch" and matrices <= ROPE_MATRIX_BYTES:
+    if (
+        s.positions == "rope"
+        and desc.kernels.rope == "torch"
+        and rope_matrices_fit(s.head_dim, cache, itemsize)
+    ):
         # the torch step's rotary: a [D, D] matrix per position (the kernels' steps and every
         # prefill rotate with [positions, D] cos and sin tables)
         tables = 2 if s.rope_local_layers else 1  # Gemma3's: one per layer type
-        static += tables * matrices
+        static += tables * cache * s.head_dim * s.head_dim * itemsize
     # the smallest bucket's KV cache, and one the others share (runtime/generation/state.py)
     for batch in {min(b.batches), max(b.batches)}:
         static += 2 * s.num_layers * batch * s.num_kv_heads * cache * s.head_dim * itemsize

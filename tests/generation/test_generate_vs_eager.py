@@ -86,14 +86,15 @@ def test_the_torch_step_rotates_elementwise_where_the_matrices_would_not_fit(
     beyond it, elementwise over the cos and sin tables, as Hugging Face does: greedy ids still
     equal eager's (Qwen3's normed q and k, Gemma3's two tables), and the plan leaves the
     matrices out."""
-    import kernl.runtime.generation.decoder as decoder
+    import kernl.artifacts.generation as generation
     from kernl.artifacts.reader import check_artifact
 
     hf = tiny_model(family)
     path = tmp_path / "lm.kernl"
     kernl.compiler.compile(hf, BUCKETS, path, dtype="fp32", device="cpu", task="causal-lm")
     with_matrices = check_artifact(path, hash_files=False).memory.static_buffers
-    monkeypatch.setattr(decoder, "ROPE_MATRIX_BYTES", 0)
+    # the runtime's choice and the plan read one rule (generation.rope_matrices_fit)
+    monkeypatch.setattr(generation, "ROPE_MATRIX_BYTES", 0)
     model = kernl.runtime.load(path)
     assert model.decoder.kernels.rope == "torch" and model.decoder.rope is None
     ids, mask = mixed_prompts(3, [11, 4, 16])
@@ -103,9 +104,6 @@ def test_the_torch_step_rotates_elementwise_where_the_matrices_would_not_fit(
         )
     out = model.generate(ids, mask, max_new_tokens=NEW, pad_token_id=0, eos_token_id=[])
     assert torch.equal(out, ref), _first_difference(out, ref)
-    import kernl.artifacts.generation as generation
-
-    monkeypatch.setattr(generation, "ROPE_MATRIX_BYTES", 0)
     spec = model.decoder.spec
     tables = 2 if spec.rope_local_layers else 1
     matrices = tables * 96 * spec.head_dim**2 * 4  # the cache's positions, float32

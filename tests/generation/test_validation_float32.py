@@ -84,7 +84,7 @@ def test_the_look_reads_the_rms_error_and_bounds_the_largest(monkeypatch, elemen
     """The same verdicts and summary whatever slice of rows the look reads at a time."""
     import kernl.compiler.tasks.causal_lm.validate as validate
 
-    monkeypatch.setattr(validate, "COMPARE_ELEMENTS", elements)
+    monkeypatch.setattr(validate, "COMPARE_CHUNK", elements)
     g = torch.Generator().manual_seed(0)
     exact = torch.randn(3, 20, 50, generator=g)
     noise = 0.01 * torch.randn(3, 20, 50, generator=g)

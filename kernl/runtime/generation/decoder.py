@@ -49,9 +49,9 @@ import torch.nn.functional as F
 
 from kernl.artifacts.generation import (
     PREFILL_SCORE_BYTES,
-    ROPE_MATRIX_BYTES,
     DecodeKernels,
     DecoderSpec,
+    rope_matrices_fit,
 )
 
 ACTIVATIONS = {
@@ -109,10 +109,6 @@ def zeros_or_view(within: torch.Tensor | None, shape: tuple[int, ...], dtype, de
     if within is None:
         return torch.zeros(shape, dtype=dtype, device=device)
     return within.view(-1)[: torch.Size(shape).numel()].view(shape)
-
-
-def rope_matrix_bytes(head_dim: int, positions: int, dtype: torch.dtype) -> int:
-    return positions * head_dim * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 def rope_matrices(
@@ -331,10 +327,8 @@ class Decoder:
         rather than Hugging Face's elementwise form over the cos and sin tables: only where a
         table of them stays under ROPE_MATRIX_BYTES (Gemma3's two at 32768 positions and
         head_dim 256 were 8 GiB)."""
-        return (
-            self._rope_args is not None
-            and rope_matrix_bytes(self.spec.head_dim, self._rope_args[1], self.dtype)
-            <= ROPE_MATRIX_BYTES
+        return self._rope_args is not None and rope_matrices_fit(
+            self.spec.head_dim, self._rope_args[1], self.dtype.itemsize
         )
 
     def _prepare_persistent_step(self) -> None:
@@ -634,9 +628,8 @@ class Decoder:
         rope_kernel = "torch" if rotates_apart else kernels.rope
         normed_rotary = rotates_apart and kernels.rope != "torch" and self.cos is not None
         # on torch without the matrices (rope_matrices_fit): q * cos + rotate_half(q) * sin
-        elementwise = (
-            rope_kernel == "torch" and not normed_rotary and self.cos is not None
-        ) and self.rope is None
+        elementwise = rope_kernel == "torch" and not normed_rotary and self.rope is None
+        elementwise = elementwise and self.cos is not None
         # per table, [full layers', rope_local_layers']: the step's rows of it
         ropes: list = [None, None]
         cos_sins: list = [None, None]

@@ -21,7 +21,7 @@ import torch
 from kernl.runtime.generation import GenerativeModel
 
 from ...plural import count
-from ...validate import FLOAT32_SLACK, ValidationError, no_look_reason
+from ...validate import COMPARE_CHUNK, FLOAT32_SLACK, ValidationError, no_look_reason
 
 # Long runs compare at most this many steps (all kv-bucket boundaries included), so a
 # 2048-slot cache does not need 2048 x vocab logits kept on both sides.
@@ -49,8 +49,6 @@ class StageError:
 # of 0.96-1.06 and per-step ratios up to 1.8 over 48 steps; a logit of one row at one step
 # moved by twice eager's largest error gave 3-7 (2026-12-06).
 STEP_SLACK = 3.0
-# The float32 look reads the logits this many elements at a time in float64
-COMPARE_ELEMENTS = 1 << 24
 
 
 def no_less_accurate(ours: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor) -> str | None:
@@ -62,7 +60,7 @@ def no_less_accurate(ours: torch.Tensor, eager: torch.Tensor, exact: torch.Tenso
     flat = [t.reshape(-1, vocab) for t in (ours, eager, exact)]
     squares, tops = [0.0, 0.0], [[], []]
     # rows a slice: whole float64 copies of [B, steps, V] were 17 GB at Gemma2's 256k, batch 16
-    step = max(1, COMPARE_ELEMENTS // vocab)
+    step = max(1, COMPARE_CHUNK // vocab)  # as the encoders' outputs (compiler/validate.py)
     for start in range(0, flat[2].shape[0], step):
         ref = flat[2][start : start + step].double()
         for i in (0, 1):
