@@ -20,8 +20,9 @@ from kernl.artifacts import (
     read_weights,
     verify_files,
 )
+from kernl.artifacts.memory import MemoryPlan
 from kernl.artifacts.reader import check_artifact
-from kernl.artifacts.schema import WEIGHTS_FILE
+from kernl.artifacts.schema import MANIFEST_FILE, WEIGHTS_FILE
 from kernl.artifacts.signing import load_trusted_keys, trusted_keys_from_env
 
 from .executor import ProgramRunError
@@ -54,7 +55,8 @@ def load(
 
     Everything `kernl verify` checks is checked here too, by the same code
     (`kernl.artifacts.reader.check_artifact`), including the memory plan against this
-    device's free memory, before any weight is read.
+    device's free memory (this process's unused cached blocks released first where they
+    are what stands in the way), before any weight is read.
     """
     if device is not None:
         device = torch.device(device)
@@ -104,9 +106,9 @@ def _load(root: Path, device: torch.device | None, capture: str, verify: bool, k
         os.environ.setdefault("TRITON_INTERPRET", "1")
     _check_compatibility(manifest, device)
     try:
-        free_bytes = _free_memory(device)
         # The manifest read above, not the file again: what is checked is what is served.
-        checked = check_artifact(root, manifest=manifest, free_bytes=free_bytes, hash_files=False)
+        checked = check_artifact(root, manifest=manifest, hash_files=False)
+        _check_fits(checked.memory, root, device)
         programs = checked.programs if manifest.task != "causal-lm" else []
         # The weights are read once the check, the memory plan included, has passed. Reading
         # them on a thread during the check was measured no faster (H200, 2026-12-03: load()
@@ -151,6 +153,30 @@ def _open(root: Path, manifest, programs, weights, device: torch.device, capture
 
         return GenerativeModel(manifest, weights, device, capture=capture, binaries=binaries)
     return CompiledModel(manifest, programs, weights, device, capture=capture, binaries=binaries)
+
+
+def _check_fits(plan: MemoryPlan, root: Path, device: torch.device) -> None:
+    """Refuse the artifact if its memory plan is over the device's free memory. The blocks
+    this process's caching allocator keeps unused (a compile's or an earlier model's, as in a
+    notebook's optimize(), which loads right after compiling) are not free to the driver but
+    are to this load: where the plan does not fit, they are released and the free memory is
+    read again before refusing (the 8B compile left 19 GiB cached above its model)."""
+    free = _free_memory(device)
+    if free is not None and plan.total > free and _release_cached_blocks(device):
+        free = _free_memory(device)
+    plan.check(str(root / MANIFEST_FILE), free_bytes=free)
+
+
+def _release_cached_blocks(device: torch.device) -> bool:
+    """Give the allocator's unused cached blocks back to the driver; whether there were any
+    (those of live CUDA graphs' pools stay, and the free memory read after tells)."""
+    if device.type != "cuda":
+        return False
+    if torch.cuda.memory_reserved(device) <= torch.cuda.memory_allocated(device):
+        return False
+    with torch.cuda.device(device):
+        torch.cuda.empty_cache()
+    return True
 
 
 def _free_memory(device: torch.device) -> int | None:

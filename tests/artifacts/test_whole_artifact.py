@@ -37,6 +37,31 @@ def test_load_refuses_a_plan_over_the_free_device_memory(small_causal_lm, tmp_pa
         kernl.runtime.load(root, device="cpu")
 
 
+def test_load_releases_the_allocators_cached_blocks_before_refusing(small_causal_lm, monkeypatch):
+    """Where the plan is over the driver's free memory, load() gives the caching allocator's
+    unused blocks back and reads the free memory again before refusing (a notebook's
+    optimize() loads right after a compile that leaves gigabytes cached); where the plan
+    fits, nothing is released (emptying the cache costs the process its reuse)."""
+    total = check_artifact(small_causal_lm).memory.total
+    free, released = [total - 1], []
+
+    def release(device):
+        released.append(device)
+        free[0] = total  # what the allocator held comes back
+        return True
+
+    monkeypatch.setattr(kernl.runtime, "_free_memory", lambda device: free[0])
+    monkeypatch.setattr(kernl.runtime, "_release_cached_blocks", release)
+    kernl.runtime.load(small_causal_lm, device="cpu")
+    assert len(released) == 1
+    kernl.runtime.load(small_causal_lm, device="cpu")  # fits now: nothing released
+    assert len(released) == 1
+    free[0] = total - 1
+    monkeypatch.setattr(kernl.runtime, "_release_cached_blocks", lambda device: False)
+    with pytest.raises(ArtifactUnsafeError, match="the device has"):
+        kernl.runtime.load(small_causal_lm, device="cpu")
+
+
 def test_the_plan_counts_tensors_alive_together(small_artifact, tmp_path):
     """Two 2 GiB tensors read at the end are alive together (4 GiB of pool); the same two, each
     dead after its use, are not. Nothing is allocated to find out."""

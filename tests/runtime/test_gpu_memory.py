@@ -74,3 +74,46 @@ def test_twenty_bert_base_buckets_hold_under_weights_plus_1_5x_largest(tmp_path)
     assert every["buckets"] == 20 and largest["buckets"] == 1
     assert every["weights"] == largest["weights"]
     assert every["reserved"] <= bound
+
+
+LOAD_OVER_CACHED_BLOCKS = textwrap.dedent(
+    """
+    import sys, torch
+    import kernl.runtime
+    from kernl.artifacts.reader import check_artifact
+    plan = check_artifact(sys.argv[1], hash_files=False).memory
+    free = torch.cuda.mem_get_info()[0]
+    # this process's allocator keeps a block the size of all but half the plan, unused, as a
+    # compile leaves its tuning's and validation's memory before optimize() loads
+    block = torch.empty(free - plan.total // 2, dtype=torch.uint8, device="cuda")
+    del block
+    assert torch.cuda.mem_get_info()[0] < plan.total, "the premise: the driver sees no room"
+    model = kernl.runtime.load(sys.argv[1], device="cuda")
+    print(model(input_ids=torch.ones(2, 64, dtype=torch.long)).last_hidden_state.shape)
+    """
+)
+
+
+@pytest.mark.gpu
+def test_load_counts_the_allocators_unused_cached_blocks_as_free(tmp_path):
+    """What the caching allocator keeps unused is not free to the driver (mem_get_info) but
+    is to load(): a notebook's optimize() loads right after its compile, which leaves the
+    memory of its tuning and validation cached (19 GiB above the model at 8B). load() once
+    refused such artifacts for memory the process could have used."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024
+    )
+    artifact = tmp_path / "b.kernl"
+    kernl.compiler.compile(
+        BertModel(cfg).eval(), "batch=2 seq=64", artifact, dtype="fp16", device="cuda", tune=False
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", LOAD_OVER_CACHED_BLOCKS, str(artifact)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "torch.Size([2, 64, 256])" in run.stdout
