@@ -439,6 +439,65 @@ def test_a_stream_pulled_from_several_threads_lets_its_last_puller_generate(mode
     assert torch.equal(torch.stack(steps, dim=1), streamed[:, ids.shape[1] :])
 
 
+def test_a_stream_read_to_its_last_step_frees_the_model_without_another_pull(model, monkeypatch):
+    """A consumer that takes the tokens it expects with next() (max_new_tokens of them, or up
+    to the step where every row met its EOS) and pulls no further: the model used to stay
+    held until one more pull found the stream done, so other threads waited and the same
+    thread's next generate() was refused as re-entry. The last step is handed out free."""
+    import threading
+
+    from kernl.runtime.generation import model as generation_model
+
+    monkeypatch.setattr(generation_model, "STREAM_HANDOFF_WAIT_S", 0.3)
+    ids, mask = mixed_prompts(2, [5, 3], seed=7)
+    whole = model.generate(ids, mask, max_new_tokens=4, eos_token_id=[])
+    new = whole[:, ids.shape[1] :]
+    for kwargs, n in (
+        ({"max_new_tokens": 4, "eos_token_id": []}, 4),  # the step count
+        ({"max_new_tokens": 4, "eos_token_id": new[:, 0].tolist()}, 1),  # both rows' EOS
+    ):
+        stream = model.stream(ids, mask, output_logits=True, **kwargs)
+        steps = [next(stream) for _ in range(n)]
+        assert all(torch.equal(got, new[:, t]) for t, (got, _) in enumerate(steps))
+        other = {}
+        waiter = threading.Thread(
+            target=lambda: other.setdefault(
+                "ids", model.generate(ids, mask, max_new_tokens=4, eos_token_id=[])
+            ),
+            daemon=True,
+        )
+        waiter.start()
+        waiter.join(timeout=120)
+        assert not waiter.is_alive(), "another thread waited for a stream already read out"
+        assert torch.equal(other["ids"], whole)
+        assert torch.equal(model.generate(ids, mask, max_new_tokens=4, eos_token_id=[]), whole)
+        # the last step's logits were copied before the model went on to other requests
+        assert torch.isfinite(steps[-1][1]).all() and steps[-1][1].shape == (2, VOCAB)
+        assert next(stream, None) is None
+
+
+def test_malformed_input_ids_are_refused_by_name_and_never_cast(model):
+    """Token lists of floats or bools were cast to int64 without a word (5.9 served as 5); a
+    complex tensor passed; an empty list, an empty row, a string or a tokenizer's output
+    passed positionally were refused with messages about a mask or a dtype the caller never
+    gave, or torch's own. Each is refused naming input_ids; the model serves on."""
+    before = model.generate([[5, 6, 7]], max_new_tokens=3, eos_token_id=[])
+    refused = [
+        ([[5.9, 6.9, 7.9]], TypeError, "row 0 must hold integers, got torch.float32"),
+        ([[5, 6], [True, False]], TypeError, "row 1 must hold integers, got torch.bool"),
+        (torch.tensor([[5, 6]], dtype=torch.complex64), TypeError, "got torch.complex64"),
+        ([], ValueError, "input_ids is empty"),
+        ([[1, 2], []], ValueError, r"row\(s\) \[1\] are empty lists"),
+        ("hello", TypeError, "input_ids must be token ids .* got a str"),
+        ({"input_ids": [[1, 2]]}, TypeError, r"got a dict: pass the tokenizer's output as"),
+    ]
+    for bad, error, message in refused:
+        for call in (model.generate, model.stream):
+            with pytest.raises(error, match=message):
+                call(bad, max_new_tokens=2, eos_token_id=[])
+    assert torch.equal(model.generate([[5, 6, 7]], max_new_tokens=3, eos_token_id=[]), before)
+
+
 @pytest.fixture(scope="module")
 def hf():
     return tiny_model("llama3")  # the artifact's model: tiny_model seeds its weights

@@ -21,7 +21,7 @@ import math
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -121,11 +121,16 @@ class StepLoop:
         """Raise if a step of this request is known to have computed wrongly (a model whose
         steps can tell: the persistent decode step's timed-out barrier)."""
 
-    def _stream_steps(self, plan, start: Callable, output_logits: bool, skip: int = 0) -> Iterator:
-        """Yield the ids of each step after the first `skip` (the state comes from `start()`,
-        under the lock), with its float32 logits when `output_logits`; stops after the step
-        where every row has finished."""
+    def _stream_steps(
+        self, plan, start: Callable, output_logits: bool, steps: int, skip: int = 0
+    ) -> Iterator:
+        """Yield the ids of each step after the first `skip` of the `steps` that `_run`
+        yields (the state comes from `start()`, under the lock), with its float32 logits when
+        `output_logits`; stops after the step where every row has finished. The last step is
+        yielded after the lock is released: a consumer that reads the tokens it expects and
+        pulls no further (nor closes the stream) leaves the model free for other requests."""
         self._refuse_reentry()
+        last = None
         with self._lock:
             self._streaming_thread, self._holder = threading.current_thread(), "stream()"
             try:
@@ -133,16 +138,24 @@ class StepLoop:
                 for n, logits in enumerate(self._run(plan, state), 1):
                     if n <= skip:
                         continue
+                    # the logits' copy is queued before the ids' copy to the host, which waits
+                    # for it: once the lock is released, the next request's steps may
+                    # overwrite the logits buffer from another thread
+                    out = logits[: plan.batch].float().clone() if output_logits else None
                     ids = state.tokens[: plan.batch].to("cpu", copy=True)
                     self._check_steps()
-                    yield (ids, logits[: plan.batch].float().clone()) if output_logits else ids
+                    item = (ids, out) if output_logits else ids
+                    if n == steps or bool(state.finished[: plan.batch].all()):
+                        last = item
+                        break
+                    yield item
                     # Whichever thread resumed the stream holds it now (a web server's thread
                     # pool pulls each step on whichever worker is free).
                     self._streaming_thread = threading.current_thread()
-                    if bool(state.finished[: plan.batch].all()):
-                        return
             finally:
                 self._streaming_thread = None
+        if last is not None:
+            yield last
 
     def _refuse_reentry(self) -> None:
         """The lock is held by an open stream() between its yields, or by an open batch: the
@@ -393,7 +406,7 @@ class GenerativeModel(StepLoop):
         sampling = (do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
         _, plan = self._request(input_ids, attention_mask, max_new_tokens, max_length, sampling)
         start = lambda: self._start(plan, temperature, top_k, top_p, seed)  # noqa: E731
-        return self._stream_steps(plan, start, output_logits)
+        return self._stream_steps(plan, start, output_logits, steps=plan.max_new_tokens)
 
     @plain_numbers
     def open_batch(
@@ -665,22 +678,37 @@ def _as_batch(input_ids, attention_mask, left: bool = True) -> tuple[torch.Tenso
     """(ids [B, S] int64 on the CPU, mask [B, S] bool); ragged lists are padded on the left
     (prompts: a causal LM continues from the right end) or the right (encoder sources), with
     id 0 under a False mask (the caller puts its pad id there where it returns them)."""
+    if isinstance(input_ids, (str, bytes, Mapping)):
+        raise TypeError(
+            f"input_ids must be token ids ([batch, sequence] integers, or a list of token "
+            f"lists), got a {type(input_ids).__name__}"
+            + (
+                ": pass the tokenizer's output as keywords (**enc)"
+                if isinstance(input_ids, Mapping)
+                else ""
+            )
+        )
+    if isinstance(input_ids, (list, tuple)) and len(input_ids) == 0:
+        raise ValueError("input_ids is empty: it holds no prompt")
     if _is_token_lists(input_ids):
         if attention_mask is not None:
             raise ValueError("attention_mask is not used with a list of token lists")
+        empty = [i for i, r in enumerate(input_ids) if len(r) == 0]
+        if empty:
+            raise ValueError(f"input_ids row(s) {empty} are empty lists: each prompt needs a token")
         longest = max(len(r) for r in input_ids)
-        if longest == 0:
-            raise ValueError("input_ids holds no tokens")
         ids = torch.zeros(len(input_ids), longest, dtype=torch.int64)
         mask = torch.zeros(len(input_ids), longest, dtype=torch.bool)
         for i, r in enumerate(input_ids):
-            if r:
-                cols = slice(longest - len(r), None) if left else slice(0, len(r))
-                ids[i, cols] = torch.as_tensor(r, dtype=torch.int64)
-                mask[i, cols] = True
+            row = torch.as_tensor(r)  # its own dtype: a float or bool row is refused, not cast
+            if not _holds_integers(row):
+                raise TypeError(f"input_ids row {i} must hold integers, got {row.dtype}")
+            cols = slice(longest - len(r), None) if left else slice(0, len(r))
+            ids[i, cols] = row.to(torch.int64)
+            mask[i, cols] = True
         return ids, mask
     ids = torch.as_tensor(input_ids)
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+    if not _holds_integers(ids):
         raise TypeError(f"input_ids must hold integers, got {ids.dtype}")
     if ids.dim() == 1:
         ids = ids[None]
@@ -699,6 +727,10 @@ def _as_batch(input_ids, attention_mask, left: bool = True) -> tuple[torch.Tenso
             f"attention_mask has shape {tuple(mask.shape)}, input_ids has {tuple(ids.shape)}"
         )
     return ids, mask.to("cpu").bool()
+
+
+def _holds_integers(t: torch.Tensor) -> bool:
+    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
 
 
 def main_input(method: str, value, options: dict, name: str = "input_ids"):

@@ -363,7 +363,7 @@ class Seq2SeqModel(StepLoop):
         start = lambda: self._start(plan)  # noqa: E731
         # Whisper's prompt is not part of its output; a forced BOS is a new token (as in HF).
         skip = plan.prompt_len - 1 if self.speech is not None else 0
-        return self._stream_steps(plan, start, output_logits, skip=skip)
+        return self._stream_steps(plan, start, output_logits, steps=plan.steps, skip=skip)
 
     def _start(self, plan: _Plan) -> _State:
         """Write the request into its batch bucket's buffers (one copy per buffer)."""
