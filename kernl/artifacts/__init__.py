@@ -10,6 +10,7 @@ from .errors import (
     ArtifactUnsafeError,
     ArtifactVersionError,
     ArtifactWriteError,
+    DeviceMemoryError,
 )
 from .limits import DEFAULT_LIMITS, ReadLimits
 from .program import Instruction, Program
@@ -40,6 +41,7 @@ __all__ = [
     "ArtifactWriteError",
     "ArtifactWriter",
     "Bucket",
+    "DeviceMemoryError",
     "BucketEntry",
     "InputSpec",
     "Instruction",

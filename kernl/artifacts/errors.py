@@ -22,6 +22,11 @@ class ArtifactUnsafeError(ArtifactError):
     op names outside the vocabulary, absurd allocations, pickled payloads)."""
 
 
+class DeviceMemoryError(ArtifactUnsafeError):
+    """The artifact's memory plan is over the device's free memory now: nothing is wrong
+    with the artifact (a cache keeps it), the device is short of room."""
+
+
 class ArtifactCompatibilityError(ArtifactError):
     """The artifact was built for another GPU architecture or toolchain than this one."""
 

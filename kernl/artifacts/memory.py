@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ArtifactUnsafeError
+from .errors import ArtifactUnsafeError, DeviceMemoryError
 from .limits import DEFAULT_LIMITS, ReadLimits
 
 
@@ -72,7 +72,7 @@ class MemoryPlan:
                 f"{gib(limits.max_memory_bytes)} a reader accepts"
             )
         if free_bytes is not None and self.total > free_bytes:
-            raise ArtifactUnsafeError(
+            raise DeviceMemoryError(
                 f"{where}: loading this artifact needs {self.describe()}; the device has "
                 f"{gib(free_bytes)} free"
             )

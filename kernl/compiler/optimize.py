@@ -22,8 +22,8 @@ by everything the artifact depends on, so the second run of a notebook loads in 
   (a pid is judged only within its host and PID namespace; any build untouched for a week goes
   too). A cache that cannot be written (a read-only mount) still serves its entries; a miss
   there is a CacheNotWritableError saying where to point KERNL_CACHE_DIR.
-- A cache entry that fails verification at load (any ArtifactError) is moved aside and
-  recompiled.
+- A cache entry that fails verification at load (any ArtifactError but DeviceMemoryError, a
+  device short of free memory now) is moved aside and recompiled.
 - The original model is not modified: compile() casts/moves the model it is given in place
   (`model.to(...)`: new tensors for parameters and buffers) and switches it to eval mode.
   optimize keeps the model's own tensors and puts them back afterwards, with every module's
@@ -61,6 +61,7 @@ from kernl._version import __version__ as kernl_version
 from kernl.artifacts import (
     FORMAT_VERSION,
     ArtifactError,
+    DeviceMemoryError,
     check_destination,
 )
 from kernl.artifacts.seq2seq import Seq2SeqBuckets
@@ -833,6 +834,8 @@ def _load_entry(
 
     try:
         runtime = kernl.runtime.load(entry, device=device)
+    except DeviceMemoryError:
+        raise  # the entry is sound, the device short of room now: kept for the next call
     except ArtifactError as e:
         if not writable:
             raise CacheNotWritableError(

@@ -232,6 +232,24 @@ def test_save_to_writes_a_loadable_artifact(cache, tmp_path, compiles):
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
 
 
+def test_an_entry_the_device_has_no_room_for_now_is_kept(cache, compiles, monkeypatch):
+    """A device short of free memory (another model on it) refuses the load; the entry is
+    sound and stays for the next call. It was taken for a corrupt one: deleted, recompiled
+    (an 8B model's compile), and the new entry refused the same way."""
+    from kernl.artifacts import DeviceMemoryError
+
+    bert = tiny_bert()
+    entry = kernl.optimize(bert, "batch=1 seq=8", progress=False).artifact
+    manifest = (entry / "manifest.msgpack").stat()
+    monkeypatch.setattr(kernl.runtime, "_free_memory", lambda device: 1024)
+    with pytest.raises(DeviceMemoryError, match="the device has 1.0 KiB free"):
+        kernl.optimize(bert, "batch=1 seq=8", progress=False)
+    assert len(compiles) == 1
+    assert (entry / "manifest.msgpack").stat().st_ino == manifest.st_ino
+    monkeypatch.undo()
+    assert kernl.optimize(bert, "batch=1 seq=8", progress=False).cache_hit
+
+
 def test_a_corrupt_entry_is_recompiled(cache, compiles):
     bert = tiny_bert()
     first = kernl.optimize(bert, "batch=1 seq=8", progress=False)
