@@ -217,6 +217,45 @@ def _is_size(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+def dict_axis(axis: str, value) -> list[int]:
+    """One axis of buckets given as a dict: one size, a list of sizes, or the string syntax
+    ("16:512", "1,8"); sorted, without repeats, each a positive integer within the reader's
+    limit (a float is not taken as the integer below it, nor a string as its characters)."""
+    if isinstance(value, str):
+        return _parse_axis(axis, value)
+    if _is_size(value):
+        value = [value]
+    try:
+        sizes = list(value)
+    except TypeError:
+        raise BucketSyntaxError(
+            f'{axis}: a size, a list of sizes or a string such as "1,8", not {value!r}'
+        ) from None
+    bad = [v for v in sizes if not (_is_size(v) and v >= 1)]
+    if bad or not sizes:
+        raise BucketSyntaxError(
+            f"{axis}: sizes are positive integers, got {bad[0]!r}" if bad else f"{axis}: no sizes"
+        )
+    check_axis(axis, sizes)
+    return sorted({int(v) for v in sizes})
+
+
+def dict_axes(
+    spec: dict, axes: tuple[str, ...], fields: tuple[str, ...], task: str
+) -> dict[str, list[int]]:
+    """A generation task's buckets given as a dict: keyed by the string syntax's axis names
+    (`axes`, the first two required) or by its dataclass's fields (`fields`, what `to_dict`
+    gives, in the same order); each value as `dict_axis` takes it."""
+    keys = set(spec)
+    for names in (axes, fields):
+        if keys <= set(names) and set(names[:2]) <= keys:
+            return {a: dict_axis(a, spec[n]) for a, n in zip(axes, names) if n in spec}
+    raise BucketSyntaxError(
+        f"{task} buckets as a dict take the keys {', '.join(map(repr, axes[:2]))} and optionally "
+        f"{axes[2]!r} (or {', '.join(map(repr, fields))}), got {sorted(map(str, keys))}"
+    )
+
+
 def as_buckets(spec) -> list[Bucket]:
     """Accept a bucket string, Buckets, (batch, seq) pairs, or {"batch": [...], "seq": [...]}
     (their product, as the string's axes)."""
@@ -227,12 +266,14 @@ def as_buckets(spec) -> list[Bucket]:
             raise BucketSyntaxError(
                 f'encoder buckets as a dict take the keys "batch" and "seq", got {sorted(spec)}'
             )
-        # each axis: one size, a list of them, or the string syntax ("16:512", "1,8")
-        axes = {
-            k: _parse_axis(k, v) if isinstance(v, str) else [v] if _is_size(v) else list(v)
-            for k, v in spec.items()
-        }
+        axes = {k: dict_axis(k, v) for k, v in spec.items()}
+        check_count(len(axes["batch"]) * len(axes["seq"]))  # before the product is built
         spec = [(b, s) for b in axes["batch"] for s in axes["seq"]]
+    if isinstance(spec, bytes) or not hasattr(spec, "__iter__"):
+        raise BucketSyntaxError(
+            'buckets are a string such as "batch=1,8 seq=16:512", (batch, seq) pairs or a dict '
+            f"of those two axes, not {spec!r}"
+        )
     out = []
     for b in spec:
         if isinstance(b, Bucket):

@@ -192,3 +192,41 @@ def test_generation_buckets_are_checked_the_same_way(task, spec, message):
             as_generation_buckets(spec)
         else:
             as_seq2seq_buckets(spec, 1500 if task == "speech-seq2seq" else None)
+
+
+def test_buckets_as_dicts_are_checked_as_strings_are_before_anything_is_built():
+    """A dict of buckets (optimize(buckets=...)) was taken field by field: batch 0 failed deep
+    in the compile's validation, 1.9 served as 1, "18" as [1, 8], the string syntax's axis
+    names raised KeyError, and an encoder's two axes built their whole product (4 million
+    pairs, 34 s) before the count was checked."""
+    import time
+
+    from kernl.compiler.tasks.causal_lm.buckets import as_generation_buckets
+    from kernl.compiler.tasks.seq2seq.buckets import as_seq2seq_buckets
+
+    for bad, needle in [
+        ({"batches": [0], "prompts": [16]}, "batch: sizes are positive integers, got 0"),
+        ({"batches": [], "prompts": [16]}, "batch: no sizes"),
+        ({"batch": [1.9], "prompt": [16]}, "got 1.9"),
+        ({"batch": True, "prompt": [16]}, "not True"),
+        ({"batch": [1]}, "take the keys 'batch', 'prompt' and optionally 'cache'"),
+        ({"batch": [1], "prompts": [16]}, "got \\['batch', 'prompts'\\]"),
+    ]:
+        with pytest.raises(BucketSyntaxError, match=needle):
+            as_generation_buckets(bad)
+    got = as_generation_buckets({"batch": "1,8", "prompt": "16:64"})
+    assert (got.batches, got.prompts, got.kv_lengths) == ([1, 8], [16, 32, 64], [128])
+    assert as_generation_buckets(got) == got  # its own fields, as to_dict gives them
+    assert as_generation_buckets({"batch": "18", "prompt": 8}).batches == [18]
+    with pytest.raises(BucketSyntaxError, match="source: sizes are positive integers, got -8"):
+        as_seq2seq_buckets({"batch": [1], "source": [-8]})
+    speech = as_seq2seq_buckets({"batch": [1, 8], "cache": 448}, source_positions=1500)
+    assert (speech.batches, speech.sources, speech.caches) == ([1, 8], [1500], [448])
+    assert as_seq2seq_buckets(speech, source_positions=1500) == speech
+    start = time.perf_counter()
+    with pytest.raises(BucketSyntaxError, match="4000000 buckets"):
+        as_buckets({"batch": range(1, 2001), "seq": range(1, 2001)})
+    assert time.perf_counter() - start < 10  # refused by count, not after building them
+    for bad in (5, {"batch": True, "seq": [8]}):
+        with pytest.raises(BucketSyntaxError):
+            as_buckets(bad)

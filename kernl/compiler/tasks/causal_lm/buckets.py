@@ -17,7 +17,14 @@ from __future__ import annotations
 
 from kernl.artifacts.generation import GenerationBuckets
 
-from ...buckets import BucketSyntaxError, check_axis, check_count, check_tokens, parse_axes
+from ...buckets import (
+    BucketSyntaxError,
+    check_axis,
+    check_count,
+    check_tokens,
+    dict_axes,
+    parse_axes,
+)
 
 AXES = ("batch", "prompt", "cache")
 EXAMPLE = "batch=1,4,8 prompt=16:1024 cache=2048"
@@ -65,9 +72,11 @@ def as_generation_buckets(spec) -> GenerationBuckets:
     if isinstance(spec, str):
         return parse_generation_buckets(spec)
     if isinstance(spec, GenerationBuckets):
-        return checked(GenerationBuckets.from_dict(spec.to_dict()))
+        spec = spec.to_dict()
     if isinstance(spec, dict):
-        return checked(GenerationBuckets.from_dict(spec))
+        axes = dict_axes(spec, AXES, ("batches", "prompts", "kv_lengths"), "causal-lm")
+        cache = axes.get("cache") or [2 * max(axes["prompt"])]
+        return checked(GenerationBuckets(axes["batch"], axes["prompt"], cache))
     raise BucketSyntaxError(
         f'causal-lm buckets must be a string like "batch=1,4 prompt=16:1024 cache=2048", '
         f"not {type(spec).__name__}"

@@ -25,6 +25,7 @@ from ...buckets import (
     check_axis,
     check_count,
     check_tokens,
+    dict_axes,
     parse_axes,
     position_limit,
 )
@@ -74,9 +75,16 @@ def as_seq2seq_buckets(spec, source_positions: int | None = None) -> Seq2SeqBuck
             return parse_speech_buckets(spec, source_positions)
         return parse_seq2seq_buckets(spec)
     if isinstance(spec, Seq2SeqBuckets):
-        return checked(Seq2SeqBuckets.from_dict(spec.to_dict()))
+        spec = spec.to_dict()
     if isinstance(spec, dict):
-        return checked(Seq2SeqBuckets.from_dict(spec))
+        if source_positions is not None and not {"source", "sources"} & set(spec):
+            spec = {**spec, ("sources" if "batches" in spec else "source"): [1]}
+        axes = dict_axes(spec, AXES, ("batches", "sources", "caches"), "seq2seq-lm")
+        if source_positions is not None:  # Whisper's source is fixed, as in the string syntax
+            axes["source"] = [source_positions]
+        return checked(
+            Seq2SeqBuckets(axes["batch"], axes["source"], axes.get("cache") or [DEFAULT_CACHE])
+        )
     raise BucketSyntaxError(
         f'seq2seq-lm buckets must be a string like "{EXAMPLE}", not {type(spec).__name__}'
     )
