@@ -15,10 +15,12 @@ import ctypes
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import struct
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import fields, replace
 from pathlib import Path
@@ -269,29 +271,69 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _owner_is_gone(host: str, pid: str) -> bool:
-    if host != socket.gethostname() or not pid.isdigit():
-        return False  # another machine's (a shared disk): not ours to judge
+def pid_namespace() -> str:
+    """This process's PID namespace (Linux): a pid means the same process only within one.
+    Containers that share the host's name (`--uts=host`) have their own PID namespaces."""
     try:
-        os.kill(int(pid), 0)
+        return re.sub(r"\D", "", os.readlink("/proc/self/ns/pid")) or "0"
+    except OSError:
+        return "0"
+
+
+def owner_tag() -> str:
+    """Who writes a temporary folder: host, PID namespace and pid (`host~ns@pid`)."""
+    return f"{socket.gethostname()}~{pid_namespace()}@{os.getpid()}"
+
+
+# A temporary folder that no process here can vouch for (another host on a shared disk, another
+# PID namespace, an older kernl's name) is removed once it is this old: no compile takes a week.
+STALE_SECONDS = 7 * 24 * 3600
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return True
-    except PermissionError:
         return False
-    return False
+    except (PermissionError, OverflowError):
+        return True  # another user's, or not a pid: not ours to judge
+    return True
 
 
-def clean_stale(destination: Path) -> None:
+def last_touched(path: Path) -> float:
+    """The newest mtime of a folder and what it holds directly (a compile adds files there)."""
+    try:
+        times = [path.lstat().st_mtime]
+        if path.is_dir() and not path.is_symlink():
+            times += [c.lstat().st_mtime for c in path.iterdir()]
+    except OSError:
+        return time.time()  # vanishing under us: someone is working on it
+    return max(times)
+
+
+def _owner_is_gone(path: Path, owner: str, now: float) -> bool:
+    """`owner` (`host~ns@pid`) is a process of this host and PID namespace that has ended,
+    or the folder is STALE_SECONDS old. A pid of another namespace (a container sharing the
+    host's name and the volume) means another process: it is never judged by its pid."""
+    host_ns, _, pid = owner.rpartition("@")
+    host, _, namespace = host_ns.partition("~")
+    if host == socket.gethostname() and namespace == pid_namespace() and pid.isdigit():
+        return not process_alive(int(pid))
+    return last_touched(path) < now - STALE_SECONDS
+
+
+def clean_stale(destination: Path, now: float | None = None) -> None:
     """Remove temporary folders left by killed compiles to `destination`, and put back a
     previous artifact a compile killed between its two renames had moved aside."""
     prefix = f".{destination.name}."
+    now = time.time() if now is None else now
     for p in list(destination.parent.iterdir()):
         if not p.name.startswith(prefix):
             continue
         kind, _, tag = p.name[len(prefix) :].partition("-")
-        host, _, rest = tag.rpartition("@")
-        pid = rest.split("-")[0]
-        if kind not in ("partial", "previous") or not _owner_is_gone(host, pid):
+        host_ns, _, rest = tag.rpartition("@")
+        owner = f"{host_ns}@{rest.split('-')[0]}"
+        if kind not in ("partial", "previous") or not _owner_is_gone(p, owner, now):
             continue
         if kind == "previous" and not destination.exists() and (p / MANIFEST_FILE).is_file():
             os.rename(p, destination)
@@ -315,7 +357,7 @@ class ArtifactWriter:
     def __init__(self, destination: str | os.PathLike):
         self.destination = check_destination(destination)
         clean_stale(self.destination)
-        self._tag = f"{socket.gethostname()}@{os.getpid()}"
+        self._tag = owner_tag()
         self.tmp = Path(
             tempfile.mkdtemp(
                 prefix=f".{self.destination.name}.partial-{self._tag}-",

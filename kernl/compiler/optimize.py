@@ -66,7 +66,12 @@ from kernl.artifacts import (
 )
 from kernl.artifacts.seq2seq import Seq2SeqBuckets
 from kernl.artifacts.signing import trusted_keys_from_env
+from kernl.artifacts.writer import STALE_SECONDS as STALE_BUILD_SECONDS
 from kernl.artifacts.writer import carry_kept_files, exchange_paths
+from kernl.artifacts.writer import last_touched as _last_touched
+from kernl.artifacts.writer import owner_tag as _owner_tag
+from kernl.artifacts.writer import pid_namespace as _pid_namespace
+from kernl.artifacts.writer import process_alive as _process_alive
 from kernl.runtime.generation.model import LENGTH_IS_A_BOUND
 
 from . import api
@@ -862,24 +867,6 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def _pid_namespace() -> str:
-    """This process's PID namespace (Linux): a pid means the same process only within one.
-    Containers that share the host's name (`--uts=host`) have their own PID namespaces."""
-    try:
-        return re.sub(r"\D", "", os.readlink("/proc/self/ns/pid")) or "0"
-    except OSError:
-        return "0"
-
-
-def _owner_tag() -> str:
-    return f"{socket.gethostname()}~{_pid_namespace()}@{os.getpid()}"
-
-
-# A build folder that no process here can vouch for (another host on a shared disk, another
-# PID namespace, an older kernl's name) is removed once it is this old: no compile takes a week.
-STALE_BUILD_SECONDS = 7 * 24 * 3600
-
-
 def _remove_dead_builds(models: Path, now: float | None = None) -> None:
     """Build and corrupt folders left by processes that died: those of this host and PID
     namespace whose process is gone, and any untouched for STALE_BUILD_SECONDS."""
@@ -893,27 +880,6 @@ def _remove_dead_builds(models: Path, now: float | None = None) -> None:
             _remove(p)
         elif _last_touched(p) < now - STALE_BUILD_SECONDS:
             _remove(p)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True  # another user's, or not a pid: not ours to judge
-    return True
-
-
-def _last_touched(path: Path) -> float:
-    """The newest mtime of a folder and what it holds directly (a compile adds files there)."""
-    try:
-        times = [path.lstat().st_mtime]
-        if path.is_dir() and not path.is_symlink():
-            times += [c.lstat().st_mtime for c in path.iterdir()]
-    except OSError:
-        return time.time()  # vanishing under us: someone is working on it
-    return max(times)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections import namedtuple
 from pathlib import Path
 
@@ -246,20 +247,32 @@ def _dead_pid() -> int:
 
 
 def test_leftovers_of_killed_compiles_are_cleaned(small_artifact, tmp_path):
-    host = socket.gethostname()
+    """A pid is judged only within this host and PID namespace: a container sharing the
+    host's name and the volume has other processes under the same numbers (its live compile's
+    folder was removed, review). What no process here can vouch for (another host, another
+    namespace, an older kernl's name without one) goes once a week old."""
+    from kernl.artifacts.writer import STALE_SECONDS, pid_namespace
+
+    host, ns = socket.gethostname(), pid_namespace()
     dest = tmp_path / "bert.kernl"
     dead, alive = _dead_pid(), os.getpid()
-    stale = tmp_path / f".bert.kernl.partial-{host}@{dead}-abc123"
-    running = tmp_path / f".bert.kernl.partial-{host}@{alive}-def456"
-    elsewhere = tmp_path / f".bert.kernl.partial-otherhost@{dead}-ghi789"
-    previous = tmp_path / f".bert.kernl.previous-{host}@{dead}"
-    for p in (stale, running, elsewhere):
+    stale = tmp_path / f".bert.kernl.partial-{host}~{ns}@{dead}-abc123"
+    running = tmp_path / f".bert.kernl.partial-{host}~{ns}@{alive}-def456"
+    elsewhere = tmp_path / f".bert.kernl.partial-otherhost~{ns}@{dead}-ghi789"
+    container = tmp_path / f".bert.kernl.partial-{host}~{ns}1@{dead}-jkl012"
+    unnamed = tmp_path / f".bert.kernl.partial-{host}@{dead}-mno345"  # an older kernl's
+    previous = tmp_path / f".bert.kernl.previous-{host}~{ns}@{dead}"
+    for p in (stale, running, elsewhere, container, unnamed):
         p.mkdir()
     copy_artifact(small_artifact, previous)  # a kill between the two renames of a commit
     clean_stale(dest)
     assert not stale.exists() and not previous.exists()
-    assert running.exists() and elsewhere.exists()  # maybe still in use: left alone
+    # maybe still in use: left alone
+    assert running.exists() and elsewhere.exists() and container.exists() and unnamed.exists()
     assert verify_artifact(dest)  # the previous artifact is back
+    clean_stale(dest, now=time.time() + STALE_SECONDS + 60)  # a week on
+    assert running.exists()  # its process lives
+    assert not (elsewhere.exists() or container.exists() or unnamed.exists())
 
 
 def test_manifest_checksum_round_trip_and_detection(small_artifact, tmp_path):
