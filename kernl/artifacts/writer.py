@@ -129,6 +129,9 @@ def _umask() -> int:
     return 0o022
 
 
+NAME_MAX = 255  # bytes in one file name (Linux, macOS)
+
+
 def check_destination(destination: str | os.PathLike, needed_bytes: int = 0) -> Path:
     """Fail early (before any tracing or tuning) if `destination` cannot receive an artifact:
     an existing non-artifact path, a parent that cannot be created or written (tested by
@@ -156,6 +159,21 @@ def _check_destination(dest: Path, needed_bytes: int) -> Path:
                 f"{dest} exists, is not empty and is not a kernl artifact; refusing to replace it"
             )
         artifact_files(dest)  # a manifest.msgpack that is no kernl manifest: refused there
+    if dest.is_dir() and os.path.ismount(dest):
+        raise ArtifactDestinationError(
+            f"{dest} is a mount point: an artifact is written beside its destination and "
+            "renamed into place, which cannot replace a mount point; write to a folder inside "
+            f"it (e.g. {dest / 'model.kernl'})"
+        )
+    # the longest name kernl gives a folder beside it (mkdtemp adds 8 characters)
+    beside = len(os.fsencode(f".{dest.name}.partial-{owner_tag()}-12345678"))
+    if beside > NAME_MAX:
+        most = NAME_MAX - (beside - len(os.fsencode(dest.name)))
+        raise ArtifactDestinationError(
+            f"the name {dest.name!r} is too long: kernl writes the artifact beside it under a "
+            f"temporary name of {beside} bytes, over the {NAME_MAX} a file name may have; use "
+            f"a name of at most {most} bytes"
+        )
     parent = dest.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

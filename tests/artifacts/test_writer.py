@@ -63,6 +63,30 @@ def test_too_little_free_space(tmp_path, monkeypatch):
     assert check_destination(tmp_path / "out", needed_bytes=1 << 20) == tmp_path / "out"
 
 
+def test_a_name_too_long_for_the_temporary_folder_is_refused_saying_how_long(tmp_path):
+    """A name the file system takes, but too long for the folder kernl writes beside it, was
+    refused as "cannot write into <parent>: File name too long" (review)."""
+    with pytest.raises(ArtifactDestinationError, match=r"too long.*at most (\d+) bytes") as e:
+        check_destination(tmp_path / ("a" * 236))
+    most = int(re.search(r"at most (\d+) bytes", str(e.value)).group(1))
+    fits = tmp_path / ("a" * most)
+    with ArtifactWriter(fits) as w:  # the longest name it names: its folder beside is made
+        assert w.tmp.is_dir() and len(w.tmp.name) <= 255
+        w.abort()
+
+
+def test_a_mount_point_is_refused_before_the_compile(tmp_path, monkeypatch):
+    """An artifact is renamed into place, which cannot replace a mount point (`docker run -v
+    ./out:/out ... -o /out`): this failed with a bare EBUSY after the whole compile."""
+    dest = tmp_path / "out"
+    dest.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == dest or real(p))
+    with pytest.raises(ArtifactDestinationError, match="is a mount point.*a folder inside it"):
+        check_destination(dest)
+    assert check_destination(dest / "model.kernl") == dest / "model.kernl"
+
+
 @pytest.fixture
 def locked():
     """A folder only its owner may write, with parents anyone may enter."""
