@@ -603,6 +603,12 @@ def test_numpy_and_torch_scalars_are_taken_as_the_numbers_they_hold(model):
     assert len(steps) == 3
     with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
         model.generate(ids, mask, max_new_tokens=np.bool_(True))
+    # passed by position, and to an open batch's join (both were refused, review)
+    got = model.generate(ids, mask, np.int64(8), seed=np.int64(4), temperature=0.5, top_p=0.9, **kw)
+    assert torch.equal(got, ref)
+    with model.open_batch(ids, max_new_tokens=4, eos_token_id=[], rows=4) as batch:
+        joined = batch.join(ids[1][mask[1].bool()], np.int64(4), seed=np.int64(3))
+    assert joined is not None
 
 
 def test_a_prompt_bucket_equal_to_a_kv_length_loads(tmp_path):

@@ -123,13 +123,18 @@ class OpenBatch:
                 f"with rows= a larger bucket ({self.model.buckets.batches}), or compile a "
                 "smaller batch bucket (e.g. batch=1)"
             )
+        from .model import _plain_number  # model.py imports this module
+
+        max_new_tokens, temperature, top_k, top_p, seed = map(
+            _plain_number, (max_new_tokens, temperature, top_k, top_p, seed)
+        )
         model, plan = self.model, self.plan
         prompt = torch.as_tensor(input_ids)
         if prompt.dim() == 2 and prompt.shape[0] == 1:
             prompt = prompt[0]
         if prompt.dim() != 1 or prompt.numel() == 0:
             raise ValueError(f"join takes one prompt of token ids, got {tuple(prompt.shape)}")
-        if prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
+        if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
             raise ValueError(f"input_ids must hold integers, got {prompt.dtype}")
         prompt = prompt.to("cpu", torch.int64).view(1, -1)
         # A tensor's padding as generate takes it: the positions of the batch's pad id.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import functools
+import inspect
 import math
 import threading
 import time
@@ -251,8 +252,14 @@ def _plain_number(value: Any) -> Any:
 def plain_numbers(method: Callable) -> Callable:
     """generate/stream/open_batch with their numeric options as Python numbers."""
 
+    names = list(inspect.signature(method).parameters)[1:]  # after self, in order
+
     @functools.wraps(method)
     def wrapper(self, *args: Any, **kwargs: Any) -> Any:
+        args = tuple(
+            _plain_number(a) if i < len(names) and names[i] in _NUMERIC_OPTIONS else a
+            for i, a in enumerate(args)
+        )
         for name in _NUMERIC_OPTIONS & kwargs.keys():
             kwargs[name] = _plain_number(kwargs[name])
         return method(self, *args, **kwargs)
