@@ -440,6 +440,16 @@ def bench_command(
         raise click.UsageError(
             "--plot needs matplotlib, which is not installed: pip install matplotlib"
         )
+    if plot:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        if Path(plot).suffix.lower().lstrip(".") not in kinds:  # matplotlib reads the format
+            raise click.BadParameter(  # from it (without one it wrote bench.png for bench)
+                f"{plot!r} names no image format matplotlib writes: end it in one of "
+                f".{', .'.join(sorted(kinds))} (e.g. bench.png)",
+                param_hint="--plot",
+            )
     for option, target in (("--plot", plot), ("--json", json_path)):
         _check_output_folder(option, target)  # before minutes of measuring, not after
     try:
@@ -485,7 +495,11 @@ def bench_command(
     if plot:
         from .bench import plot as draw
 
-        draw(result, plot)
+        try:
+            draw(result, plot)
+        except (OSError, ValueError, RuntimeError) as e:  # the table above stands
+            click.echo(f"kernl bench: error: the plot was not written: {e}", err=True)
+            sys.exit(1)
         click.echo(f"plot: {plot}")
 
 

@@ -146,6 +146,16 @@ def test_plot_without_matplotlib_fails_before_measuring(artifact, tmp_path, monk
     assert "cold-start" not in result.output
 
 
+def test_a_plot_name_without_an_image_format_fails_before_measuring(artifact, tmp_path):
+    """`--plot bench.xyz` printed a traceback after the whole run; `--plot bench` wrote
+    bench.png and said it wrote `bench` (review)."""
+    pytest.importorskip("matplotlib")
+    for name in ("p.xyz", "p"):
+        result = CliRunner().invoke(main, ["bench", str(artifact), "--plot", str(tmp_path / name)])
+        assert result.exit_code == 2 and "names no image format" in result.output
+        assert ".png" in result.output and "cold-start" not in result.output
+
+
 def test_model_not_found_asks_for_model_and_model_option_works(model_dir, tmp_path):
     # Compiled from an in-memory model: the manifest records no folder to reload.
     model = T.BertModel.from_pretrained(model_dir)
