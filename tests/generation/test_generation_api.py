@@ -609,6 +609,11 @@ def test_numpy_and_torch_scalars_are_taken_as_the_numbers_they_hold(model):
     with model.open_batch(ids, max_new_tokens=4, eos_token_id=[], rows=4) as batch:
         joined = batch.join(ids[1][mask[1].bool()], np.int64(4), seed=np.int64(3))
     assert joined is not None
+    for rows in (0, -2, "4", 2.5):  # 0 and -2 once served as the prompts' count
+        with pytest.raises(ValueError, match="rows must be a positive integer"):
+            model.open_batch(ids, max_new_tokens=4, eos_token_id=[], rows=rows)
+    with model.open_batch(ids, max_new_tokens=4, eos_token_id=[], rows=np.int64(4)) as batch:
+        assert batch.bucket == 4
 
 
 def test_a_prompt_bucket_equal_to_a_kv_length_loads(tmp_path):

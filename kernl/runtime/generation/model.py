@@ -446,6 +446,11 @@ class GenerativeModel(StepLoop):
         if budgets is not None and len(budgets) != plan.batch:
             raise ValueError(f"{len(budgets)} max_new_tokens for {plan.batch} prompts")
         if rows is not None:
+            rows = _plain_number(rows)
+            if not _is_int(rows) or rows < 1:
+                raise ValueError(
+                    f"rows must be a positive integer (the batch's rows), got {rows!r}"
+                )
             bucket = pick_size(self.buckets.batches, max(rows, plan.batch))
             if bucket is None:
                 raise ValueError(
