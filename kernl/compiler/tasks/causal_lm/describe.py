@@ -395,7 +395,8 @@ def _describe_gpt2(model, cache_len: int) -> tuple[DecoderSpec, dict]:
     if cache_len > cfg.n_positions:
         raise UnsupportedModelError(
             f"causal-lm: gpt2 has {cfg.n_positions} learned positions; a cache of {cache_len} "
-            f"slots needs more (use cache<={cfg.n_positions})"
+            f"slots needs more (use cache<={cfg.n_positions}; without cache= in the buckets, "
+            "the cache is twice the longest prompt bucket)"
         )
     t = model.transformer
     hidden, nh = cfg.n_embd, cfg.n_head
