@@ -405,7 +405,16 @@ def _optimize(
         models.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         # ENOENT: a parent that refuses new folders (under /proc, a detached mount)
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOENT):
+        # EEXIST: a file where the folder should be
+        refused = (
+            errno.EACCES,
+            errno.EPERM,
+            errno.EROFS,
+            errno.ENOTDIR,
+            errno.ENOENT,
+            errno.EEXIST,
+        )
+        if e.errno not in refused:
             raise
         raise CacheNotWritableError(
             f"the cache folder {models} cannot be created ({e.strerror}): point "

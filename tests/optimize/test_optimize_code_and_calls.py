@@ -136,6 +136,11 @@ def test_a_cache_folder_that_cannot_be_created_is_the_documented_error(
     # FileNotFoundError
     with pytest.raises(opt.CacheNotWritableError, match="cannot be created"):
         kernl.optimize(tiny_bert(), B, progress=False, cache_dir="/proc/kernl-cache")
+    # a file where its models folder should be: the same error, not a bare FileExistsError
+    (tmp_path / "filed").mkdir()
+    (tmp_path / "filed" / "models").write_text("")
+    with pytest.raises(opt.CacheNotWritableError, match="cannot be created .*File exists"):
+        kernl.optimize(tiny_bert(), B, progress=False, cache_dir=tmp_path / "filed")
 
 
 def test_none_inputs_and_module_shorthands_are_taken(cache):
