@@ -939,7 +939,11 @@ def copy_artifact(source: Path, destination: str | os.PathLike) -> Path:
             # (a load() then met a missing folder); two renames where it is unsupported
             if not exchange_paths(tmp / "artifact", dest):
                 os.rename(dest, tmp / "previous")
-                os.rename(tmp / "artifact", dest)
+                try:
+                    os.rename(tmp / "artifact", dest)
+                except BaseException:  # the previous artifact back, not deleted with tmp
+                    os.rename(tmp / "previous", dest)
+                    raise
         else:
             os.rename(tmp / "artifact", dest)
         _fsync_dir(dest.parent)

@@ -250,6 +250,30 @@ def test_an_entry_the_device_has_no_room_for_now_is_kept(cache, compiles, monkey
     assert kernl.optimize(bert, "batch=1 seq=8", progress=False).cache_hit
 
 
+def test_a_failed_copy_to_save_to_puts_the_previous_artifact_back(cache, tmp_path, monkeypatch):
+    """Where the filesystem cannot swap two paths in one step, the copy to save_to= moves
+    the previous artifact aside, then renames the new one in; a failure of that second
+    rename deleted the previous one with the temporary folder (review)."""
+    out = tmp_path / "saved.kernl"
+    kernl.optimize(tiny_bert(), "batch=1 seq=8", save_to=out, progress=False)
+    before = verify_artifact(out)
+    other = kernl.optimize(tiny_bert(seed=1), "batch=1 seq=8", progress=False).artifact
+    real = os.rename
+
+    def failing(src, dst):
+        if Path(src).name == "artifact":
+            raise OSError(errno.EIO, "Input/output error", str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(opt, "exchange_paths", lambda a, b: False)
+    monkeypatch.setattr(opt.os, "rename", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        opt.copy_artifact(other, out)
+    monkeypatch.undo()
+    assert verify_artifact(out) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".saved.kernl.copy")]
+
+
 def test_a_corrupt_entry_is_recompiled(cache, compiles):
     bert = tiny_bert()
     first = kernl.optimize(bert, "batch=1 seq=8", progress=False)
