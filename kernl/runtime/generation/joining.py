@@ -32,6 +32,8 @@ import torch
 
 from kernl.artifacts.schema import pick_size
 
+from .numbers import plain_number
+
 
 class OpenBatch:
     """See the module docstring. `first` holds (row, token) of the opening rows' first tokens;
@@ -123,10 +125,8 @@ class OpenBatch:
                 f"with rows= a larger bucket ({self.model.buckets.batches}), or compile a "
                 "smaller batch bucket (e.g. batch=1)"
             )
-        from .model import _plain_number  # model.py imports this module
-
         max_new_tokens, temperature, top_k, top_p, seed = map(
-            _plain_number, (max_new_tokens, temperature, top_k, top_p, seed)
+            plain_number, (max_new_tokens, temperature, top_k, top_p, seed)
         )
         model, plan = self.model, self.plan
         prompt = torch.as_tensor(input_ids)

@@ -43,6 +43,7 @@ from ..graphs import capture_graph
 from ..model import new_call_lock, refuse_pickling
 from .decoder import Decoder
 from .joining import OpenBatch, pad_mask
+from .numbers import plain_number
 from .sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
 from .state import MAX_EOS_IDS, BatchState, shared_cache
 
@@ -228,27 +229,6 @@ _NUMERIC_OPTIONS = frozenset(
 )
 
 
-def _plain_number(value: Any) -> Any:
-    """A numpy or 0-dim torch integer or float as the Python number it holds (lists, and 1-D
-    arrays and tensors such as HF's eos_token_id tensor, item by item); anything else as it
-    is, for the checks to judge."""
-    if value is None or type(value) in (int, float, bool, str):
-        return value
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain_number(v) for v in value)
-    if getattr(value, "ndim", None) == 1 and hasattr(value, "tolist"):
-        kind = str(value.dtype)
-        if "int" in kind or "float" in kind:
-            return value.tolist()
-    if getattr(value, "ndim", None) == 0:  # np.int64(4), torch.tensor(4)
-        kind = str(value.dtype)
-        if "int" in kind:
-            return int(value)
-        if "float" in kind:
-            return float(value)
-    return value
-
-
 def plain_numbers(method: Callable) -> Callable:
     """generate/stream/open_batch with their numeric options as Python numbers."""
 
@@ -257,11 +237,11 @@ def plain_numbers(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self, *args: Any, **kwargs: Any) -> Any:
         args = tuple(
-            _plain_number(a) if i < len(names) and names[i] in _NUMERIC_OPTIONS else a
+            plain_number(a) if i < len(names) and names[i] in _NUMERIC_OPTIONS else a
             for i, a in enumerate(args)
         )
         for name in _NUMERIC_OPTIONS & kwargs.keys():
-            kwargs[name] = _plain_number(kwargs[name])
+            kwargs[name] = plain_number(kwargs[name])
         return method(self, *args, **kwargs)
 
     return wrapper
@@ -446,7 +426,7 @@ class GenerativeModel(StepLoop):
         if budgets is not None and len(budgets) != plan.batch:
             raise ValueError(f"{len(budgets)} max_new_tokens for {plan.batch} prompts")
         if rows is not None:
-            rows = _plain_number(rows)
+            rows = plain_number(rows)
             if not _is_int(rows) or rows < 1:
                 raise ValueError(
                     f"rows must be a positive integer (the batch's rows), got {rows!r}"
