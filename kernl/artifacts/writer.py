@@ -308,7 +308,7 @@ def owner_tag() -> str:
 STALE_SECONDS = 7 * 24 * 3600
 
 
-def process_alive(pid: int) -> bool:
+def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -318,7 +318,7 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def last_touched(path: Path) -> float:
+def _last_touched(path: Path) -> float:
     """The newest mtime of a folder and what it holds directly (a compile adds files there)."""
     try:
         times = [path.lstat().st_mtime]
@@ -329,15 +329,18 @@ def last_touched(path: Path) -> float:
     return max(times)
 
 
-def _owner_is_gone(path: Path, owner: str, now: float) -> bool:
-    """`owner` (`host~ns@pid`) is a process of this host and PID namespace that has ended,
-    or the folder is STALE_SECONDS old. A pid of another namespace (a container sharing the
-    host's name and the volume) means another process: it is never judged by its pid."""
+def owner_is_gone(path: Path, owner: str, now: float) -> bool:
+    """Whether a temporary folder of `owner` (`host~ns@pid`) is left over: its owner is a
+    process of this host and PID namespace that has ended, or the folder is STALE_SECONDS
+    old, whoever made it (a pid may have been reused since). A pid of another namespace (a
+    container sharing the host's name and the volume) means another process: it is never
+    judged by its pid. The writer's and optimize()'s cache's one rule."""
     host_ns, _, pid = owner.rpartition("@")
     host, _, namespace = host_ns.partition("~")
-    if host == socket.gethostname() and namespace == pid_namespace() and pid.isdigit():
-        return not process_alive(int(pid))
-    return last_touched(path) < now - STALE_SECONDS
+    ours = host == socket.gethostname() and namespace == pid_namespace() and pid.isdigit()
+    if ours and not _process_alive(int(pid)):
+        return True
+    return _last_touched(path) < now - STALE_SECONDS
 
 
 def clean_stale(destination: Path, now: float | None = None) -> None:
@@ -351,7 +354,7 @@ def clean_stale(destination: Path, now: float | None = None) -> None:
         kind, _, tag = p.name[len(prefix) :].partition("-")
         host_ns, _, rest = tag.rpartition("@")
         owner = f"{host_ns}@{rest.split('-')[0]}"
-        if kind not in ("partial", "previous") or not _owner_is_gone(p, owner, now):
+        if kind not in ("partial", "previous") or not owner_is_gone(p, owner, now):
             continue
         if kind == "previous" and not destination.exists() and (p / MANIFEST_FILE).is_file():
             os.rename(p, destination)

@@ -45,7 +45,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -66,12 +65,7 @@ from kernl.artifacts import (
 )
 from kernl.artifacts.seq2seq import Seq2SeqBuckets
 from kernl.artifacts.signing import trusted_keys_from_env
-from kernl.artifacts.writer import STALE_SECONDS as STALE_BUILD_SECONDS
-from kernl.artifacts.writer import carry_kept_files, exchange_paths
-from kernl.artifacts.writer import last_touched as _last_touched
-from kernl.artifacts.writer import owner_tag as _owner_tag
-from kernl.artifacts.writer import pid_namespace as _pid_namespace
-from kernl.artifacts.writer import process_alive as _process_alive
+from kernl.artifacts.writer import carry_kept_files, exchange_paths, owner_is_gone, owner_tag
 from kernl.runtime.generation.model import LENGTH_IS_A_BOUND
 
 from . import api
@@ -699,7 +693,7 @@ def _compile_entry(
     same key (without the lock: another machine on a shared disk) one rename wins and the
     other's result is dropped."""
     converted = _converted_by_compile(model, DTYPES[dtype], device)
-    build = Path(tempfile.mkdtemp(prefix=f".build-{_owner_tag()}-", dir=entry.parent))
+    build = Path(tempfile.mkdtemp(prefix=f".build-{owner_tag()}-", dir=entry.parent))
     try:
         with _COMPILE_LOCK, _untouched(model, device):
             # compile() casts and traces the module objects it is given: given the caller's,
@@ -858,7 +852,7 @@ def _load_entry(
                 "there: point KERNL_CACHE_DIR (or cache_dir=) at a writable folder"
             ) from e
         say(f"cache entry {entry} failed verification ({type(e).__name__}: {e}); recompiling")
-        aside = entry.with_name(f".corrupt-{_owner_tag()}-{entry.name}")
+        aside = entry.with_name(f".corrupt-{owner_tag()}-{entry.name}")
         with contextlib.suppress(FileNotFoundError):  # another process moved it first
             os.rename(entry, aside)
         _remove(aside)
@@ -877,17 +871,12 @@ def _remove(path: Path) -> None:
 
 
 def _remove_dead_builds(models: Path, now: float | None = None) -> None:
-    """Build and corrupt folders left by processes that died: those of this host and PID
-    namespace whose process is gone, and any untouched for STALE_BUILD_SECONDS."""
-    host, namespace = socket.gethostname(), _pid_namespace()
+    """Build and corrupt folders left by processes that died (`owner_is_gone`: those of this
+    host and PID namespace whose process is gone, and any untouched for a week)."""
     now = time.time() if now is None else now
     for p in models.iterdir():
-        m = re.match(r"^\.(?:build|corrupt)-(.+?)(?:~(\d+))?@(\d+)-", p.name)
-        if not m:
-            continue
-        if m.group(1) == host and m.group(2) == namespace and not _process_alive(int(m.group(3))):
-            _remove(p)
-        elif _last_touched(p) < now - STALE_BUILD_SECONDS:
+        m = re.match(r"^\.(?:build|corrupt)-(.+?@\d+)-", p.name)
+        if m and owner_is_gone(p, m.group(1), now):
             _remove(p)
 
 
@@ -930,7 +919,7 @@ def copy_artifact(source: Path, destination: str | os.PathLike) -> Path:
     """Copy an artifact folder to `destination` atomically (a temporary copy beside it, then
     renames). Refuses a destination that exists and is not a kernl artifact, as compile does."""
     dest = check_destination(destination)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.copy-{_owner_tag()}-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.copy-{owner_tag()}-", dir=dest.parent))
     try:
         shutil.copytree(source, tmp / "artifact")
         if dest.exists():  # a previous artifact: swapped into tmp, deleted with it

@@ -22,6 +22,7 @@ from generation.tiny_models import mixed_prompts, tiny_model
 import kernl
 import kernl.runtime
 from kernl.artifacts import ArtifactDestinationError, verify_artifact
+from kernl.artifacts.writer import STALE_SECONDS, pid_namespace
 from kernl.compiler import api
 from kernl.compiler import optimize as opt
 from kernl.compiler.buckets import BucketLimitError
@@ -295,7 +296,7 @@ def test_a_corrupt_entry_is_recompiled(cache, compiles):
 def test_leftover_builds_are_never_used_and_dead_ones_are_removed(cache, compiles):
     bert = tiny_bert()
     cache.mkdir(parents=True)
-    host, here = socket.gethostname(), opt._pid_namespace()
+    host, here = socket.gethostname(), pid_namespace()
     # What a compile killed before its rename leaves: a build folder of a dead process.
     dead = cache / f".build-{host}~{here}@999999999-x"
     (dead / "artifact").mkdir(parents=True)
@@ -307,7 +308,7 @@ def test_leftover_builds_are_never_used_and_dead_ones_are_removed(cache, compile
     elsewhere.mkdir()
     old_format = cache / f".build-{host}@999999999-w"  # an older kernl's name: no namespace
     old_format.mkdir()
-    week_ago = os.path.getmtime(old_format) - opt.STALE_BUILD_SECONDS - 60
+    week_ago = os.path.getmtime(old_format) - STALE_SECONDS - 60
     os.utime(old_format, (week_ago, week_ago))
     corrupt_file = cache / f".corrupt-{host}~{here}@999999999-bert"  # a damaged entry, a file
     corrupt_file.write_bytes(b"x")
@@ -315,7 +316,7 @@ def test_leftover_builds_are_never_used_and_dead_ones_are_removed(cache, compile
     assert len(compiles) == 1 and not model.cache_hit
     assert not dead.exists() and alive.exists()  # a live process's build is its own
     assert elsewhere.exists() and not old_format.exists() and not corrupt_file.exists()
-    opt._remove_dead_builds(cache, now=os.path.getmtime(elsewhere) + opt.STALE_BUILD_SECONDS + 1)
+    opt._remove_dead_builds(cache, now=os.path.getmtime(elsewhere) + STALE_SECONDS + 1)
     assert not elsewhere.exists() and not alive.exists()  # stale, whoever made them
 
 
