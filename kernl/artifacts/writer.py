@@ -132,19 +132,23 @@ def _umask() -> int:
 NAME_MAX = 255  # bytes in one file name (Linux, macOS)
 
 
-def check_destination(destination: str | os.PathLike, needed_bytes: int = 0) -> Path:
+def check_destination(
+    destination: str | os.PathLike, needed_bytes: int = 0, keep_parent: bool = False
+) -> Path:
     """Fail early (before any tracing or tuning) if `destination` cannot receive an artifact:
     an existing non-artifact path, a parent that cannot be created or written (tested by
-    writing a file there), or too little free space (`needed_bytes`, at least MIN_FREE_BYTES).
-    Raises ArtifactDestinationError."""
+    creating it and writing a file there), or too little free space (`needed_bytes`, at least
+    MIN_FREE_BYTES). Raises ArtifactDestinationError. The folders it created for the test are
+    removed again unless `keep_parent` (the writer's own call, about to write there): a compile
+    that fails later leaves no empty folders behind."""
     dest = Path(destination).expanduser().absolute()
     try:
-        return _check_destination(dest, needed_bytes)
+        return _check_destination(dest, needed_bytes, keep_parent)
     except OSError as e:  # e.g. a folder on the way that this user cannot enter
         raise ArtifactDestinationError(f"cannot write {dest}: {e.strerror} ({e.filename})") from e
 
 
-def _check_destination(dest: Path, needed_bytes: int) -> Path:
+def _check_destination(dest: Path, needed_bytes: int, keep_parent: bool) -> Path:
     if dest.is_symlink():
         raise ArtifactDestinationError(
             f"{dest} is a symbolic link (to {os.readlink(dest)}); refusing to replace it: "
@@ -175,19 +179,26 @@ def _check_destination(dest: Path, needed_bytes: int) -> Path:
             f"a name of at most {most} bytes"
         )
     parent = dest.parent
+    made = [p for p in (parent, *parent.parents) if not p.exists()]  # the deepest first
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        if parent.exists() and not parent.is_dir():  # e.g. -o /dev/null/x.kernl
-            raise ArtifactDestinationError(f"{parent} exists and is not a folder") from e
-        raise ArtifactDestinationError(f"cannot create the folder {parent}: {e.strerror}") from e
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{dest.name}.write-probe-", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ArtifactDestinationError(f"cannot write into {parent}: {e.strerror}") from e
-    free = shutil.disk_usage(parent).free
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            if parent.exists() and not parent.is_dir():  # e.g. -o /dev/null/x.kernl
+                raise ArtifactDestinationError(f"{parent} exists and is not a folder") from e
+            raise ArtifactDestinationError(
+                f"cannot create the folder {parent}: {e.strerror}"
+            ) from e
+        try:
+            fd, probe = tempfile.mkstemp(prefix=f".{dest.name}.write-probe-", dir=parent)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise ArtifactDestinationError(f"cannot write into {parent}: {e.strerror}") from e
+        free = shutil.disk_usage(parent).free
+    finally:
+        if not keep_parent:
+            _remove_empty(made)
     needed = max(needed_bytes, MIN_FREE_BYTES)
     if free < needed:
         raise ArtifactDestinationError(
@@ -195,6 +206,16 @@ def _check_destination(dest: Path, needed_bytes: int) -> Path:
             f"{needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free"
         )
     return dest
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove these folders, the deepest first, while they are empty (another process may
+    have put something in one meanwhile: it stays, with the folders above it)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def artifact_files(root: Path) -> set[str]:
@@ -376,7 +397,7 @@ class ArtifactWriter:
     `w.commit(manifest)`; on any exception call `w.abort()` (or use it as a context manager)."""
 
     def __init__(self, destination: str | os.PathLike):
-        self.destination = check_destination(destination)
+        self.destination = check_destination(destination, keep_parent=True)
         clean_stale(self.destination)
         self._tag = owner_tag()
         self.tmp = Path(

@@ -241,6 +241,17 @@ class _TimedFromProcessStart:
             _command_start = _process_start()
         return super().main(args, *rest, **kwargs)
 
+    def invoke(self, ctx: click.Context) -> Any:
+        # Ctrl-C ends with 130 (128 + SIGINT), as shells and job runners expect of an interrupted
+        # command; click's own "Aborted!" exits 1, which reads as a failed compile. Whatever was
+        # being written is gone already: the artifact writer removes its partial folder on any
+        # exception.
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted.", err=True)
+            raise click.exceptions.Exit(130) from None
+
 
 class _Command(_TimedFromProcessStart, click.Command):
     pass

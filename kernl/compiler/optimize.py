@@ -368,8 +368,10 @@ def _optimize(
         raise RuntimeError(f"device={str(target)!r} was asked for but torch sees no CUDA GPU")
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", torch.cuda.current_device())
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     if save_to is not None:
         check_destination(save_to)  # before the compile, not after it
+        _check_apart_from_cache(Path(save_to).expanduser(), root)
     if buckets is None:
         buckets = default_buckets(config, task)
         say(f"buckets not given; chose {buckets!r} from the config (pass buckets= to change)")
@@ -393,7 +395,6 @@ def _optimize(
             getattr(model, "generation_config", None) if task in GENERATION_TASKS else None
         ),
     )
-    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     models = root / "models"
     try:
         models.mkdir(parents=True, exist_ok=True)
@@ -915,10 +916,22 @@ def _open_lock(path: Path):
     return open(path, "a+b")
 
 
+def _check_apart_from_cache(save_to: Path, root: Path) -> None:
+    """Refuse a save_to= that is the cache folder or holds it, before the compile: a new
+    folder passes check_destination, then the compile fills it with the cache, and the copy
+    would have to replace the cache (check_destination refuses that, after the compile)."""
+    dest, cache = save_to.resolve(), root.resolve()
+    if dest == cache or dest in cache.parents:
+        raise ValueError(
+            f"save_to={str(save_to)!r} is the cache folder {str(root)!r} or holds it: the "
+            "artifact is copied out of the cache, so give save_to= a folder of its own"
+        )
+
+
 def copy_artifact(source: Path, destination: str | os.PathLike) -> Path:
     """Copy an artifact folder to `destination` atomically (a temporary copy beside it, then
     renames). Refuses a destination that exists and is not a kernl artifact, as compile does."""
-    dest = check_destination(destination)
+    dest = check_destination(destination, keep_parent=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.copy-{owner_tag()}-", dir=dest.parent))
     try:
         shutil.copytree(source, tmp / "artifact")

@@ -75,6 +75,27 @@ def test_a_name_too_long_for_the_temporary_folder_is_refused_saying_how_long(tmp
         w.abort()
 
 
+def test_the_check_leaves_no_folders_it_made_and_the_writer_makes_them(tmp_path, monkeypatch):
+    """`-o new/dirs/model.kernl`: the early check made new/dirs, and a compile failing after
+    it left them behind, empty (review)."""
+    dest = tmp_path / "new" / "dirs" / "model.kernl"
+    assert check_destination(dest) == dest
+    assert list(tmp_path.iterdir()) == []
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: Usage(1 << 30, 1 << 30, 0))
+    with pytest.raises(ArtifactDestinationError, match="not enough free space"):
+        check_destination(dest)
+    assert list(tmp_path.iterdir()) == []  # a refusal removes them too
+    monkeypatch.undo()
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "mine.txt").write_text("x")
+    check_destination(dest)
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["mine.txt"]  # only what it made
+    with ArtifactWriter(dest) as w:  # the writer's own check keeps them: it writes there
+        assert w.tmp.parent == dest.parent and dest.parent.is_dir()
+        w.abort()
+
+
 def test_a_mount_point_is_refused_before_the_compile(tmp_path, monkeypatch):
     """An artifact is renamed into place, which cannot replace a mount point (`docker run -v
     ./out:/out ... -o /out`): this failed with a bare EBUSY after the whole compile."""

@@ -689,3 +689,19 @@ def test_a_config_without_a_vocabulary_is_named(tmp_path):
     with pytest.raises(UnsupportedModelError, match="CanineConfig has no vocab_size"):
         kernl.compiler.compile(model, "batch=1 seq=8", tmp_path / "a", dtype="fp32",
                                device="cpu")  # fmt: skip
+
+
+def test_ctrl_c_exits_130_and_leaves_no_partial_artifact(bert_dir, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kernl.compiler.tasks.encoder, "validate", interrupted)
+    result = run(bert_dir, "-o", tmp_path / "a", "--buckets", "1x8", *CPU_FP32)
+    assert result.exit_code == 130, result.output
+    assert "Interrupted." in result.stderr
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no artifact, no partial folder
+    result = CliRunner().invoke(
+        main, ["compile", str(bert_dir), "-o", str(tmp_path / "a"), "--buckets", "1x8", *CPU_FP32]
+    )
+    assert result.exit_code == 130, result.output

@@ -10,6 +10,7 @@ import gc
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -164,6 +165,11 @@ def test_what_cannot_join_says_so_and_leaves_the_batch_running(model):
             batch.join([1, VOCAB + 5], 5)
         with pytest.raises(ValueError, match="max_new_tokens"):
             batch.join(b, 0)
+        # what join() refuses, can_join() does not answer True for
+        for length, budget in ((6, 0), (6, -1), (0, 2), (6, 1.5), (True, 2)):
+            with pytest.raises(ValueError, match="can_join takes a positive integer"):
+                batch.can_join(length, budget)
+        assert batch.can_join(np.int64(6), torch.tensor(2))
         got = run(batch, {2: (b, 10, {})})
     assert got[("open", 0)] == alone(model, a, 40)
     assert got[("join", 2)] == alone(model, b, 10)
@@ -339,6 +345,27 @@ def test_an_interrupt_mid_steps_or_mid_seating_closes_the_batch(model, monkeypat
     with pytest.raises(RuntimeError, match="this batch is closed"):
         batch.step()
     assert alone(model, a, 10) == want  # the model is free and right
+
+
+def test_an_interrupt_as_the_batch_takes_the_model_leaves_it_free(model, monkeypatch):
+    """A Ctrl-C landing after the lock was taken but before the batch could release it (its
+    finalizer was made after the lock) left the model locked for every later call."""
+    from kernl.runtime.generation import joining
+
+    a = prompt(5, 64)
+    want = alone(model, a, 4)
+    real = joining._ModelHold.acquire
+
+    def interrupted(hold):
+        real(hold)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(joining._ModelHold, "acquire", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.open_batch([a], max_new_tokens=4, rows=4)
+    monkeypatch.undo()
+    assert not model._lock.locked()
+    assert alone(model, a, 4) == want
 
 
 def test_an_interrupt_in_a_joiners_own_prefill_leaves_the_batch_going(model, monkeypatch):

@@ -233,6 +233,23 @@ def test_save_to_writes_a_loadable_artifact(cache, tmp_path, compiles):
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
 
 
+def test_save_to_the_cache_folder_is_refused_before_the_compile(cache, tmp_path, compiles):
+    """save_to= naming a new folder that is also cache_dir= passed the destination check,
+    then the compile made the cache in it, and the copy refused it after the compile."""
+    bert = tiny_bert()
+    new = tmp_path / "new"
+    for save_to, cache_dir in ((new, new), (tmp_path / "a", tmp_path / "a" / "cache")):
+        with pytest.raises(ValueError, match="is the cache folder .* or holds it"):
+            kernl.optimize(bert, "batch=1 seq=8", cache_dir=cache_dir, save_to=save_to)
+        assert not save_to.exists()
+    with pytest.raises(ValueError, match="or holds it"):  # KERNL_CACHE_DIR's folder alike
+        kernl.optimize(bert, "batch=1 seq=8", save_to=cache.parent, progress=False)
+    assert compiles == []
+    # a folder inside the cache folder is the user's to choose: it holds no cache
+    kernl.optimize(bert, "batch=1 seq=8", save_to=cache.parent / "out", progress=False)
+    verify_artifact(cache.parent / "out")
+
+
 def test_an_entry_the_device_has_no_room_for_now_is_kept(cache, compiles, monkeypatch):
     """A device short of free memory (another model on it) refuses the load; the entry is
     sound and stays for the next call. It was taken for a corrupt one: deleted, recompiled

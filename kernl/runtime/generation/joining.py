@@ -54,9 +54,11 @@ class OpenBatch:
         self._steps = 1  # steps run so far (the prefill is the first)
         model._refuse_reentry()
         self._hold = _ModelHold(model)
-        # released once: by close(), or when the batch is collected unclosed
+        # released once: by close(), or when the batch is collected unclosed. Made before the
+        # lock is taken: a Ctrl-C between the two left the model locked for good.
         self._release = weakref.finalize(self, _ModelHold.release, self._hold)
         try:
+            self._hold.acquire()
             self._capture_steps()
             model.decoder.clear_persistent_timeout()
             model._start(plan, *sampling)
@@ -95,7 +97,13 @@ class OpenBatch:
 
     def can_join(self, prompt_length: int, max_new_tokens: int) -> bool:
         """Whether a request of this prompt length and budget may join now (join() then runs
-        it); a request this refuses may fit later (a freed row, a later slot) or never."""
+        it); a request this refuses may fit later (a freed row, a later slot) or never. A
+        length or budget that no request can have (0, negative, not an integer) raises
+        ValueError, as join() does, rather than answering for a request join() would refuse."""
+        prompt_length, max_new_tokens = plain_number(prompt_length), plain_number(max_new_tokens)
+        for name, value in (("prompt_length", prompt_length), ("max_new_tokens", max_new_tokens)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"can_join takes a positive integer {name}, got {value!r}")
         if self.closed or self.join_bucket is None or self.free_rows() == 0:
             return False
         bucket = pick_size(self.model.buckets.prompts, prompt_length)
@@ -248,13 +256,20 @@ class _ModelHold:
     batch releases it)."""
 
     def __init__(self, model):
-        # the lock object it took: a forked child gives the model a fresh one meanwhile
+        # the lock object it takes: a forked child gives the model a fresh one meanwhile
         self.lock = model._lock
-        self.lock.acquire()
-        model._streaming_thread, model._holder = threading.current_thread(), "open_batch()"
         self.model = model
+        self.held = False
+
+    def acquire(self) -> None:
+        self.held = self.lock.acquire()  # one statement: no interrupt between the two
+        self.model._streaming_thread = threading.current_thread()
+        self.model._holder = "open_batch()"
 
     def release(self) -> None:
+        if not self.held:  # interrupted while it waited for the lock
+            return
+        self.held = False
         if self.model._lock is self.lock:
             self.model._streaming_thread = None
         self.lock.release()
