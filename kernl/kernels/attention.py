@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention_bias import log2_bias
 from .attention_short import _short_attention_kernel, short_attention
 from .attention_tma import _tma_attention_kernel, attention_tma_refusal, tma_attention
 from .attention_wgmma import _wgmma_attention_kernel, wgmma_attention, wgmma_attention_refusal
@@ -78,13 +79,13 @@ def _attention_inner(
                 bias = tl.load(Bias_block + cols * stride_biasn, mask=cols < kv_len, other=0.0)
             else:
                 bias = tl.load(Bias_block + cols * stride_biasn)
-            qk = qk * qk_scale + bias.to(tl.float32)[None, :] * 1.4426950408889634
+            qk = qk * qk_scale + log2_bias(bias)[None, :]
         elif HAS_BIAS:
             b_mask = row_mask[:, None]
             if MASKED:
                 b_mask = b_mask & (cols[None, :] < kv_len)
             bias = tl.load(Bias_block + cols[None, :] * stride_biasn, mask=b_mask, other=0.0)
-            qk = qk * qk_scale + bias.to(tl.float32) * 1.4426950408889634
+            qk = qk * qk_scale + log2_bias(bias)
         if MASKED:
             visible = cols[None, :] < kv_len
             if IS_CAUSAL:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from .attention_bias import log2_bias
 from .jit import cdiv, jit, next_power_of_2, tl
 from .launch import launch_kernel, sm_count
 
@@ -110,7 +111,7 @@ def _short_attention_kernel(
                 bias = tl.load(bias_row)
             else:
                 bias = tl.load(bias_row, mask=col_mask, other=0.0)
-            qk = qk * qk_scale + bias.to(tl.float32)[None, :] * 1.4426950408889634
+            qk = qk * qk_scale + log2_bias(bias)[None, :]
         elif HAS_BIAS:
             bias_rows = Bias + b * stride_biasb + h * stride_biash + offs_m[:, None] * stride_biasm
             bias = tl.load(
@@ -118,7 +119,7 @@ def _short_attention_kernel(
                 mask=row_mask[:, None] & col_mask[None, :],
                 other=0.0,
             )
-            qk = qk * qk_scale + bias.to(tl.float32) * 1.4426950408889634
+            qk = qk * qk_scale + log2_bias(bias)
         else:
             qk = qk * qk_scale
         if not EVEN_N:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from .attention_bias import log2_bias
 from .jit import cdiv, jit, tl
 from .launch import launch_kernel, sm_count
 from .tma import TensorDesc, tma_usable
@@ -38,11 +39,11 @@ def _scores(q, k, Bias_row, offs_m, cols, kv_len, qk_scale, stride_biasm, stride
             bias = tl.load(Bias_row + cols * stride_biasn, mask=cols < kv_len, other=0.0)
         else:  # every block full: no predicate and address per column (as attention_wgmma.py)
             bias = tl.load(Bias_row + cols * stride_biasn)
-        qk = qk * qk_scale + bias.to(tl.float32)[None, :] * 1.4426950408889634
+        qk = qk * qk_scale + log2_bias(bias)[None, :]
     elif HAS_BIAS:
         mask = (offs_m[:, None] < Lq) & (cols[None, :] < kv_len)
         ptrs = Bias_row + offs_m[:, None] * stride_biasm + cols[None, :] * stride_biasn
-        qk = qk * qk_scale + tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634
+        qk = qk * qk_scale + log2_bias(tl.load(ptrs, mask=mask, other=0.0))
     else:
         qk = qk * qk_scale
     if MASKED:

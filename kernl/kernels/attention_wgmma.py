@@ -72,7 +72,11 @@ def _bias(bias_row, cols, kv_len, stride_biasn, HAS_BIAS: gl.constexpr, MASKED: 
             bias = gl.load(bias_row + cols * stride_biasn, mask=cols < kv_len, other=0.0)
         else:
             bias = gl.load(bias_row + cols * stride_biasn)
-        return bias.to(gl.float32) * 1.4426950408889634
+        # as attention_bias.log2_bias (a Gluon kernel calls no Triton function): a finite
+        # bias stays finite, -inf stays -inf
+        bias = bias.to(gl.float32)
+        bias = gl.where(bias == float("-inf"), bias, gl.maximum(bias, -2.0e38))
+        return bias * 1.4426950408889634
     return cols.to(gl.float32) * 0.0  # never read: HAS_BIAS is False
 
 

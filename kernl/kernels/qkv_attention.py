@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention_bias import log2_bias
 from .jit import jit, next_power_of_2, tl
 from .launch import launch_kernel
 from .tma import TensorDesc
@@ -83,7 +84,7 @@ def _qkv_attention_kernel(
     col_mask = offs_n < L
     if HAS_PAD_BIAS:
         pad = tl.load(PadBias + b * stride_pad_b + offs_n, mask=col_mask, other=0.0)
-        qk += pad.to(tl.float32)[None, :] * log2e
+        qk += log2_bias(pad)[None, :]
     qk = tl.where(col_mask[None, :], qk, float("-inf"))
     # a row with no visible key keeps p = 0 and outputs zeros, as attention.py's kernels do
     m = tl.max(qk, 1)

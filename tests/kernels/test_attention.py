@@ -99,6 +99,30 @@ def test_padding_bias_one_row_for_all_queries(dtype, config):
     assert (out[2] == 0).all()
 
 
+def eager_mask_bias(B, Lq, L, dtype, per_key=True):
+    """Hugging Face's eager mask: finfo(dtype).min on masked keys (not -inf), with holes and
+    a row whose keys are all masked: eager adds the same minimum to each of its scores and
+    averages v over every key."""
+    keep = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+    keep[0, L // 2 :] = False
+    keep[1] = False
+    lowest = torch.finfo(dtype).min
+    bias = torch.zeros(B, 1, 1 if per_key else Lq, L, dtype=dtype, device=DEVICE)
+    return bias.masked_fill(~keep[:, None, None, :], lowest)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_key", [True, False])
+@pytest.mark.parametrize("config", [None, AttentionConfig(16, 16, 4, 2)])
+def test_a_mask_of_the_dtypes_minimum_is_served_as_eager(dtype, per_key, config):
+    # float32's minimum times log2(e) overflowed to -inf: the all-masked row came out as
+    # zeros (MegatronBERT, MPNet, RoFormer in fp32 and bf16, review)
+    B, H, L = 2, 2, 37
+    bias = eager_mask_bias(B, L, L, dtype, per_key)
+    out = _run(B, H, H, L, L, 32, dtype, config=config, bias=bias)
+    assert out[1].abs().amax() > 0.01
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_one_query_reads_its_bias_row(dtype):
     # Lq == 1: the bias [B, H, 1, Lk] is one row per head, read as such
@@ -241,3 +265,31 @@ def test_runtime_entry_window_both_impls():
     visible = (mask & band).any(-1, keepdim=True).expand(B, H, L, D)  # rows with some key
     assert_close(tri[visible].view(-1), full[visible].view(-1), torch.float32)
     assert_close(ref[visible].view(-1), full[visible].view(-1), torch.float32)
+
+
+def _one_of_each_kernel(configs):
+    # the first config of each kernel the tuner may pick (flash, warp-specialised, short-key,
+    # TMA, Gluon): each is a compile on the device's time
+    seen, out = set(), []
+    for c in configs:
+        kind = (c.warp_specialize, c.programs_per_sm > 0, c.tma, c.wgmma)
+        if kind not in seen:
+            seen.add(kind)
+            out.append(c)
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L", [128, 512])
+def test_gpu_a_mask_of_bf16s_minimum_is_served_as_eager_by_every_kernel(L):
+    """bf16's finfo.min times log2(e) overflows as float32's does: every kernel the tuner may
+    pick keeps the all-masked row an average of v, as eager."""
+    B, H, D, dtype = 2, 12, 64, torch.bfloat16
+    q, k, v = (torch.randn(B, H, L, D, dtype=dtype, device="cuda") for _ in range(3))
+    bias = eager_mask_bias(B, L, L, dtype)
+    ref = attention_reference(q.double(), k.double(), v.double(), bias=bias.double())
+    stock = attention_reference(q, k, v, bias=bias)
+    for config in _one_of_each_kernel(attention_configs(k, q=q, v=v)):
+        out = poisoned(q.shape, dtype, "cuda")
+        attention(q, k, v, bias=bias, out=out, config=config)
+        assert_close(out, ref, dtype, stock, name=f"gpu finfo.min bias {config}")

@@ -7,7 +7,10 @@ import math
 import pytest
 import torch
 from kernel_check import DEVICE, assert_close, poisoned
-from test_attention import _run  # the flash kernel's check: the same function, a config apart
+from test_attention import (  # the flash kernel's checks: the same functions, a config apart
+    _run,
+    eager_mask_bias,
+)
 
 from kernl.kernels import attention_short
 from kernl.kernels.attention import (
@@ -52,6 +55,15 @@ def test_padding_bias_one_row_for_all_queries(dtype):
     bias = bias.masked_fill(~keep[:, None, None, :], float("-inf"))
     out = _run(B, H, H, L, L, 64, dtype, _config(16, 32), bias=bias)
     assert (out[2] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_key", [True, False])
+def test_a_mask_of_the_dtypes_minimum_is_served_as_eager(dtype, per_key):
+    B, H, L = 2, 2, 32
+    bias = eager_mask_bias(B, L, L, dtype, per_key)
+    out = _run(B, H, H, L, L, 64, dtype, _config(16, 32), bias=bias)
+    assert out[1].abs().amax() > 0.01  # the mean of v, not zeros
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

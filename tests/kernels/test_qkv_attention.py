@@ -17,7 +17,7 @@ from kernl.kernels.qkv_attention import (
 )
 
 
-def _case(B, L, H, D, dtype, *, qkv_bias=True, padded=True, seed=0):
+def _case(B, L, H, D, dtype, *, qkv_bias=True, padded=True, seed=0, masked=float("-inf")):
     g = torch.Generator().manual_seed(seed)
     C = H * D
     x = torch.randn(B, L, C, generator=g).to(DEVICE, dtype)
@@ -29,7 +29,7 @@ def _case(B, L, H, D, dtype, *, qkv_bias=True, padded=True, seed=0):
         keep[0, L // 2 :] = False  # a right-padded first row
         if B > 2:
             keep[2, :] = False  # a row with no visible key: zeros, not NaN
-        pad = torch.zeros(B, L).masked_fill(~keep, float("-inf")).to(DEVICE)
+        pad = torch.zeros(B, L).masked_fill(~keep, masked).to(DEVICE)
     return x, w, b, pad
 
 
@@ -54,6 +54,12 @@ def test_qkv_attention_matches_float64(dtype):
     # 24 tokens in a block of 32 (rows past L read zeros, stores past it dropped), three K steps
     _check(3, 24, 2, 16, dtype, SMALL)
     _check(2, 16, 3, 16, dtype, SMALL, qkv_bias=False, padded=False)
+
+
+def test_qkv_attention_takes_float32s_minimum_as_eager_does():
+    # finfo.min, not -inf, on masked keys: the row with none visible averages v, as in eager
+    # (times log2(e), float32's minimum overflowed to -inf and the row came out as zeros)
+    _check(3, 24, 2, 16, torch.float32, SMALL, masked=torch.finfo(torch.float32).min)
 
 
 def test_qkv_attention_wide_k_steps_and_full_block():
