@@ -574,7 +574,7 @@ class CompiledModel:
             if value is None:
                 continue
             if not isinstance(value, torch.Tensor):
-                value = _as_tensor(name, value)
+                value = input_tensor(name, value)
             if not (value.is_cpu or (on_cuda_ok and value.is_cuda)):
                 if value.device.type not in ("cpu", self.device.type):
                     raise ValueError(
@@ -590,11 +590,16 @@ class CompiledModel:
             dtype = value.dtype
             not_integer = _NOT_INTEGER.get(dtype)
             if not_integer is None:
-                not_integer = _NOT_INTEGER[dtype] = dtype.is_floating_point or dtype.is_complex
+                not_integer = _NOT_INTEGER[dtype] = (
+                    dtype.is_floating_point or dtype.is_complex or dtype == torch.bool
+                )
             if not_integer:
                 if name != "attention_mask" or dtype.is_complex:
+                    # bool ids too: eager's embedding refuses them, and a mask passed where
+                    # the ids go is caught here rather than served as ids 0 and 1
                     raise TypeError(f"input {name!r} must hold integers, got {dtype}")
-                value = value != 0  # a float mask, as Hugging Face takes it: nonzero keeps
+                if dtype != torch.bool:
+                    value = _float_mask(value)
             elif dtype in _WIDE_UNSIGNED:  # torch has no min/max for them: checked as int64
                 value = value.long()
             tensors[name] = value
@@ -624,7 +629,20 @@ _WIDE_UNSIGNED = frozenset(
 )
 
 
-def _as_tensor(name: str, value: Any) -> torch.Tensor:
+def _float_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A float attention_mask as the boolean one it means. Only 0 and 1 are taken: models
+    differ on other values (BERT keeps any nonzero key; ESM and DeBERTa weigh keys by them),
+    and an integer mask holding them is refused by the range check alike."""
+    keep = mask != 0
+    if (keep & (mask != 1)).any():
+        lo, hi = mask.aminmax()
+        raise ValueError(
+            f"attention_mask must hold 0 and 1 only, got values in [{lo.item():g}, {hi.item():g}]"
+        )
+    return keep
+
+
+def input_tensor(name: str, value: Any) -> torch.Tensor:
     """A call's input that is not a tensor (a numpy array, nested lists) as one."""
     try:
         return torch.as_tensor(value)

@@ -498,6 +498,27 @@ def test_malformed_input_ids_are_refused_by_name_and_never_cast(model):
     assert torch.equal(model.generate([[5, 6, 7]], max_new_tokens=3, eos_token_id=[]), before)
 
 
+def test_numpy_views_are_taken_and_a_positional_generation_config_is_named(model):
+    """A reversed numpy view (which the encoder's call takes) failed in torch.as_tensor with
+    torch's own words; Hugging Face's generate(ids, GenerationConfig(...)) put the config
+    where kernl's attention_mask goes and failed with "Could not infer dtype" (review)."""
+    import numpy as np
+    from transformers import GenerationConfig
+
+    ids = np.array([[7, 6, 5], [9, 8, 4]])
+    want = model.generate(ids[:, ::-1].copy(), max_new_tokens=3, eos_token_id=[])
+    for call in (
+        model.generate,
+        lambda *a, **k: torch.stack([s for s in model.stream(*a, **k)], 1),
+    ):
+        got = call(ids[:, ::-1], np.ones((2, 3))[:, ::-1], max_new_tokens=3, eos_token_id=[])
+        assert torch.equal(got[:, -3:], want[:, -3:])
+    with pytest.raises(TypeError, match="second positional argument is attention_mask"):
+        model.generate(ids, GenerationConfig(max_new_tokens=2))
+    with pytest.raises(TypeError, match="input 'attention_mask' must be a tensor"):
+        model.generate(ids, object(), max_new_tokens=2)
+
+
 @pytest.fixture(scope="module")
 def hf():
     return tiny_model("llama3")  # the artifact's model: tiny_model seeds its weights

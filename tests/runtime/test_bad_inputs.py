@@ -130,7 +130,29 @@ REFUSED = {
         ValueError,
         "output_hidden_states=True",
     ),
-    "a complex mask": (  # float masks are taken as HF takes them (nonzero keeps), not these
+    # Hugging Face's models differ on a float mask's other values (BERT keeps any nonzero key,
+    # ESM and DeBERTa weigh keys by the value): refused as an integer mask holding them is
+    "a float mask holding 2": (
+        lambda: dict(input_ids=_ids(1, 4), attention_mask=torch.tensor([[1.0, 1.0, 2.0, 0.0]])),
+        ValueError,
+        "attention_mask must hold 0 and 1 only, got values in [0, 2]",
+    ),
+    "a float mask holding 0.5": (
+        lambda: dict(input_ids=_ids(1, 4), attention_mask=torch.tensor([[1.0, 0.5, 1.0, 0.0]])),
+        ValueError,
+        "attention_mask must hold 0 and 1 only, got values in [0, 1]",
+    ),
+    "bool ids": (  # eager's embedding refuses them; here a mask passed as the ids
+        lambda: dict(input_ids=torch.tensor([[True, False, True, True]])),
+        TypeError,
+        "input 'input_ids' must hold integers, got torch.bool",
+    ),
+    "bool token types": (
+        lambda: dict(input_ids=_ids(1, 4), token_type_ids=torch.zeros(1, 4, dtype=torch.bool)),
+        TypeError,
+        "input 'token_type_ids' must hold integers, got torch.bool",
+    ),
+    "a complex mask": (  # float masks of 0 and 1 are taken as HF takes them, not these
         lambda: dict(input_ids=_ids(1, 4), attention_mask=torch.full((1, 4), 0.5j)),
         TypeError,
         "attention_mask' must hold integers, got torch.complex64",

@@ -40,7 +40,7 @@ from kernl.artifacts.schema import Manifest, pick_size
 
 from ..binaries import KernelBinaries, running_with
 from ..graphs import capture_graph
-from ..model import new_call_lock, refuse_pickling
+from ..model import input_tensor, new_call_lock, refuse_pickling
 from .decoder import Decoder
 from .joining import OpenBatch, pad_mask
 from .numbers import plain_number
@@ -699,7 +699,7 @@ def _as_batch(input_ids, attention_mask, left: bool = True) -> tuple[torch.Tenso
             ids[i, cols] = row.to(torch.int64)
             mask[i, cols] = True
         return ids, mask
-    ids = torch.as_tensor(input_ids)
+    ids = input_tensor("input_ids", input_ids)
     if not _holds_integers(ids):
         raise TypeError(f"input_ids must hold integers, got {ids.dtype}")
     if ids.dim() == 1:
@@ -711,7 +711,13 @@ def _as_batch(input_ids, attention_mask, left: bool = True) -> tuple[torch.Tenso
     ids = ids.to("cpu", torch.int64)
     if attention_mask is None:
         return ids, torch.ones_like(ids, dtype=torch.bool)
-    mask = torch.as_tensor(attention_mask)
+    if type(attention_mask).__name__ == "GenerationConfig":  # Hugging Face's second position
+        raise TypeError(
+            "generate's second positional argument is attention_mask, not a GenerationConfig: "
+            "pass its settings as arguments (max_new_tokens, do_sample, temperature, top_k, "
+            "top_p, eos_token_id, pad_token_id)"
+        )
+    mask = input_tensor("attention_mask", attention_mask)
     if mask.dim() == 1:
         mask = mask[None]
     if mask.shape != ids.shape:
