@@ -32,6 +32,7 @@
 #           benchmarks (~6 min: 69 tests in 3.3 min, the benchmarks' 136 in 2.3 min). A
 #           `wait` that comes after the machine's 30 s idle release finds a fresh machine and
 #           nothing running: stages that end within their call lose nothing then
+#   attkernels every attention kernel's GPU tests (flash, short-key, TMA, Gluon, QKV fused)
 #   enctests the GPU tests of the encoder path (compile, runtime, artifacts, its kernels), the
 #           launch-count profile included (~4 min)
 #   bertro  the `bert` stage's artifact against reduce-overhead, interleaved in one process
@@ -203,6 +204,11 @@ stage() {
         tests/serving benchmarks ;;
     testsfast) timeout 1200 python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider \
       --durations=25 ;;
+    attkernels) # every attention kernel's GPU tests, the fused QKV + attention's too (~2 min)
+      timeout 600 python3 -m pytest -q -m "gpu and not bench_only" -p no:cacheprovider \
+        tests/kernels/test_attention.py tests/kernels/test_attention_short.py \
+        tests/kernels/test_attention_tma.py tests/kernels/test_attention_wgmma.py \
+        tests/kernels/test_qkv_attention.py ;;
     enctests) timeout 600 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 \
       tests/e2e tests/runtime tests/compiler tests/artifacts tests/kernels/test_attention.py \
       tests/kernels/test_norm.py tests/kernels/test_fused_linear.py \
