@@ -247,8 +247,6 @@ def check_port_free(host: str, port: int) -> None:
     servers set it, so a port whose last connections linger in TIME_WAIT counts as free. A
     Ray Serve already listening there (a cluster that `--ray-address` joins) counts as in use:
     `kernl serve` stops the Serve it started when it stops."""
-    if port == 0:
-        return
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE

@@ -82,8 +82,10 @@ class ServeConfig:
             raise ValueError(f"plan_by must be 'time' or 'tokens', got {self.plan_by!r}")
         if self.device not in (None, "cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        if not 0 <= self.port <= 65535:  # 0: any free port
-            raise ValueError(f"port must lie in [0, 65535], got {self.port}")
+        # not 0 ("any free port"): HAProxy refuses to bind it after Ray's start, and the
+        # Python proxy would listen on a port nobody is told
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port must lie in [1, 65535], got {self.port}")
 
 
 def _finite_at_least_0(value: float) -> bool:

@@ -42,7 +42,14 @@ from .encoder import Replay, serve_batch_bytes
 from .gather import BatchGatherer
 from .generation_protocol import GENERATION_TASKS, GenerationLimits, check_servable
 from .metrics import ReplayStats
-from .protocol import ModelLimits, ParsedRequest, RequestError, parse_request, prepare_answers
+from .protocol import (
+    ModelLimits,
+    ParsedRequest,
+    RequestError,
+    parse_off_loop,
+    parse_request,
+    prepare_answers,
+)
 from .replica import ENCODER_COUNTERS, Replica, SharedStats
 from .replica import json_response as _json
 from .tokenizer import load_tokenizer
@@ -99,7 +106,7 @@ class KernlServer(Replica):
 
     async def predict(self, body: bytes) -> Response:
         try:
-            parsed = parse_request(body, self.limits, self.tokenize)
+            parsed = await parse_off_loop(parse_request, body, self.limits, self.tokenize)
         except RequestError as e:
             self.stats.send("record_requests", bad=1)
             return _json({"error": str(e)}, status=e.status)

@@ -55,7 +55,7 @@ from .generation_protocol import (  # noqa: F401  (re-exported: the names tests 
     token_event,
 )
 from .metrics import GenerationStats
-from .protocol import RequestError
+from .protocol import RequestError, parse_off_loop
 from .replica import GENERATION_COUNTERS, Replica, SharedStats
 from .replica import json_response as _json
 from .tokenizer import load_detokenizer, load_tokenizer
@@ -122,7 +122,9 @@ class KernlGenerator(Replica):
 
     async def generate(self, body: bytes) -> Response:
         try:
-            parsed = parse_generation_request(body, self.limits, self.tokenize)
+            parsed = await parse_off_loop(
+                parse_generation_request, body, self.limits, self.tokenize
+            )
         except RequestError as e:
             self.stats.send("record_bad")
             return _json({"error": str(e)}, status=e.status)

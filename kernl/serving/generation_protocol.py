@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from kernl.artifacts.generation import MAX_EOS_IDS, GenerationBuckets
 from kernl.artifacts.schema import Manifest, pick_size
 
-from .protocol import RequestError, Tokenize, load_json_object, tokenize_checked
+from .protocol import (
+    RequestError,
+    Tokenize,
+    check_text_lengths,
+    load_json_object,
+    tokenize_checked,
+)
 
 GENERATION_TASKS = ("causal-lm", "seq2seq-lm")  # served by generation.KernlGenerator
 DEFAULT_MAX_NEW_TOKENS = 20  # the runtime's (and Hugging Face's) default
@@ -297,22 +303,26 @@ def _prompt(data: dict, limits: GenerationLimits, tokenize: Tokenize | None) -> 
             )
         if not isinstance(data["text"], str) or not data["text"]:
             raise RequestError(422, "'text' must be a non-empty string (one prompt)")
-        ids = tokenize_checked(tokenize, [data["text"]])[0]["input_ids"]
+        check_text_lengths([data["text"]], max(limits.prompts), single=True)
+        ids = list(tokenize_checked(tokenize, [data["text"]])[0]["input_ids"])
         if not ids:
             raise RequestError(422, "'text' tokenizes to no tokens")
-        return list(ids)
-    if "input_ids" not in data:
-        raise RequestError(422, "missing field 'input_ids' (or 'text')")
-    ids = data["input_ids"]
-    if not isinstance(ids, list) or not ids or not all(map(_is_int, ids)):
-        raise RequestError(
-            422, "'input_ids' must be a non-empty list of integers (one prompt's token ids)"
-        )
+        where = "'text' tokenizes to ids that"  # a tokenizer.json of a larger vocabulary
+    else:
+        if "input_ids" not in data:
+            raise RequestError(422, "missing field 'input_ids' (or 'text')")
+        ids = data["input_ids"]
+        if not isinstance(ids, list) or not ids or not all(map(_is_int, ids)):
+            raise RequestError(
+                422, "'input_ids' must be a non-empty list of integers (one prompt's token ids)"
+            )
+        where = "'input_ids'"
+    # checked here, not by the model: an id past the table fails the whole batch it joins
     lo, hi = min(ids), max(ids)
     if lo < 0 or hi >= limits.vocab_size:
         raise RequestError(
             422,
-            f"'input_ids' must lie in [0, {limits.vocab_size}) (the model's vocab_size), "
+            f"{where} must lie in [0, {limits.vocab_size}) (the model's vocab_size), "
             f"got values in [{lo}, {hi}]",
         )
     return ids

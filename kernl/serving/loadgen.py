@@ -28,8 +28,8 @@ class LoadResult:
     errors: int  # of those, the ones not answered 200 (a 4xx/5xx, or no answer)
     seconds: float
     sequences_per_s: float  # answered (200) requests only, as the latencies and tokens/s
-    p50_ms: float
-    p99_ms: float
+    p50_ms: float | None  # None (JSON null) where no request was answered
+    p99_ms: float | None
     tokens_per_s: float = 0.0  # generation (max_new_tokens set): new tokens generated per s
     first_error: str | None = None  # what went wrong first, when errors
 
@@ -174,8 +174,10 @@ def run_load(
         errors=len(errors),
         seconds=seconds,
         sequences_per_s=n / seconds,
-        p50_ms=1000 * percentile(latencies, 0.5),
-        p99_ms=1000 * percentile(latencies, 0.99),
+        # null in the JSON where nothing was answered: NaN is no JSON (jq and strict parsers
+        # refuse the line)
+        p50_ms=1000 * percentile(latencies, 0.5) if latencies else None,
+        p99_ms=1000 * percentile(latencies, 0.99) if latencies else None,
         tokens_per_s=tokens[0] / seconds,
         first_error=errors[0] if errors else None,
     )
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("loadgen: interrupted", file=sys.stderr)
         return 130
-    print(json.dumps(asdict(result)))
+    print(json.dumps(asdict(result), allow_nan=False))
     return 0 if result.errors == 0 else 1
 
 

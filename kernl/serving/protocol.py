@@ -23,12 +23,14 @@ alone with a 4xx and a message, and never takes a batch down with it."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,13 +120,27 @@ def parse_request(
     if encoding not in ENCODINGS:
         raise RequestError(422, f"'encoding' must be one of {list(ENCODINGS)}")
     if "text" in data:
-        rows, single = _rows_from_text(data, input_names, tokenize)
+        rows, single = _rows_from_text(data, input_names, tokenize, limits)
     elif "input_ids" in data:
-        rows, single = _rows_from_ids(data, input_names)
+        rows, single = _rows_from_ids(data, input_names, limits)
     else:
         raise RequestError(422, "missing field 'input_ids' (or 'text')")
     _check_rows(rows, limits)
     return ParsedRequest(rows, single, outputs, encoding)
+
+
+# A body over this is parsed on a worker thread, so that the event loop (other requests'
+# answers, /ready) never waits through a big body's parse: 2 M one-token rows are 1.6 s of
+# JSON before their refusal (review). A smaller one, every usual request, is parsed inline,
+# where a thread's hop would add to its latency.
+INLINE_PARSE_BYTES = 64 << 10
+
+
+async def parse_off_loop(parse: Callable[..., Any], body: bytes, *args: Any) -> Any:
+    """`parse(body, *args)`, on a worker thread where the body is over INLINE_PARSE_BYTES."""
+    if len(body) <= INLINE_PARSE_BYTES:
+        return parse(body, *args)
+    return await asyncio.to_thread(parse, body, *args)
 
 
 def load_json_object(body: bytes) -> dict:
@@ -177,9 +193,12 @@ def _parse_outputs(value, names: list[str]) -> list[str]:
     return list(dict.fromkeys(value))
 
 
-def _rows_from_ids(data: dict, input_names: list[str]) -> tuple[list[Row], bool]:
+def _rows_from_ids(
+    data: dict, input_names: list[str], limits: ModelLimits
+) -> tuple[list[Row], bool]:
     ids = data["input_ids"]
     single = isinstance(ids, list) and bool(ids) and not isinstance(ids[0], list)
+    _check_count(1 if single or not isinstance(ids, list) else len(ids), limits)
     columns: dict[str, list[list[int]]] = {}
     for name in input_names:
         if name not in data:
@@ -226,7 +245,9 @@ def _int_matrix(name: str, value) -> list[list[int]]:
     return value
 
 
-def _rows_from_text(data: dict, input_names: list[str], tokenize) -> tuple[list[Row], bool]:
+def _rows_from_text(
+    data: dict, input_names: list[str], tokenize, limits: ModelLimits
+) -> tuple[list[Row], bool]:
     if tokenize is None:
         raise RequestError(
             422,
@@ -245,6 +266,8 @@ def _rows_from_text(data: dict, input_names: list[str], tokenize) -> tuple[list[
     texts = [text] if single else text
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise RequestError(422, "'text' must be a string or a non-empty list of strings")
+    _check_count(len(texts), limits)
+    check_text_lengths(texts, limits.max_seq, single)
     rows = []
     for i, encoded in enumerate(tokenize_checked(tokenize, texts)):
         if not encoded.get("input_ids"):  # "" with a tokenizer that adds no special tokens
@@ -272,13 +295,38 @@ def tokenize_checked(tokenize: Tokenize, texts: list[str]) -> list[dict]:
         raise RequestError(422, f"the tokenizer refused 'text': {e}") from None
 
 
-def _check_rows(rows: Sequence[Row], limits: ModelLimits) -> None:
-    if len(rows) > limits.max_rows:
+# A token is rarely more than a few characters long: a text over this many characters a token
+# of the longest bucket cannot fit it, and tokenizing it held the replica's event loop (and its
+# /ready) for seconds: 5 s for a text of 2.8 M tokens (review).
+MAX_CHARS_PER_TOKEN = 100
+
+
+def check_text_lengths(texts: list[str], max_tokens: int, single: bool) -> None:
+    """Refuse (413), before tokenizing, a text that no bucket of `max_tokens` could hold."""
+    most = max_tokens * MAX_CHARS_PER_TOKEN
+    for i, text in enumerate(texts):
+        if len(text) > most:
+            where = "'text'" if single else f"'text'[{i}]"
+            raise RequestError(
+                413,
+                f"{where} has {len(text)} characters: at most {most} are taken ({max_tokens} "
+                f"tokens, the longest bucket, at {MAX_CHARS_PER_TOKEN} characters a token)",
+            )
+
+
+def _check_count(n: int, limits: ModelLimits) -> None:
+    """Before any row is built or any text tokenized: 2 M one-token rows took 5.6 s to
+    build, then were refused here (review)."""
+    if n > limits.max_rows:
         raise RequestError(
             413,
-            f"{len(rows)} sequences in one request; at most {limits.max_rows} "
+            f"{n} sequences in one request; at most {limits.max_rows} "
             f"(the server's --max-batch-size)",
         )
+
+
+def _check_rows(rows: Sequence[Row], limits: ModelLimits) -> None:
+    _check_count(len(rows), limits)
     max_seq = limits.max_seq  # a row fits a bucket of one row alone iff it fits the longest
     for k, row in enumerate(rows):
         if row.length > max_seq:

@@ -254,7 +254,10 @@ class Replica:
         prefix = (request.scope.get("root_path") or "").rstrip("/")
         if prefix and path.startswith(prefix):
             path = path[len(prefix) :] or "/"
-        if path in ("/health", "/ready") and request.method == "GET":
+        # HEAD wherever GET is served (RFC 9110): probes and load balancers use it; the
+        # server sends the headers and status alone
+        method = "GET" if request.method == "HEAD" else request.method
+        if path in ("/health", "/ready") and method == "GET":
             state, error = self._load_state()
             if state != "ready":
                 body = {
@@ -269,7 +272,7 @@ class Replica:
             if path == "/ready":
                 return json_response({"ready": True, "status": "ok", "replica": self.replica})
             return json_response(self.health())
-        if path == "/metrics" and request.method == "GET":
+        if path == "/metrics" and method == "GET":
             try:
                 return json_response(await self.stats.snapshot())
             except Exception as e:  # the counters' actor is Ray's: it may be unreachable
@@ -287,7 +290,7 @@ class Replica:
             "error": f"no route {method} {path}; use POST /{posts}, "
             "GET /ready, GET /health, GET /metrics"
         }
-        allowed = "POST" if path in self.POST_PATHS else "GET" if path in GET_PATHS else None
+        allowed = "POST" if path in self.POST_PATHS else "GET, HEAD" if path in GET_PATHS else None
         if allowed is None:
             return json_response(body, status=404)
         response = json_response(body, status=405)

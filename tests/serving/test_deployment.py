@@ -272,6 +272,8 @@ def test_replica_answers_503_while_its_model_loads(tiny_artifact, monkeypatch):
         assert answer.status_code == 200, answer.body
         ready = await server(_get("/ready"))
         assert ready.status_code == 200 and json.loads(ready.body)["ready"] is True
+        for path in ("/ready", "/health"):  # HEAD wherever GET is (RFC 9110): probes use it
+            assert (await server(_get(path, "HEAD"))).status_code == 200
         health = await server(_get("/health"))
         assert health.status_code == 200 and json.loads(health.body)["status"] == "ok"
 
@@ -411,8 +413,9 @@ def test_a_generation_replica_whose_gpu_a_kernel_broke_fails_its_health_check(mo
         ("GET", "/", 405, "POST"),  # was 404: the route is there, for POST
         ("GET", "/predict", 405, "POST"),
         ("PUT", "/predict/", 405, "POST"),
-        ("POST", "/ready", 405, "GET"),
-        ("DELETE", "/metrics", 405, "GET"),
+        ("POST", "/ready", 405, "GET, HEAD"),
+        ("DELETE", "/metrics", 405, "GET, HEAD"),
+        ("HEAD", "/predict", 405, "POST"),
         ("GET", "/nope", 404, None),
         ("DELETE", "/nope", 404, None),
     ],

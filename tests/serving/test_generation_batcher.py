@@ -423,6 +423,21 @@ def test_a_prompt_text_with_a_lone_surrogate_is_a_422(limits):
     assert e.value.status == 422
 
 
+def test_a_text_tokenized_past_the_vocabulary_is_a_422_not_its_batchs_failure(limits):
+    """A tokenizer.json of a larger vocabulary than the model's: its ids went to the model,
+    whose range check failed the whole batch (every request in it answered 500, review)."""
+    past = limits.vocab_size + 5
+    body = json.dumps({"text": "w1 w2"}).encode()
+    tokenize = lambda texts: [{"input_ids": [2, past]} for _ in texts]  # noqa: E731
+    with pytest.raises(
+        RequestError, match=rf"'text' tokenizes to ids that must lie in \[0, {limits.vocab_size}\)"
+    ) as e:
+        parse_generation_request(body, limits, tokenize)
+    assert e.value.status == 422
+    ok = parse_generation_request(body, limits, lambda texts: [{"input_ids": [2, 3]}])
+    assert ok.prompt == [2, 3]
+
+
 def test_requests_share_a_key_whatever_their_sampler_fields(limits):
     a = request(limits, [1], temperature=0.5, top_k=3)
     b = request(limits, [2], seed=9)

@@ -19,6 +19,7 @@ class _Answers(BaseHTTPRequestHandler):
 
     answer = {"generated_ids": [1, 2]}
     fail_every = 0
+    fail_after = 0  # > 0: every request after this many fails
     count = 0
     lock = threading.Lock()
 
@@ -26,7 +27,9 @@ class _Answers(BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers["Content-Length"]))
         with self.lock:
             type(self).count += 1
-            fail = self.fail_every and self.count % self.fail_every == 0
+            fail = (self.fail_every and self.count % self.fail_every == 0) or (
+                self.fail_after and self.count > self.fail_after
+            )
         body = json.dumps({"error": "no"} if fail else self.answer).encode()
         self.send_response(422 if fail else 200)
         self.send_header("Content-Type", "application/json")
@@ -82,6 +85,15 @@ def test_failed_requests_are_counted_apart(server):
     # rates count the 3 answered requests, not the 3 refused
     assert result.sequences_per_s == pytest.approx(3 / result.seconds)
     assert result.tokens_per_s == pytest.approx(3 * 2 / result.seconds)
+
+
+def test_a_run_whose_timed_requests_all_failed_prints_json(server, capsys):
+    """Its percentiles were NaN, printed as `NaN`, which is no JSON (jq refuses the line)."""
+    server.RequestHandlerClass.fail_after = 2  # the two warm-ups are answered, then 422s
+    assert finishing(main, [url_of(server), "--requests", "3", "--seq", "4"]) == 1
+    out = capsys.readouterr().out
+    result = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} is no JSON: {out}"))
+    assert (result["errors"], result["p50_ms"], result["p99_ms"]) == (3, None, None)
 
 
 def test_an_unreachable_server_ends_the_run_at_once():

@@ -35,12 +35,19 @@ def test_a_port_in_use_is_refused_before_ray_starts(tiny_artifact, busy_port, no
     assert f"port {busy_port} on 127.0.0.1 is in use" in capsys.readouterr().err
 
 
+def test_port_0_is_refused_before_ray_starts(tiny_artifact, no_ray, capsys):
+    """Port 0 ("any free port") passed, then HAProxy refused to bind it after Ray's start
+    (a traceback, exit 1), and the Python proxy printed :0 for the port it listened on."""
+    for ingress in ("haproxy", "python"):
+        assert serve_main([str(tiny_artifact), "--port", "0", "--ingress", ingress]) == 2
+        assert "port must lie in [1, 65535], got 0" in capsys.readouterr().err
+
+
 def test_port_check(busy_port):
     with pytest.raises(ValueError, match=f"port {busy_port} on 0.0.0.0 is in use"):
         check_port_free("0.0.0.0", busy_port)  # all addresses include 127.0.0.1
     with pytest.raises(ValueError, match="cannot resolve"):
         check_port_free("no-such-host.invalid", 8000)
-    check_port_free("127.0.0.1", 0)  # any free port
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]

@@ -94,7 +94,7 @@ def test_serve_refuses_what_cannot_start_before_ray_starts(artifact_copy, case):
         needle = "tokenizer.json"
     elif case == "port":
         args += ["--port", "70000"]
-        needle = "port must lie in [0, 65535]"
+        needle = "port must lie in [1, 65535]"
     else:
         import torch
 
