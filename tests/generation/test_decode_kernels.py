@@ -571,6 +571,28 @@ def test_gemma3_is_not_served_by_the_kernels_that_read_one_rotary_table():
     assert not torch.equal(decoder.cos, decoder.cos_local)
 
 
+def test_the_persistent_step_is_refused_for_heads_that_are_not_a_power_of_two_wide():
+    """Its head loops are tl.arange over the head: Phi-3-mini's 96 (here 24) was taken as
+    fitting, failed in the tuner on the GPU, and crashed with Triton's error when forced
+    (review)."""
+    import transformers as tf
+
+    from kernl.compiler.tasks.causal_lm.describe import describe
+    from kernl.runtime.generation.decoder import Decoder
+
+    for head_dim, fits in ((24, False), (16, True)):
+        llama = tf.LlamaForCausalLM(
+            tf.LlamaConfig(hidden_size=96, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=head_dim, intermediate_size=64,
+                           vocab_size=50, pad_token_id=0)
+        )  # fmt: skip
+        spec, weights = describe(llama, 32, torch.float32)
+        decoder = Decoder(spec, weights, 32, torch.float32, torch.device("cpu"))
+        assert decoder.persistent_fits is fits
+        why = decoder.kernels_that_do_not_apply(DecodeKernels(step="persistent"))
+        assert any(f"heads are {head_dim} wide" in w for w in why) is not fits, why
+
+
 def test_inspect_shows_the_decode_step_kernels(artifact):
     from kernl.compiler.inspect_report import inspect_artifact, render_text
 

@@ -281,6 +281,39 @@ def test_unsupported_models_fail_at_compile_naming_why(tmp_path):
         describe(phi, 16, torch.float32)
 
 
+def test_config_keys_a_family_ignores_are_ignored_or_refused_by_name(tmp_path):
+    """A Llama converted from another family keeps that family's keys: kernl applied a
+    softcap, another activation or a window Llama's modeling never reads, and the compile
+    failed validation with a numeric mismatch (review). A stray window is refused by name:
+    Hugging Face's forward ignores it but its generate's cache applies it."""
+    import transformers as tf
+
+    llama = tiny_model("llama3")
+    llama.config.final_logit_softcapping = 0.5
+    llama.config.attn_logit_softcapping = 1.0
+    llama.config.hidden_activation = "gelu"  # Gemma2's key: Llama's MLP reads hidden_act
+    spec = describe(llama, 16, torch.float32)[0]
+    assert (spec.final_logit_softcap, spec.attn_logit_softcap) == (None, None)
+    assert spec.activation == "silu"
+    ids, mask = mixed_prompts(2, [5, 3], seed=3)
+    out = tmp_path / "llama.kernl"
+    kernl.compiler.compile(
+        llama, "batch=2 prompt=8 cache=16", out, dtype="fp32", device="cpu", task="causal-lm"
+    )
+    with torch.no_grad():
+        want = llama.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    got = kernl.runtime.load(out, device="cpu").generate(ids, mask, max_new_tokens=6)
+    assert torch.equal(got, want)
+    llama.config.sliding_window = 5
+    with pytest.raises(UnsupportedModelError, match=r"sliding_window=5, which llama's attention"):
+        describe(llama, 16, torch.float32)
+    llama.config.sliding_window = 16  # as long as the cache: no slot ever leaves it
+    assert describe(llama, 16, torch.float32)[0].sliding_window is None
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=0, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedModelError, match="gpt2 with 0 layers"):
+        describe(gpt2, 16, torch.float32)
+
+
 def test_eos_and_pad_come_from_the_generation_config_alone():
     """As Hugging Face's generate: a folder's generation_config.json that leaves an id out
     does not fall back to config.json's (kernl stopped at config.json's EOS, HF did not)."""

@@ -270,9 +270,18 @@ class Decoder:
         # It reads one slot mask for every layer: the windowed one where every layer has the
         # window (Mistral), neither for a mix (Gemma2, Qwen2 under max_window_layers)
         one_mask = all(self.windowed) or not any(self.windowed)
-        self.persistent_fits = plain_layer and one_mask and not self.two_rope_tables
+        # its head loops are tl.arange over the head dimension, which Triton takes in powers of
+        # two only (Phi-3-mini's 96 failed in the tuner, and a forced choice crashed)
+        head_dim_fits = spec.head_dim & (spec.head_dim - 1) == 0
+        self.persistent_fits = (
+            plain_layer and one_mask and not self.two_rope_tables and head_dim_fits
+        )
         self._persistent_misfit = None
-        if self.two_rope_tables:
+        if not head_dim_fits:
+            self._persistent_misfit = (
+                f"its heads are {spec.head_dim} wide, and it takes a power of two only"
+            )
+        elif self.two_rope_tables:
             self._persistent_misfit = (
                 "it reads one rotary table for every layer: this model's sliding-window and "
                 "full-attention layers rotate with two"

@@ -49,9 +49,14 @@ NORM_PLUS_ONE = ("gemma", "gemma2", "gemma3_text")
 # The families with Gemma2's norms after attention and around the MLP: the norm before the MLP
 # is `pre_feedforward_layernorm`, and `post_attention_layernorm` norms the attention output
 SANDWICH_NORMS = ("gemma2", "gemma3_text")
+# The options each family's modeling reads: a config key another family's would use (a Llama
+# converted from Mistral keeping "sliding_window", a softcap copied over) is ignored by Hugging
+# Face, and was applied by kernl, failing validation with a numeric mismatch (review).
 # Gemma3's attention keeps attn_logit_softcapping from its config but never passes it to the
 # attention function (Gemma3Attention.forward): its scores are not softcapped, whatever it says
-NO_ATTENTION_SOFTCAP = ("gemma3_text",)
+ATTENTION_SOFTCAP = ("gemma2",)
+FINAL_SOFTCAP = ("gemma2", "gemma3_text")
+SLIDING_WINDOW = ("mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3_text")
 SUPPORTED = (*LLAMA_LIKE, "gpt2")
 # Rotary variants whose frequencies do not depend on the sequence length.
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
@@ -168,10 +173,59 @@ def _activation(name: str, model_type: str) -> str:
     return HF_ACTIVATIONS[name]
 
 
+def _mlp_activation(cfg, mlp, model_type: str) -> str:
+    """The activation the MLP's module applies, named by the config key it was made from:
+    which key a family reads (hidden_act, hidden_activation) differs between families and
+    between transformers versions (Gemma's moved), and a key the family ignores must not
+    count. Where the module's activation is none of Hugging Face's for those names, the
+    config decides as before (Gemma2's hidden_activation, then hidden_act)."""
+    names = [
+        n
+        for n in (getattr(cfg, "hidden_activation", None), getattr(cfg, "hidden_act", None))
+        if isinstance(n, str)
+    ]
+    applied = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
+    if applied is not None:
+        from transformers.activations import ACT2FN
+
+        for name in names:
+            made = ACT2FN[name] if name in ACT2FN else None
+            if type(made) is type(applied) and repr(made) == repr(applied):
+                return _activation(name, model_type)
+    return _activation(names[0] if names else str(cfg.hidden_act), model_type)
+
+
+def _refuse_a_window_only_the_cache_applies(cfg, model_type: str, cache_len: int) -> None:
+    """A sliding_window in the config of a family whose attention never reads it (a Llama
+    converted from Mistral keeps the key): Hugging Face's forward ignores it, but the KV cache
+    its generate makes from the config keeps only the window's last slots, so its decode steps
+    see a window its prefill did not, and its generate differs from its own forward. Served
+    either way, kernl would differ from one of the two: refused by name where it can matter."""
+    window = getattr(cfg, "sliding_window", None)
+    if window and model_type not in SLIDING_WINDOW and window < cache_len:
+        raise UnsupportedModelError(
+            f"causal-lm: this {model_type} config sets sliding_window={window}, which "
+            f"{model_type}'s attention ignores but Hugging Face's generate applies through its "
+            "KV cache (its decode steps then see a window its prefill does not); remove "
+            f"sliding_window from the config, or set it to at least the cache ({cache_len} "
+            "slots)"
+        )
+
+
+def _refuse_no_layers(num_layers: int, model_type: str) -> None:
+    if num_layers < 1:
+        raise UnsupportedModelError(
+            f"causal-lm: {model_type} with {num_layers} layers: kernl serves a decoder of at "
+            "least one layer"
+        )
+
+
 def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
     cfg = model.config
     mt = cfg.model_type
     base = model.model
+    _refuse_no_layers(len(base.layers), mt)
+    _refuse_a_window_only_the_cache_applies(cfg, mt, cache_len)
     _refuse_bidirectional(cfg, mt)
     window, sliding_layers = _sliding_window(cfg, len(base.layers))
     rope = _rotary_tables(base.rotary_emb, cfg, len(base.layers))
@@ -241,8 +295,7 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
         norm="rms",
         norm_eps=float(eps),
         mlp="gated",
-        # Gemma2's config names it hidden_activation (Gemma's, hidden_act)
-        activation=_activation(getattr(cfg, "hidden_activation", None) or cfg.hidden_act, mt),
+        activation=_mlp_activation(cfg, mlp0, mt),
         positions="rope",
         max_positions=None,
         attention_scale=float(getattr(attn0, "scaling", head_dim**-0.5)),
@@ -255,9 +308,11 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
         embed_scale=1.0 if embed_scale is None else float(embed_scale),
         norm_plus_one=mt in NORM_PLUS_ONE,
         attn_logit_softcap=(
-            None if mt in NO_ATTENTION_SOFTCAP else _softcap(cfg, "attn_logit_softcapping")
+            _softcap(cfg, "attn_logit_softcapping") if mt in ATTENTION_SOFTCAP else None
         ),
-        final_logit_softcap=_softcap(cfg, "final_logit_softcapping"),
+        final_logit_softcap=(
+            _softcap(cfg, "final_logit_softcapping") if mt in FINAL_SOFTCAP else None
+        ),
         sandwich_norms=sandwich,
         pad_token_id=pad,
         eos_token_ids=eos,
@@ -369,9 +424,9 @@ def _sliding_window(cfg, num_layers: int) -> tuple[int | None, list[int]]:
     layer_types (Qwen2's and Qwen3's configs drop the window without use_sliding_window).
     (None, []) for none."""
     window = getattr(cfg, "sliding_window", None)
-    if not window:
-        return None, []
     mt = cfg.model_type
+    if not window or mt not in SLIDING_WINDOW:  # Llama's and Gemma's modeling never read it
+        return None, []
     layer_types = getattr(cfg, "layer_types", None)
     if mt in ("mistral", "phi3") or layer_types is None:
         if mt in ("qwen2", "qwen3") and not getattr(cfg, "use_sliding_window", False):
@@ -399,6 +454,7 @@ def _describe_gpt2(model, cache_len: int) -> tuple[DecoderSpec, dict]:
             "the cache is twice the longest prompt bucket)"
         )
     t = model.transformer
+    _refuse_no_layers(len(t.h), "gpt2")
     hidden, nh = cfg.n_embd, cfg.n_head
     weights: dict[str, torch.Tensor] = {
         "embed.weight": t.wte.weight,
