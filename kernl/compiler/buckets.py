@@ -190,9 +190,12 @@ _PADDING_OFFSET_MODELS = {
     "camembert",
     "data2vec-text",
     "esm",  # with absolute positions (rotary ones returned above)
+    "ibert",
     "longformer",
+    "luke",
     "mpnet",
     "roberta-prelayernorm",
+    "xmod",
 }
 
 

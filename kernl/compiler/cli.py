@@ -199,13 +199,13 @@ def _run_compile(
         )
         sys.exit(1)
     except (ArtifactError, ValueError, RuntimeError, OSError) as e:
-        click.echo(f"{prog}: error: {e}", err=True)
+        click.echo(f"{prog}: error: {e}{_notes(e)}", err=True)
         sys.exit(1)
     except Exception as e:  # not foreseen: one line for the user, the traceback on --verbose
         if verbose:
             raise
         click.echo(
-            f"{prog}: error: {type(e).__name__}: {e}\n"
+            f"{prog}: error: {type(e).__name__}: {e}{_notes(e)}\n"
             "No artifact was written. This failure was not foreseen by kernl: rerun with "
             "--verbose for the traceback, and please report it.",
             err=True,
@@ -213,6 +213,12 @@ def _run_compile(
         sys.exit(1)
     report.seconds = time.perf_counter() - start  # compile() times itself alone
     click.echo(report.table())
+
+
+def _notes(error: BaseException) -> str:
+    """What the compile added to an error on its way out (the bucket it came from)."""
+    notes = getattr(error, "__notes__", None)
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 # perf_counter() at this process's start where a command runs as the process's own (main()

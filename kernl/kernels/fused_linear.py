@@ -233,7 +233,11 @@ def fused_linear(
     assert activation in ACTIVATIONS, activation
     K = x.shape[-1]
     N = weight.shape[0]
-    assert weight.shape[1] == K and K % 8 == 0
+    if weight.shape[1] != K or K % 8:
+        raise ValueError(
+            f"fused_linear takes x [..., K] and weight [N, K] with K a multiple of 8 (its "
+            f"16-byte loads), got x {tuple(x.shape)} and weight {tuple(weight.shape)}"
+        )
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]

@@ -156,7 +156,12 @@ def gated_mlp(
     act(x Wg^T + bg) * (x Wu^T + bu), [..., N]; `activation` one of activation.ACTIVATIONS."""
     K = x.shape[-1]
     N = w_gate.shape[0]
-    assert w_gate.shape == (N, K) and w_up.shape == (N, K) and K % 8 == 0
+    if w_gate.shape != (N, K) or w_up.shape != (N, K) or K % 8:
+        raise ValueError(
+            f"gated_mlp takes x [..., K] and two weights [N, K] with K a multiple of 8 (its "
+            f"16-byte loads), got x {tuple(x.shape)}, weights {tuple(w_gate.shape)} and "
+            f"{tuple(w_up.shape)}"
+        )
     assert (bias_gate is None) == (bias_up is None)
     x2 = x.reshape(-1, K)
     M = x2.shape[0]

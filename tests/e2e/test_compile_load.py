@@ -446,3 +446,29 @@ def test_cpu_mode_works_whether_or_not_triton_was_imported_before_kernl(tmp_path
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert expected in proc.stdout, proc.stdout
+
+
+def test_linears_whose_inputs_are_not_a_multiple_of_8_wide_stay_on_aten(tmp_path):
+    """The linear kernel loads K in 16-byte steps: BERT with hidden_size 60 (or an
+    intermediate of 100) failed the compile on the kernel's bare assertion (review). Those
+    linears stay on aten; the others keep the kernel."""
+    torch.manual_seed(0)
+    config = T.BertConfig(**{**SMALL, "hidden_size": 60, "num_attention_heads": 5})
+    model = T.BertModel(config).eval()
+    artifact = tmp_path / "bert60.kernl"
+    kernl.compiler.compile(model, "batch=1,2 seq=8", artifact, dtype="fp32", device="cpu")
+    impls = {}
+    for rel in (artifact / "programs").iterdir():
+        for ins in read_program(artifact, f"programs/{rel.name}").instructions:
+            if ins.op == "kernl.linear":
+                impls.setdefault(ins.kwargs["impl"], set()).add(ins.kwargs.get("activation"))
+    assert set(impls) == {"aten", "triton"}, impls  # K = 60 on aten; FFN2's K = 128 a kernel
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    got = kernl.runtime.load(artifact, device="cpu")(input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask)
+    keep = mask.bool()
+    err = (got.last_hidden_state[keep] - want.last_hidden_state[keep]).abs().max().item()
+    assert err <= TOL["fp32"], err

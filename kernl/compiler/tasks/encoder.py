@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ import triton
 
 from kernl._version import __version__ as kernl_version
 from kernl.artifacts import FORMAT_VERSION, ArtifactWriter, BucketEntry, Manifest, check_destination
+from kernl.artifacts.schema import Bucket
 from kernl.runtime.binaries import allow_jit
 
 from ..buckets import as_buckets, check_buckets_fit
@@ -91,64 +93,65 @@ def compile_encoder(
     session = TuneSession()  # buckets share tunings of equal shapes and known-bad configs
     with ArtifactWriter(out) as writer:
         for i, bucket in enumerate(bucket_list, 1):
-            t0 = time.perf_counter()
-            tag = f"[{i}/{len(bucket_list)}] bucket {bucket.batch}x{bucket.seq}"
-            say(f"{tag}: export")
-            ep = export_bucket(flat, bucket, model.config.vocab_size, dev)
-            say(f"{tag}: lower")
-            program, weights = lower(ep, bucket, input_names)
-            for name, t in weights.items():
-                all_weights.setdefault(name, t)
-            if kernels:
-                say(f"{tag}: rewrite")
-                program = rewrite(program, all_weights)
-                program = use_attention_windows(program, all_weights, dev)  # before the fold
-                program, folded = fold_constants(program, all_weights, dev, fold_budget)
-                if folded:
-                    say(f"{tag}: {folded} input-independent values computed once, as weights")
-                say(f"{tag}: tune")
-                example = dict(
-                    zip(
-                        input_names,
-                        example_inputs(input_names, bucket, model.config.vocab_size, dev),
+            with _in_bucket(bucket):
+                t0 = time.perf_counter()
+                tag = f"[{i}/{len(bucket_list)}] bucket {bucket.batch}x{bucket.seq}"
+                say(f"{tag}: export")
+                ep = export_bucket(flat, bucket, model.config.vocab_size, dev)
+                say(f"{tag}: lower")
+                program, weights = lower(ep, bucket, input_names)
+                for name, t in weights.items():
+                    all_weights.setdefault(name, t)
+                if kernels:
+                    say(f"{tag}: rewrite")
+                    program = rewrite(program, all_weights)
+                    program = use_attention_windows(program, all_weights, dev)  # before the fold
+                    program, folded = fold_constants(program, all_weights, dev, fold_budget)
+                    if folded:
+                        say(f"{tag}: {folded} input-independent values computed once, as weights")
+                    say(f"{tag}: tune")
+                    example = dict(
+                        zip(
+                            input_names,
+                            example_inputs(input_names, bucket, model.config.vocab_size, dev),
+                        )
                     )
+                    records = tune_program(
+                        program, all_weights, example, dev, benchmark=tune, session=session
+                    )
+                    # where the fused QKV + attention kernel timed faster than the two launches
+                    tune_qkv_attention(
+                        program, all_weights, example, dev, records, session, benchmark=tune
+                    )
+                    report.tuning[bucket] = records
+                    share_split_k_counters(program, records)
+                    report.compiled_ahead = session.compiled_ahead
+                    report.compile_threads = session.compile_threads
+                    if dev.type == "cuda":
+                        say(f"{tag}: build kernel binaries")
+                        binaries.update(record_binaries(program, all_weights, example, dev))
+                say(f"{tag}: validate")
+                compiling = f"while kernl compiled bucket {bucket.batch}x{bucket.seq}"
+                with allow_jit():
+                    try:
+                        result = validate(flat, program, all_weights, dev, atol, rtol)
+                    except ValidationError:  # a model that changed itself is named as such
+                        refuse_a_model_that_changed_itself(model, state, compiling)
+                        raise
+                refuse_a_model_that_changed_itself(model, state, compiling)
+                programs.append(program)
+                rel = writer.write_program(program)
+                seconds = time.perf_counter() - t0
+                entries.append(BucketEntry(bucket, rel, result.max_abs_error, seconds))
+                report.buckets.append(
+                    BucketReport(bucket, seconds, result.max_abs_error, count_ops(program))
                 )
-                records = tune_program(
-                    program, all_weights, example, dev, benchmark=tune, session=session
-                )
-                # where the fused QKV + attention kernel timed faster than the two launches
-                tune_qkv_attention(
-                    program, all_weights, example, dev, records, session, benchmark=tune
-                )
-                report.tuning[bucket] = records
-                share_split_k_counters(program, records)
-                report.compiled_ahead = session.compiled_ahead
-                report.compile_threads = session.compile_threads
-                if dev.type == "cuda":
-                    say(f"{tag}: build kernel binaries")
-                    binaries.update(record_binaries(program, all_weights, example, dev))
-            say(f"{tag}: validate")
-            compiling = f"while kernl compiled bucket {bucket.batch}x{bucket.seq}"
-            with allow_jit():
-                try:
-                    result = validate(flat, program, all_weights, dev, atol, rtol)
-                except ValidationError:  # a model that changed itself is named as such
-                    refuse_a_model_that_changed_itself(model, state, compiling)
-                    raise
-            refuse_a_model_that_changed_itself(model, state, compiling)
-            programs.append(program)
-            rel = writer.write_program(program)
-            seconds = time.perf_counter() - t0
-            entries.append(BucketEntry(bucket, rel, result.max_abs_error, seconds))
-            report.buckets.append(
-                BucketReport(bucket, seconds, result.max_abs_error, count_ops(program))
-            )
-            if result.against_float32:
-                say(
-                    f"{tag}: beyond atol={atol}, rtol={rtol} from eager in {dtype}, and no less "
-                    f"accurate than it against eager in float32 ({result.against_float32})"
-                )
-            say(f"{tag}: done in {seconds:.1f}s, max |error| {result.max_abs_error:.3g}")
+                if result.against_float32:
+                    say(
+                        f"{tag}: beyond atol={atol}, rtol={rtol} from eager in {dtype}, and no less "
+                        f"accurate than it against eager in float32 ({result.against_float32})"
+                    )
+                say(f"{tag}: done in {seconds:.1f}s, max |error| {result.max_abs_error:.3g}")
         say("writing weights")
         used = {n for p in programs for n in p.weights.values()}
         writer.write_weights({k: v for k, v in all_weights.items() if k in used})
@@ -188,6 +191,17 @@ def _target_info(device: torch.device) -> dict:
             cuda_version=torch.version.cuda,
         )
     return dict(target="cpu", gpu_name=None, compute_capability=None, cuda_version=None)
+
+
+@contextmanager
+def _in_bucket(bucket: Bucket):
+    """A failure kernl did not foresee (a model's own IndexError while tuning, say) carries
+    the bucket it came from: the CLI prints the note with the error."""
+    try:
+        yield
+    except Exception as e:
+        e.add_note(f"while compiling bucket {bucket.batch}x{bucket.seq}")
+        raise
 
 
 def _model_bytes(model_or_path) -> int:
