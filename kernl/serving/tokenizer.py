@@ -82,6 +82,9 @@ def load_tokenizer(artifact: str | Path) -> Tokenize | None:
             for e in tokenizer.encode_batch(texts)
         ]
 
+    # the file's own truncation (e.g. {"max_length": 512, ...}): long texts are then cut to it,
+    # and protocol.check_text_lengths leaves them to the tokenizer
+    tokenize.truncation = tokenizer.truncation
     return tokenize
 
 
