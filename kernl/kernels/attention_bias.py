@@ -11,12 +11,9 @@ from __future__ import annotations
 
 from .jit import jit, tl
 
-LOG2E = 1.4426950408889634
-# the lowest finite bias kept: times LOG2E it is -2.9e38, within float32's -3.4e38
-LOWEST_FINITE_BIAS = -2.0e38
-
 
 @jit
 def log2_bias(bias):
     b = bias.to(tl.float32)
+    # -2e38, the lowest finite bias kept: times log2(e) it is -2.9e38, within float32's -3.4e38
     return tl.where(b == float("-inf"), b, tl.maximum(b, -2.0e38)) * 1.4426950408889634

@@ -328,8 +328,7 @@ def _check_count(n: int, limits: ModelLimits) -> None:
         )
 
 
-def _check_rows(rows: Sequence[Row], limits: ModelLimits) -> None:
-    _check_count(len(rows), limits)
+def _check_rows(rows: Sequence[Row], limits: ModelLimits) -> None:  # counted as they came
     max_seq = limits.max_seq  # a row fits a bucket of one row alone iff it fits the longest
     for k, row in enumerate(rows):
         if row.length > max_seq:
