@@ -29,7 +29,7 @@ def _weights(L, H, NH, KVH, D, I, V, dtype, bias=False, device=DEVICE, seed=0): 
     norm = lambda *s: (torch.rand(*s, generator=g) + 0.5).to(device, dtype)  # noqa: E731
     F = (NH + 2 * KVH) * D
     inv_freq = 1.0 / 10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
-    cos, sin = rope_tables(inv_freq, 64, scaling=1.0, dtype=dtype, device=device)
+    cos, sin = rope_tables(inv_freq, 256, scaling=1.0, dtype=dtype, device=device)
     return DecodeStepWeights(
         embed=rnd(V, H),
         attn_norm=norm(L, H),
