@@ -85,7 +85,8 @@ class Seq2SeqSpec:
     # Marian with share_encoder_decoder_embeddings=False: the decoder reads its own token
     # table `dec.embed.weight` (the head falls back to it, not to `embed.weight`, when tied).
     decoder_embed: bool = False
-    # Ids never generated (Marian's bad_words_ids [[pad]], single tokens only).
+    # Ids never generated (Marian's bad_words_ids [[pad]], single tokens only), except a
+    # call's EOS ids, which Hugging Face's bad-words rule lets through.
     suppress_tokens: list[int] = field(default_factory=list)
     # "kernl": a decode step of <= 16 rows runs each linear on kernl's few-rows kernels (the
     # norm before it in the prologue, bias and residual in the epilogue), from the artifact's

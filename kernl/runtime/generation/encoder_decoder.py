@@ -84,6 +84,35 @@ def relative_position_bucket(
     return buckets + torch.where(is_small, relative, large)
 
 
+def relative_distance_limit(bidirectional: bool, num_buckets: int, max_distance: int) -> int | None:
+    """The first query-key distance (either way) at which T5's bucketing gives no bucket, or
+    None where every distance gets one. Past the exact buckets the bucket grows with
+    log(distance) / log(max_distance / max_exact): with max_distance <= max_exact that ratio
+    runs backwards (or is 0 / 0 at max_exact), the buckets fall below 0 and Hugging Face's
+    T5 fails there (IndexError). They fall, never to rise again, by distance
+    max_exact * (max_exact / max_distance) + 1, within the range scanned here."""
+    exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
+    if max_distance > exact or max_distance < 1:  # < 1: the artifact's checker refuses it
+        return None
+    distance = torch.arange(exact * exact + 2)
+    sides = (distance, -distance) if bidirectional else (-distance,)
+    bad = torch.zeros_like(distance, dtype=torch.bool)
+    for relative in sides:
+        bucket = relative_position_bucket(relative, bidirectional, num_buckets, max_distance)
+        bad |= (bucket < 0) | (bucket >= num_buckets)
+    return int(bad.nonzero()[0]) if bool(bad.any()) else None
+
+
+def decoder_bias_distances(num_buckets: int, max_distance: int) -> int:
+    """How many query-key distances (0, 1, ...) the decoder's bias table holds; a longer
+    distance takes the last one's bias. With max_distance > num_buckets // 2 every distance
+    from max_distance on falls in the last bucket: max_distance + 1. Otherwise the buckets
+    keep changing until they are no bucket at all (`relative_distance_limit`): every distance
+    before that, and the compiler refuses caches that reach it."""
+    limit = relative_distance_limit(False, num_buckets, max_distance)
+    return max_distance + 1 if limit is None else limit
+
+
 @dataclass
 class _Normed:
     """A norm not applied yet: the linear that reads it folds it into its prologue
@@ -136,12 +165,11 @@ class EncoderDecoder:
         self._lowest = torch.finfo(dtype).min
         self._decoder_bias = None
         if spec.positions == "relative":
-            # The decoder's bias depends only on the query-key distance, and no bucket
-            # changes past max_distance: one [H, max_distance + 1] table, gathered per step.
-            distance = torch.arange(spec.relative_max_distance + 1, device=device)
-            buckets = relative_position_bucket(
-                -distance, False, spec.relative_buckets, spec.relative_max_distance
-            )
+            # The decoder's bias depends only on the query-key distance: one [H, distances]
+            # table (decoder_bias_distances), gathered per step.
+            nb, md = spec.relative_buckets, spec.relative_max_distance
+            distance = torch.arange(decoder_bias_distances(nb, md), device=device)
+            buckets = relative_position_bucket(-distance, False, nb, md)
             self._decoder_bias = F.embedding(buckets, weights["dec.rel_bias.weight"]).t()
 
     def set_tile(self, tile) -> None:
@@ -387,7 +415,7 @@ class EncoderDecoder:
         keys = torch.arange(kv_len, device=tokens.device)
         relative = None
         if self._decoder_bias is not None:  # [1, H, 1, kv]
-            distance = (slot - keys).clamp(0, s.relative_max_distance)
+            distance = (slot - keys).clamp(0, self._decoder_bias.shape[1] - 1)
             relative = self._decoder_bias.index_select(1, distance)[None, :, None, :]
         # Built once per step, shared by every layer.
         self_mask = self._additive((keys <= slot)[None, None, None, :], relative)

@@ -91,12 +91,15 @@ class _State:
         }
         if speech is None:
             self.src_ids = {s: torch.full((batch, s), pad, **long) for s in b.sources}
-            # Marian's bad_words_ids (its pad): never generated.
+            # The single-token bad_words_ids (Marian's pad): never generated, except the
+            # request's EOS ids, which Hugging Face's NoBadWordsLogitsProcessor drops from the
+            # bad words (`exempt_eos` writes this mask per request).
             self.suppress = (
                 _vocab_mask(spec.suppress_tokens, spec.vocab_size, device)
                 if spec.suppress_tokens
                 else None
             )
+            self.exempt: tuple[int, ...] = ()  # the bad words `suppress` lets through
         else:  # one 30 s window of log-mel features; every encoder position is attended
             shape = (batch, spec.num_mel_bins, spec.frames)
             self.features = torch.zeros(shape, dtype=model.dtype, device=device)
@@ -116,6 +119,21 @@ class _State:
         self.forced_eos = torch.full((1,), spec.forced_eos_token_id or 0, **long)
         self.pad = torch.full((1,), pad, **long)
         self.sampler = SamplerParams.allocate(device, batch)
+
+    def exempt_eos(self, eos: list[int]) -> None:
+        """Suppress the bad words but the request's EOS ids (a bad word that is an EOS id can
+        end a row in Hugging Face's generate: its NoBadWordsLogitsProcessor filters the call's
+        EOS ids out of bad_words_ids; suppress_tokens have no such exception). The mask is
+        rewritten in place, where the captured steps read it, only when that set changes."""
+        if self.suppress is None:
+            return
+        spec = self.model.spec
+        exempt = tuple(sorted(set(eos) & set(spec.suppress_tokens)))
+        if exempt == self.exempt:
+            return
+        kept = [t for t in spec.suppress_tokens if t not in exempt]
+        self.suppress.copy_(_vocab_mask(kept, spec.vocab_size, self.suppress.device))
+        self.exempt = exempt
 
     def _masks(self, speech: SpeechSpec, vocab: int, batch: int, device) -> None:
         self.suppress = _vocab_mask(speech.suppress_tokens, vocab, device)
@@ -379,6 +397,8 @@ class Seq2SeqModel(StepLoop):
         eos = torch.full((MAX_EOS_IDS,), -1, dtype=torch.int64)
         eos[: len(plan.eos)] = torch.tensor(plan.eos, dtype=torch.int64)
         state.eos.copy_(eos)
+        if state.speech is None:
+            state.exempt_eos(plan.eos)
         forced_eos = self.spec.forced_eos_token_id is not None and state.speech is None
         state.forced_eos_at.fill_(plan.steps if forced_eos else -1)
         state.pad.fill_(plan.pad)

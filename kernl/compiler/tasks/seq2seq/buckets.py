@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from kernl.artifacts.seq2seq import Seq2SeqBuckets, SpeechSpec
 from kernl.artifacts.speech_prompt import longest_decoder_prompt
+from kernl.runtime.generation.encoder_decoder import relative_distance_limit
 
 from ...buckets import (
     BucketLimitError,
@@ -103,6 +104,8 @@ def seq2seq_position_limit(config, speech: bool) -> int | None:
 def check_positions(b: Seq2SeqBuckets, spec, config, speech: bool) -> None:
     """Refuse buckets longer than the model's position tables (`spec`, the buckets as given,
     is named in the error), before anything is described or traced."""
+    if not speech:
+        check_relative_positions(b, spec, config)
     limit = seq2seq_position_limit(config, speech)
     if limit is None:
         return
@@ -120,6 +123,32 @@ def check_positions(b: Seq2SeqBuckets, spec, config, speech: bool) -> None:
         f"buckets {spec!r} need {longest} positions{default}, more than the model's {limit} "
         f"(config {table}={limit}); use {axes} <= {limit}"
     )
+
+
+def check_relative_positions(b: Seq2SeqBuckets, spec, config) -> None:
+    """Refuse buckets that reach distances T5's relative positions give no bucket: with
+    relative_attention_max_distance at most the exact buckets (num_buckets // 4 for the
+    encoder, num_buckets // 2 for the decoder) the buckets fall below 0 past some distance,
+    where Hugging Face's T5 fails (IndexError) and kernl has nothing to reproduce. The encoder
+    runs over the whole source bucket (padding included), the decoder over the cache."""
+    nb = getattr(config, "relative_attention_num_buckets", None)
+    md = getattr(config, "relative_attention_max_distance", None)
+    if not isinstance(nb, int) or not isinstance(md, int):
+        return  # no relative positions (BART, mBART, Marian)
+    for side, bidirectional, axis, longest in (
+        ("encoder", True, "source", max(b.sources)),
+        ("decoder", False, "cache", b.cache_len),
+    ):
+        limit = relative_distance_limit(bidirectional, nb, md)
+        if limit is not None and longest > limit:
+            exact = (nb // 2 if bidirectional else nb) // 2
+            raise BucketLimitError(
+                f"buckets {spec!r}: this T5's relative_attention_max_distance={md} is not above "
+                f"its {side}'s {exact} exact buckets (relative_attention_num_buckets={nb}), so "
+                f"{side} distances from {limit} on have no position bucket (Hugging Face's T5 "
+                f"fails on them with an IndexError); {axis} {longest} reaches them: use "
+                f"{axis} <= {limit}"
+            )
 
 
 def check_speech_prompt(b: Seq2SeqBuckets, spec, speech: SpeechSpec, start: int) -> None:

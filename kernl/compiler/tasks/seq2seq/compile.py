@@ -47,7 +47,7 @@ from kernl.runtime.generation.seq2seq import Seq2SeqModel
 from ...inspect_report import greedy_agreement
 from ...plural import count
 from ...report import artifact_bytes
-from ...trace import UnsupportedModelError, load_model, resolve_dtype_device
+from ...trace import UnsupportedModelError, check_task, load_model, resolve_dtype_device
 from ...tune import write_binaries
 from ...validate import ValidationError
 from .buckets import as_seq2seq_buckets, check_positions, check_speech_prompt
@@ -123,6 +123,10 @@ def compile_seq2seq(
     check_destination(out)
     check_model_type(model_or_path)
     say(f"loading model {model_or_path if isinstance(model_or_path, (str, Path)) else ''}")
+    if speech:
+        _check_speech_head(model_or_path)
+    # load_model knows the text task only (it is checked against that: Whisper's model class
+    # is a ...ForConditionalGeneration)
     model, _, source = load_model(
         _speech_model(model_or_path) if speech else model_or_path, TASK, torch_dtype, dev
     )
@@ -260,6 +264,23 @@ def _validate(runtime: Seq2SeqModel, model, spec, batch: int, source: int, token
         f"bucket batch={batch} source={source}: kernl's greedy ids differ from eager "
         f"generate:\n kernl {got.tolist()}\n eager {ref.tolist()}"
     )
+
+
+def _check_speech_head(model_or_path) -> None:
+    """Refuse a model object whose class is not a generation head (a WhisperModel: the
+    encoder-decoder without its head) naming the task the caller asked for: load_model checks
+    the model against the text task, and its refusal named seq2seq-lm, which nobody passed."""
+    if not isinstance(model_or_path, torch.nn.Module):
+        return  # a folder or model id loads through AutoModelForSpeechSeq2Seq
+    try:
+        check_task(TASK, model_or_path)
+    except UnsupportedModelError:
+        raise UnsupportedModelError(
+            f"task {SPEECH_TASK!r} does not match the model given, a "
+            f"{type(model_or_path).__name__}: {SPEECH_TASK} compiles a speech-to-text model "
+            "with its language-model head, such as WhisperForConditionalGeneration "
+            "(transformers.AutoModelForSpeechSeq2Seq loads one)"
+        ) from None
 
 
 def _speech_model(model_or_path):

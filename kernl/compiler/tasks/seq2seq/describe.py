@@ -22,6 +22,7 @@ have none: a zero bias stands in, which adds exactly nothing)."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -92,12 +93,10 @@ def _activation(name: str) -> str:
 
 def _token_ids(model, forcing: bool = True) -> dict:
     """Start, pad and EOS ids; with `forcing` (text models) also forced BOS/EOS ids and
-    single-token bad_words_ids, which kernl's seq2seq generate applies as HF does."""
+    single-token bad_words_ids, which kernl's seq2seq generate applies as HF does (every one
+    is kept, EOS ids included: each request lets its own EOS ids through, seq2seq.py
+    `_State.exempt_eos`)."""
     cfg, gen = model.config, getattr(model, "generation_config", None)
-
-    def first(*values):
-        return next((v for v in values if v is not None), None)
-
     vocab = cfg.vocab_size
     # Hugging Face's generate reads these from the generation config alone (one made from
     # config.json where the folder has no generation_config.json): an id config.json sets and
@@ -105,11 +104,12 @@ def _token_ids(model, forcing: bool = True) -> dict:
     ids = gen if gen is not None else cfg
     eos = eos_token_ids(getattr(ids, "eos_token_id", None), cfg.vocab_size, "seq2seq")
     pad = getattr(ids, "pad_token_id", None)
-    start = first(getattr(ids, "decoder_start_token_id", None), getattr(ids, "bos_token_id", None))
-    if start is None:
+    names = ("decoder_start_token_id", "bos_token_id")
+    starts = [n for n in names if getattr(ids, n, None) is not None]
+    if not starts:
         raise UnsupportedModelError("the model declares no decoder_start_token_id")
     out = dict(
-        decoder_start_token_id=int(start),
+        decoder_start_token_id=_start_token_id(getattr(ids, starts[0]), starts[0], vocab),
         pad_token_id=int(pad) if pad is not None and 0 <= pad < vocab else None,
         eos_token_ids=eos,
     )
@@ -136,6 +136,23 @@ def _token_ids(model, forcing: bool = True) -> dict:
         )
     out["suppress_tokens"] = sorted({int(w[0]) for w in bad if 0 <= w[0] < vocab})
     return out
+
+
+def _start_token_id(start, name: str, vocab: int) -> int:
+    """The decoder start id, read from the generation config's `name`. Hugging Face's generate
+    also takes a list of one start id per row (its length must then be the batch's); kernl
+    starts every row alike, so a list is taken where all its ids are one id ([2] is 2 for any
+    batch) and refused otherwise."""
+    given = start
+    if isinstance(start, (list, tuple)) and len(start) > 0 and len(set(start)) == 1:
+        start = start[0]
+    if isinstance(start, bool) or not isinstance(start, numbers.Integral) or not 0 <= start < vocab:
+        raise UnsupportedModelError(
+            f"generation_config.{name}={given!r}: kernl starts every row of the decoder with "
+            f"one token id in [0, {vocab}) (one list of different start ids per row is not "
+            "supported)"
+        )
+    return int(start)
 
 
 def _untied_head(model) -> bool:
