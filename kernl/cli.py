@@ -44,7 +44,10 @@ def _runtime_only(argv: list[str]) -> int:
 
     parser.add_argument("--version", action="version", version=f"kernl, version {__version__}")
     commands = parser.add_subparsers(dest="command")
-    verify = commands.add_parser("verify", help="check an artifact as load() does")
+    verify = commands.add_parser(
+        "verify",
+        help="check an artifact as load() does, short of the GPU architecture and Triton version",
+    )
     verify.add_argument("path")
     verify.add_argument(
         "--trusted-key",
@@ -73,7 +76,8 @@ def _runtime_only(argv: list[str]) -> int:
     if args.command != "verify":
         parser.print_help()
         return 2
-    from kernl.artifacts import ArtifactError, verify_artifact
+    from kernl.artifacts import ArtifactCompatibilityError, ArtifactError, verify_artifact
+    from kernl.artifacts.compat import check_torch_version
     from kernl.artifacts.signing import (
         KeyFileError,
         SigningUnavailableError,
@@ -84,6 +88,13 @@ def _runtime_only(argv: list[str]) -> int:
         manifest = verify_artifact(
             args.path, trusted_keys=args.trusted_keys or trusted_keys_from_env()
         )
+        check_torch_version(manifest)  # load()'s rules that need no GPU, as `kernl verify`'s
+    except ArtifactCompatibilityError as e:
+        print(
+            f"INCOMPATIBLE {args.path}: its files are sound, but load() refuses it here: {e}",
+            file=sys.stderr,
+        )
+        return 1
     except ArtifactError as e:
         print(f"INVALID {args.path}: {e}", file=sys.stderr)
         return 1

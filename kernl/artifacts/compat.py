@@ -1,4 +1,6 @@
-"""Can this machine run an artifact? The rules, in one function the runtime calls at load.
+"""Can this machine run an artifact? The rules, in one function the runtime calls at load
+(`check_compatibility`); those that need no GPU (`check_torch_version`) are `kernl verify`'s
+too, so that it never says OK of an artifact that load() here refuses.
 
 - Kernel binaries (cubins) run only on the GPU architecture they were compiled for (the
   compute capability, e.g. 9.0), and only through the launch convention of the Triton
@@ -12,7 +14,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
+import sys
 
 from .errors import ArtifactCompatibilityError
 from .schema import Manifest
@@ -27,6 +31,38 @@ def _major_minor(version: str, what: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def installed_torch_version() -> str | None:
+    """The version of the torch load() would run with: the imported one's, else the installed
+    package's (read without importing torch, seconds of a `kernl verify`); None without
+    torch."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(getattr(torch, "__version__", None), str):
+        return torch.__version__
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_torch_version(manifest: Manifest, torch_version: str | None = None) -> None:
+    """The rule of `check_compatibility` that needs no GPU: the artifact's programs call aten
+    ops with the schemas of the torch that traced them, stable within a major version. Raises
+    ArtifactCompatibilityError for another torch major version, or a version that cannot be
+    read. `torch_version`: the torch here (default: `installed_torch_version()`; without
+    torch there is nothing to compare, and nothing is raised: load() cannot run at all)."""
+    here = installed_torch_version() if torch_version is None else torch_version
+    built_torch = _major_minor(manifest.torch_version, "artifact's torch")
+    if here is None:
+        return
+    here_torch = _major_minor(here, "installed torch")
+    if built_torch[0] != here_torch[0]:
+        raise ArtifactCompatibilityError(
+            f"this artifact was built with torch {manifest.torch_version}; this is torch "
+            f"{here}, another major version whose aten ops may differ. Recompile with this "
+            "torch."
+        )
+
+
 def check_compatibility(
     manifest: Manifest,
     device_type: str,
@@ -36,14 +72,7 @@ def check_compatibility(
 ) -> None:
     """Raise ArtifactCompatibilityError naming what the artifact was built for and what is
     here. `capability` is this GPU's "major.minor" (None without a GPU)."""
-    built_torch = _major_minor(manifest.torch_version, "artifact's torch")
-    here_torch = _major_minor(torch_version, "installed torch")
-    if built_torch[0] != here_torch[0]:
-        raise ArtifactCompatibilityError(
-            f"this artifact was built with torch {manifest.torch_version}; this is torch "
-            f"{torch_version}, another major version whose aten ops may differ. Recompile "
-            f"with this torch."
-        )
+    check_torch_version(manifest, torch_version)
     if device_type == "cuda" and manifest.target == "cpu":
         # its kernel ops would go through Triton's JIT there: never at run time
         raise ArtifactCompatibilityError(

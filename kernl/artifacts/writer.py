@@ -5,7 +5,10 @@ either no artifact or the previous complete one; the temporary folders of killed
 are removed by the next compile to the same destination. Files in the destination that are
 not its artifact's (a tokenizer.json copied in) are carried into the new one, and a
 signature is written before the exchange: a replaced artifact loses nothing of its folder,
-and a failed signature leaves the previous one."""
+and a failed signature leaves the previous one. A previous artifact this user may not move
+and delete (another user's, in a sticky folder like /tmp) is refused before any work, and a
+write that fails (a full disk) names its file: either way the destination is left as it
+was."""
 
 from __future__ import annotations
 
@@ -18,9 +21,12 @@ import os
 import re
 import shutil
 import socket
+import stat
 import struct
+import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import fields, replace
 from pathlib import Path
@@ -136,8 +142,9 @@ def check_destination(
     destination: str | os.PathLike, needed_bytes: int = 0, keep_parent: bool = False
 ) -> Path:
     """Fail early (before any tracing or tuning) if `destination` cannot receive an artifact:
-    an existing non-artifact path, a parent that cannot be created or written (tested by
-    creating it and writing a file there), or too little free space (`needed_bytes`, at least
+    an existing non-artifact path, an existing artifact this user may not move or delete
+    (`check_replaceable`), a parent that cannot be created or written (tested by creating it
+    and writing a file there), or too little free space (`needed_bytes`, at least
     MIN_FREE_BYTES). Raises ArtifactDestinationError. The folders it created for the test are
     removed again unless `keep_parent` (the writer's own call, about to write there): a compile
     that fails later leaves no empty folders behind."""
@@ -148,7 +155,10 @@ def check_destination(
         raise ArtifactDestinationError(f"cannot write {dest}: {e.strerror} ({e.filename})") from e
 
 
-def _check_destination(dest: Path, needed_bytes: int, keep_parent: bool) -> Path:
+def _check_existing(dest: Path) -> None:
+    """What is at `dest` may be replaced by an artifact: nothing, an empty folder, or a kernl
+    artifact. Checked before any work, and again by the commit just before its swap (another
+    compile may have put its artifact there since), each time with `check_replaceable`."""
     if dest.is_symlink():
         raise ArtifactDestinationError(
             f"{dest} is a symbolic link (to {os.readlink(dest)}); refusing to replace it: "
@@ -169,6 +179,10 @@ def _check_destination(dest: Path, needed_bytes: int, keep_parent: bool) -> Path
             "renamed into place, which cannot replace a mount point; write to a folder inside "
             f"it (e.g. {dest / 'model.kernl'})"
         )
+
+
+def _check_destination(dest: Path, needed_bytes: int, keep_parent: bool) -> Path:
+    _check_existing(dest)
     # the longest name kernl gives a folder beside it (mkdtemp adds 8 characters)
     beside = len(os.fsencode(f".{dest.name}.partial-{owner_tag()}-12345678"))
     if beside > NAME_MAX:
@@ -195,6 +209,8 @@ def _check_destination(dest: Path, needed_bytes: int, keep_parent: bool) -> Path
             os.unlink(probe)
         except OSError as e:
             raise ArtifactDestinationError(f"cannot write into {parent}: {e.strerror}") from e
+        if dest.is_dir():
+            check_replaceable(dest)
         free = shutil.disk_usage(parent).free
     finally:
         if not keep_parent:
@@ -206,6 +222,103 @@ def _check_destination(dest: Path, needed_bytes: int, keep_parent: bool) -> Path
             f"{needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free"
         )
     return dest
+
+
+def _euid() -> int:
+    return os.geteuid()
+
+
+def _may(path: Path, mode: int) -> bool:
+    """Whether this process may read/write/search `path`, judged with its effective ids, as
+    the kernel judges a rename or an unlink (os.access alone takes the real ids)."""
+    return os.access(path, mode, effective_ids=os.access in os.supports_effective_ids)
+
+
+def _owner(st: os.stat_result) -> str:
+    """The user name of a file's owner (its uid where the name is unknown)."""
+    try:
+        import pwd
+
+        return pwd.getpwuid(st.st_uid).pw_name
+    except (ImportError, KeyError):
+        return f"uid {st.st_uid}"
+
+
+def _describe(path: Path, st: os.stat_result) -> str:
+    return f"{path} (owned by {_owner(st)}, mode {stat.filemode(st.st_mode)})"
+
+
+def check_replaceable(dest: Path) -> None:
+    """Refuse, with ArtifactDestinationError naming the owner, a folder at `dest` that this user
+    could not replace by a new artifact. The commit swaps it out of its place, then deletes it:
+    - in a sticky folder (mode +t, as /tmp and shared caches are), only the owner of an entry,
+      or of the folder, may rename or delete it: the swap would fail with a bare EPERM after
+      the whole compile;
+    - deleting the old copy takes read, write and search permission on each of its folders
+      (on `dest` itself always: optimize()'s copy renames it across folders, which rewrites
+      its `..`): without them the new artifact is installed, and the old one stays behind as a
+      hidden `.NAME.partial-...` folder nobody removes.
+    Root passes every rule, as the kernel lets it (a read-only file system is found by the
+    write test and the swap)."""
+    euid = _euid()
+    parent_st, dest_st = dest.parent.stat(), dest.lstat()
+    if (
+        euid != 0
+        and parent_st.st_mode & stat.S_ISVTX
+        and euid not in (dest_st.st_uid, parent_st.st_uid)
+    ):
+        raise ArtifactDestinationError(
+            f"cannot replace the artifact {_describe(dest, dest_st)}: its folder {dest.parent} "
+            "is sticky (mode +t, like /tmp), where only a file's owner may rename or delete "
+            f"it. Remove it as {_owner(dest_st)}, or write the new artifact to another path."
+        )
+    folders = [dest]
+    while folders:
+        folder = folders.pop()
+        folder_st = folder.lstat()
+        if not _may(folder, os.R_OK | os.W_OK | os.X_OK):
+            raise ArtifactDestinationError(
+                f"cannot replace the artifact at {dest}: this user may not delete what "
+                f"{_describe(folder, folder_st)} holds, so the previous artifact would be left "
+                f"behind. Remove it as {_owner(folder_st)} (or make it writable by you), or "
+                "write the new artifact to another path."
+            )
+        sticky = euid != 0 and folder_st.st_mode & stat.S_ISVTX and folder_st.st_uid != euid
+        for entry in os.scandir(folder):
+            entry_st = entry.stat(follow_symlinks=False)
+            if sticky and entry_st.st_uid != euid:
+                entry_path = Path(entry.path)
+                raise ArtifactDestinationError(
+                    f"cannot replace the artifact at {dest}: {_describe(entry_path, entry_st)} "
+                    f"is in the sticky folder {folder}, where only its owner may delete it. "
+                    f"Remove it as {_owner(entry_st)}, or write the new artifact to another path."
+                )
+            if stat.S_ISDIR(entry_st.st_mode):
+                folders.append(Path(entry.path))
+
+
+def _remove_left_over(folder: Path, what: str) -> None:
+    """Delete `folder`; where that fails, warn naming what is left and why, rather than leave
+    it hidden and unexplained (`what` says what it is: "the previous artifact")."""
+    failures: list[OSError] = []
+
+    def failed(_function, _path, error) -> None:
+        error = error[1] if isinstance(error, tuple) else error  # onerror's exc_info
+        if not isinstance(error, FileNotFoundError):  # gone meanwhile: fine
+            failures.append(error)
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(folder, onexc=failed)
+    else:
+        shutil.rmtree(folder, onerror=failed)
+    if failures and (folder.exists() or folder.is_symlink()):
+        first = failures[0]
+        warnings.warn(
+            f"kernl: {what} could not be deleted and is left at {folder}: "
+            f"{first.strerror or first} ({first.filename}); delete it as the user who owns it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _remove_empty(folders: list[Path]) -> None:
@@ -380,7 +493,7 @@ def clean_stale(destination: Path, now: float | None = None) -> None:
         if kind == "previous" and not destination.exists() and (p / MANIFEST_FILE).is_file():
             os.rename(p, destination)
         else:
-            shutil.rmtree(p, ignore_errors=True)
+            _remove_left_over(p, f"a temporary folder of an earlier write to {destination}")
 
 
 # The reader's limits with every size at its largest (integer weights read to bound indices as
@@ -416,25 +529,51 @@ class ArtifactWriter:
         if exc_type is not None:
             self.abort()
 
-    def write_weights(self, tensors: dict) -> str:
+    @contextlib.contextmanager
+    def _writing(self, path: Path) -> Iterator[None]:
+        """An OSError while the new artifact is written (a full disk, a file over the largest
+        the file system or `ulimit -f` allows) becomes an ArtifactDestinationError naming the
+        file, and saying what the user has: the destination as it was (the new artifact is
+        written beside it, and that partial folder is deleted here)."""
         try:
-            write_safetensors(self.tmp / WEIGHTS_FILE, tensors, {"format": "pt"})
-        except OSError:
-            raise
-        except Exception as e:  # e.g. a dtype safetensors has no name for
-            raise ArtifactWriteError(f"writing the weights into {self.tmp} failed: {e}") from e
-        _fsync_path(self.tmp / WEIGHTS_FILE)
+            yield
+        except OSError as e:
+            self.abort()
+            hint = {
+                errno.EFBIG: " (larger than this file system, or the shell's `ulimit -f`, "
+                "lets a file be)",
+                errno.ENOSPC: " (the file system is full)",
+                errno.EDQUOT: " (this user's disk quota is used up)",
+            }.get(e.errno, "")
+            raise ArtifactDestinationError(
+                f"writing the artifact failed at {e.filename or path}: {e.strerror or e}{hint}. "
+                f"Nothing was written to {self.destination}: it is as it was, and the partial "
+                "artifact beside it is deleted."
+            ) from e
+
+    def write_weights(self, tensors: dict) -> str:
+        path = self.tmp / WEIGHTS_FILE
+        with self._writing(path):
+            try:
+                write_safetensors(path, tensors, {"format": "pt"})
+            except OSError:
+                raise
+            except Exception as e:  # e.g. a dtype safetensors has no name for
+                raise ArtifactWriteError(f"writing the weights into {self.tmp} failed: {e}") from e
+            _fsync_path(path)
         return WEIGHTS_FILE
 
     def write_program(self, program: Program) -> str:
         rel = f"{PROGRAMS_DIR}/{program.bucket.name}.msgpack"
-        _fsync_write(self.tmp / rel, msgpack.packb(program.to_dict(), use_bin_type=True))
+        with self._writing(self.tmp / rel):
+            _fsync_write(self.tmp / rel, msgpack.packb(program.to_dict(), use_bin_type=True))
         return rel
 
     def write_kernel(self, name: str, data: bytes, suffix: str = "cubin") -> str:
-        (self.tmp / KERNELS_DIR).mkdir(exist_ok=True)
         rel = f"{KERNELS_DIR}/{name}.{suffix}"
-        _fsync_write(self.tmp / rel, data)
+        with self._writing(self.tmp / rel):
+            (self.tmp / KERNELS_DIR).mkdir(exist_ok=True)
+            _fsync_write(self.tmp / rel, data)
         return rel
 
     def commit(self, manifest: Manifest) -> Path:
@@ -447,29 +586,73 @@ class ArtifactWriter:
         manifest.extra = {k: v for k, v in manifest.extra.items() if k != FILE_CHUNKS_KEY}
         if chunks:
             manifest.extra[FILE_CHUNKS_KEY] = chunks
-        _fsync_write(self.tmp / MANIFEST_FILE, pack_manifest(manifest.to_dict()))
+        with self._writing(self.tmp / MANIFEST_FILE):
+            _fsync_write(self.tmp / MANIFEST_FILE, pack_manifest(manifest.to_dict()))
         self._check_readable()
         key = _SIGN_WITH.get()
         if key is not None:
             from .signing import sign_artifact
 
             sign_artifact(self.tmp, key)
-        self._set_permissions()
+        with self._writing(self.tmp):
+            self._set_permissions()
         dest = self.destination
-        self.kept = carry_kept_files(dest, self.tmp) if dest.exists() else []
-        _fsync_path(self.tmp)
-        if dest.exists() and _exchange(self.tmp, dest):
-            # self.tmp now holds the previous artifact.
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        elif dest.exists():
-            backup = dest.with_name(f".{dest.name}.previous-{self._tag}")
-            os.rename(dest, backup)
-            os.rename(self.tmp, dest)  # a kill between the renames: clean_stale restores
-            shutil.rmtree(backup, ignore_errors=True)
+        if dest.exists():
+            self._replace(dest)
         else:
-            os.rename(self.tmp, dest)
+            with self._writing(self.tmp):
+                _fsync_path(self.tmp)
+            try:
+                os.rename(self.tmp, dest)
+            except OSError as e:
+                # Another compile to the same new destination committed between the check
+                # and the rename: its artifact is replaced, as any previous one would be.
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not dest.exists():
+                    raise
+                self._replace(dest)
         _fsync_path(dest.parent)
         return dest
+
+    def _replace(self, dest: Path) -> None:
+        """Swap the new artifact (self.tmp) with the folder at `dest`, then delete that. The
+        folder is checked again first (another compile may have put its artifact there since
+        the check in __init__); a permission the swap is refused all the same is reported with
+        what it takes, and `dest` keeps the previous artifact."""
+        try:
+            _check_existing(dest)
+            check_replaceable(dest)
+        except OSError as e:
+            raise ArtifactDestinationError(
+                f"cannot replace {dest}: {e.strerror} ({e.filename})"
+            ) from e
+        self.kept = carry_kept_files(dest, self.tmp)
+        with self._writing(self.tmp):
+            _fsync_path(self.tmp)
+        try:
+            if _exchange(self.tmp, dest):
+                # self.tmp now holds the previous artifact.
+                _remove_left_over(self.tmp, f"the artifact {dest} replaced")
+                return
+            backup = dest.with_name(f".{dest.name}.previous-{self._tag}")
+            os.rename(dest, backup)
+            try:
+                os.rename(self.tmp, dest)  # a kill between the renames: clean_stale restores
+            except BaseException:
+                os.rename(backup, dest)  # the previous artifact back in its place
+                raise
+        except PermissionError as e:
+            self.abort()
+            try:
+                described = _describe(dest, dest.lstat())
+            except OSError:
+                described = str(dest)
+            raise ArtifactDestinationError(
+                f"cannot replace the artifact {described}: {e.strerror} ({e.filename}). Moving "
+                f"it takes write permission on {dest.parent} and, where that folder is sticky "
+                "(mode +t, like /tmp), owning the artifact or the folder. It keeps its previous "
+                "artifact; the new one is deleted."
+            ) from e
+        _remove_left_over(backup, f"the artifact {dest} replaced")
 
     def _check_readable(self) -> None:
         """The reader's own check (`check_artifact`, what load() and `kernl verify` run, short

@@ -296,7 +296,9 @@ def compile_subcommand(**kwargs) -> None:
 @main.command(
     "verify",
     help="Check an artifact without loading it onto a GPU: format "
-    "version, paths, file hashes, programs, op vocabulary and weights header.",
+    "version, paths, file hashes, programs, op vocabulary, weights header, and the torch "
+    "major version it was built with against this one (the GPU architecture and Triton "
+    "version are load()'s to check, on the GPU).",
 )
 @click.argument("path", type=click.Path())
 @click.option(
@@ -308,7 +310,8 @@ def compile_subcommand(**kwargs) -> None:
     "files in $KERNL_TRUSTED_KEYS, as load() does). Needs kernl[sign].",
 )
 def verify_command(path: str, trusted_keys: tuple[str, ...]) -> None:
-    from kernl.artifacts import verify_artifact
+    from kernl.artifacts import ArtifactCompatibilityError, verify_artifact
+    from kernl.artifacts.compat import check_torch_version
     from kernl.artifacts.signing import (
         KeyFileError,
         SigningUnavailableError,
@@ -316,8 +319,14 @@ def verify_command(path: str, trusted_keys: tuple[str, ...]) -> None:
     )
 
     try:
-        # the checks load() makes, signature included
+        # the checks load() makes, signature included, and its rules that need no GPU
         manifest = verify_artifact(path, trusted_keys=list(trusted_keys) or trusted_keys_from_env())
+        check_torch_version(manifest)
+    except ArtifactCompatibilityError as e:
+        click.echo(
+            f"INCOMPATIBLE {path}: its files are sound, but load() refuses it here: {e}", err=True
+        )
+        sys.exit(1)
     except ArtifactError as e:
         click.echo(f"INVALID {path}: {e}", err=True)
         sys.exit(1)

@@ -70,7 +70,8 @@ def compile_encoder(
         # set before they are first imported (tune.py falls back to aten if it was too late).
         os.environ.setdefault("TRITON_INTERPRET", "1")
     bucket_list = as_buckets(buckets)
-    check_destination(out, needed_bytes=_model_bytes(model_or_path))  # before any heavy work
+    # before any heavy work
+    check_destination(out, needed_bytes=_model_bytes(model_or_path, torch_dtype))
 
     say(f"loading model {model_or_path if isinstance(model_or_path, (str, Path)) else ''}")
     model, task, source = load_model(model_or_path, task, torch_dtype, dev)
@@ -204,16 +205,73 @@ def _in_bucket(bucket: Bucket):
         raise
 
 
-def _model_bytes(model_or_path) -> int:
-    """About what the artifact will need on disk, known before loading the model: the
-    model folder's weight files (+20%)."""
+# Bytes per element of the floating dtypes a checkpoint stores (safetensors' names): the
+# weights the compile casts to its dtype. Integer tensors (position ids) keep their size.
+_CHECKPOINT_FLOAT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+_CONFIG_FLOAT_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _model_bytes(model_or_path, dtype: torch.dtype) -> int:
+    """About what the artifact will need on disk, known before loading the model: its
+    weights at the compile's `dtype` (+20%). A folder is counted once, in one format: its
+    *.safetensors files if it has any (read from their headers: each tensor's size and
+    dtype), else its pytorch_model*.bin files (a folder often holds both, or
+    training_args.bin, which is no weight), scaled from the config's torch_dtype, fp32 where
+    it names none. An estimate: a wrong one only moves the refusal to the exact check made
+    once the model is loaded, before any tracing."""
+    size = torch.empty((), dtype=dtype).element_size()
     if isinstance(model_or_path, torch.nn.Module):
-        return int(sum(p.numel() * p.element_size() for p in model_or_path.parameters()) * 1.2)
+        params = list(model_or_path.parameters())
+        return int(
+            sum(p.numel() * (size if p.is_floating_point() else p.element_size()) for p in params)
+            * 1.2
+        )
     folder = Path(str(model_or_path)).expanduser()
     if not folder.is_dir():
         return 0
-    files = list(folder.glob("*.safetensors")) + list(folder.glob("*.bin"))
-    return int(sum(f.stat().st_size for f in files) * 1.2)
+    safetensors = sorted(folder.glob("*.safetensors"))
+    if safetensors:
+        return int(sum(_safetensors_bytes(f, size) for f in safetensors) * 1.2)
+    stored = _CONFIG_FLOAT_BYTES.get(_config_torch_dtype(folder), 4)
+    binaries = sorted(folder.glob("pytorch_model*.bin"))
+    return int(sum(f.stat().st_size for f in binaries) * size / stored * 1.2)
+
+
+def _safetensors_bytes(path: Path, size: int) -> int:
+    """A safetensors file's tensors, floating ones at `size` bytes an element: from its
+    header alone (8 bytes of length, then JSON). Its size on disk where the header cannot be
+    read: the reader of the weights says what is wrong with it."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100 << 20:  # no header is this long: not a safetensors file
+                raise ValueError(f"header of {length} bytes")
+            header = json.loads(f.read(length))
+        total = 0
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = entry["data_offsets"]
+            stored = _CHECKPOINT_FLOAT_BYTES.get(entry["dtype"])
+            total += (end - start) * size // stored if stored else end - start
+        return total
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
+        return path.stat().st_size
+
+
+def _config_torch_dtype(folder: Path) -> str | None:
+    """The config.json's torch_dtype (`dtype` in newer transformers), None where unreadable."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        found = config.get("torch_dtype") or config.get("dtype")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, str) else None
 
 
 def _plain_config(config) -> dict:
