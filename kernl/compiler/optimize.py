@@ -66,7 +66,7 @@ from kernl.artifacts import (
 from kernl.artifacts.seq2seq import Seq2SeqBuckets
 from kernl.artifacts.signing import trusted_keys_from_env
 from kernl.artifacts.writer import carry_kept_files, exchange_paths, owner_is_gone, owner_tag
-from kernl.runtime.generation.model import LENGTH_IS_A_BOUND
+from kernl.runtime.generation.model import _HF_OPTIONS, LENGTH_IS_A_BOUND, refuse_hf_options
 
 from . import api
 from .buckets import as_buckets, check_buckets_fit, position_limit
@@ -110,7 +110,10 @@ class OptimizedModel:
     field names; `return_dict=False` returns a tuple, as in Hugging Face. Causal LMs:
     `.generate(...)` and `.stream(...)` (kernl.runtime.generation.GenerativeModel); encoder-
     decoders likewise (Seq2SeqModel for T5/BART/mBART/Marian, SpeechSeq2SeqModel for Whisper).
-    Everything else (buckets, manifest, device) is the runtime model's (`.runtime`)."""
+    Their `generation_config` is a copy of the original's; an edit of it applies from the next
+    generate/stream call as an argument of that call, or is refused there by name where the
+    compiled artifact cannot follow it (_config_edits). Everything else (buckets, manifest,
+    device) is the runtime model's (`.runtime`)."""
 
     def __init__(
         self,
@@ -134,8 +137,11 @@ class OptimizedModel:
         self._output_class = output_class
         if generation_config is not None:
             # a copy of the original's, for code that reads it (HF's text-generation
-            # pipeline); generate takes its settings as arguments, its length aside
+            # pipeline) and code that edits it as HF's idioms do (Whisper's .language): the
+            # artifact holds the config as compiled, so generate/stream compare the copy with
+            # this snapshot at each call (_with_generation_config)
             self.generation_config = generation_config
+            self._compiled_generation_config = copy.deepcopy(_settings(generation_config))
 
     def __call__(self, *args: Any, return_dict: bool | None = None, **inputs: Any) -> Any:
         if not callable(self.runtime):
@@ -230,9 +236,19 @@ class OptimizedModel:
                 "like the original, or serves .generate / .stream; the original model stays "
                 "yours to use for anything else)"
             ) from None
-        if name in ("generate", "stream") and self._length_from_config:
-            return functools.partial(_with_config_length, attr, self.generation_config)
+        if name in ("generate", "stream") and "generation_config" in vars(self):
+            return functools.partial(self._with_generation_config, attr)
         return attr
+
+    def _with_generation_config(self, method: Callable, *args: Any, **kwargs: Any) -> Any:
+        """`method` (generate or stream) with what the generation config holds now: its edits
+        since kernl.optimize (_config_edits), and a causal LM's length (_with_config_length)."""
+        config = self.generation_config
+        compiled, length_from_config = self._compiled_generation_config, self._length_from_config
+        kwargs.update(_config_edits(method, compiled, config, args, kwargs, length_from_config))
+        if length_from_config:
+            return _with_config_length(method, config, *args, **kwargs)
+        return method(*args, **kwargs)
 
     def __reduce__(self):
         raise TypeError(
@@ -253,14 +269,18 @@ def _with_config_length(method: Callable, config: Any, *args: Any, **kwargs: Any
     """A causal LM's generate or stream with its generation config's own length where the call
     gives none, as Hugging Face's generate takes it: a pipeline that finds a length there
     passes none (kernl's generate alone would stop at 20 new tokens). A length from the config
-    is a bound, as in HF: past the KV cache it is cut to what fits, with a warning."""
+    is a bound, as in HF: past the KV cache it is cut to what fits, with a warning. As in HF
+    (GenerationConfig.update applies a keyword even when it is None), a call's explicit
+    `max_new_tokens=None` drops the config's max_new_tokens (its max_length, else 20 new
+    tokens, then) and `max_length=None` its max_length."""
     given = inspect.signature(method).bind_partial(*args, **kwargs).arguments
     if given.get("max_new_tokens") is not None or given.get("max_length") is not None:
         return method(*args, **kwargs)
-    if getattr(config, "max_new_tokens", None) is not None:
+    config_max_length = getattr(config, "max_length", None)
+    if "max_new_tokens" not in given and getattr(config, "max_new_tokens", None) is not None:
         name, value = "max_new_tokens", config.max_new_tokens
-    elif getattr(config, "max_length", None) not in (None, DEFAULT_HF_MAX_LENGTH):
-        name, value = "max_length", config.max_length
+    elif "max_length" not in given and config_max_length not in (None, DEFAULT_HF_MAX_LENGTH):
+        name, value = "max_length", config_max_length
     else:
         return method(*args, **kwargs)
     kwargs[name] = value
@@ -273,6 +293,120 @@ def _with_config_length(method: Callable, config: Any, *args: Any, **kwargs: Any
 
 # transformers' GenerationConfig default: a config that leaves it has set no length
 DEFAULT_HF_MAX_LENGTH = 20
+
+# The generation config's length keys: a causal LM takes them from the config at every call
+# (_with_config_length), edited or not.
+_LENGTH_KEYS = frozenset({"max_new_tokens", "max_length"})
+
+
+def _settings(config: Any) -> dict[str, Any]:
+    """A generation config's settings: its public attributes, without the version stamp."""
+    if not hasattr(config, "__dict__"):
+        raise TypeError(
+            f"model.generation_config must be a transformers GenerationConfig, got "
+            f"{type(config).__name__}"
+        )
+    return {
+        k: v
+        for k, v in vars(config).items()
+        if not k.startswith("_") and k != "transformers_version"
+    }
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):  # tensors or arrays of several values
+        return a is b
+
+
+def _config_edits(
+    method: Callable,
+    compiled: dict[str, Any],
+    config: Any,
+    args: tuple,
+    kwargs: dict,
+    length_from_config: bool = False,
+) -> dict[str, Any]:
+    """The keyword arguments that apply the generation config's edits since kernl.optimize to
+    one call of `method`, as Hugging Face's generate would apply them (the artifact holds the
+    config as compiled, and an edit was silently ignored). An edited key that `method` takes
+    as an argument is passed as one, unless the call passes it (the call wins, as in HF); a
+    Hugging Face option kernl takes at its neutral value only (num_beams=1) changes nothing
+    there. Any other edit (what the artifact compiled in: bad_words_ids, suppress_tokens,
+    forced EOS, Whisper's forced_decoder_ids and language tables) raises a ValueError naming
+    the keys. `length_from_config`: a causal LM's, whose length keys _with_config_length
+    takes from the config at every call, edited or not."""
+    now = _settings(config)
+    edited = [
+        k for k in sorted(now.keys() | compiled.keys()) if not _same(now.get(k), compiled.get(k))
+    ]
+    if not edited:
+        return {}
+    signature = inspect.signature(method)
+    taken = {
+        name
+        for name, p in signature.parameters.items()
+        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
+    try:
+        bound = signature.bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return {}  # the call itself is wrong: the method raises its own error
+    given = set(bound) | set(kwargs)
+    applied: dict[str, Any] = {}
+    refused: list[str] = []
+    for key in edited:
+        if key in given:
+            continue
+        value = now.get(key)
+        if key in taken:
+            if key in _LENGTH_KEYS and length_from_config:
+                continue
+            applied[key] = value
+        elif key in _HF_OPTIONS and _neutral(method, key, value):
+            continue
+        else:
+            refused.append(key)
+    # Whisper's forced_decoder_ids: HF (and kernl) ignore them once a language or task is set
+    if "forced_decoder_ids" in refused:
+        resolved = {**now, **bound}
+        if resolved.get("language") is not None or resolved.get("task") is not None:
+            refused.remove("forced_decoder_ids")
+    if refused:
+        shown = ", ".join(f"{k}={now.get(k)!r}" for k in refused)
+        raise ValueError(
+            f"model.generation_config was edited after kernl.optimize ({shown}), and the "
+            "compiled model cannot apply it: the artifact holds the generation config as "
+            f"compiled. Pass it to {method.__name__}() per call where it takes it, or set it on "
+            "the original model's generation_config and run kernl.optimize again (a new cache "
+            "entry)"
+        )
+    if applied.get("eos_token_id", 0) is None:
+        applied["eos_token_id"] = []  # no EOS, as HF's None (a seq2seq model's None is its own)
+    if "pad_token_id" in applied and applied["pad_token_id"] is None:
+        # HF's None pad is the first EOS id of the call
+        eos = bound.get("eos_token_id", applied.get("eos_token_id", now.get("eos_token_id")))
+        applied["pad_token_id"] = _first_id(eos)
+    return applied
+
+
+def _neutral(method: Callable, key: str, value: Any) -> bool:
+    """Whether kernl's generate takes this Hugging Face option's value as a call's (num_beams=1:
+    what kernl does anyway)."""
+    try:
+        refuse_hf_options(method.__name__, {key: value})
+    except TypeError:
+        return False
+    return True
+
+
+def _first_id(eos: Any) -> int | None:
+    if isinstance(eos, int) and not isinstance(eos, bool):
+        return eos
+    if isinstance(eos, (list, tuple)) and eos and isinstance(eos[0], int):
+        return eos[0]
+    return None
 
 
 # -- the one function --------------------------------------------------------------------------

@@ -57,6 +57,9 @@ class OpenBatch:
         # released once: by close(), or when the batch is collected unclosed. Made before the
         # lock is taken: a Ctrl-C between the two left the model locked for good.
         self._release = weakref.finalize(self, _ModelHold.release, self._hold)
+        # Everything after the lock is taken runs in the try: a failure that left the batch
+        # open kept the model locked for as long as its traceback lived (a notebook keeps the
+        # last one), so other threads' calls waited and this thread's were refused.
         try:
             self._hold.acquire()
             self._capture_steps()
@@ -64,11 +67,11 @@ class OpenBatch:
             model._start(plan, *sampling)
             model._step(("prefill", self.bucket, plan.prompt_bucket, plan.do_sample)).run()
             ids = self.state.tokens[: plan.batch].tolist()
+            self._left = dict(enumerate(limits))
+            self.first = self._emitted(list(enumerate(ids)))
         except BaseException:
             self.close()
             raise
-        self._left = dict(enumerate(limits))
-        self.first = self._emitted(list(enumerate(ids)))
 
     def _capture_steps(self) -> None:
         """Every step this batch and its joiners can replay, captured before any buffer holds
@@ -191,6 +194,7 @@ class OpenBatch:
         of the rows live at that step. Stops at the first step where a live row spends its
         budget, so that no row passes it (a row's EOS frees it mid-way)."""
         self._check_open()
+        n = plain_number(n)  # np.int64(2), as join() and generate() take them
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"steps(n) takes a positive integer, got {n!r}")
         if not self._left:

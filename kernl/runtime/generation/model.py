@@ -212,6 +212,19 @@ LENGTH_IS_A_BOUND: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
+class _ModelDefault:
+    """The default of an option whose None means "none" (eos_token_id, pad_token_id): Hugging
+    Face's generate applies a keyword even when it is None (GenerationConfig.update), so an
+    explicit None is not "the model's" there either (seq2seq.py's forced_bos_token_id reasons
+    the same way)."""
+
+    def __repr__(self) -> str:
+        return "<the model's>"
+
+
+MODEL_DEFAULT: Any = _ModelDefault()
+
+
 # generate's options that a caller may hold as numpy or torch scalars (a loop over
 # np.arange, a value read from a tensor): taken as the Python numbers they stand for.
 _NUMERIC_OPTIONS = frozenset(
@@ -334,25 +347,27 @@ class GenerativeModel(StepLoop):
         temperature: float | Sequence[float] = 1.0,
         top_k: int | Sequence[int] = 50,
         top_p: float | Sequence[float] = 1.0,
-        eos_token_id: int | Sequence[int] | None = None,
-        pad_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = MODEL_DEFAULT,
+        pad_token_id: int | None = MODEL_DEFAULT,
         seed: int | Sequence[int] = 0,
         max_length: int | None = None,
         **hf_options: Any,
     ) -> torch.Tensor:
         """Like Hugging Face `generate`: returns [batch, prompt + new] ids, the prompt as given
         followed by the new tokens; a row that emitted an EOS id is padded with `pad_token_id`
-        (default: the model's pad id, else its first EOS id) until every row has finished or
+        (default: the model's pad id, else the first EOS id) until every row has finished or
         `max_new_tokens` were produced. Prompts may differ in length (`attention_mask` zeros
         mark padding, on either side; in a tensor without one, as in Hugging Face, the pad
         id's positions are, unless it is an EOS id; a list of token lists is left-padded with
         the pad id). `input_ids` may be passed as `inputs`, as in Hugging Face.
-        `eos_token_id` defaults to the model's. Sampling (`do_sample=True`) applies
-        temperature, top-k, top-p (None: off); the same `seed` gives the same ids. Each of
-        the four is one value or a list of one per row; with a seed per row, each row draws
-        what it would alone with its seed. `max_new_tokens` defaults to 20; `max_length`, as
-        in Hugging Face, counts the prompt (its padded length) too, and `max_new_tokens` wins
-        when both are given."""
+        `eos_token_id` defaults to the model's. As in Hugging Face, an explicit None is a
+        value, not the default: `eos_token_id=None` stops at no EOS id, `pad_token_id=None`
+        pads with the first EOS id (and infers no mask from the pad id). Sampling
+        (`do_sample=True`) applies temperature, top-k, top-p (None: off); the same `seed`
+        gives the same ids. Each of the four is one value or a list of one per row; with a
+        seed per row, each row draws what it would alone with its seed. `max_new_tokens`
+        defaults to 20; `max_length`, as in Hugging Face, counts the prompt (its padded
+        length) too, and `max_new_tokens` wins when both are given."""
         input_ids = main_input("generate", input_ids, hf_options)
         refuse_hf_options("generate", hf_options)
         sampling = (do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
@@ -374,8 +389,8 @@ class GenerativeModel(StepLoop):
         temperature: float | Sequence[float] = 1.0,
         top_k: int | Sequence[int] = 50,
         top_p: float | Sequence[float] = 1.0,
-        eos_token_id: int | Sequence[int] | None = None,
-        pad_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = MODEL_DEFAULT,
+        pad_token_id: int | None = MODEL_DEFAULT,
         seed: int | Sequence[int] = 0,
         output_logits: bool = False,
         max_length: int | None = None,
@@ -399,28 +414,31 @@ class GenerativeModel(StepLoop):
     def open_batch(
         self,
         input_ids,
-        max_new_tokens: int | Sequence[int] = 20,
+        max_new_tokens: int | Sequence[int] | None = None,
         do_sample: bool = False,
         temperature: float | Sequence[float] = 1.0,
         top_k: int | Sequence[int] = 50,
         top_p: float | Sequence[float] = 1.0,
-        eos_token_id: int | Sequence[int] | None = None,
-        pad_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = MODEL_DEFAULT,
+        pad_token_id: int | None = MODEL_DEFAULT,
         seed: int | Sequence[int] = 0,
         rows: int | None = None,
     ) -> OpenBatch:
         """Start a batch that other prompts can join between its steps (`OpenBatch.join`,
         see generation/joining.py): the prompts' prefill runs now and `.first` holds their
         first tokens; `.step()` runs one decode step. `max_new_tokens` is one budget or one per
-        prompt; `rows` asks for a batch bucket with at least that many rows (room for
-        joiners; default: the prompts'). Each row's tokens are those `generate` gives its
-        prompt alone (greedy; sampled rows with a seed per row). The model serves nothing
-        else until `close()` (or the end of a `with` block)."""
+        prompt (None: 20, as in `generate`); `rows` asks for a batch bucket with at least that
+        many rows (room for joiners; default: the prompts'). Each row's tokens are those
+        `generate` gives its prompt alone (greedy; sampled rows with a seed per row);
+        `eos_token_id` and `pad_token_id` as in `generate`. The model serves nothing else
+        until `close()` (or the end of a `with` block)."""
         budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else None
         bad = [n for n in budgets or [] if not _is_int(n) or n < 1]
         if bad or budgets == []:
             raise ValueError(f"max_new_tokens must be positive integers, got {bad or budgets!r}")
-        most = max(budgets) if budgets else max_new_tokens
+        # None as generate takes it, before the batch takes the model: a None budget got
+        # through every check and failed after the prefill, with the model locked
+        most = max(budgets) if budgets else _new_tokens(max_new_tokens, None, 0)
         sampling = (do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
         _, plan = self._request(input_ids, None, most, None, sampling)
         if budgets is not None and len(budgets) != plan.batch:
@@ -486,7 +504,9 @@ class GenerativeModel(StepLoop):
         CUDA context, not just this call). `mask` None: Hugging Face's for a decoder-only
         model given no attention_mask (`_prepare_attention_mask_for_generation`): the
         positions of the pad id (`pad_token_id`, else the model's) are padding, unless that
-        id is one of the call's EOS ids (a pad id taken from the EOS never is)."""
+        id is one of the call's EOS ids (a pad id taken from the EOS never is).
+        `eos_token_id`/`pad_token_id` MODEL_DEFAULT: the model's; None: Hugging Face's None
+        (no EOS id; the pad id is the first EOS id)."""
         b = self.buckets
         vocab = self.spec.vocab_size
         check_options(
@@ -495,8 +515,8 @@ class GenerativeModel(StepLoop):
             temperature,
             top_k,
             top_p,
-            eos_token_id,
-            pad_token_id,
+            None if eos_token_id is MODEL_DEFAULT else eos_token_id,
+            None if pad_token_id is MODEL_DEFAULT else pad_token_id,
             seed,
             vocab,
             len(prompt),
@@ -504,14 +524,21 @@ class GenerativeModel(StepLoop):
         lo, hi = int(prompt.min()), int(prompt.max())
         if lo < 0 or hi >= vocab:
             raise ValueError(f"input_ids must lie in [0, {vocab}); got values in [{lo}, {hi}]")
-        eos = self.spec.eos_token_ids if eos_token_id is None else eos_token_id
+        if eos_token_id is MODEL_DEFAULT:
+            eos = self.spec.eos_token_ids
+        else:
+            eos = [] if eos_token_id is None else eos_token_id
         eos = [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
         if len(eos) > MAX_EOS_IDS:
             raise ValueError(f"at most {MAX_EOS_IDS} EOS ids are supported, got {len(eos)}")
-        pad = self.default_pad if pad_token_id is None else int(pad_token_id)
-        if pad_token_id is None and self.spec.pad_token_id is None and eos:
-            pad = eos[0]
-        mask_pad = self.spec.pad_token_id if pad_token_id is None else int(pad_token_id)
+        if pad_token_id is MODEL_DEFAULT:
+            pad = self.default_pad if self.spec.pad_token_id is not None or not eos else eos[0]
+            mask_pad = self.spec.pad_token_id
+        elif pad_token_id is None:
+            # HF's None pad falls back to the first EOS id, which then marks no padding
+            pad, mask_pad = (eos[0] if eos else self.default_pad), None
+        else:
+            pad = mask_pad = int(pad_token_id)
         if mask_pad in eos:
             mask_pad = None
         inferred = mask is None
@@ -724,7 +751,29 @@ def _as_batch(input_ids, attention_mask, left: bool = True) -> tuple[torch.Tenso
         raise ValueError(
             f"attention_mask has shape {tuple(mask.shape)}, input_ids has {tuple(ids.shape)}"
         )
-    return ids, mask.to("cpu").bool()
+    return ids, _keep_mask(mask.to("cpu"))  # on the host already: the check costs no sync
+
+
+def _keep_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A CPU attention_mask as the bool mask it means. Only 0 and 1 are taken, as the encoder
+    path takes them (runtime/model.py `_float_mask`): Hugging Face builds a decoder's
+    positions from cumsum(mask), so a 2 or a 0.5 is not a "keep" there, and kernl's ids would
+    differ from its ids."""
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.dtype.is_complex:
+        raise TypeError(f"attention_mask must hold 0 and 1, got {mask.dtype}")
+    if not mask.dtype.is_floating_point:
+        mask = mask.long()  # torch compares no wide unsigned types
+    keep = mask != 0
+    odd = keep & (mask != 1)
+    if bool(odd.any()):
+        values = torch.unique(mask[odd]).tolist()
+        shown = ", ".join(f"{v:g}" for v in values[:5]) + (", ..." if len(values) > 5 else "")
+        raise ValueError(
+            f"attention_mask must hold 0 and 1 only (1: a token, 0: padding), got {shown}"
+        )
+    return keep
 
 
 def _holds_integers(t: torch.Tensor) -> bool:
@@ -806,7 +855,12 @@ def _rows_of(name: str, value, rows: int) -> list:
 _HF_OPTIONS = {
     "use_cache": (True, "kernl always decodes over its static KV cache"),
     "return_segments": (False, "generate returns the ids only (pass language= to set one)"),
-    "num_beams": (1, "beam search is not supported: generate decodes greedily, or samples"),
+    "num_beams": (
+        1,
+        "beam search is not supported: generate decodes greedily, or samples. Hugging Face's "
+        "automatic-speech-recognition pipeline passes num_beams=5 unless told otherwise: give "
+        'it generate_kwargs={"num_beams": 1}',
+    ),
     "num_return_sequences": (1, "repeat the prompt in the batch, with a seed per row"),
     "synced_gpus": (False, "kernl runs one model on one GPU"),
     "streamer": (None, "model.stream(...) yields each step's new ids as they come"),

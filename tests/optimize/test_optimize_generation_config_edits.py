@@ -1,0 +1,134 @@
+"""`kernl.optimize`'s model after its `generation_config` is edited, as Hugging Face's idioms
+edit it (Whisper's `.language`, mBART's forced BOS, EOS and pad ids): generate and stream
+apply what they take as arguments, as HF's generate applies the config (a call's own argument
+still wins), and refuse by name what the compiled artifact cannot change (those edits were
+silently ignored: the artifact holds the config as compiled). Also: an explicit
+`max_new_tokens=None` is HF's (20 new tokens), not the config's length."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from generation.tiny_models import mixed_prompts, tiny_model
+from seq2seq.test_seq2seq_generate import sources, tiny_seq2seq
+from seq2seq.test_whisper_generate import LANGS, TASKS, features, tiny_whisper
+
+import kernl
+
+PROMPT = 6  # mixed_prompts(2, [6, 4]) is padded to 6
+
+
+def _greedy(hf, **kw):
+    with torch.no_grad():
+        return hf.generate(do_sample=False, **kw)
+
+
+def _edit(models, **settings):
+    for m in models:
+        for key, value in settings.items():
+            setattr(m.generation_config, key, value)
+
+
+def test_a_causal_lm_applies_generation_config_edits_as_hugging_face(cache):
+    hf = tiny_model("llama3")
+    ids, mask = mixed_prompts(2, [6, 4], seed=6)
+    full = _greedy(hf, input_ids=ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0)
+    eos = int(full[0, PROMPT + 4])  # row 0 emits it at its 5th new token
+    _edit([hf], eos_token_id=eos, pad_token_id=0)
+    model = kernl.optimize(hf, "batch=1,2 prompt=8,16 cache=48", progress=False)
+    call = dict(input_ids=ids, attention_mask=mask, max_new_tokens=24)
+
+    def same_as_hf(**kw):
+        got = model.generate(**call, **kw)
+        ref = _greedy(hf, **call, **kw)
+        assert torch.equal(got, ref), f"\nkernl {got.tolist()}\nhf    {ref.tolist()}"
+        steps = list(model.stream(**call, **kw))
+        assert torch.equal(torch.stack(steps, 1), ref[:, PROMPT : PROMPT + len(steps)])
+        return got
+
+    stops = same_as_hf()
+    _edit([model, hf], eos_token_id=None)  # no EOS: row 0 goes on (kernl stopped at `eos`)
+    assert not torch.equal(same_as_hf(), stops)
+    _edit([model, hf], eos_token_id=eos, pad_token_id=5)  # finished rows padded with 5
+    assert (same_as_hf()[0, PROMPT + 5 :] == 5).all()
+    _edit([model, hf], pad_token_id=None)  # HF's None pad: the first EOS id
+    same_as_hf()
+    same_as_hf(pad_token_id=3, eos_token_id=[])  # the call's arguments win over the edits
+    # an explicit max_new_tokens=None drops the config's length: HF's 20 new tokens
+    _edit([model, hf], max_new_tokens=5)
+    short = dict(input_ids=ids, attention_mask=mask, eos_token_id=[], pad_token_id=0)
+    assert model.generate(**short).shape[1] == PROMPT + 5
+    got = model.generate(**short, max_new_tokens=None)
+    assert torch.equal(got, _greedy(hf, **short, max_new_tokens=None))
+    assert got.shape[1] == PROMPT + 20
+    assert len(list(model.stream(**short, max_new_tokens=None))) == 20
+    # what the artifact compiled in, or kernl cannot do, is refused by name; undone, it serves
+    model.generation_config.num_beams = 1  # what kernl does anyway: taken
+    model.generate(**short)
+    for key, value in (("bad_words_ids", [[7]]), ("num_beams", 3), ("repetition_penalty", 1.2)):
+        before = getattr(model.generation_config, key)
+        setattr(model.generation_config, key, value)
+        with pytest.raises(ValueError, match=rf"edited after kernl.optimize \({key}="):
+            model.generate(**short)
+        with pytest.raises(ValueError, match=rf"\({key}=.*run kernl.optimize again"):
+            model.stream(**short)
+        setattr(model.generation_config, key, before)
+    assert model.generate(**short).shape[1] == PROMPT + 5
+
+
+def test_a_text_seq2seq_model_applies_forced_bos_and_eos_edits_as_hugging_face(cache):
+    hf = tiny_seq2seq("bart")
+    model = kernl.optimize(hf, "batch=1,2 source=8,16 cache=32", progress=False)
+    ids, mask = sources([7, 5])
+    call = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12)
+    full = model.generate(**call, eos_token_id=[])
+
+    def same_as_hf(**kw):
+        got = model.generate(**call, **kw)
+        ref = _greedy(hf, **call, **kw)
+        assert torch.equal(got, ref), f"\nkernl {got.tolist()}\nhf    {ref.tolist()}"
+        return got
+
+    _edit([model, hf], forced_bos_token_id=9)  # mBART's target language, set after optimize
+    assert (same_as_hf()[:, 1] == 9).all()
+    assert (same_as_hf(forced_bos_token_id=None)[:, 1] != 9).any()  # the call's wins
+    _edit([model, hf], forced_bos_token_id=None, eos_token_id=int(full[0, 4]), pad_token_id=1)
+    assert (same_as_hf()[0, 5:] == 1).all()
+    _edit([model, hf], eos_token_id=None)  # no EOS
+    assert same_as_hf().shape[1] == 13
+    model.generation_config.forced_eos_token_id = 4
+    with pytest.raises(ValueError, match=r"\(forced_eos_token_id=4\)"):
+        model.generate(**call)
+
+
+def test_whisper_applies_language_and_task_edits_as_hugging_face(cache):
+    hf = tiny_whisper("forced")  # forced_decoder_ids: detect the language, then transcribe
+    model = kernl.optimize(hf, "batch=1,2 cache=48", progress=False)
+    x = features(2)
+
+    def same_as_hf(**kw):
+        got = model.generate(input_features=x, max_new_tokens=10, **kw)
+        ref = _greedy(hf, input_features=x, max_new_tokens=10, **kw)
+        assert torch.equal(got, ref), f"\nkernl {got.tolist()}\nhf    {ref.tolist()}"
+        return got
+
+    detected = same_as_hf()
+    # HF's fine-tuning idiom: a language and task on the config, its forced ids dropped
+    _edit([model, hf], language="fr", task="translate", forced_decoder_ids=None)
+    assert not torch.equal(same_as_hf(), detected)
+    per_call = dict(input_features=x, max_new_tokens=10, language="fr", task="translate")
+    assert torch.equal(
+        model.generate(input_features=x, max_new_tokens=10), model.runtime.generate(**per_call)
+    )
+    same_as_hf(language="de")  # the call's wins
+    steps = list(model.stream(input_features=x, max_new_tokens=10))
+    assert len(steps) >= 1
+    # the forced ids dropped with no language or task named: kernl's prompt would not follow
+    _edit([model], language=None, task=None)
+    with pytest.raises(ValueError, match=r"\(forced_decoder_ids=None\).*per call"):
+        model.generate(input_features=x, max_new_tokens=10)
+    model.generation_config.forced_decoder_ids = [[1, None], [2, TASKS["transcribe"]]]
+    assert torch.equal(model.generate(input_features=x, max_new_tokens=10), detected)
+    model.generation_config.lang_to_id = {**LANGS, "<|es|>": 113}
+    with pytest.raises(ValueError, match=r"\(lang_to_id="):
+        model.generate(input_features=x, max_new_tokens=10)
