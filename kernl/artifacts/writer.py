@@ -297,7 +297,7 @@ def check_replaceable(dest: Path) -> None:
                 folders.append(Path(entry.path))
 
 
-def _remove_left_over(folder: Path, what: str) -> None:
+def remove_left_over(folder: Path, what: str) -> None:
     """Delete `folder`; where that fails, warn naming what is left and why, rather than leave
     it hidden and unexplained (`what` says what it is: "the previous artifact")."""
     failures: list[OSError] = []
@@ -493,7 +493,7 @@ def clean_stale(destination: Path, now: float | None = None) -> None:
         if kind == "previous" and not destination.exists() and (p / MANIFEST_FILE).is_file():
             os.rename(p, destination)
         else:
-            _remove_left_over(p, f"a temporary folder of an earlier write to {destination}")
+            remove_left_over(p, f"a temporary folder of an earlier write to {destination}")
 
 
 # The reader's limits with every size at its largest (integer weights read to bound indices as
@@ -631,7 +631,7 @@ class ArtifactWriter:
         try:
             if _exchange(self.tmp, dest):
                 # self.tmp now holds the previous artifact.
-                _remove_left_over(self.tmp, f"the artifact {dest} replaced")
+                remove_left_over(self.tmp, f"the artifact {dest} replaced")
                 return
             backup = dest.with_name(f".{dest.name}.previous-{self._tag}")
             os.rename(dest, backup)
@@ -652,7 +652,7 @@ class ArtifactWriter:
                 "(mode +t, like /tmp), owning the artifact or the folder. It keeps its previous "
                 "artifact; the new one is deleted."
             ) from e
-        _remove_left_over(backup, f"the artifact {dest} replaced")
+        remove_left_over(backup, f"the artifact {dest} replaced")
 
     def _check_readable(self) -> None:
         """The reader's own check (`check_artifact`, what load() and `kernl verify` run, short

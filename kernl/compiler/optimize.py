@@ -65,7 +65,13 @@ from kernl.artifacts import (
 )
 from kernl.artifacts.seq2seq import Seq2SeqBuckets
 from kernl.artifacts.signing import trusted_keys_from_env
-from kernl.artifacts.writer import carry_kept_files, exchange_paths, owner_is_gone, owner_tag
+from kernl.artifacts.writer import (
+    carry_kept_files,
+    exchange_paths,
+    owner_is_gone,
+    owner_tag,
+    remove_left_over,
+)
 from kernl.runtime.generation.model import _HF_OPTIONS, LENGTH_IS_A_BOUND, refuse_hf_options
 
 from . import api
@@ -1064,28 +1070,46 @@ def _check_apart_from_cache(save_to: Path, root: Path) -> None:
 
 def copy_artifact(source: Path, destination: str | os.PathLike) -> Path:
     """Copy an artifact folder to `destination` atomically (a temporary copy beside it, then
-    renames). Refuses a destination that exists and is not a kernl artifact, as compile does."""
+    renames). Refuses a destination that exists and is not a kernl artifact, as compile does,
+    or one this user could not replace (writer.check_replaceable)."""
     dest = check_destination(destination, keep_parent=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.copy-{owner_tag()}-", dir=dest.parent))
     try:
         shutil.copytree(source, tmp / "artifact")
-        if dest.exists():  # a previous artifact: swapped into tmp, deleted with it
-            carry_kept_files(dest, tmp / "artifact")  # a tokenizer.json put beside it stays
-            # one exchange, as the writer's commit: no moment without an artifact at `dest`
-            # (a load() then met a missing folder); two renames where it is unsupported
-            if not exchange_paths(tmp / "artifact", dest):
-                os.rename(dest, tmp / "previous")
-                try:
-                    os.rename(tmp / "artifact", dest)
-                except BaseException:  # the previous artifact back, not deleted with tmp
-                    os.rename(tmp / "previous", dest)
-                    raise
+        if dest.exists():
+            _swap_in(tmp, dest)
         else:
-            os.rename(tmp / "artifact", dest)
+            try:
+                os.rename(tmp / "artifact", dest)
+            except OSError as e:
+                # another process put its artifact there since the check: replaced, as any
+                # previous one is (the writer's commit does the same)
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not dest.exists():
+                    raise
+                _swap_in(tmp, dest)
         _fsync_dir(dest.parent)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # tmp holds the previous artifact after a swap: a copy this user cannot delete is
+        # named in a warning rather than left hidden
+        remove_left_over(
+            tmp,
+            f"the temporary folder of the copy to {dest} (after a swap, the artifact it replaced)",
+        )
     return dest
+
+
+def _swap_in(tmp: Path, dest: Path) -> None:
+    """Swap tmp/artifact with the artifact at `dest` (the previous one ends in tmp)."""
+    carry_kept_files(dest, tmp / "artifact")  # a tokenizer.json put beside it stays
+    # one exchange, as the writer's commit: no moment without an artifact at `dest` (a load()
+    # then met a missing folder); two renames where it is unsupported
+    if not exchange_paths(tmp / "artifact", dest):
+        os.rename(dest, tmp / "previous")
+        try:
+            os.rename(tmp / "artifact", dest)
+        except BaseException:  # the previous artifact back, not deleted with tmp
+            os.rename(tmp / "previous", dest)
+            raise
 
 
 # -- the output class --------------------------------------------------------------------------

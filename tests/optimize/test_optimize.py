@@ -292,6 +292,58 @@ def test_a_failed_copy_to_save_to_puts_the_previous_artifact_back(cache, tmp_pat
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".saved.kernl.copy")]
 
 
+def test_a_copy_racing_another_to_a_new_save_to_replaces_it(cache, tmp_path, monkeypatch):
+    """Another process's artifact appearing at a new save_to between the check and the rename
+    (ENOTEMPTY from the rename) is replaced, as the writer's commit replaces it: the copy
+    failed with a bare "Directory not empty" after the whole compile (review)."""
+    out = tmp_path / "saved.kernl"
+    first = kernl.optimize(tiny_bert(), "batch=1 seq=8", progress=False).artifact
+    other = kernl.optimize(tiny_bert(seed=1), "batch=1 seq=8", progress=False).artifact
+    real = os.rename
+    raced = []
+
+    def racing(src, dst):
+        if Path(dst) == out and not raced:  # the other copy lands first
+            raced.append(True)
+            opt.copy_artifact(first, out)
+        return real(src, dst)
+
+    monkeypatch.setattr(opt.os, "rename", racing)
+    opt.copy_artifact(other, out)
+    monkeypatch.undo()
+    assert raced
+    assert verify_artifact(out) == verify_artifact(other)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".saved.kernl.copy")]
+
+
+def test_a_replaced_copy_that_cannot_be_deleted_is_named_in_a_warning(cache, tmp_path, monkeypatch):
+    """The previous artifact a copy swapped out, left where it could not be deleted, is named
+    in a warning (it was ignored: a hidden folder nobody removes)."""
+    out = tmp_path / "saved.kernl"
+    kernl.optimize(tiny_bert(), "batch=1 seq=8", save_to=out, progress=False)
+    other = kernl.optimize(tiny_bert(seed=1), "batch=1 seq=8", progress=False).artifact
+    import shutil
+
+    real_rmtree = shutil.rmtree
+
+    def failing(path, *args, onexc=None, onerror=None, **kwargs):
+        if not Path(path).name.startswith(".saved.kernl.copy"):
+            hooks = {k: v for k, v in (("onexc", onexc), ("onerror", onerror)) if v is not None}
+            return real_rmtree(path, *args, **hooks, **kwargs)
+        error = PermissionError(errno.EACCES, "Permission denied", str(path))
+        if onexc is not None:
+            return onexc(os.rmdir, str(path), error)
+        if onerror is not None:
+            return onerror(os.rmdir, str(path), (PermissionError, error, None))
+        raise error
+
+    monkeypatch.setattr(shutil, "rmtree", failing)
+    with pytest.warns(RuntimeWarning, match=r"could not be deleted and is left at .*\.saved"):
+        opt.copy_artifact(other, out)
+    monkeypatch.undo()
+    assert verify_artifact(out) == verify_artifact(other)
+
+
 def test_a_corrupt_entry_is_recompiled(cache, compiles):
     bert = tiny_bert()
     first = kernl.optimize(bert, "batch=1 seq=8", progress=False)
