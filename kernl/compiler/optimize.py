@@ -389,7 +389,7 @@ def _config_edits(
             "entry)"
         )
     if applied.get("eos_token_id", 0) is None:
-        applied["eos_token_id"] = []  # no EOS, as HF's None (a seq2seq model's None is its own)
+        applied["eos_token_id"] = []  # no EOS, as HF's None (Whisper's None differs: speech.py)
     if "pad_token_id" in applied and applied["pad_token_id"] is None:
         # HF's None pad is the first EOS id of the call
         eos = bound.get("eos_token_id", applied.get("eos_token_id", now.get("eos_token_id")))

@@ -36,6 +36,7 @@ from ..binaries import KernelBinaries, running_with
 from ..model import new_call_lock
 from .encoder_decoder import EncoderDecoder, Seq2SeqCache
 from .model import (
+    MODEL_DEFAULT,
     StepLoop,
     _as_batch,
     _device_of,
@@ -49,17 +50,6 @@ from .model import (
 )
 from .sampling import SamplerParams, greedy, sample
 from .state import MAX_EOS_IDS
-
-
-class _ModelDefault:
-    """The default of an option whose None means "none" (forced_bos_token_id): a call's None
-    overrides the model's value, as a Hugging Face generate keyword updates its config."""
-
-    def __repr__(self) -> str:
-        return "<the model's>"
-
-
-MODEL_DEFAULT: Any = _ModelDefault()
 
 
 class _State:
@@ -287,8 +277,8 @@ class Seq2SeqModel(StepLoop):
         temperature: float | Sequence[float] = 1.0,
         top_k: int | Sequence[int] = 50,
         top_p: float | Sequence[float] = 1.0,
-        eos_token_id: int | Sequence[int] | None = None,
-        pad_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = MODEL_DEFAULT,
+        pad_token_id: int | None = MODEL_DEFAULT,
         seed: int | Sequence[int] = 0,
         forced_bos_token_id: int | None = MODEL_DEFAULT,
         max_length: int | None = None,
@@ -297,10 +287,14 @@ class Seq2SeqModel(StepLoop):
         """Like Hugging Face's encoder-decoder `generate`: returns [batch, 1 + new] ids, the
         decoder start token followed by the new tokens; a row that emitted an EOS id is padded
         with `pad_token_id` until every row has finished or `max_new_tokens` (default 20) were
-        produced. `attention_mask` zeros mark source padding; a list of token lists is padded
-        on the right. `forced_bos_token_id` (default: the model's, e.g. mBART-50's target
-        language; None: none, as in Hugging Face) is the first new token and the model's forced EOS id (mBART, Marian) the
-        last one `max_new_tokens` allows, as in Hugging Face. Sampling (`do_sample=True`)
+        produced. `eos_token_id` and `pad_token_id` default to the model's (a model without a
+        pad id pads with the first EOS id); as in Hugging Face, an explicit None is a value,
+        not the default: `eos_token_id=None` stops at no EOS id, `pad_token_id=None` pads with
+        the first EOS id. `attention_mask` zeros mark source padding; a list of token lists is
+        padded on the right. `forced_bos_token_id` (default: the model's, e.g. mBART-50's
+        target language; None: none, as in Hugging Face) is the first new token and the
+        model's forced EOS id (mBART, Marian) the last one `max_new_tokens` allows, as in
+        Hugging Face. Sampling (`do_sample=True`)
         applies temperature, top-k, top-p; the same `seed` gives the same ids (each of the
         four one value or a list of one per row, as for the causal LM). `max_length`, as in
         Hugging Face, counts the decoder start token (max_length - 1 new tokens);
@@ -335,8 +329,8 @@ class Seq2SeqModel(StepLoop):
         temperature: float | Sequence[float] = 1.0,
         top_k: int | Sequence[int] = 50,
         top_p: float | Sequence[float] = 1.0,
-        eos_token_id: int | Sequence[int] | None = None,
-        pad_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = MODEL_DEFAULT,
+        pad_token_id: int | None = MODEL_DEFAULT,
         seed: int | Sequence[int] = 0,
         output_logits: bool = False,
         forced_bos_token_id: int | None = MODEL_DEFAULT,
@@ -441,7 +435,10 @@ class Seq2SeqModel(StepLoop):
     # -- requests ---------------------------------------------------------------------------
 
     def _check(self, batch, max_new_tokens, do_sample, sampler, eos_token_id, pad_token_id):
-        """The options shared by text and speech; returns (batch bucket, eos ids, pad id)."""
+        """The options shared by text and speech; returns (batch bucket, eos ids, pad id).
+        `eos_token_id`/`pad_token_id` MODEL_DEFAULT: the model's (a model without a pad id:
+        the first EOS id of the call, as Hugging Face's `_prepare_special_tokens`); None:
+        Hugging Face's None (no EOS id; the pad id is the first EOS id)."""
         temperature, top_k, top_p, seed = sampler
         check_options(
             max_new_tokens,
@@ -449,8 +446,8 @@ class Seq2SeqModel(StepLoop):
             temperature,
             top_k,
             top_p,
-            eos_token_id,
-            pad_token_id,
+            None if eos_token_id is MODEL_DEFAULT else eos_token_id,
+            None if pad_token_id is MODEL_DEFAULT else pad_token_id,
             seed,
             self.spec.vocab_size,
             batch,
@@ -462,11 +459,19 @@ class Seq2SeqModel(StepLoop):
                 f"artifact ({self.buckets.batches}); split the batch or recompile with a "
                 "larger one"
             )
-        eos = self.spec.eos_token_ids if eos_token_id is None else eos_token_id
+        if eos_token_id is MODEL_DEFAULT:
+            eos = self.spec.eos_token_ids
+        else:
+            eos = [] if eos_token_id is None else eos_token_id
         eos = [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
         if len(eos) > MAX_EOS_IDS:
             raise ValueError(f"at most {MAX_EOS_IDS} EOS ids are supported, got {len(eos)}")
-        pad = self.default_pad if pad_token_id is None else int(pad_token_id)
+        if pad_token_id is MODEL_DEFAULT and self.spec.pad_token_id is not None:
+            pad = self.spec.pad_token_id
+        elif pad_token_id is MODEL_DEFAULT or pad_token_id is None:
+            pad = eos[0] if eos else self.default_pad  # without EOS ids no row is padded
+        else:
+            pad = int(pad_token_id)
         return batch_bucket, eos, pad
 
     def _check_cache(self, prompt_len: int, max_new_tokens: int) -> None:

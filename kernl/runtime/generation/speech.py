@@ -20,7 +20,14 @@ import torch
 from kernl.artifacts.seq2seq import MAX_PROMPT
 from kernl.artifacts.speech_prompt import decoder_prompt, resolved_call
 
-from .model import _is_number, main_input, plain_numbers, refuse_hf_options
+from .model import (
+    MODEL_DEFAULT,
+    _generated_length,
+    _is_number,
+    main_input,
+    plain_numbers,
+    refuse_hf_options,
+)
 from .seq2seq import Seq2SeqModel, _Plan
 
 
@@ -36,8 +43,8 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         temperature: float | Sequence[float] | None = None,
         top_k: int | Sequence[int] = 50,
         top_p: float | Sequence[float] = 1.0,
-        eos_token_id: int | Sequence[int] | None = None,
-        pad_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = MODEL_DEFAULT,
+        pad_token_id: int | None = MODEL_DEFAULT,
         seed: int | Sequence[int] = 0,
         language: str | Sequence[str] | None = None,
         task: str | None = None,
@@ -51,7 +58,12 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         window there) gives [batch, new] ids: the transcription tokens without the prompt and
         without the EOS, rows right-padded with `pad_token_id` (default: the model's). Up to
         `max_new_tokens` (default: as many as the decoder cache holds) until every row emitted
-        an EOS; `max_length`, as in Hugging Face's Whisper, counts the new tokens only (not
+        an EOS (`eos_token_id`, default: the model's). An explicit None for either id does what
+        it does in Hugging Face's Whisper, which is not what it does in text models: the steps
+        still stop at the model's EOS and pad with its pad id, and only the cut differs
+        (`_cut_like_hf`: with `eos_token_id=None` the EOS stays where the pad id is another
+        id; with `pad_token_id=None` only a row's last EOS goes, and shorter rows are padded
+        with 0). `max_length`, as in Hugging Face's Whisper, counts the new tokens only (not
         the decoder prompt), and `max_new_tokens` wins. `language` ("en", "<|en|>", or one
         per row) and `task` ("transcribe", "translate") as in Hugging Face; sampling as in
         the text models (`do_sample=True`), and, as in Hugging Face's Whisper, whenever a
@@ -76,14 +88,11 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
             attention_mask,
         )
         new = self._generate(plan)[:, plan.prompt_len - 1 :]
-        rows = []
-        for row in new:
-            ends = torch.isin(row, torch.tensor(plan.eos, dtype=row.dtype)).nonzero()
-            rows.append(row[: int(ends[0])] if len(ends) else row)
-        out = torch.full((plan.batch, max(len(r) for r in rows)), plan.pad, dtype=torch.int64)
-        for i, r in enumerate(rows):
-            out[i, : len(r)] = r
-        return out.to(_device(input_features))
+        new = new[:, : _generated_length(new, plan.eos)]  # the steps HF's generate runs
+        # the ids HF's Whisper cuts by: its own config's, where a call's None stays None
+        eos = [] if eos_token_id is None else plan.eos
+        pad = None if pad_token_id is None else plan.pad
+        return _cut_like_hf(new, eos, pad).to(_device(input_features))
 
     @plain_numbers
     def stream(
@@ -94,8 +103,8 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         temperature: float | Sequence[float] | None = None,
         top_k: int | Sequence[int] = 50,
         top_p: float | Sequence[float] = 1.0,
-        eos_token_id: int | Sequence[int] | None = None,
-        pad_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = MODEL_DEFAULT,
+        pad_token_id: int | None = MODEL_DEFAULT,
         seed: int | Sequence[int] = 0,
         language: str | Sequence[str] | None = None,
         task: str | None = None,
@@ -106,7 +115,9 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
     ) -> Iterator:
         """The same generation, yielding each new token's ids ([batch] on the CPU; a finished
         row yields the pad id), with `output_logits` pairs of ids and the step's float32
-        logits after suppression; stops after the step where every row has finished."""
+        logits after suppression; stops after the step where every row has finished. An
+        explicit None for `eos_token_id` or `pad_token_id` is the model's id here, as the
+        steps of Hugging Face's Whisper take it (see `generate`)."""
         input_features = main_input("stream", input_features, hf_options, "input_features")
         refuse_hf_options("stream", hf_options)
         plan = self._speech_plan(
@@ -171,6 +182,11 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
                     f"artifact's cache of {self.buckets.cache_len} leaves room for: name no "
                     "language or task, or recompile with a longer cache"
                 )
+        # Hugging Face's Whisper generate hands its config to GenerationMixin.generate, which
+        # fills what is None there from the model's generation config (defaults_only): the
+        # steps stop at the model's EOS and pad with its pad id whatever None the call passed
+        eos_id = MODEL_DEFAULT if eos_id is None else eos_id
+        pad_id = MODEL_DEFAULT if pad_id is None else pad_id
         bb, eos, pad = self._check(batch, max_new_tokens, do_sample, sampler, eos_id, pad_id)
         self._check_cache(prompt_len, max_new_tokens)
         padded = torch.zeros((bb, *features.shape[1:]), dtype=self.dtype, device=features.device)
@@ -194,6 +210,27 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
 
     def _prompt(self, language: str | None, task: str | None) -> list[int]:
         return decoder_prompt(self.speech, self.spec.decoder_start_token_id, language, task)
+
+
+def _cut_like_hf(new: torch.Tensor, eos: list[int], pad: int | None) -> torch.Tensor:
+    """[batch, steps] new ids as Hugging Face's Whisper generate returns them (short-form,
+    `generate_with_fallback` then `_pad_to_max_length`), by the EOS ids and pad id of its own
+    config (a call's None stays None there): a row ending in the pad id loses every pad id it
+    holds but one EOS (all of them where the pad id is no EOS id), then a last EOS id goes;
+    rows are right-padded with the pad id (None: 0, as F.pad's value=None). Where the pad id
+    is the EOS (every Whisper checkpoint), a row is cut before its EOS."""
+    rows = []
+    for row in new:
+        if pad is not None and len(row) and int(row[-1]) == pad:
+            row = row[: len(row) - int((row == pad).sum()) + (pad in eos)]
+        if len(row) and int(row[-1]) in eos:
+            row = row[:-1]
+        rows.append(row)
+    fill = 0 if pad is None else pad
+    out = torch.full((len(rows), max(len(r) for r in rows)), fill, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
 
 
 def _whisper_sampling(do_sample: bool | None, sampler: tuple) -> tuple[bool, tuple]:
