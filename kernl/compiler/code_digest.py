@@ -32,6 +32,7 @@ unchanged model has one digest in every process.
 
 from __future__ import annotations
 
+import dis
 import functools
 import hashlib
 import os
@@ -322,12 +323,18 @@ class _Fingerprints:
             parts += [self.value(v, depth + 1) for v in fn.__defaults__ or ()]
             for k, v in sorted((fn.__kwdefaults__ or {}).items()):
                 parts.append(f"{k}={self.value(v, depth + 1)}")
+            read = _global_names(fn.__code__)
             for called in sorted(_names(fn.__code__)):
                 target = fn.__globals__.get(called)
                 if isinstance(target, _FUNCTIONS):
                     if follow:
                         inner = _globals_of(target) is fn.__globals__  # its own module
                         parts.append(f"calls {called}: {self.callable(target, depth + 1, inner)}")
+                elif called not in read:
+                    # an attribute name only (`out.logits`, `self.model`): a notebook global
+                    # of that name is not what the function reads, and hashing it made every
+                    # `logits = model(...).logits` cell a cache miss (and hashed its bytes)
+                    continue
                 elif isinstance(target, torch.nn.Module):  # a notebook's adapter a hook applies
                     parts.append(f"names {called}: {self.module(target, depth + 1)}")
                 else:  # a notebook's `SCALE = 3.0`, a steering tensor: read, not followed
@@ -375,6 +382,20 @@ def _names(code: types.CodeType) -> set[str]:
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             names |= _names(const)
+    return names
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    """The names a code object and the code nested in it read as globals (LOAD_GLOBAL,
+    LOAD_NAME), not as attributes: co_names holds both."""
+    names = {
+        i.argval
+        for i in dis.get_instructions(code)
+        if i.opname in ("LOAD_GLOBAL", "LOAD_NAME") and isinstance(i.argval, str)
+    }
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
     return names
 
 

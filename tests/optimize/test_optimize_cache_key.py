@@ -227,3 +227,24 @@ def test_a_forward_leaves_hf_models_digest_as_it_was(name):
         model(input_ids=torch.randint(3, 60, (1, 8)))
     assert code_digest(model) == before
     assert code_digest(tiny_model(name)) == before
+
+
+class _BertReadingAnAttribute(T.BertModel):
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        return super().forward(input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def test_a_global_named_like_an_attribute_the_forward_reads_is_not_hashed():
+    """`out.last_hidden_state` names an attribute, not a global: a notebook's
+    `last_hidden_state = model(...)` left the key alone before the globals were hashed, and
+    must again (it made every such cell a cache miss, and hashed the tensor's bytes)."""
+    torch.manual_seed(0)
+    model = _BertReadingAnAttribute(T.BertConfig(**SMALL)).eval()
+    before = code_digest(model)
+    try:
+        globals()["last_hidden_state"] = torch.randn(4, 4)
+        assert code_digest(model) == before
+        globals()["last_hidden_state"] = torch.randn(4, 4)
+        assert code_digest(model) == before
+    finally:
+        globals().pop("last_hidden_state", None)
