@@ -276,7 +276,12 @@ def check_replaceable(dest: Path) -> None:
     while folders:
         folder = folders.pop()
         folder_st = folder.lstat()
-        if not _may(folder, os.R_OK | os.W_OK | os.X_OK):
+        # the user's own write-protected folders (`chmod -R a-w`, a strict umask) are given
+        # their permissions back before the deletion (make_deletable), and an empty folder
+        # holds nothing to delete
+        own = folder_st.st_uid == euid
+        empty = folder == dest and not any(os.scandir(folder))
+        if not own and not empty and not _may(folder, os.R_OK | os.W_OK | os.X_OK):
             raise ArtifactDestinationError(
                 f"cannot replace the artifact at {dest}: this user may not delete what "
                 f"{_describe(folder, folder_st)} holds, so the previous artifact would be left "
@@ -297,9 +302,31 @@ def check_replaceable(dest: Path) -> None:
                 folders.append(Path(entry.path))
 
 
+def make_deletable(folder: Path, top_only: bool = False) -> None:
+    """Give this user's own folders under `folder` (or `folder` alone) back the read, write
+    and search permission a deletion (or a move to another folder, which rewrites `..`)
+    takes: an artifact the user write-protected (`chmod -R a-w`, a strict umask) is theirs to
+    replace. Other users' folders are left as they are (check_replaceable refuses those)."""
+    euid = _euid()
+    stack = [folder]
+    while stack:
+        path = stack.pop()
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            if st.st_uid == euid and st.st_mode & stat.S_IRWXU != stat.S_IRWXU:
+                os.chmod(path, st.st_mode | stat.S_IRWXU)
+            if not top_only:
+                stack += [e.path for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+        except OSError:  # gone meanwhile, or not ours: the deletion says what is left
+            continue
+
+
 def remove_left_over(folder: Path, what: str) -> None:
     """Delete `folder`; where that fails, warn naming what is left and why, rather than leave
     it hidden and unexplained (`what` says what it is: "the previous artifact")."""
+    make_deletable(folder)
     failures: list[OSError] = []
 
     def failed(_function, _path, error) -> None:

@@ -68,6 +68,7 @@ from kernl.artifacts.signing import trusted_keys_from_env
 from kernl.artifacts.writer import (
     carry_kept_files,
     exchange_paths,
+    make_deletable,
     owner_is_gone,
     owner_tag,
     remove_left_over,
@@ -319,9 +320,18 @@ def _settings(config: Any) -> dict[str, Any]:
     }
 
 
+def _as_lists(v: Any) -> Any:
+    """Tuples as lists, nested too: [1, 2] set as (1, 2) is no edit."""
+    if isinstance(v, (list, tuple)):
+        return [_as_lists(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _as_lists(x) for k, x in v.items()}
+    return v
+
+
 def _same(a: Any, b: Any) -> bool:
     try:
-        return bool(a == b)
+        return bool(_as_lists(a) == _as_lists(b))
     except (RuntimeError, TypeError, ValueError):  # tensors or arrays of several values
         return a is b
 
@@ -1095,6 +1105,9 @@ def copy_artifact(source: Path, destination: str | os.PathLike) -> Path:
 def _swap_in(tmp: Path, dest: Path) -> None:
     """Swap tmp/artifact with the artifact at `dest` (the previous one ends in tmp)."""
     carry_kept_files(dest, tmp / "artifact")  # a tokenizer.json put beside it stays
+    # moved into tmp, another folder: that rewrites its `..`, which takes write permission on
+    # it (the user's own write-protected artifact is theirs to replace)
+    make_deletable(dest, top_only=True)
     # one exchange, as the writer's commit: no moment without an artifact at `dest` (a load()
     # then met a missing folder); two renames where it is unsupported
     if not exchange_paths(tmp / "artifact", dest):

@@ -178,15 +178,40 @@ def test_another_users_artifact_is_refused_before_any_work_as_that_user(
     assert _as_nobody(lambda: check_destination(parent / "new.kernl")) == "accepted"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may delete anything")
-def test_an_artifact_with_a_folder_this_user_cannot_write_is_refused(small_artifact, tmp_path):
+def test_the_users_own_write_protected_artifact_is_replaced_and_deleted(small_artifact, tmp_path):
+    """`chmod -R a-w` on a deployed artifact, or a strict umask, leaves folders this user may
+    not write, but owns: a rename within the folder needs no permission on them, and their
+    permissions are given back for the deletion (the early check refused them, reread)."""
     dest = copy_artifact(small_artifact, tmp_path / "bert.kernl")
-    (dest / "programs").chmod(0o555)
+    before = verify_artifact(dest)
+    for p in [dest, *dest.rglob("*")]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
     try:
-        with pytest.raises(ArtifactDestinationError, match="may not delete what"):
-            check_destination(dest)
+        assert check_destination(dest) == dest
+        w, manifest = _rewrite(small_artifact, dest, "new")
+        w.commit(manifest)
+        assert verify_artifact(dest) != before
+        assert read_manifest(dest).model_config["marker"] == "new"
+        assert _others(tmp_path) == []
     finally:
-        (dest / "programs").chmod(0o755)
+        for p in [dest, *dest.rglob("*")]:
+            if p.is_dir() and not p.is_symlink():
+                p.chmod(0o755)
+
+
+def test_another_users_folder_is_refused_but_an_empty_one_is_replaced(
+    small_artifact, tmp_path, monkeypatch
+):
+    """Another user's folder that this user may not write: refused where it holds files (they
+    could not be deleted), replaced where it is empty (only its parent's permission counts)."""
+    dest = copy_artifact(small_artifact, tmp_path / "bert.kernl")
+    monkeypatch.setattr(writer_module, "_euid", lambda: dest.stat().st_uid + 1, raising=False)
+    monkeypatch.setattr(writer_module, "_may", lambda path, mode: False, raising=False)
+    with pytest.raises(ArtifactDestinationError, match="may not delete what"):
+        check_destination(dest)
+    empty = tmp_path / "empty.kernl"
+    empty.mkdir()
+    assert check_destination(empty) == empty
 
 
 # -- the commit ----------------------------------------------------------------------------------

@@ -132,3 +132,13 @@ def test_whisper_applies_language_and_task_edits_as_hugging_face(cache):
     model.generation_config.lang_to_id = {**LANGS, "<|es|>": 113}
     with pytest.raises(ValueError, match=r"\(lang_to_id="):
         model.generate(input_features=x, max_new_tokens=10)
+
+
+def test_a_value_set_again_as_a_tuple_is_no_edit():
+    """`bad_words_ids` set again to the same ids as tuples is the same setting (it was taken
+    for an edit the artifact cannot follow, and refused)."""
+    from kernl.compiler.optimize import _same
+
+    assert _same([[5], [7]], ((5,), (7,)))
+    assert _same({"a": [1, 2]}, {"a": (1, 2)})
+    assert not _same([[5]], [[6]])

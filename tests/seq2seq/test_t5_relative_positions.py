@@ -21,7 +21,18 @@ from kernl.runtime.generation.encoder_decoder import (
 )
 
 VOCAB = 97
-CONFIGS = [(32, 128), (32, 17), (32, 16), (32, 8), (32, 4), (16, 3), (33, 5), (8, 16)]
+CONFIGS = [
+    (32, 128),
+    (32, 17),
+    (32, 16),
+    (32, 8),
+    (32, 4),
+    (16, 3),
+    (33, 5),
+    (8, 16),
+    (32, 1),
+    (8, 1),
+]
 FAR = 2000  # query-key distances compared with Hugging Face's buckets
 
 

@@ -90,11 +90,14 @@ def relative_distance_limit(bidirectional: bool, num_buckets: int, max_distance:
     log(distance) / log(max_distance / max_exact): with max_distance <= max_exact that ratio
     runs backwards (or is 0 / 0 at max_exact), the buckets fall below 0 and Hugging Face's
     T5 fails there (IndexError). They fall, never to rise again, by distance
-    max_exact * (max_exact / max_distance) + 1, within the range scanned here."""
+    max_exact * (max_exact / max_distance) ** ((max_exact + 1) / max_exact) + 1 (the bucket
+    is truncated toward zero, so later than the untruncated max_exact**2 / max_distance; at
+    max_distance 1 that was past the range once scanned), within the range scanned here."""
     exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
     if max_distance > exact or max_distance < 1:  # < 1: the artifact's checker refuses it
         return None
-    distance = torch.arange(exact * exact + 2)
+    last = math.ceil(exact * (exact / max_distance) ** ((exact + 1) / exact)) + 2
+    distance = torch.arange(last)
     sides = (distance, -distance) if bidirectional else (-distance,)
     bad = torch.zeros_like(distance, dtype=torch.bool)
     for relative in sides:
