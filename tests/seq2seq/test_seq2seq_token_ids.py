@@ -143,3 +143,27 @@ def test_a_whisper_model_without_its_head_is_refused_naming_the_task_asked_for(t
     message = str(e.value)
     assert "task 'speech-seq2seq' does not match the model given, a WhisperModel" in message
     assert "seq2seq-lm" not in message and "WhisperForConditionalGeneration" in message
+
+
+@pytest.mark.gpu
+def test_the_eos_exempt_bad_words_reach_the_replayed_graphs_on_the_gpu(tmp_path):
+    """On the GPU every step is a replayed CUDA graph: the suppress mask each request rewrites
+    in place (`_State.exempt_eos`) must be what the captured steps read, call after call with
+    other EOS ids (a stale mask would keep suppressing 7 or the EOS)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    hf = tiny_seq2seq("bart", inflated=False)
+    with torch.no_grad():
+        hf.final_logits_bias[0, EOS] = 3.0
+        hf.final_logits_bias[0, 7] = 4.0
+    hf.generation_config.bad_words_ids = [[EOS], [7]]
+    kernl.compiler.compile(hf, BUCKETS, tmp_path / "a", dtype="fp32", device="cuda")
+    model = kernl.runtime.load(tmp_path / "a", device="cuda")
+    ids, mask = sources([12, 5, 9])
+    for call_eos in (None, [7], [EOS, 7], None):  # each ends its rows at once: no near ties
+        eos = {} if call_eos is None else {"eos_token_id": call_eos}
+        ref = _hf_generate(hf, ids, mask, **eos)
+        got = model.generate(
+            input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=12, **eos
+        )
+        assert torch.equal(got.cpu(), ref), f"{call_eos}\nkernl {got.tolist()}\nhf {ref.tolist()}"
