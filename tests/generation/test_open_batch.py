@@ -397,3 +397,61 @@ def test_a_generating_model_refuses_pickling_saying_what_to_do(model):
 
     with pytest.raises(TypeError, match="Load the artifact in each process"):
         pickle.dumps(model)
+
+
+def test_an_async_interrupt_right_after_the_lock_is_taken_leaves_the_model_free(model):
+    """A request timeout (an async exception) or a Ctrl-C pending while open_batch() waited
+    for the model fires right after the acquire returns, before the hold recorded it: the
+    model stayed locked for good and every later call waited forever (review)."""
+    import ctypes
+    import threading
+    import time
+
+    a = prompt(5, 64)
+    want = alone(model, a, 4)
+    holder = model.open_batch([a], max_new_tokens=8, rows=4)
+    outcome = {}
+
+    def waiter():
+        try:
+            outcome["batch"] = model.open_batch([a], max_new_tokens=4)
+        except BaseException as e:  # noqa: BLE001 (the interrupt is what is tested)
+            outcome["error"] = e
+
+    t = threading.Thread(target=waiter, daemon=True)
+    t.start()
+    time.sleep(0.5)  # blocked in the lock's acquire, where an async exception waits
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(t.ident), ctypes.py_object(KeyboardInterrupt)
+    )
+    time.sleep(0.2)
+    holder.close()  # the waiter takes the lock, then its pending interrupt fires
+    t.join(timeout=30)
+    assert not t.is_alive()
+    assert isinstance(outcome.get("error"), KeyboardInterrupt), outcome
+    outcome.clear()
+    assert not model._lock.locked()
+    assert alone(model, a, 4) == want
+
+
+def test_a_thread_that_steps_a_batch_another_opened_is_refused_not_stuck(model):
+    """A pool worker stepping a batch another worker opened: its own generate() is refused
+    with the open-batch message (it waited for itself forever), and the opener's waits."""
+    import threading
+
+    a = prompt(5, 64)
+    with model.open_batch([a], max_new_tokens=8, rows=4) as batch:
+        outcome = {}
+
+        def driver():
+            batch.steps(1)
+            try:
+                model.generate([a], max_new_tokens=2)
+            except RuntimeError as e:
+                outcome["refused"] = str(e)
+
+        t = threading.Thread(target=driver)
+        t.start()
+        t.join(timeout=60)
+        assert not t.is_alive(), "the driving thread waited for itself"
+        assert "open batch" in outcome.get("refused", ""), outcome

@@ -129,6 +129,7 @@ class OpenBatch:
         batch bucket, which nobody can ever join. In a tensor prompt, the batch's pad
         id marks padding, as in `generate` without an attention_mask."""
         self._check_open()
+        self._driven_here()
         if self.join_bucket is None:  # never "not now": it cannot ever join
             raise ValueError(
                 f"nobody can join this batch: it runs on the smallest batch bucket "
@@ -194,6 +195,7 @@ class OpenBatch:
         of the rows live at that step. Stops at the first step where a live row spends its
         budget, so that no row passes it (a row's EOS frees it mid-way)."""
         self._check_open()
+        self._driven_here()
         n = plain_number(n)  # np.int64(2), as join() and generate() take them
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"steps(n) takes a positive integer, got {n!r}")
@@ -233,6 +235,13 @@ class OpenBatch:
     def closed(self) -> bool:
         return not self._release.alive
 
+    def _driven_here(self) -> None:
+        """The model is held by the thread that drives the batch now, as a stream's is by the
+        thread that pulled its last step: a pool worker stepping a batch another opened
+        waited for itself forever in its own next generate(), with no error (review)."""
+        if self._hold.held and self.model._lock is self._hold.lock:
+            self.model._streaming_thread = threading.current_thread()
+
     def _check_open(self) -> None:
         if self.closed:
             raise RuntimeError(
@@ -263,20 +272,35 @@ class _ModelHold:
         # the lock object it takes: a forked child gives the model a fresh one meanwhile
         self.lock = model._lock
         self.model = model
-        self.held = False
+        self._holding = None
 
     def acquire(self) -> None:
-        self.held = self.lock.acquire()  # one statement: no interrupt between the two
-        self.model._streaming_thread = threading.current_thread()
-        self.model._holder = "open_batch()"
+        # The lock is taken in a `with` inside a generator: an interrupt (Ctrl-C, a request
+        # timeout's async exception) that lands right after the acquire runs the with's exit,
+        # and one that lands after next() returns finds the generator stored, which release()
+        # (or its collection) closes. `self.held = self.lock.acquire()` lost the lock there:
+        # the exception came before the store, and the model stayed locked for good (review).
+        self._holding = self._hold()
+        next(self._holding)
+
+    def _hold(self):
+        with self.lock:
+            self.model._streaming_thread = threading.current_thread()
+            self.model._holder = "open_batch()"
+            try:
+                yield
+            finally:
+                if self.model._lock is self.lock:
+                    self.model._streaming_thread = None
+
+    @property
+    def held(self) -> bool:
+        return self._holding is not None and self._holding.gi_frame is not None
 
     def release(self) -> None:
-        if not self.held:  # interrupted while it waited for the lock
-            return
-        self.held = False
-        if self.model._lock is self.lock:
-            self.model._streaming_thread = None
-        self.lock.release()
+        holding, self._holding = self._holding, None
+        if holding is not None:  # a generator that never got the lock closes as a no-op
+            holding.close()
 
 
 def pad_mask(ids: torch.Tensor, pad: int | None) -> torch.Tensor:
