@@ -69,6 +69,7 @@ def compile(
                 kernels=kernels,
                 tune=tune,
             )
+    given_task = task
     if task is None:
         task = task_from_source(model_or_path)
         if task == "seq2seq-lm":  # WhisperForConditionalGeneration: speech in, text out
@@ -122,7 +123,9 @@ def compile(
         out,
         dtype=dtype,
         device=device,
-        task=task,
+        # as given: the encoder's loader infers it again, knowing then whether it was a guess
+        # (a config naming no architecture, whose head weights must not be dropped unsaid)
+        task=given_task,
         atol=atol,
         rtol=rtol,
         progress=progress,

@@ -81,7 +81,15 @@ from .code_digest import code_digest
 from .tasks.causal_lm.buckets import as_generation_buckets
 from .tasks.seq2seq import is_speech_model
 from .tasks.seq2seq.buckets import as_seq2seq_buckets, check_positions, seq2seq_position_limit
-from .trace import DTYPES, GENERATION_TASKS, SEQ2SEQ_TASKS, check_task, task_of, unwrap_compiled
+from .trace import (
+    DTYPES,
+    GENERATION_TASKS,
+    SEQ2SEQ_TASKS,
+    check_task,
+    refuse_wrapper,
+    task_of,
+    unwrap_compiled,
+)
 from .tune import cache_root, cache_root_of  # kernl's cache folder, one rule for both caches
 
 # Default buckets when none are given (see default_buckets).
@@ -489,6 +497,7 @@ def _optimize(
         model = unwrap_compiled(model)
     if isinstance(buckets, Iterator):  # read twice (the cache key, then the compile)
         buckets = list(buckets)
+    refuse_wrapper(model)
     config = getattr(model, "config", None)
     if not isinstance(model, torch.nn.Module) or config is None:
         raise TypeError(

@@ -76,6 +76,10 @@ def task_of(config, model: torch.nn.Module | None = None) -> str:
             # BertModel from AutoModel of a masked-LM checkpoint (architectures names the
             # head): the object given is the encoder alone, as check_task reads it
             return "base"
+        if _is_head(name):
+            # a head no task names (BertForPreTraining): compiled as it is, under "base", not
+            # under the task its checkpoint's architectures name (bert-base's ForMaskedLM)
+            return "base"
         names.insert(0, name)
     for name in names:
         _refuse_multiple_choice(name)  # else "base": its encoder compiled, the head dropped
@@ -93,7 +97,7 @@ def _refuse_unknown_head(names: list[str]) -> None:
     compiled as its encoder with the head dropped, unlike the same model given as an object
     (compiled as it is). Said, with both ways on."""
     for name in names:
-        if re.search(r"For[A-Z]", name) or name.endswith(("HeadModel", "HeadsModel")):
+        if _is_head(name):
             raise UnsupportedModelError(
                 f"{name}: kernl has no task for this head (tasks: {', '.join(ALL_TASKS)}). "
                 "`--task base` compiles its encoder alone, the head dropped; to compile the "
@@ -101,6 +105,10 @@ def _refuse_unknown_head(names: list[str]) -> None:
                 "pass it to kernl.compiler.compile or kernl.optimize, which compile a model "
                 "object as it is"
             )
+
+
+def _is_head(name: str) -> bool:
+    return bool(re.search(r"For[A-Z]", name)) or name.endswith(("HeadModel", "HeadsModel"))
 
 
 def _refuse_multiple_choice(name: str) -> None:
@@ -130,6 +138,27 @@ def check_task(task: str, model: torch.nn.Module | None = None) -> None:
         raise UnsupportedModelError(
             f"task {task!r} does not match the model given, a {name} (task {own!r}): pass "
             f"task={own!r}, or the model class of the task you want"
+        )
+    if own is None and task != "base" and _is_head(name):
+        # BertForPreTraining given as an object: compiled as it is, its outputs its own, which
+        # a label such as masked-lm would misname (and the runtime would read as that task's)
+        raise UnsupportedModelError(
+            f"task {task!r} does not match the model given, a {name}: kernl has no task for "
+            "this head, and compiles a model object of it as it is, under task 'base' (pass "
+            "task='base' or none)"
+        )
+
+
+def refuse_wrapper(model: Any) -> None:
+    """A sentence-transformers pipeline is a torch module with a `.config` (its transformer's),
+    so it passed every early check and failed after the compile began ("forward takes no
+    input_ids"): said first, with what to pass instead."""
+    if type(model).__module__.split(".")[0] == "sentence_transformers":
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is a sentence-transformers pipeline (tokenizer, Hugging "
+            "Face model, pooling); kernl compiles the Hugging Face model inside it: "
+            "`kernl.optimize(st[0].auto_model)` (or kernl-compile on the folder holding its "
+            "config.json), then pool its last_hidden_state as the pipeline's modules do"
         )
 
 
@@ -170,14 +199,16 @@ def load_model(model_or_path, task: str | None, dtype: torch.dtype, device: torc
 
     if isinstance(model_or_path, torch.nn.Module):
         model = unwrap_compiled(model_or_path)
+        refuse_wrapper(model)
         source = type(model).__name__
         task = task or task_of(model.config, model)
         check_task(task, model)
     else:
         config, source = read_config(model_or_path)
+        guessed = task is None and not getattr(config, "architectures", None)
         task = task or task_of(config)
         check_task(task)
-        model = _from_folder(source, config, task, dtype, transformers)
+        model = _from_folder(source, config, task, dtype, transformers, guessed)
     if task not in TASKS:
         raise UnsupportedModelError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     model = model.to(device=device, dtype=dtype).eval()
@@ -262,11 +293,15 @@ def _json_error(path: Path) -> str:
     return ""
 
 
-def _from_folder(source: str, config, task: str, dtype: torch.dtype, transformers):
+def _from_folder(
+    source: str, config, task: str, dtype: torch.dtype, transformers, guessed: bool = False
+):
     """The model of `task` from a folder (or the local Hugging Face cache), with every weight
     from the checkpoint. A head the checkpoint lacks (BertModel's pooler in a question-answering
     checkpoint) would be initialised at random and its outputs served as if they meant
-    something: refused, naming the weights."""
+    something: refused, naming the weights. `guessed`: the task is "base" only because the
+    config names no architecture; weights the encoder leaves unused are then a head that would
+    be dropped in silence (an old classifier checkpoint): refused too, asking for --task."""
     from safetensors import SafetensorError
 
     auto = getattr(transformers, TASKS[task])
@@ -298,6 +333,16 @@ def _from_folder(source: str, config, task: str, dtype: torch.dtype, transformer
             f"the checkpoint (its architectures: {archs}): {shown}. They would be random. "
             f"Compile the checkpoint's own head (--task; kernl compiles {', '.join(ALL_TASKS)}), "
             "or load the model yourself and pass it to kernl.compiler.compile or kernl.optimize"
+        )
+    unused = sorted(info.get("unexpected_keys") or [])
+    if guessed and unused:
+        shown = ", ".join(unused[:4]) + (f" and {len(unused) - 4} more" if len(unused) > 4 else "")
+        raise UnsupportedModelError(
+            f"{source}: its config.json names no architecture, so kernl took the model as its "
+            f"encoder alone (task 'base'), which leaves {len(unused)} weights of the checkpoint "
+            f"unused: {shown}. That is a head, which would be dropped. Give --task: the "
+            f"checkpoint's head ({', '.join(t for t in ALL_TASKS if t != 'base')}), or base to "
+            "compile the encoder alone"
         )
     return model
 

@@ -3,6 +3,7 @@
 compiled when the options alone show it cannot work."""
 
 import copy
+import json
 import sys
 
 import pytest
@@ -15,7 +16,7 @@ import kernl.compiler.tasks.encoder
 import kernl.runtime
 from kernl.artifacts import read_manifest
 from kernl.compiler.cli import compile_command, main
-from kernl.compiler.trace import UnsupportedModelError, task_of
+from kernl.compiler.trace import UnsupportedModelError, check_task, task_of
 from kernl.compiler.validate import ValidationError
 
 SMALL = dict(
@@ -710,3 +711,54 @@ def test_ctrl_c_exits_130_and_leaves_no_partial_artifact(bert_dir, tmp_path, mon
         main, ["compile", str(bert_dir), "-o", str(tmp_path / "a"), "--buckets", "1x8", *CPU_FP32]
     )
     assert result.exit_code == 130, result.output
+
+
+def _forget_architectures(folder):
+    """config.json as checkpoints saved before transformers wrote `architectures` have it."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    del config["architectures"]
+    path.write_text(json.dumps(config))
+
+
+def test_a_head_checkpoint_naming_no_architecture_keeps_its_head(tmp_path):
+    """An old classifier checkpoint whose config.json has no `architectures` was compiled as
+    its encoder (task base), the classifier dropped with only transformers' load report
+    saying so. Now refused, naming the unused weights; --task picks either way."""
+    torch.manual_seed(0)
+    clf = T.BertForSequenceClassification(T.BertConfig(**SMALL, num_labels=3)).eval()
+    clf.save_pretrained(tmp_path / "clf")
+    _forget_architectures(tmp_path / "clf")
+    opts = ["--buckets", "batch=1 seq=8", "--device", "cpu", "--dtype", "fp32"]
+    result = run(tmp_path / "clf", "-o", tmp_path / "a", *opts)
+    assert_clean_failure(result, 1, "names no architecture", "classifier.weight", "--task")
+    assert not (tmp_path / "a").exists()
+    result = run(tmp_path / "clf", "-o", tmp_path / "b", *opts, "--task", "sequence-classification")
+    assert result.exit_code == 0, result.output
+    ids = torch.randint(1, SMALL["vocab_size"], (1, 6))
+    got = kernl.runtime.load(tmp_path / "b")(input_ids=ids).logits
+    torch.testing.assert_close(got, clf(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    result = run(tmp_path / "clf", "-o", tmp_path / "c", *opts, "--task", "base")
+    assert result.exit_code == 0, result.output  # asked for: the encoder alone
+
+
+def test_an_encoder_checkpoint_naming_no_architecture_compiles_as_base(tmp_path):
+    torch.manual_seed(0)
+    bert = T.BertModel(T.BertConfig(**SMALL), add_pooling_layer=True).eval()
+    bert.save_pretrained(tmp_path / "m")
+    _forget_architectures(tmp_path / "m")
+    result = run(tmp_path / "m", "-o", tmp_path / "a", "--buckets", "batch=1 seq=8",
+                 "--device", "cpu", "--dtype", "fp32")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "a").task == "base"
+
+
+def test_a_head_object_kernl_has_no_task_for_is_compiled_as_base_only():
+    """BertForPreTraining from a masked-LM checkpoint (architectures: BertForMaskedLM) was
+    labelled masked-lm, and any task was accepted for it: its outputs are its own."""
+    pre = T.BertForPreTraining(T.BertConfig(**SMALL, architectures=["BertForMaskedLM"]))
+    assert task_of(pre.config, pre) == "base"
+    check_task("base", pre)
+    for task in ("masked-lm", "sequence-classification"):
+        with pytest.raises(UnsupportedModelError, match="no task for this head.*task='base'"):
+            check_task(task, pre)

@@ -508,6 +508,27 @@ def test_bad_buckets_are_refused_before_any_work(cache, monkeypatch):
         kernl.optimize(torch.nn.Linear(2, 2), "batch=1 seq=8", progress=False)
 
 
+class _SentencePipeline(torch.nn.Sequential):
+    """What sentence-transformers' SentenceTransformer is to kernl: a torch module holding the
+    Hugging Face model, with its `.config` (the package is not a test dependency)."""
+
+    __module__ = "sentence_transformers.model"
+
+    @property
+    def config(self):
+        return self[0].config
+
+
+def test_a_sentence_transformers_pipeline_is_refused_naming_its_model(cache, monkeypatch):
+    """It passed every early check and failed after "compiling ... into the cache" with
+    "forward takes no input_ids"."""
+    monkeypatch.setattr(api, "compile", lambda *a, **k: pytest.fail("compiled"))
+    pipeline = _SentencePipeline(tiny_bert())
+    with pytest.raises(ValueError, match=r"sentence-transformers pipeline.*st\[0\]\.auto_model"):
+        kernl.optimize(pipeline, "batch=1 seq=8", progress=False)
+    assert not cache.exists() or not list(cache.iterdir())
+
+
 def test_bad_options_are_refused_before_any_work(cache, tmp_path, monkeypatch):
     """Each of these used to be found after the weights were hashed (a bare KeyError for the
     dtype, torch's assertion for the device) or after the whole compile (save_to), or not at
