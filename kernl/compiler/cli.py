@@ -3,12 +3,15 @@ serve). Thin: the work lives in api.py, inspect_report.py, bench.py and kernl.se
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,20 +175,21 @@ def _run_compile(
         click.echo(f"[{time.perf_counter() - start:6.1f}s] {msg}", err=True)
 
     try:
-        report = compile_model(
-            model,
-            buckets,
-            out,
-            dtype=dtype,
-            device=device,
-            task=task,
-            atol=atol,
-            rtol=rtol,
-            kernels=kernels,
-            tune=tune,
-            sign_key=sign_key,
-            progress=progress,
-        )
+        with _terminate_as_interrupt():
+            report = compile_model(
+                model,
+                buckets,
+                out,
+                dtype=dtype,
+                device=device,
+                task=task,
+                atol=atol,
+                rtol=rtol,
+                kernels=kernels,
+                tune=tune,
+                sign_key=sign_key,
+                progress=progress,
+            )
     except BucketSyntaxError as e:
         raise click.BadParameter(str(e), param_hint="--buckets") from None
     except OptionNotApplicableError as e:  # known once the task is (from the config)
@@ -213,6 +217,35 @@ def _run_compile(
         sys.exit(1)
     report.seconds = time.perf_counter() - start  # compile() times itself alone
     click.echo(report.table())
+
+
+class _Terminated(BaseException):
+    """SIGTERM (`docker stop`, a job runner's cancel) during a compile, raised in the main
+    thread as Ctrl-C is, so that the artifact writer removes its partial folder (the default
+    action ended the process at once and left a hidden `.partial-*` folder behind)."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises _Terminated for the compile's duration, where this process is the
+    command's own (not a caller's main(args=...) or CliRunner), in its main thread, and no
+    one set another handler for it."""
+    if (
+        _command_start is None
+        or threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _notes(error: BaseException) -> str:
@@ -257,6 +290,9 @@ class _TimedFromProcessStart:
         except KeyboardInterrupt:
             click.echo("\nInterrupted.", err=True)
             raise click.exceptions.Exit(130) from None
+        except _Terminated:  # SIGTERM, 128 + 15 as for a process the signal ended
+            click.echo("\nTerminated.", err=True)
+            raise click.exceptions.Exit(143) from None
 
 
 class _Command(_TimedFromProcessStart, click.Command):

@@ -49,6 +49,12 @@ def _buckets(dest: Path) -> list[tuple[int, int]]:
 def _compile_killed_after(model_dir: Path, dest: Path, lines: int) -> bool:
     """Run kernl-compile and SIGKILL it after `lines` progress lines; True if it finished
     before that."""
+    return _compile_signalled_after(model_dir, dest, lines, signal.SIGKILL) == 0
+
+
+def _compile_signalled_after(model_dir: Path, dest: Path, lines: int, sig: int) -> int:
+    """Run kernl-compile, send it `sig` after `lines` progress lines, and return its exit
+    status."""
     cmd = [
         sys.executable,
         "-m",
@@ -71,10 +77,12 @@ def _compile_killed_after(model_dir: Path, dest: Path, lines: int) -> bool:
         if line.startswith("["):
             seen += 1
         if seen == lines:
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(sig)
             break
+    if sig != signal.SIGKILL:
+        proc.stderr.read()  # what it says on its way out: a closed pipe would fail its writes
     proc.stderr.close()
-    return proc.wait(timeout=300) == 0
+    return proc.wait(timeout=300)
 
 
 def _leftovers(dest: Path) -> list[str]:
@@ -120,6 +128,16 @@ def test_killed_compiles_leave_nothing_or_the_previous_artifact(model_dir, tmp_p
     )
     assert result.returncode == 0, result.stderr
     assert _buckets(dest) == [(1, 8), (2, 8)]
+    assert _leftovers(dest) == []
+
+
+def test_a_terminated_compile_removes_its_partial_folder(model_dir, tmp_path):
+    """SIGTERM (`docker stop`, a job runner's cancel) mid-compile ended the process at once
+    and left the hidden partial folder that SIGKILL leaves (above); it now unwinds as Ctrl-C
+    does, exit status 143, nothing left behind."""
+    dest = tmp_path / "bert.kernl"
+    assert _compile_signalled_after(model_dir, dest, 9, signal.SIGTERM) == 143
+    assert not dest.exists()
     assert _leftovers(dest) == []
 
 
