@@ -162,7 +162,8 @@ def test_the_eos_exempt_bad_words_reach_the_replayed_graphs_on_the_gpu(tmp_path)
     ids, mask = sources([12, 5, 9])
     for call_eos in (None, [7], [EOS, 7], None):  # each ends its rows at once: no near ties
         eos = {} if call_eos is None else {"eos_token_id": call_eos}
-        ref = _hf_generate(hf, ids, mask, **eos)
+        # compile() moved the model given to the GPU
+        ref = _hf_generate(hf, ids.to(hf.device), mask.to(hf.device), **eos).cpu()
         got = model.generate(
             input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=12, **eos
         )
