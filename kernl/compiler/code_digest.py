@@ -1,5 +1,5 @@
 """What a model computes besides its weights and config: the code of its module classes, their
-plain attributes, the callables set on them and the hooks registered on them, as one digest.
+other state, the callables set on them and the hooks registered on them, as one digest.
 
 kernl.optimize keys its cache on it. Keyed on weights, config and class name alone, a cache
 entry was served for a model whose code had changed under the same names (silently other
@@ -14,55 +14,90 @@ types.MethodType(fn, layer)`), a Hugging Face helper replaced
 - the functions its methods name as globals, whatever their module, as they are bound now:
   their code, the values they close over or default to, and the functions they name in turn
   (each once per digest; torch's and the standard library's by name only);
-and per module instance its public int/float/bool/str attributes (eps, scaling, head counts),
-the callables set on it (a function, a bound method: its function and what it is bound to, a
-functools.partial: its function and arguments, a callable object: its class and plain
-attributes) and its forward hooks (likewise). Nothing in it depends on memory addresses or
-the hash seed: an unchanged model has one digest in every process.
+and per module instance its state besides parameters and buffers: its int/float/bool/str
+attributes, private ones included (eps, scaling, head counts, PEFT's `_active_adapter` and
+`_disable_adapters`), dicts, lists, tuples and sets of such values or of tensors (PEFT's
+`scaling = {"default": 2.0}`), tensors held as plain attributes (by their bytes, as weights are
+hashed: compile folds them in as constants), the callables set on it (a function, a bound
+method: its function and what it is bound to, a functools.partial: its function and arguments,
+a callable object: its class and state) and its forward hooks (likewise). Functions count the
+plain values, tensors and modules they name as globals too (a notebook's `SCALE = 3.0`; not
+those of installed libraries, whose globals are their process state: `_installed`), and a
+module outside the model that a hook or function reaches counts with its parameters and
+buffers. Left out: torch.nn.Module's own bookkeeping (parameters, buffers and submodules are
+hashed by weights_digest and the walk over named_modules; hook tables as hooks; `training`,
+which kernl sets itself) and a short list of Hugging Face loading bookkeeping (_IGNORED).
+Nothing in it depends on memory addresses or the hash seed (sets are hashed sorted): an
+unchanged model has one digest in every process.
 """
 
 from __future__ import annotations
 
+import dis
 import functools
 import hashlib
 import os
 import sys
 import types
+from pathlib import Path
 from typing import Any
 
 import torch
 
 _PLAIN = (bool, int, float, str, type(None))
-# attributes that change nothing computed: the mode kernl sets itself, where it was loaded from
-_IGNORED = frozenset({"training", "name_or_path"})
+_CONTAINERS = (dict, list, tuple, set, frozenset)
+# instance attributes that change nothing computed, or are hashed elsewhere:
+_IGNORED = frozenset(
+    {
+        # torch.nn.Module's own: _parameters/_buffers/_modules (weights_digest, named_modules),
+        # the hook tables (_HOOK_TABLES, hashed as hooks), `training` (kernl sets the mode)
+        *vars(torch.nn.Module()),
+        "_compiled_call_impl",  # Module.compile(): the same forward, compiled by torch
+        # where the model was loaded from, and Hugging Face bookkeeping for loading, saving,
+        # sharding and hub kernels: from_pretrained sets some that a constructor does not, and
+        # nothing a forward computes reads them (kernelize's new forwards are hashed as such)
+        "name_or_path",
+        "_is_hf_initialized",
+        "_use_kernels",
+        "_kernels_mode",
+        "_weight_conversions",
+        "_keep_in_fp32_modules",
+        "_keep_in_fp32_modules_strict",
+        "_keys_to_ignore_on_load_missing",
+        "_keys_to_ignore_on_load_unexpected",
+        "_keys_to_ignore_on_save",
+        "_no_split_modules",
+        "_skip_keys_device_placement",
+        "all_tied_weights_keys",
+        "_tp_plan",
+        "_pp_plan",
+        "_ep_plan",
+        "_fsdp_plan",
+    }
+)
 # the forward hook tables torch.nn.Module.__call__ reads
 _HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks")
 # modules whose functions are fingerprinted by name only: the versions in the cache key cover
 # their code, and following their globals would cost the digest most of its time
 _BY_NAME = frozenset({"torch", "builtins", "typing", *sys.stdlib_module_names})
 _FUNCTIONS = (types.FunctionType, types.MethodType, functools.partial)
-# how deep functions are followed through the globals, closures and partials they name (a
-# bound on the recursion, far above what a model's helpers nest)
+# how deep functions are followed through the globals, closures and partials they name, and
+# values through the containers and objects that hold them (a bound on the recursion, far
+# above what a model's helpers nest)
 _MAX_DEPTH = 12
+_HASH_CHUNK = 64 << 20  # bytes of a GPU tensor copied to the host at a time
 
 
 def code_digest(model: torch.nn.Module) -> str:
-    """sha256 (hex) of the code and the non-tensor state `model` computes with (see above)."""
+    """sha256 (hex) of the code and the state besides parameters and buffers that `model`
+    computes with (see above)."""
     h = hashlib.sha256()
     seen: set[type] = set()
     fp = _Fingerprints({id(m): name for name, m in model.named_modules()})
     for name, module in model.named_modules():
         h.update(f"module {name}: {_qualname(type(module))}\n".encode())
-        for key, value in sorted(vars(module).items()):
-            if key.startswith("_") or key in _IGNORED:
-                continue
-            if isinstance(value, _PLAIN) or _plain_sequence(value):
-                h.update(f"  {key}={value!r}\n".encode())
-            elif callable(value):  # a function, bound method, partial, callable object
-                h.update(f"  {key}=<{fp.callable(value)}>\n".encode())
-        for table in _HOOK_TABLES:
-            for hook in getattr(module, table, {}).values():
-                h.update(f"  {table}: {fp.callable(hook)}\n".encode())
+        for line in fp.state(module, 0):
+            h.update(f"  {line}\n".encode())
         for klass in type(module).__mro__:
             if klass not in seen and not _is_torch(klass):
                 seen.add(klass)
@@ -83,8 +118,17 @@ def _is_torch(klass: type) -> bool:
     return klass is object or klass.__module__.split(".")[0] in ("torch", "builtins", "typing")
 
 
-def _plain_sequence(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and all(isinstance(v, _PLAIN) for v in value)
+def tensor_bytes_digest(t: torch.Tensor, chunk: int = _HASH_CHUNK) -> bytes:
+    """sha256 of a tensor's bytes (weights_digest's too), a GPU tensor copied to the host
+    `chunk` bytes at a time."""
+    h = hashlib.sha256()
+    flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    if flat.device.type == "cpu":
+        h.update(flat.numpy().data)  # no copy for a contiguous CPU tensor
+    else:  # bounded host memory: a chunk at a time
+        for start in range(0, flat.numel(), chunk):
+            h.update(flat[start : start + chunk].cpu().numpy().data)
+    return h.digest()
 
 
 class _Fingerprints:
@@ -98,6 +142,104 @@ class _Fingerprints:
         self.classes: dict[type, str] = {}
         self.functions: dict[tuple[int, bool], str] = {}
         self.busy: set[tuple[int, bool]] = set()
+        self.modules: dict[int, str] = {}  # modules outside the model, by id (this digest's)
+        self.busy_modules: set[int] = set()
+        self.tensors: dict[tuple, str] = {}  # a tensor shared by many hooks is read once
+
+    def state(self, obj: Any, depth: int) -> list[str]:
+        """What a module's (or a callable object's) calls may read besides parameters and
+        buffers: its attributes that are data (see `data`: plain values, tensors, containers of
+        those; private ones too, PEFT's `_active_adapter`), its callable attributes, and a
+        module's forward hooks. Other attributes (a config, which the key hashes on its own;
+        an accelerate hook object; a container holding such objects) have no fingerprint that
+        is both stable across processes and complete, and are left out, as they always were."""
+        lines = []
+        for key, value in sorted(getattr(obj, "__dict__", {}).items()):
+            if key in _IGNORED:
+                continue
+            data = self.data(value, depth + 1)
+            if data is not None:
+                lines.append(f"{key}={data}")
+            elif callable(value):  # a function, bound method, partial, callable object
+                lines.append(f"{key}=<{self.callable(value, depth + 1)}>")
+        if isinstance(obj, torch.nn.Module):
+            for table in _HOOK_TABLES:
+                for hook in getattr(obj, table, {}).values():
+                    lines.append(f"{table}: {self.callable(hook, depth + 1)}")
+        return lines
+
+    def data(self, v: Any, depth: int) -> str | None:
+        """A plain value, a tensor (its bytes), or a dict, list, tuple or set holding only
+        those (nested too), as a string; None for anything else. Dicts, lists and tuples in
+        their order (insertion order: the same for the same code), sets sorted (their order
+        follows string hashing, which differs between processes)."""
+        if isinstance(v, _PLAIN):
+            return repr(v)
+        if isinstance(v, torch.Tensor):
+            return self.tensor(v)
+        if not isinstance(v, _CONTAINERS) or depth > _MAX_DEPTH:
+            return None
+        if isinstance(v, dict):
+            items = [(self.data(k, depth + 1), self.data(x, depth + 1)) for k, x in v.items()]
+            if any(k is None or x is None for k, x in items):
+                return None
+            inner = ", ".join(f"{k}: {x}" for k, x in items)
+        else:
+            parts = [self.data(x, depth + 1) for x in v]
+            if any(x is None for x in parts):
+                return None
+            inner = ", ".join(sorted(parts) if isinstance(v, (set, frozenset)) else parts)
+        return f"{_qualname(type(v))}[{inner}]"
+
+    def tensor(self, t: torch.Tensor) -> str:
+        """A tensor by dtype, shape and the sha256 of its bytes, whatever its size (compile
+        folds a tensor a forward reads into the artifact, as it does weights)."""
+        kind = f"tensor {t.dtype} {tuple(t.shape)}"
+        if t.device.type == "meta" or t.layout != torch.strided:
+            return kind  # no bytes to read (not loaded, or sparse): its kind only, as before
+        try:
+            ptr = t.untyped_storage().data_ptr() if t.numel() else 0
+            key = (str(t.device), ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if key not in self.tensors:  # the address keys this digest's memo, never the hash
+                self.tensors[key] = f"{kind} {tensor_bytes_digest(t).hex()[:32]}"
+            return self.tensors[key]
+        except (RuntimeError, TypeError, NotImplementedError):
+            # a tensor subclass without plain storage (quantized, distributed): no bytes that
+            # read the same in every process, so its kind and class only, as before
+            return f"{kind} {_qualname(type(t))}"
+
+    def module(self, m: torch.nn.Module, depth: int) -> str:
+        """A module: one of the model's by its name in it (weights_digest hashes its weights);
+        another one (an adapter a hook applies, a module a function names as a global) by its
+        classes' code, its modules' state and hooks, and its parameters' and buffers' bytes."""
+        name = self.owners.get(id(m))
+        if name is not None:
+            return f"model module {name!r}"
+        if id(m) in self.modules:
+            return self.modules[id(m)]
+        if id(m) in self.busy_modules or depth > _MAX_DEPTH:  # it holds itself, or too deep
+            return f"module {_qualname(type(m))}"
+        self.busy_modules.add(id(m))
+        try:
+            parts = []
+            for sub_name, sub in m.named_modules():
+                code = [
+                    hashlib.sha256(self.klass(k).encode()).hexdigest()[:32]
+                    for k in type(sub).__mro__
+                    if not _is_torch(k)
+                ]
+                parts.append(f"module {sub_name}: {_qualname(type(sub))} {code}")
+                parts += self.state(sub, depth + 1)
+            tensors = [
+                *m.named_parameters(remove_duplicate=False),
+                *m.named_buffers(remove_duplicate=False),
+            ]
+            parts += [f"{n}={self.tensor(t)}" for n, t in tensors]
+        finally:
+            self.busy_modules.discard(id(m))
+        digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+        self.modules[id(m)] = f"module {_qualname(type(m))} {digest}"
+        return self.modules[id(m)]
 
     def klass(self, klass: type) -> str:
         """The class's name, its module file's sha256 where it has one, and its methods (a
@@ -137,11 +279,12 @@ class _Fingerprints:
             inner = self.callable(fn.func, depth + 1, follow)
             return f"partial({inner}; {', '.join(args + kwargs)})"
         if isinstance(fn, types.MethodType):
-            return f"{self.callable(fn.__func__, depth + 1, follow)} of {self.owner(fn.__self__)}"
+            bound = self.owner(fn.__self__, depth + 1)
+            return f"{self.callable(fn.__func__, depth + 1, follow)} of {bound}"
         if isinstance(fn, (staticmethod, classmethod)):
             return self.callable(fn.__func__, depth + 1, follow)
         if isinstance(fn, torch.nn.Module):  # a hook that is a module: its class and weights
-            return f"module {_qualname(type(fn))}"
+            return self.module(fn, depth)
         if isinstance(fn, types.FunctionType):
             return self.function(fn, depth, follow)
         if isinstance(fn, type):
@@ -150,16 +293,10 @@ class _Fingerprints:
             owner = getattr(fn, "__self__", None)
             bound = "" if owner is None or isinstance(owner, types.ModuleType) else " bound"
             return f"{getattr(fn, '__module__', None) or '?'}.{fn.__qualname__}{bound}"
-        # a callable object: its class's code and its plain attributes
+        # a callable object: its class's code and its state (as a module's)
         klass = type(fn)
         code = "" if _is_torch(klass) else hashlib.sha256(self.klass(klass).encode()).hexdigest()
-        state = [
-            f"{k}={v!r}"
-            for k, v in sorted(getattr(fn, "__dict__", {}).items())
-            if not k.startswith("_")
-            and k not in _IGNORED
-            and (isinstance(v, _PLAIN) or _plain_sequence(v))
-        ]
+        state = self.state(fn, depth) if depth <= _MAX_DEPTH else ["..."]
         return f"object {_qualname(klass)} {code[:32]} [{', '.join(state)}]"
 
     def function(self, fn: types.FunctionType, depth: int, follow: bool = True) -> str:
@@ -188,12 +325,25 @@ class _Fingerprints:
             parts += [self.value(v, depth + 1) for v in fn.__defaults__ or ()]
             for k, v in sorted((fn.__kwdefaults__ or {}).items()):
                 parts.append(f"{k}={self.value(v, depth + 1)}")
-            if follow:
-                for called in sorted(_names(fn.__code__)):
-                    target = fn.__globals__.get(called)
-                    if isinstance(target, _FUNCTIONS):
+            # the data its globals hold: of the user's code only (see _installed)
+            read = set() if _installed(fn.__module__) else _global_names(fn.__code__)
+            for called in sorted(_names(fn.__code__)):
+                target = fn.__globals__.get(called, _ABSENT)
+                if isinstance(target, _FUNCTIONS):
+                    if follow:
                         inner = _globals_of(target) is fn.__globals__  # its own module
                         parts.append(f"calls {called}: {self.callable(target, depth + 1, inner)}")
+                elif called not in read or target is _ABSENT:  # a builtin: not the module's
+                    # an attribute name only (`out.logits`, `self.model`): a notebook global
+                    # of that name is not what the function reads, and hashing it made every
+                    # `logits = model(...).logits` cell a cache miss (and hashed its bytes)
+                    continue
+                elif isinstance(target, torch.nn.Module):  # a notebook's adapter a hook applies
+                    parts.append(f"names {called}: {self.module(target, depth + 1)}")
+                else:  # a notebook's `SCALE = 3.0`, a steering tensor: read, not followed
+                    data = self.data(target, depth + 1)
+                    if data is not None:
+                        parts.append(f"names {called}={data}")
         finally:
             self.busy.discard(key)
         found = f"{name} {hashlib.sha256(chr(10).join(parts).encode()).hexdigest()[:32]}"
@@ -201,24 +351,43 @@ class _Fingerprints:
         return found
 
     def value(self, v: Any, depth: int, follow: bool = False) -> str:
-        if isinstance(v, _PLAIN) or _plain_sequence(v):
-            return repr(v)
-        if isinstance(v, torch.Tensor) and v.device.type != "meta" and v.numel() <= 4096:
-            data = v.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-            return f"tensor {v.dtype} {tuple(v.shape)} {hashlib.sha256(data).hexdigest()[:16]}"
+        """A value a function closes over, defaults to, or a partial binds."""
+        data = self.data(v, depth)
+        if data is not None:
+            return data
         if isinstance(v, _FUNCTIONS):
             return self.callable(v, depth, follow)
         if isinstance(v, torch.nn.Module):
-            return self.owner(v)
+            return self.module(v, depth)
+        # any other object: its class only, as before (its attributes may hold what differs
+        # between processes, an address, a lock, a counter, and have no general fingerprint)
         return f"<{_qualname(type(v))}>"
 
-    def owner(self, obj: Any) -> str:
-        """What a bound method is bound to: a module of the model by its name in it (the same
-        function bound to another layer computes with other weights), else by its class."""
-        name = self.owners.get(id(obj))
-        if name is not None:
-            return f"model module {name!r}"
+    def owner(self, obj: Any, depth: int = 0) -> str:
+        """What a bound method is bound to: a module by `module` (a module of the model by its
+        name in it: the same function bound to another layer computes with other weights),
+        else by its class."""
+        if isinstance(obj, torch.nn.Module):
+            return self.module(obj, depth)
         return f"class {_qualname(obj)}" if isinstance(obj, type) else f"<{_qualname(type(obj))}>"
+
+
+_ABSENT = object()
+
+
+@functools.cache
+def _installed(module: str | None) -> bool:
+    """Whether a module belongs to an installed distribution (transformers, peft, accelerate:
+    under site-packages or dist-packages). Its code is hashed as everyone's, but not the data
+    its globals hold: that is the library's process state (a flag its context managers set
+    while some thread loads a model, a lazily imported attention function), which differs
+    between a fresh process and a long-running one, so hashing it made an unchanged model
+    miss the cache (a plain BERT in CI's test worker, 2026-12-06). A user's globals (a
+    notebook's, a script's, a package of theirs beside it) are hashed."""
+    path = getattr(sys.modules.get((module or "").split(".")[0]), "__file__", None)
+    if not isinstance(path, str):
+        return False  # a notebook, __main__ run from stdin, a namespace package
+    return any(part in ("site-packages", "dist-packages") for part in Path(path).parts)
 
 
 def _globals_of(fn: Any) -> dict | None:
@@ -234,6 +403,20 @@ def _names(code: types.CodeType) -> set[str]:
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             names |= _names(const)
+    return names
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    """The names a code object and the code nested in it read as globals (LOAD_GLOBAL,
+    LOAD_NAME), not as attributes: co_names holds both."""
+    names = {
+        i.argval
+        for i in dis.get_instructions(code)
+        if i.opname in ("LOAD_GLOBAL", "LOAD_NAME") and isinstance(i.argval, str)
+    }
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
     return names
 
 

@@ -77,7 +77,7 @@ from kernl.runtime.generation.model import _HF_OPTIONS, LENGTH_IS_A_BOUND, refus
 
 from . import api
 from .buckets import as_buckets, check_buckets_fit, position_limit
-from .code_digest import code_digest
+from .code_digest import code_digest, tensor_bytes_digest
 from .tasks.causal_lm.buckets import as_generation_buckets
 from .tasks.seq2seq import is_speech_model
 from .tasks.seq2seq.buckets import as_seq2seq_buckets, check_positions, seq2seq_position_limit
@@ -733,14 +733,8 @@ def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _tensor_bytes_digest(t: torch.Tensor) -> bytes:
-    h = hashlib.sha256()
-    flat = t.contiguous().reshape(-1).view(torch.uint8)
-    if flat.device.type == "cpu":
-        h.update(flat.numpy().data)  # no copy for a contiguous CPU tensor
-    else:  # bounded host memory: a chunk at a time
-        for start in range(0, flat.numel(), _HASH_CHUNK):
-            h.update(flat[start : start + _HASH_CHUNK].cpu().numpy().data)
-    return h.digest()
+    # the code digest hashes the tensors a forward reads besides weights the same way
+    return tensor_bytes_digest(t, _HASH_CHUNK)
 
 
 def weights_digest(model: torch.nn.Module, threads: int | None = None) -> str:

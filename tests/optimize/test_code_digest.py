@@ -159,3 +159,18 @@ def test_a_forward_and_an_export_leave_the_digest_as_it_was():
     torch.export.export(bert, (ids,), strict=False)
     assert code_digest(bert) == before
     assert code_digest(T.BertModel(bert.config).eval()) == before
+
+
+def test_an_installed_librarys_process_state_is_not_in_the_digest(monkeypatch):
+    """transformers' module globals that its functions read are its process state: a flag a
+    context manager sets while some thread loads a model, an attention function imported on
+    first use. Hashed, they gave a plain BERT another digest in CI's long-running test worker
+    than in a fresh process (every optimize() there would have recompiled)."""
+    import transformers.modeling_flash_attention_utils as flash_utils
+    import transformers.modeling_utils as modeling_utils
+
+    before = code_digest(tiny_bert())
+    monkeypatch.setattr(modeling_utils, "_is_ds_init_called", True)
+    monkeypatch.setattr(flash_utils, "_loaded_implementation", "flash_attention_2")
+    monkeypatch.setattr(flash_utils, "_flash_fn", lambda *a: None)
+    assert code_digest(tiny_bert()) == before
