@@ -132,6 +132,30 @@ def _clamp_overflow(x: torch.Tensor) -> torch.Tensor:
     return torch.clamp(x, -limit, limit)
 
 
+def _clamp_always(x: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's fp16 clamp of Whisper's and mBART's encoder layers: to max - 1000."""
+    limit = torch.finfo(x.dtype).max - 1000
+    return torch.clamp(x, -limit, limit)
+
+
+def _clamp_non_finite(x: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's fp16 clamp of BART's and Marian's encoder layers: to max - 1000 once any
+    value is not finite, without a host sync."""
+    top = torch.finfo(x.dtype).max
+    limit = torch.where(torch.isfinite(x).all(), top, top - 1000).to(x.dtype)
+    return torch.clamp(x, -limit, limit)
+
+
+# Each fp16 encoder layer's output, clamped as Hugging Face's encoder layer of the family does
+# (their decoder layers do not clamp; T5 clamps every block, see EncoderDecoder._clamp)
+_ENCODER_LAYER_CLAMPS = {
+    "whisper": _clamp_always,
+    "mbart": _clamp_always,
+    "bart": _clamp_non_finite,
+    "marian": _clamp_non_finite,
+}
+
+
 class EncoderDecoder:
     def __init__(self, spec: Seq2SeqSpec, weights: dict[str, torch.Tensor], dtype, device):
         self.spec = spec
@@ -143,6 +167,10 @@ class EncoderDecoder:
         # T5 in fp16 overflows (activations past 65504); as Hugging Face's T5Block, each
         # block's output is clamped, to max - 1000 once any value is infinite.
         self._clamp = spec.family == "t5" and dtype == torch.float16
+        # the other families clamp each encoder layer's output (an overflow was inf, then NaN)
+        self._encoder_clamp = (
+            _ENCODER_LAYER_CLAMPS.get(spec.family) if dtype == torch.float16 else None
+        )
         # The few-rows kernels' launch tile (block_n, block_k, split_k, warps, stages), the
         # compiler's choice, as each kernel's config; None: their defaults.
         self._norm_linear_tile = self._skinny_tile = None
@@ -392,6 +420,8 @@ class EncoderDecoder:
 
             x = self._block(x, p, "attn_norm", attn)
             x = self._block(x, p, "mlp_norm", lambda h, p=p: self._mlp(h, p))
+            if self._encoder_clamp is not None:
+                x = self._encoder_clamp(x)
         if s.final_norm:
             x = self._norm(x, "enc.final_norm")
         length = x.shape[1]
