@@ -241,11 +241,12 @@ def _terminate_as_interrupt() -> Iterator[None]:
     def terminated(signum: int, frame: Any) -> None:
         raise _Terminated
 
-    signal.signal(signal.SIGTERM, terminated)
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if signal.getsignal(signal.SIGTERM) is terminated:  # not one set meanwhile
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _notes(error: BaseException) -> str:

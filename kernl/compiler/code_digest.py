@@ -36,6 +36,7 @@ from __future__ import annotations
 import dis
 import functools
 import hashlib
+import importlib.metadata
 import os
 import sys
 import types
@@ -53,6 +54,7 @@ _IGNORED = frozenset(
         # the hook tables (_HOOK_TABLES, hashed as hooks), `training` (kernl sets the mode)
         *vars(torch.nn.Module()),
         "_compiled_call_impl",  # Module.compile(): the same forward, compiled by torch
+        "_output_capturing_hooks_installed",  # transformers' flag for the hooks of _records_only
         # where the model was loaded from, and Hugging Face bookkeeping for loading, saving,
         # sharding and hub kernels: from_pretrained sets some that a constructor does not, and
         # nothing a forward computes reads them (kernelize's new forwards are hashed as such)
@@ -165,7 +167,8 @@ class _Fingerprints:
         if isinstance(obj, torch.nn.Module):
             for table in _HOOK_TABLES:
                 for hook in getattr(obj, table, {}).values():
-                    lines.append(f"{table}: {self.callable(hook, depth + 1)}")
+                    if not _records_only(hook):
+                        lines.append(f"{table}: {self.callable(hook, depth + 1)}")
         return lines
 
     def data(self, v: Any, depth: int) -> str | None:
@@ -260,7 +263,13 @@ class _Fingerprints:
                 fn = value.fget
             code = getattr(fn, "__code__", None)
             if code is None:
-                if isinstance(value, _PLAIN) and not name.startswith("__"):
+                # (not a value transformers caches on the class on first use, such as
+                # `_can_set_attn_implementation_cached_value`: not code, and set later)
+                if (
+                    isinstance(value, _PLAIN)
+                    and not name.startswith("__")
+                    and not name.endswith("_cached_value")
+                ):
                     parts.append(f"{name}={value!r}")
                 continue
             if isinstance(fn, types.FunctionType):  # with what it closes over (a decorator's
@@ -306,7 +315,10 @@ class _Fingerprints:
         of another module by their own code and values only (a method's helpers, wherever
         they are, and what those call in their module; not the whole library behind them)."""
         name = f"{fn.__module__}.{fn.__qualname__}"
-        if (fn.__module__ or "").split(".")[0] in _BY_NAME:
+        # the module whose globals it runs with: functools.wraps copies another function's
+        # __module__ (a notebook's patched helper would pass for transformers' or torch's own)
+        module = fn.__globals__.get("__name__")
+        if (module or "").split(".")[0] in _BY_NAME:
             return name
         key = (id(fn), follow)
         if key in self.functions:
@@ -326,7 +338,8 @@ class _Fingerprints:
             for k, v in sorted((fn.__kwdefaults__ or {}).items()):
                 parts.append(f"{k}={self.value(v, depth + 1)}")
             # the data its globals hold: of the user's code only (see _installed)
-            read = set() if _installed(fn.__module__) else _global_names(fn.__code__)
+            installed = _installed(module, fn.__globals__.get("__file__"))
+            read = set() if installed else _global_names(fn.__code__)
             for called in sorted(_names(fn.__code__)):
                 target = fn.__globals__.get(called, _ABSENT)
                 if isinstance(target, _FUNCTIONS):
@@ -376,18 +389,48 @@ _ABSENT = object()
 
 
 @functools.cache
-def _installed(module: str | None) -> bool:
-    """Whether a module belongs to an installed distribution (transformers, peft, accelerate:
-    under site-packages or dist-packages). Its code is hashed as everyone's, but not the data
-    its globals hold: that is the library's process state (a flag its context managers set
-    while some thread loads a model, a lazily imported attention function), which differs
-    between a fresh process and a long-running one, so hashing it made an unchanged model
-    miss the cache (a plain BERT in CI's test worker, 2026-12-06). A user's globals (a
-    notebook's, a script's, a package of theirs beside it) are hashed."""
-    path = getattr(sys.modules.get((module or "").split(".")[0]), "__file__", None)
+def _installed(module: str | None, path: str | None) -> bool:
+    """Whether a module (its name, its file) belongs to an installed distribution
+    (transformers, peft, accelerate): a file under site-packages or dist-packages, or a
+    top-level package a distribution installs (an editable install, `pip install --target`)
+    whose file is not under the working directory. Its code is hashed as everyone's, but not
+    the data its globals hold: that is the library's process state (a flag its context
+    managers set while some thread loads a model, a lazily imported attention function, a
+    path from the environment), which differs between a fresh process and a long-running
+    one, so hashing it made an unchanged model miss the cache (a plain BERT in CI's test
+    worker, 2026-12-06). A user's globals (a notebook's, a script's, a module of theirs
+    beside it) are hashed."""
     if not isinstance(path, str):
-        return False  # a notebook, __main__ run from stdin, a namespace package
-    return any(part in ("site-packages", "dist-packages") for part in Path(path).parts)
+        return False  # a notebook, __main__ run from stdin
+    parts = Path(path).parts
+    if "site-packages" in parts or "dist-packages" in parts:
+        return True
+    top = (module or "").split(".")[0]
+    if top in ("", "__main__") or top not in _distribution_packages():
+        return False
+    try:
+        Path(path).resolve().relative_to(Path.cwd().resolve())
+        return False  # the user's own module, named like something installed
+    except (ValueError, OSError):
+        return True
+
+
+@functools.cache
+def _distribution_packages() -> frozenset[str]:
+    """The top-level packages installed distributions provide (read once: ~0.3 s)."""
+    try:
+        return frozenset(importlib.metadata.packages_distributions())
+    except Exception:  # a broken distribution's metadata: only the path rule then
+        return frozenset()
+
+
+def _records_only(hook: Any) -> bool:
+    """A forward hook transformers installs to collect `output_hidden_states` and
+    `output_attentions` (utils/output_capturing.py): it returns nothing, so it changes no
+    output, and it is installed by the first forward asking for those, so hashing it made
+    the model's key change after that forward."""
+    globals_ = getattr(hook, "__globals__", None) or {}
+    return globals_.get("__name__") == "transformers.utils.output_capturing"
 
 
 def _globals_of(fn: Any) -> dict | None:

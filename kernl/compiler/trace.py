@@ -67,20 +67,13 @@ class UnsupportedModelError(ValueError):
 def task_of(config, model: torch.nn.Module | None = None) -> str:
     names = list(getattr(config, "architectures", None) or [])
     if model is not None:
-        name = type(model).__name__
-        _refuse_multiple_choice(name)
-        own = next((t for suffix, t in _ARCH_SUFFIX.items() if name.endswith(suffix)), None)
-        if own is not None:
-            return own
-        if name.endswith("Model") and "For" not in name:
-            # BertModel from AutoModel of a masked-LM checkpoint (architectures names the
-            # head): the object given is the encoder alone, as check_task reads it
-            return "base"
-        if _is_head(name):
+        own, _ = _class_task(model)
+        if own == _UNKNOWN_HEAD:
             # a head no task names (BertForPreTraining): compiled as it is, under "base", not
             # under the task its checkpoint's architectures name (bert-base's ForMaskedLM)
             return "base"
-        names.insert(0, name)
+        if own is not None:
+            return own
     for name in names:
         _refuse_multiple_choice(name)  # else "base": its encoder compiled, the head dropped
         for suffix, task in _ARCH_SUFFIX.items():
@@ -89,6 +82,34 @@ def task_of(config, model: torch.nn.Module | None = None) -> str:
     if model is None:
         _refuse_unknown_head(names)
     return "base"
+
+
+_UNKNOWN_HEAD = "<a head kernl has no task for>"
+
+
+def _class_task(model: torch.nn.Module) -> tuple[str | None, str]:
+    """The task the model object's class is, and the class of its MRO that says so: the first
+    one named as a head (a user's `MyLlama(LlamaForCausalLM)` is causal-lm, whatever its own
+    name; _UNKNOWN_HEAD for a head no task names, `BertForPreTraining`), else the first named
+    as a bare model (`BertModel`, a user's subclass of it: "base"; not `LlamaPreTrainedModel`,
+    the base of custom heads); None where no class says (a wrapper module: the config's
+    architectures decide)."""
+    mro = type(model).__mro__
+    for klass in mro:
+        name = klass.__name__
+        _refuse_multiple_choice(name)
+        own = next((t for suffix, t in _ARCH_SUFFIX.items() if name.endswith(suffix)), None)
+        if own is not None:
+            return own, name
+        if _is_head(name):
+            return _UNKNOWN_HEAD, name
+    for klass in mro:
+        name = klass.__name__
+        # BertModel from AutoModel of a masked-LM checkpoint (architectures names the head):
+        # the object given is the encoder alone
+        if name.endswith("Model") and not name.endswith("PreTrainedModel") and "For" not in name:
+            return "base", name
+    return None, type(model).__name__
 
 
 def _refuse_unknown_head(names: list[str]) -> None:
@@ -127,25 +148,21 @@ def check_task(task: str, model: torch.nn.Module | None = None) -> None:
         raise UnsupportedModelError(f"unknown task {task!r}; choose from {', '.join(ALL_TASKS)}")
     if model is None:
         return
-    name = type(model).__name__
-    _refuse_multiple_choice(name)
-    own = next((t for suffix, t in _ARCH_SUFFIX.items() if name.endswith(suffix)), None)
-    if own is None and name.endswith("Model") and "For" not in name:
-        own = "base"  # BertModel, T5Model: the encoder (or encoder-decoder) alone
+    own, name = _class_task(model)
     if own == "seq2seq-lm" and task == "speech-seq2seq":
         return  # WhisperForConditionalGeneration
-    if own is not None and own != task:
-        raise UnsupportedModelError(
-            f"task {task!r} does not match the model given, a {name} (task {own!r}): pass "
-            f"task={own!r}, or the model class of the task you want"
-        )
-    if own is None and task != "base" and _is_head(name):
+    if own == _UNKNOWN_HEAD and task != "base":
         # BertForPreTraining given as an object: compiled as it is, its outputs its own, which
         # a label such as masked-lm would misname (and the runtime would read as that task's)
         raise UnsupportedModelError(
-            f"task {task!r} does not match the model given, a {name}: kernl has no task for "
-            "this head, and compiles a model object of it as it is, under task 'base' (pass "
-            "task='base' or none)"
+            f"task {task!r} does not match the model given, a {type(model).__name__}: kernl "
+            f"has no task for its head ({name}), and compiles a model object of it as it is, "
+            "under task 'base' (pass task='base' or none)"
+        )
+    if own not in (None, _UNKNOWN_HEAD) and own != task:
+        raise UnsupportedModelError(
+            f"task {task!r} does not match the model given, a {type(model).__name__} (task "
+            f"{own!r}): pass task={own!r}, or the model class of the task you want"
         )
 
 
@@ -334,7 +351,7 @@ def _from_folder(
             f"Compile the checkpoint's own head (--task; kernl compiles {', '.join(ALL_TASKS)}), "
             "or load the model yourself and pass it to kernl.compiler.compile or kernl.optimize"
         )
-    unused = sorted(info.get("unexpected_keys") or [])
+    unused = _head_keys(model, info.get("unexpected_keys") or [])
     if guessed and unused:
         shown = ", ".join(unused[:4]) + (f" and {len(unused) - 4} more" if len(unused) > 4 else "")
         raise UnsupportedModelError(
@@ -345,6 +362,22 @@ def _from_folder(
             "compile the encoder alone"
         )
     return model
+
+
+def _head_keys(model: torch.nn.Module, unexpected: list[str]) -> list[str]:
+    """The checkpoint's weights the loaded model leaves unused that lie outside its own
+    modules: a head (`classifier.weight`, `cls.predictions.*`, `qa_outputs.*`), not a stale
+    buffer of the model itself (an old GPT-2's `h.0.attn.masked_bias`)."""
+    children = {name for name, _ in model.named_children()}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    heads = []
+    for key in unexpected:
+        parts = key.split(".")
+        if parts[0] == prefix and len(parts) > 1:
+            parts = parts[1:]
+        if parts[0] not in children:
+            heads.append(key)
+    return sorted(heads)
 
 
 @dataclass

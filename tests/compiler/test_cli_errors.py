@@ -743,14 +743,40 @@ def test_a_head_checkpoint_naming_no_architecture_keeps_its_head(tmp_path):
 
 
 def test_an_encoder_checkpoint_naming_no_architecture_compiles_as_base(tmp_path):
+    """With a stale buffer of the encoder's own in the checkpoint (an old GPT-2's
+    `h.0.attn.masked_bias`): unused, but no head."""
+    from safetensors.torch import load_file, save_file
+
     torch.manual_seed(0)
     bert = T.BertModel(T.BertConfig(**SMALL), add_pooling_layer=True).eval()
     bert.save_pretrained(tmp_path / "m")
     _forget_architectures(tmp_path / "m")
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    weights["encoder.layer.0.attention.self.masked_bias"] = torch.tensor(-1e4)
+    save_file(weights, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
     result = run(tmp_path / "m", "-o", tmp_path / "a", "--buckets", "batch=1 seq=8",
                  "--device", "cpu", "--dtype", "fp32")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert read_manifest(tmp_path / "a").task == "base"
+
+
+def test_a_subclass_of_a_head_is_that_head():
+    """A user's subclass keeps its head's task (`MyLlama(LlamaForCausalLM)` was compiled as
+    base for a moment, with no generate), and of the bare model stays base."""
+
+    class BertWithHooks(T.BertForSequenceClassification):
+        pass
+
+    class MyEncoderModel(T.BertModel):
+        pass
+
+    clf = BertWithHooks(T.BertConfig(**SMALL))
+    assert task_of(clf.config, clf) == "sequence-classification"
+    check_task("sequence-classification", clf)
+    with pytest.raises(UnsupportedModelError, match="pass task='sequence-classification'"):
+        check_task("base", clf)
+    encoder = MyEncoderModel(T.BertConfig(**SMALL, architectures=["BertForMaskedLM"]))
+    assert task_of(encoder.config, encoder) == "base"
 
 
 def test_a_head_object_kernl_has_no_task_for_is_compiled_as_base_only():
@@ -760,5 +786,5 @@ def test_a_head_object_kernl_has_no_task_for_is_compiled_as_base_only():
     assert task_of(pre.config, pre) == "base"
     check_task("base", pre)
     for task in ("masked-lm", "sequence-classification"):
-        with pytest.raises(UnsupportedModelError, match="no task for this head.*task='base'"):
+        with pytest.raises(UnsupportedModelError, match="no task for its head.*task=.base."):
             check_task(task, pre)

@@ -174,3 +174,55 @@ def test_an_installed_librarys_process_state_is_not_in_the_digest(monkeypatch):
     monkeypatch.setattr(flash_utils, "_loaded_implementation", "flash_attention_2")
     monkeypatch.setattr(flash_utils, "_flash_fn", lambda *a: None)
     assert code_digest(tiny_bert()) == before
+
+
+WRAPPED_SCALE = 1.0  # a notebook global the patched helper below reads
+
+
+def test_a_helper_patched_with_functools_wraps_counts_the_globals_it_reads(monkeypatch):
+    """functools.wraps copies transformers' __module__ onto the user's function: taken for
+    the library's, its global was not hashed and the cache served the stale artifact."""
+    real = modeling_bert.eager_attention_forward
+
+    @functools.wraps(real)
+    def patched(*args, **kwargs):
+        out, weights = real(*args, **kwargs)
+        return out * WRAPPED_SCALE, weights
+
+    monkeypatch.setattr(modeling_bert, "eager_attention_forward", patched)
+    bert = tiny_bert()
+    before = code_digest(bert)
+    monkeypatch.setattr(sys.modules[__name__], "WRAPPED_SCALE", 2.0)
+    assert code_digest(bert) != before
+
+
+def test_forwards_collecting_outputs_and_attention_switches_leave_the_digest(monkeypatch):
+    """The first forward with output_hidden_states installs transformers' recording hooks on
+    the layers, and set_attn_implementation caches a flag on the class: neither changes what
+    the model computes, and each made the next optimize() a compile."""
+    bert = tiny_bert()
+    before = code_digest(bert)
+    ids = torch.randint(3, 120, (1, 8))
+    with torch.no_grad():
+        bert(input_ids=ids, output_hidden_states=True, output_attentions=True)
+    assert code_digest(bert) == before
+    other = tiny_bert()
+    if hasattr(other, "set_attn_implementation"):
+        other.set_attn_implementation("eager")
+    assert code_digest(tiny_bert()) == before
+
+
+def test_installed_libraries_are_told_from_the_users_code(tmp_path, monkeypatch):
+    """An editable or --target install of transformers (not under site-packages) is still a
+    library whose globals are process state; a user's module is not, even named like one."""
+    from kernl.compiler.code_digest import _installed
+
+    _installed.cache_clear()
+    monkeypatch.chdir(tmp_path)
+    elsewhere = "/opt/src/transformers/src/transformers/modeling_utils.py"
+    assert _installed("transformers.modeling_utils", elsewhere)
+    assert _installed("anything", "/usr/lib/python3/dist-packages/anything/core.py")
+    assert not _installed("transformers.x", str(tmp_path / "transformers" / "x.py"))  # cwd
+    assert not _installed("my_notebook_helpers", "/home/me/my_notebook_helpers.py")
+    assert not _installed("__main__", None)
+    _installed.cache_clear()
