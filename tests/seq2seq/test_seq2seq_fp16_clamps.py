@@ -72,3 +72,31 @@ def test_mbart_in_fp16_past_its_range_is_clamped_like_hugging_face(tmp_path):
     assert torch.isfinite(hidden.last_hidden_state).all()
     steps = list(model.stream(ids, mask, max_new_tokens=6, eos_token_id=[], output_logits=True))
     assert torch.isfinite(torch.stack([s[1] for s in steps])).all()
+
+
+def test_the_logits_bias_is_added_in_the_models_dtype_as_hugging_face_adds_it(tmp_path):
+    """BART's family adds `final_logits_bias` in fp16, so its logits lie on fp16's grid, with
+    exact ties that argmax breaks by index; kernl added it in float32 (57% of the logits
+    off that grid, ties broken otherwise)."""
+    hf = tiny_family("mbart").half()
+    hf.generation_config.forced_bos_token_id = None
+    with torch.no_grad():
+        hf.final_logits_bias.normal_(0, 1.0)
+    kernl.compiler.compile(hf, BUCKETS, tmp_path / "a", dtype="fp16", device="cpu")
+    model = kernl.runtime.load(tmp_path / "a", device="cpu")
+    ids, mask = sources([13, 5, 9])
+    first = next(iter(model.stream(ids, mask, max_new_tokens=1, output_logits=True)))[1]
+    with torch.no_grad():
+        out = hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=1,
+            do_sample=False,
+            num_beams=1,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    assert torch.equal(first, first.half().float())  # on fp16's grid, as HF's
+    assert torch.equal(out.logits[0], out.logits[0].half().float())
+    # (the values: within fp16's rounding of this inflated model's ~10-wide logits)
+    torch.testing.assert_close(first, out.logits[0], atol=0.05, rtol=0)

@@ -191,7 +191,8 @@ class EncoderDecoder:
         self.embeds = {"enc": weights["embed.weight"]}
         self.embeds["dec"] = weights["dec.embed.weight" if spec.decoder_embed else "embed.weight"]
         self.lm_head = weights.get("lm_head.weight", self.embeds["dec"])
-        self.logits_bias = weights.get("final_logits_bias")
+        bias = weights.get("final_logits_bias")
+        self.logits_bias = None if bias is None else bias.to(self.lm_head.dtype)
         self._zero = torch.zeros((), dtype=dtype, device=device)
         self._lowest = torch.finfo(dtype).min
         self._decoder_bias = None
@@ -487,7 +488,9 @@ class EncoderDecoder:
             x = self._norm(x, "dec.final_norm", fuse)
         if s.logits_scale != 1.0:
             x = x * s.logits_scale
-        logits = F.linear(x, self.lm_head).float()
+        logits = F.linear(x, self.lm_head)
         if self.logits_bias is not None:
-            logits = logits + self.logits_bias.float()
-        return logits
+            # in the model's dtype, as Hugging Face adds it: rounded there, as its logits are
+            # (in float32, kernl broke the exact ties that rounding makes otherwise than HF)
+            logits = logits + self.logits_bias
+        return logits.float()
