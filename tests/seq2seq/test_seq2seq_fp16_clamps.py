@@ -100,3 +100,14 @@ def test_the_logits_bias_is_added_in_the_models_dtype_as_hugging_face_adds_it(tm
     assert torch.equal(out.logits[0], out.logits[0].half().float())
     # (the values: within fp16's rounding of this inflated model's ~10-wide logits)
     torch.testing.assert_close(first, out.logits[0], atol=0.05, rtol=0)
+
+
+def test_a_t5_compiled_in_fp16_says_it_is_not_from_pretrained_in_fp16(tmp_path):
+    from .test_seq2seq_generate import tiny_seq2seq
+
+    hf = tiny_seq2seq("t5", inflated=False)
+    lines: list[str] = []
+    kernl.compiler.compile(
+        hf, BUCKETS, tmp_path / "a", dtype="fp16", device="cpu", progress=lines.append
+    )
+    assert any("model.half()" in line and "bf16" in line for line in lines), lines

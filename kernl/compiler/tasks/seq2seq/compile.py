@@ -141,6 +141,19 @@ def compile_seq2seq(
             f"{spec.model_type} is compiled with --task "
             f"{SPEECH_TASK if spec.family == 'whisper' else TASK}, not {task}"
         )
+    if (
+        spec.family == "t5"
+        and torch_dtype == torch.float16
+        and "wo" in (getattr(model, "_keep_in_fp32_modules", None) or [])
+    ):
+        # said, not refused: below fp16's range the two agree; past it neither is fp32's
+        say(
+            "T5 in fp16: kernl computes as the model cast to fp16 (`model.half()`: every "
+            "weight in fp16, Hugging Face's clamps), not as from_pretrained(dtype=float16), "
+            "which keeps each feed-forward's `wo` and the residual after it in float32; "
+            "a T5 whose activations pass fp16's range (t5-large, flan-t5-xl and up) is "
+            "best compiled in bf16"
+        )
     if speech:
         sb = Seq2SeqBuckets(sb.batches, [spec.source_positions], sb.caches)
         check_speech_prompt(sb, buckets, speech_spec(model), spec.decoder_start_token_id)
