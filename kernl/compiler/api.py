@@ -46,7 +46,11 @@ def compile(
     …ForConditionalGeneration: seq2seq-lm). Refused before any
     work: bf16 through kernl's kernels on the CPU, buckets longer than the model's position
     table, and atol/rtol for seq2seq-lm and speech-seq2seq (their validation compares greedy
-    ids); there tune=False keeps the plain torch decode step, as kernels=False does."""
+    ids); there tune=False keeps the plain torch decode step, as kernels=False does.
+
+    A model object is compiled as it is, and changed: cast and moved in place to `dtype` and
+    `device` (`model.to(device, dtype)`) and put in eval mode. `kernl.optimize` leaves the
+    caller's model as it was (it compiles new module objects over the same tensors)."""
     if sign_key is not None:
         # sign_key: an Ed25519 private key file (PEM); the finished artifact's manifest is
         # signed with it (kernl/artifacts/signing.py) for deployments that pin the public key.
