@@ -146,7 +146,10 @@ def sample(logits: torch.Tensor, params: SamplerParams, step: torch.Tensor) -> t
     vocab = scores.shape[-1]
     ordered, order = torch.sort(scores, dim=-1, descending=True)
     ranks = torch.arange(vocab, device=scores.device)
-    keep = ranks[None, :] < params.top_k[:, None]
+    # every token tied with the k-th kept, as Hugging Face's top-k keeps it (with fp16/bf16
+    # logits ties are common; by rank alone, the tied tokens past k were dropped)
+    kth = ordered.gather(-1, (params.top_k.clamp(1, vocab) - 1)[:, None])
+    keep = ordered >= kth
     ordered = ordered.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(ordered, dim=-1)
     before = probs.cumsum(-1) - probs  # probability mass strictly ahead of each token
