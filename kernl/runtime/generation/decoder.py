@@ -428,7 +428,11 @@ class Decoder:
         if self.spec.norm_plus_one:
             return _rms_norm_float32_scale(x, w, self.spec.norm_eps)
         if self.spec.norm == "rms":
-            return F.rms_norm(x, (x.shape[-1],), w, self.spec.norm_eps)
+            # normalised and rounded to the dtype, then scaled, as Hugging Face's RMSNorm
+            # (with the weight inside, one rounding: a quarter of fp16/bf16 outputs moved by
+            # an ulp, enough to flip greedy ids a score of steps later)
+            out = F.rms_norm(x, (x.shape[-1],), None, self.spec.norm_eps)
+            return out if w is None else out * w
         return F.layer_norm(x, (x.shape[-1],), w, b, self.spec.norm_eps)
 
     def _qk_norm(self, qk: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
@@ -438,8 +442,8 @@ class Decoder:
             q = _rms_norm_float32_scale(qk[..., :nh, :], lw.q_norm_w, eps)
             k = _rms_norm_float32_scale(qk[..., nh:, :], lw.k_norm_w, eps)
             return torch.cat([q, k], dim=-2)
-        q = F.rms_norm(qk[..., :nh, :], (d,), lw.q_norm_w, eps)
-        k = F.rms_norm(qk[..., nh:, :], (d,), lw.k_norm_w, eps)
+        q = F.rms_norm(qk[..., :nh, :], (d,), None, eps) * lw.q_norm_w  # as _norm's
+        k = F.rms_norm(qk[..., nh:, :], (d,), None, eps) * lw.k_norm_w
         return torch.cat([q, k], dim=-2)
 
     def _mlp(

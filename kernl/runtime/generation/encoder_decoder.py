@@ -289,8 +289,8 @@ class EncoderDecoder:
             var = x.float().pow(2).mean(-1, keepdim=True)
             return w * (x.float() * torch.rsqrt(var + s.norm_eps)).to(x.dtype)
         # T5LayerNorm: no mean, no bias; torch's fused RMSNorm keeps the statistics in
-        # float32 too, and rounds once where T5 rounds before its weight.
-        return F.rms_norm(x, (s.d_model,), w, s.norm_eps)
+        # float32 too; rounded before the weight, as T5 rounds
+        return F.rms_norm(x, (s.d_model,), None, s.norm_eps) * w
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, (T,) H*D] -> [B, H, T, D]
         x = x[:, None] if x.dim() == 2 else x
