@@ -91,6 +91,24 @@ def refuse_module_code_kernl_drops(model, task: str) -> None:
     full-sequence forward) and then changed the ids in silence (2026-12-05)."""
     from torch.nn.modules import module as torch_module
 
+    if type(model).__module__.split(".")[0] == "peft":
+        raise UnsupportedModelError(
+            f"{task}: a peft {type(model).__name__}: kernl rebuilds the model from its weights "
+            "and runs its own decoder. Fold the adapters in first: "
+            "kernl.optimize(peft_model.merge_and_unload())"
+        )
+    adapters = [name for name, module in model.named_modules() if _live_adapter(module)]
+    if adapters:
+        shown = ", ".join(adapters[:4]) + (
+            f" and {len(adapters) - 4} more" if len(adapters) > 4 else ""
+        )
+        # kernl reads each linear's `.weight`, which is a peft layer's base weight: the
+        # adapter was dropped, and in bf16 a small one passed validation (2026-12-06)
+        raise UnsupportedModelError(
+            f"{task}: LoRA (peft) adapters not merged into the weights on {shown}: kernl "
+            "rebuilds the model from its weights and runs its own decoder, so they would not "
+            "run. Merge them first (peft_model.merge_and_unload(), or merge_adapter())"
+        )
     found = []
     for name, module in model.named_modules():
         where = name or "the model"
@@ -113,6 +131,20 @@ def refuse_module_code_kernl_drops(model, task: str) -> None:
             "own generate. Remove the hooks (handle.remove()) or restore the module's forward "
             "before compiling."
         )
+
+
+def _live_adapter(module) -> bool:
+    """A peft tuner layer (LoRA and its kin: a `base_layer` and `active_adapters`) whose
+    active adapters change its output: enabled and not all merged into the base weight."""
+    if type(module).__module__.split(".")[0] != "peft" or not hasattr(module, "base_layer"):
+        return False
+    if getattr(module, "disable_adapters", False):
+        return bool(getattr(module, "merged", False))  # peft unmerges on the disabled call
+    active = getattr(module, "active_adapters", None) or []
+    if isinstance(active, str):
+        active = [active]
+    merged = set(getattr(module, "merged_adapters", None) or [])
+    return not set(active) <= merged
 
 
 def _inert_transformers_hook(hook) -> bool:
