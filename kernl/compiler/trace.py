@@ -177,6 +177,14 @@ def refuse_wrapper(model: Any) -> None:
             "`kernl.optimize(st[0].auto_model)` (or kernl-compile on the folder holding its "
             "config.json), then pool its last_hidden_state as the pipeline's modules do"
         )
+    if type(model).__module__.split(".")[0] == "peft" and type(model).__name__ == "PeftModel":
+        # peft's task-less wrapper: its forward takes *args, which the compile cannot trace by
+        # name (the task wrappers, PeftModelForSequenceClassification..., compile as they are)
+        raise UnsupportedModelError(
+            "a peft PeftModel (no task_type): pass the model it wraps, "
+            "`peft_model.get_base_model()` (its adapters run as they are), or "
+            "`peft_model.merge_and_unload()` (folded into the weights: faster)"
+        )
 
 
 def task_from_source(model_or_path) -> str | None:

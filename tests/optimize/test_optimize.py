@@ -519,6 +519,17 @@ class _SentencePipeline(torch.nn.Sequential):
         return self[0].config
 
 
+def test_a_task_less_peft_wrapper_is_refused_naming_the_model_it_wraps(cache, monkeypatch):
+    """It failed after the compile began with "PeftModel.forward takes no input_ids"."""
+    monkeypatch.setattr(api, "compile", lambda *a, **k: pytest.fail("compiled"))
+    wrapper_class = type("PeftModel", (torch.nn.Module,), {"__module__": "peft.peft_model"})
+    wrapper = wrapper_class()
+    wrapper.base_model = tiny_bert()
+    wrapper.config = wrapper.base_model.config
+    with pytest.raises(ValueError, match=r"get_base_model\(\)"):
+        kernl.optimize(wrapper, "batch=1 seq=8", progress=False)
+
+
 def test_a_sentence_transformers_pipeline_is_refused_naming_its_model(cache, monkeypatch):
     """It passed every early check and failed after "compiling ... into the cache" with
     "forward takes no input_ids"."""
