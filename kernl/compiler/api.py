@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from .report import BucketReport, CompileReport, Progress
-from .trace import generated_source_forgotten, task_from_source
+from .trace import generated_source_forgotten, refuse_wrapper, task_from_source
 
 __all__ = ["BucketReport", "CompileReport", "OptionNotApplicableError", "Progress", "compile"]
 
@@ -73,6 +73,7 @@ def compile(
                 kernels=kernels,
                 tune=tune,
             )
+    refuse_wrapper(model_or_path)  # a model object's: before its buckets meet a guessed task
     given_task = task
     if task is None:
         task = task_from_source(model_or_path)

@@ -43,6 +43,7 @@ _ARCH_SUFFIX = {
     "LMHeadModel": "causal-lm",
     # Encoder-decoder generation heads (T5ForConditionalGeneration, BartForConditionalGeneration).
     "ForConditionalGeneration": "seq2seq-lm",
+    "ForSeq2SeqLM": "seq2seq-lm",  # peft's PeftModelForSeq2SeqLM (refused by name later)
     "MTModel": "seq2seq-lm",  # MarianMTModel
 }
 # Inputs kernl serves, in the order programs take them, with their padding and defaults.
@@ -177,13 +178,15 @@ def refuse_wrapper(model: Any) -> None:
             "`kernl.optimize(st[0].auto_model)` (or kernl-compile on the folder holding its "
             "config.json), then pool its last_hidden_state as the pipeline's modules do"
         )
-    if type(model).__module__.split(".")[0] == "peft" and type(model).__name__ == "PeftModel":
-        # peft's task-less wrapper: its forward takes *args, which the compile cannot trace by
-        # name (the task wrappers, PeftModelForSequenceClassification..., compile as they are)
+    peft_wrappers = ("PeftModel", "PeftMixedModel")
+    if type(model).__module__.split(".")[0] == "peft" and type(model).__name__ in peft_wrappers:
+        # peft's task-less wrappers: their forward takes *args, which the compile cannot trace
+        # by name (the task wrappers, PeftModelForSequenceClassification..., compile as they are)
         raise UnsupportedModelError(
-            "a peft PeftModel (no task_type): pass the model it wraps, "
-            "`peft_model.get_base_model()` (its adapters run as they are), or "
-            "`peft_model.merge_and_unload()` (folded into the weights: faster)"
+            f"a peft {type(model).__name__} (no task_type): pass "
+            "`peft_model.merge_and_unload()` (adapters folded into the weights: what a causal "
+            "LM or encoder-decoder needs, and faster), or for an encoder the model it wraps, "
+            "`peft_model.get_base_model()` (its adapters run as they are)"
         )
 
 

@@ -54,7 +54,9 @@ def _with_lora(family: str = "llama3") -> tuple[torch.nn.Module, list[LoraLinear
 
 def test_unmerged_adapters_are_refused_before_the_compile(tmp_path):
     model, _ = _with_lora()
-    with pytest.raises(UnsupportedModelError, match=r"LoRA \(peft\) adapters not merged.*q_proj"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"peft adapters \(LoRA, DoRA, IA3...\) not merged.*q_proj"
+    ):
         kernl.compiler.compile(
             model, "batch=1 prompt=8 cache=16", tmp_path / "a", dtype="fp32", device="cpu"
         )
@@ -82,3 +84,31 @@ def test_a_peft_wrapper_is_refused_naming_merge_and_unload():
     peft_model.base_model = model
     with pytest.raises(UnsupportedModelError, match="merge_and_unload"):
         refuse_module_code_kernl_drops(peft_model, "causal-lm")
+
+
+def test_a_layer_holding_only_inactive_adapters_is_not_refused():
+    """peft reports the model-wide active adapter on every layer, also on one that holds only
+    another (inert) adapter."""
+    model, layers = _with_lora()
+    for lora in layers:
+        lora.active_adapters = ["b"]
+        lora._get_available_adapters = lambda: {"default"}
+    refuse_module_code_kernl_drops(model, "causal-lm")
+
+
+def test_peft_wrappers_are_refused_before_the_buckets_are_read(tmp_path):
+    """compile() read a causal LM's buckets against the task a task-less PeftModel guessed
+    ("unknown axis 'prompt' for an encoder"); a PeftModelForSeq2SeqLM was taken for a head
+    kernl has no task for."""
+    from kernl.compiler.trace import task_of
+
+    model, _ = _with_lora()
+    for name in ("PeftModel", "PeftMixedModel"):
+        wrapper = type(name, (torch.nn.Module,), {"__module__": "peft.peft_model"})()
+        wrapper.base_model, wrapper.config = model, model.config
+        with pytest.raises(UnsupportedModelError, match=f"peft {name}.*merge_and_unload"):
+            kernl.compiler.compile(
+                wrapper, "batch=1 prompt=8 cache=16", tmp_path / "a", dtype="fp32", device="cpu"
+            )
+    seq2seq = type("PeftModelForSeq2SeqLM", (torch.nn.Module,), {"__module__": "peft.peft_model"})
+    assert task_of(model.config, seq2seq()) == "seq2seq-lm"

@@ -94,8 +94,9 @@ def refuse_module_code_kernl_drops(model, task: str) -> None:
     if type(model).__module__.split(".")[0] == "peft":
         raise UnsupportedModelError(
             f"{task}: a peft {type(model).__name__}: kernl rebuilds the model from its weights "
-            "and runs its own decoder. Fold the adapters in first: "
-            "kernl.optimize(peft_model.merge_and_unload())"
+            "and runs its own decoder. Fold adapters such as LoRA into the weights first: "
+            "kernl.optimize(peft_model.merge_and_unload()); prompt learning (prompt, prefix "
+            "or p-tuning) cannot be compiled"
         )
     adapters = [name for name, module in model.named_modules() if _live_adapter(module)]
     if adapters:
@@ -105,7 +106,7 @@ def refuse_module_code_kernl_drops(model, task: str) -> None:
         # kernl reads each linear's `.weight`, which is a peft layer's base weight: the
         # adapter was dropped, and in bf16 a small one passed validation (2026-12-06)
         raise UnsupportedModelError(
-            f"{task}: LoRA (peft) adapters not merged into the weights on {shown}: kernl "
+            f"{task}: peft adapters (LoRA, DoRA, IA3...) not merged into the weights on {shown}: kernl "
             "rebuilds the model from its weights and runs its own decoder, so they would not "
             "run. Merge them first (peft_model.merge_and_unload(), or merge_adapter())"
         )
@@ -143,6 +144,12 @@ def _live_adapter(module) -> bool:
     active = getattr(module, "active_adapters", None) or []
     if isinstance(active, str):
         active = [active]
+    available = getattr(module, "_get_available_adapters", None)
+    if callable(available):  # the model-wide active adapter may not be on this layer at all
+        try:
+            active = [a for a in active if a in available()]
+        except Exception:  # noqa: BLE001 - another peft version: every active one counts
+            pass
     merged = set(getattr(module, "merged_adapters", None) or [])
     return not set(active) <= merged
 

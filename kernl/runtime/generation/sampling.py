@@ -44,7 +44,8 @@ class SamplerParams:
     def allocate(device, rows: int = 1) -> SamplerParams:
         return SamplerParams(
             temperature=torch.ones(rows, dtype=torch.float32, device=device),
-            top_k=torch.zeros(rows, dtype=torch.int64, device=device),
+            # off until set(): past any vocabulary (sample clamps it to the vocabulary's size)
+            top_k=torch.full((rows,), torch.iinfo(torch.int64).max, device=device),
             top_p=torch.ones(rows, dtype=torch.float32, device=device),
             seed=torch.zeros(rows, dtype=torch.int64, device=device),
             row=torch.arange(rows, dtype=torch.int64, device=device),
