@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from .report import BucketReport, CompileReport, Progress
-from .trace import generated_source_forgotten, refuse_wrapper, task_from_source
+from .trace import generated_source_forgotten, refuse_wrapper, task_from_source, unwrap_compiled
 
 __all__ = ["BucketReport", "CompileReport", "OptionNotApplicableError", "Progress", "compile"]
 
@@ -73,7 +73,9 @@ def compile(
                 kernels=kernels,
                 tune=tune,
             )
-    refuse_wrapper(model_or_path)  # a model object's: before its buckets meet a guessed task
+    # a model object's (torch.compile's wrapper looked through): before its buckets meet a
+    # guessed task
+    refuse_wrapper(unwrap_compiled(model_or_path))
     given_task = task
     if task is None:
         task = task_from_source(model_or_path)

@@ -54,7 +54,7 @@ _IGNORED = frozenset(
         # the hook tables (_HOOK_TABLES, hashed as hooks), `training` (kernl sets the mode)
         *vars(torch.nn.Module()),
         "_compiled_call_impl",  # Module.compile(): the same forward, compiled by torch
-        "_output_capturing_hooks_installed",  # transformers' flag for the hooks of _records_only
+        "_output_capturing_hooks_installed",  # transformers' flag: inert_transformers_hook
         # where the model was loaded from, and Hugging Face bookkeeping for loading, saving,
         # sharding and hub kernels: from_pretrained sets some that a constructor does not, and
         # nothing a forward computes reads them (kernelize's new forwards are hashed as such)
@@ -167,7 +167,7 @@ class _Fingerprints:
         if isinstance(obj, torch.nn.Module):
             for table in _HOOK_TABLES:
                 for hook in getattr(obj, table, {}).values():
-                    if not _records_only(hook):
+                    if not inert_transformers_hook(hook):
                         lines.append(f"{table}: {self.callable(hook, depth + 1)}")
         return lines
 
@@ -424,13 +424,20 @@ def _distribution_packages() -> frozenset[str]:
         return frozenset()
 
 
-def _records_only(hook: Any) -> bool:
-    """A forward hook transformers installs to collect `output_hidden_states` and
-    `output_attentions` (utils/output_capturing.py): it returns nothing, so it changes no
-    output, and it is installed by the first forward asking for those, so hashing it made
-    the model's key change after that forward."""
-    globals_ = getattr(hook, "__globals__", None) or {}
-    return globals_.get("__name__") == "transformers.utils.output_capturing"
+def inert_transformers_hook(hook: Any) -> bool:
+    """transformers' own forward hooks that change no output: the output-capture hooks the
+    first forward with output_hidden_states / output_attentions leaves on every layer
+    (transformers 5), and enable_input_require_grads's (it only sets requires_grad). Hashed,
+    they changed an unchanged model's key after such a forward; the generation tasks, which
+    refuse hooks their decoder would not run, refused any model that had once returned its
+    hidden states, with no handle to remove. The module is that of the globals the function
+    runs with (functools.wraps copies __module__)."""
+    fn = getattr(hook, "func", hook)
+    module = (getattr(fn, "__globals__", None) or {}).get("__name__") or ""
+    name = getattr(fn, "__qualname__", None) or ""
+    return module == "transformers.utils.output_capturing" or (
+        module.startswith("transformers.") and name.endswith("make_inputs_require_grads")
+    )
 
 
 def _globals_of(fn: Any) -> dict | None:

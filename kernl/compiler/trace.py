@@ -21,6 +21,8 @@ import torch
 
 from kernl.artifacts.schema import Bucket, InputSpec, OutputSpec
 
+from .plural import first_few
+
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPES.update({"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32})
 
@@ -167,11 +169,16 @@ def check_task(task: str, model: torch.nn.Module | None = None) -> None:
         )
 
 
+def package_of(obj: Any) -> str:
+    """The top-level package of an object's class ("peft", "sentence_transformers")."""
+    return type(obj).__module__.split(".")[0]
+
+
 def refuse_wrapper(model: Any) -> None:
     """A sentence-transformers pipeline is a torch module with a `.config` (its transformer's),
     so it passed every early check and failed after the compile began ("forward takes no
     input_ids"): said first, with what to pass instead."""
-    if type(model).__module__.split(".")[0] == "sentence_transformers":
+    if package_of(model) == "sentence_transformers":
         raise UnsupportedModelError(
             f"{type(model).__name__} is a sentence-transformers pipeline (tokenizer, Hugging "
             "Face model, pooling); kernl compiles the Hugging Face model inside it: "
@@ -179,7 +186,7 @@ def refuse_wrapper(model: Any) -> None:
             "config.json), then pool its last_hidden_state as the pipeline's modules do"
         )
     peft_wrappers = ("PeftModel", "PeftMixedModel")
-    if type(model).__module__.split(".")[0] == "peft" and type(model).__name__ in peft_wrappers:
+    if package_of(model) == "peft" and type(model).__name__ in peft_wrappers:
         # peft's task-less wrappers: their forward takes *args, which the compile cannot trace
         # by name (the task wrappers, PeftModelForSequenceClassification..., compile as they are)
         raise UnsupportedModelError(
@@ -227,7 +234,6 @@ def load_model(model_or_path, task: str | None, dtype: torch.dtype, device: torc
 
     if isinstance(model_or_path, torch.nn.Module):
         model = unwrap_compiled(model_or_path)
-        refuse_wrapper(model)
         source = type(model).__name__
         task = task or task_of(model.config, model)
         check_task(task, model)
@@ -353,22 +359,18 @@ def _from_folder(
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         archs = ", ".join(getattr(config, "architectures", None) or []) or "not named"
-        shown = ", ".join(missing[:4]) + (
-            f" and {len(missing) - 4} more" if len(missing) > 4 else ""
-        )
         raise UnsupportedModelError(
             f"{source}: {len(missing)} weights of {type(model).__name__} ({task}) are not in "
-            f"the checkpoint (its architectures: {archs}): {shown}. They would be random. "
+            f"the checkpoint (its architectures: {archs}): {first_few(missing)}. They would be random. "
             f"Compile the checkpoint's own head (--task; kernl compiles {', '.join(ALL_TASKS)}), "
             "or load the model yourself and pass it to kernl.compiler.compile or kernl.optimize"
         )
     unused = _head_keys(model, info.get("unexpected_keys") or [])
     if guessed and unused:
-        shown = ", ".join(unused[:4]) + (f" and {len(unused) - 4} more" if len(unused) > 4 else "")
         raise UnsupportedModelError(
             f"{source}: its config.json names no architecture, so kernl took the model as its "
             f"encoder alone (task 'base'), which leaves {len(unused)} weights of the checkpoint "
-            f"unused: {shown}. That is a head, which would be dropped. Give --task: the "
+            f"unused: {first_few(unused)}. That is a head, which would be dropped. Give --task: the "
             f"checkpoint's head ({', '.join(t for t in ALL_TASKS if t != 'base')}), or base to "
             "compile the encoder alone"
         )

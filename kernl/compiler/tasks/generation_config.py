@@ -7,7 +7,9 @@ from __future__ import annotations
 from kernl.artifacts.generation import MAX_EOS_IDS
 from kernl.runtime.generation.model import IDS_CHANGING_OPTIONS
 
-from ..trace import UnsupportedModelError
+from ..code_digest import inert_transformers_hook
+from ..plural import first_few
+from ..trace import UnsupportedModelError, package_of
 
 
 def config_of(model_or_path):
@@ -91,7 +93,7 @@ def refuse_module_code_kernl_drops(model, task: str) -> None:
     full-sequence forward) and then changed the ids in silence (2026-12-05)."""
     from torch.nn.modules import module as torch_module
 
-    if type(model).__module__.split(".")[0] == "peft":
+    if package_of(model) == "peft":
         raise UnsupportedModelError(
             f"{task}: a peft {type(model).__name__}: kernl rebuilds the model from its weights "
             "and runs its own decoder. Fold adapters such as LoRA into the weights first: "
@@ -100,13 +102,10 @@ def refuse_module_code_kernl_drops(model, task: str) -> None:
         )
     adapters = [name for name, module in model.named_modules() if _live_adapter(module)]
     if adapters:
-        shown = ", ".join(adapters[:4]) + (
-            f" and {len(adapters) - 4} more" if len(adapters) > 4 else ""
-        )
         # kernl reads each linear's `.weight`, which is a peft layer's base weight: the
         # adapter was dropped, and in bf16 a small one passed validation (2026-12-06)
         raise UnsupportedModelError(
-            f"{task}: peft adapters (LoRA, DoRA, IA3...) not merged into the weights on {shown}: kernl "
+            f"{task}: peft adapters (LoRA, DoRA, IA3...) not merged into the weights on {first_few(adapters)}: kernl "
             "rebuilds the model from its weights and runs its own decoder, so they would not "
             "run. Merge them first (peft_model.merge_and_unload(), or merge_adapter())"
         )
@@ -114,7 +113,7 @@ def refuse_module_code_kernl_drops(model, task: str) -> None:
     for name, module in model.named_modules():
         where = name or "the model"
         tables = (module._forward_hooks, module._forward_pre_hooks)
-        hooks = sum(not _inert_transformers_hook(h) for t in tables for h in t.values())
+        hooks = sum(not inert_transformers_hook(h) for t in tables for h in t.values())
         if hooks:
             found.append(f"{where} ({hooks} forward hook{'s' if hooks > 1 else ''})")
         # accelerate's device-moving wrapper (dispatch_model, with its `_hf_hook`) computes
@@ -125,9 +124,8 @@ def refuse_module_code_kernl_drops(model, task: str) -> None:
     if hooks:
         found.append(f"torch's global module hooks ({hooks})")
     if found:
-        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
         raise UnsupportedModelError(
-            f"{task}: {shown}: kernl rebuilds the model from its weights and runs its own "
+            f"{task}: {first_few(found)}: kernl rebuilds the model from its weights and runs its own "
             "decoder, so that code would not run and the ids could differ from the model's "
             "own generate. Remove the hooks (handle.remove()) or restore the module's forward "
             "before compiling."
@@ -137,7 +135,7 @@ def refuse_module_code_kernl_drops(model, task: str) -> None:
 def _live_adapter(module) -> bool:
     """A peft tuner layer (LoRA and its kin: a `base_layer` and `active_adapters`) whose
     active adapters change its output: enabled and not all merged into the base weight."""
-    if type(module).__module__.split(".")[0] != "peft" or not hasattr(module, "base_layer"):
+    if package_of(module) != "peft" or not hasattr(module, "base_layer"):
         return False
     if getattr(module, "disable_adapters", False):
         return bool(getattr(module, "merged", False))  # peft unmerges on the disabled call
@@ -152,16 +150,3 @@ def _live_adapter(module) -> bool:
             pass
     merged = set(getattr(module, "merged_adapters", None) or [])
     return not set(active) <= merged
-
-
-def _inert_transformers_hook(hook) -> bool:
-    """transformers' own hooks that change no output: the output-capture hooks a forward with
-    output_hidden_states / output_attentions leaves on every layer (transformers 5), and
-    enable_input_require_grads's (it only sets requires_grad). Refusing them refused any
-    model that had once returned its hidden states, with no handle to remove."""
-    fn = getattr(hook, "func", hook)
-    module = getattr(fn, "__module__", None) or ""
-    name = getattr(fn, "__qualname__", None) or ""
-    return module == "transformers.utils.output_capturing" or (
-        module.startswith("transformers.") and name.endswith("make_inputs_require_grads")
-    )
