@@ -5,8 +5,17 @@ from __future__ import annotations
 
 import os
 
+import torch
+
+from .caller_model import left_as_it_was
 from .report import BucketReport, CompileReport, Progress
-from .trace import generated_source_forgotten, refuse_wrapper, task_from_source, unwrap_compiled
+from .trace import (
+    generated_source_forgotten,
+    refuse_wrapper,
+    resolve_dtype_device,
+    task_from_source,
+    unwrap_compiled,
+)
 
 __all__ = ["BucketReport", "CompileReport", "OptionNotApplicableError", "Progress", "compile"]
 
@@ -48,9 +57,32 @@ def compile(
     table, and atol/rtol for seq2seq-lm and speech-seq2seq (their validation compares greedy
     ids); there tune=False keeps the plain torch decode step, as kernels=False does.
 
-    A model object is compiled as it is, and changed: cast and moved in place to `dtype` and
-    `device` (`model.to(device, dtype)`) and put in eval mode. `kernl.optimize` leaves the
-    caller's model as it was (it compiles new module objects over the same tensors)."""
+    A model object is left as it was: the compile casts, moves and traces new module objects
+    over its tensors (kernl/compiler/caller_model.py), and puts back its training flags and
+    the RNG state."""
+    # a model object's (torch.compile's wrapper looked through): before its buckets meet a
+    # guessed task
+    refuse_wrapper(unwrap_compiled(model_or_path))
+    options = dict(
+        dtype=dtype,
+        device=device,
+        task=task,
+        atol=atol,
+        rtol=rtol,
+        progress=progress,
+        kernels=kernels,
+        tune=tune,
+        sign_key=sign_key,
+    )
+    if not isinstance(model_or_path, torch.nn.Module):
+        return _compile_signed(model_or_path, buckets, out, **options)
+    torch_dtype, dev = resolve_dtype_device(dtype, device)
+    say = progress or (lambda _msg: None)
+    with left_as_it_was(unwrap_compiled(model_or_path), torch_dtype, dev, say) as subject:
+        return _compile_signed(subject, buckets, out, **options)
+
+
+def _compile_signed(model_or_path, buckets, out, *, sign_key, **options) -> CompileReport:
     if sign_key is not None:
         # sign_key: an Ed25519 private key file (PEM); the finished artifact's manifest is
         # signed with it (kernl/artifacts/signing.py) for deployments that pin the public key.
@@ -60,22 +92,24 @@ def compile(
 
         key = load_private_key(sign_key)  # a bad key file fails before any compiling
         with signing_commits(key):
-            return compile(
-                model_or_path,
-                buckets,
-                out,
-                dtype=dtype,
-                device=device,
-                task=task,
-                atol=atol,
-                rtol=rtol,
-                progress=progress,
-                kernels=kernels,
-                tune=tune,
-            )
-    # a model object's (torch.compile's wrapper looked through): before its buckets meet a
-    # guessed task
-    refuse_wrapper(unwrap_compiled(model_or_path))
+            return _compile(model_or_path, buckets, out, **options)
+    return _compile(model_or_path, buckets, out, **options)
+
+
+def _compile(
+    model_or_path,
+    buckets,
+    out: str | os.PathLike,
+    *,
+    dtype: str,
+    device: str | None,
+    task: str | None,
+    atol: float | None,
+    rtol: float | None,
+    progress: Progress | None,
+    kernels: bool,
+    tune: bool,
+) -> CompileReport:
     given_task = task
     if task is None:
         task = task_from_source(model_or_path)

@@ -77,6 +77,7 @@ from kernl.runtime.generation.model import _HF_OPTIONS, LENGTH_IS_A_BOUND, refus
 
 from . import api
 from .buckets import as_buckets, check_buckets_fit, position_limit
+from .caller_model import modules_over_the_same_tensors, untouched
 from .code_digest import code_digest, tensor_bytes_digest
 from .tasks.causal_lm.buckets import as_generation_buckets
 from .tasks.seq2seq import is_speech_model
@@ -251,17 +252,26 @@ class OptimizedModel:
                 "like the original, or serves .generate / .stream; the original model stays "
                 "yours to use for anything else)"
             ) from None
-        if name in ("generate", "stream") and "generation_config" in vars(self):
+        if name in _GENERATING and "generation_config" in vars(self):
             return functools.partial(self._with_generation_config, attr)
         return attr
 
     def _with_generation_config(self, method: Callable, *args: Any, **kwargs: Any) -> Any:
-        """`method` (generate or stream) with what the generation config holds now: its edits
-        since kernl.optimize (_config_edits), and a causal LM's length (_with_config_length)."""
+        """`method` (generate, stream or open_batch) with what the generation config holds
+        now: its edits since kernl.optimize (_config_edits), its sampling settings
+        (_config_sampling) and a causal LM's length (_with_config_length)."""
         config = self.generation_config
         compiled, length_from_config = self._compiled_generation_config, self._length_from_config
-        kwargs.update(_config_edits(method, compiled, config, args, kwargs, length_from_config))
-        if length_from_config:
+        # Whisper's generate has its own sampling rule (a temperature above 0 samples, as in
+        # HF's Whisper): there the sampling keys are edits like any other
+        sampling = getattr(self.runtime.manifest, "task", None) != "speech-seq2seq"
+        skip = (_LENGTH_KEYS if length_from_config else set()) | (
+            _HF_SAMPLING_DEFAULTS.keys() if sampling else set()
+        )
+        kwargs.update(_config_edits(method, compiled, config, args, kwargs, skip))
+        if sampling:
+            kwargs.update(_config_sampling(method, config, args, kwargs))
+        if length_from_config and method.__name__ != "open_batch":
             return _with_config_length(method, config, *args, **kwargs)
         return method(*args, **kwargs)
 
@@ -280,6 +290,38 @@ class OptimizedModel:
         return f"OptimizedModel({self.runtime!r}, {where}: {self.artifact})"
 
 
+# The runtime's methods that take the generation config's settings (_with_generation_config).
+_GENERATING = ("generate", "stream", "open_batch")
+
+# Hugging Face's values for a generation config's sampling keys left None
+# (GenerationConfig._get_default_generation_params).
+_HF_SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+
+
+def _config_sampling(method: Callable, config: Any, args: tuple, kwargs: dict) -> dict:
+    """The generation config's do_sample, temperature, top_k and top_p for the keys a call of
+    `method` leaves out, as Hugging Face's generate takes them: an instruct model whose
+    config says `do_sample=True, temperature=0.6, top_p=0.9` samples so unless the call says
+    otherwise, and a call's `do_sample=True` samples with the config's temperature and top-k.
+    A key left None there is HF's default. Whisper's generate has its own rule (it samples on
+    a temperature above 0 alone, as HF's Whisper does) and is not given these."""
+    signature = inspect.signature(method)
+    try:
+        given = set(signature.bind_partial(*args, **kwargs).arguments) | set(kwargs)
+    except TypeError:
+        return {}  # the call itself is wrong: the method raises its own error
+    sampling = {}
+    for key, default in _HF_SAMPLING_DEFAULTS.items():
+        if key in given or key not in signature.parameters:
+            continue
+        value = getattr(config, key, None)
+        sampling[key] = default if value is None else value
+    if not sampling.get("do_sample", kwargs.get("do_sample", False)):
+        # greedy: the config's temperature etc. change nothing, and are not checked
+        return {k: v for k, v in sampling.items() if k == "do_sample"}
+    return sampling
+
+
 def _with_config_length(method: Callable, config: Any, *args: Any, **kwargs: Any) -> Any:
     """A causal LM's generate or stream with its generation config's own length where the call
     gives none, as Hugging Face's generate takes it: a pipeline that finds a length there
@@ -287,14 +329,18 @@ def _with_config_length(method: Callable, config: Any, *args: Any, **kwargs: Any
     is a bound, as in HF: past the KV cache it is cut to what fits, with a warning. As in HF
     (GenerationConfig.update applies a keyword even when it is None), a call's explicit
     `max_new_tokens=None` drops the config's max_new_tokens (its max_length, else 20 new
-    tokens, then) and `max_length=None` its max_length."""
+    tokens, then) and `max_length=None` its max_length. The config's max_new_tokens wins over
+    a call's max_length, as HF's does (it warns); a call's max_new_tokens wins over both.
+    transformers 5 leaves max_length None unless it is set: a config's 20 is a length."""
     given = inspect.signature(method).bind_partial(*args, **kwargs).arguments
-    if given.get("max_new_tokens") is not None or given.get("max_length") is not None:
+    if given.get("max_new_tokens") is not None:
         return method(*args, **kwargs)
     config_max_length = getattr(config, "max_length", None)
     if "max_new_tokens" not in given and getattr(config, "max_new_tokens", None) is not None:
         name, value = "max_new_tokens", config.max_new_tokens
-    elif "max_length" not in given and config_max_length not in (None, DEFAULT_HF_MAX_LENGTH):
+    elif given.get("max_length") is not None:
+        return method(*args, **kwargs)
+    elif "max_length" not in given and config_max_length is not None:
         name, value = "max_length", config_max_length
     else:
         return method(*args, **kwargs)
@@ -305,9 +351,6 @@ def _with_config_length(method: Callable, config: Any, *args: Any, **kwargs: Any
     finally:
         LENGTH_IS_A_BOUND.reset(token)
 
-
-# transformers' GenerationConfig default: a config that leaves it has set no length
-DEFAULT_HF_MAX_LENGTH = 20
 
 # The generation config's length keys: a causal LM takes them from the config at every call
 # (_with_config_length), edited or not.
@@ -350,7 +393,7 @@ def _config_edits(
     config: Any,
     args: tuple,
     kwargs: dict,
-    length_from_config: bool = False,
+    taken_elsewhere: Any = frozenset(),
 ) -> dict[str, Any]:
     """The keyword arguments that apply the generation config's edits since kernl.optimize to
     one call of `method`, as Hugging Face's generate would apply them (the artifact holds the
@@ -359,8 +402,9 @@ def _config_edits(
     Hugging Face option kernl takes at its neutral value only (num_beams=1) changes nothing
     there. Any other edit (what the artifact compiled in: bad_words_ids, suppress_tokens,
     forced EOS, Whisper's forced_decoder_ids and language tables) raises a ValueError naming
-    the keys. `length_from_config`: a causal LM's, whose length keys _with_config_length
-    takes from the config at every call, edited or not."""
+    the keys. `taken_elsewhere`: keys the caller takes from the config at every call, edited
+    or not (a causal LM's length keys: _with_config_length; the sampling keys:
+    _config_sampling)."""
     now = _settings(config)
     edited = [
         k for k in sorted(now.keys() | compiled.keys()) if not _same(now.get(k), compiled.get(k))
@@ -384,9 +428,9 @@ def _config_edits(
         if key in given:
             continue
         value = now.get(key)
+        if key in taken_elsewhere:
+            continue
         if key in taken:
-            if key in _LENGTH_KEYS and length_from_config:
-                continue
             applied[key] = value
         elif key in _HF_OPTIONS and _neutral(method, key, value):
             continue
@@ -459,7 +503,7 @@ def optimize(
       Whisper "batch=1,8 cache=448"). Omitted: see `default_buckets` (the choice is printed).
     dtype: "fp32", "fp16" or "bf16" (or the torch dtype); default the model's own. device: default the device of
       the model's parameters. The compile works on new module objects over the model's
-      tensors (_modules_over_the_same_tensors): another dtype or device casts copies, never
+      tensors (kernl/compiler/caller_model.py): another dtype or device casts copies, never
       the caller's modules.
     task: as `kernl-compile --task`; default from the model's class.
     save_to: also copy the artifact to this folder, for `kernl.runtime.load` in production.
@@ -788,6 +832,9 @@ def cache_key(
         target = device.type
     config_dict = json.loads(config.to_json_string(use_diff=False))
     config_dict.pop("_name_or_path", None)  # where it was loaded from changes nothing compiled
+    # not in the JSON, yet it picks the attention code traced: an eager BERT's fully masked
+    # row averages its keys, an SDPA BERT's is zeros (an SDPA entry served an eager model)
+    config_dict["_attn_implementation"] = getattr(config, "_attn_implementation", None)
     if generation_config is not None:
         config_dict["generation_config"] = json.loads(
             generation_config.to_json_string(use_diff=False)
@@ -817,20 +864,6 @@ def cache_key(
 # -- compiling without touching the caller's model ---------------------------------------------
 
 
-@contextlib.contextmanager
-def _untouched(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
-    """compile() and the output probe switch the model to eval mode and draw random inputs:
-    put back every module's training flag and the RNG state the caller had."""
-    modes = [(m, m.training) for m in model.modules()]
-    devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 def _compile_entry(
     model: torch.nn.Module,
     buckets: Any,
@@ -846,117 +879,25 @@ def _compile_entry(
     one rename: a reader never sees a half-written entry, and of two processes compiling the
     same key (without the lock: another machine on a shared disk) one rename wins and the
     other's result is dropped."""
-    converted = _converted_by_compile(model, DTYPES[dtype], device)
     build = Path(tempfile.mkdtemp(prefix=f".build-{owner_tag()}-", dir=entry.parent))
     try:
-        with _COMPILE_LOCK, _untouched(model, device):
-            # compile() casts and traces the module objects it is given: given the caller's,
-            # another thread still serving the model eagerly got fp16 outputs, or torch
-            # errors from the export's hooks on its modules (2026-12-05). New module objects
-            # over the same tensors cost no memory but what a cast makes anyway.
-            subject = _modules_over_the_same_tensors(model)
-            if subject is None:
-                say(
-                    "compiling the model itself (its modules cannot be copied over their "
-                    "tensors): do not call it from another thread until the compile ends"
-                )
-                subject = model
-            if subject is model and converted and not _can_put_back(model, converted):
-                # Gradients or torch's swap/overwrite-on-conversion modes: compile() would
-                # change what put-back cannot restore, so it gets a copy.
-                say(
-                    f"compiling a copy of the model in {dtype} on {device} (the original "
-                    "stays as it is)"
-                )
-                subject = copy.deepcopy(model)
-            with _tensors_put_back(subject):
-                api.compile(
-                    subject,
-                    buckets,
-                    build / "artifact",
-                    dtype=dtype,
-                    device=str(device),
-                    task=task,
-                    progress=say,
-                    **compile_options,
-                )
-            del subject
+        # compile() works on new module objects over the model's tensors (caller_model.py):
+        # given the caller's, another thread still serving the model eagerly got fp16
+        # outputs, or torch errors from the export's hooks on its modules (2026-12-05)
+        with _COMPILE_LOCK:
+            api.compile(
+                model,
+                buckets,
+                build / "artifact",
+                dtype=dtype,
+                device=str(device),
+                task=task,
+                progress=say,
+                **compile_options,
+            )
         _install(build / "artifact", entry)
     finally:
         _remove(build)
-
-
-def _modules_over_the_same_tensors(model: torch.nn.Module) -> torch.nn.Module | None:
-    """A copy of `model`'s module tree whose parameters are new Parameter objects over the
-    original storage, and whose buffers and other tensor attributes are the original tensors:
-    compile()'s cast gives the copy's parameters new data and the copy's modules new buffers,
-    never the caller's, and its export hooks the copy's modules. None where such a copy
-    would not compute what the model does or would copy weights: parameters of a subclass
-    (quantized: their state lives on the object), hooks (accelerate's offload hooks own
-    weights), or anything deepcopy or Parameter refuses. The caller then compiles the model
-    itself, cast in place and put back."""
-    modules = list(model.modules())
-    hooked = any(
-        m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in modules
-    )
-    params = list(model.parameters())
-    if hooked or any(type(p) is not torch.nn.Parameter for p in params):
-        return None
-    try:
-        memo: dict[int, Any] = {
-            id(p): torch.nn.Parameter(p.data, requires_grad=p.requires_grad) for p in params
-        }
-        for m in modules:
-            for value in [*m._buffers.values(), *vars(m).values()]:
-                if isinstance(value, torch.Tensor) and id(value) not in memo:
-                    memo[id(value)] = value  # shared, as compile() replaces rather than writes
-        return copy.deepcopy(model, memo)
-    except Exception:  # noqa: BLE001 - the put-back path works for what this cannot copy
-        return None
-
-
-def _converted_by_compile(
-    model: torch.nn.Module, dtype: torch.dtype, device: torch.device
-) -> list[str]:
-    """Names of the tensors compile()'s `model.to(device, dtype)` replaces: floating-point
-    ones of another dtype (e.g. Llama's fp32 rotary table in an fp16 model) and any tensor on
-    another device."""
-    return [
-        name
-        for name, t in _tensors(model).items()
-        if (t.dtype.is_floating_point and t.dtype != dtype) or t.device != device
-    ]
-
-
-def _can_put_back(model: torch.nn.Module, converted: list[str]) -> bool:
-    params = dict(model.named_parameters(remove_duplicate=False))
-    if any(params[n].grad is not None for n in converted if n in params):
-        return False  # .to() casts gradients through grad.data: not restorable by reference
-    future = torch.__future__
-    return not (
-        future.get_swap_module_params_on_conversion()
-        or future.get_overwrite_module_params_on_conversion()
-    )
-
-
-@contextlib.contextmanager
-def _tensors_put_back(model: torch.nn.Module) -> Iterator[None]:
-    """compile() calls `model.to(device, dtype)`, which gives the caller's parameters new
-    tensors (`param.data = cast`) and replaces buffers. Keep the original tensors and put
-    them back afterwards: nothing is copied but what the cast itself makes, so a model cast
-    for compiling needs its own size once more, not twice (as a deep copy would)."""
-    params, buffers = [], []
-    for m in model.modules():
-        params += [(m, n, p, p.data) for n, p in m._parameters.items() if p is not None]
-        buffers += [(m, n, b) for n, b in m._buffers.items() if b is not None]
-    try:
-        yield
-    finally:
-        for m, name, p, data in params:
-            m._parameters[name] = p
-            p.data = data
-        for m, name, b in buffers:
-            m._buffers[name] = b
 
 
 def _install(built: Path, entry: Path) -> bool:
@@ -1144,8 +1085,8 @@ def _output_class(model: torch.nn.Module, device: torch.device) -> type | None:
         # under the compile lock: another thread's torch.export of this model tracks the
         # modules its forward enters, and this forward's would land in its stack ("Unexpected
         # key _export_root...", seen once in CI, 2026-12-04)
-        with _COMPILE_LOCK, _untouched(model, device), torch.no_grad():
-            subject = _modules_over_the_same_tensors(model) or model
+        with _COMPILE_LOCK, untouched(model, device), torch.no_grad():
+            subject = modules_over_the_same_tensors(model) or model
             subject.eval()
             out = subject(input_ids=ids, return_dict=True)
     except Exception:  # the runtime's own ModelOutput (a dict with attributes) then

@@ -589,7 +589,6 @@ def generated_source_forgotten() -> Iterator[None]:
 
 def export_bucket(flat: FlatModel, bucket: Bucket, vocab_size: int, device):
     args = tuple(example_inputs(flat.input_names, bucket, vocab_size, device))
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # On a data-dependent branch, export prints the partial graph to sys.stderr and a logger
     # warns: 100+ lines on the user's terminal before kernl's one-line refusal. What export
     # writes to sys.stderr is held back, and written out unless it was that graph.

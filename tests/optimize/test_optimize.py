@@ -105,6 +105,24 @@ def test_changed_weights_and_changed_buckets_miss(cache, compiles):
     assert len(compiles) == 3
 
 
+def test_another_attention_implementation_misses(cache, compiles):
+    """`_attn_implementation` is not in the config's JSON, yet it picks the attention code:
+    an eager BERT's fully masked row averages its keys where an SDPA BERT's is zeros. An
+    eager model was served the SDPA model's entry."""
+    models = {}
+    for impl in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        models[impl] = T.BertModel(T.BertConfig(**SMALL, attn_implementation=impl)).eval()
+    inputs = _inputs(1, 8)
+    inputs["attention_mask"].zero_()  # exactly the bucket: no padding of the runtime's
+    kernl.optimize(models["sdpa"], "batch=1 seq=8", progress=False)
+    eager = kernl.optimize(models["eager"], "batch=1 seq=8", progress=False)
+    assert len(compiles) == 2 and not eager.cache_hit
+    with torch.no_grad():
+        want = models["eager"](**inputs)
+    _assert_matches(eager(**inputs), want)
+
+
 def test_call_outside_the_buckets_gets_the_runtime_error(cache):
     model = kernl.optimize(tiny_bert(), "batch=1 seq=8", progress=False)
     with pytest.raises(ValueError, match=r"larger than every bucket .*batch x seq: 1x8"):
@@ -179,7 +197,7 @@ def test_the_compile_never_touches_the_callers_modules(cache, monkeypatch):
     bert = tiny_bert()
     modules = set(map(id, bert.modules()))
     seen = []
-    real = api.compile
+    real = api._compile  # what compile() runs on the module objects it made
 
     def spy(subject, *args, progress=None, **kwargs):
         def watch(message):
@@ -190,7 +208,7 @@ def test_the_compile_never_touches_the_callers_modules(cache, monkeypatch):
         assert shared == {p.data_ptr() for p in subject.parameters()}  # no copy made
         return real(subject, *args, progress=watch, **kwargs)
 
-    monkeypatch.setattr(api, "compile", spy)
+    monkeypatch.setattr(api, "_compile", spy)
     model = kernl.optimize(bert, "batch=1 seq=8", dtype="fp16", progress=False)
     assert len(seen) > 3 and all(apart and dtypes == {torch.float32} for apart, dtypes in seen)
     with torch.no_grad():
