@@ -16,6 +16,7 @@ serving."""
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -196,14 +197,18 @@ def parse_generation_request(
 
 
 def sampler_of(options: dict) -> Sampler:
-    """A request's own sampling arguments (greedy requests keep the defaults)."""
+    """A request's own sampling arguments (greedy requests keep the defaults). A sampled
+    request without a seed gets one at random: two such requests for one prompt get two
+    draws, as from any other server; a request that sends a seed gets the same answer each
+    time, however it is batched."""
     if not options.get("do_sample", False):
         return Sampler()
+    seed = options.get("seed")
     return Sampler(
         float(options.get("temperature", 1.0)),
         int(options.get("top_k", 50)),
         float(options.get("top_p", 1.0)),
-        int(options.get("seed", 0)),
+        secrets.randbelow(2**63) if seed is None else int(seed),
     )
 
 

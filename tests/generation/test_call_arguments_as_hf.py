@@ -165,3 +165,25 @@ def test_num_beams_is_refused_naming_the_speech_pipeline_that_passes_it():
     with pytest.raises(TypeError, match=r"num_beams=5.*generate_kwargs=\{\"num_beams\": 1\}"):
         refuse_hf_options("generate", {"num_beams": 5})
     refuse_hf_options("generate", {"num_beams": 1})  # the neutral value is taken
+
+
+def test_sampling_without_a_seed_draws_from_torch_rng_as_hugging_face(model):
+    """Without a seed, a sampled call drew with seed 0: two calls in a row gave one answer
+    and torch.manual_seed changed nothing. As in HF, the draws follow torch's RNG now."""
+    prompt = [[5, 6, 7, 8, 9]]
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=3.0, top_k=0, eos_token_id=[])
+    torch.manual_seed(1)
+    first = model.generate(prompt, **kw)
+    assert not torch.equal(model.generate(prompt, **kw), first)  # the next call draws anew
+    torch.manual_seed(1)
+    assert torch.equal(model.generate(prompt, **kw), first)  # manual_seed repeats it
+    torch.manual_seed(1)
+    assert torch.equal(torch.stack(list(model.stream(prompt, **kw)), 1), first[:, 5:])
+    torch.manual_seed(2)
+    assert not torch.equal(model.generate(prompt, **kw), first)
+    assert torch.equal(model.generate(prompt, **kw, seed=7), model.generate(prompt, **kw, seed=7))
+    torch.manual_seed(3)
+    model.generate(prompt, max_new_tokens=3)  # greedy: the caller's RNG stream is untouched
+    after = torch.rand(4)
+    torch.manual_seed(3)
+    assert torch.equal(torch.rand(4), after)

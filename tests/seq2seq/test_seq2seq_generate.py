@@ -158,6 +158,12 @@ def test_seeded_sampling_repeats_and_differs_across_seeds(compiled):
     a = model.generate(ids, mask, seed=3, **kw)
     assert torch.equal(a, model.generate(ids, mask, seed=3, **kw))
     assert not torch.equal(a, model.generate(ids, mask, seed=4, **kw))
+    # without a seed, torch's RNG draws one, as HF samples (it was always seed 0)
+    torch.manual_seed(3)
+    b = model.generate(ids, mask, **kw)
+    assert not torch.equal(b, model.generate(ids, mask, **kw))
+    torch.manual_seed(3)
+    assert torch.equal(b, model.generate(ids, mask, **kw))
 
 
 def test_errors_are_clear_and_leave_the_model_usable(compiled):

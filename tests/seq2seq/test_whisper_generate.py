@@ -191,6 +191,13 @@ def test_stream_yields_the_generated_ids_and_sampling_repeats(compiled):
     assert torch.equal(model.generate(x, do_sample=False, temperature=0.7, **hot), whole_16)
     with pytest.raises(ValueError, match="fallback schedule"):
         model.generate(x, temperature=(0.0, 0.2, 0.4), **hot)
+    # without a seed, torch's RNG draws one, as HF samples (it was always seed 0)
+    unseeded = {k: v for k, v in hot.items() if k != "seed"}
+    torch.manual_seed(5)
+    c = model.generate(x, temperature=0.7, **unseeded)
+    assert not torch.equal(c, model.generate(x, temperature=0.7, **unseeded))
+    torch.manual_seed(5)
+    assert torch.equal(c, model.generate(x, temperature=0.7, **unseeded))
 
 
 def test_max_length_and_a_feature_extractor_s_attention_mask_like_hugging_face(compiled):

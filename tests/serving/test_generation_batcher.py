@@ -680,3 +680,12 @@ def test_a_quiet_batch_reads_its_ids_back_every_few_steps(model, limits, stream)
     ids = asyncio.run(main())
     assert ids == alone(model, PROMPTS[2], max_new_tokens=20)
     assert joining.chunks == ([1] * 19 if stream else [QUIET_STEPS, QUIET_STEPS, 3])
+
+
+def test_a_sampled_request_without_a_seed_gets_a_random_one(limits):
+    """Every sampled request without a seed drew with seed 0: one prompt, one answer, however
+    often a client asked for another."""
+    seeds = {request(limits, [1], do_sample=True).sampler.seed for _ in range(4)}
+    assert len(seeds) == 4 and all(0 <= s < 2**63 for s in seeds)
+    assert request(limits, [1], do_sample=True, seed=5).sampler.seed == 5
+    assert request(limits, [1]).sampler.seed == 0  # greedy: no draw

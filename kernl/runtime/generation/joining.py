@@ -33,6 +33,7 @@ import torch
 from kernl.artifacts.schema import pick_size
 
 from .numbers import plain_number
+from .sampling import call_seed
 
 
 class OpenBatch:
@@ -121,7 +122,7 @@ class OpenBatch:
         temperature: float = 1.0,
         top_k: int = 50,
         top_p: float = 1.0,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> tuple[int, int] | None:
         """Prefill one prompt alone and seat it in a free row: (row, its first token), or None
         when `can_join` says it cannot join now. A bad prompt or argument raises ValueError
@@ -140,6 +141,7 @@ class OpenBatch:
         max_new_tokens, temperature, top_k, top_p, seed = map(
             plain_number, (max_new_tokens, temperature, top_k, top_p, seed)
         )
+        seed = call_seed(seed, self.do_sample)
         model, plan = self.model, self.plan
         prompt = torch.as_tensor(input_ids)
         if prompt.dim() == 2 and prompt.shape[0] == 1:

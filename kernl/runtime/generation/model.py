@@ -44,7 +44,7 @@ from ..model import input_tensor, new_call_lock, refuse_pickling
 from .decoder import Decoder
 from .joining import OpenBatch, pad_mask
 from .numbers import plain_number
-from .sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
+from .sampling import MAX_TEMPERATURE, MIN_TEMPERATURE, call_seed
 from .state import MAX_EOS_IDS, BatchState, shared_cache
 
 # How often generate() asks the GPU whether every row has finished: a host sync costs a few
@@ -349,7 +349,7 @@ class GenerativeModel(StepLoop):
         top_p: float | Sequence[float] = 1.0,
         eos_token_id: int | Sequence[int] | None = MODEL_DEFAULT,
         pad_token_id: int | None = MODEL_DEFAULT,
-        seed: int | Sequence[int] = 0,
+        seed: int | Sequence[int] | None = None,
         max_length: int | None = None,
         **hf_options: Any,
     ) -> torch.Tensor:
@@ -364,12 +364,14 @@ class GenerativeModel(StepLoop):
         value, not the default: `eos_token_id=None` stops at no EOS id, `pad_token_id=None`
         pads with the first EOS id (and infers no mask from the pad id). Sampling
         (`do_sample=True`) applies temperature, top-k, top-p (None: off); the same `seed`
-        gives the same ids. Each of the four is one value or a list of one per row; with a
+        gives the same ids, and a call without one (None) draws its seed from torch's global
+        RNG, as Hugging Face samples (`torch.manual_seed(n)` repeats it). Each of the four is one value or a list of one per row; with a
         seed per row, each row draws what it would alone with its seed. `max_new_tokens`
         defaults to 20; `max_length`, as in Hugging Face, counts the prompt (its padded
         length) too, and `max_new_tokens` wins when both are given."""
         input_ids = main_input("generate", input_ids, hf_options)
         refuse_hf_options("generate", hf_options)
+        seed = call_seed(seed, do_sample is True)
         sampling = (do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
         prompt, plan = self._request(
             input_ids, attention_mask, max_new_tokens, max_length, sampling
@@ -391,7 +393,7 @@ class GenerativeModel(StepLoop):
         top_p: float | Sequence[float] = 1.0,
         eos_token_id: int | Sequence[int] | None = MODEL_DEFAULT,
         pad_token_id: int | None = MODEL_DEFAULT,
-        seed: int | Sequence[int] = 0,
+        seed: int | Sequence[int] | None = None,
         output_logits: bool = False,
         max_length: int | None = None,
         **hf_options: Any,
@@ -405,6 +407,7 @@ class GenerativeModel(StepLoop):
         a server's thread pool pulls it: see `_refuse_reentry`)."""
         input_ids = main_input("stream", input_ids, hf_options)
         refuse_hf_options("stream", hf_options)
+        seed = call_seed(seed, do_sample is True)
         sampling = (do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
         _, plan = self._request(input_ids, attention_mask, max_new_tokens, max_length, sampling)
         start = lambda: self._start(plan, temperature, top_k, top_p, seed)  # noqa: E731
@@ -421,7 +424,7 @@ class GenerativeModel(StepLoop):
         top_p: float | Sequence[float] = 1.0,
         eos_token_id: int | Sequence[int] | None = MODEL_DEFAULT,
         pad_token_id: int | None = MODEL_DEFAULT,
-        seed: int | Sequence[int] = 0,
+        seed: int | Sequence[int] | None = None,
         rows: int | None = None,
     ) -> OpenBatch:
         """Start a batch that other prompts can join between its steps (`OpenBatch.join`,
@@ -439,6 +442,7 @@ class GenerativeModel(StepLoop):
         # None as generate takes it, before the batch takes the model: a None budget got
         # through every check and failed after the prefill, with the model locked
         most = max(budgets) if budgets else _new_tokens(max_new_tokens, None, 0)
+        seed = call_seed(seed, do_sample is True)
         sampling = (do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
         _, plan = self._request(input_ids, None, most, None, sampling)
         if budgets is not None and len(budgets) != plan.batch:

@@ -90,6 +90,18 @@ class SamplerParams:
         self.step_offset[row] = step_offset
 
 
+def call_seed(seed, samples: bool):
+    """A call's seed: as given, or, where it gives none (None) and samples, one drawn from
+    torch's global CPU generator, as Hugging Face's sampling draws from it: two calls in a
+    row differ, and `torch.manual_seed(n)` before a call repeats its draws. A greedy call
+    draws nothing (the caller's RNG stream stays where it was, as HF's greedy leaves it)."""
+    if seed is not None:
+        return seed
+    if not samples:
+        return 0
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+
+
 def seed_key(seed: int) -> int:
     """The 32-bit key a seed in [0, 2**63) draws with. A seed below 2**32 is its own key (the
     draws of earlier versions); higher bits are hashed in rather than dropped, so that seed

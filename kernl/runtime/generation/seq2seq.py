@@ -48,7 +48,7 @@ from .model import (
     plain_numbers,
     refuse_hf_options,
 )
-from .sampling import SamplerParams, greedy, sample
+from .sampling import SamplerParams, call_seed, greedy, sample
 from .state import MAX_EOS_IDS
 
 
@@ -279,7 +279,7 @@ class Seq2SeqModel(StepLoop):
         top_p: float | Sequence[float] = 1.0,
         eos_token_id: int | Sequence[int] | None = MODEL_DEFAULT,
         pad_token_id: int | None = MODEL_DEFAULT,
-        seed: int | Sequence[int] = 0,
+        seed: int | Sequence[int] | None = None,
         forced_bos_token_id: int | None = MODEL_DEFAULT,
         max_length: int | None = None,
         **hf_options: Any,
@@ -296,13 +296,15 @@ class Seq2SeqModel(StepLoop):
         model's forced EOS id (mBART, Marian) the last one `max_new_tokens` allows, as in
         Hugging Face. Sampling (`do_sample=True`)
         applies temperature, top-k, top-p; the same `seed` gives the same ids (each of the
-        four one value or a list of one per row, as for the causal LM). `max_length`, as in
+        four one value or a list of one per row, as for the causal LM; without a seed, one
+        is drawn from torch's RNG, as there). `max_length`, as in
         Hugging Face, counts the decoder start token (max_length - 1 new tokens);
         `max_new_tokens` wins when both are given. `input_ids` may be passed as `inputs`.
         Raises ValueError, leaving the model usable, for a source longer than every source
         bucket or more new tokens than the decoder cache holds."""
         input_ids = main_input("generate", input_ids, hf_options)
         refuse_hf_options("generate", hf_options)
+        seed = call_seed(seed, do_sample is True)
         plan = self._text_plan(
             input_ids,
             attention_mask,
@@ -331,7 +333,7 @@ class Seq2SeqModel(StepLoop):
         top_p: float | Sequence[float] = 1.0,
         eos_token_id: int | Sequence[int] | None = MODEL_DEFAULT,
         pad_token_id: int | None = MODEL_DEFAULT,
-        seed: int | Sequence[int] = 0,
+        seed: int | Sequence[int] | None = None,
         output_logits: bool = False,
         forced_bos_token_id: int | None = MODEL_DEFAULT,
         max_length: int | None = None,
@@ -343,6 +345,7 @@ class Seq2SeqModel(StepLoop):
         returns; the model serves nothing else until the iterator is exhausted or closed."""
         input_ids = main_input("stream", input_ids, hf_options)
         refuse_hf_options("stream", hf_options)
+        seed = call_seed(seed, do_sample is True)
         plan = self._text_plan(
             input_ids,
             attention_mask,

@@ -28,6 +28,7 @@ from .model import (
     plain_numbers,
     refuse_hf_options,
 )
+from .sampling import call_seed
 from .seq2seq import Seq2SeqModel, _Plan
 
 
@@ -45,7 +46,7 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         top_p: float | Sequence[float] = 1.0,
         eos_token_id: int | Sequence[int] | None = MODEL_DEFAULT,
         pad_token_id: int | None = MODEL_DEFAULT,
-        seed: int | Sequence[int] = 0,
+        seed: int | Sequence[int] | None = None,
         language: str | Sequence[str] | None = None,
         task: str | None = None,
         return_timestamps: bool | None = None,
@@ -105,7 +106,7 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         top_p: float | Sequence[float] = 1.0,
         eos_token_id: int | Sequence[int] | None = MODEL_DEFAULT,
         pad_token_id: int | None = MODEL_DEFAULT,
-        seed: int | Sequence[int] = 0,
+        seed: int | Sequence[int] | None = None,
         language: str | Sequence[str] | None = None,
         task: str | None = None,
         output_logits: bool = False,
@@ -151,6 +152,7 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
     ) -> _Plan:
         spec = self.spec
         do_sample, sampler = _whisper_sampling(do_sample, sampler)
+        sampler = (*sampler[:3], call_seed(sampler[3], do_sample))
         if return_timestamps:
             raise ValueError(
                 "return_timestamps=True is not supported: kernl's Whisper generate transcribes "

@@ -1,0 +1,102 @@
+"""`kernl.optimize`'s causal LM takes what its generation config sets as Hugging Face's generate
+takes it, without any edit: a `max_length` of 20 is a length (transformers 5 leaves it None
+unless set), the config's `max_new_tokens` wins over a call's `max_length`, and its sampling
+settings (`do_sample`, `temperature`, `top_k`, `top_p`) apply where the call leaves them out;
+`open_batch` follows the config's edits as `generate` does."""
+
+from __future__ import annotations
+
+import torch
+from generation.tiny_models import mixed_prompts, tiny_model
+
+import kernl
+
+PROMPT = 6  # mixed_prompts(2, [6, 4]) is padded to 6
+BUCKETS = "batch=1,2 prompt=8,16 cache=48"
+
+
+def _hf(hf, **kw):
+    with torch.no_grad():
+        return hf.generate(**kw)
+
+
+def test_a_config_max_length_of_20_counts_the_prompt_as_in_hugging_face(cache):
+    hf = tiny_model("llama3")
+    hf.generation_config.max_length = 20  # set: 20 ids in all, the prompt's 6 included
+    model = kernl.optimize(hf, BUCKETS, progress=False)
+    ids, mask = mixed_prompts(2, [6, 4], seed=6)
+    got = model.generate(ids, attention_mask=mask)
+    assert torch.equal(got, _hf(hf, input_ids=ids, attention_mask=mask))
+    assert got.shape[1] == 20
+
+
+def test_the_config_max_new_tokens_wins_over_a_call_max_length_as_in_hugging_face(cache):
+    hf = tiny_model("llama3")
+    hf.generation_config.max_new_tokens = 5
+    model = kernl.optimize(hf, BUCKETS, progress=False)
+    ids, mask = mixed_prompts(2, [6, 4], seed=6)
+    got = model.generate(ids, attention_mask=mask, max_length=15)
+    assert torch.equal(got, _hf(hf, input_ids=ids, attention_mask=mask, max_length=15))
+    assert got.shape[1] == PROMPT + 5
+    # a call's max_new_tokens wins over both
+    assert model.generate(ids, attention_mask=mask, max_new_tokens=3).shape[1] == PROMPT + 3
+
+
+def test_the_config_sampling_settings_apply_where_the_call_leaves_them_out(cache):
+    """With top_k=1 in the config, HF's sampling is greedy decoding: kernl's must be too (it
+    sampled with its own top_k=50), whether the call or the config turns sampling on."""
+    hf = tiny_model("llama3")
+    hf.generation_config.top_k = 1
+    model = kernl.optimize(hf, BUCKETS, progress=False)
+    ids, mask = mixed_prompts(2, [6, 4], seed=6)
+    call = dict(attention_mask=mask, max_new_tokens=12)
+    greedy = _hf(hf, input_ids=ids, **call)
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        assert torch.equal(model.generate(ids, **call, do_sample=True), greedy)
+    # the config's do_sample: sampling from the next call, its top_k=1 still applied
+    for m in (hf, model):
+        m.generation_config.do_sample = True
+    assert torch.equal(model.generate(ids, **call), greedy)
+    assert torch.equal(_hf(hf, input_ids=ids, **call), greedy)
+    # the call's own arguments win: top_k=0 (off) at a high temperature leaves greedy
+    hot = dict(temperature=50.0, top_k=0)
+    assert not torch.equal(model.generate(ids, **call, **hot), greedy)
+    assert torch.equal(model.generate(ids, **call, do_sample=False, **hot), greedy)
+
+
+def test_config_top_k_none_is_hugging_face_default_not_off(cache):
+    """HF fills a config's None top_k with its default 50; kernl's top_k=None is off (an edit
+    to None was passed on as off). At a temperature that flattens the distribution, every
+    draw must stay among the 50 best tokens of its step, as HF's would."""
+    hf = tiny_model("llama3")
+    hf.generation_config.top_k = 1  # compiled with a top_k, then edited to None
+    model = kernl.optimize(hf, BUCKETS, progress=False)
+    model.generation_config.top_k = None
+    model.generation_config.temperature = 1000.0
+    model.generation_config.do_sample = True
+    ids, _ = mixed_prompts(1, [6], seed=3)
+    vocab = hf.config.vocab_size
+    assert vocab - 50 > 40  # a flat draw lands outside the top 50 about half the time
+    outside = 0
+    for seed in range(8):
+        steps = list(model.stream(ids, max_new_tokens=1, seed=seed, output_logits=True))
+        (token, logits) = steps[0]
+        top = logits[0].topk(50).indices
+        outside += int(token[0]) not in set(top.tolist())
+    assert outside == 0
+
+
+def test_open_batch_applies_generation_config_edits(cache):
+    hf = tiny_model("llama3")
+    model = kernl.optimize(hf, BUCKETS, progress=False)
+    ids, mask = mixed_prompts(1, [6], seed=6)
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=10)
+    eos = int(free[0, PROMPT + 2])  # the third new token
+    model.generation_config.eos_token_id = eos
+    with model.open_batch([ids[0].tolist()], max_new_tokens=10) as batch:
+        tokens = [t for _, t in batch.first]
+        while batch.rows:
+            tokens += [t for _, t in batch.step()]
+    assert eos in tokens and tokens.index(eos) == 2
+    assert len(tokens) == 3  # the edited EOS stopped it, as it stops generate
