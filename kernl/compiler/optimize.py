@@ -49,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -80,6 +81,7 @@ from .buckets import as_buckets, check_buckets_fit, position_limit
 from .caller_model import modules_over_the_same_tensors, untouched
 from .code_digest import code_digest, tensor_bytes_digest
 from .tasks.causal_lm.buckets import as_generation_buckets
+from .tasks.generation_config import beam_search_not_run
 from .tasks.seq2seq import is_speech_model
 from .tasks.seq2seq.buckets import as_seq2seq_buckets, check_positions, seq2seq_position_limit
 from .trace import (
@@ -151,6 +153,7 @@ class OptimizedModel:
         self._length_from_config = length_from_config and generation_config is not None
         self.config = config  # a copy of the original model's config
         self._output_class = output_class
+        self._beams_said = False
         if generation_config is not None:
             # a copy of the original's, for code that reads it (HF's text-generation
             # pipeline) and code that edits it as HF's idioms do (Whisper's .language): the
@@ -262,15 +265,14 @@ class OptimizedModel:
         (_config_sampling) and a causal LM's length (_with_config_length)."""
         config = self.generation_config
         compiled, length_from_config = self._compiled_generation_config, self._length_from_config
-        # Whisper's generate has its own sampling rule (a temperature above 0 samples, as in
-        # HF's Whisper): there the sampling keys are edits like any other
-        sampling = getattr(self.runtime.manifest, "task", None) != "speech-seq2seq"
-        skip = (_LENGTH_KEYS if length_from_config else set()) | (
-            _HF_SAMPLING_DEFAULTS.keys() if sampling else set()
-        )
+        beams = beam_search_not_run(compiled.get("num_beams"))  # an edit of it is refused
+        if beams is not None and not self._beams_said:
+            warnings.warn(beams, stacklevel=3)  # once a model: said, not refused
+            self._beams_said = True
+        skip = (_LENGTH_KEYS if length_from_config else set()) | _HF_SAMPLING_DEFAULTS.keys()
         kwargs.update(_config_edits(method, compiled, config, args, kwargs, skip))
-        if sampling:
-            kwargs.update(_config_sampling(method, config, args, kwargs))
+        speech = getattr(self.runtime.manifest, "task", None) == "speech-seq2seq"
+        kwargs.update(_config_sampling(method, config, args, kwargs, speech))
         if length_from_config and method.__name__ != "open_batch":
             return _with_config_length(method, config, *args, **kwargs)
         return method(*args, **kwargs)
@@ -298,28 +300,32 @@ _GENERATING = ("generate", "stream", "open_batch")
 _HF_SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
 
 
-def _config_sampling(method: Callable, config: Any, args: tuple, kwargs: dict) -> dict:
+def _config_sampling(
+    method: Callable, config: Any, args: tuple, kwargs: dict, speech: bool = False
+) -> dict:
     """The generation config's do_sample, temperature, top_k and top_p for the keys a call of
     `method` leaves out, as Hugging Face's generate takes them: an instruct model whose
     config says `do_sample=True, temperature=0.6, top_p=0.9` samples so unless the call says
     otherwise, and a call's `do_sample=True` samples with the config's temperature and top-k.
-    A key left None there is HF's default. Whisper's generate has its own rule (it samples on
-    a temperature above 0 alone, as HF's Whisper does) and is not given these."""
+    A key left None there is HF's default. Whisper (`speech`) samples as HF's Whisper does, on
+    a call's temperature above 0 alone: its config's do_sample and temperature are not read,
+    its top_k and top_p are."""
     signature = inspect.signature(method)
     try:
         given = set(signature.bind_partial(*args, **kwargs).arguments) | set(kwargs)
     except TypeError:
         return {}  # the call itself is wrong: the method raises its own error
+    keys = ("top_k", "top_p") if speech else tuple(_HF_SAMPLING_DEFAULTS)
     sampling = {}
-    for key, default in _HF_SAMPLING_DEFAULTS.items():
+    for key in keys:
         if key in given or key not in signature.parameters:
             continue
         value = getattr(config, key, None)
-        sampling[key] = default if value is None else value
-    if not sampling.get("do_sample", kwargs.get("do_sample", False)):
-        # greedy: the config's temperature etc. change nothing, and are not checked
-        return {k: v for k, v in sampling.items() if k == "do_sample"}
-    return sampling
+        sampling[key] = _HF_SAMPLING_DEFAULTS[key] if value is None else value
+    if speech or sampling.get("do_sample", kwargs.get("do_sample", False)):
+        return sampling
+    # greedy: the config's temperature etc. change nothing, and are not checked
+    return {k: v for k, v in sampling.items() if k == "do_sample"}
 
 
 def _with_config_length(method: Callable, config: Any, *args: Any, **kwargs: Any) -> Any:
@@ -666,7 +672,7 @@ def _optimize(
             if task in GENERATION_TASKS
             else None
         ),
-        length_from_config=task == "causal-lm",
+        length_from_config=task in GENERATION_TASKS,
     )
 
 

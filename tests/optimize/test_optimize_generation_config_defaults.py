@@ -1,4 +1,4 @@
-"""`kernl.optimize`'s causal LM takes what its generation config sets as Hugging Face's generate
+"""`kernl.optimize`'s causal LM (and encoder-decoder) takes what its generation config sets as Hugging Face's generate
 takes it, without any edit: a `max_length` of 20 is a length (transformers 5 leaves it None
 unless set), the config's `max_new_tokens` wins over a call's `max_length`, and its sampling
 settings (`do_sample`, `temperature`, `top_k`, `top_p`) apply where the call leaves them out;
@@ -6,8 +6,13 @@ settings (`do_sample`, `temperature`, `top_k`, `top_p`) apply where the call lea
 
 from __future__ import annotations
 
+import warnings
+
+import pytest
 import torch
 from generation.tiny_models import mixed_prompts, tiny_model
+from seq2seq.test_seq2seq_generate import sources, tiny_seq2seq
+from seq2seq.test_whisper_generate import features, tiny_whisper
 
 import kernl
 
@@ -100,3 +105,70 @@ def test_open_batch_applies_generation_config_edits(cache):
             tokens += [t for _, t in batch.step()]
     assert eos in tokens and tokens.index(eos) == 2
     assert len(tokens) == 3  # the edited EOS stopped it, as it stops generate
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_a_text_seq2seq_model_takes_the_config_length_as_hugging_face(cache, family):
+    """An encoder-decoder's config length was applied only once edited after optimize: as
+    compiled, generate ran its own 20 new tokens (Marian sets max_length=512, mBART-50 200)."""
+    hf = tiny_seq2seq(family)
+    hf.generation_config.max_length = 12  # counts the decoder start token
+    hf.generation_config.eos_token_id = None
+    model = kernl.optimize(hf, "batch=1,2 source=8,16 cache=32", progress=False)
+    ids, mask = sources([7, 5])
+    got = model.generate(ids, attention_mask=mask)
+    assert torch.equal(got, _hf(hf, input_ids=ids, attention_mask=mask))
+    assert got.shape[1] == 12
+    for m in (hf, model):
+        m.generation_config.max_new_tokens = 6
+    got = model.generate(ids, attention_mask=mask, max_length=10)  # the config's wins
+    assert torch.equal(got, _hf(hf, input_ids=ids, attention_mask=mask, max_length=10))
+    assert got.shape[1] == 7
+    # a config length past the decoder cache is a bound: cut to what it holds, said
+    for m in (hf, model):
+        m.generation_config.max_new_tokens = 500
+    with pytest.warns(UserWarning, match="max_new_tokens=500 asks for up to 500"):
+        assert model.generate(ids, attention_mask=mask).shape[1] == 1 + 32
+    with pytest.raises(ValueError, match="exceeds the decoder cache"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=40)  # a call's is refused
+
+
+def test_whisper_samples_as_hugging_faces_whisper(cache):
+    """HF's Whisper samples on a call's temperature above 0 alone, with its config's top_k and
+    top_p: kernl ignored the config's top_k, and an edited config temperature sampled."""
+    hf = tiny_whisper("multilingual")
+    hf.generation_config.top_k = 1  # sampling with top_k=1 is greedy decoding
+    model = kernl.optimize(hf, "batch=1,2 cache=48", progress=False)
+    x = features(2)
+    greedy = model.generate(input_features=x, max_new_tokens=10)
+    assert torch.equal(greedy, _hf(hf, input_features=x, max_new_tokens=10))
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        assert torch.equal(
+            model.generate(input_features=x, max_new_tokens=10, temperature=5.0), greedy
+        )
+    for m in (hf, model):
+        m.generation_config.top_k = None  # HF's 50: a hot call samples now
+        m.generation_config.temperature = 5.0  # not read by HF's Whisper: still greedy
+        m.generation_config.do_sample = True
+    assert torch.equal(model.generate(input_features=x, max_new_tokens=10), greedy)
+    assert torch.equal(_hf(hf, input_features=x, max_new_tokens=10), greedy)
+    torch.manual_seed(3)
+    hot = model.generate(input_features=x, max_new_tokens=10, temperature=50.0)
+    assert not torch.equal(hot, greedy)
+
+
+def test_beam_search_in_the_config_is_said_not_silently_dropped(cache):
+    """Marian, BART and mBART checkpoints set num_beams 4-6; kernl decodes greedily. The
+    compile says so, and the optimized model warns at its first generate."""
+    hf = tiny_seq2seq("bart")
+    hf.generation_config.num_beams = 4
+    said = []
+    model = kernl.optimize(hf, "batch=1,2 source=8,16 cache=32", progress=said.append)
+    assert any("num_beams=4 is not applied" in m for m in said)
+    ids, mask = sources([7, 5])
+    with pytest.warns(UserWarning, match="num_beams=4 is not applied"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once a model
+        model.generate(ids, attention_mask=mask, max_new_tokens=4)

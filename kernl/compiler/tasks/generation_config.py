@@ -58,8 +58,24 @@ def eos_token_ids(eos, vocab: int, task: str) -> list[int]:
 # model whose generation config sets one would get other ids from kernl than from its own
 # generate, silently (a text seq2seq model's compile found it only when validation's inputs
 # happened to trigger the option). Beam search (num_beams) is not here: kernl never runs it,
-# and says so (README).
+# and says so (beam_search_not_run, README).
 NEUTRAL = IDS_CHANGING_OPTIONS
+
+
+def beam_search_not_run(beams: int | None) -> str | None:
+    """What to say where the generation config asks for beam search (`beams`: its num_beams),
+    which kernl never runs (it decodes greedily, or samples): Marian, BART and mBART
+    checkpoints set num_beams to 4-6, and their ids from kernl then differ from Hugging
+    Face's generate. Said at compile and by kernl.optimize's model, not refused: those
+    checkpoints serve as they are, greedy."""
+    if beams is None or beams == 1:
+        return None
+    return (
+        f"the generation config's num_beams={beams} is not applied: kernl decodes greedily "
+        f"(or samples with do_sample=True) where Hugging Face's generate runs a {beams}-beam "
+        "search, so their ids differ; set model.generation_config.num_beams = 1 (or in "
+        "generation_config.json) to compare like with like"
+    )
 
 
 def refuse_unapplied_options(gen, task: str, also: tuple[str, ...] = ()) -> None:

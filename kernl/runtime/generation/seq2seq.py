@@ -16,6 +16,7 @@ Steps are pure functions of the buffers; on CUDA they are captured as graphs on 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from ..binaries import KernelBinaries, running_with
 from ..model import new_call_lock
 from .encoder_decoder import EncoderDecoder, Seq2SeqCache
 from .model import (
+    LENGTH_IS_A_BOUND,
     MODEL_DEFAULT,
     StepLoop,
     _as_batch,
@@ -477,7 +479,10 @@ class Seq2SeqModel(StepLoop):
             pad = int(pad_token_id)
         return batch_bucket, eos, pad
 
-    def _check_cache(self, prompt_len: int, max_new_tokens: int) -> None:
+    def _check_cache(self, prompt_len: int, max_new_tokens: int) -> int:
+        """`max_new_tokens` where the decoder cache holds them; a length from the generation
+        config (LENGTH_IS_A_BOUND, kernl.optimize's) is cut to what it holds, with a warning,
+        as on the causal LM; one a call asks for is refused with the room there is."""
         # The cache holds the tokens after the decoder start token: the rest of the prompt
         # (Whisper's language, task, ...) and the new tokens.
         cache = self.buckets.cache_len
@@ -486,6 +491,16 @@ class Seq2SeqModel(StepLoop):
                 f"the decoder cache (cache={cache}) has no room after this call's "
                 f"{prompt_len}-token decoder prompt; recompile with a larger cache="
             )
+        room = cache - prompt_len + 1
+        if max_new_tokens > room and LENGTH_IS_A_BOUND.get() is not None:
+            warnings.warn(
+                f"{LENGTH_IS_A_BOUND.get()} asks for up to {max_new_tokens} new tokens; this "
+                f"artifact's decoder cache of {cache} holds {room} after this call's decoder "
+                "prompt: generating at most that many (pass max_new_tokens, or recompile with "
+                "a larger cache=)",
+                stacklevel=5,
+            )
+            return room
         if prompt_len - 1 + max_new_tokens > cache:
             prompt = (
                 f", less the {prompt_len - 1} decoder prompt tokens after the start token"
@@ -497,6 +512,7 @@ class Seq2SeqModel(StepLoop):
                 f"{cache - prompt_len + 1} new tokens (cache={cache}{prompt}); recompile with a "
                 "larger cache= to go further"
             )
+        return max_new_tokens
 
     def _text_plan(
         self,
@@ -536,7 +552,7 @@ class Seq2SeqModel(StepLoop):
                 f"artifact ({self.buckets.sources}); shorten it or recompile with a longer "
                 "source bucket"
             )
-        self._check_cache(1, max_new_tokens)
+        max_new_tokens = self._check_cache(1, max_new_tokens)
         padded = torch.full((bb, source_bucket), self.default_pad, dtype=torch.int64)
         valid = torch.zeros(bb, source_bucket, dtype=torch.bool)
         padded[:batch, :length] = ids[:, :length]

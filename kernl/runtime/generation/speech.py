@@ -190,7 +190,7 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         eos_id = MODEL_DEFAULT if eos_id is None else eos_id
         pad_id = MODEL_DEFAULT if pad_id is None else pad_id
         bb, eos, pad = self._check(batch, max_new_tokens, do_sample, sampler, eos_id, pad_id)
-        self._check_cache(prompt_len, max_new_tokens)
+        max_new_tokens = self._check_cache(prompt_len, max_new_tokens)
         padded = torch.zeros((bb, *features.shape[1:]), dtype=self.dtype, device=features.device)
         padded[:batch] = features
         prompt = torch.full((bb, MAX_PROMPT), spec.decoder_start_token_id, dtype=torch.int64)

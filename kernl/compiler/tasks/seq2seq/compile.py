@@ -50,6 +50,7 @@ from ...report import artifact_bytes
 from ...trace import UnsupportedModelError, check_task, load_model, resolve_dtype_device
 from ...tune import write_binaries
 from ...validate import ValidationError
+from ..generation_config import beam_search_not_run
 from .buckets import as_seq2seq_buckets, check_positions, check_speech_prompt
 from .decode_kernels import (
     FEW_ROWS,
@@ -136,6 +137,11 @@ def compile_seq2seq(
         source = os.path.abspath(local) if local.is_dir() else str(model_or_path)
     say("describing the encoder-decoder")
     spec, weights = describe(model, torch_dtype)
+    beams = beam_search_not_run(
+        getattr(getattr(model, "generation_config", None), "num_beams", None)
+    )
+    if beams is not None and not speech:  # Whisper's is refused (speech_spec)
+        say(beams)
     if speech != (spec.family == "whisper"):
         raise UnsupportedModelError(
             f"{spec.model_type} is compiled with --task "
