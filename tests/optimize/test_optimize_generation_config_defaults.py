@@ -172,3 +172,22 @@ def test_beam_search_in_the_config_is_said_not_silently_dropped(cache):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once a model
         model.generate(ids, attention_mask=mask, max_new_tokens=4)
+
+
+def test_whisper_takes_the_config_length_capped_at_its_positions_as_hugging_face(cache):
+    """Whisper checkpoints set max_length to the decoder's positions (448): HF's Whisper caps
+    it there silently, so a cache that holds as much serves it without a warning; a smaller
+    config length is applied (it ran as far as the cache went)."""
+    hf = tiny_whisper("multilingual")  # 64 decoder positions
+    hf.generation_config.max_length = 64
+    model = kernl.optimize(hf, "batch=1,2 cache=64", progress=False)
+    x = features(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        full = model.generate(input_features=x, eos_token_id=[])
+    assert torch.equal(full, _hf(hf, input_features=x, eos_token_id=[]))
+    for m in (hf, model):
+        m.generation_config.max_length = 9
+    got = model.generate(input_features=x, eos_token_id=[])
+    assert torch.equal(got, _hf(hf, input_features=x, eos_token_id=[]))
+    assert got.shape[1] < full.shape[1]

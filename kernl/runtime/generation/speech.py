@@ -21,6 +21,7 @@ from kernl.artifacts.seq2seq import MAX_PROMPT
 from kernl.artifacts.speech_prompt import decoder_prompt, resolved_call
 
 from .model import (
+    LENGTH_IS_A_BOUND,
     MODEL_DEFAULT,
     _generated_length,
     _is_number,
@@ -176,6 +177,12 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
                     f"the decoder prompt not counted), got {max_length!r}"
                 )
             max_new_tokens = max_length
+        if max_new_tokens is not None and LENGTH_IS_A_BOUND.get() is not None:
+            # the generation config's (kernl.optimize's): HF's Whisper caps it at the decoder's
+            # positions, silently (checkpoints set max_length=448, all of them); the cache may
+            # cut it further, said (_check_cache)
+            positions = spec.max_positions - prompt_len
+            max_new_tokens = min(max_new_tokens, positions) if positions > 0 else max_new_tokens
         if max_new_tokens is None:  # a transcription runs to its EOS, as far as the cache goes
             max_new_tokens = self.buckets.cache_len - prompt_len + 1
             if max_new_tokens < 1:  # an artifact from before the compiler refused such caches
