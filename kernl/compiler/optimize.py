@@ -273,7 +273,7 @@ class OptimizedModel:
         kwargs.update(_config_edits(method, compiled, config, args, kwargs, skip))
         speech = getattr(self.runtime.manifest, "task", None) == "speech-seq2seq"
         kwargs.update(_config_sampling(method, config, args, kwargs, speech))
-        if length_from_config and method.__name__ != "open_batch":
+        if length_from_config:
             return _with_config_length(method, config, *args, **kwargs)
         return method(*args, **kwargs)
 
@@ -312,9 +312,10 @@ def _config_sampling(
     its top_k and top_p are."""
     signature = inspect.signature(method)
     try:
-        given = set(signature.bind_partial(*args, **kwargs).arguments) | set(kwargs)
+        bound = signature.bind_partial(*args, **kwargs).arguments
     except TypeError:
         return {}  # the call itself is wrong: the method raises its own error
+    given = set(bound) | set(kwargs)
     keys = ("top_k", "top_p") if speech else tuple(_HF_SAMPLING_DEFAULTS)
     sampling = {}
     for key in keys:
@@ -322,7 +323,7 @@ def _config_sampling(
             continue
         value = getattr(config, key, None)
         sampling[key] = _HF_SAMPLING_DEFAULTS[key] if value is None else value
-    if speech or sampling.get("do_sample", kwargs.get("do_sample", False)):
+    if speech or sampling.get("do_sample", bound.get("do_sample", False)):
         return sampling
     # greedy: the config's temperature etc. change nothing, and are not checked
     return {k: v for k, v in sampling.items() if k == "do_sample"}
@@ -337,11 +338,16 @@ def _with_config_length(method: Callable, config: Any, *args: Any, **kwargs: Any
     `max_new_tokens=None` drops the config's max_new_tokens (its max_length, else 20 new
     tokens, then) and `max_length=None` its max_length. The config's max_new_tokens wins over
     a call's max_length, as HF's does (it warns); a call's max_new_tokens wins over both.
-    transformers 5 leaves max_length None unless it is set: a config's 20 is a length."""
-    given = inspect.signature(method).bind_partial(*args, **kwargs).arguments
+    transformers 5 leaves max_length None unless it is set: a config's 20 is a length.
+    `open_batch` takes no max_length (its rows' prompts differ): the config's max_new_tokens
+    alone."""
+    signature = inspect.signature(method)
+    given = signature.bind_partial(*args, **kwargs).arguments
     if given.get("max_new_tokens") is not None:
         return method(*args, **kwargs)
     config_max_length = getattr(config, "max_length", None)
+    if "max_length" not in signature.parameters:
+        config_max_length = None
     if "max_new_tokens" not in given and getattr(config, "max_new_tokens", None) is not None:
         name, value = "max_new_tokens", config.max_new_tokens
     elif given.get("max_length") is not None:

@@ -187,3 +187,19 @@ def test_sampling_without_a_seed_draws_from_torch_rng_as_hugging_face(model):
     after = torch.rand(4)
     torch.manual_seed(3)
     assert torch.equal(torch.rand(4), after)
+
+
+def test_a_joiner_samples_with_the_batch_arguments_unless_it_gives_its_own(model):
+    """join() left its temperature, top-k and top-p at generate's defaults (top_k 50) whatever
+    the batch was opened with: top_k=1 makes the batch's sampling greedy decoding, and a
+    joiner that names none samples as the batch does."""
+    p0, p1 = [5, 6, 7, 8, 9], [11, 12, 13]
+    want = model.generate([p1], max_new_tokens=6, eos_token_id=[])[0, 3:].tolist()
+    hot = dict(do_sample=True, temperature=50.0, top_k=1, eos_token_id=[])
+    for own, same in (({}, True), ({"top_k": 0}, False)):
+        with model.open_batch([p0], max_new_tokens=6, rows=4, **hot) as batch:
+            row, first = batch.join(p1, max_new_tokens=6, seed=3, **own)
+            tokens = [first]
+            while row in batch.rows:
+                tokens += [t for r, t in batch.step() if r == row]
+        assert (tokens == want) is same

@@ -191,3 +191,35 @@ def test_whisper_takes_the_config_length_capped_at_its_positions_as_hugging_face
     got = model.generate(input_features=x, eos_token_id=[])
     assert torch.equal(got, _hf(hf, input_features=x, eos_token_id=[]))
     assert got.shape[1] < full.shape[1]
+
+
+def test_open_batch_and_its_joiners_take_the_config_length_and_sampling(cache):
+    """open_batch took the config's edits but not its length; a joiner sampled with join()'s
+    own defaults (top_k 50) where the batch's opening rows took the config's; a positional
+    do_sample=True dropped the config's sampling settings."""
+    hf = tiny_model("llama3")
+    model = kernl.optimize(hf, BUCKETS, progress=False)
+    p0, p1 = [5, 6, 7, 8, 9], [11, 12, 13]
+    greedy = {
+        tuple(p): model.generate([p], max_new_tokens=8)[0, len(p) :].tolist() for p in (p0, p1)
+    }
+    model.generation_config.max_new_tokens = 3
+    with model.open_batch([p0], rows=2) as batch:
+        tokens = [t for _, t in batch.first]
+        while batch.rows:
+            tokens += [t for _, t in batch.step()]
+    assert tokens == greedy[tuple(p0)][:3]
+    model.generation_config.max_new_tokens = None
+    for key, value in (("do_sample", True), ("top_k", 1), ("temperature", 50.0)):
+        setattr(model.generation_config, key, value)  # sampling that is greedy decoding
+    torch.manual_seed(0)
+    with model.open_batch([p0], max_new_tokens=8, rows=2) as batch:
+        rows = {r: [t] for r, t in batch.first}
+        row, first = batch.join(p1, max_new_tokens=8)
+        rows[row] = [first]
+        while batch.rows:
+            for r, t in batch.step():
+                rows[r].append(t)
+    assert sorted(rows.values()) == sorted(greedy.values())
+    ids = torch.tensor([p0])
+    assert model.generate(ids, None, 8, True)[0, 5:].tolist() == greedy[tuple(p0)]

@@ -35,6 +35,9 @@ from kernl.artifacts.schema import pick_size
 from .numbers import plain_number
 from .sampling import call_seed
 
+# join()'s sampling arguments left out: the batch's own (see OpenBatch.__init__)
+BATCH_DEFAULT: object = type("BatchDefault", (), {"__repr__": lambda self: "BATCH_DEFAULT"})()
+
 
 class OpenBatch:
     """See the module docstring. `first` holds (row, token) of the opening rows' first tokens;
@@ -47,6 +50,12 @@ class OpenBatch:
         self.bucket = plan.batch_bucket
         self.state = model._states[self.bucket]
         self.do_sample = plan.do_sample
+        # a joiner's temperature, top-k and top-p when it gives none: the batch's (where one
+        # value serves every opening row), else generate's defaults
+        self._join_sampling = tuple(
+            default if isinstance(value, (list, tuple)) else value
+            for value, default in zip(sampling[:3], (1.0, 50, 1.0))
+        )
         self.eos = frozenset(plan.eos)
         smallest = min(model.buckets.batches)
         self.join_bucket = smallest if smallest < self.bucket else None
@@ -119,15 +128,18 @@ class OpenBatch:
         self,
         input_ids,
         max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int = 50,
-        top_p: float = 1.0,
+        temperature: float | None = BATCH_DEFAULT,
+        top_k: int | None = BATCH_DEFAULT,
+        top_p: float | None = BATCH_DEFAULT,
         seed: int | None = None,
     ) -> tuple[int, int] | None:
         """Prefill one prompt alone and seat it in a free row: (row, its first token), or None
         when `can_join` says it cannot join now. A bad prompt or argument raises ValueError
         (as `generate` would), leaving the batch as it was; so does a batch on the smallest
-        batch bucket, which nobody can ever join. In a tensor prompt, the batch's pad
+        batch bucket, which nobody can ever join. Temperature, top-k and top-p left out are
+        the batch's own (one value for every opening row; else generate's defaults); a seed
+        left out is drawn from torch's RNG, as generate draws one. In a tensor prompt, the
+        batch's pad
         id marks padding, as in `generate` without an attention_mask."""
         self._check_open()
         self._driven_here()
@@ -138,6 +150,10 @@ class OpenBatch:
                 f"with rows= a larger bucket ({self.model.buckets.batches}), or compile a "
                 "smaller batch bucket (e.g. batch=1)"
             )
+        temperature, top_k, top_p = (
+            own if value is BATCH_DEFAULT else value
+            for value, own in zip((temperature, top_k, top_p), self._join_sampling)
+        )
         max_new_tokens, temperature, top_k, top_p, seed = map(
             plain_number, (max_new_tokens, temperature, top_k, top_p, seed)
         )
