@@ -97,7 +97,7 @@ def converted_by_compile(
     device."""
     return [
         name
-        for name, t in _tensors(model).items()
+        for name, t in named_tensors(model).items()
         if (t.dtype.is_floating_point and t.dtype != dtype) or t.device != device
     ]
 
@@ -133,8 +133,9 @@ def tensors_put_back(model: torch.nn.Module) -> Iterator[None]:
             m._buffers[name] = b
 
 
-def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        **dict(model.named_parameters(remove_duplicate=False)),
-        **dict(model.named_buffers(remove_duplicate=False)),
-    }
+def named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and every buffer (non-persistent ones too, e.g. rotary tables: a compile
+    folds all of them into the artifact), detached; tied weights under each of their names."""
+    found = dict(model.named_parameters(remove_duplicate=False))
+    found.update(model.named_buffers(remove_duplicate=False))
+    return {name: t.detach() for name, t in found.items()}

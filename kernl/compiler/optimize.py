@@ -78,7 +78,7 @@ from kernl.runtime.generation.model import _HF_OPTIONS, LENGTH_IS_A_BOUND, refus
 
 from . import api
 from .buckets import as_buckets, check_buckets_fit, position_limit
-from .caller_model import modules_over_the_same_tensors, untouched
+from .caller_model import modules_over_the_same_tensors, named_tensors, untouched
 from .code_digest import code_digest, tensor_bytes_digest
 from .tasks.causal_lm.buckets import as_generation_buckets
 from .tasks.generation_config import beam_search_not_run
@@ -143,14 +143,11 @@ class OptimizedModel:
         config: Any,
         output_class: type | None,
         generation_config: Any = None,
-        length_from_config: bool = False,
     ):
         self.runtime = runtime
         self.artifact = artifact  # the cache entry it was loaded from
         self.cache_hit = cache_hit  # True: loaded from the cache, nothing was compiled
         self.buckets_spec = buckets
-        # causal LMs: generate/stream take the generation config's length (_with_config_length)
-        self._length_from_config = length_from_config and generation_config is not None
         self.config = config  # a copy of the original model's config
         self._output_class = output_class
         self._beams_said = False
@@ -262,20 +259,18 @@ class OptimizedModel:
     def _with_generation_config(self, method: Callable, *args: Any, **kwargs: Any) -> Any:
         """`method` (generate, stream or open_batch) with what the generation config holds
         now: its edits since kernl.optimize (_config_edits), its sampling settings
-        (_config_sampling) and a causal LM's length (_with_config_length)."""
+        (_config_sampling) and its length (_with_config_length)."""
         config = self.generation_config
-        compiled, length_from_config = self._compiled_generation_config, self._length_from_config
+        compiled = self._compiled_generation_config
         beams = beam_search_not_run(compiled.get("num_beams"))  # an edit of it is refused
         if beams is not None and not self._beams_said:
             warnings.warn(beams, stacklevel=3)  # once a model: said, not refused
             self._beams_said = True
-        skip = (_LENGTH_KEYS if length_from_config else set()) | _HF_SAMPLING_DEFAULTS.keys()
+        skip = _LENGTH_KEYS | _HF_SAMPLING_DEFAULTS.keys()  # taken from the config at each call
         kwargs.update(_config_edits(method, compiled, config, args, kwargs, skip))
         speech = getattr(self.runtime.manifest, "task", None) == "speech-seq2seq"
         kwargs.update(_config_sampling(method, config, args, kwargs, speech))
-        if length_from_config:
-            return _with_config_length(method, config, *args, **kwargs)
-        return method(*args, **kwargs)
+        return _with_config_length(method, config, *args, **kwargs)
 
     def __reduce__(self):
         raise TypeError(
@@ -330,7 +325,7 @@ def _config_sampling(
 
 
 def _with_config_length(method: Callable, config: Any, *args: Any, **kwargs: Any) -> Any:
-    """A causal LM's generate or stream with its generation config's own length where the call
+    """generate, stream or open_batch with the generation config's own length where the call
     gives none, as Hugging Face's generate takes it: a pipeline that finds a length there
     passes none (kernl's generate alone would stop at 20 new tokens). A length from the config
     is a bound, as in HF: past the KV cache it is cut to what fits, with a warning. As in HF
@@ -364,7 +359,7 @@ def _with_config_length(method: Callable, config: Any, *args: Any, **kwargs: Any
         LENGTH_IS_A_BOUND.reset(token)
 
 
-# The generation config's length keys: a causal LM takes them from the config at every call
+# The generation config's length keys: generate/stream take them from the config at every call
 # (_with_config_length), edited or not.
 _LENGTH_KEYS = frozenset({"max_new_tokens", "max_length"})
 
@@ -415,8 +410,7 @@ def _config_edits(
     there. Any other edit (what the artifact compiled in: bad_words_ids, suppress_tokens,
     forced EOS, Whisper's forced_decoder_ids and language tables) raises a ValueError naming
     the keys. `taken_elsewhere`: keys the caller takes from the config at every call, edited
-    or not (a causal LM's length keys: _with_config_length; the sampling keys:
-    _config_sampling)."""
+    or not (the length keys: _with_config_length; the sampling keys: _config_sampling)."""
     now = _settings(config)
     edited = [
         k for k in sorted(now.keys() | compiled.keys()) if not _same(now.get(k), compiled.get(k))
@@ -439,9 +433,9 @@ def _config_edits(
     for key in edited:
         if key in given:
             continue
-        value = now.get(key)
         if key in taken_elsewhere:
             continue
+        value = now.get(key)
         if key in taken:
             applied[key] = value
         elif key in _HF_OPTIONS and _neutral(method, key, value):
@@ -678,7 +672,6 @@ def _optimize(
             if task in GENERATION_TASKS
             else None
         ),
-        length_from_config=task in GENERATION_TASKS,
     )
 
 
@@ -760,7 +753,7 @@ def _dtype_device_of(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]
     """The dtype holding most of the model's floating-point weights, and their one device."""
     by_dtype: dict[torch.dtype, int] = {}
     devices = set()
-    for t in _tensors(model).values():
+    for t in named_tensors(model).values():
         devices.add(t.device)
         if t.dtype.is_floating_point:
             by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.numel()
@@ -780,14 +773,6 @@ def _dtype_device_of(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]
 # -- the cache key -----------------------------------------------------------------------------
 
 
-def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # Parameters and every buffer (non-persistent ones too, e.g. rotary tables): compile
-    # folds all of them into the artifact. Tied weights appear under each of their names.
-    found = dict(model.named_parameters(remove_duplicate=False))
-    found.update(model.named_buffers(remove_duplicate=False))
-    return {name: t.detach() for name, t in found.items()}
-
-
 def _tensor_bytes_digest(t: torch.Tensor) -> bytes:
     # the code digest hashes the tensors a forward reads besides weights the same way
     return tensor_bytes_digest(t, _HASH_CHUNK)
@@ -797,7 +782,7 @@ def weights_digest(model: torch.nn.Module, threads: int | None = None) -> str:
     """sha256 over every parameter and buffer: name, dtype, shape and bytes. Each distinct
     tensor is hashed once (tied weights share a digest), on `threads` threads (default: up
     to 8); hashlib releases the GIL while hashing, so they run in parallel."""
-    tensors = _tensors(model)
+    tensors = named_tensors(model)
     unique: dict[tuple, torch.Tensor] = {}
     ident = {}
     for name, t in tensors.items():
@@ -1092,7 +1077,9 @@ def _output_class(model: torch.nn.Module, device: torch.device) -> type | None:
     the copy, not the caller's model, even when the compile refuses it."""
     from transformers.utils import ModelOutput as HFModelOutput
 
-    ids = torch.ones(1, 2, dtype=torch.long, device=next(iter(_tensors(model).values())).device)
+    ids = torch.ones(
+        1, 2, dtype=torch.long, device=next(iter(named_tensors(model).values())).device
+    )
     try:
         # under the compile lock: another thread's torch.export of this model tracks the
         # modules its forward enters, and this forward's would land in its stack ("Unexpected

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from typing import Any
 
 import torch
 
@@ -35,8 +36,16 @@ from kernl.artifacts.schema import pick_size
 from .numbers import plain_number
 from .sampling import call_seed
 
-# join()'s sampling arguments left out: the batch's own (see OpenBatch.__init__)
-BATCH_DEFAULT: object = type("BatchDefault", (), {"__repr__": lambda self: "BATCH_DEFAULT"})()
+
+class _BatchDefault:
+    """join()'s temperature, top-k or top-p left out: the batch's own (OpenBatch.__init__),
+    where None already means "off"."""
+
+    def __repr__(self) -> str:
+        return "<the batch's>"
+
+
+BATCH_DEFAULT: Any = _BatchDefault()
 
 
 class OpenBatch:

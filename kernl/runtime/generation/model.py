@@ -365,8 +365,9 @@ class GenerativeModel(StepLoop):
         pads with the first EOS id (and infers no mask from the pad id). Sampling
         (`do_sample=True`) applies temperature, top-k, top-p (None: off); the same `seed`
         gives the same ids, and a call without one (None) draws its seed from torch's global
-        RNG, as Hugging Face samples (`torch.manual_seed(n)` repeats it). Each of the four is one value or a list of one per row; with a
-        seed per row, each row draws what it would alone with its seed. `max_new_tokens`
+        RNG, as Hugging Face samples (`torch.manual_seed(n)` repeats it). Each of the four is
+        one value or a list of one per row; with a seed per row, each row draws what it would
+        alone with its seed. `max_new_tokens`
         defaults to 20; `max_length`, as in Hugging Face, counts the prompt (its padded
         length) too, and `max_new_tokens` wins when both are given."""
         input_ids = main_input("generate", input_ids, hf_options)
