@@ -41,6 +41,7 @@ class CompileReport:
     tuning: dict[Bucket, list[TuneRecord]] = field(default_factory=dict)
     compiled_ahead: int = 0  # tuning candidates compiled on threads first (compile_ahead.py)
     compile_threads: int = 0
+    not_served: list[str] = field(default_factory=list)  # the model's non-tensor outputs
 
     def table(self) -> str:
         lines = [
@@ -72,6 +73,8 @@ class CompileReport:
                 f"an equal shape, {count(skipped, 'config')} skipped (failed to compile or run; "
                 "KERNL_VERBOSE=1 shows the compiler's output)"
             )
+        if self.not_served:
+            lines.append(f"not served (not tensors): {', '.join(self.not_served)}")
         lines.append(
             f"artifact {self.path} ({self.artifact_bytes / 2**20:.1f} MiB), task {self.task}, "
             f"{self.dtype} on {self.device}, {count(len(self.buckets), 'bucket')} in "

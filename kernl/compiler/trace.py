@@ -13,7 +13,7 @@ import pickle
 import re
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -397,6 +397,9 @@ def _head_keys(model: torch.nn.Module, unexpected: list[str]) -> list[str]:
 class ModelSignature:
     inputs: list[InputSpec]
     outputs: list[OutputSpec]
+    # outputs that are neither tensors nor None, which the artifact leaves out (a decoder
+    # BERT's `cache`, as use_cache is on): said at compile, never dropped in silence
+    not_served: list[str] = field(default_factory=list)
 
 
 class FlatModel(torch.nn.Module):
@@ -502,7 +505,8 @@ def model_signature(model: torch.nn.Module, device) -> ModelSignature:
             raise UnsupportedModelError(f"output {name!r} has no leading batch axis")
         dtype = str(t.dtype).removeprefix("torch.")
         outputs.append(OutputSpec(name, dtype, 0, axes_s[0] if axes_s else None))
-    return ModelSignature(inputs, outputs)
+    not_served = sorted(k for k, v in out.items() if v is not None and k not in probes[1][1])
+    return ModelSignature(inputs, outputs, not_served)
 
 
 def _refuse_block_sparse(model: torch.nn.Module) -> None:

@@ -327,6 +327,30 @@ def test_per_layer_outputs_are_refused_not_dropped(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+def test_a_decoder_berts_cache_is_said_not_dropped_in_silence(tmp_path):
+    """BertModel(is_decoder=True) returns a cache beside its hidden states (use_cache is on):
+    the artifact serves the tensors, and the compile says the cache is left out."""
+    torch.manual_seed(0)
+    model = T.BertModel(T.BertConfig(**SMALL, is_decoder=True)).eval()
+    messages = []
+    report = kernl.compiler.compile(model, "batch=1 seq=8", tmp_path / "a", dtype="fp32",
+                                    device="cpu", kernels=False, progress=messages.append)  # fmt: skip
+    assert report.not_served == ["cache"]
+    assert any("not served: the model's cache" in m for m in messages), messages
+    assert "not served (not tensors): cache" in report.table()
+    ids = torch.randint(0, SMALL["vocab_size"], (1, 8))
+    with torch.no_grad():
+        expected = model(input_ids=ids).last_hidden_state
+    out = kernl.runtime.load(tmp_path / "a", device="cpu")(input_ids=ids)
+    assert sorted(out.keys()) == ["last_hidden_state", "pooler_output"]
+    torch.testing.assert_close(out["last_hidden_state"], expected, atol=1e-5, rtol=1e-5)
+    model.config.use_cache = False  # nothing left out: nothing said
+    messages.clear()
+    report = kernl.compiler.compile(model, "batch=1 seq=8", tmp_path / "b", dtype="fp32",
+                                    device="cpu", kernels=False, progress=messages.append)  # fmt: skip
+    assert report.not_served == [] and not any("not served" in m for m in messages)
+
+
 CPU_FP32 = ("--device", "cpu", "--dtype", "fp32", "--no-kernels")
 
 

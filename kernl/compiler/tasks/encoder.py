@@ -86,6 +86,14 @@ def compile_encoder(
     atol, rtol = resolve_tolerance(torch_dtype, atol, rtol)
 
     report = CompileReport(Path(out), task, str(torch_dtype).removeprefix("torch."), str(dev))
+    if signature.not_served:
+        names = ", ".join(signature.not_served)
+        say(
+            f"not served: the model's {names} (not a tensor, as a decoder's cache): the "
+            f"artifact returns {', '.join(s.name for s in signature.outputs)} only "
+            "(use_cache=False on model.config compiles without it)"
+        )
+        report.not_served = list(signature.not_served)
     entries: list[BucketEntry] = []
     all_weights: dict[str, torch.Tensor] = {}
     programs: list = []
