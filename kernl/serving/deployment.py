@@ -104,11 +104,14 @@ class KernlServer(Replica):
     async def post(self, body: bytes) -> Response:
         return await self.predict(body)
 
+    def count_bad(self) -> None:
+        self.stats.send("record_requests", bad=1)
+
     async def predict(self, body: bytes) -> Response:
         try:
             parsed = await parse_off_loop(parse_request, body, self.limits, self.tokenize)
         except RequestError as e:
-            self.stats.send("record_requests", bad=1)
+            self.count_bad()
             return _json({"error": str(e)}, status=e.status)
         try:
             await self.loaded()  # a request during the load waits for it

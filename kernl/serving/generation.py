@@ -120,13 +120,16 @@ class KernlGenerator(Replica):
     async def post(self, body: bytes) -> Response:
         return await self.generate(body)
 
+    def count_bad(self) -> None:
+        self.stats.send("record_bad")
+
     async def generate(self, body: bytes) -> Response:
         try:
             parsed = await parse_off_loop(
                 parse_generation_request, body, self.limits, self.tokenize
             )
         except RequestError as e:
-            self.stats.send("record_bad")
+            self.count_bad()
             return _json({"error": str(e)}, status=e.status)
         try:
             await self.loaded()  # a request during the load waits for it

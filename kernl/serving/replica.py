@@ -17,10 +17,48 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .device import cuda_context_error
+from .protocol import MAX_BODY_BYTES, RequestError
 
 
 def json_response(body: dict, status: int = 200) -> Response:
     return Response(json.dumps(body), status_code=status, media_type="application/json")
+
+
+# Ray Serve counts a request against the replica's max_ongoing_requests from its headers on:
+# a body read without a deadline let 8 clients that stalled mid-upload (16 on an encoder) hold
+# every slot, /ready included, for as long as they kept their sockets open (review).
+BODY_DEADLINE_S = 15.0
+
+
+async def read_body(
+    request: Request, limit: int = MAX_BODY_BYTES, deadline_s: float | None = None
+) -> bytes:
+    """The request body, read as it arrives: RequestError 413 as soon as it passes `limit`
+    (a declared Content-Length over it before any byte is read: a 1 GB upload was buffered
+    whole, 1.5 GB of the replica's memory, before its 413), 408 when it has not all come
+    within `deadline_s` (BODY_DEADLINE_S by default)."""
+    deadline_s = BODY_DEADLINE_S if deadline_s is None else deadline_s
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request body over {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"request body over {limit} bytes")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), deadline_s)
+    except TimeoutError:
+        raise RequestError(
+            408, f"request body not received within {deadline_s:g} s ({size} bytes came)"
+        ) from None
+    return b"".join(chunks)
 
 
 GET_PATHS = ("/ready", "/health", "/metrics")
@@ -279,7 +317,12 @@ class Replica:
                 error = f"metrics unavailable: {type(e).__name__}: {e}"
                 return json_response({"error": error, "replica": self.replica}, status=503)
         if path in self.POST_PATHS and request.method == "POST":
-            return await self.post(await request.body())
+            try:
+                body = await read_body(request)
+            except RequestError as e:
+                self.count_bad()
+                return json_response({"error": str(e)}, status=e.status)
+            return await self.post(body)
         return self.no_route(request.method, path)
 
     def no_route(self, method: str, path: str) -> Response:
@@ -298,6 +341,10 @@ class Replica:
         return response
 
     async def post(self, body: bytes) -> Response:
+        raise NotImplementedError
+
+    def count_bad(self) -> None:
+        """Count a refused request in the replica's metrics."""
         raise NotImplementedError
 
     def health(self) -> dict:

@@ -4,6 +4,7 @@ arguments, unknown ones refused, batch size defaulting to the largest bucket bat
 import asyncio
 import json
 import threading
+import time
 
 import pytest
 
@@ -437,3 +438,71 @@ def test_a_wrong_method_gets_405_with_allow_and_an_unknown_path_404(method, path
     assert answer.status_code == status, answer.body
     assert answer.headers.get("Allow") == allow
     assert "use POST /" in json.loads(answer.body)["error"]
+
+
+def _post(chunks, content_length=None, stall=False):
+    """A POST whose body arrives in `chunks`, then (`stall`) nothing more, never ending."""
+    from starlette.requests import Request
+
+    headers = [] if content_length is None else [(b"content-length", str(content_length).encode())]
+    scope = dict(_get("/").scope, method="POST", headers=headers)
+    pending = list(chunks)
+
+    async def receive():
+        if pending:
+            return {"type": "http.request", "body": pending.pop(0), "more_body": True}
+        if stall:
+            await asyncio.Event().wait()  # a client that went quiet mid-upload
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    return Request(scope, receive)
+
+
+def test_a_body_is_cut_off_when_it_stalls_or_passes_the_limit():
+    """Ray Serve counts a request against the replica's slots from its headers: a body read
+    with no deadline let clients that stalled mid-upload hold every slot (/ready included),
+    and a body was buffered whole before its size was checked (review)."""
+    from kernl.serving.protocol import RequestError
+    from kernl.serving.replica import read_body
+
+    async def scenario():
+        body = await read_body(_post([b'{"input_ids"', b": [1, 2]}"]), limit=100)
+        assert body == b'{"input_ids": [1, 2]}'
+        with pytest.raises(RequestError) as refused:
+            await read_body(_post([b"x" * 60, b"x" * 60]), limit=100)
+        assert refused.value.status == 413
+        never_read = _post([], content_length=10**9, stall=True)  # refused from its header
+        with pytest.raises(RequestError) as refused:
+            await asyncio.wait_for(read_body(never_read, limit=100), 5)
+        assert refused.value.status == 413
+        start = time.monotonic()
+        with pytest.raises(RequestError) as refused:
+            await read_body(_post([b'{"input_'], stall=True), limit=100, deadline_s=0.2)
+        assert refused.value.status == 408 and "8 bytes came" in str(refused.value)
+        assert time.monotonic() - start < 5
+
+    asyncio.run(scenario())
+
+
+def test_the_replica_answers_a_stalled_upload_with_408(tiny_artifact, monkeypatch):
+    import kernl.serving.deployment as dep
+    import kernl.serving.replica as replica
+
+    monkeypatch.setattr(dep, "SharedStats", _Stats)
+    monkeypatch.setattr(replica, "BODY_DEADLINE_S", 0.2)
+    config = ServeConfig(artifact=str(tiny_artifact), device="cpu", plan_by="tokens")
+    server = dep.KernlServer.func_or_class(config)
+
+    async def scenario():
+        await server.loaded()
+        answer = await server(_post([b'{"input_ids": [5,'], stall=True))
+        assert answer.status_code == 408, answer.body
+        assert "not received within" in json.loads(answer.body)["error"]
+        answer = await server(_post([b'{"input_ids": [5, 6, 7]}']))
+        assert answer.status_code == 200, answer.body
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.worker.shutdown(wait=True)
+    assert server.stats.sent.count("record_requests") >= 2  # the refusal counted as bad
