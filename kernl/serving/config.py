@@ -8,8 +8,8 @@ from dataclasses import dataclass, fields
 # A generation batch runs for many steps: a request reaching an idle replica waits this long
 # for others to share them (generation_batcher.py).
 GENERATION_WAIT_MS = 5.0
-# On Ctrl-C or SIGTERM, requests in flight get this long to finish: with Ray's own stop
-# (about 4 s), within `docker stop`'s 10 s before it kills.
+# On Ctrl-C or SIGTERM, requests in flight get this long to finish; Ray's own stop comes
+# after (4-8 s): a container needs a stop timeout of drain + 10 s (docs/deployment.md).
 DRAIN_S = 5.0
 
 
