@@ -41,6 +41,23 @@ def sha256_range(path: Path, offset: int = 0, length: int | None = None) -> str:
     return h.hexdigest()
 
 
+def sha256_fd(fd: int, offset: int = 0, length: int | None = None) -> str:
+    """sha256_range over an open descriptor, read with pread: threads share it."""
+    h = hashlib.sha256()
+    buf = bytearray(_READ_BLOCK)
+    view = memoryview(buf)
+    left = -1 if length is None else length
+    while left:
+        n = os.preadv(fd, [view if left < 0 or left >= len(buf) else view[:left]], offset)
+        if not n:
+            break
+        h.update(view[:n])
+        offset += n
+        if left > 0:
+            left -= n
+    return h.hexdigest()
+
+
 def sha256_file(path: Path) -> str:
     return sha256_range(path)
 

@@ -23,14 +23,14 @@ from .checks import check_manifest, check_program, check_program_matches
 from .errors import (
     ArtifactCorruptError,
     ArtifactError,
-    ArtifactMissingError,
     ArtifactUnsafeError,
     ArtifactVersionError,
 )
-from .hashing import manifest_digest, run_hash_jobs, sha256_range
+from .hashing import manifest_digest, run_hash_jobs, sha256_fd
 from .limits import DEFAULT_LIMITS, ReadLimits
 from .memory import MemoryPlan
-from .paths import read_inside, refuse_pickle, resolve_inside
+from .opened import ArtifactFiles, artifact_files
+from .paths import refuse_pickle, resolve_inside
 from .program import Program
 from .schema import (
     FILE_CHUNKS_KEY,
@@ -85,22 +85,18 @@ def _unpack(path: Path, data: bytes, what: str) -> Any:
 
 
 def read_manifest(
-    root: str | os.PathLike,
+    root: str | os.PathLike | ArtifactFiles,
     limits: ReadLimits = DEFAULT_LIMITS,
     trusted_keys: Sequence[str | os.PathLike | PublicKey] | None = None,
 ) -> Manifest:
     """Parse and check the manifest alone (no file hashes); cheap. With `trusted_keys` (public
     key files or loaded keys), the manifest's bytes must first carry a valid signature by one
     of them (signing.py): the same bytes are then parsed."""
-    root = Path(root)
-    if not root.exists():
-        raise ArtifactMissingError(f"{root}: no such file or folder")
-    if not root.is_dir():
-        raise ArtifactMissingError(f"{root}: not a folder (an artifact is a folder)")
-    data = read_inside(root, MANIFEST_FILE, "manifest", limits.max_manifest_bytes)
-    path = root / MANIFEST_FILE
-    if trusted_keys:
-        check_signature(root, data, load_trusted_keys(trusted_keys))
+    with artifact_files(root) as files:
+        data = files.read(MANIFEST_FILE, "manifest", limits.max_manifest_bytes)
+        if trusted_keys:
+            check_signature(files, data, load_trusted_keys(trusted_keys))
+    path = files.path(MANIFEST_FILE)
     raw = _unpack(path, data, "the manifest")
     if not isinstance(raw, dict):
         raise ArtifactCorruptError(f"{path}: the manifest is not a map")
@@ -159,7 +155,7 @@ def _check_manifest_checksum(path: Path, raw: dict) -> None:
 
 
 def verify_files(
-    root: str | os.PathLike,
+    root: str | os.PathLike | ArtifactFiles,
     manifest: Manifest,
     workers: int | None = None,
     files: Collection[str] | None = None,
@@ -170,7 +166,14 @@ def verify_files(
     each chunk its sha256; files and chunks are hashed on `workers` threads (default: the
     cores, capped; hashing.hash_workers). The first mismatch stops the rest. `files`: hash
     only these of the listed files (load() checks the code before the weights)."""
-    root = Path(root)
+    with artifact_files(root) as opened:
+        _verify_files(opened, manifest, workers, files)
+
+
+def _verify_files(
+    opened: ArtifactFiles, manifest: Manifest, workers: int | None, files: Collection[str] | None
+) -> None:
+    root = opened.root
     needed = [WEIGHTS_FILE] + [e.program for e in manifest.buckets]
     needed += [k.file for k in manifest.kernels]
     for rel in needed:
@@ -182,15 +185,12 @@ def verify_files(
     for rel, digest in manifest.files.items():
         if files is not None and rel not in files:
             continue
-        path = resolve_inside(root, rel, "file")
+        fd = opened.fd(rel, "file")  # opened once: what is hashed is what load() reads
         entry = chunked.get(rel)
         if entry is None:
-            jobs.append(partial(_check_hash, root, rel, path, digest, 0, None, None))
+            jobs.append(partial(_check_hash, opened, rel, fd, digest, 0, None, None))
             continue
-        try:
-            size = path.stat().st_size
-        except OSError as e:
-            raise ArtifactCorruptError(f"{path}: cannot be read: {e.strerror}") from None
+        size = os.fstat(fd).st_size
         if size != entry["bytes"]:
             raise ArtifactCorruptError(
                 f"{root}: {rel} is {size} bytes; its chunk hashes in the manifest cover "
@@ -198,20 +198,22 @@ def verify_files(
             )
         step = entry["chunk_bytes"]
         for i, chunk_digest in enumerate(entry["sha256"]):
-            jobs.append(partial(_check_hash, root, rel, path, chunk_digest, i * step, step, i))
+            jobs.append(partial(_check_hash, opened, rel, fd, chunk_digest, i * step, step, i))
     run_hash_jobs(jobs, workers)
 
 
 def _check_hash(
-    root: Path, rel: str, path: Path, digest: str, offset: int, length: int | None, chunk
+    opened: ArtifactFiles, rel: str, fd: int, digest: str, offset: int, length: int | None, chunk
 ) -> None:
     try:
-        actual = sha256_range(path, offset, length)
+        actual = sha256_fd(fd, offset, length)
     except OSError as e:
-        raise ArtifactCorruptError(f"{path}: cannot be read: {e.strerror}") from None
+        raise ArtifactCorruptError(f"{opened.path(rel)}: cannot be read: {e.strerror}") from None
     if actual != digest:
         part = "" if chunk is None else f" chunk {chunk} (bytes {offset}..{offset + length})"
-        raise ArtifactCorruptError(f"{root}: {rel}{part} does not match its sha256 in the manifest")
+        raise ArtifactCorruptError(
+            f"{opened.root}: {rel}{part} does not match its sha256 in the manifest"
+        )
 
 
 def _newer_kernl(manifest: Manifest, unknown: list[str]) -> str:
@@ -226,10 +228,12 @@ def _newer_kernl(manifest: Manifest, unknown: list[str]) -> str:
     )
 
 
-def read_program(root: str | os.PathLike, rel: str, limits: ReadLimits = DEFAULT_LIMITS) -> Program:
-    root = Path(root)
-    data = read_inside(root, rel, "program", limits.max_program_bytes)
-    path = root / rel
+def read_program(
+    root: str | os.PathLike | ArtifactFiles, rel: str, limits: ReadLimits = DEFAULT_LIMITS
+) -> Program:
+    with artifact_files(root) as files:
+        data = files.read(rel, "program", limits.max_program_bytes)
+    path = files.path(rel)
     raw = _unpack(path, data, "the program")
     try:
         if not isinstance(raw, dict):
@@ -244,27 +248,34 @@ def read_program(root: str | os.PathLike, rel: str, limits: ReadLimits = DEFAULT
 
 
 def check_safetensors_header(
-    path: Path, max_total_bytes: int | None = None, limits: ReadLimits = DEFAULT_LIMITS
+    path: str | os.PathLike, max_total_bytes: int | None = None, limits: ReadLimits = DEFAULT_LIMITS
 ) -> dict[str, Any]:
     """Parse the header ourselves and check every tensor lies inside the file, before any
     library allocates from it."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            refuse_pickle(path, head, "the weights file")
-            if len(head) < 8:
-                raise ArtifactCorruptError(f"{path}: truncated safetensors file")
-            (hlen,) = struct.unpack("<Q", head)
-            if hlen > min(limits.max_safetensors_header_bytes, size - 8):
-                raise ArtifactCorruptError(
-                    f"{path}: safetensors header length {hlen} is impossible for a file of {size} bytes"
-                )
-            text = f.read(hlen)
-    except OSError as e:
-        raise ArtifactCorruptError(f"{path}: cannot be read: {e.strerror}") from None
+    path = Path(path)
+    with ArtifactFiles(path.parent) as files:
+        return _safetensors_header(files, path.name, max_total_bytes, limits)
+
+
+def _safetensors_header(
+    files: ArtifactFiles, rel: str, max_total_bytes: int | None, limits: ReadLimits
+) -> dict[str, Any]:
+    path, what = files.path(rel), "the weights file"
+    size = files.size(rel, what)
+    head = files.pread(rel, what, 0, 8)
+    refuse_pickle(path, head, what)
+    if len(head) < 8:
+        raise ArtifactCorruptError(f"{path}: truncated safetensors file")
+    (hlen,) = struct.unpack("<Q", head)
+    if hlen > min(limits.max_safetensors_header_bytes, size - 8):
+        raise ArtifactCorruptError(
+            f"{path}: safetensors header length {hlen} is impossible for a file of {size} bytes"
+        )
+    text = files.pread(rel, what, 8, hlen)
     try:
         header = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except ArtifactCorruptError as e:  # a name twice: said with the file's path
+        raise ArtifactCorruptError(f"{path}: {e}") from None
     except ArtifactError:
         raise
     except Exception as e:
@@ -336,46 +347,53 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def read_weights(root: str | os.PathLike, device: str = "cpu") -> dict:
+def read_weights(root: str | os.PathLike | ArtifactFiles, device: str = "cpu") -> dict:
     """Every weight of the artifact on `device`, each a tensor of its own, read in one
     pipelined pass (`weights.read_tensors`) once the header is checked."""
     from .weights import read_tensors
 
-    path = resolve_inside(Path(root), WEIGHTS_FILE, "weights")
-    header = check_safetensors_header(path)
-    try:
-        return read_tensors(path, header, device)
-    except Exception as e:
-        raise ArtifactCorruptError(f"{path}: cannot read weights ({e})") from e
+    with artifact_files(root) as files:
+        path = files.path(WEIGHTS_FILE)
+        header = _safetensors_header(files, WEIGHTS_FILE, None, DEFAULT_LIMITS)
+        try:
+            return read_tensors(files.fd(WEIGHTS_FILE, "weights"), header, device)
+        except Exception as e:
+            raise ArtifactCorruptError(f"{path}: cannot read weights ({e})") from e
 
 
 def weight_infos(
-    path: Path, header: dict[str, Any], limits: ReadLimits = DEFAULT_LIMITS
+    path: str | os.PathLike, header: dict[str, Any], limits: ReadLimits = DEFAULT_LIMITS
 ) -> dict[str, WeightInfo]:
     """Every tensor of the weights file as its (checked) header describes it, with the value
     range of the integer ones (position_ids, token_type_ids buffers), read from the file:
     the checker bounds the indices they feed."""
+    path = Path(path)
+    with ArtifactFiles(path.parent) as files:
+        return _weight_infos(files, path.name, header, limits)
+
+
+def _weight_infos(
+    files: ArtifactFiles, rel: str, header: dict[str, Any], limits: ReadLimits
+) -> dict[str, WeightInfo]:
     import numpy as np
 
-    (hlen,) = struct.unpack("<Q", _head(path))
+    what = "the weights file"
+    (hlen,) = struct.unpack("<Q", files.pread(rel, what, 0, 8))
     infos: dict[str, WeightInfo] = {}
     budget = limits.max_index_weight_bytes
-    with open(path, "rb") as f:
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            start, end = info["data_offsets"]
-            values = None
-            np_dtype = _NUMPY_INTS.get(info["dtype"])
-            if np_dtype is not None and 0 < end - start <= budget:
-                budget -= end - start
-                f.seek(8 + hlen + start)
-                array = np.frombuffer(
-                    f.read(end - start), dtype=np.dtype(np_dtype).newbyteorder("<")
-                )
-                values = (int(array.min()), int(array.max()))
-            infos[name] = WeightInfo(tuple(info["shape"]), dtype, end - start, values)
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        values = None
+        np_dtype = _NUMPY_INTS.get(info["dtype"])
+        if np_dtype is not None and 0 < end - start <= budget:
+            budget -= end - start
+            data = files.pread(rel, what, 8 + hlen + start, end - start)
+            array = np.frombuffer(data, dtype=np.dtype(np_dtype).newbyteorder("<"))
+            values = (int(array.min()), int(array.max()))
+        infos[name] = WeightInfo(tuple(info["shape"]), dtype, end - start, values)
     return infos
 
 
@@ -392,11 +410,6 @@ _NUMPY_INTS = {
 }
 
 
-def _head(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(8)
-
-
 @dataclass
 class CheckedArtifact:
     """An artifact that passed every check `load()` relies on; what the checks found."""
@@ -410,7 +423,7 @@ class CheckedArtifact:
 
 
 def check_artifact(
-    root: str | os.PathLike,
+    root: str | os.PathLike | ArtifactFiles,
     *,
     limits: ReadLimits = DEFAULT_LIMITS,
     trusted_keys: Sequence[str | os.PathLike | PublicKey] | None = None,
@@ -431,15 +444,30 @@ def check_artifact(
     checked here instead of the file read again (`trusted_keys` then go unused: its bytes
     were checked when it was read). load() builds the model from the manifest it read: a
     second read could see another artifact's (a recompile replacing the folder meanwhile),
-    and the model would then be built from a manifest no whole-artifact check had seen."""
-    root = Path(root)
+    and the model would then be built from a manifest no whole-artifact check had seen.
+    `root` opened once (ArtifactFiles): every read and hash goes through the same files."""
+    with artifact_files(root) as files:
+        return _check_artifact(
+            files, limits, trusted_keys, free_bytes, hash_files, is_known_op, manifest
+        )
+
+
+def _check_artifact(
+    files: ArtifactFiles,
+    limits: ReadLimits,
+    trusted_keys: Sequence[str | os.PathLike | PublicKey] | None,
+    free_bytes: int | None,
+    hash_files: bool,
+    is_known_op: Callable[[str], bool] | None,
+    manifest: Manifest | None,
+) -> CheckedArtifact:
+    root = files.root
     if manifest is None:
-        manifest = read_manifest(root, limits, trusted_keys)
+        manifest = read_manifest(files, limits, trusted_keys)
     if hash_files:
-        verify_files(root, manifest)
-    weights_path = resolve_inside(root, WEIGHTS_FILE, "weights")
-    header = check_safetensors_header(weights_path, limits=limits)
-    weights = weight_infos(weights_path, header, limits)
+        verify_files(files, manifest)
+    header = _safetensors_header(files, WEIGHTS_FILE, None, limits)
+    weights = _weight_infos(files, WEIGHTS_FILE, header, limits)
     weight_bytes = sum(w.nbytes for w in weights.values())
     where = str(root / MANIFEST_FILE)
     programs: list[Program] = []
@@ -457,7 +485,7 @@ def check_artifact(
         described = {n: (list(w.shape), w.dtype) for n, w in weights.items()}
         seq2seq = check_seq2seq(manifest.extra, manifest.dtype, described, where, limits)
     for entry in manifest.buckets:
-        program = read_program(root, entry.program, limits)
+        program = read_program(files, entry.program, limits)
         where_p = str(root / entry.program)
         check_program_matches(program, manifest, entry.bucket, where_p)
         total_instructions += len(program.instructions)

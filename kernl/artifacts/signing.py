@@ -28,7 +28,7 @@ from typing import Any
 import msgpack
 
 from .errors import ArtifactCorruptError, ArtifactMissingError, ArtifactUnsafeError
-from .paths import read_inside, resolve_inside
+from .opened import ArtifactFiles, artifact_files
 from .schema import MANIFEST_FILE
 
 SIGNATURE_FILE = "manifest.sig"
@@ -177,19 +177,22 @@ def load_trusted_keys(
     return keys
 
 
-def check_signature(root: Path, manifest_bytes: bytes, keys: list[PublicKey]) -> str:
+def check_signature(
+    root: str | os.PathLike | ArtifactFiles, manifest_bytes: bytes, keys: list[PublicKey]
+) -> str:
     """Refuse the artifact unless `manifest_bytes` carry a valid signature by one of `keys`;
     returns the signing key's id. Raises ArtifactUnsafeError (unsigned, unknown key, bad
     signature) or ArtifactCorruptError (a malformed signature file)."""
     _, ed25519 = _crypto()
-    try:
-        resolve_inside(root, SIGNATURE_FILE, "signature")
-    except ArtifactMissingError:
-        raise ArtifactUnsafeError(
-            f"{root}: the artifact is not signed ({SIGNATURE_FILE} is missing) and this "
-            f"deployment trusts only artifacts signed by {_names(keys)}"
-        ) from None
-    data = read_inside(root, SIGNATURE_FILE, "signature", _MAX_SIGNATURE_BYTES)
+    with artifact_files(root) as files:
+        root = files.root
+        try:
+            data = files.read(SIGNATURE_FILE, "signature", _MAX_SIGNATURE_BYTES)
+        except ArtifactMissingError:
+            raise ArtifactUnsafeError(
+                f"{root}: the artifact is not signed ({SIGNATURE_FILE} is missing) and this "
+                f"deployment trusts only artifacts signed by {_names(keys)}"
+            ) from None
     try:
         sig = msgpack.unpackb(data, raw=False)
         ok = (

@@ -3,7 +3,7 @@
 safetensors' `load_file(device="cuda")` maps the file and copies tensor after tensor from
 pageable memory: the 2.36 GB of a Llama-1B artifact took 0.8 s of a 2.1 s `load()` on an
 H200 host, while the page cache alone can be read several times faster. Here reader threads
-fill pinned staging chunks from the file (`readinto` releases the GIL) while a copy stream
+fill pinned staging chunks from the file (`preadv` releases the GIL) while a copy stream
 moves the chunks already read into the tensors, so reading, copying and the hashing `load()`
 runs beside it overlap. Each tensor is allocated on its own, as `load_file` does: no two
 weights share a storage (a program's `as_strided` on a weight, or dropping one, means what
@@ -59,8 +59,15 @@ def layout(header: dict[str, Any]) -> list[_Tensor]:
     ]
 
 
-def read_tensors(path: Path, header: dict[str, Any], device) -> dict[str, Any]:
-    """Every tensor of the (checked) safetensors file at `path`, on `device`."""
+def read_tensors(source: Path | int, header: dict[str, Any], device) -> dict[str, Any]:
+    """Every tensor of the (checked) safetensors file at `source` (a path, or a descriptor
+    read with pread: the one load() hashes), on `device`."""
+    if not isinstance(source, int):
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            return read_tensors(fd, header, device)
+        finally:
+            os.close(fd)
     import torch
 
     device = torch.device(device)
@@ -70,17 +77,16 @@ def read_tensors(path: Path, header: dict[str, Any], device) -> dict[str, Any]:
     }
     # each tensor's bytes, the destination of its pieces
     targets = [out[t.name].view(-1).view(torch.uint8) for t in tensors]
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
+    (header_len,) = struct.unpack("<Q", os.pread(source, 8, 0))
     data_at = 8 + header_len
-    data_size = os.stat(path).st_size - data_at
+    data_size = os.fstat(source).st_size - data_at
     if data_size > 0:
-        _stream(path, data_at, data_size, tensors, targets, device)
+        _stream(source, data_at, data_size, tensors, targets, device)
     return out
 
 
 def _stream(
-    path: Path, data_at: int, data_size: int, tensors: list[_Tensor], targets: list, device
+    fd: int, data_at: int, data_size: int, tensors: list[_Tensor], targets: list, device
 ) -> None:
     """Chunk i of the data is read into staging slot i % STAGING by a pool thread; the main
     thread queues its pieces' copies on a side stream and, once slot k's copies are done,
@@ -100,13 +106,11 @@ def _stream(
         lo = i * chunk
         view = views[i % slots][: min(chunk, data_size - lo)]
         got = 0
-        with open(path, "rb", buffering=0) as f:  # a handle per read: no shared position
-            f.seek(data_at + lo)
-            while got < len(view):
-                n = f.readinto(view[got:])
-                if not n:
-                    raise OSError(f"the weights file ended at byte {data_at + lo + got}")
-                got += n
+        while got < len(view):  # pread: no shared position between the reader threads
+            n = os.preadv(fd, [view[got:]], data_at + lo + got)
+            if not n:
+                raise OSError(f"the weights file ended at byte {data_at + lo + got}")
+            got += n
 
     with ThreadPoolExecutor(slots, thread_name_prefix="kernl-weights") as pool:
         reads: dict[int, Future] = {i: pool.submit(read, i) for i in range(slots)}

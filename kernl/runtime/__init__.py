@@ -21,6 +21,7 @@ from kernl.artifacts import (
     verify_files,
 )
 from kernl.artifacts.memory import MemoryPlan
+from kernl.artifacts.opened import ArtifactFiles
 from kernl.artifacts.reader import check_artifact
 from kernl.artifacts.schema import MANIFEST_FILE, WEIGHTS_FILE
 from kernl.artifacts.signing import load_trusted_keys, trusted_keys_from_env
@@ -70,7 +71,10 @@ def load(
     keys = load_trusted_keys(trusted_keys or trusted_keys_from_env())
     with torch.inference_mode(False):
         try:
-            return _load(Path(path), device, capture, verify, keys)
+            # The folder and each file opened once: the files hashed are the files read,
+            # whatever replaces the folder or a file in it meanwhile (artifacts/opened.py).
+            with ArtifactFiles(path) as files:
+                return _load(files, device, capture, verify, keys)
         except FileNotFoundError as e:
             # a file of the artifact went missing while being read: the folder was replaced
             # (a compile or optimize(save_to=) writing the same path) or removed
@@ -83,8 +87,9 @@ def load(
             ) from e
 
 
-def _load(root: Path, device: torch.device | None, capture: str, verify: bool, keys):
-    manifest = read_manifest(root, trusted_keys=keys)
+def _load(files: ArtifactFiles, device: torch.device | None, capture: str, verify: bool, keys):
+    root = files.root
+    manifest = read_manifest(files, trusted_keys=keys)
     if device is None:
         on_gpu = torch.cuda.is_available() and manifest.target != "cpu"
         device = torch.device("cuda" if on_gpu else "cpu")
@@ -98,8 +103,8 @@ def _load(root: Path, device: torch.device | None, capture: str, verify: bool, k
     code_check = weights_check = None
     if verify or keys:  # a signature is worth what the hashes tie to the manifest
         code = [rel for rel in manifest.files if rel != WEIGHTS_FILE]
-        code_check = _Background(verify_files, root, manifest, files=code)
-        weights_check = _Background(verify_files, root, manifest, files=[WEIGHTS_FILE])
+        code_check = _Background(verify_files, files, manifest, files=code)
+        weights_check = _Background(verify_files, files, manifest, files=[WEIGHTS_FILE])
     if device.type == "cpu":
         # kernl's kernels run through Triton's interpreter on the CPU; the variable must be
         # set before they are first imported.
@@ -107,7 +112,7 @@ def _load(root: Path, device: torch.device | None, capture: str, verify: bool, k
     _check_compatibility(manifest, device)
     try:
         # The manifest read above, not the file again: what is checked is what is served.
-        checked = check_artifact(root, manifest=manifest, hash_files=False)
+        checked = check_artifact(files, manifest=manifest, hash_files=False)
         _check_fits(checked.memory, root, device)
         programs = checked.programs if manifest.task != "causal-lm" else []
         # The weights are read once the check, the memory plan included, has passed. Reading
@@ -117,26 +122,34 @@ def _load(root: Path, device: torch.device | None, capture: str, verify: bool, k
         # a thread during the check or the read (2026-12-03, BERT-base's 9 buckets, four fresh
         # processes each: load() 0.664 s as here, 0.668 and 0.646 s warmed): the thread
         # outlasted what it overlapped, and it kept a cuBLAS workspace for the process.
-        weights = read_weights(root, device=str(device))
+        weights = read_weights(files, device=str(device))
         if code_check is not None:
             code_check.result()
-        model = _open(root, manifest, programs, weights, device, capture)
-    except Exception:
+        model = _open(files, manifest, programs, weights, device, capture)
+    except BaseException:  # Ctrl-C too
+        # Both hashes end before the files close (a closed descriptor's number is reused);
+        # a mismatch says more precisely what is wrong than the error it caused.
+        mismatch = None
         for check in (code_check, weights_check):
             if check is not None:
-                check.result()  # a hash mismatch says more precisely what is wrong
+                try:
+                    check.result()
+                except Exception as e:  # noqa: BLE001 - raised below
+                    mismatch = mismatch or e
+        if mismatch is not None:
+            raise mismatch from None
         raise
     if weights_check is not None:
         weights_check.result()
     return model
 
 
-def _open(root: Path, manifest, programs, weights, device: torch.device, capture: str):
+def _open(files: ArtifactFiles, manifest, programs, weights, device: torch.device, capture: str):
     """The loaded model of the artifact's task, its kernel binaries loaded and its graphs
     captured (the code's hashes have matched)."""
     binaries = None
     if manifest.kernels and device.type == "cuda":
-        binaries = _load_binaries(root, manifest, device)
+        binaries = _load_binaries(files, manifest, device)
     if manifest.task in ("seq2seq-lm", "speech-seq2seq"):
         from .generation import open_seq2seq
 
@@ -217,10 +230,8 @@ class _Background:
         return self._value
 
 
-def _load_binaries(root: Path, manifest, device: torch.device):
+def _load_binaries(files: ArtifactFiles, manifest, device: torch.device):
     """The artifact's kernel binaries, loaded on `device` for this model alone."""
-    from kernl.artifacts.reader import _resolve_inside
-
     from .binaries import BinarySpec, KernelBinaries
 
     binaries = KernelBinaries(device)
@@ -233,7 +244,7 @@ def _load_binaries(root: Path, manifest, device: torch.device):
             shared=int(k.shared_mem),
             arg_types=[[str(n), str(t)] for n, t in k.meta["arg_types"]],
         )
-        binaries.add(spec, _resolve_inside(root, k.file, "kernel binary").read_bytes())
+        binaries.add(spec, files.read(k.file, "kernel binary"))
     return binaries
 
 

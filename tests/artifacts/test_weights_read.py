@@ -6,6 +6,7 @@ chunks than staging slots."""
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -71,9 +72,13 @@ def test_a_file_cut_after_its_header_was_checked_is_an_error(weights_file, monke
     weights_file.write_bytes(data[:-40])
     tensors = weights_module.layout(header)
     out = [torch.empty(t.end - t.start, dtype=torch.uint8) for t in tensors]
-    with pytest.raises(OSError, match="ended at byte"):
-        # the data size the header implies, not the file's: the reader must not return garbage
-        weights_module._stream(weights_file, 8 + hlen, len(data) - 8 - hlen, tensors, out, CPU)
+    fd = os.open(weights_file, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError, match="ended at byte"):
+            # the data size the header implies, not the file's: the reader must not return garbage
+            weights_module._stream(fd, 8 + hlen, len(data) - 8 - hlen, tensors, out, CPU)
+    finally:
+        os.close(fd)
 
 
 def test_a_corrupt_header_is_refused_before_reading(tmp_path):

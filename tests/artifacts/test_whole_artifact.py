@@ -124,14 +124,17 @@ def test_a_broken_program_or_weights_file_is_refused_with_an_artifact_error(
         assert "aten.system.default" in str(info.value)
 
 
+W = "weights.safetensors"
+
+
 def test_a_file_gone_while_loading_is_an_artifact_error(small_artifact, monkeypatch):
     """A folder replaced during load() (a compile to the same path): a raw FileNotFoundError
     escaped, where every refusal is an ArtifactError."""
     import kernl.runtime
     from kernl.artifacts import ArtifactMissingError
 
-    def gone(root, **kwargs):
-        raise FileNotFoundError(2, "No such file or directory", str(root / "weights.safetensors"))
+    def gone(files, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", str(files.path(W)))
 
     monkeypatch.setattr(kernl.runtime, "read_weights", gone)
     with pytest.raises(ArtifactMissingError, match="went missing while the artifact was loaded"):
