@@ -236,7 +236,7 @@ def inspect_artifact(path: str | os.PathLike) -> InspectReport:
         created_at=m.created_at,
         model_type=m.model_type,
         model_source=m.model_source,
-        architectures=list(m.model_config.get("architectures") or []),
+        architectures=_names(m.model_config.get("architectures")),
         task=m.task,
         dtype=m.dtype,
         target=m.target,
@@ -578,3 +578,13 @@ def _file_lines(r: InspectReport) -> list[str]:
         lines.append(f"  missing: {', '.join(missing)}")
     lines.append(f"  {'total':<22} {_mib(r.total_bytes):>10}")
     return lines
+
+
+def _names(value) -> list[str]:
+    """The config's `architectures` as shown: its strings, whatever else a hand-edited
+    manifest holds there (an int was a traceback, a string one letter per name)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, str)]
+    return []

@@ -60,9 +60,7 @@ def load(
     are what stands in the way), before any weight is read.
     """
     if device is not None:
-        device = torch.device(device)
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"device={str(device)!r}: kernl runs artifacts on 'cuda' or 'cpu'")
+        device = _as_device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' was asked for but torch sees no CUDA GPU")
     # Its buffers are written in place by every call: made as plain tensors, not as
@@ -85,6 +83,25 @@ def load(
                 f"{path}: {e.filename or 'a file'} went missing while the artifact was loaded "
                 "(replaced or removed meanwhile?); load it again"
             ) from e
+
+
+def _as_device(device: str | int | torch.device) -> torch.device:
+    """ "cuda", "cuda:N", N (a GPU's index, as torch takes it) or "cpu"; anything else is a
+    ValueError saying so (torch's own errors named its whole list of device types)."""
+    asked = device
+    try:
+        if isinstance(device, int) and not isinstance(device, bool):
+            device = torch.device("cuda", device)  # torch's meaning: the accelerator's index
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    cpu_index = device is not None and device.type == "cpu" and device.index not in (None, 0)
+    if device is None or device.type not in ("cpu", "cuda") or cpu_index:
+        shown = str(asked) if isinstance(asked, torch.device) else asked
+        raise ValueError(
+            f"device={shown!r}: kernl runs artifacts on 'cuda', 'cuda:N' or 'cpu'"
+        ) from None
+    return device
 
 
 def _load(files: ArtifactFiles, device: torch.device | None, capture: str, verify: bool, keys):

@@ -308,3 +308,29 @@ def test_terminal_escapes_from_the_manifest_are_not_printed(artifact, tmp_path):
 def test_inspect_help_says_it_checks_no_hashes():
     help_text = CliRunner().invoke(main, ["inspect", "--help"]).output
     assert "checks no hashes" in help_text and "kernl verify" in help_text
+
+
+@pytest.mark.parametrize(
+    "value, shown", [(1, []), ([0, "BertModel"], ["BertModel"]), ("BertModel", ["BertModel"])]
+)
+def test_a_hand_edited_architectures_field_is_shown_not_a_traceback(
+    artifact, tmp_path, value, shown
+):
+    """load() and `kernl verify` accept a manifest whose config `architectures` is not a list
+    of names (the config is the model's, not checked); inspect raised TypeError on an int,
+    and spelled a string one letter per name."""
+    import shutil
+
+    import msgpack
+
+    from kernl.artifacts import pack_manifest
+
+    root = tmp_path / "a.kernl"
+    shutil.copytree(artifact, root)
+    manifest = msgpack.unpackb((root / "manifest.msgpack").read_bytes(), strict_map_key=False)
+    manifest["model_config"]["architectures"] = value
+    (root / "manifest.msgpack").write_bytes(pack_manifest(manifest))
+    assert read_manifest(root).model_config["architectures"] == value  # a valid manifest
+    assert inspect_artifact(root).architectures == shown
+    result = CliRunner().invoke(main, ["inspect", str(root)])
+    assert result.exit_code == 0, result.output

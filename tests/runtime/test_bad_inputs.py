@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers as T
 
+import kernl.artifacts
 import kernl.compiler
 import kernl.runtime
 
@@ -300,8 +301,20 @@ def test_a_model_loaded_under_inference_mode_serves_other_threads(served, tmp_pa
     _assert_matches_eager(model, compiled, input_ids=_ids(1, 8))
 
 
-@pytest.mark.parametrize("device", ["meta", "mps"])
+@pytest.mark.parametrize("device", ["meta", "mps", "CPU", "gpu", "", "cpu:1"])
 def test_a_device_kernl_does_not_run_on_is_refused_before_reading(device, tmp_path):
-    """mps was reported as a corrupt weights file, meta as a torch error."""
+    """mps was reported as a corrupt weights file, meta, "CPU", "gpu" and "" as torch's
+    list of every device type; "cpu:1" was taken as the CPU."""
     with pytest.raises(ValueError, match=f"device='{device}': kernl runs artifacts on"):
         kernl.runtime.load(tmp_path / "missing", device=device)
+
+
+def test_a_gpu_index_is_a_cuda_device(tmp_path):
+    """device=0 is torch's accelerator index: a GPU, refused as such without one (it was
+    torch's "Cannot access accelerator device")."""
+    if torch.cuda.is_available():
+        with pytest.raises(kernl.artifacts.ArtifactMissingError):
+            kernl.runtime.load(tmp_path / "missing", device=0)
+    else:
+        with pytest.raises(RuntimeError, match="device='cuda' was asked for"):
+            kernl.runtime.load(tmp_path / "missing", device=0)
