@@ -569,6 +569,11 @@ def _optimize(
             "kernl.runtime.load"
         )
     model_dtype, model_device = _dtype_device_of(model)
+    if dtype is None and model_dtype not in _DTYPE_NAMES:  # a dtype given casts it anyway
+        raise ValueError(
+            f"the model's weights are {model_dtype}; kernl compiles fp32, fp16 or bf16 "
+            "(pass dtype=)"
+        )
     dtype = _dtype_name(dtype) if dtype is not None else _DTYPE_NAMES[model_dtype]
     target = torch.device(device) if device is not None else model_device
     if target.type not in ("cuda", "cpu"):
@@ -631,6 +636,8 @@ def _optimize(
     with _entry_lock(entry, say) as writable:
         if writable:
             _remove_dead_builds(models)
+        if writable and entry.is_symlink() and not entry.exists():
+            _remove(entry)  # a dangling link: the rename of a new entry failed on it for good
         runtime = _load_entry(entry, target, say, writable) if entry.exists() else None
         if runtime is None:
             if not writable:
@@ -765,8 +772,6 @@ def _dtype_device_of(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]
     if devices and next(iter(devices)).type == "meta":
         raise ValueError("the model's weights are on the meta device (not loaded)")
     dtype = max(by_dtype, key=by_dtype.get) if by_dtype else torch.float32
-    if dtype not in _DTYPE_NAMES:
-        raise ValueError(f"the model's weights are {dtype}; kernl compiles fp32, fp16 or bf16")
     return dtype, next(iter(devices)) if devices else torch.device("cpu")
 
 
@@ -876,7 +881,16 @@ def _compile_entry(
     one rename: a reader never sees a half-written entry, and of two processes compiling the
     same key (without the lock: another machine on a shared disk) one rename wins and the
     other's result is dropped."""
-    build = Path(tempfile.mkdtemp(prefix=f".build-{owner_tag()}-", dir=entry.parent))
+    try:
+        build = Path(tempfile.mkdtemp(prefix=f".build-{owner_tag()}-", dir=entry.parent))
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise CacheNotWritableError(
+            f"the cache folder {entry.parent} cannot be written ({e.strerror}), so "
+            f"{entry.name} cannot be compiled there: point KERNL_CACHE_DIR (or cache_dir=) at "
+            "a writable folder"
+        ) from e
     try:
         # compile() works on new module objects over the model's tensors (caller_model.py):
         # given the caller's, another thread still serving the model eagerly got fp16
@@ -997,10 +1011,21 @@ def _entry_lock(entry: Path, say: Callable[[str], None]) -> Iterator[bool]:
         except BlockingIOError:
             say(f"waiting for another compile of the same model ({entry.name})")
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        except OSError as e:  # a filesystem without flock (NFS without its lock daemon)
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            yield _writable(entry.parent)  # unlocked, as on Windows: the rename still holds
+            return
         try:
-            yield True
+            # a lock file left writable in a folder that is not (chmod 555 after a compile):
+            # the build folder and the renames need the folder itself
+            yield _writable(entry.parent)
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def _open_lock(path: Path):

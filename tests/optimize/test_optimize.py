@@ -824,3 +824,64 @@ def test_a_refused_model_that_changes_itself_is_left_as_given(cache):
     assert {type(layer.attention.self).__name__ for layer in model.encoder.layer} == {
         "BigBirdBlockSparseAttention"
     }
+
+
+def test_an_fp64_model_compiles_at_the_dtype_asked_for(cache, compiles):
+    """dtype= casts the model: an fp64 model was refused for its own dtype even with
+    dtype="fp32" (api.compile took it); without dtype= it is refused, saying what to pass."""
+    bert = tiny_bert().double()
+    with pytest.raises(ValueError, match="pass dtype="):
+        kernl.optimize(bert, "batch=1 seq=8", progress=False)
+    model = kernl.optimize(bert, "batch=1 seq=8", dtype="fp32", progress=False)
+    inputs = _inputs(1, 8)
+    with torch.no_grad():
+        want = bert(**inputs).last_hidden_state.float()
+    torch.testing.assert_close(model(**inputs).last_hidden_state, want, atol=1e-4, rtol=1e-4)
+    assert next(bert.parameters()).dtype == torch.float64  # the caller's model as it was
+
+
+def test_a_lock_file_left_writable_in_a_folder_that_is_not(cache, compiles, monkeypatch):
+    """chmod 555 on the cache after a compile leaves its lock files writable: the lock opened,
+    so the folder counted as writable, and a miss failed with a raw PermissionError from the
+    build folder (or the move of a damaged entry) instead of saying what to do."""
+    bert = tiny_bert()
+    kernl.optimize(bert, "batch=1 seq=8", progress=False)
+    monkeypatch.setattr(opt, "_writable", lambda folder: False)
+    assert kernl.optimize(bert, "batch=1 seq=8", progress=False).cache_hit
+    with pytest.raises(opt.CacheNotWritableError, match="KERNL_CACHE_DIR"):
+        kernl.optimize(bert, "batch=1 seq=16", progress=False)
+    assert len(compiles) == 1
+
+    def no_build_folder(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", kwargs.get("dir"))
+
+    monkeypatch.setattr(opt, "_writable", lambda folder: True)  # as os.access says to root
+    monkeypatch.setattr(opt.tempfile, "mkdtemp", no_build_folder)
+    with pytest.raises(opt.CacheNotWritableError, match="cannot be written"):
+        kernl.optimize(bert, "batch=1 seq=16", progress=False)
+
+
+def test_a_dangling_link_at_an_entry_is_replaced(cache, compiles):
+    """A broken symbolic link where an entry goes: it did not exist, so kernl compiled, and
+    the rename into place failed on the link, on every call for good."""
+    bert = tiny_bert()
+    entry = kernl.optimize(bert, "batch=1 seq=8", progress=False).artifact
+    opt._remove(entry)
+    entry.symlink_to(cache / "gone")
+    model = kernl.optimize(bert, "batch=1 seq=8", progress=False)
+    assert not model.cache_hit and len(compiles) == 2
+    assert entry.is_dir() and not entry.is_symlink()
+
+
+def test_a_filesystem_without_flock_compiles_unlocked(cache, compiles, monkeypatch):
+    """NFS without its lock daemon answers flock with ENOLCK: every call failed; it is served
+    unlocked, as where fcntl is missing (the rename into place keeps the cache whole)."""
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    bert = tiny_bert()
+    assert not kernl.optimize(bert, "batch=1 seq=8", progress=False).cache_hit
+    assert kernl.optimize(bert, "batch=1 seq=8", progress=False).cache_hit
