@@ -6,8 +6,12 @@ entry was served for a model whose code had changed under the same names (silent
 numbers): a notebook subclass redefined with another forward, `layer_norm.eps` set on a
 module, a forward hook added, a layer's forward patched (`layer.forward =
 types.MethodType(fn, layer)`), a Hugging Face helper replaced
-(`modeling_bert.eager_attention_forward = my_attention`). The digest reads, per module class
-(torch's own excepted, which the torch version in the key covers):
+(`modeling_bert.eager_attention_forward = my_attention`), an attention function registered
+again under the same name, a settings class a forward reads (`CFG.scale = 3.0`), a torch
+class's method replaced (`torch.nn.LayerNorm.forward = ...`). The digest reads, per module
+class (torch's own by the torch version in the key, but for methods set on them from
+outside torch), and the attention and mask functions registered under the config's
+`_attn_implementation`:
 - the source file of the class's module, where there is one;
 - the code of its methods, without file names or line numbers (a class defined in a notebook
   has no file; one redefined further down a script shares its file);
@@ -21,7 +25,9 @@ attributes, private ones included (eps, scaling, head counts, PEFT's `_active_ad
 hashed: compile folds them in as constants), the callables set on it (a function, a bound
 method: its function and what it is bound to, a functools.partial: its function and arguments,
 a callable object: its class and state) and its forward hooks (likewise). Functions count the
-plain values, tensors and modules they name as globals too (a notebook's `SCALE = 3.0`; not
+plain values, tensors, modules and settings objects (a class, a SimpleNamespace or an
+instance of the user's own class, by their data attributes) they name as globals too (a
+notebook's `SCALE = 3.0`; not
 those of installed libraries, whose globals are their process state: `_installed`), and a
 module outside the model that a hook or function reaches counts with its parameters and
 buffers. Left out: torch.nn.Module's own bookkeeping (parameters, buffers and submodules are
@@ -96,20 +102,49 @@ def code_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     seen: set[type] = set()
     fp = _Fingerprints({id(m): name for name, m in model.named_modules()})
+    attention: set[str] = set()
     for name, module in model.named_modules():
         h.update(f"module {name}: {_qualname(type(module))}\n".encode())
         for line in fp.state(module, 0):
             h.update(f"  {line}\n".encode())
         for klass in type(module).__mro__:
-            if klass not in seen and not _is_torch(klass):
-                seen.add(klass)
-                h.update(fp.klass(klass).encode())
+            if klass in seen:
+                continue
+            seen.add(klass)
+            # torch's own classes by the torch version in the key, but for methods set on
+            # them from elsewhere (`torch.nn.LayerNorm.forward = ...` in a notebook)
+            h.update((fp.patched(klass) if _is_torch(klass) else fp.klass(klass)).encode())
+        impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        if isinstance(impl, str):
+            attention.add(impl)
+    # The attention (and mask) function registered under the config's name, as bound now: a
+    # notebook that registers another function under the same name gets another entry.
+    for impl in sorted(attention):
+        for kind, fn in _registered_attention(impl):
+            h.update(f"{kind} {impl}: {fp.callable(fn)}\n".encode())
     from torch.nn.modules import module as torch_module
 
     for table in ("_global_forward_pre_hooks", "_global_forward_hooks"):
         for hook in getattr(torch_module, table, {}).values():
             h.update(f"global {table}: {fp.callable(hook)}\n".encode())
     return h.hexdigest()
+
+
+def _registered_attention(impl: str) -> list[tuple[str, Any]]:
+    """The functions transformers' attention and mask registries hold under `impl`."""
+    found = []
+    for module, table in (
+        ("transformers.modeling_utils", "ALL_ATTENTION_FUNCTIONS"),
+        ("transformers.masking_utils", "ALL_MASK_ATTENTION_FUNCTIONS"),
+    ):
+        registry = getattr(sys.modules.get(module), table, None)
+        try:
+            fn = registry[impl] if registry is not None and impl in registry else None
+        except Exception:  # noqa: BLE001 - a registry of another shape: nothing to add
+            fn = None
+        if callable(fn):
+            found.append((table, fn))
+    return found
 
 
 def _qualname(klass: type) -> str:
@@ -279,6 +314,18 @@ class _Fingerprints:
         self.classes[klass] = "\n".join(parts) + "\n"
         return self.classes[klass]
 
+    def patched(self, klass: type) -> str:
+        """A torch class's methods that come from outside torch (set on the class by the
+        user's code), each as `function` reads it; "" for an unpatched class."""
+        parts = []
+        for name, value in sorted(vars(klass).items()):
+            fn = getattr(value, "__func__", value)
+            if isinstance(fn, types.FunctionType):
+                module = fn.__globals__.get("__name__") or ""
+                if module.split(".")[0] not in _BY_NAME:
+                    parts.append(f"{name}: {self.function(fn, 0)}")
+        return f"patched {_qualname(klass)}\n" + "\n".join(parts) + "\n" if parts else ""
+
     def callable(self, fn: Any, depth: int = 0, follow: bool = True) -> str:
         """A hook, an attribute or a value a function holds: what calling it runs. `follow`:
         with the functions it names as globals (see `function`)."""
@@ -355,6 +402,8 @@ class _Fingerprints:
                     parts.append(f"names {called}: {self.module(target, depth + 1)}")
                 else:  # a notebook's `SCALE = 3.0`, a steering tensor: read, not followed
                     data = self.data(target, depth + 1)
+                    if data is None:  # `class CFG: scale = 1.0`, a SimpleNamespace
+                        data = self.settings(target, depth + 1)
                     if data is not None:
                         parts.append(f"names {called}={data}")
         finally:
@@ -362,6 +411,32 @@ class _Fingerprints:
         found = f"{name} {hashlib.sha256(chr(10).join(parts).encode()).hexdigest()[:32]}"
         self.functions[key] = found
         return found
+
+    def settings(self, target: Any, depth: int) -> str | None:
+        """A settings object of the user's that a function reads: a class (a Kaggle-style
+        `class CFG: scale = 1.0`), a SimpleNamespace or an instance of the user's own class
+        (a dataclass of options), by its data attributes. None for anything else: a module,
+        an object of a library's or the standard library's class (a logger, whose state is
+        a cache of levels), which have no stable fingerprint."""
+        if isinstance(target, types.ModuleType) or depth > _MAX_DEPTH:
+            return None
+        klass = target if isinstance(target, type) else type(target)
+        attrs = getattr(target, "__dict__", None)
+        if not isinstance(attrs, (dict, types.MappingProxyType)):
+            return None
+        if klass is not types.SimpleNamespace:
+            top = klass.__module__.split(".")[0]
+            file = getattr(sys.modules.get(klass.__module__), "__file__", None)
+            if top in _BY_NAME or top == "torch" or _installed(klass.__module__, file):
+                return None
+        lines = []
+        for key, value in sorted(attrs.items()):
+            if not key.startswith("__"):
+                data = self.data(value, depth + 1)
+                if data is not None:
+                    lines.append(f"{key}={data}")
+        kind = "class" if isinstance(target, type) else "object"
+        return f"{kind} {_qualname(klass)} [{', '.join(lines)}]"
 
     def value(self, v: Any, depth: int, follow: bool = False) -> str:
         """A value a function closes over, defaults to, or a partial binds."""

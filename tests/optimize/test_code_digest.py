@@ -226,3 +226,65 @@ def test_installed_libraries_are_told_from_the_users_code(tmp_path, monkeypatch)
     assert not _installed("my_notebook_helpers", "/home/me/my_notebook_helpers.py")
     assert not _installed("__main__", None)
     _installed.cache_clear()
+
+
+def test_an_attention_function_registered_again_under_its_name_counts():
+    """A notebook registers its own attention function, optimizes, then edits the cell and
+    registers another under the same name: the key held the name only and the stale entry
+    was served (0.047 off)."""
+    from transformers import AttentionInterface
+
+    def attention_v1(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        return modeling_bert.eager_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, **kwargs
+        )
+
+    def attention_v2(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        out, weights = attention_v1(module, query, key, value, attention_mask, scaling, **kwargs)
+        return out * 0, weights
+
+    bert = tiny_bert()
+    AttentionInterface.register("kernl_test_mine", attention_v1)
+    bert.set_attn_implementation("kernl_test_mine")
+    first = code_digest(bert)
+    assert code_digest(bert) == first
+    AttentionInterface.register("kernl_test_mine", attention_v2)
+    assert code_digest(bert) != first
+
+
+class _CFG:  # a Kaggle-style settings class a forward reads
+    scale = 1.0
+
+
+_OPTIONS = types.SimpleNamespace(scale=1.0)
+
+
+def _reads_settings(self, hidden_states, input_tensor):
+    out = self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+    return out * _CFG.scale * _OPTIONS.scale
+
+
+def test_settings_objects_a_forward_reads_count(monkeypatch):
+    """`class CFG: scale = 1.0` or a SimpleNamespace read by a patched forward: only plain
+    values, tensors and containers were hashed, and after `CFG.scale = 3.0` the stale entry
+    was served (5.97 off)."""
+    bert = tiny_bert()
+    monkeypatch.setattr(modeling_bert.BertOutput, "forward", _reads_settings)
+    first = code_digest(bert)
+    monkeypatch.setattr(_CFG, "scale", 3.0)
+    second = code_digest(bert)
+    assert second != first
+    monkeypatch.setattr(_OPTIONS, "scale", 2.0)
+    assert code_digest(bert) != second
+
+
+def test_a_method_set_on_a_torch_class_counts(monkeypatch):
+    """torch's classes are keyed by the torch version, but `torch.nn.LayerNorm.forward =
+    ...` in a notebook changes them under the same version: the stale entry was served."""
+    bert = tiny_bert()
+    first = code_digest(bert)
+    real = torch.nn.LayerNorm.forward
+    monkeypatch.setattr(torch.nn.LayerNorm, "forward", lambda self, x: real(self, x) * 2.0)
+    assert code_digest(bert) != first
+    monkeypatch.undo()
+    assert code_digest(bert) == first
