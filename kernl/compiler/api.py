@@ -78,7 +78,17 @@ def compile(
         return _compile_signed(model_or_path, buckets, out, **options)
     torch_dtype, dev = resolve_dtype_device(dtype, device)
     say = progress or (lambda _msg: None)
-    with left_as_it_was(unwrap_compiled(model_or_path), torch_dtype, dev, say) as subject:
+    model = unwrap_compiled(model_or_path)
+    generating = task or task_from_source(model)
+    if generating in ("causal-lm", "seq2seq-lm", "speech-seq2seq"):
+        # the hooks a generation task refuses, before the model is compiled in place for them
+        # (left_as_it_was said "compiling the model itself", then the compile refused)
+        from .tasks.generation_config import refuse_module_code_kernl_drops
+
+        whisper = getattr(getattr(model, "config", None), "model_type", None) == "whisper"
+        label = "causal-lm" if generating == "causal-lm" else "seq2seq"  # as describe says it
+        refuse_module_code_kernl_drops(model, "speech-seq2seq" if whisper else label)
+    with left_as_it_was(model, torch_dtype, dev, say) as subject:
         return _compile_signed(subject, buckets, out, **options)
 
 

@@ -864,3 +864,22 @@ def test_a_bidirectional_gemma_is_refused_from_its_config(tmp_path):
             tmp_path / "model", "batch=1 prompt=8", tmp_path / "a", dtype="fp32", device="cpu",
             task="causal-lm",
         )  # fmt: skip
+
+
+def test_a_hooked_causal_lm_is_refused_before_anything_is_compiled_in_place(tmp_path):
+    """compile() on a model with hooks compiles the model itself (its modules cannot be
+    copied over their tensors) and said so ("do not call it from another thread"), and then
+    the causal-LM compile refused the hook: the refusal now comes first, alone."""
+    import kernl.compiler
+
+    llama = tiny_model("llama3")
+    handle = llama.model.layers[0].mlp.register_forward_hook(lambda m, i, o: o)
+    said = []
+    try:
+        with pytest.raises(UnsupportedModelError, match=r"1 forward hook"):
+            kernl.compiler.compile(llama, "batch=1 prompt=4 cache=16", tmp_path / "a",
+                                   dtype="fp32", device="cpu", progress=said.append)  # fmt: skip
+    finally:
+        handle.remove()
+    assert not any("compiling the model itself" in m for m in said), said
+    assert not (tmp_path / "a").exists()
