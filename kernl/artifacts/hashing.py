@@ -13,6 +13,7 @@ from typing import Any
 
 import msgpack
 
+from .opened import pread_into
 from .schema import MANIFEST_CHECKSUM_KEY
 
 # Threads that hash at once: sha256 is CPU-bound (hashlib releases the GIL on large updates);
@@ -48,7 +49,7 @@ def sha256_fd(fd: int, offset: int = 0, length: int | None = None) -> str:
     view = memoryview(buf)
     left = -1 if length is None else length
     while left:
-        n = os.preadv(fd, [view if left < 0 or left >= len(buf) else view[:left]], offset)
+        n = pread_into(fd, view if left < 0 or left >= len(buf) else view[:left], offset)
         if not n:
             break
         h.update(view[:n])

@@ -25,6 +25,19 @@ from pathlib import Path
 from .errors import ArtifactCorruptError, ArtifactMissingError, ArtifactUnsafeError
 from .schema import is_safe_relative_path
 
+
+def pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Read into `view` from `offset` of `fd` without its shared position (threads read one
+    descriptor at once); the bytes read. preadv where the platform has it (Linux), else
+    pread and a copy (macOS's Python may have no preadv)."""
+    if _PREADV is not None:
+        return _PREADV(fd, [view], offset)
+    data = os.pread(fd, len(view), offset)
+    view[: len(data)] = data
+    return len(data)
+
+
+_PREADV = getattr(os, "preadv", None)
 _FILE_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
 

@@ -3,7 +3,7 @@
 safetensors' `load_file(device="cuda")` maps the file and copies tensor after tensor from
 pageable memory: the 2.36 GB of a Llama-1B artifact took 0.8 s of a 2.1 s `load()` on an
 H200 host, while the page cache alone can be read several times faster. Here reader threads
-fill pinned staging chunks from the file (`preadv` releases the GIL) while a copy stream
+fill pinned staging chunks from the file (`pread` releases the GIL) while a copy stream
 moves the chunks already read into the tensors, so reading, copying and the hashing `load()`
 runs beside it overlap. Each tensor is allocated on its own, as `load_file` does: no two
 weights share a storage (a program's `as_strided` on a weight, or dropping one, means what
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .analysis import SAFETENSORS_DTYPES
+from .opened import pread_into
 
 CHUNK_BYTES = 32 << 20
 # Chunks in flight: enough reader threads to approach the page cache's bandwidth, few enough
@@ -107,7 +108,7 @@ def _stream(
         view = views[i % slots][: min(chunk, data_size - lo)]
         got = 0
         while got < len(view):  # pread: no shared position between the reader threads
-            n = os.preadv(fd, [view[got:]], data_at + lo + got)
+            n = pread_into(fd, view[got:], data_at + lo + got)
             if not n:
                 raise OSError(f"the weights file ended at byte {data_at + lo + got}")
             got += n

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kernl.artifacts import ArtifactCorruptError, read_weights
+from kernl.artifacts import ArtifactCorruptError, opened, read_weights
 from kernl.artifacts import weights as weights_module
 from kernl.artifacts.reader import check_safetensors_header
 from kernl.artifacts.weights import read_tensors
@@ -43,9 +43,12 @@ def weights_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.parametrize("preadv", [True, False], ids=["preadv", "pread"])
 @pytest.mark.parametrize("chunk", [5, 64, 1000, 1 << 20])
-def test_reads_every_tensor_bit_for_bit_like_safetensors(weights_file, monkeypatch, chunk):
+def test_reads_every_tensor_bit_for_bit_like_safetensors(weights_file, monkeypatch, chunk, preadv):
     monkeypatch.setattr(weights_module, "CHUNK_BYTES", chunk)
+    if not preadv:  # a platform without it (macOS's Python): pread and a copy
+        monkeypatch.setattr(opened, "_PREADV", None)
     expected = load_file(str(weights_file))
     got = read_tensors(weights_file, check_safetensors_header(weights_file), "cpu")
     assert sorted(got) == sorted(expected)
