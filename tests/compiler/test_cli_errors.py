@@ -307,6 +307,21 @@ def test_a_model_that_is_not_there_says_so_without_network_advice(tmp_path):
     assert "internet" not in result.output and "huggingface.co" not in result.output
 
 
+@pytest.mark.parametrize("out", ["", ".", "..", "sub/.."])
+def test_an_empty_output_path_or_the_working_directory_is_refused(
+    bert_dir, tmp_path, monkeypatch, out
+):
+    """-o "" (an unset $OUT in a script) is the working directory, which the compile replaced
+    whole and deleted (the shell left in a deleted folder); -o . likewise."""
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "keep.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    result = run(bert_dir, "-o", out, "--buckets", "batch=1 seq=8", *CPU_FP32)
+    assert_clean_failure(result, 1, "empty" if out == "" else "working directory")
+    assert (work / "keep.txt").read_text() == "mine" and (work / "sub").is_dir()
+
+
 def test_a_file_or_an_empty_path_as_model_is_named_as_such(bert_dir, tmp_path):
     # the config file itself was reported as a folder "with no config.json"
     result = run(bert_dir / "config.json", "-o", tmp_path / "a", "--buckets", "batch=1 seq=8")

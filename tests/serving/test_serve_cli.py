@@ -58,3 +58,31 @@ def test_drain_option_is_documented_and_checked(tmp_path, capsys):
     assert "--drain-s" in build_parser().format_help()
     assert serve_main([str(tmp_path / "x.kernl"), "--drain-s", "nan"]) == 2
     assert "drain_s must be a finite number >= 0" in capsys.readouterr().err
+
+
+def test_an_artifact_this_machine_cannot_load_is_refused_before_ray_starts(
+    tiny_artifact, tmp_path, no_ray, capsys
+):
+    """An artifact of another torch major version: `kernl verify` said INCOMPATIBLE, but
+    serve started Ray, every replica failed its load in Ray's logs, and the start ended 10 s
+    later in a traceback that never named the reason."""
+    import shutil
+
+    import msgpack
+
+    from kernl.artifacts import pack_manifest
+
+    root = tmp_path / "old-torch.kernl"
+    shutil.copytree(tiny_artifact, root)
+    manifest = msgpack.unpackb((root / "manifest.msgpack").read_bytes(), strict_map_key=False)
+    manifest["torch_version"] = "1.13.1+cu117"
+    (root / "manifest.msgpack").write_bytes(pack_manifest(manifest))
+    assert serve_main([str(root), "--device", "cpu", "--ingress", "python"]) == 2
+    assert "1.13.1" in capsys.readouterr().err
+
+
+def test_a_gpu_share_for_cpu_replicas_is_refused_before_ray_starts(tiny_artifact, no_ray, capsys):
+    """--gpus-per-replica 1 with --device cpu (or no GPU): Ray waited for a GPU for good."""
+    argv = [str(tiny_artifact), "--device", "cpu", "--gpus-per-replica", "1", "--ingress", "python"]
+    assert serve_main(argv) == 2
+    assert "--gpus-per-replica 1" in capsys.readouterr().err
