@@ -113,6 +113,17 @@ def build_parser(prog: str = "kernl serve") -> argparse.ArgumentParser:
 
 
 def serve_main(argv: list[str], prog: str = "kernl serve") -> int:
+    """Run the server until SIGINT/SIGTERM; return the process exit code. The caller's
+    SIGINT/SIGTERM handlers are put back on return (an in-process caller keeps its own)."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _serve(argv, prog)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(argv: list[str], prog: str) -> int:
     """Run the server until SIGINT/SIGTERM; return the process exit code (2: bad arguments
     or artifact). `prog` names the command in usage and error lines."""
     args = build_parser(prog).parse_args(argv)
@@ -168,23 +179,44 @@ def serve_main(argv: list[str], prog: str = "kernl serve") -> int:
     # A cluster started elsewhere (--ray-address) has not inherited this environment: the
     # ingress's variables travel as the job's runtime environment, to the Serve controller
     # this job starts and the replicas and HAProxy that the controller starts.
-    ray.init(
-        address=args.ray_address,
-        include_dashboard=False,
-        log_to_driver=True,
-        runtime_env={"env_vars": ray_environment()},
-    )
-    stop = threading.Event()
-
     def interrupt(*_) -> None:
         raise KeyboardInterrupt  # while serve.run blocks (a deployment Ray cannot place)
 
+    # before Ray starts: a signal during its start was a traceback (SIGINT) or a silent
+    # death (SIGTERM), not "interrupted while starting"
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, interrupt)
+    try:
+        _check_ray_address(args.ray_address)
+        ray.init(
+            address=args.ray_address,
+            include_dashboard=False,
+            log_to_driver=True,
+            runtime_env={"env_vars": ray_environment()},
+        )
+    except KeyboardInterrupt:
+        print("kernl serve: interrupted while starting Ray; stopping", file=sys.stderr)
+        ray.shutdown()
+        return 130
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
+        where = f"the Ray cluster at {args.ray_address}" if args.ray_address else "a local Ray"
+        print(f"kernl serve: cannot start or reach {where}: {e}", file=sys.stderr)
+        ray.shutdown()
+        return 2
+    for sig in (signal.SIGINT, signal.SIGTERM):  # again: ray.init sets its own SIGTERM's
+        signal.signal(sig, interrupt)
+    stop = threading.Event()
     try:
         try:
             serve.start(http_options={"host": config.host, "port": config.port})
             serve.run(application(config), name=config.app_name, route_prefix="/")
+        except RuntimeError as e:  # a replica failed to start: its reason is in Ray's logs
+            print(
+                f"kernl serve: the replicas did not start ({e}); their error is in Ray's logs "
+                "(/tmp/ray/session_latest/logs/serve/)",
+                file=sys.stderr,
+            )
+            return 1
         except KeyboardInterrupt:
             # serve.run returns once Ray Serve marks the application running, which can come
             # after its replicas already answer (/ready 200): that is a stop, not a failed start
@@ -292,6 +324,20 @@ def _check_artifact(path: str) -> str:
             f"cache {limits.cache_len}"
         )
     return "buckets " + ", ".join(f"{b.batch}x{b.seq}" for b in sorted(manifest.bucket_list()))
+
+
+def _check_ray_address(address: str | None) -> None:
+    """A `host:port` nobody listens on: Ray retried its GCS there for good (a warning every
+    30 s). "auto", "local" and ray:// addresses are Ray's to resolve."""
+    if not address or address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise ConnectionError(f"nothing answers at {address} ({e})") from None
 
 
 def _check_local_replicas(config) -> None:

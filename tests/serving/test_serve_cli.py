@@ -86,3 +86,26 @@ def test_a_gpu_share_for_cpu_replicas_is_refused_before_ray_starts(tiny_artifact
     argv = [str(tiny_artifact), "--device", "cpu", "--gpus-per-replica", "1", "--ingress", "python"]
     assert serve_main(argv) == 2
     assert "--gpus-per-replica 1" in capsys.readouterr().err
+
+
+def test_a_ray_address_nobody_answers_is_refused(tiny_artifact, no_ray, capsys):
+    """--ray-address host:port with no cluster there: Ray retried for good."""
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    argv = [str(tiny_artifact), "--device", "cpu", "--ingress", "python"]
+    assert serve_main([*argv, "--ray-address", f"127.0.0.1:{free}"]) == 2
+    assert f"nothing answers at 127.0.0.1:{free}" in capsys.readouterr().err
+
+
+def test_a_ray_that_cannot_start_or_be_reached_is_one_message(tiny_artifact, monkeypatch, capsys):
+    """--ray-address auto with no cluster running: Ray's ConnectionError traceback."""
+
+    def no_cluster(*args, **kwargs):
+        raise ConnectionError("Could not find any running Ray instance")
+
+    monkeypatch.setattr(ray, "init", no_cluster)
+    argv = [str(tiny_artifact), "--device", "cpu", "--ingress", "python", "--ray-address", "auto"]
+    assert serve_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot start or reach the Ray cluster at auto" in err and "Traceback" not in err
