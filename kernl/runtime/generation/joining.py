@@ -148,8 +148,7 @@ class OpenBatch:
         batch bucket, which nobody can ever join. Temperature, top-k and top-p left out are
         the batch's own (one value for every opening row; else generate's defaults); a seed
         left out is drawn from torch's RNG, as generate draws one. In a tensor prompt, the
-        batch's pad
-        id marks padding, as in `generate` without an attention_mask."""
+        batch's pad id marks padding, as in `generate` without an attention_mask."""
         self._check_open()
         self._driven_here()
         if self.join_bucket is None:  # never "not now": it cannot ever join
