@@ -122,9 +122,12 @@ def _load(files: ArtifactFiles, device: torch.device | None, capture: str, verif
         code = [rel for rel in manifest.files if rel != WEIGHTS_FILE]
         code_check = _Background(verify_files, files, manifest, files=code)
         weights_check = _Background(verify_files, files, manifest, files=[WEIGHTS_FILE])
-    if device.type == "cpu":
+    if device.type == "cpu" and not torch.cuda.is_available():
         # kernl's kernels run through Triton's interpreter on the CPU; the variable must be
-        # set before they are first imported.
+        # set before they are first imported. Not in a process that has a GPU: the variable
+        # is the whole process's, and every Triton kernel made after it (the user's own,
+        # torch.compile's) would be interpreted. There kernl's ops take their aten path on
+        # the CPU (kernl_ops.triton_usable), which computes the same function.
         os.environ.setdefault("TRITON_INTERPRET", "1")
     check_device_compatibility(manifest, device)
     try:

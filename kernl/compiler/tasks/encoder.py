@@ -65,9 +65,11 @@ def compile_encoder(
             "(--dtype / dtype=), plain aten ops (--no-kernels / kernels=False: bf16 works), "
             "or compile on a GPU."
         )
-    if dev.type == "cpu":
+    if dev.type == "cpu" and not torch.cuda.is_available():
         # kernl's kernels run through Triton's interpreter on the CPU; the variable must be
         # set before they are first imported (tune.py falls back to aten if it was too late).
+        # Not in a process with a GPU (kernl.optimize in a notebook): every Triton kernel
+        # made after it, torch.compile's too, would be interpreted.
         os.environ.setdefault("TRITON_INTERPRET", "1")
     bucket_list = as_buckets(buckets)
     # before any heavy work
