@@ -125,7 +125,7 @@ class BatchGatherer(Generic[T, R]):
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), left)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # TimeoutError from 3.11 on, not on 3.10
                 return
 
     def _take(self) -> list[tuple[T, asyncio.Future]]:

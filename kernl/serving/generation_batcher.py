@@ -207,7 +207,7 @@ class GenerationBatcher:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), left)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # TimeoutError from 3.11 on, not on 3.10
                     break
             with self._pending_lock:
                 group = self._next_group()
@@ -320,9 +320,9 @@ class GenerationBatcher:
             rows=self.policy.max_requests,
             **options,
         )
+        out: list = []
         try:
             rows: dict[int, Ticket] = {}
-            out: list = []
             for row, token in batch.first:
                 rows[row] = group[row]
                 self._emit(rows[row], token, eos, out)
@@ -372,6 +372,14 @@ class GenerationBatcher:
                     t._finished = True
                     out.append((t, ("end", "length")))
             loop.call_soon_threadsafe(_deliver, out)
+            out = []
+        except BaseException:
+            # What this step already answered goes out before the error: a row that ended
+            # (its ticket marked finished) or a joiner refused is not among those `_call`
+            # answers with the error, and would wait for good.
+            if out:
+                loop.call_soon_threadsafe(_deliver, out)
+            raise
         finally:
             batch.close()
 

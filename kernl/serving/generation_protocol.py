@@ -268,7 +268,7 @@ def _check_ranges(options: dict, limits: GenerationLimits) -> None:
             limits.vocab_size,
             1,
         )
-    except ValueError as e:
+    except (ValueError, ArithmeticError) as e:  # an int no float holds: OverflowError
         raise RequestError(422, str(e)) from None
 
 

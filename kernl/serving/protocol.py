@@ -163,20 +163,48 @@ def load_json_object(body: bytes) -> dict:
 def _check_depth(body: bytes) -> None:
     """Refuse bodies whose brackets nest deeper than MAX_JSON_DEPTH, without parsing them.
 
-    An upper bound on the JSON depth: brackets inside strings count too, so only a request
-    whose strings hold more than MAX_JSON_DEPTH unclosed brackets is refused wrongly. Vector
-    code throughout: an 8 MiB body of brackets takes milliseconds, not a Python loop."""
-    brackets = body.translate(None, _NOT_BRACKETS)
-    if len(brackets) <= MAX_JSON_DEPTH:
+    Brackets inside JSON strings do not count (a prompt of code or markdown holds many): a
+    quote opens or closes a string unless an odd run of backslashes precedes it, which is
+    JSON's own rule, so up to the body's first syntax error (where the parser stops) the
+    depth counted is the parser's. Vector code, not a Python loop: an 8 MiB body of brackets
+    takes 0.3 s on 2 shared cores."""
+    if len(body.translate(None, _NOT_BRACKETS)) <= MAX_JSON_DEPTH:
         return
-    opens = np.frombuffer(brackets, dtype=np.uint8)
-    opens = (opens == ord("[")) | (opens == ord("{"))
-    if int(np.cumsum(opens.astype(np.int32) * 2 - 1).max()) > MAX_JSON_DEPTH:
+    if _depth(body) > MAX_JSON_DEPTH:
         raise RequestError(
             400,
             f"request body nests JSON deeper than {MAX_JSON_DEPTH} levels "
             "(a request is an object of lists of lists)",
         )
+
+
+def _depth(body: bytes) -> int:
+    """The deepest the brackets outside strings nest in `body`."""
+    chars = np.frombuffer(body, dtype=np.uint8)
+    opens = (chars == ord("[")) | (chars == ord("{"))
+    steps = opens.astype(np.int8) * 2 - 1  # +1 an opening bracket, -1 a closing one
+    brackets = opens | (chars == ord("]")) | (chars == ord("}"))
+    quotes = np.flatnonzero(chars == ord('"'))
+    if len(quotes):
+        quotes = _unescaped(quotes, np.flatnonzero(chars == ord("\\")))
+        inside = np.zeros(len(chars), dtype=np.int8)  # +1 at a string's start, -1 at its end
+        inside[quotes[0::2]] = 1
+        inside[quotes[1::2]] = -1
+        brackets &= np.cumsum(inside, dtype=np.int8) == 0
+    steps = steps[brackets]
+    return max(0, int(np.cumsum(steps, dtype=np.int32).max())) if len(steps) else 0
+
+
+def _unescaped(quotes: np.ndarray, backslashes: np.ndarray) -> np.ndarray:
+    """The quotes (byte offsets) an even run of backslashes, or none, precedes."""
+    if not len(quotes) or not len(backslashes):
+        return quotes
+    breaks = np.flatnonzero(np.diff(backslashes) != 1)
+    run_start = backslashes[np.r_[0, breaks + 1]]
+    run_end = backslashes[np.r_[breaks, len(backslashes) - 1]]
+    k = np.minimum(np.searchsorted(run_end, quotes - 1), len(run_end) - 1)
+    run = np.where(run_end[k] == quotes - 1, run_end[k] - run_start[k] + 1, 0)
+    return quotes[run % 2 == 0]
 
 
 _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")

@@ -54,7 +54,7 @@ async def read_body(
 
     try:
         await asyncio.wait_for(read(), deadline_s)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # TimeoutError from 3.11 on, not on 3.10
         raise RequestError(
             408, f"request body not received within {deadline_s:g} s ({size} bytes came)"
         ) from None

@@ -143,7 +143,7 @@ def test_errors_are_clear_and_leave_the_model_usable(model):
         "seed": [-1, 2**63, 2**70, "7"],
         "top_k": [-1, 2**40, 1.5],
         "top_p": [0.0, 1.5, float("nan")],
-        "temperature": [float("inf"), float("nan"), "1"],
+        "temperature": [float("inf"), float("nan"), "1", 10**400],  # 10**400: no float holds it
         "max_new_tokens": [0, True, 2.0],
         "do_sample": ["yes"],
     }

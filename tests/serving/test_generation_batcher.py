@@ -408,6 +408,9 @@ def test_a_failing_model_fails_its_batch_and_the_batcher_keeps_serving(model, li
         ({"input_ids": [1] * 9, "max_new_tokens": CACHE}, 413, f"at most {CACHE - 16 + 1}"),
         ({"input_ids": [1], "eos_token_id": list(range(9))}, 422, "at most 8"),
         ({"input_ids": [1], "top_p": 0}, 422, "top_p"),
+        # an integer no float holds: math.isfinite's OverflowError was a 500
+        ({"input_ids": [1], "temperature": 10**400}, 422, "temperature must be a finite"),
+        ({"input_ids": [1], "do_sample": True, "temperature": -(10**400)}, 422, "finite"),
     ],
 )
 def test_requests_that_no_call_could_hold_are_refused_on_arrival(limits, fields, status, reason):
@@ -664,6 +667,34 @@ def test_a_joiner_the_runtime_refuses_fails_alone(model, limits, monkeypatch):
     first_ids, good_ids, good = asyncio.run(main())
     assert first_ids == alone(model, PROMPTS[0], max_new_tokens=12)
     assert good_ids == alone(model, PROMPTS[1], max_new_tokens=4) and good.batch_index == 0
+
+
+def test_a_row_that_ended_is_answered_when_a_joiners_prefill_fails(model, limits, monkeypatch):
+    """The step's tokens and ends are sent at the next step's top, after the joins: a join
+    failing there (the device, not a refusal) fails the batch's live rows, and the row that
+    had just ended still gets its answer rather than waiting for good."""
+
+    def join(self, prompt, max_new_tokens, **sampling):
+        raise RuntimeError("the device fell over in the joiner's prefill")
+
+    monkeypatch.setattr(_HeldBatch, "join", join)
+    joining = Joining(model, gated=True)
+
+    async def main():
+        batcher = GenerationBatcher(joining, limits, BatchPolicy(4, 0.0))
+        short = batcher.submit(request(limits, PROMPTS[0], max_new_tokens=2))
+        long = batcher.submit(request(limits, PROMPTS[1], max_new_tokens=12))
+        await wait_for(joining.first_step)  # both seated; `short` ends at this step
+        joiner = batcher.submit(request(limits, PROMPTS[3], max_new_tokens=4))
+        joining.gate.set()
+        for ticket in (long, joiner):
+            with pytest.raises(RuntimeError, match="fell over"):
+                await asyncio.wait_for(ticket.result(), GATE_TIMEOUT_S)
+        return await asyncio.wait_for(short.result(), GATE_TIMEOUT_S), short
+
+    ids, short = asyncio.run(main())
+    assert ids == alone(model, PROMPTS[0], max_new_tokens=2)
+    assert short.finish_reason == "length"
 
 
 @pytest.mark.parametrize("stream", [False, True])

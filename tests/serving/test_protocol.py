@@ -145,6 +145,20 @@ def test_deep_but_legal_json_in_strings_still_parses():
     assert parse({"text": "[]" * 800}, lambda texts: [{"input_ids": [1]}]).rows
 
 
+def test_brackets_inside_strings_do_not_count_towards_the_depth():
+    """A prompt of code or markdown may hold many unclosed brackets; only JSON's own nesting
+    is bounded. A quote after an odd run of backslashes stays inside its string."""
+    text = 'x = a["k"][0]; f({[' * 40 + '\\"[[' * 20
+    assert parse({"text": text}, lambda texts: [{"input_ids": [1]}]).rows
+    for body in (
+        b'{"text": "\\\\", "input_ids": ' + b"[" * 40 + b"1" + b"]" * 40 + b"}",
+        b'{"text": "\\"[", "input_ids": ' + b"[" * 40,
+    ):
+        with pytest.raises(RequestError, match="nests JSON deeper than 32") as e:
+            parse(body)
+        assert e.value.status == 400
+
+
 def test_text_goes_through_the_tokenizer():
     def tokenize(texts):
         return [{"input_ids": [len(t)] * 2, "attention_mask": [1, 1], "extra": [0]} for t in texts]

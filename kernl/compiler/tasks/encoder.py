@@ -211,7 +211,9 @@ def _in_bucket(bucket: Bucket):
     try:
         yield
     except Exception as e:
-        e.add_note(f"while compiling bucket {bucket.batch}x{bucket.seq}")
+        note = f"while compiling bucket {bucket.batch}x{bucket.seq}"
+        # add_note is Python 3.11's; on 3.10 the CLI reads the same attribute
+        e.__notes__ = [*getattr(e, "__notes__", ()), note]
         raise
 
 

@@ -803,6 +803,16 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _is_finite_number(x) -> bool:
+    """A number a float holds: math.isfinite raises OverflowError for an int beyond it."""
+    if not _is_number(x):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
 def _new_tokens(
     max_new_tokens: int | None,
     max_length: int | None,
@@ -1028,7 +1038,7 @@ def check_options(
     for t in _rows_of("temperature", temperature, rows):
         if t is None:
             continue
-        if not _is_number(t) or not math.isfinite(t):
+        if not _is_finite_number(t):
             raise ValueError(f"temperature must be a finite number, got {t!r}")
         if do_sample and not t > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {t}")
