@@ -191,8 +191,11 @@ _PADDING_OFFSET_MODELS = {
     "data2vec-text",
     "esm",  # with absolute positions (rotary ones returned above)
     "ibert",
+    "layoutlmv3",
+    "lilt",
     "longformer",
     "luke",
+    "markuplm",
     "mpnet",
     "roberta-prelayernorm",
     "xmod",

@@ -100,6 +100,9 @@ def test_bad_bucket_lists_say_what_is_wrong(spec, message):
         # RoBERTa's derivatives offset theirs alike (I-BERT's failed past its table, review)
         (dict(model_type="ibert", max_position_embeddings=514, pad_token_id=1), 512),
         (dict(model_type="xmod", max_position_embeddings=514, pad_token_id=1), 512),
+        # MarkupLM's and LayoutLMv3's too (a full-table bucket was an IndexError in export)
+        (dict(model_type="markuplm", max_position_embeddings=514, pad_token_id=1), 512),
+        (dict(model_type="layoutlmv3", max_position_embeddings=514, pad_token_id=1), 512),
         (
             dict(
                 model_type="esm",
