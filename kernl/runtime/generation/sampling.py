@@ -124,7 +124,11 @@ def uniform_noise(counter: torch.Tensor, seed: torch.Tensor, step: torch.Tensor)
     key = _fmix32((seed.view(-1, 1) * _SEED_MUL + step * _STEP_MUL) & _MASK32)
     h = _fmix32((counter ^ key) & _MASK32)
     h = _fmix32((h + key * 3 + 1) & _MASK32)
-    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    # The top value, (2**24 - 0.5) / 2**24, rounds to 1.0 in float32: its Gumbel noise was
+    # +inf, and a token the filters had dropped (-inf) became NaN, which argmax picks (one
+    # draw in 2**24: 0.8% of a 128k vocabulary's steps). Clamped, every other draw is kept.
+    return u.clamp_(max=1.0 - 1.0 / (1 << 24))
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
