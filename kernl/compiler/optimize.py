@@ -74,7 +74,12 @@ from kernl.artifacts.writer import (
     owner_tag,
     remove_left_over,
 )
-from kernl.runtime.generation.model import _HF_OPTIONS, LENGTH_IS_A_BOUND, refuse_hf_options
+from kernl.runtime.generation.model import (
+    _CALL_OPTIONS_NOT_TAKEN,
+    _HF_OPTIONS,
+    LENGTH_IS_A_BOUND,
+    refuse_hf_options,
+)
 
 from . import api
 from .buckets import as_buckets, check_buckets_fit, position_limit
@@ -438,7 +443,9 @@ def _config_edits(
         value = now.get(key)
         if key in taken:
             applied[key] = value
-        elif key in _HF_OPTIONS and _neutral(method, key, value):
+        elif (key in _HF_OPTIONS or key in _CALL_OPTIONS_NOT_TAKEN) and _neutral(
+            method, key, value
+        ):
             continue
         else:
             refused.append(key)

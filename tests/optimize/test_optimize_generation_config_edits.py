@@ -65,6 +65,14 @@ def test_a_causal_lm_applies_generation_config_edits_as_hugging_face(cache):
     # what the artifact compiled in, or kernl cannot do, is refused by name; undone, it serves
     model.generation_config.num_beams = 1  # what kernl does anyway: taken
     model.generate(**short)
+    # so are the neutral values of options kernl does not take (HF's no-ops), as per call
+    neutral = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
+                   typical_p=1.0, epsilon_cutoff=0.0, guidance_scale=1.0)  # fmt: skip
+    for key, value in neutral.items():
+        before = getattr(model.generation_config, key)
+        setattr(model.generation_config, key, value)
+        assert model.generate(**short).shape[1] == PROMPT + 5, key
+        setattr(model.generation_config, key, before)
     for key, value in (("bad_words_ids", [[7]]), ("num_beams", 3), ("repetition_penalty", 1.2)):
         before = getattr(model.generation_config, key)
         setattr(model.generation_config, key, value)
