@@ -253,7 +253,8 @@ if cuda:
     torch.cuda.synchronize()
 t2 = time.perf_counter()
 ids = torch.randint(1, max(2, vocab), (batch, seq), device=device)
-out = model(input_ids=ids)
+masked = any(s.name == "attention_mask" for s in model.manifest.inputs)
+out = model(input_ids=ids, **({"attention_mask": torch.ones_like(ids)} if masked else {}))
 if cuda:
     torch.cuda.synchronize()
 t3 = time.perf_counter()

@@ -506,7 +506,51 @@ def model_signature(model: torch.nn.Module, device) -> ModelSignature:
         dtype = str(t.dtype).removeprefix("torch.")
         outputs.append(OutputSpec(name, dtype, 0, axes_s[0] if axes_s else None))
     not_served = sorted(k for k, v in out.items() if v is not None and k not in probes[1][1])
+    if "attention_mask" in names and _masks_its_own_padding(model, names, pad, vocab, device):
+        # its forward derives a mask when given none (DPR: input_ids != pad_token_id), which a
+        # default of ones would not: the caller gives it, or is told to
+        inputs = [
+            InputSpec(
+                i.name,
+                i.dtype,
+                i.pad_value,
+                "required" if i.name == "attention_mask" else i.default,
+            )
+            for i in inputs
+        ]
     return ModelSignature(inputs, outputs, not_served)
+
+
+def _masks_its_own_padding(
+    model: torch.nn.Module, names: list[str], pad: int, vocab: int, device
+) -> bool:
+    """Whether the model called without an attention mask computes what it computes with the
+    mask of its non-pad tokens rather than with a mask of ones. Measured on a row whose second
+    half is pad tokens: which of the two the maskless call is nearer (in the compile's dtype,
+    where the two masked calls differ by much more than rounding)."""
+    chunk = getattr(model.config, "chunk_size_feed_forward", 0)
+    seq = 8 * (chunk if isinstance(chunk, int) and chunk > 0 else 1)
+    ids = torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(0))
+    ids[ids == pad] = (pad + 1) % vocab
+    ids[1, seq // 2 :] = pad
+    ids = ids.to(device)
+    rest = {n: torch.zeros_like(ids) for n in names if n not in ("input_ids", "attention_mask")}
+    calls = [None, torch.ones_like(ids), (ids != pad).long()]
+    outs = []
+    with torch.no_grad():
+        for mask in calls:
+            try:
+                outs.append(model(input_ids=ids, attention_mask=mask, **rest, return_dict=True))
+            except Exception:
+                if mask is None:
+                    return True  # it cannot run without one
+                raise
+    tensors = [[v[1].double() for v in o.values() if isinstance(v, torch.Tensor)] for o in outs]
+
+    def distance(a, b) -> float:
+        return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+    return distance(tensors[0], tensors[1]) > distance(tensors[0], tensors[2])
 
 
 def _refuse_block_sparse(model: torch.nn.Module) -> None:

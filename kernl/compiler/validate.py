@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from kernl.artifacts.program import Program
-from kernl.artifacts.schema import Bucket
+from kernl.artifacts.schema import Bucket, InputSpec, OutputSpec
 from kernl.runtime.executor import Executor
 
-from .trace import FlatModel, example_inputs
+from .trace import FlatModel, UnsupportedModelError, example_inputs
 
 DEFAULT_TOLERANCE = {  # (atol, rtol) per dtype
     torch.float32: (1e-4, 1e-4),
@@ -226,3 +226,64 @@ def first_divergence(program: Program, weights, inputs, device, atol: float, rto
                     f"(config {ins.kwargs.get('config')}), max |error| vs aten {float(err.max()):.3g}"
                 )
     return "No single kernl op diverges beyond tolerance: the error accumulates across ops."
+
+
+def check_padding_is_neutral(
+    flat: FlatModel, inputs: list[InputSpec], outputs: list[OutputSpec], device, atol, rtol
+) -> None:
+    """Refuse a model whose real positions read the padding the runtime adds to reach a
+    bucket (pad ids, mask 0): validation runs calls of the buckets' exact lengths, where no
+    such padding exists, and every shorter call would be served wrong. MobileBERT's trigram
+    embeddings read the next token's: eager reads zeros past a call's end, kernl the pad
+    token's row (0.17 from eager at the last token, review 2026-12-07).
+
+    Two eager calls padded with two different ids are compared first: equal (bit for bit,
+    as masked keys add exact zeros), the padding is never read. Otherwise the call padded
+    with the pad id must still match the unpadded call within the tolerance (a zero pad
+    row, as a fresh MobileBERT's, is read as the zeros eager reads)."""
+    names = [s.name for s in inputs]
+    if "attention_mask" not in names:
+        return
+    chunk = getattr(flat.model.config, "chunk_size_feed_forward", 0)
+    chunk = chunk if isinstance(chunk, int) and chunk > 0 else 1
+    real, total = 6 * chunk, 8 * chunk
+    vocab = flat.model.config.vocab_size
+    pad_id = next(s.pad_value for s in inputs if s.name == "input_ids")
+    ids = torch.randint(0, vocab, (2, total), generator=torch.Generator().manual_seed(7))
+    ids[ids == pad_id] = (pad_id + 1) % vocab
+
+    def call(length: int, fill: int | None):
+        tensors = []
+        for spec in inputs:
+            if spec.name == "input_ids":
+                t = ids.clone()
+                t[:, real:] = pad_id if fill is None else fill
+            elif spec.name == "attention_mask":
+                t = torch.ones_like(ids)
+                t[:, real:] = 0
+            else:  # token types: zeros, then their pad value
+                t = torch.zeros_like(ids)
+                t[:, real:] = spec.pad_value
+            tensors.append(t[:, :length].to(device))
+        with torch.no_grad():
+            out = flat(*tensors)
+        return [
+            o.narrow(s.seq_axis, 0, real) if s.seq_axis is not None else o
+            for o, s in zip(out, outputs)
+        ]
+
+    padded = call(total, None)
+    other = call(total, (pad_id + 2) % vocab)
+    if all(torch.equal(a, b) for a, b in zip(padded, other)):
+        return
+    for spec, got, want in zip(outputs, padded, call(real, None)):
+        c = _compare(got, want, atol, rtol)
+        if c.first_bad is not None:
+            raise UnsupportedModelError(
+                f"output {spec.name} at a call's real tokens depends on the padding that "
+                f"serves a shorter call in a longer bucket: {c.max_err:.3g} from eager on the "
+                f"call itself (atol={atol}, rtol={rtol}). The model reads past a call's end "
+                "(MobileBERT's trigram embeddings read the next token: eager reads zeros "
+                f"there, kernl the pad token {pad_id}'s row), so every call shorter than its "
+                "bucket would be served wrong; kernl does not compile it"
+            )

@@ -358,7 +358,11 @@ def _check_count(n: int, limits: ModelLimits) -> None:
 
 def _check_rows(rows: Sequence[Row], limits: ModelLimits) -> None:  # counted as they came
     max_seq = limits.max_seq  # a row fits a bucket of one row alone iff it fits the longest
+    required = [s.name for s in limits.inputs if s.default == "required"]
     for k, row in enumerate(rows):
+        missing = [name for name in required if name not in row.inputs]
+        if missing:  # a model that masks its pad tokens itself when given no mask (DPR)
+            raise RequestError(422, f"sequence {k} lacks {missing[0]!r}, which this model requires")
         if row.length > max_seq:
             raise RequestError(
                 413,

@@ -37,7 +37,12 @@ from ..trace import (
 )
 from ..tune import TuneSession, record_binaries, tune_program, write_binaries
 from ..tune_qkv_attention import tune_qkv_attention
-from ..validate import ValidationError, resolve_tolerance, validate
+from ..validate import (
+    ValidationError,
+    check_padding_is_neutral,
+    resolve_tolerance,
+    validate,
+)
 
 
 def compile_encoder(
@@ -86,6 +91,7 @@ def compile_encoder(
     output_names = [s.name for s in signature.outputs]
     flat = FlatModel(model, input_names, output_names)
     atol, rtol = resolve_tolerance(torch_dtype, atol, rtol)
+    check_padding_is_neutral(flat, signature.inputs, signature.outputs, dev, atol, rtol)
 
     report = CompileReport(Path(out), task, str(torch_dtype).removeprefix("torch."), str(dev))
     if signature.not_served:
