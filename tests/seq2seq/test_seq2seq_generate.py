@@ -227,6 +227,14 @@ def test_hugging_face_argument_names_are_taken_or_explained(compiled):
         model.generate(ids, mask, decoder_input_ids=start)
     with pytest.raises(TypeError, match="input_ids is required"):
         model.generate(attention_mask=mask)
+    # the model's own decoder start token (or None, HF's "the config's") is taken, as HF
+    # code passes it; another is refused by name (both were "unexpected keyword argument")
+    own = model.spec.decoder_start_token_id
+    for given in (own, None, torch.tensor(own)):
+        got = model.generate(ids, mask, max_new_tokens=6, decoder_start_token_id=given)
+        assert torch.equal(got, ref)
+    with pytest.raises(TypeError, match=f"decoder_start_token_id=5: .* token, {own}, as compiled"):
+        list(model.stream(ids, mask, max_new_tokens=6, decoder_start_token_id=5))
     kw = dict(max_new_tokens=6, do_sample=True, seed=2, eos_token_id=[])
     sampled = model.generate(ids, mask, temperature=1.0, top_p=1.0, top_k=0, **kw)
     off = model.generate(ids, mask, temperature=None, top_p=None, top_k=None, **kw)

@@ -795,6 +795,22 @@ def main_input(method: str, value, options: dict, name: str = "input_ids"):
     return inputs if value is None else value
 
 
+def take_decoder_start(method: str, options: dict, start: int) -> None:
+    """An encoder-decoder's `decoder_start_token_id`, which Hugging Face's generate takes: the
+    model's own (or None, HF's "the config's") is taken; another is refused, as the decoder
+    starts from the token it was compiled with."""
+    if "decoder_start_token_id" not in options:
+        return
+    given = options.pop("decoder_start_token_id")
+    if isinstance(given, torch.Tensor) and given.numel() == 1:
+        given = given.item()
+    if given is not None and not (_is_int(given) and given == start):
+        raise TypeError(
+            f"{method}() does not take decoder_start_token_id={given!r}: the decoder starts "
+            f"from the model's decoder start token, {start}, as compiled"
+        )
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 

@@ -49,6 +49,7 @@ from .model import (
     main_input,
     plain_numbers,
     refuse_hf_options,
+    take_decoder_start,
 )
 from .sampling import SamplerParams, call_seed, greedy, sample
 from .state import MAX_EOS_IDS
@@ -305,6 +306,7 @@ class Seq2SeqModel(StepLoop):
         Raises ValueError, leaving the model usable, for a source longer than every source
         bucket or more new tokens than the decoder cache holds."""
         input_ids = main_input("generate", input_ids, hf_options)
+        take_decoder_start("generate", hf_options, self.spec.decoder_start_token_id)
         refuse_hf_options("generate", hf_options)
         seed = call_seed(seed, do_sample is True)
         plan = self._text_plan(
@@ -346,6 +348,7 @@ class Seq2SeqModel(StepLoop):
         stops after the step where every row has finished. Arguments are checked before this
         returns; the model serves nothing else until the iterator is exhausted or closed."""
         input_ids = main_input("stream", input_ids, hf_options)
+        take_decoder_start("stream", hf_options, self.spec.decoder_start_token_id)
         refuse_hf_options("stream", hf_options)
         seed = call_seed(seed, do_sample is True)
         plan = self._text_plan(

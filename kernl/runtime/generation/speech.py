@@ -28,6 +28,7 @@ from .model import (
     main_input,
     plain_numbers,
     refuse_hf_options,
+    take_decoder_start,
 )
 from .sampling import call_seed
 from .seq2seq import Seq2SeqModel, _Plan
@@ -75,6 +76,7 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         passed as `inputs`. Timestamps are not supported. Raises ValueError, leaving the
         model usable, for a bad feature shape or more tokens than the decoder cache holds."""
         input_features = main_input("generate", input_features, hf_options, "input_features")
+        take_decoder_start("generate", hf_options, self.spec.decoder_start_token_id)
         refuse_hf_options("generate", hf_options)
         plan = self._speech_plan(
             input_features,
@@ -121,6 +123,7 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         explicit None for `eos_token_id` or `pad_token_id` is the model's id here, as the
         steps of Hugging Face's Whisper take it (see `generate`)."""
         input_features = main_input("stream", input_features, hf_options, "input_features")
+        take_decoder_start("stream", hf_options, self.spec.decoder_start_token_id)
         refuse_hf_options("stream", hf_options)
         plan = self._speech_plan(
             input_features,
