@@ -9,7 +9,8 @@ RMSNorm is a per-row scale, so it commutes with the matmul: each program multipl
 of x by the norm weight g, accumulates (x * g) @ W^T and, from the x it already loaded, the
 chunk's sum of squares; rsqrt(mean(x^2) + eps) scales the finished row in the epilogue.
 (x * g is rounded to the weight dtype for the tensor cores, one rounding where the unfused
-norm rounds twice; in fp16 it must stay below 65504, as the residual stream x already does.) No
+norm rounds twice. In fp16 it can pass 65504 where x does not, a large activation times a gain
+above 1, so the decoders fold no RMSNorm in fp16: Decoder.rms_fold_overflows.) No
 program reads x beyond the K chunk its matmul needs, and no statistics pass delays the weight
 stream. LayerNorm's centring does not commute without cancellation (mean * sum(g W) against
 sum(x g W)), so for it every program first takes exact two-pass statistics of its <= 16 rows

@@ -723,3 +723,44 @@ def test_the_runtime_takes_the_loaded_weights_before_the_persistent_step_stacks_
     assert torch.equal(
         model.generate(ids, mask, max_new_tokens=6), same.generate(ids, mask, max_new_tokens=6)
     )
+
+
+def test_an_fp16_rms_norm_is_not_folded_where_x_times_its_gain_passes_65504(tmp_path):
+    """The folding kernels round x * g to fp16 before RMSNorm's deferred 1 / rms: a massive
+    activation (3000 on one channel) times a gain of 30 passed 65504, and every decode step's
+    logits were NaN (id 0 each step) where eager fp16 stays finite (review 2026-12-07). In
+    fp16 an RMSNorm is not folded: norm "fused", the final norm in lm_head "triton" and the
+    persistent step run their unfolded pieces."""
+    import copy
+
+    import transformers as T
+
+    cfg = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=120,
+                        max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    hf = T.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        hf.model.embed_tokens.weight[:, 3] = 3000.0
+        hf.model.layers[0].input_layernorm.weight[3] = 30.0
+    out = tmp_path / "llama.kernl"
+    kernl.compiler.compile(hf, "batch=1 prompt=8 cache=32", out, dtype="fp16", device="cpu",
+                           task="causal-lm")  # fmt: skip
+    model = kernl.runtime.load(out, device="cpu")
+    assert not model.decoder.norm_folds and not model.decoder.final_norm_folds
+    assert not model.decoder.persistent_fits
+    prompt = [[5, 9, 7, 11, 7]]
+    with torch.no_grad():
+        want = (
+            copy.deepcopy(hf)
+            .half()
+            .generate(torch.tensor(prompt), max_new_tokens=6, do_sample=False, pad_token_id=0)[
+                0, 5:
+            ]
+        )
+    for kernels in (DecodeKernels(norm="fused"), DecodeKernels(lm_head="triton"),
+                    DecodeKernels(step="persistent")):  # fmt: skip
+        model.decoder.kernels = kernels
+        steps = list(model.stream(prompt, max_new_tokens=6, eos_token_id=[], output_logits=True))
+        assert all(bool(torch.isfinite(logits).all()) for _, logits in steps), kernels
+        assert [int(ids[0]) for ids, _ in steps] == want.tolist(), kernels

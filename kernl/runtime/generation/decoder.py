@@ -220,16 +220,25 @@ class Decoder:
         # checked against that: Gemma's (1 + weight) norms run on the norm kernel alone, which
         # computes in float32 and rounds once, as GemmaRMSNorm does.
         # Gemma2's norms of the attention and MLP outputs have no folding kernel either.
+        # In fp16 an RMSNorm does not fold: the folding kernels round x * g to fp16 before the
+        # deferred 1 / rms, and a massive activation times a gain above 1 passes 65504 where
+        # the normalised value is small (NaN logits, every step's id 0, review 2026-12-07).
+        # bf16 and fp32 have the range; LayerNorm's fold normalises first.
+        self.rms_fold_overflows = spec.norm == "rms" and dtype == torch.float16
         self.norm_folds = (
             not spec.norm_plus_one
             and not spec.sandwich_norms
+            and not self.rms_fold_overflows
             and (
                 spec.norm == "layer"
                 or all(lw.attn_norm_b is None and lw.mlp_norm_b is None for lw in self.layers)
             )
         )
         self.final_norm_folds = (
-            spec.norm == "rms" and self.final_norm_b is None and not spec.norm_plus_one
+            spec.norm == "rms"
+            and self.final_norm_b is None
+            and not spec.norm_plus_one
+            and not self.rms_fold_overflows
         )
         # Gemma2's softcaps: SDPA has no tanh on the scores (kernl's decode attention has,
         # the persistent step's has not), and lm_head_argmax writes the logits before any
@@ -286,6 +295,10 @@ class Decoder:
                 "it reads one rotary table for every layer: this model's sliding-window and "
                 "full-attention layers rotate with two"
             )
+        elif self.rms_fold_overflows:
+            self._persistent_misfit = (
+                "in fp16 it would round x * g, before 1 / rms, past 65504 (use bf16)"
+            )
         elif not plain_layer:
             self._persistent_misfit = "it serves the Llama family's plain layer only"
         elif not one_mask:
@@ -308,7 +321,12 @@ class Decoder:
         if kernels.lm_head != "torch" and not self.lm_head_kernel_fits:
             why.append(f"lm_head={kernels.lm_head!r} (no final logit softcapping in it)")
         if kernels.norm == "fused" and not self.norm_folds:
-            why.append("norm='fused' (this model's norms do not fold into the next linear)")
+            why.append(
+                "norm='fused' (in fp16 an RMSNorm does not fold: x * g would pass 65504 before "
+                "1 / rms)"
+                if self.rms_fold_overflows
+                else "norm='fused' (this model's norms do not fold into the next linear)"
+            )
         if kernels.step == "persistent" and not self.persistent_fits:
             why.append(f"step='persistent' ({self._persistent_misfit})")
         return why

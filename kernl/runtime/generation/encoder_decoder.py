@@ -163,7 +163,11 @@ class EncoderDecoder:
         # kernels, bias and residual add in each projection's epilogue, and with "kernl" each
         # pre-norm folded into the linear after it ("kernl-linear": torch's norm before it).
         self.kernels = spec.decode_kernels != "torch"
-        self.fold_norms = spec.decode_kernels == "kernl"
+        # not T5's RMSNorm in fp16: the fold rounds x * g, before 1 / rms, to fp16, which a
+        # large activation times a gain above 1 passes (see Decoder.rms_fold_overflows)
+        self.fold_norms = spec.decode_kernels == "kernl" and not (
+            spec.norm == "rms" and dtype == torch.float16
+        )
         # T5 in fp16 overflows (activations past 65504); as Hugging Face's T5Block, each
         # block's output is clamped, to max - 1000 once any value is infinite.
         self._clamp = spec.family == "t5" and dtype == torch.float16

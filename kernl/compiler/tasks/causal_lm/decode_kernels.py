@@ -132,8 +132,9 @@ def choose_decode_kernels(
         decoder.kernels = DecodeKernels()
         gen._steps.clear()
         return decoder.kernels, timings
-    for knob, options in ALTERNATIVES:
-        if not _applies(decoder, knob):
+    alternatives = [(knob, _runnable(decoder, knob, options)) for knob, options in ALTERNATIVES]
+    for knob, options in alternatives:
+        if not _applies(decoder, knob) or not options:
             continue
         if knob == "step":  # the persistent step: last, bucket by bucket
             continue
@@ -150,8 +151,8 @@ def choose_decode_kernels(
         best.kernels,
         **{
             knob: options[-1]
-            for knob, options in ALTERNATIVES
-            if knob != "step" and _applies(decoder, knob)
+            for knob, options in alternatives
+            if knob != "step" and _applies(decoder, knob) and options
         },
     )
     if together not in [t.kernels for t in timings]:
@@ -186,6 +187,14 @@ def _applies(decoder, knob: str) -> bool:
     if knob == "lm_head":  # Gemma2's softcapped logits: torch lm_head only
         return decoder.lm_head_kernel_fits
     return True
+
+
+def _runnable(decoder, knob: str, options: Sequence[str]) -> list[str]:
+    """The options the decoder would run as themselves: norm "fused" only where its norms
+    fold (not an RMSNorm in fp16, nor Gemma's; Decoder.norm_folds)."""
+    if knob == "norm" and not decoder.norm_folds:
+        return [o for o in options if o != "fused"]
+    return list(options)
 
 
 def _persistent_by_bucket(
