@@ -172,6 +172,20 @@ def test_per_row_eos_strips_it_and_pads_like_hugging_face(compiled):
     assert torch.equal(got, ref), f"\nkernl {got.tolist()}\nhf    {ref.tolist()}"
 
 
+def test_an_eos_given_as_a_list_is_kept_like_hugging_face(compiled):
+    """HF's Whisper compares the last token with the config's EOS: against a list (even of one
+    id) that is false, so the row keeps its EOS, and every pad goes, a pad-valued EOS too.
+    kernl cut it as for one id (review 2026-12-07)."""
+    hf, _, model = compiled["multilingual"]
+    x = features(4, seed=3)
+    free = hf_generate(hf, x, 24)
+    mid = int(free[0, 6])
+    for eos, pad in ([EOS, mid], EOS), ([mid], EOS), ([mid, EOS], EOS):
+        ref = hf_generate(hf, x, 24, eos_token_id=eos, pad_token_id=pad)
+        got = model.generate(x, max_new_tokens=24, eos_token_id=eos, pad_token_id=pad)
+        assert torch.equal(got, ref), f"{eos} {pad}\nkernl {got.tolist()}\nhf    {ref.tolist()}"
+
+
 def test_stream_yields_the_generated_ids_and_sampling_repeats(compiled):
     _, _, model = compiled["multilingual"]
     x = features(2, seed=4)

@@ -96,7 +96,8 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         # the ids HF's Whisper cuts by: its own config's, where a call's None stays None
         eos = [] if eos_token_id is None else plan.eos
         pad = None if pad_token_id is None else plan.pad
-        return _cut_like_hf(new, eos, pad).to(_device(input_features))
+        one_id = _one_eos_id(eos_token_id, plan.eos)
+        return _cut_like_hf(new, eos, pad, one_id).to(_device(input_features))
 
     @plain_numbers
     def stream(
@@ -224,18 +225,33 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         return decoder_prompt(self.speech, self.spec.decoder_start_token_id, language, task)
 
 
-def _cut_like_hf(new: torch.Tensor, eos: list[int], pad: int | None) -> torch.Tensor:
+def _one_eos_id(given: Any, model_eos: list[int]) -> bool:
+    """Whether Hugging Face's Whisper generate holds the EOS as one id: it compares the last
+    token with `generation_config.eos_token_id`, which is false for a list of ids (even of
+    one), so an EOS given as a list is never cut (nor a pad-valued one kept)."""
+    if given is MODEL_DEFAULT:
+        return len(model_eos) == 1  # the checkpoints' own: one id
+    if isinstance(given, torch.Tensor):
+        return given.numel() == 1
+    return not isinstance(given, (list, tuple))
+
+
+def _cut_like_hf(
+    new: torch.Tensor, eos: list[int], pad: int | None, one_id: bool = True
+) -> torch.Tensor:
     """[batch, steps] new ids as Hugging Face's Whisper generate returns them (short-form,
     `generate_with_fallback` then `_pad_to_max_length`), by the EOS ids and pad id of its own
     config (a call's None stays None there): a row ending in the pad id loses every pad id it
     holds but one EOS (all of them where the pad id is no EOS id), then a last EOS id goes;
     rows are right-padded with the pad id (None: 0, as F.pad's value=None). Where the pad id
-    is the EOS (every Whisper checkpoint), a row is cut before its EOS."""
+    is the EOS (every Whisper checkpoint), a row is cut before its EOS. An EOS given as a list
+    (`one_id` False) is neither kept nor cut, as HF's comparisons with a list are false."""
     rows = []
     for row in new:
         if pad is not None and len(row) and int(row[-1]) == pad:
-            row = row[: len(row) - int((row == pad).sum()) + (pad in eos)]
-        if len(row) and int(row[-1]) in eos:
+            keep = one_id and pad in eos
+            row = row[: len(row) - int((row == pad).sum()) + keep]
+        if one_id and len(row) and int(row[-1]) in eos:
             row = row[:-1]
         rows.append(row)
     fill = 0 if pad is None else pad
