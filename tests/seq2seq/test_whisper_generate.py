@@ -365,12 +365,23 @@ def test_task_inference_buckets_and_unsupported_options(tmp_path):
         ("min_new_tokens", 10, "min_new_tokens=10"),
         ("sequence_bias", {(51,): -100.0}, "sequence_bias="),
         ("return_timestamps", True, "return_timestamps=True is not supported"),
+        # a language per row of one batch size: the compile died in validation (review)
+        ("language", ["en", "fr"], "generation_config.language=['en', 'fr'] names a language"),
     ]:
         hf = tiny_whisper()
         setattr(hf.generation_config, name, value)
         with pytest.raises(UnsupportedModelError, match=re.escape(shown)):
             kernl.compiler.compile(hf, BUCKETS, tmp_path / "c", device="cpu", dtype="fp32")
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+    # suppressed ids past the vocabulary suppress nothing in HF; they were taken for a
+    # corrupt description (review)
+    hf = tiny_whisper()
+    hf.generation_config.suppress_tokens = [*hf.generation_config.suppress_tokens, 500]
+    x = features(2, seed=1)
+    ref = hf_generate(hf, x, 8)
+    kernl.compiler.compile(hf, BUCKETS, tmp_path / "d", device="cpu", dtype="fp32")
+    got = kernl.runtime.load(tmp_path / "d", device="cpu").generate(x, max_new_tokens=8)
+    assert torch.equal(got, ref)
 
 
 @pytest.mark.parametrize(

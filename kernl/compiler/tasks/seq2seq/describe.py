@@ -475,7 +475,14 @@ def speech_spec(model) -> SpeechSpec:
     lang_to_id = {str(k): int(v) for k, v in (getattr(gen, "lang_to_id", None) or {}).items()}
     language = getattr(gen, "language", None)
     if language is not None and not isinstance(language, str):
-        language = [str(x) for x in language]
+        # Hugging Face takes a list for a batch of that many rows only; the artifact serves
+        # every batch of its buckets (validation ran each, and the first other one failed)
+        raise UnsupportedModelError(
+            f"generation_config.language={list(language)!r} names a language per row of a "
+            f"batch of {len(language)}, and kernl's artifact serves every batch size of its "
+            "buckets: set one language (or None: detected) on model.generation_config, and "
+            "pass language=[...] per call"
+        )
     task = getattr(gen, "task", None)
     return SpeechSpec(
         lang_to_id=lang_to_id,
@@ -484,11 +491,17 @@ def speech_spec(model) -> SpeechSpec:
         no_timestamps_token_id=None if no_ts is None else int(no_ts),
         is_multilingual=getattr(gen, "is_multilingual", None),
         forced_decoder_ids=forced,
-        suppress_tokens=[int(t) for t in (gen.suppress_tokens or [])],
-        begin_suppress_tokens=[int(t) for t in (gen.begin_suppress_tokens or [])],
+        # ids past the vocabulary suppress nothing in Hugging Face (torch.isin never meets
+        # them); kept, the artifact's reader refused them as a corrupt description
+        suppress_tokens=_in_vocab(gen.suppress_tokens, cfg.vocab_size),
+        begin_suppress_tokens=_in_vocab(gen.begin_suppress_tokens, cfg.vocab_size),
         language=language,
         task=None if task is None else str(task),
     )
+
+
+def _in_vocab(ids, vocab: int) -> list[int]:
+    return [int(t) for t in (ids or []) if 0 <= int(t) < vocab]
 
 
 def _language_names(lang_to_id: dict[str, int]) -> dict[str, str]:
