@@ -214,6 +214,22 @@ def test_stream_yields_the_generated_ids_and_sampling_repeats(compiled):
     assert torch.equal(c, model.generate(x, temperature=0.7, **unseeded))
 
 
+def test_a_max_length_past_the_decoder_positions_is_capped_like_hugging_face(tmp_path):
+    """HF's Whisper caps a call's max_length at the decoder's positions, silently (448, the
+    checkpoints' own value, is what pipelines pass); kernl refused it as a max_new_tokens
+    past the cache (review 2026-12-07). max_new_tokens past them stays an error in both."""
+    hf = tiny_whisper()
+    kernl.compiler.compile(hf, "batch=2 cache=64", tmp_path / "a", device="cpu", dtype="fp32")
+    model = kernl.runtime.load(tmp_path / "a", device="cpu")
+    x = features(2, seed=1)
+    for length in (64, 448):
+        ref = hf_generate(hf, x, None, max_length=length, eos_token_id=[])
+        got = model.generate(x, max_length=length, eos_token_id=[])
+        assert got.shape[1] > 40 and torch.equal(got, ref), length
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(x, max_new_tokens=448)
+
+
 def test_max_length_and_a_feature_extractor_s_attention_mask_like_hugging_face(compiled):
     """Hugging Face's Whisper takes max_length (the new tokens: its decoder prompt is not
     counted) and the attention_mask a feature extractor returns (not used within one 30 s

@@ -169,6 +169,7 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         language, task = resolved_call(self.speech, language, task)
         prompts = [self._prompt(lang, task) for lang in _languages(language, batch)]
         prompt_len = len(prompts[0])
+        length_from_max_length = max_length is not None and max_new_tokens is None
         if max_length is not None and max_new_tokens is not None:
             warnings.warn(
                 "both max_new_tokens and max_length were given; max_new_tokens takes precedence",
@@ -181,10 +182,11 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
                     f"the decoder prompt not counted), got {max_length!r}"
                 )
             max_new_tokens = max_length
-        if max_new_tokens is not None and LENGTH_IS_A_BOUND.get() is not None:
-            # the generation config's (kernl.optimize's): HF's Whisper caps it at the decoder's
-            # positions, silently (checkpoints set max_length=448, all of them); the cache may
-            # cut it further, said (_check_cache)
+        bound = LENGTH_IS_A_BOUND.get() is not None or length_from_max_length
+        if max_new_tokens is not None and bound:
+            # a call's max_length, or the generation config's (kernl.optimize's): HF's Whisper
+            # caps it at the decoder's positions, silently (checkpoints set max_length=448, all
+            # of them, and pipelines pass it); the cache may cut it further, said (_check_cache)
             positions = spec.max_positions - prompt_len
             max_new_tokens = min(max_new_tokens, positions) if positions > 0 else max_new_tokens
         if max_new_tokens is None:  # a transcription runs to its EOS, as far as the cache goes
