@@ -289,6 +289,13 @@ def test_bad_calls_are_clear_and_leave_the_model_usable(compiled):
         model.generate(x, language=5)  # was a TypeError ('int' object is not iterable)
     with pytest.raises(TypeError, match="beam search is not supported"):
         model.generate(x, num_beams=2)
+    # Whisper's own arguments: neutral values taken, others explained (bare "unexpected")
+    neutral = dict(condition_on_prev_tokens=False, logprob_threshold=None, prompt_ids=None)
+    assert torch.equal(model.generate(x, max_new_tokens=8, **neutral), before)
+    with pytest.raises(TypeError, match="no_speech_threshold=0.6: it applies to long-form"):
+        model.generate(x, max_new_tokens=8, no_speech_threshold=0.6)
+    with pytest.raises(TypeError, match="prompt_ids=<tensor .*decoder prompt"):
+        list(model.stream(x, max_new_tokens=8, prompt_ids=torch.tensor([3, 4])))
     with pytest.raises(ValueError, match="English-only"):
         compiled["english"][2].generate(x, language="en")
     assert model.generate(x, max_new_tokens=46, eos_token_id=[]).shape == (1, 46)  # fills it

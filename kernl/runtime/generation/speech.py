@@ -77,6 +77,7 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         model usable, for a bad feature shape or more tokens than the decoder cache holds."""
         input_features = main_input("generate", input_features, hf_options, "input_features")
         take_decoder_start("generate", hf_options, self.spec.decoder_start_token_id)
+        _take_whisper_options("generate", hf_options)
         refuse_hf_options("generate", hf_options)
         plan = self._speech_plan(
             input_features,
@@ -125,6 +126,7 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         steps of Hugging Face's Whisper take it (see `generate`)."""
         input_features = main_input("stream", input_features, hf_options, "input_features")
         take_decoder_start("stream", hf_options, self.spec.decoder_start_token_id)
+        _take_whisper_options("stream", hf_options)
         refuse_hf_options("stream", hf_options)
         plan = self._speech_plan(
             input_features,
@@ -225,6 +227,32 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
 
     def _prompt(self, language: str | None, task: str | None) -> list[int]:
         return decoder_prompt(self.speech, self.spec.decoder_start_token_id, language, task)
+
+
+_LONG_FORM = (
+    "it applies to long-form transcription (more than one 30 s window) and its temperature "
+    "fallback, which kernl does not run"
+)
+# Hugging Face's Whisper generate arguments beyond GenerationMixin's: at their neutral value
+# (None: unset) taken, otherwise a TypeError saying why (they were "unexpected keyword")
+_WHISPER_OPTIONS = {
+    "condition_on_prev_tokens": (False, _LONG_FORM),
+    "compression_ratio_threshold": (None, _LONG_FORM),
+    "logprob_threshold": (None, _LONG_FORM),
+    "no_speech_threshold": (None, _LONG_FORM),
+    "prompt_ids": (None, "a decoder prompt (previous text) is not supported"),
+    "prompt_condition_type": (None, "a decoder prompt (previous text) is not supported"),
+}
+
+
+def _take_whisper_options(method: str, options: dict) -> None:
+    for name in [n for n in options if n in _WHISPER_OPTIONS]:
+        value = options.pop(name)
+        neutral, why = _WHISPER_OPTIONS[name]
+        if value is None or value is neutral:
+            continue
+        shown = f"<tensor {tuple(value.shape)}>" if isinstance(value, torch.Tensor) else repr(value)
+        raise TypeError(f"{method}() does not take {name}={shown}: {why}")
 
 
 def _one_eos_id(given: Any, model_eos: list[int]) -> bool:
