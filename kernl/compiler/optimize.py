@@ -75,8 +75,8 @@ from kernl.artifacts.writer import (
     remove_left_over,
 )
 from kernl.runtime.generation.model import (
-    _CALL_OPTIONS_NOT_TAKEN,
     _HF_OPTIONS,
+    IDS_CHANGING_OPTIONS,
     LENGTH_IS_A_BOUND,
     refuse_hf_options,
 )
@@ -443,9 +443,10 @@ def _config_edits(
         value = now.get(key)
         if key in taken:
             applied[key] = value
-        elif (key in _HF_OPTIONS or key in _CALL_OPTIONS_NOT_TAKEN) and _neutral(
-            method, key, value
-        ):
+        elif key in _HF_OPTIONS and (value is None or _neutral(method, key, value)):
+            continue  # None in a config is HF's default, their neutral value (a fresh config)
+        elif key in IDS_CHANGING_OPTIONS and _neutral(method, key, value):
+            # the compile refused any other value: compiled and edited both change nothing
             continue
         else:
             refused.append(key)

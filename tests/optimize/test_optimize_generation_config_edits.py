@@ -73,6 +73,12 @@ def test_a_causal_lm_applies_generation_config_edits_as_hugging_face(cache):
         setattr(model.generation_config, key, value)
         assert model.generate(**short).shape[1] == PROMPT + 5, key
         setattr(model.generation_config, key, before)
+    # a fresh GenerationConfig leaves use_cache, output_attentions, ... None: HF's defaults
+    for key in ("use_cache", "output_attentions", "output_hidden_states", "num_beams"):
+        before = getattr(model.generation_config, key)
+        setattr(model.generation_config, key, None)
+        assert model.generate(**short).shape[1] == PROMPT + 5, key
+        setattr(model.generation_config, key, before)
     for key, value in (("bad_words_ids", [[7]]), ("num_beams", 3), ("repetition_penalty", 1.2)):
         before = getattr(model.generation_config, key)
         setattr(model.generation_config, key, value)
