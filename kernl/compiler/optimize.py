@@ -171,6 +171,13 @@ class OptimizedModel:
                 "model.stream(...) (a forward call returning logits is not compiled for "
                 "generation models)"
             )
+        for flag in ("output_hidden_states", "output_attentions"):
+            if getattr(self.config, flag, False):  # compiled False: the compile refuses True
+                raise ValueError(
+                    f"model.config.{flag} is True, set after kernl.optimize: the compiled "
+                    "model returns its outputs without the per-layer tuple, which kernl does "
+                    f"not serve; set it back to False (it was ignored)"
+                )
         out = self.runtime(*args, **inputs)
         if self._output_class is not None:
             out = self._output_class(**out)

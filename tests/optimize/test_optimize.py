@@ -79,6 +79,12 @@ def test_bert_matches_eager_then_hits_the_cache(cache, compiles):
     tup = model(**inputs, return_dict=False)
     assert isinstance(tup, tuple) and torch.allclose(tup[0], want[0], atol=TOL)
     assert _entries(cache) == [model.artifact.name]
+    # a config flag for per-layer outputs set afterwards was ignored in silence (review)
+    model.config.output_hidden_states = True
+    with pytest.raises(ValueError, match="output_hidden_states is True, set after"):
+        model(**inputs)
+    model.config.output_hidden_states = False
+    _assert_matches(model(**inputs), want)
 
     # Same model again (another object, same weights): no compile, same results.
     again = kernl.optimize(tiny_bert(), "1x8,1x16,2x8,2x16", progress=messages.append)
