@@ -883,3 +883,15 @@ def test_a_hooked_causal_lm_is_refused_before_anything_is_compiled_in_place(tmp_
         handle.remove()
     assert not any("compiling the model itself" in m for m in said), said
     assert not (tmp_path / "a").exists()
+
+
+def test_a_caller_s_autocast_does_not_reach_the_steps(model):
+    """Under the caller's torch.autocast the eager steps cast their matmuls to its dtype while
+    the KV cache kept the artifact's: the first decode step failed in index_copy_ (review
+    2026-12-07). The steps run in the compiled dtype, as a replayed graph does."""
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    want = model.generate(ids, max_new_tokens=6, eos_token_id=[])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model.generate(ids, max_new_tokens=6, eos_token_id=[]), want)
+        steps = list(model.stream(ids, max_new_tokens=6, eos_token_id=[]))
+    assert torch.equal(torch.stack(steps, 1), want[:, 3:])

@@ -86,9 +86,20 @@ class _Step:
 
 
 def _enter(running: Callable[[], AbstractContextManager] | None) -> AbstractContextManager:
-    from contextlib import nullcontext
+    from contextlib import ExitStack, nullcontext
 
-    return running() if running is not None else nullcontext()
+    context = running() if running is not None else nullcontext()
+    devices = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+    if not devices:
+        return context
+    # The caller's torch.autocast would cast the step's matmuls to its dtype while the KV
+    # cache keeps the artifact's ("index_copy_(): ... Float and BFloat16" in the first decode
+    # step): the step runs in the dtype it was compiled for, as a replayed graph does.
+    stack = ExitStack()
+    for device in devices:
+        stack.enter_context(torch.autocast(device, enabled=False))
+    stack.enter_context(context)
+    return stack
 
 
 class StepLoop:
