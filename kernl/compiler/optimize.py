@@ -286,7 +286,8 @@ class OptimizedModel:
 
     def __reduce__(self):
         raise TypeError(
-            "a kernl model cannot be pickled or copied (it holds GPU buffers and graphs): "
+            "a kernl model cannot be pickled or copied (it holds the loaded artifact's "
+            "device buffers, and on a GPU its CUDA graphs): "
             "kernl.optimize(..., save_to=path) writes its artifact, kernl.runtime.load(path) "
             "loads it"
         )

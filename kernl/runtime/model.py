@@ -561,8 +561,11 @@ class CompiledModel:
             # None is HF's "not given" (position_ids=None, head_mask=None): taken as such
             unknown = sorted(k for k in inputs if k not in self._inputs and inputs[k] is not None)
             if unknown:
+                why = ""
+                if "labels" in unknown:  # a training loop's call, or a pipeline's eval
+                    why = " (kernl serves inference: it computes no loss; compute it from the outputs)"
                 raise TypeError(
-                    f"unexpected input(s) {unknown}; this model takes {self.input_names}"
+                    f"unexpected input(s) {unknown}; this model takes {self.input_names}{why}"
                 )
             inputs = {k: v for k, v in inputs.items() if k in self._inputs}
         tensors: dict[str, torch.Tensor] = {}

@@ -61,7 +61,8 @@ REFUSED = {
     "unexpected keyword": (
         lambda: dict(input_ids=_ids(1, 4), labels=_ids(1, 4)),
         TypeError,
-        "unexpected input(s) ['labels']",
+        "unexpected input(s) ['labels']; this model takes ['input_ids', 'attention_mask', "
+        "'token_type_ids'] (kernl serves inference: it computes no loss",
     ),
     "float ids": (
         lambda: dict(input_ids=_ids(1, 4).float()),
