@@ -242,7 +242,7 @@ def load_model(model_or_path, task: str | None, dtype: torch.dtype, device: torc
         guessed = task is None and not getattr(config, "architectures", None)
         task = task or task_of(config)
         check_task(task)
-        model = _from_folder(source, config, task, dtype, transformers, guessed)
+        model = load_from_folder(source, config, task, dtype, transformers, guessed)
     if task not in TASKS:
         raise UnsupportedModelError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     model = model.to(device=device, dtype=dtype).eval()
@@ -327,8 +327,14 @@ def _json_error(path: Path) -> str:
     return ""
 
 
-def _from_folder(
-    source: str, config, task: str, dtype: torch.dtype, transformers, guessed: bool = False
+def load_from_folder(
+    source: str,
+    config,
+    task: str,
+    dtype: torch.dtype,
+    transformers,
+    guessed: bool = False,
+    auto=None,
 ):
     """The model of `task` from a folder (or the local Hugging Face cache), with every weight
     from the checkpoint. A head the checkpoint lacks (BertModel's pooler in a question-answering
@@ -338,7 +344,7 @@ def _from_folder(
     be dropped in silence (an old classifier checkpoint): refused too, asking for --task."""
     from safetensors import SafetensorError
 
-    auto = getattr(transformers, TASKS[task])
+    auto = auto or getattr(transformers, TASKS[task])  # Whisper's: AutoModelForSpeechSeq2Seq
     kw = dict(local_files_only=True, dtype=dtype, output_loading_info=True)
     try:
         try:

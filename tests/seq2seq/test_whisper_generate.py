@@ -574,3 +574,32 @@ def test_an_older_artifact_whose_cache_the_prompt_fills_names_why(compiled, monk
     monkeypatch.setattr(model, "buckets", dataclasses.replace(model.buckets, caches=[2]))
     with pytest.raises(ValueError, match="prompt takes 4 tokens, more than the artifact's cache"):
         model.generate(input_features=features(1), language="fr", task="translate")
+
+
+def test_a_whisper_folder_loads_as_the_text_families_do(tmp_path):
+    """A Whisper folder loaded through its own auto class skipped the text families' checks:
+    a weight missing from the checkpoint was served random, and an fp32 checkpoint whose
+    config says float16 was rounded to fp16 for an fp32 compile (review 2026-12-07)."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from kernl.compiler.trace import UnsupportedModelError
+
+    hf = tiny_whisper()
+    hf.config.dtype = torch.float16  # what config.json says; the weights stay fp32
+    hf.save_pretrained(tmp_path / "m")
+    out = tmp_path / "a"
+    kernl.compiler.compile(str(tmp_path / "m"), BUCKETS, out, device="cpu", dtype="fp32")
+    x = features(2, seed=1)
+    got = kernl.runtime.load(out, device="cpu").generate(x, max_new_tokens=8)
+    # against the folder's model (tiny_whisper's generation settings do not all round-trip)
+    saved = transformers.AutoModelForSpeechSeq2Seq.from_pretrained(
+        tmp_path / "m", dtype=torch.float32
+    )
+    assert torch.equal(got, hf_generate(saved, x, 8))
+
+    weights = load_file(str(tmp_path / "m" / "model.safetensors"))
+    del weights["model.decoder.layers.1.fc2.weight"]
+    save_file(weights, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UnsupportedModelError, match="fc2.weight.*would be random"):
+        kernl.compiler.compile(str(tmp_path / "m"), BUCKETS, tmp_path / "b", device="cpu")

@@ -5,6 +5,8 @@ description and weights)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .compile import Seq2SeqReport, compile_seq2seq
@@ -21,7 +23,7 @@ def is_speech_model(model_or_path) -> bool:
 
         try:
             config = transformers.AutoConfig.from_pretrained(
-                str(model_or_path), local_files_only=True
+                str(Path(str(model_or_path)).expanduser()), local_files_only=True
             )
         except (OSError, ValueError):
             return False

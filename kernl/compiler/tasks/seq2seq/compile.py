@@ -47,7 +47,14 @@ from kernl.runtime.generation.seq2seq import Seq2SeqModel
 from ...inspect_report import greedy_agreement
 from ...plural import count
 from ...report import artifact_bytes
-from ...trace import UnsupportedModelError, check_task, load_model, resolve_dtype_device
+from ...trace import (
+    UnsupportedModelError,
+    check_task,
+    load_from_folder,
+    load_model,
+    read_config,
+    resolve_dtype_device,
+)
 from ...tune import write_binaries
 from ...validate import ValidationError
 from ..generation_config import beam_search_not_run
@@ -129,7 +136,10 @@ def compile_seq2seq(
     # load_model knows the text task only (it is checked against that: Whisper's model class
     # is a ...ForConditionalGeneration)
     model, _, source = load_model(
-        _speech_model(model_or_path) if speech else model_or_path, TASK, torch_dtype, dev
+        _speech_model(model_or_path, torch_dtype) if speech else model_or_path,
+        TASK,
+        torch_dtype,
+        dev,
     )
     check_positions(sb, buckets, model.config, speech)  # else "the description is invalid"
     if not isinstance(model_or_path, torch.nn.Module):  # Whisper's was loaded above
@@ -302,22 +312,28 @@ def _check_speech_head(model_or_path) -> None:
         ) from None
 
 
-def _speech_model(model_or_path):
+def _speech_model(model_or_path, dtype: torch.dtype):
     """A Whisper folder or model id loads through AutoModelForSpeechSeq2Seq (load_model knows
-    the text tasks' auto classes only)."""
+    the text tasks' auto classes only), as the text tasks' folders load: in the compile's
+    dtype (not the config's: an fp32 checkpoint whose config says float16 was rounded), and
+    refused where a weight is missing from the checkpoint (it was random) or the checkpoint
+    cannot be read."""
     if isinstance(model_or_path, torch.nn.Module):
         return model_or_path
     import transformers
 
+    config, source = read_config(model_or_path)
     try:
-        return transformers.AutoModelForSpeechSeq2Seq.from_pretrained(
-            str(model_or_path), local_files_only=True, attn_implementation="sdpa"
+        return load_from_folder(
+            source,
+            config,
+            SPEECH_TASK,
+            dtype,
+            transformers,
+            auto=transformers.AutoModelForSpeechSeq2Seq,
         )
-    except (OSError, ValueError) as e:
-        raise UnsupportedModelError(
-            f"{SPEECH_TASK}: cannot load {str(model_or_path)!r} as a speech-to-text model "
-            f"(kernl never downloads): {e}"
-        ) from None
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{SPEECH_TASK}: {e}") from None
 
 
 def _validate_speech(runtime, model, batch: int, tokens: int) -> int:
