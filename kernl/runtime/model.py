@@ -207,6 +207,7 @@ def _fresh_locks_in_child() -> None:
         model._lock = threading.Lock()
         if hasattr(model, "_streaming_thread"):
             model._streaming_thread = None
+            model._batch_threads = frozenset()
 
 
 if hasattr(os, "register_at_fork"):

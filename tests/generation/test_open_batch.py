@@ -436,7 +436,8 @@ def test_an_async_interrupt_right_after_the_lock_is_taken_leaves_the_model_free(
 
 def test_a_thread_that_steps_a_batch_another_opened_is_refused_not_stuck(model):
     """A pool worker stepping a batch another worker opened: its own generate() is refused
-    with the open-batch message (it waited for itself forever), and the opener's waits."""
+    with the open-batch message (it waited for itself forever), and so is the opener's
+    inside its with block afterwards (it waited forever for the batch it holds, review)."""
     import threading
 
     a = prompt(5, 64)
@@ -455,3 +456,72 @@ def test_a_thread_that_steps_a_batch_another_opened_is_refused_not_stuck(model):
         t.join(timeout=60)
         assert not t.is_alive(), "the driving thread waited for itself"
         assert "open batch" in outcome.get("refused", ""), outcome
+        with pytest.raises(RuntimeError, match="this thread holds an open batch"):
+            model.generate([a], max_new_tokens=2)
+
+
+def test_a_close_from_another_thread_waits_for_the_steps_in_flight(model, monkeypatch):
+    """A cancel handler closing the batch mid-steps freed the model at once: a generate()
+    waiting in a third thread ran on the batch's own buffers (wrong ids, or an out-of-bounds
+    cache index). close() now waits for the steps, which finish and count their tokens."""
+    a, b = prompt(5, 70), prompt(6, 71)
+    want_a, want_b = alone(model, a, 12), alone(model, b, 6)
+    batch = model.open_batch([a], max_new_tokens=12, rows=4)
+    inside, go_on = threading.Event(), threading.Event()
+    real = model._check_steps
+
+    def held():  # runs inside steps(), after its replays
+        inside.set()
+        assert go_on.wait(60)
+        real()
+
+    monkeypatch.setattr(model, "_check_steps", held)
+    got = {}
+    stepper = threading.Thread(target=lambda: got.update(steps=batch.steps(4)))
+    stepper.start()
+    assert inside.wait(60)
+    closer = threading.Thread(target=batch.close)
+    closer.start()
+    other = threading.Thread(target=lambda: got.update(b=alone(model, b, 6)))
+    other.start()
+    time.sleep(0.3)
+    assert closer.is_alive() and not batch.closed  # close() waits for the steps
+    go_on.set()
+    for t in (stepper, closer, other):
+        t.join(timeout=120)
+    monkeypatch.undo()
+    assert [pairs[0][1] for pairs in got["steps"]] == want_a[1:5]
+    assert batch.closed and got["b"] == want_b
+    assert alone(model, a, 12) == want_a
+
+
+def test_an_interrupt_while_steps_count_their_tokens_closes_the_batch(model, monkeypatch):
+    """The tokens were counted outside the steps' guard: an interrupt there left the batch
+    open with its budgets short of the steps run, and later steps ran past the cache."""
+    a = prompt(5, 72)
+    want = alone(model, a, 10)
+    batch = model.open_batch([a], max_new_tokens=10, rows=4)
+    monkeypatch.setattr(batch, "_emitted", _raise(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        batch.steps(3)
+    monkeypatch.undo()
+    assert batch.closed
+    assert alone(model, a, 10) == want
+
+
+def test_release_and_join_name_a_bad_argument(model):
+    a = prompt(5, 73)
+    with model.open_batch([a, a], max_new_tokens=6, rows=4) as batch:
+        batch.release(torch.tensor(1))  # a tensor row, as steps hand them out: freed
+        assert batch.rows == [0] and batch.free_rows() == 3
+        for bad in (99, -1, "x", 1.0):
+            with pytest.raises(ValueError, match="release takes a row of this batch"):
+                batch.release(bad)
+        for bad in ("hello", None, [1, [2]]):
+            with pytest.raises(ValueError, match="join takes one prompt of token ids"):
+                batch.join(bad, max_new_tokens=2)
+        assert batch.rows == [0]  # untouched
+    with pytest.raises(TypeError, match=r"row\(s\) \[1\] are not lists"):
+        model.generate([[1, 2], 3], max_new_tokens=2)
+    with pytest.raises(TypeError, match="row 0 must hold integers"):
+        model.generate([["a", "b"]], max_new_tokens=2)

@@ -71,6 +71,10 @@ class OpenBatch:
         self._left: dict[int, int] = {}  # live row -> tokens it may still emit
         self._slot = plan.prompt_bucket  # the cache slot the next decode step writes
         self._steps = 1  # steps run so far (the prefill is the first)
+        # steps, joins, releases and close() one at a time: a close() from another thread (a
+        # cancel handler) freed the model mid-steps, and a waiting generate() then ran on the
+        # batch's own buffers (wrong ids, or an out-of-bounds cache index; review)
+        self._busy = threading.RLock()
         model._refuse_reentry()
         self._hold = _ModelHold(model)
         # released once: by close(), or when the batch is collected unclosed. Made before the
@@ -149,6 +153,10 @@ class OpenBatch:
         the batch's own (one value for every opening row; else generate's defaults); a seed
         left out is drawn from torch's RNG, as generate draws one. In a tensor prompt, the
         batch's pad id marks padding, as in `generate` without an attention_mask."""
+        with self._busy:
+            return self._join(input_ids, max_new_tokens, temperature, top_k, top_p, seed)
+
+    def _join(self, input_ids, max_new_tokens, temperature, top_k, top_p, seed):
         self._check_open()
         self._driven_here()
         if self.join_bucket is None:  # never "not now": it cannot ever join
@@ -167,7 +175,13 @@ class OpenBatch:
         )
         seed = call_seed(seed, self.do_sample)
         model, plan = self.model, self.plan
-        prompt = torch.as_tensor(input_ids)
+        try:
+            prompt = torch.as_tensor(input_ids)
+        except (TypeError, ValueError, RuntimeError):  # "hello", None, [1, [2]]
+            raise ValueError(
+                f"join takes one prompt of token ids (a list of ints or a 1-D tensor), got "
+                f"{type(input_ids).__name__} {input_ids!r:.80}"
+            ) from None
         if prompt.dim() == 2 and prompt.shape[0] == 1:
             prompt = prompt[0]
         if prompt.dim() != 1 or prompt.numel() == 0:
@@ -220,6 +234,10 @@ class OpenBatch:
         (a host sync per step idles the GPU between steps): each step's (row, token) pairs
         of the rows live at that step. Stops at the first step where a live row spends its
         budget, so that no row passes it (a row's EOS frees it mid-way)."""
+        with self._busy:
+            return self._steps_locked(n)
+
+    def _steps_locked(self, n: int) -> list[list[tuple[int, int]]]:
         self._check_open()
         self._driven_here()
         n = plain_number(n)  # np.int64(2), as join() and generate() take them
@@ -237,25 +255,36 @@ class OpenBatch:
                 self._steps += 1
             ids = self.state.out[:, first : first + n].tolist()
             self.model._check_steps()
+            # counted inside: an interrupt while the tokens are counted left the budgets
+            # short of the steps run, and later steps ran past the cache (review)
+            return [self._emitted([(row, ids[row][j]) for row in self.rows]) for j in range(n)]
         except BaseException:
             # steps ran whose ids nobody reads back: the rows' budgets no longer match the
             # cache. Going on lost those tokens and stepped past the cache (an interrupt
             # mid-steps, 2026-12-05): closed, the batch refuses to, and frees the model
             self.close()
             raise
-        return [self._emitted([(row, ids[row][j]) for row in self.rows]) for j in range(n)]
 
     def release(self, row: int) -> None:
         """Stop generating for `row` (its client left): it emits the pad id from now on and
         may seat a joiner (after close(), nothing: the cache may serve other calls)."""
-        if self.closed:
-            return
-        if self._left.pop(row, None) is not None:
-            self.state.finished[row].fill_(True)
+        row = plain_number(row)  # a tensor or numpy row, as steps() hands them out
+        if not isinstance(row, int) or isinstance(row, bool) or not 0 <= row < self.bucket:
+            raise ValueError(
+                f"release takes a row of this batch, 0 to {self.bucket - 1}, got {row!r}"
+            )
+        with self._busy:
+            if self.closed:
+                return
+            if self._left.pop(row, None) is not None:
+                self.state.finished[row].fill_(True)
 
     def close(self) -> None:
-        """Free the model for other calls; the batch then refuses to step or join."""
-        self._release()
+        """Free the model for other calls; the batch then refuses to step or join. From
+        another thread, it waits for the step or join in flight."""
+        with self._busy:
+            self._release()
+            self._left.clear()
 
     @property
     def closed(self) -> bool:
@@ -266,13 +295,23 @@ class OpenBatch:
         thread that pulled its last step: a pool worker stepping a batch another opened
         waited for itself forever in its own next generate(), with no error (review)."""
         if self._hold.held and self.model._lock is self._hold.lock:
-            self.model._streaming_thread = threading.current_thread()
+            me = threading.current_thread()
+            self.model._streaming_thread = me
+            # and by every thread that drove it: the opener's own generate() inside its with
+            # block waited forever once a worker had stepped it (review)
+            self.model._batch_threads = {*self.model._batch_threads, me}
 
     def _check_open(self) -> None:
         if self.closed:
             raise RuntimeError(
                 "this batch is closed: other calls may have reused its cache since; open a "
                 "new one with open_batch()"
+            )
+        if self.model._lock is not self._hold.lock:
+            # a forked child's copy: its model is free there, and its calls reuse the cache
+            raise RuntimeError(
+                "this batch was opened before the process forked: this process's model does "
+                "not hold it; open a new one with open_batch()"
             )
 
     def __enter__(self) -> OpenBatch:
@@ -312,12 +351,14 @@ class _ModelHold:
     def _hold(self):
         with self.lock:
             self.model._streaming_thread = threading.current_thread()
+            self.model._batch_threads = {threading.current_thread()}
             self.model._holder = "open_batch()"
             try:
                 yield
             finally:
                 if self.model._lock is self.lock:
                     self.model._streaming_thread = None
+                    self.model._batch_threads = frozenset()
 
     @property
     def held(self) -> bool:

@@ -116,6 +116,7 @@ class StepLoop:
     # an open stream's last step (any thread may pull the next one). The Thread object, not
     # its ident: a new thread may get an ended one's ident and would be taken for the holder.
     _streaming_thread: threading.Thread | None = None
+    _batch_threads: frozenset | set = frozenset()  # the threads that opened or drove the batch
     _holder: str = "stream()"  # what it holds it for: "stream()" or "open_batch()"
 
     def _collect(self, plan, state, first: int = 1) -> torch.Tensor:
@@ -177,7 +178,8 @@ class StepLoop:
         STREAM_HANDOFF_WAIT_S (a thread pool moving the stream between its workers), this
         call waits its turn instead."""
         me = threading.current_thread()
-        if self._streaming_thread is not me:
+        batch = self._holder == "open_batch()" and self._lock.locked()
+        if self._streaming_thread is not me and not (batch and me in self._batch_threads):
             return
         if self._holder == "open_batch()":
             raise RuntimeError(
@@ -728,6 +730,12 @@ def _as_batch(input_ids, attention_mask, left: bool = True) -> tuple[torch.Tenso
     if _is_token_lists(input_ids):
         if attention_mask is not None:
             raise ValueError("attention_mask is not used with a list of token lists")
+        odd = [i for i, r in enumerate(input_ids) if not isinstance(r, (list, tuple))]
+        if odd:  # [[1, 2], 3]: was "object of type 'int' has no len()"
+            raise TypeError(
+                f"input_ids is a list of token lists whose row(s) {odd} are not lists "
+                "(a list of token lists, or a [batch, sequence] tensor)"
+            )
         empty = [i for i, r in enumerate(input_ids) if len(r) == 0]
         if empty:
             raise ValueError(f"input_ids row(s) {empty} are empty lists: each prompt needs a token")
@@ -735,7 +743,12 @@ def _as_batch(input_ids, attention_mask, left: bool = True) -> tuple[torch.Tenso
         ids = torch.zeros(len(input_ids), longest, dtype=torch.int64)
         mask = torch.zeros(len(input_ids), longest, dtype=torch.bool)
         for i, r in enumerate(input_ids):
-            row = torch.as_tensor(r)  # its own dtype: a float or bool row is refused, not cast
+            try:  # its own dtype: a float or bool row is refused, not cast
+                row = torch.as_tensor(r)
+            except (TypeError, ValueError, RuntimeError):  # ["a", "b"], [1, [2]]
+                raise TypeError(f"input_ids row {i} must hold integers, got {r!r:.80}") from None
+            if row.dim() != 1:
+                raise TypeError(f"input_ids row {i} must be a flat list of integers, got {r!r:.80}")
             if not _holds_integers(row):
                 raise TypeError(f"input_ids row {i} must hold integers, got {row.dtype}")
             cols = slice(longest - len(r), None) if left else slice(0, len(r))
