@@ -239,7 +239,13 @@ def load_model(model_or_path, task: str | None, dtype: torch.dtype, device: torc
         check_task(task, model)
     else:
         config, source = read_config(model_or_path)
-        guessed = task is None and not getattr(config, "architectures", None)
+        names = list(getattr(config, "architectures", None) or [])
+        # "base" by default, where no name says a task or a bare model: no name, or a user's
+        # own class (`MyClassifier(BertForSequenceClassification)` saves its own name), whose
+        # head was dropped with only transformers' table of unexpected weights
+        guessed = task is None and not any(
+            name.endswith(("Model", *_ARCH_SUFFIX)) for name in names
+        )
         task = task or task_of(config)
         check_task(task)
         model = load_from_folder(source, config, task, dtype, transformers, guessed)
@@ -373,8 +379,14 @@ def load_from_folder(
         )
     unused = _head_keys(model, info.get("unexpected_keys") or [])
     if guessed and unused:
+        archs = getattr(config, "architectures", None)
+        named = (
+            f"names no architecture kernl knows ({', '.join(archs)})"
+            if archs
+            else "names no architecture"
+        )
         raise UnsupportedModelError(
-            f"{source}: its config.json names no architecture, so kernl took the model as its "
+            f"{source}: its config.json {named}, so kernl took the model as its "
             f"encoder alone (task 'base'), which leaves {len(unused)} weights of the checkpoint "
             f"unused: {first_few(unused)}. That is a head, which would be dropped. Give --task: the "
             f"checkpoint's head ({', '.join(t for t in ALL_TASKS if t != 'base')}), or base to "

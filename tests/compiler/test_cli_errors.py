@@ -781,6 +781,24 @@ def test_a_head_checkpoint_naming_no_architecture_keeps_its_head(tmp_path):
     assert result.exit_code == 0, result.output  # asked for: the encoder alone
 
 
+def test_a_head_saved_from_a_users_own_class_keeps_its_head(tmp_path):
+    """`class MyClassifier(BertForSequenceClassification)` saves architectures
+    ["MyClassifier"]: no task's name, so the folder compiled as its encoder with the
+    classifier dropped in silence (review 2026-12-07). Refused as a config naming none."""
+
+    class MyClassifier(T.BertForSequenceClassification):
+        pass
+
+    torch.manual_seed(0)
+    MyClassifier(T.BertConfig(**SMALL, num_labels=3)).save_pretrained(tmp_path / "clf")
+    opts = ["--buckets", "batch=1 seq=8", "--device", "cpu", "--dtype", "fp32"]
+    result = run(tmp_path / "clf", "-o", tmp_path / "a", *opts)
+    assert_clean_failure(
+        result, 1, "names no architecture kernl knows (MyClassifier)", "classifier.weight"
+    )
+    assert not (tmp_path / "a").exists()
+
+
 def test_an_encoder_checkpoint_naming_no_architecture_compiles_as_base(tmp_path):
     """With a stale buffer of the encoder's own in the checkpoint (an old GPT-2's
     `h.0.attn.masked_bias`): unused, but no head."""
