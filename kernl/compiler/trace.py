@@ -350,7 +350,10 @@ def load_from_folder(
     be dropped in silence (an old classifier checkpoint): refused too, asking for --task."""
     from safetensors import SafetensorError
 
-    auto = auto or getattr(transformers, TASKS[task])  # Whisper's: AutoModelForSpeechSeq2Seq
+    # Whisper's: AutoModelForSpeechSeq2Seq; an encoder the config names as its own bare
+    # class (T5EncoderModel): that class, where AutoModel built T5Model and found its
+    # decoder's weights missing
+    auto = auto or _bare_class(config, task, transformers) or getattr(transformers, TASKS[task])
     kw = dict(local_files_only=True, dtype=dtype, output_loading_info=True)
     try:
         try:
@@ -393,6 +396,18 @@ def load_from_folder(
             "compile the encoder alone"
         )
     return model
+
+
+def _bare_class(config, task: str, transformers):
+    """For task "base", the bare model class the config's architectures names, where
+    transformers has it (`T5EncoderModel`, `BertModel`), else None (AutoModel's)."""
+    if task != "base":
+        return None
+    for name in getattr(config, "architectures", None) or []:
+        bare = name.endswith("Model") and not name.endswith(tuple(_ARCH_SUFFIX))
+        if bare and "For" not in name and isinstance(getattr(transformers, name, None), type):
+            return getattr(transformers, name)
+    return None
 
 
 def _head_keys(model: torch.nn.Module, unexpected: list[str]) -> list[str]:

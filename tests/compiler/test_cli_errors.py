@@ -799,6 +799,22 @@ def test_a_head_saved_from_a_users_own_class_keeps_its_head(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+def test_an_encoder_only_checkpoint_compiles_from_its_folder(tmp_path):
+    """T5EncoderModel (sentence-T5's encoder) loaded as AutoModel was T5Model, whose decoder
+    weights the checkpoint lacks: refused, though the object compiled (review 2026-12-07).
+    The bare class the config names is loaded."""
+    torch.manual_seed(0)
+    config = T.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    t5 = T.T5EncoderModel(config).eval()
+    t5.save_pretrained(tmp_path / "t5")
+    opts = ["--buckets", "batch=1 seq=8", "--device", "cpu", "--dtype", "fp32"]
+    result = run(tmp_path / "t5", "-o", tmp_path / "a", *opts)
+    assert result.exit_code == 0, result.output
+    ids = torch.randint(1, 100, (1, 6))
+    got = kernl.runtime.load(tmp_path / "a")(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, t5(input_ids=ids).last_hidden_state, atol=1e-4, rtol=1e-4)
+
+
 def test_an_encoder_checkpoint_naming_no_architecture_compiles_as_base(tmp_path):
     """With a stale buffer of the encoder's own in the checkpoint (an old GPT-2's
     `h.0.attn.masked_bias`): unused, but no head."""
