@@ -497,8 +497,7 @@ def model_signature(model: torch.nn.Module, device) -> ModelSignature:
         )
     # Find which output axes follow batch and sequence by probing two shapes. A feed-forward
     # in chunks (BERT's chunk_size_feed_forward) takes lengths that are multiples of the chunk.
-    chunk = getattr(model.config, "chunk_size_feed_forward", 0)
-    chunk = chunk if isinstance(chunk, int) and chunk > 0 else 1
+    chunk = feed_forward_chunk(model.config)
     seq_a, seq_b = 7 * chunk, 5 * chunk
     probes = []
     state = model_state(model)
@@ -561,8 +560,7 @@ def _masks_its_own_padding(
     mask of its non-pad tokens rather than with a mask of ones. Measured on a row whose second
     half is pad tokens: which of the two the maskless call is nearer (in the compile's dtype,
     where the two masked calls differ by much more than rounding)."""
-    chunk = getattr(model.config, "chunk_size_feed_forward", 0)
-    seq = 8 * (chunk if isinstance(chunk, int) and chunk > 0 else 1)
+    seq = 8 * feed_forward_chunk(model.config)
     ids = torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(0))
     ids[ids == pad] = (pad + 1) % vocab
     ids[1, seq // 2 :] = pad
@@ -584,6 +582,13 @@ def _masks_its_own_padding(
         return max((x - y).abs().max().item() for x, y in zip(a, b))
 
     return distance(tensors[0], tensors[1]) > distance(tensors[0], tensors[2])
+
+
+def feed_forward_chunk(config) -> int:
+    """The length a call's sequence must be a multiple of: BERT's chunk_size_feed_forward
+    runs the feed-forward in chunks of it (0: none, 1 here)."""
+    chunk = getattr(config, "chunk_size_feed_forward", 0)
+    return chunk if isinstance(chunk, int) and chunk > 0 else 1
 
 
 def _refuse_block_sparse(model: torch.nn.Module) -> None:

@@ -12,7 +12,7 @@ from kernl.artifacts.program import Program
 from kernl.artifacts.schema import Bucket, InputSpec, OutputSpec
 from kernl.runtime.executor import Executor
 
-from .trace import FlatModel, UnsupportedModelError, example_inputs
+from .trace import FlatModel, UnsupportedModelError, example_inputs, feed_forward_chunk
 
 DEFAULT_TOLERANCE = {  # (atol, rtol) per dtype
     torch.float32: (1e-4, 1e-4),
@@ -244,8 +244,7 @@ def check_padding_is_neutral(
     names = [s.name for s in inputs]
     if "attention_mask" not in names:
         return
-    chunk = getattr(flat.model.config, "chunk_size_feed_forward", 0)
-    chunk = chunk if isinstance(chunk, int) and chunk > 0 else 1
+    chunk = feed_forward_chunk(flat.model.config)
     real, total = 6 * chunk, 8 * chunk
     vocab = flat.model.config.vocab_size
     pad_id = next(s.pad_value for s in inputs if s.name == "input_ids")

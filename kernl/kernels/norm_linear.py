@@ -10,7 +10,7 @@ of x by the norm weight g, accumulates (x * g) @ W^T and, from the x it already 
 chunk's sum of squares; rsqrt(mean(x^2) + eps) scales the finished row in the epilogue.
 (x * g is rounded to the weight dtype for the tensor cores, one rounding where the unfused
 norm rounds twice. In fp16 it can pass 65504 where x does not, a large activation times a gain
-above 1, so the decoders fold no RMSNorm in fp16: Decoder.rms_fold_overflows.) No
+above 1, so the decoders fold no RMSNorm in fp16: decoder.rms_fold_overflows.) No
 program reads x beyond the K chunk its matmul needs, and no statistics pass delays the weight
 stream. LayerNorm's centring does not commute without cancellation (mean * sum(g W) against
 sum(x g W)), so for it every program first takes exact two-pass statistics of its <= 16 rows

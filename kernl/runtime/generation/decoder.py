@@ -132,6 +132,15 @@ def rope_matrices(
     return m
 
 
+def rms_fold_overflows(norm: str, dtype: torch.dtype) -> bool:
+    """Whether folding this norm into the next linear (kernels/norm_linear.py,
+    lm_head_argmax, the persistent step) could overflow: an RMSNorm in fp16, whose x * g is
+    rounded to fp16 before the deferred 1 / rms (a massive activation times a gain above 1
+    passes 65504 where the normalised value is small; NaN logits, review 2026-12-07). bf16
+    and fp32 have the range; LayerNorm's fold normalises first."""
+    return norm == "rms" and dtype == torch.float16
+
+
 class Decoder:
     def __init__(
         self,
@@ -220,11 +229,8 @@ class Decoder:
         # checked against that: Gemma's (1 + weight) norms run on the norm kernel alone, which
         # computes in float32 and rounds once, as GemmaRMSNorm does.
         # Gemma2's norms of the attention and MLP outputs have no folding kernel either.
-        # In fp16 an RMSNorm does not fold: the folding kernels round x * g to fp16 before the
-        # deferred 1 / rms, and a massive activation times a gain above 1 passes 65504 where
-        # the normalised value is small (NaN logits, every step's id 0, review 2026-12-07).
-        # bf16 and fp32 have the range; LayerNorm's fold normalises first.
-        self.rms_fold_overflows = spec.norm == "rms" and dtype == torch.float16
+        # In fp16 an RMSNorm does not fold (rms_fold_overflows).
+        self.rms_fold_overflows = rms_fold_overflows(spec.norm, dtype)
         self.norm_folds = (
             not spec.norm_plus_one
             and not spec.sandwich_norms

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from kernl.artifacts.seq2seq import Seq2SeqSpec
 
-from .decoder import ACTIVATIONS, FEW_ROWS, zeros_or_view
+from .decoder import ACTIVATIONS, FEW_ROWS, rms_fold_overflows, zeros_or_view
 
 
 @dataclass
@@ -163,10 +163,9 @@ class EncoderDecoder:
         # kernels, bias and residual add in each projection's epilogue, and with "kernl" each
         # pre-norm folded into the linear after it ("kernl-linear": torch's norm before it).
         self.kernels = spec.decode_kernels != "torch"
-        # not T5's RMSNorm in fp16: the fold rounds x * g, before 1 / rms, to fp16, which a
-        # large activation times a gain above 1 passes (see Decoder.rms_fold_overflows)
-        self.fold_norms = spec.decode_kernels == "kernl" and not (
-            spec.norm == "rms" and dtype == torch.float16
+        # not T5's RMSNorm in fp16 (rms_fold_overflows)
+        self.fold_norms = spec.decode_kernels == "kernl" and not rms_fold_overflows(
+            spec.norm, dtype
         )
         # T5 in fp16 overflows (activations past 65504); as Hugging Face's T5Block, each
         # block's output is clamped, to max - 1000 once any value is infinite.

@@ -299,7 +299,8 @@ class OpenBatch:
             self.model._streaming_thread = me
             # and by every thread that drove it: the opener's own generate() inside its with
             # block waited forever once a worker had stepped it (review)
-            self.model._batch_threads = {*self.model._batch_threads, me}
+            if me not in self.model._batch_threads:
+                self.model._batch_threads = {*self.model._batch_threads, me}
 
     def _check_open(self) -> None:
         if self.closed:

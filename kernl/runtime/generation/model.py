@@ -1042,8 +1042,12 @@ def refuse_hf_options(method: str, options: dict) -> None:
             continue  # use_cache=1 as HF takes it
         if type(value) is not bool and _same_number(value, neutral):
             continue
-        shown = f"<tensor {tuple(value.shape)}>" if isinstance(value, torch.Tensor) else repr(value)
-        raise TypeError(f"{method}() does not take {name}={shown}: {instead}")
+        raise TypeError(f"{method}() does not take {name}={shown_value(value)}: {instead}")
+
+
+def shown_value(value: Any) -> str:
+    """An argument as an error message shows it (a tensor by its shape, not its values)."""
+    return f"<tensor {tuple(value.shape)}>" if isinstance(value, torch.Tensor) else repr(value)
 
 
 def _empty(value: Any) -> bool:

@@ -28,6 +28,7 @@ from .model import (
     main_input,
     plain_numbers,
     refuse_hf_options,
+    shown_value,
     take_decoder_start,
 )
 from .sampling import call_seed
@@ -251,8 +252,7 @@ def _take_whisper_options(method: str, options: dict) -> None:
         neutral, why = _WHISPER_OPTIONS[name]
         if value is None or value is neutral:
             continue
-        shown = f"<tensor {tuple(value.shape)}>" if isinstance(value, torch.Tensor) else repr(value)
-        raise TypeError(f"{method}() does not take {name}={shown}: {why}")
+        raise TypeError(f"{method}() does not take {name}={shown_value(value)}: {why}")
 
 
 def _one_eos_id(given: Any, model_eos: list[int]) -> bool:
