@@ -356,13 +356,12 @@ def load_from_folder(
     auto = auto or _bare_class(config, task, transformers) or getattr(transformers, TASKS[task])
     kw = dict(local_files_only=True, dtype=dtype, output_loading_info=True)
     try:
-        try:
-            model, info = auto.from_pretrained(source, attn_implementation="sdpa", **kw)
-        except ValueError as e:
-            if "scaled_dot_product_attention" not in str(e) and "sdpa" not in str(e):
-                raise
-            # no SDPA path in this model class (MPNet, DeBERTa-v2): trace its own attention
-            model, info = auto.from_pretrained(source, attn_implementation="eager", **kw)
+        model, info = _from_pretrained(auto, source, kw)
+        if _only_the_pooler(model, task, info.get("missing_keys") or []):
+            # A checkpoint saved without a pooler (BertModel(add_pooling_layer=False), a
+            # token classifier or a RoBERTa classifier compiled as base): the encoder without
+            # one, pooler_output None as that model gives, rather than a random pooler
+            model, info = _from_pretrained(type(model), source, kw, add_pooling_layer=False)
     except ValueError as e:  # no class of this head for this config
         raise UnsupportedModelError(f"{task}: {e}") from None
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
@@ -396,6 +395,28 @@ def load_from_folder(
             "compile the encoder alone"
         )
     return model
+
+
+def _from_pretrained(cls, source: str, kw: dict, **model_kw):
+    """`cls.from_pretrained` with SDPA attention, or the model's own where it has none."""
+    try:
+        return cls.from_pretrained(source, attn_implementation="sdpa", **kw, **model_kw)
+    except ValueError as e:
+        if "scaled_dot_product_attention" not in str(e) and "sdpa" not in str(e):
+            raise
+        # no SDPA path in this model class (MPNet, DeBERTa-v2): trace its own attention
+        return cls.from_pretrained(source, attn_implementation="eager", **kw, **model_kw)
+
+
+def _only_the_pooler(model: torch.nn.Module, task: str, missing: list[str]) -> bool:
+    """Whether the checkpoint lacks the pooler of a bare encoder and nothing else, and the
+    model class can be built without one."""
+    if task != "base" or not missing or getattr(model, "pooler", None) is None:
+        return False
+    if "add_pooling_layer" not in inspect.signature(type(model).__init__).parameters:
+        return False
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    return all(k.removeprefix(f"{prefix}.").startswith("pooler.") for k in missing)
 
 
 def _bare_class(config, task: str, transformers):

@@ -265,14 +265,15 @@ def test_an_unsupported_causal_lm_is_named_before_its_buckets(tmp_path):
 
 def test_a_head_the_checkpoint_lacks_is_refused_not_made_up(tmp_path):
     """A question-answering checkpoint compiles its head (start and end logits, as Hugging
-    Face). Compiled as base, it was loaded with AutoModel: the head dropped, the pooler
-    initialised at random, success reported; now refused, naming the missing weights."""
+    Face). A bare encoder's checkpoint compiled as question-answering would get a random
+    qa_outputs: refused, naming the missing weights."""
     torch.manual_seed(0)
     qa = T.BertForQuestionAnswering(T.BertConfig(**SMALL)).eval()
     qa.save_pretrained(tmp_path / "qa")
-    result = run(tmp_path / "qa", "-o", tmp_path / "a", "--buckets", "batch=1 seq=8",
-                 "--device", "cpu", "--dtype", "fp32", "--task", "base")  # fmt: skip
-    assert_clean_failure(result, 1, "pooler.dense.bias", "not in the checkpoint", "random")
+    T.BertModel(T.BertConfig(**SMALL)).save_pretrained(tmp_path / "bare")
+    result = run(tmp_path / "bare", "-o", tmp_path / "a", "--buckets", "batch=1 seq=8",
+                 "--device", "cpu", "--dtype", "fp32", "--task", "question-answering")  # fmt: skip
+    assert_clean_failure(result, 1, "qa_outputs.weight", "not in the checkpoint", "random")
     assert not (tmp_path / "a").exists()
     result = run(tmp_path / "qa", "-o", tmp_path / "b", "--buckets", "batch=1 seq=8",
                  "--device", "cpu", "--dtype", "fp32")  # fmt: skip
@@ -283,6 +284,34 @@ def test_a_head_the_checkpoint_lacks_is_refused_not_made_up(tmp_path):
     got, want = model(input_ids=ids), qa(input_ids=ids)
     torch.testing.assert_close(got.start_logits, want.start_logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got.end_logits, want.end_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("saved", ["bare", "question-answering", "roberta-classifier"])
+def test_a_checkpoint_without_a_pooler_compiles_its_encoder_without_one(tmp_path, saved):
+    """BertModel(add_pooling_layer=False), a question-answering checkpoint or a RoBERTa
+    classifier (neither has a pooler) compiled as base: AutoModel built a pooler the checkpoint
+    lacks, and the compile was refused for its missing weights, though the encoder's own
+    output is whole. It compiles without one, as Hugging Face's class does given
+    add_pooling_layer=False, says so, and matches that model."""
+    torch.manual_seed(0)
+    if saved == "roberta-classifier":
+        cfg = T.RobertaConfig(**{**SMALL, "max_position_embeddings": 40}, pad_token_id=1)
+        T.RobertaForSequenceClassification(cfg).save_pretrained(tmp_path / "m")
+    elif saved == "question-answering":
+        T.BertForQuestionAnswering(T.BertConfig(**SMALL)).save_pretrained(tmp_path / "m")
+    else:
+        T.BertModel(T.BertConfig(**SMALL), add_pooling_layer=False).save_pretrained(tmp_path / "m")
+    result = run(tmp_path / "m", "-o", tmp_path / "a", "--buckets", "batch=1 seq=8",
+                 "--device", "cpu", "--dtype", "fp32", "--task", "base")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "holds no pooler: compiled without one" in result.output
+    eager = T.AutoModel.from_pretrained(tmp_path / "m", add_pooling_layer=False).eval()
+    model = kernl.runtime.load(tmp_path / "a", device="cpu")
+    ids = torch.randint(2, SMALL["vocab_size"], (1, 6))
+    got = model(input_ids=ids)
+    assert "pooler_output" not in got
+    want = eager(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got.last_hidden_state, want, atol=1e-4, rtol=1e-4)
 
 
 def test_a_model_without_sdpa_is_traced_with_its_own_attention(tmp_path):

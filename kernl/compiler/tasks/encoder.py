@@ -82,6 +82,11 @@ def compile_encoder(
 
     say(f"loading model {model_or_path if isinstance(model_or_path, (str, Path)) else ''}")
     model, task, source = load_model(model_or_path, task, torch_dtype, dev)
+    if isinstance(model_or_path, (str, Path)) and hasattr(model, "pooler") and not model.pooler:
+        say(
+            "the checkpoint holds no pooler: compiled without one, as "
+            f"{type(model).__name__}(add_pooling_layer=False) (no pooler_output)"
+        )
     check_buckets_fit(bucket_list, model.config)  # before tracing any bucket
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     check_destination(out, needed_bytes=int(weight_bytes * 1.2) + (1 << 20))
