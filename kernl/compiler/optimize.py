@@ -77,6 +77,7 @@ from kernl.artifacts.writer import (
 from kernl.runtime.generation.model import (
     _HF_OPTIONS,
     IDS_CHANGING_OPTIONS,
+    IGNORED_HF_OPTIONS,
     LENGTH_IS_A_BOUND,
     refuse_hf_options,
 )
@@ -280,6 +281,7 @@ class OptimizedModel:
             self._beams_said = True
         skip = _LENGTH_KEYS | _HF_SAMPLING_DEFAULTS.keys()  # taken from the config at each call
         kwargs.update(_config_edits(method, compiled, config, args, kwargs, skip))
+        _refuse_config_options_not_applied(method, config, args, kwargs)
         speech = getattr(self.runtime.manifest, "task", None) == "speech-seq2seq"
         kwargs.update(_config_sampling(method, config, args, kwargs, speech))
         return _with_config_length(method, config, *args, **kwargs)
@@ -451,6 +453,8 @@ def _config_edits(
         value = now.get(key)
         if key in taken:
             applied[key] = value
+        elif key in IGNORED_HF_OPTIONS:
+            continue  # changes nothing given input_ids and a KV cache, as in HF
         elif key in _HF_OPTIONS and (value is None or _neutral(method, key, value)):
             continue  # None in a config is HF's default, their neutral value (a fresh config)
         elif key in IDS_CHANGING_OPTIONS and _neutral(method, key, value):
@@ -479,6 +483,47 @@ def _config_edits(
         eos = bound.get("eos_token_id", applied.get("eos_token_id", now.get("eos_token_id")))
         applied["pad_token_id"] = _first_id(eos)
     return applied
+
+
+# Generation config settings that change what Hugging Face's generate returns, or when it stops,
+# without an argument of the call: HF applies them from the config whether they were set before
+# kernl.optimize or after. kernl's generate applies none of them, and where they were set before
+# the compile (no edit for _config_edits to find) they were ignored: a tensor for
+# return_dict_in_generate=True, one row a prompt for num_return_sequences=2, no stop at max_time.
+_CONFIG_OPTIONS_NOT_APPLIED = (
+    "return_dict_in_generate",
+    "num_return_sequences",
+    "max_time",
+    "stop_strings",
+    "dola_layers",
+)
+
+
+def _refuse_config_options_not_applied(
+    method: Callable, config: Any, args: tuple, kwargs: dict
+) -> None:
+    """Raise ValueError naming the settings of _CONFIG_OPTIONS_NOT_APPLIED the generation config
+    holds at other than their neutral value, where the call of `method` does not give them
+    itself (a call's neutral value wins, as any call argument does in HF)."""
+    try:
+        bound = inspect.signature(method).bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return  # the call itself is wrong: the method raises its own error
+    given = set(bound) | set(kwargs)
+    refused = [
+        f"{key}={getattr(config, key)!r}"
+        for key in _CONFIG_OPTIONS_NOT_APPLIED
+        if key not in given
+        and getattr(config, key, None) is not None
+        and not _neutral(method, key, getattr(config, key))
+    ]
+    if refused:
+        raise ValueError(
+            f"model.generation_config sets {', '.join(refused)}, which Hugging Face's generate "
+            f"applies and kernl's {method.__name__}() does not: it returns the ids, one row a "
+            "prompt, and stops at max_new_tokens or an EOS id. Set it back to its default on "
+            "model.generation_config (None), or pass the default to the call"
+        )
 
 
 def _neutral(method: Callable, key: str, value: Any) -> bool:

@@ -90,6 +90,30 @@ def test_a_causal_lm_applies_generation_config_edits_as_hugging_face(cache):
     assert model.generate(**short).shape[1] == PROMPT + 5
 
 
+def test_settings_hugging_face_applies_are_refused_where_set_before_kernl_optimize(cache):
+    """return_dict_in_generate=True and max_time set on the generation config before
+    kernl.optimize: the ids came back as a tensor and generation ran past max_time, as no edit
+    since the compile was there for _config_edits to find (num_return_sequences=2 gave one row
+    a prompt). Refused by name; the call's own default wins. use_cache=False and bos_token_id,
+    which change no id (a KV cache is always used; a prompt is always given), are taken as in
+    HF, where they were refused or unexpected."""
+    hf = tiny_model("llama3")
+    _edit([hf], return_dict_in_generate=True, max_time=30.0, pad_token_id=0)
+    model = kernl.optimize(hf, "batch=1,2 prompt=8,16 cache=48", progress=False)
+    ids, mask = mixed_prompts(2, [6, 4], seed=6)
+    call = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6)
+    for method in (model.generate, model.stream):
+        with pytest.raises(ValueError, match=r"sets return_dict_in_generate=True, max_time=30.0"):
+            method(**call)
+    with pytest.raises(ValueError, match=r"kernl's open_batch\(\) does not"):
+        model.open_batch([[3, 4, 5]], max_new_tokens=6)
+    defaults = dict(return_dict_in_generate=False, max_time=None, use_cache=False, bos_token_id=1)
+    got = model.generate(**call, **defaults)
+    assert torch.equal(got, _greedy(hf, **call, **defaults))
+    with pytest.raises(ValueError, match=r"sets max_time=30.0, which"):
+        model.generate(**call, return_dict_in_generate=False)
+
+
 def test_a_text_seq2seq_model_applies_forced_bos_and_eos_edits_as_hugging_face(cache):
     hf = tiny_seq2seq("bart")
     model = kernl.optimize(hf, "batch=1,2 source=8,16 cache=32", progress=False)

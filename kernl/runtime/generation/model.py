@@ -907,8 +907,12 @@ def _rows_of(name: str, value, rows: int) -> list:
 
 # Arguments of Hugging Face's generate that kernl's do not take: the value that changes
 # nothing (taken silently, as code written for HF passes it) and where to go instead.
+# Hugging Face generate arguments that change nothing here, whatever their value: kernl always
+# decodes over its static KV cache (HF's ids are the same with use_cache=False, only slower),
+# and HF reads bos_token_id only to make a prompt where no input_ids are given (kernl's generate
+# always has them).
+IGNORED_HF_OPTIONS = frozenset({"use_cache", "bos_token_id"})
 _HF_OPTIONS = {
-    "use_cache": (True, "kernl always decodes over its static KV cache"),
     "return_segments": (False, "generate returns the ids only (pass language= to set one)"),
     "num_beams": (
         1,
@@ -1022,6 +1026,8 @@ def refuse_hf_options(method: str, options: dict) -> None:
     """Hugging Face generate arguments passed to kernl's `method`: their neutral values are
     taken, anything else is a TypeError saying what kernl does instead."""
     for name, value in options.items():
+        if name in IGNORED_HF_OPTIONS:
+            continue
         if name in _FROM_THE_CONFIG:
             # Hugging Face takes any value given, None and [] included (they turn it off)
             raise TypeError(
@@ -1039,7 +1045,7 @@ def refuse_hf_options(method: str, options: dict) -> None:
         if value is neutral or (
             type(value) in (bool, int) and type(neutral) is bool and value == neutral
         ):
-            continue  # use_cache=1 as HF takes it
+            continue  # output_scores=0 as HF takes it
         if type(value) is not bool and _same_number(value, neutral):
             continue
         raise TypeError(f"{method}() does not take {name}={shown_value(value)}: {instead}")
