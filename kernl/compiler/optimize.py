@@ -173,7 +173,8 @@ class OptimizedModel:
                 "generation models)"
             )
         for flag in ("output_hidden_states", "output_attentions"):
-            if getattr(self.config, flag, False):  # compiled False: the compile refuses True
+            # the call's own False wins, as in HF (its True the runtime refuses by name)
+            if inputs.get(flag) is None and getattr(self.config, flag, False):
                 raise ValueError(
                     f"model.config.{flag} is True, set after kernl.optimize: the compiled "
                     "model returns its outputs without the per-layer tuple, which kernl does "

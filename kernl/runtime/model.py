@@ -29,14 +29,22 @@ from .graphs import capture_graph
 POSITIONAL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
+# Fields of Hugging Face's output classes that kernl never fills (no labels, no per-layer
+# tuples, no cache are taken), and that HF's classes then hold as None: `out.loss is None`.
+_NONE_FIELDS = frozenset({"loss", "hidden_states", "attentions", "cross_attentions"})
+
+
 class ModelOutput(dict):
     """The model's outputs by field name, like Hugging Face's ModelOutput: `out.logits`,
-    `out["logits"]`, `out[0]` and `out[:2]` (a tuple, as Hugging Face's) all work."""
+    `out["logits"]`, `out[0]` and `out[:2]` (a tuple, as Hugging Face's) all work; `out.loss`
+    and the per-layer tuples are None, as HF's are when not asked for."""
 
-    def __getattr__(self, name: str) -> torch.Tensor:
+    def __getattr__(self, name: str) -> torch.Tensor | None:
         try:
             return self[name]
         except KeyError:
+            if name in _NONE_FIELDS:
+                return None
             raise AttributeError(name) from None
 
     def __getitem__(self, key):
@@ -639,6 +647,8 @@ def _float_mask(mask: torch.Tensor) -> torch.Tensor:
     and an integer mask holding them is refused by the range check alike."""
     keep = mask != 0
     if (keep & (mask != 1)).any():
+        if mask.isnan().any():
+            raise ValueError("attention_mask must hold 0 and 1 only, and it holds NaN")
         lo, hi = mask.aminmax()
         raise ValueError(
             f"attention_mask must hold 0 and 1 only, got values in [{lo.item():g}, {hi.item():g}]"

@@ -83,6 +83,8 @@ def test_bert_matches_eager_then_hits_the_cache(cache, compiles):
     model.config.output_hidden_states = True
     with pytest.raises(ValueError, match="output_hidden_states is True, set after"):
         model(**inputs)
+    # the call's own False wins, as in HF (it was refused for the config's True)
+    assert model(**inputs, output_hidden_states=False).hidden_states is None
     model.config.output_hidden_states = False
     _assert_matches(model(**inputs), want)
 

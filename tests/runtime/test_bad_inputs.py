@@ -31,6 +31,9 @@ def served(tmp_path_factory):
     return model, kernl.runtime.load(out, device="cpu")
 
 
+NAN = float("nan")
+
+
 def _ids(b, s, seed=1):
     return torch.randint(3, 120, (b, s), generator=torch.Generator().manual_seed(seed))
 
@@ -143,6 +146,11 @@ REFUSED = {
         lambda: dict(input_ids=_ids(1, 4), attention_mask=torch.tensor([[1.0, 0.5, 1.0, 0.0]])),
         ValueError,
         "attention_mask must hold 0 and 1 only, got values in [0, 1]",
+    ),
+    "a float mask holding NaN": (  # its range was shown as [nan, nan]
+        lambda: dict(input_ids=_ids(1, 4), attention_mask=torch.tensor([[1.0, 1.0, 1.0, NAN]])),
+        ValueError,
+        "attention_mask must hold 0 and 1 only, and it holds NaN",
     ),
     "bool ids": (  # eager's embedding refuses them; here a mask passed as the ids
         lambda: dict(input_ids=torch.tensor([[True, False, True, True]])),

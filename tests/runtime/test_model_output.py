@@ -17,3 +17,5 @@ def test_model_output_indexes_by_name_position_and_slice():
         out["logits"]
     with pytest.raises(AttributeError):
         out.logits  # noqa: B018
+    # what kernl never fills is None, as in HF's classes (it raised AttributeError: loss)
+    assert out.loss is None and out.hidden_states is None and out.attentions is None
