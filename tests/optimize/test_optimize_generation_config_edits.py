@@ -114,6 +114,22 @@ def test_settings_hugging_face_applies_are_refused_where_set_before_kernl_optimi
         model.generate(**call, return_dict_in_generate=False)
 
 
+def test_a_seq2seq_model_with_such_settings_compiles_and_refuses_them_per_call(cache):
+    """The same settings on a text encoder-decoder failed its compile, whose validation calls
+    Hugging Face's generate with the model's config: an AttributeError on the
+    ModelOutput that return_dict_in_generate gives, max_time's cut as a false validation
+    error. The reference generate now runs at their neutral values."""
+    hf = tiny_seq2seq("bart")
+    _edit([hf], return_dict_in_generate=True, max_time=1e-9)
+    model = kernl.optimize(hf, "batch=1,2 source=8,16 cache=32", progress=False)
+    ids, mask = sources([7, 5])
+    call = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12)
+    with pytest.raises(ValueError, match=r"sets return_dict_in_generate=True, max_time=1e-09"):
+        model.generate(**call)
+    defaults = dict(return_dict_in_generate=False, max_time=None)
+    assert torch.equal(model.generate(**call, **defaults), _greedy(hf, **call, **defaults))
+
+
 def test_a_text_seq2seq_model_applies_forced_bos_and_eos_edits_as_hugging_face(cache):
     hf = tiny_seq2seq("bart")
     model = kernl.optimize(hf, "batch=1,2 source=8,16 cache=32", progress=False)

@@ -62,6 +62,22 @@ def eos_token_ids(eos, vocab: int, task: str) -> list[int]:
 NEUTRAL = IDS_CHANGING_OPTIONS
 
 
+# What the compile passes to Hugging Face's own generate, where it is the reference: the
+# generation config's settings that change the form of HF's output, or end or search it
+# otherwise than kernl's generate does, at their neutral values. Set on a checkpoint's config,
+# they failed the compile (a ModelOutput where ids were expected; max_time's cut as a false
+# validation error; stop_strings without a tokenizer); kernl.optimize's model refuses them per
+# call instead (optimize._CONFIG_OPTIONS_NOT_APPLIED).
+HF_GENERATE_AS_KERNL = dict(
+    return_dict_in_generate=False,
+    num_return_sequences=1,
+    max_time=None,
+    stop_strings=None,
+    dola_layers=None,
+    prompt_lookup_num_tokens=None,
+)
+
+
 def beam_search_not_run(beams: int | None) -> str | None:
     """What to say where the generation config asks for beam search (`beams`: its num_beams),
     which kernl never runs (it decodes greedily, or samples): Marian, BART and mBART

@@ -57,7 +57,7 @@ from ...trace import (
 )
 from ...tune import write_binaries
 from ...validate import ValidationError
-from ..generation_config import beam_search_not_run
+from ..generation_config import HF_GENERATE_AS_KERNL, beam_search_not_run
 from .buckets import as_seq2seq_buckets, check_positions, check_speech_prompt
 from .decode_kernels import (
     FEW_ROWS,
@@ -270,6 +270,7 @@ def _validate(runtime: Seq2SeqModel, model, spec, batch: int, source: int, token
             eos_token_id=None,
             decoder_start_token_id=spec.decoder_start_token_id,
             pad_token_id=0,
+            **HF_GENERATE_AS_KERNL,
         ).cpu()
     got = runtime.generate(ids, mask, max_new_tokens=tokens, eos_token_id=[])
     compared = got.shape[1] - 1  # past the decoder start

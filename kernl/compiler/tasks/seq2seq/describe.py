@@ -31,6 +31,7 @@ from kernl.artifacts.seq2seq import DETECT, MAX_PROMPT, Seq2SeqSpec, SpeechSpec
 
 from ...trace import UnsupportedModelError
 from ..generation_config import (
+    HF_GENERATE_AS_KERNL,
     eos_token_ids,
     model_type_of,
     refuse_module_code_kernl_drops,
@@ -169,7 +170,13 @@ def _probe_hugging_face_generate(model) -> None:
     ids = torch.tensor([[1, 1]], device=next(model.parameters()).device)
     try:
         with torch.no_grad():
-            model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, num_beams=1)
+            model.generate(
+                input_ids=ids,
+                max_new_tokens=2,
+                do_sample=False,
+                num_beams=1,
+                **HF_GENERATE_AS_KERNL,
+            )
     except Exception as e:  # noqa: BLE001 - whatever it is, kernl cannot validate against it
         raise UnsupportedModelError(
             f"seq2seq: a T5 with more decoder layers ({cfg.num_decoder_layers}) than encoder "
