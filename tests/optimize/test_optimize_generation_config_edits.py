@@ -130,6 +130,29 @@ def test_a_seq2seq_model_with_such_settings_compiles_and_refuses_them_per_call(c
     assert torch.equal(model.generate(**call, **defaults), _greedy(hf, **call, **defaults))
 
 
+def test_a_config_length_cut_to_the_cache_forces_no_eos_at_the_cut(cache):
+    """A BART whose generation config forces the EOS (BART, mBART and opus-mt's do) and sets a
+    length past the decoder cache: the length is cut to the cache with a warning, and the
+    forced EOS came at the cut, where HF's generate has an ordinary token (it forces the EOS
+    at its own, uncut length). The cut ids are now HF's first ones."""
+    hf = tiny_seq2seq("bart")
+    _edit([hf], forced_eos_token_id=2, max_length=64)
+    model = kernl.optimize(hf, "batch=1,2 source=8,16 cache=32", progress=False)
+    ids, mask = sources([7, 5])
+    with pytest.warns(UserWarning, match="max_length=64 asks for up to 63 new tokens"):
+        got = model.generate(input_ids=ids, attention_mask=mask)
+    ref = _greedy(hf, input_ids=ids, attention_mask=mask)
+    assert got.shape[1] == 33 and ref.shape[1] == 64
+    assert torch.equal(got, ref[:, :33]), f"\nkernl {got.tolist()}\nhf    {ref.tolist()}"
+    with pytest.warns(UserWarning, match="holds 32"):
+        steps = list(model.stream(input_ids=ids, attention_mask=mask))
+    assert torch.equal(torch.stack(steps, 1), ref[:, 1:33])
+    # a call's own length within the cache still ends at the forced EOS, as in HF
+    short = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10)
+    assert torch.equal(short, _greedy(hf, input_ids=ids, attention_mask=mask, max_new_tokens=10))
+    assert (short[:, -1] == 2).all()
+
+
 def test_a_text_seq2seq_model_applies_forced_bos_and_eos_edits_as_hugging_face(cache):
     hf = tiny_seq2seq("bart")
     model = kernl.optimize(hf, "batch=1,2 source=8,16 cache=32", progress=False)

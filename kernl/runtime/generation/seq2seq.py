@@ -205,6 +205,9 @@ class _Plan:
     sampler: tuple  # temperature, top_k, top_p, seed
     eos: list[int]
     pad: int
+    # the generation config's length was cut to the cache (_check_cache): HF's forced EOS
+    # comes at the uncut length, past the last step here, so none is forced
+    length_cut: bool = False
 
     @property
     def steps(self) -> int:
@@ -402,6 +405,7 @@ class Seq2SeqModel(StepLoop):
         if state.speech is None:
             state.exempt_eos(plan.eos)
         forced_eos = self.spec.forced_eos_token_id is not None and state.speech is None
+        forced_eos = forced_eos and not plan.length_cut
         state.forced_eos_at.fill_(plan.steps if forced_eos else -1)
         state.pad.fill_(plan.pad)
         state.sampler.set(*plan.sampler, self.spec.vocab_size)
@@ -555,7 +559,7 @@ class Seq2SeqModel(StepLoop):
                 f"artifact ({self.buckets.sources}); shorten it or recompile with a longer "
                 "source bucket"
             )
-        max_new_tokens = self._check_cache(1, max_new_tokens)
+        wanted, max_new_tokens = max_new_tokens, self._check_cache(1, max_new_tokens)
         padded = torch.full((bb, source_bucket), self.default_pad, dtype=torch.int64)
         valid = torch.zeros(bb, source_bucket, dtype=torch.bool)
         padded[:batch, :length] = ids[:, :length]
@@ -578,4 +582,5 @@ class Seq2SeqModel(StepLoop):
             sampler,
             eos,
             pad,
+            length_cut=max_new_tokens < wanted,
         )
