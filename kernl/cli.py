@@ -15,7 +15,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import click  # noqa: F401
     except ImportError:
-        sys.exit(_runtime_only(sys.argv[1:] if argv is None else argv))
+        try:
+            code = _runtime_only(sys.argv[1:] if argv is None else argv)
+        except KeyboardInterrupt:  # as the full command says it (hashing GBs takes seconds)
+            print("\nInterrupted.", file=sys.stderr)
+            code = 130
+        sys.exit(code)
     from kernl.compiler.cli import main as full
 
     full(args=argv)

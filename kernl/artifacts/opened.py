@@ -54,7 +54,7 @@ class ArtifactFiles:
     `close()` (a context manager). Thread-safe. Messages name `root`, the caller's path."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.root = Path(root).expanduser()  # as kernl-compile's -o takes `~/bert.kernl`
         try:
             self._dir = os.open(self.root, _DIR_FLAGS)  # the caller's own path may be a link
         except FileNotFoundError:

@@ -324,6 +324,15 @@ def _unknown_model_type(path: Path | None, error: ValueError) -> str | None:
     return model_type
 
 
+def _not_json(source: str) -> str:
+    """(the folder's .json files that are not JSON), or ''."""
+    folder = Path(source)
+    bad = (
+        [p.name for p in sorted(folder.glob("*.json")) if _json_error(p)] if folder.is_dir() else []
+    )
+    return f" ({', '.join(bad)})" if bad else ""
+
+
 def _json_error(path: Path) -> str:
     """Where `path` stops being JSON (transformers' message does not say), or ''."""
     try:
@@ -362,6 +371,11 @@ def load_from_folder(
             # token classifier or a RoBERTa classifier compiled as base): the encoder without
             # one, pooler_output None as that model gives, rather than a random pooler
             model, info = _from_pretrained(type(model), source, kw, add_pooling_layer=False)
+    except json.JSONDecodeError as e:  # a ValueError too: a weights index that is not JSON
+        raise UnsupportedModelError(
+            f"cannot read the checkpoint of {source}: a JSON file of it is not JSON"
+            f"{_not_json(source)}: {e}"
+        ) from None
     except ValueError as e:  # no class of this head for this config
         raise UnsupportedModelError(f"{task}: {e}") from None
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:

@@ -444,6 +444,19 @@ def test_a_damaged_weights_file_is_a_message_not_a_traceback(bert_dir, tmp_path)
     assert not (tmp_path / "a").exists()
 
 
+def test_a_weights_index_that_is_not_json_is_named(tmp_path, bert_dir):
+    """A truncated model.safetensors.index.json: the error was "base: Expecting value: line 2
+    column 1", naming no file."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_bytes((bert_dir / "config.json").read_bytes())
+    (bad / "model.safetensors.index.json").write_text('{"metadata": \n')
+    result = run(bad, "-o", tmp_path / "a", "--buckets", "batch=1 seq=8", *CPU_FP32)
+    assert_clean_failure(result, 1, "cannot read the checkpoint of", "is not JSON",
+                         "(model.safetensors.index.json)", "Expecting value")  # fmt: skip
+    assert not (tmp_path / "a").exists()
+
+
 def test_a_config_that_is_not_json_is_named_not_called_missing(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()

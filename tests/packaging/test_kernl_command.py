@@ -3,6 +3,7 @@ works and every other command names the extra to install, instead of an ImportEr
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -148,3 +149,34 @@ def test_compiling_without_transformers_names_the_extra(entry):
     assert run.returncode == 2, run.stderr
     assert "needs the compile extra: pip install 'kernl[compile]'" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_verify_takes_a_path_under_the_home_folder_as_compile_writes_it(artifact):
+    """`kernl-compile -o ~/a.kernl` expands `~`; verify (and load) said "no such file"."""
+    home = subprocess.run(
+        [sys.executable, "-c", WITHOUT_EXTRAS, "verify", f"~/{artifact.name}"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HOME": str(artifact.parent)},
+    )
+    assert home.returncode == 0, home.stderr
+    assert home.stdout.startswith("OK ") and artifact.name in home.stdout
+
+
+def test_an_interrupted_verify_says_so_without_a_traceback(artifact):
+    """Ctrl-C while the runtime-only `kernl verify` hashed a multi-GB artifact: a
+    KeyboardInterrupt traceback, and death by the signal; the full command says "Interrupted."
+    and exits 130."""
+    script = WITHOUT_EXTRAS.replace(
+        "from kernl.cli import main",
+        "import kernl.artifacts\n"
+        "def interrupted(*args, **kwargs):\n"
+        "    raise KeyboardInterrupt\n"
+        "kernl.artifacts.verify_artifact = interrupted\n"
+        "from kernl.cli import main",
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, "verify", str(artifact)], capture_output=True, text=True
+    )
+    assert run.returncode == 130, run.stderr
+    assert run.stderr.strip() == "Interrupted."
