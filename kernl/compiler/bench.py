@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from kernl._version import __version__ as kernl_version
-from kernl.artifacts import read_manifest
+from kernl.artifacts import verify_artifact
+from kernl.artifacts.compat import check_torch_version
 from kernl.artifacts.schema import Bucket, Manifest
 
 from .plural import count
@@ -343,7 +344,10 @@ class Bench:
 
     def __init__(self, config: BenchConfig):
         self.config = config
-        self.manifest: Manifest = read_manifest(config.path)
+        # the checks load() makes that need no GPU, before any step: a damaged or incompatible
+        # artifact was a cold-start child's traceback
+        self.manifest: Manifest = verify_artifact(config.path)
+        check_torch_version(self.manifest)
         m = self.manifest
         if m.task in GENERATION_TASKS:
             # Their runtime model generates (no bucketed forward to call): every step would

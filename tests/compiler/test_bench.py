@@ -299,3 +299,23 @@ def test_a_gpu_asked_for_without_one_blames_the_option_not_the_artifact(artifact
         f"kernl bench: error: --device {device} was asked for but torch sees no CUDA GPU; the "
         "artifact targets cpu: pass --device cpu\n"
     )
+
+
+@pytest.mark.parametrize("cold_start", ["--cold-start", "--no-cold-start"])
+def test_a_damaged_artifact_is_one_line_before_any_step(artifact, tmp_path, cold_start):
+    """One byte flipped in the weights: the cold start (the first step) failed with its child
+    process's traceback."""
+    import shutil
+
+    broken = tmp_path / "broken.kernl"
+    shutil.copytree(artifact, broken)
+    weights = broken / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    args = ["--iters", "1", "--warmup", "0", "--buckets", "1x8", cold_start]
+    result = CliRunner().invoke(main, ["bench", str(broken), *args])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("kernl bench: error: ")
+    assert "sha256" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
