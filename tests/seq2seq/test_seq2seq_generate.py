@@ -225,6 +225,12 @@ def test_hugging_face_argument_names_are_taken_or_explained(compiled):
     start = torch.zeros(2, 1, dtype=torch.long)
     with pytest.raises(TypeError, match="decoder_input_ids=.*a decoder prompt is not supported"):
         model.generate(ids, mask, decoder_input_ids=start)
+    # HF's encoder_outputs and decoder_attention_mask were "unexpected keyword argument"
+    with pytest.raises(TypeError, match=r"encoder_outputs=<tuple of tensors>: the compiled enc"):
+        model.generate(ids, mask, encoder_outputs=(torch.zeros(2, 10, 32),))
+    with pytest.raises(TypeError, match=r"decoder_attention_mask=<tensor \(2, 1\)>: the decoder"):
+        model.stream(ids, mask, decoder_attention_mask=torch.ones(2, 1))
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=6, encoder_outputs=None), ref)
     with pytest.raises(TypeError, match="input_ids is required"):
         model.generate(attention_mask=mask)
     # the model's own decoder start token (or None, HF's "the config's") is taken, as HF

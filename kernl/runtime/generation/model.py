@@ -931,6 +931,14 @@ _HF_OPTIONS = {
         "the decoder starts from the model's decoder start token; a decoder prompt is not "
         "supported (forced_bos_token_id= sets the first new token of a text model)",
     ),
+    "encoder_outputs": (
+        None,
+        "the compiled encoder runs inside generate: pass the source's input_ids and attention_mask",
+    ),
+    "decoder_attention_mask": (
+        None,
+        "the decoder starts from the model's decoder start token, every position attended",
+    ),
     "generation_config": (
         None,
         "pass its settings as arguments (max_new_tokens, do_sample, temperature, top_k, "
@@ -1053,7 +1061,12 @@ def refuse_hf_options(method: str, options: dict) -> None:
 
 def shown_value(value: Any) -> str:
     """An argument as an error message shows it (a tensor by its shape, not its values)."""
-    return f"<tensor {tuple(value.shape)}>" if isinstance(value, torch.Tensor) else repr(value)
+    if isinstance(value, torch.Tensor):
+        return f"<tensor {tuple(value.shape)}>"
+    items = value.values() if isinstance(value, dict) else value
+    if isinstance(value, (tuple, list, dict)) and any(isinstance(v, torch.Tensor) for v in items):
+        return f"<{type(value).__name__} of tensors>"  # encoder_outputs: not their values
+    return repr(value)
 
 
 def _empty(value: Any) -> bool:
