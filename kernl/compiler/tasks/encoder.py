@@ -82,7 +82,7 @@ def compile_encoder(
 
     say(f"loading model {model_or_path if isinstance(model_or_path, (str, Path)) else ''}")
     model, task, source = load_model(model_or_path, task, torch_dtype, dev)
-    if isinstance(model_or_path, (str, Path)) and hasattr(model, "pooler") and not model.pooler:
+    if isinstance(model_or_path, (str, Path)) and getattr(model, "pooler", 0) is None:
         say(
             "the checkpoint holds no pooler: compiled without one, as "
             f"{type(model).__name__}(add_pooling_layer=False) (no pooler_output)"
