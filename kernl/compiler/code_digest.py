@@ -14,20 +14,24 @@ outside torch), and the attention and mask functions registered under the config
 `_attn_implementation`:
 - the source file of the class's module, where there is one;
 - the code of its methods, without file names or line numbers (a class defined in a notebook
-  has no file; one redefined further down a script shares its file);
+  has no file; one redefined further down a script shares its file), and its constants: plain
+  values, and for the user's own class (not an installed library's) any data (a tuple of
+  weights, a tensor);
 - the functions its methods name as globals, whatever their module, as they are bound now:
   their code, the values they close over or default to, and the functions they name in turn
   (each once per digest; torch's and the standard library's by name only);
 and per module instance its state besides parameters and buffers: its int/float/bool/str
 attributes, private ones included (eps, scaling, head counts, PEFT's `_active_adapter` and
 `_disable_adapters`), dicts, lists, tuples and sets of such values or of tensors (PEFT's
-`scaling = {"default": 2.0}`), tensors held as plain attributes (by their bytes, as weights are
-hashed: compile folds them in as constants), the callables set on it (a function, a bound
+`scaling = {"default": 2.0}`), tensors and numpy arrays held as plain attributes (by their
+bytes, as weights are hashed: compile folds them in as constants), enums and dtypes, an options
+object of the user's (a dataclass, a SimpleNamespace: by its data), the callables set on it (a function, a bound
 method: its function and what it is bound to, a functools.partial: its function and arguments,
 a callable object: its class and state) and its forward hooks (likewise). Functions count the
 plain values, tensors, modules and settings objects (a class, a SimpleNamespace or an
-instance of the user's own class, by their data attributes) they name as globals too (a
-notebook's `SCALE = 3.0`; not
+instance of the user's own class, by their data attributes) and the user's callable objects
+they name as globals too (a notebook's `SCALE = 3.0`, `post = Post()`; a helper under
+functools.cache by the function it wraps; not
 those of installed libraries, whose globals are their process state: `_installed`), and a
 module outside the model that a hook or function reaches counts with its parameters and
 buffers. Left out: torch.nn.Module's own bookkeeping (parameters, buffers and submodules are
@@ -40,6 +44,7 @@ unchanged model has one digest in every process.
 from __future__ import annotations
 
 import dis
+import enum
 import functools
 import hashlib
 import importlib.metadata
@@ -199,6 +204,12 @@ class _Fingerprints:
                 lines.append(f"{key}={data}")
             elif callable(value):  # a function, bound method, partial, callable object
                 lines.append(f"{key}=<{self.callable(value, depth + 1)}>")
+            elif not isinstance(value, torch.nn.Module):
+                # a dataclass of options or a SimpleNamespace of the user's, by its data
+                # attributes (an instance of a library's class, such as the config: None)
+                data = self.settings(value, depth + 1)
+                if data is not None:
+                    lines.append(f"{key}={data}")
         if isinstance(obj, torch.nn.Module):
             for table in _HOOK_TABLES:
                 for hook in getattr(obj, table, {}).values():
@@ -215,6 +226,12 @@ class _Fingerprints:
             return repr(v)
         if isinstance(v, torch.Tensor):
             return self.tensor(v)
+        if isinstance(v, (torch.dtype, torch.device)):
+            return repr(v)
+        if isinstance(v, enum.Enum):  # a mode switch: its member's name
+            return f"{_qualname(type(v))}.{v.name}"
+        if type(v).__module__ == "numpy" and type(v).__name__ == "ndarray":
+            return _ndarray(v)
         if not isinstance(v, _CONTAINERS) or depth > _MAX_DEPTH:
             return None
         if isinstance(v, dict):
@@ -287,6 +304,9 @@ class _Fingerprints:
             return self.classes[klass]
         parts = [f"class {_qualname(klass)}"]
         path = getattr(sys.modules.get(klass.__module__), "__file__", None)
+        # a library's class constants are its own (and some are caches it fills on first
+        # use): plain values only, as before; the user's own class's, whatever their data
+        users = not _installed(klass.__module__, path) and not _is_torch(klass)
         if isinstance(path, str) and path.endswith(".py") and os.path.isfile(path):
             if path not in self.files:
                 with open(path, "rb") as f:
@@ -300,12 +320,14 @@ class _Fingerprints:
             if code is None:
                 # (not a value transformers caches on the class on first use, such as
                 # `_can_set_attn_implementation_cached_value`: not code, and set later)
-                if (
-                    isinstance(value, _PLAIN)
-                    and not name.startswith("__")
-                    and not name.endswith("_cached_value")
-                ):
+                if name.startswith("__") or name.endswith("_cached_value"):
+                    continue
+                if isinstance(value, _PLAIN):
                     parts.append(f"{name}={value!r}")
+                elif users:  # `LAYER_WEIGHTS = (1.0, 2.0)` in a notebook's class
+                    data = self.data(value, 1)
+                    if data is not None:
+                        parts.append(f"{name}={data}")
                 continue
             if isinstance(fn, types.FunctionType):  # with what it closes over (a decorator's
                 parts.append(f"{name}: {self.function(fn, 0)}")  # wrapped method) and calls
@@ -389,6 +411,12 @@ class _Fingerprints:
             read = set() if installed else _global_names(fn.__code__)
             for called in sorted(_names(fn.__code__)):
                 target = fn.__globals__.get(called, _ABSENT)
+                # a helper under @functools.lru_cache / @functools.cache: the function it wraps
+                wrapped = getattr(target, "__wrapped__", None)
+                if type(target).__name__ == "_lru_cache_wrapper" and isinstance(
+                    wrapped, types.FunctionType
+                ):
+                    target = wrapped
                 if isinstance(target, _FUNCTIONS):
                     if follow:
                         inner = _globals_of(target) is fn.__globals__  # its own module
@@ -400,6 +428,9 @@ class _Fingerprints:
                     continue
                 elif isinstance(target, torch.nn.Module):  # a notebook's adapter a hook applies
                     parts.append(f"names {called}: {self.module(target, depth + 1)}")
+                elif callable(target) and not isinstance(target, type) and _users_object(target):
+                    # a notebook's `post = Post()`: its class's code and its state
+                    parts.append(f"names {called}: {self.callable(target, depth + 1)}")
                 else:  # a notebook's `SCALE = 3.0`, a steering tensor: read, not followed
                     data = self.data(target, depth + 1)
                     if data is None:  # `class CFG: scale = 1.0`, a SimpleNamespace
@@ -461,6 +492,27 @@ class _Fingerprints:
 
 
 _ABSENT = object()
+
+
+def _ndarray(a: Any) -> str | None:
+    """A numpy array by dtype, shape and the sha256 of its bytes; None for an array of
+    objects (its bytes are addresses)."""
+    if a.dtype.hasobject:
+        return None
+    data = a.tobytes()  # C order, whatever its strides
+    return f"ndarray {a.dtype} {a.shape} {hashlib.sha256(data).hexdigest()[:32]}"
+
+
+def _users_object(obj: Any) -> bool:
+    """Whether `obj` is an instance of a class of the user's code (a notebook's, a script's),
+    not of torch's, the standard library's or an installed library's."""
+    klass = type(obj)
+    top = klass.__module__.split(".")[0]
+    if top in _BY_NAME or top == "torch":
+        return False
+    return not _installed(
+        klass.__module__, getattr(sys.modules.get(klass.__module__), "__file__", None)
+    )
 
 
 @functools.cache

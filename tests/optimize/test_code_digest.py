@@ -5,6 +5,8 @@ that helper calls; and stays the same for an unchanged model in another process.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import functools
 import json
 import os
@@ -13,6 +15,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers as T
@@ -288,3 +291,78 @@ def test_a_method_set_on_a_torch_class_counts(monkeypatch):
     assert code_digest(bert) != first
     monkeypatch.undo()
     assert code_digest(bert) == first
+
+
+class _Mode(enum.Enum):
+    PLAIN = 1
+    DOUBLE = 2
+
+
+@dataclasses.dataclass
+class _HeadOptions:
+    scale: float = 1.0
+
+
+class _ScaledBert(T.BertModel):
+    """A notebook's subclass whose forward reads a class constant and instance state that are
+    not plain values (review, 2026-12-07: each edit below served the stale entry, 2.8-5.6 off)."""
+
+    WEIGHTS = (1.0, 1.0)
+
+    def forward(self, input_ids=None, attention_mask=None, **kw):
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        scale = self.WEIGHTS[0] * self.options.scale * float(self.table[0])
+        return out.last_hidden_state * scale * (2.0 if self.mode is _Mode.DOUBLE else 1.0)
+
+
+def _scaled_bert() -> _ScaledBert:
+    torch.manual_seed(0)
+    model = _ScaledBert(tiny_bert().config).eval()
+    model.options, model.table, model.mode = _HeadOptions(), np.array([1.0]), _Mode.PLAIN
+    return model
+
+
+def test_a_users_class_constants_and_options_objects_count(monkeypatch):
+    model = _scaled_bert()
+    seen = {code_digest(model)}
+    assert code_digest(_scaled_bert()) in seen  # the same state: the same digest
+    monkeypatch.setattr(_ScaledBert, "WEIGHTS", (0.0, 2.0))  # the cell's constant edited
+    seen.add(code_digest(model))
+    model.options.scale = 3.0  # a dataclass of options
+    seen.add(code_digest(model))
+    model.table[0] = 3.0  # a numpy array, edited in place
+    seen.add(code_digest(model))
+    model.mode = _Mode.DOUBLE
+    seen.add(code_digest(model))
+    assert len(seen) == 5
+
+
+@functools.cache
+def _factor() -> float:
+    return 1.0
+
+
+class _Post:
+    def __call__(self, x):
+        return x * 1.0
+
+
+_post = _Post()
+
+
+def _reads_cached_helpers(self, hidden_states, input_tensor):
+    out = self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+    return _post(out) * _factor()
+
+
+def test_a_cached_helper_and_a_callable_object_a_forward_calls_count(monkeypatch):
+    """A helper under @functools.cache, and a global callable object, redefined in their cell:
+    neither was followed (not a plain function), and the stale entry was served."""
+    bert = tiny_bert()
+    monkeypatch.setattr(modeling_bert.BertOutput, "forward", _reads_cached_helpers)
+    first = code_digest(bert)
+    monkeypatch.setitem(globals(), "_factor", functools.cache(lambda: 3.0))
+    second = code_digest(bert)
+    assert second != first
+    monkeypatch.setattr(_Post, "__call__", lambda self, x: x * 3.0)
+    assert code_digest(bert) != second
