@@ -644,7 +644,10 @@ def _optimize(
         raise RuntimeError(f"device={str(target)!r} was asked for but torch sees no CUDA GPU")
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", torch.cuda.current_device())
-    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    # "" is unset, as for KERNL_CACHE_DIR (not the working directory); a relative folder
+    # is taken absolute, so model.artifact still names it after a chdir
+    given = cache_dir is not None and str(cache_dir) != ""
+    root = (Path(cache_dir).expanduser() if given else cache_root()).absolute()
     if save_to is not None:
         check_destination(save_to)  # before the compile, not after it
         _check_apart_from_cache(Path(save_to).expanduser(), root)

@@ -598,6 +598,17 @@ def test_an_empty_cache_dir_variable_is_unset(monkeypatch):
     assert opt.cache_root() == Path.home() / ".cache" / "kernl"
 
 
+def test_an_empty_or_relative_cache_dir_argument(cache, monkeypatch, tmp_path):
+    """cache_dir="" compiled into the working directory's models/ (the variable's "" is unset),
+    and a relative cache_dir gave a relative model.artifact, wrong after a chdir."""
+    monkeypatch.chdir(tmp_path)
+    model = kernl.optimize(tiny_bert(), "batch=1 seq=8", cache_dir="", progress=False)
+    assert model.artifact.parent == cache and not (tmp_path / "models").exists()
+    model = kernl.optimize(tiny_bert(), "batch=1 seq=8", cache_dir="rel", progress=False)
+    assert model.artifact.is_absolute()
+    assert model.artifact.parent == tmp_path / "rel" / "models"
+
+
 def test_cache_dir_holds_the_tuning_cache_too(cache, monkeypatch, tmp_path):
     """kernl.optimize(cache_dir=X) kept its models in X but its tuner wrote to $KERNL_CACHE_DIR
     or ~/.cache/kernl (read-only in many containers). Timing faked on the CPU: aten wins."""
