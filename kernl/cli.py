@@ -67,6 +67,9 @@ def _runtime_only(argv: list[str]) -> int:
         "(needs kernl[sign])",
     )
     keygen.add_argument("private")
+    # dispatched before parsing (argparse, not click: it needs the serve extra only); listed
+    # here so that --help names it
+    commands.add_parser("serve", help="serve an artifact over HTTP (needs kernl[serve])")
     known = {"verify", "inspect", "bench", "serve", "keygen", "compile"}
     if argv and argv[0] == "serve":  # argparse, not click: it needs the serve extra only
         from kernl.serving.cli import serve_main

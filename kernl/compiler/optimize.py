@@ -473,9 +473,15 @@ def _config_edits(
         raise ValueError(
             f"model.generation_config was edited after kernl.optimize ({shown}), and the "
             "compiled model cannot apply it: the artifact holds the generation config as "
-            f"compiled. Pass it to {method.__name__}() per call where it takes it, or set it on "
-            "the original model's generation_config and run kernl.optimize again (a new cache "
-            "entry)"
+            "compiled. Undo it, or set it on the original model's generation_config and run "
+            "kernl.optimize again (a new cache entry; that compile applies it where the "
+            "artifact can hold it, says it is not applied (num_beams), or refuses it)"
+            + (
+                ". Or name the language and task per call (language=, task=), which take the "
+                "forced ids' place"
+                if "forced_decoder_ids" in refused
+                else ""
+            )
         )
     if applied.get("eos_token_id", 0) is None:
         applied["eos_token_id"] = []  # no EOS, as HF's None (Whisper's None differs: speech.py)

@@ -180,3 +180,11 @@ def test_an_interrupted_verify_says_so_without_a_traceback(artifact):
     )
     assert run.returncode == 130, run.stderr
     assert run.stderr.strip() == "Interrupted."
+
+
+def test_the_runtime_only_help_lists_serve():
+    """`kernl serve` runs in the runtime-only install (with the serve extra), but its usage
+    line listed verify and keygen only."""
+    shown = _kernl("--help")
+    assert shown.returncode == 0, shown.stderr
+    assert "{verify,keygen,serve}" in shown.stdout and "needs kernl[serve]" in shown.stdout
