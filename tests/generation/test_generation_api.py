@@ -129,6 +129,9 @@ def test_errors_are_clear_and_leave_the_model_usable(model):
         model.generate(torch.ones(1, 17, dtype=torch.long), max_new_tokens=2)
     with pytest.raises(ValueError, match=r"exceeds the KV cache of 64 slots; at most 57"):
         model.generate(ids, mask, max_new_tokens=58)
+    # named as the call asked: max_length counts the prompt's 5 columns
+    with pytest.raises(ValueError, match=r"\+ max_length 64 \(59 new tokens\) - 1 exceeds"):
+        model.generate(ids, mask, max_length=64)
     with pytest.raises(ValueError, match=r"larger than every batch bucket"):
         model.generate(torch.ones(5, 4, dtype=torch.long), max_new_tokens=2)
     with pytest.raises(ValueError, match=r"must lie in \[0, 97\)"):
@@ -895,3 +898,14 @@ def test_a_caller_s_autocast_does_not_reach_the_steps(model):
         assert torch.equal(model.generate(ids, max_new_tokens=6, eos_token_id=[]), want)
         steps = list(model.stream(ids, max_new_tokens=6, eos_token_id=[]))
     assert torch.equal(torch.stack(steps, 1), want[:, 3:])
+
+
+def test_a_length_is_named_as_the_call_gave_it():
+    """A call that gave no length was refused as "max_new_tokens 20 exceeds ...", an argument
+    it never passed; each call names its own (the context outlives the call)."""
+    from kernl.runtime.generation.model import _new_tokens, asked_length
+
+    assert _new_tokens(None, None, 4) == 20
+    assert asked_length(20) == "the default of 20 new tokens (no max_new_tokens given)"
+    assert _new_tokens(None, 30, 4) == 26 and asked_length(26) == "max_length 30 (26 new tokens)"
+    assert _new_tokens(7, None, 4) == 7 and asked_length(7) == "max_new_tokens 7"

@@ -206,10 +206,15 @@ def test_max_length_counts_the_decoder_start_token_like_hugging_face(compiled, f
     assert both.shape == (3, 4)
     with pytest.raises(ValueError, match="max_length=1 leaves no room after the decoder start"):
         model.generate(ids, mask, max_length=1)
+    # named as the call asked (it said "max_new_tokens 49", an argument never passed)
     with pytest.raises(
-        ValueError, match=r"exceeds the decoder cache: it holds 48 new tokens \(cache=48\)"
+        ValueError,
+        match=r"^max_length 50 \(49 new tokens\) exceeds the decoder cache: it holds 48 new "
+        r"tokens \(cache=48\)",
     ):
         model.generate(ids, mask, max_length=50)
+    with pytest.raises(ValueError, match=r"^max_new_tokens 49 exceeds the decoder cache"):
+        model.generate(ids, mask, max_new_tokens=49)  # the last call's words are not kept
 
 
 def test_hugging_face_argument_names_are_taken_or_explained(compiled):

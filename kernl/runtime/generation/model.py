@@ -223,6 +223,21 @@ class _Plan:
 LENGTH_IS_A_BOUND: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "kernl_length_is_a_bound", default=None
 )
+# How the call asked for its length, for a message that refuses it: a call that gave none was
+# told "max_new_tokens 20 exceeds the decoder cache", an argument it never passed.
+_ASKED_LENGTH: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "kernl_asked_length", default=None
+)
+
+
+def asked_as_given() -> None:
+    """The running call's length is its own max_new_tokens (a path without _new_tokens)."""
+    _ASKED_LENGTH.set(None)
+
+
+def asked_length(new: int) -> str:
+    """`new` new tokens as the running call asked for them (see _new_tokens)."""
+    return _ASKED_LENGTH.get() or f"max_new_tokens {new}"
 
 
 class _ModelDefault:
@@ -592,7 +607,7 @@ class GenerativeModel(StepLoop):
             max_new_tokens = room
         if prompt_bucket + max_new_tokens - 1 > b.cache_len:
             raise ValueError(
-                f"prompt bucket {prompt_bucket} + max_new_tokens {max_new_tokens} - 1 exceeds "
+                f"prompt bucket {prompt_bucket} + {asked_length(max_new_tokens)} - 1 exceeds "
                 f"the KV cache of {b.cache_len} slots; at most "
                 f"{b.cache_len - prompt_bucket + 1} new tokens fit after this prompt "
                 f"(recompile with a larger cache= to go further)"
@@ -862,8 +877,13 @@ def _new_tokens(
     """Hugging Face's rule: `max_length` counts the (padded) prompt, for an encoder-decoder
     the decoder start token (`prompt_length` 1, `counted` naming it); `max_new_tokens`
     wins."""
+    # every call sets it: the context outlives the call
+    _ASKED_LENGTH.set(None)
     if max_length is None:
-        return 20 if max_new_tokens is None else max_new_tokens
+        if max_new_tokens is None:
+            _ASKED_LENGTH.set("the default of 20 new tokens (no max_new_tokens given)")
+            return 20
+        return max_new_tokens
     if not _is_int(max_length):
         raise ValueError(f"max_length must be an integer, got {max_length!r}")
     if max_new_tokens is not None:
@@ -879,6 +899,7 @@ def _new_tokens(
             f"{'it' if counted else 'the prompt'}); use max_new_tokens to set the number of "
             "new tokens"
         )
+    _ASKED_LENGTH.set(f"max_length {max_length} ({max_length - prompt_length} new tokens)")
     return max_length - prompt_length
 
 

@@ -45,6 +45,7 @@ from .model import (
     _generated_length,
     _new_tokens,
     _Step,
+    asked_length,
     check_options,
     main_input,
     plain_numbers,
@@ -515,7 +516,7 @@ class Seq2SeqModel(StepLoop):
                 else ""
             )
             raise ValueError(
-                f"max_new_tokens {max_new_tokens} exceeds the decoder cache: it holds "
+                f"{asked_length(max_new_tokens)} exceeds the decoder cache: it holds "
                 f"{cache - prompt_len + 1} new tokens (cache={cache}{prompt}); recompile with a "
                 "larger cache= to go further"
             )
