@@ -564,3 +564,21 @@ def test_non_finite_self_attention_values_an_earlier_request_left_reach_no_later
         state.cache.self_kv.fill_(float("nan"))
     got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[])
     assert torch.equal(got, clean)
+
+
+def test_a_bart_config_with_fairseqs_pre_norm_keys_compiles_as_hugging_face_runs_it(tmp_path):
+    """normalize_before=True and add_final_layer_norm=True, which old fairseq-converted BART
+    configs carry, were refused; no transformers BART reads them (HF's runs post-norm), and
+    kernl's ids equal HF's. Head counts that differ are named as such, not as widths."""
+    from kernl.compiler.trace import UnsupportedModelError
+
+    hf = tiny_seq2seq("bart")
+    hf.config.normalize_before = hf.config.add_final_layer_norm = True
+    kernl.compiler.compile(hf, BUCKETS, tmp_path / "a", dtype="fp32", device="cpu")
+    model = kernl.runtime.load(tmp_path / "a", device="cpu")
+    ids, mask = sources([9, 6])
+    got = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(got, hf_generate(hf, ids, mask, 8))
+    hf.config.decoder_attention_heads = 2
+    with pytest.raises(UnsupportedModelError, match=r"different encoder and decoder head counts"):
+        kernl.compiler.compile(hf, BUCKETS, tmp_path / "b", dtype="fp32", device="cpu")

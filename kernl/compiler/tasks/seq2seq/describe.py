@@ -285,18 +285,18 @@ def _bart(model, family: str):
     """BART (post-norm, layernorm_embedding), mBART (pre-norm, layernorm_embedding and a final
     layer_norm per side) and Marian (post-norm, neither; sinusoidal positions): one layout."""
     cfg = model.config
-    if family == "bart":
-        for name in ("normalize_before", "add_final_layer_norm"):
-            if getattr(cfg, name, False):
-                raise UnsupportedModelError(
-                    f"BART with {name}=True is not supported (mBART's layout is model_type mbart)"
-                )
-    if (
-        cfg.encoder_attention_heads != cfg.decoder_attention_heads
-        or cfg.encoder_ffn_dim != cfg.decoder_ffn_dim
-    ):
+    # (fairseq's normalize_before and add_final_layer_norm, which old BART configs carry, are
+    # read by no transformers BART: HF's is post-norm whatever they say, and so is kernl's;
+    # refusing them refused models HF runs)
+    if cfg.encoder_attention_heads != cfg.decoder_attention_heads:
         raise UnsupportedModelError(
-            f"{family} with different encoder and decoder widths is not supported"
+            f"{family} with different encoder and decoder head counts "
+            f"({cfg.encoder_attention_heads} and {cfg.decoder_attention_heads}) is not supported"
+        )
+    if cfg.encoder_ffn_dim != cfg.decoder_ffn_dim:
+        raise UnsupportedModelError(
+            f"{family} with different encoder and decoder widths (feed-forward "
+            f"{cfg.encoder_ffn_dim} and {cfg.decoder_ffn_dim}) is not supported"
         )
     dec_vocab = getattr(cfg, "decoder_vocab_size", None)
     if family == "marian" and dec_vocab is not None and dec_vocab != cfg.vocab_size:
