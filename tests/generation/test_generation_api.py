@@ -902,10 +902,11 @@ def test_a_caller_s_autocast_does_not_reach_the_steps(model):
 
 def test_a_length_is_named_as_the_call_gave_it():
     """A call that gave no length was refused as "max_new_tokens 20 exceeds ...", an argument
-    it never passed; each call names its own (the context outlives the call)."""
+    it never passed."""
     from kernl.runtime.generation.model import _new_tokens, asked_length
 
     assert _new_tokens(None, None, 4) == 20
-    assert asked_length(20) == "the default of 20 new tokens (no max_new_tokens given)"
-    assert _new_tokens(None, 30, 4) == 26 and asked_length(26) == "max_length 30 (26 new tokens)"
-    assert _new_tokens(7, None, 4) == 7 and asked_length(7) == "max_new_tokens 7"
+    assert asked_length(None, None, 20) == "the default of 20 new tokens (no max_new_tokens given)"
+    assert _new_tokens(None, 30, 4) == 26
+    assert asked_length(None, 30, 26) == "max_length 30 (26 new tokens)"
+    assert asked_length(7, 30, 7) == "max_new_tokens 7"

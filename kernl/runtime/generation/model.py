@@ -223,21 +223,17 @@ class _Plan:
 LENGTH_IS_A_BOUND: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "kernl_length_is_a_bound", default=None
 )
-# How the call asked for its length, for a message that refuses it: a call that gave none was
-# told "max_new_tokens 20 exceeds the decoder cache", an argument it never passed.
-_ASKED_LENGTH: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "kernl_asked_length", default=None
-)
 
 
-def asked_as_given() -> None:
-    """The running call's length is its own max_new_tokens (a path without _new_tokens)."""
-    _ASKED_LENGTH.set(None)
-
-
-def asked_length(new: int) -> str:
-    """`new` new tokens as the running call asked for them (see _new_tokens)."""
-    return _ASKED_LENGTH.get() or f"max_new_tokens {new}"
+def asked_length(max_new_tokens: int | None, max_length: int | None, new: int) -> str:
+    """The `new` tokens of a call as the call asked for them (its max_new_tokens, its
+    max_length, or neither), for a message refusing them: a call that gave no length was told
+    "max_new_tokens 20 exceeds the decoder cache", an argument it never passed."""
+    if max_new_tokens is not None:
+        return f"max_new_tokens {new}"
+    if max_length is None:
+        return f"the default of {new} new tokens (no max_new_tokens given)"
+    return f"max_length {max_length} ({new} new tokens)"
 
 
 class _ModelDefault:
@@ -500,14 +496,15 @@ class GenerativeModel(StepLoop):
             raise TypeError("input_ids is required: the prompt token ids [batch, length]")
         self._refuse_reentry()
         prompt, mask = _as_batch(input_ids, attention_mask)
-        max_new_tokens = _new_tokens(max_new_tokens, max_length, prompt.shape[1])
+        new = _new_tokens(max_new_tokens, max_length, prompt.shape[1])
+        asked = asked_length(max_new_tokens, max_length, new)
         if _is_token_lists(input_ids):
-            plan = self._plan(prompt, mask, max_new_tokens, *sampling)
+            plan = self._plan(prompt, mask, new, *sampling, asked=asked)
             return prompt.masked_fill(~mask, plan.pad), plan
         # A tensor without a mask (what Hugging Face takes): the mask inferred from the pad id
         # (_plan). Lists of ids are taken as given.
         infer = attention_mask is None and not isinstance(input_ids, (list, tuple))
-        return prompt, self._plan(prompt, None if infer else mask, max_new_tokens, *sampling)
+        return prompt, self._plan(prompt, None if infer else mask, new, *sampling, asked=asked)
 
     def __repr__(self) -> str:
         b = self.buckets
@@ -531,6 +528,7 @@ class GenerativeModel(StepLoop):
         eos_token_id,
         pad_token_id,
         seed=0,
+        asked: str | None = None,
     ) -> _Plan:
         """Check a request and pick its buckets; raises ValueError before touching any state
         (an out-of-range id reaching the GPU is a device-side error that poisons the whole
@@ -607,7 +605,8 @@ class GenerativeModel(StepLoop):
             max_new_tokens = room
         if prompt_bucket + max_new_tokens - 1 > b.cache_len:
             raise ValueError(
-                f"prompt bucket {prompt_bucket} + {asked_length(max_new_tokens)} - 1 exceeds "
+                f"prompt bucket {prompt_bucket} + {asked or f'max_new_tokens {max_new_tokens}'}"
+                " - 1 exceeds "
                 f"the KV cache of {b.cache_len} slots; at most "
                 f"{b.cache_len - prompt_bucket + 1} new tokens fit after this prompt "
                 f"(recompile with a larger cache= to go further)"
@@ -877,13 +876,8 @@ def _new_tokens(
     """Hugging Face's rule: `max_length` counts the (padded) prompt, for an encoder-decoder
     the decoder start token (`prompt_length` 1, `counted` naming it); `max_new_tokens`
     wins."""
-    # every call sets it: the context outlives the call
-    _ASKED_LENGTH.set(None)
     if max_length is None:
-        if max_new_tokens is None:
-            _ASKED_LENGTH.set("the default of 20 new tokens (no max_new_tokens given)")
-            return 20
-        return max_new_tokens
+        return 20 if max_new_tokens is None else max_new_tokens
     if not _is_int(max_length):
         raise ValueError(f"max_length must be an integer, got {max_length!r}")
     if max_new_tokens is not None:
@@ -899,7 +893,6 @@ def _new_tokens(
             f"{'it' if counted else 'the prompt'}); use max_new_tokens to set the number of "
             "new tokens"
         )
-    _ASKED_LENGTH.set(f"max_length {max_length} ({max_length - prompt_length} new tokens)")
     return max_length - prompt_length
 
 

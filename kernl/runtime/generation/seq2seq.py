@@ -487,7 +487,7 @@ class Seq2SeqModel(StepLoop):
             pad = int(pad_token_id)
         return batch_bucket, eos, pad
 
-    def _check_cache(self, prompt_len: int, max_new_tokens: int) -> int:
+    def _check_cache(self, prompt_len: int, max_new_tokens: int, asked: str | None = None) -> int:
         """`max_new_tokens` where the decoder cache holds them; a length from the generation
         config (LENGTH_IS_A_BOUND, kernl.optimize's) is cut to what it holds, with a warning,
         as on the causal LM; one a call asks for is refused with the room there is."""
@@ -516,7 +516,7 @@ class Seq2SeqModel(StepLoop):
                 else ""
             )
             raise ValueError(
-                f"{asked_length(max_new_tokens)} exceeds the decoder cache: it holds "
+                f"{asked or f'max_new_tokens {max_new_tokens}'} exceeds the decoder cache: it holds "
                 f"{cache - prompt_len + 1} new tokens (cache={cache}{prompt}); recompile with a "
                 "larger cache= to go further"
             )
@@ -538,9 +538,10 @@ class Seq2SeqModel(StepLoop):
         if input_ids is None:
             raise TypeError("input_ids is required: the source token ids [batch, length]")
         ids, mask = _as_batch(input_ids, attention_mask, left=False)
-        max_new_tokens = _new_tokens(max_new_tokens, max_length, 1, "the decoder start token")
+        new = _new_tokens(max_new_tokens, max_length, 1, "the decoder start token")
+        asked = asked_length(max_new_tokens, max_length, new)
         batch = ids.shape[0]
-        bb, eos, pad = self._check(batch, max_new_tokens, do_sample, sampler, eos_id, pad_id)
+        bb, eos, pad = self._check(batch, new, do_sample, sampler, eos_id, pad_id)
         vocab = self.spec.vocab_size
         bos = self.spec.forced_bos_token_id if bos is MODEL_DEFAULT else bos
         if bos is not None and not (isinstance(bos, int) and 0 <= bos < vocab):
@@ -560,7 +561,7 @@ class Seq2SeqModel(StepLoop):
                 f"artifact ({self.buckets.sources}); shorten it or recompile with a longer "
                 "source bucket"
             )
-        wanted, max_new_tokens = max_new_tokens, self._check_cache(1, max_new_tokens)
+        max_new_tokens = self._check_cache(1, new, asked)
         padded = torch.full((bb, source_bucket), self.default_pad, dtype=torch.int64)
         valid = torch.zeros(bb, source_bucket, dtype=torch.bool)
         padded[:batch, :length] = ids[:, :length]
@@ -583,5 +584,5 @@ class Seq2SeqModel(StepLoop):
             sampler,
             eos,
             pad,
-            length_cut=max_new_tokens < wanted,
+            length_cut=max_new_tokens < new,
         )

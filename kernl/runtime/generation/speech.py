@@ -25,7 +25,6 @@ from .model import (
     MODEL_DEFAULT,
     _generated_length,
     _is_number,
-    asked_as_given,
     main_input,
     plain_numbers,
     refuse_hf_options,
@@ -207,7 +206,6 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         eos_id = MODEL_DEFAULT if eos_id is None else eos_id
         pad_id = MODEL_DEFAULT if pad_id is None else pad_id
         bb, eos, pad = self._check(batch, max_new_tokens, do_sample, sampler, eos_id, pad_id)
-        asked_as_given()
         max_new_tokens = self._check_cache(prompt_len, max_new_tokens)
         padded = torch.zeros((bb, *features.shape[1:]), dtype=self.dtype, device=features.device)
         padded[:batch] = features
