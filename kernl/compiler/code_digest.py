@@ -94,6 +94,7 @@ _HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks")
 # their code, and following their globals would cost the digest most of its time
 _BY_NAME = frozenset({"torch", "builtins", "typing", *sys.stdlib_module_names})
 _FUNCTIONS = (types.FunctionType, types.MethodType, functools.partial)
+_CACHED = type(functools.lru_cache(lambda: None))  # what @functools.cache / lru_cache return
 # how deep functions are followed through the globals, closures and partials they name, and
 # values through the containers and objects that hold them (a bound on the recursion, far
 # above what a model's helpers nest)
@@ -306,7 +307,7 @@ class _Fingerprints:
         path = getattr(sys.modules.get(klass.__module__), "__file__", None)
         # a library's class constants are its own (and some are caches it fills on first
         # use): plain values only, as before; the user's own class's, whatever their data
-        users = not _installed(klass.__module__, path) and not _is_torch(klass)
+        users = _users_class(klass)
         if isinstance(path, str) and path.endswith(".py") and os.path.isfile(path):
             if path not in self.files:
                 with open(path, "rb") as f:
@@ -412,11 +413,10 @@ class _Fingerprints:
             for called in sorted(_names(fn.__code__)):
                 target = fn.__globals__.get(called, _ABSENT)
                 # a helper under @functools.lru_cache / @functools.cache: the function it wraps
-                wrapped = getattr(target, "__wrapped__", None)
-                if type(target).__name__ == "_lru_cache_wrapper" and isinstance(
-                    wrapped, types.FunctionType
+                if isinstance(target, _CACHED) and isinstance(
+                    target.__wrapped__, types.FunctionType
                 ):
-                    target = wrapped
+                    target = target.__wrapped__
                 if isinstance(target, _FUNCTIONS):
                     if follow:
                         inner = _globals_of(target) is fn.__globals__  # its own module
@@ -428,7 +428,9 @@ class _Fingerprints:
                     continue
                 elif isinstance(target, torch.nn.Module):  # a notebook's adapter a hook applies
                     parts.append(f"names {called}: {self.module(target, depth + 1)}")
-                elif callable(target) and not isinstance(target, type) and _users_object(target):
+                elif (
+                    callable(target) and not isinstance(target, type) and _users_class(type(target))
+                ):
                     # a notebook's `post = Post()`: its class's code and its state
                     parts.append(f"names {called}: {self.callable(target, depth + 1)}")
                 else:  # a notebook's `SCALE = 3.0`, a steering tensor: read, not followed
@@ -455,11 +457,8 @@ class _Fingerprints:
         attrs = getattr(target, "__dict__", None)
         if not isinstance(attrs, (dict, types.MappingProxyType)):
             return None
-        if klass is not types.SimpleNamespace:
-            top = klass.__module__.split(".")[0]
-            file = getattr(sys.modules.get(klass.__module__), "__file__", None)
-            if top in _BY_NAME or top == "torch" or _installed(klass.__module__, file):
-                return None
+        if klass is not types.SimpleNamespace and not _users_class(klass):
+            return None
         lines = []
         for key, value in sorted(attrs.items()):
             if not key.startswith("__"):
@@ -503,10 +502,9 @@ def _ndarray(a: Any) -> str | None:
     return f"ndarray {a.dtype} {a.shape} {hashlib.sha256(data).hexdigest()[:32]}"
 
 
-def _users_object(obj: Any) -> bool:
-    """Whether `obj` is an instance of a class of the user's code (a notebook's, a script's),
-    not of torch's, the standard library's or an installed library's."""
-    klass = type(obj)
+def _users_class(klass: type) -> bool:
+    """Whether `klass` is of the user's code (a notebook's, a script's), not torch's, the
+    standard library's or an installed library's."""
     top = klass.__module__.split(".")[0]
     if top in _BY_NAME or top == "torch":
         return False

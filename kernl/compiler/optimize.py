@@ -87,7 +87,7 @@ from .buckets import as_buckets, check_buckets_fit, position_limit
 from .caller_model import modules_over_the_same_tensors, named_tensors, untouched
 from .code_digest import code_digest, tensor_bytes_digest
 from .tasks.causal_lm.buckets import as_generation_buckets
-from .tasks.generation_config import beam_search_not_run
+from .tasks.generation_config import HF_GENERATE_AS_KERNL, beam_search_not_run
 from .tasks.seq2seq import is_speech_model
 from .tasks.seq2seq.buckets import as_seq2seq_buckets, check_positions, seq2seq_position_limit
 from .trace import (
@@ -497,12 +497,9 @@ def _config_edits(
 # kernl.optimize or after. kernl's generate applies none of them, and where they were set before
 # the compile (no edit for _config_edits to find) they were ignored: a tensor for
 # return_dict_in_generate=True, one row a prompt for num_return_sequences=2, no stop at max_time.
-_CONFIG_OPTIONS_NOT_APPLIED = (
-    "return_dict_in_generate",
-    "num_return_sequences",
-    "max_time",
-    "stop_strings",
-    "dola_layers",
+# (HF_GENERATE_AS_KERNL's, but prompt lookup: HF's ids are the same with it)
+_CONFIG_OPTIONS_NOT_APPLIED = tuple(
+    k for k in HF_GENERATE_AS_KERNL if k != "prompt_lookup_num_tokens"
 )
 
 

@@ -919,13 +919,13 @@ def _rows_of(name: str, value, rows: int) -> list:
     return list(value)
 
 
-# Arguments of Hugging Face's generate that kernl's do not take: the value that changes
-# nothing (taken silently, as code written for HF passes it) and where to go instead.
 # Hugging Face generate arguments that change nothing here, whatever their value: kernl always
 # decodes over its static KV cache (HF's ids are the same with use_cache=False, only slower),
 # and HF reads bos_token_id only to make a prompt where no input_ids are given (kernl's generate
 # always has them).
 IGNORED_HF_OPTIONS = frozenset({"use_cache", "bos_token_id"})
+# Arguments of Hugging Face's generate that kernl's do not take: the value that changes
+# nothing (taken silently, as code written for HF passes it) and where to go instead.
 _HF_OPTIONS = {
     "return_segments": (False, "generate returns the ids only (pass language= to set one)"),
     "num_beams": (
