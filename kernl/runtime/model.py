@@ -33,6 +33,20 @@ POSITIONAL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # tuples, no cache are taken), and that HF's classes then hold as None: `out.loss is None`.
 _NONE_FIELDS = frozenset({"loss", "hidden_states", "attentions", "cross_attentions"})
 
+# What a tokenizer returns besides a model's inputs when asked (`return_offsets_mapping=True`
+# for token classification, ...): `model(**tokenizer(...))` passes them on, and Hugging Face's
+# forward swallows them. Taken and ignored; any other unknown name is refused.
+TOKENIZER_ONLY_OUTPUTS = frozenset(
+    {
+        "special_tokens_mask",
+        "offset_mapping",
+        "length",
+        "overflow_to_sample_mapping",
+        "num_truncated_tokens",
+        "overflowing_tokens",
+    }
+)
+
 
 class ModelOutput(dict):
     """The model's outputs by field name, like Hugging Face's ModelOutput: `out.logits`,
@@ -568,7 +582,13 @@ class CompiledModel:
         are copied in)."""
         if not inputs.keys() <= self._inputs.keys():
             # None is HF's "not given" (position_ids=None, head_mask=None): taken as such
-            unknown = sorted(k for k in inputs if k not in self._inputs and inputs[k] is not None)
+            unknown = sorted(
+                k
+                for k in inputs
+                if k not in self._inputs
+                and inputs[k] is not None
+                and k not in TOKENIZER_ONLY_OUTPUTS
+            )
             if unknown:
                 why = ""
                 if "labels" in unknown:  # a training loop's call, or a pipeline's eval

@@ -215,6 +215,15 @@ SERVED = {
     "neutral Hugging Face options": lambda: dict(
         input_ids=_ids(1, 5), output_attentions=False, output_hidden_states=None
     ),
+    # `model(**tokenizer(texts, return_offsets_mapping=True, return_special_tokens_mask=True,
+    # return_length=True))`: HF's forward swallows them (they were "unexpected input(s)")
+    "a tokenizer's extra outputs": lambda: dict(
+        input_ids=_ids(2, 5),
+        attention_mask=torch.ones(2, 5, dtype=torch.long),
+        special_tokens_mask=torch.zeros(2, 5, dtype=torch.long),
+        offset_mapping=torch.zeros(2, 5, 2, dtype=torch.long),
+        length=torch.tensor([5, 5]),
+    ),
 }
 
 
