@@ -227,9 +227,17 @@ def test_hugging_face_argument_names_are_taken_or_explained(compiled):
     assert torch.equal(model.generate(inputs=ids, attention_mask=mask, max_new_tokens=6), ref)
     steps = list(model.stream(inputs=ids, attention_mask=mask, max_new_tokens=6))
     assert torch.equal(torch.stack(steps, dim=1), ref[:, 1 : 1 + len(steps)])
-    start = torch.zeros(2, 1, dtype=torch.long)
+    own = model.spec.decoder_start_token_id
+    prompt = torch.tensor([[own, 5], [own, 7]])
     with pytest.raises(TypeError, match="decoder_input_ids=.*a decoder prompt is not supported"):
-        model.generate(ids, mask, decoder_input_ids=start)
+        model.generate(ids, mask, decoder_input_ids=prompt)
+    # the start token alone is HF's decoding without them (it was refused as a prompt)
+    for start in (prompt[:, :1], [[own], [own]]):
+        assert torch.equal(
+            model.generate(ids, mask, max_new_tokens=6, decoder_input_ids=start), ref
+        )
+    with pytest.raises(TypeError, match="decoder_input_ids=<tensor \\(3, 1\\)>: the decoder"):
+        model.generate(ids, mask, decoder_input_ids=torch.full((3, 1), own))  # not one per row
     # HF's encoder_outputs and decoder_attention_mask were "unexpected keyword argument"
     with pytest.raises(TypeError, match=r"encoder_outputs=<tuple of tensors>: the compiled enc"):
         model.generate(ids, mask, encoder_outputs=(torch.zeros(2, 10, 32),))
@@ -240,12 +248,15 @@ def test_hugging_face_argument_names_are_taken_or_explained(compiled):
         model.generate(attention_mask=mask)
     # the model's own decoder start token (or None, HF's "the config's") is taken, as HF
     # code passes it; another is refused by name (both were "unexpected keyword argument")
-    own = model.spec.decoder_start_token_id
-    for given in (own, None, torch.tensor(own)):
+    for given in (own, None, torch.tensor(own), [own, own], torch.tensor([own, own])):
         got = model.generate(ids, mask, max_new_tokens=6, decoder_start_token_id=given)
-        assert torch.equal(got, ref)
+        assert torch.equal(got, ref)  # one per row, as HF takes it (a list was refused)
     with pytest.raises(TypeError, match=f"decoder_start_token_id=5: .* token, {own}, as compiled"):
         list(model.stream(ids, mask, max_new_tokens=6, decoder_start_token_id=5))
+    with pytest.raises(TypeError, match=rf"\[{own}, 5\]: .* as compiled$"):
+        model.generate(ids, mask, decoder_start_token_id=[own, 5])
+    with pytest.raises(TypeError, match=r"holds one per row: 2, got 3\)$"):
+        model.generate(ids, mask, decoder_start_token_id=[own] * 3)
     kw = dict(max_new_tokens=6, do_sample=True, seed=2, eos_token_id=[])
     sampled = model.generate(ids, mask, temperature=1.0, top_p=1.0, top_k=0, **kw)
     off = model.generate(ids, mask, temperature=None, top_p=None, top_k=None, **kw)

@@ -833,20 +833,53 @@ def main_input(method: str, value, options: dict, name: str = "input_ids"):
     return inputs if value is None else value
 
 
-def take_decoder_start(method: str, options: dict, start: int) -> None:
+def take_decoder_start(
+    method: str, options: dict, start: int, rows: int | None, decoder_ids: bool = False
+) -> None:
     """An encoder-decoder's `decoder_start_token_id`, which Hugging Face's generate takes: the
-    model's own (or None, HF's "the config's") is taken; another is refused, as the decoder
-    starts from the token it was compiled with."""
-    if "decoder_start_token_id" not in options:
-        return
-    given = options.pop("decoder_start_token_id")
-    if isinstance(given, torch.Tensor) and given.numel() == 1:
-        given = given.item()
-    if given is not None and not (_is_int(given) and given == start):
-        raise TypeError(
-            f"{method}() does not take decoder_start_token_id={given!r}: the decoder starts "
-            f"from the model's decoder start token, {start}, as compiled"
+    model's own (or None, HF's "the config's"; or one per row, each the model's) is taken;
+    another is refused, as the decoder starts from the token it was compiled with. With
+    `decoder_ids` (a text model's generate), `decoder_input_ids` holding only that token per
+    row is taken too: HF then decodes as without them (a longer decoder prompt is refused
+    later, as any other)."""
+    if "decoder_start_token_id" in options:
+        given = options.pop("decoder_start_token_id")
+        if not _only_start(given, start, rows, per_row=False):
+            raise TypeError(
+                f"{method}() does not take decoder_start_token_id={shown_value(given)}: the "
+                f"decoder starts from the model's decoder start token, {start}, as compiled"
+                + _rows_hint(given, rows)
+            )
+    if decoder_ids and options.get("decoder_input_ids") is not None:
+        if _only_start(options["decoder_input_ids"], start, rows, per_row=True):
+            del options["decoder_input_ids"]
+
+
+def _only_start(given, start: int, rows: int | None, per_row: bool) -> bool:
+    """`given` is the start token: one int, or one per row (`per_row`: a [rows, 1] column)."""
+    if given is None and not per_row:
+        return True
+    if isinstance(given, torch.Tensor):
+        if given.is_floating_point() or given.is_complex():
+            return False
+        if not per_row and given.ndim == 0:
+            return given.item() == start
+        given = given.tolist()
+    if _is_int(given):
+        return not per_row and given == start
+    if not isinstance(given, (list, tuple)) or (rows is not None and len(given) != rows):
+        return False
+    if per_row:
+        return all(isinstance(r, (list, tuple)) and len(r) == 1 for r in given) and all(
+            _is_int(r[0]) and r[0] == start for r in given
         )
+    return bool(given) and all(_is_int(t) and t == start for t in given)
+
+
+def _rows_hint(given, rows: int | None) -> str:
+    if isinstance(given, (list, tuple, torch.Tensor)) and rows is not None and len(given) != rows:
+        return f" (and a list of them holds one per row: {rows}, got {len(given)})"
+    return ""
 
 
 def _is_int(x) -> bool:

@@ -310,7 +310,13 @@ class Seq2SeqModel(StepLoop):
         Raises ValueError, leaving the model usable, for a source longer than every source
         bucket or more new tokens than the decoder cache holds."""
         input_ids = main_input("generate", input_ids, hf_options)
-        take_decoder_start("generate", hf_options, self.spec.decoder_start_token_id)
+        take_decoder_start(
+            "generate",
+            hf_options,
+            self.spec.decoder_start_token_id,
+            _rows(input_ids),
+            decoder_ids=True,
+        )
         refuse_hf_options("generate", hf_options)
         seed = call_seed(seed, do_sample is True)
         plan = self._text_plan(
@@ -352,7 +358,13 @@ class Seq2SeqModel(StepLoop):
         stops after the step where every row has finished. Arguments are checked before this
         returns; the model serves nothing else until the iterator is exhausted or closed."""
         input_ids = main_input("stream", input_ids, hf_options)
-        take_decoder_start("stream", hf_options, self.spec.decoder_start_token_id)
+        take_decoder_start(
+            "stream",
+            hf_options,
+            self.spec.decoder_start_token_id,
+            _rows(input_ids),
+            decoder_ids=True,
+        )
         refuse_hf_options("stream", hf_options)
         seed = call_seed(seed, do_sample is True)
         plan = self._text_plan(
@@ -586,3 +598,11 @@ class Seq2SeqModel(StepLoop):
             pad,
             length_cut=max_new_tokens < new,
         )
+
+
+def _rows(source) -> int | None:
+    """The call's number of rows, where its source already says (its checks come later)."""
+    try:
+        return len(source)
+    except TypeError:
+        return None

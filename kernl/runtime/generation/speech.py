@@ -77,7 +77,9 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         passed as `inputs`. Timestamps are not supported. Raises ValueError, leaving the
         model usable, for a bad feature shape or more tokens than the decoder cache holds."""
         input_features = main_input("generate", input_features, hf_options, "input_features")
-        take_decoder_start("generate", hf_options, self.spec.decoder_start_token_id)
+        take_decoder_start(
+            "generate", hf_options, self.spec.decoder_start_token_id, _rows(input_features)
+        )
         _take_whisper_options("generate", hf_options)
         refuse_hf_options("generate", hf_options)
         plan = self._speech_plan(
@@ -126,7 +128,9 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         explicit None for `eos_token_id` or `pad_token_id` is the model's id here, as the
         steps of Hugging Face's Whisper take it (see `generate`)."""
         input_features = main_input("stream", input_features, hf_options, "input_features")
-        take_decoder_start("stream", hf_options, self.spec.decoder_start_token_id)
+        take_decoder_start(
+            "stream", hf_options, self.spec.decoder_start_token_id, _rows(input_features)
+        )
         _take_whisper_options("stream", hf_options)
         refuse_hf_options("stream", hf_options)
         plan = self._speech_plan(
@@ -360,3 +364,7 @@ def _as_features(features, mels: int, frames: int) -> torch.Tensor:
 
 def _device(x) -> torch.device:
     return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+
+
+def _rows(features) -> int | None:
+    return features.shape[0] if isinstance(features, torch.Tensor) and features.ndim else None
