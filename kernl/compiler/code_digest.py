@@ -25,7 +25,8 @@ attributes, private ones included (eps, scaling, head counts, PEFT's `_active_ad
 `_disable_adapters`), dicts, lists, tuples and sets of such values or of tensors (PEFT's
 `scaling = {"default": 2.0}`), tensors and numpy arrays held as plain attributes (by their
 bytes, as weights are hashed: compile folds them in as constants), enums and dtypes, an options
-object of the user's (a dataclass, a SimpleNamespace: by its data), the callables set on it (a function, a bound
+object of the user's (a dataclass, a SimpleNamespace: by its data), a list, tuple or dict of
+modules not registered as submodules (each as a module a function names), the callables set on it (a function, a bound
 method: its function and what it is bound to, a functools.partial: its function and arguments,
 a callable object: its class and state) and its forward hooks (likewise). Functions count the
 plain values, tensors, modules and settings objects (a class, a SimpleNamespace or an
@@ -205,6 +206,12 @@ class _Fingerprints:
                 lines.append(f"{key}={data}")
             elif callable(value):  # a function, bound method, partial, callable object
                 lines.append(f"{key}=<{self.callable(value, depth + 1)}>")
+            elif _modules_held(value):
+                # `self.adapters = [nn.Linear(...)]`: not registered (a plain list), so not in
+                # the model's modules, yet a forward may apply them
+                items = value.items() if isinstance(value, dict) else enumerate(value)
+                held = [f"{k!r}: {self.module(m, depth + 1)}" for k, m in items]
+                lines.append(f"{key}={_qualname(type(value))}[{', '.join(held)}]")
             elif not isinstance(value, torch.nn.Module):
                 # a dataclass of options or a SimpleNamespace of the user's, by its data
                 # attributes (an instance of a library's class, such as the config: None)
@@ -428,6 +435,10 @@ class _Fingerprints:
                     continue
                 elif isinstance(target, torch.nn.Module):  # a notebook's adapter a hook applies
                     parts.append(f"names {called}: {self.module(target, depth + 1)}")
+                elif isinstance(target, types.ModuleType):  # `import settings` beside the script
+                    reads = self.users_module(target, _names(fn.__code__), depth + 1)
+                    if reads is not None:
+                        parts.append(f"names {called}: {reads}")
                 elif (
                     callable(target) and not isinstance(target, type) and _users_class(type(target))
                 ):
@@ -468,6 +479,31 @@ class _Fingerprints:
         kind = "class" if isinstance(target, type) else "object"
         return f"{kind} {_qualname(klass)} [{', '.join(lines)}]"
 
+    def users_module(self, module: types.ModuleType, names: set[str], depth: int) -> str | None:
+        """A module of the user's that a function names (`settings.SCALE`, `helpers.scale(x)`):
+        the attributes of it the function's code names, as globals of the function would be
+        (data, settings objects, modules, functions by their code and values). None for torch's,
+        the standard library's or an installed library's module: its versions are in the key,
+        and its globals are process state (see _installed)."""
+        top = module.__name__.split(".")[0]
+        if top in _BY_NAME or _installed(module.__name__, getattr(module, "__file__", None)):
+            return None
+        lines = []
+        attrs = vars(module)
+        for name in sorted(names & attrs.keys()):
+            v = attrs[name]
+            if isinstance(v, _CACHED) and isinstance(v.__wrapped__, types.FunctionType):
+                v = v.__wrapped__
+            if isinstance(v, _FUNCTIONS):
+                found = self.callable(v, depth, follow=False)
+            elif isinstance(v, torch.nn.Module):
+                found = self.module(v, depth)
+            else:
+                found = self.data(v, depth) or self.settings(v, depth)
+            if found is not None:
+                lines.append(f"{name}={found}")
+        return f"module {module.__name__} [{', '.join(lines)}]"
+
     def value(self, v: Any, depth: int, follow: bool = False) -> str:
         """A value a function closes over, defaults to, or a partial binds."""
         data = self.data(v, depth)
@@ -491,6 +527,16 @@ class _Fingerprints:
 
 
 _ABSENT = object()
+
+
+def _modules_held(value: Any) -> bool:
+    """A list, tuple or dict (by its values) of modules only."""
+    items = list(value.values()) if isinstance(value, dict) else value
+    return (
+        isinstance(value, (list, tuple, dict))
+        and bool(items)
+        and all(isinstance(m, torch.nn.Module) for m in items)
+    )
 
 
 def _ndarray(a: Any) -> str | None:

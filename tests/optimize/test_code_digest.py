@@ -366,3 +366,45 @@ def test_a_cached_helper_and_a_callable_object_a_forward_calls_count(monkeypatch
     assert second != first
     monkeypatch.setattr(_Post, "__call__", lambda self, x: x * 3.0)
     assert code_digest(bert) != second
+
+
+_settings: types.ModuleType | None = None  # the user's module, imported by the test below
+
+
+def _reads_a_users_module(self, hidden_states, input_tensor):
+    out = self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+    return _settings.scaled(out) * _settings.SCALE
+
+
+def test_a_users_module_a_forward_reads_through_counts(tmp_path, monkeypatch):
+    """`import settings` beside the notebook, its `SCALE` and its helper edited (the module
+    was read as nothing: the stale entry was served)."""
+    (tmp_path / "kernl_test_settings.py").write_text(
+        "SCALE = 1.0\n\ndef scaled(x):\n    return x * 1.0\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import kernl_test_settings as settings
+
+    monkeypatch.setitem(globals(), "_settings", settings)
+    bert = tiny_bert()
+    monkeypatch.setattr(modeling_bert.BertOutput, "forward", _reads_a_users_module)
+    first = code_digest(bert)
+    assert code_digest(tiny_bert()) == first
+    monkeypatch.setattr(settings, "SCALE", 2.0)
+    second = code_digest(bert)
+    assert second != first
+    monkeypatch.setattr(settings, "scaled", lambda x: x * 3.0)
+    assert code_digest(bert) not in (first, second)
+
+
+def test_modules_held_in_a_plain_list_count():
+    """`layer.adapters = [nn.Linear(...)]` is no submodule (a plain list): its weights were
+    not in the key, and an edited adapter served the stale entry."""
+    bert = tiny_bert()
+    adapter = torch.nn.Linear(4, 4)
+    bert.encoder.layer[1].output.adapters = [adapter]
+    bert.encoder.layer[0].output.by_name = {"a": bert.encoder.layer[1]}  # the model's own
+    first = code_digest(bert)
+    with torch.no_grad():
+        adapter.weight[0, 0] += 1.0
+    assert code_digest(bert) != first
