@@ -209,6 +209,18 @@ def test_open_batch_and_its_joiners_take_the_config_length_and_sampling(cache):
         while batch.rows:
             tokens += [t for _, t in batch.step()]
     assert tokens == greedy[tuple(p0)][:3]
+    # a config length past the cache is cut to it, as generate cuts it (the rows ran past
+    # the cache: an IndexError on the CPU at its last slot)
+    model.generation_config.max_new_tokens = 200
+    with pytest.warns(UserWarning, match="asks for up to 200 new tokens"):
+        want = model.generate([p0])[0, len(p0) :].tolist()
+    with pytest.warns(UserWarning, match="asks for up to 200 new tokens"):
+        batch = model.open_batch([p0], rows=2)
+    with batch:
+        tokens = [t for _, t in batch.first]
+        while batch.rows:
+            tokens += [t for _, t in batch.step()]
+    assert tokens == want and len(want) < 48
     model.generation_config.max_new_tokens = None
     for key, value in (("do_sample", True), ("top_k", 1), ("temperature", 50.0)):
         setattr(model.generation_config, key, value)  # sampling that is greedy decoding

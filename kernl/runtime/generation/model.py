@@ -484,7 +484,9 @@ class GenerativeModel(StepLoop):
                     f"rows={rows}: no batch bucket holds that many ({self.buckets.batches})"
                 )
             plan.batch_bucket = bucket
-        limits = budgets or [most] * plan.batch
+        # the plan cut a config's length to the cache (LENGTH_IS_A_BOUND, with a warning):
+        # each row stops there too, as generate's do (they ran past the cache)
+        limits = [min(n, plan.max_new_tokens) for n in budgets or [most] * plan.batch]
         return OpenBatch(self, plan, (temperature, top_k, top_p, seed), limits)
 
     def _request(
