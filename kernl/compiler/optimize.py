@@ -365,6 +365,11 @@ def _with_config_length(method: Callable, config: Any, *args: Any, **kwargs: Any
         return method(*args, **kwargs)
     elif "max_length" not in given and config_max_length is not None:
         name, value = "max_length", config_max_length
+    elif "max_length" not in given and "max_new_tokens" not in given and _speech(method):
+        # a config without a length (one built from a WhisperConfig): HF's GenerationConfig
+        # default of 20, which Whisper counts as new tokens; kernl's Whisper alone runs to
+        # the cache (it ran to the cache here, where HF stops at 20)
+        name, value = "max_length", 20
     else:
         return method(*args, **kwargs)
     kwargs[name] = value
@@ -373,6 +378,12 @@ def _with_config_length(method: Callable, config: Any, *args: Any, **kwargs: Any
         return method(*args, **kwargs)
     finally:
         LENGTH_IS_A_BOUND.reset(token)
+
+
+def _speech(method: Callable) -> bool:
+    from kernl.runtime.generation.speech import SpeechSeq2SeqModel
+
+    return isinstance(getattr(method, "__self__", None), SpeechSeq2SeqModel)
 
 
 # The generation config's length keys: generate/stream take them from the config at every call
@@ -424,7 +435,7 @@ def _config_edits(
     as an argument is passed as one, unless the call passes it (the call wins, as in HF); a
     Hugging Face option kernl takes at its neutral value only (num_beams=1) changes nothing
     there. Any other edit (what the artifact compiled in: bad_words_ids, suppress_tokens,
-    forced EOS, Whisper's forced_decoder_ids and language tables) raises a ValueError naming
+    forced EOS, Whisper's language tables) raises a ValueError naming
     the keys. `taken_elsewhere`: keys the caller takes from the config at every call, edited
     or not (the length keys: _with_config_length; the sampling keys: _config_sampling)."""
     now = _settings(config)
@@ -463,11 +474,6 @@ def _config_edits(
             continue
         else:
             refused.append(key)
-    # Whisper's forced_decoder_ids: HF (and kernl) ignore them once a language or task is set
-    if "forced_decoder_ids" in refused:
-        resolved = {**now, **bound}
-        if resolved.get("language") is not None or resolved.get("task") is not None:
-            refused.remove("forced_decoder_ids")
     if refused:
         shown = ", ".join(f"{k}={now.get(k)!r}" for k in refused)
         raise ValueError(
@@ -476,12 +482,6 @@ def _config_edits(
             "compiled. Undo it, or set it on the original model's generation_config and run "
             "kernl.optimize again (a new cache entry; that compile applies it where the "
             "artifact can hold it, says it is not applied (num_beams), or refuses it)"
-            + (
-                ". Or name the language and task per call (language=, task=), which take the "
-                "forced ids' place"
-                if "forced_decoder_ids" in refused
-                else ""
-            )
         )
     if applied.get("eos_token_id", 0) is None:
         applied["eos_token_id"] = []  # no EOS, as HF's None (Whisper's None differs: speech.py)

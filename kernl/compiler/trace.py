@@ -152,8 +152,13 @@ def check_task(task: str, model: torch.nn.Module | None = None) -> None:
     if model is None:
         return
     own, name = _class_task(model)
-    if own == "seq2seq-lm" and task == "speech-seq2seq":
-        return  # WhisperForConditionalGeneration
+    if own == "seq2seq-lm" and task in ("seq2seq-lm", "speech-seq2seq"):
+        return  # WhisperForConditionalGeneration too (its loading runs the text task's checks)
+    if own == "seq2seq-lm":
+        from .tasks.seq2seq import is_speech_model
+
+        if is_speech_model(model):  # the hint names Whisper's own task (seq2seq-lm is refused)
+            own = "speech-seq2seq"
     if own == _UNKNOWN_HEAD and task != "base":
         # BertForPreTraining given as an object: compiled as it is, its outputs its own, which
         # a label such as masked-lm would misname (and the runtime would read as that task's)

@@ -191,6 +191,12 @@ def test_whisper_takes_the_config_length_capped_at_its_positions_as_hugging_face
     got = model.generate(input_features=x, eos_token_id=[])
     assert torch.equal(got, _hf(hf, input_features=x, eos_token_id=[]))
     assert got.shape[1] < full.shape[1]
+    # no length in the config (one built from a WhisperConfig): HF's default of 20 new tokens
+    # (kernl's ran to the cache)
+    for m in (hf, model):
+        m.generation_config.max_length = None
+    got = model.generate(input_features=x, eos_token_id=[])
+    assert got.shape[1] == 20 and torch.equal(got, _hf(hf, input_features=x, eos_token_id=[]))
 
 
 def test_open_batch_and_its_joiners_take_the_config_length_and_sampling(cache):

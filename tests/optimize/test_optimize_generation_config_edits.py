@@ -200,10 +200,12 @@ def test_whisper_applies_language_and_task_edits_as_hugging_face(cache):
     same_as_hf(language="de")  # the call's wins
     steps = list(model.stream(input_features=x, max_new_tokens=10))
     assert len(steps) >= 1
-    # the forced ids dropped with no language or task named: kernl's prompt would not follow
-    _edit([model], language=None, task=None)
-    with pytest.raises(ValueError, match=r"\(forced_decoder_ids=None\).*per call"):
-        model.generate(input_features=x, max_new_tokens=10)
+    # the forced ids dropped with no language or task named: applied as HF applies them (a
+    # call's forced_decoder_ids; the edit was refused)
+    _edit([model, hf], language=None, task=None)
+    assert not torch.equal(same_as_hf(), detected)
+    _edit([model, hf], forced_decoder_ids=[[1, None], [2, TASKS["translate"]]])
+    same_as_hf()
     model.generation_config.forced_decoder_ids = [[1, None], [2, TASKS["transcribe"]]]
     assert torch.equal(model.generate(input_features=x, max_new_tokens=10), detected)
     model.generation_config.lang_to_id = {**LANGS, "<|es|>": 113}

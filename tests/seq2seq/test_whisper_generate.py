@@ -258,6 +258,63 @@ def test_max_length_and_a_feature_extractor_s_attention_mask_like_hugging_face(c
         model.generate(x, max_length=0)
 
 
+@pytest.mark.parametrize("variant", ["forced", "multilingual", "english"])
+def test_a_calls_forced_decoder_ids_replace_the_configs_as_in_hugging_face(compiled, variant):
+    """HF's generate takes a call's forced_decoder_ids as the config's for that call: None drops
+    the checkpoints' [[1, None], [2, <|transcribe|>]], and get_decoder_prompt_ids' pairs set
+    language and task. kernl kept the config's for None (other ids, silently) and refused
+    the pairs."""
+    hf, _, model = compiled[variant]
+    if variant == "multilingual":
+        # HF's refuses a call's forced ids where its config has none ("model_kwargs not
+        # used"); kernl's takes them: HF on the same weights with forced ids configured
+        hf = compiled["forced"][0]
+    x = features(2, seed=7)
+    calls = [None, [(1, None), (2, TASKS["translate"])]]
+    if variant != "english":
+        calls.append([(1, LANGS["<|fr|>"]), (2, TASKS["translate"]), (3, NO_TS)])
+    for forced in calls:
+        ref = hf_generate(hf, x, 10, forced_decoder_ids=forced)
+        assert torch.equal(model.generate(x, max_new_tokens=10, forced_decoder_ids=forced), ref)
+        kw = dict(max_new_tokens=10, forced_decoder_ids=forced, eos_token_id=[])
+        steps = torch.stack(list(model.stream(x, **kw)), dim=1)
+        assert torch.equal(steps, model.generate(x, **kw))
+    if variant == "forced":  # a language named takes the forced ids' place, in both
+        ref = hf_generate(hf, x, 10, forced_decoder_ids=calls[1], language="de")
+        got = model.generate(x, max_new_tokens=10, forced_decoder_ids=calls[1], language="de")
+        assert torch.equal(got, ref)
+    for bad in ([(2, 5)], [(1, VOCAB)], [1, 2], "fr", [(1, 5)] * 6):
+        with pytest.raises(ValueError, match="do not follow Whisper's decoder prompt: pairs"):
+            model.generate(x, max_new_tokens=4, forced_decoder_ids=bad)
+
+
+def test_whispers_own_generate_arguments_are_taken_at_their_defaults(compiled):
+    """HF's Whisper generate takes these (its defaults, or any precision without timestamps);
+    kernl's raised a bare "unexpected keyword argument"."""
+    _, _, model = compiled["multilingual"]
+    x = features(1, seed=5)
+    before = model.generate(x, max_new_tokens=8)
+    taken = dict(
+        is_multilingual=True,
+        return_token_timestamps=False,
+        time_precision=0.02,
+        time_precision_features=0.01,
+        num_segment_frames=3000,
+        force_unique_generate_call=None,
+        monitor_progress=None,
+    )
+    assert torch.equal(model.generate(x, max_new_tokens=8, **taken), before)
+    with pytest.raises(TypeError, match="is_multilingual=False: the model was compiled multi"):
+        model.generate(x, max_new_tokens=8, is_multilingual=False)
+    with pytest.raises(TypeError, match="force_unique_generate_call=True: generate returns"):
+        model.generate(x, max_new_tokens=8, force_unique_generate_call=True)
+    with pytest.raises(TypeError, match="num_segment_frames=1500: the model's window is 3000"):
+        list(model.stream(x, max_new_tokens=8, num_segment_frames=1500))
+    # a call's max_length past the cache is named as given (it said "max_new_tokens 60")
+    with pytest.raises(ValueError, match=r"^max_length 64 \(61 new tokens\) exceeds the decoder"):
+        model.generate(x, max_length=64)
+
+
 def test_bad_calls_are_clear_and_leave_the_model_usable(compiled):
     hf, _, model = compiled["multilingual"]
     x = features(1, seed=5)
@@ -372,6 +429,11 @@ def test_task_inference_buckets_and_unsupported_options(tmp_path):
     with pytest.raises(UnsupportedModelError, match="compiled with --task speech-seq2seq"):
         kernl.compiler.compile(
             hf, "batch=1 source=8", tmp_path / "a", device="cpu", dtype="fp32", task="seq2seq-lm"
+        )
+    # the hint names Whisper's task (it said task='seq2seq-lm', itself refused)
+    with pytest.raises(UnsupportedModelError, match="pass task='speech-seq2seq'"):
+        kernl.compiler.compile(
+            hf, "batch=1 seq=8", tmp_path / "a", device="cpu", dtype="fp32", task="base"
         )
     with pytest.raises(UnsupportedModelError, match="with --task seq2seq-lm, not speech"):
         kernl.compiler.compile(

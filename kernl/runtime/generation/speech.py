@@ -11,20 +11,23 @@ to the longest. suppress_tokens and begin_suppress_tokens are applied inside the
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
-from kernl.artifacts.seq2seq import MAX_PROMPT
+from kernl.artifacts.seq2seq import DETECT, MAX_PROMPT
 from kernl.artifacts.speech_prompt import decoder_prompt, resolved_call
 
 from .model import (
     LENGTH_IS_A_BOUND,
     MODEL_DEFAULT,
     _generated_length,
+    _is_int,
     _is_number,
+    asked_length,
     main_input,
     plain_numbers,
     refuse_hf_options,
@@ -55,6 +58,7 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         return_timestamps: bool | None = None,
         max_length: int | None = None,
         attention_mask=None,
+        forced_decoder_ids: Any = MODEL_DEFAULT,
         **hf_options: Any,
     ) -> torch.Tensor:
         """Like Hugging Face's Whisper `generate` on features of at most 30 s: `input_features`
@@ -74,13 +78,16 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         temperature above 0 is given without `do_sample` (a list of temperatures, HF's
         fallback schedule, is refused there: give do_sample=True for one per row). `attention_mask` (a feature extractor's, [batch, frames]) is taken
         and, as Hugging Face does within one window, not used; `input_features` may be
-        passed as `inputs`. Timestamps are not supported. Raises ValueError, leaving the
-        model usable, for a bad feature shape or more tokens than the decoder cache holds."""
+        passed as `inputs`. `forced_decoder_ids` replaces the generation config's for the
+        call, as in Hugging Face (None: none; `processor.get_decoder_prompt_ids(...)`'s pairs;
+        a `language` or `task` still takes their place). Timestamps are not supported. Raises
+        ValueError, leaving the model usable, for a bad feature shape or more tokens than the
+        decoder cache holds."""
         input_features = main_input("generate", input_features, hf_options, "input_features")
         take_decoder_start(
             "generate", hf_options, self.spec.decoder_start_token_id, _rows(input_features)
         )
-        _take_whisper_options("generate", hf_options)
+        _take_whisper_options("generate", hf_options, self.speech, self.spec.frames)
         refuse_hf_options("generate", hf_options)
         plan = self._speech_plan(
             input_features,
@@ -94,6 +101,7 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
             return_timestamps,
             max_length,
             attention_mask,
+            forced_decoder_ids,
         )
         new = self._generate(plan)[:, plan.prompt_len - 1 :]
         new = new[:, : _generated_length(new, plan.eos)]  # the steps HF's generate runs
@@ -120,6 +128,7 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         output_logits: bool = False,
         max_length: int | None = None,
         attention_mask=None,
+        forced_decoder_ids: Any = MODEL_DEFAULT,
         **hf_options: Any,
     ) -> Iterator:
         """The same generation, yielding each new token's ids ([batch] on the CPU; a finished
@@ -131,7 +140,7 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         take_decoder_start(
             "stream", hf_options, self.spec.decoder_start_token_id, _rows(input_features)
         )
-        _take_whisper_options("stream", hf_options)
+        _take_whisper_options("stream", hf_options, self.speech, self.spec.frames)
         refuse_hf_options("stream", hf_options)
         plan = self._speech_plan(
             input_features,
@@ -145,6 +154,7 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
             None,
             max_length,
             attention_mask,
+            forced_decoder_ids,
         )
         return self._stream(plan, output_logits)
 
@@ -161,6 +171,7 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         return_timestamps,
         max_length=None,
         attention_mask=None,
+        forced=MODEL_DEFAULT,
     ) -> _Plan:
         spec = self.spec
         do_sample, sampler = _whisper_sampling(do_sample, sampler)
@@ -173,10 +184,18 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         features = _as_features(features, spec.num_mel_bins, spec.frames)
         batch = features.shape[0]
         _check_mask(attention_mask, batch, spec.frames)
-        language, task = resolved_call(self.speech, language, task)
-        prompts = [self._prompt(lang, task) for lang in _languages(language, batch)]
+        speech = self.speech
+        if forced is not MODEL_DEFAULT:
+            ids = _forced_ids(forced, self.spec.vocab_size)
+            speech = dataclasses.replace(speech, forced_decoder_ids=ids)
+        language, task = resolved_call(speech, language, task)
+        start = self.spec.decoder_start_token_id
+        prompts = [
+            decoder_prompt(speech, start, lang, task) for lang in _languages(language, batch)
+        ]
         prompt_len = len(prompts[0])
         length_from_max_length = max_length is not None and max_new_tokens is None
+        given_new_tokens = max_new_tokens
         if max_length is not None and max_new_tokens is not None:
             warnings.warn(
                 "both max_new_tokens and max_length were given; max_new_tokens takes precedence",
@@ -193,7 +212,8 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         if max_new_tokens is not None and bound:
             # a call's max_length, or the generation config's (kernl.optimize's): HF's Whisper
             # caps it at the decoder's positions, silently (checkpoints set max_length=448, all
-            # of them, and pipelines pass it); the cache may cut it further, said (_check_cache)
+            # of them, and pipelines pass it); past the cache, the config's is cut, with a
+            # warning, and a call's refused (_check_cache)
             positions = spec.max_positions - prompt_len
             max_new_tokens = min(max_new_tokens, positions) if positions > 0 else max_new_tokens
         if max_new_tokens is None:  # a transcription runs to its EOS, as far as the cache goes
@@ -210,7 +230,8 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         eos_id = MODEL_DEFAULT if eos_id is None else eos_id
         pad_id = MODEL_DEFAULT if pad_id is None else pad_id
         bb, eos, pad = self._check(batch, max_new_tokens, do_sample, sampler, eos_id, pad_id)
-        max_new_tokens = self._check_cache(prompt_len, max_new_tokens)
+        asked = asked_length(given_new_tokens, max_length, max_new_tokens)
+        max_new_tokens = self._check_cache(prompt_len, max_new_tokens, asked)
         padded = torch.zeros((bb, *features.shape[1:]), dtype=self.dtype, device=features.device)
         padded[:batch] = features
         prompt = torch.full((bb, MAX_PROMPT), spec.decoder_start_token_id, dtype=torch.int64)
@@ -247,16 +268,69 @@ _WHISPER_OPTIONS = {
     "no_speech_threshold": (None, _LONG_FORM),
     "prompt_ids": (None, "a decoder prompt (previous text) is not supported"),
     "prompt_condition_type": (None, "a decoder prompt (previous text) is not supported"),
+    "return_token_timestamps": (False, "token timestamps are not supported"),
+    "monitor_progress": (None, _LONG_FORM),
+    "force_unique_generate_call": (
+        False,
+        "generate returns the new tokens only (Hugging Face's then returns the decoder prompt "
+        "before them)",
+    ),
 }
+# ... that change nothing in one window without timestamps, whatever their value (the
+# precisions place timestamps)
+_INERT_WHISPER_OPTIONS = frozenset({"time_precision", "time_precision_features"})
 
 
-def _take_whisper_options(method: str, options: dict) -> None:
-    for name in [n for n in options if n in _WHISPER_OPTIONS]:
+def _take_whisper_options(method: str, options: dict, speech, frames: int) -> None:
+    for name in [n for n in options if n in _WHISPER_OPTIONS or n in _INERT_WHISPER_OPTIONS]:
         value = options.pop(name)
+        if name in _INERT_WHISPER_OPTIONS:
+            continue
         neutral, why = _WHISPER_OPTIONS[name]
         if value is None or value is neutral:
             continue
         raise TypeError(f"{method}() does not take {name}={shown_value(value)}: {why}")
+    # HF's defaults are the model's own: taken at them (they were "unexpected keyword")
+    frames_given = options.pop("num_segment_frames", None)
+    if frames_given is not None and frames_given != frames:
+        raise TypeError(
+            f"{method}() does not take num_segment_frames={shown_value(frames_given)}: the "
+            f"model's window is {frames} frames, and {_LONG_FORM}"
+        )
+    multilingual = options.pop("is_multilingual", None)
+    own = speech.is_multilingual
+    if multilingual is not None and own is not None and bool(multilingual) != own:
+        raise TypeError(
+            f"{method}() does not take is_multilingual={multilingual!r}: the model was compiled "
+            f"{'multilingual' if own else 'English-only'} (its generation config's "
+            f"is_multilingual={own}), and its decoder prompts with it"
+        )
+
+
+def _forced_ids(given: Any, vocab: int) -> list[list[int]]:
+    """A call's `forced_decoder_ids` as the artifact holds the config's: [position, id] pairs at
+    positions 1, 2, ... (None: DETECT, the language detected); None or [] is none."""
+    if isinstance(given, torch.Tensor):
+        given = given.tolist()
+    if given is None or (isinstance(given, (list, tuple)) and not given):
+        return []
+    bad = ValueError(
+        f"forced_decoder_ids={shown_value(given)} do not follow Whisper's decoder prompt: pairs "
+        f"[1, id], [2, id], ... (at most {MAX_PROMPT - 3}; id None detects the language), as "
+        "processor.get_decoder_prompt_ids(language=..., task=...) gives (or pass language= "
+        "and task=)"
+    )
+    if not isinstance(given, (list, tuple)) or len(given) > MAX_PROMPT - 3:
+        raise bad
+    ids = []
+    for position, pair in enumerate(given, start=1):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or pair[0] != position:
+            raise bad
+        token = pair[1]
+        if token is not None and not (_is_int(token) and 0 <= token < vocab):
+            raise bad
+        ids.append([position, DETECT if token is None else token])
+    return ids
 
 
 def _one_eos_id(given: Any, model_eos: list[int]) -> bool:
