@@ -205,6 +205,18 @@ def _serve(argv: list[str], prog: str) -> int:
         return 2
     for sig in (signal.SIGINT, signal.SIGTERM):  # again: ray.init sets its own SIGTERM's
         signal.signal(sig, interrupt)
+    running = serve_already_running(serve) if args.ray_address else None
+    if running is not None:
+        print(
+            f"kernl serve: Ray Serve already runs on the cluster at {args.ray_address} "
+            f"({running}): kernl serve starts its own Serve, on --host/--port, and stops it "
+            "when it stops, so it would take over that Serve's application of the same name "
+            "and stop the other server with it. Stop that Serve first (`serve shutdown`), or "
+            "serve from another cluster",
+            file=sys.stderr,
+        )
+        ray.shutdown()
+        return 2
     stop = threading.Event()
     try:
         try:
@@ -260,6 +272,22 @@ def _serve(argv: list[str], prog: str) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def serve_already_running(serve) -> str | None:
+    """What Ray Serve already runs on the cluster joined (its applications, or its proxies
+    alone), None where it runs nowhere. A second `kernl serve --ray-address` on a cluster
+    serving another: serve.start ignored its --port (Serve's HTTP options are set once),
+    serve.run replaced the first server's application of the same name, and its stop shut
+    Serve down for the whole cluster."""
+    try:
+        status = serve.status()
+    except Exception:  # a Serve that cannot answer: serve.start says what is wrong
+        return None
+    apps = sorted(status.applications)
+    if apps:
+        return f"application(s): {', '.join(apps)}"
+    return "no application, its proxies up" if status.proxies else None
 
 
 def _replicas_up(serve, app_name: str) -> bool:

@@ -42,7 +42,7 @@ _OPTIONS: dict[str, tuple[str, Callable]] = {
     "top_p": ("a number in (0, 1]", lambda v: _is_number(v)),
     "seed": ("an integer in [0, 2**63)", lambda v: _is_int(v)),
     "eos_token_id": (
-        "a token id, a list of token ids, or null",
+        "a token id, a list of token ids, or null (no EOS id, as generate's None)",
         lambda v: v is None or _is_int(v) or (isinstance(v, list) and all(map(_is_int, v))),
     ),
 }
@@ -213,8 +213,10 @@ def sampler_of(options: dict) -> Sampler:
 
 
 def sampling_key(options: dict, limits: GenerationLimits) -> SamplingKey:
-    eos = options.get("eos_token_id")
-    eos = limits.eos_token_ids if eos is None else ([eos] if _is_int(eos) else eos)
+    # absent: the model's EOS ids; null: none, as generate(eos_token_id=None) (it was the
+    # model's, unlike the answer's promise to equal model.generate)
+    eos = options.get("eos_token_id", limits.eos_token_ids)
+    eos = [] if eos is None else ([eos] if _is_int(eos) else eos)
     eos = tuple(sorted(set(eos)))
     if len(eos) > MAX_EOS_IDS:  # the runtime's static EOS buffer; refused on arrival
         raise RequestError(

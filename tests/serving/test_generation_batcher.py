@@ -720,3 +720,15 @@ def test_a_sampled_request_without_a_seed_gets_a_random_one(limits):
     assert len(seeds) == 4 and all(0 <= s < 2**63 for s in seeds)
     assert request(limits, [1], do_sample=True, seed=5).sampler.seed == 5
     assert request(limits, [1]).sampler.seed == 0  # greedy: no draw
+
+
+def test_a_null_eos_is_no_eos_as_generate_takes_it(limits):
+    """`"eos_token_id": null` was the model's EOS ids (the answer stopped at them), where the
+    answer promises `model.generate(..., eos_token_id=None)`: no EOS id."""
+    import dataclasses
+
+    with_eos = dataclasses.replace(limits, eos_token_ids=[7, 3])
+    assert request(with_eos, [5], max_new_tokens=4).key.eos == (3, 7)  # absent: the model's
+    assert request(with_eos, [5], max_new_tokens=4, eos_token_id=None).key.eos == ()
+    assert request(with_eos, [5], max_new_tokens=4, eos_token_id=[]).key.eos == ()
+    assert request(with_eos, [5], max_new_tokens=4, eos_token_id=9).key.eos == (9,)

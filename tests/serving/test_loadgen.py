@@ -24,8 +24,9 @@ class _Answers(BaseHTTPRequestHandler):
     lock = threading.Lock()
 
     def do_POST(self):
-        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with self.lock:
+            type(self).last_body = body
             type(self).count += 1
             fail = (self.fail_every and self.count % self.fail_every == 0) or (
                 self.fail_after and self.count > self.fail_after
@@ -217,3 +218,20 @@ def test_ctrl_c_stops_the_run_at_once():
                 run.wait()
     assert took < 5, took
     assert rc == 130 and "interrupted" in run.stderr.read()
+
+
+def test_an_encoders_requests_carry_an_attention_mask(server):
+    """An artifact that requires attention_mask (DPR's encoders) refused every request of the
+    load generator; a generation request takes none (an unknown field there)."""
+    run_load(url_of(server), clients=1, requests_per_client=1, seq=6, vocab=50, warmup=0)
+    assert server.RequestHandlerClass.last_body["attention_mask"] == [1] * 6
+    run_load(
+        url_of(server),
+        clients=1,
+        requests_per_client=1,
+        seq=6,
+        vocab=50,
+        warmup=0,
+        max_new_tokens=3,
+    )
+    assert "attention_mask" not in server.RequestHandlerClass.last_body

@@ -109,3 +109,29 @@ def test_a_ray_that_cannot_start_or_be_reached_is_one_message(tiny_artifact, mon
     assert serve_main(argv) == 2
     err = capsys.readouterr().err
     assert "cannot start or reach the Ray cluster at auto" in err and "Traceback" not in err
+
+
+def test_a_cluster_whose_serve_already_runs_is_refused(tiny_artifact, monkeypatch, capsys):
+    """A second `kernl serve --ray-address auto` took over the first one's application (same
+    name), served nothing on its own --port (Serve's HTTP options are set once), and its Ctrl-C
+    shut Serve down for the whole cluster (review 2026-12-07)."""
+    import types
+
+    from ray import serve
+
+    stopped = []
+    monkeypatch.setattr(ray, "init", lambda *a, **k: None)
+    monkeypatch.setattr(ray, "shutdown", lambda: stopped.append(True))
+    status = types.SimpleNamespace(applications={"kernl": object()}, proxies={"node": object()})
+    monkeypatch.setattr(serve, "status", lambda: status)
+
+    def no_start(*args, **kwargs):
+        raise AssertionError("Serve was started")
+
+    monkeypatch.setattr(serve, "start", no_start)
+    monkeypatch.setattr(serve, "run", no_start)
+    argv = [str(tiny_artifact), "--device", "cpu", "--ingress", "python", "--ray-address", "auto"]
+    assert serve_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Ray Serve already runs on the cluster at auto (application(s): kernl)" in err
+    assert stopped  # this process's Ray connection only
