@@ -319,3 +319,21 @@ def test_gemma2_under_sdpa_is_validated_against_its_softcapped_eager_attention(t
         )
     assert hf.config._attn_implementation == "sdpa"
     assert torch.equal(out, ref), _first_difference(out, ref)
+
+
+@pytest.mark.parametrize(
+    "rope_type, why",
+    [("dynamic", "change with the sequence length"), ("proportional", "does not reproduce")],
+)
+def test_a_rope_type_kernl_does_not_reproduce_is_refused_for_its_reason(rope_type, why):
+    """Every unknown type was refused for frequencies that change with the sequence length,
+    false of transformers' fixed "proportional" tables."""
+    import types
+
+    from kernl.compiler.tasks.causal_lm.describe import _rotary_tables
+    from kernl.compiler.trace import UnsupportedModelError
+
+    rotary = types.SimpleNamespace(rope_type=rope_type)
+    cfg = types.SimpleNamespace(model_type="llama")
+    with pytest.raises(UnsupportedModelError, match=f"rope type '{rope_type}'.*{why}"):
+        _rotary_tables(rotary, cfg, 2)

@@ -378,10 +378,14 @@ def _rotary_tables(rotary, cfg, num_layers: int) -> _RotaryTables:
     by_type = rotary.rope_type if isinstance(rotary.rope_type, dict) else None
     for rope_type in (by_type or {None: getattr(rotary, "rope_type", "default")}).values():
         if rope_type not in STATIC_ROPE:
+            why = (
+                "its frequencies change with the sequence length"
+                if rope_type in ("dynamic", "longrope")
+                else "kernl does not reproduce its tables"  # "proportional", newer types
+            )
             raise UnsupportedModelError(
-                f"causal-lm: {mt} with rope type {rope_type!r} is not supported (its "
-                f"frequencies change with the sequence length); kernl supports "
-                f"{', '.join(STATIC_ROPE)}"
+                f"causal-lm: {mt} with rope type {rope_type!r} is not supported ({why}); "
+                f"kernl supports {', '.join(STATIC_ROPE)}"
             )
     if by_type is None:
         return _RotaryTables(rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0)))
