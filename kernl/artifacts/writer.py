@@ -159,6 +159,11 @@ def check_destination(
             f"{dest} is the working directory or holds it: an artifact replaces its "
             f"destination folder whole; give a folder of its own, e.g. {dest / 'model.kernl'}"
         )
+    if dest.name == "..":  # it would be written beside itself as "..": failed at the rename
+        raise ArtifactDestinationError(
+            f"{dest} ends in '..': give the artifact folder's own path "
+            f"({Path(os.path.normpath(dest))})"
+        )
     try:
         return _check_destination(dest, needed_bytes, keep_parent)
     except OSError as e:  # e.g. a folder on the way that this user cannot enter

@@ -44,6 +44,14 @@ def test_folder_that_is_not_an_artifact_is_not_replaced(tmp_path):
         check_destination(tmp_path / "out")
 
 
+def test_a_path_ending_in_dot_dot_is_refused_up_front(tmp_path):
+    """`-o a.kernl/new/..` passed every early check and failed at the final rename, after the
+    whole compile (its temporary folder was named after '..')."""
+    (tmp_path / "a.kernl" / "new").mkdir(parents=True)
+    with pytest.raises(ArtifactDestinationError, match=r"ends in '\.\.': give .*a\.kernl\)$"):
+        check_destination(tmp_path / "a.kernl" / "new" / "..")
+
+
 def test_parent_that_cannot_be_created(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ArtifactDestinationError, match="cannot create the folder"):
