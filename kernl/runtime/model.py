@@ -716,6 +716,10 @@ _HF_CALL_OPTIONS = frozenset(
 
 
 def _positional(args: tuple, inputs: dict[str, Any], order: list[str]) -> dict[str, Any]:
+    # HF's later positional inputs (position_ids, head_mask, ...) as None: "not given" there,
+    # as by name (`model(ids, mask, None, None)`)
+    while len(args) > len(order) and args[-1] is None:
+        args = args[:-1]
     if len(args) > len(order):
         raise TypeError(
             f"this model takes at most {len(order)} positional input(s) ({', '.join(order)}); "

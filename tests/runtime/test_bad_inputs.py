@@ -269,7 +269,8 @@ def test_inputs_can_be_given_positionally_in_hugging_faces_order(served):
     mask[0, 8:] = 0
     types = torch.zeros_like(ids)
     types[:, 5:] = 1
-    for args in [(ids,), (ids, mask), (ids, mask, types)]:
+    # HF's position_ids and head_mask as None: not given (they were "at most 3 positional")
+    for args in [(ids,), (ids, mask), (ids, mask, types), (ids, mask, types, None, None)]:
         got = compiled(*args).last_hidden_state
         with torch.no_grad():
             want = model(*args).last_hidden_state
