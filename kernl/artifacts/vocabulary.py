@@ -14,8 +14,8 @@ import re
 ATEN_OPS = frozenset(
     """
     abs add addmm alias all any arange argmax argmin as_strided baddbmm bitwise_and
-    bitwise_not bitwise_or bitwise_xor bmm cat chunk clamp clamp_max clamp_min clone
-    contiguous copy cos cumsum detach div embedding empty empty_like eq erf exp expand
+    bitwise_not bitwise_or bitwise_xor bmm cat chunk clamp clamp_max clamp_min clip clone
+    contiguous conv1d copy cos cumsum detach div embedding empty empty_like eq erf exp expand
     expand_as fill fill_ flatten floor full full_like gather ge gelu gt index index_select
     isinf isnan layer_norm le leaky_relu lift_fresh_copy linear log log_softmax logical_and
     logical_not logical_or lt masked_fill matmul max maximum mean min minimum mm mul

@@ -48,6 +48,8 @@ def _promoted_dtype(node: torch.fx.Node) -> torch.dtype | None:
     ]
     if not operands or not isinstance(operands[0], torch.Tensor):
         return None
+    if op_name(node.target).startswith("aten.masked_fill"):
+        return operands[0].dtype  # the mask is bool, the value is cast: never promoted
     if len(operands) == 1:
         return operands[0].dtype
     if len(operands) == 2 and isinstance(operands[1], (torch.Tensor, bool, int, float)):

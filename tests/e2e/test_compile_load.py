@@ -43,6 +43,8 @@ MODELS = {
     ),
     "electra": lambda: T.ElectraModel(T.ElectraConfig(embedding_size=32, **SMALL)),
     "ernie": lambda: T.ErnieModel(T.ErnieConfig(**SMALL)),
+    # gelu_10: a GELU clipped to [-10, 10] (aten.clip, refused before)
+    "bert-gelu-10": lambda: T.BertModel(T.BertConfig(**SMALL, hidden_act="gelu_10")),
     # relative position buckets, computed from aranges through a float cast: folded at compile
     # time (compiler/fold.py, index_folds)
     "mpnet": lambda: T.MPNetModel(T.MPNetConfig(**SMALL, pad_token_id=1)),
@@ -70,6 +72,21 @@ MODELS = {
             share_att_key=True,
             type_vocab_size=0,
             num_labels=3,
+        )
+    ),
+    # DeBERTa-v2-xlarge's ConvLayer: a conv1d over the first layer's input (aten.conv1d)
+    "deberta-v2-conv": lambda: T.DebertaV2Model(
+        T.DebertaV2Config(
+            **SMALL,
+            relative_attention=True,
+            pos_att_type=["p2c", "c2p"],
+            position_buckets=32,
+            max_relative_positions=-1,
+            position_biased_input=False,
+            norm_rel_ebd="layer_norm",
+            conv_kernel_size=3,
+            conv_act="gelu",
+            type_vocab_size=0,
         )
     ),
     # rotary positions, transformers' rotate_half form (passes/rotary.py: kernl.rotary), local
@@ -123,7 +140,7 @@ ROTARY = {"modernbert", "esm", "nomic-bert"}
 EAGER_ATTENTION = {"mpnet", "megatron-bert", "roformer"}
 # Attention of its own kind (DeBERTa's content-to-position terms gathered into the scores):
 # its attention stays on aten ops.
-ATEN_ATTENTION = {"deberta-mlm", "deberta-v3-cls"}
+ATEN_ATTENTION = {"deberta-mlm", "deberta-v3-cls", "deberta-v2-conv"}
 BUCKETS = "batch=1,4 seq=8,32"
 # (batch, seq) of the calls: exactly bucket sizes, and sizes between buckets.
 CALL_SHAPES = [(1, 8), (4, 32), (1, 5), (3, 8), (2, 17), (4, 31), (1, 32)]
