@@ -24,6 +24,16 @@ SMALL = dict(
     vocab_size=120,
     max_position_embeddings=80,
 )
+# DeBERTa-v3's relative attention (log buckets, no absolute positions, no token types)
+DEBERTA_V3 = dict(
+    relative_attention=True,
+    pos_att_type=["p2c", "c2p"],
+    position_buckets=32,
+    max_relative_positions=-1,
+    position_biased_input=False,
+    norm_rel_ebd="layer_norm",
+    type_vocab_size=0,
+)
 MODELS = {
     "bert": lambda: T.BertModel(T.BertConfig(**SMALL)),
     "roberta-mlm": lambda: T.RobertaForMaskedLM(T.RobertaConfig(**SMALL, pad_token_id=1)),
@@ -61,33 +71,11 @@ MODELS = {
     # DeBERTa-v3's disentangled attention: log-bucketed relative positions through sign and
     # ceil (computed at compile time: compiler/fold.py), clamped into the tables it gathers
     "deberta-v3-cls": lambda: T.DebertaV2ForSequenceClassification(
-        T.DebertaV2Config(
-            **SMALL,
-            relative_attention=True,
-            pos_att_type=["p2c", "c2p"],
-            position_buckets=32,
-            max_relative_positions=-1,
-            position_biased_input=False,
-            norm_rel_ebd="layer_norm",
-            share_att_key=True,
-            type_vocab_size=0,
-            num_labels=3,
-        )
+        T.DebertaV2Config(**SMALL, **DEBERTA_V3, share_att_key=True, num_labels=3)
     ),
     # DeBERTa-v2-xlarge's ConvLayer: a conv1d over the first layer's input (aten.conv1d)
     "deberta-v2-conv": lambda: T.DebertaV2Model(
-        T.DebertaV2Config(
-            **SMALL,
-            relative_attention=True,
-            pos_att_type=["p2c", "c2p"],
-            position_buckets=32,
-            max_relative_positions=-1,
-            position_biased_input=False,
-            norm_rel_ebd="layer_norm",
-            conv_kernel_size=3,
-            conv_act="gelu",
-            type_vocab_size=0,
-        )
+        T.DebertaV2Config(**SMALL, **DEBERTA_V3, conv_kernel_size=3, conv_act="gelu")
     ),
     # rotary positions, transformers' rotate_half form (passes/rotary.py: kernl.rotary), local
     # and global attention layers, a gated GELU MLP (kernl.gated_linear)
