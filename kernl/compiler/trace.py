@@ -154,11 +154,9 @@ def check_task(task: str, model: torch.nn.Module | None = None) -> None:
     own, name = _class_task(model)
     if own == "seq2seq-lm" and task in ("seq2seq-lm", "speech-seq2seq"):
         return  # WhisperForConditionalGeneration too (its loading runs the text task's checks)
-    if own == "seq2seq-lm":
-        from .tasks.seq2seq import is_speech_model
-
-        if is_speech_model(model):  # the hint names Whisper's own task (seq2seq-lm is refused)
-            own = "speech-seq2seq"
+    config = getattr(model, "config", None)
+    if own == "seq2seq-lm" and getattr(config, "model_type", None) == "whisper":
+        own = "speech-seq2seq"  # the hint names Whisper's own task (seq2seq-lm is refused)
     if own == _UNKNOWN_HEAD and task != "base":
         # BertForPreTraining given as an object: compiled as it is, its outputs its own, which
         # a label such as masked-lm would misname (and the runtime would read as that task's)
