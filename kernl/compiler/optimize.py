@@ -149,8 +149,13 @@ class OptimizedModel:
         config: Any,
         output_class: type | None,
         generation_config: Any = None,
+        described: dict[str, Any] | None = None,
     ):
         self.runtime = runtime
+        # what pipelines read of the model's class (_HF_DESCRIPTION): fill-mask's check of a
+        # missing mask token, a pipeline's repr, were AttributeErrors naming kernl
+        for name, value in (described or {}).items():
+            setattr(self, name, value)
         self.artifact = artifact  # the cache entry it was loaded from
         self.cache_hit = cache_hit  # True: loaded from the cache, nothing was compiled
         self.buckets_spec = buckets
@@ -747,7 +752,23 @@ def _optimize(
             if task in GENERATION_TASKS
             else None
         ),
+        described=_described(model),
     )
+
+
+# Plain descriptions of a Hugging Face model (its class attributes) that pipelines read
+_HF_DESCRIPTION = ("base_model_prefix", "main_input_name", "input_modalities", "output_modalities")
+
+
+def _described(model: Any) -> dict[str, Any]:
+    """The original model's _HF_DESCRIPTION attributes that hold strings (or tuples of them)."""
+    found = {}
+    for name in _HF_DESCRIPTION:
+        value = getattr(model, name, None)
+        strings = value if isinstance(value, (tuple, list)) else (value,)
+        if value is not None and all(isinstance(v, str) for v in strings):
+            found[name] = value
+    return found
 
 
 # -- defaults ----------------------------------------------------------------------------------

@@ -807,6 +807,12 @@ def test_code_written_for_the_hugging_face_model_runs_or_says_why(cache):
         model.train()
     with pytest.raises(AttributeError, match="'OptimizedModel' object has no attribute 'bert'"):
         model.bert  # noqa: B018
+    # what pipelines read of the model's class: printing a pipeline raised AttributeError
+    # (input_modalities), as did fill-mask's check of the mask token (base_model_prefix)
+    pipe = T.pipeline("text-classification", model=model, tokenizer=tok, device="cpu")
+    shown = repr(pipe)
+    assert "'input_modalities': 'text'" in shown or not hasattr(hf, "input_modalities")
+    assert (model.base_model_prefix, model.main_input_name) == ("bert", "input_ids")
     for copy_it in (copy.deepcopy, lambda m: __import__("pickle").dumps(m)):
         with pytest.raises(TypeError, match="cannot be pickled or copied.*save_to"):
             copy_it(model)
