@@ -588,6 +588,9 @@ class CompiledModel:
                 if k not in self._inputs
                 and inputs[k] is not None
                 and k not in TOKENIZER_ONLY_OUTPUTS
+                # a BERT-vocabulary tokenizer's, for a model without token types (DistilBERT,
+                # MPNet, ModernBERT): their HF forward takes and ignores them, pairs included
+                and k != "token_type_ids"
             )
             if unknown:
                 why = ""

@@ -337,3 +337,24 @@ def test_a_gpu_index_is_a_cuda_device(tmp_path):
     else:
         with pytest.raises(RuntimeError, match="device='cuda' was asked for"):
             kernl.runtime.load(tmp_path / "missing", device=0)
+
+
+def test_token_type_ids_for_a_model_without_token_types_are_ignored_as_in_hf(tmp_path):
+    """A BERT-vocabulary tokenizer gives DistilBERT token_type_ids (1s for a pair's second
+    text): HF's forward takes and ignores them; kernl refused every such call."""
+    torch.manual_seed(0)
+    config = T.DistilBertConfig(
+        vocab_size=120, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=80
+    )
+    model = T.DistilBertModel(config).eval()
+    kernl.compiler.compile(model, "batch=2 seq=8", tmp_path / "d", dtype="fp32", device="cpu")
+    compiled = kernl.runtime.load(tmp_path / "d", device="cpu")
+    ids = _ids(2, 7)
+    types = torch.zeros_like(ids)
+    types[:, 4:] = 1
+    got = compiled(input_ids=ids, token_type_ids=types).last_hidden_state
+    with torch.no_grad():
+        want = model(input_ids=ids, token_type_ids=types).last_hidden_state
+    assert (got - want).abs().max().item() < TOL
+    with pytest.raises(TypeError, match=r"unexpected input\(s\) \['labels'\]"):
+        compiled(input_ids=ids, token_type_ids=types, labels=ids)
