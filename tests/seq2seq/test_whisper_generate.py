@@ -323,6 +323,8 @@ def test_bad_calls_are_clear_and_leave_the_model_usable(compiled):
         model.generate(torch.randn(1, 80, 3000), max_new_tokens=4)  # wrong n_mels
     with pytest.raises(ValueError, match=r"input_features must be \[batch, 16, 3000\]"):
         model.generate(torch.randn(1, MELS, 1000), max_new_tokens=4)  # not one 30 s window
+    with pytest.raises(ValueError, match=r"4500 frames .* chunk_length_s=30\)\)$"):
+        model.generate(torch.randn(1, MELS, 4500))  # 45 s: HF's long-form (a shape error before)
     with pytest.raises(TypeError, match="floating point"):
         model.generate(torch.zeros(1, MELS, 3000, dtype=torch.int64))
     with pytest.raises(ValueError, match="NaN"):
@@ -346,6 +348,8 @@ def test_bad_calls_are_clear_and_leave_the_model_usable(compiled):
         model.generate(x, language=5)  # was a TypeError ('int' object is not iterable)
     with pytest.raises(TypeError, match="beam search is not supported"):
         model.generate(x, num_beams=2)
+    with pytest.raises(TypeError, match="passes it for return_language=True, which kernl does"):
+        model.generate(x, return_segments=True)  # the ASR pipeline's, for return_language
     # Whisper's own arguments: neutral values taken, others explained (bare "unexpected")
     neutral = dict(condition_on_prev_tokens=False, logprob_threshold=None, prompt_ids=None)
     assert torch.equal(model.generate(x, max_new_tokens=8, **neutral), before)

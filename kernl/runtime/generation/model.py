@@ -495,7 +495,12 @@ class GenerativeModel(StepLoop):
         """generate's and stream's common start: (the prompts as one batch, the checked plan).
         A ragged list of token lists comes back left-padded with the call's pad id."""
         if input_ids is None:
-            raise TypeError("input_ids is required: the prompt token ids [batch, length]")
+            # HF's text-generation pipeline passes None for an empty prompt (HF's generate
+            # then starts from the BOS id)
+            raise TypeError(
+                "input_ids is required: the prompt token ids [batch, length] (an empty prompt "
+                "is not supported: give at least the BOS id)"
+            )
         self._refuse_reentry()
         prompt, mask = _as_batch(input_ids, attention_mask)
         new = _new_tokens(max_new_tokens, max_length, prompt.shape[1])
@@ -962,7 +967,11 @@ IGNORED_HF_OPTIONS = frozenset({"use_cache", "bos_token_id"})
 # Arguments of Hugging Face's generate that kernl's do not take: the value that changes
 # nothing (taken silently, as code written for HF passes it) and where to go instead.
 _HF_OPTIONS = {
-    "return_segments": (False, "generate returns the ids only (pass language= to set one)"),
+    "return_segments": (
+        False,
+        "generate returns the ids only (Hugging Face's automatic-speech-recognition pipeline "
+        "passes it for return_language=True, which kernl does not serve; language= sets one)",
+    ),
     "num_beams": (
         1,
         "beam search is not supported: generate decodes greedily, or samples. Hugging Face's "

@@ -426,6 +426,15 @@ def _as_features(features, mels: int, frames: int) -> torch.Tensor:
         raise TypeError(f"input_features must be floating point, got {x.dtype}")
     if x.dim() == 2:
         x = x[None]
+    if x.dim() == 3 and x.shape[1] == mels and x.shape[2] > frames:
+        # HF's Whisper transcribes it long-form, window after window (its temperature fallback
+        # and previous-text prompts): kernl serves one window
+        raise ValueError(
+            f"input_features of {x.shape[2]} frames hold more than one 30 s window ({frames} "
+            "frames): long-form transcription is not supported; cut the audio into 30 s "
+            "chunks (Hugging Face's pipeline: pipeline('automatic-speech-recognition', ..., "
+            "chunk_length_s=30))"
+        )
     if x.dim() != 3 or x.shape[0] == 0 or tuple(x.shape[1:]) != (mels, frames):
         raise ValueError(
             f"input_features must be [batch, {mels}, {frames}] (n_mels log-mel bins by one 30 s "
