@@ -33,6 +33,11 @@ POSITIONAL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # tuples, no cache are taken), and that HF's classes then hold as None: `out.loss is None`.
 _NONE_FIELDS = frozenset({"loss", "hidden_states", "attentions", "cross_attentions"})
 
+# Families whose Hugging Face forward has no token_type_ids: given one by a BERT-vocabulary
+# tokenizer (pairs: 1s), it takes and ignores them (**kwargs). GPT-2's forward uses them, so an
+# artifact without them (compiler/trace.py's model_signature) refuses them.
+NO_TOKEN_TYPES = frozenset({"distilbert", "mpnet", "modernbert", "esm"})
+
 # What a tokenizer returns besides a model's inputs when asked (`return_offsets_mapping=True`
 # for token classification, ...): `model(**tokenizer(...))` passes them on, and Hugging Face's
 # forward swallows them. Taken and ignored; any other unknown name is refused.
@@ -318,6 +323,9 @@ class CompiledModel:
         if "input_ids" not in self._required:
             self._required.insert(0, "input_ids")  # it gives the call's shape
         self._positional = [n for n in POSITIONAL_INPUTS if n in self._inputs]
+        self._ignores_token_types = (
+            "token_type_ids" not in self._inputs and manifest.model_type in NO_TOKEN_TYPES
+        )
         self._output_names = self.output_names
         self._bucket_of: dict[tuple[int, int], Bucket] = {}
         # Marks the copy of the device-side range check's results to the host, recorded by
@@ -588,9 +596,7 @@ class CompiledModel:
                 if k not in self._inputs
                 and inputs[k] is not None
                 and k not in TOKENIZER_ONLY_OUTPUTS
-                # a BERT-vocabulary tokenizer's, for a model without token types (DistilBERT,
-                # MPNet, ModernBERT): their HF forward takes and ignores them, pairs included
-                and k != "token_type_ids"
+                and not (k == "token_type_ids" and self._ignores_token_types)
             )
             if unknown:
                 why = ""

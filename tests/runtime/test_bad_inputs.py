@@ -358,3 +358,13 @@ def test_token_type_ids_for_a_model_without_token_types_are_ignored_as_in_hf(tmp
     assert (got - want).abs().max().item() < TOL
     with pytest.raises(TypeError, match=r"unexpected input\(s\) \['labels'\]"):
         compiled(input_ids=ids, token_type_ids=types, labels=ids)
+    # GPT-2's forward adds them (through its word embeddings) and its artifact takes none:
+    # still refused, not ignored
+    gpt2 = T.GPT2ForSequenceClassification(
+        T.GPT2Config(vocab_size=120, n_embd=64, n_layer=2, n_head=4, n_positions=80, num_labels=3)
+    ).eval()
+    gpt2.config.pad_token_id = 0
+    kernl.compiler.compile(gpt2, "batch=2 seq=8", tmp_path / "g", dtype="fp32", device="cpu")
+    compiled = kernl.runtime.load(tmp_path / "g", device="cpu")
+    with pytest.raises(TypeError, match=r"unexpected input\(s\) \['token_type_ids'\]"):
+        compiled(input_ids=ids, token_type_ids=types)
