@@ -370,15 +370,16 @@ def _with_config_length(method: Callable, config: Any, *args: Any, **kwargs: Any
         return method(*args, **kwargs)
     elif "max_length" not in given and config_max_length is not None:
         name, value = "max_length", config_max_length
-    elif "max_length" not in given and "max_new_tokens" not in given and _speech(method):
-        # a config without a length (one built from a WhisperConfig): HF's GenerationConfig
-        # default of 20, which Whisper counts as new tokens; kernl's Whisper alone runs to
-        # the cache (it ran to the cache here, where HF stops at 20)
+    elif given.get("max_length") is None and _speech(method):
+        # no length anywhere (a config built from a WhisperConfig; a call's None drops the
+        # config's): HF's GenerationConfig default of 20, which Whisper counts as new
+        # tokens; kernl's Whisper alone runs to the cache (it ran to the cache here)
         name, value = "max_length", 20
     else:
         return method(*args, **kwargs)
     kwargs[name] = value
-    token = LENGTH_IS_A_BOUND.set(f"the generation config's {name}={value}")
+    source = "the generation config's" if getattr(config, name, None) == value else "HF's default"
+    token = LENGTH_IS_A_BOUND.set(f"{source} {name}={value}")
     try:
         return method(*args, **kwargs)
     finally:

@@ -197,6 +197,8 @@ def test_whisper_takes_the_config_length_capped_at_its_positions_as_hugging_face
         m.generation_config.max_length = None
     got = model.generate(input_features=x, eos_token_id=[])
     assert got.shape[1] == 20 and torch.equal(got, _hf(hf, input_features=x, eos_token_id=[]))
+    for none in (dict(max_length=None), dict(max_new_tokens=None)):  # HF's default too
+        assert torch.equal(model.generate(input_features=x, eos_token_id=[], **none), got)
 
 
 def test_open_batch_and_its_joiners_take_the_config_length_and_sampling(cache):
