@@ -205,10 +205,18 @@ def _serve(argv: list[str], prog: str) -> int:
         return 2
     for sig in (signal.SIGINT, signal.SIGTERM):  # again: ray.init sets its own SIGTERM's
         signal.signal(sig, interrupt)
-    running = serve_already_running(serve) if args.ray_address else None
+    try:
+        # also without --ray-address: ray.init joins RAY_ADDRESS's cluster, or the one
+        # `ray start` left on this machine
+        running = serve_already_running(serve)
+    except KeyboardInterrupt:
+        print("kernl serve: interrupted while starting Ray; stopping", file=sys.stderr)
+        ray.shutdown()
+        return 130
     if running is not None:
+        where = args.ray_address or "this machine (RAY_ADDRESS, or `ray start`)"
         print(
-            f"kernl serve: Ray Serve already runs on the cluster at {args.ray_address} "
+            f"kernl serve: Ray Serve already runs on the cluster at {where} "
             f"({running}): kernl serve starts its own Serve, on --host/--port, and stops it "
             "when it stops, so it would take over that Serve's application of the same name "
             "and stop the other server with it. Stop that Serve first (`serve shutdown`), or "

@@ -135,3 +135,6 @@ def test_a_cluster_whose_serve_already_runs_is_refused(tiny_artifact, monkeypatc
     err = capsys.readouterr().err
     assert "Ray Serve already runs on the cluster at auto (application(s): kernl)" in err
     assert stopped  # this process's Ray connection only
+    # without --ray-address, ray.init joins RAY_ADDRESS's cluster or `ray start`'s
+    assert serve_main(argv[:-2]) == 2
+    assert "on the cluster at this machine (RAY_ADDRESS" in capsys.readouterr().err
