@@ -257,6 +257,11 @@ def test_hugging_face_argument_names_are_taken_or_explained(compiled):
         model.generate(ids, mask, decoder_start_token_id=[own, 5])
     with pytest.raises(TypeError, match=r"holds one per row: 2, got 3\)$"):
         model.generate(ids, mask, decoder_start_token_id=[own] * 3)
+    one = ids[0, : int(mask[0].sum())]  # one source as a 1-D tensor or a flat list: one row
+    for source in (one, one.tolist()):
+        alone = model.generate(source, max_new_tokens=6)
+        for kw in (dict(decoder_start_token_id=[own]), dict(decoder_input_ids=[[own]])):
+            assert torch.equal(model.generate(source, max_new_tokens=6, **kw), alone)
     kw = dict(max_new_tokens=6, do_sample=True, seed=2, eos_token_id=[])
     sampled = model.generate(ids, mask, temperature=1.0, top_p=1.0, top_k=0, **kw)
     off = model.generate(ids, mask, temperature=None, top_p=None, top_k=None, **kw)

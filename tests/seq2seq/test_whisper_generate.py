@@ -283,6 +283,9 @@ def test_a_calls_forced_decoder_ids_replace_the_configs_as_in_hugging_face(compi
         ref = hf_generate(hf, x, 10, forced_decoder_ids=calls[1], language="de")
         got = model.generate(x, max_new_tokens=10, forced_decoder_ids=calls[1], language="de")
         assert torch.equal(got, ref)
+    # [mels, frames] features are one row: the start id given as a list of one
+    one = model.generate(x[0], max_new_tokens=10, decoder_start_token_id=[START])
+    assert torch.equal(one, model.generate(x[:1], max_new_tokens=10))
     for bad in ([(2, 5)], [(1, VOCAB)], [1, 2], "fr", [(1, 5)] * 6):
         with pytest.raises(ValueError, match="do not follow Whisper's decoder prompt: pairs"):
             model.generate(x, max_new_tokens=4, forced_decoder_ids=bad)

@@ -601,8 +601,11 @@ class Seq2SeqModel(StepLoop):
 
 
 def _rows(source) -> int | None:
-    """The call's number of rows, where its source already says (its checks come later)."""
-    try:
-        return len(source)
-    except TypeError:
-        return None
+    """The call's number of rows, where its source already says (its checks come later): one
+    for a single sequence (a 1-D tensor or a flat list of ids, taken as one row)."""
+    if isinstance(source, torch.Tensor):
+        return 1 if source.ndim == 1 else (source.shape[0] if source.ndim else None)
+    if isinstance(source, (list, tuple)):
+        flat = bool(source) and not isinstance(source[0], (list, tuple, torch.Tensor))
+        return 1 if flat else len(source)
+    return None

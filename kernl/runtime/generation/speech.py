@@ -450,4 +450,7 @@ def _device(x) -> torch.device:
 
 
 def _rows(features) -> int | None:
-    return features.shape[0] if isinstance(features, torch.Tensor) and features.ndim else None
+    """[mels, frames] features are one row (as _as_features takes them)."""
+    if not isinstance(features, torch.Tensor) or features.ndim < 2:
+        return None
+    return 1 if features.ndim == 2 else features.shape[0]
