@@ -208,9 +208,10 @@ class _Fingerprints:
                 lines.append(f"{key}=<{self.callable(value, depth + 1)}>")
             elif _modules_held(value):
                 # `self.adapters = [nn.Linear(...)]`: not registered (a plain list), so not in
-                # the model's modules, yet a forward may apply them
+                # the model's modules, yet a forward may apply them. A dict's keys by their
+                # data (an object's repr may hold its address: a new key in every process)
                 items = value.items() if isinstance(value, dict) else enumerate(value)
-                held = [f"{k!r}: {self.module(m, depth + 1)}" for k, m in items]
+                held = [f"{self.data(k, depth + 1)}: {self.module(m, depth + 1)}" for k, m in items]
                 lines.append(f"{key}={_qualname(type(value))}[{', '.join(held)}]")
             elif not isinstance(value, torch.nn.Module):
                 # a dataclass of options or a SimpleNamespace of the user's, by its data

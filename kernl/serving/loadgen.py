@@ -86,7 +86,7 @@ def run_load(
     def body(rng: random.Random) -> bytes:
         request = {"input_ids": [rng.randrange(5, vocab) for _ in range(seq)]}
         if max_new_tokens is None:
-            # an encoder takes it whether it needs it or not; DPR-style artifacts require it
+            # every encoder kernl serves takes it (DPR-style artifacts require it)
             # (every request was refused: "lacks 'attention_mask', which this model requires")
             request["attention_mask"] = [1] * seq
         if outputs:
