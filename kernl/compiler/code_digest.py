@@ -134,7 +134,23 @@ def code_digest(model: torch.nn.Module) -> str:
     for table in ("_global_forward_pre_hooks", "_global_forward_hooks"):
         for hook in getattr(torch_module, table, {}).values():
             h.update(f"global {table}: {fp.callable(hook)}\n".encode())
+    # torch.nn.functional's ops replaced in a notebook (`F.scaled_dot_product_attention =
+    # mine`, which transformers' attention looks up at each call): torch's functions are keyed
+    # by name, so the entry compiled before the patch was served
+    for name, fn in sorted(vars(torch.nn.functional).items()):
+        if callable(fn) and not isinstance(fn, type) and not _torch_or_stdlib(fn):
+            h.update(f"torch.nn.functional.{name}: {fp.callable(fn)}\n".encode())
     return h.hexdigest()
+
+
+def _torch_or_stdlib(fn: Any) -> bool:
+    """Whether a callable is torch's own (a C function, an op, a Python function of torch's
+    modules) or the standard library's (typing's Optional)."""
+    if isinstance(fn, types.BuiltinFunctionType):
+        return True
+    owner = (getattr(fn, "__globals__", None) or {}).get("__name__")
+    owner = owner or getattr(fn, "__module__", None) or type(fn).__module__
+    return (owner or "").split(".")[0] in _BY_NAME
 
 
 def _registered_attention(impl: str) -> list[tuple[str, Any]]:

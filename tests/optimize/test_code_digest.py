@@ -408,3 +408,21 @@ def test_modules_held_in_a_plain_list_count():
     with torch.no_grad():
         adapter.weight[0, 0] += 1.0
     assert code_digest(bert) != first
+
+
+def _my_sdpa(query, key, value, *args, **kwargs):
+    return _torch_sdpa(query, key, value, *args, **kwargs) * 0.5
+
+
+_torch_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+
+def test_a_torch_functional_op_replaced_in_a_notebook_counts(monkeypatch):
+    """`F.scaled_dot_product_attention = mine` changes what transformers' attention computes
+    (it looks the function up at each call); torch's functions were keyed by name only."""
+    bert = tiny_bert()
+    first = code_digest(bert)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", _my_sdpa)
+    assert code_digest(bert) != first
+    monkeypatch.undo()
+    assert code_digest(bert) == first
