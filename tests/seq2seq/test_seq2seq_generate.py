@@ -253,6 +253,8 @@ def test_hugging_face_argument_names_are_taken_or_explained(compiled):
         assert torch.equal(got, ref)  # one per row, as HF takes it (a list was refused)
     with pytest.raises(TypeError, match=f"decoder_start_token_id=5: .* token, {own}, as compiled"):
         list(model.stream(ids, mask, max_new_tokens=6, decoder_start_token_id=5))
+    with pytest.raises(TypeError, match=r"=<tensor \(\)>: .* as compiled$"):  # not len()'s error
+        model.generate(ids, mask, decoder_start_token_id=torch.tensor(5))
     with pytest.raises(TypeError, match=rf"\[{own}, 5\]: .* as compiled$"):
         model.generate(ids, mask, decoder_start_token_id=[own, 5])
     with pytest.raises(TypeError, match=r"holds one per row: 2, got 3\)$"):

@@ -884,7 +884,9 @@ def _only_start(given, start: int, rows: int | None, per_row: bool) -> bool:
 
 
 def _rows_hint(given, rows: int | None) -> str:
-    if isinstance(given, (list, tuple, torch.Tensor)) and rows is not None and len(given) != rows:
+    if isinstance(given, torch.Tensor):
+        given = given.tolist()  # a 0-d tensor has no len(): one int then
+    if isinstance(given, (list, tuple)) and rows is not None and len(given) != rows:
         return f" (and a list of them holds one per row: {rows}, got {len(given)})"
     return ""
 
