@@ -127,6 +127,19 @@ MAX_SUPPRESS = 1 << 16
 DETECT = -1  # a prompt slot that language detection fills (Whisper's forced ids [1, None])
 
 
+def forced_ids_follow_prompt(forced, vocab: int) -> bool:
+    """Whisper's forced ids as kernl builds a decoder prompt of them: [1, id], [2, id], ...
+    (an id a token, or DETECT), leaving room for a language, a task and no-timestamps."""
+    return len(forced) < MAX_PROMPT - 2 and all(
+        isinstance(f, (list, tuple))
+        and len(f) == 2
+        and f[0] == i + 1
+        and _is_int(f[1])
+        and (f[1] == DETECT or 0 <= f[1] < vocab)
+        for i, f in enumerate(forced)
+    )
+
+
 @dataclass(frozen=True)
 class SpeechSpec:
     """Whisper's generation config, as Hugging Face's WhisperGenerationMixin reads it for one
@@ -419,18 +432,7 @@ def _check_speech(d: Any, vocab: int, where: str) -> SpeechSpec:
     if d.get("is_multilingual") not in (None, True, False):
         raise _bad(where, "speech.is_multilingual is not a boolean or None")
     forced = d.get("forced_decoder_ids", [])
-    if not (
-        isinstance(forced, list)
-        and len(forced) < MAX_PROMPT - 2  # room left for a language, a task, no-timestamps
-        and all(
-            isinstance(f, list)
-            and len(f) == 2
-            and f[0] == i + 1
-            and _is_int(f[1])
-            and (f[1] == DETECT or 0 <= f[1] < vocab)
-            for i, f in enumerate(forced)
-        )
-    ):
+    if not (isinstance(forced, list) and forced_ids_follow_prompt(forced, vocab)):
         raise _bad(where, "speech.forced_decoder_ids is not a list of [1, id], [2, id], ...")
     for name in ("suppress_tokens", "begin_suppress_tokens"):
         if not _token_list(d.get(name, []), vocab, MAX_SUPPRESS):

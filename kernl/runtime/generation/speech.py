@@ -18,14 +18,13 @@ from typing import Any
 
 import torch
 
-from kernl.artifacts.seq2seq import DETECT, MAX_PROMPT
+from kernl.artifacts.seq2seq import DETECT, MAX_PROMPT, forced_ids_follow_prompt
 from kernl.artifacts.speech_prompt import decoder_prompt, resolved_call
 
 from .model import (
     LENGTH_IS_A_BOUND,
     MODEL_DEFAULT,
     _generated_length,
-    _is_int,
     _is_number,
     asked_length,
     main_input,
@@ -314,22 +313,18 @@ def _forced_ids(given: Any, vocab: int) -> list[list[int]]:
         given = given.tolist()
     if given is None or (isinstance(given, (list, tuple)) and not given):
         return []
-    bad = ValueError(
-        f"forced_decoder_ids={shown_value(given)} do not follow Whisper's decoder prompt: pairs "
-        f"[1, id], [2, id], ... (at most {MAX_PROMPT - 3}; id None detects the language), as "
-        "processor.get_decoder_prompt_ids(language=..., task=...) gives (or pass language= "
-        "and task=)"
-    )
-    if not isinstance(given, (list, tuple)) or len(given) > MAX_PROMPT - 3:
-        raise bad
-    ids = []
-    for position, pair in enumerate(given, start=1):
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or pair[0] != position:
-            raise bad
-        token = pair[1]
-        if token is not None and not (_is_int(token) and 0 <= token < vocab):
-            raise bad
-        ids.append([position, DETECT if token is None else token])
+    ids = None
+    if isinstance(given, (list, tuple)) and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 for p in given
+    ):
+        ids = [[p, DETECT if t is None else t] for p, t in given]
+    if ids is None or not forced_ids_follow_prompt(ids, vocab):
+        raise ValueError(
+            f"forced_decoder_ids={shown_value(given)} do not follow Whisper's decoder prompt: "
+            f"pairs [1, id], [2, id], ... (at most {MAX_PROMPT - 3}; id None detects the "
+            "language), as processor.get_decoder_prompt_ids(language=..., task=...) gives (or "
+            "pass language= and task=)"
+        )
     return ids
 
 
