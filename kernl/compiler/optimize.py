@@ -290,7 +290,7 @@ class OptimizedModel:
         _refuse_config_options_not_applied(method, config, args, kwargs)
         speech = getattr(self.runtime.manifest, "task", None) == "speech-seq2seq"
         kwargs.update(_config_sampling(method, config, args, kwargs, speech))
-        return _with_config_length(method, config, *args, **kwargs)
+        return _with_config_length(method, config, speech, *args, **kwargs)
 
     def __reduce__(self):
         raise TypeError(
@@ -345,7 +345,9 @@ def _config_sampling(
     return {k: v for k, v in sampling.items() if k == "do_sample"}
 
 
-def _with_config_length(method: Callable, config: Any, *args: Any, **kwargs: Any) -> Any:
+def _with_config_length(
+    method: Callable, config: Any, speech: bool, *args: Any, **kwargs: Any
+) -> Any:
     """generate, stream or open_batch with the generation config's own length where the call
     gives none, as Hugging Face's generate takes it: a pipeline that finds a length there
     passes none (kernl's generate alone would stop at 20 new tokens). A length from the config
@@ -356,7 +358,8 @@ def _with_config_length(method: Callable, config: Any, *args: Any, **kwargs: Any
     a call's max_length, as HF's does (it warns); a call's max_new_tokens wins over both.
     transformers 5 leaves max_length None unless it is set: a config's 20 is a length.
     `open_batch` takes no max_length (its rows' prompts differ): the config's max_new_tokens
-    alone."""
+    alone. `speech` (Whisper, whose runtime default is the whole cache): HF's 20 where no
+    length is given anywhere."""
     signature = inspect.signature(method)
     given = signature.bind_partial(*args, **kwargs).arguments
     if given.get("max_new_tokens") is not None:
@@ -370,7 +373,7 @@ def _with_config_length(method: Callable, config: Any, *args: Any, **kwargs: Any
         return method(*args, **kwargs)
     elif "max_length" not in given and config_max_length is not None:
         name, value = "max_length", config_max_length
-    elif given.get("max_length") is None and _speech(method):
+    elif given.get("max_length") is None and speech:
         # no length anywhere (a config built from a WhisperConfig; a call's None drops the
         # config's): HF's GenerationConfig default of 20, which Whisper counts as new
         # tokens; kernl's Whisper alone runs to the cache (it ran to the cache here)
@@ -384,12 +387,6 @@ def _with_config_length(method: Callable, config: Any, *args: Any, **kwargs: Any
         return method(*args, **kwargs)
     finally:
         LENGTH_IS_A_BOUND.reset(token)
-
-
-def _speech(method: Callable) -> bool:
-    from kernl.runtime.generation.speech import SpeechSeq2SeqModel
-
-    return isinstance(getattr(method, "__self__", None), SpeechSeq2SeqModel)
 
 
 # The generation config's length keys: generate/stream take them from the config at every call
