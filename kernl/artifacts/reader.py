@@ -257,11 +257,15 @@ def _safetensors_header(
     path, what = files.path(rel), "the weights file"
     size = files.size(rel, what)
     head = files.pread(rel, what, 0, 8)
-    refuse_pickle(path, head, what)
     if len(head) < 8:
+        refuse_pickle(path, head, what)
         raise ArtifactCorruptError(f"{path}: truncated safetensors file")
+    # The first 8 bytes are the header's length, not magic bytes: a real header of 640, 896,
+    # 1152 or 1408 bytes begins like a pickle. A pickle is named only once the file is not
+    # safetensors.
     (hlen,) = struct.unpack("<Q", head)
     if hlen > min(limits.max_safetensors_header_bytes, size - 8):
+        refuse_pickle(path, head, what)
         raise ArtifactCorruptError(
             f"{path}: safetensors header length {hlen} is impossible for a file of {size} bytes"
         )
@@ -273,6 +277,7 @@ def _safetensors_header(
     except ArtifactError:
         raise
     except Exception as e:
+        refuse_pickle(path, head, what)
         raise ArtifactCorruptError(f"{path}: safetensors header is not JSON") from e
     if not isinstance(header, dict):
         raise ArtifactCorruptError(f"{path}: safetensors header is not a map")

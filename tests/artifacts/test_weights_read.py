@@ -105,3 +105,37 @@ def test_reads_to_the_gpu_like_safetensors(weights_file, monkeypatch):
         assert torch.equal(
             got[name].cpu().reshape(-1).view(torch.uint8), want.cpu().reshape(-1).view(torch.uint8)
         )
+
+
+def _file_with_header_of(path: Path, length: int) -> None:
+    """A safetensors file whose header is `length` bytes, by padding its metadata."""
+    for pad in range(length):
+        save_file({"w": torch.ones(3)}, str(path), metadata={"pad": "x" * pad})
+        (hlen,) = struct.unpack("<Q", path.read_bytes()[:8])
+        if hlen == length:
+            return
+    raise AssertionError(f"no padding gives a header of {length} bytes")
+
+
+@pytest.mark.parametrize("length", [640, 896, 1152, 1408])
+def test_a_header_length_that_begins_like_a_pickle_is_read(tmp_path, length):
+    # 640 is 0x280: the length's first two bytes (little-endian) are 80 02, a pickle's
+    # protocol-2 marker. A tiny model's weights hit this (vocabulary 7590 made 1408 = 0x580):
+    # kernl-compile refused its own artifact as a pickle.
+    path = tmp_path / "weights.safetensors"
+    _file_with_header_of(path, length)
+    assert path.read_bytes()[:2] == bytes([0x80, length >> 8])
+    header = check_safetensors_header(path)
+    assert torch.equal(read_tensors(path, header, "cpu")["w"], torch.ones(3))
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_a_pickle_in_place_of_the_weights_is_still_named(tmp_path, protocol):
+    import pickle
+
+    from kernl.artifacts import ArtifactUnsafeError
+
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(pickle.dumps({"w": list(range(300))}, protocol=protocol))
+    with pytest.raises(ArtifactUnsafeError, match="pickle"):
+        check_safetensors_header(path)
