@@ -36,6 +36,12 @@ FILE_CHUNKS_KEY = "file_chunks"
 MIN_CHUNK_BYTES = 4 << 10
 MAX_CHUNK_BYTES = 1 << 30
 PROGRAMS_DIR = "programs"
+# Hugging Face's fast-tokenizer file, for `kernl serve`'s text requests. kernl-compile carries
+# the model folder's into the artifact, listed in `files` (hashed and signed); one copied in
+# later is not listed: a deployment that pins keys refuses to tokenize with it.
+TOKENIZER_FILE = "tokenizer.json"
+# Large multilingual tokenizers are ~35 MB; anything this size is not a tokenizer.
+MAX_TOKENIZER_BYTES = 256 << 20
 KERNELS_DIR = "kernels"
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.\-]+")  # fullmatch: "$" would accept "x\n"

@@ -414,9 +414,12 @@ def carry_kept_files(dest: Path, into: Path) -> list[str]:
     into `into`, the artifact about to replace it (modes and times kept), so that replacing
     the artifact loses none of them; their paths. One that the new artifact has itself is
     refused, before anything is replaced."""
-    kept = kept_files(dest)
-    for rel in kept:
+    kept = []
+    for rel in kept_files(dest):
         target = into / rel
+        if _same_bytes(dest / rel, target):
+            continue  # a tokenizer.json copied in, now the new artifact's own (hashed) file
+        kept.append(rel)
         if target.exists() or target.is_symlink():
             raise ArtifactDestinationError(
                 f"{dest / rel} is not part of the artifact there, and the new artifact has a "
@@ -425,6 +428,31 @@ def carry_kept_files(dest: Path, into: Path) -> list[str]:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(dest / rel, target, follow_symlinks=False)
     return kept
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    if a.is_symlink() or b.is_symlink() or not (a.is_file() and b.is_file()):
+        return False
+    return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+
+
+# Files a commit adds to the artifact, hashed (and signed) with it (`including_files`): the
+# model folder's tokenizer.json, which `kernl serve` tokenizes text with.
+_INCLUDE: contextvars.ContextVar[dict[str, bytes] | None] = contextvars.ContextVar(
+    "include_files", default=None
+)
+
+
+@contextlib.contextmanager
+def including_files(files: dict[str, bytes]) -> Iterator[None]:
+    """Every ArtifactWriter.commit in this block (this thread or task) writes `files` (a
+    relative path in the folder's top level -> its bytes) into the artifact and lists them
+    in the manifest: hashed, and signed with it."""
+    token = _INCLUDE.set(dict(files))
+    try:
+        yield
+    finally:
+        _INCLUDE.reset(token)
 
 
 # The private key a commit signs its manifest with before the artifact replaces the
@@ -619,6 +647,12 @@ class ArtifactWriter:
         return rel
 
     def commit(self, manifest: Manifest) -> Path:
+        for rel, data in (_INCLUDE.get() or {}).items():
+            taken = (self.tmp / rel).exists() or rel in (MANIFEST_FILE, "manifest.sig")
+            if "/" in rel or rel.startswith(".") or taken:
+                raise ValueError(f"{rel!r} is not a file an artifact may include")
+            with self._writing(self.tmp / rel):
+                _fsync_write(self.tmp / rel, data)
         paths = {
             str(p.relative_to(self.tmp)): p for p in sorted(self.tmp.rglob("*")) if p.is_file()
         }

@@ -93,6 +93,28 @@ def compile(
 
 
 def _compile_signed(model_or_path, buckets, out, *, sign_key, **options) -> CompileReport:
+    tokenizer = None
+    if isinstance(model_or_path, (str, os.PathLike)):
+        from .tokenizer_file import check_kept_tokenizer, model_tokenizer
+
+        say = options.get("progress") or (lambda _msg: None)
+        tokenizer = model_tokenizer(os.fspath(model_or_path), say)
+        if tokenizer is not None:
+            check_kept_tokenizer(out, tokenizer)
+            say(
+                "tokenizer.json: the model folder's goes into the artifact (hashed, and signed "
+                "with it) for kernl serve's text requests"
+            )
+    if tokenizer is not None:
+        from kernl.artifacts.schema import TOKENIZER_FILE
+        from kernl.artifacts.writer import including_files
+
+        with including_files({TOKENIZER_FILE: tokenizer}):
+            return _compile_keyed(model_or_path, buckets, out, sign_key=sign_key, **options)
+    return _compile_keyed(model_or_path, buckets, out, sign_key=sign_key, **options)
+
+
+def _compile_keyed(model_or_path, buckets, out, *, sign_key, **options) -> CompileReport:
     if sign_key is not None:
         # sign_key: an Ed25519 private key file (PEM); the finished artifact's manifest is
         # signed with it (kernl/artifacts/signing.py) for deployments that pin the public key.

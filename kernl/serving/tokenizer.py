@@ -4,20 +4,25 @@ server takes token ids only. transformers is never needed.
 
 The file is read as the artifact's own: a regular file directly in the folder, never through
 a symbolic link (an artifact copied from elsewhere could point it at any file the server can
-read), and of bounded size."""
+read), and of bounded size. One that kernl-compile carried in from the model folder is listed
+in the manifest: its bytes must match their sha256 there (and so the signature, where keys are
+pinned). One copied in by hand is not: where KERNL_TRUSTED_KEYS pins signing keys it is
+refused, since nothing vouches for it and it decides which ids go in and which text comes
+out."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from .protocol import Tokenize
+from kernl.artifacts import read_manifest
+from kernl.artifacts.schema import MAX_TOKENIZER_BYTES, TOKENIZER_FILE
+from kernl.artifacts.signing import trusted_keys_from_env
 
-TOKENIZER_FILE = "tokenizer.json"
-# Large multilingual tokenizers are ~35 MB; anything this size is not a tokenizer.
-MAX_TOKENIZER_BYTES = 256 << 20
+from .protocol import Tokenize
 
 
 class TokenizerFileError(ValueError):
@@ -53,10 +58,30 @@ def read_tokenizer_file(artifact: str | Path) -> str | None:
                 "tokenizer file may take"
             )
         data = f.read(MAX_TOKENIZER_BYTES + 1)
+    _check_vouched_for(artifact, path, data)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise TokenizerFileError(f"{path} is not UTF-8 text: {e}") from None
+
+
+def _check_vouched_for(artifact: str | Path, path: Path, data: bytes) -> None:
+    keys = trusted_keys_from_env()
+    # with keys pinned, the manifest read is the signed one (a bad signature is refused here)
+    listed = read_manifest(artifact, trusted_keys=keys or None).files.get(TOKENIZER_FILE)
+    if listed is not None:
+        if hashlib.sha256(data).hexdigest() != listed:
+            raise TokenizerFileError(
+                f"{path} does not match its sha256 in the manifest: it was edited after the "
+                "compile (compile again from a model folder holding the tokenizer you want)"
+            )
+    elif keys:
+        raise TokenizerFileError(
+            f"{path} was copied into the artifact after the compile: nothing vouches for it, "
+            "and KERNL_TRUSTED_KEYS pins signing keys. Compile (and sign) from a model folder "
+            "holding it: kernl-compile carries the folder's tokenizer.json into the artifact, "
+            "hashed and signed; or remove it to serve token ids only"
+        )
 
 
 def load_tokenizer(artifact: str | Path) -> Tokenize | None:

@@ -24,6 +24,13 @@ def write_tokenizer(folder) -> None:
 
 
 @pytest.fixture(scope="session")
+def tokenizer_writer():
+    """write_tokenizer, for test modules (a `from conftest import` finds another conftest
+    when several folders' tests are collected together)."""
+    return write_tokenizer
+
+
+@pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory):
     torch.manual_seed(0)
     config = T.BertConfig(

@@ -1,0 +1,143 @@
+"""The tokenizer is part of what a signature vouches for: kernl-compile carries the model
+folder's tokenizer.json into the artifact (listed in the manifest: hashed and signed), `kernl
+serve` checks those bytes against their hash, and where KERNL_TRUSTED_KEYS pins keys it
+refuses a tokenizer copied in after the compile. A tampered tokenizer changed which ids went
+in and which text came out of a signed deployment, silently (review, 2026-12-07)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers as T
+
+import kernl.compiler
+from kernl.artifacts import (
+    ArtifactCorruptError,
+    ArtifactDestinationError,
+    read_manifest,
+    verify_artifact,
+)
+from kernl.artifacts.signing import TRUSTED_KEYS_ENV, generate_keypair
+from kernl.serving.tokenizer import TokenizerFileError, load_tokenizer, read_tokenizer_file
+
+BUCKETS = "batch=1 seq=8"
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory, tokenizer_writer):
+    torch.manual_seed(0)
+    config = T.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=80,
+        max_position_embeddings=16,
+    )
+    folder = tmp_path_factory.mktemp("model") / "bert"
+    T.BertModel(config).eval().save_pretrained(folder)
+    tokenizer_writer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys")
+    generate_keypair(d / "k", d / "k.pub")
+    return d / "k", d / "k.pub"
+
+
+def _compile(folder, out, **kw):
+    return kernl.compiler.compile(
+        folder, BUCKETS, out, dtype="fp32", device="cpu", kernels=False, **kw
+    )
+
+
+def _permuted(path) -> None:
+    """The same tokenizer with two words' ids swapped: valid, and wrong."""
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    vocab["w0"], vocab["w5"] = vocab["w5"], vocab["w0"]
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture(scope="module")
+def signed(model_folder, keys, tmp_path_factory):
+    out = tmp_path_factory.mktemp("signed") / "bert.kernl"
+    _compile(model_folder, out, sign_key=keys[0])
+    return out
+
+
+def test_the_compile_carries_the_folders_tokenizer_hashed_and_signed(
+    signed, model_folder, keys, monkeypatch
+):
+    tok = signed / "tokenizer.json"
+    assert tok.read_bytes() == (model_folder / "tokenizer.json").read_bytes()
+    assert "tokenizer.json" in read_manifest(signed).files
+    verify_artifact(signed, trusted_keys=[keys[1]])
+    monkeypatch.setenv(TRUSTED_KEYS_ENV, str(keys[1]))
+    assert load_tokenizer(signed)(["w0 w5"])[0]["input_ids"] == [2, 4, 9, 3]
+
+
+def test_a_carried_tokenizer_edited_after_the_compile_is_refused(signed, keys, tmp_path):
+    root = tmp_path / "bert.kernl"
+    shutil.copytree(signed, root)
+    _permuted(root / "tokenizer.json")
+    with pytest.raises(TokenizerFileError, match="does not match its sha256"):
+        read_tokenizer_file(root)
+    with pytest.raises(ArtifactCorruptError, match="tokenizer.json does not match"):
+        verify_artifact(root, trusted_keys=[keys[1]])
+
+
+@pytest.fixture(scope="module")
+def bare_folder(model_folder, tmp_path_factory):
+    """The model folder without its tokenizer."""
+    folder = tmp_path_factory.mktemp("bare") / "bert"
+    shutil.copytree(model_folder, folder)
+    (folder / "tokenizer.json").unlink()
+    return folder
+
+
+def test_a_tokenizer_copied_in_is_refused_where_keys_are_pinned(
+    bare_folder, keys, tmp_path, monkeypatch, tokenizer_writer
+):
+    root = tmp_path / "bert.kernl"
+    _compile(bare_folder, root, sign_key=keys[0])
+    assert not (root / "tokenizer.json").exists()
+    tokenizer_writer(root)  # by hand, after the compile and its signature
+    assert load_tokenizer(root) is not None  # no keys pinned: read as before
+    monkeypatch.setenv(TRUSTED_KEYS_ENV, str(keys[1]))
+    verify_artifact(root)  # the artifact itself is intact
+    with pytest.raises(TokenizerFileError, match="copied into the artifact after the compile"):
+        load_tokenizer(root)
+
+
+def test_a_recompile_takes_over_the_same_tokenizer_copied_in(bare_folder, model_folder, tmp_path):
+    root = tmp_path / "bert.kernl"
+    _compile(bare_folder, root)
+    shutil.copy(model_folder / "tokenizer.json", root / "tokenizer.json")  # as the docs said
+    _compile(model_folder, root)  # the same bytes: now the artifact's own file
+    assert "tokenizer.json" in read_manifest(root).files
+    verify_artifact(root)
+
+
+def test_a_recompile_refuses_a_different_copied_in_tokenizer_before_any_work(
+    bare_folder, model_folder, tmp_path, monkeypatch, tokenizer_writer
+):
+    root = tmp_path / "bert.kernl"
+    _compile(bare_folder, root)
+    tokenizer_writer(root)
+    _permuted(root / "tokenizer.json")
+    before = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
+    from kernl.compiler import api
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the compile started")
+
+    monkeypatch.setattr(api, "_compile", no_work)
+    with pytest.raises(ArtifactDestinationError, match="differs from the model folder's"):
+        _compile(model_folder, root)
+    assert {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()} == before
