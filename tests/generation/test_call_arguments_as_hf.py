@@ -189,6 +189,39 @@ def test_sampling_without_a_seed_draws_from_torch_rng_as_hugging_face(model):
     assert torch.equal(torch.rand(4), after)
 
 
+def _rng_untouched(call) -> None:
+    torch.manual_seed(5)
+    want = torch.rand(4)
+    torch.manual_seed(5)
+    call()
+    assert torch.equal(torch.rand(4), want)
+
+
+@pytest.mark.parametrize("method", ["generate", "stream", "open_batch"])
+@pytest.mark.parametrize(
+    "bad",
+    [dict(max_new_tokens=1000), dict(temperature=-1.0), dict(input_ids=[[5, 500]])],
+    ids=["past_the_cache", "temperature", "id_out_of_range"],
+)
+def test_a_refused_sampled_call_leaves_torchs_rng_where_it_was(model, method, bad):
+    """The seed of an unseeded sampled call was drawn before its arguments were checked: a
+    refused call moved torch's global RNG, so the next unseeded call (and the caller's own
+    draws) differed from a process that never saw it. HF checks before it samples."""
+    kw = dict(input_ids=[[5, 6, 7]], max_new_tokens=4, do_sample=True) | bad
+
+    def refused():
+        with pytest.raises(ValueError):
+            getattr(model, method)(**kw)
+
+    _rng_untouched(refused)
+    # a join refused, or told "not now" (None), draws nothing either
+    with model.open_batch([[5, 6, 7]], max_new_tokens=8, rows=4, do_sample=True) as batch:
+        _rng_untouched(lambda: pytest.raises(ValueError, batch.join, [5, 500], 3))
+        # a prompt longer than the batch's slot (8): not now
+        long_prompt = list(range(5, 15))
+        _rng_untouched(lambda: batch.join(long_prompt, 3) is None or pytest.fail("joined"))
+
+
 def test_a_joiner_samples_with_the_batch_arguments_unless_it_gives_its_own(model):
     """join() left its temperature, top-k and top-p at generate's defaults (top_k 50) whatever
     the batch was opened with: top_k=1 makes the batch's sampling greedy decoding, and a

@@ -166,6 +166,20 @@ def test_seeded_sampling_repeats_and_differs_across_seeds(compiled):
     assert torch.equal(b, model.generate(ids, mask, **kw))
 
 
+@pytest.mark.parametrize("method", ["generate", "stream"])
+def test_a_refused_sampled_call_leaves_torchs_rng_where_it_was(compiled, method):
+    """An unseeded sampled call drew its seed before its arguments were checked: a refused
+    one moved torch's global RNG (HF checks before it samples)."""
+    _, _, model = compiled["t5"]
+    ids, mask = sources([5])
+    torch.manual_seed(5)
+    want = torch.rand(4)
+    torch.manual_seed(5)
+    with pytest.raises(ValueError, match="exceeds the decoder cache"):
+        getattr(model, method)(ids, mask, max_new_tokens=49, do_sample=True)
+    assert torch.equal(torch.rand(4), want)
+
+
 def test_errors_are_clear_and_leave_the_model_usable(compiled):
     hf, _, model = compiled["bart"]
     ids, mask = sources([5])

@@ -318,6 +318,19 @@ def test_whispers_own_generate_arguments_are_taken_at_their_defaults(compiled):
         model.generate(x, max_length=64)
 
 
+@pytest.mark.parametrize("sampled", [dict(do_sample=True), dict(temperature=0.7)])
+def test_a_refused_sampled_call_leaves_torchs_rng_where_it_was(compiled, sampled):
+    """An unseeded sampled call drew its seed before its arguments were checked: a refused
+    one moved torch's global RNG (HF checks before it samples)."""
+    _, _, model = compiled["multilingual"]
+    torch.manual_seed(5)
+    want = torch.rand(4)
+    torch.manual_seed(5)
+    with pytest.raises(ValueError, match="it holds 46 new tokens"):
+        model.generate(features(1, seed=5), max_new_tokens=47, **sampled)
+    assert torch.equal(torch.rand(4), want)
+
+
 def test_bad_calls_are_clear_and_leave_the_model_usable(compiled):
     hf, _, model = compiled["multilingual"]
     x = features(1, seed=5)

@@ -9,6 +9,8 @@ temperature, top-k, top-p and seed, and rows that differ in them."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +102,29 @@ def call_seed(seed, samples: bool):
     if not samples:
         return 0
     return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+
+
+class NotRun(Exception):
+    """Raised inside `rng_kept_unless_run` where a call ends without running (a join that
+    cannot join now): the RNG goes back, and the call returns its answer."""
+
+
+@contextlib.contextmanager
+def rng_kept_unless_run(draws: bool) -> Iterator[None]:
+    """A call refused inside the block (its arguments are checked after its seed is drawn)
+    puts torch's global CPU generator back where it was: Hugging Face checks before it
+    samples, so a refused call draws nothing, and the next unseeded call (or any of the
+    caller's own draws) gets what it would have without the refused one. `draws`: the call
+    draws its seed (sampled, no seed given); else there is nothing to put back."""
+    if not draws:
+        yield
+        return
+    state = torch.get_rng_state()
+    try:
+        yield
+    except BaseException:
+        torch.set_rng_state(state)
+        raise
 
 
 def seed_key(seed: int) -> int:

@@ -33,7 +33,7 @@ from .model import (
     shown_value,
     take_decoder_start,
 )
-from .sampling import call_seed
+from .sampling import call_seed, rng_kept_unless_run
 from .seq2seq import Seq2SeqModel, _Plan
 
 
@@ -172,9 +172,40 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         attention_mask=None,
         forced=MODEL_DEFAULT,
     ) -> _Plan:
-        spec = self.spec
         do_sample, sampler = _whisper_sampling(do_sample, sampler)
-        sampler = (*sampler[:3], call_seed(sampler[3], do_sample))
+        with rng_kept_unless_run(sampler[3] is None and do_sample):
+            sampler = (*sampler[:3], call_seed(sampler[3], do_sample))
+            return self._checked_plan(
+                features,
+                max_new_tokens,
+                do_sample,
+                sampler,
+                eos_id,
+                pad_id,
+                language,
+                task,
+                return_timestamps,
+                max_length,
+                attention_mask,
+                forced,
+            )
+
+    def _checked_plan(
+        self,
+        features,
+        max_new_tokens,
+        do_sample,
+        sampler,
+        eos_id,
+        pad_id,
+        language,
+        task,
+        return_timestamps,
+        max_length,
+        attention_mask,
+        forced,
+    ) -> _Plan:
+        spec = self.spec
         if return_timestamps:
             raise ValueError(
                 "return_timestamps=True is not supported: kernl's Whisper generate transcribes "
