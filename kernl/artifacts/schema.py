@@ -31,6 +31,11 @@ MANIFEST_CHECKSUM_KEY = "manifest_sha256"
 # addition to the file's whole sha256 in `files`. Readers that know it check the chunks (in
 # parallel) instead of the whole-file hash; older readers ignore it and check `files`.
 FILE_CHUNKS_KEY = "file_chunks"
+# Key in `Manifest.extra` (encoders): the model's forward's positional parameters, in order, up
+# to the last input served, where they are not (input_ids, attention_mask, token_type_ids):
+# RoCBert's (input_ids, input_shape_ids, input_pronunciation_ids, attention_mask, ...). A call's
+# positional inputs are read in this order; absent, in the usual one.
+POSITIONAL_INPUTS_KEY = "positional_inputs"
 # The chunk sizes a reader accepts (powers of two): small enough for a test artifact, large
 # enough that a 2 GB file is not a million hashes.
 MIN_CHUNK_BYTES = 4 << 10

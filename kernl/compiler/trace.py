@@ -473,6 +473,26 @@ class ModelSignature:
     not_served: list[str] = field(default_factory=list)
 
 
+def positional_order(model: torch.nn.Module, served: list[str]) -> list[str] | None:
+    """The forward's positional parameters up to the last input the artifact serves, where
+    they are not (input_ids, attention_mask, token_type_ids) as served: RoCBert takes
+    (input_ids, input_shape_ids, input_pronunciation_ids, attention_mask, ...), LayoutLM
+    (input_ids, bbox, ...). The runtime reads a call's positional inputs in this order (its
+    fixed one gave RoCBert's shape ids to the attention mask, silently). None where usual."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    names = [p.name for p in params if p.kind in kinds]
+    at = [names.index(n) for n in served if n in names]
+    if not at:
+        return None
+    order = names[: max(at) + 1]
+    usual = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in served]
+    return None if order == usual else order
+
+
 class FlatModel(torch.nn.Module):
     """Positional tensors in, a tuple of tensors out: what export and programs need."""
 

@@ -18,7 +18,7 @@ import torch
 
 from kernl.artifacts.errors import ArtifactCorruptError
 from kernl.artifacts.program import Program
-from kernl.artifacts.schema import Bucket, Manifest, pick_bucket
+from kernl.artifacts.schema import POSITIONAL_INPUTS_KEY, Bucket, Manifest, pick_bucket
 
 from .binaries import KernelBinaries, running_with
 from .executor import Executor
@@ -322,7 +322,7 @@ class CompiledModel:
         self._required = [s.name for s in manifest.inputs if s.default == "required"]
         if "input_ids" not in self._required:
             self._required.insert(0, "input_ids")  # it gives the call's shape
-        self._positional = [n for n in POSITIONAL_INPUTS if n in self._inputs]
+        self._positional = _positional_order(manifest, self._inputs)
         self._ignores_token_types = (
             "token_type_ids" not in self._inputs and manifest.model_type in NO_TOKEN_TYPES
         )
@@ -724,6 +724,23 @@ _HF_CALL_OPTIONS = frozenset(
 )
 
 
+def _positional_order(manifest: Manifest, served) -> list[str]:
+    """The order a call's positional inputs are read in: the model's own where the compiler
+    recorded it (POSITIONAL_INPUTS_KEY), else HF's usual one. A name there that the artifact
+    does not serve (RoCBert's input_shape_ids) is refused when given as other than None."""
+    order = manifest.extra.get(POSITIONAL_INPUTS_KEY)
+    if order is None:
+        return [n for n in POSITIONAL_INPUTS if n in served]
+    if (
+        not isinstance(order, list)
+        or not 0 < len(order) <= 64
+        or not all(isinstance(n, str) and len(n) <= 128 for n in order)
+        or len(set(order)) != len(order)
+    ):
+        raise ArtifactCorruptError(f"manifest extra.{POSITIONAL_INPUTS_KEY}: not a list of names")
+    return order
+
+
 def _positional(args: tuple, inputs: dict[str, Any], order: list[str]) -> dict[str, Any]:
     # HF's later positional inputs (position_ids, head_mask, ...) as None: "not given" there,
     # as by name (`model(ids, mask, None, None)`)
@@ -738,7 +755,8 @@ def _positional(args: tuple, inputs: dict[str, Any], order: list[str]) -> dict[s
     for name, value in zip(order, args):
         if name in named:
             raise TypeError(f"input {name!r} given both positionally and by name")
-        named[name] = value
+        if value is not None:  # None: not given, as HF takes it (its later positional inputs)
+            named[name] = value
     return named
 
 

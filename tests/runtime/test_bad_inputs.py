@@ -286,6 +286,38 @@ def test_inputs_can_be_given_positionally_in_hugging_faces_order(served):
     _good_call_after(served)
 
 
+def test_positional_inputs_follow_the_models_own_order(tmp_path):
+    """RoCBert's forward takes (input_ids, input_shape_ids, input_pronunciation_ids,
+    attention_mask, token_type_ids): kernl read any model's positional inputs as (input_ids,
+    attention_mask, token_type_ids), so `model(ids, shape_ids, pronunciation_ids)` served the
+    shape ids as the mask, silently (3.5 off). The compiler records the model's order."""
+    torch.manual_seed(0)
+    config = T.RoCBertConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=128,
+        max_position_embeddings=32,
+        shape_vocab_size=20,
+        pronunciation_vocab_size=20,
+    )
+    model = T.RoCBertModel(config).eval()
+    out = tmp_path / "rocbert.kernl"
+    kernl.compiler.compile(model, "batch=2 seq=16", out, dtype="fp32", device="cpu")
+    compiled = kernl.runtime.load(out)
+    ids = _ids(2, 11, seed=5)
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0
+    zeros = torch.zeros_like(ids)
+    for args in [(ids,), (ids, None, None, mask), (ids, None, None, mask, zeros)]:
+        with torch.no_grad():
+            want = model(*args).last_hidden_state
+        assert (compiled(*args).last_hidden_state - want).abs().max().item() < TOL
+    with pytest.raises(TypeError, match="input_shape_ids"):  # not an input it serves
+        compiled(ids, zeros, zeros)
+
+
 def test_return_dict_false_gives_a_tuple_as_in_hugging_face(served):
     model, compiled = served
     ids = _ids(2, 7)

@@ -14,7 +14,7 @@ import triton
 
 from kernl._version import __version__ as kernl_version
 from kernl.artifacts import FORMAT_VERSION, ArtifactWriter, BucketEntry, Manifest, check_destination
-from kernl.artifacts.schema import Bucket
+from kernl.artifacts.schema import POSITIONAL_INPUTS_KEY, Bucket
 from kernl.runtime.binaries import allow_jit
 
 from ..buckets import as_buckets, check_buckets_fit
@@ -32,6 +32,7 @@ from ..trace import (
     load_model,
     model_signature,
     model_state,
+    positional_order,
     refuse_a_model_that_changed_itself,
     resolve_dtype_device,
 )
@@ -194,7 +195,8 @@ def compile_encoder(
             files={},
             created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             kernels=kernel_entries,
-            extra={"atol": atol, "rtol": rtol, "kernl_ops": kernels},
+            extra={"atol": atol, "rtol": rtol, "kernl_ops": kernels}
+            | _positional_extra(model, input_names),
             **_target_info(dev),
         )
         dest = writer.commit(manifest)
@@ -295,6 +297,13 @@ def _config_torch_dtype(folder: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return found if isinstance(found, str) else None
+
+
+def _positional_extra(model, input_names: list[str]) -> dict:
+    """The forward's positional order for the runtime (POSITIONAL_INPUTS_KEY), where it is not
+    the usual one."""
+    order = positional_order(model, input_names)
+    return {} if order is None else {POSITIONAL_INPUTS_KEY: order}
 
 
 def _plain_config(config) -> dict:
