@@ -376,6 +376,21 @@ def test_a_hooked_model_or_a_t5_with_more_decoder_layers_is_refused_by_name():
         describe(deeper, torch.float32)
 
 
+def test_a_t5_with_its_own_encoder_embedding_table_is_refused_by_name():
+    """An encoder.embed_tokens that is not model.shared (a model built after
+    `config.tie_word_embeddings = False`): kernl's T5 read shared for both sides and the
+    compile failed validation on "greedy ids differ", saying nothing of why."""
+    from kernl.compiler.tasks.seq2seq.describe import describe
+    from kernl.compiler.trace import UnsupportedModelError
+
+    model = tiny_seq2seq("t5")
+    model.encoder.embed_tokens = torch.nn.Embedding(*model.shared.weight.shape)
+    with pytest.raises(UnsupportedModelError, match=r"encoder.embed_tokens is not its shared"):
+        describe(model, torch.float32)
+    model.encoder.embed_tokens.weight.data.copy_(model.shared.weight)  # equal: one table
+    describe(model, torch.float32)
+
+
 def test_task_is_inferred_and_buckets_name_their_axes(tmp_path):
     from kernl.compiler.buckets import BucketSyntaxError
     from kernl.compiler.tasks.seq2seq.buckets import parse_seq2seq_buckets

@@ -219,6 +219,16 @@ def _t5(model, model_type: str = "t5"):
     cfg = model.config
     if cfg.num_decoder_layers > cfg.num_layers:
         _probe_hugging_face_generate(model)
+    for side, stack in (("encoder", model.encoder), ("decoder", model.decoder)):
+        if not _same(stack.embed_tokens.weight, model.shared.weight):
+            # kernl's T5 reads one table for both sides (validation then failed on "greedy
+            # ids differ", saying nothing of why)
+            raise UnsupportedModelError(
+                f"this T5's {side}.embed_tokens is not its shared embedding table "
+                f"(model.shared), and kernl's T5 reads one table for both sides: tie them "
+                f"(model.{side}.embed_tokens = model.shared) where they should be one, as a "
+                "checkpoint loaded with from_pretrained has them"
+            )
     gated = bool(cfg.is_gated_act)
     untied = _untied_head(model)
     spec = Seq2SeqSpec(
