@@ -28,6 +28,11 @@ def left_as_it_was(
     they can be made, else `model` itself with its tensors put back on exit, else (gradients,
     torch's swap-on-conversion modes) a deep copy. Training flags and the RNG state (CPU, and
     `device`'s when it is a GPU) are put back on exit either way."""
+    if model.training:  # said: dropout on in the original, off in what serves
+        say(
+            "the model is in train() mode: compiled as in eval() (no dropout), as inference "
+            "runs; its outputs equal the original's after model.eval()"
+        )
     converted = converted_by_compile(model, dtype, device)
     with untouched(model, device):
         subject = modules_over_the_same_tensors(model)

@@ -33,8 +33,14 @@ def test_compile_leaves_the_model_object_as_it_was(tmp_path, monkeypatch):
     ids = torch.randint(3, 120, (1, 8), generator=torch.Generator().manual_seed(1))
 
     torch.manual_seed(7)
-    api.compile(bert, "batch=1 seq=8", tmp_path / "a", dtype="fp16", device="cpu")
+    said = []
+    api.compile(
+        bert, "batch=1 seq=8", tmp_path / "a", dtype="fp16", device="cpu", progress=said.append
+    )
     after_compile = torch.rand(3)
+    # compiled without dropout, as eval() runs: said (the difference from the original in
+    # train() mode was silent)
+    assert any("train() mode: compiled as in eval()" in line for line in said), said
     torch.manual_seed(7)
     assert torch.equal(after_compile, torch.rand(3))  # the caller's RNG stream, unmoved
 
