@@ -1189,8 +1189,13 @@ def _output_class(model: torch.nn.Module, device: torch.device) -> type | None:
     the copy, not the caller's model, even when the compile refuses it."""
     from transformers.utils import ModelOutput as HFModelOutput
 
+    from .trace import feed_forward_chunk
+
+    # two tokens, or a multiple of a chunked feed-forward's chunk (BERT's
+    # chunk_size_feed_forward=4 failed on two: the runtime's dict came back, not the class)
+    length = 2 * feed_forward_chunk(getattr(model, "config", None))
     ids = torch.ones(
-        1, 2, dtype=torch.long, device=next(iter(named_tensors(model).values())).device
+        1, length, dtype=torch.long, device=next(iter(named_tensors(model).values())).device
     )
     try:
         # under the compile lock: another thread's torch.export of this model tracks the

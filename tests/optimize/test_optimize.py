@@ -165,6 +165,18 @@ def _assert_same(before: dict, after: dict) -> None:
 
 
 # None: the model's own dtype (no cast). fp16: compiled from the model cast in place, its
+def test_a_chunked_feed_forward_keeps_the_hugging_face_output_class(cache):
+    """chunk_size_feed_forward=4: the output class was found by a forward on two tokens,
+    which HF refuses for chunks of 4; the runtime's dict came back instead of the class."""
+    torch.manual_seed(0)
+    bert = T.BertForSequenceClassification(T.BertConfig(**SMALL, chunk_size_feed_forward=4))
+    model = kernl.optimize(bert.eval(), "batch=2 seq=12", progress=False)
+    got = model(**_inputs(2, 12))
+    assert type(got) is T.modeling_outputs.SequenceClassifierOutput and got.loss is None
+    with torch.no_grad():
+        assert (got.logits - bert(**_inputs(2, 12)).logits).abs().max().item() < TOL
+
+
 # tensors put back after. grads: a parameter to cast has a gradient (compiled from a copy).
 @pytest.mark.parametrize("case", [None, "fp16", "grads"])
 def test_the_original_model_is_untouched(cache, case):
