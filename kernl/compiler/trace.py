@@ -12,7 +12,7 @@ import os
 import pickle
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -528,6 +528,28 @@ def example_inputs(
     return [t.to(device) for t in out]
 
 
+# How kernl calls an encoder and what it serves: said where a model (a user's wrapper) does not
+# take the call or return a mapping
+_SERVED_AS = (
+    "{0}.forward does not take return_dict or return a mapping: kernl calls an encoder as "
+    "model(input_ids=..., attention_mask=..., return_dict=True) and serves the tensors of the "
+    "mapping it returns (a Hugging Face ModelOutput or a dict); a wrapper of yours must take "
+    "return_dict (it may ignore it) and return a dict of tensors, e.g. "
+    "{{'sentence_embedding': pooled}}"
+)
+
+
+def _fails_on_token_ids(model, bucket: Bucket, e: Exception) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{type(model).__name__} fails on [batch, seq] token ids ({bucket.batch}x"
+        f"{bucket.seq}, one of two small shapes kernl runs it at to find its "
+        f"outputs' axes): {type(e).__name__}: {e}. kernl compiles encoders called "
+        f"as model(input_ids[, attention_mask, token_type_ids]) at any length "
+        f"(a model that takes some lengths only is not supported); tasks: "
+        f"{', '.join(ALL_TASKS)}"
+    )
+
+
 def model_signature(model: torch.nn.Module, device) -> ModelSignature:
     params = inspect.signature(model.forward).parameters
     names = [n for n in _INPUTS if n in params]
@@ -564,15 +586,19 @@ def model_signature(model: torch.nn.Module, device) -> ModelSignature:
             args = example_inputs(names, bucket, vocab, device)
             try:
                 out = model(**dict(zip(names, args)), return_dict=True)
+            except TypeError as e:
+                if "return_dict" not in str(e):
+                    raise _fails_on_token_ids(model, bucket, e) from e
+                # a user's wrapper (mean pooling): it is called as kernl says, but not with
+                # the keyword the message did not name
+                raise UnsupportedModelError(_SERVED_AS.format(type(model).__name__)) from e
             except Exception as e:  # e.g. a multiple-choice head, which wants 3-D ids
+                raise _fails_on_token_ids(model, bucket, e) from e
+            if not isinstance(out, Mapping):
                 raise UnsupportedModelError(
-                    f"{type(model).__name__} fails on [batch, seq] token ids ({bucket.batch}x"
-                    f"{bucket.seq}, one of two small shapes kernl runs it at to find its "
-                    f"outputs' axes): {type(e).__name__}: {e}. kernl compiles encoders called "
-                    f"as model(input_ids[, attention_mask, token_type_ids]) at any length "
-                    f"(a model that takes some lengths only is not supported); tasks: "
-                    f"{', '.join(ALL_TASKS)}"
-                ) from e
+                    _SERVED_AS.format(type(model).__name__)
+                    + f" ({type(model).__name__} returned a {type(out).__name__})"
+                )
             probes.append((bucket, {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}))
             refuse_a_model_that_changed_itself(
                 model, state, f"when kernl ran it on a {bucket.batch}x{bucket.seq} input"

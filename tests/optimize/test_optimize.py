@@ -177,6 +177,35 @@ def test_a_chunked_feed_forward_keeps_the_hugging_face_output_class(cache):
         assert (got.logits - bert(**_inputs(2, 12)).logits).abs().max().item() < TOL
 
 
+class _MeanPool(torch.nn.Module):
+    """A sentence-embedding wrapper as users write one: no return_dict, a tensor out."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder, self.config = encoder, encoder.config
+
+    def forward(self, input_ids, attention_mask=None):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+        mask = attention_mask[..., None].float()
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+
+class _MeanPoolTakingReturnDict(_MeanPool):
+    def forward(self, input_ids, attention_mask=None, return_dict=None):
+        return super().forward(input_ids, attention_mask)
+
+
+@pytest.mark.parametrize("wrapper", [_MeanPool, _MeanPoolTakingReturnDict])
+def test_a_wrapper_is_told_to_take_return_dict_and_return_a_dict(cache, wrapper):
+    """The refusal said "kernl compiles encoders called as model(input_ids[, attention_mask,
+    ...])", which the wrapper is: what it lacked (return_dict, a mapping out) went unsaid, or
+    its tensor failed on .items() as a failure kernl did not foresee."""
+    from kernl.compiler.trace import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match=r"take return_dict .* return a dict"):
+        kernl.optimize(wrapper(tiny_bert()), "batch=2 seq=8", progress=False)
+
+
 # tensors put back after. grads: a parameter to cast has a gradient (compiled from a copy).
 @pytest.mark.parametrize("case", [None, "fp16", "grads"])
 def test_the_original_model_is_untouched(cache, case):
