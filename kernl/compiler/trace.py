@@ -67,7 +67,22 @@ class UnsupportedModelError(ValueError):
     pass
 
 
+def _refuse_composed_encoder_decoder(config) -> None:
+    """transformers' EncoderDecoderModel (bert2bert) and its speech and vision kin: two models
+    of any families joined. Inferred as an encoder ("base") they were refused as a model "of
+    characters or bytes, as CANINE" (its config has no vocab_size), which said nothing of why."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in ("encoder-decoder", "speech-encoder-decoder", "vision-encoder-decoder"):
+        raise UnsupportedModelError(
+            f"a composed {type(config).__name__} (model type {model_type!r}: two models "
+            "joined, as bert2bert) is not supported; kernl's encoder-decoder generation "
+            "supports t5, mt5, bart, mbart, marian and whisper, and it compiles the encoder "
+            "alone as an encoder (model.encoder, task 'base')"
+        )
+
+
 def task_of(config, model: torch.nn.Module | None = None) -> str:
+    _refuse_composed_encoder_decoder(config)
     names = list(getattr(config, "architectures", None) or [])
     if model is not None:
         own, _ = _class_task(model)
@@ -568,6 +583,7 @@ def model_signature(model: torch.nn.Module, device) -> ModelSignature:
         for n in names
     ]
     _refuse_block_sparse(model)
+    _refuse_composed_encoder_decoder(model.config)
     vocab = getattr(model.config, "vocab_size", None)
     if not isinstance(vocab, int) or vocab < 1:
         raise UnsupportedModelError(

@@ -391,6 +391,26 @@ def test_a_t5_with_its_own_encoder_embedding_table_is_refused_by_name():
     describe(model, torch.float32)
 
 
+@pytest.mark.parametrize("task", [None, "base", "seq2seq-lm"])
+def test_a_composed_encoder_decoder_model_is_refused_as_such(tmp_path, task):
+    """EncoderDecoderModel (bert2bert): inferred as an encoder, it was refused as a model "of
+    characters or bytes, as CANINE"; with source= buckets, "unknown axis 'source'"."""
+    import transformers as tf
+
+    from kernl.compiler.trace import UnsupportedModelError
+
+    bert = tf.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        vocab_size=VOCAB, max_position_embeddings=32,
+    )  # fmt: skip
+    model = tf.EncoderDecoderModel(
+        config=tf.EncoderDecoderConfig.from_encoder_decoder_configs(bert, bert)
+    ).eval()
+    buckets = "batch=1 seq=8" if task in (None, "base") else "batch=1 source=8 cache=16"
+    with pytest.raises(UnsupportedModelError, match=r"'encoder-decoder'.* is not supported"):
+        kernl.compiler.compile(model, buckets, tmp_path / "a", device="cpu", task=task)
+
+
 def test_task_is_inferred_and_buckets_name_their_axes(tmp_path):
     from kernl.compiler.buckets import BucketSyntaxError
     from kernl.compiler.tasks.seq2seq.buckets import parse_seq2seq_buckets
