@@ -66,6 +66,9 @@ _IGNORED = frozenset(
         # the hook tables (_HOOK_TABLES, hashed as hooks), `training` (kernl sets the mode)
         *vars(torch.nn.Module()),
         "_compiled_call_impl",  # Module.compile(): the same forward, compiled by torch
+        # torch.compile(model)'s mark on the model it wraps (kernl compiles the model itself):
+        # the first optimize through the wrapper missed the unwrapped model's entry
+        "_is_torch_compile",
         "_output_capturing_hooks_installed",  # transformers' flag: inert_transformers_hook
         # where the model was loaded from, and Hugging Face bookkeeping for loading, saving,
         # sharding and hub kernels: from_pretrained sets some that a constructor does not, and

@@ -103,6 +103,15 @@ def test_a_torch_compile_wrapper_is_unwrapped(cache, compiles):
     assert kernl.optimize(bert, B, progress=False).cache_hit and len(compiles) == 1
 
 
+def test_a_torch_compile_wrapper_hits_the_entry_of_the_model_it_wraps(cache, compiles):
+    """torch.compile marks the model it wraps (_is_torch_compile): the key changed, and the
+    first optimize through a wrapper compiled again what the notebook had compiled before."""
+    bert = tiny_bert()
+    kernl.optimize(bert, B, progress=False)
+    assert kernl.optimize(torch.compile(bert), B, progress=False).cache_hit
+    assert len(compiles) == 1
+
+
 def test_buckets_as_an_iterator_compile(cache):
     """An iterator was read once for the cache key: the compile got it empty ("no buckets
     given")."""
