@@ -36,7 +36,7 @@ _NONE_FIELDS = frozenset({"loss", "hidden_states", "attentions", "cross_attentio
 # Families whose Hugging Face forward has no token_type_ids: given one by a BERT-vocabulary
 # tokenizer (pairs: 1s), it takes and ignores them (**kwargs). GPT-2's forward uses them, so an
 # artifact without them (compiler/trace.py's model_signature) refuses them.
-NO_TOKEN_TYPES = frozenset({"distilbert", "mpnet", "modernbert", "esm"})
+NO_TOKEN_TYPES = frozenset({"distilbert", "mpnet", "modernbert", "esm", "eurobert", "ultrabert"})
 
 # What a tokenizer returns besides a model's inputs when asked (`return_offsets_mapping=True`
 # for token classification, ...): `model(**tokenizer(...))` passes them on, and Hugging Face's

@@ -400,3 +400,29 @@ def test_token_type_ids_for_a_model_without_token_types_are_ignored_as_in_hf(tmp
     compiled = kernl.runtime.load(tmp_path / "g", device="cpu")
     with pytest.raises(TypeError, match=r"unexpected input\(s\) \['token_type_ids'\]"):
         compiled(input_ids=ids, token_type_ids=types)
+
+
+@pytest.mark.parametrize("family", ["EuroBert", "Ultrabert"])
+def test_token_type_ids_are_ignored_for_newer_families_whose_forward_ignores_them(tmp_path, family):
+    """EuroBERT's and Ultrabert's forwards take **kwargs and ignore token_type_ids (as
+    ModernBERT's): kernl refused a tokenizer's whole output for them."""
+    torch.manual_seed(0)
+    config = getattr(T, f"{family}Config")(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=128,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    model = getattr(T, f"{family}Model")(config).eval()
+    kernl.compiler.compile(model, "batch=2 seq=8", tmp_path / "m", dtype="fp32", device="cpu")
+    compiled = kernl.runtime.load(tmp_path / "m", device="cpu")
+    ids = _ids(2, 7)
+    types = torch.zeros_like(ids)
+    types[:, 4:] = 1
+    got = compiled(input_ids=ids, token_type_ids=types).last_hidden_state
+    with torch.no_grad():
+        want = model(input_ids=ids, token_type_ids=types).last_hidden_state
+    assert (got - want).abs().max().item() < TOL
