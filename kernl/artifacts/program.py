@@ -56,10 +56,7 @@ class Program:
             inputs={str(k): int(v) for k, v in d["inputs"].items()},
             weights={int(k): str(v) for k, v in d["weights"].items()},
             outputs=[int(v) for v in d["outputs"]],
-            instructions=[
-                Instruction(str(op), list(args), dict(kwargs), list(outs))
-                for op, args, kwargs, outs in d["instructions"]
-            ],
+            instructions=[_instruction(i, entry) for i, entry in enumerate(d["instructions"])],
             meta=dict(d.get("meta", {})),
         )
 
@@ -75,3 +72,13 @@ def iter_value_refs(arg: Any):
     elif isinstance(arg, list):
         for a in arg:
             yield from iter_value_refs(a)
+
+
+def _instruction(index: int, entry: Any) -> Instruction:
+    """Instruction `index` of a program as read: [op, args, kwargs, outputs]; anything else is
+    named with its index (the reader said "too many values to unpack (expected 4)")."""
+    if not isinstance(entry, (list, tuple)) or len(entry) != 4:
+        what = f"{len(entry)} fields" if isinstance(entry, (list, tuple)) else type(entry).__name__
+        raise ValueError(f"instruction {index} is not [op, args, kwargs, outputs] ({what})")
+    op, args, kwargs, outs = entry
+    return Instruction(str(op), list(args), dict(kwargs), list(outs))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 FORMAT_VERSION = 1
@@ -158,10 +158,13 @@ class Manifest:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Manifest:
         d = dict(d)
-        d["inputs"] = [InputSpec(**x) for x in d["inputs"]]
-        d["outputs"] = [OutputSpec(**x) for x in d["outputs"]]
-        d["buckets"] = [BucketEntry(**{**x, "bucket": Bucket(**x["bucket"])}) for x in d["buckets"]]
-        d["kernels"] = [KernelBinary(**x) for x in d.get("kernels", [])]
+        d["inputs"] = _records(InputSpec, d["inputs"], "inputs")
+        d["outputs"] = _records(OutputSpec, d["outputs"], "outputs")
+        d["buckets"] = [
+            BucketEntry(**{**x, "bucket": Bucket(**x["bucket"])})
+            for x in _records(dict, d["buckets"], "buckets")
+        ]
+        d["kernels"] = _records(KernelBinary, d.get("kernels", []), "kernels")
         return Manifest(**d)
 
     def bucket_list(self) -> list[Bucket]:
@@ -174,3 +177,31 @@ def is_safe_relative_path(path: str) -> bool:
         return False
     parts = path.split("/")
     return all(p not in ("", ".", "..") and _SAFE_NAME.fullmatch(p) for p in parts)
+
+
+def _records(cls: type, items: Any, what: str) -> list:
+    """`items` (a list of maps) as `cls` records; an entry that is not a map, or whose fields
+    are not the record's, is named by its index and fields (the reader said "KernelBinary.
+    __init__() missing 1 required positional argument")."""
+    if not isinstance(items, list):
+        raise ValueError(f"{what} is not a list")
+    out = []
+    for i, x in enumerate(items):
+        if not isinstance(x, dict):
+            raise ValueError(f"{what} entry {i} is not a map")
+        if cls is dict:
+            out.append(x)
+            continue
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(map(str, set(x) - set(known)))
+        missing = sorted(
+            n
+            for n, f in known.items()
+            if n not in x and f.default is MISSING and f.default_factory is MISSING
+        )
+        if unknown or missing:
+            said = [f"unknown field(s) {unknown}"] * bool(unknown)
+            said += [f"missing field(s) {missing}"] * bool(missing)
+            raise ValueError(f"{what} entry {i}: {'; '.join(said)}")
+        out.append(cls(**x))
+    return out

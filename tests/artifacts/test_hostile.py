@@ -426,6 +426,28 @@ CASES = {
         "kernel 'k': meta.key is not a string",
         M,
     ),
+    # named by entry and field, not by a dataclass's TypeError or a tuple unpacking's
+    "kernel entry without its name": Case(
+        lambda r, o: edit_manifest(
+            r,
+            lambda m: m["kernels"].append(
+                dict(file="kernels/k.cubin", function="f", num_warps=4, shared_mem=0)
+            ),
+        ),
+        ArtifactCorruptError,
+        "kernels entry 0: missing field(s) ['name']",
+        M,
+    ),
+    "instruction of three fields": Case(
+        lambda r, o: edit_program(
+            r,
+            first_program(r),
+            lambda p: p["instructions"].insert(0, ["aten.zeros.default", [], {}]),
+        ),
+        ArtifactCorruptError,
+        "instruction 0 is not [op, args, kwargs, outputs] (3 fields)",
+        "b1_s8",
+    ),
     "unknown argument tag": Case(
         lambda r, o: _append_instruction(
             r, ["aten.zeros.default", [[2]], {"dtype": {"import": "os"}}, []]
