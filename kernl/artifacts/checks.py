@@ -20,6 +20,7 @@ from .schema import (
     MANIFEST_FILE,
     MAX_CHUNK_BYTES,
     MIN_CHUNK_BYTES,
+    POSITIONAL_INPUTS_KEY,
     Bucket,
     Manifest,
     is_safe_relative_path,
@@ -125,6 +126,19 @@ def check_manifest(m: Manifest, where: str, limits: ReadLimits = DEFAULT_LIMITS)
     _require(_one_of(m.dtype, TENSOR_DTYPES), where, f"dtype {m.dtype!r} is not a known dtype")
     _require(isinstance(m.model_config, dict), where, "model_config is not a map")
     _require(isinstance(m.extra, dict), where, "extra is not a map")
+    order = m.extra.get(POSITIONAL_INPUTS_KEY)
+    _require(
+        order is None
+        or (
+            isinstance(order, list)
+            and 0 < len(order) <= 64
+            and all(isinstance(n, str) and 0 < len(n) <= 128 for n in order)
+            and len(set(order)) == len(order)
+            and order[0] == "input_ids"
+        ),
+        where,
+        f"extra.{POSITIONAL_INPUTS_KEY} is not a list of distinct input names from input_ids",
+    )
 
     _require(isinstance(m.inputs, list) and m.inputs, where, "no inputs")
     seen: set[str] = set()

@@ -209,7 +209,9 @@ def artifact_files(root: str | os.PathLike | ArtifactFiles) -> Iterator[Artifact
 
 def refuse_pickle(path: Path, data: bytes, what: str) -> None:
     """kernl never unpickles: name the payload instead of failing on it as garbage."""
-    if data[:2] in _PICKLE_PROTOCOLS or data[:4] == _ZIP_MAGIC:
+    # a pickle's third byte is an opcode (protocol 4's FRAME, protocol 2's first one), never
+    # 0: a safetensors header length of 640 (80 02 00 ...) cut short is not named a pickle
+    if (data[:2] in _PICKLE_PROTOCOLS and data[2:3] not in (b"", b"\0")) or data[:4] == _ZIP_MAGIC:
         raise ArtifactUnsafeError(
             f"{path}: {what} holds a pickle or torch.save payload; kernl artifacts are msgpack "
             "and safetensors only and are never unpickled"

@@ -448,6 +448,13 @@ CASES = {
         "instruction 0 is not [op, args, kwargs, outputs] (3 fields)",
         "b1_s8",
     ),
+    # checked with the manifest, so that `kernl verify` refuses what load() would
+    "positional inputs not starting at input_ids": Case(
+        lambda r, o: edit_extra(r, lambda e: e.__setitem__("positional_inputs", [])),
+        ArtifactCorruptError,
+        "extra.positional_inputs is not a list of distinct input names",
+        M,
+    ),
     "unknown argument tag": Case(
         lambda r, o: _append_instruction(
             r, ["aten.zeros.default", [[2]], {"dtype": {"import": "os"}}, []]

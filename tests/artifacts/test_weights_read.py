@@ -127,6 +127,9 @@ def test_a_header_length_that_begins_like_a_pickle_is_read(tmp_path, length):
     assert path.read_bytes()[:2] == bytes([0x80, length >> 8])
     header = check_safetensors_header(path)
     assert torch.equal(read_tensors(path, header, "cpu")["w"], torch.ones(3))
+    path.write_bytes(path.read_bytes()[:300])  # an interrupted copy: damaged, not a pickle
+    with pytest.raises(ArtifactCorruptError, match="header length"):
+        check_safetensors_header(path)
 
 
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])
