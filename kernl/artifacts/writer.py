@@ -52,6 +52,7 @@ from .schema import (
     MANIFEST_CHECKSUM_KEY,
     MANIFEST_FILE,
     PROGRAMS_DIR,
+    TOKENIZER_FILE,
     WEIGHTS_FILE,
     Manifest,
 )
@@ -427,6 +428,18 @@ def carry_kept_files(dest: Path, into: Path) -> list[str]:
             )
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(dest / rel, target, follow_symlinks=False)
+    # The tokenizer the replaced artifact carried (listed, hashed), where the new one has none
+    # (kernl.optimize's save_to=, from a model object): kept as a file of the folder, as
+    # before it was listed, not dropped
+    old_tokenizer = dest / TOKENIZER_FILE
+    if (
+        TOKENIZER_FILE in artifact_files(dest)
+        and old_tokenizer.is_file()
+        and not old_tokenizer.is_symlink()
+        and not (into / TOKENIZER_FILE).exists()
+    ):
+        shutil.copy2(old_tokenizer, into / TOKENIZER_FILE)
+        kept.append(TOKENIZER_FILE)
     return kept
 
 

@@ -93,11 +93,11 @@ def compile(
 
 
 def _compile_signed(model_or_path, buckets, out, *, sign_key, **options) -> CompileReport:
+    from .tokenizer_file import artifact_tokenizer, check_kept_tokenizer, model_tokenizer
+
+    say = options.get("progress") or (lambda _msg: None)
     tokenizer = None
     if isinstance(model_or_path, (str, os.PathLike)):
-        from .tokenizer_file import check_kept_tokenizer, model_tokenizer
-
-        say = options.get("progress") or (lambda _msg: None)
         tokenizer = model_tokenizer(os.fspath(model_or_path), say)
         if tokenizer is not None:
             check_kept_tokenizer(out, tokenizer)
@@ -105,6 +105,10 @@ def _compile_signed(model_or_path, buckets, out, *, sign_key, **options) -> Comp
                 "tokenizer.json: the model folder's goes into the artifact (hashed, and signed "
                 "with it) for kernl serve's text requests"
             )
+    if tokenizer is None:  # a model object, or a folder without one: the artifact's stays
+        tokenizer = artifact_tokenizer(out)
+        if tokenizer is not None:
+            say("tokenizer.json: the one the artifact there carries stays (hashed, signed)")
     if tokenizer is not None:
         from kernl.artifacts.schema import TOKENIZER_FILE
         from kernl.artifacts.writer import including_files

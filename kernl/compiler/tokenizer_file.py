@@ -5,6 +5,7 @@ signing changes which ids go in and which text comes out)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -42,19 +43,49 @@ def model_tokenizer(source: str, say=None) -> bytes | None:
     return path.read_bytes()
 
 
+def _listed(root: Path) -> dict:
+    """The file list of the artifact at `root` ({} where there is none)."""
+    try:
+        files = msgpack.unpackb((root / MANIFEST_FILE).read_bytes(), raw=False).get("files", {})
+    except Exception:
+        return {}  # none, or not a kernl manifest: the writer's own check says so
+    return files if isinstance(files, dict) else {}
+
+
+def artifact_tokenizer(out: str | os.PathLike) -> bytes | None:
+    """The tokenizer.json the artifact at `out` carries (listed in its manifest), for a
+    recompile from a model object, which has no folder to take one from: kept, hashed and
+    signed again, not dropped. Refused before any work where it no longer matches its hash."""
+    root = Path(out).expanduser()
+    digest = _listed(root).get(TOKENIZER_FILE)
+    path = root / TOKENIZER_FILE
+    if digest is None or path.is_symlink() or not path.is_file():
+        return None
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ArtifactDestinationError(
+            f"{path} does not match its sha256 in the artifact's manifest (edited after the "
+            "compile), and the new artifact would carry it: put the tokenizer you want in the "
+            "model folder and compile from there, or remove it, then compile again"
+        )
+    return data
+
+
 def check_kept_tokenizer(out: str | os.PathLike, data: bytes) -> None:
-    """A tokenizer.json copied into an existing artifact at `out` by hand, other than the
-    model's: the new artifact carries the model's, and would have to drop the copy (its
-    commit refuses a kept file the artifact has too). Refused before any work."""
+    """A tokenizer.json copied into an existing artifact at `out` by hand (or linked), other
+    than the model's: the new artifact carries the model's, and would have to drop the copy
+    (its commit refuses a kept file the artifact has too). Refused before any work."""
     root = Path(out).expanduser()
     kept = root / TOKENIZER_FILE
-    if not kept.is_file() or kept.is_symlink() or not (root / MANIFEST_FILE).is_file():
+    if not (root / MANIFEST_FILE).is_file() or TOKENIZER_FILE in _listed(root):
         return
-    try:
-        listed = msgpack.unpackb((root / MANIFEST_FILE).read_bytes(), raw=False).get("files", {})
-    except Exception:
-        return  # not a kernl manifest: the writer's own check of the destination says so
-    if TOKENIZER_FILE in listed or kept.read_bytes() == data:
+    if kept.is_symlink():
+        raise ArtifactDestinationError(
+            f"{kept} is a symbolic link kept in the artifact folder, and the new artifact "
+            f"carries the model folder's {TOKENIZER_FILE} (hashed and signed with it): remove "
+            "the link, then compile again"
+        )
+    if not kept.is_file() or kept.read_bytes() == data:
         return
     raise ArtifactDestinationError(
         f"{kept} was copied into the artifact there and differs from the model folder's "

@@ -141,3 +141,49 @@ def test_a_recompile_refuses_a_different_copied_in_tokenizer_before_any_work(
     with pytest.raises(ArtifactDestinationError, match="differs from the model folder's"):
         _compile(model_folder, root)
     assert {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()} == before
+
+
+def test_a_recompile_from_a_model_object_keeps_the_carried_tokenizer(
+    model_folder, bare_folder, tmp_path
+):
+    """A carried tokenizer is the artifact's own file: a recompile from a model object (no
+    folder to take one from) or from a folder without one dropped it, without a word."""
+    root = tmp_path / "bert.kernl"
+    _compile(model_folder, root)
+    want = (root / "tokenizer.json").read_bytes()
+    model = T.BertModel.from_pretrained(model_folder).eval()
+    _compile(model, root)
+    assert (root / "tokenizer.json").read_bytes() == want
+    assert "tokenizer.json" in read_manifest(root).files
+    _compile(bare_folder, root)
+    assert "tokenizer.json" in read_manifest(root).files
+    verify_artifact(root)
+
+
+def test_kernl_optimize_save_to_keeps_a_carried_tokenizer(model_folder, tmp_path):
+    """save_to= copies a cached artifact over the folder: its carried tokenizer stays there,
+    as a file of the folder (the cached artifact has none)."""
+    from kernl.artifacts.writer import carry_kept_files
+
+    root = tmp_path / "bert.kernl"
+    _compile(model_folder, root)
+    into = tmp_path / "new"
+    into.mkdir()
+    assert carry_kept_files(root, into) == ["tokenizer.json"]
+    assert (into / "tokenizer.json").read_bytes() == (root / "tokenizer.json").read_bytes()
+
+
+def test_a_linked_tokenizer_in_the_destination_is_refused_before_any_work(
+    bare_folder, model_folder, tmp_path, monkeypatch
+):
+    root = tmp_path / "bert.kernl"
+    _compile(bare_folder, root)
+    (root / "tokenizer.json").symlink_to(model_folder / "tokenizer.json")
+    from kernl.compiler import api
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the compile started")
+
+    monkeypatch.setattr(api, "_compile", no_work)
+    with pytest.raises(ArtifactDestinationError, match="symbolic link kept in the artifact"):
+        _compile(model_folder, root)
