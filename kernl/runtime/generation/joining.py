@@ -34,7 +34,7 @@ import torch
 from kernl.artifacts.schema import pick_size
 
 from .numbers import plain_number
-from .sampling import NotRun, call_seed, rng_kept_unless_run
+from .sampling import call_seed, checked_seed
 
 
 class _BatchDefault:
@@ -173,49 +173,40 @@ class OpenBatch:
         max_new_tokens, temperature, top_k, top_p, seed = map(
             plain_number, (max_new_tokens, temperature, top_k, top_p, seed)
         )
+        model, plan = self.model, self.plan
         try:
-            with rng_kept_unless_run(seed is None and self.do_sample):
-                seed = call_seed(seed, self.do_sample)
-                model, plan = self.model, self.plan
-                try:
-                    prompt = torch.as_tensor(input_ids)
-                except (TypeError, ValueError, RuntimeError):  # "hello", None, [1, [2]]
-                    raise ValueError(
-                        f"join takes one prompt of token ids (a list of ints or a 1-D tensor), got "
-                        f"{type(input_ids).__name__} {input_ids!r:.80}"
-                    ) from None
-                if prompt.dim() == 2 and prompt.shape[0] == 1:
-                    prompt = prompt[0]
-                if prompt.dim() != 1 or prompt.numel() == 0:
-                    raise ValueError(
-                        f"join takes one prompt of token ids, got {tuple(prompt.shape)}"
-                    )
-                if (
-                    prompt.dtype.is_floating_point
-                    or prompt.dtype.is_complex
-                    or prompt.dtype == torch.bool
-                ):
-                    raise ValueError(f"input_ids must hold integers, got {prompt.dtype}")
-                prompt = prompt.to("cpu", torch.int64).view(1, -1)
-                # A tensor's padding as generate takes it: the positions of the batch's pad id.
-                tensor = not isinstance(input_ids, (list, tuple))
-                mask = pad_mask(prompt, plan.mask_pad if tensor else None)
-                sampling = (temperature, top_k, top_p, seed)
-                # The batch's own EOS and pad ids: a request with other ones cannot share it.
-                small = model._plan(
-                    prompt,
-                    mask,
-                    max_new_tokens,
-                    self.do_sample,
-                    *sampling[:3],
-                    plan.eos,
-                    plan.pad,
-                    seed,
-                )
-                if not self.can_join(len(small.rows[0]), max_new_tokens):
-                    raise NotRun  # not now: as if never asked, its seed drawn back
-        except NotRun:
-            return None
+            prompt = torch.as_tensor(input_ids)
+        except (TypeError, ValueError, RuntimeError):  # "hello", None, [1, [2]]
+            raise ValueError(
+                f"join takes one prompt of token ids (a list of ints or a 1-D tensor), got "
+                f"{type(input_ids).__name__} {input_ids!r:.80}"
+            ) from None
+        if prompt.dim() == 2 and prompt.shape[0] == 1:
+            prompt = prompt[0]
+        if prompt.dim() != 1 or prompt.numel() == 0:
+            raise ValueError(f"join takes one prompt of token ids, got {tuple(prompt.shape)}")
+        if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integers, got {prompt.dtype}")
+        prompt = prompt.to("cpu", torch.int64).view(1, -1)
+        # A tensor's padding as generate takes it: the positions of the batch's pad id.
+        tensor = not isinstance(input_ids, (list, tuple))
+        mask = pad_mask(prompt, plan.mask_pad if tensor else None)
+        # The batch's own EOS and pad ids: a request with other ones cannot share it.
+        small = model._plan(
+            prompt,
+            mask,
+            max_new_tokens,
+            self.do_sample,
+            temperature,
+            top_k,
+            top_p,
+            plan.eos,
+            plan.pad,
+            checked_seed(seed),
+        )
+        if not self.can_join(len(small.rows[0]), max_new_tokens):
+            return None  # not now: its seed not drawn, as if never asked
+        sampling = (temperature, top_k, top_p, call_seed(seed, self.do_sample))
         row = min(set(range(self.bucket)) - set(self._left))
         # the joiner's prefill runs on the smallest bucket's buffers: the batch's are untouched
         source = model._start(small, *sampling)

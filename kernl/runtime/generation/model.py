@@ -44,7 +44,7 @@ from ..model import input_tensor, new_call_lock, refuse_pickling
 from .decoder import Decoder
 from .joining import OpenBatch, pad_mask
 from .numbers import plain_number
-from .sampling import MAX_TEMPERATURE, MIN_TEMPERATURE, call_seed, rng_kept_unless_run
+from .sampling import MAX_TEMPERATURE, MIN_TEMPERATURE, call_seed, checked_seed
 from .state import MAX_EOS_IDS, BatchState, shared_cache
 
 # How often generate() asks the GPU whether every row has finished: a host sync costs a few
@@ -396,12 +396,19 @@ class GenerativeModel(StepLoop):
         length) too, and `max_new_tokens` wins when both are given."""
         input_ids = main_input("generate", input_ids, hf_options)
         refuse_hf_options("generate", hf_options)
-        with rng_kept_unless_run(seed is None and do_sample is True):
-            seed = call_seed(seed, do_sample is True)
-            sampling = (do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
-            prompt, plan = self._request(
-                input_ids, attention_mask, max_new_tokens, max_length, sampling
-            )
+        sampling = (
+            do_sample,
+            temperature,
+            top_k,
+            top_p,
+            eos_token_id,
+            pad_token_id,
+            checked_seed(seed),
+        )
+        prompt, plan = self._request(
+            input_ids, attention_mask, max_new_tokens, max_length, sampling
+        )
+        seed = call_seed(seed, do_sample is True)  # once taken: a refused call draws nothing
         with self._lock:
             new = self._collect(plan, self._start(plan, temperature, top_k, top_p, seed))
         new = new[:, : _generated_length(new, plan.eos)]
@@ -433,10 +440,17 @@ class GenerativeModel(StepLoop):
         a server's thread pool pulls it: see `_refuse_reentry`)."""
         input_ids = main_input("stream", input_ids, hf_options)
         refuse_hf_options("stream", hf_options)
-        with rng_kept_unless_run(seed is None and do_sample is True):
-            seed = call_seed(seed, do_sample is True)
-            sampling = (do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
-            _, plan = self._request(input_ids, attention_mask, max_new_tokens, max_length, sampling)
+        sampling = (
+            do_sample,
+            temperature,
+            top_k,
+            top_p,
+            eos_token_id,
+            pad_token_id,
+            checked_seed(seed),
+        )
+        _, plan = self._request(input_ids, attention_mask, max_new_tokens, max_length, sampling)
+        seed = call_seed(seed, do_sample is True)  # once taken: a refused call draws nothing
         start = lambda: self._start(plan, temperature, top_k, top_p, seed)  # noqa: E731
         return self._stream_steps(plan, start, output_logits, steps=plan.max_new_tokens)
 
@@ -469,27 +483,34 @@ class GenerativeModel(StepLoop):
         # None as generate takes it, before the batch takes the model: a None budget got
         # through every check and failed after the prefill, with the model locked
         most = max(budgets) if budgets else _new_tokens(max_new_tokens, None, 0)
-        with rng_kept_unless_run(seed is None and do_sample is True):
-            seed = call_seed(seed, do_sample is True)
-            sampling = (do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
-            _, plan = self._request(input_ids, None, most, None, sampling)
-            if budgets is not None and len(budgets) != plan.batch:
-                raise ValueError(f"{len(budgets)} max_new_tokens for {plan.batch} prompts")
-            if rows is not None:
-                rows = plain_number(rows)
-                if not _is_int(rows) or rows < 1:
-                    raise ValueError(
-                        f"rows must be a positive integer (the batch's rows), got {rows!r}"
-                    )
-                bucket = pick_size(self.buckets.batches, max(rows, plan.batch))
-                if bucket is None:
-                    raise ValueError(
-                        f"rows={rows}: no batch bucket holds that many ({self.buckets.batches})"
-                    )
-                plan.batch_bucket = bucket
+        sampling = (
+            do_sample,
+            temperature,
+            top_k,
+            top_p,
+            eos_token_id,
+            pad_token_id,
+            checked_seed(seed),
+        )
+        _, plan = self._request(input_ids, None, most, None, sampling)
+        if budgets is not None and len(budgets) != plan.batch:
+            raise ValueError(f"{len(budgets)} max_new_tokens for {plan.batch} prompts")
+        if rows is not None:
+            rows = plain_number(rows)
+            if not _is_int(rows) or rows < 1:
+                raise ValueError(
+                    f"rows must be a positive integer (the batch's rows), got {rows!r}"
+                )
+            bucket = pick_size(self.buckets.batches, max(rows, plan.batch))
+            if bucket is None:
+                raise ValueError(
+                    f"rows={rows}: no batch bucket holds that many ({self.buckets.batches})"
+                )
+            plan.batch_bucket = bucket
         # the plan cut a config's length to the cache (LENGTH_IS_A_BOUND, with a warning):
         # each row stops there too, as generate's do (they ran past the cache)
         limits = [min(n, plan.max_new_tokens) for n in budgets or [most] * plan.batch]
+        seed = call_seed(seed, do_sample is True)  # once taken: a refused call draws nothing
         return OpenBatch(self, plan, (temperature, top_k, top_p, seed), limits)
 
     def _request(

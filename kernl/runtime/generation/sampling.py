@@ -9,8 +9,6 @@ temperature, top-k, top-p and seed, and rows that differ in them."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -104,27 +102,11 @@ def call_seed(seed, samples: bool):
     return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
 
 
-class NotRun(Exception):
-    """Raised inside `rng_kept_unless_run` where a call ends without running (a join that
-    cannot join now): the RNG goes back, and the call returns its answer."""
-
-
-@contextlib.contextmanager
-def rng_kept_unless_run(draws: bool) -> Iterator[None]:
-    """A call refused inside the block (its arguments are checked after its seed is drawn)
-    puts torch's global CPU generator back where it was: Hugging Face checks before it
-    samples, so a refused call draws nothing, and the next unseeded call (or any of the
-    caller's own draws) gets what it would have without the refused one. `draws`: the call
-    draws its seed (sampled, no seed given); else there is nothing to put back."""
-    if not draws:
-        yield
-        return
-    state = torch.get_rng_state()
-    try:
-        yield
-    except BaseException:
-        torch.set_rng_state(state)
-        raise
+def checked_seed(seed):
+    """The seed a call's arguments are checked with before its own is drawn (call_seed, once
+    the call is taken): a refused call draws nothing from torch's RNG, as HF checks before it
+    samples. A drawn seed is in range, as 0 is."""
+    return 0 if seed is None else seed
 
 
 def seed_key(seed: int) -> int:

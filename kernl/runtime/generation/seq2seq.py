@@ -52,7 +52,7 @@ from .model import (
     refuse_hf_options,
     take_decoder_start,
 )
-from .sampling import SamplerParams, call_seed, greedy, rng_kept_unless_run, sample
+from .sampling import SamplerParams, call_seed, checked_seed, greedy, sample
 from .state import MAX_EOS_IDS
 
 
@@ -318,19 +318,19 @@ class Seq2SeqModel(StepLoop):
             decoder_ids=True,
         )
         refuse_hf_options("generate", hf_options)
-        with rng_kept_unless_run(seed is None and do_sample is True):
-            seed = call_seed(seed, do_sample is True)
-            plan = self._text_plan(
-                input_ids,
-                attention_mask,
-                max_new_tokens,
-                do_sample,
-                (temperature, top_k, top_p, seed),
-                eos_token_id,
-                pad_token_id,
-                forced_bos_token_id,
-                max_length,
-            )
+        plan = self._text_plan(
+            input_ids,
+            attention_mask,
+            max_new_tokens,
+            do_sample,
+            (temperature, top_k, top_p, checked_seed(seed)),
+            eos_token_id,
+            pad_token_id,
+            forced_bos_token_id,
+            max_length,
+        )
+        if seed is None:  # drawn once taken: a refused call draws nothing
+            plan.sampler = (*plan.sampler[:3], call_seed(None, do_sample is True))
         new = self._generate(plan)
         new = new[:, : _generated_length(new, plan.eos)]
         start = torch.full((plan.batch, 1), self.spec.decoder_start_token_id, dtype=torch.int64)
@@ -367,19 +367,19 @@ class Seq2SeqModel(StepLoop):
             decoder_ids=True,
         )
         refuse_hf_options("stream", hf_options)
-        with rng_kept_unless_run(seed is None and do_sample is True):
-            seed = call_seed(seed, do_sample is True)
-            plan = self._text_plan(
-                input_ids,
-                attention_mask,
-                max_new_tokens,
-                do_sample,
-                (temperature, top_k, top_p, seed),
-                eos_token_id,
-                pad_token_id,
-                forced_bos_token_id,
-                max_length,
-            )
+        plan = self._text_plan(
+            input_ids,
+            attention_mask,
+            max_new_tokens,
+            do_sample,
+            (temperature, top_k, top_p, checked_seed(seed)),
+            eos_token_id,
+            pad_token_id,
+            forced_bos_token_id,
+            max_length,
+        )
+        if seed is None:  # drawn once taken: a refused call draws nothing
+            plan.sampler = (*plan.sampler[:3], call_seed(None, do_sample is True))
         return self._stream(plan, output_logits)
 
     def __repr__(self) -> str:

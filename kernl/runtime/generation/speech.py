@@ -33,7 +33,7 @@ from .model import (
     shown_value,
     take_decoder_start,
 )
-from .sampling import call_seed, rng_kept_unless_run
+from .sampling import call_seed, checked_seed
 from .seq2seq import Seq2SeqModel, _Plan
 
 
@@ -172,40 +172,9 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         attention_mask=None,
         forced=MODEL_DEFAULT,
     ) -> _Plan:
-        do_sample, sampler = _whisper_sampling(do_sample, sampler)
-        with rng_kept_unless_run(sampler[3] is None and do_sample):
-            sampler = (*sampler[:3], call_seed(sampler[3], do_sample))
-            return self._checked_plan(
-                features,
-                max_new_tokens,
-                do_sample,
-                sampler,
-                eos_id,
-                pad_id,
-                language,
-                task,
-                return_timestamps,
-                max_length,
-                attention_mask,
-                forced,
-            )
-
-    def _checked_plan(
-        self,
-        features,
-        max_new_tokens,
-        do_sample,
-        sampler,
-        eos_id,
-        pad_id,
-        language,
-        task,
-        return_timestamps,
-        max_length,
-        attention_mask,
-        forced,
-    ) -> _Plan:
         spec = self.spec
+        do_sample, sampler = _whisper_sampling(do_sample, sampler)
+        seed, sampler = sampler[3], (*sampler[:3], checked_seed(sampler[3]))
         if return_timestamps:
             raise ValueError(
                 "return_timestamps=True is not supported: kernl's Whisper generate transcribes "
@@ -267,6 +236,8 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         prompt = torch.full((bb, MAX_PROMPT), spec.decoder_start_token_id, dtype=torch.int64)
         prompt[:batch, :prompt_len] = torch.tensor(prompts, dtype=torch.int64)
         prompt[batch:, :prompt_len] = prompt[0, :prompt_len].clamp(min=0)
+        # drawn once the call is checked: a refused call draws nothing from torch's RNG
+        sampler = (*sampler[:3], call_seed(seed, do_sample))
         return _Plan(
             batch,
             bb,
