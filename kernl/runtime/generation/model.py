@@ -396,15 +396,7 @@ class GenerativeModel(StepLoop):
         length) too, and `max_new_tokens` wins when both are given."""
         input_ids = main_input("generate", input_ids, hf_options)
         refuse_hf_options("generate", hf_options)
-        sampling = (
-            do_sample,
-            temperature,
-            top_k,
-            top_p,
-            eos_token_id,
-            pad_token_id,
-            checked_seed(seed),
-        )
+        sampling = (do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
         prompt, plan = self._request(
             input_ids, attention_mask, max_new_tokens, max_length, sampling
         )
@@ -440,15 +432,7 @@ class GenerativeModel(StepLoop):
         a server's thread pool pulls it: see `_refuse_reentry`)."""
         input_ids = main_input("stream", input_ids, hf_options)
         refuse_hf_options("stream", hf_options)
-        sampling = (
-            do_sample,
-            temperature,
-            top_k,
-            top_p,
-            eos_token_id,
-            pad_token_id,
-            checked_seed(seed),
-        )
+        sampling = (do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
         _, plan = self._request(input_ids, attention_mask, max_new_tokens, max_length, sampling)
         seed = call_seed(seed, do_sample is True)  # once taken: a refused call draws nothing
         start = lambda: self._start(plan, temperature, top_k, top_p, seed)  # noqa: E731
@@ -483,15 +467,7 @@ class GenerativeModel(StepLoop):
         # None as generate takes it, before the batch takes the model: a None budget got
         # through every check and failed after the prefill, with the model locked
         most = max(budgets) if budgets else _new_tokens(max_new_tokens, None, 0)
-        sampling = (
-            do_sample,
-            temperature,
-            top_k,
-            top_p,
-            eos_token_id,
-            pad_token_id,
-            checked_seed(seed),
-        )
+        sampling = (do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
         _, plan = self._request(input_ids, None, most, None, sampling)
         if budgets is not None and len(budgets) != plan.batch:
             raise ValueError(f"{len(budgets)} max_new_tokens for {plan.batch} prompts")
@@ -517,7 +493,9 @@ class GenerativeModel(StepLoop):
         self, input_ids, attention_mask, max_new_tokens, max_length, sampling: tuple
     ) -> tuple[torch.Tensor, _Plan]:
         """generate's and stream's common start: (the prompts as one batch, the checked plan).
-        A ragged list of token lists comes back left-padded with the call's pad id."""
+        A ragged list of token lists comes back left-padded with the call's pad id. The seed
+        (sampling's last) may be None: the caller draws it once this returns (checked_seed)."""
+        sampling = (*sampling[:-1], checked_seed(sampling[-1]))
         if input_ids is None:
             # HF's text-generation pipeline passes None for an empty prompt (HF's generate
             # then starts from the BOS id)
