@@ -236,3 +236,21 @@ def test_a_joiner_samples_with_the_batch_arguments_unless_it_gives_its_own(model
             while row in batch.rows:
                 tokens += [t for r, t in batch.step() if r == row]
         assert (tokens == want) is same
+
+
+def test_compile_from_python_warns_that_beam_search_is_not_run(tmp_path):
+    """The compile said "num_beams=4 is not applied" to its progress only: compile() from
+    Python, with no progress, said nothing, and kernl's greedy ids then differed from HF's
+    beam search without a word (kernl-compile printed it)."""
+    model = tiny_model("llama3")
+    model.generation_config.num_beams = 4
+    with pytest.warns(UserWarning, match="num_beams=4 is not applied"):
+        kernl.compiler.compile(
+            model, "batch=1 prompt=8 cache=16", tmp_path / "a", dtype="fp32", device="cpu"
+        )
+    said = []
+    kernl.compiler.compile(
+        model, "batch=1 prompt=8 cache=16", tmp_path / "b", dtype="fp32", device="cpu",
+        progress=said.append,
+    )  # fmt: skip
+    assert any("num_beams=4 is not applied" in line for line in said)

@@ -4,6 +4,8 @@ not apply."""
 
 from __future__ import annotations
 
+import warnings
+
 from kernl.artifacts.generation import MAX_EOS_IDS
 from kernl.runtime.generation.model import IDS_CHANGING_OPTIONS
 
@@ -92,6 +94,18 @@ def beam_search_not_run(beams: int | None) -> str | None:
         "search, so their ids differ; set model.generation_config.num_beams = 1 (or in "
         "generation_config.json) to compare like with like"
     )
+
+
+def say_beam_search_not_run(message: str | None, progress) -> None:
+    """beam_search_not_run's `message` to the compile's progress, or, where the caller gave
+    none (compile() from Python), as a warning: it went nowhere, and the ids that differ from
+    Hugging Face's beam search came without a word."""
+    if message is None:
+        return
+    if progress is not None:
+        progress(message)
+    else:
+        warnings.warn(message, stacklevel=4)
 
 
 def refuse_unapplied_options(gen, task: str, also: tuple[str, ...] = ()) -> None:

@@ -47,7 +47,7 @@ from ...report import artifact_bytes
 from ...trace import load_model, resolve_dtype_device
 from ...tune import write_binaries
 from ...validate import ValidationError, resolve_tolerance
-from ..generation_config import beam_search_not_run
+from ..generation_config import beam_search_not_run, say_beam_search_not_run
 from .buckets import as_generation_buckets
 from .decode_kernels import DecodeTiming, choose_decode_kernels, record_decode_binaries
 from .decode_tiles import TileTiming, tune_decode_tiles
@@ -162,8 +162,7 @@ def compile_causal_lm(
     beams = beam_search_not_run(
         getattr(getattr(model, "generation_config", None), "num_beams", None)
     )
-    if beams is not None:
-        say(beams)
+    say_beam_search_not_run(beams, progress)
     check_destination(out, needed_bytes=sum(t.numel() * t.element_size() for t in weights.values()))
     report = CausalLMReport(Path(out), TASK, str(torch_dtype).removeprefix("torch."), str(dev))
     report.atol, report.rtol = atol, rtol

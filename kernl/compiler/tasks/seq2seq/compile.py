@@ -57,7 +57,7 @@ from ...trace import (
 )
 from ...tune import write_binaries
 from ...validate import ValidationError
-from ..generation_config import HF_GENERATE_AS_KERNL, beam_search_not_run
+from ..generation_config import HF_GENERATE_AS_KERNL, beam_search_not_run, say_beam_search_not_run
 from .buckets import as_seq2seq_buckets, check_positions, check_speech_prompt
 from .decode_kernels import (
     FEW_ROWS,
@@ -150,8 +150,8 @@ def compile_seq2seq(
     beams = beam_search_not_run(
         getattr(getattr(model, "generation_config", None), "num_beams", None)
     )
-    if beams is not None and not speech:  # Whisper's is refused (speech_spec)
-        say(beams)
+    if not speech:  # Whisper's is refused (speech_spec)
+        say_beam_search_not_run(beams, progress)
     if speech != (spec.family == "whisper"):
         raise UnsupportedModelError(
             f"{spec.model_type} is compiled with --task "
