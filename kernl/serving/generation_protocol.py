@@ -310,7 +310,7 @@ def _prompt(data: dict, limits: GenerationLimits, tokenize: Tokenize | None) -> 
             )
         if not isinstance(data["text"], str) or not data["text"]:
             raise RequestError(422, "'text' must be a non-empty string (one prompt)")
-        check_text_lengths([data["text"]], max(limits.prompts), True, tokenize)
+        check_text_lengths([data["text"]], max(limits.prompts), True)
         ids = list(tokenize_checked(tokenize, [data["text"]])[0]["input_ids"])
         if not ids:
             raise RequestError(422, "'text' tokenizes to no tokens")

@@ -295,7 +295,7 @@ def _rows_from_text(
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise RequestError(422, "'text' must be a string or a non-empty list of strings")
     _check_count(len(texts), limits)
-    check_text_lengths(texts, limits.max_seq, single, tokenize)
+    check_text_lengths(texts, limits.max_seq, single)
     rows = []
     for i, encoded in enumerate(tokenize_checked(tokenize, texts)):
         if not encoded.get("input_ids"):  # "" with a tokenizer that adds no special tokens
@@ -329,11 +329,9 @@ def tokenize_checked(tokenize: Tokenize, texts: list[str]) -> list[dict]:
 MAX_CHARS_PER_TOKEN = 100
 
 
-def check_text_lengths(texts: list[str], max_tokens: int, single: bool, tokenize) -> None:
-    """Refuse (413), before tokenizing, a text that no bucket of `max_tokens` could hold,
-    unless the tokenizer truncates (its tokenizer.json says so): it then cuts long texts."""
-    if getattr(tokenize, "truncation", None):
-        return
+def check_text_lengths(texts: list[str], max_tokens: int, single: bool) -> None:
+    """Refuse (413), before tokenizing, a text that no bucket of `max_tokens` could hold (the
+    tokenizer never truncates: serving/tokenizer.py)."""
     most = max_tokens * MAX_CHARS_PER_TOKEN
     for i, text in enumerate(texts):
         if len(text) > most:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kernl.artifacts import read_manifest
-from kernl.artifacts.schema import MAX_TOKENIZER_BYTES, TOKENIZER_FILE
+from kernl.artifacts.schema import MANIFEST_FILE, MAX_TOKENIZER_BYTES, TOKENIZER_FILE
 from kernl.artifacts.signing import trusted_keys_from_env
 
 from .protocol import Tokenize
@@ -67,8 +67,10 @@ def read_tokenizer_file(artifact: str | Path) -> str | None:
 
 def _check_vouched_for(artifact: str | Path, path: Path, data: bytes) -> None:
     keys = trusted_keys_from_env()
-    # with keys pinned, the manifest read is the signed one (a bad signature is refused here)
-    listed = read_manifest(artifact, trusted_keys=keys or None).files.get(TOKENIZER_FILE)
+    listed = None
+    if os.path.lexists(Path(artifact) / MANIFEST_FILE) or keys:  # a bare folder: nothing listed
+        # with keys pinned, the manifest read is the signed one (a bad signature is refused)
+        listed = read_manifest(artifact, trusted_keys=keys or None).files.get(TOKENIZER_FILE)
     if listed is not None:
         if hashlib.sha256(data).hexdigest() != listed:
             raise TokenizerFileError(
@@ -100,6 +102,12 @@ def load_tokenizer(artifact: str | Path) -> Tokenize | None:
     except Exception as e:  # tokenizers raises its own Exception type for a malformed file
         raise TokenizerFileError(f"{Path(artifact) / TOKENIZER_FILE}: {e}") from None
     tokenizer.no_padding()  # the batcher pads; each text keeps its own length
+    # Nor the file's truncation, as Hugging Face's tokenizer(text) ignores it: a file saved
+    # with {"max_length": 128} (all-MiniLM-L6-v2's, a 512-position model) cut every text at
+    # 128 tokens, silently (0.927 cosine to sentence-transformers on a 201-token text), and
+    # skipped the size check of texts before tokenizing. A text too long for every bucket is
+    # refused, as the model's own forward would refuse it.
+    tokenizer.no_truncation()
 
     def tokenize(texts: list[str]) -> list[dict[str, list[int]]]:
         return [
@@ -107,9 +115,6 @@ def load_tokenizer(artifact: str | Path) -> Tokenize | None:
             for e in tokenizer.encode_batch(texts)
         ]
 
-    # the file's own truncation (e.g. {"max_length": 512, ...}): long texts are then cut to it,
-    # and protocol.check_text_lengths leaves them to the tokenizer
-    tokenize.truncation = tokenizer.truncation
     return tokenize
 
 
