@@ -561,7 +561,7 @@ def _file_lines(r: InspectReport) -> list[str]:
     programs = [v for k, v in r.file_bytes.items() if k.startswith("programs/")]
     kernels = [v for k, v in r.file_bytes.items() if k.startswith("kernels/")]
     lines = ["files:"]
-    for rel in ("manifest.msgpack", SIGNATURE_FILE, "weights.safetensors"):
+    for rel in ("manifest.msgpack", SIGNATURE_FILE, "weights.safetensors", "tokenizer.json"):
         if rel in r.file_bytes:
             lines.append(f"  {rel:<22} {_mib(r.file_bytes[rel]):>10}")
     lines.append(

@@ -78,6 +78,9 @@ def test_the_compile_carries_the_folders_tokenizer_hashed_and_signed(
     assert tok.read_bytes() == (model_folder / "tokenizer.json").read_bytes()
     assert "tokenizer.json" in read_manifest(signed).files
     verify_artifact(signed, trusted_keys=[keys[1]])
+    from kernl.compiler.inspect_report import inspect_artifact, render_text
+
+    assert "tokenizer.json" in render_text(inspect_artifact(signed))  # kernl inspect's files
     monkeypatch.setenv(TRUSTED_KEYS_ENV, str(keys[1]))
     assert load_tokenizer(signed)(["w0 w5"])[0]["input_ids"] == [2, 4, 9, 3]
 

@@ -81,7 +81,11 @@ def compile_encoder(
     # before any heavy work
     check_destination(out, needed_bytes=_model_bytes(model_or_path, torch_dtype))
 
-    say(f"loading model {model_or_path if isinstance(model_or_path, (str, Path)) else ''}")
+    say(
+        f"loading model {model_or_path}"
+        if isinstance(model_or_path, (str, Path))
+        else f"preparing the {type(model_or_path).__name__} given"
+    )
     model, task, source = load_model(model_or_path, task, torch_dtype, dev)
     if isinstance(model_or_path, (str, Path)) and getattr(model, "pooler", 0) is None:
         say(
