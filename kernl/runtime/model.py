@@ -395,7 +395,11 @@ class CompiledModel:
             return self(**inputs).to_tuple()
         tensors = self._check_inputs(inputs)
         batch, seq = tensors["input_ids"].shape
-        runner = self._runners[self.select_bucket(batch, seq)]
+        try:
+            bucket = self.select_bucket(batch, seq)
+        except ValueError as e:
+            raise ValueError(f"{e}{_padding_hint(tensors.get('attention_mask'), seq)}") from None
+        runner = self._runners[bucket]
         on_device = self._on_device(tensors)
         with self._lock, self._call_context(runner):
             if runner.graph is None and self.capture_mode == "lazy":
@@ -722,6 +726,20 @@ def _hf_call_options(inputs: dict[str, Any]) -> bool | None:
 _HF_CALL_OPTIONS = frozenset(
     {"return_dict", "output_attentions", "output_hidden_states", "use_cache"}
 )
+
+
+def _padding_hint(mask, seq: int) -> str:
+    """Where a call too long for every bucket is mostly padding (a tokenizer's
+    padding="max_length"): what to pass instead. Only on this error path (it reads the mask)."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.numel() == 0:
+        return ""
+    real = int((mask != 0).sum(dim=1).max())
+    if real >= seq:
+        return ""
+    return (
+        f"; its attention_mask marks at most {real} real tokens a row: pad to the longest "
+        "text (tokenizer(..., padding=True)) rather than to a fixed max_length"
+    )
 
 
 def _positional_order(manifest: Manifest, served) -> list[str]:

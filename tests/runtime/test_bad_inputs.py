@@ -318,6 +318,20 @@ def test_positional_inputs_follow_the_models_own_order(tmp_path):
         compiled(ids, zeros, zeros)
 
 
+def test_a_call_too_long_only_by_its_padding_is_told_to_pad_to_the_longest(served):
+    """A tokenizer's padding="max_length" makes a 12-token text 32 long: the refusal named the
+    buckets only, not why a short text did not fit."""
+    _, compiled = served
+    ids = _ids(1, 32)
+    mask = torch.zeros_like(ids)
+    mask[:, :12] = 1
+    with pytest.raises(ValueError, match=r"at most 12 real tokens a row: pad to the longest"):
+        compiled(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"recompile with a larger bucket$"):
+        compiled(input_ids=ids, attention_mask=torch.ones_like(ids))  # all real: no hint
+    _good_call_after(served)
+
+
 def test_return_dict_false_gives_a_tuple_as_in_hugging_face(served):
     model, compiled = served
     ids = _ids(2, 7)
