@@ -323,14 +323,12 @@ class Seq2SeqModel(StepLoop):
             attention_mask,
             max_new_tokens,
             do_sample,
-            (temperature, top_k, top_p, checked_seed(seed)),
+            (temperature, top_k, top_p, seed),
             eos_token_id,
             pad_token_id,
             forced_bos_token_id,
             max_length,
         )
-        if seed is None:  # drawn once taken: a refused call draws nothing
-            plan.sampler = (*plan.sampler[:3], call_seed(None, do_sample is True))
         new = self._generate(plan)
         new = new[:, : _generated_length(new, plan.eos)]
         start = torch.full((plan.batch, 1), self.spec.decoder_start_token_id, dtype=torch.int64)
@@ -372,14 +370,12 @@ class Seq2SeqModel(StepLoop):
             attention_mask,
             max_new_tokens,
             do_sample,
-            (temperature, top_k, top_p, checked_seed(seed)),
+            (temperature, top_k, top_p, seed),
             eos_token_id,
             pad_token_id,
             forced_bos_token_id,
             max_length,
         )
-        if seed is None:  # drawn once taken: a refused call draws nothing
-            plan.sampler = (*plan.sampler[:3], call_seed(None, do_sample is True))
         return self._stream(plan, output_logits)
 
     def __repr__(self) -> str:
@@ -548,7 +544,10 @@ class Seq2SeqModel(StepLoop):
         bos,
         max_length=None,
     ) -> _Plan:
-        """Check a request and pick its buckets before touching any state."""
+        """Check a request and pick its buckets before touching any state. A seed of None
+        (sampler's last) is drawn once the request is checked: a refused call draws nothing
+        from torch's RNG."""
+        seed, sampler = sampler[3], (*sampler[:3], checked_seed(sampler[3]))
         if input_ids is None:
             raise TypeError("input_ids is required: the source token ids [batch, length]")
         ids, mask = _as_batch(input_ids, attention_mask, left=False)
@@ -586,6 +585,7 @@ class Seq2SeqModel(StepLoop):
         if bos is not None:  # the first new token is forced: a two-token prompt
             prompt[:, 1], prompt_len = bos, 2
         source = {"src_ids": padded, "src_valid": valid}
+        sampler = (*sampler[:3], call_seed(seed, do_sample is True))
         return _Plan(
             batch,
             bb,
