@@ -374,16 +374,13 @@ def _remove_empty(folders: list[Path]) -> None:
             return
 
 
-def artifact_files(root: Path) -> set[str]:
-    """The files of the artifact at `root` by its manifest (what it lists, the manifest and
-    its signature). Raises ArtifactDestinationError where the manifest is no kernl manifest:
-    a folder that merely holds a file of that name is not an artifact to replace."""
-    from .signing import SIGNATURE_FILE
-
+def listed_files(root: Path) -> dict[str, Any]:
+    """The file list of the artifact at `root`'s manifest (path -> sha256), as written. Raises
+    ArtifactDestinationError where the manifest is no kernl manifest: a folder that merely
+    holds a file of that name is not an artifact to replace."""
     try:
-        raw = msgpack.unpackb((root / MANIFEST_FILE).read_bytes(), raw=False)
-        listed = set(raw["files"])
-        if not all(isinstance(f, str) for f in listed):
+        listed = msgpack.unpackb((root / MANIFEST_FILE).read_bytes(), raw=False)["files"]
+        if not isinstance(listed, dict) or not all(isinstance(f, str) for f in listed):
             raise TypeError("file names are not strings")
     except OSError:
         raise
@@ -393,7 +390,15 @@ def artifact_files(root: Path) -> set[str]:
             f"({type(e).__name__}: {e}); refusing to replace it: delete it or choose another "
             "output folder"
         ) from None
-    return listed | {MANIFEST_FILE, SIGNATURE_FILE}
+    return listed
+
+
+def artifact_files(root: Path) -> set[str]:
+    """The files of the artifact at `root` by its manifest (what it lists, the manifest and
+    its signature); raises as listed_files."""
+    from .signing import SIGNATURE_FILE
+
+    return set(listed_files(root)) | {MANIFEST_FILE, SIGNATURE_FILE}
 
 
 def kept_files(root: Path) -> list[str]:

@@ -9,10 +9,9 @@ import hashlib
 import os
 from pathlib import Path
 
-import msgpack
-
 from kernl.artifacts import ArtifactDestinationError
 from kernl.artifacts.schema import MANIFEST_FILE, MAX_TOKENIZER_BYTES, TOKENIZER_FILE
+from kernl.artifacts.writer import listed_files
 
 
 def model_tokenizer(source: str, say=None) -> bytes | None:
@@ -46,10 +45,9 @@ def model_tokenizer(source: str, say=None) -> bytes | None:
 def _listed(root: Path) -> dict:
     """The file list of the artifact at `root` ({} where there is none)."""
     try:
-        files = msgpack.unpackb((root / MANIFEST_FILE).read_bytes(), raw=False).get("files", {})
-    except Exception:
+        return listed_files(root)
+    except (OSError, ArtifactDestinationError):
         return {}  # none, or not a kernl manifest: the writer's own check says so
-    return files if isinstance(files, dict) else {}
 
 
 def artifact_tokenizer(out: str | os.PathLike) -> bytes | None:
