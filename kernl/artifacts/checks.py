@@ -134,10 +134,10 @@ def check_manifest(m: Manifest, where: str, limits: ReadLimits = DEFAULT_LIMITS)
             and 0 < len(order) <= 64
             and all(isinstance(n, str) and 0 < len(n) <= 128 for n in order)
             and len(set(order)) == len(order)
-            and order[0] == "input_ids"
+            and "input_ids" in order
         ),
         where,
-        f"extra.{POSITIONAL_INPUTS_KEY} is not a list of distinct input names from input_ids",
+        f"extra.{POSITIONAL_INPUTS_KEY} is not a list of distinct input names with input_ids",
     )
 
     _require(isinstance(m.inputs, list) and m.inputs, where, "no inputs")

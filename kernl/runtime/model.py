@@ -398,7 +398,9 @@ class CompiledModel:
         try:
             bucket = self.select_bucket(batch, seq)
         except ValueError as e:
-            raise ValueError(f"{e}{_padding_hint(tensors.get('attention_mask'), seq)}") from None
+            fits = lambda s: pick_bucket(self.buckets, batch, s) is not None  # noqa: E731
+            hint = _padding_hint(tensors.get("attention_mask"), seq, fits)
+            raise ValueError(f"{e}{hint}") from None
         runner = self._runners[bucket]
         on_device = self._on_device(tensors)
         with self._lock, self._call_context(runner):
@@ -728,13 +730,14 @@ _HF_CALL_OPTIONS = frozenset(
 )
 
 
-def _padding_hint(mask, seq: int) -> str:
-    """Where a call too long for every bucket is mostly padding (a tokenizer's
-    padding="max_length"): what to pass instead. Only on this error path (it reads the mask)."""
+def _padding_hint(mask, seq: int, fits) -> str:
+    """Where a call too long for every bucket is too long only by its padding (a tokenizer's
+    padding="max_length"): what to pass instead. `fits(seq)`: whether a bucket takes the
+    call's batch at that length. Only on this error path (it reads the mask)."""
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.numel() == 0:
         return ""
     real = int((mask != 0).sum(dim=1).max())
-    if real >= seq:
+    if not 0 < real < seq or not fits(real):
         return ""
     return (
         f"; its attention_mask marks at most {real} real tokens a row: pad to the longest "

@@ -318,6 +318,38 @@ def test_positional_inputs_follow_the_models_own_order(tmp_path):
         compiled(ids, zeros, zeros)
 
 
+class _MaskFirst(torch.nn.Module):
+    """A user's wrapper whose forward takes the mask before the ids."""
+
+    def __init__(self, bert):
+        super().__init__()
+        self.bert = bert
+        self.config = bert.config
+
+    def forward(self, attention_mask=None, input_ids=None, return_dict=True):
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_a_forward_taking_input_ids_after_another_input_compiles_and_reads_its_order(
+    served, tmp_path
+):
+    """The manifest check wanted a recorded positional order to start with input_ids: a
+    wrapper `forward(attention_mask, input_ids)` failed its compile on kernl's own artifact."""
+    model, _ = served
+    out = tmp_path / "mask_first.kernl"
+    kernl.compiler.compile(
+        _MaskFirst(model).eval(), "batch=2 seq=16", out, dtype="fp32", device="cpu"
+    )
+    compiled = kernl.runtime.load(out, device="cpu")
+    ids = _ids(2, 11, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    got = compiled(mask, ids).last_hidden_state
+    assert (got - want).abs().max().item() < TOL
+
+
 def test_a_call_too_long_only_by_its_padding_is_told_to_pad_to_the_longest(served):
     """A tokenizer's padding="max_length" makes a 12-token text 32 long: the refusal named the
     buckets only, not why a short text did not fit."""
@@ -329,6 +361,14 @@ def test_a_call_too_long_only_by_its_padding_is_told_to_pad_to_the_longest(serve
         compiled(input_ids=ids, attention_mask=mask)
     with pytest.raises(ValueError, match=r"recompile with a larger bucket$"):
         compiled(input_ids=ids, attention_mask=torch.ones_like(ids))  # all real: no hint
+    mask[:, :20] = 1  # 20 real tokens: padding to the longest would not fit either
+    with pytest.raises(ValueError, match=r"recompile with a larger bucket$"):
+        compiled(input_ids=ids, attention_mask=mask)
+    ids = _ids(4, 16)  # batch 4 fits no bucket at any length: the padding is not the cause
+    mask = torch.zeros_like(ids)
+    mask[:, :6] = 1
+    with pytest.raises(ValueError, match=r"recompile with a larger bucket$"):
+        compiled(input_ids=ids, attention_mask=mask)
     _good_call_after(served)
 
 
