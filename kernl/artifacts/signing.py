@@ -115,6 +115,12 @@ def load_public_key(path: str | os.PathLike) -> PublicKey:
     return PublicKey(str(path), key_id(raw), raw)
 
 
+def public_key_of(private_key: Any, path: str = "the signing key") -> PublicKey:
+    """The public half of a private key from `load_private_key`, as a pinned key."""
+    raw = _raw_public(private_key.public_key())
+    return PublicKey(path, key_id(raw), raw)
+
+
 def generate_keypair(private_path: str | os.PathLike, public_path: str | os.PathLike) -> str:
     """Write a new Ed25519 key pair (private key readable by its owner only); returns the
     key id. Refuses to overwrite an existing file."""
@@ -236,6 +242,7 @@ __all__ = [
     "load_private_key",
     "load_public_key",
     "load_trusted_keys",
+    "public_key_of",
     "sign_artifact",
     "trusted_keys_from_env",
 ]

@@ -95,10 +95,11 @@ def compile(
 def _compile_signed(model_or_path, buckets, out, *, sign_key, **options) -> CompileReport:
     from .tokenizer_file import artifact_tokenizer, check_kept_tokenizer, model_tokenizer
 
-    say = options.get("progress") or (lambda _msg: None)
+    progress = options.get("progress")
+    say = progress or (lambda _msg: None)
     tokenizer = None
     if isinstance(model_or_path, (str, os.PathLike)):
-        tokenizer = model_tokenizer(os.fspath(model_or_path), say)
+        tokenizer = model_tokenizer(os.fspath(model_or_path), progress)
         if tokenizer is not None:
             check_kept_tokenizer(out, tokenizer)
             say(
@@ -106,7 +107,12 @@ def _compile_signed(model_or_path, buckets, out, *, sign_key, **options) -> Comp
                 "with it) for kernl serve's text requests"
             )
     if tokenizer is None:  # a model object, or a folder without one: the artifact's stays
-        tokenizer = artifact_tokenizer(out)
+        key = None
+        if sign_key is not None:  # a kept tokenizer is signed only where this key signed it
+            from kernl.artifacts.signing import load_private_key
+
+            key = load_private_key(sign_key)  # a bad key file fails before any compiling
+        tokenizer = artifact_tokenizer(out, model_or_path, key)
         if tokenizer is not None:
             say("tokenizer.json: the one the artifact there carries stays (hashed, signed)")
     if tokenizer is not None:

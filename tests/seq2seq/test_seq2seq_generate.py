@@ -178,6 +178,13 @@ def test_a_refused_sampled_call_leaves_torchs_rng_where_it_was(compiled, method)
     with pytest.raises(ValueError, match="exceeds the decoder cache"):
         getattr(model, method)(ids, mask, max_new_tokens=49, do_sample=True)
     assert torch.equal(torch.rand(4), want)
+    stream = model.stream(ids, mask, max_new_tokens=4, seed=1)
+    next(stream)  # this thread holds the model: a call of its own is refused for re-entry
+    torch.manual_seed(5)
+    with pytest.raises(RuntimeError, match="pulled the last step of an open stream"):
+        getattr(model, method)(ids, mask, max_new_tokens=4, do_sample=True)
+    assert torch.equal(torch.rand(4), want)
+    stream.close()
 
 
 def test_errors_are_clear_and_leave_the_model_usable(compiled):

@@ -329,6 +329,13 @@ def test_a_refused_sampled_call_leaves_torchs_rng_where_it_was(compiled, sampled
     with pytest.raises(ValueError, match="it holds 46 new tokens"):
         model.generate(features(1, seed=5), max_new_tokens=47, **sampled)
     assert torch.equal(torch.rand(4), want)
+    stream = model.stream(features(1, seed=5), max_new_tokens=4, seed=1)
+    next(stream)  # this thread holds the model: a call of its own is refused for re-entry
+    torch.manual_seed(5)
+    with pytest.raises(RuntimeError, match="pulled the last step of an open stream"):
+        model.generate(features(1, seed=5), max_new_tokens=4, **sampled)
+    assert torch.equal(torch.rand(4), want)
+    stream.close()
 
 
 def test_bad_calls_are_clear_and_leave_the_model_usable(compiled):

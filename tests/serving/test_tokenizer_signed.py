@@ -190,3 +190,110 @@ def test_a_linked_tokenizer_in_the_destination_is_refused_before_any_work(
     monkeypatch.setattr(api, "_compile", no_work)
     with pytest.raises(ArtifactDestinationError, match="symbolic link kept in the artifact"):
         _compile(model_folder, root)
+
+
+def _plant(root, tokenizer_writer) -> None:
+    """What someone who may write the folder but holds no key can do: a tokenizer of their
+    own, its hash written into the manifest's file list."""
+    import hashlib
+
+    import msgpack
+
+    tokenizer_writer(root)
+    _permuted(root / "tokenizer.json")
+    manifest = msgpack.unpackb((root / "manifest.msgpack").read_bytes(), raw=False)
+    digest = hashlib.sha256((root / "tokenizer.json").read_bytes()).hexdigest()
+    manifest["files"]["tokenizer.json"] = digest
+    (root / "manifest.msgpack").write_bytes(msgpack.packb(manifest, use_bin_type=True))
+
+
+def test_a_signed_recompile_never_signs_a_kept_tokenizer_its_key_did_not_sign(
+    bare_folder, model_folder, keys, tmp_path, tokenizer_writer
+):
+    """A tokenizer planted with its hash in the manifest was kept by a signed recompile from a
+    folder without one (or a model object) and signed: a pinned-key deployment then served
+    the planted vocabulary (review, 2026-12-07)."""
+    root = tmp_path / "bert.kernl"
+    _compile(bare_folder, root, sign_key=keys[0])
+    _plant(root, tokenizer_writer)
+    before = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
+    with pytest.raises(ArtifactDestinationError, match="not vouched for by the key you sign"):
+        _compile(bare_folder, root, sign_key=keys[0])
+    assert {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()} == before
+    unsigned = tmp_path / "unsigned.kernl"  # compiled without a key: nothing vouches for it
+    _compile(model_folder, unsigned)
+    model = T.BertModel.from_pretrained(model_folder).eval()
+    with pytest.raises(ArtifactDestinationError, match="artifact is not signed"):
+        _compile(model, unsigned, sign_key=keys[0])
+    _compile(model_folder, unsigned, sign_key=keys[0])  # from the folder that holds it
+    _compile(model, unsigned, sign_key=keys[0])  # now signed by this key: kept
+    assert (unsigned / "tokenizer.json").read_bytes() == (
+        model_folder / "tokenizer.json"
+    ).read_bytes()
+    verify_artifact(unsigned, trusted_keys=[keys[1]])
+
+
+def test_a_recompile_of_another_model_does_not_keep_the_artifacts_tokenizer(model_folder, tmp_path):
+    root = tmp_path / "bert.kernl"
+    _compile(model_folder, root)
+    other = T.BertModel(
+        T.BertConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=30,
+            max_position_embeddings=16,
+        )
+    ).eval()
+    with pytest.raises(ArtifactDestinationError, match="a bert of vocabulary 80, not of this"):
+        _compile(other, root)
+    assert "tokenizer.json" in read_manifest(root).files  # nothing lost
+
+
+def test_an_edited_carried_tokenizer_is_not_dropped_by_a_recompile_from_the_folder(
+    model_folder, tmp_path
+):
+    root = tmp_path / "bert.kernl"
+    _compile(model_folder, root)
+    _permuted(root / "tokenizer.json")  # the user's edit, after the compile
+    edited = (root / "tokenizer.json").read_bytes()
+    with pytest.raises(ArtifactDestinationError, match="was edited after the compile"):
+        _compile(model_folder, root)
+    assert (root / "tokenizer.json").read_bytes() == edited
+
+
+def test_a_tokenizer_linked_out_of_the_model_folder_is_not_carried(model_folder, tmp_path, recwarn):
+    """A cloned repository's tokenizer.json linking to a user's file: the compile copied the
+    target into the artifact, listed and signed it (review, 2026-12-07)."""
+    folder = tmp_path / "bert"
+    shutil.copytree(model_folder, folder)
+    secret = tmp_path / "id_rsa"
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.json").symlink_to(secret)
+    root = tmp_path / "bert.kernl"
+    with pytest.warns(UserWarning, match="outside the model folder: not carried"):
+        _compile(folder, root)
+    assert not (root / "tokenizer.json").exists()
+    assert "tokenizer.json" not in read_manifest(root).files
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.json").write_text("not json")
+    said = []
+    _compile(folder, root, progress=said.append)
+    assert any("is not a tokenizers file" in line for line in said)
+    assert not (root / "tokenizer.json").exists()
+
+
+def test_the_hugging_face_caches_snapshot_links_are_carried(model_folder, tmp_path):
+    """The local cache's snapshot files link to its blobs, inside the cached repository."""
+    repo = tmp_path / "models--org--bert"
+    snapshot = repo / "snapshots" / "0123abcd"
+    shutil.copytree(model_folder, snapshot)
+    (repo / "blobs").mkdir()
+    blob = repo / "blobs" / "f00d"
+    shutil.move(snapshot / "tokenizer.json", blob)
+    (snapshot / "tokenizer.json").symlink_to("../../blobs/f00d")
+    root = tmp_path / "bert.kernl"
+    _compile(snapshot, root)
+    assert (root / "tokenizer.json").read_bytes() == blob.read_bytes()

@@ -546,7 +546,8 @@ class Seq2SeqModel(StepLoop):
     ) -> _Plan:
         """Check a request and pick its buckets before touching any state. A seed of None
         (sampler's last) is drawn once the request is checked: a refused call draws nothing
-        from torch's RNG."""
+        from torch's RNG (nor does one refused for re-entry, checked here first)."""
+        self._refuse_reentry()
         seed, sampler = sampler[3], (*sampler[:3], checked_seed(sampler[3]))
         if input_ids is None:
             raise TypeError("input_ids is required: the source token ids [batch, length]")

@@ -173,6 +173,7 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         forced=MODEL_DEFAULT,
     ) -> _Plan:
         spec = self.spec
+        self._refuse_reentry()  # before anything is drawn for the call (its seed)
         do_sample, sampler = _whisper_sampling(do_sample, sampler)
         seed, sampler = sampler[3], (*sampler[:3], checked_seed(sampler[3]))
         if return_timestamps:
