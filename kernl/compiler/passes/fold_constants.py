@@ -22,6 +22,7 @@ a view of one (the caller owns it: a weight is shared); a value over MAX_BYTES."
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -321,12 +322,24 @@ def _evaluate(
         instructions=instructions,
         meta={},
     )
-    # float32 matmuls in full float32 (ModernBERT's positions times inv_freq is one): computed
-    # once for every later call, whatever the compile process's TF32 setting
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.no_grad(), _full_fp32_matmuls():
+        return Executor(part, weights, device).run({})
+
+
+@contextlib.contextmanager
+def _full_fp32_matmuls():
+    """float32 matmuls in full float32 (ModernBERT's positions times inv_freq is one): computed
+    once for every later call, whatever the compile process's precision setting (TF32 on the
+    GPU; `set_float32_matmul_precision("medium")` makes them bf16 on the CPU). Set and put
+    back through the backends' fp32_precision: the legacy allow_tf32 flag raised where the
+    user had set the new API (folding nothing, silently), and writing it back broke the
+    process's `torch.get_float32_matmul_precision()` after "medium"."""
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    before = [b.fp32_precision for b in backends]
     try:
-        with torch.no_grad():
-            return Executor(part, weights, device).run({})
+        for b in backends:
+            b.fp32_precision = "ieee"
+        yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        for b, value in zip(backends, before):
+            b.fp32_precision = value
