@@ -4,6 +4,7 @@ it (kernl/compiler/tasks/: encoder, causal_lm); signing wraps any of them."""
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -27,6 +28,12 @@ class OptionNotApplicableError(ValueError):
     def __init__(self, option: str, message: str):
         super().__init__(message)
         self.option = option
+
+
+# torch.export is not thread-safe: compiles on two threads at once both failed ("ProxyTorchDispatch
+# Mode slot already occupied") and could leave sys.stderr on one's held-back buffer. One compile
+# per process at a time; kernl.optimize holds the same lock around its look at the model.
+COMPILE_LOCK = threading.RLock()
 
 
 @generated_source_forgotten()
@@ -59,10 +66,43 @@ def compile(
 
     A model object is left as it was: the compile casts, moves and traces new module objects
     over its tensors (kernl/compiler/caller_model.py), and puts back its training flags and
-    the RNG state."""
+    the RNG state. Compiles on several threads run one after the other (torch.export is not
+    thread-safe)."""
     # a model object's (torch.compile's wrapper looked through): before its buckets meet a
     # guessed task
     refuse_wrapper(unwrap_compiled(model_or_path))
+    with COMPILE_LOCK:
+        return _compile_one(
+            model_or_path,
+            buckets,
+            out,
+            dtype=dtype,
+            device=device,
+            task=task,
+            atol=atol,
+            rtol=rtol,
+            progress=progress,
+            kernels=kernels,
+            tune=tune,
+            sign_key=sign_key,
+        )
+
+
+def _compile_one(
+    model_or_path,
+    buckets,
+    out,
+    *,
+    dtype,
+    device,
+    task,
+    atol,
+    rtol,
+    progress,
+    kernels,
+    tune,
+    sign_key,
+) -> CompileReport:
     options = dict(
         dtype=dtype,
         device=device,

@@ -47,7 +47,6 @@ import re
 import shutil
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -119,8 +118,8 @@ _HASH_CHUNK = 64 << 20  # bytes of a GPU tensor copied to the host at a time
 # torch.export is not thread-safe (two exports in one process at once fail with "Trying to pop
 # empty mode stack" or fake tensors in the program), nor is a forward of the model during one:
 # one compile, or one look at a model's outputs (_output_class), per process at a time; other
-# threads' optimize calls wait here (cache hits only for that look).
-_COMPILE_LOCK = threading.Lock()
+# threads' optimize and compile calls wait here (cache hits only for that look).
+_COMPILE_LOCK = api.COMPILE_LOCK
 
 
 # -- the returned model ------------------------------------------------------------------------
