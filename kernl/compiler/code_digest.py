@@ -218,7 +218,7 @@ class _Fingerprints:
         is both stable across processes and complete, and are left out, as they always were."""
         lines = []
         for key, value in sorted(getattr(obj, "__dict__", {}).items()):
-            if key in _IGNORED:
+            if key in _IGNORED or (key == "forward" and own_forward(obj, value)):
                 continue
             data = self.data(value, depth + 1)
             if data is not None:
@@ -628,6 +628,18 @@ def inert_transformers_hook(hook: Any) -> bool:
     name = getattr(fn, "__qualname__", None) or ""
     return module == "transformers.utils.output_capturing" or (
         module.startswith("transformers.") and name.endswith("make_inputs_require_grads")
+    )
+
+
+def own_forward(module: Any, value: Any) -> bool:
+    """Whether `value`, a module's instance attribute `forward`, is its class's own forward
+    bound to it: what transformers 5.0 and 5.1 leave on every layer after one forward with
+    output_hidden_states / output_attentions (check_model_inputs put the forward back as
+    `module.forward = original_forward`). It computes what the class's does: no change."""
+    return (
+        isinstance(value, types.MethodType)
+        and value.__self__ is module
+        and value.__func__ is getattr(type(module), "forward", None)
     )
 
 

@@ -346,6 +346,12 @@ def test_hooks_and_replaced_forwards_are_refused_by_name():
     with pytest.raises(UnsupportedModelError, match=r"model.layers.0.mlp \(a replaced forward\)"):
         describe(llama, 16, torch.float32)
     del mlp.forward
+    # transformers 5.0 and 5.1 put each layer's forward back as `module.forward =
+    # original_forward` after a forward with output_hidden_states: its own forward, not
+    # replaced (refused, the model could not be compiled after once returning hidden states)
+    for layer in llama.model.layers:
+        layer.forward = layer.forward
+    describe(llama, 16, torch.float32)
     handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, i: None)
     try:
         with pytest.raises(UnsupportedModelError, match="global module hooks"):
@@ -910,3 +916,22 @@ def test_a_length_is_named_as_the_call_gave_it():
     assert _new_tokens(None, 30, 4) == 26
     assert asked_length(None, 30, 26) == "max_length 30 (26 new tokens)"
     assert asked_length(7, 30, 7) == "max_new_tokens 7"
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2"])
+def test_gemmas_embedding_scale_is_read_where_its_model_forward_applies_it(family, monkeypatch):
+    """transformers before 5.4 scaled Gemma's and Gemma2's embeddings by sqrt(hidden_size) in
+    the model's forward (no scaled embedding class): kernl read the embedding module's
+    `embed_scale`, found none and left the scale out (validation refused every such model)."""
+    import sys
+
+    hf = tiny_model(family)
+    scale = hf.config.hidden_size**0.5
+    assert describe(hf, 16, torch.float32)[0].embed_scale == pytest.approx(scale)
+    plain = torch.nn.Embedding.from_pretrained(hf.model.embed_tokens.weight.detach())
+    hf.model.embed_tokens = plain  # an unscaled embedding, in a forward that does not scale
+    assert describe(hf, 16, torch.float32)[0].embed_scale == 1.0
+    modeling = sys.modules[type(hf.model).__module__]
+    for name in [n for n in vars(modeling) if n.endswith("ScaledWordEmbedding")]:
+        monkeypatch.delattr(modeling, name)  # as transformers 5.0-5.3's modeling module
+    assert describe(hf, 16, torch.float32)[0].embed_scale == pytest.approx(scale)

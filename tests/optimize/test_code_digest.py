@@ -209,6 +209,9 @@ def test_forwards_collecting_outputs_and_attention_switches_leave_the_digest(mon
     with torch.no_grad():
         bert(input_ids=ids, output_hidden_states=True, output_attentions=True)
     assert code_digest(bert) == before
+    for layer in bert.encoder.layer:  # transformers 5.0/5.1 left each forward so, bound
+        layer.forward = layer.forward
+    assert code_digest(bert) == before
     other = tiny_bert()
     if hasattr(other, "set_attn_implementation"):
         other.set_attn_implementation("eager")

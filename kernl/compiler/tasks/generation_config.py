@@ -9,7 +9,7 @@ import warnings
 from kernl.artifacts.generation import MAX_EOS_IDS
 from kernl.runtime.generation.model import IDS_CHANGING_OPTIONS
 
-from ..code_digest import inert_transformers_hook
+from ..code_digest import inert_transformers_hook, own_forward
 from ..plural import first_few
 from ..trace import UnsupportedModelError, package_of
 
@@ -164,7 +164,8 @@ def refuse_module_code_kernl_drops(model, task: str) -> None:
             found.append(f"{where} ({hooks} forward hook{'s' if hooks > 1 else ''})")
         # accelerate's device-moving wrapper (dispatch_model, with its `_hf_hook`) computes
         # what the module does
-        if "forward" in vars(module) and not hasattr(module, "_hf_hook"):
+        replaced = "forward" in vars(module) and not own_forward(module, vars(module)["forward"])
+        if replaced and not hasattr(module, "_hf_hook"):
             found.append(f"{where} (a replaced forward)")
     hooks = len(torch_module._global_forward_hooks) + len(torch_module._global_forward_pre_hooks)
     if hooks:

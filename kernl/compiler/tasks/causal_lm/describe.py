@@ -18,6 +18,7 @@ Linear weights are [out, in]; GPT-2's Conv1D weights ([in, out]) are transposed 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -144,6 +145,19 @@ def describe(
         for k, v in weights.items()
     }
     return spec, weights
+
+
+def _scales_in_its_forward(base, model_type: str) -> bool:
+    """Whether Gemma's or Gemma2's model forward multiplies the embeddings by
+    sqrt(hidden_size) itself (cast to their dtype), as transformers before 5.4 did: its
+    modeling module has no scaled embedding class then (kernl left the scale out, and
+    validation refused the model)."""
+    if model_type not in ("gemma", "gemma2"):
+        return False
+    modeling = sys.modules.get(type(base).__module__)
+    return modeling is not None and not any(
+        name.endswith("ScaledWordEmbedding") for name in vars(modeling)
+    )
 
 
 def _token_ids(model) -> tuple[int | None, list[int]]:
@@ -282,6 +296,8 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
     # Gemma's embedding module multiplies by its float32 `embed_scale` buffer cast to the
     # weight dtype; the runtime makes the same cast of the same float32 value
     embed_scale = getattr(base.embed_tokens, "embed_scale", None)
+    if embed_scale is None and _scales_in_its_forward(base, mt):
+        embed_scale = cfg.hidden_size**0.5
     spec = DecoderSpec(
         family="llama",
         model_type=mt,
