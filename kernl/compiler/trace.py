@@ -721,9 +721,17 @@ def model_state(model: torch.nn.Module) -> dict[str, Any]:
                 state[f"{name}.{key}" if name else key] = value
     config = getattr(model, "config", None)
     for key, value in vars(config).items() if config is not None else ():
+        if key in _SETTLED_ON_FIRST_CALL:
+            continue
         if type(value) in (str, bool, int, float) and not key.startswith("_"):
             state[f"config.{key}"] = repr(value) if type(value) is float else value  # NaN
     return state
+
+
+# config settings a model's first forward settles once, without changing what it computes:
+# transformers 5.0's ModernBERT sets reference_compile None -> False (whether it would
+# torch.compile its own layers; kernl traces them either way), and was refused as changed
+_SETTLED_ON_FIRST_CALL = frozenset({"reference_compile"})
 
 
 def _change(key: str, before: Any, after: Any) -> str:

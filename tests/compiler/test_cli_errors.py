@@ -768,6 +768,22 @@ def test_later_and_quieter_self_changes_are_refused_by_name(how, said, tmp_path)
                                device="cpu")  # fmt: skip
 
 
+class SettlesReferenceCompile(T.BertModel):
+    """transformers 5.0's ModernBERT sets config.reference_compile None -> False on its first
+    forward (whether it would torch.compile its own layers): a setting settled once, which
+    kernl refused as a model that changed itself."""
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
+        self.config.reference_compile = False
+        return super().forward(input_ids, attention_mask, token_type_ids, **kwargs)
+
+
+def test_a_config_setting_settled_on_the_first_call_is_not_a_change(tmp_path):
+    model = SettlesReferenceCompile(T.BertConfig(**SMALL)).eval()
+    model.config.reference_compile = None
+    kernl.compiler.compile(model, "batch=1 seq=8", tmp_path / "a", dtype="fp32", device="cpu")
+
+
 def test_a_config_without_a_vocabulary_is_named(tmp_path):
     # CANINE reads characters: a raw AttributeError on config.vocab_size before
     torch.manual_seed(0)
