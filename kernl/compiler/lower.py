@@ -17,6 +17,7 @@ from kernl.runtime.vocabulary import is_known_op
 from .aliasing import (
     IDENTITIES,
     functional_twin,
+    memory_of,
     private_view,
     returns_alias,
     written_through,
@@ -32,6 +33,13 @@ _SHAPE_AS = {"aten.reshape_as.default": "aten.reshape.default"}
 _SHAPE_AS |= {"aten.view_as.default": "aten.view.default"}
 # Ops that only check metadata at trace time (and would pin the tracing device).
 _DROPPED_OPS = {"aten._assert_tensor_metadata.default", "aten._assert_scalar.default"}
+# Ops whose output layout is their kernel's choice: SDPA's is [B, L, H, D] seen as
+# [B, H, L, D] from the CPU's flash kernel, [B, H, L, D] from the math one, and the passes put
+# it on kernl.attention, whose layout depends on its implementation.
+_LAYOUT_BY_KERNEL = {"aten.scaled_dot_product_attention.default"}
+# What a view whose input's strides the program need not repeat is lowered as.
+_VIEWS = {"aten.view.default": "aten.reshape.default"}
+_VIEWS |= {"aten.view_as.default": "aten.reshape_as.default"}
 
 
 class UnsupportedOpError(ValueError):
@@ -148,6 +156,12 @@ class _Lowering:
         if name in _IDENTITY_OPS:
             self.ids[node] = self.ids[node.args[0]]
             return
+        if name in _VIEWS and _layout_is_a_kernels_choice(node.args[0]):
+            # torch.export dropped a `.contiguous()` the traced strides made a no-op, and the
+            # view relies on them (ModernBERT's `sdpa(...).transpose(1, 2).contiguous().view()`
+            # in transformers 5.0): a reshape is that view where the program's op lays its
+            # output out alike (kernl.attention's kernel), else the copy the model asked for
+            name = _VIEWS[name]
         if name in _SHAPE_AS and isinstance(node.args[1], torch.fx.Node):
             shape = list(node.args[1].meta["val"].shape)
             return self.emit(node, _SHAPE_AS[name], where, [node.args[0], shape])
@@ -271,6 +285,20 @@ class _Lowering:
             instructions=self.instructions,
             meta={"values": self.values},
         )
+
+
+def _layout_is_a_kernels_choice(node: Any) -> bool:
+    """Whether the memory `node` views (or is) has strides the program need not repeat: not
+    contiguous at trace time (an op's choice for its output, a weight's own layout; a program
+    stores weights and folded constants contiguous), or made by an op whose kernels lay their
+    output out differently (_LAYOUT_BY_KERNEL)."""
+    if not isinstance(node, torch.fx.Node):
+        return False
+    base = memory_of(node)
+    val = base.meta.get("val")
+    if isinstance(val, torch.Tensor) and not val.is_contiguous():
+        return True
+    return base.op == "call_function" and op_name(base.target) in _LAYOUT_BY_KERNEL
 
 
 def _mark_unused_outputs(instructions: list[Instruction], outputs: list[int]) -> None:
