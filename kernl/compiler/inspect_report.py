@@ -212,7 +212,7 @@ def _bucket_info(root: Path, manifest: Manifest) -> list[BucketInfo]:
 def inspect_artifact(path: str | os.PathLike) -> InspectReport:
     """Read an artifact's manifest and programs into a report. Raises ArtifactError if the
     manifest or a program cannot be read."""
-    root = Path(path)
+    root = Path(path).expanduser()  # as read_manifest reads it: its files were "missing"
     m = read_manifest(root)
     files = {"manifest.msgpack": _size(root, "manifest.msgpack")}
     if (root / SIGNATURE_FILE).is_file():  # as the compile summary counts it

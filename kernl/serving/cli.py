@@ -198,9 +198,14 @@ def _serve(argv: list[str], prog: str) -> int:
         print("kernl serve: interrupted while starting Ray; stopping", file=sys.stderr)
         ray.shutdown()
         return 130
-    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError, OSError) as e:
         where = f"the Ray cluster at {args.ray_address}" if args.ray_address else "a local Ray"
-        print(f"kernl serve: cannot start or reach {where}: {e}", file=sys.stderr)
+        # OSError: Ray writes under HOME (~/.ray), which an arbitrary-UID container may not
+        # have or may not write: a traceback before (docker run --user 12345)
+        hint = ""
+        if isinstance(e, OSError) and not isinstance(e, (ConnectionError, TimeoutError)):
+            hint = " (Ray writes under HOME and the temp folder: point HOME at a writable one)"
+        print(f"kernl serve: cannot start or reach {where}: {e}{hint}", file=sys.stderr)
         ray.shutdown()
         return 2
     for sig in (signal.SIGINT, signal.SIGTERM):  # again: ray.init sets its own SIGTERM's

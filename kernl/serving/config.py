@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields
 
 # A generation batch runs for many steps: a request reaching an idle replica waits this long
@@ -57,6 +58,9 @@ class ServeConfig:
         return GENERATION_WAIT_MS / 1000 if generation else 0.0
 
     def __post_init__(self) -> None:
+        # "~/bert.kernl" unexpanded (a Docker exec-form CMD, Kubernetes args): load() expands
+        # it, the tokenizer's and /health's paths did not
+        self.artifact = os.path.expanduser(os.fspath(self.artifact))
         if self.replicas < 1:
             raise ValueError(f"replicas must be at least 1, got {self.replicas}")
         if self.max_batch_size is not None and self.max_batch_size < 1:

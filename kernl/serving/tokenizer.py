@@ -32,7 +32,8 @@ class TokenizerFileError(ValueError):
 def read_tokenizer_file(artifact: str | Path) -> str | None:
     """The text of the artifact's tokenizer.json, or None when the folder has none. Raises
     TokenizerFileError for a symlink, a non-regular file, an oversized or non-UTF-8 one."""
-    path = Path(artifact) / TOKENIZER_FILE
+    artifact = Path(artifact).expanduser()  # as load() reads it: "~/bert.kernl" had none
+    path = artifact / TOKENIZER_FILE
     if not os.path.lexists(path):
         return None
     try:

@@ -73,6 +73,17 @@ def test_json_report_matches_the_artifact(artifact):
     assert report["tolerance"] == {"atol": 1e-4, "rtol": 1e-4}
 
 
+def test_a_home_relative_path_reads_the_artifacts_files(artifact, monkeypatch):
+    """`kernl inspect '~/cls.kernl'` read the manifest (its reader expands ~) and reported
+    every program and file as missing (review 2026-12-07)."""
+    from kernl.compiler.inspect_report import inspect_artifact
+
+    monkeypatch.setenv("HOME", str(artifact.parent))
+    report = inspect_artifact(f"~/{artifact.name}")
+    assert report.file_bytes == inspect_artifact(artifact).file_bytes
+    assert all(size is not None for size in report.file_bytes.values())
+
+
 def test_text_report_is_readable(artifact):
     result = CliRunner().invoke(main, ["inspect", str(artifact)])
     assert result.exit_code == 0, result.output

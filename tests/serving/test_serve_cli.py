@@ -111,6 +111,19 @@ def test_a_ray_that_cannot_start_or_be_reached_is_one_message(tiny_artifact, mon
     assert "cannot start or reach the Ray cluster at auto" in err and "Traceback" not in err
 
 
+def test_a_ray_that_cannot_write_its_home_is_one_message(tiny_artifact, monkeypatch, capsys):
+    """An arbitrary-UID container (docker run --user 12345) has no writable HOME: Ray's
+    mkdir ~/.ray raised PermissionError through ray.init, a traceback (review 2026-12-07)."""
+
+    def no_home(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/.ray")
+
+    monkeypatch.setattr(ray, "init", no_home)
+    assert serve_main([str(tiny_artifact), "--device", "cpu", "--ingress", "python"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot start or reach a local Ray" in err and "point HOME at a writable" in err
+
+
 def test_a_cluster_whose_serve_already_runs_is_refused(tiny_artifact, monkeypatch, capsys):
     """A second `kernl serve --ray-address auto` took over the first one's application (same
     name), served nothing on its own --port (Serve's HTTP options are set once), and its Ctrl-C

@@ -38,6 +38,18 @@ def test_the_files_own_truncation_is_ignored_as_hugging_face_ignores_it(artifact
     assert len(load_tokenizer(artifact_copy)(["w0 w5 w1 w2 w3"])[0]["input_ids"]) == 7
 
 
+def test_a_home_relative_artifact_path_finds_its_tokenizer(artifact_copy, monkeypatch):
+    """`kernl serve '~/bert.kernl'` (a Docker exec-form CMD passes the ~ unexpanded): load()
+    expanded it, the tokenizer's path did not, and text requests were refused (422) as if
+    the artifact carried none; /health named "<cwd>/~/bert.kernl" (review 2026-12-07)."""
+    from kernl.serving.config import ServeConfig
+
+    monkeypatch.setenv("HOME", str(artifact_copy.parent))
+    tilde = f"~/{artifact_copy.name}"
+    assert load_tokenizer(tilde)(["w0 w5"])[0]["input_ids"] == [2, 4, 9, 3]
+    assert ServeConfig(artifact=tilde).artifact == str(artifact_copy)
+
+
 def test_no_tokenizer_file_means_ids_only(artifact_copy):
     os.remove(artifact_copy / "tokenizer.json")
     assert read_tokenizer_file(artifact_copy) is None and load_tokenizer(artifact_copy) is None
