@@ -189,12 +189,39 @@ def _check_existing(dest: Path) -> None:
                 f"{dest} exists, is not empty and is not a kernl artifact; refusing to replace it"
             )
         artifact_files(dest)  # a manifest.msgpack that is no kernl manifest: refused there
-    if dest.is_dir() and os.path.ismount(dest):
+    if dest.is_dir() and _is_mount_point(dest):
         raise ArtifactDestinationError(
             f"{dest} is a mount point: an artifact is written beside its destination and "
             "renamed into place, which cannot replace a mount point; write to a folder inside "
             f"it (e.g. {dest / 'model.kernl'})"
         )
+
+
+MOUNT_TABLE = "/proc/self/mountinfo"  # Linux's; elsewhere os.path.ismount alone
+
+
+def _is_mount_point(path: Path) -> bool:
+    """os.path.ismount, and the mount table for what it cannot tell: a bind mount from the
+    same filesystem (a container's volume) has its parent's device, and was found only by
+    the final rename's EBUSY, after the whole compile."""
+    if os.path.ismount(path):
+        return True
+    try:
+        with open(MOUNT_TABLE, encoding="utf-8", errors="replace") as f:
+            table = f.read()
+    except OSError:
+        return False
+    target = os.path.realpath(path)
+    for line in table.splitlines():
+        fields = line.split(" ")
+        if len(fields) > 4 and _unescape_mount_path(fields[4]) == target:
+            return True
+    return False
+
+
+def _unescape_mount_path(field: str) -> str:
+    # the kernel writes a space, tab, newline and backslash in a path as octal escapes
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _check_destination(dest: Path, needed_bytes: int, keep_parent: bool) -> Path:

@@ -116,6 +116,28 @@ def test_a_mount_point_is_refused_before_the_compile(tmp_path, monkeypatch):
     assert check_destination(dest / "model.kernl") == dest / "model.kernl"
 
 
+def test_a_bind_mount_from_the_same_filesystem_is_refused_before_the_compile(
+    tmp_path, monkeypatch
+):
+    """os.path.ismount compares devices: a bind mount from the same filesystem has its
+    parent's, and was found only by the final rename's EBUSY (review 2026-12-07). The mount
+    table names it (its paths octal-escaped)."""
+    import kernl.artifacts.writer as writer
+
+    dest = tmp_path / "my out"
+    dest.mkdir()
+    table = tmp_path / "mountinfo"
+    escaped = str(dest).replace(" ", "\\040")
+    table.write_text(
+        "22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n"
+        f"98 22 8:1 /srv/data {escaped} rw,relatime - ext4 /dev/sda1 rw\n"
+    )
+    monkeypatch.setattr(writer, "MOUNT_TABLE", str(table))
+    with pytest.raises(ArtifactDestinationError, match="is a mount point.*a folder inside it"):
+        check_destination(dest)
+    assert check_destination(dest / "model.kernl") == dest / "model.kernl"
+
+
 @pytest.fixture
 def locked():
     """A folder only its owner may write, with parents anyone may enter."""
