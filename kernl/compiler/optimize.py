@@ -98,7 +98,11 @@ from .trace import (
     task_of,
     unwrap_compiled,
 )
-from .tune import cache_root, cache_root_of  # kernl's cache folder, one rule for both caches
+from .tune import (
+    NoCacheFolderError,
+    cache_root,
+    cache_root_of,
+)  # kernl's cache folder, one rule for both caches
 
 # Default buckets when none are given (see default_buckets).
 DEFAULT_BATCHES = (1, 8, 32)
@@ -652,7 +656,10 @@ def _optimize(
     # "" is unset, as for KERNL_CACHE_DIR (not the working directory); a relative folder
     # is taken absolute, so model.artifact still names it after a chdir
     given = cache_dir is not None and str(cache_dir) != ""
-    root = (Path(cache_dir).expanduser() if given else cache_root()).absolute()
+    try:
+        root = (Path(cache_dir).expanduser() if given else cache_root()).absolute()
+    except NoCacheFolderError as e:  # as an unwritable cache folder is said
+        raise CacheNotWritableError(str(e)) from None
     if save_to is not None:
         check_destination(save_to)  # before the compile, not after it
         _check_apart_from_cache(Path(save_to).expanduser(), root)

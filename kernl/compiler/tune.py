@@ -64,7 +64,21 @@ def cache_root() -> Path:
     if given is not None:
         return given
     # an empty value is unset: not the working directory
-    return Path(os.environ.get("KERNL_CACHE_DIR") or Path.home() / ".cache" / "kernl").expanduser()
+    given = os.environ.get("KERNL_CACHE_DIR")
+    if given:
+        return Path(given).expanduser()
+    try:
+        return Path.home() / ".cache" / "kernl"
+    except RuntimeError:  # HOME unset and a uid without a passwd entry (docker run --user N)
+        raise NoCacheFolderError(
+            "kernl's cache folder is ~/.cache/kernl by default, and this process has no home "
+            "folder (HOME is unset and its user has none): set KERNL_CACHE_DIR to a writable "
+            "folder (or pass kernl.optimize a cache_dir=)"
+        ) from None
+
+
+class NoCacheFolderError(RuntimeError):
+    """No KERNL_CACHE_DIR and no home folder to put ~/.cache/kernl in."""
 
 
 def cache_dir() -> Path:

@@ -116,9 +116,7 @@ def test_a_mount_point_is_refused_before_the_compile(tmp_path, monkeypatch):
     assert check_destination(dest / "model.kernl") == dest / "model.kernl"
 
 
-def test_a_bind_mount_from_the_same_filesystem_is_refused_before_the_compile(
-    tmp_path, monkeypatch
-):
+def test_a_bind_mount_from_the_same_filesystem_is_refused_before_the_compile(tmp_path, monkeypatch):
     """os.path.ismount compares devices: a bind mount from the same filesystem has its
     parent's, and was found only by the final rename's EBUSY (review 2026-12-07). The mount
     table names it (its paths octal-escaped)."""

@@ -458,6 +458,19 @@ def test_leftover_builds_are_never_used_and_dead_ones_are_removed(cache, compile
     assert not elsewhere.exists() and not alive.exists()  # stale, whoever made them
 
 
+def test_no_home_folder_and_no_cache_dir_is_said_as_an_unwritable_cache(monkeypatch):
+    """HOME unset for a uid without a passwd entry (docker run --user 12345): Path.home()'s
+    bare RuntimeError("Could not determine home directory.") (review 2026-12-07)."""
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("KERNL_CACHE_DIR", raising=False)
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    with pytest.raises(opt.CacheNotWritableError, match="no home folder.*KERNL_CACHE_DIR"):
+        kernl.optimize(tiny_bert(), "batch=1 seq=8", progress=False)
+
+
 def test_a_read_only_cache_serves_its_entries(cache, compiles, monkeypatch):
     """A cache baked read-only into an image: hits load without the lock (which cannot be
     opened for writing); a miss says what to do instead of failing on the lock file."""
