@@ -50,7 +50,7 @@ from .protocol import (
     parse_request,
     prepare_answers,
 )
-from .replica import ENCODER_COUNTERS, Replica, SharedStats
+from .replica import ENCODER_COUNTERS, Replica, SharedStats, artifact_identity
 from .replica import json_response as _json
 from .tokenizer import load_tokenizer
 
@@ -153,6 +153,7 @@ class KernlServer(Replica):
             "status": "ok",
             "ready": True,
             "artifact": os.path.abspath(self.config.artifact),
+            **artifact_identity(m),
             "model_type": m.model_type,
             "task": m.task,
             "dtype": m.dtype,

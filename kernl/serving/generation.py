@@ -56,7 +56,7 @@ from .generation_protocol import (  # noqa: F401  (re-exported: the names tests 
 )
 from .metrics import GenerationStats
 from .protocol import RequestError, parse_off_loop
-from .replica import GENERATION_COUNTERS, Replica, SharedStats
+from .replica import GENERATION_COUNTERS, Replica, SharedStats, artifact_identity
 from .replica import json_response as _json
 from .tokenizer import load_detokenizer, load_tokenizer
 
@@ -191,6 +191,7 @@ class KernlGenerator(Replica):
             "status": "ok",
             "ready": True,
             "artifact": os.path.abspath(self.config.artifact),
+            **artifact_identity(m),
             "model_type": m.model_type,
             "task": m.task,
             "dtype": m.dtype,

@@ -16,8 +16,21 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from starlette.requests import Request
 from starlette.responses import Response
 
+from kernl.artifacts.schema import MANIFEST_CHECKSUM_KEY
+
 from .device import cuda_context_error
 from .protocol import MAX_BODY_BYTES, RequestError
+
+
+def artifact_identity(manifest) -> dict:
+    """Which build a replica serves, for /health: the manifest's own checksum (it covers every
+    file's hash) and the compile's time. After a blue/green swap of a linked artifact folder,
+    the path alone did not tell the old build from the new one."""
+    checksum = manifest.extra.get(MANIFEST_CHECKSUM_KEY)
+    return {
+        "artifact_id": checksum[:16] if isinstance(checksum, str) else None,
+        "artifact_created_at": manifest.created_at,
+    }
 
 
 def json_response(body: dict, status: int = 200) -> Response:

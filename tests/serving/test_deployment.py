@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("ray", reason="kernl serve's deployment needs Ray Serve (kernl[serve])")
 
+from kernl.artifacts import read_manifest  # noqa: E402
 from kernl.artifacts.schema import KernelBinary  # noqa: E402
 from kernl.serving.config import ServeConfig  # noqa: E402
 from kernl.serving.deployment import build  # noqa: E402
@@ -277,6 +278,11 @@ def test_replica_answers_503_while_its_model_loads(tiny_artifact, monkeypatch):
             assert (await server(_get(path, "HEAD"))).status_code == 200
         health = await server(_get("/health"))
         assert health.status_code == 200 and json.loads(health.body)["status"] == "ok"
+        # which build it serves, not only the path (a linked folder swapped blue/green)
+        manifest = read_manifest(tiny_artifact)
+        body = json.loads(health.body)
+        assert body["artifact_id"] == manifest.extra["manifest_sha256"][:16]
+        assert body["artifact_created_at"] == manifest.created_at
 
     try:
         asyncio.run(scenario())

@@ -152,6 +152,7 @@ def expected(direct, prompt, **options):
 def test_returned_and_streamed_generation_equal_direct_generate(gen_server, direct):
     status, health = get(gen_server, "/health")
     assert status == 200 and health["task"] == "causal-lm" and health["text"], health
+    assert health["artifact_id"] == direct.manifest.extra["manifest_sha256"][:16]
     prompt = [5, 17, 33, 2, 60]
     status, answer = post(gen_server, {"input_ids": prompt, "max_new_tokens": 12})
     assert status == 200, answer
