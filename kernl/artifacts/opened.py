@@ -154,7 +154,8 @@ class ArtifactFiles:
                 if stat.S_ISLNK(st.st_mode):
                     raise ArtifactUnsafeError(
                         f"{root}: {what} {rel!r} goes through a symbolic link "
-                        f"({'/'.join(parts[: i + 1])}); an artifact is plain files and folders"
+                        f"({'/'.join(parts[: i + 1])}); an artifact is plain files and folders "
+                        "(a copy made with `cp -rL` holds the files themselves)"
                     )
                 if not last and not stat.S_ISDIR(st.st_mode):
                     raise ArtifactMissingError(

@@ -501,7 +501,10 @@ CASES = {
         "b1_s8",
     ),
     "weights symlinked outside": Case(
-        lambda r, o: _symlink_out(r, o, W), ArtifactUnsafeError, "symbolic link", W
+        lambda r, o: _symlink_out(r, o, W),
+        ArtifactUnsafeError,
+        "symbolic link (weights.safetensors); an artifact is plain files and folders (a copy made with `cp -rL`",
+        W,
     ),
     "manifest symlinked outside": Case(
         lambda r, o: _symlink_out(r, o, M), ArtifactUnsafeError, "symbolic link", M
