@@ -71,38 +71,6 @@ def compile(
     # a model object's (torch.compile's wrapper looked through): before its buckets meet a
     # guessed task
     refuse_wrapper(unwrap_compiled(model_or_path))
-    with COMPILE_LOCK:
-        return _compile_one(
-            model_or_path,
-            buckets,
-            out,
-            dtype=dtype,
-            device=device,
-            task=task,
-            atol=atol,
-            rtol=rtol,
-            progress=progress,
-            kernels=kernels,
-            tune=tune,
-            sign_key=sign_key,
-        )
-
-
-def _compile_one(
-    model_or_path,
-    buckets,
-    out,
-    *,
-    dtype,
-    device,
-    task,
-    atol,
-    rtol,
-    progress,
-    kernels,
-    tune,
-    sign_key,
-) -> CompileReport:
     options = dict(
         dtype=dtype,
         device=device,
@@ -114,6 +82,12 @@ def _compile_one(
         tune=tune,
         sign_key=sign_key,
     )
+    with COMPILE_LOCK:
+        return _compile_one(model_or_path, buckets, out, options)
+
+
+def _compile_one(model_or_path, buckets, out, options: dict) -> CompileReport:
+    dtype, device, task, progress = (options[k] for k in ("dtype", "device", "task", "progress"))
     if not isinstance(model_or_path, torch.nn.Module):
         return _compile_signed(model_or_path, buckets, out, **options)
     torch_dtype, dev = resolve_dtype_device(dtype, device)
