@@ -912,9 +912,9 @@ def cache_key(
     options: dict[str, Any],
     generation_config: Any = None,
 ) -> str:
-    """sha256 (hex) of everything a compiled artifact depends on besides the kernl source
-    itself: weights, config, the model's code and non-tensor state (`code`, code_digest.py),
-    buckets, dtype, task, target GPU and versions; for generation,
+    """sha256 (hex) of everything a compiled artifact depends on: weights, config, the
+    model's code and non-tensor state (`code`, code_digest.py), buckets, dtype, task, target
+    GPU, versions and kernl's own source (kernl_source_digest); for generation,
     the generation config too (its EOS, pad, forced and suppressed ids go into the artifact:
     a notebook that switches mBART's target language must not get the last one's entry)."""
     import transformers
@@ -947,6 +947,7 @@ def cache_key(
         "versions": {
             "format": FORMAT_VERSION,
             "kernl": kernl_version,
+            "kernl_source": kernl_source_digest(),
             "torch": torch.__version__,
             "triton": triton.__version__,
             "transformers": transformers.__version__,
@@ -954,6 +955,20 @@ def cache_key(
     }
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+@functools.cache
+def kernl_source_digest() -> str:
+    """sha256 (hex) of the kernl package's Python files (their paths and bytes, ~10 ms once a
+    process). kernl's version string does not change with each fix, so an entry compiled by an
+    older kernl was a cache hit after an upgrade: a RoCBert entry from before its positional
+    order was recorded kept serving its mask as shape ids (review 2026-12-07)."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 # -- compiling without touching the caller's model ---------------------------------------------

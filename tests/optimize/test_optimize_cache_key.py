@@ -249,3 +249,15 @@ def test_a_global_named_like_an_attribute_the_forward_reads_is_not_hashed():
         assert code_digest(model) == before
     finally:
         globals().pop("last_hidden_state", None)
+
+
+def test_an_entry_made_by_another_kernl_source_is_not_hit(cache, compiles, monkeypatch):
+    """kernl's version string stays 0.1.0 across fixes: an entry an older kernl compiled was a
+    cache hit after an upgrade (a RoCBert entry from before its positional order was recorded
+    kept reading the mask as shape ids; review 2026-12-07). The key holds kernl's source."""
+    bert = stateful_bert()
+    kernl.optimize(bert, "batch=1 seq=8", progress=False)
+    assert kernl.optimize(bert, "batch=1 seq=8", progress=False).cache_hit
+    monkeypatch.setattr(opt, "kernl_source_digest", lambda: "another kernl's source")
+    assert not kernl.optimize(bert, "batch=1 seq=8", progress=False).cache_hit
+    assert len(compiles) == 2
