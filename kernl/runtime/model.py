@@ -29,6 +29,19 @@ from .graphs import capture_graph
 POSITIONAL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
+# Families whose Hugging Face forward does not take (input_ids, attention_mask,
+# token_type_ids) first (RoCBert: input_shape_ids second; LayoutLM, LiLT, Bros: bbox; XLM,
+# FlauBERT: langs; X-MOD: lang_ids; GPT-2 and its kin: the cache). An artifact compiled before
+# kernl recorded the forward's order (POSITIONAL_INPUTS_KEY) read `model(ids, x)` in the usual
+# order for them too, silently wrong: such a call is refused, asking for names or a recompile.
+_UNUSUAL_ORDER = frozenset(
+    {
+        "roc_bert", "layoutlm", "layoutlmv3", "lilt", "bros", "markuplm", "xlm", "flaubert",
+        "xmod", "xlnet", "longformer", "gpt2", "gpt_bigcode", "gpt_neo", "gptj", "codegen",
+        "ctrl", "imagegpt", "gpt-sw3", "bloom", "falcon", "mpt",
+    }
+)  # fmt: skip
+
 # Fields of Hugging Face's output classes that kernl never fills (no labels, no per-layer
 # tuples, no cache are taken), and that HF's classes then hold as None: `out.loss is None`.
 _NONE_FIELDS = frozenset({"loss", "hidden_states", "attentions", "cross_attentions"})
@@ -323,6 +336,9 @@ class CompiledModel:
         if "input_ids" not in self._required:
             self._required.insert(0, "input_ids")  # it gives the call's shape
         self._positional = _positional_order(manifest, self._inputs)
+        unrecorded = POSITIONAL_INPUTS_KEY not in manifest.extra
+        unusual = unrecorded and manifest.model_type in _UNUSUAL_ORDER
+        self._order_hint = _ORDER_NOT_RECORDED if unusual else ""
         self._ignores_token_types = (
             "token_type_ids" not in self._inputs and manifest.model_type in NO_TOKEN_TYPES
         )
@@ -389,7 +405,7 @@ class CompiledModel:
         """`model(input_ids=..., attention_mask=...)`, or positionally in Hugging Face's order
         (`model(ids)`, `model(ids, mask)`, `model(ids, mask, token_type_ids)`)."""
         if args:
-            inputs = _positional(args, inputs, self._positional)
+            inputs = _positional(args, inputs, self._positional, self._order_hint)
         return_dict = _hf_call_options(inputs)
         if return_dict is False:
             return self(**inputs).to_tuple()
@@ -750,12 +766,23 @@ def _positional_order(manifest: Manifest, served) -> list[str]:
     recorded it (POSITIONAL_INPUTS_KEY), else HF's usual one. A name there that the artifact
     does not serve (RoCBert's input_shape_ids) is refused when given as other than None."""
     order = manifest.extra.get(POSITIONAL_INPUTS_KEY)  # checked with the manifest (checks.py)
+    if order is None and manifest.model_type in _UNUSUAL_ORDER:
+        return ["input_ids"]  # an artifact from before the order was recorded: see above
     if order is None:
         return [n for n in POSITIONAL_INPUTS if n in served]
     return list(order)
 
 
-def _positional(args: tuple, inputs: dict[str, Any], order: list[str]) -> dict[str, Any]:
+_ORDER_NOT_RECORDED = (
+    ": this artifact does not record its forward's order (compiled by an older kernl), and "
+    "this family's forward does not take (input_ids, attention_mask, token_type_ids) in that "
+    "order. Pass the other inputs by name (attention_mask=...), or recompile it"
+)
+
+
+def _positional(
+    args: tuple, inputs: dict[str, Any], order: list[str], hint: str = ""
+) -> dict[str, Any]:
     # HF's later positional inputs (position_ids, head_mask, ...) as None: "not given" there,
     # as by name (`model(ids, mask, None, None)`)
     while len(args) > len(order) and args[-1] is None:
@@ -763,7 +790,7 @@ def _positional(args: tuple, inputs: dict[str, Any], order: list[str]) -> dict[s
     if len(args) > len(order):
         raise TypeError(
             f"this model takes at most {len(order)} positional input(s) ({', '.join(order)}); "
-            f"got {len(args)}"
+            f"got {len(args)}" + (_ORDER_NOT_RECORDED if order == ["input_ids"] else "")
         )
     named = dict(inputs)
     for name, value in zip(order, args):

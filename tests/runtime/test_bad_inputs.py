@@ -316,6 +316,21 @@ def test_positional_inputs_follow_the_models_own_order(tmp_path):
         assert (compiled(*args).last_hidden_state - want).abs().max().item() < TOL
     with pytest.raises(TypeError, match="input_shape_ids"):  # not an input it serves
         compiled(ids, zeros, zeros)
+    # compiled before kernl recorded the order: `model(ids, mask)` read the mask as
+    # attention_mask where RoCBert's forward takes it as input_shape_ids (review 2026-12-07)
+    import msgpack
+
+    from kernl.artifacts import pack_manifest
+
+    manifest = msgpack.unpackb((out / "manifest.msgpack").read_bytes(), raw=False)
+    manifest["extra"].pop("positional_inputs")
+    (out / "manifest.msgpack").write_bytes(pack_manifest(manifest))
+    older = kernl.runtime.load(out)
+    with pytest.raises(TypeError, match="does not record its forward's order.*by name"):
+        older(ids, mask)
+    want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    got = older(ids, attention_mask=mask).last_hidden_state
+    assert (got - want).abs().max().item() < TOL
 
 
 class _MaskFirst(torch.nn.Module):
