@@ -19,8 +19,12 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 FORMAT_VERSION = 1
+# An encoder artifact whose forward takes its inputs in another order than HF's usual one
+# records it (POSITIONAL_INPUTS_KEY): a reader that ignores it reads `model(ids, x)` wrongly,
+# so such an artifact is version 2, which older readers refuse (docs/reliability.md's policy).
+ORDERED_INPUTS_FORMAT_VERSION = 2
 # Readers accept exactly the versions listed here; a newer artifact needs a newer kernl.
-SUPPORTED_FORMAT_VERSIONS = (1,)
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 
 MANIFEST_FILE = "manifest.msgpack"
 WEIGHTS_FILE = "weights.safetensors"

@@ -21,14 +21,14 @@ def test_this_kernl_writes_a_version_it_reads(small_artifact):
     assert read_manifest(small_artifact).format_version == FORMAT_VERSION == 1
 
 
-@pytest.mark.parametrize("version", [2, 0, -1, 99, "1", 1.0, True, None, [1]])
+@pytest.mark.parametrize("version", [3, 0, -1, 99, "1", 1.0, True, None, [1]])
 def test_other_versions_are_refused_by_name(version, small_artifact, tmp_path):
     root = copy_artifact(small_artifact, tmp_path / "a")
     edit_manifest(root, lambda m: m.__setitem__("format_version", version))
     with pytest.raises(ArtifactVersionError) as info:
         verify_artifact(root)
     assert f"format version {version!r}" in str(info.value)
-    assert "reads versions [1]" in str(info.value)
+    assert "reads versions [1, 2]" in str(info.value)
 
 
 def test_missing_version_is_refused(small_artifact, tmp_path):
@@ -52,7 +52,7 @@ def test_unknown_top_level_field_is_refused(small_artifact, tmp_path):
         read_manifest(root)
 
 
-@pytest.mark.parametrize("version", [2, 0, 11])
+@pytest.mark.parametrize("version", [3, 0, 11])
 def test_a_corrupted_version_is_reported_as_corruption(version, small_artifact, tmp_path):
     """A version changed without the checksum (a flipped byte on disk) is damage, not a newer
     kernl's artifact: "needs a newer kernl" would send the user the wrong way."""

@@ -14,7 +14,11 @@ import triton
 
 from kernl._version import __version__ as kernl_version
 from kernl.artifacts import FORMAT_VERSION, ArtifactWriter, BucketEntry, Manifest, check_destination
-from kernl.artifacts.schema import POSITIONAL_INPUTS_KEY, Bucket
+from kernl.artifacts.schema import (
+    ORDERED_INPUTS_FORMAT_VERSION,
+    POSITIONAL_INPUTS_KEY,
+    Bucket,
+)
 from kernl.runtime.binaries import allow_jit
 
 from ..buckets import as_buckets, check_buckets_fit
@@ -183,8 +187,9 @@ def compile_encoder(
         used = {n for p in programs for n in p.weights.values()}
         writer.write_weights({k: v for k, v in all_weights.items() if k in used})
         kernel_entries = write_binaries(writer, binaries)
+        positional = _positional_extra(model, input_names)
         manifest = Manifest(
-            format_version=FORMAT_VERSION,
+            format_version=ORDERED_INPUTS_FORMAT_VERSION if positional else FORMAT_VERSION,
             kernl_version=kernl_version,
             torch_version=torch.__version__,
             triton_version=triton.__version__,
@@ -199,8 +204,7 @@ def compile_encoder(
             files={},
             created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             kernels=kernel_entries,
-            extra={"atol": atol, "rtol": rtol, "kernl_ops": kernels}
-            | _positional_extra(model, input_names),
+            extra={"atol": atol, "rtol": rtol, "kernl_ops": kernels} | positional,
             **_target_info(dev),
         )
         dest = writer.commit(manifest)
