@@ -33,7 +33,7 @@ from typing import Any
 from .errors import ArtifactCorruptError, ArtifactUnsafeError
 from .limits import DEFAULT_LIMITS, ReadLimits
 from .program import Program, iter_value_refs
-from .schema import Manifest
+from .schema import NEWER_KERNL_HINT, Manifest
 from .shape_rules import aten_result
 from .vocabulary import KERNL_NAME, is_in_place, split_aten, written_arguments
 
@@ -850,7 +850,7 @@ def _kernl_linear(
         # the split-K kernel's arrival counters (the launcher checks their number per call)
         raise _Fail(f"linear counters {counters.dtype} {list(counters.shape)}: 1-d int32", False)
     if activation not in _ACTIVATIONS:
-        raise _Fail(f"unknown activation {activation!r}", unsafe=False)
+        raise _Fail(f"unknown activation {activation!r}{NEWER_KERNL_HINT}", unsafe=False)
     if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise _Fail(f"linear of x {list(x.shape)} and weight {list(weight.shape)}", False)
     if bias is not None and (list(bias.shape) != [weight.shape[0]] or _strided(bias)):
@@ -974,7 +974,7 @@ def _kernl_gated_linear(x, weight, bias=None, activation="gelu", impl="aten", co
 
     _impl(impl, config)
     if activation not in _ACTIVATIONS:
-        raise _Fail(f"unknown activation {activation!r}", unsafe=False)
+        raise _Fail(f"unknown activation {activation!r}{NEWER_KERNL_HINT}", unsafe=False)
     if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1] or weight.shape[0] % 2:
         raise _Fail(
             f"gated_linear of x {list(x.shape)} and weight {list(weight.shape)} (an even "

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 from .errors import ArtifactCorruptError, ArtifactUnsafeError
 from .limits import DEFAULT_LIMITS, ReadLimits
+from .schema import NEWER_KERNL_HINT
 
 FAMILIES = ("llama", "gpt2")
 NORMS = ("rms", "layer")
@@ -477,7 +478,7 @@ def _check_decoder(d: Any, where: str) -> DecoderSpec:
         raise bad(f"decoder fields {missing} are missing")
     unknown = sorted(k for k in d if k not in {f.name for f in fields(DecoderSpec)})
     if unknown:
-        raise bad(f"decoder has unknown fields {unknown}")
+        raise bad(f"decoder has unknown fields {unknown}{NEWER_KERNL_HINT}")
     if not isinstance(d["model_type"], str):
         raise bad(f"decoder.model_type {d['model_type']!r} is not a string")
     for name in _INT_FIELDS:
@@ -487,7 +488,7 @@ def _check_decoder(d: Any, where: str) -> DecoderSpec:
             raise bad(f"decoder.{name} is {v!r}, not an integer in 1..{top}")
     for name, allowed in _CHOICES.items():
         if d[name] not in allowed or not isinstance(d[name], str):
-            raise bad(f"decoder.{name} is {d[name]!r}, not one of {allowed}")
+            raise bad(f"decoder.{name} is {d[name]!r}, not one of {allowed}{NEWER_KERNL_HINT}")
     reals = ("norm_eps", "attention_scale", "rope_attention_scaling", "embed_scale")
     for name in (*reals, "rope_local_attention_scaling"):
         if name in d and not _is_real(d[name]):

@@ -26,6 +26,13 @@ ORDERED_INPUTS_FORMAT_VERSION = 2
 # Readers accept exactly the versions listed here; a newer artifact needs a newer kernl.
 SUPPORTED_FORMAT_VERSIONS = (1, 2)
 
+# Where a description holds a field or a choice this reader does not know: most likely a newer
+# kernl's addition, not damage (kernl's version string does not tell them apart)
+NEWER_KERNL_HINT = (
+    " (an artifact built by a newer kernl than this one? read it with that kernl, or "
+    "recompile it with this one)"
+)
+
 MANIFEST_FILE = "manifest.msgpack"
 WEIGHTS_FILE = "weights.safetensors"
 # Key in `Manifest.extra` holding the sha256 of the rest of the manifest (see writer.py).

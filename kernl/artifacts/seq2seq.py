@@ -18,6 +18,7 @@ from typing import Any
 from .errors import ArtifactCorruptError, ArtifactUnsafeError
 from .generation import MAX_DIM, MAX_EOS_IDS, MAX_LAYERS, _is_int, _is_real
 from .limits import DEFAULT_LIMITS, ReadLimits
+from .schema import NEWER_KERNL_HINT
 
 FAMILIES = ("t5", "bart", "mbart", "marian", "whisper")
 NORMS = ("rms", "layer")  # T5LayerNorm (no mean, no bias) / nn.LayerNorm
@@ -314,7 +315,7 @@ def _check_spec(d: Any, where: str) -> Seq2SeqSpec:
         raise _bad(where, f"fields {missing} are missing")
     unknown = sorted(str(k) for k in d if k not in names)
     if unknown:
-        raise _bad(where, f"unknown fields {unknown}")
+        raise _bad(where, f"unknown fields {unknown}{NEWER_KERNL_HINT}")
     if not isinstance(d["model_type"], str):
         raise _bad(where, f"seq2seq.model_type {d['model_type']!r} is not a string")
     for name in _INT_FIELDS:
@@ -328,7 +329,9 @@ def _check_spec(d: Any, where: str) -> Seq2SeqSpec:
             raise _bad(where, f"seq2seq.{name} is {v!r}, not an integer in 0..{MAX_DIM}")
     for name, allowed in _CHOICES.items():
         if not isinstance(d[name], str) or d[name] not in allowed:
-            raise _bad(where, f"seq2seq.{name} is {d[name]!r}, not one of {allowed}")
+            raise _bad(
+                where, f"seq2seq.{name} is {d[name]!r}, not one of {allowed}{NEWER_KERNL_HINT}"
+            )
     for name in _REALS:
         if name in d and not _is_real(d[name]):
             raise _bad(where, f"seq2seq.{name} is {d[name]!r}, not a finite number")

@@ -993,6 +993,12 @@ GEN_CASES = {
     "an unknown family": Case(
         _decoder(family="os.system"), ArtifactCorruptError, "decoder.family", M
     ),
+    "a field this reader does not know": Case(  # a newer kernl's, most likely: said so
+        _decoder(added_later=1),
+        ArtifactCorruptError,
+        "unknown fields ['added_later'] (an artifact built by a newer kernl than this one?",
+        M,
+    ),
     "a missing layer weight": Case(
         lambda r, o: _drop_weight(r, "layers.1.o.weight"),
         ArtifactCorruptError,
