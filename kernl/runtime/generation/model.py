@@ -356,7 +356,7 @@ class GenerativeModel(StepLoop):
                 "request's tokens are wrong: another kernel held SMs the step needed (two "
                 "persistent steps running at once on this GPU, from two streams or under "
                 "MPS?). Run one model's generation at a time per GPU, or compile with "
-                "decode_kernels={'step': 'pieces'}."
+                "--no-tune (tune=False), which keeps the plain torch decode step."
             )
 
     # -- public API -------------------------------------------------------------------------
