@@ -561,9 +561,9 @@ CASES = {
     ),
     # versions and structure
     "future format version": Case(
-        lambda r, o: edit_manifest(r, lambda m: m.__setitem__("format_version", 2)),
+        lambda r, o: edit_manifest(r, lambda m: m.__setitem__("format_version", 3)),
         ArtifactVersionError,
-        "format version 2",
+        "format version 3",
         M,
     ),
     "unknown manifest field": Case(

@@ -39,19 +39,51 @@ def _settings() -> tuple:
 
 @pytest.fixture
 def restored_precision():
+    """The process's settings as they were (later tests in this worker see no change)."""
     before = _settings()
+    legacy = torch.get_float32_matmul_precision()
     yield
-    torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision = before
+    torch.set_float32_matmul_precision(legacy)
+    cuda, mkldnn = before
+    torch.backends.cuda.matmul.fp32_precision = cuda
+    torch.backends.mkldnn.matmul.fp32_precision = mkldnn
+    assert torch.get_float32_matmul_precision() == legacy
+
+
+def _set(setting: str) -> None:
+    if setting in ("medium", "high"):
+        torch.set_float32_matmul_precision(setting)
+    elif setting == "new api tf32":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    elif setting == "legacy allow_tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+
+SETTINGS = ["medium", "high", "new api tf32", "legacy allow_tf32", "default"]
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_inside_the_fold_both_precision_apis_agree_on_full_float32(setting, restored_precision):
+    """With only the new API set to "ieee" under the user's "high", torch's legacy setting
+    still said TF32, and torch refuses a CUDA matmul whose two settings disagree (reading
+    allow_tf32 raises the same check on the CPU): every fp32 fold on the GPU then failed and
+    nothing was folded, silently (review, 2026-12-07)."""
+    from kernl.compiler.passes.fold_constants import _full_fp32_matmuls
+
+    _set(setting)
+    before = _settings()
+    with _full_fp32_matmuls():
+        assert torch.backends.cuda.matmul.allow_tf32 is False  # raised on disagreement
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert _settings() == ("ieee", "ieee")
+    assert _settings() == before
 
 
 @pytest.mark.parametrize("setting", ["medium", "new api tf32", "default"])
 def test_folding_computes_in_full_float32_and_leaves_the_precision_setting(
     setting, restored_precision
 ):
-    if setting == "medium":
-        torch.set_float32_matmul_precision("medium")
-    elif setting == "new api tf32":
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    _set(setting)
     before = _settings()
     getter = torch.get_float32_matmul_precision() if setting != "new api tf32" else None
     m = RotaryTable().eval()

@@ -330,16 +330,24 @@ def _evaluate(
 def _full_fp32_matmuls():
     """float32 matmuls in full float32 (ModernBERT's positions times inv_freq is one): computed
     once for every later call, whatever the compile process's precision setting (TF32 on the
-    GPU; `set_float32_matmul_precision("medium")` makes them bf16 on the CPU). Set and put
-    back through the backends' fp32_precision: the legacy allow_tf32 flag raised where the
-    user had set the new API (folding nothing, silently), and writing it back broke the
-    process's `torch.get_float32_matmul_precision()` after "medium"."""
+    GPU; `set_float32_matmul_precision("medium")` makes them bf16 on the CPU). Both of torch's
+    APIs are set, consistently (one alone left the other saying TF32, and torch refuses a
+    matmul whose two settings disagree), and both put back as they were: the legacy
+    allow_tf32 flag alone raised under the new API (folding nothing, silently), and writing it
+    back broke `torch.get_float32_matmul_precision()` after "medium"."""
     backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
     before = [b.fp32_precision for b in backends]
     try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the new API was used per backend: no one legacy value to restore
+        legacy = None
+    try:
+        torch.set_float32_matmul_precision("highest")
         for b in backends:
             b.fp32_precision = "ieee"
         yield
     finally:
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
         for b, value in zip(backends, before):
             b.fp32_precision = value
