@@ -489,11 +489,12 @@ class ModelSignature:
 
 
 def positional_order(model: torch.nn.Module, served: list[str]) -> list[str] | None:
-    """The forward's positional parameters up to the last input the artifact serves, where
-    they are not (input_ids, attention_mask, token_type_ids) as served: RoCBert takes
-    (input_ids, input_shape_ids, input_pronunciation_ids, attention_mask, ...), LayoutLM
-    (input_ids, bbox, ...). The runtime reads a call's positional inputs in this order (its
-    fixed one gave RoCBert's shape ids to the attention mask, silently). None where usual."""
+    """The forward's positional parameters up to the last input the artifact serves: RoCBert
+    takes (input_ids, input_shape_ids, input_pronunciation_ids, attention_mask, ...), LayoutLM
+    (input_ids, bbox, ...), BERT the usual (input_ids, attention_mask, token_type_ids). The
+    runtime reads a call's positional inputs in this order (its fixed one gave RoCBert's shape
+    ids to the attention mask, silently). None where the forward's signature cannot be read
+    or takes none of them positionally."""
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     try:
         params = inspect.signature(model.forward).parameters.values()
@@ -503,9 +504,12 @@ def positional_order(model: torch.nn.Module, served: list[str]) -> list[str] | N
     at = [names.index(n) for n in served if n in names]
     if not at:
         return None
-    order = names[: max(at) + 1]
-    usual = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in served]
-    return None if order == usual else order
+    return names[: max(at) + 1]
+
+
+def usual_order(order: list[str], served: list[str]) -> bool:
+    """Whether `order` is Hugging Face's usual one for the inputs served."""
+    return order == [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in served]
 
 
 class FlatModel(torch.nn.Module):

@@ -790,7 +790,7 @@ def _positional(
     if len(args) > len(order):
         raise TypeError(
             f"this model takes at most {len(order)} positional input(s) ({', '.join(order)}); "
-            f"got {len(args)}" + (_ORDER_NOT_RECORDED if order == ["input_ids"] else "")
+            f"got {len(args)}{hint}"
         )
     named = dict(inputs)
     for name, value in zip(order, args):

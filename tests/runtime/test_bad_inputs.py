@@ -335,6 +335,45 @@ def test_positional_inputs_follow_the_models_own_order(tmp_path):
     assert (got - want).abs().max().item() < TOL
 
 
+class _Gpt2Pooled(torch.nn.Module):
+    """A user's wrapper over GPT-2 (whose own forward takes the cache second) that takes
+    (input_ids, attention_mask): the usual order, for a family the runtime knows as unusual."""
+
+    def __init__(self):
+        super().__init__()
+        config = T.GPT2Config(n_embd=32, n_head=4, n_layer=1, vocab_size=120, n_positions=32)
+        self.gpt = T.GPT2Model(config)
+        self.config = config
+
+    def forward(self, input_ids, attention_mask=None, return_dict=True):
+        return self.gpt(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+
+
+def test_the_usual_order_is_recorded_too_and_stays_format_1(served, tmp_path):
+    """Unrecorded, a new artifact of a family whose forward's order is unusual (GPT-2) read as
+    one from an older kernl: the wrapper's `model(ids, mask)` was refused, telling the user to
+    recompile (review 2026-12-07). A usual order is recorded too, in a version-1 artifact."""
+    _, compiled = served
+    assert compiled.manifest.extra["positional_inputs"] == [
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+    ]
+    assert compiled.manifest.format_version == 1
+    torch.manual_seed(0)
+    wrapper = _Gpt2Pooled().eval()
+    out = tmp_path / "gpt2.kernl"
+    kernl.compiler.compile(wrapper, "batch=2 seq=16", out, dtype="fp32", device="cpu")
+    assert kernl.artifacts.read_manifest(out).format_version == 1
+    ids = _ids(2, 11, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        want = wrapper(ids, mask)["last_hidden_state"]
+    got = kernl.runtime.load(out, device="cpu")(ids, mask).last_hidden_state
+    assert (got - want)[mask.bool()].abs().max().item() < TOL
+
+
 class _MaskFirst(torch.nn.Module):
     """A user's wrapper whose forward takes the mask before the ids."""
 

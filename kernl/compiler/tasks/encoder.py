@@ -39,6 +39,7 @@ from ..trace import (
     positional_order,
     refuse_a_model_that_changed_itself,
     resolve_dtype_device,
+    usual_order,
 )
 from ..tune import TuneSession, record_binaries, tune_program, write_binaries
 from ..tune_qkv_attention import tune_qkv_attention
@@ -187,9 +188,9 @@ def compile_encoder(
         used = {n for p in programs for n in p.weights.values()}
         writer.write_weights({k: v for k, v in all_weights.items() if k in used})
         kernel_entries = write_binaries(writer, binaries)
-        positional = _positional_extra(model, input_names)
+        positional, version = _positional_extra(model, input_names)
         manifest = Manifest(
-            format_version=ORDERED_INPUTS_FORMAT_VERSION if positional else FORMAT_VERSION,
+            format_version=version,
             kernl_version=kernl_version,
             torch_version=torch.__version__,
             triton_version=triton.__version__,
@@ -307,11 +308,16 @@ def _config_torch_dtype(folder: Path) -> str | None:
     return found if isinstance(found, str) else None
 
 
-def _positional_extra(model, input_names: list[str]) -> dict:
-    """The forward's positional order for the runtime (POSITIONAL_INPUTS_KEY), where it is not
-    the usual one."""
+def _positional_extra(model, input_names: list[str]) -> tuple[dict, int]:
+    """The forward's positional order for the runtime (POSITIONAL_INPUTS_KEY), recorded even
+    where it is the usual one (an artifact without it is then one from an older kernl), and
+    the format version: 2 where the order is not the usual one (a version-1 reader ignores it
+    and would read `model(ids, x)` in the usual order, wrongly)."""
     order = positional_order(model, input_names)
-    return {} if order is None else {POSITIONAL_INPUTS_KEY: order}
+    if order is None or "input_ids" not in order:
+        return {}, FORMAT_VERSION
+    version = FORMAT_VERSION if usual_order(order, input_names) else ORDERED_INPUTS_FORMAT_VERSION
+    return {POSITIONAL_INPUTS_KEY: order}, version
 
 
 def _plain_config(config) -> dict:
