@@ -28,26 +28,29 @@ def _tell(message: str, progress) -> None:
         warnings.warn(message, stacklevel=4)
 
 
+def _model_file(source: str, name: str) -> Path | None:
+    """The model's file `name` (a local folder's, or a model id's in the local Hugging Face
+    cache), or None where it has none."""
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return local / name
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(source, name)
+    except Exception:  # not a model id (a mistyped path): the trace names what is wrong
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
 def model_tokenizer(source: str, progress=None) -> bytes | None:
     """The bytes of the tokenizer.json beside the model's config.json (a local folder, or a
     model id in the local Hugging Face cache), or None where it has none or it is not carried
     (said through `progress`, else warned)."""
-    local = Path(source).expanduser()
-    if local.is_dir():
-        path = local / TOKENIZER_FILE
-    else:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            return None
-        try:
-            found = try_to_load_from_cache(source, TOKENIZER_FILE)
-        except Exception:  # not a model id (a mistyped path): the trace names what is wrong
-            return None
-        if not isinstance(found, str):
-            return None
-        path = Path(found)
-    if not path.is_file():
+    path = _model_file(source, TOKENIZER_FILE)
+    if path is None or not path.is_file():
         return None
     outside = _link_out_of_the_model(path)
     if outside is not None:
@@ -100,8 +103,9 @@ def _listed(root: Path) -> dict:
 def _model_identity(model_or_path: Any) -> tuple[str | None, int | None]:
     """(model_type, vocab_size) of the model being compiled, None where unknown."""
     if isinstance(model_or_path, (str, os.PathLike)):
+        path = _model_file(os.fspath(model_or_path), "config.json")
         try:
-            config = json.loads((Path(model_or_path).expanduser() / "config.json").read_text())
+            config = json.loads(path.read_text()) if path is not None else None
         except (OSError, ValueError):
             return None, None
         if not isinstance(config, dict):

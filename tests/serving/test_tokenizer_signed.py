@@ -297,3 +297,27 @@ def test_the_hugging_face_caches_snapshot_links_are_carried(model_folder, tmp_pa
     root = tmp_path / "bert.kernl"
     _compile(snapshot, root)
     assert (root / "tokenizer.json").read_bytes() == blob.read_bytes()
+
+
+def test_a_model_id_of_another_model_does_not_keep_the_artifacts_tokenizer(
+    model_folder, tmp_path, monkeypatch
+):
+    """The model's type and vocabulary were read from `<id>/config.json`, which a model id of
+    the local Hugging Face cache does not have there: a recompile from another model's id kept
+    (and signed) the artifact's tokenizer (review, 2026-12-07)."""
+    import huggingface_hub
+
+    from kernl.compiler.tokenizer_file import artifact_tokenizer
+
+    root = tmp_path / "bert.kernl"
+    _compile(model_folder, root)
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--acme--tiny-gpt2" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 256}))
+    (cache / "models--acme--tiny-gpt2" / "refs").mkdir()
+    (cache / "models--acme--tiny-gpt2" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    with pytest.raises(ArtifactDestinationError, match="a bert of vocabulary 80, not of this gpt2"):
+        artifact_tokenizer(root, "acme/tiny-gpt2")
+    assert artifact_tokenizer(root, model_folder) is not None  # its own model: kept
