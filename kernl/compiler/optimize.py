@@ -967,7 +967,10 @@ def kernl_source_digest() -> str:
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(path.read_bytes())
+        try:
+            digest.update(path.read_bytes())
+        except OSError:  # gone since the walk (an upgrade in progress): its name still counts
+            digest.update(b"\0unreadable")
     return digest.hexdigest()
 
 

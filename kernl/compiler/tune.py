@@ -65,10 +65,8 @@ def cache_root() -> Path:
         return given
     # an empty value is unset: not the working directory
     given = os.environ.get("KERNL_CACHE_DIR")
-    if given:
-        return Path(given).expanduser()
     try:
-        return Path.home() / ".cache" / "kernl"
+        return Path(given).expanduser() if given else Path.home() / ".cache" / "kernl"
     except RuntimeError:  # HOME unset and a uid without a passwd entry (docker run --user N)
         raise NoCacheFolderError(
             "kernl's cache folder is ~/.cache/kernl by default, and this process has no home "

@@ -51,6 +51,12 @@ class ServeConfig:
     app_name: str = "kernl"
     drain_s: float = DRAIN_S
 
+    def artifact_path(self) -> str:
+        """The artifact's absolute path as this process reads it: "~/bert.kernl" unexpanded (a
+        Docker exec-form CMD, Kubernetes args) expanded here, on each replica, as load()
+        expands it (a replica on another node has its own home)."""
+        return os.path.abspath(os.path.expanduser(self.artifact))
+
     def wait_s(self, generation: bool) -> float:
         """The batch wait in seconds: the configured one, else the task's default."""
         if self.batch_wait_ms is not None:
@@ -58,9 +64,6 @@ class ServeConfig:
         return GENERATION_WAIT_MS / 1000 if generation else 0.0
 
     def __post_init__(self) -> None:
-        # "~/bert.kernl" unexpanded (a Docker exec-form CMD, Kubernetes args): load() expands
-        # it, the tokenizer's and /health's paths did not
-        self.artifact = os.path.expanduser(os.fspath(self.artifact))
         if self.replicas < 1:
             raise ValueError(f"replicas must be at least 1, got {self.replicas}")
         if self.max_batch_size is not None and self.max_batch_size < 1:

@@ -152,7 +152,7 @@ class KernlServer(Replica):
         return {
             "status": "ok",
             "ready": True,
-            "artifact": os.path.abspath(self.config.artifact),
+            "artifact": self.config.artifact_path(),
             **artifact_identity(m),
             "model_type": m.model_type,
             "task": m.task,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -315,7 +314,7 @@ class Replica:
                     "ready": False,
                     "status": state,
                     "replica": self.replica,
-                    "artifact": os.path.abspath(self.config.artifact),
+                    "artifact": self.config.artifact_path(),
                 }
                 if error:
                     body["error"] = error

@@ -47,7 +47,7 @@ def test_a_home_relative_artifact_path_finds_its_tokenizer(artifact_copy, monkey
     monkeypatch.setenv("HOME", str(artifact_copy.parent))
     tilde = f"~/{artifact_copy.name}"
     assert load_tokenizer(tilde)(["w0 w5"])[0]["input_ids"] == [2, 4, 9, 3]
-    assert ServeConfig(artifact=tilde).artifact == str(artifact_copy)
+    assert ServeConfig(artifact=tilde).artifact_path() == str(artifact_copy)  # /health
 
 
 def test_no_tokenizer_file_means_ids_only(artifact_copy):
