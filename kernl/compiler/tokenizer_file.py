@@ -79,8 +79,8 @@ def model_tokenizer(source: str, progress=None) -> bytes | None:
 
 def _link_out_of_the_model(path: Path) -> Path | None:
     """Where `path` links to outside its model folder (None where it does not): the local
-    Hugging Face cache's snapshot files link to the blobs of their own repository, which
-    count as inside; a link elsewhere (a cloned repository's tokenizer.json pointing at a
+    Hugging Face cache's snapshot files (and older local_dir downloads' large files) link to
+    a repository's blobs, which count as inside; a link elsewhere (a cloned repository's tokenizer.json pointing at a
     user's key file) is not followed into an artifact."""
     if not path.is_symlink():
         return None
@@ -89,6 +89,8 @@ def _link_out_of_the_model(path: Path) -> Path | None:
     inside = [folder]
     if folder.parent.name == "snapshots":  # models--org--name/snapshots/<revision>/
         inside.append(folder.parent.parent)
+    if target.parent.name == "blobs" and target.parent.parent.name.startswith("models--"):
+        return None  # a cache blob: huggingface_hub's older local_dir downloads link there
     return None if any(target.is_relative_to(d) for d in inside) else target
 
 

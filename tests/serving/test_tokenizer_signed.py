@@ -297,6 +297,12 @@ def test_the_hugging_face_caches_snapshot_links_are_carried(model_folder, tmp_pa
     root = tmp_path / "bert.kernl"
     _compile(snapshot, root)
     assert (root / "tokenizer.json").read_bytes() == blob.read_bytes()
+    local_dir = tmp_path / "downloaded"  # huggingface_hub's older local_dir: links to blobs
+    shutil.copytree(model_folder, local_dir)
+    (local_dir / "tokenizer.json").unlink()
+    (local_dir / "tokenizer.json").symlink_to(blob)
+    _compile(local_dir, tmp_path / "local.kernl")
+    assert (tmp_path / "local.kernl" / "tokenizer.json").read_bytes() == blob.read_bytes()
 
 
 def test_a_model_id_of_another_model_does_not_keep_the_artifacts_tokenizer(
