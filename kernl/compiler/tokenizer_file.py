@@ -80,8 +80,8 @@ def model_tokenizer(source: str, progress=None) -> bytes | None:
 def _link_out_of_the_model(path: Path) -> Path | None:
     """Where `path` links to outside its model folder (None where it does not): the local
     Hugging Face cache's snapshot files (and older local_dir downloads' large files) link to
-    a repository's blobs, which count as inside; a link elsewhere (a cloned repository's tokenizer.json pointing at a
-    user's key file) is not followed into an artifact."""
+    a repository's blobs, which count as inside; a link elsewhere (a cloned repository's
+    tokenizer.json pointing at a user's key file) is not followed into an artifact."""
     if not path.is_symlink():
         return None
     target = path.resolve()
