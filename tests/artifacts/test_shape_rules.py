@@ -327,6 +327,19 @@ def test_layer_rules_match_meta(name, args, kwargs):
     )
 
 
+@pytest.mark.parametrize(
+    ("args", "dtype"), [([2, 7], None), ([0, 0], F32), ([3, 3], I64), ([5, 2], None)]
+)
+def test_arange_from_a_start_matches_meta(args, dtype):
+    kwargs = {"device": torch.device("meta"), "pin_memory": False}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    same_or_both_refuse(
+        lambda: aten_result(torch, "arange", "start", args, kwargs),
+        lambda: on_meta("arange", "start", *args, **kwargs),
+    )
+
+
 def test_the_layer_rules_answer_the_plain_calls():
     """What a --no-kernels BERT program calls is answered by a rule, not declined."""
     x, w, b = meta((2, 5, 8), F16), meta((6, 8), F16), meta((6,), F16)
@@ -339,6 +352,8 @@ def test_the_layer_rules_answer_the_plain_calls():
         ("gelu", "default", [x], {}),
         ("__and__", "Tensor", [mask, mask], {}),
         ("arange", "default", [4], {"device": torch.device("meta"), "pin_memory": False}),
+        # transformers 5.0's BERT family: cache_position = arange(past, past + seq)
+        ("arange", "start", [0, 4], {"device": torch.device("meta"), "pin_memory": False}),
         ("index", "Tensor", [meta((2, 4), BOOL), [ids, meta((4,), I64)]], {}),
     ]
     for name, overload, args, kwargs in calls:

@@ -516,6 +516,8 @@ def test_token_type_ids_for_a_model_without_token_types_are_ignored_as_in_hf(tmp
 def test_token_type_ids_are_ignored_for_newer_families_whose_forward_ignores_them(tmp_path, family):
     """EuroBERT's and Ultrabert's forwards take **kwargs and ignore token_type_ids (as
     ModernBERT's): kernl refused a tokenizer's whole output for them."""
+    if not hasattr(T, f"{family}Config"):
+        pytest.skip(f"{family} is not in transformers {T.__version__} (an older 5.x)")
     torch.manual_seed(0)
     config = getattr(T, f"{family}Config")(
         hidden_size=32,

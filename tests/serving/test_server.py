@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+pytest.importorskip("ray", reason="kernl serve needs Ray Serve (pip install 'kernl[serve]')")
+
 import kernl.runtime
 from kernl.serving.ingress import free_quiet_port
 from kernl.serving.loadgen import run_load
