@@ -335,10 +335,7 @@ class CompiledModel:
         self._required = [s.name for s in manifest.inputs if s.default == "required"]
         if "input_ids" not in self._required:
             self._required.insert(0, "input_ids")  # it gives the call's shape
-        self._positional = _positional_order(manifest, self._inputs)
-        unrecorded = POSITIONAL_INPUTS_KEY not in manifest.extra
-        unusual = unrecorded and manifest.model_type in _UNUSUAL_ORDER
-        self._order_hint = _ORDER_NOT_RECORDED if unusual else ""
+        self._positional, self._order_hint = _positional_order(manifest, self._inputs)
         self._ignores_token_types = (
             "token_type_ids" not in self._inputs and manifest.model_type in NO_TOKEN_TYPES
         )
@@ -761,16 +758,17 @@ def _padding_hint(mask, seq: int, fits) -> str:
     )
 
 
-def _positional_order(manifest: Manifest, served) -> list[str]:
+def _positional_order(manifest: Manifest, served) -> tuple[list[str], str]:
     """The order a call's positional inputs are read in: the model's own where the compiler
     recorded it (POSITIONAL_INPUTS_KEY), else HF's usual one. A name there that the artifact
-    does not serve (RoCBert's input_shape_ids) is refused when given as other than None."""
+    does not serve (RoCBert's input_shape_ids) is refused when given as other than None. With
+    it, what a call of too many positional inputs is told beyond their number."""
     order = manifest.extra.get(POSITIONAL_INPUTS_KEY)  # checked with the manifest (checks.py)
     if order is None and manifest.model_type in _UNUSUAL_ORDER:
-        return ["input_ids"]  # an artifact from before the order was recorded: see above
+        return ["input_ids"], _ORDER_NOT_RECORDED  # from before the order was recorded: above
     if order is None:
-        return [n for n in POSITIONAL_INPUTS if n in served]
-    return list(order)
+        return [n for n in POSITIONAL_INPUTS if n in served], ""
+    return list(order), ""
 
 
 _ORDER_NOT_RECORDED = (
