@@ -111,6 +111,13 @@ def _compile_signed(model_or_path, buckets, out, *, sign_key, **options) -> Comp
 
     progress = options.get("progress")
     say = progress or (lambda _msg: None)
+    key = None
+    if sign_key is not None:
+        # sign_key: an Ed25519 private key file (PEM); the finished artifact's manifest is
+        # signed with it (kernl/artifacts/signing.py) for deployments that pin the public key
+        from kernl.artifacts.signing import load_private_key
+
+        key = load_private_key(sign_key)  # a bad key file fails before any compiling
     tokenizer = None
     if isinstance(model_or_path, (str, os.PathLike)):
         tokenizer = model_tokenizer(os.fspath(model_or_path), progress)
@@ -121,11 +128,7 @@ def _compile_signed(model_or_path, buckets, out, *, sign_key, **options) -> Comp
                 "with it) for kernl serve's text requests"
             )
     if tokenizer is None:  # a model object, or a folder without one: the artifact's stays
-        key = None
-        if sign_key is not None:  # a kept tokenizer is signed only where this key signed it
-            from kernl.artifacts.signing import load_private_key
-
-            key = load_private_key(sign_key)  # a bad key file fails before any compiling
+        # (a kept tokenizer is signed only where this key signed the artifact it comes from)
         tokenizer = artifact_tokenizer(out, model_or_path, key)
         if tokenizer is not None:
             say("tokenizer.json: the one the artifact there carries stays (hashed, signed)")
@@ -134,19 +137,15 @@ def _compile_signed(model_or_path, buckets, out, *, sign_key, **options) -> Comp
         from kernl.artifacts.writer import including_files
 
         with including_files({TOKENIZER_FILE: tokenizer}):
-            return _compile_keyed(model_or_path, buckets, out, sign_key=sign_key, **options)
-    return _compile_keyed(model_or_path, buckets, out, sign_key=sign_key, **options)
+            return _compile_keyed(model_or_path, buckets, out, key, **options)
+    return _compile_keyed(model_or_path, buckets, out, key, **options)
 
 
-def _compile_keyed(model_or_path, buckets, out, *, sign_key, **options) -> CompileReport:
-    if sign_key is not None:
-        # sign_key: an Ed25519 private key file (PEM); the finished artifact's manifest is
-        # signed with it (kernl/artifacts/signing.py) for deployments that pin the public key.
-        # It is signed before it replaces what `out` held: a failed signature leaves that.
-        from kernl.artifacts.signing import load_private_key
+def _compile_keyed(model_or_path, buckets, out, key, **options) -> CompileReport:
+    if key is not None:
+        # signed before it replaces what `out` held: a failed signature leaves that
         from kernl.artifacts.writer import signing_commits
 
-        key = load_private_key(sign_key)  # a bad key file fails before any compiling
         with signing_commits(key):
             return _compile(model_or_path, buckets, out, **options)
     return _compile(model_or_path, buckets, out, **options)
