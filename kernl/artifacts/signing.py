@@ -143,7 +143,7 @@ def generate_keypair(private_path: str | os.PathLike, public_path: str | os.Path
         f.write(private)
     with open(public_path, "xb") as f:
         f.write(public)
-    return key_id(_raw_public(key.public_key()))
+    return public_key_of(key).key_id
 
 
 def sign_artifact(root: str | os.PathLike, private_key: Any) -> str:
@@ -153,7 +153,7 @@ def sign_artifact(root: str | os.PathLike, private_key: Any) -> str:
         private_key = load_private_key(private_key)
     root = Path(root)
     manifest = (root / MANIFEST_FILE).read_bytes()
-    kid = key_id(_raw_public(private_key.public_key()))
+    kid = public_key_of(private_key).key_id
     payload = msgpack.packb(
         {"algorithm": ALGORITHM, "key_id": kid, "signature": private_key.sign(manifest)},
         use_bin_type=True,
