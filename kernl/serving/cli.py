@@ -28,7 +28,8 @@ def build_parser(prog: str = "kernl serve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Serve a compiled kernl artifact over HTTP on Ray Serve: POST token ids "
-        "(or text, when the artifact folder has tokenizer.json) as JSON to /, get the model's "
+        "(or text, or text pairs for a cross-encoder, when the artifact folder has "
+        "tokenizer.json) as JSON to /, get the model's "
         "outputs as JSON; for a causal LM or a text encoder-decoder (T5, BART, mBART, "
         "Marian), generate's arguments too, and the new tokens back, returned or streamed as "
         "server-sent events (Whisper artifacts are not served). GET /ready answers 200 once "

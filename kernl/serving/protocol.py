@@ -8,6 +8,9 @@ Request (POST /, or /predict):
      "outputs": ["pooler_output"],                       optional: which outputs to return
      "encoding": "base64"}                               optional: "json" (default) or "base64"
     {"text": "hello world"} or {"text": [...]}           when the artifact has tokenizer.json
+    {"text": [...], "text_pair": [...]}                  sentence pairs (a cross-encoder's
+                                                         query and passage), as HF's
+                                                         tokenizer(text, text_pair)
 Response:
     {"outputs": {"last_hidden_state": [...], ...}, "replica": "...",
      "replays": [{"bucket": "4x16", "requests": 3, "rows": 5}]}
@@ -96,7 +99,8 @@ class ParsedRequest:
 
 
 ENCODINGS = ("json", "base64")
-Tokenize = Callable[[list[str]], list[dict[str, list[int]]]]
+# A text or a pair of texts (one sequence: HF's `tokenizer(text, text_pair)`) per sequence.
+Tokenize = Callable[[list[str] | list[tuple[str, str]]], list[dict[str, list[int]]]]
 MAX_BODY_BYTES = 8 << 20
 
 
@@ -107,13 +111,13 @@ def parse_request(
     bucket, 422 wrong fields or values) with a message that says what to change."""
     data = load_json_object(body)
     input_names = [s.name for s in limits.inputs]
-    allowed = set(input_names) | {"text", "outputs", "encoding"}
+    allowed = set(input_names) | {"text", "text_pair", "outputs", "encoding"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise RequestError(
             422,
             f"unknown field(s) {unknown}; this model takes {input_names}, "
-            f"'text' (with a tokenizer), 'outputs' and 'encoding'",
+            f"'text' and 'text_pair' (with a tokenizer), 'outputs' and 'encoding'",
         )
     outputs = _parse_outputs(data.get("outputs"), limits.output_names)
     encoding = data.get("encoding", "json")
@@ -121,6 +125,8 @@ def parse_request(
         raise RequestError(422, f"'encoding' must be one of {list(ENCODINGS)}")
     if "text" in data:
         rows, single = _rows_from_text(data, input_names, tokenize, limits)
+    elif "text_pair" in data:
+        raise RequestError(422, "'text_pair' is the second text of each 'text': send both")
     elif "input_ids" in data:
         rows, single = _rows_from_ids(data, input_names, limits)
     else:
@@ -295,9 +301,16 @@ def _rows_from_text(
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise RequestError(422, "'text' must be a string or a non-empty list of strings")
     _check_count(len(texts), limits)
-    check_text_lengths(texts, limits.max_seq, single)
+    inputs: list[str] | list[tuple[str, str]] = texts
+    if "text_pair" in data:
+        pairs = _text_pairs(data["text_pair"], single, len(texts))
+        joined = [a + b for a, b in zip(texts, pairs)]
+        check_text_lengths(joined, limits.max_seq, single, "with its 'text_pair'")
+        inputs = list(zip(texts, pairs))
+    else:
+        check_text_lengths(texts, limits.max_seq, single)
     rows = []
-    for i, encoded in enumerate(tokenize_checked(tokenize, texts)):
+    for i, encoded in enumerate(tokenize_checked(tokenize, inputs)):
         if not encoded.get("input_ids"):  # "" with a tokenizer that adds no special tokens
             where = f"'text'[{i}]" if not single else "'text'"
             raise RequestError(422, f"{where} gives no tokens")
@@ -305,18 +318,35 @@ def _rows_from_text(
     return rows, single
 
 
-def tokenize_checked(tokenize: Tokenize, texts: list[str]) -> list[dict]:
+def _text_pairs(pairs: Any, single: bool, n: int) -> list[str]:
+    """'text_pair' as one string per 'text': a string beside a string, a list of strings of
+    the same length beside a list (HF's tokenizer(text, text_pair) takes the same)."""
+    if single:
+        if not isinstance(pairs, str):
+            raise RequestError(422, "'text_pair' must be a string when 'text' is one")
+        return [pairs]
+    if not isinstance(pairs, list) or not all(isinstance(t, str) for t in pairs):
+        raise RequestError(422, "'text_pair' must be a list of strings when 'text' is a list")
+    if len(pairs) != n:
+        raise RequestError(
+            422, f"'text_pair' has {len(pairs)} strings and 'text' {n}: one pair per text"
+        )
+    return pairs
+
+
+def tokenize_checked(tokenize: Tokenize, texts: list[str] | list[tuple[str, str]]) -> list[dict]:
     """tokenize(texts), with what a tokenizer cannot take answered 422 rather than 500: JSON
     may carry a lone surrogate ("\\ud800"), which is no Unicode text and which the
     `tokenizers` package rejects with a TypeError."""
-    for i, text in enumerate(texts):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            where = f"'text'[{i}]" if len(texts) > 1 else "'text'"
-            raise RequestError(
-                422, f"{where} is not valid Unicode: a lone surrogate at character {e.start}"
-            ) from None
+    for i, item in enumerate(texts):
+        for field, text in zip(("text", "text_pair"), (item,) if isinstance(item, str) else item):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                where = f"'{field}'[{i}]" if len(texts) > 1 else f"'{field}'"
+                raise RequestError(
+                    422, f"{where} is not valid Unicode: a lone surrogate at character {e.start}"
+                ) from None
     try:
         return tokenize(texts)
     except (TypeError, ValueError) as e:
@@ -329,13 +359,15 @@ def tokenize_checked(tokenize: Tokenize, texts: list[str]) -> list[dict]:
 MAX_CHARS_PER_TOKEN = 100
 
 
-def check_text_lengths(texts: list[str], max_tokens: int, single: bool) -> None:
+def check_text_lengths(texts: list[str], max_tokens: int, single: bool, joined: str = "") -> None:
     """Refuse (413), before tokenizing, a text that no bucket of `max_tokens` could hold (the
-    tokenizer never truncates: serving/tokenizer.py)."""
+    tokenizer never truncates: serving/tokenizer.py). `joined` names what each text was
+    joined with (a pair's second text)."""
     most = max_tokens * MAX_CHARS_PER_TOKEN
     for i, text in enumerate(texts):
         if len(text) > most:
             where = "'text'" if single else f"'text'[{i}]"
+            where += f" {joined}" if joined else ""
             raise RequestError(
                 413,
                 f"{where} has {len(text)} characters: at most {most} are taken ({max_tokens} "

@@ -18,7 +18,9 @@ def write_tokenizer(folder) -> None:
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",  # BERT's: a cross-encoder's query and passage
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
     )
     tok.save(str(folder / "tokenizer.json"))
 

@@ -172,6 +172,45 @@ def test_text_goes_through_the_tokenizer():
         parse({"text": "a", "input_ids": [1]}, tokenize)
 
 
+def test_text_pairs_go_through_the_tokenizer_as_pairs():
+    """A cross-encoder (reranker) scores a query with a passage: one sequence made of two
+    texts, as HF's tokenizer(text, text_pair); the text API took single texts only."""
+    seen = []
+
+    def tokenize(texts):
+        seen.append(texts)
+        return [{"input_ids": [len(a), len(b)], "token_type_ids": [0, 1]} for a, b in texts]
+
+    req = parse({"text": ["q", "qq"], "text_pair": ["ppp", "pppp"]}, tokenize)
+    assert seen == [[("q", "ppp"), ("qq", "pppp")]] and not req.single
+    assert [r.inputs for r in req.rows] == [
+        {"input_ids": (1, 3), "token_type_ids": (0, 1)},
+        {"input_ids": (2, 4), "token_type_ids": (0, 1)},
+    ]
+    req = parse({"text": "q", "text_pair": "pp"}, tokenize)
+    assert req.single and [r.inputs["input_ids"] for r in req.rows] == [(1, 2)]
+
+
+def test_text_pairs_that_do_not_pair_are_a_422_before_tokenizing():
+    refuse = lambda texts: pytest.fail("tokenized")  # noqa: E731
+    most = 16 * protocol.MAX_CHARS_PER_TOKEN
+    for body, status, needle in [
+        ({"text": ["a", "b"], "text_pair": ["p"]}, 422, "'text_pair' has 1 strings and 'text' 2"),
+        ({"text": ["a"], "text_pair": "p"}, 422, "must be a list of strings when 'text' is a"),
+        ({"text": "a", "text_pair": ["p"]}, 422, "must be a string when 'text' is one"),
+        ({"text": ["a"], "text_pair": [3]}, 422, "must be a list of strings"),
+        ({"text_pair": "p"}, 422, "the second text of each 'text'"),
+        ({"input_ids": [1], "text_pair": "p"}, 422, "the second text of each 'text'"),
+        ({"text": "a" * most, "text_pair": "p"}, 413, "'text' with its 'text_pair' has"),
+    ]:
+        with pytest.raises(RequestError, match=needle) as e:
+            parse(body, refuse)
+        assert e.value.status == status, body
+    with pytest.raises(RequestError, match=r"'text_pair'\[1\] is not valid Unicode") as e:
+        parse(json.dumps({"text": ["a", "b"], "text_pair": ["p", "\ud800"]}).encode(), refuse)
+    assert e.value.status == 422
+
+
 def test_text_the_tokenizer_cannot_take_is_a_422_not_a_500():
     """JSON may carry a lone surrogate, which is no Unicode; the `tokenizers` package raises a
     TypeError for it, which reached the server as a 500."""

@@ -138,6 +138,10 @@ def make_requests(n, seed=0):
             words = [f"w{rint(0, 59)}" for _ in range(rint(1, 20))]
             requests.append({"text": " ".join(words)})
             continue
+        if i % 25 == 19:  # a cross-encoder's query and passage
+            query, passage = ([f"w{rint(0, 59)}" for _ in range(rint(1, 9))] for _ in "qp")
+            requests.append({"text": " ".join(query), "text_pair": " ".join(passage)})
+            continue
         rows = [rint(1, 32) for _ in range(rint(2, 3) if i % 5 == 0 else 1)]
         ids = [[rint(4, 119) for _ in range(n_tok)] for n_tok in rows]
         body = {"input_ids": ids if len(rows) > 1 else ids[0]}
@@ -174,7 +178,12 @@ def expected_rows(model, body):
         words = body["text"].split()
         # conftest's vocabulary: [PAD] [UNK] [CLS]=2 [SEP]=3, then w0, w1, ... from 4 on
         ids = [2] + [4 + int(w[1:]) for w in words] + [3]
-        rows = [{"input_ids": ids}]
+        rows = [{"input_ids": ids, "token_type_ids": [0] * len(ids)}]
+        if "text_pair" in body:  # BERT's pair template: [CLS] A [SEP] B [SEP], B's types 1
+            second = [4 + int(w[1:]) for w in body["text_pair"].split()] + [3]
+            rows = [
+                {"input_ids": ids + second, "token_type_ids": [0] * len(ids) + [1] * len(second)}
+            ]
     else:
         single = not isinstance(body["input_ids"][0], list)
         names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in body]

@@ -25,6 +25,19 @@ def test_the_artifacts_own_tokenizer_encodes(artifact_copy):
     assert tokenize(["w0 w5"])[0]["input_ids"] == [2, 4, 9, 3]
 
 
+def test_a_text_pair_encodes_as_hugging_faces_tokenizer_text_text_pair(artifact_copy):
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(artifact_copy / "tokenizer.json"))
+    pairs = [("w0 w5", "w7 w1 w2"), ("w3", "w3 w9")]
+    got = load_tokenizer(artifact_copy)(pairs)
+    want = hf([a for a, _ in pairs], [b for _, b in pairs], return_token_type_ids=True)
+    for j, encoded in enumerate(got):
+        for name in ("input_ids", "attention_mask", "token_type_ids"):
+            assert encoded[name] == want[name][j], name
+    assert got[0]["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
 def test_the_files_own_truncation_is_ignored_as_hugging_face_ignores_it(artifact_copy):
     """all-MiniLM-L6-v2's tokenizer.json was saved with truncation at 128 tokens (a
     512-position model): kernl serve cut every text there, silently, where HF's
