@@ -42,6 +42,7 @@ from .encoder import Replay, serve_batch_bytes
 from .gather import BatchGatherer
 from .generation_protocol import GENERATION_TASKS, GenerationLimits, check_servable
 from .metrics import ReplayStats
+from .pooling import POOLED, POOLING_MODES
 from .protocol import (
     ModelLimits,
     ParsedRequest,
@@ -164,6 +165,7 @@ class KernlServer(Replica):
             "inputs": self.model.input_names,
             "outputs": self.model.output_names,
             "text": self.tokenize is not None,
+            "pooling": list(POOLING_MODES) if POOLED in self.model.output_names else [],
             "max_batch_size": self.max_batch_size,
             "batch_wait_ms": 1000 * self.gather.wait_s,
             "replica": self.replica,

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .batching import plan_groups, run_group
+from .pooling import POOLED, SENTENCE_EMBEDDING, pool
 from .protocol import ParsedRequest, response_body, response_bytes
 
 
@@ -72,7 +73,11 @@ def _serve(
     replays: list[list[dict]] = [[] for _ in requests]
     for group in groups:
         members = [rows[k] for k in group.rows]
-        wanted = {name for i in {i for i, _ in members} for name in requests[i].outputs}
+        wanted = {
+            POOLED if name == SENTENCE_EMBEDDING else name
+            for i in {i for i, _ in members}
+            for name in requests[i].outputs
+        }
         outputs = run_group(model, [row for _, row in members], wanted)
         for k, out in zip(group.rows, outputs):
             per_row[k] = out
@@ -96,6 +101,11 @@ def _serve(
             )
     results, k = [], 0
     for i, request in enumerate(requests):
-        results.append((per_row[k : k + len(request.rows)], replays[i]))
+        own = per_row[k : k + len(request.rows)]
+        if request.pooling is not None:
+            for out, row in zip(own, request.rows):
+                mask = row.inputs.get("attention_mask")
+                out[SENTENCE_EMBEDDING] = pool(out[POOLED], mask, request.pooling)
+        results.append((own, replays[i]))
         k += len(request.rows)
     return results

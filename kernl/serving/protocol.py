@@ -7,6 +7,8 @@ Request (POST /, or /predict):
      "token_type_ids": ...,                              optional, same lengths
      "outputs": ["pooler_output"],                       optional: which outputs to return
      "encoding": "base64"}                               optional: "json" (default) or "base64"
+    {"input_ids": ..., "pooling": "mean", "normalize": true}   a sentence embedding per
+                                                         sequence (serving/pooling.py)
     {"text": "hello world"} or {"text": [...]}           when the artifact has tokenizer.json
     {"text": [...], "text_pair": [...]}                  sentence pairs (a cross-encoder's
                                                          query and passage), as HF's
@@ -41,6 +43,7 @@ import torch
 from kernl.artifacts.schema import Bucket, InputSpec, Manifest
 
 from .batching import Row
+from .pooling import SENTENCE_EMBEDDING, Pooling, PoolingError, parse_pooling
 
 
 class RequestError(Exception):
@@ -96,6 +99,7 @@ class ParsedRequest:
     single: bool  # one flat sequence was sent: answer with values, not lists of them
     outputs: list[str]  # the outputs to return
     encoding: str = "json"  # how output values are spelled: ENCODINGS
+    pooling: Pooling | None = None  # how SENTENCE_EMBEDDING is made, where it is asked for
 
 
 ENCODINGS = ("json", "base64")
@@ -112,14 +116,20 @@ def parse_request(
     data = load_json_object(body)
     input_names = [s.name for s in limits.inputs]
     allowed = set(input_names) | {"text", "text_pair", "outputs", "encoding"}
+    allowed |= {"pooling", "normalize"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise RequestError(
             422,
             f"unknown field(s) {unknown}; this model takes {input_names}, "
-            f"'text' and 'text_pair' (with a tokenizer), 'outputs' and 'encoding'",
+            f"'text' and 'text_pair' (with a tokenizer), 'outputs', 'encoding', 'pooling' "
+            "and 'normalize'",
         )
-    outputs = _parse_outputs(data.get("outputs"), limits.output_names)
+    try:
+        pooling = parse_pooling(data, limits.output_names)
+    except PoolingError as e:
+        raise RequestError(422, str(e)) from None
+    outputs = _parse_outputs(data.get("outputs"), limits.output_names, pooling)
     encoding = data.get("encoding", "json")
     if encoding not in ENCODINGS:
         raise RequestError(422, f"'encoding' must be one of {list(ENCODINGS)}")
@@ -132,7 +142,7 @@ def parse_request(
     else:
         raise RequestError(422, "missing field 'input_ids' (or 'text')")
     _check_rows(rows, limits)
-    return ParsedRequest(rows, single, outputs, encoding)
+    return ParsedRequest(rows, single, outputs, encoding, pooling)
 
 
 # A body over this is parsed on a worker thread, so that the event loop (other requests'
@@ -216,14 +226,24 @@ def _unescaped(quotes: np.ndarray, backslashes: np.ndarray) -> np.ndarray:
 _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 
-def _parse_outputs(value, names: list[str]) -> list[str]:
+def _parse_outputs(value, names: list[str], pooling: Pooling | None) -> list[str]:
+    """The outputs to return: all the model's by default, the sentence embedding alone with
+    'pooling'."""
     if value is None:
-        return list(names)
+        return [SENTENCE_EMBEDDING] if pooling else list(names)
+    if pooling:
+        names = [*names, SENTENCE_EMBEDDING]
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         raise RequestError(422, f"'outputs' must be a non-empty list of names among {names}")
+    if SENTENCE_EMBEDDING in value and not pooling:
+        raise RequestError(
+            422, f'{SENTENCE_EMBEDDING!r} is made by \'pooling\' ("mean" or "cls"): add it'
+        )
     unknown = [v for v in value if v not in names]
     if unknown:
         raise RequestError(422, f"unknown output(s) {unknown}; this model returns {names}")
+    if pooling and SENTENCE_EMBEDDING not in value:
+        raise RequestError(422, f"'pooling' makes {SENTENCE_EMBEDDING!r}: add it to 'outputs'")
     return list(dict.fromkeys(value))
 
 

@@ -153,6 +153,8 @@ def make_requests(n, seed=0):
             body["token_type_ids"] = types if len(rows) > 1 else types[0]
         if i % 7 == 3:
             body["outputs"] = ["pooler_output"]
+        elif i % 11 == 5:  # a sentence embedding, pooled by the server
+            body.update(pooling="mean", normalize=True)
         requests.append(body)
     return requests
 
@@ -193,6 +195,10 @@ def expected_rows(model, body):
     for row in rows:
         direct = model(**{k: torch.tensor([v]) for k, v in row.items()})
         out.append({k: v[0] for k, v in direct.items()})
+        if "pooling" in body:  # the mean over real tokens, L2-normalized
+            real = torch.tensor(row.get("attention_mask", [1] * len(row["input_ids"]))).bool()
+            mean = out[-1]["last_hidden_state"][real].double().mean(0)
+            out[-1]["sentence_embedding"] = (mean / mean.norm()).float()
     return out
 
 
@@ -202,6 +208,7 @@ def test_concurrent_requests_match_direct_calls_and_share_replays(server, tiny_a
     assert status == 200 and health["status"] == "ok" and health["text"] is True
     assert health["buckets"] == [[b, s] for b in (1, 4, 8) for s in (8, 16, 32)]
     assert health["outputs"] == ["last_hidden_state", "pooler_output"]
+    assert health["pooling"] == ["mean", "cls"]
     assert sorted(health["replay_costs"]) == sorted(f"{b}x{s}" for b, s in health["buckets"])
 
     good = make_requests(N_REQUESTS)
@@ -226,7 +233,8 @@ def test_concurrent_requests_match_direct_calls_and_share_replays(server, tiny_a
             and isinstance(body["text"], str)
             or ("input_ids" in body and not isinstance(body["input_ids"][0], list))
         )
-        wanted = body.get("outputs", ["last_hidden_state", "pooler_output"])
+        default = ["sentence_embedding"] if "pooling" in body else None
+        wanted = body.get("outputs", default or ["last_hidden_state", "pooler_output"])
         assert sorted(answer["outputs"]) == sorted(wanted)
         for j, exp in enumerate(expected_rows(model, body)):
             for name in wanted:
