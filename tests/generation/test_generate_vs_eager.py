@@ -321,11 +321,7 @@ def test_gemma2_under_sdpa_is_validated_against_its_softcapped_eager_attention(t
     assert torch.equal(out, ref), _first_difference(out, ref)
 
 
-@pytest.mark.parametrize(
-    "rope_type, why",
-    [("dynamic", "change with the sequence length"), ("proportional", "does not reproduce")],
-)
-def test_a_rope_type_kernl_does_not_reproduce_is_refused_for_its_reason(rope_type, why):
+def test_a_rope_type_kernl_does_not_reproduce_is_refused_for_its_reason():
     """Every unknown type was refused for frequencies that change with the sequence length,
     false of transformers' fixed "proportional" tables."""
     import types
@@ -333,7 +329,43 @@ def test_a_rope_type_kernl_does_not_reproduce_is_refused_for_its_reason(rope_typ
     from kernl.compiler.tasks.causal_lm.describe import _rotary_tables
     from kernl.compiler.trace import UnsupportedModelError
 
-    rotary = types.SimpleNamespace(rope_type=rope_type)
+    rotary = types.SimpleNamespace(rope_type="proportional")
     cfg = types.SimpleNamespace(model_type="llama")
-    with pytest.raises(UnsupportedModelError, match=f"rope type '{rope_type}'.*{why}"):
-        _rotary_tables(rotary, cfg, 2)
+    with pytest.raises(UnsupportedModelError, match="rope type 'proportional'.*does not reproduce"):
+        _rotary_tables(rotary, cfg, 2, 64)
+
+
+@pytest.mark.parametrize("family", ["llama_dynamic", "phi3_longrope"])
+def test_a_rope_that_changes_past_a_length_is_taken_for_caches_within_it(family, tmp_path):
+    """Dynamic NTK and LongRoPE (Phi-3-mini-128k, Phi-3.5-mini) were refused outright; they
+    keep their original table until a sequence passes a length (48 here), so a cache within
+    it generates as Hugging Face does, and one past it is refused naming the limit."""
+    from kernl.compiler.trace import UnsupportedModelError
+
+    if family == "llama_dynamic":  # a longer call grows the table, and HF keeps it a while
+        grown = tiny_model(family)
+        with torch.no_grad():
+            grown(torch.ones(1, 60, dtype=torch.int64))
+        with pytest.raises(UnsupportedModelError, match="grew in an earlier call longer than"):
+            kernl.compiler.compile(
+                grown, "batch=4 prompt=16 cache=48", tmp_path / "grown.kernl", dtype="fp32",
+                device="cpu", task="causal-lm",
+            )  # fmt: skip
+    hf = tiny_model(family)
+    kernl.compiler.compile(
+        hf, "batch=4 prompt=16 cache=48", tmp_path / "lm.kernl", dtype="fp32", device="cpu",
+        task="causal-lm",
+    )  # fmt: skip
+    model = kernl.runtime.load(tmp_path / "lm.kernl")
+    ids, mask = mixed_prompts(3, [11, 4, 16])
+    out = model.generate(ids, mask, max_new_tokens=32, pad_token_id=0, eos_token_id=[])
+    with torch.no_grad():
+        ref = hf.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=0
+        )
+    assert torch.equal(out, ref), _first_difference(out, ref)
+    with pytest.raises(UnsupportedModelError, match="kernl takes it with caches of at most 48"):
+        kernl.compiler.compile(
+            hf, "batch=4 prompt=16 cache=64", tmp_path / "long.kernl", dtype="fp32",
+            device="cpu", task="causal-lm",
+        )  # fmt: skip

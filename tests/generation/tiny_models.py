@@ -167,6 +167,37 @@ def tiny_model(family: str) -> torch.nn.Module:
         # the reference is eager attention, as Gemma3 is trained (and as for Gemma2): SDPA's
         # default may differ by version, and eager's masked scores are what kernl computes
         model.set_attn_implementation("eager")
+    elif family == "llama_dynamic":  # dynamic NTK: its own table up to 48 positions
+        cfg = tf.LlamaConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=96,
+            max_position_embeddings=48,
+            rope_parameters={"rope_type": "dynamic", "rope_theta": 100.0, "factor": 4.0},
+            **common,
+        )
+        model = tf.LlamaForCausalLM(cfg)
+    elif family == "phi3_longrope":  # Phi-3-128k's LongRoPE: short factors up to 48 positions
+        cfg = tf.Phi3Config(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=96,
+            max_position_embeddings=192,  # 4x: an attention scaling of 1.16
+            original_max_position_embeddings=48,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 100.0,
+                "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+                "long_factor": [1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0],
+                "original_max_position_embeddings": 48,
+            },
+            **common,
+        )
+        model = tf.Phi3ForCausalLM(cfg)
     elif family == "gpt2":  # learned positions, Conv1D weights, tied embeddings
         cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **common)
         model = tf.GPT2LMHeadModel(cfg)

@@ -61,6 +61,8 @@ SLIDING_WINDOW = ("mistral", "phi3", "qwen2", "qwen3", "gemma2", "gemma3_text")
 SUPPORTED = (*LLAMA_LIKE, "gpt2")
 # Rotary variants whose frequencies do not depend on the sequence length.
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+# Rotary variants that keep their original table up to a length (_short_context_table).
+SHORT_CONTEXT_ROPE = ("dynamic", "longrope")
 HF_ACTIVATIONS = {
     "silu": "silu",
     "swish": "silu",
@@ -242,7 +244,7 @@ def _describe_llama_like(model, cache_len: int) -> tuple[DecoderSpec, dict]:
     _refuse_a_window_only_the_cache_applies(cfg, mt, cache_len)
     _refuse_bidirectional(cfg, mt)
     window, sliding_layers = _sliding_window(cfg, len(base.layers))
-    rope = _rotary_tables(base.rotary_emb, cfg, len(base.layers))
+    rope = _rotary_tables(base.rotary_emb, cfg, len(base.layers), cache_len)
     nh, kvh = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
     attn0 = base.layers[0].self_attn
     qkv0, qkv_bias0 = _qkv(attn0)
@@ -384,19 +386,23 @@ class _RotaryTables:
     local_scaling: float = 1.0
 
 
-def _rotary_tables(rotary, cfg, num_layers: int) -> _RotaryTables:
+def _rotary_tables(rotary, cfg, num_layers: int, cache_len: int) -> _RotaryTables:
     """The tables as the model's own rotary module computed them (so Llama-3 and linear scaling
     come as Hugging Face computes them). Gemma3RotaryEmbedding holds one per layer type
     (`{type}_inv_freq`, `{type}_attention_scaling`, `rope_type` a dict by type) and the model
     rotates each layer by its type's (Gemma3TextModel.forward); the others hold one table. A
-    rope type whose frequencies change with the sequence length is refused."""
+    rope type whose frequencies change with the sequence length is taken where no position of
+    the cache reaches the length at which they change (dynamic_rope_update's rules), else
+    refused."""
     mt = cfg.model_type
     by_type = rotary.rope_type if isinstance(rotary.rope_type, dict) else None
+    if by_type is None and rotary.rope_type in SHORT_CONTEXT_ROPE:
+        return _short_context_table(rotary, cfg, cache_len)
     for rope_type in (by_type or {None: getattr(rotary, "rope_type", "default")}).values():
         if rope_type not in STATIC_ROPE:
             why = (
                 "its frequencies change with the sequence length"
-                if rope_type in ("dynamic", "longrope")
+                if rope_type in SHORT_CONTEXT_ROPE
                 else "kernl does not reproduce its tables"  # "proportional", newer types
             )
             raise UnsupportedModelError(
@@ -435,6 +441,34 @@ def _rotary_tables(rotary, cfg, num_layers: int) -> _RotaryTables:
             tables.local_layers = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
             tables.local_inv_freq, tables.local_scaling = local, local_scaling
     return tables
+
+
+def _short_context_table(rotary, cfg, cache_len: int) -> _RotaryTables:
+    """Dynamic NTK and LongRoPE (Phi-3-128k, Phi-3.5) rotate with their original table until
+    a sequence passes a length, then switch every position to another table: kernl takes the
+    original table where the cache never reaches that length."""
+    if rotary.rope_type == "longrope":
+        params = cfg.rope_parameters or {}
+        limit = params.get("original_max_position_embeddings")
+        what = "original_max_position_embeddings"
+    else:  # "dynamic": the module's original_max_seq_len is max_position_embeddings
+        limit, what = getattr(rotary, "original_max_seq_len", None), "max_position_embeddings"
+    if not isinstance(limit, int) or cache_len > limit:
+        raise UnsupportedModelError(
+            f"causal-lm: {cfg.model_type} with rope type {rotary.rope_type!r} changes its "
+            f"frequencies for sequences longer than {what} ({limit}), and a cache of "
+            f"{cache_len} slots reaches past it; kernl takes it with caches of at most {limit}"
+        )
+    if not torch.equal(rotary.inv_freq, rotary.original_inv_freq):
+        # a dynamic table grown by an earlier, longer call: Hugging Face keeps it until a call
+        # shorter than the limit (5.0-5.x: for good), and the model computes with it
+        raise UnsupportedModelError(
+            f"causal-lm: {cfg.model_type}'s dynamic rotary table grew in an earlier call "
+            f"longer than max_position_embeddings ({limit}), and Hugging Face keeps it until "
+            "a shorter call: call the model once on a short input, or load it again, then "
+            "compile"
+        )
+    return _RotaryTables(rotary.original_inv_freq, float(getattr(rotary, "attention_scaling", 1.0)))
 
 
 def _sliding_window(cfg, num_layers: int) -> tuple[int | None, list[int]]:
