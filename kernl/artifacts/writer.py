@@ -465,7 +465,8 @@ def carry_kept_files(dest: Path, into: Path) -> list[str]:
     # before it was listed, not dropped
     old_tokenizer = dest / TOKENIZER_FILE
     if (
-        TOKENIZER_FILE in artifact_files(dest)
+        (dest / MANIFEST_FILE).is_file()  # an empty folder is no artifact: nothing to carry
+        and TOKENIZER_FILE in artifact_files(dest)
         and old_tokenizer.is_file()
         and not old_tokenizer.is_symlink()
         and not (into / TOKENIZER_FILE).exists()

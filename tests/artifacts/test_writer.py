@@ -199,6 +199,18 @@ def test_commit_replaces_the_previous_artifact_atomically(small_artifact, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bert.kernl"]  # nothing left over
 
 
+def test_a_commit_into_an_empty_folder_fills_it(small_artifact, tmp_path):
+    """An empty folder is accepted up front as a destination; its commit then failed, after
+    the whole compile, on a manifest the folder never had (the carry of a replaced artifact's
+    tokenizer read it unguarded)."""
+    dest = tmp_path / "empty"
+    dest.mkdir()
+    check_destination(dest)
+    w, manifest = _rewrite(small_artifact, dest, {"marker": "first"})
+    w.commit(manifest)
+    assert verify_artifact(dest).model_config["marker"] == "first"
+
+
 def test_files_are_readable_by_others(small_artifact, tmp_path):
     w, manifest = _rewrite(small_artifact, tmp_path / "bert.kernl")
     dest = w.commit(manifest)
