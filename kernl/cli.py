@@ -21,8 +21,10 @@ def main(argv: list[str] | None = None) -> None:
             print("\nInterrupted.", file=sys.stderr)
             code = 130
         sys.exit(code)
-    from kernl.compiler.cli import main as full
-
+    try:  # torch and transformers take seconds to import: Ctrl-C then is no traceback
+        from kernl.compiler.cli import main as full
+    except KeyboardInterrupt:
+        _interrupted()
     full(args=argv)
 
 
@@ -33,9 +35,16 @@ def compile_main() -> None:
     except ImportError:
         print(f"kernl-compile needs the compile extra: {EXTRA_HINT}", file=sys.stderr)
         sys.exit(2)
-    from kernl.compiler.cli import compile_command
-
+    try:
+        from kernl.compiler.cli import compile_command
+    except KeyboardInterrupt:
+        _interrupted()
     compile_command()
+
+
+def _interrupted() -> None:
+    print("\nInterrupted.", file=sys.stderr)
+    sys.exit(130)
 
 
 def _runtime_only(argv: list[str]) -> int:

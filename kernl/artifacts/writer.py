@@ -20,11 +20,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import struct
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -442,6 +444,28 @@ def kept_files(root: Path) -> list[str]:
     return found
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held until the block ends, then delivered: a swap of artifact folders
+    interrupted between its renames left the destination without any artifact (on file
+    systems without an atomic exchange), and one interrupted just after it was reported as an
+    interrupted compile that had replaced nothing. Python runs signal handlers in the main
+    thread only: elsewhere the block runs as it is (a signal interrupts the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)  # through the handler the process had
+
+
 def carry_kept_files(dest: Path, into: Path) -> list[str]:
     """Copy the files of the artifact folder `dest` that are not its artifact's (kept_files)
     into `into`, the artifact about to replace it (modes and times kept), so that replacing
@@ -725,7 +749,8 @@ class ArtifactWriter:
             with self._writing(self.tmp):
                 _fsync_path(self.tmp)
             try:
-                os.rename(self.tmp, dest)
+                with _signals_held():
+                    os.rename(self.tmp, dest)
             except OSError as e:
                 # Another compile to the same new destination committed between the check
                 # and the rename: its artifact is replaced, as any previous one would be.
@@ -750,19 +775,25 @@ class ArtifactWriter:
         self.kept = carry_kept_files(dest, self.tmp)
         with self._writing(self.tmp):
             _fsync_path(self.tmp)
+        backup = dest.with_name(f".{dest.name}.previous-{self._tag}")
+        swapped = False
         try:
-            if _exchange(self.tmp, dest):
-                # self.tmp now holds the previous artifact.
-                remove_left_over(self.tmp, f"the artifact {dest} replaced")
-                return
-            backup = dest.with_name(f".{dest.name}.previous-{self._tag}")
-            os.rename(dest, backup)
-            try:
-                os.rename(self.tmp, dest)  # a kill between the renames: clean_stale restores
-            except BaseException:
-                os.rename(backup, dest)  # the previous artifact back in its place
+            with _signals_held():  # the swap is whole or not done: Ctrl-C waits for it
+                if _exchange(self.tmp, dest):
+                    backup = self.tmp  # now the previous artifact
+                else:
+                    os.rename(dest, backup)
+                    try:
+                        os.rename(self.tmp, dest)  # a kill between them: clean_stale restores
+                    except BaseException:
+                        os.rename(backup, dest)  # the previous artifact back in its place
+                        raise
+                swapped = True
+        except BaseException as e:
+            if swapped:  # a Ctrl-C held through the swap: the previous artifact goes first
+                remove_left_over(backup, f"the artifact {dest} replaced")
+            if not isinstance(e, PermissionError):
                 raise
-        except PermissionError as e:
             self.abort()
             try:
                 described = _describe(dest, dest.lstat())

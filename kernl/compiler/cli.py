@@ -174,8 +174,9 @@ def _run_compile(
     def progress(msg: str) -> None:
         click.echo(f"[{time.perf_counter() - start:6.1f}s] {msg}", err=True)
 
+    before = _artifact_identity(out)
     try:
-        with _terminate_as_interrupt():
+        with _terminate_as_interrupt(), _said_if_written(out, before):
             report = compile_model(
                 model,
                 buckets,
@@ -247,6 +248,39 @@ def _terminate_as_interrupt() -> Iterator[None]:
     finally:
         if signal.getsignal(signal.SIGTERM) is terminated:  # not one set meanwhile
             signal.signal(signal.SIGTERM, previous)
+
+
+def _artifact_identity(out: str | os.PathLike) -> tuple[int, int] | None:
+    """The artifact folder at `out` as a file (device, inode), None where there is none: a
+    commit puts a new folder there."""
+    try:
+        os.stat(os.path.join(out, "manifest.msgpack"))
+        info = os.stat(out)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+@contextlib.contextmanager
+def _said_if_written(out: str | os.PathLike, before: tuple[int, int] | None) -> Iterator[None]:
+    """Ctrl-C or SIGTERM that comes after the new artifact was committed (while the replaced
+    one is deleted) ends the command as interrupted, saying that `out` holds the new artifact:
+    "Interrupted." alone read as if the previous artifact were still there."""
+    try:
+        yield
+    except (KeyboardInterrupt, _Terminated) as e:
+        now = _artifact_identity(out)
+        if now is None or now == before:
+            raise
+        what, code = (
+            ("Interrupted", 130) if isinstance(e, KeyboardInterrupt) else ("Terminated", 143)
+        )
+        click.echo(
+            f"\n{what} after {out} was written: it holds the new artifact, compiled and "
+            "validated (any previous one there was replaced).",
+            err=True,
+        )
+        sys.exit(code)  # SystemExit: not one of the compile's errors the caller reports
 
 
 def _notes(error: BaseException) -> str:

@@ -26,6 +26,7 @@ from kernl.artifacts import (
     verify_artifact,
 )
 from kernl.artifacts import writer as writer_module
+from kernl.artifacts.writer import clean_stale
 
 NOBODY = 65534
 
@@ -341,3 +342,41 @@ def test_a_program_or_manifest_write_that_fails_names_the_file(
         with w:
             w.commit(manifest)
     assert not dest.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+def test_ctrl_c_during_the_swap_waits_for_it_then_interrupts(
+    small_artifact, tmp_path, monkeypatch, exchange
+):
+    """Ctrl-C between the two renames (file systems without an atomic exchange) left the
+    destination with no artifact at all; during the exchange, it is delivered once the swap is
+    whole: the destination holds the new artifact, and the interrupt still ends the call."""
+    import signal
+
+    dest = copy_artifact(small_artifact, tmp_path / "bert.kernl")
+    w, manifest = _rewrite(small_artifact, dest, "new")
+    real_exchange, real_rename = writer_module._exchange, os.rename
+
+    def exchange_interrupted(a, b):
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C as the swap starts
+        return real_exchange(a, b) if exchange else False
+
+    renames = []
+
+    def rename_interrupted(a, b):
+        renames.append(a)
+        if len(renames) == 1:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C between the two renames
+        real_rename(a, b)
+
+    monkeypatch.setattr(writer_module, "_exchange", exchange_interrupted)
+    if not exchange:
+        monkeypatch.setattr(os, "rename", rename_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with w:
+            w.commit(manifest)
+    monkeypatch.undo()
+    assert verify_artifact(dest).model_config["marker"] == "new"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    clean_stale(dest)  # what the next compile to it does with the old copy left behind
+    assert _others(tmp_path) == []

@@ -810,6 +810,27 @@ def test_ctrl_c_exits_130_and_leaves_no_partial_artifact(bert_dir, tmp_path, mon
     assert result.exit_code == 130, result.output
 
 
+def test_ctrl_c_after_the_new_artifact_is_in_place_says_it_is(bert_dir, tmp_path, monkeypatch):
+    """Ctrl-C while the replaced artifact was deleted (seconds for GBs) printed "Interrupted."
+    alone, read as if the previous artifact were still there: the new one was."""
+    import kernl.artifacts.writer as writer
+
+    out = tmp_path / "a"
+    assert run(bert_dir, "-o", out, "--buckets", "1x8", *CPU_FP32).exit_code == 0
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "remove_left_over", interrupted)
+    result = run(bert_dir, "-o", out, "--buckets", "1x16", *CPU_FP32)
+    assert result.exit_code == 130, result.output
+    assert f"Interrupted after {out} was written: it holds the new artifact" in result.stderr
+    assert "Traceback" not in result.output
+    assert [(b.batch, b.seq) for b in kernl.artifacts.verify_artifact(out).bucket_list()] == [
+        (1, 16)
+    ]
+
+
 def _forget_architectures(folder):
     """config.json as checkpoints saved before transformers wrote `architectures` have it."""
     path = folder / "config.json"

@@ -188,3 +188,24 @@ def test_the_runtime_only_help_lists_serve():
     shown = _kernl("--help")
     assert shown.returncode == 0, shown.stderr
     assert "{verify,keygen,serve}" in shown.stdout and "needs kernl[serve]" in shown.stdout
+
+
+@pytest.mark.parametrize("entry", ["compile_main", "main"])
+def test_ctrl_c_while_the_commands_import_torch_is_no_traceback(entry):
+    """Ctrl-C in the first second of `kernl-compile` (importing torch and transformers) gave a
+    30-line traceback through the imports; later, "Interrupted." and 130."""
+    script = (
+        "import sys\n"
+        "class Interrupting:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'kernl.compiler.cli':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupting())\n"
+        f"from kernl.cli import {entry}\n"
+        f"{entry}()\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 130, run.stderr
+    assert run.stderr.strip() == "Interrupted."
