@@ -445,7 +445,7 @@ def kept_files(root: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
+def signals_held() -> Iterator[None]:
     """Ctrl-C and SIGTERM held until the block ends, then delivered: a swap of artifact folders
     interrupted between its renames left the destination without any artifact (on file
     systems without an atomic exchange), and one interrupted just after it was reported as an
@@ -618,8 +618,9 @@ def owner_is_gone(path: Path, owner: str, now: float) -> bool:
 
 
 def clean_stale(destination: Path, now: float | None = None) -> None:
-    """Remove temporary folders left by killed compiles to `destination`, and put back a
-    previous artifact a compile killed between its two renames had moved aside."""
+    """Remove temporary folders left by killed compiles (and kernl.optimize's copies,
+    `save_to=`) to `destination`, and put back a previous artifact one killed between its two
+    renames had moved aside (a copy's own `previous` subfolder)."""
     prefix = f".{destination.name}."
     now = time.time() if now is None else now
     for p in list(destination.parent.iterdir()):
@@ -628,11 +629,12 @@ def clean_stale(destination: Path, now: float | None = None) -> None:
         kind, _, tag = p.name[len(prefix) :].partition("-")
         host_ns, _, rest = tag.rpartition("@")
         owner = f"{host_ns}@{rest.split('-')[0]}"
-        if kind not in ("partial", "previous") or not owner_is_gone(p, owner, now):
+        if kind not in ("partial", "previous", "copy") or not owner_is_gone(p, owner, now):
             continue
-        if kind == "previous" and not destination.exists() and (p / MANIFEST_FILE).is_file():
-            os.rename(p, destination)
-        else:
+        previous = p / "previous" if kind == "copy" else p
+        if kind != "partial" and not destination.exists() and (previous / MANIFEST_FILE).is_file():
+            os.rename(previous, destination)
+        if p.exists():
             remove_left_over(p, f"a temporary folder of an earlier write to {destination}")
 
 
@@ -749,7 +751,7 @@ class ArtifactWriter:
             with self._writing(self.tmp):
                 _fsync_path(self.tmp)
             try:
-                with _signals_held():
+                with signals_held():
                     os.rename(self.tmp, dest)
             except OSError as e:
                 # Another compile to the same new destination committed between the check
@@ -778,7 +780,7 @@ class ArtifactWriter:
         backup = dest.with_name(f".{dest.name}.previous-{self._tag}")
         swapped = False
         try:
-            with _signals_held():  # the swap is whole or not done: Ctrl-C waits for it
+            with signals_held():  # the swap is whole or not done: Ctrl-C waits for it
                 if _exchange(self.tmp, dest):
                     backup = self.tmp  # now the previous artifact
                 else:

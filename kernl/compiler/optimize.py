@@ -67,11 +67,13 @@ from kernl.artifacts.seq2seq import Seq2SeqBuckets
 from kernl.artifacts.signing import trusted_keys_from_env
 from kernl.artifacts.writer import (
     carry_kept_files,
+    clean_stale,
     exchange_paths,
     make_deletable,
     owner_is_gone,
     owner_tag,
     remove_left_over,
+    signals_held,
 )
 from kernl.runtime.generation.model import (
     _HF_OPTIONS,
@@ -1160,6 +1162,7 @@ def copy_artifact(source: Path, destination: str | os.PathLike) -> Path:
     renames). Refuses a destination that exists and is not a kernl artifact, as compile does,
     or one this user could not replace (writer.check_replaceable)."""
     dest = check_destination(destination, keep_parent=True)
+    clean_stale(dest)  # copies (and compiles) to it that were killed, GBs each
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.copy-{owner_tag()}-", dir=dest.parent))
     try:
         shutil.copytree(source, tmp / "artifact")
@@ -1167,7 +1170,8 @@ def copy_artifact(source: Path, destination: str | os.PathLike) -> Path:
             _swap_in(tmp, dest)
         else:
             try:
-                os.rename(tmp / "artifact", dest)
+                with signals_held():
+                    os.rename(tmp / "artifact", dest)
             except OSError as e:
                 # another process put its artifact there since the check: replaced, as any
                 # previous one is (the writer's commit does the same)
@@ -1193,13 +1197,14 @@ def _swap_in(tmp: Path, dest: Path) -> None:
     make_deletable(dest, top_only=True)
     # one exchange, as the writer's commit: no moment without an artifact at `dest` (a load()
     # then met a missing folder); two renames where it is unsupported
-    if not exchange_paths(tmp / "artifact", dest):
-        os.rename(dest, tmp / "previous")
-        try:
-            os.rename(tmp / "artifact", dest)
-        except BaseException:  # the previous artifact back, not deleted with tmp
-            os.rename(tmp / "previous", dest)
-            raise
+    with signals_held():  # whole or not done: Ctrl-C waits for it (a kill: clean_stale)
+        if not exchange_paths(tmp / "artifact", dest):
+            os.rename(dest, tmp / "previous")
+            try:
+                os.rename(tmp / "artifact", dest)
+            except BaseException:  # the previous artifact back, not deleted with tmp
+                os.rename(tmp / "previous", dest)
+                raise
 
 
 # -- the output class --------------------------------------------------------------------------

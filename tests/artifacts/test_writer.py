@@ -360,6 +360,26 @@ def test_leftovers_of_killed_compiles_are_cleaned(small_artifact, tmp_path):
     assert not (elsewhere.exists() or container.exists() or unnamed.exists() or running.exists())
 
 
+def test_leftovers_of_killed_copies_to_save_to_are_cleaned(small_artifact, tmp_path):
+    """kernl.optimize's save_to= copies through `.NAME.copy-<owner>-*`: one killed during the
+    copy left a full-size folder nothing removed, and one killed between its two renames (no
+    atomic exchange) left no artifact at the destination, the previous one hidden inside."""
+    from kernl.artifacts.writer import pid_namespace
+
+    host, ns = socket.gethostname(), pid_namespace()
+    dest = tmp_path / "saved.kernl"
+    dead, alive = _dead_pid(), os.getpid()
+    copying = tmp_path / f".saved.kernl.copy-{host}~{ns}@{dead}-abc123"
+    swapping = tmp_path / f".saved.kernl.copy-{host}~{ns}@{dead}-def456"
+    running = tmp_path / f".saved.kernl.copy-{host}~{ns}@{alive}-ghi789"
+    copy_artifact(small_artifact, copying / "artifact")
+    copy_artifact(small_artifact, swapping / "previous")
+    running.mkdir()
+    clean_stale(dest)
+    assert verify_artifact(dest)  # the previous artifact is back
+    assert not copying.exists() and not swapping.exists() and running.exists()
+
+
 def test_manifest_checksum_round_trip_and_detection(small_artifact, tmp_path):
     root = copy_artifact(small_artifact, tmp_path / "a")
     m = read_msgpack(root / "manifest.msgpack")

@@ -361,6 +361,25 @@ def test_a_failed_copy_to_save_to_puts_the_previous_artifact_back(cache, tmp_pat
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".saved.kernl.copy")]
 
 
+def test_a_copy_to_save_to_removes_what_killed_copies_left(cache, tmp_path):
+    """A process killed while it copied to save_to= left a hidden full-size copy that every
+    later save_to= (and compile) to that path kept (review)."""
+    import socket
+    import subprocess
+    import sys
+
+    from kernl.artifacts.writer import pid_namespace
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / f".saved.kernl.copy-{socket.gethostname()}~{pid_namespace()}@{dead.pid}-x1"
+    (left / "artifact").mkdir(parents=True)
+    (left / "artifact" / "weights.safetensors").write_bytes(b"0" * 1024)
+    kernl.optimize(tiny_bert(), "batch=1 seq=8", save_to=tmp_path / "saved.kernl", progress=False)
+    assert not left.exists()
+    assert verify_artifact(tmp_path / "saved.kernl")
+
+
 def test_a_copy_racing_another_to_a_new_save_to_replaces_it(cache, tmp_path, monkeypatch):
     """Another process's artifact appearing at a new save_to between the check and the rename
     (ENOTEMPTY from the rename) is replaced, as the writer's commit replaces it: the copy
