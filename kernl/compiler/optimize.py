@@ -59,6 +59,7 @@ import torch
 from kernl._version import __version__ as kernl_version
 from kernl.artifacts import (
     FORMAT_VERSION,
+    ArtifactDestinationError,
     ArtifactError,
     DeviceMemoryError,
     check_destination,
@@ -1008,7 +1009,7 @@ def _compile_entry(
         # compile() works on new module objects over the model's tensors (caller_model.py):
         # given the caller's, another thread still serving the model eagerly got fp16
         # outputs, or torch errors from the export's hooks on its modules (2026-12-05)
-        with _COMPILE_LOCK:
+        with _COMPILE_LOCK, _out_of_space_named(entry):
             api.compile(
                 model,
                 buckets,
@@ -1022,6 +1023,29 @@ def _compile_entry(
         _install(build / "artifact", entry)
     finally:
         _remove(build)
+
+
+@contextlib.contextmanager
+def _out_of_space_named(entry: Path) -> Iterator[None]:
+    """A full disk (or quota) under the cache, said as the cache's: the writer's own message
+    named the build folder's hidden paths, which the user never chose, and not the setting
+    that moves the cache."""
+    try:
+        yield
+    except ArtifactDestinationError as e:
+        cause = e.__cause__
+        full = isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not (full or str(e).startswith("not enough free space")):
+            raise
+        if not full:  # the writer's check up front: "...: the artifact needs about N MiB, ..."
+            why = str(e).partition(": ")[2]
+        else:
+            why = "the file system is full" if cause.errno == errno.ENOSPC else "quota used up"
+        raise ArtifactDestinationError(
+            f"the kernl cache {entry.parent} has no room for this model's artifact ({why}): "
+            "free space there, or point KERNL_CACHE_DIR (or cache_dir=) at a disk with room. "
+            "The cache is as it was."
+        ) from e
 
 
 def _install(built: Path, entry: Path) -> bool:

@@ -380,6 +380,29 @@ def test_a_copy_to_save_to_removes_what_killed_copies_left(cache, tmp_path):
     assert verify_artifact(tmp_path / "saved.kernl")
 
 
+@pytest.mark.parametrize("when", ["writing", "up front"])
+def test_a_full_disk_under_the_cache_is_said_as_the_caches(cache, monkeypatch, when):
+    """The writer's message named the build folder's hidden paths (`.build-*/...partial-*`),
+    not the cache or the setting that moves it (review)."""
+    import kernl.artifacts.writer as writer
+
+    if when == "writing":
+
+        def full(path, *args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+        monkeypatch.setattr(writer, "write_safetensors", full)
+    else:
+        monkeypatch.setattr(writer, "MIN_FREE_BYTES", 1 << 62)
+    with pytest.raises(ArtifactDestinationError) as info:
+        kernl.optimize(tiny_bert(), "batch=1 seq=8", progress=False)
+    message = str(info.value)
+    assert message.startswith(f"the kernl cache {cache} has no room for this model's artifact")
+    assert "KERNL_CACHE_DIR" in message and ".build-" not in message
+    assert ("the file system is full" if when == "writing" else "MiB are free") in message
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
+
+
 def test_a_copy_racing_another_to_a_new_save_to_replaces_it(cache, tmp_path, monkeypatch):
     """Another process's artifact appearing at a new save_to between the check and the rename
     (ENOTEMPTY from the rename) is replaced, as the writer's commit replaces it: the copy
