@@ -76,12 +76,18 @@ from kernl.artifacts.writer import (
     remove_left_over,
     signals_held,
 )
+from kernl.runtime.generation.config_defaults import (
+    HF_SAMPLING_DEFAULTS,
+    LENGTH_KEYS,
+    config_sampling,
+    neutral,
+    refuse_config_options_not_applied,
+    with_config_length,
+)
 from kernl.runtime.generation.model import (
     _HF_OPTIONS,
     IDS_CHANGING_OPTIONS,
     IGNORED_HF_OPTIONS,
-    LENGTH_IS_A_BOUND,
-    refuse_hf_options,
 )
 
 from . import api
@@ -89,7 +95,7 @@ from .buckets import as_buckets, check_buckets_fit, position_limit
 from .caller_model import modules_over_the_same_tensors, named_tensors, untouched
 from .code_digest import code_digest, tensor_bytes_digest
 from .tasks.causal_lm.buckets import as_generation_buckets
-from .tasks.generation_config import HF_GENERATE_AS_KERNL, beam_search_not_run
+from .tasks.generation_config import beam_search_not_run
 from .tasks.seq2seq import is_speech_model
 from .tasks.seq2seq.buckets import as_seq2seq_buckets, check_positions, seq2seq_position_limit
 from .trace import (
@@ -175,6 +181,8 @@ class OptimizedModel:
             # this snapshot at each call (_with_generation_config)
             self.generation_config = generation_config
             self._compiled_generation_config = copy.deepcopy(_settings(generation_config))
+            # this model applies the live config (edits too), not the artifact's record of it
+            runtime.generation_defaults = None
 
     def __call__(self, *args: Any, return_dict: bool | None = None, **inputs: Any) -> Any:
         if not callable(self.runtime):
@@ -284,19 +292,19 @@ class OptimizedModel:
     def _with_generation_config(self, method: Callable, *args: Any, **kwargs: Any) -> Any:
         """`method` (generate, stream or open_batch) with what the generation config holds
         now: its edits since kernl.optimize (_config_edits), its sampling settings
-        (_config_sampling) and its length (_with_config_length)."""
+        (config_sampling) and its length (with_config_length)."""
         config = self.generation_config
         compiled = self._compiled_generation_config
         beams = beam_search_not_run(compiled.get("num_beams"))  # an edit of it is refused
         if beams is not None and not self._beams_said:
             warnings.warn(beams, stacklevel=3)  # once a model: said, not refused
             self._beams_said = True
-        skip = _LENGTH_KEYS | _HF_SAMPLING_DEFAULTS.keys()  # taken from the config at each call
+        skip = LENGTH_KEYS | HF_SAMPLING_DEFAULTS.keys()  # taken from the config at each call
         kwargs.update(_config_edits(method, compiled, config, args, kwargs, skip))
-        _refuse_config_options_not_applied(method, config, args, kwargs)
+        refuse_config_options_not_applied(method, config, args, kwargs)
         speech = getattr(self.runtime.manifest, "task", None) == "speech-seq2seq"
-        kwargs.update(_config_sampling(method, config, args, kwargs, speech))
-        return _with_config_length(method, config, speech, *args, **kwargs)
+        kwargs.update(config_sampling(method, config, args, kwargs, speech))
+        return with_config_length(method, config, speech, *args, **kwargs)
 
     def __reduce__(self):
         raise TypeError(
@@ -316,88 +324,6 @@ class OptimizedModel:
 
 # The runtime's methods that take the generation config's settings (_with_generation_config).
 _GENERATING = ("generate", "stream", "open_batch")
-
-# Hugging Face's values for a generation config's sampling keys left None
-# (GenerationConfig._get_default_generation_params).
-_HF_SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
-
-
-def _config_sampling(
-    method: Callable, config: Any, args: tuple, kwargs: dict, speech: bool = False
-) -> dict:
-    """The generation config's do_sample, temperature, top_k and top_p for the keys a call of
-    `method` leaves out, as Hugging Face's generate takes them: an instruct model whose
-    config says `do_sample=True, temperature=0.6, top_p=0.9` samples so unless the call says
-    otherwise, and a call's `do_sample=True` samples with the config's temperature and top-k.
-    A key left None there is HF's default. Whisper (`speech`) samples as HF's Whisper does, on
-    a call's temperature above 0 alone: its config's do_sample and temperature are not read,
-    its top_k and top_p are."""
-    signature = inspect.signature(method)
-    try:
-        bound = signature.bind_partial(*args, **kwargs).arguments
-    except TypeError:
-        return {}  # the call itself is wrong: the method raises its own error
-    given = set(bound) | set(kwargs)
-    keys = ("top_k", "top_p") if speech else tuple(_HF_SAMPLING_DEFAULTS)
-    sampling = {}
-    for key in keys:
-        if key in given or key not in signature.parameters:
-            continue
-        value = getattr(config, key, None)
-        sampling[key] = _HF_SAMPLING_DEFAULTS[key] if value is None else value
-    if speech or sampling.get("do_sample", bound.get("do_sample", False)):
-        return sampling
-    # greedy: the config's temperature etc. change nothing, and are not checked
-    return {k: v for k, v in sampling.items() if k == "do_sample"}
-
-
-def _with_config_length(
-    method: Callable, config: Any, speech: bool, *args: Any, **kwargs: Any
-) -> Any:
-    """generate, stream or open_batch with the generation config's own length where the call
-    gives none, as Hugging Face's generate takes it: a pipeline that finds a length there
-    passes none (kernl's generate alone would stop at 20 new tokens). A length from the config
-    is a bound, as in HF: past the KV cache it is cut to what fits, with a warning. As in HF
-    (GenerationConfig.update applies a keyword even when it is None), a call's explicit
-    `max_new_tokens=None` drops the config's max_new_tokens (its max_length, else 20 new
-    tokens, then) and `max_length=None` its max_length. The config's max_new_tokens wins over
-    a call's max_length, as HF's does (it warns); a call's max_new_tokens wins over both.
-    transformers 5 leaves max_length None unless it is set: a config's 20 is a length.
-    `open_batch` takes no max_length (its rows' prompts differ): the config's max_new_tokens
-    alone. `speech` (Whisper, whose runtime default is the whole cache): HF's 20 where no
-    length is given anywhere."""
-    signature = inspect.signature(method)
-    given = signature.bind_partial(*args, **kwargs).arguments
-    if given.get("max_new_tokens") is not None:
-        return method(*args, **kwargs)
-    config_max_length = getattr(config, "max_length", None)
-    if "max_length" not in signature.parameters:
-        config_max_length = None
-    if "max_new_tokens" not in given and getattr(config, "max_new_tokens", None) is not None:
-        name, value = "max_new_tokens", config.max_new_tokens
-    elif given.get("max_length") is not None:
-        return method(*args, **kwargs)
-    elif "max_length" not in given and config_max_length is not None:
-        name, value = "max_length", config_max_length
-    elif given.get("max_length") is None and speech:
-        # no length anywhere (a config built from a WhisperConfig; a call's None drops the
-        # config's): HF's GenerationConfig default of 20, which Whisper counts as new
-        # tokens; kernl's Whisper alone runs to the cache (it ran to the cache here)
-        name, value = "max_length", 20
-    else:
-        return method(*args, **kwargs)
-    kwargs[name] = value
-    source = "the generation config's" if getattr(config, name, None) == value else "HF's default"
-    token = LENGTH_IS_A_BOUND.set(f"{source} {name}={value}")
-    try:
-        return method(*args, **kwargs)
-    finally:
-        LENGTH_IS_A_BOUND.reset(token)
-
-
-# The generation config's length keys: generate/stream take them from the config at every call
-# (_with_config_length), edited or not.
-_LENGTH_KEYS = frozenset({"max_new_tokens", "max_length"})
 
 
 def _settings(config: Any) -> dict[str, Any]:
@@ -446,7 +372,7 @@ def _config_edits(
     there. Any other edit (what the artifact compiled in: bad_words_ids, suppress_tokens,
     forced EOS, Whisper's language tables) raises a ValueError naming
     the keys. `taken_elsewhere`: keys the caller takes from the config at every call, edited
-    or not (the length keys: _with_config_length; the sampling keys: _config_sampling)."""
+    or not (the length keys: with_config_length; the sampling keys: config_sampling)."""
     now = _settings(config)
     edited = [
         k for k in sorted(now.keys() | compiled.keys()) if not _same(now.get(k), compiled.get(k))
@@ -476,9 +402,9 @@ def _config_edits(
             applied[key] = value
         elif key in IGNORED_HF_OPTIONS:
             continue  # changes nothing given input_ids and a KV cache, as in HF
-        elif key in _HF_OPTIONS and (value is None or _neutral(method, key, value)):
+        elif key in _HF_OPTIONS and (value is None or neutral(method, key, value)):
             continue  # None in a config is HF's default, their neutral value (a fresh config)
-        elif key in IDS_CHANGING_OPTIONS and _neutral(method, key, value):
+        elif key in IDS_CHANGING_OPTIONS and neutral(method, key, value):
             # the compile refused any other value: compiled and edited both change nothing
             continue
         else:
@@ -499,54 +425,6 @@ def _config_edits(
         eos = bound.get("eos_token_id", applied.get("eos_token_id", now.get("eos_token_id")))
         applied["pad_token_id"] = _first_id(eos)
     return applied
-
-
-# Generation config settings that change what Hugging Face's generate returns, or when it stops,
-# without an argument of the call: HF applies them from the config whether they were set before
-# kernl.optimize or after. kernl's generate applies none of them, and where they were set before
-# the compile (no edit for _config_edits to find) they were ignored: a tensor for
-# return_dict_in_generate=True, one row a prompt for num_return_sequences=2, no stop at max_time.
-# (HF_GENERATE_AS_KERNL's, but prompt lookup: HF's ids are the same with it)
-_CONFIG_OPTIONS_NOT_APPLIED = tuple(
-    k for k in HF_GENERATE_AS_KERNL if k != "prompt_lookup_num_tokens"
-)
-
-
-def _refuse_config_options_not_applied(
-    method: Callable, config: Any, args: tuple, kwargs: dict
-) -> None:
-    """Raise ValueError naming the settings of _CONFIG_OPTIONS_NOT_APPLIED the generation config
-    holds at other than their neutral value, where the call of `method` does not give them
-    itself (a call's neutral value wins, as any call argument does in HF)."""
-    try:
-        bound = inspect.signature(method).bind_partial(*args, **kwargs).arguments
-    except TypeError:
-        return  # the call itself is wrong: the method raises its own error
-    given = set(bound) | set(kwargs)
-    refused = [
-        f"{key}={getattr(config, key)!r}"
-        for key in _CONFIG_OPTIONS_NOT_APPLIED
-        if key not in given
-        and getattr(config, key, None) is not None
-        and not _neutral(method, key, getattr(config, key))
-    ]
-    if refused:
-        raise ValueError(
-            f"model.generation_config sets {', '.join(refused)}, which Hugging Face's generate "
-            f"applies and kernl's {method.__name__}() does not: it returns the ids, one row a "
-            "prompt, and stops at max_new_tokens or an EOS id. Set it back to its default on "
-            "model.generation_config (None), or pass the default to the call"
-        )
-
-
-def _neutral(method: Callable, key: str, value: Any) -> bool:
-    """Whether kernl's generate takes this Hugging Face option's value as a call's (num_beams=1:
-    what kernl does anyway)."""
-    try:
-        refuse_hf_options(method.__name__, {key: value})
-    except TypeError:
-        return False
-    return True
 
 
 def _first_id(eos: Any) -> int | None:

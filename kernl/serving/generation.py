@@ -95,7 +95,11 @@ class KernlGenerator(Replica):
         import kernl.runtime
 
         device = replica_device(self.config.device)
-        self.model = kernl.runtime.load(self.config.artifact, device=device)
+        model = kernl.runtime.load(self.config.artifact, device=device)
+        # a request's own fields and the server's defaults decide its decoding
+        # (docs/deployment.md), not the generation config the artifact recorded
+        model.generation_defaults = None
+        self.model = model
 
     def _batcher(self) -> GenerationBatcher:
         if self.batcher is None:  # on the event loop's thread: no race

@@ -656,3 +656,22 @@ def test_a_bart_config_with_fairseqs_pre_norm_keys_compiles_as_hugging_face_runs
     hf.config.decoder_attention_heads = 2
     with pytest.raises(UnsupportedModelError, match=r"different encoder and decoder head counts"):
         kernl.compiler.compile(hf, BUCKETS, tmp_path / "b", dtype="fp32", device="cpu")
+
+
+def test_the_generation_configs_sampling_and_length_apply_where_a_call_leaves_them_out(tmp_path):
+    """A loaded encoder-decoder decoded greedily for 20 tokens whatever its generation config
+    said; it now takes the config's settings as Hugging Face's generate does (a call's own
+    win), and refuses what kernl does not apply unless the call overrides it."""
+    hf = tiny_seq2seq("bart")
+    gen = hf.generation_config
+    gen.do_sample, gen.top_k, gen.max_new_tokens, gen.num_return_sequences = True, 1, 6, 2
+    gen.eos_token_id = None  # every row runs its whole length
+    kernl.compiler.compile(hf, BUCKETS, tmp_path / "a", dtype="fp32", device="cpu")
+    model = kernl.runtime.load(tmp_path / "a", device="cpu")
+    ids, mask = sources([7, 12])
+    with pytest.raises(ValueError, match="sets num_return_sequences=2"):
+        model.generate(ids, mask)
+    got = model.generate(ids, mask, num_return_sequences=1)  # top_k=1: sampling is greedy
+    gen.num_return_sequences = None  # HF's greedy reference refuses it
+    assert torch.equal(got, hf_generate(hf, ids, mask, 6, pad=hf.config.pad_token_id))
+    assert model.generate(ids, mask, num_return_sequences=1, max_new_tokens=3).shape[1] == 4

@@ -661,6 +661,7 @@ def test_an_older_artifact_whose_cache_the_prompt_fills_names_why(compiled, monk
     (a 4-token prompt, 3 slots) said 'max_new_tokens must be a positive integer, got 0'."""
     _, _, model = compiled["multilingual"]
     monkeypatch.setattr(model, "buckets", dataclasses.replace(model.buckets, caches=[2]))
+    monkeypatch.setattr(model, "generation_defaults", None)  # recorded since, as the cache rule
     with pytest.raises(ValueError, match="prompt takes 4 tokens, more than the artifact's cache"):
         model.generate(input_features=features(1), language="fr", task="translate")
 

@@ -5,8 +5,11 @@ not apply."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import fields
 
+from kernl.artifacts.errors import ArtifactCorruptError
 from kernl.artifacts.generation import MAX_EOS_IDS
+from kernl.artifacts.generation_defaults import GenerationDefaults
 from kernl.runtime.generation.model import IDS_CHANGING_OPTIONS
 
 from ..code_digest import inert_transformers_hook, own_forward
@@ -78,6 +81,30 @@ HF_GENERATE_AS_KERNL = dict(
     dola_layers=None,
     prompt_lookup_num_tokens=None,
 )
+
+
+def recorded_generation_defaults(model) -> dict:
+    """The model's generation config as the artifact records it (GenerationDefaults): the
+    settings a loaded artifact's generate takes where a call leaves them out, as Hugging
+    Face's generate takes them from its model. Refused here where the record could not hold
+    one (a value outside what HF's generate takes)."""
+    gen = getattr(model, "generation_config", None)
+    names = [f.name for f in fields(GenerationDefaults)]
+    found = {k: _plain(getattr(gen, k, None)) for k in names} if gen is not None else {}
+    found = {k: v for k, v in found.items() if v is not None}
+    try:
+        GenerationDefaults.from_dict(found, "the generation config")
+    except ArtifactCorruptError as e:
+        raise UnsupportedModelError(
+            f"{e}: set it on model.generation_config (or generation_config.json) to a value "
+            "Hugging Face's generate takes, or to None"
+        ) from None
+    return found
+
+
+def _plain(value):
+    """A config value as msgpack holds it: tuples as lists."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def beam_search_not_run(beams: int | None) -> str | None:

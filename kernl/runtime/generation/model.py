@@ -36,11 +36,13 @@ from kernl.artifacts.generation import (
     DecoderSpec,
     GenerationBuckets,
 )
+from kernl.artifacts.generation_defaults import generation_defaults_of
 from kernl.artifacts.schema import Manifest, pick_size
 
 from ..binaries import KernelBinaries, running_with
 from ..graphs import capture_graph
 from ..model import input_tensor, new_call_lock, refuse_pickling
+from .config_defaults import takes_generation_defaults
 from .decoder import Decoder
 from .joining import OpenBatch, pad_mask
 from .numbers import plain_number
@@ -299,6 +301,8 @@ class GenerativeModel(StepLoop):
             raise ValueError(f"capture must be 'load', 'lazy' or 'never', not {capture!r}")
         self.manifest = manifest
         self.device = device
+        # what generate/stream take where a call leaves them out (config_defaults.py)
+        self.generation_defaults = generation_defaults_of(manifest.extra)
         self._binaries = binaries
         try:
             self.spec = DecoderSpec.from_dict(manifest.extra["decoder"])
@@ -361,6 +365,7 @@ class GenerativeModel(StepLoop):
 
     # -- public API -------------------------------------------------------------------------
 
+    @takes_generation_defaults
     @plain_numbers
     def generate(
         self,
@@ -406,6 +411,7 @@ class GenerativeModel(StepLoop):
         new = new[:, : _generated_length(new, plan.eos)]
         return torch.cat([prompt, new], dim=1).to(_device_of(input_ids))
 
+    @takes_generation_defaults
     @plain_numbers
     def stream(
         self,
@@ -438,6 +444,7 @@ class GenerativeModel(StepLoop):
         start = lambda: self._start(plan, temperature, top_k, top_p, seed)  # noqa: E731
         return self._stream_steps(plan, start, output_logits, steps=plan.max_new_tokens)
 
+    @takes_generation_defaults
     @plain_numbers
     def open_batch(
         self,

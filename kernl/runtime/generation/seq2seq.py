@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from kernl.artifacts.errors import ArtifactCorruptError
+from kernl.artifacts.generation_defaults import generation_defaults_of
 from kernl.artifacts.schema import Manifest, pick_size
 from kernl.artifacts.seq2seq import (
     MAX_PROMPT,
@@ -35,6 +36,7 @@ from kernl.artifacts.seq2seq import (
 
 from ..binaries import KernelBinaries, running_with
 from ..model import new_call_lock
+from .config_defaults import takes_generation_defaults
 from .encoder_decoder import EncoderDecoder, Seq2SeqCache
 from .model import (
     LENGTH_IS_A_BOUND,
@@ -237,6 +239,8 @@ class Seq2SeqModel(StepLoop):
             raise ValueError(f"capture must be 'load', 'lazy' or 'never', not {capture!r}")
         self.manifest = manifest
         self.device = device
+        # what generate/stream take where a call leaves them out (config_defaults.py)
+        self.generation_defaults = generation_defaults_of(manifest.extra)
         self._binaries = binaries  # the decode step's kernl kernels, when it runs them
         try:
             self.spec = Seq2SeqSpec.from_dict(manifest.extra["seq2seq"])
@@ -274,6 +278,7 @@ class Seq2SeqModel(StepLoop):
         }
         self._steps: dict[tuple, _Step] = {}
 
+    @takes_generation_defaults
     @plain_numbers
     def generate(
         self,
@@ -334,6 +339,7 @@ class Seq2SeqModel(StepLoop):
         start = torch.full((plan.batch, 1), self.spec.decoder_start_token_id, dtype=torch.int64)
         return torch.cat([start, new], dim=1).to(_device_of(input_ids))
 
+    @takes_generation_defaults
     @plain_numbers
     def stream(
         self,

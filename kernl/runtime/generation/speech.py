@@ -21,6 +21,7 @@ import torch
 from kernl.artifacts.seq2seq import DETECT, MAX_PROMPT, forced_ids_follow_prompt
 from kernl.artifacts.speech_prompt import decoder_prompt, resolved_call
 
+from .config_defaults import takes_generation_defaults
 from .model import (
     LENGTH_IS_A_BOUND,
     MODEL_DEFAULT,
@@ -40,6 +41,7 @@ from .seq2seq import Seq2SeqModel, _Plan
 class SpeechSeq2SeqModel(Seq2SeqModel):
     """A loaded speech-seq2seq artifact (Whisper); see `generate` and `stream`."""
 
+    @takes_generation_defaults
     @plain_numbers
     def generate(
         self,
@@ -110,6 +112,7 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
         one_id = _one_eos_id(eos_token_id, plan.eos)
         return _cut_like_hf(new, eos, pad, one_id).to(_device(input_features))
 
+    @takes_generation_defaults
     @plain_numbers
     def stream(
         self,

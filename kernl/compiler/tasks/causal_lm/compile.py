@@ -38,6 +38,7 @@ from kernl.artifacts import (
     check_destination,
 )
 from kernl.artifacts.generation import DecodeKernels, GenerationBuckets
+from kernl.artifacts.generation_defaults import GENERATION_DEFAULTS_KEY
 from kernl.artifacts.schema import PROGRAMS_DIR
 from kernl.runtime.binaries import allow_jit
 from kernl.runtime.generation import GenerativeModel
@@ -47,7 +48,11 @@ from ...report import artifact_bytes
 from ...trace import load_model, resolve_dtype_device
 from ...tune import write_binaries
 from ...validate import ValidationError, resolve_tolerance
-from ..generation_config import beam_search_not_run, say_beam_search_not_run
+from ..generation_config import (
+    beam_search_not_run,
+    recorded_generation_defaults,
+    say_beam_search_not_run,
+)
 from .buckets import as_generation_buckets
 from .decode_kernels import DecodeTiming, choose_decode_kernels, record_decode_binaries
 from .decode_tiles import TileTiming, tune_decode_tiles
@@ -163,6 +168,7 @@ def compile_causal_lm(
         getattr(getattr(model, "generation_config", None), "num_beams", None)
     )
     say_beam_search_not_run(beams, progress)
+    defaults = recorded_generation_defaults(model)  # refused before any work
     check_destination(out, needed_bytes=sum(t.numel() * t.element_size() for t in weights.values()))
     report = CausalLMReport(Path(out), TASK, str(torch_dtype).removeprefix("torch."), str(dev))
     report.atol, report.rtol = atol, rtol
@@ -221,6 +227,8 @@ def compile_causal_lm(
         del gen
         manifest.buckets = _write_programs(writer, gb, stages)
         report.stages = stages
+        # only now: the compile's own runtime (validation, timing) decodes as it is told
+        manifest.extra[GENERATION_DEFAULTS_KEY] = defaults
         dest = writer.commit(manifest)
     report.artifact_bytes = artifact_bytes(dest)
     report.seconds = time.perf_counter() - start

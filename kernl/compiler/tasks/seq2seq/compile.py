@@ -39,6 +39,7 @@ from kernl.artifacts import (
     Program,
     check_destination,
 )
+from kernl.artifacts.generation_defaults import GENERATION_DEFAULTS_KEY
 from kernl.artifacts.schema import PROGRAMS_DIR
 from kernl.artifacts.seq2seq import DETECT, Seq2SeqBuckets, check_seq2seq
 from kernl.runtime.generation import open_seq2seq
@@ -57,7 +58,12 @@ from ...trace import (
 )
 from ...tune import write_binaries
 from ...validate import ValidationError
-from ..generation_config import HF_GENERATE_AS_KERNL, beam_search_not_run, say_beam_search_not_run
+from ..generation_config import (
+    HF_GENERATE_AS_KERNL,
+    beam_search_not_run,
+    recorded_generation_defaults,
+    say_beam_search_not_run,
+)
 from .buckets import as_seq2seq_buckets, check_positions, check_speech_prompt
 from .decode_kernels import (
     FEW_ROWS,
@@ -152,6 +158,7 @@ def compile_seq2seq(
     )
     if not speech:  # Whisper's is refused (speech_spec)
         say_beam_search_not_run(beams, progress)
+    defaults = recorded_generation_defaults(model)  # refused before any work
     if speech != (spec.family == "whisper"):
         raise UnsupportedModelError(
             f"{spec.model_type} is compiled with --task "
@@ -216,6 +223,8 @@ def compile_seq2seq(
         manifest.buckets = _write_programs(
             writer, sb, manifest.inputs[0].name, dict(zip(report.buckets, report.tokens))
         )
+        # only now: the compile's own runtime (validation, timing) decodes as it is told
+        manifest.extra[GENERATION_DEFAULTS_KEY] = defaults
         dest = writer.commit(manifest)
     report.artifact_bytes = artifact_bytes(dest)
     report.seconds = time.perf_counter() - start
@@ -409,7 +418,10 @@ def _manifest(
         InputSpec("input_ids", "int64", pad, "required"),
         InputSpec("attention_mask", "int64", 0, "ones"),
     ]
-    extra = {"seq2seq": spec.to_dict(), "seq2seq_buckets": sb.to_dict()}
+    extra = {
+        "seq2seq": spec.to_dict(),
+        "seq2seq_buckets": sb.to_dict(),
+    }
     if speech:
         # The log-mel features (float [batch, num_mel_bins, frames]) are described by
         # extra.seq2seq; the manifest's input list holds integer inputs: the decoder prompt.
