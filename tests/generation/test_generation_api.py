@@ -272,6 +272,10 @@ def test_unsupported_models_fail_at_compile_naming_why(tmp_path):
     with pytest.raises(UnsupportedModelError, match=r"suppress_tokens=\[5\]"):
         describe(llama, 16, torch.float32)
     llama.generation_config.suppress_tokens = None
+    llama.generation_config.token_healing = True  # HF rewrites the prompt's end: dropped
+    with pytest.raises(UnsupportedModelError, match=r"token_healing=True"):
+        describe(llama, 16, torch.float32)
+    llama.generation_config.token_healing = False
     describe(llama, 16, torch.float32)  # neutral values are fine
     # Phi-4-mini's partial rotary (3/4 of each head): its inv_freq is shorter than a head's
     # half, which the artifact's reader refuses; named at compile instead

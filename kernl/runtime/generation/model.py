@@ -1054,6 +1054,7 @@ IDS_CHANGING_OPTIONS = {
     "min_p": 0.0,
     "top_h": None,
     "watermarking_config": None,
+    "token_healing": False,  # HF rewrites the prompt's last tokens (with a tokenizer)
 }
 # Also refused per call (their empty values pass). _FROM_THE_CONFIG: some tasks apply them
 # from the model's generation config (Marian's bad_words_ids, Whisper's suppressed tokens),
