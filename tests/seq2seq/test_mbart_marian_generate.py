@@ -276,3 +276,22 @@ def test_kernl_compile_infers_the_task_from_architectures(tmp_path, family):
     ref = hf_generate(hf, ids, mask, 32)
     got = model.generate(ids, mask, max_new_tokens=32, eos_token_id=[])
     assert torch.equal(got, ref), f"\nkernl {got.tolist()}\nhf    {ref.tolist()}"
+
+
+def test_streamed_logits_are_hugging_faces_output_logits(compiled):
+    """stream(output_logits=True), which kernl's refusal of output_logits points to, gave
+    neither of HF's kinds: -inf at Marian's suppressed pad (HF's raw logits have a value
+    there), yet the raw logits on the step whose EOS is forced. Now the raw ones, as HF's
+    `output_logits`, on every step."""
+    hf, _, model = compiled["marian"]
+    ids, mask = sources([13, 5])
+    with torch.no_grad():
+        ref = hf.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+            num_beams=1, output_logits=True, return_dict_in_generate=True, eos_token_id=None,
+        )  # fmt: skip
+    steps = list(model.stream(ids, mask, max_new_tokens=6, eos_token_id=[], output_logits=True))
+    assert len(steps) == len(ref.logits) == 6
+    for (_, logits), want in zip(steps, ref.logits):
+        assert torch.isfinite(logits[:, MARIAN_PAD]).all()
+        torch.testing.assert_close(logits, want.float(), atol=1e-4, rtol=1e-4)

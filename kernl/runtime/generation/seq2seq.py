@@ -155,7 +155,9 @@ class _State:
         return self.tokens
 
     def decode(self, kv_len: int, source: int, do_sample: bool) -> torch.Tensor:
-        logits = self.model.decode(
+        """One step; the model's raw logits, as Hugging Face's `output_logits` gives them (the
+        suppressed tokens and forced ids apply to the choice alone)."""
+        logits = raw = self.model.decode(
             self.cache, self.tokens, self.step, kv_len, self.src_valid[source]
         )
         nxt = self.step + 1  # the position of the token this step chooses
@@ -179,7 +181,7 @@ class _State:
         self.finished |= ended
         self.tokens.copy_(chosen)
         self.step.add_(1)
-        return logits
+        return raw
 
     def _whisper_rules(self, logits: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
         """Language detection (Hugging Face's detect_language: the most likely language token
@@ -359,7 +361,8 @@ class Seq2SeqModel(StepLoop):
         **hf_options: Any,
     ) -> Iterator:
         """The same generation, yielding each step's new ids ([batch] on the CPU) as they come
-        (with `output_logits`, pairs of ids and that step's float32 logits [batch, vocab]);
+        (with `output_logits`, pairs of ids and that step's float32 logits [batch, vocab]: the
+        model's raw logits, as Hugging Face's `output_logits`, before suppressed or forced ids);
         stops after the step where every row has finished. Arguments are checked before this
         returns; the model serves nothing else until the iterator is exhausted or closed."""
         input_ids = main_input("stream", input_ids, hf_options)
