@@ -1024,19 +1024,35 @@ def _entry_lock(entry: Path, say: Callable[[str], None]) -> Iterator[bool]:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            say(f"waiting for another compile of the same model ({entry.name})")
+            say(f"waiting for another compile of the same model ({entry.name}){_holder(f)}")
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         except OSError as e:  # a filesystem without flock (NFS without its lock daemon)
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
             yield _writable(entry.parent)  # unlocked, as on Windows: the rename still holds
             return
+        with contextlib.suppress(OSError):  # who holds it, for the next waiter's message
+            f.truncate(0)
+            f.write(f"{owner_tag()} {time.time():.0f}\n".encode())
+            f.flush()
         try:
             # a lock file left writable in a folder that is not (chmod 555 after a compile):
             # the build folder and the renames need the folder itself
             yield _writable(entry.parent)
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _holder(f) -> str:
+    """ ", held by host~ns@pid since HH:MM:SS" from the lock file (its holder writes it once
+    locked; an older kernl's lock file is empty: "")."""
+    try:
+        f.seek(0)
+        tag, _, since = f.read(512).decode("utf-8", "replace").strip().partition(" ")
+        when = time.strftime("%H:%M:%S", time.localtime(float(since)))
+    except (OSError, ValueError, OverflowError):
+        return ""
+    return f", held by process {tag} since {when}" if tag else ""
 
 
 def _writable(folder: Path) -> bool:

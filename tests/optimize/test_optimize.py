@@ -1006,3 +1006,39 @@ def test_a_filesystem_without_flock_compiles_unlocked(cache, compiles, monkeypat
     bert = tiny_bert()
     assert not kernl.optimize(bert, "batch=1 seq=8", progress=False).cache_hit
     assert kernl.optimize(bert, "batch=1 seq=8", progress=False).cache_hit
+
+
+def test_a_wait_for_another_compile_names_the_process_holding_it(tmp_path):
+    """ "waiting for another compile of the same model" named no one: a stopped notebook or a
+    debugger holding it left the waiter with nothing to look for (review)."""
+    import threading
+    import time
+
+    from kernl.artifacts.writer import owner_tag
+
+    entry = tmp_path / "entry"
+    holding, release, said = threading.Event(), threading.Event(), []
+
+    def hold():
+        with opt._entry_lock(entry, lambda msg: None):
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(30)
+
+    def wait():
+        with opt._entry_lock(entry, said.append):
+            pass
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    deadline = time.monotonic() + 30
+    while not said and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    holder.join(30)
+    waiter.join(30)
+    assert said and said[0].startswith("waiting for another compile of the same model (entry)")
+    assert f", held by process {owner_tag()} since " in said[0]
