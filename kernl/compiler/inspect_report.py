@@ -22,6 +22,7 @@ from typing import Any
 
 from kernl.artifacts import read_manifest, read_program
 from kernl.artifacts.generation import DecodeKernels
+from kernl.artifacts.generation_defaults import GENERATION_DEFAULTS_KEY
 from kernl.artifacts.program import Program
 from kernl.artifacts.schema import Manifest, is_safe_relative_path
 from kernl.artifacts.signing import SIGNATURE_FILE
@@ -87,6 +88,9 @@ class InspectReport:
     decode_kernels: dict[str, str] | None = None  # generation: the decode step's choice
     # encoder-decoders: their buckets' axes (batches, sources, caches), Whisper's input shape
     seq2seq: dict[str, Any] | None = None
+    # generating artifacts: the generation config a call's left-out settings come from (None:
+    # not recorded, an artifact compiled before 2026-12-07)
+    generation_defaults: dict[str, Any] | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -256,6 +260,11 @@ def inspect_artifact(path: str | os.PathLike) -> InspectReport:
         file_bytes=files,
         decode_kernels=_decode_kernels(m),
         seq2seq=_seq2seq_shapes(m),
+        generation_defaults=(
+            m.extra.get(GENERATION_DEFAULTS_KEY)
+            if isinstance(m.extra.get(GENERATION_DEFAULTS_KEY), dict)
+            else None
+        ),
     )
 
 
@@ -397,6 +406,7 @@ def _generation_lines(r: InspectReport) -> list[str]:
         step = " ".join(f"{k}={v}" for k, v in r.decode_kernels.items())
         lines.append(f"decode step {step}")
     lines.append(_decode_binaries(r))
+    lines.append(_decoding_line(r))
     prefill = [b for b in r.buckets if b.stage == "prefill"]
     decode = [b for b in r.buckets if b.stage == "decode"]
     other = [b for b in r.buckets if b.stage not in ("prefill", "decode")]
@@ -469,8 +479,20 @@ def _seq2seq_lines(r: InspectReport) -> list[str]:
     if r.decode_kernels is not None:
         lines.append("decode step " + " ".join(f"{k}={v}" for k, v in r.decode_kernels.items()))
     lines.append(_decode_binaries(r))
+    lines.append(_decoding_line(r))
     lines += _binary_lines(r)
     return lines
+
+
+def _decoding_line(r: InspectReport) -> str:
+    """Where generate's settings come from when a call leaves them out."""
+    d = r.generation_defaults
+    if d is None:
+        return "decoding    from each call's arguments alone (greedy, 20 new tokens unless told)"
+    if not d:
+        return "decoding    Hugging Face's defaults where a call leaves them out (none recorded)"
+    shown = ", ".join(f"{k}={v!r}" for k, v in d.items())
+    return f"decoding    the generation config's, where a call leaves them out: {shown}"
 
 
 def _decode_binaries(r: InspectReport) -> str:

@@ -223,8 +223,10 @@ def test_causal_lm_artifact_shows_its_generation_buckets(tmp_path):
         bos_token_id=None,
     )
     out = tmp_path / "lm.kernl"
+    gpt2 = T.GPT2LMHeadModel(config).eval()
+    gpt2.generation_config.do_sample, gpt2.generation_config.temperature = True, 0.7
     compiled = kernl.compiler.compile(
-        T.GPT2LMHeadModel(config).eval(),
+        gpt2,
         "batch=1,2 prompt=8 cache=16,32",
         out,
         dtype="fp32",
@@ -252,10 +254,14 @@ def test_causal_lm_artifact_shows_its_generation_buckets(tmp_path):
         "2 prefill bucket(s)",
         "4 decode bucket(s)",
         "no kernel binaries (plain torch decode step, CPU build)",
+        # what a call that leaves them out samples with
+        "decoding    the generation config's, where a call leaves them out: do_sample=True, "
+        "temperature=0.7",
     ):
         assert needle in text, (needle, text)
     as_json = json.loads(CliRunner().invoke(main, ["inspect", str(out), "--json"]).output)
     assert {b["stage"] for b in as_json["buckets"]} == {"prefill", "decode"}
+    assert as_json["generation_defaults"] == {"do_sample": True, "temperature": 0.7}
 
 
 def _edited_copy(artifact, tmp_path, manifest_edit=None, meta_edit=None):
