@@ -455,15 +455,23 @@ def signals_held() -> Iterator[None]:
         yield
         return
     caught: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
+    # a handler installed from C (an embedding host: uWSGI, a C++ server) reads as None and
+    # could not be put back: such a signal is left to it
+    held = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]
     previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        for s in dict.fromkeys(caught):
-            signal.raise_signal(s)  # through the handler the process had
+        first: BaseException | None = None
+        for s in dict.fromkeys(caught):  # each through the handler the process had
+            try:
+                signal.raise_signal(s)
+            except BaseException as e:  # KeyboardInterrupt: the other one still delivered
+                first = first or e
+        if first is not None:
+            raise first
 
 
 def carry_kept_files(dest: Path, into: Path) -> list[str]:

@@ -380,3 +380,27 @@ def test_ctrl_c_during_the_swap_waits_for_it_then_interrupts(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     clean_stale(dest)  # what the next compile to it does with the old copy left behind
     assert _others(tmp_path) == []
+
+
+def test_signals_held_delivers_both_and_leaves_a_handler_it_cannot_restore_alone(monkeypatch):
+    """Ctrl-C and SIGTERM both caught during a swap: the first delivered (a KeyboardInterrupt)
+    dropped the second. A handler installed from C (an embedding host) reads as None, which
+    signal.signal cannot put back: SIGTERM stayed on kernl's recorder for good (review)."""
+    import signal
+
+    ran = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: ran.append(signum))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with writer_module.signals_held():
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGTERM)
+                assert not ran  # held
+        assert ran == [signal.SIGTERM]
+        real = signal.getsignal
+        monkeypatch.setattr(signal, "getsignal", lambda s: None if s == signal.SIGTERM else real(s))
+        mine = real(signal.SIGTERM)
+        with writer_module.signals_held():
+            assert real(signal.SIGTERM) is mine  # not replaced: it could not be restored
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -116,3 +116,23 @@ def test_the_record_holds_every_option_the_runtime_refuses():
     refused = set(HF_GENERATE_AS_KERNL) - {"prompt_lookup_num_tokens"}
     assert set(CONFIG_OPTIONS_NOT_APPLIED) == refused
     assert refused <= {f.name for f in fields(GenerationDefaults)}
+
+
+@pytest.mark.parametrize(
+    "settings, needle",
+    [
+        (dict(do_sample=True, top_p=0.0), r"top_p must lie in \(0, 1\], got 0.0"),
+        (dict(do_sample=True, temperature=1e-7), "temperature must lie in"),
+    ],
+)
+def test_sampling_settings_kernls_sampler_refuses_are_refused_at_compile(
+    tmp_path, settings, needle
+):
+    """Recorded as they were, every call that left them out failed, naming an argument the
+    caller never passed (review)."""
+    from kernl.compiler.trace import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match=f"the model's generation config.*{needle}"):
+        compiled(tmp_path, **settings)
+    _, model = compiled(tmp_path, do_sample=False, top_p=0.0)  # greedy: HF ignores it too
+    assert model.generation_defaults.top_p == 0.0

@@ -10,7 +10,7 @@ from dataclasses import fields
 from kernl.artifacts.errors import ArtifactCorruptError
 from kernl.artifacts.generation import MAX_EOS_IDS
 from kernl.artifacts.generation_defaults import GenerationDefaults
-from kernl.runtime.generation.model import IDS_CHANGING_OPTIONS
+from kernl.runtime.generation.model import IDS_CHANGING_OPTIONS, check_options
 
 from ..code_digest import inert_transformers_hook, own_forward
 from ..plural import first_few
@@ -94,10 +94,16 @@ def recorded_generation_defaults(model) -> dict:
     found = {k: v for k, v in found.items() if v is not None}
     try:
         GenerationDefaults.from_dict(found, "the generation config")
-    except ArtifactCorruptError as e:
+        if found.get("do_sample"):  # what every call that leaves them out samples with
+            check_options(
+                1, True, *(found.get(k) for k in ("temperature", "top_k", "top_p")),
+                None, None, 0, vocab=1, rows=1,
+            )  # fmt: skip
+    except (ArtifactCorruptError, ValueError) as e:
         raise UnsupportedModelError(
-            f"{e}: set it on model.generation_config (or generation_config.json) to a value "
-            "Hugging Face's generate takes, or to None"
+            f"the model's generation config, which a loaded artifact's generate follows where "
+            f"a call leaves a setting out: {e}. Set it on model.generation_config (or in "
+            "generation_config.json) to a value kernl's sampler takes, or to None"
         ) from None
     return found
 

@@ -135,7 +135,8 @@ class SpeechSeq2SeqModel(Seq2SeqModel):
     ) -> Iterator:
         """The same generation, yielding each new token's ids ([batch] on the CPU; a finished
         row yields the pad id), with `output_logits` pairs of ids and the step's float32
-        logits after suppression; stops after the step where every row has finished. An
+        logits (the model's raw ones, as Hugging Face's `output_logits`: before suppressed
+        tokens and the decoder prompt's forced ids); stops after the step where every row has finished. An
         explicit None for `eos_token_id` or `pad_token_id` is the model's id here, as the
         steps of Hugging Face's Whisper take it (see `generate`)."""
         input_features = main_input("stream", input_features, hf_options, "input_features")
