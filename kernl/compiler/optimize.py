@@ -84,7 +84,7 @@ from kernl.runtime.generation.config_defaults import (
     refuse_config_options_not_applied,
     with_config_length,
 )
-from kernl.runtime.generation.model import (
+from kernl.runtime.generation.hf_options import (
     _HF_OPTIONS,
     IDS_CHANGING_OPTIONS,
     IGNORED_HF_OPTIONS,

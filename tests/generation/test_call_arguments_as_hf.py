@@ -13,7 +13,7 @@ import torch
 import kernl.compiler
 import kernl.runtime
 from kernl.runtime.generation import joining
-from kernl.runtime.generation.model import refuse_hf_options
+from kernl.runtime.generation.hf_options import refuse_hf_options
 
 from .tiny_models import mixed_prompts, tiny_model
 

@@ -10,7 +10,8 @@ from dataclasses import fields
 from kernl.artifacts.errors import ArtifactCorruptError
 from kernl.artifacts.generation import MAX_EOS_IDS
 from kernl.artifacts.generation_defaults import GenerationDefaults
-from kernl.runtime.generation.model import IDS_CHANGING_OPTIONS, check_options
+from kernl.runtime.generation.hf_options import IDS_CHANGING_OPTIONS
+from kernl.runtime.generation.model import check_options
 
 from ..code_digest import inert_transformers_hook, own_forward
 from ..plural import first_few

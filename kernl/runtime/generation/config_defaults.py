@@ -16,6 +16,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from .hf_options import LENGTH_IS_A_BOUND, refuse_hf_options
+
 # Hugging Face's values for a generation config's sampling keys left None
 # (GenerationConfig._get_default_generation_params).
 HF_SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
@@ -83,8 +85,6 @@ def with_config_length(
     `open_batch` takes no max_length (its rows' prompts differ): the config's max_new_tokens
     alone. `speech` (Whisper, whose runtime default is the whole cache): HF's 20 where no
     length is given anywhere."""
-    from .model import LENGTH_IS_A_BOUND
-
     signature = inspect.signature(method)
     given = signature.bind_partial(*args, **kwargs).arguments
     if given.get("max_new_tokens") is not None:
@@ -148,8 +148,6 @@ def refuse_config_options_not_applied(
 def neutral(method: Callable, key: str, value: Any) -> bool:
     """Whether kernl's generate takes this Hugging Face option's value as a call's (num_beams=1:
     what kernl does anyway)."""
-    from .model import refuse_hf_options
-
     try:
         refuse_hf_options(method.__name__, {key: value})
     except TypeError:

@@ -38,8 +38,8 @@ from ..binaries import KernelBinaries, running_with
 from ..model import new_call_lock
 from .config_defaults import takes_generation_defaults
 from .encoder_decoder import EncoderDecoder, Seq2SeqCache
+from .hf_options import LENGTH_IS_A_BOUND, refuse_hf_options
 from .model import (
-    LENGTH_IS_A_BOUND,
     MODEL_DEFAULT,
     StepLoop,
     _as_batch,
@@ -51,7 +51,6 @@ from .model import (
     check_options,
     main_input,
     plain_numbers,
-    refuse_hf_options,
     take_decoder_start,
 )
 from .sampling import SamplerParams, call_seed, checked_seed, greedy, sample

@@ -22,16 +22,14 @@ from kernl.artifacts.seq2seq import DETECT, MAX_PROMPT, forced_ids_follow_prompt
 from kernl.artifacts.speech_prompt import decoder_prompt, resolved_call
 
 from .config_defaults import takes_generation_defaults
+from .hf_options import LENGTH_IS_A_BOUND, refuse_hf_options, shown_value
 from .model import (
-    LENGTH_IS_A_BOUND,
     MODEL_DEFAULT,
     _generated_length,
     _is_number,
     asked_length,
     main_input,
     plain_numbers,
-    refuse_hf_options,
-    shown_value,
     take_decoder_start,
 )
 from .sampling import call_seed, checked_seed
