@@ -549,10 +549,22 @@ def signing_commits(private_key: Any) -> Iterator[None]:
         _SIGN_WITH.reset(token)
 
 
-def exchange_paths(a: Path, b: Path) -> bool:
-    """Swap two paths in one step where the filesystem can (False where it cannot): what the
-    commit does, for kernl.optimize's copy to save_to= too."""
-    return _exchange(a, b)
+def swap_into(new: Path, dest: Path, backup: Path) -> Path:
+    """Put the folder `new` at `dest`, whose folder it replaces: in one step where the file
+    system can swap two paths (no moment without a folder at `dest`: a load() then met a
+    missing one), else by two renames through `backup`, the first undone if the second fails
+    (a kill between them: clean_stale puts it back). Returns where the replaced folder is now
+    (`new` or `backup`). The commit's and kernl.optimize's copy to save_to=; callers hold
+    Ctrl-C through it (signals_held)."""
+    if _exchange(new, dest):
+        return new
+    os.rename(dest, backup)
+    try:
+        os.rename(new, dest)
+    except BaseException:
+        os.rename(backup, dest)  # the previous folder back in its place
+        raise
+    return backup
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -785,23 +797,15 @@ class ArtifactWriter:
         self.kept = carry_kept_files(dest, self.tmp)
         with self._writing(self.tmp):
             _fsync_path(self.tmp)
-        backup = dest.with_name(f".{dest.name}.previous-{self._tag}")
-        swapped = False
+        previous = None
         try:
             with signals_held():  # the swap is whole or not done: Ctrl-C waits for it
-                if _exchange(self.tmp, dest):
-                    backup = self.tmp  # now the previous artifact
-                else:
-                    os.rename(dest, backup)
-                    try:
-                        os.rename(self.tmp, dest)  # a kill between them: clean_stale restores
-                    except BaseException:
-                        os.rename(backup, dest)  # the previous artifact back in its place
-                        raise
-                swapped = True
+                previous = swap_into(
+                    self.tmp, dest, dest.with_name(f".{dest.name}.previous-{self._tag}")
+                )
         except BaseException as e:
-            if swapped:  # a Ctrl-C held through the swap: the previous artifact goes first
-                remove_left_over(backup, f"the artifact {dest} replaced")
+            if previous is not None:  # a Ctrl-C held through the swap: the old artifact goes
+                remove_left_over(previous, f"the artifact {dest} replaced")
             if not isinstance(e, PermissionError):
                 raise
             self.abort()
@@ -815,7 +819,7 @@ class ArtifactWriter:
                 "(mode +t, like /tmp), owning the artifact or the folder. It keeps its previous "
                 "artifact; the new one is deleted."
             ) from e
-        remove_left_over(backup, f"the artifact {dest} replaced")
+        remove_left_over(previous, f"the artifact {dest} replaced")
 
     def _check_readable(self) -> None:
         """The reader's own check (`check_artifact`, what load() and `kernl verify` run, short

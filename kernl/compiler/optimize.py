@@ -69,12 +69,12 @@ from kernl.artifacts.signing import trusted_keys_from_env
 from kernl.artifacts.writer import (
     carry_kept_files,
     clean_stale,
-    exchange_paths,
     make_deletable,
     owner_is_gone,
     owner_tag,
     remove_left_over,
     signals_held,
+    swap_into,
 )
 from kernl.runtime.generation.config_defaults import (
     HF_SAMPLING_DEFAULTS,
@@ -1113,16 +1113,8 @@ def _swap_in(tmp: Path, dest: Path) -> None:
     # moved into tmp, another folder: that rewrites its `..`, which takes write permission on
     # it (the user's own write-protected artifact is theirs to replace)
     make_deletable(dest, top_only=True)
-    # one exchange, as the writer's commit: no moment without an artifact at `dest` (a load()
-    # then met a missing folder); two renames where it is unsupported
-    with signals_held():  # whole or not done: Ctrl-C waits for it (a kill: clean_stale)
-        if not exchange_paths(tmp / "artifact", dest):
-            os.rename(dest, tmp / "previous")
-            try:
-                os.rename(tmp / "artifact", dest)
-            except BaseException:  # the previous artifact back, not deleted with tmp
-                os.rename(tmp / "previous", dest)
-                raise
+    with signals_held():  # whole or not done: Ctrl-C waits for it
+        swap_into(tmp / "artifact", dest, tmp / "previous")  # the replaced one ends in tmp
 
 
 # -- the output class --------------------------------------------------------------------------

@@ -352,7 +352,9 @@ def test_a_failed_copy_to_save_to_puts_the_previous_artifact_back(cache, tmp_pat
             raise OSError(errno.EIO, "Input/output error", str(dst))
         return real(src, dst)
 
-    monkeypatch.setattr(opt, "exchange_paths", lambda a, b: False)
+    import kernl.artifacts.writer as writer
+
+    monkeypatch.setattr(writer, "_exchange", lambda a, b: False)  # no exchange there
     monkeypatch.setattr(opt.os, "rename", failing)
     with pytest.raises(OSError, match="Input/output error"):
         opt.copy_artifact(other, out)
