@@ -16,7 +16,7 @@ decodes as it was documented to."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from .errors import ArtifactCorruptError
@@ -40,9 +40,6 @@ class GenerationDefaults:
     max_time: float | None = None
     stop_strings: str | list[str] | None = None
     dola_layers: str | list[int] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
 
     @staticmethod
     def from_dict(d: Any, where: str = "the manifest") -> GenerationDefaults:

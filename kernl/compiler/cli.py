@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from kernl.artifacts import ArtifactError
+from kernl.artifacts.schema import MANIFEST_FILE
 
 from .plural import count
 
@@ -254,7 +255,7 @@ def _artifact_identity(out: str | os.PathLike) -> tuple[int, int] | None:
     """The artifact folder at `out` as a file (device, inode), None where there is none: a
     commit puts a new folder there."""
     try:
-        os.stat(os.path.join(out, "manifest.msgpack"))
+        os.stat(os.path.join(out, MANIFEST_FILE))
         info = os.stat(out)
     except OSError:
         return None

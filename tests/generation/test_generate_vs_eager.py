@@ -352,6 +352,9 @@ def test_a_rope_that_changes_past_a_length_is_taken_for_caches_within_it(family,
                 device="cpu", task="causal-lm",
             )  # fmt: skip
     hf = tiny_model(family)
+    if family == "phi3_longrope":  # its buffer holds the long table after a long call, and
+        with torch.no_grad():  # HF picks the short one again for every shorter call
+            hf(torch.ones(1, 60, dtype=torch.int64))
     kernl.compiler.compile(
         hf, "batch=4 prompt=16 cache=48", tmp_path / "lm.kernl", dtype="fp32", device="cpu",
         task="causal-lm",

@@ -459,9 +459,10 @@ def _short_context_table(rotary, cfg, cache_len: int) -> _RotaryTables:
             f"frequencies for sequences longer than {what} ({limit}), and a cache of "
             f"{cache_len} slots reaches past it; kernl takes it with caches of at most {limit}"
         )
-    if not torch.equal(rotary.inv_freq, rotary.original_inv_freq):
-        # a dynamic table grown by an earlier, longer call: Hugging Face keeps it until a call
-        # shorter than the limit (5.0-5.x: for good), and the model computes with it
+    if rotary.rope_type == "dynamic" and not torch.equal(rotary.inv_freq, rotary.original_inv_freq):
+        # a table grown by an earlier, longer call: Hugging Face keeps it until a call shorter
+        # than the limit (5.0: for good), and the model computes with it (LongRoPE picks its
+        # table afresh at every call)
         raise UnsupportedModelError(
             f"causal-lm: {cfg.model_type}'s dynamic rotary table grew in an earlier call "
             f"longer than max_position_embeddings ({limit}), and Hugging Face keeps it until "

@@ -418,10 +418,7 @@ def _manifest(
         InputSpec("input_ids", "int64", pad, "required"),
         InputSpec("attention_mask", "int64", 0, "ones"),
     ]
-    extra = {
-        "seq2seq": spec.to_dict(),
-        "seq2seq_buckets": sb.to_dict(),
-    }
+    extra = {"seq2seq": spec.to_dict(), "seq2seq_buckets": sb.to_dict()}
     if speech:
         # The log-mel features (float [batch, num_mel_bins, frames]) are described by
         # extra.seq2seq; the manifest's input list holds integer inputs: the decoder prompt.
